@@ -1,0 +1,920 @@
+//! The certificate authority and its data dir.
+//!
+//! ```text
+//! fleetgate-data/            0700
+//!   fleetgate.json           written last: its presence means "complete"
+//!   ca.crt                   the root: what clients trust
+//!   ca/root.key              0600
+//!   ca/issuing.crt           the issuing CA (signed by the root)
+//!   ca/issuing.key           0600
+//!   server.crt, server.key   the listeners' certificate (+ issuing CA), 0600 key
+//!   admin.crt, admin.key     the first operator's credentials, 0600 key
+//!   registry/                sled
+//! ```
+//!
+//! A dir with files but no `fleetgate.json` is a start-up that was interrupted:
+//! we refuse it rather than make a second CA over the first.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SanType,
+};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
+use serde::{Deserialize, Serialize};
+use time::{Duration, OffsetDateTime};
+use x509_parser::prelude::{FromDer, GeneralName, ParsedExtension, X509Certificate};
+
+use crate::csr::ValidatedCsr;
+use crate::id::{fingerprint, Identity};
+use crate::registry::{NewDevice, Registry};
+use crate::{DeviceId, Error, Role, Serial};
+
+const FORMAT: u32 = 1;
+const MARKER: &str = "fleetgate.json";
+
+/// Lifetimes of what the CA makes for itself.
+const ROOT_LIFETIME: Duration = Duration::days(20 * 365);
+const ISSUING_LIFETIME: Duration = Duration::days(10 * 365);
+const SERVER_LIFETIME: Duration = Duration::days(365);
+const ADMIN_LIFETIME: Duration = Duration::days(2 * 365);
+/// A server certificate closer than this to expiry is renewed at start-up.
+const SERVER_RENEW_BEFORE: Duration = Duration::days(30);
+/// Backdating of `not_before`, for devices whose clocks run a little slow.
+const CLOCK_SKEW: Duration = Duration::minutes(5);
+
+/// The default lifetime of a device certificate.
+pub const DEFAULT_CERT_LIFETIME: Duration = Duration::days(90);
+
+/// The name of the first operator, made at init.
+pub const FIRST_ADMIN: &str = "admin";
+
+/// Where everything lives inside a data dir.
+#[derive(Clone, Debug)]
+pub struct Paths {
+    pub dir: PathBuf,
+}
+
+impl Paths {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+    pub fn marker(&self) -> PathBuf {
+        self.dir.join(MARKER)
+    }
+    pub fn ca_cert(&self) -> PathBuf {
+        self.dir.join("ca.crt")
+    }
+    pub fn root_key(&self) -> PathBuf {
+        self.dir.join("ca/root.key")
+    }
+    pub fn issuing_cert(&self) -> PathBuf {
+        self.dir.join("ca/issuing.crt")
+    }
+    pub fn issuing_key(&self) -> PathBuf {
+        self.dir.join("ca/issuing.key")
+    }
+    pub fn server_cert(&self) -> PathBuf {
+        self.dir.join("server.crt")
+    }
+    pub fn server_key(&self) -> PathBuf {
+        self.dir.join("server.key")
+    }
+    pub fn admin_cert(&self) -> PathBuf {
+        self.dir.join("admin.crt")
+    }
+    pub fn admin_key(&self) -> PathBuf {
+        self.dir.join("admin.key")
+    }
+    pub fn registry(&self) -> PathBuf {
+        self.dir.join("registry")
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct Marker {
+    format: u32,
+    #[serde(with = "time::serde::rfc3339")]
+    created_at: OffsetDateTime,
+}
+
+/// Options for opening (and, the first time, creating) a data dir.
+#[derive(Clone, Debug, Default)]
+pub struct InitOptions {
+    /// Extra SANs for the server certificate, beyond localhost and 127.0.0.1.
+    pub server_sans: Vec<String>,
+}
+
+/// A certificate the CA just issued.
+#[derive(Clone, Debug)]
+pub struct IssuedCert {
+    pub serial: Serial,
+    pub der: Vec<u8>,
+    /// The leaf, then the issuing CA: what a client presents.
+    pub chain_pem: String,
+    pub issuer: String,
+    pub not_before: OffsetDateTime,
+    pub not_after: OffsetDateTime,
+    pub fingerprint: String,
+}
+
+/// The issuing side of the CA.
+pub struct Ca {
+    root_der: CertificateDer<'static>,
+    root_pem: String,
+    issuing: Issuer<'static, KeyPair>,
+    issuing_der: CertificateDer<'static>,
+    issuing_pem: String,
+    issuing_name: String,
+}
+
+impl std::fmt::Debug for Ca {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the keys.
+        f.debug_struct("Ca")
+            .field("issuer", &self.issuing_name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a certificate says about its holder, read without trusting it: the
+/// caller verifies the chain first.
+#[derive(Clone, Debug)]
+pub struct CertInfo {
+    pub identity: Option<Identity>,
+    pub serial: Serial,
+    pub not_before: OffsetDateTime,
+    pub not_after: OffsetDateTime,
+    pub fingerprint: String,
+    pub is_ca: bool,
+}
+
+/// Reads identity and serial from a DER certificate.
+pub fn inspect_certificate(der: &[u8]) -> Result<CertInfo, Error> {
+    let (_, cert) = X509Certificate::from_der(der)
+        .map_err(|e| Error::Certificate(format!("does not parse: {e}")))?;
+    let mut identity = None;
+    let mut is_ca = false;
+    for ext in cert.extensions() {
+        match ext.parsed_extension() {
+            ParsedExtension::SubjectAlternativeName(san) => {
+                identity = san.general_names.iter().find_map(|n| match n {
+                    GeneralName::URI(uri) => Identity::from_uri(uri),
+                    _ => None,
+                });
+            }
+            ParsedExtension::BasicConstraints(bc) => is_ca = bc.ca,
+            _ => {}
+        }
+    }
+    Ok(CertInfo {
+        identity,
+        serial: Serial::from_bytes(cert.raw_serial())?,
+        not_before: cert.validity().not_before.to_datetime(),
+        not_after: cert.validity().not_after.to_datetime(),
+        fingerprint: fingerprint(der),
+        is_ca,
+    })
+}
+
+impl Ca {
+    pub fn root_der(&self) -> &CertificateDer<'static> {
+        &self.root_der
+    }
+    pub fn root_pem(&self) -> &str {
+        &self.root_pem
+    }
+    pub fn issuing_der(&self) -> &CertificateDer<'static> {
+        &self.issuing_der
+    }
+    pub fn issuing_pem(&self) -> &str {
+        &self.issuing_pem
+    }
+
+    /// Issues a certificate for a verified CSR's key to `identity`.
+    pub fn issue_for_csr(
+        &self,
+        csr: &ValidatedCsr,
+        identity: &Identity,
+        lifetime: Duration,
+    ) -> Result<IssuedCert, Error> {
+        self.issue(&csr.public_key, identity, lifetime)
+    }
+
+    /// Issues a client certificate: CN = id, SAN URI `urn:fleetgate:<role>:<id>`,
+    /// EKU clientAuth only, random 20-octet serial.
+    pub fn issue(
+        &self,
+        key: &impl PublicKeyData,
+        identity: &Identity,
+        lifetime: Duration,
+    ) -> Result<IssuedCert, Error> {
+        if lifetime <= Duration::ZERO {
+            return Err(Error::InvalidInput {
+                reason: "certificate lifetime must be positive".into(),
+            });
+        }
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, identity.id.as_str());
+        params.subject_alt_names = vec![SanType::URI(identity.uri().try_into()?)];
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        self.sign_leaf(params, key, lifetime)
+    }
+
+    fn sign_leaf(
+        &self,
+        mut params: CertificateParams,
+        key: &impl PublicKeyData,
+        lifetime: Duration,
+    ) -> Result<IssuedCert, Error> {
+        let now = OffsetDateTime::now_utc()
+            .replace_nanosecond(0)
+            .unwrap_or_else(|_| OffsetDateTime::now_utc());
+        let serial = Serial::random()?;
+        params.serial_number = Some(rcgen::SerialNumber::from_slice(serial.as_bytes()));
+        params.not_before = now - CLOCK_SKEW;
+        params.not_after = now + lifetime;
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(key, &self.issuing)?;
+        let der = cert.der().to_vec();
+        Ok(IssuedCert {
+            fingerprint: fingerprint(&der),
+            chain_pem: format!("{}{}", cert.pem(), self.issuing_pem),
+            serial,
+            der,
+            issuer: self.issuing_name.clone(),
+            not_before: params.not_before,
+            not_after: params.not_after,
+        })
+    }
+
+    fn issue_server(&self, key: &KeyPair, sans: &[String]) -> Result<IssuedCert, Error> {
+        let mut params = CertificateParams::new(sans.to_vec())?;
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "fleetgate server");
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        self.sign_leaf(params, key, SERVER_LIFETIME)
+    }
+}
+
+/// The CA, the registry and where they live.
+#[derive(Debug)]
+pub struct Authority {
+    pub paths: Paths,
+    pub ca: Ca,
+    pub registry: Registry,
+}
+
+impl Authority {
+    /// Opens the data dir at `dir`, creating a new CA there if it is missing or
+    /// empty. A dir that is neither complete nor empty is an error.
+    pub fn open_or_init(dir: &Path, opts: &InitOptions) -> Result<Self, Error> {
+        let paths = Paths::new(dir);
+        if paths.marker().exists() {
+            return Self::load(paths, opts);
+        }
+        let empty = match fs::read_dir(dir) {
+            Ok(mut entries) => entries.next().is_none(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+            Err(e) => return Err(io(dir, e)),
+        };
+        if !empty {
+            return Err(Error::DataDir {
+                path: dir.to_owned(),
+                reason: format!(
+                    "has files but no {MARKER}: an earlier initialization was interrupted or this \
+                     is not a fleetgate data dir; move it away to create a new CA"
+                ),
+            });
+        }
+        Self::init(paths, opts)
+    }
+
+    /// Opens an existing, complete data dir; never creates one.
+    pub fn open(dir: &Path, opts: &InitOptions) -> Result<Self, Error> {
+        let paths = Paths::new(dir);
+        if !paths.marker().exists() {
+            return Err(Error::DataDir {
+                path: dir.to_owned(),
+                reason: format!("no {MARKER}: not an initialized fleetgate data dir"),
+            });
+        }
+        Self::load(paths, opts)
+    }
+
+    fn init(paths: Paths, opts: &InitOptions) -> Result<Self, Error> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(paths.dir.join("ca"))
+            .map_err(|e| io(&paths.dir, e))?;
+        // `recursive` leaves an existing (empty) dir's mode alone.
+        fs::set_permissions(&paths.dir, fs::Permissions::from_mode(0o700))
+            .map_err(|e| io(&paths.dir, e))?;
+
+        let now = OffsetDateTime::now_utc();
+        let root_key = KeyPair::generate()?;
+        let mut root = ca_params("fleetgate root CA", 1, now, ROOT_LIFETIME);
+        root.serial_number = Some(rcgen::SerialNumber::from_slice(
+            Serial::random()?.as_bytes(),
+        ));
+        let root_cert = root.self_signed(&root_key)?;
+        let root_issuer = Issuer::new(root, &root_key);
+
+        let issuing_key = KeyPair::generate()?;
+        let mut issuing = ca_params("fleetgate issuing CA 1", 0, now, ISSUING_LIFETIME);
+        issuing.serial_number = Some(rcgen::SerialNumber::from_slice(
+            Serial::random()?.as_bytes(),
+        ));
+        issuing.use_authority_key_identifier_extension = true;
+        let issuing_cert = issuing.signed_by(&issuing_key, &root_issuer)?;
+
+        write_file(&paths.root_key(), root_key.serialize_pem().as_bytes(), true)?;
+        write_file(
+            &paths.issuing_key(),
+            issuing_key.serialize_pem().as_bytes(),
+            true,
+        )?;
+        write_file(&paths.issuing_cert(), issuing_cert.pem().as_bytes(), false)?;
+        write_file(&paths.ca_cert(), root_cert.pem().as_bytes(), false)?;
+
+        let ca = load_ca(&paths)?;
+        let registry = Registry::open(&paths.registry())?;
+        let auth = Self {
+            paths,
+            ca,
+            registry,
+        };
+        auth.write_server_cert(&server_sans(opts))?;
+
+        // The first operator, registered like any other principal.
+        let admin_key = KeyPair::generate()?;
+        let admin_id = Identity {
+            role: Role::Admin,
+            id: DeviceId::try_new(FIRST_ADMIN)?,
+        };
+        let admin_cert = auth.ca.issue(&admin_key, &admin_id, ADMIN_LIFETIME)?;
+        auth.registry.enroll(
+            &NewDevice {
+                id: admin_id.id,
+                role: Role::Admin,
+                manufacturer: None,
+            },
+            &admin_cert,
+            "system",
+        )?;
+        write_file(
+            &auth.paths.admin_key(),
+            admin_key.serialize_pem().as_bytes(),
+            true,
+        )?;
+        write_file(
+            &auth.paths.admin_cert(),
+            admin_cert.chain_pem.as_bytes(),
+            false,
+        )?;
+
+        let marker = Marker {
+            format: FORMAT,
+            created_at: now,
+        };
+        let marker = serde_json::to_vec_pretty(&marker)
+            .map_err(|e| Error::Corrupt(format!("marker: {e}")))?;
+        write_file(&auth.paths.marker(), &marker, false)?;
+        tracing::info!(dir = %auth.paths.dir.display(), "created a new CA and registry");
+        Ok(auth)
+    }
+
+    fn load(paths: Paths, opts: &InitOptions) -> Result<Self, Error> {
+        let marker: Marker =
+            serde_json::from_slice(&read(&paths.marker())?).map_err(|e| Error::DataDir {
+                path: paths.marker(),
+                reason: format!("does not parse: {e}"),
+            })?;
+        if marker.format != FORMAT {
+            return Err(Error::DataDir {
+                path: paths.marker(),
+                reason: format!("format {} (this build reads {FORMAT})", marker.format),
+            });
+        }
+        for key in [
+            paths.root_key(),
+            paths.issuing_key(),
+            paths.server_key(),
+            paths.admin_key(),
+        ] {
+            check_private(&key)?;
+        }
+        let ca = load_ca(&paths)?;
+        let registry = Registry::open(&paths.registry())?;
+        let auth = Self {
+            paths,
+            ca,
+            registry,
+        };
+        auth.renew_server_cert_if_needed(&server_sans(opts))?;
+        Ok(auth)
+    }
+
+    /// Reissues the server certificate if it is near expiry, or lacks a SAN
+    /// that was asked for. Returns whether it did.
+    pub fn renew_server_cert_if_needed(&self, sans: &[String]) -> Result<bool, Error> {
+        let pem = read(&self.paths.server_cert())?;
+        let der = CertificateDer::from_pem_slice(&pem).map_err(|e| Error::DataDir {
+            path: self.paths.server_cert(),
+            reason: format!("no certificate in it: {e}"),
+        })?;
+        let (_, cert) = X509Certificate::from_der(&der).map_err(|e| Error::DataDir {
+            path: self.paths.server_cert(),
+            reason: format!("does not parse: {e}"),
+        })?;
+        let not_after = cert.validity().not_after.to_datetime();
+        let have: Vec<String> = cert
+            .subject_alternative_name()
+            .ok()
+            .flatten()
+            .map(|san| {
+                san.value
+                    .general_names
+                    .iter()
+                    .filter_map(|n| match n {
+                        GeneralName::DNSName(d) => Some(d.to_string()),
+                        GeneralName::IPAddress(ip) => ip_string(ip),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let missing = sans.iter().any(|s| !have.contains(s));
+        if not_after - OffsetDateTime::now_utc() > SERVER_RENEW_BEFORE && !missing {
+            return Ok(false);
+        }
+        let mut all = have;
+        for s in sans {
+            if !all.contains(s) {
+                all.push(s.clone());
+            }
+        }
+        self.write_server_cert(&all)?;
+        tracing::info!(sans = ?all, "renewed the server certificate");
+        Ok(true)
+    }
+
+    fn write_server_cert(&self, sans: &[String]) -> Result<(), Error> {
+        let key = KeyPair::generate()?;
+        let cert = self.ca.issue_server(&key, sans)?;
+        // Key first: a crash between the two leaves a key that matches no
+        // certificate, which the loader reports, never a silent mismatch.
+        write_file(
+            &self.paths.server_key(),
+            key.serialize_pem().as_bytes(),
+            true,
+        )?;
+        write_file(&self.paths.server_cert(), cert.chain_pem.as_bytes(), false)?;
+        Ok(())
+    }
+}
+
+fn server_sans(opts: &InitOptions) -> Vec<String> {
+    let mut sans = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+    for s in &opts.server_sans {
+        if !sans.contains(s) {
+            sans.push(s.clone());
+        }
+    }
+    sans
+}
+
+fn ip_string(bytes: &[u8]) -> Option<String> {
+    match bytes.len() {
+        4 => <[u8; 4]>::try_from(bytes)
+            .ok()
+            .map(|b| std::net::Ipv4Addr::from(b).to_string()),
+        16 => <[u8; 16]>::try_from(bytes)
+            .ok()
+            .map(|b| std::net::Ipv6Addr::from(b).to_string()),
+        _ => None,
+    }
+}
+
+fn ca_params(cn: &str, path_len: u8, now: OffsetDateTime, lifetime: Duration) -> CertificateParams {
+    let mut p = CertificateParams::default();
+    p.distinguished_name = DistinguishedName::new();
+    p.distinguished_name
+        .push(DnType::OrganizationName, "fleetgate");
+    p.distinguished_name.push(DnType::CommonName, cn);
+    p.is_ca = IsCa::Ca(BasicConstraints::Constrained(path_len));
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    p.not_before = now - CLOCK_SKEW;
+    p.not_after = now + lifetime;
+    p
+}
+
+fn load_ca(paths: &Paths) -> Result<Ca, Error> {
+    let (root_der, root_pem) = read_cert(&paths.ca_cert())?;
+    let (issuing_der, issuing_pem) = read_cert(&paths.issuing_cert())?;
+    let issuing_key = read_key(&paths.issuing_key())?;
+    let (_, parsed) = X509Certificate::from_der(&issuing_der).map_err(|e| Error::DataDir {
+        path: paths.issuing_cert(),
+        reason: format!("does not parse: {e}"),
+    })?;
+    if parsed.public_key().subject_public_key.data.as_ref() != issuing_key.public_key_raw() {
+        return Err(Error::DataDir {
+            path: paths.issuing_key(),
+            reason: "does not match ca/issuing.crt".into(),
+        });
+    }
+    let issuing_name = parsed.subject().to_string();
+    let issuing =
+        Issuer::from_ca_cert_der(&issuing_der, issuing_key).map_err(|e| Error::DataDir {
+            path: paths.issuing_cert(),
+            reason: e.to_string(),
+        })?;
+    Ok(Ca {
+        root_der,
+        root_pem,
+        issuing,
+        issuing_der,
+        issuing_pem,
+        issuing_name,
+    })
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, Error> {
+    fs::read(path).map_err(|e| io(path, e))
+}
+
+fn read_cert(path: &Path) -> Result<(CertificateDer<'static>, String), Error> {
+    let pem = String::from_utf8(read(path)?).map_err(|_| Error::DataDir {
+        path: path.to_owned(),
+        reason: "not PEM text".into(),
+    })?;
+    let der = CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| Error::DataDir {
+        path: path.to_owned(),
+        reason: format!("no certificate in it: {e}"),
+    })?;
+    Ok((der, pem))
+}
+
+fn read_key(path: &Path) -> Result<KeyPair, Error> {
+    let pem = String::from_utf8(read(path)?).map_err(|_| Error::DataDir {
+        path: path.to_owned(),
+        reason: "not PEM text".into(),
+    })?;
+    KeyPair::from_pem(&pem).map_err(|e| Error::DataDir {
+        path: path.to_owned(),
+        reason: format!("not a usable private key: {e}"),
+    })
+}
+
+/// Refuses a private key that others can read.
+fn check_private(path: &Path) -> Result<(), Error> {
+    let mode = fs::metadata(path)
+        .map_err(|e| io(path, e))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        return Err(Error::DataDir {
+            path: path.to_owned(),
+            reason: format!(
+                "private key is accessible to others (mode {:04o}); run chmod 600 on it",
+                mode & 0o7777
+            ),
+        });
+    }
+    Ok(())
+}
+
+fn io(path: &Path, source: std::io::Error) -> Error {
+    Error::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Writes a file atomically and durably: temp file, fsync, rename, fsync dir.
+/// Private files are created 0600 from the start, never chmod-ed after.
+pub fn write_file(path: &Path, bytes: &[u8], private: bool) -> Result<(), Error> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let _ = fs::remove_file(&tmp);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(if private { 0o600 } else { 0o644 })
+        .open(&tmp)
+        .map_err(|e| io(&tmp, e))?;
+    f.write_all(bytes).map_err(|e| io(&tmp, e))?;
+    f.sync_all().map_err(|e| io(&tmp, e))?;
+    drop(f);
+    fs::rename(&tmp, path).map_err(|e| io(path, e))?;
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io(dir, e))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::csr::{new_key_and_csr, validate_csr, KeyKind};
+    use crate::registry::{Revocation, RevocationReason, Standing, Status};
+
+    fn device(id: &str) -> Identity {
+        Identity {
+            role: Role::Device,
+            id: DeviceId::try_new(id).unwrap(),
+        }
+    }
+
+    #[test]
+    fn init_writes_private_keys_and_reloads() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("data");
+        let first = Authority::open_or_init(&dir, &InitOptions::default()).unwrap();
+        let paths = first.paths.clone();
+        for key in [
+            paths.root_key(),
+            paths.issuing_key(),
+            paths.server_key(),
+            paths.admin_key(),
+        ] {
+            let mode = fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", key.display());
+        }
+        assert_eq!(
+            fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        let root = first.ca.root_der().clone();
+        let admin = first
+            .registry
+            .device(&DeviceId::try_new("admin").unwrap())
+            .unwrap();
+        assert_eq!(admin.role, Role::Admin);
+        drop(first);
+
+        // A second start reuses everything.
+        let second = Authority::open_or_init(&dir, &InitOptions::default()).unwrap();
+        assert_eq!(second.ca.root_der(), &root);
+        assert_eq!(second.registry.device_count(), 1);
+    }
+
+    #[test]
+    fn half_written_dir_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("data");
+        Authority::open_or_init(&dir, &InitOptions::default()).unwrap();
+        fs::remove_file(dir.join(MARKER)).unwrap();
+        let err = Authority::open_or_init(&dir, &InitOptions::default()).unwrap_err();
+        assert!(err.to_string().contains("interrupted"), "{err}");
+    }
+
+    #[test]
+    fn corrupt_or_exposed_key_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("data");
+        let auth = Authority::open_or_init(&dir, &InitOptions::default()).unwrap();
+        let paths = auth.paths.clone();
+        drop(auth);
+
+        fs::set_permissions(paths.issuing_key(), fs::Permissions::from_mode(0o644)).unwrap();
+        let err = Authority::open_or_init(&dir, &InitOptions::default()).unwrap_err();
+        assert!(err.to_string().contains("chmod 600"), "{err}");
+
+        fs::set_permissions(paths.issuing_key(), fs::Permissions::from_mode(0o600)).unwrap();
+        fs::write(paths.issuing_key(), "garbage").unwrap();
+        let err = Authority::open_or_init(&dir, &InitOptions::default()).unwrap_err();
+        assert!(err.to_string().contains("issuing.key"), "{err}");
+    }
+
+    #[test]
+    fn issued_certificate_chains_to_the_root_with_webpki() {
+        let tmp = tempfile::tempdir().unwrap();
+        let auth = Authority::open_or_init(tmp.path(), &InitOptions::default()).unwrap();
+        let (_key, csr) = new_key_and_csr(KeyKind::EcdsaP256, "whatever-the-csr-says").unwrap();
+        let csr = validate_csr(csr.as_bytes()).unwrap();
+        let cert = auth
+            .ca
+            .issue_for_csr(&csr, &device("dev-1"), DEFAULT_CERT_LIFETIME)
+            .unwrap();
+
+        let anchor = webpki::anchor_from_trusted_cert(auth.ca.root_der()).unwrap();
+        let der = CertificateDer::from(cert.der.clone());
+        let ee = webpki::EndEntityCert::try_from(&der).unwrap();
+        let now = rustls_pki_types::UnixTime::now();
+        ee.verify_for_usage(
+            webpki::ALL_VERIFICATION_ALGS,
+            &[anchor],
+            &[auth.ca.issuing_der().clone()],
+            now,
+            webpki::KeyUsage::client_auth(),
+            None,
+            None,
+        )
+        .unwrap();
+        // Not for servers.
+        assert!(ee
+            .verify_for_usage(
+                webpki::ALL_VERIFICATION_ALGS,
+                &[webpki::anchor_from_trusted_cert(auth.ca.root_der()).unwrap()],
+                &[auth.ca.issuing_der().clone()],
+                now,
+                webpki::KeyUsage::server_auth(),
+                None,
+                None,
+            )
+            .is_err());
+
+        let info = inspect_certificate(&cert.der).unwrap();
+        assert_eq!(info.identity, Some(device("dev-1")));
+        assert_eq!(info.serial, cert.serial);
+        assert!(!info.is_ca);
+        assert_eq!(info.serial.as_bytes().len(), 20);
+        assert_eq!(
+            (info.not_after - info.not_before).whole_days(),
+            DEFAULT_CERT_LIFETIME.whole_days()
+        );
+        let (_, parsed) = X509Certificate::from_der(&cert.der).unwrap();
+        assert_eq!(parsed.subject().to_string(), "CN=dev-1");
+    }
+
+    #[test]
+    fn server_cert_is_renewed_for_a_new_san() {
+        let tmp = tempfile::tempdir().unwrap();
+        let auth = Authority::open_or_init(tmp.path(), &InitOptions::default()).unwrap();
+        let sans = server_sans(&InitOptions::default());
+        assert!(!auth.renew_server_cert_if_needed(&sans).unwrap());
+        let mut more = sans.clone();
+        more.push("broker.example".into());
+        assert!(auth.renew_server_cert_if_needed(&more).unwrap());
+        assert!(!auth.renew_server_cert_if_needed(&more).unwrap());
+    }
+
+    #[test]
+    fn enroll_rotate_and_status_lookups() {
+        let tmp = tempfile::tempdir().unwrap();
+        let auth = Authority::open_or_init(tmp.path(), &InitOptions::default()).unwrap();
+        let (_k, csr) = new_key_and_csr(KeyKind::Ed25519, "x").unwrap();
+        let req = crate::EnrollRequest {
+            id: DeviceId::try_new("dev-1").unwrap(),
+            role: Role::Device,
+            manufacturer: Some("acme".into()),
+            csr: csr.into_bytes(),
+            lifetime: DEFAULT_CERT_LIFETIME,
+        };
+        let (d, c1) = auth.enroll(&req, "test").unwrap();
+        assert_eq!(d.status, Status::Active);
+        assert!(matches!(
+            auth.enroll(&req, "test"),
+            Err(Error::AlreadyExists { .. })
+        ));
+
+        let (_k, csr2) = new_key_and_csr(KeyKind::EcdsaP384, "x").unwrap();
+        let (d, c2) = auth
+            .rotate(&req.id, csr2.as_bytes(), DEFAULT_CERT_LIFETIME, "test")
+            .unwrap();
+        assert_eq!(d.certificates, vec![c1.serial.clone(), c2.serial.clone()]);
+        let r = &auth.registry;
+        assert_eq!(r.standing(&c1.serial).unwrap().unwrap().1, Standing::Good);
+        assert_eq!(
+            r.certificate_by_fingerprint(&c2.fingerprint)
+                .unwrap()
+                .unwrap()
+                .serial,
+            c2.serial
+        );
+
+        r.suspend(&req.id, "test").unwrap();
+        assert_eq!(
+            r.standing(&c2.serial).unwrap().unwrap().1,
+            Standing::Suspended
+        );
+        assert!(matches!(
+            r.suspend(&req.id, "test"),
+            Err(Error::InvalidTransition { .. })
+        ));
+        r.resume(&req.id, "test").unwrap();
+        assert_eq!(r.standing(&c2.serial).unwrap().unwrap().1, Standing::Good);
+
+        // Revoking one certificate leaves the other good.
+        r.revoke_certificate(&c1.serial, RevocationReason::Superseded, "test")
+            .unwrap();
+        assert!(matches!(
+            r.standing(&c1.serial).unwrap().unwrap().1,
+            Standing::Revoked(Revocation {
+                reason: RevocationReason::Superseded,
+                ..
+            })
+        ));
+        assert_eq!(r.standing(&c2.serial).unwrap().unwrap().1, Standing::Good);
+
+        r.revoke(&req.id, RevocationReason::KeyCompromise, "test")
+            .unwrap();
+        assert!(matches!(
+            r.standing(&c2.serial).unwrap().unwrap().1,
+            Standing::Revoked(Revocation {
+                reason: RevocationReason::KeyCompromise,
+                ..
+            })
+        ));
+        // Final.
+        for e in [
+            r.revoke(&req.id, RevocationReason::KeyCompromise, "test"),
+            r.resume(&req.id, "test"),
+            r.suspend(&req.id, "test"),
+        ] {
+            assert!(matches!(e, Err(Error::InvalidTransition { .. })), "{e:?}");
+        }
+        let (_k, csr3) = new_key_and_csr(KeyKind::EcdsaP256, "x").unwrap();
+        assert!(auth
+            .rotate(&req.id, csr3.as_bytes(), DEFAULT_CERT_LIFETIME, "test")
+            .is_err());
+
+        // Listing by status, paged, and the audit trail.
+        let revoked = r.list(Some(Status::Revoked), None, 10).unwrap();
+        assert_eq!(revoked.items.len(), 1);
+        assert!(r
+            .list(Some(Status::Active), None, 10)
+            .unwrap()
+            .items
+            .iter()
+            .all(|d| d.id.as_str() != "dev-1"));
+        let actions: Vec<String> = r
+            .audit(None, 100)
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|e| e.device.as_ref() == Some(&req.id))
+            .map(|e| e.action)
+            .collect();
+        assert_eq!(
+            actions,
+            [
+                "enroll",
+                "rotate",
+                "suspend",
+                "resume",
+                "revoke-certificate",
+                "revoke"
+            ]
+        );
+    }
+
+    #[test]
+    fn paging_visits_every_device_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let auth = Authority::open_or_init(tmp.path(), &InitOptions::default()).unwrap();
+        let key = KeyPair::generate().unwrap();
+        for i in 0..25 {
+            let id = device(&format!("d{i:02}"));
+            let cert = auth.ca.issue(&key, &id, DEFAULT_CERT_LIFETIME).unwrap();
+            let new = NewDevice {
+                id: id.id,
+                role: Role::Device,
+                manufacturer: None,
+            };
+            auth.registry.enroll(&new, &cert, "test").unwrap();
+        }
+        for status in [None, Some(Status::Active)] {
+            let mut seen = Vec::new();
+            let mut after = None;
+            loop {
+                let page = auth.registry.list(status, after.as_deref(), 7).unwrap();
+                seen.extend(page.items.iter().map(|d| d.id.to_string()));
+                match page.next {
+                    Some(n) => after = Some(n),
+                    None => break,
+                }
+            }
+            // 25 devices and the admin.
+            assert_eq!(seen.len(), 26, "{status:?}");
+            let mut sorted = seen.clone();
+            sorted.sort();
+            sorted.dedup();
+            assert_eq!(sorted, seen);
+        }
+    }
+}

@@ -1,0 +1,272 @@
+//! Certificate signing requests: parsed, checked and reduced to the one thing
+//! we take from them, the public key. Sans-IO.
+//!
+//! The subject, SANs and extensions a CSR asks for are ignored on purpose: the
+//! device id comes from the enrollment request, and the CA decides what goes
+//! into a certificate.
+
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateSigningRequestDer;
+use x509_parser::certification_request::X509CertificationRequest;
+use x509_parser::oid_registry::{
+    OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384, OID_PKCS1_RSAENCRYPTION,
+    OID_SIG_ED25519,
+};
+use x509_parser::prelude::FromDer;
+use x509_parser::public_key::PublicKey;
+
+use crate::Error;
+
+/// The largest CSR accepted, PEM or DER. An RSA-4096 CSR in PEM is under 2 KiB.
+pub const MAX_CSR_LEN: usize = 16 * 1024;
+
+/// The smallest RSA modulus accepted.
+pub const MIN_RSA_BITS: usize = 2048;
+/// The largest RSA modulus accepted (bounds the cost of verifying a request).
+pub const MAX_RSA_BITS: usize = 8192;
+
+/// The device key types fleetgate issues certificates for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyKind {
+    EcdsaP256,
+    EcdsaP384,
+    Ed25519,
+    Rsa { bits: usize },
+}
+
+impl std::fmt::Display for KeyKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeyKind::EcdsaP256 => f.write_str("ecdsa-p256"),
+            KeyKind::EcdsaP384 => f.write_str("ecdsa-p384"),
+            KeyKind::Ed25519 => f.write_str("ed25519"),
+            KeyKind::Rsa { bits } => write!(f, "rsa-{bits}"),
+        }
+    }
+}
+
+/// A CSR whose self-signature verified and whose key is acceptable.
+#[derive(Debug)]
+pub struct ValidatedCsr {
+    pub(crate) public_key: rcgen::SubjectPublicKeyInfo,
+    pub key_kind: KeyKind,
+}
+
+/// Parses a CSR in PEM or DER, verifies its self-signature and checks its key.
+pub fn validate_csr(input: &[u8]) -> Result<ValidatedCsr, Error> {
+    if input.len() > MAX_CSR_LEN {
+        return Err(Error::TooLarge {
+            len: input.len(),
+            max: MAX_CSR_LEN,
+        });
+    }
+    let der = csr_der(input)?;
+    let (rest, csr) =
+        X509CertificationRequest::from_der(&der).map_err(|e| Error::MalformedCsr {
+            reason: format!("not a PKCS#10 request: {e}"),
+        })?;
+    if !rest.is_empty() {
+        return Err(Error::MalformedCsr {
+            reason: format!("{} trailing bytes after the request", rest.len()),
+        });
+    }
+
+    let spki = &csr.certification_request_info.subject_pki;
+    let key_kind = key_kind(spki)?;
+    csr.verify_signature().map_err(|_| Error::CsrBadSignature)?;
+
+    let public_key =
+        rcgen::SubjectPublicKeyInfo::from_der(spki.raw).map_err(|e| Error::UnsupportedKey {
+            reason: format!("{key_kind}: {e}"),
+        })?;
+    Ok(ValidatedCsr {
+        public_key,
+        key_kind,
+    })
+}
+
+fn csr_der(input: &[u8]) -> Result<Vec<u8>, Error> {
+    let trimmed = input.trim_ascii_start();
+    if trimmed.starts_with(b"-----BEGIN") {
+        let der = CertificateSigningRequestDer::from_pem_slice(trimmed).map_err(|e| {
+            Error::MalformedCsr {
+                reason: format!("no CERTIFICATE REQUEST in the PEM: {e}"),
+            }
+        })?;
+        Ok(der.as_ref().to_vec())
+    } else if input.is_empty() {
+        Err(Error::MalformedCsr {
+            reason: "empty request".into(),
+        })
+    } else {
+        Ok(input.to_vec())
+    }
+}
+
+fn key_kind(spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>) -> Result<KeyKind, Error> {
+    let alg = &spki.algorithm.algorithm;
+    if *alg == OID_KEY_TYPE_EC_PUBLIC_KEY {
+        let curve = spki
+            .algorithm
+            .parameters
+            .as_ref()
+            .and_then(|p| p.as_oid().ok())
+            .ok_or_else(|| Error::UnsupportedKey {
+                reason: "EC key without a named curve".into(),
+            })?;
+        if curve == OID_EC_P256 {
+            Ok(KeyKind::EcdsaP256)
+        } else if curve == OID_NIST_EC_P384 {
+            Ok(KeyKind::EcdsaP384)
+        } else {
+            Err(Error::UnsupportedKey {
+                reason: format!("EC curve {curve} (use P-256 or P-384)"),
+            })
+        }
+    } else if *alg == OID_SIG_ED25519 {
+        Ok(KeyKind::Ed25519)
+    } else if *alg == OID_PKCS1_RSAENCRYPTION {
+        let Ok(PublicKey::RSA(rsa)) = spki.parsed() else {
+            return Err(Error::MalformedCsr {
+                reason: "RSA public key does not parse".into(),
+            });
+        };
+        let bits = rsa.key_size();
+        if bits < MIN_RSA_BITS {
+            return Err(Error::UnsupportedKey {
+                reason: format!("RSA key of {bits} bits (at least {MIN_RSA_BITS})"),
+            });
+        }
+        if bits > MAX_RSA_BITS {
+            return Err(Error::UnsupportedKey {
+                reason: format!("RSA key of {bits} bits (at most {MAX_RSA_BITS})"),
+            });
+        }
+        Ok(KeyKind::Rsa { bits })
+    } else {
+        Err(Error::UnsupportedKey {
+            reason: format!(
+                "key algorithm {alg} (use ECDSA P-256/P-384, Ed25519 or RSA >= {MIN_RSA_BITS})"
+            ),
+        })
+    }
+}
+
+/// The device-side half of enrollment: a fresh key and a CSR for it. Used by
+/// the CLI and the simulated fleet; the key never leaves the caller.
+pub fn new_key_and_csr(
+    kind: KeyKind,
+    common_name: &str,
+) -> Result<(rcgen::KeyPair, String), Error> {
+    let alg = match kind {
+        KeyKind::EcdsaP256 => &rcgen::PKCS_ECDSA_P256_SHA256,
+        KeyKind::EcdsaP384 => &rcgen::PKCS_ECDSA_P384_SHA384,
+        KeyKind::Ed25519 => &rcgen::PKCS_ED25519,
+        KeyKind::Rsa { .. } => {
+            return Err(Error::UnsupportedKey {
+                reason: "RSA keys cannot be generated here; bring a CSR (--csr)".into(),
+            })
+        }
+    };
+    let key = rcgen::KeyPair::generate_for(alg)?;
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, common_name);
+    let csr = params.serialize_request(&key)?;
+    Ok((key, csr.pem()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_each_supported_key_type() {
+        for kind in [KeyKind::EcdsaP256, KeyKind::EcdsaP384, KeyKind::Ed25519] {
+            let (_key, pem) = new_key_and_csr(kind, "dev").unwrap();
+            let v = validate_csr(pem.as_bytes()).unwrap();
+            assert_eq!(v.key_kind, kind);
+            // DER works as well as PEM.
+            let der = CertificateSigningRequestDer::from_pem_slice(pem.as_bytes()).unwrap();
+            assert_eq!(validate_csr(der.as_ref()).unwrap().key_kind, kind);
+        }
+    }
+
+    #[test]
+    fn rejects_garbage_and_oversize() {
+        assert!(matches!(validate_csr(b""), Err(Error::MalformedCsr { .. })));
+        assert!(matches!(
+            validate_csr(b"hello world"),
+            Err(Error::MalformedCsr { .. })
+        ));
+        assert!(matches!(
+            validate_csr(
+                b"-----BEGIN CERTIFICATE REQUEST-----\n!!!\n-----END CERTIFICATE REQUEST-----\n"
+            ),
+            Err(Error::MalformedCsr { .. })
+        ));
+        assert!(matches!(
+            validate_csr(&vec![b'A'; MAX_CSR_LEN + 1]),
+            Err(Error::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn rejects_truncated_and_trailing_der() {
+        let (_key, pem) = new_key_and_csr(KeyKind::EcdsaP256, "dev").unwrap();
+        let der = CertificateSigningRequestDer::from_pem_slice(pem.as_bytes())
+            .unwrap()
+            .as_ref()
+            .to_vec();
+        for cut in [1, 10, der.len() / 2, der.len() - 1] {
+            assert!(
+                matches!(validate_csr(&der[..cut]), Err(Error::MalformedCsr { .. })),
+                "cut at {cut}"
+            );
+        }
+        let mut long = der.clone();
+        long.push(0);
+        assert!(matches!(
+            validate_csr(&long),
+            Err(Error::MalformedCsr { .. })
+        ));
+    }
+
+    #[test]
+    fn rejects_a_csr_signed_by_another_key() {
+        // Same request body, signature from a different key.
+        let (_k1, pem1) = new_key_and_csr(KeyKind::EcdsaP256, "dev").unwrap();
+        let (_k2, pem2) = new_key_and_csr(KeyKind::EcdsaP256, "dev").unwrap();
+        let der1 = CertificateSigningRequestDer::from_pem_slice(pem1.as_bytes()).unwrap();
+        let der2 = CertificateSigningRequestDer::from_pem_slice(pem2.as_bytes()).unwrap();
+        let (_, r1) = X509CertificationRequest::from_der(der1.as_ref()).unwrap();
+        let (_, r2) = X509CertificationRequest::from_der(der2.as_ref()).unwrap();
+        let info1 = r1.certification_request_info.raw;
+        let info2 = r2.certification_request_info.raw;
+        // What follows request 2's info: its signatureAlgorithm and signature.
+        let info2_at = der2
+            .as_ref()
+            .windows(info2.len())
+            .position(|w| w == info2)
+            .unwrap();
+        let tail = &der2.as_ref()[info2_at + info2.len()..];
+        let mut body = info1.to_vec();
+        body.extend_from_slice(tail);
+        let mut forged = vec![0x30];
+        push_der_len(&mut forged, body.len());
+        forged.extend_from_slice(&body);
+        assert!(matches!(validate_csr(&forged), Err(Error::CsrBadSignature)));
+    }
+
+    fn push_der_len(out: &mut Vec<u8>, len: usize) {
+        if len < 0x80 {
+            out.push(len as u8);
+        } else if len < 0x100 {
+            out.extend_from_slice(&[0x81, len as u8]);
+        } else {
+            out.extend_from_slice(&[0x82, (len >> 8) as u8, len as u8]);
+        }
+    }
+}

@@ -1,0 +1,80 @@
+use std::path::PathBuf;
+
+use crate::registry::Status;
+use crate::DeviceId;
+
+/// Everything provisioning can refuse or fail at.
+///
+/// Each variant carries what a caller needs to say why; the network side maps
+/// them to wire codes in one place (`broker::api::ApiError`).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error("invalid id: {reason}")]
+    InvalidId { reason: String },
+
+    #[error("invalid input: {reason}")]
+    InvalidInput { reason: String },
+
+    #[error("malformed csr: {reason}")]
+    MalformedCsr { reason: String },
+
+    #[error("csr signature does not verify: the request was not signed by the key it carries")]
+    CsrBadSignature,
+
+    #[error("unsupported or weak key: {reason}")]
+    UnsupportedKey { reason: String },
+
+    #[error("input too large: {len} bytes, at most {max}")]
+    TooLarge { len: usize, max: usize },
+
+    #[error("device {id} not found")]
+    NotFound { id: DeviceId },
+
+    #[error("certificate {serial} not found")]
+    CertNotFound { serial: String },
+
+    #[error("device {id} already exists")]
+    AlreadyExists { id: DeviceId },
+
+    #[error("device {id} is {status}: {action} is not allowed")]
+    InvalidTransition {
+        id: DeviceId,
+        status: Status,
+        action: &'static str,
+    },
+
+    #[error("data dir {path}: {reason}")]
+    DataDir { path: PathBuf, reason: String },
+
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("registry storage: {0}")]
+    Storage(String),
+
+    #[error("registry record is corrupt: {0}")]
+    Corrupt(String),
+
+    #[error("certificate: {0}")]
+    Certificate(String),
+
+    #[error("crypto: {0}")]
+    Crypto(String),
+}
+
+impl From<sled::Error> for Error {
+    fn from(e: sled::Error) -> Self {
+        Error::Storage(e.to_string())
+    }
+}
+
+impl From<rcgen::Error> for Error {
+    fn from(e: rcgen::Error) -> Self {
+        Error::Certificate(e.to_string())
+    }
+}

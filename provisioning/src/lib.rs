@@ -1,0 +1,87 @@
+//! fleetgate's provisioning core: the CA, the device registry and enrollment.
+//!
+//! Invariant: nothing here opens a socket. Callers (the `broker` crate) own
+//! the network and map [`Error`] to wire codes. File IO is limited to the data
+//! dir ([`ca::Paths`]) and the sled registry inside it.
+
+pub mod ca;
+pub mod csr;
+mod error;
+pub mod id;
+pub mod registry;
+
+pub use ca::{Authority, Ca, InitOptions, IssuedCert, DEFAULT_CERT_LIFETIME};
+pub use error::Error;
+pub use id::{DeviceId, Identity, Role, Serial};
+pub use registry::{
+    AuditEntry, CertRecord, DeviceRecord, NewDevice, Registry, Revocation, RevocationReason,
+    Standing, Status,
+};
+
+/// An enrollment: who the certificate is for, and the device's CSR.
+#[derive(Clone, Debug)]
+pub struct EnrollRequest {
+    pub id: DeviceId,
+    pub role: Role,
+    pub manufacturer: Option<String>,
+    /// PEM or DER.
+    pub csr: Vec<u8>,
+    pub lifetime: time::Duration,
+}
+
+impl Authority {
+    /// Registers a new device and issues its first certificate from its CSR.
+    /// Durable when it returns.
+    pub fn enroll(
+        &self,
+        req: &EnrollRequest,
+        actor: &str,
+    ) -> Result<(DeviceRecord, IssuedCert), Error> {
+        let csr = csr::validate_csr(&req.csr)?;
+        // Checked again inside the transaction; this only saves a signature.
+        if self.registry.device(&req.id).is_ok() {
+            return Err(Error::AlreadyExists { id: req.id.clone() });
+        }
+        let identity = Identity {
+            role: req.role,
+            id: req.id.clone(),
+        };
+        let cert = self.ca.issue_for_csr(&csr, &identity, req.lifetime)?;
+        let new = NewDevice {
+            id: req.id.clone(),
+            role: req.role,
+            manufacturer: req.manufacturer.clone(),
+        };
+        let device = self.registry.enroll(&new, &cert, actor)?;
+        tracing::info!(device.id = %req.id, role = %req.role, serial = %cert.serial, key = %csr.key_kind, "enrolled");
+        Ok((device, cert))
+    }
+
+    /// Issues an additional certificate to an active device from a new CSR.
+    /// Its other certificates stay valid until revoked or expired.
+    pub fn rotate(
+        &self,
+        id: &DeviceId,
+        csr_bytes: &[u8],
+        lifetime: time::Duration,
+        actor: &str,
+    ) -> Result<(DeviceRecord, IssuedCert), Error> {
+        let csr = csr::validate_csr(csr_bytes)?;
+        let device = self.registry.device(id)?;
+        if device.status != Status::Active {
+            return Err(Error::InvalidTransition {
+                id: id.clone(),
+                status: device.status,
+                action: "rotate",
+            });
+        }
+        let identity = Identity {
+            role: device.role,
+            id: id.clone(),
+        };
+        let cert = self.ca.issue_for_csr(&csr, &identity, lifetime)?;
+        let device = self.registry.add_certificate(id, &cert, actor)?;
+        tracing::info!(device.id = %id, serial = %cert.serial, "rotated");
+        Ok((device, cert))
+    }
+}

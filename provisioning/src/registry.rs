@@ -1,0 +1,745 @@
+//! The device registry: devices, their certificates and the audit log, in sled.
+//!
+//! Trees (keys are bytes, values JSON):
+//! - `devices`: device id -> [`DeviceRecord`]
+//! - `certs`: serial -> [`CertRecord`], which mirrors its device's status so
+//!   that the admission check at connect time is one read
+//! - `fingerprints`: SHA-256 of the DER -> serial
+//! - `by_status`: `<status>/<id>` -> empty, for paged listing by status
+//! - `audit`: big-endian sequence number -> [`AuditEntry`]
+//!
+//! Every change is one sled transaction across the trees it touches, and is
+//! flushed to disk before the call returns: a caller may acknowledge what a
+//! call returned.
+
+use std::fmt;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use sled::transaction::{
+    ConflictableTransactionError, TransactionError, TransactionalTree, UnabortableTransactionError,
+};
+use sled::Transactional;
+use time::OffsetDateTime;
+
+use crate::ca::IssuedCert;
+use crate::{DeviceId, Error, Role, Serial};
+
+/// A device's standing. `Revoked` is final.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Active,
+    Suspended,
+    Revoked,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Active => "active",
+            Status::Suspended => "suspended",
+            Status::Revoked => "revoked",
+        }
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Status {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        match s {
+            "active" => Ok(Status::Active),
+            "suspended" => Ok(Status::Suspended),
+            "revoked" => Ok(Status::Revoked),
+            other => Err(Error::InvalidInput {
+                reason: format!("unknown status {other:?} (active, suspended, revoked)"),
+            }),
+        }
+    }
+}
+
+/// RFC 5280 5.3.1 CRLReason, less the two that are not revocations
+/// (certificateHold is what suspension means; removeFromCRL is resume).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RevocationReason {
+    Unspecified,
+    KeyCompromise,
+    CaCompromise,
+    AffiliationChanged,
+    Superseded,
+    CessationOfOperation,
+    PrivilegeWithdrawn,
+    AaCompromise,
+}
+
+impl RevocationReason {
+    pub const ALL: [RevocationReason; 8] = [
+        Self::Unspecified,
+        Self::KeyCompromise,
+        Self::CaCompromise,
+        Self::AffiliationChanged,
+        Self::Superseded,
+        Self::CessationOfOperation,
+        Self::PrivilegeWithdrawn,
+        Self::AaCompromise,
+    ];
+
+    /// The CRLReason code.
+    pub fn code(self) -> u8 {
+        match self {
+            Self::Unspecified => 0,
+            Self::KeyCompromise => 1,
+            Self::CaCompromise => 2,
+            Self::AffiliationChanged => 3,
+            Self::Superseded => 4,
+            Self::CessationOfOperation => 5,
+            Self::PrivilegeWithdrawn => 9,
+            Self::AaCompromise => 10,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unspecified => "unspecified",
+            Self::KeyCompromise => "key-compromise",
+            Self::CaCompromise => "ca-compromise",
+            Self::AffiliationChanged => "affiliation-changed",
+            Self::Superseded => "superseded",
+            Self::CessationOfOperation => "cessation-of-operation",
+            Self::PrivilegeWithdrawn => "privilege-withdrawn",
+            Self::AaCompromise => "aa-compromise",
+        }
+    }
+}
+
+impl fmt::Display for RevocationReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for RevocationReason {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        Self::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| Error::InvalidInput {
+                reason: format!(
+                    "unknown revocation reason {s:?} (one of: {})",
+                    Self::ALL.map(|r| r.as_str()).join(", ")
+                ),
+            })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocation {
+    pub reason: RevocationReason,
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    pub id: DeviceId,
+    pub role: Role,
+    pub status: Status,
+    /// Set when `status` is `Revoked`.
+    pub revocation: Option<Revocation>,
+    pub manufacturer: Option<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+    /// Every certificate ever issued to this device, oldest first.
+    pub certificates: Vec<Serial>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertRecord {
+    pub serial: Serial,
+    pub device_id: DeviceId,
+    pub role: Role,
+    /// The issuer's distinguished name, RFC 4514 form.
+    pub issuer: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub not_before: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub not_after: OffsetDateTime,
+    /// SHA-256 of the DER, lowercase hex.
+    pub fingerprint: String,
+    /// This certificate's own revocation, if any.
+    pub revocation: Option<Revocation>,
+    /// Its device's status, mirrored here on every device change.
+    pub device_status: Status,
+}
+
+/// What the registry says of a certificate, for admission and status answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Standing {
+    Good,
+    /// The device is suspended (an OCSP/CRL "certificateHold").
+    Suspended,
+    Revoked(Revocation),
+}
+
+impl CertRecord {
+    /// The certificate's standing, its own revocation first, then its device's.
+    /// Validity dates are checked by whoever verifies the chain.
+    pub fn standing(&self, device_revocation: Option<Revocation>) -> Standing {
+        if let Some(r) = self.revocation {
+            return Standing::Revoked(r);
+        }
+        match self.device_status {
+            Status::Active => Standing::Good,
+            Status::Suspended => Standing::Suspended,
+            Status::Revoked => Standing::Revoked(device_revocation.unwrap_or(Revocation {
+                reason: RevocationReason::Unspecified,
+                at: self.not_before,
+            })),
+        }
+    }
+}
+
+/// One line of the append-only audit log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub seq: u64,
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    /// Who asked: an admin identity, `system`, ...
+    pub actor: String,
+    pub action: String,
+    pub device: Option<DeviceId>,
+    pub serial: Option<Serial>,
+    pub detail: String,
+}
+
+/// A new registration.
+#[derive(Clone, Debug)]
+pub struct NewDevice {
+    pub id: DeviceId,
+    pub role: Role,
+    pub manufacturer: Option<String>,
+}
+
+/// A page of a listing; `next` is the cursor for the following page.
+#[derive(Clone, Debug, Serialize)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next: Option<String>,
+}
+
+pub const MAX_PAGE: usize = 1000;
+
+#[derive(Clone)]
+pub struct Registry {
+    db: sled::Db,
+    devices: sled::Tree,
+    certs: sled::Tree,
+    fingerprints: sled::Tree,
+    by_status: sled::Tree,
+    audit: sled::Tree,
+}
+
+impl fmt::Debug for Registry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Registry")
+            .field("devices", &self.devices.len())
+            .finish_non_exhaustive()
+    }
+}
+
+type TxResult<T> = Result<T, ConflictableTransactionError<Error>>;
+
+/// The trees one transaction sees, in the order `Registry::transact` passes them.
+struct Tx<'a> {
+    devices: &'a TransactionalTree,
+    certs: &'a TransactionalTree,
+    fingerprints: &'a TransactionalTree,
+    by_status: &'a TransactionalTree,
+    audit: &'a TransactionalTree,
+}
+
+fn abort<T>(e: Error) -> TxResult<T> {
+    Err(ConflictableTransactionError::Abort(e))
+}
+
+fn storage(e: UnabortableTransactionError) -> ConflictableTransactionError<Error> {
+    e.into()
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    // Serializing these plain structs to JSON cannot fail: no maps with
+    // non-string keys, no failing Serialize impls.
+    serde_json::to_vec(v).expect("registry records serialize")
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(what: &str, bytes: &[u8]) -> Result<T, Error> {
+    serde_json::from_slice(bytes).map_err(|e| Error::Corrupt(format!("{what}: {e}")))
+}
+
+fn status_key(status: Status, id: &DeviceId) -> Vec<u8> {
+    format!("{status}/{id}").into_bytes()
+}
+
+impl Tx<'_> {
+    fn device(&self, id: &DeviceId) -> TxResult<DeviceRecord> {
+        match self.devices.get(id.as_str()).map_err(storage)? {
+            Some(v) => decode("device", &v).or_else(abort),
+            None => abort(Error::NotFound { id: id.clone() }),
+        }
+    }
+
+    fn put_device(&self, old: Option<Status>, d: &DeviceRecord) -> TxResult<()> {
+        if let Some(old) = old {
+            self.by_status
+                .remove(status_key(old, &d.id))
+                .map_err(storage)?;
+        }
+        self.by_status
+            .insert(status_key(d.status, &d.id), &[][..])
+            .map_err(storage)?;
+        self.devices
+            .insert(d.id.as_str(), encode(d))
+            .map_err(storage)?;
+        Ok(())
+    }
+
+    fn cert(&self, serial: &Serial) -> TxResult<CertRecord> {
+        match self.certs.get(serial.as_bytes()).map_err(storage)? {
+            Some(v) => decode("certificate", &v).or_else(abort),
+            None => abort(Error::CertNotFound {
+                serial: serial.to_hex(),
+            }),
+        }
+    }
+
+    fn put_cert(&self, c: &CertRecord) -> TxResult<()> {
+        self.certs
+            .insert(c.serial.as_bytes(), encode(c))
+            .map_err(storage)?;
+        Ok(())
+    }
+
+    /// Mirrors the device's status into each of its certificates.
+    fn mirror_status(&self, d: &DeviceRecord) -> TxResult<()> {
+        for serial in &d.certificates {
+            let mut c = self.cert(serial)?;
+            c.device_status = d.status;
+            self.put_cert(&c)?;
+        }
+        Ok(())
+    }
+
+    fn add_cert(&self, d: &mut DeviceRecord, cert: &IssuedCert) -> TxResult<()> {
+        let rec = CertRecord {
+            serial: cert.serial.clone(),
+            device_id: d.id.clone(),
+            role: d.role,
+            issuer: cert.issuer.clone(),
+            not_before: cert.not_before,
+            not_after: cert.not_after,
+            fingerprint: cert.fingerprint.clone(),
+            revocation: None,
+            device_status: d.status,
+        };
+        if self
+            .certs
+            .get(rec.serial.as_bytes())
+            .map_err(storage)?
+            .is_some()
+        {
+            // 159 random bits: a collision means a broken RNG, not bad luck.
+            return abort(Error::Crypto(format!("serial {} issued twice", rec.serial)));
+        }
+        self.put_cert(&rec)?;
+        self.fingerprints
+            .insert(rec.fingerprint.as_bytes(), rec.serial.as_bytes())
+            .map_err(storage)?;
+        d.certificates.push(rec.serial);
+        Ok(())
+    }
+
+    fn audit(
+        &self,
+        actor: &str,
+        action: &str,
+        device: Option<&DeviceId>,
+        serial: Option<&Serial>,
+        detail: String,
+        at: OffsetDateTime,
+    ) -> TxResult<()> {
+        let seq = self
+            .audit
+            .generate_id()
+            .map_err(|e| ConflictableTransactionError::Storage(e))?;
+        let entry = AuditEntry {
+            seq,
+            at,
+            actor: actor.to_owned(),
+            action: action.to_owned(),
+            device: device.cloned(),
+            serial: serial.cloned(),
+            detail,
+        };
+        self.audit
+            .insert(&seq.to_be_bytes(), encode(&entry))
+            .map_err(storage)?;
+        Ok(())
+    }
+}
+
+impl Registry {
+    pub fn open(path: &Path) -> Result<Self, Error> {
+        let db = sled::Config::new()
+            .path(path)
+            // We flush explicitly before acknowledging; no need for a timer.
+            .flush_every_ms(None)
+            .open()?;
+        Ok(Self {
+            devices: db.open_tree("devices")?,
+            certs: db.open_tree("certs")?,
+            fingerprints: db.open_tree("fingerprints")?,
+            by_status: db.open_tree("by_status")?,
+            audit: db.open_tree("audit")?,
+            db,
+        })
+    }
+
+    /// Runs `f` as one transaction over all trees, then flushes.
+    fn transact<T>(&self, f: impl Fn(&Tx<'_>) -> TxResult<T>) -> Result<T, Error> {
+        let out = (
+            &self.devices,
+            &self.certs,
+            &self.fingerprints,
+            &self.by_status,
+            &self.audit,
+        )
+            .transaction(|(devices, certs, fingerprints, by_status, audit)| {
+                f(&Tx {
+                    devices,
+                    certs,
+                    fingerprints,
+                    by_status,
+                    audit,
+                })
+            })
+            .map_err(|e| match e {
+                TransactionError::Abort(e) => e,
+                TransactionError::Storage(e) => Error::from(e),
+            })?;
+        self.db.flush()?;
+        Ok(out)
+    }
+
+    /// Registers a device with its first certificate.
+    pub fn enroll(
+        &self,
+        new: &NewDevice,
+        cert: &IssuedCert,
+        actor: &str,
+    ) -> Result<DeviceRecord, Error> {
+        let now = OffsetDateTime::now_utc();
+        self.transact(|tx| {
+            if tx.devices.get(new.id.as_str()).map_err(storage)?.is_some() {
+                return abort(Error::AlreadyExists { id: new.id.clone() });
+            }
+            let mut d = DeviceRecord {
+                id: new.id.clone(),
+                role: new.role,
+                status: Status::Active,
+                revocation: None,
+                manufacturer: new.manufacturer.clone(),
+                created_at: now,
+                updated_at: now,
+                certificates: Vec::new(),
+            };
+            tx.add_cert(&mut d, cert)?;
+            tx.put_device(None, &d)?;
+            tx.audit(
+                actor,
+                "enroll",
+                Some(&d.id),
+                Some(&cert.serial),
+                format!("role {}, certificate expires {}", d.role, cert.not_after),
+                now,
+            )?;
+            Ok(d)
+        })
+    }
+
+    /// Adds a certificate to an active device (rotation); older ones stay
+    /// valid until revoked or expired.
+    pub fn add_certificate(
+        &self,
+        id: &DeviceId,
+        cert: &IssuedCert,
+        actor: &str,
+    ) -> Result<DeviceRecord, Error> {
+        let now = OffsetDateTime::now_utc();
+        self.transact(|tx| {
+            let mut d = tx.device(id)?;
+            if d.status != Status::Active {
+                return abort(Error::InvalidTransition {
+                    id: id.clone(),
+                    status: d.status,
+                    action: "rotate",
+                });
+            }
+            tx.add_cert(&mut d, cert)?;
+            d.updated_at = now;
+            tx.put_device(Some(d.status), &d)?;
+            tx.audit(
+                actor,
+                "rotate",
+                Some(id),
+                Some(&cert.serial),
+                format!("certificate expires {}", cert.not_after),
+                now,
+            )?;
+            Ok(d)
+        })
+    }
+
+    fn set_status(
+        &self,
+        id: &DeviceId,
+        action: &'static str,
+        from: &[Status],
+        to: Status,
+        revocation: Option<Revocation>,
+        actor: &str,
+    ) -> Result<DeviceRecord, Error> {
+        self.transact(|tx| {
+            let mut d = tx.device(id)?;
+            if !from.contains(&d.status) {
+                return abort(Error::InvalidTransition {
+                    id: id.clone(),
+                    status: d.status,
+                    action,
+                });
+            }
+            let old = d.status;
+            d.status = to;
+            d.revocation = revocation;
+            let now = revocation.map_or_else(OffsetDateTime::now_utc, |r| r.at);
+            d.updated_at = now;
+            tx.put_device(Some(old), &d)?;
+            tx.mirror_status(&d)?;
+            let detail = match revocation {
+                Some(r) => format!("{old} -> {to}, reason {}", r.reason),
+                None => format!("{old} -> {to}"),
+            };
+            tx.audit(actor, action, Some(id), None, detail, now)?;
+            Ok(d)
+        })
+    }
+
+    pub fn suspend(&self, id: &DeviceId, actor: &str) -> Result<DeviceRecord, Error> {
+        self.set_status(
+            id,
+            "suspend",
+            &[Status::Active],
+            Status::Suspended,
+            None,
+            actor,
+        )
+    }
+
+    pub fn resume(&self, id: &DeviceId, actor: &str) -> Result<DeviceRecord, Error> {
+        self.set_status(
+            id,
+            "resume",
+            &[Status::Suspended],
+            Status::Active,
+            None,
+            actor,
+        )
+    }
+
+    /// Revokes a device and, with it, every certificate it holds. Final.
+    pub fn revoke(
+        &self,
+        id: &DeviceId,
+        reason: RevocationReason,
+        actor: &str,
+    ) -> Result<DeviceRecord, Error> {
+        let revocation = Revocation {
+            reason,
+            at: now_seconds(),
+        };
+        self.set_status(
+            id,
+            "revoke",
+            &[Status::Active, Status::Suspended],
+            Status::Revoked,
+            Some(revocation),
+            actor,
+        )
+    }
+
+    /// Revokes one certificate; the device keeps its others.
+    pub fn revoke_certificate(
+        &self,
+        serial: &Serial,
+        reason: RevocationReason,
+        actor: &str,
+    ) -> Result<CertRecord, Error> {
+        let at = now_seconds();
+        self.transact(|tx| {
+            let mut c = tx.cert(serial)?;
+            if c.revocation.is_some() {
+                return abort(Error::InvalidInput {
+                    reason: format!("certificate {serial} is already revoked"),
+                });
+            }
+            c.revocation = Some(Revocation { reason, at });
+            tx.put_cert(&c)?;
+            tx.audit(
+                actor,
+                "revoke-certificate",
+                Some(&c.device_id),
+                Some(serial),
+                format!("reason {reason}"),
+                at,
+            )?;
+            Ok(c)
+        })
+    }
+
+    pub fn device(&self, id: &DeviceId) -> Result<DeviceRecord, Error> {
+        match self.devices.get(id.as_str())? {
+            Some(v) => decode("device", &v),
+            None => Err(Error::NotFound { id: id.clone() }),
+        }
+    }
+
+    /// The admission lookup: one read.
+    pub fn certificate(&self, serial: &Serial) -> Result<Option<CertRecord>, Error> {
+        self.certs
+            .get(serial.as_bytes())?
+            .map(|v| decode("certificate", &v))
+            .transpose()
+    }
+
+    pub fn certificate_by_fingerprint(&self, fp: &str) -> Result<Option<CertRecord>, Error> {
+        match self.fingerprints.get(fp.as_bytes())? {
+            Some(serial) => self.certificate(&Serial::from_bytes(&serial)?),
+            None => Ok(None),
+        }
+    }
+
+    /// A certificate's standing, with the device's revocation data if the
+    /// device is what was revoked. `None` for a serial we never issued.
+    pub fn standing(&self, serial: &Serial) -> Result<Option<(CertRecord, Standing)>, Error> {
+        let Some(c) = self.certificate(serial)? else {
+            return Ok(None);
+        };
+        let device_revocation = if c.revocation.is_none() && c.device_status == Status::Revoked {
+            self.device(&c.device_id)?.revocation
+        } else {
+            None
+        };
+        let s = c.standing(device_revocation);
+        Ok(Some((c, s)))
+    }
+
+    /// Devices in id order after `after`, optionally only those with `status`.
+    pub fn list(
+        &self,
+        status: Option<Status>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Page<DeviceRecord>, Error> {
+        let limit = limit.clamp(1, MAX_PAGE);
+        let mut items = Vec::with_capacity(limit.min(64));
+        let mut more = false;
+        match status {
+            Some(s) => {
+                let prefix = format!("{s}/");
+                let start = match after {
+                    Some(a) => format!("{prefix}{a}\0"),
+                    None => prefix.clone(),
+                };
+                for kv in self.by_status.range(start.as_bytes()..) {
+                    let (k, _) = kv?;
+                    let Some(id) = k.strip_prefix(prefix.as_bytes()) else {
+                        break;
+                    };
+                    if items.len() == limit {
+                        more = true;
+                        break;
+                    }
+                    let id = std::str::from_utf8(id)
+                        .map_err(|_| Error::Corrupt("status index key".into()))?;
+                    items.push(self.device(&DeviceId::try_new(id)?)?);
+                }
+            }
+            None => {
+                let start = after.map(|a| format!("{a}\0")).unwrap_or_default();
+                for kv in self.devices.range(start.as_bytes()..) {
+                    if items.len() == limit {
+                        more = true;
+                        break;
+                    }
+                    let (_, v) = kv?;
+                    items.push(decode("device", &v)?);
+                }
+            }
+        }
+        let next = if more {
+            items.last().map(|d: &DeviceRecord| d.id.to_string())
+        } else {
+            None
+        };
+        Ok(Page { items, next })
+    }
+
+    /// Audit entries with a sequence number above `after`, oldest first.
+    pub fn audit(&self, after: Option<u64>, limit: usize) -> Result<Page<AuditEntry>, Error> {
+        let limit = limit.clamp(1, MAX_PAGE);
+        let start = after.map_or(0, |a| a.saturating_add(1));
+        let mut items = Vec::new();
+        let mut more = false;
+        for kv in self.audit.range(start.to_be_bytes()..) {
+            if items.len() == limit {
+                more = true;
+                break;
+            }
+            let (_, v) = kv?;
+            items.push(decode::<AuditEntry>("audit entry", &v)?);
+        }
+        let next = if more {
+            items.last().map(|e| e.seq.to_string())
+        } else {
+            None
+        };
+        Ok(Page { items, next })
+    }
+
+    pub fn device_count(&self) -> usize {
+        self.devices.len()
+    }
+
+    /// Flushes everything written so far (for shutdown).
+    pub fn flush(&self) -> Result<(), Error> {
+        self.db.flush()?;
+        Ok(())
+    }
+}
+
+/// Now, to the second: revocation times travel in OCSP and CRLs as
+/// GeneralizedTime without fractions.
+fn now_seconds() -> OffsetDateTime {
+    let now = OffsetDateTime::now_utc();
+    now.replace_nanosecond(0).unwrap_or(now)
+}
