@@ -14,7 +14,7 @@ pub use ca::{Authority, Ca, InitOptions, IssuedCert, DEFAULT_CERT_LIFETIME};
 pub use error::Error;
 pub use id::{DeviceId, Identity, Role, Serial};
 pub use registry::{
-    AuditEntry, CertRecord, DeviceRecord, NewDevice, Registry, Revocation, RevocationReason,
+    AuditEntry, CertRecord, CertView, DeviceRecord, DeviceView, NewDevice, Registry, Revocation, RevocationReason,
     Standing, Status,
 };
 

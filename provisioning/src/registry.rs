@@ -46,7 +46,7 @@ impl Status {
 
 impl fmt::Display for Status {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        f.pad(self.as_str())
     }
 }
 
@@ -121,7 +121,7 @@ impl RevocationReason {
 
 impl fmt::Display for RevocationReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        f.pad(self.as_str())
     }
 }
 
@@ -209,6 +209,30 @@ impl CertRecord {
     }
 }
 
+/// A certificate as the API shows it: the record and its standing now.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertView {
+    #[serde(flatten)]
+    pub record: CertRecord,
+    /// `good`, `suspended`, `revoked` or `expired`.
+    pub status: String,
+}
+
+/// A device with its certificates, as `device show` prints it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceView {
+    pub id: DeviceId,
+    pub role: Role,
+    pub status: Status,
+    pub revocation: Option<Revocation>,
+    pub manufacturer: Option<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+    pub certificates: Vec<CertView>,
+}
+
 /// One line of the append-only audit log.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditEntry {
@@ -232,7 +256,7 @@ pub struct NewDevice {
 }
 
 /// A page of a listing; `next` is the cursor for the following page.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Page<T> {
     pub items: Vec<T>,
     pub next: Option<String>,
@@ -470,7 +494,7 @@ impl Registry {
                 "enroll",
                 Some(&d.id),
                 Some(&cert.serial),
-                format!("role {}, certificate expires {}", d.role, cert.not_after),
+                format!("role {}, certificate expires {}", d.role, rfc3339(cert.not_after)),
                 now,
             )?;
             Ok(d)
@@ -503,7 +527,7 @@ impl Registry {
                 "rotate",
                 Some(id),
                 Some(&cert.serial),
-                format!("certificate expires {}", cert.not_after),
+                format!("certificate expires {}", rfc3339(cert.not_after)),
                 now,
             )?;
             Ok(d)
@@ -621,6 +645,38 @@ impl Registry {
             Some(v) => decode("device", &v),
             None => Err(Error::NotFound { id: id.clone() }),
         }
+    }
+
+    /// A device with its certificates and their standing now.
+    pub fn device_view(&self, id: &DeviceId) -> Result<DeviceView, Error> {
+        let d = self.device(id)?;
+        let now = OffsetDateTime::now_utc();
+        let mut certificates = Vec::with_capacity(d.certificates.len());
+        for serial in &d.certificates {
+            let c = self.certificate(serial)?.ok_or_else(|| {
+                Error::Corrupt(format!("device {id} lists certificate {serial}, which is missing"))
+            })?;
+            let status = match c.standing(d.revocation) {
+                Standing::Revoked(_) => "revoked",
+                Standing::Suspended => "suspended",
+                Standing::Good if c.not_after < now => "expired",
+                Standing::Good => "good",
+            };
+            certificates.push(CertView {
+                status: status.to_owned(),
+                record: c,
+            });
+        }
+        Ok(DeviceView {
+            id: d.id,
+            role: d.role,
+            status: d.status,
+            revocation: d.revocation,
+            manufacturer: d.manufacturer,
+            created_at: d.created_at,
+            updated_at: d.updated_at,
+            certificates,
+        })
     }
 
     /// The admission lookup: one read.
@@ -742,4 +798,9 @@ impl Registry {
 fn now_seconds() -> OffsetDateTime {
     let now = OffsetDateTime::now_utc();
     now.replace_nanosecond(0).unwrap_or(now)
+}
+
+fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| t.to_string())
 }

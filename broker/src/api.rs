@@ -1,0 +1,517 @@
+//! The admin API: JSON over HTTPS, mutual TLS, admin role only.
+//!
+//! Every error is `{"error": {"code": "...", "message": "..."}}` with a stable
+//! code; [`ApiError::from`] is the one place provisioning errors become HTTP.
+
+use std::sync::Arc;
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use provisioning::ca::inspect_certificate;
+use provisioning::registry::{Page, MAX_PAGE};
+use provisioning::{
+    Authority, CertRecord, DeviceId, DeviceView, EnrollRequest, Error, Identity, RevocationReason,
+    Role, Serial, Standing, Status,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+use crate::https::{PeerAddr, PeerCert};
+
+/// Request bodies larger than this are refused with 413.
+pub const MAX_BODY: usize = 64 * 1024;
+/// The longest certificate lifetime the API grants.
+pub const MAX_LIFETIME_DAYS: u32 = 3650;
+
+/// A change to the registry that live connections must react to.
+#[derive(Clone, Debug)]
+pub enum Change {
+    /// A device is no longer active: every connection of it must close.
+    DeviceOut { id: DeviceId, status: Status },
+    /// One certificate was revoked: connections using it must close.
+    CertificateRevoked { serial: Serial },
+}
+
+#[derive(Clone, Debug)]
+pub struct AppState {
+    pub auth: Arc<Authority>,
+    pub cert_lifetime: time::Duration,
+    pub changes: broadcast::Sender<Change>,
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/devices", post(enroll).get(list))
+        .route("/v1/devices/{id}", get(show))
+        .route("/v1/devices/{id}/suspend", post(suspend))
+        .route("/v1/devices/{id}/resume", post(resume))
+        .route("/v1/devices/{id}/revoke", post(revoke))
+        .route("/v1/devices/{id}/rotate", post(rotate))
+        .route("/v1/certificates/{serial}", get(show_certificate))
+        .route("/v1/certificates/{serial}/revoke", post(revoke_certificate))
+        .route("/v1/audit", get(audit))
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+        })
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}
+
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+pub struct ErrorDetail {
+    pub code: String,
+    pub message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        use StatusCode as S;
+        let (status, code) = match &e {
+            Error::InvalidId { .. } => (S::BAD_REQUEST, "invalid_id"),
+            Error::InvalidInput { .. } => (S::BAD_REQUEST, "invalid_input"),
+            Error::MalformedCsr { .. } => (S::BAD_REQUEST, "malformed_csr"),
+            Error::CsrBadSignature => (S::BAD_REQUEST, "csr_bad_signature"),
+            Error::UnsupportedKey { .. } => (S::BAD_REQUEST, "unsupported_key"),
+            Error::TooLarge { .. } => (S::PAYLOAD_TOO_LARGE, "too_large"),
+            Error::NotFound { .. } => (S::NOT_FOUND, "device_not_found"),
+            Error::CertNotFound { .. } => (S::NOT_FOUND, "certificate_not_found"),
+            Error::AlreadyExists { .. } => (S::CONFLICT, "already_exists"),
+            Error::InvalidTransition { .. } => (S::CONFLICT, "invalid_transition"),
+            _ => {
+                // Storage, IO, crypto: the detail goes to the log, not the wire.
+                tracing::error!(error = %e, "internal error");
+                return Self::new(S::INTERNAL_SERVER_ERROR, "internal", "internal error; see the server log");
+            }
+        };
+        Self::new(status, code, e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code.to_owned(),
+                message: self.message,
+            },
+        };
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(r: JsonRejection) -> Self {
+        let code = if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            "too_large"
+        } else {
+            "invalid_json"
+        };
+        Self::new(r.status(), code, r.body_text())
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(r: QueryRejection) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_query", r.body_text())
+    }
+}
+
+/// A JSON body whose rejections are our JSON errors.
+#[derive(Debug)]
+pub struct Body<T>(T);
+
+impl<T, S> FromRequest<S> for Body<T>
+where
+    Json<T>: FromRequest<S, Rejection = JsonRejection>,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        Ok(Body(Json::<T>::from_request(req, state).await?.0))
+    }
+}
+
+/// The authenticated operator making a request.
+#[derive(Debug)]
+pub struct Admin {
+    pub id: DeviceId,
+}
+
+impl Admin {
+    fn actor(&self) -> String {
+        format!("admin:{}", self.id)
+    }
+}
+
+impl FromRequestParts<AppState> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let peer = parts.extensions.get::<PeerAddr>().map(|a| a.0);
+        let refuse = |status: StatusCode, code: &'static str, reason: String| {
+            tracing::warn!(peer.addr = ?peer, reason = %reason, "admin api: refused");
+            ApiError::new(status, code, reason)
+        };
+        let Some(PeerCert(Some(der))) = parts.extensions.get::<PeerCert>() else {
+            return Err(refuse(
+                StatusCode::UNAUTHORIZED,
+                "client_certificate_required",
+                "the admin API needs an admin client certificate (curl --cert admin.crt --key admin.key)".into(),
+            ));
+        };
+        let info = inspect_certificate(der).map_err(|e| {
+            refuse(StatusCode::FORBIDDEN, "forbidden", format!("client certificate: {e}"))
+        })?;
+        let Some(Identity { role, id }) = info.identity else {
+            return Err(refuse(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "client certificate names no fleetgate identity".into(),
+            ));
+        };
+        if role != Role::Admin {
+            return Err(refuse(
+                StatusCode::FORBIDDEN,
+                "admin_role_required",
+                format!("certificate of {role} {id} has no admin role"),
+            ));
+        }
+        let standing = state.auth.registry.standing(&info.serial)?;
+        match standing {
+            Some((rec, Standing::Good)) if rec.device_id == id && rec.role == Role::Admin => {
+                Ok(Admin { id })
+            }
+            Some((_, Standing::Good)) => Err(refuse(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!("certificate {} is not registered to admin {id}", info.serial),
+            )),
+            Some((_, s)) => Err(refuse(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!("admin certificate {} is {s:?}", info.serial),
+            )),
+            None => Err(refuse(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!("admin certificate {} is not in the registry", info.serial),
+            )),
+        }
+    }
+}
+
+/// Runs registry writes (signing, fsync) off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Error> + Send + 'static,
+) -> Result<T, ApiError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(ApiError::from),
+        Err(e) => {
+            tracing::error!(error = %e, "registry task failed");
+            Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "internal error; see the server log",
+            ))
+        }
+    }
+}
+
+fn device_id(s: String) -> Result<DeviceId, ApiError> {
+    Ok(DeviceId::try_new(s)?)
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollBody {
+    pub id: String,
+    /// PEM.
+    pub csr: String,
+    #[serde(default)]
+    pub role: Option<Role>,
+    #[serde(default)]
+    pub manufacturer: Option<String>,
+    #[serde(default)]
+    pub lifetime_days: Option<u32>,
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Enrolled {
+    pub device: DeviceView,
+    pub serial: Serial,
+    /// The leaf then the issuing CA, PEM: what the device presents.
+    pub chain_pem: String,
+    /// The root CA, PEM: what the device trusts.
+    pub ca_pem: String,
+}
+
+impl AppState {
+    fn lifetime(&self, days: Option<u32>) -> Result<time::Duration, ApiError> {
+        match days {
+            None => Ok(self.cert_lifetime),
+            Some(d) if (1..=MAX_LIFETIME_DAYS).contains(&d) => Ok(time::Duration::days(d.into())),
+            Some(d) => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_input",
+                format!("lifetime_days {d} is outside 1..={MAX_LIFETIME_DAYS}"),
+            )),
+        }
+    }
+
+    fn publish(&self, change: Change) {
+        // No receivers is fine: nothing is connected.
+        let _ = self.changes.send(change);
+    }
+}
+
+async fn enroll(
+    State(st): State<AppState>,
+    admin: Admin,
+    Body(body): Body<EnrollBody>,
+) -> Result<(StatusCode, Json<Enrolled>), ApiError> {
+    let manufacturer = body
+        .manufacturer
+        .map(|m| DeviceId::try_new(m).map(String::from))
+        .transpose()
+        .map_err(|e| {
+            ApiError::new(StatusCode::BAD_REQUEST, "invalid_input", format!("manufacturer: {e}"))
+        })?;
+    let req = EnrollRequest {
+        id: device_id(body.id)?,
+        role: body.role.unwrap_or(Role::Device),
+        manufacturer,
+        csr: body.csr.into_bytes(),
+        lifetime: st.lifetime(body.lifetime_days)?,
+    };
+    let auth = st.auth.clone();
+    let actor = admin.actor();
+    let (device, cert) = blocking(move || {
+        let (d, c) = auth.enroll(&req, &actor)?;
+        Ok((auth.registry.device_view(&d.id)?, c))
+    })
+    .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(Enrolled {
+            device,
+            serial: cert.serial,
+            chain_pem: cert.chain_pem,
+            ca_pem: st.auth.ca.root_pem().to_owned(),
+        }),
+    ))
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct RotateBody {
+    pub csr: String,
+    #[serde(default)]
+    pub lifetime_days: Option<u32>,
+}
+
+async fn rotate(
+    State(st): State<AppState>,
+    admin: Admin,
+    Path(id): Path<String>,
+    Body(body): Body<RotateBody>,
+) -> Result<(StatusCode, Json<Enrolled>), ApiError> {
+    let id = device_id(id)?;
+    let lifetime = st.lifetime(body.lifetime_days)?;
+    let auth = st.auth.clone();
+    let actor = admin.actor();
+    let (device, cert) = blocking(move || {
+        let (d, c) = auth.rotate(&id, body.csr.as_bytes(), lifetime, &actor)?;
+        Ok((auth.registry.device_view(&d.id)?, c))
+    })
+    .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(Enrolled {
+            device,
+            serial: cert.serial,
+            chain_pem: cert.chain_pem,
+            ca_pem: st.auth.ca.root_pem().to_owned(),
+        }),
+    ))
+}
+
+async fn show(
+    State(st): State<AppState>,
+    _admin: Admin,
+    Path(id): Path<String>,
+) -> Result<Json<DeviceView>, ApiError> {
+    Ok(Json(st.auth.registry.device_view(&device_id(id)?)?))
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    pub status: Option<String>,
+    pub after: Option<String>,
+    pub limit: Option<usize>,
+}
+
+async fn list(
+    State(st): State<AppState>,
+    _admin: Admin,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Json<Page<provisioning::DeviceRecord>>, ApiError> {
+    let Query(q) = q?;
+    let status = q.status.map(|s| s.parse::<Status>()).transpose()?;
+    let limit = q.limit.unwrap_or(100).clamp(1, MAX_PAGE);
+    Ok(Json(st.auth.registry.list(status, q.after.as_deref(), limit)?))
+}
+
+async fn suspend(
+    State(st): State<AppState>,
+    admin: Admin,
+    Path(id): Path<String>,
+) -> Result<Json<DeviceView>, ApiError> {
+    let id = device_id(id)?;
+    let auth = st.auth.clone();
+    let actor = admin.actor();
+    let view = blocking(move || {
+        auth.registry.suspend(&id, &actor)?;
+        auth.registry.device_view(&id)
+    })
+    .await?;
+    st.publish(Change::DeviceOut {
+        id: view.id.clone(),
+        status: view.status,
+    });
+    Ok(Json(view))
+}
+
+async fn resume(
+    State(st): State<AppState>,
+    admin: Admin,
+    Path(id): Path<String>,
+) -> Result<Json<DeviceView>, ApiError> {
+    let id = device_id(id)?;
+    let auth = st.auth.clone();
+    let actor = admin.actor();
+    let view = blocking(move || {
+        auth.registry.resume(&id, &actor)?;
+        auth.registry.device_view(&id)
+    })
+    .await?;
+    Ok(Json(view))
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeBody {
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+fn reason(body: &RevokeBody) -> Result<RevocationReason, ApiError> {
+    Ok(match &body.reason {
+        Some(r) => r.parse()?,
+        None => RevocationReason::Unspecified,
+    })
+}
+
+async fn revoke(
+    State(st): State<AppState>,
+    admin: Admin,
+    Path(id): Path<String>,
+    Body(body): Body<RevokeBody>,
+) -> Result<Json<DeviceView>, ApiError> {
+    let id = device_id(id)?;
+    let reason = reason(&body)?;
+    let auth = st.auth.clone();
+    let actor = admin.actor();
+    let view = blocking(move || {
+        auth.registry.revoke(&id, reason, &actor)?;
+        auth.registry.device_view(&id)
+    })
+    .await?;
+    tracing::info!(device.id = %view.id, reason = %reason, by = %admin.id, "revoked");
+    st.publish(Change::DeviceOut {
+        id: view.id.clone(),
+        status: view.status,
+    });
+    Ok(Json(view))
+}
+
+fn serial(s: &str) -> Result<Serial, ApiError> {
+    Ok(s.parse::<Serial>()?)
+}
+
+async fn show_certificate(
+    State(st): State<AppState>,
+    _admin: Admin,
+    Path(s): Path<String>,
+) -> Result<Json<CertRecord>, ApiError> {
+    let serial = serial(&s)?;
+    match st.auth.registry.certificate(&serial)? {
+        Some(c) => Ok(Json(c)),
+        None => Err(Error::CertNotFound { serial: s }.into()),
+    }
+}
+
+async fn revoke_certificate(
+    State(st): State<AppState>,
+    admin: Admin,
+    Path(s): Path<String>,
+    Body(body): Body<RevokeBody>,
+) -> Result<Json<CertRecord>, ApiError> {
+    let serial = serial(&s)?;
+    let reason = reason(&body)?;
+    let auth = st.auth.clone();
+    let actor = admin.actor();
+    let rec = blocking(move || auth.registry.revoke_certificate(&serial, reason, &actor)).await?;
+    tracing::info!(serial = %rec.serial, device.id = %rec.device_id, reason = %reason, "certificate revoked");
+    st.publish(Change::CertificateRevoked {
+        serial: rec.serial.clone(),
+    });
+    Ok(Json(rec))
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct AuditQuery {
+    pub after: Option<u64>,
+    pub limit: Option<usize>,
+}
+
+async fn audit(
+    State(st): State<AppState>,
+    _admin: Admin,
+    q: Result<Query<AuditQuery>, QueryRejection>,
+) -> Result<Json<Page<provisioning::AuditEntry>>, ApiError> {
+    let Query(q) = q?;
+    Ok(Json(
+        st.auth
+            .registry
+            .audit(q.after, q.limit.unwrap_or(100).clamp(1, MAX_PAGE))?,
+    ))
+}

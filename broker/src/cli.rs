@@ -1,0 +1,512 @@
+//! The `fleetgate` command line: `serve`, and the operator commands that talk
+//! to the admin API.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use provisioning::ca::{write_file, Paths};
+use provisioning::csr::{new_key_and_csr, KeyKind};
+use provisioning::registry::Page;
+use provisioning::{AuditEntry, CertRecord, DeviceId, DeviceRecord, DeviceView, Role};
+use serde_json::json;
+
+use crate::api::Enrolled;
+use crate::client::ApiClient;
+use crate::serve::{self, ServeConfig, Server};
+use crate::{https, tls};
+
+/// Exit code for bad configuration (EX_USAGE).
+pub const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser, Debug)]
+#[command(name = "fleetgate", version, about = "IoT device authentication broker: mTLS MQTT, CA and device registry")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the CA, registry and admin API (creates the data dir on first start).
+    Serve(ServeArgs),
+    /// Manage devices through the admin API.
+    #[command(subcommand)]
+    Device(DeviceCmd),
+    /// Manage backend services (role `service`) through the admin API.
+    #[command(subcommand)]
+    Service(ServiceCmd),
+    /// Read the audit log.
+    Audit {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Show entries after this sequence number.
+        #[arg(long)]
+        after: Option<u64>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// Where the CA, keys and registry live.
+    #[arg(long, env = "FLEETGATE_DATA_DIR", default_value = "fleetgate-data")]
+    data_dir: PathBuf,
+    /// Admin API address (HTTPS, mutual TLS).
+    #[arg(long, default_value = "127.0.0.1:8443")]
+    api_listen: SocketAddr,
+    /// Extra DNS names or IPs for the server certificate.
+    #[arg(long = "san")]
+    sans: Vec<String>,
+    /// Lifetime of issued device certificates, in days.
+    #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u32).range(1..=3650))]
+    cert_lifetime_days: u32,
+    /// Most concurrent connections per listener.
+    #[arg(long, default_value_t = 1024)]
+    max_connections: usize,
+}
+
+#[derive(Args, Debug)]
+struct ApiArgs {
+    /// Admin API base URL.
+    #[arg(long, env = "FLEETGATE_API", default_value = "https://127.0.0.1:8443")]
+    api: String,
+    /// Data dir to take ca.crt, admin.crt and admin.key from.
+    #[arg(long, env = "FLEETGATE_DATA_DIR", default_value = "fleetgate-data")]
+    data_dir: PathBuf,
+    /// CA certificate to trust (default: DATA_DIR/ca.crt).
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Admin certificate (default: DATA_DIR/admin.crt).
+    #[arg(long)]
+    cert: Option<PathBuf>,
+    /// Admin key (default: DATA_DIR/admin.key).
+    #[arg(long)]
+    key: Option<PathBuf>,
+}
+
+impl ApiArgs {
+    fn client(&self) -> anyhow::Result<ApiClient> {
+        let paths = Paths::new(&self.data_dir);
+        let ca = self.ca.clone().unwrap_or_else(|| paths.ca_cert());
+        let cert = self.cert.clone().unwrap_or_else(|| paths.admin_cert());
+        let key = self.key.clone().unwrap_or_else(|| paths.admin_key());
+        let config = tls::client_config(&ca, Some((&cert, &key)))?;
+        ApiClient::new(&self.api, config)
+    }
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum KeyType {
+    P256,
+    P384,
+    Ed25519,
+}
+
+impl From<KeyType> for KeyKind {
+    fn from(k: KeyType) -> Self {
+        match k {
+            KeyType::P256 => KeyKind::EcdsaP256,
+            KeyType::P384 => KeyKind::EcdsaP384,
+            KeyType::Ed25519 => KeyKind::Ed25519,
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+struct EnrollArgs {
+    /// Device id: 1-64 of A-Z a-z 0-9 . _ -
+    id: String,
+    /// Where to write ID.crt (and ID.key, ca.crt).
+    #[arg(long)]
+    out: PathBuf,
+    /// Use this CSR (PEM) instead of generating a key here.
+    #[arg(long)]
+    csr: Option<PathBuf>,
+    /// Key type to generate when no --csr is given.
+    #[arg(long, value_enum, default_value_t = KeyType::P256)]
+    key_type: KeyType,
+    /// Certificate lifetime in days (default: the server's).
+    #[arg(long)]
+    lifetime_days: Option<u32>,
+    #[arg(long)]
+    manufacturer: Option<String>,
+    #[command(flatten)]
+    api: ApiArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum DeviceCmd {
+    /// Enroll a device: issue its certificate from a CSR (made here unless --csr).
+    Enroll(EnrollArgs),
+    /// Issue a new certificate to an active device; the old one stays valid.
+    Rotate(EnrollArgs),
+    /// Show a device and its certificates.
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// List devices.
+    List {
+        /// active, suspended or revoked.
+        #[arg(long)]
+        status: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Suspend a device: refused until resumed; live connections are cut.
+    Suspend {
+        id: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Resume a suspended device.
+    Resume {
+        id: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Revoke a device and all its certificates. Final.
+    Revoke {
+        id: String,
+        /// RFC 5280 reason: unspecified, key-compromise, ca-compromise,
+        /// affiliation-changed, superseded, cessation-of-operation,
+        /// privilege-withdrawn, aa-compromise.
+        #[arg(long, default_value = "unspecified")]
+        reason: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Revoke one certificate by serial (hex); the device keeps its others.
+    RevokeCert {
+        serial: String,
+        #[arg(long, default_value = "unspecified")]
+        reason: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ServiceCmd {
+    /// Enroll a backend service (role `service`).
+    Enroll(EnrollArgs),
+}
+
+/// Runs the command line; the binary's whole `main`.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    tls::install_crypto_provider();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        match cli.command {
+            Command::Serve(args) => serve_cmd(args).await,
+            other => match client_cmd(other).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            },
+        }
+    })
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("FLEETGATE_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,sled=warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+async fn serve_cmd(args: ServeArgs) -> ExitCode {
+    let cfg = ServeConfig {
+        data_dir: args.data_dir,
+        api_listen: args.api_listen,
+        server_sans: args.sans,
+        cert_lifetime: time::Duration::days(args.cert_lifetime_days.into()),
+        limits: https::Limits {
+            max_connections: args.max_connections.max(1),
+            ..https::Limits::default()
+        },
+    };
+    let server = match Server::bind(cfg).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let shutdown = match serve::shutdown_on_signals() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // One machine-readable line on stdout once every listener is bound.
+    println!("listening api={}", server.api_addr());
+    match server.run(shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn client_cmd(cmd: Command) -> anyhow::Result<()> {
+    match cmd {
+        Command::Serve(_) => unreachable!("handled by main"),
+        Command::Device(DeviceCmd::Enroll(a)) => enroll(a, Role::Device, false).await,
+        Command::Device(DeviceCmd::Rotate(a)) => enroll(a, Role::Device, true).await,
+        Command::Service(ServiceCmd::Enroll(a)) => enroll(a, Role::Service, false).await,
+        Command::Device(DeviceCmd::Show { id, json, api }) => {
+            let id = DeviceId::try_new(id)?;
+            let view: DeviceView = api.client()?.get(&format!("/v1/devices/{id}")).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&view)?);
+            } else {
+                print_device(&view);
+            }
+            Ok(())
+        }
+        Command::Device(DeviceCmd::List {
+            status,
+            limit,
+            json,
+            api,
+        }) => {
+            let client = api.client()?;
+            let mut all: Vec<DeviceRecord> = Vec::new();
+            let mut after: Option<String> = None;
+            while all.len() < limit {
+                let mut path = format!("/v1/devices?limit={}", (limit - all.len()).min(1000));
+                if let Some(s) = &status {
+                    path.push_str(&format!("&status={s}"));
+                }
+                if let Some(a) = &after {
+                    path.push_str(&format!("&after={a}"));
+                }
+                let page: Page<DeviceRecord> = client.get(&path).await?;
+                all.extend(page.items);
+                match page.next {
+                    Some(n) => after = Some(n),
+                    None => break,
+                }
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&all)?);
+            } else {
+                println!("{:<24} {:<8} {:<10} {:>5}  MANUFACTURER", "ID", "ROLE", "STATUS", "CERTS");
+                for d in &all {
+                    println!(
+                        "{:<24} {:<8} {:<10} {:>5}  {}",
+                        d.id,
+                        d.role,
+                        d.status,
+                        d.certificates.len(),
+                        d.manufacturer.as_deref().unwrap_or("-")
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Device(DeviceCmd::Suspend { id, api }) => {
+            let id = DeviceId::try_new(id)?;
+            let v: DeviceView = api
+                .client()?
+                .post(&format!("/v1/devices/{id}/suspend"), &json!({}))
+                .await?;
+            println!("{} is {}", v.id, v.status);
+            Ok(())
+        }
+        Command::Device(DeviceCmd::Resume { id, api }) => {
+            let id = DeviceId::try_new(id)?;
+            let v: DeviceView = api
+                .client()?
+                .post(&format!("/v1/devices/{id}/resume"), &json!({}))
+                .await?;
+            println!("{} is {}", v.id, v.status);
+            Ok(())
+        }
+        Command::Device(DeviceCmd::Revoke { id, reason, api }) => {
+            let id = DeviceId::try_new(id)?;
+            let v: DeviceView = api
+                .client()?
+                .post(
+                    &format!("/v1/devices/{id}/revoke"),
+                    &json!({ "reason": reason }),
+                )
+                .await?;
+            println!("{} is {} ({reason})", v.id, v.status);
+            Ok(())
+        }
+        Command::Device(DeviceCmd::RevokeCert {
+            serial,
+            reason,
+            api,
+        }) => {
+            let serial: provisioning::Serial = serial.parse()?;
+            let c: CertRecord = api
+                .client()?
+                .post(
+                    &format!("/v1/certificates/{serial}/revoke"),
+                    &json!({ "reason": reason }),
+                )
+                .await?;
+            println!("certificate {} of {} is revoked ({reason})", c.serial, c.device_id);
+            Ok(())
+        }
+        Command::Audit {
+            api,
+            after,
+            limit,
+            json,
+        } => {
+            let mut path = format!("/v1/audit?limit={limit}");
+            if let Some(a) = after {
+                path.push_str(&format!("&after={a}"));
+            }
+            let page: Page<AuditEntry> = api.client()?.get(&path).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&page)?);
+            } else {
+                for e in &page.items {
+                    println!(
+                        "{:>6} {} {:<20} {:<18} {:<24} {}",
+                        e.seq,
+                        rfc3339(e.at),
+                        e.actor,
+                        e.action,
+                        e.device.as_ref().map_or("-", |d| d.as_str()),
+                        e.detail
+                    );
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn enroll(a: EnrollArgs, role: Role, rotate: bool) -> anyhow::Result<()> {
+    let id = DeviceId::try_new(a.id)?;
+    let (key, csr) = match &a.csr {
+        Some(path) => (
+            None,
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading the CSR {}", path.display()))?,
+        ),
+        None => {
+            let (key, csr) = new_key_and_csr(a.key_type.into(), id.as_str())?;
+            (Some(key), csr)
+        }
+    };
+    let client = a.api.client()?;
+    let enrolled: Enrolled = if rotate {
+        client
+            .post(
+                &format!("/v1/devices/{id}/rotate"),
+                &json!({ "csr": csr, "lifetime_days": a.lifetime_days }),
+            )
+            .await?
+    } else {
+        client
+            .post(
+                "/v1/devices",
+                &json!({
+                    "id": id,
+                    "csr": csr,
+                    "role": role,
+                    "manufacturer": a.manufacturer,
+                    "lifetime_days": a.lifetime_days,
+                }),
+            )
+            .await?
+    };
+    std::fs::create_dir_all(&a.out)
+        .with_context(|| format!("creating {}", a.out.display()))?;
+    let out = |ext: &str| a.out.join(format!("{id}.{ext}"));
+    if let Some(key) = key {
+        write_file(&out("key"), key.serialize_pem().as_bytes(), true)?;
+    }
+    write_file(&out("crt"), enrolled.chain_pem.as_bytes(), false)?;
+    write_file(&a.out.join("ca.crt"), enrolled.ca_pem.as_bytes(), false)?;
+    println!(
+        "{} {role} {id}: serial {}, certificate {}{}",
+        if rotate { "rotated" } else { "enrolled" },
+        enrolled.serial,
+        show_path(&out("crt")),
+        if a.csr.is_none() {
+            format!(", key {}", show_path(&out("key")))
+        } else {
+            String::new()
+        }
+    );
+    Ok(())
+}
+
+fn show_path(p: &Path) -> String {
+    p.display().to_string()
+}
+
+fn rfc3339(t: time::OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| t.to_string())
+}
+
+fn print_device(v: &DeviceView) {
+    println!("id:           {}", v.id);
+    println!("role:         {}", v.role);
+    match &v.revocation {
+        Some(r) => println!(
+            "status:       {} ({} at {})",
+            v.status,
+            r.reason,
+            rfc3339(r.at)
+        ),
+        None => println!("status:       {}", v.status),
+    }
+    println!(
+        "manufacturer: {}",
+        v.manufacturer.as_deref().unwrap_or("-")
+    );
+    println!("created:      {}", rfc3339(v.created_at));
+    println!("updated:      {}", rfc3339(v.updated_at));
+    println!("certificates:");
+    for c in &v.certificates {
+        let r = &c.record;
+        let why = r
+            .revocation
+            .map(|x| format!(" ({})", x.reason))
+            .unwrap_or_default();
+        println!("  serial {}  {}{why}", r.serial, c.status);
+        println!("    valid   {} .. {}", rfc3339(r.not_before), rfc3339(r.not_after));
+        println!("    sha256  {}", r.fingerprint);
+        println!("    issuer  {}", r.issuer);
+    }
+}

@@ -1,0 +1,154 @@
+//! A client for the admin API: HTTPS with a client certificate.
+//!
+//! One connection per request: the CLI makes one or two requests a run, and
+//! a fleet simulator enrolling thousands of devices gets spread over the
+//! server's workers.
+
+use std::sync::Arc;
+
+use anyhow::{anyhow, Context};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::{Method, Request, StatusCode, Uri};
+use hyper_util::rt::TokioIo;
+use rustls::ClientConfig;
+use rustls_pki_types::ServerName;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use crate::api::ErrorBody;
+
+/// An error answer from the API, with its stable code.
+#[derive(Debug, thiserror::Error)]
+#[error("{message} ({code}, HTTP {status})")]
+pub struct ApiFailure {
+    pub status: StatusCode,
+    pub code: String,
+    pub message: String,
+}
+
+#[derive(Clone)]
+pub struct ApiClient {
+    host: String,
+    port: u16,
+    server_name: ServerName<'static>,
+    tls: TlsConnector,
+}
+
+impl std::fmt::Debug for ApiClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiClient")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ApiClient {
+    /// `base` is `https://host:port`.
+    pub fn new(base: &str, tls: Arc<ClientConfig>) -> anyhow::Result<Self> {
+        let uri: Uri = base
+            .parse()
+            .with_context(|| format!("API URL {base:?}"))?;
+        if uri.scheme_str() != Some("https") {
+            return Err(anyhow!("API URL {base:?} must start with https://"));
+        }
+        let host = uri
+            .host()
+            .ok_or_else(|| anyhow!("API URL {base:?} has no host"))?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let server_name = ServerName::try_from(host.clone())
+            .with_context(|| format!("API host {host:?}"))?;
+        Ok(Self {
+            port: uri.port_u16().unwrap_or(443),
+            host,
+            server_name,
+            tls: TlsConnector::from(tls),
+        })
+    }
+
+    pub async fn get<R: DeserializeOwned>(&self, path: &str) -> anyhow::Result<R> {
+        self.call(Method::GET, path, None::<&()>).await
+    }
+
+    pub async fn post<B: Serialize, R: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<R> {
+        self.call(Method::POST, path, Some(body)).await
+    }
+
+    async fn call<B: Serialize, R: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> anyhow::Result<R> {
+        let (status, bytes) = self.raw(method, path, body).await?;
+        if status.is_success() {
+            serde_json::from_slice(&bytes).context("API answer does not parse")
+        } else {
+            match serde_json::from_slice::<ErrorBody>(&bytes) {
+                Ok(e) => Err(ApiFailure {
+                    status,
+                    code: e.error.code,
+                    message: e.error.message,
+                }
+                .into()),
+                Err(_) => Err(anyhow!(
+                    "API answered HTTP {status}: {}",
+                    String::from_utf8_lossy(&bytes)
+                )),
+            }
+        }
+    }
+
+    /// One request; the status and body as they came.
+    pub async fn raw<B: Serialize>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> anyhow::Result<(StatusCode, Bytes)> {
+        let tcp = TcpStream::connect((self.host.as_str(), self.port))
+            .await
+            .with_context(|| format!("connecting to the API at {}:{}", self.host, self.port))?;
+        let _ = tcp.set_nodelay(true);
+        let tls = self
+            .tls
+            .connect(self.server_name.clone(), tcp)
+            .await
+            .context("TLS handshake with the API")?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .context("HTTP handshake with the API")?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let body = match body {
+            Some(b) => Bytes::from(serde_json::to_vec(b).context("encoding the request")?),
+            None => Bytes::new(),
+        };
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, format!("{}:{}", self.host, self.port))
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(body))
+            .context("building the request")?;
+        let resp = sender.send_request(req).await.context("API request")?;
+        let status = resp.status();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .context("reading the API answer")?
+            .to_bytes();
+        Ok((status, bytes))
+    }
+}
