@@ -107,7 +107,11 @@ impl From<Error> for ApiError {
             _ => {
                 // Storage, IO, crypto: the detail goes to the log, not the wire.
                 tracing::error!(error = %e, "internal error");
-                return Self::new(S::INTERNAL_SERVER_ERROR, "internal", "internal error; see the server log");
+                return Self::new(
+                    S::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "internal error; see the server log",
+                );
             }
         };
         Self::new(status, code, e.to_string())
@@ -187,7 +191,11 @@ impl FromRequestParts<AppState> for Admin {
             ));
         };
         let info = inspect_certificate(der).map_err(|e| {
-            refuse(StatusCode::FORBIDDEN, "forbidden", format!("client certificate: {e}"))
+            refuse(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!("client certificate: {e}"),
+            )
         })?;
         let Some(Identity { role, id }) = info.identity else {
             return Err(refuse(
@@ -211,7 +219,10 @@ impl FromRequestParts<AppState> for Admin {
             Some((_, Standing::Good)) => Err(refuse(
                 StatusCode::FORBIDDEN,
                 "forbidden",
-                format!("certificate {} is not registered to admin {id}", info.serial),
+                format!(
+                    "certificate {} is not registered to admin {id}",
+                    info.serial
+                ),
             )),
             Some((_, s)) => Err(refuse(
                 StatusCode::FORBIDDEN,
@@ -301,7 +312,11 @@ async fn enroll(
         .map(|m| DeviceId::try_new(m).map(String::from))
         .transpose()
         .map_err(|e| {
-            ApiError::new(StatusCode::BAD_REQUEST, "invalid_input", format!("manufacturer: {e}"))
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_input",
+                format!("manufacturer: {e}"),
+            )
         })?;
     let req = EnrollRequest {
         id: device_id(body.id)?,
@@ -386,7 +401,11 @@ async fn list(
     let Query(q) = q?;
     let status = q.status.map(|s| s.parse::<Status>()).transpose()?;
     let limit = q.limit.unwrap_or(100).clamp(1, MAX_PAGE);
-    Ok(Json(st.auth.registry.list(status, q.after.as_deref(), limit)?))
+    Ok(Json(st.auth.registry.list(
+        status,
+        q.after.as_deref(),
+        limit,
+    )?))
 }
 
 async fn suspend(
@@ -509,9 +528,8 @@ async fn audit(
     q: Result<Query<AuditQuery>, QueryRejection>,
 ) -> Result<Json<Page<provisioning::AuditEntry>>, ApiError> {
     let Query(q) = q?;
-    Ok(Json(
-        st.auth
-            .registry
-            .audit(q.after, q.limit.unwrap_or(100).clamp(1, MAX_PAGE))?,
-    ))
+    Ok(Json(st.auth.registry.audit(
+        q.after,
+        q.limit.unwrap_or(100).clamp(1, MAX_PAGE),
+    )?))
 }

@@ -22,7 +22,11 @@ use crate::{https, tls};
 pub const EXIT_CONFIG: u8 = 64;
 
 #[derive(Parser, Debug)]
-#[command(name = "fleetgate", version, about = "IoT device authentication broker: mTLS MQTT, CA and device registry")]
+#[command(
+    name = "fleetgate",
+    version,
+    about = "IoT device authentication broker: mTLS MQTT, CA and device registry"
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -211,7 +215,10 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
     tls::install_crypto_provider();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: starting the runtime: {e}");
@@ -322,7 +329,10 @@ async fn client_cmd(cmd: Command) -> anyhow::Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&all)?);
             } else {
-                println!("{:<24} {:<8} {:<10} {:>5}  MANUFACTURER", "ID", "ROLE", "STATUS", "CERTS");
+                println!(
+                    "{:<24} {:<8} {:<10} {:>5}  MANUFACTURER",
+                    "ID", "ROLE", "STATUS", "CERTS"
+                );
                 for d in &all {
                     println!(
                         "{:<24} {:<8} {:<10} {:>5}  {}",
@@ -379,7 +389,10 @@ async fn client_cmd(cmd: Command) -> anyhow::Result<()> {
                     &json!({ "reason": reason }),
                 )
                 .await?;
-            println!("certificate {} of {} is revoked ({reason})", c.serial, c.device_id);
+            println!(
+                "certificate {} of {} is revoked ({reason})",
+                c.serial, c.device_id
+            );
             Ok(())
         }
         Command::Audit {
@@ -448,8 +461,7 @@ async fn enroll(a: EnrollArgs, role: Role, rotate: bool) -> anyhow::Result<()> {
             )
             .await?
     };
-    std::fs::create_dir_all(&a.out)
-        .with_context(|| format!("creating {}", a.out.display()))?;
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let out = |ext: &str| a.out.join(format!("{id}.{ext}"));
     if let Some(key) = key {
         write_file(&out("key"), key.serialize_pem().as_bytes(), true)?;
@@ -491,10 +503,7 @@ fn print_device(v: &DeviceView) {
         ),
         None => println!("status:       {}", v.status),
     }
-    println!(
-        "manufacturer: {}",
-        v.manufacturer.as_deref().unwrap_or("-")
-    );
+    println!("manufacturer: {}", v.manufacturer.as_deref().unwrap_or("-"));
     println!("created:      {}", rfc3339(v.created_at));
     println!("updated:      {}", rfc3339(v.updated_at));
     println!("certificates:");
@@ -505,7 +514,11 @@ fn print_device(v: &DeviceView) {
             .map(|x| format!(" ({})", x.reason))
             .unwrap_or_default();
         println!("  serial {}  {}{why}", r.serial, c.status);
-        println!("    valid   {} .. {}", rfc3339(r.not_before), rfc3339(r.not_after));
+        println!(
+            "    valid   {} .. {}",
+            rfc3339(r.not_before),
+            rfc3339(r.not_after)
+        );
         println!("    sha256  {}", r.fingerprint);
         println!("    issuer  {}", r.issuer);
     }

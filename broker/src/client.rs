@@ -8,8 +8,9 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, Context};
 use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
-use hyper::{Method, Request, StatusCode, Uri};
+pub use hyper::body::Bytes;
+pub use hyper::{Method, StatusCode};
+use hyper::{Request, Uri};
 use hyper_util::rt::TokioIo;
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
@@ -49,9 +50,7 @@ impl std::fmt::Debug for ApiClient {
 impl ApiClient {
     /// `base` is `https://host:port`.
     pub fn new(base: &str, tls: Arc<ClientConfig>) -> anyhow::Result<Self> {
-        let uri: Uri = base
-            .parse()
-            .with_context(|| format!("API URL {base:?}"))?;
+        let uri: Uri = base.parse().with_context(|| format!("API URL {base:?}"))?;
         if uri.scheme_str() != Some("https") {
             return Err(anyhow!("API URL {base:?} must start with https://"));
         }
@@ -61,8 +60,8 @@ impl ApiClient {
             .trim_start_matches('[')
             .trim_end_matches(']')
             .to_owned();
-        let server_name = ServerName::try_from(host.clone())
-            .with_context(|| format!("API host {host:?}"))?;
+        let server_name =
+            ServerName::try_from(host.clone()).with_context(|| format!("API host {host:?}"))?;
         Ok(Self {
             port: uri.port_u16().unwrap_or(443),
             host,
@@ -108,12 +107,26 @@ impl ApiClient {
         }
     }
 
-    /// One request; the status and body as they came.
+    /// One request with a JSON body; the status and body as they came.
     pub async fn raw<B: Serialize>(
         &self,
         method: Method,
         path: &str,
         body: Option<&B>,
+    ) -> anyhow::Result<(StatusCode, Bytes)> {
+        let body = match body {
+            Some(b) => Bytes::from(serde_json::to_vec(b).context("encoding the request")?),
+            None => Bytes::new(),
+        };
+        self.send(method, path, body).await
+    }
+
+    /// One request with `body` sent as it is, labelled JSON.
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Bytes,
     ) -> anyhow::Result<(StatusCode, Bytes)> {
         let tcp = TcpStream::connect((self.host.as_str(), self.port))
             .await
@@ -130,10 +143,6 @@ impl ApiClient {
         tokio::spawn(async move {
             let _ = conn.await;
         });
-        let body = match body {
-            Some(b) => Bytes::from(serde_json::to_vec(b).context("encoding the request")?),
-            None => Bytes::new(),
-        };
         let req = Request::builder()
             .method(method)
             .uri(path)

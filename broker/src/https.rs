@@ -122,6 +122,9 @@ pub async fn serve(
         .await
         .is_err()
     {
-        tracing::warn!(listener = name, "connections still open after the drain timeout");
+        tracing::warn!(
+            listener = name,
+            "connections still open after the drain timeout"
+        );
     }
 }

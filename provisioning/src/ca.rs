@@ -888,16 +888,28 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let auth = Authority::open_or_init(tmp.path(), &InitOptions::default()).unwrap();
         let key = KeyPair::generate().unwrap();
-        for i in 0..25 {
-            let id = device(&format!("d{i:02}"));
+        let entry = |name: &str| {
+            let id = device(name);
             let cert = auth.ca.issue(&key, &id, DEFAULT_CERT_LIFETIME).unwrap();
             let new = NewDevice {
                 id: id.id,
                 role: Role::Device,
                 manufacturer: None,
             };
-            auth.registry.enroll(&new, &cert, "test").unwrap();
-        }
+            (new, cert)
+        };
+        let batch: Vec<_> = (0..25).map(|i| entry(&format!("d{i:02}"))).collect();
+        let results = auth.registry.enroll_batch(&batch, "test").unwrap();
+        assert!(results.iter().all(Result::is_ok));
+        // A duplicate in a batch fails alone.
+        let batch = vec![entry("d03"), entry("d99")];
+        let results = auth.registry.enroll_batch(&batch, "test").unwrap();
+        assert!(matches!(results[0], Err(Error::AlreadyExists { .. })));
+        assert!(results[1].is_ok());
+        let d99 = DeviceId::try_new("d99").unwrap();
+        auth.registry
+            .revoke(&d99, RevocationReason::Unspecified, "test")
+            .unwrap();
         for status in [None, Some(Status::Active)] {
             let mut seen = Vec::new();
             let mut after = None;
@@ -909,8 +921,9 @@ mod tests {
                     None => break,
                 }
             }
-            // 25 devices and the admin.
-            assert_eq!(seen.len(), 26, "{status:?}");
+            // 25 active devices and the admin, and, unfiltered, the revoked d99.
+            let want = if status.is_some() { 26 } else { 27 };
+            assert_eq!(seen.len(), want, "{status:?}");
             let mut sorted = seen.clone();
             sorted.sort();
             sorted.dedup();

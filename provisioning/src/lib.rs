@@ -14,8 +14,8 @@ pub use ca::{Authority, Ca, InitOptions, IssuedCert, DEFAULT_CERT_LIFETIME};
 pub use error::Error;
 pub use id::{DeviceId, Identity, Role, Serial};
 pub use registry::{
-    AuditEntry, CertRecord, CertView, DeviceRecord, DeviceView, NewDevice, Registry, Revocation, RevocationReason,
-    Standing, Status,
+    AuditEntry, CertRecord, CertView, DeviceRecord, DeviceView, NewDevice, Registry, Revocation,
+    RevocationReason, Standing, Status,
 };
 
 /// An enrollment: who the certificate is for, and the device's CSR.

@@ -405,7 +405,7 @@ impl Tx<'_> {
         let seq = self
             .audit
             .generate_id()
-            .map_err(|e| ConflictableTransactionError::Storage(e))?;
+            .map_err(ConflictableTransactionError::Storage)?;
         let entry = AuditEntry {
             seq,
             at,
@@ -441,6 +441,14 @@ impl Registry {
 
     /// Runs `f` as one transaction over all trees, then flushes.
     fn transact<T>(&self, f: impl Fn(&Tx<'_>) -> TxResult<T>) -> Result<T, Error> {
+        let out = self.transact_unflushed(f)?;
+        self.db.flush()?;
+        Ok(out)
+    }
+
+    /// One transaction, not yet durable: the caller flushes before it
+    /// acknowledges anything.
+    fn transact_unflushed<T>(&self, f: impl Fn(&Tx<'_>) -> TxResult<T>) -> Result<T, Error> {
         let out = (
             &self.devices,
             &self.certs,
@@ -461,7 +469,6 @@ impl Registry {
                 TransactionError::Abort(e) => e,
                 TransactionError::Storage(e) => Error::from(e),
             })?;
-        self.db.flush()?;
         Ok(out)
     }
 
@@ -472,8 +479,35 @@ impl Registry {
         cert: &IssuedCert,
         actor: &str,
     ) -> Result<DeviceRecord, Error> {
+        let out = self.enroll_unflushed(new, cert, actor)?;
+        self.db.flush()?;
+        Ok(out)
+    }
+
+    /// Registers many devices with one flush at the end: each one is its own
+    /// transaction, so one bad entry (a duplicate id) fails alone. Durable
+    /// when it returns, like [`Registry::enroll`].
+    pub fn enroll_batch(
+        &self,
+        batch: &[(NewDevice, IssuedCert)],
+        actor: &str,
+    ) -> Result<Vec<Result<DeviceRecord, Error>>, Error> {
+        let out = batch
+            .iter()
+            .map(|(new, cert)| self.enroll_unflushed(new, cert, actor))
+            .collect();
+        self.db.flush()?;
+        Ok(out)
+    }
+
+    fn enroll_unflushed(
+        &self,
+        new: &NewDevice,
+        cert: &IssuedCert,
+        actor: &str,
+    ) -> Result<DeviceRecord, Error> {
         let now = OffsetDateTime::now_utc();
-        self.transact(|tx| {
+        self.transact_unflushed(|tx| {
             if tx.devices.get(new.id.as_str()).map_err(storage)?.is_some() {
                 return abort(Error::AlreadyExists { id: new.id.clone() });
             }
@@ -494,7 +528,11 @@ impl Registry {
                 "enroll",
                 Some(&d.id),
                 Some(&cert.serial),
-                format!("role {}, certificate expires {}", d.role, rfc3339(cert.not_after)),
+                format!(
+                    "role {}, certificate expires {}",
+                    d.role,
+                    rfc3339(cert.not_after)
+                ),
                 now,
             )?;
             Ok(d)
@@ -654,7 +692,9 @@ impl Registry {
         let mut certificates = Vec::with_capacity(d.certificates.len());
         for serial in &d.certificates {
             let c = self.certificate(serial)?.ok_or_else(|| {
-                Error::Corrupt(format!("device {id} lists certificate {serial}, which is missing"))
+                Error::Corrupt(format!(
+                    "device {id} lists certificate {serial}, which is missing"
+                ))
             })?;
             let status = match c.standing(d.revocation) {
                 Standing::Revoked(_) => "revoked",
