@@ -22,6 +22,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use crate::https::{PeerAddr, PeerCert};
+use crate::metrics::{Metrics, Snapshot};
+use crate::mqtt::Broker;
+use crate::tls::ServerTls;
 
 /// Request bodies larger than this are refused with 413.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -42,6 +45,9 @@ pub struct AppState {
     pub auth: Arc<Authority>,
     pub cert_lifetime: time::Duration,
     pub changes: broadcast::Sender<Change>,
+    pub metrics: Arc<Metrics>,
+    pub tls: Arc<ServerTls>,
+    pub broker: Broker,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -55,6 +61,11 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/certificates/{serial}", get(show_certificate))
         .route("/v1/certificates/{serial}/revoke", post(revoke_certificate))
         .route("/v1/audit", get(audit))
+        .route("/v1/stats", get(stats))
+        .route(
+            "/v1/server-certificate/renew",
+            post(renew_server_certificate),
+        )
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
         })
@@ -271,6 +282,9 @@ pub struct EnrollBody {
     pub manufacturer: Option<String>,
     #[serde(default)]
     pub lifetime_days: Option<u32>,
+    /// A short-lived certificate: lifetime in seconds (instead of days).
+    #[serde(default)]
+    pub lifetime_seconds: Option<u32>,
 }
 
 #[derive(Serialize, Deserialize, Debug)]
@@ -284,7 +298,28 @@ pub struct Enrolled {
 }
 
 impl AppState {
-    fn lifetime(&self, days: Option<u32>) -> Result<time::Duration, ApiError> {
+    fn lifetime(
+        &self,
+        days: Option<u32>,
+        seconds: Option<u32>,
+    ) -> Result<time::Duration, ApiError> {
+        match (days, seconds) {
+            (Some(_), Some(_)) => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_input",
+                "give lifetime_days or lifetime_seconds, not both",
+            )),
+            (None, Some(s)) if s > 0 => Ok(time::Duration::seconds(s.into())),
+            (None, Some(_)) => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_input",
+                "lifetime_seconds must be positive",
+            )),
+            (days, None) => self.lifetime_days(days),
+        }
+    }
+
+    fn lifetime_days(&self, days: Option<u32>) -> Result<time::Duration, ApiError> {
         match days {
             None => Ok(self.cert_lifetime),
             Some(d) if (1..=MAX_LIFETIME_DAYS).contains(&d) => Ok(time::Duration::days(d.into())),
@@ -323,7 +358,7 @@ async fn enroll(
         role: body.role.unwrap_or(Role::Device),
         manufacturer,
         csr: body.csr.into_bytes(),
-        lifetime: st.lifetime(body.lifetime_days)?,
+        lifetime: st.lifetime(body.lifetime_days, body.lifetime_seconds)?,
     };
     let auth = st.auth.clone();
     let actor = admin.actor();
@@ -349,6 +384,8 @@ pub struct RotateBody {
     pub csr: String,
     #[serde(default)]
     pub lifetime_days: Option<u32>,
+    #[serde(default)]
+    pub lifetime_seconds: Option<u32>,
 }
 
 async fn rotate(
@@ -358,7 +395,7 @@ async fn rotate(
     Body(body): Body<RotateBody>,
 ) -> Result<(StatusCode, Json<Enrolled>), ApiError> {
     let id = device_id(id)?;
-    let lifetime = st.lifetime(body.lifetime_days)?;
+    let lifetime = st.lifetime(body.lifetime_days, body.lifetime_seconds)?;
     let auth = st.auth.clone();
     let actor = admin.actor();
     let (device, cert) = blocking(move || {
@@ -532,4 +569,41 @@ async fn audit(
         q.after,
         q.limit.unwrap_or(100).clamp(1, MAX_PAGE),
     )?))
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Stats {
+    pub devices: usize,
+    pub live_sessions: usize,
+    #[serde(flatten)]
+    pub counters: serde_json::Value,
+}
+
+async fn stats(State(st): State<AppState>, _admin: Admin) -> Result<Json<Stats>, ApiError> {
+    let snapshot: Snapshot = st.metrics.snapshot();
+    Ok(Json(Stats {
+        devices: st.auth.registry.device_count(),
+        live_sessions: st.broker.live_sessions(),
+        counters: serde_json::to_value(snapshot).unwrap_or_default(),
+    }))
+}
+
+/// Reissues the listeners' certificate and applies it to new handshakes;
+/// open connections keep theirs.
+async fn renew_server_certificate(
+    State(st): State<AppState>,
+    admin: Admin,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let auth = st.auth.clone();
+    blocking(move || auth.reissue_server_cert()).await?;
+    st.tls.reload().map_err(|e| {
+        tracing::error!(error = %e, "reloading TLS");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error; see the server log",
+        )
+    })?;
+    tracing::info!(by = %admin.id, "server certificate renewed");
+    Ok(Json(serde_json::json!({"renewed": true})))
 }

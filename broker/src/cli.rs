@@ -15,6 +15,7 @@ use serde_json::json;
 
 use crate::api::Enrolled;
 use crate::client::ApiClient;
+use crate::mqtt::MqttConfig;
 use crate::serve::{self, ServeConfig, Server};
 use crate::{https, tls};
 
@@ -64,14 +65,20 @@ struct ServeArgs {
     /// Admin API address (HTTPS, mutual TLS).
     #[arg(long, default_value = "127.0.0.1:8443")]
     api_listen: SocketAddr,
+    /// MQTT address (TLS only, client certificates required).
+    #[arg(long, default_value = "127.0.0.1:8883")]
+    mqtt_listen: SocketAddr,
+    /// Largest MQTT packet accepted, in bytes.
+    #[arg(long, default_value_t = 256 * 1024)]
+    max_packet_size: usize,
     /// Extra DNS names or IPs for the server certificate.
     #[arg(long = "san")]
     sans: Vec<String>,
     /// Lifetime of issued device certificates, in days.
     #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u32).range(1..=3650))]
     cert_lifetime_days: u32,
-    /// Most concurrent connections per listener.
-    #[arg(long, default_value_t = 1024)]
+    /// Most concurrent MQTT connections.
+    #[arg(long, default_value_t = 10_000)]
     max_connections: usize,
 }
 
@@ -242,7 +249,7 @@ pub fn main() -> ExitCode {
 fn init_tracing() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("FLEETGATE_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("info,sled=warn"));
+        .unwrap_or_else(|_| EnvFilter::new("info,sled=warn,rumqttd=warn,rustls=error"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -254,11 +261,14 @@ async fn serve_cmd(args: ServeArgs) -> ExitCode {
     let cfg = ServeConfig {
         data_dir: args.data_dir,
         api_listen: args.api_listen,
+        mqtt_listen: args.mqtt_listen,
         server_sans: args.sans,
         cert_lifetime: time::Duration::days(args.cert_lifetime_days.into()),
-        limits: https::Limits {
+        limits: https::Limits::default(),
+        mqtt: MqttConfig {
             max_connections: args.max_connections.max(1),
-            ..https::Limits::default()
+            max_packet_size: args.max_packet_size.clamp(64, 256 * 1024 * 1024),
+            ..MqttConfig::default()
         },
     };
     let server = match Server::bind(cfg).await {
@@ -276,7 +286,11 @@ async fn serve_cmd(args: ServeArgs) -> ExitCode {
         }
     };
     // One machine-readable line on stdout once every listener is bound.
-    println!("listening api={}", server.api_addr());
+    println!(
+        "listening api={} mqtt={}",
+        server.api_addr(),
+        server.mqtt_addr()
+    );
     match server.run(shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -13,8 +13,10 @@ use hyper_util::server::graceful::GracefulShutdown;
 use rustls::ServerConfig;
 use rustls_pki_types::CertificateDer;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
+
+use crate::net::{Accepted, Acceptor};
 use tower::ServiceExt;
 
 /// The client certificate a request came with, if any (already verified to
@@ -48,38 +50,15 @@ impl Default for Limits {
 pub async fn serve(
     name: &'static str,
     listener: TcpListener,
-    tls: Arc<ServerConfig>,
+    tls: watch::Receiver<Arc<ServerConfig>>,
     app: axum::Router,
     limits: Limits,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let acceptor = TlsAcceptor::from(tls);
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let mut incoming = Acceptor::new(name, listener, limits.max_connections);
     let graceful = GracefulShutdown::new();
-    let mut backoff = Duration::from_millis(5);
-    loop {
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break, // closed: never happens, we own it
-            },
-            _ = shutdown.changed() => break,
-        };
-        let (tcp, addr) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(c) => { backoff = Duration::from_millis(5); c }
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(listener = name, error = %e, "accept failed; backing off {:?}", backoff);
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => break,
-        };
-        let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
+    while let Some(Accepted { tcp, addr, permit }) = incoming.next(&mut shutdown).await {
+        let acceptor = TlsAcceptor::from(tls.borrow().clone());
         let app = app.clone();
         let watcher = graceful.watcher();
         let handshake_timeout = limits.handshake_timeout;
@@ -117,7 +96,7 @@ pub async fn serve(
             }
         });
     }
-    drop(listener);
+    drop(incoming);
     if tokio::time::timeout(limits.drain_timeout, graceful.shutdown())
         .await
         .is_err()

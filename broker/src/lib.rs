@@ -1,9 +1,12 @@
-//! fleetgate's network side: the admin API, the `fleetgate` command line and
-//! (coming) the MQTT broker. Invariant: only this crate touches sockets.
+//! fleetgate's network side: the MQTT broker, the admin API and the
+//! `fleetgate` command line. Invariant: only this crate touches sockets.
 
 pub mod api;
 pub mod cli;
 pub mod client;
 pub mod https;
+pub mod metrics;
+pub mod mqtt;
+pub mod net;
 pub mod serve;
 pub mod tls;

@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use provisioning::{Authority, InitOptions};
@@ -11,15 +12,22 @@ use tokio::sync::{broadcast, watch};
 
 use crate::api::{self, AppState};
 use crate::https;
-use crate::tls;
+use crate::metrics::Metrics;
+use crate::mqtt::{Broker, MqttConfig};
+use crate::tls::ServerTls;
+
+/// How often the server certificate's expiry is checked.
+const RENEW_CHECK: Duration = Duration::from_secs(6 * 3600);
 
 #[derive(Clone, Debug)]
 pub struct ServeConfig {
     pub data_dir: PathBuf,
     pub api_listen: SocketAddr,
+    pub mqtt_listen: SocketAddr,
     pub server_sans: Vec<String>,
     pub cert_lifetime: time::Duration,
     pub limits: https::Limits,
+    pub mqtt: MqttConfig,
 }
 
 /// A server whose listeners are bound and whose data dir is open.
@@ -28,6 +36,7 @@ pub struct Server {
     cfg: ServeConfig,
     auth: Arc<Authority>,
     api: TcpListener,
+    mqtt: TcpListener,
 }
 
 impl Server {
@@ -44,10 +53,14 @@ impl Server {
         let api = TcpListener::bind(cfg.api_listen)
             .await
             .with_context(|| format!("binding the admin API to {}", cfg.api_listen))?;
+        let mqtt = TcpListener::bind(cfg.mqtt_listen)
+            .await
+            .with_context(|| format!("binding MQTT to {}", cfg.mqtt_listen))?;
         Ok(Self {
             cfg,
             auth: Arc::new(auth),
             api,
+            mqtt,
         })
     }
 
@@ -56,40 +69,119 @@ impl Server {
         self.api.local_addr().unwrap_or(self.cfg.api_listen)
     }
 
+    pub fn mqtt_addr(&self) -> SocketAddr {
+        self.mqtt.local_addr().unwrap_or(self.cfg.mqtt_listen)
+    }
+
     pub fn authority(&self) -> &Arc<Authority> {
         &self.auth
     }
 
     /// Serves until `shutdown` turns true, then drains and flushes.
     pub async fn run(self, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
-        let paths = &self.auth.paths;
-        let api_tls = tls::api_server_config(
-            self.auth.ca.root_der(),
-            &paths.server_cert(),
-            &paths.server_key(),
-        )?;
-        let (changes, _) = broadcast::channel(1024);
+        let metrics = Arc::new(Metrics::default());
+        let tls = Arc::new(ServerTls::load(&self.auth, metrics.clone())?);
+        let broker = Broker::new(
+            self.auth.registry.clone(),
+            metrics.clone(),
+            self.cfg.mqtt.clone(),
+        );
+        let (changes, changes_rx) = broadcast::channel(4096);
         let state = AppState {
             auth: self.auth.clone(),
             cert_lifetime: self.cfg.cert_lifetime,
             changes,
+            metrics,
+            tls: tls.clone(),
+            broker: broker.clone(),
         };
-        tracing::info!(api = %self.api_addr(), devices = self.auth.registry.device_count(), "serving");
+        tracing::info!(
+            api = %self.api_addr(),
+            mqtt = %self.mqtt_addr(),
+            devices = self.auth.registry.device_count(),
+            "serving"
+        );
+
+        let follower = tokio::spawn({
+            let broker = broker.clone();
+            async move { broker.follow_changes(changes_rx).await }
+        });
+        let upkeep = tokio::spawn(upkeep(
+            self.auth.clone(),
+            tls.clone(),
+            self.cfg.server_sans.clone(),
+            shutdown.clone(),
+        ));
+        let mqtt = {
+            let broker = broker.clone();
+            let rx = tls.mqtt();
+            let shutdown = shutdown.clone();
+            let listener = self.mqtt;
+            tokio::spawn(async move { broker.serve(listener, rx, shutdown).await })
+        };
         https::serve(
             "api",
             self.api,
-            api_tls,
+            tls.api(),
             api::router(state),
             self.cfg.limits.clone(),
             shutdown,
         )
         .await;
+        // The API is down: nothing publishes changes any more.
+        let _ = mqtt.await;
+        follower.abort();
+        upkeep.abort();
         let auth = self.auth.clone();
         tokio::task::spawn_blocking(move || auth.registry.flush())
             .await
             .context("flushing the registry")??;
         tracing::info!("stopped; registry flushed");
         Ok(())
+    }
+}
+
+/// Renews the server certificate before it expires, and reloads TLS on
+/// SIGHUP (after a certificate was replaced on disk).
+async fn upkeep(
+    auth: Arc<Authority>,
+    tls: Arc<ServerTls>,
+    sans: Vec<String>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "no SIGHUP handler; reload by restart");
+            None
+        }
+    };
+    let mut tick = tokio::time::interval(RENEW_CHECK);
+    tick.tick().await; // the first tick is now; start-up already checked
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let (a, s) = (auth.clone(), sans.clone());
+                match tokio::task::spawn_blocking(move || a.renew_server_cert_if_needed(&s)).await {
+                    Ok(Ok(true)) => {
+                        if let Err(e) = tls.reload() {
+                            tracing::error!(error = %e, "reloading TLS after renewal");
+                        }
+                    }
+                    Ok(Ok(false)) => {}
+                    Ok(Err(e)) => tracing::error!(error = %e, "renewing the server certificate"),
+                    Err(e) => tracing::error!(error = %e, "renewal task"),
+                }
+            }
+            Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
+                tracing::info!("SIGHUP: reloading TLS");
+                if let Err(e) = tls.reload() {
+                    tracing::error!(error = %e, "reloading TLS; keeping the old certificate");
+                }
+            }
+            _ = shutdown.changed() => return,
+        }
     }
 }
 

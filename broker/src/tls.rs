@@ -76,3 +76,81 @@ pub fn client_config(
     };
     Ok(Arc::new(config))
 }
+
+/// The listeners' TLS configs, rebuilt from the data dir on demand and
+/// published through `watch` channels: each accept borrows the current one,
+/// so a renewed server certificate applies to the next handshake and open
+/// connections are left alone.
+#[derive(Debug)]
+pub struct ServerTls {
+    paths: provisioning::ca::Paths,
+    root: CertificateDer<'static>,
+    mqtt_verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    api: tokio::sync::watch::Sender<Arc<ServerConfig>>,
+    mqtt: tokio::sync::watch::Sender<Arc<ServerConfig>>,
+}
+
+impl ServerTls {
+    pub fn load(
+        auth: &provisioning::Authority,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> anyhow::Result<Self> {
+        // Trust the root, and the issuing CA directly so that clients which
+        // present only their leaf are still admitted.
+        let mut roots = RootCertStore::empty();
+        roots.add(auth.ca.root_der().clone()).context("root CA")?;
+        roots
+            .add(auth.ca.issuing_der().clone())
+            .context("issuing CA")?;
+        let verifier = crate::mqtt::admission::RegistryVerifier::new(
+            Arc::new(roots),
+            auth.registry.clone(),
+            metrics,
+        )
+        .context("building the MQTT client verifier")?;
+        let paths = auth.paths.clone();
+        let root = auth.ca.root_der().clone();
+        let mqtt_verifier: Arc<dyn rustls::server::danger::ClientCertVerifier> = Arc::new(verifier);
+        let (api, mqtt) = build(&paths, &root, &mqtt_verifier)?;
+        Ok(Self {
+            paths,
+            root,
+            mqtt_verifier,
+            api: tokio::sync::watch::channel(api).0,
+            mqtt: tokio::sync::watch::channel(mqtt).0,
+        })
+    }
+
+    pub fn api(&self) -> tokio::sync::watch::Receiver<Arc<ServerConfig>> {
+        self.api.subscribe()
+    }
+
+    pub fn mqtt(&self) -> tokio::sync::watch::Receiver<Arc<ServerConfig>> {
+        self.mqtt.subscribe()
+    }
+
+    /// Rebuilds both configs from the files; on error the old ones stay.
+    pub fn reload(&self) -> anyhow::Result<()> {
+        let (api, mqtt) = build(&self.paths, &self.root, &self.mqtt_verifier)?;
+        self.api.send_replace(api);
+        self.mqtt.send_replace(mqtt);
+        tracing::info!("reloaded the server certificate");
+        Ok(())
+    }
+}
+
+fn build(
+    paths: &provisioning::ca::Paths,
+    root: &CertificateDer<'static>,
+    mqtt_verifier: &Arc<dyn rustls::server::danger::ClientCertVerifier>,
+) -> anyhow::Result<(Arc<ServerConfig>, Arc<ServerConfig>)> {
+    let api = api_server_config(root, &paths.server_cert(), &paths.server_key())?;
+    let mqtt = ServerConfig::builder()
+        .with_client_cert_verifier(mqtt_verifier.clone())
+        .with_single_cert(
+            load_certs(&paths.server_cert())?,
+            load_key(&paths.server_key())?,
+        )
+        .context("server certificate and key")?;
+    Ok((api, Arc::new(mqtt)))
+}

@@ -1,8 +1,5 @@
 //! The `fleetgate` binary's start-up contract: bad configuration exits 64
 //! with a message that names the problem.
-//!
-//! (Being an integration test of this package also makes
-//! `cargo test --workspace` build the binary the end-to-end tests run.)
 
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 

@@ -433,6 +433,32 @@ impl Authority {
     /// Reissues the server certificate if it is near expiry, or lacks a SAN
     /// that was asked for. Returns whether it did.
     pub fn renew_server_cert_if_needed(&self, sans: &[String]) -> Result<bool, Error> {
+        let (have, not_after) = self.server_cert_sans()?;
+        let missing = sans.iter().any(|s| !have.contains(s));
+        if not_after - OffsetDateTime::now_utc() > SERVER_RENEW_BEFORE && !missing {
+            return Ok(false);
+        }
+        let mut all = have;
+        for s in sans {
+            if !all.contains(s) {
+                all.push(s.clone());
+            }
+        }
+        self.write_server_cert(&all)?;
+        tracing::info!(sans = ?all, "renewed the server certificate");
+        Ok(true)
+    }
+
+    /// Reissues the server certificate now, with a new key and the same SANs.
+    pub fn reissue_server_cert(&self) -> Result<(), Error> {
+        let (sans, _) = self.server_cert_sans()?;
+        self.write_server_cert(&sans)?;
+        tracing::info!(sans = ?sans, "reissued the server certificate");
+        Ok(())
+    }
+
+    /// The current server certificate's DNS and IP SANs, and its expiry.
+    fn server_cert_sans(&self) -> Result<(Vec<String>, OffsetDateTime), Error> {
         let pem = read(&self.paths.server_cert())?;
         let der = CertificateDer::from_pem_slice(&pem).map_err(|e| Error::DataDir {
             path: self.paths.server_cert(),
@@ -442,8 +468,7 @@ impl Authority {
             path: self.paths.server_cert(),
             reason: format!("does not parse: {e}"),
         })?;
-        let not_after = cert.validity().not_after.to_datetime();
-        let have: Vec<String> = cert
+        let sans = cert
             .subject_alternative_name()
             .ok()
             .flatten()
@@ -459,19 +484,7 @@ impl Authority {
                     .collect()
             })
             .unwrap_or_default();
-        let missing = sans.iter().any(|s| !have.contains(s));
-        if not_after - OffsetDateTime::now_utc() > SERVER_RENEW_BEFORE && !missing {
-            return Ok(false);
-        }
-        let mut all = have;
-        for s in sans {
-            if !all.contains(s) {
-                all.push(s.clone());
-            }
-        }
-        self.write_server_cert(&all)?;
-        tracing::info!(sans = ?all, "renewed the server certificate");
-        Ok(true)
+        Ok((sans, cert.validity().not_after.to_datetime()))
     }
 
     fn write_server_cert(&self, sans: &[String]) -> Result<(), Error> {

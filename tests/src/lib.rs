@@ -12,23 +12,18 @@ use std::time::Duration;
 use anyhow::{anyhow, Context};
 use broker::client::ApiClient;
 
-/// The `fleetgate` binary cargo built beside this test.
-///
-/// `cargo test --workspace` builds it: the `broker` package has integration
-/// tests, so cargo builds its binary before running any test.
+/// The `fleetgate` command under test: this package's copy of the binary
+/// (`src/bin/fleetgate-under-test.rs`, the same `broker::cli::main`), which
+/// cargo builds before it runs this package's tests, so it is never stale.
 pub fn fleetgate_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> -> target/<profile>/fleetgate
+    // target/<profile>/deps/<test> -> target/<profile>/fleetgate-under-test
     let bin = exe
         .parent()
         .and_then(Path::parent)
-        .map(|d| d.join("fleetgate"))
+        .map(|d| d.join("fleetgate-under-test"))
         .expect("target dir");
-    assert!(
-        bin.exists(),
-        "{} is missing: run `cargo test --workspace` (or `cargo build -p broker`) first",
-        bin.display()
-    );
+    assert!(bin.exists(), "{} is missing", bin.display());
     bin
 }
 
@@ -48,8 +43,10 @@ pub fn require_tool(name: &str) -> PathBuf {
 pub struct Server {
     child: Child,
     pub api: SocketAddr,
+    pub mqtt: SocketAddr,
     pub data_dir: PathBuf,
     stderr: mpsc::Receiver<String>,
+    seen: std::cell::RefCell<Vec<String>>,
 }
 
 impl Server {
@@ -64,7 +61,12 @@ impl Server {
             .arg("serve")
             .arg("--data-dir")
             .arg(data_dir)
-            .args(["--api-listen", "127.0.0.1:0"])
+            .args([
+                "--api-listen",
+                "127.0.0.1:0",
+                "--mqtt-listen",
+                "127.0.0.1:0",
+            ])
             .args(extra)
             .env("FLEETGATE_LOG", "info,sled=warn")
             .stdin(Stdio::null())
@@ -102,16 +104,20 @@ impl Server {
                 ));
             }
         };
-        let api = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("api="))
-            .ok_or_else(|| anyhow!("unexpected first line {line:?}"))?
-            .parse()?;
+        let addr = |key: &str| -> anyhow::Result<SocketAddr> {
+            Ok(line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix(key))
+                .ok_or_else(|| anyhow!("no {key} in the first line {line:?}"))?
+                .parse()?)
+        };
         Ok(Self {
+            api: addr("api=")?,
+            mqtt: addr("mqtt=")?,
             child,
-            api,
             data_dir: data_dir.to_owned(),
             stderr: err_rx,
+            seen: Default::default(),
         })
     }
 
@@ -158,9 +164,32 @@ impl Server {
         )))
     }
 
-    /// What the server logged so far.
+    /// Enrolls `id` (role device or service) through the CLI into `dir`.
+    pub fn enroll(&self, dir: &Path, role: &str, id: &str) -> Creds {
+        let out = dir.to_str().expect("utf-8 path");
+        self.cli_ok(&[role, "enroll", id, "--out", out]);
+        Creds::in_dir(dir, id)
+    }
+
+    /// Everything the server logged so far.
     pub fn log(&self) -> Vec<String> {
-        self.stderr.try_iter().collect()
+        let mut seen = self.seen.borrow_mut();
+        seen.extend(self.stderr.try_iter());
+        seen.clone()
+    }
+
+    /// Waits up to `within` for a log line containing `needle`.
+    pub fn wait_for_log(&self, needle: &str, within: Duration) -> bool {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if self.log().iter().any(|l| l.contains(needle)) {
+                return true;
+            }
+            if std::time::Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// SIGKILL: no shutdown code runs.
@@ -184,6 +213,116 @@ impl Drop for Server {
     }
 }
 
+/// A certificate chain, its key and the CA to trust, as files.
+#[derive(Clone, Debug)]
+pub struct Creds {
+    pub id: String,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
+impl Creds {
+    pub fn in_dir(dir: &Path, id: &str) -> Self {
+        Self {
+            id: id.to_owned(),
+            cert: dir.join(format!("{id}.crt")),
+            key: dir.join(format!("{id}.key")),
+            ca: dir.join("ca.crt"),
+        }
+    }
+
+    /// A rustls client config presenting these credentials.
+    pub fn client_config(&self) -> std::sync::Arc<rustls::ClientConfig> {
+        broker::tls::install_crypto_provider();
+        broker::tls::client_config(&self.ca, Some((&self.cert, &self.key))).expect("client config")
+    }
+}
+
+/// MQTT clients and probes against a running server.
+pub mod mqtt {
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use rumqttc::{AsyncClient, EventLoop, MqttOptions, TlsConfiguration, Transport};
+    use rustls_pki_types::ServerName;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::Creds;
+
+    /// A rumqttc (MQTT 3.1.1) client over mutual TLS.
+    pub fn client(addr: SocketAddr, creds: &Creds, client_id: &str) -> (AsyncClient, EventLoop) {
+        let mut opts = MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
+        opts.set_keep_alive(Duration::from_secs(5));
+        opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+            creds.client_config(),
+        )));
+        AsyncClient::new(opts, 16)
+    }
+
+    /// Polls until CONNACK; panics on anything else.
+    pub async fn connected(eventloop: &mut EventLoop) {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), eventloop.poll()).await {
+                Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_)))) => return,
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => panic!("connection failed: {e}"),
+                Err(_) => panic!("no CONNACK in 10 s"),
+            }
+        }
+    }
+
+    /// Polls until the connection ends; returns the error it ended with.
+    pub async fn until_closed(eventloop: &mut EventLoop, within: Duration) -> Option<String> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            match tokio::time::timeout_at(deadline, eventloop.poll()).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Some(e.to_string()),
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// A 3.1.1 CONNECT with this client id, keep-alive 30 s, clean session.
+    pub fn connect_packet(client_id: &str) -> Vec<u8> {
+        let id = client_id.as_bytes();
+        let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 30];
+        body.extend_from_slice(&(id.len() as u16).to_be_bytes());
+        body.extend_from_slice(id);
+        let mut p = vec![0x10, body.len() as u8];
+        p.extend(body);
+        p
+    }
+
+    /// Opens TLS with `config`, sends `bytes`, and reports what came back:
+    /// `Ok(bytes read)` or `Err(the TLS or IO error)`, e.g. a TLS alert.
+    pub async fn probe(
+        addr: SocketAddr,
+        config: Arc<rustls::ClientConfig>,
+        bytes: &[u8],
+    ) -> Result<Vec<u8>, String> {
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        let connector = tokio_rustls::TlsConnector::from(config);
+        let name = ServerName::IpAddress(addr.ip().into());
+        let mut tls = connector
+            .connect(name, tcp)
+            .await
+            .map_err(|e| e.to_string())?;
+        tls.write_all(bytes).await.map_err(|e| e.to_string())?;
+        let mut buf = Vec::new();
+        match tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut buf)).await {
+            Ok(Ok(_)) => Ok(buf),
+            Ok(Err(e)) if buf.is_empty() => Err(e.to_string()),
+            Ok(Err(_)) => Ok(buf),
+            Err(_) => Err("timed out".into()),
+        }
+    }
+}
+
 /// Runs an outside command, returning (success, stdout + stderr).
 pub fn run(cmd: &mut Command) -> (bool, String) {
     let out = cmd.output().expect("running an outside command");
@@ -195,6 +334,155 @@ pub fn run(cmd: &mut Command) -> (bool, String) {
 /// Test PKI: keys and CSRs made in one line.
 pub mod pki {
     use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, SigningKey};
+
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use rcgen::{
+        BasicConstraints, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyUsagePurpose, SanType,
+    };
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    use time::OffsetDateTime;
+
+    /// What a test certificate should look like.
+    #[derive(Clone, Debug)]
+    pub struct Spec {
+        pub uri: String,
+        pub not_before: OffsetDateTime,
+        pub not_after: OffsetDateTime,
+        pub client_auth: bool,
+        pub is_ca: bool,
+    }
+
+    impl Spec {
+        /// A good device certificate for `id`, valid for a day.
+        pub fn device(id: &str) -> Self {
+            let now = OffsetDateTime::now_utc();
+            Self {
+                uri: format!("urn:fleetgate:device:{id}"),
+                not_before: now - time::Duration::hours(1),
+                not_after: now + time::Duration::days(1),
+                client_auth: true,
+                is_ca: false,
+            }
+        }
+    }
+
+    /// A CA that signs test certificates: the server's own issuing CA (read
+    /// from its data dir) or a foreign one.
+    pub struct TestCa {
+        issuer: Issuer<'static, KeyPair>,
+        pub cert_pem: String,
+    }
+
+    impl std::fmt::Debug for TestCa {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("TestCa")
+        }
+    }
+
+    impl TestCa {
+        /// The issuing CA of a fleetgate data dir: what it signs chains to
+        /// the server's root but is not in its registry.
+        pub fn from_data_dir(dir: &Path) -> Self {
+            let cert_pem =
+                std::fs::read_to_string(dir.join("ca/issuing.crt")).expect("issuing.crt");
+            let key = std::fs::read_to_string(dir.join("ca/issuing.key")).expect("issuing.key");
+            let key = KeyPair::from_pem(&key).expect("issuing key");
+            Self {
+                issuer: Issuer::from_ca_cert_pem(&cert_pem, key).expect("issuer"),
+                cert_pem,
+            }
+        }
+
+        /// A CA nobody trusts.
+        pub fn foreign() -> Self {
+            let key = KeyPair::generate().expect("key");
+            let mut params = CertificateParams::default();
+            params.distinguished_name = DistinguishedName::new();
+            params
+                .distinguished_name
+                .push(DnType::CommonName, "foreign CA");
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.key_usages = vec![
+                KeyUsagePurpose::KeyCertSign,
+                KeyUsagePurpose::DigitalSignature,
+            ];
+            let cert = params.self_signed(&key).expect("self-signed");
+            Self {
+                cert_pem: cert.pem(),
+                issuer: Issuer::new(params, key),
+            }
+        }
+
+        /// A certificate per `spec`, with a fresh key: (chain PEM, key PEM).
+        pub fn issue(&self, spec: &Spec) -> (String, String) {
+            let key = KeyPair::generate().expect("key");
+            let params = params_for(spec);
+            let cert = params.signed_by(&key, &self.issuer).expect("sign");
+            (
+                format!("{}{}", cert.pem(), self.cert_pem),
+                key.serialize_pem(),
+            )
+        }
+    }
+
+    fn params_for(spec: &Spec) -> CertificateParams {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, "test");
+        params.subject_alt_names = vec![SanType::URI(spec.uri.clone().try_into().expect("uri"))];
+        params.not_before = spec.not_before;
+        params.not_after = spec.not_after;
+        params.use_authority_key_identifier_extension = true;
+        if spec.is_ca {
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.key_usages = vec![
+                KeyUsagePurpose::KeyCertSign,
+                KeyUsagePurpose::DigitalSignature,
+            ];
+        } else {
+            params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        }
+        params.extended_key_usages = if spec.client_auth {
+            vec![ExtendedKeyUsagePurpose::ClientAuth]
+        } else {
+            vec![ExtendedKeyUsagePurpose::ServerAuth]
+        };
+        params
+    }
+
+    /// A self-signed client certificate: (cert PEM, key PEM).
+    pub fn self_signed(spec: &Spec) -> (String, String) {
+        let key = KeyPair::generate().expect("key");
+        let cert = params_for(spec).self_signed(&key).expect("self-signed");
+        (cert.pem(), key.serialize_pem())
+    }
+
+    /// A client config trusting `ca_pem` (the server's root) and presenting
+    /// `(chain, key)` if given.
+    pub fn client_config(
+        ca_pem: &[u8],
+        identity: Option<(&str, &str)>,
+    ) -> Arc<rustls::ClientConfig> {
+        broker::tls::install_crypto_provider();
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(ca_pem).expect("ca pem"))
+            .expect("root");
+        let b = rustls::ClientConfig::builder().with_root_certificates(roots);
+        Arc::new(match identity {
+            Some((chain, key)) => {
+                let chain = CertificateDer::pem_slice_iter(chain.as_bytes())
+                    .collect::<Result<Vec<_>, _>>()
+                    .expect("chain");
+                let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).expect("key");
+                b.with_client_auth_cert(chain, key).expect("client auth")
+            }
+            None => b.with_no_client_auth(),
+        })
+    }
 
     /// A fresh P-256 key and a PEM CSR for it.
     pub fn csr(cn: &str) -> (KeyPair, String) {

@@ -1,0 +1,295 @@
+//! Who may use which topics, and the few MQTT byte checks fleetgate makes
+//! before rumqttd's codec sees a packet. Sans-IO: strings and bytes in,
+//! decisions out.
+//!
+//! - role `device`: publish and subscribe under `devices/<own id>/` only
+//!   (and `devices/<own id>` itself); no wildcard that reaches further, no
+//!   `$SYS`, no shared subscriptions.
+//! - role `service`: subscribe to anything under `devices/` (`devices/#`,
+//!   `devices/+/telemetry`, shared subscriptions of those); publish only
+//!   commands, `devices/<id>/commands/...`.
+//! - role `admin`: not an MQTT identity.
+
+use provisioning::{Identity, Role};
+
+/// Why a topic or filter was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denied(pub String);
+
+impl std::fmt::Display for Denied {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The topic rules for one connected identity.
+#[derive(Debug, Clone)]
+pub struct Acl {
+    role: Role,
+    /// `devices/<id>`
+    own: String,
+}
+
+const DEVICES: &str = "devices/";
+
+impl Acl {
+    pub fn new(identity: &Identity) -> Self {
+        Self {
+            role: identity.role,
+            own: format!("{DEVICES}{}", identity.id),
+        }
+    }
+
+    fn is_own(&self, topic: &str) -> bool {
+        topic == self.own
+            || topic
+                .strip_prefix(self.own.as_str())
+                .is_some_and(|rest| rest.starts_with('/'))
+    }
+
+    /// May this identity publish to `topic`?
+    pub fn can_publish(&self, topic: &str) -> Result<(), Denied> {
+        if topic.is_empty() {
+            return Err(Denied(
+                "empty topic (topic aliases are not accepted)".into(),
+            ));
+        }
+        if topic.contains(['+', '#', '\0']) {
+            return Err(Denied(format!(
+                "topic {topic:?} has wildcard or NUL characters"
+            )));
+        }
+        let ok = match self.role {
+            Role::Device => self.is_own(topic),
+            Role::Service => is_command_topic(topic),
+            Role::Admin => false,
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(Denied(format!(
+                "{} may not publish to {topic:?}",
+                self.role
+            )))
+        }
+    }
+
+    /// May this identity subscribe to `filter`?
+    pub fn can_subscribe(&self, filter: &str) -> Result<(), Denied> {
+        let deny = |why: &str| Err(Denied(format!("filter {filter:?}: {why}")));
+        if filter.is_empty() || filter.contains('\0') {
+            return deny("empty or has NUL");
+        }
+        let inner = match filter.strip_prefix("$share/") {
+            Some(rest) => {
+                if self.role != Role::Service {
+                    return deny("shared subscriptions are for services");
+                }
+                match rest.split_once('/') {
+                    Some((group, f)) if !group.is_empty() && !group.contains(['+', '#']) => f,
+                    _ => return deny("malformed shared subscription"),
+                }
+            }
+            None => filter,
+        };
+        if !valid_filter(inner) {
+            return deny("not a valid MQTT filter");
+        }
+        match self.role {
+            // A literal prefix: a wildcard can only appear below our own level.
+            Role::Device if self.is_own(inner) => Ok(()),
+            Role::Device => deny("devices may only subscribe under their own topics"),
+            Role::Service if inner.starts_with(DEVICES) => Ok(()),
+            Role::Service => deny("services may subscribe under devices/ only"),
+            Role::Admin => deny("admin certificates are not MQTT identities"),
+        }
+    }
+}
+
+/// `devices/<id>/commands` or below, with a valid id level.
+fn is_command_topic(topic: &str) -> bool {
+    let Some(rest) = topic.strip_prefix(DEVICES) else {
+        return false;
+    };
+    let mut levels = rest.split('/');
+    let id_ok = levels
+        .next()
+        .is_some_and(|id| provisioning::DeviceId::try_new(id).is_ok());
+    id_ok && levels.next() == Some("commands")
+}
+
+/// MQTT 4.7: `#` only as a whole last level, `+` only as a whole level.
+pub fn valid_filter(filter: &str) -> bool {
+    if filter.is_empty() {
+        return false;
+    }
+    let levels: Vec<&str> = filter.split('/').collect();
+    levels.iter().enumerate().all(|(i, l)| match *l {
+        "#" => i == levels.len() - 1,
+        "+" => true,
+        other => !other.contains(['#', '+']),
+    })
+}
+
+/// What the first bytes of a connection say about its CONNECT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectSniff {
+    /// Not enough bytes yet.
+    Incomplete,
+    /// An MQTT CONNECT with this protocol level (4 = 3.1.1, 5 = 5.0).
+    Level(u8),
+    /// Not an MQTT CONNECT.
+    NotConnect(&'static str),
+}
+
+/// Reads the protocol level of a CONNECT at the start of `buf` without
+/// consuming it, so the right codec can decode the whole packet.
+pub fn sniff_connect(buf: &[u8]) -> ConnectSniff {
+    let Some(&first) = buf.first() else {
+        return ConnectSniff::Incomplete;
+    };
+    if first != 0x10 {
+        return ConnectSniff::NotConnect("first packet is not CONNECT");
+    }
+    // Remaining length: 1 to 4 bytes, 7 bits each.
+    let mut i = 1;
+    loop {
+        let Some(&b) = buf.get(i) else {
+            return ConnectSniff::Incomplete;
+        };
+        i += 1;
+        if b & 0x80 == 0 {
+            break;
+        }
+        if i > 4 {
+            return ConnectSniff::NotConnect("malformed remaining length");
+        }
+    }
+    // Protocol name: length 4, "MQTT" (3.1's "MQIsdp" is not supported).
+    let Some(name) = buf.get(i..i + 6) else {
+        return ConnectSniff::Incomplete;
+    };
+    if name != b"\x00\x04MQTT" {
+        return ConnectSniff::NotConnect("protocol name is not MQTT");
+    }
+    match buf.get(i + 6) {
+        None => ConnectSniff::Incomplete,
+        Some(&level @ (4 | 5)) => ConnectSniff::Level(level),
+        Some(_) => ConnectSniff::NotConnect("unsupported protocol level (MQTT 3.1.1 and 5 only)"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use provisioning::DeviceId;
+
+    fn acl(role: Role, id: &str) -> Acl {
+        Acl::new(&Identity {
+            role,
+            id: DeviceId::try_new(id).unwrap(),
+        })
+    }
+
+    #[test]
+    fn device_topics() {
+        let a = acl(Role::Device, "dev-1");
+        for (topic, ok) in [
+            ("devices/dev-1/telemetry", true),
+            ("devices/dev-1", true),
+            ("devices/dev-1/a/b/c", true),
+            ("devices/dev-10/telemetry", false),
+            ("devices/dev-2/telemetry", false),
+            ("devices/dev-1x", false),
+            ("$SYS/broker", false),
+            ("devices", false),
+            ("", false),
+            ("devices/dev-1/+", false),
+        ] {
+            assert_eq!(a.can_publish(topic).is_ok(), ok, "publish {topic}");
+        }
+        for (filter, ok) in [
+            ("devices/dev-1/#", true),
+            ("devices/dev-1/commands/+", true),
+            ("devices/dev-1", true),
+            ("#", false),
+            ("+/dev-1/#", false),
+            ("devices/+/telemetry", false),
+            ("devices/#", false),
+            ("devices/dev-2/#", false),
+            ("$SYS/#", false),
+            ("$share/g/devices/dev-1/#", false),
+            ("devices/dev-1/#/x", false),
+            ("devices/dev-1/a#", false),
+        ] {
+            assert_eq!(a.can_subscribe(filter).is_ok(), ok, "subscribe {filter}");
+        }
+    }
+
+    #[test]
+    fn service_topics() {
+        let s = acl(Role::Service, "backend");
+        for (filter, ok) in [
+            ("devices/+/telemetry", true),
+            ("devices/#", true),
+            ("$share/workers/devices/+/telemetry", true),
+            ("#", false),
+            ("$SYS/#", false),
+            ("+/x", false),
+            ("$share//devices/#", false),
+            ("$share/g/#", false),
+        ] {
+            assert_eq!(s.can_subscribe(filter).is_ok(), ok, "subscribe {filter}");
+        }
+        for (topic, ok) in [
+            ("devices/dev-1/commands/reboot", true),
+            ("devices/dev-1/commands", true),
+            ("devices/dev-1/telemetry", false),
+            ("devices//commands/x", false),
+            ("other/dev-1/commands", false),
+        ] {
+            assert_eq!(s.can_publish(topic).is_ok(), ok, "publish {topic}");
+        }
+    }
+
+    #[test]
+    fn admins_get_nothing() {
+        let a = acl(Role::Admin, "admin");
+        assert!(a.can_publish("devices/admin/x").is_err());
+        assert!(a.can_subscribe("devices/#").is_err());
+    }
+
+    #[test]
+    fn sniffing_connect() {
+        // MQTT 3.1.1 CONNECT, client id "a".
+        let v4 = [
+            0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 60, 0, 1, b'a',
+        ];
+        assert_eq!(sniff_connect(&v4), ConnectSniff::Level(4));
+        for cut in 0..9 {
+            assert_eq!(
+                sniff_connect(&v4[..cut]),
+                ConnectSniff::Incomplete,
+                "cut {cut}"
+            );
+        }
+        let mut v5 = v4;
+        v5[8] = 5;
+        assert_eq!(sniff_connect(&v5), ConnectSniff::Level(5));
+        let mut v3 = v4;
+        v3[8] = 3;
+        assert!(matches!(sniff_connect(&v3), ConnectSniff::NotConnect(_)));
+        assert!(matches!(
+            sniff_connect(b"GET / HTTP/1.1\r\n"),
+            ConnectSniff::NotConnect(_)
+        ));
+        assert!(matches!(
+            sniff_connect(&[0x10, 0xff, 0xff, 0xff, 0xff, 0x01]),
+            ConnectSniff::NotConnect(_)
+        ));
+        assert!(matches!(
+            sniff_connect(&[0x10, 6, 0, 6, b'M', b'Q', b'I', b's', b'd', b'p']),
+            ConnectSniff::NotConnect(_)
+        ));
+    }
+}

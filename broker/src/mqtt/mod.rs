@@ -1,0 +1,362 @@
+//! The MQTT broker: mutual TLS terminated here, rumqttd's router behind.
+//!
+//! ```text
+//! device --TLS--> Acceptor --handshake (RegistryVerifier)--> session task
+//!                                                              |  identity, ACL
+//!                                          LinkTx / LinkRx <---+
+//!                                                 |
+//!                                          rumqttd Router (its own thread)
+//! ```
+//!
+//! Every live session is in [`Sessions`], by device id, with a kick channel;
+//! a registry change ([`crate::api::Change`]) kicks the sessions it affects.
+
+pub mod acl;
+pub mod admission;
+mod session;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use provisioning::ca::inspect_certificate;
+use provisioning::{DeviceId, Registry, Serial, Standing};
+use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
+use rumqttd::{Notification, Router, RouterConfig};
+use rustls::ServerConfig;
+use tokio::net::TcpListener;
+use tokio::sync::{broadcast, oneshot, watch};
+use tokio_rustls::TlsAcceptor;
+
+use crate::api::Change;
+use crate::metrics::{Metrics, Refusal};
+use crate::net::{Accepted, Acceptor};
+
+pub use session::Peer;
+
+#[derive(Clone, Debug)]
+pub struct MqttConfig {
+    pub max_connections: usize,
+    pub max_packet_size: usize,
+    pub handshake_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub drain_timeout: Duration,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: 10_000,
+            max_packet_size: 256 * 1024,
+            handshake_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Why a session is being cut.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kick {
+    Revoked,
+    Suspended,
+    CertificateRevoked,
+}
+
+impl Kick {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kick::Revoked => "device revoked",
+            Kick::Suspended => "device suspended",
+            Kick::CertificateRevoked => "certificate revoked",
+        }
+    }
+}
+
+/// Makes a router link for a client id. (The router's sender type names a
+/// private rumqttd type, so it is captured here rather than stored.)
+type LinkFactory =
+    Arc<dyn Fn(&str, bool) -> Result<(LinkTx, LinkRx, Notification), String> + Send + Sync>;
+
+/// What every session shares.
+pub(crate) struct Shared {
+    links: LinkFactory,
+    registry: Registry,
+    metrics: Arc<Metrics>,
+    sessions: Sessions,
+    cfg: MqttConfig,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Live sessions by device id.
+#[derive(Debug, Default)]
+struct Sessions {
+    next: AtomicU64,
+    by_device: Mutex<HashMap<DeviceId, Vec<Entry>>>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    conn: u64,
+    serial: Serial,
+    kick: oneshot::Sender<Kick>,
+}
+
+/// Removes its session from [`Sessions`] when dropped.
+struct Registration<'a> {
+    sessions: &'a Sessions,
+    device: DeviceId,
+    conn: u64,
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        let mut map = self.sessions.lock();
+        if let Some(v) = map.get_mut(&self.device) {
+            v.retain(|e| e.conn != self.conn);
+            if v.is_empty() {
+                map.remove(&self.device);
+            }
+        }
+    }
+}
+
+impl Sessions {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<DeviceId, Vec<Entry>>> {
+        // A panic while holding this lock leaves a plain map: still usable.
+        self.by_device
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn register(&self, peer: &Peer) -> (oneshot::Receiver<Kick>, Registration<'_>) {
+        let conn = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        let mut map = self.lock();
+        let entries = map.entry(peer.identity.id.clone()).or_default();
+        if !entries.is_empty() {
+            tracing::info!(device.id = %peer.identity.id, "mqtt: a new connection takes over the device's session");
+        }
+        entries.push(Entry {
+            conn,
+            serial: peer.serial.clone(),
+            kick: tx,
+        });
+        (
+            rx,
+            Registration {
+                sessions: self,
+                device: peer.identity.id.clone(),
+                conn,
+            },
+        )
+    }
+
+    /// Kicks every session of `device`; returns how many.
+    fn kick_device(&self, device: &DeviceId, why: Kick) -> usize {
+        let entries = self.lock().remove(device).unwrap_or_default();
+        let n = entries.len();
+        for e in entries {
+            let _ = e.kick.send(why);
+        }
+        n
+    }
+
+    /// Kicks every session using the certificate `serial`.
+    fn kick_serial(&self, serial: &Serial, why: Kick) -> usize {
+        let mut map = self.lock();
+        let mut n = 0;
+        for entries in map.values_mut() {
+            let (cut, keep): (Vec<Entry>, Vec<Entry>) =
+                entries.drain(..).partition(|e| &e.serial == serial);
+            *entries = keep;
+            for e in cut {
+                let _ = e.kick.send(why);
+                n += 1;
+            }
+        }
+        map.retain(|_, v| !v.is_empty());
+        n
+    }
+
+    /// Checks every live session against the registry (after missed changes).
+    fn recheck(&self, registry: &Registry) {
+        let serials: Vec<Serial> = self
+            .lock()
+            .values()
+            .flat_map(|v| v.iter().map(|e| e.serial.clone()))
+            .collect();
+        for serial in serials {
+            if !matches!(registry.standing(&serial), Ok(Some((_, Standing::Good)))) {
+                self.kick_serial(&serial, Kick::Revoked);
+            }
+        }
+    }
+
+    fn count(&self) -> usize {
+        self.lock().values().map(Vec::len).sum()
+    }
+}
+
+/// The broker: the router, the session registry, the listener.
+#[derive(Debug, Clone)]
+pub struct Broker {
+    shared: Arc<Shared>,
+}
+
+impl Broker {
+    /// Starts rumqttd's router (on its own thread).
+    pub fn new(registry: Registry, metrics: Arc<Metrics>, cfg: MqttConfig) -> Self {
+        let router = Router::new(
+            0,
+            RouterConfig {
+                max_connections: cfg.max_connections + 16,
+                max_outgoing_packet_count: 200,
+                max_segment_size: 100 * 1024 * 1024,
+                max_segment_count: 10,
+                custom_segment: None,
+                initialized_filters: None,
+                shared_subscriptions_strategy: Default::default(),
+            },
+        );
+        let router_tx = router.spawn();
+        let links: LinkFactory = Arc::new(move |client_id: &str, clean: bool| {
+            LinkBuilder::new(client_id, router_tx.clone())
+                .clean_session(clean)
+                .topic_alias_max(0)
+                .build()
+                .map_err(|e: LinkError| e.to_string())
+        });
+        Self {
+            shared: Arc::new(Shared {
+                links,
+                registry,
+                metrics,
+                sessions: Sessions::default(),
+                cfg,
+            }),
+        }
+    }
+
+    pub fn live_sessions(&self) -> usize {
+        self.shared.sessions.count()
+    }
+
+    /// Kicks sessions as registry changes arrive. Runs until `changes` closes.
+    pub async fn follow_changes(&self, mut changes: broadcast::Receiver<Change>) {
+        let sessions = &self.shared.sessions;
+        loop {
+            match changes.recv().await {
+                Ok(Change::DeviceOut { id, status }) => {
+                    let why = if status == provisioning::Status::Suspended {
+                        Kick::Suspended
+                    } else {
+                        Kick::Revoked
+                    };
+                    let n = sessions.kick_device(&id, why);
+                    tracing::info!(device.id = %id, sessions = n, reason = why.as_str(), "mqtt: cutting live sessions");
+                }
+                Ok(Change::CertificateRevoked { serial }) => {
+                    let n = sessions.kick_serial(&serial, Kick::CertificateRevoked);
+                    tracing::info!(%serial, sessions = n, "mqtt: cutting sessions of a revoked certificate");
+                }
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    tracing::warn!(
+                        missed,
+                        "mqtt: registry changes missed; rechecking every session"
+                    );
+                    sessions.recheck(&self.shared.registry);
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    }
+
+    /// Accepts and serves connections until `shutdown` turns true, then
+    /// tells every session to end and waits for them, within the drain time.
+    pub async fn serve(
+        &self,
+        listener: TcpListener,
+        tls: watch::Receiver<Arc<ServerConfig>>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let cfg = &self.shared.cfg;
+        let mut incoming = Acceptor::new("mqtt", listener, cfg.max_connections);
+        let mut tasks = tokio::task::JoinSet::new();
+        while let Some(Accepted { tcp, addr, permit }) = incoming.next(&mut shutdown).await {
+            let acceptor = TlsAcceptor::from(tls.borrow().clone());
+            let shared = self.shared.clone();
+            let shutdown = shutdown.clone();
+            // Reap finished tasks so the set does not grow.
+            while tasks.try_join_next().is_some() {}
+            tasks.spawn(async move {
+                let _permit = permit;
+                let metrics = &shared.metrics;
+                metrics.connections_open.fetch_add(1, Ordering::Relaxed);
+                let stream = match tokio::time::timeout(
+                    shared.cfg.handshake_timeout,
+                    acceptor.accept(tcp),
+                )
+                .await
+                {
+                    Ok(Ok(s)) => Some(s),
+                    Ok(Err(e)) => {
+                        if e.to_string().contains("peer sent no certificates") {
+                            metrics.refused(Refusal::NoCertificate);
+                        }
+                        tracing::info!(peer.addr = %addr, reason = %e, "mqtt: TLS handshake failed");
+                        None
+                    }
+                    Err(_) => {
+                        metrics.refused(Refusal::HandshakeTimeout);
+                        tracing::info!(peer.addr = %addr, "mqtt: refused: TLS handshake timed out");
+                        None
+                    }
+                };
+                if let Some(stream) = stream {
+                    metrics.handshakes.fetch_add(1, Ordering::Relaxed);
+                    match peer_of(&stream, addr) {
+                        Some(peer) => session::run(stream, peer, shared.clone(), shutdown).await,
+                        None => tracing::error!(peer.addr = %addr, "mqtt: admitted peer without a readable certificate"),
+                    }
+                }
+                metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
+            });
+        }
+        drop(incoming);
+        if tokio::time::timeout(cfg.drain_timeout, async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await
+        .is_err()
+        {
+            tracing::warn!(
+                left = tasks.len(),
+                "mqtt: sessions still open after the drain timeout"
+            );
+        }
+    }
+}
+
+fn peer_of(
+    stream: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    addr: std::net::SocketAddr,
+) -> Option<Peer> {
+    let der = stream.get_ref().1.peer_certificates()?.first()?;
+    // The verifier already read these fields from the same bytes.
+    let info = inspect_certificate(der).ok()?;
+    Some(Peer {
+        addr,
+        identity: info.identity?,
+        serial: info.serial,
+        not_after: info.not_after,
+    })
+}

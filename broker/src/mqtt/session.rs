@@ -1,0 +1,639 @@
+//! One MQTT connection: the TLS stream on one side, a rumqttd router link on
+//! the other, fleetgate's checks in between.
+//!
+//! The router never sees a packet we have not checked: CONNECT is answered
+//! here (identity), PUBLISH and SUBSCRIBE pass the ACL first, PINGREQ is
+//! answered here. The last will is kept here too: rumqttd cannot be told of
+//! an unclean close through a local link, so on one we publish the will
+//! ourselves and then end the router session with a DISCONNECT.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use provisioning::{Identity, Serial, Standing};
+use rumqttd::local::{LinkRx, LinkTx};
+use rumqttd::protocol::v4::V4;
+use rumqttd::protocol::v5::V5;
+use rumqttd::protocol::{
+    ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode, LastWill,
+    Packet, PingResp, Protocol, Publish, SubAck, SubscribeReasonCode,
+};
+use rumqttd::Notification;
+use time::OffsetDateTime;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{oneshot, watch};
+use tokio_rustls::server::TlsStream;
+
+use super::acl::{sniff_connect, Acl, ConnectSniff};
+use super::{Kick, Shared};
+use crate::metrics::Refusal;
+
+/// What the TLS handshake established.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    pub identity: Identity,
+    pub serial: Serial,
+    pub not_after: OffsetDateTime,
+}
+
+#[derive(Debug)]
+enum Codec {
+    V4(V4),
+    V5(V5),
+}
+
+impl Codec {
+    fn is_v5(&self) -> bool {
+        matches!(self, Codec::V5(_))
+    }
+
+    /// The next whole packet in `buf`, `None` if more bytes are needed.
+    fn read(
+        &mut self,
+        buf: &mut BytesMut,
+        max: usize,
+    ) -> Result<Option<Packet>, rumqttd::protocol::Error> {
+        let before = buf.len();
+        let r = match self {
+            Codec::V4(c) => c.read_mut(buf, max),
+            Codec::V5(c) => c.read_mut(buf, max),
+        };
+        match r {
+            Ok(p) => Ok(Some(p)),
+            // Short of a whole frame: nothing was consumed, wait for more.
+            Err(rumqttd::protocol::Error::InsufficientBytes(_)) if buf.len() == before => Ok(None),
+            // The frame was split off and its contents ran short: malformed.
+            Err(rumqttd::protocol::Error::InsufficientBytes(_)) => {
+                Err(rumqttd::protocol::Error::MalformedPacket)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn write(&self, p: Packet, out: &mut BytesMut) -> Result<(), rumqttd::protocol::Error> {
+        match self {
+            Codec::V4(c) => c.write(p, out),
+            Codec::V5(c) => c.write(p, out),
+        }
+        .map(|_| ())
+    }
+}
+
+/// Why a session ended.
+#[derive(Debug)]
+enum End {
+    /// The client sent DISCONNECT: no will.
+    ClientDisconnect,
+    /// The socket closed or failed without DISCONNECT.
+    Closed(String),
+    KeepAlive,
+    Kicked(Kick),
+    CertificateExpired,
+    Shutdown,
+    Acl(String),
+    Protocol(String),
+    /// The router dropped our link: a newer connection took the client id.
+    TakenOver,
+    /// The router sent DISCONNECT.
+    RouterDisconnect,
+}
+
+impl End {
+    /// The MQTT 5 DISCONNECT reason we send, if any.
+    fn reason(&self) -> Option<DisconnectReasonCode> {
+        use DisconnectReasonCode as R;
+        match self {
+            End::ClientDisconnect | End::Closed(_) | End::RouterDisconnect => None,
+            End::KeepAlive => Some(R::KeepAliveTimeout),
+            End::Kicked(_) => Some(R::AdministrativeAction),
+            End::CertificateExpired => Some(R::MaximumConnectTime),
+            End::Shutdown => Some(R::ServerShuttingDown),
+            End::Acl(_) => Some(R::NotAuthorized),
+            End::Protocol(_) => Some(R::ProtocolError),
+            End::TakenOver => Some(R::SessionTakenOver),
+        }
+    }
+
+    /// Whether the router session is still ours to end.
+    fn router_session_live(&self) -> bool {
+        !matches!(
+            self,
+            End::TakenOver | End::RouterDisconnect | End::ClientDisconnect
+        )
+    }
+}
+
+struct Session {
+    stream: TlsStream<TcpStream>,
+    codec: Codec,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    max_packet: usize,
+    acl: Acl,
+    peer: Peer,
+    /// SUBSCRIBEs sent to the router with some filters refused here: the
+    /// refused positions, to merge into the router's SUBACK.
+    pending_subacks: HashMap<u16, Vec<Option<SubscribeReasonCode>>>,
+}
+
+/// Runs one connection to its end.
+pub(super) async fn run(
+    stream: TlsStream<TcpStream>,
+    peer: Peer,
+    shared: Arc<Shared>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let span = tracing::info_span!("mqtt", device.id = %peer.identity.id, peer.addr = %peer.addr);
+    let _ = tracing::Instrument::instrument(session(stream, peer, shared, shutdown), span).await;
+}
+
+async fn session(
+    stream: TlsStream<TcpStream>,
+    peer: Peer,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), ()> {
+    let mut s = Session {
+        stream,
+        codec: Codec::V4(V4),
+        rbuf: BytesMut::with_capacity(4096),
+        wbuf: BytesMut::with_capacity(4096),
+        max_packet: shared.cfg.max_packet_size,
+        acl: Acl::new(&peer.identity),
+        peer,
+        pending_subacks: HashMap::new(),
+    };
+
+    // CONNECT, within the connect timeout.
+    let connect = match tokio::time::timeout(shared.cfg.connect_timeout, s.read_connect()).await {
+        Ok(Ok(p)) => p,
+        Ok(Err(why)) => {
+            shared.metrics.refused(Refusal::Protocol);
+            tracing::warn!(reason = "protocol", detail = %why, "mqtt: refused");
+            return Err(());
+        }
+        Err(_) => {
+            shared.metrics.refused(Refusal::Protocol);
+            tracing::warn!(reason = "protocol", "mqtt: refused: no CONNECT in time");
+            return Err(());
+        }
+    };
+    let Packet::Connect(connect, _props, will, _will_props, _login) = connect else {
+        return Err(());
+    };
+
+    // Identity: the certificate names the client.
+    let device_id = s.peer.identity.id.to_string();
+    let assigned = connect.client_id.is_empty();
+    if !assigned && connect.client_id != device_id {
+        shared.metrics.refused(Refusal::WrongIdentity);
+        tracing::warn!(reason = "wrong_identity", client_id = %connect.client_id, "mqtt: refused: client id is not the certificate's id");
+        s.refuse_connect().await;
+        return Err(());
+    }
+    if let Some(w) = &will {
+        let topic = String::from_utf8_lossy(&w.topic);
+        if let Err(why) = s.acl.can_publish(&topic) {
+            shared.metrics.refused(Refusal::Acl);
+            tracing::warn!(reason = "acl", detail = %why, "mqtt: refused: last will topic");
+            s.refuse_connect().await;
+            return Err(());
+        }
+    }
+
+    // A router link; building it waits on the router thread.
+    let links = shared.links.clone();
+    let id = device_id.clone();
+    let clean = connect.clean_session;
+    let link = tokio::task::spawn_blocking(move || links(&id, clean)).await;
+    let (mut link_tx, mut link_rx, notification) = match link {
+        Ok(Ok(l)) => l,
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "mqtt: router refused the link");
+            s.refuse_connect().await;
+            return Err(());
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "mqtt: link task failed");
+            return Err(());
+        }
+    };
+    let connack = match Option::<Packet>::from(notification) {
+        Some(Packet::ConnAck(ack, props)) => {
+            let props = s.codec.is_v5().then(|| ConnAckProperties {
+                assigned_client_identifier: assigned.then(|| device_id.clone()),
+                max_packet_size: u32::try_from(s.max_packet).ok(),
+                ..props.unwrap_or_default()
+            });
+            Packet::ConnAck(ack, props)
+        }
+        other => {
+            tracing::error!(packet = ?other, "mqtt: router answered the link with no CONNACK");
+            return Err(());
+        }
+    };
+    if s.send(connack).await.is_err() {
+        let _ = link_tx
+            .send(Packet::Disconnect(normal_disconnect(), None))
+            .await;
+        return Err(());
+    }
+
+    let (kick_rx, registration) = shared.sessions.register(&s.peer);
+    shared
+        .metrics
+        .sessions
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    tracing::info!(protocol = if s.codec.is_v5() { 5 } else { 4 }, serial = %s.peer.serial, "mqtt: connected");
+
+    // A revocation between the handshake and registration would have found
+    // nothing to kick: look once more now that we can be kicked.
+    let end = match shared.registry.standing(&s.peer.serial) {
+        Ok(Some((_, Standing::Good))) => {
+            s.serve(
+                &mut link_tx,
+                &mut link_rx,
+                kick_rx,
+                &mut shutdown,
+                connect.keep_alive,
+            )
+            .await
+        }
+        _ => End::Kicked(Kick::Revoked),
+    };
+    drop(registration);
+
+    // Tell the client why, where the protocol has a way to.
+    if let Some(reason) = end.reason() {
+        if s.codec.is_v5() {
+            let _ = s
+                .send(Packet::Disconnect(
+                    Disconnect {
+                        reason_code: reason,
+                    },
+                    None,
+                ))
+                .await;
+        }
+    }
+    match &end {
+        End::Kicked(k) => {
+            shared
+                .metrics
+                .kicked
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(reason = k.as_str(), "mqtt: connection cut");
+        }
+        End::TakenOver => {
+            shared
+                .metrics
+                .taken_over
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!("mqtt: session taken over by a newer connection");
+        }
+        End::Acl(why) => {
+            shared.metrics.refused(Refusal::Acl);
+            tracing::warn!(reason = "acl", detail = %why, "mqtt: disconnected");
+        }
+        End::Protocol(why) => {
+            shared.metrics.refused(Refusal::Protocol);
+            tracing::warn!(reason = "protocol", detail = %why, "mqtt: disconnected");
+        }
+        End::CertificateExpired => {
+            shared.metrics.refused(Refusal::Expired);
+            tracing::warn!(reason = "expired", "mqtt: certificate expired mid-session");
+        }
+        End::Closed(why) => {
+            tracing::info!(detail = %why, "mqtt: connection closed without DISCONNECT")
+        }
+        other => tracing::info!(end = ?other, "mqtt: disconnected"),
+    }
+
+    // End the router session, publishing the will on an unclean end.
+    if end.router_session_live() {
+        if let Some(LastWill {
+            topic,
+            message,
+            retain,
+            ..
+        }) = will
+        {
+            if !matches!(end, End::Kicked(_)) {
+                let _ = link_tx
+                    .send(Packet::Publish(Publish::new(topic, message, retain), None))
+                    .await;
+            }
+        }
+        let _ = link_tx
+            .send(Packet::Disconnect(normal_disconnect(), None))
+            .await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), s.stream.shutdown()).await;
+    Ok(())
+}
+
+fn normal_disconnect() -> Disconnect {
+    Disconnect {
+        reason_code: DisconnectReasonCode::NormalDisconnection,
+    }
+}
+
+impl Session {
+    /// Reads the CONNECT, choosing the codec from its protocol level.
+    async fn read_connect(&mut self) -> Result<Packet, String> {
+        loop {
+            match sniff_connect(&self.rbuf) {
+                ConnectSniff::Incomplete => {}
+                ConnectSniff::NotConnect(why) => return Err(why.to_owned()),
+                ConnectSniff::Level(level) => {
+                    self.codec = if level == 5 {
+                        Codec::V5(V5)
+                    } else {
+                        Codec::V4(V4)
+                    };
+                    match self.codec.read(&mut self.rbuf, self.max_packet) {
+                        Ok(Some(p @ Packet::Connect(..))) => return Ok(p),
+                        Ok(Some(_)) => return Err("first packet is not CONNECT".into()),
+                        Ok(None) => {}
+                        Err(e) => return Err(format!("malformed CONNECT: {e}")),
+                    }
+                }
+            }
+            match self.stream.read_buf(&mut self.rbuf).await {
+                Ok(0) => return Err("closed before CONNECT".into()),
+                Ok(_) => {}
+                Err(e) => return Err(format!("read: {e}")),
+            }
+        }
+    }
+
+    async fn refuse_connect(&mut self) {
+        // 3.1.1's 0x05 and 5's 0x87: not authorized.
+        let ack = ConnAck {
+            session_present: false,
+            code: ConnectReturnCode::NotAuthorized,
+        };
+        let _ = self.send(Packet::ConnAck(ack, None)).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.stream.shutdown()).await;
+    }
+
+    fn encode(&mut self, p: Packet) -> Result<(), String> {
+        self.codec
+            .write(p, &mut self.wbuf)
+            .map_err(|e| format!("encoding: {e}"))
+    }
+
+    async fn flush(&mut self) -> Result<(), String> {
+        if self.wbuf.is_empty() {
+            return Ok(());
+        }
+        self.stream
+            .write_all(&self.wbuf)
+            .await
+            .map_err(|e| format!("write: {e}"))?;
+        self.wbuf.clear();
+        Ok(())
+    }
+
+    async fn send(&mut self, p: Packet) -> Result<(), String> {
+        self.encode(p)?;
+        self.flush().await
+    }
+
+    async fn serve(
+        &mut self,
+        link_tx: &mut LinkTx,
+        link_rx: &mut LinkRx,
+        mut kick: oneshot::Receiver<Kick>,
+        shutdown: &mut watch::Receiver<bool>,
+        keep_alive: u16,
+    ) -> End {
+        // MQTT 3.1.2.10: one and a half keep-alive periods.
+        let idle = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
+        let mut deadline = idle.map(|d| tokio::time::Instant::now() + d);
+        let until_expiry = (self.peer.not_after - OffsetDateTime::now_utc())
+            .try_into()
+            .unwrap_or(Duration::ZERO);
+        let expiry = tokio::time::sleep(until_expiry);
+        tokio::pin!(expiry);
+        // Packets that came in the same read as CONNECT.
+        if !self.rbuf.is_empty() {
+            if let Some(end) = self.incoming(link_tx).await {
+                return end;
+            }
+        }
+        loop {
+            tokio::select! {
+                biased;
+                k = &mut kick => return End::Kicked(k.unwrap_or(Kick::Revoked)),
+                _ = shutdown.changed() => return End::Shutdown,
+                _ = &mut expiry => return End::CertificateExpired,
+                _ = sleep_until(deadline) => return End::KeepAlive,
+                r = self.stream.read_buf(&mut self.rbuf) => match r {
+                    Ok(0) => return End::Closed("peer closed".into()),
+                    Err(e) => return End::Closed(e.to_string()),
+                    Ok(_) => {
+                        deadline = idle.map(|d| tokio::time::Instant::now() + d);
+                        if let Some(end) = self.incoming(link_tx).await {
+                            return end;
+                        }
+                    }
+                },
+                n = link_rx.next() => match n {
+                    Ok(Some(n)) => if let Some(end) = self.outgoing(n, link_rx).await {
+                        return end;
+                    },
+                    Ok(None) => {}
+                    Err(_) => return End::TakenOver,
+                },
+            }
+        }
+    }
+
+    /// Decodes what has arrived, checks it, forwards it.
+    async fn incoming(&mut self, link_tx: &mut LinkTx) -> Option<End> {
+        let mut forward: Vec<Packet> = Vec::new();
+        let mut end = None;
+        loop {
+            let packet = match self.codec.read(&mut self.rbuf, self.max_packet) {
+                Ok(Some(p)) => p,
+                Ok(None) => break,
+                Err(e) => {
+                    end = Some(End::Protocol(format!("malformed packet: {e}")));
+                    break;
+                }
+            };
+            match packet {
+                Packet::Publish(p, props) => {
+                    let topic = String::from_utf8_lossy(&p.topic).into_owned();
+                    if let Err(why) = self.acl.can_publish(&topic) {
+                        end = Some(End::Acl(why.to_string()));
+                        break;
+                    }
+                    forward.push(Packet::Publish(p, props));
+                }
+                Packet::Subscribe(mut sub, props) => {
+                    let refused = if self.codec.is_v5() {
+                        SubscribeReasonCode::NotAuthorized
+                    } else {
+                        SubscribeReasonCode::Failure
+                    };
+                    let mut codes = Vec::with_capacity(sub.filters.len());
+                    let mut allowed = Vec::with_capacity(sub.filters.len());
+                    for f in sub.filters.drain(..) {
+                        match self.acl.can_subscribe(&f.path) {
+                            Ok(()) => {
+                                codes.push(None);
+                                allowed.push(f);
+                            }
+                            Err(why) => {
+                                tracing::warn!(reason = "acl", detail = %why, "mqtt: subscription refused");
+                                codes.push(Some(refused));
+                            }
+                        }
+                    }
+                    if allowed.is_empty() {
+                        let ack = SubAck {
+                            pkid: sub.pkid,
+                            return_codes: codes.into_iter().flatten().collect(),
+                        };
+                        if let Err(e) = self.encode(Packet::SubAck(ack, None)) {
+                            end = Some(End::Protocol(e));
+                            break;
+                        }
+                    } else {
+                        if codes.iter().any(Option::is_some) {
+                            self.pending_subacks.insert(sub.pkid, codes);
+                        }
+                        sub.filters = allowed;
+                        forward.push(Packet::Subscribe(sub, props));
+                    }
+                }
+                Packet::PingReq(_) => {
+                    if let Err(e) = self.encode(Packet::PingResp(PingResp)) {
+                        end = Some(End::Protocol(e));
+                        break;
+                    }
+                }
+                Packet::Disconnect(d, props) => {
+                    forward.push(Packet::Disconnect(d, props));
+                    end = Some(End::ClientDisconnect);
+                    break;
+                }
+                p @ (Packet::Unsubscribe(..)
+                | Packet::PubAck(..)
+                | Packet::PubRec(..)
+                | Packet::PubRel(..)
+                | Packet::PubComp(..)) => forward.push(p),
+                other => {
+                    end = Some(End::Protocol(format!(
+                        "unexpected packet from a client: {}",
+                        packet_name(&other)
+                    )));
+                    break;
+                }
+            }
+        }
+        if let Some(last) = forward.pop() {
+            {
+                let mut buffer = link_tx.buffer();
+                buffer.extend(forward);
+            }
+            if link_tx.send(last).await.is_err() {
+                return Some(End::TakenOver);
+            }
+        }
+        if let Err(e) = self.flush().await {
+            return Some(End::Closed(e));
+        }
+        end
+    }
+
+    /// Writes what the router sent, and whatever else it has ready.
+    async fn outgoing(&mut self, first: Notification, link_rx: &mut LinkRx) -> Option<End> {
+        let mut next = Some(first);
+        let mut unscheduled = false;
+        let mut end = None;
+        while let Some(n) = next.take() {
+            if matches!(n, Notification::Unschedule) {
+                unscheduled = true;
+            } else {
+                match Option::<Packet>::from(n) {
+                    Some(Packet::SubAck(mut ack, props)) => {
+                        if let Some(codes) = self.pending_subacks.remove(&ack.pkid) {
+                            let mut granted = ack.return_codes.into_iter();
+                            ack.return_codes = codes
+                                .into_iter()
+                                .map(|c| {
+                                    c.or_else(|| granted.next())
+                                        .unwrap_or(SubscribeReasonCode::Failure)
+                                })
+                                .collect();
+                        }
+                        if let Err(e) = self.encode(Packet::SubAck(ack, props)) {
+                            return Some(End::Protocol(e));
+                        }
+                    }
+                    Some(p @ Packet::Disconnect(..)) => {
+                        let _ = self.encode(p);
+                        end = Some(End::RouterDisconnect);
+                        break;
+                    }
+                    Some(p) => {
+                        if let Err(e) = self.encode(p) {
+                            return Some(End::Protocol(e));
+                        }
+                    }
+                    None => {}
+                }
+            }
+            // Whatever else is ready now, without waiting.
+            next = tokio::select! {
+                biased;
+                n = link_rx.next() => match n {
+                    Ok(n) => n,
+                    Err(_) => { end = Some(End::TakenOver); None }
+                },
+                _ = std::future::ready(()) => None,
+            };
+        }
+        if let Err(e) = self.flush().await {
+            return Some(End::Closed(e));
+        }
+        if unscheduled && end.is_none() && link_rx.wake().await.is_err() {
+            return Some(End::TakenOver);
+        }
+        end
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn packet_name(p: &Packet) -> &'static str {
+    match p {
+        Packet::Connect(..) => "CONNECT",
+        Packet::ConnAck(..) => "CONNACK",
+        Packet::Publish(..) => "PUBLISH",
+        Packet::PubAck(..) => "PUBACK",
+        Packet::PingReq(..) => "PINGREQ",
+        Packet::PingResp(..) => "PINGRESP",
+        Packet::Subscribe(..) => "SUBSCRIBE",
+        Packet::SubAck(..) => "SUBACK",
+        Packet::PubRec(..) => "PUBREC",
+        Packet::PubRel(..) => "PUBREL",
+        Packet::PubComp(..) => "PUBCOMP",
+        Packet::Unsubscribe(..) => "UNSUBSCRIBE",
+        Packet::UnsubAck(..) => "UNSUBACK",
+        Packet::Disconnect(..) => "DISCONNECT",
+    }
+}

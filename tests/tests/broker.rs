@@ -1,0 +1,612 @@
+//! The broker end to end: mosquitto clients, rumqttc and raw TLS probes
+//! against the real `fleetgate serve`.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use broker::client::ApiClient;
+use rumqttc::{Event, Packet, QoS, SubscribeFilter, SubscribeReasonCode};
+use serde_json::{json, Value};
+use tests::mqtt::{client, connect_packet, connected, probe, until_closed};
+use tests::pki::{self, Spec, TestCa};
+use tests::{require_tool, Creds, Server};
+use time::OffsetDateTime;
+
+/// A certificate chain and its key, PEM.
+type Pem = (String, String);
+
+fn start() -> (tempfile::TempDir, Server) {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("data")).unwrap();
+    (tmp, server)
+}
+
+/// `mosquitto_pub`/`mosquitto_sub` arguments for a server and credentials.
+fn mosquitto(tool: &str, server: &Server, c: &Creds) -> Command {
+    require_tool(tool);
+    let mut cmd = Command::new(tool);
+    cmd.args(["-h", "127.0.0.1", "-p", &server.mqtt.port().to_string()])
+        .arg("--cafile")
+        .arg(&c.ca)
+        .arg("--cert")
+        .arg(&c.cert)
+        .arg("--key")
+        .arg(&c.key);
+    cmd
+}
+
+async fn stats(admin: &ApiClient) -> Value {
+    admin.get("/v1/stats").await.unwrap()
+}
+
+#[test]
+fn mosquitto_devices_and_a_service_exchange_messages() {
+    let (tmp, server) = start();
+    let dev = server.enroll(tmp.path(), "device", "dev-1");
+    let svc = server.enroll(tmp.path(), "service", "backend");
+
+    // The service listens to all telemetry (MQTT 5).
+    let sub = mosquitto("mosquitto_sub", &server, &svc)
+        .args([
+            "-V",
+            "mqttv5",
+            "-t",
+            "devices/+/telemetry",
+            "-v",
+            "-C",
+            "2",
+            "-W",
+            "15",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+
+    // No -i: the client id comes from the certificate.
+    for (version, qos, msg) in [("mqttv311", "0", "t-311"), ("mqttv5", "1", "t-5")] {
+        let out = mosquitto("mosquitto_pub", &server, &dev)
+            .args([
+                "-V",
+                version,
+                "-q",
+                qos,
+                "-t",
+                "devices/dev-1/telemetry",
+                "-m",
+                msg,
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    // Then the device listens for commands (one connection per device: a
+    // second one with the same certificate would take this one over).
+    let cmds = mosquitto("mosquitto_sub", &server, &dev)
+        .args([
+            "-t",
+            "devices/dev-1/commands/#",
+            "-v",
+            "-C",
+            "1",
+            "-W",
+            "15",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    let out = mosquitto("mosquitto_pub", &server, &svc)
+        .args([
+            "-i",
+            "backend",
+            "-t",
+            "devices/dev-1/commands/reboot",
+            "-m",
+            "now",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let sub = sub.wait_with_output().unwrap();
+    let got = String::from_utf8_lossy(&sub.stdout);
+    assert!(
+        sub.status.success(),
+        "{got} {}",
+        String::from_utf8_lossy(&sub.stderr)
+    );
+    assert_eq!(
+        got.lines().collect::<Vec<_>>(),
+        [
+            "devices/dev-1/telemetry t-311",
+            "devices/dev-1/telemetry t-5"
+        ]
+    );
+    let cmds = cmds.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&cmds.stdout).trim(),
+        "devices/dev-1/commands/reboot now"
+    );
+}
+
+#[test]
+fn mosquitto_identity_and_acl_refusals() {
+    let (tmp, server) = start();
+    let dev = server.enroll(tmp.path(), "device", "dev-1");
+    server.enroll(tmp.path(), "device", "dev-2");
+
+    // A client id that is not the certificate's: CONNACK not authorized.
+    let out = mosquitto("mosquitto_pub", &server, &dev)
+        .args(["-i", "dev-2", "-t", "devices/dev-1/x", "-m", "spoof"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not authori"), "{err}");
+
+    // Subscriptions beyond its own topics: SUBACK failure for each.
+    for filter in ["#", "devices/+/telemetry", "devices/dev-2/#", "$SYS/#"] {
+        let out = mosquitto("mosquitto_sub", &server, &dev)
+            .args(["-t", filter, "-W", "5"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("All subscription requests were denied"),
+            "{filter}: {err}"
+        );
+    }
+    let log = server.log().join("\n");
+    assert!(log.contains("wrong_identity"), "{log}");
+    assert!(log.contains("subscription refused"), "{log}");
+}
+
+#[tokio::test]
+async fn a_device_publishing_outside_its_topics_is_cut_and_nothing_leaks() {
+    let (tmp, server) = start();
+    let dev = server.enroll(tmp.path(), "device", "dev-1");
+    let svc = server.enroll(tmp.path(), "service", "backend");
+
+    let (watcher, mut watcher_loop) = client(server.mqtt, &svc, "backend");
+    connected(&mut watcher_loop).await;
+    watcher
+        .subscribe("devices/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let (c, mut l) = client(server.mqtt, &dev, "dev-1");
+    connected(&mut l).await;
+    c.publish("devices/dev-2/telemetry", QoS::AtLeastOnce, false, "forged")
+        .await
+        .unwrap();
+    let closed = until_closed(&mut l, Duration::from_secs(5)).await;
+    assert!(closed.is_some(), "the ACL escape must cut the connection");
+
+    // The watcher sees nothing in the next moment.
+    let seen = tokio::time::timeout(Duration::from_millis(500), async {
+        loop {
+            if let Ok(Event::Incoming(Packet::Publish(p))) = watcher_loop.poll().await {
+                return p.topic;
+            }
+        }
+    })
+    .await;
+    assert!(seen.is_err(), "leaked: {seen:?}");
+    let s = stats(&server.admin()).await;
+    assert!(s["refusals"]["acl"].as_u64().unwrap() >= 1, "{s}");
+}
+
+#[tokio::test]
+async fn mixed_subscribe_gets_per_filter_answers() {
+    let (tmp, server) = start();
+    let dev = server.enroll(tmp.path(), "device", "dev-1");
+    let (c, mut l) = client(server.mqtt, &dev, "dev-1");
+    connected(&mut l).await;
+    c.subscribe_many([
+        SubscribeFilter::new("devices/dev-1/commands/#".into(), QoS::AtLeastOnce),
+        SubscribeFilter::new("#".into(), QoS::AtLeastOnce),
+        SubscribeFilter::new("devices/dev-1/config".into(), QoS::AtMostOnce),
+    ])
+    .await
+    .unwrap();
+    let codes = loop {
+        match tokio::time::timeout(Duration::from_secs(5), l.poll())
+            .await
+            .unwrap()
+        {
+            Ok(Event::Incoming(Packet::SubAck(ack))) => break ack.return_codes,
+            Ok(_) => {}
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(
+        codes,
+        [
+            SubscribeReasonCode::Success(QoS::AtLeastOnce),
+            SubscribeReasonCode::Failure,
+            SubscribeReasonCode::Success(QoS::AtMostOnce),
+        ]
+    );
+    // And the allowed subscription works.
+    c.publish("devices/dev-1/config", QoS::AtMostOnce, false, "v2")
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let Ok(Event::Incoming(Packet::Publish(p))) = l.poll().await {
+                return p.payload;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(&got[..], b"v2");
+}
+
+#[tokio::test]
+async fn refused_at_the_handshake_with_the_matching_alert() {
+    let (tmp, server) = start();
+    let data = &server.data_dir;
+    let ca_pem = std::fs::read(data.join("ca.crt")).unwrap();
+    let ours = TestCa::from_data_dir(data);
+    let now = OffsetDateTime::now_utc();
+    let admin = server.admin();
+
+    // Registered devices to revoke and suspend.
+    let revoked = server.enroll(tmp.path(), "device", "gone");
+    let suspended = server.enroll(tmp.path(), "device", "paused");
+    server.cli_ok(&["device", "revoke", "gone", "--reason", "key-compromise"]);
+    server.cli_ok(&["device", "suspend", "paused"]);
+    let read = |c: &Creds| {
+        (
+            std::fs::read_to_string(&c.cert).unwrap(),
+            std::fs::read_to_string(&c.key).unwrap(),
+        )
+    };
+
+    let expired = ours.issue(&Spec {
+        not_before: now - time::Duration::days(2),
+        not_after: now - time::Duration::days(1),
+        ..Spec::device("old")
+    });
+    let future = ours.issue(&Spec {
+        not_before: now + time::Duration::days(1),
+        not_after: now + time::Duration::days(2),
+        ..Spec::device("future")
+    });
+    let unknown_serial = ours.issue(&Spec::device("ghost"));
+    let foreign = TestCa::foreign().issue(&Spec::device("dev-1"));
+    let self_signed = pki::self_signed(&Spec::device("dev-1"));
+    let server_usage = ours.issue(&Spec {
+        client_auth: false,
+        ..Spec::device("dev-1")
+    });
+    let as_ca = ours.issue(&Spec {
+        is_ca: true,
+        ..Spec::device("dev-1")
+    });
+    let admin_cert = (
+        std::fs::read_to_string(data.join("admin.crt")).unwrap(),
+        std::fs::read_to_string(data.join("admin.key")).unwrap(),
+    );
+
+    // (case, client certificate chain and key, the alert expected)
+    let cases: Vec<(&str, Option<Pem>, &str)> = vec![
+        ("no certificate", None, "CertificateRequired"),
+        ("self-signed", Some(self_signed), "UnknownCA"),
+        ("foreign CA", Some(foreign), "UnknownCA"),
+        ("expired", Some(expired), "CertificateExpired"),
+        ("not yet valid", Some(future), "CertificateExpired"),
+        ("revoked", Some(read(&revoked)), "CertificateRevoked"),
+        ("suspended", Some(read(&suspended)), "CertificateRevoked"),
+        ("unknown serial", Some(unknown_serial), "BadCertificate"),
+        (
+            "server-only usage",
+            Some(server_usage),
+            "UnsupportedCertificate",
+        ),
+        ("CA certificate as client", Some(as_ca), "BadCertificate"),
+        ("admin certificate", Some(admin_cert), "AccessDenied"),
+    ];
+    for (name, identity, alert) in cases {
+        let config = pki::client_config(
+            &ca_pem,
+            identity.as_ref().map(|(c, k)| (c.as_str(), k.as_str())),
+        );
+        let r = probe(server.mqtt, config, &connect_packet("")).await;
+        let err = r.expect_err(name);
+        assert!(
+            err.contains(alert),
+            "{name}: expected {alert}, got {err}\n{}",
+            server.log().join("\n")
+        );
+    }
+
+    let s = stats(&admin).await;
+    let r = &s["refusals"];
+    for (reason, at_least) in [
+        ("no_certificate", 1),
+        ("unknown_ca", 2),
+        ("expired", 1),
+        ("not_yet_valid", 1),
+        ("revoked", 1),
+        ("suspended", 1),
+        ("unknown_serial", 1),
+        ("wrong_usage", 1),
+        ("wrong_identity", 1),
+    ] {
+        assert!(r[reason].as_u64().unwrap() >= at_least, "{reason}: {s}");
+    }
+    let log = server.log().join("\n");
+    for reason in [
+        "revoked (key-compromise)",
+        "device is suspended",
+        "serial not in the registry",
+    ] {
+        assert!(log.contains(reason), "{reason} not logged: {log}");
+    }
+}
+
+#[tokio::test]
+async fn revoking_suspending_and_cert_revocation_cut_live_sessions_within_a_second() {
+    let (tmp, server) = start();
+    let admin = server.admin();
+    for (id, action, body) in [
+        ("dev-r", "revoke", json!({"reason": "key-compromise"})),
+        ("dev-s", "suspend", json!({})),
+        ("dev-c", "cert", json!({"reason": "superseded"})),
+    ] {
+        let creds = server.enroll(tmp.path(), "device", id);
+        let (c, mut l) = client(server.mqtt, &creds, id);
+        connected(&mut l).await;
+        c.subscribe(format!("devices/{id}/#"), QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        // Let the subscription settle, then cut.
+        let _ = tokio::time::timeout(Duration::from_millis(300), async {
+            loop {
+                let _ = l.poll().await;
+            }
+        })
+        .await;
+
+        let started = Instant::now();
+        let _: Value = if action == "cert" {
+            let show: Value = admin.get(&format!("/v1/devices/{id}")).await.unwrap();
+            let serial = show["certificates"][0]["serial"]
+                .as_str()
+                .unwrap()
+                .to_owned();
+            admin
+                .post(&format!("/v1/certificates/{serial}/revoke"), &body)
+                .await
+                .unwrap()
+        } else {
+            admin
+                .post(&format!("/v1/devices/{id}/{action}"), &body)
+                .await
+                .unwrap()
+        };
+        let closed = until_closed(&mut l, Duration::from_secs(5)).await;
+        let took = started.elapsed();
+        assert!(closed.is_some(), "{id}: still connected after {action}");
+        eprintln!("{id}: {action} to disconnect: {took:?}");
+        assert!(
+            took < Duration::from_secs(1),
+            "{id}: {action} took {took:?}"
+        );
+
+        // And it stays out.
+        let (_c, mut again) = client(server.mqtt, &creds, id);
+        let err = match tokio::time::timeout(Duration::from_secs(5), again.poll()).await {
+            Ok(Err(e)) => e.to_string(),
+            other => panic!("{id}: reconnect after {action} was not refused: {other:?}"),
+        };
+        assert!(err.contains("CertificateRevoked"), "{id}: {err}");
+    }
+    // A resumed device gets back in.
+    server.cli_ok(&["device", "resume", "dev-s"]);
+    let creds = Creds::in_dir(tmp.path(), "dev-s");
+    let (_c, mut l) = client(server.mqtt, &creds, "dev-s");
+    connected(&mut l).await;
+    let s = stats(&admin).await;
+    assert!(s["kicked"].as_u64().unwrap() >= 3, "{s}");
+}
+
+#[tokio::test]
+async fn a_second_connection_with_the_same_certificate_takes_over() {
+    let (tmp, server) = start();
+    let dev = server.enroll(tmp.path(), "device", "dev-1");
+    let (_c1, mut first) = client(server.mqtt, &dev, "dev-1");
+    connected(&mut first).await;
+    let (c2, mut second) = client(server.mqtt, &dev, "");
+    connected(&mut second).await;
+    assert!(
+        until_closed(&mut first, Duration::from_secs(5))
+            .await
+            .is_some(),
+        "the first connection must end"
+    );
+    // The second one works.
+    c2.subscribe("devices/dev-1/#", QoS::AtMostOnce)
+        .await
+        .unwrap();
+    c2.publish("devices/dev-1/x", QoS::AtMostOnce, false, "hi")
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match second.poll().await {
+                Ok(Event::Incoming(Packet::Publish(p))) => return p.payload,
+                Ok(_) => {}
+                Err(e) => panic!("second connection failed: {e}"),
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(&got[..], b"hi");
+    assert!(
+        server.wait_for_log("taken over by a newer connection", Duration::from_secs(3)),
+        "{:?}",
+        server.log()
+    );
+}
+
+#[tokio::test]
+async fn a_connection_ends_when_its_certificate_expires() {
+    let (_tmp, server) = start();
+    let admin = server.admin();
+    let dir = tempfile::tempdir().unwrap();
+    let (key, csr) = pki::csr("short");
+    let enrolled: Value = admin
+        .post(
+            "/v1/devices",
+            &json!({"id": "short", "csr": csr, "lifetime_seconds": 3}),
+        )
+        .await
+        .unwrap();
+    std::fs::write(
+        dir.path().join("short.crt"),
+        enrolled["chain_pem"].as_str().unwrap(),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("short.key"), key.serialize_pem()).unwrap();
+    std::fs::write(
+        dir.path().join("ca.crt"),
+        enrolled["ca_pem"].as_str().unwrap(),
+    )
+    .unwrap();
+    let creds = Creds::in_dir(dir.path(), "short");
+    let (_c, mut l) = client(server.mqtt, &creds, "short");
+    connected(&mut l).await;
+    let started = Instant::now();
+    let closed = until_closed(&mut l, Duration::from_secs(8)).await;
+    assert!(closed.is_some(), "still connected after expiry");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let log = server.log().join("\n");
+    assert!(log.contains("certificate expired mid-session"), "{log}");
+}
+
+#[tokio::test]
+async fn bad_mqtt_input_is_refused_and_the_server_stays_up() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server =
+        Server::start_with(&tmp.path().join("data"), &["--max-packet-size", "1024"]).unwrap();
+    let dev = server.enroll(tmp.path(), "device", "dev-1");
+    let config = dev.client_config();
+
+    // Garbage instead of CONNECT, an HTTP request, a truncated CONNECT, a
+    // CONNECT for MQTT 3.1 (protocol level 3): each closes without CONNACK.
+    let mut v3 = connect_packet("dev-1");
+    v3[8] = 3;
+    let connect = connect_packet("dev-1");
+    for bytes in [
+        b"\xff\xff\xff\xff\xff".to_vec(),
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+        v3,
+        connect[..connect.len() - 2].to_vec(),
+    ] {
+        let r = probe(server.mqtt, config.clone(), &bytes).await;
+        assert!(
+            matches!(&r, Ok(b) if b.is_empty()) || r.is_err(),
+            "{bytes:?} got {r:?}"
+        );
+    }
+    // A good CONNECT then a malformed packet, and an oversized one.
+    for tail in [
+        vec![0x30, 0x02, 0x00, 0x05], // PUBLISH whose topic is longer than the packet
+        {
+            let mut p = vec![0x30, 0x80, 0x10]; // PUBLISH of 2048 bytes > 1024
+            p.extend(std::iter::repeat_n(0u8, 2048));
+            p
+        },
+    ] {
+        let mut bytes = connect_packet("dev-1");
+        bytes.extend(tail);
+        let r = probe(server.mqtt, config.clone(), &bytes).await.unwrap();
+        assert_eq!(&r[..2], &[0x20, 0x02], "CONNACK first: {r:?}");
+        assert_eq!(r.len(), 4, "then the connection is closed: {r:?}");
+    }
+    // Still serving.
+    let (_c, mut l) = client(server.mqtt, &dev, "dev-1");
+    connected(&mut l).await;
+    let log = server.log().join("\n");
+    assert!(!log.contains("panicked"), "{log}");
+    assert!(log.contains("reason=\"protocol\""), "{log}");
+}
+
+#[tokio::test]
+async fn server_certificate_renewal_applies_to_new_handshakes_only() {
+    let (tmp, server) = start();
+    let dev = server.enroll(tmp.path(), "device", "dev-1");
+    let (c, mut l) = client(server.mqtt, &dev, "dev-1");
+    connected(&mut l).await;
+    let before = server_cert_of(&server, &dev).await;
+    let _: Value = server
+        .admin()
+        .post("/v1/server-certificate/renew", &json!({}))
+        .await
+        .unwrap();
+    let after = server_cert_of(&server, &dev).await;
+    assert_ne!(before, after, "new handshakes see the new certificate");
+    // The open connection carries on.
+    c.subscribe("devices/dev-1/#", QoS::AtMostOnce)
+        .await
+        .unwrap();
+    let ok = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match l.poll().await {
+                Ok(Event::Incoming(Packet::SubAck(_))) => return true,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert!(ok);
+}
+
+async fn server_cert_of(server: &Server, c: &Creds) -> Vec<u8> {
+    let tcp = tokio::net::TcpStream::connect(server.mqtt).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(c.client_config());
+    let name = rustls_pki_types::ServerName::IpAddress(server.mqtt.ip().into());
+    let tls = connector.connect(name, tcp).await.unwrap();
+    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+#[test]
+fn sigterm_closes_connections_and_exits_cleanly() {
+    let (tmp, server) = start();
+    let dev = server.enroll(tmp.path(), "device", "dev-1");
+    let sub = mosquitto("mosquitto_sub", &server, &dev)
+        .args(["-V", "mqttv5", "-t", "devices/dev-1/#", "-W", "20"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    let started = Instant::now();
+    let status = server.terminate();
+    assert!(status.success(), "{status}");
+    let out = sub.wait_with_output().unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "subscriber was not disconnected by shutdown"
+    );
+    let _ = out;
+}
