@@ -218,7 +218,11 @@ impl Broker {
         let router = Router::new(
             0,
             RouterConfig {
-                max_connections: cfg.max_connections + 16,
+                // The router never answers a link it has no room for (the
+                // builder would wait forever), and sessions that just closed
+                // hold their slot until the router processes their
+                // DISCONNECT: room for every live session twice over.
+                max_connections: cfg.max_connections * 2 + 64,
                 max_outgoing_packet_count: 200,
                 max_segment_size: 100 * 1024 * 1024,
                 max_segment_count: 10,

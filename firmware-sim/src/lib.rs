@@ -1,0 +1,3 @@
+//! The simulated fleet and load generator behind `firmware-sim`.
+
+pub mod load;

@@ -1,0 +1,309 @@
+//! Load generation against any MQTT-over-mutual-TLS broker: fleetgate,
+//! rumqttd, Mosquitto. The same bytes and the same certificates for each,
+//! so their figures can stand side by side.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
+use rustls::client::Resumption;
+use rustls::ClientConfig;
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Where the broker is and which credentials to use.
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub broker: SocketAddr,
+    pub ca: PathBuf,
+    /// Holds `<id>.crt` and `<id>.key` for every id used.
+    pub creds: PathBuf,
+}
+
+impl Target {
+    /// A TLS config for `id` with session resumption off: every connect is
+    /// a full handshake.
+    pub fn tls(&self, id: &str) -> anyhow::Result<Arc<ClientConfig>> {
+        broker::tls::install_crypto_provider();
+        let cert = self.creds.join(format!("{id}.crt"));
+        let key = self.creds.join(format!("{id}.key"));
+        let config = broker::tls::client_config(&self.ca, Some((&cert, &key)))?;
+        let mut config = Arc::unwrap_or_clone(config);
+        config.resumption = Resumption::disabled();
+        Ok(Arc::new(config))
+    }
+}
+
+/// Summary of a connect run.
+#[derive(Debug)]
+pub struct ConnectReport {
+    pub connects: usize,
+    pub failures: usize,
+    pub elapsed: Duration,
+    pub latencies: Vec<Duration>,
+}
+
+impl ConnectReport {
+    pub fn per_second(&self) -> f64 {
+        self.connects as f64 / self.elapsed.as_secs_f64()
+    }
+
+    pub fn percentile(&self, p: f64) -> Duration {
+        percentile(&self.latencies, p)
+    }
+}
+
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// `total` full connects (TCP, TLS handshake, CONNECT, CONNACK, DISCONNECT)
+/// spread over `ids.len()` workers, one device identity each.
+pub async fn connect_storm(
+    target: &Target,
+    ids: &[String],
+    total: usize,
+) -> anyhow::Result<ConnectReport> {
+    if ids.is_empty() {
+        bail!("no device ids");
+    }
+    let left = Arc::new(AtomicU64::new(total as u64));
+    let failures = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut workers = tokio::task::JoinSet::new();
+    for id in ids {
+        let config = target.tls(id)?;
+        let connect = mqtt_connect(id);
+        let (addr, left, failures) = (target.broker, left.clone(), failures.clone());
+        workers.spawn(async move {
+            let mut latencies = Vec::new();
+            while left
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                let t = Instant::now();
+                match one_connect(addr, config.clone(), &connect).await {
+                    Ok(()) => latencies.push(t.elapsed()),
+                    Err(_) => {
+                        failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            latencies
+        });
+    }
+    let mut latencies = Vec::with_capacity(total);
+    while let Some(r) = workers.join_next().await {
+        latencies.extend(r.context("connect worker")?);
+    }
+    let elapsed = started.elapsed();
+    latencies.sort();
+    Ok(ConnectReport {
+        connects: latencies.len(),
+        failures: failures.load(Ordering::Relaxed) as usize,
+        elapsed,
+        latencies,
+    })
+}
+
+/// An MQTT 3.1.1 CONNECT: clean session, keep-alive 30 s.
+fn mqtt_connect(client_id: &str) -> Vec<u8> {
+    let id = client_id.as_bytes();
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 30];
+    body.extend_from_slice(&(id.len() as u16).to_be_bytes());
+    body.extend_from_slice(id);
+    let mut p = vec![0x10, body.len() as u8];
+    p.extend(body);
+    p
+}
+
+async fn one_connect(
+    addr: SocketAddr,
+    config: Arc<ClientConfig>,
+    connect: &[u8],
+) -> anyhow::Result<()> {
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let name = ServerName::IpAddress(addr.ip().into());
+    let mut tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await?;
+    tls.write_all(connect).await?;
+    let mut connack = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(10), tls.read_exact(&mut connack)).await??;
+    if connack[0] != 0x20 || connack[3] != 0 {
+        bail!("refused: CONNACK {connack:02x?}");
+    }
+    tls.write_all(&[0xe0, 0x00]).await?;
+    let _ = tls.shutdown().await;
+    Ok(())
+}
+
+/// Summary of a publish run.
+#[derive(Debug)]
+pub struct PublishReport {
+    pub sent: u64,
+    pub received: u64,
+    pub elapsed: Duration,
+}
+
+impl PublishReport {
+    pub fn per_second(&self) -> f64 {
+        self.received as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+fn mqtt_client(
+    target: &Target,
+    id: &str,
+    inflight: u16,
+) -> anyhow::Result<(AsyncClient, rumqttc::EventLoop)> {
+    let mut opts = MqttOptions::new(id, target.broker.ip().to_string(), target.broker.port());
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_inflight(inflight);
+    opts.set_max_packet_size(1 << 20, 1 << 20);
+    opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+        target.tls(id)?,
+    )));
+    Ok(AsyncClient::new(opts, 1024))
+}
+
+/// `publishers` devices each publish `messages` of `size` bytes to
+/// `devices/<id>/telemetry` at `qos`; `subscriber` (a service identity)
+/// receives them on `devices/+/telemetry`. Throughput is what arrives.
+pub async fn publish_run(
+    target: &Target,
+    publishers: &[String],
+    subscriber: &str,
+    messages: u64,
+    size: usize,
+    qos: QoS,
+) -> anyhow::Result<PublishReport> {
+    let expected = messages * publishers.len() as u64;
+    let (sub, mut sub_loop) = mqtt_client(target, subscriber, 1000)?;
+    await_connack(&mut sub_loop).await?;
+    sub.subscribe("devices/+/telemetry", qos).await?;
+    loop {
+        match sub_loop.poll().await? {
+            Event::Incoming(Packet::SubAck(_)) => break,
+            _ => continue,
+        }
+    }
+    let received = Arc::new(AtomicU64::new(0));
+    let counter = {
+        let received = received.clone();
+        tokio::spawn(async move {
+            let mut last = Instant::now();
+            loop {
+                match tokio::time::timeout(Duration::from_secs(3), sub_loop.poll()).await {
+                    Ok(Ok(Event::Incoming(Packet::Publish(_)))) => {
+                        last = Instant::now();
+                        if received.fetch_add(1, Ordering::Relaxed) + 1 >= expected {
+                            return last;
+                        }
+                    }
+                    Ok(Ok(_)) => {}
+                    Ok(Err(_)) | Err(_) => return last,
+                }
+            }
+        })
+    };
+
+    let payload = vec![b'x'; size];
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for id in publishers {
+        let (client, mut eventloop) = mqtt_client(target, id, 100)?;
+        await_connack(&mut eventloop).await?;
+        let topic = format!("devices/{id}/telemetry");
+        let payload = payload.clone();
+        tasks.spawn(async move {
+            let driver = tokio::spawn(async move {
+                let mut acked = 0u64;
+                loop {
+                    match eventloop.poll().await {
+                        Ok(Event::Incoming(Packet::PubAck(_))) => {
+                            acked += 1;
+                            if acked >= messages {
+                                return;
+                            }
+                        }
+                        Ok(Event::Outgoing(rumqttc::Outgoing::Publish(_)))
+                            if qos == QoS::AtMostOnce =>
+                        {
+                            acked += 1;
+                            if acked >= messages {
+                                // Let the last writes leave.
+                                let _ = tokio::time::timeout(
+                                    Duration::from_millis(200),
+                                    eventloop.poll(),
+                                )
+                                .await;
+                                return;
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(_) => return,
+                    }
+                }
+            });
+            for _ in 0..messages {
+                if client
+                    .publish(&topic, qos, false, payload.clone())
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+            let _ = driver.await;
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    let last = counter.await.context("subscriber")?;
+    let elapsed = last
+        .saturating_duration_since(started)
+        .max(Duration::from_millis(1));
+    Ok(PublishReport {
+        sent: expected,
+        received: received.load(Ordering::Relaxed),
+        elapsed,
+    })
+}
+
+async fn await_connack(eventloop: &mut rumqttc::EventLoop) -> anyhow::Result<()> {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), eventloop.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => return Ok(()),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(anyhow!("connect failed: {e}")),
+            Err(_) => bail!("no CONNACK within 10 s"),
+        }
+    }
+}
+
+/// Ids `<prefix>0 .. <prefix>(n-1)`.
+pub fn ids(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}{i}")).collect()
+}
+
+/// Checks that the credentials for every id are present.
+pub fn check_creds(dir: &Path, ids: &[String]) -> anyhow::Result<()> {
+    for id in ids {
+        for ext in ["crt", "key"] {
+            let p = dir.join(format!("{id}.{ext}"));
+            if !p.exists() {
+                bail!("{} is missing", p.display());
+            }
+        }
+    }
+    Ok(())
+}
