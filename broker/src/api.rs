@@ -24,6 +24,7 @@ use tokio::sync::broadcast;
 use crate::https::{PeerAddr, PeerCert};
 use crate::metrics::{Metrics, Snapshot};
 use crate::mqtt::Broker;
+use crate::status::StatusService;
 use crate::tls::ServerTls;
 
 /// Request bodies larger than this are refused with 413.
@@ -48,6 +49,7 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub tls: Arc<ServerTls>,
     pub broker: Broker,
+    pub status: Arc<StatusService>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -331,7 +333,14 @@ impl AppState {
         }
     }
 
+    /// After any registry write: cached OCSP answers and the CRL are stale.
+    fn changed(&self) {
+        self.status.invalidate();
+    }
+
+    /// After a write that live sessions must follow.
     fn publish(&self, change: Change) {
+        self.changed();
         // No receivers is fine: nothing is connected.
         let _ = self.changes.send(change);
     }
@@ -367,6 +376,7 @@ async fn enroll(
         Ok((auth.registry.device_view(&d.id)?, c))
     })
     .await?;
+    st.changed();
     Ok((
         StatusCode::CREATED,
         Json(Enrolled {
@@ -403,6 +413,7 @@ async fn rotate(
         Ok((auth.registry.device_view(&d.id)?, c))
     })
     .await?;
+    st.changed();
     Ok((
         StatusCode::CREATED,
         Json(Enrolled {
@@ -478,6 +489,7 @@ async fn resume(
         auth.registry.device_view(&id)
     })
     .await?;
+    st.changed();
     Ok(Json(view))
 }
 

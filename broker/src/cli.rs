@@ -68,6 +68,13 @@ struct ServeArgs {
     /// MQTT address (TLS only, client certificates required).
     #[arg(long, default_value = "127.0.0.1:8883")]
     mqtt_listen: SocketAddr,
+    /// OCSP responder and CRL address (plain HTTP).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    ocsp_listen: SocketAddr,
+    /// Public base URL of the OCSP/CRL service, written into issued
+    /// certificates (default: http://OCSP_LISTEN).
+    #[arg(long)]
+    public_url: Option<String>,
     /// Largest MQTT packet accepted, in bytes.
     #[arg(long, default_value_t = 256 * 1024)]
     max_packet_size: usize,
@@ -262,6 +269,8 @@ async fn serve_cmd(args: ServeArgs) -> ExitCode {
         data_dir: args.data_dir,
         api_listen: args.api_listen,
         mqtt_listen: args.mqtt_listen,
+        ocsp_listen: args.ocsp_listen,
+        public_url: args.public_url,
         server_sans: args.sans,
         cert_lifetime: time::Duration::days(args.cert_lifetime_days.into()),
         limits: https::Limits::default(),
@@ -287,9 +296,10 @@ async fn serve_cmd(args: ServeArgs) -> ExitCode {
     };
     // One machine-readable line on stdout once every listener is bound.
     println!(
-        "listening api={} mqtt={}",
+        "listening api={} mqtt={} ocsp={}",
         server.api_addr(),
-        server.mqtt_addr()
+        server.mqtt_addr(),
+        server.ocsp_addr()
     );
     match server.run(shutdown).await {
         Ok(()) => ExitCode::SUCCESS,

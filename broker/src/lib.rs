@@ -9,4 +9,5 @@ pub mod metrics;
 pub mod mqtt;
 pub mod net;
 pub mod serve;
+pub mod status;
 pub mod tls;

@@ -69,6 +69,7 @@ pub struct Metrics {
     pub sessions: AtomicU64,
     pub kicked: AtomicU64,
     pub taken_over: AtomicU64,
+    pub ocsp_responses: AtomicU64,
     refusals: [AtomicU64; Refusal::ALL.len()],
 }
 
@@ -79,6 +80,7 @@ pub struct Snapshot {
     pub sessions: u64,
     pub kicked: u64,
     pub taken_over: u64,
+    pub ocsp_responses: u64,
     pub refusals: std::collections::BTreeMap<&'static str, u64>,
 }
 
@@ -95,6 +97,7 @@ impl Metrics {
             sessions: self.sessions.load(Ordering::Relaxed),
             kicked: self.kicked.load(Ordering::Relaxed),
             taken_over: self.taken_over.load(Ordering::Relaxed),
+            ocsp_responses: self.ocsp_responses.load(Ordering::Relaxed),
             refusals: Refusal::ALL
                 .iter()
                 .zip(&self.refusals)

@@ -14,6 +14,7 @@ use crate::api::{self, AppState};
 use crate::https;
 use crate::metrics::Metrics;
 use crate::mqtt::{Broker, MqttConfig};
+use crate::status::{self, StatusService};
 use crate::tls::ServerTls;
 
 /// How often the server certificate's expiry is checked.
@@ -24,6 +25,10 @@ pub struct ServeConfig {
     pub data_dir: PathBuf,
     pub api_listen: SocketAddr,
     pub mqtt_listen: SocketAddr,
+    pub ocsp_listen: SocketAddr,
+    /// Base URL written into certificates for OCSP and CRLs; default
+    /// `http://<ocsp listen address>`.
+    pub public_url: Option<String>,
     pub server_sans: Vec<String>,
     pub cert_lifetime: time::Duration,
     pub limits: https::Limits,
@@ -37,19 +42,40 @@ pub struct Server {
     auth: Arc<Authority>,
     api: TcpListener,
     mqtt: TcpListener,
+    ocsp: TcpListener,
+    metrics: Arc<Metrics>,
+    status: Arc<StatusService>,
 }
 
 impl Server {
     /// Opens (or creates) the data dir and binds every listener. Errors here
     /// are configuration errors.
     pub async fn bind(cfg: ServeConfig) -> anyhow::Result<Self> {
+        // Bound first: its address goes into the certificates we issue.
+        let ocsp = TcpListener::bind(cfg.ocsp_listen)
+            .await
+            .with_context(|| format!("binding OCSP/CRL to {}", cfg.ocsp_listen))?;
+        let status_url = match &cfg.public_url {
+            Some(u) => u.trim_end_matches('/').to_owned(),
+            None => format!("http://{}", ocsp.local_addr()?),
+        };
         let dir = cfg.data_dir.clone();
         let opts = InitOptions {
             server_sans: cfg.server_sans.clone(),
+            status_url: Some(status_url),
         };
-        let auth = tokio::task::spawn_blocking(move || Authority::open_or_init(&dir, &opts))
-            .await
-            .context("opening the data dir")??;
+        let metrics = Arc::new(Metrics::default());
+        let (auth, status) = tokio::task::spawn_blocking({
+            let metrics = metrics.clone();
+            move || -> anyhow::Result<_> {
+                let auth = Arc::new(Authority::open_or_init(&dir, &opts)?);
+                let status = StatusService::new(auth.clone(), metrics)
+                    .context("setting up the OCSP responder")?;
+                Ok((auth, Arc::new(status)))
+            }
+        })
+        .await
+        .context("opening the data dir")??;
         let api = TcpListener::bind(cfg.api_listen)
             .await
             .with_context(|| format!("binding the admin API to {}", cfg.api_listen))?;
@@ -58,9 +84,12 @@ impl Server {
             .with_context(|| format!("binding MQTT to {}", cfg.mqtt_listen))?;
         Ok(Self {
             cfg,
-            auth: Arc::new(auth),
+            auth,
             api,
             mqtt,
+            ocsp,
+            metrics,
+            status,
         })
     }
 
@@ -73,17 +102,22 @@ impl Server {
         self.mqtt.local_addr().unwrap_or(self.cfg.mqtt_listen)
     }
 
+    pub fn ocsp_addr(&self) -> SocketAddr {
+        self.ocsp.local_addr().unwrap_or(self.cfg.ocsp_listen)
+    }
+
     pub fn authority(&self) -> &Arc<Authority> {
         &self.auth
     }
 
     /// Serves until `shutdown` turns true, then drains and flushes.
     pub async fn run(self, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
-        let metrics = Arc::new(Metrics::default());
+        let metrics = self.metrics.clone();
         let tls = Arc::new(ServerTls::load(&self.auth, metrics.clone())?);
         let broker = Broker::new(
             self.auth.registry.clone(),
             metrics.clone(),
+            self.status.clone(),
             self.cfg.mqtt.clone(),
         );
         let (changes, changes_rx) = broadcast::channel(4096);
@@ -94,10 +128,12 @@ impl Server {
             metrics,
             tls: tls.clone(),
             broker: broker.clone(),
+            status: self.status.clone(),
         };
         tracing::info!(
             api = %self.api_addr(),
             mqtt = %self.mqtt_addr(),
+            ocsp = %self.ocsp_addr(),
             devices = self.auth.registry.device_count(),
             "serving"
         );
@@ -112,6 +148,22 @@ impl Server {
             self.cfg.server_sans.clone(),
             shutdown.clone(),
         ));
+        let ocsp = {
+            let mut shutdown = shutdown.clone();
+            let app = status::router(self.status.clone());
+            let listener = self.ocsp;
+            tokio::spawn(async move {
+                let stop = async move {
+                    let _ = shutdown.wait_for(|s| *s).await;
+                };
+                if let Err(e) = axum::serve(listener, app)
+                    .with_graceful_shutdown(stop)
+                    .await
+                {
+                    tracing::error!(error = %e, "ocsp listener failed");
+                }
+            })
+        };
         let mqtt = {
             let broker = broker.clone();
             let rx = tls.mqtt();
@@ -130,6 +182,7 @@ impl Server {
         .await;
         // The API is down: nothing publishes changes any more.
         let _ = mqtt.await;
+        let _ = ocsp.await;
         follower.abort();
         upkeep.abort();
         let auth = self.auth.clone();

@@ -14,7 +14,14 @@ fn a_data_dir_that_is_not_ours_exits_64() {
     let tmp = tempfile::tempdir().unwrap();
     std::fs::write(tmp.path().join("notes.txt"), "hello").unwrap();
     let out = fleetgate()
-        .args(["serve", "--api-listen", "127.0.0.1:0", "--data-dir"])
+        .args([
+            "serve",
+            "--api-listen",
+            "127.0.0.1:0",
+            "--mqtt-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--ocsp-listen", "127.0.0.1:0", "--data-dir"])
         .arg(tmp.path())
         .output()
         .unwrap();
@@ -29,7 +36,14 @@ fn a_port_in_use_exits_64() {
     let addr = taken.local_addr().unwrap().to_string();
     let tmp = tempfile::tempdir().unwrap();
     let out = fleetgate()
-        .args(["serve", "--api-listen", &addr, "--data-dir"])
+        .args([
+            "serve",
+            "--api-listen",
+            &addr,
+            "--mqtt-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--ocsp-listen", "127.0.0.1:0", "--data-dir"])
         .arg(tmp.path().join("data"))
         .output()
         .unwrap();

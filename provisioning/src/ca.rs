@@ -9,6 +9,8 @@
 //!   ca/issuing.key           0600
 //!   server.crt, server.key   the listeners' certificate (+ issuing CA), 0600 key
 //!   admin.crt, admin.key     the first operator's credentials, 0600 key
+//!   ocsp/signer.crt, .key    the delegated OCSP responder (made on demand,
+//!                            renewed a week before it expires), 0600 key
 //!   registry/                sled
 //! ```
 //!
@@ -94,6 +96,12 @@ impl Paths {
     pub fn registry(&self) -> PathBuf {
         self.dir.join("registry")
     }
+    pub fn ocsp_cert(&self) -> PathBuf {
+        self.dir.join("ocsp/signer.crt")
+    }
+    pub fn ocsp_key(&self) -> PathBuf {
+        self.dir.join("ocsp/signer.key")
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -108,6 +116,9 @@ struct Marker {
 pub struct InitOptions {
     /// Extra SANs for the server certificate, beyond localhost and 127.0.0.1.
     pub server_sans: Vec<String>,
+    /// The public base URL of the OCSP/CRL service (`http://host:port`),
+    /// written into issued certificates' AIA and CRL Distribution Points.
+    pub status_url: Option<String>,
 }
 
 /// A certificate the CA just issued.
@@ -131,7 +142,17 @@ pub struct Ca {
     issuing_der: CertificateDer<'static>,
     issuing_pem: String,
     issuing_name: String,
+    status_url: Option<String>,
 }
+
+/// The name of fleetgate's own issuing CA in status URLs (`/crl/issuing.crl`).
+pub const ISSUING_CRL_NAME: &str = "issuing";
+
+/// Lifetime of the delegated OCSP signing certificate.
+const OCSP_SIGNER_LIFETIME: Duration = Duration::days(30);
+const OCSP_SIGNER_RENEW_BEFORE: Duration = Duration::days(7);
+/// CRLs are valid this long; re-signed on every change and at least daily.
+pub const CRL_VALIDITY: Duration = Duration::days(2);
 
 impl std::fmt::Debug for Ca {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -228,7 +249,59 @@ impl Ca {
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        if let Some(url) = &self.status_url {
+            params.crl_distribution_points = vec![rcgen::CrlDistributionPoint {
+                uris: vec![format!("{url}/crl/{ISSUING_CRL_NAME}.crl")],
+            }];
+            params.custom_extensions = vec![aia_ocsp(url)];
+        }
         self.sign_leaf(params, key, lifetime)
+    }
+
+    /// The delegated OCSP responder certificate: EKU OCSPSigning and
+    /// id-pkix-ocsp-nocheck, signed by the issuing CA.
+    fn issue_ocsp_signer(&self, key: &KeyPair) -> Result<IssuedCert, Error> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "fleetgate OCSP responder");
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::OcspSigning];
+        // id-pkix-ocsp-nocheck, value NULL.
+        params.custom_extensions = vec![rcgen::CustomExtension::from_oid_content(
+            &[1, 3, 6, 1, 5, 5, 7, 48, 1, 5],
+            vec![0x05, 0x00],
+        )];
+        self.sign_leaf(params, key, OCSP_SIGNER_LIFETIME)
+    }
+
+    /// A CRL for the issuing CA listing `listed`, numbered `number`.
+    pub fn crl(&self, listed: &[crate::registry::Listed], number: u64) -> Result<Vec<u8>, Error> {
+        let now = OffsetDateTime::now_utc()
+            .replace_nanosecond(0)
+            .unwrap_or_else(|_| OffsetDateTime::now_utc());
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: now,
+            next_update: now + CRL_VALIDITY,
+            crl_number: rcgen::SerialNumber::from_slice(&number.to_be_bytes()),
+            issuing_distribution_point: None,
+            revoked_certs: listed
+                .iter()
+                .map(|l| rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from_slice(l.serial.as_bytes()),
+                    revocation_time: l.at,
+                    reason_code: Some(match l.reason {
+                        None => rcgen::RevocationReason::CertificateHold,
+                        Some(r) => rcgen_reason(r),
+                    }),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        Ok(params.signed_by(&self.issuing)?.der().to_vec())
     }
 
     fn sign_leaf(
@@ -352,7 +425,7 @@ impl Authority {
         write_file(&paths.issuing_cert(), issuing_cert.pem().as_bytes(), false)?;
         write_file(&paths.ca_cert(), root_cert.pem().as_bytes(), false)?;
 
-        let ca = load_ca(&paths)?;
+        let ca = load_ca(&paths, opts.status_url.clone())?;
         let registry = Registry::open(&paths.registry())?;
         let auth = Self {
             paths,
@@ -419,7 +492,7 @@ impl Authority {
         ] {
             check_private(&key)?;
         }
-        let ca = load_ca(&paths)?;
+        let ca = load_ca(&paths, opts.status_url.clone())?;
         let registry = Registry::open(&paths.registry())?;
         let auth = Self {
             paths,
@@ -447,6 +520,57 @@ impl Authority {
         self.write_server_cert(&all)?;
         tracing::info!(sans = ?all, "renewed the server certificate");
         Ok(true)
+    }
+
+    /// The OCSP responder for the issuing CA, its signing certificate made
+    /// or renewed as needed.
+    pub fn ocsp_responder(&self) -> Result<crate::ocsp::Responder, Error> {
+        let fresh = match (read(&self.paths.ocsp_cert()), read(&self.paths.ocsp_key())) {
+            (Ok(cert), Ok(key)) => {
+                let der = CertificateDer::from_pem_slice(&cert).map_err(|e| Error::DataDir {
+                    path: self.paths.ocsp_cert(),
+                    reason: format!("no certificate in it: {e}"),
+                })?;
+                let (_, parsed) = X509Certificate::from_der(&der).map_err(|e| Error::DataDir {
+                    path: self.paths.ocsp_cert(),
+                    reason: format!("does not parse: {e}"),
+                })?;
+                let left = parsed.validity().not_after.to_datetime() - OffsetDateTime::now_utc();
+                let key = String::from_utf8(key)
+                    .ok()
+                    .and_then(|k| KeyPair::from_pem(&k).ok());
+                match key {
+                    Some(key) if left > OCSP_SIGNER_RENEW_BEFORE => Some((key, der.to_vec())),
+                    _ => None,
+                }
+            }
+            _ => None,
+        };
+        let (key, der) = match fresh {
+            Some(x) => x,
+            None => {
+                let key = KeyPair::generate()?;
+                let cert = self.ca.issue_ocsp_signer(&key)?;
+                fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(self.paths.dir.join("ocsp"))
+                    .map_err(|e| io(&self.paths.dir, e))?;
+                write_file(&self.paths.ocsp_key(), key.serialize_pem().as_bytes(), true)?;
+                write_file(&self.paths.ocsp_cert(), cert.chain_pem.as_bytes(), false)?;
+                tracing::info!(serial = %cert.serial, "issued a new OCSP signing certificate");
+                (key, cert.der)
+            }
+        };
+        let issuers = vec![crate::ocsp::IssuerHashes::from_cert(self.ca.issuing_der())?];
+        crate::ocsp::Responder::new(issuers, key, &der)
+    }
+
+    /// A freshly signed CRL of the issuing CA (DER).
+    pub fn issuing_crl(&self) -> Result<Vec<u8>, Error> {
+        let listed = self.registry.revoked_by_issuer(&self.ca.issuing_name)?;
+        let number = self.registry.next_crl_number(ISSUING_CRL_NAME)?;
+        self.ca.crl(&listed, number)
     }
 
     /// Reissues the server certificate now, with a new key and the same SANs.
@@ -541,7 +665,7 @@ fn ca_params(cn: &str, path_len: u8, now: OffsetDateTime, lifetime: Duration) ->
     p
 }
 
-fn load_ca(paths: &Paths) -> Result<Ca, Error> {
+fn load_ca(paths: &Paths, status_url: Option<String>) -> Result<Ca, Error> {
     let (root_der, root_pem) = read_cert(&paths.ca_cert())?;
     let (issuing_der, issuing_pem) = read_cert(&paths.issuing_cert())?;
     let issuing_key = read_key(&paths.issuing_key())?;
@@ -568,7 +692,45 @@ fn load_ca(paths: &Paths) -> Result<Ca, Error> {
         issuing_der,
         issuing_pem,
         issuing_name,
+        status_url,
     })
+}
+
+fn rcgen_reason(r: crate::RevocationReason) -> rcgen::RevocationReason {
+    use crate::RevocationReason as R;
+    match r {
+        R::Unspecified => rcgen::RevocationReason::Unspecified,
+        R::KeyCompromise => rcgen::RevocationReason::KeyCompromise,
+        R::CaCompromise => rcgen::RevocationReason::CaCompromise,
+        R::AffiliationChanged => rcgen::RevocationReason::AffiliationChanged,
+        R::Superseded => rcgen::RevocationReason::Superseded,
+        R::CessationOfOperation => rcgen::RevocationReason::CessationOfOperation,
+        R::PrivilegeWithdrawn => rcgen::RevocationReason::PrivilegeWithdrawn,
+        R::AaCompromise => rcgen::RevocationReason::AaCompromise,
+    }
+}
+
+/// Authority Information Access with one OCSP responder URL (RFC 5280
+/// 4.2.2.1): SEQUENCE { SEQUENCE { id-ad-ocsp, [6] IA5String } }.
+fn aia_ocsp(url: &str) -> rcgen::CustomExtension {
+    fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
+        let mut out = vec![tag];
+        let n = content.len();
+        if n < 0x80 {
+            out.push(n as u8);
+        } else if n < 0x100 {
+            out.extend_from_slice(&[0x81, n as u8]);
+        } else {
+            out.extend_from_slice(&[0x82, (n >> 8) as u8, n as u8]);
+        }
+        out.extend_from_slice(content);
+        out
+    }
+    const ID_AD_OCSP: [u8; 10] = [0x06, 0x08, 0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x30, 0x01];
+    let mut access = ID_AD_OCSP.to_vec();
+    access.extend(tlv(0x86, url.as_bytes()));
+    let der = tlv(0x30, &tlv(0x30, &access));
+    rcgen::CustomExtension::from_oid_content(&[1, 3, 6, 1, 5, 5, 7, 1, 1], der)
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, Error> {

@@ -8,6 +8,7 @@ pub mod ca;
 pub mod csr;
 mod error;
 pub mod id;
+pub mod ocsp;
 pub mod registry;
 
 pub use ca::{Authority, Ca, InitOptions, IssuedCert, DEFAULT_CERT_LIFETIME};

@@ -272,6 +272,16 @@ pub struct Registry {
     fingerprints: sled::Tree,
     by_status: sled::Tree,
     audit: sled::Tree,
+    meta: sled::Tree,
+}
+
+/// A certificate a CRL lists: revoked, or on hold while its device is
+/// suspended (`reason` None means certificateHold).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Listed {
+    pub serial: Serial,
+    pub at: OffsetDateTime,
+    pub reason: Option<RevocationReason>,
 }
 
 impl fmt::Debug for Registry {
@@ -435,6 +445,7 @@ impl Registry {
             fingerprints: db.open_tree("fingerprints")?,
             by_status: db.open_tree("by_status")?,
             audit: db.open_tree("audit")?,
+            meta: db.open_tree("meta")?,
             db,
         })
     }
@@ -820,6 +831,58 @@ impl Registry {
             None
         };
         Ok(Page { items, next })
+    }
+
+    /// Every unexpired certificate of `issuer` that is revoked or on hold.
+    pub fn revoked_by_issuer(&self, issuer: &str) -> Result<Vec<Listed>, Error> {
+        let now = OffsetDateTime::now_utc();
+        let mut out = Vec::new();
+        for kv in self.certs.iter() {
+            let (_, v) = kv?;
+            let c: CertRecord = decode("certificate", &v)?;
+            if c.issuer != issuer || c.not_after < now {
+                continue;
+            }
+            let listed = match (c.revocation, c.device_status) {
+                (Some(r), _) => Some((r.at, Some(r.reason))),
+                (None, Status::Revoked) => {
+                    let d = self.device(&c.device_id)?;
+                    let r = d.revocation.unwrap_or(Revocation {
+                        reason: RevocationReason::Unspecified,
+                        at: d.updated_at,
+                    });
+                    Some((r.at, Some(r.reason)))
+                }
+                (None, Status::Suspended) => Some((self.device(&c.device_id)?.updated_at, None)),
+                (None, Status::Active) => None,
+            };
+            if let Some((at, reason)) = listed {
+                out.push(Listed {
+                    serial: c.serial,
+                    at,
+                    reason,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// The next CRL number for `issuer`, durable before it is returned so
+    /// that numbers only ever increase.
+    pub fn next_crl_number(&self, issuer: &str) -> Result<u64, Error> {
+        let key = format!("crl-number/{issuer}");
+        let n = self
+            .meta
+            .update_and_fetch(key.as_bytes(), |old| {
+                let prev = old
+                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    .map_or(0, u64::from_be_bytes);
+                Some(prev.saturating_add(1).to_be_bytes().to_vec())
+            })?
+            .and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
+            .map_or(1, u64::from_be_bytes);
+        self.db.flush()?;
+        Ok(n)
     }
 
     pub fn device_count(&self) -> usize {

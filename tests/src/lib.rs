@@ -44,6 +44,7 @@ pub struct Server {
     child: Child,
     pub api: SocketAddr,
     pub mqtt: SocketAddr,
+    pub ocsp: SocketAddr,
     pub data_dir: PathBuf,
     stderr: mpsc::Receiver<String>,
     seen: std::cell::RefCell<Vec<String>>,
@@ -65,6 +66,8 @@ impl Server {
                 "--api-listen",
                 "127.0.0.1:0",
                 "--mqtt-listen",
+                "127.0.0.1:0",
+                "--ocsp-listen",
                 "127.0.0.1:0",
             ])
             .args(extra)
@@ -114,11 +117,16 @@ impl Server {
         Ok(Self {
             api: addr("api=")?,
             mqtt: addr("mqtt=")?,
+            ocsp: addr("ocsp=")?,
             child,
             data_dir: data_dir.to_owned(),
             stderr: err_rx,
             seen: Default::default(),
         })
+    }
+
+    pub fn ocsp_url(&self) -> String {
+        format!("http://{}", self.ocsp)
     }
 
     pub fn api_url(&self) -> String {

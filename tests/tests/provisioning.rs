@@ -462,7 +462,14 @@ fn graceful_stop_then_restart_and_refusal_of_a_broken_data_dir() {
 
 fn exit_code_of_serve(data: &Path) -> Option<i32> {
     Command::new(tests::fleetgate_bin())
-        .args(["serve", "--api-listen", "127.0.0.1:0", "--data-dir"])
+        .args([
+            "serve",
+            "--api-listen",
+            "127.0.0.1:0",
+            "--mqtt-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--ocsp-listen", "127.0.0.1:0", "--data-dir"])
         .arg(data)
         .output()
         .unwrap()

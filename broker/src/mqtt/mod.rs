@@ -32,6 +32,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::api::Change;
 use crate::metrics::{Metrics, Refusal};
 use crate::net::{Accepted, Acceptor};
+use crate::status::StatusService;
 
 pub use session::Peer;
 
@@ -84,6 +85,7 @@ pub(crate) struct Shared {
     links: LinkFactory,
     registry: Registry,
     metrics: Arc<Metrics>,
+    status: Arc<StatusService>,
     sessions: Sessions,
     cfg: MqttConfig,
 }
@@ -214,7 +216,12 @@ pub struct Broker {
 
 impl Broker {
     /// Starts rumqttd's router (on its own thread).
-    pub fn new(registry: Registry, metrics: Arc<Metrics>, cfg: MqttConfig) -> Self {
+    pub fn new(
+        registry: Registry,
+        metrics: Arc<Metrics>,
+        status: Arc<StatusService>,
+        cfg: MqttConfig,
+    ) -> Self {
         let router = Router::new(
             0,
             RouterConfig {
@@ -244,6 +251,7 @@ impl Broker {
                 links,
                 registry,
                 metrics,
+                status,
                 sessions: Sessions::default(),
                 cfg,
             }),

@@ -19,7 +19,8 @@ use rumqttd::protocol::v4::V4;
 use rumqttd::protocol::v5::V5;
 use rumqttd::protocol::{
     ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode, LastWill,
-    Packet, PingResp, Protocol, Publish, SubAck, SubscribeReasonCode,
+    Packet, PingResp, Protocol, PubAck, PubAckReason, Publish, PublishProperties, SubAck,
+    SubscribeReasonCode,
 };
 use rumqttd::Notification;
 use time::OffsetDateTime;
@@ -31,6 +32,7 @@ use tokio_rustls::server::TlsStream;
 use super::acl::{sniff_connect, Acl, ConnectSniff};
 use super::{Kick, Shared};
 use crate::metrics::Refusal;
+use crate::status::StatusService;
 
 /// What the TLS handshake established.
 #[derive(Debug, Clone)]
@@ -139,7 +141,12 @@ struct Session {
     /// SUBSCRIBEs sent to the router with some filters refused here: the
     /// refused positions, to merge into the router's SUBACK.
     pending_subacks: HashMap<u16, Vec<Option<SubscribeReasonCode>>>,
+    status: Arc<StatusService>,
 }
+
+/// The MQTT 5 topic for OCSP requests; the answer goes to the request's
+/// response topic. (On 3.1.1, `devices/<id>/ocsp/request` and `.../response`.)
+pub const OCSP_TOPIC: &str = "$fleetgate/ocsp/request";
 
 /// Runs one connection to its end.
 pub(super) async fn run(
@@ -167,6 +174,7 @@ async fn session(
         acl: Acl::new(&peer.identity),
         peer,
         pending_subacks: HashMap::new(),
+        status: shared.status.clone(),
     };
 
     // CONNECT, within the connect timeout.
@@ -471,6 +479,20 @@ impl Session {
             match packet {
                 Packet::Publish(p, props) => {
                     let topic = String::from_utf8_lossy(&p.topic).into_owned();
+                    match self.ocsp_reply_to(&topic, props.as_ref()) {
+                        None => {}
+                        Some(Ok((reply_topic, correlation))) => {
+                            if let Err(e) = self.answer_ocsp(&p, reply_topic, correlation) {
+                                end = Some(End::Protocol(e));
+                                break;
+                            }
+                            continue;
+                        }
+                        Some(Err(why)) => {
+                            end = Some(End::Acl(why));
+                            break;
+                        }
+                    }
                     if let Err(why) = self.acl.can_publish(&topic) {
                         end = Some(End::Acl(why.to_string()));
                         break;
@@ -552,6 +574,63 @@ impl Session {
             return Some(End::Closed(e));
         }
         end
+    }
+
+    /// Where the answer to an OCSP request published on `topic` goes, if
+    /// `topic` is a status request topic.
+    fn ocsp_reply_to(
+        &self,
+        topic: &str,
+        props: Option<&PublishProperties>,
+    ) -> Option<Result<(String, Option<bytes::Bytes>), String>> {
+        let correlation = props.and_then(|p| p.correlation_data.clone());
+        if topic == OCSP_TOPIC {
+            return Some(match props.and_then(|p| p.response_topic.clone()) {
+                Some(t) if !t.is_empty() && !t.contains(['+', '#']) => Ok((t, correlation)),
+                _ => Err(format!("{OCSP_TOPIC} needs an MQTT 5 response topic")),
+            });
+        }
+        let own = format!("devices/{}/ocsp/", self.peer.identity.id);
+        (topic.strip_prefix(own.as_str()) == Some("request"))
+            .then(|| Ok((format!("{own}response"), correlation)))
+    }
+
+    /// Answers an OCSP request straight back to this client, and acknowledges
+    /// it if it was sent with QoS 1.
+    fn answer_ocsp(
+        &mut self,
+        p: &Publish,
+        reply_topic: String,
+        correlation: Option<bytes::Bytes>,
+    ) -> Result<(), String> {
+        let der = self.status.ocsp(&p.payload);
+        // QoS and packet id are private fields; the serialized header has them.
+        let head = p.serialize();
+        let qos = (head[0] >> 1) & 0b11;
+        let pkid = u16::from_be_bytes([head[1], head[2]]);
+        if qos > 0 {
+            self.encode(Packet::PubAck(
+                PubAck {
+                    pkid,
+                    reason: PubAckReason::Success,
+                },
+                None,
+            ))?;
+        }
+        let props = self.codec.is_v5().then(|| PublishProperties {
+            correlation_data: correlation,
+            content_type: Some("application/ocsp-response".into()),
+            ..PublishProperties::default()
+        });
+        tracing::debug!(topic = %reply_topic, "mqtt: answered an OCSP request");
+        self.encode(Packet::Publish(
+            Publish::new(
+                bytes::Bytes::from(reply_topic),
+                bytes::Bytes::from(der),
+                false,
+            ),
+            props,
+        ))
     }
 
     /// Writes what the router sent, and whatever else it has ready.

@@ -1,0 +1,223 @@
+//! Status answers over plain HTTP: the OCSP responder (RFC 6960, with the
+//! RFC 5019 GET form) and CRLs.
+//!
+//! - `POST /` with `application/ocsp-request`
+//! - `GET /<base64 request, URL-encoded>`
+//! - `GET /crl/issuing.crl`: DER, re-signed after every change and daily
+//!
+//! Malformed requests get an OCSP `malformedRequest`, requests about CAs we
+//! do not serve `unauthorized`, bodies over 64 KiB HTTP 413: never a panic.
+
+use std::sync::{Arc, Mutex};
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use provisioning::ca::ISSUING_CRL_NAME;
+use provisioning::ocsp::{Refusal, Responder, MAX_REQUEST_LEN};
+use provisioning::Authority;
+use time::{Duration, OffsetDateTime};
+
+use crate::metrics::Metrics;
+
+/// CRLs older than this are re-signed on the next request even without a
+/// change, so one is never served past half its validity.
+const CRL_MAX_AGE: Duration = Duration::hours(12);
+
+/// The OCSP responder and the CRL cache, shared by HTTP, MQTT and the API.
+#[derive(Debug)]
+pub struct StatusService {
+    auth: Arc<Authority>,
+    responder: Responder,
+    crl: Mutex<Option<(Bytes, OffsetDateTime)>>,
+    metrics: Arc<Metrics>,
+}
+
+impl StatusService {
+    pub fn new(auth: Arc<Authority>, metrics: Arc<Metrics>) -> Result<Self, provisioning::Error> {
+        Ok(Self {
+            responder: auth.ocsp_responder()?,
+            auth,
+            crl: Mutex::new(None),
+            metrics,
+        })
+    }
+
+    /// Call after every registry change: the next answer is fresh.
+    pub fn invalidate(&self) {
+        self.responder.invalidate();
+        *self.lock_crl() = None;
+    }
+
+    fn lock_crl(&self) -> std::sync::MutexGuard<'_, Option<(Bytes, OffsetDateTime)>> {
+        self.crl
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A DER OCSPResponse for a DER request (a refusal is an OCSP status).
+    pub fn ocsp(&self, request: &[u8]) -> Vec<u8> {
+        let (der, refusal) = self.responder.respond(request, &self.auth.registry);
+        self.metrics
+            .ocsp_responses
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        match refusal {
+            None => {}
+            Some(Refusal::Malformed(why)) => {
+                tracing::info!(reason = %why, "ocsp: malformedRequest")
+            }
+            Some(Refusal::Unauthorized) => {
+                tracing::info!("ocsp: unauthorized (not our issuer)")
+            }
+            Some(Refusal::Internal(why)) => tracing::error!(error = %why, "ocsp: internalError"),
+        }
+        der
+    }
+
+    /// The issuing CA's CRL, re-signed when stale.
+    pub fn crl(&self) -> Result<Bytes, provisioning::Error> {
+        let now = OffsetDateTime::now_utc();
+        if let Some((der, at)) = self.lock_crl().as_ref() {
+            if now - *at < CRL_MAX_AGE {
+                return Ok(der.clone());
+            }
+        }
+        let der = Bytes::from(self.auth.issuing_crl()?);
+        *self.lock_crl() = Some((der.clone(), now));
+        Ok(der)
+    }
+}
+
+pub fn router(status: Arc<StatusService>) -> Router {
+    Router::new()
+        .route("/", post(post_ocsp))
+        .route("/crl/{name}", get(get_crl))
+        .route("/{*request}", get(get_ocsp))
+        .layer(DefaultBodyLimit::max(MAX_REQUEST_LEN))
+        .with_state(status)
+}
+
+fn ocsp_response(der: Vec<u8>, cacheable: bool) -> Response {
+    let mut headers = vec![(header::CONTENT_TYPE, "application/ocsp-response")];
+    if cacheable {
+        headers.push((
+            header::CACHE_CONTROL,
+            "max-age=600, public, no-transform, must-revalidate",
+        ));
+    }
+    let mut resp = der.into_response();
+    for (k, v) in headers {
+        resp.headers_mut()
+            .insert(k, axum::http::HeaderValue::from_static(v));
+    }
+    resp
+}
+
+async fn answer(status: Arc<StatusService>, request: Vec<u8>) -> Result<Vec<u8>, Response> {
+    tokio::task::spawn_blocking(move || status.ocsp(&request))
+        .await
+        .map_err(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+async fn post_ocsp(
+    State(status): State<Arc<StatusService>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !ct.eq_ignore_ascii_case("application/ocsp-request") {
+        return (
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "OCSP requests are POSTed as application/ocsp-request\n",
+        )
+            .into_response();
+    }
+    match answer(status, body.to_vec()).await {
+        Ok(der) => ocsp_response(der, false),
+        Err(r) => r,
+    }
+}
+
+async fn get_ocsp(
+    State(status): State<Arc<StatusService>>,
+    Path(encoded): Path<String>,
+) -> Response {
+    // axum has percent-decoded the path; RFC 5019 requests are base64.
+    let request = decode_base64(encoded.trim_start_matches('/')).unwrap_or_default();
+    match answer(status, request).await {
+        Ok(der) => ocsp_response(der, true),
+        Err(r) => r,
+    }
+}
+
+async fn get_crl(State(status): State<Arc<StatusService>>, Path(name): Path<String>) -> Response {
+    if name != format!("{ISSUING_CRL_NAME}.crl") {
+        return (StatusCode::NOT_FOUND, "no such CRL\n").into_response();
+    }
+    match tokio::task::spawn_blocking(move || status.crl()).await {
+        Ok(Ok(der)) => ([(header::CONTENT_TYPE, "application/pkix-crl")], der).into_response(),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "building the CRL");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+/// Standard base64, padding optional; `None` on any other character.
+pub fn decode_base64(s: &str) -> Option<Vec<u8>> {
+    fn val(c: u8) -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' | b'-' => 62,
+            b'/' | b'_' => 63,
+            _ => return None,
+        } as u32)
+    }
+    let s = s.trim_end_matches('=').as_bytes();
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    for chunk in s.chunks(4) {
+        let mut n = 0u32;
+        for (i, &c) in chunk.iter().enumerate() {
+            n |= val(c)? << (18 - 6 * i);
+        }
+        match chunk.len() {
+            4 => out.extend_from_slice(&[(n >> 16) as u8, (n >> 8) as u8, n as u8]),
+            3 => out.extend_from_slice(&[(n >> 16) as u8, (n >> 8) as u8]),
+            2 => out.push((n >> 16) as u8),
+            _ => return None,
+        }
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decode_base64;
+
+    #[test]
+    fn base64_cases() {
+        for (input, want) in [
+            ("", Some(&b""[..])),
+            ("TWFu", Some(b"Man")),
+            ("TWE=", Some(b"Ma")),
+            ("TWE", Some(b"Ma")),
+            ("TQ==", Some(b"M")),
+            ("+/+/", Some(&[0xfb, 0xff, 0xbf][..])),
+            ("-_-_", Some(&[0xfb, 0xff, 0xbf][..])),
+            ("T", None),
+            ("TW!u", None),
+            ("%%%%", None),
+        ] {
+            assert_eq!(decode_base64(input).as_deref(), want, "{input:?}");
+        }
+    }
+}

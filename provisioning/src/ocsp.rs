@@ -1,0 +1,410 @@
+//! RFC 6960 OCSP: requests in, signed responses out. No IO beyond registry
+//! reads; the HTTP and MQTT front ends live in `broker`.
+//!
+//! Responses are signed by a delegated responder certificate (EKU
+//! OCSPSigning, id-pkix-ocsp-nocheck) issued by the CA whose certificates it
+//! answers for, and carry it, so `openssl ocsp -CAfile ca.crt` verifies them.
+//! CertIDs with SHA-1 or SHA-256 hashes are recognised. A request without a
+//! nonce gets a cacheable response (RFC 5019); the cache is cleared whenever
+//! the registry changes.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use der::asn1::{BitString, GeneralizedTime, Null, ObjectIdentifier, OctetString};
+use der::{Decode, Encode};
+use rcgen::{KeyPair, SigningKey};
+use time::{Duration, OffsetDateTime};
+use x509_cert::ext::pkix::CrlReason;
+use x509_cert::ext::Extension;
+use x509_cert::spki::AlgorithmIdentifierOwned;
+use x509_cert::Certificate;
+use x509_ocsp::{
+    BasicOcspResponse, CertId, CertStatus, OcspGeneralizedTime, OcspRequest, OcspResponse,
+    ResponderId, ResponseData, RevokedInfo, SingleResponse,
+};
+
+use crate::registry::{Registry, RevocationReason, Standing};
+use crate::{Error, Serial};
+
+/// Largest request body accepted.
+pub const MAX_REQUEST_LEN: usize = 64 * 1024;
+/// Most certificates asked about in one request.
+pub const MAX_CERTS_PER_REQUEST: usize = 128;
+/// How long a response is good for (nextUpdate - thisUpdate).
+pub const RESPONSE_VALIDITY: Duration = Duration::hours(1);
+/// Cached responses kept at most.
+const CACHE_ENTRIES: usize = 16 * 1024;
+
+const SHA1: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.14.3.2.26");
+const SHA256: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.16.840.1.101.3.4.2.1");
+const ECDSA_SHA256: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.4.3.2");
+const NONCE: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.6.1.5.5.7.48.1.2");
+
+/// A CA the responder answers for, with its CertID hashes.
+#[derive(Debug, Clone)]
+pub struct IssuerHashes {
+    /// The issuer's name as the registry records it.
+    pub name: String,
+    sha1: ([u8; 20], [u8; 20]),
+    sha256: ([u8; 32], [u8; 32]),
+}
+
+impl IssuerHashes {
+    /// From the issuer's DER certificate.
+    pub fn from_cert(der: &[u8]) -> Result<Self, Error> {
+        let (_, cert) = x509_parser::parse_x509_certificate(der)
+            .map_err(|e| Error::Certificate(format!("issuer does not parse: {e}")))?;
+        let name = cert.subject().as_raw();
+        let key = cert.public_key().subject_public_key.data.as_ref();
+        let h1 = |b: &[u8]| {
+            let d = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, b);
+            let mut out = [0u8; 20];
+            out.copy_from_slice(d.as_ref());
+            out
+        };
+        let h256 = |b: &[u8]| {
+            let d = ring::digest::digest(&ring::digest::SHA256, b);
+            let mut out = [0u8; 32];
+            out.copy_from_slice(d.as_ref());
+            out
+        };
+        Ok(Self {
+            name: cert.subject().to_string(),
+            sha1: (h1(name), h1(key)),
+            sha256: (h256(name), h256(key)),
+        })
+    }
+
+    fn matches(&self, id: &CertId) -> bool {
+        let (n, k) = (
+            id.issuer_name_hash.as_bytes(),
+            id.issuer_key_hash.as_bytes(),
+        );
+        if id.hash_algorithm.oid == SHA1 {
+            n == self.sha1.0 && k == self.sha1.1
+        } else if id.hash_algorithm.oid == SHA256 {
+            n == self.sha256.0 && k == self.sha256.1
+        } else {
+            false
+        }
+    }
+}
+
+/// Why a request got no successful response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// `malformedRequest`, with the reason for the log.
+    Malformed(String),
+    /// `unauthorized`: we are not the responder for that issuer.
+    Unauthorized,
+    /// `internalError`.
+    Internal(String),
+}
+
+/// Responses to nonce-less requests, by request DER: (response, expiry).
+type Cache = HashMap<Vec<u8>, (Vec<u8>, OffsetDateTime)>;
+
+/// The responder: issuers, the signing certificate and key, and a cache.
+pub struct Responder {
+    issuers: Vec<IssuerHashes>,
+    signer_key: KeyPair,
+    signer_cert: Certificate,
+    responder_id: ResponderId,
+    cache: Mutex<Cache>,
+}
+
+impl std::fmt::Debug for Responder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Responder")
+            .field("issuers", &self.issuers)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Responder {
+    pub fn new(
+        issuers: Vec<IssuerHashes>,
+        signer_key: KeyPair,
+        signer_cert_der: &[u8],
+    ) -> Result<Self, Error> {
+        let signer_cert = Certificate::from_der(signer_cert_der)
+            .map_err(|e| Error::Certificate(format!("OCSP signer: {e}")))?;
+        let key_hash = ring::digest::digest(
+            &ring::digest::SHA1_FOR_LEGACY_USE_ONLY,
+            signer_key.public_key_raw(),
+        );
+        let responder_id = ResponderId::ByKey(
+            OctetString::new(key_hash.as_ref()).map_err(|e| Error::Certificate(e.to_string()))?,
+        );
+        Ok(Self {
+            issuers,
+            signer_key,
+            signer_cert,
+            responder_id,
+            cache: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Forgets every cached response: call on any registry change.
+    pub fn invalidate(&self) {
+        self.lock_cache().clear();
+    }
+
+    fn lock_cache(&self) -> std::sync::MutexGuard<'_, Cache> {
+        // A poisoned cache is still a valid map.
+        self.cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Answers a DER request with a DER `OCSPResponse`, always: refusals are
+    /// OCSP statuses too. The `Refusal` is for the log.
+    pub fn respond(&self, request: &[u8], registry: &Registry) -> (Vec<u8>, Option<Refusal>) {
+        match self.try_respond(request, registry) {
+            Ok(der) => (der, None),
+            Err(r) => {
+                let resp = match &r {
+                    Refusal::Malformed(_) => OcspResponse::malformed_request(),
+                    Refusal::Unauthorized => OcspResponse::unauthorized(),
+                    Refusal::Internal(_) => OcspResponse::internal_error(),
+                };
+                // A status-only OCSPResponse always encodes.
+                (resp.to_der().unwrap_or_default(), Some(r))
+            }
+        }
+    }
+
+    fn try_respond(&self, der: &[u8], registry: &Registry) -> Result<Vec<u8>, Refusal> {
+        if der.len() > MAX_REQUEST_LEN {
+            return Err(Refusal::Malformed(format!("{} bytes", der.len())));
+        }
+        let req = OcspRequest::from_der(der)
+            .map_err(|e| Refusal::Malformed(format!("not an OCSPRequest: {e}")))?;
+        let list = &req.tbs_request.request_list;
+        if list.is_empty() {
+            return Err(Refusal::Malformed("no certificates asked about".into()));
+        }
+        if list.len() > MAX_CERTS_PER_REQUEST {
+            return Err(Refusal::Malformed(format!(
+                "{} certificates asked about (at most {MAX_CERTS_PER_REQUEST})",
+                list.len()
+            )));
+        }
+        let nonce: Option<Extension> = req
+            .tbs_request
+            .request_extensions
+            .as_ref()
+            .and_then(|exts| exts.iter().find(|e| e.extn_id == NONCE).cloned());
+
+        let now = OffsetDateTime::now_utc();
+        if nonce.is_none() {
+            if let Some((resp, expires)) = self.lock_cache().get(der) {
+                if *expires > now + Duration::minutes(5) {
+                    return Ok(resp.clone());
+                }
+            }
+        }
+
+        let mut responses = Vec::with_capacity(list.len());
+        let mut any_ours = false;
+        for r in list {
+            let id = &r.req_cert;
+            let issuer = self.issuers.iter().find(|i| i.matches(id));
+            let status = match issuer {
+                None => CertStatus::unknown(),
+                Some(issuer) => {
+                    any_ours = true;
+                    status_of(issuer, id, registry)?
+                }
+            };
+            responses.push(SingleResponse {
+                cert_id: id.clone(),
+                cert_status: status,
+                this_update: gtime(now)?,
+                next_update: Some(gtime(now + RESPONSE_VALIDITY)?),
+                single_extensions: None,
+            });
+        }
+        if !any_ours {
+            return Err(Refusal::Unauthorized);
+        }
+        let tbs = ResponseData {
+            version: Default::default(),
+            responder_id: self.responder_id.clone(),
+            produced_at: gtime(now)?,
+            responses,
+            response_extensions: nonce.map(|n| vec![n]),
+        };
+        let tbs_der = tbs
+            .to_der()
+            .map_err(|e| Refusal::Internal(format!("encoding: {e}")))?;
+        let sig = self
+            .signer_key
+            .sign(&tbs_der)
+            .map_err(|e| Refusal::Internal(format!("signing: {e}")))?;
+        let basic = BasicOcspResponse {
+            tbs_response_data: tbs,
+            signature_algorithm: AlgorithmIdentifierOwned {
+                oid: ECDSA_SHA256,
+                parameters: None,
+            },
+            signature: BitString::from_bytes(&sig)
+                .map_err(|e| Refusal::Internal(format!("encoding: {e}")))?,
+            certs: Some(vec![self.signer_cert.clone()]),
+        };
+        let resp = OcspResponse::successful(basic)
+            .and_then(|r| r.to_der())
+            .map_err(|e| Refusal::Internal(format!("encoding: {e}")))?;
+        if !req
+            .tbs_request
+            .request_extensions
+            .as_ref()
+            .is_some_and(|e| e.iter().any(|e| e.extn_id == NONCE))
+        {
+            let mut cache = self.lock_cache();
+            if cache.len() >= CACHE_ENTRIES {
+                cache.clear();
+            }
+            cache.insert(der.to_vec(), (resp.clone(), now + RESPONSE_VALIDITY));
+        }
+        Ok(resp)
+    }
+}
+
+fn status_of(
+    issuer: &IssuerHashes,
+    id: &CertId,
+    registry: &Registry,
+) -> Result<CertStatus, Refusal> {
+    let Ok(serial) = Serial::from_bytes(id.serial_number.as_bytes()) else {
+        return Ok(CertStatus::unknown());
+    };
+    let found = registry
+        .standing(&serial)
+        .map_err(|e| Refusal::Internal(format!("registry: {e}")))?;
+    Ok(match found {
+        Some((rec, _)) if rec.issuer != issuer.name => CertStatus::unknown(),
+        None => CertStatus::unknown(),
+        Some((_, Standing::Good)) => CertStatus::good(),
+        // A hold placed when the device was suspended (its last update).
+        Some((rec, Standing::Suspended)) => {
+            let since = registry
+                .device(&rec.device_id)
+                .map(|d| d.updated_at)
+                .unwrap_or(rec.not_before);
+            CertStatus::revoked(RevokedInfo {
+                revocation_time: gtime(since)?,
+                revocation_reason: Some(CrlReason::CertificateHold),
+            })
+        }
+        Some((_, Standing::Revoked(r))) => CertStatus::revoked(RevokedInfo {
+            revocation_time: gtime(r.at)?,
+            revocation_reason: Some(crl_reason(r.reason)),
+        }),
+    })
+}
+
+pub fn crl_reason(r: RevocationReason) -> CrlReason {
+    match r {
+        RevocationReason::Unspecified => CrlReason::Unspecified,
+        RevocationReason::KeyCompromise => CrlReason::KeyCompromise,
+        RevocationReason::CaCompromise => CrlReason::CaCompromise,
+        RevocationReason::AffiliationChanged => CrlReason::AffiliationChanged,
+        RevocationReason::Superseded => CrlReason::Superseded,
+        RevocationReason::CessationOfOperation => CrlReason::CessationOfOperation,
+        RevocationReason::PrivilegeWithdrawn => CrlReason::PrivilegeWithdrawn,
+        RevocationReason::AaCompromise => CrlReason::AaCompromise,
+    }
+}
+
+fn gtime(t: OffsetDateTime) -> Result<OcspGeneralizedTime, Refusal> {
+    let secs = u64::try_from(t.unix_timestamp())
+        .map_err(|_| Refusal::Internal("time before 1970".into()))?;
+    let dt = der::DateTime::from_unix_duration(std::time::Duration::from_secs(secs))
+        .map_err(|e| Refusal::Internal(format!("time: {e}")))?;
+    Ok(OcspGeneralizedTime(GeneralizedTime::from_date_time(dt)))
+}
+
+/// A request for `serials` issued by the CA with certificate `issuer_der`
+/// (SHA-1 CertIDs, as `openssl ocsp` makes them), with an optional nonce.
+/// For clients and tests.
+pub fn build_request(
+    issuer_der: &[u8],
+    serials: &[Serial],
+    nonce: Option<&[u8]>,
+) -> Result<Vec<u8>, Error> {
+    let h = IssuerHashes::from_cert(issuer_der)?;
+    let enc = |e: der::Error| Error::Certificate(e.to_string());
+    let request_list = serials
+        .iter()
+        .map(|s| {
+            Ok(x509_ocsp::Request {
+                req_cert: CertId {
+                    hash_algorithm: AlgorithmIdentifierOwned {
+                        oid: SHA1,
+                        parameters: Some(Null.into()),
+                    },
+                    issuer_name_hash: OctetString::new(h.sha1.0.to_vec()).map_err(enc)?,
+                    issuer_key_hash: OctetString::new(h.sha1.1.to_vec()).map_err(enc)?,
+                    serial_number: x509_cert::serial_number::SerialNumber::new(s.as_bytes())
+                        .map_err(enc)?,
+                },
+                single_request_extensions: None,
+            })
+        })
+        .collect::<Result<Vec<_>, Error>>()?;
+    let request_extensions = match nonce {
+        Some(n) => Some(vec![Extension {
+            extn_id: NONCE,
+            critical: false,
+            extn_value: OctetString::new(OctetString::new(n).map_err(enc)?.to_der().map_err(enc)?)
+                .map_err(enc)?,
+        }]),
+        None => None,
+    };
+    let req = OcspRequest {
+        tbs_request: x509_ocsp::TbsRequest {
+            version: Default::default(),
+            requestor_name: None,
+            request_list,
+            request_extensions,
+        },
+        optional_signature: None,
+    };
+    req.to_der().map_err(enc)
+}
+
+/// What a response says, unverified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Summary {
+    /// OCSPResponseStatus: 0 successful, 1 malformedRequest, 6 unauthorized...
+    pub status: u8,
+    /// Each certificate: (serial, "good" | "revoked" | "unknown").
+    pub certs: Vec<(Serial, &'static str)>,
+}
+
+/// Reads a DER OCSPResponse. For clients and tests; the signature is not
+/// checked here (openssl does that in the tests).
+pub fn read_response(der: &[u8]) -> Result<Summary, Error> {
+    let resp = OcspResponse::from_der(der).map_err(|e| Error::Certificate(e.to_string()))?;
+    let status = resp.response_status as u8;
+    let Some(bytes) = resp.response_bytes else {
+        return Ok(Summary {
+            status,
+            certs: Vec::new(),
+        });
+    };
+    let basic = BasicOcspResponse::from_der(bytes.response.as_bytes())
+        .map_err(|e| Error::Certificate(e.to_string()))?;
+    let mut out = Vec::new();
+    for r in basic.tbs_response_data.responses {
+        let s = match r.cert_status {
+            CertStatus::Good(_) => "good",
+            CertStatus::Revoked(_) => "revoked",
+            CertStatus::Unknown(_) => "unknown",
+        };
+        out.push((Serial::from_bytes(r.cert_id.serial_number.as_bytes())?, s));
+    }
+    Ok(Summary { status, certs: out })
+}
