@@ -307,3 +307,144 @@ pub fn check_creds(dir: &Path, ids: &[String]) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Summary of an OCSP run.
+#[derive(Debug)]
+pub struct OcspReport {
+    pub responses: u64,
+    pub failures: u64,
+    pub elapsed: Duration,
+}
+
+/// POSTs OCSP requests (one random serial each, a fresh nonce each if
+/// `nonce`) to `addr` from `concurrency` workers for `duration`. A new
+/// connection per request unless `keep_alive`. Counts well-formed
+/// successful answers.
+pub async fn ocsp_run(
+    addr: SocketAddr,
+    issuer_der: Arc<Vec<u8>>,
+    serials: Arc<Vec<provisioning::Serial>>,
+    nonce: bool,
+    keep_alive: bool,
+    concurrency: usize,
+    duration: Duration,
+) -> anyhow::Result<OcspReport> {
+    if serials.is_empty() {
+        bail!("no serials");
+    }
+    let ok = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..concurrency {
+        let (issuer_der, serials, ok, failed) = (
+            issuer_der.clone(),
+            serials.clone(),
+            ok.clone(),
+            failed.clone(),
+        );
+        tasks.spawn(async move {
+            let mut rng = 0x9e37_79b9_7f4a_7c15u64 ^ (w as u64).wrapping_mul(0x2545_f491);
+            let mut conn: Option<tokio::net::TcpStream> = None;
+            let mut counter = 0u64;
+            while started.elapsed() < duration {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                let serial = &serials[(rng % serials.len() as u64) as usize];
+                counter += 1;
+                let n = format!("{w}-{counter}-{rng}");
+                let req = match provisioning::ocsp::build_request(
+                    &issuer_der,
+                    std::slice::from_ref(serial),
+                    nonce.then_some(n.as_bytes()),
+                ) {
+                    Ok(r) => r,
+                    Err(_) => return,
+                };
+                match ocsp_post(addr, &req, keep_alive, &mut conn).await {
+                    Ok(body)
+                        if body.len() > 5
+                            && provisioning::ocsp::read_response(&body)
+                                .is_ok_and(|s| s.status == 0) =>
+                    {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    _ => {
+                        conn = None;
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    Ok(OcspReport {
+        responses: ok.load(Ordering::Relaxed),
+        failures: failed.load(Ordering::Relaxed),
+        elapsed: started.elapsed(),
+    })
+}
+
+/// One HTTP/1.1 POST of an OCSP request; the response body.
+async fn ocsp_post(
+    addr: SocketAddr,
+    req: &[u8],
+    keep_alive: bool,
+    conn: &mut Option<tokio::net::TcpStream>,
+) -> anyhow::Result<Vec<u8>> {
+    let mut stream = match conn.take() {
+        Some(s) => s,
+        None => {
+            let s = tokio::net::TcpStream::connect(addr).await?;
+            s.set_nodelay(true)?;
+            s
+        }
+    };
+    let head = format!(
+        "POST / HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/ocsp-request\r\nContent-Length: {}\r\nConnection: {}\r\n\r\n",
+        req.len(),
+        if keep_alive { "keep-alive" } else { "close" }
+    );
+    let mut msg = head.into_bytes();
+    msg.extend_from_slice(req);
+    stream.write_all(&msg).await?;
+    // Read headers, then Content-Length bytes (or to EOF).
+    let mut buf = Vec::with_capacity(2048);
+    let mut chunk = [0u8; 4096];
+    let (header_end, length) = loop {
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut chunk)).await??;
+        if n == 0 {
+            bail!("closed before the response");
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..i]).to_ascii_lowercase();
+            if !head.starts_with("http/1.1 200") && !head.starts_with("http/1.0 200") {
+                bail!("HTTP error: {}", head.lines().next().unwrap_or(""));
+            }
+            let len = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok());
+            break (i + 4, len);
+        }
+    };
+    loop {
+        if let Some(len) = length {
+            if buf.len() >= header_end + len {
+                break;
+            }
+        }
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut chunk)).await??;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let body = buf[header_end..].to_vec();
+    if keep_alive && length.is_some() {
+        *conn = Some(stream);
+    }
+    Ok(body)
+}

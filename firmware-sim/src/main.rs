@@ -73,6 +73,28 @@ enum Load {
         #[arg(long, default_value = "bench-sub")]
         subscriber: String,
     },
+    /// OCSP requests over HTTP, one random serial each.
+    Ocsp {
+        /// Responder address (loopback only).
+        #[arg(long)]
+        responder: SocketAddr,
+        /// The issuing CA certificate (PEM).
+        #[arg(long)]
+        issuer: PathBuf,
+        /// File with one hex serial per line.
+        #[arg(long)]
+        serials: PathBuf,
+        /// A fresh nonce per request (each answer signed anew).
+        #[arg(long)]
+        nonce: bool,
+        /// Reuse connections (HTTP keep-alive).
+        #[arg(long)]
+        keep_alive: bool,
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -153,6 +175,45 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "received": r.received,
                     "seconds": r.elapsed.as_secs_f64(),
                     "messages_per_s": r.per_second(),
+                })
+            );
+        }
+        Command::Load(Load::Ocsp {
+            responder,
+            issuer,
+            serials,
+            nonce,
+            keep_alive,
+            concurrency,
+            seconds,
+        }) => {
+            if !responder.ip().is_loopback() {
+                anyhow::bail!("load runs target loopback only, not {responder}");
+            }
+            use rustls_pki_types::pem::PemObject;
+            let issuer = rustls_pki_types::CertificateDer::from_pem_file(&issuer)?;
+            let serials: Vec<provisioning::Serial> = std::fs::read_to_string(&serials)?
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(|l| l.parse())
+                .collect::<Result<_, _>>()?;
+            let r = load::ocsp_run(
+                responder,
+                std::sync::Arc::new(issuer.to_vec()),
+                std::sync::Arc::new(serials),
+                nonce,
+                keep_alive,
+                concurrency,
+                std::time::Duration::from_secs(seconds),
+            )
+            .await?;
+            println!(
+                "{}",
+                serde_json::json!({
+                    "responses": r.responses,
+                    "failures": r.failures,
+                    "seconds": r.elapsed.as_secs_f64(),
+                    "responses_per_s": r.responses as f64 / r.elapsed.as_secs_f64(),
                 })
             );
         }
