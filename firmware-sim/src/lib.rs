@@ -1,3 +1,4 @@
 //! The simulated fleet and load generator behind `firmware-sim`.
 
+pub mod fleet;
 pub mod load;

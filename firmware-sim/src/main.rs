@@ -22,9 +22,70 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run a fleet scenario.
+    Run(RunArgs),
     /// Load against any MQTT-over-mutual-TLS broker.
     #[command(subcommand)]
     Load(Load),
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum Scenario {
+    /// N devices connect and publish for a duration.
+    Steady,
+    /// N devices connect at once: connects/s and connect latency.
+    Storm,
+    /// Mid-run, K devices are revoked: revoke-to-disconnect latency.
+    Revoke,
+    /// Misbehaving devices beside well-behaved ones.
+    Rogue,
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    #[arg(long, value_enum)]
+    scenario: Scenario,
+    #[arg(long, default_value_t = 50)]
+    devices: usize,
+    /// Fleet directory: each device's key and certificate, kept for the next run.
+    #[arg(long, default_value = "fleet")]
+    fleet: PathBuf,
+    /// Device ids are PREFIX0, PREFIX1, ...
+    #[arg(long, default_value = "sim-")]
+    prefix: String,
+    /// The MQTT broker (any: fleetgate, Mosquitto, ...); loopback only.
+    #[arg(long, default_value = "127.0.0.1:8883")]
+    broker: SocketAddr,
+    /// CA certificate of the broker (default: FLEET/ca.crt).
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// fleetgate's admin API, for enrollment and revocation.
+    #[arg(long, env = "FLEETGATE_API")]
+    api: Option<String>,
+    /// fleetgate data dir with the admin credentials.
+    #[arg(long, env = "FLEETGATE_DATA_DIR", default_value = "fleetgate-data")]
+    data_dir: PathBuf,
+    /// Telemetry messages per device per second.
+    #[arg(long, default_value_t = 1.0)]
+    rate: f64,
+    /// Seconds of publishing (steady), of waiting after revoking (revoke).
+    #[arg(long, default_value_t = 5)]
+    duration: u64,
+    /// Devices to revoke (revoke).
+    #[arg(long, default_value_t = 5)]
+    revoke: usize,
+    /// The broker's process id, to report its memory per connection.
+    #[arg(long)]
+    broker_pid: Option<u32>,
+    /// Seconds to wait for every device to connect.
+    #[arg(long, default_value_t = 120)]
+    connect_limit: u64,
+    /// Write every figure to this file as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
 }
 
 #[derive(Args, Debug)]
@@ -131,6 +192,66 @@ fn target(t: &TargetArgs) -> anyhow::Result<Target> {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Run(a) => {
+            if !a.broker.ip().is_loopback() {
+                anyhow::bail!(
+                    "the simulated fleet targets loopback only, not {}",
+                    a.broker
+                );
+            }
+            let api = match &a.api {
+                Some(url) => {
+                    broker::tls::install_crypto_provider();
+                    let paths = provisioning::ca::Paths::new(&a.data_dir);
+                    let tls = broker::tls::client_config(
+                        &paths.ca_cert(),
+                        Some((&paths.admin_cert(), &paths.admin_key())),
+                    )?;
+                    Some(broker::client::ApiClient::new(url, tls)?)
+                }
+                None => None,
+            };
+            let ca = match &a.ca {
+                Some(c) => c.clone(),
+                None => {
+                    if api.is_none() {
+                        firmware_sim::fleet::check_dir(&a.fleet)?;
+                    }
+                    a.fleet.join("ca.crt")
+                }
+            };
+            let fleet = firmware_sim::fleet::Fleet {
+                broker: a.broker,
+                ca,
+                dir: a.fleet.clone(),
+                api,
+                prefix: a.prefix.clone(),
+                progress: !a.quiet,
+            };
+            let o = firmware_sim::fleet::Options {
+                devices: a.devices,
+                rate: a.rate,
+                duration: std::time::Duration::from_secs(a.duration),
+                revoke: a.revoke,
+                broker_pid: a.broker_pid,
+                connect_limit: std::time::Duration::from_secs(a.connect_limit),
+            };
+            // Enroll first: the CA file is written by enrollment.
+            fleet.ensure_enrolled(&fleet.ids(o.devices)).await?;
+            let report = match a.scenario {
+                Scenario::Steady => firmware_sim::fleet::steady(&fleet, &o).await?,
+                Scenario::Storm => firmware_sim::fleet::storm(&fleet, &o).await?,
+                Scenario::Revoke => firmware_sim::fleet::revoke(&fleet, &o).await?,
+                Scenario::Rogue => firmware_sim::fleet::rogue(&fleet, &o).await?,
+            };
+            print!("{}", report.table());
+            if let Some(path) = &a.json {
+                std::fs::write(path, serde_json::to_vec_pretty(&report.to_json())?)?;
+            }
+            if !report.ok {
+                anyhow::bail!("scenario {} did not go as expected", report.scenario);
+            }
+        }
         Command::Load(Load::Connect {
             target: t,
             concurrency,

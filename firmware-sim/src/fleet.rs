@@ -1,0 +1,897 @@
+//! The simulated fleet: devices with their own keys, enrolled by CSR through
+//! the admin API, credentials kept in a fleet directory for the next run;
+//! each device a task that connects over mutual TLS with rumqttc, publishes
+//! telemetry, listens for commands, reconnects with jittered exponential
+//! back-off, and gives up for good once refused as revoked.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use broker::client::{ApiClient, ApiFailure};
+use indicatif::{ProgressBar, ProgressStyle};
+use provisioning::csr::{new_key_and_csr, KeyKind};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
+use rustls_pki_types::ServerName;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+
+use crate::load::{percentile, Target};
+
+/// Where the fleet lives and what it talks to.
+#[derive(Clone, Debug)]
+pub struct Fleet {
+    pub broker: SocketAddr,
+    /// The CA the broker's certificate chains to.
+    pub ca: PathBuf,
+    /// `<id>.crt` / `<id>.key` per device.
+    pub dir: PathBuf,
+    /// The admin API, for enrollment and revocation (not needed to run an
+    /// already enrolled fleet against another broker).
+    pub api: Option<ApiClient>,
+    pub prefix: String,
+    pub progress: bool,
+}
+
+impl Fleet {
+    pub fn ids(&self, n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("{}{i}", self.prefix)).collect()
+    }
+
+    fn target(&self) -> Target {
+        Target {
+            broker: self.broker,
+            ca: self.ca.clone(),
+            creds: self.dir.clone(),
+        }
+    }
+
+    fn api(&self) -> anyhow::Result<&ApiClient> {
+        self.api
+            .as_ref()
+            .context("this needs the admin API (--api and admin credentials)")
+    }
+
+    fn bar(&self, len: u64, what: &str) -> ProgressBar {
+        if !self.progress {
+            return ProgressBar::hidden();
+        }
+        let bar = ProgressBar::new(len);
+        bar.set_style(
+            ProgressStyle::with_template("{msg:>12} [{bar:40}] {pos}/{len} {per_sec} {elapsed}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        bar.set_message(what.to_owned());
+        bar
+    }
+
+    /// Enrolls every device that has no credentials in the fleet dir yet
+    /// (key made here, CSR sent): returns how many were enrolled.
+    pub async fn ensure_enrolled(&self, ids: &[String]) -> anyhow::Result<usize> {
+        std::fs::create_dir_all(&self.dir)?;
+        let missing: Vec<String> = ids
+            .iter()
+            .filter(|id| !self.dir.join(format!("{id}.crt")).exists())
+            .cloned()
+            .collect();
+        if missing.is_empty() {
+            return Ok(0);
+        }
+        let api = self.api()?.clone();
+        let bar = self.bar(missing.len() as u64, "enrolling");
+        let queue = Arc::new(Mutex::new(missing.clone()));
+        let mut workers = tokio::task::JoinSet::new();
+        for _ in 0..8 {
+            let (api, queue, dir, bar) =
+                (api.clone(), queue.clone(), self.dir.clone(), bar.clone());
+            workers.spawn(async move {
+                let mut ca = None;
+                loop {
+                    let Some(id) = queue.lock().ok().and_then(|mut q| q.pop()) else {
+                        return Ok::<_, anyhow::Error>(ca);
+                    };
+                    ca = Some(enroll_one(&api, &dir, &id, None).await?);
+                    bar.inc(1);
+                }
+            });
+        }
+        let mut ca = None;
+        while let Some(r) = workers.join_next().await {
+            ca = r??.or(ca);
+        }
+        bar.finish_and_clear();
+        if let Some(ca) = ca {
+            provisioning::ca::write_file(&self.dir.join("ca.crt"), ca.as_bytes(), false)?;
+        }
+        Ok(missing.len())
+    }
+}
+
+/// Enrolls `id` (or, if it exists already, rotates it) and writes its key
+/// and certificate: the key never leaves this process but for the file.
+/// Returns the CA certificate (PEM) the answer carried.
+async fn enroll_one(
+    api: &ApiClient,
+    dir: &Path,
+    id: &str,
+    lifetime_seconds: Option<u32>,
+) -> anyhow::Result<String> {
+    let (key, csr) = new_key_and_csr(KeyKind::EcdsaP256, id)?;
+    let body = json!({"id": id, "csr": csr, "lifetime_seconds": lifetime_seconds});
+    let answer: Value = match api.post("/v1/devices", &body).await {
+        Ok(v) => v,
+        Err(e)
+            if e.downcast_ref::<ApiFailure>()
+                .is_some_and(|f| f.code == "already_exists") =>
+        {
+            api.post(
+                &format!("/v1/devices/{id}/rotate"),
+                &json!({"csr": csr, "lifetime_seconds": lifetime_seconds}),
+            )
+            .await?
+        }
+        Err(e) => return Err(e.context(format!("enrolling {id}"))),
+    };
+    let chain = answer["chain_pem"].as_str().context("no chain_pem")?;
+    let ca = answer["ca_pem"].as_str().context("no ca_pem")?;
+    provisioning::ca::write_file(
+        &dir.join(format!("{id}.key")),
+        key.serialize_pem().as_bytes(),
+        true,
+    )?;
+    provisioning::ca::write_file(&dir.join(format!("{id}.crt")), chain.as_bytes(), false)?;
+    Ok(ca.to_owned())
+}
+
+/// What one simulated device lived through.
+#[derive(Debug, Default, Clone)]
+pub struct DeviceLog {
+    /// From the scenario's start to the first CONNACK.
+    pub first_connect: Option<Duration>,
+    pub connects: u32,
+    /// When the first established connection was lost.
+    pub dropped_at: Option<Instant>,
+    /// Connected again after a drop.
+    pub reconnected: bool,
+    /// Refused at the handshake as revoked: the device stopped trying.
+    pub revoked: bool,
+    pub last_error: Option<String>,
+    pub sent: u64,
+    pub commands: u64,
+}
+
+/// Runs one device until `stop`: connect, subscribe to its commands,
+/// publish telemetry every `period` (never if `None`), reconnect with
+/// jittered exponential back-off.
+pub async fn device(
+    target: Target,
+    id: String,
+    period: Option<Duration>,
+    start: Instant,
+    log: Arc<Mutex<DeviceLog>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let tls = match target.tls(&id) {
+        Ok(t) => t,
+        Err(e) => {
+            set(&log, |l| l.last_error = Some(format!("credentials: {e:#}")));
+            return;
+        }
+    };
+    let mut rng = seed(&id);
+    let mut backoff = Duration::from_millis(200);
+    let topic = format!("devices/{id}/telemetry");
+    loop {
+        let mut opts = MqttOptions::new(&id, target.broker.ip().to_string(), target.broker.port());
+        opts.set_keep_alive(Duration::from_secs(30));
+        opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+            tls.clone(),
+        )));
+        let (client, mut events) = AsyncClient::new(opts, 64);
+        let mut ticker = tokio::time::interval(period.unwrap_or(Duration::from_secs(3600)));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut connected = false;
+        let ended = loop {
+            tokio::select! {
+                _ = stop.changed() => {
+                    let _ = client.try_disconnect();
+                    let _ = tokio::time::timeout(Duration::from_millis(200), events.poll()).await;
+                    return;
+                }
+                _ = ticker.tick(), if connected && period.is_some() => {
+                    if client.try_publish(&topic, QoS::AtMostOnce, false, &b"{\"t\":21.5}"[..]).is_ok() {
+                        set(&log, |l| l.sent += 1);
+                    }
+                }
+                ev = events.poll() => match ev {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        connected = true;
+                        backoff = Duration::from_millis(200);
+                        let _ = client.try_subscribe(format!("devices/{id}/commands/#"), QoS::AtLeastOnce);
+                        set(&log, |l| {
+                            l.connects += 1;
+                            if l.first_connect.is_none() {
+                                l.first_connect = Some(start.elapsed());
+                            } else if l.dropped_at.is_some() {
+                                l.reconnected = true;
+                            }
+                        });
+                    }
+                    Ok(Event::Incoming(Packet::Publish(_))) => set(&log, |l| l.commands += 1),
+                    Ok(_) => {}
+                    Err(e) => break e.to_string(),
+                },
+            }
+        };
+        let revoked = ended.contains("CertificateRevoked");
+        set(&log, |l| {
+            if connected && l.dropped_at.is_none() {
+                l.dropped_at = Some(Instant::now());
+            }
+            l.revoked |= revoked;
+            l.last_error = Some(ended.clone());
+        });
+        if revoked {
+            return; // refused as revoked: stop for good
+        }
+        // Jittered exponential back-off: half to full of the current step.
+        let jitter = backoff.mul_f64(0.5 + 0.5 * next_unit(&mut rng));
+        tokio::select! {
+            _ = tokio::time::sleep(jitter) => {}
+            _ = stop.changed() => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+fn set(log: &Mutex<DeviceLog>, f: impl FnOnce(&mut DeviceLog)) {
+    if let Ok(mut l) = log.lock() {
+        f(&mut l);
+    }
+}
+
+fn seed(id: &str) -> u64 {
+    id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    }) ^ Instant::now().elapsed().as_nanos() as u64
+}
+
+fn next_unit(state: &mut u64) -> f64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    (*state >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// A running set of devices.
+struct Running {
+    logs: Vec<(String, Arc<Mutex<DeviceLog>>)>,
+    stop: watch::Sender<bool>,
+    tasks: tokio::task::JoinSet<()>,
+    start: Instant,
+}
+
+impl Running {
+    fn spawn(fleet: &Fleet, ids: &[String], period: Option<Duration>) -> Self {
+        let (stop, stop_rx) = watch::channel(false);
+        let start = Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut logs = Vec::with_capacity(ids.len());
+        for id in ids {
+            let log = Arc::new(Mutex::new(DeviceLog::default()));
+            logs.push((id.clone(), log.clone()));
+            tasks.spawn(device(
+                fleet.target(),
+                id.clone(),
+                period,
+                start,
+                log,
+                stop_rx.clone(),
+            ));
+        }
+        Self {
+            logs,
+            stop,
+            tasks,
+            start,
+        }
+    }
+
+    fn snapshot(&self) -> Vec<(String, DeviceLog)> {
+        self.logs
+            .iter()
+            .map(|(id, l)| (id.clone(), l.lock().map(|l| l.clone()).unwrap_or_default()))
+            .collect()
+    }
+
+    fn connected(&self) -> usize {
+        self.snapshot()
+            .iter()
+            .filter(|(_, l)| l.first_connect.is_some())
+            .count()
+    }
+
+    /// Waits until every device connected once, or `limit` passes.
+    async fn all_connected(&self, limit: Duration, bar: &ProgressBar) -> Duration {
+        loop {
+            let n = self.connected();
+            bar.set_position(n as u64);
+            if n == self.logs.len() || self.start.elapsed() > limit {
+                return self.start.elapsed();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn finish(mut self) -> Vec<(String, DeviceLog)> {
+        let _ = self.stop.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
+        self.snapshot()
+    }
+}
+
+fn rss_kib(pid: Option<u32>) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pid?)).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Options every scenario takes.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub devices: usize,
+    /// Telemetry messages per device per second (steady, revoke, rogue).
+    pub rate: f64,
+    pub duration: Duration,
+    /// Devices to revoke (revoke scenario).
+    pub revoke: usize,
+    /// The broker's pid, to read its memory per connection.
+    pub broker_pid: Option<u32>,
+    /// How long to wait for everyone to connect.
+    pub connect_limit: Duration,
+}
+
+/// A scenario's figures (`--json`) and whether it met its expectations.
+#[derive(Debug)]
+pub struct Report {
+    pub scenario: &'static str,
+    pub figures: BTreeMap<String, Value>,
+    pub ok: bool,
+    pub problems: Vec<String>,
+}
+
+impl Report {
+    fn new(scenario: &'static str) -> Self {
+        Self {
+            scenario,
+            figures: BTreeMap::new(),
+            ok: true,
+            problems: Vec::new(),
+        }
+    }
+
+    fn put(&mut self, k: &str, v: impl Into<Value>) {
+        self.figures.insert(k.to_owned(), v.into());
+    }
+
+    fn expect(&mut self, cond: bool, problem: impl Into<String>) {
+        if !cond {
+            self.ok = false;
+            self.problems.push(problem.into());
+        }
+    }
+
+    pub fn to_json(&self) -> Value {
+        json!({"scenario": self.scenario, "ok": self.ok, "problems": self.problems, "figures": self.figures})
+    }
+
+    /// The summary table.
+    pub fn table(&self) -> String {
+        let mut out = format!(
+            "scenario {}: {}\n",
+            self.scenario,
+            if self.ok { "OK" } else { "FAILED" }
+        );
+        for (k, v) in &self.figures {
+            let v = match v {
+                Value::Number(n) if n.is_f64() => format!("{:.2}", n.as_f64().unwrap_or(0.0)),
+                other => other.to_string(),
+            };
+            out.push_str(&format!("  {k:<34} {v}\n"));
+        }
+        for p in &self.problems {
+            out.push_str(&format!("  problem: {p}\n"));
+        }
+        out
+    }
+}
+
+/// `storm`: every device connects at once (full handshakes).
+pub async fn storm(fleet: &Fleet, o: &Options) -> anyhow::Result<Report> {
+    let ids = fleet.ids(o.devices);
+    fleet.ensure_enrolled(&ids).await?;
+    let rss0 = rss_kib(o.broker_pid);
+    let bar = fleet.bar(ids.len() as u64, "connecting");
+    let run = Running::spawn(fleet, &ids, None);
+    let took = run.all_connected(o.connect_limit, &bar).await;
+    bar.finish_and_clear();
+    let rss1 = rss_kib(o.broker_pid);
+    let logs = run.finish().await;
+    let mut lat: Vec<Duration> = logs.iter().filter_map(|(_, l)| l.first_connect).collect();
+    lat.sort();
+    let mut r = Report::new("storm");
+    r.put("devices", ids.len());
+    r.put("connected", lat.len());
+    r.put("connects_per_s", lat.len() as f64 / took.as_secs_f64());
+    r.put("connect_p50_ms", ms(percentile(&lat, 0.5)));
+    r.put("connect_p99_ms", ms(percentile(&lat, 0.99)));
+    r.put("connect_max_ms", ms(percentile(&lat, 1.0)));
+    if let (Some(a), Some(b)) = (rss0, rss1) {
+        r.put(
+            "broker_rss_per_connection_kib",
+            (b.saturating_sub(a)) as f64 / lat.len().max(1) as f64,
+        );
+    }
+    r.expect(
+        lat.len() == ids.len(),
+        format!("{} of {} connected", lat.len(), ids.len()),
+    );
+    Ok(r)
+}
+
+/// `steady`: every device connects, then publishes for the duration.
+pub async fn steady(fleet: &Fleet, o: &Options) -> anyhow::Result<Report> {
+    let ids = fleet.ids(o.devices);
+    fleet.ensure_enrolled(&ids).await?;
+    let rss0 = rss_kib(o.broker_pid);
+    let period = (o.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / o.rate));
+    let bar = fleet.bar(ids.len() as u64, "connecting");
+    let run = Running::spawn(fleet, &ids, period);
+    run.all_connected(o.connect_limit, &bar).await;
+    bar.finish_and_clear();
+    let rss1 = rss_kib(o.broker_pid);
+    let sent0: u64 = run.snapshot().iter().map(|(_, l)| l.sent).sum();
+    let t0 = Instant::now();
+    tokio::time::sleep(o.duration).await;
+    let sent1: u64 = run.snapshot().iter().map(|(_, l)| l.sent).sum();
+    let secs = t0.elapsed().as_secs_f64();
+    let logs = run.finish().await;
+    let connected = logs
+        .iter()
+        .filter(|(_, l)| l.first_connect.is_some())
+        .count();
+    let dropped = logs.iter().filter(|(_, l)| l.dropped_at.is_some()).count();
+    let mut r = Report::new("steady");
+    r.put("devices", ids.len());
+    r.put("connected", connected);
+    r.put("dropped", dropped);
+    r.put("messages_per_s", (sent1 - sent0) as f64 / secs);
+    if let (Some(a), Some(b)) = (rss0, rss1) {
+        r.put(
+            "broker_rss_per_connection_kib",
+            (b.saturating_sub(a)) as f64 / connected.max(1) as f64,
+        );
+        r.put("broker_rss_mib", b as f64 / 1024.0);
+    }
+    r.expect(
+        connected == ids.len(),
+        format!("{connected} of {} connected", ids.len()),
+    );
+    r.expect(dropped == 0, format!("{dropped} connections dropped"));
+    Ok(r)
+}
+
+/// `revoke`: the fleet connects, then K devices are revoked through the API;
+/// reports how fast their connections end and that none gets back in.
+pub async fn revoke(fleet: &Fleet, o: &Options) -> anyhow::Result<Report> {
+    let ids = fleet.ids(o.devices);
+    fleet.ensure_enrolled(&ids).await?;
+    let api = fleet.api()?.clone();
+    let k = o.revoke.min(ids.len());
+    let period = (o.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / o.rate));
+    let bar = fleet.bar(ids.len() as u64, "connecting");
+    let run = Running::spawn(fleet, &ids, period);
+    run.all_connected(o.connect_limit, &bar).await;
+    bar.finish_and_clear();
+
+    let victims: Vec<String> = ids[..k].to_vec();
+    let mut calls = tokio::task::JoinSet::new();
+    for id in victims.clone() {
+        let api = api.clone();
+        calls.spawn(async move {
+            let at = Instant::now();
+            let r: anyhow::Result<Value> = api
+                .post(
+                    &format!("/v1/devices/{id}/revoke"),
+                    &json!({"reason": "key-compromise"}),
+                )
+                .await;
+            (id, at, r.is_ok())
+        });
+    }
+    let mut sent_at = BTreeMap::new();
+    let mut api_failures = 0;
+    while let Some(r) = calls.join_next().await {
+        let (id, at, ok) = r?;
+        if !ok {
+            api_failures += 1;
+        }
+        sent_at.insert(id, at);
+    }
+    // Time to be cut, then to try (and fail) to come back.
+    tokio::time::sleep(o.duration.max(Duration::from_secs(3))).await;
+    let logs = run.finish().await;
+    let by_id: BTreeMap<_, _> = logs.into_iter().collect();
+    let mut lat = Vec::new();
+    let (mut not_cut, mut came_back, mut kept_trying) = (0, 0, 0);
+    for id in &victims {
+        let l = &by_id[id];
+        match (l.dropped_at, sent_at.get(id)) {
+            (Some(d), Some(s)) => lat.push(d.saturating_duration_since(*s)),
+            _ => not_cut += 1,
+        }
+        came_back += usize::from(l.reconnected);
+        kept_trying += usize::from(!l.revoked);
+    }
+    let bystanders_dropped = ids[k..]
+        .iter()
+        .filter(|id| by_id[*id].dropped_at.is_some())
+        .count();
+    lat.sort();
+    let mut r = Report::new("revoke");
+    r.put("devices", ids.len());
+    r.put("revoked", k);
+    r.put("revoke_to_disconnect_p50_ms", ms(percentile(&lat, 0.5)));
+    r.put("revoke_to_disconnect_p99_ms", ms(percentile(&lat, 0.99)));
+    r.put("revoke_to_disconnect_max_ms", ms(percentile(&lat, 1.0)));
+    r.put("revoked_not_cut", not_cut);
+    r.put("revoked_reconnected", came_back);
+    r.put("revoked_still_retrying", kept_trying);
+    r.put("bystanders_dropped", bystanders_dropped);
+    r.expect(
+        api_failures == 0,
+        format!("{api_failures} revoke calls failed"),
+    );
+    r.expect(
+        not_cut == 0,
+        format!("{not_cut} revoked devices were not cut"),
+    );
+    r.expect(
+        came_back == 0,
+        format!("{came_back} revoked devices got back in"),
+    );
+    r.expect(
+        kept_trying == 0,
+        format!("{kept_trying} revoked devices were not refused as revoked"),
+    );
+    r.expect(
+        bystanders_dropped == 0,
+        format!("{bystanders_dropped} other devices were dropped"),
+    );
+    Ok(r)
+}
+
+/// How a rogue attempt ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Outcome {
+    /// Refused: TLS alert or error, closed, or CONNACK refusal.
+    Refused(String),
+    /// The broker let it in and kept it.
+    Accepted,
+}
+
+/// `rogue`: misbehaving devices beside well-behaved ones.
+pub async fn rogue(fleet: &Fleet, o: &Options) -> anyhow::Result<Report> {
+    let ids = fleet.ids(o.devices);
+    fleet.ensure_enrolled(&ids).await?;
+    let api = fleet.api()?.clone();
+    let rogue_dir = fleet.dir.join("rogue");
+    std::fs::create_dir_all(&rogue_dir)?;
+    let (spoofer, escaper, bloater, cloned, expired) = (
+        format!("{}rogue-spoof", fleet.prefix),
+        format!("{}rogue-escape", fleet.prefix),
+        format!("{}rogue-big", fleet.prefix),
+        format!("{}rogue-cloned", fleet.prefix),
+        format!("{}rogue-expired", fleet.prefix),
+    );
+    for id in [&spoofer, &escaper, &bloater, &cloned] {
+        if !rogue_dir.join(format!("{id}.crt")).exists() {
+            enroll_one(&api, &rogue_dir, id, None).await?;
+        }
+    }
+    let ca = enroll_one(&api, &rogue_dir, &expired, Some(1)).await?;
+    provisioning::ca::write_file(&rogue_dir.join("ca.crt"), ca.as_bytes(), false)?;
+
+    let period = (o.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / o.rate));
+    let bar = fleet.bar(ids.len() as u64, "connecting");
+    let run = Running::spawn(fleet, &ids, period);
+    run.all_connected(o.connect_limit, &bar).await;
+    bar.finish_and_clear();
+
+    let rogue_target = Target {
+        broker: fleet.broker,
+        ca: fleet.ca.clone(),
+        creds: rogue_dir.clone(),
+    };
+    let addr = fleet.broker;
+    let ca_pem = std::fs::read(&fleet.ca)?;
+    let mut outcomes: BTreeMap<&str, Outcome> = BTreeMap::new();
+
+    let foreign = foreign_identity(&ids[0], true)?;
+    outcomes.insert(
+        "foreign_ca",
+        attempt(
+            addr,
+            client_config(&ca_pem, Some(&foreign))?,
+            &connect_bytes(&ids[0]),
+        )
+        .await,
+    );
+    let selfsigned = foreign_identity(&ids[0], false)?;
+    outcomes.insert(
+        "self_signed",
+        attempt(
+            addr,
+            client_config(&ca_pem, Some(&selfsigned))?,
+            &connect_bytes(&ids[0]),
+        )
+        .await,
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await; // let the 1-second certificate expire
+    outcomes.insert(
+        "expired",
+        attempt(addr, rogue_target.tls(&expired)?, &connect_bytes(&expired)).await,
+    );
+    outcomes.insert(
+        "no_certificate",
+        attempt(addr, client_config(&ca_pem, None)?, &connect_bytes(&ids[0])).await,
+    );
+    // Its own certificate, a well-behaved device's client id.
+    outcomes.insert(
+        "client_id_spoofing",
+        attempt(addr, rogue_target.tls(&spoofer)?, &connect_bytes(&ids[0])).await,
+    );
+    let mut escape = connect_bytes(&escaper);
+    escape.extend(publish_bytes(
+        &format!("devices/{}/telemetry", ids[0]),
+        b"forged",
+    ));
+    outcomes.insert(
+        "topic_escape",
+        attempt(addr, rogue_target.tls(&escaper)?, &escape).await,
+    );
+    let mut big = connect_bytes(&bloater);
+    big.extend(publish_bytes(
+        &format!("devices/{bloater}/telemetry"),
+        &vec![b'x'; 300 * 1024],
+    ));
+    outcomes.insert(
+        "oversized_packet",
+        attempt(addr, rogue_target.tls(&bloater)?, &big).await,
+    );
+    outcomes.insert("garbage_on_tls_port", garbage(addr).await);
+
+    // A cloned certificate: the original is connected, the clone takes its
+    // session over (MQTT semantics); the original is cut and it is logged.
+    let clone_log = Arc::new(Mutex::new(DeviceLog::default()));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let original = tokio::spawn(device(
+        rogue_target.clone(),
+        cloned.clone(),
+        None,
+        Instant::now(),
+        clone_log.clone(),
+        stop_rx.clone(),
+    ));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let clone_outcome = attempt(addr, rogue_target.tls(&cloned)?, &connect_bytes(&cloned)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let original_cut = clone_log
+        .lock()
+        .map(|l| l.dropped_at.is_some())
+        .unwrap_or(false);
+    let _ = stop_tx.send(true);
+    let _ = original.await;
+
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let logs = run.finish().await;
+    let disturbed = logs
+        .iter()
+        .filter(|(_, l)| l.dropped_at.is_some() || l.connects != 1)
+        .count();
+
+    let mut r = Report::new("rogue");
+    r.put("well_behaved_devices", ids.len());
+    r.put("well_behaved_disturbed", disturbed);
+    for (name, out) in &outcomes {
+        let text = match out {
+            Outcome::Refused(why) => format!("refused: {why}"),
+            Outcome::Accepted => "ACCEPTED".to_owned(),
+        };
+        r.put(name, text);
+        r.expect(
+            matches!(out, Outcome::Refused(_)),
+            format!("{name} was accepted"),
+        );
+    }
+    r.put(
+        "cloned_certificate",
+        format!(
+            "clone {:?}; original session cut: {original_cut}",
+            clone_outcome
+        ),
+    );
+    r.expect(
+        original_cut,
+        "a cloned certificate did not take over the original session",
+    );
+    r.expect(
+        disturbed == 0,
+        format!("{disturbed} well-behaved devices were disturbed"),
+    );
+    Ok(r)
+}
+
+/// A key and certificate for `id` from a CA the broker never heard of
+/// (`from_ca`), or self-signed: (chain PEM, key PEM).
+fn foreign_identity(id: &str, from_ca: bool) -> anyhow::Result<(String, String)> {
+    use rcgen::{
+        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+        SanType,
+    };
+    let key = KeyPair::generate()?;
+    let mut leaf = CertificateParams::new(Vec::<String>::new())?;
+    leaf.subject_alt_names = vec![SanType::URI(
+        format!("urn:fleetgate:device:{id}").try_into()?,
+    )];
+    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    if !from_ca {
+        return Ok((leaf.self_signed(&key)?.pem(), key.serialize_pem()));
+    }
+    let ca_key = KeyPair::generate()?;
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key)?;
+    let issuer = Issuer::new(ca, ca_key);
+    let cert = leaf.signed_by(&key, &issuer)?;
+    Ok((
+        format!("{}{}", cert.pem(), ca_cert.pem()),
+        key.serialize_pem(),
+    ))
+}
+
+fn client_config(
+    ca_pem: &[u8],
+    identity: Option<&(String, String)>,
+) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    broker::tls::install_crypto_provider();
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca_pem) {
+        roots.add(c?)?;
+    }
+    let b = rustls::ClientConfig::builder().with_root_certificates(roots);
+    Ok(Arc::new(match identity {
+        Some((chain, key)) => {
+            let chain =
+                CertificateDer::pem_slice_iter(chain.as_bytes()).collect::<Result<Vec<_>, _>>()?;
+            b.with_client_auth_cert(chain, PrivateKeyDer::from_pem_slice(key.as_bytes())?)?
+        }
+        None => b.with_no_client_auth(),
+    }))
+}
+
+fn connect_bytes(client_id: &str) -> Vec<u8> {
+    let id = client_id.as_bytes();
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 30];
+    body.extend_from_slice(&(id.len() as u16).to_be_bytes());
+    body.extend_from_slice(id);
+    let mut p = vec![0x10];
+    push_len(&mut p, body.len());
+    p.extend(body);
+    p
+}
+
+fn publish_bytes(topic: &str, payload: &[u8]) -> Vec<u8> {
+    let mut body = (topic.len() as u16).to_be_bytes().to_vec();
+    body.extend_from_slice(topic.as_bytes());
+    body.extend_from_slice(payload);
+    let mut p = vec![0x30];
+    push_len(&mut p, body.len());
+    p.extend(body);
+    p
+}
+
+fn push_len(out: &mut Vec<u8>, mut n: usize) {
+    loop {
+        let mut b = (n % 128) as u8;
+        n /= 128;
+        if n > 0 {
+            b |= 0x80;
+        }
+        out.push(b);
+        if n == 0 {
+            break;
+        }
+    }
+}
+
+/// Connects with `config`, sends `bytes`, and sees whether the broker keeps
+/// the connection: refused if the handshake fails, the CONNACK refuses, or
+/// the connection is closed within 2 s.
+async fn attempt(addr: SocketAddr, config: Arc<rustls::ClientConfig>, bytes: &[u8]) -> Outcome {
+    let r = async {
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        let name = ServerName::IpAddress(addr.ip().into());
+        let mut tls = tokio_rustls::TlsConnector::from(config)
+            .connect(name, tcp)
+            .await?;
+        tls.write_all(bytes).await?;
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 1024];
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        loop {
+            match tokio::time::timeout_at(deadline, tls.read(&mut chunk)).await {
+                Ok(Ok(0)) => break,
+                Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+                Ok(Err(e)) if buf.is_empty() => return Err(e.into()),
+                Ok(Err(_)) => break,
+                Err(_) => return Ok::<_, anyhow::Error>(None), // still open
+            }
+        }
+        Ok(Some(buf))
+    }
+    .await;
+    match r {
+        Err(e) => Outcome::Refused(e.to_string()),
+        Ok(None) => Outcome::Accepted,
+        Ok(Some(b)) if b.len() >= 4 && b[0] == 0x20 && b[3] != 0 => {
+            Outcome::Refused(format!("CONNACK return code {}", b[3]))
+        }
+        Ok(Some(b)) if b.is_empty() => Outcome::Refused("closed without a word".into()),
+        Ok(Some(_)) => Outcome::Refused("connection closed".into()),
+    }
+}
+
+async fn garbage(addr: SocketAddr) -> Outcome {
+    let r = async {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await?;
+        tcp.write_all(b"\x16\x03\x01\x00\x05hello, this is not TLS\r\n\r\n")
+            .await?;
+        let mut buf = [0u8; 256];
+        let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf)).await??;
+        Ok::<_, anyhow::Error>(n)
+    }
+    .await;
+    match r {
+        Ok(_) => Outcome::Refused("closed".into()),
+        Err(e) if e.to_string().contains("deadline") => Outcome::Accepted,
+        Err(e) => Outcome::Refused(e.to_string()),
+    }
+}
+
+/// Checks a fleet directory exists with a CA certificate.
+pub fn check_dir(dir: &Path) -> anyhow::Result<()> {
+    if !dir.join("ca.crt").exists() {
+        bail!(
+            "{}: no ca.crt (enroll devices with --api first)",
+            dir.display()
+        );
+    }
+    Ok(())
+}
