@@ -1,0 +1,95 @@
+//! The simulated fleet against the real server: each scenario at small
+//! scale, with its outcomes asserted.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
+use std::time::Duration;
+
+use firmware_sim::fleet::{self, Fleet, Options, Report};
+use tests::Server;
+
+const DEVICES: usize = 50;
+
+fn fleet_for(server: &Server, dir: &std::path::Path) -> Fleet {
+    Fleet {
+        broker: server.mqtt,
+        ca: dir.join("ca.crt"),
+        dir: dir.to_owned(),
+        api: Some(server.admin()),
+        prefix: "sim-".into(),
+        progress: false,
+    }
+}
+
+fn options() -> Options {
+    Options {
+        devices: DEVICES,
+        rate: 2.0,
+        duration: Duration::from_secs(2),
+        revoke: 5,
+        broker_pid: None,
+        connect_limit: Duration::from_secs(60),
+    }
+}
+
+fn check(r: &Report) {
+    assert!(r.ok, "{}", r.table());
+}
+
+fn figure(r: &Report, k: &str) -> f64 {
+    r.figures[k]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{k} in {}", r.table()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_scenario_at_small_scale() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("data")).unwrap();
+    let dir = tmp.path().join("fleet");
+    let f = fleet_for(&server, &dir);
+
+    // Enrollment by CSR, credentials kept for the next run.
+    let ids = f.ids(DEVICES);
+    assert_eq!(f.ensure_enrolled(&ids).await.unwrap(), DEVICES);
+    assert_eq!(
+        f.ensure_enrolled(&ids).await.unwrap(),
+        0,
+        "second run reuses the fleet dir"
+    );
+    let key_mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(dir.join("sim-0.key"))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(key_mode & 0o777, 0o600);
+
+    // storm: everyone connects at once.
+    let r = fleet::storm(&f, &options()).await.unwrap();
+    check(&r);
+    assert_eq!(figure(&r, "connected") as usize, DEVICES);
+    assert!(figure(&r, "connects_per_s") > 0.0);
+
+    // steady: everyone publishes; nobody is dropped.
+    let r = fleet::steady(&f, &options()).await.unwrap();
+    check(&r);
+    assert_eq!(figure(&r, "dropped") as usize, 0);
+    // 50 devices at 2 msg/s: about 100 msg/s.
+    assert!(figure(&r, "messages_per_s") > 50.0, "{}", r.table());
+
+    // rogue: all refused, the well-behaved undisturbed.
+    let r = fleet::rogue(&f, &options()).await.unwrap();
+    check(&r);
+    assert_eq!(figure(&r, "well_behaved_disturbed") as usize, 0);
+
+    // revoke (last: it revokes sim-0..sim-4 for good).
+    let r = fleet::revoke(&f, &options()).await.unwrap();
+    check(&r);
+    assert_eq!(figure(&r, "revoked_reconnected") as usize, 0);
+    assert_eq!(figure(&r, "revoked_still_retrying") as usize, 0);
+    assert!(
+        figure(&r, "revoke_to_disconnect_p99_ms") < 1000.0,
+        "{}",
+        r.table()
+    );
+}
