@@ -115,7 +115,7 @@ impl Fleet {
 /// Enrolls `id` (or, if it exists already, rotates it) and writes its key
 /// and certificate: the key never leaves this process but for the file.
 /// Returns the CA certificate (PEM) the answer carried.
-async fn enroll_one(
+pub async fn enroll_one(
     api: &ApiClient,
     dir: &Path,
     id: &str,
@@ -163,6 +163,8 @@ pub struct DeviceLog {
     pub last_error: Option<String>,
     pub sent: u64,
     pub commands: u64,
+    /// Certificates renewed (rotated) before expiry.
+    pub renewals: u32,
 }
 
 /// Runs one device until `stop`: connect, subscribe to its commands,
@@ -175,8 +177,9 @@ pub async fn device(
     start: Instant,
     log: Arc<Mutex<DeviceLog>>,
     mut stop: watch::Receiver<bool>,
+    api: Option<ApiClient>,
 ) {
-    let tls = match target.tls(&id) {
+    let mut tls = match target.tls(&id) {
         Ok(t) => t,
         Err(e) => {
             set(&log, |l| l.last_error = Some(format!("credentials: {e:#}")));
@@ -187,6 +190,26 @@ pub async fn device(
     let mut backoff = Duration::from_millis(200);
     let topic = format!("devices/{id}/telemetry");
     loop {
+        // Renew once a third of the certificate's life is left (if the API
+        // is at hand), then connect with whatever is current.
+        let renew_in = renew_after(&target.creds.join(format!("{id}.crt")));
+        if renew_in == Some(Duration::ZERO) {
+            if let Some(api) = &api {
+                match renew(api, &target, &id).await {
+                    Ok(new_tls) => {
+                        tls = new_tls;
+                        set(&log, |l| l.renewals += 1);
+                        continue;
+                    }
+                    Err(e) => set(&log, |l| l.last_error = Some(format!("renewal: {e:#}"))),
+                }
+            }
+        }
+        let renew_timer = tokio::time::sleep(match (renew_in, &api) {
+            (Some(d), Some(_)) if !d.is_zero() => d,
+            _ => Duration::from_secs(365 * 86400),
+        });
+        tokio::pin!(renew_timer);
         let mut opts = MqttOptions::new(&id, target.broker.ip().to_string(), target.broker.port());
         opts.set_keep_alive(Duration::from_secs(30));
         opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
@@ -198,6 +221,12 @@ pub async fn device(
         let mut connected = false;
         let ended = loop {
             tokio::select! {
+                _ = &mut renew_timer => {
+                    // Time to renew: end this session cleanly, rotate above.
+                    let _ = client.try_disconnect();
+                    let _ = tokio::time::timeout(Duration::from_millis(200), events.poll()).await;
+                    break "renewal".to_owned();
+                }
                 _ = stop.changed() => {
                     let _ = client.try_disconnect();
                     let _ = tokio::time::timeout(Duration::from_millis(200), events.poll()).await;
@@ -228,6 +257,9 @@ pub async fn device(
                 },
             }
         };
+        if ended == "renewal" {
+            continue;
+        }
         let revoked = ended.contains("CertificateRevoked");
         set(&log, |l| {
             if connected && l.dropped_at.is_none() {
@@ -247,6 +279,55 @@ pub async fn device(
         }
         backoff = (backoff * 2).min(Duration::from_secs(10));
     }
+}
+
+/// How long until the certificate at `path` should be renewed: zero once a
+/// third or less of its lifetime is left; `None` if it cannot be read.
+fn renew_after(path: &Path) -> Option<Duration> {
+    use rustls_pki_types::pem::PemObject;
+    let der = rustls_pki_types::CertificateDer::from_pem_file(path).ok()?;
+    let info = provisioning::ca::inspect_certificate(&der).ok()?;
+    // fleetgate backdates not_before by 5 minutes for slow device clocks:
+    // the lifetime runs from issuance.
+    let issued = info.not_before + time::Duration::minutes(5);
+    let life = info.not_after - issued.min(info.not_after);
+    let renew_at = info.not_after - life / 3;
+    let now = time::OffsetDateTime::now_utc();
+    Some(if renew_at <= now {
+        Duration::ZERO
+    } else {
+        Duration::try_from(renew_at - now).unwrap_or(Duration::ZERO)
+    })
+}
+
+/// Rotates `id`'s certificate with a new local key, keeping the same
+/// lifetime, and returns the TLS config for the new credentials.
+async fn renew(
+    api: &ApiClient,
+    target: &Target,
+    id: &str,
+) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    use rustls_pki_types::pem::PemObject;
+    let path = target.creds.join(format!("{id}.crt"));
+    let der = rustls_pki_types::CertificateDer::from_pem_file(&path)?;
+    let info = provisioning::ca::inspect_certificate(&der)?;
+    // The old lifetime less the 5-minute backdating the CA applies.
+    let secs = ((info.not_after - info.not_before).whole_seconds() - 300).max(1);
+    let (key, csr) = new_key_and_csr(KeyKind::EcdsaP256, id)?;
+    let answer: Value = api
+        .post(
+            &format!("/v1/devices/{id}/rotate"),
+            &json!({"csr": csr, "lifetime_seconds": u32::try_from(secs).unwrap_or(u32::MAX)}),
+        )
+        .await?;
+    let chain = answer["chain_pem"].as_str().context("no chain_pem")?;
+    provisioning::ca::write_file(
+        &target.creds.join(format!("{id}.key")),
+        key.serialize_pem().as_bytes(),
+        true,
+    )?;
+    provisioning::ca::write_file(&path, chain.as_bytes(), false)?;
+    target.tls(id)
 }
 
 fn set(log: &Mutex<DeviceLog>, f: impl FnOnce(&mut DeviceLog)) {
@@ -292,6 +373,7 @@ impl Running {
                 start,
                 log,
                 stop_rx.clone(),
+                fleet.api.clone(),
             ));
         }
         Self {
@@ -696,6 +778,7 @@ pub async fn rogue(fleet: &Fleet, o: &Options) -> anyhow::Result<Report> {
         Instant::now(),
         clone_log.clone(),
         stop_rx.clone(),
+        None,
     ));
     tokio::time::sleep(Duration::from_millis(500)).await;
     let clone_outcome = attempt(addr, rogue_target.tls(&cloned)?, &connect_bytes(&cloned)).await;

@@ -93,3 +93,51 @@ async fn every_scenario_at_small_scale() {
         r.table()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_renew_their_certificate_before_it_expires() {
+    use std::sync::{Arc, Mutex};
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("data")).unwrap();
+    let dir = tmp.path().join("fleet");
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = fleet_for(&server, &dir);
+    // A 6-second certificate: renewed when 2 s are left.
+    let ca = fleet::enroll_one(f.api.as_ref().unwrap(), &dir, "short-lived", Some(6))
+        .await
+        .unwrap();
+    std::fs::write(dir.join("ca.crt"), ca).unwrap();
+    let first = std::fs::read(dir.join("short-lived.crt")).unwrap();
+
+    let log = Arc::new(Mutex::new(fleet::DeviceLog::default()));
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let target = firmware_sim::load::Target {
+        broker: server.mqtt,
+        ca: dir.join("ca.crt"),
+        creds: dir.clone(),
+    };
+    let task = tokio::spawn(fleet::device(
+        target,
+        "short-lived".into(),
+        None,
+        std::time::Instant::now(),
+        log.clone(),
+        stop_rx,
+        f.api.clone(),
+    ));
+    // Past the first certificate's expiry.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let l = log.lock().unwrap().clone();
+    let _ = stop.send(true);
+    let _ = task.await;
+    assert!(l.renewals >= 1, "{l:?}");
+    assert!(
+        l.connects >= 2,
+        "reconnected with the new certificate: {l:?}"
+    );
+    assert!(!l.revoked, "{l:?}");
+    assert_ne!(std::fs::read(dir.join("short-lived.crt")).unwrap(), first);
+    // The registry has the rotations.
+    let v: serde_json::Value = server.admin().get("/v1/devices/short-lived").await.unwrap();
+    assert!(v["certificates"].as_array().unwrap().len() >= 2, "{v}");
+}
