@@ -216,6 +216,12 @@ pub async fn device(
             tls.clone(),
         )));
         let (client, mut events) = AsyncClient::new(opts, 64);
+        // Patient, like a real device in a crowd: a broker busy with a
+        // connect storm answers late, and a client that gives up at the
+        // default 5 s only comes back to add to the storm.
+        let mut net = events.network_options();
+        net.set_connection_timeout(30);
+        events.set_network_options(net);
         let mut ticker = tokio::time::interval(period.unwrap_or(Duration::from_secs(3600)));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut connected = false;

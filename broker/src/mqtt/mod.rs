@@ -87,8 +87,15 @@ pub(crate) struct Shared {
     metrics: Arc<Metrics>,
     status: Arc<StatusService>,
     sessions: Sessions,
+    /// Link builds wait on the router thread from the blocking pool; this
+    /// caps how many do at once, so a connect storm cannot take the pool
+    /// from the API's registry writes (revocations).
+    link_slots: tokio::sync::Semaphore,
     cfg: MqttConfig,
 }
+
+/// Concurrent router link builds at most.
+const LINK_SLOTS: usize = 32;
 
 impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -253,6 +260,7 @@ impl Broker {
                 metrics,
                 status,
                 sessions: Sessions::default(),
+                link_slots: tokio::sync::Semaphore::new(LINK_SLOTS),
                 cfg,
             }),
         }

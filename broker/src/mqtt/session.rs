@@ -215,10 +215,14 @@ async fn session(
     }
 
     // A router link; building it waits on the router thread.
+    let Ok(slot) = shared.link_slots.acquire().await else {
+        return Err(());
+    };
     let links = shared.links.clone();
     let id = device_id.clone();
     let clean = connect.clean_session;
     let link = tokio::task::spawn_blocking(move || links(&id, clean)).await;
+    drop(slot);
     let (mut link_tx, mut link_rx, notification) = match link {
         Ok(Ok(l)) => l,
         Ok(Err(e)) => {
