@@ -497,8 +497,11 @@ async fn a_connection_ends_when_its_certificate_expires() {
     let closed = until_closed(&mut l, Duration::from_secs(8)).await;
     assert!(closed.is_some(), "still connected after expiry");
     assert!(started.elapsed() < Duration::from_secs(5));
-    let log = server.log().join("\n");
-    assert!(log.contains("certificate expired mid-session"), "{log}");
+    assert!(
+        server.wait_for_log("certificate expired mid-session", Duration::from_secs(3)),
+        "{:?}",
+        server.log()
+    );
 }
 
 #[tokio::test]
