@@ -171,8 +171,14 @@ fn mosquitto_identity_and_acl_refusals() {
         );
     }
     let log = server.log().join("\n");
-    assert!(log.contains("wrong_identity"), "{log}");
-    assert!(log.contains("subscription refused"), "{log}");
+    assert!(
+        server.wait_for_log("wrong_identity", std::time::Duration::from_secs(3)),
+        "{log}"
+    );
+    assert!(
+        server.wait_for_log("subscription refused", std::time::Duration::from_secs(3)),
+        "{log}"
+    );
 }
 
 #[tokio::test]
@@ -356,7 +362,10 @@ async fn refused_at_the_handshake_with_the_matching_alert() {
         "device is suspended",
         "serial not in the registry",
     ] {
-        assert!(log.contains(reason), "{reason} not logged: {log}");
+        assert!(
+            server.wait_for_log(reason, std::time::Duration::from_secs(3)),
+            "{reason} not logged: {log}"
+        );
     }
 }
 
@@ -549,7 +558,10 @@ async fn bad_mqtt_input_is_refused_and_the_server_stays_up() {
     connected(&mut l).await;
     let log = server.log().join("\n");
     assert!(!log.contains("panicked"), "{log}");
-    assert!(log.contains("reason=\"protocol\""), "{log}");
+    assert!(
+        server.wait_for_log("reason=\"protocol\"", std::time::Duration::from_secs(3)),
+        "{log}"
+    );
 }
 
 #[tokio::test]

@@ -377,7 +377,10 @@ async fn admin_api_refuses_device_certificates_and_anonymous_clients() {
         "client_certificate_required",
     );
     let log = server.log().join("\n");
-    assert!(log.contains("has no admin role"), "refusal logged: {log}");
+    assert!(
+        server.wait_for_log("has no admin role", std::time::Duration::from_secs(3)),
+        "refusal logged: {log}"
+    );
 
     // curl, as the README shows it.
     require_tool("curl");

@@ -300,7 +300,10 @@ fn bad_ocsp_requests_get_specific_answers_never_a_crash() {
     assert_eq!(summary.certs, vec![(serial_of(&a), "good")]);
     let log = server.log().join("\n");
     assert!(!log.contains("panicked"), "{log}");
-    assert!(log.contains("malformedRequest"), "{log}");
+    assert!(
+        server.wait_for_log("malformedRequest", std::time::Duration::from_secs(3)),
+        "{log}"
+    );
 }
 
 #[tokio::test]
