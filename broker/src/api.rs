@@ -333,6 +333,23 @@ impl AppState {
         }
     }
 
+    /// The answer to an enrollment or rotation.
+    fn enrolled(
+        &self,
+        device: DeviceView,
+        cert: provisioning::IssuedCert,
+    ) -> (StatusCode, Json<Enrolled>) {
+        (
+            StatusCode::CREATED,
+            Json(Enrolled {
+                device,
+                serial: cert.serial,
+                chain_pem: cert.chain_pem,
+                ca_pem: self.auth.ca.root_pem().to_owned(),
+            }),
+        )
+    }
+
     /// After any registry write: cached OCSP answers and the CRL are stale.
     fn changed(&self) {
         self.status.invalidate();
@@ -377,15 +394,7 @@ async fn enroll(
     })
     .await?;
     st.changed();
-    Ok((
-        StatusCode::CREATED,
-        Json(Enrolled {
-            device,
-            serial: cert.serial,
-            chain_pem: cert.chain_pem,
-            ca_pem: st.auth.ca.root_pem().to_owned(),
-        }),
-    ))
+    Ok(st.enrolled(device, cert))
 }
 
 #[derive(Deserialize, Debug)]
@@ -414,15 +423,7 @@ async fn rotate(
     })
     .await?;
     st.changed();
-    Ok((
-        StatusCode::CREATED,
-        Json(Enrolled {
-            device,
-            serial: cert.serial,
-            chain_pem: cert.chain_pem,
-            ca_pem: st.auth.ca.root_pem().to_owned(),
-        }),
-    ))
+    Ok(st.enrolled(device, cert))
 }
 
 async fn show(
@@ -456,19 +457,36 @@ async fn list(
     )?))
 }
 
+/// Runs a registry state change as `admin` on the blocking pool and returns
+/// the device as it is afterwards.
+async fn transition(
+    st: &AppState,
+    admin: &Admin,
+    id: String,
+    change: impl FnOnce(
+            &provisioning::Registry,
+            &DeviceId,
+            &str,
+        ) -> Result<provisioning::DeviceRecord, Error>
+        + Send
+        + 'static,
+) -> Result<DeviceView, ApiError> {
+    let id = device_id(id)?;
+    let auth = st.auth.clone();
+    let actor = admin.actor();
+    blocking(move || {
+        change(&auth.registry, &id, &actor)?;
+        auth.registry.device_view(&id)
+    })
+    .await
+}
+
 async fn suspend(
     State(st): State<AppState>,
     admin: Admin,
     Path(id): Path<String>,
 ) -> Result<Json<DeviceView>, ApiError> {
-    let id = device_id(id)?;
-    let auth = st.auth.clone();
-    let actor = admin.actor();
-    let view = blocking(move || {
-        auth.registry.suspend(&id, &actor)?;
-        auth.registry.device_view(&id)
-    })
-    .await?;
+    let view = transition(&st, &admin, id, |r, id, actor| r.suspend(id, actor)).await?;
     st.publish(Change::DeviceOut {
         id: view.id.clone(),
         status: view.status,
@@ -481,14 +499,7 @@ async fn resume(
     admin: Admin,
     Path(id): Path<String>,
 ) -> Result<Json<DeviceView>, ApiError> {
-    let id = device_id(id)?;
-    let auth = st.auth.clone();
-    let actor = admin.actor();
-    let view = blocking(move || {
-        auth.registry.resume(&id, &actor)?;
-        auth.registry.device_view(&id)
-    })
-    .await?;
+    let view = transition(&st, &admin, id, |r, id, actor| r.resume(id, actor)).await?;
     st.changed();
     Ok(Json(view))
 }
@@ -513,13 +524,9 @@ async fn revoke(
     Path(id): Path<String>,
     Body(body): Body<RevokeBody>,
 ) -> Result<Json<DeviceView>, ApiError> {
-    let id = device_id(id)?;
     let reason = reason(&body)?;
-    let auth = st.auth.clone();
-    let actor = admin.actor();
-    let view = blocking(move || {
-        auth.registry.revoke(&id, reason, &actor)?;
-        auth.registry.device_view(&id)
+    let view = transition(&st, &admin, id, move |r, id, actor| {
+        r.revoke(id, reason, actor)
     })
     .await?;
     tracing::info!(device.id = %view.id, reason = %reason, by = %admin.id, "revoked");

@@ -21,6 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
 use crate::load::{percentile, Target};
+use crate::wire;
 
 /// Where the fleet lives and what it talks to.
 #[derive(Clone, Debug)]
@@ -725,7 +726,7 @@ pub async fn rogue(fleet: &Fleet, o: &Options) -> anyhow::Result<Report> {
         attempt(
             addr,
             client_config(&ca_pem, Some(&foreign))?,
-            &connect_bytes(&ids[0]),
+            &wire::connect(&ids[0]),
         )
         .await,
     );
@@ -735,26 +736,26 @@ pub async fn rogue(fleet: &Fleet, o: &Options) -> anyhow::Result<Report> {
         attempt(
             addr,
             client_config(&ca_pem, Some(&selfsigned))?,
-            &connect_bytes(&ids[0]),
+            &wire::connect(&ids[0]),
         )
         .await,
     );
     tokio::time::sleep(Duration::from_millis(1500)).await; // let the 1-second certificate expire
     outcomes.insert(
         "expired",
-        attempt(addr, rogue_target.tls(&expired)?, &connect_bytes(&expired)).await,
+        attempt(addr, rogue_target.tls(&expired)?, &wire::connect(&expired)).await,
     );
     outcomes.insert(
         "no_certificate",
-        attempt(addr, client_config(&ca_pem, None)?, &connect_bytes(&ids[0])).await,
+        attempt(addr, client_config(&ca_pem, None)?, &wire::connect(&ids[0])).await,
     );
     // Its own certificate, a well-behaved device's client id.
     outcomes.insert(
         "client_id_spoofing",
-        attempt(addr, rogue_target.tls(&spoofer)?, &connect_bytes(&ids[0])).await,
+        attempt(addr, rogue_target.tls(&spoofer)?, &wire::connect(&ids[0])).await,
     );
-    let mut escape = connect_bytes(&escaper);
-    escape.extend(publish_bytes(
+    let mut escape = wire::connect(&escaper);
+    escape.extend(wire::publish(
         &format!("devices/{}/telemetry", ids[0]),
         b"forged",
     ));
@@ -762,8 +763,8 @@ pub async fn rogue(fleet: &Fleet, o: &Options) -> anyhow::Result<Report> {
         "topic_escape",
         attempt(addr, rogue_target.tls(&escaper)?, &escape).await,
     );
-    let mut big = connect_bytes(&bloater);
-    big.extend(publish_bytes(
+    let mut big = wire::connect(&bloater);
+    big.extend(wire::publish(
         &format!("devices/{bloater}/telemetry"),
         &vec![b'x'; 300 * 1024],
     ));
@@ -787,7 +788,7 @@ pub async fn rogue(fleet: &Fleet, o: &Options) -> anyhow::Result<Report> {
         None,
     ));
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let clone_outcome = attempt(addr, rogue_target.tls(&cloned)?, &connect_bytes(&cloned)).await;
+    let clone_outcome = attempt(addr, rogue_target.tls(&cloned)?, &wire::connect(&cloned)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let original_cut = clone_log
         .lock()
@@ -883,41 +884,6 @@ fn client_config(
         }
         None => b.with_no_client_auth(),
     }))
-}
-
-fn connect_bytes(client_id: &str) -> Vec<u8> {
-    let id = client_id.as_bytes();
-    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 30];
-    body.extend_from_slice(&(id.len() as u16).to_be_bytes());
-    body.extend_from_slice(id);
-    let mut p = vec![0x10];
-    push_len(&mut p, body.len());
-    p.extend(body);
-    p
-}
-
-fn publish_bytes(topic: &str, payload: &[u8]) -> Vec<u8> {
-    let mut body = (topic.len() as u16).to_be_bytes().to_vec();
-    body.extend_from_slice(topic.as_bytes());
-    body.extend_from_slice(payload);
-    let mut p = vec![0x30];
-    push_len(&mut p, body.len());
-    p.extend(body);
-    p
-}
-
-fn push_len(out: &mut Vec<u8>, mut n: usize) {
-    loop {
-        let mut b = (n % 128) as u8;
-        n /= 128;
-        if n > 0 {
-            b |= 0x80;
-        }
-        out.push(b);
-        if n == 0 {
-            break;
-        }
-    }
 }
 
 /// Connects with `config`, sends `bytes`, and sees whether the broker keeps

@@ -2,3 +2,4 @@
 
 pub mod fleet;
 pub mod load;
+pub mod wire;

@@ -81,7 +81,7 @@ pub async fn connect_storm(
     let mut workers = tokio::task::JoinSet::new();
     for id in ids {
         let config = target.tls(id)?;
-        let connect = mqtt_connect(id);
+        let connect = crate::wire::connect(id);
         let (addr, left, failures) = (target.broker, left.clone(), failures.clone());
         workers.spawn(async move {
             let mut latencies = Vec::new();
@@ -114,17 +114,6 @@ pub async fn connect_storm(
     })
 }
 
-/// An MQTT 3.1.1 CONNECT: clean session, keep-alive 30 s.
-fn mqtt_connect(client_id: &str) -> Vec<u8> {
-    let id = client_id.as_bytes();
-    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 30];
-    body.extend_from_slice(&(id.len() as u16).to_be_bytes());
-    body.extend_from_slice(id);
-    let mut p = vec![0x10, body.len() as u8];
-    p.extend(body);
-    p
-}
-
 async fn one_connect(
     addr: SocketAddr,
     config: Arc<ClientConfig>,
@@ -142,7 +131,7 @@ async fn one_connect(
     if connack[0] != 0x20 || connack[3] != 0 {
         bail!("refused: CONNACK {connack:02x?}");
     }
-    tls.write_all(&[0xe0, 0x00]).await?;
+    tls.write_all(&crate::wire::DISCONNECT).await?;
     let _ = tls.shutdown().await;
     Ok(())
 }

@@ -294,15 +294,7 @@ pub mod mqtt {
     }
 
     /// A 3.1.1 CONNECT with this client id, keep-alive 30 s, clean session.
-    pub fn connect_packet(client_id: &str) -> Vec<u8> {
-        let id = client_id.as_bytes();
-        let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 30];
-        body.extend_from_slice(&(id.len() as u16).to_be_bytes());
-        body.extend_from_slice(id);
-        let mut p = vec![0x10, body.len() as u8];
-        p.extend(body);
-        p
-    }
+    pub use firmware_sim::wire::connect as connect_packet;
 
     /// Opens TLS with `config`, sends `bytes`, and reports what came back:
     /// `Ok(bytes read)` or `Err(the TLS or IO error)`, e.g. a TLS alert.
