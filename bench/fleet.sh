@@ -16,6 +16,7 @@ STEADY=${STEADY:-10000}
 DURATION=${DURATION:-20}
 REVOKE_OF=${REVOKE_OF:-500}
 REVOKE=${REVOKE:-50}
+CONNECT_LIMIT=${CONNECT_LIMIT:-120}
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
 cargo build --release -q -p broker -p firmware-sim
@@ -46,7 +47,10 @@ n=$(( STORM > STEADY ? STORM : STEADY ))
 sim() { # broker pid json scenario args...
     local broker=$1 pid=$2 json=$3
     shift 3
-    "$SIM" run --fleet "$fleet" --broker "$broker" --broker-pid "$pid" --quiet --json "$json" "$@"
+    # A scenario that misses its expectations still writes its figures: the
+    # report below shows them (connected counts included).
+    "$SIM" run --fleet "$fleet" --broker "$broker" --broker-pid "$pid" --quiet --json "$json" "$@" \
+        || echo "($(basename "$json" .json): expectations not met, see the figures)" >&2
 }
 
 echo "enrolling $n devices ..." >&2
@@ -57,7 +61,7 @@ echo "enrolled + one storm in $(echo "$(date +%s.%N) - $t0" | bc) s" >&2
 
 sim "$fg_mqtt" $fg_pid "$work/fg-storm.json" --scenario storm --devices "$STORM" >/dev/null
 sim "$fg_mqtt" $fg_pid "$work/fg-steady.json" --scenario steady --devices "$STEADY" \
-    --rate 0.1 --duration "$DURATION" --connect-limit 300 >/dev/null
+    --rate 0.1 --duration "$DURATION" --connect-limit "$CONNECT_LIMIT" >/dev/null
 sim "$fg_mqtt" $fg_pid "$work/fg-revoke.json" --scenario revoke --devices "$REVOKE_OF" \
     --revoke "$REVOKE" --prefix rv- --duration 3 >/dev/null
 kill $fg_pid; wait $fg_pid 2>/dev/null || true
@@ -85,7 +89,7 @@ pids+=($mq_pid)
 for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/38884) 2>/dev/null && break; sleep 0.1; done
 sim 127.0.0.1:38884 $mq_pid "$work/mq-storm.json" --scenario storm --devices "$STORM" >/dev/null
 sim 127.0.0.1:38884 $mq_pid "$work/mq-steady.json" --scenario steady --devices "$STEADY" \
-    --rate 0.1 --duration "$DURATION" --connect-limit 300 >/dev/null
+    --rate 0.1 --duration "$DURATION" --connect-limit "$CONNECT_LIMIT" >/dev/null
 
 python3 - "$work" "$STORM" "$STEADY" "$DURATION" "$REVOKE_OF" "$REVOKE" <<'PY'
 import json, sys, os
@@ -101,7 +105,7 @@ def row(label, a, b, fmt="{:,.1f}"):
 row("storm connects/s", fs["connects_per_s"], ms["connects_per_s"])
 row("storm connect p99 ms", fs["connect_p99_ms"], ms["connect_p99_ms"])
 row("storm connected", fs["connected"], ms["connected"], "{:,.0f}")
-row("steady connected", fst["connected"], mst["connected"], "{:,.0f}")
+row("steady connected (of %s)" % steady, fst["connected"], mst["connected"], "{:,.0f}")
 row("steady dropped", fst["dropped"], mst["dropped"], "{:,.0f}")
 row("steady messages/s", fst["messages_per_s"], mst["messages_per_s"])
 row("broker RSS per connection KiB", fst.get("broker_rss_per_connection_kib", 0), mst.get("broker_rss_per_connection_kib", 0))

@@ -326,26 +326,33 @@ async fn session(
         other => tracing::info!(end = ?other, "mqtt: disconnected"),
     }
 
-    // End the router session, publishing the will on an unclean end.
-    if end.router_session_live() {
-        if let Some(LastWill {
-            topic,
-            message,
-            retain,
-            ..
-        }) = will
-        {
-            if !matches!(end, End::Kicked(_)) {
-                let _ = link_tx
-                    .send(Packet::Publish(Publish::new(topic, message, retain), None))
-                    .await;
-            }
-        }
-        let _ = link_tx
-            .send(Packet::Disconnect(normal_disconnect(), None))
-            .await;
-    }
+    // The client first: its connection ends now, whatever the router is
+    // doing (a kicked device must be cut at once, even under load).
     let _ = tokio::time::timeout(Duration::from_secs(1), s.stream.shutdown()).await;
+    drop(s);
+
+    // Then end the router session, publishing the will on an unclean end.
+    // `LinkTx::send` blocks while the router's queue is full: on the blocking
+    // pool, so a busy router never stalls the async workers.
+    if end.router_session_live() {
+        let will = will.filter(|_| !matches!(end, End::Kicked(_)));
+        let handle = tokio::runtime::Handle::current();
+        let _ = tokio::task::spawn_blocking(move || {
+            let _link_rx = link_rx;
+            if let Some(LastWill {
+                topic,
+                message,
+                retain,
+                ..
+            }) = will
+            {
+                let will = Packet::Publish(Publish::new(topic, message, retain), None);
+                let _ = handle.block_on(link_tx.send(will));
+            }
+            let _ = handle.block_on(link_tx.send(Packet::Disconnect(normal_disconnect(), None)));
+        })
+        .await;
+    }
     Ok(())
 }
 
