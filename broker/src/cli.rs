@@ -71,6 +71,9 @@ struct ServeArgs {
     /// OCSP responder and CRL address (plain HTTP).
     #[arg(long, default_value = "127.0.0.1:8080")]
     ocsp_listen: SocketAddr,
+    /// Prometheus metrics address (plain HTTP, GET /metrics); off unless given.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
     /// Public base URL of the OCSP/CRL service, written into issued
     /// certificates (default: http://OCSP_LISTEN).
     #[arg(long)]
@@ -270,6 +273,7 @@ async fn serve_cmd(args: ServeArgs) -> ExitCode {
         api_listen: args.api_listen,
         mqtt_listen: args.mqtt_listen,
         ocsp_listen: args.ocsp_listen,
+        metrics_listen: args.metrics_listen,
         public_url: args.public_url,
         server_sans: args.sans,
         cert_lifetime: time::Duration::days(args.cert_lifetime_days.into()),
@@ -295,8 +299,12 @@ async fn serve_cmd(args: ServeArgs) -> ExitCode {
         }
     };
     // One machine-readable line on stdout once every listener is bound.
+    let metrics = server
+        .metrics_addr()
+        .map(|a| format!(" metrics={a}"))
+        .unwrap_or_default();
     println!(
-        "listening api={} mqtt={} ocsp={}",
+        "listening api={} mqtt={} ocsp={}{metrics}",
         server.api_addr(),
         server.mqtt_addr(),
         server.ocsp_addr()

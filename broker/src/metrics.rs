@@ -106,3 +106,110 @@ impl Metrics {
         }
     }
 }
+
+impl Metrics {
+    /// The Prometheus text exposition format (version 0.0.4).
+    pub fn prometheus(&self, devices: usize, live_sessions: usize) -> String {
+        use std::fmt::Write;
+        let s = self.snapshot();
+        let mut out = String::with_capacity(2048);
+        let mut metric = |name: &str, kind: &str, help: &str, value: String| {
+            // Writing to a String cannot fail.
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
+        };
+        metric(
+            "fleetgate_devices",
+            "gauge",
+            "Devices, services and admins in the registry.",
+            devices.to_string(),
+        );
+        metric(
+            "fleetgate_mqtt_sessions",
+            "gauge",
+            "Live MQTT sessions.",
+            live_sessions.to_string(),
+        );
+        metric(
+            "fleetgate_mqtt_connections_open",
+            "gauge",
+            "Open MQTT connections, handshaking or in session.",
+            s.connections_open.to_string(),
+        );
+        metric(
+            "fleetgate_mqtt_handshakes_total",
+            "counter",
+            "Completed mutual-TLS handshakes.",
+            s.handshakes.to_string(),
+        );
+        metric(
+            "fleetgate_mqtt_sessions_total",
+            "counter",
+            "MQTT sessions started.",
+            s.sessions.to_string(),
+        );
+        metric(
+            "fleetgate_mqtt_kicked_total",
+            "counter",
+            "Sessions cut by a revocation or suspension.",
+            s.kicked.to_string(),
+        );
+        metric(
+            "fleetgate_mqtt_taken_over_total",
+            "counter",
+            "Sessions taken over by a newer connection.",
+            s.taken_over.to_string(),
+        );
+        metric(
+            "fleetgate_ocsp_responses_total",
+            "counter",
+            "OCSP responses sent (HTTP and MQTT).",
+            s.ocsp_responses.to_string(),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP fleetgate_refusals_total Refused clients and packets, by reason."
+        );
+        let _ = writeln!(out, "# TYPE fleetgate_refusals_total counter");
+        for (reason, n) in &s.refusals {
+            let _ = writeln!(out, "fleetgate_refusals_total{{reason=\"{reason}\"}} {n}");
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prometheus_text() {
+        let m = Metrics::default();
+        m.refused(Refusal::Revoked);
+        m.refused(Refusal::Revoked);
+        m.handshakes.fetch_add(3, Ordering::Relaxed);
+        let text = m.prometheus(7, 2);
+        assert!(text.contains("fleetgate_devices 7\n"), "{text}");
+        assert!(text.contains("fleetgate_mqtt_sessions 2\n"), "{text}");
+        assert!(
+            text.contains("fleetgate_mqtt_handshakes_total 3\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("fleetgate_refusals_total{reason=\"revoked\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("fleetgate_refusals_total{reason=\"acl\"} 0\n"),
+            "{text}"
+        );
+        // Every sample line is `name{labels} value`.
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let (name, value) = line.rsplit_once(' ').unwrap();
+            assert!(name.starts_with("fleetgate_"), "{line}");
+            assert!(value.parse::<f64>().is_ok(), "{line}");
+        }
+    }
+}

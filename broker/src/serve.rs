@@ -26,6 +26,8 @@ pub struct ServeConfig {
     pub api_listen: SocketAddr,
     pub mqtt_listen: SocketAddr,
     pub ocsp_listen: SocketAddr,
+    /// Prometheus metrics (plain HTTP, `GET /metrics`); off when `None`.
+    pub metrics_listen: Option<SocketAddr>,
     /// Base URL written into certificates for OCSP and CRLs; default
     /// `http://<ocsp listen address>`.
     pub public_url: Option<String>,
@@ -43,6 +45,7 @@ pub struct Server {
     api: TcpListener,
     mqtt: TcpListener,
     ocsp: TcpListener,
+    prometheus: Option<TcpListener>,
     metrics: Arc<Metrics>,
     status: Arc<StatusService>,
 }
@@ -82,7 +85,16 @@ impl Server {
         let mqtt = TcpListener::bind(cfg.mqtt_listen)
             .await
             .with_context(|| format!("binding MQTT to {}", cfg.mqtt_listen))?;
+        let prometheus = match cfg.metrics_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding metrics to {addr}"))?,
+            ),
+            None => None,
+        };
         Ok(Self {
+            prometheus,
             cfg,
             auth,
             api,
@@ -100,6 +112,10 @@ impl Server {
 
     pub fn mqtt_addr(&self) -> SocketAddr {
         self.mqtt.local_addr().unwrap_or(self.cfg.mqtt_listen)
+    }
+
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.prometheus.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     pub fn ocsp_addr(&self) -> SocketAddr {
@@ -125,7 +141,7 @@ impl Server {
             auth: self.auth.clone(),
             cert_lifetime: self.cfg.cert_lifetime,
             changes,
-            metrics,
+            metrics: metrics.clone(),
             tls: tls.clone(),
             broker: broker.clone(),
             status: self.status.clone(),
@@ -164,6 +180,37 @@ impl Server {
                 }
             })
         };
+        let prometheus = self.prometheus.map(|listener| {
+            let mut shutdown = shutdown.clone();
+            let (metrics, broker, auth) = (metrics.clone(), broker.clone(), self.auth.clone());
+            let app = axum::Router::new().route(
+                "/metrics",
+                axum::routing::get(move || {
+                    let text =
+                        metrics.prometheus(auth.registry.device_count(), broker.live_sessions());
+                    async move {
+                        (
+                            [(
+                                axum::http::header::CONTENT_TYPE,
+                                "text/plain; version=0.0.4",
+                            )],
+                            text,
+                        )
+                    }
+                }),
+            );
+            tokio::spawn(async move {
+                let stop = async move {
+                    let _ = shutdown.wait_for(|s| *s).await;
+                };
+                if let Err(e) = axum::serve(listener, app)
+                    .with_graceful_shutdown(stop)
+                    .await
+                {
+                    tracing::error!(error = %e, "metrics listener failed");
+                }
+            })
+        });
         let mqtt = {
             let broker = broker.clone();
             let rx = tls.mqtt();
@@ -183,6 +230,9 @@ impl Server {
         // The API is down: nothing publishes changes any more.
         let _ = mqtt.await;
         let _ = ocsp.await;
+        if let Some(p) = prometheus {
+            let _ = p.await;
+        }
         follower.abort();
         upkeep.abort();
         let auth = self.auth.clone();

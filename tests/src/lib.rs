@@ -45,6 +45,8 @@ pub struct Server {
     pub api: SocketAddr,
     pub mqtt: SocketAddr,
     pub ocsp: SocketAddr,
+    /// With `--metrics-listen`.
+    pub metrics: Option<SocketAddr>,
     pub data_dir: PathBuf,
     stderr: mpsc::Receiver<String>,
     seen: std::cell::RefCell<Vec<String>>,
@@ -118,6 +120,7 @@ impl Server {
             api: addr("api=")?,
             mqtt: addr("mqtt=")?,
             ocsp: addr("ocsp=")?,
+            metrics: addr("metrics=").ok(),
             child,
             data_dir: data_dir.to_owned(),
             stderr: err_rx,

@@ -625,3 +625,42 @@ fn sigterm_closes_connections_and_exits_cleanly() {
     );
     let _ = out;
 }
+
+#[tokio::test]
+async fn prometheus_metrics_count_sessions_and_refusals() {
+    require_tool("curl");
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start_with(
+        &tmp.path().join("data"),
+        &["--metrics-listen", "127.0.0.1:0"],
+    )
+    .unwrap();
+    let dev = server.enroll(tmp.path(), "device", "dev-1");
+    let gone = server.enroll(tmp.path(), "device", "gone");
+    server.cli_ok(&["device", "revoke", "gone"]);
+    let (_c, mut l) = client(server.mqtt, &dev, "dev-1");
+    connected(&mut l).await;
+    let (_g, mut refused) = client(server.mqtt, &gone, "gone");
+    let _ = until_closed(&mut refused, Duration::from_secs(5)).await;
+
+    let url = format!(
+        "http://{}/metrics",
+        server.metrics.expect("metrics address")
+    );
+    let (ok, text) = tests::run(Command::new("curl").args(["-sS", &url]));
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("# TYPE fleetgate_refusals_total counter"),
+        "{text}"
+    );
+    assert!(text.contains("fleetgate_mqtt_sessions 1\n"), "{text}");
+    // admin, dev-1, gone
+    assert!(text.contains("fleetgate_devices 3\n"), "{text}");
+    let revoked: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("fleetgate_refusals_total{reason=\"revoked\"} "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(revoked >= 1, "{text}");
+}
