@@ -164,24 +164,13 @@ impl Server {
             self.cfg.server_sans.clone(),
             shutdown.clone(),
         ));
-        let ocsp = {
-            let mut shutdown = shutdown.clone();
-            let app = status::router(self.status.clone());
-            let listener = self.ocsp;
-            tokio::spawn(async move {
-                let stop = async move {
-                    let _ = shutdown.wait_for(|s| *s).await;
-                };
-                if let Err(e) = axum::serve(listener, app)
-                    .with_graceful_shutdown(stop)
-                    .await
-                {
-                    tracing::error!(error = %e, "ocsp listener failed");
-                }
-            })
-        };
+        let ocsp = serve_http(
+            "ocsp",
+            self.ocsp,
+            status::router(self.status.clone()),
+            shutdown.clone(),
+        );
         let prometheus = self.prometheus.map(|listener| {
-            let mut shutdown = shutdown.clone();
             let (metrics, broker, auth) = (metrics.clone(), broker.clone(), self.auth.clone());
             let app = axum::Router::new().route(
                 "/metrics",
@@ -199,17 +188,7 @@ impl Server {
                     }
                 }),
             );
-            tokio::spawn(async move {
-                let stop = async move {
-                    let _ = shutdown.wait_for(|s| *s).await;
-                };
-                if let Err(e) = axum::serve(listener, app)
-                    .with_graceful_shutdown(stop)
-                    .await
-                {
-                    tracing::error!(error = %e, "metrics listener failed");
-                }
-            })
+            serve_http("metrics", listener, app, shutdown.clone())
         });
         let mqtt = {
             let broker = broker.clone();
@@ -242,6 +221,26 @@ impl Server {
         tracing::info!("stopped; registry flushed");
         Ok(())
     }
+}
+
+/// Serves a plain-HTTP router until `shutdown` turns true.
+fn serve_http(
+    name: &'static str,
+    listener: TcpListener,
+    app: axum::Router,
+    mut shutdown: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let stop = async move {
+            let _ = shutdown.wait_for(|s| *s).await;
+        };
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(stop)
+            .await
+        {
+            tracing::error!(listener = name, error = %e, "listener failed");
+        }
+    })
 }
 
 /// Renews the server certificate before it expires, and reloads TLS on

@@ -198,7 +198,9 @@ impl Responder {
             .and_then(|exts| exts.iter().find(|e| e.extn_id == NONCE).cloned());
 
         let now = OffsetDateTime::now_utc();
-        if nonce.is_none() {
+        // Only answers to nonce-less requests may be replayed (RFC 5019).
+        let cacheable = nonce.is_none();
+        if cacheable {
             if let Some((resp, expires)) = self.lock_cache().get(der) {
                 if *expires > now + Duration::minutes(5) {
                     return Ok(resp.clone());
@@ -206,6 +208,7 @@ impl Responder {
             }
         }
 
+        let (this_update, next_update) = (gtime(now)?, gtime(now + RESPONSE_VALIDITY)?);
         let mut responses = Vec::with_capacity(list.len());
         let mut any_ours = false;
         for r in list {
@@ -221,8 +224,8 @@ impl Responder {
             responses.push(SingleResponse {
                 cert_id: id.clone(),
                 cert_status: status,
-                this_update: gtime(now)?,
-                next_update: Some(gtime(now + RESPONSE_VALIDITY)?),
+                this_update,
+                next_update: Some(next_update),
                 single_extensions: None,
             });
         }
@@ -232,7 +235,7 @@ impl Responder {
         let tbs = ResponseData {
             version: Default::default(),
             responder_id: self.responder_id.clone(),
-            produced_at: gtime(now)?,
+            produced_at: this_update,
             responses,
             response_extensions: nonce.map(|n| vec![n]),
         };
@@ -256,12 +259,7 @@ impl Responder {
         let resp = OcspResponse::successful(basic)
             .and_then(|r| r.to_der())
             .map_err(|e| Refusal::Internal(format!("encoding: {e}")))?;
-        if !req
-            .tbs_request
-            .request_extensions
-            .as_ref()
-            .is_some_and(|e| e.iter().any(|e| e.extn_id == NONCE))
-        {
+        if cacheable {
             let mut cache = self.lock_cache();
             if cache.len() >= CACHE_ENTRIES {
                 cache.clear();
