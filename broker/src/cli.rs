@@ -43,6 +43,12 @@ enum Command {
     /// Manage backend services (role `service`) through the admin API.
     #[command(subcommand)]
     Service(ServiceCmd),
+    /// Manage manufacturers and their CAs through the admin API.
+    #[command(subcommand)]
+    Manufacturer(ManufacturerCmd),
+    /// Manage factory claims (shared certificates that can only provision).
+    #[command(subcommand)]
+    Claim(ClaimCmd),
     /// Read the audit log.
     Audit {
         #[command(flatten)]
@@ -200,6 +206,31 @@ enum DeviceCmd {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Approve a device that registered itself just in time as pending.
+    Approve {
+        id: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Sign a directory of CSRs in one call: DIR/<id>.csr (PEM) each, the
+    /// file name being the device id. Writes OUT/<id>.crt; a bad CSR is
+    /// reported by name and the rest go on (exit 1 if any failed).
+    EnrollBatch {
+        /// Sign with this manufacturer's CA (one `manufacturer create` made).
+        #[arg(long)]
+        manufacturer: Option<String>,
+        #[arg(long)]
+        csr_dir: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        lifetime_days: Option<u32>,
+        /// CSRs per API call.
+        #[arg(long, default_value_t = 1000)]
+        chunk: usize,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// Revoke a device and all its certificates. Final.
     Revoke {
         id: String,
@@ -216,6 +247,73 @@ enum DeviceCmd {
         serial: String,
         #[arg(long, default_value = "unspecified")]
         reason: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ManufacturerCmd {
+    /// Issue an intermediate CA for a manufacturer (pathLen 0, device
+    /// certificates only). Writes OUT/NAME.crt and OUT/NAME.key (0600).
+    Create {
+        name: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// Just-in-time registration: auto-activate or pending.
+        #[arg(long, default_value = "auto-activate")]
+        policy: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Get a proof-of-possession challenge for registering NAME's own CA.
+    Challenge {
+        name: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Register a manufacturer's own CA. Needs proof of possession: a
+    /// certificate with CN=<challenge> signed by the CA's key.
+    Register {
+        name: String,
+        #[arg(long)]
+        ca_cert: PathBuf,
+        #[arg(long)]
+        verification_cert: Option<PathBuf>,
+        #[arg(long, default_value = "auto-activate")]
+        policy: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Revoke a manufacturer: every device under it is refused and cut.
+    Revoke {
+        name: String,
+        #[arg(long, default_value = "ca-compromise")]
+        reason: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// List manufacturers.
+    List {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ClaimCmd {
+    /// Issue a claim certificate good for USES device provisionings over
+    /// MQTT. Writes OUT/ID.crt and OUT/ID.key.
+    Create {
+        id: String,
+        #[arg(long)]
+        uses: u32,
+        #[arg(long)]
+        manufacturer: Option<String>,
+        #[arg(long)]
+        out: PathBuf,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -396,6 +494,64 @@ async fn client_cmd(cmd: Command) -> anyhow::Result<()> {
             println!("{} is {}", v.id, v.status);
             Ok(())
         }
+        Command::Device(DeviceCmd::Approve { id, api }) => {
+            let id = DeviceId::try_new(id)?;
+            let v: DeviceView = api
+                .client()?
+                .post(&format!("/v1/devices/{id}/approve"), &json!({}))
+                .await?;
+            println!("{} is {}", v.id, v.status);
+            Ok(())
+        }
+        Command::Device(DeviceCmd::EnrollBatch {
+            manufacturer,
+            csr_dir,
+            out,
+            lifetime_days,
+            chunk,
+            api,
+        }) => enroll_batch(manufacturer, &csr_dir, &out, lifetime_days, chunk, &api).await,
+        Command::Manufacturer(cmd) => manufacturer_cmd(cmd).await,
+        Command::Claim(ClaimCmd::Create {
+            id,
+            uses,
+            manufacturer,
+            out,
+            api,
+        }) => {
+            let id = DeviceId::try_new(id)?;
+            let (key, csr) = new_key_and_csr(KeyKind::EcdsaP256, id.as_str())?;
+            let issued: serde_json::Value = api
+                .client()?
+                .post(
+                    "/v1/claims",
+                    &json!({"id": id, "csr": csr, "uses": uses, "manufacturer": manufacturer}),
+                )
+                .await?;
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            write_file(
+                &out.join(format!("{id}.key")),
+                key.serialize_pem().as_bytes(),
+                true,
+            )?;
+            write_file(
+                &out.join(format!("{id}.crt")),
+                issued["chain_pem"].as_str().unwrap_or_default().as_bytes(),
+                false,
+            )?;
+            write_file(
+                &out.join("ca.crt"),
+                issued["ca_pem"].as_str().unwrap_or_default().as_bytes(),
+                false,
+            )?;
+            println!(
+                "claim {id}: {} uses, serial {}, certificate {}",
+                uses,
+                issued["serial"].as_str().unwrap_or("?"),
+                out.join(format!("{id}.crt")).display()
+            );
+            Ok(())
+        }
         Command::Device(DeviceCmd::Revoke { id, reason, api }) => {
             let id = DeviceId::try_new(id)?;
             let v: DeviceView = api
@@ -456,6 +612,210 @@ async fn client_cmd(cmd: Command) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+async fn manufacturer_cmd(cmd: ManufacturerCmd) -> anyhow::Result<()> {
+    match cmd {
+        ManufacturerCmd::Create {
+            name,
+            out,
+            policy,
+            api,
+        } => {
+            let created: serde_json::Value = api
+                .client()?
+                .post(
+                    "/v1/manufacturers",
+                    &json!({"name": name, "policy": policy}),
+                )
+                .await?;
+            let m = &created["manufacturer"];
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            let crt = out.join(format!("{name}.crt"));
+            let key = out.join(format!("{name}.key"));
+            write_file(
+                &key,
+                created["key_pem"].as_str().unwrap_or_default().as_bytes(),
+                true,
+            )?;
+            write_file(
+                &crt,
+                m["ca_pem"].as_str().unwrap_or_default().as_bytes(),
+                false,
+            )?;
+            write_file(
+                &out.join("ca.crt"),
+                created["ca_pem"].as_str().unwrap_or_default().as_bytes(),
+                false,
+            )?;
+            println!(
+                "manufacturer {name}: CA serial {}, policy {policy}; certificate {}, key {} \
+                 (hand it to the factory; keep it secret)",
+                m["serial"].as_str().unwrap_or("?"),
+                crt.display(),
+                key.display()
+            );
+            Ok(())
+        }
+        ManufacturerCmd::Challenge { name, api } => {
+            let c: serde_json::Value = api
+                .client()?
+                .post(&format!("/v1/manufacturers/{name}/challenge"), &json!({}))
+                .await?;
+            let code = c["code"].as_str().unwrap_or_default();
+            println!("{code}");
+            eprintln!(
+                "sign a certificate with CN={code} using the CA's key before {}, e.g.\n  \
+                 openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+                 -keyout verify.key -subj /CN={code} -out verify.csr\n  \
+                 openssl x509 -req -in verify.csr -CA ca.crt -CAkey ca.key -days 1 -out verify.crt\n\
+                 then: fleetgate manufacturer register {name} --ca-cert ca.crt --verification-cert verify.crt",
+                c["expires_at"].as_str().unwrap_or("?")
+            );
+            Ok(())
+        }
+        ManufacturerCmd::Register {
+            name,
+            ca_cert,
+            verification_cert,
+            policy,
+            api,
+        } => {
+            let ca_pem = std::fs::read_to_string(&ca_cert)
+                .with_context(|| format!("reading {}", ca_cert.display()))?;
+            let verification_pem = verification_cert
+                .map(|p| {
+                    std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))
+                })
+                .transpose()?;
+            let m: serde_json::Value = api
+                .client()?
+                .post(
+                    &format!("/v1/manufacturers/{name}/register"),
+                    &json!({"ca_pem": ca_pem, "verification_pem": verification_pem, "policy": policy}),
+                )
+                .await?;
+            println!(
+                "manufacturer {name}: registered CA {} (policy {policy})",
+                m["subject"].as_str().unwrap_or("?")
+            );
+            Ok(())
+        }
+        ManufacturerCmd::Revoke { name, reason, api } => {
+            let _: serde_json::Value = api
+                .client()?
+                .post(
+                    &format!("/v1/manufacturers/{name}/revoke"),
+                    &json!({"reason": reason}),
+                )
+                .await?;
+            println!("manufacturer {name} is revoked ({reason}): its devices are refused");
+            Ok(())
+        }
+        ManufacturerCmd::List { json, api } => {
+            let all: Vec<provisioning::manufacturer::ManufacturerRecord> =
+                api.client()?.get("/v1/manufacturers").await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&all)?);
+            } else {
+                println!(
+                    "{:<20} {:<10} {:<8} {:<13} CA",
+                    "NAME", "KIND", "STATUS", "POLICY"
+                );
+                for m in &all {
+                    println!(
+                        "{:<20} {:<10} {:<8} {:<13} {}",
+                        m.name,
+                        format!("{:?}", m.kind).to_lowercase(),
+                        format!("{:?}", m.status).to_lowercase(),
+                        m.policy,
+                        m.subject
+                    );
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+/// `device enroll-batch`: every `*.csr` in `dir`, in chunks.
+async fn enroll_batch(
+    manufacturer: Option<String>,
+    dir: &Path,
+    out: &Path,
+    lifetime_days: Option<u32>,
+    chunk: usize,
+    api: &ApiArgs,
+) -> anyhow::Result<()> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "csr" || x == "pem"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        anyhow::bail!("no *.csr files in {}", dir.display());
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let client = api.client()?;
+    let (mut issued, mut failed) = (0usize, 0usize);
+    let started = std::time::Instant::now();
+    for part in files.chunks(chunk.clamp(1, provisioning::manufacturer::MAX_BATCH)) {
+        let mut items = Vec::with_capacity(part.len());
+        for p in part {
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let id = p
+                .file_stem()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            // An unreadable file is that entry's failure, not the batch's.
+            let csr = std::fs::read(p)
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .unwrap_or_default();
+            items.push(json!({"name": name, "id": id, "csr": csr}));
+        }
+        let report: serde_json::Value = client
+            .post(
+                "/v1/devices/batch",
+                &json!({"manufacturer": manufacturer, "lifetime_days": lifetime_days, "items": items}),
+            )
+            .await?;
+        write_file(
+            &out.join("ca.crt"),
+            report["ca_pem"].as_str().unwrap_or_default().as_bytes(),
+            false,
+        )?;
+        for r in report["results"].as_array().into_iter().flatten() {
+            let name = r["name"].as_str().unwrap_or("?");
+            match (r["chain_pem"].as_str(), r["id"].as_str()) {
+                (Some(pem), Some(id)) => {
+                    write_file(&out.join(format!("{id}.crt")), pem.as_bytes(), false)?;
+                    issued += 1;
+                }
+                _ => {
+                    failed += 1;
+                    eprintln!(
+                        "failed: {name}: {} ({})",
+                        r["error"]["message"].as_str().unwrap_or("?"),
+                        r["error"]["code"].as_str().unwrap_or("?")
+                    );
+                }
+            }
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "issued {issued}, failed {failed} in {secs:.2} s ({:.0} certificates/s); certificates in {}",
+        issued as f64 / secs.max(1e-9),
+        out.display()
+    );
+    if failed > 0 {
+        anyhow::bail!("{failed} of {} CSRs failed", issued + failed);
+    }
+    Ok(())
 }
 
 async fn enroll(a: EnrollArgs, role: Role, rotate: bool) -> anyhow::Result<()> {

@@ -22,10 +22,13 @@ pub enum Refusal {
     Protocol,
     HandshakeTimeout,
     Internal,
+    Pending,
+    RateLimited,
+    Overloaded,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 14] = [
+    pub const ALL: [Refusal; 17] = [
         Self::NoCertificate,
         Self::UnknownCa,
         Self::Expired,
@@ -40,6 +43,9 @@ impl Refusal {
         Self::Protocol,
         Self::HandshakeTimeout,
         Self::Internal,
+        Self::Pending,
+        Self::RateLimited,
+        Self::Overloaded,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -58,6 +64,9 @@ impl Refusal {
             Self::Protocol => "protocol",
             Self::HandshakeTimeout => "handshake_timeout",
             Self::Internal => "internal",
+            Self::Pending => "pending_approval",
+            Self::RateLimited => "rate_limited",
+            Self::Overloaded => "overloaded",
         }
     }
 }
@@ -70,6 +79,8 @@ pub struct Metrics {
     pub kicked: AtomicU64,
     pub taken_over: AtomicU64,
     pub ocsp_responses: AtomicU64,
+    pub jit_registrations: AtomicU64,
+    pub claim_provisions: AtomicU64,
     refusals: [AtomicU64; Refusal::ALL.len()],
 }
 
@@ -81,6 +92,8 @@ pub struct Snapshot {
     pub kicked: u64,
     pub taken_over: u64,
     pub ocsp_responses: u64,
+    pub jit_registrations: u64,
+    pub claim_provisions: u64,
     pub refusals: std::collections::BTreeMap<&'static str, u64>,
 }
 
@@ -98,6 +111,8 @@ impl Metrics {
             kicked: self.kicked.load(Ordering::Relaxed),
             taken_over: self.taken_over.load(Ordering::Relaxed),
             ocsp_responses: self.ocsp_responses.load(Ordering::Relaxed),
+            jit_registrations: self.jit_registrations.load(Ordering::Relaxed),
+            claim_provisions: self.claim_provisions.load(Ordering::Relaxed),
             refusals: Refusal::ALL
                 .iter()
                 .zip(&self.refusals)
@@ -167,6 +182,18 @@ impl Metrics {
             "counter",
             "OCSP responses sent (HTTP and MQTT).",
             s.ocsp_responses.to_string(),
+        );
+        metric(
+            "fleetgate_jit_registrations_total",
+            "counter",
+            "Devices registered just in time on first connect.",
+            s.jit_registrations.to_string(),
+        );
+        metric(
+            "fleetgate_claim_provisions_total",
+            "counter",
+            "Device certificates issued to claims over MQTT.",
+            s.claim_provisions.to_string(),
         );
         let _ = writeln!(
             out,

@@ -129,9 +129,14 @@ impl Server {
     /// Serves until `shutdown` turns true, then drains and flushes.
     pub async fn run(self, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
         let metrics = self.metrics.clone();
-        let tls = Arc::new(ServerTls::load(&self.auth, metrics.clone())?);
+        let on_change: crate::mqtt::admission::OnChange = {
+            let status = self.status.clone();
+            Arc::new(move || status.invalidate())
+        };
+        let tls = Arc::new(ServerTls::load(&self.auth, metrics.clone(), on_change)?);
         let broker = Broker::new(
-            self.auth.registry.clone(),
+            self.auth.clone(),
+            self.cfg.cert_lifetime,
             metrics.clone(),
             self.status.clone(),
             self.cfg.mqtt.clone(),

@@ -3,12 +3,15 @@
 //!
 //! - `POST /` with `application/ocsp-request`
 //! - `GET /<base64 request, URL-encoded>`
-//! - `GET /crl/issuing.crl`: DER, re-signed after every change and daily
+//! - `GET /crl/issuing.crl`: DER, re-signed after every change and daily;
+//!   `/crl/root.crl` (revoked manufacturer CAs) and `/crl/<manufacturer>.crl`
+//!   for each manufacturer CA fleetgate issued
 //!
 //! Malformed requests get an OCSP `malformedRequest`, requests about CAs we
 //! do not serve `unauthorized`, bodies over 64 KiB HTTP 413: never a panic.
 
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, State};
@@ -16,7 +19,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use provisioning::ca::ISSUING_CRL_NAME;
+use provisioning::ca::{ISSUING_CRL_NAME, ROOT_CRL_NAME};
 use provisioning::ocsp::{Refusal, Responder, MAX_REQUEST_LEN};
 use provisioning::Authority;
 use time::{Duration, OffsetDateTime};
@@ -31,36 +34,55 @@ const CRL_MAX_AGE: Duration = Duration::hours(12);
 #[derive(Debug)]
 pub struct StatusService {
     auth: Arc<Authority>,
-    responder: Responder,
-    crl: Mutex<Option<(Bytes, OffsetDateTime)>>,
+    responder: RwLock<Arc<Responder>>,
+    /// Signed CRLs by name, and when they were signed.
+    crls: Mutex<HashMap<String, (Bytes, OffsetDateTime)>>,
     metrics: Arc<Metrics>,
 }
 
 impl StatusService {
     pub fn new(auth: Arc<Authority>, metrics: Arc<Metrics>) -> Result<Self, provisioning::Error> {
         Ok(Self {
-            responder: auth.ocsp_responder()?,
+            responder: RwLock::new(Arc::new(auth.ocsp_responder()?)),
             auth,
-            crl: Mutex::new(None),
+            crls: Mutex::new(HashMap::new()),
             metrics,
         })
     }
 
-    /// Call after every registry change: the next answer is fresh.
-    pub fn invalidate(&self) {
-        self.responder.invalidate();
-        *self.lock_crl() = None;
+    fn responder(&self) -> Arc<Responder> {
+        self.responder
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
-    fn lock_crl(&self) -> std::sync::MutexGuard<'_, Option<(Bytes, OffsetDateTime)>> {
-        self.crl
+    /// Call after every registry change: the next answer is fresh.
+    pub fn invalidate(&self) {
+        self.responder().invalidate();
+        self.lock_crls().clear();
+    }
+
+    /// Call after manufacturers change: rebuilds the signing units.
+    pub fn reload(&self) -> Result<(), provisioning::Error> {
+        let fresh = Arc::new(self.auth.ocsp_responder()?);
+        *self
+            .responder
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
+        self.lock_crls().clear();
+        Ok(())
+    }
+
+    fn lock_crls(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Bytes, OffsetDateTime)>> {
+        self.crls
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// A DER OCSPResponse for a DER request (a refusal is an OCSP status).
     pub fn ocsp(&self, request: &[u8]) -> Vec<u8> {
-        let (der, refusal) = self.responder.respond(request, &self.auth.registry);
+        let (der, refusal) = self.responder().respond(request, &self.auth.registry);
         self.metrics
             .ocsp_responses
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -77,17 +99,28 @@ impl StatusService {
         der
     }
 
-    /// The issuing CA's CRL, re-signed when stale.
-    pub fn crl(&self) -> Result<Bytes, provisioning::Error> {
+    /// The CRL called `name` (`issuing`, `root` or a manufacturer fleetgate
+    /// issued), re-signed when stale; `None` for no such CRL.
+    pub fn crl(&self, name: &str) -> Result<Option<Bytes>, provisioning::Error> {
         let now = OffsetDateTime::now_utc();
-        if let Some((der, at)) = self.lock_crl().as_ref() {
+        if let Some((der, at)) = self.lock_crls().get(name) {
             if now - *at < CRL_MAX_AGE {
-                return Ok(der.clone());
+                return Ok(Some(der.clone()));
             }
         }
-        let der = Bytes::from(self.auth.issuing_crl()?);
-        *self.lock_crl() = Some((der.clone(), now));
-        Ok(der)
+        let der = match name {
+            ISSUING_CRL_NAME => self.auth.issuing_crl()?,
+            ROOT_CRL_NAME => self.auth.root_crl()?,
+            other => match self.auth.registry.manufacturer(other)? {
+                Some(m) if m.kind == provisioning::manufacturer::CaKind::Issued => {
+                    self.auth.manufacturer_crl(other)?
+                }
+                _ => return Ok(None),
+            },
+        };
+        let der = Bytes::from(der);
+        self.lock_crls().insert(name.to_owned(), (der.clone(), now));
+        Ok(Some(der))
     }
 }
 
@@ -157,11 +190,18 @@ async fn get_ocsp(
 }
 
 async fn get_crl(State(status): State<Arc<StatusService>>, Path(name): Path<String>) -> Response {
-    if name != format!("{ISSUING_CRL_NAME}.crl") {
+    let Some(name) = name
+        .strip_suffix(".crl")
+        .filter(|n| provisioning::DeviceId::try_new(*n).is_ok())
+        .map(str::to_owned)
+    else {
         return (StatusCode::NOT_FOUND, "no such CRL\n").into_response();
-    }
-    match tokio::task::spawn_blocking(move || status.crl()).await {
-        Ok(Ok(der)) => ([(header::CONTENT_TYPE, "application/pkix-crl")], der).into_response(),
+    };
+    match tokio::task::spawn_blocking(move || status.crl(&name)).await {
+        Ok(Ok(Some(der))) => {
+            ([(header::CONTENT_TYPE, "application/pkix-crl")], der).into_response()
+        }
+        Ok(Ok(None)) => (StatusCode::NOT_FOUND, "no such CRL\n").into_response(),
         Ok(Err(e)) => {
             tracing::error!(error = %e, "building the CRL");
             StatusCode::INTERNAL_SERVER_ERROR.into_response()

@@ -85,6 +85,7 @@ pub fn client_config(
 pub struct ServerTls {
     paths: provisioning::ca::Paths,
     root: CertificateDer<'static>,
+    registry_verifier: Arc<crate::mqtt::admission::RegistryVerifier>,
     mqtt_verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
     api: tokio::sync::watch::Sender<Arc<ServerConfig>>,
     mqtt: tokio::sync::watch::Sender<Arc<ServerConfig>>,
@@ -92,8 +93,9 @@ pub struct ServerTls {
 
 impl ServerTls {
     pub fn load(
-        auth: &provisioning::Authority,
+        auth: &Arc<provisioning::Authority>,
         metrics: Arc<crate::metrics::Metrics>,
+        on_change: crate::mqtt::admission::OnChange,
     ) -> anyhow::Result<Self> {
         // Trust the root, and the issuing CA directly so that clients which
         // present only their leaf are still admitted.
@@ -102,19 +104,23 @@ impl ServerTls {
         roots
             .add(auth.ca.issuing_der().clone())
             .context("issuing CA")?;
-        let verifier = crate::mqtt::admission::RegistryVerifier::new(
-            Arc::new(roots),
-            auth.registry.clone(),
-            metrics,
-        )
-        .context("building the MQTT client verifier")?;
+        let verifier = Arc::new(
+            crate::mqtt::admission::RegistryVerifier::new(
+                Arc::new(roots),
+                auth.clone(),
+                metrics,
+                on_change,
+            )
+            .context("building the MQTT client verifier")?,
+        );
         let paths = auth.paths.clone();
         let root = auth.ca.root_der().clone();
-        let mqtt_verifier: Arc<dyn rustls::server::danger::ClientCertVerifier> = Arc::new(verifier);
+        let mqtt_verifier: Arc<dyn rustls::server::danger::ClientCertVerifier> = verifier.clone();
         let (api, mqtt) = build(&paths, &root, &mqtt_verifier)?;
         Ok(Self {
             paths,
             root,
+            registry_verifier: verifier,
             mqtt_verifier,
             api: tokio::sync::watch::channel(api).0,
             mqtt: tokio::sync::watch::channel(mqtt).0,
@@ -127,6 +133,12 @@ impl ServerTls {
 
     pub fn mqtt(&self) -> tokio::sync::watch::Receiver<Arc<ServerConfig>> {
         self.mqtt.subscribe()
+    }
+
+    /// Rebuilds the MQTT trust anchors after manufacturers changed; the next
+    /// handshake sees them.
+    pub fn reload_trust(&self) -> anyhow::Result<()> {
+        self.registry_verifier.reload()
     }
 
     /// Rebuilds both configs from the files; on error the old ones stay.

@@ -11,6 +11,8 @@
 //!   admin.crt, admin.key     the first operator's credentials, 0600 key
 //!   ocsp/signer.crt, .key    the delegated OCSP responder (made on demand,
 //!                            renewed a week before it expires), 0600 key
+//!   ca/manufacturers/<name>.crt, .key
+//!                            manufacturer CAs fleetgate issued, 0600 key
 //!   registry/                sled
 //! ```
 //!
@@ -102,6 +104,15 @@ impl Paths {
     pub fn ocsp_key(&self) -> PathBuf {
         self.dir.join("ocsp/signer.key")
     }
+    pub fn manufacturer_dir(&self) -> PathBuf {
+        self.dir.join("ca/manufacturers")
+    }
+    pub fn manufacturer_cert(&self, name: &str) -> PathBuf {
+        self.manufacturer_dir().join(format!("{name}.crt"))
+    }
+    pub fn manufacturer_key(&self, name: &str) -> PathBuf {
+        self.manufacturer_dir().join(format!("{name}.key"))
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -132,21 +143,77 @@ pub struct IssuedCert {
     pub not_before: OffsetDateTime,
     pub not_after: OffsetDateTime,
     pub fingerprint: String,
+    /// The manufacturer whose CA signed it; `None` for fleetgate's own.
+    pub manufacturer: Option<String>,
+}
+
+/// A CA that signs: its key, its certificate, and the name certificates it
+/// signs carry as issuer.
+pub struct Signer {
+    pub(crate) issuer: Issuer<'static, KeyPair>,
+    pub der: CertificateDer<'static>,
+    pub pem: String,
+    /// Subject, RFC 4514: what [`IssuedCert::issuer`] records.
+    pub name: String,
+    /// The name in status URLs (`/crl/<crl_name>.crl`).
+    pub crl_name: String,
+    pub manufacturer: Option<String>,
+}
+
+impl std::fmt::Debug for Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("Signer")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Signer {
+    /// From a CA certificate and its key, checking that they match.
+    pub fn new(
+        der: CertificateDer<'static>,
+        pem: String,
+        key: KeyPair,
+        crl_name: &str,
+        manufacturer: Option<String>,
+    ) -> Result<Self, Error> {
+        let (_, parsed) = X509Certificate::from_der(&der)
+            .map_err(|e| Error::Certificate(format!("CA certificate does not parse: {e}")))?;
+        if parsed.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+            return Err(Error::Certificate(
+                "CA key does not match its certificate".into(),
+            ));
+        }
+        let name = parsed.subject().to_string();
+        let issuer =
+            Issuer::from_ca_cert_der(&der, key).map_err(|e| Error::Certificate(e.to_string()))?;
+        Ok(Self {
+            issuer,
+            der,
+            pem,
+            name,
+            crl_name: crl_name.to_owned(),
+            manufacturer,
+        })
+    }
+
+    pub fn key(&self) -> &KeyPair {
+        self.issuer.key()
+    }
 }
 
 /// The issuing side of the CA.
 pub struct Ca {
-    root_der: CertificateDer<'static>,
-    root_pem: String,
-    issuing: Issuer<'static, KeyPair>,
-    issuing_der: CertificateDer<'static>,
-    issuing_pem: String,
-    issuing_name: String,
+    root: Signer,
+    issuing: Signer,
     status_url: Option<String>,
 }
 
 /// The name of fleetgate's own issuing CA in status URLs (`/crl/issuing.crl`).
 pub const ISSUING_CRL_NAME: &str = "issuing";
+/// The root's CRL (`/crl/root.crl`): it lists revoked manufacturer CAs.
+pub const ROOT_CRL_NAME: &str = "root";
 
 /// Lifetime of the delegated OCSP signing certificate.
 const OCSP_SIGNER_LIFETIME: Duration = Duration::days(30);
@@ -158,7 +225,7 @@ impl std::fmt::Debug for Ca {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never the keys.
         f.debug_struct("Ca")
-            .field("issuer", &self.issuing_name)
+            .field("issuer", &self.issuing.name)
             .finish_non_exhaustive()
     }
 }
@@ -173,6 +240,13 @@ pub struct CertInfo {
     pub not_after: OffsetDateTime,
     pub fingerprint: String,
     pub is_ca: bool,
+    /// The subject's common name, if it has one.
+    pub common_name: Option<String>,
+    /// The issuer's name, RFC 4514.
+    pub issuer: String,
+    /// Whether a key usage extension is present without digitalSignature
+    /// (such a key may not sign a TLS handshake).
+    pub lacks_digital_signature: bool,
 }
 
 /// Reads identity and serial from a DER certificate.
@@ -181,6 +255,7 @@ pub fn inspect_certificate(der: &[u8]) -> Result<CertInfo, Error> {
         .map_err(|e| Error::Certificate(format!("does not parse: {e}")))?;
     let mut identity = None;
     let mut is_ca = false;
+    let mut lacks_digital_signature = false;
     for ext in cert.extensions() {
         match ext.parsed_extension() {
             ParsedExtension::SubjectAlternativeName(san) => {
@@ -190,10 +265,20 @@ pub fn inspect_certificate(der: &[u8]) -> Result<CertInfo, Error> {
                 });
             }
             ParsedExtension::BasicConstraints(bc) => is_ca = bc.ca,
+            ParsedExtension::KeyUsage(ku) => lacks_digital_signature = !ku.digital_signature(),
             _ => {}
         }
     }
+    let common_name = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .map(str::to_owned);
     Ok(CertInfo {
+        common_name,
+        issuer: cert.issuer().to_string(),
+        lacks_digital_signature,
         identity,
         serial: Serial::from_bytes(cert.raw_serial())?,
         not_before: cert.validity().not_before.to_datetime(),
@@ -205,16 +290,22 @@ pub fn inspect_certificate(der: &[u8]) -> Result<CertInfo, Error> {
 
 impl Ca {
     pub fn root_der(&self) -> &CertificateDer<'static> {
-        &self.root_der
+        &self.root.der
     }
     pub fn root_pem(&self) -> &str {
-        &self.root_pem
+        &self.root.pem
     }
     pub fn issuing_der(&self) -> &CertificateDer<'static> {
-        &self.issuing_der
+        &self.issuing.der
     }
     pub fn issuing_pem(&self) -> &str {
-        &self.issuing_pem
+        &self.issuing.pem
+    }
+    pub fn root(&self) -> &Signer {
+        &self.root
+    }
+    pub fn issuing(&self) -> &Signer {
+        &self.issuing
     }
 
     /// Issues a certificate for a verified CSR's key to `identity`.
@@ -235,6 +326,17 @@ impl Ca {
         identity: &Identity,
         lifetime: Duration,
     ) -> Result<IssuedCert, Error> {
+        self.issue_by(&self.issuing, key, identity, lifetime)
+    }
+
+    /// [`Ca::issue`], signed by `signer` (the issuing CA or a manufacturer's).
+    pub fn issue_by(
+        &self,
+        signer: &Signer,
+        key: &impl PublicKeyData,
+        identity: &Identity,
+        lifetime: Duration,
+    ) -> Result<IssuedCert, Error> {
         if lifetime <= Duration::ZERO {
             return Err(Error::InvalidInput {
                 reason: "certificate lifetime must be positive".into(),
@@ -251,11 +353,59 @@ impl Ca {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         if let Some(url) = &self.status_url {
             params.crl_distribution_points = vec![rcgen::CrlDistributionPoint {
-                uris: vec![format!("{url}/crl/{ISSUING_CRL_NAME}.crl")],
+                uris: vec![format!("{url}/crl/{}.crl", signer.crl_name)],
             }];
             params.custom_extensions = vec![aia_ocsp(url)];
         }
-        self.sign_leaf(params, key, lifetime)
+        sign_leaf(signer, params, key, lifetime)
+    }
+
+    /// A manufacturer's intermediate CA, signed by the root: pathLen 0, EKU
+    /// clientAuth only, and name constraints that exclude every DNS name and
+    /// IP address, so it can never vouch for a server.
+    pub fn issue_manufacturer_ca(
+        &self,
+        key: &KeyPair,
+        name: &str,
+        lifetime: Duration,
+    ) -> Result<IssuedCert, Error> {
+        let now = OffsetDateTime::now_utc()
+            .replace_nanosecond(0)
+            .unwrap_or_else(|_| OffsetDateTime::now_utc());
+        let mut params = ca_params(&format!("{name} manufacturer CA"), 0, now, lifetime);
+        params
+            .distinguished_name
+            .push(DnType::OrganizationalUnitName, name);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.name_constraints = Some(rcgen::NameConstraints {
+            permitted_subtrees: vec![],
+            excluded_subtrees: vec![
+                rcgen::GeneralSubtree::DnsName(String::new()),
+                rcgen::GeneralSubtree::IpAddress(rcgen::CidrSubnet::V4([0; 4], [0; 4])),
+                rcgen::GeneralSubtree::IpAddress(rcgen::CidrSubnet::V6([0; 16], [0; 16])),
+            ],
+        });
+        if let Some(url) = &self.status_url {
+            params.crl_distribution_points = vec![rcgen::CrlDistributionPoint {
+                uris: vec![format!("{url}/crl/{ROOT_CRL_NAME}.crl")],
+            }];
+            params.custom_extensions = vec![aia_ocsp(url)];
+        }
+        let serial = Serial::random()?;
+        params.serial_number = Some(rcgen::SerialNumber::from_slice(serial.as_bytes()));
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(key, &self.root.issuer)?;
+        let der = cert.der().to_vec();
+        Ok(IssuedCert {
+            fingerprint: fingerprint(&der),
+            chain_pem: cert.pem(),
+            serial,
+            der,
+            issuer: self.root.name.clone(),
+            not_before: params.not_before,
+            not_after: params.not_after,
+            manufacturer: Some(name.to_owned()),
+        })
     }
 
     /// The delegated OCSP responder certificate: EKU OCSPSigning and
@@ -274,63 +424,75 @@ impl Ca {
             &[1, 3, 6, 1, 5, 5, 7, 48, 1, 5],
             vec![0x05, 0x00],
         )];
-        self.sign_leaf(params, key, OCSP_SIGNER_LIFETIME)
+        sign_leaf(&self.issuing, params, key, OCSP_SIGNER_LIFETIME)
     }
 
     /// A CRL for the issuing CA listing `listed`, numbered `number`.
     pub fn crl(&self, listed: &[crate::registry::Listed], number: u64) -> Result<Vec<u8>, Error> {
-        let now = OffsetDateTime::now_utc()
-            .replace_nanosecond(0)
-            .unwrap_or_else(|_| OffsetDateTime::now_utc());
-        let params = rcgen::CertificateRevocationListParams {
-            this_update: now,
-            next_update: now + CRL_VALIDITY,
-            crl_number: rcgen::SerialNumber::from_slice(&number.to_be_bytes()),
-            issuing_distribution_point: None,
-            revoked_certs: listed
-                .iter()
-                .map(|l| rcgen::RevokedCertParams {
-                    serial_number: rcgen::SerialNumber::from_slice(l.serial.as_bytes()),
-                    revocation_time: l.at,
-                    reason_code: Some(match l.reason {
-                        None => rcgen::RevocationReason::CertificateHold,
-                        Some(r) => rcgen_reason(r),
-                    }),
-                    invalidity_date: None,
-                })
-                .collect(),
-            key_identifier_method: rcgen::KeyIdMethod::Sha256,
-        };
-        Ok(params.signed_by(&self.issuing)?.der().to_vec())
+        crl(&self.issuing, listed, number)
     }
+}
 
-    fn sign_leaf(
-        &self,
-        mut params: CertificateParams,
-        key: &impl PublicKeyData,
-        lifetime: Duration,
-    ) -> Result<IssuedCert, Error> {
-        let now = OffsetDateTime::now_utc()
-            .replace_nanosecond(0)
-            .unwrap_or_else(|_| OffsetDateTime::now_utc());
-        let serial = Serial::random()?;
-        params.serial_number = Some(rcgen::SerialNumber::from_slice(serial.as_bytes()));
-        params.not_before = now - CLOCK_SKEW;
-        params.not_after = now + lifetime;
-        params.use_authority_key_identifier_extension = true;
-        let cert = params.signed_by(key, &self.issuing)?;
-        let der = cert.der().to_vec();
-        Ok(IssuedCert {
-            fingerprint: fingerprint(&der),
-            chain_pem: format!("{}{}", cert.pem(), self.issuing_pem),
-            serial,
-            der,
-            issuer: self.issuing_name.clone(),
-            not_before: params.not_before,
-            not_after: params.not_after,
-        })
-    }
+/// A CRL signed by `signer` listing `listed`, numbered `number`.
+pub fn crl(
+    signer: &Signer,
+    listed: &[crate::registry::Listed],
+    number: u64,
+) -> Result<Vec<u8>, Error> {
+    let now = OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .unwrap_or_else(|_| OffsetDateTime::now_utc());
+    let params = rcgen::CertificateRevocationListParams {
+        this_update: now,
+        next_update: now + CRL_VALIDITY,
+        crl_number: rcgen::SerialNumber::from_slice(&number.to_be_bytes()),
+        issuing_distribution_point: None,
+        revoked_certs: listed
+            .iter()
+            .map(|l| rcgen::RevokedCertParams {
+                serial_number: rcgen::SerialNumber::from_slice(l.serial.as_bytes()),
+                revocation_time: l.at,
+                reason_code: Some(match l.reason {
+                    None => rcgen::RevocationReason::CertificateHold,
+                    Some(r) => rcgen_reason(r),
+                }),
+                invalidity_date: None,
+            })
+            .collect(),
+        key_identifier_method: rcgen::KeyIdMethod::Sha256,
+    };
+    Ok(params.signed_by(&signer.issuer)?.der().to_vec())
+}
 
+fn sign_leaf(
+    signer: &Signer,
+    mut params: CertificateParams,
+    key: &impl PublicKeyData,
+    lifetime: Duration,
+) -> Result<IssuedCert, Error> {
+    let now = OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .unwrap_or_else(|_| OffsetDateTime::now_utc());
+    let serial = Serial::random()?;
+    params.serial_number = Some(rcgen::SerialNumber::from_slice(serial.as_bytes()));
+    params.not_before = now - CLOCK_SKEW;
+    params.not_after = now + lifetime;
+    params.use_authority_key_identifier_extension = true;
+    let cert = params.signed_by(key, &signer.issuer)?;
+    let der = cert.der().to_vec();
+    Ok(IssuedCert {
+        fingerprint: fingerprint(&der),
+        chain_pem: format!("{}{}", cert.pem(), signer.pem),
+        serial,
+        der,
+        issuer: signer.name.clone(),
+        not_before: params.not_before,
+        not_after: params.not_after,
+        manufacturer: signer.manufacturer.clone(),
+    })
+}
+
+impl Ca {
     fn issue_server(&self, key: &KeyPair, sans: &[String]) -> Result<IssuedCert, Error> {
         let mut params = CertificateParams::new(sans.to_vec())?;
         params.distinguished_name = DistinguishedName::new();
@@ -340,7 +502,7 @@ impl Ca {
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        self.sign_leaf(params, key, SERVER_LIFETIME)
+        sign_leaf(&self.issuing, params, key, SERVER_LIFETIME)
     }
 }
 
@@ -350,6 +512,8 @@ pub struct Authority {
     pub paths: Paths,
     pub ca: Ca,
     pub registry: Registry,
+    /// Manufacturer CAs fleetgate issued, loaded on first use.
+    pub(crate) signers: crate::manufacturer::Signers,
 }
 
 impl Authority {
@@ -431,6 +595,7 @@ impl Authority {
             paths,
             ca,
             registry,
+            signers: Default::default(),
         };
         auth.write_server_cert(&server_sans(opts))?;
 
@@ -498,6 +663,7 @@ impl Authority {
             paths,
             ca,
             registry,
+            signers: Default::default(),
         };
         auth.renew_server_cert_if_needed(&server_sans(opts))?;
         Ok(auth)
@@ -562,13 +728,49 @@ impl Authority {
                 (key, cert.der)
             }
         };
-        let issuers = vec![crate::ocsp::IssuerHashes::from_cert(self.ca.issuing_der())?];
-        crate::ocsp::Responder::new(issuers, key, &der)
+        use crate::manufacturer::{CaKind, ManufacturerStatus};
+        use crate::ocsp::{IssuerHashes, Unit};
+        let manufacturers = self.registry.manufacturers()?;
+        // The delegated responder: the issuing CA, and registered
+        // manufacturer CAs (whose keys we do not hold).
+        let mut delegated = vec![IssuerHashes::from_cert(self.ca.issuing_der())?];
+        let mut units = Vec::new();
+        // The root answers for the CAs it issued.
+        let mut root = IssuerHashes::from_cert(self.ca.root_der())?;
+        let mut known = std::collections::HashMap::new();
+        known.insert(
+            inspect_certificate(self.ca.issuing_der())?.serial,
+            None::<crate::registry::Revocation>,
+        );
+        for m in &manufacturers {
+            let der = m.ca_der()?;
+            match m.kind {
+                CaKind::Registered => delegated.push(IssuerHashes::from_cert(&der)?),
+                CaKind::Issued => {
+                    let revoked = m.status == ManufacturerStatus::Revoked;
+                    known.insert(m.serial.clone(), if revoked { m.revocation } else { None });
+                    let signer = self.manufacturer_signer(m.name.as_str())?;
+                    units.push(Unit::new(
+                        vec![IssuerHashes::from_cert(&der)?],
+                        copy_key(signer.key())?,
+                        &der,
+                    )?);
+                }
+            }
+        }
+        root.known = Some(known);
+        units.push(Unit::new(
+            vec![root],
+            copy_key(self.ca.root().key())?,
+            self.ca.root_der(),
+        )?);
+        units.insert(0, Unit::new(delegated, key, &der)?);
+        Ok(crate::ocsp::Responder::new(units))
     }
 
     /// A freshly signed CRL of the issuing CA (DER).
     pub fn issuing_crl(&self) -> Result<Vec<u8>, Error> {
-        let listed = self.registry.revoked_by_issuer(&self.ca.issuing_name)?;
+        let listed = self.registry.revoked_by_issuer(&self.ca.issuing.name)?;
         let number = self.registry.next_crl_number(ISSUING_CRL_NAME)?;
         self.ca.crl(&listed, number)
     }
@@ -666,33 +868,30 @@ fn ca_params(cn: &str, path_len: u8, now: OffsetDateTime, lifetime: Duration) ->
 }
 
 fn load_ca(paths: &Paths, status_url: Option<String>) -> Result<Ca, Error> {
-    let (root_der, root_pem) = read_cert(&paths.ca_cert())?;
-    let (issuing_der, issuing_pem) = read_cert(&paths.issuing_cert())?;
-    let issuing_key = read_key(&paths.issuing_key())?;
-    let (_, parsed) = X509Certificate::from_der(&issuing_der).map_err(|e| Error::DataDir {
-        path: paths.issuing_cert(),
-        reason: format!("does not parse: {e}"),
-    })?;
-    if parsed.public_key().subject_public_key.data.as_ref() != issuing_key.public_key_raw() {
-        return Err(Error::DataDir {
-            path: paths.issuing_key(),
-            reason: "does not match ca/issuing.crt".into(),
-        });
-    }
-    let issuing_name = parsed.subject().to_string();
-    let issuing =
-        Issuer::from_ca_cert_der(&issuing_der, issuing_key).map_err(|e| Error::DataDir {
-            path: paths.issuing_cert(),
-            reason: e.to_string(),
-        })?;
     Ok(Ca {
-        root_der,
-        root_pem,
-        issuing,
-        issuing_der,
-        issuing_pem,
-        issuing_name,
+        root: load_signer(&paths.ca_cert(), &paths.root_key(), ROOT_CRL_NAME, None)?,
+        issuing: load_signer(
+            &paths.issuing_cert(),
+            &paths.issuing_key(),
+            ISSUING_CRL_NAME,
+            None,
+        )?,
         status_url,
+    })
+}
+
+/// A CA certificate and its key from the data dir.
+pub(crate) fn load_signer(
+    cert: &Path,
+    key: &Path,
+    crl_name: &str,
+    manufacturer: Option<String>,
+) -> Result<Signer, Error> {
+    check_private(key)?;
+    let (der, pem) = read_cert(cert)?;
+    Signer::new(der, pem, read_key(key)?, crl_name, manufacturer).map_err(|e| Error::DataDir {
+        path: key.to_owned(),
+        reason: e.to_string(),
     })
 }
 
@@ -731,6 +930,11 @@ fn aia_ocsp(url: &str) -> rcgen::CustomExtension {
     access.extend(tlv(0x86, url.as_bytes()));
     let der = tlv(0x30, &tlv(0x30, &access));
     rcgen::CustomExtension::from_oid_content(&[1, 3, 6, 1, 5, 5, 7, 1, 1], der)
+}
+
+/// A second handle on a key (rcgen's `KeyPair` is not `Clone`).
+fn copy_key(key: &KeyPair) -> Result<KeyPair, Error> {
+    Ok(KeyPair::from_pem(&key.serialize_pem())?)
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, Error> {
@@ -956,7 +1160,7 @@ mod tests {
         let req = crate::EnrollRequest {
             id: DeviceId::try_new("dev-1").unwrap(),
             role: Role::Device,
-            manufacturer: Some("acme".into()),
+            manufacturer: None,
             csr: csr.into_bytes(),
             lifetime: DEFAULT_CERT_LIFETIME,
         };

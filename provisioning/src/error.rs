@@ -34,7 +34,19 @@ pub enum Error {
     #[error("certificate {serial} not found")]
     CertNotFound { serial: String },
 
-    #[error("device {id} already exists")]
+    #[error("manufacturer {name} not found")]
+    ManufacturerNotFound { name: String },
+
+    #[error("manufacturer {name} is revoked")]
+    ManufacturerRevoked { name: String },
+
+    #[error("proof of possession: {reason}")]
+    ProofOfPossession { reason: String },
+
+    #[error("claim {id} has no uses left")]
+    ClaimExhausted { id: DeviceId },
+
+    #[error("{id} already exists")]
     AlreadyExists { id: DeviceId },
 
     #[error("device {id} is {status}: {action} is not allowed")]

@@ -86,6 +86,9 @@ pub enum Role {
     Service,
     /// An operator: the admin API.
     Admin,
+    /// A shared factory claim: may only ask for a device certificate over
+    /// MQTT (`$fleetgate/provision/<request-id>`), a limited number of times.
+    Claim,
 }
 
 impl Role {
@@ -94,6 +97,7 @@ impl Role {
             Role::Device => "device",
             Role::Service => "service",
             Role::Admin => "admin",
+            Role::Claim => "claim",
         }
     }
 }
@@ -111,8 +115,9 @@ impl FromStr for Role {
             "device" => Ok(Role::Device),
             "service" => Ok(Role::Service),
             "admin" => Ok(Role::Admin),
+            "claim" => Ok(Role::Claim),
             other => Err(Error::InvalidInput {
-                reason: format!("unknown role {other:?} (device, service, admin)"),
+                reason: format!("unknown role {other:?} (device, service, admin, claim)"),
             }),
         }
     }

@@ -8,6 +8,7 @@ pub mod ca;
 pub mod csr;
 mod error;
 pub mod id;
+pub mod manufacturer;
 pub mod ocsp;
 pub mod registry;
 
@@ -47,7 +48,14 @@ impl Authority {
             role: req.role,
             id: req.id.clone(),
         };
-        let cert = self.ca.issue_for_csr(&csr, &identity, req.lifetime)?;
+        // A device of a manufacturer fleetgate issued a CA for is signed by
+        // that CA, so that revoking the manufacturer takes it along.
+        let cert = match self.signer_for(req.manufacturer.as_deref())? {
+            Some(s) => self
+                .ca
+                .issue_by(&s, &csr.public_key, &identity, req.lifetime)?,
+            None => self.ca.issue_for_csr(&csr, &identity, req.lifetime)?,
+        };
         let new = NewDevice {
             id: req.id.clone(),
             role: req.role,

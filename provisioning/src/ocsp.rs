@@ -1,9 +1,14 @@
 //! RFC 6960 OCSP: requests in, signed responses out. No IO beyond registry
 //! reads; the HTTP and MQTT front ends live in `broker`.
 //!
-//! Responses are signed by a delegated responder certificate (EKU
-//! OCSPSigning, id-pkix-ocsp-nocheck) issued by the CA whose certificates it
-//! answers for, and carry it, so `openssl ocsp -CAfile ca.crt` verifies them.
+//! Each issuer is answered for by one [`Unit`]: fleetgate's issuing CA by a
+//! delegated responder certificate (EKU OCSPSigning, id-pkix-ocsp-nocheck)
+//! that it issued; the root (for the manufacturer CAs it issued) and each
+//! manufacturer CA fleetgate issued by the CA's own key. Responses carry the
+//! signer's certificate, so `openssl ocsp -CAfile ca.crt` verifies them.
+//! Registered manufacturer CAs (keys we do not hold) are answered for by the
+//! delegated responder, which a relying party must trust explicitly
+//! (`openssl ocsp -VAfile ocsp/signer.crt`).
 //! CertIDs with SHA-1 or SHA-256 hashes are recognised. A request without a
 //! nonce gets a cacheable response (RFC 5019); the cache is cleared whenever
 //! the registry changes.
@@ -48,6 +53,46 @@ pub struct IssuerHashes {
     pub name: String,
     sha1: ([u8; 20], [u8; 20]),
     sha256: ([u8; 32], [u8; 32]),
+    /// Where statuses come from: the registry, or (for the root) a fixed
+    /// list of the CAs it issued.
+    pub known: Option<HashMap<Serial, Option<crate::registry::Revocation>>>,
+}
+
+/// One signing key and the issuers it answers for.
+pub struct Unit {
+    pub issuers: Vec<IssuerHashes>,
+    key: KeyPair,
+    cert: Certificate,
+    responder_id: ResponderId,
+}
+
+impl std::fmt::Debug for Unit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Unit")
+            .field("issuers", &self.issuers)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Unit {
+    /// `key` signs; `cert_der` is its certificate, sent with each response.
+    pub fn new(issuers: Vec<IssuerHashes>, key: KeyPair, cert_der: &[u8]) -> Result<Self, Error> {
+        let cert = Certificate::from_der(cert_der)
+            .map_err(|e| Error::Certificate(format!("OCSP signer: {e}")))?;
+        let key_hash = ring::digest::digest(
+            &ring::digest::SHA1_FOR_LEGACY_USE_ONLY,
+            key.public_key_raw(),
+        );
+        let responder_id = ResponderId::ByKey(
+            OctetString::new(key_hash.as_ref()).map_err(|e| Error::Certificate(e.to_string()))?,
+        );
+        Ok(Self {
+            issuers,
+            key,
+            cert,
+            responder_id,
+        })
+    }
 }
 
 impl IssuerHashes {
@@ -73,6 +118,7 @@ impl IssuerHashes {
             name: cert.subject().to_string(),
             sha1: (h1(name), h1(key)),
             sha256: (h256(name), h256(key)),
+            known: None,
         })
     }
 
@@ -105,45 +151,26 @@ pub enum Refusal {
 /// Responses to nonce-less requests, by request DER: (response, expiry).
 type Cache = HashMap<Vec<u8>, (Vec<u8>, OffsetDateTime)>;
 
-/// The responder: issuers, the signing certificate and key, and a cache.
+/// The responder: its signing units and a cache.
 pub struct Responder {
-    issuers: Vec<IssuerHashes>,
-    signer_key: KeyPair,
-    signer_cert: Certificate,
-    responder_id: ResponderId,
+    units: Vec<Unit>,
     cache: Mutex<Cache>,
 }
 
 impl std::fmt::Debug for Responder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Responder")
-            .field("issuers", &self.issuers)
+            .field("units", &self.units)
             .finish_non_exhaustive()
     }
 }
 
 impl Responder {
-    pub fn new(
-        issuers: Vec<IssuerHashes>,
-        signer_key: KeyPair,
-        signer_cert_der: &[u8],
-    ) -> Result<Self, Error> {
-        let signer_cert = Certificate::from_der(signer_cert_der)
-            .map_err(|e| Error::Certificate(format!("OCSP signer: {e}")))?;
-        let key_hash = ring::digest::digest(
-            &ring::digest::SHA1_FOR_LEGACY_USE_ONLY,
-            signer_key.public_key_raw(),
-        );
-        let responder_id = ResponderId::ByKey(
-            OctetString::new(key_hash.as_ref()).map_err(|e| Error::Certificate(e.to_string()))?,
-        );
-        Ok(Self {
-            issuers,
-            signer_key,
-            signer_cert,
-            responder_id,
+    pub fn new(units: Vec<Unit>) -> Self {
+        Self {
+            units,
             cache: Mutex::new(HashMap::new()),
-        })
+        }
     }
 
     /// Forgets every cached response: call on any registry change.
@@ -209,17 +236,21 @@ impl Responder {
         }
 
         let (this_update, next_update) = (gtime(now)?, gtime(now + RESPONSE_VALIDITY)?);
+        // The unit that answers for the first certificate we know signs;
+        // certificates of other issuers in the same request are `unknown`.
+        let Some(unit) = list.iter().find_map(|r| {
+            self.units
+                .iter()
+                .find(|u| u.issuers.iter().any(|i| i.matches(&r.req_cert)))
+        }) else {
+            return Err(Refusal::Unauthorized);
+        };
         let mut responses = Vec::with_capacity(list.len());
-        let mut any_ours = false;
         for r in list {
             let id = &r.req_cert;
-            let issuer = self.issuers.iter().find(|i| i.matches(id));
-            let status = match issuer {
+            let status = match unit.issuers.iter().find(|i| i.matches(id)) {
                 None => CertStatus::unknown(),
-                Some(issuer) => {
-                    any_ours = true;
-                    status_of(issuer, id, registry)?
-                }
+                Some(issuer) => status_of(issuer, id, registry)?,
             };
             responses.push(SingleResponse {
                 cert_id: id.clone(),
@@ -229,12 +260,9 @@ impl Responder {
                 single_extensions: None,
             });
         }
-        if !any_ours {
-            return Err(Refusal::Unauthorized);
-        }
         let tbs = ResponseData {
             version: Default::default(),
-            responder_id: self.responder_id.clone(),
+            responder_id: unit.responder_id.clone(),
             produced_at: this_update,
             responses,
             response_extensions: nonce.map(|n| vec![n]),
@@ -242,8 +270,8 @@ impl Responder {
         let tbs_der = tbs
             .to_der()
             .map_err(|e| Refusal::Internal(format!("encoding: {e}")))?;
-        let sig = self
-            .signer_key
+        let sig = unit
+            .key
             .sign(&tbs_der)
             .map_err(|e| Refusal::Internal(format!("signing: {e}")))?;
         let basic = BasicOcspResponse {
@@ -254,7 +282,7 @@ impl Responder {
             },
             signature: BitString::from_bytes(&sig)
                 .map_err(|e| Refusal::Internal(format!("encoding: {e}")))?,
-            certs: Some(vec![self.signer_cert.clone()]),
+            certs: Some(vec![unit.cert.clone()]),
         };
         let resp = OcspResponse::successful(basic)
             .and_then(|r| r.to_der())
@@ -278,6 +306,16 @@ fn status_of(
     let Ok(serial) = Serial::from_bytes(id.serial_number.as_bytes()) else {
         return Ok(CertStatus::unknown());
     };
+    if let Some(known) = &issuer.known {
+        return Ok(match known.get(&serial) {
+            None => CertStatus::unknown(),
+            Some(None) => CertStatus::good(),
+            Some(Some(r)) => CertStatus::revoked(RevokedInfo {
+                revocation_time: gtime(r.at)?,
+                revocation_reason: Some(crl_reason(r.reason)),
+            }),
+        });
+    }
     let found = registry
         .standing(&serial)
         .map_err(|e| Refusal::Internal(format!("registry: {e}")))?;
@@ -286,7 +324,7 @@ fn status_of(
         None => CertStatus::unknown(),
         Some((_, Standing::Good)) => CertStatus::good(),
         // A hold placed when the device was suspended (its last update).
-        Some((rec, Standing::Suspended)) => {
+        Some((rec, Standing::Suspended | Standing::Pending)) => {
             let since = registry
                 .device(&rec.device_id)
                 .map(|d| d.updated_at)

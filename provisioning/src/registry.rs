@@ -7,6 +7,9 @@
 //! - `fingerprints`: SHA-256 of the DER -> serial
 //! - `by_status`: `<status>/<id>` -> empty, for paged listing by status
 //! - `audit`: big-endian sequence number -> [`AuditEntry`]
+//! - `manufacturers`: name -> [`ManufacturerRecord`]
+//! - `claims`: claim id -> [`ClaimRecord`] (uses left)
+//! - `challenges`: manufacturer name -> proof-of-possession challenge
 //!
 //! Every change is one sled transaction across the trees it touches, and is
 //! flushed to disk before the call returns: a caller may acknowledge what a
@@ -23,15 +26,19 @@ use sled::Transactional;
 use time::OffsetDateTime;
 
 use crate::ca::IssuedCert;
+use crate::manufacturer::{CaKind, Challenge, ClaimRecord, ManufacturerRecord, ManufacturerStatus};
 use crate::{DeviceId, Error, Role, Serial};
 
-/// A device's standing. `Revoked` is final.
+/// A device's standing. `Revoked` is final. `Pending` is a device that
+/// registered itself on first connect (just-in-time) under a manufacturer
+/// whose policy wants an operator's approval first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     Active,
     Suspended,
     Revoked,
+    Pending,
 }
 
 impl Status {
@@ -40,6 +47,7 @@ impl Status {
             Status::Active => "active",
             Status::Suspended => "suspended",
             Status::Revoked => "revoked",
+            Status::Pending => "pending",
         }
     }
 }
@@ -57,8 +65,9 @@ impl std::str::FromStr for Status {
             "active" => Ok(Status::Active),
             "suspended" => Ok(Status::Suspended),
             "revoked" => Ok(Status::Revoked),
+            "pending" => Ok(Status::Pending),
             other => Err(Error::InvalidInput {
-                reason: format!("unknown status {other:?} (active, suspended, revoked)"),
+                reason: format!("unknown status {other:?} (active, suspended, revoked, pending)"),
             }),
         }
     }
@@ -180,6 +189,10 @@ pub struct CertRecord {
     pub revocation: Option<Revocation>,
     /// Its device's status, mirrored here on every device change.
     pub device_status: Status,
+    /// The manufacturer whose CA issued it, if not fleetgate's issuing CA:
+    /// revoking the manufacturer revokes it.
+    #[serde(default)]
+    pub manufacturer: Option<String>,
 }
 
 /// What the registry says of a certificate, for admission and status answers.
@@ -188,6 +201,8 @@ pub enum Standing {
     Good,
     /// The device is suspended (an OCSP/CRL "certificateHold").
     Suspended,
+    /// The device registered itself and awaits approval (also a hold).
+    Pending,
     Revoked(Revocation),
 }
 
@@ -201,6 +216,7 @@ impl CertRecord {
         match self.device_status {
             Status::Active => Standing::Good,
             Status::Suspended => Standing::Suspended,
+            Status::Pending => Standing::Pending,
             Status::Revoked => Standing::Revoked(device_revocation.unwrap_or(Revocation {
                 reason: RevocationReason::Unspecified,
                 at: self.not_before,
@@ -273,6 +289,9 @@ pub struct Registry {
     by_status: sled::Tree,
     audit: sled::Tree,
     meta: sled::Tree,
+    manufacturers: sled::Tree,
+    claims: sled::Tree,
+    challenges: sled::Tree,
 }
 
 /// A certificate a CRL lists: revoked, or on hold while its device is
@@ -301,6 +320,8 @@ struct Tx<'a> {
     fingerprints: &'a TransactionalTree,
     by_status: &'a TransactionalTree,
     audit: &'a TransactionalTree,
+    manufacturers: &'a TransactionalTree,
+    claims: &'a TransactionalTree,
 }
 
 fn abort<T>(e: Error) -> TxResult<T> {
@@ -325,7 +346,50 @@ fn status_key(status: Status, id: &DeviceId) -> Vec<u8> {
     format!("{status}/{id}").into_bytes()
 }
 
+fn enroll_detail(d: &DeviceRecord, cert: &IssuedCert) -> String {
+    let mut s = format!(
+        "role {}, certificate expires {}",
+        d.role,
+        rfc3339(cert.not_after)
+    );
+    if let Some(m) = &cert.manufacturer {
+        s.push_str(&format!(", manufacturer {m}"));
+    }
+    s
+}
+
 impl Tx<'_> {
+    /// A new device record holding `cert`; fails if the id is taken.
+    fn new_device(
+        &self,
+        new: &NewDevice,
+        cert: &IssuedCert,
+        status: Status,
+        now: OffsetDateTime,
+    ) -> TxResult<DeviceRecord> {
+        if self
+            .devices
+            .get(new.id.as_str())
+            .map_err(storage)?
+            .is_some()
+        {
+            return abort(Error::AlreadyExists { id: new.id.clone() });
+        }
+        let mut d = DeviceRecord {
+            id: new.id.clone(),
+            role: new.role,
+            status,
+            revocation: None,
+            manufacturer: new.manufacturer.clone(),
+            created_at: now,
+            updated_at: now,
+            certificates: Vec::new(),
+        };
+        self.add_cert(&mut d, cert)?;
+        self.put_device(None, &d)?;
+        Ok(d)
+    }
+
     fn device(&self, id: &DeviceId) -> TxResult<DeviceRecord> {
         match self.devices.get(id.as_str()).map_err(storage)? {
             Some(v) => decode("device", &v).or_else(abort),
@@ -385,6 +449,7 @@ impl Tx<'_> {
             fingerprint: cert.fingerprint.clone(),
             revocation: None,
             device_status: d.status,
+            manufacturer: cert.manufacturer.clone(),
         };
         if self
             .certs
@@ -446,6 +511,9 @@ impl Registry {
             by_status: db.open_tree("by_status")?,
             audit: db.open_tree("audit")?,
             meta: db.open_tree("meta")?,
+            manufacturers: db.open_tree("manufacturers")?,
+            claims: db.open_tree("claims")?,
+            challenges: db.open_tree("challenges")?,
             db,
         })
     }
@@ -466,16 +534,22 @@ impl Registry {
             &self.fingerprints,
             &self.by_status,
             &self.audit,
+            &self.manufacturers,
+            &self.claims,
         )
-            .transaction(|(devices, certs, fingerprints, by_status, audit)| {
-                f(&Tx {
-                    devices,
-                    certs,
-                    fingerprints,
-                    by_status,
-                    audit,
-                })
-            })
+            .transaction(
+                |(devices, certs, fingerprints, by_status, audit, manufacturers, claims)| {
+                    f(&Tx {
+                        devices,
+                        certs,
+                        fingerprints,
+                        by_status,
+                        audit,
+                        manufacturers,
+                        claims,
+                    })
+                },
+            )
             .map_err(|e| match e {
                 TransactionError::Abort(e) => e,
                 TransactionError::Storage(e) => Error::from(e),
@@ -519,35 +593,236 @@ impl Registry {
     ) -> Result<DeviceRecord, Error> {
         let now = OffsetDateTime::now_utc();
         self.transact_unflushed(|tx| {
-            if tx.devices.get(new.id.as_str()).map_err(storage)?.is_some() {
-                return abort(Error::AlreadyExists { id: new.id.clone() });
-            }
-            let mut d = DeviceRecord {
-                id: new.id.clone(),
-                role: new.role,
-                status: Status::Active,
-                revocation: None,
-                manufacturer: new.manufacturer.clone(),
-                created_at: now,
-                updated_at: now,
-                certificates: Vec::new(),
-            };
-            tx.add_cert(&mut d, cert)?;
-            tx.put_device(None, &d)?;
+            let d = tx.new_device(new, cert, Status::Active, now)?;
             tx.audit(
                 actor,
                 "enroll",
                 Some(&d.id),
                 Some(&cert.serial),
-                format!(
-                    "role {}, certificate expires {}",
-                    d.role,
-                    rfc3339(cert.not_after)
-                ),
+                enroll_detail(&d, cert),
                 now,
             )?;
             Ok(d)
         })
+    }
+
+    /// Registers a device that presented a manufacturer's certificate on its
+    /// first connect (just-in-time), as `status` (active or pending).
+    pub fn register_jit(
+        &self,
+        new: &NewDevice,
+        cert: &IssuedCert,
+        status: Status,
+        actor: &str,
+    ) -> Result<DeviceRecord, Error> {
+        let now = OffsetDateTime::now_utc();
+        self.transact(|tx| {
+            let d = tx.new_device(new, cert, status, now)?;
+            tx.audit(
+                actor,
+                "jit-register",
+                Some(&d.id),
+                Some(&cert.serial),
+                format!("{}, status {status}", enroll_detail(&d, cert)),
+                now,
+            )?;
+            Ok(d)
+        })
+    }
+
+    /// Registers a claim principal with its certificate and its uses.
+    pub fn add_claim(
+        &self,
+        new: &NewDevice,
+        cert: &IssuedCert,
+        uses: u32,
+        actor: &str,
+    ) -> Result<(DeviceRecord, ClaimRecord), Error> {
+        let now = OffsetDateTime::now_utc();
+        self.transact(|tx| {
+            let d = tx.new_device(new, cert, Status::Active, now)?;
+            let claim = ClaimRecord {
+                id: d.id.clone(),
+                uses_left: uses,
+                used: 0,
+                manufacturer: new.manufacturer.clone(),
+            };
+            tx.claims
+                .insert(d.id.as_str(), encode(&claim))
+                .map_err(storage)?;
+            tx.audit(
+                actor,
+                "claim-create",
+                Some(&d.id),
+                Some(&cert.serial),
+                format!("{}, {uses} uses", enroll_detail(&d, cert)),
+                now,
+            )?;
+            Ok((d, claim))
+        })
+    }
+
+    pub fn claim(&self, id: &DeviceId) -> Result<Option<ClaimRecord>, Error> {
+        self.claims
+            .get(id.as_str())?
+            .map(|v| decode("claim", &v))
+            .transpose()
+    }
+
+    /// Registers a device provisioned through the claim `claim`, spending
+    /// one of the claim's uses, all in one transaction.
+    pub fn provision_with_claim(
+        &self,
+        claim: &DeviceId,
+        new: &NewDevice,
+        cert: &IssuedCert,
+    ) -> Result<(DeviceRecord, ClaimRecord), Error> {
+        let now = OffsetDateTime::now_utc();
+        let actor = format!("claim:{claim}");
+        self.transact(|tx| {
+            let holder = tx.device(claim)?;
+            if holder.status != Status::Active {
+                return abort(Error::InvalidTransition {
+                    id: claim.clone(),
+                    status: holder.status,
+                    action: "provision",
+                });
+            }
+            let mut c: ClaimRecord = match tx.claims.get(claim.as_str()).map_err(storage)? {
+                Some(v) => decode("claim", &v).or_else(abort)?,
+                None => return abort(Error::NotFound { id: claim.clone() }),
+            };
+            if c.uses_left == 0 {
+                return abort(Error::ClaimExhausted { id: claim.clone() });
+            }
+            c.uses_left -= 1;
+            c.used += 1;
+            tx.claims
+                .insert(claim.as_str(), encode(&c))
+                .map_err(storage)?;
+            let d = tx.new_device(new, cert, Status::Active, now)?;
+            tx.audit(
+                &actor,
+                "claim-provision",
+                Some(&d.id),
+                Some(&cert.serial),
+                format!(
+                    "{}, claim uses left {}",
+                    enroll_detail(&d, cert),
+                    c.uses_left
+                ),
+                now,
+            )?;
+            Ok((d, c))
+        })
+    }
+
+    pub fn manufacturer(&self, name: &str) -> Result<Option<ManufacturerRecord>, Error> {
+        self.manufacturers
+            .get(name.as_bytes())?
+            .map(|v| decode("manufacturer", &v))
+            .transpose()
+    }
+
+    /// Every manufacturer, by name.
+    pub fn manufacturers(&self) -> Result<Vec<ManufacturerRecord>, Error> {
+        self.manufacturers
+            .iter()
+            .map(|kv| decode("manufacturer", &kv?.1))
+            .collect()
+    }
+
+    /// Records a new manufacturer CA (issued here or registered).
+    pub fn add_manufacturer(&self, rec: &ManufacturerRecord, actor: &str) -> Result<(), Error> {
+        self.transact(|tx| {
+            if tx
+                .manufacturers
+                .get(rec.name.as_str())
+                .map_err(storage)?
+                .is_some()
+            {
+                return abort(Error::AlreadyExists {
+                    id: rec.name.clone(),
+                });
+            }
+            tx.manufacturers
+                .insert(rec.name.as_str(), encode(rec))
+                .map_err(storage)?;
+            tx.audit(
+                actor,
+                match rec.kind {
+                    CaKind::Issued => "manufacturer-create",
+                    CaKind::Registered => "manufacturer-register",
+                },
+                None,
+                Some(&rec.serial),
+                format!(
+                    "manufacturer {}: CA {:?}, policy {}",
+                    rec.name, rec.subject, rec.policy
+                ),
+                rec.created_at,
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Revokes a manufacturer: every certificate its CA issued is revoked
+    /// with it (see [`Registry::standing`]). Final.
+    pub fn revoke_manufacturer(
+        &self,
+        name: &str,
+        reason: RevocationReason,
+        actor: &str,
+    ) -> Result<ManufacturerRecord, Error> {
+        let at = now_seconds();
+        self.transact(|tx| {
+            let mut m: ManufacturerRecord =
+                match tx.manufacturers.get(name.as_bytes()).map_err(storage)? {
+                    Some(v) => decode("manufacturer", &v).or_else(abort)?,
+                    None => {
+                        return abort(Error::ManufacturerNotFound {
+                            name: name.to_owned(),
+                        })
+                    }
+                };
+            if m.status == ManufacturerStatus::Revoked {
+                return abort(Error::InvalidInput {
+                    reason: format!("manufacturer {name} is already revoked"),
+                });
+            }
+            m.status = ManufacturerStatus::Revoked;
+            m.revocation = Some(Revocation { reason, at });
+            tx.manufacturers
+                .insert(name.as_bytes(), encode(&m))
+                .map_err(storage)?;
+            tx.audit(
+                actor,
+                "manufacturer-revoke",
+                None,
+                Some(&m.serial),
+                format!("manufacturer {name}, reason {reason}"),
+                at,
+            )?;
+            Ok(m)
+        })
+    }
+
+    /// Stores the proof-of-possession challenge for `name`, replacing any.
+    pub fn set_challenge(&self, name: &str, c: &Challenge) -> Result<(), Error> {
+        self.challenges.insert(name.as_bytes(), encode(c))?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Removes and returns the challenge for `name`: each is good once.
+    pub fn take_challenge(&self, name: &str) -> Result<Option<Challenge>, Error> {
+        let c = self
+            .challenges
+            .remove(name.as_bytes())?
+            .map(|v| decode("challenge", &v))
+            .transpose()?;
+        self.db.flush()?;
+        Ok(c)
     }
 
     /// Adds a certificate to an active device (rotation); older ones stay
@@ -639,6 +914,18 @@ impl Registry {
         )
     }
 
+    /// Lets a device that registered itself just-in-time in.
+    pub fn approve(&self, id: &DeviceId, actor: &str) -> Result<DeviceRecord, Error> {
+        self.set_status(
+            id,
+            "approve",
+            &[Status::Pending],
+            Status::Active,
+            None,
+            actor,
+        )
+    }
+
     /// Revokes a device and, with it, every certificate it holds. Final.
     pub fn revoke(
         &self,
@@ -653,7 +940,7 @@ impl Registry {
         self.set_status(
             id,
             "revoke",
-            &[Status::Active, Status::Suspended],
+            &[Status::Active, Status::Suspended, Status::Pending],
             Status::Revoked,
             Some(revocation),
             actor,
@@ -710,6 +997,7 @@ impl Registry {
             let status = match c.standing(d.revocation) {
                 Standing::Revoked(_) => "revoked",
                 Standing::Suspended => "suspended",
+                Standing::Pending => "pending",
                 Standing::Good if c.not_after < now => "expired",
                 Standing::Good => "good",
             };
@@ -751,6 +1039,14 @@ impl Registry {
         let Some(c) = self.certificate(serial)? else {
             return Ok(None);
         };
+        if c.revocation.is_none() {
+            if let Some(m) = &c.manufacturer {
+                // A revoked manufacturer takes every certificate under it along.
+                if let Some(r) = self.manufacturer(m)?.and_then(|m| m.revocation) {
+                    return Ok(Some((c, Standing::Revoked(r))));
+                }
+            }
+        }
         let device_revocation = if c.revocation.is_none() && c.device_status == Status::Revoked {
             self.device(&c.device_id)?.revocation
         } else {
@@ -853,7 +1149,9 @@ impl Registry {
                     });
                     Some((r.at, Some(r.reason)))
                 }
-                (None, Status::Suspended) => Some((self.device(&c.device_id)?.updated_at, None)),
+                (None, Status::Suspended | Status::Pending) => {
+                    Some((self.device(&c.device_id)?.updated_at, None))
+                }
                 (None, Status::Active) => None,
             };
             if let Some((at, reason)) = listed {

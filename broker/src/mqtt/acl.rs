@@ -9,6 +9,9 @@
 //!   `devices/+/telemetry`, shared subscriptions of those); publish only
 //!   commands, `devices/<id>/commands/...`.
 //! - role `admin`: not an MQTT identity.
+//! - role `claim`: may only publish a CSR to `$fleetgate/provision/<request-id>`
+//!   (answered by the session itself on `.../accepted` or `.../rejected`) and
+//!   subscribe under `$fleetgate/provision/`.
 
 use provisioning::{Identity, Role};
 
@@ -31,6 +34,15 @@ pub struct Acl {
 }
 
 const DEVICES: &str = "devices/";
+/// Where claims ask for certificates.
+pub const PROVISION: &str = "$fleetgate/provision/";
+
+/// The request id of a provisioning topic `$fleetgate/provision/<request-id>`
+/// (one level, id characters only).
+pub fn provision_request(topic: &str) -> Option<&str> {
+    let id = topic.strip_prefix(PROVISION)?;
+    provisioning::DeviceId::try_new(id).is_ok().then_some(id)
+}
 
 impl Acl {
     pub fn new(identity: &Identity) -> Self {
@@ -63,6 +75,11 @@ impl Acl {
             Role::Device => self.is_own(topic),
             Role::Service => is_command_topic(topic),
             Role::Admin => false,
+            Role::Claim => {
+                return Err(Denied(format!(
+                    "a claim may only publish a CSR to {PROVISION}<request-id>, not to {topic:?}"
+                )))
+            }
         };
         if ok {
             Ok(())
@@ -102,6 +119,8 @@ impl Acl {
             Role::Service if inner.starts_with(DEVICES) => Ok(()),
             Role::Service => deny("services may subscribe under devices/ only"),
             Role::Admin => deny("admin certificates are not MQTT identities"),
+            Role::Claim if inner.starts_with(PROVISION) => Ok(()),
+            Role::Claim => deny("a claim may only subscribe under $fleetgate/provision/"),
         }
     }
 }

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use provisioning::ca::inspect_certificate;
-use provisioning::{DeviceId, Registry, Serial, Standing};
+use provisioning::{Authority, DeviceId, Identity, Registry, Role, Serial, Standing};
 use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
 use rumqttd::{Notification, Router, RouterConfig};
 use rustls::ServerConfig;
@@ -83,6 +83,9 @@ type LinkFactory =
 /// What every session shares.
 pub(crate) struct Shared {
     links: LinkFactory,
+    auth: Arc<Authority>,
+    /// Lifetime of certificates issued to claims' devices.
+    cert_lifetime: time::Duration,
     registry: Registry,
     metrics: Arc<Metrics>,
     status: Arc<StatusService>,
@@ -224,7 +227,8 @@ pub struct Broker {
 impl Broker {
     /// Starts rumqttd's router (on its own thread).
     pub fn new(
-        registry: Registry,
+        auth: Arc<Authority>,
+        cert_lifetime: time::Duration,
         metrics: Arc<Metrics>,
         status: Arc<StatusService>,
         cfg: MqttConfig,
@@ -256,7 +260,9 @@ impl Broker {
         Self {
             shared: Arc::new(Shared {
                 links,
-                registry,
+                registry: auth.registry.clone(),
+                auth,
+                cert_lifetime,
                 metrics,
                 status,
                 sessions: Sessions::default(),
@@ -283,6 +289,11 @@ impl Broker {
                     };
                     let n = sessions.kick_device(&id, why);
                     tracing::info!(device.id = %id, sessions = n, reason = why.as_str(), "mqtt: cutting live sessions");
+                }
+                Ok(Change::ManufacturerRevoked { name }) => {
+                    let before = sessions.count();
+                    sessions.recheck(&self.shared.registry);
+                    tracing::info!(manufacturer = %name, sessions = before.saturating_sub(sessions.count()), "mqtt: cut the live sessions of a revoked manufacturer's devices");
                 }
                 Ok(Change::CertificateRevoked { serial }) => {
                     let n = sessions.kick_serial(&serial, Kick::CertificateRevoked);
@@ -373,9 +384,18 @@ fn peer_of(
     let der = stream.get_ref().1.peer_certificates()?.first()?;
     // The verifier already read these fields from the same bytes.
     let info = inspect_certificate(der).ok()?;
+    // A manufacturer's certificate may name its device by CN alone; the
+    // verifier admitted it as that device.
+    let identity = match info.identity {
+        Some(i) => i,
+        None => Identity {
+            role: Role::Device,
+            id: DeviceId::try_new(info.common_name?).ok()?,
+        },
+    };
     Some(Peer {
         addr,
-        identity: info.identity?,
+        identity,
         serial: info.serial,
         not_after: info.not_after,
     })

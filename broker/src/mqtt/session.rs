@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use provisioning::{Identity, Serial, Standing};
+use provisioning::{Authority, DeviceId, Identity, Role, Serial, Standing};
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::v4::V4;
 use rumqttd::protocol::v5::V5;
@@ -29,7 +29,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{oneshot, watch};
 use tokio_rustls::server::TlsStream;
 
-use super::acl::{sniff_connect, Acl, ConnectSniff};
+use super::acl::{provision_request, sniff_connect, Acl, ConnectSniff};
 use super::{Kick, Shared};
 use crate::metrics::Refusal;
 use crate::status::StatusService;
@@ -142,6 +142,21 @@ struct Session {
     /// refused positions, to merge into the router's SUBACK.
     pending_subacks: HashMap<u16, Vec<Option<SubscribeReasonCode>>>,
     status: Arc<StatusService>,
+    /// For claims' provisioning requests.
+    auth: Arc<Authority>,
+    cert_lifetime: time::Duration,
+    metrics: Arc<crate::metrics::Metrics>,
+}
+
+/// A claim's request for a device certificate, when not a bare CSR.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProvisionRequest {
+    /// The device id asked for; the request id when absent.
+    #[serde(default)]
+    id: Option<String>,
+    /// PEM.
+    csr: String,
 }
 
 /// The MQTT 5 topic for OCSP requests; the answer goes to the request's
@@ -175,6 +190,9 @@ async fn session(
         peer,
         pending_subacks: HashMap::new(),
         status: shared.status.clone(),
+        auth: shared.auth.clone(),
+        cert_lifetime: shared.cert_lifetime,
+        metrics: shared.metrics.clone(),
     };
 
     // CONNECT, within the connect timeout.
@@ -195,10 +213,12 @@ async fn session(
         return Err(());
     };
 
-    // Identity: the certificate names the client.
+    // Identity: the certificate names the client. (Claims are shared by
+    // many devices at once, so they keep whatever client id they chose.)
     let device_id = s.peer.identity.id.to_string();
     let assigned = connect.client_id.is_empty();
-    if !assigned && connect.client_id != device_id {
+    let claim = s.peer.identity.role == Role::Claim;
+    if !assigned && connect.client_id != device_id && !claim {
         shared.metrics.refused(Refusal::WrongIdentity);
         tracing::warn!(reason = "wrong_identity", client_id = %connect.client_id, "mqtt: refused: client id is not the certificate's id");
         s.refuse_connect().await;
@@ -214,28 +234,43 @@ async fn session(
         }
     }
 
-    // A router link; building it waits on the router thread.
-    let Ok(slot) = shared.link_slots.acquire().await else {
-        return Err(());
-    };
-    let links = shared.links.clone();
-    let id = device_id.clone();
-    let clean = connect.clean_session;
-    let link = tokio::task::spawn_blocking(move || links(&id, clean)).await;
-    drop(slot);
-    let (mut link_tx, mut link_rx, notification) = match link {
-        Ok(Ok(l)) => l,
-        Ok(Err(e)) => {
-            tracing::error!(error = %e, "mqtt: router refused the link");
-            s.refuse_connect().await;
+    // A router link; building it waits on the router thread. Claims never
+    // reach the router: this session answers everything they may send.
+    let (mut link_tx, mut link_rx, notification) = if claim {
+        (None, None, None)
+    } else {
+        let Ok(slot) = shared.link_slots.acquire().await else {
             return Err(());
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "mqtt: link task failed");
-            return Err(());
+        };
+        let links = shared.links.clone();
+        let id = device_id.clone();
+        let clean = connect.clean_session;
+        let link = tokio::task::spawn_blocking(move || links(&id, clean)).await;
+        drop(slot);
+        match link {
+            Ok(Ok((tx, rx, n))) => (Some(tx), Some(rx), Option::<Packet>::from(n)),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "mqtt: router refused the link");
+                s.refuse_connect().await;
+                return Err(());
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "mqtt: link task failed");
+                return Err(());
+            }
         }
     };
-    let connack = match Option::<Packet>::from(notification) {
+    let notification = match notification {
+        None if claim => Some(Packet::ConnAck(
+            ConnAck {
+                session_present: false,
+                code: ConnectReturnCode::Success,
+            },
+            None,
+        )),
+        n => n,
+    };
+    let connack = match notification {
         Some(Packet::ConnAck(ack, props)) => {
             let props = s.codec.is_v5().then(|| ConnAckProperties {
                 assigned_client_identifier: assigned.then(|| device_id.clone()),
@@ -250,9 +285,9 @@ async fn session(
         }
     };
     if s.send(connack).await.is_err() {
-        let _ = link_tx
-            .send(Packet::Disconnect(normal_disconnect(), None))
-            .await;
+        if let Some(tx) = link_tx.as_mut() {
+            let _ = tx.send(Packet::Disconnect(normal_disconnect(), None)).await;
+        }
         return Err(());
     }
 
@@ -268,8 +303,8 @@ async fn session(
     let end = match shared.registry.standing(&s.peer.serial) {
         Ok(Some((_, Standing::Good))) => {
             s.serve(
-                &mut link_tx,
-                &mut link_rx,
+                link_tx.as_mut(),
+                link_rx.as_mut(),
                 kick_rx,
                 &mut shutdown,
                 connect.keep_alive,
@@ -334,7 +369,8 @@ async fn session(
     // Then end the router session, publishing the will on an unclean end.
     // `LinkTx::send` blocks while the router's queue is full: on the blocking
     // pool, so a busy router never stalls the async workers.
-    if end.router_session_live() {
+    if let (true, Some(mut link_tx), Some(link_rx)) = (end.router_session_live(), link_tx, link_rx)
+    {
         let will = will.filter(|_| !matches!(end, End::Kicked(_)));
         let handle = tokio::runtime::Handle::current();
         let _ = tokio::task::spawn_blocking(move || {
@@ -426,8 +462,8 @@ impl Session {
 
     async fn serve(
         &mut self,
-        link_tx: &mut LinkTx,
-        link_rx: &mut LinkRx,
+        mut link_tx: Option<&mut LinkTx>,
+        mut link_rx: Option<&mut LinkRx>,
         mut kick: oneshot::Receiver<Kick>,
         shutdown: &mut watch::Receiver<bool>,
         keep_alive: u16,
@@ -442,7 +478,7 @@ impl Session {
         tokio::pin!(expiry);
         // Packets that came in the same read as CONNECT.
         if !self.rbuf.is_empty() {
-            if let Some(end) = self.incoming(link_tx).await {
+            if let Some(end) = self.incoming(link_tx.as_deref_mut()).await {
                 return end;
             }
         }
@@ -458,14 +494,16 @@ impl Session {
                     Err(e) => return End::Closed(e.to_string()),
                     Ok(_) => {
                         deadline = idle.map(|d| tokio::time::Instant::now() + d);
-                        if let Some(end) = self.incoming(link_tx).await {
+                        if let Some(end) = self.incoming(link_tx.as_deref_mut()).await {
                             return end;
                         }
                     }
                 },
-                n = link_rx.next() => match n {
-                    Ok(Some(n)) => if let Some(end) = self.outgoing(n, link_rx).await {
-                        return end;
+                n = next(link_rx.as_deref_mut()) => match n {
+                    Ok(Some(n)) => if let Some(rx) = link_rx.as_deref_mut() {
+                        if let Some(end) = self.outgoing(n, rx).await {
+                            return end;
+                        }
                     },
                     Ok(None) => {}
                     Err(_) => return End::TakenOver,
@@ -475,7 +513,7 @@ impl Session {
     }
 
     /// Decodes what has arrived, checks it, forwards it.
-    async fn incoming(&mut self, link_tx: &mut LinkTx) -> Option<End> {
+    async fn incoming(&mut self, link_tx: Option<&mut LinkTx>) -> Option<End> {
         let mut forward: Vec<Packet> = Vec::new();
         let mut end = None;
         loop {
@@ -490,6 +528,24 @@ impl Session {
             match packet {
                 Packet::Publish(p, props) => {
                     let topic = String::from_utf8_lossy(&p.topic).into_owned();
+                    if self.peer.identity.role == Role::Claim {
+                        // Claims only ever provision; nothing reaches the router.
+                        match provision_request(&topic) {
+                            Some(req) => {
+                                let req = req.to_owned();
+                                if let Err(e) = self.provision(&p, req).await {
+                                    end = Some(End::Protocol(e));
+                                    break;
+                                }
+                                continue;
+                            }
+                            None => {
+                                let why = self.acl.can_publish(&topic).err();
+                                end = Some(End::Acl(why.map(|w| w.0).unwrap_or_default()));
+                                break;
+                            }
+                        }
+                    }
                     match self.ocsp_reply_to(&topic, props.as_ref()) {
                         None => {}
                         Some(Ok((reply_topic, correlation))) => {
@@ -530,7 +586,25 @@ impl Session {
                             }
                         }
                     }
-                    if allowed.is_empty() {
+                    if self.peer.identity.role == Role::Claim {
+                        // Answered here: provisioning replies come from this
+                        // session, never through the router.
+                        let ack = SubAck {
+                            pkid: sub.pkid,
+                            return_codes: codes
+                                .into_iter()
+                                .map(|c| {
+                                    c.unwrap_or(SubscribeReasonCode::Success(
+                                        rumqttd::protocol::QoS::AtMostOnce,
+                                    ))
+                                })
+                                .collect(),
+                        };
+                        if let Err(e) = self.encode(Packet::SubAck(ack, None)) {
+                            end = Some(End::Protocol(e));
+                            break;
+                        }
+                    } else if allowed.is_empty() {
                         let ack = SubAck {
                             pkid: sub.pkid,
                             return_codes: codes.into_iter().flatten().collect(),
@@ -572,7 +646,7 @@ impl Session {
                 }
             }
         }
-        if let Some(last) = forward.pop() {
+        if let (Some(link_tx), Some(last)) = (link_tx, forward.pop()) {
             {
                 let mut buffer = link_tx.buffer();
                 buffer.extend(forward);
@@ -615,19 +689,7 @@ impl Session {
         correlation: Option<bytes::Bytes>,
     ) -> Result<(), String> {
         let der = self.status.ocsp(&p.payload);
-        // QoS and packet id are private fields; the serialized header has them.
-        let head = p.serialize();
-        let qos = (head[0] >> 1) & 0b11;
-        let pkid = u16::from_be_bytes([head[1], head[2]]);
-        if qos > 0 {
-            self.encode(Packet::PubAck(
-                PubAck {
-                    pkid,
-                    reason: PubAckReason::Success,
-                },
-                None,
-            ))?;
-        }
+        self.ack(p)?;
         let props = self.codec.is_v5().then(|| PublishProperties {
             correlation_data: correlation,
             content_type: Some("application/ocsp-response".into()),
@@ -641,6 +703,92 @@ impl Session {
                 false,
             ),
             props,
+        ))
+    }
+
+    /// Acknowledges a PUBLISH we answer ourselves, if it was sent at QoS 1.
+    fn ack(&mut self, p: &Publish) -> Result<(), String> {
+        // QoS and packet id are private fields; rumqttd's own serialization
+        // (not the wire format) starts with them: flags, then the packet id.
+        let head = p.serialize();
+        let qos = (head[0] >> 1) & 0b11;
+        if qos == 0 {
+            return Ok(());
+        }
+        let pkid = u16::from_be_bytes([head[1], head[2]]);
+        self.encode(Packet::PubAck(
+            PubAck {
+                pkid,
+                reason: PubAckReason::Success,
+            },
+            None,
+        ))
+    }
+
+    /// A claim's provisioning request: a device certificate for a CSR, sent
+    /// back on `<topic>/accepted`, or the reason on `<topic>/rejected`.
+    async fn provision(&mut self, p: &Publish, req: String) -> Result<(), String> {
+        self.ack(p)?;
+        let topic = format!("{}{req}", super::acl::PROVISION);
+        let parsed: Result<(String, Vec<u8>), (&'static str, String)> =
+            if p.payload.first() == Some(&b'{') {
+                serde_json::from_slice::<ProvisionRequest>(&p.payload)
+                    .map(|r| (r.id.unwrap_or_else(|| req.clone()), r.csr.into_bytes()))
+                    .map_err(|e| ("invalid_json", e.to_string()))
+            } else {
+                Ok((req.clone(), p.payload.to_vec()))
+            };
+        let claim = self.peer.identity.id.clone();
+        let outcome = match parsed {
+            Err(e) => Err(e),
+            Ok((id, csr)) => {
+                let auth = self.auth.clone();
+                let lifetime = self.cert_lifetime;
+                let done = tokio::task::spawn_blocking(move || {
+                    let id = DeviceId::try_new(id)?;
+                    auth.provision_with_claim(&claim, &id, &csr, lifetime)
+                })
+                .await;
+                match done {
+                    Ok(Ok((device, cert))) => Ok(serde_json::json!({
+                        "id": device.id,
+                        "serial": cert.serial,
+                        "certificate_pem": cert.chain_pem,
+                        "ca_pem": self.auth.ca.root_pem(),
+                        "not_after": cert.not_after.unix_timestamp(),
+                    })),
+                    Ok(Err(e)) => {
+                        let e = crate::api::ApiError::from(e);
+                        Err((e.code(), e.message().to_owned()))
+                    }
+                    Err(_) => Err(("internal", "internal error; see the server log".into())),
+                }
+            }
+        };
+        let (reply, body) = match outcome {
+            Ok(body) => {
+                self.status.invalidate();
+                self.metrics
+                    .claim_provisions
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::info!(request = %req, device.id = %body["id"], "mqtt: claim provisioned a device");
+                (format!("{topic}/accepted"), body)
+            }
+            Err((code, message)) => {
+                tracing::warn!(reason = code, request = %req, detail = %message, "mqtt: provisioning request rejected");
+                (
+                    format!("{topic}/rejected"),
+                    serde_json::json!({"code": code, "message": message}),
+                )
+            }
+        };
+        self.encode(Packet::Publish(
+            Publish::new(
+                bytes::Bytes::from(reply),
+                bytes::Bytes::from(body.to_string()),
+                false,
+            ),
+            None,
         ))
     }
 
@@ -699,6 +847,14 @@ impl Session {
             return Some(End::TakenOver);
         }
         end
+    }
+}
+
+/// The router's next notification; never, without a link.
+async fn next(rx: Option<&mut LinkRx>) -> Result<Option<Notification>, rumqttd::local::LinkError> {
+    match rx {
+        Some(rx) => rx.next().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -21,6 +21,8 @@ use provisioning::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
+mod manufacturers;
+
 use crate::https::{PeerAddr, PeerCert};
 use crate::metrics::{Metrics, Snapshot};
 use crate::mqtt::Broker;
@@ -29,6 +31,8 @@ use crate::tls::ServerTls;
 
 /// Request bodies larger than this are refused with 413.
 pub const MAX_BODY: usize = 64 * 1024;
+/// ... except a batch enrollment's, which may carry 10,000 CSRs.
+pub const MAX_BATCH_BODY: usize = 32 * 1024 * 1024;
 /// The longest certificate lifetime the API grants.
 pub const MAX_LIFETIME_DAYS: u32 = 3650;
 
@@ -39,6 +43,8 @@ pub enum Change {
     DeviceOut { id: DeviceId, status: Status },
     /// One certificate was revoked: connections using it must close.
     CertificateRevoked { serial: Serial },
+    /// A manufacturer was revoked: its devices' connections must close.
+    ManufacturerRevoked { name: String },
 }
 
 #[derive(Clone, Debug)]
@@ -58,6 +64,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/devices/{id}", get(show))
         .route("/v1/devices/{id}/suspend", post(suspend))
         .route("/v1/devices/{id}/resume", post(resume))
+        .route("/v1/devices/{id}/approve", post(approve))
         .route("/v1/devices/{id}/revoke", post(revoke))
         .route("/v1/devices/{id}/rotate", post(rotate))
         .route("/v1/certificates/{serial}", get(show_certificate))
@@ -68,10 +75,34 @@ pub fn router(state: AppState) -> Router {
             "/v1/server-certificate/renew",
             post(renew_server_certificate),
         )
+        .route(
+            "/v1/manufacturers",
+            post(manufacturers::create).get(manufacturers::list),
+        )
+        .route("/v1/manufacturers/{name}", get(manufacturers::show))
+        .route(
+            "/v1/manufacturers/{name}/challenge",
+            post(manufacturers::challenge),
+        )
+        .route(
+            "/v1/manufacturers/{name}/register",
+            post(manufacturers::register),
+        )
+        .route(
+            "/v1/manufacturers/{name}/revoke",
+            post(manufacturers::revoke),
+        )
+        .route("/v1/claims", post(manufacturers::create_claim))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
         })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        // Thousands of CSRs in one call.
+        .merge(
+            Router::new()
+                .route("/v1/devices/batch", post(manufacturers::enroll_batch))
+                .layer(axum::extract::DefaultBodyLimit::max(MAX_BATCH_BODY)),
+        )
         .with_state(state)
 }
 
@@ -94,7 +125,23 @@ pub struct ErrorDetail {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn internal() -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error; see the server log",
+        )
+    }
+
+    pub fn code(&self) -> &'static str {
+        self.code
+    }
+
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         Self {
             status,
             code,
@@ -117,6 +164,10 @@ impl From<Error> for ApiError {
             Error::CertNotFound { .. } => (S::NOT_FOUND, "certificate_not_found"),
             Error::AlreadyExists { .. } => (S::CONFLICT, "already_exists"),
             Error::InvalidTransition { .. } => (S::CONFLICT, "invalid_transition"),
+            Error::ManufacturerNotFound { .. } => (S::NOT_FOUND, "manufacturer_not_found"),
+            Error::ManufacturerRevoked { .. } => (S::CONFLICT, "manufacturer_revoked"),
+            Error::ProofOfPossession { .. } => (S::BAD_REQUEST, "proof_of_possession_failed"),
+            Error::ClaimExhausted { .. } => (S::CONFLICT, "claim_exhausted"),
             _ => {
                 // Storage, IO, crypto: the detail goes to the log, not the wire.
                 tracing::error!(error = %e, "internal error");
@@ -162,7 +213,7 @@ impl From<QueryRejection> for ApiError {
 
 /// A JSON body whose rejections are our JSON errors.
 #[derive(Debug)]
-pub struct Body<T>(T);
+pub struct Body<T>(pub T);
 
 impl<T, S> FromRequest<S> for Body<T>
 where
@@ -182,7 +233,7 @@ pub struct Admin {
 }
 
 impl Admin {
-    fn actor(&self) -> String {
+    pub(crate) fn actor(&self) -> String {
         format!("admin:{}", self.id)
     }
 }
@@ -252,7 +303,7 @@ impl FromRequestParts<AppState> for Admin {
 }
 
 /// Runs registry writes (signing, fsync) off the async workers.
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, Error> + Send + 'static,
 ) -> Result<T, ApiError> {
     match tokio::task::spawn_blocking(f).await {
@@ -268,7 +319,7 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
-fn device_id(s: String) -> Result<DeviceId, ApiError> {
+pub(crate) fn device_id(s: String) -> Result<DeviceId, ApiError> {
     Ok(DeviceId::try_new(s)?)
 }
 
@@ -300,7 +351,7 @@ pub struct Enrolled {
 }
 
 impl AppState {
-    fn lifetime(
+    pub(crate) fn lifetime(
         &self,
         days: Option<u32>,
         seconds: Option<u32>,
@@ -321,7 +372,7 @@ impl AppState {
         }
     }
 
-    fn lifetime_days(&self, days: Option<u32>) -> Result<time::Duration, ApiError> {
+    pub(crate) fn lifetime_days(&self, days: Option<u32>) -> Result<time::Duration, ApiError> {
         match days {
             None => Ok(self.cert_lifetime),
             Some(d) if (1..=MAX_LIFETIME_DAYS).contains(&d) => Ok(time::Duration::days(d.into())),
@@ -334,7 +385,7 @@ impl AppState {
     }
 
     /// The answer to an enrollment or rotation.
-    fn enrolled(
+    pub(crate) fn enrolled(
         &self,
         device: DeviceView,
         cert: provisioning::IssuedCert,
@@ -351,12 +402,12 @@ impl AppState {
     }
 
     /// After any registry write: cached OCSP answers and the CRL are stale.
-    fn changed(&self) {
+    pub(crate) fn changed(&self) {
         self.status.invalidate();
     }
 
     /// After a write that live sessions must follow.
-    fn publish(&self, change: Change) {
+    pub(crate) fn publish(&self, change: Change) {
         self.changed();
         // No receivers is fine: nothing is connected.
         let _ = self.changes.send(change);
@@ -504,6 +555,18 @@ async fn resume(
     Ok(Json(view))
 }
 
+/// Lets in a device that registered itself just in time as pending.
+async fn approve(
+    State(st): State<AppState>,
+    admin: Admin,
+    Path(id): Path<String>,
+) -> Result<Json<DeviceView>, ApiError> {
+    let view = transition(&st, &admin, id, |r, id, actor| r.approve(id, actor)).await?;
+    tracing::info!(device.id = %view.id, by = %admin.id, "approved");
+    st.changed();
+    Ok(Json(view))
+}
+
 #[derive(Deserialize, Debug, Default)]
 #[serde(deny_unknown_fields)]
 pub struct RevokeBody {
@@ -511,7 +574,7 @@ pub struct RevokeBody {
     pub reason: Option<String>,
 }
 
-fn reason(body: &RevokeBody) -> Result<RevocationReason, ApiError> {
+pub(crate) fn reason(body: &RevokeBody) -> Result<RevocationReason, ApiError> {
     Ok(match &body.reason {
         Some(r) => r.parse()?,
         None => RevocationReason::Unspecified,

@@ -1,0 +1,339 @@
+//! The admin API for manufacturers, batch enrollment and claims.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use provisioning::manufacturer::{BatchItem, Challenge, JitPolicy, ManufacturerRecord};
+use provisioning::{DeviceView, Error, RevocationReason, Serial};
+use serde::{Deserialize, Serialize};
+
+use super::{blocking, device_id, reason, Admin, ApiError, AppState, Body, Change, RevokeBody};
+
+/// Manufacturer names double as CRL names (`/crl/<name>.crl`).
+const RESERVED: [&str; 2] = [
+    provisioning::ca::ISSUING_CRL_NAME,
+    provisioning::ca::ROOT_CRL_NAME,
+];
+
+fn manufacturer_name(name: String) -> Result<provisioning::DeviceId, ApiError> {
+    if RESERVED.contains(&name.as_str()) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_id",
+            format!("{name:?} is reserved"),
+        ));
+    }
+    device_id(name)
+}
+
+fn policy(p: Option<String>) -> Result<JitPolicy, ApiError> {
+    Ok(match p {
+        Some(p) => p.parse()?,
+        None => JitPolicy::AutoActivate,
+    })
+}
+
+impl AppState {
+    /// After manufacturers changed: new trust anchors for the next
+    /// handshake, new OCSP signing units.
+    fn manufacturers_changed(&self) -> Result<(), ApiError> {
+        self.tls.reload_trust().map_err(|e| {
+            tracing::error!(error = %e, "reloading MQTT trust anchors");
+            ApiError::internal()
+        })?;
+        self.status.reload()?;
+        Ok(())
+    }
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct CreateBody {
+    pub name: String,
+    /// `auto-activate` (default) or `pending`.
+    #[serde(default)]
+    pub policy: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Created {
+    pub manufacturer: ManufacturerRecord,
+    /// The manufacturer CA's key, PEM: shown once, for the factory.
+    pub key_pem: String,
+    /// The fleetgate root, PEM.
+    pub ca_pem: String,
+}
+
+pub async fn create(
+    State(st): State<AppState>,
+    admin: Admin,
+    Body(body): Body<CreateBody>,
+) -> Result<(StatusCode, Json<Created>), ApiError> {
+    let name = manufacturer_name(body.name)?;
+    let policy = policy(body.policy)?;
+    let auth = st.auth.clone();
+    let actor = admin.actor();
+    let (manufacturer, key_pem) =
+        blocking(move || auth.create_manufacturer(&name, policy, &actor)).await?;
+    st.manufacturers_changed()?;
+    tracing::info!(manufacturer = %manufacturer.name, by = %admin.id, "manufacturer CA issued");
+    Ok((
+        StatusCode::CREATED,
+        Json(Created {
+            manufacturer,
+            key_pem,
+            ca_pem: st.auth.ca.root_pem().to_owned(),
+        }),
+    ))
+}
+
+pub async fn list(
+    State(st): State<AppState>,
+    _admin: Admin,
+) -> Result<Json<Vec<ManufacturerRecord>>, ApiError> {
+    Ok(Json(st.auth.registry.manufacturers()?))
+}
+
+pub async fn show(
+    State(st): State<AppState>,
+    _admin: Admin,
+    Path(name): Path<String>,
+) -> Result<Json<ManufacturerRecord>, ApiError> {
+    match st.auth.registry.manufacturer(&name)? {
+        Some(m) => Ok(Json(m)),
+        None => Err(Error::ManufacturerNotFound { name }.into()),
+    }
+}
+
+pub async fn challenge(
+    State(st): State<AppState>,
+    _admin: Admin,
+    Path(name): Path<String>,
+) -> Result<Json<Challenge>, ApiError> {
+    let name = manufacturer_name(name)?;
+    let auth = st.auth.clone();
+    Ok(Json(
+        blocking(move || auth.manufacturer_challenge(&name)).await?,
+    ))
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterBody {
+    /// The manufacturer's CA certificate, PEM.
+    pub ca_pem: String,
+    /// Proof of possession: a certificate with CN = the challenge, signed
+    /// with the CA's key, PEM.
+    #[serde(default)]
+    pub verification_pem: Option<String>,
+    #[serde(default)]
+    pub policy: Option<String>,
+}
+
+pub async fn register(
+    State(st): State<AppState>,
+    admin: Admin,
+    Path(name): Path<String>,
+    Body(body): Body<RegisterBody>,
+) -> Result<(StatusCode, Json<ManufacturerRecord>), ApiError> {
+    let name = manufacturer_name(name)?;
+    let policy = policy(body.policy)?;
+    let auth = st.auth.clone();
+    let actor = admin.actor();
+    let rec = blocking(move || {
+        auth.register_manufacturer(
+            &name,
+            body.ca_pem.as_bytes(),
+            body.verification_pem.as_deref().map(str::as_bytes),
+            policy,
+            &actor,
+        )
+    })
+    .await?;
+    st.manufacturers_changed()?;
+    tracing::info!(manufacturer = %rec.name, by = %admin.id, "manufacturer CA registered");
+    Ok((StatusCode::CREATED, Json(rec)))
+}
+
+pub async fn revoke(
+    State(st): State<AppState>,
+    admin: Admin,
+    Path(name): Path<String>,
+    Body(body): Body<RevokeBody>,
+) -> Result<Json<ManufacturerRecord>, ApiError> {
+    let reason = match body.reason {
+        Some(_) => reason(&body)?,
+        None => RevocationReason::CaCompromise,
+    };
+    let auth = st.auth.clone();
+    let actor = admin.actor();
+    let rec = blocking(move || auth.registry.revoke_manufacturer(&name, reason, &actor)).await?;
+    tracing::warn!(manufacturer = %rec.name, %reason, by = %admin.id, "manufacturer revoked: every device under it is refused");
+    st.status.reload()?;
+    st.publish(Change::ManufacturerRevoked {
+        name: rec.name.to_string(),
+    });
+    Ok(Json(rec))
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct BatchEntry {
+    /// What the entry is reported by (a file name); the id if absent.
+    #[serde(default)]
+    pub name: Option<String>,
+    pub id: String,
+    /// PEM.
+    pub csr: String,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct BatchBody {
+    /// Sign with this manufacturer's CA (one fleetgate issued); the
+    /// issuing CA when absent.
+    #[serde(default)]
+    pub manufacturer: Option<String>,
+    #[serde(default)]
+    pub lifetime_days: Option<u32>,
+    pub items: Vec<BatchEntry>,
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+pub struct BatchResult {
+    pub name: String,
+    pub id: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub serial: Option<Serial>,
+    /// The leaf then its CA, PEM.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub chain_pem: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub error: Option<super::ErrorDetail>,
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+pub struct BatchReport {
+    pub issued: usize,
+    pub failed: usize,
+    /// The fleetgate root, PEM.
+    pub ca_pem: String,
+    pub results: Vec<BatchResult>,
+}
+
+pub async fn enroll_batch(
+    State(st): State<AppState>,
+    admin: Admin,
+    Body(body): Body<BatchBody>,
+) -> Result<Json<BatchReport>, ApiError> {
+    let lifetime = st.lifetime_days(body.lifetime_days)?;
+    let items: Vec<BatchItem> = body
+        .items
+        .into_iter()
+        .map(|e| BatchItem {
+            name: e.name.unwrap_or_else(|| e.id.clone()),
+            id: e.id,
+            csr: e.csr.into_bytes(),
+        })
+        .collect();
+    let auth = st.auth.clone();
+    let actor = admin.actor();
+    let manufacturer = body.manufacturer;
+    let (items, results) = blocking(move || {
+        let r = auth.enroll_batch(manufacturer.as_deref(), &items, lifetime, &actor)?;
+        Ok((items, r))
+    })
+    .await?;
+    st.changed();
+    let results: Vec<BatchResult> = items
+        .into_iter()
+        .zip(results)
+        .map(|(item, r)| match r {
+            Ok(cert) => BatchResult {
+                name: item.name,
+                id: item.id,
+                serial: Some(cert.serial),
+                chain_pem: Some(cert.chain_pem),
+                error: None,
+            },
+            Err(e) => {
+                let e = ApiError::from(e);
+                BatchResult {
+                    name: item.name,
+                    id: item.id,
+                    serial: None,
+                    chain_pem: None,
+                    error: Some(super::ErrorDetail {
+                        code: e.code().to_owned(),
+                        message: e.message().to_owned(),
+                    }),
+                }
+            }
+        })
+        .collect();
+    let failed = results.iter().filter(|r| r.error.is_some()).count();
+    tracing::info!(issued = results.len() - failed, failed, by = %admin.id, "batch enrollment");
+    Ok(Json(BatchReport {
+        issued: results.len() - failed,
+        failed,
+        ca_pem: st.auth.ca.root_pem().to_owned(),
+        results,
+    }))
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct ClaimBody {
+    pub id: String,
+    /// PEM.
+    pub csr: String,
+    /// How many devices it may provision.
+    pub uses: u32,
+    #[serde(default)]
+    pub manufacturer: Option<String>,
+    #[serde(default)]
+    pub lifetime_days: Option<u32>,
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+pub struct ClaimIssued {
+    pub device: DeviceView,
+    pub uses_left: u32,
+    pub serial: Serial,
+    pub chain_pem: String,
+    pub ca_pem: String,
+}
+
+pub async fn create_claim(
+    State(st): State<AppState>,
+    admin: Admin,
+    Body(body): Body<ClaimBody>,
+) -> Result<(StatusCode, Json<ClaimIssued>), ApiError> {
+    let id = device_id(body.id)?;
+    let lifetime = st.lifetime_days(body.lifetime_days)?;
+    let auth = st.auth.clone();
+    let actor = admin.actor();
+    let (device, claim, cert) = blocking(move || {
+        let (d, c, cert) = auth.create_claim(
+            &id,
+            body.uses,
+            body.manufacturer.as_deref(),
+            body.csr.as_bytes(),
+            lifetime,
+            &actor,
+        )?;
+        Ok((auth.registry.device_view(&d.id)?, c, cert))
+    })
+    .await?;
+    st.changed();
+    Ok((
+        StatusCode::CREATED,
+        Json(ClaimIssued {
+            device,
+            uses_left: claim.uses_left,
+            serial: cert.serial,
+            chain_pem: cert.chain_pem,
+            ca_pem: st.auth.ca.root_pem().to_owned(),
+        }),
+    ))
+}

@@ -1,0 +1,709 @@
+//! Manufacturers: their CAs, batch enrollment, just-in-time registration of
+//! the devices they made, and factory claims.
+//!
+//! A manufacturer CA is either **issued** here (an intermediate under the
+//! fleetgate root, pathLen 0, clientAuth only, name-constrained away from
+//! every DNS name and IP address; fleetgate keeps its key to batch-sign and
+//! to answer OCSP and CRLs for it, and hands a copy to the manufacturer once)
+//! or **registered** (the manufacturer's own CA, after proof of possession:
+//! a certificate whose CN is a one-time challenge, signed with the CA's key).
+//!
+//! A device whose certificate chains to a manufacturer CA but is not yet in
+//! the registry registers itself on first connect, as the manufacturer's
+//! [`JitPolicy`] says. Revoking a manufacturer revokes every certificate its
+//! CA issued, at once: [`crate::Registry::standing`] checks it on every read.
+
+use std::collections::HashMap;
+use std::fs;
+use std::os::unix::fs::DirBuilderExt;
+use std::sync::{Arc, Mutex};
+
+use rcgen::KeyPair;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
+use serde::{Deserialize, Serialize};
+use time::{Duration, OffsetDateTime};
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use crate::ca::{self, inspect_certificate, load_signer, write_file, CertInfo, IssuedCert, Signer};
+use crate::csr::validate_csr;
+use crate::id::hex;
+use crate::registry::{Listed, NewDevice, Revocation, Status};
+use crate::{Authority, DeviceId, DeviceRecord, Error, Identity, Role, Serial};
+
+/// Who made a manufacturer CA.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CaKind {
+    /// Issued by the fleetgate root; fleetgate holds its key too.
+    Issued,
+    /// The manufacturer's own CA, registered with proof of possession.
+    Registered,
+}
+
+/// What happens to a device of this manufacturer on its first connect.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum JitPolicy {
+    /// Registered active and admitted at once.
+    AutoActivate,
+    /// Registered `pending` and refused until an operator approves it.
+    Pending,
+}
+
+impl JitPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JitPolicy::AutoActivate => "auto-activate",
+            JitPolicy::Pending => "pending",
+        }
+    }
+}
+
+impl std::fmt::Display for JitPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+impl std::str::FromStr for JitPolicy {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        match s {
+            "auto-activate" => Ok(JitPolicy::AutoActivate),
+            "pending" => Ok(JitPolicy::Pending),
+            other => Err(Error::InvalidInput {
+                reason: format!("unknown policy {other:?} (auto-activate, pending)"),
+            }),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ManufacturerStatus {
+    Active,
+    Revoked,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManufacturerRecord {
+    pub name: DeviceId,
+    pub kind: CaKind,
+    pub policy: JitPolicy,
+    pub status: ManufacturerStatus,
+    pub revocation: Option<Revocation>,
+    /// The CA certificate, PEM.
+    pub ca_pem: String,
+    /// The CA's subject, RFC 4514: the issuer its certificates carry.
+    pub subject: String,
+    /// SHA-256 of the CA's SubjectPublicKeyInfo, hex: how admission finds
+    /// the manufacturer on a verified chain.
+    pub spki_sha256: String,
+    /// The CA certificate's serial.
+    pub serial: Serial,
+    #[serde(with = "time::serde::rfc3339")]
+    pub not_after: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+}
+
+impl ManufacturerRecord {
+    pub fn ca_der(&self) -> Result<CertificateDer<'static>, Error> {
+        CertificateDer::from_pem_slice(self.ca_pem.as_bytes())
+            .map_err(|e| Error::Corrupt(format!("manufacturer {} CA: {e}", self.name)))
+    }
+}
+
+/// A factory claim: a shared certificate that may only ask for device
+/// certificates, `uses_left` more times.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClaimRecord {
+    pub id: DeviceId,
+    pub uses_left: u32,
+    pub used: u32,
+    /// Devices provisioned through it belong to this manufacturer (and are
+    /// signed by its CA when fleetgate issued it).
+    pub manufacturer: Option<String>,
+}
+
+/// A proof-of-possession challenge for registering a manufacturer's CA.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Challenge {
+    pub code: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub expires_at: OffsetDateTime,
+}
+
+/// How long a challenge may be answered.
+pub const CHALLENGE_LIFETIME: Duration = Duration::hours(1);
+/// Lifetime of a manufacturer CA fleetgate issues.
+pub const MANUFACTURER_CA_LIFETIME: Duration = Duration::days(10 * 365);
+/// Most CSRs in one batch call.
+pub const MAX_BATCH: usize = 10_000;
+
+/// One entry of a batch enrollment.
+#[derive(Clone, Debug)]
+pub struct BatchItem {
+    /// The name it is reported by (the CSR's file name, say).
+    pub name: String,
+    pub id: String,
+    pub csr: Vec<u8>,
+}
+
+/// The CAs of manufacturers fleetgate issued, loaded on first use.
+#[derive(Debug, Default)]
+pub struct Signers(Mutex<HashMap<String, Arc<Signer>>>);
+
+fn spki_sha256(cert: &X509Certificate<'_>) -> String {
+    hex(ring::digest::digest(&ring::digest::SHA256, cert.public_key().raw).as_ref())
+}
+
+/// SHA-256 of a DER certificate's SubjectPublicKeyInfo, hex.
+pub fn spki_sha256_of(der: &[u8]) -> Result<String, Error> {
+    let (_, cert) = X509Certificate::from_der(der)
+        .map_err(|e| Error::Certificate(format!("does not parse: {e}")))?;
+    Ok(spki_sha256(&cert))
+}
+
+fn now_seconds() -> OffsetDateTime {
+    let now = OffsetDateTime::now_utc();
+    now.replace_nanosecond(0).unwrap_or(now)
+}
+
+/// One PEM or DER certificate.
+fn one_cert(what: &str, bytes: &[u8]) -> Result<Vec<u8>, Error> {
+    let der = if bytes.starts_with(b"-----") || bytes.iter().take(64).all(u8::is_ascii) {
+        CertificateDer::from_pem_slice(bytes)
+            .map_err(|e| Error::InvalidInput {
+                reason: format!("{what}: no PEM certificate in it: {e}"),
+            })?
+            .to_vec()
+    } else {
+        bytes.to_vec()
+    };
+    X509Certificate::from_der(&der).map_err(|e| Error::InvalidInput {
+        reason: format!("{what}: does not parse as X.509: {e}"),
+    })?;
+    Ok(der)
+}
+
+impl Authority {
+    /// Issues a manufacturer CA under the root. Returns its record and its
+    /// private key (PEM), which the caller hands to the manufacturer; a
+    /// copy stays in the data dir, 0600.
+    pub fn create_manufacturer(
+        &self,
+        name: &DeviceId,
+        policy: JitPolicy,
+        actor: &str,
+    ) -> Result<(ManufacturerRecord, String), Error> {
+        if self.registry.manufacturer(name.as_str())?.is_some() {
+            return Err(Error::AlreadyExists { id: name.clone() });
+        }
+        let key = KeyPair::generate()?;
+        let cert = self
+            .ca
+            .issue_manufacturer_ca(&key, name.as_str(), MANUFACTURER_CA_LIFETIME)?;
+        let (_, parsed) =
+            X509Certificate::from_der(&cert.der).map_err(|e| Error::Certificate(e.to_string()))?;
+        let rec = ManufacturerRecord {
+            name: name.clone(),
+            kind: CaKind::Issued,
+            policy,
+            status: ManufacturerStatus::Active,
+            revocation: None,
+            ca_pem: cert.chain_pem.clone(),
+            subject: parsed.subject().to_string(),
+            spki_sha256: spki_sha256(&parsed),
+            serial: cert.serial.clone(),
+            not_after: cert.not_after,
+            created_at: now_seconds(),
+        };
+        let key_pem = key.serialize_pem();
+        // Files first: a record never names a key that is not on disk.
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(self.paths.manufacturer_dir())
+            .map_err(|e| Error::Io {
+                path: self.paths.manufacturer_dir(),
+                source: e,
+            })?;
+        write_file(
+            &self.paths.manufacturer_key(name.as_str()),
+            key_pem.as_bytes(),
+            true,
+        )?;
+        write_file(
+            &self.paths.manufacturer_cert(name.as_str()),
+            cert.chain_pem.as_bytes(),
+            false,
+        )?;
+        self.registry.add_manufacturer(&rec, actor)?;
+        tracing::info!(manufacturer = %name, serial = %rec.serial, %policy, "manufacturer CA issued");
+        Ok((rec, key_pem))
+    }
+
+    /// A one-time challenge for registering `name`'s own CA: the
+    /// manufacturer signs a certificate with CN = the code using that CA's
+    /// key, within [`CHALLENGE_LIFETIME`].
+    pub fn manufacturer_challenge(&self, name: &DeviceId) -> Result<Challenge, Error> {
+        if self.registry.manufacturer(name.as_str())?.is_some() {
+            return Err(Error::AlreadyExists { id: name.clone() });
+        }
+        let mut bytes = [0u8; 16];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+            .map_err(|_| Error::Crypto("system random number generator failed".into()))?;
+        let c = Challenge {
+            code: hex(&bytes),
+            expires_at: now_seconds() + CHALLENGE_LIFETIME,
+        };
+        self.registry.set_challenge(name.as_str(), &c)?;
+        Ok(c)
+    }
+
+    /// Registers a manufacturer's own CA, given proof that the caller holds
+    /// its key: `verification`, a certificate signed by the CA whose CN is
+    /// the outstanding challenge for `name`.
+    pub fn register_manufacturer(
+        &self,
+        name: &DeviceId,
+        ca_cert: &[u8],
+        verification: Option<&[u8]>,
+        policy: JitPolicy,
+        actor: &str,
+    ) -> Result<ManufacturerRecord, Error> {
+        let ca_der = one_cert("CA certificate", ca_cert)?;
+        let (_, ca) =
+            X509Certificate::from_der(&ca_der).map_err(|e| Error::Certificate(e.to_string()))?;
+        if !ca.is_ca() {
+            return Err(Error::InvalidInput {
+                reason: "the CA certificate is not a CA (basicConstraints cA is not set)".into(),
+            });
+        }
+        if let Ok(Some(ku)) = ca.key_usage() {
+            if !ku.value.key_cert_sign() {
+                return Err(Error::InvalidInput {
+                    reason: "the CA certificate's key usage lacks keyCertSign".into(),
+                });
+            }
+        }
+        if !ca.validity().is_valid() {
+            return Err(Error::InvalidInput {
+                reason: "the CA certificate is not within its validity period".into(),
+            });
+        }
+        let Some(verification) = verification else {
+            return Err(Error::ProofOfPossession {
+                reason: format!(
+                    "no verification certificate: get a challenge (fleetgate manufacturer \
+                     challenge {name}), sign a certificate with CN=<challenge> using the CA's \
+                     key, and pass it with --verification-cert"
+                ),
+            });
+        };
+        let v_der = one_cert("verification certificate", verification)?;
+        let (_, v) =
+            X509Certificate::from_der(&v_der).map_err(|e| Error::Certificate(e.to_string()))?;
+        // Checked (and spent) before the signature, so a challenge cannot be
+        // guessed at by retrying.
+        let challenge = self.registry.take_challenge(name.as_str())?;
+        let Some(challenge) = challenge else {
+            return Err(Error::ProofOfPossession {
+                reason: format!("no challenge outstanding for {name}; ask for one first"),
+            });
+        };
+        if challenge.expires_at < OffsetDateTime::now_utc() {
+            return Err(Error::ProofOfPossession {
+                reason: "the challenge expired; ask for a new one".into(),
+            });
+        }
+        let cn = v
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|c| c.as_str().ok());
+        if cn != Some(challenge.code.as_str()) {
+            return Err(Error::ProofOfPossession {
+                reason: "the verification certificate's CN is not the challenge (the challenge \
+                         is spent; ask for a new one)"
+                    .into(),
+            });
+        }
+        if v.verify_signature(Some(ca.public_key())).is_err() {
+            return Err(Error::ProofOfPossession {
+                reason: "the verification certificate is not signed by the CA's key".into(),
+            });
+        }
+        let spki = spki_sha256(&ca);
+        let subject = ca.subject().to_string();
+        for other in self.registry.manufacturers()? {
+            if other.spki_sha256 == spki || other.subject == subject {
+                return Err(Error::InvalidInput {
+                    reason: format!(
+                        "this CA (or its name) is already registered as manufacturer {}",
+                        other.name
+                    ),
+                });
+            }
+        }
+        for ours in [self.ca.root_der(), self.ca.issuing_der()] {
+            if spki_sha256_of(ours)? == spki {
+                return Err(Error::InvalidInput {
+                    reason: "that is one of fleetgate's own CAs".into(),
+                });
+            }
+        }
+        let rec = ManufacturerRecord {
+            name: name.clone(),
+            kind: CaKind::Registered,
+            policy,
+            status: ManufacturerStatus::Active,
+            revocation: None,
+            ca_pem: pem_encode("CERTIFICATE", &ca_der),
+            subject,
+            spki_sha256: spki,
+            serial: Serial::from_bytes(ca.raw_serial())?,
+            not_after: ca.validity().not_after.to_datetime(),
+            created_at: now_seconds(),
+        };
+        self.registry.add_manufacturer(&rec, actor)?;
+        tracing::info!(manufacturer = %name, subject = %rec.subject, %policy, "manufacturer CA registered");
+        Ok(rec)
+    }
+
+    /// The signing CA of a manufacturer fleetgate issued.
+    pub fn manufacturer_signer(&self, name: &str) -> Result<Arc<Signer>, Error> {
+        let rec = self
+            .registry
+            .manufacturer(name)?
+            .ok_or_else(|| Error::ManufacturerNotFound {
+                name: name.to_owned(),
+            })?;
+        if rec.kind != CaKind::Issued {
+            return Err(Error::InvalidInput {
+                reason: format!(
+                    "manufacturer {name}'s CA is its own: fleetgate holds no key for it; its \
+                     devices are signed at the factory and register on first connect"
+                ),
+            });
+        }
+        let mut cache = self
+            .signers
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(s) = cache.get(name) {
+            return Ok(s.clone());
+        }
+        let s = Arc::new(load_signer(
+            &self.paths.manufacturer_cert(name),
+            &self.paths.manufacturer_key(name),
+            name,
+            Some(name.to_owned()),
+        )?);
+        cache.insert(name.to_owned(), s.clone());
+        Ok(s)
+    }
+
+    /// The signer for new devices of `manufacturer` (or fleetgate's issuing
+    /// CA), refusing a revoked manufacturer.
+    pub(crate) fn signer_for(
+        &self,
+        manufacturer: Option<&str>,
+    ) -> Result<Option<Arc<Signer>>, Error> {
+        let Some(name) = manufacturer else {
+            return Ok(None);
+        };
+        let rec = self
+            .registry
+            .manufacturer(name)?
+            .ok_or_else(|| Error::ManufacturerNotFound {
+                name: name.to_owned(),
+            })?;
+        if rec.status == ManufacturerStatus::Revoked {
+            return Err(Error::ManufacturerRevoked {
+                name: name.to_owned(),
+            });
+        }
+        Ok(Some(self.manufacturer_signer(name)?))
+    }
+
+    /// Signs many CSRs and registers their devices with one flush. Each
+    /// entry stands alone: a bad CSR or a taken id fails that entry only.
+    /// Signing runs on every core.
+    pub fn enroll_batch(
+        &self,
+        manufacturer: Option<&str>,
+        items: &[BatchItem],
+        lifetime: Duration,
+        actor: &str,
+    ) -> Result<Vec<Result<IssuedCert, Error>>, Error> {
+        if items.len() > MAX_BATCH {
+            return Err(Error::TooLarge {
+                len: items.len(),
+                max: MAX_BATCH,
+            });
+        }
+        let signer = self.signer_for(manufacturer)?;
+        let sign_one = |item: &BatchItem| -> Result<(NewDevice, IssuedCert), Error> {
+            let id = DeviceId::try_new(item.id.clone())?;
+            let csr = validate_csr(&item.csr)?;
+            let identity = Identity {
+                role: Role::Device,
+                id: id.clone(),
+            };
+            let cert = match &signer {
+                Some(s) => self.ca.issue_by(s, &csr.public_key, &identity, lifetime)?,
+                None => self.ca.issue_for_csr(&csr, &identity, lifetime)?,
+            };
+            Ok((
+                NewDevice {
+                    id,
+                    role: Role::Device,
+                    manufacturer: manufacturer.map(str::to_owned),
+                },
+                cert,
+            ))
+        };
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let chunk = items.len().div_ceil(threads).max(1);
+        let signed: Vec<Result<(NewDevice, IssuedCert), Error>> = std::thread::scope(|s| {
+            let handles: Vec<_> = items
+                .chunks(chunk)
+                .map(|part| s.spawn(move || part.iter().map(sign_one).collect::<Vec<_>>()))
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        vec![Err(Error::Crypto("a signing thread panicked".into()))]
+                    })
+                })
+                .collect()
+        });
+        let good: Vec<(NewDevice, IssuedCert)> = signed
+            .iter()
+            .filter_map(|r| r.as_ref().ok().cloned())
+            .collect();
+        let mut stored = self.registry.enroll_batch(&good, actor)?.into_iter();
+        let out = signed
+            .into_iter()
+            .map(|r| {
+                let (_, cert) = r?;
+                stored
+                    .next()
+                    .unwrap_or_else(|| Err(Error::Storage("batch result missing".into())))?;
+                Ok(cert)
+            })
+            .collect();
+        tracing::info!(manufacturer = ?manufacturer, items = items.len(), "batch enrollment");
+        Ok(out)
+    }
+
+    /// Registers a device on its first connect with a manufacturer's
+    /// certificate (already verified to chain to that manufacturer's CA),
+    /// as the manufacturer's policy says.
+    pub fn register_jit(
+        &self,
+        manufacturer: &ManufacturerRecord,
+        id: &DeviceId,
+        info: &CertInfo,
+    ) -> Result<DeviceRecord, Error> {
+        let status = match manufacturer.policy {
+            JitPolicy::AutoActivate => Status::Active,
+            JitPolicy::Pending => Status::Pending,
+        };
+        let cert = IssuedCert {
+            serial: info.serial.clone(),
+            der: Vec::new(),
+            chain_pem: String::new(),
+            issuer: info.issuer.clone(),
+            not_before: info.not_before,
+            not_after: info.not_after,
+            fingerprint: info.fingerprint.clone(),
+            manufacturer: Some(manufacturer.name.to_string()),
+        };
+        let new = NewDevice {
+            id: id.clone(),
+            role: Role::Device,
+            manufacturer: Some(manufacturer.name.to_string()),
+        };
+        let d = self.registry.register_jit(
+            &new,
+            &cert,
+            status,
+            &format!("manufacturer:{}", manufacturer.name),
+        )?;
+        tracing::info!(device.id = %id, manufacturer = %manufacturer.name, %status, serial = %info.serial, "registered just in time");
+        Ok(d)
+    }
+
+    /// Issues a claim certificate: role `claim`, good for `uses`
+    /// provisionings.
+    pub fn create_claim(
+        &self,
+        id: &DeviceId,
+        uses: u32,
+        manufacturer: Option<&str>,
+        csr: &[u8],
+        lifetime: Duration,
+        actor: &str,
+    ) -> Result<(DeviceRecord, ClaimRecord, IssuedCert), Error> {
+        if let Some(m) = manufacturer {
+            if self.registry.manufacturer(m)?.is_none() {
+                return Err(Error::ManufacturerNotFound { name: m.to_owned() });
+            }
+        }
+        let csr = validate_csr(csr)?;
+        let identity = Identity {
+            role: Role::Claim,
+            id: id.clone(),
+        };
+        let cert = self.ca.issue_for_csr(&csr, &identity, lifetime)?;
+        let new = NewDevice {
+            id: id.clone(),
+            role: Role::Claim,
+            manufacturer: manufacturer.map(str::to_owned),
+        };
+        let (d, c) = self.registry.add_claim(&new, &cert, uses, actor)?;
+        tracing::info!(claim = %id, uses, "claim issued");
+        Ok((d, c, cert))
+    }
+
+    /// A device certificate for `id` from `csr`, asked for by the claim
+    /// `claim` (one of its uses).
+    pub fn provision_with_claim(
+        &self,
+        claim: &DeviceId,
+        id: &DeviceId,
+        csr: &[u8],
+        lifetime: Duration,
+    ) -> Result<(DeviceRecord, IssuedCert), Error> {
+        let csr = validate_csr(csr)?;
+        let rec = self
+            .registry
+            .claim(claim)?
+            .ok_or_else(|| Error::NotFound { id: claim.clone() })?;
+        if rec.uses_left == 0 {
+            return Err(Error::ClaimExhausted { id: claim.clone() });
+        }
+        if self.registry.device(id).is_ok() {
+            return Err(Error::AlreadyExists { id: id.clone() });
+        }
+        let identity = Identity {
+            role: Role::Device,
+            id: id.clone(),
+        };
+        let cert = match self.signer_for(rec.manufacturer.as_deref()) {
+            Ok(Some(s)) => self.ca.issue_by(&s, &csr.public_key, &identity, lifetime)?,
+            // A registered manufacturer's CA cannot sign here: ours does.
+            Ok(None) | Err(Error::InvalidInput { .. }) => {
+                self.ca.issue_for_csr(&csr, &identity, lifetime)?
+            }
+            Err(e) => return Err(e),
+        };
+        let new = NewDevice {
+            id: id.clone(),
+            role: Role::Device,
+            manufacturer: rec.manufacturer.clone(),
+        };
+        let (d, left) = self.registry.provision_with_claim(claim, &new, &cert)?;
+        tracing::info!(device.id = %id, %claim, uses_left = left.uses_left, serial = %cert.serial, "provisioned through a claim");
+        Ok((d, cert))
+    }
+
+    /// A freshly signed CRL of a manufacturer CA fleetgate issued.
+    pub fn manufacturer_crl(&self, name: &str) -> Result<Vec<u8>, Error> {
+        let signer = self.manufacturer_signer(name)?;
+        let listed = self.registry.revoked_by_issuer(&signer.name)?;
+        let number = self.registry.next_crl_number(name)?;
+        ca::crl(&signer, &listed, number)
+    }
+
+    /// A freshly signed CRL of the root: the manufacturer CAs it issued
+    /// that are revoked.
+    pub fn root_crl(&self) -> Result<Vec<u8>, Error> {
+        let listed: Vec<Listed> = self
+            .registry
+            .manufacturers()?
+            .into_iter()
+            .filter(|m| m.kind == CaKind::Issued)
+            .filter_map(|m| {
+                m.revocation.map(|r| Listed {
+                    serial: m.serial,
+                    at: r.at,
+                    reason: Some(r.reason),
+                })
+            })
+            .collect();
+        let number = self.registry.next_crl_number(ca::ROOT_CRL_NAME)?;
+        ca::crl(self.ca.root(), &listed, number)
+    }
+}
+
+/// The manufacturer a verified chain runs through: the first of `chain`
+/// (SPKI SHA-256 hashes, leaf's issuer first) that names one.
+pub fn manufacturer_of<'a>(
+    by_spki: &'a HashMap<String, DeviceId>,
+    chain: impl IntoIterator<Item = String>,
+) -> Option<&'a DeviceId> {
+    chain.into_iter().find_map(|h| by_spki.get(&h))
+}
+
+/// The device id a manufacturer's certificate names: its fleetgate URI if it
+/// has one (which must say `device`), else its CN.
+pub fn jit_identity(info: &CertInfo) -> Result<DeviceId, Error> {
+    match &info.identity {
+        Some(Identity {
+            role: Role::Device,
+            id,
+        }) => Ok(id.clone()),
+        Some(other) => Err(Error::InvalidInput {
+            reason: format!(
+                "a manufacturer's certificate may only name a device, not {}",
+                other.role
+            ),
+        }),
+        None => match &info.common_name {
+            Some(cn) => DeviceId::try_new(cn.clone()),
+            None => Err(Error::InvalidInput {
+                reason: "certificate has neither a fleetgate URI nor a CN".into(),
+            }),
+        },
+    }
+}
+
+/// For tests and tools: [`inspect_certificate`] of the first certificate in a
+/// PEM file's bytes.
+pub fn inspect_pem(pem: &[u8]) -> Result<CertInfo, Error> {
+    let der = one_cert("certificate", pem)?;
+    inspect_certificate(&der)
+}
+
+/// PEM text for DER bytes.
+pub fn pem_encode(label: &str, der: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut b64 = String::with_capacity(der.len().div_ceil(3) * 4);
+    for chunk in der.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                b64.push(char::from(ALPHABET[(n >> (18 - 6 * i)) as usize & 63]));
+            } else {
+                b64.push('=');
+            }
+        }
+    }
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(line).unwrap_or_default());
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
+}
