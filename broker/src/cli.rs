@@ -772,9 +772,12 @@ async fn enroll_batch(
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
             // An unreadable file is that entry's failure, not the batch's.
-            let csr = std::fs::read(p)
-                .map(|b| String::from_utf8_lossy(&b).into_owned())
-                .unwrap_or_default();
+            let csr = match std::fs::read(p) {
+                Ok(b) if b.starts_with(b"-----") => String::from_utf8_lossy(&b).into_owned(),
+                // DER: the API takes PEM.
+                Ok(b) => provisioning::manufacturer::pem_encode("CERTIFICATE REQUEST", &b),
+                Err(_) => String::new(),
+            };
             items.push(json!({"name": name, "id": id, "csr": csr}));
         }
         let report: serde_json::Value = client

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use time::{Duration, OffsetDateTime};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use crate::ca::{self, inspect_certificate, load_signer, write_file, CertInfo, IssuedCert, Signer};
+use crate::ca::{self, load_signer, write_file, CertInfo, IssuedCert, Signer};
 use crate::csr::validate_csr;
 use crate::id::hex;
 use crate::registry::{Listed, NewDevice, Revocation, Status};
@@ -274,6 +274,9 @@ impl Authority {
         policy: JitPolicy,
         actor: &str,
     ) -> Result<ManufacturerRecord, Error> {
+        if self.registry.manufacturer(name.as_str())?.is_some() {
+            return Err(Error::AlreadyExists { id: name.clone() });
+        }
         let ca_der = one_cert("CA certificate", ca_cert)?;
         let (_, ca) =
             X509Certificate::from_der(&ca_der).map_err(|e| Error::Certificate(e.to_string()))?;
@@ -643,15 +646,6 @@ impl Authority {
     }
 }
 
-/// The manufacturer a verified chain runs through: the first of `chain`
-/// (SPKI SHA-256 hashes, leaf's issuer first) that names one.
-pub fn manufacturer_of<'a>(
-    by_spki: &'a HashMap<String, DeviceId>,
-    chain: impl IntoIterator<Item = String>,
-) -> Option<&'a DeviceId> {
-    chain.into_iter().find_map(|h| by_spki.get(&h))
-}
-
 /// The device id a manufacturer's certificate names: its fleetgate URI if it
 /// has one (which must say `device`), else its CN.
 pub fn jit_identity(info: &CertInfo) -> Result<DeviceId, Error> {
@@ -673,13 +667,6 @@ pub fn jit_identity(info: &CertInfo) -> Result<DeviceId, Error> {
             }),
         },
     }
-}
-
-/// For tests and tools: [`inspect_certificate`] of the first certificate in a
-/// PEM file's bytes.
-pub fn inspect_pem(pem: &[u8]) -> Result<CertInfo, Error> {
-    let der = one_cert("certificate", pem)?;
-    inspect_certificate(&der)
 }
 
 /// PEM text for DER bytes.

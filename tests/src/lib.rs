@@ -399,6 +399,30 @@ pub mod pki {
             }
         }
 
+        /// A CA from its certificate and key, PEM.
+        pub fn from_pem(cert_pem: &str, key_pem: &str) -> Self {
+            let key = KeyPair::from_pem(key_pem).expect("CA key");
+            Self {
+                issuer: Issuer::from_ca_cert_pem(cert_pem, key).expect("issuer"),
+                cert_pem: cert_pem.to_owned(),
+            }
+        }
+
+        /// The CA's key, PEM.
+        pub fn key_pem(&self) -> String {
+            self.issuer.key().serialize_pem()
+        }
+
+        /// A plain certificate with CN = `cn` (a proof-of-possession
+        /// verification certificate), PEM.
+        pub fn sign_cn(&self, cn: &str) -> String {
+            let key = KeyPair::generate().expect("key");
+            let mut params = CertificateParams::default();
+            params.distinguished_name = DistinguishedName::new();
+            params.distinguished_name.push(DnType::CommonName, cn);
+            params.signed_by(&key, &self.issuer).expect("sign").pem()
+        }
+
         /// A CA nobody trusts.
         pub fn foreign() -> Self {
             let key = KeyPair::generate().expect("key");
