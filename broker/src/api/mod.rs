@@ -21,7 +21,7 @@ use provisioning::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-mod manufacturers;
+pub mod manufacturers;
 
 use crate::https::{PeerAddr, PeerCert};
 use crate::metrics::{Metrics, Snapshot};
