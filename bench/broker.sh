@@ -54,7 +54,7 @@ wait_port() {
 }
 
 # fleetgate first: it is also the CA for everyone's certificates.
-"$FG" serve --data-dir "$work/fg" --api-listen 127.0.0.1:0 --mqtt-listen 127.0.0.1:0 \
+"$FG" serve --data-dir "$work/fg" --api-listen 127.0.0.1:0 --mqtt-listen 127.0.0.1:0 --connect-rate-per-ip 0 \
     >"$work/fg.out" 2>"$work/fg.log" &
 pids+=($!)
 fg_pid=$!

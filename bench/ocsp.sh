@@ -35,7 +35,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-"$FG" serve --data-dir "$work/fg" --api-listen 127.0.0.1:0 --mqtt-listen 127.0.0.1:0 \
+"$FG" serve --data-dir "$work/fg" --api-listen 127.0.0.1:0 --mqtt-listen 127.0.0.1:0 --connect-rate-per-ip 0 \
     --ocsp-listen 127.0.0.1:0 >"$work/fg.out" 2>"$work/fg.log" &
 pids+=($!)
 for _ in $(seq 100); do grep -q listening "$work/fg.out" 2>/dev/null && break; sleep 0.1; done

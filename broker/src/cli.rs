@@ -22,6 +22,17 @@ use crate::{https, tls};
 /// Exit code for bad configuration (EX_USAGE).
 pub const EXIT_CONFIG: u8 = 64;
 
+/// `println!` that ends the process quietly when stdout is gone (a closed
+/// pipe, as with `| head`), as Unix tools do, instead of panicking.
+macro_rules! outln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        if writeln!(std::io::stdout(), $($t)*).is_err() {
+            std::process::exit(0);
+        }
+    }};
+}
+
 #[derive(Parser, Debug)]
 #[command(
     name = "fleetgate",
@@ -49,6 +60,14 @@ enum Command {
     /// Manage factory claims (shared certificates that can only provision).
     #[command(subcommand)]
     Claim(ClaimCmd),
+    /// Verify the registry offline (server stopped): every index against
+    /// the records it indexes. Exit 0 when consistent, 1 with each problem.
+    Check {
+        #[arg(long, env = "FLEETGATE_DATA_DIR", default_value = "fleetgate-data")]
+        data_dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Read the audit log.
     Audit {
         #[command(flatten)]
@@ -93,9 +112,21 @@ struct ServeArgs {
     /// Lifetime of issued device certificates, in days.
     #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u32).range(1..=3650))]
     cert_lifetime_days: u32,
-    /// Most concurrent MQTT connections.
+    /// Most concurrent MQTT connections; more are closed at once.
     #[arg(long, default_value_t = 10_000)]
     max_connections: usize,
+    /// Most TLS handshakes in progress on the MQTT port; more are closed.
+    #[arg(long, default_value_t = 512)]
+    max_handshakes: usize,
+    /// Seconds a client has to complete its TLS handshake.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=300))]
+    handshake_timeout_secs: u64,
+    /// New MQTT connections per second from one IP address (0: no limit).
+    #[arg(long, default_value_t = 100.0)]
+    connect_rate_per_ip: f64,
+    /// Burst allowed above --connect-rate-per-ip.
+    #[arg(long, default_value_t = 200.0)]
+    connect_burst_per_ip: f64,
 }
 
 #[derive(Args, Debug)]
@@ -343,6 +374,7 @@ pub fn main() -> ExitCode {
     rt.block_on(async move {
         match cli.command {
             Command::Serve(args) => serve_cmd(args).await,
+            Command::Check { data_dir, json } => check_cmd(&data_dir, json),
             other => match client_cmd(other).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -378,10 +410,20 @@ async fn serve_cmd(args: ServeArgs) -> ExitCode {
         limits: https::Limits::default(),
         mqtt: MqttConfig {
             max_connections: args.max_connections.max(1),
+            max_handshakes: args.max_handshakes.max(1),
+            handshake_timeout: std::time::Duration::from_secs(args.handshake_timeout_secs),
+            connect_rate_per_ip: (args.connect_rate_per_ip > 0.0).then_some(crate::net::Rate {
+                per_second: args.connect_rate_per_ip,
+                burst: args.connect_burst_per_ip.max(1.0),
+            }),
             max_packet_size: args.max_packet_size.clamp(64, 256 * 1024 * 1024),
             ..MqttConfig::default()
         },
     };
+    // A file size limit (RLIMIT_FSIZE) must fail the write, as a full disk
+    // does, not kill the process: with a handler installed, SIGXFSZ is
+    // not fatal and the write returns EFBIG.
+    let _xfsz = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::from_raw(25));
     let server = match Server::bind(cfg).await {
         Ok(s) => s,
         Err(e) => {
@@ -401,7 +443,7 @@ async fn serve_cmd(args: ServeArgs) -> ExitCode {
         .metrics_addr()
         .map(|a| format!(" metrics={a}"))
         .unwrap_or_default();
-    println!(
+    outln!(
         "listening api={} mqtt={} ocsp={}{metrics}",
         server.api_addr(),
         server.mqtt_addr(),
@@ -418,7 +460,7 @@ async fn serve_cmd(args: ServeArgs) -> ExitCode {
 
 async fn client_cmd(cmd: Command) -> anyhow::Result<()> {
     match cmd {
-        Command::Serve(_) => unreachable!("handled by main"),
+        Command::Serve(_) | Command::Check { .. } => unreachable!("handled by main"),
         Command::Device(DeviceCmd::Enroll(a)) => enroll(a, Role::Device, false).await,
         Command::Device(DeviceCmd::Rotate(a)) => enroll(a, Role::Device, true).await,
         Command::Service(ServiceCmd::Enroll(a)) => enroll(a, Role::Service, false).await,
@@ -426,7 +468,7 @@ async fn client_cmd(cmd: Command) -> anyhow::Result<()> {
             let id = DeviceId::try_new(id)?;
             let view: DeviceView = api.client()?.get(&format!("/v1/devices/{id}")).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&view)?);
+                outln!("{}", serde_json::to_string_pretty(&view)?);
             } else {
                 print_device(&view);
             }
@@ -457,14 +499,17 @@ async fn client_cmd(cmd: Command) -> anyhow::Result<()> {
                 }
             }
             if json {
-                println!("{}", serde_json::to_string_pretty(&all)?);
+                outln!("{}", serde_json::to_string_pretty(&all)?);
             } else {
-                println!(
+                outln!(
                     "{:<24} {:<8} {:<10} {:>5}  MANUFACTURER",
-                    "ID", "ROLE", "STATUS", "CERTS"
+                    "ID",
+                    "ROLE",
+                    "STATUS",
+                    "CERTS"
                 );
                 for d in &all {
-                    println!(
+                    outln!(
                         "{:<24} {:<8} {:<10} {:>5}  {}",
                         d.id,
                         d.role,
@@ -482,7 +527,7 @@ async fn client_cmd(cmd: Command) -> anyhow::Result<()> {
                 .client()?
                 .post(&format!("/v1/devices/{id}/suspend"), &json!({}))
                 .await?;
-            println!("{} is {}", v.id, v.status);
+            outln!("{} is {}", v.id, v.status);
             Ok(())
         }
         Command::Device(DeviceCmd::Resume { id, api }) => {
@@ -491,7 +536,7 @@ async fn client_cmd(cmd: Command) -> anyhow::Result<()> {
                 .client()?
                 .post(&format!("/v1/devices/{id}/resume"), &json!({}))
                 .await?;
-            println!("{} is {}", v.id, v.status);
+            outln!("{} is {}", v.id, v.status);
             Ok(())
         }
         Command::Device(DeviceCmd::Approve { id, api }) => {
@@ -500,7 +545,7 @@ async fn client_cmd(cmd: Command) -> anyhow::Result<()> {
                 .client()?
                 .post(&format!("/v1/devices/{id}/approve"), &json!({}))
                 .await?;
-            println!("{} is {}", v.id, v.status);
+            outln!("{} is {}", v.id, v.status);
             Ok(())
         }
         Command::Device(DeviceCmd::EnrollBatch {
@@ -544,7 +589,7 @@ async fn client_cmd(cmd: Command) -> anyhow::Result<()> {
                 issued["ca_pem"].as_str().unwrap_or_default().as_bytes(),
                 false,
             )?;
-            println!(
+            outln!(
                 "claim {id}: {} uses, serial {}, certificate {}",
                 uses,
                 issued["serial"].as_str().unwrap_or("?"),
@@ -561,7 +606,7 @@ async fn client_cmd(cmd: Command) -> anyhow::Result<()> {
                     &json!({ "reason": reason }),
                 )
                 .await?;
-            println!("{} is {} ({reason})", v.id, v.status);
+            outln!("{} is {} ({reason})", v.id, v.status);
             Ok(())
         }
         Command::Device(DeviceCmd::RevokeCert {
@@ -577,9 +622,10 @@ async fn client_cmd(cmd: Command) -> anyhow::Result<()> {
                     &json!({ "reason": reason }),
                 )
                 .await?;
-            println!(
+            outln!(
                 "certificate {} of {} is revoked ({reason})",
-                c.serial, c.device_id
+                c.serial,
+                c.device_id
             );
             Ok(())
         }
@@ -595,10 +641,10 @@ async fn client_cmd(cmd: Command) -> anyhow::Result<()> {
             }
             let page: Page<AuditEntry> = api.client()?.get(&path).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&page)?);
+                outln!("{}", serde_json::to_string_pretty(&page)?);
             } else {
                 for e in &page.items {
-                    println!(
+                    outln!(
                         "{:>6} {} {:<20} {:<18} {:<24} {}",
                         e.seq,
                         rfc3339(e.at),
@@ -610,6 +656,59 @@ async fn client_cmd(cmd: Command) -> anyhow::Result<()> {
                 }
             }
             Ok(())
+        }
+    }
+}
+
+fn check_cmd(dir: &Path, json: bool) -> ExitCode {
+    let paths = Paths::new(dir);
+    if !paths.marker().exists() {
+        eprintln!(
+            "error: {}: not an initialized fleetgate data dir",
+            dir.display()
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let registry = match provisioning::Registry::open(&paths.registry()) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!(
+                "error: opening {}: {e} (is a server running on it? stop it first)",
+                paths.registry().display()
+            );
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match registry.check() {
+        Ok(report) => {
+            if json {
+                outln!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                );
+            } else {
+                for p in &report.problems {
+                    outln!("problem: {p}");
+                }
+                outln!(
+                    "{}: {} devices, {} certificates, {} manufacturers, {} audit entries, {} problems",
+                    if report.problems.is_empty() { "consistent" } else { "INCONSISTENT" },
+                    report.devices,
+                    report.certificates,
+                    report.manufacturers,
+                    report.audit_entries,
+                    report.problems.len()
+                );
+            }
+            if report.problems.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("error: reading the registry: {e}");
+            ExitCode::FAILURE
         }
     }
 }
@@ -648,7 +747,7 @@ async fn manufacturer_cmd(cmd: ManufacturerCmd) -> anyhow::Result<()> {
                 created["ca_pem"].as_str().unwrap_or_default().as_bytes(),
                 false,
             )?;
-            println!(
+            outln!(
                 "manufacturer {name}: CA serial {}, policy {policy}; certificate {}, key {} \
                  (hand it to the factory; keep it secret)",
                 m["serial"].as_str().unwrap_or("?"),
@@ -663,7 +762,7 @@ async fn manufacturer_cmd(cmd: ManufacturerCmd) -> anyhow::Result<()> {
                 .post(&format!("/v1/manufacturers/{name}/challenge"), &json!({}))
                 .await?;
             let code = c["code"].as_str().unwrap_or_default();
-            println!("{code}");
+            outln!("{code}");
             eprintln!(
                 "sign a certificate with CN={code} using the CA's key before {}, e.g.\n  \
                  openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
@@ -695,7 +794,7 @@ async fn manufacturer_cmd(cmd: ManufacturerCmd) -> anyhow::Result<()> {
                     &json!({"ca_pem": ca_pem, "verification_pem": verification_pem, "policy": policy}),
                 )
                 .await?;
-            println!(
+            outln!(
                 "manufacturer {name}: registered CA {} (policy {policy})",
                 m["subject"].as_str().unwrap_or("?")
             );
@@ -709,21 +808,24 @@ async fn manufacturer_cmd(cmd: ManufacturerCmd) -> anyhow::Result<()> {
                     &json!({"reason": reason}),
                 )
                 .await?;
-            println!("manufacturer {name} is revoked ({reason}): its devices are refused");
+            outln!("manufacturer {name} is revoked ({reason}): its devices are refused");
             Ok(())
         }
         ManufacturerCmd::List { json, api } => {
             let all: Vec<provisioning::manufacturer::ManufacturerRecord> =
                 api.client()?.get("/v1/manufacturers").await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&all)?);
+                outln!("{}", serde_json::to_string_pretty(&all)?);
             } else {
-                println!(
+                outln!(
                     "{:<20} {:<10} {:<8} {:<13} CA",
-                    "NAME", "KIND", "STATUS", "POLICY"
+                    "NAME",
+                    "KIND",
+                    "STATUS",
+                    "POLICY"
                 );
                 for m in &all {
-                    println!(
+                    outln!(
                         "{:<20} {:<10} {:<8} {:<13} {}",
                         m.name,
                         format!("{:?}", m.kind).to_lowercase(),
@@ -810,7 +912,7 @@ async fn enroll_batch(
         }
     }
     let secs = started.elapsed().as_secs_f64();
-    println!(
+    outln!(
         "issued {issued}, failed {failed} in {secs:.2} s ({:.0} certificates/s); certificates in {}",
         issued as f64 / secs.max(1e-9),
         out.display()
@@ -863,7 +965,7 @@ async fn enroll(a: EnrollArgs, role: Role, rotate: bool) -> anyhow::Result<()> {
     }
     write_file(&out("crt"), enrolled.chain_pem.as_bytes(), false)?;
     write_file(&a.out.join("ca.crt"), enrolled.ca_pem.as_bytes(), false)?;
-    println!(
+    outln!(
         "{} {role} {id}: serial {}, certificate {}{}",
         if rotate { "rotated" } else { "enrolled" },
         enrolled.serial,
@@ -887,34 +989,34 @@ fn rfc3339(t: time::OffsetDateTime) -> String {
 }
 
 fn print_device(v: &DeviceView) {
-    println!("id:           {}", v.id);
-    println!("role:         {}", v.role);
+    outln!("id:           {}", v.id);
+    outln!("role:         {}", v.role);
     match &v.revocation {
-        Some(r) => println!(
+        Some(r) => outln!(
             "status:       {} ({} at {})",
             v.status,
             r.reason,
             rfc3339(r.at)
         ),
-        None => println!("status:       {}", v.status),
+        None => outln!("status:       {}", v.status),
     }
-    println!("manufacturer: {}", v.manufacturer.as_deref().unwrap_or("-"));
-    println!("created:      {}", rfc3339(v.created_at));
-    println!("updated:      {}", rfc3339(v.updated_at));
-    println!("certificates:");
+    outln!("manufacturer: {}", v.manufacturer.as_deref().unwrap_or("-"));
+    outln!("created:      {}", rfc3339(v.created_at));
+    outln!("updated:      {}", rfc3339(v.updated_at));
+    outln!("certificates:");
     for c in &v.certificates {
         let r = &c.record;
         let why = r
             .revocation
             .map(|x| format!(" ({})", x.reason))
             .unwrap_or_default();
-        println!("  serial {}  {}{why}", r.serial, c.status);
-        println!(
+        outln!("  serial {}  {}{why}", r.serial, c.status);
+        outln!(
             "    valid   {} .. {}",
             rfc3339(r.not_before),
             rfc3339(r.not_after)
         );
-        println!("    sha256  {}", r.fingerprint);
-        println!("    issuer  {}", r.issuer);
+        outln!("    sha256  {}", r.fingerprint);
+        outln!("    issuer  {}", r.issuer);
     }
 }

@@ -55,7 +55,15 @@ pub async fn serve(
     limits: Limits,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut incoming = Acceptor::new(name, listener, limits.max_connections);
+    let mut incoming = Acceptor::new(
+        name,
+        listener,
+        crate::net::AcceptLimits {
+            max_connections: limits.max_connections,
+            per_ip: None,
+        },
+        None,
+    );
     let graceful = GracefulShutdown::new();
     while let Some(Accepted { tcp, addr, permit }) = incoming.next(&mut shutdown).await {
         let acceptor = TlsAcceptor::from(tls.borrow().clone());

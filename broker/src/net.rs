@@ -1,20 +1,48 @@
-//! Accepting TCP connections: a cap on open connections, back-off on accept
-//! errors (EMFILE and friends) instead of a spin, TCP_NODELAY, and a stop on
-//! shutdown.
+//! Accepting TCP connections: a cap on open connections, a per-source-IP
+//! connect rate limit, back-off on accept errors (EMFILE and friends)
+//! instead of a spin, TCP_NODELAY, and a stop on shutdown.
+//!
+//! A connection over the cap or the rate is accepted and closed at once
+//! (never left to rot in the kernel's backlog), counted, and logged at most
+//! once a second per reason (per address for the rate), so a flood cannot
+//! flood the log too.
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+
+use crate::metrics::{Metrics, Refusal};
+
+/// What an [`Acceptor`] lets in.
+#[derive(Clone, Debug)]
+pub struct AcceptLimits {
+    pub max_connections: usize,
+    /// New connections per second from one IP address (token bucket);
+    /// `None` for no limit.
+    pub per_ip: Option<Rate>,
+}
+
+/// A token bucket's refill rate and depth.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Rate {
+    pub per_second: f64,
+    pub burst: f64,
+}
 
 #[derive(Debug)]
 pub struct Acceptor {
     name: &'static str,
     listener: TcpListener,
     permits: Arc<Semaphore>,
+    max: usize,
     backoff: Duration,
+    limiter: Option<RateLimiter>,
+    metrics: Option<Arc<Metrics>>,
+    last_cap_warning: Option<Instant>,
 }
 
 /// An accepted connection; the permit frees its slot when dropped.
@@ -27,43 +55,216 @@ pub struct Accepted {
 
 const MIN_BACKOFF: Duration = Duration::from_millis(5);
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// At most one log line per this long for each kind of refusal.
+const WARN_EVERY: Duration = Duration::from_secs(1);
 
 impl Acceptor {
-    pub fn new(name: &'static str, listener: TcpListener, max_connections: usize) -> Self {
+    pub fn new(
+        name: &'static str,
+        listener: TcpListener,
+        limits: AcceptLimits,
+        metrics: Option<Arc<Metrics>>,
+    ) -> Self {
+        let max = limits.max_connections.max(1);
         Self {
             name,
             listener,
-            permits: Arc::new(Semaphore::new(max_connections.max(1))),
+            permits: Arc::new(Semaphore::new(max)),
+            max,
             backoff: MIN_BACKOFF,
+            limiter: limits.per_ip.map(RateLimiter::new),
+            metrics,
+            last_cap_warning: None,
         }
     }
 
-    /// The next connection, or `None` once `shutdown` turns true.
+    fn refused(&self, r: Refusal) {
+        if let Some(m) = &self.metrics {
+            m.refused(r);
+        }
+    }
+
+    /// The next connection let in, or `None` once `shutdown` turns true.
     pub async fn next(&mut self, shutdown: &mut watch::Receiver<bool>) -> Option<Accepted> {
         loop {
             if *shutdown.borrow() {
                 return None;
             }
-            let permit = tokio::select! {
-                p = self.permits.clone().acquire_owned() => p.ok()?,
-                _ = shutdown.changed() => return None,
-            };
             let accepted = tokio::select! {
                 r = self.listener.accept() => r,
                 _ = shutdown.changed() => return None,
             };
-            match accepted {
-                Ok((tcp, addr)) => {
-                    self.backoff = MIN_BACKOFF;
-                    let _ = tcp.set_nodelay(true);
-                    return Some(Accepted { tcp, addr, permit });
-                }
+            let (tcp, addr) = match accepted {
+                Ok(x) => x,
                 Err(e) => {
                     tracing::warn!(listener = self.name, error = %e, backoff = ?self.backoff, "accept failed; backing off");
                     tokio::time::sleep(self.backoff).await;
                     self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+                    continue;
+                }
+            };
+            self.backoff = MIN_BACKOFF;
+            let now = Instant::now();
+            let verdict = self
+                .limiter
+                .as_mut()
+                .map(|l| (l.check(addr.ip(), now), l.rate));
+            if let Some((verdict, rate)) = verdict {
+                match verdict {
+                    Verdict::Allow => {}
+                    Verdict::Deny { warn } => {
+                        self.refused(Refusal::RateLimited);
+                        if warn {
+                            tracing::warn!(listener = self.name, peer.ip = %addr.ip(), limit = rate.per_second, burst = rate.burst, reason = "rate_limited", "refused: too many connects from this address (limit per second); closing");
+                        }
+                        drop(tcp);
+                        continue;
+                    }
                 }
             }
+            let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+                self.refused(Refusal::Overloaded);
+                if self
+                    .last_cap_warning
+                    .is_none_or(|t| now.duration_since(t) >= WARN_EVERY)
+                {
+                    self.last_cap_warning = Some(now);
+                    tracing::warn!(listener = self.name, max_connections = self.max, peer.addr = %addr, reason = "overloaded", "refused: connection cap reached; closing new connections");
+                }
+                drop(tcp);
+                continue;
+            };
+            let _ = tcp.set_nodelay(true);
+            return Some(Accepted { tcp, addr, permit });
         }
+    }
+}
+
+/// Whether a connect may go on.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Allow,
+    /// Refused; `warn` when this address has not been logged for a while.
+    Deny {
+        warn: bool,
+    },
+}
+
+/// A token bucket per source address. Sans-IO: the caller passes the time.
+#[derive(Debug)]
+pub struct RateLimiter {
+    rate: Rate,
+    buckets: HashMap<IpAddr, Bucket>,
+    last_prune: Option<Instant>,
+}
+
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+    warned: Option<Instant>,
+}
+
+/// Addresses tracked at most; past this the map is pruned of full buckets
+/// first, and cleared if that is not enough (failing open, not out of memory).
+const MAX_TRACKED: usize = 100_000;
+
+impl RateLimiter {
+    pub fn new(rate: Rate) -> Self {
+        Self {
+            rate,
+            buckets: HashMap::new(),
+            last_prune: None,
+        }
+    }
+
+    pub fn check(&mut self, ip: IpAddr, now: Instant) -> Verdict {
+        if self
+            .last_prune
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(10))
+            || self.buckets.len() >= MAX_TRACKED
+        {
+            self.prune(now);
+        }
+        let rate = self.rate;
+        let b = self.buckets.entry(ip).or_insert(Bucket {
+            tokens: rate.burst,
+            at: now,
+            warned: None,
+        });
+        let elapsed = now.duration_since(b.at).as_secs_f64();
+        b.tokens = (b.tokens + elapsed * rate.per_second).min(rate.burst);
+        b.at = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            return Verdict::Allow;
+        }
+        let warn = b.warned.is_none_or(|t| now.duration_since(t) >= WARN_EVERY);
+        if warn {
+            b.warned = Some(now);
+        }
+        Verdict::Deny { warn }
+    }
+
+    /// Forgets addresses whose buckets have refilled: they behave as new.
+    fn prune(&mut self, now: Instant) {
+        let rate = self.rate;
+        self.buckets.retain(|_, b| {
+            b.tokens + now.duration_since(b.at).as_secs_f64() * rate.per_second < rate.burst
+        });
+        if self.buckets.len() >= MAX_TRACKED {
+            self.buckets.clear();
+        }
+        self.last_prune = Some(now);
+    }
+
+    pub fn tracked(&self) -> usize {
+        self.buckets.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_bucket_per_address() {
+        let t0 = Instant::now();
+        let mut l = RateLimiter::new(Rate {
+            per_second: 10.0,
+            burst: 3.0,
+        });
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        // The burst, then refusals; the first refusal is logged, the next not.
+        for _ in 0..3 {
+            assert_eq!(l.check(a, t0), Verdict::Allow);
+        }
+        assert_eq!(l.check(a, t0), Verdict::Deny { warn: true });
+        assert_eq!(l.check(a, t0), Verdict::Deny { warn: false });
+        // Another address has its own bucket.
+        assert_eq!(l.check(b, t0), Verdict::Allow);
+        // 100 ms later one token is back.
+        let t1 = t0 + Duration::from_millis(100);
+        assert_eq!(l.check(a, t1), Verdict::Allow);
+        assert_eq!(l.check(a, t1), Verdict::Deny { warn: false });
+        // A second on, logged again; refilled buckets are forgotten.
+        let t2 = t0 + Duration::from_secs(11);
+        assert_eq!(l.check(a, t2), Verdict::Allow);
+        assert_eq!(l.tracked(), 1, "b refilled and was pruned");
+    }
+
+    #[test]
+    fn tracking_is_bounded() {
+        let t0 = Instant::now();
+        let mut l = RateLimiter::new(Rate {
+            per_second: 1.0,
+            burst: 1.0,
+        });
+        for i in 0..(MAX_TRACKED as u32 + 10) {
+            let ip = IpAddr::from(i.to_be_bytes());
+            assert_eq!(l.check(ip, t0), Verdict::Allow);
+        }
+        assert!(l.tracked() <= MAX_TRACKED);
     }
 }

@@ -271,6 +271,17 @@ pub struct NewDevice {
     pub manufacturer: Option<String>,
 }
 
+/// What [`Registry::check`] found.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct CheckReport {
+    pub devices: usize,
+    pub certificates: usize,
+    pub manufacturers: usize,
+    pub audit_entries: usize,
+    /// Each inconsistency, in words; empty when all is well.
+    pub problems: Vec<String>,
+}
+
 /// A page of a listing; `next` is the cursor for the following page.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Page<T> {
@@ -1183,6 +1194,154 @@ impl Registry {
         Ok(n)
     }
 
+    /// Verifies every index against the records it indexes, and every
+    /// record against the ones it names: what `fleetgate check` prints.
+    pub fn check(&self) -> Result<CheckReport, Error> {
+        let mut r = CheckReport::default();
+        let mut problem = |s: String| r.problems.push(s);
+        let mut devices = std::collections::HashMap::new();
+        for kv in self.devices.iter() {
+            let (k, v) = kv?;
+            match decode::<DeviceRecord>("device", &v) {
+                Ok(d) if d.id.as_str().as_bytes() == k.as_ref() => {
+                    devices.insert(d.id.clone(), d);
+                }
+                Ok(d) => problem(format!(
+                    "device record {} stored under key {:?}",
+                    d.id,
+                    String::from_utf8_lossy(&k)
+                )),
+                Err(e) => problem(format!("device {:?}: {e}", String::from_utf8_lossy(&k))),
+            }
+        }
+        let mut certs = std::collections::HashMap::new();
+        for kv in self.certs.iter() {
+            let (k, v) = kv?;
+            match decode::<CertRecord>("certificate", &v) {
+                Ok(c) if c.serial.as_bytes() == k.as_ref() => {
+                    certs.insert(c.serial.clone(), c);
+                }
+                Ok(c) => problem(format!("certificate {} stored under another key", c.serial)),
+                Err(e) => problem(format!("certificate record: {e}")),
+            }
+        }
+        for d in devices.values() {
+            for serial in &d.certificates {
+                match certs.get(serial) {
+                    None => problem(format!(
+                        "device {} lists certificate {serial}, which is missing",
+                        d.id
+                    )),
+                    Some(c) if c.device_id != d.id => problem(format!(
+                        "device {} lists certificate {serial}, which belongs to {}",
+                        d.id, c.device_id
+                    )),
+                    Some(c) if c.device_status != d.status => problem(format!(
+                        "certificate {serial} mirrors status {} but device {} is {}",
+                        c.device_status, d.id, d.status
+                    )),
+                    Some(_) => {}
+                }
+            }
+            if (d.status == Status::Revoked) != d.revocation.is_some() {
+                problem(format!(
+                    "device {} is {} with revocation data {:?}",
+                    d.id, d.status, d.revocation
+                ));
+            }
+            if d.role == Role::Claim && self.claims.get(d.id.as_str())?.is_none() {
+                problem(format!("claim {} has no uses record", d.id));
+            }
+        }
+        for c in certs.values() {
+            match devices.get(&c.device_id) {
+                None => problem(format!(
+                    "certificate {} names device {}, which is missing",
+                    c.serial, c.device_id
+                )),
+                Some(d) if !d.certificates.contains(&c.serial) => problem(format!(
+                    "certificate {} names device {}, which does not list it",
+                    c.serial, c.device_id
+                )),
+                Some(_) => {}
+            }
+            match self.fingerprints.get(c.fingerprint.as_bytes())? {
+                Some(s) if s.as_ref() == c.serial.as_bytes() => {}
+                Some(_) => problem(format!(
+                    "fingerprint of {} points at another serial",
+                    c.serial
+                )),
+                None => problem(format!("fingerprint of {} is not indexed", c.serial)),
+            }
+            if let Some(m) = &c.manufacturer {
+                if self.manufacturer(m)?.is_none() {
+                    problem(format!(
+                        "certificate {} names manufacturer {m}, which is missing",
+                        c.serial
+                    ));
+                }
+            }
+        }
+        for kv in self.fingerprints.iter() {
+            let (fp, serial) = kv?;
+            let known = Serial::from_bytes(&serial)
+                .ok()
+                .and_then(|s| certs.get(&s))
+                .is_some_and(|c| c.fingerprint.as_bytes() == fp.as_ref());
+            if !known {
+                problem(format!(
+                    "fingerprint index entry {} matches no certificate",
+                    String::from_utf8_lossy(&fp)
+                ));
+            }
+        }
+        let mut indexed = 0;
+        for kv in self.by_status.iter() {
+            let (k, _) = kv?;
+            indexed += 1;
+            let key = String::from_utf8_lossy(&k).into_owned();
+            let ok = key.split_once('/').is_some_and(|(status, id)| {
+                DeviceId::try_new(id)
+                    .ok()
+                    .and_then(|id| devices.get(&id))
+                    .is_some_and(|d| d.status.as_str() == status)
+            });
+            if !ok {
+                problem(format!(
+                    "status index entry {key} matches no device in that status"
+                ));
+            }
+        }
+        if indexed != devices.len() {
+            problem(format!(
+                "status index has {indexed} entries for {} devices",
+                devices.len()
+            ));
+        }
+        let mut last = None;
+        for kv in self.audit.iter() {
+            let (k, v) = kv?;
+            match decode::<AuditEntry>("audit entry", &v) {
+                Ok(e) if Some(e.seq) <= last => {
+                    problem(format!("audit entry {} out of order", e.seq))
+                }
+                Ok(e) => last = Some(e.seq),
+                Err(e) => problem(format!("audit key {k:?}: {e}")),
+            }
+            r.audit_entries += 1;
+        }
+        for kv in self.manufacturers.iter() {
+            let (_, v) = kv?;
+            if let Err(e) = decode::<ManufacturerRecord>("manufacturer", &v) {
+                problem(e.to_string());
+            }
+            r.manufacturers += 1;
+        }
+        r.devices = devices.len();
+        r.certificates = certs.len();
+        Ok(r)
+    }
+
     pub fn device_count(&self) -> usize {
         self.devices.len()
     }
@@ -1204,4 +1363,61 @@ fn now_seconds() -> OffsetDateTime {
 fn rfc3339(t: OffsetDateTime) -> String {
     t.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_else(|_| t.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Authority, InitOptions, DEFAULT_CERT_LIFETIME};
+
+    #[test]
+    fn check_finds_broken_indexes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let auth = Authority::open_or_init(tmp.path(), &InitOptions::default()).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let id = DeviceId::try_new("dev-1").unwrap();
+        let identity = crate::Identity {
+            role: Role::Device,
+            id: id.clone(),
+        };
+        let cert = auth
+            .ca
+            .issue(&key, &identity, DEFAULT_CERT_LIFETIME)
+            .unwrap();
+        let new = NewDevice {
+            id: id.clone(),
+            role: Role::Device,
+            manufacturer: None,
+        };
+        let r = &auth.registry;
+        r.enroll(&new, &cert, "test").unwrap();
+        r.suspend(&id, "test").unwrap();
+        let clean = r.check().unwrap();
+        assert!(clean.problems.is_empty(), "{:?}", clean.problems);
+        assert_eq!((clean.devices, clean.certificates), (2, 2));
+
+        // A lost status index entry, a dangling fingerprint, a stale mirror.
+        r.by_status
+            .remove(status_key(Status::Suspended, &id))
+            .unwrap();
+        r.fingerprints
+            .insert(b"feed", cert.serial.as_bytes())
+            .unwrap();
+        let mut c: CertRecord =
+            decode("c", &r.certs.get(cert.serial.as_bytes()).unwrap().unwrap()).unwrap();
+        c.device_status = Status::Active;
+        r.certs.insert(cert.serial.as_bytes(), encode(&c)).unwrap();
+        let report = r.check().unwrap();
+        let all = report.problems.join("\n");
+        assert!(
+            all.contains("status index has 1 entries for 2 devices"),
+            "{all}"
+        );
+        assert!(all.contains("fingerprint index entry feed"), "{all}");
+        assert!(
+            all.contains("mirrors status active but device dev-1 is suspended"),
+            "{all}"
+        );
+        assert_eq!(report.problems.len(), 3, "{all}");
+    }
 }

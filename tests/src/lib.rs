@@ -72,6 +72,14 @@ impl Server {
                 "--ocsp-listen",
                 "127.0.0.1:0",
             ])
+            // Every test client comes from 127.0.0.1: no per-address
+            // limit, unless a test sets one.
+            .args(
+                (!extra.contains(&"--connect-rate-per-ip"))
+                    .then_some(["--connect-rate-per-ip", "0"])
+                    .into_iter()
+                    .flatten(),
+            )
             .args(extra)
             .env("FLEETGATE_LOG", "info,sled=warn")
             .stdin(Stdio::null())

@@ -168,6 +168,15 @@ impl From<Error> for ApiError {
             Error::ManufacturerRevoked { .. } => (S::CONFLICT, "manufacturer_revoked"),
             Error::ProofOfPossession { .. } => (S::BAD_REQUEST, "proof_of_possession_failed"),
             Error::ClaimExhausted { .. } => (S::CONFLICT, "claim_exhausted"),
+            Error::Storage(_) | Error::Io { .. } => {
+                tracing::error!(error = %e, "registry write failed: nothing was changed or acknowledged");
+                return Self::new(
+                    S::SERVICE_UNAVAILABLE,
+                    "storage_unavailable",
+                    "the registry cannot write to disk (full or read-only?); the change was not \
+                     acknowledged. See the server log.",
+                );
+            }
             _ => {
                 // Storage, IO, crypto: the detail goes to the log, not the wire.
                 tracing::error!(error = %e, "internal error");

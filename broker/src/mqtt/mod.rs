@@ -39,6 +39,10 @@ pub use session::Peer;
 #[derive(Clone, Debug)]
 pub struct MqttConfig {
     pub max_connections: usize,
+    /// TLS handshakes in progress at most; more are closed at once.
+    pub max_handshakes: usize,
+    /// New connections per second per source IP; `None` for no limit.
+    pub connect_rate_per_ip: Option<crate::net::Rate>,
     pub max_packet_size: usize,
     pub handshake_timeout: Duration,
     pub connect_timeout: Duration,
@@ -49,6 +53,11 @@ impl Default for MqttConfig {
     fn default() -> Self {
         Self {
             max_connections: 10_000,
+            max_handshakes: 512,
+            connect_rate_per_ip: Some(crate::net::Rate {
+                per_second: 100.0,
+                burst: 200.0,
+            }),
             max_packet_size: 256 * 1024,
             handshake_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
@@ -320,9 +329,31 @@ impl Broker {
         mut shutdown: watch::Receiver<bool>,
     ) {
         let cfg = &self.shared.cfg;
-        let mut incoming = Acceptor::new("mqtt", listener, cfg.max_connections);
+        let mut incoming = Acceptor::new(
+            "mqtt",
+            listener,
+            crate::net::AcceptLimits {
+                max_connections: cfg.max_connections,
+                per_ip: cfg.connect_rate_per_ip,
+            },
+            Some(self.shared.metrics.clone()),
+        );
+        let handshakes = Arc::new(tokio::sync::Semaphore::new(cfg.max_handshakes.max(1)));
+        let mut last_handshake_warning: Option<std::time::Instant> = None;
         let mut tasks = tokio::task::JoinSet::new();
         while let Some(Accepted { tcp, addr, permit }) = incoming.next(&mut shutdown).await {
+            // Handshakes cost CPU: a flood of them is cut here, before any.
+            let Ok(handshake) = handshakes.clone().try_acquire_owned() else {
+                self.shared.metrics.refused(Refusal::Overloaded);
+                let now = std::time::Instant::now();
+                if last_handshake_warning
+                    .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+                {
+                    last_handshake_warning = Some(now);
+                    tracing::warn!(peer.addr = %addr, max_handshakes = cfg.max_handshakes, reason = "overloaded", "mqtt: refused: too many TLS handshakes in flight; closing");
+                }
+                continue;
+            };
             let acceptor = TlsAcceptor::from(tls.borrow().clone());
             let shared = self.shared.clone();
             let shutdown = shutdown.clone();
@@ -352,6 +383,7 @@ impl Broker {
                         None
                     }
                 };
+                drop(handshake);
                 if let Some(stream) = stream {
                     metrics.handshakes.fetch_add(1, Ordering::Relaxed);
                     match peer_of(&stream, addr) {
