@@ -71,8 +71,71 @@ impl Refusal {
     }
 }
 
+/// Upper bounds of the latency histograms' buckets, in seconds.
+const BUCKETS: [f64; 10] = [
+    0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 1.0,
+];
+
+/// A latency histogram in the Prometheus sense: cumulative buckets, sum
+/// and count. Lock-free.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, d: std::time::Duration) {
+        let secs = d.as_secs_f64();
+        for (b, le) in self.buckets.iter().zip(BUCKETS) {
+            if secs <= le {
+                b.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros.fetch_add(
+            d.as_micros().min(u128::from(u64::MAX)) as u64,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Times `f` into this histogram.
+    pub fn time<T>(&self, f: impl FnOnce() -> T) -> T {
+        let t0 = std::time::Instant::now();
+        let out = f();
+        self.observe(t0.elapsed());
+        out
+    }
+
+    fn write(&self, out: &mut String, name: &str, help: &str) {
+        use std::fmt::Write;
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (b, le) in self.buckets.iter().zip(BUCKETS) {
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{le=\"{le}\"}} {}",
+                b.load(Ordering::Relaxed)
+            );
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(
+            out,
+            "{name}_sum {}",
+            self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(out, "{name}_count {count}");
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Metrics {
+    pub revocations: AtomicU64,
+    /// Registry writes made for the admin API (each flushed to disk).
+    pub registry_writes: Histogram,
+    /// Registry reads at admission (the standing of a certificate).
+    pub registry_lookups: Histogram,
     pub connections_open: AtomicI64,
     pub handshakes: AtomicU64,
     pub sessions: AtomicU64,
@@ -194,6 +257,22 @@ impl Metrics {
             "counter",
             "Device certificates issued to claims over MQTT.",
             s.claim_provisions.to_string(),
+        );
+        metric(
+            "fleetgate_revocations_total",
+            "counter",
+            "Revocations and suspensions of devices, certificates and manufacturers.",
+            self.revocations.load(Ordering::Relaxed).to_string(),
+        );
+        self.registry_writes.write(
+            &mut out,
+            "fleetgate_registry_write_seconds",
+            "Registry writes for the admin API, flushed to disk before they are acknowledged.",
+        );
+        self.registry_lookups.write(
+            &mut out,
+            "fleetgate_registry_lookup_seconds",
+            "Registry lookups of a certificate's standing at admission.",
         );
         let _ = writeln!(
             out,

@@ -60,7 +60,21 @@ impl Server {
     }
 
     pub fn start_with(data_dir: &Path, extra: &[&str]) -> anyhow::Result<Self> {
-        let mut child = Command::new(fleetgate_bin())
+        Self::start_under(&[], data_dir, extra)
+    }
+
+    /// [`Server::start_with`], run under `wrapper` (e.g. `prlimit
+    /// --nofile=64`): the wrapper must exec the server in its place.
+    pub fn start_under(wrapper: &[&str], data_dir: &Path, extra: &[&str]) -> anyhow::Result<Self> {
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(fleetgate_bin());
+                c
+            }
+            None => Command::new(fleetgate_bin()),
+        };
+        let mut child = cmd
             .arg("serve")
             .arg("--data-dir")
             .arg(data_dir)
@@ -134,6 +148,11 @@ impl Server {
             stderr: err_rx,
             seen: Default::default(),
         })
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn ocsp_url(&self) -> String {
@@ -230,6 +249,18 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// An admin API client for the server at `api_url` with the admin
+/// credentials in `data_dir` (for threads that cannot share a [`Server`]).
+pub fn admin_client(api_url: &str, data_dir: &Path) -> ApiClient {
+    broker::tls::install_crypto_provider();
+    let config = broker::tls::client_config(
+        &data_dir.join("ca.crt"),
+        Some((&data_dir.join("admin.crt"), &data_dir.join("admin.key"))),
+    )
+    .expect("client TLS config");
+    ApiClient::new(api_url, config).expect("API client")
 }
 
 /// A certificate chain, its key and the CA to trust, as files.
@@ -364,6 +395,8 @@ pub mod pki {
         pub not_after: OffsetDateTime,
         pub client_auth: bool,
         pub is_ca: bool,
+        /// Key usage digitalSignature (without it: keyEncipherment only).
+        pub digital_signature: bool,
     }
 
     impl Spec {
@@ -376,6 +409,7 @@ pub mod pki {
                 not_after: now + time::Duration::days(1),
                 client_auth: true,
                 is_ca: false,
+                digital_signature: true,
             }
         }
     }
@@ -477,8 +511,10 @@ pub mod pki {
                 KeyUsagePurpose::KeyCertSign,
                 KeyUsagePurpose::DigitalSignature,
             ];
-        } else {
+        } else if spec.digital_signature {
             params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        } else {
+            params.key_usages = vec![KeyUsagePurpose::KeyEncipherment];
         }
         params.extended_key_usages = if spec.client_auth {
             vec![ExtendedKeyUsagePurpose::ClientAuth]

@@ -7,7 +7,7 @@ use provisioning::manufacturer::{BatchItem, Challenge, JitPolicy, ManufacturerRe
 use provisioning::{DeviceView, Error, RevocationReason, Serial};
 use serde::{Deserialize, Serialize};
 
-use super::{blocking, device_id, reason, Admin, ApiError, AppState, Body, Change, RevokeBody};
+use super::{device_id, reason, Admin, ApiError, AppState, Body, Change, RevokeBody};
 
 /// Manufacturer names double as CRL names (`/crl/<name>.crl`).
 const RESERVED: [&str; 2] = [
@@ -73,8 +73,9 @@ pub async fn create(
     let policy = policy(body.policy)?;
     let auth = st.auth.clone();
     let actor = admin.actor();
-    let (manufacturer, key_pem) =
-        blocking(move || auth.create_manufacturer(&name, policy, &actor)).await?;
+    let (manufacturer, key_pem) = st
+        .write(move || auth.create_manufacturer(&name, policy, &actor))
+        .await?;
     st.manufacturers_changed()?;
     tracing::info!(manufacturer = %manufacturer.name, by = %admin.id, "manufacturer CA issued");
     Ok((
@@ -113,7 +114,7 @@ pub async fn challenge(
     let name = manufacturer_name(name)?;
     let auth = st.auth.clone();
     Ok(Json(
-        blocking(move || auth.manufacturer_challenge(&name)).await?,
+        st.write(move || auth.manufacturer_challenge(&name)).await?,
     ))
 }
 
@@ -140,16 +141,17 @@ pub async fn register(
     let policy = policy(body.policy)?;
     let auth = st.auth.clone();
     let actor = admin.actor();
-    let rec = blocking(move || {
-        auth.register_manufacturer(
-            &name,
-            body.ca_pem.as_bytes(),
-            body.verification_pem.as_deref().map(str::as_bytes),
-            policy,
-            &actor,
-        )
-    })
-    .await?;
+    let rec = st
+        .write(move || {
+            auth.register_manufacturer(
+                &name,
+                body.ca_pem.as_bytes(),
+                body.verification_pem.as_deref().map(str::as_bytes),
+                policy,
+                &actor,
+            )
+        })
+        .await?;
     st.manufacturers_changed()?;
     tracing::info!(manufacturer = %rec.name, by = %admin.id, "manufacturer CA registered");
     Ok((StatusCode::CREATED, Json(rec)))
@@ -167,8 +169,13 @@ pub async fn revoke(
     };
     let auth = st.auth.clone();
     let actor = admin.actor();
-    let rec = blocking(move || auth.registry.revoke_manufacturer(&name, reason, &actor)).await?;
+    let rec = st
+        .write(move || auth.registry.revoke_manufacturer(&name, reason, &actor))
+        .await?;
     tracing::warn!(manufacturer = %rec.name, %reason, by = %admin.id, "manufacturer revoked: every device under it is refused");
+    st.metrics
+        .revocations
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     st.status.reload()?;
     st.publish(Change::ManufacturerRevoked {
         name: rec.name.to_string(),
@@ -239,11 +246,12 @@ pub async fn enroll_batch(
     let auth = st.auth.clone();
     let actor = admin.actor();
     let manufacturer = body.manufacturer;
-    let (items, results) = blocking(move || {
-        let r = auth.enroll_batch(manufacturer.as_deref(), &items, lifetime, &actor)?;
-        Ok((items, r))
-    })
-    .await?;
+    let (items, results) = st
+        .write(move || {
+            let r = auth.enroll_batch(manufacturer.as_deref(), &items, lifetime, &actor)?;
+            Ok((items, r))
+        })
+        .await?;
     st.changed();
     let results: Vec<BatchResult> = items
         .into_iter()
@@ -313,18 +321,19 @@ pub async fn create_claim(
     let lifetime = st.lifetime_days(body.lifetime_days)?;
     let auth = st.auth.clone();
     let actor = admin.actor();
-    let (device, claim, cert) = blocking(move || {
-        let (d, c, cert) = auth.create_claim(
-            &id,
-            body.uses,
-            body.manufacturer.as_deref(),
-            body.csr.as_bytes(),
-            lifetime,
-            &actor,
-        )?;
-        Ok((auth.registry.device_view(&d.id)?, c, cert))
-    })
-    .await?;
+    let (device, claim, cert) = st
+        .write(move || {
+            let (d, c, cert) = auth.create_claim(
+                &id,
+                body.uses,
+                body.manufacturer.as_deref(),
+                body.csr.as_bytes(),
+                lifetime,
+                &actor,
+            )?;
+            Ok((auth.registry.device_view(&d.id)?, c, cert))
+        })
+        .await?;
     st.changed();
     Ok((
         StatusCode::CREATED,

@@ -311,6 +311,17 @@ impl FromRequestParts<AppState> for Admin {
     }
 }
 
+impl AppState {
+    /// [`blocking`], timed into the registry write latency.
+    pub(crate) async fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> Result<T, Error> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let metrics = self.metrics.clone();
+        blocking(move || metrics.registry_writes.time(f)).await
+    }
+}
+
 /// Runs registry writes (signing, fsync) off the async workers.
 pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, Error> + Send + 'static,
@@ -448,11 +459,12 @@ async fn enroll(
     };
     let auth = st.auth.clone();
     let actor = admin.actor();
-    let (device, cert) = blocking(move || {
-        let (d, c) = auth.enroll(&req, &actor)?;
-        Ok((auth.registry.device_view(&d.id)?, c))
-    })
-    .await?;
+    let (device, cert) = st
+        .write(move || {
+            let (d, c) = auth.enroll(&req, &actor)?;
+            Ok((auth.registry.device_view(&d.id)?, c))
+        })
+        .await?;
     st.changed();
     Ok(st.enrolled(device, cert))
 }
@@ -477,11 +489,12 @@ async fn rotate(
     let lifetime = st.lifetime(body.lifetime_days, body.lifetime_seconds)?;
     let auth = st.auth.clone();
     let actor = admin.actor();
-    let (device, cert) = blocking(move || {
-        let (d, c) = auth.rotate(&id, body.csr.as_bytes(), lifetime, &actor)?;
-        Ok((auth.registry.device_view(&d.id)?, c))
-    })
-    .await?;
+    let (device, cert) = st
+        .write(move || {
+            let (d, c) = auth.rotate(&id, body.csr.as_bytes(), lifetime, &actor)?;
+            Ok((auth.registry.device_view(&d.id)?, c))
+        })
+        .await?;
     st.changed();
     Ok(st.enrolled(device, cert))
 }
@@ -534,7 +547,7 @@ async fn transition(
     let id = device_id(id)?;
     let auth = st.auth.clone();
     let actor = admin.actor();
-    blocking(move || {
+    st.write(move || {
         change(&auth.registry, &id, &actor)?;
         auth.registry.device_view(&id)
     })
@@ -547,6 +560,9 @@ async fn suspend(
     Path(id): Path<String>,
 ) -> Result<Json<DeviceView>, ApiError> {
     let view = transition(&st, &admin, id, |r, id, actor| r.suspend(id, actor)).await?;
+    st.metrics
+        .revocations
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     st.publish(Change::DeviceOut {
         id: view.id.clone(),
         status: view.status,
@@ -602,6 +618,9 @@ async fn revoke(
     })
     .await?;
     tracing::info!(device.id = %view.id, reason = %reason, by = %admin.id, "revoked");
+    st.metrics
+        .revocations
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     st.publish(Change::DeviceOut {
         id: view.id.clone(),
         status: view.status,
@@ -635,8 +654,13 @@ async fn revoke_certificate(
     let reason = reason(&body)?;
     let auth = st.auth.clone();
     let actor = admin.actor();
-    let rec = blocking(move || auth.registry.revoke_certificate(&serial, reason, &actor)).await?;
+    let rec = st
+        .write(move || auth.registry.revoke_certificate(&serial, reason, &actor))
+        .await?;
     tracing::info!(serial = %rec.serial, device.id = %rec.device_id, reason = %reason, "certificate revoked");
+    st.metrics
+        .revocations
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     st.publish(Change::CertificateRevoked {
         serial: rec.serial.clone(),
     });
@@ -686,7 +710,7 @@ async fn renew_server_certificate(
     admin: Admin,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let auth = st.auth.clone();
-    blocking(move || auth.reissue_server_cert()).await?;
+    st.write(move || auth.reissue_server_cert()).await?;
     st.tls.reload().map_err(|e| {
         tracing::error!(error = %e, "reloading TLS");
         ApiError::new(

@@ -246,7 +246,11 @@ impl ClientCertVerifier for RegistryVerifier {
                 identity.role, identity.id, info.serial
             )
         };
-        let mut standing = lookup(self.auth.registry.standing(&info.serial))?;
+        let mut standing = lookup(
+            self.metrics
+                .registry_lookups
+                .time(|| self.auth.registry.standing(&info.serial)),
+        )?;
         if let (None, Some(m)) = (&standing, &manufacturer) {
             standing = Some(self.register_jit(m, &identity, &info, &detail)?);
         }
