@@ -39,6 +39,9 @@ enum Scenario {
     Revoke,
     /// Misbehaving devices beside well-behaved ones.
     Rogue,
+    /// Hold the fleet's connections for the duration with churn and API
+    /// writes: RSS over time, and every acknowledged write read back.
+    Soak,
 }
 
 #[derive(Args, Debug)]
@@ -74,6 +77,9 @@ struct RunArgs {
     /// Devices to revoke (revoke).
     #[arg(long, default_value_t = 5)]
     revoke: usize,
+    /// Extra devices connecting and leaving each second (soak).
+    #[arg(long, default_value_t = 10)]
+    churn: usize,
     /// The broker's process id, to report its memory per connection.
     #[arg(long)]
     broker_pid: Option<u32>,
@@ -243,6 +249,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Scenario::Storm => firmware_sim::fleet::storm(&fleet, &o).await?,
                 Scenario::Revoke => firmware_sim::fleet::revoke(&fleet, &o).await?,
                 Scenario::Rogue => firmware_sim::fleet::rogue(&fleet, &o).await?,
+                Scenario::Soak => firmware_sim::fleet::soak(&fleet, &o, a.churn).await?,
             };
             print!("{}", report.table());
             if let Some(path) = &a.json {
