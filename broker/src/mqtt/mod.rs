@@ -72,6 +72,7 @@ pub enum Kick {
     Revoked,
     Suspended,
     CertificateRevoked,
+    ManufacturerRevoked,
 }
 
 impl Kick {
@@ -80,6 +81,7 @@ impl Kick {
             Kick::Revoked => "device revoked",
             Kick::Suspended => "device suspended",
             Kick::CertificateRevoked => "certificate revoked",
+            Kick::ManufacturerRevoked => "manufacturer revoked",
         }
     }
 }
@@ -208,8 +210,9 @@ impl Sessions {
         n
     }
 
-    /// Checks every live session against the registry (after missed changes).
-    fn recheck(&self, registry: &Registry) {
+    /// Checks every live session against the registry (after missed
+    /// changes, or a change that touches many devices at once).
+    fn recheck(&self, registry: &Registry, why: Kick) {
         let serials: Vec<Serial> = self
             .lock()
             .values()
@@ -217,7 +220,7 @@ impl Sessions {
             .collect();
         for serial in serials {
             if !matches!(registry.standing(&serial), Ok(Some((_, Standing::Good)))) {
-                self.kick_serial(&serial, Kick::Revoked);
+                self.kick_serial(&serial, why);
             }
         }
     }
@@ -301,7 +304,7 @@ impl Broker {
                 }
                 Ok(Change::ManufacturerRevoked { name }) => {
                     let before = sessions.count();
-                    sessions.recheck(&self.shared.registry);
+                    sessions.recheck(&self.shared.registry, Kick::ManufacturerRevoked);
                     tracing::info!(manufacturer = %name, sessions = before.saturating_sub(sessions.count()), "mqtt: cut the live sessions of a revoked manufacturer's devices");
                 }
                 Ok(Change::CertificateRevoked { serial }) => {
@@ -313,7 +316,7 @@ impl Broker {
                         missed,
                         "mqtt: registry changes missed; rechecking every session"
                     );
-                    sessions.recheck(&self.shared.registry);
+                    sessions.recheck(&self.shared.registry, Kick::Revoked);
                 }
                 Err(broadcast::error::RecvError::Closed) => return,
             }
