@@ -268,6 +268,7 @@ async fn manufacturer_devices_register_just_in_time_and_fall_with_their_manufact
     );
     assert!(a.is_some() && b.is_some(), "still connected: {a:?} {b:?}");
     let took = t0.elapsed();
+    eprintln!("manufacturer revoke (CLI call included) to both devices cut: {took:?}");
     assert!(took < Duration::from_millis(1500), "{took:?}");
     // A device of fleetgate's own issuing CA is not touched.
     assert!(until_closed(&mut ev_own, Duration::from_millis(300))
