@@ -694,3 +694,114 @@ pub fn pem_encode(label: &str, der: &[u8]) -> String {
     out.push_str(&format!("-----END {label}-----\n"));
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ca::inspect_certificate;
+    use crate::InitOptions;
+
+    #[test]
+    fn pem_round_trip() {
+        for len in [0usize, 1, 2, 3, 47, 48, 49, 500] {
+            let der: Vec<u8> = (0..len).map(|i| (i * 7 + 3) as u8).collect();
+            let pem = pem_encode("CERTIFICATE", &der);
+            assert!(pem.lines().all(|l| l.len() <= 64), "{pem}");
+            let back = CertificateDer::from_pem_slice(pem.as_bytes());
+            if len > 0 {
+                assert_eq!(back.unwrap().as_ref(), &der[..], "{len}");
+            }
+        }
+    }
+
+    #[test]
+    fn issued_manufacturer_signs_devices_and_falls_with_one_write() {
+        let tmp = tempfile::tempdir().unwrap();
+        let auth = Authority::open_or_init(tmp.path(), &InitOptions::default()).unwrap();
+        let acme = DeviceId::try_new("acme").unwrap();
+        let (rec, key_pem) = auth
+            .create_manufacturer(&acme, JitPolicy::Pending, "test")
+            .unwrap();
+        assert!(key_pem.contains("PRIVATE KEY"));
+        assert!(matches!(
+            auth.create_manufacturer(&acme, JitPolicy::Pending, "test"),
+            Err(Error::AlreadyExists { .. })
+        ));
+        let csr = crate::csr::new_key_and_csr(crate::csr::KeyKind::EcdsaP256, "x")
+            .unwrap()
+            .1;
+        let items: Vec<BatchItem> = ["a-1", "a-2", "bad/id"]
+            .iter()
+            .map(|id| BatchItem {
+                name: (*id).into(),
+                id: (*id).into(),
+                csr: csr.clone().into_bytes(),
+            })
+            .collect();
+        let out = auth
+            .enroll_batch(Some("acme"), &items, Duration::days(1), "test")
+            .unwrap();
+        assert!(out[0].is_ok() && out[1].is_ok());
+        assert!(matches!(out[2], Err(Error::InvalidId { .. })));
+        let cert = out[0].as_ref().unwrap();
+        let info = inspect_certificate(&cert.der).unwrap();
+        assert_eq!(info.issuer, rec.subject);
+        assert_eq!(
+            auth.registry.standing(&cert.serial).unwrap().unwrap().1,
+            crate::Standing::Good
+        );
+        // An unknown manufacturer, a missing one.
+        assert!(matches!(
+            auth.enroll_batch(Some("nobody"), &items[..1], Duration::days(1), "test"),
+            Err(Error::ManufacturerNotFound { .. })
+        ));
+        auth.registry
+            .revoke_manufacturer("acme", crate::RevocationReason::CaCompromise, "test")
+            .unwrap();
+        assert!(matches!(
+            auth.registry.standing(&cert.serial).unwrap().unwrap().1,
+            crate::Standing::Revoked(_)
+        ));
+        assert!(matches!(
+            auth.enroll_batch(Some("acme"), &items[..1], Duration::days(1), "test"),
+            Err(Error::ManufacturerRevoked { .. })
+        ));
+        // The root's CRL lists the revoked CA.
+        let crl = auth.root_crl().unwrap();
+        let (_, parsed) =
+            x509_parser::revocation_list::CertificateRevocationList::from_der(&crl).unwrap();
+        let listed: Vec<_> = parsed
+            .iter_revoked_certificates()
+            .map(|r| Serial::from_bytes(r.raw_serial()).unwrap())
+            .collect();
+        assert_eq!(listed, vec![rec.serial]);
+    }
+
+    #[test]
+    fn jit_identity_is_a_device_uri_or_a_cn() {
+        let mut info = CertInfo {
+            identity: None,
+            serial: Serial::from_bytes(&[1]).unwrap(),
+            not_before: OffsetDateTime::now_utc(),
+            not_after: OffsetDateTime::now_utc(),
+            fingerprint: String::new(),
+            is_ca: false,
+            common_name: Some("sensor-7".into()),
+            issuer: String::new(),
+            lacks_digital_signature: false,
+        };
+        assert_eq!(jit_identity(&info).unwrap().as_str(), "sensor-7");
+        info.common_name = Some("not an id".into());
+        assert!(jit_identity(&info).is_err());
+        info.identity = Some(Identity {
+            role: Role::Service,
+            id: DeviceId::try_new("svc").unwrap(),
+        });
+        assert!(jit_identity(&info).is_err());
+        info.identity = Some(Identity {
+            role: Role::Device,
+            id: DeviceId::try_new("d-9").unwrap(),
+        });
+        assert_eq!(jit_identity(&info).unwrap().as_str(), "d-9");
+    }
+}

@@ -246,6 +246,35 @@ mod tests {
     }
 
     #[test]
+    fn claim_topics() {
+        let c = acl(Role::Claim, "line-3");
+        // A claim publishes nothing through the ACL: the session takes its
+        // provisioning requests before the ACL is asked.
+        for topic in ["devices/line-3/telemetry", "$fleetgate/provision/x", "a"] {
+            assert!(c.can_publish(topic).is_err(), "publish {topic}");
+        }
+        for (filter, ok) in [
+            ("$fleetgate/provision/+/+", true),
+            ("$fleetgate/provision/req-1/accepted", true),
+            ("$fleetgate/provision/#", true),
+            ("$fleetgate/#", false),
+            ("devices/#", false),
+            ("#", false),
+        ] {
+            assert_eq!(c.can_subscribe(filter).is_ok(), ok, "subscribe {filter}");
+        }
+        for (topic, req) in [
+            ("$fleetgate/provision/req-1", Some("req-1")),
+            ("$fleetgate/provision/req-1/accepted", None),
+            ("$fleetgate/provision/", None),
+            ("$fleetgate/provision/a b", None),
+            ("$fleetgate/provisionx/req", None),
+        ] {
+            assert_eq!(provision_request(topic), req, "{topic}");
+        }
+    }
+
+    #[test]
     fn service_topics() {
         let s = acl(Role::Service, "backend");
         for (filter, ok) in [
