@@ -24,6 +24,7 @@ SIM=$PWD/target/release/firmware-sim
 work=$(mktemp -d)
 fg_pid=
 cleanup() {
+    [ -n "${KEEP_LOG:-}" ] && cp "$work/fg.log" "$KEEP_LOG" 2>/dev/null || true
     [ -n "$fg_pid" ] && kill "$fg_pid" 2>/dev/null || true
     wait 2>/dev/null || true
     rm -rf "$work"

@@ -1010,6 +1010,21 @@ pub async fn soak(fleet: &Fleet, o: &Options, churn: usize) -> anyhow::Result<Re
         let (target, pool, mut stop) = (fleet.target(), pool.clone(), stop.clone());
         tokio::spawn(async move {
             let (mut ok, mut failed) = (0u64, 0u64);
+            let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+            let mut count = |r: Result<anyhow::Result<()>, tokio::task::JoinError>| match r {
+                Ok(Ok(())) => ok += 1,
+                Ok(Err(e)) => {
+                    failed += 1;
+                    // The error without the device id: one line per kind.
+                    let e = e.to_string();
+                    let kind = e.split_once(": ").map_or(e.as_str(), |(_, k)| k).to_owned();
+                    *errors.entry(kind).or_insert(0) += 1;
+                }
+                Err(e) => {
+                    failed += 1;
+                    *errors.entry(e.to_string()).or_insert(0) += 1;
+                }
+            };
             let mut tasks = tokio::task::JoinSet::new();
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             let mut next = 0usize;
@@ -1022,20 +1037,14 @@ pub async fn soak(fleet: &Fleet, o: &Options, churn: usize) -> anyhow::Result<Re
                             tasks.spawn(async move { churn_once(&t, &id).await });
                         }
                     }
-                    Some(r) = tasks.join_next() => match r {
-                        Ok(Ok(())) => ok += 1,
-                        _ => failed += 1,
-                    },
+                    Some(r) = tasks.join_next() => count(r),
                     _ = stop.changed() => break,
                 }
             }
             while let Some(r) = tasks.join_next().await {
-                match r {
-                    Ok(Ok(())) => ok += 1,
-                    _ => failed += 1,
-                }
+                count(r);
             }
-            (ok, failed)
+            (ok, failed, errors)
         })
     };
     // Writes that must survive: enrollments and revocations, acknowledged.
@@ -1105,7 +1114,7 @@ pub async fn soak(fleet: &Fleet, o: &Options, churn: usize) -> anyhow::Result<Re
         }
     }
     let _ = stop_tx.send(true);
-    let (churn_ok, churn_failed) = churner.await?;
+    let (churn_ok, churn_failed, churn_errors) = churner.await?;
     let (enrolled, revoked, write_failures) = writer.await??;
     let logs = run.finish().await;
     let dropped = logs.iter().filter(|(_, l)| l.dropped_at.is_some()).count();
@@ -1137,6 +1146,7 @@ pub async fn soak(fleet: &Fleet, o: &Options, churn: usize) -> anyhow::Result<Re
     r.put("held_connections_dropped", dropped);
     r.put("churn_cycles_ok", churn_ok);
     r.put("churn_cycles_failed", churn_failed);
+    r.put("churn_errors", json!(churn_errors));
     r.put("writes_acknowledged", enrolled.len() + revoked.len());
     r.put("writes_refused", write_failures);
     r.put("acknowledged_writes_lost", lost.len());
