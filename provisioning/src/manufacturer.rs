@@ -376,14 +376,18 @@ impl Authority {
         Ok(rec)
     }
 
-    /// The signing CA of a manufacturer fleetgate issued.
-    pub fn manufacturer_signer(&self, name: &str) -> Result<Arc<Signer>, Error> {
-        let rec = self
-            .registry
+    /// The manufacturer called `name`, or `ManufacturerNotFound`.
+    pub fn known_manufacturer(&self, name: &str) -> Result<ManufacturerRecord, Error> {
+        self.registry
             .manufacturer(name)?
             .ok_or_else(|| Error::ManufacturerNotFound {
                 name: name.to_owned(),
-            })?;
+            })
+    }
+
+    /// The signing CA of a manufacturer fleetgate issued.
+    pub fn manufacturer_signer(&self, name: &str) -> Result<Arc<Signer>, Error> {
+        let rec = self.known_manufacturer(name)?;
         if rec.kind != CaKind::Issued {
             return Err(Error::InvalidInput {
                 reason: format!(
@@ -419,12 +423,7 @@ impl Authority {
         let Some(name) = manufacturer else {
             return Ok(None);
         };
-        let rec = self
-            .registry
-            .manufacturer(name)?
-            .ok_or_else(|| Error::ManufacturerNotFound {
-                name: name.to_owned(),
-            })?;
+        let rec = self.known_manufacturer(name)?;
         if rec.status == ManufacturerStatus::Revoked {
             return Err(Error::ManufacturerRevoked {
                 name: name.to_owned(),
@@ -555,9 +554,7 @@ impl Authority {
         actor: &str,
     ) -> Result<(DeviceRecord, ClaimRecord, IssuedCert), Error> {
         if let Some(m) = manufacturer {
-            if self.registry.manufacturer(m)?.is_none() {
-                return Err(Error::ManufacturerNotFound { name: m.to_owned() });
-            }
+            self.known_manufacturer(m)?;
         }
         let csr = validate_csr(csr)?;
         let identity = Identity {
