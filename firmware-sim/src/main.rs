@@ -39,6 +39,9 @@ enum Scenario {
     Revoke,
     /// Misbehaving devices beside well-behaved ones.
     Rogue,
+    /// Factory-fresh devices provision themselves over MQTT through one
+    /// shared claim, then connect as themselves.
+    Provision,
     /// Hold the fleet's connections for the duration with churn and API
     /// writes: RSS over time, and every acknowledged write read back.
     Soak,
@@ -243,12 +246,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 connect_limit: std::time::Duration::from_secs(a.connect_limit),
             };
             // Enroll first: the CA file is written by enrollment.
-            fleet.ensure_enrolled(&fleet.ids(o.devices)).await?;
+            if !matches!(a.scenario, Scenario::Provision) {
+                fleet.ensure_enrolled(&fleet.ids(o.devices)).await?;
+            }
             let report = match a.scenario {
                 Scenario::Steady => firmware_sim::fleet::steady(&fleet, &o).await?,
                 Scenario::Storm => firmware_sim::fleet::storm(&fleet, &o).await?,
                 Scenario::Revoke => firmware_sim::fleet::revoke(&fleet, &o).await?,
                 Scenario::Rogue => firmware_sim::fleet::rogue(&fleet, &o).await?,
+                Scenario::Provision => firmware_sim::fleet::provision(&fleet, &o).await?,
                 Scenario::Soak => firmware_sim::fleet::soak(&fleet, &o, a.churn).await?,
             };
             print!("{}", report.table());
