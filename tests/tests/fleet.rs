@@ -82,6 +82,20 @@ async fn every_scenario_at_small_scale() {
     check(&r);
     assert_eq!(figure(&r, "well_behaved_disturbed") as usize, 0);
 
+    // provision: factory devices share one claim, all at once.
+    let r = fleet::provision(&f, &options()).await.unwrap();
+    check(&r);
+    assert_eq!(figure(&r, "provisioned_and_connected") as usize, DEVICES);
+    assert_eq!(r.figures["claim_spent_refused"], true);
+
+    // soak, briefly: held connections, churn, writes read back.
+    let mut o = options();
+    o.duration = Duration::from_secs(3);
+    let r = fleet::soak(&f, &o, 3).await.unwrap();
+    check(&r);
+    assert_eq!(figure(&r, "acknowledged_writes_lost") as usize, 0);
+    assert!(figure(&r, "writes_acknowledged") >= 4.0, "{}", r.table());
+
     // revoke (last: it revokes sim-0..sim-4 for good).
     let r = fleet::revoke(&f, &options()).await.unwrap();
     check(&r);
