@@ -118,7 +118,8 @@ struct ServeArgs {
     /// Most TLS handshakes in progress on the MQTT port; more are closed.
     #[arg(long, default_value_t = 512)]
     max_handshakes: usize,
-    /// Seconds a client has to complete its TLS handshake.
+    /// Seconds a client has to complete its TLS handshake (MQTT, admin
+    /// API) or send its request headers (OCSP/CRL, metrics).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=300))]
     handshake_timeout_secs: u64,
     /// New MQTT connections per second from one IP address (0: no limit).
@@ -407,7 +408,10 @@ async fn serve_cmd(args: ServeArgs) -> ExitCode {
         public_url: args.public_url,
         server_sans: args.sans,
         cert_lifetime: time::Duration::days(args.cert_lifetime_days.into()),
-        limits: https::Limits::default(),
+        limits: https::Limits {
+            handshake_timeout: std::time::Duration::from_secs(args.handshake_timeout_secs),
+            ..https::Limits::default()
+        },
         mqtt: MqttConfig {
             max_connections: args.max_connections.max(1),
             max_handshakes: args.max_handshakes.max(1),

@@ -1,6 +1,7 @@
-//! An HTTPS server for an axum router: TLS with optional client
-//! certificates, the peer's certificate handed to handlers as a request
-//! extension, a cap on connections, a handshake timeout and graceful drain.
+//! An HTTP(S) server for an axum router: TLS with optional client
+//! certificates (or plain HTTP, for OCSP, CRLs and metrics), the peer's
+//! certificate handed to handlers as a request extension, a cap on
+//! connections, a handshake and header timeout and graceful drain.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -45,12 +46,13 @@ impl Default for Limits {
     }
 }
 
-/// Serves `app` on `listener` until `shutdown` turns true, then waits up to
-/// `limits.drain_timeout` for open requests to finish.
+/// Serves `app` on `listener` (over TLS, or plain without `tls`) until
+/// `shutdown` turns true, then waits up to `limits.drain_timeout` for open
+/// requests to finish.
 pub async fn serve(
     name: &'static str,
     listener: TcpListener,
-    tls: watch::Receiver<Arc<ServerConfig>>,
+    tls: Option<watch::Receiver<Arc<ServerConfig>>>,
     app: axum::Router,
     limits: Limits,
     mut shutdown: watch::Receiver<bool>,
@@ -66,12 +68,27 @@ pub async fn serve(
     );
     let graceful = GracefulShutdown::new();
     while let Some(Accepted { tcp, addr, permit }) = incoming.next(&mut shutdown).await {
-        let acceptor = TlsAcceptor::from(tls.borrow().clone());
+        let acceptor = tls.as_ref().map(|t| TlsAcceptor::from(t.borrow().clone()));
         let app = app.clone();
         let watcher = graceful.watcher();
         let handshake_timeout = limits.handshake_timeout;
         tokio::spawn(async move {
             let _permit = permit;
+            let Some(acceptor) = acceptor else {
+                let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                    req.extensions_mut().insert(PeerCert(None));
+                    req.extensions_mut().insert(PeerAddr(addr));
+                    app.clone().oneshot(req)
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(handshake_timeout)
+                    .serve_connection(TokioIo::new(tcp), svc);
+                if let Err(e) = watcher.watch(conn).await {
+                    tracing::debug!(listener = name, peer.addr = %addr, error = %e, "connection ended with an error");
+                }
+                return;
+            };
             let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {

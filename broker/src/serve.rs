@@ -173,6 +173,7 @@ impl Server {
             "ocsp",
             self.ocsp,
             status::router(self.status.clone()),
+            self.cfg.limits.clone(),
             shutdown.clone(),
         );
         let prometheus = self.prometheus.map(|listener| {
@@ -193,7 +194,13 @@ impl Server {
                     }
                 }),
             );
-            serve_http("metrics", listener, app, shutdown.clone())
+            serve_http(
+                "metrics",
+                listener,
+                app,
+                self.cfg.limits.clone(),
+                shutdown.clone(),
+            )
         });
         let mqtt = {
             let broker = broker.clone();
@@ -205,7 +212,7 @@ impl Server {
         https::serve(
             "api",
             self.api,
-            tls.api(),
+            Some(tls.api()),
             api::router(state),
             self.cfg.limits.clone(),
             shutdown,
@@ -228,24 +235,16 @@ impl Server {
     }
 }
 
-/// Serves a plain-HTTP router until `shutdown` turns true.
+/// Serves a plain-HTTP router until `shutdown` turns true, with the same
+/// connection cap and header timeout as the admin API.
 fn serve_http(
     name: &'static str,
     listener: TcpListener,
     app: axum::Router,
-    mut shutdown: watch::Receiver<bool>,
+    limits: https::Limits,
+    shutdown: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let stop = async move {
-            let _ = shutdown.wait_for(|s| *s).await;
-        };
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(stop)
-            .await
-        {
-            tracing::error!(listener = name, error = %e, "listener failed");
-        }
-    })
+    tokio::spawn(https::serve(name, listener, None, app, limits, shutdown))
 }
 
 /// Renews the server certificate before it expires, and reloads TLS on

@@ -74,6 +74,18 @@ async fn silent_and_slow_clients_are_dropped_at_the_handshake_timeout() {
     assert!(t0.elapsed() < Duration::from_secs(4));
     assert!(refusals(&server.admin(), "handshake_timeout").await >= 21);
     assert!(server.wait_for_log("TLS handshake timed out", Duration::from_secs(2)));
+
+    // The same on the plain-HTTP OCSP port: a request that never finishes
+    // its headers is dropped, and answers go on meanwhile.
+    let mut slow = TcpStream::connect(server.ocsp).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut slow, b"GET /crl/issuing.crl HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let (ok, out) = run(Command::new("curl")
+        .args(["-sf", "-o", "/dev/null", "-w", "%{http_code}"])
+        .arg(format!("{}/crl/issuing.crl", server.ocsp_url())));
+    assert!(ok && out.contains("200"), "{out}");
+    assert!(closed_within(&mut slow, Duration::from_secs(4)).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
