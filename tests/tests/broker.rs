@@ -553,6 +553,31 @@ async fn bad_mqtt_input_is_refused_and_the_server_stays_up() {
         assert_eq!(&r[..2], &[0x20, 0x02], "CONNACK first: {r:?}");
         assert_eq!(r.len(), 4, "then the connection is closed: {r:?}");
     }
+    // Packets only a server sends, from a client: on MQTT 5 a CONNACK or
+    // UNSUBACK with a payload made rumqttd's decoder panic (found by the
+    // fuzzer); now a protocol error like any other.
+    let v5_connect = {
+        let id = b"dev-1";
+        let mut body = vec![
+            0x00, 0x04, b'M', b'Q', b'T', b'T', 5, 0x02, 0x00, 0x1e, 0x00,
+        ];
+        body.extend_from_slice(&[0x00, id.len() as u8]);
+        body.extend_from_slice(id);
+        let mut p = vec![0x10, body.len() as u8];
+        p.extend(body);
+        p
+    };
+    for tail in [
+        [0x20u8, 0x03, 0x00, 0x00, 0x00],
+        [0xb0, 0x03, 0x00, 0x01, 0x00],
+    ] {
+        let mut bytes = v5_connect.clone();
+        bytes.extend(tail);
+        let r = probe(server.mqtt, config.clone(), &bytes).await.unwrap();
+        assert_eq!(r[0], 0x20, "CONNACK first: {r:?}");
+        // Then DISCONNECT (MQTT 5: protocol error) and the end.
+        assert!(r.windows(3).any(|w| w[0] == 0xe0 && w[2] == 0x82), "{r:?}");
+    }
     // Still serving.
     let (_c, mut l) = client(server.mqtt, &dev, "dev-1");
     connected(&mut l).await;

@@ -13,6 +13,7 @@
 
 pub mod acl;
 pub mod admission;
+pub mod codec;
 mod session;
 
 use std::collections::HashMap;

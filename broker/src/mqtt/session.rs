@@ -15,11 +15,9 @@ use std::time::Duration;
 use bytes::BytesMut;
 use provisioning::{Authority, DeviceId, Identity, Role, Serial, Standing};
 use rumqttd::local::{LinkRx, LinkTx};
-use rumqttd::protocol::v4::V4;
-use rumqttd::protocol::v5::V5;
 use rumqttd::protocol::{
     ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode, LastWill,
-    Packet, PingResp, Protocol, PubAck, PubAckReason, Publish, PublishProperties, SubAck,
+    Packet, PingResp, PubAck, PubAckReason, Publish, PublishProperties, SubAck,
     SubscribeReasonCode,
 };
 use rumqttd::Notification;
@@ -30,6 +28,7 @@ use tokio::sync::{oneshot, watch};
 use tokio_rustls::server::TlsStream;
 
 use super::acl::{provision_request, sniff_connect, Acl, ConnectSniff};
+use super::codec::Codec;
 use super::{Kick, Shared};
 use crate::metrics::Refusal;
 use crate::status::StatusService;
@@ -41,49 +40,6 @@ pub struct Peer {
     pub identity: Identity,
     pub serial: Serial,
     pub not_after: OffsetDateTime,
-}
-
-#[derive(Debug)]
-enum Codec {
-    V4(V4),
-    V5(V5),
-}
-
-impl Codec {
-    fn is_v5(&self) -> bool {
-        matches!(self, Codec::V5(_))
-    }
-
-    /// The next whole packet in `buf`, `None` if more bytes are needed.
-    fn read(
-        &mut self,
-        buf: &mut BytesMut,
-        max: usize,
-    ) -> Result<Option<Packet>, rumqttd::protocol::Error> {
-        let before = buf.len();
-        let r = match self {
-            Codec::V4(c) => c.read_mut(buf, max),
-            Codec::V5(c) => c.read_mut(buf, max),
-        };
-        match r {
-            Ok(p) => Ok(Some(p)),
-            // Short of a whole frame: nothing was consumed, wait for more.
-            Err(rumqttd::protocol::Error::InsufficientBytes(_)) if buf.len() == before => Ok(None),
-            // The frame was split off and its contents ran short: malformed.
-            Err(rumqttd::protocol::Error::InsufficientBytes(_)) => {
-                Err(rumqttd::protocol::Error::MalformedPacket)
-            }
-            Err(e) => Err(e),
-        }
-    }
-
-    fn write(&self, p: Packet, out: &mut BytesMut) -> Result<(), rumqttd::protocol::Error> {
-        match self {
-            Codec::V4(c) => c.write(p, out),
-            Codec::V5(c) => c.write(p, out),
-        }
-        .map(|_| ())
-    }
 }
 
 /// Why a session ended.
@@ -182,7 +138,7 @@ async fn session(
 ) -> Result<(), ()> {
     let mut s = Session {
         stream,
-        codec: Codec::V4(V4),
+        codec: Codec::for_level(4),
         rbuf: BytesMut::with_capacity(4096),
         wbuf: BytesMut::with_capacity(4096),
         max_packet: shared.cfg.max_packet_size,
@@ -406,11 +362,7 @@ impl Session {
                 ConnectSniff::Incomplete => {}
                 ConnectSniff::NotConnect(why) => return Err(why.to_owned()),
                 ConnectSniff::Level(level) => {
-                    self.codec = if level == 5 {
-                        Codec::V5(V5)
-                    } else {
-                        Codec::V4(V4)
-                    };
+                    self.codec = Codec::for_level(level);
                     match self.codec.read(&mut self.rbuf, self.max_packet) {
                         Ok(Some(p @ Packet::Connect(..))) => return Ok(p),
                         Ok(Some(_)) => return Err("first packet is not CONNECT".into()),
