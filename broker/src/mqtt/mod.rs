@@ -362,7 +362,9 @@ impl Broker {
             let shared = self.shared.clone();
             let shutdown = shutdown.clone();
             // Reap finished tasks so the set does not grow.
-            while tasks.try_join_next().is_some() {}
+            while let Some(done) = tasks.try_join_next() {
+                log_panic(done);
+            }
             tasks.spawn(async move {
                 let _permit = permit;
                 let metrics = &shared.metrics;
@@ -400,7 +402,9 @@ impl Broker {
         }
         drop(incoming);
         if tokio::time::timeout(cfg.drain_timeout, async {
-            while tasks.join_next().await.is_some() {}
+            while let Some(done) = tasks.join_next().await {
+                log_panic(done);
+            }
         })
         .await
         .is_err()
@@ -409,6 +413,15 @@ impl Broker {
                 left = tasks.len(),
                 "mqtt: sessions still open after the drain timeout"
             );
+        }
+    }
+}
+
+/// A connection task that panicked has dropped its connection; say so.
+fn log_panic(done: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = done {
+        if e.is_panic() {
+            tracing::error!(error = %e, "mqtt: a connection task panicked; its connection was dropped");
         }
     }
 }
