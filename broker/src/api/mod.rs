@@ -270,6 +270,13 @@ impl FromRequestParts<AppState> for Admin {
                 format!("client certificate: {e}"),
             )
         })?;
+        if info.lacks_digital_signature {
+            return Err(refuse(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "client certificate's key usage lacks digitalSignature".into(),
+            ));
+        }
         let Some(Identity { role, id }) = info.identity else {
             return Err(refuse(
                 StatusCode::FORBIDDEN,
