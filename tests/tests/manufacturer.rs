@@ -224,6 +224,30 @@ async fn manufacturer_devices_register_just_in_time_and_fall_with_their_manufact
         1
     );
 
+    // A new device connecting twice at once registers once and gets in
+    // both times (the second connection takes the session over).
+    let (chain, key) = acme.issue(&Spec::device("twin"));
+    let root = std::fs::read(server.data_dir.join("ca.crt")).unwrap();
+    let config = pki::client_config(&root, Some((&chain, &key)));
+    // CONNECT, then DISCONNECT so that each ends by itself.
+    let mut connect = tests::mqtt::connect_packet("twin");
+    connect.extend_from_slice(&[0xe0, 0x00]);
+    let (a, b) = tokio::join!(
+        tests::mqtt::probe(server.mqtt, config.clone(), &connect),
+        tests::mqtt::probe(server.mqtt, config.clone(), &connect)
+    );
+    for r in [a, b] {
+        let r = r.unwrap();
+        assert_eq!(&r[..4], &[0x20, 0x02, 0x00, 0x00], "{r:?}");
+    }
+    assert_eq!(
+        audit_actions(&server)
+            .iter()
+            .filter(|(_, a, d)| a == "jit-register" && d == "twin")
+            .count(),
+        1
+    );
+
     // A manufacturer may only vouch for devices, and not for one fleetgate
     // already knows under another certificate.
     let mut svc = Spec::device("x");

@@ -387,6 +387,21 @@ impl RegistryVerifier {
             })?;
         match self.auth.register_jit(&rec, &identity.id, info) {
             Ok(_) => {}
+            // The same device connecting twice at once: the other
+            // connection registered this very certificate first.
+            Err(Error::AlreadyExists { .. })
+                if matches!(
+                    self.auth.registry.standing(&info.serial),
+                    Ok(Some((ref c, _))) if c.fingerprint == info.fingerprint
+                ) =>
+            {
+                return self
+                    .auth
+                    .registry
+                    .standing(&info.serial)
+                    .map_err(internal)?
+                    .ok_or_else(|| internal(Error::Storage("registered serial missing".into())));
+            }
             Err(Error::AlreadyExists { .. }) => {
                 return Err(self.refuse(
                     Refusal::WrongIdentity,
