@@ -249,6 +249,13 @@ pub struct CertInfo {
     pub lacks_digital_signature: bool,
 }
 
+/// The first common name of a distinguished name, if it is a string.
+pub fn common_name<'a>(name: &'a x509_parser::x509::X509Name<'_>) -> Option<&'a str> {
+    name.iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+}
+
 /// Reads identity and serial from a DER certificate.
 pub fn inspect_certificate(der: &[u8]) -> Result<CertInfo, Error> {
     let (_, cert) = X509Certificate::from_der(der)
@@ -269,14 +276,8 @@ pub fn inspect_certificate(der: &[u8]) -> Result<CertInfo, Error> {
             _ => {}
         }
     }
-    let common_name = cert
-        .subject()
-        .iter_common_name()
-        .next()
-        .and_then(|cn| cn.as_str().ok())
-        .map(str::to_owned);
     Ok(CertInfo {
-        common_name,
+        common_name: common_name(cert.subject()).map(str::to_owned),
         issuer: cert.issuer().to_string(),
         lacks_digital_signature,
         identity,
@@ -304,9 +305,6 @@ impl Ca {
     pub fn root(&self) -> &Signer {
         &self.root
     }
-    pub fn issuing(&self) -> &Signer {
-        &self.issuing
-    }
 
     /// Issues a certificate for a verified CSR's key to `identity`.
     pub fn issue_for_csr(
@@ -326,17 +324,19 @@ impl Ca {
         identity: &Identity,
         lifetime: Duration,
     ) -> Result<IssuedCert, Error> {
-        self.issue_by(&self.issuing, key, identity, lifetime)
+        self.issue_by(None, key, identity, lifetime)
     }
 
-    /// [`Ca::issue`], signed by `signer` (the issuing CA or a manufacturer's).
+    /// [`Ca::issue`], signed by `signer` (a manufacturer's CA), or by the
+    /// issuing CA without one.
     pub fn issue_by(
         &self,
-        signer: &Signer,
+        signer: Option<&Signer>,
         key: &impl PublicKeyData,
         identity: &Identity,
         lifetime: Duration,
     ) -> Result<IssuedCert, Error> {
+        let signer = signer.unwrap_or(&self.issuing);
         if lifetime <= Duration::ZERO {
             return Err(Error::InvalidInput {
                 reason: "certificate lifetime must be positive".into(),
@@ -369,10 +369,13 @@ impl Ca {
         name: &str,
         lifetime: Duration,
     ) -> Result<IssuedCert, Error> {
-        let now = OffsetDateTime::now_utc()
-            .replace_nanosecond(0)
-            .unwrap_or_else(|_| OffsetDateTime::now_utc());
-        let mut params = ca_params(&format!("{name} manufacturer CA"), 0, now, lifetime);
+        // Dates are set by `sign`.
+        let mut params = ca_params(
+            &format!("{name} manufacturer CA"),
+            0,
+            OffsetDateTime::now_utc(),
+            lifetime,
+        );
         params
             .distinguished_name
             .push(DnType::OrganizationalUnitName, name);
@@ -391,21 +394,10 @@ impl Ca {
             }];
             params.custom_extensions = vec![aia_ocsp(url)];
         }
-        let serial = Serial::random()?;
-        params.serial_number = Some(rcgen::SerialNumber::from_slice(serial.as_bytes()));
-        params.use_authority_key_identifier_extension = true;
-        let cert = params.signed_by(key, &self.root.issuer)?;
-        let der = cert.der().to_vec();
-        Ok(IssuedCert {
-            fingerprint: fingerprint(&der),
-            chain_pem: cert.pem(),
-            serial,
-            der,
-            issuer: self.root.name.clone(),
-            not_before: params.not_before,
-            not_after: params.not_after,
-            manufacturer: Some(name.to_owned()),
-        })
+        // The CA alone, not a chain: what the factory's tools take as -CA.
+        let mut cert = sign(&self.root, params, key, lifetime)?;
+        cert.manufacturer = Some(name.to_owned());
+        Ok(cert)
     }
 
     /// The delegated OCSP responder certificate: EKU OCSPSigning and
@@ -464,7 +456,22 @@ pub fn crl(
     Ok(params.signed_by(&signer.issuer)?.der().to_vec())
 }
 
+/// Signs a leaf: its chain is the leaf then `signer`'s certificate.
 fn sign_leaf(
+    signer: &Signer,
+    params: CertificateParams,
+    key: &impl PublicKeyData,
+    lifetime: Duration,
+) -> Result<IssuedCert, Error> {
+    let mut cert = sign(signer, params, key, lifetime)?;
+    cert.chain_pem.push_str(&signer.pem);
+    Ok(cert)
+}
+
+/// Signs `params` for `key` with `signer`: a random 20-octet serial, dates
+/// from now (backdated for slow clocks) for `lifetime`, an authority key
+/// identifier. `chain_pem` is the certificate alone.
+fn sign(
     signer: &Signer,
     mut params: CertificateParams,
     key: &impl PublicKeyData,
@@ -482,7 +489,7 @@ fn sign_leaf(
     let der = cert.der().to_vec();
     Ok(IssuedCert {
         fingerprint: fingerprint(&der),
-        chain_pem: format!("{}{}", cert.pem(), signer.pem),
+        chain_pem: cert.pem(),
         serial,
         der,
         issuer: signer.name.clone(),
@@ -649,12 +656,8 @@ impl Authority {
                 reason: format!("format {} (this build reads {FORMAT})", marker.format),
             });
         }
-        for key in [
-            paths.root_key(),
-            paths.issuing_key(),
-            paths.server_key(),
-            paths.admin_key(),
-        ] {
+        // The root and issuing keys are checked as `load_ca` reads them.
+        for key in [paths.server_key(), paths.admin_key()] {
             check_private(&key)?;
         }
         let ca = load_ca(&paths, opts.status_url.clone())?;
@@ -728,11 +731,12 @@ impl Authority {
                 (key, cert.der)
             }
         };
-        use crate::manufacturer::{CaKind, ManufacturerStatus};
+        use crate::manufacturer::CaKind;
         use crate::ocsp::{IssuerHashes, Unit};
         let manufacturers = self.registry.manufacturers()?;
         // The delegated responder: the issuing CA, and registered
-        // manufacturer CAs (whose keys we do not hold).
+        // manufacturer CAs (whose keys we do not hold). Each issuer has one
+        // unit, so their order does not matter.
         let mut delegated = vec![IssuerHashes::from_cert(self.ca.issuing_der())?];
         let mut units = Vec::new();
         // The root answers for the CAs it issued.
@@ -747,9 +751,10 @@ impl Authority {
             match m.kind {
                 CaKind::Registered => delegated.push(IssuerHashes::from_cert(&der)?),
                 CaKind::Issued => {
-                    let revoked = m.status == ManufacturerStatus::Revoked;
-                    known.insert(m.serial.clone(), if revoked { m.revocation } else { None });
-                    let signer = self.manufacturer_signer(m.name.as_str())?;
+                    known.insert(m.serial.clone(), m.revocation);
+                    let signer = self.held_signer(m)?.ok_or_else(|| {
+                        Error::Corrupt(format!("manufacturer {} has no key", m.name))
+                    })?;
                     units.push(Unit::new(
                         vec![IssuerHashes::from_cert(&der)?],
                         copy_key(signer.key())?,
@@ -764,7 +769,7 @@ impl Authority {
             copy_key(self.ca.root().key())?,
             self.ca.root_der(),
         )?);
-        units.insert(0, Unit::new(delegated, key, &der)?);
+        units.push(Unit::new(delegated, key, &der)?);
         Ok(crate::ocsp::Responder::new(units))
     }
 

@@ -50,12 +50,10 @@ impl Authority {
         };
         // A device of a manufacturer fleetgate issued a CA for is signed by
         // that CA, so that revoking the manufacturer takes it along.
-        let cert = match self.signer_for(req.manufacturer.as_deref())? {
-            Some(s) => self
-                .ca
-                .issue_by(&s, &csr.public_key, &identity, req.lifetime)?,
-            None => self.ca.issue_for_csr(&csr, &identity, req.lifetime)?,
-        };
+        let signer = self.signer_for(req.manufacturer.as_deref())?;
+        let cert = self
+            .ca
+            .issue_by(signer.as_deref(), &csr.public_key, &identity, req.lifetime)?;
         let new = NewDevice {
             id: req.id.clone(),
             role: req.role,

@@ -166,26 +166,41 @@ pub fn spki_sha256_of(der: &[u8]) -> Result<String, Error> {
     Ok(spki_sha256(&cert))
 }
 
+/// The refusal to sign for a manufacturer whose CA is its own.
+fn no_key(name: &str) -> Error {
+    Error::InvalidInput {
+        reason: format!(
+            "manufacturer {name}'s CA is its own: fleetgate holds no key for it; its devices \
+             are signed at the factory and register on first connect"
+        ),
+    }
+}
+
 fn now_seconds() -> OffsetDateTime {
     let now = OffsetDateTime::now_utc();
     now.replace_nanosecond(0).unwrap_or(now)
 }
 
-/// One PEM or DER certificate.
+/// The DER of one PEM or DER certificate (parse it with [`parse_cert`]).
 fn one_cert(what: &str, bytes: &[u8]) -> Result<Vec<u8>, Error> {
-    let der = if bytes.starts_with(b"-----") || bytes.iter().take(64).all(u8::is_ascii) {
-        CertificateDer::from_pem_slice(bytes)
+    if bytes.starts_with(b"-----") || bytes.iter().take(64).all(u8::is_ascii) {
+        Ok(CertificateDer::from_pem_slice(bytes)
             .map_err(|e| Error::InvalidInput {
                 reason: format!("{what}: no PEM certificate in it: {e}"),
             })?
-            .to_vec()
+            .to_vec())
     } else {
-        bytes.to_vec()
-    };
-    X509Certificate::from_der(&der).map_err(|e| Error::InvalidInput {
-        reason: format!("{what}: does not parse as X.509: {e}"),
-    })?;
-    Ok(der)
+        Ok(bytes.to_vec())
+    }
+}
+
+/// A certificate the caller gave us: bad input if it does not parse.
+fn parse_cert<'a>(what: &str, der: &'a [u8]) -> Result<X509Certificate<'a>, Error> {
+    X509Certificate::from_der(der)
+        .map(|(_, c)| c)
+        .map_err(|e| Error::InvalidInput {
+            reason: format!("{what}: does not parse as X.509: {e}"),
+        })
 }
 
 impl Authority {
@@ -198,9 +213,7 @@ impl Authority {
         policy: JitPolicy,
         actor: &str,
     ) -> Result<(ManufacturerRecord, String), Error> {
-        if self.registry.manufacturer(name.as_str())?.is_some() {
-            return Err(Error::AlreadyExists { id: name.clone() });
-        }
+        self.ensure_no_manufacturer(name)?;
         let key = KeyPair::generate()?;
         let cert = self
             .ca
@@ -249,9 +262,7 @@ impl Authority {
     /// manufacturer signs a certificate with CN = the code using that CA's
     /// key, within [`CHALLENGE_LIFETIME`].
     pub fn manufacturer_challenge(&self, name: &DeviceId) -> Result<Challenge, Error> {
-        if self.registry.manufacturer(name.as_str())?.is_some() {
-            return Err(Error::AlreadyExists { id: name.clone() });
-        }
+        self.ensure_no_manufacturer(name)?;
         let mut bytes = [0u8; 16];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
             .map_err(|_| Error::Crypto("system random number generator failed".into()))?;
@@ -274,12 +285,9 @@ impl Authority {
         policy: JitPolicy,
         actor: &str,
     ) -> Result<ManufacturerRecord, Error> {
-        if self.registry.manufacturer(name.as_str())?.is_some() {
-            return Err(Error::AlreadyExists { id: name.clone() });
-        }
+        self.ensure_no_manufacturer(name)?;
         let ca_der = one_cert("CA certificate", ca_cert)?;
-        let (_, ca) =
-            X509Certificate::from_der(&ca_der).map_err(|e| Error::Certificate(e.to_string()))?;
+        let ca = parse_cert("CA certificate", &ca_der)?;
         if !ca.is_ca() {
             return Err(Error::InvalidInput {
                 reason: "the CA certificate is not a CA (basicConstraints cA is not set)".into(),
@@ -307,8 +315,7 @@ impl Authority {
             });
         };
         let v_der = one_cert("verification certificate", verification)?;
-        let (_, v) =
-            X509Certificate::from_der(&v_der).map_err(|e| Error::Certificate(e.to_string()))?;
+        let v = parse_cert("verification certificate", &v_der)?;
         // Checked (and spent) before the signature, so a challenge cannot be
         // guessed at by retrying.
         let challenge = self.registry.take_challenge(name.as_str())?;
@@ -322,12 +329,7 @@ impl Authority {
                 reason: "the challenge expired; ask for a new one".into(),
             });
         }
-        let cn = v
-            .subject()
-            .iter_common_name()
-            .next()
-            .and_then(|c| c.as_str().ok());
-        if cn != Some(challenge.code.as_str()) {
+        if ca::common_name(v.subject()) != Some(challenge.code.as_str()) {
             return Err(Error::ProofOfPossession {
                 reason: "the verification certificate's CN is not the challenge (the challenge \
                          is spent; ask for a new one)"
@@ -376,6 +378,14 @@ impl Authority {
         Ok(rec)
     }
 
+    /// `AlreadyExists` if there is a manufacturer called `name`.
+    fn ensure_no_manufacturer(&self, name: &DeviceId) -> Result<(), Error> {
+        match self.registry.manufacturer(name.as_str())? {
+            Some(_) => Err(Error::AlreadyExists { id: name.clone() }),
+            None => Ok(()),
+        }
+    }
+
     /// The manufacturer called `name`, or `ManufacturerNotFound`.
     pub fn known_manufacturer(&self, name: &str) -> Result<ManufacturerRecord, Error> {
         self.registry
@@ -385,24 +395,23 @@ impl Authority {
             })
     }
 
-    /// The signing CA of a manufacturer fleetgate issued.
-    pub fn manufacturer_signer(&self, name: &str) -> Result<Arc<Signer>, Error> {
-        let rec = self.known_manufacturer(name)?;
+    /// The signing CA of `rec`, if fleetgate issued it (and so holds its
+    /// key); `None` for a registered CA.
+    pub(crate) fn held_signer(
+        &self,
+        rec: &ManufacturerRecord,
+    ) -> Result<Option<Arc<Signer>>, Error> {
         if rec.kind != CaKind::Issued {
-            return Err(Error::InvalidInput {
-                reason: format!(
-                    "manufacturer {name}'s CA is its own: fleetgate holds no key for it; its \
-                     devices are signed at the factory and register on first connect"
-                ),
-            });
+            return Ok(None);
         }
+        let name = rec.name.as_str();
         let mut cache = self
             .signers
             .0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(s) = cache.get(name) {
-            return Ok(s.clone());
+            return Ok(Some(s.clone()));
         }
         let s = Arc::new(load_signer(
             &self.paths.manufacturer_cert(name),
@@ -411,11 +420,29 @@ impl Authority {
             Some(name.to_owned()),
         )?);
         cache.insert(name.to_owned(), s.clone());
-        Ok(s)
+        Ok(Some(s))
     }
 
-    /// The signer for new devices of `manufacturer` (or fleetgate's issuing
-    /// CA), refusing a revoked manufacturer.
+    /// The signing CA of a manufacturer fleetgate issued.
+    pub fn manufacturer_signer(&self, name: &str) -> Result<Arc<Signer>, Error> {
+        self.held_signer(&self.known_manufacturer(name)?)?
+            .ok_or_else(|| no_key(name))
+    }
+
+    /// Manufacturer `name`, refused if revoked.
+    fn active_manufacturer(&self, name: &str) -> Result<ManufacturerRecord, Error> {
+        let rec = self.known_manufacturer(name)?;
+        if rec.status == ManufacturerStatus::Revoked {
+            return Err(Error::ManufacturerRevoked {
+                name: name.to_owned(),
+            });
+        }
+        Ok(rec)
+    }
+
+    /// The signer for new devices of `manufacturer` (`None`: fleetgate's
+    /// issuing CA), refusing a revoked manufacturer and one whose key
+    /// fleetgate does not hold.
     pub(crate) fn signer_for(
         &self,
         manufacturer: Option<&str>,
@@ -423,13 +450,10 @@ impl Authority {
         let Some(name) = manufacturer else {
             return Ok(None);
         };
-        let rec = self.known_manufacturer(name)?;
-        if rec.status == ManufacturerStatus::Revoked {
-            return Err(Error::ManufacturerRevoked {
-                name: name.to_owned(),
-            });
-        }
-        Ok(Some(self.manufacturer_signer(name)?))
+        let rec = self.active_manufacturer(name)?;
+        self.held_signer(&rec)?
+            .ok_or_else(|| no_key(name))
+            .map(Some)
     }
 
     /// Signs many CSRs and registers their devices with one flush. Each
@@ -456,10 +480,9 @@ impl Authority {
                 role: Role::Device,
                 id: id.clone(),
             };
-            let cert = match &signer {
-                Some(s) => self.ca.issue_by(s, &csr.public_key, &identity, lifetime)?,
-                None => self.ca.issue_for_csr(&csr, &identity, lifetime)?,
-            };
+            let cert = self
+                .ca
+                .issue_by(signer.as_deref(), &csr.public_key, &identity, lifetime)?;
             Ok((
                 NewDevice {
                     id,
@@ -596,14 +619,14 @@ impl Authority {
             role: Role::Device,
             id: id.clone(),
         };
-        let cert = match self.signer_for(rec.manufacturer.as_deref()) {
-            Ok(Some(s)) => self.ca.issue_by(&s, &csr.public_key, &identity, lifetime)?,
-            // A registered manufacturer's CA cannot sign here: ours does.
-            Ok(None) | Err(Error::InvalidInput { .. }) => {
-                self.ca.issue_for_csr(&csr, &identity, lifetime)?
-            }
-            Err(e) => return Err(e),
+        // A registered manufacturer's CA cannot sign here: ours does.
+        let signer = match rec.manufacturer.as_deref() {
+            Some(m) => self.held_signer(&self.active_manufacturer(m)?)?,
+            None => None,
         };
+        let cert = self
+            .ca
+            .issue_by(signer.as_deref(), &csr.public_key, &identity, lifetime)?;
         let new = NewDevice {
             id: id.clone(),
             role: Role::Device,
