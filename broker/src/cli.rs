@@ -13,11 +13,13 @@ use provisioning::registry::Page;
 use provisioning::{AuditEntry, CertRecord, DeviceId, DeviceRecord, DeviceView, Role};
 use serde_json::json;
 
+use crate::api::manufacturers::{BatchReport, ClaimIssued, Created};
 use crate::api::Enrolled;
 use crate::client::ApiClient;
 use crate::mqtt::MqttConfig;
 use crate::serve::{self, ServeConfig, Server};
 use crate::{https, tls};
+use provisioning::manufacturer::{Challenge, ManufacturerRecord};
 
 /// Exit code for bad configuration (EX_USAGE).
 pub const EXIT_CONFIG: u8 = 64;
@@ -570,34 +572,24 @@ async fn client_cmd(cmd: Command) -> anyhow::Result<()> {
         }) => {
             let id = DeviceId::try_new(id)?;
             let (key, csr) = new_key_and_csr(KeyKind::EcdsaP256, id.as_str())?;
-            let issued: serde_json::Value = api
+            let issued: ClaimIssued = api
                 .client()?
                 .post(
                     "/v1/claims",
                     &json!({"id": id, "csr": csr, "uses": uses, "manufacturer": manufacturer}),
                 )
                 .await?;
-            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-            write_file(
-                &out.join(format!("{id}.key")),
-                key.serialize_pem().as_bytes(),
-                true,
-            )?;
-            write_file(
-                &out.join(format!("{id}.crt")),
-                issued["chain_pem"].as_str().unwrap_or_default().as_bytes(),
-                false,
-            )?;
-            write_file(
-                &out.join("ca.crt"),
-                issued["ca_pem"].as_str().unwrap_or_default().as_bytes(),
-                false,
+            let (crt, _) = write_credentials(
+                &out,
+                id.as_str(),
+                Some(&key.serialize_pem()),
+                &issued.chain_pem,
+                &issued.ca_pem,
             )?;
             outln!(
-                "claim {id}: {} uses, serial {}, certificate {}",
-                uses,
-                issued["serial"].as_str().unwrap_or("?"),
-                out.join(format!("{id}.crt")).display()
+                "claim {id}: {uses} uses, serial {}, certificate {}",
+                issued.serial,
+                crt.display()
             );
             Ok(())
         }
@@ -725,47 +717,36 @@ async fn manufacturer_cmd(cmd: ManufacturerCmd) -> anyhow::Result<()> {
             policy,
             api,
         } => {
-            let created: serde_json::Value = api
+            let created: Created = api
                 .client()?
                 .post(
                     "/v1/manufacturers",
                     &json!({"name": name, "policy": policy}),
                 )
                 .await?;
-            let m = &created["manufacturer"];
-            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-            let crt = out.join(format!("{name}.crt"));
-            let key = out.join(format!("{name}.key"));
-            write_file(
-                &key,
-                created["key_pem"].as_str().unwrap_or_default().as_bytes(),
-                true,
-            )?;
-            write_file(
-                &crt,
-                m["ca_pem"].as_str().unwrap_or_default().as_bytes(),
-                false,
-            )?;
-            write_file(
-                &out.join("ca.crt"),
-                created["ca_pem"].as_str().unwrap_or_default().as_bytes(),
-                false,
+            let m = &created.manufacturer;
+            let (crt, key) = write_credentials(
+                &out,
+                &name,
+                Some(&created.key_pem),
+                &m.ca_pem,
+                &created.ca_pem,
             )?;
             outln!(
                 "manufacturer {name}: CA serial {}, policy {policy}; certificate {}, key {} \
                  (hand it to the factory; keep it secret)",
-                m["serial"].as_str().unwrap_or("?"),
+                m.serial,
                 crt.display(),
                 key.display()
             );
             Ok(())
         }
         ManufacturerCmd::Challenge { name, api } => {
-            let c: serde_json::Value = api
+            let c: Challenge = api
                 .client()?
                 .post(&format!("/v1/manufacturers/{name}/challenge"), &json!({}))
                 .await?;
-            let code = c["code"].as_str().unwrap_or_default();
+            let code = &c.code;
             outln!("{code}");
             eprintln!(
                 "sign a certificate with CN={code} using the CA's key before {}, e.g.\n  \
@@ -773,7 +754,7 @@ async fn manufacturer_cmd(cmd: ManufacturerCmd) -> anyhow::Result<()> {
                  -keyout verify.key -subj /CN={code} -out verify.csr\n  \
                  openssl x509 -req -in verify.csr -CA ca.crt -CAkey ca.key -days 1 -out verify.crt\n\
                  then: fleetgate manufacturer register {name} --ca-cert ca.crt --verification-cert verify.crt",
-                c["expires_at"].as_str().unwrap_or("?")
+                rfc3339(c.expires_at)
             );
             Ok(())
         }
@@ -791,7 +772,7 @@ async fn manufacturer_cmd(cmd: ManufacturerCmd) -> anyhow::Result<()> {
                     std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))
                 })
                 .transpose()?;
-            let m: serde_json::Value = api
+            let m: ManufacturerRecord = api
                 .client()?
                 .post(
                     &format!("/v1/manufacturers/{name}/register"),
@@ -800,12 +781,12 @@ async fn manufacturer_cmd(cmd: ManufacturerCmd) -> anyhow::Result<()> {
                 .await?;
             outln!(
                 "manufacturer {name}: registered CA {} (policy {policy})",
-                m["subject"].as_str().unwrap_or("?")
+                m.subject
             );
             Ok(())
         }
         ManufacturerCmd::Revoke { name, reason, api } => {
-            let _: serde_json::Value = api
+            let _: ManufacturerRecord = api
                 .client()?
                 .post(
                     &format!("/v1/manufacturers/{name}/revoke"),
@@ -816,8 +797,7 @@ async fn manufacturer_cmd(cmd: ManufacturerCmd) -> anyhow::Result<()> {
             Ok(())
         }
         ManufacturerCmd::List { json, api } => {
-            let all: Vec<provisioning::manufacturer::ManufacturerRecord> =
-                api.client()?.get("/v1/manufacturers").await?;
+            let all: Vec<ManufacturerRecord> = api.client()?.get("/v1/manufacturers").await?;
             if json {
                 outln!("{}", serde_json::to_string_pretty(&all)?);
             } else {
@@ -886,31 +866,24 @@ async fn enroll_batch(
             };
             items.push(json!({"name": name, "id": id, "csr": csr}));
         }
-        let report: serde_json::Value = client
+        let report: BatchReport = client
             .post(
                 "/v1/devices/batch",
                 &json!({"manufacturer": manufacturer, "lifetime_days": lifetime_days, "items": items}),
             )
             .await?;
-        write_file(
-            &out.join("ca.crt"),
-            report["ca_pem"].as_str().unwrap_or_default().as_bytes(),
-            false,
-        )?;
-        for r in report["results"].as_array().into_iter().flatten() {
-            let name = r["name"].as_str().unwrap_or("?");
-            match (r["chain_pem"].as_str(), r["id"].as_str()) {
-                (Some(pem), Some(id)) => {
-                    write_file(&out.join(format!("{id}.crt")), pem.as_bytes(), false)?;
+        write_file(&out.join("ca.crt"), report.ca_pem.as_bytes(), false)?;
+        for r in report.results {
+            match (r.chain_pem, r.error) {
+                (Some(pem), _) => {
+                    write_file(&out.join(format!("{}.crt", r.id)), pem.as_bytes(), false)?;
                     issued += 1;
                 }
-                _ => {
+                (None, error) => {
                     failed += 1;
-                    eprintln!(
-                        "failed: {name}: {} ({})",
-                        r["error"]["message"].as_str().unwrap_or("?"),
-                        r["error"]["code"].as_str().unwrap_or("?")
-                    );
+                    let (message, code) =
+                        error.map_or(("?".into(), "?".into()), |e| (e.message, e.code));
+                    eprintln!("failed: {}: {message} ({code})", r.name);
                 }
             }
         }
@@ -962,20 +935,20 @@ async fn enroll(a: EnrollArgs, role: Role, rotate: bool) -> anyhow::Result<()> {
             )
             .await?
     };
-    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-    let out = |ext: &str| a.out.join(format!("{id}.{ext}"));
-    if let Some(key) = key {
-        write_file(&out("key"), key.serialize_pem().as_bytes(), true)?;
-    }
-    write_file(&out("crt"), enrolled.chain_pem.as_bytes(), false)?;
-    write_file(&a.out.join("ca.crt"), enrolled.ca_pem.as_bytes(), false)?;
+    let (crt, key_path) = write_credentials(
+        &a.out,
+        id.as_str(),
+        key.map(|k| k.serialize_pem()).as_deref(),
+        &enrolled.chain_pem,
+        &enrolled.ca_pem,
+    )?;
     outln!(
         "{} {role} {id}: serial {}, certificate {}{}",
         if rotate { "rotated" } else { "enrolled" },
         enrolled.serial,
-        show_path(&out("crt")),
+        crt.display(),
         if a.csr.is_none() {
-            format!(", key {}", show_path(&out("key")))
+            format!(", key {}", key_path.display())
         } else {
             String::new()
         }
@@ -983,8 +956,26 @@ async fn enroll(a: EnrollArgs, role: Role, rotate: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn show_path(p: &Path) -> String {
-    p.display().to_string()
+/// Writes `DIR/NAME.key` (0600, if given), `DIR/NAME.crt` and `DIR/ca.crt`,
+/// creating DIR; returns the certificate's and the key's paths.
+fn write_credentials(
+    dir: &Path,
+    name: &str,
+    key_pem: Option<&str>,
+    cert_pem: &str,
+    ca_pem: &str,
+) -> anyhow::Result<(PathBuf, PathBuf)> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let (crt, key) = (
+        dir.join(format!("{name}.crt")),
+        dir.join(format!("{name}.key")),
+    );
+    if let Some(pem) = key_pem {
+        write_file(&key, pem.as_bytes(), true)?;
+    }
+    write_file(&crt, cert_pem.as_bytes(), false)?;
+    write_file(&dir.join("ca.crt"), ca_pem.as_bytes(), false)?;
+    Ok((crt, key))
 }
 
 fn rfc3339(t: time::OffsetDateTime) -> String {

@@ -85,8 +85,7 @@ pub fn client_config(
 pub struct ServerTls {
     paths: provisioning::ca::Paths,
     root: CertificateDer<'static>,
-    registry_verifier: Arc<crate::mqtt::admission::RegistryVerifier>,
-    mqtt_verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    mqtt_verifier: Arc<crate::mqtt::admission::RegistryVerifier>,
     api: tokio::sync::watch::Sender<Arc<ServerConfig>>,
     mqtt: tokio::sync::watch::Sender<Arc<ServerConfig>>,
 }
@@ -97,30 +96,16 @@ impl ServerTls {
         metrics: Arc<crate::metrics::Metrics>,
         on_change: crate::mqtt::admission::OnChange,
     ) -> anyhow::Result<Self> {
-        // Trust the root, and the issuing CA directly so that clients which
-        // present only their leaf are still admitted.
-        let mut roots = RootCertStore::empty();
-        roots.add(auth.ca.root_der().clone()).context("root CA")?;
-        roots
-            .add(auth.ca.issuing_der().clone())
-            .context("issuing CA")?;
-        let verifier = Arc::new(
-            crate::mqtt::admission::RegistryVerifier::new(
-                Arc::new(roots),
-                auth.clone(),
-                metrics,
-                on_change,
-            )
-            .context("building the MQTT client verifier")?,
+        let mqtt_verifier = Arc::new(
+            crate::mqtt::admission::RegistryVerifier::new(auth.clone(), metrics, on_change)
+                .context("building the MQTT client verifier")?,
         );
         let paths = auth.paths.clone();
         let root = auth.ca.root_der().clone();
-        let mqtt_verifier: Arc<dyn rustls::server::danger::ClientCertVerifier> = verifier.clone();
         let (api, mqtt) = build(&paths, &root, &mqtt_verifier)?;
         Ok(Self {
             paths,
             root,
-            registry_verifier: verifier,
             mqtt_verifier,
             api: tokio::sync::watch::channel(api).0,
             mqtt: tokio::sync::watch::channel(mqtt).0,
@@ -138,7 +123,7 @@ impl ServerTls {
     /// Rebuilds the MQTT trust anchors after manufacturers changed; the next
     /// handshake sees them.
     pub fn reload_trust(&self) -> anyhow::Result<()> {
-        self.registry_verifier.reload()
+        self.mqtt_verifier.reload()
     }
 
     /// Rebuilds both configs from the files; on error the old ones stay.
@@ -154,7 +139,7 @@ impl ServerTls {
 fn build(
     paths: &provisioning::ca::Paths,
     root: &CertificateDer<'static>,
-    mqtt_verifier: &Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    mqtt_verifier: &Arc<crate::mqtt::admission::RegistryVerifier>,
 ) -> anyhow::Result<(Arc<ServerConfig>, Arc<ServerConfig>)> {
     let api = api_server_config(root, &paths.server_cert(), &paths.server_key())?;
     let mqtt = ServerConfig::builder()

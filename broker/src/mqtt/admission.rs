@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use provisioning::ca::{inspect_certificate, CertInfo};
-use provisioning::manufacturer::{jit_identity, ManufacturerStatus};
+use provisioning::manufacturer::{jit_identity, ManufacturerRecord, ManufacturerStatus};
 use provisioning::{Authority, DeviceId, Error, Identity, Role, Standing};
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
@@ -55,13 +55,16 @@ fn spki_hash(spki: &[u8]) -> [u8; 32] {
 
 impl RegistryVerifier {
     pub fn new(
-        roots: Arc<RootCertStore>,
         auth: Arc<Authority>,
         metrics: Arc<Metrics>,
         on_change: OnChange,
     ) -> anyhow::Result<Self> {
+        // For hints and handshake signatures only.
+        let mut roots = RootCertStore::empty();
+        roots.add(auth.ca.root_der().clone())?;
+        roots.add(auth.ca.issuing_der().clone())?;
         let v = Self {
-            webpki: WebPkiClientVerifier::builder(roots).build()?,
+            webpki: WebPkiClientVerifier::builder(Arc::new(roots)).build()?,
             auth,
             trust: RwLock::new(Arc::default()),
             metrics,
@@ -213,15 +216,21 @@ impl ClientCertVerifier for RegistryVerifier {
                 ),
             ));
         }
-        let identity = match &manufacturer {
-            Some(m) => self.manufacturer_identity(m, &info)?,
-            None => info.identity.clone().ok_or_else(|| {
-                self.refuse(
-                    Refusal::BadCertificate,
-                    CertificateError::BadEncoding,
-                    "certificate names no fleetgate identity",
-                )
-            })?,
+        let (identity, manufacturer) = match &manufacturer {
+            Some(m) => {
+                let (identity, rec) = self.manufacturer_identity(m, &info)?;
+                (identity, Some(rec))
+            }
+            None => {
+                let identity = info.identity.clone().ok_or_else(|| {
+                    self.refuse(
+                        Refusal::BadCertificate,
+                        CertificateError::BadEncoding,
+                        "certificate names no fleetgate identity",
+                    )
+                })?;
+                (identity, None)
+            }
         };
         if identity.role == Role::Admin {
             return Err(self.refuse(
@@ -251,8 +260,8 @@ impl ClientCertVerifier for RegistryVerifier {
                 .registry_lookups
                 .time(|| self.auth.registry.standing(&info.serial)),
         )?;
-        if let (None, Some(m)) = (&standing, &manufacturer) {
-            standing = Some(self.register_jit(m, &identity, &info, &detail)?);
+        if let (None, Some(rec)) = (&standing, &manufacturer) {
+            standing = Some(self.register_jit(rec, &identity, &info, &detail)?);
         }
         match standing {
             None => Err(self.refuse(
@@ -322,14 +331,14 @@ impl ClientCertVerifier for RegistryVerifier {
 }
 
 impl RegistryVerifier {
-    /// The identity a manufacturer's certificate names (a device only), its
-    /// manufacturer checked to be in good standing.
+    /// The identity a manufacturer's certificate names (a device only), and
+    /// the manufacturer, checked to be in good standing.
     fn manufacturer_identity(
         &self,
         m: &DeviceId,
         info: &CertInfo,
-    ) -> Result<Identity, rustls::Error> {
-        match self.auth.registry.manufacturer(m.as_str()) {
+    ) -> Result<(Identity, ManufacturerRecord), rustls::Error> {
+        let rec = match self.auth.registry.manufacturer(m.as_str()) {
             Ok(Some(rec)) if rec.status == ManufacturerStatus::Revoked => {
                 return Err(self.refuse(
                     Refusal::Revoked,
@@ -337,7 +346,7 @@ impl RegistryVerifier {
                     &format!("serial {}: manufacturer {m} is revoked", info.serial),
                 ))
             }
-            Ok(Some(_)) => {}
+            Ok(Some(rec)) => rec,
             Ok(None) | Err(_) => {
                 return Err(self.refuse(
                     Refusal::Internal,
@@ -345,7 +354,7 @@ impl RegistryVerifier {
                     &format!("manufacturer {m} is trusted but not in the registry"),
                 ))
             }
-        }
+        };
         let id = jit_identity(info).map_err(|e| {
             self.refuse(
                 Refusal::WrongIdentity,
@@ -353,16 +362,19 @@ impl RegistryVerifier {
                 &format!("serial {} of manufacturer {m}: {e}", info.serial),
             )
         })?;
-        Ok(Identity {
-            role: Role::Device,
-            id,
-        })
+        Ok((
+            Identity {
+                role: Role::Device,
+                id,
+            },
+            rec,
+        ))
     }
 
-    /// Registers a new device of manufacturer `m` on its first connect.
+    /// Registers a new device of manufacturer `rec` on its first connect.
     fn register_jit(
         &self,
-        m: &DeviceId,
+        rec: &ManufacturerRecord,
         identity: &Identity,
         info: &CertInfo,
         detail: &dyn Fn(&str) -> String,
@@ -375,50 +387,34 @@ impl RegistryVerifier {
                 &detail("just-in-time registration failed"),
             )
         };
-        let rec = self
-            .auth
-            .registry
-            .manufacturer(m.as_str())
-            .map_err(internal)?
-            .ok_or_else(|| {
-                internal(Error::ManufacturerNotFound {
-                    name: m.to_string(),
-                })
-            })?;
-        match self.auth.register_jit(&rec, &identity.id, info) {
-            Ok(_) => {}
-            // The same device connecting twice at once: the other
-            // connection registered this very certificate first.
-            Err(Error::AlreadyExists { .. })
-                if matches!(
-                    self.auth.registry.standing(&info.serial),
-                    Ok(Some((ref c, _))) if c.fingerprint == info.fingerprint
-                ) =>
-            {
-                return self
-                    .auth
-                    .registry
-                    .standing(&info.serial)
-                    .map_err(internal)?
-                    .ok_or_else(|| internal(Error::Storage("registered serial missing".into())));
-            }
-            Err(Error::AlreadyExists { .. }) => {
-                return Err(self.refuse(
-                    Refusal::WrongIdentity,
-                    CertificateError::BadEncoding,
-                    &detail("a device with this id is already registered with another certificate"),
-                ))
-            }
+        let registered = match self.auth.register_jit(rec, &identity.id, info) {
+            Ok(_) => true,
+            // The id is taken: by this very certificate if the same device
+            // connected twice at once, else by another.
+            Err(Error::AlreadyExists { .. }) => false,
             Err(e) => return Err(internal(e)),
+        };
+        if registered {
+            self.metrics
+                .jit_registrations
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            (self.on_change)();
         }
-        self.metrics
-            .jit_registrations
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        (self.on_change)();
-        self.auth
+        match self
+            .auth
             .registry
             .standing(&info.serial)
             .map_err(internal)?
-            .ok_or_else(|| internal(Error::Storage("just-registered serial missing".into())))
+        {
+            Some((c, s)) if c.fingerprint == info.fingerprint => Ok((c, s)),
+            _ if registered => Err(internal(Error::Storage(
+                "just-registered serial missing".into(),
+            ))),
+            _ => Err(self.refuse(
+                Refusal::WrongIdentity,
+                CertificateError::BadEncoding,
+                &detail("a device with this id is already registered with another certificate"),
+            )),
+        }
     }
 }

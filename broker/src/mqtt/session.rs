@@ -193,7 +193,11 @@ async fn session(
     // A router link; building it waits on the router thread. Claims never
     // reach the router: this session answers everything they may send.
     let (mut link_tx, mut link_rx, notification) = if claim {
-        (None, None, None)
+        let ack = ConnAck {
+            session_present: false,
+            code: ConnectReturnCode::Success,
+        };
+        (None, None, Some(Packet::ConnAck(ack, None)))
     } else {
         let Ok(slot) = shared.link_slots.acquire().await else {
             return Err(());
@@ -215,16 +219,6 @@ async fn session(
                 return Err(());
             }
         }
-    };
-    let notification = match notification {
-        None if claim => Some(Packet::ConnAck(
-            ConnAck {
-                session_present: false,
-                code: ConnectReturnCode::Success,
-            },
-            None,
-        )),
-        n => n,
     };
     let connack = match notification {
         Some(Packet::ConnAck(ack, props)) => {
