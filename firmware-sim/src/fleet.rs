@@ -14,13 +14,13 @@ use anyhow::{bail, Context};
 use broker::client::{ApiClient, ApiFailure};
 use indicatif::{ProgressBar, ProgressStyle};
 use provisioning::csr::{new_key_and_csr, KeyKind};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
+use rumqttc::{AsyncClient, Event, Packet, QoS};
 use rustls_pki_types::ServerName;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
-use crate::load::{percentile, Target};
+use crate::load::{mqtt_options, percentile, Target};
 use crate::wire;
 
 /// Where the fleet lives and what it talks to.
@@ -211,11 +211,7 @@ pub async fn device(
             _ => Duration::from_secs(365 * 86400),
         });
         tokio::pin!(renew_timer);
-        let mut opts = MqttOptions::new(&id, target.broker.ip().to_string(), target.broker.port());
-        opts.set_keep_alive(Duration::from_secs(30));
-        opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-            tls.clone(),
-        )));
+        let opts = mqtt_options(target.broker, &id, tls.clone());
         let (client, mut events) = AsyncClient::new(opts, 64);
         // Patient, like a real device in a crowd: a broker busy with a
         // connect storm answers late, and a client that gives up at the
@@ -954,11 +950,7 @@ pub fn check_dir(dir: &Path) -> anyhow::Result<()> {
 /// One churn cycle: a full handshake, CONNACK, one QoS 1 message
 /// acknowledged, DISCONNECT. `Ok` only if all of that happened.
 async fn churn_once(target: &Target, id: &str) -> anyhow::Result<()> {
-    let mut opts = MqttOptions::new(id, target.broker.ip().to_string(), target.broker.port());
-    opts.set_keep_alive(Duration::from_secs(30));
-    opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-        target.tls(id)?,
-    )));
+    let opts = mqtt_options(target.broker, id, target.tls(id)?);
     let (client, mut events) = AsyncClient::new(opts, 8);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
@@ -1179,15 +1171,7 @@ async fn provision_one(
     id: &str,
 ) -> anyhow::Result<Duration> {
     let (key, csr) = new_key_and_csr(KeyKind::EcdsaP256, id)?;
-    let mut opts = MqttOptions::new(
-        format!("boot-{id}"),
-        fleet.broker.ip().to_string(),
-        fleet.broker.port(),
-    );
-    opts.set_keep_alive(Duration::from_secs(30));
-    opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-        claim.clone(),
-    )));
+    let opts = mqtt_options(fleet.broker, format!("boot-{id}"), claim.clone());
     let (client, mut events) = AsyncClient::new(opts, 8);
     let t0 = Instant::now();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);

@@ -150,18 +150,27 @@ impl PublishReport {
     }
 }
 
+/// rumqttc options for `client_id` at `broker` over mutual TLS with `tls`,
+/// keep-alive 30 s: what every simulated client starts from.
+pub fn mqtt_options(
+    broker: SocketAddr,
+    client_id: impl Into<String>,
+    tls: Arc<ClientConfig>,
+) -> MqttOptions {
+    let mut opts = MqttOptions::new(client_id, broker.ip().to_string(), broker.port());
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
+    opts
+}
+
 fn mqtt_client(
     target: &Target,
     id: &str,
     inflight: u16,
 ) -> anyhow::Result<(AsyncClient, rumqttc::EventLoop)> {
-    let mut opts = MqttOptions::new(id, target.broker.ip().to_string(), target.broker.port());
-    opts.set_keep_alive(Duration::from_secs(30));
+    let mut opts = mqtt_options(target.broker, id, target.tls(id)?);
     opts.set_inflight(inflight);
     opts.set_max_packet_size(1 << 20, 1 << 20);
-    opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-        target.tls(id)?,
-    )));
     Ok(AsyncClient::new(opts, 1024))
 }
 
