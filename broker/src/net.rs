@@ -42,7 +42,7 @@ pub struct Acceptor {
     backoff: Duration,
     limiter: Option<RateLimiter>,
     metrics: Option<Arc<Metrics>>,
-    last_cap_warning: Option<Instant>,
+    cap_warning: LogThrottle,
 }
 
 /// An accepted connection; the permit frees its slot when dropped.
@@ -57,6 +57,22 @@ const MIN_BACKOFF: Duration = Duration::from_millis(5);
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// At most one log line per this long for each kind of refusal.
 const WARN_EVERY: Duration = Duration::from_secs(1);
+
+/// Says when a repeated refusal may be logged again: at most once per
+/// [`WARN_EVERY`].
+#[derive(Debug, Default)]
+pub struct LogThrottle(Option<Instant>);
+
+impl LogThrottle {
+    /// Whether to log now; if so, the next is a while off.
+    pub fn ready(&mut self, now: Instant) -> bool {
+        let ready = self.0.is_none_or(|t| now.duration_since(t) >= WARN_EVERY);
+        if ready {
+            self.0 = Some(now);
+        }
+        ready
+    }
+}
 
 impl Acceptor {
     pub fn new(
@@ -74,7 +90,7 @@ impl Acceptor {
             backoff: MIN_BACKOFF,
             limiter: limits.per_ip.map(RateLimiter::new),
             metrics,
-            last_cap_warning: None,
+            cap_warning: LogThrottle::default(),
         }
     }
 
@@ -124,11 +140,7 @@ impl Acceptor {
             }
             let Ok(permit) = self.permits.clone().try_acquire_owned() else {
                 self.refused(Refusal::Overloaded);
-                if self
-                    .last_cap_warning
-                    .is_none_or(|t| now.duration_since(t) >= WARN_EVERY)
-                {
-                    self.last_cap_warning = Some(now);
+                if self.cap_warning.ready(now) {
                     tracing::warn!(listener = self.name, max_connections = self.max, peer.addr = %addr, reason = "overloaded", "refused: connection cap reached; closing new connections");
                 }
                 drop(tcp);
@@ -162,7 +174,7 @@ pub struct RateLimiter {
 struct Bucket {
     tokens: f64,
     at: Instant,
-    warned: Option<Instant>,
+    warned: LogThrottle,
 }
 
 /// Addresses tracked at most; past this the map is pruned of full buckets
@@ -190,7 +202,7 @@ impl RateLimiter {
         let b = self.buckets.entry(ip).or_insert(Bucket {
             tokens: rate.burst,
             at: now,
-            warned: None,
+            warned: LogThrottle::default(),
         });
         let elapsed = now.duration_since(b.at).as_secs_f64();
         b.tokens = (b.tokens + elapsed * rate.per_second).min(rate.burst);
@@ -199,11 +211,9 @@ impl RateLimiter {
             b.tokens -= 1.0;
             return Verdict::Allow;
         }
-        let warn = b.warned.is_none_or(|t| now.duration_since(t) >= WARN_EVERY);
-        if warn {
-            b.warned = Some(now);
+        Verdict::Deny {
+            warn: b.warned.ready(now),
         }
-        Verdict::Deny { warn }
     }
 
     /// Forgets addresses whose buckets have refilled: they behave as new.

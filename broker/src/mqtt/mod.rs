@@ -343,17 +343,13 @@ impl Broker {
             Some(self.shared.metrics.clone()),
         );
         let handshakes = Arc::new(tokio::sync::Semaphore::new(cfg.max_handshakes.max(1)));
-        let mut last_handshake_warning: Option<std::time::Instant> = None;
+        let mut handshake_warning = crate::net::LogThrottle::default();
         let mut tasks = tokio::task::JoinSet::new();
         while let Some(Accepted { tcp, addr, permit }) = incoming.next(&mut shutdown).await {
             // Handshakes cost CPU: a flood of them is cut here, before any.
             let Ok(handshake) = handshakes.clone().try_acquire_owned() else {
                 self.shared.metrics.refused(Refusal::Overloaded);
-                let now = std::time::Instant::now();
-                if last_handshake_warning
-                    .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
-                {
-                    last_handshake_warning = Some(now);
+                if handshake_warning.ready(std::time::Instant::now()) {
                     tracing::warn!(peer.addr = %addr, max_handshakes = cfg.max_handshakes, reason = "overloaded", "mqtt: refused: too many TLS handshakes in flight; closing");
                 }
                 continue;
