@@ -224,8 +224,9 @@ async fn manufacturer_devices_register_just_in_time_and_fall_with_their_manufact
         1
     );
 
-    // A new device connecting twice at once registers once and gets in
-    // both times (the second connection takes the session over).
+    // A new device connecting twice at once registers once; both pass the
+    // handshake. One may then lose the takeover race in rumqttd's router
+    // before its CONNACK (it is closed, as taken over); neither is refused.
     let (chain, key) = acme.issue(&Spec::device("twin"));
     let root = std::fs::read(server.data_dir.join("ca.crt")).unwrap();
     let config = pki::client_config(&root, Some((&chain, &key)));
@@ -236,10 +237,22 @@ async fn manufacturer_devices_register_just_in_time_and_fall_with_their_manufact
         tests::mqtt::probe(server.mqtt, config.clone(), &connect),
         tests::mqtt::probe(server.mqtt, config.clone(), &connect)
     );
-    for r in [a, b] {
-        let r = r.unwrap();
-        assert_eq!(&r[..4], &[0x20, 0x02, 0x00, 0x00], "{r:?}");
+    let (a, b) = (a.unwrap(), b.unwrap());
+    let admitted = [&a, &b]
+        .iter()
+        .filter(|r| r.starts_with(&[0x20, 0x02, 0x00, 0x00]))
+        .count();
+    for r in [&a, &b] {
+        assert!(
+            r.starts_with(&[0x20, 0x02, 0x00, 0x00]) || r.is_empty(),
+            "refused: {r:?}"
+        );
     }
+    assert!(admitted >= 1, "{a:?} {b:?}");
+    assert!(!server
+        .log()
+        .iter()
+        .any(|l| l.contains("twin") && (l.contains("refused") || l.contains("router refused"))));
     assert_eq!(
         audit_actions(&server)
             .iter()

@@ -90,7 +90,7 @@ impl Kick {
 /// Makes a router link for a client id. (The router's sender type names a
 /// private rumqttd type, so it is captured here rather than stored.)
 type LinkFactory =
-    Arc<dyn Fn(&str, bool) -> Result<(LinkTx, LinkRx, Notification), String> + Send + Sync>;
+    Arc<dyn Fn(&str, bool) -> Result<(LinkTx, LinkRx, Notification), Box<LinkError>> + Send + Sync>;
 
 /// What every session shares.
 pub(crate) struct Shared {
@@ -268,7 +268,7 @@ impl Broker {
                 .clean_session(clean)
                 .topic_alias_max(0)
                 .build()
-                .map_err(|e: LinkError| e.to_string())
+                .map_err(Box::new)
         });
         Self {
             shared: Arc::new(Shared {

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use provisioning::{Authority, DeviceId, Identity, Role, Serial, Standing};
-use rumqttd::local::{LinkRx, LinkTx};
+use rumqttd::local::{LinkError, LinkRx, LinkTx};
 use rumqttd::protocol::{
     ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode, LastWill,
     Packet, PingResp, PubAck, PubAckReason, Publish, PublishProperties, SubAck,
@@ -209,6 +209,18 @@ async fn session(
         drop(slot);
         match link {
             Ok(Ok((tx, rx, n))) => (Some(tx), Some(rx), Option::<Packet>::from(n)),
+            // The router dropped the link before its CONNACK: a newer
+            // connection with the same client id took it over meanwhile.
+            // That is a takeover, not a refusal of this client.
+            Ok(Err(e)) if matches!(*e, LinkError::Recv(_)) => {
+                shared
+                    .metrics
+                    .taken_over
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::info!("mqtt: taken over by a newer connection while connecting");
+                let _ = tokio::time::timeout(Duration::from_secs(1), s.stream.shutdown()).await;
+                return Err(());
+            }
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "mqtt: router refused the link");
                 s.refuse_connect().await;
