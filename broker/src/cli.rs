@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use provisioning::ca::{write_file, Paths};
-use provisioning::csr::{new_key_and_csr, KeyKind};
+use provisioning::csr::{new_key_and_csr, private_key_pem, KeyKind};
 use provisioning::registry::Page;
 use provisioning::{AuditEntry, CertRecord, DeviceId, DeviceRecord, DeviceView, Role};
 use serde_json::json;
@@ -18,7 +18,7 @@ use crate::api::Enrolled;
 use crate::client::ApiClient;
 use crate::mqtt::MqttConfig;
 use crate::serve::{self, ServeConfig, Server};
-use crate::{https, tls};
+use crate::{https, printable, tls};
 use provisioning::manufacturer::{Challenge, ManufacturerRecord};
 
 /// Exit code for bad configuration (EX_USAGE).
@@ -130,6 +130,33 @@ struct ServeArgs {
     /// Burst allowed above --connect-rate-per-ip.
     #[arg(long, default_value_t = 200.0)]
     connect_burst_per_ip: f64,
+    /// Most concurrent connections on each HTTP listener (admin API,
+    /// OCSP/CRL, metrics). At the cap, a new connection evicts the oldest
+    /// one with no request in flight.
+    #[arg(long, default_value_t = 1024)]
+    http_max_connections: usize,
+    /// Most connections one IP address may hold open on each HTTP listener.
+    #[arg(long, default_value_t = 64)]
+    http_max_per_ip: usize,
+    /// New HTTP connections per second from one IP address (0: no limit;
+    /// the burst is twice this).
+    #[arg(long, default_value_t = 50.0)]
+    http_rate_per_ip: f64,
+    /// Devices one manufacturer may register just in time per second
+    /// (0: no limit). Its total is capped by its quota.
+    #[arg(long, default_value_t = 20.0)]
+    jit_rate: f64,
+    /// Burst allowed above --jit-rate.
+    #[arg(long, default_value_t = 100.0)]
+    jit_burst: f64,
+    /// OCSP requests over MQTT answered per second per session (the burst
+    /// is five times this); more are dropped and counted.
+    #[arg(long, default_value_t = 1.0)]
+    mqtt_ocsp_rate: f64,
+    /// Seconds between upkeep runs (server and OCSP signing certificate
+    /// renewal). For tests.
+    #[arg(long, default_value_t = 6 * 3600, hide = true, value_parser = clap::value_parser!(u64).range(1..))]
+    upkeep_interval_secs: u64,
 }
 
 #[derive(Args, Debug)]
@@ -276,7 +303,27 @@ enum DeviceCmd {
         #[command(flatten)]
         api: ApiArgs,
     },
-    /// Revoke one certificate by serial (hex); the device keeps its others.
+    /// Revoke many devices in one call and one durable write (a
+    /// compromised production lot): the ids in --file (one per line), or
+    /// a manufacturer's devices, optionally only those with a certificate
+    /// issued within --issued-after .. --issued-before (RFC 3339).
+    RevokeBatch {
+        #[arg(long, conflicts_with_all = ["manufacturer", "issued_after", "issued_before"])]
+        file: Option<PathBuf>,
+        #[arg(long)]
+        manufacturer: Option<String>,
+        #[arg(long)]
+        issued_after: Option<String>,
+        #[arg(long)]
+        issued_before: Option<String>,
+        #[arg(long, default_value = "key-compromise")]
+        reason: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Revoke one certificate by serial (hex), or by its key
+    /// (`SERIAL:SCOPE`, as `device show --json` lists it) when two issuers
+    /// used the serial; the device keeps its others.
     RevokeCert {
         serial: String,
         #[arg(long, default_value = "unspecified")]
@@ -297,6 +344,16 @@ enum ManufacturerCmd {
         /// Just-in-time registration: auto-activate or pending.
         #[arg(long, default_value = "auto-activate")]
         policy: String,
+        /// Devices it may register just in time (default 100,000).
+        #[arg(long)]
+        jit_quota: Option<u64>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Set how many devices NAME may register just in time, in all.
+    Quota {
+        name: String,
+        jit_quota: u64,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -412,8 +469,15 @@ async fn serve_cmd(args: ServeArgs) -> ExitCode {
         cert_lifetime: time::Duration::days(args.cert_lifetime_days.into()),
         limits: https::Limits {
             handshake_timeout: std::time::Duration::from_secs(args.handshake_timeout_secs),
+            max_connections: args.http_max_connections.max(1),
+            max_per_ip: args.http_max_per_ip.max(1),
+            rate_per_ip: (args.http_rate_per_ip > 0.0).then_some(crate::net::Rate {
+                per_second: args.http_rate_per_ip,
+                burst: (args.http_rate_per_ip * 2.0).max(1.0),
+            }),
             ..https::Limits::default()
         },
+        upkeep_interval: std::time::Duration::from_secs(args.upkeep_interval_secs),
         mqtt: MqttConfig {
             max_connections: args.max_connections.max(1),
             max_handshakes: args.max_handshakes.max(1),
@@ -423,6 +487,14 @@ async fn serve_cmd(args: ServeArgs) -> ExitCode {
                 burst: args.connect_burst_per_ip.max(1.0),
             }),
             max_packet_size: args.max_packet_size.clamp(64, 256 * 1024 * 1024),
+            jit_rate: (args.jit_rate > 0.0).then_some(crate::net::Rate {
+                per_second: args.jit_rate,
+                burst: args.jit_burst.max(1.0),
+            }),
+            ocsp_rate: crate::net::Rate {
+                per_second: args.mqtt_ocsp_rate.max(0.001),
+                burst: (args.mqtt_ocsp_rate * 5.0).max(1.0),
+            },
             ..MqttConfig::default()
         },
     };
@@ -571,6 +643,7 @@ async fn client_cmd(cmd: Command) -> anyhow::Result<()> {
             api,
         }) => {
             let id = DeviceId::try_new(id)?;
+            check_out_name(id.as_str())?;
             let (key, csr) = new_key_and_csr(KeyKind::EcdsaP256, id.as_str())?;
             let issued: ClaimIssued = api
                 .client()?
@@ -582,7 +655,7 @@ async fn client_cmd(cmd: Command) -> anyhow::Result<()> {
             let (crt, _) = write_credentials(
                 &out,
                 id.as_str(),
-                Some(&key.serialize_pem()),
+                Some(&private_key_pem(&key)),
                 &issued.chain_pem,
                 &issued.ca_pem,
             )?;
@@ -605,12 +678,64 @@ async fn client_cmd(cmd: Command) -> anyhow::Result<()> {
             outln!("{} is {} ({reason})", v.id, v.status);
             Ok(())
         }
+        Command::Device(DeviceCmd::RevokeBatch {
+            file,
+            manufacturer,
+            issued_after,
+            issued_before,
+            reason,
+            api,
+        }) => {
+            let ids = match &file {
+                Some(f) => Some(
+                    std::fs::read_to_string(f)
+                        .with_context(|| format!("reading {}", f.display()))?
+                        .lines()
+                        .map(str::trim)
+                        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                        .map(str::to_owned)
+                        .collect::<Vec<_>>(),
+                ),
+                None => None,
+            };
+            let body = crate::api::RevokeBatchBody {
+                ids,
+                manufacturer,
+                issued_after,
+                issued_before,
+                reason: Some(reason.clone()),
+            };
+            let started = std::time::Instant::now();
+            let out: provisioning::BulkRevocation = api
+                .client()?
+                .post("/v1/devices/revoke-batch", &body)
+                .await?;
+            outln!(
+                "revoked {} devices ({reason}) in {:.0} ms; {} already revoked, {} not found",
+                out.revoked.len(),
+                started.elapsed().as_secs_f64() * 1000.0,
+                out.already_revoked.len(),
+                out.not_found.len()
+            );
+            for id in &out.not_found {
+                eprintln!("not found: {id}");
+            }
+            Ok(())
+        }
         Command::Device(DeviceCmd::RevokeCert {
             serial,
             reason,
             api,
         }) => {
-            let serial: provisioning::Serial = serial.parse()?;
+            // A serial, or a certificate key (serial:scope).
+            match serial.split_once(':') {
+                Some(_) => {
+                    serial.parse::<provisioning::CertKey>()?;
+                }
+                None => {
+                    serial.parse::<provisioning::Serial>()?;
+                }
+            }
             let c: CertRecord = api
                 .client()?
                 .post(
@@ -715,13 +840,15 @@ async fn manufacturer_cmd(cmd: ManufacturerCmd) -> anyhow::Result<()> {
             name,
             out,
             policy,
+            jit_quota,
             api,
         } => {
+            check_out_name(&name)?;
             let created: Created = api
                 .client()?
                 .post(
                     "/v1/manufacturers",
-                    &json!({"name": name, "policy": policy}),
+                    &json!({"name": name, "policy": policy, "jit_quota": jit_quota}),
                 )
                 .await?;
             let m = &created.manufacturer;
@@ -738,6 +865,25 @@ async fn manufacturer_cmd(cmd: ManufacturerCmd) -> anyhow::Result<()> {
                 m.serial,
                 crt.display(),
                 key.display()
+            );
+            Ok(())
+        }
+        ManufacturerCmd::Quota {
+            name,
+            jit_quota,
+            api,
+        } => {
+            let m: ManufacturerRecord = api
+                .client()?
+                .post(
+                    &format!("/v1/manufacturers/{name}/quota"),
+                    &json!({ "jit_quota": jit_quota }),
+                )
+                .await?;
+            outln!(
+                "manufacturer {name}: just-in-time quota {} ({} registered)",
+                m.jit_quota(),
+                m.jit_registered
             );
             Ok(())
         }
@@ -781,7 +927,7 @@ async fn manufacturer_cmd(cmd: ManufacturerCmd) -> anyhow::Result<()> {
                 .await?;
             outln!(
                 "manufacturer {name}: registered CA {} (policy {policy})",
-                m.subject
+                printable(&m.subject)
             );
             Ok(())
         }
@@ -815,7 +961,7 @@ async fn manufacturer_cmd(cmd: ManufacturerCmd) -> anyhow::Result<()> {
                         format!("{:?}", m.kind).to_lowercase(),
                         format!("{:?}", m.status).to_lowercase(),
                         m.policy,
-                        m.subject
+                        printable(&m.subject)
                     );
                 }
             }
@@ -900,8 +1046,21 @@ async fn enroll_batch(
     Ok(())
 }
 
+/// Output directories hold `ca.crt` (the root) beside `<id>.crt`: an id
+/// named `ca` would overwrite one with the other.
+fn check_out_name(id: &str) -> anyhow::Result<()> {
+    if id == "ca" {
+        anyhow::bail!(
+            "the id \"ca\" would overwrite ca.crt (the root CA) in the output directory; \
+             choose another id"
+        );
+    }
+    Ok(())
+}
+
 async fn enroll(a: EnrollArgs, role: Role, rotate: bool) -> anyhow::Result<()> {
     let id = DeviceId::try_new(a.id)?;
+    check_out_name(id.as_str())?;
     let (key, csr) = match &a.csr {
         Some(path) => (
             None,
@@ -935,10 +1094,15 @@ async fn enroll(a: EnrollArgs, role: Role, rotate: bool) -> anyhow::Result<()> {
             )
             .await?
     };
+    if rotate {
+        // The old certificate stays valid until revoked or expired: keep it
+        // (and its key) beside the new one.
+        keep_previous(&a.out, id.as_str())?;
+    }
     let (crt, key_path) = write_credentials(
         &a.out,
         id.as_str(),
-        key.map(|k| k.serialize_pem()).as_deref(),
+        key.as_ref().map(private_key_pem).as_deref(),
         &enrolled.chain_pem,
         &enrolled.ca_pem,
     )?;
@@ -953,6 +1117,31 @@ async fn enroll(a: EnrollArgs, role: Role, rotate: bool) -> anyhow::Result<()> {
             String::new()
         }
     );
+    Ok(())
+}
+
+/// Renames `DIR/NAME.crt` and `DIR/NAME.key`, if there, to
+/// `NAME.<serial>.crt` and `.key`, so that writing new ones keeps them.
+fn keep_previous(dir: &Path, name: &str) -> anyhow::Result<()> {
+    let crt = dir.join(format!("{name}.crt"));
+    let Ok(pem) = std::fs::read(&crt) else {
+        return Ok(());
+    };
+    let serial = tls::load_certs(&crt)
+        .ok()
+        .and_then(|c| c.first().cloned())
+        .and_then(|c| provisioning::ca::inspect_certificate(&c).ok())
+        .map(|i| i.serial.to_hex())
+        .unwrap_or_else(|| format!("{:x}", pem.len()));
+    for ext in ["crt", "key"] {
+        let from = dir.join(format!("{name}.{ext}"));
+        let to = dir.join(format!("{name}.{serial}.{ext}"));
+        if from.exists() {
+            std::fs::rename(&from, &to)
+                .with_context(|| format!("keeping {} as {}", from.display(), to.display()))?;
+            eprintln!("kept the previous {} as {}", from.display(), to.display());
+        }
+    }
     Ok(())
 }
 
@@ -1012,6 +1201,6 @@ fn print_device(v: &DeviceView) {
             rfc3339(r.not_after)
         );
         outln!("    sha256  {}", r.fingerprint);
-        outln!("    issuer  {}", r.issuer);
+        outln!("    issuer  {}", printable(&r.issuer));
     }
 }

@@ -11,3 +11,48 @@ pub mod net;
 pub mod serve;
 pub mod status;
 pub mod tls;
+
+/// Text from outside (a client id, a topic, a certificate's subject) made
+/// safe for a log line or an operator's terminal: control characters
+/// (newlines, ESC sequences) and backslashes are escaped, the rest is as is.
+pub fn printable(s: &str) -> Printable<'_> {
+    Printable(s)
+}
+
+/// See [`printable`].
+#[derive(Debug, Clone, Copy)]
+pub struct Printable<'a>(&'a str);
+
+impl std::fmt::Display for Printable<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use std::fmt::Write;
+        for c in self.0.chars() {
+            if c.is_control() || c == '\\' {
+                for e in c.escape_default() {
+                    f.write_char(e)?;
+                }
+            } else {
+                f.write_char(c)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn printable_escapes_controls() {
+        for (raw, shown) in [
+            ("dev-1", "dev-1"),
+            ("a\nb", "a\\nb"),
+            ("\u{1b}[31mred", "\\u{1b}[31mred"),
+            ("back\\slash", "back\\\\slash"),
+            ("tab\there", "tab\\there"),
+            ("é", "é"),
+            ("\u{7f}\u{9b}", "\\u{7f}\\u{9b}"),
+        ] {
+            assert_eq!(super::printable(raw).to_string(), shown, "{raw:?}");
+        }
+    }
+}

@@ -25,10 +25,12 @@ pub enum Refusal {
     Pending,
     RateLimited,
     Overloaded,
+    JitRateLimited,
+    JitQuotaExceeded,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 17] = [
+    pub const ALL: [Refusal; 19] = [
         Self::NoCertificate,
         Self::UnknownCa,
         Self::Expired,
@@ -46,6 +48,8 @@ impl Refusal {
         Self::Pending,
         Self::RateLimited,
         Self::Overloaded,
+        Self::JitRateLimited,
+        Self::JitQuotaExceeded,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -67,6 +71,8 @@ impl Refusal {
             Self::Pending => "pending_approval",
             Self::RateLimited => "rate_limited",
             Self::Overloaded => "overloaded",
+            Self::JitRateLimited => "jit_rate_limited",
+            Self::JitQuotaExceeded => "jit_quota_exceeded",
         }
     }
 }

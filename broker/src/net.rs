@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
@@ -24,6 +24,8 @@ pub struct AcceptLimits {
     /// New connections per second from one IP address (token bucket);
     /// `None` for no limit.
     pub per_ip: Option<Rate>,
+    /// Connections open at once from one IP address; `None` for no limit.
+    pub max_per_ip: Option<usize>,
 }
 
 /// A token bucket's refill rate and depth.
@@ -40,9 +42,12 @@ pub struct Acceptor {
     permits: Arc<Semaphore>,
     max: usize,
     backoff: Duration,
-    limiter: Option<RateLimiter>,
+    limiter: Option<RateLimiter<IpAddr>>,
+    max_per_ip: Option<usize>,
+    open_per_ip: OpenPerIp,
     metrics: Option<Arc<Metrics>>,
     cap_warning: LogThrottle,
+    per_ip_warning: LogThrottle,
 }
 
 /// An accepted connection; the permit frees its slot when dropped.
@@ -50,7 +55,33 @@ pub struct Acceptor {
 pub struct Accepted {
     pub tcp: TcpStream,
     pub addr: SocketAddr,
-    pub permit: OwnedSemaphorePermit,
+    pub permit: Permit,
+}
+
+/// Connections open per address.
+type OpenPerIp = Arc<Mutex<HashMap<IpAddr, usize>>>;
+
+/// A connection's slots: in the cap, and in its address's count.
+#[derive(Debug)]
+pub struct Permit {
+    _cap: Option<OwnedSemaphorePermit>,
+    ip: Option<(IpAddr, OpenPerIp)>,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if let Some((ip, open)) = self.ip.take() {
+            let mut open = open
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(n) = open.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    open.remove(&ip);
+                }
+            }
+        }
+    }
 }
 
 const MIN_BACKOFF: Duration = Duration::from_millis(5);
@@ -89,9 +120,19 @@ impl Acceptor {
             max,
             backoff: MIN_BACKOFF,
             limiter: limits.per_ip.map(RateLimiter::new),
+            max_per_ip: limits.max_per_ip,
+            open_per_ip: Arc::default(),
             metrics,
             cap_warning: LogThrottle::default(),
+            per_ip_warning: LogThrottle::default(),
         }
+    }
+
+    /// Without a cap of its own: the caller applies one (evicting idle
+    /// connections when it is reached).
+    pub fn uncapped(mut self) -> Self {
+        self.max = usize::MAX;
+        self
     }
 
     fn refused(&self, r: Refusal) {
@@ -138,16 +179,54 @@ impl Acceptor {
                     }
                 }
             }
-            let Ok(permit) = self.permits.clone().try_acquire_owned() else {
-                self.refused(Refusal::Overloaded);
-                if self.cap_warning.ready(now) {
-                    tracing::warn!(listener = self.name, max_connections = self.max, peer.addr = %addr, reason = "overloaded", "refused: connection cap reached; closing new connections");
+            let ip_slot = match self.max_per_ip {
+                None => None,
+                Some(max) => {
+                    let mut open = self
+                        .open_per_ip
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    let n = open.entry(addr.ip()).or_insert(0);
+                    if *n >= max {
+                        drop(open);
+                        self.refused(Refusal::Overloaded);
+                        if self.per_ip_warning.ready(now) {
+                            tracing::warn!(listener = self.name, peer.ip = %addr.ip(), max_per_ip = max, reason = "overloaded", "refused: too many connections open from this address; closing");
+                        }
+                        drop(tcp);
+                        continue;
+                    }
+                    *n += 1;
+                    Some((addr.ip(), self.open_per_ip.clone()))
                 }
-                drop(tcp);
-                continue;
+            };
+            let cap = if self.max == usize::MAX {
+                None
+            } else {
+                let Ok(p) = self.permits.clone().try_acquire_owned() else {
+                    self.refused(Refusal::Overloaded);
+                    if self.cap_warning.ready(now) {
+                        tracing::warn!(listener = self.name, max_connections = self.max, peer.addr = %addr, reason = "overloaded", "refused: connection cap reached; closing new connections");
+                    }
+                    // The address's slot is freed with this.
+                    drop(Permit {
+                        _cap: None,
+                        ip: ip_slot,
+                    });
+                    drop(tcp);
+                    continue;
+                };
+                Some(p)
             };
             let _ = tcp.set_nodelay(true);
-            return Some(Accepted { tcp, addr, permit });
+            return Some(Accepted {
+                tcp,
+                addr,
+                permit: Permit {
+                    _cap: cap,
+                    ip: ip_slot,
+                },
+            });
         }
     }
 }
@@ -162,11 +241,12 @@ pub enum Verdict {
     },
 }
 
-/// A token bucket per source address. Sans-IO: the caller passes the time.
+/// A token bucket per key (a source address, a manufacturer). Sans-IO: the
+/// caller passes the time.
 #[derive(Debug)]
-pub struct RateLimiter {
+pub struct RateLimiter<K> {
     rate: Rate,
-    buckets: HashMap<IpAddr, Bucket>,
+    buckets: HashMap<K, Bucket>,
     last_prune: Option<Instant>,
 }
 
@@ -181,7 +261,7 @@ struct Bucket {
 /// first, and cleared if that is not enough (failing open, not out of memory).
 const MAX_TRACKED: usize = 100_000;
 
-impl RateLimiter {
+impl<K: std::hash::Hash + Eq> RateLimiter<K> {
     pub fn new(rate: Rate) -> Self {
         Self {
             rate,
@@ -190,7 +270,7 @@ impl RateLimiter {
         }
     }
 
-    pub fn check(&mut self, ip: IpAddr, now: Instant) -> Verdict {
+    pub fn check(&mut self, key: K, now: Instant) -> Verdict {
         if self
             .last_prune
             .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(10))
@@ -199,7 +279,7 @@ impl RateLimiter {
             self.prune(now);
         }
         let rate = self.rate;
-        let b = self.buckets.entry(ip).or_insert(Bucket {
+        let b = self.buckets.entry(key).or_insert(Bucket {
             tokens: rate.burst,
             at: now,
             warned: LogThrottle::default(),

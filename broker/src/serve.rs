@@ -17,9 +17,6 @@ use crate::mqtt::{Broker, MqttConfig};
 use crate::status::{self, StatusService};
 use crate::tls::ServerTls;
 
-/// How often the server certificate's expiry is checked.
-const RENEW_CHECK: Duration = Duration::from_secs(6 * 3600);
-
 #[derive(Clone, Debug)]
 pub struct ServeConfig {
     pub data_dir: PathBuf,
@@ -35,6 +32,8 @@ pub struct ServeConfig {
     pub cert_lifetime: time::Duration,
     pub limits: https::Limits,
     pub mqtt: MqttConfig,
+    /// How often the upkeep renews what is about to expire.
+    pub upkeep_interval: Duration,
 }
 
 /// A server whose listeners are bound and whose data dir is open.
@@ -129,16 +128,13 @@ impl Server {
     /// Serves until `shutdown` turns true, then drains and flushes.
     pub async fn run(self, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
         let metrics = self.metrics.clone();
-        let on_change: crate::mqtt::admission::OnChange = {
-            let status = self.status.clone();
-            Arc::new(move || status.invalidate())
-        };
-        let tls = Arc::new(ServerTls::load(&self.auth, metrics.clone(), on_change)?);
+        let tls = Arc::new(ServerTls::load(&self.auth, metrics.clone())?);
         let broker = Broker::new(
             self.auth.clone(),
             self.cfg.cert_lifetime,
             metrics.clone(),
             self.status.clone(),
+            tls.mqtt_verifier(),
             self.cfg.mqtt.clone(),
         );
         let (changes, changes_rx) = broadcast::channel(4096);
@@ -166,7 +162,9 @@ impl Server {
         let upkeep = tokio::spawn(upkeep(
             self.auth.clone(),
             tls.clone(),
+            self.status.clone(),
             self.cfg.server_sans.clone(),
+            self.cfg.upkeep_interval,
             shutdown.clone(),
         ));
         let ocsp = serve_http(
@@ -247,12 +245,15 @@ fn serve_http(
     tokio::spawn(https::serve(name, listener, None, app, limits, shutdown))
 }
 
-/// Renews the server certificate before it expires, and reloads TLS on
-/// SIGHUP (after a certificate was replaced on disk).
+/// Renews the server certificate and the OCSP signing certificate before
+/// they expire, and reloads TLS on SIGHUP (after a certificate was replaced
+/// on disk).
 async fn upkeep(
     auth: Arc<Authority>,
     tls: Arc<ServerTls>,
+    status: Arc<StatusService>,
     sans: Vec<String>,
+    every: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
     use tokio::signal::unix::{signal, SignalKind};
@@ -263,11 +264,17 @@ async fn upkeep(
             None
         }
     };
-    let mut tick = tokio::time::interval(RENEW_CHECK);
+    let mut tick = tokio::time::interval(every);
     tick.tick().await; // the first tick is now; start-up already checked
     loop {
         tokio::select! {
             _ = tick.tick() => {
+                let s = status.clone();
+                match tokio::task::spawn_blocking(move || s.renew_signer_if_needed()).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => tracing::error!(error = %e, "renewing the OCSP signing certificate"),
+                    Err(e) => tracing::error!(error = %e, "OCSP signer renewal task"),
+                }
                 let (a, s) = (auth.clone(), sans.clone());
                 match tokio::task::spawn_blocking(move || a.renew_server_cert_if_needed(&s)).await {
                     Ok(Ok(true)) => {

@@ -19,8 +19,8 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use provisioning::ca::{ISSUING_CRL_NAME, ROOT_CRL_NAME};
-use provisioning::ocsp::{Refusal, Responder, MAX_REQUEST_LEN};
+use provisioning::ca::{ISSUING_CRL_NAME, OCSP_SIGNER_RENEW_BEFORE, ROOT_CRL_NAME};
+use provisioning::ocsp::{Answer, Refusal, Responder, MAX_REQUEST_LEN};
 use provisioning::Authority;
 use time::{Duration, OffsetDateTime};
 
@@ -80,13 +80,37 @@ impl StatusService {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Renews the delegated OCSP signing certificate when it is within
+    /// [`OCSP_SIGNER_RENEW_BEFORE`] of expiry (or past it): the periodic
+    /// upkeep calls this, so a long-running server never signs with an
+    /// expired certificate. Returns whether it renewed.
+    pub fn renew_signer_if_needed(&self) -> Result<bool, provisioning::Error> {
+        let due = self
+            .responder()
+            .signer_expires
+            .is_some_and(|t| t - OffsetDateTime::now_utc() <= OCSP_SIGNER_RENEW_BEFORE);
+        if due {
+            self.reload()?;
+            tracing::info!(
+                expires = ?self.responder().signer_expires,
+                "renewed the OCSP signing certificate"
+            );
+        }
+        Ok(due)
+    }
+
     /// A DER OCSPResponse for a DER request (a refusal is an OCSP status).
     pub fn ocsp(&self, request: &[u8]) -> Vec<u8> {
-        let (der, refusal) = self.responder().respond(request, &self.auth.registry);
+        self.answer(request).der
+    }
+
+    /// [`StatusService::ocsp`], with the response's validity window.
+    pub fn answer(&self, request: &[u8]) -> provisioning::ocsp::Answer {
+        let answer = self.responder().respond(request, &self.auth.registry);
         self.metrics
             .ocsp_responses
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        match refusal {
+        match &answer.refusal {
             None => {}
             Some(Refusal::Malformed(why)) => {
                 tracing::info!(reason = %why, "ocsp: malformedRequest")
@@ -96,7 +120,7 @@ impl StatusService {
             }
             Some(Refusal::Internal(why)) => tracing::error!(error = %why, "ocsp: internalError"),
         }
-        der
+        answer
     }
 
     /// The CRL called `name` (`issuing`, `root` or a manufacturer fleetgate
@@ -133,24 +157,48 @@ pub fn router(status: Arc<StatusService>) -> Router {
         .with_state(status)
 }
 
-fn ocsp_response(der: Vec<u8>, cacheable: bool) -> Response {
-    let mut headers = vec![(header::CONTENT_TYPE, "application/ocsp-response")];
-    if cacheable {
+/// An HTTP answer to an OCSP request. A GET's successful answer may be
+/// cached by HTTP caches (RFC 5019 6.2): max-age never past nextUpdate,
+/// with Last-Modified (thisUpdate), Expires (nextUpdate) and an ETag.
+fn ocsp_response(a: Answer, cacheable: bool) -> Response {
+    let mut headers = vec![(header::CONTENT_TYPE, "application/ocsp-response".to_owned())];
+    if let (true, Some(this), Some(next)) = (cacheable, a.this_update, a.next_update) {
+        let max_age = (next - OffsetDateTime::now_utc())
+            .whole_seconds()
+            .clamp(0, 600);
         headers.push((
             header::CACHE_CONTROL,
-            "max-age=600, public, no-transform, must-revalidate",
+            format!("max-age={max_age}, public, no-transform, must-revalidate"),
+        ));
+        headers.push((header::LAST_MODIFIED, http_date(this)));
+        headers.push((header::EXPIRES, http_date(next)));
+        let digest = ring::digest::digest(&ring::digest::SHA256, &a.der);
+        headers.push((
+            header::ETAG,
+            format!("\"{}\"", provisioning::id::hex(digest.as_ref())),
         ));
     }
-    let mut resp = der.into_response();
+    let mut resp = a.der.into_response();
     for (k, v) in headers {
-        resp.headers_mut()
-            .insert(k, axum::http::HeaderValue::from_static(v));
+        if let Ok(v) = axum::http::HeaderValue::from_str(&v) {
+            resp.headers_mut().insert(k, v);
+        }
     }
     resp
 }
 
-async fn answer(status: Arc<StatusService>, request: Vec<u8>) -> Result<Vec<u8>, Response> {
-    tokio::task::spawn_blocking(move || status.ocsp(&request))
+/// RFC 9110 IMF-fixdate: `Sun, 06 Nov 1994 08:49:37 GMT`.
+pub fn http_date(t: OffsetDateTime) -> String {
+    const FORMAT: &[time::format_description::BorrowedFormatItem<'_>] = time::macros::format_description!(
+        "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
+    );
+    t.to_offset(time::UtcOffset::UTC)
+        .format(FORMAT)
+        .unwrap_or_default()
+}
+
+async fn answer(status: Arc<StatusService>, request: Vec<u8>) -> Result<Answer, Response> {
+    tokio::task::spawn_blocking(move || status.answer(&request))
         .await
         .map_err(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
@@ -172,7 +220,7 @@ async fn post_ocsp(
             .into_response();
     }
     match answer(status, body.to_vec()).await {
-        Ok(der) => ocsp_response(der, false),
+        Ok(a) => ocsp_response(a, false),
         Err(r) => r,
     }
 }
@@ -184,7 +232,7 @@ async fn get_ocsp(
     // axum has percent-decoded the path; RFC 5019 requests are base64.
     let request = decode_base64(encoded.trim_start_matches('/')).unwrap_or_default();
     match answer(status, request).await {
-        Ok(der) => ocsp_response(der, true),
+        Ok(a) => ocsp_response(a, true),
         Err(r) => r,
     }
 }
@@ -241,7 +289,13 @@ pub fn decode_base64(s: &str) -> Option<Vec<u8>> {
 
 #[cfg(test)]
 mod tests {
-    use super::decode_base64;
+    use super::{decode_base64, http_date};
+
+    #[test]
+    fn http_dates() {
+        let t = time::macros::datetime!(1994-11-06 08:49:37 UTC);
+        assert_eq!(http_date(t), "Sun, 06 Nov 1994 08:49:37 GMT");
+    }
 
     #[test]
     fn base64_cases() {

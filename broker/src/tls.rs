@@ -94,10 +94,9 @@ impl ServerTls {
     pub fn load(
         auth: &Arc<provisioning::Authority>,
         metrics: Arc<crate::metrics::Metrics>,
-        on_change: crate::mqtt::admission::OnChange,
     ) -> anyhow::Result<Self> {
         let mqtt_verifier = Arc::new(
-            crate::mqtt::admission::RegistryVerifier::new(auth.clone(), metrics, on_change)
+            crate::mqtt::admission::RegistryVerifier::new(auth.clone(), metrics)
                 .context("building the MQTT client verifier")?,
         );
         let paths = auth.paths.clone();
@@ -118,6 +117,11 @@ impl ServerTls {
 
     pub fn mqtt(&self) -> tokio::sync::watch::Receiver<Arc<ServerConfig>> {
         self.mqtt.subscribe()
+    }
+
+    /// The MQTT listener's certificate verifier (and trust).
+    pub fn mqtt_verifier(&self) -> Arc<crate::mqtt::admission::RegistryVerifier> {
+        self.mqtt_verifier.clone()
     }
 
     /// Rebuilds the MQTT trust anchors after manufacturers changed; the next

@@ -57,13 +57,13 @@ fn fixture() -> &'static Fixture {
         let app = rt.block_on(async {
             let metrics = Arc::new(Metrics::default());
             let status = Arc::new(StatusService::new(auth.clone(), metrics.clone()).expect("status"));
-            let on_change: broker::mqtt::admission::OnChange = Arc::new(|| {});
-            let tls = Arc::new(ServerTls::load(&auth, metrics.clone(), on_change).expect("tls"));
+            let tls = Arc::new(ServerTls::load(&auth, metrics.clone()).expect("tls"));
             let broker = Broker::new(
                 auth.clone(),
                 time::Duration::days(90),
                 metrics.clone(),
                 status.clone(),
+                tls.mqtt_verifier(),
                 MqttConfig::default(),
             );
             api::router(AppState {

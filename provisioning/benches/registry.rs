@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use provisioning::{
-    Authority, DeviceId, Identity, InitOptions, IssuedCert, NewDevice, Role, Serial,
+    Authority, CertKey, DeviceId, Identity, InitOptions, IssuedCert, NewDevice, Role,
     DEFAULT_CERT_LIFETIME,
 };
 
@@ -42,7 +42,7 @@ fn main() {
     // Populate: real certificates (one key, each signed), 1,000 per flush.
     let key = rcgen::KeyPair::generate().expect("key");
     let t = Instant::now();
-    let mut serials: Vec<Serial> = Vec::with_capacity(devices);
+    let mut serials: Vec<CertKey> = Vec::with_capacity(devices);
     let mut ids: Vec<DeviceId> = Vec::with_capacity(devices);
     for chunk_start in (0..devices).step_by(1000) {
         let batch: Vec<(NewDevice, IssuedCert)> = (chunk_start..(chunk_start + 1000).min(devices))
@@ -64,7 +64,7 @@ fn main() {
             })
             .collect();
         for (new, cert) in &batch {
-            serials.push(cert.serial.clone());
+            serials.push(cert.key());
             ids.push(new.id.clone());
         }
         for r in auth.registry.enroll_batch(&batch, "bench").expect("batch") {
@@ -91,7 +91,7 @@ fn main() {
         .expect("present");
     let value = serde_json::to_vec(&sample).expect("json");
     for s in &serials {
-        raw.insert(s.as_bytes(), value.as_slice()).expect("insert");
+        raw.insert(s.to_bytes(), value.as_slice()).expect("insert");
     }
     raw.flush().expect("flush");
 
@@ -103,15 +103,15 @@ fn main() {
     for threads in [1, 2] {
         let ours = rate(threads, LOOKUP_TIME, &serials, {
             let auth = auth.clone();
-            move |s: &Serial| {
+            move |s: &CertKey| {
                 let (_, standing) = auth.registry.standing(s).expect("lookup").expect("known");
                 std::hint::black_box(standing);
             }
         });
         let base = rate(threads, LOOKUP_TIME, &serials, {
             let raw = raw.clone();
-            move |s: &Serial| {
-                std::hint::black_box(raw.get(s.as_bytes()).expect("get"));
+            move |s: &CertKey| {
+                std::hint::black_box(raw.get(s.to_bytes()).expect("get"));
             }
         });
         row(
@@ -135,7 +135,7 @@ fn main() {
         let s = &serials[rng.below(serials.len())];
         let mut v = value.clone();
         v.push((i % 10) as u8);
-        raw.insert(s.as_bytes(), v).expect("insert");
+        raw.insert(s.to_bytes(), v).expect("insert");
         raw.flush().expect("flush");
     }
     let base = WRITES as f64 / t.elapsed().as_secs_f64();
@@ -202,8 +202,8 @@ fn row(name: &str, ours: f64, base: f64) {
 fn rate(
     threads: u64,
     time: Duration,
-    serials: &[Serial],
-    op: impl Fn(&Serial) + Send + Sync + Clone,
+    serials: &[CertKey],
+    op: impl Fn(&CertKey) + Send + Sync + Clone,
 ) -> f64 {
     let total = AtomicU64::new(0);
     let start = Instant::now();

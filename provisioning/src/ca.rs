@@ -147,6 +147,17 @@ pub struct IssuedCert {
     pub manufacturer: Option<String>,
 }
 
+impl IssuedCert {
+    /// Its key in the registry.
+    pub fn key(&self) -> crate::CertKey {
+        crate::CertKey::new(
+            self.manufacturer.as_deref(),
+            &self.issuer,
+            self.serial.clone(),
+        )
+    }
+}
+
 /// A CA that signs: its key, its certificate, and the name certificates it
 /// signs carry as issuer.
 pub struct Signer {
@@ -217,7 +228,7 @@ pub const ROOT_CRL_NAME: &str = "root";
 
 /// Lifetime of the delegated OCSP signing certificate.
 const OCSP_SIGNER_LIFETIME: Duration = Duration::days(30);
-const OCSP_SIGNER_RENEW_BEFORE: Duration = Duration::days(7);
+pub const OCSP_SIGNER_RENEW_BEFORE: Duration = Duration::days(7);
 /// CRLs are valid this long; re-signed on every change and at least daily.
 pub const CRL_VALIDITY: Duration = Duration::days(2);
 
@@ -247,6 +258,10 @@ pub struct CertInfo {
     /// Whether a key usage extension is present without digitalSignature
     /// (such a key may not sign a TLS handshake).
     pub lacks_digital_signature: bool,
+    /// Whether an extended key usage extension names clientAuth. (webpki
+    /// accepts a certificate with no EKU at all for any purpose; fleetgate
+    /// asks for clientAuth by name.)
+    pub client_auth: bool,
 }
 
 /// The first common name of a distinguished name, if it is a string.
@@ -263,6 +278,7 @@ pub fn inspect_certificate(der: &[u8]) -> Result<CertInfo, Error> {
     let mut identity = None;
     let mut is_ca = false;
     let mut lacks_digital_signature = false;
+    let mut client_auth = false;
     for ext in cert.extensions() {
         match ext.parsed_extension() {
             ParsedExtension::SubjectAlternativeName(san) => {
@@ -273,6 +289,7 @@ pub fn inspect_certificate(der: &[u8]) -> Result<CertInfo, Error> {
             }
             ParsedExtension::BasicConstraints(bc) => is_ca = bc.ca,
             ParsedExtension::KeyUsage(ku) => lacks_digital_signature = !ku.digital_signature(),
+            ParsedExtension::ExtendedKeyUsage(eku) => client_auth = eku.client_auth,
             _ => {}
         }
     }
@@ -280,6 +297,7 @@ pub fn inspect_certificate(der: &[u8]) -> Result<CertInfo, Error> {
         common_name: common_name(cert.subject()).map(str::to_owned),
         issuer: cert.issuer().to_string(),
         lacks_digital_signature,
+        client_auth,
         identity,
         serial: Serial::from_bytes(cert.raw_serial())?,
         not_before: cert.validity().not_before.to_datetime(),
@@ -295,6 +313,10 @@ impl Ca {
     }
     pub fn root_pem(&self) -> &str {
         &self.root.pem
+    }
+    /// The issuing CA's subject, RFC 4514: the issuer of what it signs.
+    pub fn issuing_name(&self) -> &str {
+        &self.issuing.name
     }
     pub fn issuing_der(&self) -> &CertificateDer<'static> {
         &self.issuing.der
@@ -585,6 +607,14 @@ impl Authority {
             Serial::random()?.as_bytes(),
         ));
         issuing.use_authority_key_identifier_extension = true;
+        // Where a relying party checks the issuing CA itself: the root's
+        // OCSP answers (it knows the CAs it issued) and the root's CRL.
+        if let Some(url) = &opts.status_url {
+            issuing.crl_distribution_points = vec![rcgen::CrlDistributionPoint {
+                uris: vec![format!("{url}/crl/{ROOT_CRL_NAME}.crl")],
+            }];
+            issuing.custom_extensions = vec![aia_ocsp(url)];
+        }
         let issuing_cert = issuing.signed_by(&issuing_key, &root_issuer)?;
 
         write_file(&paths.root_key(), root_key.serialize_pem().as_bytes(), true)?;
@@ -749,14 +779,16 @@ impl Authority {
         for m in &manufacturers {
             let der = m.ca_der()?;
             match m.kind {
-                CaKind::Registered => delegated.push(IssuerHashes::from_cert(&der)?),
+                CaKind::Registered => {
+                    delegated.push(IssuerHashes::from_cert(&der)?.of_manufacturer(m.name.as_str()))
+                }
                 CaKind::Issued => {
                     known.insert(m.serial.clone(), m.revocation);
                     let signer = self.held_signer(m)?.ok_or_else(|| {
                         Error::Corrupt(format!("manufacturer {} has no key", m.name))
                     })?;
                     units.push(Unit::new(
-                        vec![IssuerHashes::from_cert(&der)?],
+                        vec![IssuerHashes::from_cert(&der)?.of_manufacturer(m.name.as_str())],
                         copy_key(signer.key())?,
                         &der,
                     )?);
@@ -769,13 +801,20 @@ impl Authority {
             copy_key(self.ca.root().key())?,
             self.ca.root_der(),
         )?);
+        let expires = X509Certificate::from_der(&der)
+            .map(|(_, c)| c.validity().not_after.to_datetime())
+            .map_err(|e| Error::Certificate(format!("OCSP signer: {e}")))?;
         units.push(Unit::new(delegated, key, &der)?);
-        Ok(crate::ocsp::Responder::new(units))
+        let mut responder = crate::ocsp::Responder::new(units);
+        responder.signer_expires = Some(expires);
+        Ok(responder)
     }
 
     /// A freshly signed CRL of the issuing CA (DER).
     pub fn issuing_crl(&self) -> Result<Vec<u8>, Error> {
-        let listed = self.registry.revoked_by_issuer(&self.ca.issuing.name)?;
+        let listed = self
+            .registry
+            .revoked_by_issuer(None, &self.ca.issuing.name)?;
         let number = self.registry.next_crl_number(ISSUING_CRL_NAME)?;
         self.ca.crl(&listed, number)
     }
@@ -1180,9 +1219,9 @@ mod tests {
         let (d, c2) = auth
             .rotate(&req.id, csr2.as_bytes(), DEFAULT_CERT_LIFETIME, "test")
             .unwrap();
-        assert_eq!(d.certificates, vec![c1.serial.clone(), c2.serial.clone()]);
+        assert_eq!(d.certificates, vec![c1.key(), c2.key()]);
         let r = &auth.registry;
-        assert_eq!(r.standing(&c1.serial).unwrap().unwrap().1, Standing::Good);
+        assert_eq!(r.standing(&c1.key()).unwrap().unwrap().1, Standing::Good);
         assert_eq!(
             r.certificate_by_fingerprint(&c2.fingerprint)
                 .unwrap()
@@ -1193,7 +1232,7 @@ mod tests {
 
         r.suspend(&req.id, "test").unwrap();
         assert_eq!(
-            r.standing(&c2.serial).unwrap().unwrap().1,
+            r.standing(&c2.key()).unwrap().unwrap().1,
             Standing::Suspended
         );
         assert!(matches!(
@@ -1201,24 +1240,24 @@ mod tests {
             Err(Error::InvalidTransition { .. })
         ));
         r.resume(&req.id, "test").unwrap();
-        assert_eq!(r.standing(&c2.serial).unwrap().unwrap().1, Standing::Good);
+        assert_eq!(r.standing(&c2.key()).unwrap().unwrap().1, Standing::Good);
 
         // Revoking one certificate leaves the other good.
-        r.revoke_certificate(&c1.serial, RevocationReason::Superseded, "test")
+        r.revoke_certificate(&c1.key(), RevocationReason::Superseded, "test")
             .unwrap();
         assert!(matches!(
-            r.standing(&c1.serial).unwrap().unwrap().1,
+            r.standing(&c1.key()).unwrap().unwrap().1,
             Standing::Revoked(Revocation {
                 reason: RevocationReason::Superseded,
                 ..
             })
         ));
-        assert_eq!(r.standing(&c2.serial).unwrap().unwrap().1, Standing::Good);
+        assert_eq!(r.standing(&c2.key()).unwrap().unwrap().1, Standing::Good);
 
         r.revoke(&req.id, RevocationReason::KeyCompromise, "test")
             .unwrap();
         assert!(matches!(
-            r.standing(&c2.serial).unwrap().unwrap().1,
+            r.standing(&c2.key()).unwrap().unwrap().1,
             Standing::Revoked(Revocation {
                 reason: RevocationReason::KeyCompromise,
                 ..

@@ -178,9 +178,49 @@ pub fn new_key_and_csr(
     Ok((key, csr.pem()?))
 }
 
+/// A private key as PEM for the tools that will load it: PKCS#8 v1
+/// (RFC 5208). ring writes Ed25519 keys as PKCS#8 v2 (RFC 5958, with the
+/// public key), which OpenSSL 3.0, mosquitto and Python's ssl refuse.
+pub fn private_key_pem(key: &rcgen::KeyPair) -> String {
+    /// The v2 prefix ring writes, up to the 32-octet seed: version 1,
+    /// id-Ed25519, OCTET STRING { OCTET STRING (32) }.
+    const V2_HEAD: [u8; 14] = [
+        0x02, 0x01, 0x01, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
+    ];
+    let der = key.serialize_der();
+    match der.get(2..2 + V2_HEAD.len()) {
+        Some(head) if head == V2_HEAD && der.len() >= 2 + V2_HEAD.len() + 32 => {
+            let seed = &der[2 + V2_HEAD.len()..2 + V2_HEAD.len() + 32];
+            let mut v1 = vec![
+                0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22,
+                0x04, 0x20,
+            ];
+            v1.extend_from_slice(seed);
+            crate::manufacturer::pem_encode("PRIVATE KEY", &v1)
+        }
+        _ => key.serialize_pem(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ed25519_keys_are_written_as_pkcs8_v1() {
+        let (key, _) = new_key_and_csr(KeyKind::Ed25519, "x").unwrap();
+        let pem = private_key_pem(&key);
+        let der = rustls_pki_types::PrivateKeyDer::from_pem_slice(pem.as_bytes()).unwrap();
+        let der = der.secret_der();
+        assert_eq!(der.len(), 48);
+        assert_eq!(&der[..5], &[0x30, 0x2e, 0x02, 0x01, 0x00], "version 0 (v1)");
+        // The same key: it loads and has the same public key.
+        let again = rcgen::KeyPair::from_pem(&pem).unwrap();
+        assert_eq!(again.public_key_raw(), key.public_key_raw());
+        // ECDSA keys are left as they were.
+        let (ec, _) = new_key_and_csr(KeyKind::EcdsaP256, "x").unwrap();
+        assert_eq!(private_key_pem(&ec), ec.serialize_pem());
+    }
 
     #[test]
     fn accepts_each_supported_key_type() {

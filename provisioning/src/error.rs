@@ -46,6 +46,12 @@ pub enum Error {
     #[error("claim {id} has no uses left")]
     ClaimExhausted { id: DeviceId },
 
+    #[error("certificate {serial} of issuer {issuer:?} is already registered")]
+    CertExists { serial: String, issuer: String },
+
+    #[error("quota exceeded: {reason}")]
+    QuotaExceeded { reason: String },
+
     #[error("{id} already exists")]
     AlreadyExists { id: DeviceId },
 

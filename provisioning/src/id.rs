@@ -223,6 +223,109 @@ impl From<Serial> for String {
     }
 }
 
+/// A certificate's key in the registry: its serial within its issuer.
+///
+/// Serials are unique only per issuer (RFC 5280 4.1.2.2): two manufacturers'
+/// factories may well both number from 0x1000. The issuer is the pair
+/// (manufacturer whose CA the chain runs through, issuer name), hashed into
+/// `scope`: the manufacturer part comes from the verified path, so one
+/// manufacturer's CA cannot name itself like another's and take its serials.
+/// Shown as `<serial hex>:<scope hex>`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct CertKey {
+    pub serial: Serial,
+    scope: [u8; CertKey::SCOPE_LEN],
+}
+
+impl CertKey {
+    const SCOPE_LEN: usize = 16;
+
+    /// The key of `serial` issued by `issuer` (RFC 4514) under `manufacturer`
+    /// (`None`: fleetgate's own CAs).
+    pub fn new(manufacturer: Option<&str>, issuer: &str, serial: Serial) -> Self {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(b"fleetgate cert scope v1\0");
+        match manufacturer {
+            Some(m) => {
+                ctx.update(b"m");
+                ctx.update(m.as_bytes());
+            }
+            None => ctx.update(b"-"),
+        }
+        ctx.update(b"\0");
+        ctx.update(issuer.as_bytes());
+        let mut scope = [0u8; Self::SCOPE_LEN];
+        scope.copy_from_slice(&ctx.finish().as_ref()[..Self::SCOPE_LEN]);
+        Self { serial, scope }
+    }
+
+    /// The storage key: the serial's length and bytes, then the scope, so
+    /// that every certificate with one serial shares a prefix.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Self::serial_prefix(&self.serial);
+        out.extend_from_slice(&self.scope);
+        out
+    }
+
+    /// The prefix [`CertKey::to_bytes`] gives every key with `serial`.
+    pub fn serial_prefix(serial: &Serial) -> Vec<u8> {
+        let s = serial.as_bytes();
+        let mut out = Vec::with_capacity(1 + s.len() + Self::SCOPE_LEN);
+        // At most 20 octets: fits.
+        out.push(s.len() as u8);
+        out.extend_from_slice(s);
+        out
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, Error> {
+        let bad = || Error::Corrupt(format!("certificate key {}", hex(bytes)));
+        let (&len, rest) = bytes.split_first().ok_or_else(bad)?;
+        let len = usize::from(len);
+        if rest.len() != len + Self::SCOPE_LEN {
+            return Err(bad());
+        }
+        let serial = Serial::from_bytes(&rest[..len]).map_err(|_| bad())?;
+        let mut scope = [0u8; Self::SCOPE_LEN];
+        scope.copy_from_slice(&rest[len..]);
+        Ok(Self { serial, scope })
+    }
+}
+
+impl fmt::Display for CertKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.serial, hex(&self.scope))
+    }
+}
+
+impl FromStr for CertKey {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        let bad = || Error::InvalidInput {
+            reason: format!("certificate key {s:?} is not <serial hex>:<scope hex>"),
+        };
+        let (serial, scope) = s.trim().split_once(':').ok_or_else(bad)?;
+        let serial: Serial = serial.parse()?;
+        let scope = unhex(scope)
+            .and_then(|b| <[u8; Self::SCOPE_LEN]>::try_from(b).ok())
+            .ok_or_else(bad)?;
+        Ok(Self { serial, scope })
+    }
+}
+
+impl TryFrom<String> for CertKey {
+    type Error = Error;
+    fn try_from(s: String) -> Result<Self, Error> {
+        s.parse()
+    }
+}
+
+impl From<CertKey> for String {
+    fn from(k: CertKey) -> String {
+        k.to_string()
+    }
+}
+
 /// SHA-256 of a certificate's DER, lowercase hex.
 pub fn fingerprint(der: &[u8]) -> String {
     hex(ring::digest::digest(&ring::digest::SHA256, der).as_ref())
@@ -297,5 +400,26 @@ mod tests {
         assert!(Serial::from_bytes(&[]).is_err());
         assert!(Serial::from_bytes(&[1; 21]).is_err());
         assert!("zz".parse::<Serial>().is_err());
+    }
+
+    #[test]
+    fn cert_keys_scope_serials_by_issuer() {
+        let s = Serial::from_bytes(&[0x10, 0x00]).unwrap();
+        let acme = CertKey::new(Some("acme"), "CN=ca", s.clone());
+        let globex = CertKey::new(Some("globex"), "CN=ca", s.clone());
+        let ours = CertKey::new(None, "CN=ca", s.clone());
+        let other_issuer = CertKey::new(Some("acme"), "CN=ca2", s.clone());
+        assert_ne!(acme, globex);
+        assert_ne!(acme, ours);
+        assert_ne!(acme, other_issuer);
+        assert_eq!(acme, CertKey::new(Some("acme"), "CN=ca", s.clone()));
+        for k in [&acme, &globex, &ours] {
+            assert_eq!(&CertKey::from_bytes(&k.to_bytes()).unwrap(), k);
+            assert_eq!(&k.to_string().parse::<CertKey>().unwrap(), k);
+            assert!(k.to_bytes().starts_with(&CertKey::serial_prefix(&s)));
+        }
+        assert!(CertKey::from_bytes(&[2, 1]).is_err());
+        assert!("1000".parse::<CertKey>().is_err());
+        assert!("1000:zz".parse::<CertKey>().is_err());
     }
 }

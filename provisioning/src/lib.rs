@@ -14,10 +14,10 @@ pub mod registry;
 
 pub use ca::{Authority, Ca, InitOptions, IssuedCert, DEFAULT_CERT_LIFETIME};
 pub use error::Error;
-pub use id::{DeviceId, Identity, Role, Serial};
+pub use id::{CertKey, DeviceId, Identity, Role, Serial};
 pub use registry::{
-    AuditEntry, CertRecord, CertView, DeviceRecord, DeviceView, NewDevice, Registry, Revocation,
-    RevocationReason, Standing, Status,
+    AuditEntry, BulkRevocation, CertRecord, CertView, DeviceRecord, DeviceView, NewDevice,
+    Registry, Revocation, RevocationReason, Standing, Status,
 };
 
 /// An enrollment: who the certificate is for, and the device's CSR.
@@ -86,7 +86,24 @@ impl Authority {
             role: device.role,
             id: id.clone(),
         };
-        let cert = self.ca.issue_for_csr(&csr, &identity, lifetime)?;
+        // The device keeps its signer: a manufacturer's device is signed by
+        // that manufacturer's CA again when fleetgate holds its key. (A
+        // registered manufacturer's CA signs only at the factory; fleetgate's
+        // own CA signs instead, and the new certificate still falls with
+        // the manufacturer: its record mirrors the device's manufacturer.)
+        let signer = match device.manufacturer.as_deref() {
+            Some(m) => {
+                let rec = self.known_manufacturer(m)?;
+                if rec.status == manufacturer::ManufacturerStatus::Revoked {
+                    return Err(Error::ManufacturerRevoked { name: m.to_owned() });
+                }
+                self.held_signer(&rec)?
+            }
+            None => None,
+        };
+        let cert = self
+            .ca
+            .issue_by(signer.as_deref(), &csr.public_key, &identity, lifetime)?;
         let device = self.registry.add_certificate(id, &cert, actor)?;
         tracing::info!(device.id = %id, serial = %cert.serial, "rotated");
         Ok((device, cert))

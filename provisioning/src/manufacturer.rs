@@ -106,9 +106,24 @@ pub struct ManufacturerRecord {
     pub not_after: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
+    /// Most devices it may register just in time ([`DEFAULT_JIT_QUOTA`]
+    /// when unset).
+    #[serde(default)]
+    pub jit_quota: Option<u64>,
+    /// Devices it registered just in time so far.
+    #[serde(default)]
+    pub jit_registered: u64,
 }
 
+/// Devices a manufacturer may register just in time unless told otherwise.
+pub const DEFAULT_JIT_QUOTA: u64 = 100_000;
+
 impl ManufacturerRecord {
+    /// Its just-in-time quota in force.
+    pub fn jit_quota(&self) -> u64 {
+        self.jit_quota.unwrap_or(DEFAULT_JIT_QUOTA)
+    }
+
     pub fn ca_der(&self) -> Result<CertificateDer<'static>, Error> {
         CertificateDer::from_pem_slice(self.ca_pem.as_bytes())
             .map_err(|e| Error::Corrupt(format!("manufacturer {} CA: {e}", self.name)))
@@ -232,6 +247,8 @@ impl Authority {
             serial: cert.serial.clone(),
             not_after: cert.not_after,
             created_at: now_seconds(),
+            jit_quota: None,
+            jit_registered: 0,
         };
         let key_pem = key.serialize_pem();
         // Files first: a record never names a key that is not on disk.
@@ -354,9 +371,17 @@ impl Authority {
             }
         }
         for ours in [self.ca.root_der(), self.ca.issuing_der()] {
+            let (_, theirs) =
+                X509Certificate::from_der(ours).map_err(|e| Error::Certificate(e.to_string()))?;
             if spki_sha256_of(ours)? == spki {
                 return Err(Error::InvalidInput {
                     reason: "that is one of fleetgate's own CAs".into(),
+                });
+            }
+            // Names must tell issuers apart: in status answers, CRLs, logs.
+            if theirs.subject().to_string() == subject {
+                return Err(Error::InvalidInput {
+                    reason: format!("a CA named {subject:?} is one of fleetgate's own; rename it"),
                 });
             }
         }
@@ -372,6 +397,8 @@ impl Authority {
             serial: Serial::from_bytes(ca.raw_serial())?,
             not_after: ca.validity().not_after.to_datetime(),
             created_at: now_seconds(),
+            jit_quota: None,
+            jit_registered: 0,
         };
         self.registry.add_manufacturer(&rec, actor)?;
         tracing::info!(manufacturer = %name, subject = %rec.subject, %policy, "manufacturer CA registered");
@@ -640,7 +667,7 @@ impl Authority {
     /// A freshly signed CRL of a manufacturer CA fleetgate issued.
     pub fn manufacturer_crl(&self, name: &str) -> Result<Vec<u8>, Error> {
         let signer = self.manufacturer_signer(name)?;
-        let listed = self.registry.revoked_by_issuer(&signer.name)?;
+        let listed = self.registry.revoked_by_issuer(Some(name), &signer.name)?;
         let number = self.registry.next_crl_number(name)?;
         ca::crl(&signer, &listed, number)
     }
@@ -767,7 +794,7 @@ mod tests {
         let info = inspect_certificate(&cert.der).unwrap();
         assert_eq!(info.issuer, rec.subject);
         assert_eq!(
-            auth.registry.standing(&cert.serial).unwrap().unwrap().1,
+            auth.registry.standing(&cert.key()).unwrap().unwrap().1,
             crate::Standing::Good
         );
         // An unknown manufacturer, a missing one.
@@ -779,7 +806,7 @@ mod tests {
             .revoke_manufacturer("acme", crate::RevocationReason::CaCompromise, "test")
             .unwrap();
         assert!(matches!(
-            auth.registry.standing(&cert.serial).unwrap().unwrap().1,
+            auth.registry.standing(&cert.key()).unwrap().unwrap().1,
             crate::Standing::Revoked(_)
         ));
         assert!(matches!(
@@ -809,6 +836,7 @@ mod tests {
             common_name: Some("sensor-7".into()),
             issuer: String::new(),
             lacks_digital_signature: false,
+            client_auth: true,
         };
         assert_eq!(jit_identity(&info).unwrap().as_str(), "sensor-7");
         info.common_name = Some("not an id".into());

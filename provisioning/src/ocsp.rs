@@ -10,8 +10,12 @@
 //! delegated responder, which a relying party must trust explicitly
 //! (`openssl ocsp -VAfile ocsp/signer.crt`).
 //! CertIDs with SHA-1 or SHA-256 hashes are recognised. A request without a
-//! nonce gets a cacheable response (RFC 5019); the cache is cleared whenever
-//! the registry changes.
+//! nonce gets a cacheable response (RFC 5019), cached by the CertIDs it
+//! asks about (not by its bytes, which a client may vary at will), only
+//! when every status is known, and within a bound in bytes; the cache is
+//! cleared whenever the registry changes. Nonces must be 1 to 128 octets
+//! (RFC 9654), and a request with a critical extension we do not know is
+//! refused (RFC 6960 4.4).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -38,8 +42,10 @@ pub const MAX_REQUEST_LEN: usize = 64 * 1024;
 pub const MAX_CERTS_PER_REQUEST: usize = 128;
 /// How long a response is good for (nextUpdate - thisUpdate).
 pub const RESPONSE_VALIDITY: Duration = Duration::hours(1);
-/// Cached responses kept at most.
-const CACHE_ENTRIES: usize = 16 * 1024;
+/// Bytes of cached responses (and their keys) kept at most.
+pub const CACHE_BYTES: usize = 8 * 1024 * 1024;
+/// RFC 9654: a nonce is 1 to 128 octets.
+pub const MAX_NONCE_LEN: usize = 128;
 
 const SHA1: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.14.3.2.26");
 const SHA256: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.16.840.1.101.3.4.2.1");
@@ -51,6 +57,9 @@ const NONCE: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.6.1.5.5.7.48.1
 pub struct IssuerHashes {
     /// The issuer's name as the registry records it.
     pub name: String,
+    /// The manufacturer whose CA this is (`None`: fleetgate's own): with
+    /// the name, where its certificates are in the registry.
+    pub manufacturer: Option<String>,
     sha1: ([u8; 20], [u8; 20]),
     sha256: ([u8; 32], [u8; 32]),
     /// Where statuses come from: the registry, or (for the root) a fixed
@@ -116,10 +125,19 @@ impl IssuerHashes {
         };
         Ok(Self {
             name: cert.subject().to_string(),
+            manufacturer: None,
             sha1: (h1(name), h1(key)),
             sha256: (h256(name), h256(key)),
             known: None,
         })
+    }
+
+    /// The same issuer, a manufacturer's CA.
+    pub fn of_manufacturer(self, name: &str) -> Self {
+        Self {
+            manufacturer: Some(name.to_owned()),
+            ..self
+        }
     }
 
     fn matches(&self, id: &CertId) -> bool {
@@ -148,13 +166,65 @@ pub enum Refusal {
     Internal(String),
 }
 
-/// Responses to nonce-less requests, by request DER: (response, expiry).
-type Cache = HashMap<Vec<u8>, (Vec<u8>, OffsetDateTime)>;
+/// Responses to nonce-less requests, by the DER of the CertIDs asked
+/// about: the answer and its validity, within [`CACHE_BYTES`].
+#[derive(Debug, Default)]
+struct Cache {
+    map: HashMap<Vec<u8>, Answered>,
+    bytes: usize,
+}
+
+/// A signed answer and the window it speaks for.
+#[derive(Debug, Clone)]
+struct Answered {
+    der: Vec<u8>,
+    this_update: OffsetDateTime,
+    next_update: OffsetDateTime,
+}
+
+impl Cache {
+    fn insert(&mut self, key: Vec<u8>, a: Answered) {
+        let size = key.len() + a.der.len();
+        if size > CACHE_BYTES {
+            return;
+        }
+        if let Some(old) = self.map.remove(&key) {
+            self.bytes -= key.len() + old.der.len();
+        }
+        if self.bytes + size > CACHE_BYTES {
+            // Everything in it was made from one registry state; starting
+            // over costs a few signatures, never unbounded memory.
+            self.clear();
+        }
+        self.bytes += size;
+        self.map.insert(key, a);
+    }
+
+    fn clear(&mut self) {
+        self.map.clear();
+        self.bytes = 0;
+    }
+}
+
+/// What [`Responder::respond`] answered.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    /// A DER `OCSPResponse`, always (refusals are OCSP statuses too).
+    pub der: Vec<u8>,
+    /// Why there was no successful response, for the log.
+    pub refusal: Option<Refusal>,
+    /// For a successful response: its thisUpdate and nextUpdate (HTTP
+    /// caching headers, RFC 5019 6.2).
+    pub this_update: Option<OffsetDateTime>,
+    pub next_update: Option<OffsetDateTime>,
+}
 
 /// The responder: its signing units and a cache.
 pub struct Responder {
     units: Vec<Unit>,
     cache: Mutex<Cache>,
+    /// When the delegated signing certificate expires, if there is one.
+    pub signer_expires: Option<OffsetDateTime>,
 }
 
 impl std::fmt::Debug for Responder {
@@ -169,8 +239,14 @@ impl Responder {
     pub fn new(units: Vec<Unit>) -> Self {
         Self {
             units,
-            cache: Mutex::new(HashMap::new()),
+            cache: Mutex::new(Cache::default()),
+            signer_expires: None,
         }
+    }
+
+    /// Bytes held by the cache now.
+    pub fn cache_bytes(&self) -> usize {
+        self.lock_cache().bytes
     }
 
     /// Forgets every cached response: call on any registry change.
@@ -187,22 +263,32 @@ impl Responder {
 
     /// Answers a DER request with a DER `OCSPResponse`, always: refusals are
     /// OCSP statuses too. The `Refusal` is for the log.
-    pub fn respond(&self, request: &[u8], registry: &Registry) -> (Vec<u8>, Option<Refusal>) {
+    pub fn respond(&self, request: &[u8], registry: &Registry) -> Answer {
         match self.try_respond(request, registry) {
-            Ok(der) => (der, None),
+            Ok(a) => Answer {
+                der: a.der,
+                refusal: None,
+                this_update: Some(a.this_update),
+                next_update: Some(a.next_update),
+            },
             Err(r) => {
                 let resp = match &r {
                     Refusal::Malformed(_) => OcspResponse::malformed_request(),
                     Refusal::Unauthorized => OcspResponse::unauthorized(),
                     Refusal::Internal(_) => OcspResponse::internal_error(),
                 };
-                // A status-only OCSPResponse always encodes.
-                (resp.to_der().unwrap_or_default(), Some(r))
+                Answer {
+                    // A status-only OCSPResponse always encodes.
+                    der: resp.to_der().unwrap_or_default(),
+                    refusal: Some(r),
+                    this_update: None,
+                    next_update: None,
+                }
             }
         }
     }
 
-    fn try_respond(&self, der: &[u8], registry: &Registry) -> Result<Vec<u8>, Refusal> {
+    fn try_respond(&self, der: &[u8], registry: &Registry) -> Result<Answered, Refusal> {
         if der.len() > MAX_REQUEST_LEN {
             return Err(Refusal::Malformed(format!("{} bytes", der.len())));
         }
@@ -218,19 +304,51 @@ impl Responder {
                 list.len()
             )));
         }
-        let nonce: Option<Extension> = req
-            .tbs_request
-            .request_extensions
-            .as_ref()
-            .and_then(|exts| exts.iter().find(|e| e.extn_id == NONCE).cloned());
+        let mut nonce: Option<Extension> = None;
+        for e in req.tbs_request.request_extensions.iter().flatten() {
+            if e.extn_id == NONCE {
+                check_nonce(e)?;
+                nonce = Some(e.clone());
+            } else if e.critical {
+                return Err(Refusal::Malformed(format!(
+                    "unknown critical request extension {}",
+                    e.extn_id
+                )));
+            }
+        }
+        for r in list {
+            if let Some(e) = r
+                .single_request_extensions
+                .iter()
+                .flatten()
+                .find(|e| e.critical)
+            {
+                return Err(Refusal::Malformed(format!(
+                    "unknown critical extension {} on a certificate asked about",
+                    e.extn_id
+                )));
+            }
+        }
 
         let now = OffsetDateTime::now_utc();
-        // Only answers to nonce-less requests may be replayed (RFC 5019).
-        let cacheable = nonce.is_none();
-        if cacheable {
-            if let Some((resp, expires)) = self.lock_cache().get(der) {
-                if *expires > now + Duration::minutes(5) {
-                    return Ok(resp.clone());
+        // Only answers to nonce-less requests may be replayed (RFC 5019);
+        // they are found again by what they are about.
+        let cache_key = match nonce {
+            Some(_) => None,
+            None => {
+                let mut key = Vec::new();
+                for r in list {
+                    r.req_cert
+                        .encode_to_vec(&mut key)
+                        .map_err(|e| Refusal::Internal(format!("encoding: {e}")))?;
+                }
+                Some(key)
+            }
+        };
+        if let Some(key) = &cache_key {
+            if let Some(a) = self.lock_cache().map.get(key) {
+                if a.next_update > now + Duration::minutes(5) {
+                    return Ok(a.clone());
                 }
             }
         }
@@ -246,12 +364,14 @@ impl Responder {
             return Err(Refusal::Unauthorized);
         };
         let mut responses = Vec::with_capacity(list.len());
+        let mut all_known = true;
         for r in list {
             let id = &r.req_cert;
             let status = match unit.issuers.iter().find(|i| i.matches(id)) {
                 None => CertStatus::unknown(),
                 Some(issuer) => status_of(issuer, id, registry)?,
             };
+            all_known &= !matches!(status, CertStatus::Unknown(_));
             responses.push(SingleResponse {
                 cert_id: id.clone(),
                 cert_status: status,
@@ -287,15 +407,39 @@ impl Responder {
         let resp = OcspResponse::successful(basic)
             .and_then(|r| r.to_der())
             .map_err(|e| Refusal::Internal(format!("encoding: {e}")))?;
-        if cacheable {
-            let mut cache = self.lock_cache();
-            if cache.len() >= CACHE_ENTRIES {
-                cache.clear();
-            }
-            cache.insert(der.to_vec(), (resp.clone(), now + RESPONSE_VALIDITY));
+        let answered = Answered {
+            der: resp,
+            this_update: seconds(now),
+            next_update: seconds(now + RESPONSE_VALIDITY),
+        };
+        // Answers about serials nobody issued are not kept: anyone can ask
+        // about as many of those as they like.
+        if let (Some(key), true) = (cache_key, all_known) {
+            self.lock_cache().insert(key, answered.clone());
         }
-        Ok(resp)
+        Ok(answered)
     }
+}
+
+/// RFC 9654: the nonce is an OCTET STRING of 1 to 128 octets (carried
+/// DER-wrapped in the extension's value; a bare value is read as is).
+fn check_nonce(e: &Extension) -> Result<(), Refusal> {
+    let raw = e.extn_value.as_bytes();
+    let len = match OctetString::from_der(raw) {
+        Ok(inner) => inner.as_bytes().len(),
+        Err(_) => raw.len(),
+    };
+    if len == 0 || len > MAX_NONCE_LEN {
+        return Err(Refusal::Malformed(format!(
+            "nonce of {len} octets (1 to {MAX_NONCE_LEN})"
+        )));
+    }
+    Ok(())
+}
+
+/// `t` to the second, as GeneralizedTime carries it.
+fn seconds(t: OffsetDateTime) -> OffsetDateTime {
+    t.replace_nanosecond(0).unwrap_or(t)
 }
 
 fn status_of(
@@ -316,11 +460,11 @@ fn status_of(
             }),
         });
     }
+    let key = crate::CertKey::new(issuer.manufacturer.as_deref(), &issuer.name, serial);
     let found = registry
-        .standing(&serial)
+        .standing(&key)
         .map_err(|e| Refusal::Internal(format!("registry: {e}")))?;
     Ok(match found {
-        Some((rec, _)) if rec.issuer != issuer.name => CertStatus::unknown(),
         None => CertStatus::unknown(),
         Some((_, Standing::Good)) => CertStatus::good(),
         // A hold placed when the device was suspended (its last update).
@@ -443,4 +587,152 @@ pub fn read_response(der: &[u8]) -> Result<Summary, Error> {
         out.push((Serial::from_bytes(r.cert_id.serial_number.as_bytes())?, s));
     }
     Ok(Summary { status, certs: out })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::csr::{new_key_and_csr, KeyKind};
+    use crate::{Authority, DeviceId, EnrollRequest, InitOptions, Role, DEFAULT_CERT_LIFETIME};
+
+    fn authority() -> (tempfile::TempDir, Authority, Serial) {
+        let tmp = tempfile::tempdir().unwrap();
+        let auth = Authority::open_or_init(tmp.path(), &InitOptions::default()).unwrap();
+        let (_k, csr) = new_key_and_csr(KeyKind::EcdsaP256, "x").unwrap();
+        let (_, cert) = auth
+            .enroll(
+                &EnrollRequest {
+                    id: DeviceId::try_new("dev-1").unwrap(),
+                    role: Role::Device,
+                    manufacturer: None,
+                    csr: csr.into_bytes(),
+                    lifetime: DEFAULT_CERT_LIFETIME,
+                },
+                "test",
+            )
+            .unwrap();
+        (tmp, auth, cert.serial)
+    }
+
+    /// A request with `extensions` in place of the usual ones.
+    fn with_extensions(auth: &Authority, serial: &Serial, extensions: Vec<Extension>) -> Vec<u8> {
+        let der = build_request(auth.ca.issuing_der(), std::slice::from_ref(serial), None).unwrap();
+        let mut req = OcspRequest::from_der(&der).unwrap();
+        req.tbs_request.request_extensions = Some(extensions);
+        req.to_der().unwrap()
+    }
+
+    fn nonce(len: usize) -> Extension {
+        Extension {
+            extn_id: NONCE,
+            critical: false,
+            extn_value: OctetString::new(
+                OctetString::new(vec![7u8; len]).unwrap().to_der().unwrap(),
+            )
+            .unwrap(),
+        }
+    }
+
+    #[test]
+    fn nonces_of_1_to_128_octets_only() {
+        let (_tmp, auth, serial) = authority();
+        let r = auth.ocsp_responder().unwrap();
+        for (len, ok) in [(0, false), (1, true), (32, true), (128, true), (129, false)] {
+            let req = with_extensions(&auth, &serial, vec![nonce(len)]);
+            let a = r.respond(&req, &auth.registry);
+            match ok {
+                true => assert!(a.refusal.is_none(), "{len}: {:?}", a.refusal),
+                false => assert!(
+                    matches!(a.refusal, Some(Refusal::Malformed(ref why)) if why.contains("nonce")),
+                    "{len}: {:?}",
+                    a.refusal
+                ),
+            }
+            assert_eq!(
+                read_response(&a.der).unwrap().status,
+                if ok { 0 } else { 1 }
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_critical_extensions_are_refused() {
+        let (_tmp, auth, serial) = authority();
+        let r = auth.ocsp_responder().unwrap();
+        let unknown = |critical| Extension {
+            extn_id: ObjectIdentifier::new_unwrap("1.2.3.4.5"),
+            critical,
+            extn_value: OctetString::new(vec![0x05, 0x00]).unwrap(),
+        };
+        let a = r.respond(
+            &with_extensions(&auth, &serial, vec![unknown(true)]),
+            &auth.registry,
+        );
+        assert!(
+            matches!(a.refusal, Some(Refusal::Malformed(_))),
+            "{:?}",
+            a.refusal
+        );
+        let a = r.respond(
+            &with_extensions(&auth, &serial, vec![unknown(false)]),
+            &auth.registry,
+        );
+        assert!(a.refusal.is_none(), "{:?}", a.refusal);
+    }
+
+    #[test]
+    fn the_cache_is_keyed_by_cert_ids_and_bounded() {
+        let (_tmp, auth, serial) = authority();
+        let r = auth.ocsp_responder().unwrap();
+        let plain =
+            build_request(auth.ca.issuing_der(), std::slice::from_ref(&serial), None).unwrap();
+        let first = r.respond(&plain, &auth.registry);
+        let held = r.cache_bytes();
+        assert!(held > 0);
+        // Other bytes, the same question (a non-critical extension added):
+        // the cached answer, and no new entry.
+        let other = with_extensions(
+            &auth,
+            &serial,
+            vec![Extension {
+                extn_id: ObjectIdentifier::new_unwrap("1.2.3.4.5"),
+                critical: false,
+                extn_value: OctetString::new(vec![0x05, 0x00]).unwrap(),
+            }],
+        );
+        assert_ne!(other, plain);
+        assert_eq!(r.respond(&other, &auth.registry).der, first.der);
+        assert_eq!(r.cache_bytes(), held);
+        // Questions about serials nobody issued are answered, not kept.
+        for i in 0..2000u32 {
+            let s = Serial::from_bytes(&(i + 1).to_be_bytes()).unwrap();
+            let req = build_request(auth.ca.issuing_der(), &[s], None).unwrap();
+            let a = r.respond(&req, &auth.registry);
+            assert_eq!(read_response(&a.der).unwrap().certs[0].1, "unknown");
+        }
+        assert_eq!(r.cache_bytes(), held);
+        // And whatever is kept stays within its bound.
+        let mut cache = Cache::default();
+        for i in 0..100_000u32 {
+            cache.insert(
+                i.to_be_bytes().to_vec(),
+                Answered {
+                    der: vec![0; 300],
+                    this_update: OffsetDateTime::now_utc(),
+                    next_update: OffsetDateTime::now_utc(),
+                },
+            );
+            assert!(cache.bytes <= CACHE_BYTES);
+        }
+        assert_eq!(
+            cache.bytes,
+            cache
+                .map
+                .iter()
+                .map(|(k, v)| k.len() + v.der.len())
+                .sum::<usize>()
+        );
+    }
 }

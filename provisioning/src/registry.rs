@@ -2,9 +2,11 @@
 //!
 //! Trees (keys are bytes, values JSON):
 //! - `devices`: device id -> [`DeviceRecord`]
-//! - `certs`: serial -> [`CertRecord`], which mirrors its device's status so
-//!   that the admission check at connect time is one read
-//! - `fingerprints`: SHA-256 of the DER -> serial
+//! - `certs`: [`CertKey`] (serial within its issuer) -> [`CertRecord`],
+//!   which mirrors its device's status and manufacturer so that the
+//!   admission check at connect time is one read (and one more for a
+//!   manufacturer's standing)
+//! - `fingerprints`: SHA-256 of the DER -> [`CertKey`]
 //! - `by_status`: `<status>/<id>` -> empty, for paged listing by status
 //! - `audit`: big-endian sequence number -> [`AuditEntry`]
 //! - `manufacturers`: name -> [`ManufacturerRecord`]
@@ -27,7 +29,11 @@ use time::OffsetDateTime;
 
 use crate::ca::IssuedCert;
 use crate::manufacturer::{CaKind, Challenge, ClaimRecord, ManufacturerRecord, ManufacturerStatus};
-use crate::{DeviceId, Error, Role, Serial};
+use crate::{CertKey, DeviceId, Error, Role, Serial};
+
+/// The registry's layout version, in `meta`; older layouts are migrated
+/// when opened. 2: certificates keyed by [`CertKey`] instead of serial.
+const SCHEMA: u64 = 2;
 
 /// A device's standing. `Revoked` is final. `Pending` is a device that
 /// registered itself on first connect (just-in-time) under a manufacturer
@@ -169,7 +175,7 @@ pub struct DeviceRecord {
     #[serde(with = "time::serde::rfc3339")]
     pub updated_at: OffsetDateTime,
     /// Every certificate ever issued to this device, oldest first.
-    pub certificates: Vec<Serial>,
+    pub certificates: Vec<CertKey>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -189,10 +195,15 @@ pub struct CertRecord {
     pub revocation: Option<Revocation>,
     /// Its device's status, mirrored here on every device change.
     pub device_status: Status,
-    /// The manufacturer whose CA issued it, if not fleetgate's issuing CA:
-    /// revoking the manufacturer revokes it.
+    /// The manufacturer whose CA issued it (the chain runs through that
+    /// CA), if not fleetgate's own: part of its key.
     #[serde(default)]
     pub manufacturer: Option<String>,
+    /// Its device's manufacturer, mirrored here: revoking the manufacturer
+    /// revokes every certificate of its devices, whoever signed it (a
+    /// device of a registered manufacturer rotated by fleetgate's CA).
+    #[serde(default)]
+    pub device_manufacturer: Option<String>,
 }
 
 /// What the registry says of a certificate, for admission and status answers.
@@ -207,6 +218,25 @@ pub enum Standing {
 }
 
 impl CertRecord {
+    /// Its key in the registry.
+    pub fn key(&self) -> CertKey {
+        CertKey::new(
+            self.manufacturer.as_deref(),
+            &self.issuer,
+            self.serial.clone(),
+        )
+    }
+
+    /// The manufacturers whose revocation takes this certificate along.
+    pub fn manufacturers(&self) -> impl Iterator<Item = &str> {
+        let signer = self.manufacturer.as_deref();
+        let device = self
+            .device_manufacturer
+            .as_deref()
+            .filter(|d| Some(*d) != signer);
+        signer.into_iter().chain(device)
+    }
+
     /// The certificate's standing, its own revocation first, then its device's.
     /// Validity dates are checked by whoever verifies the chain.
     pub fn standing(&self, device_revocation: Option<Revocation>) -> Standing {
@@ -228,6 +258,9 @@ impl CertRecord {
 /// A certificate as the API shows it: the record and its standing now.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CertView {
+    /// The certificate's key (`<serial>:<scope>`), which names it in the
+    /// API when its serial alone is ambiguous.
+    pub key: CertKey,
     #[serde(flatten)]
     pub record: CertRecord,
     /// `good`, `suspended`, `revoked` or `expired`.
@@ -290,6 +323,17 @@ pub struct Page<T> {
 }
 
 pub const MAX_PAGE: usize = 1000;
+
+/// Devices revoked in one bulk revocation at most.
+pub const MAX_BULK: usize = 10_000;
+
+/// What a bulk revocation did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BulkRevocation {
+    pub revoked: Vec<DeviceId>,
+    pub already_revoked: Vec<DeviceId>,
+    pub not_found: Vec<DeviceId>,
+}
 
 #[derive(Clone)]
 pub struct Registry {
@@ -370,6 +414,32 @@ fn enroll_detail(d: &DeviceRecord, cert: &IssuedCert) -> String {
 }
 
 impl Tx<'_> {
+    /// Moves device `d` to status `to`, mirrored into its certificates, with
+    /// an audit entry (`detail` appended to its words).
+    fn change_status(
+        &self,
+        mut d: DeviceRecord,
+        to: Status,
+        revocation: Option<Revocation>,
+        action: &str,
+        actor: &str,
+        detail: &str,
+    ) -> TxResult<DeviceRecord> {
+        let old = d.status;
+        d.status = to;
+        d.revocation = revocation;
+        let now = revocation.map_or_else(OffsetDateTime::now_utc, |r| r.at);
+        d.updated_at = now;
+        self.put_device(Some(old), &d)?;
+        self.mirror_status(&d)?;
+        let words = match revocation {
+            Some(r) => format!("{old} -> {to}, reason {}{detail}", r.reason),
+            None => format!("{old} -> {to}{detail}"),
+        };
+        self.audit(actor, action, Some(&d.id), None, words, now)?;
+        Ok(d)
+    }
+
     /// A new device record holding `cert`; fails if the id is taken.
     fn new_device(
         &self,
@@ -423,26 +493,26 @@ impl Tx<'_> {
         Ok(())
     }
 
-    fn cert(&self, serial: &Serial) -> TxResult<CertRecord> {
-        match self.certs.get(serial.as_bytes()).map_err(storage)? {
+    fn cert(&self, key: &CertKey) -> TxResult<CertRecord> {
+        match self.certs.get(key.to_bytes()).map_err(storage)? {
             Some(v) => decode("certificate", &v).or_else(abort),
             None => abort(Error::CertNotFound {
-                serial: serial.to_hex(),
+                serial: key.to_string(),
             }),
         }
     }
 
     fn put_cert(&self, c: &CertRecord) -> TxResult<()> {
         self.certs
-            .insert(c.serial.as_bytes(), encode(c))
+            .insert(c.key().to_bytes(), encode(c))
             .map_err(storage)?;
         Ok(())
     }
 
     /// Mirrors the device's status into each of its certificates.
     fn mirror_status(&self, d: &DeviceRecord) -> TxResult<()> {
-        for serial in &d.certificates {
-            let mut c = self.cert(serial)?;
+        for key in &d.certificates {
+            let mut c = self.cert(key)?;
             c.device_status = d.status;
             self.put_cert(&c)?;
         }
@@ -461,21 +531,22 @@ impl Tx<'_> {
             revocation: None,
             device_status: d.status,
             manufacturer: cert.manufacturer.clone(),
+            device_manufacturer: d.manufacturer.clone(),
         };
-        if self
-            .certs
-            .get(rec.serial.as_bytes())
-            .map_err(storage)?
-            .is_some()
-        {
-            // 159 random bits: a collision means a broken RNG, not bad luck.
-            return abort(Error::Crypto(format!("serial {} issued twice", rec.serial)));
+        let key = rec.key();
+        if self.certs.get(key.to_bytes()).map_err(storage)?.is_some() {
+            // Ours have 159 random bits; a manufacturer's serial is unique
+            // per issuer, and admission found none under this one.
+            return abort(Error::CertExists {
+                serial: rec.serial.to_hex(),
+                issuer: rec.issuer.clone(),
+            });
         }
         self.put_cert(&rec)?;
         self.fingerprints
-            .insert(rec.fingerprint.as_bytes(), rec.serial.as_bytes())
+            .insert(rec.fingerprint.as_bytes(), key.to_bytes())
             .map_err(storage)?;
-        d.certificates.push(rec.serial);
+        d.certificates.push(key);
         Ok(())
     }
 
@@ -514,8 +585,20 @@ impl Registry {
             .path(path)
             // We flush explicitly before acknowledging; no need for a timer.
             .flush_every_ms(None)
-            .open()?;
-        Ok(Self {
+            .open()
+            .map_err(|e| match &e {
+                // sled holds an exclusive lock on its files while open.
+                sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                    Error::DataDir {
+                        path: path.to_owned(),
+                        reason: "another fleetgate is using this data dir (its registry is \
+                                 locked); stop it first, or pass another --data-dir"
+                            .into(),
+                    }
+                }
+                _ => Error::from(e),
+            })?;
+        Self {
             devices: db.open_tree("devices")?,
             certs: db.open_tree("certs")?,
             fingerprints: db.open_tree("fingerprints")?,
@@ -526,7 +609,72 @@ impl Registry {
             claims: db.open_tree("claims")?,
             challenges: db.open_tree("challenges")?,
             db,
-        })
+        }
+        .migrated()
+    }
+
+    /// Brings an older registry layout up to [`SCHEMA`]. Idempotent, so an
+    /// interrupted migration simply runs again on the next open: the
+    /// certificate records themselves say what their keys must be.
+    fn migrated(self) -> Result<Self, Error> {
+        let version = self
+            .meta
+            .get("schema")?
+            .and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
+            .map_or(1, u64::from_be_bytes);
+        if version >= SCHEMA {
+            return Ok(self);
+        }
+        if self.devices.is_empty() && self.certs.is_empty() {
+            self.meta.insert("schema", &SCHEMA.to_be_bytes())?;
+            self.db.flush()?;
+            return Ok(self);
+        }
+        // Version 1 keyed certificates by serial alone. Device records
+        // list serials (v1) or keys (v2, if interrupted half way).
+        let mut device_of = std::collections::HashMap::new();
+        for kv in self.devices.iter() {
+            let (_, v) = kv?;
+            let d: serde_json::Value =
+                serde_json::from_slice(&v).map_err(|e| Error::Corrupt(format!("device: {e}")))?;
+            if let (Some(id), m) = (d["id"].as_str(), d["manufacturer"].as_str()) {
+                device_of.insert(id.to_owned(), m.map(str::to_owned));
+            }
+        }
+        let mut keys = std::collections::HashMap::new();
+        for kv in self.certs.iter() {
+            let (k, v) = kv?;
+            let mut c: CertRecord = decode("certificate", &v)?;
+            c.device_manufacturer = device_of.get(c.device_id.as_str()).cloned().flatten();
+            let key = c.key();
+            self.certs.insert(key.to_bytes(), encode(&c))?;
+            if k.as_ref() != key.to_bytes().as_slice() {
+                self.certs.remove(k)?;
+            }
+            self.fingerprints
+                .insert(c.fingerprint.as_bytes(), key.to_bytes())?;
+            keys.insert(c.serial.to_hex(), key);
+        }
+        for kv in self.devices.iter() {
+            let (k, v) = kv?;
+            let mut d: serde_json::Value =
+                serde_json::from_slice(&v).map_err(|e| Error::Corrupt(format!("device: {e}")))?;
+            if let Some(list) = d["certificates"].as_array_mut() {
+                for entry in list.iter_mut() {
+                    if let Some(key) = entry.as_str().and_then(|s| keys.get(s)) {
+                        *entry = serde_json::Value::String(key.to_string());
+                    }
+                }
+            }
+            self.devices.insert(k, encode(&d))?;
+        }
+        self.meta.insert("schema", &SCHEMA.to_be_bytes())?;
+        self.db.flush()?;
+        tracing::info!(
+            certificates = keys.len(),
+            "registry migrated: certificates keyed by issuer and serial"
+        );
+        Ok(self)
     }
 
     /// Runs `f` as one transaction over all trees, then flushes.
@@ -628,6 +776,30 @@ impl Registry {
     ) -> Result<DeviceRecord, Error> {
         let now = OffsetDateTime::now_utc();
         self.transact(|tx| {
+            if let Some(name) = &new.manufacturer {
+                let mut m: ManufacturerRecord =
+                    match tx.manufacturers.get(name.as_bytes()).map_err(storage)? {
+                        Some(v) => decode("manufacturer", &v).or_else(abort)?,
+                        None => {
+                            return abort(Error::ManufacturerNotFound {
+                                name: name.to_owned(),
+                            })
+                        }
+                    };
+                if m.jit_registered >= m.jit_quota() {
+                    return abort(Error::QuotaExceeded {
+                        reason: format!(
+                            "manufacturer {name} has registered {} devices just in time, its \
+                             quota (fleetgate manufacturer quota {name} N raises it)",
+                            m.jit_registered
+                        ),
+                    });
+                }
+                m.jit_registered += 1;
+                tx.manufacturers
+                    .insert(name.as_bytes(), encode(&m))
+                    .map_err(storage)?;
+            }
             let d = tx.new_device(new, cert, status, now)?;
             tx.audit(
                 actor,
@@ -818,6 +990,41 @@ impl Registry {
         })
     }
 
+    /// Sets how many devices manufacturer `name` may register just in time.
+    pub fn set_jit_quota(
+        &self,
+        name: &str,
+        quota: u64,
+        actor: &str,
+    ) -> Result<ManufacturerRecord, Error> {
+        let at = now_seconds();
+        self.transact(|tx| {
+            let mut m: ManufacturerRecord =
+                match tx.manufacturers.get(name.as_bytes()).map_err(storage)? {
+                    Some(v) => decode("manufacturer", &v).or_else(abort)?,
+                    None => {
+                        return abort(Error::ManufacturerNotFound {
+                            name: name.to_owned(),
+                        })
+                    }
+                };
+            let old = m.jit_quota();
+            m.jit_quota = Some(quota);
+            tx.manufacturers
+                .insert(name.as_bytes(), encode(&m))
+                .map_err(storage)?;
+            tx.audit(
+                actor,
+                "manufacturer-quota",
+                None,
+                Some(&m.serial),
+                format!("manufacturer {name}: just-in-time quota {old} -> {quota}"),
+                at,
+            )?;
+            Ok(m)
+        })
+    }
+
     /// Stores the proof-of-possession challenge for `name`, replacing any.
     pub fn set_challenge(&self, name: &str, c: &Challenge) -> Result<(), Error> {
         self.challenges.insert(name.as_bytes(), encode(c))?;
@@ -879,7 +1086,7 @@ impl Registry {
         actor: &str,
     ) -> Result<DeviceRecord, Error> {
         self.transact(|tx| {
-            let mut d = tx.device(id)?;
+            let d = tx.device(id)?;
             if !from.contains(&d.status) {
                 return abort(Error::InvalidTransition {
                     id: id.clone(),
@@ -887,20 +1094,96 @@ impl Registry {
                     action,
                 });
             }
-            let old = d.status;
-            d.status = to;
-            d.revocation = revocation;
-            let now = revocation.map_or_else(OffsetDateTime::now_utc, |r| r.at);
-            d.updated_at = now;
-            tx.put_device(Some(old), &d)?;
-            tx.mirror_status(&d)?;
-            let detail = match revocation {
-                Some(r) => format!("{old} -> {to}, reason {}", r.reason),
-                None => format!("{old} -> {to}"),
-            };
-            tx.audit(actor, action, Some(id), None, detail, now)?;
-            Ok(d)
+            tx.change_status(d, to, revocation, action, actor, "")
         })
+    }
+
+    /// Revokes many devices in one transaction and one flush: an incident
+    /// (a compromised production lot) at the cost of one write. Unknown and
+    /// already revoked ids are reported, not failed; each revoked device
+    /// gets its own audit entry.
+    pub fn revoke_many(
+        &self,
+        ids: &[DeviceId],
+        reason: RevocationReason,
+        actor: &str,
+    ) -> Result<BulkRevocation, Error> {
+        if ids.len() > MAX_BULK {
+            return Err(Error::TooLarge {
+                len: ids.len(),
+                max: MAX_BULK,
+            });
+        }
+        let mut unique: Vec<&DeviceId> = ids.iter().collect();
+        unique.sort();
+        unique.dedup();
+        let revocation = Revocation {
+            reason,
+            at: now_seconds(),
+        };
+        self.transact(|tx| {
+            let mut out = BulkRevocation::default();
+            for id in &unique {
+                let d = match tx.devices.get(id.as_str()).map_err(storage)? {
+                    Some(v) => decode::<DeviceRecord>("device", &v).or_else(abort)?,
+                    None => {
+                        out.not_found.push((*id).clone());
+                        continue;
+                    }
+                };
+                if d.status == Status::Revoked {
+                    out.already_revoked.push((*id).clone());
+                    continue;
+                }
+                tx.change_status(
+                    d,
+                    Status::Revoked,
+                    Some(revocation),
+                    "revoke",
+                    actor,
+                    " (bulk revocation)",
+                )?;
+                out.revoked.push((*id).clone());
+            }
+            Ok(out)
+        })
+    }
+
+    /// The ids of devices made by `manufacturer` (any, if `None`) holding a
+    /// certificate whose validity began in `[issued_after, issued_before)`:
+    /// a production lot, for [`Registry::revoke_many`]. At most
+    /// [`MAX_BULK`] + 1 (more means too many for one call).
+    pub fn select_devices(
+        &self,
+        manufacturer: Option<&str>,
+        issued_after: Option<OffsetDateTime>,
+        issued_before: Option<OffsetDateTime>,
+    ) -> Result<Vec<DeviceId>, Error> {
+        let mut out = Vec::new();
+        for kv in self.devices.iter() {
+            let (_, v) = kv?;
+            let d: DeviceRecord = decode("device", &v)?;
+            if manufacturer.is_some() && d.manufacturer.as_deref() != manufacturer {
+                continue;
+            }
+            let mut in_window = issued_after.is_none() && issued_before.is_none();
+            for key in &d.certificates {
+                if in_window {
+                    break;
+                }
+                if let Some(c) = self.certificate(key)? {
+                    in_window = issued_after.is_none_or(|t| c.not_before >= t)
+                        && issued_before.is_none_or(|t| c.not_before < t);
+                }
+            }
+            if in_window {
+                out.push(d.id);
+                if out.len() > MAX_BULK {
+                    break;
+                }
+            }
+        }
+        Ok(out)
     }
 
     pub fn suspend(&self, id: &DeviceId, actor: &str) -> Result<DeviceRecord, Error> {
@@ -961,13 +1244,14 @@ impl Registry {
     /// Revokes one certificate; the device keeps its others.
     pub fn revoke_certificate(
         &self,
-        serial: &Serial,
+        key: &CertKey,
         reason: RevocationReason,
         actor: &str,
     ) -> Result<CertRecord, Error> {
         let at = now_seconds();
+        let serial = &key.serial;
         self.transact(|tx| {
-            let mut c = tx.cert(serial)?;
+            let mut c = tx.cert(key)?;
             if c.revocation.is_some() {
                 return abort(Error::InvalidInput {
                     reason: format!("certificate {serial} is already revoked"),
@@ -999,13 +1283,13 @@ impl Registry {
         let d = self.device(id)?;
         let now = OffsetDateTime::now_utc();
         let mut certificates = Vec::with_capacity(d.certificates.len());
-        for serial in &d.certificates {
-            let c = self.certificate(serial)?.ok_or_else(|| {
+        for key in &d.certificates {
+            let (c, standing) = self.standing(key)?.ok_or_else(|| {
                 Error::Corrupt(format!(
-                    "device {id} lists certificate {serial}, which is missing"
+                    "device {id} lists certificate {key}, which is missing"
                 ))
             })?;
-            let status = match c.standing(d.revocation) {
+            let status = match standing {
                 Standing::Revoked(_) => "revoked",
                 Standing::Suspended => "suspended",
                 Standing::Pending => "pending",
@@ -1013,6 +1297,7 @@ impl Registry {
                 Standing::Good => "good",
             };
             certificates.push(CertView {
+                key: key.clone(),
                 status: status.to_owned(),
                 record: c,
             });
@@ -1030,32 +1315,44 @@ impl Registry {
     }
 
     /// The admission lookup: one read.
-    pub fn certificate(&self, serial: &Serial) -> Result<Option<CertRecord>, Error> {
+    pub fn certificate(&self, key: &CertKey) -> Result<Option<CertRecord>, Error> {
         self.certs
-            .get(serial.as_bytes())?
+            .get(key.to_bytes())?
             .map(|v| decode("certificate", &v))
             .transpose()
     }
 
+    /// Every certificate with `serial`, whoever issued it (usually one).
+    pub fn certificates_with_serial(&self, serial: &Serial) -> Result<Vec<CertRecord>, Error> {
+        self.certs
+            .scan_prefix(CertKey::serial_prefix(serial))
+            .map(|kv| decode("certificate", &kv?.1))
+            .collect()
+    }
+
     pub fn certificate_by_fingerprint(&self, fp: &str) -> Result<Option<CertRecord>, Error> {
         match self.fingerprints.get(fp.as_bytes())? {
-            Some(serial) => self.certificate(&Serial::from_bytes(&serial)?),
+            Some(key) => self.certificate(&CertKey::from_bytes(&key)?),
             None => Ok(None),
         }
     }
 
     /// A certificate's standing, with the device's revocation data if the
-    /// device is what was revoked. `None` for a serial we never issued.
-    pub fn standing(&self, serial: &Serial) -> Result<Option<(CertRecord, Standing)>, Error> {
-        let Some(c) = self.certificate(serial)? else {
+    /// device is what was revoked. `None` for a certificate never registered.
+    pub fn standing(&self, key: &CertKey) -> Result<Option<(CertRecord, Standing)>, Error> {
+        let Some(c) = self.certificate(key)? else {
             return Ok(None);
         };
         if c.revocation.is_none() {
-            if let Some(m) = &c.manufacturer {
-                // A revoked manufacturer takes every certificate under it along.
-                if let Some(r) = self.manufacturer(m)?.and_then(|m| m.revocation) {
-                    return Ok(Some((c, Standing::Revoked(r))));
-                }
+            // A revoked manufacturer takes every certificate of its devices
+            // along, whichever CA signed it.
+            let mut by_manufacturer = None;
+            for m in c.manufacturers() {
+                by_manufacturer =
+                    by_manufacturer.or(self.manufacturer(m)?.and_then(|m| m.revocation));
+            }
+            if let Some(r) = by_manufacturer {
+                return Ok(Some((c, Standing::Revoked(r))));
             }
         }
         let device_revocation = if c.revocation.is_none() && c.device_status == Status::Revoked {
@@ -1140,17 +1437,30 @@ impl Registry {
         Ok(Page { items, next })
     }
 
-    /// Every unexpired certificate of `issuer` that is revoked or on hold.
-    pub fn revoked_by_issuer(&self, issuer: &str) -> Result<Vec<Listed>, Error> {
+    /// Every unexpired certificate `issuer` signed (under `manufacturer`)
+    /// that is revoked or on hold.
+    pub fn revoked_by_issuer(
+        &self,
+        manufacturer: Option<&str>,
+        issuer: &str,
+    ) -> Result<Vec<Listed>, Error> {
         let now = OffsetDateTime::now_utc();
         let mut out = Vec::new();
         for kv in self.certs.iter() {
             let (_, v) = kv?;
             let c: CertRecord = decode("certificate", &v)?;
-            if c.issuer != issuer || c.not_after < now {
+            if c.issuer != issuer || c.manufacturer.as_deref() != manufacturer || c.not_after < now
+            {
                 continue;
             }
-            let listed = match (c.revocation, c.device_status) {
+            // A revoked manufacturer lists its devices' certificates too.
+            let mut revocation = c.revocation;
+            if revocation.is_none() {
+                for m in c.manufacturers() {
+                    revocation = revocation.or(self.manufacturer(m)?.and_then(|m| m.revocation));
+                }
+            }
+            let listed = match (revocation, c.device_status) {
                 (Some(r), _) => Some((r.at, Some(r.reason))),
                 (None, Status::Revoked) => {
                     let d = self.device(&c.device_id)?;
@@ -1218,8 +1528,8 @@ impl Registry {
         for kv in self.certs.iter() {
             let (k, v) = kv?;
             match decode::<CertRecord>("certificate", &v) {
-                Ok(c) if c.serial.as_bytes() == k.as_ref() => {
-                    certs.insert(c.serial.clone(), c);
+                Ok(c) if c.key().to_bytes() == k.as_ref() => {
+                    certs.insert(c.key(), c);
                 }
                 Ok(c) => problem(format!("certificate {} stored under another key", c.serial)),
                 Err(e) => problem(format!("certificate record: {e}")),
@@ -1228,6 +1538,10 @@ impl Registry {
         for d in devices.values() {
             for serial in &d.certificates {
                 match certs.get(serial) {
+                    Some(c) if c.device_manufacturer != d.manufacturer => problem(format!(
+                        "certificate {serial} mirrors manufacturer {:?} but device {} has {:?}",
+                        c.device_manufacturer, d.id, d.manufacturer
+                    )),
                     None => problem(format!(
                         "device {} lists certificate {serial}, which is missing",
                         d.id
@@ -1259,14 +1573,14 @@ impl Registry {
                     "certificate {} names device {}, which is missing",
                     c.serial, c.device_id
                 )),
-                Some(d) if !d.certificates.contains(&c.serial) => problem(format!(
+                Some(d) if !d.certificates.contains(&c.key()) => problem(format!(
                     "certificate {} names device {}, which does not list it",
                     c.serial, c.device_id
                 )),
                 Some(_) => {}
             }
             match self.fingerprints.get(c.fingerprint.as_bytes())? {
-                Some(s) if s.as_ref() == c.serial.as_bytes() => {}
+                Some(s) if s.as_ref() == c.key().to_bytes() => {}
                 Some(_) => problem(format!(
                     "fingerprint of {} points at another serial",
                     c.serial
@@ -1283,10 +1597,10 @@ impl Registry {
             }
         }
         for kv in self.fingerprints.iter() {
-            let (fp, serial) = kv?;
-            let known = Serial::from_bytes(&serial)
+            let (fp, key) = kv?;
+            let known = CertKey::from_bytes(&key)
                 .ok()
-                .and_then(|s| certs.get(&s))
+                .and_then(|k| certs.get(&k))
                 .is_some_and(|c| c.fingerprint.as_bytes() == fp.as_ref());
             if !known {
                 problem(format!(
@@ -1400,13 +1714,12 @@ mod tests {
         r.by_status
             .remove(status_key(Status::Suspended, &id))
             .unwrap();
-        r.fingerprints
-            .insert(b"feed", cert.serial.as_bytes())
-            .unwrap();
+        let key = CertKey::new(None, &cert.issuer, cert.serial.clone());
+        r.fingerprints.insert(b"feed", key.to_bytes()).unwrap();
         let mut c: CertRecord =
-            decode("c", &r.certs.get(cert.serial.as_bytes()).unwrap().unwrap()).unwrap();
+            decode("c", &r.certs.get(key.to_bytes()).unwrap().unwrap()).unwrap();
         c.device_status = Status::Active;
-        r.certs.insert(cert.serial.as_bytes(), encode(&c)).unwrap();
+        r.certs.insert(key.to_bytes(), encode(&c)).unwrap();
         let report = r.check().unwrap();
         let all = report.problems.join("\n");
         assert!(
@@ -1419,5 +1732,186 @@ mod tests {
             "{all}"
         );
         assert_eq!(report.problems.len(), 3, "{all}");
+    }
+
+    #[test]
+    fn a_version_1_registry_is_migrated_on_open() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("registry");
+        let auth = Authority::open_or_init(tmp.path(), &InitOptions::default()).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut keys = Vec::new();
+        for (id, m) in [("dev-1", None), ("dev-2", Some("acme"))] {
+            let identity = crate::Identity {
+                role: Role::Device,
+                id: DeviceId::try_new(id).unwrap(),
+            };
+            let cert = auth
+                .ca
+                .issue(&key, &identity, DEFAULT_CERT_LIFETIME)
+                .unwrap();
+            let new = NewDevice {
+                id: identity.id.clone(),
+                role: Role::Device,
+                manufacturer: m.map(str::to_owned),
+            };
+            auth.registry.enroll(&new, &cert, "test").unwrap();
+            keys.push(cert.key());
+        }
+        // Write it back as version 1 did: certificates by serial, devices
+        // listing serials, no device_manufacturer mirror, no schema mark.
+        let r = &auth.registry;
+        for k in &keys {
+            let v = r.certs.remove(k.to_bytes()).unwrap().unwrap();
+            let mut c: serde_json::Value = serde_json::from_slice(&v).unwrap();
+            c.as_object_mut().unwrap().remove("device_manufacturer");
+            r.certs.insert(k.serial.as_bytes(), encode(&c)).unwrap();
+            let fp = c["fingerprint"].as_str().unwrap().to_owned();
+            r.fingerprints
+                .insert(fp.as_bytes(), k.serial.as_bytes())
+                .unwrap();
+        }
+        for kv in r.devices.iter() {
+            let (id, v) = kv.unwrap();
+            let mut d: serde_json::Value = serde_json::from_slice(&v).unwrap();
+            for c in d["certificates"].as_array_mut().unwrap() {
+                let serial = c.as_str().unwrap().split(':').next().unwrap().to_owned();
+                *c = serde_json::Value::String(serial);
+            }
+            r.devices.insert(id, encode(&d)).unwrap();
+        }
+        r.meta.remove("schema").unwrap();
+        r.flush().unwrap();
+        drop(auth);
+
+        let r = Registry::open(&path).unwrap();
+        let report = r.check().unwrap();
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
+        for k in &keys {
+            assert_eq!(r.standing(k).unwrap().unwrap().1, Standing::Good);
+        }
+        let d2 = r.device(&DeviceId::try_new("dev-2").unwrap()).unwrap();
+        assert_eq!(d2.certificates, vec![keys[1].clone()]);
+        let c2 = r.certificate(&keys[1]).unwrap().unwrap();
+        assert_eq!(c2.device_manufacturer.as_deref(), Some("acme"));
+        // Opening again changes nothing.
+        drop(r);
+        let r = Registry::open(&path).unwrap();
+        assert!(r.check().unwrap().problems.is_empty());
+    }
+
+    #[test]
+    fn a_manufacturer_revocation_takes_certificates_fleetgate_signed_for_its_devices() {
+        // A registered manufacturer's device, rotated: fleetgate's issuing CA
+        // signs (it has no key of the manufacturer's), the device's
+        // manufacturer still decides the certificate's standing.
+        let tmp = tempfile::tempdir().unwrap();
+        let auth = Authority::open_or_init(tmp.path(), &InitOptions::default()).unwrap();
+        let (rec, _) = auth
+            .create_manufacturer(
+                &DeviceId::try_new("acme").unwrap(),
+                crate::manufacturer::JitPolicy::AutoActivate,
+                "test",
+            )
+            .unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let identity = crate::Identity {
+            role: Role::Device,
+            id: DeviceId::try_new("dev-1").unwrap(),
+        };
+        let first = auth
+            .ca
+            .issue(&key, &identity, DEFAULT_CERT_LIFETIME)
+            .unwrap();
+        let new = NewDevice {
+            id: identity.id.clone(),
+            role: Role::Device,
+            manufacturer: Some(rec.name.to_string()),
+        };
+        auth.registry.enroll(&new, &first, "test").unwrap();
+        let second = auth
+            .ca
+            .issue(&key, &identity, DEFAULT_CERT_LIFETIME)
+            .unwrap();
+        auth.registry
+            .add_certificate(&identity.id, &second, "test")
+            .unwrap();
+        assert_eq!(first.manufacturer, None, "signed by fleetgate's own CA");
+        for c in [&first, &second] {
+            assert_eq!(
+                auth.registry.standing(&c.key()).unwrap().unwrap().1,
+                Standing::Good
+            );
+        }
+        auth.registry
+            .revoke_manufacturer("acme", RevocationReason::CaCompromise, "test")
+            .unwrap();
+        for c in [&first, &second] {
+            assert!(matches!(
+                auth.registry.standing(&c.key()).unwrap().unwrap().1,
+                Standing::Revoked(_)
+            ));
+        }
+        let view = auth.registry.device_view(&identity.id).unwrap();
+        assert!(
+            view.certificates.iter().all(|c| c.status == "revoked"),
+            "{view:?}"
+        );
+        let listed = auth
+            .registry
+            .revoked_by_issuer(None, auth.ca.issuing_name())
+            .unwrap();
+        assert_eq!(listed.len(), 2, "the issuing CA's CRL lists both");
+    }
+
+    #[test]
+    fn bulk_revocation_is_one_transaction() {
+        let tmp = tempfile::tempdir().unwrap();
+        let auth = Authority::open_or_init(tmp.path(), &InitOptions::default()).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut ids = Vec::new();
+        for i in 0..50 {
+            let identity = crate::Identity {
+                role: Role::Device,
+                id: DeviceId::try_new(format!("d-{i}")).unwrap(),
+            };
+            let cert = auth
+                .ca
+                .issue(&key, &identity, DEFAULT_CERT_LIFETIME)
+                .unwrap();
+            let new = NewDevice {
+                id: identity.id.clone(),
+                role: Role::Device,
+                manufacturer: None,
+            };
+            auth.registry.enroll(&new, &cert, "test").unwrap();
+            ids.push(identity.id);
+        }
+        let r = &auth.registry;
+        r.revoke(&ids[0], RevocationReason::KeyCompromise, "test")
+            .unwrap();
+        let mut asked = ids[..40].to_vec();
+        asked.push(DeviceId::try_new("ghost").unwrap());
+        asked.push(ids[1].clone());
+        let out = r
+            .revoke_many(&asked, RevocationReason::KeyCompromise, "test")
+            .unwrap();
+        assert_eq!(out.revoked.len(), 39);
+        assert_eq!(out.already_revoked, vec![ids[0].clone()]);
+        assert_eq!(out.not_found, vec![DeviceId::try_new("ghost").unwrap()]);
+        for id in &ids[..40] {
+            assert_eq!(r.device(id).unwrap().status, Status::Revoked);
+        }
+        assert_eq!(r.device(&ids[40]).unwrap().status, Status::Active);
+        assert!(r.check().unwrap().problems.is_empty());
+        let selected = r.select_devices(None, None, None).unwrap();
+        assert_eq!(selected.len(), 51, "every device and the admin");
+        let too_many: Vec<DeviceId> = (0..=MAX_BULK)
+            .map(|i| DeviceId::try_new(format!("x-{i}")).unwrap())
+            .collect();
+        assert!(matches!(
+            r.revoke_many(&too_many, RevocationReason::Unspecified, "test"),
+            Err(Error::TooLarge { .. })
+        ));
     }
 }

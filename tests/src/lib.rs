@@ -89,10 +89,14 @@ impl Server {
             // Every test client comes from 127.0.0.1: no per-address
             // limit, unless a test sets one.
             .args(
-                (!extra.contains(&"--connect-rate-per-ip"))
-                    .then_some(["--connect-rate-per-ip", "0"])
-                    .into_iter()
-                    .flatten(),
+                [
+                    ["--connect-rate-per-ip", "0"],
+                    ["--http-rate-per-ip", "0"],
+                    ["--http-max-per-ip", "100000"],
+                ]
+                .into_iter()
+                .filter(|[flag, _]| !extra.contains(flag))
+                .flatten(),
             )
             .args(extra)
             .env("FLEETGATE_LOG", "info,sled=warn")
@@ -397,6 +401,12 @@ pub mod pki {
         pub is_ca: bool,
         /// Key usage digitalSignature (without it: keyEncipherment only).
         pub digital_signature: bool,
+        /// Whether there is an extended key usage extension at all.
+        pub eku: bool,
+        /// The serial, big-endian; random if `None`.
+        pub serial: Option<Vec<u8>>,
+        /// The subject's CN.
+        pub cn: String,
     }
 
     impl Spec {
@@ -410,6 +420,9 @@ pub mod pki {
                 client_auth: true,
                 is_ca: false,
                 digital_signature: true,
+                eku: true,
+                serial: None,
+                cn: "test".into(),
             }
         }
     }
@@ -465,6 +478,27 @@ pub mod pki {
             params.signed_by(&key, &self.issuer).expect("sign").pem()
         }
 
+        /// A self-signed CA named `cn`, valid until `not_after` (a
+        /// manufacturer's own root, to register).
+        pub fn self_signed_until(cn: &str, not_after: OffsetDateTime) -> Self {
+            let key = KeyPair::generate().expect("key");
+            let mut params = CertificateParams::default();
+            params.distinguished_name = DistinguishedName::new();
+            params.distinguished_name.push(DnType::CommonName, cn);
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.key_usages = vec![
+                KeyUsagePurpose::KeyCertSign,
+                KeyUsagePurpose::DigitalSignature,
+            ];
+            params.not_before = OffsetDateTime::now_utc() - time::Duration::hours(1);
+            params.not_after = not_after;
+            let cert = params.self_signed(&key).expect("self-signed");
+            Self {
+                cert_pem: cert.pem(),
+                issuer: Issuer::new(params, key),
+            }
+        }
+
         /// A CA nobody trusts.
         pub fn foreign() -> Self {
             let key = KeyPair::generate().expect("key");
@@ -500,7 +534,12 @@ pub mod pki {
     fn params_for(spec: &Spec) -> CertificateParams {
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
-        params.distinguished_name.push(DnType::CommonName, "test");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, spec.cn.as_str());
+        if let Some(serial) = &spec.serial {
+            params.serial_number = Some(rcgen::SerialNumber::from_slice(serial));
+        }
         params.subject_alt_names = vec![SanType::URI(spec.uri.clone().try_into().expect("uri"))];
         params.not_before = spec.not_before;
         params.not_after = spec.not_after;
@@ -516,10 +555,10 @@ pub mod pki {
         } else {
             params.key_usages = vec![KeyUsagePurpose::KeyEncipherment];
         }
-        params.extended_key_usages = if spec.client_auth {
-            vec![ExtendedKeyUsagePurpose::ClientAuth]
-        } else {
-            vec![ExtendedKeyUsagePurpose::ServerAuth]
+        params.extended_key_usages = match (spec.eku, spec.client_auth) {
+            (false, _) => vec![],
+            (true, true) => vec![ExtendedKeyUsagePurpose::ClientAuth],
+            (true, false) => vec![ExtendedKeyUsagePurpose::ServerAuth],
         };
         params
     }

@@ -53,6 +53,9 @@ pub struct CreateBody {
     /// `auto-activate` (default) or `pending`.
     #[serde(default)]
     pub policy: Option<String>,
+    /// Devices it may register just in time (default 100,000).
+    #[serde(default)]
+    pub jit_quota: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize, Debug)]
@@ -73,8 +76,15 @@ pub async fn create(
     let policy = policy(body.policy)?;
     let auth = st.auth.clone();
     let actor = admin.actor();
+    let quota = body.jit_quota;
     let (manufacturer, key_pem) = st
-        .write(move || auth.create_manufacturer(&name, policy, &actor))
+        .write(move || {
+            let (mut m, key) = auth.create_manufacturer(&name, policy, &actor)?;
+            if let Some(q) = quota {
+                m = auth.registry.set_jit_quota(name.as_str(), q, &actor)?;
+            }
+            Ok((m, key))
+        })
         .await?;
     st.manufacturers_changed()?;
     tracing::info!(manufacturer = %manufacturer.name, by = %admin.id, "manufacturer CA issued");
@@ -86,6 +96,28 @@ pub async fn create(
             ca_pem: st.auth.ca.root_pem().to_owned(),
         }),
     ))
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaBody {
+    pub jit_quota: u64,
+}
+
+/// Sets how many devices a manufacturer may register just in time.
+pub async fn quota(
+    State(st): State<AppState>,
+    admin: Admin,
+    Path(name): Path<String>,
+    Body(body): Body<QuotaBody>,
+) -> Result<Json<ManufacturerRecord>, ApiError> {
+    let auth = st.auth.clone();
+    let actor = admin.actor();
+    let m = st
+        .write(move || auth.registry.set_jit_quota(&name, body.jit_quota, &actor))
+        .await?;
+    tracing::info!(manufacturer = %m.name, jit_quota = body.jit_quota, by = %admin.id, "manufacturer quota set");
+    Ok(Json(m))
 }
 
 pub async fn list(

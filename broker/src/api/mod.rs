@@ -15,8 +15,8 @@ use axum::{Json, Router};
 use provisioning::ca::inspect_certificate;
 use provisioning::registry::{Page, MAX_PAGE};
 use provisioning::{
-    Authority, CertRecord, DeviceId, DeviceView, EnrollRequest, Error, Identity, RevocationReason,
-    Role, Serial, Standing, Status,
+    Authority, CertKey, CertRecord, DeviceId, DeviceView, EnrollRequest, Error, Identity,
+    RevocationReason, Role, Serial, Standing, Status,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
@@ -41,8 +41,11 @@ pub const MAX_LIFETIME_DAYS: u32 = 3650;
 pub enum Change {
     /// A device is no longer active: every connection of it must close.
     DeviceOut { id: DeviceId, status: Status },
+    /// Many devices were revoked at once (one write): their connections
+    /// must close.
+    DevicesRevoked { ids: Arc<Vec<DeviceId>> },
     /// One certificate was revoked: connections using it must close.
-    CertificateRevoked { serial: Serial },
+    CertificateRevoked { key: CertKey },
     /// A manufacturer was revoked: its devices' connections must close.
     ManufacturerRevoked { name: String },
 }
@@ -67,6 +70,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/devices/{id}/approve", post(approve))
         .route("/v1/devices/{id}/revoke", post(revoke))
         .route("/v1/devices/{id}/rotate", post(rotate))
+        .route("/v1/devices/revoke-batch", post(revoke_batch))
         .route("/v1/certificates/{serial}", get(show_certificate))
         .route("/v1/certificates/{serial}/revoke", post(revoke_certificate))
         .route("/v1/audit", get(audit))
@@ -92,6 +96,7 @@ pub fn router(state: AppState) -> Router {
             "/v1/manufacturers/{name}/revoke",
             post(manufacturers::revoke),
         )
+        .route("/v1/manufacturers/{name}/quota", post(manufacturers::quota))
         .route("/v1/claims", post(manufacturers::create_claim))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
@@ -162,12 +167,15 @@ impl From<Error> for ApiError {
             Error::TooLarge { .. } => (S::PAYLOAD_TOO_LARGE, "too_large"),
             Error::NotFound { .. } => (S::NOT_FOUND, "device_not_found"),
             Error::CertNotFound { .. } => (S::NOT_FOUND, "certificate_not_found"),
-            Error::AlreadyExists { .. } => (S::CONFLICT, "already_exists"),
+            Error::AlreadyExists { .. } | Error::CertExists { .. } => {
+                (S::CONFLICT, "already_exists")
+            }
             Error::InvalidTransition { .. } => (S::CONFLICT, "invalid_transition"),
             Error::ManufacturerNotFound { .. } => (S::NOT_FOUND, "manufacturer_not_found"),
             Error::ManufacturerRevoked { .. } => (S::CONFLICT, "manufacturer_revoked"),
             Error::ProofOfPossession { .. } => (S::BAD_REQUEST, "proof_of_possession_failed"),
             Error::ClaimExhausted { .. } => (S::CONFLICT, "claim_exhausted"),
+            Error::QuotaExceeded { .. } => (S::TOO_MANY_REQUESTS, "quota_exceeded"),
             Error::Storage(_) | Error::Io { .. } => {
                 tracing::error!(error = %e, "registry write failed: nothing was changed or acknowledged");
                 return Self::new(
@@ -291,23 +299,50 @@ impl FromRequestParts<AppState> for Admin {
                 format!("certificate of {role} {id} has no admin role"),
             ));
         }
-        let standing = state.auth.registry.standing(&info.serial)?;
-        match standing {
-            Some((rec, Standing::Good)) if rec.device_id == id && rec.role == Role::Admin => {
+        // Admin certificates come only from fleetgate's own issuing CA: a
+        // manufacturer CA (whose key a factory holds) can sign a leaf with
+        // any serial and URI, and that leaf chains to our root too.
+        if info.issuer != state.auth.ca.issuing_name() {
+            return Err(refuse(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!(
+                    "admin certificates are issued by fleetgate's issuing CA, not by {}",
+                    crate::printable(&info.issuer)
+                ),
+            ));
+        }
+        let key = CertKey::new(None, &info.issuer, info.serial.clone());
+        match state.auth.registry.standing(&key)? {
+            Some((rec, Standing::Good))
+                if rec.device_id == id
+                    && rec.role == Role::Admin
+                    && rec.manufacturer.is_none()
+                    && rec.fingerprint == info.fingerprint =>
+            {
                 Ok(Admin { id })
             }
             Some((_, Standing::Good)) => Err(refuse(
                 StatusCode::FORBIDDEN,
                 "forbidden",
                 format!(
-                    "certificate {} is not registered to admin {id}",
+                    "certificate {} is not the one registered to admin {id}",
                     info.serial
                 ),
             )),
             Some((_, s)) => Err(refuse(
                 StatusCode::FORBIDDEN,
                 "forbidden",
-                format!("admin certificate {} is {s:?}", info.serial),
+                format!(
+                    "admin certificate {} is {}",
+                    info.serial,
+                    match s {
+                        Standing::Revoked(r) => format!("revoked ({})", r.reason),
+                        Standing::Suspended => "suspended".into(),
+                        Standing::Pending => "pending approval".into(),
+                        Standing::Good => "good".into(),
+                    }
+                ),
             )),
             None => Err(refuse(
                 StatusCode::FORBIDDEN,
@@ -635,8 +670,139 @@ async fn revoke(
     Ok(Json(view))
 }
 
-fn serial(s: &str) -> Result<Serial, ApiError> {
-    Ok(s.parse::<Serial>()?)
+/// Which devices a bulk revocation takes: a list of ids, or a selector (a
+/// manufacturer's devices, optionally only those with a certificate whose
+/// validity began within a window: a production lot). Not both.
+#[derive(Deserialize, Serialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeBatchBody {
+    #[serde(default)]
+    pub ids: Option<Vec<String>>,
+    #[serde(default)]
+    pub manufacturer: Option<String>,
+    /// RFC 3339.
+    #[serde(default)]
+    pub issued_after: Option<String>,
+    /// RFC 3339.
+    #[serde(default)]
+    pub issued_before: Option<String>,
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+async fn revoke_batch(
+    State(st): State<AppState>,
+    admin: Admin,
+    Body(body): Body<RevokeBatchBody>,
+) -> Result<Json<provisioning::BulkRevocation>, ApiError> {
+    let invalid = |m: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_input", m);
+    let reason = reason(&RevokeBody {
+        reason: body.reason.clone(),
+    })?;
+    let time = |s: &Option<String>, what: &str| {
+        s.as_deref()
+            .map(|t| {
+                time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+                    .map_err(|e| {
+                        invalid(format!("{what}: {e} (RFC 3339, e.g. 2026-11-01T00:00:00Z)"))
+                    })
+            })
+            .transpose()
+    };
+    let (after, before) = (
+        time(&body.issued_after, "issued_after")?,
+        time(&body.issued_before, "issued_before")?,
+    );
+    let selector = body.manufacturer.is_some() || after.is_some() || before.is_some();
+    let ids = match (body.ids, selector) {
+        (Some(_), true) => {
+            return Err(invalid(
+                "give ids or a selector (manufacturer, issued_after, issued_before), not both"
+                    .into(),
+            ))
+        }
+        (None, false) => {
+            return Err(invalid(
+                "give ids, or a selector (manufacturer, issued_after, issued_before)".into(),
+            ))
+        }
+        (Some(ids), false) => {
+            if ids.len() > provisioning::registry::MAX_BULK {
+                return Err(Error::TooLarge {
+                    len: ids.len(),
+                    max: provisioning::registry::MAX_BULK,
+                }
+                .into());
+            }
+            ids.into_iter()
+                .map(device_id)
+                .collect::<Result<Vec<_>, _>>()?
+        }
+        (None, true) => {
+            let auth = st.auth.clone();
+            let m = body.manufacturer.clone();
+            if let Some(m) = &m {
+                auth.known_manufacturer(m)?;
+            }
+            blocking(move || auth.registry.select_devices(m.as_deref(), after, before)).await?
+        }
+    };
+    let auth = st.auth.clone();
+    let actor = admin.actor();
+    let out = st
+        .write(move || auth.registry.revoke_many(&ids, reason, &actor))
+        .await?;
+    tracing::info!(
+        revoked = out.revoked.len(),
+        already_revoked = out.already_revoked.len(),
+        not_found = out.not_found.len(),
+        reason = %reason,
+        by = %admin.id,
+        "bulk revocation"
+    );
+    st.metrics.revocations.fetch_add(
+        out.revoked.len() as u64,
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    if !out.revoked.is_empty() {
+        st.publish(Change::DevicesRevoked {
+            ids: Arc::new(out.revoked.clone()),
+        });
+    }
+    Ok(Json(out))
+}
+
+/// The certificate a path names: by its key (`<serial>:<scope>`, as
+/// `device show` lists them), or by serial alone when only one issuer used
+/// that serial.
+fn certificate(st: &AppState, s: &str) -> Result<CertRecord, ApiError> {
+    if s.contains(':') {
+        let key = s.parse::<CertKey>()?;
+        return st
+            .auth
+            .registry
+            .certificate(&key)?
+            .ok_or_else(|| Error::CertNotFound { serial: s.into() }.into());
+    }
+    let serial = s.parse::<Serial>()?;
+    let mut found = st.auth.registry.certificates_with_serial(&serial)?;
+    match found.len() {
+        0 => Err(Error::CertNotFound { serial: s.into() }.into()),
+        1 => Ok(found.remove(0)),
+        _ => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "ambiguous_serial",
+            format!(
+                "serial {serial} was issued by {} issuers; name one by its key: {}",
+                found.len(),
+                found
+                    .iter()
+                    .map(|c| format!("{} ({})", c.key(), c.issuer))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )),
+    }
 }
 
 async fn show_certificate(
@@ -644,11 +810,7 @@ async fn show_certificate(
     _admin: Admin,
     Path(s): Path<String>,
 ) -> Result<Json<CertRecord>, ApiError> {
-    let serial = serial(&s)?;
-    match st.auth.registry.certificate(&serial)? {
-        Some(c) => Ok(Json(c)),
-        None => Err(Error::CertNotFound { serial: s }.into()),
-    }
+    Ok(Json(certificate(&st, &s)?))
 }
 
 async fn revoke_certificate(
@@ -657,20 +819,18 @@ async fn revoke_certificate(
     Path(s): Path<String>,
     Body(body): Body<RevokeBody>,
 ) -> Result<Json<CertRecord>, ApiError> {
-    let serial = serial(&s)?;
+    let key = certificate(&st, &s)?.key();
     let reason = reason(&body)?;
     let auth = st.auth.clone();
     let actor = admin.actor();
     let rec = st
-        .write(move || auth.registry.revoke_certificate(&serial, reason, &actor))
+        .write(move || auth.registry.revoke_certificate(&key, reason, &actor))
         .await?;
     tracing::info!(serial = %rec.serial, device.id = %rec.device_id, reason = %reason, "certificate revoked");
     st.metrics
         .revocations
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    st.publish(Change::CertificateRevoked {
-        serial: rec.serial.clone(),
-    });
+    st.publish(Change::CertificateRevoked { key: rec.key() });
     Ok(Json(rec))
 }
 

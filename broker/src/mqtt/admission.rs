@@ -1,36 +1,60 @@
 //! Admission at the TLS handshake: a client certificate must chain to our
-//! root (or to a manufacturer CA), be in date, have EKU clientAuth (webpki
-//! checks all three), allow digitalSignature, name a fleetgate identity, and
-//! be in good standing in the registry now. Each refusal becomes the
+//! root (or to a manufacturer CA registered with its own root), be in date,
+//! name EKU clientAuth, allow digitalSignature, name a fleetgate identity,
+//! and be in good standing in the registry now. Each refusal becomes the
 //! matching TLS alert and a log line with the reason.
 //!
-//! A certificate from a manufacturer CA that the registry has never seen is
-//! registered here, just in time, as the manufacturer's policy says.
+//! Manufacturer CAs fleetgate issued are intermediates under the root, so
+//! webpki enforces their pathLen, validity and name constraints like any
+//! relying party would; they are offered to path building alongside what
+//! the client sent (a device may send its leaf alone). A registered CA (the
+//! manufacturer's own root) is a trust anchor, and webpki checks nothing
+//! about an anchor itself: its validity and pathLen are checked here.
+//!
+//! A manufacturer's certificate the registry has never seen is admitted
+//! here without any write: the session registers it (just in time, off the
+//! async workers, within the manufacturer's rate and quota) before CONNACK.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use provisioning::ca::{inspect_certificate, CertInfo};
-use provisioning::manufacturer::{jit_identity, ManufacturerRecord, ManufacturerStatus};
-use provisioning::{Authority, DeviceId, Error, Identity, Role, Standing};
+use provisioning::manufacturer::{jit_identity, CaKind, ManufacturerStatus};
+use provisioning::{Authority, CertKey, DeviceId, Error, Identity, Role, Standing};
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore};
 use rustls_pki_types::{CertificateDer, TrustAnchor, UnixTime};
+use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::metrics::{Metrics, Refusal};
+
+/// A registered manufacturer CA, used as a trust anchor: what webpki does
+/// not check about anchors.
+#[derive(Debug)]
+struct AnchorLimits {
+    name: DeviceId,
+    not_before: u64,
+    not_after: u64,
+    /// basicConstraints pathLenConstraint: CAs allowed below it.
+    path_len: Option<u32>,
+}
 
 /// What a client certificate may chain to, rebuilt when manufacturers change.
 #[derive(Debug, Default)]
 struct Trust {
+    /// The root, and registered manufacturer CAs.
     anchors: Vec<TrustAnchor<'static>>,
+    /// The issuing CA and the manufacturer CAs the root issued.
+    intermediates: Vec<CertificateDer<'static>>,
     /// SHA-256 of a manufacturer CA's SubjectPublicKeyInfo -> its name.
     manufacturers: HashMap<[u8; 32], DeviceId>,
+    /// A manufacturer CA's subject (RFC 4514) -> its name.
+    by_subject: HashMap<String, DeviceId>,
+    /// Registered CAs by SPKI hash.
+    registered: HashMap<[u8; 32], AnchorLimits>,
 }
-
-/// Called after admission wrote to the registry (a just-in-time device).
-pub type OnChange = Arc<dyn Fn() + Send + Sync>;
 
 pub struct RegistryVerifier {
     /// Hints and handshake signatures; chains are verified below.
@@ -38,7 +62,6 @@ pub struct RegistryVerifier {
     auth: Arc<Authority>,
     trust: RwLock<Arc<Trust>>,
     metrics: Arc<Metrics>,
-    on_change: OnChange,
 }
 
 impl std::fmt::Debug for RegistryVerifier {
@@ -53,61 +76,71 @@ fn spki_hash(spki: &[u8]) -> [u8; 32] {
     out
 }
 
+/// The limits of a registered CA certificate.
+fn anchor_limits(name: &DeviceId, der: &[u8]) -> anyhow::Result<AnchorLimits> {
+    let (_, cert) = X509Certificate::from_der(der)
+        .map_err(|e| anyhow::anyhow!("manufacturer {name} CA: {e}"))?;
+    let secs = |t: i64| u64::try_from(t).unwrap_or(0);
+    Ok(AnchorLimits {
+        name: name.clone(),
+        not_before: secs(cert.validity().not_before.timestamp()),
+        not_after: secs(cert.validity().not_after.timestamp()),
+        path_len: cert
+            .basic_constraints()
+            .ok()
+            .flatten()
+            .and_then(|bc| bc.value.path_len_constraint),
+    })
+}
+
 impl RegistryVerifier {
-    pub fn new(
-        auth: Arc<Authority>,
-        metrics: Arc<Metrics>,
-        on_change: OnChange,
-    ) -> anyhow::Result<Self> {
+    pub fn new(auth: Arc<Authority>, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
         // For hints and handshake signatures only.
         let mut roots = RootCertStore::empty();
         roots.add(auth.ca.root_der().clone())?;
-        roots.add(auth.ca.issuing_der().clone())?;
         let v = Self {
             webpki: WebPkiClientVerifier::builder(Arc::new(roots)).build()?,
             auth,
             trust: RwLock::new(Arc::default()),
             metrics,
-            on_change,
         };
         v.reload()?;
         Ok(v)
     }
 
-    /// Rebuilds the trust anchors: the root, the issuing CA (for clients
-    /// that send only their leaf) and every manufacturer CA, revoked ones
-    /// included so that their devices are refused as revoked, by name.
+    /// Rebuilds the trust: the root as anchor, the issuing CA and every
+    /// manufacturer CA the root issued as intermediates, and registered
+    /// manufacturer CAs as anchors with their limits. Revoked manufacturers
+    /// are included so that their devices are refused as revoked, by name.
     pub fn reload(&self) -> anyhow::Result<()> {
-        let mut ders: Vec<CertificateDer<'static>> = vec![
-            self.auth.ca.root_der().clone(),
-            self.auth.ca.issuing_der().clone(),
-        ];
-        let mut manufacturers = HashMap::new();
+        let anchor = |d: &CertificateDer<'_>| {
+            webpki::anchor_from_trusted_cert(d)
+                .map(|a| a.to_owned())
+                .map_err(|e| anyhow::anyhow!("trust anchor: {e}"))
+        };
+        let mut trust = Trust {
+            anchors: vec![anchor(self.auth.ca.root_der())?],
+            intermediates: vec![self.auth.ca.issuing_der().clone()],
+            ..Trust::default()
+        };
         for m in self.auth.registry.manufacturers()? {
             let der = m.ca_der()?;
-            let anchor = webpki::anchor_from_trusted_cert(&der)
-                .map_err(|e| anyhow::anyhow!("manufacturer {} CA: {e}", m.name))?;
-            manufacturers.insert(
-                spki_hash(webpki::spki_for_anchor(&anchor).as_ref()),
-                m.name.clone(),
-            );
-            ders.push(der);
+            let ca = anchor(&der)?;
+            let spki = spki_hash(webpki::spki_for_anchor(&ca).as_ref());
+            trust.manufacturers.insert(spki, m.name.clone());
+            trust.by_subject.insert(m.subject.clone(), m.name.clone());
+            match m.kind {
+                CaKind::Issued => trust.intermediates.push(der),
+                CaKind::Registered => {
+                    trust.registered.insert(spki, anchor_limits(&m.name, &der)?);
+                    trust.anchors.push(ca);
+                }
+            }
         }
-        let anchors = ders
-            .iter()
-            .map(|d| {
-                webpki::anchor_from_trusted_cert(d)
-                    .map(|a| a.to_owned())
-                    .map_err(|e| anyhow::anyhow!("trust anchor: {e}"))
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
         *self
             .trust
             .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(Trust {
-            anchors,
-            manufacturers,
-        });
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(trust);
         Ok(())
     }
 
@@ -118,11 +151,36 @@ impl RegistryVerifier {
             .clone()
     }
 
+    /// The manufacturer a certificate chain (as the client sent it, leaf
+    /// first) runs through, for a connection already admitted: a CA it sent
+    /// with a manufacturer's key, or a leaf issued under a manufacturer's
+    /// name. The registry record found with it must then match the leaf's
+    /// fingerprint, so a misleading chain finds nothing.
+    pub fn manufacturer_of(
+        &self,
+        chain: &[CertificateDer<'_>],
+        leaf: &CertInfo,
+    ) -> Option<DeviceId> {
+        let trust = self.trust();
+        chain
+            .iter()
+            .skip(1)
+            .filter_map(|c| {
+                let (_, cert) = X509Certificate::from_der(c).ok()?;
+                trust
+                    .manufacturers
+                    .get(&spki_hash(cert.public_key().raw))
+                    .cloned()
+            })
+            .next()
+            .or_else(|| trust.by_subject.get(&leaf.issuer).cloned())
+    }
+
     fn refuse(&self, refusal: Refusal, err: CertificateError, detail: &str) -> rustls::Error {
         self.metrics.refused(refusal);
         tracing::warn!(
             reason = refusal.as_str(),
-            detail,
+            detail = %crate::printable(detail),
             "mqtt: refused at handshake"
         );
         rustls::Error::InvalidCertificate(err)
@@ -141,23 +199,60 @@ impl RegistryVerifier {
             self.refuse(refusal, err, &e.to_string())
         };
         let ee = webpki::EndEntityCert::try_from(end_entity).map_err(refuse)?;
+        // What the client sent first, then the CAs we know.
+        let offered: Vec<CertificateDer<'_>> = intermediates
+            .iter()
+            .cloned()
+            .chain(trust.intermediates.iter().cloned())
+            .collect();
         let path = ee
             .verify_for_usage(
                 webpki::ALL_VERIFICATION_ALGS,
                 &trust.anchors,
-                intermediates,
+                &offered,
                 now,
                 webpki::KeyUsage::client_auth(),
                 None,
                 None,
             )
             .map_err(refuse)?;
+        let anchor = spki_hash(webpki::spki_for_anchor(path.anchor()).as_ref());
+        let below_anchor = path.intermediate_certificates().count();
+        if let Some(limits) = trust.registered.get(&anchor) {
+            let t = now.as_secs();
+            if t > limits.not_after {
+                return Err(self.refuse(
+                    Refusal::Expired,
+                    CertificateError::Expired,
+                    &format!("manufacturer {}'s CA has expired", limits.name),
+                ));
+            }
+            if t < limits.not_before {
+                return Err(self.refuse(
+                    Refusal::NotYetValid,
+                    CertificateError::NotValidYet,
+                    &format!("manufacturer {}'s CA is not valid yet", limits.name),
+                ));
+            }
+            if limits
+                .path_len
+                .is_some_and(|max| below_anchor > max as usize)
+            {
+                return Err(self.refuse(
+                    Refusal::BadCertificate,
+                    CertificateError::BadEncoding,
+                    &format!(
+                        "{below_anchor} CAs below manufacturer {}'s CA, whose pathLenConstraint allows {}",
+                        limits.name,
+                        limits.path_len.unwrap_or_default()
+                    ),
+                ));
+            }
+        }
         let manufacturer = path
             .intermediate_certificates()
             .map(|c| spki_hash(c.subject_public_key_info().as_ref()))
-            .chain(std::iter::once(spki_hash(
-                webpki::spki_for_anchor(path.anchor()).as_ref(),
-            )))
+            .chain(std::iter::once(anchor))
             .find_map(|h| trust.manufacturers.get(&h).cloned());
         Ok(manufacturer)
     }
@@ -177,8 +272,8 @@ fn classify(e: &webpki::Error) -> (Refusal, CertificateError) {
         W::InvalidSignatureForPublicKey => {
             (Refusal::BadCertificate, CertificateError::BadSignature)
         }
-        // A CA certificate as a client, bad extensions, name constraints:
-        // bad_certificate (not the vaguer certificate_unknown).
+        // A CA certificate as a client, bad extensions, name constraints,
+        // a path too long: bad_certificate (not the vaguer certificate_unknown).
         _ => (Refusal::BadCertificate, CertificateError::BadEncoding),
     }
 }
@@ -216,29 +311,31 @@ impl ClientCertVerifier for RegistryVerifier {
                 ),
             ));
         }
-        let (identity, manufacturer) = match &manufacturer {
-            Some(m) => {
-                let (identity, rec) = self.manufacturer_identity(m, &info)?;
-                (identity, Some(rec))
-            }
-            None => {
-                let identity = info.identity.clone().ok_or_else(|| {
-                    self.refuse(
-                        Refusal::BadCertificate,
-                        CertificateError::BadEncoding,
-                        "certificate names no fleetgate identity",
-                    )
-                })?;
-                (identity, None)
-            }
-        };
-        if identity.role == Role::Admin {
+        if !info.client_auth {
             return Err(self.refuse(
-                Refusal::WrongIdentity,
-                CertificateError::ApplicationVerificationFailure,
-                "admin certificates are not MQTT identities",
+                Refusal::WrongUsage,
+                CertificateError::InvalidPurpose,
+                &format!(
+                    "serial {}: no extendedKeyUsage clientAuth (a client certificate must name it)",
+                    info.serial
+                ),
             ));
         }
+        let identity = self.identity(manufacturer.as_ref(), &info)?;
+        let detail = |what: &str| {
+            format!(
+                "{} {} serial {}: {what}",
+                identity.role, identity.id, info.serial
+            )
+        };
+        if let Some(m) = &manufacturer {
+            self.manufacturer_in_good_standing(m, &detail)?;
+        }
+        let key = CertKey::new(
+            manufacturer.as_ref().map(DeviceId::as_str),
+            &info.issuer,
+            info.serial.clone(),
+        );
         let lookup = |r: Result<_, Error>| {
             r.map_err(|e| {
                 tracing::error!(error = %e, "registry lookup failed");
@@ -249,60 +346,44 @@ impl ClientCertVerifier for RegistryVerifier {
                 )
             })
         };
-        let detail = |what: &str| {
-            format!(
-                "{} {} serial {}: {what}",
-                identity.role, identity.id, info.serial
-            )
-        };
-        let mut standing = lookup(
+        let standing = lookup(
             self.metrics
                 .registry_lookups
-                .time(|| self.auth.registry.standing(&info.serial)),
+                .time(|| self.auth.registry.standing(&key)),
         )?;
-        if let (None, Some(rec)) = (&standing, &manufacturer) {
-            standing = Some(self.register_jit(rec, &identity, &info, &detail)?);
-        }
-        match standing {
-            None => Err(self.refuse(
-                Refusal::UnknownSerial,
-                CertificateError::BadEncoding,
-                &detail("serial not in the registry"),
-            )),
-            Some((rec, _))
-                if rec.device_id != identity.id
-                    || rec.role != identity.role
-                    || rec.fingerprint != info.fingerprint =>
-            {
-                Err(self.refuse(
-                    Refusal::WrongIdentity,
+        let Some((rec, standing)) = standing else {
+            return match &manufacturer {
+                // Registered by the session, just in time, before CONNACK.
+                Some(_) => self.unknown_of_manufacturer(&identity, &detail),
+                None => Err(self.refuse(
+                    Refusal::UnknownSerial,
                     CertificateError::BadEncoding,
-                    &detail("certificate does not match the registry's record of its serial"),
-                ))
-            }
-            Some((_, Standing::Good)) => {
+                    &detail("serial not in the registry"),
+                )),
+            };
+        };
+        if rec.device_id != identity.id
+            || rec.role != identity.role
+            || rec.fingerprint != info.fingerprint
+        {
+            return Err(self.refuse(
+                Refusal::WrongIdentity,
+                CertificateError::BadEncoding,
+                &detail("certificate does not match the registry's record of its serial"),
+            ));
+        }
+        match refusal_for(&rec, standing) {
+            None => {
                 tracing::debug!(device.id = %identity.id, serial = %info.serial, "admitted");
                 Ok(ClientCertVerified::assertion())
             }
-            Some((_, Standing::Suspended)) => Err(self.refuse(
-                Refusal::Suspended,
-                CertificateError::Revoked,
-                &detail("device is suspended"),
-            )),
-            Some((_, Standing::Pending)) => Err(self.refuse(
-                Refusal::Pending,
-                CertificateError::ApplicationVerificationFailure,
-                &detail("device is pending an operator's approval (fleetgate device approve)"),
-            )),
-            Some((rec, Standing::Revoked(r))) => Err(self.refuse(
-                Refusal::Revoked,
-                CertificateError::Revoked,
-                &detail(&match &rec.manufacturer {
-                    Some(m) if r.reason == provisioning::RevocationReason::CaCompromise => {
-                        format!("revoked ({}; manufacturer {m})", r.reason)
-                    }
-                    _ => format!("revoked ({})", r.reason),
-                }),
+            Some((refusal, why)) => Err(self.refuse(
+                refusal,
+                match refusal {
+                    Refusal::Pending => CertificateError::ApplicationVerificationFailure,
+                    _ => CertificateError::Revoked,
+                },
+                &detail(&why),
             )),
         }
     }
@@ -331,90 +412,103 @@ impl ClientCertVerifier for RegistryVerifier {
 }
 
 impl RegistryVerifier {
-    /// The identity a manufacturer's certificate names (a device only), and
-    /// the manufacturer, checked to be in good standing.
-    fn manufacturer_identity(
+    /// The identity a certificate names: a manufacturer's may only name a
+    /// device (by URI or CN); ours name any role but admin.
+    fn identity(
         &self,
-        m: &DeviceId,
+        manufacturer: Option<&DeviceId>,
         info: &CertInfo,
-    ) -> Result<(Identity, ManufacturerRecord), rustls::Error> {
-        let rec = match self.auth.registry.manufacturer(m.as_str()) {
-            Ok(Some(rec)) if rec.status == ManufacturerStatus::Revoked => {
-                return Err(self.refuse(
-                    Refusal::Revoked,
-                    CertificateError::Revoked,
-                    &format!("serial {}: manufacturer {m} is revoked", info.serial),
-                ))
-            }
-            Ok(Some(rec)) => rec,
-            Ok(None) | Err(_) => {
-                return Err(self.refuse(
-                    Refusal::Internal,
-                    CertificateError::ApplicationVerificationFailure,
-                    &format!("manufacturer {m} is trusted but not in the registry"),
-                ))
-            }
-        };
-        let id = jit_identity(info).map_err(|e| {
-            self.refuse(
-                Refusal::WrongIdentity,
-                CertificateError::BadEncoding,
-                &format!("serial {} of manufacturer {m}: {e}", info.serial),
-            )
-        })?;
-        Ok((
-            Identity {
+    ) -> Result<Identity, rustls::Error> {
+        let identity = match manufacturer {
+            Some(m) => Identity {
                 role: Role::Device,
-                id,
+                id: jit_identity(info).map_err(|e| {
+                    self.refuse(
+                        Refusal::WrongIdentity,
+                        CertificateError::BadEncoding,
+                        &format!("serial {} of manufacturer {m}: {e}", info.serial),
+                    )
+                })?,
             },
-            rec,
-        ))
+            None => info.identity.clone().ok_or_else(|| {
+                self.refuse(
+                    Refusal::BadCertificate,
+                    CertificateError::BadEncoding,
+                    "certificate names no fleetgate identity",
+                )
+            })?,
+        };
+        if identity.role == Role::Admin {
+            return Err(self.refuse(
+                Refusal::WrongIdentity,
+                CertificateError::ApplicationVerificationFailure,
+                "admin certificates are not MQTT identities",
+            ));
+        }
+        Ok(identity)
     }
 
-    /// Registers a new device of manufacturer `rec` on its first connect.
-    fn register_jit(
+    /// A manufacturer's certificate the registry does not know: admitted
+    /// for just-in-time registration if the id is free. (The session
+    /// registers it; the rate, quota and policy are applied there.)
+    fn unknown_of_manufacturer(
         &self,
-        rec: &ManufacturerRecord,
         identity: &Identity,
-        info: &CertInfo,
         detail: &dyn Fn(&str) -> String,
-    ) -> Result<(provisioning::CertRecord, Standing), rustls::Error> {
-        let internal = |e: Error| {
-            tracing::error!(error = %e, "just-in-time registration failed");
-            self.refuse(
-                Refusal::Internal,
-                CertificateError::ApplicationVerificationFailure,
-                &detail("just-in-time registration failed"),
-            )
-        };
-        let registered = match self.auth.register_jit(rec, &identity.id, info) {
-            Ok(_) => true,
-            // The id is taken: by this very certificate if the same device
-            // connected twice at once, else by another.
-            Err(Error::AlreadyExists { .. }) => false,
-            Err(e) => return Err(internal(e)),
-        };
-        if registered {
-            self.metrics
-                .jit_registrations
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            (self.on_change)();
-        }
-        match self
-            .auth
-            .registry
-            .standing(&info.serial)
-            .map_err(internal)?
-        {
-            Some((c, s)) if c.fingerprint == info.fingerprint => Ok((c, s)),
-            _ if registered => Err(internal(Error::Storage(
-                "just-registered serial missing".into(),
-            ))),
-            _ => Err(self.refuse(
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        if self.auth.registry.device(&identity.id).is_ok() {
+            return Err(self.refuse(
                 Refusal::WrongIdentity,
                 CertificateError::BadEncoding,
                 &detail("a device with this id is already registered with another certificate"),
+            ));
+        }
+        Ok(ClientCertVerified::assertion())
+    }
+
+    /// Refuses a chain through a revoked (or vanished) manufacturer's CA.
+    fn manufacturer_in_good_standing(
+        &self,
+        m: &DeviceId,
+        detail: &dyn Fn(&str) -> String,
+    ) -> Result<(), rustls::Error> {
+        match self.auth.registry.manufacturer(m.as_str()) {
+            Ok(Some(rec)) if rec.status == ManufacturerStatus::Revoked => Err(self.refuse(
+                Refusal::Revoked,
+                CertificateError::Revoked,
+                &detail(&format!("manufacturer {m} is revoked")),
+            )),
+            Ok(Some(_)) => Ok(()),
+            Ok(None) | Err(_) => Err(self.refuse(
+                Refusal::Internal,
+                CertificateError::ApplicationVerificationFailure,
+                &format!("manufacturer {m} is trusted but not in the registry"),
             )),
         }
+    }
+}
+
+/// Why a registered certificate in `standing` may not connect, if it may
+/// not: the refusal reason and the words for the log.
+pub fn refusal_for(
+    rec: &provisioning::CertRecord,
+    standing: Standing,
+) -> Option<(Refusal, String)> {
+    match standing {
+        Standing::Good => None,
+        Standing::Suspended => Some((Refusal::Suspended, "device is suspended".into())),
+        Standing::Pending => Some((
+            Refusal::Pending,
+            "device is pending an operator's approval (fleetgate device approve)".into(),
+        )),
+        Standing::Revoked(r) => Some((
+            Refusal::Revoked,
+            match rec.manufacturers().next() {
+                Some(m) if r.reason == provisioning::RevocationReason::CaCompromise => {
+                    format!("revoked ({}; manufacturer {m})", r.reason)
+                }
+                _ => format!("revoked ({})", r.reason),
+            },
+        )),
     }
 }

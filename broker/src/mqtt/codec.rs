@@ -62,11 +62,55 @@ impl Codec {
     }
 
     pub fn write(&self, p: Packet, out: &mut BytesMut) -> Result<(), Error> {
-        match self {
-            Codec::V4(c) => c.write(p, out),
-            Codec::V5(c) => c.write(p, out),
+        match (self, p) {
+            // rumqttd 0.20's v5 encoder writes a stray byte after the
+            // reason code (`e0 01 98 00`: remaining length 1, two bytes
+            // follow), which strict clients read as a malformed packet.
+            // A DISCONNECT we send carries a reason code and no properties
+            // (MQTT 5 3.14.2.2.1: omitted when the remaining length is 1).
+            (Codec::V5(_), Packet::Disconnect(d, _)) => {
+                out.extend_from_slice(&[0xe0, 0x01, disconnect_reason(d.reason_code)]);
+                Ok(())
+            }
+            (Codec::V4(c), p) => c.write(p, out).map(|_| ()),
+            (Codec::V5(c), p) => c.write(p, out).map(|_| ()),
         }
-        .map(|_| ())
+    }
+}
+
+/// MQTT 5 2.4: a DISCONNECT reason code's byte.
+fn disconnect_reason(r: rumqttd::protocol::DisconnectReasonCode) -> u8 {
+    use rumqttd::protocol::DisconnectReasonCode as R;
+    match r {
+        R::NormalDisconnection => 0x00,
+        R::DisconnectWithWillMessage => 0x04,
+        R::UnspecifiedError => 0x80,
+        R::MalformedPacket => 0x81,
+        R::ProtocolError => 0x82,
+        R::ImplementationSpecificError => 0x83,
+        R::NotAuthorized => 0x87,
+        R::ServerBusy => 0x89,
+        R::ServerShuttingDown => 0x8b,
+        R::KeepAliveTimeout => 0x8d,
+        R::SessionTakenOver => 0x8e,
+        R::TopicFilterInvalid => 0x8f,
+        R::TopicNameInvalid => 0x90,
+        R::ReceiveMaximumExceeded => 0x93,
+        R::TopicAliasInvalid => 0x94,
+        R::PacketTooLarge => 0x95,
+        R::MessageRateTooHigh => 0x96,
+        R::QuotaExceeded => 0x97,
+        R::AdministrativeAction => 0x98,
+        R::PayloadFormatInvalid => 0x99,
+        R::RetainNotSupported => 0x9a,
+        R::QoSNotSupported => 0x9b,
+        R::UseAnotherServer => 0x9c,
+        R::ServerMoved => 0x9d,
+        R::SharedSubscriptionNotSupported => 0x9e,
+        R::ConnectionRateExceeded => 0x9f,
+        R::MaximumConnectTime => 0xa0,
+        R::SubscriptionIdentifiersNotSupported => 0xa1,
+        R::WildcardSubscriptionsNotSupported => 0xa2,
     }
 }
 
@@ -83,6 +127,32 @@ mod tests {
         0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
         0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x60, 0x00,
     ];
+
+    #[test]
+    fn v5_disconnect_is_three_bytes() {
+        use rumqttd::protocol::{Disconnect, DisconnectReasonCode as R};
+        for (reason, byte) in [
+            (R::NormalDisconnection, 0x00),
+            (R::NotAuthorized, 0x87),
+            (R::AdministrativeAction, 0x98),
+            (R::ServerShuttingDown, 0x8b),
+            (R::SessionTakenOver, 0x8e),
+        ] {
+            let mut out = BytesMut::new();
+            Codec::for_level(5)
+                .write(
+                    Packet::Disconnect(
+                        Disconnect {
+                            reason_code: reason,
+                        },
+                        None,
+                    ),
+                    &mut out,
+                )
+                .unwrap();
+            assert_eq!(&out[..], &[0xe0, 0x01, byte], "{reason:?}");
+        }
+    }
 
     fn drain(codec: &mut Codec, bytes: &[u8]) -> Vec<Result<Packet, Error>> {
         let mut buf = BytesMut::from(bytes);

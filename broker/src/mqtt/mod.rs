@@ -22,7 +22,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use provisioning::ca::inspect_certificate;
-use provisioning::{Authority, DeviceId, Identity, Registry, Role, Serial, Standing};
+use provisioning::manufacturer::jit_identity;
+use provisioning::{Authority, CertKey, DeviceId, Identity, Registry, Role, Standing};
 use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
 use rumqttd::{Notification, Router, RouterConfig};
 use rustls::ServerConfig;
@@ -32,7 +33,8 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::api::Change;
 use crate::metrics::{Metrics, Refusal};
-use crate::net::{Accepted, Acceptor};
+use crate::mqtt::admission::RegistryVerifier;
+use crate::net::{Accepted, Acceptor, Rate, RateLimiter, Verdict};
 use crate::status::StatusService;
 
 pub use session::Peer;
@@ -48,6 +50,12 @@ pub struct MqttConfig {
     pub handshake_timeout: Duration,
     pub connect_timeout: Duration,
     pub drain_timeout: Duration,
+    /// Just-in-time registrations per second per manufacturer (token
+    /// bucket); `None` for no limit. Each manufacturer's total is capped by
+    /// its own quota, in the registry.
+    pub jit_rate: Option<Rate>,
+    /// OCSP requests answered per second per MQTT session (token bucket).
+    pub ocsp_rate: Rate,
 }
 
 impl Default for MqttConfig {
@@ -63,6 +71,14 @@ impl Default for MqttConfig {
             handshake_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(5),
+            jit_rate: Some(Rate {
+                per_second: 20.0,
+                burst: 100.0,
+            }),
+            ocsp_rate: Rate {
+                per_second: 1.0,
+                burst: 5.0,
+            },
         }
     }
 }
@@ -106,6 +122,10 @@ pub(crate) struct Shared {
     /// caps how many do at once, so a connect storm cannot take the pool
     /// from the API's registry writes (revocations).
     link_slots: tokio::sync::Semaphore,
+    /// Who may connect, and which manufacturer a chain runs through.
+    verifier: Arc<RegistryVerifier>,
+    /// Just-in-time registrations per manufacturer.
+    jit_limiter: Option<Mutex<RateLimiter<DeviceId>>>,
     cfg: MqttConfig,
 }
 
@@ -130,7 +150,7 @@ struct Sessions {
 #[derive(Debug)]
 struct Entry {
     conn: u64,
-    serial: Serial,
+    key: CertKey,
     kick: oneshot::Sender<Kick>,
 }
 
@@ -171,7 +191,7 @@ impl Sessions {
         }
         entries.push(Entry {
             conn,
-            serial: peer.serial.clone(),
+            key: peer.key.clone(),
             kick: tx,
         });
         (
@@ -194,13 +214,13 @@ impl Sessions {
         n
     }
 
-    /// Kicks every session using the certificate `serial`.
-    fn kick_serial(&self, serial: &Serial, why: Kick) -> usize {
+    /// Kicks every session using the certificate `key`.
+    fn kick_cert(&self, key: &CertKey, why: Kick) -> usize {
         let mut map = self.lock();
         let mut n = 0;
         for entries in map.values_mut() {
             let (cut, keep): (Vec<Entry>, Vec<Entry>) =
-                entries.drain(..).partition(|e| &e.serial == serial);
+                entries.drain(..).partition(|e| &e.key == key);
             *entries = keep;
             for e in cut {
                 let _ = e.kick.send(why);
@@ -214,14 +234,14 @@ impl Sessions {
     /// Checks every live session against the registry (after missed
     /// changes, or a change that touches many devices at once).
     fn recheck(&self, registry: &Registry, why: Kick) {
-        let serials: Vec<Serial> = self
+        let keys: Vec<CertKey> = self
             .lock()
             .values()
-            .flat_map(|v| v.iter().map(|e| e.serial.clone()))
+            .flat_map(|v| v.iter().map(|e| e.key.clone()))
             .collect();
-        for serial in serials {
-            if !matches!(registry.standing(&serial), Ok(Some((_, Standing::Good)))) {
-                self.kick_serial(&serial, why);
+        for key in keys {
+            if !matches!(registry.standing(&key), Ok(Some((_, Standing::Good)))) {
+                self.kick_cert(&key, why);
             }
         }
     }
@@ -244,6 +264,7 @@ impl Broker {
         cert_lifetime: time::Duration,
         metrics: Arc<Metrics>,
         status: Arc<StatusService>,
+        verifier: Arc<RegistryVerifier>,
         cfg: MqttConfig,
     ) -> Self {
         let router = Router::new(
@@ -280,6 +301,8 @@ impl Broker {
                 status,
                 sessions: Sessions::default(),
                 link_slots: tokio::sync::Semaphore::new(LINK_SLOTS),
+                verifier,
+                jit_limiter: cfg.jit_rate.map(|r| Mutex::new(RateLimiter::new(r))),
                 cfg,
             }),
         }
@@ -303,14 +326,25 @@ impl Broker {
                     let n = sessions.kick_device(&id, why);
                     tracing::info!(device.id = %id, sessions = n, reason = why.as_str(), "mqtt: cutting live sessions");
                 }
+                Ok(Change::DevicesRevoked { ids }) => {
+                    let n: usize = ids
+                        .iter()
+                        .map(|id| sessions.kick_device(id, Kick::Revoked))
+                        .sum();
+                    tracing::info!(
+                        devices = ids.len(),
+                        sessions = n,
+                        "mqtt: cutting the live sessions of devices revoked in bulk"
+                    );
+                }
                 Ok(Change::ManufacturerRevoked { name }) => {
                     let before = sessions.count();
                     sessions.recheck(&self.shared.registry, Kick::ManufacturerRevoked);
                     tracing::info!(manufacturer = %name, sessions = before.saturating_sub(sessions.count()), "mqtt: cut the live sessions of a revoked manufacturer's devices");
                 }
-                Ok(Change::CertificateRevoked { serial }) => {
-                    let n = sessions.kick_serial(&serial, Kick::CertificateRevoked);
-                    tracing::info!(%serial, sessions = n, "mqtt: cutting sessions of a revoked certificate");
+                Ok(Change::CertificateRevoked { key }) => {
+                    let n = sessions.kick_cert(&key, Kick::CertificateRevoked);
+                    tracing::info!(serial = %key.serial, sessions = n, "mqtt: cutting sessions of a revoked certificate");
                 }
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
                     tracing::warn!(
@@ -339,6 +373,7 @@ impl Broker {
             crate::net::AcceptLimits {
                 max_connections: cfg.max_connections,
                 per_ip: cfg.connect_rate_per_ip,
+                max_per_ip: None,
             },
             Some(self.shared.metrics.clone()),
         );
@@ -388,7 +423,7 @@ impl Broker {
                 drop(handshake);
                 if let Some(stream) = stream {
                     metrics.handshakes.fetch_add(1, Ordering::Relaxed);
-                    match peer_of(&stream, addr) {
+                    match peer_of(&stream, addr, &shared.verifier) {
                         Some(peer) => session::run(stream, peer, shared.clone(), shutdown).await,
                         None => tracing::error!(peer.addr = %addr, "mqtt: admitted peer without a readable certificate"),
                     }
@@ -425,23 +460,173 @@ fn log_panic(done: Result<(), tokio::task::JoinError>) {
 fn peer_of(
     stream: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
     addr: std::net::SocketAddr,
+    verifier: &RegistryVerifier,
 ) -> Option<Peer> {
-    let der = stream.get_ref().1.peer_certificates()?.first()?;
-    // The verifier already read these fields from the same bytes.
-    let info = inspect_certificate(der).ok()?;
+    // What the client sent, or (on a resumed TLS session) sent the first
+    // time: the verifier already read these fields from the same bytes.
+    let chain = stream.get_ref().1.peer_certificates()?;
+    let info = inspect_certificate(chain.first()?).ok()?;
+    let manufacturer = verifier.manufacturer_of(chain, &info);
     // A manufacturer's certificate may name its device by CN alone; the
     // verifier admitted it as that device.
-    let identity = match info.identity {
-        Some(i) => i,
-        None => Identity {
+    let identity = match &manufacturer {
+        Some(_) => Identity {
             role: Role::Device,
-            id: DeviceId::try_new(info.common_name?).ok()?,
+            id: jit_identity(&info).ok()?,
         },
+        None => info.identity.clone()?,
     };
     Some(Peer {
         addr,
         identity,
-        serial: info.serial,
-        not_after: info.not_after,
+        key: CertKey::new(
+            manufacturer.as_ref().map(DeviceId::as_str),
+            &info.issuer,
+            info.serial.clone(),
+        ),
+        info,
+        manufacturer,
     })
+}
+
+/// Why a connection may not have its CONNACK.
+#[derive(Debug)]
+pub(crate) struct Refused {
+    pub reason: Refusal,
+    pub detail: String,
+}
+
+impl Shared {
+    /// The check before CONNACK: the certificate is in date and in good
+    /// standing now (the handshake may have been a resumption, which skips
+    /// the certificate verifier, and standing may have changed since), and
+    /// a manufacturer's device the registry does not know yet is
+    /// registered, just in time, within its manufacturer's rate and quota.
+    async fn admit(&self, peer: &Peer) -> Result<(), Refused> {
+        let refused = |reason, detail: String| Err(Refused { reason, detail });
+        let now = time::OffsetDateTime::now_utc();
+        if peer.info.not_after < now {
+            return refused(Refusal::Expired, "certificate has expired".into());
+        }
+        if peer.info.not_before > now {
+            return refused(Refusal::NotYetValid, "certificate is not valid yet".into());
+        }
+        let internal = |e: &dyn std::fmt::Display| {
+            tracing::error!(error = %e, "mqtt: registry lookup failed");
+            Refused {
+                reason: Refusal::Internal,
+                detail: "registry lookup failed".into(),
+            }
+        };
+        let mut standing = self
+            .registry
+            .standing(&peer.key)
+            .map_err(|e| internal(&e))?;
+        if standing.is_none() {
+            if let Some(m) = &peer.manufacturer {
+                standing = self.register_jit(m, peer).await?;
+            }
+        }
+        let Some((rec, standing)) = standing else {
+            return refused(Refusal::UnknownSerial, "serial not in the registry".into());
+        };
+        if rec.device_id != peer.identity.id
+            || rec.role != peer.identity.role
+            || rec.fingerprint != peer.info.fingerprint
+        {
+            return refused(
+                Refusal::WrongIdentity,
+                "certificate does not match the registry's record of its serial".into(),
+            );
+        }
+        match admission::refusal_for(&rec, standing) {
+            None => Ok(()),
+            Some((reason, detail)) => refused(reason, detail),
+        }
+    }
+
+    /// Registers a manufacturer's new device (on the blocking pool, never
+    /// on an async worker) and returns its standing.
+    async fn register_jit(
+        &self,
+        m: &DeviceId,
+        peer: &Peer,
+    ) -> Result<Option<(provisioning::CertRecord, Standing)>, Refused> {
+        if let Some(limiter) = &self.jit_limiter {
+            let verdict = limiter
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .check(m.clone(), std::time::Instant::now());
+            if let Verdict::Deny { .. } = verdict {
+                return Err(Refused {
+                    reason: Refusal::JitRateLimited,
+                    detail: format!(
+                        "manufacturer {m} registers new devices faster than its limit of {}/s; try again later",
+                        self.cfg.jit_rate.map_or(0.0, |r| r.per_second)
+                    ),
+                });
+            }
+        }
+        let (auth, m, id, info) = (
+            self.auth.clone(),
+            m.clone(),
+            peer.identity.id.clone(),
+            peer.info.clone(),
+        );
+        let key = peer.key.clone();
+        let metrics = self.metrics.clone();
+        let done = tokio::task::spawn_blocking(move || {
+            let rec = auth.known_manufacturer(m.as_str())?;
+            let registered = match auth.register_jit(&rec, &id, &info) {
+                Ok(_) => true,
+                // The id is taken: by this very certificate if the same
+                // device connected twice at once, else by another (then
+                // the fingerprint check refuses it).
+                Err(provisioning::Error::AlreadyExists { .. })
+                | Err(provisioning::Error::CertExists { .. }) => false,
+                Err(e) => return Err(e),
+            };
+            if registered {
+                metrics
+                    .jit_registrations
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            Ok((registered, auth.registry.standing(&key)?))
+        })
+        .await;
+        match done {
+            Ok(Ok((registered, standing))) => {
+                if registered {
+                    self.status.invalidate();
+                }
+                match standing {
+                    Some(s) => Ok(Some(s)),
+                    None => Err(Refused {
+                        reason: Refusal::WrongIdentity,
+                        detail:
+                            "a device with this id is already registered with another certificate"
+                                .into(),
+                    }),
+                }
+            }
+            Ok(Err(provisioning::Error::QuotaExceeded { reason })) => Err(Refused {
+                reason: Refusal::JitQuotaExceeded,
+                detail: reason,
+            }),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "mqtt: just-in-time registration failed");
+                Err(Refused {
+                    reason: Refusal::Internal,
+                    detail: "just-in-time registration failed".into(),
+                })
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "mqtt: just-in-time registration task failed");
+                Err(Refused {
+                    reason: Refusal::Internal,
+                    detail: "just-in-time registration failed".into(),
+                })
+            }
+        }
+    }
 }

@@ -13,7 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use provisioning::{Authority, DeviceId, Identity, Role, Serial, Standing};
+use provisioning::ca::CertInfo;
+use provisioning::{Authority, CertKey, DeviceId, Identity, Role, Standing};
 use rumqttd::local::{LinkError, LinkRx, LinkTx};
 use rumqttd::protocol::{
     ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode, LastWill,
@@ -38,8 +39,11 @@ use crate::status::StatusService;
 pub struct Peer {
     pub addr: SocketAddr,
     pub identity: Identity,
-    pub serial: Serial,
-    pub not_after: OffsetDateTime,
+    /// The certificate's registry key.
+    pub key: CertKey,
+    pub info: CertInfo,
+    /// The manufacturer whose CA the chain runs through, if any.
+    pub manufacturer: Option<DeviceId>,
 }
 
 /// Why a session ended.
@@ -102,6 +106,8 @@ struct Session {
     auth: Arc<Authority>,
     cert_lifetime: time::Duration,
     metrics: Arc<crate::metrics::Metrics>,
+    /// OCSP requests this session may still have answered.
+    ocsp_budget: crate::net::RateLimiter<()>,
 }
 
 /// A claim's request for a device certificate, when not a bare CSR.
@@ -149,6 +155,7 @@ async fn session(
         auth: shared.auth.clone(),
         cert_lifetime: shared.cert_lifetime,
         metrics: shared.metrics.clone(),
+        ocsp_budget: crate::net::RateLimiter::new(shared.cfg.ocsp_rate),
     };
 
     // CONNECT, within the connect timeout.
@@ -176,18 +183,36 @@ async fn session(
     let claim = s.peer.identity.role == Role::Claim;
     if !assigned && connect.client_id != device_id && !claim {
         shared.metrics.refused(Refusal::WrongIdentity);
-        tracing::warn!(reason = "wrong_identity", client_id = %connect.client_id, "mqtt: refused: client id is not the certificate's id");
-        s.refuse_connect().await;
+        tracing::warn!(reason = "wrong_identity", client_id = %crate::printable(&connect.client_id), "mqtt: refused: client id is not the certificate's id");
+        s.refuse_connect(ConnectReturnCode::NotAuthorized).await;
         return Err(());
     }
     if let Some(w) = &will {
         let topic = String::from_utf8_lossy(&w.topic);
         if let Err(why) = s.acl.can_publish(&topic) {
             shared.metrics.refused(Refusal::Acl);
-            tracing::warn!(reason = "acl", detail = %why, "mqtt: refused: last will topic");
-            s.refuse_connect().await;
+            tracing::warn!(reason = "acl", detail = %crate::printable(&why.to_string()), "mqtt: refused: last will topic");
+            s.refuse_connect(ConnectReturnCode::NotAuthorized).await;
             return Err(());
         }
+    }
+
+    // Standing now, before any CONNACK: a resumed TLS session skipped the
+    // certificate verifier, and a manufacturer's new device registers here.
+    if let Err(r) = shared.admit(&s.peer).await {
+        shared.metrics.refused(r.reason);
+        tracing::warn!(reason = r.reason.as_str(), serial = %s.peer.key.serial, detail = %crate::printable(&r.detail), "mqtt: refused at CONNECT");
+        let code = match (r.reason, s.codec.is_v5()) {
+            (Refusal::JitRateLimited | Refusal::JitQuotaExceeded, true) => {
+                ConnectReturnCode::QuotaExceeded
+            }
+            (Refusal::JitRateLimited | Refusal::JitQuotaExceeded, false) => {
+                ConnectReturnCode::ServiceUnavailable
+            }
+            _ => ConnectReturnCode::NotAuthorized,
+        };
+        s.refuse_connect(code).await;
+        return Err(());
     }
 
     // A router link; building it waits on the router thread. Claims never
@@ -223,7 +248,8 @@ async fn session(
             }
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "mqtt: router refused the link");
-                s.refuse_connect().await;
+                s.refuse_connect(ConnectReturnCode::ServiceUnavailable)
+                    .await;
                 return Err(());
             }
             Err(e) => {
@@ -258,11 +284,11 @@ async fn session(
         .metrics
         .sessions
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    tracing::info!(protocol = if s.codec.is_v5() { 5 } else { 4 }, serial = %s.peer.serial, "mqtt: connected");
+    tracing::info!(protocol = if s.codec.is_v5() { 5 } else { 4 }, serial = %s.peer.key.serial, "mqtt: connected");
 
-    // A revocation between the handshake and registration would have found
-    // nothing to kick: look once more now that we can be kicked.
-    let end = match shared.registry.standing(&s.peer.serial) {
+    // A revocation between the check before CONNACK and registration would
+    // have found nothing to kick: look once more now that we can be kicked.
+    let end = match shared.registry.standing(&s.peer.key) {
         Ok(Some((_, Standing::Good))) => {
             s.serve(
                 link_tx.as_mut(),
@@ -385,11 +411,11 @@ impl Session {
         }
     }
 
-    async fn refuse_connect(&mut self) {
-        // 3.1.1's 0x05 and 5's 0x87: not authorized.
+    /// CONNACK with `code` (a 3.1.1 code, or any for MQTT 5), then close.
+    async fn refuse_connect(&mut self, code: ConnectReturnCode) {
         let ack = ConnAck {
             session_present: false,
-            code: ConnectReturnCode::NotAuthorized,
+            code,
         };
         let _ = self.send(Packet::ConnAck(ack, None)).await;
         let _ = tokio::time::timeout(Duration::from_secs(1), self.stream.shutdown()).await;
@@ -429,7 +455,7 @@ impl Session {
         // MQTT 3.1.2.10: one and a half keep-alive periods.
         let idle = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
         let mut deadline = idle.map(|d| tokio::time::Instant::now() + d);
-        let until_expiry = (self.peer.not_after - OffsetDateTime::now_utc())
+        let until_expiry = (self.peer.info.not_after - OffsetDateTime::now_utc())
             .try_into()
             .unwrap_or(Duration::ZERO);
         let expiry = tokio::time::sleep(until_expiry);
@@ -507,7 +533,7 @@ impl Session {
                     match self.ocsp_reply_to(&topic, props.as_ref()) {
                         None => {}
                         Some(Ok((reply_topic, correlation))) => {
-                            if let Err(e) = self.answer_ocsp(&p, reply_topic, correlation) {
+                            if let Err(e) = self.answer_ocsp(&p, reply_topic, correlation).await {
                                 end = Some(End::Protocol(e));
                                 break;
                             }
@@ -638,22 +664,39 @@ impl Session {
             .then(|| Ok((format!("{own}response"), correlation)))
     }
 
-    /// Answers an OCSP request straight back to this client, and acknowledges
-    /// it if it was sent with QoS 1.
-    fn answer_ocsp(
+    /// Answers an OCSP request straight back to this client (signed on the
+    /// blocking pool, within this session's OCSP rate), and acknowledges it
+    /// if it was sent with QoS 1. Over the rate, the request is dropped,
+    /// counted and logged (once a second at most).
+    async fn answer_ocsp(
         &mut self,
         p: &Publish,
         reply_topic: String,
         correlation: Option<bytes::Bytes>,
     ) -> Result<(), String> {
-        let der = self.status.ocsp(&p.payload);
         self.ack(p)?;
+        if let crate::net::Verdict::Deny { warn } =
+            self.ocsp_budget.check((), std::time::Instant::now())
+        {
+            self.metrics.refused(Refusal::RateLimited);
+            if warn {
+                tracing::warn!(
+                    reason = "rate_limited",
+                    "mqtt: OCSP requests over this session's rate; dropped"
+                );
+            }
+            return Ok(());
+        }
+        let (status, request) = (self.status.clone(), p.payload.clone());
+        let der = tokio::task::spawn_blocking(move || status.ocsp(&request))
+            .await
+            .map_err(|e| format!("OCSP task: {e}"))?;
         let props = self.codec.is_v5().then(|| PublishProperties {
             correlation_data: correlation,
             content_type: Some("application/ocsp-response".into()),
             ..PublishProperties::default()
         });
-        tracing::debug!(topic = %reply_topic, "mqtt: answered an OCSP request");
+        tracing::debug!(topic = %crate::printable(&reply_topic), "mqtt: answered an OCSP request");
         self.encode(Packet::Publish(
             Publish::new(
                 bytes::Bytes::from(reply_topic),
@@ -729,11 +772,11 @@ impl Session {
                 self.metrics
                     .claim_provisions
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tracing::info!(request = %req, device.id = %body["id"], "mqtt: claim provisioned a device");
+                tracing::info!(request = %crate::printable(&req), device.id = %body["id"], "mqtt: claim provisioned a device");
                 (format!("{topic}/accepted"), body)
             }
             Err((code, message)) => {
-                tracing::warn!(reason = code, request = %req, detail = %message, "mqtt: provisioning request rejected");
+                tracing::warn!(reason = code, request = %crate::printable(&req), detail = %crate::printable(&message), "mqtt: provisioning request rejected");
                 (
                     format!("{topic}/rejected"),
                     serde_json::json!({"code": code, "message": message}),
