@@ -5,6 +5,8 @@
 #   storm  STORM devices connecting at once (full handshakes)
 #   steady STEADY idle-ish devices (one message each per 10 s) for DURATION s
 #   revoke REVOKE_OF devices, REVOKE of them revoked mid-run (fleetgate only)
+#   bulk   BULK_OF devices, BULK of them revoked in one bulk call (fleetgate
+#          only): revoke-to-disconnect measured from the API's answer
 #
 #   bash bench/fleet.sh
 #   STORM=500 STEADY=2000 bash bench/fleet.sh
@@ -16,6 +18,8 @@ STEADY=${STEADY:-10000}
 DURATION=${DURATION:-20}
 REVOKE_OF=${REVOKE_OF:-500}
 REVOKE=${REVOKE:-50}
+BULK_OF=${BULK_OF:-1200}
+BULK=${BULK:-1000}
 CONNECT_LIMIT=${CONNECT_LIMIT:-120}
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
@@ -63,7 +67,9 @@ sim "$fg_mqtt" $fg_pid "$work/fg-storm.json" --scenario storm --devices "$STORM"
 sim "$fg_mqtt" $fg_pid "$work/fg-steady.json" --scenario steady --devices "$STEADY" \
     --rate 0.1 --duration "$DURATION" --connect-limit "$CONNECT_LIMIT" >/dev/null
 sim "$fg_mqtt" $fg_pid "$work/fg-revoke.json" --scenario revoke --devices "$REVOKE_OF" \
-    --revoke "$REVOKE" --prefix rv- --duration 3 >/dev/null
+    --revoke "$REVOKE" --duration 3 >/dev/null
+sim "$fg_mqtt" $fg_pid "$work/fg-bulk.json" --scenario revoke --devices "$BULK_OF" \
+    --revoke "$BULK" --bulk --duration 3 --connect-limit "$CONNECT_LIMIT" >/dev/null
 kill $fg_pid; wait $fg_pid 2>/dev/null || true
 
 # Mosquitto, on copies of the certificates it can read after dropping root.
@@ -91,11 +97,11 @@ sim 127.0.0.1:38884 $mq_pid "$work/mq-storm.json" --scenario storm --devices "$S
 sim 127.0.0.1:38884 $mq_pid "$work/mq-steady.json" --scenario steady --devices "$STEADY" \
     --rate 0.1 --duration "$DURATION" --connect-limit "$CONNECT_LIMIT" >/dev/null
 
-python3 - "$work" "$STORM" "$STEADY" "$DURATION" "$REVOKE_OF" "$REVOKE" <<'PY'
+python3 - "$work" "$STORM" "$STEADY" "$DURATION" "$REVOKE_OF" "$REVOKE" "$BULK_OF" "$BULK" <<'PY'
 import json, sys, os
-w, storm, steady, dur, rof, rv = sys.argv[1:]
+w, storm, steady, dur, rof, rv, bof, bulk = sys.argv[1:]
 f = lambda n: json.load(open(os.path.join(w, n)))["figures"]
-fs, fst, fr = f("fg-storm.json"), f("fg-steady.json"), f("fg-revoke.json")
+fs, fst, fr, fb = f("fg-storm.json"), f("fg-steady.json"), f("fg-revoke.json"), f("fg-bulk.json")
 ms, mst = f("mq-storm.json"), f("mq-steady.json")
 print(f"\nfleet benchmark: storm {storm} devices at once; steady {steady} devices, 0.1 msg/s each, {dur} s; loopback, 2 cores shared with the fleet\n")
 print(f"{'':<40}{'fleetgate':>12}{'Mosquitto 2':>14}{'ratio':>8}")
@@ -113,4 +119,8 @@ row("broker RSS with all connected MiB", fst.get("broker_rss_mib", 0), mst.get("
 print(f"\nrevoke ({rof} devices, {rv} revoked; fleetgate only, Mosquitto has no revocation API):")
 print(f"  revoke-to-disconnect p50 {fr['revoke_to_disconnect_p50_ms']:.1f} ms, p99 {fr['revoke_to_disconnect_p99_ms']:.1f} ms, max {fr['revoke_to_disconnect_max_ms']:.1f} ms; "
       f"reconnected {fr['revoked_reconnected']}, bystanders dropped {fr['bystanders_dropped']}")
+print(f"\nbulk revocation ({bof} devices online, {bulk} revoked in one API call and one durable write):")
+print(f"  API call {fb['api_call_ms']:.1f} ms; after its answer, disconnect p50 {fb['answer_to_disconnect_p50_ms']:.1f} ms, "
+      f"p99 {fb['answer_to_disconnect_p99_ms']:.1f} ms, max {fb['answer_to_disconnect_max_ms']:.1f} ms; "
+      f"not cut {fb['revoked_not_cut']}, reconnected {fb['revoked_reconnected']}, bystanders dropped {fb['bystanders_dropped']}")
 PY

@@ -444,6 +444,9 @@ pub struct Options {
     pub duration: Duration,
     /// Devices to revoke (revoke scenario).
     pub revoke: usize,
+    /// Revoke them in one bulk call (`POST /v1/devices/revoke-batch`)
+    /// instead of one call each.
+    pub bulk: bool,
     /// The broker's pid, to read its memory per connection.
     pub broker_pid: Option<u32>,
     /// How long to wait for everyone to connect.
@@ -580,10 +583,21 @@ pub async fn steady(fleet: &Fleet, o: &Options) -> anyhow::Result<Report> {
     Ok(r)
 }
 
-/// `revoke`: the fleet connects, then K devices are revoked through the API;
-/// reports how fast their connections end and that none gets back in.
+/// `revoke`: the fleet connects, then K devices are revoked through the API
+/// (one call each, or one bulk call); reports how fast their connections
+/// end and that none gets back in. Each run has a fleet of its own (revoked
+/// is final), so it never revokes the devices other scenarios use.
 pub async fn revoke(fleet: &Fleet, o: &Options) -> anyhow::Result<Report> {
-    let ids = fleet.ids(o.devices);
+    let run_id = format!(
+        "{}-{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        std::process::id()
+    );
+    let ids: Vec<String> = (0..o.devices)
+        .map(|i| format!("{}revoke-{run_id}-{i}", fleet.prefix))
+        .collect();
     fleet.ensure_enrolled(&ids).await?;
     let api = fleet.api()?.clone();
     let k = o.revoke.min(ids.len());
@@ -594,39 +608,68 @@ pub async fn revoke(fleet: &Fleet, o: &Options) -> anyhow::Result<Report> {
     bar.finish_and_clear();
 
     let victims: Vec<String> = ids[..k].to_vec();
-    let mut calls = tokio::task::JoinSet::new();
-    for id in victims.clone() {
-        let api = api.clone();
-        calls.spawn(async move {
-            let at = Instant::now();
-            let r: anyhow::Result<Value> = api
-                .post(
-                    &format!("/v1/devices/{id}/revoke"),
-                    &json!({"reason": "key-compromise"}),
-                )
-                .await;
-            (id, at, r.is_ok())
-        });
-    }
+    // When each revocation was asked for, and when the API answered it.
     let mut sent_at = BTreeMap::new();
+    let mut answered_at = BTreeMap::new();
     let mut api_failures = 0;
-    while let Some(r) = calls.join_next().await {
-        let (id, at, ok) = r?;
-        if !ok {
-            api_failures += 1;
+    let mut api_call = Duration::ZERO;
+    if o.bulk {
+        let at = Instant::now();
+        let r: anyhow::Result<Value> = api
+            .post(
+                "/v1/devices/revoke-batch",
+                &json!({"ids": victims, "reason": "key-compromise"}),
+            )
+            .await;
+        let done = Instant::now();
+        api_call = done - at;
+        match r {
+            Ok(v) if v["revoked"].as_array().map(Vec::len) == Some(k) => {}
+            _ => api_failures += 1,
         }
-        sent_at.insert(id, at);
+        for id in &victims {
+            sent_at.insert(id.clone(), at);
+            answered_at.insert(id.clone(), done);
+        }
+    } else {
+        let mut calls = tokio::task::JoinSet::new();
+        for id in victims.clone() {
+            let api = api.clone();
+            calls.spawn(async move {
+                let at = Instant::now();
+                let r: anyhow::Result<Value> = api
+                    .post(
+                        &format!("/v1/devices/{id}/revoke"),
+                        &json!({"reason": "key-compromise"}),
+                    )
+                    .await;
+                (id, at, Instant::now(), r.is_ok())
+            });
+        }
+        while let Some(r) = calls.join_next().await {
+            let (id, at, done, ok) = r?;
+            if !ok {
+                api_failures += 1;
+            }
+            api_call = api_call.max(done - at);
+            sent_at.insert(id.clone(), at);
+            answered_at.insert(id, done);
+        }
     }
     // Time to be cut, then to try (and fail) to come back.
     tokio::time::sleep(o.duration.max(Duration::from_secs(3))).await;
     let logs = run.finish().await;
     let by_id: BTreeMap<_, _> = logs.into_iter().collect();
     let mut lat = Vec::new();
+    let mut after_answer = Vec::new();
     let (mut not_cut, mut came_back, mut kept_trying) = (0, 0, 0);
     for id in &victims {
         let l = &by_id[id];
-        match (l.dropped_at, sent_at.get(id)) {
-            (Some(d), Some(s)) => lat.push(d.saturating_duration_since(*s)),
+        match (l.dropped_at, sent_at.get(id), answered_at.get(id)) {
+            (Some(d), Some(s), Some(a)) => {
+                lat.push(d.saturating_duration_since(*s));
+                after_answer.push(d.saturating_duration_since(*a));
+            }
             _ => not_cut += 1,
         }
         came_back += usize::from(l.reconnected);
@@ -637,9 +680,15 @@ pub async fn revoke(fleet: &Fleet, o: &Options) -> anyhow::Result<Report> {
         .filter(|id| by_id[*id].dropped_at.is_some())
         .count();
     lat.sort();
+    after_answer.sort();
     let mut r = Report::new("revoke");
     r.put("devices", ids.len());
     r.put("revoked", k);
+    r.put("bulk", o.bulk);
+    r.put("api_call_ms", ms(api_call));
+    r.put("answer_to_disconnect_p50_ms", ms(percentile(&after_answer, 0.5)));
+    r.put("answer_to_disconnect_p99_ms", ms(percentile(&after_answer, 0.99)));
+    r.put("answer_to_disconnect_max_ms", ms(percentile(&after_answer, 1.0)));
     r.put("revoke_to_disconnect_p50_ms", ms(percentile(&lat, 0.5)));
     r.put("revoke_to_disconnect_p99_ms", ms(percentile(&lat, 0.99)));
     r.put("revoke_to_disconnect_max_ms", ms(percentile(&lat, 1.0)));

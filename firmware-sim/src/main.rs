@@ -80,6 +80,9 @@ struct RunArgs {
     /// Devices to revoke (revoke).
     #[arg(long, default_value_t = 5)]
     revoke: usize,
+    /// Revoke them in one bulk call instead of one call each (revoke).
+    #[arg(long)]
+    bulk: bool,
     /// Extra devices connecting and leaving each second (soak).
     #[arg(long, default_value_t = 10)]
     churn: usize,
@@ -242,11 +245,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 rate: a.rate,
                 duration: std::time::Duration::from_secs(a.duration),
                 revoke: a.revoke,
+                bulk: a.bulk,
                 broker_pid: a.broker_pid,
                 connect_limit: std::time::Duration::from_secs(a.connect_limit),
             };
             // Enroll first: the CA file is written by enrollment.
-            if !matches!(a.scenario, Scenario::Provision) {
+            if !matches!(a.scenario, Scenario::Provision | Scenario::Revoke) {
                 fleet.ensure_enrolled(&fleet.ids(o.devices)).await?;
             }
             let report = match a.scenario {

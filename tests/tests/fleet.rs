@@ -27,6 +27,7 @@ fn options() -> Options {
         rate: 2.0,
         duration: Duration::from_secs(2),
         revoke: 5,
+        bulk: false,
         broker_pid: None,
         connect_limit: Duration::from_secs(60),
     }
@@ -96,16 +97,22 @@ async fn every_scenario_at_small_scale() {
     assert_eq!(figure(&r, "acknowledged_writes_lost") as usize, 0);
     assert!(figure(&r, "writes_acknowledged") >= 4.0, "{}", r.table());
 
-    // revoke (last: it revokes sim-0..sim-4 for good).
-    let r = fleet::revoke(&f, &options()).await.unwrap();
+    // revoke, one call each, then in one bulk call: each run on a fleet
+    // of its own, so the default fleet is never revoked.
+    for bulk in [false, true] {
+        let r = fleet::revoke(&f, &Options { bulk, ..options() }).await.unwrap();
+        check(&r);
+        assert_eq!(figure(&r, "revoked_reconnected") as usize, 0);
+        assert_eq!(figure(&r, "revoked_still_retrying") as usize, 0);
+        assert!(
+            figure(&r, "revoke_to_disconnect_p99_ms") < 1000.0,
+            "{}",
+            r.table()
+        );
+    }
+    // And the default fleet still connects afterwards.
+    let r = fleet::storm(&f, &options()).await.unwrap();
     check(&r);
-    assert_eq!(figure(&r, "revoked_reconnected") as usize, 0);
-    assert_eq!(figure(&r, "revoked_still_retrying") as usize, 0);
-    assert!(
-        figure(&r, "revoke_to_disconnect_p99_ms") < 1000.0,
-        "{}",
-        r.table()
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
