@@ -686,9 +686,18 @@ pub async fn revoke(fleet: &Fleet, o: &Options) -> anyhow::Result<Report> {
     r.put("revoked", k);
     r.put("bulk", o.bulk);
     r.put("api_call_ms", ms(api_call));
-    r.put("answer_to_disconnect_p50_ms", ms(percentile(&after_answer, 0.5)));
-    r.put("answer_to_disconnect_p99_ms", ms(percentile(&after_answer, 0.99)));
-    r.put("answer_to_disconnect_max_ms", ms(percentile(&after_answer, 1.0)));
+    r.put(
+        "answer_to_disconnect_p50_ms",
+        ms(percentile(&after_answer, 0.5)),
+    );
+    r.put(
+        "answer_to_disconnect_p99_ms",
+        ms(percentile(&after_answer, 0.99)),
+    );
+    r.put(
+        "answer_to_disconnect_max_ms",
+        ms(percentile(&after_answer, 1.0)),
+    );
     r.put("revoke_to_disconnect_p50_ms", ms(percentile(&lat, 0.5)));
     r.put("revoke_to_disconnect_p99_ms", ms(percentile(&lat, 0.99)));
     r.put("revoke_to_disconnect_max_ms", ms(percentile(&lat, 1.0)));

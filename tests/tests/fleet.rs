@@ -100,7 +100,9 @@ async fn every_scenario_at_small_scale() {
     // revoke, one call each, then in one bulk call: each run on a fleet
     // of its own, so the default fleet is never revoked.
     for bulk in [false, true] {
-        let r = fleet::revoke(&f, &Options { bulk, ..options() }).await.unwrap();
+        let r = fleet::revoke(&f, &Options { bulk, ..options() })
+            .await
+            .unwrap();
         check(&r);
         assert_eq!(figure(&r, "revoked_reconnected") as usize, 0);
         assert_eq!(figure(&r, "revoked_still_retrying") as usize, 0);
