@@ -401,7 +401,7 @@ impl Authority {
             jit_registered: 0,
         };
         self.registry.add_manufacturer(&rec, actor)?;
-        tracing::info!(manufacturer = %name, subject = %rec.subject, %policy, "manufacturer CA registered");
+        tracing::info!(manufacturer = %name, subject = ?rec.subject, %policy, "manufacturer CA registered");
         Ok(rec)
     }
 

@@ -782,3 +782,18 @@ async fn bulk_revocation_is_one_call_and_cuts_every_session() {
     assert_eq!(device_json(&server, "a-2")["status"], "revoked");
     assert_eq!(device_json(&server, "bystander")["status"], "active");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_server_on_the_same_data_dir_says_why() {
+    let (_tmp, server) = start();
+    let out = Command::new(tests::fleetgate_bin())
+        .args(["serve", "--data-dir"])
+        .arg(&server.data_dir)
+        .args(["--api-listen", "127.0.0.1:0", "--mqtt-listen", "127.0.0.1:0"])
+        .args(["--ocsp-listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("another fleetgate is using this data dir"), "{err}");
+}

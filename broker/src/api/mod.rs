@@ -261,7 +261,7 @@ impl FromRequestParts<AppState> for Admin {
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let peer = parts.extensions.get::<PeerAddr>().map(|a| a.0);
         let refuse = |status: StatusCode, code: &'static str, reason: String| {
-            tracing::warn!(peer.addr = ?peer, reason = %reason, "admin api: refused");
+            tracing::warn!(peer.addr = ?peer, reason = %crate::printable(&reason), "admin api: refused");
             ApiError::new(status, code, reason)
         };
         let Some(PeerCert(Some(der))) = parts.extensions.get::<PeerCert>() else {

@@ -163,7 +163,7 @@ async fn session(
         Ok(Ok(p)) => p,
         Ok(Err(why)) => {
             shared.metrics.refused(Refusal::Protocol);
-            tracing::warn!(reason = "protocol", detail = %why, "mqtt: refused");
+            tracing::warn!(reason = "protocol", detail = %crate::printable(&why), "mqtt: refused");
             return Err(());
         }
         Err(_) => {
@@ -333,18 +333,18 @@ async fn session(
         }
         End::Acl(why) => {
             shared.metrics.refused(Refusal::Acl);
-            tracing::warn!(reason = "acl", detail = %why, "mqtt: disconnected");
+            tracing::warn!(reason = "acl", detail = %crate::printable(why), "mqtt: disconnected");
         }
         End::Protocol(why) => {
             shared.metrics.refused(Refusal::Protocol);
-            tracing::warn!(reason = "protocol", detail = %why, "mqtt: disconnected");
+            tracing::warn!(reason = "protocol", detail = %crate::printable(why), "mqtt: disconnected");
         }
         End::CertificateExpired => {
             shared.metrics.refused(Refusal::Expired);
             tracing::warn!(reason = "expired", "mqtt: certificate expired mid-session");
         }
         End::Closed(why) => {
-            tracing::info!(detail = %why, "mqtt: connection closed without DISCONNECT")
+            tracing::info!(detail = %crate::printable(why), "mqtt: connection closed without DISCONNECT")
         }
         other => tracing::info!(end = ?other, "mqtt: disconnected"),
     }
@@ -565,7 +565,7 @@ impl Session {
                                 allowed.push(f);
                             }
                             Err(why) => {
-                                tracing::warn!(reason = "acl", detail = %why, "mqtt: subscription refused");
+                                tracing::warn!(reason = "acl", detail = %crate::printable(&why.to_string()), "mqtt: subscription refused");
                                 codes.push(Some(refused));
                             }
                         }
