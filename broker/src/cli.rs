@@ -138,9 +138,10 @@ struct ServeArgs {
     /// Most connections one IP address may hold open on each HTTP listener.
     #[arg(long, default_value_t = 64)]
     http_max_per_ip: usize,
-    /// New HTTP connections per second from one IP address (0: no limit;
-    /// the burst is twice this).
-    #[arg(long, default_value_t = 50.0)]
+    /// New HTTP connections per second from one IP address (0, the
+    /// default: no limit; the burst is twice this). Scripts that enroll
+    /// one device per call open hundreds a second from one address.
+    #[arg(long, default_value_t = 0.0)]
     http_rate_per_ip: f64,
     /// Devices one manufacturer may register just in time per second
     /// (0: no limit). Its total is capped by its quota.

@@ -53,10 +53,7 @@ impl Default for Limits {
         Self {
             max_connections: 1024,
             max_per_ip: 64,
-            rate_per_ip: Some(crate::net::Rate {
-                per_second: 50.0,
-                burst: 100.0,
-            }),
+            rate_per_ip: None,
             handshake_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(10),
         }

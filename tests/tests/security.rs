@@ -789,11 +789,19 @@ async fn a_second_server_on_the_same_data_dir_says_why() {
     let out = Command::new(tests::fleetgate_bin())
         .args(["serve", "--data-dir"])
         .arg(&server.data_dir)
-        .args(["--api-listen", "127.0.0.1:0", "--mqtt-listen", "127.0.0.1:0"])
+        .args([
+            "--api-listen",
+            "127.0.0.1:0",
+            "--mqtt-listen",
+            "127.0.0.1:0",
+        ])
         .args(["--ocsp-listen", "127.0.0.1:0"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("another fleetgate is using this data dir"), "{err}");
+    assert!(
+        err.contains("another fleetgate is using this data dir"),
+        "{err}"
+    );
 }

@@ -206,7 +206,20 @@ impl Sessions {
 
     /// Kicks every session of `device`; returns how many.
     fn kick_device(&self, device: &DeviceId, why: Kick) -> usize {
-        let entries = self.lock().remove(device).unwrap_or_default();
+        self.kick_devices(std::slice::from_ref(device), why)
+    }
+
+    /// Kicks every session of each of `devices`, taking the map's lock
+    /// once; returns how many.
+    fn kick_devices(&self, devices: &[DeviceId], why: Kick) -> usize {
+        let entries: Vec<Entry> = {
+            let mut map = self.lock();
+            devices
+                .iter()
+                .filter_map(|d| map.remove(d))
+                .flatten()
+                .collect()
+        };
         let n = entries.len();
         for e in entries {
             let _ = e.kick.send(why);
@@ -327,10 +340,7 @@ impl Broker {
                     tracing::info!(device.id = %id, sessions = n, reason = why.as_str(), "mqtt: cutting live sessions");
                 }
                 Ok(Change::DevicesRevoked { ids }) => {
-                    let n: usize = ids
-                        .iter()
-                        .map(|id| sessions.kick_device(id, Kick::Revoked))
-                        .sum();
+                    let n = sessions.kick_devices(&ids, Kick::Revoked);
                     tracing::info!(
                         devices = ids.len(),
                         sessions = n,

@@ -121,6 +121,10 @@ struct ProvisionRequest {
     csr: String,
 }
 
+/// How long a kicked session waits, its client already cut, before it ends
+/// its router session.
+const KICKED_CLEANUP_DELAY: Duration = Duration::from_millis(100);
+
 /// The MQTT 5 topic for OCSP requests; the answer goes to the request's
 /// response topic. (On 3.1.1, `devices/<id>/ocsp/request` and `.../response`.)
 pub const OCSP_TOPIC: &str = "$fleetgate/ocsp/request";
@@ -359,6 +363,12 @@ async fn session(
     // pool, so a busy router never stalls the async workers.
     if let (true, Some(mut link_tx), Some(link_rx)) = (end.router_session_live(), link_tx, link_rx)
     {
+        if matches!(end, End::Kicked(_)) {
+            // A revocation cuts many sessions at once (a whole lot in one
+            // bulk call): cutting the others' clients comes before the
+            // router's bookkeeping, which competes for the same cores.
+            tokio::time::sleep(KICKED_CLEANUP_DELAY).await;
+        }
         let will = will.filter(|_| !matches!(end, End::Kicked(_)));
         let handle = tokio::runtime::Handle::current();
         let _ = tokio::task::spawn_blocking(move || {
