@@ -108,6 +108,61 @@ struct Session {
     metrics: Arc<crate::metrics::Metrics>,
     /// OCSP requests this session may still have answered.
     ocsp_budget: crate::net::RateLimiter<()>,
+    /// The client asked for a clean session (3.1.1) or clean start (5).
+    clean: bool,
+    /// The user properties stamped on this device's messages.
+    stamp: Vec<(String, String)>,
+}
+
+/// The prefix of the MQTT 5 user properties fleetgate stamps on device
+/// messages; a client's own properties under it are removed first.
+pub const IDENTITY_PREFIX: &str = "x-fleetgate-";
+
+/// The verified identity of a device's messages, as MQTT 5 user properties
+/// (the MQTT form of an application gateway's client-certificate header):
+/// `x-fleetgate-device-id`, `-serial`, `-fingerprint` (SHA-256 of the
+/// certificate, hex) and `-manufacturer` if any. Other roles get none.
+fn identity_stamp(peer: &Peer) -> Vec<(String, String)> {
+    if peer.identity.role != Role::Device {
+        return Vec::new();
+    }
+    let mut stamp = vec![
+        (
+            format!("{IDENTITY_PREFIX}device-id"),
+            peer.identity.id.to_string(),
+        ),
+        (format!("{IDENTITY_PREFIX}serial"), peer.key.serial.to_hex()),
+        (
+            format!("{IDENTITY_PREFIX}fingerprint"),
+            peer.info.fingerprint.clone(),
+        ),
+    ];
+    if let Some(m) = &peer.manufacturer {
+        stamp.push((format!("{IDENTITY_PREFIX}manufacturer"), m.to_string()));
+    }
+    stamp
+}
+
+/// `props` with every user property under [`IDENTITY_PREFIX`] removed and
+/// `stamp` added.
+fn stamped(
+    props: Option<PublishProperties>,
+    stamp: &[(String, String)],
+) -> Option<PublishProperties> {
+    let forged = props.as_ref().is_some_and(|p| {
+        p.user_properties
+            .iter()
+            .any(|(k, _)| k.to_ascii_lowercase().starts_with(IDENTITY_PREFIX))
+    });
+    if stamp.is_empty() && !forged {
+        return props;
+    }
+    let mut props = props.unwrap_or_default();
+    props
+        .user_properties
+        .retain(|(k, _)| !k.to_ascii_lowercase().starts_with(IDENTITY_PREFIX));
+    props.user_properties.extend_from_slice(stamp);
+    Some(props)
 }
 
 /// A claim's request for a device certificate, when not a bare CSR.
@@ -153,13 +208,15 @@ async fn session(
         wbuf: BytesMut::with_capacity(4096),
         max_packet: shared.cfg.max_packet_size,
         acl: Acl::new(&peer.identity),
-        peer,
+        peer: peer.clone(),
         pending_subacks: HashMap::new(),
         status: shared.status.clone(),
         auth: shared.auth.clone(),
         cert_lifetime: shared.cert_lifetime,
         metrics: shared.metrics.clone(),
         ocsp_budget: crate::net::RateLimiter::new(shared.cfg.ocsp_rate),
+        clean: true,
+        stamp: identity_stamp(&peer),
     };
 
     // CONNECT, within the connect timeout.
@@ -179,6 +236,7 @@ async fn session(
     let Packet::Connect(connect, _props, will, _will_props, _login) = connect else {
         return Err(());
     };
+    s.clean = connect.clean_session;
 
     // Identity: the certificate names the client. (Claims are shared by
     // many devices at once, so they keep whatever client id they chose.)
@@ -356,6 +414,7 @@ async fn session(
     // The client first: its connection ends now, whatever the router is
     // doing (a kicked device must be cut at once, even under load).
     let _ = tokio::time::timeout(Duration::from_secs(1), s.stream.shutdown()).await;
+    let stamp = std::mem::take(&mut s.stamp);
     drop(s);
 
     // Then end the router session, publishing the will on an unclean end.
@@ -380,7 +439,8 @@ async fn session(
                 ..
             }) = will
             {
-                let will = Packet::Publish(Publish::new(topic, message, retain), None);
+                let will =
+                    Packet::Publish(Publish::new(topic, message, retain), stamped(None, &stamp));
                 let _ = handle.block_on(link_tx.send(will));
             }
             let _ = handle.block_on(link_tx.send(Packet::Disconnect(normal_disconnect(), None)));
@@ -558,7 +618,7 @@ impl Session {
                         end = Some(End::Acl(why.to_string()));
                         break;
                     }
-                    forward.push(Packet::Publish(p, props));
+                    forward.push(Packet::Publish(p, stamped(props, &self.stamp)));
                 }
                 Packet::Subscribe(mut sub, props) => {
                     let refused = if self.codec.is_v5() {
@@ -570,6 +630,19 @@ impl Session {
                     let mut allowed = Vec::with_capacity(sub.filters.len());
                     for f in sub.filters.drain(..) {
                         match self.acl.can_subscribe(&f.path) {
+                            // rumqttd 0.20's router panics (and refuses every
+                            // link after) when a persistent session alone in a
+                            // share group leaves with a QoS 1 delivery not
+                            // acknowledged: shared subscriptions are for clean
+                            // sessions only.
+                            Ok(()) if !self.clean && f.path.starts_with("$share/") => {
+                                tracing::warn!(reason = "acl", filter = %crate::printable(&f.path), "mqtt: subscription refused: shared subscriptions need a clean session");
+                                codes.push(Some(if self.codec.is_v5() {
+                                    SubscribeReasonCode::SharedSubscriptionsNotSupported
+                                } else {
+                                    SubscribeReasonCode::Failure
+                                }));
+                            }
                             Ok(()) => {
                                 codes.push(None);
                                 allowed.push(f);

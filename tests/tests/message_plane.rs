@@ -1,0 +1,187 @@
+//! The message plane (issue 12, first part): the router cannot be crashed
+//! by a client, device messages reach services stamped with the sender's
+//! verified identity, and a forged identity does not get through.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
+use std::process::Command;
+use std::time::Duration;
+
+use rumqttc::{
+    AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, TlsConfiguration, Transport,
+};
+use tests::mqtt::{client, connected};
+use tests::{require_tool, run, Creds, Server};
+
+fn start() -> (tempfile::TempDir, Server) {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("data")).unwrap();
+    (tmp, server)
+}
+
+/// A 3.1.1 client with a persistent session and manual acknowledgements.
+fn persistent(server: &Server, c: &Creds) -> (AsyncClient, EventLoop) {
+    let mut opts = MqttOptions::new(&c.id, server.mqtt.ip().to_string(), server.mqtt.port());
+    opts.set_keep_alive(Duration::from_secs(5));
+    opts.set_clean_session(false);
+    opts.set_manual_acks(true);
+    opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+        c.client_config(),
+    )));
+    AsyncClient::new(opts, 16)
+}
+
+/// Polls until a SUBACK; returns its return codes.
+async fn suback(ev: &mut EventLoop) -> Vec<rumqttc::SubscribeReasonCode> {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), ev.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::SubAck(a)))) => return a.return_codes,
+            Ok(Ok(_)) => {}
+            other => panic!("no SUBACK: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_persistent_shared_subscriber_cannot_crash_the_router() {
+    let (tmp, server) = start();
+    let dir = tmp.path();
+    let svc = server.enroll(&dir.join("s"), "service", "backend");
+    let d1 = server.enroll(&dir.join("d"), "device", "d-1");
+    let d2 = server.enroll(&dir.join("d"), "device", "d-2");
+
+    // rumqttd 0.20 panics its router thread when a persistent session,
+    // alone in a share group, leaves with a QoS 1 delivery unacknowledged.
+    let (sc, mut sev) = persistent(&server, &svc);
+    connected(&mut sev).await;
+    sc.subscribe("$share/g/devices/+/telemetry", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let codes = suback(&mut sev).await;
+    let (dc, mut dev) = client(server.mqtt, &d1, "d-1");
+    connected(&mut dev).await;
+    dc.publish("devices/d-1/telemetry", QoS::AtLeastOnce, false, "21.5")
+        .await
+        .unwrap();
+    let poll_device = tokio::spawn(async move {
+        while tokio::time::timeout(Duration::from_secs(3), dev.poll())
+            .await
+            .is_ok_and(|r| r.is_ok())
+        {}
+    });
+    // The service takes the delivery (if any) and never acknowledges it.
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            if let Ok(Event::Incoming(Packet::Publish(_))) = sev.poll().await {
+                return;
+            }
+        }
+    })
+    .await;
+    drop(sev);
+    drop(sc);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // The router is alive: a new device gets in and its messages flow.
+    let (_c2, mut ev2) = client(server.mqtt, &d2, "d-2");
+    connected(&mut ev2).await;
+    assert!(
+        !server.log().iter().any(|l| l.contains("panicked")),
+        "{:#?}",
+        server.log()
+    );
+    // The refusal says why, and is the MQTT 3.1.1 failure code.
+    assert_eq!(codes, [rumqttc::SubscribeReasonCode::Failure], "{codes:?}");
+    assert!(server.wait_for_log(
+        "shared subscriptions need a clean session",
+        Duration::from_secs(5)
+    ));
+    poll_device.abort();
+
+    // A clean session may share.
+    let (c3, mut ev3) = client(server.mqtt, &svc, "backend");
+    connected(&mut ev3).await;
+    c3.subscribe("$share/g/devices/+/telemetry", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    assert_eq!(
+        suback(&mut ev3).await,
+        [rumqttc::SubscribeReasonCode::Success(QoS::AtLeastOnce)]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_messages_carry_the_verified_identity() {
+    require_tool("mosquitto_sub");
+    require_tool("mosquitto_pub");
+    let (tmp, server) = start();
+    let dir = tmp.path();
+    let svc = server.enroll(&dir.join("s"), "service", "backend");
+    let dev = server.enroll(&dir.join("d"), "device", "d-1");
+    let host = server.mqtt.ip().to_string();
+    let port = server.mqtt.port().to_string();
+    let tls = |c: &Creds| {
+        vec![
+            "--cafile".to_owned(),
+            c.ca.display().to_string(),
+            "--cert".to_owned(),
+            c.cert.display().to_string(),
+            "--key".to_owned(),
+            c.key.display().to_string(),
+        ]
+    };
+    // A service (MQTT 5) prints each message's user properties.
+    let mut sub = Command::new("mosquitto_sub");
+    sub.args(["-h", &host, "-p", &port, "-V", "5", "-C", "2", "-W", "20"])
+        .args(tls(&svc))
+        .args(["-t", "devices/+/telemetry", "-F", "%t %P %p"]);
+    let sub = std::thread::spawn(move || run(&mut sub));
+    std::thread::sleep(Duration::from_millis(700));
+    // The device sends one plain message (3.1.1) and one (MQTT 5) with a
+    // forged identity property.
+    let (ok, out) = run(Command::new("mosquitto_pub")
+        .args(["-h", &host, "-p", &port])
+        .args(tls(&dev))
+        .args(["-t", "devices/d-1/telemetry", "-m", "plain"]));
+    assert!(ok, "{out}");
+    let (ok, out) = run(Command::new("mosquitto_pub")
+        .args(["-h", &host, "-p", &port, "-V", "5"])
+        .args(tls(&dev))
+        .args(["-t", "devices/d-1/telemetry", "-m", "forged"])
+        .args([
+            "-D",
+            "publish",
+            "user-property",
+            "x-fleetgate-device-id",
+            "d-2",
+        ])
+        .args(["-D", "publish", "user-property", "note", "kept"]));
+    assert!(ok, "{out}");
+    let (ok, out) = sub.join().unwrap();
+    assert!(ok, "{out}");
+    let fingerprint =
+        provisioning::id::fingerprint(&broker::tls::load_certs(&dev.cert).unwrap()[0]);
+    let serial =
+        provisioning::ca::inspect_certificate(&broker::tls::load_certs(&dev.cert).unwrap()[0])
+            .unwrap()
+            .serial
+            .to_hex();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    for line in &lines {
+        assert!(line.contains("x-fleetgate-device-id:d-1"), "{line}");
+        assert!(
+            line.contains(&format!("x-fleetgate-serial:{serial}")),
+            "{line}"
+        );
+        assert!(
+            line.contains(&format!("x-fleetgate-fingerprint:{fingerprint}")),
+            "{line}"
+        );
+        assert!(
+            !line.contains("d-2"),
+            "a forged identity got through: {line}"
+        );
+    }
+    assert!(lines[1].contains("note:kept"), "{out}");
+}
