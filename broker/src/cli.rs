@@ -154,6 +154,11 @@ struct ServeArgs {
     /// is five times this); more are dropped and counted.
     #[arg(long, default_value_t = 1.0)]
     mqtt_ocsp_rate: f64,
+    /// MiB of messages the router keeps per subscription filter for
+    /// subscribers that lag behind (older ones are dropped): bounds memory
+    /// under sustained traffic.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    router_log_mib: u64,
     /// Seconds between upkeep runs (server and OCSP signing certificate
     /// renewal). For tests.
     #[arg(long, default_value_t = 6 * 3600, hide = true, value_parser = clap::value_parser!(u64).range(1..))]
@@ -496,6 +501,9 @@ async fn serve_cmd(args: ServeArgs) -> ExitCode {
                 per_second: args.mqtt_ocsp_rate.max(0.001),
                 burst: (args.mqtt_ocsp_rate * 5.0).max(1.0),
             },
+            router_log_bytes: usize::try_from(args.router_log_mib)
+                .unwrap_or(64)
+                .saturating_mul(1024 * 1024),
             ..MqttConfig::default()
         },
     };

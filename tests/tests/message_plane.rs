@@ -117,6 +117,7 @@ async fn device_messages_carry_the_verified_identity() {
     let (tmp, server) = start();
     let dir = tmp.path();
     let svc = server.enroll(&dir.join("s"), "service", "backend");
+    let svc4 = server.enroll(&dir.join("s"), "service", "backend-4");
     let dev = server.enroll(&dir.join("d"), "device", "d-1");
     let host = server.mqtt.ip().to_string();
     let port = server.mqtt.port().to_string();
@@ -136,6 +137,12 @@ async fn device_messages_carry_the_verified_identity() {
         .args(tls(&svc))
         .args(["-t", "devices/+/telemetry", "-F", "%t %P %p"]);
     let sub = std::thread::spawn(move || run(&mut sub));
+    // And a 3.1.1 service gets the same messages, without properties.
+    let mut sub4 = Command::new("mosquitto_sub");
+    sub4.args(["-h", &host, "-p", &port, "-C", "2", "-W", "20"])
+        .args(tls(&svc4))
+        .args(["-t", "devices/+/telemetry", "-F", "%t %p"]);
+    let sub4 = std::thread::spawn(move || run(&mut sub4));
     std::thread::sleep(Duration::from_millis(700));
     // The device sends one plain message (3.1.1) and one (MQTT 5) with a
     // forged identity property.
@@ -157,6 +164,9 @@ async fn device_messages_carry_the_verified_identity() {
         ])
         .args(["-D", "publish", "user-property", "note", "kept"]));
     assert!(ok, "{out}");
+    let (ok, out4) = sub4.join().unwrap();
+    assert!(ok, "the 3.1.1 service: {out4}");
+    assert_eq!(out4.lines().count(), 2, "{out4}");
     let (ok, out) = sub.join().unwrap();
     assert!(ok, "{out}");
     let fingerprint =

@@ -72,9 +72,30 @@ impl Codec {
                 out.extend_from_slice(&[0xe0, 0x01, disconnect_reason(d.reason_code)]);
                 Ok(())
             }
-            (Codec::V4(c), p) => c.write(p, out).map(|_| ()),
+            (Codec::V4(c), p) => c.write(without_properties(p), out).map(|_| ()),
             (Codec::V5(c), p) => c.write(p, out).map(|_| ()),
         }
+    }
+}
+
+/// A packet for a 3.1.1 client: MQTT 5 properties dropped. (rumqttd 0.20's
+/// v4 encoder hits `unreachable!()` on any packet that carries them, such as
+/// a PUBLISH from an MQTT 5 client, or one fleetgate stamped, forwarded to a
+/// 3.1.1 subscriber.)
+fn without_properties(p: Packet) -> Packet {
+    match p {
+        Packet::Connect(c, _, will, _, login) => Packet::Connect(c, None, will, None, login),
+        Packet::Publish(x, _) => Packet::Publish(x, None),
+        Packet::PubAck(x, _) => Packet::PubAck(x, None),
+        Packet::Subscribe(x, _) => Packet::Subscribe(x, None),
+        Packet::SubAck(x, _) => Packet::SubAck(x, None),
+        Packet::PubRec(x, _) => Packet::PubRec(x, None),
+        Packet::PubRel(x, _) => Packet::PubRel(x, None),
+        Packet::PubComp(x, _) => Packet::PubComp(x, None),
+        Packet::Unsubscribe(x, _) => Packet::Unsubscribe(x, None),
+        Packet::UnsubAck(x, _) => Packet::UnsubAck(x, None),
+        Packet::Disconnect(x, _) => Packet::Disconnect(x, None),
+        other => other,
     }
 }
 
@@ -127,6 +148,30 @@ mod tests {
         0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
         0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x60, 0x00,
     ];
+
+    #[test]
+    fn a_publish_with_properties_encodes_for_a_3_1_1_client() {
+        use rumqttd::protocol::{Publish, PublishProperties};
+        let props = PublishProperties {
+            user_properties: vec![("x-fleetgate-device-id".into(), "d-1".into())],
+            ..PublishProperties::default()
+        };
+        let mut out = BytesMut::new();
+        Codec::for_level(4)
+            .write(
+                Packet::Publish(Publish::new("devices/d-1/t", "hi", false), Some(props)),
+                &mut out,
+            )
+            .unwrap();
+        let mut plain = BytesMut::new();
+        Codec::for_level(4)
+            .write(
+                Packet::Publish(Publish::new("devices/d-1/t", "hi", false), None),
+                &mut plain,
+            )
+            .unwrap();
+        assert_eq!(out, plain);
+    }
 
     #[test]
     fn v5_disconnect_is_three_bytes() {

@@ -56,6 +56,11 @@ pub struct MqttConfig {
     pub jit_rate: Option<Rate>,
     /// OCSP requests answered per second per MQTT session (token bucket).
     pub ocsp_rate: Rate,
+    /// What one subscription filter's message log in the router may hold,
+    /// in bytes (topic + payload + 4 a message): older messages are dropped
+    /// as it rotates, so memory under sustained traffic stays flat. A
+    /// subscriber this far behind loses the oldest.
+    pub router_log_bytes: usize,
 }
 
 impl Default for MqttConfig {
@@ -79,6 +84,7 @@ impl Default for MqttConfig {
                 per_second: 1.0,
                 burst: 5.0,
             },
+            router_log_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -128,6 +134,9 @@ pub(crate) struct Shared {
     jit_limiter: Option<Mutex<RateLimiter<DeviceId>>>,
     cfg: MqttConfig,
 }
+
+/// Segments of each filter's message log in the router.
+const ROUTER_SEGMENTS: usize = 4;
 
 /// Concurrent router link builds at most.
 const LINK_SLOTS: usize = 32;
@@ -289,8 +298,10 @@ impl Broker {
                 // DISCONNECT: room for every live session twice over.
                 max_connections: cfg.max_connections * 2 + 64,
                 max_outgoing_packet_count: 200,
-                max_segment_size: 100 * 1024 * 1024,
-                max_segment_count: 10,
+                // The log rotates one segment at a time: four segments keep
+                // at least three quarters of the bound.
+                max_segment_size: (cfg.router_log_bytes / ROUTER_SEGMENTS).max(64 * 1024),
+                max_segment_count: ROUTER_SEGMENTS,
                 custom_segment: None,
                 initialized_filters: None,
                 shared_subscriptions_strategy: Default::default(),
