@@ -587,8 +587,12 @@ impl Registry {
             .flush_every_ms(None)
             .open()
             .map_err(|e| match &e {
-                // sled holds an exclusive lock on its files while open.
-                sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                // sled holds an exclusive lock on its files while open (and
+                // reports a taken one as an `Other` error naming the lock).
+                sled::Error::Io(io)
+                    if io.kind() == std::io::ErrorKind::WouldBlock
+                        || io.to_string().contains("could not acquire lock") =>
+                {
                     Error::DataDir {
                         path: path.to_owned(),
                         reason: "another fleetgate is using this data dir (its registry is \
