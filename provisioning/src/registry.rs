@@ -471,6 +471,22 @@ impl Tx<'_> {
         Ok(d)
     }
 
+    fn manufacturer(&self, name: &str) -> TxResult<ManufacturerRecord> {
+        match self.manufacturers.get(name.as_bytes()).map_err(storage)? {
+            Some(v) => decode("manufacturer", &v).or_else(abort),
+            None => abort(Error::ManufacturerNotFound {
+                name: name.to_owned(),
+            }),
+        }
+    }
+
+    fn put_manufacturer(&self, m: &ManufacturerRecord) -> TxResult<()> {
+        self.manufacturers
+            .insert(m.name.as_str(), encode(m))
+            .map_err(storage)?;
+        Ok(())
+    }
+
     fn device(&self, id: &DeviceId) -> TxResult<DeviceRecord> {
         match self.devices.get(id.as_str()).map_err(storage)? {
             Some(v) => decode("device", &v).or_else(abort),
@@ -781,15 +797,7 @@ impl Registry {
         let now = OffsetDateTime::now_utc();
         self.transact(|tx| {
             if let Some(name) = &new.manufacturer {
-                let mut m: ManufacturerRecord =
-                    match tx.manufacturers.get(name.as_bytes()).map_err(storage)? {
-                        Some(v) => decode("manufacturer", &v).or_else(abort)?,
-                        None => {
-                            return abort(Error::ManufacturerNotFound {
-                                name: name.to_owned(),
-                            })
-                        }
-                    };
+                let mut m = tx.manufacturer(name)?;
                 if m.jit_registered >= m.jit_quota() {
                     return abort(Error::QuotaExceeded {
                         reason: format!(
@@ -800,9 +808,7 @@ impl Registry {
                     });
                 }
                 m.jit_registered += 1;
-                tx.manufacturers
-                    .insert(name.as_bytes(), encode(&m))
-                    .map_err(storage)?;
+                tx.put_manufacturer(&m)?;
             }
             let d = tx.new_device(new, cert, status, now)?;
             tx.audit(
@@ -963,15 +969,7 @@ impl Registry {
     ) -> Result<ManufacturerRecord, Error> {
         let at = now_seconds();
         self.transact(|tx| {
-            let mut m: ManufacturerRecord =
-                match tx.manufacturers.get(name.as_bytes()).map_err(storage)? {
-                    Some(v) => decode("manufacturer", &v).or_else(abort)?,
-                    None => {
-                        return abort(Error::ManufacturerNotFound {
-                            name: name.to_owned(),
-                        })
-                    }
-                };
+            let mut m = tx.manufacturer(name)?;
             if m.status == ManufacturerStatus::Revoked {
                 return abort(Error::InvalidInput {
                     reason: format!("manufacturer {name} is already revoked"),
@@ -979,9 +977,7 @@ impl Registry {
             }
             m.status = ManufacturerStatus::Revoked;
             m.revocation = Some(Revocation { reason, at });
-            tx.manufacturers
-                .insert(name.as_bytes(), encode(&m))
-                .map_err(storage)?;
+            tx.put_manufacturer(&m)?;
             tx.audit(
                 actor,
                 "manufacturer-revoke",
@@ -1003,20 +999,10 @@ impl Registry {
     ) -> Result<ManufacturerRecord, Error> {
         let at = now_seconds();
         self.transact(|tx| {
-            let mut m: ManufacturerRecord =
-                match tx.manufacturers.get(name.as_bytes()).map_err(storage)? {
-                    Some(v) => decode("manufacturer", &v).or_else(abort)?,
-                    None => {
-                        return abort(Error::ManufacturerNotFound {
-                            name: name.to_owned(),
-                        })
-                    }
-                };
+            let mut m = tx.manufacturer(name)?;
             let old = m.jit_quota();
             m.jit_quota = Some(quota);
-            tx.manufacturers
-                .insert(name.as_bytes(), encode(&m))
-                .map_err(storage)?;
+            tx.put_manufacturer(&m)?;
             tx.audit(
                 actor,
                 "manufacturer-quota",

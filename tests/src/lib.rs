@@ -190,6 +190,22 @@ impl Server {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Writes a chain and key made elsewhere (by a test CA) as credentials
+    /// for `id` in `dir`, beside this server's root.
+    pub fn creds(&self, dir: &Path, id: &str, chain: &str, key: &str) -> Creds {
+        std::fs::create_dir_all(dir).expect("creds dir");
+        std::fs::write(dir.join(format!("{id}.crt")), chain).expect("write crt");
+        std::fs::write(dir.join(format!("{id}.key")), key).expect("write key");
+        std::fs::copy(self.data_dir.join("ca.crt"), dir.join("ca.crt")).expect("copy ca.crt");
+        Creds::in_dir(dir, id)
+    }
+
+    /// `fleetgate device show ID --json`.
+    pub fn device_json(&self, id: &str) -> serde_json::Value {
+        serde_json::from_str(&self.cli_ok(&["device", "show", id, "--json"]))
+            .expect("device show --json")
+    }
+
     /// An API client presenting `cert`/`key` (or no certificate).
     pub fn client(&self, identity: Option<(&Path, &Path)>) -> ApiClient {
         broker::tls::install_crypto_provider();
@@ -323,6 +339,30 @@ pub mod mqtt {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => panic!("connection failed: {e}"),
                 Err(_) => panic!("no CONNACK in 10 s"),
+            }
+        }
+    }
+
+    /// Connects as `c` and waits for CONNACK; returns the event loop, to
+    /// hold the connection open.
+    pub async fn online(addr: SocketAddr, c: &Creds) -> EventLoop {
+        let (_client, mut ev) = client(addr, c, &c.id);
+        connected(&mut ev).await;
+        ev
+    }
+
+    /// Whether a connection as `c` is refused: an error, or a CONNACK that
+    /// is not success, within 10 s.
+    pub async fn refused(addr: SocketAddr, c: &Creds) -> bool {
+        let (_client, mut ev) = client(addr, c, &c.id);
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), ev.poll()).await {
+                Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(a)))) => {
+                    return a.code != rumqttc::ConnectReturnCode::Success
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(_)) => return true,
+                Err(_) => panic!("neither admitted nor refused in 10 s"),
             }
         }
     }

@@ -21,15 +21,6 @@ fn start() -> (tempfile::TempDir, Server) {
     (tmp, server)
 }
 
-/// Writes a chain and key as credentials for `id` in `dir`.
-fn creds(dir: &Path, server: &Server, id: &str, chain: &str, key: &str) -> Creds {
-    std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(dir.join(format!("{id}.crt")), chain).unwrap();
-    std::fs::write(dir.join(format!("{id}.key")), key).unwrap();
-    std::fs::copy(server.data_dir.join("ca.crt"), dir.join("ca.crt")).unwrap();
-    Creds::in_dir(dir, id)
-}
-
 /// A device key and certificate made the way a factory would with stock
 /// openssl: CSR with CN = id, signed by the manufacturer CA with
 /// `openssl x509 -req`. Returns credentials presenting leaf + CA.
@@ -70,30 +61,7 @@ fn openssl_device(dir: &Path, server: &Server, ca_crt: &Path, ca_key: &Path, id:
         std::fs::read_to_string(ca_crt).unwrap()
     );
     let key = std::fs::read_to_string(&key).unwrap();
-    creds(dir, server, id, &chain, &key)
-}
-
-/// Connects and waits for CONNACK; returns the event loop, to hold the
-/// connection open.
-async fn online(server: &Server, c: &Creds) -> rumqttc::EventLoop {
-    let (_client, mut ev) = client(server.mqtt, c, &c.id);
-    connected(&mut ev).await;
-    ev
-}
-
-/// Whether a connection with `c` is refused (no CONNACK).
-async fn refused(server: &Server, c: &Creds) -> bool {
-    let (_client, mut ev) = client(server.mqtt, c, &c.id);
-    loop {
-        match tokio::time::timeout(Duration::from_secs(10), ev.poll()).await {
-            Ok(Ok(Event::Incoming(Packet::ConnAck(a)))) => {
-                return a.code != rumqttc::ConnectReturnCode::Success
-            }
-            Ok(Ok(_)) => {}
-            Ok(Err(_)) => return true,
-            Err(_) => panic!("neither admitted nor refused in 10 s"),
-        }
-    }
+    server.creds(dir, id, &chain, &key)
 }
 
 fn audit_actions(server: &Server) -> Vec<(String, String, String)> {
@@ -111,10 +79,6 @@ fn audit_actions(server: &Server) -> Vec<(String, String, String)> {
             )
         })
         .collect()
-}
-
-fn device_json(server: &Server, id: &str) -> Value {
-    serde_json::from_str(&server.cli_ok(&["device", "show", id, "--json"])).unwrap()
 }
 
 fn ocsp(server: &Server, issuer: &Path, cert: &Path, extra: &[&str]) -> String {
@@ -167,7 +131,7 @@ async fn manufacturer_devices_register_just_in_time_and_fall_with_their_manufact
         &std::fs::read_to_string(&ca_key).unwrap(),
     );
     let (chain, key) = acme.issue(&Spec::device("rc-1"));
-    let rc1 = creds(&dir.join("rc-1"), &server, "rc-1", &chain, &key);
+    let rc1 = server.creds(&dir.join("rc-1"), "rc-1", &chain, &key);
     // ... and with openssl x509 -req (CN identity).
     let sensor = openssl_device(&dir.join("sensor"), &server, &ca_crt, &ca_key, "sensor-7");
     let (ok, text) = run(Command::new("openssl")
@@ -180,8 +144,8 @@ async fn manufacturer_devices_register_just_in_time_and_fall_with_their_manufact
     // Neither is in the registry yet.
     assert!(!server.cli(&["device", "show", "rc-1"]).status.success());
 
-    let mut ev_rc1 = online(&server, &rc1).await;
-    let mut ev_sensor = online(&server, &sensor).await;
+    let mut ev_rc1 = tests::mqtt::online(server.mqtt, &rc1).await;
+    let mut ev_sensor = tests::mqtt::online(server.mqtt, &sensor).await;
     // mosquitto_pub with the openssl-made certificate, too.
     require_tool("mosquitto_pub");
     let (ok, text) = run(Command::new("mosquitto_pub")
@@ -196,7 +160,7 @@ async fn manufacturer_devices_register_just_in_time_and_fall_with_their_manufact
     assert!(ok, "mosquitto_pub: {text}");
 
     for id in ["rc-1", "sensor-7"] {
-        let d = device_json(&server, id);
+        let d = server.device_json(id);
         assert_eq!(d["status"], "active", "{d}");
         assert_eq!(d["manufacturer"], "acme", "{d}");
         assert!(
@@ -267,18 +231,18 @@ async fn manufacturer_devices_register_just_in_time_and_fall_with_their_manufact
     svc.uri = "urn:fleetgate:service:backend".into();
     let (chain, key) = acme.issue(&svc);
     assert!(
-        refused(
-            &server,
-            &creds(&dir.join("svc"), &server, "backend", &chain, &key)
+        tests::mqtt::refused(
+            server.mqtt,
+            &server.creds(&dir.join("svc"), "backend", &chain, &key)
         )
         .await
     );
     let _dev1 = server.enroll(&dir.join("own"), "device", "dev-1");
     let (chain, key) = acme.issue(&Spec::device("dev-1"));
     assert!(
-        refused(
-            &server,
-            &creds(&dir.join("fake"), &server, "dev-1", &chain, &key)
+        tests::mqtt::refused(
+            server.mqtt,
+            &server.creds(&dir.join("fake"), "dev-1", &chain, &key)
         )
         .await
     );
@@ -296,7 +260,7 @@ async fn manufacturer_devices_register_just_in_time_and_fall_with_their_manufact
 
     // Revoking the manufacturer cuts both live devices within a second.
     let own = server.enroll(&dir.join("own2"), "device", "dev-2");
-    let mut ev_own = online(&server, &own).await;
+    let mut ev_own = tests::mqtt::online(server.mqtt, &own).await;
     let t0 = Instant::now();
     server.cli_ok(&["manufacturer", "revoke", "acme"]);
     let (a, b) = tokio::join!(
@@ -313,8 +277,8 @@ async fn manufacturer_devices_register_just_in_time_and_fall_with_their_manufact
         .is_none());
 
     // Refused from now on, with the reason logged.
-    assert!(refused(&server, &rc1).await);
-    assert!(refused(&server, &sensor).await);
+    assert!(tests::mqtt::refused(server.mqtt, &rc1).await);
+    assert!(tests::mqtt::refused(server.mqtt, &sensor).await);
     assert!(server.wait_for_log("manufacturer acme is revoked", Duration::from_secs(5)));
     // OCSP: the device is revoked (cACompromise), and so is the CA itself
     // on the root's responder; the root's CRL lists the CA.
@@ -387,16 +351,16 @@ async fn pending_policy_waits_for_an_operator() {
         &std::fs::read_to_string(dir.join("slowco.key")).unwrap(),
     );
     let (chain, key) = ca.issue(&Spec::device("p-1"));
-    let p1 = creds(&dir.join("p"), &server, "p-1", &chain, &key);
-    assert!(refused(&server, &p1).await);
-    assert_eq!(device_json(&server, "p-1")["status"], "pending");
+    let p1 = server.creds(&dir.join("p"), "p-1", &chain, &key);
+    assert!(tests::mqtt::refused(server.mqtt, &p1).await);
+    assert_eq!(server.device_json("p-1")["status"], "pending");
     assert!(server.wait_for_log("pending an operator's approval", Duration::from_secs(5)));
     // Still pending on the second try: registered once.
-    assert!(refused(&server, &p1).await);
+    assert!(tests::mqtt::refused(server.mqtt, &p1).await);
     let out = server.cli_ok(&["device", "list", "--status", "pending"]);
     assert!(out.contains("p-1"), "{out}");
     server.cli_ok(&["device", "approve", "p-1"]);
-    let _ev = online(&server, &p1).await;
+    let _ev = tests::mqtt::online(server.mqtt, &p1).await;
     let actions: Vec<String> = audit_actions(&server)
         .into_iter()
         .filter(|(_, _, d)| d == "p-1")
@@ -475,8 +439,8 @@ async fn registering_a_manufacturer_ca_needs_proof_of_possession() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid_input"));
     // A device of theirs is unknown before registration.
     let (chain, key) = theirs.issue(&Spec::device("g-1"));
-    let g1 = creds(&dir.join("g"), &server, "g-1", &chain, &key);
-    assert!(refused(&server, &g1).await);
+    let g1 = server.creds(&dir.join("g"), "g-1", &chain, &key);
+    assert!(tests::mqtt::refused(server.mqtt, &g1).await);
 
     // The real proof.
     let code = challenge();
@@ -487,8 +451,8 @@ async fn registering_a_manufacturer_ca_needs_proof_of_possession() {
     let (ok, err) = register(Some(&proof));
     assert!(!ok && err.contains("already_exists"), "{err}");
 
-    let _ev = online(&server, &g1).await;
-    assert_eq!(device_json(&server, "g-1")["manufacturer"], "globex");
+    let _ev = tests::mqtt::online(server.mqtt, &g1).await;
+    assert_eq!(server.device_json("g-1")["manufacturer"], "globex");
     // OCSP for their devices comes from fleetgate's delegated responder,
     // which a relying party trusts explicitly.
     let leaf = dir.join("g/leaf.crt");
@@ -586,7 +550,7 @@ fn batch_enrollment_signs_a_directory_and_names_the_bad_entries() {
         assert!(ok, "{id}: {text}");
     }
     assert!(!outdir.join("broken.crt").exists());
-    let d = device_json(&server, "batch-007");
+    let d = server.device_json("batch-007");
     assert_eq!(d["manufacturer"], "acme");
     assert_eq!(d["status"], "active");
 }
@@ -657,9 +621,8 @@ async fn a_claim_provisions_a_device_over_mqtt_and_nothing_else() {
     .unwrap();
     let r = reply(&mut ev, "new-1/accepted").await;
     assert_eq!(r["id"], "new-1", "{r}");
-    let new1 = creds(
+    let new1 = server.creds(
         &dir.join("new"),
-        &server,
         "new-1",
         r["certificate_pem"].as_str().unwrap(),
         &key.serialize_pem(),
@@ -673,8 +636,8 @@ async fn a_claim_provisions_a_device_over_mqtt_and_nothing_else() {
     assert_eq!(r["code"], "claim_exhausted", "{r}");
 
     // The new device connects as itself.
-    let _dev = online(&server, &new1).await;
-    let d = device_json(&server, "new-1");
+    let _dev = tests::mqtt::online(server.mqtt, &new1).await;
+    let d = server.device_json("new-1");
     assert_eq!(d["status"], "active");
     assert!(audit_actions(&server).contains(&(
         "claim:factory-7".into(),
@@ -704,5 +667,5 @@ async fn a_claim_provisions_a_device_over_mqtt_and_nothing_else() {
     assert!(until_closed(&mut ev2, Duration::from_secs(1))
         .await
         .is_some());
-    assert!(refused(&server, &claim).await);
+    assert!(tests::mqtt::refused(server.mqtt, &claim).await);
 }

@@ -29,15 +29,6 @@ fn start() -> (tempfile::TempDir, Server) {
     start_with(&[])
 }
 
-/// Writes a chain and key as credentials for `id` in `dir`.
-fn creds(dir: &Path, server: &Server, id: &str, chain: &str, key: &str) -> Creds {
-    std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(dir.join(format!("{id}.crt")), chain).unwrap();
-    std::fs::write(dir.join(format!("{id}.key")), key).unwrap();
-    std::fs::copy(server.data_dir.join("ca.crt"), dir.join("ca.crt")).unwrap();
-    Creds::in_dir(dir, id)
-}
-
 /// An issued manufacturer CA: `fleetgate manufacturer create NAME`.
 fn manufacturer(server: &Server, dir: &Path, name: &str, extra: &[&str]) -> TestCa {
     let mut args = vec![
@@ -53,32 +44,6 @@ fn manufacturer(server: &Server, dir: &Path, name: &str, extra: &[&str]) -> Test
         &std::fs::read_to_string(dir.join(format!("{name}.crt"))).unwrap(),
         &std::fs::read_to_string(dir.join(format!("{name}.key"))).unwrap(),
     )
-}
-
-/// Whether a connection with `c` is refused: an error, or a CONNACK that
-/// is not success, within 10 s.
-async fn refused(server: &Server, c: &Creds) -> bool {
-    let (_client, mut ev) = client(server.mqtt, c, &c.id);
-    loop {
-        match tokio::time::timeout(Duration::from_secs(10), ev.poll()).await {
-            Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(a)))) => {
-                return a.code != rumqttc::ConnectReturnCode::Success
-            }
-            Ok(Ok(_)) => {}
-            Ok(Err(_)) => return true,
-            Err(_) => panic!("neither admitted nor refused in 10 s"),
-        }
-    }
-}
-
-async fn online(server: &Server, c: &Creds) -> rumqttc::EventLoop {
-    let (_client, mut ev) = client(server.mqtt, c, &c.id);
-    connected(&mut ev).await;
-    ev
-}
-
-fn device_json(server: &Server, id: &str) -> Value {
-    serde_json::from_str(&server.cli_ok(&["device", "show", id, "--json"])).unwrap()
 }
 
 /// A refusal counter from `GET /v1/stats`.
@@ -110,7 +75,7 @@ async fn a_manufacturer_key_cannot_make_an_admin() {
         serial: Some(admin_serial),
         ..Spec::device("x")
     });
-    let forged = creds(&dir.join("forged"), &server, "admin", &chain, &key);
+    let forged = server.creds(&dir.join("forged"), "admin", &chain, &key);
     let api = server.client(Some((&forged.cert, &forged.key)));
     let err = api.get::<Value>("/v1/stats").await.unwrap_err().to_string();
     assert!(
@@ -141,7 +106,7 @@ async fn manufacturer_cas_keep_their_constraints() {
     });
     let sub = TestCa::from_pem(&sub_chain, &sub_key);
     let (chain, key) = sub.issue(&Spec::device("deep-1"));
-    let deep = creds(&dir.join("deep"), &server, "deep-1", &chain, &key);
+    let deep = server.creds(&dir.join("deep"), "deep-1", &chain, &key);
     // openssl, as any relying party, says no.
     std::fs::write(dir.join("sub.pem"), &sub_chain).unwrap();
     let (ok, out) = run(Command::new("openssl")
@@ -153,7 +118,7 @@ async fn manufacturer_cas_keep_their_constraints() {
         .arg(&deep.cert));
     assert!(!ok, "openssl accepted the chain: {out}");
     assert!(
-        refused(&server, &deep).await,
+        tests::mqtt::refused(server.mqtt, &deep).await,
         "a device under a sub-CA got in"
     );
     assert!(server.cli(&["device", "show", "deep-1"]).status.code() != Some(0));
@@ -179,18 +144,18 @@ async fn manufacturer_cas_keep_their_constraints() {
         dir.join("verify.crt").to_str().unwrap(),
     ]);
     let (chain, key) = globex.issue(&Spec::device("g-1"));
-    let g1 = creds(&dir.join("g"), &server, "g-1", &chain, &key);
-    let _ev = online(&server, &g1).await;
+    let g1 = server.creds(&dir.join("g"), "g-1", &chain, &key);
+    let _ev = tests::mqtt::online(server.mqtt, &g1).await;
     let (chain, key) = globex.issue(&Spec::device("g-2"));
-    let g2 = creds(&dir.join("g"), &server, "g-2", &chain, &key);
+    let g2 = server.creds(&dir.join("g"), "g-2", &chain, &key);
     let wait = expires - time::OffsetDateTime::now_utc() + time::Duration::seconds(1);
     tokio::time::sleep(wait.try_into().unwrap_or_default()).await;
     assert!(
-        refused(&server, &g1).await,
+        tests::mqtt::refused(server.mqtt, &g1).await,
         "a known device of an expired CA got in"
     );
     assert!(
-        refused(&server, &g2).await,
+        tests::mqtt::refused(server.mqtt, &g2).await,
         "a new device of an expired CA got in"
     );
     assert!(server.wait_for_log(
@@ -225,7 +190,7 @@ async fn rotation_keeps_the_signer_and_falls_with_the_manufacturer() {
     assert!(out
         .join(format!("m-1.{}.key", provisioning::id::hex(&first)))
         .exists());
-    let v = device_json(&server, "m-1");
+    let v = server.device_json("m-1");
     let certs = v["certificates"].as_array().unwrap();
     assert_eq!(certs.len(), 2, "{v}");
     for c in certs {
@@ -233,15 +198,15 @@ async fn rotation_keeps_the_signer_and_falls_with_the_manufacturer() {
         assert_eq!(c["status"], "good", "{c}");
     }
     let rotated = Creds::in_dir(&out, "m-1");
-    let ev = online(&server, &rotated).await;
+    let ev = tests::mqtt::online(server.mqtt, &rotated).await;
     drop(ev);
 
     server.cli_ok(&["manufacturer", "revoke", "acme"]);
     assert!(
-        refused(&server, &rotated).await,
+        tests::mqtt::refused(server.mqtt, &rotated).await,
         "the rotated certificate escaped"
     );
-    let v = device_json(&server, "m-1");
+    let v = server.device_json("m-1");
     for c in v["certificates"].as_array().unwrap() {
         assert_eq!(c["status"], "revoked", "device show says: {c}");
     }
@@ -457,13 +422,13 @@ async fn serials_are_unique_per_issuer_only() {
         ..Spec::device(id)
     };
     let (chain, key) = globex.issue(&spec("globex-1"));
-    let g = creds(&dir.join("g"), &server, "globex-1", &chain, &key);
+    let g = server.creds(&dir.join("g"), "globex-1", &chain, &key);
     let (chain, key) = acme.issue(&spec("acme-1"));
-    let a = creds(&dir.join("a"), &server, "acme-1", &chain, &key);
-    let _g = online(&server, &g).await;
-    let _a = online(&server, &a).await;
+    let a = server.creds(&dir.join("a"), "acme-1", &chain, &key);
+    let _g = tests::mqtt::online(server.mqtt, &g).await;
+    let _a = tests::mqtt::online(server.mqtt, &a).await;
     for (id, m) in [("globex-1", "globex"), ("acme-1", "acme")] {
-        let v = device_json(&server, id);
+        let v = server.device_json(id);
         assert_eq!(v["status"], "active", "{v}");
         assert_eq!(v["certificates"][0]["serial"], "1000", "{v}");
         assert_eq!(v["manufacturer"], m, "{v}");
@@ -475,14 +440,14 @@ async fn serials_are_unique_per_issuer_only() {
         err.contains("ambiguous_serial") || err.contains("2 issuers"),
         "{err}"
     );
-    let key = device_json(&server, "acme-1")["certificates"][0]["key"]
+    let key = server.device_json("acme-1")["certificates"][0]["key"]
         .as_str()
         .unwrap()
         .to_owned();
     server.cli_ok(&["device", "revoke-cert", &key]);
-    assert!(refused(&server, &a).await);
+    assert!(tests::mqtt::refused(server.mqtt, &a).await);
     assert!(
-        !refused(&server, &g).await,
+        !tests::mqtt::refused(server.mqtt, &g).await,
         "globex's device fell with acme's"
     );
 }
@@ -496,30 +461,33 @@ async fn just_in_time_registration_has_a_quota_and_a_rate() {
     for i in 0..3 {
         let id = format!("q-{i}");
         let (chain, key) = acme.issue(&Spec::device(&id));
-        devices.push(creds(&dir.join("q"), &server, &id, &chain, &key));
+        devices.push(server.creds(&dir.join("q"), &id, &chain, &key));
     }
-    let _a = online(&server, &devices[0]).await;
-    let _b = online(&server, &devices[1]).await;
+    let _a = tests::mqtt::online(server.mqtt, &devices[0]).await;
+    let _b = tests::mqtt::online(server.mqtt, &devices[1]).await;
     assert!(
-        refused(&server, &devices[2]).await,
+        tests::mqtt::refused(server.mqtt, &devices[2]).await,
         "the quota let a third in"
     );
     assert!(server.wait_for_log("jit_quota_exceeded", Duration::from_secs(5)));
     assert!(refusals(&server, "jit_quota_exceeded").await >= 1);
     assert!(server.cli(&["device", "show", "q-2"]).status.code() != Some(0));
     server.cli_ok(&["manufacturer", "quota", "acme", "3"]);
-    let _c = online(&server, &devices[2]).await;
+    let _c = tests::mqtt::online(server.mqtt, &devices[2]).await;
 
     // The rate: one new device a minute, a burst of one.
     let (tmp, server) = start_with(&["--jit-rate", "0.016", "--jit-burst", "1"]);
     let dir = tmp.path();
     let acme = manufacturer(&server, dir, "acme", &[]);
     let (chain, key) = acme.issue(&Spec::device("r-0"));
-    let first = creds(&dir.join("r"), &server, "r-0", &chain, &key);
+    let first = server.creds(&dir.join("r"), "r-0", &chain, &key);
     let (chain, key) = acme.issue(&Spec::device("r-1"));
-    let second = creds(&dir.join("r"), &server, "r-1", &chain, &key);
-    let _first = online(&server, &first).await;
-    assert!(refused(&server, &second).await, "the rate let a second in");
+    let second = server.creds(&dir.join("r"), "r-1", &chain, &key);
+    let _first = tests::mqtt::online(server.mqtt, &first).await;
+    assert!(
+        tests::mqtt::refused(server.mqtt, &second).await,
+        "the rate let a second in"
+    );
     assert!(server.wait_for_log("jit_rate_limited", Duration::from_secs(5)));
     assert!(refusals(&server, "jit_rate_limited").await >= 1);
 }
@@ -644,8 +612,11 @@ async fn status_answers_follow_the_standards() {
         eku: false,
         ..Spec::device("no-eku")
     });
-    let no_eku = creds(&dir.join("n"), &server, "no-eku", &chain, &key);
-    assert!(refused(&server, &no_eku).await, "a leaf without EKU got in");
+    let no_eku = server.creds(&dir.join("n"), "no-eku", &chain, &key);
+    assert!(
+        tests::mqtt::refused(server.mqtt, &no_eku).await,
+        "a leaf without EKU got in"
+    );
     assert!(server.wait_for_log("no extendedKeyUsage clientAuth", Duration::from_secs(5)));
 
     // Ed25519 keys are written so stock OpenSSL loads them.
@@ -740,9 +711,9 @@ async fn bulk_revocation_is_one_call_and_cuts_every_session() {
     );
     assert_eq!(cut, 10, "every live session of the lot is cut");
     for id in &ids {
-        assert_eq!(device_json(&server, id)["status"], "revoked");
+        assert_eq!(server.device_json(id)["status"], "revoked");
     }
-    assert_eq!(device_json(&server, "bystander")["status"], "active");
+    assert_eq!(server.device_json("bystander")["status"], "active");
     let audit: Value =
         serde_json::from_str(&server.cli_ok(&["audit", "--json", "--limit", "1000"])).unwrap();
     let revokes = audit["items"]
@@ -779,8 +750,8 @@ async fn bulk_revocation_is_one_call_and_cuts_every_session() {
         &future,
     ]);
     assert!(out.contains("revoked 2 devices"), "{out}");
-    assert_eq!(device_json(&server, "a-2")["status"], "revoked");
-    assert_eq!(device_json(&server, "bystander")["status"], "active");
+    assert_eq!(server.device_json("a-2")["status"], "revoked");
+    assert_eq!(server.device_json("bystander")["status"], "active");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
