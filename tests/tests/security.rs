@@ -146,6 +146,20 @@ async fn manufacturer_cas_keep_their_constraints() {
     let (chain, key) = globex.issue(&Spec::device("g-1"));
     let g1 = server.creds(&dir.join("g"), "g-1", &chain, &key);
     let _ev = tests::mqtt::online(server.mqtt, &g1).await;
+    // A registered CA (no pathLen) may have its own intermediates: a device
+    // sending its leaf and intermediate, not the root, gets in and is
+    // registered under globex.
+    let (sub_chain, sub_key) = globex.issue(&Spec {
+        is_ca: true,
+        ..Spec::device("globex-sub")
+    });
+    let (chain, key) = TestCa::from_pem(&sub_chain, &sub_key).issue(&Spec::device("g-deep"));
+    let end = "-----END CERTIFICATE-----\n";
+    let leaf_and_sub: String = chain.split_inclusive(end).take(2).collect();
+    assert_eq!(leaf_and_sub.matches(end).count(), 2);
+    let deep = server.creds(&dir.join("g"), "g-deep", &leaf_and_sub, &key);
+    let _deep = tests::mqtt::online(server.mqtt, &deep).await;
+    assert_eq!(server.device_json("g-deep")["manufacturer"], "globex");
     let (chain, key) = globex.issue(&Spec::device("g-2"));
     let g2 = server.creds(&dir.join("g"), "g-2", &chain, &key);
     let wait = expires - time::OffsetDateTime::now_utc() + time::Duration::seconds(1);

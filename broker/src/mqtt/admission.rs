@@ -50,8 +50,6 @@ struct Trust {
     intermediates: Vec<CertificateDer<'static>>,
     /// SHA-256 of a manufacturer CA's SubjectPublicKeyInfo -> its name.
     manufacturers: HashMap<[u8; 32], DeviceId>,
-    /// A manufacturer CA's subject (RFC 4514) -> its name.
-    by_subject: HashMap<String, DeviceId>,
     /// Registered CAs by SPKI hash.
     registered: HashMap<[u8; 32], AnchorLimits>,
 }
@@ -128,7 +126,6 @@ impl RegistryVerifier {
             let ca = anchor(&der)?;
             let spki = spki_hash(webpki::spki_for_anchor(&ca).as_ref());
             trust.manufacturers.insert(spki, m.name.clone());
-            trust.by_subject.insert(m.subject.clone(), m.name.clone());
             match m.kind {
                 CaKind::Issued => trust.intermediates.push(der),
                 CaKind::Registered => {
@@ -151,29 +148,17 @@ impl RegistryVerifier {
             .clone()
     }
 
-    /// The manufacturer a certificate chain (as the client sent it, leaf
-    /// first) runs through, for a connection already admitted: a CA it sent
-    /// with a manufacturer's key, or a leaf issued under a manufacturer's
-    /// name. The registry record found with it must then match the leaf's
-    /// fingerprint, so a misleading chain finds nothing.
-    pub fn manufacturer_of(
-        &self,
-        chain: &[CertificateDer<'_>],
-        leaf: &CertInfo,
-    ) -> Option<DeviceId> {
-        let trust = self.trust();
-        chain
-            .iter()
-            .skip(1)
-            .filter_map(|c| {
-                let (_, cert) = X509Certificate::from_der(c).ok()?;
-                trust
-                    .manufacturers
-                    .get(&spki_hash(cert.public_key().raw))
-                    .cloned()
-            })
-            .next()
-            .or_else(|| trust.by_subject.get(&leaf.issuer).cloned())
+    /// The manufacturer a connection's chain (as the client sent it, leaf
+    /// first; on a resumed TLS session, as it sent it the first time) runs
+    /// through: the same path building as the handshake, so a device may
+    /// send its manufacturer's intermediates and leave out the root. `None`
+    /// also when the chain no longer verifies: the check before CONNACK
+    /// then finds no record under that key and refuses.
+    pub fn manufacturer_of(&self, chain: &[CertificateDer<'_>]) -> Option<DeviceId> {
+        let (leaf, intermediates) = chain.split_first()?;
+        self.path_manufacturer(leaf, intermediates, UnixTime::now())
+            .ok()
+            .flatten()
     }
 
     fn refuse(&self, refusal: Refusal, err: CertificateError, detail: &str) -> rustls::Error {
@@ -193,12 +178,25 @@ impl RegistryVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<Option<DeviceId>, rustls::Error> {
+        self.path_manufacturer(end_entity, intermediates, now)
+            .map_err(|(refusal, err, detail)| self.refuse(refusal, err, &detail))
+    }
+
+    /// The manufacturer whose CA a verified chain runs through (`None`:
+    /// fleetgate's own), or why the chain does not verify. Neither logs
+    /// nor counts.
+    fn path_manufacturer(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<Option<DeviceId>, (Refusal, CertificateError, String)> {
         let trust = self.trust();
-        let refuse = |e: webpki::Error| {
+        let webpki_error = |e: webpki::Error| {
             let (refusal, err) = classify(&e);
-            self.refuse(refusal, err, &e.to_string())
+            (refusal, err, e.to_string())
         };
-        let ee = webpki::EndEntityCert::try_from(end_entity).map_err(refuse)?;
+        let ee = webpki::EndEntityCert::try_from(end_entity).map_err(webpki_error)?;
         // What the client sent first, then the CAs we know.
         let offered: Vec<CertificateDer<'_>> = intermediates
             .iter()
@@ -215,46 +213,41 @@ impl RegistryVerifier {
                 None,
                 None,
             )
-            .map_err(refuse)?;
+            .map_err(webpki_error)?;
         let anchor = spki_hash(webpki::spki_for_anchor(path.anchor()).as_ref());
         let below_anchor = path.intermediate_certificates().count();
         if let Some(limits) = trust.registered.get(&anchor) {
             let t = now.as_secs();
             if t > limits.not_after {
-                return Err(self.refuse(
+                return Err((
                     Refusal::Expired,
                     CertificateError::Expired,
-                    &format!("manufacturer {}'s CA has expired", limits.name),
+                    format!("manufacturer {}'s CA has expired", limits.name),
                 ));
             }
             if t < limits.not_before {
-                return Err(self.refuse(
+                return Err((
                     Refusal::NotYetValid,
                     CertificateError::NotValidYet,
-                    &format!("manufacturer {}'s CA is not valid yet", limits.name),
+                    format!("manufacturer {}'s CA is not valid yet", limits.name),
                 ));
             }
-            if limits
-                .path_len
-                .is_some_and(|max| below_anchor > max as usize)
-            {
-                return Err(self.refuse(
+            if let Some(max) = limits.path_len.filter(|max| below_anchor > *max as usize) {
+                return Err((
                     Refusal::BadCertificate,
                     CertificateError::BadEncoding,
-                    &format!(
-                        "{below_anchor} CAs below manufacturer {}'s CA, whose pathLenConstraint allows {}",
+                    format!(
+                        "{below_anchor} CAs below manufacturer {}'s CA, whose pathLenConstraint allows {max}",
                         limits.name,
-                        limits.path_len.unwrap_or_default()
                     ),
                 ));
             }
         }
-        let manufacturer = path
+        Ok(path
             .intermediate_certificates()
             .map(|c| spki_hash(c.subject_public_key_info().as_ref()))
             .chain(std::iter::once(anchor))
-            .find_map(|h| trust.manufacturers.get(&h).cloned());
-        Ok(manufacturer)
+            .find_map(|h| trust.manufacturers.get(&h).cloned()))
     }
 }
 

@@ -487,7 +487,7 @@ fn peer_of(
     // time: the verifier already read these fields from the same bytes.
     let chain = stream.get_ref().1.peer_certificates()?;
     let info = inspect_certificate(chain.first()?).ok()?;
-    let manufacturer = verifier.manufacturer_of(chain, &info);
+    let manufacturer = verifier.manufacturer_of(chain);
     // A manufacturer's certificate may name its device by CN alone; the
     // verifier admitted it as that device.
     let identity = match &manufacturer {
