@@ -195,3 +195,94 @@ async fn device_messages_carry_the_verified_identity() {
     }
     assert!(lines[1].contains("note:kept"), "{out}");
 }
+
+/// An MQTT 5 CONNECT for `id` with a will on `topic` that waits `delay` s.
+fn connect_with_will(id: &str, topic: &str, delay: u32) -> Vec<u8> {
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 5, 0x06, 0, 30, 0];
+    body.extend_from_slice(&(id.len() as u16).to_be_bytes());
+    body.extend_from_slice(id.as_bytes());
+    // Will properties: Will Delay Interval (0x18).
+    body.extend_from_slice(&[5, 0x18]);
+    body.extend_from_slice(&delay.to_be_bytes());
+    body.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+    body.extend_from_slice(topic.as_bytes());
+    body.extend_from_slice(&4u16.to_be_bytes());
+    body.extend_from_slice(b"gone");
+    let mut packet = vec![0x10, body.len() as u8];
+    packet.extend_from_slice(&body);
+    packet
+}
+
+/// Connects `c` over MQTT 5 with a delayed will, reads CONNACK, then drops
+/// the connection without DISCONNECT.
+async fn vanish_with_will(server: &Server, c: &Creds, delay: u32) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = tokio::net::TcpStream::connect(server.mqtt).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(c.client_config());
+    let name = rustls_pki_types::ServerName::IpAddress(server.mqtt.ip().into());
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    tls.write_all(&connect_with_will(
+        &c.id,
+        &format!("devices/{}/status", c.id),
+        delay,
+    ))
+    .await
+    .unwrap();
+    let mut buf = [0u8; 64];
+    let n = tls.read(&mut buf).await.unwrap();
+    assert!(
+        n >= 4 && buf[0] == 0x20 && buf[3] == 0,
+        "CONNACK: {:x?}",
+        &buf[..n]
+    );
+    // Gone without a word: the TCP connection drops.
+    drop(tls);
+}
+
+/// Waits up to `within` for a message on the watcher; when it came.
+async fn will_seen(ev: &mut EventLoop, within: Duration) -> Option<std::time::Instant> {
+    let deadline = tokio::time::Instant::now() + within;
+    while let Ok(Ok(e)) = tokio::time::timeout_at(deadline, ev.poll()).await {
+        if let Event::Incoming(Packet::Publish(p)) = e {
+            assert_eq!(&p.payload[..], b"gone");
+            return Some(std::time::Instant::now());
+        }
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_will_delay_is_honoured() {
+    let (tmp, server) = start();
+    let dir = tmp.path();
+    let svc = server.enroll(&dir.join("s"), "service", "watcher");
+    let dev = server.enroll(&dir.join("d"), "device", "w-1");
+    let (wc, mut wev) = client(server.mqtt, &svc, "watcher");
+    connected(&mut wev).await;
+    wc.subscribe("devices/+/status", QoS::AtMostOnce)
+        .await
+        .unwrap();
+    suback(&mut wev).await;
+
+    // Gone for good: the will comes, but not before its 2 s delay.
+    let gone = std::time::Instant::now();
+    vanish_with_will(&server, &dev, 2).await;
+    let seen = will_seen(&mut wev, Duration::from_secs(10))
+        .await
+        .expect("the will never came");
+    let waited = seen - gone;
+    assert!(
+        waited >= Duration::from_millis(1900),
+        "the will came after {waited:?}"
+    );
+
+    // Back within the delay: no will.
+    vanish_with_will(&server, &dev, 3).await;
+    let (_back, mut bev) = client(server.mqtt, &dev, "w-1");
+    connected(&mut bev).await;
+    assert!(
+        will_seen(&mut wev, Duration::from_secs(5)).await.is_none(),
+        "a will was sent although the device came back"
+    );
+    assert!(server.wait_for_log("came back within its will delay", Duration::from_secs(5)));
+}

@@ -268,6 +268,11 @@ impl Sessions {
         }
     }
 
+    /// Whether `device` has a live session.
+    fn is_live(&self, device: &DeviceId) -> bool {
+        self.lock().contains_key(device)
+    }
+
     fn count(&self) -> usize {
         self.lock().values().map(Vec::len).sum()
     }

@@ -176,6 +176,9 @@ struct ProvisionRequest {
     csr: String,
 }
 
+/// The longest MQTT 5 will delay honoured.
+const MAX_WILL_DELAY: Duration = Duration::from_secs(24 * 3600);
+
 /// How long a kicked session waits, its client already cut, before it ends
 /// its router session.
 const KICKED_CLEANUP_DELAY: Duration = Duration::from_millis(100);
@@ -233,7 +236,7 @@ async fn session(
             return Err(());
         }
     };
-    let Packet::Connect(connect, _props, will, _will_props, _login) = connect else {
+    let Packet::Connect(connect, _props, will, will_props, _login) = connect else {
         return Err(());
     };
     s.clean = connect.clean_session;
@@ -415,6 +418,7 @@ async fn session(
     // doing (a kicked device must be cut at once, even under load).
     let _ = tokio::time::timeout(Duration::from_secs(1), s.stream.shutdown()).await;
     let stamp = std::mem::take(&mut s.stamp);
+    let s_id = s.peer.identity.id.clone();
     drop(s);
 
     // Then end the router session, publishing the will on an unclean end.
@@ -428,7 +432,25 @@ async fn session(
             // router's bookkeeping, which competes for the same cores.
             tokio::time::sleep(KICKED_CLEANUP_DELAY).await;
         }
-        let will = will.filter(|_| !matches!(end, End::Kicked(_)));
+        let mut will = will.filter(|_| !matches!(end, End::Kicked(_)));
+        let delay = will_props
+            .as_ref()
+            .and_then(|p| p.delay_interval)
+            .map(|secs| Duration::from_secs(secs.into()).min(MAX_WILL_DELAY))
+            .filter(|d| !d.is_zero());
+        if let (Some(_), Some(delay)) = (&will, delay) {
+            // MQTT 5 3.1.3.2.2: the will waits out its delay, and a new
+            // connection of the device within it cancels the will. (The
+            // router session stays open meanwhile; a shutdown sends it now.)
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = shutdown.changed() => {}
+            }
+            if shared.sessions.is_live(&s_id) {
+                tracing::info!(device.id = %s_id, "mqtt: the device came back within its will delay; no will");
+                will = None;
+            }
+        }
         let handle = tokio::runtime::Handle::current();
         let _ = tokio::task::spawn_blocking(move || {
             let _link_rx = link_rx;
@@ -439,8 +461,17 @@ async fn session(
                 ..
             }) = will
             {
+                let props = will_props.map(|p| PublishProperties {
+                    payload_format_indicator: p.payload_format_indicator,
+                    message_expiry_interval: p.message_expiry_interval,
+                    content_type: p.content_type,
+                    response_topic: p.response_topic,
+                    correlation_data: p.correlation_data,
+                    user_properties: p.user_properties,
+                    ..PublishProperties::default()
+                });
                 let will =
-                    Packet::Publish(Publish::new(topic, message, retain), stamped(None, &stamp));
+                    Packet::Publish(Publish::new(topic, message, retain), stamped(props, &stamp));
                 let _ = handle.block_on(link_tx.send(will));
             }
             let _ = handle.block_on(link_tx.send(Packet::Disconnect(normal_disconnect(), None)));
