@@ -60,7 +60,14 @@ pub struct RegistryVerifier {
     auth: Arc<Authority>,
     trust: RwLock<Arc<Trust>>,
     metrics: Arc<Metrics>,
+    /// What the last handshakes' verified paths said, by the leaf's
+    /// fingerprint: read once by the session, so a full handshake verifies
+    /// its chain once. (A resumed session verifies again.)
+    verified: std::sync::Mutex<HashMap<String, Option<DeviceId>>>,
 }
+
+/// Verified paths remembered at most (cleared past it).
+const VERIFIED_REMEMBERED: usize = 4096;
 
 impl std::fmt::Debug for RegistryVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -101,6 +108,7 @@ impl RegistryVerifier {
             auth,
             trust: RwLock::new(Arc::default()),
             metrics,
+            verified: std::sync::Mutex::default(),
         };
         v.reload()?;
         Ok(v)
@@ -156,9 +164,20 @@ impl RegistryVerifier {
     /// then finds no record under that key and refuses.
     pub fn manufacturer_of(&self, chain: &[CertificateDer<'_>]) -> Option<DeviceId> {
         let (leaf, intermediates) = chain.split_first()?;
+        let fingerprint = provisioning::id::fingerprint(leaf);
+        if let Some(found) = self.lock_verified().remove(&fingerprint) {
+            return found;
+        }
         self.path_manufacturer(leaf, intermediates, UnixTime::now())
             .ok()
             .flatten()
+    }
+
+    fn lock_verified(&self) -> std::sync::MutexGuard<'_, HashMap<String, Option<DeviceId>>> {
+        // A plain map: still usable after a panic elsewhere.
+        self.verified
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn refuse(&self, refusal: Refusal, err: CertificateError, detail: &str) -> rustls::Error {
@@ -347,7 +366,11 @@ impl ClientCertVerifier for RegistryVerifier {
         let Some((rec, standing)) = standing else {
             return match &manufacturer {
                 // Registered by the session, just in time, before CONNACK.
-                Some(_) => self.unknown_of_manufacturer(&identity, &detail),
+                Some(_) => {
+                    let ok = self.unknown_of_manufacturer(&identity, &detail)?;
+                    self.remember(info.fingerprint.clone(), manufacturer.clone());
+                    Ok(ok)
+                }
                 None => Err(self.refuse(
                     Refusal::UnknownSerial,
                     CertificateError::BadEncoding,
@@ -368,6 +391,7 @@ impl ClientCertVerifier for RegistryVerifier {
         match refusal_for(&rec, standing) {
             None => {
                 tracing::debug!(device.id = %identity.id, serial = %info.serial, "admitted");
+                self.remember(info.fingerprint, manufacturer);
                 Ok(ClientCertVerified::assertion())
             }
             Some((refusal, why)) => Err(self.refuse(
@@ -439,6 +463,15 @@ impl RegistryVerifier {
             ));
         }
         Ok(identity)
+    }
+
+    /// Remembers a verified path's manufacturer for the session to read.
+    fn remember(&self, fingerprint: String, manufacturer: Option<DeviceId>) {
+        let mut verified = self.lock_verified();
+        if verified.len() >= VERIFIED_REMEMBERED {
+            verified.clear();
+        }
+        verified.insert(fingerprint, manufacturer);
     }
 
     /// A manufacturer's certificate the registry does not know: admitted
