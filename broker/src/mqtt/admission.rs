@@ -7,7 +7,8 @@
 //! Manufacturer CAs fleetgate issued are intermediates under the root, so
 //! webpki enforces their pathLen, validity and name constraints like any
 //! relying party would; they are offered to path building alongside what
-//! the client sent (a device may send its leaf alone). A registered CA (the
+//! the client sent (a device may send its leaf alone). fleetgate's own
+//! issuing CA is an anchor (one signature to verify for its devices). A registered CA (the
 //! manufacturer's own root) is a trust anchor, and webpki checks nothing
 //! about an anchor itself: its validity and pathLen are checked here.
 //!
@@ -44,9 +45,9 @@ struct AnchorLimits {
 /// What a client certificate may chain to, rebuilt when manufacturers change.
 #[derive(Debug, Default)]
 struct Trust {
-    /// The root, and registered manufacturer CAs.
+    /// The root, the issuing CA, and registered manufacturer CAs.
     anchors: Vec<TrustAnchor<'static>>,
-    /// The issuing CA and the manufacturer CAs the root issued.
+    /// The manufacturer CAs the root issued.
     intermediates: Vec<CertificateDer<'static>>,
     /// SHA-256 of a manufacturer CA's SubjectPublicKeyInfo -> its name.
     manufacturers: HashMap<[u8; 32], DeviceId>,
@@ -114,8 +115,8 @@ impl RegistryVerifier {
         Ok(v)
     }
 
-    /// Rebuilds the trust: the root as anchor, the issuing CA and every
-    /// manufacturer CA the root issued as intermediates, and registered
+    /// Rebuilds the trust: the root and the issuing CA as anchors, every
+    /// manufacturer CA the root issued as an intermediate, and registered
     /// manufacturer CAs as anchors with their limits. Revoked manufacturers
     /// are included so that their devices are refused as revoked, by name.
     pub fn reload(&self) -> anyhow::Result<()> {
@@ -124,9 +125,14 @@ impl RegistryVerifier {
                 .map(|a| a.to_owned())
                 .map_err(|e| anyhow::anyhow!("trust anchor: {e}"))
         };
+        // The issuing CA is an anchor too: our own devices' chains then
+        // verify with one signature, not two (a handshake's largest cost
+        // after the key exchange).
         let mut trust = Trust {
-            anchors: vec![anchor(self.auth.ca.root_der())?],
-            intermediates: vec![self.auth.ca.issuing_der().clone()],
+            anchors: vec![
+                anchor(self.auth.ca.root_der())?,
+                anchor(self.auth.ca.issuing_der())?,
+            ],
             ..Trust::default()
         };
         for m in self.auth.registry.manufacturers()? {
