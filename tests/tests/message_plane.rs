@@ -286,3 +286,39 @@ async fn the_will_delay_is_honoured() {
     );
     assert!(server.wait_for_log("came back within its will delay", Duration::from_secs(5)));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retained_device_message_reaches_a_later_service_with_its_identity() {
+    require_tool("mosquitto_sub");
+    require_tool("mosquitto_pub");
+    let (tmp, server) = start();
+    let dir = tmp.path();
+    let svc = server.enroll(&dir.join("s"), "service", "backend");
+    let dev = server.enroll(&dir.join("d"), "device", "d-1");
+    let (host, port) = (server.mqtt.ip().to_string(), server.mqtt.port().to_string());
+    let tls = |c: &Creds| {
+        [
+            "--cafile".to_owned(),
+            c.ca.display().to_string(),
+            "--cert".to_owned(),
+            c.cert.display().to_string(),
+            "--key".to_owned(),
+            c.key.display().to_string(),
+        ]
+    };
+    let (ok, out) = run(Command::new("mosquitto_pub")
+        .args(["-h", &host, "-p", &port, "-q", "1", "-r"])
+        .args(tls(&dev))
+        .args(["-t", "devices/d-1/state", "-m", "on"]));
+    assert!(ok, "{out}");
+    // The service comes later, and still gets it: retained, stamped.
+    let (ok, out) = run(Command::new("mosquitto_sub")
+        .args(["-h", &host, "-p", &port, "-V", "5", "-C", "1", "-W", "10"])
+        .args(tls(&svc))
+        .args(["-t", "devices/+/state", "-F", "%t %r %P %p"]));
+    assert!(ok, "{out}");
+    let line = out.trim();
+    assert!(line.starts_with("devices/d-1/state 1 "), "{line}");
+    assert!(line.contains("x-fleetgate-device-id:d-1"), "{line}");
+    assert!(line.ends_with(" on"), "{line}");
+}
