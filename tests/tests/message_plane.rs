@@ -19,6 +19,18 @@ fn start() -> (tempfile::TempDir, Server) {
     (tmp, server)
 }
 
+/// mosquitto_pub/_sub's options to present `c` and trust its CA.
+fn tls_args(c: &Creds) -> [String; 6] {
+    [
+        "--cafile".to_owned(),
+        c.ca.display().to_string(),
+        "--cert".to_owned(),
+        c.cert.display().to_string(),
+        "--key".to_owned(),
+        c.key.display().to_string(),
+    ]
+}
+
 /// A 3.1.1 client with a persistent session and manual acknowledgements.
 fn persistent(server: &Server, c: &Creds) -> (AsyncClient, EventLoop) {
     let mut opts = MqttOptions::new(&c.id, server.mqtt.ip().to_string(), server.mqtt.port());
@@ -121,26 +133,16 @@ async fn device_messages_carry_the_verified_identity() {
     let dev = server.enroll(&dir.join("d"), "device", "d-1");
     let host = server.mqtt.ip().to_string();
     let port = server.mqtt.port().to_string();
-    let tls = |c: &Creds| {
-        vec![
-            "--cafile".to_owned(),
-            c.ca.display().to_string(),
-            "--cert".to_owned(),
-            c.cert.display().to_string(),
-            "--key".to_owned(),
-            c.key.display().to_string(),
-        ]
-    };
     // A service (MQTT 5) prints each message's user properties.
     let mut sub = Command::new("mosquitto_sub");
     sub.args(["-h", &host, "-p", &port, "-V", "5", "-C", "2", "-W", "20"])
-        .args(tls(&svc))
+        .args(tls_args(&svc))
         .args(["-t", "devices/+/telemetry", "-F", "%t %P %p"]);
     let sub = std::thread::spawn(move || run(&mut sub));
     // And a 3.1.1 service gets the same messages, without properties.
     let mut sub4 = Command::new("mosquitto_sub");
     sub4.args(["-h", &host, "-p", &port, "-C", "2", "-W", "20"])
-        .args(tls(&svc4))
+        .args(tls_args(&svc4))
         .args(["-t", "devices/+/telemetry", "-F", "%t %p"]);
     let sub4 = std::thread::spawn(move || run(&mut sub4));
     std::thread::sleep(Duration::from_millis(700));
@@ -148,12 +150,12 @@ async fn device_messages_carry_the_verified_identity() {
     // forged identity property.
     let (ok, out) = run(Command::new("mosquitto_pub")
         .args(["-h", &host, "-p", &port])
-        .args(tls(&dev))
+        .args(tls_args(&dev))
         .args(["-t", "devices/d-1/telemetry", "-m", "plain"]));
     assert!(ok, "{out}");
     let (ok, out) = run(Command::new("mosquitto_pub")
         .args(["-h", &host, "-p", &port, "-V", "5"])
-        .args(tls(&dev))
+        .args(tls_args(&dev))
         .args(["-t", "devices/d-1/telemetry", "-m", "forged"])
         .args([
             "-D",
@@ -296,25 +298,15 @@ async fn a_retained_device_message_reaches_a_later_service_with_its_identity() {
     let svc = server.enroll(&dir.join("s"), "service", "backend");
     let dev = server.enroll(&dir.join("d"), "device", "d-1");
     let (host, port) = (server.mqtt.ip().to_string(), server.mqtt.port().to_string());
-    let tls = |c: &Creds| {
-        [
-            "--cafile".to_owned(),
-            c.ca.display().to_string(),
-            "--cert".to_owned(),
-            c.cert.display().to_string(),
-            "--key".to_owned(),
-            c.key.display().to_string(),
-        ]
-    };
     let (ok, out) = run(Command::new("mosquitto_pub")
         .args(["-h", &host, "-p", &port, "-q", "1", "-r"])
-        .args(tls(&dev))
+        .args(tls_args(&dev))
         .args(["-t", "devices/d-1/state", "-m", "on"]));
     assert!(ok, "{out}");
     // The service comes later, and still gets it: retained, stamped.
     let (ok, out) = run(Command::new("mosquitto_sub")
         .args(["-h", &host, "-p", &port, "-V", "5", "-C", "1", "-W", "10"])
-        .args(tls(&svc))
+        .args(tls_args(&svc))
         .args(["-t", "devices/+/state", "-F", "%t %r %P %p"]));
     assert!(ok, "{out}");
     let line = out.trim();
