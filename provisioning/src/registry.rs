@@ -1336,12 +1336,7 @@ impl Registry {
         if c.revocation.is_none() {
             // A revoked manufacturer takes every certificate of its devices
             // along, whichever CA signed it.
-            let mut by_manufacturer = None;
-            for m in c.manufacturers() {
-                by_manufacturer =
-                    by_manufacturer.or(self.manufacturer(m)?.and_then(|m| m.revocation));
-            }
-            if let Some(r) = by_manufacturer {
+            if let Some(r) = self.manufacturer_revocation(&c)? {
                 return Ok(Some((c, Standing::Revoked(r))));
             }
         }
@@ -1352,6 +1347,17 @@ impl Registry {
         };
         let s = c.standing(device_revocation);
         Ok(Some((c, s)))
+    }
+
+    /// The revocation of a manufacturer `c` falls with (its signer's or its
+    /// device's), if one is revoked.
+    fn manufacturer_revocation(&self, c: &CertRecord) -> Result<Option<Revocation>, Error> {
+        for m in c.manufacturers() {
+            if let Some(r) = self.manufacturer(m)?.and_then(|m| m.revocation) {
+                return Ok(Some(r));
+            }
+        }
+        Ok(None)
     }
 
     /// Devices in id order after `after`, optionally only those with `status`.
@@ -1444,12 +1450,10 @@ impl Registry {
                 continue;
             }
             // A revoked manufacturer lists its devices' certificates too.
-            let mut revocation = c.revocation;
-            if revocation.is_none() {
-                for m in c.manufacturers() {
-                    revocation = revocation.or(self.manufacturer(m)?.and_then(|m| m.revocation));
-                }
-            }
+            let revocation = match c.revocation {
+                Some(r) => Some(r),
+                None => self.manufacturer_revocation(&c)?,
+            };
             let listed = match (revocation, c.device_status) {
                 (Some(r), _) => Some((r.at, Some(r.reason))),
                 (None, Status::Revoked) => {
