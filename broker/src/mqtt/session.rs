@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use provisioning::ca::CertInfo;
-use provisioning::{Authority, CertKey, DeviceId, Identity, Role, Standing};
+use provisioning::{Authority, CertKey, DeviceId, Identity, Role};
 use rumqttd::local::{LinkError, LinkRx, LinkTx};
 use rumqttd::protocol::{
     ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode, LastWill,
@@ -149,18 +149,18 @@ fn stamped(
     props: Option<PublishProperties>,
     stamp: &[(String, String)],
 ) -> Option<PublishProperties> {
-    let forged = props.as_ref().is_some_and(|p| {
-        p.user_properties
-            .iter()
-            .any(|(k, _)| k.to_ascii_lowercase().starts_with(IDENTITY_PREFIX))
-    });
+    let reserved = |k: &str| {
+        k.get(..IDENTITY_PREFIX.len())
+            .is_some_and(|head| head.eq_ignore_ascii_case(IDENTITY_PREFIX))
+    };
+    let forged = props
+        .as_ref()
+        .is_some_and(|p| p.user_properties.iter().any(|(k, _)| reserved(k)));
     if stamp.is_empty() && !forged {
         return props;
     }
     let mut props = props.unwrap_or_default();
-    props
-        .user_properties
-        .retain(|(k, _)| !k.to_ascii_lowercase().starts_with(IDENTITY_PREFIX));
+    props.user_properties.retain(|(k, _)| !reserved(k));
     props.user_properties.extend_from_slice(stamp);
     Some(props)
 }
@@ -211,7 +211,8 @@ async fn session(
         wbuf: BytesMut::with_capacity(4096),
         max_packet: shared.cfg.max_packet_size,
         acl: Acl::new(&peer.identity),
-        peer: peer.clone(),
+        stamp: identity_stamp(&peer),
+        peer,
         pending_subacks: HashMap::new(),
         status: shared.status.clone(),
         auth: shared.auth.clone(),
@@ -219,7 +220,6 @@ async fn session(
         metrics: shared.metrics.clone(),
         ocsp_budget: crate::net::RateLimiter::new(shared.cfg.ocsp_rate),
         clean: true,
-        stamp: identity_stamp(&peer),
     };
 
     // CONNECT, within the connect timeout.
@@ -261,6 +261,10 @@ async fn session(
             return Err(());
         }
     }
+
+    // Kickable from here on: a revocation from now on finds this session,
+    // so the one check of standing below cannot miss one.
+    let (kick_rx, registration) = shared.sessions.register(&s.peer);
 
     // Standing now, before any CONNACK: a resumed TLS session skipped the
     // certificate verifier, and a manufacturer's new device registers here.
@@ -344,28 +348,21 @@ async fn session(
         return Err(());
     }
 
-    let (kick_rx, registration) = shared.sessions.register(&s.peer);
     shared
         .metrics
         .sessions
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(protocol = if s.codec.is_v5() { 5 } else { 4 }, serial = %s.peer.key.serial, "mqtt: connected");
 
-    // A revocation between the check before CONNACK and registration would
-    // have found nothing to kick: look once more now that we can be kicked.
-    let end = match shared.registry.standing(&s.peer.key) {
-        Ok(Some((_, Standing::Good))) => {
-            s.serve(
-                link_tx.as_mut(),
-                link_rx.as_mut(),
-                kick_rx,
-                &mut shutdown,
-                connect.keep_alive,
-            )
-            .await
-        }
-        _ => End::Kicked(Kick::Revoked),
-    };
+    let end = s
+        .serve(
+            link_tx.as_mut(),
+            link_rx.as_mut(),
+            kick_rx,
+            &mut shutdown,
+            connect.keep_alive,
+        )
+        .await;
     drop(registration);
 
     // Tell the client why, where the protocol has a way to.
