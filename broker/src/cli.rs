@@ -159,6 +159,16 @@ struct ServeArgs {
     /// under sustained traffic.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
     router_log_mib: u64,
+    /// Commands one device's persistent session may hold while it is away
+    /// (QoS 1 and 2); more are refused (MQTT 5 PUBACK 0x97).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    command_queue_max: u64,
+    /// Bytes (topics and payloads) one device's command queue may hold.
+    #[arg(long, default_value_t = 1024 * 1024, value_parser = clap::value_parser!(u64).range(1..=1024 * 1024 * 1024))]
+    command_queue_bytes: u64,
+    /// Seconds a queued command waits at most, whatever its own expiry.
+    #[arg(long, default_value_t = 24 * 3600, value_parser = clap::value_parser!(u64).range(1..=30 * 24 * 3600))]
+    command_ttl_secs: u64,
     /// Seconds between upkeep runs (server and OCSP signing certificate
     /// renewal). For tests.
     #[arg(long, default_value_t = 6 * 3600, hide = true, value_parser = clap::value_parser!(u64).range(1..))]
@@ -504,6 +514,11 @@ async fn serve_cmd(args: ServeArgs) -> ExitCode {
             router_log_bytes: usize::try_from(args.router_log_mib)
                 .unwrap_or(64)
                 .saturating_mul(1024 * 1024),
+            queue_limits: provisioning::sessions::QueueLimits {
+                max_messages: usize::try_from(args.command_queue_max).unwrap_or(100),
+                max_bytes: usize::try_from(args.command_queue_bytes).unwrap_or(1024 * 1024),
+                max_age_ms: i64::try_from(args.command_ttl_secs).unwrap_or(86_400) * 1000,
+            },
             ..MqttConfig::default()
         },
     };

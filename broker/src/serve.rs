@@ -159,6 +159,22 @@ impl Server {
             let broker = broker.clone();
             async move { broker.follow_changes(changes_rx).await }
         });
+        // Persistent sessions: what expired while we were down, and then
+        // every ten minutes (expiry is also checked on every use).
+        let sweeper = tokio::spawn({
+            let broker = broker.clone();
+            let mut shutdown = shutdown.clone();
+            async move {
+                loop {
+                    let b = broker.clone();
+                    let _ = tokio::task::spawn_blocking(move || b.sweep_sessions()).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(600)) => {}
+                        _ = shutdown.changed() => return,
+                    }
+                }
+            }
+        });
         let upkeep = tokio::spawn(upkeep(
             self.auth.clone(),
             tls.clone(),
@@ -224,6 +240,7 @@ impl Server {
         }
         follower.abort();
         upkeep.abort();
+        sweeper.abort();
         let auth = self.auth.clone();
         tokio::task::spawn_blocking(move || auth.registry.flush())
             .await

@@ -11,6 +11,7 @@ pub mod id;
 pub mod manufacturer;
 pub mod ocsp;
 pub mod registry;
+pub mod sessions;
 
 pub use ca::{Authority, Ca, InitOptions, IssuedCert, DEFAULT_CERT_LIFETIME};
 pub use error::Error;

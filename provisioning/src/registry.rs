@@ -347,6 +347,7 @@ pub struct Registry {
     manufacturers: sled::Tree,
     claims: sled::Tree,
     challenges: sled::Tree,
+    sessions: crate::sessions::SessionStore,
 }
 
 /// A certificate a CRL lists: revoked, or on hold while its device is
@@ -628,6 +629,7 @@ impl Registry {
             manufacturers: db.open_tree("manufacturers")?,
             claims: db.open_tree("claims")?,
             challenges: db.open_tree("challenges")?,
+            sessions: crate::sessions::SessionStore::open(&db)?,
             db,
         }
         .migrated()
@@ -1137,6 +1139,10 @@ impl Registry {
             }
             Ok(out)
         })
+        .and_then(|out| {
+            self.sessions.purge(&out.revoked)?;
+            Ok(out)
+        })
     }
 
     /// The ids of devices made by `manufacturer` (any, if `None`) holding a
@@ -1221,14 +1227,23 @@ impl Registry {
             reason,
             at: now_seconds(),
         };
-        self.set_status(
+        let d = self.set_status(
             id,
             "revoke",
             &[Status::Active, Status::Suspended, Status::Pending],
             Status::Revoked,
             Some(revocation),
             actor,
-        )
+        )?;
+        // Its waiting commands are never delivered. (Were this lost to a
+        // crash, the sweep at the next start drops them.)
+        self.sessions.purge(std::slice::from_ref(id))?;
+        Ok(d)
+    }
+
+    /// The durable side of devices' MQTT sessions, in the same database.
+    pub fn sessions(&self) -> &crate::sessions::SessionStore {
+        &self.sessions
     }
 
     /// Revokes one certificate; the device keeps its others.

@@ -137,6 +137,34 @@ fn is_command_topic(topic: &str) -> bool {
     id_ok && levels.next() == Some("commands")
 }
 
+/// The device a service's command topic (`devices/<id>/commands/...`) is for.
+pub fn command_target(topic: &str) -> Option<provisioning::DeviceId> {
+    if !is_command_topic(topic) {
+        return None;
+    }
+    let id = topic.strip_prefix(DEVICES)?.split('/').next()?;
+    provisioning::DeviceId::try_new(id).ok()
+}
+
+/// Whether `topic` matches the (valid) filter `filter` (MQTT 4.7; a topic
+/// starting with `$` matches no filter starting with a wildcard).
+pub fn topic_matches(filter: &str, topic: &str) -> bool {
+    if topic.starts_with('$') && filter.starts_with(['+', '#']) {
+        return false;
+    }
+    let mut f = filter.split('/');
+    let mut t = topic.split('/');
+    loop {
+        match (f.next(), t.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
 /// MQTT 4.7: `#` only as a whole last level, `+` only as a whole level.
 pub fn valid_filter(filter: &str) -> bool {
     if filter.is_empty() {
@@ -201,6 +229,28 @@ pub fn sniff_connect(buf: &[u8]) -> ConnectSniff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn filters_match_as_mqtt_says() {
+        for (f, t, want) in [
+            ("devices/d/commands/#", "devices/d/commands/reboot", true),
+            ("devices/d/commands/#", "devices/d/commands", true),
+            ("devices/d/#", "devices/d", true),
+            ("devices/d/commands/+", "devices/d/commands/a/b", false),
+            ("devices/d/+/x", "devices/d/commands/x", true),
+            ("devices/d/commands", "devices/d/commands/x", false),
+            ("devices/d/commands/x", "devices/d/commands/x", true),
+            ("devices/d/commands/+", "devices/d/commands/", true),
+            ("#", "$fleetgate/x", false),
+        ] {
+            assert_eq!(topic_matches(f, t), want, "{f} {t}");
+        }
+        assert_eq!(
+            command_target("devices/d-1/commands/x").map(|d| d.to_string()),
+            Some("d-1".into())
+        );
+        assert_eq!(command_target("devices/d-1/telemetry"), None);
+    }
     use provisioning::DeviceId;
 
     fn acl(role: Role, id: &str) -> Acl {

@@ -14,6 +14,9 @@
 pub mod acl;
 pub mod admission;
 pub mod codec;
+pub mod hub;
+mod link;
+pub mod outbox;
 mod session;
 
 use std::collections::HashMap;
@@ -61,6 +64,8 @@ pub struct MqttConfig {
     /// as it rotates, so memory under sustained traffic stays flat. A
     /// subscriber this far behind loses the oldest.
     pub router_log_bytes: usize,
+    /// What one device's durable command queue may hold.
+    pub queue_limits: provisioning::sessions::QueueLimits,
 }
 
 impl Default for MqttConfig {
@@ -85,6 +90,7 @@ impl Default for MqttConfig {
                 burst: 5.0,
             },
             router_log_bytes: 64 * 1024 * 1024,
+            queue_limits: provisioning::sessions::QueueLimits::default(),
         }
     }
 }
@@ -96,6 +102,8 @@ pub enum Kick {
     Suspended,
     CertificateRevoked,
     ManufacturerRevoked,
+    /// A newer connection of the same device took the session.
+    TakenOver,
 }
 
 impl Kick {
@@ -105,6 +113,7 @@ impl Kick {
             Kick::Suspended => "device suspended",
             Kick::CertificateRevoked => "certificate revoked",
             Kick::ManufacturerRevoked => "manufacturer revoked",
+            Kick::TakenOver => "session taken over",
         }
     }
 }
@@ -124,6 +133,10 @@ pub(crate) struct Shared {
     metrics: Arc<Metrics>,
     status: Arc<StatusService>,
     sessions: Sessions,
+    /// Commands to devices, and their sessions' durable side.
+    hub: Arc<hub::Hub>,
+    /// Devices' messages into the router.
+    ingest: link::Ingest,
     /// Link builds wait on the router thread from the blocking pool; this
     /// caps how many do at once, so a connect storm cannot take the pool
     /// from the API's registry writes (revocations).
@@ -140,6 +153,14 @@ const ROUTER_SEGMENTS: usize = 4;
 
 /// Concurrent router link builds at most.
 const LINK_SLOTS: usize = 32;
+
+/// Router links that carry devices' messages (each on its own thread; a
+/// device always uses the same one, so its messages keep their order).
+const INGEST_LINKS: usize = 4;
+
+/// Messages waiting in front of each ingest link at most; past that,
+/// publishing devices wait (and stop being read).
+const INGEST_QUEUE: usize = 4096;
 
 impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -167,6 +188,7 @@ struct Entry {
 struct Registration<'a> {
     sessions: &'a Sessions,
     device: DeviceId,
+    /// This connection's number, unique in the process.
     conn: u64,
 }
 
@@ -190,13 +212,24 @@ impl Sessions {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn register(&self, peer: &Peer) -> (oneshot::Receiver<Kick>, Registration<'_>) {
+    /// Registers a connection of `peer`; with `take_over`, the device's
+    /// older connections are cut (MQTT 3.1.4-3: one session per client id).
+    fn register(
+        &self,
+        peer: &Peer,
+        take_over: bool,
+    ) -> (oneshot::Receiver<Kick>, Registration<'_>) {
         let conn = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         let mut map = self.lock();
         let entries = map.entry(peer.identity.id.clone()).or_default();
         if !entries.is_empty() {
             tracing::info!(device.id = %peer.identity.id, "mqtt: a new connection takes over the device's session");
+            if take_over {
+                for old in entries.drain(..) {
+                    let _ = old.kick.send(Kick::TakenOver);
+                }
+            }
         }
         entries.push(Entry {
             conn,
@@ -313,6 +346,19 @@ impl Broker {
             },
         );
         let router_tx = router.spawn();
+        let ingest = (0..INGEST_LINKS)
+            .map(|i| {
+                let (tx, rx, _) = // Not a device id (those never hold a colon), so no client
+                // can take the link over.
+                LinkBuilder::new(&format!("fleetgate:ingest:{i}"), router_tx.clone())
+                    .clean_session(true)
+                    .topic_alias_max(0)
+                    .build()
+                    .expect("the router answers its first links");
+                link::RouterTx::spawn(format!("ingest-{i}"), tx, Some(rx), INGEST_QUEUE)
+                    .expect("a thread for an ingest link")
+            })
+            .collect();
         let links: LinkFactory = Arc::new(move |client_id: &str, clean: bool| {
             LinkBuilder::new(client_id, router_tx.clone())
                 .clean_session(clean)
@@ -324,11 +370,13 @@ impl Broker {
             shared: Arc::new(Shared {
                 links,
                 registry: auth.registry.clone(),
+                hub: Arc::new(hub::Hub::new(auth.registry.clone(), cfg.queue_limits)),
                 auth,
                 cert_lifetime,
                 metrics,
                 status,
                 sessions: Sessions::default(),
+                ingest: link::Ingest::new(ingest),
                 link_slots: tokio::sync::Semaphore::new(LINK_SLOTS),
                 verifier,
                 jit_limiter: cfg.jit_rate.map(|r| Mutex::new(RateLimiter::new(r))),
@@ -339,6 +387,26 @@ impl Broker {
 
     pub fn live_sessions(&self) -> usize {
         self.shared.sessions.count()
+    }
+
+    /// The command path's counters.
+    pub fn commands(&self) -> &hub::CommandCounters {
+        &self.shared.hub.counters
+    }
+
+    /// Ends expired persistent sessions and drops expired commands, and
+    /// whatever is kept for revoked or deleted devices (blocking: run it on
+    /// the blocking pool).
+    pub fn sweep_sessions(&self) {
+        match self.shared.hub.sweep() {
+            Ok(s) if s.sessions > 0 || s.messages > 0 => tracing::info!(
+                sessions = s.sessions,
+                messages = s.messages,
+                "mqtt: ended expired sessions and dropped expired commands"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "mqtt: sweeping sessions"),
+        }
     }
 
     /// Kicks sessions as registry changes arrive. Runs until `changes` closes.

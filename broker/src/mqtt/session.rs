@@ -1,38 +1,50 @@
-//! One MQTT connection: the TLS stream on one side, a rumqttd router link on
-//! the other, fleetgate's checks in between.
+//! One MQTT connection: the TLS stream on one side, fleetgate's checks in
+//! between, and behind them either the command hub (a device) or a rumqttd
+//! router link (a service).
 //!
-//! The router never sees a packet we have not checked: CONNECT is answered
-//! here (identity), PUBLISH and SUBSCRIBE pass the ACL first, PINGREQ is
-//! answered here. The last will is kept here too: rumqttd cannot be told of
-//! an unclean close through a local link, so on one we publish the will
-//! ourselves and then end the router session with a DISCONNECT.
+//! Nothing reaches a device or the router that we have not checked: CONNECT
+//! is answered here (identity), PUBLISH and SUBSCRIBE pass the ACL first,
+//! PINGREQ is answered here. A device has no router link at all: its
+//! subscriptions (only ever under its own `devices/<id>/`) live in its
+//! [`Mailbox`], commands reach it through the [`super::hub::Hub`], and this
+//! session owns their packet ids, in-flight window (the device's Receive
+//! Maximum) and acknowledgements ([`Outbox`]); its own messages go to the
+//! router through the shared ingest links. Every PUBLISH a client sends is
+//! acknowledged here (QoS 1 and 2 included), once it is handed on. The
+//! last will is published here too, on an unclean end.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use provisioning::ca::CertInfo;
-use provisioning::{Authority, CertKey, DeviceId, Identity, Role};
-use rumqttd::local::{LinkError, LinkRx, LinkTx};
+use provisioning::sessions::{now_ms, Message, MessageProps, StoredFilter};
+use provisioning::{CertKey, DeviceId, Identity, Role};
+use rumqttd::local::{LinkError, LinkRx};
 use rumqttd::protocol::{
     ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode, LastWill,
-    Packet, PingResp, PubAck, PubAckReason, Publish, PublishProperties, SubAck,
-    SubscribeReasonCode,
+    Packet, PingResp, PubAck, PubAckProperties, PubAckReason, PubComp, PubCompReason, PubRec,
+    PubRecReason, PubRel, PubRelReason, Publish, PublishProperties, RetainForwardRule, SubAck,
+    SubscribeReasonCode, UnsubAck, UnsubAckReason,
 };
 use rumqttd::Notification;
 use time::OffsetDateTime;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_rustls::server::TlsStream;
 
-use super::acl::{provision_request, sniff_connect, Acl, ConnectSniff};
+use super::acl::{
+    command_target, provision_request, sniff_connect, topic_matches, Acl, ConnectSniff,
+};
 use super::codec::Codec;
+use super::hub::{Delivery, Mailbox, Outcome, MAX_SESSION_EXPIRY};
+use super::link::RouterTx;
+use super::outbox::{qos_and_pkid, Outbox, Outgoing};
 use super::{Kick, Shared};
 use crate::metrics::Refusal;
-use crate::status::StatusService;
 
 /// What the TLS handshake established.
 #[derive(Debug, Clone)]
@@ -98,21 +110,35 @@ struct Session {
     max_packet: usize,
     acl: Acl,
     peer: Peer,
+    shared: Arc<Shared>,
     /// SUBSCRIBEs sent to the router with some filters refused here: the
     /// refused positions, to merge into the router's SUBACK.
     pending_subacks: HashMap<u16, Vec<Option<SubscribeReasonCode>>>,
-    status: Arc<StatusService>,
-    /// For claims' provisioning requests.
-    auth: Arc<Authority>,
-    cert_lifetime: time::Duration,
-    metrics: Arc<crate::metrics::Metrics>,
     /// OCSP requests this session may still have answered.
     ocsp_budget: crate::net::RateLimiter<()>,
     /// The client asked for a clean session (3.1.1) or clean start (5).
     clean: bool,
     /// The user properties stamped on this device's messages.
     stamp: Vec<(String, String)>,
+    /// Packet ids of the client's QoS 2 PUBLISHes awaiting PUBREL: a
+    /// repeated one is acknowledged, not passed on again.
+    inbound_qos2: HashSet<u16>,
+    /// A device's side: its mailbox and what is on its way to it.
+    device: Option<DeviceSide>,
+    /// A service's router link.
+    router: Option<RouterTx>,
 }
+
+struct DeviceSide {
+    conn: u64,
+    mailbox: Arc<Mailbox>,
+    rx: mpsc::Receiver<Delivery>,
+    outbox: Outbox,
+}
+
+/// The most QoS 1 and 2 messages in flight to a device at once, whatever
+/// Receive Maximum it allows.
+const MAX_IN_FLIGHT: u16 = 100;
 
 /// The prefix of the MQTT 5 user properties fleetgate stamps on device
 /// messages; a client's own properties under it are removed first.
@@ -179,10 +205,6 @@ struct ProvisionRequest {
 /// The longest MQTT 5 will delay honoured.
 const MAX_WILL_DELAY: Duration = Duration::from_secs(24 * 3600);
 
-/// How long a kicked session waits, its client already cut, before it ends
-/// its router session.
-const KICKED_CLEANUP_DELAY: Duration = Duration::from_millis(100);
-
 /// The MQTT 5 topic for OCSP requests; the answer goes to the request's
 /// response topic. (On 3.1.1, `devices/<id>/ocsp/request` and `.../response`.)
 pub const OCSP_TOPIC: &str = "$fleetgate/ocsp/request";
@@ -214,12 +236,12 @@ async fn session(
         stamp: identity_stamp(&peer),
         peer,
         pending_subacks: HashMap::new(),
-        status: shared.status.clone(),
-        auth: shared.auth.clone(),
-        cert_lifetime: shared.cert_lifetime,
-        metrics: shared.metrics.clone(),
         ocsp_budget: crate::net::RateLimiter::new(shared.cfg.ocsp_rate),
+        shared: shared.clone(),
         clean: true,
+        inbound_qos2: HashSet::new(),
+        device: None,
+        router: None,
     };
 
     // CONNECT, within the connect timeout.
@@ -236,7 +258,7 @@ async fn session(
             return Err(());
         }
     };
-    let Packet::Connect(connect, _props, will, will_props, _login) = connect else {
+    let Packet::Connect(connect, connect_props, will, will_props, _login) = connect else {
         return Err(());
     };
     s.clean = connect.clean_session;
@@ -245,7 +267,8 @@ async fn session(
     // many devices at once, so they keep whatever client id they chose.)
     let device_id = s.peer.identity.id.to_string();
     let assigned = connect.client_id.is_empty();
-    let claim = s.peer.identity.role == Role::Claim;
+    let role = s.peer.identity.role;
+    let claim = role == Role::Claim;
     if !assigned && connect.client_id != device_id && !claim {
         shared.metrics.refused(Refusal::WrongIdentity);
         tracing::warn!(reason = "wrong_identity", client_id = %crate::printable(&connect.client_id), "mqtt: refused: client id is not the certificate's id");
@@ -263,8 +286,10 @@ async fn session(
     }
 
     // Kickable from here on: a revocation from now on finds this session,
-    // so the one check of standing below cannot miss one.
-    let (kick_rx, registration) = shared.sessions.register(&s.peer);
+    // so the one check of standing below cannot miss one. A device's older
+    // connection is cut here (its session is this one's now).
+    let (kick_rx, registration) = shared.sessions.register(&s.peer, role == Role::Device);
+    let conn = registration.conn;
 
     // Standing now, before any CONNACK: a resumed TLS session skipped the
     // certificate verifier, and a manufacturer's new device registers here.
@@ -284,67 +309,132 @@ async fn session(
         return Err(());
     }
 
-    // A router link; building it waits on the router thread. Claims never
-    // reach the router: this session answers everything they may send.
-    let (mut link_tx, mut link_rx, notification) = if claim {
-        let ack = ConnAck {
-            session_present: false,
-            code: ConnectReturnCode::Success,
-        };
-        (None, None, Some(Packet::ConnAck(ack, None)))
+    // How long the session outlives the connection: 3.1.1 clean_session=0
+    // keeps it (for the broker's bound), MQTT 5 says so in its CONNECT.
+    let asked_expiry = if s.codec.is_v5() {
+        connect_props
+            .as_ref()
+            .and_then(|p| p.session_expiry_interval)
+            .filter(|e| *e > 0)
     } else {
-        let Ok(slot) = shared.link_slots.acquire().await else {
-            return Err(());
-        };
-        let links = shared.links.clone();
-        let id = device_id.clone();
-        let clean = connect.clean_session;
-        let link = tokio::task::spawn_blocking(move || links(&id, clean)).await;
-        drop(slot);
-        match link {
-            Ok(Ok((tx, rx, n))) => (Some(tx), Some(rx), Option::<Packet>::from(n)),
-            // The router dropped the link before its CONNACK: a newer
-            // connection with the same client id took it over meanwhile.
-            // That is a takeover, not a refusal of this client.
-            Ok(Err(e)) if matches!(*e, LinkError::Recv(_)) => {
-                shared
-                    .metrics
-                    .taken_over
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tracing::info!("mqtt: taken over by a newer connection while connecting");
-                let _ = tokio::time::timeout(Duration::from_secs(1), s.stream.shutdown()).await;
-                return Err(());
+        (!connect.clean_session).then_some(u32::MAX)
+    };
+    let expiry = asked_expiry.map(|e| e.min(MAX_SESSION_EXPIRY));
+
+    // Claims never reach the router or the hub: this session answers
+    // everything they may send. A device gets its mailbox; a service a
+    // router link (building it waits on the router thread).
+    let (mut link_rx, session_present) = match role {
+        Role::Claim => (None, false),
+        Role::Device => {
+            let (hub, id) = (shared.hub.clone(), s.peer.identity.id.clone());
+            let clean = connect.clean_session;
+            match tokio::task::spawn_blocking(move || hub.open(&id, conn, clean, expiry)).await {
+                Ok(Ok(opened)) => {
+                    let receive_max = connect_props
+                        .as_ref()
+                        .and_then(|p| p.receive_maximum)
+                        .unwrap_or(u16::MAX)
+                        .min(MAX_IN_FLIGHT);
+                    let mut side = DeviceSide {
+                        conn,
+                        mailbox: opened.mailbox,
+                        rx: opened.rx,
+                        outbox: Outbox::new(receive_max),
+                    };
+                    for q in opened.queued {
+                        s.take(&mut side, Some(q.seq), Arc::new(q.message));
+                    }
+                    s.device = Some(side);
+                    (None, opened.session_present)
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "mqtt: opening the device's session failed");
+                    s.refuse_connect(ConnectReturnCode::ServiceUnavailable)
+                        .await;
+                    return Err(());
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "mqtt: session task failed");
+                    return Err(());
+                }
             }
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "mqtt: router refused the link");
-                s.refuse_connect(ConnectReturnCode::ServiceUnavailable)
-                    .await;
+        }
+        Role::Service | Role::Admin => {
+            let Ok(slot) = shared.link_slots.acquire().await else {
                 return Err(());
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "mqtt: link task failed");
-                return Err(());
+            };
+            let links = shared.links.clone();
+            let id = device_id.clone();
+            let clean = connect.clean_session;
+            let link = tokio::task::spawn_blocking(move || links(&id, clean)).await;
+            drop(slot);
+            match link {
+                Ok(Ok((tx, rx, n))) => {
+                    let present = matches!(
+                        Option::<Packet>::from(n),
+                        Some(Packet::ConnAck(
+                            ConnAck {
+                                session_present: true,
+                                ..
+                            },
+                            _
+                        ))
+                    );
+                    match RouterTx::spawn(format!("link-{device_id}"), tx, None, 64) {
+                        Ok(tx) => s.router = Some(tx),
+                        Err(e) => {
+                            tracing::error!(error = %e, "mqtt: no thread for the router link");
+                            s.refuse_connect(ConnectReturnCode::ServiceUnavailable)
+                                .await;
+                            return Err(());
+                        }
+                    }
+                    (Some(rx), present)
+                }
+                // The router dropped the link before its CONNACK: a newer
+                // connection with the same client id took it over meanwhile.
+                // That is a takeover, not a refusal of this client.
+                Ok(Err(e)) if matches!(*e, LinkError::Recv(_)) => {
+                    shared
+                        .metrics
+                        .taken_over
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::info!("mqtt: taken over by a newer connection while connecting");
+                    let _ = tokio::time::timeout(Duration::from_secs(1), s.stream.shutdown()).await;
+                    return Err(());
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "mqtt: router refused the link");
+                    s.refuse_connect(ConnectReturnCode::ServiceUnavailable)
+                        .await;
+                    return Err(());
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "mqtt: link task failed");
+                    return Err(());
+                }
             }
         }
     };
-    let connack = match notification {
-        Some(Packet::ConnAck(ack, props)) => {
-            let props = s.codec.is_v5().then(|| ConnAckProperties {
-                assigned_client_identifier: assigned.then(|| device_id.clone()),
-                max_packet_size: u32::try_from(s.max_packet).ok(),
-                ..props.unwrap_or_default()
-            });
-            Packet::ConnAck(ack, props)
-        }
-        other => {
-            tracing::error!(packet = ?other, "mqtt: router answered the link with no CONNACK");
-            return Err(());
-        }
-    };
+    let props = s.codec.is_v5().then(|| ConnAckProperties {
+        assigned_client_identifier: assigned.then(|| device_id.clone()),
+        max_packet_size: u32::try_from(s.max_packet).ok(),
+        // Said only when it differs from what the client asked.
+        session_expiry_interval: (asked_expiry != expiry).then_some(expiry.unwrap_or(0)),
+        ..ConnAckProperties::default()
+    });
+    let connack = Packet::ConnAck(
+        ConnAck {
+            session_present: session_present && !connect.clean_session,
+            code: ConnectReturnCode::Success,
+        },
+        props,
+    );
     if s.send(connack).await.is_err() {
-        if let Some(tx) = link_tx.as_mut() {
-            let _ = tx.send(Packet::Disconnect(normal_disconnect(), None)).await;
-        }
+        s.end_router_session(&End::Closed("at CONNACK".into()))
+            .await;
+        s.close_device().await;
         return Err(());
     }
 
@@ -352,16 +442,10 @@ async fn session(
         .metrics
         .sessions
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    tracing::info!(protocol = if s.codec.is_v5() { 5 } else { 4 }, serial = %s.peer.key.serial, "mqtt: connected");
+    tracing::info!(protocol = if s.codec.is_v5() { 5 } else { 4 }, serial = %s.peer.key.serial, session_present, "mqtt: connected");
 
     let end = s
-        .serve(
-            link_tx.as_mut(),
-            link_rx.as_mut(),
-            kick_rx,
-            &mut shutdown,
-            connect.keep_alive,
-        )
+        .serve(link_rx.as_mut(), kick_rx, &mut shutdown, connect.keep_alive)
         .await;
     drop(registration);
 
@@ -411,70 +495,62 @@ async fn session(
         other => tracing::info!(end = ?other, "mqtt: disconnected"),
     }
 
-    // The client first: its connection ends now, whatever the router is
-    // doing (a kicked device must be cut at once, even under load).
+    // The client first: its connection ends now (a kicked device must be
+    // cut at once, even under load). Then its session, here and in the
+    // router.
     let _ = tokio::time::timeout(Duration::from_secs(1), s.stream.shutdown()).await;
-    let stamp = std::mem::take(&mut s.stamp);
-    let s_id = s.peer.identity.id.clone();
-    drop(s);
+    s.close_device().await;
+    s.end_router_session(&end).await;
+    drop(link_rx);
 
-    // Then end the router session, publishing the will on an unclean end.
-    // `LinkTx::send` blocks while the router's queue is full: on the blocking
-    // pool, so a busy router never stalls the async workers.
-    if let (true, Some(mut link_tx), Some(link_rx)) = (end.router_session_live(), link_tx, link_rx)
-    {
-        if matches!(end, End::Kicked(_)) {
-            // A revocation cuts many sessions at once (a whole lot in one
-            // bulk call): cutting the others' clients comes before the
-            // router's bookkeeping, which competes for the same cores.
-            tokio::time::sleep(KICKED_CLEANUP_DELAY).await;
+    // The last will, on an unclean end (not a takeover, not a kick).
+    let unclean = matches!(
+        end,
+        End::Closed(_)
+            | End::KeepAlive
+            | End::CertificateExpired
+            | End::Shutdown
+            | End::Acl(_)
+            | End::Protocol(_)
+    );
+    let Some(will) = will.filter(|_| unclean) else {
+        return Ok(());
+    };
+    let delay = will_props
+        .as_ref()
+        .and_then(|p| p.delay_interval)
+        .map(|secs| Duration::from_secs(secs.into()).min(MAX_WILL_DELAY))
+        .filter(|d| !d.is_zero());
+    if let Some(delay) = delay {
+        // MQTT 5 3.1.3.2.2: the will waits out its delay, and a new
+        // connection of the device within it cancels the will. (A shutdown
+        // sends it now.)
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.changed() => {}
         }
-        let mut will = will.filter(|_| !matches!(end, End::Kicked(_)));
-        let delay = will_props
-            .as_ref()
-            .and_then(|p| p.delay_interval)
-            .map(|secs| Duration::from_secs(secs.into()).min(MAX_WILL_DELAY))
-            .filter(|d| !d.is_zero());
-        if let (Some(_), Some(delay)) = (&will, delay) {
-            // MQTT 5 3.1.3.2.2: the will waits out its delay, and a new
-            // connection of the device within it cancels the will. (The
-            // router session stays open meanwhile; a shutdown sends it now.)
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = shutdown.changed() => {}
-            }
-            if shared.sessions.is_live(&s_id) {
-                tracing::info!(device.id = %s_id, "mqtt: the device came back within its will delay; no will");
-                will = None;
-            }
+        if shared.sessions.is_live(&s.peer.identity.id) {
+            tracing::info!("mqtt: the device came back within its will delay; no will");
+            return Ok(());
         }
-        let handle = tokio::runtime::Handle::current();
-        let _ = tokio::task::spawn_blocking(move || {
-            let _link_rx = link_rx;
-            if let Some(LastWill {
-                topic,
-                message,
-                retain,
-                ..
-            }) = will
-            {
-                let props = will_props.map(|p| PublishProperties {
-                    payload_format_indicator: p.payload_format_indicator,
-                    message_expiry_interval: p.message_expiry_interval,
-                    content_type: p.content_type,
-                    response_topic: p.response_topic,
-                    correlation_data: p.correlation_data,
-                    user_properties: p.user_properties,
-                    ..PublishProperties::default()
-                });
-                let will =
-                    Packet::Publish(Publish::new(topic, message, retain), stamped(props, &stamp));
-                let _ = handle.block_on(link_tx.send(will));
-            }
-            let _ = handle.block_on(link_tx.send(Packet::Disconnect(normal_disconnect(), None)));
-        })
-        .await;
     }
+    let LastWill {
+        topic,
+        message,
+        retain,
+        qos,
+    } = will;
+    let props = will_props.map(|p| PublishProperties {
+        payload_format_indicator: p.payload_format_indicator,
+        message_expiry_interval: p.message_expiry_interval,
+        content_type: p.content_type,
+        response_topic: p.response_topic,
+        correlation_data: p.correlation_data,
+        user_properties: p.user_properties,
+        ..PublishProperties::default()
+    });
+    let will = super::outbox::publish(&topic, &message, qos as u8, 1, false, retain);
+    let _ = s.publish_onward(will, props).await;
     Ok(())
 }
 
@@ -544,7 +620,6 @@ impl Session {
 
     async fn serve(
         &mut self,
-        mut link_tx: Option<&mut LinkTx>,
         mut link_rx: Option<&mut LinkRx>,
         mut kick: oneshot::Receiver<Kick>,
         shutdown: &mut watch::Receiver<bool>,
@@ -558,16 +633,23 @@ impl Session {
             .unwrap_or(Duration::ZERO);
         let expiry = tokio::time::sleep(until_expiry);
         tokio::pin!(expiry);
-        // Packets that came in the same read as CONNECT.
+        // What the device's session kept for it, and packets that came in
+        // the same read as CONNECT.
+        if let Some(end) = self.pump().await {
+            return end;
+        }
         if !self.rbuf.is_empty() {
-            if let Some(end) = self.incoming(link_tx.as_deref_mut()).await {
+            if let Some(end) = self.incoming().await {
                 return end;
             }
         }
         loop {
             tokio::select! {
                 biased;
-                k = &mut kick => return End::Kicked(k.unwrap_or(Kick::Revoked)),
+                k = &mut kick => return match k {
+                    Ok(Kick::TakenOver) => End::TakenOver,
+                    k => End::Kicked(k.unwrap_or(Kick::Revoked)),
+                },
                 _ = shutdown.changed() => return End::Shutdown,
                 _ = &mut expiry => return End::CertificateExpired,
                 _ = sleep_until(deadline) => return End::KeepAlive,
@@ -576,9 +658,21 @@ impl Session {
                     Err(e) => return End::Closed(e.to_string()),
                     Ok(_) => {
                         deadline = idle.map(|d| tokio::time::Instant::now() + d);
-                        if let Some(end) = self.incoming(link_tx.as_deref_mut()).await {
+                        if let Some(end) = self.incoming().await {
                             return end;
                         }
+                    }
+                },
+                d = next_delivery(self.device.as_mut()) => if let Some(d) = d {
+                    if let Some(side) = self.device.as_mut() {
+                        let mut d = Some(d);
+                        while let Some(Delivery { seq, message }) = d.take() {
+                            Self::take_into(&self.shared, &self.peer, side, seq, message);
+                            d = side.rx.try_recv().ok();
+                        }
+                    }
+                    if let Some(end) = self.pump().await {
+                        return end;
                     }
                 },
                 n = next(link_rx.as_deref_mut()) => match n {
@@ -594,10 +688,82 @@ impl Session {
         }
     }
 
-    /// Decodes what has arrived, checks it, forwards it.
-    async fn incoming(&mut self, link_tx: Option<&mut LinkTx>) -> Option<End> {
+    /// Takes a message for this device into its outbox, at min(published
+    /// QoS, granted QoS), if a subscription still matches it.
+    fn take(&mut self, side: &mut DeviceSide, seq: Option<u64>, message: Arc<Message>) {
+        Self::take_into(&self.shared, &self.peer, side, seq, message);
+    }
+
+    fn take_into(
+        shared: &Shared,
+        peer: &Peer,
+        side: &mut DeviceSide,
+        seq: Option<u64>,
+        m: Arc<Message>,
+    ) {
+        let now = now_ms();
+        let granted = side.mailbox.granted(&m.topic);
+        let expired = m.expires_at_ms.is_some_and(|t| t <= now);
+        let Some((granted, ids)) = granted.filter(|_| !expired) else {
+            // Unsubscribed since, or too old: it is not delivered.
+            if let Some(seq) = seq {
+                let _ = shared.hub.store().delivered(&peer.identity.id, seq);
+            }
+            return;
+        };
+        side.outbox
+            .push(outgoing(&m, seq, m.qos.min(granted), ids, false, now));
+    }
+
+    /// Writes what the outbox lets through (reading the durable queue
+    /// again if the hub could not hand something over), then flushes.
+    async fn pump(&mut self) -> Option<End> {
+        if let Some(side) = self.device.as_mut() {
+            loop {
+                while let Some((p, props, done)) = side.outbox.next() {
+                    if let Err(e) = self.codec.write(Packet::Publish(p, props), &mut self.wbuf) {
+                        return Some(End::Protocol(format!("encoding: {e}")));
+                    }
+                    if let Some(seq) = done {
+                        let _ = self
+                            .shared
+                            .hub
+                            .store()
+                            .delivered(&self.peer.identity.id, seq);
+                    }
+                }
+                if !side.mailbox.take_reload() {
+                    break;
+                }
+                let queued = self.shared.hub.store().queued(
+                    &self.peer.identity.id,
+                    side.outbox.last_seq(),
+                    now_ms(),
+                );
+                match queued {
+                    Ok(q) => {
+                        for q in q {
+                            Self::take_into(
+                                &self.shared,
+                                &self.peer,
+                                side,
+                                Some(q.seq),
+                                Arc::new(q.message),
+                            );
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "mqtt: reading the device's queue"),
+                }
+            }
+        }
+        self.flush().await.err().map(End::Closed)
+    }
+
+    /// Decodes what has arrived, checks it, passes it on.
+    async fn incoming(&mut self) -> Option<End> {
         let mut forward: Vec<Packet> = Vec::new();
         let mut end = None;
+        let role = self.peer.identity.role;
         loop {
             let packet = match self.codec.read(&mut self.rbuf, self.max_packet) {
                 Ok(Some(p)) => p,
@@ -607,153 +773,562 @@ impl Session {
                     break;
                 }
             };
-            match packet {
-                Packet::Publish(p, props) => {
-                    let topic = String::from_utf8_lossy(&p.topic).into_owned();
-                    if self.peer.identity.role == Role::Claim {
-                        // Claims only ever provision; nothing reaches the router.
-                        match provision_request(&topic) {
-                            Some(req) => {
-                                let req = req.to_owned();
-                                if let Err(e) = self.provision(&p, req).await {
-                                    end = Some(End::Protocol(e));
-                                    break;
-                                }
-                                continue;
-                            }
-                            None => {
-                                let why = self.acl.can_publish(&topic).err();
-                                end = Some(End::Acl(why.map(|w| w.0).unwrap_or_default()));
-                                break;
-                            }
-                        }
+            let done = match packet {
+                Packet::Publish(p, props) => self.client_publish(p, props).await,
+                Packet::Subscribe(sub, props) => match role {
+                    Role::Device => self.device_subscribe(sub, props).await,
+                    _ => self.subscribe(sub, props, &mut forward),
+                },
+                Packet::Unsubscribe(unsub, props) => match role {
+                    Role::Device => self.device_unsubscribe(unsub).await,
+                    _ => {
+                        forward.push(Packet::Unsubscribe(unsub, props));
+                        Ok(())
                     }
-                    match self.ocsp_reply_to(&topic, props.as_ref()) {
-                        None => {}
-                        Some(Ok((reply_topic, correlation))) => {
-                            if let Err(e) = self.answer_ocsp(&p, reply_topic, correlation).await {
-                                end = Some(End::Protocol(e));
-                                break;
-                            }
-                            continue;
-                        }
-                        Some(Err(why)) => {
-                            end = Some(End::Acl(why));
-                            break;
-                        }
-                    }
-                    if let Err(why) = self.acl.can_publish(&topic) {
-                        end = Some(End::Acl(why.to_string()));
-                        break;
-                    }
-                    forward.push(Packet::Publish(p, stamped(props, &self.stamp)));
-                }
-                Packet::Subscribe(mut sub, props) => {
-                    let refused = if self.codec.is_v5() {
-                        SubscribeReasonCode::NotAuthorized
-                    } else {
-                        SubscribeReasonCode::Failure
-                    };
-                    let mut codes = Vec::with_capacity(sub.filters.len());
-                    let mut allowed = Vec::with_capacity(sub.filters.len());
-                    for f in sub.filters.drain(..) {
-                        match self.acl.can_subscribe(&f.path) {
-                            // rumqttd 0.20's router panics (and refuses every
-                            // link after) when a persistent session alone in a
-                            // share group leaves with a QoS 1 delivery not
-                            // acknowledged: shared subscriptions are for clean
-                            // sessions only.
-                            Ok(()) if !self.clean && f.path.starts_with("$share/") => {
-                                tracing::warn!(reason = "acl", filter = %crate::printable(&f.path), "mqtt: subscription refused: shared subscriptions need a clean session");
-                                codes.push(Some(if self.codec.is_v5() {
-                                    SubscribeReasonCode::SharedSubscriptionsNotSupported
-                                } else {
-                                    SubscribeReasonCode::Failure
-                                }));
-                            }
-                            Ok(()) => {
-                                codes.push(None);
-                                allowed.push(f);
-                            }
-                            Err(why) => {
-                                tracing::warn!(reason = "acl", detail = %crate::printable(&why.to_string()), "mqtt: subscription refused");
-                                codes.push(Some(refused));
-                            }
-                        }
-                    }
-                    if self.peer.identity.role == Role::Claim {
-                        // Answered here: provisioning replies come from this
-                        // session, never through the router.
-                        let ack = SubAck {
-                            pkid: sub.pkid,
-                            return_codes: codes
-                                .into_iter()
-                                .map(|c| {
-                                    c.unwrap_or(SubscribeReasonCode::Success(
-                                        rumqttd::protocol::QoS::AtMostOnce,
-                                    ))
-                                })
-                                .collect(),
-                        };
-                        if let Err(e) = self.encode(Packet::SubAck(ack, None)) {
-                            end = Some(End::Protocol(e));
-                            break;
-                        }
-                    } else if allowed.is_empty() {
-                        let ack = SubAck {
-                            pkid: sub.pkid,
-                            return_codes: codes.into_iter().flatten().collect(),
-                        };
-                        if let Err(e) = self.encode(Packet::SubAck(ack, None)) {
-                            end = Some(End::Protocol(e));
-                            break;
-                        }
-                    } else {
-                        if codes.iter().any(Option::is_some) {
-                            self.pending_subacks.insert(sub.pkid, codes);
-                        }
-                        sub.filters = allowed;
-                        forward.push(Packet::Subscribe(sub, props));
-                    }
-                }
-                Packet::PingReq(_) => {
-                    if let Err(e) = self.encode(Packet::PingResp(PingResp)) {
-                        end = Some(End::Protocol(e));
-                        break;
-                    }
-                }
+                },
+                Packet::PingReq(_) => self
+                    .encode(Packet::PingResp(PingResp))
+                    .map_err(End::Protocol),
                 Packet::Disconnect(d, props) => {
                     forward.push(Packet::Disconnect(d, props));
                     end = Some(End::ClientDisconnect);
                     break;
                 }
-                p @ (Packet::Unsubscribe(..)
-                | Packet::PubAck(..)
-                | Packet::PubRec(..)
-                | Packet::PubRel(..)
-                | Packet::PubComp(..)) => forward.push(p),
-                other => {
-                    end = Some(End::Protocol(format!(
-                        "unexpected packet from a client: {}",
-                        packet_name(&other)
-                    )));
-                    break;
+                Packet::PubRel(rel, _) => {
+                    // The end of one of the client's QoS 2 PUBLISHes.
+                    let reason = if self.inbound_qos2.remove(&rel.pkid) {
+                        PubCompReason::Success
+                    } else {
+                        PubCompReason::PacketIdentifierNotFound
+                    };
+                    self.encode(Packet::PubComp(
+                        PubComp {
+                            pkid: rel.pkid,
+                            reason,
+                        },
+                        None,
+                    ))
+                    .map_err(End::Protocol)
+                }
+                p @ (Packet::PubAck(..) | Packet::PubRec(..) | Packet::PubComp(..)) => {
+                    if self.device.is_some() {
+                        self.device_ack(p)
+                    } else {
+                        forward.push(p);
+                        Ok(())
+                    }
+                }
+                other => Err(End::Protocol(format!(
+                    "unexpected packet from a client: {}",
+                    packet_name(&other)
+                ))),
+            };
+            if let Err(e) = done {
+                end = Some(e);
+                break;
+            }
+        }
+        if let Some(router) = &self.router {
+            for p in forward {
+                if router.send(p).await.is_err() {
+                    return Some(End::TakenOver);
                 }
             }
         }
-        if let (Some(link_tx), Some(last)) = (link_tx, forward.pop()) {
-            {
-                let mut buffer = link_tx.buffer();
-                buffer.extend(forward);
-            }
-            if link_tx.send(last).await.is_err() {
-                return Some(End::TakenOver);
-            }
-        }
-        if let Err(e) = self.flush().await {
-            return Some(End::Closed(e));
+        if let Some(e) = self.pump().await {
+            return Some(e);
         }
         end
+    }
+
+    /// A PUBLISH from the client: answered here (claims' provisioning,
+    /// OCSP), or checked against the ACL, passed on and acknowledged.
+    async fn client_publish(
+        &mut self,
+        p: Publish,
+        props: Option<PublishProperties>,
+    ) -> Result<(), End> {
+        let topic = String::from_utf8_lossy(&p.topic).into_owned();
+        if self.peer.identity.role == Role::Claim {
+            // Claims only ever provision; nothing reaches the router.
+            return match provision_request(&topic) {
+                Some(req) => {
+                    let req = req.to_owned();
+                    self.provision(&p, req).await.map_err(End::Protocol)
+                }
+                None => {
+                    let why = self.acl.can_publish(&topic).err();
+                    Err(End::Acl(why.map(|w| w.0).unwrap_or_default()))
+                }
+            };
+        }
+        match self.ocsp_reply_to(&topic, props.as_ref()) {
+            None => {}
+            Some(Ok((reply_topic, correlation))) => {
+                return self
+                    .answer_ocsp(&p, reply_topic, correlation)
+                    .await
+                    .map_err(End::Protocol);
+            }
+            Some(Err(why)) => return Err(End::Acl(why)),
+        }
+        if let Err(why) = self.acl.can_publish(&topic) {
+            return Err(End::Acl(why.to_string()));
+        }
+        let (qos, pkid) = qos_and_pkid(&p);
+        if qos == 2 && !self.inbound_qos2.insert(pkid) {
+            // A resend before PUBREL: passed on once already.
+            return self
+                .encode(Packet::PubRec(
+                    PubRec {
+                        pkid,
+                        reason: PubRecReason::Success,
+                    },
+                    None,
+                ))
+                .map_err(End::Protocol);
+        }
+        let props = if self.peer.identity.role == Role::Device {
+            stamped(props, &self.stamp)
+        } else {
+            props
+        };
+        if let Some(side) = self.device.as_mut() {
+            // The device's own subscriptions hear it too (unless No Local).
+            if let Some((granted, ids)) = side.mailbox.granted_to(&topic, true) {
+                let m = Message {
+                    topic: topic.clone(),
+                    payload: p.payload.to_vec(),
+                    qos,
+                    retain: false,
+                    props: MessageProps::default(),
+                    stored_at_ms: 0,
+                    expires_at_ms: None,
+                };
+                side.outbox
+                    .push(outgoing(&m, None, qos.min(granted), ids, false, 0));
+            }
+        }
+        let (reason, why) = self.publish_onward(p, props).await?;
+        let reason_string = why.filter(|_| self.codec.is_v5());
+        match qos {
+            1 => self.encode(Packet::PubAck(
+                PubAck { pkid, reason },
+                reason_string.map(|r| PubAckProperties {
+                    reason_string: Some(r),
+                    user_properties: Vec::new(),
+                }),
+            )),
+            2 => {
+                let reason = pubrec_reason(reason);
+                if reason != PubRecReason::Success && reason != PubRecReason::NoMatchingSubscribers
+                {
+                    // MQTT 5 4.3.3: a PUBREC of 0x80 or more ends the flow.
+                    self.inbound_qos2.remove(&pkid);
+                }
+                self.encode(Packet::PubRec(PubRec { pkid, reason }, None))
+            }
+            _ => Ok(()),
+        }
+        .map_err(End::Protocol)
+    }
+
+    /// Passes a checked PUBLISH on: a command to its device's session
+    /// through the hub; anything to services through the router (this
+    /// service's own link, or the shared ingest links). Returns the
+    /// acknowledgement's reason (MQTT 5 only; a 3.1.1 client gets a plain
+    /// PUBACK, the refusal logged and counted).
+    async fn publish_onward(
+        &mut self,
+        p: Publish,
+        props: Option<PublishProperties>,
+    ) -> Result<(PubAckReason, Option<String>), End> {
+        let (qos, _) = qos_and_pkid(&p);
+        let topic = String::from_utf8_lossy(&p.topic).into_owned();
+        let mut ack = (PubAckReason::Success, None);
+        if self.peer.identity.role == Role::Service {
+            if let Some(target) = command_target(&topic) {
+                let outcome = self.command(&target, &p, qos, props.as_ref()).await;
+                ack = match outcome {
+                    Outcome::Delivered | Outcome::Queued => (PubAckReason::Success, None),
+                    Outcome::NoSubscribers if self.codec.is_v5() => {
+                        (PubAckReason::NoMatchingSubscribers, None)
+                    }
+                    Outcome::NoSubscribers => (PubAckReason::Success, None),
+                    Outcome::Full(why) => {
+                        tracing::warn!(reason = "quota_exceeded", device.target = %target, detail = %crate::printable(&why), "mqtt: command refused");
+                        if self.codec.is_v5() {
+                            (PubAckReason::QuotaExceeded, Some(why))
+                        } else {
+                            (PubAckReason::Success, None)
+                        }
+                    }
+                    Outcome::Refused(why) => {
+                        tracing::warn!(reason = "refused", device.target = %target, detail = %crate::printable(&why), "mqtt: command refused");
+                        (PubAckReason::NotAuthorized, Some(why))
+                    }
+                };
+            }
+        }
+        // Into the router at QoS 0: acknowledged here, and the router's
+        // delivery QoS is the subscription's.
+        let onward = Packet::Publish(Publish::new(p.topic, p.payload, p.retain), props);
+        let sent = match &self.router {
+            Some(router) => router.send(onward).await,
+            None => {
+                self.shared
+                    .ingest
+                    .send(self.peer.identity.id.as_str(), onward)
+                    .await
+            }
+        };
+        if sent.is_err() {
+            return Err(End::RouterDisconnect);
+        }
+        Ok(ack)
+    }
+
+    /// A service's command for device `target`, through the hub.
+    async fn command(
+        &self,
+        target: &DeviceId,
+        p: &Publish,
+        qos: u8,
+        props: Option<&PublishProperties>,
+    ) -> Outcome {
+        let now = now_ms();
+        let props = props.cloned().unwrap_or_default();
+        let m = Arc::new(Message {
+            topic: String::from_utf8_lossy(&p.topic).into_owned(),
+            payload: p.payload.to_vec(),
+            qos,
+            retain: p.retain,
+            expires_at_ms: props
+                .message_expiry_interval
+                .map(|s| now.saturating_add(i64::from(s) * 1000)),
+            props: MessageProps {
+                payload_format_indicator: props.payload_format_indicator,
+                content_type: props.content_type,
+                response_topic: props.response_topic,
+                correlation_data: props.correlation_data.map(|b| b.to_vec()),
+                user_properties: props.user_properties,
+                message_expiry_interval: props.message_expiry_interval,
+            },
+            stored_at_ms: now,
+        });
+        let hub = &self.shared.hub;
+        if let Some(outcome) = hub.publish_now(target, &m) {
+            return outcome;
+        }
+        let (hub, target) = (hub.clone(), target.clone());
+        match tokio::task::spawn_blocking(move || hub.publish(&target, m)).await {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "mqtt: storing a command failed");
+                Outcome::Full("the command could not be stored".into())
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "mqtt: command task failed");
+                Outcome::Full("the command could not be stored".into())
+            }
+        }
+    }
+
+    /// A device's PUBACK, PUBREC or PUBCOMP for something we sent it.
+    fn device_ack(&mut self, p: Packet) -> Result<(), End> {
+        let Some(side) = self.device.as_mut() else {
+            return Ok(());
+        };
+        let delivered = match p {
+            Packet::PubAck(a, _) => side.outbox.puback(a.pkid),
+            Packet::PubRec(r, _) => side.outbox.pubrec(r.pkid).map(|()| {
+                let rel = PubRel {
+                    pkid: r.pkid,
+                    reason: PubRelReason::Success,
+                };
+                let _ = self.codec.write(Packet::PubRel(rel, None), &mut self.wbuf);
+                None
+            }),
+            Packet::PubComp(c, _) => side.outbox.pubcomp(c.pkid),
+            _ => Ok(None),
+        };
+        match delivered {
+            Ok(Some(seq)) => {
+                if let Err(e) = self
+                    .shared
+                    .hub
+                    .store()
+                    .delivered(&self.peer.identity.id, seq)
+                {
+                    tracing::error!(error = %e, "mqtt: removing a delivered command");
+                }
+                Ok(())
+            }
+            Ok(None) => Ok(()),
+            // MQTT 4.4: an acknowledgement for nothing in flight is a
+            // protocol error.
+            Err(e) => Err(End::Protocol(e.0)),
+        }
+    }
+
+    /// A service's SUBSCRIBE: the ACL here, the rest to its router link.
+    fn subscribe(
+        &mut self,
+        mut sub: rumqttd::protocol::Subscribe,
+        props: Option<rumqttd::protocol::SubscribeProperties>,
+        forward: &mut Vec<Packet>,
+    ) -> Result<(), End> {
+        let codes = self.check_filters(&sub.filters);
+        let allowed: Vec<_> = sub
+            .filters
+            .drain(..)
+            .zip(&codes)
+            .filter(|(_, c)| c.is_none())
+            .map(|(f, _)| f)
+            .collect();
+        if self.peer.identity.role == Role::Claim {
+            // Answered here: provisioning replies come from this session,
+            // never through the router.
+            let ack = SubAck {
+                pkid: sub.pkid,
+                return_codes: codes
+                    .into_iter()
+                    .map(|c| {
+                        c.unwrap_or(SubscribeReasonCode::Success(
+                            rumqttd::protocol::QoS::AtMostOnce,
+                        ))
+                    })
+                    .collect(),
+            };
+            return self
+                .encode(Packet::SubAck(ack, None))
+                .map_err(End::Protocol);
+        }
+        if allowed.is_empty() {
+            let ack = SubAck {
+                pkid: sub.pkid,
+                return_codes: codes.into_iter().flatten().collect(),
+            };
+            return self
+                .encode(Packet::SubAck(ack, None))
+                .map_err(End::Protocol);
+        }
+        if codes.iter().any(Option::is_some) {
+            self.pending_subacks.insert(sub.pkid, codes);
+        }
+        sub.filters = allowed;
+        forward.push(Packet::Subscribe(sub, props));
+        Ok(())
+    }
+
+    /// The ACL's answer for each filter: `None` if allowed, else the
+    /// refusal's reason code.
+    fn check_filters(
+        &self,
+        filters: &[rumqttd::protocol::Filter],
+    ) -> Vec<Option<SubscribeReasonCode>> {
+        let refused = if self.codec.is_v5() {
+            SubscribeReasonCode::NotAuthorized
+        } else {
+            SubscribeReasonCode::Failure
+        };
+        filters
+            .iter()
+            .map(|f| match self.acl.can_subscribe(&f.path) {
+                // rumqttd 0.20's router panics (and refuses every link
+                // after) when a persistent session alone in a share group
+                // leaves with a QoS 1 delivery not acknowledged: shared
+                // subscriptions are for clean sessions only.
+                Ok(()) if !self.clean && f.path.starts_with("$share/") => {
+                    tracing::warn!(reason = "acl", filter = %crate::printable(&f.path), "mqtt: subscription refused: shared subscriptions need a clean session");
+                    Some(if self.codec.is_v5() {
+                        SubscribeReasonCode::SharedSubscriptionsNotSupported
+                    } else {
+                        SubscribeReasonCode::Failure
+                    })
+                }
+                Ok(()) => None,
+                Err(why) => {
+                    tracing::warn!(reason = "acl", detail = %crate::printable(&why.to_string()), "mqtt: subscription refused");
+                    Some(refused)
+                }
+            })
+            .collect()
+    }
+
+    /// A device's SUBSCRIBE, kept in its mailbox (and, for a persistent
+    /// session, durably before the SUBACK); then the retained messages on
+    /// its topics that match.
+    async fn device_subscribe(
+        &mut self,
+        sub: rumqttd::protocol::Subscribe,
+        props: Option<rumqttd::protocol::SubscribeProperties>,
+    ) -> Result<(), End> {
+        let codes = self.check_filters(&sub.filters);
+        let id = props.as_ref().and_then(|p| p.id);
+        let mut added = Vec::new();
+        let mut rules = Vec::new();
+        let return_codes = sub
+            .filters
+            .iter()
+            .zip(codes)
+            .map(|(f, code)| {
+                code.unwrap_or_else(|| {
+                    let qos = (f.qos as u8).min(2);
+                    added.push(StoredFilter {
+                        filter: f.path.clone(),
+                        qos,
+                        no_local: f.nolocal,
+                        retain_as_published: f.preserve_retain,
+                        id,
+                    });
+                    rules.push(f.retain_forward_rule.clone());
+                    SubscribeReasonCode::Success(
+                        rumqttd::protocol::qos(qos).unwrap_or(rumqttd::protocol::QoS::AtMostOnce),
+                    )
+                })
+            })
+            .collect();
+        let Some(side) = self.device.as_ref() else {
+            return Ok(());
+        };
+        let mailbox = side.mailbox.clone();
+        let fresh = mailbox.subscribe(&added);
+        self.save_session(&mailbox).await?;
+        self.encode(Packet::SubAck(
+            SubAck {
+                pkid: sub.pkid,
+                return_codes,
+            },
+            None,
+        ))
+        .map_err(End::Protocol)?;
+        // Retained messages (MQTT 3.3.1.3), as each filter's retain
+        // handling says.
+        let wanted: Vec<&StoredFilter> = added
+            .iter()
+            .zip(fresh.iter().zip(&rules))
+            .filter(|(_, (fresh, rule))| match rule {
+                RetainForwardRule::OnEverySubscribe => true,
+                RetainForwardRule::OnNewSubscribe => **fresh,
+                RetainForwardRule::Never => false,
+            })
+            .map(|(f, _)| f)
+            .collect();
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let now = now_ms();
+        let retained = match self
+            .shared
+            .hub
+            .store()
+            .retained(&self.peer.identity.id, now)
+        {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "mqtt: reading retained messages");
+                return Ok(());
+            }
+        };
+        let Some(side) = self.device.as_mut() else {
+            return Ok(());
+        };
+        for m in retained {
+            let matching = wanted.iter().filter(|f| topic_matches(&f.filter, &m.topic));
+            let Some(qos) = matching.map(|f| f.qos).max() else {
+                continue;
+            };
+            let ids = wanted.iter().filter_map(|f| f.id).collect();
+            side.outbox
+                .push(outgoing(&m, None, m.qos.min(qos), ids, true, now));
+        }
+        Ok(())
+    }
+
+    /// A device's UNSUBSCRIBE.
+    async fn device_unsubscribe(
+        &mut self,
+        unsub: rumqttd::protocol::Unsubscribe,
+    ) -> Result<(), End> {
+        let Some(side) = self.device.as_ref() else {
+            return Ok(());
+        };
+        let mailbox = side.mailbox.clone();
+        let existed = mailbox.unsubscribe(&unsub.filters);
+        self.save_session(&mailbox).await?;
+        let reasons = existed
+            .into_iter()
+            .map(|e| {
+                if e {
+                    UnsubAckReason::Success
+                } else {
+                    UnsubAckReason::NoSubscriptionExisted
+                }
+            })
+            .collect();
+        self.encode(Packet::UnsubAck(
+            UnsubAck {
+                pkid: unsub.pkid,
+                reasons,
+            },
+            None,
+        ))
+        .map_err(End::Protocol)
+    }
+
+    /// A persistent session's subscriptions, durably, on the blocking pool.
+    async fn save_session(&self, mailbox: &Arc<Mailbox>) -> Result<(), End> {
+        if !mailbox.is_persistent() {
+            return Ok(());
+        }
+        let (hub, id, mailbox) = (
+            self.shared.hub.clone(),
+            self.peer.identity.id.clone(),
+            mailbox.clone(),
+        );
+        match tokio::task::spawn_blocking(move || hub.save(&id, &mailbox)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "mqtt: saving the session's subscriptions");
+                Err(End::Protocol("the session could not be saved".into()))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "mqtt: session task failed");
+                Err(End::Protocol("the session could not be saved".into()))
+            }
+        }
+    }
+
+    /// Closes a device's session in the hub (a persistent one starts its
+    /// expiry; any other is dropped).
+    async fn close_device(&mut self) {
+        let Some(side) = self.device.take() else {
+            return;
+        };
+        let (hub, id, conn) = (
+            self.shared.hub.clone(),
+            self.peer.identity.id.clone(),
+            side.conn,
+        );
+        drop(side);
+        match tokio::task::spawn_blocking(move || hub.close(&id, conn)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "mqtt: closing the device's session"),
+            Err(e) => tracing::error!(error = %e, "mqtt: session task failed"),
+        }
+    }
+
+    /// Ends a service's router session, if it is still ours to end.
+    async fn end_router_session(&mut self, end: &End) {
+        let Some(router) = self.router.take() else {
+            return;
+        };
+        if end.router_session_live() {
+            let _ = router
+                .send(Packet::Disconnect(normal_disconnect(), None))
+                .await;
+        }
     }
 
     /// Where the answer to an OCSP request published on `topic` goes, if
@@ -789,7 +1364,7 @@ impl Session {
         if let crate::net::Verdict::Deny { warn } =
             self.ocsp_budget.check((), std::time::Instant::now())
         {
-            self.metrics.refused(Refusal::RateLimited);
+            self.shared.metrics.refused(Refusal::RateLimited);
             if warn {
                 tracing::warn!(
                     reason = "rate_limited",
@@ -798,7 +1373,7 @@ impl Session {
             }
             return Ok(());
         }
-        let (status, request) = (self.status.clone(), p.payload.clone());
+        let (status, request) = (self.shared.status.clone(), p.payload.clone());
         let der = tokio::task::spawn_blocking(move || status.ocsp(&request))
             .await
             .map_err(|e| format!("OCSP task: {e}"))?;
@@ -818,23 +1393,28 @@ impl Session {
         ))
     }
 
-    /// Acknowledges a PUBLISH we answer ourselves, if it was sent at QoS 1.
+    /// Acknowledges a PUBLISH we answer ourselves (QoS 1 or 2).
     fn ack(&mut self, p: &Publish) -> Result<(), String> {
-        // QoS and packet id are private fields; rumqttd's own serialization
-        // (not the wire format) starts with them: flags, then the packet id.
-        let head = p.serialize();
-        let qos = (head[0] >> 1) & 0b11;
-        if qos == 0 {
-            return Ok(());
+        match qos_and_pkid(p) {
+            (1, pkid) => self.encode(Packet::PubAck(
+                PubAck {
+                    pkid,
+                    reason: PubAckReason::Success,
+                },
+                None,
+            )),
+            (2, pkid) => {
+                self.inbound_qos2.insert(pkid);
+                self.encode(Packet::PubRec(
+                    PubRec {
+                        pkid,
+                        reason: PubRecReason::Success,
+                    },
+                    None,
+                ))
+            }
+            _ => Ok(()),
         }
-        let pkid = u16::from_be_bytes([head[1], head[2]]);
-        self.encode(Packet::PubAck(
-            PubAck {
-                pkid,
-                reason: PubAckReason::Success,
-            },
-            None,
-        ))
     }
 
     /// A claim's provisioning request: a device certificate for a CSR, sent
@@ -854,8 +1434,8 @@ impl Session {
         let outcome = match parsed {
             Err(e) => Err(e),
             Ok((id, csr)) => {
-                let auth = self.auth.clone();
-                let lifetime = self.cert_lifetime;
+                let auth = self.shared.auth.clone();
+                let lifetime = self.shared.cert_lifetime;
                 let done = tokio::task::spawn_blocking(move || {
                     let id = DeviceId::try_new(id)?;
                     auth.provision_with_claim(&claim, &id, &csr, lifetime)
@@ -866,7 +1446,7 @@ impl Session {
                         "id": device.id,
                         "serial": cert.serial,
                         "certificate_pem": cert.chain_pem,
-                        "ca_pem": self.auth.ca.root_pem(),
+                        "ca_pem": self.shared.auth.ca.root_pem(),
                         "not_after": cert.not_after.unix_timestamp(),
                     })),
                     Ok(Err(e)) => {
@@ -879,8 +1459,9 @@ impl Session {
         };
         let (reply, body) = match outcome {
             Ok(body) => {
-                self.status.invalidate();
-                self.metrics
+                self.shared.status.invalidate();
+                self.shared
+                    .metrics
                     .claim_provisions
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::info!(request = %crate::printable(&req), device.id = %body["id"], "mqtt: claim provisioned a device");
@@ -959,6 +1540,63 @@ impl Session {
             return Some(End::TakenOver);
         }
         end
+    }
+}
+
+/// The next message for a device session; never, for other sessions.
+async fn next_delivery(side: Option<&mut DeviceSide>) -> Option<Delivery> {
+    match side {
+        Some(side) => side.rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A message for a device as it goes out: at `qos`, with what is left of
+/// its expiry and the identifiers of the subscriptions it matched.
+fn outgoing(
+    m: &Message,
+    seq: Option<u64>,
+    qos: u8,
+    subscription_ids: Vec<usize>,
+    retain: bool,
+    now: i64,
+) -> Outgoing {
+    let p = &m.props;
+    let remaining = p.message_expiry_interval.and_then(|_| {
+        let left = m.expires_at_ms?.saturating_sub(now).max(1);
+        u32::try_from((left + 999) / 1000).ok()
+    });
+    let has_props = p != &MessageProps::default() || !subscription_ids.is_empty();
+    Outgoing {
+        seq,
+        topic: Bytes::from(m.topic.clone()),
+        payload: Bytes::from(m.payload.clone()),
+        qos,
+        retain,
+        props: has_props.then(|| PublishProperties {
+            payload_format_indicator: p.payload_format_indicator,
+            message_expiry_interval: remaining,
+            topic_alias: None,
+            response_topic: p.response_topic.clone(),
+            correlation_data: p.correlation_data.clone().map(Bytes::from),
+            user_properties: p.user_properties.clone(),
+            subscription_identifiers: subscription_ids,
+            content_type: p.content_type.clone(),
+        }),
+    }
+}
+
+fn pubrec_reason(r: PubAckReason) -> PubRecReason {
+    match r {
+        PubAckReason::Success => PubRecReason::Success,
+        PubAckReason::NoMatchingSubscribers => PubRecReason::NoMatchingSubscribers,
+        PubAckReason::UnspecifiedError => PubRecReason::UnspecifiedError,
+        PubAckReason::ImplementationSpecificError => PubRecReason::ImplementationSpecificError,
+        PubAckReason::NotAuthorized => PubRecReason::NotAuthorized,
+        PubAckReason::TopicNameInvalid => PubRecReason::TopicNameInvalid,
+        PubAckReason::PacketIdentifierInUse => PubRecReason::PacketIdentifierInUse,
+        PubAckReason::QuotaExceeded => PubRecReason::QuotaExceeded,
+        PubAckReason::PayloadFormatInvalid => PubRecReason::PayloadFormatInvalid,
     }
 }
 

@@ -1,0 +1,445 @@
+//! Commands to devices, outside rumqttd's router.
+//!
+//! The ACL says a device subscribes only under its own `devices/<id>/` and
+//! only services publish there, so delivering a command is a lookup by
+//! device id, not a topic match across the fleet. The hub keeps each live
+//! device session's [`Mailbox`] (its subscriptions and a bounded channel
+//! into the session, which owns packet ids, the in-flight window and the
+//! acknowledgements) and, for persistent sessions, the durable queue in the
+//! registry's store ([`provisioning::sessions`]).
+//!
+//! A QoS 1 or 2 command to a device with a persistent session is stored and
+//! flushed before the service's PUBACK, whether the device is connected or
+//! not; the session drops it from the store when the device acknowledges
+//! it. Anything else goes straight into the live session's channel, or
+//! nowhere.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use provisioning::sessions::{
+    now_ms, Message, QueueLimits, Queued, SessionRecord, SessionStore, StoredFilter,
+};
+use provisioning::{DeviceId, Registry, Status};
+use tokio::sync::mpsc;
+
+use super::acl::topic_matches;
+
+/// A message for a device session.
+#[derive(Debug)]
+pub struct Delivery {
+    /// Its place in the durable queue, if stored there.
+    pub seq: Option<u64>,
+    pub message: Arc<Message>,
+}
+
+/// A live device session, as the hub sees it.
+#[derive(Debug)]
+pub struct Mailbox {
+    conn: u64,
+    tx: mpsc::Sender<Delivery>,
+    subs: Mutex<Vec<StoredFilter>>,
+    /// The session outlives its connection by this many seconds; `None`
+    /// for a session that ends with it.
+    expiry: Option<u32>,
+    /// A stored command did not fit in the channel: the session reads its
+    /// queue again when it has room.
+    reload: AtomicBool,
+}
+
+impl Mailbox {
+    fn subs(&self) -> MutexGuard<'_, Vec<StoredFilter>> {
+        self.subs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The highest QoS granted to a subscription matching `topic`, with the
+    /// identifiers of every matching subscription.
+    pub fn granted(&self, topic: &str) -> Option<(u8, Vec<usize>)> {
+        self.granted_to(topic, false)
+    }
+
+    /// [`Mailbox::granted`], for a message the device itself published
+    /// (`own`): subscriptions with No Local (MQTT 5) do not count.
+    pub fn granted_to(&self, topic: &str, own: bool) -> Option<(u8, Vec<usize>)> {
+        let subs = self.subs();
+        let mut best: Option<(u8, Vec<usize>)> = None;
+        for s in subs
+            .iter()
+            .filter(|s| !(own && s.no_local) && topic_matches(&s.filter, topic))
+        {
+            let b = best.get_or_insert((0, Vec::new()));
+            b.0 = b.0.max(s.qos);
+            b.1.extend(s.id);
+        }
+        best
+    }
+
+    pub fn is_persistent(&self) -> bool {
+        self.expiry.is_some()
+    }
+
+    /// Whether the session should read its durable queue again.
+    pub fn take_reload(&self) -> bool {
+        self.reload.swap(false, Ordering::AcqRel)
+    }
+
+    /// Adds or replaces subscriptions; returns which filters were new.
+    pub fn subscribe(&self, filters: &[StoredFilter]) -> Vec<bool> {
+        let mut subs = self.subs();
+        filters
+            .iter()
+            .map(|f| match subs.iter_mut().find(|s| s.filter == f.filter) {
+                Some(s) => {
+                    *s = f.clone();
+                    false
+                }
+                None => {
+                    subs.push(f.clone());
+                    true
+                }
+            })
+            .collect()
+    }
+
+    /// Removes subscriptions; returns which existed.
+    pub fn unsubscribe(&self, filters: &[String]) -> Vec<bool> {
+        let mut subs = self.subs();
+        filters
+            .iter()
+            .map(|f| {
+                let before = subs.len();
+                subs.retain(|s| &s.filter != f);
+                subs.len() != before
+            })
+            .collect()
+    }
+
+    fn record(&self) -> Option<SessionRecord> {
+        Some(SessionRecord {
+            filters: self.subs().clone(),
+            expiry_secs: self.expiry?,
+            disconnected_at: None,
+        })
+    }
+}
+
+/// What became of a command.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Handed to the device's live session.
+    Delivered,
+    /// Stored in the device's durable queue (and handed to its live
+    /// session, if any).
+    Queued,
+    /// No session of the device subscribes to the topic (or none keeps
+    /// QoS 0 messages while away).
+    NoSubscribers,
+    /// The device's queue or its live session's channel is full.
+    Full(String),
+    /// The device is revoked or unknown: nothing is kept for it.
+    Refused(String),
+}
+
+/// A device session just opened.
+#[derive(Debug)]
+pub struct Opened {
+    pub mailbox: Arc<Mailbox>,
+    pub rx: mpsc::Receiver<Delivery>,
+    /// The device's earlier session carries on (MQTT's session present).
+    pub session_present: bool,
+    /// What its durable queue holds, in order.
+    pub queued: Vec<Queued>,
+}
+
+/// Counters of the command path.
+#[derive(Debug, Default)]
+pub struct CommandCounters {
+    pub delivered: AtomicU64,
+    pub queued: AtomicU64,
+    /// Refused because a queue was full (0x97 to MQTT 5 senders).
+    pub refused_full: AtomicU64,
+    pub no_subscribers: AtomicU64,
+}
+
+/// Stripes of the per-device lock.
+const STRIPES: usize = 64;
+
+/// The longest a persistent session outlives its connection, whatever the
+/// device asks (and the length of a 3.1.1 `clean_session=0` session).
+pub const MAX_SESSION_EXPIRY: u32 = 7 * 24 * 3600;
+
+#[derive(Debug)]
+pub struct Hub {
+    store: SessionStore,
+    registry: Registry,
+    limits: QueueLimits,
+    boxes: Mutex<HashMap<DeviceId, Arc<Mailbox>>>,
+    /// Serializes, per device, a command's store-and-hand-over with a
+    /// session's register-and-load, so that none falls between.
+    locks: Vec<Mutex<()>>,
+    pub counters: CommandCounters,
+}
+
+impl Hub {
+    pub fn new(registry: Registry, limits: QueueLimits) -> Self {
+        Self {
+            store: registry.sessions().clone(),
+            registry,
+            limits,
+            boxes: Mutex::new(HashMap::new()),
+            locks: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            counters: CommandCounters::default(),
+        }
+    }
+
+    pub fn store(&self) -> &SessionStore {
+        &self.store
+    }
+
+    fn boxes(&self) -> MutexGuard<'_, HashMap<DeviceId, Arc<Mailbox>>> {
+        self.boxes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn lock(&self, id: &DeviceId) -> MutexGuard<'_, ()> {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        id.hash(&mut h);
+        let i = (h.finish() % STRIPES as u64) as usize;
+        self.locks[i]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Opens device `id`'s session for connection `conn` (on the blocking
+    /// pool: it reads and may write the store). `clean_start` discards an
+    /// earlier session; `expiry` is how long this one outlives the
+    /// connection (`None`: it ends with it).
+    pub fn open(
+        &self,
+        id: &DeviceId,
+        conn: u64,
+        clean_start: bool,
+        expiry: Option<u32>,
+    ) -> Result<Opened, provisioning::Error> {
+        let _g = self.lock(id);
+        let now = now_ms();
+        let old = self.store.session(id)?.filter(|r| !r.expired(now / 1000));
+        let session_present = !clean_start && old.is_some();
+        if !session_present {
+            self.store.end_session(id)?;
+        }
+        let filters = old.map(|r| r.filters).filter(|_| session_present);
+        let (tx, rx) = mpsc::channel(self.limits.max_messages.max(16));
+        let mailbox = Arc::new(Mailbox {
+            conn,
+            tx,
+            subs: Mutex::new(filters.unwrap_or_default()),
+            expiry: expiry.map(|e| e.min(MAX_SESSION_EXPIRY)),
+            reload: AtomicBool::new(false),
+        });
+        if let Some(rec) = mailbox.record() {
+            // Not flushed: a new session has nothing to lose yet, and a
+            // resumed one's filters are already durable.
+            self.store.touch_session(id, &rec)?;
+        }
+        let queued = if session_present {
+            self.store.queued(id, None, now)?
+        } else {
+            Vec::new()
+        };
+        self.boxes().insert(id.clone(), mailbox.clone());
+        Ok(Opened {
+            mailbox,
+            rx,
+            session_present,
+            queued,
+        })
+    }
+
+    /// Closes connection `conn`'s session of `id` (blocking pool). A
+    /// persistent session starts its expiry; any other ends, queue and
+    /// all. A session taken over by a newer connection is left to it.
+    pub fn close(&self, id: &DeviceId, conn: u64) -> Result<(), provisioning::Error> {
+        let _g = self.lock(id);
+        let mailbox = {
+            let mut boxes = self.boxes();
+            match boxes.get(id) {
+                Some(m) if m.conn == conn => boxes.remove(id),
+                _ => None,
+            }
+        };
+        let Some(mailbox) = mailbox else {
+            return Ok(());
+        };
+        if mailbox.is_persistent() {
+            self.store.disconnected(id, now_ms() / 1000)
+        } else {
+            self.store.end_session(id).map(|_| ())
+        }
+    }
+
+    /// Records a persistent session's subscriptions, durably (blocking
+    /// pool), before its SUBACK or UNSUBACK.
+    pub fn save(&self, id: &DeviceId, mailbox: &Mailbox) -> Result<(), provisioning::Error> {
+        match mailbox.record() {
+            Some(rec) => self.store.save_session(id, &rec),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether `id` has a live session here.
+    pub fn is_live(&self, id: &DeviceId) -> bool {
+        self.boxes().contains_key(id)
+    }
+
+    /// Hands a command to a live session that keeps nothing durable, if
+    /// that is all it takes (no store access: safe on an async worker).
+    /// `None`: call [`Hub::publish`] on the blocking pool.
+    pub fn publish_now(&self, id: &DeviceId, m: &Arc<Message>) -> Option<Outcome> {
+        if m.retain {
+            return None;
+        }
+        let mailbox = self.boxes().get(id).cloned()?;
+        let (granted, _) = match mailbox.granted(&m.topic) {
+            Some(g) => g,
+            None => return Some(self.no_subscribers()),
+        };
+        if m.qos.min(granted) > 0 && mailbox.is_persistent() {
+            return None;
+        }
+        Some(self.hand_over(id, &mailbox, None, m))
+    }
+
+    fn no_subscribers(&self) -> Outcome {
+        self.counters.no_subscribers.fetch_add(1, Ordering::Relaxed);
+        Outcome::NoSubscribers
+    }
+
+    fn hand_over(
+        &self,
+        id: &DeviceId,
+        mailbox: &Mailbox,
+        seq: Option<u64>,
+        m: &Arc<Message>,
+    ) -> Outcome {
+        let sent = mailbox.tx.try_send(Delivery {
+            seq,
+            message: m.clone(),
+        });
+        match (sent, seq) {
+            (Ok(()), None) => {
+                self.counters.delivered.fetch_add(1, Ordering::Relaxed);
+                Outcome::Delivered
+            }
+            (Ok(()), Some(_)) => {
+                self.counters.queued.fetch_add(1, Ordering::Relaxed);
+                Outcome::Queued
+            }
+            // Stored: the session finds it in its queue.
+            (Err(_), Some(_)) => {
+                mailbox.reload.store(true, Ordering::Release);
+                self.counters.queued.fetch_add(1, Ordering::Relaxed);
+                Outcome::Queued
+            }
+            (Err(mpsc::error::TrySendError::Full(_)), None) => {
+                self.counters.refused_full.fetch_add(1, Ordering::Relaxed);
+                Outcome::Full(format!(
+                    "device {id} has {} messages waiting; it is not reading",
+                    self.limits.max_messages.max(16)
+                ))
+            }
+            (Err(mpsc::error::TrySendError::Closed(_)), None) => self.no_subscribers(),
+        }
+    }
+
+    /// A service's command `m` for device `id` (blocking pool: it may store
+    /// and flush). Retained messages are kept for the device's later
+    /// subscriptions.
+    pub fn publish(&self, id: &DeviceId, m: Arc<Message>) -> Result<Outcome, provisioning::Error> {
+        if m.retain {
+            if self.standing_refusal(id)?.is_some() {
+                return Ok(Outcome::Refused(format!(
+                    "device {id} is revoked or unknown"
+                )));
+            }
+            self.store.retain(id, &m)?;
+        }
+        let _g = self.lock(id);
+        let now = now_ms();
+        let live = self.boxes().get(id).cloned();
+        if let Some(mailbox) = live {
+            let Some((granted, _)) = mailbox.granted(&m.topic) else {
+                return Ok(self.no_subscribers());
+            };
+            let seq = if m.qos.min(granted) > 0 && mailbox.is_persistent() {
+                match self.store.enqueue(id, (*m).clone(), &self.limits, now) {
+                    Ok(seq) => Some(seq),
+                    Err(provisioning::Error::QuotaExceeded { reason }) => {
+                        self.counters.refused_full.fetch_add(1, Ordering::Relaxed);
+                        return Ok(Outcome::Full(reason));
+                    }
+                    Err(e) => return Err(e),
+                }
+            } else {
+                None
+            };
+            return Ok(self.hand_over(id, &mailbox, seq, &m));
+        }
+        // Away: only a persistent session keeps what it subscribed to.
+        let Some(rec) = self.store.session(id)? else {
+            return Ok(self.no_subscribers());
+        };
+        let granted = rec
+            .filters
+            .iter()
+            .filter(|f| topic_matches(&f.filter, &m.topic))
+            .map(|f| f.qos)
+            .max();
+        match granted {
+            Some(g) if !rec.expired(now / 1000) && m.qos.min(g) > 0 => {}
+            _ => return Ok(self.no_subscribers()),
+        }
+        if let Some(why) = self.standing_refusal(id)? {
+            self.store.end_session(id)?;
+            return Ok(Outcome::Refused(why));
+        }
+        match self.store.enqueue(id, (*m).clone(), &self.limits, now) {
+            Ok(_) => {
+                self.counters.queued.fetch_add(1, Ordering::Relaxed);
+                Ok(Outcome::Queued)
+            }
+            Err(provisioning::Error::QuotaExceeded { reason }) => {
+                self.counters.refused_full.fetch_add(1, Ordering::Relaxed);
+                Ok(Outcome::Full(reason))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Why nothing may be kept for `id`, if so.
+    fn standing_refusal(&self, id: &DeviceId) -> Result<Option<String>, provisioning::Error> {
+        match self.registry.device(id) {
+            Ok(d) if d.status == Status::Revoked => Ok(Some(format!("device {id} is revoked"))),
+            Ok(_) => Ok(None),
+            Err(provisioning::Error::NotFound { .. }) => {
+                Ok(Some(format!("device {id} is not registered")))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Drops expired sessions and messages, and those of devices no longer
+    /// registered or revoked (blocking pool).
+    pub fn sweep(&self) -> Result<provisioning::sessions::Swept, provisioning::Error> {
+        self.store.sweep(
+            now_ms() / 1000,
+            |id| self.is_live(id),
+            |id| matches!(self.registry.device(id), Ok(d) if d.status != Status::Revoked),
+        )
+    }
+}
