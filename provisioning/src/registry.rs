@@ -280,6 +280,9 @@ pub struct DeviceView {
     #[serde(with = "time::serde::rfc3339")]
     pub updated_at: OffsetDateTime,
     pub certificates: Vec<CertView>,
+    /// Commands waiting in its persistent MQTT session.
+    #[serde(default)]
+    pub queued_commands: usize,
 }
 
 /// One line of the append-only audit log.
@@ -1316,6 +1319,7 @@ impl Registry {
             created_at: d.created_at,
             updated_at: d.updated_at,
             certificates,
+            queued_commands: self.sessions.queue_len(id),
         })
     }
 
