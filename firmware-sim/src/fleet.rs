@@ -219,7 +219,11 @@ pub async fn device(
         let mut net = events.network_options();
         net.set_connection_timeout(30);
         events.set_network_options(net);
-        let mut ticker = tokio::time::interval(period.unwrap_or(Duration::from_secs(3600)));
+        // A random phase, as in a real fleet: devices that connected
+        // together do not publish in lockstep.
+        let every = period.unwrap_or(Duration::from_secs(3600));
+        let phase = every.mul_f64(next_unit(&mut rng));
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + phase, every);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut connected = false;
         let ended = loop {
@@ -431,6 +435,18 @@ fn rss_kib(pid: Option<u32>) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
+/// User plus system CPU seconds of process `pid` so far.
+fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid?)).ok()?;
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of stat(5): 12 and 13 here.
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    // USER_HZ is 100 on every Linux this runs on.
+    Some(ticks as f64 / 100.0)
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -553,11 +569,15 @@ pub async fn steady(fleet: &Fleet, o: &Options) -> anyhow::Result<Report> {
     bar.finish_and_clear();
     let rss1 = rss_kib(o.broker_pid);
     let sent0: u64 = run.snapshot().iter().map(|(_, l)| l.sent).sum();
+    let cpu0 = cpu_seconds(o.broker_pid);
     let t0 = Instant::now();
     tokio::time::sleep(o.duration).await;
     let sent1: u64 = run.snapshot().iter().map(|(_, l)| l.sent).sum();
+    let cpu1 = cpu_seconds(o.broker_pid);
+    let rss2 = rss_kib(o.broker_pid);
     let secs = t0.elapsed().as_secs_f64();
     let logs = run.finish().await;
+    let sent_total: u64 = logs.iter().map(|(_, l)| l.sent).sum();
     let connected = logs
         .iter()
         .filter(|(_, l)| l.first_connect.is_some())
@@ -568,12 +588,21 @@ pub async fn steady(fleet: &Fleet, o: &Options) -> anyhow::Result<Report> {
     r.put("connected", connected);
     r.put("dropped", dropped);
     r.put("messages_per_s", (sent1 - sent0) as f64 / secs);
+    r.put("sent_total", sent_total);
+    r.put("window_s", secs);
+    if let (Some(a), Some(b)) = (cpu0, cpu1) {
+        // The broker's CPU over the publishing window (all its threads).
+        r.put("broker_cpu_s", b - a);
+    }
     if let (Some(a), Some(b)) = (rss0, rss1) {
         r.put(
             "broker_rss_per_connection_kib",
             (b.saturating_sub(a)) as f64 / connected.max(1) as f64,
         );
         r.put("broker_rss_mib", b as f64 / 1024.0);
+    }
+    if let Some(c) = rss2 {
+        r.put("broker_rss_end_mib", c as f64 / 1024.0);
     }
     r.expect(
         connected == ids.len(),

@@ -277,6 +277,62 @@ pub async fn publish_run(
     })
 }
 
+/// What a telemetry consumer received.
+#[derive(Debug)]
+pub struct ConsumeReport {
+    pub received: u64,
+    /// From the first message to the last.
+    pub span: Duration,
+    /// Received per whole second of the span (for the steadiest part).
+    pub per_second: Vec<u64>,
+}
+
+/// A service (`id`) subscribed to `filter` at QoS 0 counts what arrives,
+/// until `idle` passes with nothing after the first message, or `limit`.
+pub async fn consume(
+    target: &Target,
+    id: &str,
+    filter: &str,
+    idle: Duration,
+    limit: Duration,
+) -> anyhow::Result<ConsumeReport> {
+    let (client, mut events) = mqtt_client(target, id, 1000)?;
+    await_connack(&mut events).await?;
+    client.subscribe(filter, QoS::AtMostOnce).await?;
+    let started = Instant::now();
+    let mut first: Option<Instant> = None;
+    let mut last = Instant::now();
+    let mut received = 0u64;
+    let mut per_second: Vec<u64> = Vec::new();
+    loop {
+        let wait = if first.is_some() { idle } else { limit };
+        if started.elapsed() > limit {
+            break;
+        }
+        match tokio::time::timeout(wait, events.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::Publish(_)))) => {
+                let now = Instant::now();
+                let t0 = *first.get_or_insert(now);
+                last = now;
+                received += 1;
+                let sec = (now - t0).as_secs() as usize;
+                if per_second.len() <= sec {
+                    per_second.resize(sec + 1, 0);
+                }
+                per_second[sec] += 1;
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => bail!("the consumer's connection failed: {e}"),
+            Err(_) => break,
+        }
+    }
+    Ok(ConsumeReport {
+        received,
+        span: first.map_or(Duration::ZERO, |f| last - f),
+        per_second,
+    })
+}
+
 async fn await_connack(eventloop: &mut rumqttc::EventLoop) -> anyhow::Result<()> {
     loop {
         match tokio::time::timeout(Duration::from_secs(10), eventloop.poll()).await {

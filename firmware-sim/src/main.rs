@@ -146,6 +146,24 @@ enum Load {
         #[arg(long, default_value = "bench-sub")]
         subscriber: String,
     },
+    /// A telemetry consumer: one service subscribed to
+    /// `devices/+/telemetry` (QoS 0), counting every message until the
+    /// fleet goes quiet. Prints JSON.
+    Consume {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// The consumer's id (a service identity on fleetgate).
+        #[arg(long, default_value = "fleet-consumer")]
+        id: String,
+        #[arg(long, default_value = "devices/+/telemetry")]
+        filter: String,
+        /// Stop after this many seconds without a message.
+        #[arg(long, default_value_t = 5)]
+        idle: u64,
+        /// Stop after this many seconds in any case.
+        #[arg(long, default_value_t = 900)]
+        limit: u64,
+    },
     /// OCSP requests over HTTP, one random serial each.
     Ocsp {
         /// Responder address (loopback only).
@@ -313,6 +331,38 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "received": r.received,
                     "seconds": r.elapsed.as_secs_f64(),
                     "messages_per_s": r.per_second(),
+                })
+            );
+        }
+        Command::Load(Load::Consume {
+            target: t,
+            id,
+            filter,
+            idle,
+            limit,
+        }) => {
+            load::check_creds(&t.creds, std::slice::from_ref(&id))?;
+            let r = load::consume(
+                &target(&t)?,
+                &id,
+                &filter,
+                std::time::Duration::from_secs(idle),
+                std::time::Duration::from_secs(limit),
+            )
+            .await?;
+            // The steady middle: the median of the whole seconds.
+            let mut secs = r.per_second.clone();
+            if secs.len() > 2 {
+                secs = secs[1..secs.len() - 1].to_vec();
+            }
+            secs.sort_unstable();
+            println!(
+                "{}",
+                serde_json::json!({
+                    "received": r.received,
+                    "seconds": r.span.as_secs_f64(),
+                    "messages_per_s": r.received as f64 / r.span.as_secs_f64().max(1e-9),
+                    "median_per_s": secs.get(secs.len() / 2).copied().unwrap_or(0),
                 })
             );
         }

@@ -261,6 +261,14 @@ impl Hub {
         })
     }
 
+    /// Whether opening `id`'s session can touch the disk: only a session
+    /// that is kept, or replaces one that was. (The common case, a clean
+    /// session of a device with none stored, is a couple of in-memory
+    /// reads, done right on an async worker.)
+    pub fn may_block(&self, id: &DeviceId, expiry: Option<u32>) -> bool {
+        expiry.is_some() || !matches!(self.store.session(id), Ok(None))
+    }
+
     /// Closes connection `conn`'s session of `id` (blocking pool). A
     /// persistent session starts its expiry; any other ends, queue and
     /// all. A session taken over by a newer connection is left to it.

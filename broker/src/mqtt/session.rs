@@ -131,6 +131,8 @@ struct Session {
 
 struct DeviceSide {
     conn: u64,
+    /// Its session is (or was) stored: closing it writes to the store.
+    durable: bool,
     mailbox: Arc<Mailbox>,
     rx: mpsc::Receiver<Delivery>,
     outbox: Outbox,
@@ -329,7 +331,13 @@ async fn session(
         Role::Device => {
             let (hub, id) = (shared.hub.clone(), s.peer.identity.id.clone());
             let clean = connect.clean_session;
-            match tokio::task::spawn_blocking(move || hub.open(&id, conn, clean, expiry)).await {
+            let durable = hub.may_block(&id, expiry);
+            let opened = if durable {
+                tokio::task::spawn_blocking(move || hub.open(&id, conn, clean, expiry)).await
+            } else {
+                Ok(hub.open(&id, conn, clean, expiry))
+            };
+            match opened {
                 Ok(Ok(opened)) => {
                     let receive_max = connect_props
                         .as_ref()
@@ -338,6 +346,7 @@ async fn session(
                         .min(MAX_IN_FLIGHT);
                     let mut side = DeviceSide {
                         conn,
+                        durable: durable || opened.session_present,
                         mailbox: opened.mailbox,
                         rx: opened.rx,
                         outbox: Outbox::new(receive_max),
@@ -1311,8 +1320,14 @@ impl Session {
             self.peer.identity.id.clone(),
             side.conn,
         );
+        let durable = side.durable;
         drop(side);
-        match tokio::task::spawn_blocking(move || hub.close(&id, conn)).await {
+        let closed = if durable {
+            tokio::task::spawn_blocking(move || hub.close(&id, conn)).await
+        } else {
+            Ok(hub.close(&id, conn))
+        };
+        match closed {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::error!(error = %e, "mqtt: closing the device's session"),
             Err(e) => tracing::error!(error = %e, "mqtt: session task failed"),
