@@ -150,6 +150,14 @@ pub struct Metrics {
     pub ocsp_responses: AtomicU64,
     pub jit_registrations: AtomicU64,
     pub claim_provisions: AtomicU64,
+    /// Commands handed to a device's live session.
+    pub commands_delivered: AtomicU64,
+    /// Commands stored in a device's durable queue.
+    pub commands_queued: AtomicU64,
+    /// Commands refused: the device's queue or its session's channel full.
+    pub commands_refused: AtomicU64,
+    /// Commands no session of the device subscribes to.
+    pub commands_unrouted: AtomicU64,
     refusals: [AtomicU64; Refusal::ALL.len()],
 }
 
@@ -163,6 +171,10 @@ pub struct Snapshot {
     pub ocsp_responses: u64,
     pub jit_registrations: u64,
     pub claim_provisions: u64,
+    pub commands_delivered: u64,
+    pub commands_queued: u64,
+    pub commands_refused: u64,
+    pub commands_unrouted: u64,
     pub refusals: std::collections::BTreeMap<&'static str, u64>,
 }
 
@@ -182,6 +194,10 @@ impl Metrics {
             ocsp_responses: self.ocsp_responses.load(Ordering::Relaxed),
             jit_registrations: self.jit_registrations.load(Ordering::Relaxed),
             claim_provisions: self.claim_provisions.load(Ordering::Relaxed),
+            commands_delivered: self.commands_delivered.load(Ordering::Relaxed),
+            commands_queued: self.commands_queued.load(Ordering::Relaxed),
+            commands_refused: self.commands_refused.load(Ordering::Relaxed),
+            commands_unrouted: self.commands_unrouted.load(Ordering::Relaxed),
             refusals: Refusal::ALL
                 .iter()
                 .zip(&self.refusals)
@@ -264,6 +280,30 @@ impl Metrics {
             "Device certificates issued to claims over MQTT.",
             s.claim_provisions.to_string(),
         );
+        for (name, help, v) in [
+            (
+                "fleetgate_commands_delivered_total",
+                "Commands handed to a device's live session.",
+                s.commands_delivered,
+            ),
+            (
+                "fleetgate_commands_queued_total",
+                "Commands stored in a device's durable queue (flushed before the PUBACK).",
+                s.commands_queued,
+            ),
+            (
+                "fleetgate_commands_refused_total",
+                "Commands refused because the device's queue was full.",
+                s.commands_refused,
+            ),
+            (
+                "fleetgate_commands_unrouted_total",
+                "Commands no session of the device subscribes to.",
+                s.commands_unrouted,
+            ),
+        ] {
+            metric(name, "counter", help, v.to_string());
+        }
         metric(
             "fleetgate_revocations_total",
             "counter",

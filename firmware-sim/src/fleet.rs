@@ -1197,6 +1197,7 @@ pub async fn soak(fleet: &Fleet, o: &Options, churn: usize) -> anyhow::Result<Re
     let (enrolled, revoked, write_failures) = writer.await??;
     let logs = run.finish().await;
     let dropped = logs.iter().filter(|(_, l)| l.dropped_at.is_some()).count();
+    let sent_total: u64 = logs.iter().map(|(_, l)| l.sent).sum();
 
     // The acknowledged writes, for a check after a restart too.
     std::fs::write(
@@ -1223,6 +1224,7 @@ pub async fn soak(fleet: &Fleet, o: &Options, churn: usize) -> anyhow::Result<Re
     r.put("ramp_s", ramp.as_secs_f64());
     r.put("duration_s", t0.elapsed().as_secs_f64());
     r.put("held_connections_dropped", dropped);
+    r.put("sent_total", sent_total);
     r.put("churn_cycles_ok", churn_ok);
     r.put("churn_cycles_failed", churn_failed);
     r.put("churn_errors", json!(churn_errors));

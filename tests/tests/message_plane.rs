@@ -314,3 +314,126 @@ async fn a_retained_device_message_reaches_a_later_service_with_its_identity() {
     assert!(line.contains("x-fleetgate-device-id:d-1"), "{line}");
     assert!(line.ends_with(" on"), "{line}");
 }
+
+/// A 3.1.1 service that acknowledges by hand.
+fn manual_service(server: &Server, c: &Creds) -> (AsyncClient, EventLoop) {
+    let mut opts = MqttOptions::new(&c.id, server.mqtt.ip().to_string(), server.mqtt.port());
+    opts.set_keep_alive(Duration::from_secs(5));
+    opts.set_manual_acks(true);
+    opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+        c.client_config(),
+    )));
+    AsyncClient::new(opts, 16)
+}
+
+/// The next `n` PUBLISHes.
+async fn next_publishes(ev: &mut EventLoop, n: usize) -> Vec<rumqttc::Publish> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        match tokio::time::timeout(Duration::from_secs(10), ev.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::Publish(p)))) => got.push(p),
+            Ok(Ok(_)) => {}
+            other => panic!("{} of {n} messages, then {other:?}", got.len()),
+        }
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_get_min_qos_and_may_acknowledge_in_any_order() {
+    let (tmp, server) = start();
+    let dir = tmp.path();
+    let svc = server.enroll(&dir.join("s"), "service", "backend");
+    let d = server.enroll(&dir.join("d"), "device", "d-1");
+    let (sc, mut sev) = manual_service(&server, &svc);
+    connected(&mut sev).await;
+    sc.subscribe("devices/+/telemetry", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    suback(&mut sev).await;
+    let (dc, mut dev) = client(server.mqtt, &d, "d-1");
+    connected(&mut dev).await;
+    let device = tokio::spawn(async move {
+        while tokio::time::timeout(Duration::from_secs(8), dev.poll())
+            .await
+            .is_ok_and(|r| r.is_ok())
+        {}
+    });
+    // A QoS 0 message reaches the QoS 1 subscription at QoS 0; QoS 1 at 1.
+    dc.publish("devices/d-1/telemetry", QoS::AtMostOnce, false, "zero")
+        .await
+        .unwrap();
+    for n in ["one", "two", "three"] {
+        dc.publish("devices/d-1/telemetry", QoS::AtLeastOnce, false, n)
+            .await
+            .unwrap();
+    }
+    let got = next_publishes(&mut sev, 4).await;
+    let seen: Vec<(&[u8], QoS)> = got.iter().map(|p| (&p.payload[..], p.qos)).collect();
+    assert_eq!(
+        seen,
+        [
+            (&b"zero"[..], QoS::AtMostOnce),
+            (b"one", QoS::AtLeastOnce),
+            (b"two", QoS::AtLeastOnce),
+            (b"three", QoS::AtLeastOnce)
+        ]
+    );
+    // Acknowledged last to first (MQTT allows it; rumqttd's router alone
+    // would cut the client): the session keeps serving.
+    for p in got.iter().rev() {
+        sc.ack(p).await.unwrap();
+    }
+    dc.publish("devices/d-1/telemetry", QoS::AtLeastOnce, false, "four")
+        .await
+        .unwrap();
+    let more = next_publishes(&mut sev, 1).await;
+    assert_eq!(&more[0].payload[..], b"four");
+    sc.ack(&more[0]).await.unwrap();
+    device.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_will_goes_out_at_its_qos_and_retained() {
+    let (tmp, server) = start();
+    let dir = tmp.path();
+    let svc = server.enroll(&dir.join("s"), "service", "watcher");
+    let late = server.enroll(&dir.join("s"), "service", "late");
+    let d = server.enroll(&dir.join("d"), "device", "d-1");
+    let (sc, mut sev) = manual_service(&server, &svc);
+    connected(&mut sev).await;
+    sc.subscribe("devices/+/status", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    suback(&mut sev).await;
+
+    let mut opts = MqttOptions::new("d-1", server.mqtt.ip().to_string(), server.mqtt.port());
+    opts.set_keep_alive(Duration::from_secs(5));
+    opts.set_last_will(rumqttc::LastWill::new(
+        "devices/d-1/status",
+        "offline",
+        QoS::AtLeastOnce,
+        true,
+    ));
+    opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+        d.client_config(),
+    )));
+    let (_dc, mut dev) = AsyncClient::new(opts, 16);
+    connected(&mut dev).await;
+    // Gone without DISCONNECT.
+    drop(dev);
+
+    let will = next_publishes(&mut sev, 1).await;
+    assert_eq!(&will[0].payload[..], b"offline");
+    assert_eq!(will[0].qos, QoS::AtLeastOnce, "the will's QoS");
+    sc.ack(&will[0]).await.unwrap();
+    // Retained: a service subscribing later gets it, flagged retained.
+    let (lc, mut lev) = client(server.mqtt, &late, "late");
+    connected(&mut lev).await;
+    lc.subscribe("devices/d-1/status", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let got = next_publishes(&mut lev, 1).await;
+    assert_eq!(&got[0].payload[..], b"offline");
+    assert!(got[0].retain, "retained will");
+}

@@ -16,7 +16,7 @@
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use provisioning::sessions::{
@@ -155,16 +155,6 @@ pub struct Opened {
     pub queued: Vec<Queued>,
 }
 
-/// Counters of the command path.
-#[derive(Debug, Default)]
-pub struct CommandCounters {
-    pub delivered: AtomicU64,
-    pub queued: AtomicU64,
-    /// Refused because a queue was full (0x97 to MQTT 5 senders).
-    pub refused_full: AtomicU64,
-    pub no_subscribers: AtomicU64,
-}
-
 /// Stripes of the per-device lock.
 const STRIPES: usize = 64;
 
@@ -181,18 +171,22 @@ pub struct Hub {
     /// Serializes, per device, a command's store-and-hand-over with a
     /// session's register-and-load, so that none falls between.
     locks: Vec<Mutex<()>>,
-    pub counters: CommandCounters,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Hub {
-    pub fn new(registry: Registry, limits: QueueLimits) -> Self {
+    pub fn new(
+        registry: Registry,
+        limits: QueueLimits,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Self {
         Self {
             store: registry.sessions().clone(),
             registry,
             limits,
             boxes: Mutex::new(HashMap::new()),
             locks: (0..STRIPES).map(|_| Mutex::new(())).collect(),
-            counters: CommandCounters::default(),
+            metrics,
         }
     }
 
@@ -324,7 +318,9 @@ impl Hub {
     }
 
     fn no_subscribers(&self) -> Outcome {
-        self.counters.no_subscribers.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .commands_unrouted
+            .fetch_add(1, Ordering::Relaxed);
         Outcome::NoSubscribers
     }
 
@@ -341,21 +337,25 @@ impl Hub {
         });
         match (sent, seq) {
             (Ok(()), None) => {
-                self.counters.delivered.fetch_add(1, Ordering::Relaxed);
+                self.metrics
+                    .commands_delivered
+                    .fetch_add(1, Ordering::Relaxed);
                 Outcome::Delivered
             }
             (Ok(()), Some(_)) => {
-                self.counters.queued.fetch_add(1, Ordering::Relaxed);
+                self.metrics.commands_queued.fetch_add(1, Ordering::Relaxed);
                 Outcome::Queued
             }
             // Stored: the session finds it in its queue.
             (Err(_), Some(_)) => {
                 mailbox.reload.store(true, Ordering::Release);
-                self.counters.queued.fetch_add(1, Ordering::Relaxed);
+                self.metrics.commands_queued.fetch_add(1, Ordering::Relaxed);
                 Outcome::Queued
             }
             (Err(mpsc::error::TrySendError::Full(_)), None) => {
-                self.counters.refused_full.fetch_add(1, Ordering::Relaxed);
+                self.metrics
+                    .commands_refused
+                    .fetch_add(1, Ordering::Relaxed);
                 Outcome::Full(format!(
                     "device {id} has {} messages waiting; it is not reading",
                     self.limits.max_messages.max(16)
@@ -388,7 +388,9 @@ impl Hub {
                 match self.store.enqueue(id, (*m).clone(), &self.limits, now) {
                     Ok(seq) => Some(seq),
                     Err(provisioning::Error::QuotaExceeded { reason }) => {
-                        self.counters.refused_full.fetch_add(1, Ordering::Relaxed);
+                        self.metrics
+                            .commands_refused
+                            .fetch_add(1, Ordering::Relaxed);
                         return Ok(Outcome::Full(reason));
                     }
                     Err(e) => return Err(e),
@@ -418,11 +420,13 @@ impl Hub {
         }
         match self.store.enqueue(id, (*m).clone(), &self.limits, now) {
             Ok(_) => {
-                self.counters.queued.fetch_add(1, Ordering::Relaxed);
+                self.metrics.commands_queued.fetch_add(1, Ordering::Relaxed);
                 Ok(Outcome::Queued)
             }
             Err(provisioning::Error::QuotaExceeded { reason }) => {
-                self.counters.refused_full.fetch_add(1, Ordering::Relaxed);
+                self.metrics
+                    .commands_refused
+                    .fetch_add(1, Ordering::Relaxed);
                 Ok(Outcome::Full(reason))
             }
             Err(e) => Err(e),

@@ -11,6 +11,7 @@
 //! Every live session is in [`Sessions`], by device id, with a kick channel;
 //! a registry change ([`crate::api::Change`]) kicks the sessions it affects.
 
+mod acks;
 pub mod acl;
 pub mod admission;
 pub mod codec;
@@ -370,7 +371,11 @@ impl Broker {
             shared: Arc::new(Shared {
                 links,
                 registry: auth.registry.clone(),
-                hub: Arc::new(hub::Hub::new(auth.registry.clone(), cfg.queue_limits)),
+                hub: Arc::new(hub::Hub::new(
+                    auth.registry.clone(),
+                    cfg.queue_limits,
+                    metrics.clone(),
+                )),
                 auth,
                 cert_lifetime,
                 metrics,
@@ -387,11 +392,6 @@ impl Broker {
 
     pub fn live_sessions(&self) -> usize {
         self.shared.sessions.count()
-    }
-
-    /// The command path's counters.
-    pub fn commands(&self) -> &hub::CommandCounters {
-        &self.shared.hub.counters
     }
 
     /// Ends expired persistent sessions and drops expired commands, and

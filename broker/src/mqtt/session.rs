@@ -36,6 +36,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_rustls::server::TlsStream;
 
+use super::acks::RouterAcks;
 use super::acl::{
     command_target, provision_request, sniff_connect, topic_matches, Acl, ConnectSniff,
 };
@@ -123,7 +124,12 @@ struct Session {
     /// Packet ids of the client's QoS 2 PUBLISHes awaiting PUBREL: a
     /// repeated one is acknowledged, not passed on again.
     inbound_qos2: HashSet<u16>,
-    /// A device's side: its mailbox and what is on its way to it.
+    /// What we send the client ourselves (a device's commands, a
+    /// service's deliveries from the router): packet ids, window, acks.
+    outbox: Outbox,
+    /// A service's acknowledgements owed to the router, in its order.
+    acks: RouterAcks,
+    /// A device's side: its mailbox and session in the hub.
     device: Option<DeviceSide>,
     /// A service's router link.
     router: Option<RouterTx>,
@@ -135,8 +141,15 @@ struct DeviceSide {
     durable: bool,
     mailbox: Arc<Mailbox>,
     rx: mpsc::Receiver<Delivery>,
-    outbox: Outbox,
 }
+
+/// Room for one read from the TLS stream (rustls hands over what it has
+/// decrypted; a bigger packet takes several reads).
+const READ_SIZE: usize = 512;
+
+/// A buffer past this size is dropped once empty, not kept for the next
+/// message.
+const KEEP_BUFFER: usize = 8 * 1024;
 
 /// The most QoS 1 and 2 messages in flight to a device at once, whatever
 /// Receive Maximum it allows.
@@ -231,8 +244,8 @@ async fn session(
     let mut s = Session {
         stream,
         codec: Codec::for_level(4),
-        rbuf: BytesMut::with_capacity(4096),
-        wbuf: BytesMut::with_capacity(4096),
+        rbuf: BytesMut::with_capacity(READ_SIZE),
+        wbuf: BytesMut::new(),
         max_packet: shared.cfg.max_packet_size,
         acl: Acl::new(&peer.identity),
         stamp: identity_stamp(&peer),
@@ -242,6 +255,8 @@ async fn session(
         shared: shared.clone(),
         clean: true,
         inbound_qos2: HashSet::new(),
+        outbox: Outbox::new(MAX_IN_FLIGHT),
+        acks: RouterAcks::default(),
         device: None,
         router: None,
     };
@@ -322,6 +337,14 @@ async fn session(
         (!connect.clean_session).then_some(u32::MAX)
     };
     let expiry = asked_expiry.map(|e| e.min(MAX_SESSION_EXPIRY));
+    // MQTT 5 Receive Maximum: what we send at QoS 1 and 2 waits for room.
+    s.outbox = Outbox::new(
+        connect_props
+            .as_ref()
+            .and_then(|p| p.receive_maximum)
+            .unwrap_or(u16::MAX)
+            .min(MAX_IN_FLIGHT),
+    );
 
     // Claims never reach the router or the hub: this session answers
     // everything they may send. A device gets its mailbox; a service a
@@ -339,22 +362,22 @@ async fn session(
             };
             match opened {
                 Ok(Ok(opened)) => {
-                    let receive_max = connect_props
-                        .as_ref()
-                        .and_then(|p| p.receive_maximum)
-                        .unwrap_or(u16::MAX)
-                        .min(MAX_IN_FLIGHT);
-                    let mut side = DeviceSide {
+                    for q in opened.queued {
+                        take_into(
+                            &shared,
+                            &s.peer,
+                            &opened.mailbox,
+                            &mut s.outbox,
+                            Some(q.seq),
+                            Arc::new(q.message),
+                        );
+                    }
+                    s.device = Some(DeviceSide {
                         conn,
                         durable: durable || opened.session_present,
                         mailbox: opened.mailbox,
                         rx: opened.rx,
-                        outbox: Outbox::new(receive_max),
-                    };
-                    for q in opened.queued {
-                        s.take(&mut side, Some(q.seq), Arc::new(q.message));
-                    }
-                    s.device = Some(side);
+                    });
                     (None, opened.session_present)
                 }
                 Ok(Err(e)) => {
@@ -619,6 +642,10 @@ impl Session {
             .await
             .map_err(|e| format!("write: {e}"))?;
         self.wbuf.clear();
+        if self.wbuf.capacity() > KEEP_BUFFER {
+            // A large message went out: give its room back.
+            self.wbuf = BytesMut::new();
+        }
         Ok(())
     }
 
@@ -653,6 +680,14 @@ impl Session {
             }
         }
         loop {
+            // An idle connection holds a small read buffer: most of a fleet
+            // is idle most of the time.
+            if self.rbuf.is_empty() && self.rbuf.capacity() > KEEP_BUFFER {
+                self.rbuf = BytesMut::new();
+            }
+            if self.rbuf.capacity() - self.rbuf.len() < READ_SIZE / 2 {
+                self.rbuf.reserve(READ_SIZE);
+            }
             tokio::select! {
                 biased;
                 k = &mut kick => return match k {
@@ -676,7 +711,7 @@ impl Session {
                     if let Some(side) = self.device.as_mut() {
                         let mut d = Some(d);
                         while let Some(Delivery { seq, message }) = d.take() {
-                            Self::take_into(&self.shared, &self.peer, side, seq, message);
+                            take_into(&self.shared, &self.peer, &side.mailbox, &mut self.outbox, seq, message);
                             d = side.rx.try_recv().ok();
                         }
                     }
@@ -697,75 +732,77 @@ impl Session {
         }
     }
 
-    /// Takes a message for this device into its outbox, at min(published
-    /// QoS, granted QoS), if a subscription still matches it.
-    fn take(&mut self, side: &mut DeviceSide, seq: Option<u64>, message: Arc<Message>) {
-        Self::take_into(&self.shared, &self.peer, side, seq, message);
-    }
-
-    fn take_into(
-        shared: &Shared,
-        peer: &Peer,
-        side: &mut DeviceSide,
-        seq: Option<u64>,
-        m: Arc<Message>,
-    ) {
-        let now = now_ms();
-        let granted = side.mailbox.granted(&m.topic);
-        let expired = m.expires_at_ms.is_some_and(|t| t <= now);
-        let Some((granted, ids)) = granted.filter(|_| !expired) else {
-            // Unsubscribed since, or too old: it is not delivered.
-            if let Some(seq) = seq {
-                let _ = shared.hub.store().delivered(&peer.identity.id, seq);
-            }
-            return;
-        };
-        side.outbox
-            .push(outgoing(&m, seq, m.qos.min(granted), ids, false, now));
-    }
-
-    /// Writes what the outbox lets through (reading the durable queue
-    /// again if the hub could not hand something over), then flushes.
+    /// Writes what the outbox lets through (reading a device's durable
+    /// queue again if the hub could not hand something over), sends the
+    /// router what is owed it, then flushes.
     async fn pump(&mut self) -> Option<End> {
-        if let Some(side) = self.device.as_mut() {
-            loop {
-                while let Some((p, props, done)) = side.outbox.next() {
-                    if let Err(e) = self.codec.write(Packet::Publish(p, props), &mut self.wbuf) {
-                        return Some(End::Protocol(format!("encoding: {e}")));
-                    }
-                    if let Some(seq) = done {
-                        let _ = self
-                            .shared
-                            .hub
-                            .store()
-                            .delivered(&self.peer.identity.id, seq);
+        self.pump_with(Vec::new()).await
+    }
+
+    async fn pump_with(&mut self, mut to_router: Vec<Packet>) -> Option<End> {
+        loop {
+            while let Some((p, props, done)) = self.outbox.next() {
+                if let Err(e) = self.codec.write(Packet::Publish(p, props), &mut self.wbuf) {
+                    return Some(End::Protocol(format!("encoding: {e}")));
+                }
+                if let Some(token) = done {
+                    self.finished(token, &mut to_router);
+                }
+            }
+            let Some(side) = self.device.as_ref() else {
+                break;
+            };
+            if !side.mailbox.take_reload() {
+                break;
+            }
+            let id = &self.peer.identity.id;
+            match self
+                .shared
+                .hub
+                .store()
+                .queued(id, self.outbox.last_seq(), now_ms())
+            {
+                Ok(q) => {
+                    for q in q {
+                        take_into(
+                            &self.shared,
+                            &self.peer,
+                            &side.mailbox,
+                            &mut self.outbox,
+                            Some(q.seq),
+                            Arc::new(q.message),
+                        );
                     }
                 }
-                if !side.mailbox.take_reload() {
-                    break;
-                }
-                let queued = self.shared.hub.store().queued(
-                    &self.peer.identity.id,
-                    side.outbox.last_seq(),
-                    now_ms(),
-                );
-                match queued {
-                    Ok(q) => {
-                        for q in q {
-                            Self::take_into(
-                                &self.shared,
-                                &self.peer,
-                                side,
-                                Some(q.seq),
-                                Arc::new(q.message),
-                            );
-                        }
-                    }
-                    Err(e) => tracing::error!(error = %e, "mqtt: reading the device's queue"),
+                Err(e) => tracing::error!(error = %e, "mqtt: reading the device's queue"),
+            }
+        }
+        if let Some(router) = &self.router {
+            for p in to_router {
+                if router.send(p).await.is_err() {
+                    return Some(End::TakenOver);
                 }
             }
         }
         self.flush().await.err().map(End::Closed)
+    }
+
+    /// The client is done with what `token` marks: a device's stored
+    /// command leaves its queue; a service's delivery is acknowledged to
+    /// the router (in the router's order).
+    fn finished(&mut self, token: u64, to_router: &mut Vec<Packet>) {
+        if self.device.is_some() {
+            if let Err(e) = self
+                .shared
+                .hub
+                .store()
+                .delivered(&self.peer.identity.id, token)
+            {
+                tracing::error!(error = %e, "mqtt: removing a delivered command");
+            }
+        } else {
+            to_router.extend(self.acks.done(token));
+        }
     }
 
     /// Decodes what has arrived, checks it, passes it on.
@@ -820,12 +857,7 @@ impl Session {
                     .map_err(End::Protocol)
                 }
                 p @ (Packet::PubAck(..) | Packet::PubRec(..) | Packet::PubComp(..)) => {
-                    if self.device.is_some() {
-                        self.device_ack(p)
-                    } else {
-                        forward.push(p);
-                        Ok(())
-                    }
+                    self.client_ack(p, &mut forward)
                 }
                 other => Err(End::Protocol(format!(
                     "unexpected packet from a client: {}",
@@ -837,14 +869,7 @@ impl Session {
                 break;
             }
         }
-        if let Some(router) = &self.router {
-            for p in forward {
-                if router.send(p).await.is_err() {
-                    return Some(End::TakenOver);
-                }
-            }
-        }
-        if let Some(e) = self.pump().await {
+        if let Some(e) = self.pump_with(forward).await {
             return Some(e);
         }
         end
@@ -897,12 +922,10 @@ impl Session {
                 ))
                 .map_err(End::Protocol);
         }
-        let props = if self.peer.identity.role == Role::Device {
-            stamped(props, &self.stamp)
-        } else {
-            props
-        };
-        if let Some(side) = self.device.as_mut() {
+        // A device's identity stamped; anything a client sent under the
+        // reserved prefix removed.
+        let props = stamped(props, &self.stamp);
+        if let Some(side) = self.device.as_ref() {
             // The device's own subscriptions hear it too (unless No Local).
             if let Some((granted, ids)) = side.mailbox.granted_to(&topic, true) {
                 let m = Message {
@@ -914,7 +937,7 @@ impl Session {
                     stored_at_ms: 0,
                     expires_at_ms: None,
                 };
-                side.outbox
+                self.outbox
                     .push(outgoing(&m, None, qos.min(granted), ids, false, 0));
             }
         }
@@ -981,7 +1004,10 @@ impl Session {
         }
         // Into the router at QoS 0: acknowledged here, and the router's
         // delivery QoS is the subscription's.
-        let onward = Packet::Publish(Publish::new(p.topic, p.payload, p.retain), props);
+        let onward = Packet::Publish(
+            Publish::new(p.topic, p.payload, p.retain),
+            with_qos_mark(props, qos),
+        );
         let sent = match &self.router {
             Some(router) => router.send(onward).await,
             None => {
@@ -1043,14 +1069,11 @@ impl Session {
         }
     }
 
-    /// A device's PUBACK, PUBREC or PUBCOMP for something we sent it.
-    fn device_ack(&mut self, p: Packet) -> Result<(), End> {
-        let Some(side) = self.device.as_mut() else {
-            return Ok(());
-        };
-        let delivered = match p {
-            Packet::PubAck(a, _) => side.outbox.puback(a.pkid),
-            Packet::PubRec(r, _) => side.outbox.pubrec(r.pkid).map(|()| {
+    /// The client's PUBACK, PUBREC or PUBCOMP for something we sent it.
+    fn client_ack(&mut self, p: Packet, to_router: &mut Vec<Packet>) -> Result<(), End> {
+        let done = match p {
+            Packet::PubAck(a, _) => self.outbox.puback(a.pkid),
+            Packet::PubRec(r, _) => self.outbox.pubrec(r.pkid).map(|()| {
                 let rel = PubRel {
                     pkid: r.pkid,
                     reason: PubRelReason::Success,
@@ -1058,19 +1081,12 @@ impl Session {
                 let _ = self.codec.write(Packet::PubRel(rel, None), &mut self.wbuf);
                 None
             }),
-            Packet::PubComp(c, _) => side.outbox.pubcomp(c.pkid),
+            Packet::PubComp(c, _) => self.outbox.pubcomp(c.pkid),
             _ => Ok(None),
         };
-        match delivered {
-            Ok(Some(seq)) => {
-                if let Err(e) = self
-                    .shared
-                    .hub
-                    .store()
-                    .delivered(&self.peer.identity.id, seq)
-                {
-                    tracing::error!(error = %e, "mqtt: removing a delivered command");
-                }
+        match done {
+            Ok(Some(token)) => {
+                self.finished(token, to_router);
                 Ok(())
             }
             Ok(None) => Ok(()),
@@ -1240,16 +1256,13 @@ impl Session {
                 return Ok(());
             }
         };
-        let Some(side) = self.device.as_mut() else {
-            return Ok(());
-        };
         for m in retained {
             let matching = wanted.iter().filter(|f| topic_matches(&f.filter, &m.topic));
             let Some(qos) = matching.map(|f| f.qos).max() else {
                 continue;
             };
             let ids = wanted.iter().filter_map(|f| f.id).collect();
-            side.outbox
+            self.outbox
                 .push(outgoing(&m, None, m.qos.min(qos), ids, true, now));
         }
         Ok(())
@@ -1500,11 +1513,14 @@ impl Session {
         ))
     }
 
-    /// Writes what the router sent, and whatever else it has ready.
+    /// Takes what the router sent, and whatever else it has ready: SUBACKs
+    /// (merged with our refusals), deliveries (into the outbox, at
+    /// min(published QoS, granted QoS)), its PUBRELs (answered here).
     async fn outgoing(&mut self, first: Notification, link_rx: &mut LinkRx) -> Option<End> {
         let mut next = Some(first);
         let mut unscheduled = false;
         let mut end = None;
+        let mut to_router = Vec::new();
         while let Some(n) = next.take() {
             if matches!(n, Notification::Unschedule) {
                 unscheduled = true;
@@ -1525,6 +1541,23 @@ impl Session {
                             return Some(End::Protocol(e));
                         }
                     }
+                    Some(Packet::Publish(p, props)) => {
+                        let (qos, pkid) = qos_and_pkid(&p);
+                        let (props, published) = without_qos_mark(props);
+                        let token = (qos > 0).then(|| self.acks.owe(pkid, qos));
+                        self.outbox.push(Outgoing {
+                            seq: token,
+                            topic: p.topic,
+                            payload: p.payload,
+                            qos: qos.min(published),
+                            retain: p.retain,
+                            props,
+                        });
+                    }
+                    Some(Packet::PubRel(rel, _)) => to_router.extend(self.acks.pubrel(rel.pkid)),
+                    // Acknowledgements of our publishes: we send the router
+                    // QoS 0 only.
+                    Some(Packet::PubAck(..) | Packet::PubRec(..) | Packet::PubComp(..)) => {}
                     Some(p @ Packet::Disconnect(..)) => {
                         let _ = self.encode(p);
                         end = Some(End::RouterDisconnect);
@@ -1548,14 +1581,77 @@ impl Session {
                 _ = std::future::ready(()) => None,
             };
         }
-        if let Err(e) = self.flush().await {
-            return Some(End::Closed(e));
+        if let Some(e) = self.pump_with(to_router).await {
+            return Some(e);
         }
         if unscheduled && end.is_none() && link_rx.wake().await.is_err() {
             return Some(End::TakenOver);
         }
         end
     }
+}
+
+/// Takes a message for a device into its outbox, at min(published QoS,
+/// granted QoS), if a subscription still matches it and it has not
+/// expired; a stored one that will not be delivered leaves the queue.
+fn take_into(
+    shared: &Shared,
+    peer: &Peer,
+    mailbox: &Mailbox,
+    outbox: &mut Outbox,
+    seq: Option<u64>,
+    m: Arc<Message>,
+) {
+    let now = now_ms();
+    let granted = mailbox.granted(&m.topic);
+    let expired = m.expires_at_ms.is_some_and(|t| t <= now);
+    let Some((granted, ids)) = granted.filter(|_| !expired) else {
+        if let Some(seq) = seq {
+            let _ = shared.hub.store().delivered(&peer.identity.id, seq);
+        }
+        return;
+    };
+    outbox.push(outgoing(&m, seq, m.qos.min(granted), ids, false, now));
+}
+
+/// The user property that carries a message's published QoS through the
+/// router (which delivers at the subscription's QoS and keeps no other
+/// record of it); removed before delivery. Absent means 2.
+const QOS_MARK: &str = "x-fleetgate-qos";
+
+fn with_qos_mark(props: Option<PublishProperties>, qos: u8) -> Option<PublishProperties> {
+    if qos >= 2 {
+        return props;
+    }
+    let mut p = props.unwrap_or_default();
+    p.user_properties
+        .push((QOS_MARK.to_owned(), char::from(b'0' + qos).to_string()));
+    Some(p)
+}
+
+/// `props` without the QoS mark, and the published QoS it carried.
+fn without_qos_mark(props: Option<PublishProperties>) -> (Option<PublishProperties>, u8) {
+    let Some(mut p) = props else {
+        return (None, 2);
+    };
+    let mut qos = 2;
+    p.user_properties.retain(|(k, v)| {
+        if k == QOS_MARK {
+            qos = v.parse().unwrap_or(2).min(2);
+            false
+        } else {
+            true
+        }
+    });
+    let empty = p.user_properties.is_empty()
+        && p.payload_format_indicator.is_none()
+        && p.message_expiry_interval.is_none()
+        && p.topic_alias.is_none()
+        && p.response_topic.is_none()
+        && p.correlation_data.is_none()
+        && p.subscription_identifiers.is_empty()
+        && p.content_type.is_none();
+    ((!empty).then_some(p), qos)
 }
 
 /// The next message for a device session; never, for other sessions.
