@@ -126,7 +126,7 @@ impl Outbox {
 
     /// The next PUBLISH to write, if the window has room for it, and for a
     /// stored message sent at QoS 0 its queue place (done once written).
-    pub fn next(&mut self) -> Option<(Publish, Option<PublishProperties>, Option<u64>)> {
+    pub fn next_publish(&mut self) -> Option<(Publish, Option<PublishProperties>, Option<u64>)> {
         let front = self.pending.front()?;
         if front.qos == 0 {
             let o = self.pending.pop_front()?;
@@ -226,19 +226,19 @@ mod tests {
         o.push(out(Some(1), 1, "a"));
         o.push(out(None, 0, "b"));
         o.push(out(Some(2), 2, "c"));
-        let (a, _) = o.next().unwrap();
+        let (a, _, _) = o.next_publish().unwrap();
         let (qos, pkid) = qos_and_pkid(&a);
         assert_eq!((qos, &a.payload[..]), (1, &b"a"[..]));
         // QoS 0 needs no room in the window, and it is next in order.
-        let (b, _) = o.next().unwrap();
+        let (b, _, _) = o.next_publish().unwrap();
         assert_eq!((qos_and_pkid(&b).0, &b.payload[..]), (0, &b"b"[..]));
         // The QoS 2 one waits for the window.
-        assert!(o.next().is_none());
+        assert!(o.next_publish().is_none());
         assert_eq!(o.len(), (1, 1));
         assert!(o.puback(pkid + 1).is_err());
         assert_eq!(o.puback(pkid), Ok(Some(1)));
         assert!(o.puback(pkid).is_err(), "acknowledged twice");
-        let (c, _) = o.next().unwrap();
+        let (c, _, _) = o.next_publish().unwrap();
         let (qos, pkid) = qos_and_pkid(&c);
         assert_eq!(qos, 2);
         assert!(o.pubcomp(pkid).is_err(), "PUBCOMP before PUBREC");
@@ -266,13 +266,13 @@ mod tests {
             o.push(out(None, 1, "x"));
         }
         let ids: Vec<u16> = (0..3)
-            .map(|_| qos_and_pkid(&o.next().unwrap().0).1)
+            .map(|_| qos_and_pkid(&o.next_publish().unwrap().0).1)
             .collect();
         assert_eq!(ids, [u16::MAX, 1, 2]);
         o.puback(1).unwrap();
         o.next_pkid = u16::MAX;
         o.push(out(None, 1, "y"));
-        assert_eq!(qos_and_pkid(&o.next().unwrap().0).1, 1);
+        assert_eq!(qos_and_pkid(&o.next_publish().unwrap().0).1, 1);
     }
 
     #[test]

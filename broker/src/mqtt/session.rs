@@ -741,7 +741,7 @@ impl Session {
 
     async fn pump_with(&mut self, mut to_router: Vec<Packet>) -> Option<End> {
         loop {
-            while let Some((p, props, done)) = self.outbox.next() {
+            while let Some((p, props, done)) = self.outbox.next_publish() {
                 if let Err(e) = self.codec.write(Packet::Publish(p, props), &mut self.wbuf) {
                     return Some(End::Protocol(format!("encoding: {e}")));
                 }
