@@ -334,7 +334,10 @@ impl Broker {
                 // The router never answers a link it has no room for (the
                 // builder would wait forever), and sessions that just closed
                 // hold their slot until the router processes their
-                // DISCONNECT: room for every live session twice over.
+                // DISCONNECT. Only services and the ingest links have links
+                // (devices have none), but a fleet of services is not
+                // bounded otherwise: room for every connection twice over
+                // (slots are reserved, not touched).
                 max_connections: cfg.max_connections * 2 + 64,
                 max_outgoing_packet_count: 200,
                 // The log rotates one segment at a time: four segments keep
@@ -494,9 +497,12 @@ impl Broker {
                 let _permit = permit;
                 let metrics = &shared.metrics;
                 metrics.connections_open.fetch_add(1, Ordering::Relaxed);
+                // The handshake's state and the session's are boxed apart:
+                // inline, this task would be as large as both together for
+                // its whole life (most of a held connection's memory).
                 let stream = match tokio::time::timeout(
                     shared.cfg.handshake_timeout,
-                    acceptor.accept(tcp),
+                    Box::pin(acceptor.accept(tcp)),
                 )
                 .await
                 {
@@ -518,7 +524,9 @@ impl Broker {
                 if let Some(stream) = stream {
                     metrics.handshakes.fetch_add(1, Ordering::Relaxed);
                     match peer_of(&stream, addr, &shared.verifier) {
-                        Some(peer) => session::run(stream, peer, shared.clone(), shutdown).await,
+                        Some(peer) => {
+                            Box::pin(session::run(stream, peer, shared.clone(), shutdown)).await
+                        }
                         None => tracing::error!(peer.addr = %addr, "mqtt: admitted peer without a readable certificate"),
                     }
                 }

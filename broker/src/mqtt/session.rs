@@ -225,23 +225,17 @@ const MAX_WILL_DELAY: Duration = Duration::from_secs(24 * 3600);
 pub const OCSP_TOPIC: &str = "$fleetgate/ocsp/request";
 
 /// Runs one connection to its end.
-pub(super) async fn run(
+pub(super) fn run(
     stream: TlsStream<TcpStream>,
     peer: Peer,
     shared: Arc<Shared>,
     shutdown: watch::Receiver<bool>,
-) {
+) -> impl std::future::Future<Output = ()> {
     let span = tracing::info_span!("mqtt", device.id = %peer.identity.id, peer.addr = %peer.addr);
-    let _ = tracing::Instrument::instrument(session(stream, peer, shared, shutdown), span).await;
-}
-
-async fn session(
-    stream: TlsStream<TcpStream>,
-    peer: Peer,
-    shared: Arc<Shared>,
-    mut shutdown: watch::Receiver<bool>,
-) -> Result<(), ()> {
-    let mut s = Session {
+    // Built here and boxed, so the session's future holds a pointer, not
+    // the stream and peer twice over (an async fn keeps its arguments'
+    // slots for its whole life): most of a held connection's memory.
+    let s = Box::new(Session {
         stream,
         codec: Codec::for_level(4),
         rbuf: BytesMut::with_capacity(READ_SIZE),
@@ -259,8 +253,18 @@ async fn session(
         acks: RouterAcks::default(),
         device: None,
         router: None,
+    });
+    let f = async move {
+        let _ = session(s, shared, shutdown).await;
     };
+    tracing::Instrument::instrument(f, span)
+}
 
+async fn session(
+    mut s: Box<Session>,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), ()> {
     // CONNECT, within the connect timeout.
     let connect = match tokio::time::timeout(shared.cfg.connect_timeout, s.read_connect()).await {
         Ok(Ok(p)) => p,
@@ -310,7 +314,7 @@ async fn session(
 
     // Standing now, before any CONNACK: a resumed TLS session skipped the
     // certificate verifier, and a manufacturer's new device registers here.
-    if let Err(r) = shared.admit(&s.peer).await {
+    if let Err(r) = Box::pin(shared.admit(&s.peer)).await {
         shared.metrics.refused(r.reason);
         tracing::warn!(reason = r.reason.as_str(), serial = %s.peer.key.serial, detail = %crate::printable(&r.detail), "mqtt: refused at CONNECT");
         let code = match (r.reason, s.codec.is_v5()) {
@@ -476,6 +480,8 @@ async fn session(
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(protocol = if s.codec.is_v5() { 5 } else { 4 }, serial = %s.peer.key.serial, session_present, "mqtt: connected");
 
+    // The packet handlers' states are boxed while they run (see
+    // `serve`): a held connection's future is mostly its `Session`.
     let end = s
         .serve(link_rx.as_mut(), kick_rx, &mut shutdown, connect.keep_alive)
         .await;
@@ -582,7 +588,7 @@ async fn session(
         ..PublishProperties::default()
     });
     let will = super::outbox::publish(&topic, &message, qos as u8, 1, false, retain);
-    let _ = s.publish_onward(will, props).await;
+    let _ = Box::pin(s.publish_onward(will, props)).await;
     Ok(())
 }
 
@@ -671,11 +677,11 @@ impl Session {
         tokio::pin!(expiry);
         // What the device's session kept for it, and packets that came in
         // the same read as CONNECT.
-        if let Some(end) = self.pump().await {
+        if let Some(end) = Box::pin(self.pump()).await {
             return end;
         }
         if !self.rbuf.is_empty() {
-            if let Some(end) = self.incoming().await {
+            if let Some(end) = Box::pin(self.incoming()).await {
                 return end;
             }
         }
@@ -702,7 +708,7 @@ impl Session {
                     Err(e) => return End::Closed(e.to_string()),
                     Ok(_) => {
                         deadline = idle.map(|d| tokio::time::Instant::now() + d);
-                        if let Some(end) = self.incoming().await {
+                        if let Some(end) = Box::pin(self.incoming()).await {
                             return end;
                         }
                     }
@@ -715,13 +721,13 @@ impl Session {
                             d = side.rx.try_recv().ok();
                         }
                     }
-                    if let Some(end) = self.pump().await {
+                    if let Some(end) = Box::pin(self.pump()).await {
                         return end;
                     }
                 },
                 n = next(link_rx.as_deref_mut()) => match n {
                     Ok(Some(n)) => if let Some(rx) = link_rx.as_deref_mut() {
-                        if let Some(end) = self.outgoing(n, rx).await {
+                        if let Some(end) = Box::pin(self.outgoing(n, rx)).await {
                             return end;
                         }
                     },
