@@ -21,6 +21,7 @@ DURATION=${DURATION:-600}
 CHURN=${CHURN:-10}
 RATE=${RATE:-0.1}
 CONSUMER=${CONSUMER:-0}
+# FG_ARGS: more `fleetgate serve` flags, e.g. FG_ARGS="--router-log-mib 16".
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
 cargo build --release -q -p broker -p firmware-sim
@@ -40,7 +41,7 @@ trap cleanup EXIT
 start() {
     : >"$work/fg.out"
     "$FG" serve --data-dir "$work/fg" --api-listen 127.0.0.1:0 --mqtt-listen 127.0.0.1:0 \
-        --ocsp-listen 127.0.0.1:0 --connect-rate-per-ip 0 --max-connections 20000 \
+        --ocsp-listen 127.0.0.1:0 --connect-rate-per-ip 0 --max-connections 20000 ${FG_ARGS:-} \
         >"$work/fg.out" 2>>"$work/fg.log" &
     fg_pid=$!
     for _ in $(seq 100); do grep -q listening "$work/fg.out" 2>/dev/null && break; sleep 0.1; done

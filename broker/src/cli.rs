@@ -156,8 +156,9 @@ struct ServeArgs {
     mqtt_ocsp_rate: f64,
     /// MiB of messages the router keeps per subscription filter for
     /// subscribers that lag behind (older ones are dropped): bounds memory
-    /// under sustained traffic.
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    /// under sustained traffic. Counted as the router counts, topic and
+    /// payload: in memory a small message costs about twelve times that.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=4096))]
     router_log_mib: u64,
     /// Commands one device's persistent session may hold while it is away
     /// (QoS 1 and 2); more are refused (MQTT 5 PUBACK 0x97).
@@ -512,7 +513,7 @@ async fn serve_cmd(args: ServeArgs) -> ExitCode {
                 burst: (args.mqtt_ocsp_rate * 5.0).max(1.0),
             },
             router_log_bytes: usize::try_from(args.router_log_mib)
-                .unwrap_or(64)
+                .unwrap_or(8)
                 .saturating_mul(1024 * 1024),
             queue_limits: provisioning::sessions::QueueLimits {
                 max_messages: usize::try_from(args.command_queue_max).unwrap_or(100),

@@ -437,3 +437,130 @@ async fn a_will_goes_out_at_its_qos_and_retained() {
     assert_eq!(&got[0].payload[..], b"offline");
     assert!(got[0].retain, "retained will");
 }
+
+/// CPU seconds the server's router thread (rumqttd's `router-0`) has used.
+fn router_cpu(pid: u32) -> f64 {
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let t = t.unwrap().path();
+        if std::fs::read_to_string(t.join("comm"))
+            .unwrap_or_default()
+            .trim()
+            != "router-0"
+        {
+            continue;
+        }
+        let stat = std::fs::read_to_string(t.join("stat")).unwrap();
+        let f: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..]
+            .split_whitespace()
+            .collect();
+        let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+        return ticks as f64 / 100.0;
+    }
+    panic!("no router thread in {pid}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_router_goes_quiet_after_churn_and_a_stalled_subscriber() {
+    use tokio::io::AsyncWriteExt;
+    let (tmp, server) = start();
+    let dir = tmp.path();
+    let svc = server.enroll(&dir.join("s"), "service", "stalled");
+    let watcher = server.enroll(&dir.join("s"), "service", "watcher");
+    let devices: Vec<Creds> = (0..4)
+        .map(|i| server.enroll(&dir.join("d"), "device", &format!("d-{i}")))
+        .collect();
+
+    // A service that subscribes at QoS 1 and then never reads again: its
+    // socket fills, its session stops taking from the router, the router's
+    // queue for it fills.
+    let tcp = tokio::net::TcpStream::connect(server.mqtt).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(svc.client_config());
+    let name = rustls_pki_types::ServerName::IpAddress(server.mqtt.ip().into());
+    let mut stalled = connector.connect(name, tcp).await.unwrap();
+    let id = b"stalled";
+    let mut connect = vec![
+        0x10,
+        (12 + id.len()) as u8,
+        0,
+        4,
+        b'M',
+        b'Q',
+        b'T',
+        b'T',
+        4,
+        0x02,
+        0,
+        60,
+    ];
+    connect.extend_from_slice(&(id.len() as u16).to_be_bytes());
+    connect.extend_from_slice(id);
+    let filter = b"devices/+/telemetry";
+    let mut subscribe = vec![0x82, (5 + filter.len()) as u8, 0, 1];
+    subscribe.extend_from_slice(&(filter.len() as u16).to_be_bytes());
+    subscribe.extend_from_slice(filter);
+    subscribe.push(1);
+    stalled.write_all(&connect).await.unwrap();
+    stalled.write_all(&subscribe).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Churn: devices and a persistent service come and go, publishing.
+    let payload = vec![b'x'; 2048];
+    for round in 0..6 {
+        // A persistent session that acknowledges as it reads.
+        let mut opts =
+            MqttOptions::new("watcher", server.mqtt.ip().to_string(), server.mqtt.port());
+        opts.set_keep_alive(Duration::from_secs(5));
+        opts.set_clean_session(false);
+        opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+            watcher.client_config(),
+        )));
+        let (wc, mut wev) = AsyncClient::new(opts, 16);
+        connected(&mut wev).await;
+        wc.subscribe("devices/#", QoS::AtLeastOnce).await.unwrap();
+        suback(&mut wev).await;
+        let watch = tokio::spawn(async move {
+            while tokio::time::timeout(Duration::from_millis(500), wev.poll())
+                .await
+                .is_ok_and(|r| r.is_ok())
+            {}
+        });
+        for d in &devices {
+            let (c, mut ev) = client(server.mqtt, d, &d.id);
+            connected(&mut ev).await;
+            let driver = tokio::spawn(async move {
+                while let Ok(Ok(_)) =
+                    tokio::time::timeout(Duration::from_millis(500), ev.poll()).await
+                {
+                }
+            });
+            for _ in 0..50 {
+                c.publish(
+                    format!("devices/{}/telemetry", d.id),
+                    QoS::AtLeastOnce,
+                    false,
+                    payload.clone(),
+                )
+                .await
+                .unwrap();
+            }
+            c.disconnect().await.unwrap();
+            driver.await.unwrap();
+        }
+        if round % 2 == 0 {
+            wc.disconnect().await.unwrap();
+        }
+        watch.await.unwrap();
+    }
+
+    // Traffic has stopped: the router thread must be idle, not spinning
+    // (a spin shows as a second of CPU per second).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = router_cpu(server.pid());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let used = router_cpu(server.pid()) - before;
+    assert!(
+        used < 0.5,
+        "the router thread used {used:.2} s of CPU in 3 s of quiet"
+    );
+    drop(stalled);
+}

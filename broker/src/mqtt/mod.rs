@@ -19,6 +19,7 @@ pub mod hub;
 mod link;
 pub mod outbox;
 mod session;
+pub mod stamp;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -90,7 +91,7 @@ impl Default for MqttConfig {
                 per_second: 1.0,
                 burst: 5.0,
             },
-            router_log_bytes: 64 * 1024 * 1024,
+            router_log_bytes: 8 * 1024 * 1024,
             queue_limits: provisioning::sessions::QueueLimits::default(),
         }
     }

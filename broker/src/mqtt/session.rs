@@ -44,6 +44,7 @@ use super::codec::Codec;
 use super::hub::{Delivery, Mailbox, Outcome, MAX_SESSION_EXPIRY};
 use super::link::RouterTx;
 use super::outbox::{qos_and_pkid, Outbox, Outgoing};
+use super::stamp;
 use super::{Kick, Shared};
 use crate::metrics::Refusal;
 
@@ -119,8 +120,8 @@ struct Session {
     ocsp_budget: crate::net::RateLimiter<()>,
     /// The client asked for a clean session (3.1.1) or clean start (5).
     clean: bool,
-    /// The user properties stamped on this device's messages.
-    stamp: Vec<(String, String)>,
+    /// What this device's messages carry of its identity ([`stamp::of`]).
+    stamp: String,
     /// Packet ids of the client's QoS 2 PUBLISHes awaiting PUBREL: a
     /// repeated one is acknowledged, not passed on again.
     inbound_qos2: HashSet<u16>,
@@ -154,57 +155,6 @@ const KEEP_BUFFER: usize = 8 * 1024;
 /// The most QoS 1 and 2 messages in flight to a device at once, whatever
 /// Receive Maximum it allows.
 const MAX_IN_FLIGHT: u16 = 100;
-
-/// The prefix of the MQTT 5 user properties fleetgate stamps on device
-/// messages; a client's own properties under it are removed first.
-pub const IDENTITY_PREFIX: &str = "x-fleetgate-";
-
-/// The verified identity of a device's messages, as MQTT 5 user properties
-/// (the MQTT form of an application gateway's client-certificate header):
-/// `x-fleetgate-device-id`, `-serial`, `-fingerprint` (SHA-256 of the
-/// certificate, hex) and `-manufacturer` if any. Other roles get none.
-fn identity_stamp(peer: &Peer) -> Vec<(String, String)> {
-    if peer.identity.role != Role::Device {
-        return Vec::new();
-    }
-    let mut stamp = vec![
-        (
-            format!("{IDENTITY_PREFIX}device-id"),
-            peer.identity.id.to_string(),
-        ),
-        (format!("{IDENTITY_PREFIX}serial"), peer.key.serial.to_hex()),
-        (
-            format!("{IDENTITY_PREFIX}fingerprint"),
-            peer.info.fingerprint.clone(),
-        ),
-    ];
-    if let Some(m) = &peer.manufacturer {
-        stamp.push((format!("{IDENTITY_PREFIX}manufacturer"), m.to_string()));
-    }
-    stamp
-}
-
-/// `props` with every user property under [`IDENTITY_PREFIX`] removed and
-/// `stamp` added.
-fn stamped(
-    props: Option<PublishProperties>,
-    stamp: &[(String, String)],
-) -> Option<PublishProperties> {
-    let reserved = |k: &str| {
-        k.get(..IDENTITY_PREFIX.len())
-            .is_some_and(|head| head.eq_ignore_ascii_case(IDENTITY_PREFIX))
-    };
-    let forged = props
-        .as_ref()
-        .is_some_and(|p| p.user_properties.iter().any(|(k, _)| reserved(k)));
-    if stamp.is_empty() && !forged {
-        return props;
-    }
-    let mut props = props.unwrap_or_default();
-    props.user_properties.retain(|(k, _)| !reserved(k));
-    props.user_properties.extend_from_slice(stamp);
-    Some(props)
-}
 
 /// A claim's request for a device certificate, when not a bare CSR.
 #[derive(serde::Deserialize)]
@@ -242,7 +192,7 @@ pub(super) fn run(
         wbuf: BytesMut::new(),
         max_packet: shared.cfg.max_packet_size,
         acl: Acl::new(&peer.identity),
-        stamp: identity_stamp(&peer),
+        stamp: stamp::of(&peer),
         peer,
         pending_subacks: HashMap::new(),
         ocsp_budget: crate::net::RateLimiter::new(shared.cfg.ocsp_rate),
@@ -928,9 +878,8 @@ impl Session {
                 ))
                 .map_err(End::Protocol);
         }
-        // A device's identity stamped; anything a client sent under the
-        // reserved prefix removed.
-        let props = stamped(props, &self.stamp);
+        // Anything a client sent under the reserved prefix removed.
+        let props = stamp::unreserved(props);
         if let Some(side) = self.device.as_ref() {
             // The device's own subscriptions hear it too (unless No Local).
             if let Some((granted, ids)) = side.mailbox.granted_to(&topic, true) {
@@ -1010,9 +959,15 @@ impl Session {
         }
         // Into the router at QoS 0: acknowledged here, and the router's
         // delivery QoS is the subscription's.
+        // Copied out of the read buffer: a message in the router's log
+        // would otherwise keep its whole read buffer alive.
         let onward = Packet::Publish(
-            Publish::new(p.topic, p.payload, p.retain),
-            with_qos_mark(props, qos),
+            Publish::new(
+                Bytes::copy_from_slice(&p.topic),
+                Bytes::copy_from_slice(&p.payload),
+                p.retain,
+            ),
+            stamp::mark(props, qos, &self.stamp),
         );
         let sent = match &self.router {
             Some(router) => router.send(onward).await,
@@ -1549,7 +1504,7 @@ impl Session {
                     }
                     Some(Packet::Publish(p, props)) => {
                         let (qos, pkid) = qos_and_pkid(&p);
-                        let (props, published) = without_qos_mark(props);
+                        let (props, published) = stamp::unmark(props, &p.topic, self.codec.is_v5());
                         let token = (qos > 0).then(|| self.acks.owe(pkid, qos));
                         self.outbox.push(Outgoing {
                             seq: token,
@@ -1618,46 +1573,6 @@ fn take_into(
         return;
     };
     outbox.push(outgoing(&m, seq, m.qos.min(granted), ids, false, now));
-}
-
-/// The user property that carries a message's published QoS through the
-/// router (which delivers at the subscription's QoS and keeps no other
-/// record of it); removed before delivery. Absent means 2.
-const QOS_MARK: &str = "x-fleetgate-qos";
-
-fn with_qos_mark(props: Option<PublishProperties>, qos: u8) -> Option<PublishProperties> {
-    if qos >= 2 {
-        return props;
-    }
-    let mut p = props.unwrap_or_default();
-    p.user_properties
-        .push((QOS_MARK.to_owned(), char::from(b'0' + qos).to_string()));
-    Some(p)
-}
-
-/// `props` without the QoS mark, and the published QoS it carried.
-fn without_qos_mark(props: Option<PublishProperties>) -> (Option<PublishProperties>, u8) {
-    let Some(mut p) = props else {
-        return (None, 2);
-    };
-    let mut qos = 2;
-    p.user_properties.retain(|(k, v)| {
-        if k == QOS_MARK {
-            qos = v.parse().unwrap_or(2).min(2);
-            false
-        } else {
-            true
-        }
-    });
-    let empty = p.user_properties.is_empty()
-        && p.payload_format_indicator.is_none()
-        && p.message_expiry_interval.is_none()
-        && p.topic_alias.is_none()
-        && p.response_topic.is_none()
-        && p.correlation_data.is_none()
-        && p.subscription_identifiers.is_empty()
-        && p.content_type.is_none();
-    ((!empty).then_some(p), qos)
 }
 
 /// The next message for a device session; never, for other sessions.
