@@ -391,3 +391,65 @@ async fn a_qos0_command_reaches_a_qos1_subscriber_at_qos0() {
         ]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retained_command_waits_for_the_devices_subscription() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("data")).unwrap();
+    let svc = server.enroll(&tmp.path().join("s"), "service", "backend");
+    let d = server.enroll(&tmp.path().join("d"), "device", "d-1");
+    // Nobody subscribed yet: kept as the topic's retained message.
+    let (ok, out) = command(
+        &server,
+        &svc,
+        &[
+            "-t",
+            "devices/d-1/commands/cfg",
+            "-q",
+            "1",
+            "-r",
+            "-m",
+            "on",
+        ],
+    );
+    assert!(ok, "{out}");
+    let (c, mut ev) = device(&server, &d, true);
+    connected(&mut ev).await;
+    c.subscribe("devices/d-1/commands/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let got = publishes(&mut ev, Duration::from_secs(2)).await;
+    let seen: Vec<(&[u8], bool)> = got.iter().map(|p| (&p.payload[..], p.retain)).collect();
+    assert_eq!(
+        seen,
+        [(&b"on"[..], true)],
+        "delivered on subscribe, flagged retained"
+    );
+    // A retained command to a subscribed device is forwarded as a plain
+    // message (retain as published is off), and replaces the stored one.
+    let (ok, out) = command(
+        &server,
+        &svc,
+        &[
+            "-t",
+            "devices/d-1/commands/cfg",
+            "-q",
+            "1",
+            "-r",
+            "-m",
+            "off",
+        ],
+    );
+    assert!(ok, "{out}");
+    let got = publishes(&mut ev, Duration::from_secs(2)).await;
+    let seen: Vec<(&[u8], bool)> = got.iter().map(|p| (&p.payload[..], p.retain)).collect();
+    assert_eq!(seen, [(&b"off"[..], false)]);
+    drop(ev);
+    let (c, mut ev) = device(&server, &d, true);
+    connected(&mut ev).await;
+    c.subscribe("devices/d-1/commands/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let got = publishes(&mut ev, Duration::from_secs(2)).await;
+    assert_eq!(&got[0].payload[..], b"off");
+}

@@ -82,6 +82,15 @@ impl Mailbox {
         self.expiry.is_some()
     }
 
+    /// Whether a subscription matching `topic` asks for Retain As
+    /// Published (MQTT 5): then a retained message is forwarded with its
+    /// retain flag.
+    pub fn retain_as_published(&self, topic: &str) -> bool {
+        self.subs()
+            .iter()
+            .any(|s| s.retain_as_published && topic_matches(&s.filter, topic))
+    }
+
     /// Whether the session should read its durable queue again.
     pub fn take_reload(&self) -> bool {
         self.reload.swap(false, Ordering::AcqRel)

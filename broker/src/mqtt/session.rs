@@ -1572,7 +1572,8 @@ fn take_into(
         }
         return;
     };
-    outbox.push(outgoing(&m, seq, m.qos.min(granted), ids, false, now));
+    let retain = m.retain && mailbox.retain_as_published(&m.topic);
+    outbox.push(outgoing(&m, seq, m.qos.min(granted), ids, retain, now));
 }
 
 /// The next message for a device session; never, for other sessions.
