@@ -24,6 +24,7 @@ SIZES=${SIZES:-"1000 5000 10000 19000"}
 RATE=${RATE:-0.1}
 DURATION=${DURATION:-30}
 PER_PROC=${PER_PROC:-9500}
+BROKERS=${BROKERS:-"fg mq"}   # fleetgate, Mosquitto (to rerun one side: BROKERS=mq)
 CONNECT_LIMIT=${CONNECT_LIMIT:-240}
 ulimit -n "$(ulimit -Hn)"
 
@@ -108,7 +109,7 @@ run_size() { # name n
     p=$(procs_for "$n")
     per=$(( n / p ))
     "$SIM" load consume --broker "$broker" --ca "$fleet/ca.crt" --creds "$fleet" --id fleet-consumer \
-        --idle 10 --limit $((CONNECT_LIMIT + DURATION + 120)) >"$work/$name-$n-consumer.json" &
+        --idle 30 --limit $((CONNECT_LIMIT + DURATION + 120)) >"$work/$name-$n-consumer.json" &
     local consumer=$!
     sleep 1
     local sims=()
@@ -128,17 +129,18 @@ storm() { # name
 }
 
 for n in $SIZES; do
-    echo "size $n: fleetgate ..." >&2
-    start_fleetgate
-    run_size fg "$n"
-    stop_broker
-    echo "size $n: mosquitto ..." >&2
-    start_mosquitto
-    run_size mq "$n"
+    for b in $BROKERS; do
+        echo "size $n: $b ..." >&2
+        if [ "$b" = fg ]; then start_fleetgate; else start_mosquitto; fi
+        run_size "$b" "$n"
+        stop_broker
+    done
+done
+for b in $BROKERS; do
+    if [ "$b" = fg ]; then start_fleetgate; else start_mosquitto; fi
+    storm "$b"
     stop_broker
 done
-start_fleetgate; storm fg; stop_broker
-start_mosquitto; storm mq; stop_broker
 
 python3 - "$work" "$RATE" "$DURATION" $SIZES <<'PY'
 import json, sys, os, glob
