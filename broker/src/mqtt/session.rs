@@ -869,13 +869,7 @@ impl Session {
         if qos == 2 && !self.inbound_qos2.insert(pkid) {
             // A resend before PUBREL: passed on once already.
             return self
-                .encode(Packet::PubRec(
-                    PubRec {
-                        pkid,
-                        reason: PubRecReason::Success,
-                    },
-                    None,
-                ))
+                .acknowledge(2, pkid, PubAckReason::Success, None)
                 .map_err(End::Protocol);
         }
         // Anything a client sent under the reserved prefix removed.
@@ -897,27 +891,8 @@ impl Session {
             }
         }
         let (reason, why) = self.publish_onward(p, props).await?;
-        let reason_string = why.filter(|_| self.codec.is_v5());
-        match qos {
-            1 => self.encode(Packet::PubAck(
-                PubAck { pkid, reason },
-                reason_string.map(|r| PubAckProperties {
-                    reason_string: Some(r),
-                    user_properties: Vec::new(),
-                }),
-            )),
-            2 => {
-                let reason = pubrec_reason(reason);
-                if reason != PubRecReason::Success && reason != PubRecReason::NoMatchingSubscribers
-                {
-                    // MQTT 5 4.3.3: a PUBREC of 0x80 or more ends the flow.
-                    self.inbound_qos2.remove(&pkid);
-                }
-                self.encode(Packet::PubRec(PubRec { pkid, reason }, None))
-            }
-            _ => Ok(()),
-        }
-        .map_err(End::Protocol)
+        self.acknowledge(qos, pkid, reason, why)
+            .map_err(End::Protocol)
     }
 
     /// Passes a checked PUBLISH on: a command to its device's session
@@ -1384,23 +1359,40 @@ impl Session {
 
     /// Acknowledges a PUBLISH we answer ourselves (QoS 1 or 2).
     fn ack(&mut self, p: &Publish) -> Result<(), String> {
-        match qos_and_pkid(p) {
-            (1, pkid) => self.encode(Packet::PubAck(
-                PubAck {
-                    pkid,
-                    reason: PubAckReason::Success,
-                },
-                None,
-            )),
-            (2, pkid) => {
-                self.inbound_qos2.insert(pkid);
-                self.encode(Packet::PubRec(
-                    PubRec {
-                        pkid,
-                        reason: PubRecReason::Success,
-                    },
-                    None,
-                ))
+        let (qos, pkid) = qos_and_pkid(p);
+        self.acknowledge(qos, pkid, PubAckReason::Success, None)
+    }
+
+    /// PUBACK (QoS 1) or PUBREC (QoS 2) for the client's PUBLISH `pkid`,
+    /// with `reason` (and, on MQTT 5, `why` as its reason string). A QoS 2
+    /// flow then awaits PUBREL, unless the reason refused it.
+    fn acknowledge(
+        &mut self,
+        qos: u8,
+        pkid: u16,
+        reason: PubAckReason,
+        why: Option<String>,
+    ) -> Result<(), String> {
+        match qos {
+            1 => {
+                let props = why
+                    .filter(|_| self.codec.is_v5())
+                    .map(|r| PubAckProperties {
+                        reason_string: Some(r),
+                        user_properties: Vec::new(),
+                    });
+                self.encode(Packet::PubAck(PubAck { pkid, reason }, props))
+            }
+            2 => {
+                let reason = pubrec_reason(reason);
+                if reason == PubRecReason::Success || reason == PubRecReason::NoMatchingSubscribers
+                {
+                    self.inbound_qos2.insert(pkid);
+                } else {
+                    // MQTT 5 4.3.3: a PUBREC of 0x80 or more ends the flow.
+                    self.inbound_qos2.remove(&pkid);
+                }
+                self.encode(Packet::PubRec(PubRec { pkid, reason }, None))
             }
             _ => Ok(()),
         }
