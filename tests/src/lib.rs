@@ -321,14 +321,20 @@ pub mod mqtt {
 
     use super::Creds;
 
-    /// A rumqttc (MQTT 3.1.1) client over mutual TLS.
-    pub fn client(addr: SocketAddr, creds: &Creds, client_id: &str) -> (AsyncClient, EventLoop) {
+    /// rumqttc (MQTT 3.1.1) options for `creds` over mutual TLS: keep-alive
+    /// 5 s; tests add clean session, manual acks or a will.
+    pub fn options(addr: SocketAddr, creds: &Creds, client_id: &str) -> MqttOptions {
         let mut opts = MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
         opts.set_keep_alive(Duration::from_secs(5));
         opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
             creds.client_config(),
         )));
-        AsyncClient::new(opts, 16)
+        opts
+    }
+
+    /// A rumqttc (MQTT 3.1.1) client over mutual TLS.
+    pub fn client(addr: SocketAddr, creds: &Creds, client_id: &str) -> (AsyncClient, EventLoop) {
+        AsyncClient::new(options(addr, creds, client_id), 16)
     }
 
     /// Polls until CONNACK; panics on anything else.

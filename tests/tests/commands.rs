@@ -9,9 +9,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use rumqttc::{
-    AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, TlsConfiguration, Transport,
-};
+use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS};
 use tests::mqtt::connected;
 use tests::{require_tool, run, Creds, Server};
 
@@ -39,12 +37,8 @@ fn command(server: &Server, svc: &Creds, args: &[&str]) -> (bool, String) {
 
 /// A 3.1.1 device client; `clean` false keeps its session.
 fn device(server: &Server, c: &Creds, clean: bool) -> (AsyncClient, EventLoop) {
-    let mut opts = MqttOptions::new(&c.id, server.mqtt.ip().to_string(), server.mqtt.port());
-    opts.set_keep_alive(Duration::from_secs(5));
+    let mut opts = tests::mqtt::options(server.mqtt, c, &c.id);
     opts.set_clean_session(clean);
-    opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-        c.client_config(),
-    )));
     AsyncClient::new(opts, 16)
 }
 

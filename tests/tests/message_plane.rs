@@ -7,9 +7,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use rumqttc::{
-    AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, TlsConfiguration, Transport,
-};
+use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS};
 use tests::mqtt::{client, connected};
 use tests::{require_tool, run, Creds, Server};
 
@@ -33,13 +31,9 @@ fn tls_args(c: &Creds) -> [String; 6] {
 
 /// A 3.1.1 client with a persistent session and manual acknowledgements.
 fn persistent(server: &Server, c: &Creds) -> (AsyncClient, EventLoop) {
-    let mut opts = MqttOptions::new(&c.id, server.mqtt.ip().to_string(), server.mqtt.port());
-    opts.set_keep_alive(Duration::from_secs(5));
+    let mut opts = tests::mqtt::options(server.mqtt, c, &c.id);
     opts.set_clean_session(false);
     opts.set_manual_acks(true);
-    opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-        c.client_config(),
-    )));
     AsyncClient::new(opts, 16)
 }
 
@@ -317,12 +311,8 @@ async fn a_retained_device_message_reaches_a_later_service_with_its_identity() {
 
 /// A 3.1.1 service that acknowledges by hand.
 fn manual_service(server: &Server, c: &Creds) -> (AsyncClient, EventLoop) {
-    let mut opts = MqttOptions::new(&c.id, server.mqtt.ip().to_string(), server.mqtt.port());
-    opts.set_keep_alive(Duration::from_secs(5));
+    let mut opts = tests::mqtt::options(server.mqtt, c, &c.id);
     opts.set_manual_acks(true);
-    opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-        c.client_config(),
-    )));
     AsyncClient::new(opts, 16)
 }
 
@@ -407,17 +397,13 @@ async fn a_will_goes_out_at_its_qos_and_retained() {
         .unwrap();
     suback(&mut sev).await;
 
-    let mut opts = MqttOptions::new("d-1", server.mqtt.ip().to_string(), server.mqtt.port());
-    opts.set_keep_alive(Duration::from_secs(5));
+    let mut opts = tests::mqtt::options(server.mqtt, &d, "d-1");
     opts.set_last_will(rumqttc::LastWill::new(
         "devices/d-1/status",
         "offline",
         QoS::AtLeastOnce,
         true,
     ));
-    opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-        d.client_config(),
-    )));
     let (_dc, mut dev) = AsyncClient::new(opts, 16);
     connected(&mut dev).await;
     // Gone without DISCONNECT.
@@ -507,13 +493,8 @@ async fn the_router_goes_quiet_after_churn_and_a_stalled_subscriber() {
     let payload = vec![b'x'; 2048];
     for round in 0..6 {
         // A persistent session that acknowledges as it reads.
-        let mut opts =
-            MqttOptions::new("watcher", server.mqtt.ip().to_string(), server.mqtt.port());
-        opts.set_keep_alive(Duration::from_secs(5));
+        let mut opts = tests::mqtt::options(server.mqtt, &watcher, "watcher");
         opts.set_clean_session(false);
-        opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-            watcher.client_config(),
-        )));
         let (wc, mut wev) = AsyncClient::new(opts, 16);
         connected(&mut wev).await;
         wc.subscribe("devices/#", QoS::AtLeastOnce).await.unwrap();
