@@ -105,9 +105,22 @@ struct ServeArgs {
     /// certificates (default: http://OCSP_LISTEN).
     #[arg(long)]
     public_url: Option<String>,
-    /// Largest MQTT packet accepted, in bytes.
-    #[arg(long, default_value_t = 256 * 1024)]
+    /// Largest MQTT packet accepted (and advertised to MQTT 5 clients), in
+    /// bytes, headers included: the default takes a 256 KiB payload with up
+    /// to 8 KiB of topic and properties. Larger ones end the connection
+    /// (MQTT 5: DISCONNECT 0x95).
+    #[arg(long, default_value_t = crate::mqtt::MAX_PACKET_SIZE)]
     max_packet_size: usize,
+    /// Subscriptions one MQTT session may hold; more are refused (SUBACK
+    /// 0x97, or 0x80 on 3.1.1). 0: no limit.
+    #[arg(long, default_value_t = 100)]
+    max_subscriptions: usize,
+    /// Topics a device may start publishing to per minute (also the burst);
+    /// beyond it its messages to new topics are refused (PUBACK 0x97) or,
+    /// at QoS 0 and on 3.1.1, dropped; each is counted and logged. Every
+    /// new topic costs the shared router. 0: no limit.
+    #[arg(long, default_value_t = 60)]
+    new_topics_per_minute: u32,
     /// Extra DNS names or IPs for the server certificate.
     #[arg(long = "san")]
     sans: Vec<String>,
@@ -504,6 +517,8 @@ async fn serve_cmd(args: ServeArgs) -> ExitCode {
                 burst: args.connect_burst_per_ip.max(1.0),
             }),
             max_packet_size: args.max_packet_size.clamp(64, 256 * 1024 * 1024),
+            max_subscriptions: args.max_subscriptions,
+            new_topics_per_minute: args.new_topics_per_minute,
             jit_rate: (args.jit_rate > 0.0).then_some(crate::net::Rate {
                 per_second: args.jit_rate,
                 burst: args.jit_burst.max(1.0),

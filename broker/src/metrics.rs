@@ -27,10 +27,13 @@ pub enum Refusal {
     Overloaded,
     JitRateLimited,
     JitQuotaExceeded,
+    /// A session over its subscriptions, or a device over its new topics
+    /// or retained messages.
+    Quota,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 19] = [
+    pub const ALL: [Refusal; 20] = [
         Self::NoCertificate,
         Self::UnknownCa,
         Self::Expired,
@@ -50,6 +53,7 @@ impl Refusal {
         Self::Overloaded,
         Self::JitRateLimited,
         Self::JitQuotaExceeded,
+        Self::Quota,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -73,6 +77,7 @@ impl Refusal {
             Self::Overloaded => "overloaded",
             Self::JitRateLimited => "jit_rate_limited",
             Self::JitQuotaExceeded => "jit_quota_exceeded",
+            Self::Quota => "quota_exceeded",
         }
     }
 }

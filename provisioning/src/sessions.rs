@@ -399,16 +399,27 @@ impl SessionStore {
     }
 
     /// Keeps `m` as the retained message of its topic under device `id`
-    /// (an empty payload removes it); durable on return.
-    pub fn retain(&self, id: &DeviceId, m: &Message) -> Result<(), Error> {
+    /// (an empty payload removes it); durable on return when `flush`. A
+    /// device keeps at most `max` retained topics: a new one past that is
+    /// [`Error::QuotaExceeded`].
+    pub fn retain(&self, id: &DeviceId, m: &Message, max: usize, flush: bool) -> Result<(), Error> {
         let mut k = prefix(id);
         k.extend_from_slice(m.topic.as_bytes());
         if m.payload.is_empty() {
             self.retained.remove(k)?;
         } else {
+            if !self.retained.contains_key(&k)?
+                && self.retained.scan_prefix(prefix(id)).count() >= max
+            {
+                return Err(Error::QuotaExceeded {
+                    reason: format!("device {id} already has {max} retained messages"),
+                });
+            }
             self.retained.insert(k, encode(m))?;
         }
-        self.db.flush()?;
+        if flush {
+            self.db.flush()?;
+        }
         Ok(())
     }
 
@@ -570,7 +581,7 @@ mod tests {
         .unwrap();
         let mut retained = msg("devices/a/config", b"on");
         retained.retain = true;
-        s.retain(&a, &retained).unwrap();
+        s.retain(&a, &retained, 100, true).unwrap();
         assert_eq!(s.session(&a).unwrap(), Some(rec));
         // Connected sessions never expire; a disconnected one does.
         let swept = s.sweep(100, |_| true, |_| true).unwrap();

@@ -115,7 +115,10 @@ impl Acl {
         match self.role {
             // A literal prefix: a wildcard can only appear below our own level.
             Role::Device if self.is_own(inner) => Ok(()),
-            Role::Device => deny("devices may only subscribe under their own topics"),
+            Role::Device => deny(&format!(
+                "a device may only subscribe under its own topics, {}/",
+                self.own
+            )),
             Role::Service if inner.starts_with(DEVICES) => Ok(()),
             Role::Service => deny("services may subscribe under devices/ only"),
             Role::Admin => deny("admin certificates are not MQTT identities"),
@@ -144,6 +147,38 @@ pub fn command_target(topic: &str) -> Option<provisioning::DeviceId> {
     }
     let id = topic.strip_prefix(DEVICES)?.split('/').next()?;
     provisioning::DeviceId::try_new(id).ok()
+}
+
+/// What is wrong with a PUBLISH's (or will's) topic name, if anything,
+/// as MQTT 5 reason code and text: not UTF-8 or with U+0000 (MQTT 1.5.4:
+/// malformed), or with a wildcard (MQTT 4.7.1: topic name invalid). An
+/// empty topic is the caller's business (a topic alias may fill it).
+pub fn topic_name_problem(topic: &[u8]) -> Option<(TopicProblem, String)> {
+    let Ok(t) = std::str::from_utf8(topic) else {
+        return Some((
+            TopicProblem::Malformed,
+            "the topic is not valid UTF-8".into(),
+        ));
+    };
+    if t.contains('\0') {
+        return Some((TopicProblem::Malformed, "the topic contains U+0000".into()));
+    }
+    if t.contains(['+', '#']) {
+        return Some((
+            TopicProblem::Invalid,
+            format!("the topic name {t:?} contains a wildcard"),
+        ));
+    }
+    None
+}
+
+/// Which refusal a bad topic name gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopicProblem {
+    /// MQTT 5 0x81.
+    Malformed,
+    /// MQTT 5 0x90.
+    Invalid,
 }
 
 /// Whether `topic` matches the (valid) filter `filter` (MQTT 4.7; a topic
@@ -229,6 +264,27 @@ pub fn sniff_connect(buf: &[u8]) -> ConnectSniff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn topic_names_are_checked_as_mqtt_says() {
+        assert_eq!(topic_name_problem(b"devices/d/t"), None);
+        assert_eq!(
+            topic_name_problem(b"devices/d/\xc3\x28").map(|p| p.0),
+            Some(TopicProblem::Malformed)
+        );
+        assert_eq!(
+            topic_name_problem(b"devices/d/\0").map(|p| p.0),
+            Some(TopicProblem::Malformed)
+        );
+        assert_eq!(
+            topic_name_problem(b"devices/d/+").map(|p| p.0),
+            Some(TopicProblem::Invalid)
+        );
+        assert_eq!(
+            topic_name_problem(b"devices/#").map(|p| p.0),
+            Some(TopicProblem::Invalid)
+        );
+    }
 
     #[test]
     fn filters_match_as_mqtt_says() {

@@ -46,6 +46,13 @@ impl Codec {
             Some(&b) if !client_may_send(b) => return Err(Error::InvalidPacketType(b >> 4)),
             Some(_) => {}
         }
+        // MQTT 5 3.1.2.11.4: the limit is on the whole packet, fixed
+        // header included (rumqttd checks the remaining length only).
+        if let Some(total) = frame_length(buf) {
+            if total > max {
+                return Err(Error::PayloadSizeLimitExceeded(total));
+            }
+        }
         let before = buf.len();
         let r = match self {
             Codec::V4(c) => c.read_mut(buf, max),
@@ -68,12 +75,62 @@ impl Codec {
             // follow), which strict clients read as a malformed packet.
             // A DISCONNECT we send carries a reason code and no properties
             // (MQTT 5 3.14.2.2.1: omitted when the remaining length is 1).
-            (Codec::V5(_), Packet::Disconnect(d, _)) => {
-                out.extend_from_slice(&[0xe0, 0x01, disconnect_reason(d.reason_code)]);
+            // With a reason string, written here too (MQTT 5 3.14.2.2).
+            (Codec::V5(_), Packet::Disconnect(d, props)) => {
+                let reason = disconnect_reason(d.reason_code);
+                match props.and_then(|p| p.reason_string) {
+                    None => out.extend_from_slice(&[0xe0, 0x01, reason]),
+                    Some(why) => {
+                        // A reason string is at most 65,535 bytes; keep
+                        // ours far shorter, on a character boundary.
+                        let mut end = why.len().min(512);
+                        while !why.is_char_boundary(end) {
+                            end -= 1;
+                        }
+                        let why = &why.as_bytes()[..end];
+                        let props_len = 3 + why.len();
+                        let mut body = Vec::with_capacity(props_len + 4);
+                        body.push(reason);
+                        put_varint(&mut body, props_len);
+                        body.push(0x1f);
+                        body.extend_from_slice(&(why.len() as u16).to_be_bytes());
+                        body.extend_from_slice(why);
+                        out.extend_from_slice(&[0xe0]);
+                        let mut len = Vec::new();
+                        put_varint(&mut len, body.len());
+                        out.extend_from_slice(&len);
+                        out.extend_from_slice(&body);
+                    }
+                }
                 Ok(())
             }
             (Codec::V4(c), p) => c.write(without_properties(p), out).map(|_| ()),
             (Codec::V5(c), p) => c.write(p, out).map(|_| ()),
+        }
+    }
+}
+
+/// The whole length of the packet at the start of `buf` (fixed header
+/// included), once its remaining length is there.
+fn frame_length(buf: &[u8]) -> Option<usize> {
+    let mut len = 0usize;
+    for (i, b) in buf.iter().skip(1).take(4).enumerate() {
+        len += usize::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            return Some(1 + (i + 1) + len);
+        }
+    }
+    None
+}
+
+/// MQTT's variable byte integer.
+fn put_varint(out: &mut Vec<u8>, mut n: usize) {
+    loop {
+        let b = (n % 128) as u8;
+        n /= 128;
+        out.push(if n > 0 { b | 0x80 } else { b });
+        if n == 0 {
+            return;
         }
     }
 }
@@ -197,6 +254,60 @@ mod tests {
                 .unwrap();
             assert_eq!(&out[..], &[0xe0, 0x01, byte], "{reason:?}");
         }
+    }
+
+    #[test]
+    fn v5_disconnect_carries_a_reason_string() {
+        use rumqttd::protocol::{Disconnect, DisconnectProperties, DisconnectReasonCode as R};
+        let props = DisconnectProperties {
+            reason_string: Some("certificate revoked".into()),
+            session_expiry_interval: None,
+            user_properties: Vec::new(),
+            server_reference: None,
+        };
+        let mut out = BytesMut::new();
+        Codec::for_level(5)
+            .write(
+                Packet::Disconnect(
+                    Disconnect {
+                        reason_code: R::AdministrativeAction,
+                    },
+                    Some(props),
+                ),
+                &mut out,
+            )
+            .unwrap();
+        // rumqttd's own decoder reads it back.
+        let mut buf = out.clone();
+        let back = V5.read_mut(&mut buf, 1024).unwrap();
+        let Packet::Disconnect(d, Some(p)) = back else {
+            panic!("{back:?}");
+        };
+        assert_eq!(d.reason_code, R::AdministrativeAction);
+        assert_eq!(p.reason_string.as_deref(), Some("certificate revoked"));
+    }
+
+    #[test]
+    fn the_size_limit_counts_the_whole_packet() {
+        // PUBLISH, remaining length 10: 12 bytes in all.
+        let frame = [0x30, 0x0a, 0x00, 0x01, b't', 1, 2, 3, 4, 5, 6, 7];
+        let mut codec = Codec::for_level(5);
+        let mut buf = BytesMut::from(&frame[..]);
+        assert!(matches!(
+            codec.read(&mut buf, 11),
+            Err(Error::PayloadSizeLimitExceeded(12))
+        ));
+        let mut buf = BytesMut::from(&frame[..]);
+        assert!(matches!(
+            codec.read(&mut buf, 12),
+            Ok(Some(Packet::Publish(..)))
+        ));
+        // Refused on the header alone, before the body arrives.
+        let mut buf = BytesMut::from(&[0x30, 0xff, 0xff, 0x03][..]);
+        assert!(matches!(
+            codec.read(&mut buf, 1024),
+            Err(Error::PayloadSizeLimitExceeded(65_539))
+        ));
     }
 
     fn drain(codec: &mut Codec, bytes: &[u8]) -> Vec<Result<Packet, Error>> {

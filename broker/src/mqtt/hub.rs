@@ -78,6 +78,16 @@ impl Mailbox {
         best
     }
 
+    /// How many subscriptions the session holds.
+    pub fn subscriptions(&self) -> usize {
+        self.subs().len()
+    }
+
+    /// Whether the session holds a subscription to `filter`.
+    pub fn holds(&self, filter: &str) -> bool {
+        self.subs().iter().any(|s| s.filter == filter)
+    }
+
     pub fn is_persistent(&self) -> bool {
         self.expiry.is_some()
     }
@@ -303,6 +313,17 @@ impl Hub {
         }
     }
 
+    /// A device's own retained message (an empty payload clears it), kept
+    /// for its later subscriptions (blocking pool; flushed if `flush`).
+    pub fn retain_own(
+        &self,
+        id: &DeviceId,
+        m: &Message,
+        flush: bool,
+    ) -> Result<(), provisioning::Error> {
+        self.store.retain(id, m, self.limits.max_messages, flush)
+    }
+
     /// Whether `id` has a live session here.
     pub fn is_live(&self, id: &DeviceId) -> bool {
         self.boxes().contains_key(id)
@@ -384,7 +405,15 @@ impl Hub {
                     "device {id} is revoked or unknown"
                 )));
             }
-            self.store.retain(id, &m)?;
+            match self.store.retain(id, &m, self.limits.max_messages, true) {
+                Err(provisioning::Error::QuotaExceeded { reason }) => {
+                    self.metrics
+                        .commands_refused
+                        .fetch_add(1, Ordering::Relaxed);
+                    return Ok(Outcome::Full(reason));
+                }
+                r => r?,
+            }
         }
         let _g = self.lock(id);
         let now = now_ms();

@@ -78,7 +78,7 @@ fn run(mut link: LinkTx, mut queue: mpsc::Receiver<Packet>) {
 
 /// Runs a future that never waits on anything but a blocking call inside
 /// (`LinkTx::send` in rumqttd 0.20) on this thread.
-fn ready<F: Future>(f: F) -> F::Output {
+pub(super) fn ready<F: Future>(f: F) -> F::Output {
     let mut f = pin!(f);
     let mut cx = Context::from_waker(Waker::noop());
     loop {

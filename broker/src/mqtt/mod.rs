@@ -18,6 +18,7 @@ pub mod codec;
 pub mod hub;
 mod link;
 pub mod outbox;
+mod quota;
 mod session;
 pub mod stamp;
 
@@ -44,6 +45,13 @@ use crate::status::StatusService;
 
 pub use session::Peer;
 
+/// The default largest MQTT packet: a 256 KiB payload and 8 KiB for its
+/// topic and properties.
+pub const MAX_PACKET_SIZE: usize = 256 * 1024 + 8 * 1024;
+
+/// Topic aliases a client may set (MQTT 5 Topic Alias Maximum).
+pub const TOPIC_ALIAS_MAX: u16 = 32;
+
 #[derive(Clone, Debug)]
 pub struct MqttConfig {
     pub max_connections: usize,
@@ -52,6 +60,10 @@ pub struct MqttConfig {
     /// New connections per second per source IP; `None` for no limit.
     pub connect_rate_per_ip: Option<crate::net::Rate>,
     pub max_packet_size: usize,
+    /// Subscriptions per session; 0: no limit.
+    pub max_subscriptions: usize,
+    /// New topics per device per minute (token bucket); 0: no limit.
+    pub new_topics_per_minute: u32,
     pub handshake_timeout: Duration,
     pub connect_timeout: Duration,
     pub drain_timeout: Duration,
@@ -79,7 +91,9 @@ impl Default for MqttConfig {
                 per_second: 100.0,
                 burst: 200.0,
             }),
-            max_packet_size: 256 * 1024,
+            max_packet_size: MAX_PACKET_SIZE,
+            max_subscriptions: 100,
+            new_topics_per_minute: 60,
             handshake_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(5),
@@ -122,7 +136,7 @@ impl Kick {
 
 /// Makes a router link for a client id. (The router's sender type names a
 /// private rumqttd type, so it is captured here rather than stored.)
-type LinkFactory =
+pub(crate) type LinkFactory =
     Arc<dyn Fn(&str, bool) -> Result<(LinkTx, LinkRx, Notification), Box<LinkError>> + Send + Sync>;
 
 /// What every session shares.
@@ -177,6 +191,47 @@ impl std::fmt::Debug for Shared {
 struct Sessions {
     next: AtomicU64,
     by_device: Mutex<HashMap<DeviceId, Vec<Entry>>>,
+    /// Ended sessions waiting on something a new connection of the same
+    /// client cancels (a delayed will, a service session's expiry).
+    returns: Mutex<HashMap<DeviceId, Vec<Watcher>>>,
+}
+
+/// A [`Return`]'s token and the sender that fires it.
+type Watcher = (u64, oneshot::Sender<()>);
+
+/// Fires when a new connection of the client comes back ([`Sessions::watch_return`]).
+struct Return<'a> {
+    sessions: &'a Sessions,
+    device: DeviceId,
+    token: u64,
+    rx: oneshot::Receiver<()>,
+}
+
+impl Return<'_> {
+    /// Waits up to `delay`: whether the client came back meanwhile.
+    async fn within(&mut self, delay: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
+        tokio::select! {
+            r = &mut self.rx => r.is_ok(),
+            _ = tokio::time::sleep(delay) => false,
+            _ = shutdown.changed() => false,
+        }
+    }
+}
+
+impl Drop for Return<'_> {
+    fn drop(&mut self) {
+        let mut map = self
+            .sessions
+            .returns
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(v) = map.get_mut(&self.device) {
+            v.retain(|(t, _)| *t != self.token);
+            if v.is_empty() {
+                map.remove(&self.device);
+            }
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -223,6 +278,14 @@ impl Sessions {
     ) -> (oneshot::Receiver<Kick>, Registration<'_>) {
         let conn = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
+        let back = self
+            .returns
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&peer.identity.id);
+        for (_, back) in back.into_iter().flatten() {
+            let _ = back.send(());
+        }
         let mut map = self.lock();
         let entries = map.entry(peer.identity.id.clone()).or_default();
         if !entries.is_empty() {
@@ -304,8 +367,22 @@ impl Sessions {
     }
 
     /// Whether `device` has a live session.
-    fn is_live(&self, device: &DeviceId) -> bool {
-        self.lock().contains_key(device)
+    /// Watches for the next connection of `device`.
+    fn watch_return(&self, device: &DeviceId) -> Return<'_> {
+        let token = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.returns
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(device.clone())
+            .or_default()
+            .push((token, tx));
+        Return {
+            sessions: self,
+            device: device.clone(),
+            token,
+            rx,
+        }
     }
 
     fn count(&self) -> usize {

@@ -203,6 +203,14 @@ impl Outbox {
     pub fn pubcomp(&mut self, pkid: u16) -> Result<Option<u64>, Unexpected> {
         self.take(pkid, Waiting::Comp, "PUBCOMP")
     }
+
+    /// Drops the message just taken with [`Outbox::next_publish`] unsent
+    /// (MQTT 5 3.1.2.11.4: too large for the client, it is discarded "as
+    /// if it had completed sending"): frees its packet id; its queue place
+    /// if stored.
+    pub fn discard(&mut self, pkid: u16) -> Option<u64> {
+        self.in_flight.remove(&pkid).and_then(|f| f.seq)
+    }
 }
 
 #[cfg(test)]
@@ -246,6 +254,18 @@ mod tests {
         o.pubrec(pkid).unwrap();
         assert_eq!(o.pubcomp(pkid), Ok(Some(2)));
         assert_eq!(o.len(), (0, 0));
+    }
+
+    #[test]
+    fn a_discarded_message_frees_its_place() {
+        let mut o = Outbox::new(1);
+        o.push(out(Some(3), 1, "too large"));
+        o.push(out(Some(4), 1, "b"));
+        let (p, _, _) = o.next_publish().unwrap();
+        assert!(o.next_publish().is_none());
+        assert_eq!(o.discard(qos_and_pkid(&p).1), Some(3));
+        let (p, _, _) = o.next_publish().unwrap();
+        assert_eq!(&p.payload[..], b"b");
     }
 
     #[test]

@@ -24,10 +24,10 @@ use provisioning::sessions::{now_ms, Message, MessageProps, StoredFilter};
 use provisioning::{CertKey, DeviceId, Identity, Role};
 use rumqttd::local::{LinkError, LinkRx};
 use rumqttd::protocol::{
-    ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode, LastWill,
-    Packet, PingResp, PubAck, PubAckProperties, PubAckReason, PubComp, PubCompReason, PubRec,
-    PubRecReason, PubRel, PubRelReason, Publish, PublishProperties, RetainForwardRule, SubAck,
-    SubscribeReasonCode, UnsubAck, UnsubAckReason,
+    ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectProperties,
+    DisconnectReasonCode, LastWill, Packet, PingResp, PubAck, PubAckProperties, PubAckReason,
+    PubComp, PubCompReason, PubRec, PubRecReason, PubRel, PubRelReason, Publish, PublishProperties,
+    RetainForwardRule, SubAck, SubAckProperties, SubscribeReasonCode, UnsubAck, UnsubAckReason,
 };
 use rumqttd::Notification;
 use time::OffsetDateTime;
@@ -38,14 +38,16 @@ use tokio_rustls::server::TlsStream;
 
 use super::acks::RouterAcks;
 use super::acl::{
-    command_target, provision_request, sniff_connect, topic_matches, Acl, ConnectSniff,
+    command_target, provision_request, sniff_connect, topic_matches, topic_name_problem, Acl,
+    ConnectSniff, TopicProblem,
 };
 use super::codec::Codec;
 use super::hub::{Delivery, Mailbox, Outcome, MAX_SESSION_EXPIRY};
 use super::link::RouterTx;
 use super::outbox::{qos_and_pkid, Outbox, Outgoing};
+use super::quota::TopicBudget;
 use super::stamp;
-use super::{Kick, Shared};
+use super::{Kick, Shared, TOPIC_ALIAS_MAX};
 use crate::metrics::Refusal;
 
 /// What the TLS handshake established.
@@ -73,6 +75,9 @@ enum End {
     Shutdown,
     Acl(String),
     Protocol(String),
+    /// A protocol error with its own MQTT 5 reason code (malformed, topic
+    /// name or alias invalid, packet too large).
+    Violation(DisconnectReasonCode, String),
     /// The router dropped our link: a newer connection took the client id.
     TakenOver,
     /// The router sent DISCONNECT.
@@ -91,7 +96,21 @@ impl End {
             End::Shutdown => Some(R::ServerShuttingDown),
             End::Acl(_) => Some(R::NotAuthorized),
             End::Protocol(_) => Some(R::ProtocolError),
+            End::Violation(code, _) => Some(*code),
             End::TakenOver => Some(R::SessionTakenOver),
+        }
+    }
+
+    /// What the DISCONNECT's reason string says (MQTT 5 3.14.2.2.3).
+    fn reason_string(&self) -> Option<String> {
+        match self {
+            End::KeepAlive => Some("nothing received within 1.5 keep-alive periods".into()),
+            End::Kicked(k) => Some(k.as_str().into()),
+            End::CertificateExpired => Some("the client certificate expired".into()),
+            End::Shutdown => Some("the server is shutting down".into()),
+            End::Acl(why) | End::Protocol(why) | End::Violation(_, why) => Some(why.clone()),
+            End::TakenOver => Some("a newer connection of this client took the session".into()),
+            End::ClientDisconnect | End::Closed(_) | End::RouterDisconnect => None,
         }
     }
 
@@ -115,7 +134,7 @@ struct Session {
     shared: Arc<Shared>,
     /// SUBSCRIBEs sent to the router with some filters refused here: the
     /// refused positions, to merge into the router's SUBACK.
-    pending_subacks: HashMap<u16, Vec<Option<SubscribeReasonCode>>>,
+    pending_subacks: HashMap<u16, (Vec<Option<SubscribeReasonCode>>, Option<String>)>,
     /// OCSP requests this session may still have answered.
     ocsp_budget: crate::net::RateLimiter<()>,
     /// The client asked for a clean session (3.1.1) or clean start (5).
@@ -134,6 +153,21 @@ struct Session {
     device: Option<DeviceSide>,
     /// A service's router link.
     router: Option<RouterTx>,
+    /// MQTT 5 topic aliases the client set (alias n at n - 1).
+    aliases: Vec<Bytes>,
+    /// The client's Maximum Packet Size (MQTT 5): a PUBLISH larger than
+    /// this is dropped as if delivered, never sent.
+    client_max_packet: usize,
+    /// The client takes reason strings on acknowledgements (MQTT 5
+    /// Request Problem Information).
+    problem_info: bool,
+    /// A service's subscriptions, with their MQTT 5 identifiers.
+    service_subs: HashMap<String, Option<usize>>,
+    /// A device's budget of new topics.
+    topics: TopicBudget,
+    /// When this session last logged a refusal over a quota (at most one a
+    /// second).
+    quota_logged: Option<std::time::Instant>,
 }
 
 struct DeviceSide {
@@ -155,6 +189,22 @@ const KEEP_BUFFER: usize = 8 * 1024;
 /// The most QoS 1 and 2 messages in flight to a device at once, whatever
 /// Receive Maximum it allows.
 const MAX_IN_FLIGHT: u16 = 100;
+
+/// A filter of a SUBSCRIBE refused.
+struct FilterRefused {
+    code: SubscribeReasonCode,
+    why: String,
+    /// Over the subscription cap (counted as a quota refusal).
+    quota: bool,
+}
+
+/// A SUBACK's properties: its reason string, if any.
+fn suback_props(why: Option<String>) -> Option<SubAckProperties> {
+    why.map(|why| SubAckProperties {
+        reason_string: Some(why),
+        user_properties: Vec::new(),
+    })
+}
 
 /// A claim's request for a device certificate, when not a bare CSR.
 #[derive(serde::Deserialize)]
@@ -203,6 +253,12 @@ pub(super) fn run(
         acks: RouterAcks::default(),
         device: None,
         router: None,
+        aliases: Vec::new(),
+        client_max_packet: usize::MAX,
+        problem_info: true,
+        service_subs: HashMap::new(),
+        topics: TopicBudget::new(shared.cfg.new_topics_per_minute),
+        quota_logged: None,
     });
     let f = async move {
         let _ = session(s, shared, shutdown).await;
@@ -233,6 +289,10 @@ async fn session(
         return Err(());
     };
     s.clean = connect.clean_session;
+    if let Some(p) = &connect_props {
+        s.client_max_packet = p.max_packet_size.map_or(usize::MAX, |m| m as usize);
+        s.problem_info = p.request_problem_info != Some(0);
+    }
 
     // Identity: the certificate names the client. (Claims are shared by
     // many devices at once, so they keep whatever client id they chose.)
@@ -243,15 +303,39 @@ async fn session(
     if !assigned && connect.client_id != device_id && !claim {
         shared.metrics.refused(Refusal::WrongIdentity);
         tracing::warn!(reason = "wrong_identity", client_id = %crate::printable(&connect.client_id), "mqtt: refused: client id is not the certificate's id");
-        s.refuse_connect(ConnectReturnCode::NotAuthorized).await;
+        let why = format!(
+            "the client id must be the certificate's id, {device_id}, or empty (the server assigns it)"
+        );
+        s.refuse_connect(ConnectReturnCode::NotAuthorized, Some(why))
+            .await;
         return Err(());
     }
     if let Some(w) = &will {
+        // MQTT 1.5.4-1, 3.1.3.3: a will topic is a topic name.
+        if let Some((problem, why)) = topic_name_problem(&w.topic) {
+            shared.metrics.refused(Refusal::Protocol);
+            tracing::warn!(reason = "protocol", detail = %why, "mqtt: refused: last will topic");
+            let code = match problem {
+                TopicProblem::Malformed => ConnectReturnCode::MalformedPacket,
+                TopicProblem::Invalid => ConnectReturnCode::TopicNameInvalid,
+            };
+            if s.codec.is_v5() {
+                s.refuse_connect(code, Some(why)).await;
+            } else {
+                // 3.1.1 has no CONNACK code for it: the connection closes.
+                let _ = tokio::time::timeout(Duration::from_secs(1), s.stream.shutdown()).await;
+            }
+            return Err(());
+        }
         let topic = String::from_utf8_lossy(&w.topic);
         if let Err(why) = s.acl.can_publish(&topic) {
             shared.metrics.refused(Refusal::Acl);
             tracing::warn!(reason = "acl", detail = %crate::printable(&why.to_string()), "mqtt: refused: last will topic");
-            s.refuse_connect(ConnectReturnCode::NotAuthorized).await;
+            s.refuse_connect(
+                ConnectReturnCode::NotAuthorized,
+                Some(format!("last will: {why}")),
+            )
+            .await;
             return Err(());
         }
     }
@@ -276,7 +360,8 @@ async fn session(
             }
             _ => ConnectReturnCode::NotAuthorized,
         };
-        s.refuse_connect(code).await;
+        s.refuse_connect(code, Some(r.reason.as_str().replace('_', " ")))
+            .await;
         return Err(());
     }
 
@@ -336,7 +421,7 @@ async fn session(
                 }
                 Ok(Err(e)) => {
                     tracing::error!(error = %e, "mqtt: opening the device's session failed");
-                    s.refuse_connect(ConnectReturnCode::ServiceUnavailable)
+                    s.refuse_connect(ConnectReturnCode::ServiceUnavailable, None)
                         .await;
                     return Err(());
                 }
@@ -352,8 +437,18 @@ async fn session(
             };
             let links = shared.links.clone();
             let id = device_id.clone();
-            let clean = connect.clean_session;
-            let link = tokio::task::spawn_blocking(move || links(&id, clean)).await;
+            // rumqttd keeps a session iff its link is not clean: an MQTT 5
+            // session expiry of 0 is a clean one. (Clean start with an
+            // expiry ends the old session first.)
+            let clean = expiry.is_none();
+            let wipe = connect.clean_session && !clean;
+            let link = tokio::task::spawn_blocking(move || {
+                if wipe {
+                    wipe_router_session(&links, &id);
+                }
+                links(&id, clean)
+            })
+            .await;
             drop(slot);
             match link {
                 Ok(Ok((tx, rx, n))) => {
@@ -371,7 +466,7 @@ async fn session(
                         Ok(tx) => s.router = Some(tx),
                         Err(e) => {
                             tracing::error!(error = %e, "mqtt: no thread for the router link");
-                            s.refuse_connect(ConnectReturnCode::ServiceUnavailable)
+                            s.refuse_connect(ConnectReturnCode::ServiceUnavailable, None)
                                 .await;
                             return Err(());
                         }
@@ -392,7 +487,7 @@ async fn session(
                 }
                 Ok(Err(e)) => {
                     tracing::error!(error = %e, "mqtt: router refused the link");
-                    s.refuse_connect(ConnectReturnCode::ServiceUnavailable)
+                    s.refuse_connect(ConnectReturnCode::ServiceUnavailable, None)
                         .await;
                     return Err(());
                 }
@@ -406,6 +501,7 @@ async fn session(
     let props = s.codec.is_v5().then(|| ConnAckProperties {
         assigned_client_identifier: assigned.then(|| device_id.clone()),
         max_packet_size: u32::try_from(s.max_packet).ok(),
+        topic_alias_max: Some(TOPIC_ALIAS_MAX),
         // Said only when it differs from what the client asked.
         session_expiry_interval: (asked_expiry != expiry).then_some(expiry.unwrap_or(0)),
         ..ConnAckProperties::default()
@@ -435,17 +531,26 @@ async fn session(
     let end = s
         .serve(link_rx.as_mut(), kick_rx, &mut shutdown, connect.keep_alive)
         .await;
+    // Watched before this connection lets go of the client id: a new
+    // connection from here on cancels a delayed will and keeps a session.
+    let mut back = shared.sessions.watch_return(&s.peer.identity.id);
     drop(registration);
 
     // Tell the client why, where the protocol has a way to.
     if let Some(reason) = end.reason() {
         if s.codec.is_v5() {
+            let props = end.reason_string().map(|why| DisconnectProperties {
+                session_expiry_interval: None,
+                reason_string: Some(why),
+                user_properties: Vec::new(),
+                server_reference: None,
+            });
             let _ = s
                 .send(Packet::Disconnect(
                     Disconnect {
                         reason_code: reason,
                     },
-                    None,
+                    props,
                 ))
                 .await;
         }
@@ -473,6 +578,10 @@ async fn session(
             shared.metrics.refused(Refusal::Protocol);
             tracing::warn!(reason = "protocol", detail = %crate::printable(why), "mqtt: disconnected");
         }
+        End::Violation(code, why) => {
+            shared.metrics.refused(Refusal::Protocol);
+            tracing::warn!(reason = "protocol", code = ?code, detail = %crate::printable(why), "mqtt: disconnected");
+        }
         End::CertificateExpired => {
             shared.metrics.refused(Refusal::Expired);
             tracing::warn!(reason = "expired", "mqtt: certificate expired mid-session");
@@ -491,6 +600,27 @@ async fn session(
     s.end_router_session(&end).await;
     drop(link_rx);
 
+    // A service's kept session in the router ends at its expiry, unless
+    // the service comes back first (rumqttd itself keeps it for good).
+    if role == Role::Service && !matches!(end, End::TakenOver | End::RouterDisconnect) {
+        if let Some(secs) = expiry {
+            let (links, id, mut down) = (shared.links.clone(), device_id.clone(), shutdown.clone());
+            let (shared, client) = (shared.clone(), s.peer.identity.id.clone());
+            tokio::spawn(async move {
+                let mut back = shared.sessions.watch_return(&client);
+                if !back
+                    .within(Duration::from_secs(secs.into()), &mut down)
+                    .await
+                    && !*down.borrow()
+                {
+                    tracing::info!(client = %id, "mqtt: a service's session expired");
+                    let _ =
+                        tokio::task::spawn_blocking(move || wipe_router_session(&links, &id)).await;
+                }
+            });
+        }
+    }
+
     // The last will, on an unclean end (not a takeover, not a kick).
     let unclean = matches!(
         end,
@@ -500,28 +630,27 @@ async fn session(
             | End::Shutdown
             | End::Acl(_)
             | End::Protocol(_)
+            | End::Violation(..)
     );
     let Some(will) = will.filter(|_| unclean) else {
         return Ok(());
     };
+    // MQTT 5 3.1.3.2.2: the will waits out its delay or the session's end,
+    // whichever comes first, and a new connection of the client within it
+    // cancels the will. (A shutdown sends it now.)
     let delay = will_props
         .as_ref()
         .and_then(|p| p.delay_interval)
+        .map(|secs| secs.min(expiry.unwrap_or(0)))
         .map(|secs| Duration::from_secs(secs.into()).min(MAX_WILL_DELAY))
         .filter(|d| !d.is_zero());
     if let Some(delay) = delay {
-        // MQTT 5 3.1.3.2.2: the will waits out its delay, and a new
-        // connection of the device within it cancels the will. (A shutdown
-        // sends it now.)
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = shutdown.changed() => {}
-        }
-        if shared.sessions.is_live(&s.peer.identity.id) {
-            tracing::info!("mqtt: the device came back within its will delay; no will");
+        if back.within(delay, &mut shutdown).await {
+            tracing::info!("mqtt: the client came back within its will delay; no will");
             return Ok(());
         }
     }
+    drop(back);
     let LastWill {
         topic,
         message,
@@ -540,6 +669,14 @@ async fn session(
     let will = super::outbox::publish(&topic, &message, qos as u8, 1, false, retain);
     let _ = Box::pin(s.publish_onward(will, props)).await;
     Ok(())
+}
+
+/// Ends a client's kept session in the router: a clean link with its id,
+/// at once disconnected (blocking: it waits on the router thread).
+fn wipe_router_session(links: &super::LinkFactory, id: &str) {
+    if let Ok((mut tx, _rx, _)) = links(id, true) {
+        let _ = super::link::ready(tx.send(Packet::Disconnect(normal_disconnect(), None)));
+    }
 }
 
 fn normal_disconnect() -> Disconnect {
@@ -573,13 +710,20 @@ impl Session {
         }
     }
 
-    /// CONNACK with `code` (a 3.1.1 code, or any for MQTT 5), then close.
-    async fn refuse_connect(&mut self, code: ConnectReturnCode) {
+    /// CONNACK with `code` (a 3.1.1 code, or any for MQTT 5) and, on MQTT
+    /// 5, `why` as its reason string; then close.
+    async fn refuse_connect(&mut self, code: ConnectReturnCode, why: Option<String>) {
         let ack = ConnAck {
             session_present: false,
             code,
         };
-        let _ = self.send(Packet::ConnAck(ack, None)).await;
+        let props = why
+            .filter(|_| self.codec.is_v5())
+            .map(|why| ConnAckProperties {
+                reason_string: Some(why),
+                ..ConnAckProperties::default()
+            });
+        let _ = self.send(Packet::ConnAck(ack, props)).await;
         let _ = tokio::time::timeout(Duration::from_secs(1), self.stream.shutdown()).await;
     }
 
@@ -697,9 +841,26 @@ impl Session {
 
     async fn pump_with(&mut self, mut to_router: Vec<Packet>) -> Option<End> {
         loop {
-            while let Some((p, props, done)) = self.outbox.next_publish() {
+            while let Some((p, props, mut done)) = self.outbox.next_publish() {
+                let before = self.wbuf.len();
+                let limited = (self.client_max_packet != usize::MAX).then(|| p.clone());
                 if let Err(e) = self.codec.write(Packet::Publish(p, props), &mut self.wbuf) {
                     return Some(End::Protocol(format!("encoding: {e}")));
+                }
+                let size = self.wbuf.len() - before;
+                if let Some(p) = limited.filter(|_| size > self.client_max_packet) {
+                    // MQTT 5 3.1.2.11.4: not sent, and done with as if it
+                    // had been.
+                    self.wbuf.truncate(before);
+                    let (qos, pkid) = qos_and_pkid(&p);
+                    if qos > 0 {
+                        done = self.outbox.discard(pkid);
+                    }
+                    tracing::info!(
+                        size,
+                        limit = self.client_max_packet,
+                        "mqtt: a message over the client's Maximum Packet Size dropped"
+                    );
                 }
                 if let Some(token) = done {
                     self.finished(token, &mut to_router);
@@ -770,8 +931,21 @@ impl Session {
             let packet = match self.codec.read(&mut self.rbuf, self.max_packet) {
                 Ok(Some(p)) => p,
                 Ok(None) => break,
+                Err(rumqttd::protocol::Error::PayloadSizeLimitExceeded(n)) => {
+                    end = Some(End::Violation(
+                        DisconnectReasonCode::PacketTooLarge,
+                        format!(
+                            "a packet of {n} bytes is over this server's Maximum Packet Size of {} bytes",
+                            self.max_packet
+                        ),
+                    ));
+                    break;
+                }
                 Err(e) => {
-                    end = Some(End::Protocol(format!("malformed packet: {e}")));
+                    end = Some(End::Violation(
+                        DisconnectReasonCode::MalformedPacket,
+                        format!("malformed packet: {e}"),
+                    ));
                     break;
                 }
             };
@@ -784,6 +958,9 @@ impl Session {
                 Packet::Unsubscribe(unsub, props) => match role {
                     Role::Device => self.device_unsubscribe(unsub).await,
                     _ => {
+                        for f in &unsub.filters {
+                            self.service_subs.remove(f);
+                        }
                         forward.push(Packet::Unsubscribe(unsub, props));
                         Ok(())
                     }
@@ -835,9 +1012,10 @@ impl Session {
     /// OCSP), or checked against the ACL, passed on and acknowledged.
     async fn client_publish(
         &mut self,
-        p: Publish,
-        props: Option<PublishProperties>,
+        mut p: Publish,
+        mut props: Option<PublishProperties>,
     ) -> Result<(), End> {
+        self.resolve_topic(&mut p, props.as_mut())?;
         let topic = String::from_utf8_lossy(&p.topic).into_owned();
         if self.peer.identity.role == Role::Claim {
             // Claims only ever provision; nothing reaches the router.
@@ -872,27 +1050,100 @@ impl Session {
                 .acknowledge(2, pkid, PubAckReason::Success, None)
                 .map_err(End::Protocol);
         }
+        if self.device.is_some() && !self.topics.admit(&p.topic, std::time::Instant::now()) {
+            let why = format!(
+                "more than {} new topics a minute from this device",
+                self.shared.cfg.new_topics_per_minute
+            );
+            self.over_quota(&why);
+            return self
+                .acknowledge(qos, pkid, PubAckReason::QuotaExceeded, Some(why))
+                .map_err(End::Protocol);
+        }
         // Anything a client sent under the reserved prefix removed.
         let props = stamp::unreserved(props);
         if let Some(side) = self.device.as_ref() {
             // The device's own subscriptions hear it too (unless No Local).
             if let Some((granted, ids)) = side.mailbox.granted_to(&topic, true) {
-                let m = Message {
-                    topic: topic.clone(),
-                    payload: p.payload.to_vec(),
-                    qos,
-                    retain: false,
-                    props: MessageProps::default(),
-                    stored_at_ms: 0,
-                    expires_at_ms: None,
-                };
-                self.outbox
-                    .push(outgoing(&m, None, qos.min(granted), ids, false, 0));
+                let m = message(&p, qos, props.as_ref(), now_ms());
+                let retain = p.retain && side.mailbox.retain_as_published(&topic);
+                self.outbox.push(outgoing(
+                    &m,
+                    None,
+                    qos.min(granted),
+                    ids,
+                    retain,
+                    m.stored_at_ms,
+                ));
             }
         }
         let (reason, why) = self.publish_onward(p, props).await?;
         self.acknowledge(qos, pkid, reason, why)
             .map_err(End::Protocol)
+    }
+
+    /// A PUBLISH's topic, checked (MQTT 1.5.4, 4.7.1) and, on MQTT 5, set
+    /// from or recorded as its topic alias (3.3.2.3.4). The alias is taken
+    /// out of the properties: it is this connection's business only.
+    fn resolve_topic(
+        &mut self,
+        p: &mut Publish,
+        props: Option<&mut PublishProperties>,
+    ) -> Result<(), End> {
+        if !p.topic.is_empty() {
+            if let Some((problem, why)) = topic_name_problem(&p.topic) {
+                let code = match problem {
+                    TopicProblem::Malformed => DisconnectReasonCode::MalformedPacket,
+                    TopicProblem::Invalid => DisconnectReasonCode::TopicNameInvalid,
+                };
+                return Err(End::Violation(code, why));
+            }
+        }
+        let Some(alias) = props.and_then(|pr| pr.topic_alias.take()) else {
+            if p.topic.is_empty() {
+                return Err(End::Protocol(
+                    "a PUBLISH with an empty topic and no topic alias".into(),
+                ));
+            }
+            return Ok(());
+        };
+        if alias == 0 || alias > TOPIC_ALIAS_MAX {
+            return Err(End::Violation(
+                DisconnectReasonCode::TopicAliasInvalid,
+                format!("topic alias {alias} is outside 1..={TOPIC_ALIAS_MAX}, the Topic Alias Maximum this server advertised"),
+            ));
+        }
+        let slot = usize::from(alias - 1);
+        if p.topic.is_empty() {
+            match self.aliases.get(slot).filter(|t| !t.is_empty()) {
+                Some(t) => p.topic = t.clone(),
+                None => {
+                    return Err(End::Protocol(format!(
+                        "topic alias {alias} was never set on this connection"
+                    )))
+                }
+            }
+        } else {
+            if self.aliases.len() <= slot {
+                self.aliases.resize(slot + 1, Bytes::new());
+            }
+            // Copied: it outlives this read buffer.
+            self.aliases[slot] = Bytes::copy_from_slice(&p.topic);
+        }
+        Ok(())
+    }
+
+    /// Counts and logs (once a second at most) a refusal over a quota.
+    fn over_quota(&mut self, why: &str) {
+        self.shared.metrics.refused(Refusal::Quota);
+        let now = std::time::Instant::now();
+        if self
+            .quota_logged
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+        {
+            self.quota_logged = Some(now);
+            tracing::warn!(reason = "quota_exceeded", detail = %why, "mqtt: refused");
+        }
     }
 
     /// Passes a checked PUBLISH on: a command to its device's session
@@ -908,6 +1159,30 @@ impl Session {
         let (qos, _) = qos_and_pkid(&p);
         let topic = String::from_utf8_lossy(&p.topic).into_owned();
         let mut ack = (PubAckReason::Success, None);
+        if p.retain && self.peer.identity.role == Role::Device {
+            // Kept for the device's own later subscriptions too.
+            let m = message(&p, qos, props.as_ref(), now_ms());
+            let (hub, id) = (self.shared.hub.clone(), self.peer.identity.id.clone());
+            let kept = tokio::task::spawn_blocking(move || hub.retain_own(&id, &m, qos > 0)).await;
+            match kept {
+                Ok(Ok(())) => {}
+                Ok(Err(provisioning::Error::QuotaExceeded { reason })) => {
+                    self.over_quota(&reason);
+                    return Ok((PubAckReason::QuotaExceeded, Some(reason)));
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "mqtt: keeping a retained message failed");
+                    return Ok((
+                        PubAckReason::ImplementationSpecificError,
+                        Some("the retained message could not be stored".into()),
+                    ));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "mqtt: retain task failed");
+                    return Err(End::Protocol("internal error".into()));
+                }
+            }
+        }
         if self.peer.identity.role == Role::Service {
             if let Some(target) = command_target(&topic) {
                 let outcome = self.command(&target, &p, qos, props.as_ref()).await;
@@ -967,26 +1242,7 @@ impl Session {
         qos: u8,
         props: Option<&PublishProperties>,
     ) -> Outcome {
-        let now = now_ms();
-        let props = props.cloned().unwrap_or_default();
-        let m = Arc::new(Message {
-            topic: String::from_utf8_lossy(&p.topic).into_owned(),
-            payload: p.payload.to_vec(),
-            qos,
-            retain: p.retain,
-            expires_at_ms: props
-                .message_expiry_interval
-                .map(|s| now.saturating_add(i64::from(s) * 1000)),
-            props: MessageProps {
-                payload_format_indicator: props.payload_format_indicator,
-                content_type: props.content_type,
-                response_topic: props.response_topic,
-                correlation_data: props.correlation_data.map(|b| b.to_vec()),
-                user_properties: props.user_properties,
-                message_expiry_interval: props.message_expiry_interval,
-            },
-            stored_at_ms: now,
-        });
+        let m = Arc::new(message(p, qos, props, now_ms()));
         let hub = &self.shared.hub;
         if let Some(outcome) = hub.publish_now(target, &m) {
             return outcome;
@@ -1032,14 +1288,26 @@ impl Session {
         }
     }
 
-    /// A service's SUBSCRIBE: the ACL here, the rest to its router link.
+    /// A service's (or claim's) SUBSCRIBE: the ACL and the cap here, the
+    /// rest to its router link.
     fn subscribe(
         &mut self,
         mut sub: rumqttd::protocol::Subscribe,
         props: Option<rumqttd::protocol::SubscribeProperties>,
         forward: &mut Vec<Packet>,
     ) -> Result<(), End> {
-        let codes = self.check_filters(&sub.filters);
+        let id = props.as_ref().and_then(|p| p.id);
+        let max = self.shared.cfg.max_subscriptions;
+        let mut held = self.service_subs.len();
+        let mut seen = HashSet::new();
+        let subs = &self.service_subs;
+        let checked = self.check_filters(&sub.filters, |f| {
+            let new = !subs.contains_key(f) && seen.insert(f.to_owned());
+            let room = !new || max == 0 || held < max;
+            held += usize::from(new && room);
+            room
+        });
+        let (codes, why) = self.refusals(checked);
         let allowed: Vec<_> = sub
             .filters
             .drain(..)
@@ -1047,6 +1315,9 @@ impl Session {
             .filter(|(_, c)| c.is_none())
             .map(|(f, _)| f)
             .collect();
+        for f in &allowed {
+            self.service_subs.insert(f.path.clone(), id);
+        }
         if self.peer.identity.role == Role::Claim {
             // Answered here: provisioning replies come from this session,
             // never through the router.
@@ -1062,7 +1333,7 @@ impl Session {
                     .collect(),
             };
             return self
-                .encode(Packet::SubAck(ack, None))
+                .encode(Packet::SubAck(ack, suback_props(why)))
                 .map_err(End::Protocol);
         }
         if allowed.is_empty() {
@@ -1071,28 +1342,26 @@ impl Session {
                 return_codes: codes.into_iter().flatten().collect(),
             };
             return self
-                .encode(Packet::SubAck(ack, None))
+                .encode(Packet::SubAck(ack, suback_props(why)))
                 .map_err(End::Protocol);
         }
         if codes.iter().any(Option::is_some) {
-            self.pending_subacks.insert(sub.pkid, codes);
+            self.pending_subacks.insert(sub.pkid, (codes, why));
         }
         sub.filters = allowed;
         forward.push(Packet::Subscribe(sub, props));
         Ok(())
     }
 
-    /// The ACL's answer for each filter: `None` if allowed, else the
-    /// refusal's reason code.
+    /// The ACL's answer for each filter, then `room`'s (the subscription
+    /// cap): `None` if allowed, else the refusal's reason code and why.
     fn check_filters(
         &self,
         filters: &[rumqttd::protocol::Filter],
-    ) -> Vec<Option<SubscribeReasonCode>> {
-        let refused = if self.codec.is_v5() {
-            SubscribeReasonCode::NotAuthorized
-        } else {
-            SubscribeReasonCode::Failure
-        };
+        mut room: impl FnMut(&str) -> bool,
+    ) -> Vec<Option<FilterRefused>> {
+        let v5 = self.codec.is_v5();
+        let code = |c: SubscribeReasonCode| if v5 { c } else { SubscribeReasonCode::Failure };
         filters
             .iter()
             .map(|f| match self.acl.can_subscribe(&f.path) {
@@ -1101,20 +1370,64 @@ impl Session {
                 // leaves with a QoS 1 delivery not acknowledged: shared
                 // subscriptions are for clean sessions only.
                 Ok(()) if !self.clean && f.path.starts_with("$share/") => {
-                    tracing::warn!(reason = "acl", filter = %crate::printable(&f.path), "mqtt: subscription refused: shared subscriptions need a clean session");
-                    Some(if self.codec.is_v5() {
-                        SubscribeReasonCode::SharedSubscriptionsNotSupported
-                    } else {
-                        SubscribeReasonCode::Failure
+                    let why = format!("filter {:?}: shared subscriptions need a clean session", f.path);
+                    tracing::warn!(reason = "acl", detail = %crate::printable(&why), "mqtt: subscription refused");
+                    Some(FilterRefused {
+                        code: code(SubscribeReasonCode::SharedSubscriptionsNotSupported),
+                        why,
+                        quota: false,
+                    })
+                }
+                Ok(()) if !room(&f.path) => {
+                    let why = format!(
+                        "filter {:?}: this session holds {} subscriptions, the most allowed",
+                        f.path, self.shared.cfg.max_subscriptions
+                    );
+                    Some(FilterRefused {
+                        code: code(SubscribeReasonCode::QuotaExceeded),
+                        why,
+                        quota: true,
                     })
                 }
                 Ok(()) => None,
                 Err(why) => {
                     tracing::warn!(reason = "acl", detail = %crate::printable(&why.to_string()), "mqtt: subscription refused");
-                    Some(refused)
+                    Some(FilterRefused {
+                        code: code(SubscribeReasonCode::NotAuthorized),
+                        why: why.0,
+                        quota: false,
+                    })
                 }
             })
             .collect()
+    }
+
+    /// Reason codes of refused filters, and one reason string for the
+    /// SUBACK (MQTT 5, if the client takes problem information).
+    fn refusals(
+        &mut self,
+        checked: Vec<Option<FilterRefused>>,
+    ) -> (Vec<Option<SubscribeReasonCode>>, Option<String>) {
+        let mut whys = Vec::new();
+        let mut quota = None;
+        let codes = checked
+            .into_iter()
+            .map(|c| {
+                c.map(|r| {
+                    if r.quota && quota.is_none() {
+                        quota = Some(r.why.clone());
+                    }
+                    whys.push(r.why);
+                    r.code
+                })
+            })
+            .collect();
+        if let Some(why) = quota {
+            self.over_quota(&why);
+        }
+        let why =
+            (!whys.is_empty() && self.codec.is_v5() && self.problem_info).then(|| whys.join("; "));
+        (codes, why)
     }
 
     /// A device's SUBSCRIBE, kept in its mailbox (and, for a persistent
@@ -1125,7 +1438,19 @@ impl Session {
         sub: rumqttd::protocol::Subscribe,
         props: Option<rumqttd::protocol::SubscribeProperties>,
     ) -> Result<(), End> {
-        let codes = self.check_filters(&sub.filters);
+        let Some(mailbox) = self.device.as_ref().map(|side| side.mailbox.clone()) else {
+            return Ok(());
+        };
+        let max = self.shared.cfg.max_subscriptions;
+        let mut held = mailbox.subscriptions();
+        let mut seen = HashSet::new();
+        let checked = self.check_filters(&sub.filters, |f| {
+            let new = !mailbox.holds(f) && seen.insert(f.to_owned());
+            let room = !new || max == 0 || held < max;
+            held += usize::from(new && room);
+            room
+        });
+        let (codes, why) = self.refusals(checked);
         let id = props.as_ref().and_then(|p| p.id);
         let mut added = Vec::new();
         let mut rules = Vec::new();
@@ -1150,10 +1475,6 @@ impl Session {
                 })
             })
             .collect();
-        let Some(side) = self.device.as_ref() else {
-            return Ok(());
-        };
-        let mailbox = side.mailbox.clone();
         let fresh = mailbox.subscribe(&added);
         self.save_session(&mailbox).await?;
         self.encode(Packet::SubAck(
@@ -1161,7 +1482,7 @@ impl Session {
                 pkid: sub.pkid,
                 return_codes,
             },
-            None,
+            suback_props(why),
         ))
         .map_err(End::Protocol)?;
         // Retained messages (MQTT 3.3.1.3), as each filter's retain
@@ -1376,7 +1697,7 @@ impl Session {
         match qos {
             1 => {
                 let props = why
-                    .filter(|_| self.codec.is_v5())
+                    .filter(|_| self.codec.is_v5() && self.problem_info)
                     .map(|r| PubAckProperties {
                         reason_string: Some(r),
                         user_properties: Vec::new(),
@@ -1480,7 +1801,11 @@ impl Session {
             } else {
                 match Option::<Packet>::from(n) {
                     Some(Packet::SubAck(mut ack, props)) => {
-                        if let Some(codes) = self.pending_subacks.remove(&ack.pkid) {
+                        let mut props = props;
+                        if let Some((codes, why)) = self.pending_subacks.remove(&ack.pkid) {
+                            if why.is_some() {
+                                props = suback_props(why);
+                            }
                             let mut granted = ack.return_codes.into_iter();
                             ack.return_codes = codes
                                 .into_iter()
@@ -1496,7 +1821,16 @@ impl Session {
                     }
                     Some(Packet::Publish(p, props)) => {
                         let (qos, pkid) = qos_and_pkid(&p);
-                        let (props, published) = stamp::unmark(props, &p.topic, self.codec.is_v5());
+                        let (mut props, published) =
+                            stamp::unmark(props, &p.topic, self.codec.is_v5());
+                        if self.codec.is_v5() {
+                            let ids = self.subscription_ids(&p.topic);
+                            if !ids.is_empty() {
+                                props
+                                    .get_or_insert_with(Default::default)
+                                    .subscription_identifiers = ids;
+                            }
+                        }
                         let token = (qos > 0).then(|| self.acks.owe(pkid, qos));
                         self.outbox.push(Outgoing {
                             seq: token,
@@ -1544,6 +1878,29 @@ impl Session {
     }
 }
 
+impl Session {
+    /// The identifiers of a service's subscriptions that match `topic`
+    /// (MQTT 5 3.3.4: the router does not carry them).
+    fn subscription_ids(&self, topic: &[u8]) -> Vec<usize> {
+        if self.service_subs.values().all(Option::is_none) {
+            return Vec::new();
+        }
+        let topic = String::from_utf8_lossy(topic);
+        self.service_subs
+            .iter()
+            .filter_map(|(filter, id)| {
+                let id = (*id)?;
+                // A share group's filter is what follows `$share/<group>/`.
+                let f = match filter.strip_prefix("$share/") {
+                    Some(rest) => rest.split_once('/').map_or(rest, |(_, f)| f),
+                    None => filter,
+                };
+                topic_matches(f, &topic).then_some(id)
+            })
+            .collect()
+    }
+}
+
 /// Takes a message for a device into its outbox, at min(published QoS,
 /// granted QoS), if a subscription still matches it and it has not
 /// expired; a stored one that will not be delivered leaves the queue.
@@ -1566,6 +1923,29 @@ fn take_into(
     };
     let retain = m.retain && mailbox.retain_as_published(&m.topic);
     outbox.push(outgoing(&m, seq, m.qos.min(granted), ids, retain, now));
+}
+
+/// A PUBLISH as a message kept for a device (queued or retained).
+fn message(p: &Publish, qos: u8, props: Option<&PublishProperties>, now: i64) -> Message {
+    let props = props.cloned().unwrap_or_default();
+    Message {
+        topic: String::from_utf8_lossy(&p.topic).into_owned(),
+        payload: p.payload.to_vec(),
+        qos,
+        retain: p.retain,
+        expires_at_ms: props
+            .message_expiry_interval
+            .map(|s| now.saturating_add(i64::from(s) * 1000)),
+        props: MessageProps {
+            payload_format_indicator: props.payload_format_indicator,
+            content_type: props.content_type,
+            response_topic: props.response_topic,
+            correlation_data: props.correlation_data.map(|b| b.to_vec()),
+            user_properties: props.user_properties,
+            message_expiry_interval: props.message_expiry_interval,
+        },
+        stored_at_ms: now,
+    }
 }
 
 /// The next message for a device session; never, for other sessions.
