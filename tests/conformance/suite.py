@@ -70,6 +70,46 @@ class Case(unittest.TestCase):
         return c
 
 
+class TestIdentity(Case):
+    """The certificate is the identity (README: where fleetgate departs
+    from the letter of MQTT)."""
+
+    def test_an_empty_client_id_takes_the_device_id(self):
+        ident = new_device()
+        d = self.client(ident, client_id="")
+        _, _, p = d.connect()
+        self.assertEqual(prop(p, "AssignedClientIdentifier"), ident)
+        d.subscribe(f"devices/{ident}/t", qos=1)
+        d.publish(f"devices/{ident}/t", b"mine", qos=1)
+        self.assertEqual(d.expect(1)[0].payload, b"mine")
+
+    def test_an_empty_client_id_on_3_1_1(self):
+        ident = new_device()
+        d = self.client(ident, v5=False, client_id="")
+        d.connect()
+        d.subscribe(f"devices/{ident}/t", qos=1)
+        d.publish(f"devices/{ident}/t", b"mine", qos=1)
+        self.assertEqual(d.expect(1)[0].payload, b"mine")
+
+    @both
+    def test_another_client_id_is_refused(self, v5):
+        ident = new_device()
+        d = self.client(ident, v5=v5, client_id=ident + "-other")
+        _, rc, _ = d.connect(expect_ok=False)
+        self.assertTrue(rc.is_failure, rc)
+
+    def test_a_second_connection_takes_over(self):
+        ident = new_device()
+        first = self.client(ident)
+        first.connect()
+        second = Client(ident)
+        second.connect()
+        self.clients.append(second)
+        rc, _ = first.expect_disconnect()
+        self.assertEqual(rc.value, 0x8E)
+        first.close()
+
+
 class TestQoS(Case):
     """Delivery at min(published QoS, granted QoS) (MQTT 3.1.1 3.8.4,
     MQTT 5 3.8.4)."""

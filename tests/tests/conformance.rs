@@ -60,6 +60,11 @@ fn group(group: &str, extra: &[&str]) {
 }
 
 #[test]
+fn identity() {
+    group("TestIdentity", &[]);
+}
+
+#[test]
 fn qos() {
     group("TestQoS", &[]);
 }

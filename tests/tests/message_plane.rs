@@ -192,9 +192,13 @@ async fn device_messages_carry_the_verified_identity() {
     assert!(lines[1].contains("note:kept"), "{out}");
 }
 
-/// An MQTT 5 CONNECT for `id` with a will on `topic` that waits `delay` s.
+/// An MQTT 5 CONNECT with a will on `topic` delayed `delay` seconds, and a
+/// session expiry of 60 s (the will waits for the earlier of the two).
 fn connect_with_will(id: &str, topic: &str, delay: u32) -> Vec<u8> {
-    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 5, 0x06, 0, 30, 0];
+    // Properties: Session Expiry Interval (0x11) = 60.
+    let mut body = vec![
+        0, 4, b'M', b'Q', b'T', b'T', 5, 0x06, 0, 30, 5, 0x11, 0, 0, 0, 60,
+    ];
     body.extend_from_slice(&(id.len() as u16).to_be_bytes());
     body.extend_from_slice(id.as_bytes());
     // Will properties: Will Delay Interval (0x18).

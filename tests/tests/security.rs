@@ -656,7 +656,7 @@ async fn status_answers_follow_the_standards() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mqtt5_disconnect_has_no_stray_byte() {
+async fn mqtt5_disconnect_is_well_formed() {
     let (tmp, server) = start();
     let c = server.enroll(&tmp.path().join("d"), "device", "v5-1");
     let tcp = tokio::net::TcpStream::connect(server.mqtt).await.unwrap();
@@ -681,7 +681,20 @@ async fn mqtt5_disconnect_has_no_stray_byte() {
     server.cli_ok(&["device", "revoke", "v5-1"]);
     let mut rest = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut rest)).await;
-    assert_eq!(rest, [0xe0, 0x01, 0x98], "DISCONNECT bytes: {rest:x?}");
+    // DISCONNECT 0x98 with its reason string and nothing after: remaining
+    // length, reason code, properties length, Reason String (0x1F).
+    let why = b"device revoked";
+    let mut want = vec![
+        0xe0,
+        (4 + why.len()) as u8,
+        0x98,
+        (3 + why.len()) as u8,
+        0x1f,
+        0,
+    ];
+    want.push(why.len() as u8);
+    want.extend_from_slice(why);
+    assert_eq!(rest, want, "DISCONNECT bytes: {rest:x?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -941,6 +941,13 @@ impl Session {
                     ));
                     break;
                 }
+                // A packet type only a server sends (MQTT 5 4.13).
+                Err(rumqttd::protocol::Error::InvalidPacketType(t)) => {
+                    end = Some(End::Protocol(format!(
+                        "packet type {t} is not one a client sends"
+                    )));
+                    break;
+                }
                 Err(e) => {
                     end = Some(End::Violation(
                         DisconnectReasonCode::MalformedPacket,
