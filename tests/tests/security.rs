@@ -686,7 +686,7 @@ async fn mqtt5_disconnect_is_well_formed() {
     let why = b"device revoked";
     let mut want = vec![
         0xe0,
-        (4 + why.len()) as u8,
+        (5 + why.len()) as u8,
         0x98,
         (3 + why.len()) as u8,
         0x1f,
