@@ -423,6 +423,22 @@ impl SessionStore {
         Ok(())
     }
 
+    /// Every device's retained messages (expired ones dropped), for a
+    /// subscription whose filter spans devices.
+    pub fn retained_all(&self, now_ms: i64) -> Result<Vec<Message>, Error> {
+        let mut out = Vec::new();
+        for kv in self.retained.iter() {
+            let (k, v) = kv?;
+            let m = decode(&v)?;
+            if m.expires_at_ms.is_some_and(|t| t <= now_ms) {
+                self.retained.remove(k)?;
+                continue;
+            }
+            out.push(m);
+        }
+        Ok(out)
+    }
+
     /// The retained messages on `id`'s topics (expired ones dropped).
     pub fn retained(&self, id: &DeviceId, now_ms: i64) -> Result<Vec<Message>, Error> {
         let mut out = Vec::new();

@@ -380,6 +380,51 @@ class TestSubscriptionOptions(Case):
         d.subscribe(t, qos=1, retainHandling=2)
         self.assertIsNone(d.quiet())
 
+    def test_retain_handling_for_a_service(self):
+        d = self.device()
+        t = f"devices/{d.ident}/state"
+        d.publish(t, b"kept", qos=1, retain=True)
+        svc = self.service()
+        for _ in range(2):
+            svc.subscribe(t, qos=1, retainHandling=0)
+            m = svc.expect(1)[0]
+            self.assertEqual((m.payload, m.retain), (b"kept", True))
+        svc.subscribe(t, qos=1, retainHandling=1)
+        self.assertIsNone(svc.quiet())
+        svc.unsubscribe(t)
+        svc.subscribe(t, qos=1, retainHandling=2)
+        self.assertIsNone(svc.quiet())
+        # A filter across devices finds it too, with the sender's identity.
+        svc.subscribe("devices/+/state", qos=1)
+        got = []
+        while (m := svc.quiet(2 * QUIET)) is not None:
+            got.append(m)
+        mine = [m for m in got if m.topic == t]
+        self.assertEqual(len(mine), 1, [m.topic for m in got])
+        self.assertTrue(mine[0].retain)
+        self.assertIn(("x-fleetgate-device-id", d.ident), prop(mine[0], "UserProperty", []))
+
+    def test_retain_as_published_for_a_service(self):
+        d = self.device()
+        t = f"devices/{d.ident}/state"
+        svc = self.service()
+        svc.subscribe(t, qos=1, retainAsPublished=True)
+        d.publish(t, b"r1", qos=1, retain=True)
+        self.assertTrue(svc.expect(1)[0].retain)
+        svc.subscribe(t, qos=1, retainAsPublished=False, retainHandling=2)
+        d.publish(t, b"r2", qos=1, retain=True)
+        self.assertFalse(svc.expect(1)[0].retain)
+
+    def test_no_retained_messages_for_a_shared_subscription(self):
+        d = self.device()
+        t = f"devices/{d.ident}/state"
+        d.publish(t, b"kept", qos=1, retain=True)
+        svc = self.service()
+        svc.subscribe(f"$share/g/{t}", qos=1)
+        self.assertIsNone(svc.quiet())
+        d.publish(t, b"live", qos=1)
+        self.assertEqual(svc.expect(1)[0].payload, b"live")
+
     def test_subscription_identifiers(self):
         d = self.device()
         base = f"devices/{d.ident}"

@@ -324,6 +324,45 @@ impl Hub {
         self.store.retain(id, m, self.limits.max_messages, flush)
     }
 
+    /// The retained messages that match any of `filters` (a service's new
+    /// subscriptions, `$share` already left out), each once (blocking
+    /// pool). A filter naming one device reads only that device's.
+    pub fn retained_matching(
+        &self,
+        filters: &[String],
+        now: i64,
+    ) -> Result<Vec<Message>, provisioning::Error> {
+        let mut devices = Vec::new();
+        for f in filters {
+            let level = f
+                .strip_prefix("devices/")
+                .and_then(|rest| rest.split('/').next());
+            match level.filter(|l| !matches!(*l, "+" | "#")) {
+                // Not a device id: no device has anything retained there.
+                Some(id) => devices.extend(DeviceId::try_new(id).ok()),
+                None => {
+                    let all = self.store.retained_all(now)?;
+                    return Ok(all
+                        .into_iter()
+                        .filter(|m| filters.iter().any(|f| topic_matches(f, &m.topic)))
+                        .collect());
+                }
+            }
+        }
+        devices.sort();
+        devices.dedup();
+        let mut out = Vec::new();
+        for id in devices {
+            out.extend(
+                self.store
+                    .retained(&id, now)?
+                    .into_iter()
+                    .filter(|m| filters.iter().any(|f| topic_matches(f, &m.topic))),
+            );
+        }
+        Ok(out)
+    }
+
     /// Whether `id` has a live session here.
     pub fn is_live(&self, id: &DeviceId) -> bool {
         self.boxes().contains_key(id)

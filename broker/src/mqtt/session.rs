@@ -162,7 +162,10 @@ struct Session {
     /// Request Problem Information).
     problem_info: bool,
     /// A service's subscriptions, with their MQTT 5 identifiers.
-    service_subs: HashMap<String, Option<usize>>,
+    service_subs: HashMap<String, ServiceSub>,
+    /// A service's SUBSCRIBEs whose retained messages are sent once the
+    /// router's SUBACK is: the filters and their granted QoS.
+    pending_retained: HashMap<u16, Vec<(String, u8)>>,
     /// A device's budget of new topics.
     topics: TopicBudget,
     /// When this session last logged a refusal over a quota (at most one a
@@ -189,6 +192,60 @@ const KEEP_BUFFER: usize = 8 * 1024;
 /// The most QoS 1 and 2 messages in flight to a device at once, whatever
 /// Receive Maximum it allows.
 const MAX_IN_FLIGHT: u16 = 100;
+
+impl Session {
+    /// The retained messages matching a service's new subscriptions, into
+    /// its outbox: at min(published, granted) QoS, flagged retained, with
+    /// the sender's identity and the subscriptions' identifiers.
+    async fn service_retained(&mut self, wanted: Vec<(String, u8)>) {
+        let filters: Vec<String> = wanted.iter().map(|(f, _)| f.clone()).collect();
+        let hub = self.shared.hub.clone();
+        let now = now_ms();
+        let found = tokio::task::spawn_blocking(move || hub.retained_matching(&filters, now)).await;
+        let messages = match found {
+            Ok(Ok(m)) => m,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "mqtt: reading retained messages");
+                return;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "mqtt: retained task failed");
+                return;
+            }
+        };
+        let v5 = self.codec.is_v5();
+        for m in messages {
+            let Some(granted) = wanted
+                .iter()
+                .filter(|(f, _)| topic_matches(f, &m.topic))
+                .map(|(_, q)| *q)
+                .max()
+            else {
+                continue;
+            };
+            let (ids, _) = self.matching_subs(m.topic.as_bytes());
+            let ids = if v5 { ids } else { Vec::new() };
+            self.outbox
+                .push(outgoing(&m, None, m.qos.min(granted), ids, true, now, v5));
+        }
+    }
+}
+
+/// A share group's filter is what follows `$share/<group>/`.
+fn share_inner(filter: &str) -> &str {
+    match filter.strip_prefix("$share/") {
+        Some(rest) => rest.split_once('/').map_or(rest, |(_, f)| f),
+        None => filter,
+    }
+}
+
+/// A service's subscription, as fleetgate (not the router) needs it.
+#[derive(Debug, Clone, Copy)]
+struct ServiceSub {
+    id: Option<usize>,
+    /// Retain As Published.
+    rap: bool,
+}
 
 /// A filter of a SUBSCRIBE refused.
 struct FilterRefused {
@@ -257,6 +314,7 @@ pub(super) fn run(
         client_max_packet: usize::MAX,
         problem_info: true,
         service_subs: HashMap::new(),
+        pending_retained: HashMap::new(),
         topics: TopicBudget::new(shared.cfg.new_topics_per_minute),
         quota_logged: None,
     });
@@ -1081,6 +1139,7 @@ impl Session {
                     ids,
                     retain,
                     m.stored_at_ms,
+                    false,
                 ));
             }
         }
@@ -1168,7 +1227,10 @@ impl Session {
         let mut ack = (PubAckReason::Success, None);
         if p.retain && self.peer.identity.role == Role::Device {
             // Kept for the device's own later subscriptions too.
-            let m = message(&p, qos, props.as_ref(), now_ms());
+            let mut m = message(&p, qos, props.as_ref(), now_ms());
+            m.props
+                .user_properties
+                .push(stamp::mark_property(qos, true, &self.stamp));
             let (hub, id) = (self.shared.hub.clone(), self.peer.identity.id.clone());
             let kept = tokio::task::spawn_blocking(move || hub.retain_own(&id, &m, qos > 0)).await;
             match kept {
@@ -1218,13 +1280,15 @@ impl Session {
         // delivery QoS is the subscription's.
         // Copied out of the read buffer: a message in the router's log
         // would otherwise keep its whole read buffer alive.
+        // Never retained in the router: fleetgate keeps retained messages
+        // itself (durably, with retain handling); the mark says it was.
         let onward = Packet::Publish(
             Publish::new(
                 Bytes::copy_from_slice(&p.topic),
                 Bytes::copy_from_slice(&p.payload),
-                p.retain,
+                false,
             ),
-            stamp::mark(props, qos, &self.stamp),
+            stamp::mark(props, qos, p.retain, &self.stamp),
         );
         let sent = match &self.router {
             Some(router) => router.send(onward).await,
@@ -1322,8 +1386,26 @@ impl Session {
             .filter(|(_, c)| c.is_none())
             .map(|(f, _)| f)
             .collect();
+        // Retained messages (MQTT 3.3.1.3) as each filter's retain handling
+        // says; none for a share group (MQTT 5 4.8.2).
+        let mut wanted = Vec::new();
         for f in &allowed {
-            self.service_subs.insert(f.path.clone(), id);
+            let sub = ServiceSub {
+                id,
+                rap: f.preserve_retain,
+            };
+            let new = self.service_subs.insert(f.path.clone(), sub).is_none();
+            let send = match f.retain_forward_rule {
+                RetainForwardRule::OnEverySubscribe => true,
+                RetainForwardRule::OnNewSubscribe => new,
+                RetainForwardRule::Never => false,
+            };
+            if send && !f.path.starts_with("$share/") {
+                wanted.push((f.path.clone(), (f.qos as u8).min(2)));
+            }
+        }
+        if !wanted.is_empty() && self.peer.identity.role == Role::Service {
+            self.pending_retained.insert(sub.pkid, wanted);
         }
         if self.peer.identity.role == Role::Claim {
             // Answered here: provisioning replies come from this session,
@@ -1527,7 +1609,7 @@ impl Session {
             };
             let ids = wanted.iter().filter_map(|f| f.id).collect();
             self.outbox
-                .push(outgoing(&m, None, m.qos.min(qos), ids, true, now));
+                .push(outgoing(&m, None, m.qos.min(qos), ids, true, now, false));
         }
         Ok(())
     }
@@ -1822,29 +1904,32 @@ impl Session {
                                 })
                                 .collect();
                         }
+                        let pkid = ack.pkid;
                         if let Err(e) = self.encode(Packet::SubAck(ack, props)) {
                             return Some(End::Protocol(e));
+                        }
+                        if let Some(wanted) = self.pending_retained.remove(&pkid) {
+                            self.service_retained(wanted).await;
                         }
                     }
                     Some(Packet::Publish(p, props)) => {
                         let (qos, pkid) = qos_and_pkid(&p);
-                        let (mut props, published) =
-                            stamp::unmark(props, &p.topic, self.codec.is_v5());
-                        if self.codec.is_v5() {
-                            let ids = self.subscription_ids(&p.topic);
-                            if !ids.is_empty() {
-                                props
-                                    .get_or_insert_with(Default::default)
-                                    .subscription_identifiers = ids;
-                            }
+                        let u = stamp::unmark(props, &p.topic, self.codec.is_v5());
+                        let mut props = u.props;
+                        let (ids, rap) = self.matching_subs(&p.topic);
+                        if self.codec.is_v5() && !ids.is_empty() {
+                            props
+                                .get_or_insert_with(Default::default)
+                                .subscription_identifiers = ids;
                         }
                         let token = (qos > 0).then(|| self.acks.owe(pkid, qos));
                         self.outbox.push(Outgoing {
                             seq: token,
                             topic: p.topic,
                             payload: p.payload,
-                            qos: qos.min(published),
-                            retain: p.retain,
+                            qos: qos.min(u.qos),
+                            // Retain As Published (MQTT 5 3.8.3.1).
+                            retain: u.retained && rap,
                             props,
                         });
                     }
@@ -1886,25 +1971,23 @@ impl Session {
 }
 
 impl Session {
-    /// The identifiers of a service's subscriptions that match `topic`
-    /// (MQTT 5 3.3.4: the router does not carry them).
-    fn subscription_ids(&self, topic: &[u8]) -> Vec<usize> {
-        if self.service_subs.values().all(Option::is_none) {
-            return Vec::new();
+    /// What a service's subscriptions that match `topic` ask for (the
+    /// router carries neither): their identifiers (MQTT 5 3.3.4), and
+    /// whether any wants Retain As Published.
+    fn matching_subs(&self, topic: &[u8]) -> (Vec<usize>, bool) {
+        if !self.service_subs.values().any(|s| s.id.is_some() || s.rap) {
+            return (Vec::new(), false);
         }
         let topic = String::from_utf8_lossy(topic);
-        self.service_subs
-            .iter()
-            .filter_map(|(filter, id)| {
-                let id = (*id)?;
-                // A share group's filter is what follows `$share/<group>/`.
-                let f = match filter.strip_prefix("$share/") {
-                    Some(rest) => rest.split_once('/').map_or(rest, |(_, f)| f),
-                    None => filter,
-                };
-                topic_matches(f, &topic).then_some(id)
-            })
-            .collect()
+        let mut ids = Vec::new();
+        let mut rap = false;
+        for (filter, sub) in &self.service_subs {
+            if topic_matches(share_inner(filter), &topic) {
+                ids.extend(sub.id);
+                rap |= sub.rap;
+            }
+        }
+        (ids, rap)
     }
 }
 
@@ -1929,7 +2012,15 @@ fn take_into(
         return;
     };
     let retain = m.retain && mailbox.retain_as_published(&m.topic);
-    outbox.push(outgoing(&m, seq, m.qos.min(granted), ids, retain, now));
+    outbox.push(outgoing(
+        &m,
+        seq,
+        m.qos.min(granted),
+        ids,
+        retain,
+        now,
+        false,
+    ));
 }
 
 /// A PUBLISH as a message kept for a device (queued or retained).
@@ -1972,6 +2063,7 @@ fn outgoing(
     subscription_ids: Vec<usize>,
     retain: bool,
     now: i64,
+    expand: bool,
 ) -> Outgoing {
     let p = &m.props;
     let remaining = p.message_expiry_interval.and_then(|_| {
@@ -1979,22 +2071,25 @@ fn outgoing(
         u32::try_from((left + 999) / 1000).ok()
     });
     let has_props = p != &MessageProps::default() || !subscription_ids.is_empty();
+    let props = has_props.then(|| PublishProperties {
+        payload_format_indicator: p.payload_format_indicator,
+        message_expiry_interval: remaining,
+        topic_alias: None,
+        response_topic: p.response_topic.clone(),
+        correlation_data: p.correlation_data.clone().map(Bytes::from),
+        user_properties: p.user_properties.clone(),
+        subscription_identifiers: subscription_ids,
+        content_type: p.content_type.clone(),
+    });
     Outgoing {
         seq,
         topic: Bytes::from(m.topic.clone()),
         payload: Bytes::from(m.payload.clone()),
         qos,
         retain,
-        props: has_props.then(|| PublishProperties {
-            payload_format_indicator: p.payload_format_indicator,
-            message_expiry_interval: remaining,
-            topic_alias: None,
-            response_topic: p.response_topic.clone(),
-            correlation_data: p.correlation_data.clone().map(Bytes::from),
-            user_properties: p.user_properties.clone(),
-            subscription_identifiers: subscription_ids,
-            content_type: p.content_type.clone(),
-        }),
+        // A stored device message's mark: expanded into the sender's
+        // identity for a service (MQTT 5), dropped for anyone else.
+        props: stamp::unmark(props, m.topic.as_bytes(), expand).props,
     }
 }
 

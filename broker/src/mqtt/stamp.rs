@@ -9,12 +9,16 @@
 //! client sent under the `x-fleetgate-` prefix is removed first.
 //!
 //! In the router's log a message carries one compact property instead,
-//! `x-fleetgate-mark` = `<published QoS>[/<serial>/<fingerprint>/<manufacturer>]`,
+//! `x-fleetgate-mark` = `<published QoS>[r][/<serial>/<fingerprint>/<manufacturer>]`,
 //! expanded when it is delivered (the device id is the topic's second
 //! level: a device publishes only under its own `devices/<id>/`). The log
 //! holds many messages: one property is a third of the memory of four,
 //! and the router, which delivers at the subscription's QoS, keeps no
-//! other record of the published QoS.
+//! other record of the published QoS. `r` says the message was published
+//! retained: fleetgate keeps retained messages itself (rumqttd's router
+//! never sees the flag), and Retain As Published needs it. A device's
+//! retained message is stored with its mark, so it reaches a later
+//! subscriber with the same identity.
 
 use rumqttd::protocol::PublishProperties;
 
@@ -54,37 +58,61 @@ pub fn unreserved(props: Option<PublishProperties>) -> Option<PublishProperties>
     Some(p)
 }
 
-/// `props` (already [`unreserved`]) marked for the router: the published
-/// QoS and the sender's stamp (from [`of`]).
-pub fn mark(props: Option<PublishProperties>, qos: u8, stamp: &str) -> Option<PublishProperties> {
-    let mut p = props.unwrap_or_default();
+/// The mark as a user property: the published QoS, whether it was
+/// retained, and the sender's stamp (from [`of`]).
+pub fn mark_property(qos: u8, retain: bool, stamp: &str) -> (String, String) {
+    let r = if retain { "r" } else { "" };
     let value = if stamp.is_empty() {
-        qos.to_string()
+        format!("{qos}{r}")
     } else {
-        format!("{qos}/{stamp}")
+        format!("{qos}{r}/{stamp}")
     };
-    p.user_properties.push((MARK.to_owned(), value));
+    (MARK.to_owned(), value)
+}
+
+/// `props` (already [`unreserved`]) marked for the router.
+pub fn mark(
+    props: Option<PublishProperties>,
+    qos: u8,
+    retain: bool,
+    stamp: &str,
+) -> Option<PublishProperties> {
+    let mut p = props.unwrap_or_default();
+    p.user_properties.push(mark_property(qos, retain, stamp));
     Some(p)
 }
 
-/// What the router delivered, unmarked: the properties (with the identity
-/// expanded, if `expand`) and the published QoS (2 if unmarked).
-pub fn unmark(
-    props: Option<PublishProperties>,
-    topic: &[u8],
-    expand: bool,
-) -> (Option<PublishProperties>, u8) {
+/// A delivered message's properties, unmarked, and what its mark said.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Unmarked {
+    pub props: Option<PublishProperties>,
+    /// The published QoS (2 if unmarked).
+    pub qos: u8,
+    /// Published retained.
+    pub retained: bool,
+}
+
+/// What the router delivered (or the store kept), unmarked: the
+/// properties with the identity expanded, if `expand`.
+pub fn unmark(props: Option<PublishProperties>, topic: &[u8], expand: bool) -> Unmarked {
+    let unmarked = |props| Unmarked {
+        props,
+        qos: 2,
+        retained: false,
+    };
     let Some(mut p) = props else {
-        return (None, 2);
+        return unmarked(None);
     };
     let Some(i) = p.user_properties.iter().position(|(k, _)| k == MARK) else {
-        return (Some(p), 2);
+        return unmarked(Some(p));
     };
     let (_, value) = p.user_properties.remove(i);
     let mut parts = value.splitn(4, '/');
-    let qos = parts
-        .next()
-        .and_then(|q| q.parse::<u8>().ok())
+    let head = parts.next().unwrap_or_default();
+    let retained = head.ends_with('r');
+    let qos = head
+        .trim_end_matches('r')
+        .parse::<u8>()
         .map_or(2, |q| q.min(2));
     if let (true, Some(serial), Some(fingerprint), Some(manufacturer)) =
         (expand, parts.next(), parts.next(), parts.next())
@@ -116,7 +144,11 @@ pub fn unmark(
         && p.correlation_data.is_none()
         && p.subscription_identifiers.is_empty()
         && p.content_type.is_none();
-    ((!empty).then_some(p), qos)
+    Unmarked {
+        props: (!empty).then_some(p),
+        qos,
+        retained,
+    }
 }
 
 #[cfg(test)]
@@ -136,11 +168,11 @@ mod tests {
     #[test]
     fn a_stamp_survives_the_router_and_a_forged_one_does_not() {
         let sent = props(&[("X-FleetGate-Device-Id", "someone-else"), ("k", "v")]);
-        let marked = mark(unreserved(sent), 1, "0a/ff00/acme");
-        let (got, qos) = unmark(marked, b"devices/d-1/telemetry", true);
-        assert_eq!(qos, 1);
+        let marked = mark(unreserved(sent), 1, true, "0a/ff00/acme");
+        let got = unmark(marked, b"devices/d-1/telemetry", true);
+        assert_eq!((got.qos, got.retained), (1, true));
         assert_eq!(
-            got.unwrap().user_properties,
+            got.props.unwrap().user_properties,
             [
                 ("k".to_owned(), "v".to_owned()),
                 ("x-fleetgate-device-id".to_owned(), "d-1".to_owned()),
@@ -153,14 +185,22 @@ mod tests {
 
     #[test]
     fn a_service_message_carries_its_qos_only() {
-        let (got, qos) = unmark(mark(None, 0, ""), b"devices/d-1/commands/x", true);
-        assert_eq!((got, qos), (None, 0));
+        let got = unmark(mark(None, 0, false, ""), b"devices/d-1/commands/x", true);
+        assert_eq!(
+            got,
+            Unmarked {
+                props: None,
+                qos: 0,
+                retained: false
+            }
+        );
         // Not expanded for a 3.1.1 subscriber, and no manufacturer: none.
-        let (got, _) = unmark(mark(None, 0, "0a/ff/"), b"devices/d-1/t", false);
-        assert_eq!(got, None);
-        let (got, _) = unmark(mark(None, 0, "0a/ff/"), b"devices/d-1/t", true);
-        assert_eq!(got.unwrap().user_properties.len(), 3);
+        let got = unmark(mark(None, 0, false, "0a/ff/"), b"devices/d-1/t", false);
+        assert_eq!(got.props, None);
+        let got = unmark(mark(None, 0, false, "0a/ff/"), b"devices/d-1/t", true);
+        assert_eq!(got.props.unwrap().user_properties.len(), 3);
         // Unmarked (from elsewhere): QoS 2, properties untouched.
-        assert_eq!(unmark(props(&[("a", "b")]), b"t", true).1, 2);
+        assert_eq!(unmark(props(&[("a", "b")]), b"t", true).qos, 2);
+        assert_eq!(unmark(mark(None, 2, true, ""), b"t", true).qos, 2);
     }
 }
