@@ -308,6 +308,31 @@ class TestSessions(Case):
         self.assertTrue(left is not None and 0 < left < 600, left)
         self.assertIsNone(d2.quiet())
 
+    @both
+    def test_a_service_gets_what_came_while_it_was_away(self, v5):
+        extra = {"SessionExpiryInterval": 60} if v5 else {}
+        svc = self.client(SERVICE_ALT, v5=v5, role="service", clean=False)
+        svc.connect(clean_start=True, **extra)
+        svc.subscribe("devices/+/away", qos=1)
+        svc.disconnect()
+        d = self.device(v5)
+        for i in range(3):
+            expiry = {"MessageExpiryInterval": 1 if i == 0 else 600} if v5 else {}
+            d.publish(f"devices/{d.ident}/away", f"m{i}".encode(), qos=1, **expiry)
+        time.sleep(2.2)
+        svc2 = self.client(SERVICE_ALT, v5=v5, role="service", clean=False)
+        present, _, _ = svc2.connect(clean_start=False, **extra)
+        self.assertTrue(present)
+        want = [b"m1", b"m2"] if v5 else [b"m0", b"m1", b"m2"]
+        got = svc2.expect(len(want))
+        self.assertEqual([(m.payload, m.qos) for m in got], [(w, 1) for w in want])
+        self.assertIsNone(svc2.quiet())
+        svc2.disconnect()
+        # Clean up: the next check starts this service afresh.
+        svc3 = self.client(SERVICE_ALT, v5=v5, role="service", clean=True)
+        svc3.connect()
+        svc3.disconnect()
+
     def test_a_service_session_with_expiry_zero_ends_at_disconnect(self):
         svc = self.client(SERVICE_ALT, role="service")
         svc.connect(clean_start=False, SessionExpiryInterval=0)
