@@ -7,7 +7,9 @@
 pub mod ca;
 pub mod csr;
 mod error;
+pub mod events;
 pub mod id;
+pub mod lifecycle;
 pub mod manufacturer;
 pub mod ocsp;
 pub mod registry;

@@ -28,139 +28,14 @@ use sled::Transactional;
 use time::OffsetDateTime;
 
 use crate::ca::IssuedCert;
+use crate::lifecycle::{self, Action, StandingFacts};
+pub use crate::lifecycle::{Revocation, RevocationReason, Standing, Status};
 use crate::manufacturer::{CaKind, Challenge, ClaimRecord, ManufacturerRecord, ManufacturerStatus};
 use crate::{CertKey, DeviceId, Error, Role, Serial};
 
 /// The registry's layout version, in `meta`; older layouts are migrated
 /// when opened. 2: certificates keyed by [`CertKey`] instead of serial.
 const SCHEMA: u64 = 2;
-
-/// A device's standing. `Revoked` is final. `Pending` is a device that
-/// registered itself on first connect (just-in-time) under a manufacturer
-/// whose policy wants an operator's approval first.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Status {
-    Active,
-    Suspended,
-    Revoked,
-    Pending,
-}
-
-impl Status {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Status::Active => "active",
-            Status::Suspended => "suspended",
-            Status::Revoked => "revoked",
-            Status::Pending => "pending",
-        }
-    }
-}
-
-impl fmt::Display for Status {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.pad(self.as_str())
-    }
-}
-
-impl std::str::FromStr for Status {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self, Error> {
-        match s {
-            "active" => Ok(Status::Active),
-            "suspended" => Ok(Status::Suspended),
-            "revoked" => Ok(Status::Revoked),
-            "pending" => Ok(Status::Pending),
-            other => Err(Error::InvalidInput {
-                reason: format!("unknown status {other:?} (active, suspended, revoked, pending)"),
-            }),
-        }
-    }
-}
-
-/// RFC 5280 5.3.1 CRLReason, less the two that are not revocations
-/// (certificateHold is what suspension means; removeFromCRL is resume).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum RevocationReason {
-    Unspecified,
-    KeyCompromise,
-    CaCompromise,
-    AffiliationChanged,
-    Superseded,
-    CessationOfOperation,
-    PrivilegeWithdrawn,
-    AaCompromise,
-}
-
-impl RevocationReason {
-    pub const ALL: [RevocationReason; 8] = [
-        Self::Unspecified,
-        Self::KeyCompromise,
-        Self::CaCompromise,
-        Self::AffiliationChanged,
-        Self::Superseded,
-        Self::CessationOfOperation,
-        Self::PrivilegeWithdrawn,
-        Self::AaCompromise,
-    ];
-
-    /// The CRLReason code.
-    pub fn code(self) -> u8 {
-        match self {
-            Self::Unspecified => 0,
-            Self::KeyCompromise => 1,
-            Self::CaCompromise => 2,
-            Self::AffiliationChanged => 3,
-            Self::Superseded => 4,
-            Self::CessationOfOperation => 5,
-            Self::PrivilegeWithdrawn => 9,
-            Self::AaCompromise => 10,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Unspecified => "unspecified",
-            Self::KeyCompromise => "key-compromise",
-            Self::CaCompromise => "ca-compromise",
-            Self::AffiliationChanged => "affiliation-changed",
-            Self::Superseded => "superseded",
-            Self::CessationOfOperation => "cessation-of-operation",
-            Self::PrivilegeWithdrawn => "privilege-withdrawn",
-            Self::AaCompromise => "aa-compromise",
-        }
-    }
-}
-
-impl fmt::Display for RevocationReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.pad(self.as_str())
-    }
-}
-
-impl std::str::FromStr for RevocationReason {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self, Error> {
-        Self::ALL
-            .into_iter()
-            .find(|r| r.as_str() == s)
-            .ok_or_else(|| Error::InvalidInput {
-                reason: format!(
-                    "unknown revocation reason {s:?} (one of: {})",
-                    Self::ALL.map(|r| r.as_str()).join(", ")
-                ),
-            })
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Revocation {
-    pub reason: RevocationReason,
-    #[serde(with = "time::serde::rfc3339")]
-    pub at: OffsetDateTime,
-}
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceRecord {
@@ -206,17 +81,6 @@ pub struct CertRecord {
     pub device_manufacturer: Option<String>,
 }
 
-/// What the registry says of a certificate, for admission and status answers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Standing {
-    Good,
-    /// The device is suspended (an OCSP/CRL "certificateHold").
-    Suspended,
-    /// The device registered itself and awaits approval (also a hold).
-    Pending,
-    Revoked(Revocation),
-}
-
 impl CertRecord {
     /// Its key in the registry.
     pub fn key(&self) -> CertKey {
@@ -240,18 +104,13 @@ impl CertRecord {
     /// The certificate's standing, its own revocation first, then its device's.
     /// Validity dates are checked by whoever verifies the chain.
     pub fn standing(&self, device_revocation: Option<Revocation>) -> Standing {
-        if let Some(r) = self.revocation {
-            return Standing::Revoked(r);
-        }
-        match self.device_status {
-            Status::Active => Standing::Good,
-            Status::Suspended => Standing::Suspended,
-            Status::Pending => Standing::Pending,
-            Status::Revoked => Standing::Revoked(device_revocation.unwrap_or(Revocation {
-                reason: RevocationReason::Unspecified,
-                at: self.not_before,
-            })),
-        }
+        lifecycle::standing(&StandingFacts {
+            certificate: self.revocation,
+            manufacturer: None,
+            device_status: self.device_status,
+            device: device_revocation,
+            not_before: self.not_before,
+        })
     }
 }
 
@@ -1074,22 +933,14 @@ impl Registry {
     fn set_status(
         &self,
         id: &DeviceId,
-        action: &'static str,
-        from: &[Status],
-        to: Status,
+        action: Action,
         revocation: Option<Revocation>,
         actor: &str,
     ) -> Result<DeviceRecord, Error> {
         self.transact(|tx| {
             let d = tx.device(id)?;
-            if !from.contains(&d.status) {
-                return abort(Error::InvalidTransition {
-                    id: id.clone(),
-                    status: d.status,
-                    action,
-                });
-            }
-            tx.change_status(d, to, revocation, action, actor, "")
+            let to = lifecycle::transition(id, d.status, action).or_else(abort)?;
+            tx.change_status(d, to, revocation, action.as_str(), actor, "")
         })
     }
 
@@ -1126,7 +977,7 @@ impl Registry {
                         continue;
                     }
                 };
-                if d.status == Status::Revoked {
+                if lifecycle::transition(id, d.status, Action::Revoke).is_err() {
                     out.already_revoked.push((*id).clone());
                     continue;
                 }
@@ -1186,37 +1037,16 @@ impl Registry {
     }
 
     pub fn suspend(&self, id: &DeviceId, actor: &str) -> Result<DeviceRecord, Error> {
-        self.set_status(
-            id,
-            "suspend",
-            &[Status::Active],
-            Status::Suspended,
-            None,
-            actor,
-        )
+        self.set_status(id, Action::Suspend, None, actor)
     }
 
     pub fn resume(&self, id: &DeviceId, actor: &str) -> Result<DeviceRecord, Error> {
-        self.set_status(
-            id,
-            "resume",
-            &[Status::Suspended],
-            Status::Active,
-            None,
-            actor,
-        )
+        self.set_status(id, Action::Resume, None, actor)
     }
 
     /// Lets a device that registered itself just-in-time in.
     pub fn approve(&self, id: &DeviceId, actor: &str) -> Result<DeviceRecord, Error> {
-        self.set_status(
-            id,
-            "approve",
-            &[Status::Pending],
-            Status::Active,
-            None,
-            actor,
-        )
+        self.set_status(id, Action::Approve, None, actor)
     }
 
     /// Revokes a device and, with it, every certificate it holds. Final.
@@ -1230,14 +1060,7 @@ impl Registry {
             reason,
             at: now_seconds(),
         };
-        let d = self.set_status(
-            id,
-            "revoke",
-            &[Status::Active, Status::Suspended, Status::Pending],
-            Status::Revoked,
-            Some(revocation),
-            actor,
-        )?;
+        let d = self.set_status(id, Action::Revoke, Some(revocation), actor)?;
         // Its waiting commands are never delivered. (Were this lost to a
         // crash, the sweep at the next start drops them.)
         self.sessions.purge(std::slice::from_ref(id))?;
@@ -1352,19 +1175,27 @@ impl Registry {
         let Some(c) = self.certificate(key)? else {
             return Ok(None);
         };
-        if c.revocation.is_none() {
-            // A revoked manufacturer takes every certificate of its devices
-            // along, whichever CA signed it.
-            if let Some(r) = self.manufacturer_revocation(&c)? {
-                return Ok(Some((c, Standing::Revoked(r))));
-            }
-        }
-        let device_revocation = if c.revocation.is_none() && c.device_status == Status::Revoked {
+        // Read only what the decision can use.
+        let manufacturer = if c.revocation.is_none() {
+            self.manufacturer_revocation(&c)?
+        } else {
+            None
+        };
+        let device = if c.revocation.is_none()
+            && manufacturer.is_none()
+            && c.device_status == Status::Revoked
+        {
             self.device(&c.device_id)?.revocation
         } else {
             None
         };
-        let s = c.standing(device_revocation);
+        let s = lifecycle::standing(&StandingFacts {
+            certificate: c.revocation,
+            manufacturer,
+            device_status: c.device_status,
+            device,
+            not_before: c.not_before,
+        });
         Ok(Some((c, s)))
     }
 

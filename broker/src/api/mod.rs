@@ -33,22 +33,10 @@ use crate::tls::ServerTls;
 pub const MAX_BODY: usize = 64 * 1024;
 /// ... except a batch enrollment's, which may carry 10,000 CSRs.
 pub const MAX_BATCH_BODY: usize = 32 * 1024 * 1024;
+pub use provisioning::events::Change;
+
 /// The longest certificate lifetime the API grants.
 pub const MAX_LIFETIME_DAYS: u32 = 3650;
-
-/// A change to the registry that live connections must react to.
-#[derive(Clone, Debug)]
-pub enum Change {
-    /// A device is no longer active: every connection of it must close.
-    DeviceOut { id: DeviceId, status: Status },
-    /// Many devices were revoked at once (one write): their connections
-    /// must close.
-    DevicesRevoked { ids: Arc<Vec<DeviceId>> },
-    /// One certificate was revoked: connections using it must close.
-    CertificateRevoked { key: CertKey },
-    /// A manufacturer was revoked: its devices' connections must close.
-    ManufacturerRevoked { name: String },
-}
 
 #[derive(Clone, Debug)]
 pub struct AppState {

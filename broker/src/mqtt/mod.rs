@@ -9,7 +9,7 @@
 //! ```
 //!
 //! Every live session is in [`Sessions`], by device id, with a kick channel;
-//! a registry change ([`crate::api::Change`]) kicks the sessions it affects.
+//! a registry change ([`provisioning::events::Change`]) kicks the sessions it affects.
 
 mod acks;
 pub mod acl;
@@ -37,11 +37,11 @@ use tokio::net::TcpListener;
 use tokio::sync::{broadcast, oneshot, watch};
 use tokio_rustls::TlsAcceptor;
 
-use crate::api::Change;
 use crate::metrics::{Metrics, Refusal};
 use crate::mqtt::admission::RegistryVerifier;
 use crate::net::{Accepted, Acceptor, Rate, RateLimiter, Verdict};
 use crate::status::StatusService;
+use provisioning::events::Change;
 
 pub use session::Peer;
 
