@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use provisioning::{Authority, InitOptions};
 use tokio::net::TcpListener;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::watch;
 
 use crate::api::{self, AppState};
 use crate::https;
@@ -137,11 +137,17 @@ impl Server {
             tls.mqtt_verifier(),
             self.cfg.mqtt.clone(),
         );
-        let (changes, changes_rx) = broadcast::channel(4096);
+        // The one events follower: committed writes, applied to this node.
+        let (follower, applied) = crate::events::spawn(
+            self.auth.registry.clone(),
+            broker.clone(),
+            tls.clone(),
+            self.status.clone(),
+        );
         let state = AppState {
             auth: self.auth.clone(),
             cert_lifetime: self.cfg.cert_lifetime,
-            changes,
+            applied,
             metrics: metrics.clone(),
             tls: tls.clone(),
             broker: broker.clone(),
@@ -155,10 +161,6 @@ impl Server {
             "serving"
         );
 
-        let follower = tokio::spawn({
-            let broker = broker.clone();
-            async move { broker.follow_changes(changes_rx).await }
-        });
         // Persistent sessions: what expired while we were down, and then
         // every ten minutes (expiry is also checked on every use).
         let sweeper = tokio::spawn({
@@ -232,7 +234,7 @@ impl Server {
             shutdown,
         )
         .await;
-        // The API is down: nothing publishes changes any more.
+        // The API is down: nothing writes any more.
         let _ = mqtt.await;
         let _ = ocsp.await;
         if let Some(p) = prometheus {

@@ -37,6 +37,9 @@ pub struct StatusService {
     responder: RwLock<Arc<Responder>>,
     /// Signed CRLs by name, and when they were signed.
     crls: Mutex<HashMap<String, (Bytes, OffsetDateTime)>>,
+    /// The registry revision the caches were built at: a newer one
+    /// empties them before the next answer.
+    seen: std::sync::atomic::AtomicU64,
     metrics: Arc<Metrics>,
 }
 
@@ -46,6 +49,7 @@ impl StatusService {
             responder: RwLock::new(Arc::new(auth.ocsp_responder()?)),
             auth,
             crls: Mutex::new(HashMap::new()),
+            seen: std::sync::atomic::AtomicU64::new(0),
             metrics,
         })
     }
@@ -57,10 +61,16 @@ impl StatusService {
             .clone()
     }
 
-    /// Call after every registry change: the next answer is fresh.
-    pub fn invalidate(&self) {
-        self.responder().invalidate();
-        self.lock_crls().clear();
+    /// Empties the caches if the registry moved on since they were built:
+    /// every answer starts here, so none is older than the last commit.
+    fn fresh(&self) {
+        use std::sync::atomic::Ordering;
+        let now = self.auth.registry.revision();
+        if self.seen.load(Ordering::Acquire) != now {
+            self.responder().invalidate();
+            self.lock_crls().clear();
+            self.seen.store(now, Ordering::Release);
+        }
     }
 
     /// Call after manufacturers change: rebuilds the signing units.
@@ -106,6 +116,7 @@ impl StatusService {
 
     /// [`StatusService::ocsp`], with the response's validity window.
     pub fn answer(&self, request: &[u8]) -> provisioning::ocsp::Answer {
+        self.fresh();
         let answer = self.responder().respond(request, &self.auth.registry);
         self.metrics
             .ocsp_responses
@@ -126,6 +137,7 @@ impl StatusService {
     /// The CRL called `name` (`issuing`, `root` or a manufacturer fleetgate
     /// issued), re-signed when stale; `None` for no such CRL.
     pub fn crl(&self, name: &str) -> Result<Option<Bytes>, provisioning::Error> {
+        self.fresh();
         let now = OffsetDateTime::now_utc();
         if let Some((der, at)) = self.lock_crls().get(name) {
             if now - *at < CRL_MAX_AGE {

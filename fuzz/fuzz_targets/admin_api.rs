@@ -66,10 +66,18 @@ fn fixture() -> &'static Fixture {
                 tls.mqtt_verifier(),
                 MqttConfig::default(),
             );
+            // The events follower, as `serve` runs it (its task lives on
+            // the fixture's runtime).
+            let (_follower, applied) = broker::events::spawn(
+                auth.registry.clone(),
+                broker.clone(),
+                tls.clone(),
+                status.clone(),
+            );
             api::router(AppState {
                 auth: auth.clone(),
                 cert_lifetime: time::Duration::days(90),
-                changes: tokio::sync::broadcast::channel(16).0,
+                applied,
                 metrics,
                 tls,
                 broker,

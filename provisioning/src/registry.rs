@@ -28,6 +28,7 @@ use sled::Transactional;
 use time::OffsetDateTime;
 
 use crate::ca::IssuedCert;
+use crate::events::{Change, Committed, Feed};
 use crate::lifecycle::{self, Action, StandingFacts};
 pub use crate::lifecycle::{Revocation, RevocationReason, Standing, Status};
 use crate::manufacturer::{CaKind, Challenge, ClaimRecord, ManufacturerRecord, ManufacturerStatus};
@@ -210,6 +211,8 @@ pub struct Registry {
     claims: sled::Tree,
     challenges: sled::Tree,
     sessions: crate::sessions::SessionStore,
+    /// The revision and announcements of committed writes.
+    feed: std::sync::Arc<Feed>,
 }
 
 /// A certificate a CRL lists: revoked, or on hold while its device is
@@ -492,6 +495,7 @@ impl Registry {
             claims: db.open_tree("claims")?,
             challenges: db.open_tree("challenges")?,
             sessions: crate::sessions::SessionStore::open(&db)?,
+            feed: Default::default(),
             db,
         }
         .migrated()
@@ -609,6 +613,7 @@ impl Registry {
     ) -> Result<DeviceRecord, Error> {
         let out = self.enroll_unflushed(new, cert, actor)?;
         self.db.flush()?;
+        self.feed.announce(Vec::new());
         Ok(out)
     }
 
@@ -625,6 +630,7 @@ impl Registry {
             .map(|(new, cert)| self.enroll_unflushed(new, cert, actor))
             .collect();
         self.db.flush()?;
+        self.feed.announce(Vec::new());
         Ok(out)
     }
 
@@ -659,7 +665,7 @@ impl Registry {
         actor: &str,
     ) -> Result<DeviceRecord, Error> {
         let now = OffsetDateTime::now_utc();
-        self.transact(|tx| {
+        let out = self.transact(|tx| {
             if let Some(name) = &new.manufacturer {
                 let mut m = tx.manufacturer(name)?;
                 if m.jit_registered >= m.jit_quota() {
@@ -684,7 +690,9 @@ impl Registry {
                 now,
             )?;
             Ok(d)
-        })
+        })?;
+        self.feed.announce(Vec::new());
+        Ok(out)
     }
 
     /// Registers a claim principal with its certificate and its uses.
@@ -696,7 +704,7 @@ impl Registry {
         actor: &str,
     ) -> Result<(DeviceRecord, ClaimRecord), Error> {
         let now = OffsetDateTime::now_utc();
-        self.transact(|tx| {
+        let out = self.transact(|tx| {
             let d = tx.new_device(new, cert, Status::Active, now)?;
             let claim = ClaimRecord {
                 id: d.id.clone(),
@@ -716,7 +724,9 @@ impl Registry {
                 now,
             )?;
             Ok((d, claim))
-        })
+        })?;
+        self.feed.announce(Vec::new());
+        Ok(out)
     }
 
     pub fn claim(&self, id: &DeviceId) -> Result<Option<ClaimRecord>, Error> {
@@ -736,7 +746,7 @@ impl Registry {
     ) -> Result<(DeviceRecord, ClaimRecord), Error> {
         let now = OffsetDateTime::now_utc();
         let actor = format!("claim:{claim}");
-        self.transact(|tx| {
+        let out = self.transact(|tx| {
             let holder = tx.device(claim)?;
             if holder.status != Status::Active {
                 return abort(Error::InvalidTransition {
@@ -771,7 +781,9 @@ impl Registry {
                 now,
             )?;
             Ok((d, c))
-        })
+        })?;
+        self.feed.announce(Vec::new());
+        Ok(out)
     }
 
     pub fn manufacturer(&self, name: &str) -> Result<Option<ManufacturerRecord>, Error> {
@@ -820,7 +832,9 @@ impl Registry {
                 rec.created_at,
             )?;
             Ok(())
-        })
+        })?;
+        self.feed.announce(vec![Change::Manufacturers]);
+        Ok(())
     }
 
     /// Revokes a manufacturer: every certificate its CA issued is revoked
@@ -832,7 +846,7 @@ impl Registry {
         actor: &str,
     ) -> Result<ManufacturerRecord, Error> {
         let at = now_seconds();
-        self.transact(|tx| {
+        let out = self.transact(|tx| {
             let mut m = tx.manufacturer(name)?;
             if m.status == ManufacturerStatus::Revoked {
                 return abort(Error::InvalidInput {
@@ -851,7 +865,14 @@ impl Registry {
                 at,
             )?;
             Ok(m)
-        })
+        })?;
+        self.feed.announce(vec![
+            Change::ManufacturerRevoked {
+                name: name.to_owned(),
+            },
+            Change::Manufacturers,
+        ]);
+        Ok(out)
     }
 
     /// Sets how many devices manufacturer `name` may register just in time.
@@ -862,7 +883,7 @@ impl Registry {
         actor: &str,
     ) -> Result<ManufacturerRecord, Error> {
         let at = now_seconds();
-        self.transact(|tx| {
+        let out = self.transact(|tx| {
             let mut m = tx.manufacturer(name)?;
             let old = m.jit_quota();
             m.jit_quota = Some(quota);
@@ -876,7 +897,9 @@ impl Registry {
                 at,
             )?;
             Ok(m)
-        })
+        })?;
+        self.feed.announce(Vec::new());
+        Ok(out)
     }
 
     /// Stores the proof-of-possession challenge for `name`, replacing any.
@@ -906,7 +929,7 @@ impl Registry {
         actor: &str,
     ) -> Result<DeviceRecord, Error> {
         let now = OffsetDateTime::now_utc();
-        self.transact(|tx| {
+        let out = self.transact(|tx| {
             let mut d = tx.device(id)?;
             if d.status != Status::Active {
                 return abort(Error::InvalidTransition {
@@ -927,7 +950,9 @@ impl Registry {
                 now,
             )?;
             Ok(d)
-        })
+        })?;
+        self.feed.announce(Vec::new());
+        Ok(out)
     }
 
     fn set_status(
@@ -937,11 +962,23 @@ impl Registry {
         revocation: Option<Revocation>,
         actor: &str,
     ) -> Result<DeviceRecord, Error> {
-        self.transact(|tx| {
+        let out = self.transact(|tx| {
             let d = tx.device(id)?;
             let to = lifecycle::transition(id, d.status, action).or_else(abort)?;
             tx.change_status(d, to, revocation, action.as_str(), actor, "")
-        })
+        })?;
+        self.feed.announce(match action {
+            Action::Suspend => vec![Change::DeviceOut {
+                id: id.clone(),
+                status: Status::Suspended,
+            }],
+            Action::Revoke => vec![Change::DeviceOut {
+                id: id.clone(),
+                status: Status::Revoked,
+            }],
+            Action::Resume | Action::Approve => Vec::new(),
+        });
+        Ok(out)
     }
 
     /// Revokes many devices in one transaction and one flush: an incident
@@ -994,6 +1031,11 @@ impl Registry {
             Ok(out)
         })
         .and_then(|out| {
+            if !out.revoked.is_empty() {
+                self.feed.announce(vec![Change::DevicesRevoked {
+                    ids: std::sync::Arc::new(out.revoked.clone()),
+                }]);
+            }
             self.sessions.purge(&out.revoked)?;
             Ok(out)
         })
@@ -1067,6 +1109,18 @@ impl Registry {
         Ok(d)
     }
 
+    /// The revision of the last committed write (caches of answers built
+    /// from the registry compare it).
+    pub fn revision(&self) -> u64 {
+        self.feed.revision()
+    }
+
+    /// Every committed write from now on, with what it changes for live
+    /// connections. The broker's events follower is the one subscriber.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Committed> {
+        self.feed.subscribe()
+    }
+
     /// The durable side of devices' MQTT sessions, in the same database.
     pub fn sessions(&self) -> &crate::sessions::SessionStore {
         &self.sessions
@@ -1081,7 +1135,7 @@ impl Registry {
     ) -> Result<CertRecord, Error> {
         let at = now_seconds();
         let serial = &key.serial;
-        self.transact(|tx| {
+        let out = self.transact(|tx| {
             let mut c = tx.cert(key)?;
             if c.revocation.is_some() {
                 return abort(Error::InvalidInput {
@@ -1099,7 +1153,10 @@ impl Registry {
                 at,
             )?;
             Ok(c)
-        })
+        })?;
+        self.feed
+            .announce(vec![Change::CertificateRevoked { key: key.clone() }]);
+        Ok(out)
     }
 
     pub fn device(&self, id: &DeviceId) -> Result<DeviceRecord, Error> {

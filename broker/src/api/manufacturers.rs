@@ -7,7 +7,7 @@ use provisioning::manufacturer::{BatchItem, Challenge, JitPolicy, ManufacturerRe
 use provisioning::{DeviceView, Error, RevocationReason, Serial};
 use serde::{Deserialize, Serialize};
 
-use super::{device_id, reason, Admin, ApiError, AppState, Body, Change, RevokeBody};
+use super::{device_id, reason, Admin, ApiError, AppState, Body, RevokeBody};
 
 /// Manufacturer names double as CRL names (`/crl/<name>.crl`).
 const RESERVED: [&str; 2] = [
@@ -31,19 +31,6 @@ fn policy(p: Option<String>) -> Result<JitPolicy, ApiError> {
         Some(p) => p.parse()?,
         None => JitPolicy::AutoActivate,
     })
-}
-
-impl AppState {
-    /// After manufacturers changed: new trust anchors for the next
-    /// handshake, new OCSP signing units.
-    fn manufacturers_changed(&self) -> Result<(), ApiError> {
-        self.tls.reload_trust().map_err(|e| {
-            tracing::error!(error = %e, "reloading MQTT trust anchors");
-            ApiError::internal()
-        })?;
-        self.status.reload()?;
-        Ok(())
-    }
 }
 
 #[derive(Deserialize, Debug)]
@@ -86,7 +73,7 @@ pub async fn create(
             Ok((m, key))
         })
         .await?;
-    st.manufacturers_changed()?;
+    st.caught_up().await;
     tracing::info!(manufacturer = %manufacturer.name, by = %admin.id, "manufacturer CA issued");
     Ok((
         StatusCode::CREATED,
@@ -184,7 +171,7 @@ pub async fn register(
             )
         })
         .await?;
-    st.manufacturers_changed()?;
+    st.caught_up().await;
     tracing::info!(manufacturer = %rec.name, by = %admin.id, "manufacturer CA registered");
     Ok((StatusCode::CREATED, Json(rec)))
 }
@@ -208,10 +195,7 @@ pub async fn revoke(
     st.metrics
         .revocations
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    st.status.reload()?;
-    st.publish(Change::ManufacturerRevoked {
-        name: rec.name.to_string(),
-    });
+    st.caught_up().await;
     Ok(Json(rec))
 }
 
@@ -284,7 +268,7 @@ pub async fn enroll_batch(
             Ok((items, r))
         })
         .await?;
-    st.changed();
+    st.caught_up().await;
     let results: Vec<BatchResult> = items
         .into_iter()
         .zip(results)
@@ -366,7 +350,7 @@ pub async fn create_claim(
             Ok((auth.registry.device_view(&d.id)?, c, cert))
         })
         .await?;
-    st.changed();
+    st.caught_up().await;
     Ok((
         StatusCode::CREATED,
         Json(ClaimIssued {

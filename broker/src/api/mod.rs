@@ -19,7 +19,6 @@ use provisioning::{
     RevocationReason, Role, Serial, Standing, Status,
 };
 use serde::{Deserialize, Serialize};
-use tokio::sync::broadcast;
 
 pub mod manufacturers;
 
@@ -42,7 +41,8 @@ pub const MAX_LIFETIME_DAYS: u32 = 3650;
 pub struct AppState {
     pub auth: Arc<Authority>,
     pub cert_lifetime: time::Duration,
-    pub changes: broadcast::Sender<Change>,
+    /// What this node has applied of the registry's committed writes.
+    pub applied: crate::events::Applied,
     pub metrics: Arc<Metrics>,
     pub tls: Arc<ServerTls>,
     pub broker: Broker,
@@ -118,14 +118,6 @@ pub struct ErrorDetail {
 }
 
 impl ApiError {
-    pub(crate) fn internal() -> Self {
-        Self::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "internal error; see the server log",
-        )
-    }
-
     pub fn code(&self) -> &'static str {
         self.code
     }
@@ -451,16 +443,11 @@ impl AppState {
         )
     }
 
-    /// After any registry write: cached OCSP answers and the CRL are stale.
-    pub(crate) fn changed(&self) {
-        self.status.invalidate();
-    }
-
-    /// After a write that live sessions must follow.
-    pub(crate) fn publish(&self, change: Change) {
-        self.changed();
-        // No receivers is fine: nothing is connected.
-        let _ = self.changes.send(change);
+    /// After a write: answers once this node has applied it (sessions it
+    /// takes out cut, trust anchors it brings loaded). The registry
+    /// announced it; the events follower applies it.
+    pub(crate) async fn caught_up(&self) {
+        self.applied.caught_up().await;
     }
 }
 
@@ -495,7 +482,7 @@ async fn enroll(
             Ok((auth.registry.device_view(&d.id)?, c))
         })
         .await?;
-    st.changed();
+    st.caught_up().await;
     Ok(st.enrolled(device, cert))
 }
 
@@ -525,7 +512,7 @@ async fn rotate(
             Ok((auth.registry.device_view(&d.id)?, c))
         })
         .await?;
-    st.changed();
+    st.caught_up().await;
     Ok(st.enrolled(device, cert))
 }
 
@@ -593,10 +580,7 @@ async fn suspend(
     st.metrics
         .revocations
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    st.publish(Change::DeviceOut {
-        id: view.id.clone(),
-        status: view.status,
-    });
+    st.caught_up().await;
     Ok(Json(view))
 }
 
@@ -606,7 +590,7 @@ async fn resume(
     Path(id): Path<String>,
 ) -> Result<Json<DeviceView>, ApiError> {
     let view = transition(&st, &admin, id, |r, id, actor| r.resume(id, actor)).await?;
-    st.changed();
+    st.caught_up().await;
     Ok(Json(view))
 }
 
@@ -618,7 +602,7 @@ async fn approve(
 ) -> Result<Json<DeviceView>, ApiError> {
     let view = transition(&st, &admin, id, |r, id, actor| r.approve(id, actor)).await?;
     tracing::info!(device.id = %view.id, by = %admin.id, "approved");
-    st.changed();
+    st.caught_up().await;
     Ok(Json(view))
 }
 
@@ -651,10 +635,7 @@ async fn revoke(
     st.metrics
         .revocations
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    st.publish(Change::DeviceOut {
-        id: view.id.clone(),
-        status: view.status,
-    });
+    st.caught_up().await;
     Ok(Json(view))
 }
 
@@ -753,9 +734,7 @@ async fn revoke_batch(
         std::sync::atomic::Ordering::Relaxed,
     );
     if !out.revoked.is_empty() {
-        st.publish(Change::DevicesRevoked {
-            ids: Arc::new(out.revoked.clone()),
-        });
+        st.caught_up().await;
     }
     Ok(Json(out))
 }
@@ -818,7 +797,7 @@ async fn revoke_certificate(
     st.metrics
         .revocations
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    st.publish(Change::CertificateRevoked { key: rec.key() });
+    st.caught_up().await;
     Ok(Json(rec))
 }
 

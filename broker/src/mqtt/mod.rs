@@ -9,7 +9,8 @@
 //! ```
 //!
 //! Every live session is in [`Sessions`], by device id, with a kick channel;
-//! a registry change ([`provisioning::events::Change`]) kicks the sessions it affects.
+//! a committed registry change ([`provisioning::events::Change`]), applied
+//! by the events follower ([`crate::events`]), kicks the sessions it affects.
 
 mod acks;
 pub mod acl;
@@ -34,7 +35,7 @@ use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
 use rumqttd::{Notification, Router, RouterConfig};
 use rustls::ServerConfig;
 use tokio::net::TcpListener;
-use tokio::sync::{broadcast, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 use tokio_rustls::TlsAcceptor;
 
 use crate::metrics::{Metrics, Refusal};
@@ -490,47 +491,45 @@ impl Broker {
         }
     }
 
-    /// Kicks sessions as registry changes arrive. Runs until `changes` closes.
-    pub async fn follow_changes(&self, mut changes: broadcast::Receiver<Change>) {
+    /// Cuts the live sessions a committed change takes out.
+    pub fn apply(&self, change: &Change) {
         let sessions = &self.shared.sessions;
-        loop {
-            match changes.recv().await {
-                Ok(Change::DeviceOut { id, status }) => {
-                    let why = if status == provisioning::Status::Suspended {
-                        Kick::Suspended
-                    } else {
-                        Kick::Revoked
-                    };
-                    let n = sessions.kick_device(&id, why);
-                    tracing::info!(device.id = %id, sessions = n, reason = why.as_str(), "mqtt: cutting live sessions");
-                }
-                Ok(Change::DevicesRevoked { ids }) => {
-                    let n = sessions.kick_devices(&ids, Kick::Revoked);
-                    tracing::info!(
-                        devices = ids.len(),
-                        sessions = n,
-                        "mqtt: cutting the live sessions of devices revoked in bulk"
-                    );
-                }
-                Ok(Change::ManufacturerRevoked { name }) => {
-                    let before = sessions.count();
-                    sessions.recheck(&self.shared.registry, Kick::ManufacturerRevoked);
-                    tracing::info!(manufacturer = %name, sessions = before.saturating_sub(sessions.count()), "mqtt: cut the live sessions of a revoked manufacturer's devices");
-                }
-                Ok(Change::CertificateRevoked { key }) => {
-                    let n = sessions.kick_cert(&key, Kick::CertificateRevoked);
-                    tracing::info!(serial = %key.serial, sessions = n, "mqtt: cutting sessions of a revoked certificate");
-                }
-                Err(broadcast::error::RecvError::Lagged(missed)) => {
-                    tracing::warn!(
-                        missed,
-                        "mqtt: registry changes missed; rechecking every session"
-                    );
-                    sessions.recheck(&self.shared.registry, Kick::Revoked);
-                }
-                Err(broadcast::error::RecvError::Closed) => return,
+        match change {
+            Change::DeviceOut { id, status } => {
+                let why = if *status == provisioning::Status::Suspended {
+                    Kick::Suspended
+                } else {
+                    Kick::Revoked
+                };
+                let n = sessions.kick_device(id, why);
+                tracing::info!(device.id = %id, sessions = n, reason = why.as_str(), "mqtt: cutting live sessions");
             }
+            Change::DevicesRevoked { ids } => {
+                let n = sessions.kick_devices(ids, Kick::Revoked);
+                tracing::info!(
+                    devices = ids.len(),
+                    sessions = n,
+                    "mqtt: cutting the live sessions of devices revoked in bulk"
+                );
+            }
+            Change::ManufacturerRevoked { name } => {
+                let before = sessions.count();
+                sessions.recheck(&self.shared.registry, Kick::ManufacturerRevoked);
+                tracing::info!(manufacturer = %name, sessions = before.saturating_sub(sessions.count()), "mqtt: cut the live sessions of a revoked manufacturer's devices");
+            }
+            Change::CertificateRevoked { key } => {
+                let n = sessions.kick_cert(key, Kick::CertificateRevoked);
+                tracing::info!(serial = %key.serial, sessions = n, "mqtt: cutting sessions of a revoked certificate");
+            }
+            Change::Manufacturers => {}
         }
+    }
+
+    /// Checks every live session's standing again (changes were missed).
+    pub fn recheck_all(&self) {
+        self.shared
+            .sessions
+            .recheck(&self.shared.registry, Kick::Revoked);
     }
 
     /// Accepts and serves connections until `shutdown` turns true, then
@@ -775,20 +774,14 @@ impl Shared {
         })
         .await;
         match done {
-            Ok(Ok((registered, standing))) => {
-                if registered {
-                    self.status.invalidate();
-                }
-                match standing {
-                    Some(s) => Ok(Some(s)),
-                    None => Err(Refused {
-                        reason: Refusal::WrongIdentity,
-                        detail:
-                            "a device with this id is already registered with another certificate"
-                                .into(),
-                    }),
-                }
-            }
+            Ok(Ok((_, standing))) => match standing {
+                Some(s) => Ok(Some(s)),
+                None => Err(Refused {
+                    reason: Refusal::WrongIdentity,
+                    detail: "a device with this id is already registered with another certificate"
+                        .into(),
+                }),
+            },
             Ok(Err(provisioning::Error::QuotaExceeded { reason })) => Err(Refused {
                 reason: Refusal::JitQuotaExceeded,
                 detail: reason,

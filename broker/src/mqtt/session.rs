@@ -1850,7 +1850,6 @@ impl Session {
         };
         let (reply, body) = match outcome {
             Ok(body) => {
-                self.shared.status.invalidate();
                 self.shared
                     .metrics
                     .claim_provisions
