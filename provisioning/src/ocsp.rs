@@ -1,5 +1,7 @@
-//! RFC 6960 OCSP: requests in, signed responses out. No IO beyond registry
-//! reads; the HTTP and MQTT front ends live in `broker`.
+//! RFC 6960 OCSP: requests in, signed responses out. Statuses come from a
+//! [`StandingLookup`] (the registry, or a node's view of a shared store);
+//! the responder does no IO of its own. The HTTP and MQTT front ends live
+//! in `broker`.
 //!
 //! Each issuer is answered for by one [`Unit`]: fleetgate's issuing CA by a
 //! delegated responder certificate (EKU OCSPSigning, id-pkix-ocsp-nocheck)
@@ -263,7 +265,7 @@ impl Responder {
 
     /// Answers a DER request with a DER `OCSPResponse`, always: refusals are
     /// OCSP statuses too. The `Refusal` is for the log.
-    pub fn respond(&self, request: &[u8], registry: &Registry) -> Answer {
+    pub fn respond(&self, request: &[u8], registry: &dyn StandingLookup) -> Answer {
         match self.try_respond(request, registry) {
             Ok(a) => Answer {
                 der: a.der,
@@ -288,7 +290,7 @@ impl Responder {
         }
     }
 
-    fn try_respond(&self, der: &[u8], registry: &Registry) -> Result<Answered, Refusal> {
+    fn try_respond(&self, der: &[u8], registry: &dyn StandingLookup) -> Result<Answered, Refusal> {
         if der.len() > MAX_REQUEST_LEN {
             return Err(Refusal::Malformed(format!("{} bytes", der.len())));
         }
@@ -442,10 +444,47 @@ fn seconds(t: OffsetDateTime) -> OffsetDateTime {
     t.replace_nanosecond(0).unwrap_or(t)
 }
 
+/// Where the responder's statuses come from: the registry on one node, a
+/// node's view of the shared store on several. The responder decides
+/// nothing about standing and does no IO of its own.
+pub trait StandingLookup {
+    /// The standing of the certificate `key` and, for a hold, since when;
+    /// `None` for a certificate the registry does not know.
+    fn lookup(&self, key: &crate::CertKey) -> Result<Option<Looked>, crate::Error>;
+}
+
+/// A certificate's standing as the responder needs it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Looked {
+    pub standing: Standing,
+    /// When a hold (suspended or pending device) began: its device's last
+    /// update.
+    pub held_since: OffsetDateTime,
+}
+
+impl StandingLookup for Registry {
+    fn lookup(&self, key: &crate::CertKey) -> Result<Option<Looked>, crate::Error> {
+        let Some((rec, standing)) = self.standing(key)? else {
+            return Ok(None);
+        };
+        let held_since = match standing {
+            Standing::Suspended | Standing::Pending => self
+                .device(&rec.device_id)
+                .map(|d| d.updated_at)
+                .unwrap_or(rec.not_before),
+            _ => rec.not_before,
+        };
+        Ok(Some(Looked {
+            standing,
+            held_since,
+        }))
+    }
+}
+
 fn status_of(
     issuer: &IssuerHashes,
     id: &CertId,
-    registry: &Registry,
+    registry: &dyn StandingLookup,
 ) -> Result<CertStatus, Refusal> {
     let Ok(serial) = Serial::from_bytes(id.serial_number.as_bytes()) else {
         return Ok(CertStatus::unknown());
@@ -462,23 +501,19 @@ fn status_of(
     }
     let key = crate::CertKey::new(issuer.manufacturer.as_deref(), &issuer.name, serial);
     let found = registry
-        .standing(&key)
+        .lookup(&key)
         .map_err(|e| Refusal::Internal(format!("registry: {e}")))?;
-    Ok(match found {
+    Ok(match found.map(|l| (l.standing, l.held_since)) {
         None => CertStatus::unknown(),
-        Some((_, Standing::Good)) => CertStatus::good(),
+        Some((Standing::Good, _)) => CertStatus::good(),
         // A hold placed when the device was suspended (its last update).
-        Some((rec, Standing::Suspended | Standing::Pending)) => {
-            let since = registry
-                .device(&rec.device_id)
-                .map(|d| d.updated_at)
-                .unwrap_or(rec.not_before);
+        Some((Standing::Suspended | Standing::Pending, since)) => {
             CertStatus::revoked(RevokedInfo {
                 revocation_time: gtime(since)?,
                 revocation_reason: Some(CrlReason::CertificateHold),
             })
         }
-        Some((_, Standing::Revoked(r))) => CertStatus::revoked(RevokedInfo {
+        Some((Standing::Revoked(r), _)) => CertStatus::revoked(RevokedInfo {
             revocation_time: gtime(r.at)?,
             revocation_reason: Some(crl_reason(r.reason)),
         }),
