@@ -35,7 +35,7 @@ use x509_ocsp::{
     ResponderId, ResponseData, RevokedInfo, SingleResponse,
 };
 
-use crate::registry::{Registry, RevocationReason, Standing};
+use crate::lifecycle::{RevocationReason, Standing};
 use crate::{Error, Serial};
 
 /// Largest request body accepted.
@@ -460,25 +460,6 @@ pub struct Looked {
     /// When a hold (suspended or pending device) began: its device's last
     /// update.
     pub held_since: OffsetDateTime,
-}
-
-impl StandingLookup for Registry {
-    fn lookup(&self, key: &crate::CertKey) -> Result<Option<Looked>, crate::Error> {
-        let Some((rec, standing)) = self.standing(key)? else {
-            return Ok(None);
-        };
-        let held_since = match standing {
-            Standing::Suspended | Standing::Pending => self
-                .device(&rec.device_id)
-                .map(|d| d.updated_at)
-                .unwrap_or(rec.not_before),
-            _ => rec.not_before,
-        };
-        Ok(Some(Looked {
-            standing,
-            held_since,
-        }))
-    }
 }
 
 fn status_of(

@@ -1570,6 +1570,26 @@ impl Registry {
 
 /// Now, to the second: revocation times travel in OCSP and CRLs as
 /// GeneralizedTime without fractions.
+/// The OCSP responder's statuses, read from this registry.
+impl crate::ocsp::StandingLookup for Registry {
+    fn lookup(&self, key: &CertKey) -> Result<Option<crate::ocsp::Looked>, Error> {
+        let Some((rec, standing)) = self.standing(key)? else {
+            return Ok(None);
+        };
+        let held_since = match standing {
+            Standing::Suspended | Standing::Pending => self
+                .device(&rec.device_id)
+                .map(|d| d.updated_at)
+                .unwrap_or(rec.not_before),
+            _ => rec.not_before,
+        };
+        Ok(Some(crate::ocsp::Looked {
+            standing,
+            held_since,
+        }))
+    }
+}
+
 fn now_seconds() -> OffsetDateTime {
     let now = OffsetDateTime::now_utc();
     now.replace_nanosecond(0).unwrap_or(now)
