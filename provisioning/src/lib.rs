@@ -14,6 +14,7 @@ pub mod manufacturer;
 pub mod ocsp;
 pub mod registry;
 pub mod sessions;
+pub mod store;
 
 pub use ca::{Authority, Ca, InitOptions, IssuedCert, DEFAULT_CERT_LIFETIME};
 pub use error::Error;

@@ -1,6 +1,7 @@
-//! The device registry: devices, their certificates and the audit log, in sled.
+//! The device registry: devices, their certificates and the audit log,
+//! over a [`Store`] (sled by default, [`crate::store`]).
 //!
-//! Trees (keys are bytes, values JSON):
+//! Key spaces ([`Space`]; keys are bytes, values JSON):
 //! - `devices`: device id -> [`DeviceRecord`]
 //! - `certs`: [`CertKey`] (serial within its issuer) -> [`CertRecord`],
 //!   which mirrors its device's status and manufacturer so that the
@@ -13,7 +14,8 @@
 //! - `claims`: claim id -> [`ClaimRecord`] (uses left)
 //! - `challenges`: manufacturer name -> proof-of-possession challenge
 //!
-//! Every change is one sled transaction across the trees it touches, and is
+//! Every change is one transaction across the key spaces it touches (a
+//! compare-and-swap commit of what it read, run again on a conflict), and is
 //! flushed to disk before the call returns: a caller may acknowledge what a
 //! call returned.
 
@@ -21,10 +23,8 @@ use std::fmt;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
-use sled::transaction::{
-    ConflictableTransactionError, TransactionError, TransactionalTree, UnabortableTransactionError,
-};
-use sled::Transactional;
+use std::sync::Arc;
+
 use time::OffsetDateTime;
 
 use crate::ca::IssuedCert;
@@ -32,6 +32,7 @@ use crate::events::{Change, Committed, Feed};
 use crate::lifecycle::{self, Action, StandingFacts};
 pub use crate::lifecycle::{Revocation, RevocationReason, Standing, Status};
 use crate::manufacturer::{CaKind, Challenge, ClaimRecord, ManufacturerRecord, ManufacturerStatus};
+use crate::store::{SledStore, Space, Store, Txn};
 use crate::{CertKey, DeviceId, Error, Role, Serial};
 
 /// The registry's layout version, in `meta`; older layouts are migrated
@@ -200,16 +201,7 @@ pub struct BulkRevocation {
 
 #[derive(Clone)]
 pub struct Registry {
-    db: sled::Db,
-    devices: sled::Tree,
-    certs: sled::Tree,
-    fingerprints: sled::Tree,
-    by_status: sled::Tree,
-    audit: sled::Tree,
-    meta: sled::Tree,
-    manufacturers: sled::Tree,
-    claims: sled::Tree,
-    challenges: sled::Tree,
+    store: Arc<dyn Store>,
     sessions: crate::sessions::SessionStore,
     /// The revision and announcements of committed writes.
     feed: std::sync::Arc<Feed>,
@@ -227,31 +219,78 @@ pub struct Listed {
 impl fmt::Debug for Registry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Registry")
-            .field("devices", &self.devices.len())
+            .field("store", &self.store)
             .finish_non_exhaustive()
     }
 }
 
-type TxResult<T> = Result<T, ConflictableTransactionError<Error>>;
+type TxResult<T> = Result<T, Error>;
 
-/// The trees one transaction sees, in the order `Registry::transact` passes them.
+/// One key space as a transaction sees it.
+struct TxTree<'a> {
+    space: Space,
+    txn: &'a Txn<'a>,
+}
+
+impl TxTree<'_> {
+    fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<Vec<u8>>, Error> {
+        self.txn.get(self.space, key.as_ref())
+    }
+
+    fn insert(&self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) -> Result<(), Error> {
+        self.txn.insert(self.space, key.as_ref(), value.as_ref());
+        Ok(())
+    }
+
+    fn remove(&self, key: impl AsRef<[u8]>) -> Result<(), Error> {
+        self.txn.remove(self.space, key.as_ref());
+        Ok(())
+    }
+}
+
+/// The key spaces one transaction sees.
 struct Tx<'a> {
-    devices: &'a TransactionalTree,
-    certs: &'a TransactionalTree,
-    fingerprints: &'a TransactionalTree,
-    by_status: &'a TransactionalTree,
-    audit: &'a TransactionalTree,
-    manufacturers: &'a TransactionalTree,
-    claims: &'a TransactionalTree,
+    txn: &'a Txn<'a>,
+    devices: TxTree<'a>,
+    certs: TxTree<'a>,
+    fingerprints: TxTree<'a>,
+    by_status: TxTree<'a>,
+    audit: TxTree<'a>,
+    meta: TxTree<'a>,
+    manufacturers: TxTree<'a>,
+    claims: TxTree<'a>,
+    challenges: TxTree<'a>,
+}
+
+impl<'a> Tx<'a> {
+    fn over(txn: &'a Txn<'a>) -> Self {
+        let tree = |space| TxTree { space, txn };
+        Self {
+            txn,
+            devices: tree(Space::Devices),
+            certs: tree(Space::Certs),
+            fingerprints: tree(Space::Fingerprints),
+            by_status: tree(Space::ByStatus),
+            audit: tree(Space::Audit),
+            meta: tree(Space::Meta),
+            manufacturers: tree(Space::Manufacturers),
+            claims: tree(Space::Claims),
+            challenges: tree(Space::Challenges),
+        }
+    }
 }
 
 fn abort<T>(e: Error) -> TxResult<T> {
-    Err(ConflictableTransactionError::Abort(e))
+    Err(e)
 }
 
-fn storage(e: UnabortableTransactionError) -> ConflictableTransactionError<Error> {
-    e.into()
+fn storage(e: Error) -> Error {
+    e
 }
+
+/// A transaction that keeps meeting concurrent writers gives up after
+/// this many runs.
+const ATTEMPTS: usize = 64;
 
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     // Serializing these plain structs to JSON cannot fail: no maps with
@@ -441,10 +480,8 @@ impl Tx<'_> {
         detail: String,
         at: OffsetDateTime,
     ) -> TxResult<()> {
-        let seq = self
-            .audit
-            .generate_id()
-            .map_err(ConflictableTransactionError::Storage)?;
+        // One global order, whoever writes.
+        let seq = self.txn.next("audit")?;
         let entry = AuditEntry {
             seq,
             at,
@@ -455,50 +492,36 @@ impl Tx<'_> {
             detail,
         };
         self.audit
-            .insert(&seq.to_be_bytes(), encode(&entry))
+            .insert(seq.to_be_bytes(), encode(&entry))
             .map_err(storage)?;
         Ok(())
     }
 }
 
 impl Registry {
+    /// Opens (or creates) the embedded registry at `path`: sled, with the
+    /// devices' MQTT sessions beside it.
     pub fn open(path: &Path) -> Result<Self, Error> {
-        let db = sled::Config::new()
-            .path(path)
-            // We flush explicitly before acknowledging; no need for a timer.
-            .flush_every_ms(None)
-            .open()
-            .map_err(|e| match &e {
-                // sled holds an exclusive lock on its files while open (and
-                // reports a taken one as an `Other` error naming the lock).
-                sled::Error::Io(io)
-                    if io.kind() == std::io::ErrorKind::WouldBlock
-                        || io.to_string().contains("could not acquire lock") =>
-                {
-                    Error::DataDir {
-                        path: path.to_owned(),
-                        reason: "another fleetgate is using this data dir (its registry is \
-                                 locked); stop it first, or pass another --data-dir"
-                            .into(),
-                    }
-                }
-                _ => Error::from(e),
-            })?;
+        let store = SledStore::open(path)?;
+        let sessions = crate::sessions::SessionStore::open(store.db())?;
+        Self::over(Arc::new(store), sessions)
+    }
+
+    /// A registry over `store`, migrated to this version's layout.
+    pub fn over(
+        store: Arc<dyn Store>,
+        sessions: crate::sessions::SessionStore,
+    ) -> Result<Self, Error> {
         Self {
-            devices: db.open_tree("devices")?,
-            certs: db.open_tree("certs")?,
-            fingerprints: db.open_tree("fingerprints")?,
-            by_status: db.open_tree("by_status")?,
-            audit: db.open_tree("audit")?,
-            meta: db.open_tree("meta")?,
-            manufacturers: db.open_tree("manufacturers")?,
-            claims: db.open_tree("claims")?,
-            challenges: db.open_tree("challenges")?,
-            sessions: crate::sessions::SessionStore::open(&db)?,
+            store,
+            sessions,
             feed: Default::default(),
-            db,
         }
         .migrated()
+    }
+
+    fn scan<'a>(&'a self, space: Space, start: &[u8]) -> crate::store::Entries<'a> {
+        self.store.scan(space, b"", start)
     }
 
     /// Brings an older registry layout up to [`SCHEMA`]. Idempotent, so an
@@ -506,22 +529,24 @@ impl Registry {
     /// certificate records themselves say what their keys must be.
     fn migrated(self) -> Result<Self, Error> {
         let version = self
-            .meta
-            .get("schema")?
-            .and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
+            .store
+            .get(Space::Meta, b"schema")?
+            .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
             .map_or(1, u64::from_be_bytes);
         if version >= SCHEMA {
             return Ok(self);
         }
-        if self.devices.is_empty() && self.certs.is_empty() {
-            self.meta.insert("schema", &SCHEMA.to_be_bytes())?;
-            self.db.flush()?;
+        let txn = Txn::new(&*self.store);
+        let tx = Tx::over(&txn);
+        if self.store.len(Space::Devices)? == 0 && self.store.len(Space::Certs)? == 0 {
+            tx.meta.insert("schema", SCHEMA.to_be_bytes())?;
+            txn.commit(true)?;
             return Ok(self);
         }
         // Version 1 keyed certificates by serial alone. Device records
         // list serials (v1) or keys (v2, if interrupted half way).
         let mut device_of = std::collections::HashMap::new();
-        for kv in self.devices.iter() {
+        for kv in self.scan(Space::Devices, b"") {
             let (_, v) = kv?;
             let d: serde_json::Value =
                 serde_json::from_slice(&v).map_err(|e| Error::Corrupt(format!("device: {e}")))?;
@@ -530,20 +555,20 @@ impl Registry {
             }
         }
         let mut keys = std::collections::HashMap::new();
-        for kv in self.certs.iter() {
+        for kv in self.scan(Space::Certs, b"") {
             let (k, v) = kv?;
             let mut c: CertRecord = decode("certificate", &v)?;
             c.device_manufacturer = device_of.get(c.device_id.as_str()).cloned().flatten();
             let key = c.key();
-            self.certs.insert(key.to_bytes(), encode(&c))?;
-            if k.as_ref() != key.to_bytes().as_slice() {
-                self.certs.remove(k)?;
+            if k.as_slice() != key.to_bytes().as_slice() {
+                tx.certs.remove(&k)?;
             }
-            self.fingerprints
+            tx.certs.insert(key.to_bytes(), encode(&c))?;
+            tx.fingerprints
                 .insert(c.fingerprint.as_bytes(), key.to_bytes())?;
             keys.insert(c.serial.to_hex(), key);
         }
-        for kv in self.devices.iter() {
+        for kv in self.scan(Space::Devices, b"") {
             let (k, v) = kv?;
             let mut d: serde_json::Value =
                 serde_json::from_slice(&v).map_err(|e| Error::Corrupt(format!("device: {e}")))?;
@@ -554,10 +579,14 @@ impl Registry {
                     }
                 }
             }
-            self.devices.insert(k, encode(&d))?;
+            tx.devices.insert(&k, encode(&d))?;
         }
-        self.meta.insert("schema", &SCHEMA.to_be_bytes())?;
-        self.db.flush()?;
+        tx.meta.insert("schema", SCHEMA.to_be_bytes())?;
+        if !txn.commit(true)? {
+            return Err(Error::Storage(
+                "the registry changed while it was migrated".into(),
+            ));
+        }
         tracing::info!(
             certificates = keys.len(),
             "registry migrated: certificates keyed by issuer and serial"
@@ -565,43 +594,30 @@ impl Registry {
         Ok(self)
     }
 
-    /// Runs `f` as one transaction over all trees, then flushes.
+    /// Runs `f` as one transaction over all key spaces, durably.
     fn transact<T>(&self, f: impl Fn(&Tx<'_>) -> TxResult<T>) -> Result<T, Error> {
-        let out = self.transact_unflushed(f)?;
-        self.db.flush()?;
-        Ok(out)
+        self.run(f, true)
     }
 
     /// One transaction, not yet durable: the caller flushes before it
     /// acknowledges anything.
     fn transact_unflushed<T>(&self, f: impl Fn(&Tx<'_>) -> TxResult<T>) -> Result<T, Error> {
-        let out = (
-            &self.devices,
-            &self.certs,
-            &self.fingerprints,
-            &self.by_status,
-            &self.audit,
-            &self.manufacturers,
-            &self.claims,
-        )
-            .transaction(
-                |(devices, certs, fingerprints, by_status, audit, manufacturers, claims)| {
-                    f(&Tx {
-                        devices,
-                        certs,
-                        fingerprints,
-                        by_status,
-                        audit,
-                        manufacturers,
-                        claims,
-                    })
-                },
-            )
-            .map_err(|e| match e {
-                TransactionError::Abort(e) => e,
-                TransactionError::Storage(e) => Error::from(e),
-            })?;
-        Ok(out)
+        self.run(f, false)
+    }
+
+    /// Runs `f` and commits what it wrote if what it read still holds;
+    /// runs it again if not (another writer got there first).
+    fn run<T>(&self, f: impl Fn(&Tx<'_>) -> TxResult<T>, durable: bool) -> Result<T, Error> {
+        for _ in 0..ATTEMPTS {
+            let txn = Txn::new(&*self.store);
+            let out = f(&Tx::over(&txn))?;
+            if txn.commit(durable)? {
+                return Ok(out);
+            }
+        }
+        Err(Error::Storage(format!(
+            "a transaction met concurrent writes {ATTEMPTS} times; try again"
+        )))
     }
 
     /// Registers a device with its first certificate.
@@ -612,7 +628,7 @@ impl Registry {
         actor: &str,
     ) -> Result<DeviceRecord, Error> {
         let out = self.enroll_unflushed(new, cert, actor)?;
-        self.db.flush()?;
+        self.store.flush()?;
         self.feed.announce(Vec::new());
         Ok(out)
     }
@@ -629,7 +645,7 @@ impl Registry {
             .iter()
             .map(|(new, cert)| self.enroll_unflushed(new, cert, actor))
             .collect();
-        self.db.flush()?;
+        self.store.flush()?;
         self.feed.announce(Vec::new());
         Ok(out)
     }
@@ -730,8 +746,8 @@ impl Registry {
     }
 
     pub fn claim(&self, id: &DeviceId) -> Result<Option<ClaimRecord>, Error> {
-        self.claims
-            .get(id.as_str())?
+        self.store
+            .get(Space::Claims, AsRef::<[u8]>::as_ref(&id.as_str()))?
             .map(|v| decode("claim", &v))
             .transpose()
     }
@@ -787,16 +803,18 @@ impl Registry {
     }
 
     pub fn manufacturer(&self, name: &str) -> Result<Option<ManufacturerRecord>, Error> {
-        self.manufacturers
-            .get(name.as_bytes())?
+        self.store
+            .get(
+                Space::Manufacturers,
+                AsRef::<[u8]>::as_ref(&name.as_bytes()),
+            )?
             .map(|v| decode("manufacturer", &v))
             .transpose()
     }
 
     /// Every manufacturer, by name.
     pub fn manufacturers(&self) -> Result<Vec<ManufacturerRecord>, Error> {
-        self.manufacturers
-            .iter()
+        self.scan(Space::Manufacturers, b"")
             .map(|kv| decode("manufacturer", &kv?.1))
             .collect()
     }
@@ -904,20 +922,18 @@ impl Registry {
 
     /// Stores the proof-of-possession challenge for `name`, replacing any.
     pub fn set_challenge(&self, name: &str, c: &Challenge) -> Result<(), Error> {
-        self.challenges.insert(name.as_bytes(), encode(c))?;
-        self.db.flush()?;
-        Ok(())
+        self.transact(|tx| tx.challenges.insert(name.as_bytes(), encode(c)))
     }
 
     /// Removes and returns the challenge for `name`: each is good once.
     pub fn take_challenge(&self, name: &str) -> Result<Option<Challenge>, Error> {
-        let c = self
-            .challenges
-            .remove(name.as_bytes())?
-            .map(|v| decode("challenge", &v))
-            .transpose()?;
-        self.db.flush()?;
-        Ok(c)
+        self.transact(|tx| {
+            let c = tx.challenges.get(name.as_bytes())?;
+            if c.is_some() {
+                tx.challenges.remove(name.as_bytes())?;
+            }
+            c.map(|v| decode("challenge", &v)).transpose()
+        })
     }
 
     /// Adds a certificate to an active device (rotation); older ones stay
@@ -1052,7 +1068,7 @@ impl Registry {
         issued_before: Option<OffsetDateTime>,
     ) -> Result<Vec<DeviceId>, Error> {
         let mut out = Vec::new();
-        for kv in self.devices.iter() {
+        for kv in self.scan(Space::Devices, b"") {
             let (_, v) = kv?;
             let d: DeviceRecord = decode("device", &v)?;
             if manufacturer.is_some() && d.manufacturer.as_deref() != manufacturer {
@@ -1160,7 +1176,10 @@ impl Registry {
     }
 
     pub fn device(&self, id: &DeviceId) -> Result<DeviceRecord, Error> {
-        match self.devices.get(id.as_str())? {
+        match self
+            .store
+            .get(Space::Devices, AsRef::<[u8]>::as_ref(&id.as_str()))?
+        {
             Some(v) => decode("device", &v),
             None => Err(Error::NotFound { id: id.clone() }),
         }
@@ -1205,22 +1224,25 @@ impl Registry {
 
     /// The admission lookup: one read.
     pub fn certificate(&self, key: &CertKey) -> Result<Option<CertRecord>, Error> {
-        self.certs
-            .get(key.to_bytes())?
+        self.store
+            .get(Space::Certs, AsRef::<[u8]>::as_ref(&key.to_bytes()))?
             .map(|v| decode("certificate", &v))
             .transpose()
     }
 
     /// Every certificate with `serial`, whoever issued it (usually one).
     pub fn certificates_with_serial(&self, serial: &Serial) -> Result<Vec<CertRecord>, Error> {
-        self.certs
-            .scan_prefix(CertKey::serial_prefix(serial))
+        self.store
+            .scan(Space::Certs, &CertKey::serial_prefix(serial), b"")
             .map(|kv| decode("certificate", &kv?.1))
             .collect()
     }
 
     pub fn certificate_by_fingerprint(&self, fp: &str) -> Result<Option<CertRecord>, Error> {
-        match self.fingerprints.get(fp.as_bytes())? {
+        match self
+            .store
+            .get(Space::Fingerprints, AsRef::<[u8]>::as_ref(&fp.as_bytes()))?
+        {
             Some(key) => self.certificate(&CertKey::from_bytes(&key)?),
             None => Ok(None),
         }
@@ -1284,7 +1306,7 @@ impl Registry {
                     Some(a) => format!("{prefix}{a}\0"),
                     None => prefix.clone(),
                 };
-                for kv in self.by_status.range(start.as_bytes()..) {
+                for kv in self.scan(Space::ByStatus, start.as_bytes()) {
                     let (k, _) = kv?;
                     let Some(id) = k.strip_prefix(prefix.as_bytes()) else {
                         break;
@@ -1300,7 +1322,7 @@ impl Registry {
             }
             None => {
                 let start = after.map(|a| format!("{a}\0")).unwrap_or_default();
-                for kv in self.devices.range(start.as_bytes()..) {
+                for kv in self.scan(Space::Devices, start.as_bytes()) {
                     if items.len() == limit {
                         more = true;
                         break;
@@ -1324,7 +1346,7 @@ impl Registry {
         let start = after.map_or(0, |a| a.saturating_add(1));
         let mut items = Vec::new();
         let mut more = false;
-        for kv in self.audit.range(start.to_be_bytes()..) {
+        for kv in self.scan(Space::Audit, &start.to_be_bytes()) {
             if items.len() == limit {
                 more = true;
                 break;
@@ -1349,7 +1371,7 @@ impl Registry {
     ) -> Result<Vec<Listed>, Error> {
         let now = OffsetDateTime::now_utc();
         let mut out = Vec::new();
-        for kv in self.certs.iter() {
+        for kv in self.scan(Space::Certs, b"") {
             let (_, v) = kv?;
             let c: CertRecord = decode("certificate", &v)?;
             if c.issuer != issuer || c.manufacturer.as_deref() != manufacturer || c.not_after < now
@@ -1390,19 +1412,19 @@ impl Registry {
     /// The next CRL number for `issuer`, durable before it is returned so
     /// that numbers only ever increase.
     pub fn next_crl_number(&self, issuer: &str) -> Result<u64, Error> {
+        // Read, add one, write back if nobody else did meanwhile: on a
+        // shared store every node's numbers go up together.
         let key = format!("crl-number/{issuer}");
-        let n = self
-            .meta
-            .update_and_fetch(key.as_bytes(), |old| {
-                let prev = old
-                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                    .map_or(0, u64::from_be_bytes);
-                Some(prev.saturating_add(1).to_be_bytes().to_vec())
-            })?
-            .and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
-            .map_or(1, u64::from_be_bytes);
-        self.db.flush()?;
-        Ok(n)
+        self.transact(|tx| {
+            let n = tx
+                .meta
+                .get(key.as_bytes())?
+                .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+                .map_or(0, u64::from_be_bytes)
+                .saturating_add(1);
+            tx.meta.insert(key.as_bytes(), n.to_be_bytes())?;
+            Ok(n)
+        })
     }
 
     /// Verifies every index against the records it indexes, and every
@@ -1411,10 +1433,10 @@ impl Registry {
         let mut r = CheckReport::default();
         let mut problem = |s: String| r.problems.push(s);
         let mut devices = std::collections::HashMap::new();
-        for kv in self.devices.iter() {
+        for kv in self.scan(Space::Devices, b"") {
             let (k, v) = kv?;
             match decode::<DeviceRecord>("device", &v) {
-                Ok(d) if d.id.as_str().as_bytes() == k.as_ref() => {
+                Ok(d) if d.id.as_str().as_bytes() == k.as_slice() => {
                     devices.insert(d.id.clone(), d);
                 }
                 Ok(d) => problem(format!(
@@ -1426,10 +1448,10 @@ impl Registry {
             }
         }
         let mut certs = std::collections::HashMap::new();
-        for kv in self.certs.iter() {
+        for kv in self.scan(Space::Certs, b"") {
             let (k, v) = kv?;
             match decode::<CertRecord>("certificate", &v) {
-                Ok(c) if c.key().to_bytes() == k.as_ref() => {
+                Ok(c) if c.key().to_bytes() == k.as_slice() => {
                     certs.insert(c.key(), c);
                 }
                 Ok(c) => problem(format!("certificate {} stored under another key", c.serial)),
@@ -1464,7 +1486,12 @@ impl Registry {
                     d.id, d.status, d.revocation
                 ));
             }
-            if d.role == Role::Claim && self.claims.get(d.id.as_str())?.is_none() {
+            if d.role == Role::Claim
+                && self
+                    .store
+                    .get(Space::Claims, AsRef::<[u8]>::as_ref(&d.id.as_str()))?
+                    .is_none()
+            {
                 problem(format!("claim {} has no uses record", d.id));
             }
         }
@@ -1480,7 +1507,10 @@ impl Registry {
                 )),
                 Some(_) => {}
             }
-            match self.fingerprints.get(c.fingerprint.as_bytes())? {
+            match self.store.get(
+                Space::Fingerprints,
+                AsRef::<[u8]>::as_ref(&c.fingerprint.as_bytes()),
+            )? {
                 Some(s) if s.as_ref() == c.key().to_bytes() => {}
                 Some(_) => problem(format!(
                     "fingerprint of {} points at another serial",
@@ -1497,12 +1527,12 @@ impl Registry {
                 }
             }
         }
-        for kv in self.fingerprints.iter() {
+        for kv in self.scan(Space::Fingerprints, b"") {
             let (fp, key) = kv?;
             let known = CertKey::from_bytes(&key)
                 .ok()
                 .and_then(|k| certs.get(&k))
-                .is_some_and(|c| c.fingerprint.as_bytes() == fp.as_ref());
+                .is_some_and(|c| c.fingerprint.as_bytes() == fp.as_slice());
             if !known {
                 problem(format!(
                     "fingerprint index entry {} matches no certificate",
@@ -1511,7 +1541,7 @@ impl Registry {
             }
         }
         let mut indexed = 0;
-        for kv in self.by_status.iter() {
+        for kv in self.scan(Space::ByStatus, b"") {
             let (k, _) = kv?;
             indexed += 1;
             let key = String::from_utf8_lossy(&k).into_owned();
@@ -1534,7 +1564,7 @@ impl Registry {
             ));
         }
         let mut last = None;
-        for kv in self.audit.iter() {
+        for kv in self.scan(Space::Audit, b"") {
             let (k, v) = kv?;
             match decode::<AuditEntry>("audit entry", &v) {
                 Ok(e) if Some(e.seq) <= last => {
@@ -1545,7 +1575,7 @@ impl Registry {
             }
             r.audit_entries += 1;
         }
-        for kv in self.manufacturers.iter() {
+        for kv in self.scan(Space::Manufacturers, b"") {
             let (_, v) = kv?;
             if let Err(e) = decode::<ManufacturerRecord>("manufacturer", &v) {
                 problem(e.to_string());
@@ -1558,12 +1588,12 @@ impl Registry {
     }
 
     pub fn device_count(&self) -> usize {
-        self.devices.len()
+        self.store.len(Space::Devices).unwrap_or(0)
     }
 
     /// Flushes everything written so far (for shutdown).
     pub fn flush(&self) -> Result<(), Error> {
-        self.db.flush()?;
+        self.store.flush()?;
         Ok(())
     }
 }
@@ -1632,15 +1662,15 @@ mod tests {
         assert_eq!((clean.devices, clean.certificates), (2, 2));
 
         // A lost status index entry, a dangling fingerprint, a stale mirror.
-        r.by_status
-            .remove(status_key(Status::Suspended, &id))
-            .unwrap();
         let key = CertKey::new(None, &cert.issuer, cert.serial.clone());
-        r.fingerprints.insert(b"feed", key.to_bytes()).unwrap();
-        let mut c: CertRecord =
-            decode("c", &r.certs.get(key.to_bytes()).unwrap().unwrap()).unwrap();
-        c.device_status = Status::Active;
-        r.certs.insert(key.to_bytes(), encode(&c)).unwrap();
+        r.transact(|tx| {
+            tx.by_status.remove(status_key(Status::Suspended, &id))?;
+            tx.fingerprints.insert(b"feed", key.to_bytes())?;
+            let mut c: CertRecord = decode("c", &tx.certs.get(key.to_bytes())?.unwrap())?;
+            c.device_status = Status::Active;
+            tx.certs.insert(key.to_bytes(), encode(&c))
+        })
+        .unwrap();
         let report = r.check().unwrap();
         let all = report.problems.join("\n");
         assert!(
@@ -1682,27 +1712,28 @@ mod tests {
         // Write it back as version 1 did: certificates by serial, devices
         // listing serials, no device_manufacturer mirror, no schema mark.
         let r = &auth.registry;
-        for k in &keys {
-            let v = r.certs.remove(k.to_bytes()).unwrap().unwrap();
-            let mut c: serde_json::Value = serde_json::from_slice(&v).unwrap();
-            c.as_object_mut().unwrap().remove("device_manufacturer");
-            r.certs.insert(k.serial.as_bytes(), encode(&c)).unwrap();
-            let fp = c["fingerprint"].as_str().unwrap().to_owned();
-            r.fingerprints
-                .insert(fp.as_bytes(), k.serial.as_bytes())
-                .unwrap();
-        }
-        for kv in r.devices.iter() {
-            let (id, v) = kv.unwrap();
-            let mut d: serde_json::Value = serde_json::from_slice(&v).unwrap();
-            for c in d["certificates"].as_array_mut().unwrap() {
-                let serial = c.as_str().unwrap().split(':').next().unwrap().to_owned();
-                *c = serde_json::Value::String(serial);
+        let devices: Vec<_> = r.scan(Space::Devices, b"").map(Result::unwrap).collect();
+        r.transact(|tx| {
+            for k in &keys {
+                let v = tx.certs.get(k.to_bytes())?.unwrap();
+                tx.certs.remove(k.to_bytes())?;
+                let mut c: serde_json::Value = serde_json::from_slice(&v).unwrap();
+                c.as_object_mut().unwrap().remove("device_manufacturer");
+                tx.certs.insert(k.serial.as_bytes(), encode(&c))?;
+                let fp = c["fingerprint"].as_str().unwrap().to_owned();
+                tx.fingerprints.insert(fp.as_bytes(), k.serial.as_bytes())?;
             }
-            r.devices.insert(id, encode(&d)).unwrap();
-        }
-        r.meta.remove("schema").unwrap();
-        r.flush().unwrap();
+            for (id, v) in &devices {
+                let mut d: serde_json::Value = serde_json::from_slice(v).unwrap();
+                for c in d["certificates"].as_array_mut().unwrap() {
+                    let serial = c.as_str().unwrap().split(':').next().unwrap().to_owned();
+                    *c = serde_json::Value::String(serial);
+                }
+                tx.devices.insert(id, encode(&d))?;
+            }
+            tx.meta.remove("schema")
+        })
+        .unwrap();
         drop(auth);
 
         let r = Registry::open(&path).unwrap();

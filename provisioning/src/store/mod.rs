@@ -1,0 +1,252 @@
+//! The registry's storage seam: named key spaces of bytes, read one key or
+//! a range at a time, written by atomic commits that hold only if what the
+//! writer read is still there (compare-and-swap), plus global counters.
+//! [`SledStore`] is the embedded default; a shared store (etcd) lets
+//! several nodes hold one registry.
+//!
+//! [`Txn`] is the registry's unit of work over a store: reads go through
+//! (and are remembered), writes are buffered and read back, and the commit
+//! applies them only if every remembered read still holds; on a conflict
+//! the registry runs the work again.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+
+use crate::Error;
+
+mod sled_store;
+
+pub use sled_store::SledStore;
+
+/// The registry's key spaces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Space {
+    Devices,
+    Certs,
+    Fingerprints,
+    ByStatus,
+    Audit,
+    Meta,
+    Manufacturers,
+    Claims,
+    Challenges,
+}
+
+impl Space {
+    pub const ALL: [Space; 9] = [
+        Self::Devices,
+        Self::Certs,
+        Self::Fingerprints,
+        Self::ByStatus,
+        Self::Audit,
+        Self::Meta,
+        Self::Manufacturers,
+        Self::Claims,
+        Self::Challenges,
+    ];
+
+    /// Its name in the store.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Devices => "devices",
+            Self::Certs => "certs",
+            Self::Fingerprints => "fingerprints",
+            Self::ByStatus => "by_status",
+            Self::Audit => "audit",
+            Self::Meta => "meta",
+            Self::Manufacturers => "manufacturers",
+            Self::Claims => "claims",
+            Self::Challenges => "challenges",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// A key and its value.
+pub type Kv = (Vec<u8>, Vec<u8>);
+
+/// Entries of a scan, in key order.
+pub type Entries<'a> = Box<dyn Iterator<Item = Result<Kv, Error>> + 'a>;
+
+/// A transaction's reads or writes by key (`None`: absent, or deleted).
+type ByKey = RefCell<BTreeMap<(Space, Vec<u8>), Option<Vec<u8>>>>;
+
+/// What a transaction read: the commit holds only if it still holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Read {
+    pub space: Space,
+    pub key: Vec<u8>,
+    /// `None`: the key was absent.
+    pub value: Option<Vec<u8>>,
+}
+
+/// What a transaction writes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Write {
+    pub space: Space,
+    pub key: Vec<u8>,
+    /// `None`: delete the key.
+    pub value: Option<Vec<u8>>,
+}
+
+/// Where the registry keeps its records.
+pub trait Store: Send + Sync + std::fmt::Debug {
+    fn get(&self, space: Space, key: &[u8]) -> Result<Option<Vec<u8>>, Error>;
+
+    /// The entries of `space` whose keys start with `prefix`, from `start`
+    /// on (inclusive; empty for the first), in key order.
+    fn scan<'a>(&'a self, space: Space, prefix: &[u8], start: &[u8]) -> Entries<'a>;
+
+    /// How many entries `space` holds.
+    fn len(&self, space: Space) -> Result<usize, Error>;
+
+    /// Applies `writes` atomically if every one of `reads` still holds;
+    /// `Ok(false)` (nothing written) if one does not. Durable on return.
+    fn commit(&self, reads: &[Read], writes: &[Write]) -> Result<bool, Error>;
+
+    /// [`Store::commit`], not yet durable: [`Store::flush`] before
+    /// acknowledging anything (a batch shares one flush).
+    fn commit_unflushed(&self, reads: &[Read], writes: &[Write]) -> Result<bool, Error>;
+
+    /// The next value of the counter `name`, increasing across every user
+    /// of the store.
+    fn next(&self, name: &str) -> Result<u64, Error>;
+
+    fn flush(&self) -> Result<(), Error>;
+}
+
+/// One unit of work over a store (see the module doc). Not `Sync`: one
+/// thread runs it.
+#[derive(Debug)]
+pub struct Txn<'s> {
+    store: &'s dyn Store,
+    reads: ByKey,
+    writes: ByKey,
+}
+
+impl<'s> Txn<'s> {
+    pub fn new(store: &'s dyn Store) -> Self {
+        Self {
+            store,
+            reads: RefCell::default(),
+            writes: RefCell::default(),
+        }
+    }
+
+    /// The value of `key`: this transaction's own write if any, else the
+    /// store's (remembered for the commit's check).
+    pub fn get(&self, space: Space, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
+        let k = (space, key.to_vec());
+        if let Some(w) = self.writes.borrow().get(&k) {
+            return Ok(w.clone());
+        }
+        if let Some(r) = self.reads.borrow().get(&k) {
+            return Ok(r.clone());
+        }
+        let v = self.store.get(space, key)?;
+        self.reads.borrow_mut().insert(k, v.clone());
+        Ok(v)
+    }
+
+    pub fn insert(&self, space: Space, key: &[u8], value: &[u8]) {
+        self.writes
+            .borrow_mut()
+            .insert((space, key.to_vec()), Some(value.to_vec()));
+    }
+
+    pub fn remove(&self, space: Space, key: &[u8]) {
+        self.writes.borrow_mut().insert((space, key.to_vec()), None);
+    }
+
+    /// The next value of a global counter (not undone if the transaction
+    /// is retried or fails: a gap, never a repeat).
+    pub fn next(&self, name: &str) -> Result<u64, Error> {
+        self.store.next(name)
+    }
+
+    /// Commits: whether it held (see [`Store::commit`]).
+    pub fn commit(self, durable: bool) -> Result<bool, Error> {
+        let reads: Vec<Read> = self
+            .reads
+            .into_inner()
+            .into_iter()
+            .map(|((space, key), value)| Read { space, key, value })
+            .collect();
+        let writes: Vec<Write> = self
+            .writes
+            .into_inner()
+            .into_iter()
+            .map(|((space, key), value)| Write { space, key, value })
+            .collect();
+        if writes.is_empty() {
+            return Ok(true);
+        }
+        if durable {
+            self.store.commit(&reads, &writes)
+        } else {
+            self.store.commit_unflushed(&reads, &writes)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, SledStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(&dir.path().join("db")).unwrap();
+        (dir, s)
+    }
+
+    #[test]
+    fn a_commit_holds_only_if_what_was_read_still_is() {
+        let (_d, s) = store();
+        let a = Txn::new(&s);
+        assert_eq!(a.get(Space::Devices, b"d").unwrap(), None);
+        a.insert(Space::Devices, b"d", b"first");
+        // Reads its own write.
+        assert_eq!(
+            a.get(Space::Devices, b"d").unwrap().as_deref(),
+            Some(&b"first"[..])
+        );
+        // Another writer gets there first.
+        let b = Txn::new(&s);
+        assert_eq!(b.get(Space::Devices, b"d").unwrap(), None);
+        b.insert(Space::Devices, b"d", b"second");
+        assert!(b.commit(true).unwrap());
+        assert!(
+            !a.commit(true).unwrap(),
+            "a read an absent key that is now there"
+        );
+        assert_eq!(
+            s.get(Space::Devices, b"d").unwrap().as_deref(),
+            Some(&b"second"[..])
+        );
+        // A delete, and a scan by prefix from a start.
+        let c = Txn::new(&s);
+        for k in ["p/1", "p/2", "p/3", "q/1"] {
+            c.insert(Space::ByStatus, k.as_bytes(), b"");
+        }
+        c.remove(Space::Devices, b"d");
+        assert!(c.commit(true).unwrap());
+        assert_eq!(s.get(Space::Devices, b"d").unwrap(), None);
+        let keys: Vec<Vec<u8>> = s
+            .scan(Space::ByStatus, b"p/", b"p/2")
+            .map(|kv| kv.unwrap().0)
+            .collect();
+        assert_eq!(keys, [b"p/2".to_vec(), b"p/3".to_vec()]);
+        assert_eq!(s.len(Space::ByStatus).unwrap(), 4);
+    }
+
+    #[test]
+    fn counters_increase() {
+        let (_d, s) = store();
+        let a = s.next("audit").unwrap();
+        let b = s.next("audit").unwrap();
+        assert!(b > a);
+    }
+}

@@ -1,0 +1,139 @@
+//! The embedded store: one sled database, a tree per [`Space`]. Commits
+//! are sled transactions across the trees that check the reads first.
+
+use std::path::Path;
+
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::Transactional;
+
+use super::{Entries, Read, Space, Store, Write};
+use crate::Error;
+
+#[derive(Clone, Debug)]
+pub struct SledStore {
+    db: sled::Db,
+    /// Indexed by [`Space::index`].
+    trees: Vec<sled::Tree>,
+}
+
+impl SledStore {
+    /// Opens (or creates) the database at `path`.
+    pub fn open(path: &Path) -> Result<Self, Error> {
+        let db = sled::Config::new()
+            .path(path)
+            // We flush explicitly before acknowledging; no need for a timer.
+            .flush_every_ms(None)
+            .open()
+            .map_err(|e| match &e {
+                // sled holds an exclusive lock on its files while open (and
+                // reports a taken one as an `Other` error naming the lock).
+                sled::Error::Io(io)
+                    if io.kind() == std::io::ErrorKind::WouldBlock
+                        || io.to_string().contains("could not acquire lock") =>
+                {
+                    Error::DataDir {
+                        path: path.to_owned(),
+                        reason: "another fleetgate is using this data dir (its registry is \
+                                 locked); stop it first, or pass another --data-dir"
+                            .into(),
+                    }
+                }
+                _ => Error::from(e),
+            })?;
+        let trees = Space::ALL
+            .iter()
+            .map(|s| db.open_tree(s.name()))
+            .collect::<Result<_, _>>()?;
+        Ok(Self { db, trees })
+    }
+
+    /// The database, for what lives beside the registry on one node (MQTT
+    /// sessions).
+    pub fn db(&self) -> &sled::Db {
+        &self.db
+    }
+
+    fn tree(&self, space: Space) -> &sled::Tree {
+        &self.trees[space.index()]
+    }
+
+    fn apply(&self, reads: &[Read], writes: &[Write]) -> Result<bool, Error> {
+        /// A read that no longer holds.
+        struct Conflict;
+        let done = self.trees[..].transaction(|t| {
+            for r in reads {
+                let now = t[r.space.index()].get(&r.key)?;
+                if now.as_deref() != r.value.as_deref() {
+                    return Err(ConflictableTransactionError::Abort(Conflict));
+                }
+            }
+            for w in writes {
+                let tree = &t[w.space.index()];
+                match &w.value {
+                    Some(v) => tree.insert(w.key.as_slice(), v.as_slice())?,
+                    None => tree.remove(w.key.as_slice())?,
+                };
+            }
+            Ok(())
+        });
+        match done {
+            Ok(()) => Ok(true),
+            Err(TransactionError::Abort(Conflict)) => Ok(false),
+            Err(TransactionError::Storage(e)) => Err(Error::from(e)),
+        }
+    }
+}
+
+impl Store for SledStore {
+    fn get(&self, space: Space, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
+        Ok(self.tree(space).get(key)?.map(|v| v.to_vec()))
+    }
+
+    fn scan<'a>(&'a self, space: Space, prefix: &[u8], start: &[u8]) -> Entries<'a> {
+        let prefix = prefix.to_vec();
+        let from = if start > prefix.as_slice() {
+            start.to_vec()
+        } else {
+            prefix.clone()
+        };
+        Box::new(
+            self.tree(space)
+                .range(from..)
+                .take_while(move |kv| match kv {
+                    Ok((k, _)) => k.starts_with(&prefix),
+                    Err(_) => true,
+                })
+                .map(|kv| {
+                    kv.map(|(k, v)| (k.to_vec(), v.to_vec()))
+                        .map_err(Error::from)
+                }),
+        )
+    }
+
+    fn len(&self, space: Space) -> Result<usize, Error> {
+        Ok(self.tree(space).len())
+    }
+
+    fn commit(&self, reads: &[Read], writes: &[Write]) -> Result<bool, Error> {
+        let held = self.apply(reads, writes)?;
+        if held {
+            self.db.flush()?;
+        }
+        Ok(held)
+    }
+
+    fn commit_unflushed(&self, reads: &[Read], writes: &[Write]) -> Result<bool, Error> {
+        self.apply(reads, writes)
+    }
+
+    fn next(&self, _name: &str) -> Result<u64, Error> {
+        // One monotonic id generator for the database, as the audit log
+        // always used: durable across restarts, never repeated.
+        Ok(self.db.generate_id()?)
+    }
+
+    fn flush(&self) -> Result<(), Error> {
+        self.db.flush()?;
+        Ok(())
+    }
+}
