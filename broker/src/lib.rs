@@ -4,6 +4,7 @@
 pub mod api;
 pub mod cli;
 pub mod client;
+pub mod etcd;
 pub mod events;
 pub mod https;
 pub mod metrics;

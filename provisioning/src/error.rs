@@ -75,6 +75,11 @@ pub enum Error {
     #[error("registry storage: {0}")]
     Storage(String),
 
+    /// The shared store cannot be reached or has no quorum: nothing was
+    /// written.
+    #[error("registry storage unavailable: {0}")]
+    Unavailable(String),
+
     #[error("registry record is corrupt: {0}")]
     Corrupt(String),
 

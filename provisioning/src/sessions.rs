@@ -226,6 +226,13 @@ fn decode(b: &[u8]) -> Result<Message, Error> {
 }
 
 impl SessionStore {
+    /// This node's own sessions store at `path` (a node whose registry is
+    /// shared keeps its devices' MQTT sessions to itself).
+    pub fn open_at(path: &std::path::Path) -> Result<Self, Error> {
+        let db = sled::Config::new().path(path).flush_every_ms(None).open()?;
+        Self::open(&db)
+    }
+
     pub(crate) fn open(db: &sled::Db) -> Result<Self, Error> {
         Ok(Self {
             sessions: db.open_tree("sessions")?,

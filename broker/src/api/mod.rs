@@ -156,6 +156,15 @@ impl From<Error> for ApiError {
             Error::ProofOfPossession { .. } => (S::BAD_REQUEST, "proof_of_possession_failed"),
             Error::ClaimExhausted { .. } => (S::CONFLICT, "claim_exhausted"),
             Error::QuotaExceeded { .. } => (S::TOO_MANY_REQUESTS, "quota_exceeded"),
+            Error::Unavailable(_) => {
+                tracing::error!(error = %e, "registry store unavailable: nothing was changed or acknowledged");
+                return Self::new(
+                    S::SERVICE_UNAVAILABLE,
+                    "storage_unavailable",
+                    "the shared registry store (etcd) cannot be reached or has no quorum; the \
+                     change was not acknowledged. Try again.",
+                );
+            }
             Error::Storage(_) | Error::Io { .. } => {
                 tracing::error!(error = %e, "registry write failed: nothing was changed or acknowledged");
                 return Self::new(

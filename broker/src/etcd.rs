@@ -1,0 +1,332 @@
+//! The shared registry store: an etcd cluster, through etcd's own JSON
+//! gateway to its v3 API (`POST /v3/kv/range`, `/v3/kv/txn`), which every
+//! etcd 3.4+ member serves on its client port. (The gRPC crate would add a
+//! protobuf compiler to every build of fleetgate; the gateway needs the
+//! HTTP client fleetgate already has.)
+//!
+//! Every node's registry is the same keys, `fleetgate/<space>/<key>`. A
+//! commit is one etcd transaction: a compare for every key the writer read
+//! (its value, or that it is absent), then the writes, applied only if all
+//! compares hold. etcd answers once a majority of members has the commit,
+//! so a commit that returned is durable and `flush` has nothing to do.
+//! Without a majority, requests fail: [`provisioning::Error::Unavailable`],
+//! nothing written.
+//!
+//! The registry is synchronous; calls run on the store's own runtime and
+//! the caller waits, from any thread, as it would on a disk.
+
+use std::sync::mpsc;
+use std::time::Duration;
+
+use anyhow::Context;
+use base64ct::{Base64, Encoding};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use provisioning::store::{Entries, Read, Space, Store, Write};
+use provisioning::Error;
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+
+/// Keys per range request when scanning.
+const PAGE: u64 = 512;
+
+/// How long one request to one member may take.
+const TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The registry in an etcd cluster.
+#[derive(Debug)]
+pub struct EtcdStore {
+    /// Members' client addresses, `host:port`; tried in turn.
+    endpoints: Vec<String>,
+    /// Key prefix, `fleetgate/` unless a caller chose another.
+    root: Vec<u8>,
+    rt: tokio::runtime::Runtime,
+}
+
+fn b64(b: &[u8]) -> String {
+    Base64::encode_string(b)
+}
+
+fn unb64(v: &Value) -> Vec<u8> {
+    v.as_str()
+        .and_then(|s| Base64::decode_vec(s).ok())
+        .unwrap_or_default()
+}
+
+/// etcd's JSON carries 64-bit integers as strings.
+fn int(v: &Value) -> u64 {
+    match v {
+        Value::String(s) => s.parse().unwrap_or(0),
+        Value::Number(n) => n.as_u64().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// The first key after every key starting with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // All 0xff (or empty): to the end of the keyspace.
+    vec![0]
+}
+
+impl EtcdStore {
+    /// A store on the etcd members at `endpoints` (`host:port`), keys under
+    /// `root`; checks that one of them answers.
+    pub fn connect(endpoints: Vec<String>, root: &str) -> Result<Self, Error> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("etcd-store")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::Storage(format!("etcd store runtime: {e}")))?;
+        let store = Self {
+            endpoints,
+            root: root.as_bytes().to_vec(),
+            rt,
+        };
+        store.len(Space::Meta)?;
+        Ok(store)
+    }
+
+    /// POSTs `body` to `path` on the first member that answers.
+    fn post(&self, path: &'static str, body: Value) -> Result<Value, Error> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        let endpoints = self.endpoints.clone();
+        self.rt.spawn(async move {
+            let mut last = String::from("no etcd endpoints");
+            for e in &endpoints {
+                match tokio::time::timeout(TIMEOUT, post_one(e, path, &body)).await {
+                    Ok(Ok(Answer::Ok(v))) => {
+                        let _ = tx.send(Ok(v));
+                        return;
+                    }
+                    // The request itself is wrong: another member would
+                    // say the same.
+                    Ok(Ok(Answer::Refused(why))) => {
+                        let _ = tx.send(Err(Error::Storage(format!("etcd refused: {why}"))));
+                        return;
+                    }
+                    Ok(Err(err)) => last = format!("{e}: {err:#}"),
+                    Err(_) => last = format!("{e}: no answer within {TIMEOUT:?}"),
+                }
+            }
+            let _ = tx.send(Err(Error::Unavailable(format!("etcd: {last}"))));
+        });
+        rx.recv()
+            .unwrap_or_else(|_| Err(Error::Unavailable("etcd store stopped".into())))
+    }
+
+    fn space_prefix(&self, space: Space) -> Vec<u8> {
+        let mut k = self.root.clone();
+        k.extend_from_slice(space.name().as_bytes());
+        k.push(b'/');
+        k
+    }
+
+    fn key(&self, space: Space, key: &[u8]) -> Vec<u8> {
+        let mut k = self.space_prefix(space);
+        k.extend_from_slice(key);
+        k
+    }
+
+    fn txn(&self, compare: Vec<Value>, success: Vec<Value>) -> Result<bool, Error> {
+        let resp = self.post(
+            "/v3/kv/txn",
+            json!({ "compare": compare, "success": success }),
+        )?;
+        // `succeeded` is left out when false.
+        Ok(resp["succeeded"].as_bool().unwrap_or(false))
+    }
+
+    fn compare(&self, key: &[u8], value: Option<&[u8]>) -> Value {
+        match value {
+            Some(v) => {
+                json!({"key": b64(key), "target": "VALUE", "result": "EQUAL", "value": b64(v)})
+            }
+            None => {
+                json!({"key": b64(key), "target": "VERSION", "result": "EQUAL", "version": "0"})
+            }
+        }
+    }
+
+    fn commit_txn(&self, reads: &[Read], writes: &[Write]) -> Result<bool, Error> {
+        let compare = reads
+            .iter()
+            .map(|r| self.compare(&self.key(r.space, &r.key), r.value.as_deref()))
+            .collect();
+        let success = writes
+            .iter()
+            .map(|w| {
+                let k = b64(&self.key(w.space, &w.key));
+                match &w.value {
+                    Some(v) => json!({"request_put": {"key": k, "value": b64(v)}}),
+                    None => json!({"request_delete_range": {"key": k}}),
+                }
+            })
+            .collect();
+        self.txn(compare, success)
+    }
+}
+
+/// What one member said.
+enum Answer {
+    Ok(Value),
+    /// HTTP 4xx: a request no member will take.
+    Refused(String),
+}
+
+async fn post_one(endpoint: &str, path: &str, body: &Value) -> anyhow::Result<Answer> {
+    let tcp = TcpStream::connect(endpoint).await.context("connecting")?;
+    let _ = tcp.set_nodelay(true);
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .context("HTTP handshake")?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let req = Request::builder()
+        .method("POST")
+        .uri(path)
+        .header(hyper::header::HOST, endpoint)
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(serde_json::to_vec(body)?)))?;
+    let resp = sender.send_request(req).await.context("request")?;
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await?.to_bytes();
+    if status.is_client_error() {
+        let why = serde_json::from_slice::<Value>(&bytes)
+            .ok()
+            .and_then(|v| v["message"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
+        return Ok(Answer::Refused(why));
+    }
+    if !status.is_success() {
+        anyhow::bail!("HTTP {status}: {}", String::from_utf8_lossy(&bytes));
+    }
+    Ok(Answer::Ok(
+        serde_json::from_slice(&bytes).context("etcd's answer does not parse")?,
+    ))
+}
+
+impl Store for EtcdStore {
+    fn get(&self, space: Space, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
+        let resp = self.post("/v3/kv/range", json!({ "key": b64(&self.key(space, key)) }))?;
+        Ok(resp["kvs"]
+            .as_array()
+            .and_then(|kvs| kvs.first())
+            .map(|kv| unb64(&kv["value"])))
+    }
+
+    fn scan<'a>(&'a self, space: Space, prefix: &[u8], start: &[u8]) -> Entries<'a> {
+        let base = self.space_prefix(space);
+        let mut full = base.clone();
+        full.extend_from_slice(prefix);
+        let end = prefix_end(&full);
+        let mut from = full;
+        if start > prefix {
+            from = base.clone();
+            from.extend_from_slice(start);
+        }
+        let mut page: std::vec::IntoIter<(Vec<u8>, Vec<u8>)> = Vec::new().into_iter();
+        let mut done = false;
+        Box::new(std::iter::from_fn(move || loop {
+            if let Some((k, v)) = page.next() {
+                return Some(Ok((k.get(base.len()..).unwrap_or_default().to_vec(), v)));
+            }
+            if done {
+                return None;
+            }
+            let got = self.post(
+                "/v3/kv/range",
+                json!({ "key": b64(&from), "range_end": b64(&end), "limit": PAGE.to_string() }),
+            );
+            match got {
+                Ok(resp) => {
+                    let kvs: Vec<(Vec<u8>, Vec<u8>)> = resp["kvs"]
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .map(|kv| (unb64(&kv["key"]), unb64(&kv["value"])))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    done = !resp["more"].as_bool().unwrap_or(false) || kvs.is_empty();
+                    if let Some((last, _)) = kvs.last() {
+                        from = last.clone();
+                        from.push(0);
+                    }
+                    page = kvs.into_iter();
+                }
+                Err(e) => {
+                    done = true;
+                    return Some(Err(e));
+                }
+            }
+        }))
+    }
+
+    fn len(&self, space: Space) -> Result<usize, Error> {
+        let start = self.space_prefix(space);
+        let resp = self.post(
+            "/v3/kv/range",
+            json!({ "key": b64(&start), "range_end": b64(&prefix_end(&start)), "count_only": true }),
+        )?;
+        Ok(usize::try_from(int(&resp["count"])).unwrap_or(usize::MAX))
+    }
+
+    fn commit(&self, reads: &[Read], writes: &[Write]) -> Result<bool, Error> {
+        self.commit_txn(reads, writes)
+    }
+
+    fn commit_unflushed(&self, reads: &[Read], writes: &[Write]) -> Result<bool, Error> {
+        self.commit_txn(reads, writes)
+    }
+
+    fn next(&self, name: &str) -> Result<u64, Error> {
+        // Compare-and-swap on the counter: one global order for every node.
+        let mut key = self.root.clone();
+        key.extend_from_slice(b"counters/");
+        key.extend_from_slice(name.as_bytes());
+        loop {
+            let resp = self.post("/v3/kv/range", json!({ "key": b64(&key) }))?;
+            let old = resp["kvs"]
+                .as_array()
+                .and_then(|kvs| kvs.first())
+                .map(|kv| unb64(&kv["value"]));
+            let n = old
+                .as_deref()
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map_or(0, u64::from_be_bytes)
+                + 1;
+            let put = json!({"request_put": {"key": b64(&key), "value": b64(&n.to_be_bytes())}});
+            if self.txn(vec![self.compare(&key, old.as_deref())], vec![put])? {
+                return Ok(n);
+            }
+        }
+    }
+
+    fn flush(&self) -> Result<(), Error> {
+        // A commit that returned is on a majority of members already.
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_ends() {
+        assert_eq!(prefix_end(b"a/"), b"a0".to_vec());
+        assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
+        assert_eq!(prefix_end(b"\xff"), vec![0]);
+    }
+}

@@ -1,0 +1,203 @@
+//! The registry over a real etcd (Debian `etcd-server`, installed by
+//! `.ci/run`, started here on loopback ports): two registries on one etcd
+//! behave as two nodes on one registry.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use broker::etcd::EtcdStore;
+use provisioning::sessions::SessionStore;
+use provisioning::store::{Space, Store, Txn};
+use provisioning::{
+    Authority, DeviceId, Error, Identity, InitOptions, NewDevice, Registry, RevocationReason, Role,
+    Standing, DEFAULT_CERT_LIFETIME,
+};
+use tests::require_tool;
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One etcd member on loopback; killed when dropped.
+struct Etcd {
+    child: Child,
+    client: String,
+}
+
+impl Etcd {
+    fn start(dir: &Path) -> Self {
+        require_tool("etcd");
+        let (client, peer) = (free_port(), free_port());
+        let client = format!("127.0.0.1:{client}");
+        let child = Command::new("etcd")
+            .arg("--data-dir")
+            .arg(dir)
+            .args(["--name", "m1"])
+            .args(["--listen-client-urls", &format!("http://{client}")])
+            .args(["--advertise-client-urls", &format!("http://{client}")])
+            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
+            .args([
+                "--initial-advertise-peer-urls",
+                &format!("http://127.0.0.1:{peer}"),
+            ])
+            .args(["--initial-cluster", &format!("m1=http://127.0.0.1:{peer}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let etcd = Etcd { child, client };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while EtcdStore::connect(vec![etcd.client.clone()], "probe/").is_err() {
+            assert!(Instant::now() < deadline, "etcd did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        etcd
+    }
+
+    fn store(&self) -> EtcdStore {
+        EtcdStore::connect(vec![self.client.clone()], "fleetgate/").unwrap()
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_commit_holds_only_if_what_was_read_still_is() {
+    let tmp = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&tmp.path().join("etcd"));
+    let s = etcd.store();
+    let a = Txn::new(&s);
+    assert_eq!(a.get(Space::Devices, b"d").unwrap(), None);
+    a.insert(Space::Devices, b"d", b"first");
+    let b = Txn::new(&s);
+    assert_eq!(b.get(Space::Devices, b"d").unwrap(), None);
+    b.insert(Space::Devices, b"d", b"second");
+    assert!(b.commit(true).unwrap());
+    assert!(
+        !a.commit(true).unwrap(),
+        "a read an absent key that is now there"
+    );
+    assert_eq!(
+        s.get(Space::Devices, b"d").unwrap().as_deref(),
+        Some(&b"second"[..])
+    );
+    // Scans page through more than one range request. (etcd takes at most
+    // 128 operations in one transaction by default.)
+    for chunk in 0..11u32 {
+        let c = Txn::new(&s);
+        for i in chunk * 100..(chunk + 1) * 100 {
+            c.insert(Space::ByStatus, format!("p/{i:05}").as_bytes(), b"");
+        }
+        assert!(c.commit(true).unwrap());
+    }
+    let c = Txn::new(&s);
+    c.insert(Space::ByStatus, b"q/1", b"");
+    assert!(c.commit(true).unwrap());
+    let keys: Vec<Vec<u8>> = s
+        .scan(Space::ByStatus, b"p/", b"p/00100")
+        .map(|kv| kv.unwrap().0)
+        .collect();
+    assert_eq!(keys.len(), 1000);
+    assert_eq!(keys[0], b"p/00100".to_vec());
+    assert_eq!(s.len(Space::ByStatus).unwrap(), 1101);
+    // Too many operations for one etcd transaction: a clear error, nothing
+    // written.
+    let big = Txn::new(&s);
+    for i in 0..200u32 {
+        big.insert(Space::Claims, format!("c/{i}").as_bytes(), b"");
+    }
+    match big.commit(true) {
+        Err(Error::Storage(why)) => assert!(why.contains("too many operations"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(s.len(Space::Claims).unwrap(), 0);
+    // Counters go up, whoever asks.
+    let other = etcd.store();
+    let (x, y) = (s.next("audit").unwrap(), other.next("audit").unwrap());
+    assert!(y > x);
+}
+
+#[test]
+fn two_nodes_share_one_registry() {
+    let tmp = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&tmp.path().join("etcd"));
+    // The CA signs; both registries are the same etcd keys.
+    let auth = Authority::open_or_init(&tmp.path().join("data"), &InitOptions::default()).unwrap();
+    let node = |n: &str| {
+        Registry::over(
+            Arc::new(etcd.store()),
+            SessionStore::open_at(&tmp.path().join(format!("sessions-{n}"))).unwrap(),
+        )
+        .unwrap()
+    };
+    let (one, two) = (node("1"), node("2"));
+
+    let key = rcgen::KeyPair::generate().unwrap();
+    let id = DeviceId::try_new("dev-1").unwrap();
+    let identity = Identity {
+        role: Role::Device,
+        id: id.clone(),
+    };
+    let cert = auth
+        .ca
+        .issue(&key, &identity, DEFAULT_CERT_LIFETIME)
+        .unwrap();
+    let new = NewDevice {
+        id: id.clone(),
+        role: Role::Device,
+        manufacturer: None,
+    };
+    one.enroll(&new, &cert, "node-1").unwrap();
+    // Enrolled on node 1, in good standing on node 2.
+    let (_, standing) = two.standing(&cert.key()).unwrap().unwrap();
+    assert_eq!(standing, Standing::Good);
+    // The same id on node 2 is taken.
+    assert!(matches!(
+        two.enroll(&new, &cert, "node-2"),
+        Err(Error::AlreadyExists { .. })
+    ));
+    // Revoked on node 2: node 1 reads it revoked.
+    two.revoke(&id, RevocationReason::KeyCompromise, "node-2")
+        .unwrap();
+    let (_, standing) = one.standing(&cert.key()).unwrap().unwrap();
+    assert!(matches!(standing, Standing::Revoked(_)), "{standing:?}");
+    // One audit log, one order; CRL numbers go up across nodes.
+    let audit = one.audit(None, 100).unwrap().items;
+    let actions: Vec<&str> = audit.iter().map(|e| e.action.as_str()).collect();
+    assert_eq!(actions, ["enroll", "revoke"]);
+    assert!(audit[0].seq < audit[1].seq);
+    let a = one.next_crl_number("issuing").unwrap();
+    let b = two.next_crl_number("issuing").unwrap();
+    let c = one.next_crl_number("issuing").unwrap();
+    assert_eq!((b, c), (a + 1, a + 2));
+    assert!(one.check().unwrap().problems.is_empty());
+}
+
+#[test]
+fn without_etcd_writes_fail_and_nothing_is_acknowledged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut etcd = Etcd::start(&tmp.path().join("etcd"));
+    let store = etcd.store();
+    let _ = etcd.child.kill();
+    let _ = etcd.child.wait();
+    let t = Txn::new(&store);
+    t.insert(Space::Devices, b"d", b"x");
+    match t.commit(true) {
+        Err(Error::Unavailable(why)) => assert!(why.contains("etcd"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+}
