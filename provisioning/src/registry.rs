@@ -1600,6 +1600,55 @@ impl Registry {
 
 /// Now, to the second: revocation times travel in OCSP and CRLs as
 /// GeneralizedTime without fractions.
+/// What committed writes seen as key changes (a shared store's watch,
+/// another node's writes) mean for this node's live connections: a device
+/// revoked or suspended, a certificate revoked, manufacturers changed (and
+/// one revoked). Records that do not parse are skipped: the writer checked
+/// them.
+pub fn changes_from(events: &[(Space, Vec<u8>, Option<Vec<u8>>)]) -> Vec<Change> {
+    let mut out = Vec::new();
+    let mut manufacturers = false;
+    for (space, _key, value) in events {
+        match (space, value) {
+            (Space::Devices, Some(v)) => {
+                if let Ok(d) = decode::<DeviceRecord>("device", v) {
+                    if matches!(d.status, Status::Revoked | Status::Suspended) {
+                        out.push(Change::DeviceOut {
+                            id: d.id,
+                            status: d.status,
+                        });
+                    }
+                }
+            }
+            (Space::Certs, Some(v)) => {
+                if let Ok(c) = decode::<CertRecord>("certificate", v) {
+                    if c.revocation.is_some() {
+                        out.push(Change::CertificateRevoked { key: c.key() });
+                    }
+                }
+            }
+            (Space::Manufacturers, v) => {
+                manufacturers = true;
+                if let Some(Ok(m)) = v
+                    .as_ref()
+                    .map(|v| decode::<ManufacturerRecord>("manufacturer", v))
+                {
+                    if m.status == ManufacturerStatus::Revoked {
+                        out.push(Change::ManufacturerRevoked {
+                            name: m.name.to_string(),
+                        });
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    if manufacturers {
+        out.push(Change::Manufacturers);
+    }
+    out
+}
+
 /// The OCSP responder's statuses, read from this registry.
 impl crate::ocsp::StandingLookup for Registry {
     fn lookup(&self, key: &CertKey) -> Result<Option<crate::ocsp::Looked>, Error> {
@@ -1683,6 +1732,58 @@ mod tests {
             "{all}"
         );
         assert_eq!(report.problems.len(), 3, "{all}");
+    }
+
+    #[test]
+    fn key_changes_say_what_live_connections_must_do() {
+        let tmp = tempfile::tempdir().unwrap();
+        let auth = Authority::open_or_init(tmp.path(), &InitOptions::default()).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let id = DeviceId::try_new("dev-1").unwrap();
+        let identity = crate::Identity {
+            role: Role::Device,
+            id: id.clone(),
+        };
+        let cert = auth
+            .ca
+            .issue(&key, &identity, DEFAULT_CERT_LIFETIME)
+            .unwrap();
+        let new = NewDevice {
+            id: id.clone(),
+            role: Role::Device,
+            manufacturer: None,
+        };
+        let r = &auth.registry;
+        let d = r.enroll(&new, &cert, "test").unwrap();
+        let record = |space, k: Vec<u8>| {
+            let v = r.store.get(space, &k).unwrap();
+            (space, k, v)
+        };
+        // Enrolled: nothing for live connections.
+        let enrolled = [
+            record(Space::Devices, id.as_str().as_bytes().to_vec()),
+            record(Space::Certs, cert.key().to_bytes()),
+        ];
+        assert!(changes_from(&enrolled).is_empty());
+        r.suspend(&id, "test").unwrap();
+        let suspended = [record(Space::Devices, id.as_str().as_bytes().to_vec())];
+        assert!(matches!(
+            changes_from(&suspended).as_slice(),
+            [Change::DeviceOut { id: i, status: Status::Suspended }] if *i == d.id
+        ));
+        r.revoke_certificate(&cert.key(), RevocationReason::KeyCompromise, "test")
+            .unwrap();
+        let revoked = [record(Space::Certs, cert.key().to_bytes())];
+        assert!(matches!(
+            changes_from(&revoked).as_slice(),
+            [Change::CertificateRevoked { key: k }] if *k == cert.key()
+        ));
+        // A manufacturer's key changed (even deleted): trust anchors reload.
+        let gone = [(Space::Manufacturers, b"acme".to_vec(), None)];
+        assert!(matches!(
+            changes_from(&gone).as_slice(),
+            [Change::Manufacturers]
+        ));
     }
 
     #[test]
