@@ -1605,11 +1605,11 @@ impl Registry {
 /// revoked or suspended, a certificate revoked, manufacturers changed (and
 /// one revoked). Records that do not parse are skipped: the writer checked
 /// them.
-pub fn changes_from(events: &[(Space, Vec<u8>, Option<Vec<u8>>)]) -> Vec<Change> {
+pub fn changes_from(events: &[crate::store::Write]) -> Vec<Change> {
     let mut out = Vec::new();
     let mut manufacturers = false;
-    for (space, _key, value) in events {
-        match (space, value) {
+    for e in events {
+        match (e.space, &e.value) {
             (Space::Devices, Some(v)) => {
                 if let Ok(d) = decode::<DeviceRecord>("device", v) {
                     if matches!(d.status, Status::Revoked | Status::Suspended) {
@@ -1755,9 +1755,9 @@ mod tests {
         };
         let r = &auth.registry;
         let d = r.enroll(&new, &cert, "test").unwrap();
-        let record = |space, k: Vec<u8>| {
-            let v = r.store.get(space, &k).unwrap();
-            (space, k, v)
+        let record = |space, key: Vec<u8>| {
+            let value = r.store.get(space, &key).unwrap();
+            crate::store::Write { space, key, value }
         };
         // Enrolled: nothing for live connections.
         let enrolled = [
@@ -1779,7 +1779,11 @@ mod tests {
             [Change::CertificateRevoked { key: k }] if *k == cert.key()
         ));
         // A manufacturer's key changed (even deleted): trust anchors reload.
-        let gone = [(Space::Manufacturers, b"acme".to_vec(), None)];
+        let gone = [crate::store::Write {
+            space: Space::Manufacturers,
+            key: b"acme".to_vec(),
+            value: None,
+        }];
         assert!(matches!(
             changes_from(&gone).as_slice(),
             [Change::Manufacturers]
