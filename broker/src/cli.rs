@@ -92,6 +92,11 @@ struct ServeArgs {
     /// Admin API address (HTTPS, mutual TLS).
     #[arg(long, default_value = "127.0.0.1:8443")]
     api_listen: SocketAddr,
+    /// Where the registry lives: the embedded one in the data dir (the
+    /// default), or `etcd://host:port[,host:port...]`, an etcd cluster that
+    /// several nodes share (each with the same CA in its data dir).
+    #[arg(long, value_parser = parse_store)]
+    store: Option<EtcdEndpoints>,
     /// MQTT address (TLS only, client certificates required).
     #[arg(long, default_value = "127.0.0.1:8883")]
     mqtt_listen: SocketAddr,
@@ -487,9 +492,34 @@ fn init_tracing() {
         .init();
 }
 
+/// The etcd members' client addresses of `--store`.
+#[derive(Clone, Debug)]
+struct EtcdEndpoints(Vec<String>);
+
+/// `etcd://host:port[,host:port...]`: the members' client addresses.
+fn parse_store(s: &str) -> Result<EtcdEndpoints, String> {
+    let Some(list) = s.strip_prefix("etcd://") else {
+        return Err(format!(
+            "{s:?}: the store is etcd://host:port[,host:port...] (leave --store out for the \
+             embedded registry)"
+        ));
+    };
+    let endpoints: Vec<String> = list
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if endpoints.is_empty() || endpoints.iter().any(|e| !e.contains(':')) {
+        return Err(format!("{s:?}: every etcd member is host:port"));
+    }
+    Ok(EtcdEndpoints(endpoints))
+}
+
 async fn serve_cmd(args: ServeArgs) -> ExitCode {
     let cfg = ServeConfig {
         data_dir: args.data_dir,
+        store: args.store.map(|e| e.0),
         api_listen: args.api_listen,
         mqtt_listen: args.mqtt_listen,
         ocsp_listen: args.ocsp_listen,

@@ -35,6 +35,9 @@ const PAGE: u64 = 512;
 /// How long one request to one member may take.
 const TIMEOUT: Duration = Duration::from_secs(3);
 
+/// Work for the store's own thread.
+type Job = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
 /// The registry in an etcd cluster.
 #[derive(Debug)]
 pub struct EtcdStore {
@@ -42,7 +45,9 @@ pub struct EtcdStore {
     endpoints: Vec<String>,
     /// Key prefix, `fleetgate/` unless a caller chose another.
     root: Vec<u8>,
-    rt: tokio::runtime::Runtime,
+    /// Into the store's own thread and runtime (which end when the store
+    /// is dropped, wherever that is).
+    jobs: tokio::sync::mpsc::UnboundedSender<Job>,
 }
 
 fn b64(b: &[u8]) -> String {
@@ -81,16 +86,25 @@ impl EtcdStore {
     /// A store on the etcd members at `endpoints` (`host:port`), keys under
     /// `root`; checks that one of them answers.
     pub fn connect(endpoints: Vec<String>, root: &str) -> Result<Self, Error> {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("etcd-store")
+        let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|e| Error::Storage(format!("etcd store runtime: {e}")))?;
+        let (jobs, mut rx) = tokio::sync::mpsc::unbounded_channel::<Job>();
+        std::thread::Builder::new()
+            .name("etcd-store".into())
+            .spawn(move || {
+                rt.block_on(async move {
+                    while let Some(job) = rx.recv().await {
+                        tokio::spawn(job);
+                    }
+                });
+            })
+            .map_err(|e| Error::Storage(format!("etcd store thread: {e}")))?;
         let store = Self {
             endpoints,
             root: root.as_bytes().to_vec(),
-            rt,
+            jobs,
         };
         store.len(Space::Meta)?;
         Ok(store)
@@ -100,7 +114,7 @@ impl EtcdStore {
     fn post(&self, path: &'static str, body: Value) -> Result<Value, Error> {
         let (tx, rx) = mpsc::sync_channel(1);
         let endpoints = self.endpoints.clone();
-        self.rt.spawn(async move {
+        let _ = self.jobs.send(Box::pin(async move {
             let mut last = String::from("no etcd endpoints");
             for e in &endpoints {
                 match tokio::time::timeout(TIMEOUT, post_one(e, path, &body)).await {
@@ -119,7 +133,7 @@ impl EtcdStore {
                 }
             }
             let _ = tx.send(Err(Error::Unavailable(format!("etcd: {last}"))));
-        });
+        }));
         rx.recv()
             .unwrap_or_else(|_| Err(Error::Unavailable("etcd store stopped".into())))
     }
@@ -174,6 +188,113 @@ impl EtcdStore {
             .collect();
         self.txn(compare, success)
     }
+}
+
+impl EtcdStore {
+    /// Follows every change under the store's root, as other nodes (and
+    /// this one) commit them, calling `on` with each batch, in etcd's
+    /// order. Reconnects (to the next member) and resumes from the
+    /// revision after the last one seen. Runs until the store is dropped.
+    pub fn watch(&self, on: impl Fn(Vec<Write>) + Send + Sync + 'static) {
+        let (endpoints, root) = (self.endpoints.clone(), self.root.clone());
+        let _ = self.jobs.send(Box::pin(async move {
+            let mut from: Option<u64> = None;
+            loop {
+                for e in &endpoints {
+                    if let Err(err) = watch_one(e, &root, &mut from, &on).await {
+                        tracing::warn!(endpoint = %e, error = %format!("{err:#}"), "etcd: watch interrupted; resuming");
+                    }
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }));
+    }
+}
+
+/// One watch stream from one member, until it ends.
+async fn watch_one(
+    endpoint: &str,
+    root: &[u8],
+    from: &mut Option<u64>,
+    on: &(impl Fn(Vec<Write>) + Send + Sync),
+) -> anyhow::Result<()> {
+    let tcp = TcpStream::connect(endpoint).await.context("connecting")?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .context("HTTP handshake")?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut create = json!({ "key": b64(root), "range_end": b64(&prefix_end(root)) });
+    if let Some(rev) = from {
+        create["start_revision"] = json!(rev.to_string());
+    }
+    let body = serde_json::to_vec(&json!({ "create_request": create }))?;
+    let req = Request::builder()
+        .method("POST")
+        .uri("/v3/watch")
+        .header(hyper::header::HOST, endpoint)
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body)))?;
+    let resp = sender.send_request(req).await.context("watch request")?;
+    if !resp.status().is_success() {
+        anyhow::bail!("HTTP {}", resp.status());
+    }
+    let mut body = resp.into_body();
+    let mut buf: Vec<u8> = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.context("watch stream")?.into_data() else {
+            continue;
+        };
+        buf.extend_from_slice(&data);
+        // The gateway sends one JSON object a line.
+        while let Some(end) = buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=end).collect();
+            let Ok(v) = serde_json::from_slice::<Value>(&line) else {
+                continue;
+            };
+            let result = &v["result"];
+            let events = result["events"].as_array().cloned().unwrap_or_default();
+            let mut writes = Vec::new();
+            for e in &events {
+                let kv = &e["kv"];
+                let rev = int(&kv["mod_revision"]);
+                if rev > 0 {
+                    *from = Some(from.unwrap_or(0).max(rev + 1));
+                }
+                let key = unb64(&kv["key"]);
+                let Some(rest) = key.strip_prefix(root) else {
+                    continue;
+                };
+                let Some(slash) = rest.iter().position(|b| *b == b'/') else {
+                    continue;
+                };
+                let Some(space) = Space::ALL
+                    .into_iter()
+                    .find(|s| s.name().as_bytes() == &rest[..slash])
+                else {
+                    continue;
+                };
+                let deleted = e["type"].as_str() == Some("DELETE");
+                writes.push(Write {
+                    space,
+                    key: rest[slash + 1..].to_vec(),
+                    value: (!deleted).then(|| unb64(&kv["value"])),
+                });
+            }
+            if from.is_none() {
+                // Created: from the revision it started at.
+                let rev = int(&result["header"]["revision"]);
+                if rev > 0 {
+                    *from = Some(rev + 1);
+                }
+            }
+            if !writes.is_empty() {
+                on(writes);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// What one member said.

@@ -20,6 +20,9 @@ use crate::tls::ServerTls;
 #[derive(Clone, Debug)]
 pub struct ServeConfig {
     pub data_dir: PathBuf,
+    /// etcd members' client addresses for a shared registry; `None` for
+    /// the embedded one.
+    pub store: Option<Vec<String>>,
     pub api_listen: SocketAddr,
     pub mqtt_listen: SocketAddr,
     pub ocsp_listen: SocketAddr,
@@ -47,6 +50,8 @@ pub struct Server {
     prometheus: Option<TcpListener>,
     metrics: Arc<Metrics>,
     status: Arc<StatusService>,
+    /// The shared registry's store, when on etcd.
+    etcd: Option<Arc<crate::etcd::EtcdStore>>,
 }
 
 impl Server {
@@ -62,9 +67,23 @@ impl Server {
             None => format!("http://{}", ocsp.local_addr()?),
         };
         let dir = cfg.data_dir.clone();
+        let etcd = match cfg.store.clone() {
+            Some(endpoints) => Some(Arc::new(
+                tokio::task::spawn_blocking(move || {
+                    crate::etcd::EtcdStore::connect(endpoints, "fleetgate/")
+                })
+                .await
+                .context("connecting to etcd")?
+                .context("the registry's etcd cluster")?,
+            )),
+            None => None,
+        };
         let opts = InitOptions {
             server_sans: cfg.server_sans.clone(),
             status_url: Some(status_url),
+            store: etcd
+                .clone()
+                .map(|e| e as Arc<dyn provisioning::store::Store>),
         };
         let metrics = Arc::new(Metrics::default());
         let (auth, status) = tokio::task::spawn_blocking({
@@ -101,6 +120,7 @@ impl Server {
             ocsp,
             metrics,
             status,
+            etcd,
         })
     }
 
@@ -138,12 +158,19 @@ impl Server {
             self.cfg.mqtt.clone(),
         );
         // The one events follower: committed writes, applied to this node.
+        // On etcd, other nodes' writes reach the feed through the watch.
         let (follower, applied) = crate::events::spawn(
             self.auth.registry.clone(),
             broker.clone(),
             tls.clone(),
             self.status.clone(),
         );
+        if let Some(etcd) = &self.etcd {
+            let registry = self.auth.registry.clone();
+            etcd.watch(move |writes| {
+                registry.announce_remote(provisioning::registry::changes_from(&writes));
+            });
+        }
         let state = AppState {
             auth: self.auth.clone(),
             cert_lifetime: self.cfg.cert_lifetime,

@@ -122,6 +122,34 @@ struct Marker {
     created_at: OffsetDateTime,
 }
 
+/// The registry `opts` names, which must belong to this data dir's CA: a
+/// shared registry records the first node's root, and a node with another
+/// refuses to start (its devices' certificates would not verify anywhere
+/// else). The CA's private keys never leave the data dir.
+fn open_registry(paths: &Paths, opts: &InitOptions, ca: &Ca) -> Result<Registry, Error> {
+    let registry = match &opts.store {
+        None => Registry::open(&paths.registry())?,
+        Some(store) => Registry::over(
+            store.clone(),
+            crate::sessions::SessionStore::open_at(&paths.registry())?,
+        )?,
+    };
+    let root = ring::digest::digest(&ring::digest::SHA256, ca.root_pem().trim().as_bytes());
+    let root: String = root.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    if let Some(theirs) = registry.claim_root(&root)? {
+        return Err(Error::DataDir {
+            path: paths.dir.clone(),
+            reason: format!(
+                "this data dir's root CA (SHA-256 of ca.crt {root}) is not the registry's \
+                 ({theirs}): every node of a cluster needs the same CA. Copy ca/, ca.crt, \
+                 admin.crt and admin.key from a node of the cluster into an empty data dir \
+                 (with a fleetgate.json), or start this node on its own registry"
+            ),
+        });
+    }
+    Ok(registry)
+}
+
 /// Options for opening (and, the first time, creating) a data dir.
 #[derive(Clone, Debug, Default)]
 pub struct InitOptions {
@@ -130,6 +158,10 @@ pub struct InitOptions {
     /// The public base URL of the OCSP/CRL service (`http://host:port`),
     /// written into issued certificates' AIA and CRL Distribution Points.
     pub status_url: Option<String>,
+    /// Where the registry lives: `None` for the embedded sled registry in
+    /// the data dir; a shared store (etcd) for a node of a cluster, whose
+    /// devices' MQTT sessions stay in the data dir.
+    pub store: Option<std::sync::Arc<dyn crate::store::Store>>,
 }
 
 /// A certificate the CA just issued.
@@ -627,7 +659,7 @@ impl Authority {
         write_file(&paths.ca_cert(), root_cert.pem().as_bytes(), false)?;
 
         let ca = load_ca(&paths, opts.status_url.clone())?;
-        let registry = Registry::open(&paths.registry())?;
+        let registry = open_registry(&paths, opts, &ca)?;
         let auth = Self {
             paths,
             ca,
@@ -691,7 +723,7 @@ impl Authority {
             check_private(&key)?;
         }
         let ca = load_ca(&paths, opts.status_url.clone())?;
-        let registry = Registry::open(&paths.registry())?;
+        let registry = open_registry(&paths, opts, &ca)?;
         let auth = Self {
             paths,
             ca,

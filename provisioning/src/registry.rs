@@ -1125,6 +1125,26 @@ impl Registry {
         Ok(d)
     }
 
+    /// Records `root` (the hex SHA-256 of the CA root) as this registry's,
+    /// if none is yet; returns the one recorded if it differs.
+    pub fn claim_root(&self, root: &str) -> Result<Option<String>, Error> {
+        self.transact(|tx| match tx.meta.get(b"ca-root")? {
+            None => {
+                tx.meta.insert(b"ca-root", root.as_bytes())?;
+                Ok(None)
+            }
+            Some(v) if v == root.as_bytes() => Ok(None),
+            Some(v) => Ok(Some(String::from_utf8_lossy(&v).into_owned())),
+        })
+    }
+
+    /// Announces what another node committed (seen on a shared store's
+    /// stream of changes): this node's follower applies it, and caches
+    /// built before it are stale.
+    pub fn announce_remote(&self, changes: Vec<Change>) {
+        self.feed.announce(changes);
+    }
+
     /// The revision of the last committed write (caches of answers built
     /// from the registry compare it).
     pub fn revision(&self) -> u64 {

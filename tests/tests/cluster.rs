@@ -1,0 +1,141 @@
+//! Two fleetgate nodes on one etcd (`serve --store etcd://...`): a device
+//! enrolled through one is admitted by the other; a revocation on one cuts
+//! the device's live session on the other and its OCSP answers at once.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use broker::etcd::EtcdStore;
+use tests::mqtt::{client, connected, until_closed};
+use tests::{require_tool, run, Server};
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Etcd {
+    child: Child,
+    client: String,
+}
+
+impl Etcd {
+    fn start(dir: &Path) -> Self {
+        require_tool("etcd");
+        let (client, peer) = (free_port(), free_port());
+        let client = format!("127.0.0.1:{client}");
+        let child = Command::new("etcd")
+            .arg("--data-dir")
+            .arg(dir)
+            .args(["--name", "m1"])
+            .args(["--listen-client-urls", &format!("http://{client}")])
+            .args(["--advertise-client-urls", &format!("http://{client}")])
+            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
+            .args([
+                "--initial-advertise-peer-urls",
+                &format!("http://127.0.0.1:{peer}"),
+            ])
+            .args(["--initial-cluster", &format!("m1=http://127.0.0.1:{peer}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let etcd = Etcd { child, client };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while EtcdStore::connect(vec![etcd.client.clone()], "probe/").is_err() {
+            assert!(Instant::now() < deadline, "etcd did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        etcd
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Copies a node's data dir for another node: the same CA, keys and
+/// admin credentials, not its own registry files.
+fn copy_data_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let name = e.file_name();
+        if name == "registry" {
+            continue;
+        }
+        let dst = to.join(&name);
+        if e.file_type().unwrap().is_dir() {
+            copy_data_dir(&e.path(), &dst);
+        } else {
+            std::fs::copy(e.path(), &dst).unwrap();
+        }
+    }
+}
+
+fn openssl_ocsp(node: &Server, cert: &Path) -> String {
+    require_tool("openssl");
+    let (ok, text) = run(Command::new("openssl")
+        .arg("ocsp")
+        .arg("-issuer")
+        .arg(node.data_dir.join("ca/issuing.crt"))
+        .arg("-cert")
+        .arg(cert)
+        .args(["-url", &node.ocsp_url(), "-CAfile"])
+        .arg(node.data_dir.join("ca.crt")));
+    assert!(ok, "openssl ocsp failed: {text}");
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_on_one_node_cuts_the_device_on_the_other() {
+    let tmp = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&tmp.path().join("etcd"));
+    let store = format!("etcd://{}", etcd.client);
+    let one = Server::start_with(&tmp.path().join("one"), &["--store", &store]).unwrap();
+    copy_data_dir(&one.data_dir, &tmp.path().join("two"));
+    let two = Server::start_with(&tmp.path().join("two"), &["--store", &store]).unwrap();
+
+    // Enrolled through node one; connected to node two.
+    let dev = one.enroll(&tmp.path().join("d"), "device", "dev-1");
+    let (_c, mut ev) = client(two.mqtt, &dev, "dev-1");
+    connected(&mut ev).await;
+    assert!(openssl_ocsp(&two, &dev.cert).contains(": good"));
+    // Node two cached that answer; node one is asked too.
+    assert!(openssl_ocsp(&one, &dev.cert).contains(": good"));
+
+    // Revoked through node one: node two cuts the live session.
+    one.cli_ok(&["device", "revoke", "dev-1"]);
+    let why = until_closed(&mut ev, Duration::from_secs(10)).await;
+    assert!(why.is_some(), "node two did not cut the revoked device");
+    assert!(two.wait_for_log("connection cut", Duration::from_secs(5)));
+    // Both nodes' OCSP say revoked.
+    for node in [&one, &two] {
+        let text = openssl_ocsp(node, &dev.cert);
+        assert!(text.contains(": revoked"), "{text}");
+    }
+    // And node two refuses it at the handshake.
+    assert!(tests::mqtt::refused(two.mqtt, &dev).await);
+}
+
+#[test]
+fn a_node_with_another_ca_refuses_to_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&tmp.path().join("etcd"));
+    let store = format!("etcd://{}", etcd.client);
+    let _one = Server::start_with(&tmp.path().join("one"), &["--store", &store]).unwrap();
+    // A fresh data dir makes a CA of its own: not the cluster's.
+    let err = Server::start_with(&tmp.path().join("other"), &["--store", &store]).unwrap_err();
+    let text = format!("{err:#}");
+    assert!(text.contains("not the registry's"), "{text}");
+}
