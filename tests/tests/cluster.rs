@@ -57,6 +57,75 @@ impl Etcd {
     }
 }
 
+/// A three-member etcd cluster on loopback.
+struct EtcdCluster {
+    members: Vec<Child>,
+    clients: Vec<String>,
+}
+
+impl EtcdCluster {
+    fn start(dir: &Path) -> Self {
+        require_tool("etcd");
+        let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+        let initial: Vec<String> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
+            .collect();
+        let initial = initial.join(",");
+        let mut members = Vec::new();
+        let mut clients = Vec::new();
+        for (i, (client, peer)) in ports.iter().enumerate() {
+            let client = format!("127.0.0.1:{client}");
+            members.push(
+                Command::new("etcd")
+                    .arg("--data-dir")
+                    .arg(dir.join(format!("m{i}")))
+                    .args(["--name", &format!("m{i}")])
+                    .args(["--listen-client-urls", &format!("http://{client}")])
+                    .args(["--advertise-client-urls", &format!("http://{client}")])
+                    .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
+                    .args([
+                        "--initial-advertise-peer-urls",
+                        &format!("http://127.0.0.1:{peer}"),
+                    ])
+                    .args(["--initial-cluster", &initial])
+                    .args(["--initial-cluster-state", "new"])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap(),
+            );
+            clients.push(client);
+        }
+        let cluster = EtcdCluster { members, clients };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while EtcdStore::connect(cluster.clients.clone(), "probe/").is_err() {
+            assert!(Instant::now() < deadline, "etcd cluster did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        cluster
+    }
+
+    fn url(&self) -> String {
+        format!("etcd://{}", self.clients.join(","))
+    }
+
+    fn kill(&mut self, i: usize) {
+        let _ = self.members[i].kill();
+        let _ = self.members[i].wait();
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for m in &mut self.members {
+            let _ = m.kill();
+            let _ = m.wait();
+        }
+    }
+}
+
 impl Drop for Etcd {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -138,4 +207,40 @@ fn a_node_with_another_ca_refuses_to_start() {
     let err = Server::start_with(&tmp.path().join("other"), &["--store", &store]).unwrap_err();
     let text = format!("{err:#}");
     assert!(text.contains("not the registry's"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_one_etcd_member_changes_nothing_and_losing_the_majority_refuses_writes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut etcd = EtcdCluster::start(&tmp.path().join("etcd"));
+    let store = etcd.url();
+    let one = Server::start_with(&tmp.path().join("one"), &["--store", &store]).unwrap();
+    copy_data_dir(&one.data_dir, &tmp.path().join("two"));
+    let two = Server::start_with(&tmp.path().join("two"), &["--store", &store]).unwrap();
+
+    // The first member in every node's list goes away.
+    etcd.kill(0);
+    let dev = one.enroll(&tmp.path().join("d"), "device", "dev-1");
+    let (_c, mut ev) = client(two.mqtt, &dev, "dev-1");
+    connected(&mut ev).await;
+    one.cli_ok(&["device", "revoke", "dev-1"]);
+    assert!(
+        until_closed(&mut ev, Duration::from_secs(15))
+            .await
+            .is_some(),
+        "node two did not cut the revoked device with one etcd member down"
+    );
+    assert!(openssl_ocsp(&two, &dev.cert).contains(": revoked"));
+
+    // Two of three gone: no quorum. A write is refused, not acknowledged.
+    etcd.kill(1);
+    let out = one.cli(
+        &["device", "enroll", "dev-2", "--out"]
+            .into_iter()
+            .chain([tmp.path().join("d").to_str().unwrap()])
+            .collect::<Vec<_>>(),
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("storage_unavailable"), "{err}");
 }
