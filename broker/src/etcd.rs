@@ -29,6 +29,9 @@ use provisioning::Error;
 use serde_json::{json, Value};
 use tokio::net::TcpStream;
 
+/// etcd's default limit of operations in one transaction (`--max-txn-ops`).
+const MAX_TXN_OPS: usize = 128;
+
 /// Keys per range request when scanning.
 const PAGE: u64 = 512;
 
@@ -437,6 +440,11 @@ impl Store for EtcdStore {
     fn flush(&self) -> Result<(), Error> {
         // A commit that returned is on a majority of members already.
         Ok(())
+    }
+
+    fn max_writes(&self) -> usize {
+        // etcd's default --max-txn-ops, for compares and writes alike.
+        MAX_TXN_OPS
     }
 }
 

@@ -1020,9 +1020,41 @@ impl Registry {
             reason,
             at: now_seconds(),
         };
-        self.transact(|tx| {
+        // One transaction where the store takes it (sled); on a store that
+        // bounds a transaction's operations (etcd: 128), chunks of devices,
+        // each its own transaction, and the answer only once all are
+        // durable. A device is revoked in one transaction either way, and
+        // revoking is idempotent: a crash half way leaves a part revoked,
+        // which the operator's retry completes.
+        let per = (self.store.max_writes() / 8).max(1);
+        let mut out = BulkRevocation::default();
+        for chunk in unique.chunks(per) {
+            let part = self.revoke_chunk(chunk, revocation, actor)?;
+            out.revoked.extend(part.revoked);
+            out.not_found.extend(part.not_found);
+            out.already_revoked.extend(part.already_revoked);
+        }
+        self.store.flush()?;
+        if !out.revoked.is_empty() {
+            self.feed.announce(vec![Change::DevicesRevoked {
+                ids: std::sync::Arc::new(out.revoked.clone()),
+            }]);
+        }
+        self.sessions.purge(&out.revoked)?;
+        Ok(out)
+    }
+
+    /// [`Registry::revoke_many`]'s work for some of its devices, in one
+    /// transaction, not yet durable.
+    fn revoke_chunk(
+        &self,
+        unique: &[&DeviceId],
+        revocation: Revocation,
+        actor: &str,
+    ) -> Result<BulkRevocation, Error> {
+        self.transact_unflushed(|tx| {
             let mut out = BulkRevocation::default();
-            for id in &unique {
+            for id in unique {
                 let d = match tx.devices.get(id.as_str()).map_err(storage)? {
                     Some(v) => decode::<DeviceRecord>("device", &v).or_else(abort)?,
                     None => {
@@ -1044,15 +1076,6 @@ impl Registry {
                 )?;
                 out.revoked.push((*id).clone());
             }
-            Ok(out)
-        })
-        .and_then(|out| {
-            if !out.revoked.is_empty() {
-                self.feed.announce(vec![Change::DevicesRevoked {
-                    ids: std::sync::Arc::new(out.revoked.clone()),
-                }]);
-            }
-            self.sessions.purge(&out.revoked)?;
             Ok(out)
         })
     }

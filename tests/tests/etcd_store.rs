@@ -201,3 +201,46 @@ fn without_etcd_writes_fail_and_nothing_is_acknowledged() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn a_bulk_revocation_larger_than_one_etcd_transaction() {
+    let tmp = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&tmp.path().join("etcd"));
+    let auth = Authority::open_or_init(&tmp.path().join("data"), &InitOptions::default()).unwrap();
+    let r = Registry::over(
+        Arc::new(etcd.store()),
+        SessionStore::open_at(&tmp.path().join("sessions")).unwrap(),
+    )
+    .unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut ids = Vec::new();
+    for i in 0..60 {
+        let id = DeviceId::try_new(format!("lot-{i:02}")).unwrap();
+        let identity = Identity {
+            role: Role::Device,
+            id: id.clone(),
+        };
+        let cert = auth
+            .ca
+            .issue(&key, &identity, DEFAULT_CERT_LIFETIME)
+            .unwrap();
+        let new = NewDevice {
+            id: id.clone(),
+            role: Role::Device,
+            manufacturer: None,
+        };
+        r.enroll(&new, &cert, "test").unwrap();
+        ids.push(id);
+    }
+    ids.push(DeviceId::try_new("nobody").unwrap());
+    // 60 devices' writes are several times etcd's 128 operations.
+    let out = r
+        .revoke_many(&ids, RevocationReason::KeyCompromise, "test")
+        .unwrap();
+    assert_eq!(out.revoked.len(), 60);
+    assert_eq!(out.not_found.len(), 1);
+    for id in &ids[..60] {
+        assert_eq!(r.device(id).unwrap().status, provisioning::Status::Revoked);
+    }
+    assert!(r.check().unwrap().problems.is_empty());
+}

@@ -116,6 +116,12 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn next(&self, name: &str) -> Result<u64, Error>;
 
     fn flush(&self) -> Result<(), Error>;
+
+    /// The most writes one commit may carry (etcd bounds a transaction's
+    /// operations); unbounded by default.
+    fn max_writes(&self) -> usize {
+        usize::MAX
+    }
 }
 
 /// One unit of work over a store (see the module doc). Not `Sync`: one
