@@ -15,7 +15,8 @@
 //! The registry is synchronous; calls run on the store's own runtime and
 //! the caller waits, from any thread, as it would on a disk.
 
-use std::sync::mpsc;
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -28,6 +29,8 @@ use provisioning::store::{Entries, Read, Space, Store, Write};
 use provisioning::Error;
 use serde_json::{json, Value};
 use tokio::net::TcpStream;
+
+use crate::metrics::Metrics;
 
 /// etcd's default limit of operations in one transaction (`--max-txn-ops`).
 const MAX_TXN_OPS: usize = 128;
@@ -51,6 +54,7 @@ pub struct EtcdStore {
     /// Into the store's own thread and runtime (which end when the store
     /// is dropped, wherever that is).
     jobs: tokio::sync::mpsc::UnboundedSender<Job>,
+    metrics: Arc<Metrics>,
 }
 
 fn b64(b: &[u8]) -> String {
@@ -89,6 +93,16 @@ impl EtcdStore {
     /// A store on the etcd members at `endpoints` (`host:port`), keys under
     /// `root`; checks that one of them answers.
     pub fn connect(endpoints: Vec<String>, root: &str) -> Result<Self, Error> {
+        Self::connect_counted(endpoints, root, Arc::default())
+    }
+
+    /// [`EtcdStore::connect`], counting requests, errors and watch events
+    /// into `metrics`.
+    pub fn connect_counted(
+        endpoints: Vec<String>,
+        root: &str,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, Error> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -108,6 +122,7 @@ impl EtcdStore {
             endpoints,
             root: root.as_bytes().to_vec(),
             jobs,
+            metrics,
         };
         store.len(Space::Meta)?;
         Ok(store)
@@ -115,6 +130,7 @@ impl EtcdStore {
 
     /// POSTs `body` to `path` on the first member that answers.
     fn post(&self, path: &'static str, body: Value) -> Result<Value, Error> {
+        let t0 = std::time::Instant::now();
         let (tx, rx) = mpsc::sync_channel(1);
         let endpoints = self.endpoints.clone();
         let _ = self.jobs.send(Box::pin(async move {
@@ -137,8 +153,14 @@ impl EtcdStore {
             }
             let _ = tx.send(Err(Error::Unavailable(format!("etcd: {last}"))));
         }));
-        rx.recv()
-            .unwrap_or_else(|_| Err(Error::Unavailable("etcd store stopped".into())))
+        let answer = rx
+            .recv()
+            .unwrap_or_else(|_| Err(Error::Unavailable("etcd store stopped".into())));
+        self.metrics.store_requests.observe(t0.elapsed());
+        if answer.is_err() {
+            self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+        }
+        answer
     }
 
     fn space_prefix(&self, space: Space) -> Vec<u8> {
@@ -200,11 +222,23 @@ impl EtcdStore {
     /// revision after the last one seen. Runs until the store is dropped.
     pub fn watch(&self, on: impl Fn(Vec<Write>) + Send + Sync + 'static) {
         let (endpoints, root) = (self.endpoints.clone(), self.root.clone());
+        let metrics = self.metrics.clone();
+        let on = move |writes: Vec<Write>| {
+            metrics
+                .store_watch_events
+                .fetch_add(writes.len() as u64, Ordering::Relaxed);
+            on(writes);
+        };
+        let metrics = self.metrics.clone();
         let _ = self.jobs.send(Box::pin(async move {
             let mut from: Option<u64> = None;
             loop {
                 for e in &endpoints {
-                    if let Err(err) = watch_one(e, &root, &mut from, &on).await {
+                    let ended = watch_one(e, &root, &mut from, &on).await;
+                    metrics
+                        .store_watch_interruptions
+                        .fetch_add(1, Ordering::Relaxed);
+                    if let Err(err) = ended {
                         tracing::warn!(endpoint = %e, error = %format!("{err:#}"), "etcd: watch interrupted; resuming");
                     }
                 }

@@ -163,6 +163,14 @@ pub struct Metrics {
     pub commands_refused: AtomicU64,
     /// Commands no session of the device subscribes to.
     pub commands_unrouted: AtomicU64,
+    /// Requests to a shared store (etcd), answered or not.
+    pub store_requests: Histogram,
+    /// Shared store requests no member answered (or refused).
+    pub store_errors: AtomicU64,
+    /// Changes other nodes committed, seen on the store's watch.
+    pub store_watch_events: AtomicU64,
+    /// Watch streams that ended and were resumed.
+    pub store_watch_interruptions: AtomicU64,
     refusals: [AtomicU64; Refusal::ALL.len()],
 }
 
@@ -315,6 +323,25 @@ impl Metrics {
             "Revocations and suspensions of devices, certificates and manufacturers.",
             self.revocations.load(Ordering::Relaxed).to_string(),
         );
+        for (name, help, v) in [
+            (
+                "fleetgate_store_errors_total",
+                "Shared store requests that no etcd member answered, or that etcd refused.",
+                &self.store_errors,
+            ),
+            (
+                "fleetgate_store_watch_events_total",
+                "Committed changes seen on the shared store's watch.",
+                &self.store_watch_events,
+            ),
+            (
+                "fleetgate_store_watch_interruptions_total",
+                "Watch streams on the shared store that ended and were resumed.",
+                &self.store_watch_interruptions,
+            ),
+        ] {
+            metric(name, "counter", help, v.load(Ordering::Relaxed).to_string());
+        }
         self.registry_writes.write(
             &mut out,
             "fleetgate_registry_write_seconds",
@@ -325,6 +352,12 @@ impl Metrics {
             "fleetgate_registry_lookup_seconds",
             "Registry lookups of a certificate's standing at admission.",
         );
+        self.store_requests.write(
+            &mut out,
+            "fleetgate_store_request_seconds",
+            "Requests to the shared registry store (etcd), from the first member tried to an answer.",
+        );
+
         let _ = writeln!(
             out,
             "# HELP fleetgate_refusals_total Refused clients and packets, by reason."

@@ -67,10 +67,14 @@ impl Server {
             None => format!("http://{}", ocsp.local_addr()?),
         };
         let dir = cfg.data_dir.clone();
+        let metrics = Arc::new(Metrics::default());
         let etcd = match cfg.store.clone() {
             Some(endpoints) => Some(Arc::new(
-                tokio::task::spawn_blocking(move || {
-                    crate::etcd::EtcdStore::connect(endpoints, "fleetgate/")
+                tokio::task::spawn_blocking({
+                    let metrics = metrics.clone();
+                    move || {
+                        crate::etcd::EtcdStore::connect_counted(endpoints, "fleetgate/", metrics)
+                    }
                 })
                 .await
                 .context("connecting to etcd")?
@@ -85,7 +89,6 @@ impl Server {
                 .clone()
                 .map(|e| e as Arc<dyn provisioning::store::Store>),
         };
-        let metrics = Arc::new(Metrics::default());
         let (auth, status) = tokio::task::spawn_blocking({
             let metrics = metrics.clone();
             move || -> anyhow::Result<_> {

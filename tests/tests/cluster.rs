@@ -173,7 +173,11 @@ async fn a_revocation_on_one_node_cuts_the_device_on_the_other() {
     let store = format!("etcd://{}", etcd.client);
     let one = Server::start_with(&tmp.path().join("one"), &["--store", &store]).unwrap();
     copy_data_dir(&one.data_dir, &tmp.path().join("two"));
-    let two = Server::start_with(&tmp.path().join("two"), &["--store", &store]).unwrap();
+    let two = Server::start_with(
+        &tmp.path().join("two"),
+        &["--store", &store, "--metrics-listen", "127.0.0.1:0"],
+    )
+    .unwrap();
 
     // Enrolled through node one; connected to node two.
     let dev = one.enroll(&tmp.path().join("d"), "device", "dev-1");
@@ -195,6 +199,23 @@ async fn a_revocation_on_one_node_cuts_the_device_on_the_other() {
     }
     // And node two refuses it at the handshake.
     assert!(tests::mqtt::refused(two.mqtt, &dev).await);
+    // Node two counted what its watch saw and its requests to etcd.
+    let url = format!("http://{}/metrics", two.metrics.unwrap());
+    let (ok, text) = run(Command::new("curl").args(["-sS", &url]));
+    assert!(ok, "{text}");
+    let value = |name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+            .parse()
+            .unwrap()
+    };
+    assert!(value("fleetgate_store_watch_events_total") >= 2, "{text}");
+    assert!(
+        value("fleetgate_store_request_seconds_count") >= 1,
+        "{text}"
+    );
+    assert_eq!(value("fleetgate_store_errors_total"), 0, "{text}");
 }
 
 #[test]
