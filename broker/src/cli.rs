@@ -97,6 +97,12 @@ struct ServeArgs {
     /// several nodes share (each with the same CA in its data dir).
     #[arg(long, value_parser = parse_store)]
     store: Option<EtcdEndpoints>,
+    /// With --store etcd: how long this node may answer admission from its
+    /// last view of the registry while etcd has no majority (devices it
+    /// knows are admitted, nothing is written); past it, new connections
+    /// are refused: it fails closed.
+    #[arg(long, default_value_t = 60)]
+    store_staleness_secs: u64,
     /// MQTT address (TLS only, client certificates required).
     #[arg(long, default_value = "127.0.0.1:8883")]
     mqtt_listen: SocketAddr,
@@ -520,6 +526,7 @@ async fn serve_cmd(args: ServeArgs) -> ExitCode {
     let cfg = ServeConfig {
         data_dir: args.data_dir,
         store: args.store.map(|e| e.0),
+        store_staleness: std::time::Duration::from_secs(args.store_staleness_secs),
         api_listen: args.api_listen,
         mqtt_listen: args.mqtt_listen,
         ocsp_listen: args.ocsp_listen,

@@ -15,8 +15,9 @@
 //! The registry is synchronous; calls run on the store's own runtime and
 //! the caller waits, from any thread, as it would on a disk.
 
-use std::sync::atomic::Ordering;
-use std::sync::{mpsc, Arc};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -55,7 +56,35 @@ pub struct EtcdStore {
     /// is dropped, wherever that is).
     jobs: tokio::sync::mpsc::UnboundedSender<Job>,
     metrics: Arc<Metrics>,
+    /// This node's last view of what admission reads (certificates,
+    /// devices, manufacturers): every value read, kept current by the
+    /// watch; answers reads only while etcd cannot, within `staleness`.
+    view: Arc<Mutex<View>>,
+    /// When a majority of etcd last answered (ms since the Unix epoch).
+    contact: Arc<AtomicU64>,
+    /// How old the view may be and still answer.
+    staleness: Duration,
 }
+
+/// Keys a node has read, and their values (`None`: absent).
+type View = HashMap<(Space, Vec<u8>), Option<Vec<u8>>>;
+
+/// Key spaces admission reads, kept in the node's view.
+fn viewed(space: Space) -> bool {
+    matches!(space, Space::Certs | Space::Devices | Space::Manufacturers)
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// How often a node checks that a majority of etcd answers.
+const HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// How old a node's view may be, by default, before it refuses.
+pub const DEFAULT_STALENESS: Duration = Duration::from_secs(60);
 
 fn b64(b: &[u8]) -> String {
     Base64::encode_string(b)
@@ -123,9 +152,70 @@ impl EtcdStore {
             root: root.as_bytes().to_vec(),
             jobs,
             metrics,
+            view: Arc::default(),
+            contact: Arc::new(AtomicU64::new(0)),
+            staleness: DEFAULT_STALENESS,
         };
         store.len(Space::Meta)?;
+        store.heartbeat();
         Ok(store)
+    }
+
+    /// How old this node's view may get while etcd has no majority before
+    /// reads fail too (and admission refuses: it fails closed).
+    pub fn with_staleness(mut self, staleness: Duration) -> Self {
+        self.staleness = staleness;
+        self
+    }
+
+    /// A linearizable read every [`HEARTBEAT`]: it succeeds only with a
+    /// majority of etcd, and says how current this node's view is.
+    fn heartbeat(&self) {
+        let (endpoints, contact) = (self.endpoints.clone(), self.contact.clone());
+        let body = json!({ "key": b64(&self.key(Space::Meta, b"schema")) });
+        let _ = self.jobs.send(Box::pin(async move {
+            loop {
+                for e in &endpoints {
+                    if let Ok(Ok(Answer::Ok(_))) =
+                        tokio::time::timeout(TIMEOUT, post_one(e, "/v3/kv/range", &body)).await
+                    {
+                        contact.store(now_ms(), Ordering::Relaxed);
+                        break;
+                    }
+                }
+                tokio::time::sleep(HEARTBEAT).await;
+            }
+        }));
+    }
+
+    /// How old this node's view is: since a majority last answered.
+    fn age(&self) -> Duration {
+        Duration::from_millis(now_ms().saturating_sub(self.contact.load(Ordering::Relaxed)))
+    }
+
+    /// A read from this node's last view, while it is recent enough.
+    fn read_view(&self, space: Space, key: &[u8], why: String) -> Result<Option<Vec<u8>>, Error> {
+        let age = self.age();
+        if age > self.staleness {
+            return Err(Error::Unavailable(format!(
+                "{why}; this node's view of the registry is {}s old, past its bound of {}s: \
+                 it refuses until etcd answers",
+                age.as_secs(),
+                self.staleness.as_secs()
+            )));
+        }
+        match self.lock_view().get(&(space, key.to_vec())) {
+            Some(v) => Ok(v.clone()),
+            None => Err(Error::Unavailable(format!(
+                "{why}; not in this node's view of the registry"
+            ))),
+        }
+    }
+
+    fn lock_view(&self) -> std::sync::MutexGuard<'_, View> {
+        self.view
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// POSTs `body` to `path` on the first member that answers.
@@ -157,8 +247,11 @@ impl EtcdStore {
             .recv()
             .unwrap_or_else(|_| Err(Error::Unavailable("etcd store stopped".into())));
         self.metrics.store_requests.observe(t0.elapsed());
-        if answer.is_err() {
-            self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+        match &answer {
+            Ok(_) => self.contact.store(now_ms(), Ordering::Relaxed),
+            Err(_) => {
+                self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+            }
         }
         answer
     }
@@ -222,11 +315,23 @@ impl EtcdStore {
     /// revision after the last one seen. Runs until the store is dropped.
     pub fn watch(&self, on: impl Fn(Vec<Write>) + Send + Sync + 'static) {
         let (endpoints, root) = (self.endpoints.clone(), self.root.clone());
-        let metrics = self.metrics.clone();
+        let (metrics, view) = (self.metrics.clone(), self.view.clone());
         let on = move |writes: Vec<Write>| {
             metrics
                 .store_watch_events
                 .fetch_add(writes.len() as u64, Ordering::Relaxed);
+            {
+                // Keys this node has read stay current.
+                let mut view = view
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                for w in &writes {
+                    let k = (w.space, w.key.clone());
+                    if let Some(v) = view.get_mut(&k) {
+                        v.clone_from(&w.value);
+                    }
+                }
+            }
             on(writes);
         };
         let metrics = self.metrics.clone();
@@ -376,11 +481,29 @@ async fn post_one(endpoint: &str, path: &str, body: &Value) -> anyhow::Result<An
 
 impl Store for EtcdStore {
     fn get(&self, space: Space, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
-        let resp = self.post("/v3/kv/range", json!({ "key": b64(&self.key(space, key)) }))?;
-        Ok(resp["kvs"]
-            .as_array()
-            .and_then(|kvs| kvs.first())
-            .map(|kv| unb64(&kv["value"])))
+        // Cut off from the majority (the heartbeat says so): the view
+        // answers at once, rather than every read waiting out etcd.
+        if viewed(space) && self.age() > 3 * HEARTBEAT {
+            return self.read_view(space, key, "no etcd majority answers".into());
+        }
+        match self.post("/v3/kv/range", json!({ "key": b64(&self.key(space, key)) })) {
+            Ok(resp) => {
+                let value = resp["kvs"]
+                    .as_array()
+                    .and_then(|kvs| kvs.first())
+                    .map(|kv| unb64(&kv["value"]));
+                if viewed(space) {
+                    self.lock_view()
+                        .insert((space, key.to_vec()), value.clone());
+                }
+                Ok(value)
+            }
+            // Without etcd: this node's last view, if it is recent enough
+            // (nothing can be committed without a majority meanwhile, but a
+            // node cut off from the majority cannot know that for long).
+            Err(Error::Unavailable(why)) if viewed(space) => self.read_view(space, key, why),
+            Err(e) => Err(e),
+        }
     }
 
     fn scan<'a>(&'a self, space: Space, prefix: &[u8], start: &[u8]) -> Entries<'a> {

@@ -23,6 +23,8 @@ pub struct ServeConfig {
     /// etcd members' client addresses for a shared registry; `None` for
     /// the embedded one.
     pub store: Option<Vec<String>>,
+    /// How old a node's view of an etcd registry may be and still admit.
+    pub store_staleness: Duration,
     pub api_listen: SocketAddr,
     pub mqtt_listen: SocketAddr,
     pub ocsp_listen: SocketAddr,
@@ -72,8 +74,10 @@ impl Server {
             Some(endpoints) => Some(Arc::new(
                 tokio::task::spawn_blocking({
                     let metrics = metrics.clone();
+                    let staleness = cfg.store_staleness;
                     move || {
                         crate::etcd::EtcdStore::connect_counted(endpoints, "fleetgate/", metrics)
+                            .map(|s| s.with_staleness(staleness))
                     }
                 })
                 .await

@@ -231,13 +231,18 @@ fn a_node_with_another_ca_refuses_to_start() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn losing_one_etcd_member_changes_nothing_and_losing_the_majority_refuses_writes() {
+async fn one_etcd_member_down_changes_nothing_and_without_a_majority_a_node_admits_from_its_view_for_a_bounded_time(
+) {
     let tmp = tempfile::tempdir().unwrap();
     let mut etcd = EtcdCluster::start(&tmp.path().join("etcd"));
     let store = etcd.url();
     let one = Server::start_with(&tmp.path().join("one"), &["--store", &store]).unwrap();
     copy_data_dir(&one.data_dir, &tmp.path().join("two"));
-    let two = Server::start_with(&tmp.path().join("two"), &["--store", &store]).unwrap();
+    let two = Server::start_with(
+        &tmp.path().join("two"),
+        &["--store", &store, "--store-staleness-secs", "8"],
+    )
+    .unwrap();
 
     // The first member in every node's list goes away.
     etcd.kill(0);
@@ -253,8 +258,20 @@ async fn losing_one_etcd_member_changes_nothing_and_losing_the_majority_refuses_
     );
     assert!(openssl_ocsp(&two, &dev.cert).contains(": revoked"));
 
+    // A device node two knows, still good.
+    let ok = one.enroll(&tmp.path().join("d"), "device", "dev-ok");
+    {
+        let (_o, mut okev) = client(two.mqtt, &ok, "dev-ok");
+        connected(&mut okev).await;
+    }
+
     // Two of three gone: no quorum. A write is refused, not acknowledged.
     etcd.kill(1);
+    // Node two admits what its last view knows, within its 8 s bound...
+    {
+        let (_o, mut okev) = client(two.mqtt, &ok, "dev-ok");
+        connected(&mut okev).await;
+    }
     let out = one.cli(
         &["device", "enroll", "dev-2", "--out"]
             .into_iter()
@@ -264,4 +281,8 @@ async fn losing_one_etcd_member_changes_nothing_and_losing_the_majority_refuses_
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("storage_unavailable"), "{err}");
+    // ... and past it refuses: it fails closed.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert!(tests::mqtt::refused(two.mqtt, &ok).await);
+    assert!(two.wait_for_log("past its bound", Duration::from_secs(5)));
 }
