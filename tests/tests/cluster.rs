@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use broker::etcd::EtcdStore;
 use tests::mqtt::{client, connected, until_closed};
-use tests::{require_tool, run, Server};
+use tests::{require_tool, run, Creds, Server};
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -285,4 +285,101 @@ async fn one_etcd_member_down_changes_nothing_and_without_a_majority_a_node_admi
     tokio::time::sleep(Duration::from_secs(8)).await;
     assert!(tests::mqtt::refused(two.mqtt, &ok).await);
     assert!(two.wait_for_log("past its bound", Duration::from_secs(5)));
+}
+
+/// A device key and certificate signed by `ca` with openssl, as a factory
+/// would: CN = `id`, clientAuth.
+fn factory_device(dir: &Path, node: &Server, ca_crt: &Path, ca_key: &Path, id: &str) -> Creds {
+    require_tool("openssl");
+    std::fs::create_dir_all(dir).unwrap();
+    let key = dir.join(format!("{id}.key"));
+    let csr = dir.join(format!("{id}.csr"));
+    let leaf = dir.join(format!("{id}.leaf"));
+    let (ok, out) = run(Command::new("openssl")
+        .args(["req", "-new", "-newkey", "ec", "-pkeyopt"])
+        .args(["ec_paramgen_curve:P-256", "-nodes", "-keyout"])
+        .arg(&key)
+        .args(["-subj", &format!("/CN={id}"), "-out"])
+        .arg(&csr));
+    assert!(ok, "{out}");
+    let ext = dir.join("device.ext");
+    std::fs::write(
+        &ext,
+        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n",
+    )
+    .unwrap();
+    let (ok, out) = run(Command::new("openssl")
+        .args(["x509", "-req", "-in"])
+        .arg(&csr)
+        .arg("-CA")
+        .arg(ca_crt)
+        .arg("-CAkey")
+        .arg(ca_key)
+        .args(["-CAcreateserial", "-days", "30", "-extfile"])
+        .arg(&ext)
+        .arg("-out")
+        .arg(&leaf));
+    assert!(ok, "{out}");
+    let chain = format!(
+        "{}{}",
+        std::fs::read_to_string(&leaf).unwrap(),
+        std::fs::read_to_string(ca_crt).unwrap()
+    );
+    let key = std::fs::read_to_string(&key).unwrap();
+    node.creds(dir, id, &chain, &key)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manufacturer_made_on_one_node_admits_its_device_on_another() {
+    let tmp = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&tmp.path().join("etcd"));
+    let store = format!("etcd://{}", etcd.client);
+    let one = Server::start_with(&tmp.path().join("one"), &["--store", &store]).unwrap();
+    copy_data_dir(&one.data_dir, &tmp.path().join("two"));
+    let two = Server::start_with(&tmp.path().join("two"), &["--store", &store]).unwrap();
+
+    // Created through node one, after node two started: node two's watch
+    // brings it (new trust anchors).
+    let out_dir = tmp.path().join("acme");
+    one.cli_ok(&[
+        "manufacturer",
+        "create",
+        "acme",
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    let dev = factory_device(
+        &tmp.path().join("f"),
+        &two,
+        &out_dir.join("acme.crt"),
+        &out_dir.join("acme.key"),
+        "acme-001",
+    );
+    // Node two admits it, registering it just in time in the shared
+    // registry; node one sees it registered.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_c, mut ev) = client(two.mqtt, &dev, "acme-001");
+        if tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match ev.poll().await {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => return true,
+                    Ok(_) => {}
+                    Err(_) => return false,
+                }
+            }
+        })
+        .await
+        .unwrap_or(false)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node two never admitted acme-001"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let shown = one.device_json("acme-001");
+    assert_eq!(shown["manufacturer"], "acme", "{shown}");
 }
