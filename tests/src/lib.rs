@@ -697,3 +697,152 @@ pub mod pki {
         out
     }
 }
+
+/// A certificate signed by a manufacturer's CA with stock openssl, as a
+/// factory would: a P-256 key, CN = `id`, clientAuth; written as creds for
+/// `server` (the chain is the leaf and the manufacturer CA).
+pub fn openssl_device(
+    dir: &Path,
+    server: &Server,
+    ca_crt: &Path,
+    ca_key: &Path,
+    id: &str,
+) -> Creds {
+    require_tool("openssl");
+    std::fs::create_dir_all(dir).expect("device dir");
+    let key = dir.join(format!("{id}.key"));
+    let csr = dir.join(format!("{id}.csr"));
+    let leaf = dir.join(format!("{id}.leaf"));
+    let (ok, out) = run(Command::new("openssl")
+        .args(["req", "-new", "-newkey", "ec", "-pkeyopt"])
+        .args(["ec_paramgen_curve:P-256", "-nodes", "-keyout"])
+        .arg(&key)
+        .args(["-subj", &format!("/CN={id}"), "-out"])
+        .arg(&csr));
+    assert!(ok, "{out}");
+    let ext = dir.join("device.ext");
+    std::fs::write(
+        &ext,
+        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n",
+    )
+    .expect("device.ext");
+    let (ok, out) = run(Command::new("openssl")
+        .args(["x509", "-req", "-in"])
+        .arg(&csr)
+        .arg("-CA")
+        .arg(ca_crt)
+        .arg("-CAkey")
+        .arg(ca_key)
+        .args(["-CAcreateserial", "-days", "30", "-extfile"])
+        .arg(&ext)
+        .arg("-out")
+        .arg(&leaf));
+    assert!(ok, "{out}");
+    let chain = format!(
+        "{}{}",
+        std::fs::read_to_string(&leaf).expect("leaf"),
+        std::fs::read_to_string(ca_crt).expect("manufacturer CA")
+    );
+    let key = std::fs::read_to_string(&key).expect("key");
+    server.creds(dir, id, &chain, &key)
+}
+
+/// Real etcd members on loopback ports (Debian `etcd-server`), killed
+/// when dropped.
+pub mod etcd {
+    use std::net::TcpListener;
+    use std::path::Path;
+    use std::process::{Child, Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    use broker::etcd::EtcdStore;
+
+    fn free_port() -> u16 {
+        TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port")
+    }
+
+    /// `n` members of one cluster, with data under `dir`.
+    #[derive(Debug)]
+    pub struct Etcd {
+        members: Vec<Child>,
+        /// The members' client addresses, `host:port`.
+        pub clients: Vec<String>,
+    }
+
+    impl Etcd {
+        /// One member.
+        pub fn start(dir: &Path) -> Self {
+            Self::cluster(dir, 1)
+        }
+
+        pub fn cluster(dir: &Path, n: usize) -> Self {
+            super::require_tool("etcd");
+            let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+            let initial = ports
+                .iter()
+                .enumerate()
+                .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
+                .collect::<Vec<_>>()
+                .join(",");
+            let mut etcd = Etcd {
+                members: Vec::new(),
+                clients: Vec::new(),
+            };
+            for (i, (client, peer)) in ports.iter().enumerate() {
+                let client = format!("127.0.0.1:{client}");
+                let peer = format!("http://127.0.0.1:{peer}");
+                etcd.members.push(
+                    Command::new("etcd")
+                        .arg("--data-dir")
+                        .arg(dir.join(format!("m{i}")))
+                        .args(["--name", &format!("m{i}")])
+                        .args(["--listen-client-urls", &format!("http://{client}")])
+                        .args(["--advertise-client-urls", &format!("http://{client}")])
+                        .args(["--listen-peer-urls", &peer])
+                        .args(["--initial-advertise-peer-urls", &peer])
+                        .args(["--initial-cluster", &initial])
+                        .args(["--initial-cluster-state", "new"])
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .spawn()
+                        .expect("starting etcd"),
+                );
+                etcd.clients.push(client);
+            }
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while EtcdStore::connect(etcd.clients.clone(), "probe/").is_err() {
+                assert!(Instant::now() < deadline, "etcd did not start");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            etcd
+        }
+
+        /// `--store` for a fleetgate node.
+        pub fn url(&self) -> String {
+            format!("etcd://{}", self.clients.join(","))
+        }
+
+        /// A registry store on every member.
+        pub fn store(&self) -> EtcdStore {
+            EtcdStore::connect(self.clients.clone(), "fleetgate/").expect("etcd store")
+        }
+
+        /// Kills member `i`.
+        pub fn kill(&mut self, i: usize) {
+            let _ = self.members[i].kill();
+            let _ = self.members[i].wait();
+        }
+    }
+
+    impl Drop for Etcd {
+        fn drop(&mut self) {
+            for m in &mut self.members {
+                let _ = m.kill();
+                let _ = m.wait();
+            }
+        }
+    }
+}

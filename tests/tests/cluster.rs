@@ -4,134 +4,13 @@
 
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
-use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use broker::etcd::EtcdStore;
+use tests::etcd::Etcd;
 use tests::mqtt::{client, connected, until_closed};
-use tests::{require_tool, run, Creds, Server};
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Etcd {
-    child: Child,
-    client: String,
-}
-
-impl Etcd {
-    fn start(dir: &Path) -> Self {
-        require_tool("etcd");
-        let (client, peer) = (free_port(), free_port());
-        let client = format!("127.0.0.1:{client}");
-        let child = Command::new("etcd")
-            .arg("--data-dir")
-            .arg(dir)
-            .args(["--name", "m1"])
-            .args(["--listen-client-urls", &format!("http://{client}")])
-            .args(["--advertise-client-urls", &format!("http://{client}")])
-            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
-            .args([
-                "--initial-advertise-peer-urls",
-                &format!("http://127.0.0.1:{peer}"),
-            ])
-            .args(["--initial-cluster", &format!("m1=http://127.0.0.1:{peer}")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let etcd = Etcd { child, client };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while EtcdStore::connect(vec![etcd.client.clone()], "probe/").is_err() {
-            assert!(Instant::now() < deadline, "etcd did not start");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        etcd
-    }
-}
-
-/// A three-member etcd cluster on loopback.
-struct EtcdCluster {
-    members: Vec<Child>,
-    clients: Vec<String>,
-}
-
-impl EtcdCluster {
-    fn start(dir: &Path) -> Self {
-        require_tool("etcd");
-        let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
-        let initial: Vec<String> = ports
-            .iter()
-            .enumerate()
-            .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
-            .collect();
-        let initial = initial.join(",");
-        let mut members = Vec::new();
-        let mut clients = Vec::new();
-        for (i, (client, peer)) in ports.iter().enumerate() {
-            let client = format!("127.0.0.1:{client}");
-            members.push(
-                Command::new("etcd")
-                    .arg("--data-dir")
-                    .arg(dir.join(format!("m{i}")))
-                    .args(["--name", &format!("m{i}")])
-                    .args(["--listen-client-urls", &format!("http://{client}")])
-                    .args(["--advertise-client-urls", &format!("http://{client}")])
-                    .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
-                    .args([
-                        "--initial-advertise-peer-urls",
-                        &format!("http://127.0.0.1:{peer}"),
-                    ])
-                    .args(["--initial-cluster", &initial])
-                    .args(["--initial-cluster-state", "new"])
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .unwrap(),
-            );
-            clients.push(client);
-        }
-        let cluster = EtcdCluster { members, clients };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while EtcdStore::connect(cluster.clients.clone(), "probe/").is_err() {
-            assert!(Instant::now() < deadline, "etcd cluster did not start");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        cluster
-    }
-
-    fn url(&self) -> String {
-        format!("etcd://{}", self.clients.join(","))
-    }
-
-    fn kill(&mut self, i: usize) {
-        let _ = self.members[i].kill();
-        let _ = self.members[i].wait();
-    }
-}
-
-impl Drop for EtcdCluster {
-    fn drop(&mut self) {
-        for m in &mut self.members {
-            let _ = m.kill();
-            let _ = m.wait();
-        }
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use tests::{require_tool, run, Server};
 
 /// Copies a node's data dir for another node: the same CA, keys and
 /// admin credentials, not its own registry files.
@@ -170,7 +49,7 @@ fn openssl_ocsp(node: &Server, cert: &Path) -> String {
 async fn a_revocation_on_one_node_cuts_the_device_on_the_other() {
     let tmp = tempfile::tempdir().unwrap();
     let etcd = Etcd::start(&tmp.path().join("etcd"));
-    let store = format!("etcd://{}", etcd.client);
+    let store = etcd.url();
     let one = Server::start_with(&tmp.path().join("one"), &["--store", &store]).unwrap();
     copy_data_dir(&one.data_dir, &tmp.path().join("two"));
     let two = Server::start_with(
@@ -222,7 +101,7 @@ async fn a_revocation_on_one_node_cuts_the_device_on_the_other() {
 fn a_node_with_another_ca_refuses_to_start() {
     let tmp = tempfile::tempdir().unwrap();
     let etcd = Etcd::start(&tmp.path().join("etcd"));
-    let store = format!("etcd://{}", etcd.client);
+    let store = etcd.url();
     let _one = Server::start_with(&tmp.path().join("one"), &["--store", &store]).unwrap();
     // A fresh data dir makes a CA of its own: not the cluster's.
     let err = Server::start_with(&tmp.path().join("other"), &["--store", &store]).unwrap_err();
@@ -234,7 +113,7 @@ fn a_node_with_another_ca_refuses_to_start() {
 async fn one_etcd_member_down_changes_nothing_and_without_a_majority_a_node_admits_from_its_view_for_a_bounded_time(
 ) {
     let tmp = tempfile::tempdir().unwrap();
-    let mut etcd = EtcdCluster::start(&tmp.path().join("etcd"));
+    let mut etcd = Etcd::cluster(&tmp.path().join("etcd"), 3);
     let store = etcd.url();
     let one = Server::start_with(&tmp.path().join("one"), &["--store", &store]).unwrap();
     copy_data_dir(&one.data_dir, &tmp.path().join("two"));
@@ -287,53 +166,11 @@ async fn one_etcd_member_down_changes_nothing_and_without_a_majority_a_node_admi
     assert!(two.wait_for_log("past its bound", Duration::from_secs(5)));
 }
 
-/// A device key and certificate signed by `ca` with openssl, as a factory
-/// would: CN = `id`, clientAuth.
-fn factory_device(dir: &Path, node: &Server, ca_crt: &Path, ca_key: &Path, id: &str) -> Creds {
-    require_tool("openssl");
-    std::fs::create_dir_all(dir).unwrap();
-    let key = dir.join(format!("{id}.key"));
-    let csr = dir.join(format!("{id}.csr"));
-    let leaf = dir.join(format!("{id}.leaf"));
-    let (ok, out) = run(Command::new("openssl")
-        .args(["req", "-new", "-newkey", "ec", "-pkeyopt"])
-        .args(["ec_paramgen_curve:P-256", "-nodes", "-keyout"])
-        .arg(&key)
-        .args(["-subj", &format!("/CN={id}"), "-out"])
-        .arg(&csr));
-    assert!(ok, "{out}");
-    let ext = dir.join("device.ext");
-    std::fs::write(
-        &ext,
-        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n",
-    )
-    .unwrap();
-    let (ok, out) = run(Command::new("openssl")
-        .args(["x509", "-req", "-in"])
-        .arg(&csr)
-        .arg("-CA")
-        .arg(ca_crt)
-        .arg("-CAkey")
-        .arg(ca_key)
-        .args(["-CAcreateserial", "-days", "30", "-extfile"])
-        .arg(&ext)
-        .arg("-out")
-        .arg(&leaf));
-    assert!(ok, "{out}");
-    let chain = format!(
-        "{}{}",
-        std::fs::read_to_string(&leaf).unwrap(),
-        std::fs::read_to_string(ca_crt).unwrap()
-    );
-    let key = std::fs::read_to_string(&key).unwrap();
-    node.creds(dir, id, &chain, &key)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_manufacturer_made_on_one_node_admits_its_device_on_another() {
     let tmp = tempfile::tempdir().unwrap();
     let etcd = Etcd::start(&tmp.path().join("etcd"));
-    let store = format!("etcd://{}", etcd.client);
+    let store = etcd.url();
     let one = Server::start_with(&tmp.path().join("one"), &["--store", &store]).unwrap();
     copy_data_dir(&one.data_dir, &tmp.path().join("two"));
     let two = Server::start_with(&tmp.path().join("two"), &["--store", &store]).unwrap();
@@ -348,7 +185,7 @@ async fn a_manufacturer_made_on_one_node_admits_its_device_on_another() {
         "--out",
         out_dir.to_str().unwrap(),
     ]);
-    let dev = factory_device(
+    let dev = tests::openssl_device(
         &tmp.path().join("f"),
         &two,
         &out_dir.join("acme.crt"),

@@ -4,76 +4,15 @@
 
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
-use std::net::TcpListener;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use broker::etcd::EtcdStore;
 use provisioning::sessions::SessionStore;
 use provisioning::store::{Space, Store, Txn};
 use provisioning::{
     Authority, DeviceId, Error, Identity, InitOptions, NewDevice, Registry, RevocationReason, Role,
     Standing, DEFAULT_CERT_LIFETIME,
 };
-use tests::require_tool;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// One etcd member on loopback; killed when dropped.
-struct Etcd {
-    child: Child,
-    client: String,
-}
-
-impl Etcd {
-    fn start(dir: &Path) -> Self {
-        require_tool("etcd");
-        let (client, peer) = (free_port(), free_port());
-        let client = format!("127.0.0.1:{client}");
-        let child = Command::new("etcd")
-            .arg("--data-dir")
-            .arg(dir)
-            .args(["--name", "m1"])
-            .args(["--listen-client-urls", &format!("http://{client}")])
-            .args(["--advertise-client-urls", &format!("http://{client}")])
-            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
-            .args([
-                "--initial-advertise-peer-urls",
-                &format!("http://127.0.0.1:{peer}"),
-            ])
-            .args(["--initial-cluster", &format!("m1=http://127.0.0.1:{peer}")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let etcd = Etcd { child, client };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while EtcdStore::connect(vec![etcd.client.clone()], "probe/").is_err() {
-            assert!(Instant::now() < deadline, "etcd did not start");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        etcd
-    }
-
-    fn store(&self) -> EtcdStore {
-        EtcdStore::connect(vec![self.client.clone()], "fleetgate/").unwrap()
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use tests::etcd::Etcd;
 
 #[test]
 fn a_commit_holds_only_if_what_was_read_still_is() {
@@ -192,8 +131,7 @@ fn without_etcd_writes_fail_and_nothing_is_acknowledged() {
     let tmp = tempfile::tempdir().unwrap();
     let mut etcd = Etcd::start(&tmp.path().join("etcd"));
     let store = etcd.store();
-    let _ = etcd.child.kill();
-    let _ = etcd.child.wait();
+    etcd.kill(0);
     let t = Txn::new(&store);
     t.insert(Space::Devices, b"d", b"x");
     match t.commit(true) {

@@ -21,49 +21,6 @@ fn start() -> (tempfile::TempDir, Server) {
     (tmp, server)
 }
 
-/// A device key and certificate made the way a factory would with stock
-/// openssl: CSR with CN = id, signed by the manufacturer CA with
-/// `openssl x509 -req`. Returns credentials presenting leaf + CA.
-fn openssl_device(dir: &Path, server: &Server, ca_crt: &Path, ca_key: &Path, id: &str) -> Creds {
-    require_tool("openssl");
-    std::fs::create_dir_all(dir).unwrap();
-    let key = dir.join(format!("{id}.key"));
-    let csr = dir.join(format!("{id}.csr"));
-    let leaf = dir.join(format!("{id}.leaf"));
-    let (ok, out) = run(Command::new("openssl")
-        .args(["req", "-new", "-newkey", "ec", "-pkeyopt"])
-        .args(["ec_paramgen_curve:P-256", "-nodes", "-keyout"])
-        .arg(&key)
-        .args(["-subj", &format!("/CN={id}"), "-out"])
-        .arg(&csr));
-    assert!(ok, "{out}");
-    let ext = dir.join("device.ext");
-    std::fs::write(
-        &ext,
-        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n",
-    )
-    .unwrap();
-    let (ok, out) = run(Command::new("openssl")
-        .args(["x509", "-req", "-in"])
-        .arg(&csr)
-        .arg("-CA")
-        .arg(ca_crt)
-        .arg("-CAkey")
-        .arg(ca_key)
-        .args(["-CAcreateserial", "-days", "30", "-extfile"])
-        .arg(&ext)
-        .arg("-out")
-        .arg(&leaf));
-    assert!(ok, "{out}");
-    let chain = format!(
-        "{}{}",
-        std::fs::read_to_string(&leaf).unwrap(),
-        std::fs::read_to_string(ca_crt).unwrap()
-    );
-    let key = std::fs::read_to_string(&key).unwrap();
-    server.creds(dir, id, &chain, &key)
-}
-
 fn audit_actions(server: &Server) -> Vec<(String, String, String)> {
     let out = server.cli_ok(&["audit", "--json", "--limit", "1000"]);
     let page: Value = serde_json::from_str(&out).unwrap();
@@ -133,7 +90,7 @@ async fn manufacturer_devices_register_just_in_time_and_fall_with_their_manufact
     let (chain, key) = acme.issue(&Spec::device("rc-1"));
     let rc1 = server.creds(&dir.join("rc-1"), "rc-1", &chain, &key);
     // ... and with openssl x509 -req (CN identity).
-    let sensor = openssl_device(&dir.join("sensor"), &server, &ca_crt, &ca_key, "sensor-7");
+    let sensor = tests::openssl_device(&dir.join("sensor"), &server, &ca_crt, &ca_key, "sensor-7");
     let (ok, text) = run(Command::new("openssl")
         .args(["verify", "-CAfile"])
         .arg(server.data_dir.join("ca.crt"))
