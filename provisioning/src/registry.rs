@@ -594,6 +594,19 @@ impl Registry {
         Ok(self)
     }
 
+    /// [`Registry::transact`], then announces the write on the feed with
+    /// `changes`: every write that live connections or caches must follow
+    /// goes through here, once.
+    fn commit<T>(
+        &self,
+        changes: Vec<Change>,
+        f: impl Fn(&Tx<'_>) -> TxResult<T>,
+    ) -> Result<T, Error> {
+        let out = self.transact(f)?;
+        self.feed.announce(changes);
+        Ok(out)
+    }
+
     /// Runs `f` as one transaction over all key spaces, durably.
     fn transact<T>(&self, f: impl Fn(&Tx<'_>) -> TxResult<T>) -> Result<T, Error> {
         self.run(f, true)
@@ -681,7 +694,7 @@ impl Registry {
         actor: &str,
     ) -> Result<DeviceRecord, Error> {
         let now = OffsetDateTime::now_utc();
-        let out = self.transact(|tx| {
+        self.commit(Vec::new(), |tx| {
             if let Some(name) = &new.manufacturer {
                 let mut m = tx.manufacturer(name)?;
                 if m.jit_registered >= m.jit_quota() {
@@ -706,9 +719,7 @@ impl Registry {
                 now,
             )?;
             Ok(d)
-        })?;
-        self.feed.announce(Vec::new());
-        Ok(out)
+        })
     }
 
     /// Registers a claim principal with its certificate and its uses.
@@ -720,7 +731,7 @@ impl Registry {
         actor: &str,
     ) -> Result<(DeviceRecord, ClaimRecord), Error> {
         let now = OffsetDateTime::now_utc();
-        let out = self.transact(|tx| {
+        self.commit(Vec::new(), |tx| {
             let d = tx.new_device(new, cert, Status::Active, now)?;
             let claim = ClaimRecord {
                 id: d.id.clone(),
@@ -740,9 +751,7 @@ impl Registry {
                 now,
             )?;
             Ok((d, claim))
-        })?;
-        self.feed.announce(Vec::new());
-        Ok(out)
+        })
     }
 
     pub fn claim(&self, id: &DeviceId) -> Result<Option<ClaimRecord>, Error> {
@@ -762,7 +771,7 @@ impl Registry {
     ) -> Result<(DeviceRecord, ClaimRecord), Error> {
         let now = OffsetDateTime::now_utc();
         let actor = format!("claim:{claim}");
-        let out = self.transact(|tx| {
+        self.commit(Vec::new(), |tx| {
             let holder = tx.device(claim)?;
             if holder.status != Status::Active {
                 return abort(Error::InvalidTransition {
@@ -797,9 +806,7 @@ impl Registry {
                 now,
             )?;
             Ok((d, c))
-        })?;
-        self.feed.announce(Vec::new());
-        Ok(out)
+        })
     }
 
     pub fn manufacturer(&self, name: &str) -> Result<Option<ManufacturerRecord>, Error> {
@@ -821,7 +828,7 @@ impl Registry {
 
     /// Records a new manufacturer CA (issued here or registered).
     pub fn add_manufacturer(&self, rec: &ManufacturerRecord, actor: &str) -> Result<(), Error> {
-        self.transact(|tx| {
+        self.commit(vec![Change::Manufacturers], |tx| {
             if tx
                 .manufacturers
                 .get(rec.name.as_str())
@@ -850,9 +857,7 @@ impl Registry {
                 rec.created_at,
             )?;
             Ok(())
-        })?;
-        self.feed.announce(vec![Change::Manufacturers]);
-        Ok(())
+        })
     }
 
     /// Revokes a manufacturer: every certificate its CA issued is revoked
@@ -864,33 +869,34 @@ impl Registry {
         actor: &str,
     ) -> Result<ManufacturerRecord, Error> {
         let at = now_seconds();
-        let out = self.transact(|tx| {
-            let mut m = tx.manufacturer(name)?;
-            if m.status == ManufacturerStatus::Revoked {
-                return abort(Error::InvalidInput {
-                    reason: format!("manufacturer {name} is already revoked"),
-                });
-            }
-            m.status = ManufacturerStatus::Revoked;
-            m.revocation = Some(Revocation { reason, at });
-            tx.put_manufacturer(&m)?;
-            tx.audit(
-                actor,
-                "manufacturer-revoke",
-                None,
-                Some(&m.serial),
-                format!("manufacturer {name}, reason {reason}"),
-                at,
-            )?;
-            Ok(m)
-        })?;
-        self.feed.announce(vec![
-            Change::ManufacturerRevoked {
-                name: name.to_owned(),
+        self.commit(
+            vec![
+                Change::ManufacturerRevoked {
+                    name: name.to_owned(),
+                },
+                Change::Manufacturers,
+            ],
+            |tx| {
+                let mut m = tx.manufacturer(name)?;
+                if m.status == ManufacturerStatus::Revoked {
+                    return abort(Error::InvalidInput {
+                        reason: format!("manufacturer {name} is already revoked"),
+                    });
+                }
+                m.status = ManufacturerStatus::Revoked;
+                m.revocation = Some(Revocation { reason, at });
+                tx.put_manufacturer(&m)?;
+                tx.audit(
+                    actor,
+                    "manufacturer-revoke",
+                    None,
+                    Some(&m.serial),
+                    format!("manufacturer {name}, reason {reason}"),
+                    at,
+                )?;
+                Ok(m)
             },
-            Change::Manufacturers,
-        ]);
-        Ok(out)
+        )
     }
 
     /// Sets how many devices manufacturer `name` may register just in time.
@@ -901,7 +907,7 @@ impl Registry {
         actor: &str,
     ) -> Result<ManufacturerRecord, Error> {
         let at = now_seconds();
-        let out = self.transact(|tx| {
+        self.commit(Vec::new(), |tx| {
             let mut m = tx.manufacturer(name)?;
             let old = m.jit_quota();
             m.jit_quota = Some(quota);
@@ -915,9 +921,7 @@ impl Registry {
                 at,
             )?;
             Ok(m)
-        })?;
-        self.feed.announce(Vec::new());
-        Ok(out)
+        })
     }
 
     /// Stores the proof-of-possession challenge for `name`, replacing any.
@@ -945,7 +949,7 @@ impl Registry {
         actor: &str,
     ) -> Result<DeviceRecord, Error> {
         let now = OffsetDateTime::now_utc();
-        let out = self.transact(|tx| {
+        self.commit(Vec::new(), |tx| {
             let mut d = tx.device(id)?;
             if d.status != Status::Active {
                 return abort(Error::InvalidTransition {
@@ -966,9 +970,7 @@ impl Registry {
                 now,
             )?;
             Ok(d)
-        })?;
-        self.feed.announce(Vec::new());
-        Ok(out)
+        })
     }
 
     fn set_status(
@@ -978,12 +980,7 @@ impl Registry {
         revocation: Option<Revocation>,
         actor: &str,
     ) -> Result<DeviceRecord, Error> {
-        let out = self.transact(|tx| {
-            let d = tx.device(id)?;
-            let to = lifecycle::transition(id, d.status, action).or_else(abort)?;
-            tx.change_status(d, to, revocation, action.as_str(), actor, "")
-        })?;
-        self.feed.announce(match action {
+        let changes = match action {
             Action::Suspend => vec![Change::DeviceOut {
                 id: id.clone(),
                 status: Status::Suspended,
@@ -993,8 +990,12 @@ impl Registry {
                 status: Status::Revoked,
             }],
             Action::Resume | Action::Approve => Vec::new(),
-        });
-        Ok(out)
+        };
+        self.commit(changes, |tx| {
+            let d = tx.device(id)?;
+            let to = lifecycle::transition(id, d.status, action).or_else(abort)?;
+            tx.change_status(d, to, revocation, action.as_str(), actor, "")
+        })
     }
 
     /// Revokes many devices in one transaction and one flush: an incident
