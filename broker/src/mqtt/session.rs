@@ -193,41 +193,13 @@ const KEEP_BUFFER: usize = 8 * 1024;
 /// Receive Maximum it allows.
 const MAX_IN_FLIGHT: u16 = 100;
 
-impl Session {
-    /// The retained messages matching a service's new subscriptions, into
-    /// its outbox: at min(published, granted) QoS, flagged retained, with
-    /// the sender's identity and the subscriptions' identifiers.
-    async fn service_retained(&mut self, wanted: Vec<(String, u8)>) {
-        let filters: Vec<String> = wanted.iter().map(|(f, _)| f.clone()).collect();
-        let hub = self.shared.hub.clone();
-        let now = now_ms();
-        let found = tokio::task::spawn_blocking(move || hub.retained_matching(&filters, now)).await;
-        let messages = match found {
-            Ok(Ok(m)) => m,
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "mqtt: reading retained messages");
-                return;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "mqtt: retained task failed");
-                return;
-            }
-        };
-        let v5 = self.codec.is_v5();
-        for m in messages {
-            let Some(granted) = wanted
-                .iter()
-                .filter(|(f, _)| topic_matches(f, &m.topic))
-                .map(|(_, q)| *q)
-                .max()
-            else {
-                continue;
-            };
-            let (ids, _) = self.matching_subs(m.topic.as_bytes());
-            let ids = if v5 { ids } else { Vec::new() };
-            self.outbox
-                .push(outgoing(&m, None, m.qos.min(granted), ids, true, now, v5));
-        }
+/// Whether a SUBSCRIBE's filter gets the retained messages it matches
+/// (MQTT 5 3.8.3.1 retain handling; 3.1.1 always): `new`, it was not held.
+fn sends_retained(rule: &RetainForwardRule, new: bool) -> bool {
+    match rule {
+        RetainForwardRule::OnEverySubscribe => true,
+        RetainForwardRule::OnNewSubscribe => new,
+        RetainForwardRule::Never => false,
     }
 }
 
@@ -1368,16 +1340,8 @@ impl Session {
         forward: &mut Vec<Packet>,
     ) -> Result<(), End> {
         let id = props.as_ref().and_then(|p| p.id);
-        let max = self.shared.cfg.max_subscriptions;
-        let mut held = self.service_subs.len();
-        let mut seen = HashSet::new();
         let subs = &self.service_subs;
-        let checked = self.check_filters(&sub.filters, |f| {
-            let new = !subs.contains_key(f) && seen.insert(f.to_owned());
-            let room = !new || max == 0 || held < max;
-            held += usize::from(new && room);
-            room
-        });
+        let checked = self.check_filters(&sub.filters, subs.len(), |f| subs.contains_key(f));
         let (codes, why) = self.refusals(checked);
         let allowed: Vec<_> = sub
             .filters
@@ -1395,12 +1359,7 @@ impl Session {
                 rap: f.preserve_retain,
             };
             let new = self.service_subs.insert(f.path.clone(), sub).is_none();
-            let send = match f.retain_forward_rule {
-                RetainForwardRule::OnEverySubscribe => true,
-                RetainForwardRule::OnNewSubscribe => new,
-                RetainForwardRule::Never => false,
-            };
-            if send && !f.path.starts_with("$share/") {
+            if sends_retained(&f.retain_forward_rule, new) && !f.path.starts_with("$share/") {
                 wanted.push((f.path.clone(), (f.qos as u8).min(2)));
             }
         }
@@ -1442,13 +1401,23 @@ impl Session {
         Ok(())
     }
 
-    /// The ACL's answer for each filter, then `room`'s (the subscription
-    /// cap): `None` if allowed, else the refusal's reason code and why.
+    /// The ACL's answer for each filter, then the subscription cap's (the
+    /// session holds `held` filters, `holds` says which): `None` if
+    /// allowed, else the refusal's reason code and why.
     fn check_filters(
         &self,
         filters: &[rumqttd::protocol::Filter],
-        mut room: impl FnMut(&str) -> bool,
+        mut held: usize,
+        holds: impl Fn(&str) -> bool,
     ) -> Vec<Option<FilterRefused>> {
+        let max = self.shared.cfg.max_subscriptions;
+        let mut seen = HashSet::new();
+        let mut room = |f: &str| {
+            let new = !holds(f) && seen.insert(f.to_owned());
+            let room = !new || max == 0 || held < max;
+            held += usize::from(new && room);
+            room
+        };
         let v5 = self.codec.is_v5();
         let code = |c: SubscribeReasonCode| if v5 { c } else { SubscribeReasonCode::Failure };
         filters
@@ -1530,15 +1499,8 @@ impl Session {
         let Some(mailbox) = self.device.as_ref().map(|side| side.mailbox.clone()) else {
             return Ok(());
         };
-        let max = self.shared.cfg.max_subscriptions;
-        let mut held = mailbox.subscriptions();
-        let mut seen = HashSet::new();
-        let checked = self.check_filters(&sub.filters, |f| {
-            let new = !mailbox.holds(f) && seen.insert(f.to_owned());
-            let room = !new || max == 0 || held < max;
-            held += usize::from(new && room);
-            room
-        });
+        let checked =
+            self.check_filters(&sub.filters, mailbox.subscriptions(), |f| mailbox.holds(f));
         let (codes, why) = self.refusals(checked);
         let id = props.as_ref().and_then(|p| p.id);
         let mut added = Vec::new();
@@ -1579,11 +1541,7 @@ impl Session {
         let wanted: Vec<&StoredFilter> = added
             .iter()
             .zip(fresh.iter().zip(&rules))
-            .filter(|(_, (fresh, rule))| match rule {
-                RetainForwardRule::OnEverySubscribe => true,
-                RetainForwardRule::OnNewSubscribe => **fresh,
-                RetainForwardRule::Never => false,
-            })
+            .filter(|(_, (fresh, rule))| sends_retained(rule, **fresh))
             .map(|(f, _)| f)
             .collect();
         if wanted.is_empty() {
@@ -1970,6 +1928,42 @@ impl Session {
 }
 
 impl Session {
+    /// The retained messages matching a service's new subscriptions, into
+    /// its outbox: at min(published, granted) QoS, flagged retained, with
+    /// the sender's identity and the subscriptions' identifiers.
+    async fn service_retained(&mut self, wanted: Vec<(String, u8)>) {
+        let filters: Vec<String> = wanted.iter().map(|(f, _)| f.clone()).collect();
+        let hub = self.shared.hub.clone();
+        let now = now_ms();
+        let found = tokio::task::spawn_blocking(move || hub.retained_matching(&filters, now)).await;
+        let messages = match found {
+            Ok(Ok(m)) => m,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "mqtt: reading retained messages");
+                return;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "mqtt: retained task failed");
+                return;
+            }
+        };
+        let v5 = self.codec.is_v5();
+        for m in messages {
+            let Some(granted) = wanted
+                .iter()
+                .filter(|(f, _)| topic_matches(f, &m.topic))
+                .map(|(_, q)| *q)
+                .max()
+            else {
+                continue;
+            };
+            let (ids, _) = self.matching_subs(m.topic.as_bytes());
+            let ids = if v5 { ids } else { Vec::new() };
+            self.outbox
+                .push(outgoing(&m, None, m.qos.min(granted), ids, true, now, v5));
+        }
+    }
+
     /// What a service's subscriptions that match `topic` ask for (the
     /// router carries neither): their identifiers (MQTT 5 3.3.4), and
     /// whether any wants Retain As Published.
