@@ -175,13 +175,8 @@ impl EtcdStore {
         let body = json!({ "key": b64(&self.key(Space::Meta, b"schema")) });
         let _ = self.jobs.send(Box::pin(async move {
             loop {
-                for e in &endpoints {
-                    if let Ok(Ok(Answer::Ok(_))) =
-                        tokio::time::timeout(TIMEOUT, post_one(e, "/v3/kv/range", &body)).await
-                    {
-                        contact.store(now_ms(), Ordering::Relaxed);
-                        break;
-                    }
+                if post_any(&endpoints, "/v3/kv/range", &body).await.is_ok() {
+                    contact.store(now_ms(), Ordering::Relaxed);
                 }
                 tokio::time::sleep(HEARTBEAT).await;
             }
@@ -224,24 +219,7 @@ impl EtcdStore {
         let (tx, rx) = mpsc::sync_channel(1);
         let endpoints = self.endpoints.clone();
         let _ = self.jobs.send(Box::pin(async move {
-            let mut last = String::from("no etcd endpoints");
-            for e in &endpoints {
-                match tokio::time::timeout(TIMEOUT, post_one(e, path, &body)).await {
-                    Ok(Ok(Answer::Ok(v))) => {
-                        let _ = tx.send(Ok(v));
-                        return;
-                    }
-                    // The request itself is wrong: another member would
-                    // say the same.
-                    Ok(Ok(Answer::Refused(why))) => {
-                        let _ = tx.send(Err(Error::Storage(format!("etcd refused: {why}"))));
-                        return;
-                    }
-                    Ok(Err(err)) => last = format!("{e}: {err:#}"),
-                    Err(_) => last = format!("{e}: no answer within {TIMEOUT:?}"),
-                }
-            }
-            let _ = tx.send(Err(Error::Unavailable(format!("etcd: {last}"))));
+            let _ = tx.send(post_any(&endpoints, path, &body).await);
         }));
         let answer = rx
             .recv()
@@ -437,6 +415,24 @@ async fn watch_one(
         }
     }
     Ok(())
+}
+
+/// POSTs `body` to `path` on the first member that answers: its answer,
+/// etcd's refusal (a request no member would take), or
+/// [`Error::Unavailable`] when none answers.
+async fn post_any(endpoints: &[String], path: &str, body: &Value) -> Result<Value, Error> {
+    let mut last = String::from("no etcd endpoints");
+    for e in endpoints {
+        match tokio::time::timeout(TIMEOUT, post_one(e, path, body)).await {
+            Ok(Ok(Answer::Ok(v))) => return Ok(v),
+            Ok(Ok(Answer::Refused(why))) => {
+                return Err(Error::Storage(format!("etcd refused: {why}")))
+            }
+            Ok(Err(err)) => last = format!("{e}: {err:#}"),
+            Err(_) => last = format!("{e}: no answer within {TIMEOUT:?}"),
+        }
+    }
+    Err(Error::Unavailable(format!("etcd: {last}")))
 }
 
 /// What one member said.
