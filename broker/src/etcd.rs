@@ -24,6 +24,7 @@ use anyhow::Context;
 use base64ct::{Base64, Encoding};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
+use hyper::client::conn::http1::SendRequest;
 use hyper::Request;
 use hyper_util::rt::TokioIo;
 use provisioning::store::{Entries, Read, Space, Store, Write};
@@ -60,14 +61,105 @@ pub struct EtcdStore {
     /// devices, manufacturers): every value read, kept current by the
     /// watch; answers reads only while etcd cannot, within `staleness`.
     view: Arc<Mutex<View>>,
+    /// Connections to members, for requests (not the watch).
+    pool: Arc<Pool>,
     /// When a majority of etcd last answered (ms since the Unix epoch).
     contact: Arc<AtomicU64>,
     /// How old the view may be and still answer.
     staleness: Duration,
 }
 
-/// Keys a node has read, and their values (`None`: absent).
-type View = HashMap<(Space, Vec<u8>), Option<Vec<u8>>>;
+/// A key's value (`None`: absent) and the etcd revision it is from.
+type Known = (u64, Option<Vec<u8>>);
+
+/// What this node knows of the keys admission reads.
+#[derive(Debug, Default)]
+struct View {
+    /// Keys read or written here, with their value (`None`: absent) and
+    /// the etcd revision it is from.
+    keys: HashMap<(Space, Vec<u8>), Known>,
+    /// The last revision the watch applied (or opened at).
+    watched: u64,
+    /// A watch stream is open: every change reaches `keys` as it commits.
+    live: bool,
+}
+
+impl View {
+    /// What a read or a commit at revision `rev` saw, unless the view
+    /// knows a later value. A key not yet in the view goes in only if the
+    /// watch has applied nothing after `rev`: else a change to it that
+    /// the watch passed over (the key was not in the view then) could be
+    /// newer than what was read.
+    fn saw(&mut self, space: Space, key: &[u8], rev: u64, value: Option<Vec<u8>>) {
+        match self.keys.get_mut(&(space, key.to_vec())) {
+            Some(known) if known.0 < rev => *known = (rev, value),
+            Some(_) => {}
+            None if self.watched <= rev => {
+                self.keys.insert((space, key.to_vec()), (rev, value));
+            }
+            None => {}
+        }
+    }
+
+    /// A change the watch brought: kept for keys in the view.
+    fn changed(&mut self, rev: u64, w: &Write) {
+        if let Some(known) = self.keys.get_mut(&(w.space, w.key.clone())) {
+            if known.0 < rev {
+                *known = (rev, w.value.clone());
+            }
+        }
+        self.watched = self.watched.max(rev);
+    }
+}
+
+/// What one watch stream reports.
+enum Seen {
+    /// Opened, at etcd's revision then.
+    Opened(u64),
+    /// Changes, each with its revision, in etcd's order.
+    Changes(Vec<(u64, Write)>),
+}
+
+/// Idle HTTP/1 connections to members, reused: a request costs a round
+/// trip, not a TCP handshake as well.
+#[derive(Default)]
+struct Pool(Mutex<HashMap<String, Vec<SendRequest<Full<Bytes>>>>>);
+
+/// Idle connections kept per member.
+const POOL_PER_MEMBER: usize = 16;
+
+impl Pool {
+    fn take(&self, endpoint: &str) -> Option<SendRequest<Full<Bytes>>> {
+        let mut idle = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let conns = idle.get_mut(endpoint)?;
+        while let Some(c) = conns.pop() {
+            if !c.is_closed() {
+                return Some(c);
+            }
+        }
+        None
+    }
+
+    fn give(&self, endpoint: &str, conn: SendRequest<Full<Bytes>>) {
+        let mut idle = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let conns = idle.entry(endpoint.to_owned()).or_default();
+        if conns.len() < POOL_PER_MEMBER {
+            conns.push(conn);
+        }
+    }
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Pool")
+    }
+}
 
 /// Key spaces admission reads, kept in the node's view.
 fn viewed(space: Space) -> bool {
@@ -153,6 +245,7 @@ impl EtcdStore {
             jobs,
             metrics,
             view: Arc::default(),
+            pool: Arc::default(),
             contact: Arc::new(AtomicU64::new(0)),
             staleness: DEFAULT_STALENESS,
         };
@@ -172,10 +265,14 @@ impl EtcdStore {
     /// majority of etcd, and says how current this node's view is.
     fn heartbeat(&self) {
         let (endpoints, contact) = (self.endpoints.clone(), self.contact.clone());
+        let pool = self.pool.clone();
         let body = json!({ "key": b64(&self.key(Space::Meta, b"schema")) });
         let _ = self.jobs.send(Box::pin(async move {
             loop {
-                if post_any(&endpoints, "/v3/kv/range", &body).await.is_ok() {
+                if post_any(&pool, &endpoints, "/v3/kv/range", &body)
+                    .await
+                    .is_ok()
+                {
                     contact.store(now_ms(), Ordering::Relaxed);
                 }
                 tokio::time::sleep(HEARTBEAT).await;
@@ -199,8 +296,8 @@ impl EtcdStore {
                 self.staleness.as_secs()
             )));
         }
-        match self.lock_view().get(&(space, key.to_vec())) {
-            Some(v) => Ok(v.clone()),
+        match self.lock_view().keys.get(&(space, key.to_vec())) {
+            Some((_, v)) => Ok(v.clone()),
             None => Err(Error::Unavailable(format!(
                 "{why}; not in this node's view of the registry"
             ))),
@@ -217,9 +314,9 @@ impl EtcdStore {
     fn post(&self, path: &'static str, body: Value) -> Result<Value, Error> {
         let t0 = std::time::Instant::now();
         let (tx, rx) = mpsc::sync_channel(1);
-        let endpoints = self.endpoints.clone();
+        let (endpoints, pool) = (self.endpoints.clone(), self.pool.clone());
         let _ = self.jobs.send(Box::pin(async move {
-            let _ = tx.send(post_any(&endpoints, path, &body).await);
+            let _ = tx.send(post_any(&pool, &endpoints, path, &body).await);
         }));
         let answer = rx
             .recv()
@@ -247,13 +344,17 @@ impl EtcdStore {
         k
     }
 
-    fn txn(&self, compare: Vec<Value>, success: Vec<Value>) -> Result<bool, Error> {
+    /// Runs a transaction: the revision it committed at, if it held.
+    fn txn(&self, compare: Vec<Value>, success: Vec<Value>) -> Result<Option<u64>, Error> {
         let resp = self.post(
             "/v3/kv/txn",
             json!({ "compare": compare, "success": success }),
         )?;
         // `succeeded` is left out when false.
-        Ok(resp["succeeded"].as_bool().unwrap_or(false))
+        Ok(resp["succeeded"]
+            .as_bool()
+            .unwrap_or(false)
+            .then(|| int(&resp["header"]["revision"])))
     }
 
     fn compare(&self, key: &[u8], value: Option<&[u8]>) -> Value {
@@ -282,7 +383,16 @@ impl EtcdStore {
                 }
             })
             .collect();
-        self.txn(compare, success)
+        let Some(rev) = self.txn(compare, success)? else {
+            return Ok(false);
+        };
+        // This node reads its own writes at once, not when the watch
+        // brings them back.
+        let mut view = self.lock_view();
+        for w in writes.iter().filter(|w| viewed(w.space)) {
+            view.saw(w.space, &w.key, rev, w.value.clone());
+        }
+        Ok(true)
     }
 }
 
@@ -294,23 +404,32 @@ impl EtcdStore {
     pub fn watch(&self, on: impl Fn(Vec<Write>) + Send + Sync + 'static) {
         let (endpoints, root) = (self.endpoints.clone(), self.root.clone());
         let (metrics, view) = (self.metrics.clone(), self.view.clone());
-        let on = move |writes: Vec<Write>| {
+        let followed = view.clone();
+        let on = move |seen: Seen| {
+            let lock = || {
+                view.lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+            };
+            let changes = match seen {
+                Seen::Opened(rev) => {
+                    let mut view = lock();
+                    view.watched = view.watched.max(rev);
+                    view.live = true;
+                    return;
+                }
+                Seen::Changes(changes) => changes,
+            };
             metrics
                 .store_watch_events
-                .fetch_add(writes.len() as u64, Ordering::Relaxed);
+                .fetch_add(changes.len() as u64, Ordering::Relaxed);
             {
                 // Keys this node has read stay current.
-                let mut view = view
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                for w in &writes {
-                    let k = (w.space, w.key.clone());
-                    if let Some(v) = view.get_mut(&k) {
-                        v.clone_from(&w.value);
-                    }
+                let mut view = lock();
+                for (rev, w) in &changes {
+                    view.changed(*rev, w);
                 }
             }
-            on(writes);
+            on(changes.into_iter().map(|(_, w)| w).collect());
         };
         let metrics = self.metrics.clone();
         let _ = self.jobs.send(Box::pin(async move {
@@ -318,6 +437,10 @@ impl EtcdStore {
             loop {
                 for e in &endpoints {
                     let ended = watch_one(e, &root, &mut from, &on).await;
+                    followed
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .live = false;
                     metrics
                         .store_watch_interruptions
                         .fetch_add(1, Ordering::Relaxed);
@@ -336,7 +459,7 @@ async fn watch_one(
     endpoint: &str,
     root: &[u8],
     from: &mut Option<u64>,
-    on: &(impl Fn(Vec<Write>) + Send + Sync),
+    on: &(impl Fn(Seen) + Send + Sync),
 ) -> anyhow::Result<()> {
     let tcp = TcpStream::connect(endpoint).await.context("connecting")?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
@@ -355,6 +478,10 @@ async fn watch_one(
         .uri("/v3/watch")
         .header(hyper::header::HOST, endpoint)
         .header(hyper::header::CONTENT_TYPE, "application/json")
+        // gRPC metadata through the gateway: a member that loses its
+        // leader ends the stream (and the node resumes on another) rather
+        // than go quiet.
+        .header("grpc-metadata-hasleader", "true")
         .body(Full::new(Bytes::from(body)))?;
     let resp = sender.send_request(req).await.context("watch request")?;
     if !resp.status().is_success() {
@@ -396,21 +523,25 @@ async fn watch_one(
                     continue;
                 };
                 let deleted = e["type"].as_str() == Some("DELETE");
-                writes.push(Write {
-                    space,
-                    key: rest[slash + 1..].to_vec(),
-                    value: (!deleted).then(|| unb64(&kv["value"])),
-                });
+                writes.push((
+                    rev,
+                    Write {
+                        space,
+                        key: rest[slash + 1..].to_vec(),
+                        value: (!deleted).then(|| unb64(&kv["value"])),
+                    },
+                ));
             }
-            if from.is_none() {
-                // Created: from the revision it started at.
+            if result["created"].as_bool() == Some(true) {
                 let rev = int(&result["header"]["revision"]);
-                if rev > 0 {
+                if from.is_none() && rev > 0 {
+                    // From the revision it opened at.
                     *from = Some(rev + 1);
                 }
+                on(Seen::Opened(rev));
             }
             if !writes.is_empty() {
-                on(writes);
+                on(Seen::Changes(writes));
             }
         }
     }
@@ -420,10 +551,15 @@ async fn watch_one(
 /// POSTs `body` to `path` on the first member that answers: its answer,
 /// etcd's refusal (a request no member would take), or
 /// [`Error::Unavailable`] when none answers.
-async fn post_any(endpoints: &[String], path: &str, body: &Value) -> Result<Value, Error> {
+async fn post_any(
+    pool: &Pool,
+    endpoints: &[String],
+    path: &str,
+    body: &Value,
+) -> Result<Value, Error> {
     let mut last = String::from("no etcd endpoints");
     for e in endpoints {
-        match tokio::time::timeout(TIMEOUT, post_one(e, path, body)).await {
+        match tokio::time::timeout(TIMEOUT, post_one(pool, e, path, body)).await {
             Ok(Ok(Answer::Ok(v))) => return Ok(v),
             Ok(Ok(Answer::Refused(why))) => {
                 return Err(Error::Storage(format!("etcd refused: {why}")))
@@ -442,15 +578,26 @@ enum Answer {
     Refused(String),
 }
 
-async fn post_one(endpoint: &str, path: &str, body: &Value) -> anyhow::Result<Answer> {
+/// A connection to `endpoint`: an idle one from the pool, or a new one.
+async fn connection(pool: &Pool, endpoint: &str) -> anyhow::Result<SendRequest<Full<Bytes>>> {
+    while let Some(mut c) = pool.take(endpoint) {
+        if c.ready().await.is_ok() {
+            return Ok(c);
+        }
+    }
     let tcp = TcpStream::connect(endpoint).await.context("connecting")?;
     let _ = tcp.set_nodelay(true);
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
         .await
         .context("HTTP handshake")?;
     tokio::spawn(async move {
         let _ = conn.await;
     });
+    Ok(sender)
+}
+
+async fn post_one(pool: &Pool, endpoint: &str, path: &str, body: &Value) -> anyhow::Result<Answer> {
+    let mut sender = connection(pool, endpoint).await?;
     let req = Request::builder()
         .method("POST")
         .uri(path)
@@ -460,6 +607,7 @@ async fn post_one(endpoint: &str, path: &str, body: &Value) -> anyhow::Result<An
     let resp = sender.send_request(req).await.context("request")?;
     let status = resp.status();
     let bytes = resp.into_body().collect().await?.to_bytes();
+    pool.give(endpoint, sender);
     if status.is_client_error() {
         let why = serde_json::from_slice::<Value>(&bytes)
             .ok()
@@ -489,8 +637,8 @@ impl Store for EtcdStore {
                     .and_then(|kvs| kvs.first())
                     .map(|kv| unb64(&kv["value"]));
                 if viewed(space) {
-                    self.lock_view()
-                        .insert((space, key.to_vec()), value.clone());
+                    let rev = int(&resp["header"]["revision"]);
+                    self.lock_view().saw(space, key, rev, value.clone());
                 }
                 Ok(value)
             }
@@ -500,6 +648,21 @@ impl Store for EtcdStore {
             Err(Error::Unavailable(why)) if viewed(space) => self.read_view(space, key, why),
             Err(e) => Err(e),
         }
+    }
+
+    fn get_recent(&self, space: Space, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
+        // While the watch is open and a majority answers the heartbeat,
+        // the view is as current as the watch: milliseconds behind the
+        // cluster, and kept ahead of this node's own writes.
+        if viewed(space) && self.age() <= 3 * HEARTBEAT {
+            let view = self.lock_view();
+            if view.live {
+                if let Some((_, v)) = view.keys.get(&(space, key.to_vec())) {
+                    return Ok(v.clone());
+                }
+            }
+        }
+        self.get(space, key)
     }
 
     fn scan<'a>(&'a self, space: Space, prefix: &[u8], start: &[u8]) -> Entries<'a> {
@@ -584,7 +747,10 @@ impl Store for EtcdStore {
                 .map_or(0, u64::from_be_bytes)
                 + 1;
             let put = json!({"request_put": {"key": b64(&key), "value": b64(&n.to_be_bytes())}});
-            if self.txn(vec![self.compare(&key, old.as_deref())], vec![put])? {
+            if self
+                .txn(vec![self.compare(&key, old.as_deref())], vec![put])?
+                .is_some()
+            {
                 return Ok(n);
             }
         }
@@ -604,6 +770,38 @@ impl Store for EtcdStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_view_never_goes_back_to_an_older_value() {
+        let mut view = View::default();
+        let k = |v: &[u8]| Write {
+            space: Space::Certs,
+            key: b"c".to_vec(),
+            value: Some(v.to_vec()),
+        };
+        let known = |view: &View| view.keys.get(&(Space::Certs, b"c".to_vec())).cloned();
+        // Read at 5: kept.
+        view.saw(Space::Certs, b"c", 5, Some(b"good".to_vec()));
+        assert_eq!(known(&view), Some((5, Some(b"good".to_vec()))));
+        // The watch brings 7; a slower read from 6 arrives after it.
+        view.changed(7, &k(b"revoked"));
+        view.saw(Space::Certs, b"c", 6, Some(b"good".to_vec()));
+        assert_eq!(known(&view), Some((7, Some(b"revoked".to_vec()))));
+        // A key the watch passed over (not in the view at 9) is not taken
+        // from a read at 8: the watch may have skipped a change to it.
+        view.changed(
+            9,
+            &Write {
+                key: b"other".to_vec(),
+                ..k(b"x")
+            },
+        );
+        view.saw(Space::Certs, b"new", 8, None);
+        assert!(!view.keys.contains_key(&(Space::Certs, b"new".to_vec())));
+        // From a read at 9 or later, it is.
+        view.saw(Space::Certs, b"new", 9, None);
+        assert!(view.keys.contains_key(&(Space::Certs, b"new".to_vec())));
+    }
 
     #[test]
     fn prefix_ends() {

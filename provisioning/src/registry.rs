@@ -1219,6 +1219,17 @@ impl Registry {
         Ok(out)
     }
 
+    /// This registry as this node last saw it ([`Store::get_recent`]):
+    /// for admission, which decides many times a second and must not wait
+    /// on a cluster for each. Writes through it fail.
+    pub fn recent(&self) -> Registry {
+        Registry {
+            store: Arc::new(crate::store::Recent(self.store.clone())),
+            sessions: self.sessions.clone(),
+            feed: self.feed.clone(),
+        }
+    }
+
     pub fn device(&self, id: &DeviceId) -> Result<DeviceRecord, Error> {
         match self
             .store

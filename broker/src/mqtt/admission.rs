@@ -59,6 +59,8 @@ pub struct RegistryVerifier {
     /// Hints and handshake signatures; chains are verified below.
     webpki: Arc<dyn ClientCertVerifier>,
     auth: Arc<Authority>,
+    /// What admission reads: the registry as this node last saw it.
+    recent: provisioning::Registry,
     trust: RwLock<Arc<Trust>>,
     metrics: Arc<Metrics>,
     /// What the last handshakes' verified paths said, by the leaf's
@@ -106,6 +108,7 @@ impl RegistryVerifier {
         roots.add(auth.ca.root_der().clone())?;
         let v = Self {
             webpki: WebPkiClientVerifier::builder(Arc::new(roots)).build()?,
+            recent: auth.registry.recent(),
             auth,
             trust: RwLock::new(Arc::default()),
             metrics,
@@ -367,7 +370,7 @@ impl ClientCertVerifier for RegistryVerifier {
         let standing = lookup(
             self.metrics
                 .registry_lookups
-                .time(|| self.auth.registry.standing(&key)),
+                .time(|| self.recent.standing(&key)),
         )?;
         let Some((rec, standing)) = standing else {
             return match &manufacturer {
@@ -488,7 +491,7 @@ impl RegistryVerifier {
         identity: &Identity,
         detail: &dyn Fn(&str) -> String,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        if self.auth.registry.device(&identity.id).is_ok() {
+        if self.recent.device(&identity.id).is_ok() {
             return Err(self.refuse(
                 Refusal::WrongIdentity,
                 CertificateError::BadEncoding,
@@ -504,7 +507,7 @@ impl RegistryVerifier {
         m: &DeviceId,
         detail: &dyn Fn(&str) -> String,
     ) -> Result<(), rustls::Error> {
-        match self.auth.registry.manufacturer(m.as_str()) {
+        match self.recent.manufacturer(m.as_str()) {
             Ok(Some(rec)) if rec.status == ManufacturerStatus::Revoked => Err(self.refuse(
                 Refusal::Revoked,
                 CertificateError::Revoked,

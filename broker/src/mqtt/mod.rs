@@ -146,6 +146,8 @@ pub(crate) struct Shared {
     auth: Arc<Authority>,
     /// Lifetime of certificates issued to claims' devices.
     cert_lifetime: time::Duration,
+    /// The registry as this node last saw it, for admission and rechecks
+    /// (read only; see [`Registry::recent`]).
     registry: Registry,
     metrics: Arc<Metrics>,
     status: Arc<StatusService>,
@@ -452,7 +454,7 @@ impl Broker {
         Self {
             shared: Arc::new(Shared {
                 links,
-                registry: auth.registry.clone(),
+                registry: auth.registry.recent(),
                 hub: Arc::new(hub::Hub::new(
                     auth.registry.clone(),
                     cfg.queue_limits,

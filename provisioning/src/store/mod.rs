@@ -96,6 +96,14 @@ pub struct Write {
 pub trait Store: Send + Sync + std::fmt::Debug {
     fn get(&self, space: Space, key: &[u8]) -> Result<Option<Vec<u8>>, Error>;
 
+    /// A read for a decision that may rest on this node's recent view of
+    /// the store (admission): a shared store may answer from what its
+    /// change stream keeps current instead of asking the cluster. A local
+    /// store has one view, and answers as [`Store::get`].
+    fn get_recent(&self, space: Space, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
+        self.get(space, key)
+    }
+
     /// The entries of `space` whose keys start with `prefix`, from `start`
     /// on (inclusive; empty for the first), in key order.
     fn scan<'a>(&'a self, space: Space, prefix: &[u8], start: &[u8]) -> Entries<'a>;
@@ -121,6 +129,49 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// operations); unbounded by default.
     fn max_writes(&self) -> usize {
         usize::MAX
+    }
+}
+
+/// A store read through [`Store::get_recent`], for decisions that only
+/// read (see `Registry::recent`). It commits nothing.
+#[derive(Debug)]
+pub struct Recent(pub std::sync::Arc<dyn Store>);
+
+impl Recent {
+    fn read_only<T>(&self) -> Result<T, Error> {
+        Err(Error::Storage(
+            "a registry read from the node's recent view writes nothing".into(),
+        ))
+    }
+}
+
+impl Store for Recent {
+    fn get(&self, space: Space, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
+        self.0.get_recent(space, key)
+    }
+
+    fn scan<'a>(&'a self, space: Space, prefix: &[u8], start: &[u8]) -> Entries<'a> {
+        self.0.scan(space, prefix, start)
+    }
+
+    fn len(&self, space: Space) -> Result<usize, Error> {
+        self.0.len(space)
+    }
+
+    fn commit(&self, _: &[Read], _: &[Write]) -> Result<bool, Error> {
+        self.read_only()
+    }
+
+    fn commit_unflushed(&self, _: &[Read], _: &[Write]) -> Result<bool, Error> {
+        self.read_only()
+    }
+
+    fn next(&self, _: &str) -> Result<u64, Error> {
+        self.read_only()
+    }
+
+    fn flush(&self) -> Result<(), Error> {
+        Ok(())
     }
 }
 
