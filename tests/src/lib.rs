@@ -770,6 +770,8 @@ pub mod etcd {
         members: Vec<Child>,
         /// The members' client addresses, `host:port`.
         pub clients: Vec<String>,
+        /// How to start each member again (its data stays).
+        commands: Vec<Vec<String>>,
     }
 
     impl Etcd {
@@ -790,26 +792,34 @@ pub mod etcd {
             let mut etcd = Etcd {
                 members: Vec::new(),
                 clients: Vec::new(),
+                commands: Vec::new(),
             };
             for (i, (client, peer)) in ports.iter().enumerate() {
                 let client = format!("127.0.0.1:{client}");
                 let peer = format!("http://127.0.0.1:{peer}");
-                etcd.members.push(
-                    Command::new("etcd")
-                        .arg("--data-dir")
-                        .arg(dir.join(format!("m{i}")))
-                        .args(["--name", &format!("m{i}")])
-                        .args(["--listen-client-urls", &format!("http://{client}")])
-                        .args(["--advertise-client-urls", &format!("http://{client}")])
-                        .args(["--listen-peer-urls", &peer])
-                        .args(["--initial-advertise-peer-urls", &peer])
-                        .args(["--initial-cluster", &initial])
-                        .args(["--initial-cluster-state", "new"])
-                        .stdout(Stdio::null())
-                        .stderr(Stdio::null())
-                        .spawn()
-                        .expect("starting etcd"),
-                );
+                let data = dir.join(format!("m{i}")).to_string_lossy().into_owned();
+                let args: Vec<String> = [
+                    "--data-dir",
+                    &data,
+                    "--name",
+                    &format!("m{i}"),
+                    "--listen-client-urls",
+                    &format!("http://{client}"),
+                    "--advertise-client-urls",
+                    &format!("http://{client}"),
+                    "--listen-peer-urls",
+                    &peer,
+                    "--initial-advertise-peer-urls",
+                    &peer,
+                    "--initial-cluster",
+                    &initial,
+                    "--initial-cluster-state",
+                    "new",
+                ]
+                .map(str::to_owned)
+                .to_vec();
+                etcd.members.push(spawn(&args));
+                etcd.commands.push(args);
                 etcd.clients.push(client);
             }
             let deadline = Instant::now() + Duration::from_secs(30);
@@ -835,6 +845,20 @@ pub mod etcd {
             let _ = self.members[i].kill();
             let _ = self.members[i].wait();
         }
+
+        /// Starts member `i` again on its data, after [`Etcd::kill`].
+        pub fn restart(&mut self, i: usize) {
+            self.members[i] = spawn(&self.commands[i]);
+        }
+    }
+
+    fn spawn(args: &[String]) -> Child {
+        Command::new("etcd")
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting etcd")
     }
 
     impl Drop for Etcd {
