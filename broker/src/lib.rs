@@ -2,8 +2,9 @@
 //! `fleetgate` command line. Invariant: only this crate touches sockets.
 
 pub mod api;
+/// The admin API's client, from [`fleetgate_api`] (the CLI's).
+pub use fleetgate_api::client;
 pub mod cli;
-pub mod client;
 pub mod etcd;
 pub mod events;
 pub mod https;

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use broker::client::{ApiClient, ApiFailure};
+use fleetgate_api::client::{ApiClient, ApiFailure};
 use indicatif::{ProgressBar, ProgressStyle};
 use provisioning::csr::{new_key_and_csr, KeyKind};
 use rumqttc::{AsyncClient, Event, Packet, QoS};
@@ -953,7 +953,7 @@ fn client_config(
 ) -> anyhow::Result<Arc<rustls::ClientConfig>> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-    broker::tls::install_crypto_provider();
+    fleetgate_api::tls::install_crypto_provider();
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_slice_iter(ca_pem) {
         roots.add(c?)?;

@@ -28,10 +28,10 @@ impl Target {
     /// A TLS config for `id` with session resumption off: every connect is
     /// a full handshake.
     pub fn tls(&self, id: &str) -> anyhow::Result<Arc<ClientConfig>> {
-        broker::tls::install_crypto_provider();
+        fleetgate_api::tls::install_crypto_provider();
         let cert = self.creds.join(format!("{id}.crt"));
         let key = self.creds.join(format!("{id}.key"));
-        let config = broker::tls::client_config(&self.ca, Some((&cert, &key)))?;
+        let config = fleetgate_api::tls::client_config(&self.ca, Some((&cert, &key)))?;
         let mut config = Arc::unwrap_or_clone(config);
         config.resumption = Resumption::disabled();
         Ok(Arc::new(config))

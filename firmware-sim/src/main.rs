@@ -231,13 +231,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let api = match &a.api {
                 Some(url) => {
-                    broker::tls::install_crypto_provider();
+                    fleetgate_api::tls::install_crypto_provider();
                     let paths = provisioning::ca::Paths::new(&a.data_dir);
-                    let tls = broker::tls::client_config(
+                    let tls = fleetgate_api::tls::client_config(
                         &paths.ca_cert(),
                         Some((&paths.admin_cert(), &paths.admin_key())),
                     )?;
-                    Some(broker::client::ApiClient::new(url, tls)?)
+                    Some(fleetgate_api::client::ApiClient::new(url, tls)?)
                 }
                 None => None,
             };

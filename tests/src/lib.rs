@@ -10,7 +10,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
-use broker::client::ApiClient;
+use fleetgate_api::client::ApiClient;
 
 /// The `fleetgate` command under test: this package's copy of the binary
 /// (`src/bin/fleetgate-under-test.rs`, the same `broker::cli::main`), which
@@ -208,8 +208,8 @@ impl Server {
 
     /// An API client presenting `cert`/`key` (or no certificate).
     pub fn client(&self, identity: Option<(&Path, &Path)>) -> ApiClient {
-        broker::tls::install_crypto_provider();
-        let config = broker::tls::client_config(&self.data_dir.join("ca.crt"), identity)
+        fleetgate_api::tls::install_crypto_provider();
+        let config = fleetgate_api::tls::client_config(&self.data_dir.join("ca.crt"), identity)
             .expect("client TLS config");
         ApiClient::new(&self.api_url(), config).expect("API client")
     }
@@ -274,8 +274,8 @@ impl Drop for Server {
 /// An admin API client for the server at `api_url` with the admin
 /// credentials in `data_dir` (for threads that cannot share a [`Server`]).
 pub fn admin_client(api_url: &str, data_dir: &Path) -> ApiClient {
-    broker::tls::install_crypto_provider();
-    let config = broker::tls::client_config(
+    fleetgate_api::tls::install_crypto_provider();
+    let config = fleetgate_api::tls::client_config(
         &data_dir.join("ca.crt"),
         Some((&data_dir.join("admin.crt"), &data_dir.join("admin.key"))),
     )
@@ -304,8 +304,9 @@ impl Creds {
 
     /// A rustls client config presenting these credentials.
     pub fn client_config(&self) -> std::sync::Arc<rustls::ClientConfig> {
-        broker::tls::install_crypto_provider();
-        broker::tls::client_config(&self.ca, Some((&self.cert, &self.key))).expect("client config")
+        fleetgate_api::tls::install_crypto_provider();
+        fleetgate_api::tls::client_config(&self.ca, Some((&self.cert, &self.key)))
+            .expect("client config")
     }
 }
 
@@ -622,7 +623,7 @@ pub mod pki {
         ca_pem: &[u8],
         identity: Option<(&str, &str)>,
     ) -> Arc<rustls::ClientConfig> {
-        broker::tls::install_crypto_provider();
+        fleetgate_api::tls::install_crypto_provider();
         let mut roots = rustls::RootCertStore::empty();
         roots
             .add(CertificateDer::from_pem_slice(ca_pem).expect("ca pem"))

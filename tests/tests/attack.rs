@@ -17,7 +17,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use broker::client::ApiClient;
+use fleetgate_api::client::ApiClient;
 use serde_json::{json, Value};
 use tests::mqtt::{client, connected, probe};
 use tests::pki::{self, Spec, TestCa};

@@ -6,7 +6,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use broker::client::ApiClient;
+use fleetgate_api::client::ApiClient;
 use rumqttc::{Event, Packet, QoS, SubscribeFilter, SubscribeReasonCode};
 use serde_json::{json, Value};
 use tests::mqtt::{client, connect_packet, connected, probe, until_closed};

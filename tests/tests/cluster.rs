@@ -263,7 +263,10 @@ async fn three_nodes_on_three_etcd_members_lose_nothing_acknowledged() {
 
     // A revocation storm through node three, killed -9 part way.
     let ids: Vec<String> = (0..24).map(|i| format!("st-{i:02}")).collect();
-    let storm: Vec<_> = ids.iter().map(|id| one.enroll(&creds, "device", id)).collect();
+    let storm: Vec<_> = ids
+        .iter()
+        .map(|id| one.enroll(&creds, "device", id))
+        .collect();
     let good = one.enroll(&creds, "device", "good-1");
     // The first three hold sessions on node one.
     let mut live = Vec::new();
@@ -278,13 +281,7 @@ async fn three_nodes_on_three_etcd_members_lose_nothing_acknowledged() {
         let (acked, ids) = (acked.clone(), ids.clone());
         async move {
             for id in ids {
-                let r: anyhow::Result<serde_json::Value> = api
-                    .post(
-                        &format!("/v1/devices/{id}/revoke"),
-                        &serde_json::json!({"reason": "key-compromise"}),
-                    )
-                    .await;
-                match r {
+                match api.revoke(&id, Some("key-compromise")).await {
                     Ok(_) => acked.lock().unwrap().push(id),
                     Err(e) => {
                         eprintln!("revoking {id}: {e:#}");

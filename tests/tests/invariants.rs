@@ -123,3 +123,29 @@ fn only_the_events_follower_subscribes_to_the_registry() {
         "the registry's change feed followed outside broker/src/events.rs",
     );
 }
+
+#[test]
+fn the_fleet_simulator_does_not_link_the_server() {
+    let manifest = std::fs::read_to_string(root().join("firmware-sim/Cargo.toml")).unwrap();
+    let deps = manifest
+        .split("[dependencies]")
+        .nth(1)
+        .unwrap()
+        .split("\n[")
+        .next()
+        .unwrap();
+    assert!(
+        deps.lines().any(|l| l.starts_with("fleetgate-api")),
+        "firmware-sim should speak to fleetgate through fleetgate-api:\n{deps}"
+    );
+    assert!(
+        !deps.lines().any(|l| l.starts_with("broker")),
+        "firmware-sim links the server crate:\n{deps}"
+    );
+    let files: Vec<PathBuf> = sources("firmware-sim/src");
+    none_contain(
+        &files,
+        &["broker::"],
+        "the server's code used by the fleet simulator",
+    );
+}

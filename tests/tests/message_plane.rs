@@ -166,12 +166,13 @@ async fn device_messages_carry_the_verified_identity() {
     let (ok, out) = sub.join().unwrap();
     assert!(ok, "{out}");
     let fingerprint =
-        provisioning::id::fingerprint(&broker::tls::load_certs(&dev.cert).unwrap()[0]);
-    let serial =
-        provisioning::ca::inspect_certificate(&broker::tls::load_certs(&dev.cert).unwrap()[0])
-            .unwrap()
-            .serial
-            .to_hex();
+        provisioning::id::fingerprint(&fleetgate_api::tls::load_certs(&dev.cert).unwrap()[0]);
+    let serial = provisioning::ca::inspect_certificate(
+        &fleetgate_api::tls::load_certs(&dev.cert).unwrap()[0],
+    )
+    .unwrap()
+    .serial
+    .to_hex();
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 2, "{out}");
     for line in &lines {

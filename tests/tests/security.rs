@@ -54,7 +54,7 @@ async fn refusals(server: &Server, reason: &str) -> u64 {
 
 /// The serial of the first certificate in a PEM file, big-endian bytes.
 fn serial_of(pem_path: &Path) -> Vec<u8> {
-    let der = broker::tls::load_certs(pem_path).unwrap()[0].clone();
+    let der = fleetgate_api::tls::load_certs(pem_path).unwrap()[0].clone();
     provisioning::ca::inspect_certificate(&der)
         .unwrap()
         .serial

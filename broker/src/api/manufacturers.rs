@@ -3,9 +3,12 @@
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
+pub use fleetgate_api::types::{
+    BatchBody, BatchEntry, BatchReport, BatchResult, ClaimBody, ClaimIssued, CreateBody, Created,
+    QuotaBody, RegisterBody,
+};
 use provisioning::manufacturer::{BatchItem, Challenge, JitPolicy, ManufacturerRecord};
-use provisioning::{DeviceView, Error, RevocationReason, Serial};
-use serde::{Deserialize, Serialize};
+use provisioning::{Error, RevocationReason};
 
 use super::{device_id, reason, Admin, ApiError, AppState, Body, RevokeBody};
 
@@ -31,27 +34,6 @@ fn policy(p: Option<String>) -> Result<JitPolicy, ApiError> {
         Some(p) => p.parse()?,
         None => JitPolicy::AutoActivate,
     })
-}
-
-#[derive(Deserialize, Debug)]
-#[serde(deny_unknown_fields)]
-pub struct CreateBody {
-    pub name: String,
-    /// `auto-activate` (default) or `pending`.
-    #[serde(default)]
-    pub policy: Option<String>,
-    /// Devices it may register just in time (default 100,000).
-    #[serde(default)]
-    pub jit_quota: Option<u64>,
-}
-
-#[derive(Serialize, Deserialize, Debug)]
-pub struct Created {
-    pub manufacturer: ManufacturerRecord,
-    /// The manufacturer CA's key, PEM: shown once, for the factory.
-    pub key_pem: String,
-    /// The fleetgate root, PEM.
-    pub ca_pem: String,
 }
 
 pub async fn create(
@@ -83,12 +65,6 @@ pub async fn create(
             ca_pem: st.auth.ca.root_pem().to_owned(),
         }),
     ))
-}
-
-#[derive(Deserialize, Debug)]
-#[serde(deny_unknown_fields)]
-pub struct QuotaBody {
-    pub jit_quota: u64,
 }
 
 /// Sets how many devices a manufacturer may register just in time.
@@ -135,19 +111,6 @@ pub async fn challenge(
     Ok(Json(
         st.write(move || auth.manufacturer_challenge(&name)).await?,
     ))
-}
-
-#[derive(Deserialize, Debug)]
-#[serde(deny_unknown_fields)]
-pub struct RegisterBody {
-    /// The manufacturer's CA certificate, PEM.
-    pub ca_pem: String,
-    /// Proof of possession: a certificate with CN = the challenge, signed
-    /// with the CA's key, PEM.
-    #[serde(default)]
-    pub verification_pem: Option<String>,
-    #[serde(default)]
-    pub policy: Option<String>,
 }
 
 pub async fn register(
@@ -197,51 +160,6 @@ pub async fn revoke(
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     st.caught_up().await;
     Ok(Json(rec))
-}
-
-#[derive(Deserialize, Debug)]
-#[serde(deny_unknown_fields)]
-pub struct BatchEntry {
-    /// What the entry is reported by (a file name); the id if absent.
-    #[serde(default)]
-    pub name: Option<String>,
-    pub id: String,
-    /// PEM.
-    pub csr: String,
-}
-
-#[derive(Deserialize, Debug)]
-#[serde(deny_unknown_fields)]
-pub struct BatchBody {
-    /// Sign with this manufacturer's CA (one fleetgate issued); the
-    /// issuing CA when absent.
-    #[serde(default)]
-    pub manufacturer: Option<String>,
-    #[serde(default)]
-    pub lifetime_days: Option<u32>,
-    pub items: Vec<BatchEntry>,
-}
-
-#[derive(Serialize, Deserialize, Debug)]
-pub struct BatchResult {
-    pub name: String,
-    pub id: String,
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub serial: Option<Serial>,
-    /// The leaf then its CA, PEM.
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub chain_pem: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub error: Option<super::ErrorDetail>,
-}
-
-#[derive(Serialize, Deserialize, Debug)]
-pub struct BatchReport {
-    pub issued: usize,
-    pub failed: usize,
-    /// The fleetgate root, PEM.
-    pub ca_pem: String,
-    pub results: Vec<BatchResult>,
 }
 
 pub async fn enroll_batch(
@@ -303,29 +221,6 @@ pub async fn enroll_batch(
         ca_pem: st.auth.ca.root_pem().to_owned(),
         results,
     }))
-}
-
-#[derive(Deserialize, Debug)]
-#[serde(deny_unknown_fields)]
-pub struct ClaimBody {
-    pub id: String,
-    /// PEM.
-    pub csr: String,
-    /// How many devices it may provision.
-    pub uses: u32,
-    #[serde(default)]
-    pub manufacturer: Option<String>,
-    #[serde(default)]
-    pub lifetime_days: Option<u32>,
-}
-
-#[derive(Serialize, Deserialize, Debug)]
-pub struct ClaimIssued {
-    pub device: DeviceView,
-    pub uses_left: u32,
-    pub serial: Serial,
-    pub chain_pem: String,
-    pub ca_pem: String,
 }
 
 pub async fn create_claim(

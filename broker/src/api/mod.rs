@@ -3,6 +3,10 @@
 //! Every error is `{"error": {"code": "...", "message": "..."}}` with a stable
 //! code; [`ApiError::from`] is the one place provisioning errors become HTTP.
 
+pub use fleetgate_api::types::{
+    AuditQuery, EnrollBody, Enrolled, ErrorBody, ErrorDetail, ListQuery, RevokeBatchBody,
+    RevokeBody, RotateBody, Stats,
+};
 use std::sync::Arc;
 
 use axum::extract::rejection::{JsonRejection, QueryRejection};
@@ -18,7 +22,6 @@ use provisioning::{
     Authority, CertKey, CertRecord, DeviceId, DeviceView, EnrollRequest, Error, Identity,
     RevocationReason, Role, Serial, Standing, Status,
 };
-use serde::{Deserialize, Serialize};
 
 pub mod manufacturers;
 
@@ -104,17 +107,6 @@ pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
-}
-
-#[derive(Serialize, Deserialize, Debug)]
-pub struct ErrorBody {
-    pub error: ErrorDetail,
-}
-
-#[derive(Serialize, Deserialize, Debug)]
-pub struct ErrorDetail {
-    pub code: String,
-    pub message: String,
 }
 
 impl ApiError {
@@ -374,33 +366,6 @@ pub(crate) fn device_id(s: String) -> Result<DeviceId, ApiError> {
     Ok(DeviceId::try_new(s)?)
 }
 
-#[derive(Deserialize, Debug)]
-#[serde(deny_unknown_fields)]
-pub struct EnrollBody {
-    pub id: String,
-    /// PEM.
-    pub csr: String,
-    #[serde(default)]
-    pub role: Option<Role>,
-    #[serde(default)]
-    pub manufacturer: Option<String>,
-    #[serde(default)]
-    pub lifetime_days: Option<u32>,
-    /// A short-lived certificate: lifetime in seconds (instead of days).
-    #[serde(default)]
-    pub lifetime_seconds: Option<u32>,
-}
-
-#[derive(Serialize, Deserialize, Debug)]
-pub struct Enrolled {
-    pub device: DeviceView,
-    pub serial: Serial,
-    /// The leaf then the issuing CA, PEM: what the device presents.
-    pub chain_pem: String,
-    /// The root CA, PEM: what the device trusts.
-    pub ca_pem: String,
-}
-
 impl AppState {
     pub(crate) fn lifetime(
         &self,
@@ -495,16 +460,6 @@ async fn enroll(
     Ok(st.enrolled(device, cert))
 }
 
-#[derive(Deserialize, Debug)]
-#[serde(deny_unknown_fields)]
-pub struct RotateBody {
-    pub csr: String,
-    #[serde(default)]
-    pub lifetime_days: Option<u32>,
-    #[serde(default)]
-    pub lifetime_seconds: Option<u32>,
-}
-
 async fn rotate(
     State(st): State<AppState>,
     admin: Admin,
@@ -531,14 +486,6 @@ async fn show(
     Path(id): Path<String>,
 ) -> Result<Json<DeviceView>, ApiError> {
     Ok(Json(st.auth.registry.device_view(&device_id(id)?)?))
-}
-
-#[derive(Deserialize, Debug)]
-#[serde(deny_unknown_fields)]
-pub struct ListQuery {
-    pub status: Option<String>,
-    pub after: Option<String>,
-    pub limit: Option<usize>,
 }
 
 async fn list(
@@ -615,13 +562,6 @@ async fn approve(
     Ok(Json(view))
 }
 
-#[derive(Deserialize, Debug, Default)]
-#[serde(deny_unknown_fields)]
-pub struct RevokeBody {
-    #[serde(default)]
-    pub reason: Option<String>,
-}
-
 pub(crate) fn reason(body: &RevokeBody) -> Result<RevocationReason, ApiError> {
     Ok(match &body.reason {
         Some(r) => r.parse()?,
@@ -646,26 +586,6 @@ async fn revoke(
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     st.caught_up().await;
     Ok(Json(view))
-}
-
-/// Which devices a bulk revocation takes: a list of ids, or a selector (a
-/// manufacturer's devices, optionally only those with a certificate whose
-/// validity began within a window: a production lot). Not both.
-#[derive(Deserialize, Serialize, Debug, Default)]
-#[serde(deny_unknown_fields)]
-pub struct RevokeBatchBody {
-    #[serde(default)]
-    pub ids: Option<Vec<String>>,
-    #[serde(default)]
-    pub manufacturer: Option<String>,
-    /// RFC 3339.
-    #[serde(default)]
-    pub issued_after: Option<String>,
-    /// RFC 3339.
-    #[serde(default)]
-    pub issued_before: Option<String>,
-    #[serde(default)]
-    pub reason: Option<String>,
 }
 
 async fn revoke_batch(
@@ -810,13 +730,6 @@ async fn revoke_certificate(
     Ok(Json(rec))
 }
 
-#[derive(Deserialize, Debug)]
-#[serde(deny_unknown_fields)]
-pub struct AuditQuery {
-    pub after: Option<u64>,
-    pub limit: Option<usize>,
-}
-
 async fn audit(
     State(st): State<AppState>,
     _admin: Admin,
@@ -827,14 +740,6 @@ async fn audit(
         q.after,
         q.limit.unwrap_or(100).clamp(1, MAX_PAGE),
     )?))
-}
-
-#[derive(Serialize, Deserialize, Debug)]
-pub struct Stats {
-    pub devices: usize,
-    pub live_sessions: usize,
-    #[serde(flatten)]
-    pub counters: serde_json::Value,
 }
 
 async fn stats(State(st): State<AppState>, _admin: Admin) -> Result<Json<Stats>, ApiError> {

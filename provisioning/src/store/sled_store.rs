@@ -16,30 +16,44 @@ pub struct SledStore {
     trees: Vec<sled::Tree>,
 }
 
+/// How long opening waits for a lock that is being let go.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl SledStore {
     /// Opens (or creates) the database at `path`.
     pub fn open(path: &Path) -> Result<Self, Error> {
-        let db = sled::Config::new()
-            .path(path)
-            // We flush explicitly before acknowledging; no need for a timer.
-            .flush_every_ms(None)
-            .open()
-            .map_err(|e| match &e {
-                // sled holds an exclusive lock on its files while open (and
-                // reports a taken one as an `Other` error naming the lock).
-                sled::Error::Io(io)
-                    if io.kind() == std::io::ErrorKind::WouldBlock
-                        || io.to_string().contains("could not acquire lock") =>
-                {
-                    Error::DataDir {
+        // sled holds an exclusive lock on its files while open (and reports
+        // a taken one as an `Other` error naming the lock). A registry just
+        // closed in this process may hold it a moment longer, until sled's
+        // IO threads let go of the file: a short wait, then the refusal.
+        let locked = |e: &sled::Error| {
+            matches!(e, sled::Error::Io(io)
+                if io.kind() == std::io::ErrorKind::WouldBlock
+                    || io.to_string().contains("could not acquire lock"))
+        };
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        let db = loop {
+            match sled::Config::new()
+                .path(path)
+                // We flush explicitly before acknowledging; no need for a timer.
+                .flush_every_ms(None)
+                .open()
+            {
+                Ok(db) => break db,
+                Err(e) if locked(&e) && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(e) if locked(&e) => {
+                    return Err(Error::DataDir {
                         path: path.to_owned(),
                         reason: "another fleetgate is using this data dir (its registry is \
                                  locked); stop it first, or pass another --data-dir"
                             .into(),
-                    }
+                    })
                 }
-                _ => Error::from(e),
-            })?;
+                Err(e) => return Err(Error::from(e)),
+            }
+        };
         let trees = Space::ALL
             .iter()
             .map(|s| db.open_tree(s.name()))

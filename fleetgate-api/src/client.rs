@@ -19,7 +19,9 @@ use serde::Serialize;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use crate::api::ErrorBody;
+use provisioning::registry::DeviceView;
+
+use crate::types::{EnrollBody, Enrolled, ErrorBody, RevokeBatchBody, RevokeBody, Stats};
 
 /// An error answer from the API, with its stable code.
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +70,46 @@ impl ApiClient {
             server_name,
             tls: TlsConnector::from(tls),
         })
+    }
+
+    /// Enrolls a device or service from its CSR: `POST /v1/devices`.
+    pub async fn enroll(&self, body: &EnrollBody) -> anyhow::Result<Enrolled> {
+        self.post("/v1/devices", body).await
+    }
+
+    /// A device with its certificates: `GET /v1/devices/{id}`.
+    pub async fn device(&self, id: &str) -> anyhow::Result<DeviceView> {
+        self.get(&format!("/v1/devices/{id}")).await
+    }
+
+    /// Revokes a device for `reason` (RFC 5280's names, kebab-case:
+    /// `key-compromise`); `None` is unspecified.
+    pub async fn revoke(&self, id: &str, reason: Option<&str>) -> anyhow::Result<DeviceView> {
+        let body = RevokeBody {
+            reason: reason.map(str::to_owned),
+        };
+        self.post(&format!("/v1/devices/{id}/revoke"), &body).await
+    }
+
+    /// Revokes many devices at once (by ids, or a manufacturer's lot).
+    pub async fn revoke_batch(
+        &self,
+        body: &RevokeBatchBody,
+    ) -> anyhow::Result<provisioning::BulkRevocation> {
+        self.post("/v1/devices/revoke-batch", body).await
+    }
+
+    pub async fn suspend(&self, id: &str) -> anyhow::Result<DeviceView> {
+        self.post(&format!("/v1/devices/{id}/suspend"), &()).await
+    }
+
+    pub async fn resume(&self, id: &str) -> anyhow::Result<DeviceView> {
+        self.post(&format!("/v1/devices/{id}/resume"), &()).await
+    }
+
+    /// Device and session counts, and the server's counters.
+    pub async fn stats(&self) -> anyhow::Result<Stats> {
+        self.get("/v1/stats").await
     }
 
     pub async fn get<R: DeserializeOwned>(&self, path: &str) -> anyhow::Result<R> {
