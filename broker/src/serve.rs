@@ -299,8 +299,8 @@ fn serve_http(
 }
 
 /// Renews the server certificate and the OCSP signing certificate before
-/// they expire, and reloads TLS on SIGHUP (after a certificate was replaced
-/// on disk).
+/// they expire, and reloads TLS and the OCSP signers on SIGHUP (after a
+/// certificate was replaced on disk, or a manufacturer's CA key copied in).
 async fn upkeep(
     auth: Arc<Authority>,
     tls: Arc<ServerTls>,
@@ -341,9 +341,13 @@ async fn upkeep(
                 }
             }
             Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
-                tracing::info!("SIGHUP: reloading TLS");
+                tracing::info!("SIGHUP: reloading TLS and the OCSP signers");
                 if let Err(e) = tls.reload() {
                     tracing::error!(error = %e, "reloading TLS; keeping the old certificate");
+                }
+                // Manufacturer CA keys copied in from another node.
+                if let Err(e) = status.reload() {
+                    tracing::error!(error = %e, "reloading the OCSP signers; keeping the old ones");
                 }
             }
             _ = shutdown.changed() => return,

@@ -816,6 +816,20 @@ impl Authority {
                 }
                 CaKind::Issued => {
                     known.insert(m.serial.clone(), m.revocation);
+                    let key_file = self.paths.manufacturer_key(m.name.as_str());
+                    if !key_file.exists() {
+                        // Created on another node of a cluster: its key stays
+                        // in that node's data dir (no key is ever in the
+                        // shared store) until the operator copies it here.
+                        tracing::warn!(
+                            manufacturer = %m.name,
+                            key = %key_file.display(),
+                            "this node does not hold the manufacturer's CA key: OCSP for its \
+                             devices answers unauthorized here until the manufacturer's files \
+                             are copied from the node that created it"
+                        );
+                        continue;
+                    }
                     let signer = self.held_signer(m)?.ok_or_else(|| {
                         Error::Corrupt(format!("manufacturer {} has no key", m.name))
                     })?;

@@ -225,6 +225,17 @@ async fn a_manufacturer_made_on_one_node_admits_its_device_on_another() {
     }
     let shown = one.device_json("acme-001");
     assert_eq!(shown["manufacturer"], "acme", "{shown}");
+    // Node two holds no key for acme (it stays with node one until copied):
+    // it says so, and starts again all the same.
+    assert!(two.wait_for_log(
+        "does not hold the manufacturer's CA key",
+        Duration::from_secs(5)
+    ));
+    let dir = two.data_dir.clone();
+    drop(two);
+    let two = Server::start_with(&dir, &["--store", &store]).unwrap();
+    let (_c, mut ev) = client(two.mqtt, &dev, "acme-001");
+    connected(&mut ev).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
