@@ -1737,7 +1737,18 @@ fn rfc3339(t: OffsetDateTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Authority, InitOptions, DEFAULT_CERT_LIFETIME};
+    use crate::csr::{new_key_and_csr, KeyKind};
+    use crate::{Authority, Identity, InitOptions, DEFAULT_CERT_LIFETIME};
+
+    fn device(id: &str) -> Identity {
+        Identity {
+            role: Role::Device,
+            id: DeviceId::try_new(id).unwrap(),
+        }
+    }
+
+    // The device lifecycle through the registry and its store (the pure
+    // transitions and standing are tested in `lifecycle`).
 
     #[test]
     fn check_finds_broken_indexes() {
@@ -2025,5 +2036,163 @@ mod tests {
             r.revoke_many(&too_many, RevocationReason::Unspecified, "test"),
             Err(Error::TooLarge { .. })
         ));
+    }
+
+    #[test]
+    fn enroll_rotate_and_status_lookups() {
+        let tmp = tempfile::tempdir().unwrap();
+        let auth = Authority::open_or_init(tmp.path(), &InitOptions::default()).unwrap();
+        let (_k, csr) = new_key_and_csr(KeyKind::Ed25519, "x").unwrap();
+        let req = crate::EnrollRequest {
+            id: DeviceId::try_new("dev-1").unwrap(),
+            role: Role::Device,
+            manufacturer: None,
+            csr: csr.into_bytes(),
+            lifetime: DEFAULT_CERT_LIFETIME,
+        };
+        let (d, c1) = auth.enroll(&req, "test").unwrap();
+        assert_eq!(d.status, Status::Active);
+        assert!(matches!(
+            auth.enroll(&req, "test"),
+            Err(Error::AlreadyExists { .. })
+        ));
+
+        let (_k, csr2) = new_key_and_csr(KeyKind::EcdsaP384, "x").unwrap();
+        let (d, c2) = auth
+            .rotate(&req.id, csr2.as_bytes(), DEFAULT_CERT_LIFETIME, "test")
+            .unwrap();
+        assert_eq!(d.certificates, vec![c1.key(), c2.key()]);
+        let r = &auth.registry;
+        assert_eq!(r.standing(&c1.key()).unwrap().unwrap().1, Standing::Good);
+        assert_eq!(
+            r.certificate_by_fingerprint(&c2.fingerprint)
+                .unwrap()
+                .unwrap()
+                .serial,
+            c2.serial
+        );
+
+        r.suspend(&req.id, "test").unwrap();
+        assert_eq!(
+            r.standing(&c2.key()).unwrap().unwrap().1,
+            Standing::Suspended
+        );
+        assert!(matches!(
+            r.suspend(&req.id, "test"),
+            Err(Error::InvalidTransition { .. })
+        ));
+        r.resume(&req.id, "test").unwrap();
+        assert_eq!(r.standing(&c2.key()).unwrap().unwrap().1, Standing::Good);
+
+        // Revoking one certificate leaves the other good.
+        r.revoke_certificate(&c1.key(), RevocationReason::Superseded, "test")
+            .unwrap();
+        assert!(matches!(
+            r.standing(&c1.key()).unwrap().unwrap().1,
+            Standing::Revoked(Revocation {
+                reason: RevocationReason::Superseded,
+                ..
+            })
+        ));
+        assert_eq!(r.standing(&c2.key()).unwrap().unwrap().1, Standing::Good);
+
+        r.revoke(&req.id, RevocationReason::KeyCompromise, "test")
+            .unwrap();
+        assert!(matches!(
+            r.standing(&c2.key()).unwrap().unwrap().1,
+            Standing::Revoked(Revocation {
+                reason: RevocationReason::KeyCompromise,
+                ..
+            })
+        ));
+        // Final.
+        for e in [
+            r.revoke(&req.id, RevocationReason::KeyCompromise, "test"),
+            r.resume(&req.id, "test"),
+            r.suspend(&req.id, "test"),
+        ] {
+            assert!(matches!(e, Err(Error::InvalidTransition { .. })), "{e:?}");
+        }
+        let (_k, csr3) = new_key_and_csr(KeyKind::EcdsaP256, "x").unwrap();
+        assert!(auth
+            .rotate(&req.id, csr3.as_bytes(), DEFAULT_CERT_LIFETIME, "test")
+            .is_err());
+
+        // Listing by status, paged, and the audit trail.
+        let revoked = r.list(Some(Status::Revoked), None, 10).unwrap();
+        assert_eq!(revoked.items.len(), 1);
+        assert!(r
+            .list(Some(Status::Active), None, 10)
+            .unwrap()
+            .items
+            .iter()
+            .all(|d| d.id.as_str() != "dev-1"));
+        let actions: Vec<String> = r
+            .audit(None, 100)
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|e| e.device.as_ref() == Some(&req.id))
+            .map(|e| e.action)
+            .collect();
+        assert_eq!(
+            actions,
+            [
+                "enroll",
+                "rotate",
+                "suspend",
+                "resume",
+                "revoke-certificate",
+                "revoke"
+            ]
+        );
+    }
+
+    #[test]
+    fn paging_visits_every_device_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let auth = Authority::open_or_init(tmp.path(), &InitOptions::default()).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let entry = |name: &str| {
+            let id = device(name);
+            let cert = auth.ca.issue(&key, &id, DEFAULT_CERT_LIFETIME).unwrap();
+            let new = NewDevice {
+                id: id.id,
+                role: Role::Device,
+                manufacturer: None,
+            };
+            (new, cert)
+        };
+        let batch: Vec<_> = (0..25).map(|i| entry(&format!("d{i:02}"))).collect();
+        let results = auth.registry.enroll_batch(&batch, "test").unwrap();
+        assert!(results.iter().all(Result::is_ok));
+        // A duplicate in a batch fails alone.
+        let batch = vec![entry("d03"), entry("d99")];
+        let results = auth.registry.enroll_batch(&batch, "test").unwrap();
+        assert!(matches!(results[0], Err(Error::AlreadyExists { .. })));
+        assert!(results[1].is_ok());
+        let d99 = DeviceId::try_new("d99").unwrap();
+        auth.registry
+            .revoke(&d99, RevocationReason::Unspecified, "test")
+            .unwrap();
+        for status in [None, Some(Status::Active)] {
+            let mut seen = Vec::new();
+            let mut after = None;
+            loop {
+                let page = auth.registry.list(status, after.as_deref(), 7).unwrap();
+                seen.extend(page.items.iter().map(|d| d.id.to_string()));
+                match page.next {
+                    Some(n) => after = Some(n),
+                    None => break,
+                }
+            }
+            // 25 active devices and the admin, and, unfiltered, the revoked d99.
+            let want = if status.is_some() { 26 } else { 27 };
+            assert_eq!(seen.len(), want, "{status:?}");
+            let mut sorted = seen.clone();
+            sorted.sort();
+            sorted.dedup();
+            assert_eq!(sorted, seen);
+        }
     }
 }
