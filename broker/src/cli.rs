@@ -103,6 +103,19 @@ struct ServeArgs {
     /// are refused: it fails closed.
     #[arg(long, default_value_t = 60)]
     store_staleness_secs: u64,
+    /// Messages across nodes: NATS servers with JetStream,
+    /// `nats://host:port[,nats://host:port...]`. A service on any node
+    /// then sees every device, and commands reach a device on any node.
+    /// Leave it out on a single node.
+    #[arg(long, value_delimiter = ',')]
+    nats: Vec<String>,
+    /// With --nats: replicas of the message stream (3 on a three-server
+    /// NATS cluster: a server can go without losing what was stored).
+    #[arg(long, default_value_t = 1)]
+    nats_replicas: usize,
+    /// With --nats: how long the message stream keeps a message.
+    #[arg(long, default_value_t = 3600)]
+    nats_max_age_secs: u64,
     /// MQTT address (TLS only, client certificates required).
     #[arg(long, default_value = "127.0.0.1:8883")]
     mqtt_listen: SocketAddr,
@@ -527,6 +540,11 @@ async fn serve_cmd(args: ServeArgs) -> ExitCode {
         data_dir: args.data_dir,
         store: args.store.map(|e| e.0),
         store_staleness: std::time::Duration::from_secs(args.store_staleness_secs),
+        nats: (!args.nats.is_empty()).then(|| crate::bus::BusConfig {
+            servers: args.nats.clone(),
+            replicas: args.nats_replicas,
+            max_age: std::time::Duration::from_secs(args.nats_max_age_secs.max(1)),
+        }),
         api_listen: args.api_listen,
         mqtt_listen: args.mqtt_listen,
         ocsp_listen: args.ocsp_listen,

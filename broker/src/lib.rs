@@ -2,6 +2,7 @@
 //! `fleetgate` command line. Invariant: only this crate touches sockets.
 
 pub mod api;
+pub mod bus;
 /// The admin API's client, from [`fleetgate_api`] (the CLI's).
 pub use fleetgate_api::client;
 pub mod cli;

@@ -171,6 +171,16 @@ pub struct Metrics {
     pub store_watch_events: AtomicU64,
     /// Watch streams that ended and were resumed.
     pub store_watch_interruptions: AtomicU64,
+    /// Messages put on the message bus (NATS) for other nodes.
+    pub bus_published: AtomicU64,
+    /// Messages from other nodes taken off the bus.
+    pub bus_received: AtomicU64,
+    /// Messages that could not be put on the bus (NATS unreachable or its
+    /// stream refused): a QoS 1 message is then refused to its sender, a
+    /// QoS 0 one reaches this node only.
+    pub bus_failed: AtomicU64,
+    /// Time to put a QoS 1 message on the bus, stored (JetStream's ack).
+    pub bus_publish: Histogram,
     refusals: [AtomicU64; Refusal::ALL.len()],
 }
 
@@ -339,6 +349,21 @@ impl Metrics {
                 "Watch streams on the shared store that ended and were resumed.",
                 &self.store_watch_interruptions,
             ),
+            (
+                "fleetgate_bus_published_total",
+                "Messages put on the message bus (NATS JetStream) for other nodes.",
+                &self.bus_published,
+            ),
+            (
+                "fleetgate_bus_received_total",
+                "Messages from other nodes taken off the message bus.",
+                &self.bus_received,
+            ),
+            (
+                "fleetgate_bus_failed_total",
+                "Messages that could not be put on the message bus (QoS 1 refused, QoS 0 kept on this node).",
+                &self.bus_failed,
+            ),
         ] {
             metric(name, "counter", help, v.load(Ordering::Relaxed).to_string());
         }
@@ -356,6 +381,11 @@ impl Metrics {
             &mut out,
             "fleetgate_store_request_seconds",
             "Requests to the shared registry store (etcd), from the first member tried to an answer.",
+        );
+        self.bus_publish.write(
+            &mut out,
+            "fleetgate_bus_publish_seconds",
+            "QoS 1 messages put on the message bus, until JetStream has stored them.",
         );
 
         let _ = writeln!(

@@ -25,6 +25,8 @@ pub struct ServeConfig {
     pub store: Option<Vec<String>>,
     /// How old a node's view of an etcd registry may be and still admit.
     pub store_staleness: Duration,
+    /// Messages across nodes on NATS JetStream; `None` on a single node.
+    pub nats: Option<crate::bus::BusConfig>,
     pub api_listen: SocketAddr,
     pub mqtt_listen: SocketAddr,
     pub ocsp_listen: SocketAddr,
@@ -104,6 +106,14 @@ impl Server {
         })
         .await
         .context("opening the data dir")??;
+        let mut cfg = cfg;
+        if let Some(nats) = &cfg.nats {
+            cfg.mqtt.bus = Some(
+                crate::bus::Bus::connect(nats, metrics.clone())
+                    .await
+                    .context("the message bus (--nats)")?,
+            );
+        }
         let api = TcpListener::bind(cfg.api_listen)
             .await
             .with_context(|| format!("binding the admin API to {}", cfg.api_listen))?;
@@ -172,6 +182,7 @@ impl Server {
             tls.clone(),
             self.status.clone(),
         );
+        let _bus = broker.follow_bus();
         if let Some(etcd) = &self.etcd {
             let registry = self.auth.registry.clone();
             etcd.watch(move |writes| {

@@ -164,6 +164,18 @@ fn seq_of(key: &[u8]) -> Option<u64> {
 /// (u32 BE), properties (JSON), payload (the rest).
 const RECORD_V1: u8 = 1;
 
+impl Message {
+    /// The message in its stored layout (also how it crosses nodes).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        encode(self)
+    }
+
+    /// A message from [`Message::to_bytes`]; `Corrupt` if it is not one.
+    pub fn from_bytes(b: &[u8]) -> Result<Message, Error> {
+        decode(b)
+    }
+}
+
 fn encode(m: &Message) -> Vec<u8> {
     let props = if m.props == MessageProps::default() {
         Vec::new()

@@ -758,7 +758,7 @@ pub mod etcd {
 
     use broker::etcd::EtcdStore;
 
-    fn free_port() -> u16 {
+    pub(crate) fn free_port() -> u16 {
         TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
@@ -867,6 +867,152 @@ pub mod etcd {
             for m in &mut self.members {
                 let _ = m.kill();
                 let _ = m.wait();
+            }
+        }
+    }
+}
+
+/// Real NATS servers with JetStream on loopback ports (Debian
+/// `nats-server`), killed when dropped.
+pub mod nats {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::path::{Path, PathBuf};
+    use std::process::{Child, Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    use super::etcd::free_port;
+
+    /// `n` servers of one cluster (`n` = 1: a lone server).
+    #[derive(Debug)]
+    pub struct Nats {
+        servers: Vec<Child>,
+        /// Client ports.
+        pub ports: Vec<u16>,
+        monitors: Vec<u16>,
+        commands: Vec<Vec<String>>,
+    }
+
+    impl Nats {
+        pub fn start(dir: &Path) -> Self {
+            Self::cluster(dir, 1)
+        }
+
+        pub fn cluster(dir: &Path, n: usize) -> Self {
+            super::require_tool("nats-server");
+            let ports: Vec<(u16, u16, u16)> = (0..n)
+                .map(|_| (free_port(), free_port(), free_port()))
+                .collect();
+            let routes = ports
+                .iter()
+                .map(|(_, _, c)| format!("nats://127.0.0.1:{c}"))
+                .collect::<Vec<_>>()
+                .join(",");
+            let mut nats = Nats {
+                servers: Vec::new(),
+                ports: Vec::new(),
+                monitors: Vec::new(),
+                commands: Vec::new(),
+            };
+            for (i, (client, monitor, cluster)) in ports.iter().enumerate() {
+                let store: PathBuf = dir.join(format!("n{i}"));
+                let mut args: Vec<String> = [
+                    "-a",
+                    "127.0.0.1",
+                    "-p",
+                    &client.to_string(),
+                    "-m",
+                    &monitor.to_string(),
+                    "-js",
+                    "-sd",
+                    &store.to_string_lossy(),
+                    "-n",
+                    &format!("n{i}"),
+                ]
+                .map(str::to_owned)
+                .to_vec();
+                if n > 1 {
+                    args.extend(
+                        [
+                            "--cluster_name",
+                            "fleetgate",
+                            "--cluster",
+                            &format!("nats://127.0.0.1:{cluster}"),
+                            "--routes",
+                            &routes,
+                        ]
+                        .map(str::to_owned),
+                    );
+                }
+                nats.servers.push(spawn(&args));
+                nats.commands.push(args);
+                nats.ports.push(*client);
+                nats.monitors.push(*monitor);
+            }
+            for i in 0..n {
+                nats.wait_healthy(i);
+            }
+            nats
+        }
+
+        /// Waits until server `i` says JetStream is ready.
+        pub fn wait_healthy(&self, i: usize) {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !healthy(self.monitors[i]) {
+                assert!(Instant::now() < deadline, "nats-server {i} not healthy");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+
+        /// `--nats` for a fleetgate node.
+        pub fn url(&self) -> String {
+            self.ports
+                .iter()
+                .map(|p| format!("nats://127.0.0.1:{p}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        }
+
+        pub fn kill(&mut self, i: usize) {
+            let _ = self.servers[i].kill();
+            let _ = self.servers[i].wait();
+        }
+
+        pub fn restart(&mut self, i: usize) {
+            self.servers[i] = spawn(&self.commands[i]);
+            self.wait_healthy(i);
+        }
+    }
+
+    fn spawn(args: &[String]) -> Child {
+        Command::new("nats-server")
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting nats-server")
+    }
+
+    fn healthy(monitor: u16) -> bool {
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", monitor)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        if s.write_all(b"GET /healthz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            .is_err()
+        {
+            return false;
+        }
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out.starts_with("HTTP/1.0 200") || out.starts_with("HTTP/1.1 200")
+    }
+
+    impl Drop for Nats {
+        fn drop(&mut self) {
+            for s in &mut self.servers {
+                let _ = s.kill();
+                let _ = s.wait();
             }
         }
     }

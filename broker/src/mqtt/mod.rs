@@ -20,6 +20,7 @@ pub mod hub;
 mod link;
 pub mod outbox;
 mod quota;
+mod remote;
 mod session;
 pub mod stamp;
 
@@ -81,6 +82,8 @@ pub struct MqttConfig {
     pub router_log_bytes: usize,
     /// What one device's durable command queue may hold.
     pub queue_limits: provisioning::sessions::QueueLimits,
+    /// Messages across nodes (NATS JetStream); `None` on a single node.
+    pub bus: Option<Arc<crate::bus::Bus>>,
 }
 
 impl Default for MqttConfig {
@@ -108,6 +111,7 @@ impl Default for MqttConfig {
             },
             router_log_bytes: 8 * 1024 * 1024,
             queue_limits: provisioning::sessions::QueueLimits::default(),
+            bus: None,
         }
     }
 }
@@ -472,6 +476,22 @@ impl Broker {
                 cfg,
             }),
         }
+    }
+
+    /// Follows the message bus, if there is one: what other nodes'
+    /// clients publish reaches this node's router, devices' retained
+    /// messages are kept here too, and commands reach devices connected
+    /// here. Runs until the bus is dropped.
+    pub fn follow_bus(&self) -> Option<tokio::task::JoinHandle<()>> {
+        let bus = self.shared.cfg.bus.clone()?;
+        let mut incoming = bus.follow();
+        let shared = self.shared.clone();
+        Some(tokio::spawn(async move {
+            while let Some(i) = incoming.recv().await {
+                remote::apply(&shared, &i).await;
+                i.ack().await;
+            }
+        }))
     }
 
     pub fn live_sessions(&self) -> usize {

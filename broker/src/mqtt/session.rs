@@ -1229,6 +1229,10 @@ impl Session {
                 let outcome = self.command(&target, &p, qos, props.as_ref()).await;
                 ack = match outcome {
                     Outcome::Delivered | Outcome::Queued => (PubAckReason::Success, None),
+                    // The device may be on another node: the bus takes it.
+                    Outcome::NoSubscribers if self.shared.cfg.bus.is_some() => {
+                        (PubAckReason::Success, None)
+                    }
                     Outcome::NoSubscribers if self.codec.is_v5() => {
                         (PubAckReason::NoMatchingSubscribers, None)
                     }
@@ -1248,6 +1252,13 @@ impl Session {
                 };
             }
         }
+        // For other nodes, as published (the mark is made where it lands).
+        let for_bus = self
+            .shared
+            .cfg
+            .bus
+            .as_ref()
+            .map(|_| message(&p, qos, props.as_ref(), now_ms()));
         // Into the router at QoS 0: acknowledged here, and the router's
         // delivery QoS is the subscription's.
         // Copied out of the read buffer: a message in the router's log
@@ -1273,6 +1284,27 @@ impl Session {
         };
         if sent.is_err() {
             return Err(End::RouterDisconnect);
+        }
+        if let (Some(bus), Some(m)) = (&self.shared.cfg.bus, for_bus) {
+            let id = &self.peer.identity;
+            if let Err(e) = bus
+                .publish(id.id.as_str(), id.role, &self.stamp, &m, qos > 0)
+                .await
+            {
+                if qos == 0 {
+                    tracing::debug!(error = %e, "mqtt: a QoS 0 message reached this node only");
+                } else if self.codec.is_v5() {
+                    tracing::warn!(error = %e, "mqtt: refused a QoS 1 message the bus did not store");
+                    return Ok((
+                        PubAckReason::ImplementationSpecificError,
+                        Some("not stored for the other nodes; send it again".into()),
+                    ));
+                } else {
+                    // No negative PUBACK in 3.1.1: unacknowledged, it is
+                    // sent again after the reconnect.
+                    return Err(End::Protocol(format!("{e}; not acknowledged")));
+                }
+            }
         }
         Ok(ack)
     }

@@ -1,0 +1,286 @@
+//! Messages across nodes, on NATS JetStream (`serve --nats URL`).
+//!
+//! Every message a client publishes into this node's router is also put on
+//! one JetStream stream, `FLEETGATE_MSG`, under
+//! `fleetgate.msg.<node>.<client id>`, with the sender's role and identity
+//! stamp as headers and the message itself in the layout the session store
+//! keeps ([`Message::to_bytes`]). Every node follows the stream through a
+//! durable consumer of its own and hands what other nodes put there to its
+//! router (so services here see devices there), keeps devices' retained
+//! messages, and hands commands to devices connected here.
+//!
+//! A QoS 1 message is acknowledged to its sender only once JetStream has
+//! stored it (on a majority of the stream's replicas); if that fails the
+//! sender is refused (MQTT 5: PUBACK 0x80; 3.1.1: the connection closes, so
+//! the client sends it again). A QoS 0 message that cannot be put on the
+//! bus reaches this node only, and is counted. One sender's messages go out
+//! on one NATS connection in order, and each node's consumer reads the
+//! stream in order: per sender, other nodes see them in order.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use async_nats::jetstream::{self, consumer, stream};
+use async_nats::HeaderMap;
+use futures_util::StreamExt;
+use provisioning::sessions::Message;
+use provisioning::Role;
+use tokio::sync::mpsc;
+
+use crate::metrics::Metrics;
+
+/// The stream every node publishes to and follows.
+pub const STREAM: &str = "FLEETGATE_MSG";
+
+/// Subjects: `fleetgate.msg.<node>.<client id>`.
+const PREFIX: &str = "fleetgate.msg.";
+
+const ROLE: &str = "fleetgate-role";
+const STAMP: &str = "fleetgate-stamp";
+
+/// How long a QoS 1 publish may wait for JetStream's ack.
+const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How the node uses NATS.
+#[derive(Clone, Debug)]
+pub struct BusConfig {
+    /// NATS servers, `nats://host:port` (any of one cluster).
+    pub servers: Vec<String>,
+    /// Replicas of the stream (1, or 3 on a three-server cluster).
+    pub replicas: usize,
+    /// How long the stream keeps a message.
+    pub max_age: Duration,
+}
+
+/// This node's side of the bus.
+#[derive(Debug)]
+pub struct Bus {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    /// This run's name on the bus (random, so a restarted node starts
+    /// with what is new, not with what it missed while down).
+    node: String,
+    metrics: Arc<Metrics>,
+}
+
+/// A message another node put on the bus.
+#[derive(Debug)]
+pub struct Incoming {
+    /// Who published it, as it connected there.
+    pub client: String,
+    pub role: Role,
+    /// The sender's identity stamp (`stamp::of`), empty for a service.
+    pub stamp: String,
+    pub message: Message,
+    acker: jetstream::Message,
+}
+
+impl Incoming {
+    /// Done with it: the stream need not send it to this node again.
+    pub async fn ack(self) {
+        if let Err(e) = self.acker.ack().await {
+            tracing::debug!(error = %e, "bus: ack failed; it may come again");
+        }
+    }
+}
+
+/// Why a message did not go on the bus.
+#[derive(Debug, thiserror::Error)]
+#[error("message bus: {0}")]
+pub struct BusError(String);
+
+fn random_name() -> String {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 6];
+    let _ = ring::rand::SystemRandom::new().fill(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+impl Bus {
+    /// Connects to NATS and makes sure the stream is there; fails if no
+    /// server answers.
+    pub async fn connect(cfg: &BusConfig, metrics: Arc<Metrics>) -> anyhow::Result<Arc<Bus>> {
+        let node = random_name();
+        let addrs = cfg
+            .servers
+            .iter()
+            .map(|s| s.parse::<async_nats::ServerAddr>())
+            .collect::<Result<Vec<_>, _>>()
+            .context("a NATS server address")?;
+        let client = async_nats::ConnectOptions::new()
+            .name(format!("fleetgate-{node}"))
+            .connection_timeout(Duration::from_secs(5))
+            .retry_on_initial_connect()
+            .connect(addrs)
+            .await
+            .context("connecting to NATS")?;
+        let js = jetstream::new(client.clone());
+        let stream = tokio::time::timeout(
+            Duration::from_secs(15),
+            js.get_or_create_stream(stream::Config {
+                name: STREAM.into(),
+                subjects: vec![format!("{PREFIX}>")],
+                storage: stream::StorageType::File,
+                num_replicas: cfg.replicas.max(1),
+                max_age: cfg.max_age,
+                discard: stream::DiscardPolicy::Old,
+                ..Default::default()
+            }),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("NATS JetStream did not answer within 15 s"))?
+        .map_err(|e| anyhow::anyhow!("the {STREAM} stream on NATS JetStream: {e}"))?;
+        drop(stream);
+        tracing::info!(node = %node, servers = ?cfg.servers, "bus: on NATS JetStream");
+        Ok(Arc::new(Bus {
+            client,
+            js,
+            node,
+            metrics,
+        }))
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Puts `m`, published here by `client`, on the bus for other nodes.
+    /// With `stored`, returns once JetStream has stored it.
+    pub async fn publish(
+        &self,
+        client: &str,
+        role: Role,
+        stamp: &str,
+        m: &Message,
+        stored: bool,
+    ) -> Result<(), BusError> {
+        let subject = format!("{PREFIX}{}.{client}", self.node);
+        let mut headers = HeaderMap::new();
+        headers.insert(ROLE, role.to_string().as_str());
+        if !stamp.is_empty() {
+            headers.insert(STAMP, stamp);
+        }
+        let payload = m.to_bytes().into();
+        let fail = |e: String| {
+            self.metrics.bus_failed.fetch_add(1, Ordering::Relaxed);
+            BusError(e)
+        };
+        if stored {
+            let t0 = std::time::Instant::now();
+            let ack = self
+                .js
+                .publish_with_headers(subject, headers, payload)
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+            tokio::time::timeout(ACK_TIMEOUT, ack)
+                .await
+                .map_err(|_| fail("JetStream did not store it within 5 s".into()))?
+                .map_err(|e| fail(e.to_string()))?;
+            self.metrics.bus_publish.observe(t0.elapsed());
+        } else {
+            // Captured by the stream all the same; nobody waits for it.
+            self.client
+                .publish_with_headers(subject, headers, payload)
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+        }
+        self.metrics.bus_published.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Follows the stream from now on: what other nodes put there comes
+    /// out of the returned channel, in the stream's order. Resumes after
+    /// NATS comes back.
+    pub fn follow(self: &Arc<Self>) -> mpsc::Receiver<Incoming> {
+        let (tx, rx) = mpsc::channel(1024);
+        let bus = self.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Err(e) = bus.follow_once(&tx).await {
+                    tracing::warn!(error = %format!("{e:#}"), "bus: following the stream; resuming");
+                }
+                if tx.is_closed() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+        rx
+    }
+
+    async fn follow_once(&self, tx: &mpsc::Sender<Incoming>) -> anyhow::Result<()> {
+        let stream = self.js.get_stream(STREAM).await?;
+        let name = format!("node-{}", self.node);
+        let consumer = stream
+            .get_or_create_consumer(
+                &name,
+                consumer::pull::Config {
+                    durable_name: Some(name.clone()),
+                    filter_subject: format!("{PREFIX}>"),
+                    deliver_policy: consumer::DeliverPolicy::New,
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    max_ack_pending: 10_000,
+                    // A node that went away leaves no consumer behind.
+                    inactive_threshold: Duration::from_secs(600),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        let mut messages = consumer.messages().await?;
+        let own = format!("{PREFIX}{}.", self.node);
+        while let Some(next) = messages.next().await {
+            let msg = next?;
+            let subject = msg.subject.to_string();
+            if subject.starts_with(&own) {
+                let _ = msg.ack().await;
+                continue;
+            }
+            match parse(&subject, &msg) {
+                Ok((client, role, stamp, message)) => {
+                    self.metrics.bus_received.fetch_add(1, Ordering::Relaxed);
+                    let i = Incoming {
+                        client,
+                        role,
+                        stamp,
+                        message,
+                        acker: msg,
+                    };
+                    if tx.send(i).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                Err(why) => {
+                    tracing::warn!(subject = %crate::printable(&subject), why = %why, "bus: dropped a message that is not fleetgate's");
+                    let _ = msg.ack().await;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A bus message's sender, role, stamp and message.
+fn parse(
+    subject: &str,
+    msg: &jetstream::Message,
+) -> Result<(String, Role, String, Message), String> {
+    let client = subject
+        .strip_prefix(PREFIX)
+        .and_then(|rest| rest.split_once('.'))
+        .map(|(_, client)| client.to_owned())
+        .ok_or("no sender in the subject")?;
+    let header = |k: &str| {
+        msg.headers
+            .as_ref()
+            .and_then(|h| h.get(k))
+            .map(|v| v.as_str().to_owned())
+    };
+    let role = header(ROLE)
+        .and_then(|r| r.parse::<Role>().ok())
+        .ok_or("no sender role")?;
+    let stamp = header(STAMP).unwrap_or_default();
+    let message = Message::from_bytes(&msg.payload).map_err(|e| e.to_string())?;
+    Ok((client, role, stamp, message))
+}

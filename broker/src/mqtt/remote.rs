@@ -1,0 +1,81 @@
+//! What another node's client published, as the bus brought it
+//! ([`crate::bus`]): into this node's router with the sender's identity
+//! mark, as a device's retained message kept here too, and as a command
+//! to a device whose session is live here.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use provisioning::sessions::{now_ms, Message};
+use provisioning::Role;
+use rumqttd::protocol::{Packet, Publish, PublishProperties};
+
+use super::acl::command_target;
+use super::stamp;
+use super::Shared;
+use crate::bus::Incoming;
+
+/// Applies one message from another node.
+pub(super) async fn apply(shared: &Arc<Shared>, i: &Incoming) {
+    let m = &i.message;
+    let now = now_ms();
+    if m.expires_at_ms.is_some_and(|t| t <= now) {
+        return;
+    }
+    let onward = Packet::Publish(
+        Publish::new(
+            Bytes::from(m.topic.clone()),
+            Bytes::from(m.payload.clone()),
+            false,
+        ),
+        stamp::mark(properties(m, now), m.qos, m.retain, &i.stamp),
+    );
+    if shared.ingest.send(&i.client, onward).await.is_err() {
+        tracing::warn!("bus: the router is gone");
+        return;
+    }
+    let hub = shared.hub.clone();
+    if m.retain && i.role == Role::Device {
+        let Ok(id) = provisioning::DeviceId::try_new(i.client.as_str()) else {
+            return;
+        };
+        let mut kept = m.clone();
+        kept.props
+            .user_properties
+            .push(stamp::mark_property(m.qos, true, &i.stamp));
+        let done =
+            tokio::task::spawn_blocking(move || hub.retain_own(&id, &kept, kept.qos > 0)).await;
+        if !matches!(done, Ok(Ok(()))) {
+            tracing::warn!(device.id = %crate::printable(&i.client), "bus: a retained message from another node was not kept");
+        }
+    } else if i.role == Role::Service {
+        if let Some(target) = command_target(&m.topic) {
+            let m = Arc::new(m.clone());
+            let done = tokio::task::spawn_blocking(move || hub.publish_live(&target, m)).await;
+            if let Ok(Err(e)) = done {
+                tracing::error!(error = %e, "bus: a command from another node was not delivered");
+            }
+        }
+    }
+}
+
+/// The MQTT 5 properties `m` goes on with (what is left of its expiry).
+fn properties(m: &Message, now: i64) -> Option<PublishProperties> {
+    let p = &m.props;
+    if p == &Default::default() {
+        return None;
+    }
+    Some(PublishProperties {
+        payload_format_indicator: p.payload_format_indicator,
+        message_expiry_interval: p.message_expiry_interval.and_then(|_| {
+            let left = m.expires_at_ms?.saturating_sub(now).max(1);
+            u32::try_from((left + 999) / 1000).ok()
+        }),
+        topic_alias: None,
+        response_topic: p.response_topic.clone(),
+        correlation_data: p.correlation_data.clone().map(Bytes::from),
+        user_properties: p.user_properties.clone(),
+        subscription_identifiers: Vec::new(),
+        content_type: p.content_type.clone(),
+    })
+}

@@ -1,0 +1,236 @@
+//! Messages across nodes on NATS JetStream (`serve --nats`): two fleetgate
+//! nodes on one etcd registry and one message stream, mosquitto clients.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tests::etcd::Etcd;
+use tests::nats::Nats;
+use tests::{require_tool, run, Creds, Server};
+
+/// Copies a node's data dir for another node (the same CA and admin).
+fn copy_data_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_name() == "registry" {
+            continue;
+        }
+        let dst = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_data_dir(&e.path(), &dst);
+        } else {
+            std::fs::copy(e.path(), &dst).unwrap();
+        }
+    }
+}
+
+/// A mosquitto tool against `node` as `c`.
+fn mosquitto(tool: &str, node: &Server, c: &Creds) -> Command {
+    require_tool(tool);
+    let mut cmd = Command::new(tool);
+    cmd.args(["-h", "127.0.0.1", "-p", &node.mqtt.port().to_string()])
+        .arg("--cafile")
+        .arg(&c.ca)
+        .arg("--cert")
+        .arg(&c.cert)
+        .arg("--key")
+        .arg(&c.key);
+    cmd
+}
+
+/// Two nodes on one etcd and one NATS.
+fn two_nodes(tmp: &Path, nats: &Nats, etcd: &Etcd) -> (Server, Server) {
+    let (store, bus) = (etcd.url(), nats.url());
+    let args = ["--store", store.as_str(), "--nats", bus.as_str()];
+    let one = Server::start_with(&tmp.join("one"), &args).unwrap();
+    copy_data_dir(&one.data_dir, &tmp.join("two"));
+    let two = Server::start_with(&tmp.join("two"), &args).unwrap();
+    (one, two)
+}
+
+#[test]
+fn a_service_on_one_node_sees_devices_on_another_and_its_commands_reach_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&tmp.path().join("etcd"));
+    let nats = Nats::start(&tmp.path().join("nats"));
+    let (one, two) = two_nodes(tmp.path(), &nats, &etcd);
+    let creds = tmp.path().join("c");
+    let dev = one.enroll(&creds, "device", "dev-1");
+    let svc = one.enroll(&creds, "service", "backend");
+
+    // Telemetry: the device on node one, the service (MQTT 5) on node two.
+    let sub = mosquitto("mosquitto_sub", &two, &svc)
+        .args(["-V", "mqttv5", "-t", "devices/+/telemetry"])
+        .args(["-F", "%t %P %p", "-C", "4", "-W", "20"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    let (ok, out) = run(mosquitto("mosquitto_pub", &one, &dev).args([
+        "-t",
+        "devices/dev-1/telemetry",
+        "-m",
+        "q0",
+    ]));
+    assert!(ok, "{out}");
+    // Three at QoS 1 on one connection, in order.
+    let mut publ = mosquitto("mosquitto_pub", &one, &dev)
+        .args([
+            "-V",
+            "mqttv5",
+            "-q",
+            "1",
+            "-t",
+            "devices/dev-1/telemetry",
+            "-l",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    publ.stdin.take().unwrap().write_all(b"a\nb\nc\n").unwrap();
+    let done = publ.wait_with_output().unwrap();
+    assert!(done.status.success(), "{done:?}");
+    let out = sub.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 4, "the service on node two got: {text:?}");
+    let payloads: Vec<&str> = lines
+        .iter()
+        .map(|l| l.rsplit(' ').next().unwrap())
+        .collect();
+    assert_eq!(payloads, ["q0", "a", "b", "c"], "{text}");
+    for l in &lines {
+        assert!(l.contains("x-fleetgate-device-id:dev-1"), "{l}");
+        assert!(l.contains("x-fleetgate-fingerprint:"), "{l}");
+    }
+
+    // A retained message published on node one is there for a later
+    // subscriber on node two.
+    let (ok, out) = run(mosquitto("mosquitto_pub", &one, &dev).args([
+        "-q",
+        "1",
+        "-r",
+        "-t",
+        "devices/dev-1/state",
+        "-m",
+        "on",
+    ]));
+    assert!(ok, "{out}");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (_, out) = run(mosquitto("mosquitto_sub", &two, &svc).args([
+            "-t",
+            "devices/dev-1/state",
+            "-C",
+            "1",
+            "-W",
+            "2",
+        ]));
+        if out.trim() == "on" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no retained message on node two: {out}"
+        );
+    }
+
+    // A command from the service on node two reaches the device on node one.
+    let cmd = mosquitto("mosquitto_sub", &one, &dev)
+        .args([
+            "-q",
+            "1",
+            "-t",
+            "devices/dev-1/commands/#",
+            "-C",
+            "1",
+            "-W",
+            "20",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    let (ok, out) = run(mosquitto("mosquitto_pub", &two, &svc).args([
+        "-V",
+        "mqttv5",
+        "-q",
+        "1",
+        "-t",
+        "devices/dev-1/commands/reboot",
+        "-m",
+        "now",
+    ]));
+    assert!(ok, "{out}");
+    let out = cmd.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "now",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn without_nats_a_node_still_serves_its_own_clients_and_acknowledges_nothing_unstored() {
+    let tmp = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&tmp.path().join("etcd"));
+    let mut nats = Nats::start(&tmp.path().join("nats"));
+    let (one, _two) = two_nodes(tmp.path(), &nats, &etcd);
+    let creds = tmp.path().join("c");
+    let dev = one.enroll(&creds, "device", "dev-1");
+    let svc = one.enroll(&creds, "service", "backend");
+    nats.kill(0);
+
+    // A service on the same node still gets the device's QoS 0 messages.
+    let sub = mosquitto("mosquitto_sub", &one, &svc)
+        .args(["-t", "devices/+/telemetry", "-C", "1", "-W", "20"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    let (ok, out) = run(mosquitto("mosquitto_pub", &one, &dev).args([
+        "-t",
+        "devices/dev-1/telemetry",
+        "-m",
+        "local",
+    ]));
+    assert!(ok, "{out}");
+    let out = sub.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "local");
+
+    // A QoS 1 message the bus cannot store is not acknowledged: MQTT 5
+    // gets PUBACK 0x80 with the reason.
+    let (ok, out) = run(mosquitto("mosquitto_pub", &one, &dev).args([
+        "-V",
+        "mqttv5",
+        "-q",
+        "1",
+        "-t",
+        "devices/dev-1/telemetry",
+        "-m",
+        "durable",
+    ]));
+    // (mosquitto_pub warns and exits 0.)
+    let _ = ok;
+    assert!(
+        out.contains("Implementation specific error")
+            && out.contains("not stored for the other nodes"),
+        "a QoS 1 message was acknowledged without the bus: {out}"
+    );
+    assert!(
+        one.wait_for_log("did not store", Duration::from_secs(10)),
+        "{:?}",
+        one.log()
+    );
+}
