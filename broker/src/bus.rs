@@ -40,6 +40,12 @@ const PREFIX: &str = "fleetgate.msg.";
 const ROLE: &str = "fleetgate-role";
 const STAMP: &str = "fleetgate-stamp";
 
+/// Which node holds each client's session: the last message on
+/// `fleetgate.owner.<client id>` names it (one kept per subject: a
+/// key-value bucket made of a plain stream, which NATS 2.9 serves).
+pub const OWNERS: &str = "FLEETGATE_OWNERS";
+const OWNER_PREFIX: &str = "fleetgate.owner.";
+
 /// How long a QoS 1 publish may wait for JetStream's ack.
 const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -63,6 +69,10 @@ pub struct Bus {
     /// with what is new, not with what it missed while down).
     node: String,
     metrics: Arc<Metrics>,
+    /// Session ownership, cluster-wide (MQTT: one session per client id).
+    owners: stream::Stream,
+    /// The owners' revision of this node's last claim of each client.
+    claims: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
 
 /// A message another node put on the bus.
@@ -133,17 +143,40 @@ impl Bus {
         .map_err(|_| anyhow::anyhow!("NATS JetStream did not answer within 15 s"))?
         .map_err(|e| anyhow::anyhow!("the {STREAM} stream on NATS JetStream: {e}"))?;
         drop(stream);
+        let owners = js
+            .get_or_create_stream(stream::Config {
+                name: OWNERS.into(),
+                subjects: vec![format!("{OWNER_PREFIX}>")],
+                storage: stream::StorageType::File,
+                num_replicas: cfg.replicas.max(1),
+                max_messages_per_subject: 1,
+                discard: stream::DiscardPolicy::Old,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("the {OWNERS} stream on NATS JetStream: {e}"))?;
         tracing::info!(node = %node, servers = ?cfg.servers, "bus: on NATS JetStream");
         Ok(Arc::new(Bus {
             client,
             js,
             node,
             metrics,
+            owners,
+            claims: std::sync::Mutex::default(),
         }))
     }
 
     pub fn node(&self) -> &str {
         &self.node
+    }
+
+    /// Whether NATS is there now: without it, nothing waits on it (the
+    /// client reconnects in the background).
+    fn connected(&self) -> Result<(), BusError> {
+        match self.client.connection_state() {
+            async_nats::connection::State::Connected => Ok(()),
+            _ => Err(BusError("NATS is not connected".into())),
+        }
     }
 
     /// Puts `m`, published here by `client`, on the bus for other nodes.
@@ -167,6 +200,7 @@ impl Bus {
             self.metrics.bus_failed.fetch_add(1, Ordering::Relaxed);
             BusError(e)
         };
+        self.connected().map_err(|e| fail(e.0))?;
         if stored {
             let t0 = std::time::Instant::now();
             let ack = self
@@ -188,6 +222,91 @@ impl Bus {
         }
         self.metrics.bus_published.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Claims `client`'s session for this node, cluster-wide: the node
+    /// that held it cuts its connection (see [`Bus::follow_owners`]).
+    pub async fn claim(&self, client: &str) -> Result<(), BusError> {
+        self.connected()?;
+        let put = async {
+            self.js
+                .publish(format!("{OWNER_PREFIX}{client}"), self.node.clone().into())
+                .await?
+                .await
+        };
+        let ack = tokio::time::timeout(ACK_TIMEOUT, put)
+            .await
+            .map_err(|_| BusError("claiming the session: no answer within 5 s".into()))?
+            .map_err(|e| BusError(format!("claiming the session: {e}")))?;
+        self.claims
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(client.to_owned(), ack.sequence);
+        Ok(())
+    }
+
+    /// The clients whose sessions another node has claimed since this
+    /// node last did: their connections here are to be cut.
+    pub fn follow_owners(self: &Arc<Self>) -> mpsc::Receiver<String> {
+        let (tx, rx) = mpsc::channel(1024);
+        let bus = self.clone();
+        tokio::spawn(async move {
+            loop {
+                match bus.watch_owners().await {
+                    Ok(mut claims) => {
+                        while let Some(c) = claims.next().await {
+                            let Ok(c) = c else { break };
+                            let Ok(info) = c.info() else { continue };
+                            let seq = info.stream_sequence;
+                            let Some(key) = c.subject.as_str().strip_prefix(OWNER_PREFIX) else {
+                                continue;
+                            };
+                            if c.payload == bus.node.as_bytes() {
+                                continue;
+                            }
+                            let taken = {
+                                let mut mine = bus
+                                    .claims
+                                    .lock()
+                                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                                match mine.get(key) {
+                                    Some(at) if *at < seq => {
+                                        mine.remove(key);
+                                        true
+                                    }
+                                    _ => false,
+                                }
+                            };
+                            if taken && tx.send(key.to_owned()).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %format!("{e:#}"), "bus: watching session owners; resuming")
+                    }
+                }
+                if tx.is_closed() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+        rx
+    }
+
+    /// Every claim from now on, in order (an ordered consumer: nothing to
+    /// acknowledge, nothing left behind).
+    async fn watch_owners(&self) -> anyhow::Result<consumer::pull::Ordered> {
+        let consumer = self
+            .owners
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: format!("{OWNER_PREFIX}>"),
+                deliver_policy: consumer::DeliverPolicy::New,
+                ..Default::default()
+            })
+            .await?;
+        Ok(consumer.messages().await?)
     }
 
     /// Follows the stream from now on: what other nodes put there comes

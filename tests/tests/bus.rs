@@ -234,3 +234,34 @@ fn without_nats_a_node_still_serves_its_own_clients_and_acknowledges_nothing_uns
         one.log()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_on_another_node_takes_the_session_over() {
+    use tests::mqtt::{client, connected, until_closed};
+    let tmp = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&tmp.path().join("etcd"));
+    let nats = Nats::start(&tmp.path().join("nats"));
+    let (one, two) = two_nodes(tmp.path(), &nats, &etcd);
+    let dev = one.enroll(&tmp.path().join("c"), "device", "dev-1");
+
+    let (_c1, mut first) = client(one.mqtt, &dev, "dev-1");
+    connected(&mut first).await;
+    let (_c2, mut second) = client(two.mqtt, &dev, "dev-1");
+    connected(&mut second).await;
+    // Node one cuts the older connection: one session per client id,
+    // whichever node it is on.
+    assert!(
+        until_closed(&mut first, Duration::from_secs(10))
+            .await
+            .is_some(),
+        "node one kept the older connection"
+    );
+    assert!(one.wait_for_log("took over the session", Duration::from_secs(5)));
+    // The newer one stays.
+    assert!(
+        until_closed(&mut second, Duration::from_secs(2))
+            .await
+            .is_none(),
+        "node two's connection was cut too"
+    );
+}

@@ -485,11 +485,24 @@ impl Broker {
     pub fn follow_bus(&self) -> Option<tokio::task::JoinHandle<()>> {
         let bus = self.shared.cfg.bus.clone()?;
         let mut incoming = bus.follow();
+        let mut taken = bus.follow_owners();
         let shared = self.shared.clone();
         Some(tokio::spawn(async move {
-            while let Some(i) = incoming.recv().await {
-                remote::apply(&shared, &i).await;
-                i.ack().await;
+            loop {
+                tokio::select! {
+                    Some(i) = incoming.recv() => {
+                        remote::apply(&shared, &i).await;
+                        i.ack().await;
+                    }
+                    Some(client) = taken.recv() => {
+                        // Another node has the client's newer connection.
+                        if let Ok(id) = DeviceId::try_new(client.as_str()) {
+                            let n = shared.sessions.kick_device(&id, Kick::TakenOver);
+                            tracing::info!(client = %id, sessions = n, "mqtt: a connection on another node took over the session");
+                        }
+                    }
+                    else => return,
+                }
             }
         }))
     }

@@ -373,6 +373,13 @@ async fn session(
     // Kickable from here on: a revocation from now on finds this session,
     // so the one check of standing below cannot miss one. A device's older
     // connection is cut here (its session is this one's now).
+    // On several nodes, the session is this node's from now on: the node
+    // that held it cuts its connection.
+    if let Some(bus) = &shared.cfg.bus {
+        if let Err(e) = bus.claim(s.peer.identity.id.as_str()).await {
+            tracing::warn!(error = %e, "mqtt: the session could not be claimed across nodes");
+        }
+    }
     let (kick_rx, registration) = shared.sessions.register(&s.peer, role == Role::Device);
     let conn = registration.conn;
 
