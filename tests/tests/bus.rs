@@ -265,3 +265,53 @@ async fn a_connection_on_another_node_takes_the_session_over() {
         "node two's connection was cut too"
     );
 }
+
+#[test]
+fn a_command_through_one_node_waits_for_a_device_away_from_another() {
+    let tmp = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&tmp.path().join("etcd"));
+    let nats = Nats::start(&tmp.path().join("nats"));
+    let (one, two) = two_nodes(tmp.path(), &nats, &etcd);
+    let creds = tmp.path().join("c");
+    let dev = one.enroll(&creds, "device", "dev-1");
+    let svc = one.enroll(&creds, "service", "backend");
+    // A persistent session on node one, then away.
+    let sub = |node: &Server, wait: &str| {
+        run(mosquitto("mosquitto_sub", node, &dev).args([
+            "-c",
+            "-i",
+            "dev-1",
+            "-q",
+            "1",
+            "-t",
+            "devices/dev-1/commands/#",
+            "-C",
+            "1",
+            "-W",
+            wait,
+        ]))
+    };
+    let (_, _) = sub(&one, "1");
+    // The command goes in through node two while the device is away.
+    let (ok, out) = run(mosquitto("mosquitto_pub", &two, &svc).args([
+        "-q",
+        "1",
+        "-t",
+        "devices/dev-1/commands/update",
+        "-m",
+        "v2",
+    ]));
+    assert!(ok, "{out}");
+    // Back on node one, it gets it.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (_, out) = sub(&one, "3");
+        if out.trim() == "v2" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the queued command never came: {out}"
+        );
+    }
+}

@@ -510,20 +510,6 @@ impl Hub {
         }
     }
 
-    /// A command that came from another node, for device `id` if its
-    /// session is live here (blocking pool: a persistent session stores
-    /// it). A device away from every node is not this node's to queue for.
-    pub fn publish_live(
-        &self,
-        id: &DeviceId,
-        m: Arc<Message>,
-    ) -> Result<Option<Outcome>, provisioning::Error> {
-        if !self.is_live(id) {
-            return Ok(None);
-        }
-        self.publish(id, m).map(Some)
-    }
-
     /// Why nothing may be kept for `id`, if so.
     fn standing_refusal(&self, id: &DeviceId) -> Result<Option<String>, provisioning::Error> {
         match self.registry.device(id) {

@@ -1,7 +1,7 @@
 //! What another node's client published, as the bus brought it
 //! ([`crate::bus`]): into this node's router with the sender's identity
 //! mark, as a device's retained message kept here too, and as a command
-//! to a device whose session is live here.
+//! to a device whose session (live or persistent) is here.
 
 use std::sync::Arc;
 
@@ -51,7 +51,9 @@ pub(super) async fn apply(shared: &Arc<Shared>, i: &Incoming) {
     } else if i.role == Role::Service {
         if let Some(target) = command_target(&m.topic) {
             let m = Arc::new(m.clone());
-            let done = tokio::task::spawn_blocking(move || hub.publish_live(&target, m)).await;
+            // Delivered if the device is live here; queued if its
+            // persistent session is here.
+            let done = tokio::task::spawn_blocking(move || hub.publish(&target, m)).await;
             if let Ok(Err(e)) = done {
                 tracing::error!(error = %e, "bus: a command from another node was not delivered");
             }
