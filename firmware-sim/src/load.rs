@@ -142,12 +142,26 @@ pub struct PublishReport {
     pub sent: u64,
     pub received: u64,
     pub elapsed: Duration,
+    /// From each message's send to its arrival at the subscriber, sorted.
+    pub latencies: Vec<Duration>,
 }
 
 impl PublishReport {
     pub fn per_second(&self) -> f64 {
         self.received as f64 / self.elapsed.as_secs_f64()
     }
+
+    pub fn percentile(&self, p: f64) -> Duration {
+        percentile(&self.latencies, p)
+    }
+}
+
+/// Microseconds since the Unix epoch: the send time a payload carries
+/// (publisher and subscriber share this machine's clock).
+fn now_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
 }
 
 /// rumqttc options for `client_id` at `broker` over mutual TLS with `tls`,
@@ -179,6 +193,7 @@ fn mqtt_client(
 /// receives them on `devices/+/telemetry`. Throughput is what arrives.
 pub async fn publish_run(
     target: &Target,
+    sub_target: &Target,
     publishers: &[String],
     subscriber: &str,
     messages: u64,
@@ -186,7 +201,7 @@ pub async fn publish_run(
     qos: QoS,
 ) -> anyhow::Result<PublishReport> {
     let expected = messages * publishers.len() as u64;
-    let (sub, mut sub_loop) = mqtt_client(target, subscriber, 1000)?;
+    let (sub, mut sub_loop) = mqtt_client(sub_target, subscriber, 1000)?;
     await_connack(&mut sub_loop).await?;
     sub.subscribe("devices/+/telemetry", qos).await?;
     loop {
@@ -200,22 +215,28 @@ pub async fn publish_run(
         let received = received.clone();
         tokio::spawn(async move {
             let mut last = Instant::now();
+            let mut latencies = Vec::with_capacity(expected as usize);
             loop {
                 match tokio::time::timeout(Duration::from_secs(3), sub_loop.poll()).await {
-                    Ok(Ok(Event::Incoming(Packet::Publish(_)))) => {
+                    Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
                         last = Instant::now();
+                        if let Some(sent) = p.payload.get(..8) {
+                            let sent = u64::from_be_bytes(sent.try_into().unwrap_or_default());
+                            latencies
+                                .push(Duration::from_micros(now_micros().saturating_sub(sent)));
+                        }
                         if received.fetch_add(1, Ordering::Relaxed) + 1 >= expected {
-                            return last;
+                            return (last, latencies);
                         }
                     }
                     Ok(Ok(_)) => {}
-                    Ok(Err(_)) | Err(_) => return last,
+                    Ok(Err(_)) | Err(_) => return (last, latencies),
                 }
             }
         })
     };
 
-    let payload = vec![b'x'; size];
+    let payload = vec![b'x'; size.max(8)];
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for id in publishers {
@@ -254,11 +275,9 @@ pub async fn publish_run(
                 }
             });
             for _ in 0..messages {
-                if client
-                    .publish(&topic, qos, false, payload.clone())
-                    .await
-                    .is_err()
-                {
+                let mut payload = payload.clone();
+                payload[..8].copy_from_slice(&now_micros().to_be_bytes());
+                if client.publish(&topic, qos, false, payload).await.is_err() {
                     break;
                 }
             }
@@ -266,14 +285,16 @@ pub async fn publish_run(
         });
     }
     while tasks.join_next().await.is_some() {}
-    let last = counter.await.context("subscriber")?;
+    let (last, mut latencies) = counter.await.context("subscriber")?;
     let elapsed = last
         .saturating_duration_since(started)
         .max(Duration::from_millis(1));
+    latencies.sort_unstable();
     Ok(PublishReport {
         sent: expected,
         received: received.load(Ordering::Relaxed),
         elapsed,
+        latencies,
     })
 }
 

@@ -145,6 +145,10 @@ enum Load {
         /// The subscriber's id (a service identity on fleetgate).
         #[arg(long, default_value = "bench-sub")]
         subscriber: String,
+        /// The subscriber's broker, if not --broker (another node of a
+        /// cluster: messages cross nodes).
+        #[arg(long)]
+        subscriber_broker: Option<SocketAddr>,
     },
     /// A telemetry consumer: one service subscribed to
     /// `devices/+/telemetry` (QoS 0), counting every message until the
@@ -315,6 +319,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             size,
             qos,
             subscriber,
+            subscriber_broker,
         }) => {
             let ids = load::ids(&t.prefix, publishers);
             load::check_creds(&t.creds, &ids)?;
@@ -323,7 +328,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 QoS::AtLeastOnce
             };
-            let r = load::publish_run(&target(&t)?, &ids, &subscriber, messages, size, qos).await?;
+            let pubs = target(&t)?;
+            let mut subs = pubs.clone();
+            if let Some(b) = subscriber_broker {
+                subs = target(&TargetArgs { broker: b, ..t })?;
+            }
+            let r = load::publish_run(&pubs, &subs, &ids, &subscriber, messages, size, qos).await?;
             println!(
                 "{}",
                 serde_json::json!({
@@ -331,6 +341,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "received": r.received,
                     "seconds": r.elapsed.as_secs_f64(),
                     "messages_per_s": r.per_second(),
+                    "p50_ms": r.percentile(0.5).as_secs_f64() * 1e3,
+                    "p99_ms": r.percentile(0.99).as_secs_f64() * 1e3,
                 })
             );
         }

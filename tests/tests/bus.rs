@@ -315,3 +315,71 @@ fn a_command_through_one_node_waits_for_a_device_away_from_another() {
         );
     }
 }
+
+#[test]
+fn one_nats_server_of_three_down_loses_nothing_acknowledged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&tmp.path().join("etcd"));
+    let mut nats = Nats::cluster(&tmp.path().join("nats"), 3);
+    let (store, bus) = (etcd.url(), nats.url());
+    let args = [
+        "--store",
+        store.as_str(),
+        "--nats",
+        bus.as_str(),
+        "--nats-replicas",
+        "3",
+    ];
+    let one = Server::start_with(&tmp.path().join("one"), &args).unwrap();
+    copy_data_dir(&one.data_dir, &tmp.path().join("two"));
+    let two = Server::start_with(&tmp.path().join("two"), &args).unwrap();
+    let creds = tmp.path().join("c");
+    let dev = one.enroll(&creds, "device", "dev-1");
+    let svc = one.enroll(&creds, "service", "backend");
+
+    // The first server in every node's list goes away.
+    nats.kill(0);
+    let sub = mosquitto("mosquitto_sub", &two, &svc)
+        .args([
+            "-q",
+            "1",
+            "-t",
+            "devices/+/telemetry",
+            "-C",
+            "3",
+            "-W",
+            "30",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    // Every QoS 1 message the device had acknowledged arrives on the
+    // other node (a publish may be refused while the client moves to
+    // another server: then it is sent again, as a device would).
+    for m in ["x", "y", "z"] {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (ok, out) = run(mosquitto("mosquitto_pub", &one, &dev).args([
+                "-V",
+                "mqttv5",
+                "-q",
+                "1",
+                "-t",
+                "devices/dev-1/telemetry",
+                "-m",
+                m,
+            ]));
+            if ok && !out.contains("failed") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "never acknowledged: {out}");
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+    let out = sub.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let got: Vec<&str> = text.lines().collect();
+    assert_eq!(got, ["x", "y", "z"], "{text}");
+}
