@@ -1166,6 +1166,24 @@ impl Registry {
     /// stream of changes): this node's follower applies it, and caches
     /// built before it are stale.
     pub fn announce_remote(&self, changes: Vec<Change>) {
+        // A device revoked on another node: what waits for it here is
+        // never delivered either (as on the node that revoked it).
+        let revoked: Vec<DeviceId> = changes
+            .iter()
+            .flat_map(|c| match c {
+                Change::DeviceOut {
+                    id,
+                    status: Status::Revoked,
+                } => vec![id.clone()],
+                Change::DevicesRevoked { ids } => ids.to_vec(),
+                _ => Vec::new(),
+            })
+            .collect();
+        if !revoked.is_empty() {
+            if let Err(e) = self.sessions.purge(&revoked) {
+                tracing::error!(error = %e, "dropping the queues of devices revoked on another node");
+            }
+        }
         self.feed.announce(changes);
     }
 

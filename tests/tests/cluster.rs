@@ -364,3 +364,61 @@ async fn three_nodes_on_three_etcd_members_lose_nothing_acknowledged() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[test]
+fn a_revocation_on_one_node_drops_the_commands_waiting_on_another() {
+    let tmp = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&tmp.path().join("etcd"));
+    let store = etcd.url();
+    let one = Server::start_with(&tmp.path().join("one"), &["--store", &store]).unwrap();
+    copy_data_dir(&one.data_dir, &tmp.path().join("two"));
+    let two = Server::start_with(&tmp.path().join("two"), &["--store", &store]).unwrap();
+    let creds = tmp.path().join("c");
+    let dev = one.enroll(&creds, "device", "dev-1");
+    let svc = one.enroll(&creds, "service", "backend");
+    let mosquitto = |tool: &str, c: &tests::Creds, extra: &[&str]| {
+        require_tool(tool);
+        run(Command::new(tool)
+            .args(["-h", "127.0.0.1", "-p", &one.mqtt.port().to_string()])
+            .arg("--cafile")
+            .arg(&c.ca)
+            .arg("--cert")
+            .arg(&c.cert)
+            .arg("--key")
+            .arg(&c.key)
+            .args(extra))
+    };
+    // A persistent session on node one, away; a command waits for it there.
+    let _ = mosquitto(
+        "mosquitto_sub",
+        &dev,
+        &[
+            "-c",
+            "-i",
+            "dev-1",
+            "-q",
+            "1",
+            "-t",
+            "devices/dev-1/commands/#",
+            "-W",
+            "1",
+        ],
+    );
+    let (ok, out) = mosquitto(
+        "mosquitto_pub",
+        &svc,
+        &["-q", "1", "-t", "devices/dev-1/commands/x", "-m", "wait"],
+    );
+    assert!(ok, "{out}");
+    assert_eq!(one.device_json("dev-1")["queued_commands"], 1);
+    // Revoked through node two: node one drops it too.
+    two.cli_ok(&["device", "revoke", "dev-1"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while one.device_json("dev-1")["queued_commands"] != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "node one kept the revoked device's commands"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
