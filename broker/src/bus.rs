@@ -96,6 +96,9 @@ impl Incoming {
     }
 }
 
+/// Resolves once a message is stored (at once for one nobody waits on).
+pub type Stored = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), BusError>> + Send>>;
+
 /// Why a message did not go on the bus.
 #[derive(Debug, thiserror::Error)]
 #[error("message bus: {0}")]
@@ -180,7 +183,10 @@ impl Bus {
     }
 
     /// Puts `m`, published here by `client`, on the bus for other nodes.
-    /// With `stored`, returns once JetStream has stored it.
+    /// With `stored`, what this returns resolves once JetStream has stored
+    /// it: the message is on its way when this returns (so one sender's
+    /// messages keep their order), and several can wait for their acks
+    /// at once.
     pub async fn publish(
         &self,
         client: &str,
@@ -188,7 +194,7 @@ impl Bus {
         stamp: &str,
         m: &Message,
         stored: bool,
-    ) -> Result<(), BusError> {
+    ) -> Result<Stored, BusError> {
         let subject = format!("{PREFIX}{}.{client}", self.node);
         let mut headers = HeaderMap::new();
         headers.insert(ROLE, role.to_string().as_str());
@@ -196,32 +202,36 @@ impl Bus {
             headers.insert(STAMP, stamp);
         }
         let payload = m.to_bytes().into();
-        let fail = |e: String| {
-            self.metrics.bus_failed.fetch_add(1, Ordering::Relaxed);
+        let metrics = self.metrics.clone();
+        let fail = move |metrics: &Metrics, e: String| {
+            metrics.bus_failed.fetch_add(1, Ordering::Relaxed);
             BusError(e)
         };
-        self.connected().map_err(|e| fail(e.0))?;
-        if stored {
-            let t0 = std::time::Instant::now();
-            let ack = self
-                .js
-                .publish_with_headers(subject, headers, payload)
-                .await
-                .map_err(|e| fail(e.to_string()))?;
-            tokio::time::timeout(ACK_TIMEOUT, ack)
-                .await
-                .map_err(|_| fail("JetStream did not store it within 5 s".into()))?
-                .map_err(|e| fail(e.to_string()))?;
-            self.metrics.bus_publish.observe(t0.elapsed());
-        } else {
+        self.connected().map_err(|e| fail(&metrics, e.0))?;
+        if !stored {
             // Captured by the stream all the same; nobody waits for it.
             self.client
                 .publish_with_headers(subject, headers, payload)
                 .await
-                .map_err(|e| fail(e.to_string()))?;
+                .map_err(|e| fail(&metrics, e.to_string()))?;
+            self.metrics.bus_published.fetch_add(1, Ordering::Relaxed);
+            return Ok(Box::pin(std::future::ready(Ok(()))));
         }
-        self.metrics.bus_published.fetch_add(1, Ordering::Relaxed);
-        Ok(())
+        let t0 = std::time::Instant::now();
+        let ack = self
+            .js
+            .publish_with_headers(subject, headers, payload)
+            .await
+            .map_err(|e| fail(&metrics, e.to_string()))?;
+        Ok(Box::pin(async move {
+            tokio::time::timeout(ACK_TIMEOUT, ack)
+                .await
+                .map_err(|_| fail(&metrics, "JetStream did not store it within 5 s".into()))?
+                .map_err(|e| fail(&metrics, e.to_string()))?;
+            metrics.bus_publish.observe(t0.elapsed());
+            metrics.bus_published.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        }))
     }
 
     /// Claims `client`'s session for this node, cluster-wide: the node

@@ -14,11 +14,14 @@
 //! last will is published here too, on an unclean end.
 
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use futures_util::stream::{FuturesOrdered, StreamExt};
 use provisioning::ca::CertInfo;
 use provisioning::sessions::{now_ms, Message, MessageProps, StoredFilter};
 use provisioning::{CertKey, DeviceId, Identity, Role};
@@ -60,6 +63,50 @@ pub struct Peer {
     pub info: CertInfo,
     /// The manufacturer whose CA the chain runs through, if any.
     pub manufacturer: Option<DeviceId>,
+}
+
+/// How a client's PUBLISH is acknowledged: now, or once the message bus
+/// has stored it.
+enum Ack {
+    Now((PubAckReason, Option<String>)),
+    Later(Pin<Box<dyn Future<Output = AckResult> + Send>>),
+}
+
+impl Ack {
+    fn now(reason: PubAckReason, why: Option<String>) -> Self {
+        Ack::Now((reason, why))
+    }
+}
+
+type AckResult = Result<(PubAckReason, Option<String>), End>;
+
+/// A waiting acknowledgement: QoS, packet id, and how it ends.
+type PendingAck = Pin<Box<dyn Future<Output = (u8, u16, AckResult)> + Send>>;
+
+fn pending(
+    acks: &mut std::sync::Mutex<FuturesOrdered<PendingAck>>,
+) -> &mut FuturesOrdered<PendingAck> {
+    acks.get_mut()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Acknowledgements waiting on the bus at most; past it, the client is
+/// not read until the oldest is done.
+const MAX_PENDING_ACKS: usize = 64;
+
+/// A QoS 1 message the bus did not store: refused (MQTT 5), or left
+/// unacknowledged as the connection closes (3.1.1 has no refusal), so the
+/// client sends it again.
+fn bus_refusal(e: &crate::bus::BusError, v5: bool) -> AckResult {
+    if v5 {
+        tracing::warn!(error = %e, "mqtt: refused a QoS 1 message the bus did not store");
+        Ok((
+            PubAckReason::ImplementationSpecificError,
+            Some("not stored for the other nodes; send it again".into()),
+        ))
+    } else {
+        Err(End::Protocol(format!("{e}; not acknowledged")))
+    }
 }
 
 /// Why a session ended.
@@ -144,6 +191,10 @@ struct Session {
     /// Packet ids of the client's QoS 2 PUBLISHes awaiting PUBREL: a
     /// repeated one is acknowledged, not passed on again.
     inbound_qos2: HashSet<u16>,
+    /// Acknowledgements of the client's PUBLISHes still waiting (for the
+    /// message bus to store them), in the order they came. (In a mutex
+    /// only so that the session is `Sync`; it is used through `&mut`.)
+    pending_acks: std::sync::Mutex<FuturesOrdered<PendingAck>>,
     /// What we send the client ourselves (a device's commands, a
     /// service's deliveries from the router): packet ids, window, acks.
     outbox: Outbox,
@@ -278,6 +329,7 @@ pub(super) fn run(
         shared: shared.clone(),
         clean: true,
         inbound_qos2: HashSet::new(),
+        pending_acks: std::sync::Mutex::default(),
         outbox: Outbox::new(MAX_IN_FLIGHT),
         acks: RouterAcks::default(),
         device: None,
@@ -704,7 +756,9 @@ async fn session(
         ..PublishProperties::default()
     });
     let will = super::outbox::publish(&topic, &message, qos as u8, 1, false, retain);
-    let _ = Box::pin(s.publish_onward(will, props)).await;
+    if let Ok(Ack::Later(stored)) = Box::pin(s.publish_onward(will, props)).await {
+        let _ = stored.await;
+    }
     Ok(())
 }
 
@@ -834,7 +888,18 @@ impl Session {
                 _ = shutdown.changed() => return End::Shutdown,
                 _ = &mut expiry => return End::CertificateExpired,
                 _ = sleep_until(deadline) => return End::KeepAlive,
-                r = self.stream.read_buf(&mut self.rbuf) => match r {
+                Some((qos, pkid, done)) = pending(&mut self.pending_acks).next(), if !pending(&mut self.pending_acks).is_empty() => {
+                    match done {
+                        Ok((reason, why)) => if let Err(e) = self.acknowledge(qos, pkid, reason, why) {
+                            return End::Protocol(e);
+                        },
+                        Err(end) => return end,
+                    }
+                    if let Some(end) = Box::pin(self.pump()).await {
+                        return end;
+                    }
+                }
+                r = self.stream.read_buf(&mut self.rbuf), if pending(&mut self.pending_acks).len() < MAX_PENDING_ACKS => match r {
                     Ok(0) => return End::Closed("peer closed".into()),
                     Err(e) => return End::Closed(e.to_string()),
                     Ok(_) => {
@@ -1090,9 +1155,7 @@ impl Session {
         let (qos, pkid) = qos_and_pkid(&p);
         if qos == 2 && !self.inbound_qos2.insert(pkid) {
             // A resend before PUBREL: passed on once already.
-            return self
-                .acknowledge(2, pkid, PubAckReason::Success, None)
-                .map_err(End::Protocol);
+            return self.ack_in_order(2, pkid, Ack::now(PubAckReason::Success, None));
         }
         if self.device.is_some() && !self.topics.admit(&p.topic, std::time::Instant::now()) {
             let why = format!(
@@ -1100,9 +1163,7 @@ impl Session {
                 self.shared.cfg.new_topics_per_minute
             );
             self.over_quota(&why);
-            return self
-                .acknowledge(qos, pkid, PubAckReason::QuotaExceeded, Some(why))
-                .map_err(End::Protocol);
+            return self.ack_in_order(qos, pkid, Ack::now(PubAckReason::QuotaExceeded, Some(why)));
         }
         // Anything a client sent under the reserved prefix removed.
         let props = stamp::unreserved(props);
@@ -1122,9 +1183,8 @@ impl Session {
                 ));
             }
         }
-        let (reason, why) = self.publish_onward(p, props).await?;
-        self.acknowledge(qos, pkid, reason, why)
-            .map_err(End::Protocol)
+        let ack = self.publish_onward(p, props).await?;
+        self.ack_in_order(qos, pkid, ack)
     }
 
     /// A PUBLISH's topic, checked (MQTT 1.5.4, 4.7.1) and, on MQTT 5, set
@@ -1200,7 +1260,7 @@ impl Session {
         &mut self,
         p: Publish,
         props: Option<PublishProperties>,
-    ) -> Result<(PubAckReason, Option<String>), End> {
+    ) -> Result<Ack, End> {
         let (qos, _) = qos_and_pkid(&p);
         let topic = String::from_utf8_lossy(&p.topic).into_owned();
         let mut ack = (PubAckReason::Success, None);
@@ -1216,14 +1276,14 @@ impl Session {
                 Ok(Ok(())) => {}
                 Ok(Err(provisioning::Error::QuotaExceeded { reason })) => {
                     self.over_quota(&reason);
-                    return Ok((PubAckReason::QuotaExceeded, Some(reason)));
+                    return Ok(Ack::Now((PubAckReason::QuotaExceeded, Some(reason))));
                 }
                 Ok(Err(e)) => {
                     tracing::error!(error = %e, "mqtt: keeping a retained message failed");
-                    return Ok((
+                    return Ok(Ack::Now((
                         PubAckReason::ImplementationSpecificError,
                         Some("the retained message could not be stored".into()),
-                    ));
+                    )));
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "mqtt: retain task failed");
@@ -1294,26 +1354,29 @@ impl Session {
         }
         if let (Some(bus), Some(m)) = (&self.shared.cfg.bus, for_bus) {
             let id = &self.peer.identity;
-            if let Err(e) = bus
+            let v5 = self.codec.is_v5();
+            match bus
                 .publish(id.id.as_str(), id.role, &self.stamp, &m, qos > 0)
                 .await
             {
-                if qos == 0 {
-                    tracing::debug!(error = %e, "mqtt: a QoS 0 message reached this node only");
-                } else if self.codec.is_v5() {
-                    tracing::warn!(error = %e, "mqtt: refused a QoS 1 message the bus did not store");
-                    return Ok((
-                        PubAckReason::ImplementationSpecificError,
-                        Some("not stored for the other nodes; send it again".into()),
-                    ));
-                } else {
-                    // No negative PUBACK in 3.1.1: unacknowledged, it is
-                    // sent again after the reconnect.
-                    return Err(End::Protocol(format!("{e}; not acknowledged")));
+                // Acknowledged once stored; the next packets are read
+                // meanwhile (acknowledgements still go out in order).
+                Ok(stored) if qos > 0 => {
+                    return Ok(Ack::Later(Box::pin(async move {
+                        match stored.await {
+                            Ok(()) => Ok(ack),
+                            Err(e) => bus_refusal(&e, v5),
+                        }
+                    })));
                 }
+                Ok(_) => {}
+                Err(e) if qos == 0 => {
+                    tracing::debug!(error = %e, "mqtt: a QoS 0 message reached this node only");
+                }
+                Err(e) => return bus_refusal(&e, v5).map(Ack::Now),
             }
         }
-        Ok(ack)
+        Ok(Ack::Now(ack))
     }
 
     /// A service's command for device `target`, through the hub.
@@ -1767,7 +1830,31 @@ impl Session {
     /// Acknowledges a PUBLISH we answer ourselves (QoS 1 or 2).
     fn ack(&mut self, p: &Publish) -> Result<(), String> {
         let (qos, pkid) = qos_and_pkid(p);
-        self.acknowledge(qos, pkid, PubAckReason::Success, None)
+        self.ack_in_order(qos, pkid, Ack::now(PubAckReason::Success, None))
+            .map_err(|_| "acknowledging".to_owned())
+    }
+
+    /// Acknowledges the client's PUBLISH `pkid` now, or after those still
+    /// waiting (MQTT 4.6: in the order they came), or once `ack` resolves.
+    fn ack_in_order(&mut self, qos: u8, pkid: u16, ack: Ack) -> Result<(), End> {
+        match ack {
+            Ack::Now((reason, why)) if pending(&mut self.pending_acks).is_empty() => self
+                .acknowledge(qos, pkid, reason, why)
+                .map_err(End::Protocol),
+            Ack::Now(r) => {
+                pending(&mut self.pending_acks).push_back(Box::pin(std::future::ready((
+                    qos,
+                    pkid,
+                    Ok(r),
+                ))));
+                Ok(())
+            }
+            Ack::Later(f) => {
+                pending(&mut self.pending_acks)
+                    .push_back(Box::pin(async move { (qos, pkid, f.await) }));
+                Ok(())
+            }
+        }
     }
 
     /// PUBACK (QoS 1) or PUBREC (QoS 2) for the client's PUBLISH `pkid`,
