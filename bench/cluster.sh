@@ -132,3 +132,11 @@ for q in 0 1; do
     echo "QoS $q, same node, with NATS:       $(publish etcd one "$(addr b1)" "$(addr b1)" $q)"
     echo "QoS $q, across nodes (NATS):        $(publish etcd one "$(addr b1)" "$(addr b2)" $q)"
 done
+echo >&2
+echo "admission on etcd, a node without NATS beside one with it (each CONNECT claims its session on NATS), connects/s" >&2
+printf '%-6s %10s %10s %8s\n' round without with with/without
+for r in $(seq "${BUS_ROUNDS:-2}"); do
+    e=$(connects etcd "$mqtt1" one)
+    b=$(connects etcd "$(addr b1)" one)
+    printf '%-6s %10s %10s %7.2fx\n' "$r" "$e" "$b" "$(python3 -c "print($b/$e)")"
+done
