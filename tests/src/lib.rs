@@ -271,6 +271,41 @@ impl Drop for Server {
     }
 }
 
+impl Server {
+    /// `mosquitto_pub`/`mosquitto_sub` (`tool`) against this server's MQTT
+    /// listener as `c`.
+    pub fn mosquitto(&self, tool: &str, c: &Creds) -> Command {
+        require_tool(tool);
+        let mut cmd = Command::new(tool);
+        cmd.args(["-h", "127.0.0.1", "-p", &self.mqtt.port().to_string()])
+            .arg("--cafile")
+            .arg(&c.ca)
+            .arg("--cert")
+            .arg(&c.cert)
+            .arg("--key")
+            .arg(&c.key);
+        cmd
+    }
+}
+
+/// Copies a node's data dir for another node of a cluster: the same CA,
+/// keys and admin credentials, not its own registry files.
+pub fn copy_data_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("data dir");
+    for e in std::fs::read_dir(from).expect("reading a data dir") {
+        let e = e.expect("a data dir entry");
+        if e.file_name() == "registry" {
+            continue;
+        }
+        let dst = to.join(e.file_name());
+        if e.file_type().expect("a file type").is_dir() {
+            copy_data_dir(&e.path(), &dst);
+        } else {
+            std::fs::copy(e.path(), &dst).expect("copying");
+        }
+    }
+}
+
 /// An admin API client for the server at `api_url` with the admin
 /// credentials in `data_dir` (for threads that cannot share a [`Server`]).
 pub fn admin_client(api_url: &str, data_dir: &Path) -> ApiClient {

@@ -23,20 +23,6 @@ fn start() -> (tempfile::TempDir, Server) {
     (tmp, server)
 }
 
-/// `mosquitto_pub`/`mosquitto_sub` arguments for a server and credentials.
-fn mosquitto(tool: &str, server: &Server, c: &Creds) -> Command {
-    require_tool(tool);
-    let mut cmd = Command::new(tool);
-    cmd.args(["-h", "127.0.0.1", "-p", &server.mqtt.port().to_string()])
-        .arg("--cafile")
-        .arg(&c.ca)
-        .arg("--cert")
-        .arg(&c.cert)
-        .arg("--key")
-        .arg(&c.key);
-    cmd
-}
-
 async fn stats(admin: &ApiClient) -> Value {
     admin.get("/v1/stats").await.unwrap()
 }
@@ -48,7 +34,8 @@ fn mosquitto_devices_and_a_service_exchange_messages() {
     let svc = server.enroll(tmp.path(), "service", "backend");
 
     // The service listens to all telemetry (MQTT 5).
-    let sub = mosquitto("mosquitto_sub", &server, &svc)
+    let sub = server
+        .mosquitto("mosquitto_sub", &svc)
         .args([
             "-V",
             "mqttv5",
@@ -68,7 +55,8 @@ fn mosquitto_devices_and_a_service_exchange_messages() {
 
     // No -i: the client id comes from the certificate.
     for (version, qos, msg) in [("mqttv311", "0", "t-311"), ("mqttv5", "1", "t-5")] {
-        let out = mosquitto("mosquitto_pub", &server, &dev)
+        let out = server
+            .mosquitto("mosquitto_pub", &dev)
             .args([
                 "-V",
                 version,
@@ -90,7 +78,8 @@ fn mosquitto_devices_and_a_service_exchange_messages() {
 
     // Then the device listens for commands (one connection per device: a
     // second one with the same certificate would take this one over).
-    let cmds = mosquitto("mosquitto_sub", &server, &dev)
+    let cmds = server
+        .mosquitto("mosquitto_sub", &dev)
         .args([
             "-t",
             "devices/dev-1/commands/#",
@@ -105,7 +94,8 @@ fn mosquitto_devices_and_a_service_exchange_messages() {
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(700));
-    let out = mosquitto("mosquitto_pub", &server, &svc)
+    let out = server
+        .mosquitto("mosquitto_pub", &svc)
         .args([
             "-i",
             "backend",
@@ -150,7 +140,8 @@ fn mosquitto_identity_and_acl_refusals() {
     server.enroll(tmp.path(), "device", "dev-2");
 
     // A client id that is not the certificate's: CONNACK not authorized.
-    let out = mosquitto("mosquitto_pub", &server, &dev)
+    let out = server
+        .mosquitto("mosquitto_pub", &dev)
         .args(["-i", "dev-2", "-t", "devices/dev-1/x", "-m", "spoof"])
         .output()
         .unwrap();
@@ -160,7 +151,8 @@ fn mosquitto_identity_and_acl_refusals() {
 
     // Subscriptions beyond its own topics: SUBACK failure for each.
     for filter in ["#", "devices/+/telemetry", "devices/dev-2/#", "$SYS/#"] {
-        let out = mosquitto("mosquitto_sub", &server, &dev)
+        let out = server
+            .mosquitto("mosquitto_sub", &dev)
             .args(["-t", filter, "-W", "5"])
             .output()
             .unwrap();
@@ -633,7 +625,8 @@ async fn server_cert_of(server: &Server, c: &Creds) -> Vec<u8> {
 fn sigterm_closes_connections_and_exits_cleanly() {
     let (tmp, server) = start();
     let dev = server.enroll(tmp.path(), "device", "dev-1");
-    let sub = mosquitto("mosquitto_sub", &server, &dev)
+    let sub = server
+        .mosquitto("mosquitto_sub", &dev)
         .args(["-V", "mqttv5", "-t", "devices/dev-1/#", "-W", "20"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -5,42 +5,24 @@
 
 use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use tests::etcd::Etcd;
 use tests::nats::Nats;
-use tests::{require_tool, run, Creds, Server};
+use tests::{copy_data_dir, run, Server};
 
-/// Copies a node's data dir for another node (the same CA and admin).
-fn copy_data_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        if e.file_name() == "registry" {
-            continue;
-        }
-        let dst = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_data_dir(&e.path(), &dst);
-        } else {
-            std::fs::copy(e.path(), &dst).unwrap();
-        }
-    }
-}
-
-/// A mosquitto tool against `node` as `c`.
-fn mosquitto(tool: &str, node: &Server, c: &Creds) -> Command {
-    require_tool(tool);
-    let mut cmd = Command::new(tool);
-    cmd.args(["-h", "127.0.0.1", "-p", &node.mqtt.port().to_string()])
-        .arg("--cafile")
-        .arg(&c.ca)
-        .arg("--cert")
-        .arg(&c.cert)
-        .arg("--key")
-        .arg(&c.key);
-    cmd
+/// `mosquitto_sub` on `node` as `c` with `args`, given time to subscribe.
+fn listen(node: &Server, c: &tests::Creds, args: &[&str]) -> std::process::Child {
+    let sub = node
+        .mosquitto("mosquitto_sub", c)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    sub
 }
 
 /// Two nodes on one etcd and one NATS.
@@ -64,15 +46,23 @@ fn a_service_on_one_node_sees_devices_on_another_and_its_commands_reach_them() {
     let svc = one.enroll(&creds, "service", "backend");
 
     // Telemetry: the device on node one, the service (MQTT 5) on node two.
-    let sub = mosquitto("mosquitto_sub", &two, &svc)
-        .args(["-V", "mqttv5", "-t", "devices/+/telemetry"])
-        .args(["-F", "%t %P %p", "-C", "4", "-W", "20"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(800));
-    let (ok, out) = run(mosquitto("mosquitto_pub", &one, &dev).args([
+    let sub = listen(
+        &two,
+        &svc,
+        &[
+            "-V",
+            "mqttv5",
+            "-t",
+            "devices/+/telemetry",
+            "-F",
+            "%t %P %p",
+            "-C",
+            "4",
+            "-W",
+            "20",
+        ],
+    );
+    let (ok, out) = run(one.mosquitto("mosquitto_pub", &dev).args([
         "-t",
         "devices/dev-1/telemetry",
         "-m",
@@ -80,7 +70,8 @@ fn a_service_on_one_node_sees_devices_on_another_and_its_commands_reach_them() {
     ]));
     assert!(ok, "{out}");
     // Three at QoS 1 on one connection, in order.
-    let mut publ = mosquitto("mosquitto_pub", &one, &dev)
+    let mut publ = one
+        .mosquitto("mosquitto_pub", &dev)
         .args([
             "-V",
             "mqttv5",
@@ -114,7 +105,7 @@ fn a_service_on_one_node_sees_devices_on_another_and_its_commands_reach_them() {
 
     // A retained message published on node one is there for a later
     // subscriber on node two.
-    let (ok, out) = run(mosquitto("mosquitto_pub", &one, &dev).args([
+    let (ok, out) = run(one.mosquitto("mosquitto_pub", &dev).args([
         "-q",
         "1",
         "-r",
@@ -126,7 +117,7 @@ fn a_service_on_one_node_sees_devices_on_another_and_its_commands_reach_them() {
     assert!(ok, "{out}");
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let (_, out) = run(mosquitto("mosquitto_sub", &two, &svc).args([
+        let (_, out) = run(two.mosquitto("mosquitto_sub", &svc).args([
             "-t",
             "devices/dev-1/state",
             "-C",
@@ -144,8 +135,10 @@ fn a_service_on_one_node_sees_devices_on_another_and_its_commands_reach_them() {
     }
 
     // A command from the service on node two reaches the device on node one.
-    let cmd = mosquitto("mosquitto_sub", &one, &dev)
-        .args([
+    let cmd = listen(
+        &one,
+        &dev,
+        &[
             "-q",
             "1",
             "-t",
@@ -154,13 +147,9 @@ fn a_service_on_one_node_sees_devices_on_another_and_its_commands_reach_them() {
             "1",
             "-W",
             "20",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(800));
-    let (ok, out) = run(mosquitto("mosquitto_pub", &two, &svc).args([
+        ],
+    );
+    let (ok, out) = run(two.mosquitto("mosquitto_pub", &svc).args([
         "-V",
         "mqttv5",
         "-q",
@@ -192,14 +181,12 @@ fn without_nats_a_node_still_serves_its_own_clients_and_acknowledges_nothing_uns
     nats.kill(0);
 
     // A service on the same node still gets the device's QoS 0 messages.
-    let sub = mosquitto("mosquitto_sub", &one, &svc)
-        .args(["-t", "devices/+/telemetry", "-C", "1", "-W", "20"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(800));
-    let (ok, out) = run(mosquitto("mosquitto_pub", &one, &dev).args([
+    let sub = listen(
+        &one,
+        &svc,
+        &["-t", "devices/+/telemetry", "-C", "1", "-W", "20"],
+    );
+    let (ok, out) = run(one.mosquitto("mosquitto_pub", &dev).args([
         "-t",
         "devices/dev-1/telemetry",
         "-m",
@@ -211,7 +198,7 @@ fn without_nats_a_node_still_serves_its_own_clients_and_acknowledges_nothing_uns
 
     // A QoS 1 message the bus cannot store is not acknowledged: MQTT 5
     // gets PUBACK 0x80 with the reason.
-    let (ok, out) = run(mosquitto("mosquitto_pub", &one, &dev).args([
+    let (ok, out) = run(one.mosquitto("mosquitto_pub", &dev).args([
         "-V",
         "mqttv5",
         "-q",
@@ -277,7 +264,7 @@ fn a_command_through_one_node_waits_for_a_device_away_from_another() {
     let svc = one.enroll(&creds, "service", "backend");
     // A persistent session on node one, then away.
     let sub = |node: &Server, wait: &str| {
-        run(mosquitto("mosquitto_sub", node, &dev).args([
+        run(node.mosquitto("mosquitto_sub", &dev).args([
             "-c",
             "-i",
             "dev-1",
@@ -293,7 +280,7 @@ fn a_command_through_one_node_waits_for_a_device_away_from_another() {
     };
     let (_, _) = sub(&one, "1");
     // The command goes in through node two while the device is away.
-    let (ok, out) = run(mosquitto("mosquitto_pub", &two, &svc).args([
+    let (ok, out) = run(two.mosquitto("mosquitto_pub", &svc).args([
         "-q",
         "1",
         "-t",
@@ -339,8 +326,10 @@ fn one_nats_server_of_three_down_loses_nothing_acknowledged() {
 
     // The first server in every node's list goes away.
     nats.kill(0);
-    let sub = mosquitto("mosquitto_sub", &two, &svc)
-        .args([
+    let sub = listen(
+        &two,
+        &svc,
+        &[
             "-q",
             "1",
             "-t",
@@ -349,19 +338,15 @@ fn one_nats_server_of_three_down_loses_nothing_acknowledged() {
             "3",
             "-W",
             "30",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(800));
+        ],
+    );
     // Every QoS 1 message the device had acknowledged arrives on the
     // other node (a publish may be refused while the client moves to
     // another server: then it is sent again, as a device would).
     for m in ["x", "y", "z"] {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let (ok, out) = run(mosquitto("mosquitto_pub", &one, &dev).args([
+            let (ok, out) = run(one.mosquitto("mosquitto_pub", &dev).args([
                 "-V",
                 "mqttv5",
                 "-q",

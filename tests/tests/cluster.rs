@@ -16,26 +16,7 @@ use provisioning::store::{Space, Store};
 
 use tests::etcd::Etcd;
 use tests::mqtt::{client, connected, until_closed};
-use tests::{require_tool, run, Server};
-
-/// Copies a node's data dir for another node: the same CA, keys and
-/// admin credentials, not its own registry files.
-fn copy_data_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let name = e.file_name();
-        if name == "registry" {
-            continue;
-        }
-        let dst = to.join(&name);
-        if e.file_type().unwrap().is_dir() {
-            copy_data_dir(&e.path(), &dst);
-        } else {
-            std::fs::copy(e.path(), &dst).unwrap();
-        }
-    }
-}
+use tests::{copy_data_dir, require_tool, run, Server};
 
 fn openssl_ocsp(node: &Server, cert: &Path) -> String {
     require_tool("openssl");
@@ -376,18 +357,8 @@ fn a_revocation_on_one_node_drops_the_commands_waiting_on_another() {
     let creds = tmp.path().join("c");
     let dev = one.enroll(&creds, "device", "dev-1");
     let svc = one.enroll(&creds, "service", "backend");
-    let mosquitto = |tool: &str, c: &tests::Creds, extra: &[&str]| {
-        require_tool(tool);
-        run(Command::new(tool)
-            .args(["-h", "127.0.0.1", "-p", &one.mqtt.port().to_string()])
-            .arg("--cafile")
-            .arg(&c.ca)
-            .arg("--cert")
-            .arg(&c.cert)
-            .arg("--key")
-            .arg(&c.key)
-            .args(extra))
-    };
+    let mosquitto =
+        |tool: &str, c: &tests::Creds, extra: &[&str]| run(one.mosquitto(tool, c).args(extra));
     // A persistent session on node one, away; a command waits for it there.
     let _ = mosquitto(
         "mosquitto_sub",
