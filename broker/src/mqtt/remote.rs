@@ -6,11 +6,12 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use provisioning::sessions::{now_ms, Message};
+use provisioning::sessions::now_ms;
 use provisioning::Role;
-use rumqttd::protocol::{Packet, Publish, PublishProperties};
+use rumqttd::protocol::{Packet, Publish};
 
 use super::acl::command_target;
+use super::session::message_properties;
 use super::stamp;
 use super::Shared;
 use crate::bus::Incoming;
@@ -28,7 +29,12 @@ pub(super) async fn apply(shared: &Arc<Shared>, i: &Incoming) {
             Bytes::from(m.payload.clone()),
             false,
         ),
-        stamp::mark(properties(m, now), m.qos, m.retain, &i.stamp),
+        stamp::mark(
+            message_properties(m, Vec::new(), now),
+            m.qos,
+            m.retain,
+            &i.stamp,
+        ),
     );
     if shared.ingest.send(&i.client, onward).await.is_err() {
         tracing::warn!("bus: the router is gone");
@@ -59,25 +65,4 @@ pub(super) async fn apply(shared: &Arc<Shared>, i: &Incoming) {
             }
         }
     }
-}
-
-/// The MQTT 5 properties `m` goes on with (what is left of its expiry).
-fn properties(m: &Message, now: i64) -> Option<PublishProperties> {
-    let p = &m.props;
-    if p == &Default::default() {
-        return None;
-    }
-    Some(PublishProperties {
-        payload_format_indicator: p.payload_format_indicator,
-        message_expiry_interval: p.message_expiry_interval.and_then(|_| {
-            let left = m.expires_at_ms?.saturating_sub(now).max(1);
-            u32::try_from((left + 999) / 1000).ok()
-        }),
-        topic_alias: None,
-        response_topic: p.response_topic.clone(),
-        correlation_data: p.correlation_data.clone().map(Bytes::from),
-        user_properties: p.user_properties.clone(),
-        subscription_identifiers: Vec::new(),
-        content_type: p.content_type.clone(),
-    })
 }

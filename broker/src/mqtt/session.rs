@@ -1155,7 +1155,9 @@ impl Session {
         let (qos, pkid) = qos_and_pkid(&p);
         if qos == 2 && !self.inbound_qos2.insert(pkid) {
             // A resend before PUBREL: passed on once already.
-            return self.ack_in_order(2, pkid, Ack::now(PubAckReason::Success, None));
+            return self
+                .ack_in_order(2, pkid, Ack::now(PubAckReason::Success, None))
+                .map_err(End::Protocol);
         }
         if self.device.is_some() && !self.topics.admit(&p.topic, std::time::Instant::now()) {
             let why = format!(
@@ -1163,7 +1165,9 @@ impl Session {
                 self.shared.cfg.new_topics_per_minute
             );
             self.over_quota(&why);
-            return self.ack_in_order(qos, pkid, Ack::now(PubAckReason::QuotaExceeded, Some(why)));
+            return self
+                .ack_in_order(qos, pkid, Ack::now(PubAckReason::QuotaExceeded, Some(why)))
+                .map_err(End::Protocol);
         }
         // Anything a client sent under the reserved prefix removed.
         let props = stamp::unreserved(props);
@@ -1184,7 +1188,7 @@ impl Session {
             }
         }
         let ack = self.publish_onward(p, props).await?;
-        self.ack_in_order(qos, pkid, ack)
+        self.ack_in_order(qos, pkid, ack).map_err(End::Protocol)
     }
 
     /// A PUBLISH's topic, checked (MQTT 1.5.4, 4.7.1) and, on MQTT 5, set
@@ -1831,16 +1835,15 @@ impl Session {
     fn ack(&mut self, p: &Publish) -> Result<(), String> {
         let (qos, pkid) = qos_and_pkid(p);
         self.ack_in_order(qos, pkid, Ack::now(PubAckReason::Success, None))
-            .map_err(|_| "acknowledging".to_owned())
     }
 
     /// Acknowledges the client's PUBLISH `pkid` now, or after those still
     /// waiting (MQTT 4.6: in the order they came), or once `ack` resolves.
-    fn ack_in_order(&mut self, qos: u8, pkid: u16, ack: Ack) -> Result<(), End> {
+    fn ack_in_order(&mut self, qos: u8, pkid: u16, ack: Ack) -> Result<(), String> {
         match ack {
-            Ack::Now((reason, why)) if pending(&mut self.pending_acks).is_empty() => self
-                .acknowledge(qos, pkid, reason, why)
-                .map_err(End::Protocol),
+            Ack::Now((reason, why)) if pending(&mut self.pending_acks).is_empty() => {
+                self.acknowledge(qos, pkid, reason, why)
+            }
             Ack::Now(r) => {
                 pending(&mut self.pending_acks).push_back(Box::pin(std::future::ready((
                     qos,
@@ -2184,22 +2187,7 @@ fn outgoing(
     now: i64,
     expand: bool,
 ) -> Outgoing {
-    let p = &m.props;
-    let remaining = p.message_expiry_interval.and_then(|_| {
-        let left = m.expires_at_ms?.saturating_sub(now).max(1);
-        u32::try_from((left + 999) / 1000).ok()
-    });
-    let has_props = p != &MessageProps::default() || !subscription_ids.is_empty();
-    let props = has_props.then(|| PublishProperties {
-        payload_format_indicator: p.payload_format_indicator,
-        message_expiry_interval: remaining,
-        topic_alias: None,
-        response_topic: p.response_topic.clone(),
-        correlation_data: p.correlation_data.clone().map(Bytes::from),
-        user_properties: p.user_properties.clone(),
-        subscription_identifiers: subscription_ids,
-        content_type: p.content_type.clone(),
-    });
+    let props = message_properties(m, subscription_ids, now);
     Outgoing {
         seq,
         topic: Bytes::from(m.topic.clone()),
@@ -2210,6 +2198,32 @@ fn outgoing(
         // identity for a service (MQTT 5), dropped for anyone else.
         props: stamp::unmark(props, m.topic.as_bytes(), expand).props,
     }
+}
+
+/// The MQTT 5 properties a kept message goes out with: its own, what is
+/// left of its expiry, and `subscription_ids`; `None` if that is nothing.
+pub(super) fn message_properties(
+    m: &Message,
+    subscription_ids: Vec<usize>,
+    now: i64,
+) -> Option<PublishProperties> {
+    let p = &m.props;
+    if p == &MessageProps::default() && subscription_ids.is_empty() {
+        return None;
+    }
+    Some(PublishProperties {
+        payload_format_indicator: p.payload_format_indicator,
+        message_expiry_interval: p.message_expiry_interval.and_then(|_| {
+            let left = m.expires_at_ms?.saturating_sub(now).max(1);
+            u32::try_from((left + 999) / 1000).ok()
+        }),
+        topic_alias: None,
+        response_topic: p.response_topic.clone(),
+        correlation_data: p.correlation_data.clone().map(Bytes::from),
+        user_properties: p.user_properties.clone(),
+        subscription_identifiers: subscription_ids,
+        content_type: p.content_type.clone(),
+    })
 }
 
 fn pubrec_reason(r: PubAckReason) -> PubRecReason {
