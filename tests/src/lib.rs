@@ -306,6 +306,21 @@ pub fn copy_data_dir(from: &Path, to: &Path) {
     }
 }
 
+/// The nodes of one cluster, node `i` started with `args[i]` in
+/// `dir/node-<i + 1>`: the first makes the CA, each other starts on a copy
+/// of its data dir.
+pub fn start_nodes(dir: &Path, args: &[&[&str]]) -> Vec<Server> {
+    let mut nodes: Vec<Server> = Vec::new();
+    for (i, a) in args.iter().enumerate() {
+        let d = dir.join(format!("node-{}", i + 1));
+        if let Some(first) = nodes.first() {
+            copy_data_dir(&first.data_dir, &d);
+        }
+        nodes.push(Server::start_with(&d, a).expect("starting a node"));
+    }
+    nodes
+}
+
 /// An admin API client for the server at `api_url` with the admin
 /// credentials in `data_dir` (for threads that cannot share a [`Server`]).
 pub fn admin_client(api_url: &str, data_dir: &Path) -> ApiClient {

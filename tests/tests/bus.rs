@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use tests::etcd::Etcd;
 use tests::nats::Nats;
-use tests::{copy_data_dir, run, Server};
+use tests::{run, start_nodes, Server};
 
 /// `mosquitto_sub` on `node` as `c` with `args`, given time to subscribe.
 fn listen(node: &Server, c: &tests::Creds, args: &[&str]) -> std::process::Child {
@@ -28,10 +28,8 @@ fn listen(node: &Server, c: &tests::Creds, args: &[&str]) -> std::process::Child
 /// Two nodes on one etcd and one NATS.
 fn two_nodes(tmp: &Path, nats: &Nats, etcd: &Etcd) -> (Server, Server) {
     let (store, bus) = (etcd.url(), nats.url());
-    let args = ["--store", store.as_str(), "--nats", bus.as_str()];
-    let one = Server::start_with(&tmp.join("one"), &args).unwrap();
-    copy_data_dir(&one.data_dir, &tmp.join("two"));
-    let two = Server::start_with(&tmp.join("two"), &args).unwrap();
+    let args: &[&str] = &["--store", &store, "--nats", &bus];
+    let [one, two]: [Server; 2] = start_nodes(tmp, &[args, args]).try_into().unwrap();
     (one, two)
 }
 
@@ -309,17 +307,8 @@ fn one_nats_server_of_three_down_loses_nothing_acknowledged() {
     let etcd = Etcd::start(&tmp.path().join("etcd"));
     let mut nats = Nats::cluster(&tmp.path().join("nats"), 3);
     let (store, bus) = (etcd.url(), nats.url());
-    let args = [
-        "--store",
-        store.as_str(),
-        "--nats",
-        bus.as_str(),
-        "--nats-replicas",
-        "3",
-    ];
-    let one = Server::start_with(&tmp.path().join("one"), &args).unwrap();
-    copy_data_dir(&one.data_dir, &tmp.path().join("two"));
-    let two = Server::start_with(&tmp.path().join("two"), &args).unwrap();
+    let args: &[&str] = &["--store", &store, "--nats", &bus, "--nats-replicas", "3"];
+    let [one, two]: [Server; 2] = start_nodes(tmp.path(), &[args, args]).try_into().unwrap();
     let creds = tmp.path().join("c");
     let dev = one.enroll(&creds, "device", "dev-1");
     let svc = one.enroll(&creds, "service", "backend");

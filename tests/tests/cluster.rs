@@ -16,7 +16,7 @@ use provisioning::store::{Space, Store};
 
 use tests::etcd::Etcd;
 use tests::mqtt::{client, connected, until_closed};
-use tests::{copy_data_dir, require_tool, run, Server};
+use tests::{require_tool, run, start_nodes, Server};
 
 fn openssl_ocsp(node: &Server, cert: &Path) -> String {
     require_tool("openssl");
@@ -37,12 +37,14 @@ async fn a_revocation_on_one_node_cuts_the_device_on_the_other() {
     let tmp = tempfile::tempdir().unwrap();
     let etcd = Etcd::start(&tmp.path().join("etcd"));
     let store = etcd.url();
-    let one = Server::start_with(&tmp.path().join("one"), &["--store", &store]).unwrap();
-    copy_data_dir(&one.data_dir, &tmp.path().join("two"));
-    let two = Server::start_with(
-        &tmp.path().join("two"),
-        &["--store", &store, "--metrics-listen", "127.0.0.1:0"],
+    let [one, two]: [Server; 2] = start_nodes(
+        tmp.path(),
+        &[
+            &["--store", &store],
+            &["--store", &store, "--metrics-listen", "127.0.0.1:0"],
+        ],
     )
+    .try_into()
     .unwrap();
 
     // Enrolled through node one; connected to node two.
@@ -102,12 +104,14 @@ async fn one_etcd_member_down_changes_nothing_and_without_a_majority_a_node_admi
     let tmp = tempfile::tempdir().unwrap();
     let mut etcd = Etcd::cluster(&tmp.path().join("etcd"), 3);
     let store = etcd.url();
-    let one = Server::start_with(&tmp.path().join("one"), &["--store", &store]).unwrap();
-    copy_data_dir(&one.data_dir, &tmp.path().join("two"));
-    let two = Server::start_with(
-        &tmp.path().join("two"),
-        &["--store", &store, "--store-staleness-secs", "8"],
+    let [one, two]: [Server; 2] = start_nodes(
+        tmp.path(),
+        &[
+            &["--store", &store],
+            &["--store", &store, "--store-staleness-secs", "8"],
+        ],
     )
+    .try_into()
     .unwrap();
 
     // The first member in every node's list goes away.
@@ -158,9 +162,8 @@ async fn a_manufacturer_made_on_one_node_admits_its_device_on_another() {
     let tmp = tempfile::tempdir().unwrap();
     let etcd = Etcd::start(&tmp.path().join("etcd"));
     let store = etcd.url();
-    let one = Server::start_with(&tmp.path().join("one"), &["--store", &store]).unwrap();
-    copy_data_dir(&one.data_dir, &tmp.path().join("two"));
-    let two = Server::start_with(&tmp.path().join("two"), &["--store", &store]).unwrap();
+    let args: &[&str] = &["--store", &store];
+    let [one, two]: [Server; 2] = start_nodes(tmp.path(), &[args, args]).try_into().unwrap();
 
     // Created through node one, after node two started: node two's watch
     // brings it (new trust anchors).
@@ -224,14 +227,11 @@ async fn three_nodes_on_three_etcd_members_lose_nothing_acknowledged() {
     let tmp = tempfile::tempdir().unwrap();
     let mut etcd = Etcd::cluster(&tmp.path().join("etcd"), 3);
     let store = etcd.url();
-    let args = ["--store", store.as_str()];
-    let one = Server::start_with(&tmp.path().join("one"), &args).unwrap();
-    for n in ["two", "three"] {
-        copy_data_dir(&one.data_dir, &tmp.path().join(n));
-    }
-    let two = Server::start_with(&tmp.path().join("two"), &args).unwrap();
-    let three_dir = tmp.path().join("three");
-    let three = Server::start_with(&three_dir, &args).unwrap();
+    let args: &[&str] = &["--store", &store];
+    let [one, two, three]: [Server; 3] = start_nodes(tmp.path(), &[args, args, args])
+        .try_into()
+        .unwrap();
+    let three_dir = three.data_dir.clone();
     let creds = tmp.path().join("d");
 
     // Enrolled on one, connected to two, revoked on three: two cuts it,
@@ -313,7 +313,7 @@ async fn three_nodes_on_three_etcd_members_lose_nothing_acknowledged() {
     // converges: what was acknowledged before its death is revoked in its
     // OCSP answers and its handshakes, and a good device is admitted.
     etcd.kill(0);
-    let three = Server::start_with(&three_dir, &args).unwrap();
+    let three = Server::start_with(&three_dir, args).unwrap();
     for id in &acked {
         assert_eq!(three.device_json(id)["status"], "revoked", "{id}");
     }
@@ -351,9 +351,8 @@ fn a_revocation_on_one_node_drops_the_commands_waiting_on_another() {
     let tmp = tempfile::tempdir().unwrap();
     let etcd = Etcd::start(&tmp.path().join("etcd"));
     let store = etcd.url();
-    let one = Server::start_with(&tmp.path().join("one"), &["--store", &store]).unwrap();
-    copy_data_dir(&one.data_dir, &tmp.path().join("two"));
-    let two = Server::start_with(&tmp.path().join("two"), &["--store", &store]).unwrap();
+    let args: &[&str] = &["--store", &store];
+    let [one, two]: [Server; 2] = start_nodes(tmp.path(), &[args, args]).try_into().unwrap();
     let creds = tmp.path().join("c");
     let dev = one.enroll(&creds, "device", "dev-1");
     let svc = one.enroll(&creds, "service", "backend");
