@@ -108,15 +108,9 @@ fn run(
                     role: Role::Device,
                     id: DeviceId::try_new(format!("dev-{i:07}")).expect("id"),
                 };
-                let cert = auth
-                    .ca
-                    .issue(&key, &identity, DEFAULT_CERT_LIFETIME)
+                let (new, cert) = auth
+                    .issue_new(&key, &identity, None, DEFAULT_CERT_LIFETIME)
                     .expect("issue");
-                let new = NewDevice {
-                    id: identity.id,
-                    role: Role::Device,
-                    manufacturer: None,
-                };
                 (new, cert)
             })
             .collect();

@@ -51,15 +51,9 @@ fn main() {
                     role: Role::Device,
                     id: DeviceId::try_new(format!("dev-{i:07}")).expect("id"),
                 };
-                let cert = auth
-                    .ca
-                    .issue(&key, &identity, DEFAULT_CERT_LIFETIME)
+                let (new, cert) = auth
+                    .issue_new(&key, &identity, Some("bench"), DEFAULT_CERT_LIFETIME)
                     .expect("issue");
-                let new = NewDevice {
-                    id: identity.id,
-                    role: Role::Device,
-                    manufacturer: Some("bench".into()),
-                };
                 (new, cert)
             })
             .collect();

@@ -578,6 +578,25 @@ pub struct Authority {
 }
 
 impl Authority {
+    /// A new principal of fleetgate's own CA: a certificate for `key`
+    /// naming `identity`, and the registry entry to enroll it with (for
+    /// `manufacturer`'s fleet, if any).
+    pub fn issue_new(
+        &self,
+        key: &KeyPair,
+        identity: &Identity,
+        manufacturer: Option<&str>,
+        lifetime: Duration,
+    ) -> Result<(NewDevice, IssuedCert), Error> {
+        let cert = self.ca.issue(key, identity, lifetime)?;
+        let new = NewDevice {
+            id: identity.id.clone(),
+            role: identity.role,
+            manufacturer: manufacturer.map(str::to_owned),
+        };
+        Ok((new, cert))
+    }
+
     /// Opens the data dir at `dir`, creating a new CA there if it is missing or
     /// empty. A dir that is neither complete nor empty is an error.
     pub fn open_or_init(dir: &Path, opts: &InitOptions) -> Result<Self, Error> {
@@ -674,16 +693,8 @@ impl Authority {
             role: Role::Admin,
             id: DeviceId::try_new(FIRST_ADMIN)?,
         };
-        let admin_cert = auth.ca.issue(&admin_key, &admin_id, ADMIN_LIFETIME)?;
-        auth.registry.enroll(
-            &NewDevice {
-                id: admin_id.id,
-                role: Role::Admin,
-                manufacturer: None,
-            },
-            &admin_cert,
-            "system",
-        )?;
+        let (admin, admin_cert) = auth.issue_new(&admin_key, &admin_id, None, ADMIN_LIFETIME)?;
+        auth.registry.enroll(&admin, &admin_cert, "system")?;
         write_file(
             &auth.paths.admin_key(),
             admin_key.serialize_pem().as_bytes(),

@@ -1778,15 +1778,9 @@ mod tests {
             role: Role::Device,
             id: id.clone(),
         };
-        let cert = auth
-            .ca
-            .issue(&key, &identity, DEFAULT_CERT_LIFETIME)
+        let (new, cert) = auth
+            .issue_new(&key, &identity, None, DEFAULT_CERT_LIFETIME)
             .unwrap();
-        let new = NewDevice {
-            id: id.clone(),
-            role: Role::Device,
-            manufacturer: None,
-        };
         let r = &auth.registry;
         r.enroll(&new, &cert, "test").unwrap();
         r.suspend(&id, "test").unwrap();
@@ -1828,15 +1822,9 @@ mod tests {
             role: Role::Device,
             id: id.clone(),
         };
-        let cert = auth
-            .ca
-            .issue(&key, &identity, DEFAULT_CERT_LIFETIME)
+        let (new, cert) = auth
+            .issue_new(&key, &identity, None, DEFAULT_CERT_LIFETIME)
             .unwrap();
-        let new = NewDevice {
-            id: id.clone(),
-            role: Role::Device,
-            manufacturer: None,
-        };
         let r = &auth.registry;
         let d = r.enroll(&new, &cert, "test").unwrap();
         let record = |space, key: Vec<u8>| {
@@ -1886,15 +1874,9 @@ mod tests {
                 role: Role::Device,
                 id: DeviceId::try_new(id).unwrap(),
             };
-            let cert = auth
-                .ca
-                .issue(&key, &identity, DEFAULT_CERT_LIFETIME)
+            let (new, cert) = auth
+                .issue_new(&key, &identity, m, DEFAULT_CERT_LIFETIME)
                 .unwrap();
-            let new = NewDevice {
-                id: identity.id.clone(),
-                role: Role::Device,
-                manufacturer: m.map(str::to_owned),
-            };
             auth.registry.enroll(&new, &cert, "test").unwrap();
             keys.push(cert.key());
         }
@@ -1960,15 +1942,14 @@ mod tests {
             role: Role::Device,
             id: DeviceId::try_new("dev-1").unwrap(),
         };
-        let first = auth
-            .ca
-            .issue(&key, &identity, DEFAULT_CERT_LIFETIME)
+        let (new, first) = auth
+            .issue_new(
+                &key,
+                &identity,
+                Some(rec.name.as_str()),
+                DEFAULT_CERT_LIFETIME,
+            )
             .unwrap();
-        let new = NewDevice {
-            id: identity.id.clone(),
-            role: Role::Device,
-            manufacturer: Some(rec.name.to_string()),
-        };
         auth.registry.enroll(&new, &first, "test").unwrap();
         let second = auth
             .ca
@@ -2016,15 +1997,9 @@ mod tests {
                 role: Role::Device,
                 id: DeviceId::try_new(format!("d-{i}")).unwrap(),
             };
-            let cert = auth
-                .ca
-                .issue(&key, &identity, DEFAULT_CERT_LIFETIME)
+            let (new, cert) = auth
+                .issue_new(&key, &identity, None, DEFAULT_CERT_LIFETIME)
                 .unwrap();
-            let new = NewDevice {
-                id: identity.id.clone(),
-                role: Role::Device,
-                manufacturer: None,
-            };
             auth.registry.enroll(&new, &cert, "test").unwrap();
             ids.push(identity.id);
         }
@@ -2172,14 +2147,8 @@ mod tests {
         let auth = Authority::open_or_init(tmp.path(), &InitOptions::default()).unwrap();
         let key = rcgen::KeyPair::generate().unwrap();
         let entry = |name: &str| {
-            let id = device(name);
-            let cert = auth.ca.issue(&key, &id, DEFAULT_CERT_LIFETIME).unwrap();
-            let new = NewDevice {
-                id: id.id,
-                role: Role::Device,
-                manufacturer: None,
-            };
-            (new, cert)
+            auth.issue_new(&key, &device(name), None, DEFAULT_CERT_LIFETIME)
+                .unwrap()
         };
         let batch: Vec<_> = (0..25).map(|i| entry(&format!("d{i:02}"))).collect();
         let results = auth.registry.enroll_batch(&batch, "test").unwrap();

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use provisioning::sessions::SessionStore;
 use provisioning::store::{Space, Store, Txn};
 use provisioning::{
-    Authority, DeviceId, Error, Identity, InitOptions, NewDevice, Registry, RevocationReason, Role,
-    Standing, DEFAULT_CERT_LIFETIME,
+    Authority, DeviceId, Error, Identity, InitOptions, Registry, RevocationReason, Role, Standing,
+    DEFAULT_CERT_LIFETIME,
 };
 use tests::etcd::Etcd;
 
@@ -91,15 +91,9 @@ fn two_nodes_share_one_registry() {
         role: Role::Device,
         id: id.clone(),
     };
-    let cert = auth
-        .ca
-        .issue(&key, &identity, DEFAULT_CERT_LIFETIME)
+    let (new, cert) = auth
+        .issue_new(&key, &identity, None, DEFAULT_CERT_LIFETIME)
         .unwrap();
-    let new = NewDevice {
-        id: id.clone(),
-        role: Role::Device,
-        manufacturer: None,
-    };
     one.enroll(&new, &cert, "node-1").unwrap();
     // Enrolled on node 1, in good standing on node 2.
     let (_, standing) = two.standing(&cert.key()).unwrap().unwrap();
@@ -158,15 +152,9 @@ fn a_bulk_revocation_larger_than_one_etcd_transaction() {
             role: Role::Device,
             id: id.clone(),
         };
-        let cert = auth
-            .ca
-            .issue(&key, &identity, DEFAULT_CERT_LIFETIME)
+        let (new, cert) = auth
+            .issue_new(&key, &identity, None, DEFAULT_CERT_LIFETIME)
             .unwrap();
-        let new = NewDevice {
-            id: id.clone(),
-            role: Role::Device,
-            manufacturer: None,
-        };
         r.enroll(&new, &cert, "test").unwrap();
         ids.push(id);
     }
