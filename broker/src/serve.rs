@@ -109,7 +109,7 @@ impl Server {
         let mut cfg = cfg;
         if let Some(nats) = &cfg.nats {
             cfg.mqtt.bus = Some(
-                crate::bus::Bus::connect(nats, metrics.clone())
+                crate::bus::Bus::connect(nats, &cfg.mqtt.queue_limits, metrics.clone())
                     .await
                     .context("the message bus (--nats)")?,
             );

@@ -1043,19 +1043,36 @@ pub mod nats {
             .expect("starting nats-server")
     }
 
-    fn healthy(monitor: u16) -> bool {
-        let Ok(mut s) = TcpStream::connect(("127.0.0.1", monitor)) else {
-            return false;
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-        if s.write_all(b"GET /healthz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-            .is_err()
-        {
-            return false;
+    impl Nats {
+        /// How many messages stream `name` holds, as server `i`'s
+        /// monitoring endpoint says (`None`: no such stream there).
+        pub fn stream_messages(&self, i: usize, name: &str) -> Option<u64> {
+            let body = get(self.monitors[i], "/jsz?accounts=true&streams=true")?;
+            let body = body.split_once("\r\n\r\n")?.1;
+            let v: serde_json::Value = serde_json::from_str(body).ok()?;
+            v["account_details"]
+                .as_array()?
+                .iter()
+                .flat_map(|a| a["stream_detail"].as_array().into_iter().flatten())
+                .find(|s| s["name"] == name)
+                .and_then(|s| s["state"]["messages"].as_u64())
         }
+    }
+
+    /// A plain HTTP GET of `path` from the monitoring port, head and body.
+    fn get(monitor: u16, path: &str) -> Option<String> {
+        let mut s = TcpStream::connect(("127.0.0.1", monitor)).ok()?;
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
+            .ok()?;
         let mut out = String::new();
         let _ = s.read_to_string(&mut out);
-        out.starts_with("HTTP/1.0 200") || out.starts_with("HTTP/1.1 200")
+        Some(out)
+    }
+
+    fn healthy(monitor: u16) -> bool {
+        get(monitor, "/healthz")
+            .is_some_and(|out| out.starts_with("HTTP/1.0 200") || out.starts_with("HTTP/1.1 200"))
     }
 
     impl Drop for Nats {

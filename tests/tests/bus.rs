@@ -218,6 +218,20 @@ fn without_nats_a_node_still_serves_its_own_clients_and_acknowledges_nothing_uns
         "{:?}",
         one.log()
     );
+    // A persistent session lives on JetStream: without it, it is refused
+    // (server unavailable), not started where no other node finds it.
+    let (ok, out) = run(one.mosquitto("mosquitto_sub", &dev).args([
+        "-c",
+        "-i",
+        "dev-1",
+        "-q",
+        "1",
+        "-t",
+        "devices/dev-1/commands/#",
+        "-W",
+        "3",
+    ]));
+    assert!(!ok && out.contains("unavailable"), "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -252,17 +266,73 @@ async fn a_connection_on_another_node_takes_the_session_over() {
 }
 
 #[test]
-fn a_command_through_one_node_waits_for_a_device_away_from_another() {
+fn commands_for_a_device_away_outlive_its_node_and_revocation_drops_them_everywhere() {
     let tmp = tempfile::tempdir().unwrap();
     let etcd = Etcd::start(&tmp.path().join("etcd"));
     let nats = Nats::start(&tmp.path().join("nats"));
-    let (one, two) = two_nodes(tmp.path(), &nats, &etcd);
+    let (store, bus) = (etcd.url(), nats.url());
+    let args: &[&str] = &[
+        "--store",
+        &store,
+        "--nats",
+        &bus,
+        "--command-queue-max",
+        "3",
+    ];
+    let [one, two]: [Server; 2] = start_nodes(tmp.path(), &[args, args]).try_into().unwrap();
     let creds = tmp.path().join("c");
     let dev = one.enroll(&creds, "device", "dev-1");
     let svc = one.enroll(&creds, "service", "backend");
-    // A persistent session on node one, then away.
-    let sub = |node: &Server, wait: &str| {
+    // A persistent session, waiting for `n` commands.
+    let sub = |node: &Server, n: &str, wait: &str| {
         run(node.mosquitto("mosquitto_sub", &dev).args([
+            "-c",
+            "-i",
+            "dev-1",
+            "-q",
+            "1",
+            "-t",
+            "devices/dev-1/commands/#",
+            "-C",
+            n,
+            "-W",
+            wait,
+        ]))
+    };
+    let try_command = |m: &str| {
+        run(two.mosquitto("mosquitto_pub", &svc).args([
+            "-V",
+            "mqttv5",
+            "-q",
+            "1",
+            "-t",
+            "devices/dev-1/commands/update",
+            "-m",
+            m,
+        ]))
+    };
+    let command = |m: &str| {
+        let (ok, out) = try_command(m);
+        assert!(ok && !out.contains("failed"), "{out}");
+    };
+    let queue = |n: u64| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while nats.stream_messages(0, "FLEETGATE_QUEUE") != Some(n) {
+            assert!(
+                Instant::now() < deadline,
+                "the queue holds {:?}, not {n}",
+                nats.stream_messages(0, "FLEETGATE_QUEUE")
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    // The session starts on node one. A command through node two is
+    // queued there, reaches the live device from the queue, and leaves
+    // the queue with the device's acknowledgement.
+    let live = listen(
+        &one,
+        &dev,
+        &[
             "-c",
             "-i",
             "dev-1",
@@ -273,32 +343,48 @@ fn a_command_through_one_node_waits_for_a_device_away_from_another() {
             "-C",
             "1",
             "-W",
-            wait,
-        ]))
-    };
-    let (_, _) = sub(&one, "1");
-    // The command goes in through node two while the device is away.
-    let (ok, out) = run(two.mosquitto("mosquitto_pub", &svc).args([
-        "-q",
-        "1",
-        "-t",
-        "devices/dev-1/commands/update",
-        "-m",
-        "v2",
-    ]));
-    assert!(ok, "{out}");
-    // Back on node one, it gets it.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let (_, out) = sub(&one, "3");
-        if out.trim() == "v2" {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the queued command never came: {out}"
-        );
+            "15",
+        ],
+    );
+    command("v0");
+    let out = live.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "v0");
+    queue(0);
+    // The device goes away.
+    // Three commands go in through node two, each acknowledged (MQTT 5:
+    // a refusal would say so) once JetStream has it.
+    for m in ["v1", "v2", "v3"] {
+        command(m);
     }
+    queue(3);
+    // The queue is full: JetStream's per-device limit refuses the next,
+    // and the service is told (MQTT 5: quota exceeded).
+    let (_, out) = try_command("v-over");
+    assert!(out.contains("Quota exceeded"), "{out}");
+    queue(3);
+    // The node that held the session dies.
+    one.kill9();
+    // The device comes back on node two: its session is there, with every
+    // acknowledged command, in order.
+    let (ok, out) = sub(&two, "3", "15");
+    assert!(ok, "{out}");
+    assert_eq!(out.lines().collect::<Vec<_>>(), ["v1", "v2", "v3"], "{out}");
+    // Its acknowledgements took them out of the queue.
+    queue(0);
+
+    // Away again, two more wait; revoking the device drops them, and its
+    // session, cluster-wide.
+    command("v4");
+    command("v5");
+    queue(2);
+    assert_eq!(nats.stream_messages(0, "FLEETGATE_SESSIONS"), Some(1));
+    two.cli_ok(&["device", "revoke", "dev-1"]);
+    queue(0);
+    assert_eq!(nats.stream_messages(0, "FLEETGATE_SESSIONS"), Some(0));
+    // Nothing is kept for it any more.
+    command("v6");
+    std::thread::sleep(Duration::from_millis(300));
+    queue(0);
 }
 
 #[test]

@@ -5,8 +5,10 @@
 //! device id, not a topic match across the fleet. The hub keeps each live
 //! device session's [`Mailbox`] (its subscriptions and a bounded channel
 //! into the session, which owns packet ids, the in-flight window and the
-//! acknowledgements) and, for persistent sessions, the durable queue in the
-//! registry's store ([`provisioning::sessions`]).
+//! acknowledgements) and, for persistent sessions, the durable record and
+//! queue in a [`Keeper`]: the registry's sled store on one node
+//! ([`provisioning::sessions`]), or JetStream in a cluster
+//! ([`crate::bus::keeper`]), where a device resumes its session on any node.
 //!
 //! A QoS 1 or 2 command to a device with a persistent session is stored and
 //! flushed before the service's PUBACK, whether the device is connected or
@@ -22,10 +24,91 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use provisioning::sessions::{
     now_ms, Message, QueueLimits, Queued, SessionRecord, SessionStore, StoredFilter,
 };
-use provisioning::{DeviceId, Registry, Status};
+use provisioning::{DeviceId, Error, Registry, Status};
 use tokio::sync::mpsc;
 
 use super::acl::topic_matches;
+
+/// Where devices' persistent sessions (their subscriptions) and command
+/// queues are kept. Blocking: called on the blocking pool, except
+/// [`Keeper::delivered`] and, for a [`Keeper::is_local`] keeper,
+/// [`Keeper::session`].
+pub trait Keeper: Send + Sync + std::fmt::Debug {
+    /// The persistent session `id` left, if any.
+    fn session(&self, id: &DeviceId) -> Result<Option<SessionRecord>, Error>;
+    /// Records `id`'s session: durable on return if `durable` (before a
+    /// SUBACK), otherwise whenever (a record whose loss loses nothing
+    /// acknowledged).
+    fn save_session(&self, id: &DeviceId, rec: &SessionRecord, durable: bool) -> Result<(), Error>;
+    /// Starts the expiry of `id`'s session at `at` (unix seconds).
+    fn disconnected(&self, id: &DeviceId, at: i64) -> Result<(), Error>;
+    /// Ends `id`'s session, record and queue; durable on return. Returns
+    /// how many queued messages were dropped.
+    fn end_session(&self, id: &DeviceId) -> Result<usize, Error>;
+    /// Appends `m` to `id`'s queue within `limits`, durable on return;
+    /// its sequence number, or [`Error::QuotaExceeded`] saying which limit.
+    fn enqueue(
+        &self,
+        id: &DeviceId,
+        m: Message,
+        limits: &QueueLimits,
+        now_ms: i64,
+    ) -> Result<u64, Error>;
+    /// `id`'s queued messages after `after` (all, if `None`), in order,
+    /// expired ones dropped.
+    fn queued(&self, id: &DeviceId, after: Option<u64>, now_ms: i64) -> Result<Vec<Queued>, Error>;
+    /// Removes a delivered message, not waiting for it (after a crash it
+    /// may come again: QoS 1 allows that). Safe on an async worker.
+    fn delivered(&self, id: &DeviceId, seq: u64);
+    /// Ends the sessions of `ids` (revoked: their commands are never
+    /// delivered); durable on return.
+    fn purge(&self, ids: &[DeviceId]) -> Result<usize, Error>;
+    /// Whether reads are in this process's memory (no network on the way).
+    fn is_local(&self) -> bool;
+}
+
+/// One node: sessions in the registry's sled database.
+impl Keeper for SessionStore {
+    fn session(&self, id: &DeviceId) -> Result<Option<SessionRecord>, Error> {
+        SessionStore::session(self, id)
+    }
+    fn save_session(&self, id: &DeviceId, rec: &SessionRecord, durable: bool) -> Result<(), Error> {
+        if durable {
+            SessionStore::save_session(self, id, rec)
+        } else {
+            self.touch_session(id, rec)
+        }
+    }
+    fn disconnected(&self, id: &DeviceId, at: i64) -> Result<(), Error> {
+        SessionStore::disconnected(self, id, at)
+    }
+    fn end_session(&self, id: &DeviceId) -> Result<usize, Error> {
+        SessionStore::end_session(self, id)
+    }
+    fn enqueue(
+        &self,
+        id: &DeviceId,
+        m: Message,
+        limits: &QueueLimits,
+        now_ms: i64,
+    ) -> Result<u64, Error> {
+        SessionStore::enqueue(self, id, m, limits, now_ms)
+    }
+    fn queued(&self, id: &DeviceId, after: Option<u64>, now_ms: i64) -> Result<Vec<Queued>, Error> {
+        SessionStore::queued(self, id, after, now_ms)
+    }
+    fn delivered(&self, id: &DeviceId, seq: u64) {
+        if let Err(e) = SessionStore::delivered(self, id, seq) {
+            tracing::error!(error = %e, "mqtt: removing a delivered command");
+        }
+    }
+    fn purge(&self, ids: &[DeviceId]) -> Result<usize, Error> {
+        SessionStore::purge(self, ids)
+    }
+    fn is_local(&self) -> bool {
+        true
+    }
+}
 
 /// A message for a device session.
 #[derive(Debug)]
@@ -151,9 +234,9 @@ impl Mailbox {
 pub enum Outcome {
     /// Handed to the device's live session.
     Delivered,
-    /// Stored in the device's durable queue (and handed to its live
-    /// session, if any).
-    Queued,
+    /// Stored in the device's durable queue at `seq` (and handed to its
+    /// live session, if any).
+    Queued { seq: u64 },
     /// No session of the device subscribes to the topic (or none keeps
     /// QoS 0 messages while away).
     NoSubscribers,
@@ -183,7 +266,10 @@ pub const MAX_SESSION_EXPIRY: u32 = 7 * 24 * 3600;
 
 #[derive(Debug)]
 pub struct Hub {
+    /// Retained messages, always this node's.
     store: SessionStore,
+    /// Persistent sessions and their queues.
+    keeper: Arc<dyn Keeper>,
     registry: Registry,
     limits: QueueLimits,
     boxes: Mutex<HashMap<DeviceId, Arc<Mailbox>>>,
@@ -194,13 +280,17 @@ pub struct Hub {
 }
 
 impl Hub {
+    /// A hub keeping sessions in `keeper` (`None`: the registry's store).
     pub fn new(
         registry: Registry,
+        keeper: Option<Arc<dyn Keeper>>,
         limits: QueueLimits,
         metrics: Arc<crate::metrics::Metrics>,
     ) -> Self {
+        let store = registry.sessions().clone();
         Self {
-            store: registry.sessions().clone(),
+            keeper: keeper.unwrap_or_else(|| Arc::new(store.clone())),
+            store,
             registry,
             limits,
             boxes: Mutex::new(HashMap::new()),
@@ -211,6 +301,11 @@ impl Hub {
 
     pub fn store(&self) -> &SessionStore {
         &self.store
+    }
+
+    /// Where persistent sessions and queues are kept.
+    pub fn keeper(&self) -> &dyn Keeper {
+        &*self.keeper
     }
 
     fn boxes(&self) -> MutexGuard<'_, HashMap<DeviceId, Arc<Mailbox>>> {
@@ -241,10 +336,21 @@ impl Hub {
     ) -> Result<Opened, provisioning::Error> {
         let _g = self.lock(id);
         let now = now_ms();
-        let old = self.store.session(id)?.filter(|r| !r.expired(now / 1000));
+        let stored = match self.keeper.session(id) {
+            // A clean session that keeps nothing needs nothing kept: it
+            // starts while the cluster's keeper is out of reach (an
+            // earlier session elsewhere is then left to its expiry).
+            Err(provisioning::Error::Unavailable(why)) if clean_start && expiry.is_none() => {
+                tracing::warn!(device.id = %id, why = %why, "mqtt: a clean session started without the session keeper");
+                None
+            }
+            r => r?,
+        };
+        let had = stored.is_some();
+        let old = stored.filter(|r| !r.expired(now / 1000));
         let session_present = !clean_start && old.is_some();
-        if !session_present {
-            self.store.end_session(id)?;
+        if !session_present && had {
+            self.keeper.end_session(id)?;
         }
         let filters = old.map(|r| r.filters).filter(|_| session_present);
         let (tx, rx) = mpsc::channel(self.limits.max_messages.max(16));
@@ -258,10 +364,10 @@ impl Hub {
         if let Some(rec) = mailbox.record() {
             // Not flushed: a new session has nothing to lose yet, and a
             // resumed one's filters are already durable.
-            self.store.touch_session(id, &rec)?;
+            self.keeper.save_session(id, &rec, false)?;
         }
         let queued = if session_present {
-            self.store.queued(id, None, now)?
+            self.keeper.queued(id, None, now)?
         } else {
             Vec::new()
         };
@@ -279,7 +385,7 @@ impl Hub {
     /// session of a device with none stored, is a couple of in-memory
     /// reads, done right on an async worker.)
     pub fn may_block(&self, id: &DeviceId, expiry: Option<u32>) -> bool {
-        expiry.is_some() || !matches!(self.store.session(id), Ok(None))
+        expiry.is_some() || !self.keeper.is_local() || !matches!(self.keeper.session(id), Ok(None))
     }
 
     /// Closes connection `conn`'s session of `id` (blocking pool). A
@@ -298,17 +404,27 @@ impl Hub {
             return Ok(());
         };
         if mailbox.is_persistent() {
-            self.store.disconnected(id, now_ms() / 1000)
+            self.keeper.disconnected(id, now_ms() / 1000)
+        } else if self.keeper.is_local() {
+            self.keeper.end_session(id).map(|_| ())
         } else {
-            self.store.end_session(id).map(|_| ())
+            // Nothing was kept for it: open ended any earlier session.
+            Ok(())
         }
+    }
+
+    /// Forgets `id`'s live session here without touching what is kept:
+    /// a connection on another node took it over.
+    pub fn released(&self, id: &DeviceId) {
+        let _g = self.lock(id);
+        self.boxes().remove(id);
     }
 
     /// Records a persistent session's subscriptions, durably (blocking
     /// pool), before its SUBACK or UNSUBACK.
     pub fn save(&self, id: &DeviceId, mailbox: &Mailbox) -> Result<(), provisioning::Error> {
         match mailbox.record() {
-            Some(rec) => self.store.save_session(id, &rec),
+            Some(rec) => self.keeper.save_session(id, &rec, true),
             None => Ok(()),
         }
     }
@@ -411,15 +527,15 @@ impl Hub {
                     .fetch_add(1, Ordering::Relaxed);
                 Outcome::Delivered
             }
-            (Ok(()), Some(_)) => {
+            (Ok(()), Some(seq)) => {
                 self.metrics.commands_queued.fetch_add(1, Ordering::Relaxed);
-                Outcome::Queued
+                Outcome::Queued { seq }
             }
             // Stored: the session finds it in its queue.
-            (Err(_), Some(_)) => {
+            (Err(_), Some(seq)) => {
                 mailbox.reload.store(true, Ordering::Release);
                 self.metrics.commands_queued.fetch_add(1, Ordering::Relaxed);
-                Outcome::Queued
+                Outcome::Queued { seq }
             }
             (Err(mpsc::error::TrySendError::Full(_)), None) => {
                 self.metrics
@@ -462,7 +578,7 @@ impl Hub {
                 return Ok(self.no_subscribers());
             };
             let seq = if m.qos.min(granted) > 0 && mailbox.is_persistent() {
-                match self.store.enqueue(id, (*m).clone(), &self.limits, now) {
+                match self.keeper.enqueue(id, (*m).clone(), &self.limits, now) {
                     Ok(seq) => Some(seq),
                     Err(provisioning::Error::QuotaExceeded { reason }) => {
                         self.metrics
@@ -478,7 +594,7 @@ impl Hub {
             return Ok(self.hand_over(id, &mailbox, seq, &m));
         }
         // Away: only a persistent session keeps what it subscribed to.
-        let Some(rec) = self.store.session(id)? else {
+        let Some(rec) = self.keeper.session(id)? else {
             return Ok(self.no_subscribers());
         };
         let granted = rec
@@ -492,13 +608,13 @@ impl Hub {
             _ => return Ok(self.no_subscribers()),
         }
         if let Some(why) = self.standing_refusal(id)? {
-            self.store.end_session(id)?;
+            self.keeper.end_session(id)?;
             return Ok(Outcome::Refused(why));
         }
-        match self.store.enqueue(id, (*m).clone(), &self.limits, now) {
-            Ok(_) => {
+        match self.keeper.enqueue(id, (*m).clone(), &self.limits, now) {
+            Ok(seq) => {
                 self.metrics.commands_queued.fetch_add(1, Ordering::Relaxed);
-                Ok(Outcome::Queued)
+                Ok(Outcome::Queued { seq })
             }
             Err(provisioning::Error::QuotaExceeded { reason }) => {
                 self.metrics
@@ -508,6 +624,31 @@ impl Hub {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// A command another node stored in `id`'s queue at `seq` (blocking
+    /// pool): handed to the device's session if it is live here. If not,
+    /// it waits in the queue for wherever the device resumes its session.
+    pub fn publish_queued(&self, id: &DeviceId, seq: u64, m: &Arc<Message>) -> Option<Outcome> {
+        let _g = self.lock(id);
+        let mailbox = self.boxes().get(id).cloned()?;
+        mailbox.granted(&m.topic)?;
+        if mailbox.is_persistent() {
+            return Some(self.hand_over(id, &mailbox, Some(seq), m));
+        }
+        // The device came back with a clean session meanwhile: nothing
+        // is kept for it, but it is subscribed.
+        self.keeper.delivered(id, seq);
+        Some(self.hand_over(id, &mailbox, None, m))
+    }
+
+    /// Ends the sessions of devices revoked anywhere, queues and all (a
+    /// cluster keeper's; the registry purges its own store itself).
+    pub fn forget(&self, ids: &[DeviceId]) -> Result<usize, provisioning::Error> {
+        if self.keeper.is_local() {
+            return Ok(0);
+        }
+        self.keeper.purge(ids)
     }
 
     /// Why nothing may be kept for `id`, if so.

@@ -461,6 +461,7 @@ impl Broker {
                 registry: auth.registry.recent(),
                 hub: Arc::new(hub::Hub::new(
                     auth.registry.clone(),
+                    cfg.bus.as_ref().map(|b| b.keeper()),
                     cfg.queue_limits,
                     metrics.clone(),
                 )),
@@ -497,6 +498,9 @@ impl Broker {
                     Some(client) = taken.recv() => {
                         // Another node has the client's newer connection.
                         if let Ok(id) = DeviceId::try_new(client.as_str()) {
+                            // Its session is the newer connection's now:
+                            // closing this one leaves it as it is.
+                            shared.hub.released(&id);
                             let n = shared.sessions.kick_device(&id, Kick::TakenOver);
                             tracing::info!(client = %id, sessions = n, "mqtt: a connection on another node took over the session");
                         }
@@ -538,8 +542,12 @@ impl Broker {
                 };
                 let n = sessions.kick_device(id, why);
                 tracing::info!(device.id = %id, sessions = n, reason = why.as_str(), "mqtt: cutting live sessions");
+                if why == Kick::Revoked {
+                    self.forget(vec![id.clone()]);
+                }
             }
             Change::DevicesRevoked { ids } => {
+                self.forget(ids.to_vec());
                 let n = sessions.kick_devices(ids, Kick::Revoked);
                 tracing::info!(
                     devices = ids.len(),
@@ -558,6 +566,26 @@ impl Broker {
             }
             Change::Manufacturers => {}
         }
+    }
+
+    /// Drops what a cluster keeps for revoked devices (their sessions and
+    /// queued commands), in the background: each node does it on the
+    /// change, so one that is down does not keep them.
+    fn forget(&self, ids: Vec<DeviceId>) {
+        if self.shared.hub.keeper().is_local() || ids.is_empty() {
+            return;
+        }
+        let hub = self.shared.hub.clone();
+        tokio::task::spawn_blocking(move || match hub.forget(&ids) {
+            Ok(n) => tracing::info!(
+                devices = ids.len(),
+                messages = n,
+                "mqtt: dropped revoked devices' sessions and queues cluster-wide"
+            ),
+            Err(e) => {
+                tracing::error!(error = %e, "mqtt: dropping revoked devices' queues cluster-wide")
+            }
+        });
     }
 
     /// Checks every live session's standing again (changes were missed).

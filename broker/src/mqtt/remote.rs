@@ -57,9 +57,14 @@ pub(super) async fn apply(shared: &Arc<Shared>, i: &Incoming) {
     } else if i.role == Role::Service {
         if let Some(target) = command_target(&m.topic) {
             let m = Arc::new(m.clone());
-            // Delivered if the device is live here; queued if its
-            // persistent session is here.
-            let done = tokio::task::spawn_blocking(move || hub.publish(&target, m)).await;
+            let queued = i.queued;
+            // Queued by the sender: delivered from the queue if the
+            // device is live here. Otherwise delivered if it is live here.
+            let done = tokio::task::spawn_blocking(move || match queued {
+                Some(seq) => Ok(hub.publish_queued(&target, seq, &m)),
+                None => hub.publish(&target, m).map(Some),
+            })
+            .await;
             if let Ok(Err(e)) = done {
                 tracing::error!(error = %e, "bus: a command from another node was not delivered");
             }

@@ -978,7 +978,7 @@ impl Session {
             match self
                 .shared
                 .hub
-                .store()
+                .keeper()
                 .queued(id, self.outbox.last_seq(), now_ms())
             {
                 Ok(q) => {
@@ -1011,14 +1011,10 @@ impl Session {
     /// the router (in the router's order).
     fn finished(&mut self, token: u64, to_router: &mut Vec<Packet>) {
         if self.device.is_some() {
-            if let Err(e) = self
-                .shared
+            self.shared
                 .hub
-                .store()
-                .delivered(&self.peer.identity.id, token)
-            {
-                tracing::error!(error = %e, "mqtt: removing a delivered command");
-            }
+                .keeper()
+                .delivered(&self.peer.identity.id, token);
         } else {
             to_router.extend(self.acks.done(token));
         }
@@ -1268,6 +1264,7 @@ impl Session {
         let (qos, _) = qos_and_pkid(&p);
         let topic = String::from_utf8_lossy(&p.topic).into_owned();
         let mut ack = (PubAckReason::Success, None);
+        let mut queued = None;
         if p.retain && self.peer.identity.role == Role::Device {
             // Kept for the device's own later subscriptions too.
             let mut m = message(&p, qos, props.as_ref(), now_ms());
@@ -1298,8 +1295,11 @@ impl Session {
         if self.peer.identity.role == Role::Service {
             if let Some(target) = command_target(&topic) {
                 let outcome = self.command(&target, &p, qos, props.as_ref()).await;
+                if let Outcome::Queued { seq } = outcome {
+                    queued = Some(seq);
+                }
                 ack = match outcome {
-                    Outcome::Delivered | Outcome::Queued => (PubAckReason::Success, None),
+                    Outcome::Delivered | Outcome::Queued { .. } => (PubAckReason::Success, None),
                     // The device may be on another node: the bus takes it.
                     Outcome::NoSubscribers if self.shared.cfg.bus.is_some() => {
                         (PubAckReason::Success, None)
@@ -1360,7 +1360,7 @@ impl Session {
             let id = &self.peer.identity;
             let v5 = self.codec.is_v5();
             match bus
-                .publish(id.id.as_str(), id.role, &self.stamp, &m, qos > 0)
+                .publish(id.id.as_str(), id.role, &self.stamp, &m, qos > 0, queued)
                 .await
             {
                 // Acknowledged once stored; the next packets are read
@@ -2129,7 +2129,7 @@ fn take_into(
     let expired = m.expires_at_ms.is_some_and(|t| t <= now);
     let Some((granted, ids)) = granted.filter(|_| !expired) else {
         if let Some(seq) = seq {
-            let _ = shared.hub.store().delivered(&peer.identity.id, seq);
+            shared.hub.keeper().delivered(&peer.identity.id, seq);
         }
         return;
     };

@@ -30,6 +30,9 @@ use provisioning::Role;
 use tokio::sync::mpsc;
 
 use crate::metrics::Metrics;
+use crate::mqtt::hub::Keeper;
+
+pub mod keeper;
 
 /// The stream every node publishes to and follows.
 pub const STREAM: &str = "FLEETGATE_MSG";
@@ -39,6 +42,9 @@ const PREFIX: &str = "fleetgate.msg.";
 
 const ROLE: &str = "fleetgate-role";
 const STAMP: &str = "fleetgate-stamp";
+/// On a command: where the sending node put it in the device's queue
+/// ([`keeper`]), so that the node the device is on delivers that entry.
+const QUEUED: &str = "fleetgate-queued";
 
 /// Which node holds each client's session: the last message on
 /// `fleetgate.owner.<client id>` names it (one kept per subject: a
@@ -73,6 +79,8 @@ pub struct Bus {
     owners: stream::Stream,
     /// The owners' revision of this node's last claim of each client.
     claims: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    /// Devices' persistent sessions and queues, cluster-wide.
+    keeper: Arc<keeper::JetStreamKeeper>,
 }
 
 /// A message another node put on the bus.
@@ -84,6 +92,8 @@ pub struct Incoming {
     /// The sender's identity stamp (`stamp::of`), empty for a service.
     pub stamp: String,
     pub message: Message,
+    /// A command's place in its device's queue, if the sender queued it.
+    pub queued: Option<u64>,
     acker: jetstream::Message,
 }
 
@@ -112,9 +122,14 @@ fn random_name() -> String {
 }
 
 impl Bus {
-    /// Connects to NATS and makes sure the stream is there; fails if no
-    /// server answers.
-    pub async fn connect(cfg: &BusConfig, metrics: Arc<Metrics>) -> anyhow::Result<Arc<Bus>> {
+    /// Connects to NATS and makes sure the streams are there; fails if no
+    /// server answers. `limits` are what one device's command queue may
+    /// hold (every node the same).
+    pub async fn connect(
+        cfg: &BusConfig,
+        limits: &provisioning::sessions::QueueLimits,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Arc<Bus>> {
         let node = random_name();
         let addrs = cfg
             .servers
@@ -158,6 +173,8 @@ impl Bus {
             })
             .await
             .map_err(|e| anyhow::anyhow!("the {OWNERS} stream on NATS JetStream: {e}"))?;
+        let keeper =
+            Arc::new(keeper::JetStreamKeeper::open(&client, &js, cfg.replicas, limits).await?);
         tracing::info!(node = %node, servers = ?cfg.servers, "bus: on NATS JetStream");
         Ok(Arc::new(Bus {
             client,
@@ -166,11 +183,17 @@ impl Bus {
             metrics,
             owners,
             claims: std::sync::Mutex::default(),
+            keeper,
         }))
     }
 
     pub fn node(&self) -> &str {
         &self.node
+    }
+
+    /// Where devices' persistent sessions and queues are kept.
+    pub fn keeper(&self) -> Arc<dyn Keeper> {
+        self.keeper.clone()
     }
 
     /// Whether NATS is there now: without it, nothing waits on it (the
@@ -186,7 +209,7 @@ impl Bus {
     /// With `stored`, what this returns resolves once JetStream has stored
     /// it: the message is on its way when this returns (so one sender's
     /// messages keep their order), and several can wait for their acks
-    /// at once.
+    /// at once. `queued`: a command's place in its device's queue.
     pub async fn publish(
         &self,
         client: &str,
@@ -194,12 +217,16 @@ impl Bus {
         stamp: &str,
         m: &Message,
         stored: bool,
+        queued: Option<u64>,
     ) -> Result<Stored, BusError> {
         let subject = format!("{PREFIX}{}.{client}", self.node);
         let mut headers = HeaderMap::new();
         headers.insert(ROLE, role.to_string().as_str());
         if !stamp.is_empty() {
             headers.insert(STAMP, stamp);
+        }
+        if let Some(seq) = queued {
+            headers.insert(QUEUED, seq.to_string().as_str());
         }
         let payload = m.to_bytes().into();
         let metrics = self.metrics.clone();
@@ -367,13 +394,14 @@ impl Bus {
                 continue;
             }
             match parse(&subject, &msg) {
-                Ok((client, role, stamp, message)) => {
+                Ok((client, role, stamp, message, queued)) => {
                     self.metrics.bus_received.fetch_add(1, Ordering::Relaxed);
                     let i = Incoming {
                         client,
                         role,
                         stamp,
                         message,
+                        queued,
                         acker: msg,
                     };
                     if tx.send(i).await.is_err() {
@@ -390,11 +418,10 @@ impl Bus {
     }
 }
 
-/// A bus message's sender, role, stamp and message.
-fn parse(
-    subject: &str,
-    msg: &jetstream::Message,
-) -> Result<(String, Role, String, Message), String> {
+/// A bus message's sender, role, stamp, message and queue place.
+type Parsed = (String, Role, String, Message, Option<u64>);
+
+fn parse(subject: &str, msg: &jetstream::Message) -> Result<Parsed, String> {
     let client = subject
         .strip_prefix(PREFIX)
         .and_then(|rest| rest.split_once('.'))
@@ -411,5 +438,9 @@ fn parse(
         .ok_or("no sender role")?;
     let stamp = header(STAMP).unwrap_or_default();
     let message = Message::from_bytes(&msg.payload).map_err(|e| e.to_string())?;
-    Ok((client, role, stamp, message))
+    let queued = match header(QUEUED) {
+        Some(q) => Some(q.parse::<u64>().map_err(|_| "a malformed queue place")?),
+        None => None,
+    };
+    Ok((client, role, stamp, message, queued))
 }

@@ -1,0 +1,308 @@
+//! Devices' persistent sessions and command queues on JetStream, so that a
+//! device resumes its session on whichever node it reconnects to, and a
+//! command acknowledged to a service survives the node that took it.
+//!
+//! Two streams, one subject per device:
+//! - `FLEETGATE_SESSIONS`, `fleetgate.session.<device id>`: the session's
+//!   record (its subscriptions, expiry, when it disconnected) as JSON; one
+//!   message kept per subject, read with JetStream's direct get. (No age
+//!   limit: a device may stay connected for longer than any. A record
+//!   whose session expired is ended when its device next connects.)
+//! - `FLEETGATE_QUEUE`, `fleetgate.queue.<device id>`: the device's queued
+//!   commands in the session store's layout ([`Message::to_bytes`]), in
+//!   order. The stream enforces the per-device count and the age limit
+//!   itself (per-subject limit with discard-new: a full queue refuses the
+//!   new command, as on one node); the per-message size is checked here.
+//!   A message's place in the queue is its stream sequence: the device's
+//!   PUBACK deletes it by that number.
+//!
+//! Every call blocks its (blocking-pool) thread on the runtime, within
+//! [`TIMEOUT`]; an unreachable NATS is [`Error::Unavailable`], and nothing
+//! is then acknowledged.
+
+use std::future::Future;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, context, stream};
+use provisioning::sessions::{Message, QueueLimits, Queued, SessionRecord};
+use provisioning::{DeviceId, Error};
+
+use crate::mqtt::hub::Keeper;
+
+pub const SESSIONS: &str = "FLEETGATE_SESSIONS";
+const SESSION_PREFIX: &str = "fleetgate.session.";
+pub const QUEUE: &str = "FLEETGATE_QUEUE";
+const QUEUE_PREFIX: &str = "fleetgate.queue.";
+
+/// How long one call may wait for JetStream.
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Sessions and queues on JetStream.
+#[derive(Debug)]
+pub struct JetStreamKeeper {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    sessions: stream::Stream,
+    queue: stream::Stream,
+    rt: tokio::runtime::Handle,
+}
+
+impl JetStreamKeeper {
+    /// Makes sure both streams are there. The queue's limits are the
+    /// first node's: every node is to run with the same.
+    pub(super) async fn open(
+        client: &async_nats::Client,
+        js: &jetstream::Context,
+        replicas: usize,
+        limits: &QueueLimits,
+    ) -> anyhow::Result<Self> {
+        let sessions = js
+            .get_or_create_stream(stream::Config {
+                name: SESSIONS.into(),
+                subjects: vec![format!("{SESSION_PREFIX}>")],
+                storage: stream::StorageType::File,
+                num_replicas: replicas.max(1),
+                max_messages_per_subject: 1,
+                discard: stream::DiscardPolicy::Old,
+                allow_direct: true,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("the {SESSIONS} stream on NATS JetStream: {e}"))?;
+        let max_age = Duration::from_millis(limits.max_age_ms.max(1000) as u64);
+        let mut queue = js
+            .get_or_create_stream(stream::Config {
+                name: QUEUE.into(),
+                subjects: vec![format!("{QUEUE_PREFIX}>")],
+                storage: stream::StorageType::File,
+                num_replicas: replicas.max(1),
+                max_messages_per_subject: limits.max_messages as i64,
+                discard: stream::DiscardPolicy::New,
+                discard_new_per_subject: true,
+                max_age,
+                max_message_size: limits.max_bytes.min(i32::MAX as usize) as i32,
+                allow_direct: true,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("the {QUEUE} stream on NATS JetStream: {e}"))?;
+        let info = queue.info().await?;
+        if info.config.max_messages_per_subject != limits.max_messages as i64
+            || info.config.max_age != max_age
+        {
+            tracing::warn!(
+                stream = QUEUE,
+                max_messages = info.config.max_messages_per_subject,
+                max_age_secs = info.config.max_age.as_secs(),
+                "bus: the command queues keep the limits the stream was made with, not this node's"
+            );
+        }
+        Ok(Self {
+            client: client.clone(),
+            js: js.clone(),
+            sessions,
+            queue,
+            rt: tokio::runtime::Handle::current(),
+        })
+    }
+
+    /// Runs `f` to completion from a blocking thread (or an async worker,
+    /// which it then gives up meanwhile), within [`TIMEOUT`]; at once
+    /// while NATS is not connected.
+    fn block<T>(&self, what: &str, f: impl Future<Output = Result<T, Error>>) -> Result<T, Error> {
+        if self.client.connection_state() != async_nats::connection::State::Connected {
+            return Err(Error::Unavailable(format!(
+                "NATS is not connected ({what})"
+            )));
+        }
+        let timed = tokio::time::timeout(TIMEOUT, f);
+        match tokio::task::block_in_place(|| self.rt.block_on(timed)) {
+            Ok(r) => r,
+            Err(_) => Err(Error::Unavailable(format!(
+                "NATS JetStream did not answer within {} s ({what})",
+                TIMEOUT.as_secs()
+            ))),
+        }
+    }
+
+    async fn read_session(&self, id: &DeviceId) -> Result<Option<SessionRecord>, Error> {
+        match self
+            .sessions
+            .direct_get_last_for_subject(format!("{SESSION_PREFIX}{id}"))
+            .await
+        {
+            Ok(m) => serde_json::from_slice(&m.payload)
+                .map(Some)
+                .map_err(|e| Error::Corrupt(format!("session of {id} on JetStream: {e}"))),
+            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
+            Err(e) => Err(unavailable("reading a session", e)),
+        }
+    }
+
+    async fn write_session(
+        &self,
+        id: &DeviceId,
+        rec: &SessionRecord,
+        durable: bool,
+    ) -> Result<(), Error> {
+        let v = serde_json::to_vec(rec).expect("session records serialize");
+        let ack = self
+            .js
+            .publish(format!("{SESSION_PREFIX}{id}"), v.into())
+            .await
+            .map_err(|e| unavailable("recording a session", e))?;
+        if durable {
+            ack.await
+                .map_err(|e| unavailable("recording a session", e))?;
+        }
+        Ok(())
+    }
+
+    async fn end(&self, id: &DeviceId) -> Result<usize, Error> {
+        self.sessions
+            .purge()
+            .filter(format!("{SESSION_PREFIX}{id}"))
+            .await
+            .map_err(|e| unavailable("ending a session", e))?;
+        let q = self
+            .queue
+            .purge()
+            .filter(format!("{QUEUE_PREFIX}{id}"))
+            .await
+            .map_err(|e| unavailable("dropping a queue", e))?;
+        Ok(q.purged as usize)
+    }
+}
+
+fn unavailable(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::Unavailable(format!("NATS JetStream, {what}: {e}"))
+}
+
+impl Keeper for JetStreamKeeper {
+    fn session(&self, id: &DeviceId) -> Result<Option<SessionRecord>, Error> {
+        self.block("reading a session", self.read_session(id))
+    }
+
+    fn save_session(&self, id: &DeviceId, rec: &SessionRecord, durable: bool) -> Result<(), Error> {
+        self.block("recording a session", self.write_session(id, rec, durable))
+    }
+
+    fn disconnected(&self, id: &DeviceId, at: i64) -> Result<(), Error> {
+        self.block("recording a disconnect", async {
+            if let Some(mut rec) = self.read_session(id).await? {
+                rec.disconnected_at = Some(at);
+                self.write_session(id, &rec, false).await?;
+            }
+            Ok(())
+        })
+    }
+
+    fn end_session(&self, id: &DeviceId) -> Result<usize, Error> {
+        self.block("ending a session", self.end(id))
+    }
+
+    fn enqueue(
+        &self,
+        id: &DeviceId,
+        mut m: Message,
+        limits: &QueueLimits,
+        now_ms: i64,
+    ) -> Result<u64, Error> {
+        let size = m.topic.len() + m.payload.len();
+        if size > limits.max_bytes {
+            return Err(Error::QuotaExceeded {
+                reason: format!(
+                    "device {id}'s command queue would hold {size} bytes, at most {}",
+                    limits.max_bytes
+                ),
+            });
+        }
+        let bound = now_ms.saturating_add(limits.max_age_ms);
+        m.expires_at_ms = Some(m.expires_at_ms.map_or(bound, |t| t.min(bound)));
+        m.stored_at_ms = now_ms;
+        let subject = format!("{QUEUE_PREFIX}{id}");
+        self.block("queueing a command", async {
+            let ack = self
+                .js
+                .publish(subject, m.to_bytes().into())
+                .await
+                .map_err(|e| unavailable("queueing a command", e))?
+                .await;
+            match ack {
+                Ok(a) => Ok(a.sequence),
+                Err(e) if queue_full(&e) => Err(Error::QuotaExceeded {
+                    reason: format!(
+                        "device {id}'s command queue is full (at most {} messages)",
+                        limits.max_messages
+                    ),
+                }),
+                Err(e) => Err(unavailable("queueing a command", e)),
+            }
+        })
+    }
+
+    fn queued(&self, id: &DeviceId, after: Option<u64>, now_ms: i64) -> Result<Vec<Queued>, Error> {
+        let subject = format!("{QUEUE_PREFIX}{id}");
+        self.block("reading a queue", async {
+            let mut out = Vec::new();
+            let mut next = after.map_or(1, |s| s.saturating_add(1));
+            loop {
+                let m = match self
+                    .queue
+                    .direct_get_next_for_subject(subject.as_str(), Some(next))
+                    .await
+                {
+                    Ok(m) => m,
+                    Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => break,
+                    Err(e) => return Err(unavailable("reading a queue", e)),
+                };
+                next = m.sequence.saturating_add(1);
+                let message = Message::from_bytes(&m.payload)?;
+                if message.expires_at_ms.is_some_and(|t| t <= now_ms) {
+                    let _ = self.queue.delete_message(m.sequence).await;
+                    continue;
+                }
+                out.push(Queued {
+                    seq: m.sequence,
+                    message,
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    fn delivered(&self, id: &DeviceId, seq: u64) {
+        let queue = self.queue.clone();
+        let id = id.clone();
+        self.rt.spawn(async move {
+            if let Err(e) = queue.delete_message(seq).await {
+                tracing::debug!(device.id = %id, seq, error = %e, "bus: removing a delivered command failed; it may come again");
+            }
+        });
+    }
+
+    fn purge(&self, ids: &[DeviceId]) -> Result<usize, Error> {
+        self.block("dropping revoked devices' queues", async {
+            let mut n = 0;
+            for id in ids {
+                n += self.end(id).await?;
+            }
+            Ok(n)
+        })
+    }
+
+    fn is_local(&self) -> bool {
+        false
+    }
+}
+
+/// Whether JetStream refused a message because its subject is at the
+/// per-subject limit (the stream discards new ones per subject).
+fn queue_full(e: &context::PublishError) -> bool {
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<jetstream::Error>())
+        .is_some_and(|j| {
+            j.error_code() == jetstream::ErrorCode::STREAM_STORE_FAILED
+                && j.to_string().contains("per subject")
+        })
+}
