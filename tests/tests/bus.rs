@@ -443,3 +443,59 @@ fn one_nats_server_of_three_down_loses_nothing_acknowledged() {
     let got: Vec<&str> = text.lines().collect();
     assert_eq!(got, ["x", "y", "z"], "{text}");
 }
+
+#[test]
+fn a_share_group_spreads_messages_over_its_members_on_every_node() {
+    let tmp = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&tmp.path().join("etcd"));
+    let nats = Nats::start(&tmp.path().join("nats"));
+    let (one, two) = two_nodes(tmp.path(), &nats, &etcd);
+    let creds = tmp.path().join("c");
+    let dev = one.enroll(&creds, "device", "dev-1");
+    let svc1 = one.enroll(&creds, "service", "worker-1");
+    let svc2 = one.enroll(&creds, "service", "worker-2");
+    let n = 30;
+    // One member of the group on each node, and a plain subscriber.
+    let member = |node: &Server, c: &tests::Creds| {
+        listen(
+            node,
+            c,
+            &[
+                "-q",
+                "1",
+                "-t",
+                "$share/workers/devices/+/telemetry",
+                "-W",
+                "9",
+            ],
+        )
+    };
+    let (m1, m2) = (member(&one, &svc1), member(&two, &svc2));
+    for i in 0..n {
+        let (ok, out) = run(one.mosquitto("mosquitto_pub", &dev).args([
+            "-q",
+            "1",
+            "-t",
+            "devices/dev-1/telemetry",
+            "-m",
+            &format!("m{i}"),
+        ]));
+        assert!(ok, "{out}");
+    }
+    let got = |c: std::process::Child| -> Vec<String> {
+        let out = c.wait_with_output().unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    };
+    let (a, b) = (got(m1), got(m2));
+    // Each message reached exactly one member: none twice, none lost.
+    let mut all: Vec<String> = a.iter().chain(&b).cloned().collect();
+    all.sort();
+    let mut want: Vec<String> = (0..n).map(|i| format!("m{i}")).collect();
+    want.sort();
+    assert_eq!(all, want, "node one's member: {a:?}, node two's: {b:?}");
+    // And both nodes' members had a share.
+    assert!(!a.is_empty() && !b.is_empty(), "{a:?} {b:?}");
+}

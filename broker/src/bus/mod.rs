@@ -350,12 +350,49 @@ impl Bus {
     /// out of the returned channel, in the stream's order. Resumes after
     /// NATS comes back.
     pub fn follow(self: &Arc<Self>) -> mpsc::Receiver<Incoming> {
-        let (tx, rx) = mpsc::channel(1024);
+        let name = format!("node-{}", self.node);
+        let skip = Some(format!("{PREFIX}{}.", self.node));
+        // A node that went away leaves no consumer behind.
+        self.pull(name, skip, Duration::from_secs(600), 1024)
+    }
+
+    /// Share group `group`'s messages for `filter` (every node's, this
+    /// one's too), from now on: one durable consumer per group and filter,
+    /// which every node with members pulls from, so that JetStream hands
+    /// each message to one of them. The node stops pulling when the
+    /// returned channel is dropped; a consumer nobody pulls goes away.
+    pub fn follow_group(self: &Arc<Self>, group: &str, filter: &str) -> mpsc::Receiver<Incoming> {
+        let digest = ring::digest::digest(
+            &ring::digest::SHA256,
+            format!("{group}\0{filter}").as_bytes(),
+        );
+        let hex: String = digest.as_ref()[..12]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        self.pull(format!("share-{hex}"), None, Duration::from_secs(60), 256)
+    }
+
+    /// Pulls durable consumer `name` into a channel, skipping subjects
+    /// under `skip`, until the channel is dropped.
+    fn pull(
+        self: &Arc<Self>,
+        name: String,
+        skip: Option<String>,
+        inactive: Duration,
+        room: usize,
+    ) -> mpsc::Receiver<Incoming> {
+        let (tx, rx) = mpsc::channel(room);
         let bus = self.clone();
         tokio::spawn(async move {
             loop {
-                if let Err(e) = bus.follow_once(&tx).await {
-                    tracing::warn!(error = %format!("{e:#}"), "bus: following the stream; resuming");
+                tokio::select! {
+                    r = bus.pull_once(&name, skip.as_deref(), inactive, &tx) => {
+                        if let Err(e) = r {
+                            tracing::warn!(consumer = %name, error = %format!("{e:#}"), "bus: following the stream; resuming");
+                        }
+                    }
+                    () = tx.closed() => return,
                 }
                 if tx.is_closed() {
                     return;
@@ -366,30 +403,33 @@ impl Bus {
         rx
     }
 
-    async fn follow_once(&self, tx: &mpsc::Sender<Incoming>) -> anyhow::Result<()> {
+    async fn pull_once(
+        &self,
+        name: &str,
+        skip: Option<&str>,
+        inactive: Duration,
+        tx: &mpsc::Sender<Incoming>,
+    ) -> anyhow::Result<()> {
         let stream = self.js.get_stream(STREAM).await?;
-        let name = format!("node-{}", self.node);
         let consumer = stream
             .get_or_create_consumer(
-                &name,
+                name,
                 consumer::pull::Config {
-                    durable_name: Some(name.clone()),
+                    durable_name: Some(name.to_owned()),
                     filter_subject: format!("{PREFIX}>"),
                     deliver_policy: consumer::DeliverPolicy::New,
                     ack_policy: consumer::AckPolicy::Explicit,
                     max_ack_pending: 10_000,
-                    // A node that went away leaves no consumer behind.
-                    inactive_threshold: Duration::from_secs(600),
+                    inactive_threshold: inactive,
                     ..Default::default()
                 },
             )
             .await?;
         let mut messages = consumer.messages().await?;
-        let own = format!("{PREFIX}{}.", self.node);
         while let Some(next) = messages.next().await {
             let msg = next?;
             let subject = msg.subject.to_string();
-            if subject.starts_with(&own) {
+            if skip.is_some_and(|own| subject.starts_with(own)) {
                 let _ = msg.ack().await;
                 continue;
             }

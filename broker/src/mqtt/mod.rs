@@ -22,6 +22,7 @@ pub mod outbox;
 mod quota;
 mod remote;
 mod session;
+mod share;
 pub mod stamp;
 
 use std::collections::HashMap;
@@ -160,6 +161,8 @@ pub(crate) struct Shared {
     hub: Arc<hub::Hub>,
     /// Devices' messages into the router.
     ingest: link::Ingest,
+    /// `$share` groups with members here (with a bus).
+    groups: share::Groups,
     /// Link builds wait on the router thread from the blocking pool; this
     /// caps how many do at once, so a connect storm cannot take the pool
     /// from the API's registry writes (revocations).
@@ -471,6 +474,7 @@ impl Broker {
                 status,
                 sessions: Sessions::default(),
                 ingest: link::Ingest::new(ingest),
+                groups: share::Groups::default(),
                 link_slots: tokio::sync::Semaphore::new(LINK_SLOTS),
                 verifier,
                 jit_limiter: cfg.jit_rate.map(|r| Mutex::new(RateLimiter::new(r))),

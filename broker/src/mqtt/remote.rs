@@ -19,25 +19,7 @@ use crate::bus::Incoming;
 /// Applies one message from another node.
 pub(super) async fn apply(shared: &Arc<Shared>, i: &Incoming) {
     let m = &i.message;
-    let now = now_ms();
-    if m.expires_at_ms.is_some_and(|t| t <= now) {
-        return;
-    }
-    let onward = Packet::Publish(
-        Publish::new(
-            Bytes::from(m.topic.clone()),
-            Bytes::from(m.payload.clone()),
-            false,
-        ),
-        stamp::mark(
-            message_properties(m, Vec::new(), now),
-            m.qos,
-            m.retain,
-            &i.stamp,
-        ),
-    );
-    if shared.ingest.send(&i.client, onward).await.is_err() {
-        tracing::warn!("bus: the router is gone");
+    if !into_router(shared, i, m.topic.clone(), m.retain).await {
         return;
     }
     let hub = shared.hub.clone();
@@ -70,4 +52,34 @@ pub(super) async fn apply(shared: &Arc<Shared>, i: &Incoming) {
             }
         }
     }
+}
+
+/// Puts a message from the bus into the router under `topic`, with the
+/// sender's identity mark (and whether it was retained). False if the
+/// router is gone or it expired.
+pub(super) async fn into_router(
+    shared: &Shared,
+    i: &Incoming,
+    topic: String,
+    retain: bool,
+) -> bool {
+    let m = &i.message;
+    let now = now_ms();
+    if m.expires_at_ms.is_some_and(|t| t <= now) {
+        return false;
+    }
+    let onward = Packet::Publish(
+        Publish::new(Bytes::from(topic), Bytes::from(m.payload.clone()), false),
+        stamp::mark(
+            message_properties(m, Vec::new(), now),
+            m.qos,
+            retain,
+            &i.stamp,
+        ),
+    );
+    if shared.ingest.send(&i.client, onward).await.is_err() {
+        tracing::warn!("bus: the router is gone");
+        return false;
+    }
+    true
 }

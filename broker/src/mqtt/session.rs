@@ -49,6 +49,7 @@ use super::hub::{Delivery, Mailbox, Outcome, MAX_SESSION_EXPIRY};
 use super::link::RouterTx;
 use super::outbox::{qos_and_pkid, Outbox, Outgoing};
 use super::quota::TopicBudget;
+use super::share;
 use super::stamp;
 use super::{Kick, Shared, TOPIC_ALIAS_MAX};
 use crate::metrics::Refusal;
@@ -214,6 +215,8 @@ struct Session {
     problem_info: bool,
     /// A service's subscriptions, with their MQTT 5 identifiers.
     service_subs: HashMap<String, ServiceSub>,
+    /// A service's `$share` subscriptions across nodes (with a bus).
+    groups: HashMap<String, super::share::Membership>,
     /// A service's SUBSCRIBEs whose retained messages are sent once the
     /// router's SUBACK is: the filters and their granted QoS.
     pending_retained: HashMap<u16, Vec<(String, u8)>>,
@@ -338,6 +341,7 @@ pub(super) fn run(
         client_max_packet: usize::MAX,
         problem_info: true,
         service_subs: HashMap::new(),
+        groups: HashMap::new(),
         pending_retained: HashMap::new(),
         topics: TopicBudget::new(shared.cfg.new_topics_per_minute),
         quota_logged: None,
@@ -1063,8 +1067,14 @@ impl Session {
                 Packet::Unsubscribe(unsub, props) => match role {
                     Role::Device => self.device_unsubscribe(unsub).await,
                     _ => {
-                        for f in &unsub.filters {
+                        let mut unsub = unsub;
+                        for f in &mut unsub.filters {
                             self.service_subs.remove(f);
+                            if self.groups.remove(f).is_some() {
+                                if let Some((group, inner)) = share::split(f) {
+                                    *f = share::router_filter(group, inner);
+                                }
+                            }
                         }
                         forward.push(Packet::Unsubscribe(unsub, props));
                         Ok(())
@@ -1459,7 +1469,8 @@ impl Session {
         // Retained messages (MQTT 3.3.1.3) as each filter's retain handling
         // says; none for a share group (MQTT 5 4.8.2).
         let mut wanted = Vec::new();
-        for f in &allowed {
+        let mut allowed = allowed;
+        for f in &mut allowed {
             let sub = ServiceSub {
                 id,
                 rap: f.preserve_retain,
@@ -1467,6 +1478,17 @@ impl Session {
             let new = self.service_subs.insert(f.path.clone(), sub).is_none();
             if sends_retained(&f.retain_forward_rule, new) && !f.path.starts_with("$share/") {
                 wanted.push((f.path.clone(), (f.qos as u8).min(2)));
+            }
+            // A group across nodes: its messages come through the bus.
+            if let Some((group, inner)) = share::split(&f.path) {
+                if !self.groups.contains_key(&f.path) {
+                    if let Some(m) = share::join(&self.shared, group, inner) {
+                        self.groups.insert(f.path.clone(), m);
+                    }
+                }
+                if self.groups.contains_key(&f.path) {
+                    f.path = share::router_filter(group, inner);
+                }
             }
         }
         if !wanted.is_empty() && self.peer.identity.role == Role::Service {
@@ -2000,9 +2022,10 @@ impl Session {
                     }
                     Some(Packet::Publish(p, props)) => {
                         let (qos, pkid) = qos_and_pkid(&p);
-                        let u = stamp::unmark(props, &p.topic, self.codec.is_v5());
+                        let topic = share::member_topic(&p.topic);
+                        let u = stamp::unmark(props, &topic, self.codec.is_v5());
                         let mut props = u.props;
-                        let (ids, rap) = self.matching_subs(&p.topic);
+                        let (ids, rap) = self.matching_subs(&topic);
                         if self.codec.is_v5() && !ids.is_empty() {
                             props
                                 .get_or_insert_with(Default::default)
@@ -2011,7 +2034,7 @@ impl Session {
                         let token = (qos > 0).then(|| self.acks.owe(pkid, qos));
                         self.outbox.push(Outgoing {
                             seq: token,
-                            topic: p.topic,
+                            topic,
                             payload: p.payload,
                             qos: qos.min(u.qos),
                             // Retain As Published (MQTT 5 3.8.3.1).
