@@ -133,7 +133,7 @@ for q in 0 1; do
     echo "QoS $q, across nodes (NATS):        $(publish etcd one "$(addr b1)" "$(addr b2)" $q)"
 done
 echo >&2
-echo "admission on etcd, a node without NATS beside one with it (each CONNECT claims its session on NATS), connects/s" >&2
+echo "admission on etcd, a node without NATS beside one with it (each CONNECT claims its session and reads its session record on JetStream), connects/s" >&2
 printf '%-6s %10s %10s %8s\n' round without with with/without
 for r in $(seq "${BUS_ROUNDS:-2}"); do
     e=$(connects etcd "$mqtt1" one)

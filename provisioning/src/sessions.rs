@@ -102,6 +102,16 @@ pub struct QueueLimits {
     pub max_age_ms: i64,
 }
 
+impl QueueLimits {
+    /// Marks `m` as queued at `now_ms`: it expires by its own expiry or
+    /// the queue's age limit, whichever comes first.
+    pub fn stamp(&self, m: &mut Message, now_ms: i64) {
+        let bound = now_ms.saturating_add(self.max_age_ms);
+        m.expires_at_ms = Some(m.expires_at_ms.map_or(bound, |t| t.min(bound)));
+        m.stored_at_ms = now_ms;
+    }
+}
+
 impl Default for QueueLimits {
     fn default() -> Self {
         Self {
@@ -371,9 +381,7 @@ impl SessionStore {
                 ),
             });
         }
-        let bound = now_ms.saturating_add(limits.max_age_ms);
-        m.expires_at_ms = Some(m.expires_at_ms.map_or(bound, |t| t.min(bound)));
-        m.stored_at_ms = now_ms;
+        limits.stamp(&mut m, now_ms);
         let seq = self.db.generate_id()?;
         self.queue.insert(queue_key(id, seq), encode(&m))?;
         self.db.flush()?;

@@ -4,7 +4,6 @@
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
 use std::io::Write;
-use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -25,20 +24,22 @@ fn listen(node: &Server, c: &tests::Creds, args: &[&str]) -> std::process::Child
     sub
 }
 
-/// Two nodes on one etcd and one NATS.
-fn two_nodes(tmp: &Path, nats: &Nats, etcd: &Etcd) -> (Server, Server) {
+/// Two nodes on one etcd member and one NATS server, each node with
+/// `extra` flags. (Bound in this order, they drop nodes first.)
+fn two_nodes(extra: &[&str]) -> (tempfile::TempDir, Etcd, Nats, Server, Server) {
+    let tmp = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&tmp.path().join("etcd"));
+    let nats = Nats::start(&tmp.path().join("nats"));
     let (store, bus) = (etcd.url(), nats.url());
-    let args: &[&str] = &["--store", &store, "--nats", &bus];
-    let [one, two]: [Server; 2] = start_nodes(tmp, &[args, args]).try_into().unwrap();
-    (one, two)
+    let mut args: Vec<&str> = vec!["--store", &store, "--nats", &bus];
+    args.extend(extra);
+    let [one, two]: [Server; 2] = start_nodes(tmp.path(), &[&args, &args]).try_into().unwrap();
+    (tmp, etcd, nats, one, two)
 }
 
 #[test]
 fn a_service_on_one_node_sees_devices_on_another_and_its_commands_reach_them() {
-    let tmp = tempfile::tempdir().unwrap();
-    let etcd = Etcd::start(&tmp.path().join("etcd"));
-    let nats = Nats::start(&tmp.path().join("nats"));
-    let (one, two) = two_nodes(tmp.path(), &nats, &etcd);
+    let (tmp, _etcd, _nats, one, two) = two_nodes(&[]);
     let creds = tmp.path().join("c");
     let dev = one.enroll(&creds, "device", "dev-1");
     let svc = one.enroll(&creds, "service", "backend");
@@ -169,10 +170,7 @@ fn a_service_on_one_node_sees_devices_on_another_and_its_commands_reach_them() {
 
 #[test]
 fn without_nats_a_node_still_serves_its_own_clients_and_acknowledges_nothing_unstored() {
-    let tmp = tempfile::tempdir().unwrap();
-    let etcd = Etcd::start(&tmp.path().join("etcd"));
-    let mut nats = Nats::start(&tmp.path().join("nats"));
-    let (one, _two) = two_nodes(tmp.path(), &nats, &etcd);
+    let (tmp, _etcd, mut nats, one, _two) = two_nodes(&[]);
     let creds = tmp.path().join("c");
     let dev = one.enroll(&creds, "device", "dev-1");
     let svc = one.enroll(&creds, "service", "backend");
@@ -237,10 +235,7 @@ fn without_nats_a_node_still_serves_its_own_clients_and_acknowledges_nothing_uns
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_on_another_node_takes_the_session_over() {
     use tests::mqtt::{client, connected, until_closed};
-    let tmp = tempfile::tempdir().unwrap();
-    let etcd = Etcd::start(&tmp.path().join("etcd"));
-    let nats = Nats::start(&tmp.path().join("nats"));
-    let (one, two) = two_nodes(tmp.path(), &nats, &etcd);
+    let (tmp, _etcd, _nats, one, two) = two_nodes(&[]);
     let dev = one.enroll(&tmp.path().join("c"), "device", "dev-1");
 
     let (_c1, mut first) = client(one.mqtt, &dev, "dev-1");
@@ -267,19 +262,7 @@ async fn a_connection_on_another_node_takes_the_session_over() {
 
 #[test]
 fn commands_for_a_device_away_outlive_its_node_and_revocation_drops_them_everywhere() {
-    let tmp = tempfile::tempdir().unwrap();
-    let etcd = Etcd::start(&tmp.path().join("etcd"));
-    let nats = Nats::start(&tmp.path().join("nats"));
-    let (store, bus) = (etcd.url(), nats.url());
-    let args: &[&str] = &[
-        "--store",
-        &store,
-        "--nats",
-        &bus,
-        "--command-queue-max",
-        "3",
-    ];
-    let [one, two]: [Server; 2] = start_nodes(tmp.path(), &[args, args]).try_into().unwrap();
+    let (tmp, _etcd, nats, one, two) = two_nodes(&["--command-queue-max", "3"]);
     let creds = tmp.path().join("c");
     let dev = one.enroll(&creds, "device", "dev-1");
     let svc = one.enroll(&creds, "service", "backend");
@@ -446,10 +429,7 @@ fn one_nats_server_of_three_down_loses_nothing_acknowledged() {
 
 #[test]
 fn a_share_group_spreads_messages_over_its_members_on_every_node() {
-    let tmp = tempfile::tempdir().unwrap();
-    let etcd = Etcd::start(&tmp.path().join("etcd"));
-    let nats = Nats::start(&tmp.path().join("nats"));
-    let (one, two) = two_nodes(tmp.path(), &nats, &etcd);
+    let (tmp, _etcd, _nats, one, two) = two_nodes(&[]);
     let creds = tmp.path().join("c");
     let dev = one.enroll(&creds, "device", "dev-1");
     let svc1 = one.enroll(&creds, "service", "worker-1");

@@ -217,9 +217,7 @@ impl Keeper for JetStreamKeeper {
                 ),
             });
         }
-        let bound = now_ms.saturating_add(limits.max_age_ms);
-        m.expires_at_ms = Some(m.expires_at_ms.map_or(bound, |t| t.min(bound)));
-        m.stored_at_ms = now_ms;
+        limits.stamp(&mut m, now_ms);
         let subject = format!("{QUEUE_PREFIX}{id}");
         self.block("queueing a command", async {
             let ack = self

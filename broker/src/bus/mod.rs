@@ -83,6 +83,28 @@ pub struct Bus {
     keeper: Arc<keeper::JetStreamKeeper>,
 }
 
+/// This node's claim of a client's session, while the session lasts.
+#[derive(Debug)]
+pub struct Claim {
+    bus: Arc<Bus>,
+    client: String,
+    seq: u64,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        let mut claims = self
+            .bus
+            .claims
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Unless a newer connection here claimed it since.
+        if claims.get(&self.client) == Some(&self.seq) {
+            claims.remove(&self.client);
+        }
+    }
+}
+
 /// A message another node put on the bus.
 #[derive(Debug)]
 pub struct Incoming {
@@ -263,7 +285,8 @@ impl Bus {
 
     /// Claims `client`'s session for this node, cluster-wide: the node
     /// that held it cuts its connection (see [`Bus::follow_owners`]).
-    pub async fn claim(&self, client: &str) -> Result<(), BusError> {
+    /// Held while the session lasts: dropping it forgets the claim here.
+    pub async fn claim(self: &Arc<Self>, client: &str) -> Result<Claim, BusError> {
         self.connected()?;
         let put = async {
             self.js
@@ -279,7 +302,11 @@ impl Bus {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(client.to_owned(), ack.sequence);
-        Ok(())
+        Ok(Claim {
+            bus: self.clone(),
+            client: client.to_owned(),
+            seq: ack.sequence,
+        })
     }
 
     /// The clients whose sessions another node has claimed since this

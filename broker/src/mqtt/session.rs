@@ -217,6 +217,8 @@ struct Session {
     service_subs: HashMap<String, ServiceSub>,
     /// A service's `$share` subscriptions across nodes (with a bus).
     groups: HashMap<String, super::share::Membership>,
+    /// The session is this node's, cluster-wide (with a bus).
+    claim: Option<crate::bus::Claim>,
     /// A service's SUBSCRIBEs whose retained messages are sent once the
     /// router's SUBACK is: the filters and their granted QoS.
     pending_retained: HashMap<u16, Vec<(String, u8)>>,
@@ -342,6 +344,7 @@ pub(super) fn run(
         problem_info: true,
         service_subs: HashMap::new(),
         groups: HashMap::new(),
+        claim: None,
         pending_retained: HashMap::new(),
         topics: TopicBudget::new(shared.cfg.new_topics_per_minute),
         quota_logged: None,
@@ -432,8 +435,11 @@ async fn session(
     // On several nodes, the session is this node's from now on: the node
     // that held it cuts its connection.
     if let Some(bus) = &shared.cfg.bus {
-        if let Err(e) = bus.claim(s.peer.identity.id.as_str()).await {
-            tracing::warn!(error = %e, "mqtt: the session could not be claimed across nodes");
+        match bus.claim(s.peer.identity.id.as_str()).await {
+            Ok(c) => s.claim = Some(c),
+            Err(e) => {
+                tracing::warn!(error = %e, "mqtt: the session could not be claimed across nodes")
+            }
         }
     }
     let (kick_rx, registration) = shared.sessions.register(&s.peer, role == Role::Device);
