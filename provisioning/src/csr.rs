@@ -50,6 +50,9 @@ impl std::fmt::Display for KeyKind {
 pub struct ValidatedCsr {
     pub(crate) public_key: rcgen::SubjectPublicKeyInfo,
     pub key_kind: KeyKind,
+    /// The subject's common name, if it has one (EST names the device
+    /// there).
+    pub subject_cn: Option<String>,
 }
 
 /// Parses a CSR in PEM or DER, verifies its self-signature and checks its key.
@@ -79,9 +82,23 @@ pub fn validate_csr(input: &[u8]) -> Result<ValidatedCsr, Error> {
         rcgen::SubjectPublicKeyInfo::from_der(spki.raw).map_err(|e| Error::UnsupportedKey {
             reason: format!("{key_kind}: {e}"),
         })?;
+    let subject_cn = csr
+        .certification_request_info
+        .subject
+        .iter_common_name()
+        .next()
+        .map(|cn| {
+            cn.as_str()
+                .map(str::to_owned)
+                .map_err(|_| Error::MalformedCsr {
+                    reason: "the subject's common name is not a string".into(),
+                })
+        })
+        .transpose()?;
     Ok(ValidatedCsr {
         public_key,
         key_kind,
+        subject_cn,
     })
 }
 

@@ -7,6 +7,7 @@
 pub mod ca;
 pub mod csr;
 mod error;
+pub mod est;
 pub mod events;
 pub mod id;
 pub mod lifecycle;

@@ -23,6 +23,7 @@ use provisioning::{
     RevocationReason, Role, Serial, Standing, Status,
 };
 
+pub mod est;
 pub mod manufacturers;
 
 use crate::https::{PeerAddr, PeerCert};
@@ -99,6 +100,7 @@ pub fn router(state: AppState) -> Router {
                 .route("/v1/devices/batch", post(manufacturers::enroll_batch))
                 .layer(axum::extract::DefaultBodyLimit::max(MAX_BATCH_BODY)),
         )
+        .merge(est::router())
         .with_state(state)
 }
 
@@ -240,16 +242,69 @@ impl FromRequestParts<AppState> for Admin {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let peer = parts.extensions.get::<PeerAddr>().map(|a| a.0);
+        let peer = PeerIdentity::of(parts, "the admin API")?;
+        let Identity { role, id } = peer.identity.clone();
+        if role != Role::Admin {
+            return Err(peer.refuse(
+                StatusCode::FORBIDDEN,
+                "admin_role_required",
+                format!("certificate of {role} {id} has no admin role"),
+            ));
+        }
+        // Admin certificates come only from fleetgate's own issuing CA: a
+        // manufacturer CA (whose key a factory holds) can sign a leaf with
+        // any serial and URI, and that leaf chains to our root too.
+        if peer.info.issuer != state.auth.ca.issuing_name() {
+            return Err(peer.refuse(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!(
+                    "admin certificates are issued by fleetgate's issuing CA, not by {}",
+                    crate::printable(&peer.info.issuer)
+                ),
+            ));
+        }
+        let rec = peer.registered(state, &[None])?;
+        if rec.manufacturer.is_some() {
+            return Err(peer.refuse(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!(
+                    "certificate {} is a manufacturer's, not an admin's",
+                    peer.info.serial
+                ),
+            ));
+        }
+        Ok(Admin { id })
+    }
+}
+
+/// Who presented a client certificate, as it names itself (not yet
+/// checked against the registry).
+#[derive(Debug)]
+pub(crate) struct PeerIdentity {
+    pub info: provisioning::ca::CertInfo,
+    pub identity: Identity,
+    addr: Option<std::net::SocketAddr>,
+}
+
+impl PeerIdentity {
+    /// The client certificate's identity; 401 without one, 403 if it
+    /// names none or may not sign. `what` names the service in the
+    /// refusal.
+    pub(crate) fn of(parts: &Parts, what: &str) -> Result<Self, ApiError> {
+        let addr = parts.extensions.get::<PeerAddr>().map(|a| a.0);
         let refuse = |status: StatusCode, code: &'static str, reason: String| {
-            tracing::warn!(peer.addr = ?peer, reason = %crate::printable(&reason), "admin api: refused");
+            tracing::warn!(peer.addr = ?addr, reason = %crate::printable(&reason), "api: refused");
             ApiError::new(status, code, reason)
         };
         let Some(PeerCert(Some(der))) = parts.extensions.get::<PeerCert>() else {
             return Err(refuse(
                 StatusCode::UNAUTHORIZED,
                 "client_certificate_required",
-                "the admin API needs an admin client certificate (curl --cert admin.crt --key admin.key)".into(),
+                format!(
+                    "{what} needs a client certificate (curl --cert admin.crt --key admin.key)"
+                ),
             ));
         };
         let info = inspect_certificate(der).map_err(|e| {
@@ -266,57 +321,68 @@ impl FromRequestParts<AppState> for Admin {
                 "client certificate's key usage lacks digitalSignature".into(),
             ));
         }
-        let Some(Identity { role, id }) = info.identity else {
+        let Some(identity) = info.identity.clone() else {
             return Err(refuse(
                 StatusCode::FORBIDDEN,
                 "forbidden",
                 "client certificate names no fleetgate identity".into(),
             ));
         };
-        if role != Role::Admin {
-            return Err(refuse(
-                StatusCode::FORBIDDEN,
-                "admin_role_required",
-                format!("certificate of {role} {id} has no admin role"),
-            ));
-        }
-        // Admin certificates come only from fleetgate's own issuing CA: a
-        // manufacturer CA (whose key a factory holds) can sign a leaf with
-        // any serial and URI, and that leaf chains to our root too.
-        if info.issuer != state.auth.ca.issuing_name() {
-            return Err(refuse(
-                StatusCode::FORBIDDEN,
-                "forbidden",
-                format!(
-                    "admin certificates are issued by fleetgate's issuing CA, not by {}",
-                    crate::printable(&info.issuer)
-                ),
-            ));
-        }
-        let key = CertKey::new(None, &info.issuer, info.serial.clone());
-        match state.auth.registry.standing(&key)? {
-            Some((rec, Standing::Good))
-                if rec.device_id == id
-                    && rec.role == Role::Admin
-                    && rec.manufacturer.is_none()
-                    && rec.fingerprint == info.fingerprint =>
-            {
-                Ok(Admin { id })
+        Ok(Self {
+            info,
+            identity,
+            addr,
+        })
+    }
+
+    /// A refusal, logged with the peer's address and the reason.
+    pub(crate) fn refuse(
+        &self,
+        status: StatusCode,
+        code: &'static str,
+        reason: String,
+    ) -> ApiError {
+        tracing::warn!(peer.addr = ?self.addr, client = %self.identity.id, reason = %crate::printable(&reason), "api: refused");
+        ApiError::new(status, code, reason)
+    }
+
+    /// The registry's record of this very certificate, in good standing
+    /// and registered to the identity it names, looked up under each of
+    /// `scopes` (the manufacturer its issuer works for; `None`: fleetgate's
+    /// own CAs) until one knows it.
+    pub(crate) fn registered(
+        &self,
+        state: &AppState,
+        scopes: &[Option<&str>],
+    ) -> Result<CertRecord, ApiError> {
+        let Identity { role, id } = &self.identity;
+        let serial = &self.info.serial;
+        let mut found = None;
+        for scope in scopes {
+            let key = CertKey::new(*scope, &self.info.issuer, serial.clone());
+            if let Some(s) = state.auth.registry.standing(&key)? {
+                found = Some(s);
+                break;
             }
-            Some((_, Standing::Good)) => Err(refuse(
+        }
+        match found {
+            Some((rec, Standing::Good))
+                if rec.device_id == *id
+                    && rec.role == *role
+                    && rec.fingerprint == self.info.fingerprint =>
+            {
+                Ok(rec)
+            }
+            Some((_, Standing::Good)) => Err(self.refuse(
                 StatusCode::FORBIDDEN,
                 "forbidden",
-                format!(
-                    "certificate {} is not the one registered to admin {id}",
-                    info.serial
-                ),
+                format!("certificate {serial} is not the one registered to {role} {id}"),
             )),
-            Some((_, s)) => Err(refuse(
+            Some((_, s)) => Err(self.refuse(
                 StatusCode::FORBIDDEN,
                 "forbidden",
                 format!(
-                    "admin certificate {} is {}",
-                    info.serial,
+                    "{role} certificate {serial} is {}",
                     match s {
                         Standing::Revoked(r) => format!("revoked ({})", r.reason),
                         Standing::Suspended => "suspended".into(),
@@ -325,10 +391,10 @@ impl FromRequestParts<AppState> for Admin {
                     }
                 ),
             )),
-            None => Err(refuse(
+            None => Err(self.refuse(
                 StatusCode::FORBIDDEN,
                 "forbidden",
-                format!("admin certificate {} is not in the registry", info.serial),
+                format!("{role} certificate {serial} is not in the registry"),
             )),
         }
     }
