@@ -197,6 +197,7 @@ impl Server {
             tls: tls.clone(),
             broker: broker.clone(),
             status: self.status.clone(),
+            cmp: Arc::new(crate::api::cmp::Cmp::new(self.auth.clone())?),
         };
         tracing::info!(
             api = %self.api_addr(),

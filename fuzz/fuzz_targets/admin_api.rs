@@ -74,7 +74,9 @@ fn fixture() -> &'static Fixture {
                 tls.clone(),
                 status.clone(),
             );
+            let cmp = std::sync::Arc::new(api::cmp::Cmp::new(auth.clone()).unwrap());
             api::router(AppState {
+                cmp,
                 auth: auth.clone(),
                 cert_lifetime: time::Duration::days(90),
                 applied,

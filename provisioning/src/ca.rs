@@ -11,6 +11,8 @@
 //!   admin.crt, admin.key     the first operator's credentials, 0600 key
 //!   ocsp/signer.crt, .key    the delegated OCSP responder (made on demand,
 //!                            renewed a week before it expires), 0600 key
+//!   cmp/signer.crt, .key     the CMP signer that protects CMP responses
+//!                            (made and renewed the same way), 0600 key
 //!   ca/manufacturers/<name>.crt, .key
 //!                            manufacturer CAs fleetgate issued, 0600 key
 //!   registry/                sled
@@ -103,6 +105,12 @@ impl Paths {
     }
     pub fn ocsp_key(&self) -> PathBuf {
         self.dir.join("ocsp/signer.key")
+    }
+    pub fn cmp_cert(&self) -> PathBuf {
+        self.dir.join("cmp/signer.crt")
+    }
+    pub fn cmp_key(&self) -> PathBuf {
+        self.dir.join("cmp/signer.key")
     }
     pub fn manufacturer_dir(&self) -> PathBuf {
         self.dir.join("ca/manufacturers")
@@ -258,8 +266,9 @@ pub const ISSUING_CRL_NAME: &str = "issuing";
 /// The root's CRL (`/crl/root.crl`): it lists revoked manufacturer CAs.
 pub const ROOT_CRL_NAME: &str = "root";
 
-/// Lifetime of the delegated OCSP signing certificate.
-const OCSP_SIGNER_LIFETIME: Duration = Duration::days(30);
+/// How long a delegated signer (OCSP, CMP) certificate lasts.
+const SIGNER_LIFETIME: Duration = Duration::days(30);
+/// A delegated signer is renewed when it has less than this left.
 pub const OCSP_SIGNER_RENEW_BEFORE: Duration = Duration::days(7);
 /// CRLs are valid this long; re-signed on every change and at least daily.
 pub const CRL_VALIDITY: Duration = Duration::days(2);
@@ -470,7 +479,24 @@ impl Ca {
             &[1, 3, 6, 1, 5, 5, 7, 48, 1, 5],
             vec![0x05, 0x00],
         )];
-        sign_leaf(&self.issuing, params, key, OCSP_SIGNER_LIFETIME)
+        sign_leaf(&self.issuing, params, key, SIGNER_LIFETIME)
+    }
+
+    /// The CMP signer's certificate (RFC 9483 3.1: responses are signed
+    /// by a key the issuing CA certifies): EKU id-kp-cmcRA, signed by the
+    /// issuing CA.
+    fn issue_cmp_signer(&self, key: &KeyPair) -> Result<IssuedCert, Error> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "fleetgate CMP signer");
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::Other(vec![
+            1, 3, 6, 1, 5, 5, 7, 3, 28,
+        ])];
+        sign_leaf(&self.issuing, params, key, SIGNER_LIFETIME)
     }
 
     /// A CRL for the issuing CA listing `listed`, numbered `number`.
@@ -745,6 +771,66 @@ impl Authority {
         Ok(auth)
     }
 
+    /// The CMP signer's key and certificate (DER), made or renewed as
+    /// needed.
+    pub fn cmp_signer(&self) -> Result<(KeyPair, Vec<u8>), Error> {
+        self.delegated_signer(
+            "CMP signing",
+            &self.paths.cmp_cert(),
+            &self.paths.cmp_key(),
+            |key| self.ca.issue_cmp_signer(key),
+        )
+    }
+
+    /// A signing key the issuing CA certifies for one purpose, kept in
+    /// `cert_path` and `key_path` (0600): read back while it has more than
+    /// a week left, else made anew.
+    fn delegated_signer(
+        &self,
+        what: &str,
+        cert_path: &Path,
+        key_path: &Path,
+        issue: impl FnOnce(&KeyPair) -> Result<IssuedCert, Error>,
+    ) -> Result<(KeyPair, Vec<u8>), Error> {
+        let fresh = match (read(cert_path), read(key_path)) {
+            (Ok(cert), Ok(key)) => {
+                let der = CertificateDer::from_pem_slice(&cert).map_err(|e| Error::DataDir {
+                    path: cert_path.to_owned(),
+                    reason: format!("no certificate in it: {e}"),
+                })?;
+                let (_, parsed) = X509Certificate::from_der(&der).map_err(|e| Error::DataDir {
+                    path: cert_path.to_owned(),
+                    reason: format!("does not parse: {e}"),
+                })?;
+                let left = parsed.validity().not_after.to_datetime() - OffsetDateTime::now_utc();
+                let key = String::from_utf8(key)
+                    .ok()
+                    .and_then(|k| KeyPair::from_pem(&k).ok());
+                match key {
+                    Some(key) if left > OCSP_SIGNER_RENEW_BEFORE => Some((key, der.to_vec())),
+                    _ => None,
+                }
+            }
+            _ => None,
+        };
+        if let Some(found) = fresh {
+            return Ok(found);
+        }
+        let key = KeyPair::generate()?;
+        let cert = issue(&key)?;
+        if let Some(dir) = cert_path.parent() {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| io(dir, e))?;
+        }
+        write_file(key_path, key.serialize_pem().as_bytes(), true)?;
+        write_file(cert_path, cert.chain_pem.as_bytes(), false)?;
+        tracing::info!(serial = %cert.serial, "issued a new {what} certificate");
+        Ok((key, cert.der))
+    }
+
     /// Reissues the server certificate if it is near expiry, or lacks a SAN
     /// that was asked for. Returns whether it did.
     pub fn renew_server_cert_if_needed(&self, sans: &[String]) -> Result<bool, Error> {
@@ -767,43 +853,12 @@ impl Authority {
     /// The OCSP responder for the issuing CA, its signing certificate made
     /// or renewed as needed.
     pub fn ocsp_responder(&self) -> Result<crate::ocsp::Responder, Error> {
-        let fresh = match (read(&self.paths.ocsp_cert()), read(&self.paths.ocsp_key())) {
-            (Ok(cert), Ok(key)) => {
-                let der = CertificateDer::from_pem_slice(&cert).map_err(|e| Error::DataDir {
-                    path: self.paths.ocsp_cert(),
-                    reason: format!("no certificate in it: {e}"),
-                })?;
-                let (_, parsed) = X509Certificate::from_der(&der).map_err(|e| Error::DataDir {
-                    path: self.paths.ocsp_cert(),
-                    reason: format!("does not parse: {e}"),
-                })?;
-                let left = parsed.validity().not_after.to_datetime() - OffsetDateTime::now_utc();
-                let key = String::from_utf8(key)
-                    .ok()
-                    .and_then(|k| KeyPair::from_pem(&k).ok());
-                match key {
-                    Some(key) if left > OCSP_SIGNER_RENEW_BEFORE => Some((key, der.to_vec())),
-                    _ => None,
-                }
-            }
-            _ => None,
-        };
-        let (key, der) = match fresh {
-            Some(x) => x,
-            None => {
-                let key = KeyPair::generate()?;
-                let cert = self.ca.issue_ocsp_signer(&key)?;
-                fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o700)
-                    .create(self.paths.dir.join("ocsp"))
-                    .map_err(|e| io(&self.paths.dir, e))?;
-                write_file(&self.paths.ocsp_key(), key.serialize_pem().as_bytes(), true)?;
-                write_file(&self.paths.ocsp_cert(), cert.chain_pem.as_bytes(), false)?;
-                tracing::info!(serial = %cert.serial, "issued a new OCSP signing certificate");
-                (key, cert.der)
-            }
-        };
+        let (key, der) = self.delegated_signer(
+            "OCSP signing",
+            &self.paths.ocsp_cert(),
+            &self.paths.ocsp_key(),
+            |key| self.ca.issue_ocsp_signer(key),
+        )?;
         use crate::manufacturer::CaKind;
         use crate::ocsp::{IssuerHashes, Unit};
         let manufacturers = self.registry.manufacturers()?;

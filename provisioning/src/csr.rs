@@ -55,6 +55,36 @@ pub struct ValidatedCsr {
     pub subject_cn: Option<String>,
 }
 
+impl ValidatedCsr {
+    /// A key whose holder proved possession some other way than a PKCS#10
+    /// self-signature (CMP's CRMF proof of possession, checked by the
+    /// caller): `spki` is its DER SubjectPublicKeyInfo, checked as a CSR's
+    /// key is.
+    pub fn proven_key(spki: &[u8], subject_cn: Option<String>) -> Result<Self, Error> {
+        let (rest, parsed) =
+            x509_parser::x509::SubjectPublicKeyInfo::from_der(spki).map_err(|e| {
+                Error::MalformedCsr {
+                    reason: format!("the public key does not parse: {e}"),
+                }
+            })?;
+        if !rest.is_empty() {
+            return Err(Error::MalformedCsr {
+                reason: format!("{} trailing bytes after the public key", rest.len()),
+            });
+        }
+        let key_kind = key_kind(&parsed)?;
+        let public_key =
+            rcgen::SubjectPublicKeyInfo::from_der(spki).map_err(|e| Error::UnsupportedKey {
+                reason: format!("{key_kind}: {e}"),
+            })?;
+        Ok(Self {
+            public_key,
+            key_kind,
+            subject_cn,
+        })
+    }
+}
+
 /// Parses a CSR in PEM or DER, verifies its self-signature and checks its key.
 pub fn validate_csr(input: &[u8]) -> Result<ValidatedCsr, Error> {
     if input.len() > MAX_CSR_LEN {

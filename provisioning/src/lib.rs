@@ -5,6 +5,7 @@
 //! dir ([`ca::Paths`]) and the sled registry inside it.
 
 pub mod ca;
+pub mod cmp;
 pub mod csr;
 mod error;
 pub mod est;
@@ -44,7 +45,17 @@ impl Authority {
         req: &EnrollRequest,
         actor: &str,
     ) -> Result<(DeviceRecord, IssuedCert), Error> {
-        let csr = csr::validate_csr(&req.csr)?;
+        self.enroll_key(req, &csr::validate_csr(&req.csr)?, actor)
+    }
+
+    /// [`Authority::enroll`] of a key already checked (CMP's proof of
+    /// possession): `req.csr` is not read.
+    pub fn enroll_key(
+        &self,
+        req: &EnrollRequest,
+        csr: &csr::ValidatedCsr,
+        actor: &str,
+    ) -> Result<(DeviceRecord, IssuedCert), Error> {
         // Checked again inside the transaction; this only saves a signature.
         if self.registry.device(&req.id).is_ok() {
             return Err(Error::AlreadyExists { id: req.id.clone() });
@@ -78,7 +89,17 @@ impl Authority {
         lifetime: time::Duration,
         actor: &str,
     ) -> Result<(DeviceRecord, IssuedCert), Error> {
-        let csr = csr::validate_csr(csr_bytes)?;
+        self.rotate_key(id, &csr::validate_csr(csr_bytes)?, lifetime, actor)
+    }
+
+    /// [`Authority::rotate`] to a key already checked.
+    pub fn rotate_key(
+        &self,
+        id: &DeviceId,
+        csr: &csr::ValidatedCsr,
+        lifetime: time::Duration,
+        actor: &str,
+    ) -> Result<(DeviceRecord, IssuedCert), Error> {
         let device = self.registry.device(id)?;
         if device.status != Status::Active {
             return Err(Error::InvalidTransition {

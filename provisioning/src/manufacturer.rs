@@ -631,7 +631,17 @@ impl Authority {
         csr: &[u8],
         lifetime: Duration,
     ) -> Result<(DeviceRecord, IssuedCert), Error> {
-        let csr = validate_csr(csr)?;
+        self.provision_key_with_claim(claim, id, &validate_csr(csr)?, lifetime)
+    }
+
+    /// [`Authority::provision_with_claim`] of a key already checked.
+    pub fn provision_key_with_claim(
+        &self,
+        claim: &DeviceId,
+        id: &DeviceId,
+        csr: &crate::csr::ValidatedCsr,
+        lifetime: Duration,
+    ) -> Result<(DeviceRecord, IssuedCert), Error> {
         let rec = self
             .registry
             .claim(claim)?

@@ -163,6 +163,22 @@ impl Server {
         format!("http://{}", self.ocsp)
     }
 
+    /// `openssl ocsp` for `cert` (issued by the issuing CA), as a relying
+    /// party runs it against this server: stdout and stderr.
+    pub fn openssl_ocsp(&self, cert: &Path) -> String {
+        require_tool("openssl");
+        let (ok, text) = run(Command::new("openssl")
+            .arg("ocsp")
+            .arg("-issuer")
+            .arg(self.data_dir.join("ca/issuing.crt"))
+            .arg("-cert")
+            .arg(cert)
+            .args(["-url", &self.ocsp_url(), "-CAfile"])
+            .arg(self.data_dir.join("ca.crt")));
+        assert!(ok, "openssl ocsp failed: {text}");
+        text
+    }
+
     pub fn api_url(&self) -> String {
         format!("https://{}", self.api)
     }

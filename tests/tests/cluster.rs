@@ -6,7 +6,6 @@
 
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
-use std::path::Path;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -16,21 +15,7 @@ use provisioning::store::{Space, Store};
 
 use tests::etcd::Etcd;
 use tests::mqtt::{client, connected, until_closed};
-use tests::{require_tool, run, start_nodes, Server};
-
-fn openssl_ocsp(node: &Server, cert: &Path) -> String {
-    require_tool("openssl");
-    let (ok, text) = run(Command::new("openssl")
-        .arg("ocsp")
-        .arg("-issuer")
-        .arg(node.data_dir.join("ca/issuing.crt"))
-        .arg("-cert")
-        .arg(cert)
-        .args(["-url", &node.ocsp_url(), "-CAfile"])
-        .arg(node.data_dir.join("ca.crt")));
-    assert!(ok, "openssl ocsp failed: {text}");
-    text
-}
+use tests::{run, start_nodes, Server};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revocation_on_one_node_cuts_the_device_on_the_other() {
@@ -51,9 +36,9 @@ async fn a_revocation_on_one_node_cuts_the_device_on_the_other() {
     let dev = one.enroll(&tmp.path().join("d"), "device", "dev-1");
     let (_c, mut ev) = client(two.mqtt, &dev, "dev-1");
     connected(&mut ev).await;
-    assert!(openssl_ocsp(&two, &dev.cert).contains(": good"));
+    assert!(two.openssl_ocsp(&dev.cert).contains(": good"));
     // Node two cached that answer; node one is asked too.
-    assert!(openssl_ocsp(&one, &dev.cert).contains(": good"));
+    assert!(one.openssl_ocsp(&dev.cert).contains(": good"));
 
     // Revoked through node one: node two cuts the live session.
     one.cli_ok(&["device", "revoke", "dev-1"]);
@@ -62,7 +47,7 @@ async fn a_revocation_on_one_node_cuts_the_device_on_the_other() {
     assert!(two.wait_for_log("connection cut", Duration::from_secs(5)));
     // Both nodes' OCSP say revoked.
     for node in [&one, &two] {
-        let text = openssl_ocsp(node, &dev.cert);
+        let text = node.openssl_ocsp(&dev.cert);
         assert!(text.contains(": revoked"), "{text}");
     }
     // And node two refuses it at the handshake.
@@ -126,7 +111,7 @@ async fn one_etcd_member_down_changes_nothing_and_without_a_majority_a_node_admi
             .is_some(),
         "node two did not cut the revoked device with one etcd member down"
     );
-    assert!(openssl_ocsp(&two, &dev.cert).contains(": revoked"));
+    assert!(two.openssl_ocsp(&dev.cert).contains(": revoked"));
 
     // A device node two knows, still good.
     let ok = one.enroll(&tmp.path().join("d"), "device", "dev-ok");
@@ -242,7 +227,7 @@ async fn three_nodes_on_three_etcd_members_lose_nothing_acknowledged() {
     connected(&mut ev).await;
     three.cli_ok(&["device", "revoke", "dev-1"]);
     for node in [&one, &two, &three] {
-        let text = openssl_ocsp(node, &dev.cert);
+        let text = node.openssl_ocsp(&dev.cert);
         assert!(text.contains(": revoked"), "{text}");
     }
     assert!(
@@ -318,7 +303,7 @@ async fn three_nodes_on_three_etcd_members_lose_nothing_acknowledged() {
         assert_eq!(three.device_json(id)["status"], "revoked", "{id}");
     }
     let last = &storm[ids.iter().position(|i| i == acked.last().unwrap()).unwrap()];
-    assert!(openssl_ocsp(&three, &last.cert).contains(": revoked"));
+    assert!(three.openssl_ocsp(&last.cert).contains(": revoked"));
     assert!(tests::mqtt::refused(three.mqtt, last).await);
     {
         let (_c, mut ev) = client(three.mqtt, &good, "good-1");

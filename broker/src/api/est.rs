@@ -92,17 +92,7 @@ impl FromRequestParts<AppState> for Caller {
 
     async fn from_request_parts(parts: &mut Parts, st: &AppState) -> Result<Self, EstError> {
         let peer = PeerIdentity::of(parts, "EST enrollment")?;
-        // A device's certificate may come from a manufacturer CA fleetgate
-        // issued: its record is then kept under that manufacturer.
-        let manufacturer = match peer.identity.role {
-            Role::Device => match st.auth.registry.device(&peer.identity.id) {
-                Ok(d) => d.manufacturer,
-                Err(Error::NotFound { .. }) => None,
-                Err(e) => return Err(e.into()),
-            },
-            _ => None,
-        };
-        peer.registered(st, &[None, manufacturer.as_deref()])?;
+        peer.enrolling(st)?;
         Ok(Caller { peer })
     }
 }

@@ -23,6 +23,7 @@ use provisioning::{
     RevocationReason, Role, Serial, Standing, Status,
 };
 
+pub mod cmp;
 pub mod est;
 pub mod manufacturers;
 
@@ -51,6 +52,7 @@ pub struct AppState {
     pub tls: Arc<ServerTls>,
     pub broker: Broker,
     pub status: Arc<StatusService>,
+    pub cmp: Arc<cmp::Cmp>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -101,6 +103,7 @@ pub fn router(state: AppState) -> Router {
                 .layer(axum::extract::DefaultBodyLimit::max(MAX_BATCH_BODY)),
         )
         .merge(est::router())
+        .merge(cmp::router())
         .with_state(state)
 }
 
@@ -294,37 +297,39 @@ impl PeerIdentity {
     /// refusal.
     pub(crate) fn of(parts: &Parts, what: &str) -> Result<Self, ApiError> {
         let addr = parts.extensions.get::<PeerAddr>().map(|a| a.0);
-        let refuse = |status: StatusCode, code: &'static str, reason: String| {
-            tracing::warn!(peer.addr = ?addr, reason = %crate::printable(&reason), "api: refused");
-            ApiError::new(status, code, reason)
-        };
         let Some(PeerCert(Some(der))) = parts.extensions.get::<PeerCert>() else {
-            return Err(refuse(
+            let reason = format!(
+                "{what} needs a client certificate (curl --cert admin.crt --key admin.key)"
+            );
+            tracing::warn!(peer.addr = ?addr, reason = %crate::printable(&reason), "api: refused");
+            return Err(ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "client_certificate_required",
-                format!(
-                    "{what} needs a client certificate (curl --cert admin.crt --key admin.key)"
-                ),
+                reason,
             ));
         };
-        let info = inspect_certificate(der).map_err(|e| {
-            refuse(
-                StatusCode::FORBIDDEN,
-                "forbidden",
-                format!("client certificate: {e}"),
-            )
-        })?;
+        Self::from_der(der, addr)
+    }
+
+    /// The identity `der` names (a certificate whose chain the caller
+    /// verified); 403 if it names none or may not sign.
+    pub(crate) fn from_der(
+        der: &[u8],
+        addr: Option<std::net::SocketAddr>,
+    ) -> Result<Self, ApiError> {
+        let refuse = |reason: String| {
+            tracing::warn!(peer.addr = ?addr, reason = %crate::printable(&reason), "api: refused");
+            ApiError::new(StatusCode::FORBIDDEN, "forbidden", reason)
+        };
+        let info =
+            inspect_certificate(der).map_err(|e| refuse(format!("client certificate: {e}")))?;
         if info.lacks_digital_signature {
             return Err(refuse(
-                StatusCode::FORBIDDEN,
-                "forbidden",
                 "client certificate's key usage lacks digitalSignature".into(),
             ));
         }
         let Some(identity) = info.identity.clone() else {
             return Err(refuse(
-                StatusCode::FORBIDDEN,
-                "forbidden",
                 "client certificate names no fleetgate identity".into(),
             ));
         };
@@ -344,6 +349,21 @@ impl PeerIdentity {
     ) -> ApiError {
         tracing::warn!(peer.addr = ?self.addr, client = %self.identity.id, reason = %crate::printable(&reason), "api: refused");
         ApiError::new(status, code, reason)
+    }
+
+    /// [`PeerIdentity::registered`] under the scopes an enrollment
+    /// caller's certificate may be kept in: fleetgate's own CAs, and for a
+    /// device, the manufacturer whose CA fleetgate issued may have signed it.
+    pub(crate) fn enrolling(&self, state: &AppState) -> Result<CertRecord, ApiError> {
+        let manufacturer = match self.identity.role {
+            Role::Device => match state.auth.registry.device(&self.identity.id) {
+                Ok(d) => d.manufacturer,
+                Err(Error::NotFound { .. }) => None,
+                Err(e) => return Err(e.into()),
+            },
+            _ => None,
+        };
+        self.registered(state, &[None, manufacturer.as_deref()])
     }
 
     /// The registry's record of this very certificate, in good standing

@@ -1,0 +1,292 @@
+//! Lightweight CMP (RFC 9483) with OpenSSL's own client, `openssl cmp`:
+//! `ir` with a claim certificate, `kur` with the device's certificate,
+//! `rr` revoking it; `curl` for what `openssl cmp` will not send.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use tests::{require_tool, run, Creds, Server};
+
+/// A new P-256 key at `<dir>/<name>.key`.
+fn key(dir: &Path, name: &str) -> PathBuf {
+    let path = dir.join(format!("{name}.key"));
+    let (ok, out) = run(Command::new("openssl")
+        .args(["genpkey", "-algorithm", "EC", "-pkeyopt"])
+        .args(["ec_paramgen_curve:P-256", "-out"])
+        .arg(&path));
+    assert!(ok, "{out}");
+    path
+}
+
+/// `openssl cmp -cmd <cmd>` against the server, protected by `cert` and
+/// `key`, with `extra` arguments: whether it succeeded, and its output.
+fn cmp(server: &Server, cmd: &str, who: (&Path, &Path), extra: &[&str]) -> (bool, String) {
+    let ca = server.data_dir.join("ca.crt");
+    let mut c = Command::new("openssl");
+    c.args(["cmp", "-cmd", cmd, "-server"])
+        .arg(server.api.to_string())
+        .args(["-path", ".well-known/cmp", "-tls_used", "-tls_trusted"])
+        .arg(&ca)
+        .arg("-trusted")
+        .arg(&ca)
+        .arg("-cert")
+        .arg(who.0)
+        .arg("-key")
+        .arg(who.1)
+        .args(extra);
+    if matches!(cmd, "ir" | "kur") && !extra.contains(&"-certout") {
+        // Where a refused request's certificate would have gone.
+        c.arg("-certout").arg(server.data_dir.join("never.crt"));
+    }
+    run(&mut c)
+}
+
+/// A certificate followed by the issuing CA, as a device presents it.
+fn chain(server: &Server, cert: &Path) -> PathBuf {
+    let mut text = std::fs::read_to_string(cert).unwrap();
+    text.push_str(&std::fs::read_to_string(server.data_dir.join("ca/issuing.crt")).unwrap());
+    let path = cert.with_extension("chain.pem");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn publishes(server: &Server, c: &Creds) -> (bool, String) {
+    run(server.mosquitto("mosquitto_pub", c).args([
+        "-q",
+        "1",
+        "-t",
+        &format!("devices/{}/telemetry", c.id),
+        "-m",
+        "hello",
+    ]))
+}
+
+fn certificates(server: &Server, id: &str) -> usize {
+    server.device_json(id)["certificates"]
+        .as_array()
+        .unwrap()
+        .len()
+}
+
+fn unknown(server: &Server, id: &str) -> bool {
+    !server.cli(&["device", "show", id]).status.success()
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn openssl_cmp_enrolls_with_a_claim_updates_the_key_and_revokes() {
+    for tool in ["openssl", "curl", "mosquitto_pub"] {
+        require_tool(tool);
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("data")).unwrap();
+    let dd = server.data_dir.clone();
+    let dir = tmp.path().join("c");
+    std::fs::create_dir_all(&dir).unwrap();
+    let admin = (dd.join("admin.crt"), dd.join("admin.key"));
+    let admin = (admin.0.as_path(), admin.1.as_path());
+    server.cli_ok(&[
+        "claim",
+        "create",
+        "line-7",
+        "--uses",
+        "1",
+        "--out",
+        path(&dir),
+    ]);
+    let claim = (dir.join("line-7.crt"), dir.join("line-7.key"));
+    let claim = (claim.0.as_path(), claim.1.as_path());
+
+    // ir with the claim: a certificate for cmp-1, confirmed, that
+    // verifies and connects.
+    let k1 = key(&dir, "cmp-1");
+    let c1 = dir.join("cmp-1.crt");
+    let (ok, out) = cmp(
+        &server,
+        "ir",
+        claim,
+        &[
+            "-newkey",
+            path(&k1),
+            "-subject",
+            "/CN=cmp-1",
+            "-certout",
+            path(&c1),
+        ],
+    );
+    assert!(ok, "{out}");
+    assert!(out.contains("received PKICONF"), "{out}");
+    let (ok, out) = run(Command::new("openssl")
+        .args(["verify", "-CAfile"])
+        .arg(dd.join("ca.crt"))
+        .arg("-untrusted")
+        .arg(dd.join("ca/issuing.crt"))
+        .arg(&c1));
+    assert!(ok && out.contains(": OK"), "{out}");
+    let dev1 = Creds {
+        id: "cmp-1".into(),
+        cert: chain(&server, &c1),
+        key: k1.clone(),
+        ca: dd.join("ca.crt"),
+    };
+    let (ok, out) = publishes(&server, &dev1);
+    assert!(ok, "{out}");
+    assert_eq!(server.device_json("cmp-1")["status"], "active");
+
+    // The claim's one use is spent: refused, nothing written.
+    let k2 = key(&dir, "cmp-2");
+    let (ok, out) = cmp(
+        &server,
+        "ir",
+        claim,
+        &["-newkey", path(&k2), "-subject", "/CN=cmp-2"],
+    );
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("notAuthorized") && out.contains("no uses left"),
+        "{out}"
+    );
+    assert!(unknown(&server, "cmp-2"));
+
+    // genm: the CA certificates.
+    let (ok, out) = cmp(&server, "genm", admin, &["-infotype", "caCerts"]);
+    assert!(ok && out.contains("id-it-caCerts"), "{out}");
+
+    // kur with the device's own certificate: a new one for cmp-1, the old
+    // one still valid.
+    let k1b = key(&dir, "cmp-1b");
+    let c1b = dir.join("cmp-1b.crt");
+    let own = (dev1.cert.as_path(), k1.as_path());
+    let (ok, out) = cmp(
+        &server,
+        "kur",
+        own,
+        &["-newkey", path(&k1b), "-certout", path(&c1b)],
+    );
+    assert!(ok, "{out}");
+    assert_eq!(certificates(&server, "cmp-1"), 2);
+    let dev1b = Creds {
+        id: "cmp-1".into(),
+        cert: chain(&server, &c1b),
+        key: k1b.clone(),
+        ca: dd.join("ca.crt"),
+    };
+    let (ok, out) = publishes(&server, &dev1b);
+    assert!(ok, "{out}");
+    let (ok, out) = publishes(&server, &dev1);
+    assert!(ok, "{out}");
+
+    // A device may not update another id's key, nor enroll new devices.
+    let (ok, out) = cmp(
+        &server,
+        "kur",
+        own,
+        &["-newkey", path(&k2), "-subject", "/CN=cmp-9"],
+    );
+    assert!(!ok && out.contains("may update only its own key"), "{out}");
+    let (ok, out) = cmp(
+        &server,
+        "ir",
+        own,
+        &["-newkey", path(&k2), "-subject", "/CN=cmp-9"],
+    );
+    assert!(!ok && out.contains("notAuthorized"), "{out}");
+    assert!(unknown(&server, "cmp-9"));
+    assert_eq!(certificates(&server, "cmp-1"), 2);
+
+    // An admin enrolls any id; a device may not revoke another's
+    // certificate.
+    let c3 = dir.join("cmp-3.crt");
+    let (ok, out) = cmp(
+        &server,
+        "ir",
+        admin,
+        &[
+            "-newkey",
+            path(&k2),
+            "-subject",
+            "/CN=cmp-3",
+            "-certout",
+            path(&c3),
+        ],
+    );
+    assert!(ok, "{out}");
+    let (ok, out) = cmp(&server, "rr", own, &["-oldcert", path(&c3)]);
+    assert!(!ok && out.contains("may revoke only its own"), "{out}");
+    assert!(server.openssl_ocsp(&c3).contains(": good"));
+
+    // Bad input, each refused for its reason and nothing written: an
+    // unprotected request, a proof of possession that is not a
+    // signature, garbage, the wrong content type.
+    let (ok, out) = cmp(
+        &server,
+        "ir",
+        admin,
+        &[
+            "-newkey",
+            path(&k2),
+            "-subject",
+            "/CN=cmp-4",
+            "-unprotected_requests",
+        ],
+    );
+    assert!(!ok && out.contains("badMessageCheck"), "{out}");
+    assert!(out.contains("not protected"), "{out}");
+    let (ok, out) = cmp(
+        &server,
+        "ir",
+        admin,
+        &["-newkey", path(&k2), "-subject", "/CN=cmp-4", "-popo", "0"],
+    );
+    assert!(!ok && out.contains("badPOP"), "{out}");
+    assert!(unknown(&server, "cmp-4"));
+    let curl = |ct: &str| {
+        run(Command::new("curl")
+            .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+            .arg(dd.join("ca.crt"))
+            .args(["-H", &format!("Content-Type: {ct}")])
+            .args(["--data-binary", "not a PKIMessage"])
+            .arg(format!("{}/.well-known/cmp", server.api_url())))
+    };
+    let (ok, code) = curl("application/pkixcmp");
+    assert!(ok && code == "200", "{code}");
+    assert!(server.wait_for_log("badDataFormat", Duration::from_secs(3)));
+    let (ok, code) = curl("application/json");
+    assert!(ok && code == "415", "{code}");
+
+    // rr: cmp-1 revokes its new certificate. The handshake with it is
+    // refused at once, OCSP says revoked; the other stays good.
+    let (ok, out) = cmp(
+        &server,
+        "rr",
+        own,
+        &["-oldcert", path(&c1b), "-revreason", "1"],
+    );
+    assert!(ok && out.contains("revocation accepted"), "{out}");
+    let (ok, out) = publishes(&server, &dev1b);
+    assert!(!ok, "{out}");
+    assert!(server.wait_for_log(
+        "reason=\"revoked\" detail=device cmp-1",
+        Duration::from_secs(3)
+    ));
+    let ocsp = server.openssl_ocsp(&c1b);
+    assert!(
+        ocsp.contains(": revoked") && ocsp.contains("keyCompromise"),
+        "{ocsp}"
+    );
+    assert!(server.openssl_ocsp(&c1).contains(": good"));
+
+    // No refused request got a certificate.
+    assert!(!dd.join("never.crt").exists());
+
+    // The audit log names who did each through CMP.
+    let audit = server.cli_ok(&["audit"]);
+    assert!(audit.contains("device:cmp-1 (cmp)"), "{audit}");
+    assert!(audit.contains("admin:"), "{audit}");
+}
