@@ -523,3 +523,179 @@ async fn ocsp_post(
     }
     Ok(body)
 }
+
+/// The enrollment protocols fleetgate speaks, side by side.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EnrollProtocol {
+    /// `POST /v1/devices`, the CSR in JSON.
+    Json,
+    /// EST `simpleenroll`, the CSR as base64 DER.
+    Est,
+    /// CMP `ir` (with implicitConfirm: one round trip, as the others).
+    Cmp,
+}
+
+impl EnrollProtocol {
+    pub const ALL: [EnrollProtocol; 3] = [Self::Json, Self::Est, Self::Cmp];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Json => "json",
+            Self::Est => "est",
+            Self::Cmp => "cmp",
+        }
+    }
+}
+
+/// One enrollment's request body, made before the clock starts: the
+/// same key and subject whatever the protocol.
+#[derive(Debug)]
+pub struct Prepared {
+    pub id: String,
+    pub body: Vec<u8>,
+}
+
+/// The bodies to enroll `ids` over `protocol`, each for a new P-256 key:
+/// a CSR (JSON, EST) or an `ir` protected by the admin's key, its
+/// certificate first in `admin_chain` (CMP).
+pub fn prepare_enrollments(
+    protocol: EnrollProtocol,
+    ids: &[String],
+    admin_key: &rcgen::KeyPair,
+    admin_chain: &[Vec<u8>],
+) -> anyhow::Result<Vec<Prepared>> {
+    ids.iter()
+        .map(|id| {
+            let key = rcgen::KeyPair::generate()?;
+            let body = match protocol {
+                EnrollProtocol::Json | EnrollProtocol::Est => {
+                    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+                    params
+                        .distinguished_name
+                        .push(rcgen::DnType::CommonName, id.as_str());
+                    let csr = params.serialize_request(&key)?;
+                    if protocol == EnrollProtocol::Json {
+                        serde_json::to_vec(&fleetgate_api::types::EnrollBody {
+                            id: id.clone(),
+                            csr: csr.pem()?,
+                            role: None,
+                            manufacturer: None,
+                            lifetime_days: None,
+                            lifetime_seconds: None,
+                        })?
+                    } else {
+                        provisioning::est::to_base64(csr.der()).into_bytes()
+                    }
+                }
+                EnrollProtocol::Cmp => provisioning::cmp::initialization_request(
+                    admin_key,
+                    admin_chain,
+                    id,
+                    &key,
+                    true,
+                )?,
+            };
+            Ok(Prepared {
+                id: id.clone(),
+                body,
+            })
+        })
+        .collect()
+}
+
+/// Summary of an enrollment run.
+#[derive(Debug)]
+pub struct EnrollReport {
+    pub enrolled: u64,
+    pub failed: u64,
+    /// The first failure's words.
+    pub first_failure: Option<String>,
+    pub elapsed: Duration,
+    /// Each success's latency, sorted.
+    pub latencies: Vec<Duration>,
+}
+
+impl EnrollReport {
+    pub fn per_second(&self) -> f64 {
+        self.enrolled as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+/// Sends `prepared` over `protocol` from `concurrency` workers, one
+/// connection (a full TLS handshake as the admin) per enrollment, and
+/// checks each answer carries a certificate.
+pub async fn enroll_run(
+    api: &fleetgate_api::client::ApiClient,
+    protocol: EnrollProtocol,
+    prepared: Vec<Prepared>,
+    concurrency: usize,
+) -> EnrollReport {
+    use fleetgate_api::client::{Bytes, Method, StatusCode};
+    let queue = Arc::new(std::sync::Mutex::new(prepared));
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..concurrency.max(1) {
+        let (api, queue) = (api.clone(), queue.clone());
+        tasks.spawn(async move {
+            let mut latencies = Vec::new();
+            let mut failures = Vec::new();
+            loop {
+                let next = queue.lock().unwrap_or_else(|e| e.into_inner()).pop();
+                let Some(p) = next else { break };
+                let (path, ct, want) = match protocol {
+                    EnrollProtocol::Json => {
+                        ("/v1/devices", "application/json", StatusCode::CREATED)
+                    }
+                    EnrollProtocol::Est => (
+                        "/.well-known/est/simpleenroll",
+                        "application/pkcs10",
+                        StatusCode::OK,
+                    ),
+                    EnrollProtocol::Cmp => {
+                        ("/.well-known/cmp", "application/pkixcmp", StatusCode::OK)
+                    }
+                };
+                let t = Instant::now();
+                let outcome = match api
+                    .send_as(Method::POST, path, ct, Bytes::from(p.body))
+                    .await
+                {
+                    Ok((status, body)) if status == want => match protocol {
+                        EnrollProtocol::Cmp => provisioning::cmp::issued_certificate(&body)
+                            .map(|_| ())
+                            .map_err(|e| format!("{}: {e}", p.id)),
+                        _ => Ok(()),
+                    },
+                    Ok((status, body)) => Err(format!(
+                        "{}: HTTP {status}: {}",
+                        p.id,
+                        String::from_utf8_lossy(&body)
+                    )),
+                    Err(e) => Err(format!("{}: {e:#}", p.id)),
+                };
+                match outcome {
+                    Ok(()) => latencies.push(t.elapsed()),
+                    Err(e) => failures.push(e),
+                }
+            }
+            (latencies, failures)
+        });
+    }
+    let mut latencies = Vec::new();
+    let mut failures = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        if let Ok((l, f)) = done {
+            latencies.extend(l);
+            failures.extend(f);
+        }
+    }
+    let elapsed = started.elapsed();
+    latencies.sort();
+    EnrollReport {
+        enrolled: latencies.len() as u64,
+        failed: failures.len() as u64,
+        first_failure: failures.into_iter().next(),
+        elapsed,
+        latencies,
+    }
+}

@@ -168,6 +168,27 @@ enum Load {
         #[arg(long, default_value_t = 900)]
         limit: u64,
     },
+    /// Enrollments over the JSON API, EST and CMP side by side, the same
+    /// kind of key and CSR for each, as the admin; rounds alternate the
+    /// protocols. Prints one JSON line a protocol a round.
+    Enroll {
+        /// fleetgate's API (loopback only).
+        #[arg(long, default_value = "https://127.0.0.1:8443")]
+        api: String,
+        /// fleetgate data dir with the admin credentials.
+        #[arg(long, default_value = "fleetgate-data")]
+        data_dir: PathBuf,
+        /// Enrollments per protocol per round.
+        #[arg(long, default_value_t = 500)]
+        count: usize,
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
+        /// Device ids are PREFIX<round>-<protocol>-<n>.
+        #[arg(long, default_value = "enroll-")]
+        prefix: String,
+    },
     /// OCSP requests over HTTP, one random serial each.
     Ocsp {
         /// Responder address (loopback only).
@@ -377,6 +398,68 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "median_per_s": secs.get(secs.len() / 2).copied().unwrap_or(0),
                 })
             );
+        }
+        Command::Load(Load::Enroll {
+            api,
+            data_dir,
+            count,
+            concurrency,
+            rounds,
+            prefix,
+        }) => {
+            use load::EnrollProtocol;
+            let host = api
+                .trim_start_matches("https://")
+                .split(['/', ']'])
+                .next()
+                .unwrap_or_default()
+                .trim_start_matches('[')
+                .rsplit_once(':')
+                .map_or("", |(h, _)| h)
+                .to_owned();
+            if !host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+            {
+                anyhow::bail!("load runs target loopback only, not {api}");
+            }
+            fleetgate_api::tls::install_crypto_provider();
+            let paths = provisioning::ca::Paths::new(&data_dir);
+            let tls = fleetgate_api::tls::client_config(
+                &paths.ca_cert(),
+                Some((&paths.admin_cert(), &paths.admin_key())),
+            )?;
+            let client = fleetgate_api::client::ApiClient::new(&api, tls)?;
+            let admin_key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(paths.admin_key())?)?;
+            let admin_chain: Vec<Vec<u8>> = fleetgate_api::tls::load_certs(&paths.admin_cert())?
+                .into_iter()
+                .map(|c| c.to_vec())
+                .collect();
+            for round in 1..=rounds {
+                for protocol in EnrollProtocol::ALL {
+                    let ids: Vec<String> = (0..count)
+                        .map(|i| format!("{prefix}{round}-{}-{i}", protocol.name()))
+                        .collect();
+                    let prepared =
+                        load::prepare_enrollments(protocol, &ids, &admin_key, &admin_chain)?;
+                    let r = load::enroll_run(&client, protocol, prepared, concurrency).await;
+                    let ms = |p: f64| load::percentile(&r.latencies, p).as_secs_f64() * 1000.0;
+                    println!(
+                        "{}",
+                        serde_json::json!({
+                            "round": round,
+                            "protocol": protocol.name(),
+                            "enrolled": r.enrolled,
+                            "failed": r.failed,
+                            "first_failure": r.first_failure,
+                            "seconds": r.elapsed.as_secs_f64(),
+                            "enrollments_per_s": r.per_second(),
+                            "p50_ms": ms(0.50),
+                            "p99_ms": ms(0.99),
+                        })
+                    );
+                }
+            }
         }
         Command::Load(Load::Ocsp {
             responder,

@@ -170,6 +170,18 @@ impl ApiClient {
         path: &str,
         body: Bytes,
     ) -> anyhow::Result<(StatusCode, Bytes)> {
+        self.send_as(method, path, "application/json", body).await
+    }
+
+    /// One request with `body` sent as it is, labelled `content_type`
+    /// (EST's `application/pkcs10`, CMP's `application/pkixcmp`).
+    pub async fn send_as(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: &str,
+        body: Bytes,
+    ) -> anyhow::Result<(StatusCode, Bytes)> {
         let tcp = TcpStream::connect((self.host.as_str(), self.port))
             .await
             .with_context(|| format!("connecting to the API at {}:{}", self.host, self.port))?;
@@ -189,7 +201,7 @@ impl ApiClient {
             .method(method)
             .uri(path)
             .header(hyper::header::HOST, format!("{}:{}", self.host, self.port))
-            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .header(hyper::header::CONTENT_TYPE, content_type)
             .body(Full::new(body))
             .context("building the request")?;
         let resp = sender.send_request(req).await.context("API request")?;

@@ -615,9 +615,7 @@ impl Responder {
         implicit_confirm: bool,
     ) -> Result<(Vec<u8>, Vec<u8>), Error> {
         let enc = |e: der::Error| Error::Certificate(format!("encoding a CMP response: {e}"));
-        let mut nonce = [0u8; 16];
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce)
-            .map_err(|_| Error::Certificate("no randomness for a nonce".into()))?;
+        let nonce = nonce()?;
         let header = PkiHeader {
             pvno: to.map_or(Pvno::Cmp2000, |h| h.pvno),
             sender: self.name.clone(),
@@ -635,7 +633,7 @@ impl Responder {
             sender_kid: self.kid.clone(),
             recip_kid: None,
             trans_id: to.and_then(|h| h.trans_id.clone()),
-            sender_nonce: Some(OctetString::new(nonce.to_vec()).map_err(enc)?),
+            sender_nonce: Some(OctetString::new(nonce.clone()).map_err(enc)?),
             recip_nonce: to.and_then(|h| h.sender_nonce.clone()),
             free_text: None,
             general_info: implicit_confirm.then(|| {
@@ -646,36 +644,178 @@ impl Responder {
             }),
         };
         let body = body(kind, reply).map_err(enc)?;
-        let header = header.to_der().map_err(enc)?;
-        let part = ProtectedPart {
-            header: AnyRef::from_der(&header).map_err(enc)?,
-            body: AnyRef::from_der(&body).map_err(enc)?,
-        };
-        let signature = self
-            .key
-            .sign(&part.to_der().map_err(enc)?)
-            .map_err(|e| Error::Certificate(format!("signing a CMP response: {e}")))?;
-        let extra: Vec<Vec<u8>> = self
-            .extra_certs
-            .iter()
-            .map(|c| c.to_der())
-            .collect::<Result<_, _>>()
-            .map_err(enc)?;
-        let der = RawMessage {
-            header: part.header,
-            body: part.body,
-            protection: Some(BitString::from_bytes(&signature).map_err(enc)?),
-            extra_certs: Some(
-                extra
-                    .iter()
-                    .map(|c| AnyRef::from_der(c))
-                    .collect::<Result<_, _>>()
-                    .map_err(enc)?,
-            ),
-        }
-        .to_der()
+        let der = signed(&header, &body, &self.key, &self.extra_certs)?;
+        Ok((der, nonce))
+    }
+}
+
+/// A PKIMessage of `header` and `body` (DER), protected by `key`'s
+/// ECDSA P-256 signature, with `extra_certs`.
+fn signed(
+    header: &PkiHeader<'_>,
+    body: &[u8],
+    key: &KeyPair,
+    extra_certs: &[Certificate],
+) -> Result<Vec<u8>, Error> {
+    let enc = |e: der::Error| Error::Certificate(format!("encoding a CMP message: {e}"));
+    let header = header.to_der().map_err(enc)?;
+    let part = ProtectedPart {
+        header: AnyRef::from_der(&header).map_err(enc)?,
+        body: AnyRef::from_der(body).map_err(enc)?,
+    };
+    let signature = key
+        .sign(&part.to_der().map_err(enc)?)
+        .map_err(|e| Error::Certificate(format!("signing a CMP message: {e}")))?;
+    let extra: Vec<Vec<u8>> = extra_certs
+        .iter()
+        .map(|c| c.to_der())
+        .collect::<Result<_, _>>()
         .map_err(enc)?;
-        Ok((der, nonce.to_vec()))
+    RawMessage {
+        header: part.header,
+        body: part.body,
+        protection: Some(BitString::from_bytes(&signature).map_err(enc)?),
+        extra_certs: Some(
+            extra
+                .iter()
+                .map(|c| AnyRef::from_der(c))
+                .collect::<Result<_, _>>()
+                .map_err(enc)?,
+        ),
+    }
+    .to_der()
+    .map_err(enc)
+}
+
+fn nonce() -> Result<Vec<u8>, Error> {
+    let mut n = [0u8; 16];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut n)
+        .map_err(|_| Error::Certificate("no randomness for a nonce".into()))?;
+    Ok(n.to_vec())
+}
+
+/// An `ir` as a CMP client sends it (what fleetgate's tests and
+/// enrollment benchmark send): `cn` asks for `key` to be certified, with
+/// its proof of possession; the message is protected by `sender_key`,
+/// whose certificate is first in `sender_chain` (DER).
+pub fn initialization_request(
+    sender_key: &KeyPair,
+    sender_chain: &[Vec<u8>],
+    cn: &str,
+    key: &KeyPair,
+    implicit_confirm: bool,
+) -> Result<Vec<u8>, Error> {
+    use crmf::pop::PopoSigningKey;
+    use crmf::request::{CertReqMsg, CertRequest as Req, CertTemplate};
+    use rcgen::PublicKeyData;
+    use std::str::FromStr;
+    let enc = |e: der::Error| Error::Certificate(format!("encoding a CMP request: {e}"));
+    let extra = sender_chain
+        .iter()
+        .map(|c| Certificate::from_der(c))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(enc)?;
+    let Some(sender) = extra.first() else {
+        return Err(Error::InvalidInput {
+            reason: "a CMP request needs its sender's certificate".into(),
+        });
+    };
+    let ecdsa = AlgorithmIdentifierOwned {
+        oid: ECDSA_WITH_SHA256,
+        parameters: None,
+    };
+    let subject = Name::from_str(&format!("CN={cn}")).map_err(enc)?;
+    let cert_req = Req {
+        cert_req_id: Int::new(&[0]).map_err(enc)?,
+        cert_template: CertTemplate {
+            version: None,
+            serial_number: None,
+            signature: None,
+            issuer: None,
+            validity: None,
+            subject: Some(subject),
+            subject_public_key_info: Some(
+                x509_cert::spki::SubjectPublicKeyInfoOwned::from_der(
+                    &key.subject_public_key_info(),
+                )
+                .map_err(enc)?,
+            ),
+            issuer_unique_id: None,
+            subject_unique_id: None,
+            extensions: None,
+        },
+        controls: None,
+    };
+    let pop = key
+        .sign(&cert_req.to_der().map_err(enc)?)
+        .map_err(|e| Error::Certificate(format!("signing the proof of possession: {e}")))?;
+    let body = PkiBody::Ir(vec![CertReqMsg {
+        cert_req,
+        popo: Some(ProofOfPossession::Signature(Box::new(PopoSigningKey {
+            poposk_input: None,
+            alg_id: ecdsa.clone(),
+            signature: BitString::from_bytes(&pop).map_err(enc)?,
+        }))),
+        reg_info: None,
+    }]);
+    let header = PkiHeader {
+        pvno: Pvno::Cmp2000,
+        sender: GeneralName::DirectoryName(sender.tbs_certificate.subject.clone()),
+        recipient: GeneralName::DirectoryName(sender.tbs_certificate.issuer.clone()),
+        message_time: Some(
+            GeneralizedTime::from_system_time(std::time::SystemTime::now()).map_err(enc)?,
+        ),
+        protection_alg: Some(ecdsa),
+        sender_kid: None,
+        recip_kid: None,
+        trans_id: Some(OctetString::new(nonce()?).map_err(enc)?),
+        sender_nonce: Some(OctetString::new(nonce()?).map_err(enc)?),
+        recip_nonce: None,
+        free_text: None,
+        general_info: implicit_confirm.then(|| {
+            vec![InfoTypeAndValue {
+                oid: IMPLICIT_CONFIRM,
+                value: Some(Any::from(Null)),
+            }]
+        }),
+    };
+    signed(&header, &body.to_der().map_err(enc)?, sender_key, &extra)
+}
+
+/// The certificate (DER) an `ip`, `cp` or `kup` carries, or why there
+/// is none: the error's words, or what came instead.
+pub fn issued_certificate(der: &[u8]) -> Result<Vec<u8>, String> {
+    let raw = RawMessage::from_der(der).map_err(|e| format!("not a PKIMessage: {e}"))?;
+    let body = raw.body.to_der().map_err(|e| e.to_string())?;
+    // An error body is read as ours: cmpv2 0.2 cannot decode most
+    // failure bits (see the module doc).
+    if let Ok(Some(e)) = ContextSpecific::<ErrorContent>::decode_explicit(
+        &mut der::SliceReader::new(&body).map_err(|e| e.to_string())?,
+        TagNumber::new(23),
+    ) {
+        let text = e
+            .value
+            .pki_status_info
+            .status_string
+            .unwrap_or_default()
+            .join("; ");
+        return Err(format!("error: {text}"));
+    }
+    let body = PkiBody::from_der(&body).map_err(|e| format!("not a PKIBody: {e}"))?;
+    let rep = match &body {
+        PkiBody::Ip(r) | PkiBody::Cp(r) | PkiBody::Kup(r) => r,
+        other => return Err(format!("{} instead of a certificate", body_name(other))),
+    };
+    match rep
+        .response
+        .first()
+        .and_then(|r| r.certified_key_pair.as_ref())
+    {
+        Some(CertifiedKeyPair {
+            cert_or_enc_cert: CertOrEncCert::Certificate(c),
+            ..
+        }) => c.to_der().map_err(|e| e.to_string()),
+        _ => Err("no certificate in the response".into()),
     }
 }
 
@@ -750,6 +890,111 @@ fn body(kind: &str, reply: Reply) -> Result<Vec<u8>, der::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A key and its self-signed certificate (DER) named `cn`, with a
+    /// subject key identifier.
+    fn self_signed(cn: &str) -> (KeyPair, Vec<u8>) {
+        let key = KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        let cert = params.self_signed(&key).unwrap();
+        (key, cert.der().to_vec())
+    }
+
+    #[test]
+    fn an_ir_round_trips_and_its_protection_covers_every_byte() {
+        let (sender_key, sender) = self_signed("line-1");
+        let key = KeyPair::generate().unwrap();
+        let ir = initialization_request(
+            &sender_key,
+            std::slice::from_ref(&sender),
+            "dev-1",
+            &key,
+            true,
+        )
+        .unwrap();
+        let msg = Incoming::parse(&ir).unwrap();
+        assert_eq!(msg.kind(), "ir");
+        assert!(msg.wants_implicit_confirm());
+        let (first, rest) = msg.signer_chain().unwrap();
+        assert_eq!(first, sender);
+        assert!(rest.is_empty());
+        msg.verify_protection(&sender).unwrap();
+        let PkiBody::Ir(reqs) = &msg.msg.body else {
+            panic!("not an ir")
+        };
+        let req = cert_request(reqs).unwrap();
+        assert_eq!(req.key.subject_cn.as_deref(), Some("dev-1"));
+        // Another certificate's key does not verify it.
+        let (_, other) = self_signed("line-1");
+        let err = msg.verify_protection(&other).unwrap_err();
+        assert_eq!(err.info, FailInfo::BadMessageCheck);
+        // Nor does it verify with one changed byte of the subject: the
+        // last "1" of "dev-1".
+        let at = ir.windows(5).position(|w| w == b"dev-1").unwrap() + 4;
+        let mut tampered = ir.clone();
+        tampered[at] = b'2';
+        let msg = Incoming::parse(&tampered).unwrap();
+        let err = msg.verify_protection(&sender).unwrap_err();
+        assert_eq!(err.info, FailInfo::BadMessageCheck, "{err}");
+        // Nor the proof of possession, made over the original request.
+        let PkiBody::Ir(reqs) = &msg.msg.body else {
+            panic!("not an ir")
+        };
+        assert_eq!(cert_request(reqs).unwrap_err().info, FailInfo::BadPop);
+    }
+
+    #[test]
+    fn responses_carry_the_certificate_or_the_reason() {
+        let (key, signer) = self_signed("fleetgate CMP signer");
+        let (_, issuing) = self_signed("issuing");
+        let responder = Responder::new(key, &signer, &issuing).unwrap();
+        let (sender_key, sender) = self_signed("line-1");
+        let ir = initialization_request(
+            &sender_key,
+            &[sender],
+            "dev-1",
+            &KeyPair::generate().unwrap(),
+            false,
+        )
+        .unwrap();
+        let req = Incoming::parse(&ir).unwrap();
+        let (_, cert) = self_signed("dev-1");
+        let (answer, nonce) = responder
+            .respond(
+                Some(&req.msg.header),
+                "ir",
+                Reply::Issued {
+                    cert_req_id: Int::new(&[0]).unwrap(),
+                    cert: cert.clone(),
+                },
+                false,
+            )
+            .unwrap();
+        assert_eq!(issued_certificate(&answer).unwrap(), cert);
+        // The answer is protected by the signer, echoes the transaction
+        // and the sender's nonce, and carries its own.
+        let back = Incoming::parse(&answer).unwrap();
+        back.verify_protection(&signer).unwrap();
+        assert_eq!(back.msg.header.trans_id, req.msg.header.trans_id);
+        assert_eq!(back.msg.header.recip_nonce, req.msg.header.sender_nonce);
+        assert_eq!(
+            back.msg.header.sender_nonce.as_ref().map(|n| n.as_bytes()),
+            Some(nonce.as_slice())
+        );
+        let (answer, _) = responder
+            .respond(
+                Some(&req.msg.header),
+                "ir",
+                Reply::Error(Failure::new(FailInfo::NotAuthorized, "no uses left")),
+                false,
+            )
+            .unwrap();
+        let err = issued_certificate(&answer).unwrap_err();
+        assert!(err.contains("no uses left"), "{err}");
+    }
 
     #[test]
     fn failure_bits_are_named_bits() {

@@ -152,9 +152,12 @@ async fn csrattrs() -> Response {
         .into_response()
 }
 
-/// The request's PKCS#10 (DER, its signature checked) and the device id
-/// its subject CN names.
-fn request(headers: &HeaderMap, body: &[u8]) -> Result<(Vec<u8>, DeviceId), EstError> {
+/// The request's PKCS#10 (its signature checked) and the device id its
+/// subject CN names.
+fn request(
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<(provisioning::csr::ValidatedCsr, DeviceId), EstError> {
     let ct = headers
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -169,15 +172,15 @@ fn request(headers: &HeaderMap, body: &[u8]) -> Result<(Vec<u8>, DeviceId), EstE
     }
     let der = est::from_base64(body)?;
     let csr = provisioning::csr::validate_csr(&der)?;
-    let Some(cn) = csr.subject_cn else {
+    let Some(cn) = &csr.subject_cn else {
         return Err(refused(
             StatusCode::BAD_REQUEST,
             "invalid_id",
             "the CSR's subject has no common name: EST names the device there",
         ));
     };
-    let id = DeviceId::try_new(cn)?;
-    Ok((der, id))
+    let id = DeviceId::try_new(cn.clone())?;
+    Ok((csr, id))
 }
 
 fn label_id(label: Option<String>) -> Result<Option<String>, EstError> {
@@ -231,10 +234,10 @@ async fn enroll(
                 id,
                 role: Role::Device,
                 manufacturer: label,
-                csr,
+                csr: Vec::new(),
                 lifetime,
             };
-            st.write(move || auth.enroll(&req, &actor).map(|(_, c)| c))
+            st.write(move || auth.enroll_key(&req, &csr, &actor).map(|(_, c)| c))
                 .await?
         }
         Role::Claim => {
@@ -255,7 +258,7 @@ async fn enroll(
                 ));
             }
             st.write(move || {
-                auth.provision_with_claim(&claim, &id, &csr, lifetime)
+                auth.provision_key_with_claim(&claim, &id, &csr, lifetime)
                     .map(|(_, c)| c)
             })
             .await?
@@ -332,7 +335,7 @@ async fn reenroll(
     let lifetime = st.cert_lifetime;
     let actor = caller.actor();
     let cert = st
-        .write(move || auth.rotate(&id, &csr, lifetime, &actor).map(|(_, c)| c))
+        .write(move || auth.rotate_key(&id, &csr, lifetime, &actor).map(|(_, c)| c))
         .await?;
     st.caught_up().await;
     tracing::info!(serial = %cert.serial, by = %caller.actor(), "est: reenrolled");
