@@ -35,17 +35,14 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route(&format!("{PREFIX}/cacerts"), get(cacerts))
         .route(&format!("{PREFIX}/csrattrs"), get(csrattrs))
-        .route(&format!("{PREFIX}/simpleenroll"), post(simpleenroll))
-        .route(&format!("{PREFIX}/simplereenroll"), post(simplereenroll))
+        .route(&format!("{PREFIX}/simpleenroll"), post(enroll))
+        .route(&format!("{PREFIX}/simplereenroll"), post(reenroll))
         .route(&format!("{PREFIX}/{{label}}/cacerts"), get(cacerts))
         .route(&format!("{PREFIX}/{{label}}/csrattrs"), get(csrattrs))
-        .route(
-            &format!("{PREFIX}/{{label}}/simpleenroll"),
-            post(labeled_enroll),
-        )
+        .route(&format!("{PREFIX}/{{label}}/simpleenroll"), post(enroll))
         .route(
             &format!("{PREFIX}/{{label}}/simplereenroll"),
-            post(labeled_reenroll),
+            post(reenroll),
         )
         .layer(axum::extract::DefaultBodyLimit::max(est::MAX_BODY))
 }
@@ -197,33 +194,15 @@ fn label_id(label: Option<String>) -> Result<Option<String>, EstError> {
         .transpose()
 }
 
-async fn simpleenroll(
-    st: State<AppState>,
-    caller: Caller,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Response, EstError> {
-    enroll(st, None, caller, headers, body).await
-}
-
-async fn labeled_enroll(
-    st: State<AppState>,
-    Path(label): Path<String>,
-    caller: Caller,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Response, EstError> {
-    enroll(st, Some(label), caller, headers, body).await
-}
-
+/// `simpleenroll`, under a label or not.
 async fn enroll(
     State(st): State<AppState>,
-    label: Option<String>,
+    label: Option<Path<String>>,
     caller: Caller,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, EstError> {
-    let label = label_id(label)?;
+    let label = label_id(label.map(|Path(l)| l))?;
     let (csr, id) = request(&headers, &body)?;
     let auth = st.auth.clone();
     let lifetime = st.cert_lifetime;
@@ -277,33 +256,15 @@ async fn enroll(
     certs_only([cert.der.as_slice()])
 }
 
-async fn simplereenroll(
-    st: State<AppState>,
-    caller: Caller,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Response, EstError> {
-    reenroll(st, None, caller, headers, body).await
-}
-
-async fn labeled_reenroll(
-    st: State<AppState>,
-    Path(label): Path<String>,
-    caller: Caller,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Response, EstError> {
-    reenroll(st, Some(label), caller, headers, body).await
-}
-
+/// `simplereenroll`, under a label or not.
 async fn reenroll(
     State(st): State<AppState>,
-    label: Option<String>,
+    label: Option<Path<String>>,
     caller: Caller,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, EstError> {
-    let label = label_id(label)?;
+    let label = label_id(label.map(|Path(l)| l))?;
     let (csr, id) = request(&headers, &body)?;
     let me = caller.identity();
     match me.role {
