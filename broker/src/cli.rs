@@ -70,6 +70,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The operator console in the browser.
+    #[command(subcommand)]
+    Console(ConsoleCmd),
     /// Read the audit log.
     Audit {
         #[command(flatten)]
@@ -241,6 +244,19 @@ impl ApiArgs {
         let config = tls::client_config(&ca, Some((&cert, &key)))?;
         ApiClient::new(&self.api, config)
     }
+}
+
+#[derive(Subcommand, Debug)]
+enum ConsoleCmd {
+    /// Print a one-time link that signs you in to the console (as the
+    /// admin whose certificate asks), good once and for a short while.
+    Login {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Seconds the link stays good (at most 3600).
+        #[arg(long, default_value_t = crate::api::console::LINK_LIFETIME.as_secs())]
+        ttl: u64,
+    },
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -501,13 +517,21 @@ pub fn main() -> ExitCode {
 }
 
 fn init_tracing() {
+    use tracing_subscriber::filter::LevelFilter;
+    use tracing_subscriber::prelude::*;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("FLEETGATE_LOG")
         .unwrap_or_else(|_| EnvFilter::new("info,sled=warn,rumqttd=warn,rustls=error"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .with_filter(filter),
+        )
+        // The console's live activity: refusals and kicks, whatever the
+        // log shows.
+        .with(crate::activity::FeedLayer.with_filter(LevelFilter::INFO))
         .init();
 }
 
@@ -842,6 +866,25 @@ async fn client_cmd(cmd: Command) -> anyhow::Result<()> {
                 "certificate {} of {} is revoked ({reason})",
                 c.serial,
                 c.device_id
+            );
+            Ok(())
+        }
+        Command::Console(ConsoleCmd::Login { api, ttl }) => {
+            let link: crate::api::console::Link = api
+                .client()?
+                .post(
+                    "/v1/console/links",
+                    &serde_json::json!({ "ttl_seconds": ttl }),
+                )
+                .await?;
+            outln!("{}{}", api.api.trim_end_matches('/'), link.path);
+            eprintln!(
+                "Open it in a browser that trusts {} (good once, until {}).",
+                api.ca
+                    .clone()
+                    .unwrap_or_else(|| Paths::new(&api.data_dir).ca_cert())
+                    .display(),
+                link.expires_at
             );
             Ok(())
         }

@@ -1,6 +1,7 @@
 //! fleetgate's network side: the MQTT broker, the admin API and the
 //! `fleetgate` command line. Invariant: only this crate touches sockets.
 
+pub mod activity;
 pub mod api;
 pub mod bus;
 /// The admin API's client, from [`fleetgate_api`] (the CLI's).

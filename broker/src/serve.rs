@@ -198,7 +198,22 @@ impl Server {
             broker: broker.clone(),
             status: self.status.clone(),
             cmp: Arc::new(crate::api::cmp::Cmp::new(self.auth.clone())?),
+            console: Arc::new(crate::api::console::Console::new()?),
         };
+        // The console's chart: the counters, sampled.
+        tokio::spawn({
+            let (console, metrics) = (state.console.clone(), metrics.clone());
+            let mut shutdown = shutdown.clone();
+            async move {
+                let mut tick = tokio::time::interval(crate::api::console::Console::sample_every());
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => console.sample(&metrics),
+                        _ = shutdown.changed() => return,
+                    }
+                }
+            }
+        });
         tracing::info!(
             api = %self.api_addr(),
             mqtt = %self.mqtt_addr(),

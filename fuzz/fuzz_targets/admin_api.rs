@@ -77,6 +77,7 @@ fn fixture() -> &'static Fixture {
             let cmp = std::sync::Arc::new(api::cmp::Cmp::new(auth.clone()).unwrap());
             api::router(AppState {
                 cmp,
+                console: std::sync::Arc::new(api::console::Console::new().unwrap()),
                 auth: auth.clone(),
                 cert_lifetime: time::Duration::days(90),
                 applied,

@@ -19,6 +19,7 @@
 //! flushed to disk before the call returns: a caller may acknowledge what a
 //! call returned.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::Path;
 
@@ -1411,6 +1412,57 @@ impl Registry {
             None
         };
         Ok(Page { items, next })
+    }
+
+    /// How many devices have each status (a scan of the status index's
+    /// keys: the console caches it).
+    pub fn count_by_status(&self) -> Result<Vec<(Status, usize)>, Error> {
+        Status::ALL
+            .into_iter()
+            .map(|s| {
+                let prefix = format!("{s}/");
+                let mut n = 0;
+                for kv in self
+                    .store
+                    .scan(Space::ByStatus, prefix.as_bytes(), prefix.as_bytes())
+                {
+                    kv?;
+                    n += 1;
+                }
+                Ok((s, n))
+            })
+            .collect()
+    }
+
+    /// How many devices each manufacturer has (a scan of every device
+    /// record: the console caches it).
+    pub fn count_by_manufacturer(&self) -> Result<BTreeMap<String, usize>, Error> {
+        let mut counts = BTreeMap::new();
+        for kv in self.scan(Space::Devices, b"") {
+            let (_, v) = kv?;
+            let d: DeviceRecord = decode("device", &v)?;
+            if let Some(m) = d.manufacturer {
+                *counts.entry(m).or_insert(0) += 1;
+            }
+        }
+        Ok(counts)
+    }
+
+    /// The newest `limit` audit entries about `device`, newest first (a
+    /// scan of the whole log: the log has no index by device).
+    pub fn audit_of(&self, device: &DeviceId, limit: usize) -> Result<Vec<AuditEntry>, Error> {
+        let mut found = std::collections::VecDeque::new();
+        for kv in self.scan(Space::Audit, b"") {
+            let (_, v) = kv?;
+            let e: AuditEntry = decode("audit entry", &v)?;
+            if e.device.as_ref() == Some(device) {
+                if found.len() == limit {
+                    found.pop_front();
+                }
+                found.push_back(e);
+            }
+        }
+        Ok(found.into_iter().rev().collect())
     }
 
     /// Audit entries with a sequence number above `after`, oldest first.

@@ -24,6 +24,7 @@ use provisioning::{
 };
 
 pub mod cmp;
+pub mod console;
 pub mod est;
 pub mod manufacturers;
 
@@ -53,6 +54,7 @@ pub struct AppState {
     pub broker: Broker,
     pub status: Arc<StatusService>,
     pub cmp: Arc<cmp::Cmp>,
+    pub console: Arc<console::Console>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -104,6 +106,7 @@ pub fn router(state: AppState) -> Router {
         )
         .merge(est::router())
         .merge(cmp::router())
+        .merge(console::router())
         .with_state(state)
 }
 
@@ -589,11 +592,11 @@ async fn list(
     )?))
 }
 
-/// Runs a registry state change as `admin` on the blocking pool and returns
+/// Runs a registry state change as `actor` on the blocking pool and returns
 /// the device as it is afterwards.
-async fn transition(
+pub(crate) async fn transition(
     st: &AppState,
-    admin: &Admin,
+    actor: String,
     id: String,
     change: impl FnOnce(
             &provisioning::Registry,
@@ -605,7 +608,6 @@ async fn transition(
 ) -> Result<DeviceView, ApiError> {
     let id = device_id(id)?;
     let auth = st.auth.clone();
-    let actor = admin.actor();
     st.write(move || {
         change(&auth.registry, &id, &actor)?;
         auth.registry.device_view(&id)
@@ -618,7 +620,7 @@ async fn suspend(
     admin: Admin,
     Path(id): Path<String>,
 ) -> Result<Json<DeviceView>, ApiError> {
-    let view = transition(&st, &admin, id, |r, id, actor| r.suspend(id, actor)).await?;
+    let view = transition(&st, admin.actor(), id, |r, id, actor| r.suspend(id, actor)).await?;
     st.metrics
         .revocations
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -631,7 +633,7 @@ async fn resume(
     admin: Admin,
     Path(id): Path<String>,
 ) -> Result<Json<DeviceView>, ApiError> {
-    let view = transition(&st, &admin, id, |r, id, actor| r.resume(id, actor)).await?;
+    let view = transition(&st, admin.actor(), id, |r, id, actor| r.resume(id, actor)).await?;
     st.caught_up().await;
     Ok(Json(view))
 }
@@ -642,7 +644,7 @@ async fn approve(
     admin: Admin,
     Path(id): Path<String>,
 ) -> Result<Json<DeviceView>, ApiError> {
-    let view = transition(&st, &admin, id, |r, id, actor| r.approve(id, actor)).await?;
+    let view = transition(&st, admin.actor(), id, |r, id, actor| r.approve(id, actor)).await?;
     tracing::info!(device.id = %view.id, by = %admin.id, "approved");
     st.caught_up().await;
     Ok(Json(view))
@@ -662,7 +664,7 @@ async fn revoke(
     Body(body): Body<RevokeBody>,
 ) -> Result<Json<DeviceView>, ApiError> {
     let reason = reason(&body)?;
-    let view = transition(&st, &admin, id, move |r, id, actor| {
+    let view = transition(&st, admin.actor(), id, move |r, id, actor| {
         r.revoke(id, reason, actor)
     })
     .await?;

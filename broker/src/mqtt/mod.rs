@@ -244,10 +244,24 @@ impl Drop for Return<'_> {
     }
 }
 
+/// A live connection, as an operator sees it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct LiveSession {
+    pub addr: std::net::SocketAddr,
+    /// `MQTT 3.1.1` or `MQTT 5`.
+    pub protocol: &'static str,
+    /// The certificate it presented (hex serial).
+    pub serial: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub since: time::OffsetDateTime,
+}
+
 #[derive(Debug)]
 struct Entry {
     conn: u64,
     key: CertKey,
+    /// What the console shows of it.
+    live: LiveSession,
     kick: oneshot::Sender<Kick>,
 }
 
@@ -284,6 +298,7 @@ impl Sessions {
     fn register(
         &self,
         peer: &Peer,
+        protocol: &'static str,
         take_over: bool,
     ) -> (oneshot::Receiver<Kick>, Registration<'_>) {
         let conn = self.next.fetch_add(1, Ordering::Relaxed);
@@ -309,6 +324,12 @@ impl Sessions {
         entries.push(Entry {
             conn,
             key: peer.key.clone(),
+            live: LiveSession {
+                addr: peer.addr,
+                protocol,
+                serial: peer.key.serial.to_hex(),
+                since: time::OffsetDateTime::now_utc(),
+            },
             kick: tx,
         });
         (
@@ -319,6 +340,14 @@ impl Sessions {
                 conn,
             },
         )
+    }
+
+    /// The live sessions of `device` on this node.
+    fn live(&self, device: &DeviceId) -> Vec<LiveSession> {
+        self.lock()
+            .get(device)
+            .map(|v| v.iter().map(|e| e.live.clone()).collect())
+            .unwrap_or_default()
     }
 
     /// Kicks every session of `device`; returns how many.
@@ -517,6 +546,21 @@ impl Broker {
 
     pub fn live_sessions(&self) -> usize {
         self.shared.sessions.count()
+    }
+
+    /// The live sessions of `id` on this node.
+    pub fn sessions_of(&self, id: &DeviceId) -> Vec<LiveSession> {
+        self.shared.sessions.live(id)
+    }
+
+    /// Commands waiting in `id`'s durable queue (blocking: the queue may be
+    /// on JetStream).
+    pub fn queued_commands(
+        &self,
+        id: &DeviceId,
+    ) -> Result<Vec<provisioning::sessions::Queued>, provisioning::Error> {
+        let now_ms = (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
+        self.shared.hub.keeper().queued(id, None, now_ms)
     }
 
     /// Ends expired persistent sessions and drops expired commands, and

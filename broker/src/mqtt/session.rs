@@ -442,7 +442,14 @@ async fn session(
             }
         }
     }
-    let (kick_rx, registration) = shared.sessions.register(&s.peer, role == Role::Device);
+    let protocol = if s.codec.is_v5() {
+        "MQTT 5"
+    } else {
+        "MQTT 3.1.1"
+    };
+    let (kick_rx, registration) = shared
+        .sessions
+        .register(&s.peer, protocol, role == Role::Device);
     let conn = registration.conn;
 
     // Standing now, before any CONNACK: a resumed TLS session skipped the

@@ -1,0 +1,345 @@
+// fleetgate's operator console. Plain JavaScript, no build step: the
+// server sends this file as it is. Everything shown is set as text (never
+// as HTML), and every state change carries the session's CSRF token.
+
+let me = null;
+let activity = null; // the EventSource while a view shows live activity
+
+const view = document.getElementById("view");
+
+function el(tag, attrs = {}, ...children) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (v === undefined || v === null) continue;
+    if (k === "class") e.className = v;
+    else if (k === "text") e.textContent = v;
+    else if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
+    else e.setAttribute(k, v);
+  }
+  for (const c of children.flat()) {
+    if (c === null || c === undefined) continue;
+    e.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return e;
+}
+
+const svgNs = "http://www.w3.org/2000/svg";
+function svg(tag, attrs = {}) {
+  const e = document.createElementNS(svgNs, tag);
+  for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
+  return e;
+}
+
+async function api(path, options = {}) {
+  const init = { credentials: "same-origin", headers: {} , ...options };
+  if (init.method && init.method !== "GET") {
+    init.headers["X-CSRF-Token"] = me ? me.csrf : "";
+    if (init.body !== undefined) init.headers["Content-Type"] = "application/json";
+  }
+  const r = await fetch(path, init);
+  if (r.status === 401) {
+    signedOut();
+    throw new Error("signed out");
+  }
+  const text = await r.text();
+  const body = text ? JSON.parse(text) : null;
+  if (!r.ok) throw new Error(body && body.error ? body.error.message : `HTTP ${r.status}`);
+  return body;
+}
+
+function signedOut() {
+  stopActivity();
+  view.replaceChildren(
+    el("div", { class: "panel" },
+      el("h1", { id: "signed-out", text: "Signed out" }),
+      el("p", {}, "Run ", el("code", { text: "fleetgate console login" }), " and open the link it prints.")));
+}
+
+function badge(status) {
+  return el("span", { class: `badge ${status}`, text: status });
+}
+
+function when(s) {
+  if (!s) return "";
+  const d = new Date(s);
+  return isNaN(d) ? s : d.toLocaleString();
+}
+
+function table(headers, rows, attrs = {}) {
+  return el("table", attrs,
+    el("thead", {}, el("tr", {}, headers.map((h) => el("th", { text: h })))),
+    el("tbody", {}, rows));
+}
+
+function card(label, value, id) {
+  return el("div", { class: "card" },
+    el("div", { class: "label", text: label }),
+    el("div", { class: "value", id, text: String(value) }));
+}
+
+function stopActivity() {
+  if (activity) {
+    activity.close();
+    activity = null;
+  }
+}
+
+// Live activity into `list` (newest on top).
+function follow(list, limit = 200) {
+  stopActivity();
+  activity = new EventSource("/console/api/activity");
+  activity.addEventListener("activity", (e) => {
+    const a = JSON.parse(e.data);
+    const at = new Date(a.at);
+    list.prepend(el("li", { class: "event" },
+      el("span", { class: "muted", text: at.toLocaleTimeString() }),
+      el("span", { class: `kind-${a.kind}`, text: a.kind }),
+      el("span", {}, el("span", { text: a.message + " " }), el("span", { class: "mono", text: a.detail }))));
+    while (list.children.length > limit) list.lastChild.remove();
+  });
+}
+
+function chart(series, step) {
+  // Bars stretch to the panel (no aspect ratio to keep); labels are HTML.
+  const w = 1000, h = 160;
+  const s = svg("svg", { viewBox: `0 0 ${w} ${h}`, preserveAspectRatio: "none", role: "img", "aria-label": "connects and refusals over the last hour" });
+  const max = Math.max(1, ...series.map(([, c, r]) => Math.max(c, r)));
+  const n = Math.max(series.length, Math.floor(3600 / step));
+  const bw = w / n;
+  s.append(svg("line", { x1: 0, y1: h - 0.5, x2: w, y2: h - 0.5, class: "axis" }));
+  series.forEach(([, c, r], i) => {
+    const x = w - (series.length - i) * bw;
+    const ch = (c / max) * (h - 4), rh = (r / max) * (h - 4);
+    s.append(svg("rect", { x, y: h - ch, width: bw * 0.45, height: ch, class: "connects" }));
+    s.append(svg("rect", { x: x + bw * 0.5, y: h - rh, width: bw * 0.45, height: rh, class: "refusals" }));
+  });
+  return el("div", { class: "chart" },
+    el("div", { class: "muted scale", text: `highest: ${max} in ${step} s` }),
+    s,
+    el("div", { class: "axis-labels muted" }, el("span", { text: "1 hour ago" }), el("span", { text: "30 min" }), el("span", { text: "now" })),
+    el("div", { class: "legend" },
+      el("span", {}, el("span", { class: "swatch connects" }), "connects"),
+      el("span", {}, el("span", { class: "swatch refusals" }), "refusals")));
+}
+
+async function overview() {
+  const o = await api("/console/api/overview");
+  const counts = Object.fromEntries(o.counts.by_status);
+  const refusals = Object.entries(o.refusals).filter(([, n]) => n > 0);
+  const feed = el("ul", { class: "feed", id: "activity" });
+  view.replaceChildren(
+    el("h1", { text: "Overview" }),
+    el("div", { class: "grid" },
+      card("devices", o.devices, "count-devices"),
+      card("active", counts.active || 0, "count-active"),
+      card("suspended", counts.suspended || 0, "count-suspended"),
+      card("revoked", counts.revoked || 0, "count-revoked"),
+      card("pending", counts.pending || 0, "count-pending"),
+      card("live sessions", o.live_sessions, "live-sessions"),
+      card("handshakes", o.handshakes, "handshakes"),
+      card("connections cut", o.kicked, "kicked")),
+    el("div", { class: "panel" }, el("h2", { text: "Connects and refusals, last hour" }), chart(o.series, o.series_step_s)),
+    el("div", { class: "two" },
+      el("div", { class: "panel" }, el("h2", { text: "Refusals by reason" }),
+        refusals.length
+          ? table(["reason", "count"], refusals.map(([r, n]) => el("tr", {}, el("td", { text: r }), el("td", { text: String(n) }))), { id: "refusals" })
+          : el("p", { class: "muted", text: "None since the server started." })),
+      el("div", { class: "panel" }, el("h2", { text: "Manufacturers" }),
+        o.counts.manufacturers.length
+          ? table(["name", "status", "devices"], o.counts.manufacturers.map((m) =>
+            el("tr", {}, el("td", {}, el("a", { href: `#/devices?q=${encodeURIComponent(m.name)}`, text: m.name })), el("td", {}, badge(m.status)), el("td", { text: String(m.devices) }))))
+          : el("p", { class: "muted", text: "No manufacturers yet." }))),
+    el("div", { class: "panel" }, el("h2", { text: "Live activity" }), feed));
+  follow(feed, 20);
+}
+
+async function devices(params) {
+  const q = params.get("q") || "";
+  const status = params.get("status") || "";
+  const after = params.get("after") || "";
+  const qs = new URLSearchParams({ q, status });
+  if (after) qs.set("after", after);
+  const page = await api(`/console/api/devices?${qs}`);
+  const search = el("input", { type: "search", id: "search", placeholder: "Search by id or manufacturer", value: q });
+  const pick = el("select", { id: "status-filter" },
+    ["", "active", "suspended", "revoked", "pending"].map((s) => {
+      const o = el("option", { value: s, text: s || "any status" });
+      if (s === status) o.selected = true;
+      return o;
+    }));
+  const go = (extra = {}) => {
+    const p = new URLSearchParams({ q: search.value, status: pick.value, ...extra });
+    location.hash = `#/devices?${p}`;
+  };
+  search.addEventListener("keydown", (e) => { if (e.key === "Enter") go(); });
+  pick.addEventListener("change", () => go());
+  const rows = page.items.map((d) =>
+    el("tr", { "data-device": d.id },
+      el("td", {}, el("a", { href: `#/devices/${encodeURIComponent(d.id)}`, text: d.id })),
+      el("td", {}, badge(d.status)),
+      el("td", { text: d.role }),
+      el("td", { text: d.manufacturer || "—" }),
+      el("td", {}, el("span", { class: d.connected ? "dot on" : "dot" }), d.connected ? "connected" : "offline")));
+  view.replaceChildren(
+    el("h1", { text: "Devices" }),
+    el("div", { class: "toolbar" }, search, pick, el("button", { type: "button", onclick: () => go(), text: "Search" })),
+    el("div", { class: "panel" },
+      rows.length ? table(["id", "status", "role", "manufacturer", "connection"], rows, { id: "devices" }) : el("p", { class: "muted", text: "No devices match." }),
+      el("div", { class: "toolbar" },
+        after ? el("button", { type: "button", class: "quiet", onclick: () => go(), text: "First page" }) : null,
+        page.next ? el("button", { type: "button", id: "next-page", onclick: () => go({ after: page.next }), text: "Next page" }) : null)));
+}
+
+function confirmAction(title, text, withReason) {
+  const dialog = document.getElementById("confirm");
+  document.getElementById("confirm-title").textContent = title;
+  document.getElementById("confirm-text").textContent = text;
+  document.getElementById("reason-label").hidden = !withReason;
+  return new Promise((resolve) => {
+    dialog.addEventListener("close", () => resolve(dialog.returnValue === "ok"), { once: true });
+    dialog.showModal();
+  });
+}
+
+async function device(id) {
+  const d = await api(`/console/api/devices/${encodeURIComponent(id)}`);
+  const dev = d.device;
+  const act = async (action) => {
+    const withReason = action === "revoke";
+    const ok = await confirmAction(
+      `${action[0].toUpperCase()}${action.slice(1)} ${dev.id}?`,
+      action === "revoke"
+        ? "Revoking is final: every certificate of the device stops working and its live connections are cut at once."
+        : action === "suspend"
+          ? "The device's live connections are cut at once, and it cannot connect until resumed."
+          : "The device may connect again.",
+      withReason);
+    if (!ok) return;
+    const body = withReason ? { reason: document.getElementById("reason").value } : {};
+    try {
+      await api(`/console/api/devices/${encodeURIComponent(dev.id)}/${action}`, { method: "POST", body: JSON.stringify(body) });
+    } catch (e) {
+      view.prepend(el("p", { class: "error", id: "action-error", text: e.message }));
+      return;
+    }
+    await device(id);
+  };
+  const actions = el("div", { class: "actions" },
+    dev.status === "active" ? el("button", { type: "button", class: "warn", id: "action-suspend", onclick: () => act("suspend"), text: "Suspend" }) : null,
+    dev.status === "suspended" ? el("button", { type: "button", id: "action-resume", onclick: () => act("resume"), text: "Resume" }) : null,
+    dev.status !== "revoked" ? el("button", { type: "button", class: "danger", id: "action-revoke", onclick: () => act("revoke"), text: "Revoke" }) : null);
+  const sessions = d.sessions.length
+    ? table(["address", "protocol", "since", "certificate"], d.sessions.map((s) =>
+      el("tr", {}, el("td", { class: "mono", text: s.addr }), el("td", { text: s.protocol }), el("td", { text: when(s.since) }), el("td", { class: "mono", text: s.serial }))), { id: "sessions" })
+    : el("p", { class: "muted", id: "no-session", text: "Not connected to this node." });
+  const certs = table(["serial", "valid from", "valid until", "fingerprint (SHA-256)", "issuer", "status"],
+    dev.certificates.map((c) => el("tr", {},
+      el("td", { class: "mono", text: c.serial }),
+      el("td", { text: when(c.not_before) }),
+      el("td", { text: when(c.not_after) }),
+      el("td", { class: "mono", text: c.fingerprint }),
+      el("td", { text: c.issuer }),
+      el("td", {}, badge(c.status)))), { id: "certificates" });
+  const commands = d.commands_error
+    ? el("p", { class: "error", text: d.commands_error })
+    : d.commands.length
+      ? table(["#", "topic", "bytes", "QoS", "stored", "expires"], d.commands.map((c) => el("tr", {},
+        el("td", { text: String(c.seq) }), el("td", { class: "mono", text: c.topic }), el("td", { text: String(c.bytes) }),
+        el("td", { text: String(c.qos) }), el("td", { text: when(c.stored_at_ms) }), el("td", { text: c.expires_at_ms ? when(c.expires_at_ms) : "never" }))), { id: "commands" })
+      : el("p", { class: "muted", text: "No commands waiting." });
+  const audit = d.audit.length
+    ? table(["when", "who", "what", "detail"], d.audit.map((a) => el("tr", {},
+      el("td", { text: when(a.at) }), el("td", { text: a.actor }), el("td", { text: a.action }), el("td", { text: a.detail }))), { id: "device-audit" })
+    : el("p", { class: "muted", text: "Nothing recorded." });
+  const revocation = dev.revocation
+    ? el("span", { class: "muted", text: `(${dev.revocation.reason}, ${when(dev.revocation.at)})` })
+    : null;
+  view.replaceChildren(
+    el("h1", {}, el("span", { id: "device-id", text: dev.id }), el("span", { id: "device-status" }, badge(dev.status)), revocation, actions),
+    el("div", { class: "grid" },
+      card("role", dev.role),
+      card("manufacturer", dev.manufacturer || "—"),
+      card("created", new Date(dev.created_at).toLocaleDateString()),
+      card("certificates", dev.certificates.length)),
+    el("div", { class: "panel" }, el("h2", { text: "Live session" }), sessions),
+    el("div", { class: "panel" }, el("h2", { text: "Certificates" }), certs),
+    el("div", { class: "panel" }, el("h2", { text: "Commands queued" }), commands),
+    el("div", { class: "panel" }, el("h2", { text: "Audit trail" }), audit));
+}
+
+async function audit(params) {
+  const after = params.get("after");
+  const trail = (params.get("trail") || "").split(",").filter(Boolean);
+  const qs = after ? `?after=${encodeURIComponent(after)}` : "";
+  const page = await api(`/console/api/audit${qs}`);
+  const rows = page.items.map((a) => el("tr", {},
+    el("td", { class: "mono", text: String(a.seq) }), el("td", { text: when(a.at) }), el("td", { text: a.actor }),
+    el("td", { text: a.action }),
+    el("td", {}, a.device ? el("a", { href: `#/devices/${encodeURIComponent(a.device)}`, text: a.device }) : "—"),
+    el("td", { text: a.detail })));
+  const to = (a, t) => {
+    const p = new URLSearchParams();
+    if (a) p.set("after", a);
+    if (t.length) p.set("trail", t.join(","));
+    location.hash = `#/audit?${p}`;
+  };
+  view.replaceChildren(
+    el("h1", { text: "Audit log" }),
+    el("div", { class: "panel" },
+      rows.length ? table(["#", "when", "who", "action", "device", "detail"], rows, { id: "audit" }) : el("p", { class: "muted", text: "Nothing recorded." }),
+      el("div", { class: "toolbar" },
+        after ? el("button", { type: "button", class: "quiet", onclick: () => to(trail[trail.length - 1], trail.slice(0, -1)), text: "Previous page" }) : null,
+        page.next ? el("button", { type: "button", id: "next-page", onclick: () => to(page.next, after ? [...trail, after] : trail), text: "Next page" }) : null)));
+}
+
+function liveActivity() {
+  const feed = el("ul", { class: "feed", id: "activity" });
+  view.replaceChildren(
+    el("h1", { text: "Live activity" }),
+    el("p", { class: "muted", text: "Refusals and cut connections as they happen, newest first." }),
+    el("div", { class: "panel" }, feed));
+  follow(feed);
+}
+
+async function route() {
+  const hash = location.hash || "#/";
+  const [path, query] = hash.slice(1).split("?");
+  const params = new URLSearchParams(query || "");
+  const parts = path.split("/").filter(Boolean);
+  const name = parts[0] || "overview";
+  for (const a of document.querySelectorAll("header nav a")) {
+    a.classList.toggle("active", a.dataset.view === name);
+  }
+  stopActivity();
+  try {
+    if (name === "devices" && parts[1]) await device(decodeURIComponent(parts[1]));
+    else if (name === "devices") await devices(params);
+    else if (name === "audit") await audit(params);
+    else if (name === "activity") liveActivity();
+    else await overview();
+  } catch (e) {
+    if (e.message !== "signed out") view.replaceChildren(el("p", { class: "error", text: e.message }));
+  }
+}
+
+async function start() {
+  try {
+    me = await api("/console/api/me");
+  } catch {
+    return;
+  }
+  document.getElementById("who").textContent = `signed in as ${me.admin}${me.session ? "" : " (certificate)"}`;
+  const out = document.getElementById("logout");
+  if (me.session) {
+    out.addEventListener("click", async () => {
+      await api("/console/logout", { method: "POST" }).catch(() => {});
+      signedOut();
+    });
+  } else {
+    out.hidden = true;
+  }
+  window.addEventListener("hashchange", route);
+  await route();
+}
+
+start();

@@ -1,0 +1,880 @@
+//! The operator console: a web page served by `fleetgate serve` itself on
+//! the API listener, under `/console/`, behind the same authority as the
+//! API.
+//!
+//! Access: `fleetgate console login` asks the API (as an admin) for a
+//! one-time link; the link's page posts it back once for a session cookie
+//! (`__Host-` prefixed, HttpOnly, Secure, SameSite=Strict) tied to that
+//! admin, with an expiry and a logout. An admin client certificate in the
+//! browser works too. Every state change needs the session's CSRF token in
+//! `X-CSRF-Token` (a cross-site form cannot send it) and must not come from
+//! another site (`Sec-Fetch-Site`, `Origin`); the page is static files
+//! under a strict Content-Security-Policy, with no inline script. Actions
+//! go to the audit log as `admin:<id> (console)`.
+//!
+//! Tokens and session ids are 32 random bytes; only their SHA-256 is kept,
+//! in memory (a restart logs everyone out; a console session belongs to
+//! the node that made it).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::header::{
+    CACHE_CONTROL, CONTENT_SECURITY_POLICY, CONTENT_TYPE, COOKIE, LOCATION, SET_COOKIE,
+};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Form, Json, Router};
+use provisioning::{AuditEntry, DeviceId, DeviceRecord, DeviceView, Error, Status};
+use serde::{Deserialize, Serialize};
+
+use super::{device_id, reason, transition, Admin, ApiError, AppState, RevokeBody};
+use crate::https::PeerCert;
+use crate::mqtt::LiveSession;
+
+/// The session cookie. `__Host-`: Secure, Path=/, no Domain, so no other
+/// host or path can set it.
+const COOKIE_NAME: &str = "__Host-fleetgate-console";
+/// How long a console session lasts.
+const SESSION_LIFETIME: Duration = Duration::from_secs(8 * 3600);
+/// A login link's default and longest lifetime.
+pub const LINK_LIFETIME: Duration = Duration::from_secs(600);
+const MAX_LINK_LIFETIME: Duration = Duration::from_secs(3600);
+/// The chart's resolution and span.
+const SAMPLE_EVERY: Duration = Duration::from_secs(10);
+const SAMPLES: usize = 361;
+/// Devices' counts by status and manufacturer are recomputed at most this
+/// often (each is a scan).
+const COUNTS_FOR: Duration = Duration::from_secs(10);
+/// Rows on a page of devices or of the audit log.
+const PAGE: usize = 50;
+/// Devices looked at to answer one search page.
+const SEARCH_SCAN: usize = 50_000;
+
+const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; \
+                   connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
+
+/// The console's state: login links, sessions, the chart's samples.
+#[derive(Debug)]
+pub struct Console {
+    links: Mutex<HashMap<[u8; 32], Grant>>,
+    sessions: Mutex<HashMap<[u8; 32], Grant>>,
+    /// Keys the CSRF tokens of certificate users (no session to hold one).
+    secret: [u8; 32],
+    samples: Mutex<VecDeque<Sample>>,
+    counts: Mutex<Option<(Instant, Arc<Counts>)>>,
+}
+
+/// A link's or a session's admin, and when it lapses.
+#[derive(Clone, Debug)]
+struct Grant {
+    admin: DeviceId,
+    until: Instant,
+    csrf: String,
+}
+
+/// Counters at one instant.
+#[derive(Clone, Copy, Debug, Serialize)]
+struct Sample {
+    /// Unix seconds.
+    t: i64,
+    sessions: u64,
+    refusals: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+struct Counts {
+    by_status: Vec<(Status, usize)>,
+    manufacturers: Vec<ManufacturerCount>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+struct ManufacturerCount {
+    name: String,
+    status: String,
+    devices: usize,
+}
+
+fn random() -> Result<[u8; 32], ApiError> {
+    let mut b = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).map_err(|_| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "no randomness",
+        )
+    })?;
+    Ok(b)
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn digest(token: &str) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+impl Console {
+    pub fn new() -> anyhow::Result<Self> {
+        let secret = random().map_err(|e| anyhow::anyhow!("{}", e.message()))?;
+        Ok(Self {
+            links: Mutex::default(),
+            sessions: Mutex::default(),
+            secret,
+            samples: Mutex::new(VecDeque::with_capacity(SAMPLES)),
+            counts: Mutex::default(),
+        })
+    }
+
+    /// A one-time login link's token for `admin`, good for `ttl`.
+    fn issue_link(&self, admin: DeviceId, ttl: Duration) -> Result<String, ApiError> {
+        let token = hex(&random()?);
+        let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        links.retain(|_, g| g.until > Instant::now());
+        links.insert(
+            digest(&token),
+            Grant {
+                admin,
+                until: Instant::now() + ttl,
+                csrf: String::new(),
+            },
+        );
+        Ok(token)
+    }
+
+    /// Whether `token` is a live link (not spending it).
+    fn link_is_live(&self, token: &str) -> bool {
+        let links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        links
+            .get(&digest(token))
+            .is_some_and(|g| g.until > Instant::now())
+    }
+
+    /// Spends `token` for a new session: its cookie value and grant.
+    fn redeem(&self, token: &str) -> Result<Option<(String, Grant)>, ApiError> {
+        let link = {
+            let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+            links.remove(&digest(token))
+        };
+        let Some(link) = link.filter(|g| g.until > Instant::now()) else {
+            return Ok(None);
+        };
+        let sid = hex(&random()?);
+        let grant = Grant {
+            admin: link.admin,
+            until: Instant::now() + SESSION_LIFETIME,
+            csrf: hex(&random()?),
+        };
+        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        sessions.retain(|_, g| g.until > Instant::now());
+        sessions.insert(digest(&sid), grant.clone());
+        Ok(Some((sid, grant)))
+    }
+
+    fn session(&self, sid: &str) -> Option<Grant> {
+        let sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        sessions
+            .get(&digest(sid))
+            .filter(|g| g.until > Instant::now())
+            .cloned()
+    }
+
+    fn end_session(&self, sid: &str) {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        sessions.remove(&digest(sid));
+    }
+
+    /// The CSRF token of a certificate user: keyed to the certificate.
+    fn cert_csrf(&self, cert_der: &[u8]) -> String {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.secret);
+        hex(ring::hmac::sign(&key, cert_der).as_ref())
+    }
+
+    /// Records the counters now (every [`SAMPLE_EVERY`], from `serve`).
+    pub fn sample(&self, metrics: &crate::metrics::Metrics) {
+        let s = metrics.snapshot();
+        let mut samples = self.samples.lock().unwrap_or_else(|e| e.into_inner());
+        if samples.len() == SAMPLES {
+            samples.pop_front();
+        }
+        samples.push_back(Sample {
+            t: time::OffsetDateTime::now_utc().unix_timestamp(),
+            sessions: s.sessions,
+            refusals: s.refusals.values().sum(),
+        });
+    }
+
+    /// How often [`Console::sample`] should run.
+    pub fn sample_every() -> Duration {
+        SAMPLE_EVERY
+    }
+
+    /// Connects and refusals in each interval between samples, oldest
+    /// first, then since the last sample until `now`: `(unix seconds at
+    /// its end, connects, refusals)`.
+    fn series(&self, now: Sample) -> Vec<(i64, u64, u64)> {
+        let samples = self.samples.lock().unwrap_or_else(|e| e.into_inner());
+        let all: Vec<Sample> = samples.iter().copied().chain([now]).collect();
+        all.windows(2)
+            .map(|w| {
+                (
+                    w[1].t,
+                    w[1].sessions.saturating_sub(w[0].sessions),
+                    w[1].refusals.saturating_sub(w[0].refusals),
+                )
+            })
+            .collect()
+    }
+}
+
+/// Who uses the console: an admin, by a session cookie or a client
+/// certificate, and the CSRF token their state changes must carry.
+#[derive(Debug)]
+pub struct Operator {
+    admin: DeviceId,
+    csrf: String,
+    /// The session cookie's value, if signed in by a link.
+    sid: Option<String>,
+}
+
+impl Operator {
+    fn actor(&self) -> String {
+        format!("admin:{} (console)", self.admin)
+    }
+
+    /// Refuses a state change that does not carry this operator's CSRF
+    /// token, or that another site started.
+    fn check_change(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        let refuse = |why: &str| {
+            tracing::warn!(client = %self.admin, reason = why, "console: refused a state change");
+            ApiError::new(StatusCode::FORBIDDEN, "csrf", why)
+        };
+        let site = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok());
+        if site.is_some_and(|s| s != "same-origin") {
+            return Err(refuse("a state change from another site"));
+        }
+        if let (Some(origin), Some(host)) = (
+            headers.get("origin").and_then(|v| v.to_str().ok()),
+            headers
+                .get(axum::http::header::HOST)
+                .and_then(|v| v.to_str().ok()),
+        ) {
+            if origin != format!("https://{host}") {
+                return Err(refuse("a state change from another origin"));
+            }
+        }
+        let given = headers
+            .get("x-csrf-token")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if self.csrf.is_empty() || !same(given.as_bytes(), self.csrf.as_bytes()) {
+            return Err(refuse("a state change without the console's CSRF token"));
+        }
+        Ok(())
+    }
+}
+
+/// Whether `a` and `b` are equal, in time that depends on their lengths
+/// only.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn cookie(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == COOKIE_NAME)
+        .map(|(_, v)| v.to_owned())
+}
+
+impl FromRequestParts<AppState> for Operator {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, st: &AppState) -> Result<Self, ApiError> {
+        if let Some(sid) = cookie(&parts.headers) {
+            if let Some(g) = st.console.session(&sid) {
+                // The admin behind a session must still be in good standing.
+                let standing = st.auth.registry.device(&g.admin);
+                if !matches!(&standing, Ok(d) if d.status == Status::Active) {
+                    st.console.end_session(&sid);
+                    tracing::warn!(client = %g.admin, "console: refused: the session's admin is no longer active");
+                    return Err(ApiError::new(
+                        StatusCode::UNAUTHORIZED,
+                        "session_ended",
+                        "the admin this session belongs to is no longer active",
+                    ));
+                }
+                return Ok(Operator {
+                    admin: g.admin,
+                    csrf: g.csrf,
+                    sid: Some(sid),
+                });
+            }
+        }
+        // No (live) session: an admin client certificate will do.
+        let has_cert = matches!(parts.extensions.get::<PeerCert>(), Some(PeerCert(Some(_))));
+        if !has_cert {
+            tracing::warn!(reason = "no session", "console: refused");
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "login_required",
+                "sign in with a link from `fleetgate console login`, or an admin certificate",
+            ));
+        }
+        let admin = Admin::from_request_parts(parts, st).await?;
+        let csrf = match parts.extensions.get::<PeerCert>() {
+            Some(PeerCert(Some(der))) => st.console.cert_csrf(der),
+            _ => String::new(),
+        };
+        Ok(Operator {
+            admin: admin.id,
+            csrf,
+            sid: None,
+        })
+    }
+}
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/console/links", post(new_link))
+        .route("/console", get(|| async { redirect("/console/") }))
+        .route("/console/", get(index))
+        .route("/console/login", get(login_page).post(login))
+        .route("/console/logout", post(logout))
+        .route("/console/assets/app.js", get(app_js))
+        .route("/console/assets/style.css", get(style_css))
+        .route("/console/api/me", get(me))
+        .route("/console/api/overview", get(overview))
+        .route("/console/api/devices", get(devices))
+        .route("/console/api/devices/{id}", get(device))
+        .route("/console/api/devices/{id}/{action}", post(act))
+        .route("/console/api/audit", get(audit))
+        .route("/console/api/activity", get(activity))
+        .layer(axum::middleware::map_response(secure_headers))
+}
+
+/// Every console answer: the CSP, no sniffing, no framing, no referrer
+/// (a login link's token must not leak), nothing cached.
+async fn secure_headers(mut r: Response) -> Response {
+    let h = r.headers_mut();
+    h.insert(CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP));
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert("x-frame-options", HeaderValue::from_static("DENY"));
+    h.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
+    if !h.contains_key(CACHE_CONTROL) {
+        h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
+    r
+}
+
+fn redirect(to: &'static str) -> Response {
+    (StatusCode::SEE_OTHER, [(LOCATION, to)]).into_response()
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkBody {
+    /// Seconds the link stays good (default 600, at most 3600).
+    #[serde(default)]
+    pub ttl_seconds: Option<u64>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Link {
+    /// The path to open on the API's address: `/console/login?token=...`.
+    pub path: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub expires_at: time::OffsetDateTime,
+}
+
+/// `POST /v1/console/links`: a one-time login link for the calling admin.
+async fn new_link(
+    State(st): State<AppState>,
+    admin: Admin,
+    super::Body(body): super::Body<LinkBody>,
+) -> Result<(StatusCode, Json<Link>), ApiError> {
+    let ttl = Duration::from_secs(body.ttl_seconds.unwrap_or(LINK_LIFETIME.as_secs()));
+    if ttl.is_zero() || ttl > MAX_LINK_LIFETIME {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_input",
+            format!(
+                "ttl_seconds: 1 to {}, not {}",
+                MAX_LINK_LIFETIME.as_secs(),
+                ttl.as_secs()
+            ),
+        ));
+    }
+    let token = st.console.issue_link(admin.id.clone(), ttl)?;
+    tracing::info!(client = %admin.id, ttl_s = ttl.as_secs(), "console: login link issued");
+    Ok((
+        StatusCode::CREATED,
+        Json(Link {
+            path: format!("/console/login?token={token}"),
+            expires_at: time::OffsetDateTime::now_utc() + ttl,
+        }),
+    ))
+}
+
+/// A page of the console's own, outside the app: a title and a body
+/// (both already HTML-safe).
+fn page(status: StatusCode, title: &str, body: &str) -> Response {
+    (
+        status,
+        Html(format!(
+            "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
+             <title>{title} · fleetgate</title>\
+             <link rel=\"stylesheet\" href=\"/console/assets/style.css\"></head>\
+             <body class=\"plain\"><main class=\"card\"><h1>{title}</h1>{body}</main></body></html>"
+        )),
+    )
+        .into_response()
+}
+
+fn link_refused() -> Response {
+    tracing::warn!(reason = "link used or expired", "console: refused a login");
+    page(
+        StatusCode::FORBIDDEN,
+        "This link cannot be used",
+        "<p id=\"refused\">This login link was already used, or it expired. \
+         Run <code>fleetgate console login</code> for a new one.</p>",
+    )
+}
+
+#[derive(Debug, Deserialize)]
+struct TokenQuery {
+    token: Option<String>,
+}
+
+/// `GET /console/login?token=`: a button that spends the link (a GET
+/// never does: link previews must not sign anyone in).
+async fn login_page(State(st): State<AppState>, Query(q): Query<TokenQuery>) -> Response {
+    let Some(token) = q
+        .token
+        .filter(|t| t.len() == 64 && t.bytes().all(|b| b.is_ascii_hexdigit()))
+    else {
+        return link_refused();
+    };
+    if !st.console.link_is_live(&token) {
+        return link_refused();
+    }
+    page(
+        StatusCode::OK,
+        "Sign in to fleetgate",
+        &format!(
+            "<form method=\"post\" action=\"/console/login\">\
+             <input type=\"hidden\" name=\"token\" value=\"{token}\">\
+             <button id=\"sign-in\" type=\"submit\">Sign in</button></form>"
+        ),
+    )
+}
+
+#[derive(Debug, Deserialize)]
+struct LoginForm {
+    token: String,
+}
+
+/// `POST /console/login`: spends the link for a session cookie.
+async fn login(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    Form(f): Form<LoginForm>,
+) -> Response {
+    if headers
+        .get("sec-fetch-site")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|s| s != "same-origin" && s != "none")
+    {
+        tracing::warn!(reason = "cross-site login", "console: refused a login");
+        return page(
+            StatusCode::FORBIDDEN,
+            "Refused",
+            "<p>A login from another site.</p>",
+        );
+    }
+    match st.console.redeem(&f.token) {
+        Ok(Some((sid, grant))) => {
+            tracing::info!(client = %grant.admin, "console: signed in by a login link");
+            (
+                StatusCode::SEE_OTHER,
+                [
+                    (LOCATION, "/console/".to_owned()),
+                    (
+                        SET_COOKIE,
+                        format!(
+                            "{COOKIE_NAME}={sid}; Path=/; Secure; HttpOnly; SameSite=Strict; Max-Age={}",
+                            SESSION_LIFETIME.as_secs()
+                        ),
+                    ),
+                ],
+            )
+                .into_response()
+        }
+        Ok(None) => link_refused(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `POST /console/logout`: ends the session.
+async fn logout(State(st): State<AppState>, op: Operator, headers: HeaderMap) -> Response {
+    if let Err(e) = op.check_change(&headers) {
+        return e.into_response();
+    }
+    if let Some(sid) = &op.sid {
+        st.console.end_session(sid);
+    }
+    tracing::info!(client = %op.admin, "console: signed out");
+    (
+        StatusCode::NO_CONTENT,
+        [(
+            SET_COOKIE,
+            format!("{COOKIE_NAME}=; Path=/; Secure; HttpOnly; SameSite=Strict; Max-Age=0"),
+        )],
+    )
+        .into_response()
+}
+
+/// The app's shell; without a session or an admin certificate, how to get
+/// one.
+async fn index(op: Result<Operator, ApiError>) -> Response {
+    match op {
+        Ok(_) => Html(include_str!("index.html")).into_response(),
+        Err(_) => page(
+            StatusCode::UNAUTHORIZED,
+            "Sign in",
+            "<p id=\"login-required\">Run <code>fleetgate console login</code> and open the \
+             link it prints, or present an admin client certificate.</p>",
+        ),
+    }
+}
+
+async fn app_js() -> Response {
+    (
+        [
+            (CONTENT_TYPE, "text/javascript; charset=utf-8"),
+            (CACHE_CONTROL, "no-cache"),
+        ],
+        include_str!("app.js"),
+    )
+        .into_response()
+}
+
+async fn style_css() -> Response {
+    (
+        [
+            (CONTENT_TYPE, "text/css; charset=utf-8"),
+            (CACHE_CONTROL, "no-cache"),
+        ],
+        include_str!("style.css"),
+    )
+        .into_response()
+}
+
+#[derive(Debug, Serialize)]
+struct Me {
+    admin: DeviceId,
+    csrf: String,
+    session: bool,
+}
+
+async fn me(op: Operator) -> Json<Me> {
+    Json(Me {
+        admin: op.admin,
+        csrf: op.csrf,
+        session: op.sid.is_some(),
+    })
+}
+
+#[derive(Debug, Serialize)]
+struct Overview {
+    devices: usize,
+    counts: Counts,
+    live_sessions: usize,
+    handshakes: u64,
+    sessions: u64,
+    kicked: u64,
+    refusals: std::collections::BTreeMap<&'static str, u64>,
+    /// `(unix seconds, connects, refusals)` per interval.
+    series: Vec<(i64, u64, u64)>,
+    series_step_s: u64,
+}
+
+async fn overview(State(st): State<AppState>, _op: Operator) -> Result<Json<Overview>, ApiError> {
+    let cached = {
+        let c = st.console.counts.lock().unwrap_or_else(|e| e.into_inner());
+        c.as_ref()
+            .filter(|(at, _)| at.elapsed() < COUNTS_FOR)
+            .map(|(_, c)| c.clone())
+    };
+    let counts = match cached {
+        Some(c) => c,
+        None => {
+            let auth = st.auth.clone();
+            let c = Arc::new(
+                super::blocking(move || {
+                    let by_status = auth.registry.count_by_status()?;
+                    let per = auth.registry.count_by_manufacturer()?;
+                    let manufacturers = auth
+                        .registry
+                        .manufacturers()?
+                        .into_iter()
+                        .map(|m| ManufacturerCount {
+                            devices: per.get(m.name.as_str()).copied().unwrap_or(0),
+                            status: format!("{:?}", m.status).to_lowercase(),
+                            name: m.name.to_string(),
+                        })
+                        .collect();
+                    Ok(Counts {
+                        by_status,
+                        manufacturers,
+                    })
+                })
+                .await?,
+            );
+            *st.console.counts.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some((Instant::now(), c.clone()));
+            c
+        }
+    };
+    let m = st.metrics.snapshot();
+    let now = Sample {
+        t: time::OffsetDateTime::now_utc().unix_timestamp(),
+        sessions: m.sessions,
+        refusals: m.refusals.values().sum(),
+    };
+    Ok(Json(Overview {
+        devices: st.auth.registry.device_count(),
+        counts: (*counts).clone(),
+        live_sessions: st.broker.live_sessions(),
+        handshakes: m.handshakes,
+        sessions: m.sessions,
+        kicked: m.kicked,
+        refusals: m.refusals,
+        series: st.console.series(now),
+        series_step_s: SAMPLE_EVERY.as_secs(),
+    }))
+}
+
+#[derive(Debug, Deserialize)]
+struct DevicesQuery {
+    /// Part of the id, or a manufacturer's name.
+    q: Option<String>,
+    status: Option<String>,
+    after: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct DeviceRow {
+    id: DeviceId,
+    role: provisioning::Role,
+    status: Status,
+    manufacturer: Option<String>,
+    connected: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct DevicePage {
+    items: Vec<DeviceRow>,
+    next: Option<String>,
+}
+
+async fn devices(
+    State(st): State<AppState>,
+    _op: Operator,
+    Query(q): Query<DevicesQuery>,
+) -> Result<Json<DevicePage>, ApiError> {
+    let status = q
+        .status
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse::<Status>())
+        .transpose()?;
+    let needle = q.q.unwrap_or_default().trim().to_lowercase();
+    let auth = st.auth.clone();
+    let (found, next) = super::blocking(move || {
+        let mut found: Vec<DeviceRecord> = Vec::new();
+        let mut after = q.after;
+        let mut scanned = 0;
+        loop {
+            let page = auth.registry.list(status, after.as_deref(), 500)?;
+            for d in page.items {
+                scanned += 1;
+                after = Some(d.id.to_string());
+                let hit = needle.is_empty()
+                    || d.id.as_str().to_lowercase().contains(&needle)
+                    || d.manufacturer
+                        .as_deref()
+                        .is_some_and(|m| m.to_lowercase() == needle);
+                if hit {
+                    found.push(d);
+                    if found.len() == PAGE {
+                        return Ok((found, after));
+                    }
+                }
+            }
+            if page.next.is_none() {
+                return Ok((found, None));
+            }
+            if scanned >= SEARCH_SCAN {
+                return Ok((found, after));
+            }
+        }
+    })
+    .await?;
+    let items = found
+        .into_iter()
+        .map(|d| DeviceRow {
+            connected: !st.broker.sessions_of(&d.id).is_empty(),
+            id: d.id,
+            role: d.role,
+            status: d.status,
+            manufacturer: d.manufacturer,
+        })
+        .collect();
+    Ok(Json(DevicePage { items, next }))
+}
+
+#[derive(Debug, Serialize)]
+struct CommandRow {
+    seq: u64,
+    topic: String,
+    bytes: usize,
+    qos: u8,
+    stored_at_ms: i64,
+    expires_at_ms: Option<i64>,
+}
+
+#[derive(Debug, Serialize)]
+struct DevicePageView {
+    device: DeviceView,
+    sessions: Vec<LiveSession>,
+    audit: Vec<AuditEntry>,
+    commands: Vec<CommandRow>,
+    /// Why the queued commands could not be read, if they could not.
+    commands_error: Option<String>,
+}
+
+async fn device(
+    State(st): State<AppState>,
+    _op: Operator,
+    Path(id): Path<String>,
+) -> Result<Json<DevicePageView>, ApiError> {
+    let id = device_id(id)?;
+    let (auth, broker, id2) = (st.auth.clone(), st.broker.clone(), id.clone());
+    let (device, audit, commands) = super::blocking(move || {
+        let device = auth.registry.device_view(&id2)?;
+        let audit = auth.registry.audit_of(&id2, 50)?;
+        Ok((device, audit, broker.queued_commands(&id2)))
+    })
+    .await?;
+    let (commands, commands_error) = match commands {
+        Ok(q) => (
+            q.into_iter()
+                .map(|c| CommandRow {
+                    seq: c.seq,
+                    bytes: c.message.payload.len(),
+                    topic: c.message.topic,
+                    qos: c.message.qos,
+                    stored_at_ms: c.message.stored_at_ms,
+                    expires_at_ms: c.message.expires_at_ms,
+                })
+                .collect(),
+            None,
+        ),
+        Err(e) => (Vec::new(), Some(e.to_string())),
+    };
+    Ok(Json(DevicePageView {
+        sessions: st.broker.sessions_of(&id),
+        device,
+        audit,
+        commands,
+        commands_error,
+    }))
+}
+
+/// `POST /console/api/devices/{id}/{suspend|resume|revoke}`.
+async fn act(
+    State(st): State<AppState>,
+    op: Operator,
+    headers: HeaderMap,
+    Path((id, action)): Path<(String, String)>,
+    super::Body(body): super::Body<RevokeBody>,
+) -> Result<Json<DeviceView>, ApiError> {
+    op.check_change(&headers)?;
+    let actor = op.actor();
+    let view = match action.as_str() {
+        "suspend" => transition(&st, actor, id, |r, id, a| r.suspend(id, a)).await?,
+        "resume" => transition(&st, actor, id, |r, id, a| r.resume(id, a)).await?,
+        "revoke" => {
+            let reason = reason(&body)?;
+            let view = transition(&st, actor, id, move |r, id, a| r.revoke(id, reason, a)).await?;
+            st.metrics
+                .revocations
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            view
+        }
+        other => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no action {other:?}: suspend, resume or revoke"),
+            ))
+        }
+    };
+    tracing::info!(device.id = %view.id, action = %action, by = %op.actor(), "console: device changed");
+    st.caught_up().await;
+    Ok(Json(view))
+}
+
+#[derive(Debug, Deserialize)]
+struct AuditQuery {
+    /// The last sequence number of the page before.
+    after: Option<u64>,
+}
+
+async fn audit(
+    State(st): State<AppState>,
+    _op: Operator,
+    Query(q): Query<AuditQuery>,
+) -> Result<Json<provisioning::registry::Page<AuditEntry>>, ApiError> {
+    Ok(Json(st.auth.registry.audit(q.after, PAGE)?))
+}
+
+/// `GET /console/api/activity`: refusals and kicks as they happen
+/// (server-sent events, each a JSON [`crate::activity::Activity`]), after
+/// the latest few.
+async fn activity(_op: Operator) -> Sse<impl futures_util::Stream<Item = Result<Event, Error>>> {
+    use futures_util::StreamExt;
+    let (recent, rx) = crate::activity::feed().follow();
+    let past = futures_util::stream::iter(recent);
+    let live = futures_util::stream::unfold(rx, |mut rx| async move {
+        loop {
+            match rx.recv().await {
+                Ok(a) => return Some((a, rx)),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    let events = past.chain(live).map(|a| {
+        Ok(Event::default()
+            .event("activity")
+            .data(serde_json::to_string(&*a).unwrap_or_default()))
+    });
+    Sse::new(events).keep_alive(KeepAlive::default())
+}

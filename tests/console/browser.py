@@ -1,0 +1,293 @@
+#!/usr/bin/env python3
+"""fleetgate's operator console in a real browser: headless Chromium driven
+over WebDriver (chromedriver), with nothing but the standard library.
+
+Run by tests/tests/console.rs against a running `fleetgate serve`:
+
+    browser.py --api URL --link URL --used-link URL --expired-link URL
+               --device ID --bystander ID [--screenshots DIR]
+
+It signs in through the one-time link, finds the device (connected by
+mosquitto_sub, started by the Rust side), revokes it from its page, and
+checks what must be refused is: the used and the expired link, no cookie,
+a cross-site POST. Exits non-zero with the reason on the first failure.
+"""
+
+import argparse
+import base64
+import http.server
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+ELEMENT = "element-6066-11e4-a52e-4f735466cecf"
+
+
+STARTED = time.time()
+
+
+def step(what):
+    print(f"{time.time() - STARTED:6.1f}s {what}", flush=True)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Browser:
+    """A WebDriver session on a chromedriver of its own."""
+
+    def __init__(self):
+        port = free_port()
+        self.driver = subprocess.Popen(
+            ["chromedriver", f"--port={port}"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 30
+        while True:
+            try:
+                if self._call("GET", "/status")["ready"]:
+                    break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                raise SystemExit("chromedriver did not start")
+            time.sleep(0.1)
+        caps = {
+            "capabilities": {
+                "alwaysMatch": {
+                    "browserName": "chrome",
+                    # fleetgate's own CA signed the server certificate.
+                    "acceptInsecureCerts": True,
+                    "goog:chromeOptions": {
+                        "binary": os.environ.get("CHROMIUM", "/usr/bin/chromium"),
+                        "args": [
+                            "--headless=new",
+                            "--no-sandbox",
+                            "--disable-gpu",
+                            "--disable-dev-shm-usage",
+                            "--window-size=1280,960",
+                        ],
+                    },
+                }
+            }
+        }
+        self.session = self._call("POST", "/session", caps)["sessionId"]
+
+    def _call(self, method, path, body=None):
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.base + path, data=data, method=method)
+        req.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return json.load(r)["value"]
+        except urllib.error.HTTPError as e:
+            raise RuntimeError(f"webdriver {method} {path}: {e.read().decode()}") from None
+
+    def s(self, method, path, body=None):
+        return self._call(method, f"/session/{self.session}{path}", body)
+
+    def go(self, url):
+        self.s("POST", "/url", {"url": url})
+
+    def find(self, css, within=10.0):
+        """The first element matching `css`, waiting for it."""
+        deadline = time.time() + within
+        while True:
+            found = self.s("POST", "/elements", {"using": "css selector", "value": css})
+            if found:
+                return found[0][ELEMENT]
+            if time.time() > deadline:
+                raise AssertionError(f"no {css!r} on {self.url()}:\n{self.text('body')[:2000]}")
+            time.sleep(0.1)
+
+    def text(self, css):
+        return self.s("GET", f"/element/{self.find(css)}/text")
+
+    def click(self, css):
+        self.s("POST", f"/element/{self.find(css)}/click", {})
+
+    def url(self):
+        return self.s("GET", "/url")
+
+    def js(self, script, *args):
+        return self.s("POST", "/execute/async", {"script": script, "args": list(args)})
+
+    def wait_text(self, css, want, within=10.0):
+        deadline = time.time() + within
+        while True:
+            try:
+                got = self.text(css)
+            except (AssertionError, RuntimeError):
+                got = None
+            if got is not None and want in got:
+                return got
+            if time.time() > deadline:
+                raise AssertionError(f"{css!r} never said {want!r} (last: {got!r})")
+            time.sleep(0.1)
+
+    def screenshot(self, path):
+        png = base64.b64decode(self.s("GET", "/screenshot"))
+        with open(path, "wb") as f:
+            f.write(png)
+
+    def close(self):
+        try:
+            self.s("DELETE", "")
+        finally:
+            self.driver.terminate()
+            self.driver.wait(10)
+
+
+def fetch_status(b, path, method="GET", body=None, headers=None):
+    """`fetch` from the page (its origin, its cookies): the HTTP status."""
+    return b.js(
+        """
+        const [path, method, body, headers, done] = arguments;
+        fetch(path, {method, body, headers, credentials: "same-origin"})
+            .then((r) => done(r.status), (e) => done(String(e)));
+        """,
+        path,
+        method,
+        body,
+        headers or {},
+    )
+
+
+def evil_site(target):
+    """Another origin (plain HTTP on another port) with a form that posts
+    to `target` on load, as a cross-site request forgery would."""
+    page = f"""<!doctype html><html><body>
+<form id="f" method="post" action="{target}" enctype="text/plain">
+<input name='{{"reason":"key-compromise","x":"' value='"}}'></form>
+<script>document.getElementById("f").submit();</script></body></html>""".encode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+
+        def log_message(self, *a):
+            pass
+
+    # Threads: the browser's idle preconnections must not hold up the rest.
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}/"
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--api", required=True)
+    p.add_argument("--link", required=True)
+    p.add_argument("--used-link", required=True)
+    p.add_argument("--expired-link", required=True)
+    p.add_argument("--device", required=True)
+    p.add_argument("--bystander", required=True)
+    p.add_argument("--screenshots")
+    a = p.parse_args()
+    api = a.api.rstrip("/")
+
+    step("starting chromium")
+    b = Browser()
+    try:
+        step("no cookie")
+        # No cookie: the console and its API refuse.
+        b.go(f"{api}/console/")
+        b.find("#login-required")
+        assert fetch_status(b, "/console/api/me") == 401, "me without a cookie"
+        assert fetch_status(b, "/console/api/devices") == 401, "devices without a cookie"
+
+        step("used and expired links")
+        # A used link and an expired one are refused.
+        for link in (a.used_link, a.expired_link):
+            b.go(link)
+            b.find("#refused")
+
+        step("sign in")
+        # The one-time link signs in: a session cookie as it must be.
+        b.go(a.link)
+        b.click("#sign-in")
+        b.find("#live-sessions")
+        cookies = {c["name"]: c for c in b.s("GET", "/cookie")}
+        c = cookies.get("__Host-fleetgate-console")
+        assert c, f"no session cookie: {cookies}"
+        assert c["httpOnly"] and c["secure"] and c["sameSite"] == "Strict", c
+        # The link was spent.
+        b.go(a.link)
+        b.find("#refused")
+        b.go(f"{api}/console/#/")
+        b.wait_text("#live-sessions", "1")
+        if a.screenshots:
+            b.wait_text("#activity", "refus", within=15)
+            b.screenshot(os.path.join(a.screenshots, "console-overview.png"))
+
+        step("the device")
+        # The device, connected by mosquitto_sub, in the list and on its page.
+        b.go(f"{api}/console/#/devices?q={a.device}")
+        row = f'tr[data-device="{a.device}"]'
+        b.wait_text(row, "connected")
+        b.click(f"{row} a")
+        b.wait_text("#device-id", a.device)
+        b.wait_text("#device-status", "active")
+        b.find("#sessions")
+        if a.screenshots:
+            b.screenshot(os.path.join(a.screenshots, "console-device.png"))
+
+        step("no CSRF token")
+        # A state change without the CSRF token is refused, even from the
+        # console's own origin with its cookie.
+        assert (
+            fetch_status(b, f"/console/api/devices/{a.bystander}/suspend", "POST", "{}",
+                         {"Content-Type": "application/json"}) == 403
+        ), "a POST without the CSRF token"
+
+        step("revoke")
+        # Revoke it from its page, with a reason, confirmed.
+        b.click("#action-revoke")
+        b.click('#reason option[value="key-compromise"]')
+        b.click("#confirm-ok")
+        b.wait_text("#device-status", "revoked")
+        b.find("#no-session", within=10)
+
+        step("cross-site POST")
+        # A cross-site POST (a form on another origin) does nothing.
+        evil, evil_url = evil_site(f"{api}/console/api/devices/{a.bystander}/revoke")
+        b.go(evil_url)
+        deadline = time.time() + 10
+        while not b.url().startswith(api):
+            assert time.time() < deadline, f"the forged form never posted: {b.url()}"
+            time.sleep(0.1)
+        b.wait_text("body", "login_required")
+        evil.shutdown()
+        b.go(f"{api}/console/#/devices/{a.bystander}")
+        b.wait_text("#device-status", "active")
+
+        step("sign out")
+        # Signing out ends the session.
+        b.go(f"{api}/console/#/")
+        b.find("#live-sessions")
+        b.click("#logout")
+        b.find("#signed-out")
+        assert fetch_status(b, "/console/api/me") == 401, "me after signing out"
+    finally:
+        b.close()
+    print("console: all browser checks passed")
+
+
+if __name__ == "__main__":
+    main()
