@@ -129,6 +129,42 @@ fn the_console_signs_in_once_shows_a_device_and_revokes_it() {
     );
     // The cross-site POST and the one without a CSRF token changed nothing.
     assert_eq!(server.device_json("console-bystander")["status"], "active");
+    // An admin client certificate works without a link; its changes need
+    // its CSRF token all the same.
+    let curl = |extra: &[&str], path: &str| {
+        let dd = &server.data_dir;
+        let (ok, out) = run(Command::new("curl")
+            .args(["-sS", "-w", "\n%{http_code}", "--cacert"])
+            .arg(dd.join("ca.crt"))
+            .arg("--cert")
+            .arg(dd.join("admin.crt"))
+            .arg("--key")
+            .arg(dd.join("admin.key"))
+            .args(extra)
+            .arg(format!("{}{path}", server.api_url())));
+        assert!(ok, "{out}");
+        let (body, code) = out.rsplit_once('\n').unwrap();
+        (code.to_owned(), body.to_owned())
+    };
+    let (code, me) = curl(&[], "/console/api/me");
+    assert_eq!(code, "200", "{me}");
+    let me: serde_json::Value = serde_json::from_str(&me).unwrap();
+    assert_eq!(me["session"], false);
+    let csrf = me["csrf"].as_str().unwrap().to_owned();
+    let suspend = "/console/api/devices/console-bystander/suspend";
+    let json = ["-H", "Content-Type: application/json", "-d", "{}"];
+    let (code, body) = curl(&json, suspend);
+    assert_eq!(code, "403", "{body}");
+    let header = format!("X-CSRF-Token: {csrf}");
+    let mut with_token = json.to_vec();
+    with_token.extend(["-H", &header]);
+    let (code, body) = curl(&with_token, suspend);
+    assert_eq!(code, "200", "{body}");
+    assert_eq!(
+        server.device_json("console-bystander")["status"],
+        "suspended"
+    );
+
     // The audit log has the revocation under the admin, through the console.
     let audit = server.cli_ok(&["audit"]);
     assert!(audit.contains("admin:admin (console)"), "{audit}");
