@@ -403,6 +403,17 @@ pub fn cert_request(msgs: &CertReqMessages) -> Result<CertRequest, Failure> {
     })
 }
 
+/// A `p10cr`'s PKCS#10 request, its self-signature checked. Its
+/// certReqId is -1, as RFC 9483 4.1.4 has it for p10cr.
+pub fn p10_request(csr: &x509_cert::request::CertReq) -> Result<CertRequest, Failure> {
+    let der = csr.to_der().map_err(malformed("the PKCS#10 request"))?;
+    let key = crate::csr::validate_csr(&der).map_err(|e| failure_of(&e))?;
+    Ok(CertRequest {
+        cert_req_id: Int::new(&[0xff]).map_err(malformed("certReqId"))?,
+        key,
+    })
+}
+
 /// A name's common name, if it has one.
 fn common_name(name: &Name) -> Result<Option<String>, Failure> {
     let der = name.to_der().map_err(malformed("the subject"))?;

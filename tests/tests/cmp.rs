@@ -217,6 +217,45 @@ fn openssl_cmp_enrolls_with_a_claim_updates_the_key_and_revokes() {
         ],
     );
     assert!(ok, "{out}");
+    // p10cr: a PKCS#10 request made by `openssl req`, enrolled by the
+    // admin; one whose signature fails is refused.
+    let csr5 = dir.join("cmp-5.csr");
+    let (ok, out) = run(Command::new("openssl")
+        .args([
+            "req",
+            "-new",
+            "-key",
+            path(&k2),
+            "-subj",
+            "/CN=cmp-5",
+            "-out",
+        ])
+        .arg(&csr5));
+    assert!(ok, "{out}");
+    let c5 = dir.join("cmp-5.crt");
+    let (ok, out) = cmp(
+        &server,
+        "p10cr",
+        admin,
+        &["-csr", path(&csr5), "-certout", path(&c5)],
+    );
+    assert!(ok && out.contains("received CP"), "{out}");
+    assert_eq!(server.device_json("cmp-5")["status"], "active");
+    let forged = dir.join("forged.csr");
+    std::fs::write(&forged, tests::pki::csr_signed_by_another_key()).unwrap();
+    let (ok, out) = cmp(
+        &server,
+        "p10cr",
+        admin,
+        &[
+            "-csr",
+            path(&forged),
+            "-certout",
+            path(&dir.join("never.crt")),
+        ],
+    );
+    assert!(!ok && out.contains("badPOP"), "{out}");
+
     let (ok, out) = cmp(&server, "rr", own, &["-oldcert", path(&c3)]);
     assert!(!ok && out.contains("may revoke only its own"), "{out}");
     assert!(server.openssl_ocsp(&c3).contains(": good"));
@@ -284,6 +323,7 @@ fn openssl_cmp_enrolls_with_a_claim_updates_the_key_and_revokes() {
 
     // No refused request got a certificate.
     assert!(!dd.join("never.crt").exists());
+    assert!(!dir.join("never.crt").exists());
 
     // The audit log names who did each through CMP.
     let audit = server.cli_ok(&["audit"]);

@@ -6,7 +6,7 @@
 //! first of extraCerts), which must chain to fleetgate's root and be in
 //! good standing in the registry, exactly as a TLS client certificate on
 //! this listener. Then:
-//! - `ir`/`cr`: an admin enrolls any id, a claim spends one of its uses;
+//! - `ir`/`cr`/`p10cr`: an admin enrolls any id, a claim spends one of its uses;
 //!   the id is the template's subject CN, the key the template's, its
 //!   proof of possession checked.
 //! - `kur`: a device gets a new certificate for itself (an admin for any
@@ -249,6 +249,7 @@ fn handle(
         msg.msg.body,
         PkiBody::Ir(_)
             | PkiBody::Cr(_)
+            | PkiBody::P10cr(_)
             | PkiBody::KUr(_)
             | PkiBody::Rr(_)
             | PkiBody::CertConf(_)
@@ -256,7 +257,7 @@ fn handle(
     ) {
         return Err(anon(Failure::new(
             FailInfo::BadRequest,
-            format!("fleetgate answers ir, cr, kur, rr, certConf and genm, not {kind}"),
+            format!("fleetgate answers ir, cr, p10cr, kur, rr, certConf and genm, not {kind}"),
         )));
     }
     msg.transaction_id().map_err(anon)?;
@@ -298,8 +299,13 @@ fn handle(
     let auth = &st.auth;
     let failed = |e: provisioning::Error| refuse(cmp::failure_of(&e));
     let answer = match &msg.msg.body {
-        PkiBody::Ir(reqs) | PkiBody::Cr(reqs) => {
-            let req = cmp::cert_request(reqs).map_err(&refuse)?;
+        PkiBody::Ir(_) | PkiBody::Cr(_) | PkiBody::P10cr(_) => {
+            let req = match &msg.msg.body {
+                PkiBody::P10cr(csr) => cmp::p10_request(csr),
+                PkiBody::Ir(reqs) | PkiBody::Cr(reqs) => cmp::cert_request(reqs),
+                _ => unreachable!("matched above"),
+            }
+            .map_err(&refuse)?;
             let id = subject_id(&req.key.subject_cn).map_err(&refuse)?;
             let (_, cert) = match me.role {
                 Role::Admin => auth.enroll_key(
