@@ -479,3 +479,61 @@ fn a_share_group_spreads_messages_over_its_members_on_every_node() {
     // And both nodes' members had a share.
     assert!(!a.is_empty() && !b.is_empty(), "{a:?} {b:?}");
 }
+
+#[test]
+fn an_expired_session_and_its_queue_are_swept_from_jetstream() {
+    let (tmp, etcd, nats, one, two) = two_nodes(&[]);
+    let creds = tmp.path().join("c");
+    let dev = one.enroll(&creds, "device", "dev-2");
+    let svc = one.enroll(&creds, "service", "backend");
+    // A persistent session that outlives its connection by one second.
+    let (ok, out) = run(one.mosquitto("mosquitto_sub", &dev).args([
+        "-V",
+        "mqttv5",
+        "-c",
+        "-x",
+        "1",
+        "-i",
+        "dev-2",
+        "-q",
+        "1",
+        "-t",
+        "devices/dev-2/commands/#",
+        "-E",
+    ]));
+    assert!(ok, "{out}");
+    // A command waits for it.
+    let (ok, out) = run(two.mosquitto("mosquitto_pub", &svc).args([
+        "-V",
+        "mqttv5",
+        "-q",
+        "1",
+        "-t",
+        "devices/dev-2/commands/update",
+        "-m",
+        "late",
+    ]));
+    assert!(ok && !out.contains("failed"), "{out}");
+    assert_eq!(nats.stream_messages(0, "FLEETGATE_SESSIONS"), Some(1));
+    assert_eq!(nats.stream_messages(0, "FLEETGATE_QUEUE"), Some(1));
+    // Past its expiry, a node's sweep (at start, then every ten minutes)
+    // ends it: record and queue, on JetStream.
+    std::thread::sleep(Duration::from_millis(2100));
+    let data = two.data_dir.clone();
+    two.terminate();
+    let (store, bus) = (etcd.url(), nats.url());
+    let _two = Server::start_with(&data, &["--store", &store, "--nats", &bus]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while nats.stream_messages(0, "FLEETGATE_SESSIONS") != Some(0)
+        || nats.stream_messages(0, "FLEETGATE_QUEUE") != Some(0)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "still kept: {:?} sessions, {:?} commands",
+            nats.stream_messages(0, "FLEETGATE_SESSIONS"),
+            nats.stream_messages(0, "FLEETGATE_QUEUE")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(one);
+}

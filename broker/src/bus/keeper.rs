@@ -292,6 +292,77 @@ impl Keeper for JetStreamKeeper {
     fn is_local(&self) -> bool {
         false
     }
+
+    /// Every node sweeps the whole stream (at start and every ten
+    /// minutes): a session is ended once, whichever node sees it first.
+    /// A session still marked connected (here or on another node) is left
+    /// alone; a purge removes only the record it read, so a device that
+    /// came back meanwhile keeps the newer one. Commands expire on
+    /// JetStream itself (the stream's max age).
+    fn sweep(
+        &self,
+        now: i64,
+        connected: &dyn Fn(&DeviceId) -> bool,
+        keep: &dyn Fn(&DeviceId) -> bool,
+    ) -> Result<provisioning::sessions::Swept, Error> {
+        use futures_util::TryStreamExt;
+        let subjects: Vec<(String, usize)> = self.block("listing sessions", async {
+            self.sessions
+                .info_with_subjects(format!("{SESSION_PREFIX}>"))
+                .await
+                .map_err(|e| unavailable("listing sessions", e))?
+                .try_collect()
+                .await
+                .map_err(|e| unavailable("listing sessions", e))
+        })?;
+        let mut swept = provisioning::sessions::Swept::default();
+        for (subject, _) in subjects {
+            let Some(id) = subject
+                .strip_prefix(SESSION_PREFIX)
+                .and_then(|s| DeviceId::try_new(s.to_owned()).ok())
+            else {
+                continue;
+            };
+            if connected(&id) {
+                continue;
+            }
+            let ended = self.block("sweeping a session", async {
+                let m = match self.sessions.direct_get_last_for_subject(&subject).await {
+                    Ok(m) => m,
+                    Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => return Ok(None),
+                    Err(e) => return Err(unavailable("reading a session", e)),
+                };
+                let rec: Option<SessionRecord> = serde_json::from_slice(&m.payload).ok();
+                let over = match &rec {
+                    // Unreadable: nothing can resume it.
+                    None => true,
+                    Some(r) => r.disconnected_at.is_some() && (r.expired(now) || !keep(&id)),
+                };
+                if !over {
+                    return Ok(None);
+                }
+                // Up to and with the record read, not a newer one.
+                self.sessions
+                    .purge()
+                    .filter(subject.as_str())
+                    .sequence(m.sequence + 1)
+                    .await
+                    .map_err(|e| unavailable("ending a session", e))?;
+                let q = self
+                    .queue
+                    .purge()
+                    .filter(format!("{QUEUE_PREFIX}{id}"))
+                    .await
+                    .map_err(|e| unavailable("dropping a queue", e))?;
+                Ok(Some(q.purged as usize))
+            })?;
+            if let Some(dropped) = ended {
+                swept.sessions += 1;
+                swept.messages += dropped;
+            }
+        }
+        Ok(swept)
+    }
 }
 
 /// Whether JetStream refused a message because its subject is at the

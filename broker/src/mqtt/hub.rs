@@ -65,6 +65,15 @@ pub trait Keeper: Send + Sync + std::fmt::Debug {
     fn purge(&self, ids: &[DeviceId]) -> Result<usize, Error>;
     /// Whether reads are in this process's memory (no network on the way).
     fn is_local(&self) -> bool;
+    /// Ends the sessions that expired by `now` (unix seconds) or whose
+    /// device `keep` no longer keeps, except those `connected` here, and
+    /// drops expired messages.
+    fn sweep(
+        &self,
+        now: i64,
+        connected: &dyn Fn(&DeviceId) -> bool,
+        keep: &dyn Fn(&DeviceId) -> bool,
+    ) -> Result<provisioning::sessions::Swept, Error>;
 }
 
 /// One node: sessions in the registry's sled database.
@@ -107,6 +116,14 @@ impl Keeper for SessionStore {
     }
     fn is_local(&self) -> bool {
         true
+    }
+    fn sweep(
+        &self,
+        now: i64,
+        connected: &dyn Fn(&DeviceId) -> bool,
+        keep: &dyn Fn(&DeviceId) -> bool,
+    ) -> Result<provisioning::sessions::Swept, Error> {
+        SessionStore::sweep(self, now, connected, keep)
     }
 }
 
@@ -666,10 +683,10 @@ impl Hub {
     /// Drops expired sessions and messages, and those of devices no longer
     /// registered or revoked (blocking pool).
     pub fn sweep(&self) -> Result<provisioning::sessions::Swept, provisioning::Error> {
-        self.store.sweep(
+        self.keeper().sweep(
             now_ms() / 1000,
-            |id| self.is_live(id),
-            |id| matches!(self.registry.device(id), Ok(d) if d.status != Status::Revoked),
+            &|id| self.is_live(id),
+            &|id| matches!(self.registry.device(id), Ok(d) if d.status != Status::Revoked),
         )
     }
 }
