@@ -232,8 +232,10 @@ def main():
         b.find("#refused")
         b.go(f"{api}/console/#/")
         b.wait_text("#live-sessions", "1")
+        # The live activity has the refusal the Rust side caused (the
+        # bystander publishing on the device's topic).
+        b.wait_text("#activity", "reason=acl")
         if a.screenshots:
-            b.wait_text("#activity", "refus", within=15)
             b.screenshot(os.path.join(a.screenshots, "console-overview.png"))
 
         step("the device")
@@ -263,6 +265,10 @@ def main():
         b.click("#confirm-ok")
         b.wait_text("#device-status", "revoked")
         b.find("#no-session", within=10)
+        # The cut shows in the live activity as it happens.
+        b.go(f"{api}/console/#/activity")
+        b.wait_text("#activity", "kick")
+        b.wait_text("#activity", "device.id=console-dev")
 
         step("cross-site POST")
         # A cross-site POST (a form on another origin) does nothing.
