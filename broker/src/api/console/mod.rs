@@ -96,7 +96,7 @@ struct Counts {
 #[derive(Clone, Debug, Serialize)]
 struct ManufacturerCount {
     name: String,
-    status: String,
+    status: provisioning::manufacturer::ManufacturerStatus,
     devices: usize,
 }
 
@@ -636,7 +636,7 @@ async fn overview(State(st): State<AppState>, _op: Operator) -> Result<Json<Over
                         .into_iter()
                         .map(|m| ManufacturerCount {
                             devices: per.get(m.name.as_str()).copied().unwrap_or(0),
-                            status: format!("{:?}", m.status).to_lowercase(),
+                            status: m.status,
                             name: m.name.to_string(),
                         })
                         .collect();
