@@ -78,12 +78,48 @@ fn the_console_signs_in_once_shows_a_device_and_revokes_it() {
     // A spent link, and one that expired.
     let used = link(&server, 600);
     let token = used.split("token=").nth(1).unwrap().to_owned();
+    let jar = tmp.path().join("cookies");
     let (ok, out) = run(Command::new("curl")
         .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
         .arg(server.data_dir.join("ca.crt"))
+        .arg("-c")
+        .arg(&jar)
         .args(["-d", &format!("token={token}")])
         .arg(format!("{}/console/login", server.api_url())));
     assert!(ok && out == "303", "{out}");
+    // That session's live activity stream ends when the session does.
+    let with_jar = |path: &str| {
+        let mut c = Command::new("curl");
+        c.args(["-sS", "--cacert"])
+            .arg(server.data_dir.join("ca.crt"))
+            .arg("-b")
+            .arg(&jar)
+            .arg(format!("{}{path}", server.api_url()));
+        c
+    };
+    let mut stream = with_jar("/console/api/activity")
+        .arg("-N")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (ok, me) = run(&mut with_jar("/console/api/me"));
+    assert!(ok, "{me}");
+    let me: serde_json::Value = serde_json::from_str(&me).unwrap();
+    assert_eq!(me["session"], true);
+    let (ok, out) = run(with_jar("/console/logout")
+        .args(["-X", "POST", "-w", "%{http_code}", "-H"])
+        .arg(format!("X-CSRF-Token: {}", me["csrf"].as_str().unwrap())));
+    assert!(ok && out.ends_with("204"), "{out}");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while stream.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the activity stream outlived its session"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (_, out) = run(with_jar("/console/api/me").args(["-o", "/dev/null", "-w", "%{http_code}"]));
+    assert_eq!(out, "401");
     let expired = link(&server, 1);
     std::thread::sleep(Duration::from_millis(1500));
     let fresh = link(&server, 600);

@@ -857,17 +857,37 @@ async fn audit(
 
 /// `GET /console/api/activity`: refusals and kicks as they happen
 /// (server-sent events, each a JSON [`crate::activity::Activity`]), after
-/// the latest few.
-async fn activity(_op: Operator) -> Sse<impl futures_util::Stream<Item = Result<Event, Error>>> {
+/// the latest few. A session's stream ends when the session does (signed
+/// out, expired, its admin no longer active), checked every few seconds.
+async fn activity(
+    State(st): State<AppState>,
+    op: Operator,
+) -> Sse<impl futures_util::Stream<Item = Result<Event, Error>>> {
     use futures_util::StreamExt;
     let (recent, rx) = crate::activity::feed().follow();
     let past = futures_util::stream::iter(recent);
-    let live = futures_util::stream::unfold(rx, |mut rx| async move {
-        loop {
-            match rx.recv().await {
-                Ok(a) => return Some((a, rx)),
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+    let tick = tokio::time::interval(Duration::from_secs(5));
+    let live = futures_util::stream::unfold((rx, tick), move |(mut rx, mut tick)| {
+        let (st, sid) = (st.clone(), op.sid.clone());
+        async move {
+            loop {
+                tokio::select! {
+                    r = rx.recv() => match r {
+                        Ok(a) => return Some((a, (rx, tick))),
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                    },
+                    _ = tick.tick() => {
+                        let ended = sid.as_deref().is_some_and(|sid| {
+                            st.console.session(sid).is_none_or(|g| {
+                                !matches!(st.auth.registry.device(&g.admin), Ok(d) if d.status == Status::Active)
+                            })
+                        });
+                        if ended {
+                            return None;
+                        }
+                    }
+                }
             }
         }
     });
