@@ -42,6 +42,8 @@ const PAGE: u64 = 512;
 
 /// How long one request to one member may take.
 const TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a starting node waits for etcd to answer at all.
+const STARTUP_WAIT: Duration = Duration::from_secs(30);
 
 /// Work for the store's own thread.
 type Job = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
@@ -249,7 +251,19 @@ impl EtcdStore {
             contact: Arc::new(AtomicU64::new(0)),
             staleness: DEFAULT_STALENESS,
         };
-        store.len(Space::Meta)?;
+        // A node may start while etcd elects a leader (or its members
+        // start): it waits for a majority, a while, rather than give up.
+        let deadline = std::time::Instant::now() + STARTUP_WAIT;
+        loop {
+            match store.len(Space::Meta) {
+                Ok(_) => break,
+                Err(Error::Unavailable(why)) if std::time::Instant::now() < deadline => {
+                    tracing::warn!(reason = %why, "etcd: no majority answered yet; trying again");
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                Err(e) => return Err(e),
+            }
+        }
         store.heartbeat();
         Ok(store)
     }
