@@ -907,10 +907,22 @@ pub mod etcd {
             EtcdStore::connect(self.clients.clone(), "fleetgate/").expect("etcd store")
         }
 
-        /// Kills member `i`.
+        /// Kills member `i`. While a majority is left, returns once it has
+        /// a leader again: etcd refuses requests during the election, as
+        /// fleetgate then does (503, nothing acknowledged).
         pub fn kill(&mut self, i: usize) {
             let _ = self.members[i].kill();
             let _ = self.members[i].wait();
+            let live: Vec<String> = self
+                .members
+                .iter_mut()
+                .zip(&self.clients)
+                .filter_map(|(m, c)| matches!(m.try_wait(), Ok(None)).then(|| c.clone()))
+                .collect();
+            if live.len() * 2 > self.members.len() {
+                // A linearizable read: it needs a leader (waits up to 30 s).
+                EtcdStore::connect(live, "probe/").expect("the members left elect a leader");
+            }
         }
 
         /// Starts member `i` again on its data, after [`Etcd::kill`].
