@@ -157,12 +157,7 @@ async fn endpoint(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let ct = headers
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    let essence = ct.split(';').next().unwrap_or("").trim();
-    if !essence.eq_ignore_ascii_case("application/pkixcmp") {
+    if let Err(ct) = super::expect_content_type(&headers, "application/pkixcmp") {
         tracing::warn!(peer.addr = ?addr.map(|a| a.0 .0), content_type = %crate::printable(ct), "cmp: refused: wrong content type");
         return (
             StatusCode::UNSUPPORTED_MEDIA_TYPE,

@@ -155,12 +155,7 @@ fn request(
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<(provisioning::csr::ValidatedCsr, DeviceId), EstError> {
-    let ct = headers
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    let essence = ct.split(';').next().unwrap_or("").trim();
-    if !essence.eq_ignore_ascii_case("application/pkcs10") {
+    if let Err(ct) = super::expect_content_type(headers, "application/pkcs10") {
         return Err(refused(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_media_type",

@@ -423,6 +423,24 @@ impl PeerIdentity {
     }
 }
 
+/// `Err` with the Content-Type as given, unless it names `want` (its
+/// parameters aside, in any case).
+pub(crate) fn expect_content_type<'a>(
+    headers: &'a axum::http::HeaderMap,
+    want: &str,
+) -> Result<(), &'a str> {
+    let ct = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let essence = ct.split(';').next().unwrap_or("").trim();
+    if essence.eq_ignore_ascii_case(want) {
+        Ok(())
+    } else {
+        Err(ct)
+    }
+}
+
 impl AppState {
     /// [`blocking`], timed into the registry write latency.
     pub(crate) async fn write<T: Send + 'static>(

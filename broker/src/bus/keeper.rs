@@ -158,12 +158,19 @@ impl JetStreamKeeper {
         Ok(())
     }
 
-    async fn end(&self, id: &DeviceId) -> Result<usize, Error> {
-        self.sessions
+    /// Ends `id`'s session and drops its queue: how many commands were
+    /// dropped. With `upto`, only the session records up to and with that
+    /// stream sequence go (a newer one, written meanwhile, stays).
+    async fn end(&self, id: &DeviceId, upto: Option<u64>) -> Result<usize, Error> {
+        let purge = self
+            .sessions
             .purge()
-            .filter(format!("{SESSION_PREFIX}{id}"))
-            .await
-            .map_err(|e| unavailable("ending a session", e))?;
+            .filter(format!("{SESSION_PREFIX}{id}"));
+        match upto {
+            Some(seq) => purge.sequence(seq + 1).await,
+            None => purge.await,
+        }
+        .map_err(|e| unavailable("ending a session", e))?;
         let q = self
             .queue
             .purge()
@@ -198,7 +205,7 @@ impl Keeper for JetStreamKeeper {
     }
 
     fn end_session(&self, id: &DeviceId) -> Result<usize, Error> {
-        self.block("ending a session", self.end(id))
+        self.block("ending a session", self.end(id, None))
     }
 
     fn enqueue(
@@ -283,7 +290,7 @@ impl Keeper for JetStreamKeeper {
         self.block("dropping revoked devices' queues", async {
             let mut n = 0;
             for id in ids {
-                n += self.end(id).await?;
+                n += self.end(id, None).await?;
             }
             Ok(n)
         })
@@ -342,19 +349,7 @@ impl Keeper for JetStreamKeeper {
                     return Ok(None);
                 }
                 // Up to and with the record read, not a newer one.
-                self.sessions
-                    .purge()
-                    .filter(subject.as_str())
-                    .sequence(m.sequence + 1)
-                    .await
-                    .map_err(|e| unavailable("ending a session", e))?;
-                let q = self
-                    .queue
-                    .purge()
-                    .filter(format!("{QUEUE_PREFIX}{id}"))
-                    .await
-                    .map_err(|e| unavailable("dropping a queue", e))?;
-                Ok(Some(q.purged as usize))
+                self.end(&id, Some(m.sequence)).await.map(Some)
             })?;
             if let Some(dropped) = ended {
                 swept.sessions += 1;

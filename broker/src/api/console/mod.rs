@@ -300,15 +300,19 @@ fn cookie(headers: &HeaderMap) -> Option<String> {
         .map(|(_, v)| v.to_owned())
 }
 
+/// Whether the admin behind a session is still in good standing (a
+/// session ends with its admin's).
+fn admin_active(st: &AppState, admin: &DeviceId) -> bool {
+    matches!(st.auth.registry.device(admin), Ok(d) if d.status == Status::Active)
+}
+
 impl FromRequestParts<AppState> for Operator {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, st: &AppState) -> Result<Self, ApiError> {
         if let Some(sid) = cookie(&parts.headers) {
             if let Some(g) = st.console.session(&sid) {
-                // The admin behind a session must still be in good standing.
-                let standing = st.auth.registry.device(&g.admin);
-                if !matches!(&standing, Ok(d) if d.status == Status::Active) {
+                if !admin_active(st, &g.admin) {
                     st.console.end_session(&sid);
                     tracing::warn!(client = %g.admin, "console: refused: the session's admin is no longer active");
                     return Err(ApiError::new(
@@ -879,9 +883,9 @@ async fn activity(
                     },
                     _ = tick.tick() => {
                         let ended = sid.as_deref().is_some_and(|sid| {
-                            st.console.session(sid).is_none_or(|g| {
-                                !matches!(st.auth.registry.device(&g.admin), Ok(d) if d.status == Status::Active)
-                            })
+                            st.console
+                                .session(sid)
+                                .is_none_or(|g| !admin_active(&st, &g.admin))
                         });
                         if ended {
                             return None;
