@@ -26,6 +26,7 @@ use provisioning::{
 pub mod cmp;
 pub mod console;
 pub mod est;
+pub(crate) mod guard;
 pub mod manufacturers;
 
 use crate::https::{PeerAddr, PeerCert};
@@ -107,6 +108,8 @@ pub fn router(state: AppState) -> Router {
         .merge(est::router())
         .merge(cmp::router())
         .merge(console::router())
+        // Cross-site and non-JSON state changes refused on every /v1 route.
+        .layer(axum::middleware::from_fn(guard::json_api_only))
         .with_state(state)
 }
 
@@ -236,6 +239,9 @@ where
 #[derive(Debug)]
 pub struct Admin {
     pub id: DeviceId,
+    /// The certificate it presented: what a console session it asks for
+    /// is bound to.
+    pub cert: CertKey,
 }
 
 impl Admin {
@@ -281,7 +287,7 @@ impl FromRequestParts<AppState> for Admin {
                 ),
             ));
         }
-        Ok(Admin { id })
+        Ok(Admin { id, cert: rec.key() })
     }
 }
 
@@ -637,7 +643,11 @@ async fn suspend(
     State(st): State<AppState>,
     admin: Admin,
     Path(id): Path<String>,
+    allow: Result<Query<guard::LastAdmin>, QueryRejection>,
 ) -> Result<Json<DeviceView>, ApiError> {
+    let id = device_id(id)?;
+    guard::keep_an_admin(&st, std::slice::from_ref(&id), &allow?.0).await?;
+    let id = id.to_string();
     let view = transition(&st, admin.actor(), id, |r, id, actor| r.suspend(id, actor)).await?;
     st.metrics
         .revocations
@@ -679,9 +689,13 @@ async fn revoke(
     State(st): State<AppState>,
     admin: Admin,
     Path(id): Path<String>,
+    allow: Result<Query<guard::LastAdmin>, QueryRejection>,
     Body(body): Body<RevokeBody>,
 ) -> Result<Json<DeviceView>, ApiError> {
     let reason = reason(&body)?;
+    let id = device_id(id)?;
+    guard::keep_an_admin(&st, std::slice::from_ref(&id), &allow?.0).await?;
+    let id = id.to_string();
     let view = transition(&st, admin.actor(), id, move |r, id, actor| {
         r.revoke(id, reason, actor)
     })
@@ -697,8 +711,10 @@ async fn revoke(
 async fn revoke_batch(
     State(st): State<AppState>,
     admin: Admin,
+    allow: Result<Query<guard::LastAdmin>, QueryRejection>,
     Body(body): Body<RevokeBatchBody>,
 ) -> Result<Json<provisioning::BulkRevocation>, ApiError> {
+    let Query(allow) = allow?;
     let invalid = |m: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_input", m);
     let reason = reason(&RevokeBody {
         reason: body.reason.clone(),
@@ -751,6 +767,7 @@ async fn revoke_batch(
             blocking(move || auth.registry.select_devices(m.as_deref(), after, before)).await?
         }
     };
+    guard::keep_an_admin(&st, &ids, &allow).await?;
     let auth = st.auth.clone();
     let actor = admin.actor();
     let out = st

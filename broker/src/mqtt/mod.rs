@@ -524,8 +524,8 @@ impl Broker {
         Some(tokio::spawn(async move {
             loop {
                 tokio::select! {
-                    Some(i) = incoming.recv() => {
-                        remote::apply(&shared, &i).await;
+                    Some(mut i) = incoming.recv() => {
+                        remote::apply(&shared, &mut i).await;
                         i.ack().await;
                     }
                     Some(client) = taken.recv() => {

@@ -16,8 +16,12 @@ use super::stamp;
 use super::Shared;
 use crate::bus::Incoming;
 
-/// Applies one message from another node.
-pub(super) async fn apply(shared: &Arc<Shared>, i: &Incoming) {
+/// Applies one message from another node. What it carries under the
+/// reserved prefix is dropped first, as from a client: the sender's
+/// identity is the stamp the sending node wrote, nothing else.
+pub(super) async fn apply(shared: &Arc<Shared>, i: &mut Incoming) {
+    stamp::scrub(&mut i.message.props.user_properties);
+    let i = &*i;
     let m = &i.message;
     if !into_router(shared, i, m.topic.clone(), m.retain).await {
         return;
@@ -28,9 +32,7 @@ pub(super) async fn apply(shared: &Arc<Shared>, i: &Incoming) {
             return;
         };
         let mut kept = m.clone();
-        kept.props
-            .user_properties
-            .push(stamp::mark_property(m.qos, true, &i.stamp));
+        stamp::mark_kept(&mut kept.props.user_properties, m.qos, &i.stamp);
         let done =
             tokio::task::spawn_blocking(move || hub.retain_own(&id, &kept, kept.qos > 0)).await;
         if !matches!(done, Ok(Ok(()))) {

@@ -1279,11 +1279,16 @@ impl Session {
     /// service's own link, or the shared ingest links). Returns the
     /// acknowledgement's reason (MQTT 5 only; a 3.1.1 client gets a plain
     /// PUBACK, the refusal logged and counted).
+    ///
+    /// Every message a client sends enters the message plane here (a
+    /// PUBLISH and a will alike), so here is where what it sent under the
+    /// reserved prefix is removed: the stamp is the only identity.
     async fn publish_onward(
         &mut self,
         p: Publish,
         props: Option<PublishProperties>,
     ) -> Result<Ack, End> {
+        let props = stamp::unreserved(props);
         let (qos, _) = qos_and_pkid(&p);
         let topic = String::from_utf8_lossy(&p.topic).into_owned();
         let mut ack = (PubAckReason::Success, None);
@@ -1291,9 +1296,7 @@ impl Session {
         if p.retain && self.peer.identity.role == Role::Device {
             // Kept for the device's own later subscriptions too.
             let mut m = message(&p, qos, props.as_ref(), now_ms());
-            m.props
-                .user_properties
-                .push(stamp::mark_property(qos, true, &self.stamp));
+            stamp::mark_kept(&mut m.props.user_properties, qos, &self.stamp);
             let (hub, id) = (self.shared.hub.clone(), self.peer.identity.id.clone());
             let kept = tokio::task::spawn_blocking(move || hub.retain_own(&id, &m, qos > 0)).await;
             match kept {

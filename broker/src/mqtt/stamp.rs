@@ -44,23 +44,56 @@ pub fn of(peer: &Peer) -> String {
     )
 }
 
-fn reserved(k: &str) -> bool {
-    k.get(..IDENTITY_PREFIX.len())
-        .is_some_and(|head| head.eq_ignore_ascii_case(IDENTITY_PREFIX))
+/// Whether a user property's name is, or passes for, one under the
+/// reserved prefix: compared after NFKC, with case, white space,
+/// punctuation and other separators ignored, so `" X-Fleetgate-Device-Id"`,
+/// `"x\u{2011}fleetgate-serial"` and `"x_fleetgate_mark"` all count.
+/// Only the broker writes these.
+pub fn reserved(k: &str) -> bool {
+    use unicode_normalization::UnicodeNormalization;
+    // Fast path: most names' first letter is plainly not an x.
+    match k.chars().find(|c| !c.is_ascii() || c.is_ascii_alphanumeric()) {
+        None => return false,
+        Some(c) if c.is_ascii() && !c.eq_ignore_ascii_case(&'x') => return false,
+        Some(_) => {}
+    }
+    const SKELETON: &str = "xfleetgate";
+    let mut want = SKELETON.chars();
+    let mut next = want.next();
+    for c in k.nfkc().filter(|c| c.is_alphanumeric()) {
+        let Some(w) = next else { return true };
+        if !c.to_lowercase().eq(std::iter::once(w)) {
+            return false;
+        }
+        next = want.next();
+    }
+    next.is_none()
 }
 
-/// `props` with every user property under the reserved prefix removed.
+/// `props` with every user property under the reserved prefix removed:
+/// the one scrub for whatever a client (or another node) sent, before it
+/// enters the message plane: a PUBLISH, a will, a retained message.
 pub fn unreserved(props: Option<PublishProperties>) -> Option<PublishProperties> {
     let mut p = props?;
-    if p.user_properties.iter().any(|(k, _)| reserved(k)) {
-        p.user_properties.retain(|(k, _)| !reserved(k));
-    }
+    scrub(&mut p.user_properties);
     Some(p)
+}
+
+/// Removes every user property under the reserved prefix.
+pub fn scrub(user_properties: &mut Vec<(String, String)>) {
+    if user_properties.iter().any(|(k, _)| reserved(k)) {
+        let n = user_properties.len();
+        user_properties.retain(|(k, _)| !reserved(k));
+        tracing::debug!(
+            removed = n - user_properties.len(),
+            "mqtt: reserved user properties removed"
+        );
+    }
 }
 
 /// The mark as a user property: the published QoS, whether it was
 /// retained, and the sender's stamp (from [`of`]).
-pub fn mark_property(qos: u8, retain: bool, stamp: &str) -> (String, String) {
+fn mark_property(qos: u8, retain: bool, stamp: &str) -> (String, String) {
     let r = if retain { "r" } else { "" };
     let value = if stamp.is_empty() {
         format!("{qos}{r}")
@@ -70,7 +103,8 @@ pub fn mark_property(qos: u8, retain: bool, stamp: &str) -> (String, String) {
     (MARK.to_owned(), value)
 }
 
-/// `props` (already [`unreserved`]) marked for the router.
+/// `props` marked for the router: whatever stood under the reserved
+/// prefix is removed first, so the broker's mark is the only one.
 pub fn mark(
     props: Option<PublishProperties>,
     qos: u8,
@@ -78,8 +112,15 @@ pub fn mark(
     stamp: &str,
 ) -> Option<PublishProperties> {
     let mut p = props.unwrap_or_default();
+    scrub(&mut p.user_properties);
     p.user_properties.push(mark_property(qos, retain, stamp));
     Some(p)
+}
+
+/// A kept (retained) message's properties marked the same way.
+pub fn mark_kept(user_properties: &mut Vec<(String, String)>, qos: u8, stamp: &str) {
+    scrub(user_properties);
+    user_properties.push(mark_property(qos, true, stamp));
 }
 
 /// A delivered message's properties, unmarked, and what its mark said.
@@ -103,10 +144,13 @@ pub fn unmark(props: Option<PublishProperties>, topic: &[u8], expand: bool) -> U
     let Some(mut p) = props else {
         return unmarked(None);
     };
-    let Some(i) = p.user_properties.iter().position(|(k, _)| k == MARK) else {
+    // The broker's mark is the last one (it scrubs before marking);
+    // anything else under the prefix (kept before that rule) goes.
+    let Some(i) = p.user_properties.iter().rposition(|(k, _)| k == MARK) else {
         return unmarked(Some(p));
     };
     let (_, value) = p.user_properties.remove(i);
+    scrub(&mut p.user_properties);
     let mut parts = value.splitn(4, '/');
     let head = parts.next().unwrap_or_default();
     let retained = head.ends_with('r');
@@ -202,5 +246,70 @@ mod tests {
         // Unmarked (from elsewhere): QoS 2, properties untouched.
         assert_eq!(unmark(props(&[("a", "b")]), b"t", true).qos, 2);
         assert_eq!(unmark(mark(None, 2, true, ""), b"t", true).qos, 2);
+    }
+
+    #[test]
+    fn lookalike_names_are_reserved_too() {
+        for name in [
+            "x-fleetgate-mark",
+            "X-FLEETGATE-device-id",
+            " x-fleetgate-device-id",
+            "\tx-fleetgate-serial ",
+            "x\u{2010}fleetgate\u{2011}device-id",
+            "x\u{2011}fleetgate-mark",
+            "x_fleetgate_manufacturer",
+            "\u{FF58}-fleetgate-device-id", // fullwidth x, NFKC to x
+            "x-fleetgate",
+            "x-fleet gate-id",
+        ] {
+            assert!(reserved(name), "{name:?} passed as unreserved");
+        }
+        for name in ["x", "x-fleet", "fleetgate-x", "y-fleetgate-id", "", "k", "x-other"] {
+            assert!(!reserved(name), "{name:?} was taken as reserved");
+        }
+    }
+
+    #[test]
+    fn a_forged_mark_never_wins() {
+        // What a will used to bring: a forged mark and identity, some
+        // under lookalike names.
+        let forged = props(&[
+            ("x-fleetgate-mark", "1/dead/beef/evil"),
+            ("x-fleetgate-device-id", "dev2"),
+            (" x-fleetgate-device-id", "dev2"),
+            ("x\u{2010}fleetgate-serial", "dead"),
+            ("k", "v"),
+        ]);
+        let marked = mark(forged, 1, false, "0a/ff00/");
+        let user = &marked.as_ref().unwrap().user_properties;
+        assert_eq!(user.iter().filter(|(k, _)| reserved(k)).count(), 1);
+        let got = unmark(marked, b"devices/dev1/status", true);
+        assert_eq!(
+            got.props.unwrap().user_properties,
+            [
+                ("k".to_owned(), "v".to_owned()),
+                ("x-fleetgate-device-id".to_owned(), "dev1".to_owned()),
+                ("x-fleetgate-serial".to_owned(), "0a".to_owned()),
+                ("x-fleetgate-fingerprint".to_owned(), "ff00".to_owned()),
+            ]
+        );
+        // A message kept before this rule with a forged mark ahead of the
+        // broker's: the broker's (the last) wins, the rest is dropped.
+        let old = props(&[
+            ("x-fleetgate-mark", "1/dead/beef/evil"),
+            ("x-fleetgate-mark", "0r/0a/ff00/"),
+        ]);
+        let got = unmark(old, b"devices/dev1/status", true);
+        assert_eq!((got.qos, got.retained), (0, true));
+        let user = got.props.unwrap().user_properties;
+        assert!(user.contains(&("x-fleetgate-serial".to_owned(), "0a".to_owned())));
+        assert!(!user.iter().any(|(_, v)| v == "dead" || v == "evil"));
+        // A service's message: no identity at all, whatever it sent.
+        let got = unmark(
+            mark(props(&[("x-fleetgate-mark", "1/dead/beef/evil")]), 1, false, ""),
+            b"devices/dev3/commands/x",
+            true,
+        );
+        assert_eq!(got.props, None);
     }
 }

@@ -30,7 +30,9 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Form, Json, Router};
-use provisioning::{AuditEntry, DeviceId, DeviceRecord, DeviceView, Error, Status};
+use provisioning::{
+    AuditEntry, CertKey, DeviceId, DeviceRecord, DeviceView, Error, Standing, Status,
+};
 use serde::{Deserialize, Serialize};
 
 use super::{device_id, reason, transition, Admin, ApiError, AppState, RevokeBody};
@@ -70,10 +72,15 @@ pub struct Console {
     counts: Mutex<Option<(Instant, Arc<Counts>)>>,
 }
 
-/// A link's or a session's admin, and when it lapses.
+/// A link's or a session's admin, the certificate it was asked for with,
+/// and when it lapses.
 #[derive(Clone, Debug)]
 struct Grant {
     admin: DeviceId,
+    /// The admin certificate that asked for the link: the link and the
+    /// session it becomes live only while that certificate is in good
+    /// standing and in date.
+    cert: CertKey,
     until: Instant,
     csrf: String,
 }
@@ -136,7 +143,7 @@ impl Console {
     }
 
     /// A one-time login link's token for `admin`, good for `ttl`.
-    fn issue_link(&self, admin: DeviceId, ttl: Duration) -> Result<String, ApiError> {
+    fn issue_link(&self, admin: DeviceId, cert: CertKey, ttl: Duration) -> Result<String, ApiError> {
         let token = hex(&random()?);
         let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
         links.retain(|_, g| g.until > Instant::now());
@@ -144,6 +151,7 @@ impl Console {
             digest(&token),
             Grant {
                 admin,
+                cert,
                 until: Instant::now() + ttl,
                 csrf: String::new(),
             },
@@ -171,6 +179,7 @@ impl Console {
         let sid = hex(&random()?);
         let grant = Grant {
             admin: link.admin,
+            cert: link.cert,
             until: Instant::now() + SESSION_LIFETIME,
             csrf: hex(&random()?),
         };
@@ -258,19 +267,8 @@ impl Operator {
             tracing::warn!(client = %self.admin, reason = why, "console: refused a state change");
             ApiError::new(StatusCode::FORBIDDEN, "csrf", why)
         };
-        let site = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok());
-        if site.is_some_and(|s| s != "same-origin") {
-            return Err(refuse("a state change from another site"));
-        }
-        if let (Some(origin), Some(host)) = (
-            headers.get("origin").and_then(|v| v.to_str().ok()),
-            headers
-                .get(axum::http::header::HOST)
-                .and_then(|v| v.to_str().ok()),
-        ) {
-            if origin != format!("https://{host}") {
-                return Err(refuse("a state change from another origin"));
-            }
+        if let Some(why) = super::guard::cross_site(headers, false) {
+            return Err(refuse(why));
         }
         let given = headers
             .get("x-csrf-token")
@@ -300,10 +298,41 @@ fn cookie(headers: &HeaderMap) -> Option<String> {
         .map(|(_, v)| v.to_owned())
 }
 
-/// Whether the admin behind a session is still in good standing (a
-/// session ends with its admin's).
-fn admin_active(st: &AppState, admin: &DeviceId) -> bool {
-    matches!(st.auth.registry.device(admin), Ok(d) if d.status == Status::Active)
+/// Why a link or session no longer holds, if it does not: it ends with
+/// its admin's standing, and with that of the certificate it was asked
+/// for with (revoked, suspended, expired).
+fn grant_lapsed(st: &AppState, g: &Grant) -> Option<String> {
+    if !matches!(st.auth.registry.device(&g.admin), Ok(d) if d.status == Status::Active) {
+        return Some("the admin this session belongs to is no longer active".into());
+    }
+    match st.auth.registry.standing(&g.cert) {
+        Ok(Some((rec, Standing::Good))) => {
+            (rec.not_after <= time::OffsetDateTime::now_utc()).then(|| {
+                format!(
+                    "the certificate this session was asked for with ({}) expired",
+                    rec.serial
+                )
+            })
+        }
+        Ok(Some((rec, s))) => Some(format!(
+            "the certificate this session was asked for with ({}) is {}",
+            rec.serial,
+            match s {
+                Standing::Revoked(r) => format!("revoked ({})", r.reason),
+                Standing::Suspended => "suspended".into(),
+                Standing::Pending => "pending".into(),
+                Standing::Good => "good".into(),
+            }
+        )),
+        Ok(None) => Some("the certificate this session was asked for with is gone".into()),
+        Err(e) => Some(format!("the registry could not be read: {e}")),
+    }
+}
+
+/// Whether the admin behind a session is still in good standing, and the
+/// certificate it signed in with (a session ends with either).
+fn admin_active(st: &AppState, g: &Grant) -> bool {
+    grant_lapsed(st, g).is_none()
 }
 
 impl FromRequestParts<AppState> for Operator {
@@ -312,13 +341,13 @@ impl FromRequestParts<AppState> for Operator {
     async fn from_request_parts(parts: &mut Parts, st: &AppState) -> Result<Self, ApiError> {
         if let Some(sid) = cookie(&parts.headers) {
             if let Some(g) = st.console.session(&sid) {
-                if !admin_active(st, &g.admin) {
+                if let Some(why) = grant_lapsed(st, &g) {
                     st.console.end_session(&sid);
-                    tracing::warn!(client = %g.admin, "console: refused: the session's admin is no longer active");
+                    tracing::warn!(client = %g.admin, reason = %why, "console: refused: the session ended");
                     return Err(ApiError::new(
                         StatusCode::UNAUTHORIZED,
                         "session_ended",
-                        "the admin this session belongs to is no longer active",
+                        why,
                     ));
                 }
                 return Ok(Operator {
@@ -425,7 +454,7 @@ async fn new_link(
             ),
         ));
     }
-    let token = st.console.issue_link(admin.id.clone(), ttl)?;
+    let token = st.console.issue_link(admin.id.clone(), admin.cert, ttl)?;
     tracing::info!(client = %admin.id, ttl_s = ttl.as_secs(), "console: login link issued");
     Ok((
         StatusCode::CREATED,
@@ -514,6 +543,17 @@ async fn login(
     }
     match st.console.redeem(&f.token) {
         Ok(Some((sid, grant))) => {
+            // A link dies with the certificate that asked for it.
+            if let Some(why) = grant_lapsed(&st, &grant) {
+                st.console.end_session(&sid);
+                tracing::warn!(client = %grant.admin, reason = %why, "console: refused a login");
+                return page(
+                    StatusCode::FORBIDDEN,
+                    "This link cannot be used",
+                    "<p id=\"refused\">The certificate or the admin this link was made for \
+                     is no longer in good standing.</p>",
+                );
+            }
             tracing::info!(client = %grant.admin, "console: signed in by a login link");
             (
                 StatusCode::SEE_OTHER,
@@ -820,6 +860,11 @@ async fn act(
     super::Body(body): super::Body<RevokeBody>,
 ) -> Result<Json<DeviceView>, ApiError> {
     op.check_change(&headers)?;
+    if matches!(action.as_str(), "suspend" | "revoke") {
+        let target = super::device_id(id.clone())?;
+        let keep = super::guard::LastAdmin::default();
+        super::guard::keep_an_admin(&st, std::slice::from_ref(&target), &keep).await?;
+    }
     let actor = op.actor();
     let view = match action.as_str() {
         "suspend" => transition(&st, actor, id, |r, id, a| r.suspend(id, a)).await?,
@@ -885,7 +930,7 @@ async fn activity(
                         let ended = sid.as_deref().is_some_and(|sid| {
                             st.console
                                 .session(sid)
-                                .is_none_or(|g| !admin_active(&st, &g.admin))
+                                .is_none_or(|g| !admin_active(&st, &g))
                         });
                         if ended {
                             return None;
