@@ -100,11 +100,13 @@ impl ApiClient {
     }
 
     pub async fn suspend(&self, id: &str) -> anyhow::Result<DeviceView> {
-        self.post(&format!("/v1/devices/{id}/suspend"), &serde_json::json!({})).await
+        self.post(&format!("/v1/devices/{id}/suspend"), &serde_json::json!({}))
+            .await
     }
 
     pub async fn resume(&self, id: &str) -> anyhow::Result<DeviceView> {
-        self.post(&format!("/v1/devices/{id}/resume"), &serde_json::json!({})).await
+        self.post(&format!("/v1/devices/{id}/resume"), &serde_json::json!({}))
+            .await
     }
 
     /// Device and session counts, and the server's counters.

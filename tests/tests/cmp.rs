@@ -330,3 +330,74 @@ fn openssl_cmp_enrolls_with_a_claim_updates_the_key_and_revokes() {
     assert!(audit.contains("device:cmp-1 (cmp)"), "{audit}");
     assert!(audit.contains("admin:"), "{audit}");
 }
+
+/// Posts the DER CMP message in `file` to the server with curl, as a
+/// captured request is replayed: the answer's bytes.
+fn post_cmp(server: &Server, file: &Path) -> Vec<u8> {
+    let out = Command::new("curl")
+        .args(["-sS", "--cacert"])
+        .arg(server.data_dir.join("ca.crt"))
+        .args(["-H", "Content-Type: application/pkixcmp", "--data-binary"])
+        .arg(format!("@{}", file.display()))
+        .arg(format!("{}/.well-known/cmp", server.api_url()))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    out.stdout
+}
+
+#[test]
+fn a_captured_kur_replayed_issues_nothing() {
+    for tool in ["openssl", "curl"] {
+        require_tool(tool);
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("data")).unwrap();
+    let dir = tmp.path().join("c");
+    let dev = server.enroll(&dir, "device", "cmp-r");
+    let new_key = key(&dir, "cmp-r-new");
+    // The device's own kur, its requests captured as they went out.
+    let (kur, conf) = (dir.join("kur.der"), dir.join("conf.der"));
+    let (ok, out) = cmp(
+        &server,
+        "kur",
+        (&dev.cert, &dev.key),
+        &[
+            "-newkey",
+            path(&new_key),
+            "-reqout",
+            &format!("{},{}", path(&kur), path(&conf)),
+            "-certout",
+            path(&dir.join("cmp-r-new.crt")),
+        ],
+    );
+    assert!(ok, "{out}");
+    assert_eq!(certificates(&server, "cmp-r"), 2);
+    // The attack: the captured kur, posted three more times.
+    for _ in 0..3 {
+        let answer = post_cmp(&server, &kur);
+        let (ok, text) = run(Command::new("openssl")
+            .args(["asn1parse", "-inform", "DER"])
+            .stdin(std::process::Stdio::piped())
+            .arg("-in")
+            .arg({
+                let f = dir.join("answer.der");
+                std::fs::write(&f, &answer).unwrap();
+                f
+            }));
+        assert!(ok, "{text}");
+        assert!(text.contains("a replay"), "not refused as a replay: {text}");
+    }
+    assert_eq!(
+        certificates(&server, "cmp-r"),
+        2,
+        "a replay issued a certificate"
+    );
+    // The captured certConf is refused too (its transaction is done).
+    let answer = post_cmp(&server, &conf);
+    assert!(!answer.is_empty());
+    assert!(server.wait_for_log(
+        "a replay: this senderNonce was used before",
+        Duration::from_secs(5)
+    ));
+}

@@ -117,7 +117,10 @@ fn with_forged_will(cmd: &mut Command, topic: &str, retain: bool) {
 
 fn assert_not_forged(line: &str) {
     for bad in ["dev2", "dead00", "beef00", "evilcorp"] {
-        assert!(!line.contains(bad), "forged identity reached a service: {line}");
+        assert!(
+            !line.contains(bad),
+            "forged identity reached a service: {line}"
+        );
     }
 }
 
@@ -177,12 +180,21 @@ async fn a_will_cannot_forge_the_identity_stamp() {
         .wait_for("devices/dev3/commands/x|", Duration::from_secs(20))
         .expect("the service's will");
     assert_not_forged(&got);
-    assert!(!got.contains("fleetgate"), "a stamp on a service's will: {got}");
+    assert!(
+        !got.contains("fleetgate"),
+        "a stamp on a service's will: {got}"
+    );
 }
 
 /// `curl` against the admin API with the admin certificate; returns the
 /// HTTP status and body.
-fn admin_curl(server: &Server, method: &str, path: &str, headers: &[&str], body: Option<&str>) -> (u16, String) {
+fn admin_curl(
+    server: &Server,
+    method: &str,
+    path: &str,
+    headers: &[&str],
+    body: Option<&str>,
+) -> (u16, String) {
     require_tool("curl");
     let dd = &server.data_dir;
     let mut cmd = Command::new("curl");
@@ -232,7 +244,10 @@ async fn cross_site_requests_change_nothing_and_the_last_admin_stays() {
         &server,
         "POST",
         "/v1/devices/dev-4/suspend",
-        &["Origin: https://evil.example", "Content-Type: application/json"],
+        &[
+            "Origin: https://evil.example",
+            "Content-Type: application/json",
+        ],
         Some("{}"),
     );
     assert_eq!(code, 403);
@@ -261,7 +276,10 @@ async fn cross_site_requests_change_nothing_and_the_last_admin_stays() {
     // The only admin cannot take itself out.
     let out = server.cli(&["device", "suspend", "admin"]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("last active admin"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("last active admin"),
+        "{out:?}"
+    );
     let (code, body) = admin_curl(
         &server,
         "POST",
@@ -307,10 +325,18 @@ async fn enroll_admin(server: &Server, dir: &Path, id: &str) -> (Creds, String) 
     let (key, csr) = tests::pki::csr(id);
     let got: Value = server
         .admin()
-        .post("/v1/devices", &json!({"id": id, "csr": csr, "role": "admin"}))
+        .post(
+            "/v1/devices",
+            &json!({"id": id, "csr": csr, "role": "admin"}),
+        )
         .await
         .unwrap();
-    let c = server.creds(dir, id, got["chain_pem"].as_str().unwrap(), &key.serialize_pem());
+    let c = server.creds(
+        dir,
+        id,
+        got["chain_pem"].as_str().unwrap(),
+        &key.serialize_pem(),
+    );
     (c, got["serial"].as_str().unwrap().to_owned())
 }
 

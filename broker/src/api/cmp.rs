@@ -63,8 +63,13 @@ pub struct Cmp {
     auth: Arc<Authority>,
     responder: Mutex<Arc<Responder>>,
     verifier: Arc<dyn ClientCertVerifier>,
-    pending: Mutex<HashMap<Vec<u8>, Pending>>,
+    pending: Waiting,
+    replays: Mutex<super::cmp_replay::ReplayGuard>,
 }
+
+/// Issued certificates waiting for their certConf, by transactionID.
+#[derive(Default)]
+struct Waiting(Mutex<HashMap<Vec<u8>, Pending>>);
 
 impl std::fmt::Debug for Cmp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -91,7 +96,8 @@ impl Cmp {
             auth,
             responder,
             verifier,
-            pending: Mutex::new(HashMap::new()),
+            pending: Waiting::default(),
+            replays: Mutex::default(),
         })
     }
 
@@ -110,8 +116,27 @@ impl Cmp {
         Ok(r.clone())
     }
 
+    /// Refuses a message seen before, or whose time is off
+    /// ([`super::cmp_replay`]).
+    fn fresh(&self, msg: &Incoming<'_>, signer: &[u8]) -> Result<(), Failure> {
+        let header = &msg.msg.header;
+        let mut sender = [0u8; 32];
+        sender.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, signer).as_ref());
+        let h = super::cmp_replay::Header {
+            sender,
+            message_time: header.message_time.as_ref().map(|t| t.to_system_time()),
+            sender_nonce: header.sender_nonce.as_ref().map(|n| n.as_bytes()),
+            transaction: msg.transaction_id()?,
+            opens: !matches!(msg.msg.body, PkiBody::CertConf(_)),
+        };
+        let mut replays = self.replays.lock().unwrap_or_else(|e| e.into_inner());
+        replays.check(&h, std::time::SystemTime::now(), Instant::now())
+    }
+}
+
+impl Waiting {
     fn remember(&self, transaction: &[u8], p: Pending) {
-        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let mut pending = self.0.lock().unwrap_or_else(|e| e.into_inner());
         pending.retain(|_, p| p.since.elapsed() < CONFIRM_WITHIN);
         if pending.len() >= MAX_PENDING {
             if let Some(oldest) = pending
@@ -125,11 +150,28 @@ impl Cmp {
         pending.insert(transaction.to_vec(), p);
     }
 
-    fn take(&self, transaction: &[u8]) -> Option<Pending> {
-        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+    /// The certificate `transaction` issued, taken for its confirmation
+    /// only if `check` passes: a certConf from anyone but the requester
+    /// (or with the wrong nonce or hash) leaves it waiting.
+    fn confirm(
+        &self,
+        transaction: &[u8],
+        check: impl FnOnce(&Pending) -> Result<(), Failure>,
+    ) -> Result<Pending, Failure> {
+        let mut pending = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let waiting = pending
+            .get(transaction)
+            .filter(|p| p.since.elapsed() < CONFIRM_WITHIN)
+            .ok_or_else(|| {
+                Failure::new(
+                    FailInfo::BadRequest,
+                    "no certificate of this transaction waits for confirmation",
+                )
+            })?;
+        check(waiting)?;
         pending
             .remove(transaction)
-            .filter(|p| p.since.elapsed() < CONFIRM_WITHIN)
+            .ok_or_else(|| Failure::new(FailInfo::SystemFailure, "the confirmation vanished"))
     }
 }
 
@@ -220,7 +262,7 @@ fn answer(
     if let Some(mut p) = pending {
         p.nonce = nonce;
         if let Ok(t) = msg.transaction_id() {
-            st.cmp.remember(t, p);
+            st.cmp.pending.remember(t, p);
         }
     }
     if ok {
@@ -275,6 +317,7 @@ fn handle(
             ))
         })?;
     msg.verify_protection(&signer).map_err(anon)?;
+    st.cmp.fresh(msg, &signer).map_err(anon)?;
     let peer = PeerIdentity::from_der(&signer, addr).map_err(|e| {
         anon(Failure::new(
             FailInfo::NotAuthorized,
@@ -402,35 +445,15 @@ fn handle(
         PkiBody::CertConf(statuses) => {
             let conf = cmp::confirmation(statuses).map_err(&refuse)?;
             let transaction = msg.transaction_id().map_err(&refuse)?;
-            let p = st.cmp.take(transaction).ok_or_else(|| {
-                refuse(Failure::new(
-                    FailInfo::BadRequest,
-                    "no certificate of this transaction waits for confirmation",
-                ))
-            })?;
-            if p.requester != me {
-                return Err(refuse(Failure::new(
-                    FailInfo::NotAuthorized,
-                    format!(
-                        "the transaction is {}'s, not {}'s",
-                        named(&p.requester),
-                        named(&me)
-                    ),
-                )));
-            }
             let echoed = msg.msg.header.recip_nonce.as_ref().map(|n| n.as_bytes());
-            if echoed != Some(p.nonce.as_slice()) {
-                return Err(refuse(Failure::new(
-                    FailInfo::BadRecipientNonce,
-                    "recipNonce is not the senderNonce of fleetgate's answer",
-                )));
-            }
-            if conf.cert_hash != p.hash {
-                return Err(refuse(Failure::new(
-                    FailInfo::BadCertId,
-                    "certHash is not the issued certificate's SHA-256",
-                )));
-            }
+            // Checked before it is taken: nobody else can cancel it.
+            let p = st
+                .cmp
+                .pending
+                .confirm(transaction, |p| {
+                    confirmable(p, &me, echoed, &conf.cert_hash)
+                })
+                .map_err(&refuse)?;
             if let Some(why) = conf.rejected {
                 // The requester refused what it was given: it must not
                 // stay usable.
@@ -451,6 +474,39 @@ fn handle(
         _ => unreachable!("checked above"),
     };
     Ok((answer, who))
+}
+
+/// Whether `me` may confirm `p` with a certConf echoing `echoed` and
+/// naming `hash`.
+fn confirmable(
+    p: &Pending,
+    me: &Identity,
+    echoed: Option<&[u8]>,
+    hash: &[u8],
+) -> Result<(), Failure> {
+    if p.requester != *me {
+        return Err(Failure::new(
+            FailInfo::NotAuthorized,
+            format!(
+                "the transaction is {}'s, not {}'s",
+                named(&p.requester),
+                named(me)
+            ),
+        ));
+    }
+    if echoed != Some(p.nonce.as_slice()) {
+        return Err(Failure::new(
+            FailInfo::BadRecipientNonce,
+            "recipNonce is not the senderNonce of fleetgate's answer",
+        ));
+    }
+    if hash != p.hash {
+        return Err(Failure::new(
+            FailInfo::BadCertId,
+            "certHash is not the issued certificate's SHA-256",
+        ));
+    }
+    Ok(())
 }
 
 /// `role:id`, as the audit log names principals.
@@ -491,5 +547,65 @@ fn issued(
             cert: cert.der,
         },
         implicit_confirm: implicit,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use provisioning::Serial;
+
+    fn identity(role: Role, id: &str) -> Identity {
+        Identity {
+            role,
+            id: DeviceId::try_new(id).unwrap_or_else(|_| unreachable!("a valid id")),
+        }
+    }
+
+    #[test]
+    fn only_the_requester_can_confirm_or_cancel() {
+        let waiting = Waiting::default();
+        let victim = identity(Role::Device, "dev-1");
+        waiting.remember(
+            b"t1",
+            Pending {
+                requester: victim.clone(),
+                cert: CertKey::new(
+                    None,
+                    "CN=issuing",
+                    Serial::from_bytes(&[1]).unwrap_or_else(|_| unreachable!("a valid serial")),
+                ),
+                hash: vec![9; 32],
+                nonce: vec![5; 16],
+                since: Instant::now(),
+            },
+        );
+        let check = |me: &Identity, nonce: &[u8], hash: &[u8]| {
+            let (me, nonce, hash) = (me.clone(), nonce.to_vec(), hash.to_vec());
+            move |p: &Pending| confirmable(p, &me, Some(&nonce), &hash)
+        };
+        // Someone else's certConf, a wrong nonce, a wrong hash: refused,
+        // and the confirmation still waits.
+        let other = identity(Role::Device, "dev-2");
+        let e = waiting
+            .confirm(b"t1", check(&other, &[5; 16], &[9; 32]))
+            .err();
+        assert_eq!(e.map(|e| e.info), Some(FailInfo::NotAuthorized));
+        let e = waiting
+            .confirm(b"t1", check(&victim, &[6; 16], &[9; 32]))
+            .err();
+        assert_eq!(e.map(|e| e.info), Some(FailInfo::BadRecipientNonce));
+        let e = waiting
+            .confirm(b"t1", check(&victim, &[5; 16], &[8; 32]))
+            .err();
+        assert_eq!(e.map(|e| e.info), Some(FailInfo::BadCertId));
+        // The requester's own goes through, once.
+        assert!(waiting
+            .confirm(b"t1", check(&victim, &[5; 16], &[9; 32]))
+            .is_ok());
+        let e = waiting
+            .confirm(b"t1", check(&victim, &[5; 16], &[9; 32]))
+            .err();
+        assert_eq!(e.map(|e| e.info), Some(FailInfo::BadRequest));
     }
 }

@@ -59,7 +59,10 @@ pub(crate) fn refuse_change(method: &Method, headers: &HeaderMap) -> Option<Stri
 pub(crate) async fn json_api_only(req: Request, next: Next) -> Response {
     if req.uri().path().starts_with("/v1/") {
         if let Some(why) = refuse_change(req.method(), req.headers()) {
-            let addr = req.extensions().get::<crate::https::PeerAddr>().map(|a| a.0);
+            let addr = req
+                .extensions()
+                .get::<crate::https::PeerAddr>()
+                .map(|a| a.0);
             tracing::warn!(peer.addr = ?addr, path = %crate::printable(req.uri().path()), reason = %crate::printable(&why), "api: refused");
             let status = if why.starts_with("a state change takes") {
                 StatusCode::UNSUPPORTED_MEDIA_TYPE
@@ -154,7 +157,10 @@ mod tests {
     fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
-            h.insert(*k, v.parse().unwrap_or_else(|_| unreachable!("a test header")));
+            h.insert(
+                *k,
+                v.parse().unwrap_or_else(|_| unreachable!("a test header")),
+            );
         }
         h
     }
@@ -170,13 +176,20 @@ mod tests {
         assert!(refuse_change(&Method::POST, &attack).is_some());
         // Each signal alone is enough.
         for h in [
-            headers(&[("sec-fetch-site", "same-site"), ("content-type", "application/json")]),
+            headers(&[
+                ("sec-fetch-site", "same-site"),
+                ("content-type", "application/json"),
+            ]),
             headers(&[
                 ("host", "127.0.0.1:8443"),
                 ("origin", "https://evil.example"),
                 ("content-type", "application/json"),
             ]),
-            headers(&[("host", "127.0.0.1:8443"), ("origin", "null"), ("content-type", "application/json")]),
+            headers(&[
+                ("host", "127.0.0.1:8443"),
+                ("origin", "null"),
+                ("content-type", "application/json"),
+            ]),
             headers(&[("content-type", "text/plain")]),
             headers(&[]),
         ] {
@@ -190,7 +203,10 @@ mod tests {
     #[test]
     fn the_cli_and_the_operators_own_page_pass() {
         for h in [
-            headers(&[("host", "127.0.0.1:8443"), ("content-type", "application/json")]),
+            headers(&[
+                ("host", "127.0.0.1:8443"),
+                ("content-type", "application/json"),
+            ]),
             headers(&[("content-type", "Application/JSON; charset=utf-8")]),
             headers(&[
                 ("host", "127.0.0.1:8443"),
@@ -198,7 +214,10 @@ mod tests {
                 ("sec-fetch-site", "same-origin"),
                 ("content-type", "application/json"),
             ]),
-            headers(&[("sec-fetch-site", "none"), ("content-type", "application/json")]),
+            headers(&[
+                ("sec-fetch-site", "none"),
+                ("content-type", "application/json"),
+            ]),
         ] {
             assert_eq!(refuse_change(&Method::POST, &h), None, "{h:?}");
         }

@@ -24,6 +24,7 @@ use provisioning::{
 };
 
 pub mod cmp;
+mod cmp_replay;
 pub mod console;
 pub mod est;
 pub(crate) mod guard;
@@ -287,7 +288,10 @@ impl FromRequestParts<AppState> for Admin {
                 ),
             ));
         }
-        Ok(Admin { id, cert: rec.key() })
+        Ok(Admin {
+            id,
+            cert: rec.key(),
+        })
     }
 }
 

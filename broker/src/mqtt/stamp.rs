@@ -52,7 +52,10 @@ pub fn of(peer: &Peer) -> String {
 pub fn reserved(k: &str) -> bool {
     use unicode_normalization::UnicodeNormalization;
     // Fast path: most names' first letter is plainly not an x.
-    match k.chars().find(|c| !c.is_ascii() || c.is_ascii_alphanumeric()) {
+    match k
+        .chars()
+        .find(|c| !c.is_ascii() || c.is_ascii_alphanumeric())
+    {
         None => return false,
         Some(c) if c.is_ascii() && !c.eq_ignore_ascii_case(&'x') => return false,
         Some(_) => {}
@@ -264,7 +267,15 @@ mod tests {
         ] {
             assert!(reserved(name), "{name:?} passed as unreserved");
         }
-        for name in ["x", "x-fleet", "fleetgate-x", "y-fleetgate-id", "", "k", "x-other"] {
+        for name in [
+            "x",
+            "x-fleet",
+            "fleetgate-x",
+            "y-fleetgate-id",
+            "",
+            "k",
+            "x-other",
+        ] {
             assert!(!reserved(name), "{name:?} was taken as reserved");
         }
     }
@@ -306,7 +317,12 @@ mod tests {
         assert!(!user.iter().any(|(_, v)| v == "dead" || v == "evil"));
         // A service's message: no identity at all, whatever it sent.
         let got = unmark(
-            mark(props(&[("x-fleetgate-mark", "1/dead/beef/evil")]), 1, false, ""),
+            mark(
+                props(&[("x-fleetgate-mark", "1/dead/beef/evil")]),
+                1,
+                false,
+                "",
+            ),
             b"devices/dev3/commands/x",
             true,
         );

@@ -143,7 +143,12 @@ impl Console {
     }
 
     /// A one-time login link's token for `admin`, good for `ttl`.
-    fn issue_link(&self, admin: DeviceId, cert: CertKey, ttl: Duration) -> Result<String, ApiError> {
+    fn issue_link(
+        &self,
+        admin: DeviceId,
+        cert: CertKey,
+        ttl: Duration,
+    ) -> Result<String, ApiError> {
         let token = hex(&random()?);
         let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
         links.retain(|_, g| g.until > Instant::now());
