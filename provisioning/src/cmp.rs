@@ -46,17 +46,6 @@ const IMPLICIT_CONFIRM: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.6.1
 const CA_CERTS: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.6.1.5.5.7.4.17");
 /// ecdsa-with-SHA256: how fleetgate's CMP signer signs.
 const ECDSA_WITH_SHA256: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.4.3.2");
-/// Signature algorithms accepted on requests and proofs of possession:
-/// ECDSA and RSA with SHA-2, and Ed25519; never SHA-1 or MD5.
-const ACCEPTED_SIGNATURES: [&str; 7] = [
-    "1.2.840.10045.4.3.2",   // ecdsa-with-SHA256
-    "1.2.840.10045.4.3.3",   // ecdsa-with-SHA384
-    "1.2.840.10045.4.3.4",   // ecdsa-with-SHA512
-    "1.2.840.113549.1.1.11", // sha256WithRSAEncryption
-    "1.2.840.113549.1.1.12", // sha384WithRSAEncryption
-    "1.2.840.113549.1.1.13", // sha512WithRSAEncryption
-    "1.3.101.112",           // Ed25519
-];
 /// id-ce-cRLReasons.
 const CRL_REASON: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.5.29.21");
 
@@ -149,6 +138,7 @@ pub fn failure_of(e: &Error) -> Failure {
             FailInfo::BadCertTemplate
         }
         Error::CsrBadSignature => FailInfo::BadPop,
+        Error::CsrWeakSignature { .. } => FailInfo::BadAlg,
         Error::AlreadyExists { .. } => FailInfo::DuplicateCertReq,
         Error::NotFound { .. } => FailInfo::BadCertId,
         Error::ClaimExhausted { .. } | Error::ManufacturerRevoked { .. } => FailInfo::NotAuthorized,
@@ -314,14 +304,14 @@ fn body_name(body: &PkiBody<'_>) -> &'static str {
 }
 
 /// Verifies `signature` by the key `spki` (DER) over `data` with `alg`,
-/// one of [`ACCEPTED_SIGNATURES`].
+/// one of [`crate::csr::ACCEPTED_SIGNATURES`].
 fn verify(
     spki: &[u8],
     alg: &AlgorithmIdentifierOwned,
     signature: &BitString,
     data: &[u8],
 ) -> Result<(), String> {
-    if !ACCEPTED_SIGNATURES.contains(&alg.oid.to_string().as_str()) {
+    if !crate::csr::ACCEPTED_SIGNATURES.contains(&alg.oid.to_string().as_str()) {
         return Err(format!("signature algorithm {} is not accepted", alg.oid));
     }
     let alg_der = alg.to_der().map_err(|e| e.to_string())?;

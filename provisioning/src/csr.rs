@@ -85,6 +85,19 @@ impl ValidatedCsr {
     }
 }
 
+/// Signature algorithms accepted on requests and proofs of possession,
+/// one policy for the JSON API, EST and CMP: ECDSA and RSA with SHA-2, and
+/// Ed25519; never SHA-1 or MD5.
+pub const ACCEPTED_SIGNATURES: [&str; 7] = [
+    "1.2.840.10045.4.3.2",   // ecdsa-with-SHA256
+    "1.2.840.10045.4.3.3",   // ecdsa-with-SHA384
+    "1.2.840.10045.4.3.4",   // ecdsa-with-SHA512
+    "1.2.840.113549.1.1.11", // sha256WithRSAEncryption
+    "1.2.840.113549.1.1.12", // sha384WithRSAEncryption
+    "1.2.840.113549.1.1.13", // sha512WithRSAEncryption
+    "1.3.101.112",           // Ed25519
+];
+
 /// Parses a CSR in PEM or DER, verifies its self-signature and checks its key.
 pub fn validate_csr(input: &[u8]) -> Result<ValidatedCsr, Error> {
     if input.len() > MAX_CSR_LEN {
@@ -106,6 +119,10 @@ pub fn validate_csr(input: &[u8]) -> Result<ValidatedCsr, Error> {
 
     let spki = &csr.certification_request_info.subject_pki;
     let key_kind = key_kind(spki)?;
+    let alg = csr.signature_algorithm.algorithm.to_id_string();
+    if !ACCEPTED_SIGNATURES.contains(&alg.as_str()) {
+        return Err(Error::CsrWeakSignature { algorithm: alg });
+    }
     csr.verify_signature().map_err(|_| Error::CsrBadSignature)?;
 
     let public_key =

@@ -22,6 +22,9 @@ pub enum Error {
     #[error("csr signature does not verify: the request was not signed by the key it carries")]
     CsrBadSignature,
 
+    #[error("csr signature algorithm {algorithm} is refused: sign with SHA-256 or better (ECDSA, RSA) or Ed25519, never SHA-1 or MD5")]
+    CsrWeakSignature { algorithm: String },
+
     #[error("unsupported or weak key: {reason}")]
     UnsupportedKey { reason: String },
 

@@ -404,3 +404,57 @@ async fn console_sessions_end_with_their_certificate() {
     // admin2 itself is still active: it is the certificate that ended it.
     assert_eq!(server.device_json("admin2")["status"], "active");
 }
+
+/// A CSR for `cn` signed with `digest` by stock openssl: its PEM and
+/// base64 DER paths.
+fn openssl_csr(dir: &Path, cn: &str, digest: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    std::fs::create_dir_all(dir).unwrap();
+    let (pem, b64) = (dir.join(format!("{cn}.csr")), dir.join(format!("{cn}.b64")));
+    let (ok, out) = run(Command::new("openssl")
+        .args(["req", "-new", "-newkey", "rsa:2048", "-nodes", &format!("-{digest}")])
+        .args(["-subj", &format!("/CN={cn}"), "-keyout"])
+        .arg(dir.join(format!("{cn}.key")))
+        .arg("-out")
+        .arg(&pem));
+    assert!(ok, "{out}");
+    let (ok, text) = run(Command::new("openssl").args(["req", "-noout", "-text", "-in"]).arg(&pem));
+    assert!(ok && text.contains(&format!("{digest}WithRSAEncryption")), "{text}");
+    let (ok, out) = run(Command::new("sh").arg("-c").arg(format!(
+        "openssl req -in {} -outform DER | openssl base64 > {}",
+        pem.display(),
+        b64.display()
+    )));
+    assert!(ok, "{out}");
+    (pem, b64)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sha1_csrs_are_refused_everywhere() {
+    require_tool("openssl");
+    require_tool("curl");
+    let (tmp, server) = start_with(&[]);
+    let dir = tmp.path().join("csrs");
+    let (pem, b64) = openssl_csr(&dir, "weak-1", "sha1");
+    // The JSON API, through the CLI.
+    let out = server.cli(&["device", "enroll", "weak-1", "--csr", pem.to_str().unwrap(), "--out", dir.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("never SHA-1"), "{err}");
+    // EST simpleenroll, as the admin.
+    let dd = &server.data_dir;
+    let (ok, out) = run(Command::new("curl")
+        .args(["-sS", "-w", "\n%{http_code}", "--cacert"])
+        .arg(dd.join("ca.crt"))
+        .arg("--cert")
+        .arg(dd.join("admin.crt"))
+        .arg("--key")
+        .arg(dd.join("admin.key"))
+        .args(["-H", "Content-Type: application/pkcs10", "--data-binary"])
+        .arg(format!("@{}", b64.display()))
+        .arg(format!("{}/.well-known/est/simpleenroll", server.api_url())));
+    assert!(ok, "{out}");
+    assert!(out.ends_with("400") && out.contains("never SHA-1"), "{out}");
+    assert!(!server.cli(&["device", "show", "weak-1"]).status.success());
+    // The same request with SHA-256 goes through.
+    let (pem, _) = openssl_csr(&dir, "strong-1", "sha256");
+    server.cli_ok(&["device", "enroll", "strong-1", "--csr", pem.to_str().unwrap(), "--out", dir.to_str().unwrap()]);
+}

@@ -147,6 +147,7 @@ impl From<Error> for ApiError {
             Error::InvalidInput { .. } => (S::BAD_REQUEST, "invalid_input"),
             Error::MalformedCsr { .. } => (S::BAD_REQUEST, "malformed_csr"),
             Error::CsrBadSignature => (S::BAD_REQUEST, "csr_bad_signature"),
+            Error::CsrWeakSignature { .. } => (S::BAD_REQUEST, "csr_weak_signature"),
             Error::UnsupportedKey { .. } => (S::BAD_REQUEST, "unsupported_key"),
             Error::TooLarge { .. } => (S::PAYLOAD_TOO_LARGE, "too_large"),
             Error::NotFound { .. } => (S::NOT_FOUND, "device_not_found"),
