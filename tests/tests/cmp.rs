@@ -311,7 +311,7 @@ fn openssl_cmp_enrolls_with_a_claim_updates_the_key_and_revokes() {
     let (ok, out) = publishes(&server, &dev1b);
     assert!(!ok, "{out}");
     assert!(server.wait_for_log(
-        "reason=\"revoked\" detail=device cmp-1",
+        "reason=\"revoked\" detail=\"device cmp-1",
         Duration::from_secs(3)
     ));
     let ocsp = server.openssl_ocsp(&c1b);

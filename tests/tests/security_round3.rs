@@ -411,14 +411,26 @@ fn openssl_csr(dir: &Path, cn: &str, digest: &str) -> (std::path::PathBuf, std::
     std::fs::create_dir_all(dir).unwrap();
     let (pem, b64) = (dir.join(format!("{cn}.csr")), dir.join(format!("{cn}.b64")));
     let (ok, out) = run(Command::new("openssl")
-        .args(["req", "-new", "-newkey", "rsa:2048", "-nodes", &format!("-{digest}")])
+        .args([
+            "req",
+            "-new",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            &format!("-{digest}"),
+        ])
         .args(["-subj", &format!("/CN={cn}"), "-keyout"])
         .arg(dir.join(format!("{cn}.key")))
         .arg("-out")
         .arg(&pem));
     assert!(ok, "{out}");
-    let (ok, text) = run(Command::new("openssl").args(["req", "-noout", "-text", "-in"]).arg(&pem));
-    assert!(ok && text.contains(&format!("{digest}WithRSAEncryption")), "{text}");
+    let (ok, text) = run(Command::new("openssl")
+        .args(["req", "-noout", "-text", "-in"])
+        .arg(&pem));
+    assert!(
+        ok && text.contains(&format!("{digest}WithRSAEncryption")),
+        "{text}"
+    );
     let (ok, out) = run(Command::new("sh").arg("-c").arg(format!(
         "openssl req -in {} -outform DER | openssl base64 > {}",
         pem.display(),
@@ -436,9 +448,20 @@ async fn sha1_csrs_are_refused_everywhere() {
     let dir = tmp.path().join("csrs");
     let (pem, b64) = openssl_csr(&dir, "weak-1", "sha1");
     // The JSON API, through the CLI.
-    let out = server.cli(&["device", "enroll", "weak-1", "--csr", pem.to_str().unwrap(), "--out", dir.to_str().unwrap()]);
+    let out = server.cli(&[
+        "device",
+        "enroll",
+        "weak-1",
+        "--csr",
+        pem.to_str().unwrap(),
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("never SHA-1"), "{err}");
+    assert!(
+        !out.status.success() && err.contains("never SHA-1"),
+        "{err}"
+    );
     // EST simpleenroll, as the admin.
     let dd = &server.data_dir;
     let (ok, out) = run(Command::new("curl")
@@ -456,5 +479,39 @@ async fn sha1_csrs_are_refused_everywhere() {
     assert!(!server.cli(&["device", "show", "weak-1"]).status.success());
     // The same request with SHA-256 goes through.
     let (pem, _) = openssl_csr(&dir, "strong-1", "sha256");
-    server.cli_ok(&["device", "enroll", "strong-1", "--csr", pem.to_str().unwrap(), "--out", dir.to_str().unwrap()]);
+    server.cli_ok(&[
+        "device",
+        "enroll",
+        "strong-1",
+        "--csr",
+        pem.to_str().unwrap(),
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_id_cannot_add_fields_to_the_log() {
+    let (tmp, server) = start_with(&[]);
+    let c = server.enroll(&tmp.path().join("d"), "device", "e-1");
+    let spoof = "x reason=ok client=admin";
+    let answer = tests::mqtt::probe(
+        server.mqtt,
+        c.client_config(),
+        &tests::mqtt::connect_packet(spoof),
+    )
+    .await
+    .unwrap();
+    // CONNACK 0x05: not authorized (the id is not the certificate's).
+    assert_eq!(answer, [0x20, 0x02, 0x00, 0x05]);
+    assert!(server.wait_for_log(
+        "client_id=\"x reason=ok client=admin\"",
+        Duration::from_secs(5)
+    ));
+    for line in server.log() {
+        assert!(
+            !line.contains("client_id=x reason=ok"),
+            "an unquoted peer value: {line}"
+        );
+    }
 }
