@@ -41,6 +41,8 @@ pub struct StatusService {
     /// empties them before the next answer.
     seen: std::sync::atomic::AtomicU64,
     metrics: Arc<Metrics>,
+    /// Held while the OCSP signer is renewed.
+    renewing: Mutex<()>,
 }
 
 impl StatusService {
@@ -51,6 +53,7 @@ impl StatusService {
             crls: Mutex::new(HashMap::new()),
             seen: std::sync::atomic::AtomicU64::new(0),
             metrics,
+            renewing: Mutex::new(()),
         })
     }
 
@@ -95,18 +98,28 @@ impl StatusService {
     /// upkeep calls this, so a long-running server never signs with an
     /// expired certificate. Returns whether it renewed.
     pub fn renew_signer_if_needed(&self) -> Result<bool, provisioning::Error> {
-        let due = self
-            .responder()
-            .signer_expires
-            .is_some_and(|t| t - OffsetDateTime::now_utc() <= OCSP_SIGNER_RENEW_BEFORE);
-        if due {
-            self.reload()?;
-            tracing::info!(
-                expires = ?self.responder().signer_expires,
-                "renewed the OCSP signing certificate"
-            );
+        let due = || {
+            self.responder()
+                .signer_expires
+                .is_some_and(|t| t - OffsetDateTime::now_utc() <= OCSP_SIGNER_RENEW_BEFORE)
+        };
+        if !due() {
+            return Ok(false);
         }
-        Ok(due)
+        // One renewal at a time; whoever waited finds it done.
+        let _one = self
+            .renewing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !due() {
+            return Ok(false);
+        }
+        self.reload()?;
+        tracing::info!(
+            expires = ?self.responder().signer_expires,
+            "renewed the OCSP signing certificate"
+        );
+        Ok(true)
     }
 
     /// A DER OCSPResponse for a DER request (a refusal is an OCSP status).
@@ -117,6 +130,12 @@ impl StatusService {
     /// [`StatusService::ocsp`], with the response's validity window.
     pub fn answer(&self, request: &[u8]) -> provisioning::ocsp::Answer {
         self.fresh();
+        // Not only on the upkeep's timer: after a wall-clock jump (a VM
+        // resumed, a clock corrected) the next answer is signed by a
+        // certificate in date.
+        if let Err(e) = self.renew_signer_if_needed() {
+            tracing::error!(error = %e, "renewing the OCSP signing certificate");
+        }
         let answer = self.responder().respond(request, &self.auth.registry);
         self.metrics
             .ocsp_responses
