@@ -143,7 +143,7 @@ impl StatusService {
         match &answer.refusal {
             None => {}
             Some(Refusal::Malformed(why)) => {
-                tracing::info!(reason = %why, "ocsp: malformedRequest")
+                tracing::info!(reason = %crate::printable(why), "ocsp: malformedRequest")
             }
             Some(Refusal::Unauthorized) => {
                 tracing::info!("ocsp: unauthorized (not our issuer)")

@@ -576,3 +576,68 @@ async fn the_first_ocsp_answer_after_a_clock_jump_is_signed_in_date() {
         Duration::from_secs(5)
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quotas_belong_to_the_client_not_the_connection() {
+    require_tool("mosquitto_pub");
+    let (tmp, server) = start_with(&["--new-topics-per-minute", "3", "--max-subscriptions", "2"]);
+    let dir = tmp.path().join("creds");
+    let dev = server.enroll(&dir, "device", "q-1");
+    let svc = server.enroll(&dir, "service", "q-svc");
+    // Each mosquitto_pub is a new connection: the budget does not refill.
+    let publish = |topic: &str| {
+        run(server
+            .mosquitto("mosquitto_pub", &dev)
+            .args(["-V", "5", "-q", "1", "-t", topic, "-m", "x"]))
+        .1
+    };
+    for i in 0..3 {
+        let out = publish(&format!("devices/q-1/t{i}"));
+        assert!(!out.contains("Quota exceeded"), "topic {i}: {out}");
+    }
+    let out = publish("devices/q-1/t3");
+    assert!(
+        out.contains("Quota exceeded"),
+        "a reconnect refilled the budget: {out}"
+    );
+    // A topic in use still goes through.
+    assert!(!publish("devices/q-1/t0").contains("Quota exceeded"));
+    // A will to a new topic spends the same budget.
+    let mut cmd = sub(&server, &dev, "devices/q-1/inbox");
+    cmd.args([
+        "--will-topic",
+        "devices/q-1/will-new",
+        "--will-payload",
+        "x",
+    ]);
+    let mut willing = Sub::spawn(cmd);
+    assert!(willing
+        .wait_for("received SUBACK", Duration::from_secs(20))
+        .is_some());
+    willing.kill9();
+    assert!(server.wait_for_log(
+        "last will: more than 3 new topics a minute",
+        Duration::from_secs(10)
+    ));
+    // A persistent service session keeps its filters, and its cap, across
+    // connections.
+    let subscribe = |filters: &[&str]| {
+        let mut c = server.mosquitto("mosquitto_sub", &svc);
+        c.args(["-V", "5", "-i", "q-svc", "-c", "-x", "600", "-E"]);
+        for f in filters {
+            c.args(["-t", f]);
+        }
+        run(&mut c).1
+    };
+    let first = subscribe(&["devices/a/#", "devices/b/#"]);
+    assert!(!first.contains("denied"), "{first}");
+    let second = subscribe(&["devices/c/#", "devices/d/#"]);
+    assert!(
+        second.contains("denied"),
+        "the cap reset on reconnect: {second}"
+    );
+    assert!(server.wait_for_log("this session holds 2 subscriptions", Duration::from_secs(5)));
+    // Its own filters again are no new ones.
+    let again = subscribe(&["devices/a/#"]);
+    assert!(!again.contains("denied"), "{again}");
+}

@@ -144,7 +144,7 @@ pub(crate) async fn keep_an_admin(
                     format!("{} are", names.join(", "))
                 }
             );
-            tracing::warn!(reason = %why, "api: refused");
+            tracing::warn!(reason = %crate::printable(&why), "api: refused");
             Err(ApiError::new(StatusCode::CONFLICT, "last_admin", why))
         }
     }

@@ -17,6 +17,7 @@ pub mod acl;
 pub mod admission;
 pub mod codec;
 pub mod hub;
+mod kept;
 mod link;
 pub mod outbox;
 mod quota;
@@ -171,6 +172,8 @@ pub(crate) struct Shared {
     verifier: Arc<RegistryVerifier>,
     /// Just-in-time registrations per manufacturer.
     jit_limiter: Option<Mutex<RateLimiter<DeviceId>>>,
+    /// Clients' budgets and kept filters, across their connections.
+    kept: kept::Kept,
     cfg: MqttConfig,
 }
 
@@ -507,6 +510,7 @@ impl Broker {
                 link_slots: tokio::sync::Semaphore::new(LINK_SLOTS),
                 verifier,
                 jit_limiter: cfg.jit_rate.map(|r| Mutex::new(RateLimiter::new(r))),
+                kept: kept::Kept::default(),
                 cfg,
             }),
         }

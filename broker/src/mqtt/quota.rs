@@ -35,6 +35,16 @@ impl TopicBudget {
         }
     }
 
+    /// Whether the bucket would be full at `now` (nothing spent that has
+    /// not come back): forgetting it then changes nothing.
+    pub fn is_full(&self, now: Instant) -> bool {
+        let cap = f64::from(self.per_minute);
+        let refill = self.last.map_or(cap, |last| {
+            now.saturating_duration_since(last).as_secs_f64() * cap / 60.0
+        });
+        self.per_minute == 0 || self.tokens + refill >= cap
+    }
+
     /// Whether the device may publish to `topic` now: a topic in use, or a
     /// new one with a token to spend.
     pub fn admit(&mut self, topic: &[u8], now: Instant) -> bool {

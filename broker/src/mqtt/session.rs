@@ -46,9 +46,9 @@ use super::acl::{
 };
 use super::codec::Codec;
 use super::hub::{Delivery, Mailbox, Outcome, MAX_SESSION_EXPIRY};
+use super::kept::{Budget, Filters, ServiceSub};
 use super::link::RouterTx;
 use super::outbox::{qos_and_pkid, Outbox, Outgoing};
-use super::quota::TopicBudget;
 use super::share;
 use super::stamp;
 use super::{Kick, Shared, TOPIC_ALIAS_MAX};
@@ -214,7 +214,9 @@ struct Session {
     /// Request Problem Information).
     problem_info: bool,
     /// A service's subscriptions, with their MQTT 5 identifiers.
-    service_subs: HashMap<String, ServiceSub>,
+    /// A service's filters: its session's, kept across its connections
+    /// while the session persists.
+    service_subs: Filters,
     /// A service's `$share` subscriptions across nodes (with a bus).
     groups: HashMap<String, super::share::Membership>,
     /// The session is this node's, cluster-wide (with a bus).
@@ -222,8 +224,8 @@ struct Session {
     /// A service's SUBSCRIBEs whose retained messages are sent once the
     /// router's SUBACK is: the filters and their granted QoS.
     pending_retained: HashMap<u16, Vec<(String, u8)>>,
-    /// A device's budget of new topics.
-    topics: TopicBudget,
+    /// A device's budget of new topics (its own across its connections).
+    topics: Budget,
     /// When this session last logged a refusal over a quota (at most one a
     /// second).
     quota_logged: Option<std::time::Instant>,
@@ -267,14 +269,6 @@ fn share_inner(filter: &str) -> &str {
     }
 }
 
-/// A service's subscription, as fleetgate (not the router) needs it.
-#[derive(Debug, Clone, Copy)]
-struct ServiceSub {
-    id: Option<usize>,
-    /// Retain As Published.
-    rap: bool,
-}
-
 /// A filter of a SUBSCRIBE refused.
 struct FilterRefused {
     code: SubscribeReasonCode,
@@ -302,6 +296,10 @@ struct ProvisionRequest {
     csr: String,
 }
 
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// The longest MQTT 5 will delay honoured.
 const MAX_WILL_DELAY: Duration = Duration::from_secs(24 * 3600);
 
@@ -320,6 +318,11 @@ pub(super) fn run(
     // Built here and boxed, so the session's future holds a pointer, not
     // the stream and peer twice over (an async fn keeps its arguments'
     // slots for its whole life): most of a held connection's memory.
+    let topics = shared.kept.budget(
+        peer.identity.id.as_str(),
+        shared.cfg.new_topics_per_minute,
+        std::time::Instant::now(),
+    );
     let s = Box::new(Session {
         stream,
         codec: Codec::for_level(4),
@@ -342,11 +345,11 @@ pub(super) fn run(
         aliases: Vec::new(),
         client_max_packet: usize::MAX,
         problem_info: true,
-        service_subs: HashMap::new(),
+        service_subs: Filters::default(),
         groups: HashMap::new(),
         claim: None,
         pending_retained: HashMap::new(),
-        topics: TopicBudget::new(shared.cfg.new_topics_per_minute),
+        topics,
         quota_logged: None,
     });
     let f = async move {
@@ -403,7 +406,7 @@ async fn session(
         // MQTT 1.5.4-1, 3.1.3.3: a will topic is a topic name.
         if let Some((problem, why)) = topic_name_problem(&w.topic) {
             shared.metrics.refused(Refusal::Protocol);
-            tracing::warn!(reason = "protocol", detail = %why, "mqtt: refused: last will topic");
+            tracing::warn!(reason = "protocol", detail = %crate::printable(&why), "mqtt: refused: last will topic");
             let code = match problem {
                 TopicProblem::Malformed => ConnectReturnCode::MalformedPacket,
                 TopicProblem::Invalid => ConnectReturnCode::TopicNameInvalid,
@@ -568,6 +571,9 @@ async fn session(
                             _
                         ))
                     );
+                    // The filters its kept session holds in the router
+                    // count against its cap, as they did before.
+                    s.service_subs = shared.kept.filters(&device_id, !clean, present);
                     match RouterTx::spawn(format!("link-{device_id}"), tx, None, 64) {
                         Ok(tx) => s.router = Some(tx),
                         Err(e) => {
@@ -720,6 +726,7 @@ async fn session(
                     && !*down.borrow()
                 {
                     tracing::info!(client = %id, "mqtt: a service's session expired");
+                    shared.kept.forget_filters(&id);
                     let _ =
                         tokio::task::spawn_blocking(move || wipe_router_session(&links, &id)).await;
                 }
@@ -763,6 +770,17 @@ async fn session(
         retain,
         qos,
     } = will;
+    // A will spends from the device's budget of new topics like a PUBLISH.
+    if s.peer.identity.role == Role::Device
+        && !lock(&s.topics).admit(&topic, std::time::Instant::now())
+    {
+        let why = format!(
+            "last will: more than {} new topics a minute from this device",
+            shared.cfg.new_topics_per_minute
+        );
+        s.over_quota(&why);
+        return Ok(());
+    }
     let props = will_props.map(|p| PublishProperties {
         payload_format_indicator: p.payload_format_indicator,
         message_expiry_interval: p.message_expiry_interval,
@@ -1082,7 +1100,7 @@ impl Session {
                     _ => {
                         let mut unsub = unsub;
                         for f in &mut unsub.filters {
-                            self.service_subs.remove(f);
+                            lock(&self.service_subs).remove(f);
                             if self.groups.remove(f).is_some() {
                                 if let Some((group, inner)) = share::split(f) {
                                     *f = share::router_filter(group, inner);
@@ -1178,7 +1196,7 @@ impl Session {
                 .ack_in_order(2, pkid, Ack::now(PubAckReason::Success, None))
                 .map_err(End::Protocol);
         }
-        if self.device.is_some() && !self.topics.admit(&p.topic, std::time::Instant::now()) {
+        if self.device.is_some() && !lock(&self.topics).admit(&p.topic, std::time::Instant::now()) {
             let why = format!(
                 "more than {} new topics a minute from this device",
                 self.shared.cfg.new_topics_per_minute
@@ -1270,7 +1288,7 @@ impl Session {
             .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
         {
             self.quota_logged = Some(now);
-            tracing::warn!(reason = "quota_exceeded", detail = %why, "mqtt: refused");
+            tracing::warn!(reason = "quota_exceeded", detail = %crate::printable(why), "mqtt: refused");
         }
     }
 
@@ -1472,8 +1490,10 @@ impl Session {
         forward: &mut Vec<Packet>,
     ) -> Result<(), End> {
         let id = props.as_ref().and_then(|p| p.id);
-        let subs = &self.service_subs;
-        let checked = self.check_filters(&sub.filters, subs.len(), |f| subs.contains_key(f));
+        let checked = {
+            let subs = lock(&self.service_subs);
+            self.check_filters(&sub.filters, subs.len(), |f| subs.contains_key(f))
+        };
         let (codes, why) = self.refusals(checked);
         let allowed: Vec<_> = sub
             .filters
@@ -1491,7 +1511,9 @@ impl Session {
                 id,
                 rap: f.preserve_retain,
             };
-            let new = self.service_subs.insert(f.path.clone(), sub).is_none();
+            let new = lock(&self.service_subs)
+                .insert(f.path.clone(), sub)
+                .is_none();
             if sends_retained(&f.retain_forward_rule, new) && !f.path.starts_with("$share/") {
                 wanted.push((f.path.clone(), (f.qos as u8).min(2)));
             }
@@ -2136,13 +2158,14 @@ impl Session {
     /// router carries neither): their identifiers (MQTT 5 3.3.4), and
     /// whether any wants Retain As Published.
     fn matching_subs(&self, topic: &[u8]) -> (Vec<usize>, bool) {
-        if !self.service_subs.values().any(|s| s.id.is_some() || s.rap) {
+        let subs = lock(&self.service_subs);
+        if !subs.values().any(|s| s.id.is_some() || s.rap) {
             return (Vec::new(), false);
         }
         let topic = String::from_utf8_lossy(topic);
         let mut ids = Vec::new();
         let mut rap = false;
-        for (filter, sub) in &self.service_subs {
+        for (filter, sub) in subs.iter() {
             if topic_matches(share_inner(filter), &topic) {
                 ids.extend(sub.id);
                 rap |= sub.rap;

@@ -348,7 +348,7 @@ impl FromRequestParts<AppState> for Operator {
             if let Some(g) = st.console.session(&sid) {
                 if let Some(why) = grant_lapsed(st, &g) {
                     st.console.end_session(&sid);
-                    tracing::warn!(client = %g.admin, reason = %why, "console: refused: the session ended");
+                    tracing::warn!(client = %g.admin, reason = %crate::printable(&why), "console: refused: the session ended");
                     return Err(ApiError::new(
                         StatusCode::UNAUTHORIZED,
                         "session_ended",
@@ -551,7 +551,7 @@ async fn login(
             // A link dies with the certificate that asked for it.
             if let Some(why) = grant_lapsed(&st, &grant) {
                 st.console.end_session(&sid);
-                tracing::warn!(client = %grant.admin, reason = %why, "console: refused a login");
+                tracing::warn!(client = %grant.admin, reason = %crate::printable(&why), "console: refused a login");
                 return page(
                     StatusCode::FORBIDDEN,
                     "This link cannot be used",
