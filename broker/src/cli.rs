@@ -207,6 +207,11 @@ struct ServeArgs {
     /// Bytes (topics and payloads) one device's command queue may hold.
     #[arg(long, default_value_t = 1024 * 1024, value_parser = clap::value_parser!(u64).range(1..=1024 * 1024 * 1024))]
     command_queue_bytes: u64,
+    /// Bytes one device's retained messages may take, as stored (topics,
+    /// payloads and properties); past it a new retained message is refused
+    /// (MQTT 5 PUBACK 0x97). Their count is bounded by --command-queue-max.
+    #[arg(long, default_value_t = 1024 * 1024, value_parser = clap::value_parser!(u64).range(1..=1024 * 1024 * 1024))]
+    retained_bytes: u64,
     /// Seconds a queued command waits at most, whatever its own expiry.
     #[arg(long, default_value_t = 24 * 3600, value_parser = clap::value_parser!(u64).range(1..=30 * 24 * 3600))]
     command_ttl_secs: u64,
@@ -613,6 +618,7 @@ async fn serve_cmd(args: ServeArgs) -> ExitCode {
                 max_messages: usize::try_from(args.command_queue_max).unwrap_or(100),
                 max_bytes: usize::try_from(args.command_queue_bytes).unwrap_or(1024 * 1024),
                 max_age_ms: i64::try_from(args.command_ttl_secs).unwrap_or(86_400) * 1000,
+                retained_bytes: usize::try_from(args.retained_bytes).unwrap_or(1024 * 1024),
             },
             ..MqttConfig::default()
         },

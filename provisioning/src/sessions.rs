@@ -100,6 +100,9 @@ pub struct QueueLimits {
     pub max_bytes: usize,
     /// How long a message may wait, in milliseconds, whatever its own expiry.
     pub max_age_ms: i64,
+    /// Bytes one device's retained messages may take, as stored (topic,
+    /// payload and properties); `max_messages` bounds their count.
+    pub retained_bytes: usize,
 }
 
 impl QueueLimits {
@@ -118,6 +121,7 @@ impl Default for QueueLimits {
             max_messages: 100,
             max_bytes: 1024 * 1024,
             max_age_ms: 24 * 3600 * 1000,
+            retained_bytes: 1024 * 1024,
         }
     }
 }
@@ -427,22 +431,47 @@ impl SessionStore {
 
     /// Keeps `m` as the retained message of its topic under device `id`
     /// (an empty payload removes it); durable on return when `flush`. A
-    /// device keeps at most `max` retained topics: a new one past that is
+    /// device keeps at most `limits.max_messages` retained topics and
+    /// `limits.retained_bytes` bytes of them: past either,
     /// [`Error::QuotaExceeded`].
-    pub fn retain(&self, id: &DeviceId, m: &Message, max: usize, flush: bool) -> Result<(), Error> {
+    pub fn retain(
+        &self,
+        id: &DeviceId,
+        m: &Message,
+        limits: &QueueLimits,
+        flush: bool,
+    ) -> Result<(), Error> {
         let mut k = prefix(id);
         k.extend_from_slice(m.topic.as_bytes());
         if m.payload.is_empty() {
             self.retained.remove(k)?;
         } else {
-            if !self.retained.contains_key(&k)?
-                && self.retained.scan_prefix(prefix(id)).count() >= max
-            {
+            let record = encode(m);
+            let (mut count, mut bytes) = (0usize, record.len());
+            for kv in self.retained.scan_prefix(prefix(id)) {
+                let (other, v) = kv?;
+                if other != k {
+                    count += 1;
+                    bytes += v.len();
+                }
+            }
+            if count >= limits.max_messages {
                 return Err(Error::QuotaExceeded {
-                    reason: format!("device {id} already has {max} retained messages"),
+                    reason: format!(
+                        "device {id} already has {} retained messages",
+                        limits.max_messages
+                    ),
                 });
             }
-            self.retained.insert(k, encode(m))?;
+            if bytes > limits.retained_bytes {
+                return Err(Error::QuotaExceeded {
+                    reason: format!(
+                        "device {id}'s retained messages would take {bytes} bytes, more than {}",
+                        limits.retained_bytes
+                    ),
+                });
+            }
+            self.retained.insert(k, record)?;
         }
         if flush {
             self.db.flush()?;
@@ -450,12 +479,29 @@ impl SessionStore {
         Ok(())
     }
 
-    /// Every device's retained messages (expired ones dropped), for a
-    /// subscription whose filter spans devices.
-    pub fn retained_all(&self, now_ms: i64) -> Result<Vec<Message>, Error> {
+    /// The retained messages whose topic `wanted` takes (expired ones
+    /// dropped): `id`'s, or every device's. The topic is read from the
+    /// key, so a message that does not match is never decoded.
+    pub fn retained_where(
+        &self,
+        id: Option<&DeviceId>,
+        now_ms: i64,
+        wanted: impl Fn(&str) -> bool,
+    ) -> Result<Vec<Message>, Error> {
         let mut out = Vec::new();
-        for kv in self.retained.iter() {
+        let all = match id {
+            Some(id) => self.retained.scan_prefix(prefix(id)),
+            None => self.retained.iter(),
+        };
+        for kv in all {
             let (k, v) = kv?;
+            let topic = k
+                .iter()
+                .position(|b| *b == 0)
+                .and_then(|i| std::str::from_utf8(&k[i + 1..]).ok());
+            if !topic.is_some_and(&wanted) {
+                continue;
+            }
             let m = decode(&v)?;
             if m.expires_at_ms.is_some_and(|t| t <= now_ms) {
                 self.retained.remove(k)?;
@@ -468,17 +514,7 @@ impl SessionStore {
 
     /// The retained messages on `id`'s topics (expired ones dropped).
     pub fn retained(&self, id: &DeviceId, now_ms: i64) -> Result<Vec<Message>, Error> {
-        let mut out = Vec::new();
-        for kv in self.retained.scan_prefix(prefix(id)) {
-            let (k, v) = kv?;
-            let m = decode(&v)?;
-            if m.expires_at_ms.is_some_and(|t| t <= now_ms) {
-                self.retained.remove(k)?;
-                continue;
-            }
-            out.push(m);
-        }
-        Ok(out)
+        self.retained_where(Some(id), now_ms, |_| true)
     }
 
     /// Ends sessions that expired by `now` (unix seconds) or whose device
@@ -565,6 +601,7 @@ mod tests {
             max_messages: 3,
             max_bytes: 1000,
             max_age_ms: 60_000,
+            ..QueueLimits::default()
         };
         let (a, b) = (id("a"), id("a.b"));
         for i in 0..3u8 {
@@ -624,7 +661,8 @@ mod tests {
         .unwrap();
         let mut retained = msg("devices/a/config", b"on");
         retained.retain = true;
-        s.retain(&a, &retained, 100, true).unwrap();
+        s.retain(&a, &retained, &QueueLimits::default(), true)
+            .unwrap();
         assert_eq!(s.session(&a).unwrap(), Some(rec));
         // Connected sessions never expire; a disconnected one does.
         let swept = s.sweep(100, |_| true, |_| true).unwrap();
@@ -656,5 +694,45 @@ mod tests {
         }
         let m = msg("t", b"p");
         assert_eq!(decode(&encode(&m)).unwrap(), m);
+    }
+
+    #[test]
+    fn retained_messages_are_bounded_in_bytes_and_matched_by_key() {
+        let (_d, s) = store();
+        let a = id("a");
+        let limits = QueueLimits {
+            retained_bytes: 3000,
+            ..QueueLimits::default()
+        };
+        let big = |topic: &str| Message {
+            retain: true,
+            ..msg(topic, &[7u8; 1000])
+        };
+        s.retain(&a, &big("devices/a/1"), &limits, false).unwrap();
+        s.retain(&a, &big("devices/a/2"), &limits, false).unwrap();
+        // A third would pass the byte bound; replacing one does not.
+        let e = s
+            .retain(&a, &big("devices/a/3"), &limits, false)
+            .unwrap_err();
+        assert!(matches!(e, Error::QuotaExceeded { .. }), "{e}");
+        s.retain(&a, &big("devices/a/2"), &limits, false).unwrap();
+        // Matched by topic, for one device or all.
+        let got = s.retained_where(None, 0, |t| t.ends_with("/2")).unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].topic, "devices/a/2");
+        assert!(s.retained_where(None, 0, |_| false).unwrap().is_empty());
+        assert_eq!(s.retained(&a, 0).unwrap().len(), 2);
+        // What does not match is never decoded: a record that would not
+        // decode stands in the way of nothing but its own topic.
+        let mut k = prefix(&a);
+        k.extend_from_slice(b"devices/a/bad");
+        s.retained.insert(k, &b"not a record"[..]).unwrap();
+        assert_eq!(
+            s.retained_where(None, 0, |t| t.ends_with("/1"))
+                .unwrap()
+                .len(),
+            1
+        );
+        assert!(s.retained_where(None, 0, |t| t.ends_with("/bad")).is_err());
     }
 }

@@ -641,3 +641,72 @@ async fn quotas_belong_to_the_client_not_the_connection() {
     let again = subscribe(&["devices/a/#"]);
     assert!(!again.contains("denied"), "{again}");
 }
+
+/// The peak resident memory of process `pid`, in KiB (VmHWM).
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_messages_are_bounded_in_bytes() {
+    require_tool("mosquitto_pub");
+    let (tmp, server) = start_with(&["--retained-bytes", "250000"]);
+    let dir = tmp.path().join("creds");
+    let dev = server.enroll(&dir, "device", "r-1");
+    let svc = server.enroll(&dir, "service", "r-svc");
+    let payload = tmp.path().join("payload");
+    std::fs::write(&payload, vec![b'x'; 100_000]).unwrap();
+    let retain = |topic: &str| {
+        run(server
+            .mosquitto("mosquitto_pub", &dev)
+            .args(["-V", "5", "-q", "1", "-r", "-t", topic, "-f"])
+            .arg(&payload))
+        .1
+    };
+    assert!(!retain("devices/r-1/a").contains("Quota exceeded"));
+    assert!(!retain("devices/r-1/b").contains("Quota exceeded"));
+    // 300 kB would be kept: refused, whatever the count.
+    let out = retain("devices/r-1/c");
+    assert!(out.contains("Quota exceeded"), "{out}");
+    assert!(server.wait_for_log("more than 250000", Duration::from_secs(5)));
+    // Replacing one is no growth.
+    assert!(!retain("devices/r-1/a").contains("Quota exceeded"));
+    // Wildcard subscriptions that match none of them do not load them:
+    // the server's peak memory barely moves.
+    let before = peak_rss_kib(server.pid());
+    for _ in 0..5 {
+        let (ok, out) = run(server.mosquitto("mosquitto_sub", &svc).args([
+            "-V",
+            "5",
+            "-i",
+            "r-svc",
+            "-t",
+            "devices/+/nomatch",
+            "-E",
+        ]));
+        assert!(ok, "{out}");
+    }
+    let grown = peak_rss_kib(server.pid()).saturating_sub(before);
+    assert!(grown < 8 * 1024, "peak RSS grew by {grown} KiB");
+    // The ones that match still arrive.
+    let (ok, out) = run(server.mosquitto("mosquitto_sub", &svc).args([
+        "-V",
+        "5",
+        "-i",
+        "r-svc",
+        "-t",
+        "devices/+/b",
+        "-C",
+        "1",
+        "-W",
+        "10",
+        "-F",
+        "%t",
+    ]));
+    assert!(ok && out.contains("devices/r-1/b"), "{out}");
+}

@@ -454,7 +454,7 @@ impl Hub {
         m: &Message,
         flush: bool,
     ) -> Result<(), provisioning::Error> {
-        self.store.retain(id, m, self.limits.max_messages, flush)
+        self.store.retain(id, m, &self.limits, flush)
     }
 
     /// The retained messages that match any of `filters` (a service's new
@@ -465,6 +465,7 @@ impl Hub {
         filters: &[String],
         now: i64,
     ) -> Result<Vec<Message>, provisioning::Error> {
+        let matching = |topic: &str| filters.iter().any(|f| topic_matches(f, topic));
         let mut devices = Vec::new();
         for f in filters {
             let level = f
@@ -473,25 +474,14 @@ impl Hub {
             match level.filter(|l| !matches!(*l, "+" | "#")) {
                 // Not a device id: no device has anything retained there.
                 Some(id) => devices.extend(DeviceId::try_new(id).ok()),
-                None => {
-                    let all = self.store.retained_all(now)?;
-                    return Ok(all
-                        .into_iter()
-                        .filter(|m| filters.iter().any(|f| topic_matches(f, &m.topic)))
-                        .collect());
-                }
+                None => return self.store.retained_where(None, now, matching),
             }
         }
         devices.sort();
         devices.dedup();
         let mut out = Vec::new();
         for id in devices {
-            out.extend(
-                self.store
-                    .retained(&id, now)?
-                    .into_iter()
-                    .filter(|m| filters.iter().any(|f| topic_matches(f, &m.topic))),
-            );
+            out.extend(self.store.retained_where(Some(&id), now, matching)?);
         }
         Ok(out)
     }
@@ -577,7 +567,7 @@ impl Hub {
                     "device {id} is revoked or unknown"
                 )));
             }
-            match self.store.retain(id, &m, self.limits.max_messages, true) {
+            match self.store.retain(id, &m, &self.limits, true) {
                 Err(provisioning::Error::QuotaExceeded { reason }) => {
                     self.metrics
                         .commands_refused

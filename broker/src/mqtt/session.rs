@@ -1714,12 +1714,12 @@ impl Session {
             return Ok(());
         }
         let now = now_ms();
-        let retained = match self
-            .shared
-            .hub
-            .store()
-            .retained(&self.peer.identity.id, now)
-        {
+        let matching = |topic: &str| wanted.iter().any(|f| topic_matches(&f.filter, topic));
+        let retained = match self.shared.hub.store().retained_where(
+            Some(&self.peer.identity.id),
+            now,
+            matching,
+        ) {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(error = %e, "mqtt: reading retained messages");
