@@ -103,14 +103,27 @@ impl View {
         }
     }
 
-    /// A change the watch brought: kept for keys in the view.
-    fn changed(&mut self, rev: u64, w: &Write) {
+    /// Why `value` would take back a revocation the view knows of `key`,
+    /// if it would ([`provisioning::integrity`]).
+    fn regression(&self, space: Space, key: &[u8], value: Option<&[u8]>) -> Option<String> {
+        let (_, known) = self.keys.get(&(space, key.to_vec()))?;
+        provisioning::integrity::regression(space, known.as_deref(), value)
+    }
+
+    /// A change the watch brought: kept for keys in the view, unless it
+    /// takes back a revocation (then `Err` says why, and the view keeps
+    /// what it knew).
+    fn changed(&mut self, rev: u64, w: &Write) -> Result<(), String> {
+        self.watched = self.watched.max(rev);
+        if let Some(why) = self.regression(w.space, &w.key, w.value.as_deref()) {
+            return Err(why);
+        }
         if let Some(known) = self.keys.get_mut(&(w.space, w.key.clone())) {
             if known.0 < rev {
                 *known = (rev, w.value.clone());
             }
         }
-        self.watched = self.watched.max(rev);
+        Ok(())
     }
 }
 
@@ -166,6 +179,15 @@ impl std::fmt::Debug for Pool {
 /// Key spaces admission reads, kept in the node's view.
 fn viewed(space: Space) -> bool {
     matches!(space, Space::Certs | Space::Devices | Space::Manufacturers)
+}
+
+/// Counts and raises the alarm on a change in etcd that fleetgate never
+/// makes: someone with write access to etcd took back a revocation.
+fn integrity_violation(metrics: &Metrics, why: &str) {
+    metrics
+        .store_integrity_violations
+        .fetch_add(1, Ordering::Relaxed);
+    tracing::error!(reason = "integrity", detail = %crate::printable(why), "etcd: ALARM: a change fleetgate never makes was written to the store; not applied, this node keeps what it knew");
 }
 
 fn now_ms() -> u64 {
@@ -436,14 +458,24 @@ impl EtcdStore {
             metrics
                 .store_watch_events
                 .fetch_add(changes.len() as u64, Ordering::Relaxed);
-            {
-                // Keys this node has read stay current.
+            let applied = {
+                // Keys this node has read stay current; a change that
+                // takes back a revocation is not applied here, nor
+                // announced.
                 let mut view = lock();
-                for (rev, w) in &changes {
-                    view.changed(*rev, w);
-                }
-            }
-            on(changes.into_iter().map(|(_, w)| w).collect());
+                changes
+                    .into_iter()
+                    .filter(|(rev, w)| match view.changed(*rev, w) {
+                        Ok(()) => true,
+                        Err(why) => {
+                            integrity_violation(&metrics, &why);
+                            false
+                        }
+                    })
+                    .map(|(_, w)| w)
+                    .collect::<Vec<_>>()
+            };
+            on(applied);
         };
         let metrics = self.metrics.clone();
         let _ = self.jobs.send(Box::pin(async move {
@@ -652,7 +684,15 @@ impl Store for EtcdStore {
                     .map(|kv| unb64(&kv["value"]));
                 if viewed(space) {
                     let rev = int(&resp["header"]["revision"]);
-                    self.lock_view().saw(space, key, rev, value.clone());
+                    let mut view = self.lock_view();
+                    if let Some(why) = view.regression(space, key, value.as_deref()) {
+                        integrity_violation(&self.metrics, &why);
+                        return Ok(view
+                            .keys
+                            .get(&(space, key.to_vec()))
+                            .and_then(|k| k.1.clone()));
+                    }
+                    view.saw(space, key, rev, value.clone());
                 }
                 Ok(value)
             }
@@ -798,23 +838,56 @@ mod tests {
         view.saw(Space::Certs, b"c", 5, Some(b"good".to_vec()));
         assert_eq!(known(&view), Some((5, Some(b"good".to_vec()))));
         // The watch brings 7; a slower read from 6 arrives after it.
-        view.changed(7, &k(b"revoked"));
+        assert!(view.changed(7, &k(b"revoked")).is_ok());
         view.saw(Space::Certs, b"c", 6, Some(b"good".to_vec()));
         assert_eq!(known(&view), Some((7, Some(b"revoked".to_vec()))));
         // A key the watch passed over (not in the view at 9) is not taken
         // from a read at 8: the watch may have skipped a change to it.
-        view.changed(
-            9,
-            &Write {
-                key: b"other".to_vec(),
-                ..k(b"x")
-            },
-        );
+        assert!(view
+            .changed(
+                9,
+                &Write {
+                    key: b"other".to_vec(),
+                    ..k(b"x")
+                },
+            )
+            .is_ok());
         view.saw(Space::Certs, b"new", 8, None);
         assert!(!view.keys.contains_key(&(Space::Certs, b"new".to_vec())));
         // From a read at 9 or later, it is.
         view.saw(Space::Certs, b"new", 9, None);
         assert!(view.keys.contains_key(&(Space::Certs, b"new".to_vec())));
+    }
+
+    #[test]
+    fn the_view_keeps_a_revocation_the_store_takes_back() {
+        let record = |status: &str, revocation: serde_json::Value| {
+            json!({
+                "id": "dev-1", "role": "device", "status": status,
+                "revocation": revocation, "manufacturer": null,
+                "created_at": "2026-12-01T00:00:00Z", "updated_at": "2026-12-01T00:00:00Z",
+                "certificates": [],
+            })
+            .to_string()
+            .into_bytes()
+        };
+        let revoked = record(
+            "revoked",
+            json!({"reason": "key-compromise", "at": "2026-12-02T00:00:00Z"}),
+        );
+        let active = record("active", serde_json::Value::Null);
+        let mut view = View::default();
+        view.saw(Space::Devices, b"dev-1", 5, Some(revoked.clone()));
+        let undo = Write {
+            space: Space::Devices,
+            key: b"dev-1".to_vec(),
+            value: Some(active),
+        };
+        let why = view.changed(6, &undo).err();
+        assert!(why.is_some_and(|w| w.contains("revoked device dev-1")));
+        let known = view.keys.get(&(Space::Devices, b"dev-1".to_vec())).cloned();
+        assert_eq!(known, Some((5, Some(revoked))));
+        assert_eq!(view.watched, 6);
     }
 
     #[test]

@@ -171,6 +171,9 @@ pub struct Metrics {
     pub store_watch_events: AtomicU64,
     /// Watch streams that ended and were resumed.
     pub store_watch_interruptions: AtomicU64,
+    /// Changes in the shared store that went back on the lifecycle (a
+    /// revocation taken back): not applied, alarmed.
+    pub store_integrity_violations: AtomicU64,
     /// Messages put on the message bus (NATS) for other nodes.
     pub bus_published: AtomicU64,
     /// Messages from other nodes taken off the bus.
@@ -179,6 +182,10 @@ pub struct Metrics {
     /// stream refused): a QoS 1 message is then refused to its sender, a
     /// QoS 0 one reaches this node only.
     pub bus_failed: AtomicU64,
+    /// Messages from the bus dropped because their sender could not have
+    /// published them (a device outside its own topics, a command from
+    /// anything but a service): forged on NATS, not sent by a node.
+    pub bus_dropped: AtomicU64,
     /// Time to put a QoS 1 message on the bus, stored (JetStream's ack).
     pub bus_publish: Histogram,
     refusals: [AtomicU64; Refusal::ALL.len()],
@@ -350,6 +357,11 @@ impl Metrics {
                 &self.store_watch_interruptions,
             ),
             (
+                "fleetgate_store_integrity_violations_total",
+                "Changes in the shared store that took back a revocation (made outside fleetgate): not applied.",
+                &self.store_integrity_violations,
+            ),
+            (
                 "fleetgate_bus_published_total",
                 "Messages put on the message bus (NATS JetStream) for other nodes.",
                 &self.bus_published,
@@ -358,6 +370,11 @@ impl Metrics {
                 "fleetgate_bus_received_total",
                 "Messages from other nodes taken off the message bus.",
                 &self.bus_received,
+            ),
+            (
+                "fleetgate_bus_dropped_total",
+                "Messages from the message bus dropped: their sender could not have published them.",
+                &self.bus_dropped,
             ),
             (
                 "fleetgate_bus_failed_total",

@@ -11,6 +11,7 @@ mod error;
 pub mod est;
 pub mod events;
 pub mod id;
+pub mod integrity;
 pub mod lifecycle;
 pub mod manufacturer;
 pub mod ocsp;

@@ -537,3 +537,102 @@ fn an_expired_session_and_its_queue_are_swept_from_jetstream() {
     }
     drop(one);
 }
+
+/// Publishes on NATS as any client with network access to it could: a
+/// raw `HPUB` with fleetgate's headers, no fleetgate node involved.
+fn raw_nats_hpub(nats_url: &str, subject: &str, headers: &[(&str, &str)], payload: &[u8]) {
+    use std::io::{BufRead, BufReader};
+    let addr = nats_url
+        .split(',')
+        .next()
+        .unwrap()
+        .trim_start_matches("nats://");
+    let tcp = std::net::TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut reader = BufReader::new(tcp.try_clone().unwrap());
+    let mut info = String::new();
+    reader.read_line(&mut info).unwrap();
+    assert!(info.starts_with("INFO"), "{info}");
+    let mut hdr = String::from("NATS/1.0\r\n");
+    for (k, v) in headers {
+        hdr.push_str(&format!("{k}: {v}\r\n"));
+    }
+    hdr.push_str("\r\n");
+    let mut out = Vec::new();
+    out.extend_from_slice(b"CONNECT {\"verbose\":false,\"pedantic\":false,\"headers\":true}\r\n");
+    out.extend_from_slice(
+        format!(
+            "HPUB {subject} {} {}\r\n",
+            hdr.len(),
+            hdr.len() + payload.len()
+        )
+        .as_bytes(),
+    );
+    out.extend_from_slice(hdr.as_bytes());
+    out.extend_from_slice(payload);
+    out.extend_from_slice(b"\r\nPING\r\n");
+    (&tcp).write_all(&out).unwrap();
+    // PONG once the server has taken the publish.
+    let mut line = String::new();
+    while !line.starts_with("PONG") {
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+        assert!(!line.starts_with("-ERR"), "{line}");
+    }
+}
+
+#[test]
+fn a_message_forged_on_nats_outside_its_senders_topics_is_dropped() {
+    let (tmp, _etcd, nats, one, two) = two_nodes(&[]);
+    let creds = tmp.path().join("c");
+    let dev2 = one.enroll(&creds, "device", "dev-2");
+    let svc = one.enroll(&creds, "service", "backend");
+    let sub = listen(
+        &two,
+        &svc,
+        &[
+            "-V",
+            "mqttv5",
+            "-t",
+            "devices/dev-2/telemetry",
+            "-C",
+            "1",
+            "-W",
+            "20",
+        ],
+    );
+    // The attack: "dev-1" (a device) publishing under dev-2's topics.
+    let forged = provisioning::sessions::Message {
+        topic: "devices/dev-2/telemetry".into(),
+        payload: b"forged".to_vec(),
+        qos: 1,
+        retain: false,
+        props: Default::default(),
+        stored_at_ms: 0,
+        expires_at_ms: None,
+    };
+    raw_nats_hpub(
+        &nats.url(),
+        "fleetgate.msg.attacker.dev-1",
+        &[("fleetgate-role", "device")],
+        &forged.to_bytes(),
+    );
+    for node in [&one, &two] {
+        assert!(node.wait_for_log(
+            "bus: dropped a message its sender could not have published",
+            Duration::from_secs(10)
+        ));
+    }
+    // dev-2's own message is the first the service gets.
+    let (ok, out) = run(one.mosquitto("mosquitto_pub", &dev2).args([
+        "-q",
+        "1",
+        "-t",
+        "devices/dev-2/telemetry",
+        "-m",
+        "real",
+    ]));
+    assert!(ok, "{out}");
+    let got = sub.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&got.stdout).trim(), "real");
+}

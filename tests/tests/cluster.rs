@@ -377,3 +377,91 @@ fn a_revocation_on_one_node_drops_the_commands_waiting_on_another() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// `PUT key=value` through etcd's own JSON gateway with curl, as anyone
+/// with network access to an unsecured etcd could.
+fn raw_etcd_put(etcd_url: &str, key: &[u8], value: &[u8]) {
+    use base64ct::{Base64, Encoding};
+    let endpoint = etcd_url
+        .trim_start_matches("etcd://")
+        .split(',')
+        .next()
+        .unwrap();
+    let body = serde_json::json!({
+        "key": Base64::encode_string(key),
+        "value": Base64::encode_string(value),
+    });
+    let (ok, out) = run(Command::new("curl").args([
+        "-sS",
+        "-X",
+        "POST",
+        &format!("http://{endpoint}/v3/kv/put"),
+        "-d",
+        &body.to_string(),
+    ]));
+    assert!(ok && out.contains("header"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raw_etcd_write_does_not_take_back_a_revocation() {
+    tests::require_tool("curl");
+    let tmp = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&tmp.path().join("etcd"));
+    let url = etcd.url();
+    let node = Server::start_with(
+        &tmp.path().join("one"),
+        &["--store", &url, "--metrics-listen", "127.0.0.1:0"],
+    )
+    .unwrap();
+    let dev = node.enroll(&tmp.path().join("d"), "device", "dev-1");
+    let (_c, mut ev) = client(node.mqtt, &dev, "dev-1");
+    connected(&mut ev).await;
+    node.cli_ok(&["device", "revoke", "dev-1", "--reason", "key-compromise"]);
+    assert!(until_closed(&mut ev, Duration::from_secs(10))
+        .await
+        .is_some());
+
+    // The attack: the device's record and its certificates' records
+    // rewritten in etcd as they were before the revocation.
+    let store = etcd.store();
+    let mut device: serde_json::Value =
+        serde_json::from_slice(&store.get(Space::Devices, b"dev-1").unwrap().unwrap()).unwrap();
+    device["status"] = "active".into();
+    device["revocation"] = serde_json::Value::Null;
+    let mut certs = Vec::new();
+    for kv in store.scan(Space::Certs, b"", b"") {
+        let (k, v) = kv.unwrap();
+        let mut c: serde_json::Value = serde_json::from_slice(&v).unwrap();
+        if c["device_id"] == "dev-1" {
+            c["revocation"] = serde_json::Value::Null;
+            c["device_status"] = "active".into();
+            certs.push((k, c));
+        }
+    }
+    assert!(!certs.is_empty());
+    for (k, c) in &certs {
+        let key = [b"fleetgate/certs/".as_slice(), k].concat();
+        raw_etcd_put(&url, &key, c.to_string().as_bytes());
+    }
+    raw_etcd_put(
+        &url,
+        b"fleetgate/devices/dev-1",
+        device.to_string().as_bytes(),
+    );
+    assert!(node.wait_for_log("etcd: ALARM", Duration::from_secs(10)));
+
+    // The node keeps refusing, and says revoked.
+    assert!(tests::mqtt::refused(node.mqtt, &dev).await);
+    assert_eq!(node.device_json("dev-1")["status"], "revoked");
+    assert!(node.openssl_ocsp(&dev.cert).contains(": revoked"));
+    let metrics = format!("http://{}/metrics", node.metrics.unwrap());
+    let (ok, text) = run(Command::new("curl").args(["-sS", &metrics]));
+    assert!(ok, "{text}");
+    let violations: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("fleetgate_store_integrity_violations_total "))
+        .unwrap_or_else(|| panic!("no violations counter in {text}"))
+        .parse()
+        .unwrap();
+    assert!(violations >= 2, "{text}");
+}

@@ -10,7 +10,7 @@ use provisioning::sessions::now_ms;
 use provisioning::Role;
 use rumqttd::protocol::{Packet, Publish};
 
-use super::acl::command_target;
+use super::acl::{command_target, Acl};
 use super::session::message_properties;
 use super::stamp;
 use super::Shared;
@@ -22,6 +22,9 @@ use crate::bus::Incoming;
 pub(super) async fn apply(shared: &Arc<Shared>, i: &mut Incoming) {
     stamp::scrub(&mut i.message.props.user_properties);
     let i = &*i;
+    if !admissible(shared, i) {
+        return;
+    }
     let m = &i.message;
     if !into_router(shared, i, m.topic.clone(), m.retain).await {
         return;
@@ -54,6 +57,27 @@ pub(super) async fn apply(shared: &Arc<Shared>, i: &mut Incoming) {
             }
         }
     }
+}
+
+/// Whether `i`'s sender could have published it here: the same ACL as
+/// for a client of this node (a device under its own topics only, a
+/// command from a service only). Anything else was put on NATS by
+/// someone other than a node: dropped, counted and logged.
+pub(super) fn admissible(shared: &Shared, i: &Incoming) -> bool {
+    let why = match provisioning::DeviceId::try_new(i.client.as_str()) {
+        Ok(id) => Acl::new(&provisioning::Identity { role: i.role, id })
+            .can_publish(&i.message.topic)
+            .err()
+            .map(|d| d.0),
+        Err(e) => Some(format!("the sender {:?}: {e}", i.client)),
+    };
+    let Some(why) = why else { return true };
+    shared
+        .metrics
+        .bus_dropped
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    tracing::warn!(reason = "bus", client = %crate::printable(&i.client), role = %i.role, detail = %crate::printable(&why), "bus: dropped a message its sender could not have published");
+    false
 }
 
 /// Puts a message from the bus into the router under `topic`, with the

@@ -89,7 +89,7 @@ pub(super) fn join(shared: &Arc<Shared>, group: &str, filter: &str) -> Option<Me
                 let topic_of = |t: &str| format!("{PREFIX}{group}/{t}");
                 while let Some(i) = incoming.recv().await {
                     let Some(shared) = weak.upgrade() else { return };
-                    if topic_matches(&filter, &i.message.topic) {
+                    if topic_matches(&filter, &i.message.topic) && remote::admissible(&shared, &i) {
                         // Never retained for a group (MQTT 5 4.8.2).
                         remote::into_router(&shared, &i, topic_of(&i.message.topic), false).await;
                     }
