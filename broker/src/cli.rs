@@ -73,8 +73,12 @@ enum Command {
     /// The operator console in the browser.
     #[command(subcommand)]
     Console(ConsoleCmd),
-    /// Read the audit log.
+    /// Read the audit log; `audit verify` checks it has not been tampered
+    /// with.
+    #[command(args_conflicts_with_subcommands = true)]
     Audit {
+        #[command(subcommand)]
+        verify: Option<AuditCmd>,
         #[command(flatten)]
         api: ApiArgs,
         /// Show entries after this sequence number.
@@ -82,6 +86,19 @@ enum Command {
         after: Option<u64>,
         #[arg(long, default_value_t = 100)]
         limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AuditCmd {
+    /// Walk the whole audit log against its hash chain and signed
+    /// checkpoints, and the registry against the log; exit 1 naming the
+    /// first entry edited, deleted, inserted or moved.
+    Verify {
+        #[command(flatten)]
+        api: ApiArgs,
         #[arg(long)]
         json: bool,
     },
@@ -219,6 +236,13 @@ struct ServeArgs {
     /// renewal). For tests.
     #[arg(long, default_value_t = 6 * 3600, hide = true, value_parser = clap::value_parser!(u64).range(1..))]
     upkeep_interval_secs: u64,
+    /// Seconds between seals of the audit log (a hash chain signed by the
+    /// issuing CA; `fleetgate audit verify` checks it).
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    audit_seal_secs: u64,
+    /// How old an audit entry must be to be sealed. For tests.
+    #[arg(long, default_value_t = 30, hide = true)]
+    audit_settle_secs: u64,
 }
 
 #[derive(Args, Debug)]
@@ -592,6 +616,8 @@ async fn serve_cmd(args: ServeArgs) -> ExitCode {
             ..https::Limits::default()
         },
         upkeep_interval: std::time::Duration::from_secs(args.upkeep_interval_secs),
+        audit_seal: std::time::Duration::from_secs(args.audit_seal_secs),
+        audit_settle: std::time::Duration::from_secs(args.audit_settle_secs),
         mqtt: MqttConfig {
             max_connections: args.max_connections.max(1),
             max_handshakes: args.max_handshakes.max(1),
@@ -895,6 +921,39 @@ async fn client_cmd(cmd: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Audit {
+            verify: Some(AuditCmd::Verify { api, json }),
+            ..
+        } => {
+            let v: provisioning::registry::Verification =
+                api.client()?.get("/v1/audit/verify").await?;
+            if json {
+                outln!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                for p in &v.problems {
+                    outln!("problem: {p}");
+                }
+                outln!(
+                    "{} entries, {} sealed by {} signed checkpoints{}; {} problems",
+                    v.entries,
+                    v.sealed,
+                    v.checkpoints,
+                    v.sealed_through
+                        .map(|s| format!(" (through entry {s})"))
+                        .unwrap_or_default(),
+                    v.problems.len()
+                );
+            }
+            if v.problems.is_empty() {
+                Ok(())
+            } else {
+                Err(anyhow::anyhow!(
+                    "the audit log does not verify: {}",
+                    v.problems[0]
+                ))
+            }
+        }
+        Command::Audit {
+            verify: None,
             api,
             after,
             limit,

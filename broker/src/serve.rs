@@ -41,6 +41,10 @@ pub struct ServeConfig {
     pub mqtt: MqttConfig,
     /// How often the upkeep renews what is about to expire.
     pub upkeep_interval: Duration,
+    /// How often the audit log is sealed, and how old an entry must be to
+    /// be sealed (nothing with a lower sequence number still committing).
+    pub audit_seal: Duration,
+    pub audit_settle: Duration,
 }
 
 /// A server whose listeners are bound and whose data dir is open.
@@ -238,6 +242,27 @@ impl Server {
                 }
             }
         });
+        // The audit log's seal: what settled since the last checkpoint,
+        // chained and signed (every node tries; one commits each).
+        tokio::spawn({
+            let (auth, mut shutdown) = (self.auth.clone(), shutdown.clone());
+            let (every, settle) = (self.cfg.audit_seal, self.cfg.audit_settle);
+            async move {
+                let mut tick = tokio::time::interval(every);
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        _ = shutdown.changed() => return,
+                    }
+                    let auth = auth.clone();
+                    let sealed =
+                        tokio::task::spawn_blocking(move || seal_audit(&auth, settle)).await;
+                    if let Ok(Err(e)) = sealed {
+                        tracing::warn!(error = %e, "audit: sealing failed; trying again later");
+                    }
+                }
+            }
+        });
         let upkeep = tokio::spawn(upkeep(
             self.auth.clone(),
             tls.clone(),
@@ -328,6 +353,19 @@ fn serve_http(
 /// Renews the server certificate and the OCSP signing certificate before
 /// they expire, and reloads TLS and the OCSP signers on SIGHUP (after a
 /// certificate was replaced on disk, or a manufacturer's CA key copied in).
+/// Seals what settled of the audit log, a segment at a time.
+fn seal_audit(auth: &Authority, settle: Duration) -> Result<(), provisioning::Error> {
+    let settle = time::Duration::try_from(settle).unwrap_or(time::Duration::seconds(30));
+    // A bounded amount per tick: a long backlog is sealed over a few.
+    for _ in 0..100 {
+        match auth.seal_audit(settle, 1000)? {
+            Some(c) => tracing::debug!(seq = c.seq, count = c.count, "audit: sealed"),
+            None => break,
+        }
+    }
+    Ok(())
+}
+
 async fn upkeep(
     auth: Arc<Authority>,
     tls: Arc<ServerTls>,

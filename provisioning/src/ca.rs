@@ -369,6 +369,10 @@ impl Ca {
         &self.root
     }
 
+    pub fn issuing(&self) -> &Signer {
+        &self.issuing
+    }
+
     /// Issues a certificate for a verified CSR's key to `identity`.
     pub fn issue_for_csr(
         &self,

@@ -36,6 +36,9 @@ use crate::manufacturer::{CaKind, Challenge, ClaimRecord, ManufacturerRecord, Ma
 use crate::store::{SledStore, Space, Store, Txn};
 use crate::{CertKey, DeviceId, Error, Role, Serial};
 
+mod seal;
+pub use seal::{Checkpoint, Verification};
+
 /// The registry's layout version, in `meta`; older layouts are migrated
 /// when opened. 2: certificates keyed by [`CertKey`] instead of serial.
 const SCHEMA: u64 = 2;

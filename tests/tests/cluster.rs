@@ -410,7 +410,16 @@ async fn a_raw_etcd_write_does_not_take_back_a_revocation() {
     let url = etcd.url();
     let node = Server::start_with(
         &tmp.path().join("one"),
-        &["--store", &url, "--metrics-listen", "127.0.0.1:0"],
+        &[
+            "--store",
+            &url,
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--audit-seal-secs",
+            "1",
+            "--audit-settle-secs",
+            "0",
+        ],
     )
     .unwrap();
     let dev = node.enroll(&tmp.path().join("d"), "device", "dev-1");
@@ -420,6 +429,23 @@ async fn a_raw_etcd_write_does_not_take_back_a_revocation() {
     assert!(until_closed(&mut ev, Duration::from_secs(10))
         .await
         .is_some());
+    // The audit log, sealed through the revocation, verifies.
+    let audit: serde_json::Value =
+        serde_json::from_str(&node.cli_ok(&["audit", "--json"])).unwrap();
+    let last = audit["items"].as_array().unwrap().last().unwrap()["seq"]
+        .as_u64()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let v: serde_json::Value =
+            serde_json::from_str(&node.cli_ok(&["audit", "verify", "--json"])).unwrap();
+        assert_eq!(v["problems"], serde_json::json!([]), "{v}");
+        if v["sealed_through"].as_u64().is_some_and(|s| s >= last) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not sealed through {last}: {v}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     // The attack: the device's record and its certificates' records
     // rewritten in etcd as they were before the revocation.
@@ -464,4 +490,34 @@ async fn a_raw_etcd_write_does_not_take_back_a_revocation() {
         .parse()
         .unwrap();
     assert!(violations >= 2, "{text}");
+
+    // `audit verify` reads the store as it is: it names the un-revoked
+    // device, and an audit entry rewritten through etcd.
+    let out = node.cli(&["audit", "verify"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("device dev-1 is active in the registry, but entry"),
+        "{text}"
+    );
+    let entry = store
+        .scan(Space::Audit, b"", b"")
+        .map(|kv| kv.unwrap())
+        .find(|(_, v)| String::from_utf8_lossy(v).contains("\"revoke\""))
+        .unwrap();
+    let seq = u64::from_be_bytes(entry.0.as_slice().try_into().unwrap());
+    let mut e: serde_json::Value = serde_json::from_slice(&entry.1).unwrap();
+    e["actor"] = "system".into();
+    let key = [b"fleetgate/audit/".as_slice(), &entry.0].concat();
+    raw_etcd_put(&url, &key, e.to_string().as_bytes());
+    let out = node.cli(&["audit", "verify"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.lines()
+            .next()
+            .unwrap_or_default()
+            .contains(&format!("entry {seq}: edited")),
+        "{text}"
+    );
 }
