@@ -49,13 +49,17 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the CA, registry and admin API (creates the data dir on first start).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Manage devices through the admin API.
     #[command(subcommand)]
     Device(DeviceCmd),
     /// Manage backend services (role `service`) through the admin API.
     #[command(subcommand)]
     Service(ServiceCmd),
+    /// Identities for fleetgate nodes (role `node`): the client
+    /// certificates they present to etcd and NATS.
+    #[command(subcommand)]
+    Node(NodeCmd),
     /// Manage manufacturers and their CAs through the admin API.
     #[command(subcommand)]
     Manufacturer(ManufacturerCmd),
@@ -124,11 +128,22 @@ struct ServeArgs {
     #[arg(long, default_value_t = 60)]
     store_staleness_secs: u64,
     /// Messages across nodes: NATS servers with JetStream,
-    /// `nats://host:port[,nats://host:port...]`. A service on any node
-    /// then sees every device, and commands reach a device on any node.
-    /// Leave it out on a single node.
+    /// `tls://host:port[,tls://host:port...]` (or `nats://` without TLS,
+    /// for development: a warning says so). A service on any node then
+    /// sees every device, and commands reach a device on any node. Leave
+    /// it out on a single node.
     #[arg(long, value_delimiter = ',')]
     nats: Vec<String>,
+    /// With --nats: the CA (PEM) that signed the NATS servers' certificates.
+    #[arg(long)]
+    nats_ca: Option<PathBuf>,
+    /// With --nats: this node's client certificate (PEM, with its chain),
+    /// e.g. from `fleetgate node enroll`; NATS maps it to a user.
+    #[arg(long, requires = "nats_key")]
+    nats_cert: Option<PathBuf>,
+    /// With --nats: the key of --nats-cert (PEM).
+    #[arg(long, requires = "nats_cert")]
+    nats_key: Option<PathBuf>,
     /// With --nats: replicas of the message stream (3 on a three-server
     /// NATS cluster: a server can go without losing what was stored).
     #[arg(long, default_value_t = 1)]
@@ -510,6 +525,15 @@ enum ClaimCmd {
 }
 
 #[derive(Subcommand, Debug)]
+enum NodeCmd {
+    /// Issue a node's client certificate (role `node`, CN = NAME): what
+    /// NATS (`verify_and_map`) and etcd map to a user of that name.
+    /// Writes OUT/NAME.crt (with the issuing CA), OUT/NAME.key (0600) and
+    /// OUT/ca.crt.
+    Enroll(EnrollArgs),
+}
+
+#[derive(Subcommand, Debug)]
 enum ServiceCmd {
     /// Enroll a backend service (role `service`).
     Enroll(EnrollArgs),
@@ -532,7 +556,7 @@ pub fn main() -> ExitCode {
     };
     rt.block_on(async move {
         match cli.command {
-            Command::Serve(args) => serve_cmd(args).await,
+            Command::Serve(args) => serve_cmd(*args).await,
             Command::Check { data_dir, json } => check_cmd(&data_dir, json),
             other => match client_cmd(other).await {
                 Ok(()) => ExitCode::SUCCESS,
@@ -595,6 +619,8 @@ async fn serve_cmd(args: ServeArgs) -> ExitCode {
         store_staleness: std::time::Duration::from_secs(args.store_staleness_secs),
         nats: (!args.nats.is_empty()).then(|| crate::bus::BusConfig {
             servers: args.nats.clone(),
+            ca: args.nats_ca.clone(),
+            identity: args.nats_cert.clone().zip(args.nats_key.clone()),
             replicas: args.nats_replicas,
             max_age: std::time::Duration::from_secs(args.nats_max_age_secs.max(1)),
         }),
@@ -693,6 +719,7 @@ async fn client_cmd(cmd: Command) -> anyhow::Result<()> {
         Command::Device(DeviceCmd::Enroll(a)) => enroll(a, Role::Device, false).await,
         Command::Device(DeviceCmd::Rotate(a)) => enroll(a, Role::Device, true).await,
         Command::Service(ServiceCmd::Enroll(a)) => enroll(a, Role::Service, false).await,
+        Command::Node(NodeCmd::Enroll(a)) => enroll(a, Role::Node, false).await,
         Command::Device(DeviceCmd::Show { id, json, api }) => {
             let id = DeviceId::try_new(id)?;
             let view: DeviceView = api.client()?.get(&format!("/v1/devices/{id}")).await?;

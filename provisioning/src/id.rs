@@ -89,6 +89,9 @@ pub enum Role {
     /// A shared factory claim: may only ask for a device certificate over
     /// MQTT (`$fleetgate/provision/<request-id>`), a limited number of times.
     Claim,
+    /// A fleetgate node, as etcd and NATS know it (its id is the
+    /// certificate's CN, the user name they map it to): no MQTT, no API.
+    Node,
 }
 
 impl Role {
@@ -98,6 +101,7 @@ impl Role {
             Role::Service => "service",
             Role::Admin => "admin",
             Role::Claim => "claim",
+            Role::Node => "node",
         }
     }
 }
@@ -116,8 +120,9 @@ impl FromStr for Role {
             "service" => Ok(Role::Service),
             "admin" => Ok(Role::Admin),
             "claim" => Ok(Role::Claim),
+            "node" => Ok(Role::Node),
             other => Err(Error::InvalidInput {
-                reason: format!("unknown role {other:?} (device, service, admin, claim)"),
+                reason: format!("unknown role {other:?} (device, service, admin, claim, node)"),
             }),
         }
     }

@@ -1033,6 +1033,45 @@ pub mod nats {
             nats
         }
 
+        /// One server with JetStream and `config` (a nats-server
+        /// configuration: `tls`, `authorization`, ...) written to
+        /// `dir/nats.conf`; its ports are chosen here.
+        pub fn with_config(dir: &Path, config: &str) -> Self {
+            super::require_tool("nats-server");
+            std::fs::create_dir_all(dir).expect("nats dir");
+            let conf = dir.join("nats.conf");
+            std::fs::write(&conf, config).expect("writing nats.conf");
+            let (client, monitor) = (free_port(), free_port());
+            let args: Vec<String> = [
+                "-c",
+                &conf.to_string_lossy(),
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &client.to_string(),
+                "-m",
+                &monitor.to_string(),
+                "-js",
+                "-sd",
+                &dir.join("n0").to_string_lossy(),
+            ]
+            .map(str::to_owned)
+            .to_vec();
+            let nats = Nats {
+                servers: vec![spawn(&args)],
+                ports: vec![client],
+                monitors: vec![monitor],
+                commands: vec![args],
+            };
+            nats.wait_healthy(0);
+            nats
+        }
+
+        /// `--nats` with TLS: `tls://` URLs.
+        pub fn tls_url(&self) -> String {
+            self.url().replace("nats://", "tls://")
+        }
+
         /// Waits until server `i` says JetStream is ready.
         pub fn wait_healthy(&self, i: usize) {
             let deadline = Instant::now() + Duration::from_secs(30);

@@ -636,3 +636,197 @@ fn a_message_forged_on_nats_outside_its_senders_topics_is_dropped() {
     let got = sub.wait_with_output().unwrap();
     assert_eq!(String::from_utf8_lossy(&got.stdout).trim(), "real");
 }
+
+/// A CA and a server certificate for 127.0.0.1 made with openssl, for a
+/// NATS server: `(ca.crt, server.crt, server.key)` in `dir`.
+fn nats_server_pki(dir: &std::path::Path) -> [std::path::PathBuf; 3] {
+    std::fs::create_dir_all(dir).unwrap();
+    let p = |n: &str| dir.join(n);
+    let sh = format!(
+        "set -e; cd {d}; \
+         openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+           -keyout ca.key -out ca.crt -subj /CN=nats-test-ca -days 2; \
+         openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+           -keyout server.key -out server.csr -subj /CN=nats; \
+         printf 'subjectAltName=IP:127.0.0.1\\nextendedKeyUsage=serverAuth\\n' > ext; \
+         openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial \
+           -days 2 -extfile ext -out server.crt",
+        d = dir.display()
+    );
+    let (ok, out) = run(std::process::Command::new("sh").args(["-c", &sh]));
+    assert!(ok, "{out}");
+    [p("ca.crt"), p("server.crt"), p("server.key")]
+}
+
+/// What a NATS server says to a client that upgrades to TLS presenting
+/// `identity` (or none) and sends CONNECT and PING: `Ok(first line)`
+/// (`PONG`, or `-ERR ...`), `Err` if TLS itself failed.
+async fn nats_hello(
+    port: u16,
+    ca: &std::path::Path,
+    identity: Option<(&std::path::Path, &std::path::Path)>,
+) -> Result<String, String> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    fleetgate_api::tls::install_crypto_provider();
+    let config = fleetgate_api::tls::client_config(ca, identity).unwrap();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let mut plain = BufReader::new(tcp);
+    let mut info = String::new();
+    plain.read_line(&mut info).await.unwrap();
+    assert!(info.starts_with("INFO"), "{info}");
+    let name = rustls_pki_types::ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, plain.into_inner())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut tls = BufReader::new(tls);
+    tls.get_mut()
+        .write_all(b"CONNECT {\"verbose\":false,\"pedantic\":false}\r\nPING\r\n")
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    match tokio::time::timeout(Duration::from_secs(10), tls.read_line(&mut line)).await {
+        Ok(Ok(_)) => Ok(line.trim().to_owned()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("no answer".into()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_on_a_tls_nats_with_client_certificates_and_permissions() {
+    tests::require_tool("openssl");
+    let tmp = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&tmp.path().join("etcd"));
+    let store = etcd.url();
+    let ids = tmp.path().join("ids");
+    let creds = tmp.path().join("c");
+    // The cluster's CA, and node identities from it, before any bus.
+    let (dev, svc) = {
+        let first = Server::start_with(&tmp.path().join("node-1"), &["--store", &store]).unwrap();
+        for n in ["node-1", "node-2"] {
+            first.cli_ok(&["node", "enroll", n, "--out", ids.to_str().unwrap()]);
+        }
+        // A node identity is no MQTT identity.
+        let node = tests::Creds::in_dir(&ids, "node-1");
+        assert!(tests::mqtt::refused(first.mqtt, &node).await);
+        (
+            first.enroll(&creds, "device", "dev-1"),
+            first.enroll(&creds, "service", "backend"),
+        )
+    };
+    let [nats_ca, cert, key] = nats_server_pki(&tmp.path().join("nats-pki"));
+    let fleet_ca = tmp.path().join("node-1/ca.crt");
+    let config = format!(
+        r#"
+tls {{
+  cert_file: "{cert}"
+  key_file: "{key}"
+  ca_file: "{fleet_ca}"
+  verify_and_map: true
+}}
+node = {{
+  publish: {{ allow: ["fleetgate.>", "$JS.API.>", "$JS.ACK.>", "$JS.FC.>", "_INBOX.>"] }}
+  subscribe: {{ allow: ["fleetgate.>", "_INBOX.>"] }}
+}}
+authorization {{
+  users = [
+    {{ user: "CN=node-1", permissions: $node }}
+    {{ user: "CN=node-2", permissions: $node }}
+  ]
+}}
+"#,
+        cert = cert.display(),
+        key = key.display(),
+        fleet_ca = fleet_ca.display(),
+    );
+    let nats = Nats::with_config(&tmp.path().join("nats"), &config);
+    let port = nats.ports[0];
+    // NATS refuses a client without a certificate, one whose certificate
+    // another CA signed, and a fleetgate device (chains to the fleet's
+    // root, but no user of NATS).
+    assert!(nats_hello(port, &nats_ca, None).await.is_err());
+    let foreign = tests::pki::TestCa::foreign();
+    let (chain, fkey) = foreign.issue(&tests::pki::Spec::device("intruder"));
+    std::fs::write(tmp.path().join("f.crt"), chain).unwrap();
+    std::fs::write(tmp.path().join("f.key"), fkey).unwrap();
+    let f = (tmp.path().join("f.crt"), tmp.path().join("f.key"));
+    assert!(nats_hello(port, &nats_ca, Some((&f.0, &f.1)))
+        .await
+        .is_err());
+    let said = nats_hello(port, &nats_ca, Some((&dev.cert, &dev.key))).await;
+    assert!(
+        said.as_deref()
+            .is_ok_and(|l| l.contains("Authorization Violation")),
+        "{said:?}"
+    );
+    let n1 = (ids.join("node-1.crt"), ids.join("node-1.key"));
+    assert_eq!(
+        nats_hello(port, &nats_ca, Some((&n1.0, &n1.1))).await,
+        Ok("PONG".into())
+    );
+
+    // Two nodes on it, each with its own identity.
+    let bus = nats.tls_url();
+    let node_args = |n: &str| -> Vec<String> {
+        [
+            "--store",
+            &store,
+            "--nats",
+            &bus,
+            "--nats-ca",
+            nats_ca.to_str().unwrap(),
+            "--nats-cert",
+            ids.join(format!("{n}.crt")).to_str().unwrap(),
+            "--nats-key",
+            ids.join(format!("{n}.key")).to_str().unwrap(),
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    };
+    let (a1, a2) = (node_args("node-1"), node_args("node-2"));
+    let a1: Vec<&str> = a1.iter().map(String::as_str).collect();
+    let a2: Vec<&str> = a2.iter().map(String::as_str).collect();
+    let one = Server::start_with(&tmp.path().join("node-1"), &a1).unwrap();
+    tests::copy_data_dir(&one.data_dir, &tmp.path().join("node-2"));
+    let two = Server::start_with(&tmp.path().join("node-2"), &a2).unwrap();
+    assert!(!one.log().iter().any(|l| l.contains("NATS without TLS")));
+
+    // Telemetry from node one to a service on node two, a command back.
+    let sub = listen(
+        &two,
+        &svc,
+        &["-t", "devices/dev-1/telemetry", "-C", "1", "-W", "20"],
+    );
+    let (ok, out) = run(one.mosquitto("mosquitto_pub", &dev).args([
+        "-q",
+        "1",
+        "-t",
+        "devices/dev-1/telemetry",
+        "-m",
+        "over-tls",
+    ]));
+    assert!(ok, "{out}");
+    let got = sub.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&got.stdout).trim(), "over-tls");
+    let cmd = listen(
+        &one,
+        &dev,
+        &["-t", "devices/dev-1/commands/#", "-C", "1", "-W", "20"],
+    );
+    let (ok, out) = run(two.mosquitto("mosquitto_pub", &svc).args([
+        "-q",
+        "1",
+        "-t",
+        "devices/dev-1/commands/reboot",
+        "-m",
+        "now",
+    ]));
+    assert!(ok, "{out}");
+    let got = cmd.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&got.stdout).trim(), "now");
+    // Revoked through node two: node one refuses it.
+    two.cli_ok(&["device", "revoke", "dev-1"]);
+    assert!(tests::mqtt::refused(one.mqtt, &dev).await);
+}

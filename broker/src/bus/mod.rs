@@ -58,8 +58,13 @@ const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 /// How the node uses NATS.
 #[derive(Clone, Debug)]
 pub struct BusConfig {
-    /// NATS servers, `nats://host:port` (any of one cluster).
+    /// NATS servers, `tls://host:port` or `nats://host:port` (any of one
+    /// cluster).
     pub servers: Vec<String>,
+    /// The CA of the servers' certificates (PEM); the system's otherwise.
+    pub ca: Option<std::path::PathBuf>,
+    /// This node's client certificate and key (PEM).
+    pub identity: Option<(std::path::PathBuf, std::path::PathBuf)>,
     /// Replicas of the stream (1, or 3 on a three-server cluster).
     pub replicas: usize,
     /// How long the stream keeps a message.
@@ -159,13 +164,32 @@ impl Bus {
             .map(|s| s.parse::<async_nats::ServerAddr>())
             .collect::<Result<Vec<_>, _>>()
             .context("a NATS server address")?;
-        let client = async_nats::ConnectOptions::new()
+        let mut opts = async_nats::ConnectOptions::new()
             .name(format!("fleetgate-{node}"))
             .connection_timeout(Duration::from_secs(5))
-            .retry_on_initial_connect()
-            .connect(addrs)
-            .await
-            .context("connecting to NATS")?;
+            .retry_on_initial_connect();
+        let tls = cfg.servers.iter().any(|s| s.starts_with("tls://"))
+            || cfg.ca.is_some()
+            || cfg.identity.is_some();
+        if tls {
+            for path in cfg
+                .ca
+                .iter()
+                .chain(cfg.identity.iter().flat_map(|(c, k)| [c, k]))
+            {
+                std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+            }
+            opts = opts.require_tls(true);
+            if let Some(ca) = &cfg.ca {
+                opts = opts.add_root_certificates(ca.clone());
+            }
+            if let Some((cert, key)) = &cfg.identity {
+                opts = opts.add_client_certificate(cert.clone(), key.clone());
+            }
+        } else {
+            tracing::warn!("bus: NATS without TLS or a client certificate: anyone who reaches it can read and inject messages (use tls:// with --nats-ca, --nats-cert and --nats-key)");
+        }
+        let client = opts.connect(addrs).await.context("connecting to NATS")?;
         let js = jetstream::new(client.clone());
         let stream = tokio::time::timeout(
             Duration::from_secs(15),

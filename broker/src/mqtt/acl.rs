@@ -74,7 +74,7 @@ impl Acl {
         let ok = match self.role {
             Role::Device => self.is_own(topic),
             Role::Service => is_command_topic(topic),
-            Role::Admin => false,
+            Role::Admin | Role::Node => false,
             Role::Claim => {
                 return Err(Denied(format!(
                     "a claim may only publish a CSR to {PROVISION}<request-id>, not to {topic:?}"
@@ -121,7 +121,7 @@ impl Acl {
             )),
             Role::Service if inner.starts_with(DEVICES) => Ok(()),
             Role::Service => deny("services may subscribe under devices/ only"),
-            Role::Admin => deny("admin certificates are not MQTT identities"),
+            Role::Admin | Role::Node => deny("admin and node certificates are not MQTT identities"),
             Role::Claim if inner.starts_with(PROVISION) => Ok(()),
             Role::Claim => deny("a claim may only subscribe under $fleetgate/provision/"),
         }

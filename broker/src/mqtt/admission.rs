@@ -464,11 +464,11 @@ impl RegistryVerifier {
                 )
             })?,
         };
-        if identity.role == Role::Admin {
+        if matches!(identity.role, Role::Admin | Role::Node) {
             return Err(self.refuse(
                 Refusal::WrongIdentity,
                 CertificateError::ApplicationVerificationFailure,
-                "admin certificates are not MQTT identities",
+                &format!("{} certificates are not MQTT identities", identity.role),
             ));
         }
         Ok(identity)

@@ -498,7 +498,8 @@ async fn session(
     // everything they may send. A device gets its mailbox; a service a
     // router link (building it waits on the router thread).
     let (mut link_rx, session_present) = match role {
-        Role::Claim => (None, false),
+        // Refused at the handshake; nothing to open if one got here.
+        Role::Claim | Role::Node => (None, false),
         Role::Device => {
             let (hub, id) = (shared.hub.clone(), s.peer.identity.id.clone());
             let clean = connect.clean_session;
