@@ -613,7 +613,7 @@ fn a_message_forged_on_nats_outside_its_senders_topics_is_dropped() {
     };
     raw_nats_hpub(
         &nats.url(),
-        "fleetgate.msg.attacker.dev-1",
+        "fleetgate.msg.attacker.run.dev-1",
         &[("fleetgate-role", "device")],
         &forged.to_bytes(),
     );
@@ -659,12 +659,13 @@ fn nats_server_pki(dir: &std::path::Path) -> [std::path::PathBuf; 3] {
 }
 
 /// What a NATS server says to a client that upgrades to TLS presenting
-/// `identity` (or none) and sends CONNECT and PING: `Ok(first line)`
-/// (`PONG`, or `-ERR ...`), `Err` if TLS itself failed.
+/// `identity` (or none) and sends CONNECT, `then` and PING: `Ok(first
+/// line)` (`PONG`, or `-ERR ...`), `Err` if TLS itself failed.
 async fn nats_hello(
     port: u16,
     ca: &std::path::Path,
     identity: Option<(&std::path::Path, &std::path::Path)>,
+    then: &str,
 ) -> Result<String, String> {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
     fleetgate_api::tls::install_crypto_provider();
@@ -683,7 +684,10 @@ async fn nats_hello(
         .map_err(|e| e.to_string())?;
     let mut tls = BufReader::new(tls);
     tls.get_mut()
-        .write_all(b"CONNECT {\"verbose\":false,\"pedantic\":false}\r\nPING\r\n")
+        .write_all(
+            format!("CONNECT {{\"verbose\":false,\"pedantic\":false}}\r\n{then}PING\r\n")
+                .as_bytes(),
+        )
         .await
         .map_err(|e| e.to_string())?;
     let mut line = String::new();
@@ -726,17 +730,18 @@ tls {{
   ca_file: "{fleet_ca}"
   verify_and_map: true
 }}
-node = {{
-  publish: {{ allow: ["fleetgate.>", "$JS.API.>", "$JS.ACK.>", "$JS.FC.>", "_INBOX.>"] }}
-  subscribe: {{ allow: ["fleetgate.>", "_INBOX.>"] }}
-}}
 authorization {{
   users = [
-    {{ user: "CN=node-1", permissions: $node }}
-    {{ user: "CN=node-2", permissions: $node }}
+    {{ user: "CN=node-1", permissions: {{
+        publish: {{ allow: ["fleetgate.msg.node-1.>", {shared}] }}
+        subscribe: {{ allow: ["fleetgate.>", "_INBOX.>"] }} }} }}
+    {{ user: "CN=node-2", permissions: {{
+        publish: {{ allow: ["fleetgate.msg.node-2.>", {shared}] }}
+        subscribe: {{ allow: ["fleetgate.>", "_INBOX.>"] }} }} }}
   ]
 }}
 "#,
+        shared = r#""fleetgate.owner.>", "fleetgate.session.>", "fleetgate.queue.>", "$JS.API.>", "$JS.ACK.>", "$JS.FC.>", "_INBOX.>""#,
         cert = cert.display(),
         key = key.display(),
         fleet_ca = fleet_ca.display(),
@@ -746,16 +751,16 @@ authorization {{
     // NATS refuses a client without a certificate, one whose certificate
     // another CA signed, and a fleetgate device (chains to the fleet's
     // root, but no user of NATS).
-    assert!(nats_hello(port, &nats_ca, None).await.is_err());
+    assert!(nats_hello(port, &nats_ca, None, "").await.is_err());
     let foreign = tests::pki::TestCa::foreign();
     let (chain, fkey) = foreign.issue(&tests::pki::Spec::device("intruder"));
     std::fs::write(tmp.path().join("f.crt"), chain).unwrap();
     std::fs::write(tmp.path().join("f.key"), fkey).unwrap();
     let f = (tmp.path().join("f.crt"), tmp.path().join("f.key"));
-    assert!(nats_hello(port, &nats_ca, Some((&f.0, &f.1)))
+    assert!(nats_hello(port, &nats_ca, Some((&f.0, &f.1)), "")
         .await
         .is_err());
-    let said = nats_hello(port, &nats_ca, Some((&dev.cert, &dev.key))).await;
+    let said = nats_hello(port, &nats_ca, Some((&dev.cert, &dev.key)), "").await;
     assert!(
         said.as_deref()
             .is_ok_and(|l| l.contains("Authorization Violation")),
@@ -763,8 +768,23 @@ authorization {{
     );
     let n1 = (ids.join("node-1.crt"), ids.join("node-1.key"));
     assert_eq!(
-        nats_hello(port, &nats_ca, Some((&n1.0, &n1.1))).await,
+        nats_hello(port, &nats_ca, Some((&n1.0, &n1.1)), "").await,
         Ok("PONG".into())
+    );
+    // A node publishes under its own name only: node-2 posing as node-1
+    // is refused by NATS.
+    let n2 = (ids.join("node-2.crt"), ids.join("node-2.key"));
+    let said = nats_hello(
+        port,
+        &nats_ca,
+        Some((&n2.0, &n2.1)),
+        "PUB fleetgate.msg.node-1.run.dev-1 1\r\nx\r\n",
+    )
+    .await;
+    assert!(
+        said.as_deref()
+            .is_ok_and(|l| l.contains("Permissions Violation")),
+        "{said:?}"
     );
 
     // Two nodes on it, each with its own identity.

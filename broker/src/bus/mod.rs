@@ -2,7 +2,7 @@
 //!
 //! Every message a client publishes into this node's router is also put on
 //! one JetStream stream, `FLEETGATE_MSG`, under
-//! `fleetgate.msg.<node>.<client id>`, with the sender's role and identity
+//! `fleetgate.msg.<node name>.<run>.<client id>`, with the sender's role and identity
 //! stamp as headers and the message itself in the layout the session store
 //! keeps ([`Message::to_bytes`]). Every node follows the stream through a
 //! durable consumer of its own and hands what other nodes put there to its
@@ -37,7 +37,9 @@ pub mod keeper;
 /// The stream every node publishes to and follows.
 pub const STREAM: &str = "FLEETGATE_MSG";
 
-/// Subjects: `fleetgate.msg.<node>.<client id>`.
+/// Subjects: `fleetgate.msg.<node name>.<run>.<client id>`: the node's
+/// name (its NATS certificate's CN) is a token of its own, so NATS
+/// permissions can let each node publish under its own name only.
 const PREFIX: &str = "fleetgate.msg.";
 
 const ROLE: &str = "fleetgate-role";
@@ -79,6 +81,8 @@ pub struct Bus {
     /// This run's name on the bus (random, so a restarted node starts
     /// with what is new, not with what it missed while down).
     node: String,
+    /// `<name>.<run>`: where this node's messages go under [`PREFIX`].
+    sender: String,
     metrics: Arc<Metrics>,
     /// Session ownership, cluster-wide (MQTT: one session per client id).
     owners: stream::Stream,
@@ -222,9 +226,11 @@ impl Bus {
         let keeper =
             Arc::new(keeper::JetStreamKeeper::open(&client, &js, cfg.replicas, limits).await?);
         tracing::info!(node = %node, servers = ?cfg.servers, "bus: on NATS JetStream");
+        let name = node_name(cfg)?;
         Ok(Arc::new(Bus {
             client,
             js,
+            sender: format!("{name}.{node}"),
             node,
             metrics,
             owners,
@@ -265,7 +271,7 @@ impl Bus {
         stored: bool,
         queued: Option<u64>,
     ) -> Result<Stored, BusError> {
-        let subject = format!("{PREFIX}{}.{client}", self.node);
+        let subject = format!("{PREFIX}{}.{client}", self.sender);
         let mut headers = HeaderMap::new();
         headers.insert(ROLE, role.to_string().as_str());
         if !stamp.is_empty() {
@@ -402,7 +408,7 @@ impl Bus {
     /// NATS comes back.
     pub fn follow(self: &Arc<Self>) -> mpsc::Receiver<Incoming> {
         let name = format!("node-{}", self.node);
-        let skip = Some(format!("{PREFIX}{}.", self.node));
+        let skip = Some(format!("{PREFIX}{}.", self.sender));
         // A node that went away leaves no consumer behind.
         self.pull(name, skip, Duration::from_secs(600), 1024)
     }
@@ -509,14 +515,42 @@ impl Bus {
     }
 }
 
+/// This node's name on the bus: the CN of its NATS certificate (what NATS
+/// maps to its user), else `node`.
+fn node_name(cfg: &BusConfig) -> anyhow::Result<String> {
+    let Some((cert, _)) = &cfg.identity else {
+        return Ok("node".into());
+    };
+    let pem = std::fs::read(cert).with_context(|| format!("reading {}", cert.display()))?;
+    let (_, pem) = x509_parser::pem::parse_x509_pem(&pem)
+        .map_err(|e| anyhow::anyhow!("{}: not a PEM certificate: {e}", cert.display()))?;
+    let x509 = pem
+        .parse_x509()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", cert.display()))?;
+    let cn = x509
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow::anyhow!("{}: no common name (the node's name)", cert.display()))?;
+    if cn.is_empty() || cn.contains(['.', '*', '>', ' ']) {
+        anyhow::bail!(
+            "{}: CN {cn:?} cannot be a NATS subject token",
+            cert.display()
+        );
+    }
+    Ok(cn)
+}
+
 /// A bus message's sender, role, stamp, message and queue place.
 type Parsed = (String, Role, String, Message, Option<u64>);
 
 fn parse(subject: &str, msg: &jetstream::Message) -> Result<Parsed, String> {
     let client = subject
         .strip_prefix(PREFIX)
-        .and_then(|rest| rest.split_once('.'))
-        .map(|(_, client)| client.to_owned())
+        .and_then(|rest| rest.splitn(3, '.').nth(2))
+        .map(str::to_owned)
         .ok_or("no sender in the subject")?;
     let header = |k: &str| {
         msg.headers
