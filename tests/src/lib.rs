@@ -179,6 +179,48 @@ impl Server {
         text
     }
 
+    /// [`Server::openssl_ocsp`] with openssl's clock at `offset` (a
+    /// faketime offset such as `+35d`), for a server on a fake clock.
+    pub fn openssl_ocsp_at(&self, cert: &Path, offset: &str) -> String {
+        require_tool("faketime");
+        run(Command::new("faketime")
+            .args(["-f", offset, "openssl", "ocsp", "-issuer"])
+            .arg(self.data_dir.join("ca/issuing.crt"))
+            .arg("-cert")
+            .arg(cert)
+            .args(["-url", &self.ocsp_url(), "-CAfile"])
+            .arg(self.data_dir.join("ca.crt")))
+        .1
+    }
+
+    /// A server on a wall clock the test moves: it reads the offset from
+    /// `clock` (`+0d` at first; write e.g. `+35d` to it), while its
+    /// timers (monotonic) run as usual. libfaketime.
+    pub fn start_on_fake_clock(
+        data_dir: &Path,
+        clock: &Path,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        const LIBS: [&str; 2] = [
+            "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+            "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+        ];
+        let lib = LIBS
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .context("libfaketime is not installed: run .ci/run, or apt-get install faketime")?;
+        std::fs::write(clock, "+0d\n")?;
+        let env = [
+            format!("LD_PRELOAD={lib}"),
+            format!("FAKETIME_TIMESTAMP_FILE={}", clock.display()),
+            "FAKETIME_NO_CACHE=1".into(),
+            "FAKETIME_DONT_FAKE_MONOTONIC=1".into(),
+        ];
+        let mut wrapper = vec!["env"];
+        wrapper.extend(env.iter().map(String::as_str));
+        Self::start_under(&wrapper, data_dir, extra)
+    }
+
     pub fn api_url(&self) -> String {
         format!("https://{}", self.api)
     }

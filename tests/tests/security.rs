@@ -276,53 +276,22 @@ async fn a_resumed_tls_session_does_not_skip_revocation() {
     assert!(server.wait_for_log("refused at CONNECT", Duration::from_secs(5)));
 }
 
-fn faketime_lib() -> &'static str {
-    const PATHS: [&str; 2] = [
-        "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
-        "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
-    ];
-    PATHS
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .expect("libfaketime is not installed: run .ci/run, or apt-get install faketime")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ocsp_signing_certificate_is_renewed_while_running() {
     require_tool("openssl");
-    let lib = faketime_lib();
     let tmp = tempfile::tempdir().unwrap();
     // The server's wall clock is read from a file we move forward; its
     // timers (monotonic) run as usual, so upkeep runs every second.
     let clock = tmp.path().join("clock");
-    std::fs::write(&clock, "+0d\n").unwrap();
-    let env = [
-        format!("LD_PRELOAD={lib}"),
-        format!("FAKETIME_TIMESTAMP_FILE={}", clock.display()),
-        "FAKETIME_NO_CACHE=1".into(),
-        "FAKETIME_DONT_FAKE_MONOTONIC=1".into(),
-    ];
-    let mut wrapper = vec!["env"];
-    wrapper.extend(env.iter().map(String::as_str));
-    let server = Server::start_under(
-        &wrapper,
+    let server = Server::start_on_fake_clock(
         &tmp.path().join("data"),
+        &clock,
         &["--upkeep-interval-secs", "1"],
     )
     .unwrap();
     let c = server.enroll(&tmp.path().join("d"), "device", "o-1");
-    let ocsp = |offset: &str| {
-        run(Command::new("faketime")
-            .arg("-f")
-            .arg(offset)
-            .args(["openssl", "ocsp", "-issuer"])
-            .arg(server.data_dir.join("ca/issuing.crt"))
-            .arg("-cert")
-            .arg(&c.cert)
-            .args(["-url", &server.ocsp_url(), "-CAfile"])
-            .arg(server.data_dir.join("ca.crt")))
-    };
-    let (_, now) = ocsp("+0d");
+    let ocsp = |offset: &str| server.openssl_ocsp_at(&c.cert, offset);
+    let now = ocsp("+0d");
     assert!(
         now.contains("Response verify OK") && now.contains(": good"),
         "{now}"
@@ -332,7 +301,7 @@ async fn the_ocsp_signing_certificate_is_renewed_while_running() {
     std::fs::write(&clock, "+35d\n").unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     let later = loop {
-        let (_, later) = ocsp("+35d");
+        let later = ocsp("+35d");
         if later.contains("Response verify OK") || Instant::now() > deadline {
             break later;
         }

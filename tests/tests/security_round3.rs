@@ -519,46 +519,18 @@ async fn a_client_id_cannot_add_fields_to_the_log() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_first_ocsp_answer_after_a_clock_jump_is_signed_in_date() {
     require_tool("openssl");
-    require_tool("faketime");
-    let lib = [
-        "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
-        "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
-    ]
-    .into_iter()
-    .find(|p| Path::new(p).exists())
-    .expect("libfaketime is not installed: run .ci/run, or apt-get install faketime");
     let tmp = tempfile::tempdir().unwrap();
     // The server's wall clock comes from a file the test moves; the
     // upkeep timer is an hour away, so only the answer itself can renew.
     let clock = tmp.path().join("clock");
-    std::fs::write(&clock, "+0d\n").unwrap();
-    let env = [
-        format!("LD_PRELOAD={lib}"),
-        format!("FAKETIME_TIMESTAMP_FILE={}", clock.display()),
-        "FAKETIME_NO_CACHE=1".into(),
-        "FAKETIME_DONT_FAKE_MONOTONIC=1".into(),
-    ];
-    let mut wrapper = vec!["env"];
-    wrapper.extend(env.iter().map(String::as_str));
-    let server = Server::start_under(
-        &wrapper,
+    let server = Server::start_on_fake_clock(
         &tmp.path().join("data"),
+        &clock,
         &["--upkeep-interval-secs", "3600"],
     )
     .unwrap();
     let c = server.enroll(&tmp.path().join("d"), "device", "o-1");
-    let ocsp = |offset: &str| {
-        run(Command::new("faketime")
-            .arg("-f")
-            .arg(offset)
-            .args(["openssl", "ocsp", "-issuer"])
-            .arg(server.data_dir.join("ca/issuing.crt"))
-            .arg("-cert")
-            .arg(&c.cert)
-            .args(["-url", &server.ocsp_url(), "-CAfile"])
-            .arg(server.data_dir.join("ca.crt")))
-        .1
-    };
+    let ocsp = |offset: &str| server.openssl_ocsp_at(&c.cert, offset);
     let now = ocsp("+0d");
     assert!(
         now.contains("Response verify OK") && now.contains(": good"),
