@@ -17,15 +17,21 @@ pub fn root_store(ca: &CertificateDer<'static>) -> anyhow::Result<Arc<RootCertSt
 }
 
 /// The admin API's server config: our server certificate; client
-/// certificates are verified against the root when offered, and a request
-/// without one is refused by the API with a clear error rather than a bare
-/// handshake failure.
+/// certificates are verified against the root, and the issuing CA as a
+/// trust anchor too (as on MQTT), so a leaf sent without its chain (what
+/// EST's `simpleenroll` returns) is taken; and a request without one is
+/// refused by the API with a clear error rather than a bare handshake
+/// failure.
 pub fn api_server_config(
-    root: &CertificateDer<'static>,
+    anchors: &[CertificateDer<'static>],
     cert: &Path,
     key: &Path,
 ) -> anyhow::Result<Arc<ServerConfig>> {
-    let verifier = WebPkiClientVerifier::builder(root_store(root)?)
+    let mut roots = RootCertStore::empty();
+    for a in anchors {
+        roots.add(a.clone()).context("adding a trust anchor")?;
+    }
+    let verifier = WebPkiClientVerifier::builder(Arc::new(roots))
         .allow_unauthenticated()
         .build()
         .context("building the client certificate verifier")?;
@@ -44,7 +50,8 @@ pub fn api_server_config(
 #[derive(Debug)]
 pub struct ServerTls {
     paths: provisioning::ca::Paths,
-    root: CertificateDer<'static>,
+    /// The root and the issuing CA: the API's client trust anchors.
+    anchors: Vec<CertificateDer<'static>>,
     mqtt_verifier: Arc<crate::mqtt::admission::RegistryVerifier>,
     api: tokio::sync::watch::Sender<Arc<ServerConfig>>,
     mqtt: tokio::sync::watch::Sender<Arc<ServerConfig>>,
@@ -60,11 +67,11 @@ impl ServerTls {
                 .context("building the MQTT client verifier")?,
         );
         let paths = auth.paths.clone();
-        let root = auth.ca.root_der().clone();
-        let (api, mqtt) = build(&paths, &root, &mqtt_verifier)?;
+        let anchors = vec![auth.ca.root_der().clone(), auth.ca.issuing_der().clone()];
+        let (api, mqtt) = build(&paths, &anchors, &mqtt_verifier)?;
         Ok(Self {
             paths,
-            root,
+            anchors,
             mqtt_verifier,
             api: tokio::sync::watch::channel(api).0,
             mqtt: tokio::sync::watch::channel(mqtt).0,
@@ -92,7 +99,7 @@ impl ServerTls {
 
     /// Rebuilds both configs from the files; on error the old ones stay.
     pub fn reload(&self) -> anyhow::Result<()> {
-        let (api, mqtt) = build(&self.paths, &self.root, &self.mqtt_verifier)?;
+        let (api, mqtt) = build(&self.paths, &self.anchors, &self.mqtt_verifier)?;
         self.api.send_replace(api);
         self.mqtt.send_replace(mqtt);
         tracing::info!("reloaded the server certificate");
@@ -102,10 +109,10 @@ impl ServerTls {
 
 fn build(
     paths: &provisioning::ca::Paths,
-    root: &CertificateDer<'static>,
+    anchors: &[CertificateDer<'static>],
     mqtt_verifier: &Arc<crate::mqtt::admission::RegistryVerifier>,
 ) -> anyhow::Result<(Arc<ServerConfig>, Arc<ServerConfig>)> {
-    let api = api_server_config(root, &paths.server_cert(), &paths.server_key())?;
+    let api = api_server_config(anchors, &paths.server_cert(), &paths.server_key())?;
     let mqtt = ServerConfig::builder()
         .with_client_cert_verifier(mqtt_verifier.clone())
         .with_single_cert(

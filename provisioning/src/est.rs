@@ -104,13 +104,14 @@ pub fn from_base64(body: &[u8]) -> Result<Vec<u8>, Error> {
     })
 }
 
-/// Base64 in lines of 64 characters, as EST answers are sent.
+/// Base64 in lines of 64 characters ended by LF, as EST answers are sent
+/// (RFC 7030 4: CRLF or LF; GNU `base64 -d` takes LF only).
 pub fn to_base64(der: &[u8]) -> String {
     let flat = Base64::encode_string(der);
     let mut out = String::with_capacity(flat.len() + flat.len() / 64 + 2);
     for line in flat.as_bytes().chunks(64) {
         out.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
-        out.push_str("\r\n");
+        out.push('\n');
     }
     out
 }

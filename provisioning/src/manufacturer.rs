@@ -623,15 +623,17 @@ impl Authority {
     }
 
     /// A device certificate for `id` from `csr`, asked for by the claim
-    /// `claim` (one of its uses).
+    /// `claim` (one of its uses); `actor` names it in the audit log with
+    /// the way it came (`claim:line-4 (est)`).
     pub fn provision_with_claim(
         &self,
         claim: &DeviceId,
         id: &DeviceId,
         csr: &[u8],
         lifetime: Duration,
+        actor: &str,
     ) -> Result<(DeviceRecord, IssuedCert), Error> {
-        self.provision_key_with_claim(claim, id, &validate_csr(csr)?, lifetime)
+        self.provision_key_with_claim(claim, id, &validate_csr(csr)?, lifetime, actor)
     }
 
     /// [`Authority::provision_with_claim`] of a key already checked.
@@ -641,6 +643,7 @@ impl Authority {
         id: &DeviceId,
         csr: &crate::csr::ValidatedCsr,
         lifetime: Duration,
+        actor: &str,
     ) -> Result<(DeviceRecord, IssuedCert), Error> {
         let rec = self
             .registry
@@ -669,7 +672,9 @@ impl Authority {
             role: Role::Device,
             manufacturer: rec.manufacturer.clone(),
         };
-        let (d, left) = self.registry.provision_with_claim(claim, &new, &cert)?;
+        let (d, left) = self
+            .registry
+            .provision_with_claim(claim, &new, &cert, actor)?;
         tracing::info!(device.id = %id, %claim, uses_left = left.uses_left, serial = %cert.serial, "provisioned through a claim");
         Ok((d, cert))
     }

@@ -772,9 +772,9 @@ impl Registry {
         claim: &DeviceId,
         new: &NewDevice,
         cert: &IssuedCert,
+        actor: &str,
     ) -> Result<(DeviceRecord, ClaimRecord), Error> {
         let now = OffsetDateTime::now_utc();
-        let actor = format!("claim:{claim}");
         self.commit(Vec::new(), |tx| {
             let holder = tx.device(claim)?;
             if holder.status != Status::Active {
@@ -798,7 +798,7 @@ impl Registry {
                 .map_err(storage)?;
             let d = tx.new_device(new, cert, Status::Active, now)?;
             tx.audit(
-                &actor,
+                actor,
                 "claim-provision",
                 Some(&d.id),
                 Some(&cert.serial),

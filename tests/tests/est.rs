@@ -339,3 +339,70 @@ fn base64_lines(der: &[u8]) -> String {
         .unwrap();
     String::from_utf8(out.stdout).unwrap()
 }
+
+/// The README's EST example, run as printed (in a directory where
+/// `fleetgate-data` is this server's data dir and `claims/line-4` a
+/// claim), with stock curl, GNU base64 and openssl: cacerts, an enrollment
+/// by a claim, and the device renewing itself with the certificate
+/// `simpleenroll` returned (a leaf alone).
+#[test]
+fn the_readme_est_example_works_as_printed() {
+    for tool in ["curl", "openssl", "base64"] {
+        require_tool(tool);
+    }
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let start = readme
+        .find("E=https://127.0.0.1:8443/.well-known/est\n")
+        .expect("the README's EST example");
+    let block = &readme[start..];
+    let block = &block[..block.find("```").unwrap()];
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("data")).unwrap();
+    let work = tmp.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    std::os::unix::fs::symlink(&server.data_dir, work.join("fleetgate-data")).unwrap();
+    server.cli_ok(&[
+        "claim",
+        "create",
+        "line-4",
+        "--uses",
+        "10",
+        "--out",
+        work.join("claims").to_str().unwrap(),
+    ]);
+    let script = block.replace("https://127.0.0.1:8443", &server.api_url());
+    let (ok, out) = run(Command::new("bash")
+        .args(["-euo", "pipefail", "-c", &script])
+        .current_dir(&work));
+    assert!(ok, "the README's EST example failed:\n{out}");
+    for f in ["cacerts.pem", "sensor-11.crt", "sensor-11.new.crt"] {
+        let text = std::fs::read_to_string(work.join(f)).unwrap();
+        assert!(text.contains("BEGIN CERTIFICATE"), "{f}: {text}");
+    }
+    assert_eq!(
+        server.device_json("sensor-11")["certificates"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    // Enrolled by the claim over EST, and the audit log says so.
+    let audit = server.cli_ok(&["audit"]);
+    assert!(audit.contains("claim:line-4 (est)"), "{audit}");
+    // A CSR sent as PEM is taken too.
+    let (_, pem) = tests::pki::csr("sensor-12");
+    std::fs::write(work.join("sensor-12.csr"), pem).unwrap();
+    let admin = (
+        server.data_dir.join("admin.crt"),
+        server.data_dir.join("admin.key"),
+    );
+    let (code, body) = est(
+        &server,
+        "simpleenroll",
+        Some((admin.0.as_path(), admin.1.as_path())),
+        Some(("application/pkcs10", &work.join("sensor-12.csr"))),
+    );
+    assert_eq!(code, 200, "{body}");
+    assert!(!body.contains('\r'), "EST's base64 has CRLF line ends");
+}

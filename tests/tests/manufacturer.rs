@@ -597,7 +597,7 @@ async fn a_claim_provisions_a_device_over_mqtt_and_nothing_else() {
     let d = server.device_json("new-1");
     assert_eq!(d["status"], "active");
     assert!(audit_actions(&server).contains(&(
-        "claim:factory-7".into(),
+        "claim:factory-7 (mqtt)".into(),
         "claim-provision".into(),
         "new-1".into()
     )));

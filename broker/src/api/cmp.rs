@@ -358,7 +358,7 @@ fn handle(
                     &actor,
                 ),
                 Role::Claim => {
-                    auth.provision_key_with_claim(&me.id, &id, &req.key, st.cert_lifetime)
+                    auth.provision_key_with_claim(&me.id, &id, &req.key, st.cert_lifetime, &actor)
                 }
                 role => {
                     return Err(refuse(Failure::new(

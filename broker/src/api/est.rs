@@ -162,8 +162,13 @@ fn request(
             format!("EST takes Content-Type: application/pkcs10 (base64), not {ct:?}"),
         ));
     }
-    let der = est::from_base64(body)?;
-    let csr = provisioning::csr::validate_csr(&der)?;
+    // RFC 7030 says base64 DER; some clients send the CSR as PEM, which
+    // says what it is: taken as it is.
+    let csr = if body.trim_ascii_start().starts_with(b"-----BEGIN") {
+        provisioning::csr::validate_csr(body)?
+    } else {
+        provisioning::csr::validate_csr(&est::from_base64(body)?)?
+    };
     let Some(cn) = &csr.subject_cn else {
         return Err(refused(
             StatusCode::BAD_REQUEST,
@@ -232,7 +237,7 @@ async fn enroll(
                 ));
             }
             st.write(move || {
-                auth.provision_key_with_claim(&claim, &id, &csr, lifetime)
+                auth.provision_key_with_claim(&claim, &id, &csr, lifetime, &actor)
                     .map(|(_, c)| c)
             })
             .await?

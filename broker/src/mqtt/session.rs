@@ -1977,7 +1977,8 @@ impl Session {
                 let lifetime = self.shared.cert_lifetime;
                 let done = tokio::task::spawn_blocking(move || {
                     let id = DeviceId::try_new(id)?;
-                    auth.provision_with_claim(&claim, &id, &csr, lifetime)
+                    let actor = format!("claim:{claim} (mqtt)");
+                    auth.provision_with_claim(&claim, &id, &csr, lifetime, &actor)
                 })
                 .await;
                 match done {
