@@ -85,9 +85,13 @@ enum Command {
         verify: Option<AuditCmd>,
         #[command(flatten)]
         api: ApiArgs,
-        /// Show entries after this sequence number.
-        #[arg(long)]
+        /// Oldest first, from after this sequence number (default: the
+        /// newest first).
+        #[arg(long, conflicts_with = "before")]
         after: Option<u64>,
+        /// Newest first, from before this sequence number.
+        #[arg(long)]
+        before: Option<u64>,
         #[arg(long, default_value_t = 100)]
         limit: usize,
         #[arg(long)]
@@ -983,12 +987,15 @@ async fn client_cmd(cmd: Command) -> anyhow::Result<()> {
             verify: None,
             api,
             after,
+            before,
             limit,
             json,
         } => {
             let mut path = format!("/v1/audit?limit={limit}");
-            if let Some(a) = after {
-                path.push_str(&format!("&after={a}"));
+            match (after, before) {
+                (Some(a), _) => path.push_str(&format!("&after={a}")),
+                (None, Some(b)) => path.push_str(&format!("&before={b}")),
+                (None, None) => path.push_str("&order=newest"),
             }
             let page: Page<AuditEntry> = api.client()?.get(&path).await?;
             if json {
@@ -1004,6 +1011,10 @@ async fn client_cmd(cmd: Command) -> anyhow::Result<()> {
                         e.device.as_ref().map_or("-", |d| d.as_str()),
                         e.detail
                     );
+                }
+                if let Some(next) = &page.next {
+                    let flag = if after.is_some() { "after" } else { "before" };
+                    outln!("(more: fleetgate audit --{flag} {next})");
                 }
             }
             Ok(())

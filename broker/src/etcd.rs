@@ -223,15 +223,8 @@ fn int(v: &Value) -> u64 {
 
 /// The first key after every key starting with `prefix`.
 fn prefix_end(prefix: &[u8]) -> Vec<u8> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    // All 0xff (or empty): to the end of the keyspace.
-    vec![0]
+    // All 0xff (or empty): to the end of the keyspace, etcd's `\0`.
+    provisioning::store::prefix_end(prefix).unwrap_or_else(|| vec![0])
 }
 
 impl EtcdStore {
@@ -756,6 +749,60 @@ impl Store for EtcdStore {
                     if let Some((last, _)) = kvs.last() {
                         from = last.clone();
                         from.push(0);
+                    }
+                    page = kvs.into_iter();
+                }
+                Err(e) => {
+                    done = true;
+                    return Some(Err(e));
+                }
+            }
+        }))
+    }
+
+    fn scan_rev<'a>(&'a self, space: Space, prefix: &[u8], before: &[u8]) -> Entries<'a> {
+        let base = self.space_prefix(space);
+        let mut full = base.clone();
+        full.extend_from_slice(prefix);
+        let mut end = prefix_end(&full);
+        if !before.is_empty() {
+            let mut b = base.clone();
+            b.extend_from_slice(before);
+            if b < end {
+                end = b;
+            }
+        }
+        let mut page: std::vec::IntoIter<(Vec<u8>, Vec<u8>)> = Vec::new().into_iter();
+        let mut done = end <= full;
+        Box::new(std::iter::from_fn(move || loop {
+            if let Some((k, v)) = page.next() {
+                return Some(Ok((k.get(base.len()..).unwrap_or_default().to_vec(), v)));
+            }
+            if done {
+                return None;
+            }
+            let got = self.post(
+                "/v3/kv/range",
+                json!({
+                    "key": b64(&full), "range_end": b64(&end), "limit": PAGE.to_string(),
+                    "sort_order": "DESCEND", "sort_target": "KEY",
+                }),
+            );
+            match got {
+                Ok(resp) => {
+                    let kvs: Vec<(Vec<u8>, Vec<u8>)> = resp["kvs"]
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .map(|kv| (unb64(&kv["key"]), unb64(&kv["value"])))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    done = !resp["more"].as_bool().unwrap_or(false) || kvs.is_empty();
+                    if let Some((last, _)) = kvs.last() {
+                        // The range end is exclusive: the next page ends
+                        // at the last key of this one.
+                        end.clone_from(last);
                     }
                     page = kvs.into_iter();
                 }

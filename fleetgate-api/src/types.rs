@@ -94,7 +94,12 @@ pub struct RevokeBatchBody {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuditQuery {
+    /// Oldest first, from after this sequence number.
     pub after: Option<u64>,
+    /// Newest first, from before this sequence number.
+    pub before: Option<u64>,
+    /// `newest` for newest first without a `before`.
+    pub order: Option<String>,
     pub limit: Option<usize>,
 }
 

@@ -1490,6 +1490,37 @@ impl Registry {
         Ok(Page { items, next })
     }
 
+    /// Audit entries with a sequence number below `before` (all, if
+    /// `None`), newest first; `next` is the `before` of the page after.
+    pub fn audit_newest(
+        &self,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Page<AuditEntry>, Error> {
+        let limit = limit.clamp(1, MAX_PAGE);
+        let bound = before.map(u64::to_be_bytes);
+        let mut items = Vec::new();
+        let mut more = false;
+        for kv in self.store.scan_rev(
+            Space::Audit,
+            b"",
+            bound.as_ref().map_or(&[][..], |b| &b[..]),
+        ) {
+            if items.len() == limit {
+                more = true;
+                break;
+            }
+            let (_, v) = kv?;
+            items.push(decode::<AuditEntry>("audit entry", &v)?);
+        }
+        let next = if more {
+            items.last().map(|e| e.seq.to_string())
+        } else {
+            None
+        };
+        Ok(Page { items, next })
+    }
+
     /// Every unexpired certificate `issuer` signed (under `manufacturer`)
     /// that is revoked or on hold.
     pub fn revoked_by_issuer(

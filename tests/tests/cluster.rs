@@ -432,7 +432,7 @@ async fn a_raw_etcd_write_does_not_take_back_a_revocation() {
     // The audit log, sealed through the revocation, verifies.
     let audit: serde_json::Value =
         serde_json::from_str(&node.cli_ok(&["audit", "--json"])).unwrap();
-    let last = audit["items"].as_array().unwrap().last().unwrap()["seq"]
+    let last = audit["items"].as_array().unwrap().first().unwrap()["seq"]
         .as_u64()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);

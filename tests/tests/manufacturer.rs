@@ -22,12 +22,14 @@ fn start() -> (tempfile::TempDir, Server) {
 }
 
 fn audit_actions(server: &Server) -> Vec<(String, String, String)> {
+    // Newest first: turned round, oldest first.
     let out = server.cli_ok(&["audit", "--json", "--limit", "1000"]);
     let page: Value = serde_json::from_str(&out).unwrap();
     page["items"]
         .as_array()
         .unwrap()
         .iter()
+        .rev()
         .map(|e| {
             (
                 e["actor"].as_str().unwrap_or("").to_owned(),

@@ -479,3 +479,59 @@ fn exit_code_of_serve(data: &Path) -> Option<i32> {
         .status
         .code()
 }
+
+/// `fleetgate audit`: the newest first, `--limit`, a line saying how to
+/// go on, `--before` for the next page; on sled and on etcd.
+#[test]
+fn the_audit_log_reads_newest_first_and_pages_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let etcd = tests::etcd::Etcd::start(&tmp.path().join("etcd"));
+    let on_etcd = ["--store".to_owned(), etcd.url()];
+    let on_etcd: Vec<&str> = on_etcd.iter().map(String::as_str).collect();
+    for (name, extra) in [("sled", &[][..]), ("etcd", &on_etcd[..])] {
+        let server = Server::start_with(&tmp.path().join(format!("{name}-data")), extra).unwrap();
+        let dir = tmp.path().join(format!("{name}-d"));
+        for i in 0..3 {
+            server.enroll(&dir, "device", &format!("page-{i}"));
+        }
+        server.cli_ok(&["device", "suspend", "page-2"]);
+        let page: Value =
+            serde_json::from_str(&server.cli_ok(&["audit", "--json", "--limit", "2"])).unwrap();
+        let seqs = |p: &Value| -> Vec<u64> {
+            p["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["seq"].as_u64().unwrap())
+                .collect()
+        };
+        let first = seqs(&page);
+        assert_eq!(first.len(), 2, "{name}: {page}");
+        assert!(first[0] > first[1], "{name}: not newest first: {page}");
+        assert_eq!(page["items"][0]["action"], "suspend", "{name}: {page}");
+        let text = server.cli_ok(&["audit", "--limit", "2"]);
+        let next = page["next"].as_str().unwrap();
+        assert!(
+            text.ends_with(&format!("(more: fleetgate audit --before {next})\n")),
+            "{name}: {text}"
+        );
+        let older: Value = serde_json::from_str(
+            &server.cli_ok(&["audit", "--json", "--limit", "2", "--before", next]),
+        )
+        .unwrap();
+        let second = seqs(&older);
+        assert!(second.iter().all(|s| *s < first[1]), "{name}: {older}");
+        assert!(second[0] > second[1], "{name}: {older}");
+        // Oldest first from --after, as before.
+        let oldest: Value = serde_json::from_str(&server.cli_ok(&[
+            "audit",
+            "--json",
+            "--limit",
+            "2",
+            "--after",
+            &second[1].to_string(),
+        ]))
+        .unwrap();
+        assert_eq!(seqs(&oldest), [second[0], first[1]], "{name}: {oldest}");
+    }
+}

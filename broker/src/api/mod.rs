@@ -865,10 +865,30 @@ async fn audit(
     q: Result<Query<AuditQuery>, QueryRejection>,
 ) -> Result<Json<Page<provisioning::AuditEntry>>, ApiError> {
     let Query(q) = q?;
-    Ok(Json(st.auth.registry.audit(
-        q.after,
-        q.limit.unwrap_or(100).clamp(1, MAX_PAGE),
-    )?))
+    let limit = q.limit.unwrap_or(100).clamp(1, MAX_PAGE);
+    let newest = match q.order.as_deref() {
+        None | Some("oldest") => q.before.is_some(),
+        Some("newest") => true,
+        Some(other) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_query",
+                format!("order: newest or oldest, not {:?}", crate::printable(other)),
+            ))
+        }
+    };
+    if newest && q.after.is_some() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            "after pages oldest first, before newest first: not both",
+        ));
+    }
+    Ok(Json(if newest {
+        st.auth.registry.audit_newest(q.before, limit)?
+    } else {
+        st.auth.registry.audit(q.after, limit)?
+    }))
 }
 
 /// `GET /v1/audit/verify`: the whole log against its chain and signed

@@ -108,6 +108,10 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// on (inclusive; empty for the first), in key order.
     fn scan<'a>(&'a self, space: Space, prefix: &[u8], start: &[u8]) -> Entries<'a>;
 
+    /// The entries of `space` whose keys start with `prefix` and come
+    /// before `before` (exclusive; empty: no bound), last key first.
+    fn scan_rev<'a>(&'a self, space: Space, prefix: &[u8], before: &[u8]) -> Entries<'a>;
+
     /// How many entries `space` holds.
     fn len(&self, space: Space) -> Result<usize, Error>;
 
@@ -132,6 +136,19 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     }
 }
 
+/// The first key after every key that starts with `prefix` (`None`: no
+/// such key, the prefix is all 0xff or empty).
+pub fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
 /// A store read through [`Store::get_recent`], for decisions that only
 /// read (see `Registry::recent`). It commits nothing.
 #[derive(Debug)]
@@ -152,6 +169,10 @@ impl Store for Recent {
 
     fn scan<'a>(&'a self, space: Space, prefix: &[u8], start: &[u8]) -> Entries<'a> {
         self.0.scan(space, prefix, start)
+    }
+
+    fn scan_rev<'a>(&'a self, space: Space, prefix: &[u8], before: &[u8]) -> Entries<'a> {
+        self.0.scan_rev(space, prefix, before)
     }
 
     fn len(&self, space: Space) -> Result<usize, Error> {

@@ -124,6 +124,32 @@ impl Store for SledStore {
         )
     }
 
+    fn scan_rev<'a>(&'a self, space: Space, prefix: &[u8], before: &[u8]) -> Entries<'a> {
+        let prefix = prefix.to_vec();
+        let tree = self.tree(space);
+        let range = if before.is_empty() {
+            // Everything under the prefix: up to the first key after it.
+            match super::prefix_end(&prefix) {
+                Some(end) => tree.range(..end),
+                None => tree.range::<&[u8], _>(..),
+            }
+        } else {
+            tree.range(..before.to_vec())
+        };
+        Box::new(
+            range
+                .rev()
+                .take_while(move |kv| match kv {
+                    Ok((k, _)) => k.starts_with(&prefix),
+                    Err(_) => true,
+                })
+                .map(|kv| {
+                    kv.map(|(k, v)| (k.to_vec(), v.to_vec()))
+                        .map_err(Error::from)
+                }),
+        )
+    }
+
     fn len(&self, space: Space) -> Result<usize, Error> {
         Ok(self.tree(space).len())
     }
