@@ -726,11 +726,13 @@ async fn client_cmd(cmd: Command) -> anyhow::Result<()> {
         Command::Node(NodeCmd::Enroll(a)) => enroll(a, Role::Node, false).await,
         Command::Device(DeviceCmd::Show { id, json, api }) => {
             let id = DeviceId::try_new(id)?;
-            let view: DeviceView = api.client()?.get(&format!("/v1/devices/{id}")).await?;
+            let client = api.client()?;
+            let view: DeviceView = client.get(&format!("/v1/devices/{id}")).await?;
             if json {
                 outln!("{}", serde_json::to_string_pretty(&view)?);
             } else {
-                print_device(&view);
+                let revoked = revoked_manufacturers(&client).await?;
+                print_device(&view, &revoked);
             }
             Ok(())
         }
@@ -761,6 +763,7 @@ async fn client_cmd(cmd: Command) -> anyhow::Result<()> {
             if json {
                 outln!("{}", serde_json::to_string_pretty(&all)?);
             } else {
+                let revoked = revoked_manufacturers(&client).await?;
                 outln!(
                     "{:<24} {:<8} {:<10} {:>5}  MANUFACTURER",
                     "ID",
@@ -769,13 +772,19 @@ async fn client_cmd(cmd: Command) -> anyhow::Result<()> {
                     "CERTS"
                 );
                 for d in &all {
+                    // Refused at connect whatever its own status says.
+                    let m = d.manufacturer.as_deref().unwrap_or("-");
+                    let m = if revoked.iter().any(|r| r == m) {
+                        format!("{m} (revoked: its devices are refused)")
+                    } else {
+                        m.to_owned()
+                    };
                     outln!(
-                        "{:<24} {:<8} {:<10} {:>5}  {}",
+                        "{:<24} {:<8} {:<10} {:>5}  {m}",
                         d.id,
                         d.role,
                         d.status,
                         d.certificates.len(),
-                        d.manufacturer.as_deref().unwrap_or("-")
                     );
                 }
             }
@@ -1413,7 +1422,19 @@ fn rfc3339(t: time::OffsetDateTime) -> String {
         .unwrap_or_else(|_| t.to_string())
 }
 
-fn print_device(v: &DeviceView) {
+/// The names of the revoked manufacturers: their devices are refused
+/// whatever their own status says.
+async fn revoked_manufacturers(client: &ApiClient) -> anyhow::Result<Vec<String>> {
+    let all: Vec<provisioning::manufacturer::ManufacturerRecord> =
+        client.get("/v1/manufacturers").await?;
+    Ok(all
+        .into_iter()
+        .filter(|m| m.revocation.is_some())
+        .map(|m| m.name.to_string())
+        .collect())
+}
+
+fn print_device(v: &DeviceView, revoked_manufacturers: &[String]) {
     outln!("id:           {}", v.id);
     outln!("role:         {}", v.role);
     match &v.revocation {
@@ -1425,9 +1446,15 @@ fn print_device(v: &DeviceView) {
         ),
         None => outln!("status:       {}", v.status),
     }
-    outln!("manufacturer: {}", v.manufacturer.as_deref().unwrap_or("-"));
+    match v.manufacturer.as_deref() {
+        Some(m) if revoked_manufacturers.iter().any(|r| r == m) => {
+            outln!("manufacturer: {m} (revoked: this device is refused at connect)")
+        }
+        m => outln!("manufacturer: {}", m.unwrap_or("-")),
+    }
     outln!("created:      {}", rfc3339(v.created_at));
     outln!("updated:      {}", rfc3339(v.updated_at));
+    outln!("queued:       {} commands", v.queued_commands);
     outln!("certificates:");
     for c in &v.certificates {
         let r = &c.record;

@@ -239,6 +239,21 @@ async fn manufacturer_devices_register_just_in_time_and_fall_with_their_manufact
     assert!(tests::mqtt::refused(server.mqtt, &rc1).await);
     assert!(tests::mqtt::refused(server.mqtt, &sensor).await);
     assert!(server.wait_for_log("manufacturer acme is revoked", Duration::from_secs(5)));
+    // The CLI says so where the device's own status does not.
+    let shown = server.cli_ok(&["device", "show", "sensor-7"]);
+    assert!(
+        shown.contains("acme (revoked: this device is refused at connect)")
+            && shown.contains("queued:       0 commands"),
+        "{shown}"
+    );
+    let listed = server.cli_ok(&["device", "list", "--status", "active"]);
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.starts_with("sensor-7")
+                && l.ends_with("acme (revoked: its devices are refused)")),
+        "{listed}"
+    );
     // OCSP: the device is revoked (cACompromise), and so is the CA itself
     // on the root's responder; the root's CRL lists the CA.
     let text = ocsp(&server, &ca_crt, &dir.join("sensor/sensor-7.leaf"), &[]);
