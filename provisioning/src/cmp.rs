@@ -210,6 +210,14 @@ impl<'a> Incoming<'a> {
         Ok(Self { msg, protected })
     }
 
+    /// The header of a message whose whole does not parse (a body this
+    /// crate cannot read), if the header does: so that the error answer
+    /// still carries its transactionID and nonces, and the requester sees
+    /// why.
+    pub fn header_of(der: &'a [u8]) -> Option<PkiHeader<'a>> {
+        RawMessage::from_der(der).ok()?.header.decode_as().ok()
+    }
+
     /// The body's name in RFC 4210 (`ir`, `kur`, ...).
     pub fn kind(&self) -> &'static str {
         body_name(&self.msg.body)

@@ -154,6 +154,22 @@ fn openssl_cmp_enrolls_with_a_claim_updates_the_key_and_revokes() {
     );
     assert!(unknown(&server, "cmp-2"));
 
+    // A request this server cannot read yet (openssl cmp -days puts a
+    // validity in the template) is answered in its own transaction, so
+    // openssl cmp shows why, not "transactionid unmatched".
+    let k3 = key(&dir, "cmp-3");
+    let (ok, out) = cmp(
+        &server,
+        "ir",
+        admin,
+        &["-newkey", path(&k3), "-subject", "/CN=cmp-3", "-days", "30"],
+    );
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("badDataFormat") && !out.contains("transactionid unmatched"),
+        "{out}"
+    );
+
     // genm: the CA certificates.
     let (ok, out) = cmp(&server, "genm", admin, &["-infotype", "caCerts"]);
     assert!(ok && out.contains("id-it-caCerts"), "{out}");

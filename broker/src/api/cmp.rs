@@ -240,8 +240,13 @@ fn answer(
         Ok(m) => m,
         Err(f) => {
             tracing::warn!(peer.addr = ?addr, reason = %crate::printable(&f.to_string()), "cmp: refused");
+            // Answered in its transaction if its header reads, so the
+            // requester sees why.
+            let header = Incoming::header_of(der);
             return Ok((
-                responder.respond(None, "", Reply::Error(f), false)?.0,
+                responder
+                    .respond(header.as_ref(), "", Reply::Error(f), false)?
+                    .0,
                 false,
             ));
         }
