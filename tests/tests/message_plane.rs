@@ -550,3 +550,85 @@ async fn the_router_goes_quiet_after_churn_and_a_stalled_subscriber() {
     );
     drop(stalled);
 }
+
+/// An MQTT 5 CONNECT for `client` with clean start, keep-alive 60 s and a
+/// will of `payload` to `topic`.
+fn connect_v5_with_will(client: &str, topic: &str, payload: &str) -> Vec<u8> {
+    let s = |b: &mut Vec<u8>, t: &[u8]| {
+        b.extend_from_slice(&(t.len() as u16).to_be_bytes());
+        b.extend_from_slice(t);
+    };
+    let mut body = Vec::new();
+    s(&mut body, b"MQTT");
+    body.extend_from_slice(&[5, 0x06, 0, 60, 0]); // level 5; will + clean start; no properties
+    s(&mut body, client.as_bytes());
+    body.push(0); // will properties
+    s(&mut body, topic.as_bytes());
+    s(&mut body, payload.as_bytes());
+    let mut out = vec![0x10, u8::try_from(body.len()).unwrap()];
+    out.extend_from_slice(&body);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disconnect_with_a_reason_code_alone_keeps_or_sends_the_will_as_it_says() {
+    require_tool("mosquitto_sub");
+    let (tmp, server) = start();
+    let dir = tmp.path().join("c");
+    let a = server.enroll(&dir, "device", "will-a");
+    let b = server.enroll(&dir, "device", "will-b");
+    let svc = server.enroll(&dir, "service", "will-svc");
+    // Line-buffered, with -d: it says when its subscription is in place.
+    let cmd = server.mosquitto("mosquitto_sub", &svc);
+    let mut sub = Command::new("stdbuf")
+        .arg("-oL")
+        .arg(cmd.get_program())
+        .args(cmd.get_args())
+        .args([
+            "-d",
+            "-V",
+            "5",
+            "-t",
+            "devices/+/status",
+            "-C",
+            "1",
+            "-W",
+            "20",
+            "-F",
+            "%t %p",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(sub.stdout.take().unwrap()));
+    for line in lines.by_ref() {
+        if line.unwrap().contains("received SUBACK") {
+            break;
+        }
+    }
+    // e0 01 00: Normal Disconnection, reason code alone: no will.
+    let mut bytes = connect_v5_with_will("will-a", "devices/will-a/status", "a-gone");
+    bytes.extend_from_slice(&[0xe0, 0x01, 0x00]);
+    tests::mqtt::probe(server.mqtt, a.client_config(), &bytes)
+        .await
+        .unwrap();
+    // e0 01 04: Disconnect with Will Message: the will goes out.
+    let mut bytes = connect_v5_with_will("will-b", "devices/will-b/status", "b-gone");
+    bytes.extend_from_slice(&[0xe0, 0x01, 0x04]);
+    tests::mqtt::probe(server.mqtt, b.client_config(), &bytes)
+        .await
+        .unwrap();
+    let got: Vec<String> = lines
+        .map_while(Result::ok)
+        .filter(|l| l.starts_with("devices/"))
+        .collect();
+    assert_eq!(
+        got,
+        ["devices/will-b/status b-gone"],
+        "the wills a service got"
+    );
+    let _ = sub.wait();
+    for line in server.log() {
+        assert!(!line.contains("malformed"), "{line}");
+    }
+}

@@ -53,6 +53,17 @@ impl Codec {
                 return Err(Error::PayloadSizeLimitExceeded(total));
             }
         }
+        // MQTT 5 3.14.2.2.1: a DISCONNECT with a reason code alone has
+        // remaining length 1 and no property length; rumqttd 0.20 reads a
+        // property length anyway and finds the packet short.
+        if let (Codec::V5(_), [0xe0, 0x01, code, ..]) = (&*self, &buf[..]) {
+            let reason_code = disconnect_reason_of(*code).ok_or(Error::MalformedPacket)?;
+            let _ = buf.split_to(3);
+            return Ok(Some(Packet::Disconnect(
+                rumqttd::protocol::Disconnect { reason_code },
+                None,
+            )));
+        }
         let before = buf.len();
         let r = match self {
             Codec::V4(c) => c.read_mut(buf, max),
@@ -154,6 +165,44 @@ fn without_properties(p: Packet) -> Packet {
         Packet::Disconnect(x, _) => Packet::Disconnect(x, None),
         other => other,
     }
+}
+
+/// The reason code a client's DISCONNECT byte names, if it is one.
+fn disconnect_reason_of(b: u8) -> Option<rumqttd::protocol::DisconnectReasonCode> {
+    use rumqttd::protocol::DisconnectReasonCode as R;
+    [
+        R::NormalDisconnection,
+        R::DisconnectWithWillMessage,
+        R::UnspecifiedError,
+        R::MalformedPacket,
+        R::ProtocolError,
+        R::ImplementationSpecificError,
+        R::NotAuthorized,
+        R::ServerBusy,
+        R::ServerShuttingDown,
+        R::KeepAliveTimeout,
+        R::SessionTakenOver,
+        R::TopicFilterInvalid,
+        R::TopicNameInvalid,
+        R::ReceiveMaximumExceeded,
+        R::TopicAliasInvalid,
+        R::PacketTooLarge,
+        R::MessageRateTooHigh,
+        R::QuotaExceeded,
+        R::AdministrativeAction,
+        R::PayloadFormatInvalid,
+        R::RetainNotSupported,
+        R::QoSNotSupported,
+        R::UseAnotherServer,
+        R::ServerMoved,
+        R::SharedSubscriptionNotSupported,
+        R::ConnectionRateExceeded,
+        R::MaximumConnectTime,
+        R::SubscriptionIdentifiersNotSupported,
+        R::WildcardSubscriptionsNotSupported,
+    ]
+    .into_iter()
+    .find(|r| disconnect_reason(*r) == b)
 }
 
 /// MQTT 5 2.4: a DISCONNECT reason code's byte.
@@ -361,5 +410,32 @@ mod tests {
             matches!(got.as_slice(), [Err(Error::InvalidPacketType(11))]),
             "{got:?}"
         );
+    }
+
+    #[test]
+    fn an_mqtt5_disconnect_with_a_reason_code_alone_is_well_formed() {
+        use rumqttd::protocol::DisconnectReasonCode as R;
+        let mut c = Codec::for_level(5);
+        for (bytes, want) in [
+            (&[0xe0, 0x00][..], R::NormalDisconnection),
+            (&[0xe0, 0x01, 0x00][..], R::NormalDisconnection),
+            (&[0xe0, 0x01, 0x04][..], R::DisconnectWithWillMessage),
+            (&[0xe0, 0x02, 0x04, 0x00][..], R::DisconnectWithWillMessage),
+            (&[0xe0, 0x01, 0x8d][..], R::KeepAliveTimeout),
+        ] {
+            let mut buf = BytesMut::from(bytes);
+            match c.read(&mut buf, 1024) {
+                Ok(Some(Packet::Disconnect(d, _))) => {
+                    assert_eq!(d.reason_code, want, "{bytes:02x?}")
+                }
+                other => panic!("{bytes:02x?}: {other:?}"),
+            }
+            assert!(buf.is_empty(), "{bytes:02x?}: left {buf:02x?}");
+        }
+        // Not yet whole: wait; not a reason code: malformed.
+        let mut buf = BytesMut::from(&[0xe0, 0x01][..]);
+        assert!(matches!(c.read(&mut buf, 1024), Ok(None)));
+        let mut buf = BytesMut::from(&[0xe0, 0x01, 0x05][..]);
+        assert!(c.read(&mut buf, 1024).is_err());
     }
 }

@@ -113,8 +113,11 @@ fn bus_refusal(e: &crate::bus::BusError, v5: bool) -> AckResult {
 /// Why a session ended.
 #[derive(Debug)]
 enum End {
-    /// The client sent DISCONNECT: no will.
-    ClientDisconnect,
+    /// The client sent DISCONNECT: no will, unless its reason code was
+    /// 0x04, Disconnect with Will Message (MQTT 5 3.14.4).
+    ClientDisconnect {
+        will: bool,
+    },
     /// The socket closed or failed without DISCONNECT.
     Closed(String),
     KeepAlive,
@@ -137,7 +140,7 @@ impl End {
     fn reason(&self) -> Option<DisconnectReasonCode> {
         use DisconnectReasonCode as R;
         match self {
-            End::ClientDisconnect | End::Closed(_) | End::RouterDisconnect => None,
+            End::ClientDisconnect { .. } | End::Closed(_) | End::RouterDisconnect => None,
             End::KeepAlive => Some(R::KeepAliveTimeout),
             End::Kicked(_) => Some(R::AdministrativeAction),
             End::CertificateExpired => Some(R::MaximumConnectTime),
@@ -158,7 +161,7 @@ impl End {
             End::Shutdown => Some("the server is shutting down".into()),
             End::Acl(why) | End::Protocol(why) | End::Violation(_, why) => Some(why.clone()),
             End::TakenOver => Some("a newer connection of this client took the session".into()),
-            End::ClientDisconnect | End::Closed(_) | End::RouterDisconnect => None,
+            End::ClientDisconnect { .. } | End::Closed(_) | End::RouterDisconnect => None,
         }
     }
 
@@ -166,7 +169,7 @@ impl End {
     fn router_session_live(&self) -> bool {
         !matches!(
             self,
-            End::TakenOver | End::RouterDisconnect | End::ClientDisconnect
+            End::TakenOver | End::RouterDisconnect | End::ClientDisconnect { .. }
         )
     }
 }
@@ -738,7 +741,8 @@ async fn session(
     // The last will, on an unclean end (not a takeover, not a kick).
     let unclean = matches!(
         end,
-        End::Closed(_)
+        End::ClientDisconnect { will: true }
+            | End::Closed(_)
             | End::KeepAlive
             | End::CertificateExpired
             | End::Shutdown
@@ -1116,8 +1120,9 @@ impl Session {
                     .encode(Packet::PingResp(PingResp))
                     .map_err(End::Protocol),
                 Packet::Disconnect(d, props) => {
+                    let will = d.reason_code == DisconnectReasonCode::DisconnectWithWillMessage;
                     forward.push(Packet::Disconnect(d, props));
-                    end = Some(End::ClientDisconnect);
+                    end = Some(End::ClientDisconnect { will });
                     break;
                 }
                 Packet::PubRel(rel, _) => {
