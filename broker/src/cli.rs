@@ -42,8 +42,18 @@ macro_rules! outln {
     about = "IoT device authentication broker: mTLS MQTT, CA and device registry"
 )]
 pub struct Cli {
+    /// How log lines are written to stderr: `text` (key=value), or
+    /// `json` (one object a line, the same fields, for a log shipper).
+    #[arg(long, global = true, env = "FLEETGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -546,7 +556,7 @@ enum ServiceCmd {
 /// Runs the command line; the binary's whole `main`.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    init_tracing(cli.log_format);
     tls::install_crypto_provider();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -573,19 +583,29 @@ pub fn main() -> ExitCode {
     })
 }
 
-fn init_tracing() {
+fn init_tracing(format: LogFormat) {
     use tracing_subscriber::filter::LevelFilter;
     use tracing_subscriber::prelude::*;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("FLEETGATE_LOG")
         .unwrap_or_else(|_| EnvFilter::new("info,sled=warn,rumqttd=warn,rustls=error"));
+    let text = (format == LogFormat::Text).then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+    });
+    // One JSON object a line: time, level, target, the message and fields
+    // (`fields`), and the spans' fields (`spans`: device.id, peer.addr).
+    let json = (format == LogFormat::Json).then(|| {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .with_span_list(true)
+            .with_current_span(false)
+            .with_writer(std::io::stderr)
+    });
     tracing_subscriber::registry()
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                .with_filter(filter),
-        )
+        .with(text.with_filter(filter.clone()))
+        .with(json.with_filter(filter))
         // The console's live activity: refusals and kicks, whatever the
         // log shows.
         .with(crate::activity::FeedLayer.with_filter(LevelFilter::INFO))

@@ -682,3 +682,34 @@ async fn prometheus_metrics_count_sessions_and_refusals() {
         .unwrap();
     assert!(revoked >= 1, "{text}");
 }
+
+/// `--log-format json`: every log line one JSON object, with the event's
+/// fields and the connection's span (device id, peer address), as a log
+/// shipper reads them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_can_be_json_one_object_a_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start_with(&tmp.path().join("data"), &["--log-format", "json"]).unwrap();
+    let dev = server.enroll(&tmp.path().join("c"), "device", "json-1");
+    let (ok, _) = tests::run(server.mosquitto("mosquitto_pub", &dev).args([
+        "-t",
+        "devices/someone-else/x",
+        "-m",
+        "1",
+    ]));
+    assert!(ok);
+    assert!(server.wait_for_log("mqtt: disconnected", std::time::Duration::from_secs(5)));
+    let lines = server.log();
+    let events: Vec<serde_json::Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let refusal = events
+        .iter()
+        .find(|e| e["fields"]["message"] == "mqtt: disconnected")
+        .unwrap();
+    assert_eq!(refusal["level"], "WARN", "{refusal}");
+    assert_eq!(refusal["fields"]["reason"], "acl", "{refusal}");
+    assert_eq!(refusal["spans"][0]["device.id"], "json-1", "{refusal}");
+    assert!(refusal["timestamp"].as_str().is_some(), "{refusal}");
+}
