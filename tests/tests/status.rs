@@ -405,3 +405,34 @@ async fn ocsp_over_mqtt_311_topics_and_mqtt5_response_topic() {
     assert_eq!(summary.status, 0);
     assert_eq!(summary.certs, vec![(serial_of(&peer), "revoked")]);
 }
+
+/// The README's OCSP-over-MQTT example, run as printed (with this
+/// server's port) with stock openssl and mosquitto_rr.
+#[test]
+fn the_readme_ocsp_over_mqtt_example_works_as_printed() {
+    for tool in ["openssl", "mosquitto_rr", "base64"] {
+        require_tool(tool);
+    }
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let start = readme
+        .find("  openssl ocsp -issuer fleetgate-data/ca/issuing.crt -cert devices/dev-1.crt")
+        .expect("the README's OCSP over MQTT example");
+    let block = &readme[start..];
+    let block = &block[..block.find("```").unwrap()];
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("data")).unwrap();
+    let work = tmp.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    std::os::unix::fs::symlink(&server.data_dir, work.join("fleetgate-data")).unwrap();
+    server.enroll(&work.join("devices"), "device", "dev-1");
+    let script = block.replace("-p 8883", &format!("-p {}", server.mqtt.port()));
+    let (ok, out) = run(Command::new("bash")
+        .args(["-euo", "pipefail", "-c", &script])
+        .current_dir(&work));
+    assert!(ok, "the README's OCSP over MQTT example failed:\n{out}");
+    assert!(
+        out.contains("Response verify OK") && out.contains("dev-1.crt: good"),
+        "{out}"
+    );
+}

@@ -303,6 +303,29 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// An OCSP request over MQTT as DER: sent as DER, or as base64 text
+/// (what a shell can pass, e.g. `mosquitto_rr -m "$(base64 -w0 req.der)"`;
+/// a DER request always holds bytes outside base64's alphabet, such as its
+/// OID tags).
+fn ocsp_request_der(payload: &Bytes) -> Bytes {
+    use base64ct::Encoding;
+    let text = payload.iter().all(|b| {
+        b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=') || b.is_ascii_whitespace()
+    });
+    if !text || payload.is_empty() {
+        return payload.clone();
+    }
+    let compact: String = payload
+        .iter()
+        .filter(|b| !b.is_ascii_whitespace())
+        .map(|b| char::from(*b))
+        .collect();
+    match base64ct::Base64::decode_vec(&compact) {
+        Ok(der) => Bytes::from(der),
+        Err(_) => payload.clone(),
+    }
+}
+
 /// The longest MQTT 5 will delay honoured.
 const MAX_WILL_DELAY: Duration = Duration::from_secs(24 * 3600);
 
@@ -1877,7 +1900,7 @@ impl Session {
             }
             return Ok(());
         }
-        let (status, request) = (self.shared.status.clone(), p.payload.clone());
+        let (status, request) = (self.shared.status.clone(), ocsp_request_der(&p.payload));
         let der = tokio::task::spawn_blocking(move || status.ocsp(&request))
             .await
             .map_err(|e| format!("OCSP task: {e}"))?;
