@@ -117,7 +117,7 @@ fn enroll_verify_and_lifecycle_through_the_cli() {
         );
     }
 
-    // The audit log has it all, in order.
+    // The audit log has it all, in order (newest first).
     let audit = server.cli_ok(&["audit", "--json"]);
     let audit: Value = serde_json::from_str(&audit).unwrap();
     let actions: Vec<&str> = audit["items"]
@@ -127,7 +127,7 @@ fn enroll_verify_and_lifecycle_through_the_cli() {
         .filter(|e| e["device"] == "dev-1")
         .map(|e| e["action"].as_str().unwrap())
         .collect();
-    assert_eq!(actions, ["enroll", "suspend", "resume", "revoke"]);
+    assert_eq!(actions, ["revoke", "resume", "suspend", "enroll"]);
 }
 
 #[test]
