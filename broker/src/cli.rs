@@ -135,6 +135,17 @@ struct ServeArgs {
     /// several nodes share (each with the same CA in its data dir).
     #[arg(long, value_parser = parse_store)]
     store: Option<EtcdEndpoints>,
+    /// With --store https://: the CA (PEM) that signed etcd's certificates
+    /// (etcdctl's --cacert).
+    #[arg(long)]
+    store_ca: Option<PathBuf>,
+    /// With --store https://: this node's client certificate (PEM; its CN
+    /// is the etcd user, e.g. from `fleetgate node enroll`).
+    #[arg(long, requires = "store_key")]
+    store_cert: Option<PathBuf>,
+    /// With --store https://: the key of --store-cert (PEM).
+    #[arg(long, requires = "store_cert")]
+    store_key: Option<PathBuf>,
     /// With --store etcd: how long this node may answer admission from its
     /// last view of the registry while etcd has no majority (devices it
     /// knows are admitted, nothing is written); past it, new connections
@@ -614,15 +625,24 @@ fn init_tracing(format: LogFormat) {
 
 /// The etcd members' client addresses of `--store`.
 #[derive(Clone, Debug)]
-struct EtcdEndpoints(Vec<String>);
+struct EtcdEndpoints {
+    members: Vec<String>,
+    /// `https://`: TLS, with --store-ca, --store-cert and --store-key.
+    tls: bool,
+}
 
-/// `etcd://host:port[,host:port...]`: the members' client addresses.
+/// `https://host:port[,host:port...]` (TLS) or `etcd://...` (plain): the
+/// members' client addresses.
 fn parse_store(s: &str) -> Result<EtcdEndpoints, String> {
-    let Some(list) = s.strip_prefix("etcd://") else {
-        return Err(format!(
-            "{s:?}: the store is etcd://host:port[,host:port...] (leave --store out for the \
-             embedded registry)"
-        ));
+    let (list, tls) = match (s.strip_prefix("https://"), s.strip_prefix("etcd://")) {
+        (Some(list), _) => (list, true),
+        (None, Some(list)) => (list, false),
+        (None, None) => {
+            return Err(format!(
+                "{s:?}: the store is https://host:port[,host:port...] (or etcd://... without \
+                 TLS, for development; leave --store out for the embedded registry)"
+            ))
+        }
     };
     let endpoints: Vec<String> = list
         .split(',')
@@ -633,13 +653,29 @@ fn parse_store(s: &str) -> Result<EtcdEndpoints, String> {
     if endpoints.is_empty() || endpoints.iter().any(|e| !e.contains(':')) {
         return Err(format!("{s:?}: every etcd member is host:port"));
     }
-    Ok(EtcdEndpoints(endpoints))
+    Ok(EtcdEndpoints {
+        members: endpoints,
+        tls,
+    })
 }
 
 async fn serve_cmd(args: ServeArgs) -> ExitCode {
     let cfg = ServeConfig {
         data_dir: args.data_dir,
-        store: args.store.map(|e| e.0),
+        store_tls: match &args.store {
+            Some(EtcdEndpoints { tls: true, .. }) => {
+                let Some(ca) = args.store_ca.clone() else {
+                    eprintln!("error: --store https://... needs --store-ca (the CA of etcd's certificates)");
+                    return ExitCode::from(EXIT_CONFIG);
+                };
+                Some(crate::etcd::EtcdTls {
+                    ca,
+                    identity: args.store_cert.clone().zip(args.store_key.clone()),
+                })
+            }
+            _ => None,
+        },
+        store: args.store.map(|e| e.members),
         store_staleness: std::time::Duration::from_secs(args.store_staleness_secs),
         nats: (!args.nats.is_empty()).then(|| crate::bus::BusConfig {
             servers: args.nats.clone(),

@@ -23,6 +23,8 @@ pub struct ServeConfig {
     /// etcd members' client addresses for a shared registry; `None` for
     /// the embedded one.
     pub store: Option<Vec<String>>,
+    /// TLS to etcd (`--store https://`).
+    pub store_tls: Option<crate::etcd::EtcdTls>,
     /// How old a node's view of an etcd registry may be and still admit.
     pub store_staleness: Duration,
     /// Messages across nodes on NATS JetStream; `None` on a single node.
@@ -81,8 +83,12 @@ impl Server {
                 tokio::task::spawn_blocking({
                     let metrics = metrics.clone();
                     let staleness = cfg.store_staleness;
+                    let tls = cfg.store_tls.clone();
+                    if tls.is_none() {
+                        tracing::warn!("etcd without TLS or a client certificate: anyone who reaches it can read and rewrite the registry (use --store https://... with --store-ca, --store-cert and --store-key)");
+                    }
                     move || {
-                        crate::etcd::EtcdStore::connect_counted(endpoints, "fleetgate/", metrics)
+                        crate::etcd::EtcdStore::connect_counted(endpoints, "fleetgate/", tls, metrics)
                             .map(|s| s.with_staleness(staleness))
                     }
                 })

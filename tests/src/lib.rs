@@ -866,7 +866,7 @@ pub mod etcd {
 
     use broker::etcd::EtcdStore;
 
-    pub(crate) fn free_port() -> u16 {
+    pub fn free_port() -> u16 {
         TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map(|a| a.port())

@@ -1,8 +1,7 @@
-//! The shared registry store: an etcd cluster, through etcd's own JSON
-//! gateway to its v3 API (`POST /v3/kv/range`, `/v3/kv/txn`), which every
-//! etcd 3.4+ member serves on its client port. (The gRPC crate would add a
-//! protobuf compiler to every build of fleetgate; the gateway needs the
-//! HTTP client fleetgate already has.)
+//! The shared registry store: an etcd cluster, through etcd's v3 gRPC API
+//! (`grpc.rs`: plain for `etcd://`, TLS with a client certificate for
+//! `https://`; the message code is generated once and checked in,
+//! `pb.rs`, so no build needs `protoc`).
 //!
 //! Every node's registry is the same keys, `fleetgate/<space>/<key>`. A
 //! commit is one etcd transaction: a compare for every key the writer read
@@ -16,32 +15,35 @@
 //! the caller waits, from any thread, as it would on a disk.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::Context;
-use base64ct::{Base64, Encoding};
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
-use hyper::client::conn::http1::SendRequest;
-use hyper::Request;
-use hyper_util::rt::TokioIo;
 use provisioning::store::{Entries, Read, Space, Store, Write};
 use provisioning::Error;
-use serde_json::{json, Value};
-use tokio::net::TcpStream;
 
 use crate::metrics::Metrics;
+
+mod grpc;
+mod pb;
+
+pub use grpc::EtcdTls;
+use grpc::Members;
+use pb::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
+use pb::etcdserverpb::range_request::{SortOrder, SortTarget};
+use pb::etcdserverpb::request_op::Request as Op;
+use pb::etcdserverpb::{
+    Compare, DeleteRangeRequest, PutRequest, RangeRequest, RangeResponse, RequestOp,
+    ResponseHeader, TxnRequest, WatchCreateRequest,
+};
 
 /// etcd's default limit of operations in one transaction (`--max-txn-ops`).
 const MAX_TXN_OPS: usize = 128;
 
 /// Keys per range request when scanning.
-const PAGE: u64 = 512;
+const PAGE: i64 = 512;
 
-/// How long one request to one member may take.
-const TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a starting node waits for etcd to answer at all.
 const STARTUP_WAIT: Duration = Duration::from_secs(30);
 
@@ -51,8 +53,8 @@ type Job = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 /// The registry in an etcd cluster.
 #[derive(Debug)]
 pub struct EtcdStore {
-    /// Members' client addresses, `host:port`; tried in turn.
-    endpoints: Vec<String>,
+    /// The members, a gRPC channel each; tried in turn.
+    members: Members,
     /// Key prefix, `fleetgate/` unless a caller chose another.
     root: Vec<u8>,
     /// Into the store's own thread and runtime (which end when the store
@@ -63,8 +65,6 @@ pub struct EtcdStore {
     /// devices, manufacturers): every value read, kept current by the
     /// watch; answers reads only while etcd cannot, within `staleness`.
     view: Arc<Mutex<View>>,
-    /// Connections to members, for requests (not the watch).
-    pool: Arc<Pool>,
     /// When a majority of etcd last answered (ms since the Unix epoch).
     contact: Arc<AtomicU64>,
     /// How old the view may be and still answer.
@@ -135,47 +135,6 @@ enum Seen {
     Changes(Vec<(u64, Write)>),
 }
 
-/// Idle HTTP/1 connections to members, reused: a request costs a round
-/// trip, not a TCP handshake as well.
-#[derive(Default)]
-struct Pool(Mutex<HashMap<String, Vec<SendRequest<Full<Bytes>>>>>);
-
-/// Idle connections kept per member.
-const POOL_PER_MEMBER: usize = 16;
-
-impl Pool {
-    fn take(&self, endpoint: &str) -> Option<SendRequest<Full<Bytes>>> {
-        let mut idle = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let conns = idle.get_mut(endpoint)?;
-        while let Some(c) = conns.pop() {
-            if !c.is_closed() {
-                return Some(c);
-            }
-        }
-        None
-    }
-
-    fn give(&self, endpoint: &str, conn: SendRequest<Full<Bytes>>) {
-        let mut idle = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let conns = idle.entry(endpoint.to_owned()).or_default();
-        if conns.len() < POOL_PER_MEMBER {
-            conns.push(conn);
-        }
-    }
-}
-
-impl std::fmt::Debug for Pool {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Pool")
-    }
-}
-
 /// Key spaces admission reads, kept in the node's view.
 fn viewed(space: Space) -> bool {
     matches!(space, Space::Certs | Space::Devices | Space::Manufacturers)
@@ -202,23 +161,9 @@ const HEARTBEAT: Duration = Duration::from_secs(1);
 /// How old a node's view may be, by default, before it refuses.
 pub const DEFAULT_STALENESS: Duration = Duration::from_secs(60);
 
-fn b64(b: &[u8]) -> String {
-    Base64::encode_string(b)
-}
-
-fn unb64(v: &Value) -> Vec<u8> {
-    v.as_str()
-        .and_then(|s| Base64::decode_vec(s).ok())
-        .unwrap_or_default()
-}
-
-/// etcd's JSON carries 64-bit integers as strings.
-fn int(v: &Value) -> u64 {
-    match v {
-        Value::String(s) => s.parse().unwrap_or(0),
-        Value::Number(n) => n.as_u64().unwrap_or(0),
-        _ => 0,
-    }
+/// The revision a response was at.
+fn revision(h: Option<&ResponseHeader>) -> u64 {
+    h.map_or(0, |h| u64::try_from(h.revision).unwrap_or(0))
 }
 
 /// The first key after every key starting with `prefix`.
@@ -229,22 +174,28 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 
 impl EtcdStore {
     /// A store on the etcd members at `endpoints` (`host:port`), keys under
-    /// `root`; checks that one of them answers.
+    /// `root`, in plain text; checks that one of them answers.
     pub fn connect(endpoints: Vec<String>, root: &str) -> Result<Self, Error> {
-        Self::connect_counted(endpoints, root, Arc::default())
+        Self::connect_counted(endpoints, root, None, Arc::default())
     }
 
-    /// [`EtcdStore::connect`], counting requests, errors and watch events
-    /// into `metrics`.
+    /// [`EtcdStore::connect`] over `tls` when given, counting requests,
+    /// errors and watch events into `metrics`.
     pub fn connect_counted(
         endpoints: Vec<String>,
         root: &str,
+        tls: Option<EtcdTls>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, Error> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|e| Error::Storage(format!("etcd store runtime: {e}")))?;
+        // The channels' workers run on the store's runtime.
+        let members = {
+            let _inside = rt.enter();
+            Members::new(&endpoints, tls.as_ref()).map_err(|e| Error::Storage(format!("{e:#}")))?
+        };
         let (jobs, mut rx) = tokio::sync::mpsc::unbounded_channel::<Job>();
         std::thread::Builder::new()
             .name("etcd-store".into())
@@ -257,12 +208,11 @@ impl EtcdStore {
             })
             .map_err(|e| Error::Storage(format!("etcd store thread: {e}")))?;
         let store = Self {
-            endpoints,
+            members,
             root: root.as_bytes().to_vec(),
             jobs,
             metrics,
             view: Arc::default(),
-            pool: Arc::default(),
             contact: Arc::new(AtomicU64::new(0)),
             staleness: DEFAULT_STALENESS,
         };
@@ -293,15 +243,14 @@ impl EtcdStore {
     /// A linearizable read every [`HEARTBEAT`]: it succeeds only with a
     /// majority of etcd, and says how current this node's view is.
     fn heartbeat(&self) {
-        let (endpoints, contact) = (self.endpoints.clone(), self.contact.clone());
-        let pool = self.pool.clone();
-        let body = json!({ "key": b64(&self.key(Space::Meta, b"schema")) });
+        let (members, contact) = (self.members.clone(), self.contact.clone());
+        let req = RangeRequest {
+            key: self.key(Space::Meta, b"schema"),
+            ..RangeRequest::default()
+        };
         let _ = self.jobs.send(Box::pin(async move {
             loop {
-                if post_any(&pool, &endpoints, "/v3/kv/range", &body)
-                    .await
-                    .is_ok()
-                {
+                if members.range(req.clone()).await.is_ok() {
                     contact.store(now_ms(), Ordering::Relaxed);
                 }
                 tokio::time::sleep(HEARTBEAT).await;
@@ -339,13 +288,19 @@ impl EtcdStore {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// POSTs `body` to `path` on the first member that answers.
-    fn post(&self, path: &'static str, body: Value) -> Result<Value, Error> {
+    /// Runs `call` with the members on the store's runtime and waits for
+    /// it, counted (latency, errors) and noting when a majority answered.
+    fn call<T, F, Fut>(&self, call: F) -> Result<T, Error>
+    where
+        T: Send + 'static,
+        F: FnOnce(Members) -> Fut,
+        Fut: Future<Output = Result<T, Error>> + Send + 'static,
+    {
         let t0 = std::time::Instant::now();
         let (tx, rx) = mpsc::sync_channel(1);
-        let (endpoints, pool) = (self.endpoints.clone(), self.pool.clone());
+        let fut = call(self.members.clone());
         let _ = self.jobs.send(Box::pin(async move {
-            let _ = tx.send(post_any(&pool, &endpoints, path, &body).await);
+            let _ = tx.send(fut.await);
         }));
         let answer = rx
             .recv()
@@ -358,6 +313,10 @@ impl EtcdStore {
             }
         }
         answer
+    }
+
+    fn range(&self, req: RangeRequest) -> Result<RangeResponse, Error> {
+        self.call(|m| async move { m.range(req).await })
     }
 
     fn space_prefix(&self, space: Space) -> Vec<u8> {
@@ -374,26 +333,28 @@ impl EtcdStore {
     }
 
     /// Runs a transaction: the revision it committed at, if it held.
-    fn txn(&self, compare: Vec<Value>, success: Vec<Value>) -> Result<Option<u64>, Error> {
-        let resp = self.post(
-            "/v3/kv/txn",
-            json!({ "compare": compare, "success": success }),
-        )?;
-        // `succeeded` is left out when false.
-        Ok(resp["succeeded"]
-            .as_bool()
-            .unwrap_or(false)
-            .then(|| int(&resp["header"]["revision"])))
+    fn txn(&self, compare: Vec<Compare>, success: Vec<RequestOp>) -> Result<Option<u64>, Error> {
+        let req = TxnRequest {
+            compare,
+            success,
+            failure: Vec::new(),
+        };
+        let resp = self.call(|m| async move { m.txn(req).await })?;
+        Ok(resp.succeeded.then(|| revision(resp.header.as_ref())))
     }
 
-    fn compare(&self, key: &[u8], value: Option<&[u8]>) -> Value {
-        match value {
-            Some(v) => {
-                json!({"key": b64(key), "target": "VALUE", "result": "EQUAL", "value": b64(v)})
-            }
-            None => {
-                json!({"key": b64(key), "target": "VERSION", "result": "EQUAL", "version": "0"})
-            }
+    /// Holds if `key` has `value` (`None`: is absent).
+    fn compare(&self, key: &[u8], value: Option<&[u8]>) -> Compare {
+        let (target, union) = match value {
+            Some(v) => (CompareTarget::Value, TargetUnion::Value(v.to_vec())),
+            None => (CompareTarget::Version, TargetUnion::Version(0)),
+        };
+        Compare {
+            result: CompareResult::Equal as i32,
+            target: target as i32,
+            key: key.to_vec(),
+            range_end: Vec::new(),
+            target_union: Some(union),
         }
     }
 
@@ -405,10 +366,19 @@ impl EtcdStore {
         let success = writes
             .iter()
             .map(|w| {
-                let k = b64(&self.key(w.space, &w.key));
-                match &w.value {
-                    Some(v) => json!({"request_put": {"key": k, "value": b64(v)}}),
-                    None => json!({"request_delete_range": {"key": k}}),
+                let key = self.key(w.space, &w.key);
+                RequestOp {
+                    request: Some(match &w.value {
+                        Some(v) => Op::RequestPut(PutRequest {
+                            key,
+                            value: v.clone(),
+                            ..PutRequest::default()
+                        }),
+                        None => Op::RequestDeleteRange(DeleteRangeRequest {
+                            key,
+                            ..DeleteRangeRequest::default()
+                        }),
+                    }),
                 }
             })
             .collect();
@@ -431,7 +401,7 @@ impl EtcdStore {
     /// order. Reconnects (to the next member) and resumes from the
     /// revision after the last one seen. Runs until the store is dropped.
     pub fn watch(&self, on: impl Fn(Vec<Write>) + Send + Sync + 'static) {
-        let (endpoints, root) = (self.endpoints.clone(), self.root.clone());
+        let (members, root) = (self.members.clone(), self.root.clone());
         let (metrics, view) = (self.metrics.clone(), self.view.clone());
         let followed = view.clone();
         let on = move |seen: Seen| {
@@ -474,8 +444,8 @@ impl EtcdStore {
         let _ = self.jobs.send(Box::pin(async move {
             let mut from: Option<u64> = None;
             loop {
-                for e in &endpoints {
-                    let ended = watch_one(e, &root, &mut from, &on).await;
+                for (e, ch) in members.iter() {
+                    let ended = watch_one(ch.clone(), &root, &mut from, &on).await;
                     followed
                         .lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -484,7 +454,7 @@ impl EtcdStore {
                         .store_watch_interruptions
                         .fetch_add(1, Ordering::Relaxed);
                     if let Err(err) = ended {
-                        tracing::warn!(endpoint = %e, error = %format!("{err:#}"), "etcd: watch interrupted; resuming");
+                        tracing::warn!(endpoint = %e, error = %err, "etcd: watch interrupted; resuming");
                     }
                 }
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -495,171 +465,120 @@ impl EtcdStore {
 
 /// One watch stream from one member, until it ends.
 async fn watch_one(
-    endpoint: &str,
+    ch: tonic::transport::Channel,
     root: &[u8],
     from: &mut Option<u64>,
     on: &(impl Fn(Seen) + Send + Sync),
-) -> anyhow::Result<()> {
-    let tcp = TcpStream::connect(endpoint).await.context("connecting")?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+) -> Result<(), String> {
+    let create = WatchCreateRequest {
+        key: root.to_vec(),
+        range_end: prefix_end(root),
+        start_revision: from.map_or(0, |r| i64::try_from(r).unwrap_or(i64::MAX)),
+        ..WatchCreateRequest::default()
+    };
+    let mut stream = grpc::watch(ch, create)
         .await
-        .context("HTTP handshake")?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    let mut create = json!({ "key": b64(root), "range_end": b64(&prefix_end(root)) });
-    if let Some(rev) = from {
-        create["start_revision"] = json!(rev.to_string());
-    }
-    let body = serde_json::to_vec(&json!({ "create_request": create }))?;
-    let req = Request::builder()
-        .method("POST")
-        .uri("/v3/watch")
-        .header(hyper::header::HOST, endpoint)
-        .header(hyper::header::CONTENT_TYPE, "application/json")
-        // gRPC metadata through the gateway: a member that loses its
-        // leader ends the stream (and the node resumes on another) rather
-        // than go quiet.
-        .header("grpc-metadata-hasleader", "true")
-        .body(Full::new(Bytes::from(body)))?;
-    let resp = sender.send_request(req).await.context("watch request")?;
-    if !resp.status().is_success() {
-        anyhow::bail!("HTTP {}", resp.status());
-    }
-    let mut body = resp.into_body();
-    let mut buf: Vec<u8> = Vec::new();
-    while let Some(frame) = body.frame().await {
-        let Ok(data) = frame.context("watch stream")?.into_data() else {
-            continue;
+        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
+    loop {
+        let resp = match stream.message().await {
+            Ok(Some(r)) => r,
+            Ok(None) => return Ok(()),
+            Err(s) => return Err(format!("{:?}: {}", s.code(), s.message())),
         };
-        buf.extend_from_slice(&data);
-        // The gateway sends one JSON object a line.
-        while let Some(end) = buf.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = buf.drain(..=end).collect();
-            let Ok(v) = serde_json::from_slice::<Value>(&line) else {
+        if resp.canceled {
+            return Err(format!("watch canceled: {}", resp.cancel_reason));
+        }
+        let mut writes = Vec::new();
+        for e in &resp.events {
+            let Some(kv) = &e.kv else { continue };
+            let rev = u64::try_from(kv.mod_revision).unwrap_or(0);
+            if rev > 0 {
+                *from = Some(from.unwrap_or(0).max(rev + 1));
+            }
+            let Some(rest) = kv.key.strip_prefix(root) else {
                 continue;
             };
-            let result = &v["result"];
-            let events = result["events"].as_array().cloned().unwrap_or_default();
-            let mut writes = Vec::new();
-            for e in &events {
-                let kv = &e["kv"];
-                let rev = int(&kv["mod_revision"]);
-                if rev > 0 {
-                    *from = Some(from.unwrap_or(0).max(rev + 1));
+            let Some(slash) = rest.iter().position(|b| *b == b'/') else {
+                continue;
+            };
+            let Some(space) = Space::ALL
+                .into_iter()
+                .find(|s| s.name().as_bytes() == &rest[..slash])
+            else {
+                continue;
+            };
+            let deleted = e.r#type == pb::mvccpb::event::EventType::Delete as i32;
+            writes.push((
+                rev,
+                Write {
+                    space,
+                    key: rest[slash + 1..].to_vec(),
+                    value: (!deleted).then(|| kv.value.clone()),
+                },
+            ));
+        }
+        if resp.created {
+            let rev = revision(resp.header.as_ref());
+            if from.is_none() && rev > 0 {
+                // From the revision it opened at.
+                *from = Some(rev + 1);
+            }
+            on(Seen::Opened(rev));
+        }
+        if !writes.is_empty() {
+            on(Seen::Changes(writes));
+        }
+    }
+}
+
+impl EtcdStore {
+    /// A range over `[from, end)`, a page at a time, in key order or
+    /// (`rev`) the reverse; keys with `base` taken off.
+    fn pages<'a>(&'a self, base: Vec<u8>, from: Vec<u8>, end: Vec<u8>, rev: bool) -> Entries<'a> {
+        let (mut from, mut end) = (from, end);
+        let mut page: std::vec::IntoIter<(Vec<u8>, Vec<u8>)> = Vec::new().into_iter();
+        let mut done = end <= from && end != [0];
+        Box::new(std::iter::from_fn(move || loop {
+            if let Some((k, v)) = page.next() {
+                return Some(Ok((k.get(base.len()..).unwrap_or_default().to_vec(), v)));
+            }
+            if done {
+                return None;
+            }
+            let mut req = RangeRequest {
+                key: from.clone(),
+                range_end: end.clone(),
+                limit: PAGE,
+                ..RangeRequest::default()
+            };
+            if rev {
+                req.sort_order = SortOrder::Descend as i32;
+                req.sort_target = SortTarget::Key as i32;
+            }
+            match self.range(req) {
+                Ok(resp) => {
+                    let kvs: Vec<(Vec<u8>, Vec<u8>)> =
+                        resp.kvs.into_iter().map(|kv| (kv.key, kv.value)).collect();
+                    done = !resp.more || kvs.is_empty();
+                    if let Some((last, _)) = kvs.last() {
+                        if rev {
+                            // The range end is exclusive: the next page
+                            // ends at the last key of this one.
+                            end.clone_from(last);
+                        } else {
+                            from = last.clone();
+                            from.push(0);
+                        }
+                    }
+                    page = kvs.into_iter();
                 }
-                let key = unb64(&kv["key"]);
-                let Some(rest) = key.strip_prefix(root) else {
-                    continue;
-                };
-                let Some(slash) = rest.iter().position(|b| *b == b'/') else {
-                    continue;
-                };
-                let Some(space) = Space::ALL
-                    .into_iter()
-                    .find(|s| s.name().as_bytes() == &rest[..slash])
-                else {
-                    continue;
-                };
-                let deleted = e["type"].as_str() == Some("DELETE");
-                writes.push((
-                    rev,
-                    Write {
-                        space,
-                        key: rest[slash + 1..].to_vec(),
-                        value: (!deleted).then(|| unb64(&kv["value"])),
-                    },
-                ));
-            }
-            if result["created"].as_bool() == Some(true) {
-                let rev = int(&result["header"]["revision"]);
-                if from.is_none() && rev > 0 {
-                    // From the revision it opened at.
-                    *from = Some(rev + 1);
+                Err(e) => {
+                    done = true;
+                    return Some(Err(e));
                 }
-                on(Seen::Opened(rev));
             }
-            if !writes.is_empty() {
-                on(Seen::Changes(writes));
-            }
-        }
+        }))
     }
-    Ok(())
-}
-
-/// POSTs `body` to `path` on the first member that answers: its answer,
-/// etcd's refusal (a request no member would take), or
-/// [`Error::Unavailable`] when none answers.
-async fn post_any(
-    pool: &Pool,
-    endpoints: &[String],
-    path: &str,
-    body: &Value,
-) -> Result<Value, Error> {
-    let mut last = String::from("no etcd endpoints");
-    for e in endpoints {
-        match tokio::time::timeout(TIMEOUT, post_one(pool, e, path, body)).await {
-            Ok(Ok(Answer::Ok(v))) => return Ok(v),
-            Ok(Ok(Answer::Refused(why))) => {
-                return Err(Error::Storage(format!("etcd refused: {why}")))
-            }
-            Ok(Err(err)) => last = format!("{e}: {err:#}"),
-            Err(_) => last = format!("{e}: no answer within {TIMEOUT:?}"),
-        }
-    }
-    Err(Error::Unavailable(format!("etcd: {last}")))
-}
-
-/// What one member said.
-enum Answer {
-    Ok(Value),
-    /// HTTP 4xx: a request no member will take.
-    Refused(String),
-}
-
-/// A connection to `endpoint`: an idle one from the pool, or a new one.
-async fn connection(pool: &Pool, endpoint: &str) -> anyhow::Result<SendRequest<Full<Bytes>>> {
-    while let Some(mut c) = pool.take(endpoint) {
-        if c.ready().await.is_ok() {
-            return Ok(c);
-        }
-    }
-    let tcp = TcpStream::connect(endpoint).await.context("connecting")?;
-    let _ = tcp.set_nodelay(true);
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .context("HTTP handshake")?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok(sender)
-}
-
-async fn post_one(pool: &Pool, endpoint: &str, path: &str, body: &Value) -> anyhow::Result<Answer> {
-    let mut sender = connection(pool, endpoint).await?;
-    let req = Request::builder()
-        .method("POST")
-        .uri(path)
-        .header(hyper::header::HOST, endpoint)
-        .header(hyper::header::CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::from(serde_json::to_vec(body)?)))?;
-    let resp = sender.send_request(req).await.context("request")?;
-    let status = resp.status();
-    let bytes = resp.into_body().collect().await?.to_bytes();
-    pool.give(endpoint, sender);
-    if status.is_client_error() {
-        let why = serde_json::from_slice::<Value>(&bytes)
-            .ok()
-            .and_then(|v| v["message"].as_str().map(str::to_owned))
-            .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
-        return Ok(Answer::Refused(why));
-    }
-    if !status.is_success() {
-        anyhow::bail!("HTTP {status}: {}", String::from_utf8_lossy(&bytes));
-    }
-    Ok(Answer::Ok(
-        serde_json::from_slice(&bytes).context("etcd's answer does not parse")?,
-    ))
 }
 
 impl Store for EtcdStore {
@@ -669,14 +588,15 @@ impl Store for EtcdStore {
         if viewed(space) && self.age() > 3 * HEARTBEAT {
             return self.read_view(space, key, "no etcd majority answers".into());
         }
-        match self.post("/v3/kv/range", json!({ "key": b64(&self.key(space, key)) })) {
+        let req = RangeRequest {
+            key: self.key(space, key),
+            ..RangeRequest::default()
+        };
+        match self.range(req) {
             Ok(resp) => {
-                let value = resp["kvs"]
-                    .as_array()
-                    .and_then(|kvs| kvs.first())
-                    .map(|kv| unb64(&kv["value"]));
+                let rev = revision(resp.header.as_ref());
+                let value = resp.kvs.into_iter().next().map(|kv| kv.value);
                 if viewed(space) {
-                    let rev = int(&resp["header"]["revision"]);
                     let mut view = self.lock_view();
                     if let Some(why) = view.regression(space, key, value.as_deref()) {
                         integrity_violation(&self.metrics, &why);
@@ -722,42 +642,7 @@ impl Store for EtcdStore {
             from = base.clone();
             from.extend_from_slice(start);
         }
-        let mut page: std::vec::IntoIter<(Vec<u8>, Vec<u8>)> = Vec::new().into_iter();
-        let mut done = false;
-        Box::new(std::iter::from_fn(move || loop {
-            if let Some((k, v)) = page.next() {
-                return Some(Ok((k.get(base.len()..).unwrap_or_default().to_vec(), v)));
-            }
-            if done {
-                return None;
-            }
-            let got = self.post(
-                "/v3/kv/range",
-                json!({ "key": b64(&from), "range_end": b64(&end), "limit": PAGE.to_string() }),
-            );
-            match got {
-                Ok(resp) => {
-                    let kvs: Vec<(Vec<u8>, Vec<u8>)> = resp["kvs"]
-                        .as_array()
-                        .map(|a| {
-                            a.iter()
-                                .map(|kv| (unb64(&kv["key"]), unb64(&kv["value"])))
-                                .collect()
-                        })
-                        .unwrap_or_default();
-                    done = !resp["more"].as_bool().unwrap_or(false) || kvs.is_empty();
-                    if let Some((last, _)) = kvs.last() {
-                        from = last.clone();
-                        from.push(0);
-                    }
-                    page = kvs.into_iter();
-                }
-                Err(e) => {
-                    done = true;
-                    return Some(Err(e));
-                }
-            }
-        }))
+        self.pages(base, from, end, false)
     }
 
     fn scan_rev<'a>(&'a self, space: Space, prefix: &[u8], before: &[u8]) -> Entries<'a> {
@@ -768,59 +653,22 @@ impl Store for EtcdStore {
         if !before.is_empty() {
             let mut b = base.clone();
             b.extend_from_slice(before);
-            if b < end {
+            if b < end || end == [0] {
                 end = b;
             }
         }
-        let mut page: std::vec::IntoIter<(Vec<u8>, Vec<u8>)> = Vec::new().into_iter();
-        let mut done = end <= full;
-        Box::new(std::iter::from_fn(move || loop {
-            if let Some((k, v)) = page.next() {
-                return Some(Ok((k.get(base.len()..).unwrap_or_default().to_vec(), v)));
-            }
-            if done {
-                return None;
-            }
-            let got = self.post(
-                "/v3/kv/range",
-                json!({
-                    "key": b64(&full), "range_end": b64(&end), "limit": PAGE.to_string(),
-                    "sort_order": "DESCEND", "sort_target": "KEY",
-                }),
-            );
-            match got {
-                Ok(resp) => {
-                    let kvs: Vec<(Vec<u8>, Vec<u8>)> = resp["kvs"]
-                        .as_array()
-                        .map(|a| {
-                            a.iter()
-                                .map(|kv| (unb64(&kv["key"]), unb64(&kv["value"])))
-                                .collect()
-                        })
-                        .unwrap_or_default();
-                    done = !resp["more"].as_bool().unwrap_or(false) || kvs.is_empty();
-                    if let Some((last, _)) = kvs.last() {
-                        // The range end is exclusive: the next page ends
-                        // at the last key of this one.
-                        end.clone_from(last);
-                    }
-                    page = kvs.into_iter();
-                }
-                Err(e) => {
-                    done = true;
-                    return Some(Err(e));
-                }
-            }
-        }))
+        self.pages(base, full, end, true)
     }
 
     fn len(&self, space: Space) -> Result<usize, Error> {
         let start = self.space_prefix(space);
-        let resp = self.post(
-            "/v3/kv/range",
-            json!({ "key": b64(&start), "range_end": b64(&prefix_end(&start)), "count_only": true }),
-        )?;
-        Ok(usize::try_from(int(&resp["count"])).unwrap_or(usize::MAX))
+        let resp = self.range(RangeRequest {
+            range_end: prefix_end(&start),
+            key: start,
+            count_only: true,
+            ..RangeRequest::default()
+        })?;
+        Ok(usize::try_from(resp.count).unwrap_or(usize::MAX))
     }
 
     fn commit(&self, reads: &[Read], writes: &[Write]) -> Result<bool, Error> {
@@ -837,17 +685,23 @@ impl Store for EtcdStore {
         key.extend_from_slice(b"counters/");
         key.extend_from_slice(name.as_bytes());
         loop {
-            let resp = self.post("/v3/kv/range", json!({ "key": b64(&key) }))?;
-            let old = resp["kvs"]
-                .as_array()
-                .and_then(|kvs| kvs.first())
-                .map(|kv| unb64(&kv["value"]));
+            let resp = self.range(RangeRequest {
+                key: key.clone(),
+                ..RangeRequest::default()
+            })?;
+            let old = resp.kvs.into_iter().next().map(|kv| kv.value);
             let n = old
                 .as_deref()
                 .and_then(|b| <[u8; 8]>::try_from(b).ok())
                 .map_or(0, u64::from_be_bytes)
                 + 1;
-            let put = json!({"request_put": {"key": b64(&key), "value": b64(&n.to_be_bytes())}});
+            let put = RequestOp {
+                request: Some(Op::RequestPut(PutRequest {
+                    key: key.clone(),
+                    value: n.to_be_bytes().to_vec(),
+                    ..PutRequest::default()
+                })),
+            };
             if self
                 .txn(vec![self.compare(&key, old.as_deref())], vec![put])?
                 .is_some()
@@ -871,6 +725,7 @@ impl Store for EtcdStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn the_view_never_goes_back_to_an_older_value() {
