@@ -119,9 +119,14 @@ impl Server {
         let mut cfg = cfg;
         if let Some(nats) = &cfg.nats {
             cfg.mqtt.bus = Some(
-                crate::bus::Bus::connect(nats, &cfg.mqtt.queue_limits, metrics.clone())
-                    .await
-                    .context("the message bus (--nats)")?,
+                crate::bus::Bus::connect(
+                    nats,
+                    &cfg.mqtt.queue_limits,
+                    crate::bus::BusKey::derive(&auth.ca.issuing().key().serialize_der()),
+                    metrics.clone(),
+                )
+                .await
+                .context("the message bus (--nats)")?,
             );
         }
         let api = TcpListener::bind(cfg.api_listen)

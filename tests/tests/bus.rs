@@ -581,49 +581,95 @@ fn raw_nats_hpub(nats_url: &str, subject: &str, headers: &[(&str, &str)], payloa
     }
 }
 
-#[test]
-fn a_message_forged_on_nats_outside_its_senders_topics_is_dropped() {
-    let (tmp, _etcd, nats, one, two) = two_nodes(&[]);
+/// Telemetry, a command and a takeover claim put on NATS by something
+/// that is no node (NATS here lets anyone publish): each is dropped by
+/// both nodes, and counted, and the real ones still go through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_no_node_sealed_is_dropped_from_the_bus() {
+    let (tmp, _etcd, nats, one, two) = two_nodes(&["--metrics-listen", "127.0.0.1:0"]);
     let creds = tmp.path().join("c");
     let dev2 = one.enroll(&creds, "device", "dev-2");
     let svc = one.enroll(&creds, "service", "backend");
-    let sub = listen(
-        &two,
-        &svc,
+    // dev-2 online on node one, listening for commands.
+    let cmds = listen(
+        &one,
+        &dev2,
         &[
-            "-V",
-            "mqttv5",
             "-t",
-            "devices/dev-2/telemetry",
+            "devices/dev-2/commands/#",
             "-C",
             "1",
             "-W",
             "20",
+            "-F",
+            "%t %p",
         ],
     );
-    // The attack: "dev-1" (a device) publishing under dev-2's topics.
-    let forged = provisioning::sessions::Message {
-        topic: "devices/dev-2/telemetry".into(),
-        payload: b"forged".to_vec(),
+    let telemetry = listen(
+        &two,
+        &svc,
+        &["-t", "devices/dev-2/telemetry", "-C", "1", "-W", "20"],
+    );
+    let forged = |topic: &str, payload: &[u8]| provisioning::sessions::Message {
+        topic: topic.into(),
+        payload: payload.to_vec(),
         qos: 1,
         retain: false,
         props: Default::default(),
         stored_at_ms: 0,
         expires_at_ms: None,
     };
+    // Telemetry as dev-2, with a made-up stamp; a command as a service.
     raw_nats_hpub(
         &nats.url(),
-        "fleetgate.msg.attacker.run.dev-1",
-        &[("fleetgate-role", "device")],
-        &forged.to_bytes(),
+        "fleetgate.msg.node.run.dev-2",
+        &[
+            ("fleetgate-role", "device"),
+            ("fleetgate-stamp", "0a/ff/evil"),
+        ],
+        &forged("devices/dev-2/telemetry", b"forged").to_bytes(),
+    );
+    raw_nats_hpub(
+        &nats.url(),
+        "fleetgate.msg.node.run.backend",
+        &[("fleetgate-role", "service")],
+        &forged("devices/dev-2/commands/unlock-door", b"forged").to_bytes(),
+    );
+    // A takeover claim of dev-2's session.
+    raw_nats_hpub(
+        &nats.url(),
+        "fleetgate.owner.dev-2",
+        &[("x", "y")],
+        b"attacker",
     );
     for node in [&one, &two] {
         assert!(node.wait_for_log(
-            "bus: dropped a message its sender could not have published",
+            "bus: dropped a message that is not fleetgate's",
             Duration::from_secs(10)
         ));
     }
-    // dev-2's own message is the first the service gets.
+    assert!(one.wait_for_log(
+        "bus: dropped a takeover claim no node sealed",
+        Duration::from_secs(10)
+    ));
+    // The real ones: dev-2 is still connected, and what it and the
+    // service get first is the real message. (Another service sends the
+    // command: a second connection of `backend` would take over its own.)
+    let ops = one.enroll(&creds, "service", "ops");
+    let (ok, out) = run(two.mosquitto("mosquitto_pub", &ops).args([
+        "-q",
+        "1",
+        "-t",
+        "devices/dev-2/commands/reboot",
+        "-m",
+        "real",
+    ]));
+    assert!(ok, "{out}");
+    let got = cmds.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&got.stdout).trim(),
+        "devices/dev-2/commands/reboot real"
+    );
     let (ok, out) = run(one.mosquitto("mosquitto_pub", &dev2).args([
         "-q",
         "1",
@@ -633,8 +679,19 @@ fn a_message_forged_on_nats_outside_its_senders_topics_is_dropped() {
         "real",
     ]));
     assert!(ok, "{out}");
-    let got = sub.wait_with_output().unwrap();
+    let got = telemetry.wait_with_output().unwrap();
     assert_eq!(String::from_utf8_lossy(&got.stdout).trim(), "real");
+    // Counted.
+    let url = format!("http://{}/metrics", one.metrics.unwrap());
+    let (ok, text) = run(std::process::Command::new("curl").args(["-sS", &url]));
+    assert!(ok, "{text}");
+    let dropped: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("fleetgate_bus_dropped_total "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(dropped >= 3, "{text}");
 }
 
 /// A CA and a server certificate for 127.0.0.1 made with openssl, for a

@@ -45,6 +45,8 @@ pub struct JetStreamKeeper {
     sessions: stream::Stream,
     queue: stream::Stream,
     rt: tokio::runtime::Handle,
+    /// Seals session records and queued commands ([`super::seal`]).
+    key: super::BusKey,
 }
 
 impl JetStreamKeeper {
@@ -55,6 +57,7 @@ impl JetStreamKeeper {
         js: &jetstream::Context,
         replicas: usize,
         limits: &QueueLimits,
+        key: super::BusKey,
     ) -> anyhow::Result<Self> {
         let sessions = js
             .get_or_create_stream(stream::Config {
@@ -103,6 +106,7 @@ impl JetStreamKeeper {
             sessions,
             queue,
             rt: tokio::runtime::Handle::current(),
+            key,
         })
     }
 
@@ -125,12 +129,30 @@ impl JetStreamKeeper {
         }
     }
 
+    /// Headers with the seal of `payload` under `subject`.
+    fn seal_headers(&self, subject: &str, payload: &[u8]) -> async_nats::HeaderMap {
+        let mut h = async_nats::HeaderMap::new();
+        let seal = self.key.seal(&[subject.as_bytes(), payload]);
+        h.insert(super::seal::HEADER, seal.as_str());
+        h
+    }
+
+    /// Whether a stored record carries a node's seal.
+    fn sealed(&self, m: &async_nats::jetstream::message::StreamMessage) -> bool {
+        let seal = m.headers.get(super::seal::HEADER).map(|v| v.as_str());
+        self.key.verify(&[m.subject.as_bytes(), &m.payload], seal)
+    }
+
     async fn read_session(&self, id: &DeviceId) -> Result<Option<SessionRecord>, Error> {
         match self
             .sessions
             .direct_get_last_for_subject(format!("{SESSION_PREFIX}{id}"))
             .await
         {
+            Ok(m) if !self.sealed(&m) => {
+                tracing::warn!(reason = "bus", device.id = %id, "bus: a session record no node sealed; taken as none");
+                Ok(None)
+            }
             Ok(m) => serde_json::from_slice(&m.payload)
                 .map(Some)
                 .map_err(|e| Error::Corrupt(format!("session of {id} on JetStream: {e}"))),
@@ -146,9 +168,11 @@ impl JetStreamKeeper {
         durable: bool,
     ) -> Result<(), Error> {
         let v = serde_json::to_vec(rec).expect("session records serialize");
+        let subject = format!("{SESSION_PREFIX}{id}");
+        let headers = self.seal_headers(&subject, &v);
         let ack = self
             .js
-            .publish(format!("{SESSION_PREFIX}{id}"), v.into())
+            .publish_with_headers(subject, headers, v.into())
             .await
             .map_err(|e| unavailable("recording a session", e))?;
         if durable {
@@ -227,9 +251,11 @@ impl Keeper for JetStreamKeeper {
         limits.stamp(&mut m, now_ms);
         let subject = format!("{QUEUE_PREFIX}{id}");
         self.block("queueing a command", async {
+            let payload = m.to_bytes();
+            let headers = self.seal_headers(&subject, &payload);
             let ack = self
                 .js
-                .publish(subject, m.to_bytes().into())
+                .publish_with_headers(subject, headers, payload.into())
                 .await
                 .map_err(|e| unavailable("queueing a command", e))?
                 .await;
@@ -262,6 +288,11 @@ impl Keeper for JetStreamKeeper {
                     Err(e) => return Err(unavailable("reading a queue", e)),
                 };
                 next = m.sequence.saturating_add(1);
+                if !self.sealed(&m) {
+                    tracing::warn!(reason = "bus", device.id = %id, seq = m.sequence, "bus: a queued command no node sealed; not delivered");
+                    let _ = self.queue.delete_message(m.sequence).await;
+                    continue;
+                }
                 let message = Message::from_bytes(&m.payload)?;
                 if message.expires_at_ms.is_some_and(|t| t <= now_ms) {
                     let _ = self.queue.delete_message(m.sequence).await;

@@ -33,6 +33,9 @@ use crate::metrics::Metrics;
 use crate::mqtt::hub::Keeper;
 
 pub mod keeper;
+pub mod seal;
+
+pub use seal::BusKey;
 
 /// The stream every node publishes to and follows.
 pub const STREAM: &str = "FLEETGATE_MSG";
@@ -90,6 +93,8 @@ pub struct Bus {
     claims: std::sync::Mutex<std::collections::HashMap<String, u64>>,
     /// Devices' persistent sessions and queues, cluster-wide.
     keeper: Arc<keeper::JetStreamKeeper>,
+    /// Seals what this node puts on NATS, and checks what it takes off.
+    key: BusKey,
 }
 
 /// This node's claim of a client's session, while the session lasts.
@@ -159,6 +164,7 @@ impl Bus {
     pub async fn connect(
         cfg: &BusConfig,
         limits: &provisioning::sessions::QueueLimits,
+        key: BusKey,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Arc<Bus>> {
         let node = random_name();
@@ -223,8 +229,9 @@ impl Bus {
             })
             .await
             .map_err(|e| anyhow::anyhow!("the {OWNERS} stream on NATS JetStream: {e}"))?;
-        let keeper =
-            Arc::new(keeper::JetStreamKeeper::open(&client, &js, cfg.replicas, limits).await?);
+        let keeper = Arc::new(
+            keeper::JetStreamKeeper::open(&client, &js, cfg.replicas, limits, key.clone()).await?,
+        );
         tracing::info!(node = %node, servers = ?cfg.servers, "bus: on NATS JetStream");
         let name = node_name(cfg)?;
         Ok(Arc::new(Bus {
@@ -236,6 +243,7 @@ impl Bus {
             owners,
             claims: std::sync::Mutex::default(),
             keeper,
+            key,
         }))
     }
 
@@ -277,10 +285,19 @@ impl Bus {
         if !stamp.is_empty() {
             headers.insert(STAMP, stamp);
         }
-        if let Some(seq) = queued {
-            headers.insert(QUEUED, seq.to_string().as_str());
+        let queued = queued.map(|q| q.to_string()).unwrap_or_default();
+        if !queued.is_empty() {
+            headers.insert(QUEUED, queued.as_str());
         }
-        let payload = m.to_bytes().into();
+        let payload: bytes::Bytes = m.to_bytes().into();
+        let seal = self.key.seal(&[
+            subject.as_bytes(),
+            role.as_str().as_bytes(),
+            stamp.as_bytes(),
+            queued.as_bytes(),
+            &payload,
+        ]);
+        headers.insert(seal::HEADER, seal.as_str());
         let metrics = self.metrics.clone();
         let fail = move |metrics: &Metrics, e: String| {
             metrics.bus_failed.fetch_add(1, Ordering::Relaxed);
@@ -318,9 +335,13 @@ impl Bus {
     /// Held while the session lasts: dropping it forgets the claim here.
     pub async fn claim(self: &Arc<Self>, client: &str) -> Result<Claim, BusError> {
         self.connected()?;
+        let subject = format!("{OWNER_PREFIX}{client}");
+        let mut headers = HeaderMap::new();
+        let seal = self.key.seal(&[subject.as_bytes(), self.node.as_bytes()]);
+        headers.insert(seal::HEADER, seal.as_str());
         let put = async {
             self.js
-                .publish(format!("{OWNER_PREFIX}{client}"), self.node.clone().into())
+                .publish_with_headers(subject, headers, self.node.clone().into())
                 .await?
                 .await
         };
@@ -355,6 +376,15 @@ impl Bus {
                             let Some(key) = c.subject.as_str().strip_prefix(OWNER_PREFIX) else {
                                 continue;
                             };
+                            let sealed = c.headers.as_ref().and_then(|h| h.get(seal::HEADER));
+                            if !bus.key.verify(
+                                &[c.subject.as_bytes(), &c.payload],
+                                sealed.map(|v| v.as_str()),
+                            ) {
+                                bus.metrics.bus_dropped.fetch_add(1, Ordering::Relaxed);
+                                tracing::warn!(reason = "bus", subject = %crate::printable(c.subject.as_str()), "bus: dropped a takeover claim no node sealed");
+                                continue;
+                            }
                             if c.payload == bus.node.as_bytes() {
                                 continue;
                             }
@@ -490,7 +520,7 @@ impl Bus {
                 let _ = msg.ack().await;
                 continue;
             }
-            match parse(&subject, &msg) {
+            match parse(&subject, &msg, &self.key) {
                 Ok((client, role, stamp, message, queued)) => {
                     self.metrics.bus_received.fetch_add(1, Ordering::Relaxed);
                     let i = Incoming {
@@ -506,7 +536,8 @@ impl Bus {
                     }
                 }
                 Err(why) => {
-                    tracing::warn!(subject = %crate::printable(&subject), why = %why, "bus: dropped a message that is not fleetgate's");
+                    self.metrics.bus_dropped.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(reason = "bus", subject = %crate::printable(&subject), why = %why, "bus: dropped a message that is not fleetgate's");
                     let _ = msg.ack().await;
                 }
             }
@@ -546,7 +577,7 @@ fn node_name(cfg: &BusConfig) -> anyhow::Result<String> {
 /// A bus message's sender, role, stamp, message and queue place.
 type Parsed = (String, Role, String, Message, Option<u64>);
 
-fn parse(subject: &str, msg: &jetstream::Message) -> Result<Parsed, String> {
+fn parse(subject: &str, msg: &jetstream::Message, key: &BusKey) -> Result<Parsed, String> {
     let client = subject
         .strip_prefix(PREFIX)
         .and_then(|rest| rest.splitn(3, '.').nth(2))
@@ -562,6 +593,17 @@ fn parse(subject: &str, msg: &jetstream::Message) -> Result<Parsed, String> {
         .and_then(|r| r.parse::<Role>().ok())
         .ok_or("no sender role")?;
     let stamp = header(STAMP).unwrap_or_default();
+    let queued_text = header(QUEUED).unwrap_or_default();
+    let sealed = [
+        subject.as_bytes(),
+        role.as_str().as_bytes(),
+        stamp.as_bytes(),
+        queued_text.as_bytes(),
+        &msg.payload,
+    ];
+    if !key.verify(&sealed, header(seal::HEADER).as_deref()) {
+        return Err("no seal of this cluster's nodes".into());
+    }
     let message = Message::from_bytes(&msg.payload).map_err(|e| e.to_string())?;
     let queued = match header(QUEUED) {
         Some(q) => Some(q.parse::<u64>().map_err(|_| "a malformed queue place")?),
