@@ -170,3 +170,27 @@ fn a_bulk_revocation_larger_than_one_etcd_transaction() {
     }
     assert!(r.check().unwrap().problems.is_empty());
 }
+
+/// A page of a scan may be far over gRPC's default 4 MiB a message (the
+/// audit log's sealed segments are some 80 KB each): it is read whole.
+#[test]
+fn a_scan_reads_pages_of_large_values() {
+    let tmp = tempfile::tempdir().unwrap();
+    let etcd = tests::etcd::Etcd::start(&tmp.path().join("etcd"));
+    let store = etcd.store();
+    let big = vec![7u8; 600 * 1024];
+    for i in 0..10u8 {
+        let w = [provisioning::store::Write {
+            space: Space::Meta,
+            key: format!("big/{i}").into_bytes(),
+            value: Some(big.clone()),
+        }];
+        assert!(store.commit(&[], &w).unwrap());
+    }
+    let read: Vec<_> = store
+        .scan(Space::Meta, b"big/", b"")
+        .map(|kv| kv.unwrap())
+        .collect();
+    assert_eq!(read.len(), 10);
+    assert!(read.iter().all(|(_, v)| v.len() == big.len()));
+}

@@ -108,7 +108,7 @@ impl Members {
     pub async fn range(&self, req: RangeRequest) -> Result<RangeResponse, Error> {
         self.any(|ch| {
             let req = req.clone();
-            async move { Ok(KvClient::new(ch).range(req).await?.into_inner()) }
+            async move { Ok(kv(ch).range(req).await?.into_inner()) }
         })
         .await
     }
@@ -116,11 +116,21 @@ impl Members {
     pub async fn txn(&self, req: TxnRequest) -> Result<TxnResponse, Error> {
         self.any(|ch| {
             let req = req.clone();
-            async move { Ok(KvClient::new(ch).txn(req).await?.into_inner()) }
+            async move { Ok(kv(ch).txn(req).await?.into_inner()) }
         })
         .await
     }
 }
+
+/// The KV client on `ch`. A page of a range may be large (512 keys of
+/// sealed audit segments, some 80 KB each): tonic's default limit of
+/// 4 MiB a message is lifted; etcd bounds what it sends by the page.
+fn kv(ch: Channel) -> KvClient<Channel> {
+    KvClient::new(ch).max_decoding_message_size(MAX_MESSAGE)
+}
+
+/// The largest answer taken from etcd.
+const MAX_MESSAGE: usize = 512 * 1024 * 1024;
 
 /// A request no member would take: bad input, too many operations, or
 /// not allowed (RBAC, a certificate etcd maps to no user).
@@ -164,5 +174,9 @@ pub(super) async fn watch(
         "hasleader",
         tonic::metadata::MetadataValue::from_static("true"),
     );
-    Ok(WatchClient::new(ch).watch(request).await?.into_inner())
+    Ok(WatchClient::new(ch)
+        .max_decoding_message_size(MAX_MESSAGE)
+        .watch(request)
+        .await?
+        .into_inner())
 }
