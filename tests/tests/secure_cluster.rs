@@ -1,9 +1,11 @@
-//! Nodes on an etcd that runs the way production etcd does: TLS, client
-//! certificates (`--client-cert-auth`) and auth enabled, the node's
-//! certificate CN as its etcd user, whose role may touch `fleetgate/` only.
-//! Two nodes enroll, admit and revoke across each other through it; a
-//! client without a certificate, and one whose certificate names no etcd
-//! user, are refused by etcd.
+//! Nodes on an etcd and a NATS that run the way production ones do. etcd:
+//! TLS, client certificates (`--client-cert-auth`) and auth enabled, the
+//! node's certificate CN as its etcd user, whose role may touch
+//! `fleetgate/` only. NATS: TLS, `verify_and_map` to the same CN, each
+//! node publishing under its own name only. Two nodes enroll, admit and
+//! revoke across each other and carry telemetry and a command across NATS;
+//! a client without a certificate, and a node whose certificate names no
+//! etcd user, are refused by etcd.
 
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
@@ -112,9 +114,68 @@ fn wait_healthy(client: &str, tls: &[&str]) {
     }
 }
 
+/// A `mosquitto_sub -d` and its output lines as they come.
+struct Sub {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Drop for Sub {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `mosquitto_sub -d` on `node` as `c` for `topic`, returned once its
+/// subscription is in place.
+fn subscribed(node: &Server, c: &tests::Creds, topic: &str) -> Sub {
+    let cmd = node.mosquitto("mosquitto_sub", c);
+    let mut child = Command::new("stdbuf")
+        .arg("-oL")
+        .arg(cmd.get_program())
+        .args(cmd.get_args())
+        .args(["-d", "-t", topic, "-F", "%t %p"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in std::io::BufRead::lines(std::io::BufReader::new(out)).map_while(Result::ok) {
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    let sub = Sub { child, lines };
+    loop {
+        let l = sub
+            .lines
+            .recv_timeout(Duration::from_secs(20))
+            .expect("mosquitto_sub did not subscribe");
+        if l.contains("received SUBACK") {
+            return sub;
+        }
+    }
+}
+
+/// The first message a [`subscribed`] client printed (`topic payload`).
+fn received(sub: Sub) -> String {
+    loop {
+        let l = sub
+            .lines
+            .recv_timeout(Duration::from_secs(20))
+            .expect("no message within 20 s");
+        if l.starts_with("devices/") {
+            return l;
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_on_an_etcd_with_tls_client_certificates_and_rbac() {
-    for tool in ["etcd", "openssl", "curl"] {
+    for tool in ["etcd", "openssl", "curl", "mosquitto_sub", "stdbuf"] {
         require_tool(tool);
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -193,18 +254,49 @@ async fn nodes_on_an_etcd_with_tls_client_certificates_and_rbac() {
         .arg(format!("https://{client}/health")));
     assert!(!ok, "no certificate, and etcd answered: {out}");
 
-    // The nodes, each with its own certificate.
+    // NATS the same way: TLS, the node's certificate as its user, each
+    // node publishing under its own name only.
+    let shared = r#""fleetgate.owner.>", "fleetgate.session.>", "fleetgate.queue.>", "$JS.API.>", "$JS.ACK.>", "$JS.FC.>", "_INBOX.>""#;
+    let user = |n: &str| {
+        format!(
+            r#"{{ user: "CN={n}", permissions: {{ publish: {{ allow: ["fleetgate.msg.{n}.>", {shared}] }}, subscribe: {{ allow: ["fleetgate.>", "_INBOX.>"] }} }} }}"#
+        )
+    };
+    let nats = tests::nats::Nats::with_config(
+        &tmp.path().join("nats"),
+        &format!(
+            "tls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n  ca_file: \"{}\"\n  verify_and_map: true\n}}\n\
+             authorization {{\n  users = [\n    {}\n    {}\n  ]\n}}\n",
+            pki.join("server.crt").display(),
+            pki.join("server.key").display(),
+            ca.display(),
+            user("node-1"),
+            user("node-2"),
+        ),
+    );
+    let bus = nats.tls_url();
+
+    // The nodes, each with its own certificate, for etcd and NATS alike.
     let store = format!("https://{client}");
     let node_args = |n: &str| -> Vec<String> {
+        let (cert, key) = (pki.join(format!("{n}.crt")), pki.join(format!("{n}.key")));
         [
             "--store",
             &store,
             "--store-ca",
             ca.to_str().unwrap(),
             "--store-cert",
-            pki.join(format!("{n}.crt")).to_str().unwrap(),
+            cert.to_str().unwrap(),
             "--store-key",
-            pki.join(format!("{n}.key")).to_str().unwrap(),
+            key.to_str().unwrap(),
+            "--nats",
+            &bus,
+            "--nats-ca",
+            ca.to_str().unwrap(),
+            "--nats-cert",
+            cert.to_str().unwrap(),
+            "--nats-key",
+            key.to_str().unwrap(),
         ]
         .map(str::to_owned)
         .to_vec()
@@ -218,10 +310,37 @@ async fn nodes_on_an_etcd_with_tls_client_certificates_and_rbac() {
     let a2: Vec<&str> = a2.iter().map(String::as_str).collect();
     let two = Server::start_with(&tmp.path().join("node-2"), &a2).unwrap();
 
-    // Enrolled on one, admitted by two; revoked on two, refused by one.
-    let dev = one.enroll(&tmp.path().join("c"), "device", "dev-1");
+    // Enrolled on one, admitted by two; telemetry from a device on two to
+    // a service on one, a command back across NATS; revoked on two,
+    // refused by one.
+    let creds = tmp.path().join("c");
+    let dev = one.enroll(&creds, "device", "dev-1");
+    let svc = one.enroll(&creds, "service", "backend");
+    let ops = one.enroll(&creds, "service", "ops");
     let ev = tests::mqtt::online(two.mqtt, &dev).await;
     drop(ev);
+    let telemetry = subscribed(&one, &svc, "devices/dev-1/telemetry");
+    let (ok, out) = run(two.mosquitto("mosquitto_pub", &dev).args([
+        "-q",
+        "1",
+        "-t",
+        "devices/dev-1/telemetry",
+        "-m",
+        "sealed",
+    ]));
+    assert!(ok, "{out}");
+    assert_eq!(received(telemetry), "devices/dev-1/telemetry sealed");
+    let commands = subscribed(&two, &dev, "devices/dev-1/commands/#");
+    let (ok, out) = run(one.mosquitto("mosquitto_pub", &ops).args([
+        "-q",
+        "1",
+        "-t",
+        "devices/dev-1/commands/reboot",
+        "-m",
+        "now",
+    ]));
+    assert!(ok, "{out}");
+    assert_eq!(received(commands), "devices/dev-1/commands/reboot now");
     two.cli_ok(&["device", "revoke", "dev-1"]);
     assert!(tests::mqtt::refused(one.mqtt, &dev).await);
     assert_eq!(one.device_json("dev-1")["status"], "revoked");
