@@ -208,6 +208,9 @@ impl Registry {
             let n = problems.len();
             problems.insert((seq, n), what);
         };
+        // The head first: a seal that commits while this walks adds a
+        // checkpoint after it, never removes one.
+        let head = self.store.get(Space::Meta, HEAD)?;
         let mut recorded: BTreeMap<u64, [u8; 32]> = BTreeMap::new();
         let mut checkpoints: BTreeMap<u64, Checkpoint> = BTreeMap::new();
         for kv in self.store.scan(Space::Meta, b"audit-seal/", b"") {
@@ -252,12 +255,14 @@ impl Registry {
         let last = checkpoints.values().next_back().cloned();
         out.checkpoints = checkpoints.len() as u64;
         out.sealed_through = last.as_ref().map(|c| c.seq);
-        if let Some(head) = self.audit_checkpoint().ok().flatten() {
-            if Some(head.seq) != out.sealed_through {
-                note(
-                    head.seq,
-                    "the seal's head is not its last checkpoint".into(),
-                );
+        if let Some(head) = head {
+            match <[u8; 8]>::try_from(head.as_slice()).map(u64::from_be_bytes) {
+                Ok(seq) if checkpoints.contains_key(&seq) => {}
+                Ok(seq) => note(
+                    seq,
+                    format!("the seal's head names checkpoint {seq}, which is missing"),
+                ),
+                Err(_) => note(0, "the seal's head is not a sequence number".into()),
             }
         }
         // The entries, in sequence order, against the chain.
@@ -552,6 +557,16 @@ mod tests {
             v.problems
         );
         put(r, Space::Meta, &key(CHECKPOINT, forged.seq), Some(&good));
+        // The last checkpoint removed: the head names it.
+        put(r, Space::Meta, &key(CHECKPOINT, forged.seq), None);
+        let v = verify();
+        assert!(
+            v.problems.iter().any(|p| p.ends_with("which is missing")),
+            "{:?}",
+            v.problems
+        );
+        put(r, Space::Meta, &key(CHECKPOINT, forged.seq), Some(&good));
+        assert!(verify().problems.is_empty());
         // The registry against the log: d-0 un-revoked behind its back.
         let id = DeviceId::try_new("d-0").unwrap_or_else(|e| panic!("{e}"));
         let mut d = r.device(&id).unwrap_or_else(|e| panic!("{e}"));
