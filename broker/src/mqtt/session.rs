@@ -46,7 +46,7 @@ use super::acl::{
 };
 use super::codec::Codec;
 use super::hub::{Delivery, Mailbox, Outcome, MAX_SESSION_EXPIRY};
-use super::kept::{Budget, Filters, ServiceSub};
+use super::kept::{lock, Budget, Filters, ServiceSub};
 use super::link::RouterTx;
 use super::outbox::{qos_and_pkid, Outbox, Outgoing};
 use super::share;
@@ -216,9 +216,8 @@ struct Session {
     /// The client takes reason strings on acknowledgements (MQTT 5
     /// Request Problem Information).
     problem_info: bool,
-    /// A service's subscriptions, with their MQTT 5 identifiers.
-    /// A service's filters: its session's, kept across its connections
-    /// while the session persists.
+    /// A service's subscriptions, with their MQTT 5 identifiers: its
+    /// session's, kept across its connections while the session persists.
     service_subs: Filters,
     /// A service's `$share` subscriptions across nodes (with a bus).
     groups: HashMap<String, super::share::Membership>,
@@ -297,10 +296,6 @@ struct ProvisionRequest {
     id: Option<String>,
     /// PEM.
     csr: String,
-}
-
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// An OCSP request over MQTT as DER: sent as DER, or as base64 text
