@@ -1,0 +1,370 @@
+//! `fleetgate serve`: its options, parsed into a `ServeConfig`, and the
+//! offline `fleetgate check` of a data dir.
+
+use super::*;
+
+#[derive(Args, Debug)]
+pub(super) struct ServeArgs {
+    /// Where the CA, keys and registry live.
+    #[arg(long, env = "FLEETGATE_DATA_DIR", default_value = "fleetgate-data")]
+    data_dir: PathBuf,
+    /// Admin API address (HTTPS, mutual TLS).
+    #[arg(long, default_value = "127.0.0.1:8443")]
+    api_listen: SocketAddr,
+    /// Where the registry lives: the embedded one in the data dir (the
+    /// default), or `etcd://host:port[,host:port...]`, an etcd cluster that
+    /// several nodes share (each with the same CA in its data dir).
+    #[arg(long, value_parser = parse_store)]
+    store: Option<EtcdEndpoints>,
+    /// With --store https://: the CA (PEM) that signed etcd's certificates
+    /// (etcdctl's --cacert).
+    #[arg(long)]
+    store_ca: Option<PathBuf>,
+    /// With --store https://: this node's client certificate (PEM; its CN
+    /// is the etcd user, e.g. from `fleetgate node enroll`).
+    #[arg(long, requires = "store_key")]
+    store_cert: Option<PathBuf>,
+    /// With --store https://: the key of --store-cert (PEM).
+    #[arg(long, requires = "store_cert")]
+    store_key: Option<PathBuf>,
+    /// With --store etcd: how long this node may answer admission from its
+    /// last view of the registry while etcd has no majority (devices it
+    /// knows are admitted, nothing is written); past it, new connections
+    /// are refused: it fails closed.
+    #[arg(long, default_value_t = 60)]
+    store_staleness_secs: u64,
+    /// Messages across nodes: NATS servers with JetStream,
+    /// `tls://host:port[,tls://host:port...]` (or `nats://` without TLS,
+    /// for development: a warning says so). A service on any node then
+    /// sees every device, and commands reach a device on any node. Leave
+    /// it out on a single node.
+    #[arg(long, value_delimiter = ',')]
+    nats: Vec<String>,
+    /// With --nats: the CA (PEM) that signed the NATS servers' certificates.
+    #[arg(long)]
+    nats_ca: Option<PathBuf>,
+    /// With --nats: this node's client certificate (PEM, with its chain),
+    /// e.g. from `fleetgate node enroll`; NATS maps it to a user.
+    #[arg(long, requires = "nats_key")]
+    nats_cert: Option<PathBuf>,
+    /// With --nats: the key of --nats-cert (PEM).
+    #[arg(long, requires = "nats_cert")]
+    nats_key: Option<PathBuf>,
+    /// With --nats: replicas of the message stream (3 on a three-server
+    /// NATS cluster: a server can go without losing what was stored).
+    #[arg(long, default_value_t = 1)]
+    nats_replicas: usize,
+    /// With --nats: how long the message stream keeps a message.
+    #[arg(long, default_value_t = 3600)]
+    nats_max_age_secs: u64,
+    /// MQTT address (TLS only, client certificates required).
+    #[arg(long, default_value = "127.0.0.1:8883")]
+    mqtt_listen: SocketAddr,
+    /// OCSP responder and CRL address (plain HTTP).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    ocsp_listen: SocketAddr,
+    /// Prometheus metrics address (plain HTTP, GET /metrics); off unless given.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+    /// Public base URL of the OCSP/CRL service, written into issued
+    /// certificates (default: http://OCSP_LISTEN).
+    #[arg(long)]
+    public_url: Option<String>,
+    /// Largest MQTT packet accepted (and advertised to MQTT 5 clients), in
+    /// bytes, headers included: the default takes a 256 KiB payload with up
+    /// to 8 KiB of topic and properties. Larger ones end the connection
+    /// (MQTT 5: DISCONNECT 0x95).
+    #[arg(long, default_value_t = crate::mqtt::MAX_PACKET_SIZE)]
+    max_packet_size: usize,
+    /// Subscriptions one MQTT session may hold; more are refused (SUBACK
+    /// 0x97, or 0x80 on 3.1.1). 0: no limit.
+    #[arg(long, default_value_t = 100)]
+    max_subscriptions: usize,
+    /// Topics a device may start publishing to per minute (also the burst);
+    /// beyond it its messages to new topics are refused (PUBACK 0x97) or,
+    /// at QoS 0 and on 3.1.1, dropped; each is counted and logged. Every
+    /// new topic costs the shared router. 0: no limit.
+    #[arg(long, default_value_t = 60)]
+    new_topics_per_minute: u32,
+    /// Extra DNS names or IPs for the server certificate.
+    #[arg(long = "san")]
+    sans: Vec<String>,
+    /// Lifetime of issued device certificates, in days.
+    #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u32).range(1..=3650))]
+    cert_lifetime_days: u32,
+    /// Most concurrent MQTT connections; more are closed at once.
+    #[arg(long, default_value_t = 10_000)]
+    max_connections: usize,
+    /// Most TLS handshakes in progress on the MQTT port; more are closed.
+    #[arg(long, default_value_t = 512)]
+    max_handshakes: usize,
+    /// Seconds a client has to complete its TLS handshake (MQTT, admin
+    /// API) or send its request headers (OCSP/CRL, metrics).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=300))]
+    handshake_timeout_secs: u64,
+    /// New MQTT connections per second from one IP address (0: no limit).
+    #[arg(long, default_value_t = 100.0)]
+    connect_rate_per_ip: f64,
+    /// Burst allowed above --connect-rate-per-ip.
+    #[arg(long, default_value_t = 200.0)]
+    connect_burst_per_ip: f64,
+    /// Most concurrent connections on each HTTP listener (admin API,
+    /// OCSP/CRL, metrics). At the cap, a new connection evicts the oldest
+    /// one with no request in flight.
+    #[arg(long, default_value_t = 1024)]
+    http_max_connections: usize,
+    /// Most connections one IP address may hold open on each HTTP listener.
+    #[arg(long, default_value_t = 64)]
+    http_max_per_ip: usize,
+    /// New HTTP connections per second from one IP address (0, the
+    /// default: no limit; the burst is twice this). Scripts that enroll
+    /// one device per call open hundreds a second from one address.
+    #[arg(long, default_value_t = 0.0)]
+    http_rate_per_ip: f64,
+    /// Devices one manufacturer may register just in time per second
+    /// (0: no limit). Its total is capped by its quota.
+    #[arg(long, default_value_t = 20.0)]
+    jit_rate: f64,
+    /// Burst allowed above --jit-rate.
+    #[arg(long, default_value_t = 100.0)]
+    jit_burst: f64,
+    /// OCSP requests over MQTT answered per second per session (the burst
+    /// is five times this); more are dropped and counted.
+    #[arg(long, default_value_t = 1.0)]
+    mqtt_ocsp_rate: f64,
+    /// MiB of messages the router keeps per subscription filter for
+    /// subscribers that lag behind (older ones are dropped): bounds memory
+    /// under sustained traffic. Counted as the router counts, topic and
+    /// payload: in memory a small message costs about twelve times that.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    router_log_mib: u64,
+    /// Commands one device's persistent session may hold while it is away
+    /// (QoS 1 and 2); more are refused (MQTT 5 PUBACK 0x97).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    command_queue_max: u64,
+    /// Bytes (topics and payloads) one device's command queue may hold.
+    #[arg(long, default_value_t = 1024 * 1024, value_parser = clap::value_parser!(u64).range(1..=1024 * 1024 * 1024))]
+    command_queue_bytes: u64,
+    /// Bytes one device's retained messages may take, as stored (topics,
+    /// payloads and properties); past it a new retained message is refused
+    /// (MQTT 5 PUBACK 0x97). Their count is bounded by --command-queue-max.
+    #[arg(long, default_value_t = 1024 * 1024, value_parser = clap::value_parser!(u64).range(1..=1024 * 1024 * 1024))]
+    retained_bytes: u64,
+    /// Seconds a queued command waits at most, whatever its own expiry.
+    #[arg(long, default_value_t = 24 * 3600, value_parser = clap::value_parser!(u64).range(1..=30 * 24 * 3600))]
+    command_ttl_secs: u64,
+    /// Seconds between upkeep runs (server and OCSP signing certificate
+    /// renewal). For tests.
+    #[arg(long, default_value_t = 6 * 3600, hide = true, value_parser = clap::value_parser!(u64).range(1..))]
+    upkeep_interval_secs: u64,
+    /// Seconds between seals of the audit log (a hash chain signed by the
+    /// issuing CA; `fleetgate audit verify` checks it).
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    audit_seal_secs: u64,
+    /// How old an audit entry must be to be sealed. For tests.
+    #[arg(long, default_value_t = 30, hide = true)]
+    audit_settle_secs: u64,
+}
+
+/// The etcd members' client addresses of `--store`.
+#[derive(Clone, Debug)]
+pub(super) struct EtcdEndpoints {
+    members: Vec<String>,
+    /// `https://`: TLS, with --store-ca, --store-cert and --store-key.
+    tls: bool,
+}
+
+/// `https://host:port[,host:port...]` (TLS) or `etcd://...` (plain): the
+/// members' client addresses.
+pub(super) fn parse_store(s: &str) -> Result<EtcdEndpoints, String> {
+    let (list, tls) = match (s.strip_prefix("https://"), s.strip_prefix("etcd://")) {
+        (Some(list), _) => (list, true),
+        (None, Some(list)) => (list, false),
+        (None, None) => {
+            return Err(format!(
+                "{s:?}: the store is https://host:port[,host:port...] (or etcd://... without \
+                 TLS, for development; leave --store out for the embedded registry)"
+            ))
+        }
+    };
+    let endpoints: Vec<String> = list
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if endpoints.is_empty() || endpoints.iter().any(|e| !e.contains(':')) {
+        return Err(format!("{s:?}: every etcd member is host:port"));
+    }
+    Ok(EtcdEndpoints {
+        members: endpoints,
+        tls,
+    })
+}
+
+pub(super) async fn serve_cmd(args: ServeArgs) -> ExitCode {
+    let cfg = ServeConfig {
+        data_dir: args.data_dir,
+        store_tls: match &args.store {
+            Some(EtcdEndpoints { tls: true, .. }) => {
+                let Some(ca) = args.store_ca.clone() else {
+                    eprintln!("error: --store https://... needs --store-ca (the CA of etcd's certificates)");
+                    return ExitCode::from(EXIT_CONFIG);
+                };
+                Some(crate::etcd::EtcdTls {
+                    ca,
+                    identity: args.store_cert.clone().zip(args.store_key.clone()),
+                })
+            }
+            _ => None,
+        },
+        store: args.store.map(|e| e.members),
+        store_staleness: std::time::Duration::from_secs(args.store_staleness_secs),
+        nats: (!args.nats.is_empty()).then(|| crate::bus::BusConfig {
+            servers: args.nats.clone(),
+            ca: args.nats_ca.clone(),
+            identity: args.nats_cert.clone().zip(args.nats_key.clone()),
+            replicas: args.nats_replicas,
+            max_age: std::time::Duration::from_secs(args.nats_max_age_secs.max(1)),
+        }),
+        api_listen: args.api_listen,
+        mqtt_listen: args.mqtt_listen,
+        ocsp_listen: args.ocsp_listen,
+        metrics_listen: args.metrics_listen,
+        public_url: args.public_url,
+        server_sans: args.sans,
+        cert_lifetime: time::Duration::days(args.cert_lifetime_days.into()),
+        limits: https::Limits {
+            handshake_timeout: std::time::Duration::from_secs(args.handshake_timeout_secs),
+            max_connections: args.http_max_connections.max(1),
+            max_per_ip: args.http_max_per_ip.max(1),
+            rate_per_ip: (args.http_rate_per_ip > 0.0).then_some(crate::net::Rate {
+                per_second: args.http_rate_per_ip,
+                burst: (args.http_rate_per_ip * 2.0).max(1.0),
+            }),
+            ..https::Limits::default()
+        },
+        upkeep_interval: std::time::Duration::from_secs(args.upkeep_interval_secs),
+        audit_seal: std::time::Duration::from_secs(args.audit_seal_secs),
+        audit_settle: std::time::Duration::from_secs(args.audit_settle_secs),
+        mqtt: MqttConfig {
+            max_connections: args.max_connections.max(1),
+            max_handshakes: args.max_handshakes.max(1),
+            handshake_timeout: std::time::Duration::from_secs(args.handshake_timeout_secs),
+            connect_rate_per_ip: (args.connect_rate_per_ip > 0.0).then_some(crate::net::Rate {
+                per_second: args.connect_rate_per_ip,
+                burst: args.connect_burst_per_ip.max(1.0),
+            }),
+            max_packet_size: args.max_packet_size.clamp(64, 256 * 1024 * 1024),
+            max_subscriptions: args.max_subscriptions,
+            new_topics_per_minute: args.new_topics_per_minute,
+            jit_rate: (args.jit_rate > 0.0).then_some(crate::net::Rate {
+                per_second: args.jit_rate,
+                burst: args.jit_burst.max(1.0),
+            }),
+            ocsp_rate: crate::net::Rate {
+                per_second: args.mqtt_ocsp_rate.max(0.001),
+                burst: (args.mqtt_ocsp_rate * 5.0).max(1.0),
+            },
+            router_log_bytes: usize::try_from(args.router_log_mib)
+                .unwrap_or(8)
+                .saturating_mul(1024 * 1024),
+            queue_limits: provisioning::sessions::QueueLimits {
+                max_messages: usize::try_from(args.command_queue_max).unwrap_or(100),
+                max_bytes: usize::try_from(args.command_queue_bytes).unwrap_or(1024 * 1024),
+                max_age_ms: i64::try_from(args.command_ttl_secs).unwrap_or(86_400) * 1000,
+                retained_bytes: usize::try_from(args.retained_bytes).unwrap_or(1024 * 1024),
+            },
+            ..MqttConfig::default()
+        },
+    };
+    // A file size limit (RLIMIT_FSIZE) must fail the write, as a full disk
+    // does, not kill the process: with a handler installed, SIGXFSZ is
+    // not fatal and the write returns EFBIG.
+    let _xfsz = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::from_raw(25));
+    let server = match Server::bind(cfg).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let shutdown = match crate::serve::shutdown_on_signals() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // One machine-readable line on stdout once every listener is bound.
+    let metrics = server
+        .metrics_addr()
+        .map(|a| format!(" metrics={a}"))
+        .unwrap_or_default();
+    outln!(
+        "listening api={} mqtt={} ocsp={}{metrics}",
+        server.api_addr(),
+        server.mqtt_addr(),
+        server.ocsp_addr()
+    );
+    match server.run(shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+pub(super) fn check_cmd(dir: &Path, json: bool) -> ExitCode {
+    let paths = Paths::new(dir);
+    if !paths.marker().exists() {
+        eprintln!(
+            "error: {}: not an initialized fleetgate data dir",
+            dir.display()
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let registry = match provisioning::Registry::open(&paths.registry()) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!(
+                "error: opening {}: {e} (is a server running on it? stop it first)",
+                paths.registry().display()
+            );
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match registry.check() {
+        Ok(report) => {
+            if json {
+                outln!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                );
+            } else {
+                for p in &report.problems {
+                    outln!("problem: {p}");
+                }
+                outln!(
+                    "{}: {} devices, {} certificates, {} manufacturers, {} audit entries, {} problems",
+                    if report.problems.is_empty() { "consistent" } else { "INCONSISTENT" },
+                    report.devices,
+                    report.certificates,
+                    report.manufacturers,
+                    report.audit_entries,
+                    report.problems.len()
+                );
+            }
+            if report.problems.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("error: reading the registry: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
