@@ -524,6 +524,34 @@ pub mod mqtt {
     }
 }
 
+/// The README's code block that starts with the line `start`: its text up
+/// to the closing fence, as printed.
+pub fn readme_example(start: &str) -> String {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+        .expect("reading README.md");
+    let at = readme
+        .find(start)
+        .unwrap_or_else(|| panic!("the README has no example starting {start:?}"));
+    let block = &readme[at..];
+    block[..block.find("```").expect("a closing fence")].to_owned()
+}
+
+/// A directory where `fleetgate-data` is `server`'s data dir, as the
+/// README's examples expect to run.
+pub fn readme_workdir(server: &Server, dir: &Path) -> PathBuf {
+    std::fs::create_dir_all(dir).expect("a work dir");
+    std::os::unix::fs::symlink(&server.data_dir, dir.join("fleetgate-data"))
+        .expect("linking fleetgate-data");
+    dir.to_owned()
+}
+
+/// Runs `script` with `bash -euo pipefail` in `dir`: (success, output).
+pub fn run_script(dir: &Path, script: &str) -> (bool, String) {
+    run(Command::new("bash")
+        .args(["-euo", "pipefail", "-c", script])
+        .current_dir(dir))
+}
+
 /// Runs an outside command, returning (success, stdout + stderr).
 pub fn run(cmd: &mut Command) -> (bool, String) {
     let out = cmd.output().expect("running an outside command");

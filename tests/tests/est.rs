@@ -350,18 +350,10 @@ fn the_readme_est_example_works_as_printed() {
     for tool in ["curl", "openssl", "base64"] {
         require_tool(tool);
     }
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
-    let start = readme
-        .find("E=https://127.0.0.1:8443/.well-known/est\n")
-        .expect("the README's EST example");
-    let block = &readme[start..];
-    let block = &block[..block.find("```").unwrap()];
+    let block = tests::readme_example("E=https://127.0.0.1:8443/.well-known/est\n");
     let tmp = tempfile::tempdir().unwrap();
     let server = Server::start(&tmp.path().join("data")).unwrap();
-    let work = tmp.path().join("work");
-    std::fs::create_dir_all(&work).unwrap();
-    std::os::unix::fs::symlink(&server.data_dir, work.join("fleetgate-data")).unwrap();
+    let work = tests::readme_workdir(&server, &tmp.path().join("work"));
     server.cli_ok(&[
         "claim",
         "create",
@@ -372,9 +364,7 @@ fn the_readme_est_example_works_as_printed() {
         work.join("claims").to_str().unwrap(),
     ]);
     let script = block.replace("https://127.0.0.1:8443", &server.api_url());
-    let (ok, out) = run(Command::new("bash")
-        .args(["-euo", "pipefail", "-c", &script])
-        .current_dir(&work));
+    let (ok, out) = tests::run_script(&work, &script);
     assert!(ok, "the README's EST example failed:\n{out}");
     for f in ["cacerts.pem", "sensor-11.crt", "sensor-11.new.crt"] {
         let text = std::fs::read_to_string(work.join(f)).unwrap();

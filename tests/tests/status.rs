@@ -413,23 +413,15 @@ fn the_readme_ocsp_over_mqtt_example_works_as_printed() {
     for tool in ["openssl", "mosquitto_rr", "base64"] {
         require_tool(tool);
     }
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
-    let start = readme
-        .find("  openssl ocsp -issuer fleetgate-data/ca/issuing.crt -cert devices/dev-1.crt")
-        .expect("the README's OCSP over MQTT example");
-    let block = &readme[start..];
-    let block = &block[..block.find("```").unwrap()];
+    let block = tests::readme_example(
+        "  openssl ocsp -issuer fleetgate-data/ca/issuing.crt -cert devices/dev-1.crt",
+    );
     let tmp = tempfile::tempdir().unwrap();
     let server = Server::start(&tmp.path().join("data")).unwrap();
-    let work = tmp.path().join("work");
-    std::fs::create_dir_all(&work).unwrap();
-    std::os::unix::fs::symlink(&server.data_dir, work.join("fleetgate-data")).unwrap();
+    let work = tests::readme_workdir(&server, &tmp.path().join("work"));
     server.enroll(&work.join("devices"), "device", "dev-1");
     let script = block.replace("-p 8883", &format!("-p {}", server.mqtt.port()));
-    let (ok, out) = run(Command::new("bash")
-        .args(["-euo", "pipefail", "-c", &script])
-        .current_dir(&work));
+    let (ok, out) = tests::run_script(&work, &script);
     assert!(ok, "the README's OCSP over MQTT example failed:\n{out}");
     assert!(
         out.contains("Response verify OK") && out.contains("dev-1.crt: good"),
