@@ -35,22 +35,27 @@ pub(crate) fn cross_site(headers: &HeaderMap, none_ok: bool) -> Option<&'static 
     None
 }
 
-/// Why a request to the JSON API may not change anything, if it may not:
-/// a cross-site request, or a body not labelled JSON. Safe methods pass.
-pub(crate) fn refuse_change(method: &Method, headers: &HeaderMap) -> Option<String> {
+/// The refusal of a request to the JSON API that may not change
+/// anything, if it may not: a cross-site request (403 `cross_site`), or a
+/// body not labelled JSON (415). Safe methods pass.
+pub(crate) fn refuse_change(method: &Method, headers: &HeaderMap) -> Option<ApiError> {
     if matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS) {
         return None;
     }
     if let Some(why) = cross_site(headers, true) {
-        return Some(why.into());
+        return Some(ApiError::new(StatusCode::FORBIDDEN, "cross_site", why));
     }
     expect_content_type(headers, "application/json")
         .err()
         .map(|given| {
-            format!(
-                "a state change takes Content-Type: application/json (a body-less action \
-                 takes {{}}), not {:?}",
-                crate::printable(given)
+            ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                format!(
+                    "a state change takes Content-Type: application/json (a body-less action \
+                     takes {{}}), not {:?}",
+                    crate::printable(given)
+                ),
             )
         })
 }
@@ -58,23 +63,13 @@ pub(crate) fn refuse_change(method: &Method, headers: &HeaderMap) -> Option<Stri
 /// Middleware on the `/v1` routes: [`refuse_change`].
 pub(crate) async fn json_api_only(req: Request, next: Next) -> Response {
     if req.uri().path().starts_with("/v1/") {
-        if let Some(why) = refuse_change(req.method(), req.headers()) {
+        if let Some(refusal) = refuse_change(req.method(), req.headers()) {
             let addr = req
                 .extensions()
                 .get::<crate::https::PeerAddr>()
                 .map(|a| a.0);
-            tracing::warn!(peer.addr = ?addr, path = %crate::printable(req.uri().path()), reason = %crate::printable(&why), "api: refused");
-            let status = if why.starts_with("a state change takes") {
-                StatusCode::UNSUPPORTED_MEDIA_TYPE
-            } else {
-                StatusCode::FORBIDDEN
-            };
-            let code = if status == StatusCode::FORBIDDEN {
-                "cross_site"
-            } else {
-                "unsupported_media_type"
-            };
-            return ApiError::new(status, code, why).into_response();
+            tracing::warn!(peer.addr = ?addr, path = %crate::printable(req.uri().path()), reason = %crate::printable(refusal.message()), "api: refused");
+            return refusal.into_response();
         }
     }
     next.run(req).await
@@ -173,7 +168,8 @@ mod tests {
             ("sec-fetch-site", "cross-site"),
             ("content-type", "application/x-www-form-urlencoded"),
         ]);
-        assert!(refuse_change(&Method::POST, &attack).is_some());
+        let code = |m: &Method, h: &HeaderMap| refuse_change(m, h).map(|e| e.code());
+        assert_eq!(code(&Method::POST, &attack), Some("cross_site"));
         // Each signal alone is enough.
         for h in [
             headers(&[
@@ -197,7 +193,9 @@ mod tests {
             assert!(refuse_change(&Method::DELETE, &h).is_some(), "{h:?}");
         }
         // Reading is not a change.
-        assert_eq!(refuse_change(&Method::GET, &attack), None);
+        assert_eq!(code(&Method::GET, &attack), None);
+        let form = headers(&[("content-type", "text/plain")]);
+        assert_eq!(code(&Method::POST, &form), Some("unsupported_media_type"));
     }
 
     #[test]
@@ -219,7 +217,8 @@ mod tests {
                 ("content-type", "application/json"),
             ]),
         ] {
-            assert_eq!(refuse_change(&Method::POST, &h), None, "{h:?}");
+            let refused = refuse_change(&Method::POST, &h).map(|e| e.message().to_owned());
+            assert_eq!(refused, None, "{h:?}");
         }
         // The console wants same-origin only.
         assert!(cross_site(&headers(&[("sec-fetch-site", "none")]), false).is_some());

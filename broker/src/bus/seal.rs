@@ -32,19 +32,20 @@ impl BusKey {
         Self(hmac::Key::new(hmac::HMAC_SHA256, derived.as_ref()))
     }
 
-    fn context(&self, parts: &[&[u8]]) -> hmac::Context {
-        let mut ctx = hmac::Context::with_key(&self.0);
+    /// The sealed bytes: each part length-prefixed, so no two lists of
+    /// parts make the same bytes.
+    fn message(parts: &[&[u8]]) -> Vec<u8> {
+        let mut msg = Vec::with_capacity(parts.iter().map(|p| p.len() + 8).sum());
         for p in parts {
-            // Length-prefixed: no two lists of parts sign alike.
-            ctx.update(&(p.len() as u64).to_be_bytes());
-            ctx.update(p);
+            msg.extend_from_slice(&(p.len() as u64).to_be_bytes());
+            msg.extend_from_slice(p);
         }
-        ctx
+        msg
     }
 
     /// The seal of `parts`, hex.
     pub fn seal(&self, parts: &[&[u8]]) -> String {
-        provisioning::id::hex(self.context(parts).sign().as_ref())
+        provisioning::id::hex(hmac::sign(&self.0, &Self::message(parts)).as_ref())
     }
 
     /// Whether `seal` (hex) is the seal of `parts`; in constant time.
@@ -52,12 +53,7 @@ impl BusKey {
         let Some(tag) = seal.and_then(provisioning::id::unhex) else {
             return false;
         };
-        let mut msg = Vec::new();
-        for p in parts {
-            msg.extend_from_slice(&(p.len() as u64).to_be_bytes());
-            msg.extend_from_slice(p);
-        }
-        hmac::verify(&self.0, &msg, &tag).is_ok()
+        hmac::verify(&self.0, &Self::message(parts), &tag).is_ok()
     }
 }
 

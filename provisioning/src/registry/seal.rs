@@ -112,6 +112,17 @@ fn unhex(s: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
+/// The sequence number the seal's head names.
+fn head_seq(head: &[u8]) -> Result<u64, Error> {
+    <[u8; 8]>::try_from(head)
+        .map(u64::from_be_bytes)
+        .map_err(|_| Error::Corrupt("audit seal head".into()))
+}
+
+fn missing(seq: u64) -> Error {
+    Error::Corrupt(format!("audit checkpoint {seq} is missing"))
+}
+
 fn key(prefix: &str, seq: u64) -> Vec<u8> {
     let mut k = prefix.as_bytes().to_vec();
     k.extend_from_slice(&seq.to_be_bytes());
@@ -124,14 +135,10 @@ impl Registry {
         let Some(head) = self.store.get(Space::Meta, HEAD)? else {
             return Ok(None);
         };
-        let seq = u64::from_be_bytes(
-            head.as_slice()
-                .try_into()
-                .map_err(|_| Error::Corrupt("audit seal head".into()))?,
-        );
+        let seq = head_seq(&head)?;
         match self.store.get(Space::Meta, &key(CHECKPOINT, seq))? {
             Some(v) => Ok(Some(decode("audit checkpoint", &v)?)),
-            None => Err(Error::Corrupt(format!("audit checkpoint {seq} is missing"))),
+            None => Err(missing(seq)),
         }
     }
 
@@ -147,9 +154,17 @@ impl Registry {
         sign: &Sign<'_>,
     ) -> Result<Option<Checkpoint>, Error> {
         let txn = Txn::new(&*self.store);
+        // The head and its checkpoint read once, in the transaction: the
+        // commit holds only if no other node sealed meanwhile.
         let last = match txn.get(Space::Meta, HEAD)? {
             None => None,
-            Some(_) => self.audit_checkpoint()?,
+            Some(head) => {
+                let seq = head_seq(&head)?;
+                match txn.get(Space::Meta, &key(CHECKPOINT, seq))? {
+                    Some(v) => Some(decode::<Checkpoint>("audit checkpoint", &v)?),
+                    None => return Err(missing(seq)),
+                }
+            }
         };
         let (from, mut chain, count) = match &last {
             Some(c) => (
@@ -256,7 +271,7 @@ impl Registry {
         out.checkpoints = checkpoints.len() as u64;
         out.sealed_through = last.as_ref().map(|c| c.seq);
         if let Some(head) = head {
-            match <[u8; 8]>::try_from(head.as_slice()).map(u64::from_be_bytes) {
+            match head_seq(&head) {
                 Ok(seq) if checkpoints.contains_key(&seq) => {}
                 Ok(seq) => note(
                     seq,
