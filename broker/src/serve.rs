@@ -20,6 +20,9 @@ use crate::tls::ServerTls;
 #[derive(Clone, Debug)]
 pub struct ServeConfig {
     pub data_dir: PathBuf,
+    /// The PIN of the PKCS#11 token the CA and signer keys are in, if
+    /// they are in one (`--pin-file`).
+    pub pin_file: Option<PathBuf>,
     /// etcd members' client addresses for a shared registry; `None` for
     /// the embedded one.
     pub store: Option<Vec<String>>,
@@ -98,17 +101,26 @@ impl Server {
             )),
             None => None,
         };
+        let pin = cfg
+            .pin_file
+            .as_deref()
+            .map(provisioning::keys::Pin::from_file)
+            .transpose()
+            .context("--pin-file")?;
         let opts = InitOptions {
             server_sans: cfg.server_sans.clone(),
             status_url: Some(status_url),
             store: etcd
                 .clone()
                 .map(|e| e as Arc<dyn provisioning::store::Store>),
+            pin,
+            ..InitOptions::default()
         };
         let (auth, status) = tokio::task::spawn_blocking({
             let metrics = metrics.clone();
             move || -> anyhow::Result<_> {
                 let auth = Arc::new(Authority::open_or_init(&dir, &opts)?);
+                say_where_the_keys_are(&auth);
                 let status = StatusService::new(auth.clone(), metrics)
                     .context("setting up the OCSP responder")?;
                 Ok((auth, Arc::new(status)))
@@ -122,7 +134,14 @@ impl Server {
                 crate::bus::Bus::connect(
                     nats,
                     &cfg.mqtt.queue_limits,
-                    crate::bus::BusKey::derive(&auth.ca.issuing().key().serialize_der()),
+                    crate::bus::BusKey::derive(
+                        &auth
+                            .ca
+                            .issuing()
+                            .key()
+                            .seal_secret()
+                            .context("the bus seal's secret")?,
+                    ),
                     metrics.clone(),
                 )
                 .await
@@ -446,4 +465,36 @@ pub fn shutdown_on_signals() -> anyhow::Result<watch::Receiver<bool>> {
         let _ = tx.send(true);
     });
     Ok(rx)
+}
+
+/// One line at start on where the root is, and what needs a ceremony soon.
+fn say_where_the_keys_are(auth: &Authority) {
+    let issuing = auth.ca.issuing().key().location();
+    if auth.ca.root_online() {
+        tracing::info!(
+            issuing_key = %issuing,
+            "the root CA's key is in the data dir ({}): fine to start with; in production keep \
+             it offline (fleetgate ca init --root-out; README: Protecting the CA keys)",
+            auth.paths.root_key().display()
+        );
+        return;
+    }
+    tracing::info!(
+        issuing_key = %issuing,
+        "the root CA is offline: a new manufacturer CA (fleetgate manufacturer create NAME \
+             --root-dir ROOTDIR), the root's CRL (fleetgate ca crl --root-dir ROOTDIR) and its OCSP \
+             responder (fleetgate ca responder --root-dir ROOTDIR) are signed at ceremonies"
+    );
+    let soon = time::OffsetDateTime::now_utc() + provisioning::ceremony::CEREMONY_DUE_BEFORE;
+    match provisioning::ceremony::not_after(&auth.paths.root_ocsp_cert()) {
+        Ok(t) if t < soon => tracing::warn!(
+            expires = %t,
+            "the root's OCSP responder certificate runs out soon: run fleetgate ca responder \
+             --root-dir ROOTDIR --data-dir DIR"
+        ),
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "the root's OCSP responder: OCSP for the issuing CA will fail")
+        }
+    }
 }

@@ -121,13 +121,38 @@ pub struct CreateBody {
     /// Devices it may register just in time (default 100,000).
     #[serde(default)]
     pub jit_quota: Option<u64>,
+    /// Where the root is offline: the manufacturer CA the root signed at a
+    /// ceremony (PEM), for the key this node prepared
+    /// (`POST /v1/manufacturers/{name}/request`).
+    #[serde(default)]
+    pub ca_cert_pem: Option<String>,
+}
+
+/// What a node prepared for a root ceremony to sign.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CeremonyRequest {
+    /// A PKCS#10 request (PEM) made with the key the node holds.
+    pub csr_pem: String,
+    /// The node's status URL, for the certificate's CRL and OCSP pointers.
+    pub status_url: Option<String>,
+    /// The root's certificate, PEM: the ceremony checks its root is this.
+    pub root_pem: String,
+}
+
+/// A root CRL signed at a ceremony.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RootCrlBody {
+    /// The CRL, PEM (`-----BEGIN X509 CRL-----`).
+    pub crl_pem: String,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Created {
     pub manufacturer: ManufacturerRecord,
-    /// The manufacturer CA's key, PEM: shown once, for the factory.
-    pub key_pem: String,
+    /// The manufacturer CA's key, PEM: shown once, for the factory;
+    /// `null` when it was made in a token (it never leaves it).
+    pub key_pem: Option<String>,
     /// The fleetgate root, PEM.
     pub ca_pem: String,
 }

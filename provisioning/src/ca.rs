@@ -22,8 +22,7 @@
 //! we refuse it rather than make a second CA over the first.
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use rcgen::{
@@ -37,7 +36,10 @@ use time::{Duration, OffsetDateTime};
 use x509_parser::prelude::{FromDer, GeneralName, ParsedExtension, X509Certificate};
 
 use crate::csr::ValidatedCsr;
+pub use crate::files::write_file;
+use crate::files::{check_private, io, read, read_cert};
 use crate::id::{fingerprint, Identity};
+use crate::keys::{self, CaKey, Custody, Pin};
 use crate::registry::{NewDevice, Registry};
 use crate::{DeviceId, Error, Role, Serial};
 
@@ -106,6 +108,19 @@ impl Paths {
     pub fn ocsp_key(&self) -> PathBuf {
         self.dir.join("ocsp/signer.key")
     }
+    /// The root's delegated OCSP responder, certified at a root ceremony
+    /// (only where the root is offline).
+    pub fn root_ocsp_cert(&self) -> PathBuf {
+        self.dir.join("ocsp/root-signer.crt")
+    }
+    pub fn root_ocsp_key(&self) -> PathBuf {
+        self.dir.join("ocsp/root-signer.key")
+    }
+    /// The root's CRL as signed at its last ceremony (where the root is
+    /// offline).
+    pub fn root_crl(&self) -> PathBuf {
+        self.dir.join("ca/root.crl")
+    }
     pub fn cmp_cert(&self) -> PathBuf {
         self.dir.join("cmp/signer.crt")
     }
@@ -170,6 +185,16 @@ pub struct InitOptions {
     /// the data dir; a shared store (etcd) for a node of a cluster, whose
     /// devices' MQTT sessions stay in the data dir.
     pub store: Option<std::sync::Arc<dyn crate::store::Store>>,
+    /// Where new CA and signer keys are made (files, or a PKCS#11 token).
+    pub custody: Custody,
+    /// The PIN of the token the data dir's keys are in, if any.
+    pub pin: Option<Pin>,
+    /// At creation only: keep the root offline, its key (and a copy of its
+    /// certificate) in this dir and nowhere in the data dir.
+    pub root_out: Option<PathBuf>,
+    /// At creation with `root_out`: make the root's key in this token
+    /// object instead of a file there.
+    pub root_custody: Custody,
 }
 
 /// A certificate the CA just issued.
@@ -201,7 +226,7 @@ impl IssuedCert {
 /// A CA that signs: its key, its certificate, and the name certificates it
 /// signs carry as issuer.
 pub struct Signer {
-    pub(crate) issuer: Issuer<'static, KeyPair>,
+    pub(crate) issuer: Issuer<'static, CaKey>,
     pub der: CertificateDer<'static>,
     pub pem: String,
     /// Subject, RFC 4514: what [`IssuedCert::issuer`] records.
@@ -225,7 +250,7 @@ impl Signer {
     pub fn new(
         der: CertificateDer<'static>,
         pem: String,
-        key: KeyPair,
+        key: CaKey,
         crl_name: &str,
         manufacturer: Option<String>,
     ) -> Result<Self, Error> {
@@ -249,14 +274,18 @@ impl Signer {
         })
     }
 
-    pub fn key(&self) -> &KeyPair {
+    pub fn key(&self) -> &CaKey {
         self.issuer.key()
     }
 }
 
 /// The issuing side of the CA.
 pub struct Ca {
-    root: Signer,
+    root_der: CertificateDer<'static>,
+    root_pem: String,
+    /// The root's key where it is online (the default data dir); `None`
+    /// where the root is kept offline and signs only at ceremonies.
+    root: Option<Signer>,
     issuing: Signer,
     status_url: Option<String>,
 }
@@ -350,10 +379,10 @@ pub fn inspect_certificate(der: &[u8]) -> Result<CertInfo, Error> {
 
 impl Ca {
     pub fn root_der(&self) -> &CertificateDer<'static> {
-        &self.root.der
+        &self.root_der
     }
     pub fn root_pem(&self) -> &str {
-        &self.root.pem
+        &self.root_pem
     }
     /// The issuing CA's subject, RFC 4514: the issuer of what it signs.
     pub fn issuing_name(&self) -> &str {
@@ -365,8 +394,23 @@ impl Ca {
     pub fn issuing_pem(&self) -> &str {
         &self.issuing.pem
     }
-    pub fn root(&self) -> &Signer {
-        &self.root
+    /// The root, to sign `what`: refused where the root is offline, with
+    /// the ceremony command that does it instead.
+    pub fn root(&self, what: &str, ceremony: &str) -> Result<&Signer, Error> {
+        self.root.as_ref().ok_or_else(|| Error::RootOffline {
+            what: what.to_owned(),
+            ceremony: ceremony.to_owned(),
+        })
+    }
+
+    /// The public base URL of the status service, if configured.
+    pub fn status_url(&self) -> Option<&str> {
+        self.status_url.as_deref()
+    }
+
+    /// Whether the root's key is online here.
+    pub fn root_online(&self) -> bool {
+        self.root.is_some()
     }
 
     pub fn issuing(&self) -> &Signer {
@@ -432,44 +476,24 @@ impl Ca {
     /// IP address, so it can never vouch for a server.
     pub fn issue_manufacturer_ca(
         &self,
-        key: &KeyPair,
+        key: &impl PublicKeyData,
         name: &str,
         lifetime: Duration,
     ) -> Result<IssuedCert, Error> {
-        // Dates are set by `sign`.
-        let mut params = ca_params(
-            &format!("{name} manufacturer CA"),
-            0,
-            OffsetDateTime::now_utc(),
-            lifetime,
-        );
-        params
-            .distinguished_name
-            .push(DnType::OrganizationalUnitName, name);
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        params.name_constraints = Some(rcgen::NameConstraints {
-            permitted_subtrees: vec![],
-            excluded_subtrees: vec![
-                rcgen::GeneralSubtree::DnsName(String::new()),
-                rcgen::GeneralSubtree::IpAddress(rcgen::CidrSubnet::V4([0; 4], [0; 4])),
-                rcgen::GeneralSubtree::IpAddress(rcgen::CidrSubnet::V6([0; 16], [0; 16])),
-            ],
-        });
-        if let Some(url) = &self.status_url {
-            params.crl_distribution_points = vec![rcgen::CrlDistributionPoint {
-                uris: vec![format!("{url}/crl/{ROOT_CRL_NAME}.crl")],
-            }];
-            params.custom_extensions = vec![aia_ocsp(url)];
-        }
+        let params = manufacturer_ca_params(name, self.status_url.as_deref());
+        let root = self.root(
+            "issuing a manufacturer CA",
+            "fleetgate manufacturer create NAME --root-dir ROOTDIR",
+        )?;
         // The CA alone, not a chain: what the factory's tools take as -CA.
-        let mut cert = sign(&self.root, params, key, lifetime)?;
+        let mut cert = sign(root, params, key, lifetime)?;
         cert.manufacturer = Some(name.to_owned());
         Ok(cert)
     }
 
     /// The delegated OCSP responder certificate: EKU OCSPSigning and
     /// id-pkix-ocsp-nocheck, signed by the issuing CA.
-    fn issue_ocsp_signer(&self, key: &KeyPair) -> Result<IssuedCert, Error> {
+    fn issue_ocsp_signer(&self, key: &impl PublicKeyData) -> Result<IssuedCert, Error> {
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
         params
@@ -489,7 +513,7 @@ impl Ca {
     /// The CMP signer's certificate (RFC 9483 3.1: responses are signed
     /// by a key the issuing CA certifies): EKU id-kp-cmcRA, signed by the
     /// issuing CA.
-    fn issue_cmp_signer(&self, key: &KeyPair) -> Result<IssuedCert, Error> {
+    fn issue_cmp_signer(&self, key: &impl PublicKeyData) -> Result<IssuedCert, Error> {
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
         params
@@ -515,12 +539,22 @@ pub fn crl(
     listed: &[crate::registry::Listed],
     number: u64,
 ) -> Result<Vec<u8>, Error> {
+    crl_valid_for(signer, listed, number, CRL_VALIDITY)
+}
+
+/// [`crl`], valid for `validity` (a root's, signed at a ceremony, lasts).
+pub fn crl_valid_for(
+    signer: &Signer,
+    listed: &[crate::registry::Listed],
+    number: u64,
+    validity: Duration,
+) -> Result<Vec<u8>, Error> {
     let now = OffsetDateTime::now_utc()
         .replace_nanosecond(0)
         .unwrap_or_else(|_| OffsetDateTime::now_utc());
     let params = rcgen::CertificateRevocationListParams {
         this_update: now,
-        next_update: now + CRL_VALIDITY,
+        next_update: now + validity,
         crl_number: rcgen::SerialNumber::from_slice(&number.to_be_bytes()),
         issuing_distribution_point: None,
         revoked_certs: listed
@@ -540,6 +574,35 @@ pub fn crl(
     Ok(params.signed_by(&signer.issuer)?.der().to_vec())
 }
 
+/// What a manufacturer CA says (dates are set when it is signed).
+pub fn manufacturer_ca_params(name: &str, status_url: Option<&str>) -> CertificateParams {
+    let mut params = ca_params(
+        &format!("{name} manufacturer CA"),
+        0,
+        OffsetDateTime::now_utc(),
+        Duration::ZERO,
+    );
+    params
+        .distinguished_name
+        .push(DnType::OrganizationalUnitName, name);
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.name_constraints = Some(rcgen::NameConstraints {
+        permitted_subtrees: vec![],
+        excluded_subtrees: vec![
+            rcgen::GeneralSubtree::DnsName(String::new()),
+            rcgen::GeneralSubtree::IpAddress(rcgen::CidrSubnet::V4([0; 4], [0; 4])),
+            rcgen::GeneralSubtree::IpAddress(rcgen::CidrSubnet::V6([0; 16], [0; 16])),
+        ],
+    });
+    if let Some(url) = status_url {
+        params.crl_distribution_points = vec![rcgen::CrlDistributionPoint {
+            uris: vec![format!("{url}/crl/{ROOT_CRL_NAME}.crl")],
+        }];
+        params.custom_extensions = vec![aia_ocsp(url)];
+    }
+    params
+}
+
 /// Signs a leaf: its chain is the leaf then `signer`'s certificate.
 fn sign_leaf(
     signer: &Signer,
@@ -555,7 +618,7 @@ fn sign_leaf(
 /// Signs `params` for `key` with `signer`: a random 20-octet serial, dates
 /// from now (backdated for slow clocks) for `lifetime`, an authority key
 /// identifier. `chain_pem` is the certificate alone.
-fn sign(
+pub(crate) fn sign(
     signer: &Signer,
     mut params: CertificateParams,
     key: &impl PublicKeyData,
@@ -605,6 +668,8 @@ pub struct Authority {
     pub registry: Registry,
     /// Manufacturer CAs fleetgate issued, loaded on first use.
     pub(crate) signers: crate::manufacturer::Signers,
+    /// The PIN of the token keys are in, if any (never written anywhere).
+    pub(crate) pin: Option<Pin>,
 }
 
 impl Authority {
@@ -664,17 +729,23 @@ impl Authority {
     }
 
     fn init(paths: Paths, opts: &InitOptions) -> Result<Self, Error> {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(paths.dir.join("ca"))
-            .map_err(|e| io(&paths.dir, e))?;
+        mkdir_private(&paths.dir.join("ca"))?;
         // `recursive` leaves an existing (empty) dir's mode alone.
         fs::set_permissions(&paths.dir, fs::Permissions::from_mode(0o700))
             .map_err(|e| io(&paths.dir, e))?;
 
         let now = OffsetDateTime::now_utc();
-        let root_key = KeyPair::generate()?;
+        // The root: in the data dir (the one-command start), or offline in
+        // its own dir, where only ceremonies open it.
+        let root_dir = opts.root_out.as_deref().map(crate::ceremony::RootDir::new);
+        let (root_key_path, root_custody) = match &root_dir {
+            Some(r) => {
+                r.create()?;
+                (r.key(), &opts.root_custody)
+            }
+            None => (paths.root_key(), &opts.custody),
+        };
+        let root_key = keys::generate(&root_key_path, "root-ca", root_custody)?;
         let mut root = ca_params("fleetgate root CA", 1, now, ROOT_LIFETIME);
         root.serial_number = Some(rcgen::SerialNumber::from_slice(
             Serial::random()?.as_bytes(),
@@ -682,38 +753,38 @@ impl Authority {
         let root_cert = root.self_signed(&root_key)?;
         let root_issuer = Issuer::new(root, &root_key);
 
-        let issuing_key = KeyPair::generate()?;
-        let mut issuing = ca_params("fleetgate issuing CA 1", 0, now, ISSUING_LIFETIME);
-        issuing.serial_number = Some(rcgen::SerialNumber::from_slice(
-            Serial::random()?.as_bytes(),
-        ));
-        issuing.use_authority_key_identifier_extension = true;
-        // Where a relying party checks the issuing CA itself: the root's
-        // OCSP answers (it knows the CAs it issued) and the root's CRL.
-        if let Some(url) = &opts.status_url {
-            issuing.crl_distribution_points = vec![rcgen::CrlDistributionPoint {
-                uris: vec![format!("{url}/crl/{ROOT_CRL_NAME}.crl")],
-            }];
-            issuing.custom_extensions = vec![aia_ocsp(url)];
-        }
+        let issuing_object = match &opts.custody {
+            Custody::Token { base, .. } => base.object.clone(),
+            Custody::Files => String::new(),
+        };
+        let issuing_key = keys::generate(&paths.issuing_key(), &issuing_object, &opts.custody)?;
+        let issuing = issuing_ca_params("fleetgate issuing CA 1", now, opts.status_url.as_deref())?;
         let issuing_cert = issuing.signed_by(&issuing_key, &root_issuer)?;
 
-        write_file(&paths.root_key(), root_key.serialize_pem().as_bytes(), true)?;
-        write_file(
-            &paths.issuing_key(),
-            issuing_key.serialize_pem().as_bytes(),
-            true,
-        )?;
         write_file(&paths.issuing_cert(), issuing_cert.pem().as_bytes(), false)?;
         write_file(&paths.ca_cert(), root_cert.pem().as_bytes(), false)?;
+        if let Some(r) = &root_dir {
+            write_file(&r.cert(), root_cert.pem().as_bytes(), false)?;
+            // The first ceremony: what the node serves for the root while
+            // the root is away.
+            let root = Signer::new(
+                root_cert.der().clone(),
+                root_cert.pem(),
+                root_key.clone(),
+                ROOT_CRL_NAME,
+                None,
+            )?;
+            crate::ceremony::sign_for_node(&root, &paths, &opts.custody, &[])?;
+        }
 
-        let ca = load_ca(&paths, opts.status_url.clone())?;
+        let ca = load_ca(&paths, opts)?;
         let registry = open_registry(&paths, opts, &ca)?;
         let auth = Self {
             paths,
             ca,
             registry,
             signers: Default::default(),
+            pin: opts.pin.clone().or_else(|| opts.custody.pin().cloned()),
         };
         auth.write_server_cert(&server_sans(opts))?;
 
@@ -763,23 +834,38 @@ impl Authority {
         for key in [paths.server_key(), paths.admin_key()] {
             check_private(&key)?;
         }
-        let ca = load_ca(&paths, opts.status_url.clone())?;
+        let ca = load_ca(&paths, opts)?;
         let registry = open_registry(&paths, opts, &ca)?;
         let auth = Self {
             paths,
             ca,
             registry,
             signers: Default::default(),
+            pin: opts.pin.clone().or_else(|| opts.custody.pin().cloned()),
         };
         auth.renew_server_cert_if_needed(&server_sans(opts))?;
         Ok(auth)
     }
 
+    /// Where new keys are made: in the token the issuing CA's key is in,
+    /// else files. (Read from the data dir, so every node of a cluster and
+    /// every restart agrees.)
+    pub fn custody(&self) -> Custody {
+        match (keys::kept(&self.paths.issuing_key()), &self.pin) {
+            (Ok(keys::Kept::Token(base)), Some(pin)) => Custody::Token {
+                base,
+                pin: pin.clone(),
+            },
+            _ => Custody::Files,
+        }
+    }
+
     /// The CMP signer's key and certificate (DER), made or renewed as
     /// needed.
-    pub fn cmp_signer(&self) -> Result<(KeyPair, Vec<u8>), Error> {
+    pub fn cmp_signer(&self) -> Result<(CaKey, Vec<u8>), Error> {
         self.delegated_signer(
             "CMP signing",
+            "cmp-signer",
             &self.paths.cmp_cert(),
             &self.paths.cmp_key(),
             |key| self.ca.issue_cmp_signer(key),
@@ -787,52 +873,86 @@ impl Authority {
     }
 
     /// A signing key the issuing CA certifies for one purpose, kept in
-    /// `cert_path` and `key_path` (0600): read back while it has more than
-    /// a week left, else made anew.
+    /// `cert_path` and at `key_path` (a 0600 file, or a token key named by
+    /// its `.uri`): read back while it has more than a week left, else made
+    /// anew where new keys are made (`object`-<time> in a token, whose old
+    /// key is then deleted).
     fn delegated_signer(
         &self,
         what: &str,
+        object: &str,
         cert_path: &Path,
         key_path: &Path,
-        issue: impl FnOnce(&KeyPair) -> Result<IssuedCert, Error>,
-    ) -> Result<(KeyPair, Vec<u8>), Error> {
-        let fresh = match (read(cert_path), read(key_path)) {
-            (Ok(cert), Ok(key)) => {
-                let der = CertificateDer::from_pem_slice(&cert).map_err(|e| Error::DataDir {
-                    path: cert_path.to_owned(),
-                    reason: format!("no certificate in it: {e}"),
-                })?;
-                let (_, parsed) = X509Certificate::from_der(&der).map_err(|e| Error::DataDir {
-                    path: cert_path.to_owned(),
-                    reason: format!("does not parse: {e}"),
-                })?;
-                let left = parsed.validity().not_after.to_datetime() - OffsetDateTime::now_utc();
-                let key = String::from_utf8(key)
-                    .ok()
-                    .and_then(|k| KeyPair::from_pem(&k).ok());
-                match key {
-                    Some(key) if left > OCSP_SIGNER_RENEW_BEFORE => Some((key, der.to_vec())),
-                    _ => None,
-                }
+        issue: impl FnOnce(&CaKey) -> Result<IssuedCert, Error>,
+    ) -> Result<(CaKey, Vec<u8>), Error> {
+        let old = self.current_signer(cert_path, key_path)?;
+        if let Some((key, der, left)) = &old {
+            if *left > OCSP_SIGNER_RENEW_BEFORE {
+                return Ok((key.clone(), der.clone()));
             }
+        }
+        if let Some(dir) = cert_path.parent() {
+            mkdir_private(dir)?;
+        }
+        let label = format!("{object}-{}", OffsetDateTime::now_utc().unix_timestamp());
+        let old_uri = match keys::kept(key_path)? {
+            keys::Kept::Token(uri) => Some(uri),
             _ => None,
         };
-        if let Some(found) = fresh {
-            return Ok(found);
-        }
-        let key = KeyPair::generate()?;
+        let key = keys::generate(key_path, &label, &self.custody())?;
         let cert = issue(&key)?;
-        if let Some(dir) = cert_path.parent() {
-            fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(|e| io(dir, e))?;
-        }
-        write_file(key_path, key.serialize_pem().as_bytes(), true)?;
         write_file(cert_path, cert.chain_pem.as_bytes(), false)?;
-        tracing::info!(serial = %cert.serial, "issued a new {what} certificate");
+        if key.in_memory().is_some() {
+            // Back to files (the token was given up): no stale URI.
+            let _ = fs::remove_file(keys::uri_path(key_path));
+        }
+        if let (Some(uri), Some(pin)) = (old_uri, &self.pin) {
+            if uri.object != label {
+                match keys::TokenKey::open(&uri, pin).and_then(keys::TokenKey::destroy) {
+                    Ok(()) => tracing::info!(key = %uri, "deleted the superseded {what} key"),
+                    Err(e) => {
+                        tracing::warn!(key = %uri, error = %e, "could not delete the superseded {what} key")
+                    }
+                }
+            }
+        }
+        tracing::info!(serial = %cert.serial, key = %key.location(), "issued a new {what} certificate");
         Ok((key, cert.der))
+    }
+
+    /// The delegated signer kept at `cert_path` and `key_path`, if both are
+    /// there and match, with the time it has left.
+    fn current_signer(
+        &self,
+        cert_path: &Path,
+        key_path: &Path,
+    ) -> Result<Option<(CaKey, Vec<u8>, Duration)>, Error> {
+        let Ok(cert) = read(cert_path) else {
+            return Ok(None);
+        };
+        if !keys::exists(key_path) {
+            return Ok(None);
+        }
+        let der = CertificateDer::from_pem_slice(&cert).map_err(|e| Error::DataDir {
+            path: cert_path.to_owned(),
+            reason: format!("no certificate in it: {e}"),
+        })?;
+        let (_, parsed) = X509Certificate::from_der(&der).map_err(|e| Error::DataDir {
+            path: cert_path.to_owned(),
+            reason: format!("does not parse: {e}"),
+        })?;
+        let left = parsed.validity().not_after.to_datetime() - OffsetDateTime::now_utc();
+        let key = match keys::load(key_path, self.pin.as_ref()) {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::warn!(key = %key_path.display(), error = %e, "unusable signer key: making a new one");
+                return Ok(None);
+            }
+        };
+        if parsed.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+            return Ok(None);
+        }
+        Ok(Some((key, der.to_vec(), left)))
     }
 
     /// Reissues the server certificate if it is near expiry, or lacks a SAN
@@ -859,6 +979,7 @@ impl Authority {
     pub fn ocsp_responder(&self) -> Result<crate::ocsp::Responder, Error> {
         let (key, der) = self.delegated_signer(
             "OCSP signing",
+            "ocsp-signer",
             &self.paths.ocsp_cert(),
             &self.paths.ocsp_key(),
             |key| self.ca.issue_ocsp_signer(key),
@@ -887,7 +1008,7 @@ impl Authority {
                 CaKind::Issued => {
                     known.insert(m.serial.clone(), m.revocation);
                     let key_file = self.paths.manufacturer_key(m.name.as_str());
-                    if !key_file.exists() {
+                    if !keys::exists(&key_file) {
                         // Created on another node of a cluster: its key stays
                         // in that node's data dir (no key is ever in the
                         // shared store) until the operator copies it here.
@@ -905,18 +1026,23 @@ impl Authority {
                     })?;
                     units.push(Unit::new(
                         vec![IssuerHashes::from_cert(&der)?.of_manufacturer(m.name.as_str())],
-                        copy_key(signer.key())?,
+                        signer.key().clone(),
                         &der,
                     )?);
                 }
             }
         }
         root.known = Some(known);
-        units.push(Unit::new(
-            vec![root],
-            copy_key(self.ca.root().key())?,
-            self.ca.root_der(),
-        )?);
+        // The root answers itself where it is online; where it is offline,
+        // a responder it certified at its last ceremony answers for it.
+        match &self.ca.root {
+            Some(r) => units.push(Unit::new(vec![root], r.key().clone(), self.ca.root_der())?),
+            None => {
+                let (cert, _) = read_cert(&self.paths.root_ocsp_cert())?;
+                let key = keys::load(&self.paths.root_ocsp_key(), self.pin.as_ref())?;
+                units.push(Unit::new(vec![root], key, &cert)?);
+            }
+        }
         let expires = X509Certificate::from_der(&der)
             .map(|(_, c)| c.validity().not_after.to_datetime())
             .map_err(|e| Error::Certificate(format!("OCSP signer: {e}")))?;
@@ -1027,32 +1153,79 @@ fn ca_params(cn: &str, path_len: u8, now: OffsetDateTime, lifetime: Duration) ->
     p
 }
 
-fn load_ca(paths: &Paths, status_url: Option<String>) -> Result<Ca, Error> {
+fn load_ca(paths: &Paths, opts: &InitOptions) -> Result<Ca, Error> {
+    let pin = opts.pin.as_ref().or(opts.custody.pin());
+    let (root_der, root_pem) = read_cert(&paths.ca_cert())?;
+    let root = if keys::exists(&paths.root_key()) {
+        Some(load_signer(
+            &paths.ca_cert(),
+            &paths.root_key(),
+            ROOT_CRL_NAME,
+            None,
+            pin,
+        )?)
+    } else {
+        None
+    };
     Ok(Ca {
-        root: load_signer(&paths.ca_cert(), &paths.root_key(), ROOT_CRL_NAME, None)?,
+        root_der,
+        root_pem,
+        root,
         issuing: load_signer(
             &paths.issuing_cert(),
             &paths.issuing_key(),
             ISSUING_CRL_NAME,
             None,
+            pin,
         )?,
-        status_url,
+        status_url: opts.status_url.clone(),
     })
 }
 
-/// A CA certificate and its key from the data dir.
+/// What an issuing CA says: pathLen 0 under the root, and where a relying
+/// party checks it (the root's OCSP answers and CRL).
+pub fn issuing_ca_params(
+    cn: &str,
+    now: OffsetDateTime,
+    status_url: Option<&str>,
+) -> Result<CertificateParams, Error> {
+    let mut issuing = ca_params(cn, 0, now, ISSUING_LIFETIME);
+    issuing.serial_number = Some(rcgen::SerialNumber::from_slice(
+        Serial::random()?.as_bytes(),
+    ));
+    issuing.use_authority_key_identifier_extension = true;
+    if let Some(url) = status_url {
+        issuing.crl_distribution_points = vec![rcgen::CrlDistributionPoint {
+            uris: vec![format!("{url}/crl/{ROOT_CRL_NAME}.crl")],
+        }];
+        issuing.custom_extensions = vec![aia_ocsp(url)];
+    }
+    Ok(issuing)
+}
+
+/// A CA certificate and its key (a file, or a token key its `.uri` names).
 pub(crate) fn load_signer(
     cert: &Path,
     key: &Path,
     crl_name: &str,
     manufacturer: Option<String>,
+    pin: Option<&Pin>,
 ) -> Result<Signer, Error> {
-    check_private(key)?;
     let (der, pem) = read_cert(cert)?;
-    Signer::new(der, pem, read_key(key)?, crl_name, manufacturer).map_err(|e| Error::DataDir {
+    let key_ = keys::load(key, pin)?;
+    Signer::new(der, pem, key_, crl_name, manufacturer).map_err(|e| Error::DataDir {
         path: key.to_owned(),
         reason: e.to_string(),
     })
+}
+
+/// Makes a 0700 dir (and its parents).
+pub(crate) fn mkdir_private(dir: &Path) -> Result<(), Error> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| io(dir, e))
 }
 
 fn rcgen_reason(r: crate::RevocationReason) -> rcgen::RevocationReason {
@@ -1090,89 +1263,6 @@ fn aia_ocsp(url: &str) -> rcgen::CustomExtension {
     access.extend(tlv(0x86, url.as_bytes()));
     let der = tlv(0x30, &tlv(0x30, &access));
     rcgen::CustomExtension::from_oid_content(&[1, 3, 6, 1, 5, 5, 7, 1, 1], der)
-}
-
-/// A second handle on a key (rcgen's `KeyPair` is not `Clone`).
-fn copy_key(key: &KeyPair) -> Result<KeyPair, Error> {
-    Ok(KeyPair::from_pem(&key.serialize_pem())?)
-}
-
-fn read(path: &Path) -> Result<Vec<u8>, Error> {
-    fs::read(path).map_err(|e| io(path, e))
-}
-
-fn read_cert(path: &Path) -> Result<(CertificateDer<'static>, String), Error> {
-    let pem = String::from_utf8(read(path)?).map_err(|_| Error::DataDir {
-        path: path.to_owned(),
-        reason: "not PEM text".into(),
-    })?;
-    let der = CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| Error::DataDir {
-        path: path.to_owned(),
-        reason: format!("no certificate in it: {e}"),
-    })?;
-    Ok((der, pem))
-}
-
-fn read_key(path: &Path) -> Result<KeyPair, Error> {
-    let pem = String::from_utf8(read(path)?).map_err(|_| Error::DataDir {
-        path: path.to_owned(),
-        reason: "not PEM text".into(),
-    })?;
-    KeyPair::from_pem(&pem).map_err(|e| Error::DataDir {
-        path: path.to_owned(),
-        reason: format!("not a usable private key: {e}"),
-    })
-}
-
-/// Refuses a private key that others can read.
-fn check_private(path: &Path) -> Result<(), Error> {
-    let mode = fs::metadata(path)
-        .map_err(|e| io(path, e))?
-        .permissions()
-        .mode();
-    if mode & 0o077 != 0 {
-        return Err(Error::DataDir {
-            path: path.to_owned(),
-            reason: format!(
-                "private key is accessible to others (mode {:04o}); run chmod 600 on it",
-                mode & 0o7777
-            ),
-        });
-    }
-    Ok(())
-}
-
-fn io(path: &Path, source: std::io::Error) -> Error {
-    Error::Io {
-        path: path.to_owned(),
-        source,
-    }
-}
-
-/// Writes a file atomically and durably: temp file, fsync, rename, fsync dir.
-/// Private files are created 0600 from the start, never chmod-ed after.
-pub fn write_file(path: &Path, bytes: &[u8], private: bool) -> Result<(), Error> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let _ = fs::remove_file(&tmp);
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(if private { 0o600 } else { 0o644 })
-        .open(&tmp)
-        .map_err(|e| io(&tmp, e))?;
-    f.write_all(bytes).map_err(|e| io(&tmp, e))?;
-    f.sync_all().map_err(|e| io(&tmp, e))?;
-    drop(f);
-    fs::rename(&tmp, path).map_err(|e| io(path, e))?;
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io(dir, e))?;
-    Ok(())
 }
 
 #[cfg(test)]

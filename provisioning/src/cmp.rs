@@ -27,6 +27,8 @@ use der::asn1::{
 };
 use der::{Decode, Encode, Sequence, TagMode, TagNumber};
 use rcgen::{KeyPair, SigningKey};
+
+use crate::keys::CaKey;
 use x509_cert::ext::pkix::name::GeneralName;
 use x509_cert::name::Name;
 use x509_cert::spki::AlgorithmIdentifierOwned;
@@ -566,7 +568,7 @@ pub enum Reply {
 /// Signs CMP responses: the CMP signer's key, its certificate and the
 /// issuing CA's (sent as extraCerts, RFC 9483 3.3).
 pub struct Responder {
-    key: KeyPair,
+    key: CaKey,
     name: GeneralName,
     kid: Option<OctetString>,
     extra_certs: Vec<Certificate>,
@@ -583,7 +585,7 @@ impl std::fmt::Debug for Responder {
 
 impl Responder {
     /// `key` signs; `cert` (DER) is its certificate, `issuing` the CA's.
-    pub fn new(key: KeyPair, cert: &[u8], issuing: &[u8]) -> Result<Self, Error> {
+    pub fn new(key: CaKey, cert: &[u8], issuing: &[u8]) -> Result<Self, Error> {
         let bad = |e: der::Error| Error::Certificate(format!("CMP signer: {e}"));
         let signer = Certificate::from_der(cert).map_err(bad)?;
         let (_, parsed) = x509_parser::certificate::X509Certificate::from_der(cert)
@@ -665,7 +667,7 @@ impl Responder {
 fn signed(
     header: &PkiHeader<'_>,
     body: &[u8],
-    key: &KeyPair,
+    key: &impl SigningKey,
     extra_certs: &[Certificate],
 ) -> Result<Vec<u8>, Error> {
     let enc = |e: der::Error| Error::Certificate(format!("encoding a CMP message: {e}"));
@@ -961,7 +963,8 @@ mod tests {
     fn responses_carry_the_certificate_or_the_reason() {
         let (key, signer) = self_signed("fleetgate CMP signer");
         let (_, issuing) = self_signed("issuing");
-        let responder = Responder::new(key, &signer, &issuing).unwrap();
+        let responder =
+            Responder::new(crate::keys::CaKey::from_keypair(key), &signer, &issuing).unwrap();
         let (sender_key, sender) = self_signed("line-1");
         let ir = initialization_request(
             &sender_key,

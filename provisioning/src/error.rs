@@ -89,6 +89,11 @@ pub enum Error {
     #[error("certificate: {0}")]
     Certificate(String),
 
+    /// Something only the root signs, asked of a node whose root is kept
+    /// offline.
+    #[error("the root CA's key is offline (not on this node): {what} needs it; run `{ceremony}` where the root is")]
+    RootOffline { what: String, ceremony: String },
+
     #[error("crypto: {0}")]
     Crypto(String),
 }

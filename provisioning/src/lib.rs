@@ -5,13 +5,16 @@
 //! dir ([`ca::Paths`]) and the sled registry inside it.
 
 pub mod ca;
+pub mod ceremony;
 pub mod cmp;
 pub mod csr;
 mod error;
 pub mod est;
 pub mod events;
+mod files;
 pub mod id;
 pub mod integrity;
+pub mod keys;
 pub mod lifecycle;
 pub mod manufacturer;
 pub mod ocsp;

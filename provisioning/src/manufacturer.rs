@@ -15,10 +15,8 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::os::unix::fs::DirBuilderExt;
 use std::sync::{Arc, Mutex};
 
-use rcgen::KeyPair;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
@@ -28,6 +26,7 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 use crate::ca::{self, load_signer, write_file, CertInfo, IssuedCert, Signer};
 use crate::csr::validate_csr;
 use crate::id::hex;
+use crate::keys;
 use crate::registry::{Listed, NewDevice, Revocation, Status};
 use crate::{Authority, DeviceId, DeviceRecord, Error, Identity, Role, Serial};
 
@@ -219,55 +218,155 @@ fn parse_cert<'a>(what: &str, der: &'a [u8]) -> Result<X509Certificate<'a>, Erro
 }
 
 impl Authority {
-    /// Issues a manufacturer CA under the root. Returns its record and its
-    /// private key (PEM), which the caller hands to the manufacturer; a
-    /// copy stays in the data dir, 0600.
+    /// Issues a manufacturer CA under the root (which must be online
+    /// here). Returns its record and, where its key is a file, the key
+    /// (PEM) for the caller to hand to the manufacturer; a copy stays in
+    /// the data dir, 0600. A key made in a token stays there: `None`.
     pub fn create_manufacturer(
         &self,
         name: &DeviceId,
         policy: JitPolicy,
         actor: &str,
-    ) -> Result<(ManufacturerRecord, String), Error> {
+    ) -> Result<(ManufacturerRecord, Option<String>), Error> {
         self.ensure_no_manufacturer(name)?;
-        let key = KeyPair::generate()?;
+        // Before any key is made: a node whose root is offline says so.
+        self.ca.root(
+            "issuing a manufacturer CA",
+            "fleetgate manufacturer create NAME --root-dir ROOTDIR",
+        )?;
+        self.prepare_manufacturer(name)?;
+        let key = keys::load(&self.pending_key(name), self.pin.as_ref())?;
         let cert = self
             .ca
             .issue_manufacturer_ca(&key, name.as_str(), MANUFACTURER_CA_LIFETIME)?;
+        self.finish_manufacturer(name, policy, &cert.der, actor)
+    }
+
+    /// The first half of a manufacturer CA made at a root ceremony: a key
+    /// for it, made where this node makes keys (and kept as pending), and a
+    /// request for the root to sign (PEM).
+    pub fn prepare_manufacturer(&self, name: &DeviceId) -> Result<String, Error> {
+        self.ensure_no_manufacturer(name)?;
+        let path = self.pending_key(name);
+        if let Some(dir) = path.parent() {
+            ca::mkdir_private(dir)?;
+        }
+        let key = if keys::exists(&path) {
+            keys::load(&path, self.pin.as_ref())?
+        } else {
+            let label = format!("manufacturer-{name}-{}", now_seconds().unix_timestamp());
+            keys::generate(&path, &label, &self.custody())?
+        };
+        let mut params = rcgen::CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, format!("{name} manufacturer CA"));
+        Ok(params.serialize_request(&key)?.pem()?)
+    }
+
+    /// The second half: installs `ca` (PEM or DER), signed by the root at a
+    /// ceremony for the key [`Authority::prepare_manufacturer`] made.
+    pub fn install_manufacturer(
+        &self,
+        name: &DeviceId,
+        policy: JitPolicy,
+        ca: &[u8],
+        actor: &str,
+    ) -> Result<(ManufacturerRecord, Option<String>), Error> {
+        self.ensure_no_manufacturer(name)?;
+        let der = one_cert("manufacturer CA", ca)?;
+        let cert = parse_cert("manufacturer CA", &der)?;
+        let (_, root) = X509Certificate::from_der(self.ca.root_der())
+            .map_err(|e| Error::Certificate(e.to_string()))?;
+        let bad = |why: &str| Error::InvalidInput {
+            reason: format!("manufacturer CA: {why}"),
+        };
+        if cert.issuer() != root.subject()
+            || cert.verify_signature(Some(root.public_key())).is_err()
+        {
+            return Err(bad("not signed by this CA's root"));
+        }
+        match cert.basic_constraints() {
+            Ok(Some(bc)) if bc.value.ca && bc.value.path_len_constraint == Some(0) => {}
+            _ => return Err(bad(
+                "not a CA with pathLen 0 (sign it with `fleetgate manufacturer create --root-dir`)",
+            )),
+        }
+        if !keys::exists(&self.pending_key(name)) {
+            return Err(bad(&format!(
+                "this node prepared no key for {name}: the request comes from \
+                 POST /v1/manufacturers/{name}/request on this cluster"
+            )));
+        }
+        let key = keys::load(&self.pending_key(name), self.pin.as_ref())?;
+        if cert.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+            return Err(bad(&format!(
+                "its key is not the one this node prepared for {name}"
+            )));
+        }
+        self.finish_manufacturer(name, policy, &der, actor)
+    }
+
+    /// Where a manufacturer CA's key waits for its certificate.
+    fn pending_key(&self, name: &DeviceId) -> std::path::PathBuf {
+        self.paths
+            .manufacturer_dir()
+            .join("pending")
+            .join(format!("{name}.key"))
+    }
+
+    /// Moves the pending key in place beside `der`, and records the CA.
+    fn finish_manufacturer(
+        &self,
+        name: &DeviceId,
+        policy: JitPolicy,
+        der: &[u8],
+        actor: &str,
+    ) -> Result<(ManufacturerRecord, Option<String>), Error> {
         let (_, parsed) =
-            X509Certificate::from_der(&cert.der).map_err(|e| Error::Certificate(e.to_string()))?;
+            X509Certificate::from_der(der).map_err(|e| Error::Certificate(e.to_string()))?;
+        let ca_pem = pem_encode("CERTIFICATE", der);
         let rec = ManufacturerRecord {
             name: name.clone(),
             kind: CaKind::Issued,
             policy,
             status: ManufacturerStatus::Active,
             revocation: None,
-            ca_pem: cert.chain_pem.clone(),
+            ca_pem: ca_pem.clone(),
             subject: parsed.subject().to_string(),
             spki_sha256: spki_sha256(&parsed),
-            serial: cert.serial.clone(),
-            not_after: cert.not_after,
+            serial: Serial::from_bytes(parsed.raw_serial())?,
+            not_after: parsed.validity().not_after.to_datetime(),
             created_at: now_seconds(),
             jit_quota: None,
             jit_registered: 0,
         };
-        let key_pem = key.serialize_pem();
         // Files first: a record never names a key that is not on disk.
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(self.paths.manufacturer_dir())
-            .map_err(|e| Error::Io {
-                path: self.paths.manufacturer_dir(),
-                source: e,
-            })?;
-        write_file(
-            &self.paths.manufacturer_key(name.as_str()),
-            key_pem.as_bytes(),
-            true,
-        )?;
+        let pending = self.pending_key(name);
+        let key_path = self.paths.manufacturer_key(name.as_str());
+        let key_pem = match keys::kept(&pending)? {
+            keys::Kept::File(p) => {
+                let pem = std::fs::read_to_string(&p).map_err(|e| Error::Io {
+                    path: p.clone(),
+                    source: e,
+                })?;
+                write_file(&key_path, pem.as_bytes(), true)?;
+                fs::remove_file(&p).map_err(|e| Error::Io { path: p, source: e })?;
+                Some(pem)
+            }
+            keys::Kept::Token(uri) => {
+                keys::record_uri(&key_path, &uri)?;
+                let _ = fs::remove_file(keys::uri_path(&pending));
+                None
+            }
+            keys::Kept::Missing => {
+                return Err(Error::Corrupt(format!("{name}: pending key vanished")))
+            }
+        };
         write_file(
             &self.paths.manufacturer_cert(name.as_str()),
-            cert.chain_pem.as_bytes(),
+            ca_pem.as_bytes(),
             false,
         )?;
         self.registry.add_manufacturer(&rec, actor)?;
@@ -445,6 +544,7 @@ impl Authority {
             &self.paths.manufacturer_key(name),
             name,
             Some(name.to_owned()),
+            self.pin.as_ref(),
         )?);
         cache.insert(name.to_owned(), s.clone());
         Ok(Some(s))
@@ -687,10 +787,10 @@ impl Authority {
         ca::crl(&signer, &listed, number)
     }
 
-    /// A freshly signed CRL of the root: the manufacturer CAs it issued
-    /// that are revoked.
-    pub fn root_crl(&self) -> Result<Vec<u8>, Error> {
-        let listed: Vec<Listed> = self
+    /// The manufacturer CAs the root issued that are revoked: what the
+    /// root's CRL lists.
+    pub fn revoked_manufacturer_cas(&self) -> Result<Vec<Listed>, Error> {
+        Ok(self
             .registry
             .manufacturers()?
             .into_iter()
@@ -702,11 +802,76 @@ impl Authority {
                     reason: Some(r.reason),
                 })
             })
+            .collect())
+    }
+
+    /// The root's CRL: freshly signed where the root is online; where it is
+    /// offline, the newest one a ceremony signed (in the registry, else the
+    /// data dir's from `ca init`).
+    pub fn root_crl(&self) -> Result<Vec<u8>, Error> {
+        let listed = self.revoked_manufacturer_cas()?;
+        if self.ca.root_online() {
+            let number = self.registry.next_crl_number(ca::ROOT_CRL_NAME)?;
+            let root = self.ca.root(
+                "signing the root CRL",
+                "fleetgate ca crl --root-dir ROOTDIR",
+            )?;
+            return ca::crl(root, &listed, number);
+        }
+        if let Some((_, der)) = self.registry.blob(ROOT_CRL_BLOB)? {
+            return Ok(der);
+        }
+        std::fs::read(self.paths.root_crl()).map_err(|e| Error::Io {
+            path: self.paths.root_crl(),
+            source: e,
+        })
+    }
+
+    /// Installs a root CRL signed at a ceremony (`fleetgate ca crl
+    /// --root-dir`): it must be signed by this CA's root, be newer than
+    /// the one in place, and list every manufacturer CA revoked so far.
+    pub fn install_root_crl(&self, der: &[u8], actor: &str) -> Result<u64, Error> {
+        use x509_parser::revocation_list::CertificateRevocationList;
+        let bad = |why: String| Error::InvalidInput {
+            reason: format!("root CRL: {why}"),
+        };
+        let (_, crl) = CertificateRevocationList::from_der(der)
+            .map_err(|e| bad(format!("does not parse: {e}")))?;
+        let (_, root) = X509Certificate::from_der(self.ca.root_der())
+            .map_err(|e| Error::Certificate(e.to_string()))?;
+        crl.verify_signature(root.public_key())
+            .map_err(|_| bad("not signed by this CA's root".into()))?;
+        let number = crl
+            .crl_number()
+            .and_then(|n| u64::try_from(n.clone()).ok())
+            .ok_or_else(|| bad("no CRL number".into()))?;
+        let listed: std::collections::HashSet<Vec<u8>> = crl
+            .iter_revoked_certificates()
+            .map(|r| r.raw_serial().to_vec())
             .collect();
-        let number = self.registry.next_crl_number(ca::ROOT_CRL_NAME)?;
-        ca::crl(self.ca.root(), &listed, number)
+        for m in self.revoked_manufacturer_cas()? {
+            if !listed.contains(m.serial.as_bytes()) {
+                return Err(bad(format!(
+                    "does not list revoked manufacturer CA {} : sign it again from the current list",
+                    m.serial
+                )));
+            }
+        }
+        if !self
+            .registry
+            .put_blob_if_newer(ROOT_CRL_BLOB, number, der)?
+        {
+            return Err(bad(format!(
+                "number {number} is not newer than the one in place"
+            )));
+        }
+        tracing::info!(number, %actor, entries = listed.len(), "installed the root CRL signed at a ceremony");
+        Ok(number)
     }
 }
+
+/// Where the registry keeps the root CRL a ceremony signed.
+const ROOT_CRL_BLOB: &str = "root-crl";
 
 /// The device id a manufacturer's certificate names: its fleetgate URI if it
 /// has one (which must say `device`), else its CN.
@@ -784,7 +949,7 @@ mod tests {
         let (rec, key_pem) = auth
             .create_manufacturer(&acme, JitPolicy::Pending, "test")
             .unwrap();
-        assert!(key_pem.contains("PRIVATE KEY"));
+        assert!(key_pem.unwrap().contains("PRIVATE KEY"));
         assert!(matches!(
             auth.create_manufacturer(&acme, JitPolicy::Pending, "test"),
             Err(Error::AlreadyExists { .. })

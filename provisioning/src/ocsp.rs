@@ -24,7 +24,9 @@ use std::sync::Mutex;
 
 use der::asn1::{BitString, GeneralizedTime, Null, ObjectIdentifier, OctetString};
 use der::{Decode, Encode};
-use rcgen::{KeyPair, SigningKey};
+use rcgen::SigningKey;
+
+use crate::keys::CaKey;
 use time::{Duration, OffsetDateTime};
 use x509_cert::ext::pkix::CrlReason;
 use x509_cert::ext::Extension;
@@ -72,7 +74,7 @@ pub struct IssuerHashes {
 /// One signing key and the issuers it answers for.
 pub struct Unit {
     pub issuers: Vec<IssuerHashes>,
-    key: KeyPair,
+    key: CaKey,
     cert: Certificate,
     responder_id: ResponderId,
 }
@@ -87,7 +89,7 @@ impl std::fmt::Debug for Unit {
 
 impl Unit {
     /// `key` signs; `cert_der` is its certificate, sent with each response.
-    pub fn new(issuers: Vec<IssuerHashes>, key: KeyPair, cert_der: &[u8]) -> Result<Self, Error> {
+    pub fn new(issuers: Vec<IssuerHashes>, key: CaKey, cert_der: &[u8]) -> Result<Self, Error> {
         let cert = Certificate::from_der(cert_der)
             .map_err(|e| Error::Certificate(format!("OCSP signer: {e}")))?;
         let key_hash = ring::digest::digest(

@@ -36,6 +36,7 @@ use crate::manufacturer::{CaKind, Challenge, ClaimRecord, ManufacturerRecord, Ma
 use crate::store::{SledStore, Space, Store, Txn};
 use crate::{CertKey, DeviceId, Error, Role, Serial};
 
+mod blobs;
 mod seal;
 pub use seal::{Checkpoint, Verification};
 

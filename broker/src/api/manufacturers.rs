@@ -4,8 +4,8 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 pub use fleetgate_api::types::{
-    BatchBody, BatchEntry, BatchReport, BatchResult, ClaimBody, ClaimIssued, CreateBody, Created,
-    QuotaBody, RegisterBody,
+    BatchBody, BatchEntry, BatchReport, BatchResult, CeremonyRequest, ClaimBody, ClaimIssued,
+    CreateBody, Created, QuotaBody, RegisterBody,
 };
 use provisioning::manufacturer::{BatchItem, Challenge, JitPolicy, ManufacturerRecord};
 use provisioning::{Error, RevocationReason};
@@ -46,9 +46,14 @@ pub async fn create(
     let auth = st.auth.clone();
     let actor = admin.actor();
     let quota = body.jit_quota;
+    let signed = body.ca_cert_pem;
     let (manufacturer, key_pem) = st
         .write(move || {
-            let (mut m, key) = auth.create_manufacturer(&name, policy, &actor)?;
+            let (mut m, key) = match &signed {
+                // Signed by the root at a ceremony, for a key prepared here.
+                Some(pem) => auth.install_manufacturer(&name, policy, pem.as_bytes(), &actor)?,
+                None => auth.create_manufacturer(&name, policy, &actor)?,
+            };
             if let Some(q) = quota {
                 m = auth.registry.set_jit_quota(name.as_str(), q, &actor)?;
             }
@@ -65,6 +70,31 @@ pub async fn create(
             ca_pem: st.auth.ca.root_pem().to_owned(),
         }),
     ))
+}
+
+/// The first half of a manufacturer CA made at a root ceremony: this node
+/// makes the CA's key (in its token, if its keys are in one) and returns a
+/// request for the root to sign (`fleetgate manufacturer create NAME
+/// --root-dir ROOTDIR` does both halves).
+pub async fn request(
+    State(st): State<AppState>,
+    admin: Admin,
+    Path(name): Path<String>,
+) -> Result<Json<CeremonyRequest>, ApiError> {
+    let name = manufacturer_name(name)?;
+    let auth = st.auth.clone();
+    let csr_pem = st
+        .write({
+            let name = name.clone();
+            move || auth.prepare_manufacturer(&name)
+        })
+        .await?;
+    tracing::info!(manufacturer = %name, by = %admin.id, "prepared a manufacturer CA key for a root ceremony");
+    Ok(Json(CeremonyRequest {
+        csr_pem,
+        status_url: st.auth.ca.status_url().map(str::to_owned),
+        root_pem: st.auth.ca.root_pem().to_owned(),
+    }))
 }
 
 /// Sets how many devices a manufacturer may register just in time.

@@ -23,6 +23,7 @@ use provisioning::{
     RevocationReason, Role, Serial, Standing, Status,
 };
 
+pub mod ceremony;
 pub mod cmp;
 mod cmp_replay;
 pub mod console;
@@ -83,6 +84,11 @@ pub fn router(state: AppState) -> Router {
             post(manufacturers::create).get(manufacturers::list),
         )
         .route("/v1/manufacturers/{name}", get(manufacturers::show))
+        .route(
+            "/v1/manufacturers/{name}/request",
+            post(manufacturers::request),
+        )
+        .route("/v1/ca/root-crl", post(ceremony::root_crl))
         .route(
             "/v1/manufacturers/{name}/challenge",
             post(manufacturers::challenge),
@@ -162,6 +168,8 @@ impl From<Error> for ApiError {
             Error::ProofOfPossession { .. } => (S::BAD_REQUEST, "proof_of_possession_failed"),
             Error::ClaimExhausted { .. } => (S::CONFLICT, "claim_exhausted"),
             Error::QuotaExceeded { .. } => (S::TOO_MANY_REQUESTS, "quota_exceeded"),
+            // Says which ceremony command does it instead.
+            Error::RootOffline { .. } => (S::CONFLICT, "root_offline"),
             Error::Unavailable(_) => {
                 tracing::error!(error = %e, "registry store unavailable: nothing was changed or acknowledged");
                 return Self::new(

@@ -9,31 +9,48 @@ pub(super) async fn manufacturer_cmd(cmd: ManufacturerCmd) -> anyhow::Result<()>
             out,
             policy,
             jit_quota,
+            root_dir,
+            root_pin_file,
             api,
         } => {
             check_out_name(&name)?;
-            let created: Created = api
-                .client()?
+            let client = api.client()?;
+            let signed = match root_dir {
+                None => None,
+                Some(dir) => {
+                    Some(root_ceremony(&client, &name, &dir, root_pin_file.as_deref()).await?)
+                }
+            };
+            let created: Created = client
                 .post(
                     "/v1/manufacturers",
-                    &json!({"name": name, "policy": policy, "jit_quota": jit_quota}),
+                    &json!({"name": name, "policy": policy, "jit_quota": jit_quota,
+                            "ca_cert_pem": signed}),
                 )
                 .await?;
             let m = &created.manufacturer;
             let (crt, key) = write_credentials(
                 &out,
                 &name,
-                Some(&created.key_pem),
+                created.key_pem.as_deref(),
                 &m.ca_pem,
                 &created.ca_pem,
             )?;
-            outln!(
-                "manufacturer {name}: CA serial {}, policy {policy}; certificate {}, key {} \
-                 (hand it to the factory; keep it secret)",
-                m.serial,
-                crt.display(),
-                key.display()
-            );
+            match &created.key_pem {
+                Some(_) => outln!(
+                    "manufacturer {name}: CA serial {}, policy {policy}; certificate {}, key {} \
+                     (hand it to the factory; keep it secret)",
+                    m.serial,
+                    crt.display(),
+                    key.display()
+                ),
+                None => outln!(
+                    "manufacturer {name}: CA serial {}, policy {policy}; certificate {}; its key \
+                     stays in the node's token (enroll its devices through fleetgate)",
+                    m.serial,
+                    crt.display()
+                ),
+            }
             Ok(())
         }
         ManufacturerCmd::Quota {
@@ -212,4 +229,40 @@ pub(super) async fn enroll_batch(
         anyhow::bail!("{failed} of {} CSRs failed", issued + failed);
     }
     Ok(())
+}
+
+/// The root's half of a manufacturer CA, at a ceremony: the node prepares a
+/// key and a request; the root in `root_dir` signs it here (it never
+/// touches the network). Returns the CA certificate (PEM).
+async fn root_ceremony(
+    client: &ApiClient,
+    name: &str,
+    root_dir: &Path,
+    pin_file: Option<&Path>,
+) -> anyhow::Result<String> {
+    let pin = pin_file
+        .map(provisioning::keys::Pin::from_file)
+        .transpose()?;
+    let root = provisioning::ceremony::RootDir::new(root_dir).open(pin.as_ref())?;
+    let req: fleetgate_api::types::CeremonyRequest = client
+        .post(&format!("/v1/manufacturers/{name}/request"), &json!({}))
+        .await?;
+    if req.root_pem.trim() != root.pem.trim() {
+        anyhow::bail!(
+            "the node's root is not the root in {}: wrong root dir or wrong cluster",
+            root_dir.display()
+        );
+    }
+    let cert = provisioning::ceremony::sign_manufacturer_csr(
+        &root,
+        &req.csr_pem,
+        name,
+        req.status_url.as_deref(),
+        provisioning::manufacturer::MANUFACTURER_CA_LIFETIME,
+    )?;
+    eprintln!(
+        "root ceremony: signed manufacturer CA {name} (serial {}) for the key the node holds",
+        cert.serial
+    );
+    Ok(cert.chain_pem)
 }

@@ -35,6 +35,7 @@ macro_rules! outln {
     }};
 }
 
+mod ca;
 mod manufacturer;
 mod serve_args;
 
@@ -79,14 +80,27 @@ enum Command {
     /// Manage manufacturers and their CAs through the admin API.
     #[command(subcommand)]
     Manufacturer(ManufacturerCmd),
+    /// Make a CA with its root offline and keys in a token; root
+    /// ceremonies.
+    #[command(subcommand)]
+    Ca(ca::CaCmd),
     /// Manage factory claims (shared certificates that can only provision).
     #[command(subcommand)]
     Claim(ClaimCmd),
-    /// Verify the registry offline (server stopped): every index against
-    /// the records it indexes. Exit 0 when consistent, 1 with each problem.
+    /// Check a data dir: where each key lives (file or token), key file
+    /// permissions and keys that policy says must not be there; then, with
+    /// the server stopped, the registry (every index against the records
+    /// it indexes). Exit 0 when all is well, 1 with each problem.
     Check {
         #[arg(long, env = "FLEETGATE_DATA_DIR", default_value = "fleetgate-data")]
         data_dir: PathBuf,
+        /// What to require of the keys: any (report only), offline-root
+        /// (no root key in the data dir), hsm (no CA or signer key file).
+        #[arg(long, value_enum, default_value_t = KeyPolicyArg::Any)]
+        key_policy: KeyPolicyArg,
+        /// Keys only: leave the registry alone (a running server holds it).
+        #[arg(long)]
+        keys_only: bool,
         #[arg(long)]
         json: bool,
     },
@@ -113,6 +127,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum KeyPolicyArg {
+    Any,
+    OfflineRoot,
+    Hsm,
 }
 
 #[derive(Subcommand, Debug)]
@@ -329,6 +350,13 @@ enum ManufacturerCmd {
         /// Devices it may register just in time (default 100,000).
         #[arg(long)]
         jit_quota: Option<u64>,
+        /// A root ceremony, where the root is offline: the node makes the
+        /// CA's key and a request, and the root in ROOT_DIR signs it here.
+        #[arg(long)]
+        root_dir: Option<PathBuf>,
+        /// The PIN of the root's token, if its key is in one.
+        #[arg(long, requires = "root_dir")]
+        root_pin_file: Option<PathBuf>,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -425,7 +453,12 @@ pub fn main() -> ExitCode {
     rt.block_on(async move {
         match cli.command {
             Command::Serve(args) => serve_cmd(*args).await,
-            Command::Check { data_dir, json } => check_cmd(&data_dir, json),
+            Command::Check {
+                data_dir,
+                key_policy,
+                keys_only,
+                json,
+            } => check_cmd(&data_dir, key_policy, keys_only, json),
             other => match client_cmd(other).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -575,6 +608,7 @@ async fn client_cmd(cmd: Command) -> anyhow::Result<()> {
             api,
         }) => enroll_batch(manufacturer, &csr_dir, &out, lifetime_days, chunk, &api).await,
         Command::Manufacturer(cmd) => manufacturer_cmd(cmd).await,
+        Command::Ca(cmd) => ca::ca_cmd(cmd).await,
         Command::Claim(ClaimCmd::Create {
             id,
             uses,

@@ -8,6 +8,11 @@ pub(super) struct ServeArgs {
     /// Where the CA, keys and registry live.
     #[arg(long, env = "FLEETGATE_DATA_DIR", default_value = "fleetgate-data")]
     data_dir: PathBuf,
+    /// The PIN of the PKCS#11 token the CA and signer keys are in (a file
+    /// only its owner reads; first line). Needed when `ca init
+    /// --ca-key-uri` put them there.
+    #[arg(long, env = "FLEETGATE_PIN_FILE")]
+    pin_file: Option<PathBuf>,
     /// Admin API address (HTTPS, mutual TLS).
     #[arg(long, default_value = "127.0.0.1:8443")]
     api_listen: SocketAddr,
@@ -205,6 +210,7 @@ pub(super) fn parse_store(s: &str) -> Result<EtcdEndpoints, String> {
 pub(super) async fn serve_cmd(args: ServeArgs) -> ExitCode {
     let cfg = ServeConfig {
         data_dir: args.data_dir,
+        pin_file: args.pin_file,
         store_tls: match &args.store {
             Some(EtcdEndpoints { tls: true, .. }) => {
                 let Some(ca) = args.store_ca.clone() else {
@@ -316,7 +322,13 @@ pub(super) async fn serve_cmd(args: ServeArgs) -> ExitCode {
     }
 }
 
-pub(super) fn check_cmd(dir: &Path, json: bool) -> ExitCode {
+pub(super) fn check_cmd(
+    dir: &Path,
+    key_policy: KeyPolicyArg,
+    keys_only: bool,
+    json: bool,
+) -> ExitCode {
+    use provisioning::keys::report::{report, KeyPolicy};
     let paths = Paths::new(dir);
     if !paths.marker().exists() {
         eprintln!(
@@ -325,11 +337,66 @@ pub(super) fn check_cmd(dir: &Path, json: bool) -> ExitCode {
         );
         return ExitCode::from(EXIT_CONFIG);
     }
+    let keys = report(
+        &paths,
+        match key_policy {
+            KeyPolicyArg::Any => KeyPolicy::Any,
+            KeyPolicyArg::OfflineRoot => KeyPolicy::OfflineRoot,
+            KeyPolicyArg::Hsm => KeyPolicy::Hsm,
+        },
+    );
+    if !json {
+        for k in &keys.keys {
+            outln!(
+                "key: {:<28} {:<10} {}{}",
+                k.role,
+                if k.location == "file" || k.location == "absent" {
+                    k.location.as_str()
+                } else {
+                    "token"
+                },
+                if k.location.starts_with("pkcs11:") {
+                    k.location.clone()
+                } else {
+                    k.path.display().to_string()
+                },
+                k.mode
+                    .as_ref()
+                    .map(|m| format!(" (mode {m})"))
+                    .unwrap_or_default()
+            );
+        }
+        for s in &keys.strays {
+            outln!(
+                "key: {:<28} {:<10} {}",
+                "unknown private key",
+                "file",
+                s.display()
+            );
+        }
+        for p in &keys.problems {
+            outln!("problem: {p}");
+        }
+    }
+    if keys_only {
+        if json {
+            outln!(
+                "{}",
+                serde_json::to_string_pretty(&keys).unwrap_or_default()
+            );
+        }
+        return if keys.problems.is_empty() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        };
+    }
     let registry = match provisioning::Registry::open(&paths.registry()) {
         Ok(r) => r,
         Err(e) => {
             eprintln!(
-                "error: opening {}: {e} (is a server running on it? stop it first)",
+                "error: opening {}: {e} (is a server running on it? stop it first, or check \
+                 --keys-only)",
                 paths.registry().display()
             );
             return ExitCode::from(EXIT_CONFIG);
@@ -340,7 +407,8 @@ pub(super) fn check_cmd(dir: &Path, json: bool) -> ExitCode {
             if json {
                 outln!(
                     "{}",
-                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                    serde_json::to_string_pretty(&json!({"registry": report, "keys": keys}))
+                        .unwrap_or_default()
                 );
             } else {
                 for p in &report.problems {
@@ -348,15 +416,15 @@ pub(super) fn check_cmd(dir: &Path, json: bool) -> ExitCode {
                 }
                 outln!(
                     "{}: {} devices, {} certificates, {} manufacturers, {} audit entries, {} problems",
-                    if report.problems.is_empty() { "consistent" } else { "INCONSISTENT" },
+                    if report.problems.is_empty() && keys.problems.is_empty() { "consistent" } else { "INCONSISTENT" },
                     report.devices,
                     report.certificates,
                     report.manufacturers,
                     report.audit_entries,
-                    report.problems.len()
+                    report.problems.len() + keys.problems.len()
                 );
             }
-            if report.problems.is_empty() {
+            if report.problems.is_empty() && keys.problems.is_empty() {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
