@@ -118,10 +118,11 @@ pub fn root_responder(root: &Signer, key: &impl PublicKeyData) -> Result<ca::Iss
 }
 
 /// The root's CRL listing `revoked` (manufacturer CAs), numbered by the
-/// time it is signed (so a later ceremony's is always greater), valid for
-/// [`ROOT_CRL_VALIDITY`].
+/// time it is signed in milliseconds (so a later ceremony's is greater),
+/// valid for [`ROOT_CRL_VALIDITY`].
 pub fn root_crl(root: &Signer, revoked: &[Listed]) -> Result<(Vec<u8>, u64), Error> {
-    let number = OffsetDateTime::now_utc().unix_timestamp().max(1) as u64;
+    let ms = OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
+    let number = u64::try_from(ms).unwrap_or(1).max(1);
     let der = ca::crl_valid_for(root, revoked, number, ROOT_CRL_VALIDITY)?;
     Ok((der, number))
 }

@@ -66,6 +66,17 @@ impl Server {
     /// [`Server::start_with`], run under `wrapper` (e.g. `prlimit
     /// --nofile=64`): the wrapper must exec the server in its place.
     pub fn start_under(wrapper: &[&str], data_dir: &Path, extra: &[&str]) -> anyhow::Result<Self> {
+        Self::start_env(wrapper, data_dir, extra, &[])
+    }
+
+    /// [`Server::start_under`] with more environment (e.g. SoftHSM2's
+    /// `SOFTHSM2_CONF`).
+    pub fn start_env(
+        wrapper: &[&str],
+        data_dir: &Path,
+        extra: &[&str],
+        envs: &[(&str, &Path)],
+    ) -> anyhow::Result<Self> {
         let mut cmd = match wrapper.split_first() {
             Some((first, rest)) => {
                 let mut c = Command::new(first);
@@ -99,6 +110,7 @@ impl Server {
                 .flatten(),
             )
             .args(extra)
+            .envs(envs.iter().copied())
             .env("FLEETGATE_LOG", "info,sled=warn")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -284,6 +296,16 @@ impl Server {
     pub fn enroll(&self, dir: &Path, role: &str, id: &str) -> Creds {
         let out = dir.to_str().expect("utf-8 path");
         self.cli_ok(&[role, "enroll", id, "--out", out]);
+        Creds::in_dir(dir, id)
+    }
+
+    /// Enrolls device `id` through the CLI into `dir`, with more options
+    /// (e.g. `--manufacturer acme`).
+    pub fn enroll_with(&self, dir: &Path, id: &str, extra: &[&str]) -> Creds {
+        let out = dir.to_str().expect("utf-8 path");
+        let mut args = vec!["device", "enroll", id, "--out", out];
+        args.extend_from_slice(extra);
+        self.cli_ok(&args);
         Creds::in_dir(dir, id)
     }
 
@@ -1220,4 +1242,89 @@ pub mod nats {
             }
         }
     }
+}
+
+/// A SoftHSM2 token of its own (Debian `softhsm2`): its config and token
+/// dir under a test's temp dir, initialized with a label and a user PIN.
+pub mod softhsm {
+    use std::path::{Path, PathBuf};
+    use std::process::Command;
+
+    pub const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+
+    #[derive(Debug)]
+    pub struct Token {
+        /// `SOFTHSM2_CONF` for every process that opens it.
+        pub conf: PathBuf,
+        pub label: String,
+        /// A file with the user PIN (0600).
+        pub pin_file: PathBuf,
+        pub pin: String,
+    }
+
+    impl Token {
+        pub fn new(dir: &Path, label: &str) -> Self {
+            super::require_tool("softhsm2-util");
+            let tokens = dir.join("softhsm-tokens");
+            std::fs::create_dir_all(&tokens).expect("token dir");
+            let conf = dir.join("softhsm2.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "directories.tokendir = {}\nobjectstore.backend = file\n",
+                    tokens.display()
+                ),
+            )
+            .expect("softhsm2.conf");
+            let pin = "4912".to_owned();
+            let (ok, out) = super::run(
+                Command::new("softhsm2-util")
+                    .env("SOFTHSM2_CONF", &conf)
+                    .args(["--init-token", "--free", "--label", label])
+                    .args(["--pin", &pin, "--so-pin", "771199"]),
+            );
+            assert!(ok, "softhsm2-util --init-token: {out}");
+            let pin_file = dir.join("token.pin");
+            super::write_private(&pin_file, &format!("{pin}\n"));
+            Self {
+                conf,
+                label: label.to_owned(),
+                pin_file,
+                pin,
+            }
+        }
+
+        /// The URI of key `object` in this token.
+        pub fn uri(&self, object: &str) -> String {
+            format!(
+                "pkcs11:token={};object={object}?module-path={MODULE}",
+                self.label
+            )
+        }
+
+        /// `pkcs11-tool ARGS` on this token (Debian `opensc`), logged in.
+        pub fn pkcs11_tool(&self, args: &[&str]) -> (bool, String) {
+            super::require_tool("pkcs11-tool");
+            super::run(
+                Command::new("pkcs11-tool")
+                    .env("SOFTHSM2_CONF", &self.conf)
+                    .args(["--module", MODULE, "--token-label", &self.label])
+                    .args(["--login", "--pin", &self.pin])
+                    .args(args),
+            )
+        }
+    }
+}
+
+/// Writes a file only its owner may read.
+pub fn write_private(path: &Path, text: &str) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .expect("private file");
+    std::io::Write::write_all(&mut f, text.as_bytes()).expect("write private file");
 }

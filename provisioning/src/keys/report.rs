@@ -184,10 +184,11 @@ fn find_private_keys(dir: &Path, skip: &Path, found: &mut impl FnMut(&Path)) {
             if p != skip {
                 find_private_keys(&p, skip, found);
             }
-        } else if ft.is_file() && e.metadata().is_ok_and(|m| m.len() < 64 * 1024) {
-            if std::fs::read(&p).is_ok_and(|b| b.windows(11).any(|w| w == b"PRIVATE KEY")) {
-                found(&p);
-            }
+        } else if ft.is_file()
+            && e.metadata().is_ok_and(|m| m.len() < 64 * 1024)
+            && std::fs::read(&p).is_ok_and(|b| b.windows(11).any(|w| w == b"PRIVATE KEY"))
+        {
+            found(&p);
         }
     }
 }

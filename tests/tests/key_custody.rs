@@ -1,0 +1,427 @@
+//! CA key custody: the root kept offline and used only at ceremonies, the
+//! issuing CA's and signers' keys in a PKCS#11 token (SoftHSM2, checked
+//! from outside with pkcs11-tool), and `fleetgate check`'s key report.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tests::softhsm::Token;
+use tests::{fleetgate_bin, openssl_device, require_tool, run, Creds, Server};
+
+/// `fleetgate ARGS` with the token's config in the environment.
+fn fleetgate(args: &[&str], token: Option<&Token>) -> (bool, String) {
+    let mut cmd = Command::new(fleetgate_bin());
+    cmd.args(args).env("FLEETGATE_LOG", "warn");
+    if let Some(t) = token {
+        cmd.env("SOFTHSM2_CONF", &t.conf);
+    }
+    run(&mut cmd)
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// Every file under `dir` holding a PEM private key.
+fn private_keys_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).expect("read_dir").flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(private_keys_under(&p));
+        } else if std::fs::read(&p).is_ok_and(|b| b.windows(11).any(|w| w == b"PRIVATE KEY")) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+fn openssl_verify(ca: &Path, chain: &Path) -> String {
+    require_tool("openssl");
+    let (ok, out) = run(Command::new("openssl")
+        .arg("verify")
+        .arg("-CAfile")
+        .arg(ca)
+        .arg("-untrusted")
+        .arg(chain)
+        .arg(chain));
+    assert!(ok, "openssl verify: {out}");
+    out
+}
+
+#[test]
+fn offline_root_and_keys_in_softhsm_serve_enroll_connect_and_answer_ocsp() {
+    let tmp = tempfile::tempdir().unwrap();
+    let token = Token::new(tmp.path(), "fleetgate");
+    let data = tmp.path().join("data");
+    let root = tmp.path().join("root");
+    let (ok, out) = fleetgate(
+        &[
+            "ca",
+            "init",
+            "--data-dir",
+            s(&data),
+            "--root-out",
+            s(&root),
+            "--ca-key-uri",
+            &token.uri("issuing-ca"),
+            "--pin-file",
+            s(&token.pin_file),
+        ],
+        Some(&token),
+    );
+    assert!(ok, "ca init: {out}");
+    assert!(
+        out.contains("issuing CA key pkcs11:token=fleetgate;object=issuing-ca"),
+        "{out}"
+    );
+
+    // The key is in the token: sensitive (its value is never shown) and
+    // never extractable (it cannot be wrapped out), for signing only.
+    let (ok, objects) = token.pkcs11_tool(&["--list-objects", "--type", "privkey"]);
+    assert!(ok, "{objects}");
+    let issuing = objects
+        .split("Private Key Object")
+        .find(|o| o.contains("label:      issuing-ca"))
+        .unwrap_or_else(|| panic!("no issuing-ca private key in the token: {objects}"));
+    assert!(issuing.contains("never extractable"), "{issuing}");
+    assert!(issuing.contains("always sensitive"), "{issuing}");
+    assert!(issuing.contains("Usage:      sign\n"), "{issuing}");
+
+    let envs = [("SOFTHSM2_CONF", token.conf.as_path())];
+    let pin = ["--pin-file", s(&token.pin_file)];
+    // Without the PIN the node says what it needs, and does not start.
+    let e = Server::start_env(&[], &data, &[], &envs)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--pin-file"), "{e}");
+    let server = Server::start_env(&[], &data, &pin, &envs).unwrap();
+    assert!(
+        server.wait_for_log("the root CA is offline", Duration::from_secs(10)),
+        "{:?}",
+        server.log()
+    );
+
+    // Enroll: the chain verifies with stock openssl up to the root.
+    let devs = tmp.path().join("devs");
+    let dev = server.enroll(&devs, "device", "dev-1");
+    assert!(openssl_verify(&data.join("ca.crt"), &dev.cert).contains("OK"));
+    // The device connects with mosquitto_pub.
+    let st = server
+        .mosquitto("mosquitto_pub", &dev)
+        .args(["-t", "devices/dev-1/telemetry", "-m", "21.5"])
+        .status()
+        .unwrap();
+    assert!(st.success(), "mosquitto_pub as dev-1");
+    // OCSP answers, signed through the token (the responder's key is a
+    // token object the data dir names by URI).
+    let answer = server.openssl_ocsp(&dev.cert);
+    assert!(answer.contains("Response verify OK"), "{answer}");
+    assert!(answer.contains(": good"), "{answer}");
+    let signer_uri = std::fs::read_to_string(data.join("ocsp/signer.key.uri")).unwrap();
+    let label = signer_uri
+        .split(';')
+        .find_map(|a| a.strip_prefix("object="))
+        .and_then(|a| a.split('?').next())
+        .unwrap()
+        .to_owned();
+    assert!(objects.contains("label:      issuing-ca"));
+    let (_, now) = token.pkcs11_tool(&["--list-objects", "--type", "privkey"]);
+    assert!(
+        now.contains(&format!("label:      {label}")),
+        "{label} not in {now}"
+    );
+    // The issuing CA's own status, answered for the root by its responder.
+    let (ok, out) = run(Command::new("openssl")
+        .arg("ocsp")
+        .arg("-issuer")
+        .arg(data.join("ca.crt"))
+        .arg("-cert")
+        .arg(data.join("ca/issuing.crt"))
+        .args(["-url", &server.ocsp_url(), "-CAfile"])
+        .arg(data.join("ca.crt")));
+    assert!(
+        ok && out.contains("Response verify OK") && out.contains(": good"),
+        "{out}"
+    );
+
+    // Only the root needs the root: a manufacturer CA is a ceremony.
+    let out = server.cli(&[
+        "manufacturer",
+        "create",
+        "acme",
+        "--out",
+        s(&tmp.path().join("acme")),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("root_offline") && err.contains("--root-dir"),
+        "{err}"
+    );
+    let made = server.cli_ok(&[
+        "manufacturer",
+        "create",
+        "acme",
+        "--out",
+        s(&tmp.path().join("acme")),
+        "--root-dir",
+        s(&root),
+    ]);
+    assert!(made.contains("stays in the node's token"), "{made}");
+    assert!(!tmp.path().join("acme/acme.key").exists());
+    let s1 = server.enroll_with(&devs, "s-1", &["--manufacturer", "acme"]);
+    assert!(openssl_verify(&data.join("ca.crt"), &s1.cert).contains("OK"));
+
+    // Nothing in the data dir is a CA or signer private key: only the TLS
+    // server's key and the operator's credential.
+    let mut found: Vec<String> = private_keys_under(&data)
+        .iter()
+        .map(|p| p.strip_prefix(&data).unwrap().display().to_string())
+        .collect();
+    found.sort();
+    assert_eq!(found, ["admin.key", "server.key"]);
+    assert_eq!(private_keys_under(&root), [root.join("root.key")]);
+    let (ok, report) = fleetgate(
+        &[
+            "check",
+            "--data-dir",
+            s(&data),
+            "--key-policy",
+            "hsm",
+            "--keys-only",
+        ],
+        None,
+    );
+    assert!(ok, "{report}");
+    assert!(report.contains("manufacturer CA acme"), "{report}");
+    assert!(!report.contains("problem"), "{report}");
+
+    // A restart reopens every key from the token; nothing is made anew.
+    server.terminate();
+    let server = Server::start_env(&[], &data, &pin, &envs).unwrap();
+    assert!(server.openssl_ocsp(&dev.cert).contains(": good"));
+    assert!(
+        !server.log().iter().any(|l| l.contains("issued a new")),
+        "{:?}",
+        server.log()
+    );
+    server.cli_ok(&["device", "revoke", "dev-1"]);
+    assert!(server.openssl_ocsp(&dev.cert).contains(": revoked"));
+}
+
+/// Waits for `child` to exit, up to `within`.
+fn exits(child: &mut std::process::Child, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if child.try_wait().expect("try_wait").is_some() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+#[test]
+fn a_manufacturer_ca_made_at_a_root_ceremony_admits_just_in_time_and_falls() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let root = tmp.path().join("root");
+    let (ok, out) = fleetgate(
+        &["ca", "init", "--data-dir", s(&data), "--root-out", s(&root)],
+        None,
+    );
+    assert!(ok, "{out}");
+    assert!(!data.join("ca/root.key").exists());
+    let server = Server::start(&data).unwrap();
+    let m = tmp.path().join("acme");
+    let out = server.cli_ok(&[
+        "manufacturer",
+        "create",
+        "acme",
+        "--out",
+        s(&m),
+        "--root-dir",
+        s(&root),
+    ]);
+    assert!(out.contains("hand it to the factory"), "{out}");
+
+    // The factory signs a device with stock openssl; it registers itself
+    // on its first connect.
+    let dev: Creds = openssl_device(
+        &tmp.path().join("factory"),
+        &server,
+        &m.join("acme.crt"),
+        &m.join("acme.key"),
+        "sensor-7",
+    );
+    let mut sub = server
+        .mosquitto("mosquitto_sub", &dev)
+        .args(["-t", "devices/sensor-7/commands/#", "-q", "1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while server.cli(&["device", "show", "sensor-7"]).status.code() != Some(0) {
+        assert!(Instant::now() < deadline, "sensor-7 never registered");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(server.wait_for_log("connected", Duration::from_secs(10)));
+    assert!(
+        !exits(&mut sub, Duration::from_millis(200)),
+        "sensor-7 was not admitted"
+    );
+
+    // The root's CRL before: nobody listed. Revoking the manufacturer cuts
+    // its device at once, without the root.
+    let serial = server.cli_ok(&["manufacturer", "list", "--json"]);
+    let list: serde_json::Value = serde_json::from_str(&serial).unwrap();
+    let serial = list[0]["serial"].as_str().unwrap().to_uppercase();
+    let crl = || -> String {
+        let der = ureq_get(&format!("{}/crl/root.crl", server.ocsp_url()));
+        let path = tmp.path().join("root.crl");
+        std::fs::write(&path, der).unwrap();
+        run(Command::new("openssl")
+            .args(["crl", "-inform", "der", "-noout", "-text", "-in"])
+            .arg(&path))
+        .1
+        .replace(':', "")
+    };
+    assert!(!crl().contains(&serial));
+    server.cli_ok(&["manufacturer", "revoke", "acme"]);
+    assert!(
+        exits(&mut sub, Duration::from_secs(10)),
+        "sensor-7's connection was not cut"
+    );
+    // The root's responder says the manufacturer CA is revoked.
+    let (ok, out) = run(Command::new("openssl")
+        .arg("ocsp")
+        .arg("-issuer")
+        .arg(data.join("ca.crt"))
+        .arg("-cert")
+        .arg(m.join("acme.crt"))
+        .args(["-url", &server.ocsp_url(), "-CAfile"])
+        .arg(data.join("ca.crt")));
+    assert!(
+        ok && out.contains("Response verify OK") && out.contains(": revoked"),
+        "{out}"
+    );
+    // The CRL ceremony lists it, on every node (it is in the registry).
+    let out = server.cli_ok(&["ca", "crl", "--root-dir", s(&root)]);
+    assert!(out.contains("1 revoked manufacturer CAs"), "{out}");
+    assert!(
+        crl().contains(&serial),
+        "the root CRL does not list {serial}"
+    );
+    // A CRL that leaves the revoked CA out is refused.
+    let stale = std::fs::read(data.join("ca/root.crl")).unwrap();
+    let pem = provisioning::manufacturer::pem_encode("X509 CRL", &stale);
+    let body = serde_json::json!({ "crl_pem": pem });
+    let err = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(
+            server
+                .admin()
+                .post::<_, serde_json::Value>("/v1/ca/root-crl", &body),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("does not list revoked manufacturer CA"),
+        "{err}"
+    );
+}
+
+/// A plain HTTP GET (the status service is plain HTTP), with curl.
+fn ureq_get(url: &str) -> Vec<u8> {
+    require_tool("curl");
+    let out = Command::new("curl").args(["-sf", url]).output().expect("curl");
+    assert!(out.status.success(), "curl {url}");
+    out.stdout
+}
+
+#[test]
+fn check_says_where_each_key_is_and_refuses_what_policy_forbids() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The one-command start: every key a file in the data dir.
+    let online = tmp.path().join("online");
+    let (ok, out) = fleetgate(&["ca", "init", "--data-dir", s(&online)], None);
+    assert!(ok, "{out}");
+    let (ok, report) = fleetgate(&["check", "--data-dir", s(&online), "--keys-only"], None);
+    assert!(ok, "{report}");
+    assert!(
+        report.contains("root CA") && report.contains("(mode 0600)"),
+        "{report}"
+    );
+    let (ok, report) = fleetgate(
+        &[
+            "check",
+            "--data-dir",
+            s(&online),
+            "--keys-only",
+            "--key-policy",
+            "offline-root",
+        ],
+        None,
+    );
+    assert!(!ok);
+    assert!(
+        report.contains("the root CA's key is in the data dir"),
+        "{report}"
+    );
+
+    // An offline root: fine, until a copy of the root's key turns up in
+    // the data dir, or a key file is opened up to others.
+    let data = tmp.path().join("data");
+    let root = tmp.path().join("root");
+    let (ok, out) = fleetgate(
+        &["ca", "init", "--data-dir", s(&data), "--root-out", s(&root)],
+        None,
+    );
+    assert!(ok, "{out}");
+    let policy = [
+        "check",
+        "--data-dir",
+        s(&data),
+        "--keys-only",
+        "--key-policy",
+        "offline-root",
+    ];
+    let (ok, report) = fleetgate(&policy, None);
+    assert!(ok, "{report}");
+    let (ok, report) = fleetgate(
+        &[
+            "check",
+            "--data-dir",
+            s(&data),
+            "--keys-only",
+            "--key-policy",
+            "hsm",
+        ],
+        None,
+    );
+    assert!(!ok, "hsm policy with file keys: {report}");
+    assert!(report.contains("the issuing CA key is a file"), "{report}");
+    std::fs::copy(root.join("root.key"), data.join("ca/root-backup.pem")).unwrap();
+    let (ok, report) = fleetgate(&policy, None);
+    assert!(!ok);
+    assert!(report.contains("root-backup.pem"), "{report}");
+    std::fs::remove_file(data.join("ca/root-backup.pem")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        data.join("ca/issuing.key"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let (ok, report) = fleetgate(&policy, None);
+    assert!(!ok);
+    assert!(
+        report.contains("readable by others (mode 0644)"),
+        "{report}"
+    );
+    // And the node refuses to start on it.
+    let e = Server::start(&data).unwrap_err().to_string();
+    assert!(e.contains("chmod 600"), "{e}");
+}
