@@ -137,7 +137,7 @@ impl Server {
                     crate::bus::BusKey::derive(
                         &auth
                             .ca
-                            .issuing()
+                            .first_issuing()
                             .key()
                             .seal_secret()
                             .context("the bus seal's secret")?,
@@ -436,7 +436,11 @@ async fn upkeep(
                 }
             }
             Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
-                tracing::info!("SIGHUP: reloading TLS and the OCSP signers");
+                tracing::info!("SIGHUP: reloading the issuing CAs, TLS and the OCSP signers");
+                // Issuing CA generations copied in from another node.
+                if let Err(e) = auth.reload_issuing() {
+                    tracing::error!(error = %e, "reloading the issuing CAs; keeping the old ones");
+                }
                 if let Err(e) = tls.reload() {
                     tracing::error!(error = %e, "reloading TLS; keeping the old certificate");
                 }

@@ -19,7 +19,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use provisioning::ca::{ISSUING_CRL_NAME, OCSP_SIGNER_RENEW_BEFORE, ROOT_CRL_NAME};
+use provisioning::ca::{OCSP_SIGNER_RENEW_BEFORE, ROOT_CRL_NAME};
 use provisioning::ocsp::{Answer, Refusal, Responder, MAX_REQUEST_LEN};
 use provisioning::Authority;
 use time::{Duration, OffsetDateTime};
@@ -163,15 +163,18 @@ impl StatusService {
                 return Ok(Some(der.clone()));
             }
         }
-        let der = match name {
-            ISSUING_CRL_NAME => self.auth.issuing_crl()?,
-            ROOT_CRL_NAME => self.auth.root_crl()?,
-            other => match self.auth.registry.manufacturer(other)? {
+        let der = if name == ROOT_CRL_NAME {
+            self.auth.root_crl()?
+        } else if let Some(crl) = self.auth.issuing_crl_named(name) {
+            // `issuing`, `issuing-2`, ...: an issuing CA generation.
+            crl?
+        } else {
+            match self.auth.registry.manufacturer(name)? {
                 Some(m) if m.kind == provisioning::manufacturer::CaKind::Issued => {
-                    self.auth.manufacturer_crl(other)?
+                    self.auth.manufacturer_crl(name)?
                 }
                 _ => return Ok(None),
-            },
+            }
         };
         let der = Bytes::from(der);
         self.lock_crls().insert(name.to_owned(), (der.clone(), now));

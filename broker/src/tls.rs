@@ -49,9 +49,9 @@ pub fn api_server_config(
 /// connections are left alone.
 #[derive(Debug)]
 pub struct ServerTls {
-    paths: provisioning::ca::Paths,
-    /// The root and the issuing CA: the API's client trust anchors.
-    anchors: Vec<CertificateDer<'static>>,
+    /// Where the files are, and the CA (whose root and issuing CA
+    /// generations are the API's client trust anchors).
+    auth: Arc<provisioning::Authority>,
     mqtt_verifier: Arc<crate::mqtt::admission::RegistryVerifier>,
     api: tokio::sync::watch::Sender<Arc<ServerConfig>>,
     mqtt: tokio::sync::watch::Sender<Arc<ServerConfig>>,
@@ -66,12 +66,9 @@ impl ServerTls {
             crate::mqtt::admission::RegistryVerifier::new(auth.clone(), metrics)
                 .context("building the MQTT client verifier")?,
         );
-        let paths = auth.paths.clone();
-        let anchors = vec![auth.ca.root_der().clone(), auth.ca.issuing_der().clone()];
-        let (api, mqtt) = build(&paths, &anchors, &mqtt_verifier)?;
+        let (api, mqtt) = build(&auth.paths, &anchors(auth), &mqtt_verifier)?;
         Ok(Self {
-            paths,
-            anchors,
+            auth: auth.clone(),
             mqtt_verifier,
             api: tokio::sync::watch::channel(api).0,
             mqtt: tokio::sync::watch::channel(mqtt).0,
@@ -97,14 +94,24 @@ impl ServerTls {
         self.mqtt_verifier.reload()
     }
 
-    /// Rebuilds both configs from the files; on error the old ones stay.
+    /// Rebuilds both configs from the files (and the MQTT trust from the
+    /// CA); on error the old ones stay.
     pub fn reload(&self) -> anyhow::Result<()> {
-        let (api, mqtt) = build(&self.paths, &self.anchors, &self.mqtt_verifier)?;
+        self.mqtt_verifier.reload()?;
+        let (api, mqtt) = build(&self.auth.paths, &anchors(&self.auth), &self.mqtt_verifier)?;
         self.api.send_replace(api);
         self.mqtt.send_replace(mqtt);
         tracing::info!("reloaded the server certificate");
         Ok(())
     }
+}
+
+/// The API's client trust anchors: the root and every issuing CA
+/// generation (an admin's certificate may come from an earlier one).
+fn anchors(auth: &provisioning::Authority) -> Vec<CertificateDer<'static>> {
+    let mut all = vec![auth.ca.root_der().clone()];
+    all.extend(auth.ca.issuing_all().iter().map(|g| g.der.clone()));
+    all
 }
 
 fn build(

@@ -139,6 +139,24 @@ pub struct CeremonyRequest {
     pub root_pem: String,
 }
 
+/// What a node prepared for a CA rollover: the next issuing CA's request.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RolloverRequest {
+    pub generation: u32,
+    /// The name the new issuing CA must have.
+    pub common_name: String,
+    pub csr_pem: String,
+    pub status_url: Option<String>,
+    pub root_pem: String,
+}
+
+/// A new issuing CA the root signed at a rollover ceremony.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolloverBody {
+    pub cert_pem: String,
+}
+
 /// A root CRL signed at a ceremony.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

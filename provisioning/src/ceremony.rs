@@ -11,7 +11,9 @@
 //!   manufacturer CA is revoked (and before the last one runs out);
 //! - `fleetgate ca responder --root-dir`: the root's responder anew;
 //! - `fleetgate manufacturer create --root-dir`: a manufacturer CA, from a
-//!   request the node prepared with a key it holds.
+//!   request the node prepared with a key it holds;
+//! - `fleetgate ca rollover --root-dir`: the next issuing CA, the same way
+//!   (see [`crate::rollover`]).
 //!
 //! ```text
 //! ROOTDIR/                  0700
@@ -51,8 +53,15 @@ impl RootDir {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         Self { dir: dir.into() }
     }
+    /// `root.key` (or `.uri`); in a data dir whose root is online (the
+    /// default start), `ca/root.key`.
     pub fn key(&self) -> PathBuf {
-        self.dir.join("root.key")
+        let offline = self.dir.join("root.key");
+        let online = self.dir.join("ca/root.key");
+        if !keys::exists(&offline) && keys::exists(&online) {
+            return online;
+        }
+        offline
     }
     pub fn cert(&self) -> PathBuf {
         self.dir.join("ca.crt")
@@ -138,10 +147,7 @@ pub fn sign_for_node(
 ) -> Result<(), Error> {
     same_root(root, paths)?;
     ca::mkdir_private(&paths.dir.join("ocsp"))?;
-    let label = format!(
-        "root-ocsp-signer-{}",
-        OffsetDateTime::now_utc().unix_timestamp()
-    );
+    let label = keys::fresh_label("root-ocsp-signer");
     let key = keys::generate(&paths.root_ocsp_key(), &label, custody)?;
     let cert = root_responder(root, &key)?;
     write_file(&paths.root_ocsp_cert(), cert.chain_pem.as_bytes(), false)?;
@@ -188,6 +194,19 @@ pub fn sign_manufacturer_csr(
     )?;
     cert.manufacturer = Some(name.to_owned());
     Ok(cert)
+}
+
+/// Signs the next issuing CA (`common_name`, e.g. "fleetgate issuing CA
+/// 2") for the key in `csr`, which the node made (`fleetgate ca rollover`).
+pub fn sign_issuing_csr(
+    root: &Signer,
+    csr_pem: &str,
+    common_name: &str,
+    status_url: Option<&str>,
+) -> Result<ca::IssuedCert, Error> {
+    let csr = crate::csr::validate_csr(csr_pem.as_bytes())?;
+    let params = ca::issuing_ca_params(common_name, OffsetDateTime::now_utc(), status_url)?;
+    ca::sign(root, params, &csr.public_key, ca::ISSUING_LIFETIME)
 }
 
 /// When the certificate in the PEM file at `path` runs out.

@@ -4,6 +4,7 @@
 //! the network and map [`Error`] to wire codes. File IO is limited to the data
 //! dir ([`ca::Paths`]) and the sled registry inside it.
 
+pub mod authority;
 pub mod ca;
 pub mod ceremony;
 pub mod cmp;
@@ -19,10 +20,12 @@ pub mod lifecycle;
 pub mod manufacturer;
 pub mod ocsp;
 pub mod registry;
+pub mod rollover;
 pub mod sessions;
 pub mod store;
 
-pub use ca::{Authority, Ca, InitOptions, IssuedCert, DEFAULT_CERT_LIFETIME};
+pub use authority::Authority;
+pub use ca::{Ca, InitOptions, IssuedCert, DEFAULT_CERT_LIFETIME};
 pub use error::Error;
 pub use id::{CertKey, DeviceId, Identity, Role, Serial};
 pub use registry::{

@@ -196,6 +196,10 @@ fn now_seconds() -> OffsetDateTime {
 }
 
 /// The DER of one PEM or DER certificate (parse it with [`parse_cert`]).
+pub(crate) fn one_cert_der(what: &str, bytes: &[u8]) -> Result<Vec<u8>, Error> {
+    one_cert(what, bytes)
+}
+
 fn one_cert(what: &str, bytes: &[u8]) -> Result<Vec<u8>, Error> {
     if bytes.starts_with(b"-----") || bytes.iter().take(64).all(u8::is_ascii) {
         Ok(CertificateDer::from_pem_slice(bytes)
@@ -254,7 +258,7 @@ impl Authority {
         let key = if keys::exists(&path) {
             keys::load(&path, self.pin.as_ref())?
         } else {
-            let label = format!("manufacturer-{name}-{}", now_seconds().unix_timestamp());
+            let label = keys::fresh_label(&format!("manufacturer-{name}"));
             keys::generate(&path, &label, &self.custody())?
         };
         let mut params = rcgen::CertificateParams::default();
@@ -469,7 +473,9 @@ impl Authority {
                 });
             }
         }
-        for ours in [self.ca.root_der(), self.ca.issuing_der()] {
+        let mut own = vec![self.ca.root_der().clone()];
+        own.extend(self.ca.issuing_all().iter().map(|g| g.der.clone()));
+        for ours in &own {
             let (_, theirs) =
                 X509Certificate::from_der(ours).map_err(|e| Error::Certificate(e.to_string()))?;
             if spki_sha256_of(ours)? == spki {

@@ -636,7 +636,8 @@ mod tests {
 
     /// A request with `extensions` in place of the usual ones.
     fn with_extensions(auth: &Authority, serial: &Serial, extensions: Vec<Extension>) -> Vec<u8> {
-        let der = build_request(auth.ca.issuing_der(), std::slice::from_ref(serial), None).unwrap();
+        let der =
+            build_request(&auth.ca.issuing_der(), std::slice::from_ref(serial), None).unwrap();
         let mut req = OcspRequest::from_der(&der).unwrap();
         req.tbs_request.request_extensions = Some(extensions);
         req.to_der().unwrap()
@@ -705,7 +706,7 @@ mod tests {
         let (_tmp, auth, serial) = authority();
         let r = auth.ocsp_responder().unwrap();
         let plain =
-            build_request(auth.ca.issuing_der(), std::slice::from_ref(&serial), None).unwrap();
+            build_request(&auth.ca.issuing_der(), std::slice::from_ref(&serial), None).unwrap();
         let first = r.respond(&plain, &auth.registry);
         let held = r.cache_bytes();
         assert!(held > 0);
@@ -726,7 +727,7 @@ mod tests {
         // Questions about serials nobody issued are answered, not kept.
         for i in 0..2000u32 {
             let s = Serial::from_bytes(&(i + 1).to_be_bytes()).unwrap();
-            let req = build_request(auth.ca.issuing_der(), &[s], None).unwrap();
+            let req = build_request(&auth.ca.issuing_der(), &[s], None).unwrap();
             let a = r.respond(&req, &auth.registry);
             assert_eq!(read_response(&a.der).unwrap().certs[0].1, "unknown");
         }

@@ -2068,7 +2068,7 @@ mod tests {
         );
         let listed = auth
             .registry
-            .revoked_by_issuer(None, auth.ca.issuing_name())
+            .revoked_by_issuer(None, &auth.ca.issuing_name())
             .unwrap();
         assert_eq!(listed.len(), 2, "the issuing CA's CRL lists both");
     }

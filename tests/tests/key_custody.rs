@@ -337,7 +337,10 @@ fn a_manufacturer_ca_made_at_a_root_ceremony_admits_just_in_time_and_falls() {
 /// A plain HTTP GET (the status service is plain HTTP), with curl.
 fn ureq_get(url: &str) -> Vec<u8> {
     require_tool("curl");
-    let out = Command::new("curl").args(["-sf", url]).output().expect("curl");
+    let out = Command::new("curl")
+        .args(["-sf", url])
+        .output()
+        .expect("curl");
     assert!(out.status.success(), "curl {url}");
     out.stdout
 }
@@ -424,4 +427,231 @@ fn check_says_where_each_key_is_and_refuses_what_policy_forbids() {
     // And the node refuses to start on it.
     let e = Server::start(&data).unwrap_err().to_string();
     assert!(e.contains("chmod 600"), "{e}");
+}
+
+/// The CRL at `url` (DER), as text with the colons of serials removed.
+fn crl_text(dir: &Path, url: &str) -> String {
+    let path = dir.join("fetched.crl");
+    std::fs::write(&path, ureq_get(url)).expect("writing the CRL");
+    run(Command::new("openssl")
+        .args(["crl", "-inform", "der", "-noout", "-text", "-in"])
+        .arg(&path))
+    .1
+    .replace(':', "")
+}
+
+fn issuer_of(cert: &Path) -> String {
+    run(Command::new("openssl")
+        .args(["x509", "-noout", "-issuer", "-in"])
+        .arg(cert))
+    .1
+}
+
+fn serial_of(cert: &Path) -> String {
+    run(Command::new("openssl")
+        .args(["x509", "-noout", "-serial", "-in"])
+        .arg(cert))
+    .1
+    .trim()
+    .trim_start_matches("serial=")
+    .to_uppercase()
+}
+
+#[test]
+fn a_fleet_runs_across_a_ca_rollover_with_no_connection_refused() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let root = tmp.path().join("root");
+    let (ok, out) = fleetgate(
+        &["ca", "init", "--data-dir", s(&data), "--root-out", s(&root)],
+        None,
+    );
+    assert!(ok, "{out}");
+    let server = Server::start_with(
+        &data,
+        &["--audit-seal-secs", "1", "--audit-settle-secs", "0"],
+    )
+    .unwrap();
+    let devs = tmp.path().join("devs");
+    let old: Vec<Creds> = (0..3)
+        .map(|i| server.enroll(&devs, "device", &format!("old-{i}")))
+        .collect();
+
+    // Two devices hold a connection throughout; a third reconnects and
+    // publishes (QoS 1) over and over, before, during and after.
+    let mut held: Vec<std::process::Child> = old[..2]
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            server
+                .mosquitto("mosquitto_sub", c)
+                .args(["-t", &format!("devices/old-{i}/commands/#"), "-q", "1"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (done, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let churn = {
+        let cmd = {
+            let mut c = server.mosquitto("mosquitto_pub", &old[2]);
+            c.args(["-t", "devices/old-2/telemetry", "-q", "1", "-m", "1"]);
+            c
+        };
+        let program = cmd.get_program().to_owned();
+        let args: Vec<_> = cmd.get_args().map(|a| a.to_owned()).collect();
+        let (stop, done, failed) = (stop.clone(), done.clone(), failed.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                let ok = Command::new(&program)
+                    .args(&args)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success());
+                if ok { &done } else { &failed }.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+    };
+    let at_least = |n: usize| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let start = done.load(Ordering::SeqCst);
+        while done.load(Ordering::SeqCst) < start + n {
+            assert!(Instant::now() < deadline, "the churning device stalled");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    at_least(3);
+
+    // The ceremony: the node makes the key and a request, the root signs.
+    let out = server.cli_ok(&["ca", "rollover", "--root-dir", s(&root)]);
+    assert!(out.contains("fleetgate issuing CA 2"), "{out}");
+    at_least(3);
+
+    // New enrollments and rotations come from the new CA, and chain.
+    let new = server.enroll(&devs, "device", "new-0");
+    assert!(
+        issuer_of(&new.cert).contains("fleetgate issuing CA 2"),
+        "{}",
+        issuer_of(&new.cert)
+    );
+    assert!(openssl_verify(&data.join("ca.crt"), &new.cert).contains("OK"));
+    let st = server
+        .mosquitto("mosquitto_pub", &new)
+        .args(["-t", "devices/new-0/telemetry", "-m", "1"])
+        .status()
+        .unwrap();
+    assert!(st.success(), "a device of the new CA connects");
+    let rotated_dir = tmp.path().join("rotated");
+    server.cli_ok(&["device", "rotate", "old-1", "--out", s(&rotated_dir)]);
+    let rotated = Creds::in_dir(&rotated_dir, "old-1");
+    assert!(issuer_of(&rotated.cert).contains("fleetgate issuing CA 2"));
+    // Devices of the old CA go on: none refused, none cut.
+    at_least(3);
+    stop.store(true, Ordering::SeqCst);
+    churn.join().unwrap();
+    assert_eq!(
+        failed.load(Ordering::SeqCst),
+        0,
+        "connections refused across the rollover"
+    );
+    for h in &mut held {
+        assert!(
+            h.try_wait().unwrap().is_none(),
+            "a held connection was cut by the rollover"
+        );
+    }
+
+    // OCSP answers for both CAs' certificates.
+    let ocsp = |issuer: &Path, cert: &Path| {
+        run(Command::new("openssl")
+            .arg("ocsp")
+            .arg("-issuer")
+            .arg(issuer)
+            .arg("-cert")
+            .arg(cert)
+            .args(["-url", &server.ocsp_url(), "-CAfile"])
+            .arg(data.join("ca.crt")))
+        .1
+    };
+    let a = ocsp(&data.join("ca/issuing.crt"), &old[0].cert);
+    assert!(
+        a.contains("Response verify OK") && a.contains(": good"),
+        "{a}"
+    );
+    let a = ocsp(&data.join("ca/issuing-2.crt"), &new.cert);
+    assert!(
+        a.contains("Response verify OK") && a.contains(": good"),
+        "{a}"
+    );
+    let a = ocsp(&data.join("ca.crt"), &data.join("ca/issuing-2.crt"));
+    assert!(
+        a.contains("Response verify OK") && a.contains(": good"),
+        "{a}"
+    );
+
+    // Revocation works under both, and each CA's CRL lists its own.
+    server.cli_ok(&["device", "revoke", "old-0"]);
+    assert!(
+        exits(&mut held[0], Duration::from_secs(10)),
+        "old-0 not cut"
+    );
+    server.cli_ok(&["device", "revoke", "new-0"]);
+    let a = ocsp(&data.join("ca/issuing.crt"), &old[0].cert);
+    assert!(a.contains(": revoked"), "{a}");
+    let a = ocsp(&data.join("ca/issuing-2.crt"), &new.cert);
+    assert!(a.contains(": revoked"), "{a}");
+    let (old_serial, new_serial) = (serial_of(&old[0].cert), serial_of(&new.cert));
+    let first = crl_text(
+        tmp.path(),
+        &format!("{}/crl/issuing.crl", server.ocsp_url()),
+    );
+    assert!(
+        first.contains(&old_serial) && !first.contains(&new_serial),
+        "{first}"
+    );
+    let second = crl_text(
+        tmp.path(),
+        &format!("{}/crl/issuing-2.crl", server.ocsp_url()),
+    );
+    assert!(
+        second.contains(&new_serial) && !second.contains(&old_serial),
+        "{second}"
+    );
+    assert!(second.contains("fleetgate issuing CA 2"), "{second}");
+
+    // The audit log, sealed by both generations, verifies; and a restart
+    // comes back with both.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let v: serde_json::Value =
+            serde_json::from_str(&server.cli_ok(&["audit", "verify", "--json"])).unwrap();
+        assert_eq!(v["problems"], serde_json::json!([]), "{v}");
+        if v["sealed"] == v["entries"] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not sealed: {v}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    server.terminate();
+    let server = Server::start(&data).unwrap();
+    let st = server
+        .mosquitto("mosquitto_pub", &rotated)
+        .args(["-t", "devices/old-1/telemetry", "-m", "1"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let st = server
+        .mosquitto("mosquitto_pub", &old[2])
+        .args(["-t", "devices/old-2/telemetry", "-m", "1"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let out = server.cli_ok(&["audit", "verify"]);
+    assert!(out.contains("0 problems"), "{out}");
 }

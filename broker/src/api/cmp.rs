@@ -103,7 +103,7 @@ impl Cmp {
 
     fn load_responder(auth: &Authority) -> Result<Responder, provisioning::Error> {
         let (key, cert) = auth.cmp_signer()?;
-        Responder::new(key, &cert, auth.ca.issuing_der())
+        Responder::new(key, &cert, &auth.ca.issuing_der())
     }
 
     /// The signer, renewed first if it is within a week of expiry.

@@ -89,6 +89,8 @@ pub fn router(state: AppState) -> Router {
             post(manufacturers::request),
         )
         .route("/v1/ca/root-crl", post(ceremony::root_crl))
+        .route("/v1/ca/issuing/request", post(ceremony::rollover_request))
+        .route("/v1/ca/issuing", post(ceremony::rollover_install))
         .route(
             "/v1/manufacturers/{name}/challenge",
             post(manufacturers::challenge),
@@ -277,7 +279,7 @@ impl FromRequestParts<AppState> for Admin {
         // Admin certificates come only from fleetgate's own issuing CA: a
         // manufacturer CA (whose key a factory holds) can sign a leaf with
         // any serial and URI, and that leaf chains to our root too.
-        if peer.info.issuer != state.auth.ca.issuing_name() {
+        if state.auth.ca.issuing_named(&peer.info.issuer).is_none() {
             return Err(peer.refuse(
                 StatusCode::FORBIDDEN,
                 "forbidden",

@@ -60,6 +60,19 @@ pub(super) enum CaCmd {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Root ceremony: a new issuing CA, while the earlier ones keep
+    /// validating (CA rollover, no restart). The node makes the key (in
+    /// its token, if its keys are in one) and a request; the root in
+    /// ROOT_DIR signs it here; the node installs it at once.
+    Rollover {
+        #[arg(long)]
+        root_dir: PathBuf,
+        /// The PIN of the root's token, if its key is in one.
+        #[arg(long)]
+        pin_file: Option<PathBuf>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// Root ceremony: certify the data dir's root OCSP responder for
     /// another year (with the key the node holds). Restart the node (or
     /// SIGHUP it) to use it.
@@ -170,6 +183,39 @@ pub(super) async fn ca_cmd(cmd: CaCmd) -> anyhow::Result<()> {
             outln!(
                 "root CRL {number} signed ({} revoked manufacturer CAs, valid a year) and installed",
                 revoked.len()
+            );
+            Ok(())
+        }
+        CaCmd::Rollover {
+            root_dir,
+            pin_file,
+            api,
+        } => {
+            let root = RootDir::new(&root_dir).open(read_pin(pin_file.as_deref())?.as_ref())?;
+            let client = api.client()?;
+            let req: fleetgate_api::types::RolloverRequest =
+                client.post("/v1/ca/issuing/request", &json!({})).await?;
+            if req.root_pem.trim() != root.pem.trim() {
+                anyhow::bail!(
+                    "the node's root is not the root in {}: wrong root dir or wrong cluster",
+                    root_dir.display()
+                );
+            }
+            let cert = ceremony::sign_issuing_csr(
+                &root,
+                &req.csr_pem,
+                &req.common_name,
+                req.status_url.as_deref(),
+            )?;
+            let done: serde_json::Value = client
+                .post("/v1/ca/issuing", &json!({ "cert_pem": cert.chain_pem }))
+                .await?;
+            outln!(
+                "rolled over to {} (generation {}, serial {}): new certificates come from it; \
+                 the earlier issuing CAs still validate",
+                req.common_name,
+                done["generation"],
+                cert.serial
             );
             Ok(())
         }

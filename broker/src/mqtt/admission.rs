@@ -132,12 +132,14 @@ impl RegistryVerifier {
         // verify with one signature, not two (a handshake's largest cost
         // after the key exchange).
         let mut trust = Trust {
-            anchors: vec![
-                anchor(self.auth.ca.root_der())?,
-                anchor(self.auth.ca.issuing_der())?,
-            ],
+            anchors: vec![anchor(self.auth.ca.root_der())?],
             ..Trust::default()
         };
+        // Every issuing CA generation: after a rollover, devices of the
+        // earlier ones still verify until their certificates run out.
+        for g in self.auth.ca.issuing_all().iter() {
+            trust.anchors.push(anchor(&g.der)?);
+        }
         for m in self.auth.registry.manufacturers()? {
             let der = m.ca_der()?;
             let ca = anchor(&der)?;

@@ -137,6 +137,18 @@ impl SigningKey for CaKey {
     }
 }
 
+/// A token label for a new key: `prefix`, the time, and random bits, so
+/// that nodes sharing a token never pick the same one.
+pub fn fresh_label(prefix: &str) -> String {
+    let mut r = [0u8; 4];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut r);
+    format!(
+        "{prefix}-{}-{}",
+        time::OffsetDateTime::now_utc().unix_timestamp(),
+        crate::id::hex(&r)
+    )
+}
+
 /// `<path>.uri`: where a key's token URI is recorded.
 pub fn uri_path(path: &Path) -> PathBuf {
     let mut s = path.as_os_str().to_owned();

@@ -331,25 +331,6 @@ impl TokenKey {
         s.sign(&Mechanism::Sha256Hmac, key, label)
             .map_err(|e| token_error(&self.uri, "deriving the seal secret", e))
     }
-
-    /// Deletes this key pair from the token (a delegated signer's key,
-    /// once its successor is in place).
-    pub fn destroy(self) -> Result<(), Error> {
-        let s = self
-            .session
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        for class in [ObjectClass::PRIVATE_KEY, ObjectClass::PUBLIC_KEY] {
-            for h in s
-                .find_objects(&label_template(class, &self.uri))
-                .map_err(|e| token_error(&self.uri, "finding the key", e))?
-            {
-                s.destroy_object(h)
-                    .map_err(|e| token_error(&self.uri, "deleting the key", e))?;
-            }
-        }
-        Ok(())
-    }
 }
 
 /// ECDSA-Sig-Value ::= SEQUENCE { r INTEGER, s INTEGER }, from the raw

@@ -1,0 +1,220 @@
+//! CA rollover: a new issuing CA while the old ones keep validating.
+//!
+//! Issuing CAs are generations in the data dir: `ca/issuing.crt` (and its
+//! key) is the first, `ca/issuing-<n>.crt` the n-th. The newest signs
+//! every new enrollment and rotation; the earlier ones stay until what
+//! they signed runs out: their certificates are trust anchors for
+//! devices and admins, OCSP answers for them (signed by their own keys),
+//! and each has its CRL (`/crl/issuing.crl`, `/crl/issuing-<n>.crl`,
+//! which is what their certificates name). Devices learn nothing new but
+//! the chain in their next certificate.
+//!
+//! The new CA is signed by the root at a ceremony (`fleetgate ca rollover
+//! --root-dir`): the node makes the key (in its token, if its keys are in
+//! one) and a request; the root signs it where the root is; the node
+//! checks and installs it, at once, with no restart.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use time::OffsetDateTime;
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use crate::ca::{self, load_signer, Paths, Signer, ISSUING_CRL_NAME};
+use crate::files::{read, write_file};
+use crate::keys::{self, Pin};
+use crate::{Authority, Error};
+
+/// The common name of generation `n`.
+pub fn issuing_cn(n: u32) -> String {
+    format!("fleetgate issuing CA {n}")
+}
+
+/// The CRL name (and file stem) of generation `n`.
+pub fn crl_name(n: u32) -> String {
+    if n == 1 {
+        ISSUING_CRL_NAME.to_owned()
+    } else {
+        format!("{ISSUING_CRL_NAME}-{n}")
+    }
+}
+
+impl Paths {
+    /// Generation `n`'s certificate.
+    pub fn issuing_cert_of(&self, n: u32) -> PathBuf {
+        self.dir.join(format!("ca/{}.crt", crl_name(n)))
+    }
+    /// Generation `n`'s key (or its `.uri`).
+    pub fn issuing_key_of(&self, n: u32) -> PathBuf {
+        self.dir.join(format!("ca/{}.key", crl_name(n)))
+    }
+    /// Where the next generation's key waits for the root's signature.
+    pub fn pending_issuing_key(&self) -> PathBuf {
+        self.dir.join("ca/pending/issuing.key")
+    }
+}
+
+/// Every issuing CA generation in the data dir, newest first. A
+/// generation's certificate is written after its key: one without a
+/// certificate is not there yet.
+pub(crate) fn load_generations(
+    paths: &Paths,
+    pin: Option<&Pin>,
+) -> Result<Vec<Arc<Signer>>, Error> {
+    let mut all = Vec::new();
+    let mut n = 1;
+    while paths.issuing_cert_of(n).exists() {
+        all.push(Arc::new(load_signer(
+            &paths.issuing_cert_of(n),
+            &paths.issuing_key_of(n),
+            &crl_name(n),
+            None,
+            pin,
+        )?));
+        n += 1;
+    }
+    if all.is_empty() {
+        return Err(Error::DataDir {
+            path: paths.issuing_cert(),
+            reason: "no issuing CA".into(),
+        });
+    }
+    all.reverse();
+    Ok(all)
+}
+
+/// What a node prepared for the root to sign: a new issuing CA.
+#[derive(Clone, Debug)]
+pub struct RolloverRequest {
+    pub generation: u32,
+    pub csr_pem: String,
+}
+
+impl Authority {
+    /// The generation after the newest.
+    fn next_generation(&self) -> u32 {
+        self.ca.issuing_all().len() as u32 + 1
+    }
+
+    /// The first half of a rollover: a key for the next issuing CA, made
+    /// where this node makes keys (kept as pending, reused if asked
+    /// again), and a request for the root to sign.
+    pub fn prepare_rollover(&self) -> Result<RolloverRequest, Error> {
+        let generation = self.next_generation();
+        let path = self.paths.pending_issuing_key();
+        if let Some(dir) = path.parent() {
+            ca::mkdir_private(dir)?;
+        }
+        let key = if keys::exists(&path) {
+            keys::load(&path, self.pin.as_ref())?
+        } else {
+            let label = keys::fresh_label(&format!("issuing-ca-{generation}"));
+            keys::generate(&path, &label, &self.custody())?
+        };
+        let mut params = rcgen::CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, issuing_cn(generation));
+        Ok(RolloverRequest {
+            generation,
+            csr_pem: params.serialize_request(&key)?.pem()?,
+        })
+    }
+
+    /// The second half: installs `cert` (PEM or DER), the root's signature
+    /// on the prepared key, as the newest generation, and uses it at once.
+    /// Returns the new generation's number.
+    pub fn install_rollover(&self, cert: &[u8]) -> Result<u32, Error> {
+        let bad = |why: String| Error::InvalidInput {
+            reason: format!("new issuing CA: {why}"),
+        };
+        let der = crate::manufacturer::one_cert_der("new issuing CA", cert)?;
+        let (_, parsed) =
+            X509Certificate::from_der(&der).map_err(|e| bad(format!("does not parse: {e}")))?;
+        let (_, root) = X509Certificate::from_der(self.ca.root_der())
+            .map_err(|e| Error::Certificate(e.to_string()))?;
+        if parsed.issuer() != root.subject()
+            || parsed.verify_signature(Some(root.public_key())).is_err()
+        {
+            return Err(bad("not signed by this CA's root".into()));
+        }
+        match parsed.basic_constraints() {
+            Ok(Some(bc)) if bc.value.ca && bc.value.path_len_constraint == Some(0) => {}
+            _ => return Err(bad("not a CA with pathLen 0".into())),
+        }
+        let generation = self.next_generation();
+        let cn = ca::common_name(parsed.subject()).unwrap_or_default();
+        if cn != issuing_cn(generation) {
+            return Err(bad(format!(
+                "its name is {cn:?}, not {:?}: prepare the request again",
+                issuing_cn(generation)
+            )));
+        }
+        let pending = self.paths.pending_issuing_key();
+        if !keys::exists(&pending) {
+            return Err(bad(
+                "this node prepared no key (POST /v1/ca/issuing/request first)".into(),
+            ));
+        }
+        let key = keys::load(&pending, self.pin.as_ref())?;
+        if parsed.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+            return Err(bad("its key is not the one this node prepared".into()));
+        }
+        // Key, then certificate: the certificate's presence completes it.
+        let key_path = self.paths.issuing_key_of(generation);
+        match keys::kept(&pending)? {
+            keys::Kept::File(p) => {
+                write_file(&key_path, &read(&p)?, true)?;
+                std::fs::remove_file(&p).map_err(|e| crate::files::io(&p, e))?;
+            }
+            keys::Kept::Token(uri) => {
+                keys::record_uri(&key_path, &uri)?;
+                let _ = std::fs::remove_file(keys::uri_path(&pending));
+            }
+            keys::Kept::Missing => return Err(Error::Corrupt("the pending key vanished".into())),
+        }
+        write_file(
+            &self.paths.issuing_cert_of(generation),
+            crate::manufacturer::pem_encode("CERTIFICATE", &der).as_bytes(),
+            false,
+        )?;
+        self.reload_issuing()?;
+        tracing::info!(
+            generation,
+            serial = %crate::Serial::from_bytes(parsed.raw_serial())?,
+            "rolled over to a new issuing CA: new certificates come from it; the earlier ones \
+             still validate"
+        );
+        Ok(generation)
+    }
+
+    /// Reads the issuing CA generations from the data dir again (after a
+    /// rollover here, or one copied from another node).
+    pub fn reload_issuing(&self) -> Result<(), Error> {
+        let all = load_generations(&self.paths, self.pin.as_ref())?;
+        self.ca.set_issuing(all);
+        Ok(())
+    }
+
+    /// A freshly signed CRL of the issuing CA generation whose CRL is
+    /// `name` (`issuing`, `issuing-2`, ...); `None` for another name.
+    pub fn issuing_crl_named(&self, name: &str) -> Option<Result<Vec<u8>, Error>> {
+        let signer = self
+            .ca
+            .issuing_all()
+            .iter()
+            .find(|s| s.crl_name == name)
+            .cloned()?;
+        Some((|| {
+            let listed = self.registry.revoked_by_issuer(None, &signer.name)?;
+            let number = self.registry.next_crl_number(&signer.crl_name)?;
+            ca::crl(&signer, &listed, number)
+        })())
+    }
+}
+
+/// The expiry of generation `n` in `paths`, for reports.
+pub fn expires(paths: &Paths, n: u32) -> Result<OffsetDateTime, Error> {
+    crate::ceremony::not_after(&paths.issuing_cert_of(n))
+}
