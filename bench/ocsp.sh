@@ -61,6 +61,7 @@ with open(sys.argv[2], "w") as idx, open(sys.argv[3], "w") as ser:
         if d["role"] != "device":
             continue
         for s in d["certificates"]:
+            s = s.split(":")[0]  # serial:issuer-hash
             ser.write(s + "\n")
             if d["status"] == "revoked":
                 at = d["revocation"]["at"]  # 2026-11-22T21:03:37Z

@@ -655,3 +655,164 @@ fn a_fleet_runs_across_a_ca_rollover_with_no_connection_refused() {
     let out = server.cli_ok(&["audit", "verify"]);
     assert!(out.contains("0 problems"), "{out}");
 }
+
+/// The README's "Protecting the CA keys" examples, run as printed: a
+/// SoftHSM2 token, `ca init` with an offline root and the issuing key in
+/// the token, the check and pkcs11-tool; then, against the running node,
+/// every ceremony.
+#[test]
+fn the_readme_key_custody_examples_work_as_printed() {
+    for tool in ["softhsm2-util", "pkcs11-tool", "openssl"] {
+        require_tool(tool);
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path().join("work");
+    let tokens = tmp.path().join("tokens");
+    std::fs::create_dir_all(&work).unwrap();
+    std::fs::create_dir_all(&tokens).unwrap();
+    let conf = tmp.path().join("softhsm2.conf");
+    std::fs::write(&conf, format!("directories.tokendir = {}\n", tokens.display())).unwrap();
+    let bin = fleetgate_bin();
+    let path = format!(
+        "{}:{}",
+        bin.parent().unwrap().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let script = |block: &str| {
+        run(Command::new("bash")
+            .args(["-euo", "pipefail", "-c", block])
+            .current_dir(&work)
+            .env("PATH", &path)
+            .env("SOFTHSM2_CONF", &conf)
+            .env("FLEETGATE_LOG", "warn"))
+    };
+    let init = tests::readme_example("softhsm2-util --init-token --free --label fleetgate");
+    let (ok, out) = script(&init);
+    assert!(ok, "the README's HSM example failed:\n{out}");
+    assert!(out.contains("never extractable"), "{out}");
+    assert!(work.join("root-ca/root.key").exists());
+    assert!(!work.join("fleetgate-data/ca/root.key").exists());
+    assert!(work.join("fleetgate-data/ca/issuing.key.uri").exists());
+
+    let data = work.join("fleetgate-data");
+    let pin = work.join("token.pin");
+    let server = Server::start_env(
+        &[],
+        &data,
+        &["--pin-file", s(&pin)],
+        &[("SOFTHSM2_CONF", conf.as_path())],
+    )
+    .unwrap();
+    let ceremonies =
+        tests::readme_example("# A manufacturer CA (its key is in the node's token, or with");
+    let (ok, out) = run(Command::new("bash")
+        .args(["-euo", "pipefail", "-c", &ceremonies])
+        .current_dir(&work)
+        .env("PATH", &path)
+        .env("SOFTHSM2_CONF", &conf)
+        .env("FLEETGATE_API", server.api_url())
+        .env("FLEETGATE_LOG", "warn"));
+    assert!(ok, "the README's ceremonies failed:\n{out}");
+    assert!(out.contains("stays in the node's token"), "{out}");
+    assert!(out.contains("1 revoked manufacturer CAs"), "{out}");
+    assert!(out.contains("rolled over to fleetgate issuing CA 2"), "{out}");
+    assert!(out.contains("root's OCSP responder"), "{out}");
+    assert!(data.join("ca/issuing-2.key.uri").exists());
+    // And nothing in the data dir is a CA key after all of it.
+    let mut found: Vec<String> = private_keys_under(&data)
+        .iter()
+        .map(|p| p.strip_prefix(&data).unwrap().display().to_string())
+        .collect();
+    found.sort();
+    assert_eq!(found, ["admin.key", "server.key"]);
+}
+
+/// Two nodes on one etcd open one token (a network HSM's stand-in: one
+/// SoftHSM2 token directory): each signs through it, neither's data dir
+/// holds a CA key, and a rollover made on one reaches the other with the
+/// certificate and the key's URI copied over and a SIGHUP.
+#[test]
+fn two_nodes_share_one_token_and_neither_holds_a_ca_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let token = Token::new(tmp.path(), "cluster");
+    let etcd = tests::etcd::Etcd::start(&tmp.path().join("etcd"));
+    let store = etcd.url();
+    let one_dir = tmp.path().join("node-1");
+    let root = tmp.path().join("root");
+    let (ok, out) = fleetgate(
+        &[
+            "ca",
+            "init",
+            "--data-dir",
+            s(&one_dir),
+            "--root-out",
+            s(&root),
+            "--ca-key-uri",
+            &token.uri("issuing-ca"),
+            "--pin-file",
+            s(&token.pin_file),
+            "--store",
+            &store,
+        ],
+        Some(&token),
+    );
+    assert!(ok, "{out}");
+    let two_dir = tmp.path().join("node-2");
+    tests::copy_data_dir(&one_dir, &two_dir);
+    let envs = [("SOFTHSM2_CONF", token.conf.as_path())];
+    let args = ["--pin-file", s(&token.pin_file), "--store", &store];
+    let one = Server::start_env(&[], &one_dir, &args, &envs).unwrap();
+    let two = Server::start_env(&[], &two_dir, &args, &envs).unwrap();
+
+    // Enrolled through node two (signed in the token), admitted and
+    // answered for by node one.
+    let devs = tmp.path().join("devs");
+    let dev = two.enroll(&devs, "device", "dev-1");
+    assert!(openssl_verify(&one_dir.join("ca.crt"), &dev.cert).contains("OK"));
+    let st = one
+        .mosquitto("mosquitto_pub", &dev)
+        .args(["-t", "devices/dev-1/telemetry", "-m", "1"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    for node in [&one, &two] {
+        let a = node.openssl_ocsp(&dev.cert);
+        assert!(a.contains("Response verify OK") && a.contains(": good"), "{a}");
+    }
+    for dir in [&one_dir, &two_dir] {
+        let mut found: Vec<String> = private_keys_under(dir)
+            .iter()
+            .map(|p| p.strip_prefix(dir).unwrap().display().to_string())
+            .collect();
+        found.sort();
+        assert_eq!(found, ["admin.key", "server.key"], "in {}", dir.display());
+    }
+
+    // A rollover on node one; node two takes it with two small files.
+    one.cli_ok(&["ca", "rollover", "--root-dir", s(&root)]);
+    for f in ["ca/issuing-2.crt", "ca/issuing-2.key.uri"] {
+        std::fs::copy(one_dir.join(f), two_dir.join(f)).unwrap();
+    }
+    let (ok, out) = run(Command::new("kill").args(["-HUP", &two.pid().to_string()]));
+    assert!(ok, "{out}");
+    assert!(two.wait_for_log("SIGHUP", Duration::from_secs(10)));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut n = 0;
+    let next = loop {
+        n += 1;
+        let c = two.enroll(&tmp.path().join("next"), "device", &format!("dev-n{n}"));
+        if issuer_of(&c.cert).contains("fleetgate issuing CA 2") {
+            break c;
+        }
+        assert!(Instant::now() < deadline, "node two still issues from the first CA");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    for node in [&one, &two] {
+        let st = node
+            .mosquitto("mosquitto_pub", &next)
+            .args(["-t", &format!("devices/{}/telemetry", next.id), "-m", "1"])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+}

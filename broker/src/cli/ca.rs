@@ -46,6 +46,19 @@ pub(super) enum CaCmd {
         /// Extra names for the server certificate (as `serve --san`).
         #[arg(long = "san")]
         sans: Vec<String>,
+        /// The cluster's shared registry, as `serve --store` (the first
+        /// operator is registered there): https://host:port,... or etcd://.
+        #[arg(long, value_parser = super::serve_args::parse_store)]
+        store: Option<super::serve_args::EtcdEndpoints>,
+        /// With --store https://: as `serve --store-ca`.
+        #[arg(long)]
+        store_ca: Option<PathBuf>,
+        /// With --store https://: as `serve --store-cert`.
+        #[arg(long, requires = "store_key")]
+        store_cert: Option<PathBuf>,
+        /// With --store https://: as `serve --store-key`.
+        #[arg(long, requires = "store_cert")]
+        store_key: Option<PathBuf>,
     },
     /// Root ceremony: sign the root's CRL anew from the manufacturer CAs
     /// revoked so far, and install it on the cluster (through the admin
@@ -117,6 +130,10 @@ pub(super) async fn ca_cmd(cmd: CaCmd) -> anyhow::Result<()> {
             root_pin_file,
             public_url,
             sans,
+            store,
+            store_ca,
+            store_cert,
+            store_key,
         } => {
             let pin = read_pin(pin_file.as_deref())?;
             let root_pin = read_pin(root_pin_file.as_deref())?.or_else(|| pin.clone());
@@ -129,6 +146,31 @@ pub(super) async fn ca_cmd(cmd: CaCmd) -> anyhow::Result<()> {
                 root_out: root_out.clone(),
                 store: None,
             };
+            let store = match store {
+                None => None,
+                Some(e) => {
+                    let tls = match (e.tls, store_ca) {
+                        (false, _) => None,
+                        (true, None) => anyhow::bail!("--store https://... needs --store-ca"),
+                        (true, Some(ca)) => Some(crate::etcd::EtcdTls {
+                            ca,
+                            identity: store_cert.zip(store_key),
+                        }),
+                    };
+                    let s = tokio::task::spawn_blocking(move || {
+                        crate::etcd::EtcdStore::connect_counted(
+                            e.members,
+                            "fleetgate/",
+                            tls,
+                            Default::default(),
+                        )
+                    })
+                    .await?
+                    .context("the registry's etcd cluster")?;
+                    Some(std::sync::Arc::new(s) as std::sync::Arc<dyn provisioning::store::Store>)
+                }
+            };
+            let opts = InitOptions { store, ..opts };
             if Paths::new(&data_dir).marker().exists() {
                 anyhow::bail!(
                     "{} is already a fleetgate data dir: ca init makes a new CA in an empty one",

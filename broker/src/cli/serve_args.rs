@@ -174,9 +174,9 @@ pub(super) struct ServeArgs {
 /// The etcd members' client addresses of `--store`.
 #[derive(Clone, Debug)]
 pub(super) struct EtcdEndpoints {
-    members: Vec<String>,
+    pub(super) members: Vec<String>,
     /// `https://`: TLS, with --store-ca, --store-cert and --store-key.
-    tls: bool,
+    pub(super) tls: bool,
 }
 
 /// `https://host:port[,host:port...]` (TLS) or `etcd://...` (plain): the

@@ -2,8 +2,9 @@
 //! URI, used only to sign; their private halves never leave the token.
 //!
 //! Each module is loaded and initialized once per process; each key holds
-//! its own session (a PKCS#11 session is one thread's at a time), and a
-//! login on one session logs the application in on all of them.
+//! a few sessions of its own (a PKCS#11 session is one thread's at a time,
+//! so one per core lets signatures run side by side), and a login on one
+//! session logs the application in on all of them.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -134,7 +135,9 @@ fn session(uri: &TokenUri, pin: &Pin) -> Result<Session, Error> {
 /// A P-256 signing key in a token.
 pub struct TokenKey {
     pub uri: TokenUri,
-    session: Mutex<Session>,
+    /// One session per core: a signer takes a free one.
+    sessions: Vec<Mutex<Session>>,
+    next: std::sync::atomic::AtomicUsize,
     private: ObjectHandle,
     /// The uncompressed point (0x04 || X || Y).
     pub public: Vec<u8>,
@@ -221,9 +224,16 @@ impl TokenKey {
         }
         let public = point
             .ok_or_else(|| Error::Crypto(format!("key {:?}: unreadable EC point", uri.object)))?;
+        let mut sessions = vec![Mutex::new(s)];
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        for _ in 1..cores.clamp(1, 8) {
+            // Object handles hold across an application's sessions.
+            sessions.push(Mutex::new(session(uri, pin)?));
+        }
         Ok(Self {
             uri: uri.clone(),
-            session: Mutex::new(s),
+            sessions,
+            next: Default::default(),
             private,
             public,
         })
@@ -275,14 +285,27 @@ impl TokenKey {
         Self::open(uri, pin)
     }
 
+    /// A free session (the first one not in use, starting from a rotating
+    /// place), or else waits for one.
+    fn session(&self) -> std::sync::MutexGuard<'_, Session> {
+        use std::sync::atomic::Ordering;
+        let n = self.sessions.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        for i in 0..n {
+            if let Ok(s) = self.sessions[(start + i) % n].try_lock() {
+                return s;
+            }
+        }
+        self.sessions[start % n]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// ECDSA over the SHA-256 of `msg`, DER-encoded (what X.509 carries).
     pub fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, Error> {
         let digest = ring::digest::digest(&ring::digest::SHA256, msg);
         let raw = {
-            let s = self
-                .session
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let s = self.session();
             s.sign(&Mechanism::Ecdsa, self.private, digest.as_ref())
                 .map_err(|e| token_error(&self.uri, "signing", e))?
         };
@@ -299,10 +322,7 @@ impl TokenKey {
     /// key in the token, made on first use (sensitive, never extractable):
     /// a secret every node with the token derives alike.
     pub fn derive_secret(&self, object: &str, label: &[u8]) -> Result<Vec<u8>, Error> {
-        let s = self
-            .session
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let s = self.session();
         let template = [
             Attribute::Class(ObjectClass::SECRET_KEY),
             Attribute::Label(object.as_bytes().to_vec()),
