@@ -146,6 +146,42 @@ fn offline_root_and_keys_in_softhsm_serve_enroll_connect_and_answer_ocsp() {
         "{out}"
     );
 
+    // CMP: stock `openssl cmp` checks the response's protection, signed by
+    // the CMP signer's key in the token.
+    let c = tmp.path().join("cmp");
+    server.cli_ok(&["claim", "create", "line-1", "--uses", "1", "--out", s(&c)]);
+    let newkey = c.join("cmp-1.key");
+    let (ok, out) = run(Command::new("openssl")
+        .args([
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-out",
+        ])
+        .arg(&newkey));
+    assert!(ok, "{out}");
+    let (ok, out) = run(Command::new("openssl")
+        .args(["cmp", "-cmd", "ir", "-server"])
+        .arg(server.api.to_string())
+        .args(["-path", ".well-known/cmp", "-tls_used", "-tls_trusted"])
+        .arg(data.join("ca.crt"))
+        .arg("-trusted")
+        .arg(data.join("ca.crt"))
+        .arg("-cert")
+        .arg(c.join("line-1.crt"))
+        .arg("-key")
+        .arg(c.join("line-1.key"))
+        .arg("-newkey")
+        .arg(&newkey)
+        .args(["-subject", "/CN=cmp-1", "-certout"])
+        .arg(c.join("cmp-1.crt")));
+    assert!(ok && out.contains("received PKICONF"), "{out}");
+    assert!(std::fs::read_to_string(data.join("cmp/signer.key.uri"))
+        .unwrap()
+        .starts_with("pkcs11:token=fleetgate;object=cmp-signer-"));
+
     // Only the root needs the root: a manufacturer CA is a ceremony.
     let out = server.cli(&[
         "manufacturer",
@@ -671,7 +707,11 @@ fn the_readme_key_custody_examples_work_as_printed() {
     std::fs::create_dir_all(&work).unwrap();
     std::fs::create_dir_all(&tokens).unwrap();
     let conf = tmp.path().join("softhsm2.conf");
-    std::fs::write(&conf, format!("directories.tokendir = {}\n", tokens.display())).unwrap();
+    std::fs::write(
+        &conf,
+        format!("directories.tokendir = {}\n", tokens.display()),
+    )
+    .unwrap();
     let bin = fleetgate_bin();
     let path = format!(
         "{}:{}",
@@ -715,7 +755,10 @@ fn the_readme_key_custody_examples_work_as_printed() {
     assert!(ok, "the README's ceremonies failed:\n{out}");
     assert!(out.contains("stays in the node's token"), "{out}");
     assert!(out.contains("1 revoked manufacturer CAs"), "{out}");
-    assert!(out.contains("rolled over to fleetgate issuing CA 2"), "{out}");
+    assert!(
+        out.contains("rolled over to fleetgate issuing CA 2"),
+        "{out}"
+    );
     assert!(out.contains("root's OCSP responder"), "{out}");
     assert!(data.join("ca/issuing-2.key.uri").exists());
     // And nothing in the data dir is a CA key after all of it.
@@ -777,7 +820,10 @@ fn two_nodes_share_one_token_and_neither_holds_a_ca_key() {
     assert!(st.success());
     for node in [&one, &two] {
         let a = node.openssl_ocsp(&dev.cert);
-        assert!(a.contains("Response verify OK") && a.contains(": good"), "{a}");
+        assert!(
+            a.contains("Response verify OK") && a.contains(": good"),
+            "{a}"
+        );
     }
     for dir in [&one_dir, &two_dir] {
         let mut found: Vec<String> = private_keys_under(dir)
@@ -804,7 +850,10 @@ fn two_nodes_share_one_token_and_neither_holds_a_ca_key() {
         if issuer_of(&c.cert).contains("fleetgate issuing CA 2") {
             break c;
         }
-        assert!(Instant::now() < deadline, "node two still issues from the first CA");
+        assert!(
+            Instant::now() < deadline,
+            "node two still issues from the first CA"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     for node in [&one, &two] {
@@ -815,4 +864,60 @@ fn two_nodes_share_one_token_and_neither_holds_a_ca_key() {
             .unwrap();
         assert!(st.success());
     }
+}
+
+/// The root itself in a token at its ceremonies (`--root-key-uri`): the
+/// root dir holds only its URI, and a ceremony opens it with its PIN.
+#[test]
+fn the_root_can_live_in_a_token_of_its_own() {
+    let tmp = tempfile::tempdir().unwrap();
+    let token = Token::new(tmp.path(), "root-token");
+    let data = tmp.path().join("data");
+    let root = tmp.path().join("root");
+    let (ok, out) = fleetgate(
+        &[
+            "ca",
+            "init",
+            "--data-dir",
+            s(&data),
+            "--root-out",
+            s(&root),
+            "--root-key-uri",
+            &token.uri("root-ca"),
+            "--root-pin-file",
+            s(&token.pin_file),
+        ],
+        Some(&token),
+    );
+    assert!(ok, "{out}");
+    assert!(root.join("root.key.uri").exists());
+    assert!(private_keys_under(&root).is_empty());
+    let (ok, objects) = token.pkcs11_tool(&["--list-objects", "--type", "privkey"]);
+    assert!(ok && objects.contains("label:      root-ca"), "{objects}");
+    // The node's keys are files here (no --ca-key-uri), the root is not.
+    let server = Server::start(&data).unwrap();
+    let ceremony = |args: &[&str]| {
+        let mut c = Command::new(fleetgate_bin());
+        c.args(args)
+            .env("SOFTHSM2_CONF", &token.conf)
+            .env("FLEETGATE_API", server.api_url())
+            .env("FLEETGATE_DATA_DIR", &data)
+            .env("FLEETGATE_LOG", "warn");
+        run(&mut c)
+    };
+    // Without the PIN the ceremony says what it needs.
+    let (ok, out) = ceremony(&["ca", "rollover", "--root-dir", s(&root)]);
+    assert!(!ok && out.contains("--pin-file"), "{out}");
+    let (ok, out) = ceremony(&[
+        "ca",
+        "rollover",
+        "--root-dir",
+        s(&root),
+        "--pin-file",
+        s(&token.pin_file),
+    ]);
+    assert!(ok, "{out}");
+    let dev = server.enroll(&tmp.path().join("devs"), "device", "dev-1");
+    assert!(issuer_of(&dev.cert).contains("fleetgate issuing CA 2"));
+    assert!(openssl_verify(&data.join("ca.crt"), &dev.cert).contains("OK"));
 }

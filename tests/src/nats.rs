@@ -1,0 +1,200 @@
+//! Real NATS servers with JetStream on loopback ports (Debian
+//! `nats-server`), killed when dropped.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::etcd::free_port;
+
+/// `n` servers of one cluster (`n` = 1: a lone server).
+#[derive(Debug)]
+pub struct Nats {
+    servers: Vec<Child>,
+    /// Client ports.
+    pub ports: Vec<u16>,
+    monitors: Vec<u16>,
+    commands: Vec<Vec<String>>,
+}
+
+impl Nats {
+    pub fn start(dir: &Path) -> Self {
+        Self::cluster(dir, 1)
+    }
+
+    pub fn cluster(dir: &Path, n: usize) -> Self {
+        crate::require_tool("nats-server");
+        let ports: Vec<(u16, u16, u16)> = (0..n)
+            .map(|_| (free_port(), free_port(), free_port()))
+            .collect();
+        let routes = ports
+            .iter()
+            .map(|(_, _, c)| format!("nats://127.0.0.1:{c}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut nats = Nats {
+            servers: Vec::new(),
+            ports: Vec::new(),
+            monitors: Vec::new(),
+            commands: Vec::new(),
+        };
+        for (i, (client, monitor, cluster)) in ports.iter().enumerate() {
+            let store: PathBuf = dir.join(format!("n{i}"));
+            let mut args: Vec<String> = [
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &client.to_string(),
+                "-m",
+                &monitor.to_string(),
+                "-js",
+                "-sd",
+                &store.to_string_lossy(),
+                "-n",
+                &format!("n{i}"),
+            ]
+            .map(str::to_owned)
+            .to_vec();
+            if n > 1 {
+                args.extend(
+                    [
+                        "--cluster_name",
+                        "fleetgate",
+                        "--cluster",
+                        &format!("nats://127.0.0.1:{cluster}"),
+                        "--routes",
+                        &routes,
+                    ]
+                    .map(str::to_owned),
+                );
+            }
+            nats.servers.push(spawn(&args));
+            nats.commands.push(args);
+            nats.ports.push(*client);
+            nats.monitors.push(*monitor);
+        }
+        for i in 0..n {
+            nats.wait_healthy(i);
+        }
+        nats
+    }
+
+    /// One server with JetStream and `config` (a nats-server
+    /// configuration: `tls`, `authorization`, ...) written to
+    /// `dir/nats.conf`; its ports are chosen here.
+    pub fn with_config(dir: &Path, config: &str) -> Self {
+        crate::require_tool("nats-server");
+        std::fs::create_dir_all(dir).expect("nats dir");
+        let conf = dir.join("nats.conf");
+        std::fs::write(&conf, config).expect("writing nats.conf");
+        let (client, monitor) = (free_port(), free_port());
+        let args: Vec<String> = [
+            "-c",
+            &conf.to_string_lossy(),
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &client.to_string(),
+            "-m",
+            &monitor.to_string(),
+            "-js",
+            "-sd",
+            &dir.join("n0").to_string_lossy(),
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        let nats = Nats {
+            servers: vec![spawn(&args)],
+            ports: vec![client],
+            monitors: vec![monitor],
+            commands: vec![args],
+        };
+        nats.wait_healthy(0);
+        nats
+    }
+
+    /// `--nats` with TLS: `tls://` URLs.
+    pub fn tls_url(&self) -> String {
+        self.url().replace("nats://", "tls://")
+    }
+
+    /// Waits until server `i` says JetStream is ready.
+    pub fn wait_healthy(&self, i: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !healthy(self.monitors[i]) {
+            assert!(Instant::now() < deadline, "nats-server {i} not healthy");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `--nats` for a fleetgate node.
+    pub fn url(&self) -> String {
+        self.ports
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub fn kill(&mut self, i: usize) {
+        let _ = self.servers[i].kill();
+        let _ = self.servers[i].wait();
+    }
+
+    pub fn restart(&mut self, i: usize) {
+        self.servers[i] = spawn(&self.commands[i]);
+        self.wait_healthy(i);
+    }
+}
+
+fn spawn(args: &[String]) -> Child {
+    Command::new("nats-server")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting nats-server")
+}
+
+impl Nats {
+    /// How many messages stream `name` holds, as server `i`'s
+    /// monitoring endpoint says (`None`: no such stream there).
+    pub fn stream_messages(&self, i: usize, name: &str) -> Option<u64> {
+        let body = get(self.monitors[i], "/jsz?accounts=true&streams=true")?;
+        let body = body.split_once("\r\n\r\n")?.1;
+        let v: serde_json::Value = serde_json::from_str(body).ok()?;
+        v["account_details"]
+            .as_array()?
+            .iter()
+            .flat_map(|a| a["stream_detail"].as_array().into_iter().flatten())
+            .find(|s| s["name"] == name)
+            .and_then(|s| s["state"]["messages"].as_u64())
+    }
+}
+
+/// A plain HTTP GET of `path` from the monitoring port, head and body.
+fn get(monitor: u16, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", monitor)).ok()?;
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    Some(out)
+}
+
+fn healthy(monitor: u16) -> bool {
+    get(monitor, "/healthz")
+        .is_some_and(|out| out.starts_with("HTTP/1.0 200") || out.starts_with("HTTP/1.1 200"))
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        for s in &mut self.servers {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+    }
+}
