@@ -157,6 +157,12 @@ impl Authority {
         let issuing_key = keys::generate(&paths.issuing_key(), &issuing_object, &opts.custody)?;
         let issuing = issuing_ca_params("fleetgate issuing CA 1", now, opts.status_url.as_deref())?;
         let issuing_cert = issuing.signed_by(&issuing_key, &root_issuer)?;
+        // In a token, the bus seal's secret is made now, once, beside the
+        // key: nodes that start together later must find one, not each
+        // make their own.
+        if issuing_key.in_memory().is_none() {
+            issuing_key.seal_secret()?;
+        }
 
         write_file(&paths.issuing_cert(), issuing_cert.pem().as_bytes(), false)?;
         write_file(&paths.ca_cert(), root_cert.pem().as_bytes(), false)?;
@@ -244,11 +250,12 @@ impl Authority {
         Ok(auth)
     }
 
-    /// Where new keys are made: in the token the issuing CA's key is in,
-    /// else files. (Read from the data dir, so every node of a cluster and
-    /// every restart agrees.)
+    /// Where new keys are made: in the token the current issuing CA's key
+    /// is in, else files. (Read from the data dir, so every node of a
+    /// cluster and every restart agrees.)
     pub fn custody(&self) -> Custody {
-        match (keys::kept(&self.paths.issuing_key()), &self.pin) {
+        let current = self.ca.issuing_all().len() as u32;
+        match (keys::kept(&self.paths.issuing_key_of(current)), &self.pin) {
             (Ok(keys::Kept::Token(base)), Some(pin)) => Custody::Token {
                 base,
                 pin: pin.clone(),

@@ -330,9 +330,17 @@ impl TokenKey {
         let found = s
             .find_objects(&template)
             .map_err(|e| token_error(&self.uri, "finding the seal secret", e))?;
-        let key = match found.first() {
-            Some(k) => *k,
-            None => s
+        let key = match found.as_slice() {
+            [k] => *k,
+            [_, _, ..] => {
+                return Err(Error::Crypto(format!(
+                    "token {:?} has {} secrets labelled {object:?}: the nodes would seal \
+                     differently; keep the oldest and delete the others",
+                    self.uri.token,
+                    found.len()
+                )))
+            }
+            [] => s
                 .generate_key(
                     &Mechanism::GenericSecretKeyGen,
                     &[
