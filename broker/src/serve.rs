@@ -50,6 +50,20 @@ pub struct ServeConfig {
     /// be sealed (nothing with a lower sequence number still committing).
     pub audit_seal: Duration,
     pub audit_settle: Duration,
+    /// Re-reads the configuration file on SIGHUP (`serve --config`),
+    /// applies what can change at run time, and says what it did.
+    pub reload_config: Option<ConfigReload>,
+}
+
+/// What SIGHUP does with the configuration file: a line for the log, or
+/// why the file was refused (the running configuration stays).
+#[derive(Clone)]
+pub struct ConfigReload(pub Arc<dyn Fn() -> Result<String, String> + Send + Sync>);
+
+impl std::fmt::Debug for ConfigReload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ConfigReload")
+    }
 }
 
 /// A server whose listeners are bound and whose data dir is open.
@@ -65,6 +79,9 @@ pub struct Server {
     status: Arc<StatusService>,
     /// The shared registry's store, when on etcd.
     etcd: Option<Arc<crate::etcd::EtcdStore>>,
+    /// SIGHUP, caught from the moment the listeners are bound (its
+    /// default action would end the process).
+    hup: Option<tokio::signal::unix::Signal>,
 }
 
 impl Server {
@@ -162,6 +179,13 @@ impl Server {
             ),
             None => None,
         };
+        let hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "no SIGHUP handler; reload by restart");
+                None
+            }
+        };
         Ok(Self {
             prometheus,
             cfg,
@@ -172,6 +196,7 @@ impl Server {
             metrics,
             status,
             etcd,
+            hup,
         })
     }
 
@@ -197,7 +222,7 @@ impl Server {
     }
 
     /// Serves until `shutdown` turns true, then drains and flushes.
-    pub async fn run(self, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    pub async fn run(mut self, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
         let metrics = self.metrics.clone();
         let tls = Arc::new(ServerTls::load(&self.auth, metrics.clone())?);
         let broker = Broker::new(
@@ -299,6 +324,8 @@ impl Server {
             self.status.clone(),
             self.cfg.server_sans.clone(),
             self.cfg.upkeep_interval,
+            self.cfg.reload_config.clone(),
+            self.hup.take(),
             shutdown.clone(),
         ));
         let ocsp = serve_http(
@@ -402,16 +429,10 @@ async fn upkeep(
     status: Arc<StatusService>,
     sans: Vec<String>,
     every: Duration,
+    reload_config: Option<ConfigReload>,
+    mut hup: Option<tokio::signal::unix::Signal>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut hup = match signal(SignalKind::hangup()) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            tracing::warn!(error = %e, "no SIGHUP handler; reload by restart");
-            None
-        }
-    };
     let mut tick = tokio::time::interval(every);
     tick.tick().await; // the first tick is now; start-up already checked
     loop {
@@ -436,7 +457,13 @@ async fn upkeep(
                 }
             }
             Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
-                tracing::info!("SIGHUP: reloading the issuing CAs, TLS and the OCSP signers");
+                tracing::info!("SIGHUP: reloading the configuration file, the issuing CAs, TLS and the OCSP signers");
+                if let Some(reload) = &reload_config {
+                    match (reload.0)() {
+                        Ok(said) => tracing::info!("SIGHUP: configuration file: {said}"),
+                        Err(e) => tracing::error!(error = %e, "SIGHUP: the configuration file is refused; the running configuration stays"),
+                    }
+                }
                 // Issuing CA generations copied in from another node.
                 if let Err(e) = auth.reload_issuing() {
                     tracing::error!(error = %e, "reloading the issuing CAs; keeping the old ones");

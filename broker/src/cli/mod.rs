@@ -36,6 +36,7 @@ macro_rules! outln {
 }
 
 mod ca;
+mod config;
 mod manufacturer;
 mod serve_args;
 
@@ -103,10 +104,18 @@ enum Command {
         keys_only: bool,
         #[arg(long)]
         json: bool,
+        /// Check a configuration file for `serve --config` instead (every
+        /// key an option, every value one it takes): exit 0, or 64 with
+        /// the file, line and key.
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// The operator console in the browser.
     #[command(subcommand)]
     Console(ConsoleCmd),
+    /// Configuration files for `serve --config`.
+    #[command(subcommand)]
+    Config(ConfigCmd),
     /// Read the audit log; `audit verify` checks it has not been tampered
     /// with.
     #[command(args_conflicts_with_subcommands = true)]
@@ -127,6 +136,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigCmd {
+    /// Print a configuration file with every option of `serve`, its help
+    /// and its default (commented out).
+    Example,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -437,8 +453,22 @@ enum ServiceCmd {
 
 /// Runs the command line; the binary's whole `main`.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
-    init_tracing(cli.log_format);
+    // `serve --config FILE`: the file's options become flags first.
+    let raw: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let (argv, reloader) =
+        match config::expand(raw.clone()).and_then(|a| Ok((a, config::Reloader::new(&raw)?))) {
+            Ok(a) => a,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        };
+    let cli = Cli::parse_from(argv);
+    let spec = match &cli.command {
+        Command::Serve(a) => Some(a.log_level.clone()),
+        _ => None,
+    };
+    init_tracing(cli.log_format, spec.as_deref());
     tls::install_crypto_provider();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -452,12 +482,25 @@ pub fn main() -> ExitCode {
     };
     rt.block_on(async move {
         match cli.command {
-            Command::Serve(args) => serve_cmd(*args).await,
+            Command::Serve(args) => serve_cmd(*args, reloader).await,
+            Command::Check {
+                config: Some(path), ..
+            } => match config::serve_args_from(&path) {
+                Ok(_) => {
+                    outln!("{}: a valid configuration", path.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(EXIT_CONFIG)
+                }
+            },
             Command::Check {
                 data_dir,
                 key_policy,
                 keys_only,
                 json,
+                config: None,
             } => check_cmd(&data_dir, key_policy, keys_only, json),
             other => match client_cmd(other).await {
                 Ok(()) => ExitCode::SUCCESS,
@@ -470,29 +513,60 @@ pub fn main() -> ExitCode {
     })
 }
 
-fn init_tracing(format: LogFormat) {
+/// The log filter when neither `--log-level` nor `FLEETGATE_LOG` says.
+pub(super) const DEFAULT_LOG: &str = "info,sled=warn,rumqttd=warn,rustls=error";
+
+/// Changes the log filter of a running process (SIGHUP with a new
+/// `log-level` in the configuration file).
+type SetFilter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+static SET_FILTER: std::sync::OnceLock<SetFilter> = std::sync::OnceLock::new();
+
+/// Sets the log filter (`info`, `debug,sled=warn`, ...), or says why not.
+pub fn set_log_filter(spec: &str) -> Result<(), String> {
+    match SET_FILTER.get() {
+        Some(set) => set(spec),
+        None => Err("logging is not set up".into()),
+    }
+}
+
+fn init_tracing(format: LogFormat, spec: Option<&str>) {
     use tracing_subscriber::filter::LevelFilter;
     use tracing_subscriber::prelude::*;
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("FLEETGATE_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("info,sled=warn,rumqttd=warn,rustls=error"));
-    let text = (format == LogFormat::Text).then(|| {
-        tracing_subscriber::fmt::layer()
-            .with_writer(std::io::stderr)
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-    });
-    // One JSON object a line: time, level, target, the message and fields
-    // (`fields`), and the spans' fields (`spans`: device.id, peer.addr).
-    let json = (format == LogFormat::Json).then(|| {
-        tracing_subscriber::fmt::layer()
-            .json()
-            .with_span_list(true)
-            .with_current_span(false)
-            .with_writer(std::io::stderr)
-    });
+    use tracing_subscriber::{reload, EnvFilter};
+    let filter = match spec {
+        Some(s) => EnvFilter::try_new(s).unwrap_or_else(|e| {
+            eprintln!("warning: log level {s:?}: {e}; using {DEFAULT_LOG:?}");
+            EnvFilter::new(DEFAULT_LOG)
+        }),
+        None => {
+            EnvFilter::try_from_env("FLEETGATE_LOG").unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG))
+        }
+    };
+    let (filter, handle) = reload::Layer::new(filter);
+    let _ = SET_FILTER.set(Box::new(move |spec: &str| {
+        let f = EnvFilter::try_new(spec).map_err(|e| e.to_string())?;
+        handle.reload(f).map_err(|e| e.to_string())
+    }));
+    let fmt: Box<dyn tracing_subscriber::Layer<tracing_subscriber::Registry> + Send + Sync> =
+        match format {
+            LogFormat::Text => Box::new(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+            ),
+            // One JSON object a line: time, level, target, the message and
+            // fields (`fields`), and the spans' fields (`spans`: device.id,
+            // peer.addr).
+            LogFormat::Json => Box::new(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_span_list(true)
+                    .with_current_span(false)
+                    .with_writer(std::io::stderr),
+            ),
+        };
     tracing_subscriber::registry()
-        .with(text.with_filter(filter.clone()))
-        .with(json.with_filter(filter))
+        .with(fmt.with_filter(filter))
         // The console's live activity: refusals and kicks, whatever the
         // log shows.
         .with(crate::activity::FeedLayer.with_filter(LevelFilter::INFO))
@@ -502,6 +576,10 @@ fn init_tracing(format: LogFormat) {
 async fn client_cmd(cmd: Command) -> anyhow::Result<()> {
     match cmd {
         Command::Serve(_) | Command::Check { .. } => unreachable!("handled by main"),
+        Command::Config(ConfigCmd::Example) => {
+            outln!("{}", config::example());
+            Ok(())
+        }
         Command::Device(DeviceCmd::Enroll(a)) => enroll(a, Role::Device, false).await,
         Command::Device(DeviceCmd::Rotate(a)) => enroll(a, Role::Device, true).await,
         Command::Service(ServiceCmd::Enroll(a)) => enroll(a, Role::Service, false).await,

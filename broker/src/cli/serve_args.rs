@@ -5,6 +5,17 @@ use super::*;
 
 #[derive(Args, Debug)]
 pub(super) struct ServeArgs {
+    /// A configuration file (TOML) with any of these options, under the
+    /// names of their flags; flags and FLEETGATE_* variables win over it
+    /// (`fleetgate config example` prints one with every default). SIGHUP
+    /// reads it again.
+    #[arg(long, env = "FLEETGATE_CONFIG")]
+    pub(super) config: Option<PathBuf>,
+    /// What is logged, as `FLEETGATE_LOG` or RUST_LOG filters say it
+    /// (`info`, `debug`, `info,broker::mqtt=debug`); SIGHUP applies a new
+    /// value from the configuration file.
+    #[arg(long, env = "FLEETGATE_LOG", default_value = super::DEFAULT_LOG)]
+    pub(super) log_level: String,
     /// Where the CA, keys and registry live.
     #[arg(long, env = "FLEETGATE_DATA_DIR", default_value = "fleetgate-data")]
     data_dir: PathBuf,
@@ -207,7 +218,10 @@ pub(super) fn parse_store(s: &str) -> Result<EtcdEndpoints, String> {
     })
 }
 
-pub(super) async fn serve_cmd(args: ServeArgs) -> ExitCode {
+pub(super) async fn serve_cmd(
+    args: ServeArgs,
+    reloader: Option<super::config::Reloader>,
+) -> ExitCode {
     let cfg = ServeConfig {
         data_dir: args.data_dir,
         pin_file: args.pin_file,
@@ -253,6 +267,14 @@ pub(super) async fn serve_cmd(args: ServeArgs) -> ExitCode {
         upkeep_interval: std::time::Duration::from_secs(args.upkeep_interval_secs),
         audit_seal: std::time::Duration::from_secs(args.audit_seal_secs),
         audit_settle: std::time::Duration::from_secs(args.audit_settle_secs),
+        reload_config: reloader.map(|r| {
+            let r = std::sync::Mutex::new(r);
+            crate::serve::ConfigReload(std::sync::Arc::new(move || {
+                r.lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .reload()
+            }))
+        }),
         mqtt: MqttConfig {
             max_connections: args.max_connections.max(1),
             max_handshakes: args.max_handshakes.max(1),

@@ -1,0 +1,259 @@
+//! Operating fleetgate as an operator would: a configuration file (`serve
+//! --config`, `config example`, `check --config`, SIGHUP), checked with the
+//! real binary.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use tests::{fleetgate_bin, run};
+
+fn fleetgate(args: &[&str]) -> (bool, i32, String) {
+    let out = Command::new(fleetgate_bin())
+        .args(args)
+        .env_remove("FLEETGATE_LOG")
+        .output()
+        .unwrap();
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), out.status.code().unwrap_or(-1), text)
+}
+
+/// `fleetgate serve ARGS` with nothing from the test's environment that a
+/// file could set: its first stdout line, and its log as it comes.
+struct Node {
+    child: Child,
+    listening: String,
+    log: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Node {
+    fn start(args: &[&str]) -> Result<Self, String> {
+        let mut child = Command::new(fleetgate_bin())
+            .arg("serve")
+            .args(args)
+            .env_remove("FLEETGATE_LOG")
+            .env_remove("FLEETGATE_DATA_DIR")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, log) = mpsc::channel();
+        let err = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for l in BufReader::new(err).lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut listening = String::new();
+        let _ = out.read_line(&mut listening);
+        if listening.is_empty() {
+            let status = child.wait().unwrap();
+            let log: Vec<String> = log.try_iter().collect();
+            return Err(format!("exit {:?}: {}", status.code(), log.join("\n")));
+        }
+        Ok(Self {
+            child,
+            listening,
+            log,
+            seen: Vec::new(),
+        })
+    }
+
+    fn wait_for(&mut self, needle: &str) -> Option<String> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(l) = self.seen.iter().find(|l| l.contains(needle)) {
+                return Some(l.clone());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.log.recv_timeout(left) {
+                Ok(l) => self.seen.push(l),
+                Err(_) => return None,
+            }
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn write(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+}
+
+#[test]
+fn the_example_file_is_valid_and_names_every_option() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ok, _, example) = fleetgate(&["config", "example"]);
+    assert!(ok, "{example}");
+    for key in [
+        "api-listen",
+        "mqtt-listen",
+        "data-dir",
+        "pin-file",
+        "store",
+        "log-level",
+    ] {
+        assert!(
+            example.contains(&format!("# {key} =")),
+            "{key} missing:\n{example}"
+        );
+    }
+    let f = tmp.path().join("fleetgate.toml");
+    write(&f, &example);
+    let (ok, code, out) = fleetgate(&["check", "--config", f.to_str().unwrap()]);
+    assert!(ok, "{code}: {out}");
+    // Every default uncommented is still a valid file.
+    let live: String = example
+        .lines()
+        .filter_map(|l| l.strip_prefix("# "))
+        .filter(|l| {
+            l.split_once(" = ").is_some_and(|(k, v)| {
+                k.chars().all(|c| c.is_ascii_lowercase() || c == '-') && !v.contains("no default")
+            })
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    write(&f, &live);
+    let (ok, code, out) = fleetgate(&["check", "--config", f.to_str().unwrap()]);
+    assert!(ok, "{code}: {out}\n{live}");
+}
+
+#[test]
+fn bad_files_are_refused_with_the_file_line_and_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = tmp.path().join("bad.toml");
+    let fs = f.to_str().unwrap();
+    for (text, says) in [
+        (
+            "# node 1\napi-listen = \"127.0.0.1:0\"\nmqtt-listen = \"nowhere:x\"\n",
+            ":3: mqtt-listen: bad value",
+        ),
+        (
+            "max-conections = 10\n",
+            ":1: max-conections: no such option",
+        ),
+        (
+            "store_staleness_secs = 5\n",
+            "did you mean store-staleness-secs?",
+        ),
+        ("max-connections = -1\n", ":1: max-connections: bad value"),
+        ("api-listen = [\"a\", \"b\"]\n", "takes one value"),
+        ("api-listen = \n", ":1: not TOML"),
+    ] {
+        write(&f, text);
+        let (ok, code, out) = fleetgate(&["check", "--config", fs]);
+        assert!(!ok && code == 64, "{text}: {code} {out}");
+        assert!(
+            out.contains(&format!("{fs}")) && out.contains(says),
+            "{text}: {out}"
+        );
+        // serve refuses it the same way, before touching anything.
+        let data = tmp.path().join("never");
+        let (ok, code, out) = fleetgate(&[
+            "serve",
+            "--config",
+            fs,
+            "--data-dir",
+            data.to_str().unwrap(),
+        ]);
+        assert!(!ok && code == 64, "{text}: {code} {out}");
+        assert!(out.contains(says), "{text}: {out}");
+        assert!(!data.exists(), "serve made a data dir from a refused file");
+    }
+}
+
+#[test]
+fn serve_takes_the_file_the_command_line_wins_and_sighup_applies_the_log_level() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = tmp.path().join("fleetgate.toml");
+    let data = tmp.path().join("data");
+    // A port in use: the file's value would fail; the command line's wins.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = taken.local_addr().unwrap();
+    let file = |level: &str, max: u32| {
+        format!(
+            "data-dir = \"{}\"\napi-listen = \"127.0.0.1:0\"\nmqtt-listen = \"{taken}\"\n\
+             ocsp-listen = \"127.0.0.1:0\"\nmetrics-listen = \"127.0.0.1:0\"\n\
+             log-level = \"{level}\"\nmax-connections = {max}\naudit-seal-secs = 1\n",
+            data.display()
+        )
+    };
+    write(&f, &file("info", 1000));
+    let fs = f.to_str().unwrap();
+    let mut node = Node::start(&["--config", fs, "--mqtt-listen", "127.0.0.1:0"]).unwrap();
+    // The file's metrics listener is there; its data dir was made.
+    assert!(
+        node.listening.contains("metrics=127.0.0.1:"),
+        "{}",
+        node.listening
+    );
+    assert!(data.join("fleetgate.json").exists());
+    assert!(
+        !node.listening.contains(&taken.to_string()),
+        "{}",
+        node.listening
+    );
+
+    // A request that ends in an error is logged at debug level only: not
+    // at "info".
+    let metrics = node
+        .listening
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("metrics="))
+        .unwrap()
+        .to_owned();
+    let garbage = || {
+        use std::io::{Read, Write};
+        let mut c = std::net::TcpStream::connect(&metrics).unwrap();
+        c.write_all(b"NOT HTTP AT ALL\r\n\r\n").unwrap();
+        let mut sink = Vec::new();
+        let _ = c.read_to_end(&mut sink);
+    };
+    garbage();
+
+    // SIGHUP: the new log level applies at once; the rest says restart.
+    write(&f, &file("debug", 2000));
+    let (ok, out) = run(Command::new("kill").args(["-HUP", &node.child.id().to_string()]));
+    assert!(ok, "{out}");
+    let said = node
+        .wait_for("configuration file:")
+        .expect("no reload line");
+    assert!(said.contains("applied log-level = \"debug\""), "{said}");
+    assert!(said.contains("needs a restart: max-connections"), "{said}");
+    garbage();
+    assert!(
+        node.wait_for("DEBUG").is_some(),
+        "no debug line after the reload: {:?}",
+        node.seen
+    );
+    let at = |needle: &str| node.seen.iter().position(|l| l.contains(needle)).unwrap();
+    assert!(
+        at("DEBUG") > at("configuration file:"),
+        "debug lines before the reload: {:?}",
+        node.seen
+    );
+
+    // A broken file on SIGHUP is refused; the node runs on.
+    write(&f, "max-connections = \"lots\"\n");
+    run(Command::new("kill").args(["-HUP", &node.child.id().to_string()]));
+    let said = node
+        .wait_for("configuration file is refused")
+        .expect("no refusal");
+    assert!(said.contains("max-connections"), "{said}");
+    assert!(node.child.try_wait().unwrap().is_none());
+}
