@@ -318,16 +318,18 @@ impl Server {
                 }
             }
         });
-        let upkeep = tokio::spawn(upkeep(
-            self.auth.clone(),
-            tls.clone(),
-            self.status.clone(),
-            self.cfg.server_sans.clone(),
-            self.cfg.upkeep_interval,
-            self.cfg.reload_config.clone(),
-            self.hup.take(),
-            shutdown.clone(),
-        ));
+        let upkeep = tokio::spawn(
+            Upkeep {
+                auth: self.auth.clone(),
+                tls: tls.clone(),
+                status: self.status.clone(),
+                sans: self.cfg.server_sans.clone(),
+                every: self.cfg.upkeep_interval,
+                reload_config: self.cfg.reload_config.clone(),
+                hup: self.hup.take(),
+            }
+            .run(shutdown.clone()),
+        );
         let ocsp = serve_http(
             "ocsp",
             self.ocsp,
@@ -423,60 +425,74 @@ fn seal_audit(auth: &Authority, settle: Duration) -> Result<(), provisioning::Er
     Ok(())
 }
 
-async fn upkeep(
+/// What renews and reloads in the background: the OCSP signer and the
+/// server certificate when due, and everything SIGHUP re-reads.
+struct Upkeep {
     auth: Arc<Authority>,
     tls: Arc<ServerTls>,
     status: Arc<StatusService>,
     sans: Vec<String>,
     every: Duration,
     reload_config: Option<ConfigReload>,
-    mut hup: Option<tokio::signal::unix::Signal>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let mut tick = tokio::time::interval(every);
-    tick.tick().await; // the first tick is now; start-up already checked
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {
-                let s = status.clone();
-                match tokio::task::spawn_blocking(move || s.renew_signer_if_needed()).await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => tracing::error!(error = %e, "renewing the OCSP signing certificate"),
-                    Err(e) => tracing::error!(error = %e, "OCSP signer renewal task"),
+    hup: Option<tokio::signal::unix::Signal>,
+}
+
+impl Upkeep {
+    async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let Upkeep {
+            auth,
+            tls,
+            status,
+            sans,
+            every,
+            reload_config,
+            mut hup,
+        } = self;
+        let mut tick = tokio::time::interval(every);
+        tick.tick().await; // the first tick is now; start-up already checked
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    let s = status.clone();
+                    match tokio::task::spawn_blocking(move || s.renew_signer_if_needed()).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => tracing::error!(error = %e, "renewing the OCSP signing certificate"),
+                        Err(e) => tracing::error!(error = %e, "OCSP signer renewal task"),
+                    }
+                    let (a, s) = (auth.clone(), sans.clone());
+                    match tokio::task::spawn_blocking(move || a.renew_server_cert_if_needed(&s)).await {
+                        Ok(Ok(true)) => {
+                            if let Err(e) = tls.reload() {
+                                tracing::error!(error = %e, "reloading TLS after renewal");
+                            }
+                        }
+                        Ok(Ok(false)) => {}
+                        Ok(Err(e)) => tracing::error!(error = %e, "renewing the server certificate"),
+                        Err(e) => tracing::error!(error = %e, "renewal task"),
+                    }
                 }
-                let (a, s) = (auth.clone(), sans.clone());
-                match tokio::task::spawn_blocking(move || a.renew_server_cert_if_needed(&s)).await {
-                    Ok(Ok(true)) => {
-                        if let Err(e) = tls.reload() {
-                            tracing::error!(error = %e, "reloading TLS after renewal");
+                Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
+                    tracing::info!("SIGHUP: reloading the configuration file, the issuing CAs, TLS and the OCSP signers");
+                    if let Some(reload) = &reload_config {
+                        match (reload.0)() {
+                            Ok(said) => tracing::info!("SIGHUP: configuration file: {said}"),
+                            Err(e) => tracing::error!(error = %e, "SIGHUP: the configuration file is refused; the running configuration stays"),
                         }
                     }
-                    Ok(Ok(false)) => {}
-                    Ok(Err(e)) => tracing::error!(error = %e, "renewing the server certificate"),
-                    Err(e) => tracing::error!(error = %e, "renewal task"),
-                }
-            }
-            Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
-                tracing::info!("SIGHUP: reloading the configuration file, the issuing CAs, TLS and the OCSP signers");
-                if let Some(reload) = &reload_config {
-                    match (reload.0)() {
-                        Ok(said) => tracing::info!("SIGHUP: configuration file: {said}"),
-                        Err(e) => tracing::error!(error = %e, "SIGHUP: the configuration file is refused; the running configuration stays"),
+                    // Issuing CA generations copied in from another node.
+                    if let Err(e) = auth.reload_issuing() {
+                        tracing::error!(error = %e, "reloading the issuing CAs; keeping the old ones");
+                    }
+                    if let Err(e) = tls.reload() {
+                        tracing::error!(error = %e, "reloading TLS; keeping the old certificate");
+                    }
+                    // Manufacturer CA keys copied in from another node.
+                    if let Err(e) = status.reload() {
+                        tracing::error!(error = %e, "reloading the OCSP signers; keeping the old ones");
                     }
                 }
-                // Issuing CA generations copied in from another node.
-                if let Err(e) = auth.reload_issuing() {
-                    tracing::error!(error = %e, "reloading the issuing CAs; keeping the old ones");
-                }
-                if let Err(e) = tls.reload() {
-                    tracing::error!(error = %e, "reloading TLS; keeping the old certificate");
-                }
-                // Manufacturer CA keys copied in from another node.
-                if let Err(e) = status.reload() {
-                    tracing::error!(error = %e, "reloading the OCSP signers; keeping the old ones");
-                }
+                _ = shutdown.changed() => return,
             }
-            _ = shutdown.changed() => return,
         }
     }
 }

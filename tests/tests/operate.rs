@@ -158,10 +158,7 @@ fn bad_files_are_refused_with_the_file_line_and_key() {
         write(&f, text);
         let (ok, code, out) = fleetgate(&["check", "--config", fs]);
         assert!(!ok && code == 64, "{text}: {code} {out}");
-        assert!(
-            out.contains(&format!("{fs}")) && out.contains(says),
-            "{text}: {out}"
-        );
+        assert!(out.contains(fs) && out.contains(says), "{text}: {out}");
         // serve refuses it the same way, before touching anything.
         let data = tmp.path().join("never");
         let (ok, code, out) = fleetgate(&[
