@@ -79,6 +79,9 @@ async fn follow(
                         reload(&tls, &status);
                     }
                     broker.apply(change);
+                    if !matches!(change, Change::Manufacturers) {
+                        broker.metrics().revocation_apply.observe(c.at.elapsed());
+                    }
                 }
                 applied.send_replace(c.revision);
             }

@@ -188,6 +188,10 @@ pub struct Metrics {
     pub bus_dropped: AtomicU64,
     /// Time to put a QoS 1 message on the bus, stored (JetStream's ack).
     pub bus_publish: Histogram,
+    /// From a revocation's announcement on this node (committed here, or
+    /// arrived on the store's watch) until every live session it ends has
+    /// been told to close.
+    pub revocation_apply: Histogram,
     refusals: [AtomicU64; Refusal::ALL.len()],
 }
 
@@ -238,8 +242,15 @@ impl Metrics {
 }
 
 impl Metrics {
-    /// The Prometheus text exposition format (version 0.0.4).
-    pub fn prometheus(&self, devices: usize, live_sessions: usize) -> String {
+    /// The Prometheus text exposition format (version 0.0.4), with the
+    /// expiry of each certificate the node depends on (`expiries`: a name
+    /// and a Unix time).
+    pub fn prometheus(
+        &self,
+        devices: usize,
+        live_sessions: usize,
+        expiries: &[(&str, i64)],
+    ) -> String {
         use std::fmt::Write;
         let s = self.snapshot();
         let mut out = String::with_capacity(2048);
@@ -404,6 +415,21 @@ impl Metrics {
             "fleetgate_bus_publish_seconds",
             "QoS 1 messages put on the message bus, until JetStream has stored them.",
         );
+        self.revocation_apply.write(
+            &mut out,
+            "fleetgate_revocation_apply_seconds",
+            "From a revocation's announcement on this node (committed here or seen on the store's watch) until its live sessions are told to close.",
+        );
+        let _ = writeln!(
+            out,
+            "# HELP fleetgate_certificate_expiry_timestamp_seconds When each certificate the node depends on expires (Unix time): alert weeks ahead.\n# TYPE fleetgate_certificate_expiry_timestamp_seconds gauge"
+        );
+        for (name, at) in expiries {
+            let _ = writeln!(
+                out,
+                "fleetgate_certificate_expiry_timestamp_seconds{{certificate=\"{name}\"}} {at}"
+            );
+        }
 
         let _ = writeln!(
             out,
@@ -427,7 +453,7 @@ mod tests {
         m.refused(Refusal::Revoked);
         m.refused(Refusal::Revoked);
         m.handshakes.fetch_add(3, Ordering::Relaxed);
-        let text = m.prometheus(7, 2);
+        let text = m.prometheus(7, 2, &[("server", 1_900_000_000)]);
         assert!(text.contains("fleetgate_devices 7\n"), "{text}");
         assert!(text.contains("fleetgate_mqtt_sessions 2\n"), "{text}");
         assert!(

@@ -339,11 +339,16 @@ impl Server {
         );
         let prometheus = self.prometheus.map(|listener| {
             let (metrics, broker, auth) = (metrics.clone(), broker.clone(), self.auth.clone());
+            let status = self.status.clone();
             let app = axum::Router::new().route(
                 "/metrics",
                 axum::routing::get(move || {
-                    let text =
-                        metrics.prometheus(auth.registry.device_count(), broker.live_sessions());
+                    let expiries = expiries(&auth, &status);
+                    let text = metrics.prometheus(
+                        auth.registry.device_count(),
+                        broker.live_sessions(),
+                        &expiries,
+                    );
                     async move {
                         (
                             [(
@@ -544,4 +549,44 @@ fn say_where_the_keys_are(auth: &Authority) {
             tracing::warn!(error = %e, "the root's OCSP responder: OCSP for the issuing CA will fail")
         }
     }
+}
+
+/// When each certificate the node depends on runs out (Unix time), for the
+/// metrics: the root, the current issuing CA, the server certificate, the
+/// OCSP signer, and where the root is offline its responder and CRL.
+fn expiries(auth: &Authority, status: &StatusService) -> Vec<(&'static str, i64)> {
+    use provisioning::ceremony::{crl_next_update, not_after};
+    let of_der = |der: &[u8]| {
+        x509_parser::parse_x509_certificate(der)
+            .ok()
+            .map(|(_, c)| c.validity().not_after.timestamp())
+    };
+    let mut out = Vec::new();
+    out.extend(of_der(auth.ca.root_der()).map(|t| ("root_ca", t)));
+    out.extend(of_der(&auth.ca.issuing().der).map(|t| ("issuing_ca", t)));
+    out.extend(
+        not_after(&auth.paths.server_cert())
+            .ok()
+            .map(|t| ("server", t.unix_timestamp())),
+    );
+    out.extend(
+        status
+            .responder()
+            .signer_expires
+            .map(|t| ("ocsp_signer", t.unix_timestamp())),
+    );
+    if !auth.ca.root_online() {
+        out.extend(
+            not_after(&auth.paths.root_ocsp_cert())
+                .ok()
+                .map(|t| ("root_ocsp_responder", t.unix_timestamp())),
+        );
+        out.extend(
+            crl_next_update(&auth.paths.root_crl())
+                .ok()
+                .flatten()
+                .map(|t| ("root_crl", t.unix_timestamp())),
+        );
+    }
+    out
 }

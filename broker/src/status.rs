@@ -57,7 +57,8 @@ impl StatusService {
         })
     }
 
-    fn responder(&self) -> Arc<Responder> {
+    /// The OCSP signing units in use.
+    pub fn responder(&self) -> Arc<Responder> {
         self.responder
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)

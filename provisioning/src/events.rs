@@ -19,6 +19,8 @@ pub struct Committed {
     pub revision: u64,
     /// What live connections must do about it (often nothing).
     pub changes: Arc<[Change]>,
+    /// When it was announced on this node.
+    pub at: std::time::Instant,
 }
 
 /// Announcements missed by a follower this far behind are dropped; it
@@ -59,6 +61,7 @@ impl Feed {
         let _ = self.tx.send(Committed {
             revision,
             changes: changes.into(),
+            at: std::time::Instant::now(),
         });
         revision
     }

@@ -254,3 +254,105 @@ fn serve_takes_the_file_the_command_line_wins_and_sighup_applies_the_log_level()
     assert!(said.contains("max-connections"), "{said}");
     assert!(node.child.try_wait().unwrap().is_none());
 }
+
+/// `promtool` (Debian `prometheus`) on what an operator loads: a live
+/// scrape passes `check metrics`; the alerting rules pass `check rules` and
+/// their unit tests, every alert has one, and every metric the rules and
+/// the Grafana dashboard name is one the node exports.
+#[test]
+fn monitoring_loads_as_prometheus_and_grafana_users_would() {
+    use std::io::Write;
+    tests::require_tool("promtool");
+    let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    let tmp = tempfile::tempdir().unwrap();
+    let server = tests::Server::start_with(
+        &tmp.path().join("data"),
+        &["--metrics-listen", "127.0.0.1:0"],
+    )
+    .unwrap();
+    let dev = server.enroll(&tmp.path().join("d"), "device", "dev-1");
+    let st = server
+        .mosquitto("mosquitto_pub", &dev)
+        .args(["-t", "devices/dev-1/telemetry", "-m", "1"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    server.cli_ok(&["device", "revoke", "dev-1"]);
+    let url = format!("http://{}/metrics", server.metrics.unwrap());
+    let (ok, scrape) = run(Command::new("curl").args(["-sf", &url]));
+    assert!(ok, "{scrape}");
+    for expiry in ["root_ca", "issuing_ca", "server", "ocsp_signer"] {
+        assert!(
+            scrape.contains(&format!(
+                "fleetgate_certificate_expiry_timestamp_seconds{{certificate=\"{expiry}\"}} "
+            )),
+            "{expiry}: {scrape}"
+        );
+    }
+    assert!(
+        scrape.contains("fleetgate_revocation_apply_seconds_count 1"),
+        "{scrape}"
+    );
+    let mut check = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    check
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(scrape.as_bytes())
+        .unwrap();
+    let out = check.wait_with_output().unwrap();
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let rules = deploy.join("prometheus/fleetgate-rules.yml");
+    let (ok, out) = run(Command::new("promtool")
+        .arg("check")
+        .arg("rules")
+        .arg(&rules));
+    assert!(ok, "{out}");
+    let (ok, out) = run(Command::new("promtool")
+        .args(["test", "rules"])
+        .arg(deploy.join("prometheus/fleetgate-rules.test.yml")));
+    assert!(ok && out.contains("SUCCESS"), "{out}");
+
+    // Every alert has a unit test.
+    let rules_text = std::fs::read_to_string(&rules).unwrap();
+    let tests_text =
+        std::fs::read_to_string(deploy.join("prometheus/fleetgate-rules.test.yml")).unwrap();
+    let names = |text: &str, key: &str| -> std::collections::BTreeSet<String> {
+        text.lines()
+            .filter_map(|l| l.trim().strip_prefix(key))
+            .map(|n| n.trim().to_owned())
+            .collect()
+    };
+    let alerts = names(&rules_text, "- alert:");
+    assert!(alerts.len() >= 12, "{alerts:?}");
+    assert_eq!(alerts, names(&tests_text, "alertname:"));
+
+    // Every metric named in the rules and the dashboard is exported.
+    let dashboard = std::fs::read_to_string(deploy.join("grafana/fleetgate.json")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&dashboard).unwrap();
+    assert!(json["panels"].as_array().unwrap().len() >= 8);
+    for text in [&rules_text, &dashboard] {
+        for (i, _) in text.match_indices("fleetgate_") {
+            let name: String = text[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            assert!(
+                scrape.lines().any(|l| l.starts_with(&name)),
+                "{name} is not exported:\n{scrape}"
+            );
+        }
+    }
+}

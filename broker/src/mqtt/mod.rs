@@ -552,6 +552,11 @@ impl Broker {
         self.shared.sessions.count()
     }
 
+    /// The counters this broker writes to.
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
     /// The live sessions of `id` on this node.
     pub fn sessions_of(&self, id: &DeviceId) -> Vec<LiveSession> {
         self.shared.sessions.live(id)
