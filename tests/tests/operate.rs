@@ -356,3 +356,38 @@ fn monitoring_loads_as_prometheus_and_grafana_users_would() {
         }
     }
 }
+
+/// The README's configuration and monitoring examples, run as printed.
+#[test]
+fn the_readme_configuration_and_monitoring_examples_work_as_printed() {
+    tests::require_tool("promtool");
+    let bin = fleetgate_bin();
+    let path = format!(
+        "{}:{}",
+        bin.parent().unwrap().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let block = tests::readme_example("fleetgate config example > fleetgate.toml");
+    let (ok, out) = run(Command::new("bash")
+        .args(["-euo", "pipefail", "-c", &block])
+        .current_dir(tmp.path())
+        .env("PATH", &path)
+        .env_remove("FLEETGATE_LOG"));
+    assert!(ok, "the README's configuration example failed:\n{out}");
+    assert!(out.contains("a valid configuration"), "{out}");
+    let text = std::fs::read_to_string(tmp.path().join("fleetgate.toml")).unwrap();
+    assert!(
+        text.contains("# api-listen = ") && text.contains("\nsan = ["),
+        "{text}"
+    );
+
+    let block = tests::readme_example("promtool check rules deploy/prometheus/fleetgate-rules.yml");
+    let (ok, out) = run(Command::new("bash")
+        .args(["-euo", "pipefail", "-c", &block])
+        .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("..")));
+    assert!(
+        ok && out.contains("SUCCESS"),
+        "the README's monitoring example failed:\n{out}"
+    );
+}
