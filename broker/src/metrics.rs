@@ -87,28 +87,20 @@ const BUCKETS: [f64; 10] = [
     0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 1.0,
 ];
 
-/// A latency histogram in the Prometheus sense: cumulative buckets, sum
-/// and count. Lock-free.
-#[derive(Debug, Default)]
-pub struct Histogram {
-    buckets: [AtomicU64; BUCKETS.len()],
-    count: AtomicU64,
-    sum_micros: AtomicU64,
+/// A latency histogram, recorded into the Prometheus recorder of the
+/// [`Metrics`] it belongs to (cumulative buckets, sum and count).
+#[derive(Clone)]
+pub struct Histogram(metrics::Histogram);
+
+impl std::fmt::Debug for Histogram {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Histogram")
+    }
 }
 
 impl Histogram {
     pub fn observe(&self, d: std::time::Duration) {
-        let secs = d.as_secs_f64();
-        for (b, le) in self.buckets.iter().zip(BUCKETS) {
-            if secs <= le {
-                b.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_micros.fetch_add(
-            d.as_micros().min(u128::from(u64::MAX)) as u64,
-            Ordering::Relaxed,
-        );
+        self.0.record(d.as_secs_f64());
     }
 
     /// Times `f` into this histogram.
@@ -118,29 +110,119 @@ impl Histogram {
         self.observe(t0.elapsed());
         out
     }
+}
 
-    fn write(&self, out: &mut String, name: &str, help: &str) {
-        use std::fmt::Write;
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        for (b, le) in self.buckets.iter().zip(BUCKETS) {
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{le=\"{le}\"}} {}",
-                b.load(Ordering::Relaxed)
-            );
-        }
-        let count = self.count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
-        let _ = writeln!(
-            out,
-            "{name}_sum {}",
-            self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
-        );
-        let _ = writeln!(out, "{name}_count {count}");
+/// Every metric's name, kind and help: what the exposition says of it.
+const COUNTERS: [(&str, &str); 18] = [
+    ("fleetgate_mqtt_handshakes_total", "Completed mutual-TLS handshakes."),
+    ("fleetgate_mqtt_sessions_total", "MQTT sessions started."),
+    ("fleetgate_mqtt_kicked_total", "Sessions cut by a revocation or suspension."),
+    ("fleetgate_mqtt_taken_over_total", "Sessions taken over by a newer connection."),
+    ("fleetgate_ocsp_responses_total", "OCSP responses sent (HTTP and MQTT)."),
+    ("fleetgate_jit_registrations_total", "Devices registered just in time on first connect."),
+    ("fleetgate_claim_provisions_total", "Device certificates issued to claims over MQTT."),
+    ("fleetgate_commands_delivered_total", "Commands handed to a device's live session."),
+    ("fleetgate_commands_queued_total", "Commands stored in a device's durable queue (flushed before the PUBACK)."),
+    ("fleetgate_commands_refused_total", "Commands refused because the device's queue was full."),
+    ("fleetgate_commands_unrouted_total", "Commands no session of the device subscribes to."),
+    ("fleetgate_revocations_total", "Revocations and suspensions of devices, certificates and manufacturers."),
+    ("fleetgate_store_errors_total", "Shared store requests that no etcd member answered, or that etcd refused."),
+    ("fleetgate_store_watch_events_total", "Committed changes seen on the shared store's watch."),
+    ("fleetgate_store_watch_interruptions_total", "Watch streams on the shared store that ended and were resumed."),
+    ("fleetgate_store_integrity_violations_total", "Changes in the shared store that took back a revocation (made outside fleetgate): not applied."),
+    ("fleetgate_bus_published_total", "Messages put on the message bus (NATS JetStream) for other nodes."),
+    ("fleetgate_bus_received_total", "Messages from other nodes taken off the message bus."),
+];
+const MORE_COUNTERS: [(&str, &str); 3] = [
+    ("fleetgate_bus_dropped_total", "Messages from the message bus dropped: their sender could not have published them."),
+    ("fleetgate_bus_failed_total", "Messages that could not be put on the message bus (QoS 1 refused, QoS 0 kept on this node)."),
+    ("fleetgate_refusals_total", "Refused clients and packets, by reason."),
+];
+const GAUGES: [(&str, &str); 4] = [
+    (
+        "fleetgate_devices",
+        "Devices, services and admins in the registry.",
+    ),
+    ("fleetgate_mqtt_sessions", "Live MQTT sessions."),
+    (
+        "fleetgate_mqtt_connections_open",
+        "Open MQTT connections, handshaking or in session.",
+    ),
+    (
+        "fleetgate_certificate_expiry_timestamp_seconds",
+        "When each certificate the node depends on expires (Unix time): alert weeks ahead.",
+    ),
+];
+const HISTOGRAMS: [(&str, &str); 5] = [
+    ("fleetgate_registry_write_seconds", "Registry writes for the admin API, flushed to disk before they are acknowledged."),
+    ("fleetgate_registry_lookup_seconds", "Registry lookups of a certificate's standing at admission."),
+    ("fleetgate_store_request_seconds", "Requests to the shared registry store (etcd), from the first member tried to an answer."),
+    ("fleetgate_bus_publish_seconds", "QoS 1 messages put on the message bus, until JetStream has stored them."),
+    ("fleetgate_revocation_apply_seconds", "From a revocation's announcement on this node (committed here or seen on the store's watch) until its live sessions are told to close."),
+];
+
+static METADATA: metrics::Metadata<'static> =
+    metrics::Metadata::new("fleetgate", metrics::Level::INFO, Some("fleetgate"));
+
+/// The Prometheus recorder: this node's own (not a process-wide one), with
+/// every metric described and the histograms' buckets set.
+struct Exposition {
+    recorder: metrics_exporter_prometheus::PrometheusRecorder,
+}
+
+impl std::fmt::Debug for Exposition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Exposition")
     }
 }
 
-#[derive(Debug, Default)]
+impl Exposition {
+    fn new() -> Self {
+        use metrics::Recorder;
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
+            .set_buckets(&BUCKETS)
+            .expect("fixed, non-empty buckets")
+            .build_recorder();
+        for (name, help) in COUNTERS.iter().chain(&MORE_COUNTERS) {
+            recorder.describe_counter((*name).into(), None, (*help).into());
+        }
+        for (name, help) in GAUGES {
+            recorder.describe_gauge(name.into(), None, help.into());
+        }
+        for (name, help) in HISTOGRAMS {
+            recorder.describe_histogram(name.into(), None, help.into());
+        }
+        Self { recorder }
+    }
+
+    fn counter(&self, name: &'static str, labels: &[(&'static str, String)]) -> metrics::Counter {
+        metrics::Recorder::register_counter(&self.recorder, &key(name, labels), &METADATA)
+    }
+
+    fn gauge(&self, name: &'static str, labels: &[(&'static str, String)]) -> metrics::Gauge {
+        metrics::Recorder::register_gauge(&self.recorder, &key(name, labels), &METADATA)
+    }
+
+    fn histogram(&self, name: &'static str) -> Histogram {
+        Histogram(metrics::Recorder::register_histogram(
+            &self.recorder,
+            &key(name, &[]),
+            &METADATA,
+        ))
+    }
+}
+
+fn key(name: &'static str, labels: &[(&'static str, String)]) -> metrics::Key {
+    metrics::Key::from_parts(
+        name,
+        labels
+            .iter()
+            .map(|(k, v)| metrics::Label::new(*k, v.clone()))
+            .collect::<Vec<_>>(),
+    )
+}
+
+#[derive(Debug)]
 pub struct Metrics {
     pub revocations: AtomicU64,
     /// Registry writes made for the admin API (each flushed to disk).
@@ -193,6 +275,43 @@ pub struct Metrics {
     /// been told to close.
     pub revocation_apply: Histogram,
     refusals: [AtomicU64; Refusal::ALL.len()],
+    exposition: Exposition,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let exposition = Exposition::new();
+        Self {
+            revocations: AtomicU64::default(),
+            registry_writes: exposition.histogram("fleetgate_registry_write_seconds"),
+            registry_lookups: exposition.histogram("fleetgate_registry_lookup_seconds"),
+            connections_open: AtomicI64::default(),
+            handshakes: AtomicU64::default(),
+            sessions: AtomicU64::default(),
+            kicked: AtomicU64::default(),
+            taken_over: AtomicU64::default(),
+            ocsp_responses: AtomicU64::default(),
+            jit_registrations: AtomicU64::default(),
+            claim_provisions: AtomicU64::default(),
+            commands_delivered: AtomicU64::default(),
+            commands_queued: AtomicU64::default(),
+            commands_refused: AtomicU64::default(),
+            commands_unrouted: AtomicU64::default(),
+            store_requests: exposition.histogram("fleetgate_store_request_seconds"),
+            store_errors: AtomicU64::default(),
+            store_watch_events: AtomicU64::default(),
+            store_watch_interruptions: AtomicU64::default(),
+            store_integrity_violations: AtomicU64::default(),
+            bus_published: AtomicU64::default(),
+            bus_received: AtomicU64::default(),
+            bus_failed: AtomicU64::default(),
+            bus_dropped: AtomicU64::default(),
+            bus_publish: exposition.histogram("fleetgate_bus_publish_seconds"),
+            revocation_apply: exposition.histogram("fleetgate_revocation_apply_seconds"),
+            refusals: Default::default(),
+            exposition,
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -242,7 +361,8 @@ impl Metrics {
 }
 
 impl Metrics {
-    /// The Prometheus text exposition format (version 0.0.4), with the
+    /// The Prometheus text exposition format (version 0.0.4), rendered by
+    /// metrics-exporter-prometheus from this node's counters, with the
     /// expiry of each certificate the node depends on (`expiries`: a name
     /// and a Unix time).
     pub fn prometheus(
@@ -251,195 +371,63 @@ impl Metrics {
         live_sessions: usize,
         expiries: &[(&str, i64)],
     ) -> String {
-        use std::fmt::Write;
+        let x = &self.exposition;
         let s = self.snapshot();
-        let mut out = String::with_capacity(2048);
-        let mut metric = |name: &str, kind: &str, help: &str, value: String| {
-            // Writing to a String cannot fail.
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-            );
-        };
-        metric(
-            "fleetgate_devices",
-            "gauge",
-            "Devices, services and admins in the registry.",
-            devices.to_string(),
-        );
-        metric(
-            "fleetgate_mqtt_sessions",
-            "gauge",
-            "Live MQTT sessions.",
-            live_sessions.to_string(),
-        );
-        metric(
-            "fleetgate_mqtt_connections_open",
-            "gauge",
-            "Open MQTT connections, handshaking or in session.",
-            s.connections_open.to_string(),
-        );
-        metric(
-            "fleetgate_mqtt_handshakes_total",
-            "counter",
-            "Completed mutual-TLS handshakes.",
-            s.handshakes.to_string(),
-        );
-        metric(
-            "fleetgate_mqtt_sessions_total",
-            "counter",
-            "MQTT sessions started.",
-            s.sessions.to_string(),
-        );
-        metric(
-            "fleetgate_mqtt_kicked_total",
-            "counter",
-            "Sessions cut by a revocation or suspension.",
-            s.kicked.to_string(),
-        );
-        metric(
-            "fleetgate_mqtt_taken_over_total",
-            "counter",
-            "Sessions taken over by a newer connection.",
-            s.taken_over.to_string(),
-        );
-        metric(
-            "fleetgate_ocsp_responses_total",
-            "counter",
-            "OCSP responses sent (HTTP and MQTT).",
-            s.ocsp_responses.to_string(),
-        );
-        metric(
-            "fleetgate_jit_registrations_total",
-            "counter",
-            "Devices registered just in time on first connect.",
-            s.jit_registrations.to_string(),
-        );
-        metric(
-            "fleetgate_claim_provisions_total",
-            "counter",
-            "Device certificates issued to claims over MQTT.",
-            s.claim_provisions.to_string(),
-        );
-        for (name, help, v) in [
-            (
-                "fleetgate_commands_delivered_total",
-                "Commands handed to a device's live session.",
-                s.commands_delivered,
-            ),
-            (
-                "fleetgate_commands_queued_total",
-                "Commands stored in a device's durable queue (flushed before the PUBACK).",
-                s.commands_queued,
-            ),
-            (
-                "fleetgate_commands_refused_total",
-                "Commands refused because the device's queue was full.",
-                s.commands_refused,
-            ),
-            (
-                "fleetgate_commands_unrouted_total",
-                "Commands no session of the device subscribes to.",
-                s.commands_unrouted,
-            ),
-        ] {
-            metric(name, "counter", help, v.to_string());
-        }
-        metric(
-            "fleetgate_revocations_total",
-            "counter",
-            "Revocations and suspensions of devices, certificates and manufacturers.",
-            self.revocations.load(Ordering::Relaxed).to_string(),
-        );
-        for (name, help, v) in [
-            (
-                "fleetgate_store_errors_total",
-                "Shared store requests that no etcd member answered, or that etcd refused.",
-                &self.store_errors,
-            ),
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let counters: [(&'static str, u64); 20] = [
+            ("fleetgate_mqtt_handshakes_total", s.handshakes),
+            ("fleetgate_mqtt_sessions_total", s.sessions),
+            ("fleetgate_mqtt_kicked_total", s.kicked),
+            ("fleetgate_mqtt_taken_over_total", s.taken_over),
+            ("fleetgate_ocsp_responses_total", s.ocsp_responses),
+            ("fleetgate_jit_registrations_total", s.jit_registrations),
+            ("fleetgate_claim_provisions_total", s.claim_provisions),
+            ("fleetgate_commands_delivered_total", s.commands_delivered),
+            ("fleetgate_commands_queued_total", s.commands_queued),
+            ("fleetgate_commands_refused_total", s.commands_refused),
+            ("fleetgate_commands_unrouted_total", s.commands_unrouted),
+            ("fleetgate_revocations_total", load(&self.revocations)),
+            ("fleetgate_store_errors_total", load(&self.store_errors)),
             (
                 "fleetgate_store_watch_events_total",
-                "Committed changes seen on the shared store's watch.",
-                &self.store_watch_events,
+                load(&self.store_watch_events),
             ),
             (
                 "fleetgate_store_watch_interruptions_total",
-                "Watch streams on the shared store that ended and were resumed.",
-                &self.store_watch_interruptions,
+                load(&self.store_watch_interruptions),
             ),
             (
                 "fleetgate_store_integrity_violations_total",
-                "Changes in the shared store that took back a revocation (made outside fleetgate): not applied.",
-                &self.store_integrity_violations,
+                load(&self.store_integrity_violations),
             ),
-            (
-                "fleetgate_bus_published_total",
-                "Messages put on the message bus (NATS JetStream) for other nodes.",
-                &self.bus_published,
-            ),
-            (
-                "fleetgate_bus_received_total",
-                "Messages from other nodes taken off the message bus.",
-                &self.bus_received,
-            ),
-            (
-                "fleetgate_bus_dropped_total",
-                "Messages from the message bus dropped: their sender could not have published them.",
-                &self.bus_dropped,
-            ),
-            (
-                "fleetgate_bus_failed_total",
-                "Messages that could not be put on the message bus (QoS 1 refused, QoS 0 kept on this node).",
-                &self.bus_failed,
-            ),
-        ] {
-            metric(name, "counter", help, v.load(Ordering::Relaxed).to_string());
+            ("fleetgate_bus_published_total", load(&self.bus_published)),
+            ("fleetgate_bus_received_total", load(&self.bus_received)),
+            ("fleetgate_bus_dropped_total", load(&self.bus_dropped)),
+            ("fleetgate_bus_failed_total", load(&self.bus_failed)),
+        ];
+        for (name, v) in counters {
+            x.counter(name, &[]).absolute(v);
         }
-        self.registry_writes.write(
-            &mut out,
-            "fleetgate_registry_write_seconds",
-            "Registry writes for the admin API, flushed to disk before they are acknowledged.",
-        );
-        self.registry_lookups.write(
-            &mut out,
-            "fleetgate_registry_lookup_seconds",
-            "Registry lookups of a certificate's standing at admission.",
-        );
-        self.store_requests.write(
-            &mut out,
-            "fleetgate_store_request_seconds",
-            "Requests to the shared registry store (etcd), from the first member tried to an answer.",
-        );
-        self.bus_publish.write(
-            &mut out,
-            "fleetgate_bus_publish_seconds",
-            "QoS 1 messages put on the message bus, until JetStream has stored them.",
-        );
-        self.revocation_apply.write(
-            &mut out,
-            "fleetgate_revocation_apply_seconds",
-            "From a revocation's announcement on this node (committed here or seen on the store's watch) until its live sessions are told to close.",
-        );
-        let _ = writeln!(
-            out,
-            "# HELP fleetgate_certificate_expiry_timestamp_seconds When each certificate the node depends on expires (Unix time): alert weeks ahead.\n# TYPE fleetgate_certificate_expiry_timestamp_seconds gauge"
-        );
-        for (name, at) in expiries {
-            let _ = writeln!(
-                out,
-                "fleetgate_certificate_expiry_timestamp_seconds{{certificate=\"{name}\"}} {at}"
-            );
-        }
-
-        let _ = writeln!(
-            out,
-            "# HELP fleetgate_refusals_total Refused clients and packets, by reason."
-        );
-        let _ = writeln!(out, "# TYPE fleetgate_refusals_total counter");
         for (reason, n) in &s.refusals {
-            let _ = writeln!(out, "fleetgate_refusals_total{{reason=\"{reason}\"}} {n}");
+            x.counter(
+                "fleetgate_refusals_total",
+                &[("reason", (*reason).to_owned())],
+            )
+            .absolute(*n);
         }
-        out
+        x.gauge("fleetgate_devices", &[]).set(devices as f64);
+        x.gauge("fleetgate_mqtt_sessions", &[])
+            .set(live_sessions as f64);
+        x.gauge("fleetgate_mqtt_connections_open", &[])
+            .set(s.connections_open as f64);
+        for (name, at) in expiries {
+            x.gauge(
+                "fleetgate_certificate_expiry_timestamp_seconds",
+                &[("certificate", (*name).to_owned())],
+            )
+            .set(*at as f64);
+        }
+        x.recorder.handle().render()
     }
 }
 
@@ -453,6 +441,8 @@ mod tests {
         m.refused(Refusal::Revoked);
         m.refused(Refusal::Revoked);
         m.handshakes.fetch_add(3, Ordering::Relaxed);
+        m.registry_writes
+            .observe(std::time::Duration::from_millis(3));
         let text = m.prometheus(7, 2, &[("server", 1_900_000_000)]);
         assert!(text.contains("fleetgate_devices 7\n"), "{text}");
         assert!(text.contains("fleetgate_mqtt_sessions 2\n"), "{text}");
@@ -468,8 +458,23 @@ mod tests {
             text.contains("fleetgate_refusals_total{reason=\"acl\"} 0\n"),
             "{text}"
         );
+        assert!(
+            text.contains("fleetgate_registry_write_seconds_bucket{le=\"0.005\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("fleetgate_registry_write_seconds_count 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("fleetgate_certificate_expiry_timestamp_seconds{certificate=\"server\"} 1900000000\n"),
+            "{text}"
+        );
         // Every sample line is `name{labels} value`.
-        for line in text.lines().filter(|l| !l.starts_with('#')) {
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+        {
             let (name, value) = line.rsplit_once(' ').unwrap();
             assert!(name.starts_with("fleetgate_"), "{line}");
             assert!(value.parse::<f64>().is_ok(), "{line}");
