@@ -33,10 +33,11 @@ struct Node {
 }
 
 impl Node {
-    fn start(args: &[&str]) -> Result<Self, String> {
+    fn start(args: &[&str], envs: &[(&str, &str)]) -> Result<Self, String> {
         let mut child = Command::new(fleetgate_bin())
             .arg("serve")
             .args(args)
+            .envs(envs.iter().copied())
             .env_remove("FLEETGATE_LOG")
             .env_remove("FLEETGATE_DATA_DIR")
             .stdin(Stdio::null())
@@ -185,14 +186,19 @@ fn serve_takes_the_file_the_command_line_wins_and_sighup_applies_the_log_level()
     let file = |level: &str, max: u32| {
         format!(
             "data-dir = \"{}\"\napi-listen = \"127.0.0.1:0\"\nmqtt-listen = \"{taken}\"\n\
-             ocsp-listen = \"127.0.0.1:0\"\nmetrics-listen = \"127.0.0.1:0\"\n\
+             ocsp-listen = \"{taken}\"\nmetrics-listen = \"127.0.0.1:0\"\n\
              log-level = \"{level}\"\nmax-connections = {max}\naudit-seal-secs = 1\n",
             data.display()
         )
     };
     write(&f, &file("info", 1000));
     let fs = f.to_str().unwrap();
-    let mut node = Node::start(&["--config", fs, "--mqtt-listen", "127.0.0.1:0"]).unwrap();
+    // mqtt-listen from the command line, ocsp-listen from its variable.
+    let mut node = Node::start(
+        &["--config", fs, "--mqtt-listen", "127.0.0.1:0"],
+        &[("FLEETGATE_OCSP_LISTEN", "127.0.0.1:0")],
+    )
+    .unwrap();
     // The file's metrics listener is there; its data dir was made.
     assert!(
         node.listening.contains("metrics=127.0.0.1:"),
