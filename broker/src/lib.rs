@@ -16,6 +16,7 @@ pub mod net;
 pub mod serve;
 pub mod status;
 pub mod tls;
+pub mod wire;
 
 /// Text from outside (a client id, a topic, a certificate's subject) made
 /// safe for a log line or an operator's terminal: control characters

@@ -149,3 +149,151 @@ fn the_fleet_simulator_does_not_link_the_server() {
         "the server's code used by the fleet simulator",
     );
 }
+
+/// The module path of a source file under `src` (`mqtt/session.rs` is
+/// `mqtt::session`; `mqtt/mod.rs` is `mqtt`; `lib.rs` is the crate).
+fn module_of(src: &Path, file: &Path) -> Vec<String> {
+    let rel = file.strip_prefix(src).unwrap();
+    let mut parts: Vec<String> = rel
+        .iter()
+        .map(|p| p.to_string_lossy().trim_end_matches(".rs").to_owned())
+        .collect();
+    if matches!(
+        parts.last().map(String::as_str),
+        Some("mod" | "lib" | "main")
+    ) {
+        parts.pop();
+    }
+    parts
+}
+
+/// Every path a file names through `crate::` or `super::` (in `use`
+/// declarations and in code), resolved to a module path from the crate
+/// root, with its line.
+fn crate_paths(module: &[String], file: &Path) -> Vec<(Vec<String>, usize)> {
+    use syn::visit::Visit;
+    struct Paths<'a> {
+        module: &'a [String],
+        out: Vec<(Vec<String>, usize)>,
+    }
+    impl Paths<'_> {
+        fn resolve(&mut self, segments: Vec<String>, line: usize) {
+            let mut at: Vec<String>;
+            let mut rest = segments.as_slice();
+            match rest.first().map(String::as_str) {
+                Some("crate") => {
+                    at = Vec::new();
+                    rest = &rest[1..];
+                }
+                Some("super") => {
+                    at = self.module.to_vec();
+                    while rest.first().map(String::as_str) == Some("super") {
+                        at.pop();
+                        rest = &rest[1..];
+                    }
+                }
+                _ => return,
+            }
+            at.extend(rest.iter().cloned());
+            self.out.push((at, line));
+        }
+        fn tree(&mut self, prefix: Vec<String>, t: &syn::UseTree) {
+            match t {
+                syn::UseTree::Path(p) => {
+                    let mut next = prefix;
+                    next.push(p.ident.to_string());
+                    self.tree(next, &p.tree);
+                }
+                syn::UseTree::Name(n) => {
+                    let mut full = prefix;
+                    full.push(n.ident.to_string());
+                    self.resolve(full, n.ident.span().start().line);
+                }
+                syn::UseTree::Rename(r) => {
+                    let mut full = prefix;
+                    full.push(r.ident.to_string());
+                    self.resolve(full, r.ident.span().start().line);
+                }
+                syn::UseTree::Glob(g) => {
+                    self.resolve(prefix, g.star_token.spans[0].start().line);
+                }
+                syn::UseTree::Group(g) => {
+                    for t in &g.items {
+                        self.tree(prefix.clone(), t);
+                    }
+                }
+            }
+        }
+    }
+    impl<'ast> Visit<'ast> for Paths<'_> {
+        fn visit_item_use(&mut self, u: &'ast syn::ItemUse) {
+            self.tree(Vec::new(), &u.tree);
+        }
+        fn visit_path(&mut self, p: &'ast syn::Path) {
+            let segments: Vec<String> = p.segments.iter().map(|s| s.ident.to_string()).collect();
+            let line = p
+                .segments
+                .first()
+                .map_or(0, |s| s.ident.span().start().line);
+            self.resolve(segments, line);
+            syn::visit::visit_path(self, p);
+        }
+    }
+    let text = std::fs::read_to_string(file).unwrap();
+    let ast = syn::parse_file(&text).unwrap_or_else(|e| panic!("{}: {e}", rel(file)));
+    let mut v = Paths {
+        module,
+        out: Vec::new(),
+    };
+    v.visit_file(&ast);
+    v.out
+}
+
+/// `from` (a module and everything under it) names nothing under `to`.
+fn never_reaches(krate: &str, from: &str, to: &str, why: &str) {
+    let src = root().join(krate).join("src");
+    let mut broken = Vec::new();
+    for f in sources(&format!("{krate}/src")) {
+        let module = module_of(&src, &f);
+        if module.first().map(String::as_str) != Some(from) {
+            continue;
+        }
+        for (path, line) in crate_paths(&module, &f) {
+            if path.first().map(String::as_str) == Some(to) {
+                broken.push(format!("{}:{line}: {}", rel(&f), path.join("::")));
+            }
+        }
+    }
+    assert!(broken.is_empty(), "{why}:\n{}", broken.join("\n"));
+}
+
+#[test]
+fn the_mqtt_front_names_nothing_of_the_http_front() {
+    never_reaches(
+        "broker",
+        "mqtt",
+        "api",
+        "broker::mqtt reaches into broker::api (error codes are crate::wire's)",
+    );
+}
+
+#[test]
+fn the_module_path_reader_sees_what_it_must() {
+    // The checker itself: a file that does reach across is caught, by
+    // line, through `use`, groups, `super::` and paths in code.
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("session.rs");
+    std::fs::write(
+        &f,
+        "use crate::{api::ApiError, metrics::Refusal};\nuse super::super::api;\n\
+         fn f() { let _ = crate::api::x(); }\n",
+    )
+    .unwrap();
+    let found = crate_paths(&["mqtt".to_owned(), "session".to_owned()], &f);
+    let api: Vec<usize> = found
+        .iter()
+        .filter(|(p, _)| p.first().map(String::as_str) == Some("api"))
+        .map(|(_, l)| *l)
+        .collect();
+    assert_eq!(api, vec![1, 2, 3], "{found:?}");
+}

@@ -150,57 +150,13 @@ impl ApiError {
 
 impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
-        use StatusCode as S;
-        let (status, code) = match &e {
-            Error::InvalidId { .. } => (S::BAD_REQUEST, "invalid_id"),
-            Error::InvalidInput { .. } => (S::BAD_REQUEST, "invalid_input"),
-            Error::MalformedCsr { .. } => (S::BAD_REQUEST, "malformed_csr"),
-            Error::CsrBadSignature => (S::BAD_REQUEST, "csr_bad_signature"),
-            Error::CsrWeakSignature { .. } => (S::BAD_REQUEST, "csr_weak_signature"),
-            Error::UnsupportedKey { .. } => (S::BAD_REQUEST, "unsupported_key"),
-            Error::TooLarge { .. } => (S::PAYLOAD_TOO_LARGE, "too_large"),
-            Error::NotFound { .. } => (S::NOT_FOUND, "device_not_found"),
-            Error::CertNotFound { .. } => (S::NOT_FOUND, "certificate_not_found"),
-            Error::AlreadyExists { .. } | Error::CertExists { .. } => {
-                (S::CONFLICT, "already_exists")
-            }
-            Error::InvalidTransition { .. } => (S::CONFLICT, "invalid_transition"),
-            Error::ManufacturerNotFound { .. } => (S::NOT_FOUND, "manufacturer_not_found"),
-            Error::ManufacturerRevoked { .. } => (S::CONFLICT, "manufacturer_revoked"),
-            Error::ProofOfPossession { .. } => (S::BAD_REQUEST, "proof_of_possession_failed"),
-            Error::ClaimExhausted { .. } => (S::CONFLICT, "claim_exhausted"),
-            Error::QuotaExceeded { .. } => (S::TOO_MANY_REQUESTS, "quota_exceeded"),
-            // Says which ceremony command does it instead.
-            Error::RootOffline { .. } => (S::CONFLICT, "root_offline"),
-            Error::Unavailable(_) => {
-                tracing::error!(error = %e, "registry store unavailable: nothing was changed or acknowledged");
-                return Self::new(
-                    S::SERVICE_UNAVAILABLE,
-                    "storage_unavailable",
-                    "the shared registry store (etcd) cannot be reached or has no quorum; the \
-                     change was not acknowledged. Try again.",
-                );
-            }
-            Error::Storage(_) | Error::Io { .. } => {
-                tracing::error!(error = %e, "registry write failed: nothing was changed or acknowledged");
-                return Self::new(
-                    S::SERVICE_UNAVAILABLE,
-                    "storage_unavailable",
-                    "the registry cannot write to disk (full or read-only?); the change was not \
-                     acknowledged. See the server log.",
-                );
-            }
-            _ => {
-                // Storage, IO, crypto: the detail goes to the log, not the wire.
-                tracing::error!(error = %e, "internal error");
-                return Self::new(
-                    S::INTERNAL_SERVER_ERROR,
-                    "internal",
-                    "internal error; see the server log",
-                );
-            }
-        };
-        Self::new(status, code, e.to_string())
+        // One table for every front: crate::wire.
+        let w = crate::wire::of(&e);
+        Self::new(
+            StatusCode::from_u16(w.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            w.code,
+            w.message,
+        )
     }
 }
 

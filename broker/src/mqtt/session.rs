@@ -2013,8 +2013,8 @@ impl Session {
                         "not_after": cert.not_after.unix_timestamp(),
                     })),
                     Ok(Err(e)) => {
-                        let e = crate::api::ApiError::from(e);
-                        Err((e.code(), e.message().to_owned()))
+                        let w = crate::wire::of(&e);
+                        Err((w.code, w.message))
                     }
                     Err(_) => Err(("internal", "internal error; see the server log".into())),
                 }
