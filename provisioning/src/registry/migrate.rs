@@ -1,0 +1,75 @@
+//! Older registry layouts brought up to the current one when opened.
+
+use super::*;
+
+impl Registry {
+    /// Brings an older registry layout up to [`SCHEMA`]. Idempotent, so an
+    /// interrupted migration simply runs again on the next open: the
+    /// certificate records themselves say what their keys must be.
+    pub(super) fn migrated(self) -> Result<Self, Error> {
+        let version = self
+            .store
+            .get(Space::Meta, b"schema")?
+            .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+            .map_or(1, u64::from_be_bytes);
+        if version >= SCHEMA {
+            return Ok(self);
+        }
+        let txn = Txn::new(&*self.store);
+        let tx = Tx::over(&txn);
+        if self.store.len(Space::Devices)? == 0 && self.store.len(Space::Certs)? == 0 {
+            tx.meta.insert("schema", SCHEMA.to_be_bytes())?;
+            txn.commit(true)?;
+            return Ok(self);
+        }
+        // Version 1 keyed certificates by serial alone. Device records
+        // list serials (v1) or keys (v2, if interrupted half way).
+        let mut device_of = std::collections::HashMap::new();
+        for kv in self.scan(Space::Devices, b"") {
+            let (_, v) = kv?;
+            let d: serde_json::Value =
+                serde_json::from_slice(&v).map_err(|e| Error::Corrupt(format!("device: {e}")))?;
+            if let (Some(id), m) = (d["id"].as_str(), d["manufacturer"].as_str()) {
+                device_of.insert(id.to_owned(), m.map(str::to_owned));
+            }
+        }
+        let mut keys = std::collections::HashMap::new();
+        for kv in self.scan(Space::Certs, b"") {
+            let (k, v) = kv?;
+            let mut c: CertRecord = decode("certificate", &v)?;
+            c.device_manufacturer = device_of.get(c.device_id.as_str()).cloned().flatten();
+            let key = c.key();
+            if k.as_slice() != key.to_bytes().as_slice() {
+                tx.certs.remove(&k)?;
+            }
+            tx.certs.insert(key.to_bytes(), encode(&c))?;
+            tx.fingerprints
+                .insert(c.fingerprint.as_bytes(), key.to_bytes())?;
+            keys.insert(c.serial.to_hex(), key);
+        }
+        for kv in self.scan(Space::Devices, b"") {
+            let (k, v) = kv?;
+            let mut d: serde_json::Value =
+                serde_json::from_slice(&v).map_err(|e| Error::Corrupt(format!("device: {e}")))?;
+            if let Some(list) = d["certificates"].as_array_mut() {
+                for entry in list.iter_mut() {
+                    if let Some(key) = entry.as_str().and_then(|s| keys.get(s)) {
+                        *entry = serde_json::Value::String(key.to_string());
+                    }
+                }
+            }
+            tx.devices.insert(&k, encode(&d))?;
+        }
+        tx.meta.insert("schema", SCHEMA.to_be_bytes())?;
+        if !txn.commit(true)? {
+            return Err(Error::Storage(
+                "the registry changed while it was migrated".into(),
+            ));
+        }
+        tracing::info!(
+            certificates = keys.len(),
+            "registry migrated: certificates keyed by issuer and serial"
+        );
+        Ok(self)
+    }
+}

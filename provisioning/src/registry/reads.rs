@@ -1,0 +1,343 @@
+//! Reading the registry: devices, certificates and their standing,
+//! listings and counts, the audit log, CRL entries and numbers.
+
+use super::*;
+
+impl Registry {
+    pub fn device(&self, id: &DeviceId) -> Result<DeviceRecord, Error> {
+        match self
+            .store
+            .get(Space::Devices, AsRef::<[u8]>::as_ref(&id.as_str()))?
+        {
+            Some(v) => decode("device", &v),
+            None => Err(Error::NotFound { id: id.clone() }),
+        }
+    }
+
+    /// A device with its certificates and their standing now.
+    pub fn device_view(&self, id: &DeviceId) -> Result<DeviceView, Error> {
+        let d = self.device(id)?;
+        let now = OffsetDateTime::now_utc();
+        let mut certificates = Vec::with_capacity(d.certificates.len());
+        for key in &d.certificates {
+            let (c, standing) = self.standing(key)?.ok_or_else(|| {
+                Error::Corrupt(format!(
+                    "device {id} lists certificate {key}, which is missing"
+                ))
+            })?;
+            let status = match standing {
+                Standing::Revoked(_) => "revoked",
+                Standing::Suspended => "suspended",
+                Standing::Pending => "pending",
+                Standing::Good if c.not_after < now => "expired",
+                Standing::Good => "good",
+            };
+            certificates.push(CertView {
+                key: key.clone(),
+                status: status.to_owned(),
+                record: c,
+            });
+        }
+        Ok(DeviceView {
+            id: d.id,
+            role: d.role,
+            status: d.status,
+            revocation: d.revocation,
+            manufacturer: d.manufacturer,
+            created_at: d.created_at,
+            updated_at: d.updated_at,
+            certificates,
+            queued_commands: self.sessions.queue_len(id),
+        })
+    }
+
+    /// The admission lookup: one read.
+    pub fn certificate(&self, key: &CertKey) -> Result<Option<CertRecord>, Error> {
+        self.store
+            .get(Space::Certs, AsRef::<[u8]>::as_ref(&key.to_bytes()))?
+            .map(|v| decode("certificate", &v))
+            .transpose()
+    }
+
+    /// Every certificate with `serial`, whoever issued it (usually one).
+    pub fn certificates_with_serial(&self, serial: &Serial) -> Result<Vec<CertRecord>, Error> {
+        self.store
+            .scan(Space::Certs, &CertKey::serial_prefix(serial), b"")
+            .map(|kv| decode("certificate", &kv?.1))
+            .collect()
+    }
+
+    pub fn certificate_by_fingerprint(&self, fp: &str) -> Result<Option<CertRecord>, Error> {
+        match self
+            .store
+            .get(Space::Fingerprints, AsRef::<[u8]>::as_ref(&fp.as_bytes()))?
+        {
+            Some(key) => self.certificate(&CertKey::from_bytes(&key)?),
+            None => Ok(None),
+        }
+    }
+
+    /// A certificate's standing, with the device's revocation data if the
+    /// device is what was revoked. `None` for a certificate never registered.
+    pub fn standing(&self, key: &CertKey) -> Result<Option<(CertRecord, Standing)>, Error> {
+        let Some(c) = self.certificate(key)? else {
+            return Ok(None);
+        };
+        // Read only what the decision can use.
+        let manufacturer = if c.revocation.is_none() {
+            self.manufacturer_revocation(&c)?
+        } else {
+            None
+        };
+        let device = if c.revocation.is_none()
+            && manufacturer.is_none()
+            && c.device_status == Status::Revoked
+        {
+            self.device(&c.device_id)?.revocation
+        } else {
+            None
+        };
+        let s = lifecycle::standing(&StandingFacts {
+            certificate: c.revocation,
+            manufacturer,
+            device_status: c.device_status,
+            device,
+            not_before: c.not_before,
+        });
+        Ok(Some((c, s)))
+    }
+
+    /// The revocation of a manufacturer `c` falls with (its signer's or its
+    /// device's), if one is revoked.
+    pub(super) fn manufacturer_revocation(
+        &self,
+        c: &CertRecord,
+    ) -> Result<Option<Revocation>, Error> {
+        for m in c.manufacturers() {
+            if let Some(r) = self.manufacturer(m)?.and_then(|m| m.revocation) {
+                return Ok(Some(r));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Devices in id order after `after`, optionally only those with `status`.
+    pub fn list(
+        &self,
+        status: Option<Status>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Page<DeviceRecord>, Error> {
+        let limit = limit.clamp(1, MAX_PAGE);
+        let mut items = Vec::with_capacity(limit.min(64));
+        let mut more = false;
+        match status {
+            Some(s) => {
+                let prefix = format!("{s}/");
+                let start = match after {
+                    Some(a) => format!("{prefix}{a}\0"),
+                    None => prefix.clone(),
+                };
+                for kv in self.scan(Space::ByStatus, start.as_bytes()) {
+                    let (k, _) = kv?;
+                    let Some(id) = k.strip_prefix(prefix.as_bytes()) else {
+                        break;
+                    };
+                    if items.len() == limit {
+                        more = true;
+                        break;
+                    }
+                    let id = std::str::from_utf8(id)
+                        .map_err(|_| Error::Corrupt("status index key".into()))?;
+                    items.push(self.device(&DeviceId::try_new(id)?)?);
+                }
+            }
+            None => {
+                let start = after.map(|a| format!("{a}\0")).unwrap_or_default();
+                for kv in self.scan(Space::Devices, start.as_bytes()) {
+                    if items.len() == limit {
+                        more = true;
+                        break;
+                    }
+                    let (_, v) = kv?;
+                    items.push(decode("device", &v)?);
+                }
+            }
+        }
+        let next = if more {
+            items.last().map(|d: &DeviceRecord| d.id.to_string())
+        } else {
+            None
+        };
+        Ok(Page { items, next })
+    }
+
+    /// How many devices have each status (a scan of the status index's
+    /// keys: the console caches it).
+    pub fn count_by_status(&self) -> Result<Vec<(Status, usize)>, Error> {
+        Status::ALL
+            .into_iter()
+            .map(|s| {
+                let prefix = format!("{s}/");
+                let mut n = 0;
+                for kv in self
+                    .store
+                    .scan(Space::ByStatus, prefix.as_bytes(), prefix.as_bytes())
+                {
+                    kv?;
+                    n += 1;
+                }
+                Ok((s, n))
+            })
+            .collect()
+    }
+
+    /// How many devices each manufacturer has (a scan of every device
+    /// record: the console caches it).
+    pub fn count_by_manufacturer(&self) -> Result<BTreeMap<String, usize>, Error> {
+        let mut counts = BTreeMap::new();
+        for kv in self.scan(Space::Devices, b"") {
+            let (_, v) = kv?;
+            let d: DeviceRecord = decode("device", &v)?;
+            if let Some(m) = d.manufacturer {
+                *counts.entry(m).or_insert(0) += 1;
+            }
+        }
+        Ok(counts)
+    }
+
+    /// The newest `limit` audit entries about `device`, newest first (a
+    /// scan of the whole log: the log has no index by device).
+    pub fn audit_of(&self, device: &DeviceId, limit: usize) -> Result<Vec<AuditEntry>, Error> {
+        let mut found = std::collections::VecDeque::new();
+        for kv in self.scan(Space::Audit, b"") {
+            let (_, v) = kv?;
+            let e: AuditEntry = decode("audit entry", &v)?;
+            if e.device.as_ref() == Some(device) {
+                if found.len() == limit {
+                    found.pop_front();
+                }
+                found.push_back(e);
+            }
+        }
+        Ok(found.into_iter().rev().collect())
+    }
+
+    /// Audit entries with a sequence number above `after`, oldest first.
+    pub fn audit(&self, after: Option<u64>, limit: usize) -> Result<Page<AuditEntry>, Error> {
+        let limit = limit.clamp(1, MAX_PAGE);
+        let start = after.map_or(0, |a| a.saturating_add(1));
+        let mut items = Vec::new();
+        let mut more = false;
+        for kv in self.scan(Space::Audit, &start.to_be_bytes()) {
+            if items.len() == limit {
+                more = true;
+                break;
+            }
+            let (_, v) = kv?;
+            items.push(decode::<AuditEntry>("audit entry", &v)?);
+        }
+        let next = if more {
+            items.last().map(|e| e.seq.to_string())
+        } else {
+            None
+        };
+        Ok(Page { items, next })
+    }
+
+    /// Audit entries with a sequence number below `before` (all, if
+    /// `None`), newest first; `next` is the `before` of the page after.
+    pub fn audit_newest(
+        &self,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Page<AuditEntry>, Error> {
+        let limit = limit.clamp(1, MAX_PAGE);
+        let bound = before.map(u64::to_be_bytes);
+        let mut items = Vec::new();
+        let mut more = false;
+        for kv in self.store.scan_rev(
+            Space::Audit,
+            b"",
+            bound.as_ref().map_or(&[][..], |b| &b[..]),
+        ) {
+            if items.len() == limit {
+                more = true;
+                break;
+            }
+            let (_, v) = kv?;
+            items.push(decode::<AuditEntry>("audit entry", &v)?);
+        }
+        let next = if more {
+            items.last().map(|e| e.seq.to_string())
+        } else {
+            None
+        };
+        Ok(Page { items, next })
+    }
+
+    /// Every unexpired certificate `issuer` signed (under `manufacturer`)
+    /// that is revoked or on hold.
+    pub fn revoked_by_issuer(
+        &self,
+        manufacturer: Option<&str>,
+        issuer: &str,
+    ) -> Result<Vec<Listed>, Error> {
+        let now = OffsetDateTime::now_utc();
+        let mut out = Vec::new();
+        for kv in self.scan(Space::Certs, b"") {
+            let (_, v) = kv?;
+            let c: CertRecord = decode("certificate", &v)?;
+            if c.issuer != issuer || c.manufacturer.as_deref() != manufacturer || c.not_after < now
+            {
+                continue;
+            }
+            // A revoked manufacturer lists its devices' certificates too.
+            let revocation = match c.revocation {
+                Some(r) => Some(r),
+                None => self.manufacturer_revocation(&c)?,
+            };
+            let listed = match (revocation, c.device_status) {
+                (Some(r), _) => Some((r.at, Some(r.reason))),
+                (None, Status::Revoked) => {
+                    let d = self.device(&c.device_id)?;
+                    let r = d.revocation.unwrap_or(Revocation {
+                        reason: RevocationReason::Unspecified,
+                        at: d.updated_at,
+                    });
+                    Some((r.at, Some(r.reason)))
+                }
+                (None, Status::Suspended | Status::Pending) => {
+                    Some((self.device(&c.device_id)?.updated_at, None))
+                }
+                (None, Status::Active) => None,
+            };
+            if let Some((at, reason)) = listed {
+                out.push(Listed {
+                    serial: c.serial,
+                    at,
+                    reason,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// The next CRL number for `issuer`, durable before it is returned so
+    /// that numbers only ever increase.
+    pub fn next_crl_number(&self, issuer: &str) -> Result<u64, Error> {
+        // Read, add one, write back if nobody else did meanwhile: on a
+        // shared store every node's numbers go up together.
+        let key = format!("crl-number/{issuer}");
+        self.transact(|tx| {
+            let n = tx
+                .meta
+                .get(key.as_bytes())?
+                .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+                .map_or(0, u64::from_be_bytes)
+                .saturating_add(1);
+            tx.meta.insert(key.as_bytes(), n.to_be_bytes())?;
+            Ok(n)
+        })
+    }
+}
