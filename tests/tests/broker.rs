@@ -173,6 +173,74 @@ fn mosquitto_identity_and_acl_refusals() {
     );
 }
 
+/// MQTT 5 (Eclipse Paho's Python client, paho-mqtt): a QoS 1 publish
+/// outside the device's topics gets PUBACK 0x87 Not authorized, nothing
+/// leaks, and the connection goes on: the next publish to its own topic is
+/// acknowledged and delivered (Paho's interoperability `test_dollar_topics`
+/// publishes to a `$` topic and expects to go on).
+#[test]
+fn an_mqtt5_publish_outside_its_topics_gets_0x87_and_the_connection_goes_on() {
+    require_tool("python3");
+    let (tmp, server) = start();
+    let dev = server.enroll(tmp.path(), "device", "dev-1");
+    let svc = server.enroll(tmp.path(), "service", "backend");
+    let script = format!(
+        r#"
+import threading
+import paho.mqtt.client as mqtt
+def client(cid, crt, key):
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cid, protocol=mqtt.MQTTv5)
+    c.tls_set(ca_certs={ca:?}, certfile=crt, keyfile=key)
+    return c
+# The service watches everything it may see, subscribed before anything is sent.
+seen, subscribed, heard = [], threading.Event(), threading.Event()
+svc = client("backend", {scrt:?}, {skey:?})
+svc.on_connect = lambda cl, u, f, rc, p: cl.subscribe([("devices/#", 1), ("$devices/#", 1)])
+svc.on_subscribe = lambda cl, u, mid, rcs, p: subscribed.set()
+def on_message(cl, u, m):
+    seen.append(m.topic)
+    heard.set()
+svc.on_message = on_message
+svc.connect("127.0.0.1", {port})
+svc.loop_start()
+assert subscribed.wait(10), "no SUBACK"
+acks, done, up = {{}}, threading.Event(), threading.Event()
+dev = client("dev-1", {dcrt:?}, {dkey:?})
+dev.on_connect = lambda cl, u, f, rc, p: up.set()
+def on_publish(cl, u, mid, rc, p):
+    acks[mid] = rc.value
+    if len(acks) == 3: done.set()
+dev.on_publish = on_publish
+dev.connect("127.0.0.1", {port})
+dev.loop_start()
+assert up.wait(10), "no CONNACK"
+m = [dev.publish(t, b"x", qos=1).mid
+     for t in ("devices/dev-2/telemetry", "$devices/dev-1/telemetry", "devices/dev-1/telemetry")]
+assert done.wait(10), acks
+assert heard.wait(10), "the service heard nothing"
+print(" ".join(str(acks[i]) for i in m), dev.is_connected(), ",".join(seen))
+dev.disconnect(); svc.disconnect(); dev.loop_stop(); svc.loop_stop()
+"#,
+        ca = dev.ca.to_str().unwrap(),
+        dcrt = dev.cert.to_str().unwrap(),
+        dkey = dev.key.to_str().unwrap(),
+        scrt = svc.cert.to_str().unwrap(),
+        skey = svc.key.to_str().unwrap(),
+        port = server.mqtt.port(),
+    );
+    let (ok, out) = tests::run(Command::new("python3").args(["-c", &script]));
+    assert!(ok, "{out}");
+    // 0x87 twice, then success; still connected; and the service saw only
+    // the publish to the device's own topic (messages in order: the
+    // refused ones came first and nothing of them arrived).
+    assert_eq!(
+        out.trim(),
+        "135 135 0 True devices/dev-1/telemetry",
+        "{out}"
+    );
+    assert!(server.wait_for_log("publish refused (0x87)", Duration::from_secs(5)));
+}
+
 #[tokio::test]
 async fn a_device_publishing_outside_its_topics_is_cut_and_nothing_leaks() {
     let (tmp, server) = start();

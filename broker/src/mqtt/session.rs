@@ -228,8 +228,9 @@ struct Session {
     pending_retained: HashMap<u16, Vec<(String, u8)>>,
     /// A device's budget of new topics (its own across its connections).
     topics: Budget,
-    /// When this session last logged a refusal over a quota (at most one a
-    /// second).
+    /// When this session last logged a refusal it goes on after (over a
+    /// quota, or an MQTT 5 publish outside its topics): at most one a
+    /// second.
     quota_logged: Option<std::time::Instant>,
 }
 
@@ -1210,10 +1211,22 @@ impl Session {
             }
             Some(Err(why)) => return Err(End::Acl(why)),
         }
-        if let Err(why) = self.acl.can_publish(&topic) {
-            return Err(End::Acl(why.to_string()));
-        }
         let (qos, pkid) = qos_and_pkid(&p);
+        if let Err(why) = self.acl.can_publish(&topic) {
+            if !self.codec.is_v5() {
+                // MQTT 3.1.1 has no negative acknowledgement: the
+                // connection ends (MQTT-3.3.5-2), as it always has.
+                return Err(End::Acl(why.to_string()));
+            }
+            // MQTT 5: refused with 0x87 Not authorized, dropped, and the
+            // connection goes on (3.3.4, 4.12); counted, logged at most
+            // once a second per session.
+            let why = why.to_string();
+            self.refused_publish(&topic, &why);
+            return self
+                .ack_in_order(qos, pkid, Ack::now(PubAckReason::NotAuthorized, Some(why)))
+                .map_err(End::Protocol);
+        }
         if qos == 2 && !self.inbound_qos2.insert(pkid) {
             // A resend before PUBREL: passed on once already.
             return self
@@ -1304,6 +1317,20 @@ impl Session {
     }
 
     /// Counts and logs (once a second at most) a refusal over a quota.
+    /// A PUBLISH outside the client's topics, refused without ending the
+    /// connection (MQTT 5).
+    fn refused_publish(&mut self, topic: &str, why: &str) {
+        self.shared.metrics.refused(Refusal::Acl);
+        let now = std::time::Instant::now();
+        if self
+            .quota_logged
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+        {
+            self.quota_logged = Some(now);
+            tracing::warn!(reason = "acl", topic = %crate::printable(topic), detail = %crate::printable(why), "mqtt: publish refused (0x87)");
+        }
+    }
+
     fn over_quota(&mut self, why: &str) {
         self.shared.metrics.refused(Refusal::Quota);
         let now = std::time::Instant::now();
