@@ -175,7 +175,8 @@ fn mosquitto_identity_and_acl_refusals() {
 
 /// MQTT 5 (Eclipse Paho's Python client, paho-mqtt): a QoS 1 publish
 /// outside the device's topics gets PUBACK 0x87 Not authorized, nothing
-/// leaks, and the connection goes on: the next publish to its own topic is
+/// leaks, and the connection goes on (at QoS 0 it ends: the conformance
+/// suite's `test_disconnect_says_why`): the next publish to its own topic is
 /// acknowledged and delivered (Paho's interoperability `test_dollar_topics`
 /// publishes to a `$` topic and expects to go on).
 #[test]

@@ -1213,14 +1213,15 @@ impl Session {
         }
         let (qos, pkid) = qos_and_pkid(&p);
         if let Err(why) = self.acl.can_publish(&topic) {
-            if !self.codec.is_v5() {
-                // MQTT 3.1.1 has no negative acknowledgement: the
-                // connection ends (MQTT-3.3.5-2), as it always has.
+            if !self.codec.is_v5() || qos == 0 {
+                // Nothing would tell the client (MQTT 3.1.1 has no
+                // negative acknowledgement; QoS 0 has none at all): the
+                // connection ends, DISCONNECT 0x87 on MQTT 5 (MQTT-3.3.5-2).
                 return Err(End::Acl(why.to_string()));
             }
-            // MQTT 5: refused with 0x87 Not authorized, dropped, and the
-            // connection goes on (3.3.4, 4.12); counted, logged at most
-            // once a second per session.
+            // MQTT 5, QoS 1 and 2: refused with 0x87 Not authorized,
+            // dropped, and the connection goes on (3.3.4, 4.12); counted,
+            // logged at most once a second per session.
             let why = why.to_string();
             self.refused_publish(&topic, &why);
             return self
