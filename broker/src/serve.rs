@@ -55,10 +55,14 @@ pub struct ServeConfig {
     pub reload_config: Option<ConfigReload>,
 }
 
-/// What SIGHUP does with the configuration file: a line for the log, or
-/// why the file was refused (the running configuration stays).
+/// What SIGHUP does with the configuration file: a line for the log and
+/// the limits to apply, or why the file was refused (the running
+/// configuration stays).
 #[derive(Clone)]
-pub struct ConfigReload(pub Arc<dyn Fn() -> Result<String, String> + Send + Sync>);
+#[allow(clippy::type_complexity)]
+pub struct ConfigReload(
+    pub Arc<dyn Fn() -> Result<(String, crate::mqtt::Retune), String> + Send + Sync>,
+);
 
 impl std::fmt::Debug for ConfigReload {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -327,6 +331,7 @@ impl Server {
                 every: self.cfg.upkeep_interval,
                 reload_config: self.cfg.reload_config.clone(),
                 hup: self.hup.take(),
+                broker: broker.clone(),
             }
             .run(shutdown.clone()),
         );
@@ -440,6 +445,7 @@ struct Upkeep {
     every: Duration,
     reload_config: Option<ConfigReload>,
     hup: Option<tokio::signal::unix::Signal>,
+    broker: Broker,
 }
 
 impl Upkeep {
@@ -452,6 +458,7 @@ impl Upkeep {
             every,
             reload_config,
             mut hup,
+            broker,
         } = self;
         let mut tick = tokio::time::interval(every);
         tick.tick().await; // the first tick is now; start-up already checked
@@ -480,7 +487,10 @@ impl Upkeep {
                     tracing::info!("SIGHUP: reloading the configuration file, the issuing CAs, TLS and the OCSP signers");
                     if let Some(reload) = &reload_config {
                         match (reload.0)() {
-                            Ok(said) => tracing::info!("SIGHUP: configuration file: {said}"),
+                            Ok((said, retune)) => {
+                                broker.retune(&retune);
+                                tracing::info!("SIGHUP: configuration file: {said}");
+                            }
                             Err(e) => tracing::error!(error = %e, "SIGHUP: the configuration file is refused; the running configuration stays"),
                         }
                     }

@@ -176,22 +176,23 @@ fn bad_files_are_refused_with_the_file_line_and_key() {
 }
 
 #[test]
-fn serve_takes_the_file_the_command_line_wins_and_sighup_applies_the_log_level() {
+fn serve_takes_the_file_the_command_line_wins_and_sighup_applies_log_level_and_limits() {
     let tmp = tempfile::tempdir().unwrap();
     let f = tmp.path().join("fleetgate.toml");
     let data = tmp.path().join("data");
     // A port in use: the file's value would fail; the command line's wins.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let taken = taken.local_addr().unwrap();
-    let file = |level: &str, max: u32| {
+    let file = |level: &str, max: u32, subs: u32| {
         format!(
             "data-dir = \"{}\"\napi-listen = \"127.0.0.1:0\"\nmqtt-listen = \"{taken}\"\n\
              ocsp-listen = \"{taken}\"\nmetrics-listen = \"127.0.0.1:0\"\n\
-             log-level = \"{level}\"\nmax-connections = {max}\naudit-seal-secs = 1\n",
+             log-level = \"{level}\"\nmax-connections = {max}\naudit-seal-secs = 1\n\
+             max-subscriptions = {subs}\n",
             data.display()
         )
     };
-    write(&f, &file("info", 1000));
+    write(&f, &file("info", 1000, 10));
     let fs = f.to_str().unwrap();
     // mqtt-listen from the command line, ocsp-listen from its variable.
     let mut node = Node::start(
@@ -230,13 +231,69 @@ fn serve_takes_the_file_the_command_line_wins_and_sighup_applies_the_log_level()
     garbage();
 
     // SIGHUP: the new log level applies at once; the rest says restart.
-    write(&f, &file("debug", 2000));
+    // A device holding a connection, with two subscriptions granted.
+    let api = node
+        .listening
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("api="))
+        .unwrap()
+        .to_owned();
+    let mqtt_port: u16 = node
+        .listening
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("mqtt="))
+        .and_then(|a| a.rsplit(':').next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    let devs = tmp.path().join("devs");
+    let (ok, _, out) = fleetgate(&[
+        "device",
+        "enroll",
+        "dev-1",
+        "--out",
+        devs.to_str().unwrap(),
+        "--api",
+        &format!("https://{api}"),
+        "--data-dir",
+        data.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}");
+    let subscribe_two = |n: u32| -> String {
+        let script = format!(
+            r#"
+import threading
+import paho.mqtt.client as mqtt
+got = threading.Event(); codes = []
+c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="dev-1", protocol=mqtt.MQTTv5)
+c.tls_set(ca_certs={ca:?}, certfile={crt:?}, keyfile={key:?})
+c.on_connect = lambda cl, u, f, rc, p: cl.subscribe([("devices/dev-1/a{n}", 1), ("devices/dev-1/b{n}", 1)])
+def on_subscribe(cl, u, mid, rcs, p):
+    codes.extend(r.value for r in rcs); got.set()
+c.on_subscribe = on_subscribe
+c.connect("127.0.0.1", {port}); c.loop_start()
+assert got.wait(10), "no SUBACK"
+print(*codes); c.disconnect(); c.loop_stop()
+"#,
+            ca = devs.join("ca.crt").to_str().unwrap(),
+            crt = devs.join("dev-1.crt").to_str().unwrap(),
+            key = devs.join("dev-1.key").to_str().unwrap(),
+            port = mqtt_port,
+        );
+        let (ok, out) = run(Command::new("python3").args(["-c", &script]));
+        assert!(ok, "{out}");
+        out.trim().to_owned()
+    };
+    assert_eq!(subscribe_two(1), "1 1");
+
+    write(&f, &file("debug", 2000, 1));
     let (ok, out) = run(Command::new("kill").args(["-HUP", &node.child.id().to_string()]));
     assert!(ok, "{out}");
     let said = node
         .wait_for("configuration file:")
         .expect("no reload line");
     assert!(said.contains("applied log-level = \"debug\""), "{said}");
+    assert!(said.contains("max-subscriptions = \"1\""), "{said}");
     assert!(said.contains("needs a restart: max-connections"), "{said}");
     garbage();
     assert!(
@@ -244,6 +301,8 @@ fn serve_takes_the_file_the_command_line_wins_and_sighup_applies_the_log_level()
         "no debug line after the reload: {:?}",
         node.seen
     );
+    // One subscription a session now: the second is refused (0x97).
+    assert_eq!(subscribe_two(2), "1 151");
     let at = |needle: &str| node.seen.iter().position(|l| l.contains(needle)).unwrap();
     assert!(
         at("DEBUG") > at("configuration file:"),

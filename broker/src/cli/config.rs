@@ -251,6 +251,9 @@ pub(super) fn example() -> String {
         if let Some(env) = arg.get_env() {
             out.push_str(&format!("# (environment: {})\n", env.to_string_lossy()));
         }
+        if AT_RUN_TIME.contains(&long) {
+            out.push_str("# (a new value applies on SIGHUP, without a restart)\n");
+        }
         let defaults: Vec<String> = arg
             .get_default_values()
             .iter()
@@ -314,8 +317,14 @@ pub(super) struct Reloader {
     overridden: Vec<String>,
 }
 
-/// The keys a running node takes from a new file without a restart.
-const AT_RUN_TIME: [&str; 1] = ["log-level"];
+/// The keys a running node takes from a new file without a restart (see
+/// [`Reloader::reload`]).
+pub(super) const AT_RUN_TIME: [&str; 4] = [
+    "log-level",
+    "max-subscriptions",
+    "new-topics-per-minute",
+    "max-packet-size",
+];
 
 impl Reloader {
     pub(super) fn new(argv: &[OsString]) -> Result<Option<Self>, ConfigError> {
@@ -351,7 +360,7 @@ impl Reloader {
     /// Reads the file again: applies what can change at run time (the log
     /// level; TLS and signer files are re-read by SIGHUP anyway) and says
     /// what changed that needs a restart.
-    pub(super) fn reload(&mut self) -> Result<String, String> {
+    pub(super) fn reload(&mut self) -> Result<(String, crate::mqtt::Retune), String> {
         let now: std::collections::BTreeMap<String, Vec<String>> = read(&self.path)
             .map_err(|e| e.to_string())?
             .into_iter()
@@ -365,19 +374,50 @@ impl Reloader {
         changed.sort();
         changed.dedup();
         let (mut applied, mut restart, mut ignored) = (Vec::new(), Vec::new(), Vec::new());
+        let mut retune = crate::mqtt::Retune::default();
+        let cmd = serve_command();
+        // The file's value, or the flag's default when the key is gone.
+        let value = |key: &str| -> String {
+            now.get(key)
+                .and_then(|v| v.first().cloned())
+                .or_else(|| {
+                    cmd.get_arguments()
+                        .find(|a| a.get_long() == Some(key))
+                        .and_then(|a| a.get_default_values().first().cloned())
+                        .map(|d| d.to_string_lossy().into_owned())
+                })
+                .unwrap_or_default()
+        };
         for key in changed {
             if self.overridden.contains(key) {
                 ignored.push(key.clone());
-            } else if AT_RUN_TIME.contains(&key.as_str()) {
-                let spec = now
-                    .get(key)
-                    .and_then(|v| v.first())
-                    .map_or(super::DEFAULT_LOG, |s| s.as_str());
-                super::set_log_filter(spec).map_err(|e| format!("log-level {spec:?}: {e}"))?;
-                applied.push(format!("{key} = {spec:?}"));
-            } else {
-                restart.push(key.clone());
+                continue;
             }
+            let v = value(key);
+            let number = || v.parse::<u64>().map_err(|e| format!("{key} = {v:?}: {e}"));
+            match key.as_str() {
+                "log-level" => {
+                    super::set_log_filter(&v).map_err(|e| format!("log-level {v:?}: {e}"))?;
+                }
+                "max-subscriptions" => {
+                    retune.max_subscriptions =
+                        Some(usize::try_from(number()?).map_err(|e| format!("{key}: {e}"))?)
+                }
+                "new-topics-per-minute" => {
+                    retune.new_topics_per_minute =
+                        Some(u32::try_from(number()?).map_err(|e| format!("{key}: {e}"))?)
+                }
+                // Clamped as `serve` takes it at start.
+                "max-packet-size" => {
+                    let n = usize::try_from(number()?).map_err(|e| format!("{key}: {e}"))?;
+                    retune.max_packet_size = Some(n.clamp(64, 256 * 1024 * 1024));
+                }
+                _ => {
+                    restart.push(key.clone());
+                    continue;
+                }
+            }
+            applied.push(format!("{key} = {v:?}"));
         }
         self.running = now;
         let list = |v: &[String]| {
@@ -387,11 +427,15 @@ impl Reloader {
                 v.join(", ")
             }
         };
-        Ok(format!(
-            "applied {}; needs a restart: {}; set on the command line or environment, so unchanged: {}",
-            list(&applied),
-            list(&restart),
-            list(&ignored)
+        Ok((
+            format!(
+                "applied {}; needs a restart: {}; set on the command line or environment, so \
+                 unchanged: {}",
+                list(&applied),
+                list(&restart),
+                list(&ignored)
+            ),
+            retune,
         ))
     }
 }
@@ -501,6 +545,11 @@ mod tests {
         let settings = parse(&uncommented).unwrap_or_else(|e| panic!("{e:?}\n{uncommented}"));
         assert!(settings.len() > 30, "{uncommented}");
         assert!(text.contains("# api-listen = \"127.0.0.1:8443\""), "{text}");
+        assert_eq!(
+            text.matches("a new value applies on SIGHUP").count(),
+            AT_RUN_TIME.len(),
+            "{text}"
+        );
     }
 
     #[test]

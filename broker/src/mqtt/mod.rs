@@ -174,7 +174,49 @@ pub(crate) struct Shared {
     jit_limiter: Option<Mutex<RateLimiter<DeviceId>>>,
     /// Clients' budgets and kept filters, across their connections.
     kept: kept::Kept,
+    /// The limits SIGHUP may change while sessions run.
+    live: Live,
     cfg: MqttConfig,
+}
+
+/// The limits a running node takes from a new configuration (SIGHUP): read
+/// at each use, so sessions see them from their next packet (the packet
+/// size from their next connection).
+#[derive(Debug)]
+pub struct Live {
+    max_subscriptions: std::sync::atomic::AtomicUsize,
+    new_topics_per_minute: std::sync::atomic::AtomicU32,
+    max_packet_size: std::sync::atomic::AtomicUsize,
+}
+
+/// New values for [`Live`]: `None` leaves one as it is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Retune {
+    pub max_subscriptions: Option<usize>,
+    pub new_topics_per_minute: Option<u32>,
+    pub max_packet_size: Option<usize>,
+}
+
+impl Live {
+    fn new(cfg: &MqttConfig) -> Self {
+        Self {
+            max_subscriptions: cfg.max_subscriptions.into(),
+            new_topics_per_minute: cfg.new_topics_per_minute.into(),
+            max_packet_size: cfg.max_packet_size.into(),
+        }
+    }
+    pub fn max_subscriptions(&self) -> usize {
+        self.max_subscriptions
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+    pub fn new_topics_per_minute(&self) -> u32 {
+        self.new_topics_per_minute
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+    pub fn max_packet_size(&self) -> usize {
+        self.max_packet_size
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 /// Segments of each filter's message log in the router.
@@ -511,6 +553,7 @@ impl Broker {
                 verifier,
                 jit_limiter: cfg.jit_rate.map(|r| Mutex::new(RateLimiter::new(r))),
                 kept: kept::Kept::default(),
+                live: Live::new(&cfg),
                 cfg,
             }),
         }
@@ -550,6 +593,21 @@ impl Broker {
 
     pub fn live_sessions(&self) -> usize {
         self.shared.sessions.count()
+    }
+
+    /// Applies new limits to the running broker (SIGHUP).
+    pub fn retune(&self, r: &Retune) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let live = &self.shared.live;
+        if let Some(v) = r.max_subscriptions {
+            live.max_subscriptions.store(v, Relaxed);
+        }
+        if let Some(v) = r.new_topics_per_minute {
+            live.new_topics_per_minute.store(v, Relaxed);
+        }
+        if let Some(v) = r.max_packet_size {
+            live.max_packet_size.store(v, Relaxed);
+        }
     }
 
     /// The counters this broker writes to.

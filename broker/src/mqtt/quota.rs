@@ -35,6 +35,18 @@ impl TopicBudget {
         }
     }
 
+    /// A new rate (SIGHUP): the bucket keeps what it holds, up to the new
+    /// cap.
+    pub fn set_rate(&mut self, per_minute: u32) {
+        if per_minute != self.per_minute {
+            self.per_minute = per_minute;
+            self.tokens = self.tokens.min(f64::from(per_minute));
+            if self.last.is_none() {
+                self.tokens = f64::from(per_minute);
+            }
+        }
+    }
+
     /// Whether the bucket would be full at `now` (nothing spent that has
     /// not come back): forgetting it then changes nothing.
     pub fn is_full(&self, now: Instant) -> bool {
@@ -43,6 +55,13 @@ impl TopicBudget {
             now.saturating_duration_since(last).as_secs_f64() * cap / 60.0
         });
         self.per_minute == 0 || self.tokens + refill >= cap
+    }
+
+    /// [`TopicBudget::admit`] at the rate in force now (it may have changed
+    /// since the bucket was made).
+    pub fn admit_at(&mut self, topic: &[u8], now: Instant, per_minute: u32) -> bool {
+        self.set_rate(per_minute);
+        self.admit(topic, now)
     }
 
     /// Whether the device may publish to `topic` now: a topic in use, or a
@@ -91,6 +110,21 @@ mod tests {
         assert!(!b.admit(b"d", t0 + Duration::from_secs(10)));
         assert!(b.admit(b"d", t0 + Duration::from_secs(21)));
         assert!(!b.admit(b"e", t0 + Duration::from_secs(21)));
+    }
+
+    #[test]
+    fn a_new_rate_applies_to_a_bucket_in_use() {
+        let t0 = Instant::now();
+        let mut b = TopicBudget::new(60);
+        assert!(b.admit(b"a", t0));
+        b.set_rate(1);
+        assert!(b.admit(b"b", t0), "the one token left");
+        assert!(!b.admit(b"c", t0));
+        // One a minute now: not yet after 30 s, yes after 61.
+        assert!(!b.admit(b"c", t0 + Duration::from_secs(30)));
+        assert!(b.admit(b"c", t0 + Duration::from_secs(61)));
+        b.set_rate(0);
+        assert!(b.admit(b"d", t0 + Duration::from_secs(61)), "0 is no limit");
     }
 
     #[test]

@@ -342,7 +342,7 @@ pub(super) fn run(
     // slots for its whole life): most of a held connection's memory.
     let topics = shared.kept.budget(
         peer.identity.id.as_str(),
-        shared.cfg.new_topics_per_minute,
+        shared.live.new_topics_per_minute(),
         std::time::Instant::now(),
     );
     let s = Box::new(Session {
@@ -350,7 +350,7 @@ pub(super) fn run(
         codec: Codec::for_level(4),
         rbuf: BytesMut::with_capacity(READ_SIZE),
         wbuf: BytesMut::new(),
-        max_packet: shared.cfg.max_packet_size,
+        max_packet: shared.live.max_packet_size(),
         acl: Acl::new(&peer.identity),
         stamp: stamp::of(&peer),
         peer,
@@ -796,11 +796,15 @@ async fn session(
     } = will;
     // A will spends from the device's budget of new topics like a PUBLISH.
     if s.peer.identity.role == Role::Device
-        && !lock(&s.topics).admit(&topic, std::time::Instant::now())
+        && !lock(&s.topics).admit_at(
+            &topic,
+            std::time::Instant::now(),
+            shared.live.new_topics_per_minute(),
+        )
     {
         let why = format!(
             "last will: more than {} new topics a minute from this device",
-            shared.cfg.new_topics_per_minute
+            shared.live.new_topics_per_minute()
         );
         s.over_quota(&why);
         return Ok(());
@@ -1234,10 +1238,16 @@ impl Session {
                 .ack_in_order(2, pkid, Ack::now(PubAckReason::Success, None))
                 .map_err(End::Protocol);
         }
-        if self.device.is_some() && !lock(&self.topics).admit(&p.topic, std::time::Instant::now()) {
+        if self.device.is_some()
+            && !lock(&self.topics).admit_at(
+                &p.topic,
+                std::time::Instant::now(),
+                self.shared.live.new_topics_per_minute(),
+            )
+        {
             let why = format!(
                 "more than {} new topics a minute from this device",
-                self.shared.cfg.new_topics_per_minute
+                self.shared.live.new_topics_per_minute()
             );
             self.over_quota(&why);
             return self
@@ -1628,7 +1638,7 @@ impl Session {
         mut held: usize,
         holds: impl Fn(&str) -> bool,
     ) -> Vec<Option<FilterRefused>> {
-        let max = self.shared.cfg.max_subscriptions;
+        let max = self.shared.live.max_subscriptions();
         let mut seen = HashSet::new();
         let mut room = |f: &str| {
             let new = !holds(f) && seen.insert(f.to_owned());
@@ -1657,7 +1667,7 @@ impl Session {
                 Ok(()) if !room(&f.path) => {
                     let why = format!(
                         "filter {:?}: this session holds {} subscriptions, the most allowed",
-                        f.path, self.shared.cfg.max_subscriptions
+                        f.path, self.shared.live.max_subscriptions()
                     );
                     Some(FilterRefused {
                         code: code(SubscribeReasonCode::QuotaExceeded),
