@@ -45,6 +45,15 @@ use crate::{Error, Serial};
 
 pub(crate) const MARKER: &str = "fleetgate.json";
 
+/// A certificate a CRL lists: revoked, or on hold while its device is
+/// suspended (`reason` None means certificateHold).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Listed {
+    pub serial: Serial,
+    pub at: OffsetDateTime,
+    pub reason: Option<crate::lifecycle::RevocationReason>,
+}
+
 /// Lifetimes of what the CA makes for itself.
 pub(crate) const ROOT_LIFETIME: Duration = Duration::days(20 * 365);
 pub(crate) const ISSUING_LIFETIME: Duration = Duration::days(10 * 365);
@@ -523,24 +532,20 @@ impl Ca {
     }
 
     /// A CRL for the issuing CA listing `listed`, numbered `number`.
-    pub fn crl(&self, listed: &[crate::registry::Listed], number: u64) -> Result<Vec<u8>, Error> {
+    pub fn crl(&self, listed: &[Listed], number: u64) -> Result<Vec<u8>, Error> {
         crl(&self.issuing(), listed, number)
     }
 }
 
 /// A CRL signed by `signer` listing `listed`, numbered `number`.
-pub fn crl(
-    signer: &Signer,
-    listed: &[crate::registry::Listed],
-    number: u64,
-) -> Result<Vec<u8>, Error> {
+pub fn crl(signer: &Signer, listed: &[Listed], number: u64) -> Result<Vec<u8>, Error> {
     crl_valid_for(signer, listed, number, CRL_VALIDITY)
 }
 
 /// [`crl`], valid for `validity` (a root's, signed at a ceremony, lasts).
 pub fn crl_valid_for(
     signer: &Signer,
-    listed: &[crate::registry::Listed],
+    listed: &[Listed],
     number: u64,
     validity: Duration,
 ) -> Result<Vec<u8>, Error> {

@@ -260,7 +260,7 @@ pub fn private_key_pem(key: &rcgen::KeyPair) -> String {
                 0x04, 0x20,
             ];
             v1.extend_from_slice(seed);
-            crate::manufacturer::pem_encode("PRIVATE KEY", &v1)
+            crate::pem::encode("PRIVATE KEY", &v1)
         }
         _ => key.serialize_pem(),
     }

@@ -1,6 +1,6 @@
 use std::path::PathBuf;
 
-use crate::registry::Status;
+use crate::lifecycle::Status;
 use crate::DeviceId;
 
 /// Everything provisioning can refuse or fail at.

@@ -19,6 +19,7 @@ pub mod keys;
 pub mod lifecycle;
 pub mod manufacturer;
 pub mod ocsp;
+pub mod pem;
 pub mod registry;
 pub mod rollover;
 pub mod sessions;

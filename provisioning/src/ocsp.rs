@@ -607,6 +607,26 @@ pub fn read_response(der: &[u8]) -> Result<Summary, Error> {
     Ok(Summary { status, certs: out })
 }
 
+/// The registry answers for fleetgate's own certificates.
+impl StandingLookup for crate::registry::Registry {
+    fn lookup(&self, key: &crate::CertKey) -> Result<Option<Looked>, Error> {
+        let Some((rec, standing)) = self.standing(key)? else {
+            return Ok(None);
+        };
+        let held_since = match standing {
+            crate::lifecycle::Standing::Suspended | crate::lifecycle::Standing::Pending => self
+                .device(&rec.device_id)
+                .map(|d| d.updated_at)
+                .unwrap_or(rec.not_before),
+            _ => rec.not_before,
+        };
+        Ok(Some(Looked {
+            standing,
+            held_since,
+        }))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

@@ -29,18 +29,20 @@ use std::sync::Arc;
 use time::OffsetDateTime;
 
 use crate::ca::IssuedCert;
+pub use crate::ca::Listed;
 use crate::events::{Change, Committed, Feed};
 use crate::lifecycle::{self, Action, StandingFacts};
 pub use crate::lifecycle::{Revocation, RevocationReason, Standing, Status};
-use crate::manufacturer::{CaKind, Challenge, ClaimRecord, ManufacturerRecord, ManufacturerStatus};
 use crate::store::{SledStore, Space, Store, Txn};
 use crate::{CertKey, DeviceId, Error, Role, Serial};
+use records::{CaKind, Challenge, ClaimRecord, ManufacturerRecord, ManufacturerStatus};
 
 mod blobs;
 mod check;
 mod manufacturers;
 mod migrate;
 mod reads;
+pub mod records;
 mod seal;
 pub use seal::{Checkpoint, Verification};
 
@@ -214,15 +216,6 @@ pub struct Registry {
     sessions: crate::sessions::SessionStore,
     /// The revision and announcements of committed writes.
     feed: std::sync::Arc<Feed>,
-}
-
-/// A certificate a CRL lists: revoked, or on hold while its device is
-/// suspended (`reason` None means certificateHold).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Listed {
-    pub serial: Serial,
-    pub at: OffsetDateTime,
-    pub reason: Option<RevocationReason>,
 }
 
 impl fmt::Debug for Registry {
@@ -991,26 +984,6 @@ pub fn changes_from(events: &[crate::store::Write]) -> Vec<Change> {
         out.push(Change::Manufacturers);
     }
     out
-}
-
-/// The OCSP responder's statuses, read from this registry.
-impl crate::ocsp::StandingLookup for Registry {
-    fn lookup(&self, key: &CertKey) -> Result<Option<crate::ocsp::Looked>, Error> {
-        let Some((rec, standing)) = self.standing(key)? else {
-            return Ok(None);
-        };
-        let held_since = match standing {
-            Standing::Suspended | Standing::Pending => self
-                .device(&rec.device_id)
-                .map(|d| d.updated_at)
-                .unwrap_or(rec.not_before),
-            _ => rec.not_before,
-        };
-        Ok(Some(crate::ocsp::Looked {
-            standing,
-            held_since,
-        }))
-    }
 }
 
 fn now_seconds() -> OffsetDateTime {

@@ -177,7 +177,7 @@ fn a_manufacturer_revocation_takes_certificates_fleetgate_signed_for_its_devices
     let (rec, _) = auth
         .create_manufacturer(
             &DeviceId::try_new("acme").unwrap(),
-            crate::manufacturer::JitPolicy::AutoActivate,
+            crate::registry::records::JitPolicy::AutoActivate,
             "test",
         )
         .unwrap();
