@@ -68,7 +68,7 @@ pub struct IssuerHashes {
     sha256: ([u8; 32], [u8; 32]),
     /// Where statuses come from: the registry, or (for the root) a fixed
     /// list of the CAs it issued.
-    pub known: Option<HashMap<Serial, Option<crate::registry::Revocation>>>,
+    pub known: Option<HashMap<Serial, Option<crate::lifecycle::Revocation>>>,
 }
 
 /// One signing key and the issuers it answers for.
@@ -605,26 +605,6 @@ pub fn read_response(der: &[u8]) -> Result<Summary, Error> {
         out.push((Serial::from_bytes(r.cert_id.serial_number.as_bytes())?, s));
     }
     Ok(Summary { status, certs: out })
-}
-
-/// The registry answers for fleetgate's own certificates.
-impl StandingLookup for crate::registry::Registry {
-    fn lookup(&self, key: &crate::CertKey) -> Result<Option<Looked>, Error> {
-        let Some((rec, standing)) = self.standing(key)? else {
-            return Ok(None);
-        };
-        let held_since = match standing {
-            crate::lifecycle::Standing::Suspended | crate::lifecycle::Standing::Pending => self
-                .device(&rec.device_id)
-                .map(|d| d.updated_at)
-                .unwrap_or(rec.not_before),
-            _ => rec.not_before,
-        };
-        Ok(Some(Looked {
-            standing,
-            held_since,
-        }))
-    }
 }
 
 #[cfg(test)]

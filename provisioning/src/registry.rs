@@ -986,6 +986,26 @@ pub fn changes_from(events: &[crate::store::Write]) -> Vec<Change> {
     out
 }
 
+/// The registry answers for fleetgate's own certificates.
+impl crate::ocsp::StandingLookup for Registry {
+    fn lookup(&self, key: &crate::CertKey) -> Result<Option<crate::ocsp::Looked>, Error> {
+        let Some((rec, standing)) = self.standing(key)? else {
+            return Ok(None);
+        };
+        let held_since = match standing {
+            crate::lifecycle::Standing::Suspended | crate::lifecycle::Standing::Pending => self
+                .device(&rec.device_id)
+                .map(|d| d.updated_at)
+                .unwrap_or(rec.not_before),
+            _ => rec.not_before,
+        };
+        Ok(Some(crate::ocsp::Looked {
+            standing,
+            held_since,
+        }))
+    }
+}
+
 fn now_seconds() -> OffsetDateTime {
     let now = OffsetDateTime::now_utc();
     now.replace_nanosecond(0).unwrap_or(now)
