@@ -922,3 +922,34 @@ pub fn write_private(path: &Path, text: &str) {
 pub mod etcd;
 pub mod nats;
 pub mod softhsm;
+
+/// Polls `f` until it returns `Some`, for at most `within`: the one way
+/// tests wait for a real process (no fixed sleeps). Panics naming `what`
+/// when time runs out.
+pub fn eventually<T>(within: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not within {within:?}: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Whether `child` exits within `within` (polled).
+pub fn exits(child: &mut Child, within: Duration) -> bool {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if child.try_wait().expect("try_wait").is_some() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -4,10 +4,10 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tests::softhsm::Token;
-use tests::{fleetgate_bin, openssl_device, require_tool, run, Creds, Server};
+use tests::{exits, fleetgate_bin, openssl_device, require_tool, run, Creds, Server};
 
 /// `fleetgate ARGS` with the token's config in the environment.
 fn fleetgate(args: &[&str], token: Option<&Token>) -> (bool, String) {
@@ -247,18 +247,6 @@ fn offline_root_and_keys_in_softhsm_serve_enroll_connect_and_answer_ocsp() {
     assert!(server.openssl_ocsp(&dev.cert).contains(": revoked"));
 }
 
-/// Waits for `child` to exit, up to `within`.
-fn exits(child: &mut std::process::Child, within: Duration) -> bool {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if child.try_wait().expect("try_wait").is_some() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
-}
-
 #[test]
 fn a_manufacturer_ca_made_at_a_root_ceremony_admits_just_in_time_and_falls() {
     let tmp = tempfile::tempdir().unwrap();
@@ -299,11 +287,13 @@ fn a_manufacturer_ca_made_at_a_root_ceremony_admits_just_in_time_and_falls() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while server.cli(&["device", "show", "sensor-7"]).status.code() != Some(0) {
-        assert!(Instant::now() < deadline, "sensor-7 never registered");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    tests::eventually(Duration::from_secs(15), "sensor-7 registers", || {
+        server
+            .cli(&["device", "show", "sensor-7"])
+            .status
+            .success()
+            .then_some(())
+    });
     assert!(server.wait_for_log("connected", Duration::from_secs(10)));
     assert!(
         !exits(&mut sub, Duration::from_millis(200)),
@@ -555,12 +545,12 @@ fn a_fleet_runs_across_a_ca_rollover_with_no_connection_refused() {
         })
     };
     let at_least = |n: usize| {
-        let deadline = Instant::now() + Duration::from_secs(30);
         let start = done.load(Ordering::SeqCst);
-        while done.load(Ordering::SeqCst) < start + n {
-            assert!(Instant::now() < deadline, "the churning device stalled");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        tests::eventually(
+            Duration::from_secs(30),
+            "the churning device goes on",
+            || (done.load(Ordering::SeqCst) >= start + n).then_some(()),
+        );
     };
     at_least(3);
 
@@ -663,17 +653,12 @@ fn a_fleet_runs_across_a_ca_rollover_with_no_connection_refused() {
 
     // The audit log, sealed by both generations, verifies; and a restart
     // comes back with both.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
+    tests::eventually(Duration::from_secs(20), "the audit log sealed", || {
         let v: serde_json::Value =
             serde_json::from_str(&server.cli_ok(&["audit", "verify", "--json"])).unwrap();
         assert_eq!(v["problems"], serde_json::json!([]), "{v}");
-        if v["sealed"] == v["entries"] {
-            break;
-        }
-        assert!(Instant::now() < deadline, "not sealed: {v}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+        (v["sealed"] == v["entries"]).then_some(())
+    });
     server.terminate();
     let server = Server::start(&data).unwrap();
     let st = server
@@ -842,20 +827,18 @@ fn two_nodes_share_one_token_and_neither_holds_a_ca_key() {
     let (ok, out) = run(Command::new("kill").args(["-HUP", &two.pid().to_string()]));
     assert!(ok, "{out}");
     assert!(two.wait_for_log("SIGHUP", Duration::from_secs(10)));
-    let deadline = Instant::now() + Duration::from_secs(10);
     let mut n = 0;
-    let next = loop {
-        n += 1;
-        let c = two.enroll(&tmp.path().join("next"), "device", &format!("dev-n{n}"));
-        if issuer_of(&c.cert).contains("fleetgate issuing CA 2") {
-            break c;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "node two still issues from the first CA"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let next = tests::eventually(
+        Duration::from_secs(10),
+        "node two issues from the new CA",
+        || {
+            n += 1;
+            let c = two.enroll(&tmp.path().join("next"), "device", &format!("dev-n{n}"));
+            issuer_of(&c.cert)
+                .contains("fleetgate issuing CA 2")
+                .then_some(c)
+        },
+    );
     for node in [&one, &two] {
         let st = node
             .mosquitto("mosquitto_pub", &next)
