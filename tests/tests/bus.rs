@@ -299,15 +299,11 @@ fn commands_for_a_device_away_outlive_its_node_and_revocation_drops_them_everywh
         assert!(ok && !out.contains("failed"), "{out}");
     };
     let queue = |n: u64| {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while nats.stream_messages(0, "FLEETGATE_QUEUE") != Some(n) {
-            assert!(
-                Instant::now() < deadline,
-                "the queue holds {:?}, not {n}",
-                nats.stream_messages(0, "FLEETGATE_QUEUE")
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        tests::eventually(
+            Duration::from_secs(10),
+            &format!("the queue holds {n}"),
+            || (nats.stream_messages(0, "FLEETGATE_QUEUE") == Some(n)).then_some(()),
+        );
     };
     // The session starts on node one. A command through node two is
     // queued there, reaches the live device from the queue, and leaves
@@ -523,18 +519,15 @@ fn an_expired_session_and_its_queue_are_swept_from_jetstream() {
     two.terminate();
     let (store, bus) = (etcd.url(), nats.url());
     let _two = Server::start_with(&data, &["--store", &store, "--nats", &bus]).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while nats.stream_messages(0, "FLEETGATE_SESSIONS") != Some(0)
-        || nats.stream_messages(0, "FLEETGATE_QUEUE") != Some(0)
-    {
-        assert!(
-            Instant::now() < deadline,
-            "still kept: {:?} sessions, {:?} commands",
-            nats.stream_messages(0, "FLEETGATE_SESSIONS"),
-            nats.stream_messages(0, "FLEETGATE_QUEUE")
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    tests::eventually(
+        Duration::from_secs(10),
+        "the expired session and its queue swept from JetStream",
+        || {
+            (nats.stream_messages(0, "FLEETGATE_SESSIONS") == Some(0)
+                && nats.stream_messages(0, "FLEETGATE_QUEUE") == Some(0))
+            .then_some(())
+        },
+    );
     drop(one);
 }
 

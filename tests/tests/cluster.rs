@@ -368,14 +368,11 @@ fn a_revocation_on_one_node_drops_the_commands_waiting_on_another() {
     assert_eq!(one.device_json("dev-1")["queued_commands"], 1);
     // Revoked through node two: node one drops it too.
     two.cli_ok(&["device", "revoke", "dev-1"]);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while one.device_json("dev-1")["queued_commands"] != 0 {
-        assert!(
-            Instant::now() < deadline,
-            "node one kept the revoked device's commands"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    tests::eventually(
+        Duration::from_secs(10),
+        "node one drops the revoked device's commands",
+        || (one.device_json("dev-1")["queued_commands"] == 0).then_some(()),
+    );
 }
 
 /// `PUT key=value` through etcd's own JSON gateway with curl, as anyone
@@ -435,17 +432,19 @@ async fn a_raw_etcd_write_does_not_take_back_a_revocation() {
     let last = audit["items"].as_array().unwrap().first().unwrap()["seq"]
         .as_u64()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let v: serde_json::Value =
-            serde_json::from_str(&node.cli_ok(&["audit", "verify", "--json"])).unwrap();
-        assert_eq!(v["problems"], serde_json::json!([]), "{v}");
-        if v["sealed_through"].as_u64().is_some_and(|s| s >= last) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "not sealed through {last}: {v}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    tests::eventually(
+        Duration::from_secs(20),
+        "sealed through the last entry",
+        || {
+            let v: serde_json::Value =
+                serde_json::from_str(&node.cli_ok(&["audit", "verify", "--json"])).unwrap();
+            assert_eq!(v["problems"], serde_json::json!([]), "{v}");
+            v["sealed_through"]
+                .as_u64()
+                .is_some_and(|s| s >= last)
+                .then_some(())
+        },
+    );
 
     // The attack: the device's record and its certificates' records
     // rewritten in etcd as they were before the revocation.

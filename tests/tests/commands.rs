@@ -256,16 +256,13 @@ async fn a_qos2_command_arrives_exactly_once_with_mosquitto_sub() {
         .spawn()
         .unwrap();
     // The subscription is in place once the device's session is.
-    for _ in 0..100 {
-        if server
+    tests::eventually(Duration::from_secs(5), "d-1's session", || {
+        server
             .log()
             .iter()
             .any(|l| l.contains("mqtt: connected") && l.contains("d-1"))
-        {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+            .then_some(())
+    });
     std::thread::sleep(Duration::from_millis(300));
     for n in ["first", "second"] {
         let (ok, out) = command(

@@ -57,15 +57,13 @@ fn the_console_signs_in_once_shows_a_device_and_revokes_it() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !server
-        .log()
-        .iter()
-        .any(|l| l.contains("mqtt: connected") && l.contains("device.id=console-dev"))
-    {
-        assert!(Instant::now() < deadline, "mosquitto_sub never connected");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    tests::eventually(Duration::from_secs(10), "mosquitto_sub connects", || {
+        server
+            .log()
+            .iter()
+            .any(|l| l.contains("mqtt: connected") && l.contains("device.id=console-dev"))
+            .then_some(())
+    });
     // A refusal for the live activity: the bystander publishing to the
     // device's topic (ACL).
     let _ = run(server.mosquitto("mosquitto_pub", &bystander).args([
@@ -150,14 +148,10 @@ fn the_console_signs_in_once_shows_a_device_and_revokes_it() {
     }
 
     // The live subscription ended with the revocation.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while sub.try_wait().unwrap().is_none() {
-        assert!(
-            Instant::now() < deadline,
-            "mosquitto_sub still connected after the revocation"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    assert!(
+        tests::exits(&mut sub, Duration::from_secs(10)),
+        "mosquitto_sub still connected after the revocation"
+    );
     assert_eq!(server.device_json("console-dev")["status"], "revoked");
     assert_eq!(
         server.device_json("console-dev")["revocation"]["reason"],

@@ -11,7 +11,7 @@
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64ct::{Base64, Encoding};
 use tests::{require_tool, run, Server};
@@ -100,18 +100,13 @@ fn b64(s: &str) -> String {
 /// client certificate with a CN).
 fn wait_healthy(client: &str, tls: &[&str]) {
     let scheme = if tls.is_empty() { "http" } else { "https" };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
+    tests::eventually(Duration::from_secs(20), "etcd answers /health", || {
         let (ok, out) = run(Command::new("curl")
             .arg("-sS")
             .args(tls)
             .arg(format!("{scheme}://{client}/health")));
-        if ok && out.contains("true") {
-            return;
-        }
-        assert!(Instant::now() < deadline, "etcd did not come up: {out}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        (ok && out.contains("true")).then_some(())
+    });
 }
 
 /// A `mosquitto_sub -d` and its output lines as they come.
