@@ -217,6 +217,44 @@ impl Live {
         self.max_packet_size
             .load(std::sync::atomic::Ordering::Relaxed)
     }
+
+    /// Takes the values `r` has; leaves the others.
+    pub fn apply(&self, r: &Retune) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if let Some(v) = r.max_subscriptions {
+            self.max_subscriptions.store(v, Relaxed);
+        }
+        if let Some(v) = r.new_topics_per_minute {
+            self.new_topics_per_minute.store(v, Relaxed);
+        }
+        if let Some(v) = r.max_packet_size {
+            self.max_packet_size.store(v, Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod live_tests {
+    use super::*;
+
+    #[test]
+    fn a_retune_changes_what_it_names_and_nothing_else() {
+        let live = Live::new(&MqttConfig::default());
+        assert_eq!(live.max_subscriptions(), 100);
+        live.apply(&Retune {
+            max_subscriptions: Some(1),
+            ..Retune::default()
+        });
+        assert_eq!(live.max_subscriptions(), 1);
+        assert_eq!(live.new_topics_per_minute(), 60, "untouched");
+        assert_eq!(live.max_packet_size(), MAX_PACKET_SIZE, "untouched");
+        live.apply(&Retune::default());
+        assert_eq!(
+            live.max_subscriptions(),
+            1,
+            "an empty retune changes nothing"
+        );
+    }
 }
 
 /// Segments of each filter's message log in the router.
@@ -597,17 +635,7 @@ impl Broker {
 
     /// Applies new limits to the running broker (SIGHUP).
     pub fn retune(&self, r: &Retune) {
-        use std::sync::atomic::Ordering::Relaxed;
-        let live = &self.shared.live;
-        if let Some(v) = r.max_subscriptions {
-            live.max_subscriptions.store(v, Relaxed);
-        }
-        if let Some(v) = r.new_topics_per_minute {
-            live.new_topics_per_minute.store(v, Relaxed);
-        }
-        if let Some(v) = r.max_packet_size {
-            live.max_packet_size.store(v, Relaxed);
-        }
+        self.shared.live.apply(r);
     }
 
     /// The counters this broker writes to.

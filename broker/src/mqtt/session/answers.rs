@@ -157,3 +157,22 @@ pub(super) fn ocsp_request_der(payload: &Bytes) -> Bytes {
         Err(_) => payload.clone(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ocsp_request_comes_as_der_or_as_base64_text() {
+        // DER: taken as it is (its tags are outside base64's alphabet).
+        let der = Bytes::from_static(&[0x30, 0x03, 0x30, 0x01, 0x00]);
+        assert_eq!(ocsp_request_der(&der), der);
+        // The same bytes as base64, with the line breaks a shell adds.
+        let text = Bytes::from_static(b"MAMw\nAQA=\n");
+        assert_eq!(ocsp_request_der(&text), der);
+        // Not base64 after all: passed on, for the parser to refuse.
+        let odd = Bytes::from_static(b"abc");
+        assert_eq!(ocsp_request_der(&odd), odd);
+        assert_eq!(ocsp_request_der(&Bytes::new()), Bytes::new());
+    }
+}

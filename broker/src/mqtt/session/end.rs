@@ -72,3 +72,72 @@ pub(super) fn normal_disconnect() -> Disconnect {
         reason_code: DisconnectReasonCode::NormalDisconnection,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_end_sends_no_disconnect_and_a_server_end_says_why() {
+        // What the client ended, or a dead socket: nothing to send.
+        for e in [
+            End::ClientDisconnect { will: false },
+            End::Closed("reset".into()),
+            End::RouterDisconnect,
+        ] {
+            assert_eq!(e.reason(), None, "{e:?}");
+            assert_eq!(e.reason_string(), None, "{e:?}");
+        }
+        let said = |e: End| (e.reason(), e.reason_string());
+        assert_eq!(
+            said(End::Acl("devices/dev-2/t is not yours".into())),
+            (
+                Some(DisconnectReasonCode::NotAuthorized),
+                Some("devices/dev-2/t is not yours".into())
+            )
+        );
+        assert_eq!(
+            said(End::KeepAlive).0,
+            Some(DisconnectReasonCode::KeepAliveTimeout)
+        );
+        assert_eq!(
+            said(End::Shutdown).0,
+            Some(DisconnectReasonCode::ServerShuttingDown)
+        );
+        assert_eq!(
+            said(End::CertificateExpired).0,
+            Some(DisconnectReasonCode::MaximumConnectTime)
+        );
+        assert_eq!(
+            said(End::TakenOver).0,
+            Some(DisconnectReasonCode::SessionTakenOver)
+        );
+        assert_eq!(
+            said(End::Protocol("bad".into())).0,
+            Some(DisconnectReasonCode::ProtocolError)
+        );
+    }
+
+    #[test]
+    fn a_kick_is_an_administrative_action_naming_its_cause() {
+        let e = End::Kicked(Kick::Revoked);
+        assert_eq!(e.reason(), Some(DisconnectReasonCode::AdministrativeAction));
+        assert_eq!(e.reason_string().as_deref(), Some(Kick::Revoked.as_str()));
+    }
+
+    #[test]
+    fn a_violation_carries_its_own_code() {
+        let e = End::Violation(DisconnectReasonCode::PacketTooLarge, "4 MiB".into());
+        assert_eq!(e.reason(), Some(DisconnectReasonCode::PacketTooLarge));
+        assert_eq!(e.reason_string().as_deref(), Some("4 MiB"));
+    }
+
+    #[test]
+    fn the_router_session_is_left_alone_when_someone_else_ended_it() {
+        assert!(!End::TakenOver.router_session_live());
+        assert!(!End::RouterDisconnect.router_session_live());
+        assert!(!End::ClientDisconnect { will: true }.router_session_live());
+        assert!(End::KeepAlive.router_session_live());
+        assert!(End::Closed("eof".into()).router_session_live());
+    }
+}

@@ -471,3 +471,53 @@ pub(super) fn pubrec_reason(r: PubAckReason) -> PubRecReason {
         PubAckReason::PayloadFormatInvalid => PubRecReason::PayloadFormatInvalid,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_puback_reason_has_its_pubrec_twin() {
+        for (ack, rec) in [
+            (PubAckReason::Success, PubRecReason::Success),
+            (PubAckReason::NotAuthorized, PubRecReason::NotAuthorized),
+            (PubAckReason::QuotaExceeded, PubRecReason::QuotaExceeded),
+            (
+                PubAckReason::NoMatchingSubscribers,
+                PubRecReason::NoMatchingSubscribers,
+            ),
+            (
+                PubAckReason::ImplementationSpecificError,
+                PubRecReason::ImplementationSpecificError,
+            ),
+            (
+                PubAckReason::TopicNameInvalid,
+                PubRecReason::TopicNameInvalid,
+            ),
+        ] {
+            assert_eq!(pubrec_reason(ack), rec);
+        }
+    }
+
+    #[test]
+    fn a_stored_message_keeps_what_the_publisher_said_and_when_it_expires() {
+        let p = Publish::new("devices/d/commands/x", "on", true);
+        let props = PublishProperties {
+            message_expiry_interval: Some(30),
+            content_type: Some("text/plain".into()),
+            correlation_data: Some(Bytes::from_static(b"c1")),
+            user_properties: vec![("k".into(), "v".into())],
+            ..Default::default()
+        };
+        let m = message(&p, 1, Some(&props), 1_000);
+        assert_eq!(m.topic, "devices/d/commands/x");
+        assert_eq!(m.payload, b"on");
+        assert!(m.retain);
+        assert_eq!(m.expires_at_ms, Some(31_000), "now + 30 s");
+        assert_eq!(m.props.content_type.as_deref(), Some("text/plain"));
+        assert_eq!(m.props.correlation_data.as_deref(), Some(&b"c1"[..]));
+        assert_eq!(m.props.user_properties, vec![("k".into(), "v".into())]);
+        // No properties (MQTT 3.1.1): no expiry.
+        assert_eq!(message(&p, 1, None, 1_000).expires_at_ms, None);
+    }
+}
