@@ -446,4 +446,35 @@ mod tests {
             ConnectSniff::NotConnect(_)
         ));
     }
+
+    #[test]
+    fn wildcards_stand_only_as_whole_levels() {
+        for (f, ok) in [
+            ("devices/d/#", true),
+            ("#", true),
+            ("+", true),
+            ("devices/+/telemetry", true),
+            ("devices/d/#/x", false),
+            ("devices/d#", false),
+            ("devices/d+/x", false),
+            ("", false),
+            ("devices//x", true),
+        ] {
+            assert_eq!(valid_filter(f), ok, "{f}");
+        }
+    }
+
+    #[test]
+    fn a_command_topic_names_a_valid_device_under_commands() {
+        let id = |t: &str| command_target(t).map(|d| d.to_string());
+        assert_eq!(
+            id("devices/dev-1/commands/reboot").as_deref(),
+            Some("dev-1")
+        );
+        assert_eq!(id("devices/dev-1/commands").as_deref(), Some("dev-1"));
+        assert_eq!(id("devices/dev-1/telemetry"), None);
+        assert_eq!(id("devices/bad id/commands/x"), None);
+        assert_eq!(id("devices//commands/x"), None);
+        assert_eq!(id("other/dev-1/commands/x"), None);
+    }
 }
