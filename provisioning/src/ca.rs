@@ -407,6 +407,31 @@ impl Ca {
         self.status_url.as_deref()
     }
 
+    /// Refuses `cert` (`what`, back from a root ceremony) unless this root
+    /// signed it and it is a CA with pathLen 0; `hint` follows the latter
+    /// refusal.
+    pub(crate) fn check_root_issued(
+        &self,
+        cert: &X509Certificate<'_>,
+        what: &str,
+        hint: &str,
+    ) -> Result<(), Error> {
+        let (_, root) = X509Certificate::from_der(self.root_der())
+            .map_err(|e| Error::Certificate(e.to_string()))?;
+        let bad = |why: String| Error::InvalidInput {
+            reason: format!("{what}: {why}"),
+        };
+        if cert.issuer() != root.subject()
+            || cert.verify_signature(Some(root.public_key())).is_err()
+        {
+            return Err(bad("not signed by this CA's root".into()));
+        }
+        match cert.basic_constraints() {
+            Ok(Some(bc)) if bc.value.ca && bc.value.path_len_constraint == Some(0) => Ok(()),
+            _ => Err(bad(format!("not a CA with pathLen 0{hint}"))),
+        }
+    }
+
     /// Whether the root's key is online here.
     pub fn root_online(&self) -> bool {
         self.root.is_some()
@@ -498,19 +523,7 @@ impl Ca {
     /// The delegated OCSP responder certificate: EKU OCSPSigning and
     /// id-pkix-ocsp-nocheck, signed by the issuing CA.
     pub(crate) fn issue_ocsp_signer(&self, key: &impl PublicKeyData) -> Result<IssuedCert, Error> {
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "fleetgate OCSP responder");
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::OcspSigning];
-        // id-pkix-ocsp-nocheck, value NULL.
-        params.custom_extensions = vec![rcgen::CustomExtension::from_oid_content(
-            &[1, 3, 6, 1, 5, 5, 7, 48, 1, 5],
-            vec![0x05, 0x00],
-        )];
+        let params = ocsp_responder_params("fleetgate OCSP responder");
         sign_leaf(&self.issuing(), params, key, SIGNER_LIFETIME)
     }
 
@@ -572,6 +585,23 @@ pub fn crl_valid_for(
         key_identifier_method: rcgen::KeyIdMethod::Sha256,
     };
     Ok(params.signed_by(&signer.issuer)?.der().to_vec())
+}
+
+/// What a delegated OCSP responder's certificate says: `cn`, EKU
+/// OCSPSigning and id-pkix-ocsp-nocheck (dates are set when it is signed).
+pub(crate) fn ocsp_responder_params(cn: &str) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params.distinguished_name.push(DnType::CommonName, cn);
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::OcspSigning];
+    // id-pkix-ocsp-nocheck, value NULL.
+    params.custom_extensions = vec![rcgen::CustomExtension::from_oid_content(
+        &[1, 3, 6, 1, 5, 5, 7, 48, 1, 5],
+        vec![0x05, 0x00],
+    )];
+    params
 }
 
 /// What a manufacturer CA says (dates are set when it is signed).

@@ -23,10 +23,7 @@
 
 use std::path::{Path, PathBuf};
 
-use rcgen::{
-    CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyUsagePurpose,
-    PublicKeyData,
-};
+use rcgen::PublicKeyData;
 use time::{Duration, OffsetDateTime};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
@@ -111,18 +108,7 @@ pub fn same_root(root: &Signer, paths: &Paths) -> Result<(), Error> {
 /// The root's delegated OCSP responder: EKU OCSPSigning and
 /// id-pkix-ocsp-nocheck, for [`ROOT_RESPONDER_LIFETIME`].
 pub fn root_responder(root: &Signer, key: &impl PublicKeyData) -> Result<ca::IssuedCert, Error> {
-    let mut params = CertificateParams::default();
-    params.distinguished_name = DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "fleetgate root OCSP responder");
-    params.is_ca = IsCa::ExplicitNoCa;
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::OcspSigning];
-    params.custom_extensions = vec![rcgen::CustomExtension::from_oid_content(
-        &[1, 3, 6, 1, 5, 5, 7, 48, 1, 5],
-        vec![0x05, 0x00],
-    )];
+    let params = ca::ocsp_responder_params("fleetgate root OCSP responder");
     ca::sign(root, params, key, ROOT_RESPONDER_LIFETIME)
 }
 

@@ -14,7 +14,6 @@
 //! CA issued, at once: [`crate::Registry::standing`] checks it on every read.
 
 use std::collections::HashMap;
-use std::fs;
 use std::sync::{Arc, Mutex};
 
 use rustls_pki_types::pem::PemObject;
@@ -138,22 +137,13 @@ impl Authority {
     /// request for the root to sign (PEM).
     pub fn prepare_manufacturer(&self, name: &DeviceId) -> Result<String, Error> {
         self.ensure_no_manufacturer(name)?;
-        let path = self.pending_key(name);
-        if let Some(dir) = path.parent() {
-            ca::mkdir_private(dir)?;
-        }
-        let key = if keys::exists(&path) {
-            keys::load(&path, self.pin.as_ref())?
-        } else {
-            let label = keys::fresh_label(&format!("manufacturer-{name}"));
-            keys::generate(&path, &label, &self.custody())?
-        };
-        let mut params = rcgen::CertificateParams::default();
-        params.distinguished_name = rcgen::DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, format!("{name} manufacturer CA"));
-        Ok(params.serialize_request(&key)?.pem()?)
+        keys::pending_request(
+            &self.pending_key(name),
+            &format!("manufacturer-{name}"),
+            format!("{name} manufacturer CA"),
+            &self.custody(),
+            self.pin.as_ref(),
+        )
     }
 
     /// The second half: installs `ca` (PEM or DER), signed by the root at a
@@ -168,22 +158,14 @@ impl Authority {
         self.ensure_no_manufacturer(name)?;
         let der = one_cert("manufacturer CA", ca)?;
         let cert = parse_cert("manufacturer CA", &der)?;
-        let (_, root) = X509Certificate::from_der(self.ca.root_der())
-            .map_err(|e| Error::Certificate(e.to_string()))?;
+        self.ca.check_root_issued(
+            &cert,
+            "manufacturer CA",
+            " (sign it with `fleetgate manufacturer create --root-dir`)",
+        )?;
         let bad = |why: &str| Error::InvalidInput {
             reason: format!("manufacturer CA: {why}"),
         };
-        if cert.issuer() != root.subject()
-            || cert.verify_signature(Some(root.public_key())).is_err()
-        {
-            return Err(bad("not signed by this CA's root"));
-        }
-        match cert.basic_constraints() {
-            Ok(Some(bc)) if bc.value.ca && bc.value.path_len_constraint == Some(0) => {}
-            _ => return Err(bad(
-                "not a CA with pathLen 0 (sign it with `fleetgate manufacturer create --root-dir`)",
-            )),
-        }
         if !keys::exists(&self.pending_key(name)) {
             return Err(bad(&format!(
                 "this node prepared no key for {name}: the request comes from \
@@ -236,25 +218,7 @@ impl Authority {
         // Files first: a record never names a key that is not on disk.
         let pending = self.pending_key(name);
         let key_path = self.paths.manufacturer_key(name.as_str());
-        let key_pem = match keys::kept(&pending)? {
-            keys::Kept::File(p) => {
-                let pem = std::fs::read_to_string(&p).map_err(|e| Error::Io {
-                    path: p.clone(),
-                    source: e,
-                })?;
-                write_file(&key_path, pem.as_bytes(), true)?;
-                fs::remove_file(&p).map_err(|e| Error::Io { path: p, source: e })?;
-                Some(pem)
-            }
-            keys::Kept::Token(uri) => {
-                keys::record_uri(&key_path, &uri)?;
-                let _ = fs::remove_file(keys::uri_path(&pending));
-                None
-            }
-            keys::Kept::Missing => {
-                return Err(Error::Corrupt(format!("{name}: pending key vanished")))
-            }
-        };
+        let key_pem = keys::move_kept(&pending, &key_path)?;
         write_file(
             &self.paths.manufacturer_cert(name.as_str()),
             ca_pem.as_bytes(),

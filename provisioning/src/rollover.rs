@@ -21,7 +21,7 @@ use time::OffsetDateTime;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::ca::{self, load_signer, Paths, Signer, ISSUING_CRL_NAME};
-use crate::files::{read, write_file};
+use crate::files::write_file;
 use crate::keys::{self, Pin};
 use crate::{Authority, Error};
 
@@ -101,24 +101,16 @@ impl Authority {
     /// again), and a request for the root to sign.
     pub fn prepare_rollover(&self) -> Result<RolloverRequest, Error> {
         let generation = self.next_generation();
-        let path = self.paths.pending_issuing_key();
-        if let Some(dir) = path.parent() {
-            ca::mkdir_private(dir)?;
-        }
-        let key = if keys::exists(&path) {
-            keys::load(&path, self.pin.as_ref())?
-        } else {
-            let label = keys::fresh_label(&format!("issuing-ca-{generation}"));
-            keys::generate(&path, &label, &self.custody())?
-        };
-        let mut params = rcgen::CertificateParams::default();
-        params.distinguished_name = rcgen::DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, issuing_cn(generation));
+        let csr_pem = keys::pending_request(
+            &self.paths.pending_issuing_key(),
+            &format!("issuing-ca-{generation}"),
+            issuing_cn(generation),
+            &self.custody(),
+            self.pin.as_ref(),
+        )?;
         Ok(RolloverRequest {
             generation,
-            csr_pem: params.serialize_request(&key)?.pem()?,
+            csr_pem,
         })
     }
 
@@ -132,17 +124,7 @@ impl Authority {
         let der = crate::manufacturer::one_cert_der("new issuing CA", cert)?;
         let (_, parsed) =
             X509Certificate::from_der(&der).map_err(|e| bad(format!("does not parse: {e}")))?;
-        let (_, root) = X509Certificate::from_der(self.ca.root_der())
-            .map_err(|e| Error::Certificate(e.to_string()))?;
-        if parsed.issuer() != root.subject()
-            || parsed.verify_signature(Some(root.public_key())).is_err()
-        {
-            return Err(bad("not signed by this CA's root".into()));
-        }
-        match parsed.basic_constraints() {
-            Ok(Some(bc)) if bc.value.ca && bc.value.path_len_constraint == Some(0) => {}
-            _ => return Err(bad("not a CA with pathLen 0".into())),
-        }
+        self.ca.check_root_issued(&parsed, "new issuing CA", "")?;
         let generation = self.next_generation();
         let cn = ca::common_name(parsed.subject()).unwrap_or_default();
         if cn != issuing_cn(generation) {
@@ -162,18 +144,7 @@ impl Authority {
             return Err(bad("its key is not the one this node prepared".into()));
         }
         // Key, then certificate: the certificate's presence completes it.
-        let key_path = self.paths.issuing_key_of(generation);
-        match keys::kept(&pending)? {
-            keys::Kept::File(p) => {
-                write_file(&key_path, &read(&p)?, true)?;
-                std::fs::remove_file(&p).map_err(|e| crate::files::io(&p, e))?;
-            }
-            keys::Kept::Token(uri) => {
-                keys::record_uri(&key_path, &uri)?;
-                let _ = std::fs::remove_file(keys::uri_path(&pending));
-            }
-            keys::Kept::Missing => return Err(Error::Corrupt("the pending key vanished".into())),
-        }
+        keys::move_kept(&pending, &self.paths.issuing_key_of(generation))?;
         write_file(
             &self.paths.issuing_cert_of(generation),
             crate::manufacturer::pem_encode("CERTIFICATE", &der).as_bytes(),

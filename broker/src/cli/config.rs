@@ -53,6 +53,20 @@ pub(super) struct Setting {
     pub line: usize,
 }
 
+impl Setting {
+    /// The flags it stands for: `--key=value` for each value, `--key` for
+    /// a flag that is on.
+    fn flags(&self) -> impl Iterator<Item = String> + '_ {
+        self.values.iter().map(|v| {
+            if v.is_empty() {
+                format!("--{}", self.key)
+            } else {
+                format!("--{}={v}", self.key)
+            }
+        })
+    }
+}
+
 /// Reads and checks `path`: every key an option of `serve`, every value
 /// one its flag takes.
 pub(super) fn read(path: &Path) -> Result<Vec<Setting>, ConfigError> {
@@ -184,28 +198,28 @@ pub(super) fn expand(argv: Vec<OsString>) -> Result<Vec<OsString>, ConfigError> 
     };
     let settings = read(&path)?;
     let cmd = serve_command();
-    let given = |key: &str| {
-        argv[serve + 1..].iter().any(|a| {
-            let a = a.to_string_lossy();
-            a == format!("--{key}") || a.starts_with(&format!("--{key}="))
-        }) || cmd
-            .get_arguments()
-            .find(|a| a.get_long() == Some(key))
-            .and_then(|a| a.get_env())
-            .is_some_and(|env| std::env::var_os(env).is_some())
-    };
     let mut out: Vec<OsString> = argv[..=serve].to_vec();
-    for s in settings.iter().filter(|s| !given(&s.key)) {
-        for v in &s.values {
-            if v.is_empty() {
-                out.push(format!("--{}", s.key).into());
-            } else {
-                out.push(format!("--{}={v}", s.key).into());
-            }
-        }
+    for s in settings
+        .iter()
+        .filter(|s| !set_outside(&cmd, &argv[serve + 1..], &s.key))
+    {
+        out.extend(s.flags().map(OsString::from));
     }
     out.extend_from_slice(&argv[serve + 1..]);
     Ok(out)
+}
+
+/// Whether option `key` is set outside the file, on `serve`'s command line
+/// (`args`) or in its environment variable: then the file does not set it.
+fn set_outside(cmd: &clap::Command, args: &[OsString], key: &str) -> bool {
+    args.iter().any(|a| {
+        let a = a.to_string_lossy();
+        a == format!("--{key}") || a.starts_with(&format!("--{key}="))
+    }) || cmd
+        .get_arguments()
+        .find(|a| a.get_long() == Some(key))
+        .and_then(|a| a.get_env())
+        .is_some_and(|env| std::env::var_os(env).is_some())
 }
 
 /// `--config FILE`, `--config=FILE`, or `FLEETGATE_CONFIG`.
@@ -338,16 +352,7 @@ impl Reloader {
         let cmd = serve_command();
         let overridden = settings
             .iter()
-            .filter(|s| {
-                argv[serve + 1..].iter().any(|a| {
-                    let a = a.to_string_lossy();
-                    a == format!("--{}", s.key) || a.starts_with(&format!("--{}=", s.key))
-                }) || cmd
-                    .get_arguments()
-                    .find(|a| a.get_long() == Some(&s.key))
-                    .and_then(|a| a.get_env())
-                    .is_some_and(|env| std::env::var_os(env).is_some())
-            })
+            .filter(|s| set_outside(&cmd, &argv[serve + 1..], &s.key))
             .map(|s| s.key.clone())
             .collect();
         Ok(Some(Self {
@@ -445,15 +450,7 @@ impl Reloader {
 pub(super) fn serve_args_from(path: &Path) -> Result<ServeArgs, ConfigError> {
     let settings = read(path)?;
     let mut argv: Vec<String> = vec!["serve".into()];
-    for s in &settings {
-        for v in &s.values {
-            argv.push(if v.is_empty() {
-                format!("--{}", s.key)
-            } else {
-                format!("--{}={v}", s.key)
-            });
-        }
-    }
+    argv.extend(settings.iter().flat_map(Setting::flags));
     let m = serve_command()
         .try_get_matches_from(argv)
         .map_err(|e| ConfigError {

@@ -257,3 +257,54 @@ pub fn write_pem(path: &Path, key: &CaKey) -> Result<(), Error> {
     })?;
     write_file(path, k.serialize_pem().as_bytes(), true)
 }
+
+/// A key waiting at `path` for a certificate a root ceremony signs: the
+/// one kept there (asked again; opened with `pin`), or a new one made under
+/// `custody`
+/// (`label_prefix`-<time>-<random> in a token); and a PKCS#10 request
+/// (PEM) for it naming `common_name`.
+pub fn pending_request(
+    path: &Path,
+    label_prefix: &str,
+    common_name: String,
+    custody: &Custody,
+    pin: Option<&Pin>,
+) -> Result<String, Error> {
+    if let Some(dir) = path.parent() {
+        crate::ca::mkdir_private(dir)?;
+    }
+    let key = if exists(path) {
+        load(path, pin)?
+    } else {
+        generate(path, &fresh_label(label_prefix), custody)?
+    };
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, common_name);
+    Ok(params.serialize_request(&key)?.pem()?)
+}
+
+/// Moves the key kept at `from` to `to` (a file, or a token key's URI),
+/// once its certificate is in hand. Returns the key's PEM when it is a
+/// file.
+pub fn move_kept(from: &Path, to: &Path) -> Result<Option<String>, Error> {
+    match kept(from)? {
+        Kept::File(p) => {
+            let pem = std::fs::read_to_string(&p).map_err(|e| io(&p, e))?;
+            write_file(to, pem.as_bytes(), true)?;
+            std::fs::remove_file(&p).map_err(|e| io(&p, e))?;
+            Ok(Some(pem))
+        }
+        Kept::Token(uri) => {
+            record_uri(to, &uri)?;
+            let _ = std::fs::remove_file(uri_path(from));
+            Ok(None)
+        }
+        Kept::Missing => Err(Error::Corrupt(format!(
+            "the pending key {} vanished",
+            from.display()
+        ))),
+    }
+}
