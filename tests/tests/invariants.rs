@@ -277,6 +277,122 @@ fn the_mqtt_front_names_nothing_of_the_http_front() {
     );
 }
 
+/// Every path a file names (in `use` declarations and in code), as
+/// written, with its line.
+fn all_paths(file: &Path) -> Vec<(Vec<String>, usize)> {
+    use syn::visit::Visit;
+    #[derive(Default)]
+    struct Paths {
+        out: Vec<(Vec<String>, usize)>,
+    }
+    impl Paths {
+        fn tree(&mut self, prefix: Vec<String>, t: &syn::UseTree) {
+            let mut leaf = |mut full: Vec<String>, ident: &syn::Ident| {
+                full.push(ident.to_string());
+                self.out.push((full, ident.span().start().line));
+            };
+            match t {
+                syn::UseTree::Path(p) => {
+                    let mut next = prefix;
+                    next.push(p.ident.to_string());
+                    self.tree(next, &p.tree);
+                }
+                syn::UseTree::Name(n) => leaf(prefix, &n.ident),
+                syn::UseTree::Rename(r) => leaf(prefix, &r.ident),
+                syn::UseTree::Glob(g) => {
+                    self.out.push((prefix, g.star_token.spans[0].start().line))
+                }
+                syn::UseTree::Group(g) => {
+                    for t in &g.items {
+                        self.tree(prefix.clone(), t);
+                    }
+                }
+            }
+        }
+    }
+    impl<'ast> Visit<'ast> for Paths {
+        fn visit_item_use(&mut self, u: &'ast syn::ItemUse) {
+            self.tree(Vec::new(), &u.tree);
+        }
+        fn visit_path(&mut self, p: &'ast syn::Path) {
+            let segments: Vec<String> = p.segments.iter().map(|s| s.ident.to_string()).collect();
+            let line = p
+                .segments
+                .first()
+                .map_or(0, |s| s.ident.span().start().line);
+            self.out.push((segments, line));
+            syn::visit::visit_path(self, p);
+        }
+    }
+    let text = std::fs::read_to_string(file).unwrap();
+    let ast = syn::parse_file(&text).unwrap_or_else(|e| panic!("{}: {e}", rel(file)));
+    let mut v = Paths::default();
+    v.visit_file(&ast);
+    v.out
+}
+
+#[test]
+fn the_connection_core_does_no_io_and_reaches_only_pure_modules() {
+    // broker::mqtt::channel decides; the session drives it. It names no
+    // runtime, socket, TLS, store or thread, and within the crate only
+    // the pure pieces it is made of.
+    let src = root().join("broker/src");
+    let files: Vec<PathBuf> = sources("broker/src/mqtt/channel");
+    assert!(files.len() >= 5, "{files:?}");
+    let forbidden_roots = [
+        "tokio",
+        "tokio_rustls",
+        "rustls",
+        "sled",
+        "reqwest",
+        "hyper",
+        "axum",
+        "async_nats",
+    ];
+    let forbidden_std = ["net", "fs", "thread", "process"];
+    let allowed_in_crate: [&[&str]; 10] = [
+        &["mqtt", "channel"],
+        &["mqtt", "acl"],
+        &["mqtt", "codec"],
+        &["mqtt", "outbox"],
+        &["mqtt", "quota"],
+        &["mqtt", "stamp"],
+        &["mqtt", "kept"],
+        &["mqtt", "Kick"],
+        &["metrics", "Refusal"],
+        &["printable"],
+    ];
+    let mut broken = Vec::new();
+    for f in &files {
+        for (path, line) in all_paths(f) {
+            let first = path.first().map(String::as_str).unwrap_or_default();
+            let second = path.get(1).map(String::as_str).unwrap_or_default();
+            if forbidden_roots.contains(&first)
+                || (first == "std" && forbidden_std.contains(&second))
+                || path
+                    .iter()
+                    .any(|s| s == "spawn_blocking" || s == "Registry")
+            {
+                broken.push(format!("{}:{line}: {}", rel(f), path.join("::")));
+            }
+        }
+        let module = module_of(&src, f);
+        for (path, line) in crate_paths(&module, f) {
+            let ok = allowed_in_crate
+                .iter()
+                .any(|a| path.len() >= a.len() && path.iter().zip(a.iter()).all(|(p, a)| p == a));
+            if !ok {
+                broken.push(format!("{}:{line}: crate::{}", rel(f), path.join("::")));
+            }
+        }
+    }
+    assert!(
+        broken.is_empty(),
+        "the connection core reaches outside what it may:\n{}",
+        broken.join("\n")
+    );
+}
+
 #[test]
 fn the_module_path_reader_sees_what_it_must() {
     // The checker itself: a file that does reach across is caught, by

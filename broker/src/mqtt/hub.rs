@@ -279,7 +279,7 @@ const STRIPES: usize = 64;
 
 /// The longest a persistent session outlives its connection, whatever the
 /// device asks (and the length of a 3.1.1 `clean_session=0` session).
-pub const MAX_SESSION_EXPIRY: u32 = 7 * 24 * 3600;
+pub use super::channel::connect::MAX_SESSION_EXPIRY;
 
 #[derive(Debug)]
 pub struct Hub {

@@ -15,6 +15,8 @@ pub(super) struct ServiceSub {
     pub id: Option<usize>,
     /// Retain As Published.
     pub rap: bool,
+    /// Its granted QoS.
+    pub qos: u8,
 }
 
 /// A session's filters, shared by its connections.
@@ -121,6 +123,7 @@ mod tests {
         let sub = ServiceSub {
             id: None,
             rap: false,
+            qos: 1,
         };
         let first = kept.filters("svc", true, false);
         lock(&first).insert("a/#".into(), sub);

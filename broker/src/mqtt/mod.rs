@@ -15,6 +15,7 @@
 mod acks;
 pub mod acl;
 pub mod admission;
+pub mod channel;
 pub mod codec;
 pub mod hub;
 mod kept;
@@ -176,6 +177,8 @@ pub(crate) struct Shared {
     kept: kept::Kept,
     /// The limits SIGHUP may change while sessions run.
     live: Live,
+    /// Where sessions read the time.
+    clock: Arc<dyn channel::Clock>,
     cfg: MqttConfig,
 }
 
@@ -592,6 +595,7 @@ impl Broker {
                 jit_limiter: cfg.jit_rate.map(|r| Mutex::new(RateLimiter::new(r))),
                 kept: kept::Kept::default(),
                 live: Live::new(&cfg),
+                clock: Arc::new(channel::SystemClock),
                 cfg,
             }),
         }

@@ -4,25 +4,6 @@
 use super::*;
 
 impl Session {
-    /// Where the answer to an OCSP request published on `topic` goes, if
-    /// `topic` is a status request topic.
-    pub(super) fn ocsp_reply_to(
-        &self,
-        topic: &str,
-        props: Option<&PublishProperties>,
-    ) -> Option<Result<(String, Option<bytes::Bytes>), String>> {
-        let correlation = props.and_then(|p| p.correlation_data.clone());
-        if topic == OCSP_TOPIC {
-            return Some(match props.and_then(|p| p.response_topic.clone()) {
-                Some(t) if !t.is_empty() && !t.contains(['+', '#']) => Ok((t, correlation)),
-                _ => Err(format!("{OCSP_TOPIC} needs an MQTT 5 response topic")),
-            });
-        }
-        let own = format!("devices/{}/ocsp/", self.peer.identity.id);
-        (topic.strip_prefix(own.as_str()) == Some("request"))
-            .then(|| Ok((format!("{own}response"), correlation)))
-    }
-
     /// Answers an OCSP request straight back to this client (signed on the
     /// blocking pool, within this session's OCSP rate), and acknowledges it
     /// if it was sent with QoS 1. Over the rate, the request is dropped,
@@ -34,9 +15,7 @@ impl Session {
         correlation: Option<bytes::Bytes>,
     ) -> Result<(), String> {
         self.ack(p)?;
-        if let crate::net::Verdict::Deny { warn } =
-            self.ocsp_budget.check((), std::time::Instant::now())
-        {
+        if let crate::net::Verdict::Deny { warn } = self.ocsp_budget.check((), self.now().mono) {
             self.shared.metrics.refused(Refusal::RateLimited);
             if warn {
                 tracing::warn!(
@@ -50,7 +29,7 @@ impl Session {
         let der = tokio::task::spawn_blocking(move || status.ocsp(&request))
             .await
             .map_err(|e| format!("OCSP task: {e}"))?;
-        let props = self.codec.is_v5().then(|| PublishProperties {
+        let props = self.ch.is_v5().then(|| PublishProperties {
             correlation_data: correlation,
             content_type: Some("application/ocsp-response".into()),
             ..PublishProperties::default()

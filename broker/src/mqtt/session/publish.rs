@@ -5,85 +5,21 @@
 use super::*;
 
 impl Session {
-    /// A PUBLISH from the client: answered here (claims' provisioning,
-    /// OCSP), or checked against the ACL, passed on and acknowledged.
-    pub(super) async fn client_publish(
-        &mut self,
-        mut p: Publish,
-        mut props: Option<PublishProperties>,
-    ) -> Result<(), End> {
-        self.resolve_topic(&mut p, props.as_mut())?;
-        let topic = String::from_utf8_lossy(&p.topic).into_owned();
-        if self.peer.identity.role == Role::Claim {
-            // Claims only ever provision; nothing reaches the router.
-            return match provision_request(&topic) {
-                Some(req) => {
-                    let req = req.to_owned();
-                    self.provision(&p, req).await.map_err(End::Protocol)
-                }
-                None => {
-                    let why = self.acl.can_publish(&topic).err();
-                    Err(End::Acl(why.map(|w| w.0).unwrap_or_default()))
-                }
-            };
-        }
-        match self.ocsp_reply_to(&topic, props.as_ref()) {
-            None => {}
-            Some(Ok((reply_topic, correlation))) => {
-                return self
-                    .answer_ocsp(&p, reply_topic, correlation)
-                    .await
-                    .map_err(End::Protocol);
-            }
-            Some(Err(why)) => return Err(End::Acl(why)),
-        }
-        let (qos, pkid) = qos_and_pkid(&p);
-        if let Err(why) = self.acl.can_publish(&topic) {
-            if !self.codec.is_v5() || qos == 0 {
-                // Nothing would tell the client (MQTT 3.1.1 has no
-                // negative acknowledgement; QoS 0 has none at all): the
-                // connection ends, DISCONNECT 0x87 on MQTT 5 (MQTT-3.3.5-2).
-                return Err(End::Acl(why.to_string()));
-            }
-            // MQTT 5, QoS 1 and 2: refused with 0x87 Not authorized,
-            // dropped, and the connection goes on (3.3.4, 4.12); counted,
-            // logged at most once a second per session.
-            let why = why.to_string();
-            self.refused_publish(&topic, &why);
-            return self
-                .ack_in_order(qos, pkid, Ack::now(PubAckReason::NotAuthorized, Some(why)))
-                .map_err(End::Protocol);
-        }
-        if qos == 2 && !self.inbound_qos2.insert(pkid) {
-            // A resend before PUBREL: passed on once already.
-            return self
-                .ack_in_order(2, pkid, Ack::now(PubAckReason::Success, None))
-                .map_err(End::Protocol);
-        }
-        if self.device.is_some()
-            && !lock(&self.topics).admit_at(
-                &p.topic,
-                std::time::Instant::now(),
-                self.shared.live.new_topics_per_minute(),
-            )
-        {
-            let why = format!(
-                "more than {} new topics a minute from this device",
-                self.shared.live.new_topics_per_minute()
-            );
-            self.over_quota(&why);
-            return self
-                .ack_in_order(qos, pkid, Ack::now(PubAckReason::QuotaExceeded, Some(why)))
-                .map_err(End::Protocol);
-        }
-        // Anything a client sent under the reserved prefix removed.
-        let props = stamp::unreserved(props);
+    /// A client's PUBLISH the core let through: heard by the device's own
+    /// subscriptions (unless No Local), passed on, acknowledged in order.
+    pub(super) async fn client_publish(&mut self, i: Inbound) -> Result<(), End> {
+        let Inbound {
+            publish: p,
+            props,
+            topic,
+            qos,
+            pkid,
+        } = i;
         if let Some(side) = self.device.as_ref() {
-            // The device's own subscriptions hear it too (unless No Local).
             if let Some((granted, ids)) = side.mailbox.granted_to(&topic, true) {
-                let m = message(&p, qos, props.as_ref(), now_ms());
+                let m = message(&p, qos, props.as_ref(), self.now().wall_ms);
                 let retain = p.retain && side.mailbox.retain_as_published(&topic);
-                self.outbox.push(outgoing(
+                self.ch.outbox.push(outgoing(
                     &m,
                     None,
                     qos.min(granted),
@@ -95,85 +31,7 @@ impl Session {
             }
         }
         let ack = self.publish_onward(p, props).await?;
-        self.ack_in_order(qos, pkid, ack).map_err(End::Protocol)
-    }
-
-    /// A PUBLISH's topic, checked (MQTT 1.5.4, 4.7.1) and, on MQTT 5, set
-    /// from or recorded as its topic alias (3.3.2.3.4). The alias is taken
-    /// out of the properties: it is this connection's business only.
-    pub(super) fn resolve_topic(
-        &mut self,
-        p: &mut Publish,
-        props: Option<&mut PublishProperties>,
-    ) -> Result<(), End> {
-        if !p.topic.is_empty() {
-            if let Some((problem, why)) = topic_name_problem(&p.topic) {
-                let code = match problem {
-                    TopicProblem::Malformed => DisconnectReasonCode::MalformedPacket,
-                    TopicProblem::Invalid => DisconnectReasonCode::TopicNameInvalid,
-                };
-                return Err(End::Violation(code, why));
-            }
-        }
-        let Some(alias) = props.and_then(|pr| pr.topic_alias.take()) else {
-            if p.topic.is_empty() {
-                return Err(End::Protocol(
-                    "a PUBLISH with an empty topic and no topic alias".into(),
-                ));
-            }
-            return Ok(());
-        };
-        if alias == 0 || alias > TOPIC_ALIAS_MAX {
-            return Err(End::Violation(
-                DisconnectReasonCode::TopicAliasInvalid,
-                format!("topic alias {alias} is outside 1..={TOPIC_ALIAS_MAX}, the Topic Alias Maximum this server advertised"),
-            ));
-        }
-        let slot = usize::from(alias - 1);
-        if p.topic.is_empty() {
-            match self.aliases.get(slot).filter(|t| !t.is_empty()) {
-                Some(t) => p.topic = t.clone(),
-                None => {
-                    return Err(End::Protocol(format!(
-                        "topic alias {alias} was never set on this connection"
-                    )))
-                }
-            }
-        } else {
-            if self.aliases.len() <= slot {
-                self.aliases.resize(slot + 1, Bytes::new());
-            }
-            // Copied: it outlives this read buffer.
-            self.aliases[slot] = Bytes::copy_from_slice(&p.topic);
-        }
-        Ok(())
-    }
-
-    /// Counts and logs (once a second at most) a refusal over a quota.
-    /// A PUBLISH outside the client's topics, refused without ending the
-    /// connection (MQTT 5).
-    pub(super) fn refused_publish(&mut self, topic: &str, why: &str) {
-        self.shared.metrics.refused(Refusal::Acl);
-        let now = std::time::Instant::now();
-        if self
-            .quota_logged
-            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
-        {
-            self.quota_logged = Some(now);
-            tracing::warn!(reason = "acl", topic = %crate::printable(topic), detail = %crate::printable(why), "mqtt: publish refused (0x87)");
-        }
-    }
-
-    pub(super) fn over_quota(&mut self, why: &str) {
-        self.shared.metrics.refused(Refusal::Quota);
-        let now = std::time::Instant::now();
-        if self
-            .quota_logged
-            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
-        {
-            self.quota_logged = Some(now);
-            tracing::warn!(reason = "quota_exceeded", detail = %crate::printable(why), "mqtt: refused");
-        }
+        self.ack_in_order(qos, pkid, ack)
     }
 
     /// Passes a checked PUBLISH on: a command to its device's session
@@ -197,14 +55,16 @@ impl Session {
         let mut queued = None;
         if p.retain && self.peer.identity.role == Role::Device {
             // Kept for the device's own later subscriptions too.
-            let mut m = message(&p, qos, props.as_ref(), now_ms());
+            let mut m = message(&p, qos, props.as_ref(), self.now().wall_ms);
             stamp::mark_kept(&mut m.props.user_properties, qos, &self.stamp);
             let (hub, id) = (self.shared.hub.clone(), self.peer.identity.id.clone());
             let kept = tokio::task::spawn_blocking(move || hub.retain_own(&id, &m, qos > 0)).await;
             match kept {
                 Ok(Ok(())) => {}
                 Ok(Err(provisioning::Error::QuotaExceeded { reason })) => {
-                    self.over_quota(&reason);
+                    let mut counted = Vec::new();
+                    self.ch.over_quota(&reason, self.now(), &mut counted);
+                    self.count(&counted);
                     return Ok(Ack::Now((PubAckReason::QuotaExceeded, Some(reason))));
                 }
                 Ok(Err(e)) => {
@@ -232,13 +92,13 @@ impl Session {
                     Outcome::NoSubscribers if self.shared.cfg.bus.is_some() => {
                         (PubAckReason::Success, None)
                     }
-                    Outcome::NoSubscribers if self.codec.is_v5() => {
+                    Outcome::NoSubscribers if self.ch.is_v5() => {
                         (PubAckReason::NoMatchingSubscribers, None)
                     }
                     Outcome::NoSubscribers => (PubAckReason::Success, None),
                     Outcome::Full(why) => {
                         tracing::warn!(reason = "quota_exceeded", device.target = %target, detail = %crate::printable(&why), "mqtt: command refused");
-                        if self.codec.is_v5() {
+                        if self.ch.is_v5() {
                             (PubAckReason::QuotaExceeded, Some(why))
                         } else {
                             (PubAckReason::Success, None)
@@ -257,7 +117,7 @@ impl Session {
             .cfg
             .bus
             .as_ref()
-            .map(|_| message(&p, qos, props.as_ref(), now_ms()));
+            .map(|_| message(&p, qos, props.as_ref(), self.now().wall_ms));
         // Into the router at QoS 0: acknowledged here, and the router's
         // delivery QoS is the subscription's.
         // Copied out of the read buffer: a message in the router's log
@@ -286,7 +146,7 @@ impl Session {
         }
         if let (Some(bus), Some(m)) = (&self.shared.cfg.bus, for_bus) {
             let id = &self.peer.identity;
-            let v5 = self.codec.is_v5();
+            let v5 = self.ch.is_v5();
             match bus
                 .publish(id.id.as_str(), id.role, &self.stamp, &m, qos > 0, queued)
                 .await
@@ -319,7 +179,7 @@ impl Session {
         qos: u8,
         props: Option<&PublishProperties>,
     ) -> Outcome {
-        let m = Arc::new(message(p, qos, props, now_ms()));
+        let m = Arc::new(message(p, qos, props, self.now().wall_ms));
         let hub = &self.shared.hub;
         if let Some(outcome) = hub.publish_now(target, &m) {
             return outcome;
@@ -338,45 +198,19 @@ impl Session {
         }
     }
 
-    /// The client's PUBACK, PUBREC or PUBCOMP for something we sent it.
-    pub(super) fn client_ack(&mut self, p: Packet, to_router: &mut Vec<Packet>) -> Result<(), End> {
-        let done = match p {
-            Packet::PubAck(a, _) => self.outbox.puback(a.pkid),
-            Packet::PubRec(r, _) => self.outbox.pubrec(r.pkid).map(|()| {
-                let rel = PubRel {
-                    pkid: r.pkid,
-                    reason: PubRelReason::Success,
-                };
-                let _ = self.codec.write(Packet::PubRel(rel, None), &mut self.wbuf);
-                None
-            }),
-            Packet::PubComp(c, _) => self.outbox.pubcomp(c.pkid),
-            _ => Ok(None),
-        };
-        match done {
-            Ok(Some(token)) => {
-                self.finished(token, to_router);
-                Ok(())
-            }
-            Ok(None) => Ok(()),
-            // MQTT 4.4: an acknowledgement for nothing in flight is a
-            // protocol error.
-            Err(e) => Err(End::Protocol(e.0)),
-        }
-    }
-
     /// Acknowledges a PUBLISH we answer ourselves (QoS 1 or 2).
     pub(super) fn ack(&mut self, p: &Publish) -> Result<(), String> {
         let (qos, pkid) = qos_and_pkid(p);
         self.ack_in_order(qos, pkid, Ack::now(PubAckReason::Success, None))
+            .map_err(|e| format!("{e:?}"))
     }
 
     /// Acknowledges the client's PUBLISH `pkid` now, or after those still
     /// waiting (MQTT 4.6: in the order they came), or once `ack` resolves.
-    pub(super) fn ack_in_order(&mut self, qos: u8, pkid: u16, ack: Ack) -> Result<(), String> {
+    pub(super) fn ack_in_order(&mut self, qos: u8, pkid: u16, ack: Ack) -> Result<(), End> {
         match ack {
             Ack::Now((reason, why)) if pending(&mut self.pending_acks).is_empty() => {
-                self.acknowledge(qos, pkid, reason, why)
+                self.ch.acknowledge(qos, pkid, reason, why)
             }
             Ack::Now(r) => {
                 pending(&mut self.pending_acks).push_back(Box::pin(std::future::ready((
@@ -391,41 +225,6 @@ impl Session {
                     .push_back(Box::pin(async move { (qos, pkid, f.await) }));
                 Ok(())
             }
-        }
-    }
-
-    /// PUBACK (QoS 1) or PUBREC (QoS 2) for the client's PUBLISH `pkid`,
-    /// with `reason` (and, on MQTT 5, `why` as its reason string). A QoS 2
-    /// flow then awaits PUBREL, unless the reason refused it.
-    pub(super) fn acknowledge(
-        &mut self,
-        qos: u8,
-        pkid: u16,
-        reason: PubAckReason,
-        why: Option<String>,
-    ) -> Result<(), String> {
-        match qos {
-            1 => {
-                let props = why
-                    .filter(|_| self.codec.is_v5() && self.problem_info)
-                    .map(|r| PubAckProperties {
-                        reason_string: Some(r),
-                        user_properties: Vec::new(),
-                    });
-                self.encode(Packet::PubAck(PubAck { pkid, reason }, props))
-            }
-            2 => {
-                let reason = pubrec_reason(reason);
-                if reason == PubRecReason::Success || reason == PubRecReason::NoMatchingSubscribers
-                {
-                    self.inbound_qos2.insert(pkid);
-                } else {
-                    // MQTT 5 4.3.3: a PUBREC of 0x80 or more ends the flow.
-                    self.inbound_qos2.remove(&pkid);
-                }
-                self.encode(Packet::PubRec(PubRec { pkid, reason }, None))
-            }
-            _ => Ok(()),
         }
     }
 }
@@ -458,46 +257,9 @@ pub(super) fn message(
     }
 }
 
-pub(super) fn pubrec_reason(r: PubAckReason) -> PubRecReason {
-    match r {
-        PubAckReason::Success => PubRecReason::Success,
-        PubAckReason::NoMatchingSubscribers => PubRecReason::NoMatchingSubscribers,
-        PubAckReason::UnspecifiedError => PubRecReason::UnspecifiedError,
-        PubAckReason::ImplementationSpecificError => PubRecReason::ImplementationSpecificError,
-        PubAckReason::NotAuthorized => PubRecReason::NotAuthorized,
-        PubAckReason::TopicNameInvalid => PubRecReason::TopicNameInvalid,
-        PubAckReason::PacketIdentifierInUse => PubRecReason::PacketIdentifierInUse,
-        PubAckReason::QuotaExceeded => PubRecReason::QuotaExceeded,
-        PubAckReason::PayloadFormatInvalid => PubRecReason::PayloadFormatInvalid,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn every_puback_reason_has_its_pubrec_twin() {
-        for (ack, rec) in [
-            (PubAckReason::Success, PubRecReason::Success),
-            (PubAckReason::NotAuthorized, PubRecReason::NotAuthorized),
-            (PubAckReason::QuotaExceeded, PubRecReason::QuotaExceeded),
-            (
-                PubAckReason::NoMatchingSubscribers,
-                PubRecReason::NoMatchingSubscribers,
-            ),
-            (
-                PubAckReason::ImplementationSpecificError,
-                PubRecReason::ImplementationSpecificError,
-            ),
-            (
-                PubAckReason::TopicNameInvalid,
-                PubRecReason::TopicNameInvalid,
-            ),
-        ] {
-            assert_eq!(pubrec_reason(ack), rec);
-        }
-    }
 
     #[test]
     fn a_stored_message_keeps_what_the_publisher_said_and_when_it_expires() {

@@ -3,6 +3,7 @@
 //! subscriptions, and the router session's end.
 
 use super::*;
+use crate::mqtt::channel::overlap;
 
 impl Session {
     /// Ends a service's router session, if it is still ours to end.
@@ -60,16 +61,20 @@ impl Session {
                     Some(Packet::Publish(p, props)) => {
                         let (qos, pkid) = qos_and_pkid(&p);
                         let topic = share::member_topic(&p.topic);
-                        let u = stamp::unmark(props, &topic, self.codec.is_v5());
+                        let u = stamp::unmark(props, &topic, self.ch.is_v5());
                         let mut props = u.props;
-                        let (ids, rap) = self.matching_subs(&topic);
-                        if self.codec.is_v5() && !ids.is_empty() {
+                        let (matching, rap) = self.matching_subs(&topic);
+                        // One copy per matching filter comes from the
+                        // router, each with its own subscription's id.
+                        let key = overlap::key(&topic, &p.payload);
+                        let ids = self.overlaps.ids(key, &matching, qos);
+                        if self.ch.is_v5() && !ids.is_empty() {
                             props
                                 .get_or_insert_with(Default::default)
                                 .subscription_identifiers = ids;
                         }
                         let token = (qos > 0).then(|| self.acks.owe(pkid, qos));
-                        self.outbox.push(Outgoing {
+                        self.ch.outbox.push(Outgoing {
                             seq: token,
                             topic,
                             payload: p.payload,
@@ -121,7 +126,7 @@ impl Session {
     pub(super) async fn service_retained(&mut self, wanted: Vec<(String, u8)>) {
         let filters: Vec<String> = wanted.iter().map(|(f, _)| f.clone()).collect();
         let hub = self.shared.hub.clone();
-        let now = now_ms();
+        let now = self.now().wall_ms;
         let found = tokio::task::spawn_blocking(move || hub.retained_matching(&filters, now)).await;
         let messages = match found {
             Ok(Ok(m)) => m,
@@ -134,7 +139,7 @@ impl Session {
                 return;
             }
         };
-        let v5 = self.codec.is_v5();
+        let v5 = self.ch.is_v5();
         for m in messages {
             let Some(granted) = wanted
                 .iter()
@@ -144,31 +149,39 @@ impl Session {
             else {
                 continue;
             };
-            let (ids, _) = self.matching_subs(m.topic.as_bytes());
-            let ids = if v5 { ids } else { Vec::new() };
-            self.outbox
+            let (matching, _) = self.matching_subs(m.topic.as_bytes());
+            let ids = if v5 {
+                matching.iter().filter_map(|m| m.id).collect()
+            } else {
+                Vec::new()
+            };
+            self.ch
+                .outbox
                 .push(outgoing(&m, None, m.qos.min(granted), ids, true, now, v5));
         }
     }
 
     /// What a service's subscriptions that match `topic` ask for (the
-    /// router carries neither): their identifiers (MQTT 5 3.3.4), and
-    /// whether any wants Retain As Published.
-    pub(super) fn matching_subs(&self, topic: &[u8]) -> (Vec<usize>, bool) {
+    /// router carries neither): their identifiers and granted QoS (MQTT 5
+    /// 3.3.4), and whether any wants Retain As Published.
+    pub(super) fn matching_subs(&self, topic: &[u8]) -> (Vec<overlap::Match>, bool) {
         let subs = lock(&self.service_subs);
         if !subs.values().any(|s| s.id.is_some() || s.rap) {
             return (Vec::new(), false);
         }
         let topic = String::from_utf8_lossy(topic);
-        let mut ids = Vec::new();
+        let mut matching = Vec::new();
         let mut rap = false;
         for (filter, sub) in subs.iter() {
             if topic_matches(share_inner(filter), &topic) {
-                ids.extend(sub.id);
+                matching.push(overlap::Match {
+                    id: sub.id,
+                    qos: sub.qos,
+                });
                 rap |= sub.rap;
             }
         }
-        (ids, rap)
+        (matching, rap)
     }
 }
 

@@ -2,6 +2,7 @@
 //! the hub (and its stored session), a service's router subscriptions.
 
 use super::*;
+use crate::mqtt::channel::subscribe::FilterRefused;
 
 impl Session {
     /// A service's (or claim's) SUBSCRIBE: the ACL and the cap here, the
@@ -15,7 +16,12 @@ impl Session {
         let id = props.as_ref().and_then(|p| p.id);
         let checked = {
             let subs = lock(&self.service_subs);
-            self.check_filters(&sub.filters, subs.len(), |f| subs.contains_key(f))
+            self.ch.check_filters(
+                &sub.filters,
+                subs.len(),
+                |f| subs.contains_key(f),
+                self.limits(),
+            )
         };
         let (codes, why) = self.refusals(checked);
         let allowed: Vec<_> = sub
@@ -33,6 +39,7 @@ impl Session {
             let sub = ServiceSub {
                 id,
                 rap: f.preserve_retain,
+                qos: (f.qos as u8).min(2),
             };
             let new = lock(&self.service_subs)
                 .insert(f.path.clone(), sub)
@@ -90,93 +97,6 @@ impl Session {
         Ok(())
     }
 
-    /// The ACL's answer for each filter, then the subscription cap's (the
-    /// session holds `held` filters, `holds` says which): `None` if
-    /// allowed, else the refusal's reason code and why.
-    pub(super) fn check_filters(
-        &self,
-        filters: &[rumqttd::protocol::Filter],
-        mut held: usize,
-        holds: impl Fn(&str) -> bool,
-    ) -> Vec<Option<FilterRefused>> {
-        let max = self.shared.live.max_subscriptions();
-        let mut seen = HashSet::new();
-        let mut room = |f: &str| {
-            let new = !holds(f) && seen.insert(f.to_owned());
-            let room = !new || max == 0 || held < max;
-            held += usize::from(new && room);
-            room
-        };
-        let v5 = self.codec.is_v5();
-        let code = |c: SubscribeReasonCode| if v5 { c } else { SubscribeReasonCode::Failure };
-        filters
-            .iter()
-            .map(|f| match self.acl.can_subscribe(&f.path) {
-                // rumqttd 0.20's router panics (and refuses every link
-                // after) when a persistent session alone in a share group
-                // leaves with a QoS 1 delivery not acknowledged: shared
-                // subscriptions are for clean sessions only.
-                Ok(()) if !self.clean && f.path.starts_with("$share/") => {
-                    let why = format!("filter {:?}: shared subscriptions need a clean session", f.path);
-                    tracing::warn!(reason = "acl", detail = %crate::printable(&why), "mqtt: subscription refused");
-                    Some(FilterRefused {
-                        code: code(SubscribeReasonCode::SharedSubscriptionsNotSupported),
-                        why,
-                        quota: false,
-                    })
-                }
-                Ok(()) if !room(&f.path) => {
-                    let why = format!(
-                        "filter {:?}: this session holds {} subscriptions, the most allowed",
-                        f.path, self.shared.live.max_subscriptions()
-                    );
-                    Some(FilterRefused {
-                        code: code(SubscribeReasonCode::QuotaExceeded),
-                        why,
-                        quota: true,
-                    })
-                }
-                Ok(()) => None,
-                Err(why) => {
-                    tracing::warn!(reason = "acl", detail = %crate::printable(&why.to_string()), "mqtt: subscription refused");
-                    Some(FilterRefused {
-                        code: code(SubscribeReasonCode::NotAuthorized),
-                        why: why.0,
-                        quota: false,
-                    })
-                }
-            })
-            .collect()
-    }
-
-    /// Reason codes of refused filters, and one reason string for the
-    /// SUBACK (MQTT 5, if the client takes problem information).
-    pub(super) fn refusals(
-        &mut self,
-        checked: Vec<Option<FilterRefused>>,
-    ) -> (Vec<Option<SubscribeReasonCode>>, Option<String>) {
-        let mut whys = Vec::new();
-        let mut quota = None;
-        let codes = checked
-            .into_iter()
-            .map(|c| {
-                c.map(|r| {
-                    if r.quota && quota.is_none() {
-                        quota = Some(r.why.clone());
-                    }
-                    whys.push(r.why);
-                    r.code
-                })
-            })
-            .collect();
-        if let Some(why) = quota {
-            self.over_quota(&why);
-        }
-        let why =
-            (!whys.is_empty() && self.codec.is_v5() && self.problem_info).then(|| whys.join("; "));
-        (codes, why)
-    }
-
     /// A device's SUBSCRIBE, kept in its mailbox (and, for a persistent
     /// session, durably before the SUBACK); then the retained messages on
     /// its topics that match.
@@ -188,8 +108,12 @@ impl Session {
         let Some(mailbox) = self.device.as_ref().map(|side| side.mailbox.clone()) else {
             return Ok(());
         };
-        let checked =
-            self.check_filters(&sub.filters, mailbox.subscriptions(), |f| mailbox.holds(f));
+        let checked = self.ch.check_filters(
+            &sub.filters,
+            mailbox.subscriptions(),
+            |f| mailbox.holds(f),
+            self.limits(),
+        );
         let (codes, why) = self.refusals(checked);
         let id = props.as_ref().and_then(|p| p.id);
         let mut added = Vec::new();
@@ -236,7 +160,7 @@ impl Session {
         if wanted.is_empty() {
             return Ok(());
         }
-        let now = now_ms();
+        let now = self.now().wall_ms;
         let matching = |topic: &str| wanted.iter().any(|f| topic_matches(&f.filter, topic));
         let retained = match self.shared.hub.store().retained_where(
             Some(&self.peer.identity.id),
@@ -255,10 +179,41 @@ impl Session {
                 continue;
             };
             let ids = wanted.iter().filter_map(|f| f.id).collect();
-            self.outbox
+            self.ch
+                .outbox
                 .push(outgoing(&m, None, m.qos.min(qos), ids, true, now, false));
         }
         Ok(())
+    }
+
+    /// The refusals among `checked`, counted; the SUBACK's codes and why.
+    pub(super) fn refusals(
+        &mut self,
+        checked: Vec<Option<FilterRefused>>,
+    ) -> (Vec<Option<SubscribeReasonCode>>, Option<String>) {
+        let mut counted = Vec::new();
+        let r = self.ch.refusals(checked, self.now(), &mut counted);
+        self.count(&counted);
+        r
+    }
+
+    /// A service's UNSUBSCRIBE: forgotten here, passed to the router (a
+    /// group across nodes by its router filter).
+    pub(super) fn service_unsubscribe(
+        &mut self,
+        mut unsub: rumqttd::protocol::Unsubscribe,
+        props: Option<rumqttd::protocol::UnsubscribeProperties>,
+        forward: &mut Vec<Packet>,
+    ) {
+        for f in &mut unsub.filters {
+            lock(&self.service_subs).remove(f);
+            if self.groups.remove(f).is_some() {
+                if let Some((group, inner)) = share::split(f) {
+                    *f = share::router_filter(group, inner);
+                }
+            }
+        }
+        forward.push(Packet::Unsubscribe(unsub, props));
     }
 
     /// A device's UNSUBSCRIBE.
@@ -348,11 +303,11 @@ pub(super) fn take_into(
     shared: &Shared,
     peer: &Peer,
     mailbox: &Mailbox,
-    outbox: &mut Outbox,
+    ch: &mut Channel,
     seq: Option<u64>,
     m: Arc<Message>,
 ) {
-    let now = now_ms();
+    let now = shared.clock.now().wall_ms;
     let granted = mailbox.granted(&m.topic);
     let expired = m.expires_at_ms.is_some_and(|t| t <= now);
     let Some((granted, ids)) = granted.filter(|_| !expired) else {
@@ -362,7 +317,7 @@ pub(super) fn take_into(
         return;
     };
     let retain = m.retain && mailbox.retain_as_published(&m.topic);
-    outbox.push(outgoing(
+    ch.outbox.push(outgoing(
         &m,
         seq,
         m.qos.min(granted),

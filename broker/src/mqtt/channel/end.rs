@@ -1,11 +1,13 @@
 //! Why a session ended, and what that tells the client (the DISCONNECT
 //! reason code and string) and the router.
 
-use super::*;
+use rumqttd::protocol::{Disconnect, DisconnectReasonCode};
+
+use crate::mqtt::Kick;
 
 /// Why a session ended.
-#[derive(Debug)]
-pub(super) enum End {
+#[derive(Debug, PartialEq, Eq)]
+pub enum End {
     /// The client sent DISCONNECT: no will, unless its reason code was
     /// 0x04, Disconnect with Will Message (MQTT 5 3.14.4).
     ClientDisconnect {
@@ -30,7 +32,7 @@ pub(super) enum End {
 
 impl End {
     /// The MQTT 5 DISCONNECT reason we send, if any.
-    pub(super) fn reason(&self) -> Option<DisconnectReasonCode> {
+    pub fn reason(&self) -> Option<DisconnectReasonCode> {
         use DisconnectReasonCode as R;
         match self {
             End::ClientDisconnect { .. } | End::Closed(_) | End::RouterDisconnect => None,
@@ -46,7 +48,7 @@ impl End {
     }
 
     /// What the DISCONNECT's reason string says (MQTT 5 3.14.2.2.3).
-    pub(super) fn reason_string(&self) -> Option<String> {
+    pub fn reason_string(&self) -> Option<String> {
         match self {
             End::KeepAlive => Some("nothing received within 1.5 keep-alive periods".into()),
             End::Kicked(k) => Some(k.as_str().into()),
@@ -59,7 +61,7 @@ impl End {
     }
 
     /// Whether the router session is still ours to end.
-    pub(super) fn router_session_live(&self) -> bool {
+    pub fn router_session_live(&self) -> bool {
         !matches!(
             self,
             End::TakenOver | End::RouterDisconnect | End::ClientDisconnect { .. }
@@ -67,7 +69,7 @@ impl End {
     }
 }
 
-pub(super) fn normal_disconnect() -> Disconnect {
+pub fn normal_disconnect() -> Disconnect {
     Disconnect {
         reason_code: DisconnectReasonCode::NormalDisconnection,
     }

@@ -1,0 +1,186 @@
+//! What the connection core decides, checked end to end with a stock
+//! MQTT 5 client (Eclipse Paho's Python client): overlapping
+//! subscriptions, the client's Maximum Packet Size, and a delayed will.
+//! (Each has its unit test on the core in `broker/src/mqtt/channel`.)
+
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
+use std::process::Command;
+
+use tests::{require_tool, Creds, Server};
+
+fn start() -> (tempfile::TempDir, Server) {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("data")).unwrap();
+    (tmp, server)
+}
+
+/// Python that makes a Paho MQTT 5 client `name` from `creds`.
+fn prelude(server: &Server, clients: &[(&str, &Creds)]) -> String {
+    let mut s = String::from(
+        r#"
+import sys, threading, subprocess, time
+import paho.mqtt.client as mqtt
+from paho.mqtt.properties import Properties
+from paho.mqtt.packettypes import PacketTypes
+PORT = "#,
+    );
+    s.push_str(&server.mqtt.port().to_string());
+    s.push('\n');
+    for (name, c) in clients {
+        s.push_str(&format!(
+            "{name}_creds = ({ca:?}, {crt:?}, {key:?})\n",
+            ca = c.ca.to_str().unwrap(),
+            crt = c.cert.to_str().unwrap(),
+            key = c.key.to_str().unwrap(),
+        ));
+    }
+    s.push_str(
+        r#"
+def client(cid, creds):
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cid, protocol=mqtt.MQTTv5)
+    c.tls_set(ca_certs=creds[0], certfile=creds[1], keyfile=creds[2])
+    return c
+"#,
+    );
+    s
+}
+
+fn python(script: &str) -> String {
+    let (ok, out) = tests::run(Command::new("python3").args(["-c", script]));
+    assert!(ok, "{out}");
+    out
+}
+
+#[test]
+fn each_copy_of_a_message_for_overlapping_subscriptions_carries_its_own_identifier() {
+    require_tool("python3");
+    let (tmp, server) = start();
+    let dev = server.enroll(tmp.path(), "device", "dev-1");
+    let svc = server.enroll(tmp.path(), "service", "backend");
+    let script = prelude(&server, &[("dev", &dev), ("svc", &svc)])
+        + r#"
+got, subscribed, two = [], threading.Event(), threading.Event()
+svc = client("backend", svc_creds)
+def on_connect(cl, u, f, rc, p):
+    for (flt, q, sid) in (("devices/+/telemetry", 2, 1), ("devices/#", 1, 2)):
+        props = Properties(PacketTypes.SUBSCRIBE)
+        props.SubscriptionIdentifier = sid
+        cl.subscribe(flt, qos=q, properties=props)
+subs = []
+def on_subscribe(cl, u, mid, rcs, p):
+    subs.append(mid)
+    if len(subs) == 2: subscribed.set()
+def on_message(cl, u, m):
+    ids = getattr(m.properties, "SubscriptionIdentifier", [])
+    got.append((m.qos, sorted(ids)))
+    if len(got) == 2: two.set()
+svc.on_connect, svc.on_subscribe, svc.on_message = on_connect, on_subscribe, on_message
+svc.connect("127.0.0.1", PORT)
+svc.loop_start()
+assert subscribed.wait(10), "no SUBACKs"
+up = threading.Event()
+dev = client("dev-1", dev_creds)
+dev.on_connect = lambda cl, u, f, rc, p: up.set()
+dev.connect("127.0.0.1", PORT)
+dev.loop_start()
+assert up.wait(10)
+dev.publish("devices/dev-1/telemetry", b"overlapping", qos=2).wait_for_publish(10)
+assert two.wait(10), got
+time.sleep(0.5)  # a third copy would be a bug: give it a moment to show
+print(sorted(got))
+dev.disconnect(); svc.disconnect()
+"#;
+    let out = python(&script);
+    // MQTT 5 3.3.4: one copy per subscription, at its QoS, each with its
+    // own identifier (MQTT-3.3.4-5), not both on each.
+    assert_eq!(out.trim(), "[(1, [2]), (2, [1])]", "{out}");
+}
+
+#[test]
+fn a_message_over_the_clients_maximum_packet_size_is_skipped_and_the_next_delivered() {
+    require_tool("python3");
+    let (tmp, server) = start();
+    let dev = server.enroll(tmp.path(), "device", "dev-1");
+    let svc = server.enroll(tmp.path(), "service", "backend");
+    let script = prelude(&server, &[("dev", &dev), ("svc", &svc)])
+        + r#"
+got, subscribed, one = [], threading.Event(), threading.Event()
+cp = Properties(PacketTypes.CONNECT)
+cp.MaximumPacketSize = 512
+svc = client("backend", svc_creds)
+svc.on_connect = lambda cl, u, f, rc, p: cl.subscribe("devices/+/telemetry", qos=1)
+svc.on_subscribe = lambda cl, u, mid, rcs, p: subscribed.set()
+def on_message(cl, u, m):
+    got.append(len(m.payload))
+    one.set()
+svc.on_message = on_message
+svc.connect("127.0.0.1", PORT, properties=cp)
+svc.loop_start()
+assert subscribed.wait(10)
+up = threading.Event()
+dev = client("dev-1", dev_creds)
+dev.on_connect = lambda cl, u, f, rc, p: up.set()
+dev.connect("127.0.0.1", PORT)
+dev.loop_start()
+assert up.wait(10)
+dev.publish("devices/dev-1/telemetry", b"x" * 2000, qos=1).wait_for_publish(10)
+dev.publish("devices/dev-1/telemetry", b"y" * 10, qos=1).wait_for_publish(10)
+assert one.wait(10), "the small message never came"
+time.sleep(0.5)
+print(got, svc.is_connected())
+dev.disconnect(); svc.disconnect()
+"#;
+    let out = python(&script);
+    assert_eq!(out.trim(), "[10] True", "{out}");
+}
+
+#[test]
+fn a_delayed_will_arrives_with_exactly_its_payload() {
+    require_tool("python3");
+    let (tmp, server) = start();
+    let dev = server.enroll(tmp.path(), "device", "dev-1");
+    let svc = server.enroll(tmp.path(), "service", "backend");
+    // The device runs in a process of its own, killed with SIGKILL: its
+    // connection ends with no DISCONNECT, as Paho's test_will_delay ends
+    // its client.
+    let script = prelude(&server, &[("dev", &dev), ("svc", &svc)])
+        + r#"
+device = f'''
+import sys, time
+import paho.mqtt.client as mqtt
+from paho.mqtt.properties import Properties
+from paho.mqtt.packettypes import PacketTypes
+c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="dev-1", protocol=mqtt.MQTTv5)
+c.tls_set(ca_certs={dev_creds[0]!r}, certfile={dev_creds[1]!r}, keyfile={dev_creds[2]!r})
+wp = Properties(PacketTypes.WILLMESSAGE)
+wp.WillDelayInterval = 1
+cp = Properties(PacketTypes.CONNECT)
+cp.SessionExpiryInterval = 5
+c.will_set("devices/dev-1/status", b"test_will_delay will message", qos=1, properties=wp)
+c.on_connect = lambda cl, u, f, rc, p: print("up", flush=True)
+c.connect("127.0.0.1", {PORT}, properties=cp)
+c.loop_forever()
+'''
+got, subscribed, heard = [], threading.Event(), threading.Event()
+svc = client("backend", svc_creds)
+svc.on_connect = lambda cl, u, f, rc, p: cl.subscribe("devices/+/status", qos=1)
+svc.on_subscribe = lambda cl, u, mid, rcs, p: subscribed.set()
+def on_message(cl, u, m):
+    got.append(m.payload)
+    heard.set()
+svc.on_message = on_message
+svc.connect("127.0.0.1", PORT)
+svc.loop_start()
+assert subscribed.wait(10)
+d = subprocess.Popen([sys.executable, "-c", device], stdout=subprocess.PIPE, text=True)
+assert d.stdout.readline().strip() == "up"
+d.kill()
+d.wait()
+assert heard.wait(10), "no will"
+print(got)
+svc.disconnect()
+"#;
+    let out = python(&script);
+    assert_eq!(out.trim(), "[b'test_will_delay will message']", "{out}");
+}
