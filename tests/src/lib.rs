@@ -953,3 +953,111 @@ pub fn exits(child: &mut Child, within: Duration) -> bool {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Polls the future `f` makes until it yields `Some`, for at most
+/// `within`: [`eventually`] for async checks. Panics naming `what` when
+/// time runs out.
+pub async fn until<T, F, Fut>(within: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not within {within:?}: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A `mosquitto_sub` whose subscription is in place: started with `-d`,
+/// returned once it printed its SUBACK (within 15 s). Its output is what
+/// it printed of messages, its debug lines left out.
+#[derive(Debug)]
+pub struct Subscriber {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    reader: std::thread::JoinHandle<()>,
+}
+
+impl Subscriber {
+    /// Spawns `cmd` (a `mosquitto_sub`) with `-d` and waits for its SUBACK.
+    pub fn spawn(cmd: &mut Command) -> Subscriber {
+        let mut child = cmd
+            .arg("-d")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawning mosquitto_sub");
+        let out = child.stdout.take().expect("piped stdout");
+        let (tx, lines) = std::sync::mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            for line in std::io::BufRead::lines(std::io::BufReader::new(out)).map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match lines.recv_timeout(left) {
+                Ok(l) if l.contains("received SUBACK") => break,
+                Ok(_) => {}
+                Err(e) => panic!("mosquitto_sub printed no SUBACK: {e}"),
+            }
+        }
+        Subscriber {
+            child,
+            lines,
+            reader,
+        }
+    }
+
+    /// Whether it exits within `within` (polled).
+    pub fn exits(&mut self, within: Duration) -> bool {
+        exits(&mut self.child, within)
+    }
+
+    /// Waits for it to exit: whether it succeeded, what it printed of
+    /// messages (stdout without its debug lines), and its stderr.
+    pub fn finish(self) -> (bool, String, String) {
+        let out = self.wait_with_output().expect("waiting for mosquitto_sub");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// [`Child::wait_with_output`], its debug lines left out of stdout.
+    pub fn wait_with_output(mut self) -> std::io::Result<Output> {
+        let status = self.child.wait()?;
+        let _ = self.reader.join();
+        let text: String = self
+            .lines
+            .try_iter()
+            .filter(|l| !l.starts_with("Client ") && !l.starts_with("Subscribed (mid"))
+            .map(|l| l + "\n")
+            .collect();
+        let mut stderr = Vec::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            std::io::Read::read_to_end(&mut e, &mut stderr)?;
+        }
+        Ok(Output {
+            status,
+            stdout: text.into_bytes(),
+            stderr,
+        })
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+    }
+}

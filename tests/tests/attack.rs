@@ -100,9 +100,7 @@ async fn connections_past_the_cap_are_closed_at_once() {
     assert!(refusals(&server.admin(), "overloaded").await >= 1);
     // Room again once they go.
     drop(held);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let (_c, mut ev) = client(server.mqtt, &dev, "dev-1");
-    connected(&mut ev).await;
+    admitted_again(&server, &dev).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -115,9 +113,7 @@ async fn handshakes_past_the_cap_are_closed_at_once() {
     assert!(closed_within(&mut extra, Duration::from_millis(500)).await);
     assert!(server.wait_for_log("too many TLS handshakes in flight", Duration::from_secs(2)));
     drop(held);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let (_c, mut ev) = client(server.mqtt, &dev, "dev-1");
-    connected(&mut ev).await;
+    admitted_again(&server, &dev).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -147,9 +143,15 @@ async fn one_address_connecting_too_fast_is_rate_limited() {
     assert!(refusals(&server.admin(), "rate_limited").await >= 20);
     drop(conns);
     // The bucket refills.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let (_c, mut ev) = client(server.mqtt, &dev, "dev-1");
-    connected(&mut ev).await;
+    admitted_again(&server, &dev).await;
+}
+
+/// Waits (polling, at most 15 s) until `dev` is admitted again.
+async fn admitted_again(server: &Server, dev: &tests::Creds) {
+    tests::until(Duration::from_secs(15), "admitted again", || async {
+        (!tests::mqtt::refused(server.mqtt, dev).await).then_some(())
+    })
+    .await;
 }
 
 /// CPU seconds (user + system) the process has used.
@@ -185,9 +187,7 @@ async fn running_out_of_file_descriptors_backs_off_instead_of_spinning() {
     );
     // When descriptors come back, so does service.
     drop(flood);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let (_c, mut ev) = client(server.mqtt, &dev, "dev-1");
-    connected(&mut ev).await;
+    admitted_again(&server, &dev).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

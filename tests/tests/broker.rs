@@ -3,7 +3,7 @@
 
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use fleetgate_api::client::ApiClient;
@@ -34,24 +34,17 @@ fn mosquitto_devices_and_a_service_exchange_messages() {
     let svc = server.enroll(tmp.path(), "service", "backend");
 
     // The service listens to all telemetry (MQTT 5).
-    let sub = server
-        .mosquitto("mosquitto_sub", &svc)
-        .args([
-            "-V",
-            "mqttv5",
-            "-t",
-            "devices/+/telemetry",
-            "-v",
-            "-C",
-            "2",
-            "-W",
-            "15",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(700));
+    let sub = tests::Subscriber::spawn(server.mosquitto("mosquitto_sub", &svc).args([
+        "-V",
+        "mqttv5",
+        "-t",
+        "devices/+/telemetry",
+        "-v",
+        "-C",
+        "2",
+        "-W",
+        "15",
+    ]));
 
     // No -i: the client id comes from the certificate.
     for (version, qos, msg) in [("mqttv311", "0", "t-311"), ("mqttv5", "1", "t-5")] {
@@ -78,22 +71,15 @@ fn mosquitto_devices_and_a_service_exchange_messages() {
 
     // Then the device listens for commands (one connection per device: a
     // second one with the same certificate would take this one over).
-    let cmds = server
-        .mosquitto("mosquitto_sub", &dev)
-        .args([
-            "-t",
-            "devices/dev-1/commands/#",
-            "-v",
-            "-C",
-            "1",
-            "-W",
-            "15",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(700));
+    let cmds = tests::Subscriber::spawn(server.mosquitto("mosquitto_sub", &dev).args([
+        "-t",
+        "devices/dev-1/commands/#",
+        "-v",
+        "-C",
+        "1",
+        "-W",
+        "15",
+    ]));
     let out = server
         .mosquitto("mosquitto_pub", &svc)
         .args([
@@ -112,13 +98,8 @@ fn mosquitto_devices_and_a_service_exchange_messages() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    let sub = sub.wait_with_output().unwrap();
-    let got = String::from_utf8_lossy(&sub.stdout);
-    assert!(
-        sub.status.success(),
-        "{got} {}",
-        String::from_utf8_lossy(&sub.stderr)
-    );
+    let (ok, got, err) = sub.finish();
+    assert!(ok, "{got} {err}");
     assert_eq!(
         got.lines().collect::<Vec<_>>(),
         [
@@ -126,11 +107,8 @@ fn mosquitto_devices_and_a_service_exchange_messages() {
             "devices/dev-1/telemetry t-5"
         ]
     );
-    let cmds = cmds.wait_with_output().unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&cmds.stdout).trim(),
-        "devices/dev-1/commands/reboot now"
-    );
+    let (_, got, _) = cmds.finish();
+    assert_eq!(got.trim(), "devices/dev-1/commands/reboot now");
 }
 
 #[test]
@@ -694,23 +672,20 @@ async fn server_cert_of(server: &Server, c: &Creds) -> Vec<u8> {
 fn sigterm_closes_connections_and_exits_cleanly() {
     let (tmp, server) = start();
     let dev = server.enroll(tmp.path(), "device", "dev-1");
-    let sub = server
-        .mosquitto("mosquitto_sub", &dev)
-        .args(["-V", "mqttv5", "-t", "devices/dev-1/#", "-W", "20"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(700));
-    let started = Instant::now();
+    let mut sub = tests::Subscriber::spawn(server.mosquitto("mosquitto_sub", &dev).args([
+        "-V",
+        "mqttv5",
+        "-t",
+        "devices/dev-1/#",
+        "-W",
+        "60",
+    ]));
     let status = server.terminate();
     assert!(status.success(), "{status}");
-    let out = sub.wait_with_output().unwrap();
     assert!(
-        started.elapsed() < Duration::from_secs(10),
+        sub.exits(Duration::from_secs(10)),
         "subscriber was not disconnected by shutdown"
     );
-    let _ = out;
 }
 
 #[tokio::test]

@@ -11,17 +11,9 @@ use tests::etcd::Etcd;
 use tests::nats::Nats;
 use tests::{run, start_nodes, Server};
 
-/// `mosquitto_sub` on `node` as `c` with `args`, given time to subscribe.
-fn listen(node: &Server, c: &tests::Creds, args: &[&str]) -> std::process::Child {
-    let sub = node
-        .mosquitto("mosquitto_sub", c)
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(800));
-    sub
+/// `mosquitto_sub` on `node` as `c` with `args`, once it has subscribed.
+fn listen(node: &Server, c: &tests::Creds, args: &[&str]) -> tests::Subscriber {
+    tests::Subscriber::spawn(node.mosquitto("mosquitto_sub", c).args(args))
 }
 
 /// Two nodes on one etcd member and one NATS server, each node with
@@ -398,8 +390,7 @@ fn one_nats_server_of_three_down_loses_nothing_acknowledged() {
     // other node (a publish may be refused while the client moves to
     // another server: then it is sent again, as a device would).
     for m in ["x", "y", "z"] {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
+        tests::eventually(Duration::from_secs(20), "acknowledged", || {
             let (ok, out) = run(one.mosquitto("mosquitto_pub", &dev).args([
                 "-V",
                 "mqttv5",
@@ -410,12 +401,8 @@ fn one_nats_server_of_three_down_loses_nothing_acknowledged() {
                 "-m",
                 m,
             ]));
-            if ok && !out.contains("failed") {
-                break;
-            }
-            assert!(Instant::now() < deadline, "never acknowledged: {out}");
-            std::thread::sleep(Duration::from_millis(300));
-        }
+            (ok && !out.contains("failed")).then_some(())
+        });
     }
     let out = sub.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -458,7 +445,7 @@ fn a_share_group_spreads_messages_over_its_members_on_every_node() {
         ]));
         assert!(ok, "{out}");
     }
-    let got = |c: std::process::Child| -> Vec<String> {
+    let got = |c: tests::Subscriber| -> Vec<String> {
         let out = c.wait_with_output().unwrap();
         String::from_utf8_lossy(&out.stdout)
             .lines()

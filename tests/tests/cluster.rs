@@ -8,7 +8,7 @@
 
 use std::process::Command;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use broker::etcd::EtcdStore;
 use provisioning::store::{Space, Store};
@@ -137,8 +137,12 @@ async fn one_etcd_member_down_changes_nothing_and_without_a_majority_a_node_admi
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("storage_unavailable"), "{err}");
     // ... and past it refuses: it fails closed.
-    tokio::time::sleep(Duration::from_secs(8)).await;
-    assert!(tests::mqtt::refused(two.mqtt, &ok).await);
+    tests::until(
+        Duration::from_secs(30),
+        "node two refuses past its bound",
+        || async { tests::mqtt::refused(two.mqtt, &ok).await.then_some(()) },
+    )
+    .await;
     assert!(two.wait_for_log("past its bound", Duration::from_secs(5)));
 }
 
@@ -169,29 +173,26 @@ async fn a_manufacturer_made_on_one_node_admits_its_device_on_another() {
     );
     // Node two admits it, registering it just in time in the shared
     // registry; node one sees it registered.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_c, mut ev) = client(two.mqtt, &dev, "acme-001");
-        if tokio::time::timeout(Duration::from_secs(5), async {
-            loop {
-                match ev.poll().await {
-                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => return true,
-                    Ok(_) => {}
-                    Err(_) => return false,
+    tests::until(
+        Duration::from_secs(10),
+        "node two admits acme-001",
+        || async {
+            let (_c, mut ev) = client(two.mqtt, &dev, "acme-001");
+            tokio::time::timeout(Duration::from_secs(5), async {
+                loop {
+                    match ev.poll().await {
+                        Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => return true,
+                        Ok(_) => {}
+                        Err(_) => return false,
+                    }
                 }
-            }
-        })
-        .await
-        .unwrap_or(false)
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "node two never admitted acme-001"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+            })
+            .await
+            .unwrap_or(false)
+            .then_some(())
+        },
+    )
+    .await;
     let shown = one.device_json("acme-001");
     assert_eq!(shown["manufacturer"], "acme", "{shown}");
     // Node two holds no key for acme (it stays with node one until copied):
@@ -268,11 +269,10 @@ async fn three_nodes_on_three_etcd_members_lose_nothing_acknowledged() {
             }
         }
     });
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while acked.lock().unwrap().len() < 8 {
-        assert!(Instant::now() < deadline, "the storm did not get going");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    tests::until(Duration::from_secs(30), "the storm gets going", || async {
+        (acked.lock().unwrap().len() >= 8).then_some(())
+    })
+    .await;
     three.kill9();
     task.await.unwrap();
     let acked = acked.lock().unwrap().clone();
@@ -316,19 +316,15 @@ async fn three_nodes_on_three_etcd_members_lose_nothing_acknowledged() {
     // through it alone sees every write made while it was down.
     etcd.restart(0);
     let want = etcd.store().len(Space::Audit).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let seen = EtcdStore::connect(vec![etcd.clients[0].clone()], "fleetgate/")
-            .and_then(|s| s.len(Space::Audit));
-        if seen.as_ref().ok() == Some(&want) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the restarted member did not catch up: {seen:?} of {want}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    tests::eventually(
+        Duration::from_secs(30),
+        "the restarted member catches up",
+        || {
+            let seen = EtcdStore::connect(vec![etcd.clients[0].clone()], "fleetgate/")
+                .and_then(|s| s.len(Space::Audit));
+            (seen.ok() == Some(want)).then_some(())
+        },
+    );
 }
 
 #[test]

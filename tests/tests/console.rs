@@ -11,7 +11,7 @@
 
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tests::{require_tool, run, Server};
 
@@ -108,14 +108,10 @@ fn the_console_signs_in_once_shows_a_device_and_revokes_it() {
         .args(["-X", "POST", "-w", "%{http_code}", "-H"])
         .arg(format!("X-CSRF-Token: {}", me["csrf"].as_str().unwrap())));
     assert!(ok && out.ends_with("204"), "{out}");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while stream.try_wait().unwrap().is_none() {
-        assert!(
-            Instant::now() < deadline,
-            "the activity stream outlived its session"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    assert!(
+        tests::exits(&mut stream, Duration::from_secs(15)),
+        "the activity stream outlived its session"
+    );
     let (_, out) = run(with_jar("/console/api/me").args(["-o", "/dev/null", "-w", "%{http_code}"]));
     assert_eq!(out, "401");
     let expired = link(&server, 1);

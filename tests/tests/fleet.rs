@@ -148,9 +148,16 @@ async fn devices_renew_their_certificate_before_it_expires() {
         stop_rx,
         f.api.clone(),
     ));
-    // Past the first certificate's expiry.
-    tokio::time::sleep(Duration::from_secs(8)).await;
-    let l = log.lock().unwrap().clone();
+    // Past the first certificate's expiry: renewed, and connected again.
+    let l = tests::until(
+        Duration::from_secs(30),
+        "a renewal and a reconnect",
+        || async {
+            let l = log.lock().unwrap().clone();
+            (l.renewals >= 1 && l.connects >= 2).then_some(l)
+        },
+    )
+    .await;
     let _ = stop.send(true);
     let _ = task.await;
     assert!(l.renewals >= 1, "{l:?}");

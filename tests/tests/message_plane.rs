@@ -132,14 +132,13 @@ async fn device_messages_carry_the_verified_identity() {
     sub.args(["-h", &host, "-p", &port, "-V", "5", "-C", "2", "-W", "20"])
         .args(tls_args(&svc))
         .args(["-t", "devices/+/telemetry", "-F", "%t %P %p"]);
-    let sub = std::thread::spawn(move || run(&mut sub));
+    let sub = tests::Subscriber::spawn(&mut sub);
     // And a 3.1.1 service gets the same messages, without properties.
     let mut sub4 = Command::new("mosquitto_sub");
     sub4.args(["-h", &host, "-p", &port, "-C", "2", "-W", "20"])
         .args(tls_args(&svc4))
         .args(["-t", "devices/+/telemetry", "-F", "%t %p"]);
-    let sub4 = std::thread::spawn(move || run(&mut sub4));
-    std::thread::sleep(Duration::from_millis(700));
+    let sub4 = tests::Subscriber::spawn(&mut sub4);
     // The device sends one plain message (3.1.1) and one (MQTT 5) with a
     // forged identity property.
     let (ok, out) = run(Command::new("mosquitto_pub")
@@ -160,10 +159,10 @@ async fn device_messages_carry_the_verified_identity() {
         ])
         .args(["-D", "publish", "user-property", "note", "kept"]));
     assert!(ok, "{out}");
-    let (ok, out4) = sub4.join().unwrap();
+    let (ok, out4, _) = sub4.finish();
     assert!(ok, "the 3.1.1 service: {out4}");
     assert_eq!(out4.lines().count(), 2, "{out4}");
-    let (ok, out) = sub.join().unwrap();
+    let (ok, out, _) = sub.finish();
     assert!(ok, "{out}");
     let fingerprint =
         provisioning::id::fingerprint(&fleetgate_api::tls::load_certs(&dev.cert).unwrap()[0]);
