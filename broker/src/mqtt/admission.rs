@@ -191,14 +191,14 @@ impl RegistryVerifier {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn refuse(&self, refusal: Refusal, err: CertificateError, detail: &str) -> rustls::Error {
+    fn refuse(&self, refusal: Refusal, detail: &str) -> rustls::Error {
         self.metrics.refused(refusal);
         tracing::warn!(
             reason = refusal.as_str(),
             detail = %crate::printable(detail),
             "mqtt: refused at handshake"
         );
-        rustls::Error::InvalidCertificate(err)
+        rustls::Error::InvalidCertificate(certificate_error(refusal))
     }
 
     /// Verifies the chain; returns the manufacturer it runs through, if any.
@@ -209,7 +209,7 @@ impl RegistryVerifier {
         now: UnixTime,
     ) -> Result<Option<DeviceId>, rustls::Error> {
         self.path_manufacturer(end_entity, intermediates, now)
-            .map_err(|(refusal, err, detail)| self.refuse(refusal, err, &detail))
+            .map_err(|(refusal, detail)| self.refuse(refusal, &detail))
     }
 
     /// The manufacturer whose CA a verified chain runs through (`None`:
@@ -220,12 +220,9 @@ impl RegistryVerifier {
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
-    ) -> Result<Option<DeviceId>, (Refusal, CertificateError, String)> {
+    ) -> Result<Option<DeviceId>, (Refusal, String)> {
         let trust = self.trust();
-        let webpki_error = |e: webpki::Error| {
-            let (refusal, err) = classify(&e);
-            (refusal, err, e.to_string())
-        };
+        let webpki_error = |e: webpki::Error| (classify(&e), e.to_string());
         let ee = webpki::EndEntityCert::try_from(end_entity).map_err(webpki_error)?;
         // What the client sent first, then the CAs we know.
         let offered: Vec<CertificateDer<'_>> = intermediates
@@ -251,22 +248,17 @@ impl RegistryVerifier {
             if t > limits.not_after {
                 return Err((
                     Refusal::Expired,
-                    CertificateError::Expired,
                     format!("manufacturer {}'s CA has expired", limits.name),
                 ));
             }
             if t < limits.not_before {
                 return Err((
                     Refusal::NotYetValid,
-                    CertificateError::NotValidYet,
                     format!("manufacturer {}'s CA is not valid yet", limits.name),
                 ));
             }
             if let Some(max) = limits.path_len.filter(|max| below_anchor > *max as usize) {
-                return Err((
-                    Refusal::BadCertificate,
-                    CertificateError::BadEncoding,
-                    format!(
+                return Err((Refusal::BadCertificate, format!(
                         "{below_anchor} CAs below manufacturer {}'s CA, whose pathLenConstraint allows {max}",
                         limits.name,
                     ),
@@ -281,23 +273,49 @@ impl RegistryVerifier {
     }
 }
 
-/// The refusal reason and TLS alert for a webpki error.
-fn classify(e: &webpki::Error) -> (Refusal, CertificateError) {
+/// The refusal reason for a webpki error.
+fn classify(e: &webpki::Error) -> Refusal {
     use webpki::Error as W;
     match e {
-        W::CertExpired { .. } => (Refusal::Expired, CertificateError::Expired),
-        W::CertNotValidYet { .. } => (Refusal::NotYetValid, CertificateError::NotValidYet),
-        W::UnknownIssuer => (Refusal::UnknownCa, CertificateError::UnknownIssuer),
+        W::CertExpired { .. } => Refusal::Expired,
+        W::CertNotValidYet { .. } => Refusal::NotYetValid,
+        W::UnknownIssuer => Refusal::UnknownCa,
         #[allow(deprecated)]
-        W::RequiredEkuNotFound | W::RequiredEkuNotFoundContext(_) => {
-            (Refusal::WrongUsage, CertificateError::InvalidPurpose)
+        W::RequiredEkuNotFound | W::RequiredEkuNotFoundContext(_) => Refusal::WrongUsage,
+        // A bad signature, a CA certificate as a client, bad extensions,
+        // name constraints, a path too long.
+        _ => Refusal::BadCertificate,
+    }
+}
+
+/// The one table from a refusal at the handshake to what rustls is told,
+/// and so to the TLS alert the client gets (rustls maps each
+/// `CertificateError` to one alert, `From<CertificateError> for
+/// AlertDescription`): certificate_expired, unknown_ca,
+/// unsupported_certificate, certificate_revoked (a suspension too: a hold,
+/// as OCSP says), bad_certificate (not the vaguer certificate_unknown), and
+/// access_denied for a valid certificate the registry does not let in.
+pub fn certificate_error(r: Refusal) -> CertificateError {
+    match r {
+        Refusal::Expired => CertificateError::Expired,
+        Refusal::NotYetValid => CertificateError::NotValidYet,
+        Refusal::UnknownCa => CertificateError::UnknownIssuer,
+        Refusal::WrongUsage => CertificateError::InvalidPurpose,
+        Refusal::Revoked | Refusal::Suspended => CertificateError::Revoked,
+        Refusal::BadCertificate | Refusal::UnknownSerial | Refusal::NoCertificate => {
+            CertificateError::BadEncoding
         }
-        W::InvalidSignatureForPublicKey => {
-            (Refusal::BadCertificate, CertificateError::BadSignature)
-        }
-        // A CA certificate as a client, bad extensions, name constraints,
-        // a path too long: bad_certificate (not the vaguer certificate_unknown).
-        _ => (Refusal::BadCertificate, CertificateError::BadEncoding),
+        Refusal::WrongIdentity
+        | Refusal::Pending
+        | Refusal::Internal
+        | Refusal::Acl
+        | Refusal::Protocol
+        | Refusal::HandshakeTimeout
+        | Refusal::RateLimited
+        | Refusal::Overloaded
+        | Refusal::JitRateLimited
+        | Refusal::JitQuotaExceeded
+        | Refusal::Quota => CertificateError::ApplicationVerificationFailure,
     }
 }
 
@@ -317,17 +335,11 @@ impl ClientCertVerifier for RegistryVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         let manufacturer = self.verify_chain(end_entity, intermediates, now)?;
-        let info = inspect_certificate(end_entity).map_err(|e| {
-            self.refuse(
-                Refusal::BadCertificate,
-                CertificateError::BadEncoding,
-                &e.to_string(),
-            )
-        })?;
+        let info = inspect_certificate(end_entity)
+            .map_err(|e| self.refuse(Refusal::BadCertificate, &e.to_string()))?;
         if info.lacks_digital_signature {
             return Err(self.refuse(
                 Refusal::WrongUsage,
-                CertificateError::InvalidPurpose,
                 &format!(
                     "serial {}: key usage lacks digitalSignature, so the key may not sign",
                     info.serial
@@ -337,7 +349,6 @@ impl ClientCertVerifier for RegistryVerifier {
         if !info.client_auth {
             return Err(self.refuse(
                 Refusal::WrongUsage,
-                CertificateError::InvalidPurpose,
                 &format!(
                     "serial {}: no extendedKeyUsage clientAuth (a client certificate must name it)",
                     info.serial
@@ -362,11 +373,7 @@ impl ClientCertVerifier for RegistryVerifier {
         let lookup = |r: Result<_, Error>| {
             r.map_err(|e| {
                 tracing::error!(error = %e, "registry lookup failed");
-                self.refuse(
-                    Refusal::Internal,
-                    CertificateError::ApplicationVerificationFailure,
-                    "registry lookup failed",
-                )
+                self.refuse(Refusal::Internal, "registry lookup failed")
             })
         };
         let standing = lookup(
@@ -384,7 +391,6 @@ impl ClientCertVerifier for RegistryVerifier {
                 }
                 None => Err(self.refuse(
                     Refusal::UnknownSerial,
-                    CertificateError::BadEncoding,
                     &detail("serial not in the registry"),
                 )),
             };
@@ -395,7 +401,6 @@ impl ClientCertVerifier for RegistryVerifier {
         {
             return Err(self.refuse(
                 Refusal::WrongIdentity,
-                CertificateError::BadEncoding,
                 &detail("certificate does not match the registry's record of its serial"),
             ));
         }
@@ -405,14 +410,7 @@ impl ClientCertVerifier for RegistryVerifier {
                 self.remember(info.fingerprint, manufacturer);
                 Ok(ClientCertVerified::assertion())
             }
-            Some((refusal, why)) => Err(self.refuse(
-                refusal,
-                match refusal {
-                    Refusal::Pending => CertificateError::ApplicationVerificationFailure,
-                    _ => CertificateError::Revoked,
-                },
-                &detail(&why),
-            )),
+            Some((refusal, why)) => Err(self.refuse(refusal, &detail(&why))),
         }
     }
 
@@ -453,7 +451,6 @@ impl RegistryVerifier {
                 id: jit_identity(info).map_err(|e| {
                     self.refuse(
                         Refusal::WrongIdentity,
-                        CertificateError::BadEncoding,
                         &format!("serial {} of manufacturer {m}: {e}", info.serial),
                     )
                 })?,
@@ -461,7 +458,6 @@ impl RegistryVerifier {
             None => info.identity.clone().ok_or_else(|| {
                 self.refuse(
                     Refusal::BadCertificate,
-                    CertificateError::BadEncoding,
                     "certificate names no fleetgate identity",
                 )
             })?,
@@ -469,7 +465,6 @@ impl RegistryVerifier {
         if matches!(identity.role, Role::Admin | Role::Node) {
             return Err(self.refuse(
                 Refusal::WrongIdentity,
-                CertificateError::ApplicationVerificationFailure,
                 &format!("{} certificates are not MQTT identities", identity.role),
             ));
         }
@@ -496,7 +491,6 @@ impl RegistryVerifier {
         if self.recent.device(&identity.id).is_ok() {
             return Err(self.refuse(
                 Refusal::WrongIdentity,
-                CertificateError::BadEncoding,
                 &detail("a device with this id is already registered with another certificate"),
             ));
         }
@@ -512,13 +506,11 @@ impl RegistryVerifier {
         match self.recent.manufacturer(m.as_str()) {
             Ok(Some(rec)) if rec.status == ManufacturerStatus::Revoked => Err(self.refuse(
                 Refusal::Revoked,
-                CertificateError::Revoked,
                 &detail(&format!("manufacturer {m} is revoked")),
             )),
             Ok(Some(_)) => Ok(()),
             Ok(None) | Err(_) => Err(self.refuse(
                 Refusal::Internal,
-                CertificateError::ApplicationVerificationFailure,
                 &format!("manufacturer {m} is trusted but not in the registry"),
             )),
         }
@@ -547,5 +539,46 @@ pub fn refusal_for(
                 _ => format!("revoked ({})", r.reason),
             },
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::AlertDescription as A;
+
+    #[test]
+    fn each_refusal_has_one_alert() {
+        let alert = |r| A::from(certificate_error(r));
+        // What a client sees for each reason (tests/tests/broker.rs checks
+        // the same with real handshakes).
+        assert_eq!(alert(Refusal::Expired), A::CertificateExpired);
+        assert_eq!(alert(Refusal::NotYetValid), A::CertificateExpired);
+        assert_eq!(alert(Refusal::UnknownCa), A::UnknownCA);
+        assert_eq!(alert(Refusal::WrongUsage), A::UnsupportedCertificate);
+        assert_eq!(alert(Refusal::Revoked), A::CertificateRevoked);
+        assert_eq!(alert(Refusal::Suspended), A::CertificateRevoked);
+        assert_eq!(alert(Refusal::BadCertificate), A::BadCertificate);
+        assert_eq!(alert(Refusal::UnknownSerial), A::BadCertificate);
+        // A wrong identity is one alert wherever it is found.
+        assert_eq!(alert(Refusal::WrongIdentity), A::AccessDenied);
+        assert_eq!(alert(Refusal::Pending), A::AccessDenied);
+        assert_eq!(alert(Refusal::Internal), A::AccessDenied);
+        for r in Refusal::ALL {
+            // Every reason has its entry (the match is exhaustive); none
+            // is the vague certificate_unknown.
+            assert_ne!(alert(r), A::CertificateUnknown, "{r:?}");
+        }
+    }
+
+    #[test]
+    fn webpki_errors_are_classified_by_what_went_wrong() {
+        use webpki::Error as W;
+        assert_eq!(classify(&W::UnknownIssuer), Refusal::UnknownCa);
+        assert_eq!(
+            classify(&W::InvalidSignatureForPublicKey),
+            Refusal::BadCertificate
+        );
+        assert_eq!(classify(&W::CaUsedAsEndEntity), Refusal::BadCertificate);
     }
 }
