@@ -988,8 +988,24 @@ pub struct Subscriber {
 impl Subscriber {
     /// Spawns `cmd` (a `mosquitto_sub`) with `-d` and waits for its SUBACK.
     pub fn spawn(cmd: &mut Command) -> Subscriber {
-        let mut child = cmd
-            .arg("-d")
+        // Line-buffered (a pipe is otherwise block-buffered), so its
+        // SUBACK line shows when it happens.
+        let mut line_buffered = Command::new("stdbuf");
+        line_buffered
+            .arg("-oL")
+            .arg(cmd.get_program())
+            .args(cmd.get_args())
+            .arg("-d");
+        for (k, v) in cmd.get_envs() {
+            match v {
+                Some(v) => line_buffered.env(k, v),
+                None => line_buffered.env_remove(k),
+            };
+        }
+        if let Some(dir) = cmd.get_current_dir() {
+            line_buffered.current_dir(dir);
+        }
+        let mut child = line_buffered
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
