@@ -33,6 +33,18 @@ impl Etcd {
 
     pub fn cluster(dir: &Path, n: usize) -> Self {
         crate::require_tool("etcd");
+        // A port found free can be taken by another test's process before
+        // etcd binds it: a member that exits at once is started again, on
+        // other ports, in a data dir of its own.
+        for attempt in 0..4 {
+            if let Some(etcd) = Self::try_cluster(&dir.join(format!("try{attempt}")), n) {
+                return etcd;
+            }
+        }
+        panic!("etcd did not start");
+    }
+
+    fn try_cluster(dir: &Path, n: usize) -> Option<Self> {
         let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
         let initial = ports
             .iter()
@@ -75,10 +87,21 @@ impl Etcd {
         }
         let deadline = Instant::now() + Duration::from_secs(30);
         while EtcdStore::connect(etcd.clients.clone(), "probe/").is_err() {
+            let exited = etcd
+                .members
+                .iter_mut()
+                .any(|m| matches!(m.try_wait(), Ok(Some(_))));
+            if exited {
+                for m in &mut etcd.members {
+                    let _ = m.kill();
+                    let _ = m.wait();
+                }
+                return None;
+            }
             assert!(Instant::now() < deadline, "etcd did not start");
             std::thread::sleep(Duration::from_millis(100));
         }
-        etcd
+        Some(etcd)
     }
 
     /// `--store` for a fleetgate node.

@@ -26,6 +26,18 @@ impl Nats {
 
     pub fn cluster(dir: &Path, n: usize) -> Self {
         crate::require_tool("nats-server");
+        // A port found free can be taken by another test's process before
+        // the server binds it: one that exits at once is started again,
+        // on other ports, with a store of its own.
+        for attempt in 0..4 {
+            if let Some(nats) = Self::try_cluster(&dir.join(format!("try{attempt}")), n) {
+                return nats;
+            }
+        }
+        panic!("nats-server did not start");
+    }
+
+    fn try_cluster(dir: &Path, n: usize) -> Option<Self> {
         let ports: Vec<(u16, u16, u16)> = (0..n)
             .map(|_| (free_port(), free_port(), free_port()))
             .collect();
@@ -75,10 +87,21 @@ impl Nats {
             nats.ports.push(*client);
             nats.monitors.push(*monitor);
         }
+        let deadline = Instant::now() + Duration::from_secs(30);
         for i in 0..n {
-            nats.wait_healthy(i);
+            while !healthy(nats.monitors[i]) {
+                if nats
+                    .servers
+                    .iter_mut()
+                    .any(|s| matches!(s.try_wait(), Ok(Some(_))))
+                {
+                    return None;
+                }
+                assert!(Instant::now() < deadline, "nats-server {i} not healthy");
+                std::thread::sleep(Duration::from_millis(100));
+            }
         }
-        nats
+        Some(nats)
     }
 
     /// One server with JetStream and `config` (a nats-server
