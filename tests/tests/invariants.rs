@@ -171,82 +171,29 @@ fn module_of(src: &Path, file: &Path) -> Vec<String> {
 /// declarations and in code), resolved to a module path from the crate
 /// root, with its line.
 fn crate_paths(module: &[String], file: &Path) -> Vec<(Vec<String>, usize)> {
-    use syn::visit::Visit;
-    struct Paths<'a> {
-        module: &'a [String],
-        out: Vec<(Vec<String>, usize)>,
-    }
-    impl Paths<'_> {
-        fn resolve(&mut self, segments: Vec<String>, line: usize) {
-            let mut at: Vec<String>;
+    all_paths(file)
+        .into_iter()
+        .filter_map(|(segments, line)| {
             let mut rest = segments.as_slice();
-            match rest.first().map(String::as_str) {
+            let mut at: Vec<String> = match rest.first().map(String::as_str) {
                 Some("crate") => {
-                    at = Vec::new();
                     rest = &rest[1..];
+                    Vec::new()
                 }
                 Some("super") => {
-                    at = self.module.to_vec();
+                    let mut at = module.to_vec();
                     while rest.first().map(String::as_str) == Some("super") {
                         at.pop();
                         rest = &rest[1..];
                     }
+                    at
                 }
-                _ => return,
-            }
+                _ => return None,
+            };
             at.extend(rest.iter().cloned());
-            self.out.push((at, line));
-        }
-        fn tree(&mut self, prefix: Vec<String>, t: &syn::UseTree) {
-            match t {
-                syn::UseTree::Path(p) => {
-                    let mut next = prefix;
-                    next.push(p.ident.to_string());
-                    self.tree(next, &p.tree);
-                }
-                syn::UseTree::Name(n) => {
-                    let mut full = prefix;
-                    full.push(n.ident.to_string());
-                    self.resolve(full, n.ident.span().start().line);
-                }
-                syn::UseTree::Rename(r) => {
-                    let mut full = prefix;
-                    full.push(r.ident.to_string());
-                    self.resolve(full, r.ident.span().start().line);
-                }
-                syn::UseTree::Glob(g) => {
-                    self.resolve(prefix, g.star_token.spans[0].start().line);
-                }
-                syn::UseTree::Group(g) => {
-                    for t in &g.items {
-                        self.tree(prefix.clone(), t);
-                    }
-                }
-            }
-        }
-    }
-    impl<'ast> Visit<'ast> for Paths<'_> {
-        fn visit_item_use(&mut self, u: &'ast syn::ItemUse) {
-            self.tree(Vec::new(), &u.tree);
-        }
-        fn visit_path(&mut self, p: &'ast syn::Path) {
-            let segments: Vec<String> = p.segments.iter().map(|s| s.ident.to_string()).collect();
-            let line = p
-                .segments
-                .first()
-                .map_or(0, |s| s.ident.span().start().line);
-            self.resolve(segments, line);
-            syn::visit::visit_path(self, p);
-        }
-    }
-    let text = std::fs::read_to_string(file).unwrap();
-    let ast = syn::parse_file(&text).unwrap_or_else(|e| panic!("{}: {e}", rel(file)));
-    let mut v = Paths {
-        module,
-        out: Vec::new(),
-    };
-    v.visit_file(&ast);
-    v.out
+            Some((at, line))
+        })
+        .collect()
 }
 
 /// `from` (a module and everything under it) names nothing under `to`.
