@@ -275,7 +275,10 @@ pub async fn device(
         if ended == "renewal" {
             continue;
         }
-        let revoked = ended.contains("CertificateRevoked");
+        // Refused by the registry (CONNACK not authorized; a TLS alert
+        // certificate_revoked from servers that check at the handshake):
+        // not something a retry mends.
+        let revoked = ended.contains("NotAuthorized") || ended.contains("CertificateRevoked");
         set(&log, |l| {
             if connected && l.dropped_at.is_none() {
                 l.dropped_at = Some(Instant::now());

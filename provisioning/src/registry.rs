@@ -924,6 +924,12 @@ impl Registry {
         }
     }
 
+    /// Whether a read may wait on the network (the store is shared): an
+    /// async caller then reads from the blocking pool.
+    pub fn may_block(&self) -> bool {
+        self.store.may_block()
+    }
+
     pub fn device_count(&self) -> usize {
         self.store.len(Space::Devices).unwrap_or(0)
     }

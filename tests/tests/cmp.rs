@@ -315,8 +315,9 @@ fn openssl_cmp_enrolls_with_a_claim_updates_the_key_and_revokes() {
     let (ok, code) = curl("application/json");
     assert!(ok && code == "415", "{code}");
 
-    // rr: cmp-1 revokes its new certificate. The handshake with it is
-    // refused at once, OCSP says revoked; the other stays good.
+    // rr: cmp-1 revokes its new certificate. A connection with it is
+    // refused at once (before CONNACK), OCSP says revoked; the other
+    // stays good.
     let (ok, out) = cmp(
         &server,
         "rr",

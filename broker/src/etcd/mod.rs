@@ -617,6 +617,10 @@ impl Store for EtcdStore {
         }
     }
 
+    fn may_block(&self) -> bool {
+        true
+    }
+
     fn get_recent(&self, space: Space, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
         // While the watch is open and a majority answers the heartbeat,
         // the view is as current as the watch: milliseconds behind the

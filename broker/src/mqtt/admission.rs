@@ -1,27 +1,39 @@
-//! Admission at the TLS handshake: a client certificate must chain to our
-//! root (or to a manufacturer CA registered with its own root), be in date,
-//! name EKU clientAuth, allow digitalSignature, name a fleetgate identity,
-//! and be in good standing in the registry now. Each refusal becomes the
-//! matching TLS alert and a log line with the reason.
+//! Who a client is, decided once per connection in two steps, as
+//! linkerd2-proxy does it (TLS establishes identity; a check then runs
+//! against policy):
+//!
+//! 1. **At the TLS handshake** ([`RegistryVerifier`]), with no IO: the
+//!    certificate must chain to our root (or to a manufacturer CA
+//!    registered with its own root), be in date, name EKU clientAuth,
+//!    allow digitalSignature and name a fleetgate identity a client may
+//!    use. Each refusal becomes the TLS alert [`certificate_error`] gives
+//!    it and a log line with the reason. What it found (identity,
+//!    certificate key, parsed certificate, manufacturer) is handed to
+//!    this connection's task through a task-local slot
+//!    ([`handshake`]): no map shared between connections, no second parse.
+//! 2. **Before CONNACK** (`Shared::admit`), one registry read: the
+//!    certificate and its device in good standing now (a manufacturer's
+//!    new device registered just in time), refused with a CONNACK code.
 //!
 //! Manufacturer CAs fleetgate issued are intermediates under the root, so
 //! webpki enforces their pathLen, validity and name constraints like any
 //! relying party would; they are offered to path building alongside what
 //! the client sent (a device may send its leaf alone). fleetgate's own
-//! issuing CA is an anchor (one signature to verify for its devices). A registered CA (the
-//! manufacturer's own root) is a trust anchor, and webpki checks nothing
-//! about an anchor itself: its validity and pathLen are checked here.
+//! issuing CA is an anchor (one signature to verify for its devices). A
+//! registered CA (the manufacturer's own root) is a trust anchor, and
+//! webpki checks nothing about an anchor itself: its validity and pathLen
+//! are checked here.
 //!
-//! A manufacturer's certificate the registry has never seen is admitted
-//! here without any write: the session registers it (just in time, off the
-//! async workers, within the manufacturer's rate and quota) before CONNACK.
+//! A resumed TLS session skips the verifier: its chain (as the client sent
+//! it the first time) is checked again, the same way, after the handshake.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use provisioning::ca::{inspect_certificate, CertInfo};
-use provisioning::manufacturer::{jit_identity, CaKind, ManufacturerStatus};
-use provisioning::{Authority, CertKey, DeviceId, Error, Identity, Role, Standing};
+use provisioning::manufacturer::{jit_identity, CaKind};
+use provisioning::{Authority, CertKey, DeviceId, Identity, Role, Standing};
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
@@ -59,18 +71,37 @@ pub struct RegistryVerifier {
     /// Hints and handshake signatures; chains are verified below.
     webpki: Arc<dyn ClientCertVerifier>,
     auth: Arc<Authority>,
-    /// What admission reads: the registry as this node last saw it.
-    recent: provisioning::Registry,
     trust: RwLock<Arc<Trust>>,
     metrics: Arc<Metrics>,
-    /// What the last handshakes' verified paths said, by the leaf's
-    /// fingerprint: read once by the session, so a full handshake verifies
-    /// its chain once. (A resumed session verifies again.)
-    verified: std::sync::Mutex<HashMap<String, Option<DeviceId>>>,
 }
 
-/// Verified paths remembered at most (cleared past it).
-const VERIFIED_REMEMBERED: usize = 4096;
+/// What the handshake established about a client: the certificate parsed
+/// once, the identity it names, its registry key, and the manufacturer
+/// whose CA its chain runs through, if any.
+#[derive(Clone, Debug)]
+pub struct Verified {
+    pub identity: Identity,
+    pub key: CertKey,
+    pub info: CertInfo,
+    pub manufacturer: Option<DeviceId>,
+}
+
+tokio::task_local! {
+    /// The verifier's finding for the handshake this task is running.
+    static VERIFIED: RefCell<Option<Verified>>;
+}
+
+/// Runs a TLS handshake (`accept`) so that what the verifier finds comes
+/// back with it: the connection's own slot, not a map shared by all. `None`
+/// if the verifier did not run (a resumed session) or refused.
+pub async fn handshake<F: std::future::Future>(accept: F) -> (F::Output, Option<Verified>) {
+    VERIFIED
+        .scope(RefCell::new(None), async {
+            let out = accept.await;
+            (out, VERIFIED.with(|v| v.borrow_mut().take()))
+        })
+        .await
+}
 
 impl std::fmt::Debug for RegistryVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -108,11 +139,9 @@ impl RegistryVerifier {
         roots.add(auth.ca.root_der().clone())?;
         let v = Self {
             webpki: WebPkiClientVerifier::builder(Arc::new(roots)).build()?,
-            recent: auth.registry.recent(),
             auth,
             trust: RwLock::new(Arc::default()),
             metrics,
-            verified: std::sync::Mutex::default(),
         };
         v.reload()?;
         Ok(v)
@@ -167,28 +196,22 @@ impl RegistryVerifier {
             .clone()
     }
 
-    /// The manufacturer a connection's chain (as the client sent it, leaf
-    /// first; on a resumed TLS session, as it sent it the first time) runs
-    /// through: the same path building as the handshake, so a device may
-    /// send its manufacturer's intermediates and leave out the root. `None`
-    /// also when the chain no longer verifies: the check before CONNACK
-    /// then finds no record under that key and refuses.
-    pub fn manufacturer_of(&self, chain: &[CertificateDer<'_>]) -> Option<DeviceId> {
-        let (leaf, intermediates) = chain.split_first()?;
-        let fingerprint = provisioning::id::fingerprint(leaf);
-        if let Some(found) = self.lock_verified().remove(&fingerprint) {
-            return found;
-        }
-        self.path_manufacturer(leaf, intermediates, UnixTime::now())
-            .ok()
-            .flatten()
-    }
-
-    fn lock_verified(&self) -> std::sync::MutexGuard<'_, HashMap<String, Option<DeviceId>>> {
-        // A plain map: still usable after a panic elsewhere.
-        self.verified
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    /// The handshake's checks again, for a resumed TLS session (which
+    /// skipped the verifier): the chain as the client sent it the first
+    /// time, leaf first. Counts and logs a refusal.
+    pub fn verify_again(
+        &self,
+        chain: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<Verified, Refusal> {
+        let Some((leaf, intermediates)) = chain.split_first() else {
+            return Err(Refusal::NoCertificate);
+        };
+        self.check(leaf, intermediates, now)
+            .map_err(|(refusal, detail)| {
+                let _ = self.refuse(refusal, &detail);
+                refusal
+            })
     }
 
     fn refuse(&self, refusal: Refusal, detail: &str) -> rustls::Error {
@@ -199,17 +222,6 @@ impl RegistryVerifier {
             "mqtt: refused at handshake"
         );
         rustls::Error::InvalidCertificate(certificate_error(refusal))
-    }
-
-    /// Verifies the chain; returns the manufacturer it runs through, if any.
-    fn verify_chain(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        now: UnixTime,
-    ) -> Result<Option<DeviceId>, rustls::Error> {
-        self.path_manufacturer(end_entity, intermediates, now)
-            .map_err(|(refusal, detail)| self.refuse(refusal, &detail))
     }
 
     /// The manufacturer whose CA a verified chain runs through (`None`:
@@ -334,84 +346,14 @@ impl ClientCertVerifier for RegistryVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let manufacturer = self.verify_chain(end_entity, intermediates, now)?;
-        let info = inspect_certificate(end_entity)
-            .map_err(|e| self.refuse(Refusal::BadCertificate, &e.to_string()))?;
-        if info.lacks_digital_signature {
-            return Err(self.refuse(
-                Refusal::WrongUsage,
-                &format!(
-                    "serial {}: key usage lacks digitalSignature, so the key may not sign",
-                    info.serial
-                ),
-            ));
-        }
-        if !info.client_auth {
-            return Err(self.refuse(
-                Refusal::WrongUsage,
-                &format!(
-                    "serial {}: no extendedKeyUsage clientAuth (a client certificate must name it)",
-                    info.serial
-                ),
-            ));
-        }
-        let identity = self.identity(manufacturer.as_ref(), &info)?;
-        let detail = |what: &str| {
-            format!(
-                "{} {} serial {}: {what}",
-                identity.role, identity.id, info.serial
-            )
-        };
-        if let Some(m) = &manufacturer {
-            self.manufacturer_in_good_standing(m, &detail)?;
-        }
-        let key = CertKey::new(
-            manufacturer.as_ref().map(DeviceId::as_str),
-            &info.issuer,
-            info.serial.clone(),
-        );
-        let lookup = |r: Result<_, Error>| {
-            r.map_err(|e| {
-                tracing::error!(error = %e, "registry lookup failed");
-                self.refuse(Refusal::Internal, "registry lookup failed")
-            })
-        };
-        let standing = lookup(
-            self.metrics
-                .registry_lookups
-                .time(|| self.recent.standing(&key)),
-        )?;
-        let Some((rec, standing)) = standing else {
-            return match &manufacturer {
-                // Registered by the session, just in time, before CONNACK.
-                Some(_) => {
-                    let ok = self.unknown_of_manufacturer(&identity, &detail)?;
-                    self.remember(info.fingerprint.clone(), manufacturer.clone());
-                    Ok(ok)
-                }
-                None => Err(self.refuse(
-                    Refusal::UnknownSerial,
-                    &detail("serial not in the registry"),
-                )),
-            };
-        };
-        if rec.device_id != identity.id
-            || rec.role != identity.role
-            || rec.fingerprint != info.fingerprint
-        {
-            return Err(self.refuse(
-                Refusal::WrongIdentity,
-                &detail("certificate does not match the registry's record of its serial"),
-            ));
-        }
-        match refusal_for(&rec, standing) {
-            None => {
-                tracing::debug!(device.id = %identity.id, serial = %info.serial, "admitted");
-                self.remember(info.fingerprint, manufacturer);
-                Ok(ClientCertVerified::assertion())
-            }
-            Some((refusal, why)) => Err(self.refuse(refusal, &detail(&why))),
-        }
+        let verified = self
+            .check(end_entity, intermediates, now)
+            .map_err(|(refusal, detail)| self.refuse(refusal, &detail))?;
+        tracing::debug!(device.id = %verified.identity.id, serial = %verified.info.serial, "verified at handshake");
+        // For this connection's task; outside one (a test calling the
+        // verifier directly) there is nowhere to put it.
+        let _ = VERIFIED.try_with(|v| *v.borrow_mut() = Some(verified));
+        Ok(ClientCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
@@ -438,83 +380,81 @@ impl ClientCertVerifier for RegistryVerifier {
 }
 
 impl RegistryVerifier {
-    /// The identity a certificate names: a manufacturer's may only name a
-    /// device (by URI or CN); ours name any role but admin.
-    fn identity(
+    /// Everything the handshake checks, without IO: the chain (and the
+    /// manufacturer it runs through), the certificate's uses, the
+    /// identity it names.
+    fn check(
         &self,
-        manufacturer: Option<&DeviceId>,
-        info: &CertInfo,
-    ) -> Result<Identity, rustls::Error> {
-        let identity = match manufacturer {
-            Some(m) => Identity {
-                role: Role::Device,
-                id: jit_identity(info).map_err(|e| {
-                    self.refuse(
-                        Refusal::WrongIdentity,
-                        &format!("serial {} of manufacturer {m}: {e}", info.serial),
-                    )
-                })?,
-            },
-            None => info.identity.clone().ok_or_else(|| {
-                self.refuse(
-                    Refusal::BadCertificate,
-                    "certificate names no fleetgate identity",
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<Verified, (Refusal, String)> {
+        let manufacturer = self.path_manufacturer(end_entity, intermediates, now)?;
+        let info = inspect_certificate(end_entity)
+            .map_err(|e| (Refusal::BadCertificate, e.to_string()))?;
+        if info.lacks_digital_signature {
+            return Err((
+                Refusal::WrongUsage,
+                format!(
+                    "serial {}: key usage lacks digitalSignature, so the key may not sign",
+                    info.serial
+                ),
+            ));
+        }
+        if !info.client_auth {
+            return Err((
+                Refusal::WrongUsage,
+                format!(
+                    "serial {}: no extendedKeyUsage clientAuth (a client certificate must name it)",
+                    info.serial
+                ),
+            ));
+        }
+        let identity = identity(manufacturer.as_ref(), &info)?;
+        let key = CertKey::new(
+            manufacturer.as_ref().map(DeviceId::as_str),
+            &info.issuer,
+            info.serial.clone(),
+        );
+        Ok(Verified {
+            identity,
+            key,
+            info,
+            manufacturer,
+        })
+    }
+}
+
+/// The identity a certificate names: a manufacturer's may only name a
+/// device (by URI or CN); ours name any role but admin (and node).
+fn identity(
+    manufacturer: Option<&DeviceId>,
+    info: &CertInfo,
+) -> Result<Identity, (Refusal, String)> {
+    let identity = match manufacturer {
+        Some(m) => Identity {
+            role: Role::Device,
+            id: jit_identity(info).map_err(|e| {
+                (
+                    Refusal::WrongIdentity,
+                    format!("serial {} of manufacturer {m}: {e}", info.serial),
                 )
             })?,
-        };
-        if matches!(identity.role, Role::Admin | Role::Node) {
-            return Err(self.refuse(
-                Refusal::WrongIdentity,
-                &format!("{} certificates are not MQTT identities", identity.role),
-            ));
-        }
-        Ok(identity)
+        },
+        None => info.identity.clone().ok_or_else(|| {
+            (
+                Refusal::BadCertificate,
+                "certificate names no fleetgate identity".to_owned(),
+            )
+        })?,
+    };
+    if matches!(identity.role, Role::Admin | Role::Node) {
+        return Err((
+            Refusal::WrongIdentity,
+            format!("{} certificates are not MQTT identities", identity.role),
+        ));
     }
-
-    /// Remembers a verified path's manufacturer for the session to read.
-    fn remember(&self, fingerprint: String, manufacturer: Option<DeviceId>) {
-        let mut verified = self.lock_verified();
-        if verified.len() >= VERIFIED_REMEMBERED {
-            verified.clear();
-        }
-        verified.insert(fingerprint, manufacturer);
-    }
-
-    /// A manufacturer's certificate the registry does not know: admitted
-    /// for just-in-time registration if the id is free. (The session
-    /// registers it; the rate, quota and policy are applied there.)
-    fn unknown_of_manufacturer(
-        &self,
-        identity: &Identity,
-        detail: &dyn Fn(&str) -> String,
-    ) -> Result<ClientCertVerified, rustls::Error> {
-        if self.recent.device(&identity.id).is_ok() {
-            return Err(self.refuse(
-                Refusal::WrongIdentity,
-                &detail("a device with this id is already registered with another certificate"),
-            ));
-        }
-        Ok(ClientCertVerified::assertion())
-    }
-
-    /// Refuses a chain through a revoked (or vanished) manufacturer's CA.
-    fn manufacturer_in_good_standing(
-        &self,
-        m: &DeviceId,
-        detail: &dyn Fn(&str) -> String,
-    ) -> Result<(), rustls::Error> {
-        match self.recent.manufacturer(m.as_str()) {
-            Ok(Some(rec)) if rec.status == ManufacturerStatus::Revoked => Err(self.refuse(
-                Refusal::Revoked,
-                &detail(&format!("manufacturer {m} is revoked")),
-            )),
-            Ok(Some(_)) => Ok(()),
-            Ok(None) | Err(_) => Err(self.refuse(
-                Refusal::Internal,
-                &format!("manufacturer {m} is trusted but not in the registry"),
-            )),
-        }
-    }
+    Ok(identity)
 }
 
 /// Why a registered certificate in `standing` may not connect, if it may
@@ -534,7 +474,7 @@ pub fn refusal_for(
             Refusal::Revoked,
             match rec.manufacturers().next() {
                 Some(m) if r.reason == provisioning::RevocationReason::CaCompromise => {
-                    format!("revoked ({}; manufacturer {m})", r.reason)
+                    format!("manufacturer {m} is revoked ({})", r.reason)
                 }
                 _ => format!("revoked ({})", r.reason),
             },

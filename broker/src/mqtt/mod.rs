@@ -32,9 +32,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use provisioning::ca::inspect_certificate;
-use provisioning::manufacturer::jit_identity;
-use provisioning::{Authority, CertKey, DeviceId, Identity, Registry, Role, Standing};
+use provisioning::{Authority, CertKey, DeviceId, Registry, Standing};
 use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
 use rumqttd::{Notification, Router, RouterConfig};
 use rustls::ServerConfig;
@@ -787,12 +785,12 @@ impl Broker {
                 // The handshake's state and the session's are boxed apart:
                 // inline, this task would be as large as both together for
                 // its whole life (most of a held connection's memory).
-                let stream = match tokio::time::timeout(
+                let (accepted, verified) = admission::handshake(tokio::time::timeout(
                     shared.cfg.handshake_timeout,
                     Box::pin(acceptor.accept(tcp)),
-                )
-                .await
-                {
+                ))
+                .await;
+                let stream = match accepted {
                     Ok(Ok(s)) => Some(s),
                     Ok(Err(e)) => {
                         if e.to_string().contains("peer sent no certificates") {
@@ -810,11 +808,8 @@ impl Broker {
                 drop(handshake);
                 if let Some(stream) = stream {
                     metrics.handshakes.fetch_add(1, Ordering::Relaxed);
-                    match peer_of(&stream, addr, &shared.verifier) {
-                        Some(peer) => {
-                            Box::pin(session::run(stream, peer, shared.clone(), shutdown)).await
-                        }
-                        None => tracing::error!(peer.addr = %addr, "mqtt: admitted peer without a readable certificate"),
+                    if let Some(peer) = peer_of(&stream, addr, &shared.verifier, verified) {
+                        Box::pin(session::run(stream, peer, shared.clone(), shutdown)).await;
                     }
                 }
                 metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
@@ -846,35 +841,31 @@ fn log_panic(done: Result<(), tokio::task::JoinError>) {
     }
 }
 
+/// Who the peer of a handshake is: what the verifier found, or on a
+/// resumed TLS session (which skips the verifier) the same checks again on
+/// the chain it presented the first time. `None`, refused (counted and
+/// logged by the verifier).
 fn peer_of(
     stream: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
     addr: std::net::SocketAddr,
     verifier: &RegistryVerifier,
+    verified: Option<admission::Verified>,
 ) -> Option<Peer> {
-    // What the client sent, or (on a resumed TLS session) sent the first
-    // time: the verifier already read these fields from the same bytes.
-    let chain = stream.get_ref().1.peer_certificates()?;
-    let info = inspect_certificate(chain.first()?).ok()?;
-    let manufacturer = verifier.manufacturer_of(chain);
-    // A manufacturer's certificate may name its device by CN alone; the
-    // verifier admitted it as that device.
-    let identity = match &manufacturer {
-        Some(_) => Identity {
-            role: Role::Device,
-            id: jit_identity(&info).ok()?,
-        },
-        None => info.identity.clone()?,
+    let v = match verified {
+        Some(v) => v,
+        None => {
+            let chain = stream.get_ref().1.peer_certificates().unwrap_or_default();
+            verifier
+                .verify_again(chain, rustls_pki_types::UnixTime::now())
+                .ok()?
+        }
     };
     Some(Peer {
         addr,
-        identity,
-        key: CertKey::new(
-            manufacturer.as_ref().map(DeviceId::as_str),
-            &info.issuer,
-            info.serial.clone(),
-        ),
-        info,
-        manufacturer,
+        identity: v.identity,
+        key: v.key,
+        info: v.info,
+        manufacturer: v.manufacturer,
     })
 }
 
@@ -892,6 +883,17 @@ impl Shared {
     /// a manufacturer's device the registry does not know yet is
     /// registered, just in time, within its manufacturer's rate and quota.
     async fn admit(&self, peer: &Peer) -> Result<(), Refused> {
+        // The log names whom it refused, as the handshake's refusals do.
+        self.standing_now(peer).await.map_err(|mut r| {
+            r.detail = format!(
+                "{} {} serial {}: {}",
+                peer.identity.role, peer.identity.id, peer.key.serial, r.detail
+            );
+            r
+        })
+    }
+
+    async fn standing_now(&self, peer: &Peer) -> Result<(), Refused> {
         let refused = |reason, detail: String| Err(Refused { reason, detail });
         let now = time::OffsetDateTime::now_utc();
         if peer.info.not_after < now {
@@ -907,10 +909,25 @@ impl Shared {
                 detail: "registry lookup failed".into(),
             }
         };
-        let mut standing = self
-            .registry
-            .standing(&peer.key)
-            .map_err(|e| internal(&e))?;
+        // The one registry read of an admission: off the async workers
+        // where the store may block (a shared store's miss is a request
+        // to the cluster).
+        let lookup = {
+            let (registry, key, metrics) = (
+                self.registry.clone(),
+                peer.key.clone(),
+                self.metrics.clone(),
+            );
+            move || metrics.registry_lookups.time(|| registry.standing(&key))
+        };
+        let mut standing = if self.registry.may_block() {
+            tokio::task::spawn_blocking(lookup)
+                .await
+                .map_err(|e| internal(&e))?
+        } else {
+            lookup()
+        }
+        .map_err(|e| internal(&e))?;
         if standing.is_none() {
             if let Some(m) = &peer.manufacturer {
                 standing = self.register_jit(m, peer).await?;

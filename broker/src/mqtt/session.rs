@@ -310,7 +310,8 @@ async fn session(
     // certificate verifier, and a manufacturer's new device registers here.
     if let Err(r) = Box::pin(shared.admit(&s.peer)).await {
         shared.metrics.refused(r.reason);
-        tracing::warn!(reason = r.reason.as_str(), serial = %s.peer.key.serial, detail = %crate::printable(&r.detail), "mqtt: refused at CONNECT");
+        // The detail names the client and serial.
+        tracing::warn!(reason = r.reason.as_str(), detail = %crate::printable(&r.detail), "mqtt: refused at CONNECT");
         let code = connect::refusal_code(r.reason, v5);
         s.refuse_connect(code, Some(r.reason.as_str().replace('_', " ")))
             .await;

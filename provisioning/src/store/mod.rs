@@ -104,6 +104,12 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         self.get(space, key)
     }
 
+    /// Whether a read may wait on the network (a shared store): callers on
+    /// an async runtime then read from the blocking pool.
+    fn may_block(&self) -> bool {
+        false
+    }
+
     /// The entries of `space` whose keys start with `prefix`, from `start`
     /// on (inclusive; empty for the first), in key order.
     fn scan<'a>(&'a self, space: Space, prefix: &[u8], start: &[u8]) -> Entries<'a>;
@@ -165,6 +171,10 @@ impl Recent {
 impl Store for Recent {
     fn get(&self, space: Space, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
         self.0.get_recent(space, key)
+    }
+
+    fn may_block(&self) -> bool {
+        self.0.may_block()
     }
 
     fn scan<'a>(&'a self, space: Space, prefix: &[u8], start: &[u8]) -> Entries<'a> {
