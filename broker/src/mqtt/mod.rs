@@ -12,20 +12,16 @@
 //! a committed registry change ([`provisioning::events::Change`]), applied
 //! by the events follower ([`crate::events`]), kicks the sessions it affects.
 
-mod acks;
-pub mod acl;
 pub mod admission;
-pub mod channel;
-pub mod codec;
 pub mod hub;
-mod kept;
 mod link;
-pub mod outbox;
-mod quota;
 mod remote;
 mod session;
 mod share;
-pub mod stamp;
+
+// The connection core and the pure pieces it is made of: a crate of their
+// own (`mqtt-core`), which names no socket, runtime or store.
+pub use fleetgate_mqtt_core::{acks, acl, channel, codec, kept, outbox, quota, stamp, Kick};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -113,29 +109,6 @@ impl Default for MqttConfig {
             router_log_bytes: 8 * 1024 * 1024,
             queue_limits: provisioning::sessions::QueueLimits::default(),
             bus: None,
-        }
-    }
-}
-
-/// Why a session is being cut.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kick {
-    Revoked,
-    Suspended,
-    CertificateRevoked,
-    ManufacturerRevoked,
-    /// A newer connection of the same device took the session.
-    TakenOver,
-}
-
-impl Kick {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Kick::Revoked => "device revoked",
-            Kick::Suspended => "device suspended",
-            Kick::CertificateRevoked => "certificate revoked",
-            Kick::ManufacturerRevoked => "manufacturer revoked",
-            Kick::TakenOver => "session taken over",
         }
     }
 }

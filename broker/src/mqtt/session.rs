@@ -210,7 +210,12 @@ pub(super) fn run(
             not_after_ms,
             now,
         ),
-        stamp: stamp::of(&peer),
+        stamp: stamp::of(
+            peer.identity.role,
+            &peer.key.serial.to_hex(),
+            &peer.info.fingerprint,
+            peer.manufacturer.as_ref().map(DeviceId::as_str),
+        ),
         peer,
         pending_subacks: HashMap::new(),
         ocsp_budget: crate::net::RateLimiter::new(shared.cfg.ocsp_rate),

@@ -22,7 +22,6 @@
 
 use rumqttd::protocol::PublishProperties;
 
-use super::session::Peer;
 use provisioning::Role;
 
 /// The reserved prefix.
@@ -31,17 +30,13 @@ pub const IDENTITY_PREFIX: &str = "x-fleetgate-";
 const MARK: &str = "x-fleetgate-mark";
 
 /// What a session stamps on its client's messages: empty for anything but
-/// a device.
-pub fn of(peer: &Peer) -> String {
-    if peer.identity.role != Role::Device {
+/// a device; for a device, its certificate's serial (hex), fingerprint and
+/// manufacturer.
+pub fn of(role: Role, serial_hex: &str, fingerprint: &str, manufacturer: Option<&str>) -> String {
+    if role != Role::Device {
         return String::new();
     }
-    format!(
-        "{}/{}/{}",
-        peer.key.serial.to_hex(),
-        peer.info.fingerprint,
-        peer.manufacturer.as_ref().map_or("", |m| m.as_str())
-    )
+    format!("{serial_hex}/{fingerprint}/{}", manufacturer.unwrap_or(""))
 }
 
 /// Whether a user property's name is, or passes for, one under the

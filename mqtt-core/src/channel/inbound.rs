@@ -9,11 +9,11 @@ use rumqttd::protocol::{
     Publish, PublishProperties,
 };
 
-use super::super::acl::{provision_request, topic_name_problem, TopicProblem};
-use super::super::outbox::qos_and_pkid;
-use super::super::stamp;
 use super::{Action, Channel, End, Inbound, Limits, Now};
-use crate::metrics::Refusal;
+use crate::acl::{provision_request, topic_name_problem, TopicProblem};
+use crate::outbox::qos_and_pkid;
+use crate::stamp;
+use crate::Refusal;
 
 /// The MQTT 5 topic for OCSP requests; the answer goes to the request's
 /// response topic. (On 3.1.1, `devices/<id>/ocsp/request` and `.../response`.)

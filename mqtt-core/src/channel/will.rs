@@ -69,7 +69,7 @@ pub fn plan(
         retain,
         qos,
     } = will;
-    let publish = super::super::outbox::publish(&topic, &message, qos as u8, 1, false, retain);
+    let publish = crate::outbox::publish(&topic, &message, qos as u8, 1, false, retain);
     Some(Will {
         delay,
         topic,

@@ -49,7 +49,9 @@ pub struct SystemClock;
 impl Clock for SystemClock {
     fn now(&self) -> Now {
         Now {
-            wall_ms: provisioning::sessions::now_ms(),
+            wall_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
             mono: Instant::now(),
         }
     }
@@ -75,13 +77,13 @@ impl ManualClock {
 
     /// Moves both clocks `d` forward.
     pub fn advance(&self, d: Duration) {
-        *super::super::kept::lock(&self.offset) += d;
+        *crate::kept::lock(&self.offset) += d;
     }
 }
 
 impl Clock for ManualClock {
     fn now(&self) -> Now {
-        self.start.after(*super::super::kept::lock(&self.offset))
+        self.start.after(*crate::kept::lock(&self.offset))
     }
 }
 

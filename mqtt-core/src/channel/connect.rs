@@ -8,9 +8,9 @@ use rumqttd::protocol::{
     ConnAck, ConnAckProperties, Connect, ConnectProperties, ConnectReturnCode, LastWill, Packet,
 };
 
-use super::super::acl::{sniff_connect, topic_name_problem, Acl, ConnectSniff, TopicProblem};
-use super::super::codec::Codec;
-use crate::metrics::Refusal;
+use crate::acl::{sniff_connect, topic_name_problem, Acl, ConnectSniff, TopicProblem};
+use crate::codec::Codec;
+use crate::Refusal;
 
 /// The longest session expiry granted (MQTT 5 Session Expiry Interval, or
 /// a 3.1.1 persistent session): a week.

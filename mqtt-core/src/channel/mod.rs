@@ -35,11 +35,11 @@ use rumqttd::protocol::{
     UnsubscribeProperties,
 };
 
-use super::acl::Acl;
-use super::codec::Codec;
-use super::kept::Budget;
-use super::outbox::{qos_and_pkid, Outbox};
-use crate::metrics::Refusal;
+use crate::acl::Acl;
+use crate::codec::Codec;
+use crate::kept::Budget;
+use crate::outbox::{qos_and_pkid, Outbox};
+use crate::Refusal;
 pub use clock::{Clock, Now, SystemClock};
 pub use connect::Terms;
 pub use end::End;
@@ -417,7 +417,7 @@ impl Channel {
         let Some(budget) = &self.topics else {
             return Ok(());
         };
-        if super::kept::lock(budget).admit_at(topic, now.mono, limits.new_topics_per_minute) {
+        if crate::kept::lock(budget).admit_at(topic, now.mono, limits.new_topics_per_minute) {
             return Ok(());
         }
         let why = format!(

@@ -3,7 +3,7 @@
 
 use rumqttd::protocol::{Disconnect, DisconnectReasonCode};
 
-use crate::mqtt::Kick;
+use crate::Kick;
 
 /// Why a session ended.
 #[derive(Debug, PartialEq, Eq)]

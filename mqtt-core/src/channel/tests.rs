@@ -16,8 +16,8 @@ use super::inbound::pubrec_reason;
 use super::subscribe::{sends_retained, share_inner, suback_props};
 use super::will::{self, MAX_WILL_DELAY};
 use super::*;
-use crate::mqtt::outbox::Outgoing;
-use crate::mqtt::quota::TopicBudget;
+use crate::outbox::Outgoing;
+use crate::quota::TopicBudget;
 
 const NOT_AFTER_MS: i64 = 2_000_000_000_000;
 const LIMITS: Limits = Limits {
@@ -54,7 +54,7 @@ fn device(v5: bool) -> T {
 fn with(id: Identity, v5: bool, mut terms: Terms) -> T {
     let clock = ManualClock::at(1_000_000);
     let now = clock.now();
-    let codec = super::super::codec::Codec::for_level(if v5 { 5 } else { 4 });
+    let codec = crate::codec::Codec::for_level(if v5 { 5 } else { 4 });
     let mut ch = Channel::new(codec, &id, 4096, 4, NOT_AFTER_MS, now);
     if terms.keep_alive == 0 {
         terms.keep_alive = 10;
@@ -133,7 +133,7 @@ impl T {
 
 fn publish(topic: &str, qos: u8, pkid: u16) -> Packet {
     Packet::Publish(
-        crate::mqtt::outbox::publish(
+        crate::outbox::publish(
             &Bytes::copy_from_slice(topic.as_bytes()),
             &Bytes::from_static(b"hi"),
             qos,
@@ -762,7 +762,7 @@ fn whatever_the_client_sends_starts_the_keep_alive_again() {
 fn keep_alive_zero_never_times_out_but_the_certificate_still_ends() {
     let clock = ManualClock::at(NOT_AFTER_MS - 60_000);
     let id = identity(Role::Device, "dev-1");
-    let codec = super::super::codec::Codec::for_level(5);
+    let codec = crate::codec::Codec::for_level(5);
     let mut ch = Channel::new(codec, &id, 4096, 4, NOT_AFTER_MS, clock.now());
     ch.accept(Terms::before_connect(), None, clock.now());
     assert_eq!(
@@ -1105,7 +1105,7 @@ fn the_will_goes_out_only_after_an_unclean_end() {
     for end in [
         End::ClientDisconnect { will: false },
         End::TakenOver,
-        End::Kicked(crate::mqtt::Kick::Revoked),
+        End::Kicked(crate::Kick::Revoked),
         End::RouterDisconnect,
     ] {
         assert!(will::plan(&end, w(), None, None).is_none(), "{end:?}");

@@ -7,11 +7,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use super::quota::TopicBudget;
+use crate::quota::TopicBudget;
 
 /// A service's subscription, as fleetgate (not the router) needs it.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct ServiceSub {
+pub struct ServiceSub {
     pub id: Option<usize>,
     /// Retain As Published.
     pub rap: bool,
@@ -20,10 +20,10 @@ pub(super) struct ServiceSub {
 }
 
 /// A session's filters, shared by its connections.
-pub(super) type Filters = Arc<Mutex<HashMap<String, ServiceSub>>>;
+pub type Filters = Arc<Mutex<HashMap<String, ServiceSub>>>;
 
 /// A device's budget, shared by its connections.
-pub(super) type Budget = Arc<Mutex<TopicBudget>>;
+pub type Budget = Arc<Mutex<TopicBudget>>;
 
 /// Budgets are looked at for pruning once their number reaches this (and
 /// then twice what was left).
@@ -31,7 +31,7 @@ const PRUNE_FROM: usize = 1024;
 
 /// The node's clients' budgets and kept filters.
 #[derive(Debug, Default)]
-pub(super) struct Kept {
+pub struct Kept {
     budgets: Mutex<Budgets>,
     filters: Mutex<HashMap<String, Filters>>,
 }
@@ -43,7 +43,7 @@ struct Budgets {
 }
 
 /// A lock, whatever a panic elsewhere left in it.
-pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 

@@ -1,0 +1,163 @@
+//! The MQTT connection core of fleetgate, sans-IO: what one connection
+//! decides ([`channel::Channel`]: CONNECT, PUBLISH both ways, acks and
+//! windows, subscriptions, wills, keep-alive, quotas) and the pure pieces
+//! it is made of: the topic rules ([`acl`]), the codec ([`codec`]), the
+//! outbox ([`outbox`]), the acknowledgements owed to rumqttd's router
+//! ([`acks`]), a device's budget of new topics ([`quota`]), what outlives
+//! a connection ([`kept`]) and the identity stamp ([`stamp`]).
+//!
+//! **Invariant:** nothing here opens a socket or a file, names a runtime,
+//! TLS or a store, or reads a clock: time comes in as
+//! [`channel::clock::Now`]. The broker's session (`broker::mqtt`) drives it
+//! and does the IO. `tests/tests/invariants.rs` checks both this crate's
+//! sources and its dependencies.
+
+pub mod acks;
+pub mod acl;
+pub mod channel;
+pub mod codec;
+pub mod kept;
+pub mod outbox;
+pub mod quota;
+pub mod stamp;
+
+/// Why a client was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    NoCertificate,
+    UnknownCa,
+    Expired,
+    NotYetValid,
+    WrongUsage,
+    BadCertificate,
+    UnknownSerial,
+    Revoked,
+    Suspended,
+    WrongIdentity,
+    Acl,
+    Protocol,
+    HandshakeTimeout,
+    Internal,
+    Pending,
+    RateLimited,
+    Overloaded,
+    JitRateLimited,
+    JitQuotaExceeded,
+    /// A session over its subscriptions, or a device over its new topics
+    /// or retained messages.
+    Quota,
+}
+
+impl Refusal {
+    pub const ALL: [Refusal; 20] = [
+        Self::NoCertificate,
+        Self::UnknownCa,
+        Self::Expired,
+        Self::NotYetValid,
+        Self::WrongUsage,
+        Self::BadCertificate,
+        Self::UnknownSerial,
+        Self::Revoked,
+        Self::Suspended,
+        Self::WrongIdentity,
+        Self::Acl,
+        Self::Protocol,
+        Self::HandshakeTimeout,
+        Self::Internal,
+        Self::Pending,
+        Self::RateLimited,
+        Self::Overloaded,
+        Self::JitRateLimited,
+        Self::JitQuotaExceeded,
+        Self::Quota,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NoCertificate => "no_certificate",
+            Self::UnknownCa => "unknown_ca",
+            Self::Expired => "expired",
+            Self::NotYetValid => "not_yet_valid",
+            Self::WrongUsage => "wrong_usage",
+            Self::BadCertificate => "bad_certificate",
+            Self::UnknownSerial => "unknown_serial",
+            Self::Revoked => "revoked",
+            Self::Suspended => "suspended",
+            Self::WrongIdentity => "wrong_identity",
+            Self::Acl => "acl",
+            Self::Protocol => "protocol",
+            Self::HandshakeTimeout => "handshake_timeout",
+            Self::Internal => "internal",
+            Self::Pending => "pending_approval",
+            Self::RateLimited => "rate_limited",
+            Self::Overloaded => "overloaded",
+            Self::JitRateLimited => "jit_rate_limited",
+            Self::JitQuotaExceeded => "jit_quota_exceeded",
+            Self::Quota => "quota_exceeded",
+        }
+    }
+}
+
+/// Why a session is being cut.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kick {
+    Revoked,
+    Suspended,
+    CertificateRevoked,
+    ManufacturerRevoked,
+    /// A newer connection of the same device took the session.
+    TakenOver,
+}
+
+impl Kick {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kick::Revoked => "device revoked",
+            Kick::Suspended => "device suspended",
+            Kick::CertificateRevoked => "certificate revoked",
+            Kick::ManufacturerRevoked => "manufacturer revoked",
+            Kick::TakenOver => "session taken over",
+        }
+    }
+}
+
+/// Text from outside (a client id, a topic, a certificate's subject) made
+/// safe for a log line or an operator's terminal: control characters
+/// (newlines, ESC sequences) and backslashes are escaped, and a value with
+/// white space, `=` or `"` is quoted (its quotes escaped), so it cannot
+/// pass for more `key=value` fields; the rest is as is.
+pub fn printable(s: &str) -> Printable<'_> {
+    Printable(s)
+}
+
+/// See [`printable`].
+#[derive(Debug, Clone, Copy)]
+pub struct Printable<'a>(&'a str);
+
+impl std::fmt::Display for Printable<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use std::fmt::Write;
+        let quoted = self
+            .0
+            .chars()
+            .any(|c| c.is_whitespace() || c == '=' || c == '"');
+        if quoted {
+            f.write_char('"')?;
+        }
+        for c in self.0.chars() {
+            if c.is_control() || c == '\\' {
+                for e in c.escape_default() {
+                    f.write_char(e)?;
+                }
+            } else if c == '"' {
+                f.write_str("\\\"")?;
+            } else {
+                f.write_char(c)?;
+            }
+        }
+        if quoted {
+            f.write_char('"')?;
+        }
+        Ok(())
+    }
+}
