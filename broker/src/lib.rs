@@ -7,7 +7,8 @@ pub mod bus;
 /// The admin API's client, from [`fleetgate_api`] (the CLI's).
 pub use fleetgate_api::client;
 pub mod cli;
-pub mod etcd;
+/// The registry's store on etcd, from [`fleetgate_etcd`].
+pub use fleetgate_etcd as etcd;
 pub mod events;
 pub mod https;
 pub mod metrics;
@@ -18,7 +19,7 @@ pub mod status;
 pub mod tls;
 pub mod wire;
 
-pub use fleetgate_mqtt_core::{printable, Printable};
+pub use provisioning::{printable, Printable};
 
 #[cfg(test)]
 mod tests {

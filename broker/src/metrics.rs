@@ -356,6 +356,27 @@ impl Metrics {
     }
 }
 
+/// What the etcd store reports, counted here.
+impl fleetgate_etcd::Observer for Metrics {
+    fn request(&self, took: std::time::Duration) {
+        self.store_requests.observe(took);
+    }
+    fn error(&self) {
+        self.store_errors.fetch_add(1, Ordering::Relaxed);
+    }
+    fn watch_events(&self, n: u64) {
+        self.store_watch_events.fetch_add(n, Ordering::Relaxed);
+    }
+    fn watch_interrupted(&self) {
+        self.store_watch_interruptions
+            .fetch_add(1, Ordering::Relaxed);
+    }
+    fn integrity_violation(&self) {
+        self.store_integrity_violations
+            .fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

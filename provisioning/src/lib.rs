@@ -20,6 +20,7 @@ pub mod lifecycle;
 pub mod manufacturer;
 pub mod ocsp;
 pub mod pem;
+mod printable;
 pub mod registry;
 pub mod rollover;
 pub mod sessions;
@@ -29,6 +30,7 @@ pub use authority::Authority;
 pub use ca::{Ca, InitOptions, IssuedCert, DEFAULT_CERT_LIFETIME};
 pub use error::Error;
 pub use id::{CertKey, DeviceId, Identity, Role, Serial};
+pub use printable::{printable, Printable};
 pub use registry::{
     AuditEntry, BulkRevocation, CertRecord, CertView, DeviceRecord, DeviceView, NewDevice,
     Registry, Revocation, RevocationReason, Standing, Status,

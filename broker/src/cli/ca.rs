@@ -162,7 +162,7 @@ pub(super) async fn ca_cmd(cmd: CaCmd) -> anyhow::Result<()> {
                             e.members,
                             "fleetgate/",
                             tls,
-                            Default::default(),
+                            std::sync::Arc::new(crate::etcd::Unobserved),
                         )
                     })
                     .await?

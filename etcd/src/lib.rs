@@ -13,6 +13,11 @@
 //!
 //! The registry is synchronous; calls run on the store's own runtime and
 //! the caller waits, from any thread, as it would on a disk.
+//!
+//! A crate of its own (`fleetgate-etcd`), one of the cluster's backends:
+//! it knows the registry's `Store` seam and etcd's protocol, nothing of
+//! MQTT or HTTP; what it counts goes to an [`Observer`] (a node's
+//! metrics).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -22,8 +27,6 @@ use std::time::Duration;
 
 use provisioning::store::{Entries, Read, Space, Store, Write};
 use provisioning::Error;
-
-use crate::metrics::Metrics;
 
 mod grpc;
 mod pb;
@@ -60,7 +63,7 @@ pub struct EtcdStore {
     /// Into the store's own thread and runtime (which end when the store
     /// is dropped, wherever that is).
     jobs: tokio::sync::mpsc::UnboundedSender<Job>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<dyn Observer>,
     /// This node's last view of what admission reads (certificates,
     /// devices, manufacturers): every value read, kept current by the
     /// watch; answers reads only while etcd cannot, within `staleness`.
@@ -140,13 +143,37 @@ fn viewed(space: Space) -> bool {
     matches!(space, Space::Certs | Space::Devices | Space::Manufacturers)
 }
 
+/// What the store reports as it works: a node counts these.
+pub trait Observer: Send + Sync + std::fmt::Debug {
+    /// A request to etcd answered (or failed) after `took`.
+    fn request(&self, took: Duration);
+    /// A request no member answered, or that etcd refused.
+    fn error(&self);
+    /// Committed changes seen on the watch.
+    fn watch_events(&self, n: u64);
+    /// A watch stream ended (it is resumed).
+    fn watch_interrupted(&self);
+    /// A change that took back a revocation, not applied.
+    fn integrity_violation(&self);
+}
+
+/// An observer that counts nothing.
+#[derive(Debug, Default)]
+pub struct Unobserved;
+
+impl Observer for Unobserved {
+    fn request(&self, _: Duration) {}
+    fn error(&self) {}
+    fn watch_events(&self, _: u64) {}
+    fn watch_interrupted(&self) {}
+    fn integrity_violation(&self) {}
+}
+
 /// Counts and raises the alarm on a change in etcd that fleetgate never
 /// makes: someone with write access to etcd took back a revocation.
-fn integrity_violation(metrics: &Metrics, why: &str) {
-    metrics
-        .store_integrity_violations
-        .fetch_add(1, Ordering::Relaxed);
-    tracing::error!(reason = "integrity", detail = %crate::printable(why), "etcd: ALARM: a change fleetgate never makes was written to the store; not applied, this node keeps what it knew");
+fn integrity_violation(metrics: &dyn Observer, why: &str) {
+    metrics.integrity_violation();
+    tracing::error!(reason = "integrity", detail = %provisioning::printable(why), "etcd: ALARM: a change fleetgate never makes was written to the store; not applied, this node keeps what it knew");
 }
 
 fn now_ms() -> u64 {
@@ -176,7 +203,7 @@ impl EtcdStore {
     /// A store on the etcd members at `endpoints` (`host:port`), keys under
     /// `root`, in plain text; checks that one of them answers.
     pub fn connect(endpoints: Vec<String>, root: &str) -> Result<Self, Error> {
-        Self::connect_counted(endpoints, root, None, Arc::default())
+        Self::connect_counted(endpoints, root, None, Arc::new(Unobserved))
     }
 
     /// [`EtcdStore::connect`] over `tls` when given, counting requests,
@@ -185,7 +212,7 @@ impl EtcdStore {
         endpoints: Vec<String>,
         root: &str,
         tls: Option<EtcdTls>,
-        metrics: Arc<Metrics>,
+        metrics: Arc<dyn Observer>,
     ) -> Result<Self, Error> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -305,11 +332,11 @@ impl EtcdStore {
         let answer = rx
             .recv()
             .unwrap_or_else(|_| Err(Error::Unavailable("etcd store stopped".into())));
-        self.metrics.store_requests.observe(t0.elapsed());
+        self.metrics.request(t0.elapsed());
         match &answer {
             Ok(_) => self.contact.store(now_ms(), Ordering::Relaxed),
             Err(_) => {
-                self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+                self.metrics.error();
             }
         }
         answer
@@ -418,9 +445,7 @@ impl EtcdStore {
                 }
                 Seen::Changes(changes) => changes,
             };
-            metrics
-                .store_watch_events
-                .fetch_add(changes.len() as u64, Ordering::Relaxed);
+            metrics.watch_events(changes.len() as u64);
             let applied = {
                 // Keys this node has read stay current; a change that
                 // takes back a revocation is not applied here, nor
@@ -431,7 +456,7 @@ impl EtcdStore {
                     .filter(|(rev, w)| match view.changed(*rev, w) {
                         Ok(()) => true,
                         Err(why) => {
-                            integrity_violation(&metrics, &why);
+                            integrity_violation(metrics.as_ref(), &why);
                             false
                         }
                     })
@@ -450,9 +475,7 @@ impl EtcdStore {
                         .lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner)
                         .live = false;
-                    metrics
-                        .store_watch_interruptions
-                        .fetch_add(1, Ordering::Relaxed);
+                    metrics.watch_interrupted();
                     if let Err(err) = ended {
                         tracing::warn!(endpoint = %e, error = %err, "etcd: watch interrupted; resuming");
                     }
@@ -599,7 +622,7 @@ impl Store for EtcdStore {
                 if viewed(space) {
                     let mut view = self.lock_view();
                     if let Some(why) = view.regression(space, key, value.as_deref()) {
-                        integrity_violation(&self.metrics, &why);
+                        integrity_violation(self.metrics.as_ref(), &why);
                         return Ok(view
                             .keys
                             .get(&(space, key.to_vec()))
