@@ -7,6 +7,8 @@
 #
 #   bash bench/fleet-scale.sh                       # 1k, 5k, 10k, 19k
 #   SIZES="1000 5000" DURATION=20 bash bench/fleet-scale.sh
+#   # this build against an earlier one, side by side (broker "base"):
+#   FG_BASE=/path/to/old/fleetgate BROKERS="fg base" SIZES=10000 bash bench/fleet-scale.sh
 #
 # Per size and broker: devices connected, connections dropped, messages sent
 # and received by the consumer (lost = sent - received), the consumer's
@@ -25,6 +27,8 @@ RATE=${RATE:-0.1}
 DURATION=${DURATION:-30}
 PER_PROC=${PER_PROC:-9500}
 BROKERS=${BROKERS:-"fg mq"}   # fleetgate, Mosquitto (to rerun one side: BROKERS=mq)
+FG_BASE=${FG_BASE:-}          # an earlier fleetgate binary, broker "base"
+[[ " $BROKERS " != *" base "* || -x "$FG_BASE" ]] || { echo "BROKERS has base: set FG_BASE to a fleetgate binary" >&2; exit 1; }
 CONNECT_LIMIT=${CONNECT_LIMIT:-240}
 ulimit -n "$(ulimit -Hn)"
 
@@ -47,8 +51,8 @@ fleet="$work/fleet"
 max=0
 for n in $SIZES; do (( n > max )) && max=$n; done
 
-start_fleetgate() {
-    "$FG" serve --data-dir "$work/fg" --api-listen 127.0.0.1:0 --mqtt-listen 127.0.0.1:0 \
+start_fleetgate() { # [binary]
+    "${1:-$FG}" serve --data-dir "$work/fg" --api-listen 127.0.0.1:0 --mqtt-listen 127.0.0.1:0 \
         --ocsp-listen 127.0.0.1:0 --connect-rate-per-ip 0 --max-connections 25000 \
         --max-handshakes 20000 >"$work/fg.out" 2>>"$work/fg.log" &
     broker_pid=$!
@@ -82,6 +86,14 @@ CONF
     pids+=($broker_pid)
     for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/38884) 2>/dev/null && break; sleep 0.1; done
     broker=127.0.0.1:38884
+}
+
+start_broker() { # fg | base | mq
+    case $1 in
+        fg) start_fleetgate ;;
+        base) start_fleetgate "$FG_BASE" ;;
+        *) start_mosquitto ;;
+    esac
 }
 
 stop_broker() {
@@ -131,13 +143,13 @@ storm() { # name
 for n in $SIZES; do
     for b in $BROKERS; do
         echo "size $n: $b ..." >&2
-        if [ "$b" = fg ]; then start_fleetgate; else start_mosquitto; fi
+        start_broker "$b"
         run_size "$b" "$n"
         stop_broker
     done
 done
 for b in $BROKERS; do
-    if [ "$b" = fg ]; then start_fleetgate; else start_mosquitto; fi
+    start_broker "$b"
     storm "$b"
     stop_broker
 done
@@ -172,11 +184,16 @@ print(f"\nfleet at scale: each device {rate} msg/s for {dur} s, one consumer on 
 hdr = f"{'devices':>8} {'broker':<10}{'held':>7}{'dropped':>8}{'sent':>9}{'received':>9}{'lost':>6}{'msg/s':>8}{'RSS MiB':>9}{'KiB/dev':>8}{'CPU%':>6}{'CPU s/1k msg':>13}"
 print(hdr)
 for n in sizes:
-    for name, label in (("fg", "fleetgate"), ("mq", "Mosquitto")):
+    for name, label in (("fg", "fleetgate"), ("base", "baseline"), ("mq", "Mosquitto")):
+        if not glob.glob(os.path.join(w, f"{name}-{n}-steady-*.json")):
+            continue
         r = side(name, n)
         print(f"{n:>8} {label:<10}{r['connected']:>7}{r['dropped']:>8}{r['sent']:>9}{r['received']:>9}{r['lost']:>6}"
               f"{r['consumer_per_s']:>8.1f}{r['rss_mib']:>9.1f}{r['rss_per_device_kib']:>8.1f}{r['cpu_pct']:>6.1f}{r['cpu_per_1000']:>13.3f}")
-fs, ms = load(os.path.join(w, "fg-storm.json")), load(os.path.join(w, "mq-storm.json"))
+fs, ms, bs = (load(os.path.join(w, f"{b}-storm.json")) for b in ("fg", "mq", "base"))
+if fs and bs:
+    print(f"\nconnect storm (10 devices x 200 full handshakes): fleetgate {fs['connects_per_s']:.1f}/s, "
+          f"baseline {bs['connects_per_s']:.1f}/s, ratio {fs['connects_per_s'] / bs['connects_per_s']:.2f}x")
 if fs and ms:
     print(f"\nconnect storm (10 devices x 200 full handshakes): fleetgate {fs['connects_per_s']:.1f}/s, "
           f"Mosquitto {ms['connects_per_s']:.1f}/s, ratio {fs['connects_per_s'] / ms['connects_per_s']:.2f}x")
