@@ -758,10 +758,12 @@ impl Broker {
                 // The handshake's state and the session's are boxed apart:
                 // inline, this task would be as large as both together for
                 // its whole life (most of a held connection's memory).
-                let (accepted, verified) = admission::handshake(tokio::time::timeout(
+                // Boxed as a whole: the slot for the verifier's finding
+                // would otherwise stay in this task for its whole life.
+                let (accepted, verified) = Box::pin(admission::handshake(tokio::time::timeout(
                     shared.cfg.handshake_timeout,
-                    Box::pin(acceptor.accept(tcp)),
-                ))
+                    acceptor.accept(tcp),
+                )))
                 .await;
                 let stream = match accepted {
                     Ok(Ok(s)) => Some(s),

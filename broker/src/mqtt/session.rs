@@ -155,8 +155,6 @@ struct Session {
     /// A service's SUBSCRIBEs whose retained messages are sent once the
     /// router's SUBACK is: the filters and their granted QoS.
     pending_retained: HashMap<u16, Vec<(String, u8)>>,
-    /// What the core asked for, reused from packet to packet.
-    actions: Vec<Action>,
 }
 
 struct DeviceSide {
@@ -229,7 +227,6 @@ pub(super) fn run(
         groups: HashMap::new(),
         claim: None,
         pending_retained: HashMap::new(),
-        actions: Vec::new(),
     });
     let f = async move {
         let _ = session(s, shared, shutdown).await;
@@ -853,7 +850,9 @@ impl Session {
     async fn incoming(&mut self) -> Option<End> {
         let mut forward: Vec<Packet> = Vec::new();
         let mut end = None;
-        let mut actions = std::mem::take(&mut self.actions);
+        // Not kept between reads: an idle connection holds no room for
+        // actions (most of a fleet is idle most of the time).
+        let mut actions = Vec::new();
         'packets: loop {
             let packet = match self.ch.read(&mut self.rbuf) {
                 Ok(Some(p)) => p,
@@ -872,8 +871,6 @@ impl Session {
                 }
             }
         }
-        actions.clear();
-        self.actions = actions;
         if let Some(e) = self.pump_with(forward).await {
             return Some(e);
         }
