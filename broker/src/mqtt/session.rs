@@ -54,14 +54,16 @@ use super::share;
 use super::stamp;
 use super::{Kick, Shared, TOPIC_ALIAS_MAX};
 use crate::metrics::Refusal;
+use crate::mqtt::channel::subscribe::FilterRefused;
 
 mod answers;
+mod claim;
+mod device;
 mod publish;
-mod router;
-mod subscriptions;
+mod service;
 
-use router::wipe_router_session;
-use subscriptions::{next_delivery, take_into};
+use device::{next_delivery, take_into};
+use service::expire_service_session;
 
 /// What the TLS handshake established.
 #[derive(Debug, Clone)]
@@ -467,34 +469,6 @@ fn log_end(shared: &Shared, end: &End) {
     }
 }
 
-/// Ends a service's kept router session `secs` from now, unless the
-/// service comes back first.
-fn expire_service_session(
-    shared: &Arc<Shared>,
-    id: &str,
-    secs: u32,
-    mut down: watch::Receiver<bool>,
-) {
-    let (links, id) = (shared.links.clone(), id.to_owned());
-    let shared = shared.clone();
-    tokio::spawn(async move {
-        let client = match DeviceId::try_new(id.clone()) {
-            Ok(c) => c,
-            Err(_) => return,
-        };
-        let mut back = shared.sessions.watch_return(&client);
-        if !back
-            .within(Duration::from_secs(secs.into()), &mut down)
-            .await
-            && !*down.borrow()
-        {
-            tracing::info!(client = %id, "mqtt: a service's session expired");
-            shared.kept.forget_filters(&id);
-            let _ = tokio::task::spawn_blocking(move || wipe_router_session(&links, &id)).await;
-        }
-    });
-}
-
 impl Session {
     /// The limits as they stand now.
     fn limits(&self) -> Limits {
@@ -515,6 +489,17 @@ impl Session {
                 self.shared.metrics.refused(*r);
             }
         }
+    }
+
+    /// The refusals among `checked`, counted; the SUBACK's codes and why.
+    fn refusals(
+        &mut self,
+        checked: Vec<Option<FilterRefused>>,
+    ) -> (Vec<Option<SubscribeReasonCode>>, Option<String>) {
+        let mut counted = Vec::new();
+        let r = self.ch.refusals(checked, self.now(), &mut counted);
+        self.count(&counted);
+        r
     }
 
     /// Reads the CONNECT, choosing the codec from its protocol level.
@@ -550,125 +535,6 @@ impl Session {
         let v5 = self.ch.is_v5();
         let _ = self.send(connect::refusal(code, why, v5)).await;
         let _ = tokio::time::timeout(Duration::from_secs(1), self.stream.shutdown()).await;
-    }
-
-    /// A device's session in the hub: its mailbox, what it kept queued.
-    /// Whether a session was present.
-    async fn open_device(&mut self, conn: u64, terms: &Terms) -> Result<bool, ()> {
-        let shared = self.shared.clone();
-        let (hub, id) = (shared.hub.clone(), self.peer.identity.id.clone());
-        let (clean, expiry) = (terms.clean, terms.expiry);
-        let durable = hub.may_block(&id, expiry);
-        let opened = if durable {
-            tokio::task::spawn_blocking(move || hub.open(&id, conn, clean, expiry)).await
-        } else {
-            Ok(hub.open(&id, conn, clean, expiry))
-        };
-        match opened {
-            Ok(Ok(opened)) => {
-                for q in opened.queued {
-                    take_into(
-                        &shared,
-                        &self.peer,
-                        &opened.mailbox,
-                        &mut self.ch,
-                        Some(q.seq),
-                        Arc::new(q.message),
-                    );
-                }
-                self.device = Some(DeviceSide {
-                    conn,
-                    durable: durable || opened.session_present,
-                    mailbox: opened.mailbox,
-                    rx: opened.rx,
-                });
-                Ok(opened.session_present)
-            }
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "mqtt: opening the device's session failed");
-                self.refuse_connect(ConnectReturnCode::ServiceUnavailable, None)
-                    .await;
-                Err(())
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "mqtt: session task failed");
-                Err(())
-            }
-        }
-    }
-
-    /// A service's router link (building it waits on the router thread).
-    /// Whether a session was present.
-    async fn open_service(&mut self, terms: &Terms) -> Result<(LinkRx, bool), ()> {
-        let shared = self.shared.clone();
-        let Ok(slot) = shared.link_slots.acquire().await else {
-            return Err(());
-        };
-        let links = shared.links.clone();
-        let device_id = self.peer.identity.id.to_string();
-        let id = device_id.clone();
-        // rumqttd keeps a session iff its link is not clean: an MQTT 5
-        // session expiry of 0 is a clean one. (Clean start with an expiry
-        // ends the old session first.)
-        let clean = terms.expiry.is_none();
-        let wipe = terms.clean && !clean;
-        let link = tokio::task::spawn_blocking(move || {
-            if wipe {
-                wipe_router_session(&links, &id);
-            }
-            links(&id, clean)
-        })
-        .await;
-        drop(slot);
-        match link {
-            Ok(Ok((tx, rx, n))) => {
-                let present = matches!(
-                    Option::<Packet>::from(n),
-                    Some(Packet::ConnAck(
-                        ConnAck {
-                            session_present: true,
-                            ..
-                        },
-                        _
-                    ))
-                );
-                // The filters its kept session holds in the router count
-                // against its cap, as they did before.
-                self.service_subs = shared.kept.filters(&device_id, !clean, present);
-                match RouterTx::spawn(format!("link-{device_id}"), tx, None, 64) {
-                    Ok(tx) => self.router = Some(tx),
-                    Err(e) => {
-                        tracing::error!(error = %e, "mqtt: no thread for the router link");
-                        self.refuse_connect(ConnectReturnCode::ServiceUnavailable, None)
-                            .await;
-                        return Err(());
-                    }
-                }
-                Ok((rx, present))
-            }
-            // The router dropped the link before its CONNACK: a newer
-            // connection with the same client id took it over meanwhile.
-            // That is a takeover, not a refusal of this client.
-            Ok(Err(e)) if matches!(*e, LinkError::Recv(_)) => {
-                shared
-                    .metrics
-                    .taken_over
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tracing::info!("mqtt: taken over by a newer connection while connecting");
-                let _ = tokio::time::timeout(Duration::from_secs(1), self.stream.shutdown()).await;
-                Err(())
-            }
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "mqtt: router refused the link");
-                self.refuse_connect(ConnectReturnCode::ServiceUnavailable, None)
-                    .await;
-                Err(())
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "mqtt: link task failed");
-                Err(())
-            }
-        }
     }
 
     fn encode(&mut self, p: Packet) -> Result<(), String> {

@@ -1,100 +1,54 @@
-//! SUBSCRIBE and UNSUBSCRIBE: the ACL and quotas, a device's mailbox in
-//! the hub (and its stored session), a service's router subscriptions.
+//! A device's side: its mailbox and session in the hub (opened, stored,
+//! closed), its subscriptions (only ever under its own topics, kept in
+//! the mailbox, durably before the SUBACK for a persistent session) and
+//! the messages the hub hands it.
 
 use super::*;
-use crate::mqtt::channel::subscribe::FilterRefused;
 
 impl Session {
-    /// A service's (or claim's) SUBSCRIBE: the ACL and the cap here, the
-    /// rest to its router link.
-    pub(super) fn subscribe(
-        &mut self,
-        mut sub: rumqttd::protocol::Subscribe,
-        props: Option<rumqttd::protocol::SubscribeProperties>,
-        forward: &mut Vec<Packet>,
-    ) -> Result<(), End> {
-        let id = props.as_ref().and_then(|p| p.id);
-        let checked = {
-            let subs = lock(&self.service_subs);
-            self.ch.check_filters(
-                &sub.filters,
-                subs.len(),
-                |f| subs.contains_key(f),
-                self.limits(),
-            )
+    /// A device's session in the hub: its mailbox, what it kept queued.
+    /// Whether a session was present.
+    pub(super) async fn open_device(&mut self, conn: u64, terms: &Terms) -> Result<bool, ()> {
+        let shared = self.shared.clone();
+        let (hub, id) = (shared.hub.clone(), self.peer.identity.id.clone());
+        let (clean, expiry) = (terms.clean, terms.expiry);
+        let durable = hub.may_block(&id, expiry);
+        let opened = if durable {
+            tokio::task::spawn_blocking(move || hub.open(&id, conn, clean, expiry)).await
+        } else {
+            Ok(hub.open(&id, conn, clean, expiry))
         };
-        let (codes, why) = self.refusals(checked);
-        let allowed: Vec<_> = sub
-            .filters
-            .drain(..)
-            .zip(&codes)
-            .filter(|(_, c)| c.is_none())
-            .map(|(f, _)| f)
-            .collect();
-        // Retained messages (MQTT 3.3.1.3) as each filter's retain handling
-        // says; none for a share group (MQTT 5 4.8.2).
-        let mut wanted = Vec::new();
-        let mut allowed = allowed;
-        for f in &mut allowed {
-            let sub = ServiceSub {
-                id,
-                rap: f.preserve_retain,
-                qos: (f.qos as u8).min(2),
-            };
-            let new = lock(&self.service_subs)
-                .insert(f.path.clone(), sub)
-                .is_none();
-            if sends_retained(&f.retain_forward_rule, new) && !f.path.starts_with("$share/") {
-                wanted.push((f.path.clone(), (f.qos as u8).min(2)));
+        match opened {
+            Ok(Ok(opened)) => {
+                for q in opened.queued {
+                    take_into(
+                        &shared,
+                        &self.peer,
+                        &opened.mailbox,
+                        &mut self.ch,
+                        Some(q.seq),
+                        Arc::new(q.message),
+                    );
+                }
+                self.device = Some(DeviceSide {
+                    conn,
+                    durable: durable || opened.session_present,
+                    mailbox: opened.mailbox,
+                    rx: opened.rx,
+                });
+                Ok(opened.session_present)
             }
-            // A group across nodes: its messages come through the bus.
-            if let Some((group, inner)) = share::split(&f.path) {
-                if !self.groups.contains_key(&f.path) {
-                    if let Some(m) = share::join(&self.shared, group, inner) {
-                        self.groups.insert(f.path.clone(), m);
-                    }
-                }
-                if self.groups.contains_key(&f.path) {
-                    f.path = share::router_filter(group, inner);
-                }
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "mqtt: opening the device's session failed");
+                self.refuse_connect(ConnectReturnCode::ServiceUnavailable, None)
+                    .await;
+                Err(())
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "mqtt: session task failed");
+                Err(())
             }
         }
-        if !wanted.is_empty() && self.peer.identity.role == Role::Service {
-            self.pending_retained.insert(sub.pkid, wanted);
-        }
-        if self.peer.identity.role == Role::Claim {
-            // Answered here: provisioning replies come from this session,
-            // never through the router.
-            let ack = SubAck {
-                pkid: sub.pkid,
-                return_codes: codes
-                    .into_iter()
-                    .map(|c| {
-                        c.unwrap_or(SubscribeReasonCode::Success(
-                            rumqttd::protocol::QoS::AtMostOnce,
-                        ))
-                    })
-                    .collect(),
-            };
-            return self
-                .encode(Packet::SubAck(ack, suback_props(why)))
-                .map_err(End::Protocol);
-        }
-        if allowed.is_empty() {
-            let ack = SubAck {
-                pkid: sub.pkid,
-                return_codes: codes.into_iter().flatten().collect(),
-            };
-            return self
-                .encode(Packet::SubAck(ack, suback_props(why)))
-                .map_err(End::Protocol);
-        }
-        if codes.iter().any(Option::is_some) {
-            self.pending_subacks.insert(sub.pkid, (codes, why));
-        }
-        sub.filters = allowed;
-        forward.push(Packet::Subscribe(sub, props));
-        Ok(())
     }
 
     /// A device's SUBSCRIBE, kept in its mailbox (and, for a persistent
@@ -184,36 +138,6 @@ impl Session {
                 .push(outgoing(&m, None, m.qos.min(qos), ids, true, now, false));
         }
         Ok(())
-    }
-
-    /// The refusals among `checked`, counted; the SUBACK's codes and why.
-    pub(super) fn refusals(
-        &mut self,
-        checked: Vec<Option<FilterRefused>>,
-    ) -> (Vec<Option<SubscribeReasonCode>>, Option<String>) {
-        let mut counted = Vec::new();
-        let r = self.ch.refusals(checked, self.now(), &mut counted);
-        self.count(&counted);
-        r
-    }
-
-    /// A service's UNSUBSCRIBE: forgotten here, passed to the router (a
-    /// group across nodes by its router filter).
-    pub(super) fn service_unsubscribe(
-        &mut self,
-        mut unsub: rumqttd::protocol::Unsubscribe,
-        props: Option<rumqttd::protocol::UnsubscribeProperties>,
-        forward: &mut Vec<Packet>,
-    ) {
-        for f in &mut unsub.filters {
-            lock(&self.service_subs).remove(f);
-            if self.groups.remove(f).is_some() {
-                if let Some((group, inner)) = share::split(f) {
-                    *f = share::router_filter(group, inner);
-                }
-            }
-        }
-        forward.push(Packet::Unsubscribe(unsub, props));
     }
 
     /// A device's UNSUBSCRIBE.

@@ -1,0 +1,409 @@
+//! A service's side (and an admin's): its router link and session in
+//! rumqttd (opened, expired, ended), its subscriptions (the router's, with
+//! fleetgate's identifiers, share groups and retained messages), and the
+//! router's deliveries (with their subscription identifiers and retain
+//! flags).
+
+use super::*;
+use crate::mqtt::channel::overlap;
+
+impl Session {
+    /// A service's router link (building it waits on the router thread).
+    /// Whether a session was present.
+    pub(super) async fn open_service(&mut self, terms: &Terms) -> Result<(LinkRx, bool), ()> {
+        let shared = self.shared.clone();
+        let Ok(slot) = shared.link_slots.acquire().await else {
+            return Err(());
+        };
+        let links = shared.links.clone();
+        let device_id = self.peer.identity.id.to_string();
+        let id = device_id.clone();
+        // rumqttd keeps a session iff its link is not clean: an MQTT 5
+        // session expiry of 0 is a clean one. (Clean start with an expiry
+        // ends the old session first.)
+        let clean = terms.expiry.is_none();
+        let wipe = terms.clean && !clean;
+        let link = tokio::task::spawn_blocking(move || {
+            if wipe {
+                wipe_router_session(&links, &id);
+            }
+            links(&id, clean)
+        })
+        .await;
+        drop(slot);
+        match link {
+            Ok(Ok((tx, rx, n))) => {
+                let present = matches!(
+                    Option::<Packet>::from(n),
+                    Some(Packet::ConnAck(
+                        ConnAck {
+                            session_present: true,
+                            ..
+                        },
+                        _
+                    ))
+                );
+                // The filters its kept session holds in the router count
+                // against its cap, as they did before.
+                self.service_subs = shared.kept.filters(&device_id, !clean, present);
+                match RouterTx::spawn(format!("link-{device_id}"), tx, None, 64) {
+                    Ok(tx) => self.router = Some(tx),
+                    Err(e) => {
+                        tracing::error!(error = %e, "mqtt: no thread for the router link");
+                        self.refuse_connect(ConnectReturnCode::ServiceUnavailable, None)
+                            .await;
+                        return Err(());
+                    }
+                }
+                Ok((rx, present))
+            }
+            // The router dropped the link before its CONNACK: a newer
+            // connection with the same client id took it over meanwhile.
+            // That is a takeover, not a refusal of this client.
+            Ok(Err(e)) if matches!(*e, LinkError::Recv(_)) => {
+                shared
+                    .metrics
+                    .taken_over
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::info!("mqtt: taken over by a newer connection while connecting");
+                let _ = tokio::time::timeout(Duration::from_secs(1), self.stream.shutdown()).await;
+                Err(())
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "mqtt: router refused the link");
+                self.refuse_connect(ConnectReturnCode::ServiceUnavailable, None)
+                    .await;
+                Err(())
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "mqtt: link task failed");
+                Err(())
+            }
+        }
+    }
+
+    /// A service's (or claim's) SUBSCRIBE: the ACL and the cap here, the
+    /// rest to its router link.
+    pub(super) fn subscribe(
+        &mut self,
+        mut sub: rumqttd::protocol::Subscribe,
+        props: Option<rumqttd::protocol::SubscribeProperties>,
+        forward: &mut Vec<Packet>,
+    ) -> Result<(), End> {
+        let id = props.as_ref().and_then(|p| p.id);
+        let checked = {
+            let subs = lock(&self.service_subs);
+            self.ch.check_filters(
+                &sub.filters,
+                subs.len(),
+                |f| subs.contains_key(f),
+                self.limits(),
+            )
+        };
+        let (codes, why) = self.refusals(checked);
+        let allowed: Vec<_> = sub
+            .filters
+            .drain(..)
+            .zip(&codes)
+            .filter(|(_, c)| c.is_none())
+            .map(|(f, _)| f)
+            .collect();
+        // Retained messages (MQTT 3.3.1.3) as each filter's retain handling
+        // says; none for a share group (MQTT 5 4.8.2).
+        let mut wanted = Vec::new();
+        let mut allowed = allowed;
+        for f in &mut allowed {
+            let sub = ServiceSub {
+                id,
+                rap: f.preserve_retain,
+                qos: (f.qos as u8).min(2),
+            };
+            let new = lock(&self.service_subs)
+                .insert(f.path.clone(), sub)
+                .is_none();
+            if sends_retained(&f.retain_forward_rule, new) && !f.path.starts_with("$share/") {
+                wanted.push((f.path.clone(), (f.qos as u8).min(2)));
+            }
+            // A group across nodes: its messages come through the bus.
+            if let Some((group, inner)) = share::split(&f.path) {
+                if !self.groups.contains_key(&f.path) {
+                    if let Some(m) = share::join(&self.shared, group, inner) {
+                        self.groups.insert(f.path.clone(), m);
+                    }
+                }
+                if self.groups.contains_key(&f.path) {
+                    f.path = share::router_filter(group, inner);
+                }
+            }
+        }
+        if !wanted.is_empty() && self.peer.identity.role == Role::Service {
+            self.pending_retained.insert(sub.pkid, wanted);
+        }
+        if self.peer.identity.role == Role::Claim {
+            // Answered here: provisioning replies come from this session,
+            // never through the router.
+            let ack = SubAck {
+                pkid: sub.pkid,
+                return_codes: codes
+                    .into_iter()
+                    .map(|c| {
+                        c.unwrap_or(SubscribeReasonCode::Success(
+                            rumqttd::protocol::QoS::AtMostOnce,
+                        ))
+                    })
+                    .collect(),
+            };
+            return self
+                .encode(Packet::SubAck(ack, suback_props(why)))
+                .map_err(End::Protocol);
+        }
+        if allowed.is_empty() {
+            let ack = SubAck {
+                pkid: sub.pkid,
+                return_codes: codes.into_iter().flatten().collect(),
+            };
+            return self
+                .encode(Packet::SubAck(ack, suback_props(why)))
+                .map_err(End::Protocol);
+        }
+        if codes.iter().any(Option::is_some) {
+            self.pending_subacks.insert(sub.pkid, (codes, why));
+        }
+        sub.filters = allowed;
+        forward.push(Packet::Subscribe(sub, props));
+        Ok(())
+    }
+
+    /// A service's UNSUBSCRIBE: forgotten here, passed to the router (a
+    /// group across nodes by its router filter).
+    pub(super) fn service_unsubscribe(
+        &mut self,
+        mut unsub: rumqttd::protocol::Unsubscribe,
+        props: Option<rumqttd::protocol::UnsubscribeProperties>,
+        forward: &mut Vec<Packet>,
+    ) {
+        for f in &mut unsub.filters {
+            lock(&self.service_subs).remove(f);
+            if self.groups.remove(f).is_some() {
+                if let Some((group, inner)) = share::split(f) {
+                    *f = share::router_filter(group, inner);
+                }
+            }
+        }
+        forward.push(Packet::Unsubscribe(unsub, props));
+    }
+
+    /// Ends a service's router session, if it is still ours to end.
+    pub(super) async fn end_router_session(&mut self, end: &End) {
+        let Some(router) = self.router.take() else {
+            return;
+        };
+        if end.router_session_live() {
+            let _ = router
+                .send(Packet::Disconnect(normal_disconnect(), None))
+                .await;
+        }
+    }
+
+    /// Takes what the router sent, and whatever else it has ready: SUBACKs
+    /// (merged with our refusals), deliveries (into the outbox, at
+    /// min(published QoS, granted QoS)), its PUBRELs (answered here).
+    pub(super) async fn outgoing(
+        &mut self,
+        first: Notification,
+        link_rx: &mut LinkRx,
+    ) -> Option<End> {
+        let mut next = Some(first);
+        let mut unscheduled = false;
+        let mut end = None;
+        let mut to_router = Vec::new();
+        while let Some(n) = next.take() {
+            if matches!(n, Notification::Unschedule) {
+                unscheduled = true;
+            } else {
+                match Option::<Packet>::from(n) {
+                    Some(Packet::SubAck(mut ack, props)) => {
+                        let mut props = props;
+                        if let Some((codes, why)) = self.pending_subacks.remove(&ack.pkid) {
+                            if why.is_some() {
+                                props = suback_props(why);
+                            }
+                            let mut granted = ack.return_codes.into_iter();
+                            ack.return_codes = codes
+                                .into_iter()
+                                .map(|c| {
+                                    c.or_else(|| granted.next())
+                                        .unwrap_or(SubscribeReasonCode::Failure)
+                                })
+                                .collect();
+                        }
+                        let pkid = ack.pkid;
+                        if let Err(e) = self.encode(Packet::SubAck(ack, props)) {
+                            return Some(End::Protocol(e));
+                        }
+                        if let Some(wanted) = self.pending_retained.remove(&pkid) {
+                            self.service_retained(wanted).await;
+                        }
+                    }
+                    Some(Packet::Publish(p, props)) => {
+                        let (qos, pkid) = qos_and_pkid(&p);
+                        let topic = share::member_topic(&p.topic);
+                        let u = stamp::unmark(props, &topic, self.ch.is_v5());
+                        let mut props = u.props;
+                        let (matching, rap) = self.matching_subs(&topic);
+                        // One copy per matching filter comes from the
+                        // router, each with its own subscription's id.
+                        let key = overlap::key(&topic, &p.payload);
+                        let ids = self.overlaps.ids(key, &matching, qos);
+                        if self.ch.is_v5() && !ids.is_empty() {
+                            props
+                                .get_or_insert_with(Default::default)
+                                .subscription_identifiers = ids;
+                        }
+                        let token = (qos > 0).then(|| self.acks.owe(pkid, qos));
+                        self.ch.outbox.push(Outgoing {
+                            seq: token,
+                            topic,
+                            payload: p.payload,
+                            qos: qos.min(u.qos),
+                            // Retain As Published (MQTT 5 3.8.3.1).
+                            retain: u.retained && rap,
+                            props,
+                        });
+                    }
+                    Some(Packet::PubRel(rel, _)) => to_router.extend(self.acks.pubrel(rel.pkid)),
+                    // Acknowledgements of our publishes: we send the router
+                    // QoS 0 only.
+                    Some(Packet::PubAck(..) | Packet::PubRec(..) | Packet::PubComp(..)) => {}
+                    Some(p @ Packet::Disconnect(..)) => {
+                        let _ = self.encode(p);
+                        end = Some(End::RouterDisconnect);
+                        break;
+                    }
+                    Some(p) => {
+                        if let Err(e) = self.encode(p) {
+                            return Some(End::Protocol(e));
+                        }
+                    }
+                    None => {}
+                }
+            }
+            // Whatever else is ready now, without waiting.
+            next = tokio::select! {
+                biased;
+                n = link_rx.next() => match n {
+                    Ok(n) => n,
+                    Err(_) => { end = Some(End::TakenOver); None }
+                },
+                _ = std::future::ready(()) => None,
+            };
+        }
+        if let Some(e) = self.pump_with(to_router).await {
+            return Some(e);
+        }
+        if unscheduled && end.is_none() && link_rx.wake().await.is_err() {
+            return Some(End::TakenOver);
+        }
+        end
+    }
+
+    /// The retained messages matching a service's new subscriptions, into
+    /// its outbox: at min(published, granted) QoS, flagged retained, with
+    /// the sender's identity and the subscriptions' identifiers.
+    pub(super) async fn service_retained(&mut self, wanted: Vec<(String, u8)>) {
+        let filters: Vec<String> = wanted.iter().map(|(f, _)| f.clone()).collect();
+        let hub = self.shared.hub.clone();
+        let now = self.now().wall_ms;
+        let found = tokio::task::spawn_blocking(move || hub.retained_matching(&filters, now)).await;
+        let messages = match found {
+            Ok(Ok(m)) => m,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "mqtt: reading retained messages");
+                return;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "mqtt: retained task failed");
+                return;
+            }
+        };
+        let v5 = self.ch.is_v5();
+        for m in messages {
+            let Some(granted) = wanted
+                .iter()
+                .filter(|(f, _)| topic_matches(f, &m.topic))
+                .map(|(_, q)| *q)
+                .max()
+            else {
+                continue;
+            };
+            let (matching, _) = self.matching_subs(m.topic.as_bytes());
+            let ids = if v5 {
+                matching.iter().filter_map(|m| m.id).collect()
+            } else {
+                Vec::new()
+            };
+            self.ch
+                .outbox
+                .push(outgoing(&m, None, m.qos.min(granted), ids, true, now, v5));
+        }
+    }
+
+    /// What a service's subscriptions that match `topic` ask for (the
+    /// router carries neither): their identifiers and granted QoS (MQTT 5
+    /// 3.3.4), and whether any wants Retain As Published.
+    pub(super) fn matching_subs(&self, topic: &[u8]) -> (Vec<overlap::Match>, bool) {
+        let subs = lock(&self.service_subs);
+        if !subs.values().any(|s| s.id.is_some() || s.rap) {
+            return (Vec::new(), false);
+        }
+        let topic = String::from_utf8_lossy(topic);
+        let mut matching = Vec::new();
+        let mut rap = false;
+        for (filter, sub) in subs.iter() {
+            if topic_matches(share_inner(filter), &topic) {
+                matching.push(overlap::Match {
+                    id: sub.id,
+                    qos: sub.qos,
+                });
+                rap |= sub.rap;
+            }
+        }
+        (matching, rap)
+    }
+}
+
+/// Ends a client's kept session in the router: a clean link with its id,
+/// at once disconnected (blocking: it waits on the router thread).
+fn wipe_router_session(links: &super::super::LinkFactory, id: &str) {
+    if let Ok((mut tx, _rx, _)) = links(id, true) {
+        let _ = super::super::link::ready(tx.send(Packet::Disconnect(normal_disconnect(), None)));
+    }
+}
+
+/// Ends a service's kept router session `secs` from now, unless the
+/// service comes back first.
+pub(super) fn expire_service_session(
+    shared: &Arc<Shared>,
+    id: &str,
+    secs: u32,
+    mut down: watch::Receiver<bool>,
+) {
+    let (links, id) = (shared.links.clone(), id.to_owned());
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        let client = match DeviceId::try_new(id.clone()) {
+            Ok(c) => c,
+            Err(_) => return,
+        };
+        let mut back = shared.sessions.watch_return(&client);
+        if !back
+            .within(Duration::from_secs(secs.into()), &mut down)
+            .await
+            && !*down.borrow()
+        {
+            tracing::info!(client = %id, "mqtt: a service's session expired");
+            shared.kept.forget_filters(&id);
+            let _ = tokio::task::spawn_blocking(move || wipe_router_session(&links, &id)).await;
+        }
+    });
+}
