@@ -44,10 +44,13 @@ pub struct SessionRecord {
 }
 
 impl SessionRecord {
-    /// Whether the session has ended by `now` (unix seconds).
+    /// Whether the session has ended by `now` (unix seconds). Both ends
+    /// are whole seconds, so the interval is kept at least in full: a
+    /// session disconnected at 10.9 s with an expiry of 5 s is still there
+    /// at 15.2 s (15 - 10 is not over 5), and gone from 16 s.
     pub fn expired(&self, now: i64) -> bool {
         self.disconnected_at
-            .is_some_and(|at| now.saturating_sub(at) >= i64::from(self.expiry_secs))
+            .is_some_and(|at| now.saturating_sub(at) > i64::from(self.expiry_secs))
     }
 }
 
@@ -669,7 +672,9 @@ mod tests {
         assert_eq!(swept, Swept::default());
         s.disconnected(&a, 100).unwrap();
         assert_eq!(s.sweep(105, |_| false, |_| true).unwrap().sessions, 0);
-        let swept = s.sweep(110, |_| false, |_| true).unwrap();
+        // Whole seconds at both ends: the full interval is kept.
+        assert_eq!(s.sweep(110, |_| false, |_| true).unwrap().sessions, 0);
+        let swept = s.sweep(111, |_| false, |_| true).unwrap();
         assert_eq!(
             swept,
             Swept {

@@ -1,7 +1,8 @@
 //! What the connection core decides, checked end to end with a stock
 //! MQTT 5 client (Eclipse Paho's Python client): overlapping
-//! subscriptions, the client's Maximum Packet Size, and a delayed will.
-//! (Each has its unit test on the core in `broker/src/mqtt/channel`.)
+//! subscriptions, the client's Maximum Packet Size, and a delayed will;
+//! and tests of Eclipse Paho's interoperability suite with its own client.
+//! (Each has its unit test on the core in `mqtt-core/src/channel`.)
 
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
@@ -189,4 +190,61 @@ svc.disconnect()
 "#;
     let out = python(&script);
     assert_eq!(out.trim(), "[b'test_will_delay will message']", "{out}");
+}
+
+/// The tests of Eclipse Paho's interoperability suite
+/// (`tests/paho-interop`, its own MQTT 5 client, over a TLS proxy) that
+/// once failed on fleetgate where Mosquitto passed: a DISCONNECT's new
+/// session expiry, a session resumed with expiry 0, publication expiry
+/// while a service is away, request/response, a delayed will, and a
+/// `$` topic refused with PUBACK 0x87 (the connection goes on).
+#[test]
+fn the_paho_interoperability_suite_passes_on_sessions_expiry_and_wills() {
+    use std::io::BufRead;
+    require_tool("python3");
+    let (tmp, server) = start();
+    // The suite's own client ids: a device and a service.
+    let creds = tmp.path().join("creds");
+    server.enroll(&creds, "device", "myclientid");
+    server.enroll(&creds, "service", "myclientid2");
+    let suite = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("paho-interop");
+    let mut proxy = std::process::Command::new("python3")
+        .arg(suite.join("tlsproxy.py"))
+        .arg(server.mqtt.port().to_string())
+        .arg(&creds)
+        .arg("myclientid")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ready = String::new();
+    std::io::BufReader::new(proxy.stdout.take().unwrap())
+        .read_line(&mut ready)
+        .unwrap();
+    let port = ready
+        .trim()
+        .strip_prefix("ready ")
+        .unwrap_or_else(|| panic!("the proxy said {ready:?}"))
+        .to_owned();
+    // The suite's client waits without a bound in places: `timeout` ends
+    // it if the server never answers.
+    let (ok, out) = tests::run(
+        Command::new("timeout")
+            .arg("300")
+            .arg("python3")
+            .arg(suite.join("suite.py"))
+            .arg(&port)
+            .arg("devices/myclientid/commands/")
+            .args([
+                "test_session_expiry",
+                "test_redelivery_on_reconnect",
+                "test_publication_expiry",
+                "test_request_response",
+                "test_will_delay",
+                "test_dollar_topics",
+            ]),
+    );
+    let _ = proxy.kill();
+    let _ = proxy.wait();
+    assert!(ok, "{out}");
+    assert!(out.contains("Ran 6 tests") && out.contains("\nOK"), "{out}");
 }

@@ -406,9 +406,16 @@ impl Hub {
     }
 
     /// Closes connection `conn`'s session of `id` (blocking pool). A
-    /// persistent session starts its expiry; any other ends, queue and
-    /// all. A session taken over by a newer connection is left to it.
-    pub fn close(&self, id: &DeviceId, conn: u64) -> Result<(), provisioning::Error> {
+    /// session that outlives its connection (`expiry`: the one it opened
+    /// with, or what the client's DISCONNECT said instead) starts its
+    /// expiry; any other ends, queue and all. A session taken over by a
+    /// newer connection is left to it.
+    pub fn close(
+        &self,
+        id: &DeviceId,
+        conn: u64,
+        expiry: Option<u32>,
+    ) -> Result<(), provisioning::Error> {
         let _g = self.lock(id);
         let mailbox = {
             let mut boxes = self.boxes();
@@ -420,9 +427,19 @@ impl Hub {
         let Some(mailbox) = mailbox else {
             return Ok(());
         };
-        if mailbox.is_persistent() {
-            self.keeper.disconnected(id, now_ms() / 1000)
-        } else if self.keeper.is_local() {
+        let expiry = expiry.map(|e| e.min(MAX_SESSION_EXPIRY));
+        let now = now_ms() / 1000;
+        if let Some(secs) = expiry.filter(|e| mailbox.expiry != Some(*e)) {
+            // Its DISCONNECT changed how long it is kept.
+            let rec = SessionRecord {
+                filters: mailbox.subs().clone(),
+                expiry_secs: secs,
+                disconnected_at: Some(now),
+            };
+            self.keeper.save_session(id, &rec, false)
+        } else if expiry.is_some() {
+            self.keeper.disconnected(id, now)
+        } else if mailbox.is_persistent() || self.keeper.is_local() {
             self.keeper.end_session(id).map(|_| ())
         } else {
             // Nothing was kept for it: open ended any earlier session.
@@ -678,5 +695,58 @@ impl Hub {
             &|id| self.is_live(id),
             &|id| matches!(self.registry.device(id), Ok(d) if d.status != Status::Revoked),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hub() -> (tempfile::TempDir, Hub) {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = Registry::open(&dir.path().join("registry")).unwrap();
+        let hub = Hub::new(
+            registry,
+            None,
+            QueueLimits::default(),
+            Arc::new(crate::metrics::Metrics::default()),
+        );
+        (dir, hub)
+    }
+
+    fn dev() -> DeviceId {
+        DeviceId::try_new("dev-1").unwrap()
+    }
+
+    #[test]
+    fn a_disconnects_expiry_replaces_the_one_the_session_opened_with() {
+        let (_d, hub) = hub();
+        hub.open(&dev(), 1, true, Some(1)).unwrap();
+        hub.close(&dev(), 1, Some(5)).unwrap();
+        let rec = hub.store().session(&dev()).unwrap().unwrap();
+        assert_eq!(rec.expiry_secs, 5);
+        assert!(rec.disconnected_at.is_some());
+        let again = hub.open(&dev(), 2, false, None).unwrap();
+        assert!(again.session_present);
+    }
+
+    #[test]
+    fn a_session_resumed_with_expiry_0_ends_with_its_connection() {
+        let (_d, hub) = hub();
+        hub.open(&dev(), 1, true, Some(60)).unwrap();
+        hub.close(&dev(), 1, Some(60)).unwrap();
+        // Resumed, this time to end with the connection.
+        assert!(hub.open(&dev(), 2, false, None).unwrap().session_present);
+        hub.close(&dev(), 2, None).unwrap();
+        assert_eq!(hub.store().session(&dev()).unwrap(), None);
+    }
+
+    #[test]
+    fn a_disconnect_with_expiry_0_ends_a_kept_session() {
+        let (_d, hub) = hub();
+        hub.open(&dev(), 1, true, Some(60)).unwrap();
+        hub.close(&dev(), 1, None).unwrap();
+        assert_eq!(hub.store().session(&dev()).unwrap(), None);
+        assert!(!hub.open(&dev(), 2, false, None).unwrap().session_present);
     }
 }

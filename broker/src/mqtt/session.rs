@@ -321,7 +321,6 @@ async fn session(
             .await;
         return Err(());
     }
-    let expiry = terms.expiry;
 
     // Claims never reach the router or the hub: this session answers
     // everything they may send. A device gets its mailbox; a service a
@@ -349,7 +348,7 @@ async fn session(
     if s.send(connack).await.is_err() {
         s.end_router_session(&End::Closed("at CONNACK".into()))
             .await;
-        s.close_device().await;
+        s.close_device(terms.expiry).await;
         return Err(());
     }
 
@@ -362,6 +361,8 @@ async fn session(
     // The packet handlers' states are boxed while they run (see
     // `serve`): a held connection's future is mostly its `Session`.
     let end = s.serve(link_rx.as_mut(), kick_rx, &mut shutdown).await;
+    // The CONNECT's, or what the client's DISCONNECT said instead.
+    let expiry = s.ch.session_expiry();
     // Watched before this connection lets go of the client id: a new
     // connection from here on cancels a delayed will and keeps a session.
     let mut back = shared.sessions.watch_return(&s.peer.identity.id);
@@ -389,16 +390,19 @@ async fn session(
     // cut at once, even under load). Then its session, here and in the
     // router.
     let _ = tokio::time::timeout(Duration::from_secs(1), s.stream.shutdown()).await;
-    s.close_device().await;
+    s.close_device(expiry).await;
     s.end_router_session(&end).await;
     drop(link_rx);
 
-    // A service's kept session in the router ends at its expiry, unless
-    // the service comes back first (rumqttd itself keeps it for good).
-    if role == Role::Service && !matches!(end, End::TakenOver | End::RouterDisconnect) {
-        if let Some(secs) = expiry {
-            expire_service_session(&shared, &device_id, secs, shutdown.clone());
-        }
+    // A service's kept session in the router ends at its expiry (now, if
+    // it has none), unless the service comes back first (rumqttd itself
+    // keeps it for good).
+    if role == Role::Service
+        && terms.keeps_session()
+        && !matches!(end, End::TakenOver | End::RouterDisconnect)
+    {
+        let secs = expiry.unwrap_or(0);
+        expire_service_session(&shared, &device_id, secs, shutdown.clone());
     }
 
     // The last will, on an unclean end (not a takeover, not a kick).

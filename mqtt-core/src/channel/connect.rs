@@ -64,6 +64,16 @@ pub struct Terms {
 }
 
 impl Terms {
+    /// Whether the session is one to keep while the connection lasts: it
+    /// resumes an earlier one (no clean start) or outlives the connection
+    /// (an expiry). A store with one flag for both (rumqttd's clean
+    /// session) keeps it then, and the driver ends it after the connection
+    /// if the expiry it ends with is none (MQTT 5 3.1.2.4, 3.1.2.11.2: a
+    /// resumed session with expiry 0 ends with this connection).
+    pub fn keeps_session(&self) -> bool {
+        !self.clean || self.expiry.is_some()
+    }
+
     /// What holds until a CONNECT is accepted: nothing kept, nothing
     /// asked.
     pub fn before_connect() -> Self {

@@ -30,9 +30,9 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use provisioning::{DeviceId, Identity, Role};
 use rumqttd::protocol::{
-    DisconnectReasonCode, Packet, PingResp, PubAckReason, PubComp, PubCompReason, PubRel,
-    PubRelReason, Publish, PublishProperties, Subscribe, SubscribeProperties, Unsubscribe,
-    UnsubscribeProperties,
+    DisconnectProperties, DisconnectReasonCode, Packet, PingResp, PubAckReason, PubComp,
+    PubCompReason, PubRel, PubRelReason, Publish, PublishProperties, Subscribe,
+    SubscribeProperties, Unsubscribe, UnsubscribeProperties,
 };
 
 use crate::acl::Acl;
@@ -190,6 +190,38 @@ impl Channel {
         self.terms = terms;
     }
 
+    /// MQTT 5 3.14.2.2.2: a DISCONNECT's Session Expiry Interval replaces
+    /// the CONNECT's (the session then lives that long, or ends now if it
+    /// is 0); a session that was to end with its connection may not be
+    /// kept this way (a Protocol Error, MQTT-3.14.2-2).
+    fn expiry_at_disconnect(&mut self, props: Option<&DisconnectProperties>) -> Result<(), End> {
+        let Some(asked) = props.and_then(|p| p.session_expiry_interval) else {
+            return Ok(());
+        };
+        if self.terms.expiry.is_none() && asked > 0 {
+            return Err(End::Violation(
+                DisconnectReasonCode::ProtocolError,
+                format!(
+                    "a DISCONNECT set a session expiry of {asked} s on a session \
+                     its CONNECT said ends with the connection"
+                ),
+            ));
+        }
+        self.terms.asked_expiry = (asked > 0).then_some(asked);
+        self.terms.expiry = self
+            .terms
+            .asked_expiry
+            .map(|e| e.min(connect::MAX_SESSION_EXPIRY));
+        Ok(())
+    }
+
+    /// How long the session outlives this connection, as it stands now
+    /// (`None`: it ends with it): the CONNECT's, or what its DISCONNECT
+    /// said instead.
+    pub fn session_expiry(&self) -> Option<u32> {
+        self.terms.expiry
+    }
+
     pub fn is_v5(&self) -> bool {
         self.codec.is_v5()
     }
@@ -307,10 +339,15 @@ impl Channel {
             }
             Packet::PingReq(_) => self.send(Packet::PingResp(PingResp)),
             Packet::Disconnect(d, props) => {
-                // MQTT 5 3.14.4: no will, unless 0x04 asked for it.
-                let will = d.reason_code == DisconnectReasonCode::DisconnectWithWillMessage;
-                actions.push(Action::Forward(Packet::Disconnect(d, props)));
-                Err(End::ClientDisconnect { will })
+                match self.expiry_at_disconnect(props.as_ref()) {
+                    Err(end) => Err(end),
+                    Ok(()) => {
+                        // MQTT 5 3.14.4: no will, unless 0x04 asked for it.
+                        let will = d.reason_code == DisconnectReasonCode::DisconnectWithWillMessage;
+                        actions.push(Action::Forward(Packet::Disconnect(d, props)));
+                        Err(End::ClientDisconnect { will })
+                    }
+                }
             }
             Packet::PubRel(rel, _) => {
                 // The end of one of the client's QoS 2 PUBLISHes.

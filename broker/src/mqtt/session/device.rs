@@ -196,7 +196,9 @@ impl Session {
 
     /// Closes a device's session in the hub (a persistent one starts its
     /// expiry; any other is dropped).
-    pub(super) async fn close_device(&mut self) {
+    /// Closes the device's session here; it outlives the connection by
+    /// `expiry` (the CONNECT's, or what its DISCONNECT said).
+    pub(super) async fn close_device(&mut self, expiry: Option<u32>) {
         let Some(side) = self.device.take() else {
             return;
         };
@@ -205,12 +207,13 @@ impl Session {
             self.peer.identity.id.clone(),
             side.conn,
         );
-        let durable = side.durable;
+        // A session its DISCONNECT kept longer may now touch the disk.
+        let durable = side.durable || expiry.is_some();
         drop(side);
         let closed = if durable {
-            tokio::task::spawn_blocking(move || hub.close(&id, conn)).await
+            tokio::task::spawn_blocking(move || hub.close(&id, conn, expiry)).await
         } else {
-            Ok(hub.close(&id, conn))
+            Ok(hub.close(&id, conn, expiry))
         };
         match closed {
             Ok(Ok(())) => {}

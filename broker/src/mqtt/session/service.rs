@@ -18,10 +18,11 @@ impl Session {
         let links = shared.links.clone();
         let device_id = self.peer.identity.id.to_string();
         let id = device_id.clone();
-        // rumqttd keeps a session iff its link is not clean: an MQTT 5
-        // session expiry of 0 is a clean one. (Clean start with an expiry
-        // ends the old session first.)
-        let clean = terms.expiry.is_none();
+        // rumqttd keeps a session iff its link is not clean, resuming one
+        // and keeping it after: a session resumed with an expiry of 0 is
+        // ended after the connection (see `run`). (Clean start with an
+        // expiry ends the old session first.)
+        let clean = !terms.keeps_session();
         let wipe = terms.clean && !clean;
         let link = tokio::task::spawn_blocking(move || {
             if wipe {

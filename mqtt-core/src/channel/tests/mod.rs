@@ -19,6 +19,8 @@ use super::*;
 use crate::outbox::Outgoing;
 use crate::quota::TopicBudget;
 
+mod session;
+
 const NOT_AFTER_MS: i64 = 2_000_000_000_000;
 const LIMITS: Limits = Limits {
     max_subscriptions: 3,
