@@ -84,7 +84,7 @@ mod tests {
         assert_eq!((w.status, w.code), (500, "internal"));
         assert!(!w.message.contains("1234"));
         let w = of(&Error::ClaimExhausted {
-            id: provisioning::DeviceId::try_new("line-3").unwrap(),
+            id: "line-3".into(),
         });
         assert_eq!((w.status, w.code), (409, "claim_exhausted"));
         assert!(w.message.contains("line-3"));

@@ -17,8 +17,11 @@ use crate::ca::*;
 use crate::files::{check_private, io, read, read_cert, write_file};
 use crate::id::Identity;
 use crate::keys::{self, CaKey, Custody, Pin};
-use crate::registry::{NewDevice, Registry};
+use crate::registry::{Checkpoint, NewDevice, Registry, Verification};
 use crate::{DeviceId, Error, Role, Serial};
+
+pub mod manufacturer;
+pub mod rollover;
 
 const FORMAT: u32 = 1;
 
@@ -567,6 +570,42 @@ fn load_ca(paths: &Paths, opts: &InitOptions) -> Result<Ca, Error> {
         )?)),
         status_url: opts.status_url.clone(),
     })
+}
+
+impl Authority {
+    /// [`Registry::seal_audit`](crate::Registry::seal_audit) with the issuing CA's key: what is older
+    /// than `settle` is sealed, up to `max` entries.
+    pub fn seal_audit(
+        &self,
+        settle: time::Duration,
+        max: usize,
+    ) -> Result<Option<Checkpoint>, Error> {
+        let now = OffsetDateTime::now_utc();
+        let issuing = self.ca.issuing();
+        let sign = |m: &[u8]| {
+            rcgen::SigningKey::sign(issuing.key(), m)
+                .map_err(|e| Error::Certificate(format!("signing an audit checkpoint: {e}")))
+        };
+        self.registry.seal_audit(now - settle, max, now, &sign)
+    }
+
+    /// [`Registry::verify_audit`](crate::Registry::verify_audit), checkpoints checked against the
+    /// issuing CAs' public keys (each generation sealed while it was
+    /// current).
+    pub fn verify_audit(&self) -> Result<Verification, Error> {
+        let mut keys = Vec::new();
+        for g in self.ca.issuing_all().iter() {
+            let spki = x509_parser::parse_x509_certificate(&g.der)
+                .map(|(_, c)| c.public_key().subject_public_key.data.to_vec())
+                .map_err(|e| Error::Certificate(format!("the issuing CA's certificate: {e}")))?;
+            keys.push(ring::signature::UnparsedPublicKey::new(
+                &ring::signature::ECDSA_P256_SHA256_ASN1,
+                spki,
+            ));
+        }
+        self.registry
+            .verify_audit(&|m: &[u8], sig: &[u8]| keys.iter().any(|k| k.verify(m, sig).is_ok()))
+    }
 }
 
 #[cfg(test)]

@@ -23,8 +23,6 @@
 //! creating it is [`crate::authority`]; where each key is kept (a file, or
 //! a token named by `<key>.uri`), [`crate::keys`].
 
-use std::fs;
-use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -37,13 +35,12 @@ use time::{Duration, OffsetDateTime};
 use x509_parser::prelude::{FromDer, GeneralName, ParsedExtension, X509Certificate};
 
 use crate::csr::ValidatedCsr;
-pub use crate::files::write_file;
-use crate::files::{io, read_cert};
+use crate::files::read_cert;
+pub(crate) use crate::files::{mkdir_private, MARKER};
+pub use crate::files::{write_file, Paths};
 use crate::id::{fingerprint, Identity};
 use crate::keys::{self, CaKey, Custody, Pin};
 use crate::{Error, Serial};
-
-pub(crate) const MARKER: &str = "fleetgate.json";
 
 /// A certificate a CRL lists: revoked, or on hold while its device is
 /// suspended (`reason` None means certificateHold).
@@ -69,82 +66,6 @@ pub const DEFAULT_CERT_LIFETIME: Duration = Duration::days(90);
 
 /// The name of the first operator, made at init.
 pub const FIRST_ADMIN: &str = "admin";
-
-/// Where everything lives inside a data dir.
-#[derive(Clone, Debug)]
-pub struct Paths {
-    pub dir: PathBuf,
-}
-
-impl Paths {
-    pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into() }
-    }
-    pub fn marker(&self) -> PathBuf {
-        self.dir.join(MARKER)
-    }
-    pub fn ca_cert(&self) -> PathBuf {
-        self.dir.join("ca.crt")
-    }
-    pub fn root_key(&self) -> PathBuf {
-        self.dir.join("ca/root.key")
-    }
-    pub fn issuing_cert(&self) -> PathBuf {
-        self.dir.join("ca/issuing.crt")
-    }
-    pub fn issuing_key(&self) -> PathBuf {
-        self.dir.join("ca/issuing.key")
-    }
-    pub fn server_cert(&self) -> PathBuf {
-        self.dir.join("server.crt")
-    }
-    pub fn server_key(&self) -> PathBuf {
-        self.dir.join("server.key")
-    }
-    pub fn admin_cert(&self) -> PathBuf {
-        self.dir.join("admin.crt")
-    }
-    pub fn admin_key(&self) -> PathBuf {
-        self.dir.join("admin.key")
-    }
-    pub fn registry(&self) -> PathBuf {
-        self.dir.join("registry")
-    }
-    pub fn ocsp_cert(&self) -> PathBuf {
-        self.dir.join("ocsp/signer.crt")
-    }
-    pub fn ocsp_key(&self) -> PathBuf {
-        self.dir.join("ocsp/signer.key")
-    }
-    /// The root's delegated OCSP responder, certified at a root ceremony
-    /// (only where the root is offline).
-    pub fn root_ocsp_cert(&self) -> PathBuf {
-        self.dir.join("ocsp/root-signer.crt")
-    }
-    pub fn root_ocsp_key(&self) -> PathBuf {
-        self.dir.join("ocsp/root-signer.key")
-    }
-    /// The root's CRL as signed at its last ceremony (where the root is
-    /// offline).
-    pub fn root_crl(&self) -> PathBuf {
-        self.dir.join("ca/root.crl")
-    }
-    pub fn cmp_cert(&self) -> PathBuf {
-        self.dir.join("cmp/signer.crt")
-    }
-    pub fn cmp_key(&self) -> PathBuf {
-        self.dir.join("cmp/signer.key")
-    }
-    pub fn manufacturer_dir(&self) -> PathBuf {
-        self.dir.join("ca/manufacturers")
-    }
-    pub fn manufacturer_cert(&self, name: &str) -> PathBuf {
-        self.manufacturer_dir().join(format!("{name}.crt"))
-    }
-    pub fn manufacturer_key(&self, name: &str) -> PathBuf {
-        self.manufacturer_dir().join(format!("{name}.key"))
-    }
-}
 
 /// Options for opening (and, the first time, creating) a data dir.
 #[derive(Clone, Debug, Default)]
@@ -747,15 +668,6 @@ pub(crate) fn load_signer(
         path: key.to_owned(),
         reason: e.to_string(),
     })
-}
-
-/// Makes a 0700 dir (and its parents).
-pub(crate) fn mkdir_private(dir: &Path) -> Result<(), Error> {
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|e| io(dir, e))
 }
 
 fn rcgen_reason(r: crate::RevocationReason) -> rcgen::RevocationReason {

@@ -1,8 +1,5 @@
 use std::path::PathBuf;
 
-use crate::lifecycle::Status;
-use crate::DeviceId;
-
 /// Everything provisioning can refuse or fail at.
 ///
 /// Each variant carries what a caller needs to say why; the network side maps
@@ -32,7 +29,7 @@ pub enum Error {
     TooLarge { len: usize, max: usize },
 
     #[error("device {id} not found")]
-    NotFound { id: DeviceId },
+    NotFound { id: String },
 
     #[error("certificate {serial} not found")]
     CertNotFound { serial: String },
@@ -47,7 +44,7 @@ pub enum Error {
     ProofOfPossession { reason: String },
 
     #[error("claim {id} has no uses left")]
-    ClaimExhausted { id: DeviceId },
+    ClaimExhausted { id: String },
 
     #[error("certificate {serial} of issuer {issuer:?} is already registered")]
     CertExists { serial: String, issuer: String },
@@ -56,12 +53,12 @@ pub enum Error {
     QuotaExceeded { reason: String },
 
     #[error("{id} already exists")]
-    AlreadyExists { id: DeviceId },
+    AlreadyExists { id: String },
 
     #[error("device {id} is {status}: {action} is not allowed")]
     InvalidTransition {
-        id: DeviceId,
-        status: Status,
+        id: String,
+        status: &'static str,
         action: &'static str,
     },
 

@@ -3,8 +3,9 @@
 
 use std::fs;
 use std::io::Write;
+use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use rcgen::KeyPair;
 use rustls_pki_types::pem::PemObject;
@@ -88,4 +89,92 @@ pub fn write_file(path: &Path, bytes: &[u8], private: bool) -> Result<(), Error>
         .and_then(|d| d.sync_all())
         .map_err(|e| io(dir, e))?;
     Ok(())
+}
+
+/// The file that marks a data dir as initialized (and with what).
+pub(crate) const MARKER: &str = "fleetgate.json";
+
+/// Where everything lives inside a data dir.
+#[derive(Clone, Debug)]
+pub struct Paths {
+    pub dir: PathBuf,
+}
+
+impl Paths {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+    pub fn marker(&self) -> PathBuf {
+        self.dir.join(MARKER)
+    }
+    pub fn ca_cert(&self) -> PathBuf {
+        self.dir.join("ca.crt")
+    }
+    pub fn root_key(&self) -> PathBuf {
+        self.dir.join("ca/root.key")
+    }
+    pub fn issuing_cert(&self) -> PathBuf {
+        self.dir.join("ca/issuing.crt")
+    }
+    pub fn issuing_key(&self) -> PathBuf {
+        self.dir.join("ca/issuing.key")
+    }
+    pub fn server_cert(&self) -> PathBuf {
+        self.dir.join("server.crt")
+    }
+    pub fn server_key(&self) -> PathBuf {
+        self.dir.join("server.key")
+    }
+    pub fn admin_cert(&self) -> PathBuf {
+        self.dir.join("admin.crt")
+    }
+    pub fn admin_key(&self) -> PathBuf {
+        self.dir.join("admin.key")
+    }
+    pub fn registry(&self) -> PathBuf {
+        self.dir.join("registry")
+    }
+    pub fn ocsp_cert(&self) -> PathBuf {
+        self.dir.join("ocsp/signer.crt")
+    }
+    pub fn ocsp_key(&self) -> PathBuf {
+        self.dir.join("ocsp/signer.key")
+    }
+    /// The root's delegated OCSP responder, certified at a root ceremony
+    /// (only where the root is offline).
+    pub fn root_ocsp_cert(&self) -> PathBuf {
+        self.dir.join("ocsp/root-signer.crt")
+    }
+    pub fn root_ocsp_key(&self) -> PathBuf {
+        self.dir.join("ocsp/root-signer.key")
+    }
+    /// The root's CRL as signed at its last ceremony (where the root is
+    /// offline).
+    pub fn root_crl(&self) -> PathBuf {
+        self.dir.join("ca/root.crl")
+    }
+    pub fn cmp_cert(&self) -> PathBuf {
+        self.dir.join("cmp/signer.crt")
+    }
+    pub fn cmp_key(&self) -> PathBuf {
+        self.dir.join("cmp/signer.key")
+    }
+    pub fn manufacturer_dir(&self) -> PathBuf {
+        self.dir.join("ca/manufacturers")
+    }
+    pub fn manufacturer_cert(&self, name: &str) -> PathBuf {
+        self.manufacturer_dir().join(format!("{name}.crt"))
+    }
+    pub fn manufacturer_key(&self, name: &str) -> PathBuf {
+        self.manufacturer_dir().join(format!("{name}.key"))
+    }
+}
+
+/// Makes a 0700 dir (and its parents).
+pub(crate) fn mkdir_private(dir: &Path) -> Result<(), Error> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| io(dir, e))
 }

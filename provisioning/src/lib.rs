@@ -17,23 +17,21 @@ pub mod id;
 pub mod integrity;
 pub mod keys;
 pub mod lifecycle;
-pub mod manufacturer;
 pub mod ocsp;
 pub mod pem;
 mod printable;
 pub mod registry;
-pub mod rollover;
 pub mod sessions;
 pub mod store;
 
-pub use authority::Authority;
+pub use authority::{manufacturer, rollover, Authority};
 pub use ca::{Ca, InitOptions, IssuedCert, DEFAULT_CERT_LIFETIME};
 pub use error::Error;
 pub use id::{CertKey, DeviceId, Identity, Role, Serial};
+pub use lifecycle::{Revocation, RevocationReason, Standing, Status};
 pub use printable::{printable, Printable};
 pub use registry::{
-    AuditEntry, BulkRevocation, CertRecord, CertView, DeviceRecord, DeviceView, NewDevice,
-    Registry, Revocation, RevocationReason, Standing, Status,
+    AuditEntry, BulkRevocation, CertRecord, CertView, DeviceRecord, DeviceView, NewDevice, Registry,
 };
 
 /// An enrollment: who the certificate is for, and the device's CSR.
@@ -68,7 +66,9 @@ impl Authority {
     ) -> Result<(DeviceRecord, IssuedCert), Error> {
         // Checked again inside the transaction; this only saves a signature.
         if self.registry.device(&req.id).is_ok() {
-            return Err(Error::AlreadyExists { id: req.id.clone() });
+            return Err(Error::AlreadyExists {
+                id: req.id.to_string(),
+            });
         }
         let identity = Identity {
             role: req.role,
@@ -113,8 +113,8 @@ impl Authority {
         let device = self.registry.device(id)?;
         if device.status != Status::Active {
             return Err(Error::InvalidTransition {
-                id: id.clone(),
-                status: device.status,
+                id: id.to_string(),
+                status: device.status.as_str(),
                 action: "rotate",
             });
         }

@@ -205,8 +205,8 @@ pub fn transition(id: &DeviceId, status: Status, action: Action) -> Result<Statu
         Ok(to)
     } else {
         Err(Error::InvalidTransition {
-            id: id.clone(),
-            status,
+            id: id.to_string(),
+            status: status.as_str(),
             action: action.as_str(),
         })
     }
@@ -278,7 +278,7 @@ mod tests {
                         }),
                         None,
                     ) => {
-                        assert_eq!((status, a), (from, action.as_str()));
+                        assert_eq!((status, a), (from.as_str(), action.as_str()));
                     }
                     (got, want) => panic!("{from} {action:?}: {got:?}, want {want:?}"),
                 }

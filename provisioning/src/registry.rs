@@ -361,7 +361,9 @@ impl Tx<'_> {
             .map_err(storage)?
             .is_some()
         {
-            return abort(Error::AlreadyExists { id: new.id.clone() });
+            return abort(Error::AlreadyExists {
+                id: new.id.to_string(),
+            });
         }
         let mut d = DeviceRecord {
             id: new.id.clone(),
@@ -397,7 +399,7 @@ impl Tx<'_> {
     fn device(&self, id: &DeviceId) -> TxResult<DeviceRecord> {
         match self.devices.get(id.as_str()).map_err(storage)? {
             Some(v) => decode("device", &v).or_else(abort),
-            None => abort(Error::NotFound { id: id.clone() }),
+            None => abort(Error::NotFound { id: id.to_string() }),
         }
     }
 
@@ -629,8 +631,8 @@ impl Registry {
             let mut d = tx.device(id)?;
             if d.status != Status::Active {
                 return abort(Error::InvalidTransition {
-                    id: id.clone(),
-                    status: d.status,
+                    id: id.to_string(),
+                    status: d.status.as_str(),
                     action: "rotate",
                 });
             }

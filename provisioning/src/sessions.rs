@@ -567,6 +567,104 @@ impl SessionStore {
     }
 }
 
+/// Where devices' persistent sessions (their subscriptions) and command
+/// queues are kept. Blocking: called on the blocking pool, except
+/// [`Keeper::delivered`] and, for a [`Keeper::is_local`] keeper,
+/// [`Keeper::session`].
+pub trait Keeper: Send + Sync + std::fmt::Debug {
+    /// The persistent session `id` left, if any.
+    fn session(&self, id: &DeviceId) -> Result<Option<SessionRecord>, Error>;
+    /// Records `id`'s session: durable on return if `durable` (before a
+    /// SUBACK), otherwise whenever (a record whose loss loses nothing
+    /// acknowledged).
+    fn save_session(&self, id: &DeviceId, rec: &SessionRecord, durable: bool) -> Result<(), Error>;
+    /// Starts the expiry of `id`'s session at `at` (unix seconds).
+    fn disconnected(&self, id: &DeviceId, at: i64) -> Result<(), Error>;
+    /// Ends `id`'s session, record and queue; durable on return. Returns
+    /// how many queued messages were dropped.
+    fn end_session(&self, id: &DeviceId) -> Result<usize, Error>;
+    /// Appends `m` to `id`'s queue within `limits`, durable on return;
+    /// its sequence number, or [`Error::QuotaExceeded`] saying which limit.
+    fn enqueue(
+        &self,
+        id: &DeviceId,
+        m: Message,
+        limits: &QueueLimits,
+        now_ms: i64,
+    ) -> Result<u64, Error>;
+    /// `id`'s queued messages after `after` (all, if `None`), in order,
+    /// expired ones dropped.
+    fn queued(&self, id: &DeviceId, after: Option<u64>, now_ms: i64) -> Result<Vec<Queued>, Error>;
+    /// Removes a delivered message, not waiting for it (after a crash it
+    /// may come again: QoS 1 allows that). Safe on an async worker.
+    fn delivered(&self, id: &DeviceId, seq: u64);
+    /// Ends the sessions of `ids` (revoked: their commands are never
+    /// delivered); durable on return.
+    fn purge(&self, ids: &[DeviceId]) -> Result<usize, Error>;
+    /// Whether reads are in this process's memory (no network on the way).
+    fn is_local(&self) -> bool;
+    /// Ends the sessions that expired by `now` (unix seconds) or whose
+    /// device `keep` no longer keeps, except those `connected` here, and
+    /// drops expired messages.
+    fn sweep(
+        &self,
+        now: i64,
+        connected: &dyn Fn(&DeviceId) -> bool,
+        keep: &dyn Fn(&DeviceId) -> bool,
+    ) -> Result<Swept, Error>;
+}
+
+/// One node: sessions in the registry's sled database.
+impl Keeper for SessionStore {
+    fn session(&self, id: &DeviceId) -> Result<Option<SessionRecord>, Error> {
+        SessionStore::session(self, id)
+    }
+    fn save_session(&self, id: &DeviceId, rec: &SessionRecord, durable: bool) -> Result<(), Error> {
+        if durable {
+            SessionStore::save_session(self, id, rec)
+        } else {
+            self.touch_session(id, rec)
+        }
+    }
+    fn disconnected(&self, id: &DeviceId, at: i64) -> Result<(), Error> {
+        SessionStore::disconnected(self, id, at)
+    }
+    fn end_session(&self, id: &DeviceId) -> Result<usize, Error> {
+        SessionStore::end_session(self, id)
+    }
+    fn enqueue(
+        &self,
+        id: &DeviceId,
+        m: Message,
+        limits: &QueueLimits,
+        now_ms: i64,
+    ) -> Result<u64, Error> {
+        SessionStore::enqueue(self, id, m, limits, now_ms)
+    }
+    fn queued(&self, id: &DeviceId, after: Option<u64>, now_ms: i64) -> Result<Vec<Queued>, Error> {
+        SessionStore::queued(self, id, after, now_ms)
+    }
+    fn delivered(&self, id: &DeviceId, seq: u64) {
+        if let Err(e) = SessionStore::delivered(self, id, seq) {
+            tracing::error!(error = %e, "sessions: removing a delivered command");
+        }
+    }
+    fn purge(&self, ids: &[DeviceId]) -> Result<usize, Error> {
+        SessionStore::purge(self, ids)
+    }
+    fn is_local(&self) -> bool {
+        true
+    }
+    fn sweep(
+        &self,
+        now: i64,
+        connected: &dyn Fn(&DeviceId) -> bool,
+        keep: &dyn Fn(&DeviceId) -> bool,
+    ) -> Result<Swept, Error> {
+        SessionStore::sweep(self, now, connected, keep)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 fn root() -> PathBuf {
@@ -177,7 +178,12 @@ fn module_of(src: &Path, file: &Path) -> Vec<String> {
 /// declarations and in code), resolved to a module path from the crate
 /// root, with its line.
 fn crate_paths(module: &[String], file: &Path) -> Vec<(Vec<String>, usize)> {
-    all_paths(file)
+    crate_paths_of(module, file, true)
+}
+
+/// [`crate_paths`], leaving out test code unless `with_tests`.
+fn crate_paths_of(module: &[String], file: &Path, with_tests: bool) -> Vec<(Vec<String>, usize)> {
+    paths_of(file, with_tests)
         .into_iter()
         .filter_map(|(segments, line)| {
             let mut rest = segments.as_slice();
@@ -233,6 +239,11 @@ fn the_mqtt_front_names_nothing_of_the_http_front() {
 /// Every path a file names (in `use` declarations and in code), as
 /// written, with its line.
 fn all_paths(file: &Path) -> Vec<(Vec<String>, usize)> {
+    paths_of(file, true)
+}
+
+/// [`all_paths`], leaving out test code unless `with_tests`.
+fn paths_of(file: &Path, with_tests: bool) -> Vec<(Vec<String>, usize)> {
     use syn::visit::Visit;
     #[derive(Default)]
     struct Paths {
@@ -278,10 +289,148 @@ fn all_paths(file: &Path) -> Vec<(Vec<String>, usize)> {
         }
     }
     let text = std::fs::read_to_string(file).unwrap();
-    let ast = syn::parse_file(&text).unwrap_or_else(|e| panic!("{}: {e}", rel(file)));
+    let mut ast = syn::parse_file(&text).unwrap_or_else(|e| panic!("{}: {e}", rel(file)));
+    if !with_tests {
+        strip_tests(&mut ast.items);
+    }
     let mut v = Paths::default();
     v.visit_file(&ast);
     v.out
+}
+
+/// Leaves out items marked `#[cfg(test)]`, at any depth of inline modules.
+fn strip_tests(items: &mut Vec<syn::Item>) {
+    let is_test = |attrs: &[syn::Attribute]| {
+        attrs.iter().any(|a| {
+            a.path().is_ident("cfg") && a.parse_args::<syn::Ident>().is_ok_and(|i| i == "test")
+        })
+    };
+    items.retain(|item| match item {
+        syn::Item::Mod(m) => !is_test(&m.attrs),
+        syn::Item::Fn(f) => !is_test(&f.attrs),
+        syn::Item::Use(u) => !is_test(&u.attrs),
+        syn::Item::Impl(i) => !is_test(&i.attrs),
+        _ => true,
+    });
+    for item in items {
+        if let syn::Item::Mod(syn::ItemMod {
+            content: Some((_, inner)),
+            ..
+        }) = item
+        {
+            strip_tests(inner);
+        }
+    }
+}
+
+/// Which of a crate's top-level modules each names (outside its tests),
+/// a name the crate root re-exports counted as its module's.
+fn module_graph(krate: &str) -> BTreeMap<String, BTreeSet<String>> {
+    let src = root().join(krate).join("src");
+    let lib = src.join("lib.rs");
+    // `pub use registry::{Registry, ...}` in lib.rs: Registry -> registry.
+    let mut reexports = HashMap::new();
+    for (path, _) in paths_of(&lib, false) {
+        if path.len() == 2 {
+            reexports.insert(path[1].clone(), path[0].clone());
+        }
+    }
+    let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for f in sources(&format!("{krate}/src")) {
+        let module = module_of(&src, &f);
+        let Some(top) = module.first().cloned() else {
+            continue;
+        };
+        if module.iter().any(|m| m == "tests") {
+            continue;
+        }
+        for (path, _) in crate_paths_of(&module, &f, false) {
+            let Some(first) = path.first() else { continue };
+            let to = reexports.get(first).unwrap_or(first).clone();
+            let is_module =
+                src.join(format!("{to}.rs")).exists() || src.join(&to).join("mod.rs").exists();
+            if to != top && is_module {
+                graph.entry(top.clone()).or_default().insert(to);
+            }
+        }
+    }
+    graph
+}
+
+/// Every cycle among a graph's nodes, each as a path back to its start
+/// (one per strongly connected component).
+fn circles(graph: &BTreeMap<String, BTreeSet<String>>) -> Vec<Vec<String>> {
+    fn path_back(
+        graph: &BTreeMap<String, BTreeSet<String>>,
+        from: &str,
+        to: &str,
+        seen: &mut BTreeSet<String>,
+    ) -> Option<Vec<String>> {
+        for next in graph.get(from).into_iter().flatten() {
+            if next == to {
+                return Some(vec![next.clone()]);
+            }
+            if seen.insert(next.clone()) {
+                if let Some(mut rest) = path_back(graph, next, to, seen) {
+                    rest.insert(0, next.clone());
+                    return Some(rest);
+                }
+            }
+        }
+        None
+    }
+    let mut found: Vec<Vec<String>> = Vec::new();
+    for start in graph.keys() {
+        if found.iter().any(|c| c.contains(start)) {
+            continue;
+        }
+        if let Some(mut cycle) = path_back(graph, start, start, &mut BTreeSet::new()) {
+            cycle.insert(0, start.clone());
+            found.push(cycle);
+        }
+    }
+    found
+}
+
+#[test]
+fn no_import_circles_between_modules() {
+    let mut found = Vec::new();
+    for krate in [
+        "provisioning",
+        "broker",
+        "mqtt-core",
+        "etcd",
+        "firmware-sim",
+    ] {
+        for c in circles(&module_graph(krate)) {
+            found.push(format!("{krate}: {}", c.join(" -> ")));
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "modules that name each other:\n{}",
+        found.join("\n")
+    );
+}
+
+#[test]
+fn the_circle_finder_sees_a_circle() {
+    let g: BTreeMap<String, BTreeSet<String>> = [
+        ("ca", &["registry"][..]),
+        ("registry", &["manufacturer"]),
+        ("manufacturer", &["ca"]),
+        ("pem", &[]),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.iter().map(|s| (*s).to_owned()).collect()))
+    .collect();
+    assert_eq!(
+        circles(&g),
+        vec![vec!["ca", "registry", "manufacturer", "ca"]]
+    );
+    let mut acyclic = g.clone();
+    acyclic.get_mut("manufacturer").unwrap().clear();
+    assert!(circles(&acyclic).is_empty());
 }
 
 /// The dependencies a crate's Cargo.toml names under `[dependencies]`.

@@ -27,7 +27,7 @@ use async_nats::jetstream::{self, context, stream};
 use provisioning::sessions::{Message, QueueLimits, Queued, SessionRecord};
 use provisioning::{DeviceId, Error};
 
-use crate::mqtt::hub::Keeper;
+use provisioning::sessions::Keeper;
 
 pub const SESSIONS: &str = "FLEETGATE_SESSIONS";
 const SESSION_PREFIX: &str = "fleetgate.session.";

@@ -30,7 +30,7 @@ use provisioning::Role;
 use tokio::sync::mpsc;
 
 use crate::metrics::Metrics;
-use crate::mqtt::hub::Keeper;
+use provisioning::sessions::Keeper;
 
 pub mod keeper;
 pub mod seal;

@@ -271,7 +271,7 @@ pub fn pending_request(
     pin: Option<&Pin>,
 ) -> Result<String, Error> {
     if let Some(dir) = path.parent() {
-        crate::ca::mkdir_private(dir)?;
+        crate::files::mkdir_private(dir)?;
     }
     let key = if exists(path) {
         load(path, pin)?

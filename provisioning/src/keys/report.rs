@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use super::{kept, Kept};
-use crate::ca::Paths;
+use crate::files::Paths;
 
 /// What an operator requires of where the keys are.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]

@@ -95,17 +95,23 @@ impl Registry {
             let holder = tx.device(claim)?;
             if holder.status != Status::Active {
                 return abort(Error::InvalidTransition {
-                    id: claim.clone(),
-                    status: holder.status,
+                    id: claim.to_string(),
+                    status: holder.status.as_str(),
                     action: "provision",
                 });
             }
             let mut c: ClaimRecord = match tx.claims.get(claim.as_str()).map_err(storage)? {
                 Some(v) => decode("claim", &v).or_else(abort)?,
-                None => return abort(Error::NotFound { id: claim.clone() }),
+                None => {
+                    return abort(Error::NotFound {
+                        id: claim.to_string(),
+                    })
+                }
             };
             if c.uses_left == 0 {
-                return abort(Error::ClaimExhausted { id: claim.clone() });
+                return abort(Error::ClaimExhausted {
+                    id: claim.to_string(),
+                });
             }
             c.uses_left -= 1;
             c.used += 1;
@@ -156,7 +162,7 @@ impl Registry {
                 .is_some()
             {
                 return abort(Error::AlreadyExists {
-                    id: rec.name.clone(),
+                    id: rec.name.to_string(),
                 });
             }
             tx.manufacturers

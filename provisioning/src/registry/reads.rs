@@ -10,7 +10,7 @@ impl Registry {
             .get(Space::Devices, AsRef::<[u8]>::as_ref(&id.as_str()))?
         {
             Some(v) => decode("device", &v),
-            None => Err(Error::NotFound { id: id.clone() }),
+            None => Err(Error::NotFound { id: id.to_string() }),
         }
     }
 

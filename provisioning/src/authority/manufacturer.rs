@@ -364,7 +364,9 @@ impl Authority {
     /// `AlreadyExists` if there is a manufacturer called `name`.
     fn ensure_no_manufacturer(&self, name: &DeviceId) -> Result<(), Error> {
         match self.registry.manufacturer(name.as_str())? {
-            Some(_) => Err(Error::AlreadyExists { id: name.clone() }),
+            Some(_) => Err(Error::AlreadyExists {
+                id: name.to_string(),
+            }),
             None => Ok(()),
         }
     }
@@ -602,15 +604,16 @@ impl Authority {
         lifetime: Duration,
         actor: &str,
     ) -> Result<(DeviceRecord, IssuedCert), Error> {
-        let rec = self
-            .registry
-            .claim(claim)?
-            .ok_or_else(|| Error::NotFound { id: claim.clone() })?;
+        let rec = self.registry.claim(claim)?.ok_or_else(|| Error::NotFound {
+            id: claim.to_string(),
+        })?;
         if rec.uses_left == 0 {
-            return Err(Error::ClaimExhausted { id: claim.clone() });
+            return Err(Error::ClaimExhausted {
+                id: claim.to_string(),
+            });
         }
         if self.registry.device(id).is_ok() {
-            return Err(Error::AlreadyExists { id: id.clone() });
+            return Err(Error::AlreadyExists { id: id.to_string() });
         }
         let identity = Identity {
             role: Role::Device,
