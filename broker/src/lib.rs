@@ -3,9 +3,10 @@
 
 pub mod activity;
 pub mod api;
-pub mod bus;
 /// The admin API's client, from [`fleetgate_api`] (the CLI's).
 pub use fleetgate_api::client;
+/// The message bus across nodes, from [`fleetgate_bus`].
+pub use fleetgate_bus as bus;
 pub mod cli;
 /// The registry's store on etcd, from [`fleetgate_etcd`].
 pub use fleetgate_etcd as etcd;

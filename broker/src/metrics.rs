@@ -377,6 +377,24 @@ impl fleetgate_etcd::Observer for Metrics {
     }
 }
 
+impl fleetgate_bus::Observer for Metrics {
+    fn published(&self, stored_after: Option<std::time::Duration>) {
+        if let Some(took) = stored_after {
+            self.bus_publish.observe(took);
+        }
+        self.bus_published.fetch_add(1, Ordering::Relaxed);
+    }
+    fn publish_failed(&self) {
+        self.bus_failed.fetch_add(1, Ordering::Relaxed);
+    }
+    fn received(&self) {
+        self.bus_received.fetch_add(1, Ordering::Relaxed);
+    }
+    fn dropped(&self) {
+        self.bus_dropped.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -400,6 +400,7 @@ fn no_import_circles_between_modules() {
         "broker",
         "mqtt-core",
         "etcd",
+        "bus",
         "firmware-sim",
     ] {
         for c in circles(&module_graph(krate)) {
@@ -449,8 +450,9 @@ fn dependencies(krate: &str) -> Vec<String> {
 
 #[test]
 fn the_core_and_the_store_backend_do_not_depend_on_the_fronts() {
-    // Crates whose names say their job: the connection core and the etcd
-    // store stand below the broker, never beside or above it.
+    // Crates whose names say their job: the connection core, the etcd
+    // store and the NATS bus stand below the broker, never beside or
+    // above it.
     for (krate, never) in [
         (
             "mqtt-core",
@@ -459,6 +461,17 @@ fn the_core_and_the_store_backend_do_not_depend_on_the_fronts() {
         (
             "etcd",
             &["broker", "fleetgate-mqtt-core", "rumqttd", "axum", "hyper"][..],
+        ),
+        (
+            "bus",
+            &[
+                "broker",
+                "fleetgate-mqtt-core",
+                "fleetgate-etcd",
+                "rumqttd",
+                "axum",
+                "hyper",
+            ][..],
         ),
     ] {
         let deps = dependencies(krate);
@@ -561,6 +574,7 @@ fn no_source_file_is_over_1200_lines() {
         "firmware-sim/src",
         "mqtt-core/src",
         "etcd/src",
+        "bus/src",
         "tests/src",
     ] {
         for f in sources(dir) {

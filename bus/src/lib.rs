@@ -17,7 +17,6 @@
 //! on one NATS connection in order, and each node's consumer reads the
 //! stream in order: per sender, other nodes see them in order.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,13 +28,38 @@ use provisioning::sessions::Message;
 use provisioning::Role;
 use tokio::sync::mpsc;
 
-use crate::metrics::Metrics;
+use provisioning::printable;
 use provisioning::sessions::Keeper;
 
 pub mod keeper;
 pub mod seal;
 
 pub use seal::BusKey;
+
+/// What the bus counts, told to whoever watches it (the broker's metrics).
+pub trait Observer: Send + Sync + std::fmt::Debug {
+    /// A message put on the stream (QoS 1: once JetStream stored it,
+    /// `stored_after` its publish).
+    fn published(&self, stored_after: Option<Duration>);
+    /// A message that could not be put on the stream.
+    fn publish_failed(&self);
+    /// A message another node put there, taken.
+    fn received(&self);
+    /// A message on the stream that is not fleetgate's (or not sealed),
+    /// dropped.
+    fn dropped(&self);
+}
+
+/// An observer that counts nothing.
+#[derive(Debug, Default)]
+pub struct Unobserved;
+
+impl Observer for Unobserved {
+    fn published(&self, _: Option<Duration>) {}
+    fn publish_failed(&self) {}
+    fn received(&self) {}
+    fn dropped(&self) {}
+}
 
 /// The stream every node publishes to and follows.
 pub const STREAM: &str = "FLEETGATE_MSG";
@@ -86,7 +110,7 @@ pub struct Bus {
     node: String,
     /// `<name>.<run>`: where this node's messages go under [`PREFIX`].
     sender: String,
-    metrics: Arc<Metrics>,
+    metrics: Arc<dyn Observer>,
     /// Session ownership, cluster-wide (MQTT: one session per client id).
     owners: stream::Stream,
     /// The owners' revision of this node's last claim of each client.
@@ -165,7 +189,7 @@ impl Bus {
         cfg: &BusConfig,
         limits: &provisioning::sessions::QueueLimits,
         key: BusKey,
-        metrics: Arc<Metrics>,
+        metrics: Arc<dyn Observer>,
     ) -> anyhow::Result<Arc<Bus>> {
         let node = random_name();
         let addrs = cfg
@@ -299,8 +323,8 @@ impl Bus {
         ]);
         headers.insert(seal::HEADER, seal.as_str());
         let metrics = self.metrics.clone();
-        let fail = move |metrics: &Metrics, e: String| {
-            metrics.bus_failed.fetch_add(1, Ordering::Relaxed);
+        let fail = move |metrics: &Arc<dyn Observer>, e: String| {
+            metrics.publish_failed();
             BusError(e)
         };
         self.connected().map_err(|e| fail(&metrics, e.0))?;
@@ -310,7 +334,7 @@ impl Bus {
                 .publish_with_headers(subject, headers, payload)
                 .await
                 .map_err(|e| fail(&metrics, e.to_string()))?;
-            self.metrics.bus_published.fetch_add(1, Ordering::Relaxed);
+            self.metrics.published(None);
             return Ok(Box::pin(std::future::ready(Ok(()))));
         }
         let t0 = std::time::Instant::now();
@@ -324,8 +348,7 @@ impl Bus {
                 .await
                 .map_err(|_| fail(&metrics, "JetStream did not store it within 5 s".into()))?
                 .map_err(|e| fail(&metrics, e.to_string()))?;
-            metrics.bus_publish.observe(t0.elapsed());
-            metrics.bus_published.fetch_add(1, Ordering::Relaxed);
+            metrics.published(Some(t0.elapsed()));
             Ok(())
         }))
     }
@@ -381,8 +404,8 @@ impl Bus {
                                 &[c.subject.as_bytes(), &c.payload],
                                 sealed.map(|v| v.as_str()),
                             ) {
-                                bus.metrics.bus_dropped.fetch_add(1, Ordering::Relaxed);
-                                tracing::warn!(reason = "bus", subject = %crate::printable(c.subject.as_str()), "bus: dropped a takeover claim no node sealed");
+                                bus.metrics.dropped();
+                                tracing::warn!(reason = "bus", subject = %printable(c.subject.as_str()), "bus: dropped a takeover claim no node sealed");
                                 continue;
                             }
                             if c.payload == bus.node.as_bytes() {
@@ -522,7 +545,7 @@ impl Bus {
             }
             match parse(&subject, &msg, &self.key) {
                 Ok((client, role, stamp, message, queued)) => {
-                    self.metrics.bus_received.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.received();
                     let i = Incoming {
                         client,
                         role,
@@ -536,8 +559,8 @@ impl Bus {
                     }
                 }
                 Err(why) => {
-                    self.metrics.bus_dropped.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(reason = "bus", subject = %crate::printable(&subject), why = %why, "bus: dropped a message that is not fleetgate's");
+                    self.metrics.dropped();
+                    tracing::warn!(reason = "bus", subject = %printable(&subject), why = %why, "bus: dropped a message that is not fleetgate's");
                     let _ = msg.ack().await;
                 }
             }
