@@ -23,12 +23,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 pub use provisioning::sessions::Keeper;
 use provisioning::sessions::{
-    now_ms, Message, QueueLimits, Queued, SessionRecord, SessionStore, StoredFilter,
+    Message, QueueLimits, Queued, SessionRecord, SessionStore, StoredFilter,
 };
 use provisioning::{DeviceId, Registry, Status};
 use tokio::sync::mpsc;
 
 use super::acl::topic_matches;
+use super::channel::Clock;
 
 /// A message for a device session.
 #[derive(Debug)]
@@ -197,15 +198,19 @@ pub struct Hub {
     /// session's register-and-load, so that none falls between.
     locks: Vec<Mutex<()>>,
     metrics: Arc<crate::metrics::Metrics>,
+    /// Wall time for sessions' and messages' expiry.
+    clock: Arc<dyn Clock>,
 }
 
 impl Hub {
-    /// A hub keeping sessions in `keeper` (`None`: the registry's store).
+    /// A hub keeping sessions in `keeper` (`None`: the registry's store),
+    /// reading the time from `clock`.
     pub fn new(
         registry: Registry,
         keeper: Option<Arc<dyn Keeper>>,
         limits: QueueLimits,
         metrics: Arc<crate::metrics::Metrics>,
+        clock: Arc<dyn Clock>,
     ) -> Self {
         let store = registry.sessions().clone();
         Self {
@@ -216,7 +221,13 @@ impl Hub {
             boxes: Mutex::new(HashMap::new()),
             locks: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             metrics,
+            clock,
         }
+    }
+
+    /// Now, wall time (ms).
+    fn now_ms(&self) -> i64 {
+        self.clock.now().wall_ms
     }
 
     pub fn store(&self) -> &SessionStore {
@@ -255,7 +266,7 @@ impl Hub {
         expiry: Option<u32>,
     ) -> Result<Opened, provisioning::Error> {
         let _g = self.lock(id);
-        let now = now_ms();
+        let now = self.now_ms();
         let stored = match self.keeper.session(id) {
             // A clean session that keeps nothing needs nothing kept: it
             // starts while the cluster's keeper is out of reach (an
@@ -331,7 +342,7 @@ impl Hub {
             return Ok(());
         };
         let expiry = expiry.map(|e| e.min(MAX_SESSION_EXPIRY));
-        let now = now_ms() / 1000;
+        let now = self.now_ms() / 1000;
         if let Some(secs) = expiry.filter(|e| mailbox.expiry != Some(*e)) {
             // Its DISCONNECT changed how long it is kept.
             let rec = SessionRecord {
@@ -498,7 +509,7 @@ impl Hub {
             }
         }
         let _g = self.lock(id);
-        let now = now_ms();
+        let now = self.now_ms();
         let live = self.boxes().get(id).cloned();
         if let Some(mailbox) = live {
             let Some((granted, _)) = mailbox.granted(&m.topic) else {
@@ -594,7 +605,7 @@ impl Hub {
     /// registered or revoked (blocking pool).
     pub fn sweep(&self) -> Result<provisioning::sessions::Swept, provisioning::Error> {
         self.keeper().sweep(
-            now_ms() / 1000,
+            self.now_ms() / 1000,
             &|id| self.is_live(id),
             &|id| matches!(self.registry.device(id), Ok(d) if d.status != Status::Revoked),
         )
@@ -603,39 +614,125 @@ impl Hub {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    use provisioning::sessions::MessageProps;
+
+    use super::super::channel::clock::ManualClock;
     use super::*;
 
-    fn hub() -> (tempfile::TempDir, Hub) {
+    const T0_MS: i64 = 1_800_000_000_000;
+
+    /// A hub over a new data dir's registry, where device `dev-1` is
+    /// enrolled, on a clock the test moves.
+    fn hub() -> (tempfile::TempDir, Hub, Arc<ManualClock>) {
         let dir = tempfile::tempdir().unwrap();
-        let registry = Registry::open(&dir.path().join("registry")).unwrap();
+        let auth = provisioning::Authority::open_or_init(
+            dir.path(),
+            &provisioning::InitOptions::default(),
+        )
+        .unwrap();
+        let who = provisioning::Identity {
+            role: provisioning::Role::Device,
+            id: dev(),
+        };
+        let key = rcgen::KeyPair::generate().unwrap();
+        let (new, cert) = auth
+            .issue_new(&key, &who, None, provisioning::DEFAULT_CERT_LIFETIME)
+            .unwrap();
+        auth.registry.enroll(&new, &cert, "test").unwrap();
+        let clock = Arc::new(ManualClock::at(T0_MS));
         let hub = Hub::new(
-            registry,
+            auth.registry.clone(),
             None,
             QueueLimits::default(),
             Arc::new(crate::metrics::Metrics::default()),
+            clock.clone(),
         );
-        (dir, hub)
+        (dir, hub, clock)
     }
 
     fn dev() -> DeviceId {
         DeviceId::try_new("dev-1").unwrap()
     }
 
+    fn subscribed(hub: &Hub, conn: u64, expiry: u32) {
+        let opened = hub.open(&dev(), conn, true, Some(expiry)).unwrap();
+        opened.mailbox.subscribe(&[StoredFilter {
+            filter: "devices/dev-1/commands/#".into(),
+            qos: 1,
+            no_local: false,
+            retain_as_published: false,
+            id: None,
+        }]);
+        hub.save(&dev(), &opened.mailbox).unwrap();
+    }
+
+    fn command(now_ms: i64, expires_in_ms: Option<i64>) -> Arc<Message> {
+        Arc::new(Message {
+            topic: "devices/dev-1/commands/reboot".into(),
+            payload: b"now".to_vec(),
+            qos: 1,
+            retain: false,
+            props: MessageProps::default(),
+            stored_at_ms: now_ms,
+            expires_at_ms: expires_in_ms.map(|d| now_ms + d),
+        })
+    }
+
     #[test]
     fn a_disconnects_expiry_replaces_the_one_the_session_opened_with() {
-        let (_d, hub) = hub();
+        let (_d, hub, clock) = hub();
         hub.open(&dev(), 1, true, Some(1)).unwrap();
         hub.close(&dev(), 1, Some(5)).unwrap();
         let rec = hub.store().session(&dev()).unwrap().unwrap();
         assert_eq!(rec.expiry_secs, 5);
-        assert!(rec.disconnected_at.is_some());
-        let again = hub.open(&dev(), 2, false, None).unwrap();
-        assert!(again.session_present);
+        assert_eq!(rec.disconnected_at, Some(T0_MS / 1000));
+        // Past the CONNECT's 1 s, within the DISCONNECT's 5 s.
+        clock.advance(Duration::from_secs(4));
+        assert!(hub.open(&dev(), 2, false, None).unwrap().session_present);
+    }
+
+    #[test]
+    fn a_session_is_kept_its_whole_expiry_and_gone_after() {
+        let (_d, hub, clock) = hub();
+        subscribed(&hub, 1, 5);
+        hub.close(&dev(), 1, Some(5)).unwrap();
+        clock.advance(Duration::from_millis(5_999));
+        assert_eq!(hub.sweep().unwrap().sessions, 0);
+        assert!(hub.open(&dev(), 2, false, Some(5)).unwrap().session_present);
+        hub.close(&dev(), 2, Some(5)).unwrap();
+        clock.advance(Duration::from_secs(6));
+        assert_eq!(hub.sweep().unwrap().sessions, 1);
+        assert!(!hub.open(&dev(), 3, false, None).unwrap().session_present);
+    }
+
+    #[test]
+    fn a_queued_command_past_its_expiry_is_never_delivered() {
+        let (_d, hub, clock) = hub();
+        subscribed(&hub, 1, 3600);
+        hub.close(&dev(), 1, Some(3600)).unwrap();
+        hub.publish(&dev(), command(T0_MS, Some(2_000))).unwrap();
+        hub.publish(&dev(), command(T0_MS, Some(60_000))).unwrap();
+        hub.publish(&dev(), command(T0_MS, None)).unwrap();
+        clock.advance(Duration::from_secs(3));
+        let opened = hub.open(&dev(), 2, false, Some(3600)).unwrap();
+        assert!(opened.session_present);
+        // The one past its expiry is gone; the others are left (one
+        // without an expiry of its own has the queue's time to live).
+        let left: Vec<_> = opened
+            .queued
+            .iter()
+            .map(|q| q.message.expires_at_ms)
+            .collect();
+        assert_eq!(left.len(), 2, "{left:?}");
+        assert_eq!(left[0], Some(T0_MS + 60_000));
+        assert!(left[1].is_some_and(|at| at > T0_MS + 60_000), "{left:?}");
     }
 
     #[test]
     fn a_session_resumed_with_expiry_0_ends_with_its_connection() {
-        let (_d, hub) = hub();
+        let (_d, hub, _clock) = hub();
         hub.open(&dev(), 1, true, Some(60)).unwrap();
         hub.close(&dev(), 1, Some(60)).unwrap();
         // Resumed, this time to end with the connection.
@@ -646,7 +743,7 @@ mod tests {
 
     #[test]
     fn a_disconnect_with_expiry_0_ends_a_kept_session() {
-        let (_d, hub) = hub();
+        let (_d, hub, _clock) = hub();
         hub.open(&dev(), 1, true, Some(60)).unwrap();
         hub.close(&dev(), 1, None).unwrap();
         assert_eq!(hub.store().session(&dev()).unwrap(), None);

@@ -544,6 +544,7 @@ impl Broker {
                 .build()
                 .map_err(Box::new)
         });
+        let clock: Arc<dyn channel::Clock> = Arc::new(channel::SystemClock);
         Self {
             shared: Arc::new(Shared {
                 links,
@@ -553,6 +554,7 @@ impl Broker {
                     cfg.bus.as_ref().map(|b| b.keeper()),
                     cfg.queue_limits,
                     metrics.clone(),
+                    clock.clone(),
                 )),
                 auth,
                 cert_lifetime,
@@ -566,7 +568,7 @@ impl Broker {
                 jit_limiter: cfg.jit_rate.map(|r| Mutex::new(RateLimiter::new(r))),
                 kept: kept::Kept::default(),
                 live: Live::new(&cfg),
-                clock: Arc::new(channel::SystemClock),
+                clock,
                 cfg,
             }),
         }
