@@ -1,24 +1,14 @@
-//! fleetgate's network side: the MQTT broker, the admin API and the
-//! `fleetgate` command line. Invariant: only this crate touches sockets.
+//! The `fleetgate` binary's library: the command line and `serve`, which
+//! runs the MQTT front ([`fleetgate_mqtt`]) and the HTTP front
+//! ([`fleetgate_http`]) over one data dir. Their modules are re-exported
+//! here under the names they always had.
 
-pub mod activity;
-pub mod api;
 /// The admin API's client, from [`fleetgate_api`] (the CLI's).
 pub use fleetgate_api::client;
-/// The message bus across nodes, from [`fleetgate_bus`].
-pub use fleetgate_bus as bus;
+pub use fleetgate_http::{activity, api, https, status_routes};
+pub use fleetgate_mqtt::{bus, etcd, events, metrics, mqtt, net, status, tls, wire};
 pub mod cli;
-/// The registry's store on etcd, from [`fleetgate_etcd`].
-pub use fleetgate_etcd as etcd;
-pub mod events;
-pub mod https;
-pub mod metrics;
-pub mod mqtt;
-pub mod net;
 pub mod serve;
-pub mod status;
-pub mod tls;
-pub mod wire;
 
 pub use provisioning::{printable, Printable};
 

@@ -14,7 +14,7 @@ use crate::api::{self, AppState};
 use crate::https;
 use crate::metrics::Metrics;
 use crate::mqtt::{Broker, MqttConfig};
-use crate::status::{self, StatusService};
+use crate::status::StatusService;
 use crate::tls::ServerTls;
 
 #[derive(Clone, Debug)]
@@ -338,7 +338,7 @@ impl Server {
         let ocsp = serve_http(
             "ocsp",
             self.ocsp,
-            status::router(self.status.clone()),
+            crate::status_routes::router(self.status.clone()),
             self.cfg.limits.clone(),
             shutdown.clone(),
         );
