@@ -84,7 +84,9 @@ where
     fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
         let meta = event.metadata();
         let target = meta.target();
-        if !(target.starts_with("broker::mqtt") || target.starts_with("broker::api")) {
+        if !(target.starts_with("fleetgate_mqtt::mqtt")
+            || target.starts_with("fleetgate_http::api"))
+        {
             return;
         }
         let mut v = Fields::default();
