@@ -207,8 +207,9 @@ impl Session {
             self.peer.identity.id.clone(),
             side.conn,
         );
-        // A session its DISCONNECT kept longer may now touch the disk.
-        let durable = side.durable || expiry.is_some();
+        // (A DISCONNECT can change the expiry only of a session its
+        // CONNECT already kept: `durable` since it opened.)
+        let durable = side.durable;
         drop(side);
         let closed = if durable {
             tokio::task::spawn_blocking(move || hub.close(&id, conn, expiry)).await
