@@ -757,31 +757,10 @@ impl Broker {
                 let _permit = permit;
                 let metrics = &shared.metrics;
                 metrics.connections_open.fetch_add(1, Ordering::Relaxed);
-                // The handshake's state and the session's are boxed apart:
+                // The handshake's state is boxed apart from the session's:
                 // inline, this task would be as large as both together for
                 // its whole life (most of a held connection's memory).
-                // Boxed as a whole: the slot for the verifier's finding
-                // would otherwise stay in this task for its whole life.
-                let (accepted, verified) = Box::pin(admission::handshake(tokio::time::timeout(
-                    shared.cfg.handshake_timeout,
-                    acceptor.accept(tcp),
-                )))
-                .await;
-                let stream = match accepted {
-                    Ok(Ok(s)) => Some(s),
-                    Ok(Err(e)) => {
-                        if e.to_string().contains("peer sent no certificates") {
-                            metrics.refused(Refusal::NoCertificate);
-                        }
-                        tracing::info!(peer.addr = %addr, reason = %e, "mqtt: TLS handshake failed");
-                        None
-                    }
-                    Err(_) => {
-                        metrics.refused(Refusal::HandshakeTimeout);
-                        tracing::info!(peer.addr = %addr, "mqtt: refused: TLS handshake timed out");
-                        None
-                    }
-                };
+                let (stream, verified) = Box::pin(accept(acceptor, tcp, addr, &shared)).await;
                 drop(handshake);
                 if let Some(stream) = stream {
                     metrics.handshakes.fetch_add(1, Ordering::Relaxed);
@@ -822,6 +801,43 @@ fn log_panic(done: Result<(), tokio::task::JoinError>) {
 /// resumed TLS session (which skips the verifier) the same checks again on
 /// the chain it presented the first time. `None`, refused (counted and
 /// logged by the verifier).
+/// Runs the TLS handshake of a connection from `addr`: the stream, if it
+/// completed, and what the verifier found. A function of its own so that
+/// nothing of the handshake's (a TLS stream is 1.3 KiB) stays in the
+/// connection's task while its session runs.
+async fn accept(
+    acceptor: TlsAcceptor,
+    tcp: tokio::net::TcpStream,
+    addr: std::net::SocketAddr,
+    shared: &Shared,
+) -> (
+    Option<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>,
+    Option<admission::Verified>,
+) {
+    let metrics = &shared.metrics;
+    let (accepted, verified) = admission::handshake(tokio::time::timeout(
+        shared.cfg.handshake_timeout,
+        acceptor.accept(tcp),
+    ))
+    .await;
+    let stream = match accepted {
+        Ok(Ok(s)) => Some(s),
+        Ok(Err(e)) => {
+            if e.to_string().contains("peer sent no certificates") {
+                metrics.refused(Refusal::NoCertificate);
+            }
+            tracing::info!(peer.addr = %addr, reason = %e, "mqtt: TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            metrics.refused(Refusal::HandshakeTimeout);
+            tracing::info!(peer.addr = %addr, "mqtt: refused: TLS handshake timed out");
+            None
+        }
+    };
+    (stream, verified)
+}
+
 fn peer_of(
     stream: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
     addr: std::net::SocketAddr,
