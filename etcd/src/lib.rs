@@ -25,9 +25,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
-use provisioning::store::{Entries, Read, Space, Store, Write};
+use provisioning::store::{Commit, Entries, Space, Store, Write};
 use provisioning::Error;
 
+mod group;
 mod grpc;
 mod pb;
 
@@ -72,6 +73,8 @@ pub struct EtcdStore {
     contact: Arc<AtomicU64>,
     /// How old the view may be and still answer.
     staleness: Duration,
+    /// Commits waiting to go to etcd together.
+    group: group::Group,
 }
 
 /// A key's value (`None`: absent) and the etcd revision it is from.
@@ -242,6 +245,7 @@ impl EtcdStore {
             view: Arc::default(),
             contact: Arc::new(AtomicU64::new(0)),
             staleness: DEFAULT_STALENESS,
+            group: group::Group::default(),
         };
         // A node may start while etcd elects a leader (or its members
         // start): it waits for a majority, a while, rather than give up.
@@ -385,40 +389,22 @@ impl EtcdStore {
         }
     }
 
-    fn commit_txn(&self, reads: &[Read], writes: &[Write]) -> Result<bool, Error> {
-        let compare = reads
-            .iter()
-            .map(|r| self.compare(&self.key(r.space, &r.key), r.value.as_deref()))
-            .collect();
-        let success = writes
-            .iter()
-            .map(|w| {
-                let key = self.key(w.space, &w.key);
-                RequestOp {
-                    request: Some(match &w.value {
-                        Some(v) => Op::RequestPut(PutRequest {
-                            key,
-                            value: v.clone(),
-                            ..PutRequest::default()
-                        }),
-                        None => Op::RequestDeleteRange(DeleteRangeRequest {
-                            key,
-                            ..DeleteRangeRequest::default()
-                        }),
-                    }),
-                }
-            })
-            .collect();
-        let Some(rev) = self.txn(compare, success)? else {
-            return Ok(false);
-        };
-        // This node reads its own writes at once, not when the watch
-        // brings them back.
-        let mut view = self.lock_view();
-        for w in writes.iter().filter(|w| viewed(w.space)) {
-            view.saw(w.space, &w.key, rev, w.value.clone());
+    /// The operation that makes a write.
+    fn write_op(&self, w: &Write) -> RequestOp {
+        let key = self.key(w.space, &w.key);
+        RequestOp {
+            request: Some(match &w.value {
+                Some(v) => Op::RequestPut(PutRequest {
+                    key,
+                    value: v.clone(),
+                    ..PutRequest::default()
+                }),
+                None => Op::RequestDeleteRange(DeleteRangeRequest {
+                    key,
+                    ..DeleteRangeRequest::default()
+                }),
+            }),
         }
-        Ok(true)
     }
 }
 
@@ -698,12 +684,12 @@ impl Store for EtcdStore {
         Ok(usize::try_from(resp.count).unwrap_or(usize::MAX))
     }
 
-    fn commit(&self, reads: &[Read], writes: &[Write]) -> Result<bool, Error> {
-        self.commit_txn(reads, writes)
+    fn commit(&self, c: Commit) -> Result<bool, Error> {
+        self.commit_grouped(c)
     }
 
-    fn commit_unflushed(&self, reads: &[Read], writes: &[Write]) -> Result<bool, Error> {
-        self.commit_txn(reads, writes)
+    fn commit_unflushed(&self, c: Commit) -> Result<bool, Error> {
+        self.commit_grouped(c)
     }
 
     fn next(&self, name: &str) -> Result<u64, Error> {

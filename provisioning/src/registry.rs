@@ -257,7 +257,6 @@ struct Tx<'a> {
     certs: TxTree<'a>,
     fingerprints: TxTree<'a>,
     by_status: TxTree<'a>,
-    audit: TxTree<'a>,
     meta: TxTree<'a>,
     manufacturers: TxTree<'a>,
     claims: TxTree<'a>,
@@ -273,7 +272,6 @@ impl<'a> Tx<'a> {
             certs: tree(Space::Certs),
             fingerprints: tree(Space::Fingerprints),
             by_status: tree(Space::ByStatus),
-            audit: tree(Space::Audit),
             meta: tree(Space::Meta),
             manufacturers: tree(Space::Manufacturers),
             claims: tree(Space::Claims),
@@ -484,10 +482,10 @@ impl Tx<'_> {
         detail: String,
         at: OffsetDateTime,
     ) -> TxResult<()> {
-        // One global order, whoever writes.
-        let seq = self.txn.next("audit")?;
+        // One global order, whoever writes: the number is taken as the
+        // commit lands, in the same round trip.
         let entry = AuditEntry {
-            seq,
+            seq: 0,
             at,
             actor: actor.to_owned(),
             action: action.to_owned(),
@@ -495,9 +493,12 @@ impl Tx<'_> {
             serial: serial.cloned(),
             detail,
         };
-        self.audit
-            .insert(seq.to_be_bytes(), encode(&entry))
-            .map_err(storage)?;
+        self.txn.append(Space::Audit, "audit", move |seq| {
+            encode(&AuditEntry {
+                seq,
+                ..entry.clone()
+            })
+        });
         Ok(())
     }
 }

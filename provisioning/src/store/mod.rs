@@ -1,6 +1,8 @@
 //! The registry's storage seam: named key spaces of bytes, read one key or
 //! a range at a time, written by atomic commits that hold only if what the
 //! writer read is still there (compare-and-swap), plus global counters.
+//! A commit may also append: values numbered by a counter as they commit
+//! (the audit log), so the number costs the writer no round trip of its own.
 //! [`SledStore`] is the embedded default; a shared store (etcd) lets
 //! several nodes hold one registry.
 //!
@@ -84,6 +86,44 @@ pub struct Read {
 }
 
 /// What a transaction writes.
+/// A value a commit numbers: it goes in under the next number of the
+/// counter `counter` (the key is the number, 8 bytes big-endian), and
+/// `value` makes it from its number. The numbers a commit takes increase
+/// in its order, after every number an earlier commit took.
+pub struct Append {
+    pub space: Space,
+    pub counter: &'static str,
+    pub value: Box<dyn Fn(u64) -> Vec<u8> + Send + Sync>,
+}
+
+impl std::fmt::Debug for Append {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Append")
+            .field("space", &self.space)
+            .field("counter", &self.counter)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a transaction commits: the values it read, to check, what it
+/// writes, and what it appends.
+#[derive(Debug, Default)]
+pub struct Commit {
+    pub reads: Vec<Read>,
+    pub writes: Vec<Write>,
+    pub appends: Vec<Append>,
+}
+
+impl Commit {
+    /// Writes only, checking nothing.
+    pub fn writes(writes: Vec<Write>) -> Self {
+        Self {
+            writes,
+            ..Self::default()
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Write {
     pub space: Space,
@@ -121,13 +161,14 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// How many entries `space` holds.
     fn len(&self, space: Space) -> Result<usize, Error>;
 
-    /// Applies `writes` atomically if every one of `reads` still holds;
-    /// `Ok(false)` (nothing written) if one does not. Durable on return.
-    fn commit(&self, reads: &[Read], writes: &[Write]) -> Result<bool, Error>;
+    /// Applies the commit's writes and appends atomically if every one of
+    /// its reads still holds; `Ok(false)` (nothing written) if one does
+    /// not. Durable on return.
+    fn commit(&self, c: Commit) -> Result<bool, Error>;
 
     /// [`Store::commit`], not yet durable: [`Store::flush`] before
     /// acknowledging anything (a batch shares one flush).
-    fn commit_unflushed(&self, reads: &[Read], writes: &[Write]) -> Result<bool, Error>;
+    fn commit_unflushed(&self, c: Commit) -> Result<bool, Error>;
 
     /// The next value of the counter `name`, increasing across every user
     /// of the store.
@@ -189,11 +230,11 @@ impl Store for Recent {
         self.0.len(space)
     }
 
-    fn commit(&self, _: &[Read], _: &[Write]) -> Result<bool, Error> {
+    fn commit(&self, _: Commit) -> Result<bool, Error> {
         self.read_only()
     }
 
-    fn commit_unflushed(&self, _: &[Read], _: &[Write]) -> Result<bool, Error> {
+    fn commit_unflushed(&self, _: Commit) -> Result<bool, Error> {
         self.read_only()
     }
 
@@ -213,6 +254,7 @@ pub struct Txn<'s> {
     store: &'s dyn Store,
     reads: ByKey,
     writes: ByKey,
+    appends: RefCell<Vec<Append>>,
 }
 
 impl<'s> Txn<'s> {
@@ -221,6 +263,7 @@ impl<'s> Txn<'s> {
             store,
             reads: RefCell::default(),
             writes: RefCell::default(),
+            appends: RefCell::default(),
         }
     }
 
@@ -249,6 +292,21 @@ impl<'s> Txn<'s> {
         self.writes.borrow_mut().insert((space, key.to_vec()), None);
     }
 
+    /// Appends a value numbered by `counter` at the commit (see
+    /// [`Append`]); not read back by this transaction.
+    pub fn append(
+        &self,
+        space: Space,
+        counter: &'static str,
+        value: impl Fn(u64) -> Vec<u8> + Send + Sync + 'static,
+    ) {
+        self.appends.borrow_mut().push(Append {
+            space,
+            counter,
+            value: Box::new(value),
+        });
+    }
+
     /// The next value of a global counter (not undone if the transaction
     /// is retried or fails: a gap, never a repeat).
     pub fn next(&self, name: &str) -> Result<u64, Error> {
@@ -269,13 +327,19 @@ impl<'s> Txn<'s> {
             .into_iter()
             .map(|((space, key), value)| Write { space, key, value })
             .collect();
-        if writes.is_empty() {
+        let appends = self.appends.into_inner();
+        if writes.is_empty() && appends.is_empty() {
             return Ok(true);
         }
+        let c = Commit {
+            reads,
+            writes,
+            appends,
+        };
         if durable {
-            self.store.commit(&reads, &writes)
+            self.store.commit(c)
         } else {
-            self.store.commit_unflushed(&reads, &writes)
+            self.store.commit_unflushed(c)
         }
     }
 }

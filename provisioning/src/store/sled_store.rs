@@ -6,7 +6,7 @@ use std::path::Path;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
-use super::{Entries, Read, Space, Store, Write};
+use super::{Commit, Entries, Space, Store};
 use crate::Error;
 
 #[derive(Clone, Debug)]
@@ -71,22 +71,40 @@ impl SledStore {
         &self.trees[space.index()]
     }
 
-    fn apply(&self, reads: &[Read], writes: &[Write]) -> Result<bool, Error> {
+    fn apply(&self, c: Commit) -> Result<bool, Error> {
+        let Commit {
+            reads,
+            writes,
+            appends,
+        } = c;
         /// A read that no longer holds.
         struct Conflict;
+        // One monotonic id generator for the database, as the audit log
+        // always used: durable across restarts, never repeated (a commit
+        // that does not hold leaves a gap).
+        let appended = appends
+            .iter()
+            .map(|a| {
+                let n = self.db.generate_id()?;
+                Ok((a.space, n.to_be_bytes(), (a.value)(n)))
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
         let done = self.trees[..].transaction(|t| {
-            for r in reads {
+            for r in &reads {
                 let now = t[r.space.index()].get(&r.key)?;
                 if now.as_deref() != r.value.as_deref() {
                     return Err(ConflictableTransactionError::Abort(Conflict));
                 }
             }
-            for w in writes {
+            for w in &writes {
                 let tree = &t[w.space.index()];
                 match &w.value {
                     Some(v) => tree.insert(w.key.as_slice(), v.as_slice())?,
                     None => tree.remove(w.key.as_slice())?,
                 };
+            }
+            for (space, key, value) in &appended {
+                t[space.index()].insert(key, value.as_slice())?;
             }
             Ok(())
         });
@@ -154,16 +172,16 @@ impl Store for SledStore {
         Ok(self.tree(space).len())
     }
 
-    fn commit(&self, reads: &[Read], writes: &[Write]) -> Result<bool, Error> {
-        let held = self.apply(reads, writes)?;
+    fn commit(&self, c: Commit) -> Result<bool, Error> {
+        let held = self.apply(c)?;
         if held {
             self.db.flush()?;
         }
         Ok(held)
     }
 
-    fn commit_unflushed(&self, reads: &[Read], writes: &[Write]) -> Result<bool, Error> {
-        self.apply(reads, writes)
+    fn commit_unflushed(&self, c: Commit) -> Result<bool, Error> {
+        self.apply(c)
     }
 
     fn next(&self, _name: &str) -> Result<u64, Error> {
