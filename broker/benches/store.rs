@@ -2,7 +2,8 @@
 //! devices, one run: status lookups/s (what OCSP asks: a linearizable read
 //! from etcd), admission's lookups/s (from the node's view, which the watch
 //! keeps current), and flushed status changes/s (each one committed before
-//! it returns: fsync on sled, a majority's raft commit on etcd).
+//! it returns: fsync on sled, a majority's raft commit on etcd), beside
+//! each store's floor (a commit of one key, nothing read).
 //!
 //! FLEETGATE_BENCH_ETCD=127.0.0.1:2379 cargo bench -p broker --bench store
 //! (bench/cluster.sh starts an etcd member and runs it.)
@@ -12,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use broker::etcd::EtcdStore;
-use provisioning::store::Store;
+use provisioning::store::{Commit, SledStore, Space, Store, Write};
 use provisioning::{
     Authority, CertKey, DeviceId, Identity, InitOptions, IssuedCert, NewDevice, Registry, Role,
     DEFAULT_CERT_LIFETIME,
@@ -41,13 +42,30 @@ fn env(name: &str, default: usize) -> usize {
 /// Figures for one store, in the order of [`ROWS`].
 type Figures = Vec<f64>;
 
-const ROWS: [&str; 5] = [
+const ROWS: [&str; 6] = [
     "status lookup (OCSP), 1 thread",
     "status lookup (OCSP), 2 threads",
     "admission lookup (node's view), 2 threads",
     "flushed status change, 1 thread",
     "flushed status change, 2 threads",
+    "the store's floor: a one-key commit, 1 thread",
 ];
+
+/// Durable commits/s of one key each, one after another: the least a
+/// registry write can cost on `store` (an fsync on sled; a round trip and a
+/// majority's raft commit on etcd).
+fn floor(store: &dyn Store, writes: usize) -> f64 {
+    let t = Instant::now();
+    for i in 0..writes {
+        let w = vec![Write {
+            space: Space::Meta,
+            key: format!("bench-floor/{}", i % 16).into_bytes(),
+            value: Some(i.to_be_bytes().to_vec()),
+        }];
+        assert!(store.commit(Commit::writes(w)).expect("commit"));
+    }
+    writes as f64 / t.elapsed().as_secs_f64()
+}
 
 fn main() {
     let Ok(etcd) = std::env::var("FLEETGATE_BENCH_ETCD") else {
@@ -59,17 +77,20 @@ fn main() {
     let tmp = tempfile::tempdir().expect("temp dir");
 
     println!("registry on sled beside etcd ({etcd}): {devices} devices, {writes} writes");
-    let sled = run(&tmp.path().join("sled"), None, devices, writes);
+    let mut sled = run(&tmp.path().join("sled"), None, devices, writes);
+    let raw = SledStore::open(&tmp.path().join("raw")).expect("sled");
+    sled.push(floor(&raw, writes));
     let store = EtcdStore::connect(vec![etcd], "fleetgate-bench/").expect("etcd");
     let store = Arc::new(store);
     // The watch keeps the node's view current, as in `serve`.
     store.watch(|_| {});
-    let etcd = run(
+    let mut etcd = run(
         &tmp.path().join("etcd"),
-        Some(store as Arc<dyn Store>),
+        Some(store.clone() as Arc<dyn Store>),
         devices,
         writes,
     );
+    etcd.push(floor(&*store, writes));
 
     println!();
     println!(

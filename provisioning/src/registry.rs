@@ -292,6 +292,9 @@ fn storage(e: Error) -> Error {
 /// this many runs.
 const ATTEMPTS: usize = 64;
 
+/// Threads a batch enrollment runs its transactions on, on a shared store.
+const BATCH_WORKERS: usize = 8;
+
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     // Serializing these plain structs to JSON cannot fail: no maps with
     // non-string keys, no failing Serialize impls.
@@ -555,10 +558,30 @@ impl Registry {
 
     /// Runs `f` and commits what it wrote if what it read still holds;
     /// runs it again if not (another writer got there first).
+    ///
+    /// On a shared store the first run reads this node's view of it, and
+    /// takes a key the view does not hold for absent (no round trip per
+    /// read, [`Store::get_optimistic`]): the commit compares every value
+    /// read, so a stale one or a wrong guess costs a run more, never a
+    /// wrong write. What would be answered without a commit (a refusal, or
+    /// nothing written) is read again from the store before it is
+    /// answered.
     fn run<T>(&self, f: impl Fn(&Tx<'_>) -> TxResult<T>, durable: bool) -> Result<T, Error> {
-        for _ in 0..ATTEMPTS {
-            let txn = Txn::new(&*self.store);
-            let out = f(&Tx::over(&txn))?;
+        for attempt in 0..ATTEMPTS {
+            let optimistic = attempt == 0 && self.store.may_block();
+            let txn = if optimistic {
+                Txn::optimistic(&*self.store)
+            } else {
+                Txn::new(&*self.store)
+            };
+            let out = match f(&Tx::over(&txn)) {
+                Ok(out) => out,
+                Err(_) if optimistic => continue,
+                Err(e) => return Err(e),
+            };
+            if optimistic && !txn.writes_anything() {
+                continue;
+            }
             if txn.commit(durable)? {
                 return Ok(out);
             }
@@ -589,10 +612,35 @@ impl Registry {
         batch: &[(NewDevice, IssuedCert)],
         actor: &str,
     ) -> Result<Vec<Result<DeviceRecord, Error>>, Error> {
-        let out = batch
-            .iter()
-            .map(|(new, cert)| self.enroll_unflushed(new, cert, actor))
-            .collect();
+        let out = if self.store.may_block() {
+            // A shared store: a round trip per transaction, so several at
+            // once, which the store sends together (etcd's group commit).
+            let next = std::sync::atomic::AtomicUsize::new(0);
+            let mut out: Vec<Option<Result<DeviceRecord, Error>>> =
+                (0..batch.len()).map(|_| None).collect();
+            let done = std::sync::Mutex::new(&mut out);
+            std::thread::scope(|s| {
+                for _ in 0..BATCH_WORKERS.min(batch.len()) {
+                    s.spawn(|| loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some((new, cert)) = batch.get(i) else {
+                            break;
+                        };
+                        let r = self.enroll_unflushed(new, cert, actor);
+                        done.lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)[i] = Some(r);
+                    });
+                }
+            });
+            out.into_iter()
+                .map(|r| r.expect("every entry was enrolled by a worker"))
+                .collect()
+        } else {
+            batch
+                .iter()
+                .map(|(new, cert)| self.enroll_unflushed(new, cert, actor))
+                .collect()
+        };
         self.store.flush()?;
         self.feed.announce(Vec::new());
         Ok(out)

@@ -426,3 +426,5 @@ fn paging_visits_every_device_once() {
         assert_eq!(sorted, seen);
     }
 }
+
+mod stale_view;

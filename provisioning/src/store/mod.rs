@@ -144,6 +144,16 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         self.get(space, key)
     }
 
+    /// A read for a transaction whose commit compares what it read (see
+    /// [`Txn::optimistic`]): it may be a guess, at no cost to
+    /// correctness, only to a run more when wrong. By default
+    /// [`Store::get_recent`]; a shared store answers from its view, and a
+    /// key its view does not hold as absent (a new device's keys), with
+    /// no round trip.
+    fn get_optimistic(&self, space: Space, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
+        self.get_recent(space, key)
+    }
+
     /// Whether a read may wait on the network (a shared store): callers on
     /// an async runtime then read from the blocking pool.
     fn may_block(&self) -> bool {
@@ -255,6 +265,8 @@ pub struct Txn<'s> {
     reads: ByKey,
     writes: ByKey,
     appends: RefCell<Vec<Append>>,
+    /// Reads go to [`Store::get_optimistic`].
+    optimistic: bool,
 }
 
 impl<'s> Txn<'s> {
@@ -264,7 +276,25 @@ impl<'s> Txn<'s> {
             reads: RefCell::default(),
             writes: RefCell::default(),
             appends: RefCell::default(),
+            optimistic: false,
         }
+    }
+
+    /// A transaction that reads through [`Store::get_optimistic`] (a
+    /// shared store's view of it on this node, or a guess): its commit
+    /// holds only if what it read was the store's value. What it would
+    /// answer without committing (a refusal, a read) must be read again
+    /// through [`Txn::new`].
+    pub fn optimistic(store: &'s dyn Store) -> Self {
+        Self {
+            optimistic: true,
+            ..Self::new(store)
+        }
+    }
+
+    /// Whether the commit would write or append anything.
+    pub fn writes_anything(&self) -> bool {
+        !self.writes.borrow().is_empty() || !self.appends.borrow().is_empty()
     }
 
     /// The value of `key`: this transaction's own write if any, else the
@@ -277,7 +307,11 @@ impl<'s> Txn<'s> {
         if let Some(r) = self.reads.borrow().get(&k) {
             return Ok(r.clone());
         }
-        let v = self.store.get(space, key)?;
+        let v = if self.optimistic {
+            self.store.get_optimistic(space, key)?
+        } else {
+            self.store.get(space, key)?
+        };
         self.reads.borrow_mut().insert(k, v.clone());
         Ok(v)
     }
