@@ -4,9 +4,10 @@
 //! `pb.rs`, so no build needs `protoc`).
 //!
 //! Every node's registry is the same keys, `fleetgate/<space>/<key>`. A
-//! commit is one etcd transaction: a compare for every key the writer read
-//! (its value, or that it is absent), then the writes, applied only if all
-//! compares hold. etcd answers once a majority of members has the commit,
+//! commit is a compare for every key the writer read (its value, or that
+//! it is absent), then the writes, applied only if all compares hold, in
+//! one etcd transaction with whatever else the node commits meanwhile
+//! (`group.rs`). etcd answers once a majority of members has the commit,
 //! so a commit that returned is durable and `flush` has nothing to do.
 //! Without a majority, requests fail: [`provisioning::Error::Unavailable`],
 //! nothing written.
