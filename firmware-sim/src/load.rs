@@ -389,6 +389,23 @@ pub struct OcspReport {
     pub responses: u64,
     pub failures: u64,
     pub elapsed: Duration,
+    /// Each successful answer's time, request to response, sorted.
+    pub latencies: Vec<Duration>,
+    /// Certificates answered revoked (the rest good or unknown).
+    pub revoked: u64,
+    pub unknown: u64,
+}
+
+impl OcspReport {
+    /// The answer time below which a fraction `p` of answers came (ms).
+    pub fn percentile_ms(&self, p: f64) -> f64 {
+        let n = self.latencies.len();
+        if n == 0 {
+            return 0.0;
+        }
+        let i = ((n as f64 * p) as usize).min(n - 1);
+        self.latencies[i].as_secs_f64() * 1000.0
+    }
 }
 
 /// POSTs OCSP requests (one random serial each, a fresh nonce each if
@@ -409,6 +426,8 @@ pub async fn ocsp_run(
     }
     let ok = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
+    let revoked = Arc::new(AtomicU64::new(0));
+    let unknown = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for w in 0..concurrency {
@@ -418,7 +437,9 @@ pub async fn ocsp_run(
             ok.clone(),
             failed.clone(),
         );
+        let (revoked, unknown) = (revoked.clone(), unknown.clone());
         tasks.spawn(async move {
+            let mut latencies = Vec::new();
             let mut rng = 0x9e37_79b9_7f4a_7c15u64 ^ (w as u64).wrapping_mul(0x2545_f491);
             let mut conn: Option<tokio::net::TcpStream> = None;
             let mut counter = 0u64;
@@ -435,29 +456,47 @@ pub async fn ocsp_run(
                     nonce.then_some(n.as_bytes()),
                 ) {
                     Ok(r) => r,
-                    Err(_) => return,
+                    Err(_) => return latencies,
                 };
-                match ocsp_post(addr, &req, keep_alive, &mut conn).await {
-                    Ok(body)
-                        if body.len() > 5
-                            && provisioning::ocsp::read_response(&body)
-                                .is_ok_and(|s| s.status == 0) =>
-                    {
+                let sent = Instant::now();
+                let answer = ocsp_post(addr, &req, keep_alive, &mut conn)
+                    .await
+                    .ok()
+                    .and_then(|body| provisioning::ocsp::read_response(&body).ok())
+                    .filter(|s| s.status == 0);
+                match answer {
+                    Some(summary) => {
+                        latencies.push(sent.elapsed());
                         ok.fetch_add(1, Ordering::Relaxed);
+                        for (_, status) in summary.certs {
+                            match status {
+                                "revoked" => revoked.fetch_add(1, Ordering::Relaxed),
+                                "unknown" => unknown.fetch_add(1, Ordering::Relaxed),
+                                _ => 0,
+                            };
+                        }
                     }
-                    _ => {
+                    None => {
                         conn = None;
                         failed.fetch_add(1, Ordering::Relaxed);
                     }
                 }
             }
+            latencies
         });
     }
-    while tasks.join_next().await.is_some() {}
+    let mut latencies = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        latencies.extend(done.unwrap_or_default());
+    }
+    latencies.sort();
     Ok(OcspReport {
         responses: ok.load(Ordering::Relaxed),
         failures: failed.load(Ordering::Relaxed),
         elapsed: started.elapsed(),
+        latencies,
+        revoked: revoked.load(Ordering::Relaxed),
+        unknown: unknown.load(Ordering::Relaxed),
     })
 }
 

@@ -497,6 +497,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "failures": r.failures,
                     "seconds": r.elapsed.as_secs_f64(),
                     "responses_per_s": r.responses as f64 / r.elapsed.as_secs_f64(),
+                    "p50_ms": r.percentile_ms(0.5),
+                    "p99_ms": r.percentile_ms(0.99),
+                    "revoked": r.revoked,
+                    "unknown": r.unknown,
                 })
             );
         }

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# The registry at a real fleet's size: a data dir a `serve` initialized
+# gets DEVICES devices (default 1,000,000, enrolled in batches in process:
+# broker/benches/registry_scale.rs) and REVOKED revocations (100,000); that
+# bench prints enrollment, revocation, admission lookups, the CRL, device
+# list pages and audit verify. Then `serve` on it: time to listening, RSS
+# idle, OCSP answers/s and p50/p99 for good and revoked certificates
+# (firmware-sim load ocsp), `fleetgate device list`, the console's device
+# search and overview. Loopback only; sled. Needs some 3 GiB of disk at 1M.
+#
+#   bash bench/registry-scale.sh
+#   DEVICES=100000 REVOKED=10000 bash bench/registry-scale.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DEVICES=${DEVICES:-1000000}
+REVOKED=${REVOKED:-100000}
+SECONDS_EACH=${SECONDS_EACH:-5}
+cargo build --release -q -p broker -p firmware-sim
+FG=$PWD/target/release/fleetgate
+SIM=$PWD/target/release/firmware-sim
+work=${WORK:-$(mktemp -d)}
+pid=
+cleanup() {
+    [ -n "$pid" ] && kill "$pid" 2>/dev/null || true
+    wait 2>/dev/null || true
+    [ -n "${WORK:-}" ] || rm -rf "$work"
+}
+trap cleanup EXIT
+
+serve() {
+    "$FG" serve --data-dir "$work/fg" --api-listen 127.0.0.1:0 --mqtt-listen 127.0.0.1:0 \
+        --ocsp-listen 127.0.0.1:0 --http-rate-per-ip 0 >"$work/fg.out" 2>>"$work/fg.log" &
+    pid=$!
+    for _ in $(seq 6000); do grep -q listening "$work/fg.out" 2>/dev/null && return; sleep 0.01; done
+    echo "serve did not start:" >&2; tail "$work/fg.log" >&2; exit 1
+}
+stop() { kill "$pid"; wait "$pid" 2>/dev/null || true; pid=; }
+
+if [ ! -f "$work/good.txt" ]; then
+    serve; stop
+    cargo bench -q -p broker --bench registry_scale -- "$work/fg" "$DEVICES" "$REVOKED" 2>/dev/null
+fi
+du -sh "$work/fg/registry" | sed 's/^/registry on disk: /'
+
+t0=$(date +%s.%N)
+serve
+t1=$(date +%s.%N)
+python3 -c "print(f'serve: listening {float($t1) - float($t0):.2f} s after start')"
+api=$(sed -n 's/.*api=\([^ ]*\).*/\1/p' "$work/fg.out")
+ocsp=$(sed -n 's/.*ocsp=\([^ ]*\).*/\1/p' "$work/fg.out")
+export FLEETGATE_API="https://$api" FLEETGATE_DATA_DIR="$work/fg"
+sleep 5
+echo "serve: RSS idle $(awk '/VmRSS/ {printf "%.1f MiB", $2 / 1024}' /proc/$pid/status)"
+
+for kind in good revoked; do
+    "$SIM" load ocsp --responder "$ocsp" --issuer "$work/fg/ca/issuing.crt" --serials "$work/$kind.txt" \
+        --keep-alive --concurrency 16 --seconds "$SECONDS_EACH" |
+        python3 -c 'import json,sys
+r = json.loads(sys.stdin.read())
+print("OCSP %s: %.0f answers/s, p50 %.2f ms, p99 %.2f ms, %d answered revoked, %d unknown, %d failed"
+      % (sys.argv[1], r["responses_per_s"], r["p50_ms"], r["p99_ms"], r["revoked"], r["unknown"], r["failures"]))' "$kind"
+done
+
+timed() { # label command...
+    local a b
+    a=$(date +%s%N); "${@:2}" >/dev/null; b=$(date +%s%N)
+    echo "$1: $(( (b - a) / 1000000 )) ms"
+}
+timed "fleetgate device list (first page, CLI process included)" "$FG" device list
+console() {
+    curl -sf --cacert "$work/fg/ca.crt" --cert "$work/fg/admin.crt" --key "$work/fg/admin.key" \
+        -o /dev/null -w '%{time_total}' "https://$api$1"
+}
+for path in "/console/api/overview" "/console/api/devices" "/console/api/devices?q=dev-0999990" \
+    "/console/api/devices?q=dev-0000007" "/console/api/devices?status=revoked" \
+    "/console/api/devices/dev-0000001"; do
+    console "$path" >/dev/null # warm
+    echo "console $path: $(console "$path" | python3 -c 'import sys; print(f"{float(sys.stdin.read()) * 1000:.0f} ms")')"
+done

@@ -1,0 +1,190 @@
+//! The registry at a fleet's size, in process (`bench/registry-scale.sh`
+//! runs it, then `serve` on what it wrote):
+//!
+//!   cargo bench -p broker --bench registry_scale -- DATA_DIR DEVICES REVOKED
+//!
+//! Opens the data dir a `serve` initialized (and stopped), enrolls DEVICES
+//! devices in batches of 10,000 (signing on every core, one flush each),
+//! revokes REVOKED of them in bulk calls of 10,000, and prints: the time
+//! of each, admission lookups p50/p99 (the node's view, random
+//! certificates), the issuing CA's CRL (time to make, size), a page of
+//! the device list at its start, middle and end, and `audit verify`.
+//! Writes `good.txt` and `revoked.txt` (10,000 hex serials each) beside
+//! the data dir for `firmware-sim load ocsp`.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use provisioning::{
+    Authority, CertKey, DeviceId, Identity, InitOptions, IssuedCert, NewDevice, RevocationReason,
+    Role, DEFAULT_CERT_LIFETIME,
+};
+
+/// xorshift64*: reproducible picks without a dependency.
+struct Rng(u64);
+impl Rng {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n as u64) as usize
+    }
+}
+
+const BATCH: usize = 10_000;
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    let [dir, devices, revoked] = args.as_slice() else {
+        eprintln!(
+            "usage: registry_scale DATA_DIR DEVICES REVOKED (bench/registry-scale.sh runs it)"
+        );
+        return;
+    };
+    let dir = PathBuf::from(dir);
+    let devices: usize = devices.parse().expect("DEVICES");
+    let revoked: usize = revoked.parse().expect("REVOKED");
+    let auth = Authority::open(&dir, &InitOptions::default()).expect("open the data dir");
+    let key = rcgen::KeyPair::generate().expect("key");
+    let id = |i: usize| DeviceId::try_new(format!("dev-{i:07}")).expect("id");
+
+    // Enroll, signing each batch on every core.
+    let t = Instant::now();
+    let mut keys: Vec<CertKey> = Vec::with_capacity(devices);
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    for start in (0..devices).step_by(BATCH) {
+        let end = (start + BATCH).min(devices);
+        let per = (end - start).div_ceil(workers);
+        let batch: Vec<(NewDevice, IssuedCert)> = std::thread::scope(|s| {
+            let parts: Vec<_> = (start..end)
+                .step_by(per)
+                .map(|from| {
+                    let (auth, key) = (&auth, &key);
+                    s.spawn(move || {
+                        (from..(from + per).min(end))
+                            .map(|i| {
+                                let identity = Identity {
+                                    role: Role::Device,
+                                    id: id(i),
+                                };
+                                auth.issue_new(key, &identity, None, DEFAULT_CERT_LIFETIME)
+                                    .expect("issue")
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            parts
+                .into_iter()
+                .flat_map(|p| p.join().expect("signer"))
+                .collect()
+        });
+        keys.extend(batch.iter().map(|(_, c)| c.key()));
+        for r in auth.registry.enroll_batch(&batch, "bench").expect("batch") {
+            r.expect("enroll");
+        }
+    }
+    let enrolled = t.elapsed();
+    println!(
+        "enrolled {devices} devices in {:.1} s ({:.0}/s incl. signing)",
+        enrolled.as_secs_f64(),
+        devices as f64 / enrolled.as_secs_f64()
+    );
+
+    // Revoke every (devices / revoked)-th device, in bulk calls.
+    let step = (devices / revoked.max(1)).max(1);
+    let to_revoke: Vec<usize> = (0..devices).step_by(step).take(revoked).collect();
+    let t = Instant::now();
+    for chunk in to_revoke.chunks(BATCH) {
+        let ids: Vec<DeviceId> = chunk.iter().map(|&i| id(i)).collect();
+        auth.registry
+            .revoke_many(&ids, RevocationReason::KeyCompromise, "bench")
+            .expect("revoke");
+    }
+    println!(
+        "revoked {} devices in {:.1} s",
+        to_revoke.len(),
+        t.elapsed().as_secs_f64()
+    );
+
+    // Serials for the OCSP load: good and revoked.
+    let hex = |k: &CertKey| k.serial.to_hex();
+    let parent = dir.parent().expect("data dir's parent");
+    let good: Vec<String> = (0..devices)
+        .filter(|i| i % step != 0 || i / step >= revoked)
+        .take(BATCH)
+        .map(|i| hex(&keys[i]))
+        .collect();
+    let bad: Vec<String> = to_revoke
+        .iter()
+        .take(BATCH)
+        .map(|&i| hex(&keys[i]))
+        .collect();
+    std::fs::write(parent.join("good.txt"), good.join("\n") + "\n").expect("good.txt");
+    std::fs::write(parent.join("revoked.txt"), bad.join("\n") + "\n").expect("revoked.txt");
+
+    // Admission's lookup, as a handshake makes it.
+    let recent = auth.registry.recent();
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut took: Vec<Duration> = (0..100_000)
+        .map(|_| {
+            let k = &keys[rng.below(keys.len())];
+            let t = Instant::now();
+            let found = recent.standing(k).expect("lookup");
+            let d = t.elapsed();
+            assert!(found.is_some());
+            d
+        })
+        .collect();
+    took.sort();
+    println!(
+        "admission lookup: p50 {:.1} us, p99 {:.1} us (100,000 random certificates)",
+        percentile(&took, 0.5).as_secs_f64() * 1e6,
+        percentile(&took, 0.99).as_secs_f64() * 1e6
+    );
+
+    let t = Instant::now();
+    let crl = auth.issuing_crl().expect("crl");
+    println!(
+        "issuing CRL: made in {:.0} ms, {} bytes",
+        ms(t.elapsed()),
+        crl.len()
+    );
+
+    for (name, after) in [
+        ("start", None),
+        ("middle", Some(id(devices / 2).to_string())),
+        ("end", Some(id(devices.saturating_sub(60)).to_string())),
+    ] {
+        let t = Instant::now();
+        let page = auth
+            .registry
+            .list(None, after.as_deref(), 50)
+            .expect("list");
+        println!(
+            "device list, a page of 50 at the {name}: {:.2} ms ({} items)",
+            ms(t.elapsed()),
+            page.items.len()
+        );
+    }
+
+    let t = Instant::now();
+    let v = auth.verify_audit().expect("verify");
+    println!(
+        "audit verify: {:.1} s ({} entries, {} problems)",
+        t.elapsed().as_secs_f64(),
+        v.entries,
+        v.problems.len()
+    );
+}
