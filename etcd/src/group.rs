@@ -92,9 +92,10 @@ fn ops(c: &Commit) -> (usize, usize) {
         .map(|a| a.counter)
         .collect::<HashSet<_>>()
         .len();
+    let indexed = c.appends.iter().filter(|a| a.index.is_some()).count();
     (
         c.reads.len() + counters,
-        c.writes.len() + c.appends.len() + counters,
+        c.writes.len() + c.appends.len() + indexed + counters,
     )
 }
 
@@ -266,6 +267,9 @@ impl EtcdStore {
                 let n = next.get_mut(a.counter).expect("counter read above");
                 *n += 1;
                 success.push(put(self.key(a.space, &n.to_be_bytes()), (a.value)(*n)));
+                if let Some((space, key)) = a.index_key(*n) {
+                    success.push(put(self.key(space, &key), Vec::new()));
+                }
             }
         }
         for (name, n) in &next {
@@ -344,6 +348,7 @@ mod tests {
                     space: Space::Audit,
                     counter: "audit",
                     value: Box::new(|n| n.to_be_bytes().to_vec()),
+                    index: None,
                 })
                 .collect(),
         }

@@ -10,6 +10,8 @@
 //! - `fingerprints`: SHA-256 of the DER -> [`CertKey`]
 //! - `by_status`: `<status>/<id>` -> empty, for paged listing by status
 //! - `audit`: big-endian sequence number -> [`AuditEntry`]
+//! - `audit_by_device`: `<device id>\0<sequence number>` -> empty, a
+//!   device's audit trail without a scan of the log (since schema 3)
 //! - `manufacturers`: name -> [`ManufacturerRecord`]
 //! - `claims`: claim id -> [`ClaimRecord`] (uses left)
 //! - `challenges`: manufacturer name -> proof-of-possession challenge
@@ -48,7 +50,15 @@ pub use seal::{Checkpoint, Verification};
 
 /// The registry's layout version, in `meta`; older layouts are migrated
 /// when opened. 2: certificates keyed by [`CertKey`] instead of serial.
-const SCHEMA: u64 = 2;
+/// 3: the audit log indexed by device (`audit_by_device`).
+const SCHEMA: u64 = 3;
+
+/// Where a device's audit entries are listed: `<id>\0`, then each number.
+fn audit_index_prefix(d: &DeviceId) -> Vec<u8> {
+    let mut k = d.as_str().as_bytes().to_vec();
+    k.push(0);
+    k
+}
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceRecord {
@@ -496,12 +506,18 @@ impl Tx<'_> {
             serial: serial.cloned(),
             detail,
         };
-        self.txn.append(Space::Audit, "audit", move |seq| {
-            encode(&AuditEntry {
-                seq,
-                ..entry.clone()
-            })
-        });
+        let index = device.map(|d| (Space::AuditByDevice, audit_index_prefix(d)));
+        self.txn.append(
+            Space::Audit,
+            "audit",
+            move |seq| {
+                encode(&AuditEntry {
+                    seq,
+                    ..entry.clone()
+                })
+            },
+            index,
+        );
         Ok(())
     }
 }

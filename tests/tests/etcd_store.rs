@@ -223,9 +223,12 @@ fn concurrent_commits_on_two_nodes_lose_no_update_and_number_appends_densely() {
                         let n = count(txn.get(Space::Meta, b"shared").unwrap());
                         txn.insert(Space::Meta, b"shared", (n + 1).to_string().as_bytes());
                         let tag = format!("rmw {t}/{i}");
-                        txn.append(Space::Audit, "audit", move |seq| {
-                            format!("{seq} {tag}").into_bytes()
-                        });
+                        txn.append(
+                            Space::Audit,
+                            "audit",
+                            move |seq| format!("{seq} {tag}").into_bytes(),
+                            None,
+                        );
                         txn.commit(true).unwrap()
                     });
                     assert!(held, "an increment never held");
@@ -233,9 +236,14 @@ fn concurrent_commits_on_two_nodes_lose_no_update_and_number_appends_densely() {
                     let txn = Txn::new(&*node);
                     txn.insert(Space::Claims, format!("own/{t}/{i}").as_bytes(), b"");
                     let tag = format!("own {t}/{i}");
-                    txn.append(Space::Audit, "audit", move |seq| {
-                        format!("{seq} {tag}").into_bytes()
-                    });
+                    // Indexed under its thread, as the log is by device.
+                    let index = (Space::AuditByDevice, format!("t{t}\0").into_bytes());
+                    txn.append(
+                        Space::Audit,
+                        "audit",
+                        move |seq| format!("{seq} {tag}").into_bytes(),
+                        Some(index),
+                    );
                     assert!(txn.commit(true).unwrap());
                 }
             });
@@ -261,6 +269,23 @@ fn concurrent_commits_on_two_nodes_lose_no_update_and_number_appends_densely() {
         let (n, tag) = v.split_once(' ').unwrap();
         assert_eq!(n, seq.to_string(), "the entry holds its own number");
         assert!(tags.insert(tag.to_owned()), "{tag} appended twice");
+    }
+    // Each thread's index lists its own entries, by their numbers.
+    for t in 0..THREADS {
+        let prefix = format!("t{t}\0").into_bytes();
+        let listed: Vec<Vec<u8>> = nodes[1]
+            .scan(Space::AuditByDevice, &prefix, b"")
+            .map(|kv| kv.unwrap().0)
+            .collect();
+        assert_eq!(listed.len(), EACH);
+        for k in listed {
+            let v = nodes[1]
+                .get(Space::Audit, &k[prefix.len()..])
+                .unwrap()
+                .unwrap();
+            let v = String::from_utf8(v).unwrap();
+            assert!(v.contains(&format!(" own {t}/")), "{v} under t{t}");
+        }
     }
     // The counter says where the next number starts, whichever node asks.
     assert_eq!(nodes[1].next("audit").unwrap(), 2 * total as u64 + 1);

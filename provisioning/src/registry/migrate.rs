@@ -15,13 +15,66 @@ impl Registry {
         if version >= SCHEMA {
             return Ok(self);
         }
-        let txn = Txn::new(&*self.store);
-        let tx = Tx::over(&txn);
         if self.store.len(Space::Devices)? == 0 && self.store.len(Space::Certs)? == 0 {
-            tx.meta.insert("schema", SCHEMA.to_be_bytes())?;
+            let txn = Txn::new(&*self.store);
+            Tx::over(&txn).meta.insert("schema", SCHEMA.to_be_bytes())?;
             txn.commit(true)?;
             return Ok(self);
         }
+        if version < 2 {
+            self.keyed_by_issuer()?;
+        }
+        self.audit_indexed_by_device()?;
+        let txn = Txn::new(&*self.store);
+        Tx::over(&txn).meta.insert("schema", SCHEMA.to_be_bytes())?;
+        txn.commit(true)?;
+        Ok(self)
+    }
+
+    /// Version 3: the audit log's index by device, made from the log (in
+    /// commits of at most the store's bound; entries already there are
+    /// written again, so an interrupted run simply runs again).
+    fn audit_indexed_by_device(&self) -> Result<(), Error> {
+        let per = self.store.max_writes().min(1000);
+        let mut pending: Vec<Vec<u8>> = Vec::new();
+        let mut indexed = 0usize;
+        let flush = |keys: &mut Vec<Vec<u8>>| -> Result<(), Error> {
+            if keys.is_empty() {
+                return Ok(());
+            }
+            let txn = Txn::new(&*self.store);
+            for k in keys.drain(..) {
+                txn.insert(Space::AuditByDevice, &k, b"");
+            }
+            txn.commit(true)?;
+            Ok(())
+        };
+        for kv in self.scan(Space::Audit, b"") {
+            let (k, v) = kv?;
+            let e: AuditEntry = decode("audit entry", &v)?;
+            if let Some(d) = &e.device {
+                let mut key = super::audit_index_prefix(d);
+                key.extend_from_slice(&k);
+                pending.push(key);
+                indexed += 1;
+                if pending.len() >= per {
+                    flush(&mut pending)?;
+                }
+            }
+        }
+        flush(&mut pending)?;
+        tracing::info!(
+            entries = indexed,
+            "registry migrated: the audit log indexed by device"
+        );
+        Ok(())
+    }
+
+    /// Version 2: certificates keyed by issuer and serial (version 1 keyed
+    /// them by serial alone).
+    fn keyed_by_issuer(&self) -> Result<(), Error> {
+        let txn = Txn::new(&*self.store);
+        let tx = Tx::over(&txn);
         // Version 1 keyed certificates by serial alone. Device records
         // list serials (v1) or keys (v2, if interrupted half way).
         let mut device_of = std::collections::HashMap::new();
@@ -60,7 +113,7 @@ impl Registry {
             }
             tx.devices.insert(&k, encode(&d))?;
         }
-        tx.meta.insert("schema", SCHEMA.to_be_bytes())?;
+        tx.meta.insert("schema", 2u64.to_be_bytes())?;
         if !txn.commit(true)? {
             return Err(Error::Storage(
                 "the registry changed while it was migrated".into(),
@@ -70,6 +123,6 @@ impl Registry {
             certificates = keys.len(),
             "registry migrated: certificates keyed by issuer and serial"
         );
-        Ok(self)
+        Ok(())
     }
 }

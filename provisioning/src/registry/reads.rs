@@ -206,21 +206,26 @@ impl Registry {
         Ok(counts)
     }
 
-    /// The newest `limit` audit entries about `device`, newest first (a
-    /// scan of the whole log: the log has no index by device).
+    /// The newest `limit` audit entries about `device`, newest first.
     pub fn audit_of(&self, device: &DeviceId, limit: usize) -> Result<Vec<AuditEntry>, Error> {
-        let mut found = std::collections::VecDeque::new();
-        for kv in self.scan(Space::Audit, b"") {
-            let (_, v) = kv?;
-            let e: AuditEntry = decode("audit entry", &v)?;
-            if e.device.as_ref() == Some(device) {
-                if found.len() == limit {
-                    found.pop_front();
-                }
-                found.push_back(e);
+        // The device's index, newest first: a page of its entries however
+        // long the log.
+        let prefix = super::audit_index_prefix(device);
+        let mut found = Vec::new();
+        for kv in self
+            .store
+            .scan_rev(Space::AuditByDevice, &prefix, b"")
+            .take(limit)
+        {
+            let (k, _) = kv?;
+            let seq = k
+                .get(prefix.len()..)
+                .ok_or_else(|| Error::Corrupt("audit index key".into()))?;
+            if let Some(v) = self.store.get(Space::Audit, seq)? {
+                found.push(decode::<AuditEntry>("audit entry", &v)?);
             }
         }
-        Ok(found.into_iter().rev().collect())
+        Ok(found)
     }
 
     /// Audit entries with a sequence number above `after`, oldest first.

@@ -161,6 +161,12 @@ fn a_version_1_registry_is_migrated_on_open() {
     assert_eq!(d2.certificates, vec![keys[1].clone()]);
     let c2 = r.certificate(&keys[1]).unwrap().unwrap();
     assert_eq!(c2.device_manufacturer.as_deref(), Some("acme"));
+    // And its audit log is indexed by device (version 3).
+    let trail = r
+        .audit_of(&DeviceId::try_new("dev-2").unwrap(), 10)
+        .unwrap();
+    assert_eq!(trail.len(), 1);
+    assert_eq!(trail[0].action, "enroll");
     // Opening again changes nothing.
     drop(r);
     let r = Registry::open(&path).unwrap();
@@ -425,6 +431,58 @@ fn paging_visits_every_device_once() {
         sorted.dedup();
         assert_eq!(sorted, seen);
     }
+}
+
+#[test]
+fn a_version_2_log_gets_its_index_by_device_on_open() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("registry");
+    let auth = Authority::open_or_init(tmp.path(), &InitOptions::default()).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let id = DeviceId::try_new("dev-1").unwrap();
+    let (new, cert) = auth
+        .issue_new(&key, &device("dev-1"), None, DEFAULT_CERT_LIFETIME)
+        .unwrap();
+    let r = &auth.registry;
+    r.enroll(&new, &cert, "test").unwrap();
+    r.suspend(&id, "test").unwrap();
+    r.resume(&id, "test").unwrap();
+    let trail: Vec<String> = r
+        .audit_of(&id, 10)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.action)
+        .collect();
+    assert_eq!(trail, ["resume", "suspend", "enroll"], "newest first");
+    assert_eq!(r.audit_of(&id, 2).unwrap().len(), 2);
+    // Version 2 had no index.
+    let index: Vec<_> = r
+        .scan(Space::AuditByDevice, b"")
+        .map(Result::unwrap)
+        .collect();
+    let of_dev_1 = index
+        .iter()
+        .filter(|(k, _)| k.starts_with(b"dev-1\0"))
+        .count();
+    assert_eq!(of_dev_1, 3);
+    r.transact(|tx| {
+        for (k, _) in &index {
+            tx.txn.remove(Space::AuditByDevice, k);
+        }
+        tx.meta.insert("schema", 2u64.to_be_bytes())
+    })
+    .unwrap();
+    assert!(r.audit_of(&id, 10).unwrap().is_empty());
+    drop(auth);
+
+    let r = Registry::open(&path).unwrap();
+    let trail: Vec<String> = r
+        .audit_of(&id, 10)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.action)
+        .collect();
+    assert_eq!(trail, ["resume", "suspend", "enroll"]);
 }
 
 mod stale_view;

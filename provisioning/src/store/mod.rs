@@ -32,10 +32,12 @@ pub enum Space {
     Manufacturers,
     Claims,
     Challenges,
+    /// The audit log by device: `<device id>\0<number>`, empty values.
+    AuditByDevice,
 }
 
 impl Space {
-    pub const ALL: [Space; 9] = [
+    pub const ALL: [Space; 10] = [
         Self::Devices,
         Self::Certs,
         Self::Fingerprints,
@@ -45,6 +47,7 @@ impl Space {
         Self::Manufacturers,
         Self::Claims,
         Self::Challenges,
+        Self::AuditByDevice,
     ];
 
     /// Its name in the store.
@@ -59,6 +62,7 @@ impl Space {
             Self::Manufacturers => "manufacturers",
             Self::Claims => "claims",
             Self::Challenges => "challenges",
+            Self::AuditByDevice => "audit_by_device",
         }
     }
 
@@ -94,6 +98,20 @@ pub struct Append {
     pub space: Space,
     pub counter: &'static str,
     pub value: Box<dyn Fn(u64) -> Vec<u8> + Send + Sync>,
+    /// An index entry to write with it, empty, at this prefix followed by
+    /// the number: `(space, prefix)`.
+    pub index: Option<(Space, Vec<u8>)>,
+}
+
+impl Append {
+    /// The index entry's key for the number `n`, if there is one.
+    pub fn index_key(&self, n: u64) -> Option<(Space, Vec<u8>)> {
+        self.index.as_ref().map(|(space, prefix)| {
+            let mut key = prefix.clone();
+            key.extend_from_slice(&n.to_be_bytes());
+            (*space, key)
+        })
+    }
 }
 
 impl std::fmt::Debug for Append {
@@ -326,18 +344,21 @@ impl<'s> Txn<'s> {
         self.writes.borrow_mut().insert((space, key.to_vec()), None);
     }
 
-    /// Appends a value numbered by `counter` at the commit (see
-    /// [`Append`]); not read back by this transaction.
+    /// Appends a value numbered by `counter` at the commit, and an empty
+    /// entry at `index`'s prefix and the number if given (see [`Append`]);
+    /// not read back by this transaction.
     pub fn append(
         &self,
         space: Space,
         counter: &'static str,
         value: impl Fn(u64) -> Vec<u8> + Send + Sync + 'static,
+        index: Option<(Space, Vec<u8>)>,
     ) {
         self.appends.borrow_mut().push(Append {
             space,
             counter,
             value: Box::new(value),
+            index,
         });
     }
 

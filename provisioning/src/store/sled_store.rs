@@ -86,7 +86,7 @@ impl SledStore {
             .iter()
             .map(|a| {
                 let n = self.db.generate_id()?;
-                Ok((a.space, n.to_be_bytes(), (a.value)(n)))
+                Ok((a.space, n.to_be_bytes(), (a.value)(n), a.index_key(n)))
             })
             .collect::<Result<Vec<_>, Error>>()?;
         let done = self.trees[..].transaction(|t| {
@@ -103,8 +103,11 @@ impl SledStore {
                     None => tree.remove(w.key.as_slice())?,
                 };
             }
-            for (space, key, value) in &appended {
+            for (space, key, value, index) in &appended {
                 t[space.index()].insert(key, value.as_slice())?;
+                if let Some((space, key)) = index {
+                    t[space.index()].insert(key.as_slice(), &[][..])?;
+                }
             }
             Ok(())
         });
