@@ -196,3 +196,43 @@ fn the_console_signs_in_once_shows_a_device_and_revokes_it() {
     assert!(audit.contains("admin:admin (console)"), "{audit}");
     assert!(server.wait_for_log("console: refused a state change", Duration::from_secs(1)));
 }
+
+/// The console's device search: ids that start with the text are found in
+/// their stretch of the id order (whatever the fleet's size), with the
+/// status filter and pages; text inside ids is searched for when no id
+/// starts with it. Over the console's API, with the admin's certificate.
+#[test]
+fn the_device_search_finds_ids_by_prefix_and_by_text_inside_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("data")).unwrap();
+    let creds = tmp.path().join("creds");
+    for id in ["sensor-1", "sensor-10", "sensor-2", "probe-sensor-1"] {
+        server.enroll(&creds, "device", id);
+    }
+    server.cli_ok(&["device", "suspend", "sensor-10"]);
+    let admin = server.admin();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let ids = |path: &str| -> (Vec<String>, serde_json::Value) {
+        let page: serde_json::Value = rt.block_on(admin.get(path)).unwrap();
+        let ids = page["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["id"].as_str().unwrap().to_owned())
+            .collect();
+        (ids, page["next"].clone())
+    };
+    // By prefix: the id itself first, then those after it that start so.
+    let (found, next) = ids("/console/api/devices?q=sensor-1");
+    assert_eq!(found, ["sensor-1", "sensor-10"]);
+    assert!(next.is_null());
+    let (found, _) = ids("/console/api/devices?q=sensor-1&status=suspended");
+    assert_eq!(found, ["sensor-10"]);
+    let (found, _) = ids("/console/api/devices?q=sensor-1&status=active");
+    assert_eq!(found, ["sensor-1"]);
+    // Inside ids, when none starts with it.
+    let (found, _) = ids("/console/api/devices?q=nsor-1");
+    assert_eq!(found, ["probe-sensor-1", "sensor-1", "sensor-10"]);
+    let (found, _) = ids("/console/api/devices?q=nothing-like-it");
+    assert!(found.is_empty());
+}

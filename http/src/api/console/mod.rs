@@ -753,9 +753,18 @@ async fn devices(
         .filter(|s| !s.is_empty())
         .map(|s| s.parse::<Status>())
         .transpose()?;
-    let needle = q.q.unwrap_or_default().trim().to_lowercase();
+    let text = q.q.unwrap_or_default().trim().to_owned();
+    let needle = text.to_lowercase();
     let auth = st.auth.clone();
     let (found, next) = super::blocking(move || {
+        // Ids that start with the text are one stretch of the id order:
+        // read there, however large the fleet (unless the text names a
+        // manufacturer, whose devices are searched for below).
+        if !text.is_empty() && auth.registry.manufacturer(&text)?.is_none() {
+            if let Some(page) = by_prefix(&auth.registry, status, &text, q.after.as_deref())? {
+                return Ok(page);
+            }
+        }
         let mut found: Vec<DeviceRecord> = Vec::new();
         let mut after = q.after;
         let mut scanned = 0;
@@ -796,6 +805,55 @@ async fn devices(
         })
         .collect();
     Ok(Json(DevicePage { items, next }))
+}
+
+/// A page of devices found, and the id to go on after if there are more.
+type Found = (Vec<DeviceRecord>, Option<String>);
+
+/// A page of the devices whose ids start with `text` (with `status`),
+/// after `after`; `None` if none there does (the search then looks inside
+/// ids, a bounded scan).
+fn by_prefix(
+    registry: &provisioning::Registry,
+    status: Option<Status>,
+    text: &str,
+    after: Option<&str>,
+) -> Result<Option<Found>, provisioning::Error> {
+    let mut found = Vec::new();
+    // The id that is the text itself comes first; `list` reads after it.
+    let from = match after {
+        Some(a) if a >= text => a.to_owned(),
+        _ => {
+            if let Ok(id) = DeviceId::try_new(text) {
+                match registry.device(&id) {
+                    Ok(d) if status.is_none_or(|s| s == d.status) => found.push(d),
+                    Ok(_) | Err(provisioning::Error::NotFound { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            text.to_owned()
+        }
+    };
+    let page = registry.list(status, Some(&from), PAGE + 1)?;
+    let mut more = false;
+    for d in page.items {
+        if !d.id.as_str().starts_with(text) {
+            break;
+        }
+        if found.len() == PAGE {
+            more = true;
+            break;
+        }
+        found.push(d);
+    }
+    if found.is_empty() {
+        // Nothing (more) starts with it: the caller searches inside ids.
+        return Ok(None);
+    }
+    let next = more
+        .then(|| found.last().map(|d| d.id.to_string()))
+        .flatten();
+    Ok(Some((found, next)))
 }
 
 #[derive(Debug, Serialize)]
