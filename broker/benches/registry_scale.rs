@@ -55,13 +55,114 @@ fn main() {
     let dir = PathBuf::from(dir);
     let devices: usize = devices.parse().expect("DEVICES");
     let revoked: usize = revoked.parse().expect("REVOKED");
+    let id = |i: usize| DeviceId::try_new(format!("dev-{i:07}")).expect("id");
+    let t = Instant::now();
     let auth = Authority::open(&dir, &InitOptions::default()).expect("open the data dir");
+    println!("opened the data dir in {:.1} s", t.elapsed().as_secs_f64());
+    let mut keys: Vec<CertKey> = Vec::with_capacity(devices);
+    if devices > 0 {
+        populate(&auth, devices, revoked, &dir, &mut keys);
+    } else {
+        // Measure what is there: every device's certificates.
+        let mut after: Option<String> = None;
+        loop {
+            let page = auth
+                .registry
+                .list(None, after.as_deref(), 1000)
+                .expect("list");
+            keys.extend(page.items.iter().flat_map(|d| d.certificates.clone()));
+            after = page.next;
+            if after.is_none() {
+                break;
+            }
+        }
+        println!("{} certificates in the registry", keys.len());
+    }
+
+    // Admission's lookup, as a handshake makes it.
+    let recent = auth.registry.recent();
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut took: Vec<Duration> = (0..100_000)
+        .map(|_| {
+            let k = &keys[rng.below(keys.len())];
+            let t = Instant::now();
+            let found = recent.standing(k).expect("lookup");
+            let d = t.elapsed();
+            assert!(found.is_some());
+            d
+        })
+        .collect();
+    took.sort();
+    println!(
+        "admission lookup: p50 {:.1} us, p99 {:.1} us (100,000 random certificates)",
+        percentile(&took, 0.5).as_secs_f64() * 1e6,
+        percentile(&took, 0.99).as_secs_f64() * 1e6
+    );
+
+    let t = Instant::now();
+    let issuer = auth
+        .registry
+        .certificate(&keys[0])
+        .expect("read")
+        .expect("a certificate")
+        .issuer;
+    let listed = auth
+        .registry
+        .revoked_by_issuer(None, &issuer)
+        .expect("listed");
+    println!(
+        "certificates a CRL lists: {} found in {:.0} ms",
+        listed.len(),
+        ms(t.elapsed())
+    );
+    let t = Instant::now();
+    let crl = auth.issuing_crl().expect("crl");
+    println!(
+        "issuing CRL: made in {:.0} ms, {} bytes",
+        ms(t.elapsed()),
+        crl.len()
+    );
+
+    for (name, after) in [
+        ("start", None),
+        ("middle", Some(id(devices / 2).to_string())),
+        ("end", Some(id(devices.saturating_sub(60)).to_string())),
+    ] {
+        let t = Instant::now();
+        let page = auth
+            .registry
+            .list(None, after.as_deref(), 50)
+            .expect("list");
+        println!(
+            "device list, a page of 50 at the {name}: {:.2} ms ({} items)",
+            ms(t.elapsed()),
+            page.items.len()
+        );
+    }
+
+    let t = Instant::now();
+    let v = auth.verify_audit().expect("verify");
+    println!(
+        "audit verify: {:.1} s ({} entries, {} problems)",
+        t.elapsed().as_secs_f64(),
+        v.entries,
+        v.problems.len()
+    );
+}
+
+/// Enrolls `devices` devices (signing each batch on every core) and revokes
+/// `revoked` of them in bulk; writes the serial files for the OCSP load.
+fn populate(
+    auth: &Authority,
+    devices: usize,
+    revoked: usize,
+    dir: &std::path::Path,
+    keys: &mut Vec<CertKey>,
+) {
     let key = rcgen::KeyPair::generate().expect("key");
     let id = |i: usize| DeviceId::try_new(format!("dev-{i:07}")).expect("id");
-
     // Enroll, signing each batch on every core.
     let t = Instant::now();
-    let mut keys: Vec<CertKey> = Vec::with_capacity(devices);
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
     for start in (0..devices).step_by(BATCH) {
         let end = (start + BATCH).min(devices);
@@ -70,7 +171,7 @@ fn main() {
             let parts: Vec<_> = (start..end)
                 .step_by(per)
                 .map(|from| {
-                    let (auth, key) = (&auth, &key);
+                    let key = &key;
                     s.spawn(move || {
                         (from..(from + per).min(end))
                             .map(|i| {
@@ -133,58 +234,4 @@ fn main() {
         .collect();
     std::fs::write(parent.join("good.txt"), good.join("\n") + "\n").expect("good.txt");
     std::fs::write(parent.join("revoked.txt"), bad.join("\n") + "\n").expect("revoked.txt");
-
-    // Admission's lookup, as a handshake makes it.
-    let recent = auth.registry.recent();
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    let mut took: Vec<Duration> = (0..100_000)
-        .map(|_| {
-            let k = &keys[rng.below(keys.len())];
-            let t = Instant::now();
-            let found = recent.standing(k).expect("lookup");
-            let d = t.elapsed();
-            assert!(found.is_some());
-            d
-        })
-        .collect();
-    took.sort();
-    println!(
-        "admission lookup: p50 {:.1} us, p99 {:.1} us (100,000 random certificates)",
-        percentile(&took, 0.5).as_secs_f64() * 1e6,
-        percentile(&took, 0.99).as_secs_f64() * 1e6
-    );
-
-    let t = Instant::now();
-    let crl = auth.issuing_crl().expect("crl");
-    println!(
-        "issuing CRL: made in {:.0} ms, {} bytes",
-        ms(t.elapsed()),
-        crl.len()
-    );
-
-    for (name, after) in [
-        ("start", None),
-        ("middle", Some(id(devices / 2).to_string())),
-        ("end", Some(id(devices.saturating_sub(60)).to_string())),
-    ] {
-        let t = Instant::now();
-        let page = auth
-            .registry
-            .list(None, after.as_deref(), 50)
-            .expect("list");
-        println!(
-            "device list, a page of 50 at the {name}: {:.2} ms ({} items)",
-            ms(t.elapsed()),
-            page.items.len()
-        );
-    }
-
-    let t = Instant::now();
-    let v = auth.verify_audit().expect("verify");
-    println!(
-        "audit verify: {:.1} s ({} entries, {} problems)",
-        t.elapsed().as_secs_f64(),
-        v.entries,
-        v.problems.len()
-    );
 }

@@ -12,6 +12,9 @@
 //! - `audit`: big-endian sequence number -> [`AuditEntry`]
 //! - `audit_by_device`: `<device id>\0<sequence number>` -> empty, a
 //!   device's audit trail without a scan of the log (since schema 3)
+//! - `listed`: [`CertKey`] -> empty, the certificates CRLs list (revoked,
+//!   or their device not active), so a CRL reads them, not every
+//!   certificate (since schema 4)
 //! - `manufacturers`: name -> [`ManufacturerRecord`]
 //! - `claims`: claim id -> [`ClaimRecord`] (uses left)
 //! - `challenges`: manufacturer name -> proof-of-possession challenge
@@ -50,8 +53,15 @@ pub use seal::{Checkpoint, Verification};
 
 /// The registry's layout version, in `meta`; older layouts are migrated
 /// when opened. 2: certificates keyed by [`CertKey`] instead of serial.
-/// 3: the audit log indexed by device (`audit_by_device`).
-const SCHEMA: u64 = 3;
+/// 3: the audit log indexed by device (`audit_by_device`); 4: the
+/// certificates CRLs list (`listed`).
+const SCHEMA: u64 = 4;
+
+/// Whether CRLs list a certificate whatever its manufacturers' standing:
+/// revoked itself, or its device revoked, suspended or pending.
+fn listed(c: &CertRecord) -> bool {
+    c.revocation.is_some() || c.device_status != Status::Active
+}
 
 /// Where a device's audit entries are listed: `<id>\0`, then each number.
 fn audit_index_prefix(d: &DeviceId) -> Vec<u8> {
@@ -439,9 +449,15 @@ impl Tx<'_> {
     }
 
     fn put_cert(&self, c: &CertRecord) -> TxResult<()> {
-        self.certs
-            .insert(c.key().to_bytes(), encode(c))
-            .map_err(storage)?;
+        let key = c.key().to_bytes();
+        self.certs.insert(&key, encode(c)).map_err(storage)?;
+        // What CRLs list, kept beside: a CRL reads these, not every
+        // certificate.
+        if listed(c) {
+            self.txn.insert(Space::Listed, &key, b"");
+        } else {
+            self.txn.remove(Space::Listed, &key);
+        }
         Ok(())
     }
 

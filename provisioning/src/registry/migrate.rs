@@ -24,7 +24,10 @@ impl Registry {
         if version < 2 {
             self.keyed_by_issuer()?;
         }
-        self.audit_indexed_by_device()?;
+        if version < 3 {
+            self.audit_indexed_by_device()?;
+        }
+        self.listed_indexed()?;
         let txn = Txn::new(&*self.store);
         Tx::over(&txn).meta.insert("schema", SCHEMA.to_be_bytes())?;
         txn.commit(true)?;
@@ -32,23 +35,13 @@ impl Registry {
     }
 
     /// Version 3: the audit log's index by device, made from the log (in
-    /// commits of at most the store's bound; entries already there are
-    /// written again, so an interrupted run simply runs again).
+    /// commits of at most the store's bound, one flush at the end; entries
+    /// already there are written again, so an interrupted run simply runs
+    /// again).
     fn audit_indexed_by_device(&self) -> Result<(), Error> {
         let per = self.store.max_writes().min(1000);
         let mut pending: Vec<Vec<u8>> = Vec::new();
         let mut indexed = 0usize;
-        let flush = |keys: &mut Vec<Vec<u8>>| -> Result<(), Error> {
-            if keys.is_empty() {
-                return Ok(());
-            }
-            let txn = Txn::new(&*self.store);
-            for k in keys.drain(..) {
-                txn.insert(Space::AuditByDevice, &k, b"");
-            }
-            txn.commit(true)?;
-            Ok(())
-        };
         for kv in self.scan(Space::Audit, b"") {
             let (k, v) = kv?;
             let e: AuditEntry = decode("audit entry", &v)?;
@@ -58,15 +51,56 @@ impl Registry {
                 pending.push(key);
                 indexed += 1;
                 if pending.len() >= per {
-                    flush(&mut pending)?;
+                    self.put_empty(Space::AuditByDevice, &mut pending)?;
                 }
             }
         }
-        flush(&mut pending)?;
+        self.put_empty(Space::AuditByDevice, &mut pending)?;
+        self.store.flush()?;
         tracing::info!(
             entries = indexed,
             "registry migrated: the audit log indexed by device"
         );
+        Ok(())
+    }
+
+    /// Version 4: the certificates CRLs list, from every certificate
+    /// record.
+    fn listed_indexed(&self) -> Result<(), Error> {
+        let per = self.store.max_writes().min(1000);
+        let mut pending: Vec<Vec<u8>> = Vec::new();
+        let mut n = 0usize;
+        for kv in self.scan(Space::Certs, b"") {
+            let (k, v) = kv?;
+            let c: CertRecord = decode("certificate", &v)?;
+            if super::listed(&c) {
+                pending.push(k);
+                n += 1;
+                if pending.len() >= per {
+                    self.put_empty(Space::Listed, &mut pending)?;
+                }
+            }
+        }
+        self.put_empty(Space::Listed, &mut pending)?;
+        self.store.flush()?;
+        tracing::info!(
+            certificates = n,
+            "registry migrated: the certificates CRLs list indexed"
+        );
+        Ok(())
+    }
+
+    /// Writes each key in `keys` with an empty value (flushed by the
+    /// caller), and empties `keys`.
+    fn put_empty(&self, space: Space, keys: &mut Vec<Vec<u8>>) -> Result<(), Error> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let txn = Txn::new(&*self.store);
+        for k in keys.drain(..) {
+            txn.insert(space, &k, b"");
+        }
+        txn.commit(false)?;
         Ok(())
     }
 

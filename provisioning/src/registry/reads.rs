@@ -290,8 +290,24 @@ impl Registry {
     ) -> Result<Vec<Listed>, Error> {
         let now = OffsetDateTime::now_utc();
         let mut out = Vec::new();
-        for kv in self.scan(Space::Certs, b"") {
-            let (_, v) = kv?;
+        // A revoked manufacturer's certificates are listed whatever their
+        // own standing: then every certificate is looked at (rare: a
+        // manufacturer revoked and its certificates not yet expired).
+        // Otherwise only those the `listed` index holds.
+        let every = self.manufacturers()?.iter().any(|m| m.revocation.is_some());
+        let records: Box<dyn Iterator<Item = Result<Vec<u8>, Error>>> = if every {
+            Box::new(self.scan(Space::Certs, b"").map(|kv| kv.map(|(_, v)| v)))
+        } else {
+            Box::new(self.scan(Space::Listed, b"").filter_map(|kv| {
+                match kv.and_then(|(k, _)| self.store.get(Space::Certs, &k)) {
+                    Ok(Some(v)) => Some(Ok(v)),
+                    Ok(None) => None,
+                    Err(e) => Some(Err(e)),
+                }
+            }))
+        };
+        for v in records {
+            let v = v?;
             let c: CertRecord = decode("certificate", &v)?;
             if c.issuer != issuer || c.manufacturer.as_deref() != manufacturer || c.not_after < now
             {

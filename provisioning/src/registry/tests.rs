@@ -485,4 +485,58 @@ fn a_version_2_log_gets_its_index_by_device_on_open() {
     assert_eq!(trail, ["resume", "suspend", "enroll"]);
 }
 
+#[test]
+fn crls_list_what_the_listed_index_holds_and_it_is_built_on_open() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("registry");
+    let auth = Authority::open_or_init(tmp.path(), &InitOptions::default()).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let r = &auth.registry;
+    let mut certs = Vec::new();
+    for id in ["a", "b", "c", "d"] {
+        let (new, cert) = auth
+            .issue_new(&key, &device(id), None, DEFAULT_CERT_LIFETIME)
+            .unwrap();
+        r.enroll(&new, &cert, "test").unwrap();
+        certs.push(cert);
+    }
+    let id = |s: &str| DeviceId::try_new(s).unwrap();
+    r.suspend(&id("a"), "test").unwrap();
+    r.revoke(&id("b"), RevocationReason::KeyCompromise, "test")
+        .unwrap();
+    r.revoke_certificate(&certs[2].key(), RevocationReason::Superseded, "test")
+        .unwrap();
+    // Suspended and resumed: listed no more.
+    r.suspend(&id("d"), "test").unwrap();
+    r.resume(&id("d"), "test").unwrap();
+    let issuer = certs[0].issuer.clone();
+    let serials = |r: &Registry| {
+        let mut s: Vec<String> = r
+            .revoked_by_issuer(None, &issuer)
+            .unwrap()
+            .into_iter()
+            .map(|l| l.serial.to_hex())
+            .collect();
+        s.sort();
+        s
+    };
+    let mut want: Vec<String> = certs[..3].iter().map(|c| c.serial.to_hex()).collect();
+    want.sort();
+    assert_eq!(serials(r), want);
+    // Version 3 had no index: made on open, the same list.
+    let index: Vec<_> = r.scan(Space::Listed, b"").map(Result::unwrap).collect();
+    assert_eq!(index.len(), 3);
+    r.transact(|tx| {
+        for (k, _) in &index {
+            tx.txn.remove(Space::Listed, k);
+        }
+        tx.meta.insert("schema", 3u64.to_be_bytes())
+    })
+    .unwrap();
+    assert!(serials(r).is_empty());
+    drop(auth);
+    let r = Registry::open(&path).unwrap();
+    assert_eq!(serials(&r), want);
+}
+
 mod stale_view;

@@ -34,10 +34,13 @@ pub enum Space {
     Challenges,
     /// The audit log by device: `<device id>\0<number>`, empty values.
     AuditByDevice,
+    /// Certificates a CRL lists (revoked, or their device not active):
+    /// their keys, empty values.
+    Listed,
 }
 
 impl Space {
-    pub const ALL: [Space; 10] = [
+    pub const ALL: [Space; 11] = [
         Self::Devices,
         Self::Certs,
         Self::Fingerprints,
@@ -48,6 +51,7 @@ impl Space {
         Self::Claims,
         Self::Challenges,
         Self::AuditByDevice,
+        Self::Listed,
     ];
 
     /// Its name in the store.
@@ -63,6 +67,7 @@ impl Space {
             Self::Claims => "claims",
             Self::Challenges => "challenges",
             Self::AuditByDevice => "audit_by_device",
+            Self::Listed => "listed",
         }
     }
 
