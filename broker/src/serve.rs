@@ -263,6 +263,8 @@ impl Server {
             cmp: Arc::new(crate::api::cmp::Cmp::new(self.auth.clone())?),
             console: Arc::new(crate::api::console::Console::new()?),
         };
+        // The overview's counts, ready before an operator asks.
+        crate::api::console::count_soon(&state);
         // The console's chart: the counters, sampled.
         tokio::spawn({
             let (console, metrics) = (state.console.clone(), metrics.clone());

@@ -17,6 +17,7 @@
 //! the node that made it).
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -53,6 +54,9 @@ const SAMPLES: usize = 361;
 /// Devices' counts by status and manufacturer are recomputed at most this
 /// often (each is a scan).
 const COUNTS_FOR: Duration = Duration::from_secs(10);
+/// Counts that take longer than this are redone in the background, the
+/// last ones answering meanwhile.
+const SLOW_COUNTS: Duration = Duration::from_millis(100);
 /// Rows on a page of devices or of the audit log.
 const PAGE: usize = 50;
 /// Devices looked at to answer one search page.
@@ -70,6 +74,10 @@ pub struct Console {
     secret: [u8; 32],
     samples: Mutex<VecDeque<Sample>>,
     counts: Mutex<Option<(Instant, Arc<Counts>)>>,
+    /// The last count took long: stale counts answer while it is redone.
+    slow_counts: AtomicBool,
+    /// A count is being made in the background.
+    counting: AtomicBool,
 }
 
 /// A link's or a session's admin, the certificate it was asked for with,
@@ -139,6 +147,8 @@ impl Console {
             secret,
             samples: Mutex::new(VecDeque::with_capacity(SAMPLES)),
             counts: Mutex::default(),
+            slow_counts: AtomicBool::new(false),
+            counting: AtomicBool::new(false),
         })
     }
 
@@ -664,42 +674,68 @@ struct Overview {
     series_step_s: u64,
 }
 
+/// Counts the devices for the overview in the background (at start, so
+/// the first look at a large fleet does not wait for it).
+pub fn count_soon(st: &AppState) {
+    if !st.console.counting.swap(true, Ordering::Relaxed) {
+        let st = st.clone();
+        tokio::spawn(async move {
+            if let Err(e) = count(&st).await {
+                tracing::warn!(error = ?e, "console: counting devices failed");
+            }
+            st.console.counting.store(false, Ordering::Relaxed);
+        });
+    }
+}
+
+/// The counts behind the overview, counted now and kept.
+async fn count(st: &AppState) -> Result<Arc<Counts>, ApiError> {
+    let auth = st.auth.clone();
+    let started = Instant::now();
+    let c = Arc::new(
+        super::blocking(move || {
+            let by_status = auth.registry.count_by_status()?;
+            let per = auth.registry.count_by_manufacturer()?;
+            let manufacturers = auth
+                .registry
+                .manufacturers()?
+                .into_iter()
+                .map(|m| ManufacturerCount {
+                    devices: per.get(m.name.as_str()).copied().unwrap_or(0),
+                    status: m.status,
+                    name: m.name.to_string(),
+                })
+                .collect();
+            Ok(Counts {
+                by_status,
+                manufacturers,
+            })
+        })
+        .await?,
+    );
+    st.console
+        .slow_counts
+        .store(started.elapsed() > SLOW_COUNTS, Ordering::Relaxed);
+    *st.console.counts.lock().unwrap_or_else(|e| e.into_inner()) =
+        Some((Instant::now(), c.clone()));
+    Ok(c)
+}
+
 async fn overview(State(st): State<AppState>, _op: Operator) -> Result<Json<Overview>, ApiError> {
     let cached = {
         let c = st.console.counts.lock().unwrap_or_else(|e| e.into_inner());
         c.as_ref()
-            .filter(|(at, _)| at.elapsed() < COUNTS_FOR)
-            .map(|(_, c)| c.clone())
+            .map(|(at, c)| (c.clone(), at.elapsed() < COUNTS_FOR))
     };
     let counts = match cached {
-        Some(c) => c,
-        None => {
-            let auth = st.auth.clone();
-            let c = Arc::new(
-                super::blocking(move || {
-                    let by_status = auth.registry.count_by_status()?;
-                    let per = auth.registry.count_by_manufacturer()?;
-                    let manufacturers = auth
-                        .registry
-                        .manufacturers()?
-                        .into_iter()
-                        .map(|m| ManufacturerCount {
-                            devices: per.get(m.name.as_str()).copied().unwrap_or(0),
-                            status: m.status,
-                            name: m.name.to_string(),
-                        })
-                        .collect();
-                    Ok(Counts {
-                        by_status,
-                        manufacturers,
-                    })
-                })
-                .await?,
-            );
-            *st.console.counts.lock().unwrap_or_else(|e| e.into_inner()) =
-                Some((Instant::now(), c.clone()));
+        Some((c, true)) => c,
+        // Counting a large fleet takes seconds: the last counts answer,
+        // and new ones are made meanwhile (one count at a time).
+        Some((c, false)) if st.console.slow_counts.load(Ordering::Relaxed) => {
+            count_soon(&st);
             c
         }
+        _ => count(&st).await?,
     };
     let m = st.metrics.snapshot();
     let now = Sample {
