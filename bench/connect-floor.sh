@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# Connects against their floor, in one run: full mTLS connects (no
+# resumption; TLS handshake, CONNECT, CONNACK, DISCONNECT) from the same
+# loader (`firmware-sim load connect`, 10 identities, CONNECTS each round)
+# to fleetgate and to Mosquitto 2 on the same certificates, rounds
+# alternating, with each broker's CPU per connect read from /proc; beside
+# them the server's side of an in-memory TLS 1.3 mTLS P-256 handshake
+# (`cargo bench -p fleetgate-mqtt --bench handshake`), the least a full
+# connect can cost. Loopback only.
+#
+#   bash bench/connect-floor.sh
+#   ROUNDS=3 CONNECTS=10000 bash bench/connect-floor.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ROUNDS=${ROUNDS:-2}
+CONNECTS=${CONNECTS:-10000}
+CONCURRENCY=${CONCURRENCY:-10}
+MOSQUITTO=$(command -v mosquitto || echo /usr/sbin/mosquitto)
+[ -x "$MOSQUITTO" ] || { echo "mosquitto is needed (apt-get install mosquitto)" >&2; exit 1; }
+cargo build --release -q -p broker -p firmware-sim
+FG=$PWD/target/release/fleetgate
+SIM=$PWD/target/release/firmware-sim
+work=$(mktemp -d)
+pid=
+cleanup() {
+    [ -n "$pid" ] && kill "$pid" 2>/dev/null || true
+    wait 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+floor=$(cargo bench -q -p fleetgate-mqtt --bench handshake -- 3000 2>/dev/null | tee /dev/stderr |
+    sed -n 's/^server_us_per_handshake=//p')
+
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+start_fleetgate() {
+    "$FG" serve --data-dir "$work/fg" --api-listen 127.0.0.1:0 --mqtt-listen 127.0.0.1:0 \
+        --ocsp-listen 127.0.0.1:0 --connect-rate-per-ip 0 --max-handshakes 20000 \
+        >"$work/fg.out" 2>>"$work/fg.log" &
+    pid=$!
+    for _ in $(seq 300); do grep -q listening "$work/fg.out" 2>/dev/null && break; sleep 0.1; done
+    broker=$(sed -n 's/.*mqtt=\([^ ]*\).*/\1/p' "$work/fg.out")
+    export FLEETGATE_API="https://$(sed -n 's/.*api=\([^ ]*\).*/\1/p' "$work/fg.out")" FLEETGATE_DATA_DIR="$work/fg"
+}
+start_mosquitto() {
+    local mq="$work/mosquitto-tls"
+    mkdir -p "$mq"
+    cp "$work/fg/ca.crt" "$work/fg/server.crt" "$work/fg/server.key" "$mq/"
+    id mosquitto >/dev/null 2>&1 && chown -R mosquitto "$mq"
+    chmod 755 "$work"
+    cat >"$work/mosquitto.conf" <<CONF
+per_listener_settings false
+listener 38885 127.0.0.1
+cafile $mq/ca.crt
+certfile $mq/server.crt
+keyfile $mq/server.key
+require_certificate true
+use_identity_as_username true
+set_tcp_nodelay true
+max_connections -1
+log_type error
+CONF
+    "$MOSQUITTO" -c "$work/mosquitto.conf" >>"$work/mosquitto.log" 2>&1 &
+    pid=$!
+    for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/38885) 2>/dev/null && break; sleep 0.1; done
+    broker=127.0.0.1:38885
+}
+stop() { kill "$pid"; wait "$pid" 2>/dev/null || true; pid=; }
+
+start_fleetgate
+for i in $(seq 0 $((CONCURRENCY - 1))); do "$FG" device enroll "p0-$i" --out "$work/fleet" >/dev/null; done
+stop
+hz=$(getconf CLK_TCK)
+for r in $(seq "$ROUNDS"); do
+    for b in fleetgate mosquitto; do
+        "start_$b"
+        before=$(cpu_ticks "$pid")
+        "$SIM" load connect --broker "$broker" --ca "$work/fleet/ca.crt" --creds "$work/fleet" --prefix p0- \
+            --concurrency "$CONCURRENCY" --connects "$CONNECTS" >"$work/s.json" 2>/dev/null
+        after=$(cpu_ticks "$pid")
+        stop
+        python3 - "$work/s.json" "$b" "$r" "$before" "$after" "$hz" <<'PY' >>"$work/rounds.txt"
+import json, sys
+s = json.load(open(sys.argv[1]))
+cpu_s = (int(sys.argv[5]) - int(sys.argv[4])) / int(sys.argv[6])
+n = s.get("connects", 0) or 1
+print(sys.argv[2], sys.argv[3], s["connects_per_s"], cpu_s * 1e6 / n, s.get("failures", 0))
+PY
+    done
+done
+python3 - "$work/rounds.txt" "$floor" <<'PY'
+import sys
+rows = [l.split() for l in open(sys.argv[1])]
+floor = float(sys.argv[2])
+print(f"\nfull mTLS connects, {len(rows) // 2} rounds alternating; the server's side of an in-memory handshake: {floor:.0f} us\n")
+print("| round | fleetgate connects/s | Mosquitto connects/s | ratio | fleetgate CPU us/connect | Mosquitto CPU us/connect | fleetgate / floor |")
+print("|---|---|---|---|---|---|---|")
+by = {}
+for b, r, rate, cpu, failed in rows:
+    by.setdefault(r, {})[b] = (float(rate), float(cpu), failed)
+for r, v in sorted(by.items()):
+    f, m = v["fleetgate"], v["mosquitto"]
+    print(f"| {r} | {f[0]:,.0f} | {m[0]:,.0f} | {f[0] / m[0]:.2f}x | {f[1]:,.0f} | {m[1]:,.0f} | {f[1] / floor:.2f}x |")
+PY
