@@ -61,6 +61,34 @@ struct Queue {
     leading: bool,
 }
 
+/// A leader's batch while it is sent: if the leader's thread unwinds (a
+/// panic making an entry), its commits fail and another committer may
+/// lead, rather than every committer waiting for ever.
+struct Leading<'a> {
+    group: &'a Group,
+    /// The batch's commits not yet answered.
+    tickets: Vec<u64>,
+}
+
+impl Drop for Leading<'_> {
+    fn drop(&mut self) {
+        if self.tickets.is_empty() {
+            return;
+        }
+        let mut q = lock(&self.group.queue);
+        for t in self.tickets.drain(..) {
+            q.done.insert(
+                t,
+                Err(Error::Storage(
+                    "the commit's batch failed to be sent".into(),
+                )),
+            );
+        }
+        q.leading = false;
+        self.group.turn.notify_all();
+    }
+}
+
 /// How one transaction went.
 enum Sent {
     Held,
@@ -175,7 +203,13 @@ impl EtcdStore {
             q.leading = true;
             let batch = take_batch(&mut q.waiting);
             drop(q);
+            let mut leading = Leading {
+                group,
+                tickets: batch.iter().map(|(t, _)| *t).collect(),
+            };
             let outcomes = self.lead(batch);
+            leading.tickets.clear();
+            drop(leading);
             q = lock(&group.queue);
             q.done.extend(outcomes);
             q.leading = false;
