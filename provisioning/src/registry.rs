@@ -44,6 +44,7 @@ use records::{CaKind, Challenge, ClaimRecord, ManufacturerRecord, ManufacturerSt
 
 mod blobs;
 mod check;
+mod count;
 mod manufacturers;
 mod migrate;
 mod reads;
@@ -56,23 +57,6 @@ pub use seal::{Checkpoint, Verification};
 /// 3: the audit log indexed by device (`audit_by_device`); 4: the
 /// certificates CRLs list (`listed`).
 const SCHEMA: u64 = 4;
-
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// Counts the device records into `c`.
-fn count_devices(store: &dyn Store, c: &DeviceCount) -> usize {
-    use std::sync::atomic::Ordering::Relaxed;
-    let t = std::time::Instant::now();
-    let n = store.len(Space::Devices).unwrap_or(0);
-    c.n.store(n, Relaxed);
-    c.slow.store(t.elapsed() > SLOW_COUNT, Relaxed);
-    c.at_ms.store(unix_ms().max(1), Relaxed);
-    n
-}
 
 /// Whether CRLs list a certificate whatever its manufacturers' standing:
 /// revoked itself, or its device revoked, suspended or pending.
@@ -254,27 +238,8 @@ pub struct Registry {
     /// The revision and announcements of committed writes.
     feed: std::sync::Arc<Feed>,
     /// How many devices there are, as last counted.
-    count: Arc<DeviceCount>,
+    count: Arc<count::DeviceCount>,
 }
-
-/// The number of device records, for status pages and metrics: counting
-/// is a walk of the key space on sled (a million devices: some 300 ms),
-/// so once a count takes long it is kept and made again in the background
-/// at most every [`RECOUNT`], and never on the caller's time.
-#[derive(Debug, Default)]
-struct DeviceCount {
-    n: std::sync::atomic::AtomicUsize,
-    /// When it was last counted (ms since the Unix epoch; 0: never), and
-    /// whether that took long enough to keep it.
-    at_ms: std::sync::atomic::AtomicU64,
-    slow: std::sync::atomic::AtomicBool,
-    counting: std::sync::atomic::AtomicBool,
-}
-
-/// A count slower than this is kept rather than made on every call.
-const SLOW_COUNT: std::time::Duration = std::time::Duration::from_millis(10);
-/// How old a kept count may get before it is made again.
-const RECOUNT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl fmt::Debug for Registry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -1051,32 +1016,6 @@ impl Registry {
     /// async caller then reads from the blocking pool.
     pub fn may_block(&self) -> bool {
         self.store.may_block()
-    }
-
-    /// How many devices there are: counted now while counting is quick,
-    /// else the last count, made again in the background at most every
-    /// 10 s (see [`DeviceCount`]).
-    pub fn device_count(&self) -> usize {
-        use std::sync::atomic::Ordering::Relaxed;
-        let c = &self.count;
-        let now = unix_ms();
-        let age = now.saturating_sub(c.at_ms.load(Relaxed));
-        if !c.slow.load(Relaxed) || c.at_ms.load(Relaxed) == 0 {
-            return count_devices(&*self.store, c);
-        }
-        if age > RECOUNT.as_millis() as u64 && !c.counting.swap(true, Relaxed) {
-            let (store, kept) = (self.store.clone(), self.count.clone());
-            let spawned = std::thread::Builder::new()
-                .name("device-count".into())
-                .spawn(move || {
-                    count_devices(&*store, &kept);
-                    kept.counting.store(false, Relaxed);
-                });
-            if spawned.is_err() {
-                c.counting.store(false, Relaxed);
-            }
-        }
-        c.n.load(Relaxed)
     }
 
     /// Flushes everything written so far (for shutdown).
