@@ -797,10 +797,6 @@ fn log_panic(done: Result<(), tokio::task::JoinError>) {
     }
 }
 
-/// Who the peer of a handshake is: what the verifier found, or on a
-/// resumed TLS session (which skips the verifier) the same checks again on
-/// the chain it presented the first time. `None`, refused (counted and
-/// logged by the verifier).
 /// Runs the TLS handshake of a connection from `addr`: the stream, if it
 /// completed, and what the verifier found. A function of its own so that
 /// nothing of the handshake's (a TLS stream is 1.3 KiB) stays in the
@@ -838,6 +834,10 @@ async fn accept(
     (stream, verified)
 }
 
+/// Who the peer of a handshake is: what the verifier found, or on a
+/// resumed TLS session (which skips the verifier) the same checks again on
+/// the chain it presented the first time. `None`, refused (counted and
+/// logged by the verifier).
 fn peer_of(
     stream: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
     addr: std::net::SocketAddr,

@@ -94,7 +94,6 @@ pub struct Read {
     pub value: Option<Vec<u8>>,
 }
 
-/// What a transaction writes.
 /// A value a commit numbers: it goes in under the next number of the
 /// counter `counter` (the key is the number, 8 bytes big-endian), and
 /// `value` makes it from its number. The numbers a commit takes increase
@@ -147,6 +146,7 @@ impl Commit {
     }
 }
 
+/// What a transaction writes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Write {
     pub space: Space,
