@@ -25,8 +25,8 @@ use provisioning::Error;
 
 use super::pb::etcdserverpb::request_op::Request as Op;
 use super::pb::etcdserverpb::response_op::Response;
-use super::pb::etcdserverpb::{PutRequest, RangeRequest, RequestOp, TxnRequest};
-use super::{revision, viewed, EtcdStore, MAX_TXN_OPS};
+use super::pb::etcdserverpb::{RangeRequest, RequestOp, TxnRequest};
+use super::{counter_value, put_op, revision, viewed, EtcdStore, MAX_TXN_OPS};
 
 /// Bytes of keys and values one batch carries at most (etcd refuses a
 /// request over 1.5 MiB by default, `--max-request-bytes`).
@@ -243,13 +243,6 @@ impl EtcdStore {
         Ok(false)
     }
 
-    fn counter_key(&self, name: &str) -> Vec<u8> {
-        let mut key = self.root.clone();
-        key.extend_from_slice(b"counters/");
-        key.extend_from_slice(name.as_bytes());
-        key
-    }
-
     fn send(&self, commits: &[&Commit]) -> Result<Sent, Error> {
         let mut counters = lock(&self.group.counters);
         // The counters these commits append under, read once per node.
@@ -271,11 +264,6 @@ impl EtcdStore {
                 counters.insert(name, resp.kvs.into_iter().next().map(|kv| kv.value));
             }
         }
-        let number = |raw: &Option<Vec<u8>>| {
-            raw.as_deref()
-                .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                .map_or(0, u64::from_be_bytes)
-        };
         let mut compare = Vec::new();
         for c in commits {
             for r in &c.reads {
@@ -285,29 +273,22 @@ impl EtcdStore {
         let mut next: BTreeMap<&'static str, u64> = BTreeMap::new();
         for name in &names {
             compare.push(self.compare(&self.counter_key(name), counters[name].as_deref()));
-            next.insert(name, number(&counters[name]));
+            next.insert(name, counter_value(counters[name].as_deref()));
         }
-        let put = |key: Vec<u8>, value: Vec<u8>| RequestOp {
-            request: Some(Op::RequestPut(PutRequest {
-                key,
-                value,
-                ..PutRequest::default()
-            })),
-        };
         let mut success = Vec::new();
         for c in commits {
             success.extend(c.writes.iter().map(|w| self.write_op(w)));
             for a in &c.appends {
                 let n = next.get_mut(a.counter).expect("counter read above");
                 *n += 1;
-                success.push(put(self.key(a.space, &n.to_be_bytes()), (a.value)(*n)));
+                success.push(put_op(self.key(a.space, &n.to_be_bytes()), (a.value)(*n)));
                 if let Some((space, key)) = a.index_key(*n) {
-                    success.push(put(self.key(space, &key), Vec::new()));
+                    success.push(put_op(self.key(space, &key), Vec::new()));
                 }
             }
         }
         for (name, n) in &next {
-            success.push(put(self.counter_key(name), n.to_be_bytes().to_vec()));
+            success.push(put_op(self.counter_key(name), n.to_be_bytes().to_vec()));
         }
         let failure = names
             .iter()

@@ -393,20 +393,41 @@ impl EtcdStore {
     /// The operation that makes a write.
     fn write_op(&self, w: &Write) -> RequestOp {
         let key = self.key(w.space, &w.key);
-        RequestOp {
-            request: Some(match &w.value {
-                Some(v) => Op::RequestPut(PutRequest {
-                    key,
-                    value: v.clone(),
-                    ..PutRequest::default()
-                }),
-                None => Op::RequestDeleteRange(DeleteRangeRequest {
+        match &w.value {
+            Some(v) => put_op(key, v.clone()),
+            None => RequestOp {
+                request: Some(Op::RequestDeleteRange(DeleteRangeRequest {
                     key,
                     ..DeleteRangeRequest::default()
-                }),
-            }),
+                })),
+            },
         }
     }
+
+    /// Where the counter `name` is kept: `<root>counters/<name>`.
+    fn counter_key(&self, name: &str) -> Vec<u8> {
+        let mut key = self.root.clone();
+        key.extend_from_slice(b"counters/");
+        key.extend_from_slice(name.as_bytes());
+        key
+    }
+}
+
+/// A put of `value` at `key`.
+fn put_op(key: Vec<u8>, value: Vec<u8>) -> RequestOp {
+    RequestOp {
+        request: Some(Op::RequestPut(PutRequest {
+            key,
+            value,
+            ..PutRequest::default()
+        })),
+    }
+}
+
+/// A counter's number from its stored value (absent: 0).
+fn counter_value(raw: Option<&[u8]>) -> u64 {
+    raw.and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map_or(0, u64::from_be_bytes)
 }
 
 impl EtcdStore {
@@ -711,27 +732,15 @@ impl Store for EtcdStore {
 
     fn next(&self, name: &str) -> Result<u64, Error> {
         // Compare-and-swap on the counter: one global order for every node.
-        let mut key = self.root.clone();
-        key.extend_from_slice(b"counters/");
-        key.extend_from_slice(name.as_bytes());
+        let key = self.counter_key(name);
         loop {
             let resp = self.range(RangeRequest {
                 key: key.clone(),
                 ..RangeRequest::default()
             })?;
             let old = resp.kvs.into_iter().next().map(|kv| kv.value);
-            let n = old
-                .as_deref()
-                .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                .map_or(0, u64::from_be_bytes)
-                + 1;
-            let put = RequestOp {
-                request: Some(Op::RequestPut(PutRequest {
-                    key: key.clone(),
-                    value: n.to_be_bytes().to_vec(),
-                    ..PutRequest::default()
-                })),
-            };
+            let n = counter_value(old.as_deref()) + 1;
+            let put = put_op(key.clone(), n.to_be_bytes().to_vec());
             if self
                 .txn(vec![self.compare(&key, old.as_deref())], vec![put])?
                 .is_some()

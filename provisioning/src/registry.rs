@@ -651,26 +651,31 @@ impl Registry {
         let out = if self.store.may_block() {
             // A shared store: a round trip per transaction, so several at
             // once, which the store sends together (etcd's group commit).
+            // Each worker takes the next entry and keeps what it did with
+            // its place, put back in order after.
             let next = std::sync::atomic::AtomicUsize::new(0);
-            let mut out: Vec<Option<Result<DeviceRecord, Error>>> =
-                (0..batch.len()).map(|_| None).collect();
-            let done = std::sync::Mutex::new(&mut out);
-            std::thread::scope(|s| {
-                for _ in 0..BATCH_WORKERS.min(batch.len()) {
-                    s.spawn(|| loop {
-                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let Some((new, cert)) = batch.get(i) else {
-                            break;
-                        };
-                        let r = self.enroll_unflushed(new, cert, actor);
-                        done.lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner)[i] = Some(r);
-                    });
-                }
+            let mut done: Vec<(usize, Result<DeviceRecord, Error>)> = std::thread::scope(|s| {
+                let workers: Vec<_> = (0..BATCH_WORKERS.min(batch.len()))
+                    .map(|_| {
+                        s.spawn(|| {
+                            let mut mine = Vec::new();
+                            loop {
+                                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                let Some((new, cert)) = batch.get(i) else {
+                                    return mine;
+                                };
+                                mine.push((i, self.enroll_unflushed(new, cert, actor)));
+                            }
+                        })
+                    })
+                    .collect();
+                workers
+                    .into_iter()
+                    .flat_map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                    .collect()
             });
-            out.into_iter()
-                .map(|r| r.expect("every entry was enrolled by a worker"))
-                .collect()
+            done.sort_by_key(|(i, _)| *i);
+            done.into_iter().map(|(_, r)| r).collect()
         } else {
             batch
                 .iter()

@@ -45,11 +45,11 @@ impl Registry {
     /// 10 s (see [`DeviceCount`]).
     pub fn device_count(&self) -> usize {
         let c = &self.count;
-        let now = unix_ms();
-        let age = now.saturating_sub(c.at_ms.load(Relaxed));
-        if !c.slow.load(Relaxed) || c.at_ms.load(Relaxed) == 0 {
+        let at = c.at_ms.load(Relaxed);
+        if at == 0 || !c.slow.load(Relaxed) {
             return count_devices(&*self.store, c);
         }
+        let age = unix_ms().saturating_sub(at);
         if age > RECOUNT.as_millis() as u64 && !c.counting.swap(true, Relaxed) {
             let (store, kept) = (self.store.clone(), self.count.clone());
             let spawned = std::thread::Builder::new()

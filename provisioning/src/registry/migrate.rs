@@ -34,31 +34,18 @@ impl Registry {
         Ok(self)
     }
 
-    /// Version 3: the audit log's index by device, made from the log (in
-    /// commits of at most the store's bound, one flush at the end; entries
-    /// already there are written again, so an interrupted run simply runs
-    /// again).
+    /// Version 3: the audit log's index by device, made from the log.
     fn audit_indexed_by_device(&self) -> Result<(), Error> {
-        let per = self.store.max_writes().min(1000);
-        let mut pending: Vec<Vec<u8>> = Vec::new();
-        let mut indexed = 0usize;
-        for kv in self.scan(Space::Audit, b"") {
-            let (k, v) = kv?;
-            let e: AuditEntry = decode("audit entry", &v)?;
-            if let Some(d) = &e.device {
-                let mut key = super::audit_index_prefix(d);
-                key.extend_from_slice(&k);
-                pending.push(key);
-                indexed += 1;
-                if pending.len() >= per {
-                    self.put_empty(Space::AuditByDevice, &mut pending)?;
-                }
-            }
-        }
-        self.put_empty(Space::AuditByDevice, &mut pending)?;
-        self.store.flush()?;
+        let n = self.index_from(Space::Audit, Space::AuditByDevice, |k, v| {
+            let e: AuditEntry = decode("audit entry", v)?;
+            Ok(e.device.map(|d| {
+                let mut key = super::audit_index_prefix(&d);
+                key.extend_from_slice(k);
+                key
+            }))
+        })?;
         tracing::info!(
-            entries = indexed,
+            entries = n,
             "registry migrated: the audit log indexed by device"
         );
         Ok(())
@@ -67,22 +54,10 @@ impl Registry {
     /// Version 4: the certificates CRLs list, from every certificate
     /// record.
     fn listed_indexed(&self) -> Result<(), Error> {
-        let per = self.store.max_writes().min(1000);
-        let mut pending: Vec<Vec<u8>> = Vec::new();
-        let mut n = 0usize;
-        for kv in self.scan(Space::Certs, b"") {
-            let (k, v) = kv?;
-            let c: CertRecord = decode("certificate", &v)?;
-            if super::listed(&c) {
-                pending.push(k);
-                n += 1;
-                if pending.len() >= per {
-                    self.put_empty(Space::Listed, &mut pending)?;
-                }
-            }
-        }
-        self.put_empty(Space::Listed, &mut pending)?;
-        self.store.flush()?;
+        let n = self.index_from(Space::Certs, Space::Listed, |k, v| {
+            let c: CertRecord = decode("certificate", v)?;
+            Ok(super::listed(&c).then(|| k.to_vec()))
+        })?;
         tracing::info!(
             certificates = n,
             "registry migrated: the certificates CRLs list indexed"
@@ -90,18 +65,32 @@ impl Registry {
         Ok(())
     }
 
-    /// Writes each key in `keys` with an empty value (flushed by the
-    /// caller), and empties `keys`.
-    fn put_empty(&self, space: Space, keys: &mut Vec<Vec<u8>>) -> Result<(), Error> {
-        if keys.is_empty() {
-            return Ok(());
-        }
-        let txn = Txn::new(&*self.store);
-        for k in keys.drain(..) {
-            txn.insert(space, &k, b"");
+    /// Writes an empty entry in `index` at the key `key_of` makes of each
+    /// entry of `from` it makes one of: in commits of at most the store's
+    /// bound, one flush at the end. Entries already there are written
+    /// again, so an interrupted run simply runs again. How many it wrote.
+    fn index_from(
+        &self,
+        from: Space,
+        index: Space,
+        key_of: impl Fn(&[u8], &[u8]) -> Result<Option<Vec<u8>>, Error>,
+    ) -> Result<usize, Error> {
+        let per = self.store.max_writes().min(1000);
+        let mut n = 0;
+        let mut txn = Txn::new(&*self.store);
+        for kv in self.scan(from, b"") {
+            let (k, v) = kv?;
+            if let Some(key) = key_of(&k, &v)? {
+                txn.insert(index, &key, b"");
+                n += 1;
+                if n % per == 0 {
+                    std::mem::replace(&mut txn, Txn::new(&*self.store)).commit(false)?;
+                }
+            }
         }
         txn.commit(false)?;
-        Ok(())
+        self.store.flush()?;
+        Ok(n)
     }
 
     /// Version 2: certificates keyed by issuer and serial (version 1 keyed

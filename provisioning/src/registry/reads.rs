@@ -305,11 +305,8 @@ impl Registry {
             Box::new(self.scan(Space::Certs, b"").map(|kv| kv.map(|(_, v)| v)))
         } else {
             Box::new(self.scan(Space::Listed, b"").filter_map(|kv| {
-                match kv.and_then(|(k, _)| self.store.get(Space::Certs, &k)) {
-                    Ok(Some(v)) => Some(Ok(v)),
-                    Ok(None) => None,
-                    Err(e) => Some(Err(e)),
-                }
+                kv.and_then(|(k, _)| self.store.get(Space::Certs, &k))
+                    .transpose()
             }))
         };
         for v in records {

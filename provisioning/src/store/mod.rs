@@ -367,12 +367,6 @@ impl<'s> Txn<'s> {
         });
     }
 
-    /// The next value of a global counter (not undone if the transaction
-    /// is retried or fails: a gap, never a repeat).
-    pub fn next(&self, name: &str) -> Result<u64, Error> {
-        self.store.next(name)
-    }
-
     /// Commits: whether it held (see [`Store::commit`]).
     pub fn commit(self, durable: bool) -> Result<bool, Error> {
         let reads: Vec<Read> = self

@@ -79,13 +79,12 @@ impl SledStore {
         } = c;
         /// A read that no longer holds.
         struct Conflict;
-        // One monotonic id generator for the database, as the audit log
-        // always used: durable across restarts, never repeated (a commit
-        // that does not hold leaves a gap).
+        // Numbered as `next` numbers (a commit that does not hold leaves a
+        // gap).
         let appended = appends
             .iter()
             .map(|a| {
-                let n = self.db.generate_id()?;
+                let n = self.next(a.counter)?;
                 Ok((a.space, n.to_be_bytes(), (a.value)(n), a.index_key(n)))
             })
             .collect::<Result<Vec<_>, Error>>()?;
