@@ -36,22 +36,15 @@ async fn refusals(admin: &ApiClient, reason: &str) -> u64 {
     stats["refusals"][reason].as_u64().unwrap()
 }
 
-/// Whether the refusals for `reason` reach `n` within a few seconds: a
-/// refusal is counted as its connection ends, so a client can see the
-/// close a moment before the count moves (polled, no fixed sleep).
-async fn refusals_reach(admin: &ApiClient, reason: &str, n: u64) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let seen = refusals(admin, reason).await;
-        if seen >= n {
-            return true;
-        }
-        if Instant::now() > deadline {
-            eprintln!("{reason}: {seen} refusals, not {n}");
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+/// Waits for the refusals for `reason` to reach `n` (fails the test if
+/// they do not within 5 s): a refusal is counted as its connection ends,
+/// so a client can see the close a moment before the count moves.
+async fn refusals_reach(admin: &ApiClient, reason: &str, n: u64) {
+    let what = format!("{n} refusals for {reason}");
+    tests::until(Duration::from_secs(5), &what, || async {
+        (refusals(admin, reason).await >= n).then_some(())
+    })
+    .await
 }
 
 /// Whether the server closes `tcp` within `within` (EOF or reset).
@@ -90,7 +83,7 @@ async fn silent_and_slow_clients_are_dropped_at_the_handshake_timeout() {
         assert!(closed_within(tcp, Duration::from_secs(4)).await);
     }
     assert!(t0.elapsed() < Duration::from_secs(4));
-    assert!(refusals_reach(&server.admin(), "handshake_timeout", 21).await);
+    refusals_reach(&server.admin(), "handshake_timeout", 21).await;
     assert!(server.wait_for_log("TLS handshake timed out", Duration::from_secs(2)));
 
     // The same on the plain-HTTP OCSP port: a request that never finishes
@@ -115,7 +108,7 @@ async fn connections_past_the_cap_are_closed_at_once() {
     let mut extra = TcpStream::connect(server.mqtt).await.unwrap();
     assert!(closed_within(&mut extra, Duration::from_millis(500)).await);
     assert!(server.wait_for_log("connection cap reached", Duration::from_secs(2)));
-    assert!(refusals_reach(&server.admin(), "overloaded", 1).await);
+    refusals_reach(&server.admin(), "overloaded", 1).await;
     // Room again once they go.
     drop(held);
     admitted_again(&server, &dev).await;
@@ -158,7 +151,7 @@ async fn one_address_connecting_too_fast_is_rate_limited() {
         .filter(|l| l.contains("too many connects from this address"))
         .count();
     assert!(lines <= 3, "{lines} log lines for {closed} refusals");
-    assert!(refusals_reach(&server.admin(), "rate_limited", 20).await);
+    refusals_reach(&server.admin(), "rate_limited", 20).await;
     drop(conns);
     // The bucket refills.
     admitted_again(&server, &dev).await;
@@ -224,7 +217,7 @@ async fn a_key_usage_without_digital_signature_is_refused() {
     .await;
     assert!(r.is_err() || r.as_ref().unwrap().is_empty(), "{r:?}");
     assert!(server.wait_for_log("lacks digitalSignature", Duration::from_secs(5)));
-    assert!(refusals_reach(&server.admin(), "wrong_usage", 1).await);
+    refusals_reach(&server.admin(), "wrong_usage", 1).await;
 }
 
 fn s_client(
