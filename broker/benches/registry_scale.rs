@@ -20,16 +20,8 @@ use provisioning::{
     Role, DEFAULT_CERT_LIFETIME,
 };
 
-/// xorshift64*: reproducible picks without a dependency.
-struct Rng(u64);
-impl Rng {
-    fn below(&mut self, n: usize) -> usize {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n as u64) as usize
-    }
-}
+mod common;
+use common::Rng;
 
 const BATCH: usize = 10_000;
 
