@@ -17,6 +17,8 @@ pub struct ServiceSub {
     pub rap: bool,
     /// Its granted QoS.
     pub qos: u8,
+    /// No Local (MQTT 5): not the session's own messages.
+    pub no_local: bool,
 }
 
 /// A session's filters, shared by its connections.
@@ -89,6 +91,13 @@ impl Kept {
     pub fn forget_filters(&self, client: &str) {
         lock(&self.filters).remove(client);
     }
+
+    /// Whether any persistent session (connected or kept) holds a filter
+    /// for which `wanted` says yes: what rumqttd's router holds for them.
+    pub fn any_filter(&self, wanted: impl Fn(&str) -> bool) -> bool {
+        let kept = lock(&self.filters);
+        kept.values().any(|f| lock(f).keys().any(|k| wanted(k)))
+    }
 }
 
 #[cfg(test)]
@@ -124,12 +133,15 @@ mod tests {
             id: None,
             rap: false,
             qos: 1,
+            no_local: false,
         };
         let first = kept.filters("svc", true, false);
         lock(&first).insert("a/#".into(), sub);
         // A takeover while the first is live: the same map.
         let second = kept.filters("svc", true, true);
         assert_eq!(lock(&second).len(), 1);
+        assert!(kept.any_filter(|f| f == "a/#"));
+        assert!(!kept.any_filter(|f| f == "c/#"));
         lock(&second).insert("b/#".into(), sub);
         assert_eq!(lock(&first).len(), 2);
         // A new session (not resumed) starts empty; a clean one forgets.

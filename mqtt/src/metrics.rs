@@ -58,7 +58,9 @@ const COUNTERS: [(&str, &str); 18] = [
     ("fleetgate_bus_published_total", "Messages put on the message bus (NATS JetStream) for other nodes."),
     ("fleetgate_bus_received_total", "Messages from other nodes taken off the message bus."),
 ];
-const MORE_COUNTERS: [(&str, &str); 3] = [
+const MORE_COUNTERS: [(&str, &str); 5] = [
+    ("fleetgate_router_messages_total", "Messages handed to rumqttd's router: those a persistent service session or a $share group there may want (live services that keep nothing get theirs without it)."),
+    ("fleetgate_service_backlog_dropped_total", "Messages not handed to a live service session: it had not taken the --router-log-mib of messages already waiting for it."),
     ("fleetgate_bus_dropped_total", "Messages from the message bus dropped: their sender could not have published them."),
     ("fleetgate_bus_failed_total", "Messages that could not be put on the message bus (QoS 1 refused, QoS 0 kept on this node)."),
     ("fleetgate_refusals_total", "Refused clients and packets, by reason."),
@@ -193,6 +195,11 @@ pub struct Metrics {
     /// published them (a device outside its own topics, a command from
     /// anything but a service): forged on NATS, not sent by a node.
     pub bus_dropped: AtomicU64,
+    /// Messages not handed to a live service session whose backlog was
+    /// full (it reads more slowly than messages come).
+    pub service_backlog_dropped: AtomicU64,
+    /// Messages handed to rumqttd's router (see `mqtt::fanout`).
+    pub router_messages: AtomicU64,
     /// Time to put a QoS 1 message on the bus, stored (JetStream's ack).
     pub bus_publish: Histogram,
     /// From a revocation's announcement on this node (committed here, or
@@ -231,6 +238,8 @@ impl Default for Metrics {
             bus_received: AtomicU64::default(),
             bus_failed: AtomicU64::default(),
             bus_dropped: AtomicU64::default(),
+            service_backlog_dropped: AtomicU64::default(),
+            router_messages: AtomicU64::default(),
             bus_publish: exposition.histogram("fleetgate_bus_publish_seconds"),
             revocation_apply: exposition.histogram("fleetgate_revocation_apply_seconds"),
             refusals: Default::default(),
@@ -299,7 +308,7 @@ impl Metrics {
         let x = &self.exposition;
         let s = self.snapshot();
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let counters: [(&'static str, u64); 20] = [
+        let counters: [(&'static str, u64); 22] = [
             ("fleetgate_mqtt_handshakes_total", s.handshakes),
             ("fleetgate_mqtt_sessions_total", s.sessions),
             ("fleetgate_mqtt_kicked_total", s.kicked),
@@ -328,6 +337,14 @@ impl Metrics {
             ("fleetgate_bus_published_total", load(&self.bus_published)),
             ("fleetgate_bus_received_total", load(&self.bus_received)),
             ("fleetgate_bus_dropped_total", load(&self.bus_dropped)),
+            (
+                "fleetgate_service_backlog_dropped_total",
+                load(&self.service_backlog_dropped),
+            ),
+            (
+                "fleetgate_router_messages_total",
+                load(&self.router_messages),
+            ),
             ("fleetgate_bus_failed_total", load(&self.bus_failed)),
         ];
         for (name, v) in counters {

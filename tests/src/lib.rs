@@ -140,7 +140,15 @@ impl Server {
             Err(_) => {
                 let _ = child.kill();
                 let status = child.wait()?;
-                let log: Vec<String> = err_rx.try_iter().collect();
+                // The process is gone, so its stderr ends: read it to the
+                // end (its reader may not have sent it all yet).
+                let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                let mut log = Vec::new();
+                while let Ok(l) = err_rx
+                    .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+                {
+                    log.push(l);
+                }
                 return Err(anyhow!(
                     "fleetgate serve did not start ({status}):\n{}",
                     log.join("\n")

@@ -631,3 +631,125 @@ async fn a_disconnect_with_a_reason_code_alone_keeps_or_sends_the_will_as_it_say
         assert!(!line.contains("malformed"), "{line}");
     }
 }
+
+/// `fleetgate_router_messages_total`, from the node's Prometheus endpoint.
+fn router_messages(server: &Server) -> u64 {
+    let url = format!("http://{}/metrics", server.metrics.expect("metrics"));
+    let (ok, text) = run(Command::new("curl").args(["-sS", &url]));
+    assert!(ok, "{text}");
+    text.lines()
+        .find_map(|l| l.strip_prefix("fleetgate_router_messages_total "))
+        .unwrap_or_else(|| panic!("no router counter in {text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Publishes `n` QoS 1 messages `<prefix>-<i>` from the device, each
+/// acknowledged before the next.
+async fn publish_acked(dc: &AsyncClient, dev: &mut EventLoop, prefix: &str, n: usize) {
+    for i in 0..n {
+        dc.publish(
+            "devices/d-1/telemetry",
+            QoS::AtLeastOnce,
+            false,
+            format!("{prefix}-{i}"),
+        )
+        .await
+        .unwrap();
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), dev.poll()).await {
+                Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => break,
+                Ok(Ok(_)) => {}
+                other => panic!("no PUBACK: {other:?}"),
+            }
+        }
+    }
+}
+
+fn payloads(got: &[rumqttc::Publish]) -> Vec<String> {
+    got.iter()
+        .map(|p| String::from_utf8_lossy(&p.payload).into_owned())
+        .collect()
+}
+
+/// Issue 28, goal 1: a live service that keeps nothing gets device
+/// messages from the node's fanout, without rumqttd's router; the router
+/// carries only what a persistent session (away, too) or a `$share` group
+/// there may want, and those still get every message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_services_get_messages_without_the_router_and_persistent_ones_and_groups_through_it() {
+    require_tool("curl");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let server =
+        Server::start_with(&dir.join("data"), &["--metrics-listen", "127.0.0.1:0"]).unwrap();
+    let live = server.enroll(&dir.join("s"), "service", "live");
+    let kept = server.enroll(&dir.join("s"), "service", "kept");
+    let worker = server.enroll(&dir.join("s"), "service", "worker");
+    let d = server.enroll(&dir.join("d"), "device", "d-1");
+
+    let (lc, mut lev) = client(server.mqtt, &live, "live");
+    connected(&mut lev).await;
+    lc.subscribe("devices/+/telemetry", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    suback(&mut lev).await;
+    let (dc, mut dev) = client(server.mqtt, &d, "d-1");
+    connected(&mut dev).await;
+
+    // Only a live service that keeps nothing: the router sees nothing.
+    publish_acked(&dc, &mut dev, "a", 5).await;
+    assert_eq!(
+        payloads(&next_publishes(&mut lev, 5).await),
+        ["a-0", "a-1", "a-2", "a-3", "a-4"]
+    );
+    assert_eq!(router_messages(&server), 0, "no subscription in the router");
+
+    // A persistent session subscribes, then goes away: kept in the router.
+    let (kc, mut kev) = persistent(&server, &kept);
+    connected(&mut kev).await;
+    kc.subscribe("devices/+/telemetry", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    suback(&mut kev).await;
+    kc.disconnect().await.unwrap();
+    while tokio::time::timeout(Duration::from_secs(10), kev.poll())
+        .await
+        .is_ok_and(|r| r.is_ok())
+    {}
+    drop((kc, kev));
+
+    publish_acked(&dc, &mut dev, "b", 5).await;
+    assert_eq!(
+        payloads(&next_publishes(&mut lev, 5).await),
+        ["b-0", "b-1", "b-2", "b-3", "b-4"],
+        "the live service, as before"
+    );
+    assert_eq!(router_messages(&server), 5, "the kept session's");
+    // Back: what came while it was away, from the router.
+    let (kc, mut kev) = persistent(&server, &kept);
+    let got = next_publishes(&mut kev, 5).await;
+    assert_eq!(payloads(&got), ["b-0", "b-1", "b-2", "b-3", "b-4"]);
+    for p in &got {
+        kc.ack(p).await.unwrap();
+    }
+
+    // A group member on this node: through the router too.
+    let (wc, mut wev) = client(server.mqtt, &worker, "worker");
+    connected(&mut wev).await;
+    wc.subscribe("$share/g/devices/+/telemetry", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    suback(&mut wev).await;
+    publish_acked(&dc, &mut dev, "c", 3).await;
+    assert_eq!(
+        payloads(&next_publishes(&mut wev, 3).await),
+        ["c-0", "c-1", "c-2"]
+    );
+    assert_eq!(
+        payloads(&next_publishes(&mut lev, 3).await),
+        ["c-0", "c-1", "c-2"]
+    );
+    assert_eq!(router_messages(&server), 8);
+}

@@ -13,6 +13,7 @@
 //! by the events follower ([`crate::events`]), kicks the sessions it affects.
 
 pub mod admission;
+pub mod fanout;
 pub mod hub;
 mod link;
 mod remote;
@@ -134,6 +135,8 @@ pub(crate) struct Shared {
     hub: Arc<hub::Hub>,
     /// Devices' messages into the router.
     ingest: link::Ingest,
+    /// Live services' subscriptions, served without the router.
+    fanout: Arc<fanout::Fanout>,
     /// `$share` groups with members here (with a bus).
     groups: share::Groups,
     /// Link builds wait on the router thread from the blocking pool; this
@@ -562,6 +565,7 @@ impl Broker {
                 status,
                 sessions: Sessions::default(),
                 ingest: link::Ingest::new(ingest),
+                fanout: fanout::Fanout::new(cfg.router_log_bytes),
                 groups: share::Groups::default(),
                 link_slots: tokio::sync::Semaphore::new(LINK_SLOTS),
                 verifier,

@@ -8,9 +8,10 @@ use std::sync::Arc;
 use bytes::Bytes;
 use provisioning::sessions::now_ms;
 use provisioning::Role;
-use rumqttd::protocol::{Packet, Publish};
+use rumqttd::protocol::Publish;
 
 use super::acl::{command_target, Acl};
+use super::fanout::{self, Marked};
 use super::session::message_properties;
 use super::stamp;
 use super::Shared;
@@ -80,9 +81,10 @@ pub(super) fn admissible(shared: &Shared, i: &Incoming) -> bool {
     false
 }
 
-/// Puts a message from the bus into the router under `topic`, with the
-/// sender's identity mark (and whether it was retained). False if the
-/// router is gone or it expired.
+/// Puts a message from the bus into this node's message plane under
+/// `topic` (the fanout's services, and the router if it holds a matching
+/// subscription), with the sender's identity mark (and whether it was
+/// retained). False if the router is gone or it expired.
 pub(super) async fn into_router(
     shared: &Shared,
     i: &Incoming,
@@ -94,7 +96,7 @@ pub(super) async fn into_router(
     if m.expires_at_ms.is_some_and(|t| t <= now) {
         return false;
     }
-    let onward = Packet::Publish(
+    let onward = Marked::new(
         Publish::new(Bytes::from(topic), Bytes::from(m.payload.clone()), false),
         stamp::mark(
             message_properties(m, Vec::new(), now),
@@ -102,8 +104,12 @@ pub(super) async fn into_router(
             retain,
             &i.stamp,
         ),
+        None,
     );
-    if shared.ingest.send(&i.client, onward).await.is_err() {
+    if fanout::onward(shared, &i.client, None, onward)
+        .await
+        .is_err()
+    {
         tracing::warn!("bus: the router is gone");
         return false;
     }

@@ -46,6 +46,7 @@ use super::channel::overlap::Overlaps;
 use super::channel::subscribe::{sends_retained, share_inner, suback_props};
 use super::channel::{will, Action, Channel, End, Inbound, Limits, Now};
 use super::codec::Codec;
+use super::fanout::{self, Inbox, Marked};
 use super::hub::{Delivery, Mailbox, Outcome};
 use super::kept::{lock, Filters, ServiceSub};
 use super::link::RouterTx;
@@ -145,6 +146,9 @@ struct Session {
     device: Option<DeviceSide>,
     /// A service's router link.
     router: Option<RouterTx>,
+    /// A service's messages taken without the router (a session that
+    /// keeps nothing past its connection: see [`fanout`]).
+    inbox: Option<Inbox>,
     /// A service's subscriptions, with their MQTT 5 identifiers: its
     /// session's, kept across its connections while the session persists.
     service_subs: Filters,
@@ -170,6 +174,10 @@ struct DeviceSide {
 /// Room for one read from the TLS stream (rustls hands over what it has
 /// decrypted; a bigger packet takes several reads).
 const READ_SIZE: usize = 512;
+
+/// A service's messages waiting for room in its window, at most, before
+/// it takes more from its inbox (the rest wait there, within its cap).
+const INBOX_TAKE: usize = 1024;
 
 /// A buffer past this size is dropped once empty, not kept for the next
 /// message.
@@ -224,6 +232,7 @@ pub(super) fn run(
         acks: RouterAcks::default(),
         device: None,
         router: None,
+        inbox: None,
         service_subs: Filters::default(),
         overlaps: Overlaps::default(),
         groups: HashMap::new(),
@@ -332,7 +341,7 @@ async fn session(
             Ok(present) => (None, present),
             Err(()) => return Err(()),
         },
-        Role::Service | Role::Admin => match s.open_service(&terms).await {
+        Role::Service | Role::Admin => match s.open_service(conn, &terms).await {
             Ok((rx, present)) => (Some(rx), present),
             Err(()) => return Err(()),
         },
@@ -393,6 +402,7 @@ async fn session(
     s.close_device(expiry).await;
     s.end_router_session(&end).await;
     drop(link_rx);
+    s.inbox = None;
 
     // A service's kept session in the router ends at its expiry (now, if
     // it has none), unless the service comes back first (rumqttd itself
@@ -475,6 +485,16 @@ fn log_end(shared: &Shared, end: &End) {
 
 impl Session {
     /// The limits as they stand now.
+    /// This connection's number, where a message it publishes may come
+    /// back to it (No Local): a device's, or a service's held by the
+    /// fanout.
+    fn conn(&self) -> Option<u64> {
+        self.device
+            .as_ref()
+            .map(|d| d.conn)
+            .or(self.inbox.as_ref().map(Inbox::conn))
+    }
+
     fn limits(&self) -> Limits {
         Limits {
             max_subscriptions: self.shared.live.max_subscriptions(),
@@ -633,6 +653,16 @@ impl Session {
                         return end;
                     }
                 },
+                m = next_marked(self.inbox.as_mut()), if self.ch.outbox.len().0 < INBOX_TAKE => if let Some(m) = m {
+                    self.take_marked(&m);
+                    while self.ch.outbox.len().0 < INBOX_TAKE {
+                        let Some(m) = self.inbox.as_mut().and_then(Inbox::try_recv) else { break };
+                        self.take_marked(&m);
+                    }
+                    if let Some(end) = Box::pin(self.pump()).await {
+                        return end;
+                    }
+                },
                 n = next(link_rx.as_deref_mut()) => match n {
                     Ok(Some(n)) => if let Some(rx) = link_rx.as_deref_mut() {
                         if let Some(end) = Box::pin(self.outgoing(n, rx)).await {
@@ -771,12 +801,15 @@ impl Session {
                 .await
                 .map_err(End::Protocol),
             Action::Subscribe(sub, props) if device => self.device_subscribe(sub, props).await,
-            Action::Subscribe(sub, props) => self.subscribe(sub, props, forward),
-            Action::Unsubscribe(unsub, _) if device => self.device_unsubscribe(unsub).await,
-            Action::Unsubscribe(unsub, props) => {
-                self.service_unsubscribe(unsub, props, forward);
+            Action::Subscribe(sub, props) => {
+                let retained = self.subscribe(sub, props, forward)?;
+                if !retained.is_empty() {
+                    self.service_retained(retained).await;
+                }
                 Ok(())
             }
+            Action::Unsubscribe(unsub, _) if device => self.device_unsubscribe(unsub).await,
+            Action::Unsubscribe(unsub, props) => self.service_unsubscribe(unsub, props, forward),
             Action::Done(token) => {
                 self.finished(token, forward);
                 Ok(())
@@ -845,6 +878,13 @@ pub(super) fn message_properties(
 }
 
 /// The router's next notification; never, without a link.
+async fn next_marked(inbox: Option<&mut Inbox>) -> Option<Arc<Marked>> {
+    match inbox {
+        Some(inbox) => inbox.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn next(rx: Option<&mut LinkRx>) -> Result<Option<Notification>, rumqttd::local::LinkError> {
     match rx {
         Some(rx) => rx.next().await,

@@ -124,23 +124,17 @@ impl Session {
         // would otherwise keep its whole read buffer alive.
         // Never retained in the router: fleetgate keeps retained messages
         // itself (durably, with retain handling); the mark says it was.
-        let onward = Packet::Publish(
+        let onward = Marked::new(
             Publish::new(
                 Bytes::copy_from_slice(&p.topic),
                 Bytes::copy_from_slice(&p.payload),
                 false,
             ),
             stamp::mark(props, qos, p.retain, &self.stamp),
+            self.conn(),
         );
-        let sent = match &self.router {
-            Some(router) => router.send(onward).await,
-            None => {
-                self.shared
-                    .ingest
-                    .send(self.peer.identity.id.as_str(), onward)
-                    .await
-            }
-        };
+        let key = self.peer.identity.id.as_str();
+        let sent = fanout::onward(&self.shared, key, self.router.as_ref(), onward).await;
         if sent.is_err() {
             return Err(End::RouterDisconnect);
         }

@@ -1,8 +1,8 @@
 //! A service's side (and an admin's): its router link and session in
-//! rumqttd (opened, expired, ended), its subscriptions (the router's, with
-//! fleetgate's identifiers, share groups and retained messages), and the
-//! router's deliveries (with their subscription identifiers and retain
-//! flags).
+//! rumqttd (opened, expired, ended), its subscriptions (held by the fanout
+//! for a session that keeps nothing, else the router's; with fleetgate's
+//! identifiers, share groups and retained messages), and the deliveries
+//! of both (with their subscription identifiers and retain flags).
 
 use super::*;
 use crate::mqtt::channel::overlap;
@@ -10,7 +10,11 @@ use crate::mqtt::channel::overlap;
 impl Session {
     /// A service's router link (building it waits on the router thread).
     /// Whether a session was present.
-    pub(super) async fn open_service(&mut self, terms: &Terms) -> Result<(LinkRx, bool), ()> {
+    pub(super) async fn open_service(
+        &mut self,
+        conn: u64,
+        terms: &Terms,
+    ) -> Result<(LinkRx, bool), ()> {
         let shared = self.shared.clone();
         let Ok(slot) = shared.link_slots.acquire().await else {
             return Err(());
@@ -47,6 +51,12 @@ impl Session {
                 // The filters its kept session holds in the router count
                 // against its cap, as they did before.
                 self.service_subs = shared.kept.filters(&device_id, !clean, present);
+                // A session that keeps nothing takes its messages from the
+                // fanout; a kept one from the router, whose log holds them
+                // while the service is away.
+                if clean {
+                    self.inbox = Some(shared.fanout.register(conn, self.service_subs.clone()));
+                }
                 match RouterTx::spawn(format!("link-{device_id}"), tx, None, 64) {
                     Ok(tx) => self.router = Some(tx),
                     Err(e) => {
@@ -83,14 +93,17 @@ impl Session {
         }
     }
 
-    /// A service's (or claim's) SUBSCRIBE: the ACL and the cap here, the
-    /// rest to its router link.
+    /// A service's (or claim's) SUBSCRIBE: the ACL and the cap here; a
+    /// session held by the fanout answered here too (its `$share` groups
+    /// aside), the rest passed to its router link. Returns the filters
+    /// whose retained messages go out now (answered here), with their
+    /// granted QoS.
     pub(super) fn subscribe(
         &mut self,
         mut sub: rumqttd::protocol::Subscribe,
         props: Option<rumqttd::protocol::SubscribeProperties>,
         forward: &mut Vec<Packet>,
-    ) -> Result<(), End> {
+    ) -> Result<Vec<(String, u8)>, End> {
         let id = props.as_ref().and_then(|p| p.id);
         let checked = {
             let subs = lock(&self.service_subs);
@@ -101,29 +114,27 @@ impl Session {
                 self.limits(),
             )
         };
-        let (codes, why) = self.refusals(checked);
-        let allowed: Vec<_> = sub
-            .filters
-            .drain(..)
-            .zip(&codes)
-            .filter(|(_, c)| c.is_none())
-            .map(|(f, _)| f)
-            .collect();
+        let (mut codes, why) = self.refusals(checked);
+        let held_here = self.inbox.is_some();
         // Retained messages (MQTT 3.3.1.3) as each filter's retain handling
         // says; none for a share group (MQTT 5 4.8.2).
         let mut wanted = Vec::new();
-        let mut allowed = allowed;
-        for f in &mut allowed {
-            let sub = ServiceSub {
+        let mut to_router = Vec::new();
+        for (mut f, code) in sub.filters.drain(..).zip(codes.iter_mut()) {
+            if code.is_some() {
+                continue;
+            }
+            let qos = (f.qos as u8).min(2);
+            let s = ServiceSub {
                 id,
                 rap: f.preserve_retain,
-                qos: (f.qos as u8).min(2),
+                qos,
+                no_local: f.nolocal,
             };
-            let new = lock(&self.service_subs)
-                .insert(f.path.clone(), sub)
-                .is_none();
-            if sends_retained(&f.retain_forward_rule, new) && !f.path.starts_with("$share/") {
-                wanted.push((f.path.clone(), (f.qos as u8).min(2)));
+            let new = lock(&self.service_subs).insert(f.path.clone(), s).is_none();
+            let in_group = f.path.starts_with("$share/");
+            if sends_retained(&f.retain_forward_rule, new) && !in_group {
+                wanted.push((f.path.clone(), qos));
             }
             // A group across nodes: its messages come through the bus.
             if let Some((group, inner)) = share::split(&f.path) {
@@ -136,13 +147,19 @@ impl Session {
                     f.path = share::router_filter(group, inner);
                 }
             }
+            if held_here && !in_group {
+                *code = Some(SubscribeReasonCode::Success(f.qos));
+            } else {
+                to_router.push(f);
+            }
         }
-        if !wanted.is_empty() && self.peer.identity.role == Role::Service {
-            self.pending_retained.insert(sub.pkid, wanted);
+        if self.peer.identity.role != Role::Service {
+            wanted.clear();
         }
-        if self.peer.identity.role == Role::Claim {
-            // Answered here: provisioning replies come from this session,
-            // never through the router.
+        if self.peer.identity.role == Role::Claim || to_router.is_empty() {
+            // Answered here: a claim's (provisioning replies come from
+            // this session, never through the router), or one the router
+            // has no part in.
             let ack = SubAck {
                 pkid: sub.pkid,
                 return_codes: codes
@@ -154,44 +171,98 @@ impl Session {
                     })
                     .collect(),
             };
-            return self
-                .encode(Packet::SubAck(ack, suback_props(why)))
-                .map_err(End::Protocol);
-        }
-        if allowed.is_empty() {
-            let ack = SubAck {
-                pkid: sub.pkid,
-                return_codes: codes.into_iter().flatten().collect(),
-            };
-            return self
-                .encode(Packet::SubAck(ack, suback_props(why)))
-                .map_err(End::Protocol);
+            self.encode(Packet::SubAck(ack, suback_props(why)))
+                .map_err(End::Protocol)?;
+            return Ok(wanted);
         }
         if codes.iter().any(Option::is_some) {
             self.pending_subacks.insert(sub.pkid, (codes, why));
         }
-        sub.filters = allowed;
+        if !wanted.is_empty() {
+            self.pending_retained.insert(sub.pkid, wanted);
+        }
+        sub.filters = to_router;
         forward.push(Packet::Subscribe(sub, props));
-        Ok(())
+        Ok(Vec::new())
     }
 
-    /// A service's UNSUBSCRIBE: forgotten here, passed to the router (a
-    /// group across nodes by its router filter).
+    /// A service's UNSUBSCRIBE: forgotten here; answered here for a
+    /// session held by the fanout, unless it names a `$share` group, whose
+    /// filters go to the router (a group across nodes by its router
+    /// filter).
     pub(super) fn service_unsubscribe(
         &mut self,
         mut unsub: rumqttd::protocol::Unsubscribe,
         props: Option<rumqttd::protocol::UnsubscribeProperties>,
         forward: &mut Vec<Packet>,
-    ) {
-        for f in &mut unsub.filters {
-            lock(&self.service_subs).remove(f);
-            if self.groups.remove(f).is_some() {
-                if let Some((group, inner)) = share::split(f) {
-                    *f = share::router_filter(group, inner);
+    ) -> Result<(), End> {
+        let held_here = self.inbox.is_some();
+        let mut reasons = Vec::new();
+        let mut to_router = Vec::new();
+        for mut f in unsub.filters.drain(..) {
+            let existed = lock(&self.service_subs).remove(&f).is_some();
+            let in_group = f.starts_with("$share/");
+            if self.groups.remove(&f).is_some() {
+                if let Some((group, inner)) = share::split(&f) {
+                    f = share::router_filter(group, inner);
                 }
             }
+            if held_here && !in_group {
+                reasons.push(if existed {
+                    UnsubAckReason::Success
+                } else {
+                    UnsubAckReason::NoSubscriptionExisted
+                });
+            } else {
+                to_router.push(f);
+            }
         }
+        if held_here && to_router.is_empty() {
+            let ack = UnsubAck {
+                pkid: unsub.pkid,
+                reasons,
+            };
+            return self
+                .encode(Packet::UnsubAck(ack, None))
+                .map_err(End::Protocol);
+        }
+        unsub.filters = to_router;
         forward.push(Packet::Unsubscribe(unsub, props));
+        Ok(())
+    }
+
+    /// A message the fanout handed over, into the outbox: a copy for each
+    /// matching subscription (MQTT 5 3.3.4), at min(published QoS, its
+    /// granted QoS), with its identifier, retained if it asks for Retain
+    /// As Published.
+    pub(super) fn take_marked(&mut self, m: &Marked) {
+        let v5 = self.ch.is_v5();
+        let topic = m.publish.topic.clone();
+        let Ok(t) = std::str::from_utf8(&topic) else {
+            return;
+        };
+        let u = stamp::unmark(m.props.clone(), &topic, v5);
+        let own = m.from.is_some() && m.from == self.conn();
+        let copies: Vec<ServiceSub> = {
+            let subs = lock(&self.service_subs);
+            fanout::copies(&subs, t, own).copied().collect()
+        };
+        for sub in copies {
+            let mut props = u.props.clone();
+            if let (true, Some(id)) = (v5, sub.id) {
+                props
+                    .get_or_insert_with(Default::default)
+                    .subscription_identifiers = vec![id];
+            }
+            self.ch.outbox.push(Outgoing {
+                seq: None,
+                topic: topic.clone(),
+                payload: m.publish.payload.clone(),
+                qos: u.qos.min(sub.qos),
+                retain: u.retained && sub.rap,
+                props,
+            });
+        }
     }
 
     /// Ends a service's router session, if it is still ours to end.
@@ -251,7 +322,10 @@ impl Session {
                         let topic = share::member_topic(&p.topic);
                         let u = stamp::unmark(props, &topic, self.ch.is_v5());
                         let mut props = u.props;
-                        let (matching, rap) = self.matching_subs(&topic);
+                        // A session held by the fanout has only its groups
+                        // in the router.
+                        let groups_only = self.inbox.is_some();
+                        let (matching, rap) = self.matching_subs(&topic, groups_only);
                         // One copy per matching filter comes from the
                         // router, each with its own subscription's id.
                         let key = overlap::key(&topic, &p.payload);
@@ -337,7 +411,7 @@ impl Session {
             else {
                 continue;
             };
-            let (matching, _) = self.matching_subs(m.topic.as_bytes());
+            let (matching, _) = self.matching_subs(m.topic.as_bytes(), false);
             let ids = if v5 {
                 matching.iter().filter_map(|m| m.id).collect()
             } else {
@@ -351,8 +425,14 @@ impl Session {
 
     /// What a service's subscriptions that match `topic` ask for (the
     /// router carries neither): their identifiers and granted QoS (MQTT 5
-    /// 3.3.4), and whether any wants Retain As Published.
-    pub(super) fn matching_subs(&self, topic: &[u8]) -> (Vec<overlap::Match>, bool) {
+    /// 3.3.4), and whether any wants Retain As Published. `groups_only`:
+    /// its `$share` subscriptions alone, all the router holds of a session
+    /// the fanout serves.
+    pub(super) fn matching_subs(
+        &self,
+        topic: &[u8],
+        groups_only: bool,
+    ) -> (Vec<overlap::Match>, bool) {
         let subs = lock(&self.service_subs);
         if !subs.values().any(|s| s.id.is_some() || s.rap) {
             return (Vec::new(), false);
@@ -361,6 +441,9 @@ impl Session {
         let mut matching = Vec::new();
         let mut rap = false;
         for (filter, sub) in subs.iter() {
+            if groups_only && !filter.starts_with("$share/") {
+                continue;
+            }
             if topic_matches(share_inner(filter), &topic) {
                 matching.push(overlap::Match {
                     id: sub.id,
