@@ -21,7 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
 use crate::load::{mqtt_options, percentile, Target};
-use crate::wire;
+use crate::{throttle, wire};
 
 mod provision;
 mod rogue;
@@ -268,6 +268,7 @@ pub async fn device(
                     }
                     Ok(Event::Incoming(Packet::Publish(_))) => set(&log, |l| l.commands += 1),
                     Ok(_) => {}
+                    Err(e) if !connected && throttle::closed_early(&e) => break throttle::count(&e),
                     Err(e) => break e.to_string(),
                 },
             }
@@ -290,12 +291,11 @@ pub async fn device(
             return; // refused as revoked: stop for good
         }
         // Jittered exponential back-off: half to full of the current step.
-        let jitter = backoff.mul_f64(0.5 + 0.5 * next_unit(&mut rng));
+        let jitter = throttle::next_wait(&mut backoff, next_unit(&mut rng));
         tokio::select! {
             _ = tokio::time::sleep(jitter) => {}
             _ = stop.changed() => return,
         }
-        backoff = (backoff * 2).min(Duration::from_secs(10));
     }
 }
 
@@ -487,6 +487,8 @@ pub struct Report {
     pub figures: BTreeMap<String, Value>,
     pub ok: bool,
     pub problems: Vec<String>,
+    /// What the figures mean, where that is not plain.
+    pub notes: Vec<String>,
 }
 
 impl Report {
@@ -496,6 +498,21 @@ impl Report {
             figures: BTreeMap::new(),
             ok: true,
             problems: Vec::new(),
+            notes: Vec::new(),
+        }
+    }
+
+    /// Records how many connections the broker closed before their TLS
+    /// handshake (its limits), and, if any, that the figures include the
+    /// devices' waits after them.
+    pub fn throttled(&mut self, n: u64) {
+        self.put("closed_before_handshake", n);
+        if n > 0 {
+            self.notes.push(format!(
+                "{n} connections were closed before the TLS handshake: {}. The devices backed \
+                 off and tried again, so connect figures measure those limits too",
+                throttle::HINT
+            ));
         }
     }
 
@@ -511,7 +528,7 @@ impl Report {
     }
 
     pub fn to_json(&self) -> Value {
-        json!({"scenario": self.scenario, "ok": self.ok, "problems": self.problems, "figures": self.figures})
+        json!({"scenario": self.scenario, "ok": self.ok, "problems": self.problems, "notes": self.notes, "figures": self.figures})
     }
 
     /// The summary table.
@@ -530,6 +547,9 @@ impl Report {
         }
         for p in &self.problems {
             out.push_str(&format!("  problem: {p}\n"));
+        }
+        for n in &self.notes {
+            out.push_str(&format!("  note: {n}\n"));
         }
         out
     }
@@ -785,9 +805,22 @@ async fn churn_once(target: &Target, id: &str) -> anyhow::Result<()> {
     let opts = mqtt_options(target.broker, id, target.tls(id)?);
     let (client, mut events) = AsyncClient::new(opts, 8);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut step = Duration::from_millis(200);
+    let mut connected = false;
     loop {
         match tokio::time::timeout_at(deadline, events.poll()).await {
+            // Closed before the handshake (the broker's limits): again
+            // after a while, as a device would (the next poll reconnects).
+            Ok(Err(e)) if !connected && throttle::closed_early(&e) => {
+                let why = throttle::count(&e);
+                let wait = throttle::next_wait(&mut step, throttle::clock_unit());
+                if tokio::time::Instant::now() + wait >= deadline {
+                    bail!("{id}: {why}");
+                }
+                tokio::time::sleep(wait).await;
+            }
             Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => {
+                connected = true;
                 client.try_publish(
                     format!("devices/{id}/telemetry"),
                     QoS::AtLeastOnce,

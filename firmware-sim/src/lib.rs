@@ -2,4 +2,5 @@
 
 pub mod fleet;
 pub mod load;
+pub mod throttle;
 pub mod wire;

@@ -326,10 +326,16 @@ pub async fn consume(
     let mut received = 0u64;
     let mut per_second: Vec<u64> = Vec::new();
     loop {
-        let wait = if first.is_some() { idle } else { limit };
-        if started.elapsed() > limit {
+        // Idle counts from the last message, not the last packet: the
+        // keep-alive's pings would otherwise keep a quiet consumer waiting
+        // until `limit`.
+        let until = match first {
+            Some(_) => (last + idle).min(started + limit),
+            None => started + limit,
+        };
+        let Some(wait) = until.checked_duration_since(Instant::now()) else {
             break;
-        }
+        };
         match tokio::time::timeout(wait, events.poll()).await {
             Ok(Ok(Event::Incoming(Packet::Publish(_)))) => {
                 let now = Instant::now();

@@ -296,7 +296,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if !matches!(a.scenario, Scenario::Provision | Scenario::Revoke) {
                 fleet.ensure_enrolled(&fleet.ids(o.devices)).await?;
             }
-            let report = match a.scenario {
+            let mut report = match a.scenario {
                 Scenario::Steady => firmware_sim::fleet::steady(&fleet, &o).await?,
                 Scenario::Storm => firmware_sim::fleet::storm(&fleet, &o).await?,
                 Scenario::Revoke => firmware_sim::fleet::revoke(&fleet, &o).await?,
@@ -304,6 +304,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Scenario::Provision => firmware_sim::fleet::provision(&fleet, &o).await?,
                 Scenario::Soak => firmware_sim::fleet::soak(&fleet, &o, a.churn).await?,
             };
+            report.throttled(firmware_sim::throttle::total());
             print!("{}", report.table());
             if let Some(path) = &a.json {
                 std::fs::write(path, serde_json::to_vec_pretty(&report.to_json())?)?;

@@ -188,11 +188,23 @@ impl ApiClient {
             .await
             .with_context(|| format!("connecting to the API at {}:{}", self.host, self.port))?;
         let _ = tcp.set_nodelay(true);
-        let tls = self
-            .tls
-            .connect(self.server_name.clone(), tcp)
-            .await
-            .context("TLS handshake with the API")?;
+        let tls = match self.tls.connect(self.server_name.clone(), tcp).await {
+            Ok(tls) => tls,
+            Err(e) => {
+                let hint = not_the_api(&e)
+                    .map(|h| {
+                        format!(
+                            ": {h}; --api takes the admin API's address (serve's --api-listen, \
+                             by default https://127.0.0.1:8443)"
+                        )
+                    })
+                    .unwrap_or_default();
+                return Err(anyhow::Error::new(e).context(format!(
+                    "TLS handshake with the API at {}:{}{hint}",
+                    self.host, self.port
+                )));
+            }
+        };
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
             .await
             .context("HTTP handshake with the API")?;
@@ -206,7 +218,22 @@ impl ApiClient {
             .header(hyper::header::CONTENT_TYPE, content_type)
             .body(Full::new(body))
             .context("building the request")?;
-        let resp = sender.send_request(req).await.context("API request")?;
+        // TLS 1.3: a server that refuses the client's certificate says so
+        // after the handshake, at the first read.
+        let resp = match sender.send_request(req).await {
+            Ok(r) => r,
+            Err(e) => {
+                let hint = not_the_api_in(&e).map(|h| {
+                    format!(
+                        " ({}:{}: {h}; --api takes the admin API's address, serve's \
+                         --api-listen, by default https://127.0.0.1:8443)",
+                        self.host, self.port
+                    )
+                });
+                return Err(anyhow::Error::new(e)
+                    .context(format!("API request{}", hint.unwrap_or_default())));
+            }
+        };
         let status = resp.status();
         let bytes = resp
             .into_body()
@@ -215,5 +242,38 @@ impl ApiClient {
             .context("reading the API answer")?
             .to_bytes();
         Ok((status, bytes))
+    }
+}
+
+/// [`not_the_api`] for an error anywhere in `e`'s chain of sources.
+fn not_the_api_in(e: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
+    let mut next = Some(e);
+    while let Some(e) = next {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if let Some(hint) = not_the_api(io) {
+                return Some(hint);
+            }
+        }
+        next = e.source();
+    }
+    None
+}
+
+/// What a failed handshake says about the server, when it is plainly not
+/// fleetgate's admin API: another of its ports.
+fn not_the_api(e: &std::io::Error) -> Option<&'static str> {
+    let e = e.get_ref()?.downcast_ref::<rustls::Error>()?;
+    match e {
+        // Plain bytes where a TLS record should be: an HTTP listener.
+        rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType) => Some(
+            "the server there does not speak TLS (fleetgate's OCSP/CRL and metrics ports are \
+             plain HTTP)",
+        ),
+        // fleetgate's MQTT port refuses an admin's certificate.
+        rustls::Error::AlertReceived(rustls::AlertDescription::AccessDenied) => Some(
+            "the server there refused an admin's certificate (fleetgate's MQTT port does: \
+             admins use the API)",
+        ),
+        _ => None,
     }
 }

@@ -113,6 +113,25 @@ impl Authority {
                 ),
             });
         }
+        // A shared registry that already belongs to a CA would refuse the
+        // new one this would make: refused before anything is written, so
+        // a retry says the same.
+        if let Some(store) = &opts.store {
+            if let Some(theirs) = store.get(crate::store::Space::Meta, b"ca-root")? {
+                return Err(Error::DataDir {
+                    path: dir.to_owned(),
+                    reason: format!(
+                        "is empty, and the shared registry already belongs to a CA (SHA-256 of \
+                         its ca.crt {}): this node would make a new CA, which the cluster's \
+                         nodes and devices do not trust. Copy ca/, ca.crt, admin.crt and \
+                         admin.key from a node of the cluster into this data dir (with a \
+                         fleetgate.json), or start this node on its own registry. Nothing was \
+                         written",
+                        String::from_utf8_lossy(&theirs)
+                    ),
+                });
+            }
+        }
         Self::init(paths, opts)
     }
 

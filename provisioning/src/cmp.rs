@@ -398,7 +398,8 @@ pub fn cert_request(msgs: &CertReqMessages) -> Result<CertRequest, Failure> {
         Some(name) => common_name(name)?,
         None => None,
     };
-    let key = ValidatedCsr::proven_key(&spki, subject_cn).map_err(|e| failure_of(&e))?;
+    let mut key = ValidatedCsr::proven_key(&spki, subject_cn).map_err(|e| failure_of(&e))?;
+    key.left_out = template_left_out(template)?;
     Ok(CertRequest {
         cert_req_id: msg.cert_req.cert_req_id.clone(),
         key,
@@ -414,6 +415,42 @@ pub fn p10_request(csr: &x509_cert::request::CertReq) -> Result<CertRequest, Fai
         cert_req_id: Int::new(&[0xff]).map_err(malformed("certReqId"))?,
         key,
     })
+}
+
+/// What a template asks for that no certificate of fleetgate's carries
+/// ([`crate::csr::left_out`]).
+fn template_left_out(t: &crmf::request::CertTemplate) -> Result<Vec<String>, Failure> {
+    let subject = t
+        .subject
+        .as_ref()
+        .map(|n| n.to_der())
+        .transpose()
+        .map_err(malformed("the subject"))?;
+    let subject = subject
+        .as_deref()
+        .map(x509_parser::x509::X509Name::from_der)
+        .transpose()
+        .map_err(|e| Failure::new(FailInfo::BadCertTemplate, format!("the subject: {e}")))?
+        .map(|(_, n)| n);
+    let ders = t
+        .extensions
+        .iter()
+        .flatten()
+        .map(|e| e.to_der())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(malformed("the template's extensions"))?;
+    let extensions = ders
+        .iter()
+        .map(|d| x509_parser::extensions::X509Extension::from_der(d).map(|(_, e)| e))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| {
+            Failure::new(
+                FailInfo::BadCertTemplate,
+                format!("the template's extensions: {e}"),
+            )
+        })?;
+    let refs: Vec<&_> = extensions.iter().collect();
+    Ok(crate::csr::left_out(subject.as_ref(), &refs))
 }
 
 /// A name's common name, if it has one.
@@ -551,8 +588,14 @@ struct ErrorContent {
 /// A response's body.
 #[derive(Debug)]
 pub enum Reply {
-    /// `ip`, `cp` or `kup` (after `ir`, `cr`, `kur`): the certificate.
-    Issued { cert_req_id: Int, cert: Vec<u8> },
+    /// `ip`, `cp` or `kup` (after `ir`, `cr`, `kur`): the certificate,
+    /// and what was asked for and left out of it (then granted with
+    /// modifications, saying what in the statusString).
+    Issued {
+        cert_req_id: Int,
+        cert: Vec<u8>,
+        left_out: Vec<String>,
+    },
     /// `rp`: the revocation was done.
     Revoked,
     /// `genp` with id-it-caCerts holding these certificates (DER).
@@ -839,13 +882,33 @@ fn body(kind: &str, reply: Reply) -> Result<Vec<u8>, der::Error> {
         status_string: None,
         fail_info: None,
     };
+    // What the statusString says lives as long as the body that borrows it.
+    let notes = match &reply {
+        Reply::Issued { left_out, .. } => left_out.clone(),
+        _ => Vec::new(),
+    };
     let body = match reply {
-        Reply::Issued { cert_req_id, cert } => {
+        Reply::Issued {
+            cert_req_id, cert, ..
+        } => {
+            let said = notes
+                .iter()
+                .map(der::asn1::Utf8StringRef::new)
+                .collect::<Result<Vec<_>, _>>()?;
+            let status = if said.is_empty() {
+                accepted()
+            } else {
+                PkiStatusInfo {
+                    status: PkiStatus::GrantedWithMods,
+                    status_string: Some(said),
+                    fail_info: None,
+                }
+            };
             let rep = CertRepMessage {
                 ca_pubs: None,
                 response: vec![CertResponse {
                     cert_req_id,
-                    status: accepted(),
+                    status,
                     certified_key_pair: Some(CertifiedKeyPair {
                         cert_or_enc_cert: CertOrEncCert::Certificate(Box::new(
                             Certificate::from_der(&cert)?,
@@ -983,11 +1046,40 @@ mod tests {
                 Reply::Issued {
                     cert_req_id: Int::new(&[0]).unwrap(),
                     cert: cert.clone(),
+                    left_out: Vec::new(),
                 },
                 false,
             )
             .unwrap();
         assert_eq!(issued_certificate(&answer).unwrap(), cert);
+        // What was asked for and left out: granted with modifications,
+        // saying what.
+        let (changed, _) = responder
+            .respond(
+                Some(&req.msg.header),
+                "ir",
+                Reply::Issued {
+                    cert_req_id: Int::new(&[0]).unwrap(),
+                    cert: cert.clone(),
+                    left_out: vec!["the subject's O=Acme left out".into()],
+                },
+                false,
+            )
+            .unwrap();
+        assert_eq!(issued_certificate(&changed).unwrap(), cert);
+        let parsed = Incoming::parse(&changed).unwrap();
+        let PkiBody::Ip(rep) = &parsed.msg.body else {
+            panic!("not an ip")
+        };
+        let status = &rep.response[0].status;
+        assert_eq!(status.status, PkiStatus::GrantedWithMods);
+        let said: Vec<&str> = status
+            .status_string
+            .iter()
+            .flatten()
+            .map(|s| s.as_str())
+            .collect();
+        assert_eq!(said, ["the subject's O=Acme left out"]);
         // The answer is protected by the signer, echoes the transaction
         // and the sender's nonce, and carries its own.
         let back = Incoming::parse(&answer).unwrap();

@@ -8,12 +8,15 @@
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateSigningRequestDer;
 use x509_parser::certification_request::X509CertificationRequest;
+use x509_parser::cri_attributes::ParsedCriAttribute;
+use x509_parser::extensions::{GeneralName, ParsedExtension, X509Extension};
 use x509_parser::oid_registry::{
     OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384, OID_PKCS1_RSAENCRYPTION,
-    OID_SIG_ED25519,
+    OID_SIG_ED25519, OID_X509_COMMON_NAME,
 };
 use x509_parser::prelude::FromDer;
 use x509_parser::public_key::PublicKey;
+use x509_parser::x509::X509Name;
 
 use crate::Error;
 
@@ -53,6 +56,9 @@ pub struct ValidatedCsr {
     /// The subject's common name, if it has one (EST names the device
     /// there).
     pub subject_cn: Option<String>,
+    /// What the request asked for that no certificate of fleetgate's
+    /// carries ([`left_out`]), to tell the requester.
+    pub left_out: Vec<String>,
 }
 
 impl ValidatedCsr {
@@ -81,6 +87,7 @@ impl ValidatedCsr {
             public_key,
             key_kind,
             subject_cn,
+            left_out: Vec::new(),
         })
     }
 }
@@ -142,10 +149,98 @@ pub fn validate_csr(input: &[u8]) -> Result<ValidatedCsr, Error> {
                 })
         })
         .transpose()?;
+    let extensions: Vec<&X509Extension<'_>> = csr
+        .certification_request_info
+        .iter_attributes()
+        .filter_map(|a| match a.parsed_attribute() {
+            ParsedCriAttribute::ExtensionRequest(r) => Some(r.extensions.iter()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    let left_out = left_out(Some(&csr.certification_request_info.subject), &extensions);
     Ok(ValidatedCsr {
         public_key,
         key_kind,
         subject_cn,
+        left_out,
+    })
+}
+
+/// What a request asked for that fleetgate puts in no certificate, in
+/// words for the requester (CMP's statusString): the subject's attributes
+/// but its common name (a certificate names its device by its id alone),
+/// and names asked for as subjectAltName (a certificate's only one is the
+/// device's `urn:fleetgate:` identity). Other requested extensions are
+/// the CA's to set, as always, and not mentioned. Empty when nothing was
+/// left out.
+pub fn left_out(subject: Option<&X509Name<'_>>, extensions: &[&X509Extension<'_>]) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(name) = subject {
+        let dropped: Vec<String> = name
+            .iter_attributes()
+            .filter(|a| *a.attr_type() != OID_X509_COMMON_NAME)
+            .map(|a| {
+                let value = a.as_str().unwrap_or("(not text)");
+                format!("{}={value}", attribute_name(&a.attr_type().to_id_string()))
+            })
+            .collect();
+        if !dropped.is_empty() {
+            out.push(format!(
+                "the subject's {} left out: a certificate names its device by CN alone",
+                dropped.join(", ")
+            ));
+        }
+    }
+    let names: Vec<String> = extensions
+        .iter()
+        .filter_map(|e| match e.parsed_extension() {
+            ParsedExtension::SubjectAlternativeName(san) => Some(san.general_names.iter()),
+            _ => None,
+        })
+        .flatten()
+        .filter_map(general_name_words)
+        .collect();
+    if !names.is_empty() {
+        out.push(format!(
+            "subjectAltName {} left out: a certificate's only one is its device's \
+             urn:fleetgate: identity",
+            names.join(", ")
+        ));
+    }
+    out
+}
+
+/// A name attribute's usual short name.
+fn attribute_name(oid: &str) -> &str {
+    match oid {
+        "2.5.4.6" => "C",
+        "2.5.4.7" => "L",
+        "2.5.4.8" => "ST",
+        "2.5.4.10" => "O",
+        "2.5.4.11" => "OU",
+        "2.5.4.5" => "serialNumber",
+        "1.2.840.113549.1.9.1" => "emailAddress",
+        other => other,
+    }
+}
+
+/// A subjectAltName entry as `openssl -sans` writes it; `None` for the
+/// device's own identity, which the certificate carries anyway.
+fn general_name_words(n: &GeneralName<'_>) -> Option<String> {
+    Some(match n {
+        GeneralName::URI(u) if u.starts_with(crate::id::URN_PREFIX) => return None,
+        GeneralName::DNSName(d) => format!("DNS:{d}"),
+        GeneralName::URI(u) => format!("URI:{u}"),
+        GeneralName::RFC822Name(m) => format!("email:{m}"),
+        GeneralName::IPAddress(ip) => match <[u8; 4]>::try_from(*ip) {
+            Ok(v4) => format!("IP:{}", std::net::Ipv4Addr::from(v4)),
+            Err(_) => match <[u8; 16]>::try_from(*ip) {
+                Ok(v6) => format!("IP:{}", std::net::Ipv6Addr::from(v6)),
+                Err(_) => "IP:(malformed)".to_owned(),
+            },
+        },
+        other => format!("{other}"),
     })
 }
 

@@ -77,8 +77,27 @@ fn a_node_with_another_ca_refuses_to_start() {
     let etcd = Etcd::start(&tmp.path().join("etcd"));
     let store = etcd.url();
     let _one = Server::start_with(&tmp.path().join("one"), &["--store", &store]).unwrap();
-    // A fresh data dir makes a CA of its own: not the cluster's.
-    let err = Server::start_with(&tmp.path().join("other"), &["--store", &store]).unwrap_err();
+    // A fresh data dir would make a CA of its own: not the cluster's.
+    // Refused before anything is written (issue 29, item 22), so a retry
+    // gives the same reason, not "an earlier initialization was
+    // interrupted".
+    let other = tmp.path().join("other");
+    for _ in 0..2 {
+        let err = Server::start_with(&other, &["--store", &store]).unwrap_err();
+        let text = format!("{err:#}");
+        assert!(
+            text.contains("the shared registry already belongs to a CA"),
+            "{text}"
+        );
+        let written: Vec<_> = std::fs::read_dir(&other)
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(written.is_empty(), "left behind: {written:?}");
+    }
+    // A data dir with a CA of its own: refused when the registry is read.
+    let own = tmp.path().join("own");
+    drop(Server::start(&own).unwrap());
+    let err = Server::start_with(&own, &["--store", &store]).unwrap_err();
     let text = format!("{err:#}");
     assert!(text.contains("not the registry's"), "{text}");
 }

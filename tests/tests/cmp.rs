@@ -170,6 +170,47 @@ fn openssl_cmp_enrolls_with_a_claim_updates_the_key_and_revokes() {
         "{out}"
     );
 
+    // A subject with more than a CN, and names asked for as SANs: issued
+    // without them, and the answer says so (issue 29, item 14): granted
+    // with modifications, in its statusString.
+    let k4 = key(&dir, "cmp-13");
+    let c4 = dir.join("cmp-13.crt");
+    let (ok, out) = cmp(
+        &server,
+        "ir",
+        admin,
+        &[
+            "-newkey",
+            path(&k4),
+            "-subject",
+            "/CN=cmp-13/O=Acme/OU=Line 4",
+            "-sans",
+            "DNS:cmp-13.example",
+            "-certout",
+            path(&c4),
+        ],
+    );
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("O=Acme, OU=Line 4 left out") && out.contains("DNS:cmp-13.example left out"),
+        "{out}"
+    );
+    let (ok, text) = run(Command::new("openssl")
+        .args([
+            "x509",
+            "-noout",
+            "-subject",
+            "-ext",
+            "subjectAltName",
+            "-in",
+        ])
+        .arg(&c4));
+    assert!(ok, "{text}");
+    assert!(
+        !text.contains("Acme") && !text.contains("cmp-13.example"),
+        "{text}"
+    );
+
     // genm: the CA certificates.
     let (ok, out) = cmp(&server, "genm", admin, &["-infotype", "caCerts"]);
     assert!(ok && out.contains("id-it-caCerts"), "{out}");

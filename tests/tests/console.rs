@@ -17,10 +17,20 @@ use tests::{require_tool, run, Server};
 
 /// A login link from `fleetgate console login`, good for `ttl` seconds.
 fn link(server: &Server, ttl: u64) -> String {
-    server
-        .cli_ok(&["console", "login", "--ttl", &ttl.to_string()])
-        .trim()
-        .to_owned()
+    let out = server.cli(&["console", "login", "--ttl", &ttl.to_string()]);
+    assert!(out.status.success(), "{out:?}");
+    // Its expiry in RFC 3339 (issue 29, item 23), not time's own format.
+    let err = String::from_utf8_lossy(&out.stderr);
+    let until = err
+        .split("until ")
+        .nth(1)
+        .and_then(|t| t.strip_suffix(").\n"))
+        .unwrap_or_else(|| panic!("no expiry in {err:?}"));
+    assert!(
+        time::OffsetDateTime::parse(until, &time::format_description::well_known::Rfc3339).is_ok(),
+        "{until:?}"
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 #[test]

@@ -370,6 +370,17 @@ fn the_readme_est_example_works_as_printed() {
         let text = std::fs::read_to_string(work.join(f)).unwrap();
         assert!(text.contains("BEGIN CERTIFICATE"), "{f}: {text}");
     }
+    // The steps after the enrollment can be run again on their own (issue
+    // 29, item 16): the answer was kept, nothing is enrolled twice.
+    let after: String = script
+        .lines()
+        .skip_while(|l| !l.starts_with("base64 -d sensor-11.p7.b64"))
+        .take(2)
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(after.contains("openssl verify"), "{after}");
+    let (ok, out) = tests::run_script(&work, &after);
+    assert!(ok, "run again:\n{out}");
     assert_eq!(
         server.device_json("sensor-11")["certificates"]
             .as_array()

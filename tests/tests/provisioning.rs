@@ -535,3 +535,34 @@ fn the_audit_log_reads_newest_first_and_pages_back() {
         assert_eq!(seqs(&oldest), [second[0], first[1]], "{name}: {oldest}");
     }
 }
+
+/// Issue 29, item 23: the CLI pointed at another of the server's ports,
+/// or run where the data dir is not, says what is wrong and what to pass.
+#[test]
+fn the_cli_says_what_is_wrong_when_pointed_at_the_wrong_place() {
+    let (tmp, server) = start();
+    for (addr, says) in [
+        (server.ocsp, "does not speak TLS"),
+        (server.mqtt, "refused an admin's certificate"),
+    ] {
+        let out = server.cli(&["device", "list", "--api", &format!("https://{addr}")]);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{err}");
+        assert!(err.contains("--api-listen"), "{err}");
+    }
+    // The default data dir is relative to where the command runs.
+    let elsewhere = tmp.path().join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let out = Command::new(tests::fleetgate_bin())
+        .args(["device", "list"])
+        .current_dir(&elsewhere)
+        .env_remove("FLEETGATE_DATA_DIR")
+        .env("FLEETGATE_API", server.api_url())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Pass --data-dir"), "{err}");
+    assert!(err.contains("elsewhere/fleetgate-data"), "{err}");
+}

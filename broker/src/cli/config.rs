@@ -248,10 +248,17 @@ pub(super) fn example() -> String {
          # `fleetgate check --config FILE` checks a file without starting.\n",
     );
     let cmd = serve_command();
+    let mut heading = None;
     for arg in cmd.get_arguments() {
         let Some(long) = arg.get_long() else { continue };
         if NOT_IN_FILE.contains(&long) || arg.is_hide_set() {
             continue;
+        }
+        if arg.get_help_heading() != heading {
+            heading = arg.get_help_heading();
+            if let Some(h) = heading {
+                out.push_str(&format!("\n# --- {h} ---\n"));
+            }
         }
         out.push('\n');
         let help = arg

@@ -66,7 +66,9 @@ enum LogFormat {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run the CA, registry and admin API (creates the data dir on first start).
+    /// Run a node: the MQTT broker (mutual TLS), the CA and registry, the
+    /// admin API (with EST, CMP and the console), and the OCSP responder
+    /// and CRLs. Creates the data dir on first start.
     Serve(Box<ServeArgs>),
     /// Manage devices through the admin API.
     #[command(subcommand)]
@@ -190,6 +192,20 @@ impl ApiArgs {
         let ca = self.ca.clone().unwrap_or_else(|| paths.ca_cert());
         let cert = self.cert.clone().unwrap_or_else(|| paths.admin_cert());
         let key = self.key.clone().unwrap_or_else(|| paths.admin_key());
+        // The defaults are relative to where the command runs: say so,
+        // rather than a bare "No such file".
+        if self.ca.is_none() && !ca.exists() {
+            let where_ = std::env::current_dir()
+                .map(|d| d.join(&self.data_dir))
+                .unwrap_or_else(|_| self.data_dir.clone());
+            anyhow::bail!(
+                "no {} here: the admin's credentials are read from the data dir {} (relative \
+                 to where the command runs). Pass --data-dir (or FLEETGATE_DATA_DIR) with the \
+                 server's data dir, or --ca, --cert and --key",
+                ca.display(),
+                where_.display()
+            );
+        }
         let config = tls::client_config(&ca, Some((&cert, &key)))?;
         ApiClient::new(&self.api, config)
     }
@@ -241,6 +257,9 @@ struct EnrollArgs {
     /// Certificate lifetime in days (default: the server's).
     #[arg(long)]
     lifetime_days: Option<u32>,
+    /// Sign with this manufacturer's CA (one `manufacturer create` made)
+    /// and count the device in its fleet (its quota, its revocation);
+    /// default: fleetgate's own issuing CA.
     #[arg(long)]
     manufacturer: Option<String>,
     #[command(flatten)]
@@ -327,14 +346,19 @@ enum DeviceCmd {
     /// a manufacturer's devices, optionally only those with a certificate
     /// issued within --issued-after .. --issued-before (RFC 3339).
     RevokeBatch {
+        /// The device ids, one per line.
         #[arg(long, conflicts_with_all = ["manufacturer", "issued_after", "issued_before"])]
         file: Option<PathBuf>,
+        /// Every device of this manufacturer (within the dates, if given).
         #[arg(long)]
         manufacturer: Option<String>,
+        /// Only certificates issued at or after this time (RFC 3339).
         #[arg(long)]
         issued_after: Option<String>,
+        /// Only certificates issued before this time (RFC 3339).
         #[arg(long)]
         issued_before: Option<String>,
+        /// The CRL reason code (as for `device revoke`).
         #[arg(long, default_value = "key-compromise")]
         reason: String,
         #[command(flatten)]
@@ -424,11 +448,16 @@ enum ClaimCmd {
     /// Issue a claim certificate good for USES device provisionings over
     /// MQTT. Writes OUT/ID.crt and OUT/ID.key.
     Create {
+        /// The claim's id: 1-64 of A-Z a-z 0-9 . _ -
         id: String,
+        /// How many devices it may provision.
         #[arg(long)]
         uses: u32,
+        /// The devices it provisions are this manufacturer's (signed by
+        /// its CA, counted against its quota).
         #[arg(long)]
         manufacturer: Option<String>,
+        /// Where to write ID.crt and ID.key.
         #[arg(long)]
         out: PathBuf,
         #[command(flatten)]
@@ -817,7 +846,7 @@ async fn client_cmd(cmd: Command) -> anyhow::Result<()> {
                     .clone()
                     .unwrap_or_else(|| Paths::new(&api.data_dir).ca_cert())
                     .display(),
-                link.expires_at
+                rfc3339(link.expires_at)
             );
             Ok(())
         }

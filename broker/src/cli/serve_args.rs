@@ -9,176 +9,305 @@ pub(super) struct ServeArgs {
     /// names of their flags; flags and FLEETGATE_* variables win over it
     /// (`fleetgate config example` prints one with every default). SIGHUP
     /// reads it again.
-    #[arg(long, env = "FLEETGATE_CONFIG")]
+    #[arg(help_heading = "General", long, env = "FLEETGATE_CONFIG")]
     pub(super) config: Option<PathBuf>,
     /// What is logged, as `FLEETGATE_LOG` or RUST_LOG filters say it
     /// (`info`, `debug`, `info,broker::mqtt=debug`); SIGHUP applies a new
     /// value from the configuration file.
-    #[arg(long, env = "FLEETGATE_LOG", default_value = super::DEFAULT_LOG)]
+    #[arg(help_heading = "General", long, env = "FLEETGATE_LOG", default_value = super::DEFAULT_LOG)]
     pub(super) log_level: String,
     /// Where the CA, keys and registry live.
-    #[arg(long, env = "FLEETGATE_DATA_DIR", default_value = "fleetgate-data")]
+    #[arg(
+        help_heading = "General",
+        long,
+        env = "FLEETGATE_DATA_DIR",
+        default_value = "fleetgate-data"
+    )]
     data_dir: PathBuf,
     /// The PIN of the PKCS#11 token the CA and signer keys are in (a file
     /// only its owner reads; first line). Needed when `ca init
     /// --ca-key-uri` put them there.
-    #[arg(long, env = "FLEETGATE_PIN_FILE")]
+    #[arg(help_heading = "General", long, env = "FLEETGATE_PIN_FILE")]
     pin_file: Option<PathBuf>,
     /// Admin API address (HTTPS, mutual TLS).
-    #[arg(long, default_value = "127.0.0.1:8443", env = "FLEETGATE_API_LISTEN")]
+    #[arg(
+        help_heading = "Listeners",
+        long,
+        default_value = "127.0.0.1:8443",
+        env = "FLEETGATE_API_LISTEN"
+    )]
     api_listen: SocketAddr,
+    /// MQTT address (TLS only, client certificates required).
+    #[arg(
+        help_heading = "Listeners",
+        long,
+        default_value = "127.0.0.1:8883",
+        env = "FLEETGATE_MQTT_LISTEN"
+    )]
+    mqtt_listen: SocketAddr,
+    /// OCSP responder and CRL address (plain HTTP).
+    #[arg(
+        help_heading = "Listeners",
+        long,
+        default_value = "127.0.0.1:8080",
+        env = "FLEETGATE_OCSP_LISTEN"
+    )]
+    ocsp_listen: SocketAddr,
+    /// Prometheus metrics address (plain HTTP, GET /metrics); off unless given.
+    #[arg(help_heading = "Listeners", long, env = "FLEETGATE_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+    /// Public base URL of the OCSP/CRL service, written into issued
+    /// certificates (default: http://OCSP_LISTEN).
+    #[arg(help_heading = "Listeners", long, env = "FLEETGATE_PUBLIC_URL")]
+    public_url: Option<String>,
+    /// Extra DNS names or IPs for the server certificate.
+    #[arg(help_heading = "Listeners", long = "san", env = "FLEETGATE_SAN")]
+    sans: Vec<String>,
     /// Where the registry lives: the embedded one in the data dir (the
     /// default), or `etcd://host:port[,host:port...]`, an etcd cluster that
     /// several nodes share (each with the same CA in its data dir).
-    #[arg(long, value_parser = parse_store, env = "FLEETGATE_STORE")]
+    #[arg(help_heading = "Registry store (a cluster on etcd)", long, value_parser = parse_store, env = "FLEETGATE_STORE")]
     store: Option<EtcdEndpoints>,
     /// With --store https://: the CA (PEM) that signed etcd's certificates
     /// (etcdctl's --cacert).
-    #[arg(long, env = "FLEETGATE_STORE_CA")]
+    #[arg(
+        help_heading = "Registry store (a cluster on etcd)",
+        long,
+        env = "FLEETGATE_STORE_CA"
+    )]
     store_ca: Option<PathBuf>,
     /// With --store https://: this node's client certificate (PEM; its CN
     /// is the etcd user, e.g. from `fleetgate node enroll`).
-    #[arg(long, requires = "store_key", env = "FLEETGATE_STORE_CERT")]
+    #[arg(
+        help_heading = "Registry store (a cluster on etcd)",
+        long,
+        requires = "store_key",
+        env = "FLEETGATE_STORE_CERT"
+    )]
     store_cert: Option<PathBuf>,
     /// With --store https://: the key of --store-cert (PEM).
-    #[arg(long, requires = "store_cert", env = "FLEETGATE_STORE_KEY")]
+    #[arg(
+        help_heading = "Registry store (a cluster on etcd)",
+        long,
+        requires = "store_cert",
+        env = "FLEETGATE_STORE_KEY"
+    )]
     store_key: Option<PathBuf>,
     /// With --store etcd: how long this node may answer admission from its
     /// last view of the registry while etcd has no majority (devices it
     /// knows are admitted, nothing is written); past it, new connections
     /// are refused: it fails closed.
-    #[arg(long, default_value_t = 60, env = "FLEETGATE_STORE_STALENESS_SECS")]
+    #[arg(
+        help_heading = "Registry store (a cluster on etcd)",
+        long,
+        default_value_t = 60,
+        env = "FLEETGATE_STORE_STALENESS_SECS"
+    )]
     store_staleness_secs: u64,
     /// Messages across nodes: NATS servers with JetStream,
     /// `tls://host:port[,tls://host:port...]` (or `nats://` without TLS,
     /// for development: a warning says so). A service on any node then
     /// sees every device, and commands reach a device on any node. Leave
     /// it out on a single node.
-    #[arg(long, value_delimiter = ',', env = "FLEETGATE_NATS")]
+    #[arg(
+        help_heading = "Message bus (a cluster on NATS)",
+        long,
+        value_delimiter = ',',
+        env = "FLEETGATE_NATS"
+    )]
     nats: Vec<String>,
     /// With --nats: the CA (PEM) that signed the NATS servers' certificates.
-    #[arg(long, env = "FLEETGATE_NATS_CA")]
+    #[arg(
+        help_heading = "Message bus (a cluster on NATS)",
+        long,
+        env = "FLEETGATE_NATS_CA"
+    )]
     nats_ca: Option<PathBuf>,
     /// With --nats: this node's client certificate (PEM, with its chain),
     /// e.g. from `fleetgate node enroll`; NATS maps it to a user.
-    #[arg(long, requires = "nats_key", env = "FLEETGATE_NATS_CERT")]
+    #[arg(
+        help_heading = "Message bus (a cluster on NATS)",
+        long,
+        requires = "nats_key",
+        env = "FLEETGATE_NATS_CERT"
+    )]
     nats_cert: Option<PathBuf>,
     /// With --nats: the key of --nats-cert (PEM).
-    #[arg(long, requires = "nats_cert", env = "FLEETGATE_NATS_KEY")]
+    #[arg(
+        help_heading = "Message bus (a cluster on NATS)",
+        long,
+        requires = "nats_cert",
+        env = "FLEETGATE_NATS_KEY"
+    )]
     nats_key: Option<PathBuf>,
     /// With --nats: replicas of the message stream (3 on a three-server
     /// NATS cluster: a server can go without losing what was stored).
-    #[arg(long, default_value_t = 1, env = "FLEETGATE_NATS_REPLICAS")]
+    #[arg(
+        help_heading = "Message bus (a cluster on NATS)",
+        long,
+        default_value_t = 1,
+        env = "FLEETGATE_NATS_REPLICAS"
+    )]
     nats_replicas: usize,
     /// With --nats: how long the message stream keeps a message.
-    #[arg(long, default_value_t = 3600, env = "FLEETGATE_NATS_MAX_AGE_SECS")]
+    #[arg(
+        help_heading = "Message bus (a cluster on NATS)",
+        long,
+        default_value_t = 3600,
+        env = "FLEETGATE_NATS_MAX_AGE_SECS"
+    )]
     nats_max_age_secs: u64,
-    /// MQTT address (TLS only, client certificates required).
-    #[arg(long, default_value = "127.0.0.1:8883", env = "FLEETGATE_MQTT_LISTEN")]
-    mqtt_listen: SocketAddr,
-    /// OCSP responder and CRL address (plain HTTP).
-    #[arg(long, default_value = "127.0.0.1:8080", env = "FLEETGATE_OCSP_LISTEN")]
-    ocsp_listen: SocketAddr,
-    /// Prometheus metrics address (plain HTTP, GET /metrics); off unless given.
-    #[arg(long, env = "FLEETGATE_METRICS_LISTEN")]
-    metrics_listen: Option<SocketAddr>,
-    /// Public base URL of the OCSP/CRL service, written into issued
-    /// certificates (default: http://OCSP_LISTEN).
-    #[arg(long, env = "FLEETGATE_PUBLIC_URL")]
-    public_url: Option<String>,
+    /// Most concurrent MQTT connections; more are closed at once.
+    #[arg(
+        help_heading = "Connections",
+        long,
+        default_value_t = 10_000,
+        env = "FLEETGATE_MAX_CONNECTIONS"
+    )]
+    max_connections: usize,
+    /// Most TLS handshakes in progress on the MQTT port; more are closed.
+    #[arg(
+        help_heading = "Connections",
+        long,
+        default_value_t = 512,
+        env = "FLEETGATE_MAX_HANDSHAKES"
+    )]
+    max_handshakes: usize,
+    /// Seconds a client has to complete its TLS handshake (MQTT, admin
+    /// API) or send its request headers (OCSP/CRL, metrics).
+    #[arg(help_heading = "Connections", long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=300), env = "FLEETGATE_HANDSHAKE_TIMEOUT_SECS")]
+    handshake_timeout_secs: u64,
+    /// New MQTT connections per second from one IP address (0: no limit).
+    #[arg(
+        help_heading = "Connections",
+        long,
+        default_value_t = 100.0,
+        env = "FLEETGATE_CONNECT_RATE_PER_IP"
+    )]
+    connect_rate_per_ip: f64,
+    /// Burst allowed above --connect-rate-per-ip.
+    #[arg(
+        help_heading = "Connections",
+        long,
+        default_value_t = 200.0,
+        env = "FLEETGATE_CONNECT_BURST_PER_IP"
+    )]
+    connect_burst_per_ip: f64,
+    /// Most concurrent connections on each HTTP listener (admin API,
+    /// OCSP/CRL, metrics). At the cap, a new connection evicts the oldest
+    /// one with no request in flight.
+    #[arg(
+        help_heading = "Connections",
+        long,
+        default_value_t = 1024,
+        env = "FLEETGATE_HTTP_MAX_CONNECTIONS"
+    )]
+    http_max_connections: usize,
+    /// Most connections one IP address may hold open on each HTTP listener.
+    #[arg(
+        help_heading = "Connections",
+        long,
+        default_value_t = 64,
+        env = "FLEETGATE_HTTP_MAX_PER_IP"
+    )]
+    http_max_per_ip: usize,
+    /// New HTTP connections per second from one IP address (0, the
+    /// default: no limit; the burst is twice this). Scripts that enroll
+    /// one device per call open hundreds a second from one address.
+    #[arg(
+        help_heading = "Connections",
+        long,
+        default_value_t = 0.0,
+        env = "FLEETGATE_HTTP_RATE_PER_IP"
+    )]
+    http_rate_per_ip: f64,
     /// Largest MQTT packet accepted (and advertised to MQTT 5 clients), in
     /// bytes, headers included: the default takes a 256 KiB payload with up
     /// to 8 KiB of topic and properties. Larger ones end the connection
     /// (MQTT 5: DISCONNECT 0x95).
-    #[arg(long, default_value_t = crate::mqtt::MAX_PACKET_SIZE, env = "FLEETGATE_MAX_PACKET_SIZE")]
+    #[arg(help_heading = "MQTT sessions and messages", long, default_value_t = crate::mqtt::MAX_PACKET_SIZE, env = "FLEETGATE_MAX_PACKET_SIZE")]
     max_packet_size: usize,
     /// Subscriptions one MQTT session may hold; more are refused (SUBACK
     /// 0x97, or 0x80 on 3.1.1). 0: no limit.
-    #[arg(long, default_value_t = 100, env = "FLEETGATE_MAX_SUBSCRIPTIONS")]
+    #[arg(
+        help_heading = "MQTT sessions and messages",
+        long,
+        default_value_t = 100,
+        env = "FLEETGATE_MAX_SUBSCRIPTIONS"
+    )]
     max_subscriptions: usize,
     /// Topics a device may start publishing to per minute (also the burst);
     /// beyond it its messages to new topics are refused (PUBACK 0x97) or,
     /// at QoS 0 and on 3.1.1, dropped; each is counted and logged. Every
     /// new topic costs the shared router. 0: no limit.
-    #[arg(long, default_value_t = 60, env = "FLEETGATE_NEW_TOPICS_PER_MINUTE")]
+    #[arg(
+        help_heading = "MQTT sessions and messages",
+        long,
+        default_value_t = 60,
+        env = "FLEETGATE_NEW_TOPICS_PER_MINUTE"
+    )]
     new_topics_per_minute: u32,
-    /// Extra DNS names or IPs for the server certificate.
-    #[arg(long = "san", env = "FLEETGATE_SAN")]
-    sans: Vec<String>,
-    /// Lifetime of issued device certificates, in days.
-    #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u32).range(1..=3650), env = "FLEETGATE_CERT_LIFETIME_DAYS")]
-    cert_lifetime_days: u32,
-    /// Most concurrent MQTT connections; more are closed at once.
-    #[arg(long, default_value_t = 10_000, env = "FLEETGATE_MAX_CONNECTIONS")]
-    max_connections: usize,
-    /// Most TLS handshakes in progress on the MQTT port; more are closed.
-    #[arg(long, default_value_t = 512, env = "FLEETGATE_MAX_HANDSHAKES")]
-    max_handshakes: usize,
-    /// Seconds a client has to complete its TLS handshake (MQTT, admin
-    /// API) or send its request headers (OCSP/CRL, metrics).
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=300), env = "FLEETGATE_HANDSHAKE_TIMEOUT_SECS")]
-    handshake_timeout_secs: u64,
-    /// New MQTT connections per second from one IP address (0: no limit).
-    #[arg(long, default_value_t = 100.0, env = "FLEETGATE_CONNECT_RATE_PER_IP")]
-    connect_rate_per_ip: f64,
-    /// Burst allowed above --connect-rate-per-ip.
-    #[arg(long, default_value_t = 200.0, env = "FLEETGATE_CONNECT_BURST_PER_IP")]
-    connect_burst_per_ip: f64,
-    /// Most concurrent connections on each HTTP listener (admin API,
-    /// OCSP/CRL, metrics). At the cap, a new connection evicts the oldest
-    /// one with no request in flight.
-    #[arg(long, default_value_t = 1024, env = "FLEETGATE_HTTP_MAX_CONNECTIONS")]
-    http_max_connections: usize,
-    /// Most connections one IP address may hold open on each HTTP listener.
-    #[arg(long, default_value_t = 64, env = "FLEETGATE_HTTP_MAX_PER_IP")]
-    http_max_per_ip: usize,
-    /// New HTTP connections per second from one IP address (0, the
-    /// default: no limit; the burst is twice this). Scripts that enroll
-    /// one device per call open hundreds a second from one address.
-    #[arg(long, default_value_t = 0.0, env = "FLEETGATE_HTTP_RATE_PER_IP")]
-    http_rate_per_ip: f64,
-    /// Devices one manufacturer may register just in time per second
-    /// (0: no limit). Its total is capped by its quota.
-    #[arg(long, default_value_t = 20.0, env = "FLEETGATE_JIT_RATE")]
-    jit_rate: f64,
-    /// Burst allowed above --jit-rate.
-    #[arg(long, default_value_t = 100.0, env = "FLEETGATE_JIT_BURST")]
-    jit_burst: f64,
     /// OCSP requests over MQTT answered per second per session (the burst
     /// is five times this); more are dropped and counted.
-    #[arg(long, default_value_t = 1.0, env = "FLEETGATE_MQTT_OCSP_RATE")]
+    #[arg(
+        help_heading = "MQTT sessions and messages",
+        long,
+        default_value_t = 1.0,
+        env = "FLEETGATE_MQTT_OCSP_RATE"
+    )]
     mqtt_ocsp_rate: f64,
     /// MiB of messages the router keeps per subscription filter for
     /// subscribers that lag behind (older ones are dropped): bounds memory
     /// under sustained traffic. Counted as the router counts, topic and
     /// payload: in memory a small message costs about twelve times that.
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=4096), env = "FLEETGATE_ROUTER_LOG_MIB")]
+    #[arg(help_heading = "MQTT sessions and messages", long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=4096), env = "FLEETGATE_ROUTER_LOG_MIB")]
     router_log_mib: u64,
     /// Commands one device's persistent session may hold while it is away
     /// (QoS 1 and 2); more are refused (MQTT 5 PUBACK 0x97).
-    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=100_000), env = "FLEETGATE_COMMAND_QUEUE_MAX")]
+    #[arg(help_heading = "MQTT sessions and messages", long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=100_000), env = "FLEETGATE_COMMAND_QUEUE_MAX")]
     command_queue_max: u64,
     /// Bytes (topics and payloads) one device's command queue may hold.
-    #[arg(long, default_value_t = 1024 * 1024, value_parser = clap::value_parser!(u64).range(1..=1024 * 1024 * 1024), env = "FLEETGATE_COMMAND_QUEUE_BYTES")]
+    #[arg(help_heading = "MQTT sessions and messages", long, default_value_t = 1024 * 1024, value_parser = clap::value_parser!(u64).range(1..=1024 * 1024 * 1024), env = "FLEETGATE_COMMAND_QUEUE_BYTES")]
     command_queue_bytes: u64,
     /// Bytes one device's retained messages may take, as stored (topics,
     /// payloads and properties); past it a new retained message is refused
     /// (MQTT 5 PUBACK 0x97). Their count is bounded by --command-queue-max.
-    #[arg(long, default_value_t = 1024 * 1024, value_parser = clap::value_parser!(u64).range(1..=1024 * 1024 * 1024), env = "FLEETGATE_RETAINED_BYTES")]
+    #[arg(help_heading = "MQTT sessions and messages", long, default_value_t = 1024 * 1024, value_parser = clap::value_parser!(u64).range(1..=1024 * 1024 * 1024), env = "FLEETGATE_RETAINED_BYTES")]
     retained_bytes: u64,
     /// Seconds a queued command waits at most, whatever its own expiry.
-    #[arg(long, default_value_t = 24 * 3600, value_parser = clap::value_parser!(u64).range(1..=30 * 24 * 3600), env = "FLEETGATE_COMMAND_TTL_SECS")]
+    #[arg(help_heading = "MQTT sessions and messages", long, default_value_t = 24 * 3600, value_parser = clap::value_parser!(u64).range(1..=30 * 24 * 3600), env = "FLEETGATE_COMMAND_TTL_SECS")]
     command_ttl_secs: u64,
-    /// Seconds between upkeep runs (server and OCSP signing certificate
-    /// renewal). For tests.
-    #[arg(long, default_value_t = 6 * 3600, hide = true, value_parser = clap::value_parser!(u64).range(1..), env = "FLEETGATE_UPKEEP_INTERVAL_SECS")]
-    upkeep_interval_secs: u64,
+    /// Lifetime of issued device certificates, in days.
+    #[arg(help_heading = "Certificates, manufacturers and audit", long, default_value_t = 90, value_parser = clap::value_parser!(u32).range(1..=3650), env = "FLEETGATE_CERT_LIFETIME_DAYS")]
+    cert_lifetime_days: u32,
+    /// Devices one manufacturer may register just in time per second
+    /// (0: no limit). Its total is capped by its quota.
+    #[arg(
+        help_heading = "Certificates, manufacturers and audit",
+        long,
+        default_value_t = 20.0,
+        env = "FLEETGATE_JIT_RATE"
+    )]
+    jit_rate: f64,
+    /// Burst allowed above --jit-rate.
+    #[arg(
+        help_heading = "Certificates, manufacturers and audit",
+        long,
+        default_value_t = 100.0,
+        env = "FLEETGATE_JIT_BURST"
+    )]
+    jit_burst: f64,
     /// Seconds between seals of the audit log (a hash chain signed by the
     /// issuing CA; `fleetgate audit verify` checks it).
-    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400), env = "FLEETGATE_AUDIT_SEAL_SECS")]
+    #[arg(help_heading = "Certificates, manufacturers and audit", long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400), env = "FLEETGATE_AUDIT_SEAL_SECS")]
     audit_seal_secs: u64,
+    /// Seconds between upkeep runs (server and OCSP signing certificate
+    /// renewal). For tests.
+    #[arg(help_heading = "Certificates, manufacturers and audit", long, default_value_t = 6 * 3600, hide = true, value_parser = clap::value_parser!(u64).range(1..), env = "FLEETGATE_UPKEEP_INTERVAL_SECS")]
+    upkeep_interval_secs: u64,
     /// How old an audit entry must be to be sealed. For tests.
     #[arg(
+        help_heading = "Certificates, manufacturers and audit",
         long,
         default_value_t = 30,
         hide = true,

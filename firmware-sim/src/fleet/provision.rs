@@ -17,9 +17,22 @@ pub(super) async fn provision_one(
     let t0 = Instant::now();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let topic = format!("$fleetgate/provision/{id}");
+    let mut step = Duration::from_millis(200);
+    let mut connected = false;
     let answer = loop {
         match tokio::time::timeout_at(deadline, events.poll()).await {
+            // Closed before the handshake (the broker's limits): again
+            // after a while, as a device would (the next poll reconnects).
+            Ok(Err(e)) if !connected && throttle::closed_early(&e) => {
+                let why = throttle::count(&e);
+                let wait = throttle::next_wait(&mut step, throttle::clock_unit());
+                if tokio::time::Instant::now() + wait >= deadline {
+                    bail!("{id}: {why}");
+                }
+                tokio::time::sleep(wait).await;
+            }
             Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => {
+                connected = true;
                 client.try_subscribe(format!("{topic}/+"), QoS::AtLeastOnce)?;
                 client.try_publish(&topic, QoS::AtLeastOnce, false, csr.clone().into_bytes())?;
             }

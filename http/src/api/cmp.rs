@@ -373,7 +373,7 @@ fn handle(
                 }
             }
             .map_err(failed)?;
-            issued(msg, me, req.cert_req_id, cert)
+            issued(msg, me, req.cert_req_id, cert, req.key.left_out)
         }
         PkiBody::KUr(reqs) => {
             let req = cmp::cert_request(reqs).map_err(&refuse)?;
@@ -396,7 +396,7 @@ fn handle(
             let (_, cert) = auth
                 .rotate_key(&id, &req.key, st.cert_lifetime, &actor)
                 .map_err(failed)?;
-            issued(msg, me, req.cert_req_id, cert)
+            issued(msg, me, req.cert_req_id, cert, req.key.left_out)
         }
         PkiBody::Rr(details) => {
             let req = cmp::revocation_request(details).map_err(&refuse)?;
@@ -536,6 +536,7 @@ fn issued(
     requester: Identity,
     cert_req_id: der::asn1::Int,
     cert: provisioning::IssuedCert,
+    left_out: Vec<String>,
 ) -> Answer {
     let implicit = msg.wants_implicit_confirm();
     tracing::info!(serial = %cert.serial, by = %named(&requester), body = msg.kind(), "cmp: issued");
@@ -550,6 +551,7 @@ fn issued(
         reply: Reply::Issued {
             cert_req_id,
             cert: cert.der,
+            left_out,
         },
         implicit_confirm: implicit,
     }
