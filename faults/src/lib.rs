@@ -1,0 +1,7 @@
+//! The cluster under faults (issue 30): the history a run's clients
+//! record ([`history`]), and the checker of fleetgate's promises over it
+//! ([`check`]). The checker is pure and unit-tested on hand-made histories
+//! with each kind of violation, so that it is shown to catch them.
+
+pub mod check;
+pub mod history;
