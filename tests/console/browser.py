@@ -123,6 +123,10 @@ class Browser:
     def js(self, script, *args):
         return self.s("POST", "/execute/async", {"script": script, "args": list(args)})
 
+    def run(self, script, *args):
+        """A script's value (a promise it returns is waited for)."""
+        return self.s("POST", "/execute/sync", {"script": script, "args": list(args)})
+
     def wait_text(self, css, want, within=10.0):
         deadline = time.time() + within
         while True:
@@ -198,6 +202,7 @@ def main():
     p.add_argument("--expired-link", required=True)
     p.add_argument("--device", required=True)
     p.add_argument("--bystander", required=True)
+    p.add_argument("--pending", required=True)
     p.add_argument("--screenshots")
     a = p.parse_args()
     api = a.api.rstrip("/")
@@ -282,6 +287,50 @@ def main():
         evil.shutdown()
         b.go(f"{api}/console/#/devices/{a.bystander}")
         b.wait_text("#device-status", "active")
+
+        step("approve pending devices")
+        # The overview's pending card opens the pending devices; one is
+        # approved in bulk from the list, the other from its own page.
+        first, second = a.pending.split(",")
+        b.go(f"{api}/console/#/")
+        b.wait_text("#count-pending", "2")
+        b.click("a.card.link[href='#/devices?status=pending']")
+        b.wait_text(f'tr[data-device="{first}"]', "pending")
+        b.wait_text(f'tr[data-device="{second}"]', "pending")
+        b.click(f'input[data-pick="{first}"]')
+        b.click("#approve-selected")
+        b.click("#confirm-ok")
+        b.wait_text("#approve-result", "Approved 1")
+        b.wait_text(f'tr[data-device="{second}"]', "pending")
+        assert not b.run(f"return !!document.querySelector('tr[data-device=\"{first}\"]')"), \
+            "an approved device still listed as pending"
+        b.go(f"{api}/console/#/devices/{second}")
+        b.wait_text("#device-status", "pending")
+        b.click("#action-approve")
+        b.click("#confirm-ok")
+        b.wait_text("#device-status", "active")
+
+        step("audit log, newest first, filtered, exported")
+        b.go(f"{api}/console/#/audit")
+        b.find("#audit")
+        seqs = b.run("return [...document.querySelectorAll('#audit td.seq')].map(td => +td.textContent)")
+        assert seqs and seqs == sorted(seqs, reverse=True), f"not newest first: {seqs}"
+        newest = b.run("return fetch('/console/api/audit').then(r => r.json()).then(p => p.items[0].seq)")
+        assert seqs[0] == newest, f"the first row {seqs[0]} is not the newest entry {newest}"
+        b.run("document.getElementById('audit-action').value = 'approve'")
+        b.click("#audit-filter button[type=submit]")
+        b.wait_text("#audit", second)
+        actions = b.run("return [...document.querySelectorAll('#audit tbody tr')].map(tr => tr.children[3].textContent)")
+        assert actions and all(x == "approve" for x in actions), f"filtered by action: {actions}"
+        assert len(actions) == 2, f"two approvals: {actions}"
+        b.go(f"{api}/console/#/audit?device={second}")
+        b.find("#audit")
+        devices = b.run("return [...document.querySelectorAll('#audit tbody tr')].map(tr => tr.children[4].textContent)")
+        assert devices and all(d == second for d in devices), f"filtered by device: {devices}"
+        csv = b.run("return fetch(document.getElementById('export-csv').href).then(r => r.text())")
+        assert csv.splitlines()[0] == "seq,at,actor,action,device,serial,detail", csv[:200]
+        assert all(second in line for line in csv.splitlines()[1:]), csv[:400]
+        assert "jit-register" in csv and "approve" in csv, csv[:400]
 
         step("sign out")
         # Signing out ends the session.

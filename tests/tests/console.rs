@@ -58,6 +58,28 @@ fn the_console_signs_in_once_shows_a_device_and_revokes_it() {
     ]);
     let dev = server.enroll(&dir, "device", "console-dev");
     let bystander = server.enroll(&dir, "device", "console-bystander");
+    // Two devices of a manufacturer whose devices wait for an operator:
+    // registered pending at their first connect.
+    server.cli_ok(&[
+        "manufacturer",
+        "create",
+        "slowco",
+        "--policy",
+        "pending",
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+    let slowco = tests::pki::TestCa::from_pem(
+        &std::fs::read_to_string(dir.join("slowco.crt")).unwrap(),
+        &std::fs::read_to_string(dir.join("slowco.key")).unwrap(),
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for id in ["pend-1", "pend-2"] {
+        let (chain, key) = slowco.issue(&tests::pki::Spec::device(id));
+        let c = server.creds(&dir.join("pending"), id, &chain, &key);
+        assert!(rt.block_on(tests::mqtt::refused(server.mqtt, &c)));
+        assert_eq!(server.device_json(id)["status"], "pending");
+    }
 
     // The device stays subscribed until it is cut.
     let mut sub = server
@@ -137,6 +159,7 @@ fn the_console_signs_in_once_shows_a_device_and_revokes_it() {
         .args(["--expired-link", &expired])
         .args(["--device", "console-dev"])
         .args(["--bystander", "console-bystander"])
+        .args(["--pending", "pend-1,pend-2"])
         .env("PYTHONDONTWRITEBYTECODE", "1");
     if let Some(dir) = std::env::var_os("FLEETGATE_SCREENSHOTS") {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(dir);
@@ -159,6 +182,10 @@ fn the_console_signs_in_once_shows_a_device_and_revokes_it() {
         "mosquitto_sub still connected after the revocation"
     );
     assert_eq!(server.device_json("console-dev")["status"], "revoked");
+    // Approved from the console, one in bulk and one from its page.
+    for id in ["pend-1", "pend-2"] {
+        assert_eq!(server.device_json(id)["status"], "active", "{id}");
+    }
     assert_eq!(
         server.device_json("console-dev")["revocation"]["reason"],
         "key-compromise"
@@ -245,4 +272,58 @@ fn the_device_search_finds_ids_by_prefix_and_by_text_inside_them() {
     assert_eq!(found, ["probe-sensor-1", "sensor-1", "sensor-10"]);
     let (found, _) = ids("/console/api/devices?q=nothing-like-it");
     assert!(found.is_empty());
+}
+
+/// The console's audit log over its API (issue 29, item 1): newest first,
+/// paged back with `before`, filtered by who, what and when; a bad time
+/// is refused with what is expected.
+#[test]
+fn the_audit_log_reads_newest_first_filtered_and_paged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("data")).unwrap();
+    let creds = tmp.path().join("creds");
+    for i in 0..60 {
+        server.enroll(&creds, "device", &format!("a-{i}"));
+    }
+    server.cli_ok(&["device", "suspend", "a-7"]);
+    let admin = server.admin();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let get = |path: &str| -> serde_json::Value { rt.block_on(admin.get(path)).unwrap() };
+    let seqs = |page: &serde_json::Value| -> Vec<u64> {
+        page["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["seq"].as_u64().unwrap())
+            .collect()
+    };
+    let first = get("/console/api/audit");
+    let newest = seqs(&first);
+    assert_eq!(newest.len(), 50, "a page");
+    assert!(newest.windows(2).all(|w| w[0] > w[1]), "{newest:?}");
+    assert_eq!(first["items"][0]["action"], "suspend", "the newest first");
+    let before = first["next"].as_str().unwrap();
+    let older = seqs(&get(&format!("/console/api/audit?before={before}")));
+    assert!(!older.is_empty() && older[0] < *newest.last().unwrap());
+    // By what and by whom.
+    let suspended = get("/console/api/audit?action=SUSPEND");
+    assert_eq!(seqs(&suspended).len(), 1);
+    assert_eq!(suspended["items"][0]["device"], "a-7");
+    assert!(seqs(&get("/console/api/audit?actor=nobody")).is_empty());
+    // By time: all of it today, none of it in 2020.
+    let today = time::OffsetDateTime::now_utc().date().to_string();
+    assert_eq!(
+        seqs(&get(&format!(
+            "/console/api/audit?from={today}&action=enroll"
+        )))
+        .len(),
+        50
+    );
+    assert!(seqs(&get("/console/api/audit?to=2020-01-01")).is_empty());
+    // A time that is none.
+    let err = rt
+        .block_on(admin.get::<serde_json::Value>("/console/api/audit?from=yesterday"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("RFC 3339"), "{err}");
 }

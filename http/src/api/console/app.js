@@ -71,10 +71,14 @@ function table(headers, rows, attrs = {}) {
     el("tbody", {}, rows));
 }
 
-function card(label, value, id) {
-  return el("div", { class: "card" },
+function card(label, value, id, href) {
+  const inner = [
     el("div", { class: "label", text: label }),
-    el("div", { class: "value", id, text: String(value) }));
+    el("div", { class: "value", id, text: String(value) })];
+  // A card that stands for a list opens it.
+  return href
+    ? el("a", { class: "card link", href, "aria-label": `${label}: ${value}, open the list` }, inner)
+    : el("div", { class: "card" }, inner);
 }
 
 function stopActivity() {
@@ -131,10 +135,10 @@ async function overview() {
     el("h1", { text: "Overview" }),
     el("div", { class: "grid" },
       card("devices", o.devices, "count-devices"),
-      card("active", counts.active || 0, "count-active"),
-      card("suspended", counts.suspended || 0, "count-suspended"),
-      card("revoked", counts.revoked || 0, "count-revoked"),
-      card("pending", counts.pending || 0, "count-pending"),
+      card("active", counts.active || 0, "count-active", "#/devices?status=active"),
+      card("suspended", counts.suspended || 0, "count-suspended", "#/devices?status=suspended"),
+      card("revoked", counts.revoked || 0, "count-revoked", "#/devices?status=revoked"),
+      card("pending", counts.pending || 0, "count-pending", "#/devices?status=pending"),
       card("live sessions", o.live_sessions, "live-sessions"),
       card("handshakes", o.handshakes, "handshakes"),
       card("connections cut", o.kicked, "kicked")),
@@ -173,8 +177,26 @@ async function devices(params) {
   };
   search.addEventListener("keydown", (e) => { if (e.key === "Enter") go(); });
   pick.addEventListener("change", () => go());
+  // Pending devices can be approved here, some or all of the page at once.
+  const pending = page.items.filter((d) => d.status === "pending");
+  const picks = new Map(pending.map((d) => [d.id, el("input", { type: "checkbox", class: "pick", "aria-label": `select ${d.id}`, "data-pick": d.id })]));
+  const approve = async (ids) => {
+    if (!ids.length) return;
+    const ok = await confirmAction(`Approve ${ids.length} device${ids.length === 1 ? "" : "s"}?`,
+      "Approved devices may connect with their certificates.", false);
+    if (!ok) return;
+    try {
+      const r = await api("/console/api/approve", { method: "POST", body: JSON.stringify({ ids }) });
+      await devices(params);
+      const note = `Approved ${r.approved.length}` + (r.refused.length ? `; not approved: ${r.refused.map(([i, why]) => `${i} (${why})`).join(", ")}` : "");
+      view.prepend(el("p", { class: r.refused.length ? "error" : "note", id: "approve-result", text: note }));
+    } catch (e) {
+      view.prepend(el("p", { class: "error", id: "action-error", text: e.message }));
+    }
+  };
   const rows = page.items.map((d) =>
     el("tr", { "data-device": d.id },
+      pending.length ? el("td", {}, picks.get(d.id) || null) : null,
       el("td", {}, el("a", { href: `#/devices/${encodeURIComponent(d.id)}`, text: d.id })),
       el("td", {}, badge(d.status)),
       el("td", { text: d.role }),
@@ -182,9 +204,17 @@ async function devices(params) {
       el("td", {}, el("span", { class: d.connected ? "dot on" : "dot" }), d.connected ? "connected" : "offline")));
   view.replaceChildren(
     el("h1", { text: "Devices" }),
-    el("div", { class: "toolbar" }, search, pick, el("button", { type: "button", onclick: () => go(), text: "Search" })),
+    el("div", { class: "toolbar" },
+      el("label", { for: "search", class: "sr-only", text: "Search devices" }), search,
+      el("label", { for: "status-filter", class: "sr-only", text: "Status" }), pick,
+      el("button", { type: "button", onclick: () => go(), text: "Search" })),
+    pending.length
+      ? el("div", { class: "toolbar" },
+        el("button", { type: "button", id: "approve-selected", onclick: () => approve([...picks].filter(([, c]) => c.checked).map(([i]) => i)), text: "Approve selected" }),
+        el("button", { type: "button", id: "approve-page", class: "quiet", onclick: () => approve([...picks.keys()]), text: `Approve all ${pending.length} on this page` }))
+      : null,
     el("div", { class: "panel" },
-      rows.length ? table(["id", "status", "role", "manufacturer", "connection"], rows, { id: "devices" }) : el("p", { class: "muted", text: "No devices match." }),
+      rows.length ? table([...(pending.length ? [""] : []), "id", "status", "role", "manufacturer", "connection"], rows, { id: "devices" }) : el("p", { class: "muted", text: "No devices match." }),
       el("div", { class: "toolbar" },
         after ? el("button", { type: "button", class: "quiet", onclick: () => go(), text: "First page" }) : null,
         page.next ? el("button", { type: "button", id: "next-page", onclick: () => go({ after: page.next }), text: "Next page" }) : null)));
@@ -212,7 +242,9 @@ async function device(id) {
         ? "Revoking is final: every certificate of the device stops working and its live connections are cut at once."
         : action === "suspend"
           ? "The device's live connections are cut at once, and it cannot connect until resumed."
-          : "The device may connect again.",
+          : action === "approve"
+            ? "The device may connect with its certificate."
+            : "The device may connect again.",
       withReason);
     if (!ok) return;
     const body = withReason ? { reason: document.getElementById("reason").value } : {};
@@ -227,6 +259,7 @@ async function device(id) {
   const actions = el("div", { class: "actions" },
     dev.status === "active" ? el("button", { type: "button", class: "warn", id: "action-suspend", onclick: () => act("suspend"), text: "Suspend" }) : null,
     dev.status === "suspended" ? el("button", { type: "button", id: "action-resume", onclick: () => act("resume"), text: "Resume" }) : null,
+    dev.status === "pending" ? el("button", { type: "button", id: "action-approve", onclick: () => act("approve"), text: "Approve" }) : null,
     dev.status !== "revoked" ? el("button", { type: "button", class: "danger", id: "action-revoke", onclick: () => act("revoke"), text: "Revoke" }) : null);
   const sessions = d.sessions.length
     ? table(["address", "protocol", "since", "certificate"], d.sessions.map((s) =>
@@ -267,29 +300,53 @@ async function device(id) {
     el("div", { class: "panel" }, el("h2", { text: "Audit trail" }), audit));
 }
 
+const AUDIT_FILTERS = ["actor", "action", "device", "from", "to"];
+
 async function audit(params) {
-  const after = params.get("after");
+  const before = params.get("before");
   const trail = (params.get("trail") || "").split(",").filter(Boolean);
-  const qs = after ? `?after=${encodeURIComponent(after)}` : "";
-  const page = await api(`/console/api/audit${qs}`);
+  const filter = new URLSearchParams();
+  for (const k of AUDIT_FILTERS) if (params.get(k)) filter.set(k, params.get(k));
+  const qs = new URLSearchParams(filter);
+  if (before) qs.set("before", before);
+  const page = await api(`/console/api/audit?${qs}`);
   const rows = page.items.map((a) => el("tr", {},
-    el("td", { class: "mono", text: String(a.seq) }), el("td", { text: when(a.at) }), el("td", { text: a.actor }),
+    el("td", { class: "mono seq", text: String(a.seq) }), el("td", { text: when(a.at) }), el("td", { text: a.actor }),
     el("td", { text: a.action }),
     el("td", {}, a.device ? el("a", { href: `#/devices/${encodeURIComponent(a.device)}`, text: a.device }) : "—"),
     el("td", { text: a.detail })));
-  const to = (a, t) => {
-    const p = new URLSearchParams();
-    if (a) p.set("after", a);
+  const to = (b, t, f = filter) => {
+    const p = new URLSearchParams(f);
+    if (b) p.set("before", b);
     if (t.length) p.set("trail", t.join(","));
     location.hash = `#/audit?${p}`;
   };
+  const inputs = Object.fromEntries(AUDIT_FILTERS.map((k) => [k, el("input", {
+    id: `audit-${k}`, name: k, value: params.get(k) || "",
+    type: k === "from" || k === "to" ? "date" : "text",
+    placeholder: { actor: "admin:alice", action: "revoke", device: "dev-1" }[k] })]));
+  const form = el("form", { class: "filters", id: "audit-filter", onsubmit: (e) => {
+    e.preventDefault();
+    const f = new URLSearchParams();
+    for (const [k, i] of Object.entries(inputs)) if (i.value.trim()) f.set(k, i.value.trim());
+    to(null, [], f);
+  } },
+  AUDIT_FILTERS.map((k) => el("label", {}, el("span", { text: k }), inputs[k])),
+  el("button", { type: "submit", text: "Filter" }),
+  filter.toString() ? el("a", { href: "#/audit", class: "quiet", text: "Clear" }) : null);
+  const exported = (format) => `/console/api/audit?${new URLSearchParams([...filter, ["format", format]])}`;
   view.replaceChildren(
     el("h1", { text: "Audit log" }),
+    el("p", { class: "muted", text: "Newest first." }),
+    form,
     el("div", { class: "panel" },
-      rows.length ? table(["#", "when", "who", "action", "device", "detail"], rows, { id: "audit" }) : el("p", { class: "muted", text: "Nothing recorded." }),
+      rows.length ? table(["#", "when", "who", "action", "device", "detail"], rows, { id: "audit" }) : el("p", { class: "muted", id: "audit-empty", text: page.next ? "Nothing matches in this stretch: look further back." : "Nothing recorded matches." }),
       el("div", { class: "toolbar" },
-        after ? el("button", { type: "button", class: "quiet", onclick: () => to(trail[trail.length - 1], trail.slice(0, -1)), text: "Previous page" }) : null,
-        page.next ? el("button", { type: "button", id: "next-page", onclick: () => to(page.next, after ? [...trail, after] : trail), text: "Next page" }) : null)));
+        before ? el("button", { type: "button", class: "quiet", id: "newer-page", onclick: () => to(trail[trail.length - 1], trail.slice(0, -1)), text: "Newer" }) : null,
+        before ? el("button", { type: "button", class: "quiet", onclick: () => to(null, []), text: "Newest" }) : null,
+        page.next ? el("button", { type: "button", id: "next-page", onclick: () => to(page.next, before ? [...trail, before] : trail), text: "Older" }) : null,
+        el("a", { href: exported("csv"), id: "export-csv", download: "audit.csv", text: "Export CSV" }),
+        el("a", { href: exported("json"), id: "export-json", download: "audit.json", text: "Export JSON" }))));
 }
 
 function liveActivity() {

@@ -37,6 +37,8 @@ use provisioning::{
 use serde::{Deserialize, Serialize};
 
 use super::{device_id, reason, transition, Admin, ApiError, AppState, RevokeBody};
+
+mod audit;
 use crate::https::PeerCert;
 use crate::mqtt::LiveSession;
 
@@ -58,7 +60,7 @@ const COUNTS_FOR: Duration = Duration::from_secs(10);
 /// last ones answering meanwhile.
 const SLOW_COUNTS: Duration = Duration::from_millis(100);
 /// Rows on a page of devices or of the audit log.
-const PAGE: usize = 50;
+pub(super) const PAGE: usize = 50;
 /// Devices looked at to answer one search page.
 const SEARCH_SCAN: usize = 50_000;
 
@@ -409,7 +411,8 @@ pub fn router() -> Router<AppState> {
         .route("/console/api/devices", get(devices))
         .route("/console/api/devices/{id}", get(device))
         .route("/console/api/devices/{id}/{action}", post(act))
-        .route("/console/api/audit", get(audit))
+        .route("/console/api/approve", post(approve_many))
+        .route("/console/api/audit", get(audit::audit))
         .route("/console/api/activity", get(activity))
         .layer(axum::middleware::map_response(secure_headers))
 }
@@ -968,6 +971,7 @@ async fn act(
     let view = match action.as_str() {
         "suspend" => transition(&st, actor, id, |r, id, a| r.suspend(id, a)).await?,
         "resume" => transition(&st, actor, id, |r, id, a| r.resume(id, a)).await?,
+        "approve" => transition(&st, actor, id, |r, id, a| r.approve(id, a)).await?,
         "revoke" => {
             let reason = reason(&body)?;
             let view = transition(&st, actor, id, move |r, id, a| r.revoke(id, reason, a)).await?;
@@ -980,7 +984,7 @@ async fn act(
             return Err(ApiError::new(
                 StatusCode::NOT_FOUND,
                 "not_found",
-                format!("no action {other:?}: suspend, resume or revoke"),
+                format!("no action {other:?}: suspend, resume, approve or revoke"),
             ))
         }
     };
@@ -989,18 +993,54 @@ async fn act(
     Ok(Json(view))
 }
 
+/// A bulk approval's devices.
 #[derive(Debug, Deserialize)]
-struct AuditQuery {
-    /// The last sequence number of the page before.
-    after: Option<u64>,
+struct ApproveBody {
+    ids: Vec<String>,
 }
 
-async fn audit(
+/// What a bulk approval did: the devices approved, and why each other
+/// one was not.
+#[derive(Debug, Serialize)]
+struct Approved {
+    approved: Vec<String>,
+    refused: Vec<(String, String)>,
+}
+
+/// `POST /console/api/approve`: approves pending devices, each on its own
+/// (one that cannot be, not pending or unknown, is reported and the rest
+/// go on), up to a page's worth at once.
+async fn approve_many(
     State(st): State<AppState>,
-    _op: Operator,
-    Query(q): Query<AuditQuery>,
-) -> Result<Json<provisioning::registry::Page<AuditEntry>>, ApiError> {
-    Ok(Json(st.auth.registry.audit(q.after, PAGE)?))
+    op: Operator,
+    headers: HeaderMap,
+    super::Body(body): super::Body<ApproveBody>,
+) -> Result<Json<Approved>, ApiError> {
+    op.check_change(&headers)?;
+    if body.ids.len() > provisioning::registry::MAX_PAGE {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!(
+                "{} devices: at most {} at once",
+                body.ids.len(),
+                provisioning::registry::MAX_PAGE
+            ),
+        ));
+    }
+    let mut out = Approved {
+        approved: Vec::new(),
+        refused: Vec::new(),
+    };
+    for id in body.ids {
+        match transition(&st, op.actor(), id.clone(), |r, id, a| r.approve(id, a)).await {
+            Ok(v) => out.approved.push(v.id.to_string()),
+            Err(e) => out.refused.push((id, e.message().to_owned())),
+        }
+    }
+    tracing::info!(approved = out.approved.len(), refused = out.refused.len(), by = %op.actor(), "console: devices approved");
+    st.caught_up().await;
+    Ok(Json(out))
 }
 
 /// `GET /console/api/activity`: refusals and kicks as they happen
