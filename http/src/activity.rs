@@ -3,8 +3,14 @@
 //! the log gets (so nothing is refused without showing up here, and what
 //! reaches it has already been kept free of secrets and control characters,
 //! as the log is), and read as a broadcast plus the latest few.
+//!
+//! Each device's latest refusals (and connections ended for a reason, an
+//! ACL or protocol violation) are kept too, for its page: the last
+//! [`PER_DEVICE`] of each of up to [`DEVICES`] devices, in this node's
+//! memory only (they are the log's warnings, which the log keeps; a
+//! restart starts them afresh).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -19,17 +25,33 @@ use tracing_subscriber::Layer;
 /// How many past events a newcomer to the feed is shown.
 const RECENT: usize = 200;
 
+/// Refusals kept per device.
+pub const PER_DEVICE: usize = 20;
+
+/// Devices whose refusals are kept at most; past it, those refused least
+/// recently are forgotten first.
+pub const DEVICES: usize = 10_000;
+
 /// One refusal, kick or warning.
 #[derive(Clone, Debug, Serialize)]
 pub struct Activity {
     #[serde(with = "time::serde::rfc3339")]
     pub at: time::OffsetDateTime,
-    /// `refusal`, `kick` or `warning`.
+    /// `refusal`, `kick`, `console` (the console's own refusals) or
+    /// `warning`.
     pub kind: &'static str,
     /// The log message.
     pub message: String,
     /// Its fields and its spans' (`reason=revoked client=dev-1 ...`).
     pub detail: String,
+    /// The device it is about, if it names one (its connection's span).
+    pub device: Option<String>,
+    /// The peer's address, if known.
+    pub addr: Option<String>,
+    /// The refusal's reason (`revoked`, `acl`, `unknown_ca` ...).
+    pub reason: Option<String>,
+    /// Where it was refused: `TLS` (the handshake), `MQTT`, or `HTTP`.
+    pub protocol: &'static str,
 }
 
 /// The feed: its subscribers and its latest events.
@@ -37,6 +59,7 @@ pub struct Activity {
 pub struct Feed {
     tx: broadcast::Sender<Arc<Activity>>,
     recent: Mutex<VecDeque<Arc<Activity>>>,
+    by_device: Mutex<HashMap<String, VecDeque<Arc<Activity>>>>,
 }
 
 impl Feed {
@@ -44,17 +67,50 @@ impl Feed {
         Self {
             tx: broadcast::channel(1024).0,
             recent: Mutex::new(VecDeque::with_capacity(RECENT)),
+            by_device: Mutex::default(),
         }
     }
 
     fn push(&self, a: Activity) {
         let a = Arc::new(a);
+        // A refusal, or a connection ended for a reason (an ACL or
+        // protocol violation), of a device.
+        if let (Some(d), Some(_), "refusal" | "warning") = (&a.device, &a.reason, a.kind) {
+            self.keep_for(d, a.clone());
+        }
         let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
         if recent.len() == RECENT {
             recent.pop_front();
         }
         recent.push_back(a.clone());
         let _ = self.tx.send(a);
+    }
+
+    fn keep_for(&self, device: &str, a: Arc<Activity>) {
+        let mut by = self.by_device.lock().unwrap_or_else(|e| e.into_inner());
+        if !by.contains_key(device) && by.len() >= DEVICES {
+            // Forget the device refused least recently.
+            let oldest = by
+                .iter()
+                .min_by_key(|(_, q)| q.back().map(|a| a.at))
+                .map(|(d, _)| d.clone());
+            if let Some(d) = oldest {
+                by.remove(&d);
+            }
+        }
+        let q = by.entry(device.to_owned()).or_default();
+        if q.len() == PER_DEVICE {
+            q.pop_front();
+        }
+        q.push_back(a);
+    }
+
+    /// `device`'s latest refusals on this node, newest first.
+    pub fn refusals_of(&self, device: &str) -> Vec<Activity> {
+        let by = self.by_device.lock().unwrap_or_else(|e| e.into_inner());
+        by.get(device)
+            .map(|q| q.iter().rev().map(|a| (**a).clone()).collect())
+            .unwrap_or_default()
     }
 
     /// The latest events, oldest first, and a subscription to what comes
@@ -91,7 +147,11 @@ where
         }
         let mut v = Fields::default();
         event.record(&mut v);
-        let kind = if v.message.contains("refused") {
+        // The console's own refusals (a browser without a session) are
+        // no device's.
+        let kind = if v.message.starts_with("console:") {
+            "console"
+        } else if v.message.contains("refused") {
             "refusal"
         } else if v.message.contains("cut") || v.message.contains("taken over") {
             "kick"
@@ -100,6 +160,7 @@ where
         } else {
             return;
         };
+        let mut spans = String::new();
         if let Some(scope) = ctx.event_scope(event) {
             for span in scope.from_root() {
                 if let Some(f) = span
@@ -109,24 +170,66 @@ where
                     >>()
                 {
                     if !f.is_empty() {
-                        let _ = write!(v.detail, " {}", f.fields);
+                        let _ = write!(spans, " {}", f.fields);
                     }
                 }
             }
         }
+        // The connection's span names the device and its address; a
+        // handshake refusal names the certificate's identity itself.
+        let device = v.device.take().or_else(|| field_of(&spans, "device.id"));
+        let addr = v.addr.take().or_else(|| field_of(&spans, "peer.addr"));
+        let protocol = if target.starts_with("fleetgate_http") {
+            "HTTP"
+        } else if v.message.contains("handshake") {
+            "TLS"
+        } else {
+            "MQTT"
+        };
         feed().push(Activity {
             at: time::OffsetDateTime::now_utc(),
             kind,
             message: v.message,
-            detail: v.detail.trim().to_owned(),
+            detail: format!("{}{spans}", v.detail).trim().to_owned(),
+            device,
+            addr,
+            reason: v.reason,
+            protocol,
         });
     }
+}
+
+/// `name=value` in a span's formatted fields (values are printed plain,
+/// or quoted when they hold spaces).
+fn field_of(spans: &str, name: &str) -> Option<String> {
+    let at = spans.find(&format!("{name}="))? + name.len() + 1;
+    let rest = &spans[at..];
+    let value = match rest.strip_prefix('"') {
+        Some(q) => q.split('"').next().unwrap_or_default(),
+        None => rest.split_whitespace().next().unwrap_or_default(),
+    };
+    (!value.is_empty()).then(|| value.to_owned())
 }
 
 #[derive(Default)]
 struct Fields {
     message: String,
     detail: String,
+    reason: Option<String>,
+    device: Option<String>,
+    addr: Option<String>,
+}
+
+impl Fields {
+    fn take(&mut self, name: &str, value: String) {
+        match name {
+            "reason" => self.reason = Some(value.clone()),
+            "device.id" | "client" | "identity" => self.device = Some(value.clone()),
+            "peer.addr" | "peer" | "addr" => self.addr = Some(value.clone()),
+            _ => {}
+        }
+        let _ = write!(self.detail, " {name}={value}");
+    }
 }
 
 impl Visit for Fields {
@@ -134,7 +237,7 @@ impl Visit for Fields {
         if field.name() == "message" {
             self.message = format!("{value:?}");
         } else {
-            let _ = write!(self.detail, " {}={value:?}", field.name());
+            self.take(field.name(), format!("{value:?}"));
         }
     }
 
@@ -142,7 +245,49 @@ impl Visit for Fields {
         if field.name() == "message" {
             self.message = value.to_owned();
         } else {
-            let _ = write!(self.detail, " {}={value}", field.name());
+            self.take(field.name(), value.to_owned());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refusal(device: &str, n: usize) -> Activity {
+        Activity {
+            at: time::OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(n as i64),
+            kind: "refusal",
+            message: "mqtt: refused".into(),
+            detail: String::new(),
+            device: Some(device.into()),
+            addr: None,
+            reason: Some("revoked".into()),
+            protocol: "MQTT",
+        }
+    }
+
+    #[test]
+    fn a_devices_latest_refusals_are_kept_newest_first_and_bounded() {
+        let feed = Feed::new();
+        for n in 0..PER_DEVICE + 5 {
+            feed.push(refusal("dev-3", n));
+        }
+        let kept = feed.refusals_of("dev-3");
+        assert_eq!(kept.len(), PER_DEVICE);
+        assert!(kept.windows(2).all(|w| w[0].at > w[1].at), "newest first");
+        assert!(feed.refusals_of("dev-4").is_empty());
+    }
+
+    #[test]
+    fn span_fields_are_read_plain_or_quoted() {
+        let spans = r#" device.id=dev-3 peer.addr=127.0.0.1:5555 note="a b""#;
+        assert_eq!(field_of(spans, "device.id").as_deref(), Some("dev-3"));
+        assert_eq!(
+            field_of(spans, "peer.addr").as_deref(),
+            Some("127.0.0.1:5555")
+        );
+        assert_eq!(field_of(spans, "note").as_deref(), Some("a b"));
+        assert_eq!(field_of(spans, "missing"), None);
     }
 }

@@ -287,13 +287,26 @@ def main():
         evil.shutdown()
         b.go(f"{api}/console/#/devices/{a.bystander}")
         b.wait_text("#device-status", "active")
+        # Its refusal (publishing on another device's topic) on its page,
+        # with the address it came from and why.
+        b.wait_text("#refusals", "acl")
+        b.wait_text("#refusals", "127.0.0.1:")
+        b.wait_text("#refusals", "MQTT")
 
         step("approve pending devices")
         # The overview's pending card opens the pending devices; one is
         # approved in bulk from the list, the other from its own page.
         first, second = a.pending.split(",")
-        b.go(f"{api}/console/#/")
-        b.wait_text("#count-pending", "2")
+        # The overview's counts are refreshed behind the page it shows:
+        # loaded again until they have caught up.
+        deadline = time.time() + 15
+        while True:
+            b.go(f"{api}/console/#/devices")
+            b.go(f"{api}/console/#/")
+            if b.text("#count-pending") == "2":
+                break
+            assert time.time() < deadline, "the pending count never reached 2"
+            time.sleep(0.5)
         b.click("a.card.link[href='#/devices?status=pending']")
         b.wait_text(f'tr[data-device="{first}"]', "pending")
         b.wait_text(f'tr[data-device="{second}"]', "pending")

@@ -418,6 +418,33 @@ async fn refused_at_the_handshake_with_the_matching_alert_or_at_connect_by_the_r
             "{reason} not logged: {log}"
         );
     }
+    // A handshake refusal says who asked from where, in words (issue 29,
+    // item 4): the peer's address, what the certificate says it is, and
+    // times in RFC 3339, not a Rust value.
+    let refusals: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("refused at handshake"))
+        .collect();
+    assert!(
+        refusals
+            .iter()
+            .all(|l| l.contains("peer.addr=127.0.0.1:") && l.contains("subject")),
+        "{refusals:#?}"
+    );
+    let expired = refusals
+        .iter()
+        .find(|l| l.contains(r#"reason="expired""#))
+        .unwrap_or_else(|| panic!("no expired refusal in {refusals:#?}"));
+    assert!(
+        expired.contains("the certificate expired at 20") && !expired.contains("UnixTime"),
+        "{expired}"
+    );
+    assert!(
+        refusals
+            .iter()
+            .any(|l| l.contains(r#"reason="unknown_ca""#) && l.contains("no CA this broker trusts")),
+        "{refusals:#?}"
+    );
 }
 
 #[tokio::test]

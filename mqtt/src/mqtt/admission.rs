@@ -234,7 +234,7 @@ impl RegistryVerifier {
         now: UnixTime,
     ) -> Result<Option<DeviceId>, (Refusal, String)> {
         let trust = self.trust();
-        let webpki_error = |e: webpki::Error| (classify(&e), e.to_string());
+        let webpki_error = |e: webpki::Error| (classify(&e), describe(&e));
         let ee = webpki::EndEntityCert::try_from(end_entity).map_err(webpki_error)?;
         // What the client sent first, then the CAs we know.
         let offered: Vec<CertificateDer<'_>> = intermediates
@@ -282,6 +282,55 @@ impl RegistryVerifier {
             .map(|c| spki_hash(c.subject_public_key_info().as_ref()))
             .chain(std::iter::once(anchor))
             .find_map(|h| trust.manufacturers.get(&h).cloned()))
+    }
+}
+
+/// A webpki error in words for an operator, times in RFC 3339.
+fn describe(e: &webpki::Error) -> String {
+    use webpki::Error as W;
+    let at = |t: &UnixTime| {
+        i64::try_from(t.as_secs())
+            .ok()
+            .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())
+            .and_then(|t| {
+                t.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
+            .unwrap_or_else(|| format!("{}s after 1970", t.as_secs()))
+    };
+    match e {
+        W::CertExpired { time, not_after } => format!(
+            "the certificate expired at {} (it is {} here)",
+            at(not_after),
+            at(time)
+        ),
+        W::CertNotValidYet { time, not_before } => format!(
+            "the certificate is valid from {} only (it is {} here)",
+            at(not_before),
+            at(time)
+        ),
+        W::UnknownIssuer => "its issuer is no CA this broker trusts (fleetgate's issuing CA, \
+                             or a registered or issued manufacturer CA)"
+            .to_owned(),
+        #[allow(deprecated)]
+        W::RequiredEkuNotFound | W::RequiredEkuNotFoundContext(_) => {
+            "its extended key usage does not allow client authentication".to_owned()
+        }
+        other => format!("{other}"),
+    }
+}
+
+/// Who a refused certificate says it is: its subject and issuer, as far
+/// as it parses.
+fn presented(cert: &CertificateDer<'_>) -> String {
+    match x509_parser::parse_x509_certificate(cert.as_ref()) {
+        Ok((_, c)) => format!(
+            "subject \"{}\", issuer \"{}\", serial {}",
+            c.subject(),
+            c.issuer(),
+            c.raw_serial_as_string()
+        ),
+        Err(_) => "a certificate that does not parse".to_owned(),
     }
 }
 
@@ -346,9 +395,11 @@ impl ClientCertVerifier for RegistryVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let verified = self
-            .check(end_entity, intermediates, now)
-            .map_err(|(refusal, detail)| self.refuse(refusal, &detail))?;
+        let verified =
+            self.check(end_entity, intermediates, now)
+                .map_err(|(refusal, detail)| {
+                    self.refuse(refusal, &format!("{detail}; {}", presented(end_entity)))
+                })?;
         tracing::debug!(device.id = %verified.identity.id, serial = %verified.info.serial, "verified at handshake");
         // For this connection's task; outside one (a test calling the
         // verifier directly) there is nowhere to put it.

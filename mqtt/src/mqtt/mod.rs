@@ -815,10 +815,14 @@ async fn accept(
     Option<admission::Verified>,
 ) {
     let metrics = &shared.metrics;
-    let (accepted, verified) = admission::handshake(tokio::time::timeout(
-        shared.cfg.handshake_timeout,
-        acceptor.accept(tcp),
-    ))
+    // A refusal the verifier logs names the peer's address.
+    let (accepted, verified) = tracing::Instrument::instrument(
+        admission::handshake(tokio::time::timeout(
+            shared.cfg.handshake_timeout,
+            acceptor.accept(tcp),
+        )),
+        tracing::info_span!("tls", peer.addr = %addr),
+    )
     .await;
     let stream = match accepted {
         Ok(Ok(s)) => Some(s),

@@ -284,6 +284,11 @@ async function device(id) {
     ? table(["when", "who", "what", "detail"], d.audit.map((a) => el("tr", {},
       el("td", { text: when(a.at) }), el("td", { text: a.actor }), el("td", { text: a.action }), el("td", { text: a.detail }))), { id: "device-audit" })
     : el("p", { class: "muted", text: "Nothing recorded." });
+  const refusals = d.refusals.length
+    ? table(["when", "address", "protocol", "reason", "detail"], d.refusals.map((r) => el("tr", {},
+      el("td", { text: when(r.at) }), el("td", { class: "mono", text: r.addr || "—" }), el("td", { text: r.protocol }),
+      el("td", {}, el("span", { class: "badge revoked", text: r.reason || "refused" })), el("td", { class: "mono", text: r.detail }))), { id: "refusals" })
+    : el("p", { class: "muted", id: "no-refusals", text: "No refusals on this node since it started." });
   const revocation = dev.revocation
     ? el("span", { class: "muted", text: `(${dev.revocation.reason}, ${when(dev.revocation.at)})` })
     : null;
@@ -295,6 +300,7 @@ async function device(id) {
       card("created", new Date(dev.created_at).toLocaleDateString()),
       card("certificates", dev.certificates.length)),
     el("div", { class: "panel" }, el("h2", { text: "Live session" }), sessions),
+    el("div", { class: "panel" }, el("h2", { text: "Recent refusals" }), refusals),
     el("div", { class: "panel" }, el("h2", { text: "Certificates" }), certs),
     el("div", { class: "panel" }, el("h2", { text: "Commands queued" }), commands),
     el("div", { class: "panel" }, el("h2", { text: "Audit trail" }), audit));

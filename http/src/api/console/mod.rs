@@ -913,6 +913,9 @@ struct DevicePageView {
     commands: Vec<CommandRow>,
     /// Why the queued commands could not be read, if they could not.
     commands_error: Option<String>,
+    /// Its latest refusals on this node, newest first (in memory:
+    /// [`crate::activity`]).
+    refusals: Vec<crate::activity::Activity>,
 }
 
 async fn device(
@@ -945,6 +948,7 @@ async fn device(
         Err(e) => (Vec::new(), Some(e.to_string())),
     };
     Ok(Json(DevicePageView {
+        refusals: crate::activity::feed().refusals_of(id.as_str()),
         sessions: st.broker.sessions_of(&id),
         device,
         audit,
