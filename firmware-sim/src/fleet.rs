@@ -812,12 +812,9 @@ async fn churn_once(target: &Target, id: &str) -> anyhow::Result<()> {
             // Closed before the handshake (the broker's limits): again
             // after a while, as a device would (the next poll reconnects).
             Ok(Err(e)) if !connected && throttle::closed_early(&e) => {
-                let why = throttle::count(&e);
-                let wait = throttle::next_wait(&mut step, throttle::clock_unit());
-                if tokio::time::Instant::now() + wait >= deadline {
+                if let Err(why) = throttle::back_off(&e, &mut step, deadline).await {
                     bail!("{id}: {why}");
                 }
-                tokio::time::sleep(wait).await;
             }
             Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => {
                 connected = true;

@@ -50,6 +50,23 @@ pub fn next_wait(step: &mut Duration, unit: f64) -> Duration {
     wait
 }
 
+/// After a connection closed before its handshake (`e`): counts it and
+/// waits the next step, or, if that wait would end past `deadline`, gives
+/// the reason to give up with.
+pub async fn back_off(
+    e: &ConnectionError,
+    step: &mut Duration,
+    deadline: tokio::time::Instant,
+) -> Result<(), String> {
+    let why = count(e);
+    let wait = next_wait(step, clock_unit());
+    if tokio::time::Instant::now() + wait >= deadline {
+        return Err(why);
+    }
+    tokio::time::sleep(wait).await;
+    Ok(())
+}
+
 /// A number in [0, 1) from the clock, for jitter where no seeded
 /// generator is at hand.
 pub fn clock_unit() -> f64 {

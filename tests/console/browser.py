@@ -153,6 +153,32 @@ class Browser:
             self.driver.wait(10)
 
 
+AXE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "node_modules", "axe-core", "axe.min.js")
+
+
+def set_view(b, width, dark):
+    """The window's width, and light or dark (prefers-color-scheme)."""
+    b.s("POST", "/window/rect", {"width": width, "height": 900})
+    b.s("POST", "/goog/cdp/execute", {
+        "cmd": "Emulation.setEmulatedMedia",
+        "params": {"features": [{"name": "prefers-color-scheme", "value": "dark" if dark else "light"}]},
+    })
+
+
+def accessible(b, page):
+    """axe-core's checks on the page as it stands: no violation, and no
+    sideways scrolling of the page itself."""
+    with open(AXE, encoding="utf-8") as f:
+        b.run(f.read())
+    found = b.run("""
+        return axe.run(document, {resultTypes: ["violations"]}).then((r) => r.violations.map((v) =>
+            `${v.id} (${v.impact}): ${v.nodes.length} element(s), e.g. ${v.nodes[0].target.join(" ")}: ${v.nodes[0].failureSummary}`));
+    """)
+    assert not found, f"{page}: axe-core found:\n" + "\n".join(found)
+    wide = b.run("return [document.documentElement.scrollWidth, window.innerWidth]")
+    assert wide[0] <= wide[1], f"{page}: the page scrolls sideways ({wide[0]} px in {wide[1]})"
+
+
 def fetch_status(b, path, method="GET", body=None, headers=None):
     """`fetch` from the page (its origin, its cookies): the HTTP status."""
     return b.js(
@@ -222,10 +248,13 @@ def main():
         for link in (a.used_link, a.expired_link):
             b.go(link)
             b.find("#refused")
+        accessible(b, "a refused link's page")
 
         step("sign in")
         # The one-time link signs in: a session cookie as it must be.
         b.go(a.link)
+        b.find("#sign-in")
+        accessible(b, "the sign-in page")
         b.click("#sign-in")
         b.find("#live-sessions")
         cookies = {c["name"]: c for c in b.s("GET", "/cookie")}
@@ -344,6 +373,25 @@ def main():
         assert csv.splitlines()[0] == "seq,at,actor,action,device,serial,detail", csv[:200]
         assert all(second in line for line in csv.splitlines()[1:]), csv[:400]
         assert "jit-register" in csv and "approve" in csv, csv[:400]
+
+        step("accessibility (axe-core), 1280 and 400 px, light and dark")
+        pages = [
+            ("overview", f"{api}/console/#/", "#live-sessions"),
+            ("devices", f"{api}/console/#/devices", "#devices"),
+            ("device", f"{api}/console/#/devices/{a.bystander}", "#device-status"),
+            ("audit", f"{api}/console/#/audit", "#audit"),
+            ("activity", f"{api}/console/#/activity", "#activity"),
+        ]
+        for width in (1280, 400):
+            for dark in (False, True):
+                set_view(b, width, dark)
+                for name, url, ready in pages:
+                    b.go(url)
+                    b.find(ready)
+                    accessible(b, f"{name} at {width} px{' dark' if dark else ''}")
+                    if a.screenshots and (name, width, dark) == ("overview", 400, True):
+                        b.screenshot(os.path.join(a.screenshots, "console-overview-400-dark.png"))
+        set_view(b, 1280, False)
 
         step("sign out")
         # Signing out ends the session.

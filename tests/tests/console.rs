@@ -151,6 +151,13 @@ fn the_console_signs_in_once_shows_a_device_and_revokes_it() {
     let fresh = link(&server, 600);
 
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("console/browser.py");
+    let axe =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("console/node_modules/axe-core/axe.min.js");
+    assert!(
+        axe.is_file(),
+        "{} is missing: run .ci/run, or npm install --prefix tests/console axe-core@4.10.3",
+        axe.display()
+    );
     let mut cmd = Command::new("python3");
     cmd.arg(&script)
         .args(["--api", &server.api_url()])

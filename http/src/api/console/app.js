@@ -65,10 +65,13 @@ function when(s) {
   return isNaN(d) ? s : d.toLocaleString();
 }
 
+// A table in a region that scrolls sideways on a narrow screen (and can
+// be scrolled from the keyboard).
 function table(headers, rows, attrs = {}) {
-  return el("table", attrs,
-    el("thead", {}, el("tr", {}, headers.map((h) => el("th", { text: h })))),
-    el("tbody", {}, rows));
+  return el("div", { class: "table-wrap", tabindex: "0", role: "region", "aria-label": attrs.id ? `${attrs.id} table` : "table" },
+    el("table", attrs,
+      el("thead", {}, el("tr", {}, headers.map((h) => h ? el("th", { text: h }) : el("td", {})))),
+      el("tbody", {}, rows)));
 }
 
 function card(label, value, id, href) {
@@ -130,7 +133,7 @@ async function overview() {
   const o = await api("/console/api/overview");
   const counts = Object.fromEntries(o.counts.by_status);
   const refusals = Object.entries(o.refusals).filter(([, n]) => n > 0);
-  const feed = el("ul", { class: "feed", id: "activity" });
+  const feed = el("ul", { class: "feed", id: "activity", tabindex: "0", "aria-label": "live activity" });
   view.replaceChildren(
     el("h1", { text: "Overview" }),
     el("div", { class: "grid" },
@@ -356,7 +359,7 @@ async function audit(params) {
 }
 
 function liveActivity() {
-  const feed = el("ul", { class: "feed", id: "activity" });
+  const feed = el("ul", { class: "feed", id: "activity", tabindex: "0", "aria-label": "live activity" });
   view.replaceChildren(
     el("h1", { text: "Live activity" }),
     el("p", { class: "muted", text: "Refusals and cut connections as they happen, newest first." }),

@@ -406,6 +406,7 @@ pub fn router() -> Router<AppState> {
         .route("/console/logout", post(logout))
         .route("/console/assets/app.js", get(app_js))
         .route("/console/assets/style.css", get(style_css))
+        .route("/console/assets/favicon.svg", get(favicon))
         .route("/console/api/me", get(me))
         .route("/console/api/overview", get(overview))
         .route("/console/api/devices", get(devices))
@@ -491,6 +492,8 @@ fn page(status: StatusCode, title: &str, body: &str) -> Response {
         Html(format!(
             "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
              <title>{title} · fleetgate</title>\
+             <link rel=\"icon\" href=\"/console/assets/favicon.svg\" type=\"image/svg+xml\">\
+             <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
              <link rel=\"stylesheet\" href=\"/console/assets/style.css\"></head>\
              <body class=\"plain\"><main class=\"card\"><h1>{title}</h1>{body}</main></body></html>"
         )),
@@ -633,6 +636,17 @@ async fn app_js() -> Response {
             (CACHE_CONTROL, "no-cache"),
         ],
         include_str!("app.js"),
+    )
+        .into_response()
+}
+
+async fn favicon() -> Response {
+    (
+        [
+            (CONTENT_TYPE, "image/svg+xml"),
+            (CACHE_CONTROL, "max-age=86400"),
+        ],
+        include_str!("favicon.svg"),
     )
         .into_response()
 }
