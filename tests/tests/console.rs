@@ -334,3 +334,52 @@ fn the_audit_log_reads_newest_first_filtered_and_paged() {
         .to_string();
     assert!(err.contains("RFC 3339"), "{err}");
 }
+
+/// The device list at fleet scale (issue 29, item 5, in part): by role
+/// (devices apart from services and admins), only those connected here,
+/// the registry's total when unfiltered, and each row's certificate
+/// expiry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_device_list_filters_by_role_and_connection_and_counts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("data")).unwrap();
+    let creds = tmp.path().join("creds");
+    let on = server.enroll(&creds, "device", "d-on");
+    server.enroll(&creds, "device", "d-off");
+    server.enroll(&creds, "service", "backend");
+    let (_c, mut ev) = tests::mqtt::client(server.mqtt, &on, "d-on");
+    tests::mqtt::connected(&mut ev).await;
+    let admin = server.admin();
+    let ids = |page: &serde_json::Value| -> Vec<String> {
+        page["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let all: serde_json::Value = admin.get("/console/api/devices").await.unwrap();
+    assert_eq!(ids(&all), ["admin", "backend", "d-off", "d-on"]);
+    assert_eq!(all["total"], 4, "{all}");
+    let devices: serde_json::Value = admin.get("/console/api/devices?role=device").await.unwrap();
+    assert_eq!(ids(&devices), ["d-off", "d-on"]);
+    assert!(devices["total"].is_null(), "filtered: no total");
+    let expires = devices["items"][0]["expires"].as_str().unwrap();
+    assert!(
+        time::OffsetDateTime::parse(expires, &time::format_description::well_known::Rfc3339)
+            .unwrap()
+            > time::OffsetDateTime::now_utc() + time::Duration::days(80),
+        "{expires}"
+    );
+    let connected: serde_json::Value = admin
+        .get("/console/api/devices?connected=true")
+        .await
+        .unwrap();
+    assert_eq!(ids(&connected), ["d-on"]);
+    let err = admin
+        .get::<serde_json::Value>("/console/api/devices?role=robot")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("device, service, admin"), "{err}");
+}

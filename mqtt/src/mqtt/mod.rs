@@ -487,6 +487,21 @@ impl Sessions {
     fn count(&self) -> usize {
         self.lock().values().map(Vec::len).sum()
     }
+
+    /// Up to `limit` ids with a live session, in id order, after `after`;
+    /// and whether there are more.
+    fn connected(&self, after: Option<&str>, limit: usize) -> (Vec<DeviceId>, bool) {
+        let mut ids: Vec<DeviceId> = self
+            .lock()
+            .iter()
+            .filter(|(id, v)| !v.is_empty() && after.is_none_or(|a| id.as_str() > a))
+            .map(|(id, _)| id.clone())
+            .collect();
+        ids.sort();
+        let more = ids.len() > limit;
+        ids.truncate(limit);
+        (ids, more)
+    }
 }
 
 /// The broker: the router, the session registry, the listener.
@@ -622,6 +637,12 @@ impl Broker {
     /// The counters this broker writes to.
     pub fn metrics(&self) -> &Metrics {
         &self.shared.metrics
+    }
+
+    /// Up to `limit` ids connected to this node, in id order, after
+    /// `after`; and whether there are more.
+    pub fn connected(&self, after: Option<&str>, limit: usize) -> (Vec<DeviceId>, bool) {
+        self.shared.sessions.connected(after, limit)
     }
 
     /// The live sessions of `id` on this node.

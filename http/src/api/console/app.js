@@ -160,11 +160,18 @@ async function overview() {
   follow(feed, 20);
 }
 
+const ROLES = [["device", "devices"], ["service", "services"], ["admin", "admins"], ["claim", "claims"], ["node", "nodes"], ["", "every role"]];
+
 async function devices(params) {
   const q = params.get("q") || "";
   const status = params.get("status") || "";
+  // Devices unless asked otherwise: services, admins and claims apart.
+  const role = params.has("role") ? params.get("role") : "device";
+  const connected = params.get("connected") === "true";
   const after = params.get("after") || "";
-  const qs = new URLSearchParams({ q, status });
+  const trail = (params.get("trail") || "").split(",").filter(Boolean);
+  const qs = new URLSearchParams({ q, status, role });
+  if (connected) qs.set("connected", "true");
   if (after) qs.set("after", after);
   const page = await api(`/console/api/devices?${qs}`);
   const search = el("input", { type: "search", id: "search", placeholder: "Search by id or manufacturer", value: q });
@@ -174,12 +181,23 @@ async function devices(params) {
       if (s === status) o.selected = true;
       return o;
     }));
+  const rolePick = el("select", { id: "role-filter" },
+    ROLES.map(([r, label]) => {
+      const o = el("option", { value: r, text: label });
+      if (r === role) o.selected = true;
+      return o;
+    }));
+  const onlyConnected = el("input", { type: "checkbox", id: "connected-filter" });
+  onlyConnected.checked = connected;
   const go = (extra = {}) => {
-    const p = new URLSearchParams({ q: search.value, status: pick.value, ...extra });
+    const p = new URLSearchParams({ q: search.value, status: pick.value, role: rolePick.value, ...extra });
+    if (onlyConnected.checked) p.set("connected", "true");
     location.hash = `#/devices?${p}`;
   };
   search.addEventListener("keydown", (e) => { if (e.key === "Enter") go(); });
   pick.addEventListener("change", () => go());
+  rolePick.addEventListener("change", () => go());
+  onlyConnected.addEventListener("change", () => go());
   // Pending devices can be approved here, some or all of the page at once.
   const pending = page.items.filter((d) => d.status === "pending");
   const picks = new Map(pending.map((d) => [d.id, el("input", { type: "checkbox", class: "pick", "aria-label": `select ${d.id}`, "data-pick": d.id })]));
@@ -204,12 +222,19 @@ async function devices(params) {
       el("td", {}, badge(d.status)),
       el("td", { text: d.role }),
       el("td", { text: d.manufacturer || "—" }),
+      el("td", { text: d.expires ? when(d.expires) : "—" }),
       el("td", {}, el("span", { class: d.connected ? "dot on" : "dot" }), d.connected ? "connected" : "offline")));
+  const pageOf = (a, t) => go({ ...(a ? { after: a } : {}), ...(t.length ? { trail: t.join(",") } : {}) });
   view.replaceChildren(
     el("h1", { text: "Devices" }),
+    page.total !== null && page.total !== undefined
+      ? el("p", { class: "muted", id: "devices-total", text: `${page.total} in the registry, every role.` })
+      : null,
     el("div", { class: "toolbar" },
       el("label", { for: "search", class: "sr-only", text: "Search devices" }), search,
       el("label", { for: "status-filter", class: "sr-only", text: "Status" }), pick,
+      el("label", { for: "role-filter", class: "sr-only", text: "Role" }), rolePick,
+      el("label", { class: "check" }, onlyConnected, "connected here"),
       el("button", { type: "button", onclick: () => go(), text: "Search" })),
     pending.length
       ? el("div", { class: "toolbar" },
@@ -217,10 +242,11 @@ async function devices(params) {
         el("button", { type: "button", id: "approve-page", class: "quiet", onclick: () => approve([...picks.keys()]), text: `Approve all ${pending.length} on this page` }))
       : null,
     el("div", { class: "panel" },
-      rows.length ? table([...(pending.length ? [""] : []), "id", "status", "role", "manufacturer", "connection"], rows, { id: "devices" }) : el("p", { class: "muted", text: "No devices match." }),
+      rows.length ? table([...(pending.length ? [""] : []), "id", "status", "role", "manufacturer", "certificate until", "connection"], rows, { id: "devices" }) : el("p", { class: "muted", text: "No devices match." }),
       el("div", { class: "toolbar" },
+        after ? el("button", { type: "button", class: "quiet", id: "previous-page", onclick: () => pageOf(trail[trail.length - 1], trail.slice(0, -1)), text: "Previous page" }) : null,
         after ? el("button", { type: "button", class: "quiet", onclick: () => go(), text: "First page" }) : null,
-        page.next ? el("button", { type: "button", id: "next-page", onclick: () => go({ after: page.next }), text: "Next page" }) : null)));
+        page.next ? el("button", { type: "button", id: "next-page", onclick: () => pageOf(page.next, after ? [...trail, after] : trail), text: "Next page" }) : null)));
 }
 
 function confirmAction(title, text, withReason) {

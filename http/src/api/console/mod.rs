@@ -778,6 +778,11 @@ struct DevicesQuery {
     /// Part of the id, or a manufacturer's name.
     q: Option<String>,
     status: Option<String>,
+    /// `device`, `service`, `admin`, `claim` or `node`; any if absent.
+    role: Option<String>,
+    /// Only those connected to this node.
+    #[serde(default)]
+    connected: bool,
     after: Option<String>,
 }
 
@@ -788,12 +793,17 @@ struct DeviceRow {
     status: Status,
     manufacturer: Option<String>,
     connected: bool,
+    /// When its last certificate in good standing expires.
+    #[serde(with = "time::serde::rfc3339::option")]
+    expires: Option<time::OffsetDateTime>,
 }
 
 #[derive(Debug, Serialize)]
 struct DevicePage {
     items: Vec<DeviceRow>,
     next: Option<String>,
+    /// Every principal in the registry, when nothing filters the list.
+    total: Option<usize>,
 }
 
 async fn devices(
@@ -806,16 +816,58 @@ async fn devices(
         .filter(|s| !s.is_empty())
         .map(|s| s.parse::<Status>())
         .transpose()?;
+    let role = q
+        .role
+        .as_deref()
+        .filter(|r| !r.is_empty())
+        .map(|r| {
+            r.parse::<provisioning::Role>().map_err(|_| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    format!("role {r:?}: device, service, admin, claim or node"),
+                )
+            })
+        })
+        .transpose()?;
     let text = q.q.unwrap_or_default().trim().to_owned();
+    let unfiltered = text.is_empty() && status.is_none() && role.is_none() && !q.connected;
     let needle = text.to_lowercase();
     let auth = st.auth.clone();
+    let broker = st.broker.clone();
+    let wanted = move |d: &DeviceRecord| {
+        status.is_none_or(|s| s == d.status)
+            && role.is_none_or(|r| r == d.role)
+            && (needle.is_empty()
+                || d.id.as_str().to_lowercase().contains(&needle)
+                || d.manufacturer
+                    .as_deref()
+                    .is_some_and(|m| m.to_lowercase() == needle))
+    };
     let (found, next) = super::blocking(move || {
+        // Those connected here: this node's sessions, in id order.
+        if q.connected {
+            let (ids, more) = broker.connected(q.after.as_deref(), PAGE);
+            let next = more.then(|| ids.last().map(|i| i.to_string())).flatten();
+            let mut found = Vec::new();
+            for id in ids {
+                match auth.registry.device(&id) {
+                    Ok(d) if wanted(&d) => found.push(d),
+                    Ok(_) | Err(provisioning::Error::NotFound { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            return Ok((found, next));
+        }
         // Ids that start with the text are one stretch of the id order:
         // read there, however large the fleet (unless the text names a
         // manufacturer, whose devices are searched for below).
         if !text.is_empty() && auth.registry.manufacturer(&text)?.is_none() {
-            if let Some(page) = by_prefix(&auth.registry, status, &text, q.after.as_deref())? {
-                return Ok(page);
+            if let Some((mut found, next)) =
+                by_prefix(&auth.registry, status, &text, q.after.as_deref())?
+            {
+                found.retain(|d| role.is_none_or(|r| r == d.role));
+                return Ok((found, next));
             }
         }
         let mut found: Vec<DeviceRecord> = Vec::new();
@@ -826,12 +878,7 @@ async fn devices(
             for d in page.items {
                 scanned += 1;
                 after = Some(d.id.to_string());
-                let hit = needle.is_empty()
-                    || d.id.as_str().to_lowercase().contains(&needle)
-                    || d.manufacturer
-                        .as_deref()
-                        .is_some_and(|m| m.to_lowercase() == needle);
-                if hit {
+                if wanted(&d) {
                     found.push(d);
                     if found.len() == PAGE {
                         return Ok((found, after));
@@ -847,17 +894,39 @@ async fn devices(
         }
     })
     .await?;
+    // Each row's latest certificate in good standing: one read each.
+    let auth = st.auth.clone();
+    let ids: Vec<DeviceId> = found.iter().map(|d| d.id.clone()).collect();
+    let (expiries, total) = super::blocking(move || {
+        let expiries = ids
+            .iter()
+            .map(|id| {
+                Ok(auth
+                    .registry
+                    .device_view(id)?
+                    .certificates
+                    .iter()
+                    .filter(|c| c.status == "good")
+                    .map(|c| c.record.not_after)
+                    .max())
+            })
+            .collect::<Result<Vec<_>, provisioning::Error>>()?;
+        Ok((expiries, unfiltered.then(|| auth.registry.device_count())))
+    })
+    .await?;
     let items = found
         .into_iter()
-        .map(|d| DeviceRow {
+        .zip(expiries)
+        .map(|(d, expires)| DeviceRow {
             connected: !st.broker.sessions_of(&d.id).is_empty(),
             id: d.id,
             role: d.role,
             status: d.status,
             manufacturer: d.manufacturer,
+            expires,
         })
         .collect();
-    Ok(Json(DevicePage { items, next }))
+    Ok(Json(DevicePage { items, next, total }))
 }
 
 /// A page of devices found, and the id to go on after if there are more.
