@@ -352,6 +352,21 @@ def main():
         b.click("#confirm-ok")
         b.wait_text("#device-status", "active")
 
+        step("a manufacturer's page, revoked from it; a claim's page")
+        b.go(f"{api}/console/#/")
+        b.click("#manufacturers-table a[href='#/manufacturers/acme']")
+        b.wait_text("#maker-name", "acme")
+        b.wait_text("#maker-status", "active")
+        b.wait_text("#maker-ca", "CN=")
+        b.click("#action-revoke")
+        b.click('#reason option[value="key-compromise"]')
+        b.click("#confirm-ok")
+        b.wait_text("#maker-status", "revoked")
+        b.go(f"{api}/console/#/devices?role=claim")
+        b.click('tr[data-device="line-1"] a')
+        b.wait_text("#claim-uses-left", "3")
+        b.wait_text("#claim", "No device provisioned yet")
+
         step("audit log, newest first, filtered, exported")
         b.go(f"{api}/console/#/audit")
         b.find("#audit")
@@ -381,6 +396,8 @@ def main():
             ("device", f"{api}/console/#/devices/{a.bystander}", "#device-status"),
             ("audit", f"{api}/console/#/audit", "#audit"),
             ("activity", f"{api}/console/#/activity", "#activity"),
+            ("manufacturer", f"{api}/console/#/manufacturers/slowco", "#maker-ca"),
+            ("claim", f"{api}/console/#/devices/line-1", "#claim"),
         ]
         for width in (1280, 400):
             for dark in (False, True):

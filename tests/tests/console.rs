@@ -73,6 +73,16 @@ fn the_console_signs_in_once_shows_a_device_and_revokes_it() {
         &std::fs::read_to_string(dir.join("slowco.crt")).unwrap(),
         &std::fs::read_to_string(dir.join("slowco.key")).unwrap(),
     );
+    // A claim, for its page.
+    server.cli_ok(&[
+        "claim",
+        "create",
+        "line-1",
+        "--uses",
+        "3",
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
     let rt = tokio::runtime::Runtime::new().unwrap();
     for id in ["pend-1", "pend-2"] {
         let (chain, key) = slowco.issue(&tests::pki::Spec::device(id));
@@ -189,6 +199,13 @@ fn the_console_signs_in_once_shows_a_device_and_revokes_it() {
         "mosquitto_sub still connected after the revocation"
     );
     assert_eq!(server.device_json("console-dev")["status"], "revoked");
+    // Revoked from its page in the console.
+    let makers = server.cli_ok(&["manufacturer", "list"]);
+    let acme = makers
+        .lines()
+        .find(|l| l.contains("acme"))
+        .unwrap_or_default();
+    assert!(acme.contains("revoked"), "{makers}");
     // Approved from the console, one in bulk and one from its page.
     for id in ["pend-1", "pend-2"] {
         assert_eq!(server.device_json(id)["status"], "active", "{id}");

@@ -154,7 +154,7 @@ async function overview() {
       el("div", { class: "panel" }, el("h2", { text: "Manufacturers" }),
         o.counts.manufacturers.length
           ? table(["name", "status", "devices"], o.counts.manufacturers.map((m) =>
-            el("tr", {}, el("td", {}, el("a", { href: `#/devices?q=${encodeURIComponent(m.name)}`, text: m.name })), el("td", {}, badge(m.status)), el("td", { text: String(m.devices) }))))
+            el("tr", {}, el("td", {}, el("a", { href: `#/manufacturers/${encodeURIComponent(m.name)}`, text: m.name })), el("td", {}, badge(m.status)), el("td", { text: String(m.devices) }))), { id: "manufacturers-table" })
           : el("p", { class: "muted", text: "No manufacturers yet." }))),
     el("div", { class: "panel" }, el("h2", { text: "Live activity" }), feed));
   follow(feed, 20);
@@ -318,6 +318,19 @@ async function device(id) {
       el("td", { text: when(r.at) }), el("td", { class: "mono", text: r.addr || "—" }), el("td", { text: r.protocol }),
       el("td", {}, el("span", { class: "badge revoked", text: r.reason || "refused" })), el("td", { class: "mono", text: r.detail }))), { id: "refusals" })
     : el("p", { class: "muted", id: "no-refusals", text: "No refusals on this node since it started." });
+  const claim = d.claim
+    ? el("div", { class: "panel", id: "claim" }, el("h2", { text: "Claim" }),
+      el("div", { class: "grid" },
+        card("uses left", d.claim.uses_left, "claim-uses-left"),
+        card("used", d.claim.used, "claim-used"),
+        card("manufacturer", d.claim.manufacturer || "—")),
+      d.claim.provisioned.length
+        ? table(["when", "device", "how"], d.claim.provisioned.map((a) => el("tr", {},
+          el("td", { text: when(a.at) }),
+          el("td", {}, a.device ? el("a", { href: `#/devices/${encodeURIComponent(a.device)}`, text: a.device }) : "—"),
+          el("td", { text: a.actor }))), { id: "claim-devices" })
+        : el("p", { class: "muted", text: "No device provisioned yet." }))
+    : null;
   const revocation = dev.revocation
     ? el("span", { class: "muted", text: `(${dev.revocation.reason}, ${when(dev.revocation.at)})` })
     : null;
@@ -325,14 +338,48 @@ async function device(id) {
     el("h1", {}, el("span", { id: "device-id", text: dev.id }), el("span", { id: "device-status" }, badge(dev.status)), revocation, actions),
     el("div", { class: "grid" },
       card("role", dev.role),
-      card("manufacturer", dev.manufacturer || "—"),
+      dev.manufacturer
+        ? card("manufacturer", dev.manufacturer, undefined, `#/manufacturers/${encodeURIComponent(dev.manufacturer)}`)
+        : card("manufacturer", "—"),
       card("created", new Date(dev.created_at).toLocaleDateString()),
       card("certificates", dev.certificates.length)),
+    claim,
     el("div", { class: "panel" }, el("h2", { text: "Live session" }), sessions),
     el("div", { class: "panel" }, el("h2", { text: "Recent refusals" }), refusals),
     el("div", { class: "panel" }, el("h2", { text: "Certificates" }), certs),
     el("div", { class: "panel" }, el("h2", { text: "Commands queued" }), commands),
     el("div", { class: "panel" }, el("h2", { text: "Audit trail" }), audit));
+}
+
+async function manufacturer(name) {
+  const m = await api(`/console/api/manufacturers/${encodeURIComponent(name)}`);
+  const revoke = async () => {
+    const ok = await confirmAction(`Revoke manufacturer ${m.name}?`,
+      `Revoking is final: all ${m.devices} of its devices are refused at once, and their live connections cut.`, true);
+    if (!ok) return;
+    try {
+      await api(`/console/api/manufacturers/${encodeURIComponent(m.name)}/revoke`, { method: "POST", body: JSON.stringify({ reason: document.getElementById("reason").value }) });
+    } catch (e) {
+      view.prepend(el("p", { class: "error", id: "action-error", text: e.message }));
+      return;
+    }
+    await manufacturer(name);
+  };
+  const used = m.jit_quota ? Math.round((100 * m.jit_registered) / m.jit_quota) : 0;
+  view.replaceChildren(
+    el("h1", {}, el("span", { id: "maker-name", text: m.name }), el("span", { id: "maker-status" }, badge(m.status)),
+      m.revocation ? el("span", { class: "muted", text: `(${m.revocation.reason}, ${when(m.revocation.at)})` }) : null,
+      el("div", { class: "actions" },
+        m.status !== "revoked" ? el("button", { type: "button", class: "danger", id: "action-revoke", onclick: revoke, text: "Revoke" }) : null)),
+    el("div", { class: "grid" },
+      card("devices", m.devices, "maker-devices", `#/devices?q=${encodeURIComponent(m.name)}`),
+      card("policy", m.policy),
+      card("CA", m.kind),
+      card("registered just in time", `${m.jit_registered} of ${m.jit_quota} (${used}%)`, "maker-jit")),
+    el("div", { class: "panel" }, el("h2", { text: "CA certificate" }),
+      table(["subject", "serial", "valid until", "key (SHA-256 of the SPKI)", "since"], [el("tr", {},
+        el("td", { text: m.subject }), el("td", { class: "mono", text: m.serial }), el("td", { text: when(m.not_after) }),
+        el("td", { class: "mono", text: m.spki_sha256 }), el("td", { text: when(m.created_at) }))], { id: "maker-ca" })));
 }
 
 const AUDIT_FILTERS = ["actor", "action", "device", "from", "to"];
@@ -405,6 +452,7 @@ async function route() {
   stopActivity();
   try {
     if (name === "devices" && parts[1]) await device(decodeURIComponent(parts[1]));
+    else if (name === "manufacturers" && parts[1]) await manufacturer(decodeURIComponent(parts[1]));
     else if (name === "devices") await devices(params);
     else if (name === "audit") await audit(params);
     else if (name === "activity") liveActivity();

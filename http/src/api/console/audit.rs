@@ -173,6 +173,25 @@ fn matching(
     }
 }
 
+/// The newest entries (up to `limit`) of an actor whose name starts with
+/// `actor` (`claim:line-4` finds `claim:line-4 (est)` too), reading at
+/// most [`SCAN`] entries.
+pub(super) fn by_actor(
+    st: &AppState,
+    actor: &str,
+    limit: usize,
+) -> Result<Vec<AuditEntry>, provisioning::Error> {
+    let f = Filter {
+        actor: Some(actor.to_lowercase()),
+        ..Filter::default()
+    };
+    let (items, _) = matching(st, &f, None, limit, SCAN)?;
+    Ok(items
+        .into_iter()
+        .filter(|e| e.actor.to_lowercase().starts_with(&actor.to_lowercase()))
+        .collect())
+}
+
 /// A page of the log.
 #[derive(Debug, Serialize)]
 pub(super) struct AuditPage {

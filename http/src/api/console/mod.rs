@@ -31,14 +31,14 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Form, Json, Router};
-use provisioning::{
-    AuditEntry, CertKey, DeviceId, DeviceRecord, DeviceView, Error, Standing, Status,
-};
+use provisioning::{AuditEntry, CertKey, DeviceId, DeviceView, Error, Standing, Status};
 use serde::{Deserialize, Serialize};
 
 use super::{device_id, reason, transition, Admin, ApiError, AppState, RevokeBody};
 
 mod audit;
+mod devices;
+mod makers;
 use crate::https::PeerCert;
 use crate::mqtt::LiveSession;
 
@@ -61,8 +61,6 @@ const COUNTS_FOR: Duration = Duration::from_secs(10);
 const SLOW_COUNTS: Duration = Duration::from_millis(100);
 /// Rows on a page of devices or of the audit log.
 pub(super) const PAGE: usize = 50;
-/// Devices looked at to answer one search page.
-const SEARCH_SCAN: usize = 50_000;
 
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; \
                    connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
@@ -409,10 +407,18 @@ pub fn router() -> Router<AppState> {
         .route("/console/assets/favicon.svg", get(favicon))
         .route("/console/api/me", get(me))
         .route("/console/api/overview", get(overview))
-        .route("/console/api/devices", get(devices))
+        .route("/console/api/devices", get(devices::devices))
         .route("/console/api/devices/{id}", get(device))
         .route("/console/api/devices/{id}/{action}", post(act))
         .route("/console/api/approve", post(approve_many))
+        .route(
+            "/console/api/manufacturers/{name}",
+            get(makers::manufacturer),
+        )
+        .route(
+            "/console/api/manufacturers/{name}/revoke",
+            post(makers::revoke),
+        )
         .route("/console/api/audit", get(audit::audit))
         .route("/console/api/activity", get(activity))
         .layer(axum::middleware::map_response(secure_headers))
@@ -738,22 +744,28 @@ async fn count(st: &AppState) -> Result<Arc<Counts>, ApiError> {
     Ok(c)
 }
 
-async fn overview(State(st): State<AppState>, _op: Operator) -> Result<Json<Overview>, ApiError> {
+/// The devices' counts by status and manufacturer: the last ones while
+/// fresh, or while new ones are being made for a large fleet.
+async fn current_counts(st: &AppState) -> Result<Arc<Counts>, ApiError> {
     let cached = {
         let c = st.console.counts.lock().unwrap_or_else(|e| e.into_inner());
         c.as_ref()
             .map(|(at, c)| (c.clone(), at.elapsed() < COUNTS_FOR))
     };
-    let counts = match cached {
+    Ok(match cached {
         Some((c, true)) => c,
         // Counting a large fleet takes seconds: the last counts answer,
         // and new ones are made meanwhile (one count at a time).
         Some((c, false)) if st.console.slow_counts.load(Ordering::Relaxed) => {
-            count_soon(&st);
+            count_soon(st);
             c
         }
-        _ => count(&st).await?,
-    };
+        _ => count(st).await?,
+    })
+}
+
+async fn overview(State(st): State<AppState>, _op: Operator) -> Result<Json<Overview>, ApiError> {
+    let counts = current_counts(&st).await?;
     let m = st.metrics.snapshot();
     let now = Sample {
         t: time::OffsetDateTime::now_utc().unix_timestamp(),
@@ -771,211 +783,6 @@ async fn overview(State(st): State<AppState>, _op: Operator) -> Result<Json<Over
         series: st.console.series(now),
         series_step_s: SAMPLE_EVERY.as_secs(),
     }))
-}
-
-#[derive(Debug, Deserialize)]
-struct DevicesQuery {
-    /// Part of the id, or a manufacturer's name.
-    q: Option<String>,
-    status: Option<String>,
-    /// `device`, `service`, `admin`, `claim` or `node`; any if absent.
-    role: Option<String>,
-    /// Only those connected to this node.
-    #[serde(default)]
-    connected: bool,
-    after: Option<String>,
-}
-
-#[derive(Debug, Serialize)]
-struct DeviceRow {
-    id: DeviceId,
-    role: provisioning::Role,
-    status: Status,
-    manufacturer: Option<String>,
-    connected: bool,
-    /// When its last certificate in good standing expires.
-    #[serde(with = "time::serde::rfc3339::option")]
-    expires: Option<time::OffsetDateTime>,
-}
-
-#[derive(Debug, Serialize)]
-struct DevicePage {
-    items: Vec<DeviceRow>,
-    next: Option<String>,
-    /// Every principal in the registry, when nothing filters the list.
-    total: Option<usize>,
-}
-
-async fn devices(
-    State(st): State<AppState>,
-    _op: Operator,
-    Query(q): Query<DevicesQuery>,
-) -> Result<Json<DevicePage>, ApiError> {
-    let status = q
-        .status
-        .filter(|s| !s.is_empty())
-        .map(|s| s.parse::<Status>())
-        .transpose()?;
-    let role = q
-        .role
-        .as_deref()
-        .filter(|r| !r.is_empty())
-        .map(|r| {
-            r.parse::<provisioning::Role>().map_err(|_| {
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_request",
-                    format!("role {r:?}: device, service, admin, claim or node"),
-                )
-            })
-        })
-        .transpose()?;
-    let text = q.q.unwrap_or_default().trim().to_owned();
-    let unfiltered = text.is_empty() && status.is_none() && role.is_none() && !q.connected;
-    let needle = text.to_lowercase();
-    let auth = st.auth.clone();
-    let broker = st.broker.clone();
-    let wanted = move |d: &DeviceRecord| {
-        status.is_none_or(|s| s == d.status)
-            && role.is_none_or(|r| r == d.role)
-            && (needle.is_empty()
-                || d.id.as_str().to_lowercase().contains(&needle)
-                || d.manufacturer
-                    .as_deref()
-                    .is_some_and(|m| m.to_lowercase() == needle))
-    };
-    let (found, next) = super::blocking(move || {
-        // Those connected here: this node's sessions, in id order.
-        if q.connected {
-            let (ids, more) = broker.connected(q.after.as_deref(), PAGE);
-            let next = more.then(|| ids.last().map(|i| i.to_string())).flatten();
-            let mut found = Vec::new();
-            for id in ids {
-                match auth.registry.device(&id) {
-                    Ok(d) if wanted(&d) => found.push(d),
-                    Ok(_) | Err(provisioning::Error::NotFound { .. }) => {}
-                    Err(e) => return Err(e),
-                }
-            }
-            return Ok((found, next));
-        }
-        // Ids that start with the text are one stretch of the id order:
-        // read there, however large the fleet (unless the text names a
-        // manufacturer, whose devices are searched for below).
-        if !text.is_empty() && auth.registry.manufacturer(&text)?.is_none() {
-            if let Some((mut found, next)) =
-                by_prefix(&auth.registry, status, &text, q.after.as_deref())?
-            {
-                found.retain(|d| role.is_none_or(|r| r == d.role));
-                return Ok((found, next));
-            }
-        }
-        let mut found: Vec<DeviceRecord> = Vec::new();
-        let mut after = q.after;
-        let mut scanned = 0;
-        loop {
-            let page = auth.registry.list(status, after.as_deref(), 500)?;
-            for d in page.items {
-                scanned += 1;
-                after = Some(d.id.to_string());
-                if wanted(&d) {
-                    found.push(d);
-                    if found.len() == PAGE {
-                        return Ok((found, after));
-                    }
-                }
-            }
-            if page.next.is_none() {
-                return Ok((found, None));
-            }
-            if scanned >= SEARCH_SCAN {
-                return Ok((found, after));
-            }
-        }
-    })
-    .await?;
-    // Each row's latest certificate in good standing: one read each.
-    let auth = st.auth.clone();
-    let ids: Vec<DeviceId> = found.iter().map(|d| d.id.clone()).collect();
-    let (expiries, total) = super::blocking(move || {
-        let expiries = ids
-            .iter()
-            .map(|id| {
-                Ok(auth
-                    .registry
-                    .device_view(id)?
-                    .certificates
-                    .iter()
-                    .filter(|c| c.status == "good")
-                    .map(|c| c.record.not_after)
-                    .max())
-            })
-            .collect::<Result<Vec<_>, provisioning::Error>>()?;
-        Ok((expiries, unfiltered.then(|| auth.registry.device_count())))
-    })
-    .await?;
-    let items = found
-        .into_iter()
-        .zip(expiries)
-        .map(|(d, expires)| DeviceRow {
-            connected: !st.broker.sessions_of(&d.id).is_empty(),
-            id: d.id,
-            role: d.role,
-            status: d.status,
-            manufacturer: d.manufacturer,
-            expires,
-        })
-        .collect();
-    Ok(Json(DevicePage { items, next, total }))
-}
-
-/// A page of devices found, and the id to go on after if there are more.
-type Found = (Vec<DeviceRecord>, Option<String>);
-
-/// A page of the devices whose ids start with `text` (with `status`),
-/// after `after`; `None` if none there does (the search then looks inside
-/// ids, a bounded scan).
-fn by_prefix(
-    registry: &provisioning::Registry,
-    status: Option<Status>,
-    text: &str,
-    after: Option<&str>,
-) -> Result<Option<Found>, provisioning::Error> {
-    let mut found = Vec::new();
-    // The id that is the text itself comes first; `list` reads after it.
-    let from = match after {
-        Some(a) if a >= text => a.to_owned(),
-        _ => {
-            if let Ok(id) = DeviceId::try_new(text) {
-                match registry.device(&id) {
-                    Ok(d) if status.is_none_or(|s| s == d.status) => found.push(d),
-                    Ok(_) | Err(provisioning::Error::NotFound { .. }) => {}
-                    Err(e) => return Err(e),
-                }
-            }
-            text.to_owned()
-        }
-    };
-    let page = registry.list(status, Some(&from), PAGE + 1)?;
-    let mut more = false;
-    for d in page.items {
-        if !d.id.as_str().starts_with(text) {
-            break;
-        }
-        if found.len() == PAGE {
-            more = true;
-            break;
-        }
-        found.push(d);
-    }
-    if found.is_empty() {
-        // Nothing (more) starts with it: the caller searches inside ids.
-        return Ok(None);
-    }
-    let next = more
-        .then(|| found.last().map(|d| d.id.to_string()))
-        .flatten();
-    Ok(Some((found, next)))
 }
 
 #[derive(Debug, Serialize)]
@@ -999,6 +806,8 @@ struct DevicePageView {
     /// Its latest refusals on this node, newest first (in memory:
     /// [`crate::activity`]).
     refusals: Vec<crate::activity::Activity>,
+    /// For a claim: its uses and the devices it provisioned.
+    claim: Option<makers::ClaimView>,
 }
 
 async fn device(
@@ -1007,11 +816,16 @@ async fn device(
     Path(id): Path<String>,
 ) -> Result<Json<DevicePageView>, ApiError> {
     let id = device_id(id)?;
-    let (auth, broker, id2) = (st.auth.clone(), st.broker.clone(), id.clone());
-    let (device, audit, commands) = super::blocking(move || {
-        let device = auth.registry.device_view(&id2)?;
-        let audit = auth.registry.audit_of(&id2, 50)?;
-        Ok((device, audit, broker.queued_commands(&id2)))
+    let (st2, id2) = (st.clone(), id.clone());
+    let (device, audit, commands, claim) = super::blocking(move || {
+        let device = st2.auth.registry.device_view(&id2)?;
+        let audit = st2.auth.registry.audit_of(&id2, 50)?;
+        let claim = if device.role == provisioning::Role::Claim {
+            makers::claim_of(&st2, &id2)?
+        } else {
+            None
+        };
+        Ok((device, audit, st2.broker.queued_commands(&id2), claim))
     })
     .await?;
     let (commands, commands_error) = match commands {
@@ -1032,6 +846,7 @@ async fn device(
     };
     Ok(Json(DevicePageView {
         refusals: crate::activity::feed().refusals_of(id.as_str()),
+        claim,
         sessions: st.broker.sessions_of(&id),
         device,
         audit,

@@ -1,0 +1,222 @@
+//! The console's device list: searched by id prefix (one stretch of the
+//! id order, whatever the fleet's size) or inside ids (a bounded scan),
+//! filtered by status, role and connection to this node, a page at a time
+//! with each row's certificate expiry.
+
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::Json;
+use provisioning::registry::DeviceRecord;
+use provisioning::{DeviceId, Status};
+use serde::{Deserialize, Serialize};
+
+use super::{Operator, PAGE};
+use crate::api::{ApiError, AppState};
+
+/// Devices looked at to answer one search page.
+const SEARCH_SCAN: usize = 50_000;
+
+#[derive(Debug, Deserialize)]
+pub(super) struct DevicesQuery {
+    /// Part of the id, or a manufacturer's name.
+    q: Option<String>,
+    status: Option<String>,
+    /// `device`, `service`, `admin`, `claim` or `node`; any if absent.
+    role: Option<String>,
+    /// Only those connected to this node.
+    #[serde(default)]
+    connected: bool,
+    after: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct DeviceRow {
+    id: DeviceId,
+    role: provisioning::Role,
+    status: Status,
+    manufacturer: Option<String>,
+    connected: bool,
+    /// When its last certificate in good standing expires.
+    #[serde(with = "time::serde::rfc3339::option")]
+    expires: Option<time::OffsetDateTime>,
+}
+
+#[derive(Debug, Serialize)]
+pub(super) struct DevicePage {
+    items: Vec<DeviceRow>,
+    next: Option<String>,
+    /// Every principal in the registry, when nothing filters the list.
+    total: Option<usize>,
+}
+
+pub(super) async fn devices(
+    State(st): State<AppState>,
+    _op: Operator,
+    Query(q): Query<DevicesQuery>,
+) -> Result<Json<DevicePage>, ApiError> {
+    let status = q
+        .status
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse::<Status>())
+        .transpose()?;
+    let role = q
+        .role
+        .as_deref()
+        .filter(|r| !r.is_empty())
+        .map(|r| {
+            r.parse::<provisioning::Role>().map_err(|_| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    format!("role {r:?}: device, service, admin, claim or node"),
+                )
+            })
+        })
+        .transpose()?;
+    let text = q.q.unwrap_or_default().trim().to_owned();
+    let unfiltered = text.is_empty() && status.is_none() && role.is_none() && !q.connected;
+    let needle = text.to_lowercase();
+    let auth = st.auth.clone();
+    let broker = st.broker.clone();
+    let wanted = move |d: &DeviceRecord| {
+        status.is_none_or(|s| s == d.status)
+            && role.is_none_or(|r| r == d.role)
+            && (needle.is_empty()
+                || d.id.as_str().to_lowercase().contains(&needle)
+                || d.manufacturer
+                    .as_deref()
+                    .is_some_and(|m| m.to_lowercase() == needle))
+    };
+    let (found, next) = crate::api::blocking(move || {
+        // Those connected here: this node's sessions, in id order.
+        if q.connected {
+            let (ids, more) = broker.connected(q.after.as_deref(), PAGE);
+            let next = more.then(|| ids.last().map(|i| i.to_string())).flatten();
+            let mut found = Vec::new();
+            for id in ids {
+                match auth.registry.device(&id) {
+                    Ok(d) if wanted(&d) => found.push(d),
+                    Ok(_) | Err(provisioning::Error::NotFound { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            return Ok((found, next));
+        }
+        // Ids that start with the text are one stretch of the id order:
+        // read there, however large the fleet (unless the text names a
+        // manufacturer, whose devices are searched for below).
+        if !text.is_empty() && auth.registry.manufacturer(&text)?.is_none() {
+            if let Some((mut found, next)) =
+                by_prefix(&auth.registry, status, &text, q.after.as_deref())?
+            {
+                found.retain(|d| role.is_none_or(|r| r == d.role));
+                return Ok((found, next));
+            }
+        }
+        let mut found: Vec<DeviceRecord> = Vec::new();
+        let mut after = q.after;
+        let mut scanned = 0;
+        loop {
+            let page = auth.registry.list(status, after.as_deref(), 500)?;
+            for d in page.items {
+                scanned += 1;
+                after = Some(d.id.to_string());
+                if wanted(&d) {
+                    found.push(d);
+                    if found.len() == PAGE {
+                        return Ok((found, after));
+                    }
+                }
+            }
+            if page.next.is_none() {
+                return Ok((found, None));
+            }
+            if scanned >= SEARCH_SCAN {
+                return Ok((found, after));
+            }
+        }
+    })
+    .await?;
+    // Each row's latest certificate in good standing: one read each.
+    let auth = st.auth.clone();
+    let ids: Vec<DeviceId> = found.iter().map(|d| d.id.clone()).collect();
+    let (expiries, total) = crate::api::blocking(move || {
+        let expiries = ids
+            .iter()
+            .map(|id| {
+                Ok(auth
+                    .registry
+                    .device_view(id)?
+                    .certificates
+                    .iter()
+                    .filter(|c| c.status == "good")
+                    .map(|c| c.record.not_after)
+                    .max())
+            })
+            .collect::<Result<Vec<_>, provisioning::Error>>()?;
+        Ok((expiries, unfiltered.then(|| auth.registry.device_count())))
+    })
+    .await?;
+    let items = found
+        .into_iter()
+        .zip(expiries)
+        .map(|(d, expires)| DeviceRow {
+            connected: !st.broker.sessions_of(&d.id).is_empty(),
+            id: d.id,
+            role: d.role,
+            status: d.status,
+            manufacturer: d.manufacturer,
+            expires,
+        })
+        .collect();
+    Ok(Json(DevicePage { items, next, total }))
+}
+
+/// A page of devices found, and the id to go on after if there are more.
+type Found = (Vec<DeviceRecord>, Option<String>);
+
+/// A page of the devices whose ids start with `text` (with `status`),
+/// after `after`; `None` if none there does (the search then looks inside
+/// ids, a bounded scan).
+fn by_prefix(
+    registry: &provisioning::Registry,
+    status: Option<Status>,
+    text: &str,
+    after: Option<&str>,
+) -> Result<Option<Found>, provisioning::Error> {
+    let mut found = Vec::new();
+    // The id that is the text itself comes first; `list` reads after it.
+    let from = match after {
+        Some(a) if a >= text => a.to_owned(),
+        _ => {
+            if let Ok(id) = DeviceId::try_new(text) {
+                match registry.device(&id) {
+                    Ok(d) if status.is_none_or(|s| s == d.status) => found.push(d),
+                    Ok(_) | Err(provisioning::Error::NotFound { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            text.to_owned()
+        }
+    };
+    let page = registry.list(status, Some(&from), PAGE + 1)?;
+    let mut more = false;
+    for d in page.items {
+        if !d.id.as_str().starts_with(text) {
+            break;
+        }
+        if found.len() == PAGE {
+            more = true;
+            break;
+        }
+        found.push(d);
+    }
+    if found.is_empty() {
+        // Nothing (more) starts with it: the caller searches inside ids.
+        return Ok(None);
+    }
+    let next = more
+        .then(|| found.last().map(|d| d.id.to_string()))
+        .flatten();
+    Ok(Some((found, next)))
+}
