@@ -509,7 +509,7 @@ impl Report {
         self.put("closed_before_handshake", n);
         if n > 0 {
             self.notes.push(format!(
-                "{n} connections were closed before the TLS handshake: {}. The devices backed \
+                "{n} connections were closed before the TLS handshake, {}. The devices backed \
                  off and tried again, so connect figures measure those limits too",
                 throttle::HINT
             ));

@@ -12,10 +12,10 @@ use rumqttc::{ConnectionError, TlsError};
 static CLOSED: AtomicU64 = AtomicU64::new(0);
 
 /// What it most likely means, for a person reading the error.
-pub const HINT: &str = "the broker closed the connection before the TLS handshake: its \
-                        connection limits (a default `fleetgate serve` takes 100 new connections \
-                        a second from one address, a burst of 200: --connect-rate-per-ip, \
-                        --connect-burst-per-ip; and --max-handshakes, --max-connections)";
+pub const HINT: &str = "most likely the broker's connection limits (a default `fleetgate \
+                        serve` takes 100 new connections a second from one address, a burst of \
+                        200: --connect-rate-per-ip, --connect-burst-per-ip; and \
+                        --max-handshakes, --max-connections)";
 
 /// Whether `e`, met before CONNACK, is the broker closing the connection
 /// before the TLS handshake.
@@ -34,7 +34,7 @@ pub fn closed_early(e: &ConnectionError) -> bool {
 /// Counts one such close; returns the error with what it means.
 pub fn count(e: &ConnectionError) -> String {
     CLOSED.fetch_add(1, Ordering::Relaxed);
-    format!("{e}: {HINT}")
+    format!("{e}: closed before the TLS handshake, {HINT}")
 }
 
 /// Connections closed before their handshake so far, in this process.
