@@ -154,21 +154,72 @@ fn openssl_cmp_enrolls_with_a_claim_updates_the_key_and_revokes() {
     );
     assert!(unknown(&server, "cmp-2"));
 
-    // A request this server cannot read yet (openssl cmp -days puts a
-    // validity in the template) is answered in its own transaction, so
-    // openssl cmp shows why, not "transactionid unmatched".
-    let k3 = key(&dir, "cmp-3");
+    // A validity asked for (openssl cmp -days puts one in the template,
+    // which crmf cannot read): honoured within the server's lifetime, and
+    // a longer one shortened, saying so (issue 29, item 13).
+    let k3 = key(&dir, "cmp-30");
+    let c3 = dir.join("cmp-30.crt");
     let (ok, out) = cmp(
         &server,
         "ir",
         admin,
-        &["-newkey", path(&k3), "-subject", "/CN=cmp-3", "-days", "30"],
+        &[
+            "-newkey",
+            path(&k3),
+            "-subject",
+            "/CN=cmp-30",
+            "-days",
+            "30",
+            "-certout",
+            path(&c3),
+        ],
     );
-    assert!(!ok, "{out}");
-    assert!(
-        out.contains("badDataFormat") && !out.contains("transactionid unmatched"),
-        "{out}"
+    assert!(ok, "{out}");
+    let days = |cert: &Path| -> i64 {
+        let (ok, text) = run(Command::new("openssl")
+            .args([
+                "x509",
+                "-noout",
+                "-startdate",
+                "-enddate",
+                "-dateopt",
+                "iso_8601",
+                "-in",
+            ])
+            .arg(cert));
+        assert!(ok, "{text}");
+        let at = |k: &str| {
+            let v = text.lines().find_map(|l| l.strip_prefix(k)).unwrap().trim();
+            time::OffsetDateTime::parse(
+                &v.replace(' ', "T"),
+                &time::format_description::well_known::Rfc3339,
+            )
+            .unwrap()
+        };
+        (at("notAfter=") - at("notBefore=")).whole_days()
+    };
+    // notBefore is backdated a few minutes for clock skew.
+    assert_eq!(days(&c3), 30);
+    let k3b = key(&dir, "cmp-31");
+    let c3b = dir.join("cmp-31.crt");
+    let (ok, out) = cmp(
+        &server,
+        "ir",
+        admin,
+        &[
+            "-newkey",
+            path(&k3b),
+            "-subject",
+            "/CN=cmp-31",
+            "-days",
+            "400",
+            "-certout",
+            path(&c3b),
+        ],
     );
+    assert!(ok, "{out}");
+    assert!(out.contains("shortened to the server's 90 days"), "{out}");
+    assert_eq!(days(&c3b), 90);
 
     // A subject with more than a CN, and names asked for as SANs: issued
     // without them, and the answer says so (issue 29, item 14): granted

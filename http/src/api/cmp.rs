@@ -236,7 +236,11 @@ fn answer(
     addr: Option<std::net::SocketAddr>,
 ) -> Result<(Vec<u8>, bool), provisioning::Error> {
     let responder = st.cmp.responder()?;
-    let msg = match Incoming::parse(der) {
+    // A validity in the template (openssl cmp -days): read here, and
+    // parsed without it (crmf cannot read it).
+    let taken = cmp::validity::take(der);
+    let parsed = taken.as_ref().map_or(der, |t| &t.message[..]);
+    let msg = match Incoming::parse_taken(der, parsed, taken.as_ref()) {
         Ok(m) => m,
         Err(f) => {
             tracing::warn!(peer.addr = ?addr, reason = %crate::printable(&f.to_string()), "cmp: refused");
@@ -341,11 +345,22 @@ fn handle(
     let actor = format!("{} (cmp)", named(&me));
     let auth = &st.auth;
     let failed = |e: provisioning::Error| refuse(cmp::failure_of(&e));
+    // The lifetime asked for (openssl cmp -days), within the server's.
+    let (lifetime, shortened) = cmp::validity::lifetime(
+        msg.requested.unwrap_or_default(),
+        st.cert_lifetime,
+        time::OffsetDateTime::now_utc(),
+    )
+    .map_err(&refuse)?;
+    let notes = |mut left_out: Vec<String>| {
+        left_out.extend(shortened.clone());
+        left_out
+    };
     let answer = match &msg.msg.body {
         PkiBody::Ir(_) | PkiBody::Cr(_) | PkiBody::P10cr(_) => {
             let req = match &msg.msg.body {
                 PkiBody::P10cr(csr) => cmp::p10_request(csr),
-                PkiBody::Ir(reqs) | PkiBody::Cr(reqs) => cmp::cert_request(reqs),
+                PkiBody::Ir(reqs) | PkiBody::Cr(reqs) => msg.cert_request(reqs),
                 _ => unreachable!("matched above"),
             }
             .map_err(&refuse)?;
@@ -357,13 +372,13 @@ fn handle(
                         role: Role::Device,
                         manufacturer: None,
                         csr: Vec::new(),
-                        lifetime: st.cert_lifetime,
+                        lifetime,
                     },
                     &req.key,
                     &actor,
                 ),
                 Role::Claim => {
-                    auth.provision_key_with_claim(&me.id, &id, &req.key, st.cert_lifetime, &actor)
+                    auth.provision_key_with_claim(&me.id, &id, &req.key, lifetime, &actor)
                 }
                 role => {
                     return Err(refuse(Failure::new(
@@ -373,10 +388,10 @@ fn handle(
                 }
             }
             .map_err(failed)?;
-            issued(msg, me, req.cert_req_id, cert, req.key.left_out)
+            issued(msg, me, req.cert_req_id, cert, notes(req.key.left_out))
         }
         PkiBody::KUr(reqs) => {
-            let req = cmp::cert_request(reqs).map_err(&refuse)?;
+            let req = msg.cert_request(reqs).map_err(&refuse)?;
             let id = match (me.role, &req.key.subject_cn) {
                 (Role::Admin, _) => subject_id(&req.key.subject_cn).map_err(&refuse)?,
                 (Role::Device, Some(cn)) if *cn != me.id.as_str() => {
@@ -394,9 +409,9 @@ fn handle(
                 }
             };
             let (_, cert) = auth
-                .rotate_key(&id, &req.key, st.cert_lifetime, &actor)
+                .rotate_key(&id, &req.key, lifetime, &actor)
                 .map_err(failed)?;
-            issued(msg, me, req.cert_req_id, cert, req.key.left_out)
+            issued(msg, me, req.cert_req_id, cert, notes(req.key.left_out))
         }
         PkiBody::Rr(details) => {
             let req = cmp::revocation_request(details).map_err(&refuse)?;

@@ -38,6 +38,8 @@ use x509_parser::prelude::FromDer;
 use crate::csr::ValidatedCsr;
 use crate::Error;
 
+pub mod validity;
+
 /// The largest CMP message accepted. An `ir` with a P-256 key and a
 /// three-certificate chain is about 2 KiB.
 pub const MAX_MESSAGE: usize = 64 * 1024;
@@ -190,18 +192,34 @@ struct ProtectedPart<'a> {
 pub struct Incoming<'a> {
     pub msg: PkiMessage<'a>,
     protected: Vec<u8>,
+    /// The validity its certificate template asked for, if any.
+    pub requested: Option<validity::Requested>,
+    /// Its certificate request as sent, when `msg` is a copy without the
+    /// template's validity ([`validity::take`]): what the proof of
+    /// possession signs.
+    sent_cert_req: Option<Vec<u8>>,
 }
 
 impl<'a> Incoming<'a> {
     /// Parses a DER PKIMessage (nothing after it).
     pub fn parse(der: &'a [u8]) -> Result<Self, Failure> {
+        Self::parse_taken(der, der, None)
+    }
+
+    /// Parses `parsed`, the message `der` with its template's validity
+    /// `taken` out (or `der` itself): its protection still over `der`.
+    pub fn parse_taken(
+        der: &[u8],
+        parsed: &'a [u8],
+        taken: Option<&validity::Taken>,
+    ) -> Result<Self, Failure> {
         if der.len() > MAX_MESSAGE {
             return Err(Failure::new(
                 FailInfo::BadRequest,
                 format!("{} bytes: at most {MAX_MESSAGE}", der.len()),
             ));
         }
-        let msg = PkiMessage::from_der(der).map_err(malformed("not a CMP PKIMessage"))?;
+        let msg = PkiMessage::from_der(parsed).map_err(malformed("not a CMP PKIMessage"))?;
         let raw = RawMessage::from_der(der).map_err(malformed("not a CMP PKIMessage"))?;
         let protected = ProtectedPart {
             header: raw.header,
@@ -209,7 +227,19 @@ impl<'a> Incoming<'a> {
         }
         .to_der()
         .map_err(malformed("the protected part"))?;
-        Ok(Self { msg, protected })
+        Ok(Self {
+            msg,
+            protected,
+            requested: taken.map(|t| t.requested),
+            sent_cert_req: taken.map(|t| t.cert_req.clone()),
+        })
+    }
+
+    /// The one certificate request of an `ir`, `cr` or `kur`
+    /// ([`cert_request`]), its proof of possession checked over what was
+    /// sent.
+    pub fn cert_request(&self, msgs: &CertReqMessages) -> Result<CertRequest, Failure> {
+        cert_request_sent(msgs, self.sent_cert_req.as_deref())
     }
 
     /// The header of a message whose whole does not parse (a body this
@@ -348,6 +378,12 @@ pub struct CertRequest {
 /// The one request in `msgs` (RFC 9483 4.1.1: exactly one), its
 /// signature-based proof of possession verified with the template's key.
 pub fn cert_request(msgs: &CertReqMessages) -> Result<CertRequest, Failure> {
+    cert_request_sent(msgs, None)
+}
+
+/// [`cert_request`], the proof of possession checked over `sent` (the
+/// request as the client sent it) when the parsed one is not that.
+fn cert_request_sent(msgs: &CertReqMessages, sent: Option<&[u8]>) -> Result<CertRequest, Failure> {
     let [msg] = msgs.as_slice() else {
         return Err(Failure::new(
             FailInfo::BadRequest,
@@ -370,10 +406,13 @@ pub fn cert_request(msgs: &CertReqMessages) -> Result<CertRequest, Failure> {
                     "proof of possession over poposkInput: sign the certReq, with a subject in the template",
                 ));
             }
-            let signed = msg
-                .cert_req
-                .to_der()
-                .map_err(malformed("the certificate request"))?;
+            let signed = match sent {
+                Some(s) => s.to_vec(),
+                None => msg
+                    .cert_req
+                    .to_der()
+                    .map_err(malformed("the certificate request"))?,
+            };
             verify(&spki, &pop.alg_id, &pop.signature, &signed).map_err(|why| {
                 Failure::new(
                     FailInfo::BadPop,
