@@ -352,6 +352,15 @@ def main():
         b.click("#confirm-ok")
         b.wait_text("#device-status", "active")
 
+        step("one certificate revoked from its device's page")
+        b.go(f"{api}/console/#/devices/{first}")
+        b.wait_text("#certificates", "good")
+        b.click("button[data-revoke-cert]")
+        b.click('#reason option[value="superseded"]')
+        b.click("#confirm-ok")
+        b.wait_text("#certificates", "revoked")
+        b.wait_text("#device-status", "active")
+
         step("a manufacturer's page, revoked from it; a claim's page")
         b.go(f"{api}/console/#/")
         b.click("#manufacturers-table a[href='#/manufacturers/acme']")

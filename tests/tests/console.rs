@@ -210,6 +210,13 @@ fn the_console_signs_in_once_shows_a_device_and_revokes_it() {
     for id in ["pend-1", "pend-2"] {
         assert_eq!(server.device_json(id)["status"], "active", "{id}");
     }
+    // pend-1's one certificate revoked from its page, the device not.
+    let pend1 = server.device_json("pend-1");
+    assert_eq!(pend1["certificates"][0]["status"], "revoked", "{pend1}");
+    assert_eq!(
+        pend1["certificates"][0]["revocation"]["reason"], "superseded",
+        "{pend1}"
+    );
     assert_eq!(
         server.device_json("console-dev")["revocation"]["reason"],
         "key-compromise"

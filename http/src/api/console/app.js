@@ -294,14 +294,31 @@ async function device(id) {
     ? table(["address", "protocol", "since", "certificate"], d.sessions.map((s) =>
       el("tr", {}, el("td", { class: "mono", text: s.addr }), el("td", { text: s.protocol }), el("td", { text: when(s.since) }), el("td", { class: "mono", text: s.serial }))), { id: "sessions" })
     : el("p", { class: "muted", id: "no-session", text: "Not connected to this node." });
-  const certs = table(["serial", "valid from", "valid until", "fingerprint (SHA-256)", "issuer", "status"],
-    dev.certificates.map((c) => el("tr", {},
+  // One certificate revoked: the device's others keep working.
+  const revokeCert = async (c) => {
+    const ok = await confirmAction(`Revoke certificate ${c.serial}?`,
+      `Only this certificate of ${dev.id} stops working; connections made with it are cut at once.`, true);
+    if (!ok) return;
+    try {
+      await api(`/console/api/certificates/${encodeURIComponent(c.key)}/revoke`, { method: "POST", body: JSON.stringify({ reason: document.getElementById("reason").value }) });
+    } catch (e) {
+      view.prepend(el("p", { class: "error", id: "action-error", text: e.message }));
+      return;
+    }
+    await device(id);
+  };
+  // What the OCSP responder answers for each: the registry's standing.
+  const certs = table(["serial", "valid from", "valid until", "fingerprint (SHA-256)", "issuer", "OCSP says", ""],
+    dev.certificates.map((c) => el("tr", { "data-serial": c.serial },
       el("td", { class: "mono", text: c.serial }),
       el("td", { text: when(c.not_before) }),
       el("td", { text: when(c.not_after) }),
       el("td", { class: "mono", text: c.fingerprint }),
       el("td", { text: c.issuer }),
-      el("td", {}, badge(c.status)))), { id: "certificates" });
+      el("td", {}, badge(c.status)),
+      el("td", {}, c.status === "good"
+        ? el("button", { type: "button", class: "quiet", "data-revoke-cert": c.serial, onclick: () => revokeCert(c), text: "Revoke" })
+        : null))), { id: "certificates" });
   const commands = d.commands_error
     ? el("p", { class: "error", text: d.commands_error })
     : d.commands.length

@@ -412,6 +412,10 @@ pub fn router() -> Router<AppState> {
         .route("/console/api/devices/{id}/{action}", post(act))
         .route("/console/api/approve", post(approve_many))
         .route(
+            "/console/api/certificates/{key}/revoke",
+            post(revoke_certificate),
+        )
+        .route(
             "/console/api/manufacturers/{name}",
             get(makers::manufacturer),
         )
@@ -893,6 +897,31 @@ async fn act(
     tracing::info!(device.id = %view.id, action = %action, by = %op.actor(), "console: device changed");
     st.caught_up().await;
     Ok(Json(view))
+}
+
+/// `POST /console/api/certificates/{key}/revoke`: one certificate (by its
+/// key, `<serial>:<scope>`), with a reason; its device's other
+/// certificates keep working.
+async fn revoke_certificate(
+    State(st): State<AppState>,
+    op: Operator,
+    headers: HeaderMap,
+    Path(key): Path<String>,
+    super::Body(body): super::Body<RevokeBody>,
+) -> Result<Json<provisioning::registry::CertRecord>, ApiError> {
+    op.check_change(&headers)?;
+    let key = key.parse::<CertKey>()?;
+    let why = reason(&body)?;
+    let (auth, actor) = (st.auth.clone(), op.actor());
+    let rec = st
+        .write(move || auth.registry.revoke_certificate(&key, why, &actor))
+        .await?;
+    tracing::info!(serial = %rec.serial, device.id = %rec.device_id, reason = %why, by = %op.actor(), "console: certificate revoked");
+    st.metrics
+        .revocations
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    st.caught_up().await;
+    Ok(Json(rec))
 }
 
 /// A bulk approval's devices.
