@@ -175,21 +175,33 @@ pub async fn revoke(
     Path(name): Path<String>,
     Body(body): Body<RevokeBody>,
 ) -> Result<Json<ManufacturerRecord>, ApiError> {
+    Ok(Json(revoke_as(&st, name, &body, admin.actor()).await?))
+}
+
+/// Revokes manufacturer `name` for `actor` (the API's admin, or the
+/// console's): `body`'s reason, CA compromise if none. Every device under
+/// it is refused from then on.
+pub(crate) async fn revoke_as(
+    st: &AppState,
+    name: String,
+    body: &RevokeBody,
+    actor: String,
+) -> Result<ManufacturerRecord, ApiError> {
     let reason = match body.reason {
-        Some(_) => reason(&body)?,
+        Some(_) => reason(body)?,
         None => RevocationReason::CaCompromise,
     };
     let auth = st.auth.clone();
-    let actor = admin.actor();
+    let by = actor.clone();
     let rec = st
-        .write(move || auth.registry.revoke_manufacturer(&name, reason, &actor))
+        .write(move || auth.registry.revoke_manufacturer(&name, reason, &by))
         .await?;
-    tracing::warn!(manufacturer = %rec.name, %reason, by = %admin.id, "manufacturer revoked: every device under it is refused");
+    tracing::warn!(manufacturer = %rec.name, %reason, by = %actor, "manufacturer revoked: every device under it is refused");
     st.metrics
         .revocations
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     st.caught_up().await;
-    Ok(Json(rec))
+    Ok(rec)
 }
 
 pub async fn enroll_batch(

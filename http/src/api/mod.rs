@@ -811,18 +811,31 @@ async fn revoke_certificate(
     Body(body): Body<RevokeBody>,
 ) -> Result<Json<CertRecord>, ApiError> {
     let key = certificate(&st, &s)?.key();
-    let reason = reason(&body)?;
+    Ok(Json(
+        revoke_certificate_as(&st, key, &body, admin.actor()).await?,
+    ))
+}
+
+/// Revokes one certificate for `actor` (the API's admin, or the
+/// console's), with `body`'s reason.
+pub(crate) async fn revoke_certificate_as(
+    st: &AppState,
+    key: CertKey,
+    body: &RevokeBody,
+    actor: String,
+) -> Result<CertRecord, ApiError> {
+    let reason = reason(body)?;
     let auth = st.auth.clone();
-    let actor = admin.actor();
+    let by = actor.clone();
     let rec = st
-        .write(move || auth.registry.revoke_certificate(&key, reason, &actor))
+        .write(move || auth.registry.revoke_certificate(&key, reason, &by))
         .await?;
-    tracing::info!(serial = %rec.serial, device.id = %rec.device_id, reason = %reason, "certificate revoked");
+    tracing::info!(serial = %rec.serial, device.id = %rec.device_id, reason = %reason, by = %actor, "certificate revoked");
     st.metrics
         .revocations
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     st.caught_up().await;
-    Ok(Json(rec))
+    Ok(rec)
 }
 
 async fn audit(

@@ -7,11 +7,11 @@ use axum::http::HeaderMap;
 use axum::Json;
 use provisioning::manufacturer::{ClaimRecord, ManufacturerRecord, DEFAULT_JIT_QUOTA};
 use provisioning::registry::AuditEntry;
-use provisioning::{DeviceId, Error, RevocationReason};
+use provisioning::{DeviceId, Error};
 use serde::Serialize;
 
 use super::Operator;
-use crate::api::{reason, ApiError, AppState, Body, RevokeBody};
+use crate::api::{ApiError, AppState, Body, RevokeBody};
 
 /// A manufacturer, as its page shows it.
 #[derive(Debug, Serialize)]
@@ -58,21 +58,9 @@ pub(super) async fn revoke(
     Body(body): Body<RevokeBody>,
 ) -> Result<Json<ManufacturerRecord>, ApiError> {
     op.check_change(&headers)?;
-    let why = match body.reason {
-        Some(_) => reason(&body)?,
-        None => RevocationReason::CaCompromise,
-    };
-    let auth = st.auth.clone();
-    let actor = op.actor();
-    let rec = st
-        .write(move || auth.registry.revoke_manufacturer(&name, why, &actor))
-        .await?;
-    tracing::warn!(manufacturer = %rec.name, reason = %why, by = %op.actor(), "manufacturer revoked from the console: every device under it is refused");
-    st.metrics
-        .revocations
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    st.caught_up().await;
-    Ok(Json(rec))
+    Ok(Json(
+        crate::api::manufacturers::revoke_as(&st, name, &body, op.actor()).await?,
+    ))
 }
 
 /// What a claim's page adds: its uses, and the devices it provisioned

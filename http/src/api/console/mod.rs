@@ -911,17 +911,9 @@ async fn revoke_certificate(
 ) -> Result<Json<provisioning::registry::CertRecord>, ApiError> {
     op.check_change(&headers)?;
     let key = key.parse::<CertKey>()?;
-    let why = reason(&body)?;
-    let (auth, actor) = (st.auth.clone(), op.actor());
-    let rec = st
-        .write(move || auth.registry.revoke_certificate(&key, why, &actor))
-        .await?;
-    tracing::info!(serial = %rec.serial, device.id = %rec.device_id, reason = %why, by = %op.actor(), "console: certificate revoked");
-    st.metrics
-        .revocations
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    st.caught_up().await;
-    Ok(Json(rec))
+    Ok(Json(
+        super::revoke_certificate_as(&st, key, &body, op.actor()).await?,
+    ))
 }
 
 /// A bulk approval's devices.
