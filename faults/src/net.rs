@@ -1,0 +1,149 @@
+//! The run's network: each process in a network namespace of its own,
+//! joined by a bridge in one more namespace (the switch), so that a
+//! partition between any two is a pair of blackhole routes and healing it
+//! is their removal; nothing touches the host's own network. Made with
+//! `ip` (iproute2), as root; removed when dropped.
+//!
+//! Member `i` has the address `10.77.0.<i + 1>` on its `eth0`; a process
+//! run with [`Net::command`] listens and connects there.
+
+use std::process::Command;
+
+use anyhow::{bail, Context};
+
+/// The members' subnet.
+const SUBNET: &str = "10.77.0";
+
+/// A switch and its members' namespaces.
+#[derive(Debug)]
+pub struct Net {
+    /// Namespace names start with it (unique per run).
+    prefix: String,
+    members: usize,
+}
+
+/// Runs `ip ARGS`, failing with what it said.
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip (iproute2)")?;
+    if !out.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+impl Net {
+    /// `members` namespaces named `<prefix><i>` on a switch `<prefix>sw`.
+    pub fn new(prefix: &str, members: usize) -> anyhow::Result<Self> {
+        anyhow::ensure!(members < 250, "at most 249 members");
+        let net = Self {
+            prefix: prefix.to_owned(),
+            members: 0,
+        };
+        let sw = net.switch();
+        ip(&["netns", "add", &sw])?;
+        let mut net = net;
+        ip(&["-n", &sw, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &sw, "link", "set", "br0", "up"])?;
+        for i in 0..members {
+            let ns = net.ns(i);
+            ip(&["netns", "add", &ns])?;
+            net.members = i + 1;
+            let (inner, outer) = ("eth0", format!("p{i}"));
+            ip(&[
+                "-n", &ns, "link", "add", inner, "type", "veth", "peer", "name", &outer, "netns",
+                &sw,
+            ])?;
+            ip(&["-n", &sw, "link", "set", &outer, "master", "br0", "up"])?;
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{}/24", net.addr(i)),
+                "dev",
+                inner,
+            ])?;
+            ip(&["-n", &ns, "link", "set", inner, "up"])?;
+            ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        }
+        Ok(net)
+    }
+
+    fn switch(&self) -> String {
+        format!("{}sw", self.prefix)
+    }
+
+    /// Member `i`'s namespace.
+    pub fn ns(&self, i: usize) -> String {
+        format!("{}{i}", self.prefix)
+    }
+
+    /// Member `i`'s address.
+    pub fn addr(&self, i: usize) -> String {
+        format!("{SUBNET}.{}", i + 1)
+    }
+
+    /// `program` to run in member `i`'s namespace.
+    pub fn command(&self, i: usize, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.ns(i), program]);
+        c
+    }
+
+    /// Cuts `a` and `b` off from each other, both ways.
+    pub fn partition(&self, a: usize, b: usize) -> anyhow::Result<()> {
+        ip(&[
+            "-n",
+            &self.ns(a),
+            "route",
+            "add",
+            "blackhole",
+            &self.addr(b),
+        ])?;
+        ip(&[
+            "-n",
+            &self.ns(b),
+            "route",
+            "add",
+            "blackhole",
+            &self.addr(a),
+        ])
+    }
+
+    /// Joins `a` and `b` again.
+    pub fn heal(&self, a: usize, b: usize) -> anyhow::Result<()> {
+        ip(&[
+            "-n",
+            &self.ns(a),
+            "route",
+            "del",
+            "blackhole",
+            &self.addr(b),
+        ])?;
+        ip(&[
+            "-n",
+            &self.ns(b),
+            "route",
+            "del",
+            "blackhole",
+            &self.addr(a),
+        ])
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        // Deleting a namespace deletes its ends of the links.
+        for i in 0..self.members {
+            let _ = ip(&["netns", "delete", &self.ns(i)]);
+        }
+        let _ = ip(&["netns", "delete", &self.switch()]);
+    }
+}
