@@ -6,5 +6,6 @@
 //! partition is a pair of blackhole routes.
 
 pub mod check;
+pub mod etcd;
 pub mod history;
 pub mod net;
