@@ -118,6 +118,8 @@ stop_broker
 
 run_size() { # name n
     local name=$1 n=$2 p per k
+    # A reused WORK dir: this run's figures only.
+    rm -f "$work/$name-$n-"*.json
     p=$(procs_for "$n")
     per=$(( n / p ))
     "$SIM" load consume --broker "$broker" --ca "$fleet/ca.crt" --creds "$fleet" --id fleet-consumer \
@@ -136,6 +138,7 @@ run_size() { # name n
 }
 
 storm() { # name
+    rm -f "$work/$1-storm.json"
     "$SIM" load connect --broker "$broker" --ca "$fleet/ca.crt" --creds "$fleet" --prefix p0- \
         --concurrency 10 --connects 2000 >"$work/$1-storm.json"
 }
