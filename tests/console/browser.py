@@ -351,6 +351,9 @@ def main():
         b.click("#action-approve")
         b.click("#confirm-ok")
         b.wait_text("#device-status", "active")
+        # A change made here shows on the overview's next load.
+        b.go(f"{api}/console/#/")
+        b.wait_text("#count-pending", "0", within=3)
 
         step("one certificate revoked from its device's page")
         b.go(f"{api}/console/#/devices/{first}")

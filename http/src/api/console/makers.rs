@@ -58,9 +58,9 @@ pub(super) async fn revoke(
     Body(body): Body<RevokeBody>,
 ) -> Result<Json<ManufacturerRecord>, ApiError> {
     op.check_change(&headers)?;
-    Ok(Json(
-        crate::api::manufacturers::revoke_as(&st, name, &body, op.actor()).await?,
-    ))
+    let rec = crate::api::manufacturers::revoke_as(&st, name, &body, op.actor()).await?;
+    super::counts_changed(&st);
+    Ok(Json(rec))
 }
 
 /// What a claim's page adds: its uses, and the devices it provisioned

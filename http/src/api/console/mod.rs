@@ -748,6 +748,18 @@ async fn count(st: &AppState) -> Result<Arc<Counts>, ApiError> {
     Ok(c)
 }
 
+/// A change made from the console: the cached counts are stale from now
+/// on, so the next overview counts again (in the background for a large
+/// fleet, as ever) and the operator sees the change.
+fn counts_changed(st: &AppState) {
+    let mut c = st.console.counts.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((at, _)) = c.as_mut() {
+        if let Some(old) = Instant::now().checked_sub(COUNTS_FOR) {
+            *at = old;
+        }
+    }
+}
+
 /// The devices' counts by status and manufacturer: the last ones while
 /// fresh, or while new ones are being made for a large fleet.
 async fn current_counts(st: &AppState) -> Result<Arc<Counts>, ApiError> {
@@ -896,6 +908,7 @@ async fn act(
     };
     tracing::info!(device.id = %view.id, action = %action, by = %op.actor(), "console: device changed");
     st.caught_up().await;
+    counts_changed(&st);
     Ok(Json(view))
 }
 
@@ -963,6 +976,7 @@ async fn approve_many(
     }
     tracing::info!(approved = out.approved.len(), refused = out.refused.len(), by = %op.actor(), "console: devices approved");
     st.caught_up().await;
+    counts_changed(&st);
     Ok(Json(out))
 }
 
