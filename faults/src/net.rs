@@ -99,42 +99,27 @@ impl Net {
 
     /// Cuts `a` and `b` off from each other, both ways.
     pub fn partition(&self, a: usize, b: usize) -> anyhow::Result<()> {
-        ip(&[
-            "-n",
-            &self.ns(a),
-            "route",
-            "add",
-            "blackhole",
-            &self.addr(b),
-        ])?;
-        ip(&[
-            "-n",
-            &self.ns(b),
-            "route",
-            "add",
-            "blackhole",
-            &self.addr(a),
-        ])
+        self.blackholes("add", a, b)
     }
 
     /// Joins `a` and `b` again.
     pub fn heal(&self, a: usize, b: usize) -> anyhow::Result<()> {
-        ip(&[
-            "-n",
-            &self.ns(a),
-            "route",
-            "del",
-            "blackhole",
-            &self.addr(b),
-        ])?;
-        ip(&[
-            "-n",
-            &self.ns(b),
-            "route",
-            "del",
-            "blackhole",
-            &self.addr(a),
-        ])
+        self.blackholes("del", a, b)
+    }
+
+    /// `ip route <op> blackhole` for each of `a` and `b` towards the other.
+    fn blackholes(&self, op: &str, a: usize, b: usize) -> anyhow::Result<()> {
+        for (from, to) in [(a, b), (b, a)] {
+            ip(&[
+                "-n",
+                &self.ns(from),
+                "route",
+                op,
+                "blackhole",
+                &self.addr(to),
+            ])?;
+        }
+        Ok(())
     }
 }
 

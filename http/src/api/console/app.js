@@ -260,31 +260,36 @@ function confirmAction(title, text, withReason) {
   });
 }
 
+// A change asked for with `title` and `text` (and a reason, if
+// `withReason`), confirmed first: posted to `path`, then `after()`; a
+// refusal is shown at the top of the view.
+async function confirmedPost(title, text, withReason, path, after) {
+  if (!(await confirmAction(title, text, withReason))) return;
+  const body = withReason ? { reason: document.getElementById("reason").value } : {};
+  try {
+    await api(path, { method: "POST", body: JSON.stringify(body) });
+  } catch (e) {
+    view.prepend(el("p", { class: "error", id: "action-error", text: e.message }));
+    return;
+  }
+  await after();
+}
+
 async function device(id) {
   const d = await api(`/console/api/devices/${encodeURIComponent(id)}`);
   const dev = d.device;
-  const act = async (action) => {
-    const withReason = action === "revoke";
-    const ok = await confirmAction(
-      `${action[0].toUpperCase()}${action.slice(1)} ${dev.id}?`,
-      action === "revoke"
-        ? "Revoking is final: every certificate of the device stops working and its live connections are cut at once."
-        : action === "suspend"
-          ? "The device's live connections are cut at once, and it cannot connect until resumed."
-          : action === "approve"
-            ? "The device may connect with its certificate."
-            : "The device may connect again.",
-      withReason);
-    if (!ok) return;
-    const body = withReason ? { reason: document.getElementById("reason").value } : {};
-    try {
-      await api(`/console/api/devices/${encodeURIComponent(dev.id)}/${action}`, { method: "POST", body: JSON.stringify(body) });
-    } catch (e) {
-      view.prepend(el("p", { class: "error", id: "action-error", text: e.message }));
-      return;
-    }
-    await device(id);
-  };
+  const act = (action) => confirmedPost(
+    `${action[0].toUpperCase()}${action.slice(1)} ${dev.id}?`,
+    action === "revoke"
+      ? "Revoking is final: every certificate of the device stops working and its live connections are cut at once."
+      : action === "suspend"
+        ? "The device's live connections are cut at once, and it cannot connect until resumed."
+        : action === "approve"
+          ? "The device may connect with its certificate."
+          : "The device may connect again.",
+    action === "revoke",
+    `/console/api/devices/${encodeURIComponent(dev.id)}/${action}`,
+    () => device(id));
   const actions = el("div", { class: "actions" },
     dev.status === "active" ? el("button", { type: "button", class: "warn", id: "action-suspend", onclick: () => act("suspend"), text: "Suspend" }) : null,
     dev.status === "suspended" ? el("button", { type: "button", id: "action-resume", onclick: () => act("resume"), text: "Resume" }) : null,
@@ -295,18 +300,9 @@ async function device(id) {
       el("tr", {}, el("td", { class: "mono", text: s.addr }), el("td", { text: s.protocol }), el("td", { text: when(s.since) }), el("td", { class: "mono", text: s.serial }))), { id: "sessions" })
     : el("p", { class: "muted", id: "no-session", text: "Not connected to this node." });
   // One certificate revoked: the device's others keep working.
-  const revokeCert = async (c) => {
-    const ok = await confirmAction(`Revoke certificate ${c.serial}?`,
-      `Only this certificate of ${dev.id} stops working; connections made with it are cut at once.`, true);
-    if (!ok) return;
-    try {
-      await api(`/console/api/certificates/${encodeURIComponent(c.key)}/revoke`, { method: "POST", body: JSON.stringify({ reason: document.getElementById("reason").value }) });
-    } catch (e) {
-      view.prepend(el("p", { class: "error", id: "action-error", text: e.message }));
-      return;
-    }
-    await device(id);
-  };
+  const revokeCert = (c) => confirmedPost(`Revoke certificate ${c.serial}?`,
+    `Only this certificate of ${dev.id} stops working; connections made with it are cut at once.`, true,
+    `/console/api/certificates/${encodeURIComponent(c.key)}/revoke`, () => device(id));
   // What the OCSP responder answers for each: the registry's standing.
   const certs = table(["serial", "valid from", "valid until", "fingerprint (SHA-256)", "issuer", "OCSP says", ""],
     dev.certificates.map((c) => el("tr", { "data-serial": c.serial },
@@ -370,18 +366,9 @@ async function device(id) {
 
 async function manufacturer(name) {
   const m = await api(`/console/api/manufacturers/${encodeURIComponent(name)}`);
-  const revoke = async () => {
-    const ok = await confirmAction(`Revoke manufacturer ${m.name}?`,
-      `Revoking is final: all ${m.devices} of its devices are refused at once, and their live connections cut.`, true);
-    if (!ok) return;
-    try {
-      await api(`/console/api/manufacturers/${encodeURIComponent(m.name)}/revoke`, { method: "POST", body: JSON.stringify({ reason: document.getElementById("reason").value }) });
-    } catch (e) {
-      view.prepend(el("p", { class: "error", id: "action-error", text: e.message }));
-      return;
-    }
-    await manufacturer(name);
-  };
+  const revoke = () => confirmedPost(`Revoke manufacturer ${m.name}?`,
+    `Revoking is final: all ${m.devices} of its devices are refused at once, and their live connections cut.`, true,
+    `/console/api/manufacturers/${encodeURIComponent(m.name)}/revoke`, () => manufacturer(name));
   const used = m.jit_quota ? Math.round((100 * m.jit_registered) / m.jit_quota) : 0;
   view.replaceChildren(
     el("h1", {}, el("span", { id: "maker-name", text: m.name }), el("span", { id: "maker-status" }, badge(m.status)),

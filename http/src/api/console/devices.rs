@@ -87,7 +87,7 @@ pub(super) async fn devices(
                     .as_deref()
                     .is_some_and(|m| m.to_lowercase() == needle))
     };
-    let (found, next) = crate::api::blocking(move || {
+    let find = move || -> Result<Found, provisioning::Error> {
         // Those connected here: this node's sessions, in id order.
         if q.connected {
             let (ids, more) = broker.connected(q.after.as_deref(), PAGE);
@@ -135,18 +135,17 @@ pub(super) async fn devices(
                 return Ok((found, after));
             }
         }
-    })
-    .await?;
-    // Each row's latest certificate in good standing: one read each.
+    };
     let auth = st.auth.clone();
-    let ids: Vec<DeviceId> = found.iter().map(|d| d.id.clone()).collect();
-    let (expiries, total) = crate::api::blocking(move || {
-        let expiries = ids
+    let (found, next, expiries, total) = crate::api::blocking(move || {
+        let (found, next) = find()?;
+        // Each row's latest certificate in good standing: one read each.
+        let expiries = found
             .iter()
-            .map(|id| {
+            .map(|d| {
                 Ok(auth
                     .registry
-                    .device_view(id)?
+                    .device_view(&d.id)?
                     .certificates
                     .iter()
                     .filter(|c| c.status == "good")
@@ -154,7 +153,8 @@ pub(super) async fn devices(
                     .max())
             })
             .collect::<Result<Vec<_>, provisioning::Error>>()?;
-        Ok((expiries, unfiltered.then(|| auth.registry.device_count())))
+        let total = unfiltered.then(|| auth.registry.device_count());
+        Ok((found, next, expiries, total))
     })
     .await?;
     let items = found
