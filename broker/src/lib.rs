@@ -8,6 +8,7 @@ pub use fleetgate_api::client;
 pub use fleetgate_http::{activity, api, https, status_routes};
 pub use fleetgate_mqtt::{bus, etcd, events, metrics, mqtt, net, status, tls, wire};
 pub mod cli;
+pub mod clock;
 pub mod serve;
 
 pub use provisioning::{printable, Printable};

@@ -248,8 +248,16 @@ impl Server {
         let _bus = broker.follow_bus();
         if let Some(etcd) = &self.etcd {
             let registry = self.auth.registry.clone();
+            // This node's clock against the others': a node far off issues
+            // no certificate.
+            let clock = crate::clock::ClusterClock::new(self.auth.ca.clock().clone());
+            tokio::spawn(clock.clone().run(etcd.clone(), shutdown.clone()));
             etcd.watch(move |writes| {
-                registry.announce_remote(provisioning::registry::changes_from(&writes));
+                // Clock stamps change nothing in the registry: a batch of
+                // them alone leaves caches (OCSP, CRLs) as they are.
+                if clock.heard(&writes) < writes.len() {
+                    registry.announce_remote(provisioning::registry::changes_from(&writes));
+                }
             });
         }
         let state = AppState {

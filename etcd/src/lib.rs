@@ -180,10 +180,18 @@ fn integrity_violation(metrics: &dyn Observer, why: &str) {
     tracing::error!(reason = "integrity", detail = %provisioning::printable(why), "etcd: ALARM: a change fleetgate never makes was written to the store; not applied, this node keeps what it knew");
 }
 
+/// Milliseconds on the monotonic clock since this process first asked,
+/// plus one (0 is "never"). How old a view is must not follow the wall
+/// clock: a node whose clock is set back a day would take a view a day old
+/// for fresh and admit from it past `--store-staleness-secs` (found by the
+/// fault harness, issue 30).
 fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+        + 1
 }
 
 /// How often a node checks that a majority of etcd answers.

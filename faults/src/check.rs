@@ -96,6 +96,17 @@ fn revocations(h: &History, device: &str, events: &[&Event], out: &mut Vec<Viola
         return;
     };
     let t = revoked.end;
+    if let Some(held) = &h.final_revoked {
+        if !held.iter().any(|d| d == device) {
+            out.push(Violation {
+                rule: Rule::RevocationUndone,
+                events: vec![revoked.id],
+                detail: format!(
+                    "{device} revoked at {t} ms, not revoked in the registry at the end"
+                ),
+            });
+        }
+    }
     for e in events.iter().filter(|e| e.ok() && e.start > t) {
         match &e.op {
             Op::Resume { .. } | Op::Enroll { .. } => out.push(Violation {
@@ -288,10 +299,17 @@ fn availability(h: &History, out: &mut Vec<Violation>) {
     for s in &h.silences {
         // The faults touching the process and overlapping the silence
         // explain it up to their end, plus the recovery.
+        // Its own faults, and those on what it needs.
+        let touches = |t: &String| {
+            t == &s.process
+                || h.dependencies
+                    .iter()
+                    .any(|(p, needs)| p == &s.process && needs == t)
+        };
         let explained_to = h
             .faults
             .iter()
-            .filter(|f| f.targets.iter().any(|t| t == &s.process))
+            .filter(|f| f.targets.iter().any(touches))
             .filter(|f| f.span.from <= s.span.to && s.span.from <= f.span.to + h.recovery)
             .map(|f| f.span.to + h.recovery)
             .max();
@@ -772,6 +790,42 @@ mod tests {
             },
         });
         assert_eq!(h.rules(), [Rule::Unavailable, Rule::Unavailable]);
+    }
+
+    #[test]
+    fn a_silence_explained_by_a_fault_on_what_it_needs_only_if_told() {
+        let mut h = H::new();
+        h.0.faults.push(Fault {
+            kind: "partition".into(),
+            targets: vec!["etcd-0".into(), "etcd-1".into()],
+            span: Span {
+                from: 1_000,
+                to: 20_000,
+            },
+        });
+        h.0.silences.push(Silence {
+            process: "node-0".into(),
+            span: Span {
+                from: 2_000,
+                to: 21_000,
+            },
+        });
+        assert_eq!(h.rules(), [Rule::Unavailable], "etcd is not node-0's");
+        h.0.dependencies.push(("node-0".into(), "etcd-1".into()));
+        assert_eq!(h.rules(), [], "node-0 needs etcd-1");
+    }
+
+    #[test]
+    fn a_revocation_not_in_the_registry_at_the_end_is_undone() {
+        let revoke = Op::Revoke {
+            device: d(),
+            node: 0,
+        };
+        let mut h = H::new().ok(0, 10, revoke);
+        h.0.final_revoked = Some(vec!["dev-2".into()]);
+        assert_eq!(h.rules(), [Rule::RevocationUndone]);
+        h.0.final_revoked = Some(vec![d()]);
+        assert_eq!(h.rules(), []);
     }
 
     #[test]

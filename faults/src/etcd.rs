@@ -2,15 +2,13 @@
 //! ([`crate::net`]), on its own address with etcd's usual ports; killed
 //! when dropped. Their health is asked from inside the network.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-
-use anyhow::Context;
+use std::path::Path;
 
 use crate::net::Net;
+use crate::proc::Proc;
 
 /// Client and peer ports, the same on every member's address.
-const CLIENT: u16 = 2379;
+pub const CLIENT: u16 = 2379;
 const PEER: u16 = 2380;
 
 /// The members of one etcd cluster.
@@ -18,60 +16,54 @@ const PEER: u16 = 2380;
 pub struct EtcdCluster {
     /// The network members each runs in.
     pub members: Vec<usize>,
-    children: Vec<Option<Child>>,
-    dir: PathBuf,
-    initial: String,
+    pub procs: Vec<Proc>,
 }
 
 impl EtcdCluster {
-    /// Starts a member in each of `members` (network members), data under
-    /// `dir`.
+    /// Starts a member in each of `members` (network members), data and
+    /// logs under `dir`. A restart runs the same command: etcd ignores
+    /// `--initial-cluster*` once its data dir holds a member.
     pub fn start(net: &Net, members: &[usize], dir: &Path) -> anyhow::Result<Self> {
         let initial = members
             .iter()
             .map(|&m| format!("m{m}=http://{}:{PEER}", net.addr(m)))
             .collect::<Vec<_>>()
             .join(",");
-        let mut cluster = Self {
-            members: members.to_vec(),
-            children: Vec::new(),
-            dir: dir.to_owned(),
-            initial,
-        };
-        for i in 0..members.len() {
-            let child = cluster.spawn(net, i, "new")?;
-            cluster.children.push(Some(child));
+        let mut procs = Vec::new();
+        for (i, &m) in members.iter().enumerate() {
+            let addr = net.addr(m);
+            let args: Vec<std::ffi::OsString> = vec![
+                "--name".into(),
+                format!("m{m}").into(),
+                "--data-dir".into(),
+                dir.join(format!("m{m}")).into(),
+                "--listen-client-urls".into(),
+                format!("http://{addr}:{CLIENT}").into(),
+                "--advertise-client-urls".into(),
+                format!("http://{addr}:{CLIENT}").into(),
+                "--listen-peer-urls".into(),
+                format!("http://{addr}:{PEER}").into(),
+                "--initial-advertise-peer-urls".into(),
+                format!("http://{addr}:{PEER}").into(),
+                "--initial-cluster".into(),
+                initial.clone().into(),
+                "--initial-cluster-state".into(),
+                "new".into(),
+            ];
+            procs.push(Proc::start(
+                net,
+                m,
+                &format!("etcd-{i}"),
+                "etcd",
+                args,
+                Vec::new(),
+                dir.join(format!("m{m}.log")),
+            )?);
         }
-        Ok(cluster)
-    }
-
-    fn spawn(&self, net: &Net, i: usize, state: &str) -> anyhow::Result<Child> {
-        let m = self.members[i];
-        let addr = net.addr(m);
-        let data = self.dir.join(format!("m{m}"));
-        let log =
-            std::fs::File::create(self.dir.join(format!("m{m}.log"))).context("etcd's log file")?;
-        net.command(m, "etcd")
-            .args(["--name", &format!("m{m}"), "--data-dir"])
-            .arg(&data)
-            .args([
-                "--listen-client-urls",
-                &format!("http://{addr}:{CLIENT}"),
-                "--advertise-client-urls",
-                &format!("http://{addr}:{CLIENT}"),
-                "--listen-peer-urls",
-                &format!("http://{addr}:{PEER}"),
-                "--initial-advertise-peer-urls",
-                &format!("http://{addr}:{PEER}"),
-                "--initial-cluster",
-                &self.initial,
-                "--initial-cluster-state",
-                state,
-            ])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("starting etcd (Debian etcd-server)")
+        Ok(Self {
+            members: members.to_vec(),
+            procs,
+        })
     }
 
     /// `--store` for a fleetgate node.
@@ -96,36 +88,16 @@ impl EtcdCluster {
 
     /// Kills member `i` (kill -9).
     pub fn kill(&mut self, i: usize) {
-        if let Some(mut c) = self.children[i].take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.procs[i].kill();
     }
 
     /// Starts member `i` again on its data, after [`EtcdCluster::kill`].
     pub fn restart(&mut self, net: &Net, i: usize) -> anyhow::Result<()> {
-        self.kill(i);
-        let child = self.spawn(net, i, "existing")?;
-        self.children[i] = Some(child);
-        Ok(())
+        self.procs[i].restart(net)
     }
 
     /// A process to pause (SIGSTOP) or kill: member `i`'s pid.
     pub fn pid(&self, i: usize) -> Option<u32> {
-        self.children[i].as_ref().map(Child::id)
-    }
-}
-
-impl Drop for EtcdCluster {
-    fn drop(&mut self) {
-        for i in 0..self.children.len() {
-            // A paused member is woken so that it can die.
-            if let Some(pid) = self.pid(i) {
-                let _ = Command::new("kill")
-                    .args(["-CONT", &pid.to_string()])
-                    .status();
-            }
-            self.kill(i);
-        }
+        self.procs[i].pid()
     }
 }

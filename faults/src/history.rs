@@ -168,6 +168,13 @@ pub struct History {
     /// The devices the registry held at the end, read from a node in
     /// contact, if it was read.
     pub final_devices: Option<Vec<String>>,
+    /// Of those, the ones revoked.
+    #[serde(default)]
+    pub final_revoked: Option<Vec<String>>,
+    /// (process, what it needs): a fault on what it needs may keep it
+    /// from answering too (a node starting waits for a majority of etcd).
+    #[serde(default)]
+    pub dependencies: Vec<(String, String)>,
 }
 
 impl History {

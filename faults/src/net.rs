@@ -4,14 +4,16 @@
 //! is their removal; nothing touches the host's own network. Made with
 //! `ip` (iproute2), as root; removed when dropped.
 //!
-//! Member `i` has the address `10.77.0.<i + 1>` on its `eth0`; a process
-//! run with [`Net::command`] listens and connects there.
+//! Member `i` has the address `<subnet>.<i + 1>` on its `eth0` (the
+//! subnet `10.77.0` unless told); a process run with [`Net::command`]
+//! listens and connects there. With a host link, the harness's own
+//! process reaches the members too, from `<subnet>.254`.
 
 use std::process::Command;
 
 use anyhow::{bail, Context};
 
-/// The members' subnet.
+/// The members' subnet unless told.
 const SUBNET: &str = "10.77.0";
 
 /// A switch and its members' namespaces.
@@ -20,6 +22,9 @@ pub struct Net {
     /// Namespace names start with it (unique per run).
     prefix: String,
     members: usize,
+    subnet: String,
+    /// The host's end of its link to the switch, if it has one.
+    host: Option<String>,
 }
 
 /// Runs `ip ARGS`, failing with what it said.
@@ -41,10 +46,25 @@ fn ip(args: &[&str]) -> anyhow::Result<()> {
 impl Net {
     /// `members` namespaces named `<prefix><i>` on a switch `<prefix>sw`.
     pub fn new(prefix: &str, members: usize) -> anyhow::Result<Self> {
+        Self::with_subnet(prefix, members, SUBNET, false)
+    }
+
+    /// [`Net::new`] on `subnet` (`10.78.0`); with `host`, the harness's
+    /// process joins the switch as `<subnet>.254` (the subnet must then be
+    /// unused on this host).
+    pub fn with_subnet(
+        prefix: &str,
+        members: usize,
+        subnet: &str,
+        host: bool,
+    ) -> anyhow::Result<Self> {
         anyhow::ensure!(members < 250, "at most 249 members");
+        anyhow::ensure!(prefix.len() <= 12, "a prefix of at most 12 characters");
         let net = Self {
             prefix: prefix.to_owned(),
             members: 0,
+            subnet: subnet.to_owned(),
+            host: None,
         };
         let sw = net.switch();
         ip(&["netns", "add", &sw])?;
@@ -73,6 +93,16 @@ impl Net {
             ip(&["-n", &ns, "link", "set", inner, "up"])?;
             ip(&["-n", &ns, "link", "set", "lo", "up"])?;
         }
+        if host {
+            let end = format!("{prefix}h");
+            ip(&[
+                "link", "add", &end, "type", "veth", "peer", "name", "ph", "netns", &sw,
+            ])?;
+            net.host = Some(end.clone());
+            ip(&["-n", &sw, "link", "set", "ph", "master", "br0", "up"])?;
+            ip(&["addr", "add", &format!("{subnet}.254/24"), "dev", &end])?;
+            ip(&["link", "set", &end, "up"])?;
+        }
         Ok(net)
     }
 
@@ -87,7 +117,7 @@ impl Net {
 
     /// Member `i`'s address.
     pub fn addr(&self, i: usize) -> String {
-        format!("{SUBNET}.{}", i + 1)
+        format!("{}.{}", self.subnet, i + 1)
     }
 
     /// `program` to run in member `i`'s namespace.
@@ -125,6 +155,9 @@ impl Net {
 
 impl Drop for Net {
     fn drop(&mut self) {
+        if let Some(end) = &self.host {
+            let _ = ip(&["link", "delete", end]);
+        }
         // Deleting a namespace deletes its ends of the links.
         for i in 0..self.members {
             let _ = ip(&["netns", "delete", &self.ns(i)]);

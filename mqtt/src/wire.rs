@@ -51,6 +51,11 @@ pub fn of(e: &Error) -> Wire {
                     .into(),
             }
         }
+        // Says by how much and against which node: nothing secret.
+        Error::ClockSkew(_) => {
+            tracing::error!(error = %e, "refused to issue: this node's clock is off");
+            said(503, "clock_skew")
+        }
         Error::Storage(_) | Error::Io { .. } => {
             tracing::error!(error = %e, "registry write failed: nothing was changed or acknowledged");
             Wire {

@@ -51,9 +51,9 @@ fn open_registry(paths: &Paths, opts: &InitOptions, ca: &Ca) -> Result<Registry,
             path: paths.dir.clone(),
             reason: format!(
                 "this data dir's root CA (SHA-256 of ca.crt {root}) is not the registry's \
-                 ({theirs}): every node of a cluster needs the same CA. Copy ca/, ca.crt, \
-                 admin.crt and admin.key from a node of the cluster into an empty data dir \
-                 (with a fleetgate.json), or start this node on its own registry"
+                 ({theirs}): every node of a cluster needs the same CA. Copy a node's data dir but its \
+                 registry, sessions and admin.key into an empty data dir (README: Several \
+                 nodes on one etcd), or start this node on its own registry"
             ),
         });
     }
@@ -123,10 +123,10 @@ impl Authority {
                     reason: format!(
                         "is empty, and the shared registry already belongs to a CA (SHA-256 of \
                          its ca.crt {}): this node would make a new CA, which the cluster's \
-                         nodes and devices do not trust. Copy ca/, ca.crt, admin.crt and \
-                         admin.key from a node of the cluster into this data dir (with a \
-                         fleetgate.json), or start this node on its own registry. Nothing was \
-                         written",
+                         nodes and devices do not trust. Copy a node's data dir but its \
+                         registry, sessions and admin.key into this one (README: Several \
+                         nodes on one etcd), or start this node on its own registry. Nothing \
+                         was written",
                         String::from_utf8_lossy(&theirs)
                     ),
                 });
@@ -256,8 +256,12 @@ impl Authority {
             });
         }
         // The root and issuing keys are checked as `load_ca` reads them.
-        for key in [paths.server_key(), paths.admin_key()] {
-            check_private(&key)?;
+        // The operator's admin key is not the node's: a node started on a
+        // copy without it (README, "Several nodes on one etcd") runs, and
+        // one that has it keeps it private.
+        check_private(&paths.server_key())?;
+        if paths.admin_key().exists() {
+            check_private(&paths.admin_key())?;
         }
         let ca = load_ca(&paths, opts)?;
         let registry = open_registry(&paths, opts, &ca)?;
@@ -588,6 +592,7 @@ fn load_ca(paths: &Paths, opts: &InitOptions) -> Result<Ca, Error> {
             paths, pin,
         )?)),
         status_url: opts.status_url.clone(),
+        clock: Default::default(),
     })
 }
 

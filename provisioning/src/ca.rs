@@ -183,6 +183,8 @@ pub struct Ca {
     /// The issuing CA generations, newest first (see [`crate::rollover`]).
     pub(crate) issuing: std::sync::RwLock<Arc<Vec<Arc<Signer>>>>,
     pub(crate) status_url: Option<String>,
+    /// Whether this node's clock may date certificates.
+    pub(crate) clock: crate::clock::ClockTrust,
 }
 
 /// The name of fleetgate's own issuing CA in status URLs (`/crl/issuing.crl`).
@@ -358,6 +360,12 @@ impl Ca {
         self.root.is_some()
     }
 
+    /// Whether this node's clock may date certificates: set by what
+    /// compares it with the cluster's.
+    pub fn clock(&self) -> &crate::clock::ClockTrust {
+        &self.clock
+    }
+
     /// The current issuing CA: what signs new certificates.
     pub fn issuing(&self) -> Arc<Signer> {
         self.issuing_all()
@@ -396,6 +404,7 @@ impl Ca {
         identity: &Identity,
         lifetime: Duration,
     ) -> Result<IssuedCert, Error> {
+        self.clock.check()?;
         let current = self.issuing();
         let signer = signer.unwrap_or(&current);
         if lifetime <= Duration::ZERO {
@@ -430,6 +439,7 @@ impl Ca {
         name: &str,
         lifetime: Duration,
     ) -> Result<IssuedCert, Error> {
+        self.clock.check()?;
         let params = manufacturer_ca_params(name, self.status_url.as_deref());
         let root = self.root(
             "issuing a manufacturer CA",

@@ -80,6 +80,11 @@ pub enum Error {
     #[error("registry storage unavailable: {0}")]
     Unavailable(String),
 
+    /// This node's clock is too far from the cluster's to date a
+    /// certificate: what it differs from, and by how much.
+    #[error("this node issues no certificate while its clock is off: {0}")]
+    ClockSkew(String),
+
     #[error("registry record is corrupt: {0}")]
     Corrupt(String),
 

@@ -7,6 +7,7 @@
 pub mod authority;
 pub mod ca;
 pub mod ceremony;
+pub mod clock;
 pub mod cmp;
 pub mod csr;
 mod error;

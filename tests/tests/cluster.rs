@@ -165,6 +165,120 @@ async fn one_etcd_member_down_changes_nothing_and_without_a_majority_a_node_admi
     assert!(two.wait_for_log("past its bound", Duration::from_secs(5)));
 }
 
+/// Found by the fault harness (issue 30): the view's age was read off the
+/// wall clock, so a node whose clock was set back took a view as old as
+/// the step for fresh, and kept admitting from it with etcd gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_clock_is_set_back_still_refuses_past_its_staleness_bound() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut etcd = Etcd::start(&tmp.path().join("etcd"));
+    let store = etcd.url();
+    let clock = tmp.path().join("clock");
+    let node = Server::start_on_fake_clock(
+        &tmp.path().join("node"),
+        &clock,
+        &["--store", &store, "--store-staleness-secs", "3"],
+    )
+    .unwrap();
+    let dev = node.enroll(&tmp.path().join("d"), "device", "dev-1");
+    // Four minutes back: within the certificate's backdating, so the
+    // device is still in date.
+    std::fs::write(&clock, "-4m\n").unwrap();
+    {
+        let (_c, mut ev) = client(node.mqtt, &dev, "dev-1");
+        connected(&mut ev).await;
+    }
+    etcd.kill(0);
+    tests::until(
+        Duration::from_secs(30),
+        "the node refuses past its 3 s bound",
+        || async { tests::mqtt::refused(node.mqtt, &dev).await.then_some(()) },
+    )
+    .await;
+    assert!(node.wait_for_log("past its bound", Duration::from_secs(5)));
+}
+
+/// Found by the fault harness (issue 30): a node whose clock ran two hours
+/// ahead enrolled devices whose certificates no other node would take (not
+/// yet valid) for two hours. Now a node far off the others' clocks issues
+/// nothing until its clock is right again; the others go on.
+#[test]
+fn a_node_whose_clock_is_hours_off_the_others_issues_nothing_until_it_is_right() {
+    let tmp = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&tmp.path().join("etcd"));
+    let store = etcd.url();
+    let args: &[&str] = &["--store", &store];
+    let [one, two]: [Server; 2] = start_nodes(tmp.path(), &[args, args]).try_into().unwrap();
+    let dir = tmp.path().join("skewed");
+    tests::copy_data_dir(&one.data_dir, &dir);
+    let clock = tmp.path().join("clock");
+    let skewed = Server::start_on_fake_clock(&dir, &clock, args).unwrap();
+    let enroll = |node: &Server, id: &str| {
+        node.cli(&[
+            "device",
+            "enroll",
+            id,
+            "--out",
+            tmp.path().join("d").to_str().unwrap(),
+        ])
+    };
+    assert!(enroll(&skewed, "dev-before").status.success());
+
+    std::fs::write(&clock, "+2h\n").unwrap();
+    // Until the node has heard the others' stamps it still issues: a new
+    // id each try.
+    let tries = std::cell::Cell::new(0);
+    let refused = tests::eventually(
+        Duration::from_secs(40),
+        "the skewed node refuses to issue",
+        || {
+            tries.set(tries.get() + 1);
+            let out = enroll(&skewed, &format!("dev-skewed-{}", tries.get()));
+            (!out.status.success()).then(|| String::from_utf8_lossy(&out.stderr).into_owned())
+        },
+    );
+    assert!(refused.contains("clock_skew"), "{refused}");
+    assert!(refused.contains("7200 s ahead of 2 of the 2"), "{refused}");
+    assert!(skewed.wait_for_log("issues no certificate", Duration::from_secs(5)));
+    // The others see one node off, not themselves.
+    assert!(enroll(&two, "dev-two").status.success());
+    assert!(enroll(&one, "dev-one").status.success());
+
+    std::fs::write(&clock, "+0\n").unwrap();
+    tests::eventually(Duration::from_secs(40), "the node issues again", || {
+        tries.set(tries.get() + 1);
+        enroll(&skewed, &format!("dev-after-{}", tries.get()))
+            .status
+            .success()
+            .then_some(())
+    });
+}
+
+/// Found by the fault harness (issue 30): a node started on the README's
+/// copy of another's data dir, which leaves the operator's admin key
+/// behind as the README says, refused to start (`admin.key: No such
+/// file`). The README's own lines here, as printed.
+#[test]
+fn a_node_started_on_the_readmes_copy_without_the_admin_key_serves() {
+    let tmp = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&tmp.path().join("etcd"));
+    let store = etcd.url();
+    let one = Server::start_with(&tmp.path().join("node1"), &["--store", &store]).unwrap();
+    let example = tests::readme_example("# Every other node gets the same CA files");
+    let copy: Vec<&str> = example
+        .lines()
+        .filter(|l| l.starts_with("mkdir ") || l.starts_with("tar cf"))
+        .collect();
+    assert_eq!(copy.len(), 2, "{example}");
+    let (ok, out) = tests::run_script(tmp.path(), &copy.join("\n"));
+    assert!(ok, "{out}");
+    assert!(!tmp.path().join("node2/admin.key").exists());
+    let two = Server::start_with(&tmp.path().join("node2"), &["--store", &store]).unwrap();
+    // It serves the cluster: a device enrolled on one is known on two.
+    let dev = one.enroll(&tmp.path().join("d"), "device", "dev-1");
+    assert!(two.openssl_ocsp(&dev.cert).contains(": good"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_manufacturer_made_on_one_node_admits_its_device_on_another() {
     let tmp = tempfile::tempdir().unwrap();

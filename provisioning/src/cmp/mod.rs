@@ -147,7 +147,7 @@ pub fn failure_of(e: &Error) -> Failure {
         Error::NotFound { .. } => FailInfo::BadCertId,
         Error::ClaimExhausted { .. } | Error::ManufacturerRevoked { .. } => FailInfo::NotAuthorized,
         Error::InvalidTransition { .. } => FailInfo::CertRevoked,
-        Error::Unavailable { .. } => FailInfo::SystemUnavail,
+        Error::Unavailable { .. } | Error::ClockSkew(_) => FailInfo::SystemUnavail,
         Error::InvalidInput { .. } | Error::TooLarge { .. } => FailInfo::BadRequest,
         _ => FailInfo::SystemFailure,
     };
