@@ -5,7 +5,7 @@
 //! Two streams, one subject per device:
 //! - `FLEETGATE_SESSIONS`, `fleetgate.session.<device id>`: the session's
 //!   record (its subscriptions, expiry, when it disconnected) as JSON; one
-//!   message kept per subject, read with JetStream's direct get. (No age
+//!   message kept per subject, read from the stream's leader. (No age
 //!   limit: a device may stay connected for longer than any. A record
 //!   whose session expired is ended when its device next connects.)
 //! - `FLEETGATE_QUEUE`, `fleetgate.queue.<device id>`: the device's queued
@@ -144,9 +144,13 @@ impl JetStreamKeeper {
     }
 
     async fn read_session(&self, id: &DeviceId) -> Result<Option<SessionRecord>, Error> {
+        // From the leader, not a direct get: a replica that missed writes
+        // (restarted, cut off) answers direct gets from what it has, and a
+        // device resumed on a stale record or queue got its commands out
+        // of order, or not at all (the fault harness, issue 30).
         match self
             .sessions
-            .direct_get_last_for_subject(format!("{SESSION_PREFIX}{id}"))
+            .get_last_raw_message_by_subject(&format!("{SESSION_PREFIX}{id}"))
             .await
         {
             Ok(m) if !self.sealed(&m) => {
@@ -156,7 +160,7 @@ impl JetStreamKeeper {
             Ok(m) => serde_json::from_slice(&m.payload)
                 .map(Some)
                 .map_err(|e| Error::Corrupt(format!("session of {id} on JetStream: {e}"))),
-            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
             Err(e) => Err(unavailable("reading a session", e)),
         }
     }
@@ -278,13 +282,14 @@ impl Keeper for JetStreamKeeper {
             let mut out = Vec::new();
             let mut next = after.map_or(1, |s| s.saturating_add(1));
             loop {
+                // From the leader (see read_session).
                 let m = match self
                     .queue
-                    .direct_get_next_for_subject(subject.as_str(), Some(next))
+                    .get_first_raw_message_by_subject(subject.as_str(), next)
                     .await
                 {
                     Ok(m) => m,
-                    Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => break,
+                    Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => break,
                     Err(e) => return Err(unavailable("reading a queue", e)),
                 };
                 next = m.sequence.saturating_add(1);
@@ -293,7 +298,15 @@ impl Keeper for JetStreamKeeper {
                     let _ = self.queue.delete_message(m.sequence).await;
                     continue;
                 }
-                let message = Message::from_bytes(&m.payload)?;
+                let mut message = Message::from_bytes(&m.payload)?;
+                // Its age from when JetStream stored it, by the NATS
+                // server's clock, not the queueing node's: a command
+                // queued by a node whose clock was a day behind expired
+                // as it was queued (the fault harness, issue 30).
+                let stored = (m.time.unix_timestamp_nanos() / 1_000_000) as i64;
+                let shift = stored - message.stored_at_ms;
+                message.expires_at_ms = message.expires_at_ms.map(|t| t.saturating_add(shift));
+                message.stored_at_ms = stored;
                 if message.expires_at_ms.is_some_and(|t| t <= now_ms) {
                     let _ = self.queue.delete_message(m.sequence).await;
                     continue;
@@ -365,9 +378,15 @@ impl Keeper for JetStreamKeeper {
                 continue;
             }
             let ended = self.block("sweeping a session", async {
-                let m = match self.sessions.direct_get_last_for_subject(&subject).await {
+                let m = match self
+                    .sessions
+                    .get_last_raw_message_by_subject(&subject)
+                    .await
+                {
                     Ok(m) => m,
-                    Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => return Ok(None),
+                    Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
+                        return Ok(None)
+                    }
                     Err(e) => return Err(unavailable("reading a session", e)),
                 };
                 let rec: Option<SessionRecord> = serde_json::from_slice(&m.payload).ok();

@@ -495,9 +495,11 @@ impl Bus {
         let (tx, rx) = mpsc::channel(room);
         let bus = self.clone();
         tokio::spawn(async move {
+            // The stream sequence of the last message this node took.
+            let mut last: Option<u64> = None;
             loop {
                 tokio::select! {
-                    r = bus.pull_once(&name, skip.as_deref(), inactive, &tx) => {
+                    r = bus.pull_once(&name, skip.as_deref(), inactive, &tx, &mut last) => {
                         if let Err(e) = r {
                             tracing::warn!(consumer = %name, error = %format!("{e:#}"), "bus: following the stream; resuming");
                         }
@@ -519,15 +521,27 @@ impl Bus {
         skip: Option<&str>,
         inactive: Duration,
         tx: &mpsc::Sender<Incoming>,
+        last: &mut Option<u64>,
     ) -> anyhow::Result<()> {
         let stream = self.js.get_stream(STREAM).await?;
+        // A consumer that is gone when this node comes back to it (nobody
+        // pulled it for `inactive`, or NATS lost it) is made again from
+        // the message after the last one this node took, not from "new":
+        // what was stored meanwhile was skipped, and a $share group lost
+        // 30 s of acknowledged telemetry (the fault harness, issue 30).
+        let deliver_policy = match *last {
+            Some(seq) => consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: seq + 1,
+            },
+            None => consumer::DeliverPolicy::New,
+        };
         let consumer = stream
             .get_or_create_consumer(
                 name,
                 consumer::pull::Config {
                     durable_name: Some(name.to_owned()),
                     filter_subject: format!("{PREFIX}>"),
-                    deliver_policy: consumer::DeliverPolicy::New,
+                    deliver_policy,
                     ack_policy: consumer::AckPolicy::Explicit,
                     max_ack_pending: 10_000,
                     inactive_threshold: inactive,
@@ -538,6 +552,9 @@ impl Bus {
         let mut messages = consumer.messages().await?;
         while let Some(next) = messages.next().await {
             let msg = next?;
+            if let Ok(info) = msg.info() {
+                *last = Some(info.stream_sequence);
+            }
             let subject = msg.subject.to_string();
             if skip.is_some_and(|own| subject.starts_with(own)) {
                 let _ = msg.ack().await;

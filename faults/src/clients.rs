@@ -341,11 +341,21 @@ impl Workload {
                 }
                 Err(f) => {
                     self.rec.record(start, connect, outcome(Err(f)));
-                    self.pause(500..2_000).await;
+                    // A revoked or suspended device keeps trying, less
+                    // often (every attempt is still checked).
+                    let out = self
+                        .devices()
+                        .get(&id)
+                        .is_some_and(|(_, s)| s.revoked || s.suspended);
+                    self.pause(if out { 2_000..5_000 } else { 500..2_000 })
+                        .await;
                     continue;
                 }
             };
             let mut alive = conn.subscribe(&commands, LIMIT).await.is_ok();
+            // Commands may come before the SUBACK, and stay acknowledged
+            // if it never comes.
+            self.delivered(&id, &mut conn);
             if alive {
                 if let Some((_, s)) = self.devices().get_mut(&id) {
                     s.session = true;

@@ -48,12 +48,29 @@ enum Cmd {
         #[arg(long)]
         bin: Option<PathBuf>,
     },
+    /// Prints the faults a seed plans for a run, without running it.
+    Plan {
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long, default_value_t = 2.0)]
+        minutes: f64,
+    },
     /// Checks a recorded history (JSON).
     Check { file: PathBuf },
 }
 
 fn main() -> ExitCode {
     match Cli::parse().cmd {
+        Cmd::Plan { seed, minutes } => {
+            let names: Vec<String> = ["etcd", "nats", "node"]
+                .iter()
+                .flat_map(|k| (0..3).map(move |i| format!("{k}-{i}")))
+                .collect();
+            for f in faults::schedule::plan(seed, (minutes * 60_000.0) as u64, &names) {
+                println!("{f}");
+            }
+            ExitCode::SUCCESS
+        }
         Cmd::Check { file } => {
             let history: History = match std::fs::read(&file)
                 .map_err(anyhow::Error::from)

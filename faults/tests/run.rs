@@ -1,0 +1,58 @@
+//! A short seeded run of the whole cluster under faults (issue 30): three
+//! etcd members, three NATS servers and three nodes in network namespaces;
+//! partitions, kill -9, SIGSTOP and clock skew on the seed's schedule;
+//! clients recording every operation; the checker over the history. As
+//! root, with iproute2, etcd, nats-server, libfaketime, openssl and curl.
+//! Longer runs: `faults run --seed N --minutes M` (README, "The cluster
+//! under faults").
+
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
+use std::time::Duration;
+
+use faults::check::check;
+use faults::history::Outcome;
+
+#[test]
+fn two_minutes_of_faults_break_no_promise() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = faults::run::Config {
+        seed: 5,
+        run: Duration::from_secs(120),
+        settle: Duration::from_secs(40),
+        dir: tmp.path().to_owned(),
+        bin: env!("CARGO_BIN_EXE_fleetgate-node").into(),
+        staleness_secs: 20,
+        prefix: format!("fgt{}", std::process::id()),
+        subnet: "10.79.0".into(),
+        fleet: 16,
+    };
+    let report = faults::run::run(&cfg, &|line| println!("{line}")).unwrap();
+    let h = &report.history;
+    let ok = h.events.iter().filter(|e| e.outcome == Outcome::Ok).count();
+    println!(
+        "{} operations, {ok} acknowledged; {} faults",
+        h.events.len(),
+        h.faults.len()
+    );
+    // The run did what it was for: faults of every kind on the schedule,
+    // and clients that got things done between them.
+    let kinds: std::collections::BTreeSet<&str> =
+        report.schedule.iter().map(|f| f.kind()).collect();
+    assert_eq!(kinds.len(), 4, "{kinds:?}");
+    assert_eq!(h.faults.len(), report.schedule.len());
+    assert!(ok > 500, "only {ok} operations acknowledged");
+    for e in &report.exits {
+        println!("exit: {e}");
+    }
+    let violations = check(h);
+    for v in &violations {
+        println!("violation {v}");
+    }
+    assert!(
+        violations.is_empty(),
+        "{} violations (history in {})",
+        violations.len(),
+        tmp.keep().display()
+    );
+}
