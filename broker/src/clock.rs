@@ -12,6 +12,14 @@
 //! 503 `clock_skew`, CMP systemUnavail) and says so in its log, until the
 //! clock agrees again. With two nodes apart, neither can tell which is
 //! right, and both stop issuing. A lone node has nothing to compare with.
+//!
+//! Stamps come every few seconds, and a clock set wrong between two of
+//! them was trusted until the next: the harness's node enrolled a device
+//! in that window with a certificate dated two days ahead. So the wall
+//! clock is also measured against the monotonic clock from when it was
+//! last found right ([`ClockTrust::anchor`]): a step of more than the
+//! bound is distrusted at the next certificate, and the node waits for
+//! stamps read by its clock as it is now before it judges it again.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -68,6 +76,10 @@ pub struct ClusterClock {
     /// Judged only once every peer has had time to stamp: the first peer
     /// heard from is not yet most of them.
     since: Instant,
+    /// When this node's wall clock was last seen to step (against the
+    /// monotonic clock): it issues nothing until it has heard stamps
+    /// read by the clock as it is now.
+    stepped: Mutex<Option<Instant>>,
 }
 
 impl ClusterClock {
@@ -75,11 +87,13 @@ impl ClusterClock {
         // This process: unique enough across hosts and restarts.
         let mut me = PREFIX.to_vec();
         me.extend(format!("{:x}-{:x}", wall_ms(), std::process::id()).bytes());
+        trust.anchor();
         Arc::new(Self {
             me,
             heard: Mutex::default(),
             trust,
             since: Instant::now(),
+            stepped: Mutex::default(),
         })
     }
 
@@ -119,13 +133,33 @@ impl ClusterClock {
     }
 
     /// Trusts or distrusts the clock from the fresh offsets; logs a change.
+    /// A wall clock that stepped since it was last found right is
+    /// distrusted at once (the CA checks the step itself, too, so nothing
+    /// is issued in between): the offsets heard before the step are
+    /// forgotten, and it is judged again from stamps heard after.
     fn decide(&self) {
+        let mut stepped = self.stepped.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(why) = self.trust.stepped() {
+            self.heard.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            *stepped = Some(Instant::now());
+            if self.trust.reason().is_none() {
+                tracing::error!("clock: this node issues no certificate: {why}");
+            }
+            self.trust.set(Some(why));
+            self.trust.anchor();
+            return;
+        }
         let offsets: Vec<i64> = {
             let mut heard = self.heard.lock().unwrap_or_else(|p| p.into_inner());
             heard.retain(|_, (_, at)| at.elapsed() < FRESH);
             heard.values().map(|(o, _)| *o).collect()
         };
         if self.since.elapsed() < EVERY * 2 {
+            return;
+        }
+        // After a step, nothing heard yet: wait for the peers' stamps (a
+        // lone node, for as long as a stamp counts).
+        if stepped.is_some_and(|at| offsets.is_empty() && at.elapsed() < FRESH) {
             return;
         }
         let verdict = judge(&offsets, BOUND);
@@ -136,6 +170,10 @@ impl ClusterClock {
                 "clock: this node's clock agrees with the other nodes' again; issuing"
             ),
             _ => {}
+        }
+        if verdict.is_none() {
+            self.trust.anchor();
+            *stepped = None;
         }
         self.trust.set(verdict);
     }

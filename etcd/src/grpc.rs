@@ -36,9 +36,14 @@ pub struct EtcdTls {
     pub identity: Option<(PathBuf, PathBuf)>,
 }
 
-/// The members, a channel each.
+/// The members, a channel each, and the one that answered last (tried
+/// first: a member cut off from the others costs one timeout, not one
+/// per request).
 #[derive(Clone, Debug)]
-pub(super) struct Members(Vec<(String, Channel)>);
+pub(super) struct Members(
+    Vec<(String, Channel)>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+);
 
 impl Members {
     /// Channels to `endpoints` (`host:port`), connected on first use.
@@ -78,35 +83,52 @@ impl Members {
             }
             members.push((e.clone(), ep.connect_lazy()));
         }
-        Ok(Self(members))
+        Ok(Self(members, std::sync::Arc::default()))
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &(String, Channel)> {
         self.0.iter()
     }
 
-    /// `f` on the first member that answers.
-    async fn any<T, F, Fut>(&self, f: F) -> Result<T, Error>
+    /// `f` on the first member that answers, each within `timeout`, from
+    /// the one that answered last.
+    async fn any<T, F, Fut>(&self, timeout: Duration, f: F) -> Result<T, Error>
     where
         F: Fn(Channel) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
     {
+        use std::sync::atomic::Ordering;
         let mut last = String::from("no etcd endpoints");
-        for (e, ch) in &self.0 {
-            match tokio::time::timeout(TIMEOUT, f(ch.clone())).await {
-                Ok(Ok(v)) => return Ok(v),
+        let n = self.0.len();
+        let first = self.1.load(Ordering::Relaxed);
+        for i in (0..n).map(|k| (first + k) % n) {
+            let (e, ch) = &self.0[i];
+            match tokio::time::timeout(timeout, f(ch.clone())).await {
+                Ok(Ok(v)) => {
+                    self.1.store(i, Ordering::Relaxed);
+                    return Ok(v);
+                }
                 Ok(Err(s)) if refused(&s) => {
                     return Err(Error::Storage(format!("etcd refused: {}", s.message())))
                 }
                 Ok(Err(s)) => last = format!("{e}: {}", describe(&s)),
-                Err(_) => last = format!("{e}: no answer within {TIMEOUT:?}"),
+                Err(_) => last = format!("{e}: no answer within {timeout:?}"),
             }
         }
         Err(Error::Unavailable(format!("etcd: {last}")))
     }
 
     pub async fn range(&self, req: RangeRequest) -> Result<RangeResponse, Error> {
-        self.any(|ch| {
+        self.range_within(TIMEOUT, req).await
+    }
+
+    /// [`Members::range`], each member given `timeout`.
+    pub async fn range_within(
+        &self,
+        timeout: Duration,
+        req: RangeRequest,
+    ) -> Result<RangeResponse, Error> {
+        self.any(timeout, |ch| {
             let req = req.clone();
             async move { Ok(kv(ch).range(req).await?.into_inner()) }
         })
@@ -114,7 +136,7 @@ impl Members {
     }
 
     pub async fn txn(&self, req: TxnRequest) -> Result<TxnResponse, Error> {
-        self.any(|ch| {
+        self.any(TIMEOUT, |ch| {
             let req = req.clone();
             async move { Ok(kv(ch).txn(req).await?.into_inner()) }
         })
@@ -160,15 +182,23 @@ fn describe(s: &Status) -> String {
 /// Opens a watch on one member: `create`, with etcd's `hasleader`
 /// metadata, so a member cut off from the majority ends the stream (and
 /// the node resumes on another) rather than go quiet.
+/// `then`: the requests that follow (progress requests); the request
+/// stream stays open for as long as the watch.
 pub(super) async fn watch(
     ch: Channel,
     create: WatchCreateRequest,
+    then: tokio::sync::mpsc::UnboundedReceiver<WatchRequest>,
 ) -> Result<tonic::Streaming<WatchResponse>, Status> {
     let first = WatchRequest {
         request_union: Some(RequestUnion::CreateRequest(create)),
     };
-    // The request stream stays open for as long as the watch.
-    let outbound = futures_util::stream::iter([first]).chain(futures_util::stream::pending());
+    let rest =
+        futures_util::stream::unfold(
+            then,
+            |mut rx| async move { rx.recv().await.map(|r| (r, rx)) },
+        )
+        .chain(futures_util::stream::pending());
+    let outbound = futures_util::stream::iter([first]).chain(rest);
     let mut request = tonic::Request::new(outbound);
     request.metadata_mut().insert(
         "hasleader",

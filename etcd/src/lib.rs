@@ -39,8 +39,9 @@ use pb::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
 use pb::etcdserverpb::range_request::{SortOrder, SortTarget};
 use pb::etcdserverpb::request_op::Request as Op;
 use pb::etcdserverpb::{
-    Compare, DeleteRangeRequest, PutRequest, RangeRequest, RangeResponse, RequestOp,
-    ResponseHeader, TxnRequest, WatchCreateRequest,
+    watch_request::RequestUnion, Compare, DeleteRangeRequest, PutRequest, RangeRequest,
+    RangeResponse, RequestOp, ResponseHeader, TxnRequest, WatchCreateRequest, WatchProgressRequest,
+    WatchRequest,
 };
 
 /// etcd's default limit of operations in one transaction (`--max-txn-ops`).
@@ -74,6 +75,8 @@ pub struct EtcdStore {
     contact: Arc<AtomicU64>,
     /// How old the view may be and still answer.
     staleness: Duration,
+    /// Told when the watch's member lags the majority: the watch moves on.
+    lagging: Arc<tokio::sync::Notify>,
     /// Commits waiting to go to etcd together.
     group: group::Group,
 }
@@ -91,6 +94,24 @@ struct View {
     watched: u64,
     /// A watch stream is open: every change reaches `keys` as it commits.
     live: bool,
+    /// When the open watch stream opened ([`now_ms`]).
+    opened_ms: u64,
+    /// Heartbeats the watch has not caught up with yet: when each was
+    /// sent, and the majority's revision it read.
+    pending: Vec<(u64, u64)>,
+    /// When the view was last known to hold every change a majority of
+    /// etcd had then ([`now_ms`]; 0: never): a heartbeat's revision that
+    /// the watch has reached. A watch on a member cut off from the
+    /// majority stays open and quiet; heartbeats answered by the others
+    /// did not make its view current (the fault harness, issue 30: a
+    /// node admitted a device revoked 3 s before).
+    current_ms: u64,
+    /// When the latest heartbeat a majority answered was sent: the view
+    /// serves only while it has caught up with that one too.
+    latest_ms: u64,
+    /// Asks the open watch stream for its member's revision (etcd's
+    /// progress request).
+    progress: Option<tokio::sync::mpsc::UnboundedSender<WatchRequest>>,
 }
 
 impl View {
@@ -117,11 +138,42 @@ impl View {
         provisioning::integrity::regression(space, known.as_deref(), value)
     }
 
+    /// The watch has applied everything up to `rev`: the heartbeats it
+    /// caught up with make the view current as of when they were sent.
+    fn reached(&mut self, rev: u64) {
+        self.watched = self.watched.max(rev);
+        let watched = self.watched;
+        let mut current = self.current_ms;
+        self.pending.retain(|&(at, r)| {
+            if r <= watched {
+                current = current.max(at);
+                false
+            } else {
+                true
+            }
+        });
+        self.current_ms = current;
+    }
+
+    /// A heartbeat sent at `at` read the majority's revision `rev`:
+    /// whether the view has it already.
+    fn heartbeat(&mut self, at: u64, rev: u64) -> bool {
+        self.latest_ms = self.latest_ms.max(at);
+        self.pending.push((at, rev));
+        // A watch that never catches up keeps only the latest few.
+        let len = self.pending.len();
+        if len > 8 {
+            self.pending.drain(..len - 8);
+        }
+        self.reached(0);
+        self.pending.is_empty()
+    }
+
     /// A change the watch brought: kept for keys in the view, unless it
     /// takes back a revocation (then `Err` says why, and the view keeps
     /// what it knew).
     fn changed(&mut self, rev: u64, w: &Write) -> Result<(), String> {
-        self.watched = self.watched.max(rev);
+        self.reached(rev);
         if let Some(why) = self.regression(w.space, &w.key, w.value.as_deref()) {
             return Err(why);
         }
@@ -136,8 +188,12 @@ impl View {
 
 /// What one watch stream reports.
 enum Seen {
-    /// Opened, at etcd's revision then.
+    /// Opened, at etcd's revision then (0 if resumed from an earlier
+    /// revision: the changes since come first).
     Opened(u64),
+    /// The member's revision, answering a progress request: the watch has
+    /// delivered everything up to it.
+    Progress(u64),
     /// Changes, each with its revision, in etcd's order.
     Changes(Vec<(u64, Write)>),
 }
@@ -197,6 +253,9 @@ fn now_ms() -> u64 {
 /// How often a node checks that a majority of etcd answers.
 const HEARTBEAT: Duration = Duration::from_secs(1);
 
+/// How long the watch may stay behind the majority before it is moved.
+const LAGGING: Duration = Duration::from_secs(3);
+
 /// How old a node's view may be, by default, before it refuses.
 pub const DEFAULT_STALENESS: Duration = Duration::from_secs(60);
 
@@ -254,6 +313,7 @@ impl EtcdStore {
             view: Arc::default(),
             contact: Arc::new(AtomicU64::new(0)),
             staleness: DEFAULT_STALENESS,
+            lagging: Arc::default(),
             group: group::Group::default(),
         };
         // A node may start while etcd elects a leader (or its members
@@ -281,21 +341,63 @@ impl EtcdStore {
     }
 
     /// A linearizable read every [`HEARTBEAT`]: it succeeds only with a
-    /// majority of etcd, and says how current this node's view is.
+    /// majority of etcd, and says how current this node's view is. Its
+    /// revision is the majority's: the view is current as of the
+    /// heartbeat once the watch has reached it (asked with a progress
+    /// request). A watch that has not for [`LAGGING`] is moved to another
+    /// member.
     fn heartbeat(&self) {
         let (members, contact) = (self.members.clone(), self.contact.clone());
+        let (view, lagging) = (self.view.clone(), self.lagging.clone());
         let req = RangeRequest {
             key: self.key(Space::Meta, b"schema"),
             ..RangeRequest::default()
         };
         let _ = self.jobs.send(Box::pin(async move {
             loop {
-                if members.range(req.clone()).await.is_ok() {
+                let sent = now_ms();
+                // A member that does not answer within a heartbeat is
+                // passed over for the next (a linearizable read takes
+                // milliseconds from one in the majority).
+                if let Ok(r) = members.range_within(HEARTBEAT, req.clone()).await {
                     contact.store(now_ms(), Ordering::Relaxed);
+                    let rev = revision(r.header.as_ref());
+                    let mut v = view
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if !v.heartbeat(sent, rev) {
+                        if let Some(tx) = &v.progress {
+                            let _ = tx.send(WatchRequest {
+                                request_union: Some(RequestUnion::ProgressRequest(
+                                    WatchProgressRequest {},
+                                )),
+                            });
+                        }
+                        let lag = Duration::from_millis(now_ms().saturating_sub(v.current_ms));
+                        let open = Duration::from_millis(now_ms().saturating_sub(v.opened_ms));
+                        if v.live && lag > LAGGING && open > LAGGING {
+                            tracing::warn!(
+                                watched = v.watched,
+                                majority = rev,
+                                "etcd: the watch's member is behind the majority; moving the watch"
+                            );
+                            lagging.notify_waiters();
+                        }
+                    }
                 }
                 tokio::time::sleep(HEARTBEAT).await;
             }
         }));
+    }
+
+    /// Whether the view may answer for etcd: its watch is open, has
+    /// caught up with the majority's revision at the latest heartbeat,
+    /// and that was recent.
+    fn view_current(&self) -> bool {
+        let v = self.lock_view();
+        v.live
+            && v.current_ms >= v.latest_ms
+            && now_ms().saturating_sub(v.current_ms) <= (3 * HEARTBEAT).as_millis() as u64
     }
 
     /// How old this node's view is: since a majority last answered.
@@ -303,9 +405,25 @@ impl EtcdStore {
         Duration::from_millis(now_ms().saturating_sub(self.contact.load(Ordering::Relaxed)))
     }
 
-    /// A read from this node's last view, while it is recent enough.
+    /// A read from this node's last view, while it is recent enough: by
+    /// when it was last known current (a view without a watch: when a
+    /// majority last answered), and never once a majority has answered
+    /// with a revision its watch has not reached (it is behind, and this
+    /// node knows it).
     fn read_view(&self, space: Space, key: &[u8], why: String) -> Result<Option<Vec<u8>>, Error> {
-        let age = self.age();
+        let view = self.lock_view();
+        if view.opened_ms > 0 && view.current_ms < view.latest_ms {
+            return Err(Error::Unavailable(format!(
+                "{why}; this node's view of the registry is behind what a majority of etcd \
+                 answered, and its watch has not caught up: it refuses until etcd answers"
+            )));
+        }
+        let since = if view.current_ms > 0 {
+            view.current_ms
+        } else {
+            self.contact.load(Ordering::Relaxed)
+        };
+        let age = Duration::from_millis(now_ms().saturating_sub(since));
         if age > self.staleness {
             return Err(Error::Unavailable(format!(
                 "{why}; this node's view of the registry is {}s old, past its bound of {}s: \
@@ -314,7 +432,7 @@ impl EtcdStore {
                 self.staleness.as_secs()
             )));
         }
-        match self.lock_view().keys.get(&(space, key.to_vec())) {
+        match view.keys.get(&(space, key.to_vec())) {
             Some((_, v)) => Ok(v.clone()),
             None => Err(Error::Unavailable(format!(
                 "{why}; not in this node's view of the registry"
@@ -455,8 +573,13 @@ impl EtcdStore {
             let changes = match seen {
                 Seen::Opened(rev) => {
                     let mut view = lock();
-                    view.watched = view.watched.max(rev);
+                    view.reached(rev);
                     view.live = true;
+                    view.opened_ms = now_ms();
+                    return;
+                }
+                Seen::Progress(rev) => {
+                    lock().reached(rev);
                     return;
                 }
                 Seen::Changes(changes) => changes,
@@ -481,16 +604,27 @@ impl EtcdStore {
             };
             on(applied);
         };
-        let metrics = self.metrics.clone();
+        let (metrics, lagging) = (self.metrics.clone(), self.lagging.clone());
         let _ = self.jobs.send(Box::pin(async move {
             let mut from: Option<u64> = None;
             loop {
                 for (e, ch) in members.iter() {
-                    let ended = watch_one(ch.clone(), &root, &mut from, &on).await;
+                    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
                     followed
                         .lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .live = false;
+                        .progress = Some(tx);
+                    let ended = tokio::select! {
+                        r = watch_one(ch.clone(), &root, &mut from, rx, &on) => r,
+                        () = lagging.notified() => Err("its member is behind the majority".into()),
+                    };
+                    {
+                        let mut v = followed
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner);
+                        v.live = false;
+                        v.progress = None;
+                    }
                     metrics.watch_interrupted();
                     if let Err(err) = ended {
                         tracing::warn!(endpoint = %e, error = %err, "etcd: watch interrupted; resuming");
@@ -507,15 +641,17 @@ async fn watch_one(
     ch: tonic::transport::Channel,
     root: &[u8],
     from: &mut Option<u64>,
+    requests: tokio::sync::mpsc::UnboundedReceiver<WatchRequest>,
     on: &(impl Fn(Seen) + Send + Sync),
 ) -> Result<(), String> {
+    let resumed = from.is_some();
     let create = WatchCreateRequest {
         key: root.to_vec(),
         range_end: prefix_end(root),
         start_revision: from.map_or(0, |r| i64::try_from(r).unwrap_or(i64::MAX)),
         ..WatchCreateRequest::default()
     };
-    let mut stream = grpc::watch(ch, create)
+    let mut stream = grpc::watch(ch, create, requests)
         .await
         .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
     loop {
@@ -562,7 +698,12 @@ async fn watch_one(
                 // From the revision it opened at.
                 *from = Some(rev + 1);
             }
-            on(Seen::Opened(rev));
+            // Resumed: the changes since `from` are still to come.
+            on(Seen::Opened(if resumed { 0 } else { rev }));
+        } else if resp.events.is_empty() && resp.compact_revision == 0 {
+            // A progress notification: everything up to the member's
+            // revision was delivered.
+            on(Seen::Progress(revision(resp.header.as_ref())));
         }
         if !writes.is_empty() {
             on(Seen::Changes(writes));
@@ -661,10 +802,12 @@ impl Store for EtcdStore {
     }
 
     fn get_recent(&self, space: Space, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
-        // While the watch is open and a majority answers the heartbeat,
-        // the view is as current as the watch: milliseconds behind the
-        // cluster, and kept ahead of this node's own writes.
-        if viewed(space) && self.age() <= 3 * HEARTBEAT {
+        // While the watch has caught up with what a majority answered at
+        // the latest heartbeat, the view is as current as the watch:
+        // milliseconds behind the cluster, and kept ahead of this node's
+        // own writes. (Not just while a majority answers: a watch on a
+        // member cut off from it stays open and quiet.)
+        if viewed(space) && self.view_current() {
             let view = self.lock_view();
             if view.live {
                 if let Some((_, v)) = view.keys.get(&(space, key.to_vec())) {
@@ -679,7 +822,7 @@ impl Store for EtcdStore {
         // The view while it is current; a key it does not hold is taken
         // for absent (what a new device's keys are): the commit's compare
         // finds out otherwise, and the registry reads again.
-        if viewed(space) && self.age() <= 3 * HEARTBEAT {
+        if viewed(space) && self.view_current() {
             let view = self.lock_view();
             if view.live {
                 return Ok(view
@@ -837,6 +980,33 @@ mod tests {
         let known = view.keys.get(&(Space::Devices, b"dev-1".to_vec())).cloned();
         assert_eq!(known, Some((5, Some(revoked))));
         assert_eq!(view.watched, 6);
+    }
+
+    #[test]
+    fn the_view_is_current_as_of_the_heartbeats_its_watch_reached() {
+        let mut view = View::default();
+        // The watch at 5; a heartbeat sent at 100 ms read 5: current.
+        view.reached(5);
+        assert!(view.heartbeat(100, 5));
+        assert_eq!((view.current_ms, view.latest_ms), (100, 100));
+        // The next read the majority at 9: behind, until the watch gets
+        // there (a change, or a progress answer).
+        assert!(!view.heartbeat(1_100, 9));
+        assert_eq!((view.current_ms, view.latest_ms), (100, 1_100));
+        view.reached(8);
+        assert_eq!(view.current_ms, 100);
+        view.reached(9);
+        assert_eq!(view.current_ms, 1_100);
+        // A watch cut off from the majority never gets there; only the
+        // latest few heartbeats are kept waiting.
+        for i in 0..20 {
+            assert!(!view.heartbeat(2_000 + i, 50 + i));
+        }
+        assert_eq!(view.pending.len(), 8);
+        assert_eq!(view.current_ms, 1_100);
+        view.reached(100);
+        assert_eq!(view.current_ms, 2_019);
+        assert!(view.pending.is_empty());
     }
 
     #[test]

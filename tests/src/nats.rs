@@ -197,6 +197,48 @@ impl Nats {
     }
 }
 
+impl Nats {
+    /// A request to JetStream's API on server `i`, as any NATS client
+    /// (the `nats` CLI) makes it: `subject` (`$JS.API.CONSUMER.DELETE.<stream>.<name>`,
+    /// ...) with `payload`; the answer's JSON.
+    pub fn js_api(&self, i: usize, subject: &str, payload: &str) -> serde_json::Value {
+        use std::io::{BufRead, BufReader};
+        let tcp = TcpStream::connect(("127.0.0.1", self.ports[i])).expect("connecting to NATS");
+        tcp.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("a read timeout");
+        let mut reader = BufReader::new(tcp.try_clone().expect("a second handle"));
+        let mut line = String::new();
+        reader.read_line(&mut line).expect("NATS's INFO");
+        assert!(line.starts_with("INFO"), "{line}");
+        let out = format!(
+            "CONNECT {{\"verbose\":false,\"pedantic\":false}}\r\nSUB _INBOX.api 1\r\nPUB {subject} _INBOX.api {}\r\n{payload}\r\n",
+            payload.len()
+        );
+        (&tcp).write_all(out.as_bytes()).expect("writing to NATS");
+        loop {
+            line.clear();
+            reader
+                .read_line(&mut line)
+                .expect("an answer from JetStream");
+            assert!(!line.starts_with("-ERR"), "{line}");
+            if line.starts_with("PING") {
+                (&tcp).write_all(b"PONG\r\n").expect("writing to NATS");
+            }
+            if let Some(head) = line.strip_prefix("MSG ") {
+                let len: usize = head
+                    .trim()
+                    .rsplit(' ')
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .expect("a MSG line's length");
+                let mut body = vec![0; len + 2];
+                reader.read_exact(&mut body).expect("the answer");
+                return serde_json::from_slice(&body[..len]).expect("JetStream's JSON");
+            }
+        }
+    }
+}
+
 /// A plain HTTP GET of `path` from the monitoring port, head and body.
 fn get(monitor: u16, path: &str) -> Option<String> {
     let mut s = TcpStream::connect(("127.0.0.1", monitor)).ok()?;

@@ -463,6 +463,159 @@ fn a_share_group_spreads_messages_over_its_members_on_every_node() {
     assert!(!a.is_empty() && !b.is_empty(), "{a:?} {b:?}");
 }
 
+/// A `$share` group's consumer that NATS lost while its node was away
+/// (nobody pulled it for a minute, a server lost it, an operator deleted
+/// it) is made again from the message after the last one the node took:
+/// what devices published meanwhile, acknowledged, still reaches the
+/// group. It was made again at "new", and a group lost half a minute of
+/// acknowledged telemetry (the fault harness, issue 30).
+#[test]
+fn a_share_groups_consumer_lost_while_its_node_was_away_is_made_again_where_it_left_off() {
+    let (tmp, _etcd, nats, one, two) = two_nodes(&[]);
+    let creds = tmp.path().join("c");
+    let dev = one.enroll(&creds, "device", "dev-1");
+    let svc = one.enroll(&creds, "service", "worker-1");
+    let n = 8;
+    let member = listen(
+        &two,
+        &svc,
+        &[
+            "-q",
+            "1",
+            "-t",
+            "$share/workers/devices/+/telemetry",
+            "-C",
+            &n.to_string(),
+            "-W",
+            "60",
+        ],
+    );
+    let publish = |i: usize| {
+        let (ok, out) = run(one.mosquitto("mosquitto_pub", &dev).args([
+            "-q",
+            "1",
+            "-t",
+            "devices/dev-1/telemetry",
+            "-m",
+            &format!("m{i}"),
+        ]));
+        assert!(ok, "{out}");
+    };
+    const STREAM: &str = "FLEETGATE_MSG";
+    // The group's consumer, once node two has made it.
+    let group: String = tests::eventually(
+        Duration::from_secs(30),
+        "the group's consumer on JetStream",
+        || {
+            let names = nats.js_api(0, &format!("$JS.API.CONSUMER.NAMES.{STREAM}"), "{}");
+            let mut group = names["consumers"]
+                .as_array()?
+                .iter()
+                .filter_map(|c| c.as_str().filter(|c| c.starts_with("share-")));
+            group.next().map(str::to_owned)
+        },
+    );
+    let group = &group;
+    // Two messages taken and acknowledged by node two.
+    for i in 0..2 {
+        publish(i);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let info = nats.js_api(0, &format!("$JS.API.CONSUMER.INFO.{STREAM}.{group}"), "");
+        if info["num_pending"] == 0
+            && info["num_ack_pending"] == 0
+            && info["delivered"]["consumer_seq"] == 2
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node two did not take m0 and m1: {info}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Node two away (stopped); its group's consumer gone meanwhile; the
+    // device goes on publishing, acknowledged by node one.
+    let signal = |sig: &str| {
+        let (ok, out) = run(std::process::Command::new("kill").args([sig, &two.pid().to_string()]));
+        assert!(ok, "{out}");
+    };
+    signal("-STOP");
+    let deleted = nats.js_api(0, &format!("$JS.API.CONSUMER.DELETE.{STREAM}.{group}"), "");
+    assert_eq!(deleted["success"], true, "{deleted}");
+    for i in 2..n {
+        publish(i);
+    }
+    signal("-CONT");
+    let (ok, out, err) = member.finish();
+    let got: Vec<&str> = out.lines().collect();
+    let want: Vec<String> = (0..n).map(|i| format!("m{i}")).collect();
+    assert!(ok, "the member got {got:?}; {err}");
+    assert_eq!(got, want);
+}
+
+/// A command queued through a node whose clock is behind keeps its whole
+/// expiry interval: its age is read from when JetStream stored it, not
+/// from the queueing node's clock. (A node a day behind queued commands
+/// that had expired before anyone could read them: the fault harness,
+/// issue 30.)
+#[test]
+fn a_command_queued_through_a_node_whose_clock_is_behind_keeps_its_expiry_interval() {
+    let tmp = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&tmp.path().join("etcd"));
+    let nats = Nats::start(&tmp.path().join("nats"));
+    let (store, bus) = (etcd.url(), nats.url());
+    let args = ["--store", store.as_str(), "--nats", bus.as_str()];
+    let one = start_nodes(tmp.path(), &[&args]).pop().unwrap();
+    let dir = tmp.path().join("node-2");
+    tests::copy_data_dir(&one.data_dir, &dir);
+    let clock = tmp.path().join("clock");
+    let two = Server::start_on_fake_clock(&dir, &clock, &args).unwrap();
+    let creds = tmp.path().join("c");
+    let dev = one.enroll(&creds, "device", "dev-1");
+    let svc = one.enroll(&creds, "service", "backend");
+    let session = |extra: &[&str]| {
+        let mut a = vec![
+            "-c",
+            "-i",
+            "dev-1",
+            "-q",
+            "1",
+            "-t",
+            "devices/dev-1/commands/#",
+        ];
+        a.extend(extra);
+        run(one.mosquitto("mosquitto_sub", &dev).args(a))
+    };
+    // The device's persistent session, then the device away.
+    let (ok, out) = session(&["-E"]);
+    assert!(ok, "{out}");
+    // Node two's clock four minutes behind (certificates are backdated
+    // five, so it still takes the service's), and a command with a
+    // minute to live through it.
+    std::fs::write(&clock, "-4m\n").unwrap();
+    let (ok, out) = run(two.mosquitto("mosquitto_pub", &svc).args([
+        "-V",
+        "mqttv5",
+        "-q",
+        "1",
+        "-t",
+        "devices/dev-1/commands/update",
+        "-m",
+        "c1",
+        "-D",
+        "publish",
+        "message-expiry-interval",
+        "60",
+    ]));
+    assert!(ok && !out.contains("failed"), "{out}");
+    // The device back, on node one: the command is there.
+    let (ok, out) = session(&["-C", "1", "-W", "20"]);
+    assert!(ok && out.lines().any(|l| l == "c1"), "{out}");
+    drop(two);
+}
+
 #[test]
 fn an_expired_session_and_its_queue_are_swept_from_jetstream() {
     let (tmp, etcd, nats, one, two) = two_nodes(&[]);

@@ -225,26 +225,39 @@ fn a_node_whose_clock_is_hours_off_the_others_issues_nothing_until_it_is_right()
     assert!(enroll(&skewed, "dev-before").status.success());
 
     std::fs::write(&clock, "+2h\n").unwrap();
-    // Until the node has heard the others' stamps it still issues: a new
-    // id each try.
+    // Refused at once, before the node has heard the others' next stamps:
+    // its wall clock stepped against its monotonic clock. (The harness
+    // found a device enrolled in that window, its certificate dated two
+    // days ahead.)
+    let out = enroll(&skewed, "dev-just-stepped");
+    let refused = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{refused}");
+    assert!(refused.contains("clock_skew"), "{refused}");
+    assert!(refused.contains("stepped 7200 s ahead"), "{refused}");
+    // Then judged from the others' stamps: a new id each try.
     let tries = std::cell::Cell::new(0);
     let refused = tests::eventually(
         Duration::from_secs(40),
-        "the skewed node refuses to issue",
+        "the skewed node judged against the others",
         || {
             tries.set(tries.get() + 1);
             let out = enroll(&skewed, &format!("dev-skewed-{}", tries.get()));
-            (!out.status.success()).then(|| String::from_utf8_lossy(&out.stderr).into_owned())
+            assert!(!out.status.success(), "issued on a clock two hours ahead");
+            let err = String::from_utf8_lossy(&out.stderr).into_owned();
+            err.contains("7200 s ahead of 2 of the 2").then_some(err)
         },
     );
     assert!(refused.contains("clock_skew"), "{refused}");
-    assert!(refused.contains("7200 s ahead of 2 of the 2"), "{refused}");
     assert!(skewed.wait_for_log("issues no certificate", Duration::from_secs(5)));
     // The others see one node off, not themselves.
     assert!(enroll(&two, "dev-two").status.success());
     assert!(enroll(&one, "dev-one").status.success());
 
     std::fs::write(&clock, "+0\n").unwrap();
+    // Set right: a step back, so not at once, but once the others'
+    // stamps say it agrees.
+    let out = enroll(&skewed, "dev-set-right");
+    assert!(!out.status.success());
     tests::eventually(Duration::from_secs(40), "the node issues again", || {
         tries.set(tries.get() + 1);
         enroll(&skewed, &format!("dev-after-{}", tries.get()))
