@@ -616,6 +616,61 @@ fn a_command_queued_through_a_node_whose_clock_is_behind_keeps_its_expiry_interv
     drop(two);
 }
 
+/// A node whose clock runs ahead of the cluster's does not judge queued
+/// commands expired by it: a node two days ahead read every command
+/// queued with the default day to live as expired, and deleted it from
+/// JetStream (the fault harness, issue 30). While its clock is not
+/// trusted (here: it stepped), nothing has expired on it.
+#[test]
+fn a_node_whose_clock_jumped_ahead_delivers_queued_commands_rather_than_expire_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&tmp.path().join("etcd"));
+    let nats = Nats::start(&tmp.path().join("nats"));
+    let (store, bus) = (etcd.url(), nats.url());
+    let args = ["--store", store.as_str(), "--nats", bus.as_str()];
+    let one = start_nodes(tmp.path(), &[&args]).pop().unwrap();
+    let dir = tmp.path().join("node-2");
+    tests::copy_data_dir(&one.data_dir, &dir);
+    let clock = tmp.path().join("clock");
+    let two = Server::start_on_fake_clock(&dir, &clock, &args).unwrap();
+    let creds = tmp.path().join("c");
+    let dev = one.enroll(&creds, "device", "dev-1");
+    let svc = one.enroll(&creds, "service", "backend");
+    let session = |node: &Server, extra: &[&str]| {
+        let mut a = vec![
+            "-c",
+            "-i",
+            "dev-1",
+            "-q",
+            "1",
+            "-t",
+            "devices/dev-1/commands/#",
+        ];
+        a.extend(extra);
+        run(node.mosquitto("mosquitto_sub", &dev).args(a))
+    };
+    let (ok, out) = session(&one, &["-E"]);
+    assert!(ok, "{out}");
+    // Queued through node one (the default: a day to live).
+    let (ok, out) = run(one.mosquitto("mosquitto_pub", &svc).args([
+        "-q",
+        "1",
+        "-t",
+        "devices/dev-1/commands/update",
+        "-m",
+        "c1",
+    ]));
+    assert!(ok && !out.contains("failed"), "{out}");
+    // Node two's clock two days ahead; the device back, on node two.
+    std::fs::write(&clock, "+2d\n").unwrap();
+    let (ok, out) = session(&two, &["-C", "1", "-W", "20"]);
+    assert!(
+        ok && out.lines().any(|l| l == "c1"),
+        "{out}\nnode two:\n{}",
+        two.log().join("\n")
+    );
+}
+
 #[test]
 fn an_expired_session_and_its_queue_are_swept_from_jetstream() {
     let (tmp, etcd, nats, one, two) = two_nodes(&[]);

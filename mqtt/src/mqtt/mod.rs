@@ -567,13 +567,16 @@ impl Broker {
             shared: Arc::new(Shared {
                 links,
                 registry: auth.registry.recent(),
-                hub: Arc::new(hub::Hub::new(
-                    auth.registry.clone(),
-                    cfg.bus.as_ref().map(|b| b.keeper()),
-                    cfg.queue_limits,
-                    metrics.clone(),
-                    clock.clone(),
-                )),
+                hub: Arc::new(
+                    hub::Hub::new(
+                        auth.registry.clone(),
+                        cfg.bus.as_ref().map(|b| b.keeper()),
+                        cfg.queue_limits,
+                        metrics.clone(),
+                        clock.clone(),
+                    )
+                    .with_clock_trust(auth.ca.clock().clone()),
+                ),
                 auth,
                 cert_lifetime,
                 metrics,
@@ -656,7 +659,7 @@ impl Broker {
         &self,
         id: &DeviceId,
     ) -> Result<Vec<provisioning::sessions::Queued>, provisioning::Error> {
-        let now_ms = (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
+        let now_ms = self.shared.hub.expiry_now_ms();
         self.shared.hub.keeper().queued(id, None, now_ms)
     }
 

@@ -93,7 +93,9 @@ pub(super) async fn into_router(
 ) -> bool {
     let m = &i.message;
     let now = now_ms();
-    if m.expires_at_ms.is_some_and(|t| t <= now) {
+    if m.expires_at_ms
+        .is_some_and(|t| t <= shared.hub.expiry_now_ms())
+    {
         return false;
     }
     let onward = Marked::new(

@@ -237,7 +237,10 @@ pub(super) fn take_into(
 ) {
     let now = shared.clock.now().wall_ms;
     let granted = mailbox.granted(&m.topic);
-    let expired = m.expires_at_ms.is_some_and(|t| t <= now);
+    // Judged by a clock the cluster believes (see `Hub::expiry_now_ms`).
+    let expired = m
+        .expires_at_ms
+        .is_some_and(|t| t <= shared.hub.expiry_now_ms());
     let Some((granted, ids)) = granted.filter(|_| !expired) else {
         if let Some(seq) = seq {
             shared.hub.keeper().delivered(&peer.identity.id, seq);
