@@ -42,7 +42,11 @@ fn wall_ms() -> i64 {
 
 /// What a node decides from the offsets of the peers it heard from
 /// (theirs minus its own, ms): why its clock is not to be trusted, if it
-/// is not: most of them differ by more than `bound` the same way.
+/// is not: most of them differ from it by more than `bound`, either way.
+/// (Three clocks all apart, no two agreeing: none can tell which is
+/// right, and none issues. The harness had a node two hours ahead, one
+/// two days ahead and one right: counted by direction, each had one peer
+/// on either side, and the one two hours ahead went on issuing.)
 pub fn judge(offsets: &[i64], bound: Duration) -> Option<String> {
     let bound = bound.as_millis() as i64;
     let n = offsets.len();
@@ -51,12 +55,20 @@ pub fn judge(offsets: &[i64], bound: Duration) -> Option<String> {
     let median = *sorted.get(n / 2)?;
     let behind_them = offsets.iter().filter(|o| **o > bound).count();
     let ahead_of_them = offsets.iter().filter(|o| **o < -bound).count();
+    if (behind_them + ahead_of_them) * 2 <= n {
+        return None;
+    }
     let (count, way) = if behind_them * 2 > n {
         (behind_them, "behind")
     } else if ahead_of_them * 2 > n {
         (ahead_of_them, "ahead of")
     } else {
-        return None;
+        return Some(format!(
+            "its clock is more than {} s apart from {} of the {n} other nodes heard from, \
+             which disagree among themselves too: set the clocks right (NTP)",
+            bound / 1000,
+            behind_them + ahead_of_them
+        ));
     };
     Some(format!(
         "its clock is {} s {way} {count} of the {n} other nodes heard from (more than {} s): \
@@ -227,5 +239,8 @@ mod tests {
         assert_eq!(judge(&[-7_200_000, 10], b), None);
         // Two of three apart: this one is.
         assert!(judge(&[-7_200_000, -7_200_100, 10], b).is_some());
+        // Apart from both, one each way (all three clocks apart).
+        let why = judge(&[-7_200_000, 165_600_000], b).unwrap();
+        assert!(why.contains("apart from 2 of the 2"), "{why}");
     }
 }

@@ -17,7 +17,7 @@ use faults::history::Outcome;
 fn two_minutes_of_faults_break_no_promise() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = faults::run::Config {
-        seed: 5,
+        seed: 13,
         run: Duration::from_secs(120),
         settle: Duration::from_secs(40),
         dir: tmp.path().to_owned(),

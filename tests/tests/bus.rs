@@ -671,6 +671,56 @@ fn a_node_whose_clock_jumped_ahead_delivers_queued_commands_rather_than_expire_t
     );
 }
 
+/// A command that could not be stored is not acknowledged: MQTT 5 gets
+/// PUBACK 0x83 with the reason, and a 3.1.1 service (no negative PUBACK)
+/// loses its connection with none, so its client sends it again. It got
+/// a PUBACK, and the command was gone (the fault harness, issue 30:
+/// commands sent while the sessions' stream had no leader, the messages'
+/// stream answering).
+#[test]
+fn a_command_the_session_keeper_could_not_store_is_not_acknowledged() {
+    let (tmp, _etcd, nats, one, _two) = two_nodes(&[]);
+    let creds = tmp.path().join("c");
+    let dev = one.enroll(&creds, "device", "dev-1");
+    let svc = one.enroll(&creds, "service", "backend");
+    // The device's persistent session, kept on JetStream; the device away.
+    let (ok, out) = run(one.mosquitto("mosquitto_sub", &dev).args([
+        "-c",
+        "-i",
+        "dev-1",
+        "-q",
+        "1",
+        "-t",
+        "devices/dev-1/commands/#",
+        "-E",
+    ]));
+    assert!(ok, "{out}");
+    // The sessions' stream gone (as a stream without a leader answers
+    // nothing), the messages' stream still there.
+    let gone = nats.js_api(0, "$JS.API.STREAM.DELETE.FLEETGATE_SESSIONS", "");
+    assert_eq!(gone["success"], true, "{gone}");
+    let command = |extra: &[&str]| {
+        let mut args = extra.to_vec();
+        args.extend(["-q", "1", "-t", "devices/dev-1/commands/update", "-m", "c1"]);
+        run(one.mosquitto("mosquitto_pub", &svc).args(args))
+    };
+    let (ok, out) = command(&[]);
+    assert!(!ok, "MQTT 3.1.1: acknowledged, not stored: {out}");
+    let (_, out) = command(&["-V", "mqttv5"]);
+    assert!(
+        out.contains("Implementation specific error") && out.contains("not stored"),
+        "MQTT 5: {out}"
+    );
+    assert!(
+        one.wait_for_log(
+            "a command was not stored; not acknowledged",
+            Duration::from_secs(10)
+        ),
+        "{:?}",
+        one.log()
+    );
+}
+
 #[test]
 fn an_expired_session_and_its_queue_are_swept_from_jetstream() {
     let (tmp, etcd, nats, one, two) = two_nodes(&[]);

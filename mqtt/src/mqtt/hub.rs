@@ -165,6 +165,9 @@ pub enum Outcome {
     Full(String),
     /// The device is revoked or unknown: nothing is kept for it.
     Refused(String),
+    /// It could not be stored (the session keeper did not answer): it
+    /// must not be acknowledged as taken.
+    NotStored(String),
 }
 
 /// A device session just opened.

@@ -68,7 +68,12 @@ impl Session {
                     return Ok(Ack::Now((PubAckReason::QuotaExceeded, Some(reason))));
                 }
                 Ok(Err(e)) => {
-                    tracing::error!(error = %e, "mqtt: keeping a retained message failed");
+                    tracing::error!(error = %e, "mqtt: keeping a retained message failed; not acknowledged");
+                    if qos > 0 && !self.ch.is_v5() {
+                        return Err(End::Protocol(format!(
+                            "a retained message was not stored ({e}); not acknowledged"
+                        )));
+                    }
                     return Ok(Ack::Now((
                         PubAckReason::ImplementationSpecificError,
                         Some("the retained message could not be stored".into()),
@@ -107,6 +112,22 @@ impl Session {
                     Outcome::Refused(why) => {
                         tracing::warn!(reason = "refused", device.target = %target, detail = %crate::printable(&why), "mqtt: command refused");
                         (PubAckReason::NotAuthorized, Some(why))
+                    }
+                    // Durable before acknowledged: a 3.1.1 service has no
+                    // negative PUBACK, so its connection ends with none,
+                    // and its client sends the command again. (It was
+                    // acknowledged, and lost: the fault harness, issue 30.)
+                    Outcome::NotStored(why) => {
+                        tracing::error!(reason = "storage_unavailable", device.target = %target, detail = %crate::printable(&why), "mqtt: a command was not stored; not acknowledged");
+                        if qos > 0 && !self.ch.is_v5() {
+                            return Err(End::Protocol(format!(
+                                "a command for {target} was not stored ({why}); not acknowledged"
+                            )));
+                        }
+                        (
+                            PubAckReason::ImplementationSpecificError,
+                            Some("the command was not stored; send it again".into()),
+                        )
                     }
                 };
             }
@@ -181,14 +202,8 @@ impl Session {
         let (hub, target) = (hub.clone(), target.clone());
         match tokio::task::spawn_blocking(move || hub.publish(&target, m)).await {
             Ok(Ok(outcome)) => outcome,
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "mqtt: storing a command failed");
-                Outcome::Full("the command could not be stored".into())
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "mqtt: command task failed");
-                Outcome::Full("the command could not be stored".into())
-            }
+            Ok(Err(e)) => Outcome::NotStored(e.to_string()),
+            Err(e) => Outcome::NotStored(format!("the command task failed: {e}")),
         }
     }
 
