@@ -33,6 +33,8 @@ pub const SESSIONS: &str = "FLEETGATE_SESSIONS";
 const SESSION_PREFIX: &str = "fleetgate.session.";
 pub const QUEUE: &str = "FLEETGATE_QUEUE";
 const QUEUE_PREFIX: &str = "fleetgate.queue.";
+/// The last token of a read barrier's subject: `@` is in no device id.
+const BARRIER: &str = "@barrier";
 
 /// How long one call may wait for JetStream.
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -143,11 +145,39 @@ impl JetStreamKeeper {
         self.key.verify(&[m.subject.as_bytes(), &m.payload], seal)
     }
 
+    /// A write to the stream of `prefix` that only its leader, with a
+    /// majority, acknowledges: once it is, everything committed before it
+    /// is in the leader's copy, so the read that follows is not answered
+    /// from a replica's or a deposed leader's. (JetStream answers a
+    /// message read from whatever copy the server that takes it has: a
+    /// replica that missed writes answers direct gets, and a leader cut
+    /// off from the others goes on answering reads until it notices. The
+    /// fault harness, issue 30, had devices resume on a stale session or
+    /// queue, their commands out of order or gone.) The barrier's subject
+    /// is no device's (`@`), and it is deleted again: the streams hold
+    /// devices' records only (and the queue's per-subject limit never
+    /// fills).
+    async fn barrier(&self, prefix: &str) -> Result<(), Error> {
+        let subject = format!("{prefix}{BARRIER}");
+        let ack = self
+            .js
+            .publish(subject, bytes::Bytes::new())
+            .await
+            .map_err(|e| unavailable("a read barrier", e))?
+            .await
+            .map_err(|e| unavailable("a read barrier", e))?;
+        let stream = if prefix == QUEUE_PREFIX {
+            &self.queue
+        } else {
+            &self.sessions
+        };
+        let _ = stream.delete_message(ack.sequence).await;
+        Ok(())
+    }
+
     async fn read_session(&self, id: &DeviceId) -> Result<Option<SessionRecord>, Error> {
-        // From the leader, not a direct get: a replica that missed writes
-        // (restarted, cut off) answers direct gets from what it has, and a
-        // device resumed on a stale record or queue got its commands out
-        // of order, or not at all (the fault harness, issue 30).
+        // From the leader, after a barrier (see `barrier`).
+        self.barrier(SESSION_PREFIX).await?;
         match self
             .sessions
             .get_last_raw_message_by_subject(&format!("{SESSION_PREFIX}{id}"))
@@ -279,10 +309,11 @@ impl Keeper for JetStreamKeeper {
     fn queued(&self, id: &DeviceId, after: Option<u64>, now_ms: i64) -> Result<Vec<Queued>, Error> {
         let subject = format!("{QUEUE_PREFIX}{id}");
         self.block("reading a queue", async {
+            self.barrier(QUEUE_PREFIX).await?;
             let mut out = Vec::new();
             let mut next = after.map_or(1, |s| s.saturating_add(1));
             loop {
-                // From the leader (see read_session).
+                // From the leader, after a barrier (see `barrier`).
                 let m = match self
                     .queue
                     .get_first_raw_message_by_subject(subject.as_str(), next)

@@ -49,6 +49,41 @@ fn two_minutes_of_faults_break_no_promise() {
     for v in &violations {
         println!("violation {v}");
     }
+    // The README's other two commands, on this run: `faults plan` prints
+    // this schedule, and `faults check` finds in the history what the
+    // checker found here.
+    let faults = env!("CARGO_BIN_EXE_faults");
+    let readme = include_str!("../../README.md");
+    for line in [
+        "faults plan --seed 13 --minutes 10",
+        "faults check /tmp/faults-13-",
+    ] {
+        assert!(readme.contains(line), "the README no longer says {line}");
+    }
+    let plan = std::process::Command::new(faults)
+        .args(["plan", "--seed", "13", "--minutes", "2"])
+        .output()
+        .unwrap();
+    let planned: Vec<String> = report.schedule.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        String::from_utf8_lossy(&plan.stdout)
+            .lines()
+            .collect::<Vec<_>>(),
+        planned
+    );
+    let file = tmp.path().join("history.json");
+    std::fs::write(&file, serde_json::to_vec(h).unwrap()).unwrap();
+    let checked = std::process::Command::new(faults)
+        .arg("check")
+        .arg(&file)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&checked.stdout);
+    assert!(
+        out.contains(&format!("{} operations", h.events.len())),
+        "{out}"
+    );
+    assert_eq!(checked.status.success(), violations.is_empty(), "{out}");
     assert!(
         violations.is_empty(),
         "{} violations (history in {})",

@@ -81,10 +81,34 @@ fn a_view_fed_by_an_etcd_member_cut_off_from_the_majority_stops_answering() {
     assert!(new.is_some(), "A never read the revocation");
 }
 
+/// Server 0, a replica of the sessions' stream, cut off: it answers
+/// direct gets from its copy (what the keeper read before).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_session_is_not_read_from_a_nats_server_cut_off_from_the_others() {
+async fn a_session_is_not_read_from_a_nats_replica_cut_off_from_the_others() {
+    session_read_through_a_cut_off_server(false, "10.77.0", "fgs").await;
+}
+
+/// Server 0, the sessions' stream's leader, cut off: until it notices,
+/// it answers reads as the leader, from its copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_is_not_read_from_a_nats_leader_cut_off_from_the_others() {
+    session_read_through_a_cut_off_server(true, "10.75.0", "fgl").await;
+}
+
+/// Which server leads `stream`, as the cluster says.
+async fn leader(client: &async_nats::Client, stream: &str) -> Option<String> {
+    let info = client
+        .request(format!("$JS.API.STREAM.INFO.{stream}"), "".into())
+        .await
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&info.payload).ok()?;
+    v["cluster"]["leader"].as_str().map(str::to_owned)
+}
+
+async fn session_read_through_a_cut_off_server(lead: bool, subnet: &str, prefix: &str) {
     let tmp = tempfile::tempdir().unwrap();
-    let net = Net::with_subnet(&format!("fgs{}", std::process::id()), 3, "10.77.0", true).unwrap();
+    let net =
+        Net::with_subnet(&format!("{prefix}{}", std::process::id()), 3, subnet, true).unwrap();
     let _nats = NatsCluster::start(&net, &[0, 1, 2], tmp.path()).unwrap();
     let limits = QueueLimits {
         max_messages: 100,
@@ -130,6 +154,25 @@ async fn a_session_is_not_read_from_a_nats_server_cut_off_from_the_others() {
     while cut.session(&id).ok().flatten() != Some(record(1)) {
         assert!(Instant::now() < deadline, "server 0 never had the session");
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Server 0 ("n0") leading the stream, or not, as asked.
+    let admin = async_nats::connect(format!("nats://{}:{CLIENT}", net.addr(1)))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let now = leader(&admin, "FLEETGATE_SESSIONS").await;
+        if now.is_some() && (now.as_deref() == Some("n0")) == lead {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the leader stayed {now:?}");
+        let _ = admin
+            .request(
+                "$JS.API.STREAM.LEADER.STEPDOWN.FLEETGATE_SESSIONS",
+                "".into(),
+            )
+            .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
     // Server 0 cut off from the other two, which take the next write.
     net.partition(0, 1).unwrap();
