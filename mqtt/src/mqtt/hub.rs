@@ -629,11 +629,23 @@ impl Hub {
     /// Drops expired sessions and messages, and those of devices no longer
     /// registered or revoked (blocking pool).
     pub fn sweep(&self) -> Result<provisioning::sessions::Swept, provisioning::Error> {
-        self.keeper().sweep(
-            self.expiry_now_ms() / 1000,
-            &|id| self.is_live(id),
-            &|id| matches!(self.registry.device(id), Ok(d) if d.status != Status::Revoked),
-        )
+        self.keeper()
+            .sweep(self.expiry_now_ms() / 1000, &|id| self.is_live(id), &|id| {
+                kept(self.registry.device(id).map(|d| d.status))
+            })
+    }
+}
+
+/// Whether a device's session stays, by its standing as the registry
+/// answered: it ends only on an answer (revoked, or not registered), never
+/// because the registry could not say. A sweep while etcd was out of reach
+/// took every away device for gone and ended its session and queue (the
+/// fault harness, issue 30: a suspended device's commands lost).
+fn kept(standing: Result<Status, provisioning::Error>) -> bool {
+    match standing {
+        Ok(status) => status != Status::Revoked,
+        Err(provisioning::Error::NotFound { .. }) => false,
+        Err(_) => true,
     }
 }
 
@@ -645,6 +657,19 @@ mod tests {
 
     use super::super::channel::clock::ManualClock;
     use super::*;
+
+    #[test]
+    fn a_session_is_swept_for_its_standing_only_on_an_answer() {
+        assert!(kept(Ok(Status::Active)));
+        assert!(kept(Ok(Status::Suspended)));
+        assert!(!kept(Ok(Status::Revoked)));
+        assert!(!kept(Err(provisioning::Error::NotFound {
+            id: "dev-1".into()
+        })));
+        assert!(kept(Err(provisioning::Error::Unavailable(
+            "etcd: no majority".into()
+        ))));
+    }
 
     const T0_MS: i64 = 1_800_000_000_000;
 
