@@ -157,7 +157,7 @@ impl JetStreamKeeper {
     /// is no device's (`@`), and it is deleted again: the streams hold
     /// devices' records only (and the queue's per-subject limit never
     /// fills).
-    async fn barrier(&self, prefix: &str) -> Result<(), Error> {
+    async fn barrier(&self, stream: &stream::Stream, prefix: &str) -> Result<(), Error> {
         let subject = format!("{prefix}{BARRIER}");
         let ack = self
             .js
@@ -166,18 +166,13 @@ impl JetStreamKeeper {
             .map_err(|e| unavailable("a read barrier", e))?
             .await
             .map_err(|e| unavailable("a read barrier", e))?;
-        let stream = if prefix == QUEUE_PREFIX {
-            &self.queue
-        } else {
-            &self.sessions
-        };
         let _ = stream.delete_message(ack.sequence).await;
         Ok(())
     }
 
     async fn read_session(&self, id: &DeviceId) -> Result<Option<SessionRecord>, Error> {
         // From the leader, after a barrier (see `barrier`).
-        self.barrier(SESSION_PREFIX).await?;
+        self.barrier(&self.sessions, SESSION_PREFIX).await?;
         match self
             .sessions
             .get_last_raw_message_by_subject(&format!("{SESSION_PREFIX}{id}"))
@@ -309,7 +304,7 @@ impl Keeper for JetStreamKeeper {
     fn queued(&self, id: &DeviceId, after: Option<u64>, now_ms: i64) -> Result<Vec<Queued>, Error> {
         let subject = format!("{QUEUE_PREFIX}{id}");
         self.block("reading a queue", async {
-            self.barrier(QUEUE_PREFIX).await?;
+            self.barrier(&self.queue, QUEUE_PREFIX).await?;
             let mut out = Vec::new();
             let mut next = after.map_or(1, |s| s.saturating_add(1));
             loop {
