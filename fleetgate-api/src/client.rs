@@ -208,9 +208,10 @@ impl ApiClient {
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
             .await
             .context("HTTP handshake with the API")?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
+        // The connection's own error is kept: when the server ends the
+        // connection before the request goes out, the request fails only
+        // with "canceled" and the reason is here.
+        let conn = tokio::spawn(conn);
         let req = Request::builder()
             .method(method)
             .uri(path)
@@ -223,15 +224,26 @@ impl ApiClient {
         let resp = match sender.send_request(req).await {
             Ok(r) => r,
             Err(e) => {
-                let hint = not_the_api_in(&e).map(|h| {
-                    format!(
-                        " ({}:{}: {h}; --api takes the admin API's address, serve's \
+                let why = match tokio::time::timeout(std::time::Duration::from_secs(5), conn).await
+                {
+                    Ok(Ok(Err(why))) => Some(why),
+                    _ => None,
+                };
+                let hint = not_the_api_in(&e)
+                    .or_else(|| why.as_ref().and_then(|w| not_the_api_in(w)))
+                    .map(|h| {
+                        format!(
+                            " ({}:{}: {h}; --api takes the admin API's address, serve's \
                          --api-listen, by default https://127.0.0.1:8443)",
-                        self.host, self.port
-                    )
-                });
+                            self.host, self.port
+                        )
+                    });
+                let ended = why
+                    .filter(|_| hint.is_none())
+                    .map(|w| format!(" (the connection ended: {w})"))
+                    .unwrap_or_default();
                 return Err(anyhow::Error::new(e)
-                    .context(format!("API request{}", hint.unwrap_or_default())));
+                    .context(format!("API request{}{ended}", hint.unwrap_or_default())));
             }
         };
         let status = resp.status();
