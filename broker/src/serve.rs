@@ -260,6 +260,15 @@ impl Server {
                 }
             });
         }
+        // Console sessions are sealed with a key every node of the cluster
+        // holds (the issuing CA key's seal secret), and no one else.
+        let console_secret = self
+            .auth
+            .ca
+            .first_issuing()
+            .key()
+            .seal_secret()
+            .context("the console's seal secret")?;
         let state = AppState {
             auth: self.auth.clone(),
             cert_lifetime: self.cfg.cert_lifetime,
@@ -269,7 +278,7 @@ impl Server {
             broker: broker.clone(),
             status: self.status.clone(),
             cmp: Arc::new(crate::api::cmp::Cmp::new(self.auth.clone())?),
-            console: Arc::new(crate::api::console::Console::new()?),
+            console: Arc::new(crate::api::console::Console::new(&console_secret)?),
         };
         // The overview's counts, ready before an operator asks.
         crate::api::console::count_soon(&state);

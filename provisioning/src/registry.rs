@@ -18,6 +18,7 @@
 //! - `manufacturers`: name -> [`ManufacturerRecord`]
 //! - `claims`: claim id -> [`ClaimRecord`] (uses left)
 //! - `challenges`: manufacturer name -> proof-of-possession challenge
+//! - `console`: the console's login links and sessions (`console.rs`)
 //!
 //! Every change is one transaction across the key spaces it touches (a
 //! compare-and-swap commit of what it read, run again on a conflict), and is
@@ -44,6 +45,7 @@ use records::{CaKind, Challenge, ClaimRecord, ManufacturerRecord, ManufacturerSt
 
 mod blobs;
 mod check;
+mod console;
 mod count;
 mod manufacturers;
 mod migrate;

@@ -662,3 +662,137 @@ async fn a_raw_etcd_write_does_not_take_back_a_revocation() {
         "{text}"
     );
 }
+
+/// `curl` against a node's API with the test CA, saying its status code
+/// last.
+fn curl(node: &Server, args: &[&str], path: &str) -> String {
+    let (ok, out) = run(Command::new("curl")
+        .args(["-sS", "-w", "\n%{http_code}", "--cacert"])
+        .arg(node.data_dir.join("ca.crt"))
+        .args(args)
+        .arg(format!("{}{path}", node.api_url())));
+    assert!(ok, "{out}");
+    out
+}
+
+fn status(out: &str) -> &str {
+    out.lines().last().unwrap_or_default()
+}
+
+#[test]
+fn a_console_session_works_on_every_node_and_a_copied_one_on_none() {
+    use provisioning::store::Commit;
+    tests::require_tool("curl");
+    let tmp = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&tmp.path().join("etcd"));
+    let store_url = etcd.url();
+    let [one, two]: [Server; 2] = start_nodes(
+        tmp.path(),
+        &[&["--store", &store_url], &["--store", &store_url]],
+    )
+    .try_into()
+    .unwrap();
+
+    // A link asked for on node one signs in on node two, once.
+    let link = one.cli_ok(&["console", "login"]);
+    let token = link.trim().split("token=").nth(1).unwrap().to_owned();
+    let form = format!("token={token}");
+    let out = curl(
+        &two,
+        &["-D", "-", "-o", "/dev/null", "-d", &form],
+        "/console/login",
+    );
+    assert_eq!(status(&out), "303", "{out}");
+    let sid = out
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .starts_with("set-cookie: __host-fleetgate-console=")
+                .then(|| {
+                    l.split_once('=')
+                        .unwrap()
+                        .1
+                        .split(';')
+                        .next()
+                        .unwrap()
+                        .to_owned()
+                })
+        })
+        .unwrap_or_else(|| panic!("no session cookie in {out}"));
+    let again = curl(&one, &["-o", "/dev/null", "-d", &form], "/console/login");
+    assert_eq!(status(&again), "403", "a link signed in twice: {again}");
+
+    // The session works on both nodes, with one CSRF token.
+    let cookie = format!("Cookie: __Host-fleetgate-console={sid}");
+    let mut csrf = Vec::new();
+    for node in [&one, &two] {
+        let out = curl(node, &["-H", &cookie], "/console/api/me");
+        assert_eq!(status(&out), "200", "{out}");
+        let me: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+        assert_eq!(me["session"], true, "{me}");
+        csrf.push(me["csrf"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(csrf[0], csrf[1]);
+
+    // The attack: with write access to etcd, the stored session copied
+    // under the digest of an id of the attacker's own choosing, and one
+    // whose lifetime was lengthened. Neither is a session: the seal
+    // covers the key and the lifetime.
+    let store = etcd.store();
+    let (key, value) = store
+        .scan(Space::Console, b"session/", b"")
+        .map(Result::unwrap)
+        .next()
+        .expect("the session is in etcd");
+    let forged_sid = "f".repeat(64);
+    let digest = ring::digest::digest(&ring::digest::SHA256, forged_sid.as_bytes());
+    let forged_key: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    let mut longer = value.clone();
+    longer[..8].copy_from_slice(&u64::MAX.to_be_bytes());
+    let put = |k: Vec<u8>, v: Vec<u8>| {
+        store
+            .commit(Commit::writes(vec![provisioning::store::Write {
+                space: Space::Console,
+                key: k,
+                value: Some(v),
+            }]))
+            .unwrap()
+    };
+    assert!(put(
+        format!("session/{forged_key}").into_bytes(),
+        value.clone()
+    ));
+    let out = curl(
+        &two,
+        &[
+            "-H",
+            &format!("Cookie: __Host-fleetgate-console={forged_sid}"),
+        ],
+        "/console/api/me",
+    );
+    assert_eq!(status(&out), "401", "a copied session was taken: {out}");
+    assert!(two.wait_for_log("did not make", Duration::from_secs(5)));
+    assert!(put(key.clone(), longer));
+    let out = curl(&one, &["-H", &cookie], "/console/api/me");
+    assert_eq!(status(&out), "401", "a lengthened session was taken: {out}");
+    assert!(put(key, value));
+
+    // Signing out on node two ends the session on node one too.
+    let out = curl(
+        &two,
+        &[
+            "-X",
+            "POST",
+            "-H",
+            &cookie,
+            "-H",
+            &format!("X-CSRF-Token: {}", csrf[0]),
+            "-H",
+            "Sec-Fetch-Site: same-origin",
+        ],
+        "/console/logout",
+    );
+    assert_eq!(status(&out), "204", "{out}");
+    let out = curl(&one, &["-H", &cookie], "/console/api/me");
+    assert_eq!(status(&out), "401", "{out}");
+}

@@ -37,10 +37,14 @@ pub enum Space {
     /// Certificates a CRL lists (revoked, or their device not active):
     /// their keys, empty values.
     Listed,
+    /// The console's login links and sessions, so that every node of a
+    /// cluster honours them: a token's digest -> until when, and what the
+    /// console sealed.
+    Console,
 }
 
 impl Space {
-    pub const ALL: [Space; 11] = [
+    pub const ALL: [Space; 12] = [
         Self::Devices,
         Self::Certs,
         Self::Fingerprints,
@@ -52,6 +56,7 @@ impl Space {
         Self::Challenges,
         Self::AuditByDevice,
         Self::Listed,
+        Self::Console,
     ];
 
     /// Its name in the store.
@@ -68,6 +73,7 @@ impl Space {
             Self::Challenges => "challenges",
             Self::AuditByDevice => "audit_by_device",
             Self::Listed => "listed",
+            Self::Console => "console",
         }
     }
 

@@ -13,10 +13,11 @@
 //! go to the audit log as `admin:<id> (console)`.
 //!
 //! Tokens and session ids are 32 random bytes; only their SHA-256 is kept,
-//! in memory (a restart logs everyone out; a console session belongs to
-//! the node that made it).
+//! in the registry, sealed ([`grants`]): a link from one node of a
+//! cluster signs in on any, a session works on every node and outlives a
+//! restart, and signing out ends it everywhere.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -38,9 +39,11 @@ use super::{device_id, reason, transition, Admin, ApiError, AppState, RevokeBody
 
 mod audit;
 mod devices;
+mod grants;
 mod makers;
 use crate::https::PeerCert;
 use crate::mqtt::LiveSession;
+use grants::{Grant, Grants};
 
 /// The session cookie. `__Host-`: Secure, Path=/, no Domain, so no other
 /// host or path can set it.
@@ -65,32 +68,17 @@ pub(super) const PAGE: usize = 50;
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; \
                    connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
 
-/// The console's state: login links, sessions, the chart's samples.
+/// The console's state: login links and sessions (in the registry), the
+/// chart's samples, cached counts.
 #[derive(Debug)]
 pub struct Console {
-    links: Mutex<HashMap<[u8; 32], Grant>>,
-    sessions: Mutex<HashMap<[u8; 32], Grant>>,
-    /// Keys the CSRF tokens of certificate users (no session to hold one).
-    secret: [u8; 32],
+    grants: Grants,
     samples: Mutex<VecDeque<Sample>>,
     counts: Mutex<Option<(Instant, Arc<Counts>)>>,
     /// The last count took long: stale counts answer while it is redone.
     slow_counts: AtomicBool,
     /// A count is being made in the background.
     counting: AtomicBool,
-}
-
-/// A link's or a session's admin, the certificate it was asked for with,
-/// and when it lapses.
-#[derive(Clone, Debug)]
-struct Grant {
-    admin: DeviceId,
-    /// The admin certificate that asked for the link: the link and the
-    /// session it becomes live only while that certificate is in good
-    /// standing and in date.
-    cert: CertKey,
-    until: Instant,
-    csrf: String,
 }
 
 /// Counters at one instant.
@@ -115,36 +103,12 @@ struct ManufacturerCount {
     devices: usize,
 }
 
-fn random() -> Result<[u8; 32], ApiError> {
-    let mut b = [0u8; 32];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).map_err(|_| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "no randomness",
-        )
-    })?;
-    Ok(b)
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn digest(token: &str) -> [u8; 32] {
-    let d = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
-    let mut out = [0u8; 32];
-    out.copy_from_slice(d.as_ref());
-    out
-}
-
 impl Console {
-    pub fn new() -> anyhow::Result<Self> {
-        let secret = random().map_err(|e| anyhow::anyhow!("{}", e.message()))?;
+    /// `secret`: the issuing CA key's seal secret, the same on every node
+    /// of a cluster (see [`grants`]).
+    pub fn new(secret: &[u8]) -> anyhow::Result<Self> {
         Ok(Self {
-            links: Mutex::default(),
-            sessions: Mutex::default(),
-            secret,
+            grants: Grants::new(secret),
             samples: Mutex::new(VecDeque::with_capacity(SAMPLES)),
             counts: Mutex::default(),
             slow_counts: AtomicBool::new(false),
@@ -152,75 +116,10 @@ impl Console {
         })
     }
 
-    /// A one-time login link's token for `admin`, good for `ttl`.
-    fn issue_link(
-        &self,
-        admin: DeviceId,
-        cert: CertKey,
-        ttl: Duration,
-    ) -> Result<String, ApiError> {
-        let token = hex(&random()?);
-        let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
-        links.retain(|_, g| g.until > Instant::now());
-        links.insert(
-            digest(&token),
-            Grant {
-                admin,
-                cert,
-                until: Instant::now() + ttl,
-                csrf: String::new(),
-            },
-        );
-        Ok(token)
-    }
-
-    /// Whether `token` is a live link (not spending it).
-    fn link_is_live(&self, token: &str) -> bool {
-        let links = self.links.lock().unwrap_or_else(|e| e.into_inner());
-        links
-            .get(&digest(token))
-            .is_some_and(|g| g.until > Instant::now())
-    }
-
-    /// Spends `token` for a new session: its cookie value and grant.
-    fn redeem(&self, token: &str) -> Result<Option<(String, Grant)>, ApiError> {
-        let link = {
-            let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
-            links.remove(&digest(token))
-        };
-        let Some(link) = link.filter(|g| g.until > Instant::now()) else {
-            return Ok(None);
-        };
-        let sid = hex(&random()?);
-        let grant = Grant {
-            admin: link.admin,
-            cert: link.cert,
-            until: Instant::now() + SESSION_LIFETIME,
-            csrf: hex(&random()?),
-        };
-        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
-        sessions.retain(|_, g| g.until > Instant::now());
-        sessions.insert(digest(&sid), grant.clone());
-        Ok(Some((sid, grant)))
-    }
-
-    fn session(&self, sid: &str) -> Option<Grant> {
-        let sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
-        sessions
-            .get(&digest(sid))
-            .filter(|g| g.until > Instant::now())
-            .cloned()
-    }
-
-    fn end_session(&self, sid: &str) {
-        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
-        sessions.remove(&digest(sid));
-    }
-
-    /// The CSRF token of a certificate user: keyed to the certificate.
+    /// The CSRF token of a certificate user: keyed to the certificate, the
+    /// same on every node.
     fn cert_csrf(&self, cert_der: &[u8]) -> String {
-        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.secret);
-        hex(ring::hmac::sign(&key, cert_der).as_ref())
+        self.grants.mac(b"csrf", cert_der)
     }
 
     /// Records the counters now (every [`SAMPLE_EVERY`], from `serve`).
@@ -296,6 +195,13 @@ impl Operator {
     }
 }
 
+/// Runs `f` (registry reads and writes) off the async workers.
+async fn off_thread<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    super::blocking(move || Ok(f())).await?
+}
+
 /// Whether `a` and `b` are equal, in time that depends on their lengths
 /// only.
 fn same(a: &[u8], b: &[u8]) -> bool {
@@ -355,9 +261,20 @@ impl FromRequestParts<AppState> for Operator {
 
     async fn from_request_parts(parts: &mut Parts, st: &AppState) -> Result<Self, ApiError> {
         if let Some(sid) = cookie(&parts.headers) {
-            if let Some(g) = st.console.session(&sid) {
-                if let Some(why) = grant_lapsed(st, &g) {
-                    st.console.end_session(&sid);
+            let found = {
+                let (st, sid) = (st.clone(), sid.clone());
+                off_thread(move || {
+                    let g = st.console.grants.session(&st.auth.registry, &sid)?;
+                    let lapsed = g.as_ref().and_then(|g| grant_lapsed(&st, g));
+                    if lapsed.is_some() {
+                        st.console.grants.end_session(&st.auth.registry, &sid)?;
+                    }
+                    Ok((g, lapsed))
+                })
+                .await?
+            };
+            if let (Some(g), lapsed) = found {
+                if let Some(why) = lapsed {
                     tracing::warn!(client = %g.admin, reason = %crate::printable(&why), "console: refused: the session ended");
                     return Err(ApiError::new(
                         StatusCode::UNAUTHORIZED,
@@ -483,7 +400,15 @@ async fn new_link(
             ),
         ));
     }
-    let token = st.console.issue_link(admin.id.clone(), admin.cert, ttl)?;
+    let token = {
+        let (st, id) = (st.clone(), admin.id.clone());
+        off_thread(move || {
+            st.console
+                .grants
+                .issue_link(&st.auth.registry, id, admin.cert, ttl)
+        })
+        .await?
+    };
     tracing::info!(client = %admin.id, ttl_s = ttl.as_secs(), "console: login link issued");
     Ok((
         StatusCode::CREATED,
@@ -535,8 +460,14 @@ async fn login_page(State(st): State<AppState>, Query(q): Query<TokenQuery>) -> 
     else {
         return link_refused();
     };
-    if !st.console.link_is_live(&token) {
-        return link_refused();
+    let live = {
+        let (st, token) = (st.clone(), token.clone());
+        off_thread(move || st.console.grants.link_is_live(&st.auth.registry, &token)).await
+    };
+    match live {
+        Ok(true) => {}
+        Ok(false) => return link_refused(),
+        Err(e) => return e.into_response(),
     }
     page(
         StatusCode::OK,
@@ -572,11 +503,28 @@ async fn login(
             "<p>A login from another site.</p>",
         );
     }
-    match st.console.redeem(&f.token) {
-        Ok(Some((sid, grant))) => {
+    let redeemed = {
+        let st = st.clone();
+        off_thread(move || {
+            let Some((sid, grant)) =
+                st.console
+                    .grants
+                    .redeem(&st.auth.registry, &f.token, SESSION_LIFETIME)?
+            else {
+                return Ok(None);
+            };
             // A link dies with the certificate that asked for it.
-            if let Some(why) = grant_lapsed(&st, &grant) {
-                st.console.end_session(&sid);
+            let lapsed = grant_lapsed(&st, &grant);
+            if lapsed.is_some() {
+                st.console.grants.end_session(&st.auth.registry, &sid)?;
+            }
+            Ok(Some((sid, grant, lapsed)))
+        })
+        .await
+    };
+    match redeemed {
+        Ok(Some((sid, grant, lapsed))) => {
+            if let Some(why) = lapsed {
                 tracing::warn!(client = %grant.admin, reason = %crate::printable(&why), "console: refused a login");
                 return page(
                     StatusCode::FORBIDDEN,
@@ -611,8 +559,13 @@ async fn logout(State(st): State<AppState>, op: Operator, headers: HeaderMap) ->
     if let Err(e) = op.check_change(&headers) {
         return e.into_response();
     }
-    if let Some(sid) = &op.sid {
-        st.console.end_session(sid);
+    if let Some(sid) = op.sid.clone() {
+        let st = st.clone();
+        if let Err(e) =
+            off_thread(move || st.console.grants.end_session(&st.auth.registry, &sid)).await
+        {
+            return e.into_response();
+        }
     }
     tracing::info!(client = %op.admin, "console: signed out");
     (
@@ -1003,11 +956,19 @@ async fn activity(
                         Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
                     },
                     _ = tick.tick() => {
-                        let ended = sid.as_deref().is_some_and(|sid| {
-                            st.console
-                                .session(sid)
-                                .is_none_or(|g| !admin_active(&st, &g))
-                        });
+                        let ended = match sid.clone() {
+                            Some(sid) => {
+                                let st = st.clone();
+                                off_thread(move || {
+                                    let g = st.console.grants.session(&st.auth.registry, &sid)?;
+                                    Ok(g.is_none_or(|g| !admin_active(&st, &g)))
+                                })
+                                .await
+                                // The registry could not say: not ended.
+                                .unwrap_or(false)
+                            }
+                            None => false,
+                        };
                         if ended {
                             return None;
                         }
