@@ -175,6 +175,12 @@ impl Server {
         let mqtt = TcpListener::bind(cfg.mqtt_listen)
             .await
             .with_context(|| format!("binding MQTT to {}", cfg.mqtt_listen))?;
+        // How the console names this node beside a device's session.
+        cfg.mqtt.node = format!(
+            "{} ({})",
+            host_name(),
+            mqtt.local_addr().unwrap_or(cfg.mqtt_listen)
+        );
         let prometheus = match cfg.metrics_listen {
             Some(addr) => Some(
                 TcpListener::bind(addr)
@@ -618,4 +624,13 @@ fn expiries(auth: &Authority, status: &StatusService) -> Vec<(&'static str, i64)
         );
     }
     out
+}
+
+/// This host's name, as the kernel has it (`localhost` if unreadable).
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
 }

@@ -31,6 +31,7 @@ use tokio::sync::mpsc;
 use provisioning::printable;
 use provisioning::sessions::Keeper;
 
+pub mod ask;
 pub mod keeper;
 pub mod seal;
 

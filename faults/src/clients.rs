@@ -142,6 +142,10 @@ pub struct Workload {
     /// Set when every client stops.
     pub stop: AtomicBool,
     enrolled: AtomicU64,
+    /// Set once the `$share/backend` group has a member: telemetry before
+    /// that has no subscriber to reach (MQTT drops it, acknowledged), so
+    /// devices start after it.
+    group_ready: AtomicBool,
 }
 
 impl Workload {
@@ -167,6 +171,7 @@ impl Workload {
             dir: dir.to_owned(),
             devices: Mutex::new(BTreeMap::new()),
             settling: AtomicBool::new(false),
+            group_ready: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             enrolled: AtomicU64::new(0),
         })
@@ -322,6 +327,9 @@ impl Workload {
     async fn device(self: Arc<Self>, id: String) {
         let commands = format!("devices/{id}/commands/#");
         let telemetry = format!("devices/{id}/telemetry");
+        while !self.group_ready.load(Ordering::Relaxed) && !self.stopped() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         while !self.stopped() {
             let Some((identity, _)) = self.devices().get(&id).cloned() else {
                 return;
@@ -436,6 +444,7 @@ impl Workload {
                 .await
                 .is_ok()
             {
+                self.group_ready.store(true, Ordering::Relaxed);
                 while !self.stopped() {
                     let r = conn.idle(Duration::from_millis(500)).await;
                     for p in conn.inbox.drain(..) {

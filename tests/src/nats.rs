@@ -263,3 +263,62 @@ impl Drop for Nats {
         }
     }
 }
+
+impl Nats {
+    /// Answers every message on `subject` (server `i`) with `answer`, as
+    /// any client that can reach NATS could, until NATS closes the
+    /// connection; how many it answered so far is in the counter.
+    pub fn impostor(
+        &self,
+        i: usize,
+        subject: &str,
+        answer: &str,
+    ) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+        use std::io::{BufRead, BufReader};
+        let tcp = TcpStream::connect(("127.0.0.1", self.ports[i])).expect("connecting to NATS");
+        let mut reader = BufReader::new(tcp.try_clone().expect("a second handle"));
+        let mut line = String::new();
+        reader.read_line(&mut line).expect("NATS's INFO");
+        (&tcp)
+            .write_all(
+                format!("CONNECT {{\"verbose\":false}}\r\nSUB {subject} 1\r\nPING\r\n").as_bytes(),
+            )
+            .expect("writing to NATS");
+        // Subscribed once the PONG is back.
+        loop {
+            line.clear();
+            reader.read_line(&mut line).expect("NATS's PONG");
+            if line.starts_with("PONG") {
+                break;
+            }
+        }
+        let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (count, answer) = (answered.clone(), answer.to_owned());
+        std::thread::spawn(move || loop {
+            line.clear();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                return;
+            }
+            if line.starts_with("PING") {
+                let _ = (&tcp).write_all(b"PONG\r\n");
+            }
+            // HMSG <subject> <sid> <reply> <header len> <total len>
+            let parts: Vec<&str> = line.split_whitespace().collect();
+            let (reply, len) = match parts.as_slice() {
+                ["MSG", _, _, reply, len] => (*reply, *len),
+                ["HMSG", _, _, reply, _, len] => (*reply, *len),
+                _ => continue,
+            };
+            let mut body = vec![0; len.parse::<usize>().unwrap_or(0) + 2];
+            if reader.read_exact(&mut body).is_err() {
+                return;
+            }
+            let out = format!("PUB {reply} {}\r\n{answer}\r\n", answer.len());
+            if (&tcp).write_all(out.as_bytes()).is_err() {
+                return;
+            }
+            count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        });
+        answered
+    }
+}

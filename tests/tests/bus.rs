@@ -1045,7 +1045,7 @@ authorization {{
   ]
 }}
 "#,
-        shared = r#""fleetgate.owner.>", "fleetgate.session.>", "fleetgate.queue.>", "$JS.API.>", "$JS.ACK.>", "$JS.FC.>", "_INBOX.>""#,
+        shared = r#""fleetgate.owner.>", "fleetgate.session.>", "fleetgate.queue.>", "fleetgate.ask.>", "$JS.API.>", "$JS.ACK.>", "$JS.FC.>", "_INBOX.>""#,
         cert = cert.display(),
         key = key.display(),
         fleet_ca = fleet_ca.display(),

@@ -251,7 +251,7 @@ async fn nodes_on_an_etcd_with_tls_client_certificates_and_rbac() {
 
     // NATS the same way: TLS, the node's certificate as its user, each
     // node publishing under its own name only.
-    let shared = r#""fleetgate.owner.>", "fleetgate.session.>", "fleetgate.queue.>", "$JS.API.>", "$JS.ACK.>", "$JS.FC.>", "_INBOX.>""#;
+    let shared = r#""fleetgate.owner.>", "fleetgate.session.>", "fleetgate.queue.>", "fleetgate.ask.>", "$JS.API.>", "$JS.ACK.>", "$JS.FC.>", "_INBOX.>""#;
     let user = |n: &str| {
         format!(
             r#"{{ user: "CN={n}", permissions: {{ publish: {{ allow: ["fleetgate.msg.{n}.>", {shared}] }}, subscribe: {{ allow: ["fleetgate.>", "_INBOX.>"] }} }} }}"#
@@ -326,6 +326,11 @@ async fn nodes_on_an_etcd_with_tls_client_certificates_and_rbac() {
     assert!(ok, "{out}");
     assert_eq!(received(telemetry), "devices/dev-1/telemetry sealed");
     let commands = subscribed(&two, &dev, "devices/dev-1/commands/#");
+    // Node one's console finds the device on node two: the question and
+    // its answer pass NATS's permissions (`fleetgate.ask.>`, `_INBOX.>`).
+    let page: serde_json::Value = one.admin().get("/console/api/devices/dev-1").await.unwrap();
+    let on = page["sessions"][0]["node"].as_str().unwrap_or_default();
+    assert!(on.ends_with(&format!("({})", two.mqtt)), "{page}");
     let (ok, out) = run(one.mosquitto("mosquitto_pub", &ops).args([
         "-q",
         "1",

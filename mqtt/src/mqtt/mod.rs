@@ -16,6 +16,7 @@ pub mod admission;
 pub mod fanout;
 pub mod hub;
 mod link;
+mod presence;
 mod remote;
 mod session;
 mod share;
@@ -43,6 +44,7 @@ use crate::net::{Accepted, Acceptor, Rate, RateLimiter, Verdict};
 use crate::status::StatusService;
 use provisioning::events::Change;
 
+pub use presence::NodeSession;
 pub use session::Peer;
 
 /// The default largest MQTT packet: a 256 KiB payload and 8 KiB for its
@@ -82,6 +84,9 @@ pub struct MqttConfig {
     pub queue_limits: provisioning::sessions::QueueLimits,
     /// Messages across nodes (NATS JetStream); `None` on a single node.
     pub bus: Option<Arc<crate::bus::Bus>>,
+    /// This node as operators know it (the console shows it beside a
+    /// device's live session): its host name and MQTT listener.
+    pub node: String,
 }
 
 impl Default for MqttConfig {
@@ -108,6 +113,7 @@ impl Default for MqttConfig {
                 burst: 5.0,
             },
             router_log_bytes: 8 * 1024 * 1024,
+            node: "this node".into(),
             queue_limits: provisioning::sessions::QueueLimits::default(),
             bus: None,
         }
@@ -602,6 +608,7 @@ impl Broker {
     /// here. Runs until the bus is dropped.
     pub fn follow_bus(&self) -> Option<tokio::task::JoinHandle<()>> {
         let bus = self.shared.cfg.bus.clone()?;
+        presence::answer(&self.shared, &bus);
         let mut incoming = bus.follow();
         let mut taken = bus.follow_owners();
         let shared = self.shared.clone();

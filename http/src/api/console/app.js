@@ -223,7 +223,8 @@ async function devices(params) {
       el("td", { text: d.role }),
       el("td", { text: d.manufacturer || "—" }),
       el("td", { text: d.expires ? when(d.expires) : "—" }),
-      el("td", {}, el("span", { class: d.connected ? "dot on" : "dot" }), d.connected ? "connected" : "offline")));
+      el("td", { title: d.nodes.join(", ") }, el("span", { class: d.connected ? "dot on" : "dot" }),
+        d.connected ? `connected: ${d.nodes.join(", ")}` : "offline")));
   const pageOf = (a, t) => go({ ...(a ? { after: a } : {}), ...(t.length ? { trail: t.join(",") } : {}) });
   view.replaceChildren(
     el("h1", { text: "Devices" }),
@@ -234,7 +235,7 @@ async function devices(params) {
       el("label", { for: "search", class: "sr-only", text: "Search devices" }), search,
       el("label", { for: "status-filter", class: "sr-only", text: "Status" }), pick,
       el("label", { for: "role-filter", class: "sr-only", text: "Role" }), rolePick,
-      el("label", { class: "check" }, onlyConnected, "connected here"),
+      el("label", { class: "check" }, onlyConnected, "connected"),
       el("button", { type: "button", onclick: () => go(), text: "Search" })),
     pending.length
       ? el("div", { class: "toolbar" },
@@ -296,9 +297,9 @@ async function device(id) {
     dev.status === "pending" ? el("button", { type: "button", id: "action-approve", onclick: () => act("approve"), text: "Approve" }) : null,
     dev.status !== "revoked" ? el("button", { type: "button", class: "danger", id: "action-revoke", onclick: () => act("revoke"), text: "Revoke" }) : null);
   const sessions = d.sessions.length
-    ? table(["address", "protocol", "since", "certificate"], d.sessions.map((s) =>
-      el("tr", {}, el("td", { class: "mono", text: s.addr }), el("td", { text: s.protocol }), el("td", { text: when(s.since) }), el("td", { class: "mono", text: s.serial }))), { id: "sessions" })
-    : el("p", { class: "muted", id: "no-session", text: "Not connected to this node." });
+    ? table(["node", "address", "protocol", "since", "certificate"], d.sessions.map((s) =>
+      el("tr", {}, el("td", { class: "mono", text: s.node }), el("td", { class: "mono", text: s.addr }), el("td", { text: s.protocol }), el("td", { text: when(s.since) }), el("td", { class: "mono", text: s.serial }))), { id: "sessions" })
+    : el("p", { class: "muted", id: "no-session", text: "Not connected (no node that answered holds a session)." });
   // One certificate revoked: the device's others keep working.
   const revokeCert = (c) => confirmedPost(`Revoke certificate ${c.serial}?`,
     `Only this certificate of ${dev.id} stops working; connections made with it are cut at once.`, true,

@@ -1,7 +1,7 @@
 //! The console's device list: searched by id prefix (one stretch of the
 //! id order, whatever the fleet's size) or inside ids (a bounded scan),
-//! filtered by status, role and connection to this node, a page at a time
-//! with each row's certificate expiry.
+//! filtered by status, role and connection (to any node that answers, and
+//! which), a page at a time with each row's certificate expiry.
 
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
@@ -23,7 +23,7 @@ pub(super) struct DevicesQuery {
     status: Option<String>,
     /// `device`, `service`, `admin`, `claim` or `node`; any if absent.
     role: Option<String>,
-    /// Only those connected to this node.
+    /// Only those connected, to any node that answers.
     #[serde(default)]
     connected: bool,
     after: Option<String>,
@@ -36,6 +36,8 @@ struct DeviceRow {
     status: Status,
     manufacturer: Option<String>,
     connected: bool,
+    /// The nodes it is connected to (usually one).
+    nodes: Vec<String>,
     /// When its last certificate in good standing expires.
     #[serde(with = "time::serde::rfc3339::option")]
     expires: Option<time::OffsetDateTime>,
@@ -87,10 +89,13 @@ pub(super) async fn devices(
                     .as_deref()
                     .is_some_and(|m| m.to_lowercase() == needle))
     };
+    // Those connected: every node's sessions, in id order.
+    let connected = match q.connected {
+        true => Some(broker.connected_anywhere(q.after.as_deref(), PAGE).await),
+        false => None,
+    };
     let find = move || -> Result<Found, provisioning::Error> {
-        // Those connected here: this node's sessions, in id order.
-        if q.connected {
-            let (ids, more) = broker.connected(q.after.as_deref(), PAGE);
+        if let Some((ids, more)) = connected {
             let next = more.then(|| ids.last().map(|i| i.to_string())).flatten();
             let mut found = Vec::new();
             for id in ids {
@@ -157,16 +162,26 @@ pub(super) async fn devices(
         Ok((found, next, expiries, total))
     })
     .await?;
+    let ids: Vec<DeviceId> = found.iter().map(|d| d.id.clone()).collect();
+    let mut nodes: std::collections::HashMap<DeviceId, Vec<String>> = Default::default();
+    for (id, s) in st.broker.sessions_anywhere(&ids).await {
+        nodes.entry(id).or_default().push(s.node);
+    }
     let items = found
         .into_iter()
         .zip(expiries)
         .map(|(d, expires)| DeviceRow {
-            connected: !st.broker.sessions_of(&d.id).is_empty(),
+            nodes: nodes.remove(&d.id).unwrap_or_default(),
+            connected: false,
             id: d.id,
             role: d.role,
             status: d.status,
             manufacturer: d.manufacturer,
             expires,
+        })
+        .map(|mut r: DeviceRow| {
+            r.connected = !r.nodes.is_empty();
+            r
         })
         .collect();
     Ok(Json(DevicePage { items, next, total }))

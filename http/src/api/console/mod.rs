@@ -42,7 +42,7 @@ mod devices;
 mod grants;
 mod makers;
 use crate::https::PeerCert;
-use crate::mqtt::LiveSession;
+use crate::mqtt::NodeSession;
 use grants::{Grant, Grants};
 
 /// The session cookie. `__Host-`: Secure, Path=/, no Domain, so no other
@@ -767,7 +767,8 @@ struct CommandRow {
 #[derive(Debug, Serialize)]
 struct DevicePageView {
     device: DeviceView,
-    sessions: Vec<LiveSession>,
+    /// Its live sessions on every node that answered, each with its node.
+    sessions: Vec<NodeSession>,
     audit: Vec<AuditEntry>,
     commands: Vec<CommandRow>,
     /// Why the queued commands could not be read, if they could not.
@@ -816,7 +817,13 @@ async fn device(
     Ok(Json(DevicePageView {
         refusals: crate::activity::feed().refusals_of(id.as_str()),
         claim,
-        sessions: st.broker.sessions_of(&id),
+        sessions: st
+            .broker
+            .sessions_anywhere(std::slice::from_ref(&id))
+            .await
+            .into_iter()
+            .map(|(_, s)| s)
+            .collect(),
         device,
         audit,
         commands,
