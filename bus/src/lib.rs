@@ -26,7 +26,7 @@ use async_nats::HeaderMap;
 use futures_util::StreamExt;
 use provisioning::sessions::Message;
 use provisioning::Role;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use provisioning::printable;
 use provisioning::sessions::Keeper;
@@ -225,6 +225,10 @@ impl Bus {
             tracing::warn!("bus: NATS without TLS or a client certificate: anyone who reaches it can read and inject messages (use tls:// with --nats-ca, --nats-cert and --nats-key)");
         }
         let client = opts.connect(addrs).await.context("connecting to NATS")?;
+        let version = client.server_info().version;
+        if too_old(&version) {
+            tracing::warn!(version = %version, "bus: nats-server {version} is older than 2.10: under partitions and restarts, releases before 2.10 were seen to lose acknowledged commands and session records (fleetgate's fault harness, Debian 12's 2.9.10); use 2.10 or later");
+        }
         let js = jetstream::new(client.clone());
         let stream = tokio::time::timeout(
             Duration::from_secs(15),
@@ -464,7 +468,7 @@ impl Bus {
         let name = format!("node-{}", self.node);
         let skip = Some(format!("{PREFIX}{}.", self.sender));
         // A node that went away leaves no consumer behind.
-        self.pull(name, skip, Duration::from_secs(600), 1024)
+        self.pull(name, skip, Duration::from_secs(600), 1024).0
     }
 
     /// Share group `group`'s messages for `filter` (every node's, this
@@ -472,7 +476,13 @@ impl Bus {
     /// which every node with members pulls from, so that JetStream hands
     /// each message to one of them. The node stops pulling when the
     /// returned channel is dropped; a consumer nobody pulls goes away.
-    pub fn follow_group(self: &Arc<Self>, group: &str, filter: &str) -> mpsc::Receiver<Incoming> {
+    /// The flag turns true once the consumer exists: from then on, what
+    /// any node stores reaches the group.
+    pub fn follow_group(
+        self: &Arc<Self>,
+        group: &str,
+        filter: &str,
+    ) -> (mpsc::Receiver<Incoming>, watch::Receiver<bool>) {
         let digest = ring::digest::digest(
             &ring::digest::SHA256,
             format!("{group}\0{filter}").as_bytes(),
@@ -485,22 +495,24 @@ impl Bus {
     }
 
     /// Pulls durable consumer `name` into a channel, skipping subjects
-    /// under `skip`, until the channel is dropped.
+    /// under `skip`, until the channel is dropped; and a flag that turns
+    /// true once the consumer exists.
     fn pull(
         self: &Arc<Self>,
         name: String,
         skip: Option<String>,
         inactive: Duration,
         room: usize,
-    ) -> mpsc::Receiver<Incoming> {
+    ) -> (mpsc::Receiver<Incoming>, watch::Receiver<bool>) {
         let (tx, rx) = mpsc::channel(room);
+        let (made, ready) = watch::channel(false);
         let bus = self.clone();
         tokio::spawn(async move {
             // The stream sequence of the last message this node took.
             let mut last: Option<u64> = None;
             loop {
                 tokio::select! {
-                    r = bus.pull_once(&name, skip.as_deref(), inactive, &tx, &mut last) => {
+                    r = bus.pull_once(&name, skip.as_deref(), inactive, &tx, &mut last, &made) => {
                         if let Err(e) = r {
                             tracing::warn!(consumer = %name, error = %format!("{e:#}"), "bus: following the stream; resuming");
                         }
@@ -513,7 +525,7 @@ impl Bus {
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         });
-        rx
+        (rx, ready)
     }
 
     async fn pull_once(
@@ -523,6 +535,7 @@ impl Bus {
         inactive: Duration,
         tx: &mpsc::Sender<Incoming>,
         last: &mut Option<u64>,
+        made: &watch::Sender<bool>,
     ) -> anyhow::Result<()> {
         let stream = self.js.get_stream(STREAM).await?;
         // A consumer that is gone when this node comes back to it (nobody
@@ -550,6 +563,7 @@ impl Bus {
                 },
             )
             .await?;
+        made.send_replace(true);
         let mut messages = consumer.messages().await?;
         while let Some(next) = messages.next().await {
             let msg = next?;
@@ -584,6 +598,18 @@ impl Bus {
             }
         }
         Ok(())
+    }
+}
+
+/// Whether nats-server `version` (`2.9.10`) is older than 2.10.
+fn too_old(version: &str) -> bool {
+    let mut parts = version
+        .trim_start_matches('v')
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().ok());
+    match (parts.next().flatten(), parts.next().flatten()) {
+        (Some(major), Some(minor)) => (major, minor) < (2, 10),
+        _ => false,
     }
 }
 
@@ -651,4 +677,17 @@ fn parse(subject: &str, msg: &jetstream::Message, key: &BusKey) -> Result<Parsed
         None => None,
     };
     Ok((client, role, stamp, message, queued))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn servers_before_2_10_are_too_old() {
+        for v in ["2.9.10", "v2.9.25", "1.4.1", "2.2.0-beta"] {
+            assert!(super::too_old(v), "{v}");
+        }
+        for v in ["2.10.0", "2.15.1", "v2.11.3", "3.0.0", "", "dev"] {
+            assert!(!super::too_old(v), "{v}");
+        }
+    }
 }

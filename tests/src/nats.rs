@@ -25,7 +25,7 @@ impl Nats {
     }
 
     pub fn cluster(dir: &Path, n: usize) -> Self {
-        crate::require_tool("nats-server");
+        nats_server();
         // A port found free can be taken by another test's process before
         // the server binds it: one that exits at once is started again,
         // on other ports, with a store of its own.
@@ -108,7 +108,7 @@ impl Nats {
     /// configuration: `tls`, `authorization`, ...) written to
     /// `dir/nats.conf`; its ports are chosen here.
     pub fn with_config(dir: &Path, config: &str) -> Self {
-        crate::require_tool("nats-server");
+        nats_server();
         std::fs::create_dir_all(dir).expect("nats dir");
         let conf = dir.join("nats.conf");
         std::fs::write(&conf, config).expect("writing nats.conf");
@@ -172,8 +172,17 @@ impl Nats {
     }
 }
 
+/// The nats-server to run: `$FLEETGATE_NATS_SERVER` if set (`.ci/run`
+/// sets it to a current release), else `nats-server` on the PATH.
+pub fn nats_server() -> PathBuf {
+    match std::env::var_os("FLEETGATE_NATS_SERVER") {
+        Some(p) => PathBuf::from(p),
+        None => crate::require_tool("nats-server"),
+    }
+}
+
 fn spawn(args: &[String]) -> Child {
-    Command::new("nats-server")
+    Command::new(nats_server())
         .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -802,7 +802,7 @@ impl Session {
                 .map_err(End::Protocol),
             Action::Subscribe(sub, props) if device => self.device_subscribe(sub, props).await,
             Action::Subscribe(sub, props) => {
-                let retained = self.subscribe(sub, props, forward)?;
+                let retained = self.subscribe(sub, props, forward).await?;
                 if !retained.is_empty() {
                     self.service_retained(retained).await;
                 }

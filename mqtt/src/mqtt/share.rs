@@ -56,6 +56,8 @@ pub(crate) struct Groups {
 struct Pulling {
     members: usize,
     task: tokio::task::JoinHandle<()>,
+    /// True once the group's consumer exists on the bus.
+    ready: tokio::sync::watch::Receiver<bool>,
 }
 
 /// A member's place in a group: while any is held on this node, the node
@@ -64,6 +66,21 @@ struct Pulling {
 pub(super) struct Membership {
     groups: Weak<Shared>,
     key: (String, String),
+    ready: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Membership {
+    /// Waits (up to `within`) until the group's consumer exists on the bus,
+    /// so that what any node stores from then on reaches the group: the
+    /// SUBACK waits for it. A subscription acknowledged before it lost
+    /// what other nodes stored meanwhile (the fault harness, issue 30: a
+    /// device's first telemetry, acknowledged, never consumed). False if
+    /// it did not come in time (NATS out of reach: the node keeps trying).
+    pub async fn ready(&self, within: std::time::Duration) -> bool {
+        let mut ready = self.ready.clone();
+        let made = tokio::time::timeout(within, ready.wait_for(|r| *r)).await;
+        matches!(made, Ok(Ok(_)))
+    }
 }
 
 impl Groups {
@@ -82,9 +99,10 @@ pub(super) fn join(shared: &Arc<Shared>, group: &str, filter: &str) -> Option<Me
     let p = pulling.entry(key.clone()).or_insert_with(|| {
         let weak = Arc::downgrade(shared);
         let (group, filter) = key.clone();
-        let mut incoming = bus.follow_group(&group, &filter);
+        let (mut incoming, ready) = bus.follow_group(&group, &filter);
         Pulling {
             members: 0,
+            ready,
             task: tokio::spawn(async move {
                 let topic_of = |t: &str| format!("{PREFIX}{group}/{t}");
                 while let Some(i) = incoming.recv().await {
@@ -102,6 +120,7 @@ pub(super) fn join(shared: &Arc<Shared>, group: &str, filter: &str) -> Option<Me
     Some(Membership {
         groups: Arc::downgrade(shared),
         key,
+        ready: p.ready.clone(),
     })
 }
 

@@ -98,7 +98,7 @@ impl Session {
     /// aside), the rest passed to its router link. Returns the filters
     /// whose retained messages go out now (answered here), with their
     /// granted QoS.
-    pub(super) fn subscribe(
+    pub(super) async fn subscribe(
         &mut self,
         mut sub: rumqttd::protocol::Subscribe,
         props: Option<rumqttd::protocol::SubscribeProperties>,
@@ -140,6 +140,9 @@ impl Session {
             if let Some((group, inner)) = share::split(&f.path) {
                 if !self.groups.contains_key(&f.path) {
                     if let Some(m) = share::join(&self.shared, group, inner) {
+                        if !m.ready(std::time::Duration::from_secs(5)).await {
+                            tracing::warn!(filter = %crate::printable(&f.path), "mqtt: a share group's consumer is not on the bus yet; other nodes' messages reach it once it is");
+                        }
                         self.groups.insert(f.path.clone(), m);
                     }
                 }
