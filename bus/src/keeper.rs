@@ -183,7 +183,7 @@ impl JetStreamKeeper {
                 Ok(None)
             }
             Ok(m) => serde_json::from_slice(&m.payload)
-                .map(Some)
+                .map(|r| Some(disconnected_when_stored(r, &m)))
                 .map_err(|e| Error::Corrupt(format!("session of {id} on JetStream: {e}"))),
             Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
             Err(e) => Err(unavailable("reading a session", e)),
@@ -232,6 +232,21 @@ impl JetStreamKeeper {
             .map_err(|e| unavailable("dropping a queue", e))?;
         Ok(q.purged as usize)
     }
+}
+
+/// A disconnected session's record, its disconnect dated by when JetStream
+/// stored it (the NATS server's clock), not by the writing node's: a node
+/// a few minutes behind wrote times that made a 60 s session expire at
+/// once everywhere else, and one ahead kept sessions past their expiry.
+/// Only a disconnect writes a record that says disconnected.
+fn disconnected_when_stored(
+    mut rec: SessionRecord,
+    m: &async_nats::jetstream::message::StreamMessage,
+) -> SessionRecord {
+    if rec.disconnected_at.is_some() {
+        rec.disconnected_at = Some(m.time.unix_timestamp());
+    }
+    rec
 }
 
 fn unavailable(what: &str, e: impl std::fmt::Display) -> Error {
@@ -415,7 +430,9 @@ impl Keeper for JetStreamKeeper {
                     }
                     Err(e) => return Err(unavailable("reading a session", e)),
                 };
-                let rec: Option<SessionRecord> = serde_json::from_slice(&m.payload).ok();
+                let rec: Option<SessionRecord> = serde_json::from_slice(&m.payload)
+                    .ok()
+                    .map(|r| disconnected_when_stored(r, &m));
                 let over = match &rec {
                     // Unreadable: nothing can resume it.
                     None => true,

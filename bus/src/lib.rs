@@ -537,25 +537,31 @@ impl Bus {
         last: &mut Option<u64>,
         made: &watch::Sender<bool>,
     ) -> anyhow::Result<()> {
-        let stream = self.js.get_stream(STREAM).await?;
-        // A consumer that is gone when this node comes back to it (nobody
-        // pulled it for `inactive`, or NATS lost it) is made again from
-        // the message after the last one this node took, not from "new":
-        // what was stored meanwhile was skipped, and a $share group lost
-        // 30 s of acknowledged telemetry (the fault harness, issue 30).
-        let deliver_policy = match *last {
-            Some(seq) => consumer::DeliverPolicy::ByStartSequence {
-                start_sequence: seq + 1,
-            },
-            None => consumer::DeliverPolicy::New,
+        let mut stream = self.js.get_stream(STREAM).await?;
+        // Where the consumer starts if it has to be made: after the last
+        // message this node took; for a new one, after the last message
+        // the stream held just now (read before the consumer is made, so
+        // whatever is stored from here on is in it). "New" was judged by
+        // the consumer's leader when it was elected, after the consumer
+        // was made and a SUBACK went out: a share group lost a message
+        // stored in between (the fault harness, issue 30). A consumer gone
+        // when this node comes back to it (nobody pulled it for
+        // `inactive`, or NATS lost it) is made again from there too, not
+        // from "new": a $share group lost 30 s of acknowledged telemetry.
+        let after = match *last {
+            Some(seq) => seq,
+            None => stream.info().await?.state.last_sequence,
         };
+        *last = Some(after);
         let consumer = stream
             .get_or_create_consumer(
                 name,
                 consumer::pull::Config {
                     durable_name: Some(name.to_owned()),
                     filter_subject: format!("{PREFIX}>"),
-                    deliver_policy,
+                    deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                        start_sequence: after + 1,
+                    },
                     ack_policy: consumer::AckPolicy::Explicit,
                     max_ack_pending: 10_000,
                     inactive_threshold: inactive,
