@@ -77,7 +77,12 @@ fn fixture() -> &'static Fixture {
             let cmp = std::sync::Arc::new(api::cmp::Cmp::new(auth.clone()).unwrap());
             api::router(AppState {
                 cmp,
-                console: std::sync::Arc::new(api::console::Console::new().unwrap()),
+                console: std::sync::Arc::new(
+                    api::console::Console::new(
+                        &auth.ca.first_issuing().key().seal_secret().unwrap(),
+                    )
+                    .unwrap(),
+                ),
                 auth: auth.clone(),
                 cert_lifetime: time::Duration::days(90),
                 applied,
