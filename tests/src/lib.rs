@@ -409,6 +409,21 @@ pub fn start_nodes(dir: &Path, args: &[&[&str]]) -> Vec<Server> {
     nodes
 }
 
+/// Two nodes on one etcd member and one NATS server, each node with
+/// `extra` flags. (Bound in this order, they drop nodes first.)
+pub fn two_nodes(extra: &[&str]) -> (tempfile::TempDir, etcd::Etcd, nats::Nats, Server, Server) {
+    let tmp = tempfile::tempdir().expect("a temporary dir");
+    let etcd = etcd::Etcd::start(&tmp.path().join("etcd"));
+    let nats = nats::Nats::start(&tmp.path().join("nats"));
+    let (store, bus) = (etcd.url(), nats.url());
+    let mut args: Vec<&str> = vec!["--store", &store, "--nats", &bus];
+    args.extend(extra);
+    let mut nodes = start_nodes(tmp.path(), &[&args, &args]);
+    let two = nodes.pop().expect("node two");
+    let one = nodes.pop().expect("node one");
+    (tmp, etcd, nats, one, two)
+}
+
 /// An admin API client for the server at `api_url` with the admin
 /// credentials in `data_dir` (for threads that cannot share a [`Server`]).
 pub fn admin_client(api_url: &str, data_dir: &Path) -> ApiClient {

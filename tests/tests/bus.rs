@@ -9,24 +9,11 @@ use std::time::{Duration, Instant};
 
 use tests::etcd::Etcd;
 use tests::nats::Nats;
-use tests::{run, start_nodes, Server};
+use tests::{run, start_nodes, two_nodes, Server};
 
 /// `mosquitto_sub` on `node` as `c` with `args`, once it has subscribed.
 fn listen(node: &Server, c: &tests::Creds, args: &[&str]) -> tests::Subscriber {
     tests::Subscriber::spawn(node.mosquitto("mosquitto_sub", c).args(args))
-}
-
-/// Two nodes on one etcd member and one NATS server, each node with
-/// `extra` flags. (Bound in this order, they drop nodes first.)
-fn two_nodes(extra: &[&str]) -> (tempfile::TempDir, Etcd, Nats, Server, Server) {
-    let tmp = tempfile::tempdir().unwrap();
-    let etcd = Etcd::start(&tmp.path().join("etcd"));
-    let nats = Nats::start(&tmp.path().join("nats"));
-    let (store, bus) = (etcd.url(), nats.url());
-    let mut args: Vec<&str> = vec!["--store", &store, "--nats", &bus];
-    args.extend(extra);
-    let [one, two]: [Server; 2] = start_nodes(tmp.path(), &[&args, &args]).try_into().unwrap();
-    (tmp, etcd, nats, one, two)
 }
 
 #[test]

@@ -11,7 +11,6 @@ use provisioning::store::{Space, Store};
 
 use tests::etcd::Etcd;
 use tests::mqtt::{client, connected};
-use tests::nats::Nats;
 use tests::{run, start_nodes, Server};
 
 /// `curl` against a node's API with the test CA, saying its status code
@@ -155,12 +154,7 @@ fn a_console_session_works_on_every_node_and_a_copied_one_on_none() {
 /// theirs) is dropped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_console_of_one_node_shows_a_device_connected_to_another_and_on_which() {
-    let tmp = tempfile::tempdir().unwrap();
-    let etcd = Etcd::start(&tmp.path().join("etcd"));
-    let nats = Nats::start(&tmp.path().join("nats"));
-    let (store, bus) = (etcd.url(), nats.url());
-    let args = ["--store", store.as_str(), "--nats", bus.as_str()];
-    let [one, two]: [Server; 2] = start_nodes(tmp.path(), &[&args, &args]).try_into().unwrap();
+    let (tmp, _etcd, nats, one, two) = tests::two_nodes(&[]);
     let creds = tmp.path().join("c");
     let dev = one.enroll(&creds, "device", "dev-1");
     one.enroll(&creds, "device", "dev-2");

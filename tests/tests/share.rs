@@ -8,10 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rumqttc::{Event, Outgoing, Packet, QoS};
-use tests::etcd::Etcd;
 use tests::mqtt::{client, connected};
-use tests::nats::Nats;
-use tests::{start_nodes, Server};
 
 /// Every message a device on node two has acknowledged after a share
 /// group's first member on node one got its SUBACK reaches that member.
@@ -21,12 +18,7 @@ use tests::{start_nodes, Server};
 /// consumed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_share_group_gets_what_any_node_stored_after_its_first_suback() {
-    let tmp = tempfile::tempdir().unwrap();
-    let etcd = Etcd::start(&tmp.path().join("etcd"));
-    let nats = Nats::start(&tmp.path().join("nats"));
-    let (store, bus) = (etcd.url(), nats.url());
-    let args = ["--store", store.as_str(), "--nats", bus.as_str()];
-    let [one, two]: [Server; 2] = start_nodes(tmp.path(), &[&args, &args]).try_into().unwrap();
+    let (tmp, _etcd, _nats, one, two) = tests::two_nodes(&[]);
     let creds = tmp.path().join("c");
     let dev = one.enroll(&creds, "device", "dev-1");
     let svc = one.enroll(&creds, "service", "backend");
