@@ -41,6 +41,7 @@ pub fn of(e: &Error) -> Wire {
         Error::QuotaExceeded { .. } => said(429, "quota_exceeded"),
         // Says which ceremony command does it instead.
         Error::RootOffline { .. } => said(409, "root_offline"),
+        Error::NotKept { .. } => said(404, "not_kept"),
         Error::Unavailable(_) => {
             tracing::error!(error = %e, "registry store unavailable: nothing was changed or acknowledged");
             Wire {

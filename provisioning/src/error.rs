@@ -98,6 +98,10 @@ pub enum Error {
 
     #[error("crypto: {0}")]
     Crypto(String),
+
+    /// Something the registry did not keep (written by an older version).
+    #[error("not kept: {what}")]
+    NotKept { what: String },
 }
 
 impl From<sled::Error> for Error {

@@ -500,6 +500,7 @@ impl Tx<'_> {
             });
         }
         self.put_cert(&rec)?;
+        self.txn.insert(Space::CertDer, &key.to_bytes(), &cert.der);
         self.fingerprints
             .insert(rec.fingerprint.as_bytes(), key.to_bytes())
             .map_err(storage)?;

@@ -229,6 +229,8 @@ def main():
     p.add_argument("--device", required=True)
     p.add_argument("--bystander", required=True)
     p.add_argument("--pending", required=True)
+    p.add_argument("--csr", required=True, help="a CSR for the bystander's new key")
+    p.add_argument("--rotated-out", required=True, help="where the rotated chain goes")
     p.add_argument("--screenshots")
     a = p.parse_args()
     api = a.api.rstrip("/")
@@ -321,6 +323,32 @@ def main():
         b.wait_text("#refusals", "acl")
         b.wait_text("#refusals", "127.0.0.1:")
         b.wait_text("#refusals", "MQTT")
+
+        step("rotate a certificate from a CSR, download it as PEM")
+        with open(a.csr) as f:
+            csr = f.read()
+        b.click("#action-rotate")
+        b.run("document.getElementById('rotate-csr').value = arguments[0]", csr)
+        b.run("document.getElementById('rotate-days').value = '30'")
+        b.click("#rotate-ok")
+        b.wait_text("#rotated-chain", "BEGIN CERTIFICATE")
+        chain = b.text("#rotated-chain")
+        assert chain.count("BEGIN CERTIFICATE") == 2, f"the leaf and its issuer: {chain[:200]}"
+        n = b.run("return document.querySelectorAll('#certificates a[data-pem]').length")
+        assert n == 2, f"two certificates listed after the rotation, not {n}"
+        # Each row's PEM link serves that certificate: the new one is the
+        # chain's first.
+        pems = b.run("return Promise.all([...document.querySelectorAll('#certificates a[data-pem]')]"
+                     ".map(a => fetch(a.href).then(r => r.text())))")
+        leaf = chain.split("-----END CERTIFICATE-----")[0] + "-----END CERTIFICATE-----\n"
+        assert leaf.strip() in [p.strip() for p in pems], f"no row serves the new leaf: {pems}"
+        with open(a.rotated_out, "w") as f:
+            f.write(chain)
+        # A CSR that is not one is refused with why.
+        b.click("#action-rotate")
+        b.run("document.getElementById('rotate-csr').value = 'not a csr'")
+        b.click("#rotate-ok")
+        b.wait_text("#action-error", "csr")
 
         step("approve pending devices")
         # The overview's pending card opens the pending devices; one is

@@ -160,6 +160,26 @@ fn the_console_signs_in_once_shows_a_device_and_revokes_it() {
     std::thread::sleep(Duration::from_millis(1500));
     let fresh = link(&server, 600);
 
+    // The bystander's new key and its CSR, for a rotation in the browser.
+    let rotated = tmp.path().join("rotated");
+    std::fs::create_dir_all(&rotated).unwrap();
+    let (new_key, csr) = (rotated.join("new.key"), rotated.join("new.csr"));
+    let (ok, out) = run(Command::new("openssl")
+        .args([
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args(["-nodes", "-subj", "/CN=console-bystander", "-keyout"])
+        .arg(&new_key)
+        .arg("-out")
+        .arg(&csr));
+    assert!(ok, "{out}");
+    let chain_out = rotated.join("chain.pem");
+
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("console/browser.py");
     let axe =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("console/node_modules/axe-core/axe.min.js");
@@ -177,6 +197,10 @@ fn the_console_signs_in_once_shows_a_device_and_revokes_it() {
         .args(["--device", "console-dev"])
         .args(["--bystander", "console-bystander"])
         .args(["--pending", "pend-1,pend-2"])
+        .arg("--csr")
+        .arg(&csr)
+        .arg("--rotated-out")
+        .arg(&chain_out)
         .env("PYTHONDONTWRITEBYTECODE", "1");
     if let Some(dir) = std::env::var_os("FLEETGATE_SCREENSHOTS") {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(dir);
@@ -221,6 +245,67 @@ fn the_console_signs_in_once_shows_a_device_and_revokes_it() {
         server.device_json("console-dev")["revocation"]["reason"],
         "key-compromise"
     );
+    // The chain the console issued works with the bystander's new key,
+    // and each of its certificates downloads as what openssl verifies.
+    let new_creds = server.creds(
+        &rotated.join("creds"),
+        "console-bystander",
+        &std::fs::read_to_string(&chain_out).unwrap(),
+        &std::fs::read_to_string(&new_key).unwrap(),
+    );
+    assert!(
+        !rt.block_on(tests::mqtt::refused(server.mqtt, &new_creds)),
+        "the rotated certificate was refused"
+    );
+    let bystander_json = server.device_json("console-bystander");
+    let certs = bystander_json["certificates"].as_array().unwrap();
+    assert_eq!(certs.len(), 2, "{bystander_json}");
+    for c in certs {
+        let pem = rotated.join(format!("{}.pem", c["serial"].as_str().unwrap()));
+        let (ok, out) = run(Command::new("curl")
+            .args(["-sS", "-f", "--cacert"])
+            .arg(server.data_dir.join("ca.crt"))
+            .arg("--cert")
+            .arg(server.data_dir.join("admin.crt"))
+            .arg("--key")
+            .arg(server.data_dir.join("admin.key"))
+            .arg("-o")
+            .arg(&pem)
+            .arg(format!(
+                "{}/console/api/certificates/{}/pem",
+                server.api_url(),
+                c["key"].as_str().unwrap()
+            )));
+        assert!(ok, "{out}");
+        let (ok, out) = run(Command::new("openssl")
+            .args(["verify", "-CAfile"])
+            .arg(server.data_dir.join("ca.crt"))
+            // The issuing CA, from the chain the rotation returned.
+            .arg("-untrusted")
+            .arg(&chain_out)
+            .arg(&pem));
+        assert!(ok, "{out}");
+        let (ok, out) = run(Command::new("openssl")
+            .args(["x509", "-noout", "-fingerprint", "-sha256", "-in"])
+            .arg(&pem));
+        assert!(ok, "{out}");
+        let fp = out
+            .trim()
+            .rsplit('=')
+            .next()
+            .unwrap()
+            .replace(':', "")
+            .to_lowercase();
+        assert_eq!(fp, c["fingerprint"].as_str().unwrap(), "{out}");
+    }
+    let audit = server.cli_ok(&["audit"]);
+    assert!(
+        audit.lines().any(|l| l.contains("rotate")
+            && l.contains("console-bystander")
+            && l.contains("(console)")),
+        "{audit}"
+    );
+
     // The cross-site POST and the one without a CSRF token changed nothing.
     assert_eq!(server.device_json("console-bystander")["status"], "active");
     // An admin client certificate works without a link; its changes need

@@ -551,10 +551,19 @@ async fn rotate(
     Path(id): Path<String>,
     Body(body): Body<RotateBody>,
 ) -> Result<(StatusCode, Json<Enrolled>), ApiError> {
+    rotate_as(&st, id, body, admin.actor()).await
+}
+
+/// A new certificate for device `id`'s new key (its CSR), as `actor`.
+pub(crate) async fn rotate_as(
+    st: &AppState,
+    id: String,
+    body: RotateBody,
+    actor: String,
+) -> Result<(StatusCode, Json<Enrolled>), ApiError> {
     let id = device_id(id)?;
     let lifetime = st.lifetime(body.lifetime_days, body.lifetime_seconds)?;
     let auth = st.auth.clone();
-    let actor = admin.actor();
     let (device, cert) = st
         .write(move || {
             let (d, c) = auth.rotate(&id, body.csr.as_bytes(), lifetime, &actor)?;

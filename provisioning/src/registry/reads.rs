@@ -59,6 +59,35 @@ impl Registry {
             .transpose()
     }
 
+    /// The certificate as issued, PEM, with its record: `Ok(None)` if no
+    /// such certificate; [`Error::NotKept`] if it was registered before
+    /// the registry kept certificates whole. The stored bytes must hash to
+    /// the record's fingerprint, so what is served is what admission
+    /// knows.
+    pub fn certificate_pem(&self, key: &CertKey) -> Result<Option<(CertRecord, String)>, Error> {
+        let Some(rec) = self.certificate(key)? else {
+            return Ok(None);
+        };
+        let der = self
+            .store
+            .get(Space::CertDer, AsRef::<[u8]>::as_ref(&key.to_bytes()))?
+            .ok_or_else(|| Error::NotKept {
+                what: format!(
+                    "certificate {} was registered before fleetgate kept certificates whole: \
+                     its device or whoever enrolled it holds the PEM",
+                    rec.serial
+                ),
+            })?;
+        if crate::id::fingerprint(&der) != rec.fingerprint {
+            return Err(Error::Corrupt(format!(
+                "certificate {}: the stored certificate does not match its fingerprint",
+                rec.serial
+            )));
+        }
+        let pem = crate::pem::encode("CERTIFICATE", &der);
+        Ok(Some((rec, pem)))
+    }
+
     /// Every certificate with `serial`, whoever issued it (usually one).
     pub fn certificates_with_serial(&self, serial: &Serial) -> Result<Vec<CertRecord>, Error> {
         self.store

@@ -57,6 +57,48 @@ fn check_finds_broken_indexes() {
 }
 
 #[test]
+fn certificates_are_kept_whole_and_served_only_as_registered() {
+    let tmp = tempfile::tempdir().unwrap();
+    let auth = Authority::open_or_init(tmp.path(), &InitOptions::default()).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let (new, cert) = auth
+        .issue_new(&key, &device("dev-pem"), None, DEFAULT_CERT_LIFETIME)
+        .unwrap();
+    let r = &auth.registry;
+    r.enroll(&new, &cert, "test").unwrap();
+    let k = cert.key();
+    let (rec, pem) = r.certificate_pem(&k).unwrap().unwrap();
+    assert_eq!(rec.serial, cert.serial);
+    assert_eq!(pem, crate::pem::encode("CERTIFICATE", &cert.der));
+    assert!(cert.chain_pem.starts_with(&pem));
+    // Another certificate's bytes under this key: refused, not served.
+    let (_, other) = auth
+        .issue_new(&key, &device("dev-other"), None, DEFAULT_CERT_LIFETIME)
+        .unwrap();
+    r.transact(|tx| {
+        tx.txn.insert(Space::CertDer, &k.to_bytes(), &other.der);
+        Ok(())
+    })
+    .unwrap();
+    let e = r.certificate_pem(&k).unwrap_err();
+    assert!(matches!(e, Error::Corrupt(_)), "{e}");
+    // Registered before the registry kept them: says so.
+    r.transact(|tx| {
+        tx.txn.remove(Space::CertDer, &k.to_bytes());
+        Ok(())
+    })
+    .unwrap();
+    let e = r.certificate_pem(&k).unwrap_err();
+    assert!(matches!(e, Error::NotKept { .. }), "{e}");
+    assert!(e.to_string().contains("before fleetgate kept"), "{e}");
+    // No such certificate.
+    let (_, unknown) = auth
+        .issue_new(&key, &device("dev-none"), None, DEFAULT_CERT_LIFETIME)
+        .unwrap();
+    assert!(r.certificate_pem(&unknown.key()).unwrap().is_none());
+}
+
+#[test]
 fn key_changes_say_what_live_connections_must_do() {
     let tmp = tempfile::tempdir().unwrap();
     let auth = Authority::open_or_init(tmp.path(), &InitOptions::default()).unwrap();

@@ -41,10 +41,13 @@ pub enum Space {
     /// cluster honours them: a token's digest -> until when, and what the
     /// console sealed.
     Console,
+    /// Each certificate as issued (DER), by its key: what an operator
+    /// downloads. Admission never reads it.
+    CertDer,
 }
 
 impl Space {
-    pub const ALL: [Space; 12] = [
+    pub const ALL: [Space; 13] = [
         Self::Devices,
         Self::Certs,
         Self::Fingerprints,
@@ -57,6 +60,7 @@ impl Space {
         Self::AuditByDevice,
         Self::Listed,
         Self::Console,
+        Self::CertDer,
     ];
 
     /// Its name in the store.
@@ -74,6 +78,7 @@ impl Space {
             Self::AuditByDevice => "audit_by_device",
             Self::Listed => "listed",
             Self::Console => "console",
+            Self::CertDer => "cert_der",
         }
     }
 

@@ -304,8 +304,46 @@ async function device(id) {
   const revokeCert = (c) => confirmedPost(`Revoke certificate ${c.serial}?`,
     `Only this certificate of ${dev.id} stops working; connections made with it are cut at once.`, true,
     `/console/api/certificates/${encodeURIComponent(c.key)}/revoke`, () => device(id));
+  // A new certificate for the device's new key, from its CSR: shown, and
+  // listed below with the others.
+  const rotate = async () => {
+    const dialog = document.getElementById("rotate");
+    document.getElementById("rotate-title").textContent = `Rotate ${dev.id}'s certificate`;
+    document.getElementById("rotate-csr").value = "";
+    document.getElementById("rotate-days").value = "";
+    const ok = await new Promise((resolve) => {
+      dialog.addEventListener("close", () => resolve(dialog.returnValue === "ok"), { once: true });
+      dialog.showModal();
+    });
+    if (!ok) return;
+    const days = document.getElementById("rotate-days").value;
+    const body = { csr: document.getElementById("rotate-csr").value };
+    if (days) body.lifetime_days = Number(days);
+    let issued;
+    try {
+      issued = await api(`/console/api/devices/${encodeURIComponent(dev.id)}/rotate`, { method: "POST", body: JSON.stringify(body) });
+    } catch (e) {
+      view.prepend(el("p", { class: "error", id: "action-error", text: e.message }));
+      return;
+    }
+    await device(id);
+    view.insertBefore(el("div", { class: "panel", id: "rotated" },
+      el("h2", { text: `New certificate ${issued.serial}` }),
+      el("p", { text: "Install this chain (the certificate, then its issuer) on the device beside its new key." }),
+      el("pre", { class: "mono", id: "rotated-chain", tabindex: "0", text: issued.chain_pem })), view.children[2] || null);
+  };
+  if (dev.status === "active") {
+    actions.prepend(el("button", { type: "button", id: "action-rotate", onclick: rotate, text: "Rotate certificate" }));
+  }
+  const pemLink = (c) => el("a", {
+    href: `/console/api/certificates/${encodeURIComponent(c.key)}/pem`,
+    download: `${dev.id}-${c.serial}.pem`,
+    "data-pem": c.serial,
+    "aria-label": `Download certificate ${c.serial} as PEM`,
+    text: "PEM",
+  });
   // What the OCSP responder answers for each: the registry's standing.
-  const certs = table(["serial", "valid from", "valid until", "fingerprint (SHA-256)", "issuer", "OCSP says", ""],
+  const certs = table(["serial", "valid from", "valid until", "fingerprint (SHA-256)", "issuer", "OCSP says", "", ""],
     dev.certificates.map((c) => el("tr", { "data-serial": c.serial },
       el("td", { class: "mono", text: c.serial }),
       el("td", { text: when(c.not_before) }),
@@ -313,6 +351,7 @@ async function device(id) {
       el("td", { class: "mono", text: c.fingerprint }),
       el("td", { text: c.issuer }),
       el("td", {}, badge(c.status)),
+      el("td", {}, pemLink(c)),
       el("td", {}, c.status === "good"
         ? el("button", { type: "button", class: "quiet", "data-revoke-cert": c.serial, onclick: () => revokeCert(c), text: "Revoke" })
         : null))), { id: "certificates" });

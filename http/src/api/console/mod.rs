@@ -32,12 +32,13 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Form, Json, Router};
-use provisioning::{AuditEntry, CertKey, DeviceId, DeviceView, Error, Standing, Status};
+use provisioning::{AuditEntry, DeviceId, DeviceView, Error, Standing, Status};
 use serde::{Deserialize, Serialize};
 
 use super::{device_id, reason, transition, Admin, ApiError, AppState, RevokeBody};
 
 mod audit;
+mod certs;
 mod devices;
 mod grants;
 mod makers;
@@ -328,10 +329,12 @@ pub fn router() -> Router<AppState> {
         .route("/console/api/devices/{id}", get(device))
         .route("/console/api/devices/{id}/{action}", post(act))
         .route("/console/api/approve", post(approve_many))
+        .route("/console/api/devices/{id}/rotate", post(certs::rotate))
         .route(
             "/console/api/certificates/{key}/revoke",
-            post(revoke_certificate),
+            post(certs::revoke),
         )
+        .route("/console/api/certificates/{key}/pem", get(certs::pem))
         .route(
             "/console/api/manufacturers/{name}",
             get(makers::manufacturer),
@@ -870,23 +873,6 @@ async fn act(
     st.caught_up().await;
     counts_changed(&st);
     Ok(Json(view))
-}
-
-/// `POST /console/api/certificates/{key}/revoke`: one certificate (by its
-/// key, `<serial>:<scope>`), with a reason; its device's other
-/// certificates keep working.
-async fn revoke_certificate(
-    State(st): State<AppState>,
-    op: Operator,
-    headers: HeaderMap,
-    Path(key): Path<String>,
-    super::Body(body): super::Body<RevokeBody>,
-) -> Result<Json<provisioning::registry::CertRecord>, ApiError> {
-    op.check_change(&headers)?;
-    let key = key.parse::<CertKey>()?;
-    Ok(Json(
-        super::revoke_certificate_as(&st, key, &body, op.actor()).await?,
-    ))
 }
 
 /// A bulk approval's devices.
