@@ -52,13 +52,15 @@ mod migrate;
 mod reads;
 pub mod records;
 mod seal;
+mod sorted;
 pub use seal::{Checkpoint, Verification};
+pub use sorted::{natural_key, Expiring};
 
 /// The registry's layout version, in `meta`; older layouts are migrated
 /// when opened. 2: certificates keyed by [`CertKey`] instead of serial.
 /// 3: the audit log indexed by device (`audit_by_device`); 4: the
 /// certificates CRLs list (`listed`).
-const SCHEMA: u64 = 4;
+const SCHEMA: u64 = 5;
 
 /// Whether CRLs list a certificate whatever its manufacturers' standing:
 /// revoked itself, or its device revoked, suspended or pending.
@@ -441,6 +443,7 @@ impl Tx<'_> {
         self.devices
             .insert(d.id.as_str(), encode(d))
             .map_err(storage)?;
+        self.sort_device(old, d);
         Ok(())
     }
 
@@ -463,6 +466,7 @@ impl Tx<'_> {
         } else {
             self.txn.remove(Space::Listed, &key);
         }
+        self.index_expiry(c);
         Ok(())
     }
 

@@ -492,3 +492,78 @@ async fn the_device_list_filters_by_role_and_connection_and_counts() {
         .to_string();
     assert!(err.contains("device, service, admin"), "{err}");
 }
+
+/// The device list in the order people read ids (issue 29, item 5), and
+/// the filter for devices whose certificates all expire soon: soonest
+/// first, a rotated device left out (its new certificate lasts), a
+/// suspended one too; a bad number of days refused with the range.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_device_list_reads_ids_as_people_do_and_finds_those_expiring() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("data")).unwrap();
+    let creds = tmp.path().join("creds");
+    for id in ["n-10", "n-2", "n-100", "n-1", "n-9"] {
+        server.enroll(&creds, "device", id);
+    }
+    for (id, days) in [
+        ("soon-b", "20"),
+        ("soon-a", "5"),
+        ("soon-r", "5"),
+        ("soon-s", "3"),
+    ] {
+        server.cli_ok(&[
+            "device",
+            "enroll",
+            id,
+            "--out",
+            creds.to_str().unwrap(),
+            "--lifetime-days",
+            days,
+        ]);
+    }
+    server.cli_ok(&["device", "suspend", "soon-s"]);
+    server.cli_ok(&[
+        "device",
+        "rotate",
+        "soon-r",
+        "--out",
+        creds.join("rotated").to_str().unwrap(),
+    ]);
+    let admin = server.admin();
+    let ids = |page: &serde_json::Value| -> Vec<String> {
+        page["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let all: serde_json::Value = admin.get("/console/api/devices?role=device").await.unwrap();
+    assert_eq!(
+        ids(&all)[..5],
+        ["n-1", "n-2", "n-9", "n-10", "n-100"],
+        "{all}"
+    );
+    let active: serde_json::Value = admin
+        .get("/console/api/devices?status=active&after=n-9")
+        .await
+        .unwrap();
+    assert_eq!(ids(&active)[..2], ["n-10", "n-100"], "{active}");
+    let expiring: serde_json::Value = admin
+        .get("/console/api/devices?role=&expiring=30")
+        .await
+        .unwrap();
+    assert_eq!(ids(&expiring), ["soon-a", "soon-b"], "{expiring}");
+    assert!(expiring["total"].is_null());
+    let week: serde_json::Value = admin
+        .get("/console/api/devices?role=&expiring=7")
+        .await
+        .unwrap();
+    assert_eq!(ids(&week), ["soon-a"], "{week}");
+    let err = admin
+        .get::<serde_json::Value>("/console/api/devices?expiring=0")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("from 1 to 3650"), "{err}");
+}

@@ -140,6 +140,44 @@ impl Registry {
                 devices.len()
             ));
         }
+        // The browsing indexes: exactly the entries the records make.
+        let sorted: std::collections::BTreeSet<Vec<u8>> = devices
+            .values()
+            .flat_map(|d| {
+                [
+                    super::sorted::sorted_key("*", &d.id),
+                    super::sorted::sorted_key(d.status.as_str(), &d.id),
+                ]
+            })
+            .collect();
+        for (space, expected) in [
+            (Space::Sorted, sorted),
+            (
+                Space::Expiring,
+                certs
+                    .values()
+                    .filter(|c| c.revocation.is_none())
+                    .map(super::sorted::expiring_key)
+                    .collect(),
+            ),
+        ] {
+            let mut extra = 0;
+            let mut found = 0;
+            for kv in self.scan(space, b"") {
+                let (k, _) = kv?;
+                match expected.contains(&k) {
+                    true => found += 1,
+                    false => extra += 1,
+                }
+            }
+            if extra > 0 || found != expected.len() {
+                problem(format!(
+                    "{} index has {extra} stray entries and lacks {}",
+                    space.name(),
+                    expected.len() - found
+                ));
+            }
+        }
         let mut last = None;
         for kv in self.scan(Space::Audit, b"") {
             let (k, v) = kv?;

@@ -27,7 +27,10 @@ impl Registry {
         if version < 3 {
             self.audit_indexed_by_device()?;
         }
-        self.listed_indexed()?;
+        if version < 4 {
+            self.listed_indexed()?;
+        }
+        self.sorted_indexed()?;
         let txn = Txn::new(&*self.store);
         Tx::over(&txn).meta.insert("schema", SCHEMA.to_be_bytes())?;
         txn.commit(true)?;
@@ -61,6 +64,34 @@ impl Registry {
         tracing::info!(
             certificates = n,
             "registry migrated: the certificates CRLs list indexed"
+        );
+        Ok(())
+    }
+
+    /// Version 5: devices in the order people read ids, and certificates
+    /// by expiry (`sorted`), from every record.
+    fn sorted_indexed(&self) -> Result<(), Error> {
+        let mut devices = 0;
+        for part in [None, Some(())] {
+            devices = self.index_from(Space::Devices, Space::Sorted, |_, v| {
+                let d: DeviceRecord = decode("device", v)?;
+                let part = match part {
+                    None => "*",
+                    Some(()) => d.status.as_str(),
+                };
+                Ok(Some(super::sorted::sorted_key(part, &d.id)))
+            })?;
+        }
+        let certs = self.index_from(Space::Certs, Space::Expiring, |_, v| {
+            let c: CertRecord = decode("certificate", v)?;
+            Ok(c.revocation
+                .is_none()
+                .then(|| super::sorted::expiring_key(&c)))
+        })?;
+        tracing::info!(
+            devices,
+            certificates = certs,
+            "registry migrated: devices sorted as people read ids, certificates by expiry"
         );
         Ok(())
     }

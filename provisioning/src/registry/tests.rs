@@ -54,6 +54,18 @@ fn check_finds_broken_indexes() {
         "{all}"
     );
     assert_eq!(report.problems.len(), 3, "{all}");
+    // A browsing index entry lost.
+    r.transact(|tx| {
+        let (k, _) = r.scan(Space::Sorted, b"").next().unwrap()?;
+        tx.txn.remove(Space::Sorted, &k);
+        Ok(())
+    })
+    .unwrap();
+    let all = r.check().unwrap().problems.join("\n");
+    assert!(
+        all.contains("sorted index has 0 stray entries and lacks 1"),
+        "{all}"
+    );
 }
 
 #[test]

@@ -44,10 +44,15 @@ pub enum Space {
     /// Each certificate as issued (DER), by its key: what an operator
     /// downloads. Admission never reads it.
     CertDer,
+    /// Devices in the order people read ids, all and by status
+    /// (`registry::sorted`).
+    Sorted,
+    /// Certificates not revoked, by when they expire (`registry::sorted`).
+    Expiring,
 }
 
 impl Space {
-    pub const ALL: [Space; 13] = [
+    pub const ALL: [Space; 15] = [
         Self::Devices,
         Self::Certs,
         Self::Fingerprints,
@@ -61,6 +66,8 @@ impl Space {
         Self::Listed,
         Self::Console,
         Self::CertDer,
+        Self::Sorted,
+        Self::Expiring,
     ];
 
     /// Its name in the store.
@@ -79,6 +86,8 @@ impl Space {
             Self::Listed => "listed",
             Self::Console => "console",
             Self::CertDer => "cert_der",
+            Self::Sorted => "sorted",
+            Self::Expiring => "expiring",
         }
     }
 

@@ -168,10 +168,12 @@ async function devices(params) {
   // Devices unless asked otherwise: services, admins and claims apart.
   const role = params.has("role") ? params.get("role") : "device";
   const connected = params.get("connected") === "true";
+  const expiring = params.get("expiring") || "";
   const after = params.get("after") || "";
   const trail = (params.get("trail") || "").split(",").filter(Boolean);
   const qs = new URLSearchParams({ q, status, role });
   if (connected) qs.set("connected", "true");
+  if (expiring) qs.set("expiring", expiring);
   if (after) qs.set("after", after);
   const page = await api(`/console/api/devices?${qs}`);
   const search = el("input", { type: "search", id: "search", placeholder: "Search by id or manufacturer", value: q });
@@ -189,15 +191,24 @@ async function devices(params) {
     }));
   const onlyConnected = el("input", { type: "checkbox", id: "connected-filter" });
   onlyConnected.checked = connected;
+  // Active devices whose certificates all expire soon, soonest first.
+  const expiringPick = el("select", { id: "expiring-filter" },
+    [["", "any expiry"], ["7", "expiring in 7 days"], ["30", "expiring in 30 days"], ["90", "expiring in 90 days"]].map(([v, label]) => {
+      const o = el("option", { value: v, text: label });
+      if (v === expiring) o.selected = true;
+      return o;
+    }));
   const go = (extra = {}) => {
     const p = new URLSearchParams({ q: search.value, status: pick.value, role: rolePick.value, ...extra });
     if (onlyConnected.checked) p.set("connected", "true");
+    if (expiringPick.value) p.set("expiring", expiringPick.value);
     location.hash = `#/devices?${p}`;
   };
   search.addEventListener("keydown", (e) => { if (e.key === "Enter") go(); });
   pick.addEventListener("change", () => go());
   rolePick.addEventListener("change", () => go());
   onlyConnected.addEventListener("change", () => go());
+  expiringPick.addEventListener("change", () => go());
   // Pending devices can be approved here, some or all of the page at once.
   const pending = page.items.filter((d) => d.status === "pending");
   const picks = new Map(pending.map((d) => [d.id, el("input", { type: "checkbox", class: "pick", "aria-label": `select ${d.id}`, "data-pick": d.id })]));
@@ -235,6 +246,7 @@ async function devices(params) {
       el("label", { for: "search", class: "sr-only", text: "Search devices" }), search,
       el("label", { for: "status-filter", class: "sr-only", text: "Status" }), pick,
       el("label", { for: "role-filter", class: "sr-only", text: "Role" }), rolePick,
+      el("label", { for: "expiring-filter", class: "sr-only", text: "Certificate expiry" }), expiringPick,
       el("label", { class: "check" }, onlyConnected, "connected"),
       el("button", { type: "button", onclick: () => go(), text: "Search" })),
     pending.length

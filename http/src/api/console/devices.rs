@@ -1,7 +1,9 @@
-//! The console's device list: searched by id prefix (one stretch of the
-//! id order, whatever the fleet's size) or inside ids (a bounded scan),
-//! filtered by status, role and connection (to any node that answers, and
-//! which), a page at a time with each row's certificate expiry.
+//! The console's device list: in the order people read ids (`dev-2`
+//! before `dev-10`), searched by id prefix (one stretch of the id order,
+//! whatever the fleet's size) or inside ids (a bounded scan), filtered by
+//! status, role, connection (to any node that answers, and which) and
+//! expiry (soonest first, from the registry's expiry index), a page at a
+//! time with each row's certificate expiry.
 
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
@@ -26,6 +28,9 @@ pub(super) struct DevicesQuery {
     /// Only those connected, to any node that answers.
     #[serde(default)]
     connected: bool,
+    /// Only active devices whose certificates in good standing all expire
+    /// within this many days, soonest first.
+    expiring: Option<u32>,
     after: Option<String>,
 }
 
@@ -76,7 +81,18 @@ pub(super) async fn devices(
         })
         .transpose()?;
     let text = q.q.unwrap_or_default().trim().to_owned();
-    let unfiltered = text.is_empty() && status.is_none() && role.is_none() && !q.connected;
+    let unfiltered = text.is_empty()
+        && status.is_none()
+        && role.is_none()
+        && !q.connected
+        && q.expiring.is_none();
+    if q.expiring.is_some_and(|d| d == 0 || d > 3650) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "expiring: a number of days from 1 to 3650",
+        ));
+    }
     let needle = text.to_lowercase();
     let auth = st.auth.clone();
     let broker = st.broker.clone();
@@ -107,6 +123,24 @@ pub(super) async fn devices(
             }
             return Ok((found, next));
         }
+        if let Some(days) = q.expiring {
+            let now = time::OffsetDateTime::now_utc();
+            let until = now + time::Duration::days(days.into());
+            let mut after = q.after;
+            let mut found = Vec::new();
+            let mut scanned = 0;
+            // Each page of the index read is filtered like the others.
+            loop {
+                let want = PAGE - found.len();
+                let page = auth.registry.expiring(now, until, after.as_deref(), want)?;
+                scanned += page.items.len();
+                found.extend(page.items.into_iter().map(|e| e.device).filter(&wanted));
+                after = page.next;
+                if after.is_none() || found.len() >= PAGE || scanned >= SEARCH_SCAN {
+                    return Ok((found, after));
+                }
+            }
+        }
         // Ids that start with the text are one stretch of the id order:
         // read there, however large the fleet (unless the text names a
         // manufacturer, whose devices are searched for below).
@@ -122,7 +156,8 @@ pub(super) async fn devices(
         let mut after = q.after;
         let mut scanned = 0;
         loop {
-            let page = auth.registry.list(status, after.as_deref(), 500)?;
+            // In the order people read ids (dev-2 before dev-10).
+            let page = auth.registry.list_sorted(status, after.as_deref(), 500)?;
             for d in page.items {
                 scanned += 1;
                 after = Some(d.id.to_string());
