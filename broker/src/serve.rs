@@ -326,6 +326,20 @@ impl Server {
                 }
             }
         });
+        // When devices were last seen: written in batches.
+        tokio::spawn({
+            let broker = broker.clone();
+            let mut shutdown = shutdown.clone();
+            async move {
+                let mut tick = tokio::time::interval(crate::mqtt::seen::INTERVAL);
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => broker.write_seen().await,
+                        _ = shutdown.changed() => return,
+                    }
+                }
+            }
+        });
         // The audit log's seal: what settled since the last checkpoint,
         // chained and signed (every node tries; one commits each).
         tokio::spawn({
@@ -423,6 +437,8 @@ impl Server {
         follower.abort();
         upkeep.abort();
         sweeper.abort();
+        // The connections closed: when each device was last seen.
+        broker.write_seen().await;
         let auth = self.auth.clone();
         tokio::task::spawn_blocking(move || auth.registry.flush())
             .await

@@ -61,8 +61,9 @@ impl JetStreamKeeper {
         limits: &QueueLimits,
         key: super::BusKey,
     ) -> anyhow::Result<Self> {
-        let sessions = js
-            .get_or_create_stream(stream::Config {
+        let sessions = super::streams::ensure(
+            js,
+            stream::Config {
                 name: SESSIONS.into(),
                 subjects: vec![format!("{SESSION_PREFIX}>")],
                 storage: stream::StorageType::File,
@@ -71,12 +72,13 @@ impl JetStreamKeeper {
                 discard: stream::DiscardPolicy::Old,
                 allow_direct: true,
                 ..Default::default()
-            })
-            .await
-            .map_err(|e| anyhow::anyhow!("the {SESSIONS} stream on NATS JetStream: {e}"))?;
+            },
+        )
+        .await?;
         let max_age = Duration::from_millis(limits.max_age_ms.max(1000) as u64);
-        let mut queue = js
-            .get_or_create_stream(stream::Config {
+        let mut queue = super::streams::ensure(
+            js,
+            stream::Config {
                 name: QUEUE.into(),
                 subjects: vec![format!("{QUEUE_PREFIX}>")],
                 storage: stream::StorageType::File,
@@ -88,9 +90,9 @@ impl JetStreamKeeper {
                 max_message_size: limits.max_bytes.min(i32::MAX as usize) as i32,
                 allow_direct: true,
                 ..Default::default()
-            })
-            .await
-            .map_err(|e| anyhow::anyhow!("the {QUEUE} stream on NATS JetStream: {e}"))?;
+            },
+        )
+        .await?;
         let info = queue.info().await?;
         if info.config.max_messages_per_subject != limits.max_messages as i64
             || info.config.max_age != max_age

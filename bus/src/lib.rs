@@ -34,6 +34,7 @@ use provisioning::sessions::Keeper;
 pub mod ask;
 pub mod keeper;
 pub mod seal;
+mod streams;
 
 pub use seal::BusKey;
 
@@ -230,9 +231,9 @@ impl Bus {
             tracing::warn!(version = %version, "bus: nats-server {version} is older than 2.10: under partitions and restarts, releases before 2.10 were seen to lose acknowledged commands and session records (fleetgate's fault harness, Debian 12's 2.9.10); use 2.10 or later");
         }
         let js = jetstream::new(client.clone());
-        let stream = tokio::time::timeout(
-            Duration::from_secs(15),
-            js.get_or_create_stream(stream::Config {
+        let stream = streams::ensure(
+            &js,
+            stream::Config {
                 name: STREAM.into(),
                 subjects: vec![format!("{PREFIX}>")],
                 storage: stream::StorageType::File,
@@ -240,14 +241,13 @@ impl Bus {
                 max_age: cfg.max_age,
                 discard: stream::DiscardPolicy::Old,
                 ..Default::default()
-            }),
+            },
         )
-        .await
-        .map_err(|_| anyhow::anyhow!("NATS JetStream did not answer within 15 s"))?
-        .map_err(|e| anyhow::anyhow!("the {STREAM} stream on NATS JetStream: {e}"))?;
+        .await?;
         drop(stream);
-        let owners = js
-            .get_or_create_stream(stream::Config {
+        let owners = streams::ensure(
+            &js,
+            stream::Config {
                 name: OWNERS.into(),
                 subjects: vec![format!("{OWNER_PREFIX}>")],
                 storage: stream::StorageType::File,
@@ -255,9 +255,9 @@ impl Bus {
                 max_messages_per_subject: 1,
                 discard: stream::DiscardPolicy::Old,
                 ..Default::default()
-            })
-            .await
-            .map_err(|e| anyhow::anyhow!("the {OWNERS} stream on NATS JetStream: {e}"))?;
+            },
+        )
+        .await?;
         let keeper = Arc::new(
             keeper::JetStreamKeeper::open(&client, &js, cfg.replicas, limits, key.clone()).await?,
         );

@@ -52,6 +52,7 @@ mod migrate;
 mod reads;
 pub mod records;
 mod seal;
+mod seen;
 mod sorted;
 pub use seal::{Checkpoint, Verification};
 pub use sorted::{natural_key, Expiring};

@@ -491,6 +491,49 @@ async fn the_device_list_filters_by_role_and_connection_and_counts() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("device, service, admin"), "{err}");
+
+    // Last seen: when it connected, then when it left; never for the
+    // other; kept across a restart (written when the node stops).
+    let seen = |page: &serde_json::Value, id: &str| -> Option<time::OffsetDateTime> {
+        let row = page["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["id"] == id)
+            .unwrap();
+        row["last_seen"].as_str().map(|t| {
+            time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).unwrap()
+        })
+    };
+    let connected_at = seen(&devices, "d-on").expect("seen when it connected");
+    assert!(seen(&devices, "d-off").is_none());
+    drop(ev);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let left = loop {
+        let page: serde_json::Value = admin.get("/console/api/devices?role=device").await.unwrap();
+        let row = &page["items"][1];
+        assert_eq!(row["id"], "d-on");
+        if row["connected"] == false {
+            break seen(&page, "d-on").expect("seen when it left");
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "d-on still connected: {page}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(left >= connected_at);
+    let data = server.data_dir.clone();
+    assert!(server.terminate().success());
+    let server = Server::start(&data).unwrap();
+    let admin = server.admin();
+    let page: serde_json::Value = admin.get("/console/api/devices?role=device").await.unwrap();
+    // Stored to the second.
+    let stored = seen(&page, "d-on").expect("kept across the restart");
+    assert_eq!(stored.unix_timestamp(), left.unix_timestamp(), "{page}");
+    assert!(seen(&page, "d-off").is_none());
+    let device: serde_json::Value = admin.get("/console/api/devices/d-on").await.unwrap();
+    assert!(device["last_seen"].as_str().is_some(), "{device}");
 }
 
 /// The device list in the order people read ids (issue 29, item 5), and

@@ -18,6 +18,7 @@ pub mod hub;
 mod link;
 mod presence;
 mod remote;
+pub mod seen;
 mod session;
 mod share;
 
@@ -270,6 +271,8 @@ struct Sessions {
     /// Ended sessions waiting on something a new connection of the same
     /// client cancels (a delayed will, a service session's expiry).
     returns: Mutex<HashMap<DeviceId, Vec<Watcher>>>,
+    /// When devices connected or left, until written to the registry.
+    seen: seen::Seen,
 }
 
 /// A [`Return`]'s token and the sender that fires it.
@@ -341,6 +344,7 @@ struct Registration<'a> {
 
 impl Drop for Registration<'_> {
     fn drop(&mut self) {
+        self.sessions.seen.note(&self.device);
         let mut map = self.sessions.lock();
         if let Some(v) = map.get_mut(&self.device) {
             v.retain(|e| e.conn != self.conn);
@@ -368,6 +372,7 @@ impl Sessions {
         take_over: bool,
     ) -> (oneshot::Receiver<Kick>, Registration<'_>) {
         let conn = self.next.fetch_add(1, Ordering::Relaxed);
+        self.seen.note(&peer.identity.id);
         let (tx, rx) = oneshot::channel();
         let back = self
             .returns
@@ -633,6 +638,41 @@ impl Broker {
                 }
             }
         }))
+    }
+
+    /// Writes when devices were seen to the registry (what was noted since
+    /// the last write); what cannot be written is kept for the next.
+    pub async fn write_seen(&self) {
+        let seen = self.shared.sessions.seen.take();
+        if seen.is_empty() {
+            return;
+        }
+        let shared = self.shared.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            let r = shared.auth.registry.record_seen(&seen);
+            if r.is_err() {
+                shared.sessions.seen.put_back(seen);
+            }
+            r
+        })
+        .await;
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "mqtt: could not record when devices were last seen; kept for the next try")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "mqtt: recording when devices were last seen failed")
+            }
+        }
+    }
+
+    /// When `id` was last seen connecting or leaving: this node's note not
+    /// yet written, else the registry's.
+    pub fn last_seen(&self, id: &DeviceId) -> Option<time::OffsetDateTime> {
+        let here = self.shared.sessions.seen.pending(id);
+        let stored = self.shared.auth.registry.last_seen(id).ok().flatten();
+        here.max(stored)
     }
 
     pub fn live_sessions(&self) -> usize {

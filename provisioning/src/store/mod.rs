@@ -49,10 +49,13 @@ pub enum Space {
     Sorted,
     /// Certificates not revoked, by when they expire (`registry::sorted`).
     Expiring,
+    /// When each device was last seen connecting or leaving, by id (8
+    /// bytes, big-endian Unix seconds): advisory, written in batches.
+    Seen,
 }
 
 impl Space {
-    pub const ALL: [Space; 15] = [
+    pub const ALL: [Space; 16] = [
         Self::Devices,
         Self::Certs,
         Self::Fingerprints,
@@ -68,6 +71,7 @@ impl Space {
         Self::CertDer,
         Self::Sorted,
         Self::Expiring,
+        Self::Seen,
     ];
 
     /// Its name in the store.
@@ -88,6 +92,7 @@ impl Space {
             Self::CertDer => "cert_der",
             Self::Sorted => "sorted",
             Self::Expiring => "expiring",
+            Self::Seen => "seen",
         }
     }
 

@@ -234,6 +234,7 @@ async function devices(params) {
       el("td", { text: d.role }),
       el("td", { text: d.manufacturer || "—" }),
       el("td", { text: d.expires ? when(d.expires) : "—" }),
+      el("td", { class: "seen", text: d.connected ? "now" : d.last_seen ? when(d.last_seen) : "never" }),
       el("td", { title: d.nodes.join(", ") }, el("span", { class: d.connected ? "dot on" : "dot" }),
         d.connected ? `connected: ${d.nodes.join(", ")}` : "offline")));
   const pageOf = (a, t) => go({ ...(a ? { after: a } : {}), ...(t.length ? { trail: t.join(",") } : {}) });
@@ -255,7 +256,7 @@ async function devices(params) {
         el("button", { type: "button", id: "approve-page", class: "quiet", onclick: () => approve([...picks.keys()]), text: `Approve all ${pending.length} on this page` }))
       : null,
     el("div", { class: "panel" },
-      rows.length ? table([...(pending.length ? [""] : []), "id", "status", "role", "manufacturer", "certificate until", "connection"], rows, { id: "devices" }) : el("p", { class: "muted", text: "No devices match." }),
+      rows.length ? table([...(pending.length ? [""] : []), "id", "status", "role", "manufacturer", "certificate until", "last seen", "connection"], rows, { id: "devices" }) : el("p", { class: "muted", text: "No devices match." }),
       el("div", { class: "toolbar" },
         after ? el("button", { type: "button", class: "quiet", id: "previous-page", onclick: () => pageOf(trail[trail.length - 1], trail.slice(0, -1)), text: "Previous page" }) : null,
         after ? el("button", { type: "button", class: "quiet", onclick: () => go(), text: "First page" }) : null,
@@ -407,6 +408,7 @@ async function device(id) {
         ? card("manufacturer", dev.manufacturer, undefined, `#/manufacturers/${encodeURIComponent(dev.manufacturer)}`)
         : card("manufacturer", "—"),
       card("created", new Date(dev.created_at).toLocaleDateString()),
+      card("last seen", d.sessions.length ? "now" : d.last_seen ? when(d.last_seen) : "never", "last-seen"),
       card("certificates", dev.certificates.length)),
     claim,
     el("div", { class: "panel" }, el("h2", { text: "Live session" }), sessions),

@@ -46,6 +46,10 @@ struct DeviceRow {
     /// When its last certificate in good standing expires.
     #[serde(with = "time::serde::rfc3339::option")]
     expires: Option<time::OffsetDateTime>,
+    /// When it last connected or left (any node; to within the nodes'
+    /// write interval, 30 s).
+    #[serde(with = "time::serde::rfc3339::option")]
+    last_seen: Option<time::OffsetDateTime>,
 }
 
 #[derive(Debug, Serialize)]
@@ -177,7 +181,8 @@ pub(super) async fn devices(
         }
     };
     let auth = st.auth.clone();
-    let (found, next, expiries, total) = crate::api::blocking(move || {
+    let broker = st.broker.clone();
+    let (found, next, expiries, seen, total) = crate::api::blocking(move || {
         let (found, next) = find()?;
         // Each row's latest certificate in good standing: one read each.
         let expiries = found
@@ -193,8 +198,9 @@ pub(super) async fn devices(
                     .max())
             })
             .collect::<Result<Vec<_>, provisioning::Error>>()?;
+        let seen: Vec<_> = found.iter().map(|d| broker.last_seen(&d.id)).collect();
         let total = unfiltered.then(|| auth.registry.device_count());
-        Ok((found, next, expiries, total))
+        Ok((found, next, expiries, seen, total))
     })
     .await?;
     let ids: Vec<DeviceId> = found.iter().map(|d| d.id.clone()).collect();
@@ -205,7 +211,8 @@ pub(super) async fn devices(
     let items = found
         .into_iter()
         .zip(expiries)
-        .map(|(d, expires)| DeviceRow {
+        .zip(seen)
+        .map(|((d, expires), last_seen)| DeviceRow {
             nodes: nodes.remove(&d.id).unwrap_or_default(),
             connected: false,
             id: d.id,
@@ -213,6 +220,7 @@ pub(super) async fn devices(
             status: d.status,
             manufacturer: d.manufacturer,
             expires,
+            last_seen,
         })
         .map(|mut r: DeviceRow| {
             r.connected = !r.nodes.is_empty();

@@ -781,6 +781,9 @@ struct DevicePageView {
     refusals: Vec<crate::activity::Activity>,
     /// For a claim: its uses and the devices it provisioned.
     claim: Option<makers::ClaimView>,
+    /// When it last connected or left.
+    #[serde(with = "time::serde::rfc3339::option")]
+    last_seen: Option<time::OffsetDateTime>,
 }
 
 async fn device(
@@ -790,7 +793,7 @@ async fn device(
 ) -> Result<Json<DevicePageView>, ApiError> {
     let id = device_id(id)?;
     let (st2, id2) = (st.clone(), id.clone());
-    let (device, audit, commands, claim) = super::blocking(move || {
+    let (device, audit, commands, claim, last_seen) = super::blocking(move || {
         let device = st2.auth.registry.device_view(&id2)?;
         let audit = st2.auth.registry.audit_of(&id2, 50)?;
         let claim = if device.role == provisioning::Role::Claim {
@@ -798,7 +801,8 @@ async fn device(
         } else {
             None
         };
-        Ok((device, audit, st2.broker.queued_commands(&id2), claim))
+        let seen = st2.broker.last_seen(&id2);
+        Ok((device, audit, st2.broker.queued_commands(&id2), claim, seen))
     })
     .await?;
     let (commands, commands_error) = match commands {
@@ -820,6 +824,7 @@ async fn device(
     Ok(Json(DevicePageView {
         refusals: crate::activity::feed().refusals_of(id.as_str()),
         claim,
+        last_seen,
         sessions: st
             .broker
             .sessions_anywhere(std::slice::from_ref(&id))
