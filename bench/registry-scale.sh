@@ -72,8 +72,11 @@ console() {
     curl -sf --cacert "$work/fg/ca.crt" --cert "$work/fg/admin.crt" --key "$work/fg/admin.key" \
         -o /dev/null -w '%{time_total}' "https://$api$1"
 }
+mid=$(printf 'dev-%07d' $((DEVICES / 2)))
 for path in "/console/api/overview" "/console/api/devices" "/console/api/devices?q=dev-0999990" \
     "/console/api/devices?q=dev-0000007" "/console/api/devices?status=revoked" \
+    "/console/api/devices?after=$mid" "/console/api/devices?status=active&after=$mid" \
+    "/console/api/devices?role=&expiring=3650" "/console/api/devices?role=&expiring=7" \
     "/console/api/devices/dev-0000001"; do
     first=$(console "$path")
     again=$(console "$path")

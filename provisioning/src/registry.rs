@@ -467,7 +467,6 @@ impl Tx<'_> {
         } else {
             self.txn.remove(Space::Listed, &key);
         }
-        self.index_expiry(c);
         Ok(())
     }
 
@@ -505,6 +504,7 @@ impl Tx<'_> {
             });
         }
         self.put_cert(&rec)?;
+        self.index_expiry(&rec);
         self.txn.insert(Space::CertDer, &key.to_bytes(), &cert.der);
         self.fingerprints
             .insert(rec.fingerprint.as_bytes(), key.to_bytes())
@@ -998,6 +998,7 @@ impl Registry {
             }
             c.revocation = Some(Revocation { reason, at });
             tx.put_cert(&c)?;
+            tx.index_expiry(&c);
             tx.audit(
                 actor,
                 "revoke-certificate",
