@@ -33,6 +33,16 @@ fn link(server: &Server, ttl: u64) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
+/// The ids of a page of the console's device list.
+fn page_ids(page: &serde_json::Value) -> Vec<String> {
+    page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
 #[test]
 fn the_console_signs_in_once_shows_a_device_and_revokes_it() {
     for tool in [
@@ -367,13 +377,7 @@ fn the_device_search_finds_ids_by_prefix_and_by_text_inside_them() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let ids = |path: &str| -> (Vec<String>, serde_json::Value) {
         let page: serde_json::Value = rt.block_on(admin.get(path)).unwrap();
-        let ids = page["items"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|d| d["id"].as_str().unwrap().to_owned())
-            .collect();
-        (ids, page["next"].clone())
+        (page_ids(&page), page["next"].clone())
     };
     // By prefix: the id itself first, then those after it that start so.
     let (found, next) = ids("/console/api/devices?q=sensor-1");
@@ -459,19 +463,11 @@ async fn the_device_list_filters_by_role_and_connection_and_counts() {
     let (_c, mut ev) = tests::mqtt::client(server.mqtt, &on, "d-on");
     tests::mqtt::connected(&mut ev).await;
     let admin = server.admin();
-    let ids = |page: &serde_json::Value| -> Vec<String> {
-        page["items"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|d| d["id"].as_str().unwrap().to_owned())
-            .collect()
-    };
     let all: serde_json::Value = admin.get("/console/api/devices").await.unwrap();
-    assert_eq!(ids(&all), ["admin", "backend", "d-off", "d-on"]);
+    assert_eq!(page_ids(&all), ["admin", "backend", "d-off", "d-on"]);
     assert_eq!(all["total"], 4, "{all}");
     let devices: serde_json::Value = admin.get("/console/api/devices?role=device").await.unwrap();
-    assert_eq!(ids(&devices), ["d-off", "d-on"]);
+    assert_eq!(page_ids(&devices), ["d-off", "d-on"]);
     assert!(devices["total"].is_null(), "filtered: no total");
     let expires = devices["items"][0]["expires"].as_str().unwrap();
     assert!(
@@ -484,7 +480,7 @@ async fn the_device_list_filters_by_role_and_connection_and_counts() {
         .get("/console/api/devices?connected=true")
         .await
         .unwrap();
-    assert_eq!(ids(&connected), ["d-on"]);
+    assert_eq!(page_ids(&connected), ["d-on"]);
     let err = admin
         .get::<serde_json::Value>("/console/api/devices?role=robot")
         .await
@@ -573,17 +569,9 @@ async fn the_device_list_reads_ids_as_people_do_and_finds_those_expiring() {
         creds.join("rotated").to_str().unwrap(),
     ]);
     let admin = server.admin();
-    let ids = |page: &serde_json::Value| -> Vec<String> {
-        page["items"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|d| d["id"].as_str().unwrap().to_owned())
-            .collect()
-    };
     let all: serde_json::Value = admin.get("/console/api/devices?role=device").await.unwrap();
     assert_eq!(
-        ids(&all)[..5],
+        page_ids(&all)[..5],
         ["n-1", "n-2", "n-9", "n-10", "n-100"],
         "{all}"
     );
@@ -591,18 +579,18 @@ async fn the_device_list_reads_ids_as_people_do_and_finds_those_expiring() {
         .get("/console/api/devices?status=active&after=n-9")
         .await
         .unwrap();
-    assert_eq!(ids(&active)[..2], ["n-10", "n-100"], "{active}");
+    assert_eq!(page_ids(&active)[..2], ["n-10", "n-100"], "{active}");
     let expiring: serde_json::Value = admin
         .get("/console/api/devices?role=&expiring=30")
         .await
         .unwrap();
-    assert_eq!(ids(&expiring), ["soon-a", "soon-b"], "{expiring}");
+    assert_eq!(page_ids(&expiring), ["soon-a", "soon-b"], "{expiring}");
     assert!(expiring["total"].is_null());
     let week: serde_json::Value = admin
         .get("/console/api/devices?role=&expiring=7")
         .await
         .unwrap();
-    assert_eq!(ids(&week), ["soon-a"], "{week}");
+    assert_eq!(page_ids(&week), ["soon-a"], "{week}");
     let err = admin
         .get::<serde_json::Value>("/console/api/devices?expiring=0")
         .await
