@@ -115,6 +115,33 @@ fn main() {
         crl.len()
     );
 
+    // What a relying party downloads between complete CRLs: the delta,
+    // after 100 devices are suspended (resumed again after, so the data
+    // dir stays as it was).
+    let step = (devices / revoked.max(1)).max(1);
+    let held: Vec<DeviceId> = (devices.saturating_sub(100)..devices)
+        .filter(|i| i % step != 0 || i / step >= revoked)
+        .map(id)
+        .collect();
+    for d in &held {
+        auth.registry.suspend(d, "bench").expect("suspend");
+    }
+    let t = Instant::now();
+    let delta = auth
+        .issuing_delta_crl_named("issuing-delta")
+        .expect("the issuing CA's delta")
+        .expect("delta crl");
+    println!(
+        "delta CRL after {} suspensions: made in {:.0} ms, {} bytes (the complete CRL: {} bytes)",
+        held.len(),
+        ms(t.elapsed()),
+        delta.len(),
+        crl.len()
+    );
+    for d in &held {
+        auth.registry.resume(d, "bench").expect("resume");
+    }
+
     for (name, after) in [
         ("start", None),
         ("middle", Some(id(devices / 2).to_string())),

@@ -142,8 +142,9 @@ impl StatusService {
         answer
     }
 
-    /// The CRL called `name` (`issuing`, `root` or a manufacturer fleetgate
-    /// issued), re-signed when stale; `None` for no such CRL.
+    /// The CRL called `name` (`issuing`, its delta `issuing-delta`, `root`
+    /// or a manufacturer fleetgate issued), re-signed when stale; `None`
+    /// for no such CRL.
     pub fn crl(&self, name: &str) -> Result<Option<Bytes>, provisioning::Error> {
         self.fresh();
         let now = OffsetDateTime::now_utc();
@@ -156,6 +157,9 @@ impl StatusService {
             self.auth.root_crl()?
         } else if let Some(crl) = self.auth.issuing_crl_named(name) {
             // `issuing`, `issuing-2`, ...: an issuing CA generation.
+            crl?
+        } else if let Some(crl) = self.auth.issuing_delta_crl_named(name) {
+            // `issuing-delta`, ...: what changed since its base.
             crl?
         } else {
             match self.auth.registry.manufacturer(name)? {

@@ -680,7 +680,7 @@ pub(crate) fn load_signer(
     })
 }
 
-fn rcgen_reason(r: crate::RevocationReason) -> rcgen::RevocationReason {
+pub(crate) fn rcgen_reason(r: crate::RevocationReason) -> rcgen::RevocationReason {
     use crate::RevocationReason as R;
     match r {
         R::Unspecified => rcgen::RevocationReason::Unspecified,

@@ -9,6 +9,7 @@ pub mod ca;
 pub mod ceremony;
 pub mod clock;
 pub mod cmp;
+pub mod crl;
 pub mod csr;
 mod error;
 pub mod est;

@@ -224,6 +224,104 @@ fn the_crl_verifies_and_lists_revoked_and_held_certificates() {
     assert!(number(&text).parse::<u64>().unwrap() > first.parse::<u64>().unwrap());
 }
 
+/// Delta CRLs (RFC 5280 §5.2.4): the complete CRL names its delta
+/// (Freshest CRL), and the delta lists what changed since its base, a
+/// revocation and a release from hold (removeFromCRL). `openssl verify
+/// -use_deltas` with the base and the delta judges as the registry does
+/// now; with the base alone, as it did then.
+#[test]
+fn a_delta_crl_brings_a_base_up_to_date_for_openssl() {
+    let (tmp, server) = start();
+    require_tool("curl");
+    let a = server.enroll(tmp.path(), "device", "dev-a");
+    let b = server.enroll(tmp.path(), "device", "dev-b");
+    let c = server.enroll(tmp.path(), "device", "dev-c");
+    let d = server.enroll(tmp.path(), "device", "dev-d");
+    server.cli_ok(&["device", "revoke", "dev-b", "--reason", "key-compromise"]);
+    server.cli_ok(&["device", "suspend", "dev-c"]);
+    let fetch = |name: &str, file: &str| -> (std::path::PathBuf, String) {
+        let path = tmp.path().join(file);
+        let (ok, text) = run(Command::new("curl")
+            .args(["-sS", "-f", "-o"])
+            .arg(&path)
+            .arg(format!("{}/crl/{name}", server.ocsp_url())));
+        assert!(ok, "{text}");
+        let (ok, text) = run(Command::new("openssl")
+            .args(["crl", "-inform", "DER", "-noout", "-text", "-in"])
+            .arg(&path));
+        assert!(ok, "{text}");
+        (path, text)
+    };
+    let (base, text) = fetch("issuing.crl", "base.crl");
+    assert!(text.contains("X509v3 Freshest CRL"), "{text}");
+    assert!(
+        text.contains(&format!("URI:{}/crl/issuing-delta.crl", server.ocsp_url())),
+        "{text}"
+    );
+    let number = |t: &str, label: &str| -> u64 {
+        t.lines()
+            .skip_while(|l| !l.contains(label))
+            .nth(1)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let base_number = number(&text, "CRL Number");
+
+    // After the base: d revoked, c resumed.
+    server.cli_ok(&["device", "revoke", "dev-d", "--reason", "superseded"]);
+    server.cli_ok(&["device", "resume", "dev-c"]);
+    let (delta, text) = fetch("issuing-delta.crl", "delta.crl");
+    assert!(
+        text.contains("X509v3 Delta CRL Indicator: critical"),
+        "{text}"
+    );
+    assert_eq!(number(&text, "Delta CRL Indicator"), base_number, "{text}");
+    assert!(number(&text, "CRL Number") > base_number, "{text}");
+    let hex = |c: &Creds| serial_of(c).to_hex().to_uppercase();
+    assert!(text.contains(&hex(&d)), "{text}");
+    assert!(text.contains("Superseded"), "{text}");
+    assert!(text.contains(&hex(&c)), "{text}");
+    assert!(text.contains("Remove From CRL"), "{text}");
+    // Unchanged since the base: not in the delta.
+    assert!(
+        !text.contains(&hex(&b)) && !text.contains(&hex(&a)),
+        "{text}"
+    );
+
+    let verify = |cert: &Creds, crls: &[&std::path::Path]| -> (bool, String) {
+        let mut cmd = Command::new("openssl");
+        cmd.args(["verify", "-crl_check", "-use_deltas", "-CAfile"])
+            .arg(server.data_dir.join("ca.crt"))
+            .arg("-untrusted")
+            .arg(issuing(&server));
+        for crl in crls {
+            cmd.arg("-CRLfile").arg(crl);
+        }
+        run(cmd.arg(&cert.cert))
+    };
+    for (who, with_delta, revoked) in [
+        (&a, true, false),
+        (&b, true, true),
+        (&c, true, false),
+        (&d, true, true),
+        // The base alone: as things stood then.
+        (&c, false, true),
+        (&d, false, false),
+    ] {
+        let crls: Vec<&std::path::Path> = match with_delta {
+            true => vec![&base, &delta],
+            false => vec![&base],
+        };
+        let (ok, out) = verify(who, &crls);
+        assert_eq!(!ok, revoked, "{} with_delta={with_delta}: {out}", who.id);
+        if revoked {
+            assert!(out.contains("certificate revoked"), "{out}");
+        }
+    }
+}
+
 /// POSTs `body` with `content_type`: (HTTP status, response body).
 fn post(server: &Server, body: &[u8], content_type: &str) -> (u16, Vec<u8>) {
     require_tool("curl");
@@ -427,4 +525,24 @@ fn the_readme_ocsp_over_mqtt_example_works_as_printed() {
         out.contains("Response verify OK") && out.contains("dev-1.crt: good"),
         "{out}"
     );
+}
+
+/// The README's OCSP and CRL example (default ports), run as printed
+/// against this server's status port, with stock openssl and curl.
+#[test]
+fn the_readme_ocsp_and_crl_example_works_as_printed() {
+    for tool in ["openssl", "curl"] {
+        require_tool(tool);
+    }
+    let block = tests::readme_example("D=fleetgate-data\nopenssl ocsp -issuer");
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("data")).unwrap();
+    let work = tests::readme_workdir(&server, &tmp.path().join("work"));
+    server.enroll(&work.join("devices"), "device", "dev-1");
+    let script = block.replace("http://127.0.0.1:8080", &server.ocsp_url());
+    let (ok, out) = tests::run_script(&work, &script);
+    assert!(ok, "the README's OCSP and CRL example failed:\n{out}");
+    assert!(out.contains("dev-1.crt: good"), "{out}");
+    assert!(out.contains("verify OK"), "{out}");
+    assert!(out.contains("devices/dev-1.crt: OK"), "{out}");
 }

@@ -180,7 +180,52 @@ impl Authority {
         Some((|| {
             let listed = self.registry.revoked_by_issuer(None, &signer.name)?;
             let number = self.registry.next_crl_number(&signer.crl_name)?;
-            ca::crl(&signer, &listed, number)
+            let der = crate::crl::complete(&signer, &listed, number, self.ca.status_url())?;
+            // Once a day, this complete CRL becomes the base of deltas.
+            let blob = crate::crl::base_blob(&signer.crl_name);
+            let now = OffsetDateTime::now_utc();
+            let stale = match self.registry.blob(&blob)? {
+                Some((_, doc)) => {
+                    serde_json::from_slice::<crate::crl::Base>(&doc).map_or(true, |b| b.stale(now))
+                }
+                None => true,
+            };
+            if stale {
+                let base = crate::crl::Base::of(number, now, &listed);
+                let doc = serde_json::to_vec(&base).map_err(|e| Error::Corrupt(e.to_string()))?;
+                self.registry.put_blob_if_newer(&blob, number, &doc)?;
+            }
+            Ok(der)
+        })())
+    }
+
+    /// A freshly signed delta CRL of the issuing CA generation whose delta
+    /// CRL is `name` (`issuing-delta`, `issuing-2-delta`, ...), against the
+    /// base the registry keeps (made first if there is none); `None` for
+    /// another name.
+    pub fn issuing_delta_crl_named(&self, name: &str) -> Option<Result<Vec<u8>, Error>> {
+        let complete = name.strip_suffix(crate::crl::DELTA_SUFFIX)?;
+        let signer = self
+            .ca
+            .issuing_all()
+            .iter()
+            .find(|s| s.crl_name == complete)
+            .cloned()?;
+        Some((|| {
+            let blob = crate::crl::base_blob(&signer.crl_name);
+            if self.registry.blob(&blob)?.is_none() {
+                // No base yet: the complete CRL signed now is the first.
+                self.issuing_crl_named(complete).transpose()?;
+            }
+            let (_, doc) = self
+                .registry
+                .blob(&blob)?
+                .ok_or_else(|| Error::Corrupt(format!("no base for the delta CRL {name}")))?;
+            let base: crate::crl::Base = serde_json::from_slice(&doc)
+                .map_err(|e| Error::Corrupt(format!("the base of {name}: {e}")))?;
+            let listed = self.registry.revoked_by_issuer(None, &signer.name)?;
+            let number = self.registry.next_crl_number(&signer.crl_name)?;
+            crate::crl::delta(&signer, &base, &listed, number)
         })())
     }
 }
