@@ -4,20 +4,20 @@
 //!
 //! An issuing CA's complete CRL (`/crl/issuing.crl`) stays current, as
 //! before. Once a day the complete CRL signed then becomes the *base*: its
-//! number and what it listed are kept in the registry (a blob every node
-//! reads). The delta CRL (`/crl/issuing-delta.crl`) lists what changed
-//! since: certificates listed now that the base did not list, or listed
-//! with another reason, and `removeFromCRL` for those the base listed that
-//! are no longer listed (a suspended device resumed, an expired
-//! certificate). It carries the critical Delta CRL Indicator naming the
-//! base's number; complete and delta CRLs share one number sequence. With
+//! number and time are kept in the registry (a blob every node reads).
+//! The delta CRL (`/crl/issuing-delta.crl`) lists what changed since:
+//! each certificate listed now whose entry dates from then on (revoked,
+//! held, or a hold made a revocation; [`MARGIN`] earlier for clocks), and
+//! `removeFromCRL` for the certificates of devices the audit log says were
+//! resumed or approved since and that are not listed now. A certificate
+//! that expired since is left to the next complete CRL (it is invalid
+//! anyway). It carries the critical Delta CRL Indicator naming the base's
+//! number; complete and delta CRLs share one number sequence. With
 //! a status URL, the complete CRL names its delta in a Freshest CRL
 //! extension (RFC 5280 §5.2.6).
 //!
 //! rcgen signs CRLs without these extensions, so a CRL is made by rcgen,
 //! given the extension, and signed again with the same key and algorithm.
-
-use std::collections::BTreeMap;
 
 use der::asn1::{BitString, Ia5String, Uint};
 use der::{Decode, Encode};
@@ -35,85 +35,69 @@ use crate::ca::{Listed, Signer};
 fn encoding(e: der::Error) -> Error {
     Error::Certificate(format!("encoding a CRL: {e}"))
 }
-use crate::{Error, RevocationReason, Serial};
+use crate::{Error, Serial};
 
 /// A delta CRL's name: its complete CRL's, then this.
 pub const DELTA_SUFFIX: &str = "-delta";
 /// How long a base serves before the next complete CRL becomes the base.
 pub const BASE_EVERY: Duration = Duration::hours(24);
 
+/// Changes this much older than the base are listed again in its deltas:
+/// a node whose clock ran behind dated them before the base (nodes refuse
+/// to issue with a clock off by more; listing an unchanged entry again
+/// is harmless).
+pub const MARGIN: Duration = Duration::hours(1);
+
 /// The name under which the registry keeps the base of `crl_name`.
 pub(crate) fn base_blob(crl_name: &str) -> String {
     format!("crl-base/{crl_name}")
 }
 
-/// A complete CRL's content, kept as the base of delta CRLs.
+/// The complete CRL deltas are made against: its number and when it was
+/// signed. (What it listed is not kept: the delta lists what was listed
+/// or released since, by the entries' own times and the audit log, so the
+/// base stays a few bytes however large the fleet.)
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Base {
     pub number: u64,
     #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
-    /// Hex serial -> its CRL reason code (6, certificateHold, for a
-    /// device not active).
-    pub listed: BTreeMap<String, u8>,
 }
 
 impl Base {
-    pub fn of(number: u64, at: OffsetDateTime, listed: &[Listed]) -> Self {
-        Self {
-            number,
-            at,
-            listed: listed
-                .iter()
-                .map(|l| (l.serial.to_hex(), reason_code(l.reason)))
-                .collect(),
-        }
-    }
-
     /// Whether a newer complete CRL should take its place at `now`.
     pub fn stale(&self, now: OffsetDateTime) -> bool {
         now - self.at >= BASE_EVERY
     }
-}
 
-/// The CRL reason code of a listed certificate (RFC 5280 §5.3.1).
-fn reason_code(r: Option<RevocationReason>) -> u8 {
-    match r {
-        None => 6,
-        Some(r) => crate::ca::rcgen_reason(r) as u8,
+    /// Changes at or after this are in its deltas.
+    pub fn since(&self) -> OffsetDateTime {
+        self.at - MARGIN
     }
 }
 
-/// What a delta CRL lists against `base`: each changed entry, with
-/// `None` as its reason for one to remove (`removeFromCRL`).
-pub fn changes(base: &Base, now: &[Listed]) -> Vec<(Listed, bool)> {
-    let mut out = Vec::new();
-    let mut current = std::collections::HashSet::new();
-    for l in now {
-        let hex = l.serial.to_hex();
-        if base.listed.get(&hex) != Some(&reason_code(l.reason)) {
-            out.push((l.clone(), false));
-        }
-        current.insert(hex);
-    }
-    for hex in base.listed.keys() {
-        if !current.contains(hex) {
-            if let Ok(serial) = hex.parse::<Serial>() {
-                let at = OffsetDateTime::now_utc()
-                    .replace_nanosecond(0)
-                    .unwrap_or(base.at);
-                out.push((
-                    Listed {
-                        serial,
-                        at,
-                        reason: None,
-                    },
-                    true,
-                ));
-            }
-        }
-    }
-    out
+/// What a delta CRL against `base` lists: each certificate listed now
+/// whose entry dates from the base on (a revocation, a hold, a hold made
+/// a revocation), and `removeFromCRL` (`true`) for each of `released`
+/// (certificates of devices resumed or approved since, not listed now).
+pub fn changes(base: &Base, now: &[Listed], released: &[Serial]) -> Vec<(Listed, bool)> {
+    let since = base.since();
+    let listed: std::collections::HashSet<&Serial> = now.iter().map(|l| &l.serial).collect();
+    let at = OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .unwrap_or(base.at);
+    now.iter()
+        .filter(|l| l.at >= since)
+        .map(|l| (l.clone(), false))
+        .chain(released.iter().filter(|s| !listed.contains(s)).map(|s| {
+            let l = Listed {
+                serial: s.clone(),
+                at,
+                reason: None,
+            };
+            (l, true)
+        }))
+        .collect()
 }
 
 /// A complete CRL of `signer`'s listing `listed`, numbered `number`; with
@@ -148,8 +132,14 @@ pub fn complete(
 }
 
 /// The delta CRL of `signer` against `base`, numbered `number`.
-pub fn delta(signer: &Signer, base: &Base, now: &[Listed], number: u64) -> Result<Vec<u8>, Error> {
-    let changed = changes(base, now);
+pub fn delta(
+    signer: &Signer,
+    base: &Base,
+    now: &[Listed],
+    released: &[Serial],
+    number: u64,
+) -> Result<Vec<u8>, Error> {
+    let changed = changes(base, now, released);
     let this_update = OffsetDateTime::now_utc()
         .replace_nanosecond(0)
         .unwrap_or_else(|_| OffsetDateTime::now_utc());
@@ -218,6 +208,7 @@ fn with_extension(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::RevocationReason;
 
     fn listed(hex: &str, reason: Option<RevocationReason>) -> Listed {
         Listed {
@@ -230,33 +221,41 @@ mod tests {
     #[test]
     fn a_delta_lists_what_changed_since_its_base() {
         let at = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
-        let base = Base::of(
-            7,
-            at,
-            &[
-                listed("01", Some(RevocationReason::KeyCompromise)),
-                listed("02", None),
-                listed("03", None),
-            ],
-        );
+        let base = Base { number: 7, at };
+        let dated = |hex: &str, reason, d: Duration| Listed {
+            at: at + d,
+            ..listed(hex, reason)
+        };
         let now = [
-            listed("01", Some(RevocationReason::KeyCompromise)),
-            // Held, then revoked for good.
-            listed("02", Some(RevocationReason::Superseded)),
-            listed("04", None),
+            dated(
+                "01",
+                Some(RevocationReason::KeyCompromise),
+                Duration::hours(-2),
+            ),
+            // Held before the base, revoked for good after.
+            dated(
+                "02",
+                Some(RevocationReason::Superseded),
+                Duration::minutes(5),
+            ),
+            dated("04", None, Duration::minutes(5)),
+            // Within the margin: listed again, harmless.
+            dated("05", None, Duration::minutes(-30)),
         ];
-        let mut got: Vec<(String, Option<RevocationReason>, bool)> = changes(&base, &now)
+        let released = ["03".parse().unwrap(), "01".parse().unwrap()];
+        let got: Vec<(String, Option<RevocationReason>, bool)> = changes(&base, &now, &released)
             .into_iter()
             .map(|(l, remove)| (l.serial.to_hex(), l.reason, remove))
             .collect();
-        got.sort_by(|a, b| a.0.cmp(&b.0));
         assert_eq!(
             got,
             [
                 ("02".into(), Some(RevocationReason::Superseded), false),
-                // Released from hold: removed.
-                ("03".into(), None, true),
                 ("04".into(), None, false),
+                ("05".into(), None, false),
+                // Released from hold: removed. 01 is listed now (revoked
+                // since): never removed.
+                ("03".into(), None, true),
             ]
         );
         assert!(!base.stale(at + Duration::hours(23)));

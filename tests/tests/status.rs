@@ -284,11 +284,9 @@ fn a_delta_crl_brings_a_base_up_to_date_for_openssl() {
     assert!(text.contains("Superseded"), "{text}");
     assert!(text.contains(&hex(&c)), "{text}");
     assert!(text.contains("Remove From CRL"), "{text}");
-    // Unchanged since the base: not in the delta.
-    assert!(
-        !text.contains(&hex(&b)) && !text.contains(&hex(&a)),
-        "{text}"
-    );
+    // Never listed: not in the delta. (b, revoked within the hour before
+    // the base, is listed again: the margin for clocks, harmless.)
+    assert!(!text.contains(&hex(&a)), "{text}");
 
     let verify = |cert: &Creds, crls: &[&std::path::Path]| -> (bool, String) {
         let mut cmd = Command::new("openssl");

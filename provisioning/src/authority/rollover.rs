@@ -191,7 +191,7 @@ impl Authority {
                 None => true,
             };
             if stale {
-                let base = crate::crl::Base::of(number, now, &listed);
+                let base = crate::crl::Base { number, at: now };
                 let doc = serde_json::to_vec(&base).map_err(|e| Error::Corrupt(e.to_string()))?;
                 self.registry.put_blob_if_newer(&blob, number, &doc)?;
             }
@@ -224,9 +224,54 @@ impl Authority {
             let base: crate::crl::Base = serde_json::from_slice(&doc)
                 .map_err(|e| Error::Corrupt(format!("the base of {name}: {e}")))?;
             let listed = self.registry.revoked_by_issuer(None, &signer.name)?;
+            let released = self.released_since(&signer.name, base.since())?;
             let number = self.registry.next_crl_number(&signer.crl_name)?;
-            crate::crl::delta(&signer, &base, &listed, number)
+            crate::crl::delta(&signer, &base, &listed, &released, number)
         })())
+    }
+}
+
+impl Authority {
+    /// The certificates `issuer` signed of devices the audit log says were
+    /// resumed or approved at or after `since` (newest first, read back
+    /// until then): what a delta CRL may have to remove.
+    fn released_since(
+        &self,
+        issuer: &str,
+        since: OffsetDateTime,
+    ) -> Result<Vec<crate::Serial>, Error> {
+        let mut devices = std::collections::BTreeSet::new();
+        let mut before = None;
+        'pages: loop {
+            let page = self.registry.audit_newest(before, 1000)?;
+            for e in &page.items {
+                if e.at < since {
+                    break 'pages;
+                }
+                if matches!(e.action.as_str(), "resume" | "approve") {
+                    devices.extend(e.device.clone());
+                }
+            }
+            match page.next.and_then(|n| n.parse().ok()) {
+                Some(n) => before = Some(n),
+                None => break,
+            }
+        }
+        let mut out = Vec::new();
+        for id in devices {
+            let view = match self.registry.device_view(&id) {
+                Ok(v) => v,
+                Err(Error::NotFound { .. }) => continue,
+                Err(e) => return Err(e),
+            };
+            out.extend(
+                view.certificates
+                    .into_iter()
+                    .filter(|c| c.record.issuer == issuer && c.record.manufacturer.is_none())
+                    .map(|c| c.record.serial),
+            );
+        }
+        Ok(out)
     }
 }
 
