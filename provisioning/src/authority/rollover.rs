@@ -193,7 +193,11 @@ impl Authority {
             if stale {
                 let base = crate::crl::Base { number, at: now };
                 let doc = serde_json::to_vec(&base).map_err(|e| Error::Corrupt(e.to_string()))?;
-                self.registry.put_blob_if_newer(&blob, number, &doc)?;
+                // The complete CRL is served even if its base cannot be
+                // kept now: deltas stay on the older base meanwhile.
+                if let Err(e) = self.registry.put_blob_if_newer(&blob, number, &doc) {
+                    tracing::warn!(crl = %signer.crl_name, error = %e, "crl: could not keep this CRL as the base of deltas; the older base serves");
+                }
             }
             Ok(der)
         })())
