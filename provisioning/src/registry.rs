@@ -803,7 +803,10 @@ impl Registry {
         // durable. A device is revoked in one transaction either way, and
         // revoking is idempotent: a crash half way leaves a part revoked,
         // which the operator's retry completes.
-        let per = (self.store.max_writes() / 8).max(1);
+        // A device with one certificate takes nine writes: its record, the
+        // status and sorted indexes' old and new entries, the certificate
+        // and its CRL entry, the audit entry and its index.
+        let per = (self.store.max_writes() / 12).max(1);
         let mut out = BulkRevocation::default();
         for chunk in unique.chunks(per) {
             let part = self.revoke_chunk(chunk, revocation, actor)?;
