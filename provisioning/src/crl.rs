@@ -7,7 +7,9 @@
 //! number and time are kept in the registry (a blob every node reads).
 //! The delta CRL (`/crl/issuing-delta.crl`) lists what changed since:
 //! each certificate listed now whose entry dates from then on (revoked,
-//! held, or a hold made a revocation; [`MARGIN`] earlier for clocks), and
+//! held, or a hold made a revocation; [`MARGIN`] earlier) or whose device
+//! the audit log names after the base's newest entry (so a node whose
+//! clock ran behind cannot date a revocation out of the delta), and
 //! `removeFromCRL` for the certificates of devices the audit log says were
 //! resumed or approved since and that are not listed now. A certificate
 //! that expired since is left to the next complete CRL (it is invalid
@@ -62,6 +64,32 @@ pub struct Base {
     pub number: u64,
     #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
+    /// The audit log's newest entry then: what came after it changed
+    /// since, whatever the clock of the node that wrote it said.
+    #[serde(default)]
+    pub audit_seq: u64,
+}
+
+/// What the audit log says changed since a base: devices whose
+/// certificates may have been listed (revoked, suspended, registered
+/// pending, one certificate revoked), devices released (resumed,
+/// approved), and whether a manufacturer was revoked (then every listed
+/// certificate goes in the delta).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Since {
+    pub listed: Vec<Serial>,
+    pub released: Vec<Serial>,
+    pub manufacturer_revoked: bool,
+}
+
+/// Which way an audit action moves a device's certificates on a CRL:
+/// `Some(true)` onto it, `Some(false)` off it.
+pub fn moves(action: &str) -> Option<bool> {
+    match action {
+        "revoke" | "suspend" | "revoke-certificate" | "jit-register" => Some(true),
+        "resume" | "approve" => Some(false),
+        _ => None,
+    }
 }
 
 impl Base {
@@ -77,26 +105,34 @@ impl Base {
 }
 
 /// What a delta CRL against `base` lists: each certificate listed now
-/// whose entry dates from the base on (a revocation, a hold, a hold made
-/// a revocation), and `removeFromCRL` (`true`) for each of `released`
-/// (certificates of devices resumed or approved since, not listed now).
-pub fn changes(base: &Base, now: &[Listed], released: &[Serial]) -> Vec<(Listed, bool)> {
-    let since = base.since();
+/// that changed since (its entry dated from the base, less [`MARGIN`], on;
+/// or the audit log names it; or any, after a manufacturer's revocation),
+/// and `removeFromCRL` (`true`) for each released certificate not listed
+/// now.
+pub fn changes(base: &Base, now: &[Listed], since: &Since) -> Vec<(Listed, bool)> {
+    let from = base.since();
+    let named: std::collections::HashSet<&Serial> = since.listed.iter().collect();
     let listed: std::collections::HashSet<&Serial> = now.iter().map(|l| &l.serial).collect();
     let at = OffsetDateTime::now_utc()
         .replace_nanosecond(0)
         .unwrap_or(base.at);
     now.iter()
-        .filter(|l| l.at >= since)
+        .filter(|l| since.manufacturer_revoked || l.at >= from || named.contains(&l.serial))
         .map(|l| (l.clone(), false))
-        .chain(released.iter().filter(|s| !listed.contains(s)).map(|s| {
-            let l = Listed {
-                serial: s.clone(),
-                at,
-                reason: None,
-            };
-            (l, true)
-        }))
+        .chain(
+            since
+                .released
+                .iter()
+                .filter(|s| !listed.contains(s))
+                .map(|s| {
+                    let l = Listed {
+                        serial: s.clone(),
+                        at,
+                        reason: None,
+                    };
+                    (l, true)
+                }),
+        )
         .collect()
 }
 
@@ -136,10 +172,10 @@ pub fn delta(
     signer: &Signer,
     base: &Base,
     now: &[Listed],
-    released: &[Serial],
+    since: &Since,
     number: u64,
 ) -> Result<Vec<u8>, Error> {
-    let changed = changes(base, now, released);
+    let changed = changes(base, now, since);
     let this_update = OffsetDateTime::now_utc()
         .replace_nanosecond(0)
         .unwrap_or_else(|_| OffsetDateTime::now_utc());
@@ -221,7 +257,11 @@ mod tests {
     #[test]
     fn a_delta_lists_what_changed_since_its_base() {
         let at = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
-        let base = Base { number: 7, at };
+        let base = Base {
+            number: 7,
+            at,
+            audit_seq: 40,
+        };
         let dated = |hex: &str, reason, d: Duration| Listed {
             at: at + d,
             ..listed(hex, reason)
@@ -241,23 +281,48 @@ mod tests {
             dated("04", None, Duration::minutes(5)),
             // Within the margin: listed again, harmless.
             dated("05", None, Duration::minutes(-30)),
+            // Revoked after the base by a node whose clock was a day
+            // behind: the audit log names it.
+            dated(
+                "06",
+                Some(RevocationReason::KeyCompromise),
+                Duration::days(-1),
+            ),
         ];
-        let released = ["03".parse().unwrap(), "01".parse().unwrap()];
-        let got: Vec<(String, Option<RevocationReason>, bool)> = changes(&base, &now, &released)
-            .into_iter()
-            .map(|(l, remove)| (l.serial.to_hex(), l.reason, remove))
-            .collect();
+        let since = Since {
+            listed: vec!["06".parse().unwrap()],
+            released: vec!["03".parse().unwrap(), "01".parse().unwrap()],
+            manufacturer_revoked: false,
+        };
+        let got = |since: &Since| -> Vec<(String, bool)> {
+            changes(&base, &now, since)
+                .into_iter()
+                .map(|(l, remove)| (l.serial.to_hex(), remove))
+                .collect()
+        };
         assert_eq!(
-            got,
+            got(&since),
             [
-                ("02".into(), Some(RevocationReason::Superseded), false),
-                ("04".into(), None, false),
-                ("05".into(), None, false),
+                ("02".into(), false),
+                ("04".into(), false),
+                ("05".into(), false),
+                ("06".into(), false),
                 // Released from hold: removed. 01 is listed now (revoked
                 // since): never removed.
-                ("03".into(), None, true),
+                ("03".into(), true),
             ]
         );
+        let reason = changes(&base, &now, &since)[0].0.reason;
+        assert_eq!(reason, Some(RevocationReason::Superseded));
+        // After a manufacturer's revocation, everything listed.
+        let all = Since {
+            manufacturer_revoked: true,
+            ..Since::default()
+        };
+        assert_eq!(got(&all).len(), now.len());
+        assert_eq!(moves("suspend"), Some(true));
+        assert_eq!(moves("approve"), Some(false));
+        assert_eq!(moves("enroll"), None);
         assert!(!base.stale(at + Duration::hours(23)));
         assert!(base.stale(at + BASE_EVERY));
     }

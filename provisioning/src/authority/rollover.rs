@@ -191,7 +191,17 @@ impl Authority {
                 None => true,
             };
             if stale {
-                let base = crate::crl::Base { number, at: now };
+                let audit_seq = self
+                    .registry
+                    .audit_newest(None, 1)?
+                    .items
+                    .first()
+                    .map_or(0, |e| e.seq);
+                let base = crate::crl::Base {
+                    number,
+                    at: now,
+                    audit_seq,
+                };
                 let doc = serde_json::to_vec(&base).map_err(|e| Error::Corrupt(e.to_string()))?;
                 // The complete CRL is served even if its base cannot be
                 // kept now: deltas stay on the older base meanwhile.
@@ -228,54 +238,63 @@ impl Authority {
             let base: crate::crl::Base = serde_json::from_slice(&doc)
                 .map_err(|e| Error::Corrupt(format!("the base of {name}: {e}")))?;
             let listed = self.registry.revoked_by_issuer(None, &signer.name)?;
-            let released = self.released_since(&signer.name, base.since())?;
+            let since = self.changed_since(&signer.name, &base)?;
             let number = self.registry.next_crl_number(&signer.crl_name)?;
-            crate::crl::delta(&signer, &base, &listed, &released, number)
+            crate::crl::delta(&signer, &base, &listed, &since, number)
         })())
     }
 }
 
 impl Authority {
-    /// The certificates `issuer` signed of devices the audit log says were
-    /// resumed or approved at or after `since` (newest first, read back
-    /// until then): what a delta CRL may have to remove.
-    fn released_since(
+    /// What the audit log says changed since `base` for the certificates
+    /// `issuer` signed: read newest first back past both the base's newest
+    /// entry and its time less the margin (whichever is further).
+    fn changed_since(
         &self,
         issuer: &str,
-        since: OffsetDateTime,
-    ) -> Result<Vec<crate::Serial>, Error> {
-        let mut devices = std::collections::BTreeSet::new();
+        base: &crate::crl::Base,
+    ) -> Result<crate::crl::Since, Error> {
+        let from = base.since();
+        let mut onto = std::collections::BTreeSet::new();
+        let mut off = std::collections::BTreeSet::new();
+        let mut since = crate::crl::Since::default();
         let mut before = None;
         'pages: loop {
             let page = self.registry.audit_newest(before, 1000)?;
             for e in &page.items {
-                if e.at < since {
+                if e.seq <= base.audit_seq && e.at < from {
                     break 'pages;
                 }
-                if matches!(e.action.as_str(), "resume" | "approve") {
-                    devices.extend(e.device.clone());
+                if e.action == "manufacturer-revoke" {
+                    since.manufacturer_revoked = true;
                 }
+                match (crate::crl::moves(&e.action), &e.device) {
+                    (Some(true), Some(d)) => onto.insert(d.clone()),
+                    (Some(false), Some(d)) => off.insert(d.clone()),
+                    _ => false,
+                };
             }
             match page.next.and_then(|n| n.parse().ok()) {
                 Some(n) => before = Some(n),
                 None => break,
             }
         }
-        let mut out = Vec::new();
-        for id in devices {
-            let view = match self.registry.device_view(&id) {
-                Ok(v) => v,
-                Err(Error::NotFound { .. }) => continue,
-                Err(e) => return Err(e),
-            };
-            out.extend(
-                view.certificates
-                    .into_iter()
-                    .filter(|c| c.record.issuer == issuer && c.record.manufacturer.is_none())
-                    .map(|c| c.record.serial),
-            );
+        for (devices, out) in [(onto, &mut since.listed), (off, &mut since.released)] {
+            for id in devices {
+                let view = match self.registry.device_view(&id) {
+                    Ok(v) => v,
+                    Err(Error::NotFound { .. }) => continue,
+                    Err(e) => return Err(e),
+                };
+                out.extend(
+                    view.certificates
+                        .into_iter()
+                        .filter(|c| c.record.issuer == issuer && c.record.manufacturer.is_none())
+                        .map(|c| c.record.serial),
+                );
+            }
         }
-        Ok(out)
+        Ok(since)
     }
 }
 
