@@ -227,14 +227,16 @@ impl Authority {
             .cloned()?;
         Some((|| {
             let blob = crate::crl::base_blob(&signer.crl_name);
-            if self.registry.blob(&blob)?.is_none() {
-                // No base yet: the complete CRL signed now is the first.
-                self.issuing_crl_named(complete).transpose()?;
-            }
-            let (_, doc) = self
-                .registry
-                .blob(&blob)?
-                .ok_or_else(|| Error::Corrupt(format!("no base for the delta CRL {name}")))?;
+            let (_, doc) = match self.registry.blob(&blob)? {
+                Some(kept) => kept,
+                None => {
+                    // No base yet: the complete CRL signed now is the first.
+                    self.issuing_crl_named(complete).transpose()?;
+                    self.registry.blob(&blob)?.ok_or_else(|| {
+                        Error::Corrupt(format!("no base for the delta CRL {name}"))
+                    })?
+                }
+            };
             let base: crate::crl::Base = serde_json::from_slice(&doc)
                 .map_err(|e| Error::Corrupt(format!("the base of {name}: {e}")))?;
             let listed = self.registry.revoked_by_issuer(None, &signer.name)?;
