@@ -62,6 +62,15 @@ impl SkewFixture {
         a.extend(extra);
         run(node.mosquitto("mosquitto_sub", &self.dev).args(a))
     }
+
+    /// The service queues command `c1` for the device through `node`
+    /// (QoS 1, with `extra` flags), and it is acknowledged.
+    fn command(&self, node: &Server, extra: &[&str]) {
+        let mut a = vec!["-q", "1", "-t", "devices/dev-1/commands/update", "-m", "c1"];
+        a.extend(extra);
+        let (ok, out) = run(node.mosquitto("mosquitto_pub", &self.svc).args(a));
+        assert!(ok && !out.contains("failed"), "{out}");
+    }
 }
 
 /// A command queued through a node whose clock is behind keeps its whole
@@ -72,7 +81,7 @@ impl SkewFixture {
 #[test]
 fn a_command_queued_through_a_node_whose_clock_is_behind_keeps_its_expiry_interval() {
     let f = SkewFixture::new();
-    let (one, two, clock, svc) = (&f.one, &f.two, &f.clock, &f.svc);
+    let (one, two, clock) = (&f.one, &f.two, &f.clock);
     let session = |extra: &[&str]| f.session(one, extra);
     // The device's persistent session, then the device away.
     let (ok, out) = session(&["-E"]);
@@ -81,21 +90,17 @@ fn a_command_queued_through_a_node_whose_clock_is_behind_keeps_its_expiry_interv
     // five, so it still takes the service's), and a command with a
     // minute to live through it.
     std::fs::write(clock, "-4m\n").unwrap();
-    let (ok, out) = run(two.mosquitto("mosquitto_pub", svc).args([
-        "-V",
-        "mqttv5",
-        "-q",
-        "1",
-        "-t",
-        "devices/dev-1/commands/update",
-        "-m",
-        "c1",
-        "-D",
-        "publish",
-        "message-expiry-interval",
-        "60",
-    ]));
-    assert!(ok && !out.contains("failed"), "{out}");
+    f.command(
+        two,
+        &[
+            "-V",
+            "mqttv5",
+            "-D",
+            "publish",
+            "message-expiry-interval",
+            "60",
+        ],
+    );
     // The device back, on node one: the command is there.
     let (ok, out) = session(&["-C", "1", "-W", "20"]);
     assert!(ok && out.lines().any(|l| l == "c1"), "{out}");
@@ -109,20 +114,12 @@ fn a_command_queued_through_a_node_whose_clock_is_behind_keeps_its_expiry_interv
 #[test]
 fn a_node_whose_clock_jumped_ahead_delivers_queued_commands_rather_than_expire_them() {
     let f = SkewFixture::new();
-    let (one, two, clock, svc) = (&f.one, &f.two, &f.clock, &f.svc);
+    let (one, two, clock) = (&f.one, &f.two, &f.clock);
     let session = |node: &Server, extra: &[&str]| f.session(node, extra);
     let (ok, out) = session(one, &["-E"]);
     assert!(ok, "{out}");
     // Queued through node one (the default: a day to live).
-    let (ok, out) = run(one.mosquitto("mosquitto_pub", svc).args([
-        "-q",
-        "1",
-        "-t",
-        "devices/dev-1/commands/update",
-        "-m",
-        "c1",
-    ]));
-    assert!(ok && !out.contains("failed"), "{out}");
+    f.command(one, &[]);
     // Node two's clock two days ahead; the device back, on node two.
     std::fs::write(clock, "+2d\n").unwrap();
     let (ok, out) = session(two, &["-C", "1", "-W", "20"]);
@@ -150,15 +147,7 @@ fn a_session_left_on_a_node_whose_clock_is_behind_keeps_its_expiry() {
     // one.
     let (ok, out) = f.session(two, &["-V", "mqttv5", "-x", "60", "-E"]);
     assert!(ok, "{out}");
-    let (ok, out) = run(one.mosquitto("mosquitto_pub", &f.svc).args([
-        "-q",
-        "1",
-        "-t",
-        "devices/dev-1/commands/update",
-        "-m",
-        "c1",
-    ]));
-    assert!(ok && !out.contains("failed"), "{out}");
+    f.command(one, &[]);
     // Back within the minute, on node one: the session and the command
     // are there.
     let (ok, out) = f.session(one, &["-V", "mqttv5", "-x", "60", "-C", "1", "-W", "20"]);
