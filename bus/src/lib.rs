@@ -162,8 +162,37 @@ pub struct Incoming {
 impl Incoming {
     /// Done with it: the stream need not send it to this node again.
     pub async fn ack(self) {
-        if let Err(e) = self.acker.ack().await {
+        self.into_acker().ack().await;
+    }
+
+    /// What acknowledges it later, once whoever takes it is done with it.
+    pub fn into_acker(self) -> Acker {
+        Acker(self.acker)
+    }
+}
+
+/// Acknowledges one message to the stream, once its taker is done with it.
+pub struct Acker(jetstream::Message);
+
+impl std::fmt::Debug for Acker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Acker").field(&self.0.subject).finish()
+    }
+}
+
+impl Acker {
+    /// Done with it: the stream need not send it again.
+    pub async fn ack(self) {
+        if let Err(e) = self.0.ack().await {
             tracing::debug!(error = %e, "bus: ack failed; it may come again");
+        }
+    }
+
+    /// Not taken: the stream sends it again now (to whichever puller asks
+    /// next), not after its acknowledgement wait.
+    pub async fn nak(self) {
+        if let Err(e) = self.0.ack_with(jetstream::AckKind::Nak(None)).await {
+            tracing::debug!(error = %e, "bus: nak failed; it comes again after its wait");
         }
     }
 }

@@ -50,6 +50,15 @@ impl RouterAcks {
         self.next_token
     }
 
+    /// A token for a delivery that did not come from the router (one the
+    /// session acknowledges elsewhere), from the same sequence as the
+    /// router's: the outbox takes tokens in growing order. [`RouterAcks::done`]
+    /// with it changes nothing.
+    pub fn token(&mut self) -> u64 {
+        self.next_token += 1;
+        self.next_token
+    }
+
     /// The client is done with the delivery `token` (acknowledged it, or
     /// it was sent at QoS 0). Returns what the router may have now.
     pub fn done(&mut self, token: u64) -> Vec<Packet> {
@@ -126,5 +135,17 @@ mod tests {
         assert!(a.pubrel(2).is_none(), "completed once");
         // Unknown tokens change nothing.
         assert!(a.done(99).is_empty());
+    }
+
+    #[test]
+    fn a_token_from_elsewhere_grows_with_the_routers_and_owes_it_nothing() {
+        let mut a = RouterAcks::default();
+        let t1 = a.owe(1, 1);
+        let other = a.token();
+        let t2 = a.owe(2, 1);
+        assert!(t1 < other && other < t2, "one growing sequence");
+        assert!(a.done(other).is_empty(), "nothing owed to the router");
+        assert!(a.done(t2).is_empty(), "still behind the first");
+        assert_eq!(pkids(&a.done(t1)), [('a', 1), ('a', 2)]);
     }
 }

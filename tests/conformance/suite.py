@@ -450,6 +450,16 @@ class TestSubscriptionOptions(Case):
         d.publish(t, b"live", qos=1)
         self.assertEqual(svc.expect(1)[0].payload, b"live")
 
+    def test_one_unsubscribe_for_a_group_and_filters_answers_each_in_order(self):
+        # A session held outside the router answers its own filters, and
+        # the router its group's: one reason per filter, in order (the
+        # router's UNSUBACK had the group's reason alone).
+        svc = self.service()
+        rcs, _ = svc.subscribe_many([("devices/+/state", 1), ("$share/g/devices/+/state", 1)])
+        self.assertTrue(all(r.value < 0x80 for r in rcs), rcs)
+        rcs, _ = svc.unsubscribe(["devices/+/none", "$share/g/devices/+/state", "devices/+/state"])
+        self.assertEqual([r.value for r in rcs], [0x11, 0x00, 0x00])
+
     def test_subscription_identifiers(self):
         d = self.device()
         base = f"devices/{d.ident}"

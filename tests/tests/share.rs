@@ -127,3 +127,90 @@ async fn a_share_group_gets_what_any_node_stored_after_its_first_suback() {
     publisher.abort();
     device_loop.abort();
 }
+
+/// A group's message is the member's to lose only once the member has
+/// acknowledged it: what a member received and did not acknowledge before
+/// its connection ended goes to another member. Each node acknowledged a
+/// group's message to the stream once it was in its router, so a member
+/// that went away with messages in flight took them with it (a clean
+/// session keeps nothing: lost, though the device had its PUBACK).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_member_left_unacknowledged_goes_to_another_member() {
+    let (tmp, _etcd, _nats, one, two) = tests::two_nodes(&[]);
+    let creds = tmp.path().join("c");
+    let dev = one.enroll(&creds, "device", "dev-1");
+    let svc_a = one.enroll(&creds, "service", "backend-a");
+    let svc_b = one.enroll(&creds, "service", "backend-b");
+    let filter = "$share/g/devices/+/telemetry";
+
+    // Member a, on node one, takes messages and never acknowledges them.
+    let mut opts = tests::mqtt::options(one.mqtt, &svc_a, "backend-a");
+    opts.set_manual_acks(true);
+    let (a, mut a_ev) = rumqttc::AsyncClient::new(opts, 16);
+    connected(&mut a_ev).await;
+    a.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), a_ev.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => break,
+            Ok(Ok(_)) => {}
+            other => panic!("no SUBACK: {other:?}"),
+        }
+    }
+
+    // The device, on node two: five QoS 1 messages, each acknowledged.
+    let (device, mut dev_ev) = client(two.mqtt, &dev, "dev-1");
+    connected(&mut dev_ev).await;
+    for n in 1..=5 {
+        device
+            .publish(
+                "devices/dev-1/telemetry",
+                QoS::AtLeastOnce,
+                false,
+                n.to_string(),
+            )
+            .await
+            .unwrap();
+    }
+    let mut acked = 0;
+    while acked < 5 {
+        match tokio::time::timeout(Duration::from_secs(10), dev_ev.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acked += 1,
+            Ok(Ok(_)) => {}
+            other => panic!("telemetry not acknowledged: {other:?}"),
+        }
+    }
+
+    // Member a gets all five, acknowledges none, and goes away.
+    let mut held = BTreeSet::new();
+    while held.len() < 5 {
+        match tokio::time::timeout(Duration::from_secs(10), a_ev.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
+                held.insert(String::from_utf8_lossy(&p.payload).into_owned());
+            }
+            Ok(Ok(_)) => {}
+            other => panic!("member a got {held:?} only: {other:?}"),
+        }
+    }
+    drop(a);
+    drop(a_ev);
+
+    // Member b, on node two, joins: it gets the five.
+    let (b, mut b_ev) = client(two.mqtt, &svc_b, "backend-b");
+    connected(&mut b_ev).await;
+    b.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
+    let mut got = BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while got != held {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, b_ev.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
+                got.insert(String::from_utf8_lossy(&p.payload).into_owned());
+            }
+            Ok(Ok(_)) => {}
+            other => panic!(
+                "member b got {got:?} of the {held:?} member a left unacknowledged: {other:?}"
+            ),
+        }
+    }
+    drop(device);
+}

@@ -8,8 +8,9 @@
 //! session's queue in the form the router delivers (marked, see
 //! [`super::stamp`]). The router sees a message only if a subscription it
 //! holds may match: a persistent service session's (connected, or kept
-//! until it expires: [`super::kept::Kept::any_filter`]), a `$share`
-//! group's, or the groups' own deliveries under `fleetgate:share/`.
+//! until it expires: [`super::kept::Kept::any_filter`]), or a `$share`
+//! group's on a node without a bus (with one, a group's messages come
+//! from the bus: [`super::share`]).
 //!
 //! So with no persistent service sessions and no groups, a device's
 //! message to a service makes no thread hop (before: an ingest link's
@@ -253,11 +254,12 @@ pub(super) async fn onward(
             tracing::warn!(reason = "service_backlog", dropped_total = before + n, "mqtt: a service reads more slowly than its messages come: messages past its backlog dropped for it");
         }
     }
-    let router_wants = reach.shared
-        || topic.starts_with("fleetgate:")
-        || shared
-            .kept
-            .any_filter(|f| topic_matches(share_inner(f), topic));
+    // With a bus, a group is not the router's (see `super::share`).
+    let groups_in_router = shared.cfg.bus.is_none();
+    let router_wants = (reach.shared && groups_in_router)
+        || shared.kept.any_filter(|f| {
+            (groups_in_router || !f.starts_with("$share/")) && topic_matches(share_inner(f), topic)
+        });
     if !router_wants {
         return Ok(());
     }

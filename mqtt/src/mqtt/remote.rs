@@ -91,23 +91,9 @@ pub(super) async fn into_router(
     topic: String,
     retain: bool,
 ) -> bool {
-    let m = &i.message;
-    let now = now_ms();
-    if m.expires_at_ms
-        .is_some_and(|t| t <= shared.hub.expiry_now_ms())
-    {
+    let Some(onward) = marked(shared, i, topic, retain) else {
         return false;
-    }
-    let onward = Marked::new(
-        Publish::new(Bytes::from(topic), Bytes::from(m.payload.clone()), false),
-        stamp::mark(
-            message_properties(m, Vec::new(), now),
-            m.qos,
-            retain,
-            &i.stamp,
-        ),
-        None,
-    );
+    };
     if fanout::onward(shared, &i.client, None, onward)
         .await
         .is_err()
@@ -116,4 +102,27 @@ pub(super) async fn into_router(
         return false;
     }
     true
+}
+
+/// A message from the bus as this node delivers it, under `topic`, with
+/// the sender's identity mark (and whether it was retained); `None` if it
+/// expired.
+pub(super) fn marked(shared: &Shared, i: &Incoming, topic: String, retain: bool) -> Option<Marked> {
+    let m = &i.message;
+    if m.expires_at_ms
+        .is_some_and(|t| t <= shared.hub.expiry_now_ms())
+    {
+        return None;
+    }
+    let now = now_ms();
+    Some(Marked::new(
+        Publish::new(Bytes::from(topic), Bytes::from(m.payload.clone()), false),
+        stamp::mark(
+            message_properties(m, Vec::new(), now),
+            m.qos,
+            retain,
+            &i.stamp,
+        ),
+        None,
+    ))
 }

@@ -132,6 +132,9 @@ struct Session {
     /// SUBSCRIBEs sent to the router with some filters refused here: the
     /// refused positions, to merge into the router's SUBACK.
     pending_subacks: HashMap<u16, (Vec<Option<SubscribeReasonCode>>, Option<String>)>,
+    /// UNSUBSCRIBEs sent to the router with some filters answered here:
+    /// those filters' reasons in their places, to merge into its UNSUBACK.
+    pending_unsubacks: HashMap<u16, Vec<Option<UnsubAckReason>>>,
     /// OCSP requests this session may still have answered.
     ocsp_budget: crate::net::RateLimiter<()>,
     /// What this device's messages carry of its identity ([`stamp::of`]).
@@ -156,6 +159,16 @@ struct Session {
     overlaps: Overlaps,
     /// A service's `$share` subscriptions across nodes (with a bus).
     groups: HashMap<String, super::share::Membership>,
+    /// Where its groups on this node hand it their messages.
+    group_queue: Option<(
+        super::share::MemberTx,
+        mpsc::Receiver<super::share::GroupMessage>,
+    )>,
+    /// Group messages in its outbox, by token: acknowledged to the stream
+    /// once the client is done with them.
+    group_owed: HashMap<u64, crate::bus::Acker>,
+    /// Group messages the client is done with, to acknowledge.
+    group_done: Vec<crate::bus::Acker>,
     /// The session is this node's, cluster-wide (with a bus).
     claim: Option<crate::bus::Claim>,
     /// A service's SUBSCRIBEs whose retained messages are sent once the
@@ -226,6 +239,7 @@ pub(super) fn run(
         ),
         peer,
         pending_subacks: HashMap::new(),
+        pending_unsubacks: HashMap::new(),
         ocsp_budget: crate::net::RateLimiter::new(shared.cfg.ocsp_rate),
         shared: shared.clone(),
         pending_acks: std::sync::Mutex::default(),
@@ -236,6 +250,9 @@ pub(super) fn run(
         service_subs: Filters::default(),
         overlaps: Overlaps::default(),
         groups: HashMap::new(),
+        group_queue: None,
+        group_owed: HashMap::new(),
+        group_done: Vec::new(),
         claim: None,
         pending_retained: HashMap::new(),
     });
@@ -358,6 +375,7 @@ async fn session(
         s.end_router_session(&End::Closed("at CONNACK".into()))
             .await;
         s.close_device(terms.expiry).await;
+        s.leave_groups().await;
         return Err(());
     }
 
@@ -403,6 +421,7 @@ async fn session(
     s.end_router_session(&end).await;
     drop(link_rx);
     s.inbox = None;
+    s.leave_groups().await;
 
     // A service's kept session in the router ends at its expiry (now, if
     // it has none), unless the service comes back first (rumqttd itself
@@ -653,6 +672,16 @@ impl Session {
                         return end;
                     }
                 },
+                g = next_group(self.group_queue.as_mut()), if self.ch.outbox.len().0 < INBOX_TAKE => if let Some(g) = g {
+                    self.take_group(g);
+                    while self.ch.outbox.len().0 < INBOX_TAKE {
+                        let Some(g) = self.group_queue.as_mut().and_then(|(_, rx)| rx.try_recv().ok()) else { break };
+                        self.take_group(g);
+                    }
+                    if let Some(end) = Box::pin(self.pump()).await {
+                        return end;
+                    }
+                },
                 m = next_marked(self.inbox.as_mut()), if self.ch.outbox.len().0 < INBOX_TAKE => if let Some(m) = m {
                     self.take_marked(&m);
                     while self.ch.outbox.len().0 < INBOX_TAKE {
@@ -691,6 +720,9 @@ impl Session {
             }
             for token in done.drain(..) {
                 self.finished(token, &mut to_router);
+            }
+            for acker in self.group_done.drain(..) {
+                acker.ack().await;
             }
             let Some(side) = self.device.as_ref() else {
                 break;
@@ -740,6 +772,8 @@ impl Session {
                 .hub
                 .keeper()
                 .delivered(&self.peer.identity.id, token);
+        } else if let Some(acker) = self.group_owed.remove(&token) {
+            self.group_done.push(acker);
         } else {
             to_router.extend(self.acks.done(token));
         }
@@ -878,6 +912,18 @@ pub(super) fn message_properties(
 }
 
 /// The router's next notification; never, without a link.
+async fn next_group(
+    queue: Option<&mut (
+        super::share::MemberTx,
+        mpsc::Receiver<super::share::GroupMessage>,
+    )>,
+) -> Option<super::share::GroupMessage> {
+    match queue {
+        Some((_, rx)) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn next_marked(inbox: Option<&mut Inbox>) -> Option<Arc<Marked>> {
     match inbox {
         Some(inbox) => inbox.recv().await,

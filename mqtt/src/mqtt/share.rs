@@ -3,46 +3,62 @@
 //!
 //! On one node rumqttd's router spreads a group's messages over its
 //! members. With several nodes, each router would give every message to a
-//! member on every node. So with a bus, a member's `$share/<group>/<filter>`
-//! goes to the router as `$share/<group>/fleetgate:share/<group>/<filter>`,
-//! which no client's message matches, and the group's messages come from
-//! one JetStream pull consumer per group and filter that every node with
-//! members pulls from ([`crate::bus::Bus::follow_group`]). JetStream hands
-//! each message to one puller; that node puts it into its router under
-//! `fleetgate:share/<group>/<topic>`, and the router gives it to one local
-//! member, which gets it under its own topic. Clients can neither publish
-//! nor subscribe there (the ACL keeps both under `devices/`).
+//! member on every node, so with a bus a group is not the router's: its
+//! messages come from one JetStream pull consumer per group and filter
+//! that every node with members pulls from ([`crate::bus::Bus::follow_group`]).
+//! JetStream hands each message to one puller, and that node hands it to
+//! one of its members (in turn; one with room), straight into the member
+//! session's queue, with what acknowledges it to the stream.
+//!
+//! A message is acknowledged to the stream only once its member is done
+//! with it: its PUBACK (PUBCOMP), or written at QoS 0. A member that goes
+//! away first sends back what it held (a nak: JetStream hands it to a
+//! puller again at once); a node that dies leaves it unacknowledged, and
+//! JetStream hands it out again after its wait. So a group gets every
+//! message at least once while it has a member anywhere. (Through the
+//! router, a message was acknowledged once in the router: one that came
+//! before the member's subscription reached the router, or while its
+//! connection ended, was lost. The fault harness found one, issue 30.)
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
+use tokio::sync::mpsc;
+
 use super::acl::topic_matches;
+use super::fanout::Marked;
 use super::remote;
 use super::Shared;
-
-/// Where a group's messages go into the router.
-const PREFIX: &str = "fleetgate:share/";
+use crate::bus::Acker;
 
 /// `$share/<group>/<filter>` as group and filter.
 pub(super) fn split(filter: &str) -> Option<(&str, &str)> {
     filter.strip_prefix("$share/")?.split_once('/')
 }
 
-/// The router's filter for a member's `$share/<group>/<filter>`.
-pub(super) fn router_filter(group: &str, filter: &str) -> String {
-    format!("$share/{group}/{PREFIX}{group}/{filter}")
+/// What a member's queue holds at most before the node waits for room
+/// (the rest wait in JetStream).
+pub(super) const MEMBER_QUEUE: usize = 256;
+
+/// One of a group's messages for one member session on this node.
+#[derive(Debug)]
+pub(crate) struct GroupMessage {
+    /// The member's subscription it is for: `$share/<group>/<filter>`.
+    pub sub: Arc<str>,
+    pub marked: Marked,
+    /// Acknowledges it to the stream once the member is done with it.
+    pub acker: Acker,
 }
 
-/// A topic the router delivered, as the client sees it: a group's
-/// message without its internal prefix.
-pub(super) fn member_topic(topic: &bytes::Bytes) -> bytes::Bytes {
-    let Some(rest) = topic.strip_prefix(PREFIX.as_bytes()) else {
-        return topic.clone();
-    };
-    match rest.iter().position(|b| *b == b'/') {
-        Some(i) => topic.slice(PREFIX.len() + i + 1..),
-        None => topic.clone(),
-    }
+/// A member session's queue, where each of its groups on this node puts
+/// the messages it hands to it.
+pub(crate) type MemberTx = mpsc::Sender<GroupMessage>;
+
+type Members = Arc<Mutex<Vec<(u64, MemberTx)>>>;
+
+fn lock_members(m: &Members) -> std::sync::MutexGuard<'_, Vec<(u64, MemberTx)>> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The groups with members on this node, each pulling its messages while
@@ -54,18 +70,19 @@ pub(crate) struct Groups {
 
 #[derive(Debug)]
 struct Pulling {
-    members: usize,
+    members: Members,
     task: tokio::task::JoinHandle<()>,
     /// True once the group's consumer exists on the bus.
     ready: tokio::sync::watch::Receiver<bool>,
 }
 
 /// A member's place in a group: while any is held on this node, the node
-/// pulls the group's messages.
+/// pulls the group's messages, and hands some to this member.
 #[derive(Debug)]
 pub(super) struct Membership {
     groups: Weak<Shared>,
     key: (String, String),
+    id: u64,
     ready: tokio::sync::watch::Receiver<bool>,
 }
 
@@ -91,37 +108,103 @@ impl Groups {
     }
 }
 
-/// Joins `group` for `filter` on this node (a bus is configured).
-pub(super) fn join(shared: &Arc<Shared>, group: &str, filter: &str) -> Option<Membership> {
+/// Joins `group` for `filter` on this node (a bus is configured): the
+/// member takes its share of the group's messages from `tx`.
+pub(super) fn join(
+    shared: &Arc<Shared>,
+    group: &str,
+    filter: &str,
+    tx: MemberTx,
+) -> Option<Membership> {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
     let bus = shared.cfg.bus.clone()?;
     let key = (group.to_owned(), filter.to_owned());
+    let id = NEXT.fetch_add(1, Ordering::Relaxed);
     let mut pulling = shared.groups.lock();
     let p = pulling.entry(key.clone()).or_insert_with(|| {
         let weak = Arc::downgrade(shared);
         let (group, filter) = key.clone();
-        let (mut incoming, ready) = bus.follow_group(&group, &filter);
+        let (incoming, ready) = bus.follow_group(&group, &filter);
+        let members = Members::default();
         Pulling {
-            members: 0,
+            members: members.clone(),
             ready,
-            task: tokio::spawn(async move {
-                let topic_of = |t: &str| format!("{PREFIX}{group}/{t}");
-                while let Some(i) = incoming.recv().await {
-                    let Some(shared) = weak.upgrade() else { return };
-                    if topic_matches(&filter, &i.message.topic) && remote::admissible(&shared, &i) {
-                        // Never retained for a group (MQTT 5 4.8.2).
-                        remote::into_router(&shared, &i, topic_of(&i.message.topic), false).await;
-                    }
-                    i.ack().await;
-                }
-            }),
+            task: tokio::spawn(hand_out(weak, group, filter, incoming, members)),
         }
     });
-    p.members += 1;
+    lock_members(&p.members).push((id, tx));
     Some(Membership {
         groups: Arc::downgrade(shared),
         key,
+        id,
         ready: p.ready.clone(),
     })
+}
+
+/// Hands each of a group's messages this node pulls to one of its
+/// members here, in turn; one whose queue is full is passed over, and if
+/// every one's is, the node waits for room.
+async fn hand_out(
+    weak: Weak<Shared>,
+    group: String,
+    filter: String,
+    mut incoming: mpsc::Receiver<crate::bus::Incoming>,
+    members: Members,
+) {
+    let sub: Arc<str> = format!("$share/{group}/{filter}").into();
+    let mut turn = 0usize;
+    while let Some(i) = incoming.recv().await {
+        let Some(shared) = weak.upgrade() else { return };
+        let marked = (topic_matches(&filter, &i.message.topic) && remote::admissible(&shared, &i))
+            .then(|| remote::marked(&shared, &i, i.message.topic.clone(), false))
+            .flatten();
+        drop(shared);
+        // Not the group's, or expired: done with.
+        let Some(marked) = marked else {
+            i.ack().await;
+            continue;
+        };
+        let mut next = Some(GroupMessage {
+            sub: sub.clone(),
+            marked,
+            acker: i.into_acker(),
+        });
+        while let Some(m) = next.take() {
+            let list: Vec<(u64, MemberTx)> = lock_members(&members).clone();
+            if list.is_empty() {
+                // The last member left: this task ends now; another
+                // node's members take it.
+                m.acker.nak().await;
+                break;
+            }
+            let n = list.len();
+            let mut left = Some(m);
+            for k in 0..n {
+                let Some(m) = left.take() else { break };
+                match list[(turn + k) % n].1.try_send(m) {
+                    Ok(()) => turn = (turn + k + 1) % n,
+                    Err(
+                        mpsc::error::TrySendError::Full(m) | mpsc::error::TrySendError::Closed(m),
+                    ) => left = Some(m),
+                }
+            }
+            let Some(m) = left else { break };
+            // No member has room: wait for the next one's.
+            let (id, tx) = list[turn % n].clone();
+            let room = tx.reserve().await;
+            match room {
+                Ok(permit) => {
+                    permit.send(m);
+                    turn = (turn + 1) % n;
+                }
+                // Its session ended: it leaves the group.
+                Err(_) => {
+                    lock_members(&members).retain(|(other, _)| *other != id);
+                    next = Some(m);
+                }
+            }
+        }
+    }
 }
 
 impl Drop for Membership {
@@ -131,9 +214,13 @@ impl Drop for Membership {
         };
         let mut pulling = shared.groups.lock();
         if let Some(p) = pulling.get_mut(&self.key) {
-            p.members -= 1;
-            if p.members == 0 {
-                // The last member here: the others' nodes take it all.
+            let mut members = lock_members(&p.members);
+            members.retain(|(m, _)| *m != self.id);
+            if members.is_empty() {
+                drop(members);
+                // The last member here: the others' nodes take it all
+                // (what this node pulled and did not hand out comes
+                // again after its wait).
                 p.task.abort();
                 pulling.remove(&self.key);
             }
@@ -146,19 +233,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_members_filter_and_topics_go_through_the_internal_prefix() {
+    fn a_members_filter_splits_into_group_and_filter() {
         assert_eq!(
             split("$share/workers/devices/+/telemetry"),
             Some(("workers", "devices/+/telemetry"))
         );
         assert_eq!(split("devices/#"), None);
-        assert_eq!(
-            router_filter("workers", "devices/+/telemetry"),
-            "$share/workers/fleetgate:share/workers/devices/+/telemetry"
-        );
-        let t = bytes::Bytes::from_static(b"fleetgate:share/workers/devices/d-1/telemetry");
-        assert_eq!(&member_topic(&t)[..], b"devices/d-1/telemetry");
-        let t = bytes::Bytes::from_static(b"devices/d-1/telemetry");
-        assert_eq!(member_topic(&t), t);
+        assert_eq!(split("$share/workers"), None);
     }
 }

@@ -94,8 +94,8 @@ impl Session {
     }
 
     /// A service's (or claim's) SUBSCRIBE: the ACL and the cap here; a
-    /// session held by the fanout answered here too (its `$share` groups
-    /// aside), the rest passed to its router link. Returns the filters
+    /// session held by the fanout answered here too, and a group across
+    /// nodes (with a bus: [`share`]); the rest passed to its router link. Returns the filters
     /// whose retained messages go out now (answered here), with their
     /// granted QoS.
     pub(super) async fn subscribe(
@@ -120,7 +120,7 @@ impl Session {
         // says; none for a share group (MQTT 5 4.8.2).
         let mut wanted = Vec::new();
         let mut to_router = Vec::new();
-        for (mut f, code) in sub.filters.drain(..).zip(codes.iter_mut()) {
+        for (f, code) in sub.filters.drain(..).zip(codes.iter_mut()) {
             if code.is_some() {
                 continue;
             }
@@ -136,21 +136,20 @@ impl Session {
             if sends_retained(&f.retain_forward_rule, new) && !in_group {
                 wanted.push((f.path.clone(), qos));
             }
-            // A group across nodes: its messages come through the bus.
+            // A group across nodes: its messages come through the bus,
+            // not the router.
             if let Some((group, inner)) = share::split(&f.path) {
                 if !self.groups.contains_key(&f.path) {
-                    if let Some(m) = share::join(&self.shared, group, inner) {
+                    let tx = self.group_sender();
+                    if let Some(m) = share::join(&self.shared, group, inner, tx) {
                         if !m.ready(std::time::Duration::from_secs(5)).await {
                             tracing::warn!(filter = %crate::printable(&f.path), "mqtt: a share group's consumer is not on the bus yet; other nodes' messages reach it once it is");
                         }
                         self.groups.insert(f.path.clone(), m);
                     }
                 }
-                if self.groups.contains_key(&f.path) {
-                    f.path = share::router_filter(group, inner);
-                }
             }
-            if held_here && !in_group {
+            if (held_here && !in_group) || self.groups.contains_key(&f.path) {
                 *code = Some(SubscribeReasonCode::Success(f.qos));
             } else {
                 to_router.push(f);
@@ -190,9 +189,9 @@ impl Session {
     }
 
     /// A service's UNSUBSCRIBE: forgotten here; answered here for a
-    /// session held by the fanout, unless it names a `$share` group, whose
-    /// filters go to the router (a group across nodes by its router
-    /// filter).
+    /// session held by the fanout and for a group across nodes (with a
+    /// bus); the rest go to the router, whose UNSUBACK is merged with the
+    /// reasons given here.
     pub(super) fn service_unsubscribe(
         &mut self,
         mut unsub: rumqttd::protocol::Unsubscribe,
@@ -200,34 +199,37 @@ impl Session {
         forward: &mut Vec<Packet>,
     ) -> Result<(), End> {
         let held_here = self.inbox.is_some();
+        // Each filter's reason if answered here; the router's in order
+        // for the rest.
         let mut reasons = Vec::new();
         let mut to_router = Vec::new();
-        for mut f in unsub.filters.drain(..) {
+        for f in unsub.filters.drain(..) {
             let existed = lock(&self.service_subs).remove(&f).is_some();
             let in_group = f.starts_with("$share/");
-            if self.groups.remove(&f).is_some() {
-                if let Some((group, inner)) = share::split(&f) {
-                    f = share::router_filter(group, inner);
-                }
-            }
-            if held_here && !in_group {
-                reasons.push(if existed {
+            // A group across nodes is not the router's.
+            let bus_group = self.groups.remove(&f).is_some();
+            if (held_here && !in_group) || bus_group {
+                reasons.push(Some(if existed {
                     UnsubAckReason::Success
                 } else {
                     UnsubAckReason::NoSubscriptionExisted
-                });
+                }));
             } else {
+                reasons.push(None);
                 to_router.push(f);
             }
         }
-        if held_here && to_router.is_empty() {
+        if to_router.is_empty() {
             let ack = UnsubAck {
                 pkid: unsub.pkid,
-                reasons,
+                reasons: reasons.into_iter().flatten().collect(),
             };
             return self
                 .encode(Packet::UnsubAck(ack, None))
                 .map_err(End::Protocol);
+        }
+        if reasons.iter().any(Option::is_some) {
+            self.pending_unsubacks.insert(unsub.pkid, reasons);
         }
         unsub.filters = to_router;
         forward.push(Packet::Unsubscribe(unsub, props));
@@ -265,6 +267,62 @@ impl Session {
                 retain: u.retained && sub.rap,
                 props,
             });
+        }
+    }
+
+    /// This session's queue for its groups' messages on this node.
+    fn group_sender(&mut self) -> share::MemberTx {
+        let (tx, _) = self
+            .group_queue
+            .get_or_insert_with(|| mpsc::channel(share::MEMBER_QUEUE));
+        tx.clone()
+    }
+
+    /// One of its groups' messages, into the outbox: at min(published QoS,
+    /// granted QoS), with its subscription's identifier, never retained
+    /// (MQTT 5 4.8.2), acknowledged to the stream once the client is done
+    /// with it. One for a subscription it has left goes back at once.
+    pub(super) fn take_group(&mut self, g: share::GroupMessage) {
+        let sub = lock(&self.service_subs).get(&*g.sub).copied();
+        let Some(sub) = sub.filter(|_| self.groups.contains_key(&*g.sub)) else {
+            tokio::spawn(g.acker.nak());
+            return;
+        };
+        let v5 = self.ch.is_v5();
+        let topic = g.marked.publish.topic;
+        let u = stamp::unmark(g.marked.props, &topic, v5);
+        let mut props = u.props;
+        if let (true, Some(id)) = (v5, sub.id) {
+            props
+                .get_or_insert_with(Default::default)
+                .subscription_identifiers = vec![id];
+        }
+        let token = self.acks.token();
+        self.group_owed.insert(token, g.acker);
+        self.ch.outbox.push(Outgoing {
+            seq: Some(token),
+            topic,
+            payload: g.marked.publish.payload,
+            qos: u.qos.min(sub.qos),
+            retain: false,
+            props,
+        });
+    }
+
+    /// Leaves its groups on this node; what they handed it and the client
+    /// did not finish goes back to the stream at once, for another member.
+    pub(super) async fn leave_groups(&mut self) {
+        self.groups.clear();
+        let mut back: Vec<crate::bus::Acker> = self.group_owed.drain().map(|(_, a)| a).collect();
+        if let Some((tx, mut rx)) = self.group_queue.take() {
+            drop(tx);
+            rx.close();
+            while let Ok(g) = rx.try_recv() {
+                back.push(g.acker);
+            }
+        }
+        for a in back {
+            a.nak().await;
         }
     }
 
@@ -322,7 +380,7 @@ impl Session {
                     }
                     Some(Packet::Publish(p, props)) => {
                         let (qos, pkid) = qos_and_pkid(&p);
-                        let topic = share::member_topic(&p.topic);
+                        let topic = p.topic.clone();
                         let u = stamp::unmark(props, &topic, self.ch.is_v5());
                         let mut props = u.props;
                         // A session held by the fanout has only its groups
@@ -348,6 +406,23 @@ impl Session {
                             retain: u.retained && rap,
                             props,
                         });
+                    }
+                    Some(Packet::UnsubAck(mut ack, props)) => {
+                        // Merged with the reasons given here, in the
+                        // UNSUBSCRIBE's order.
+                        if let Some(mine) = self.pending_unsubacks.remove(&ack.pkid) {
+                            let mut router = ack.reasons.into_iter();
+                            ack.reasons = mine
+                                .into_iter()
+                                .map(|r| {
+                                    r.or_else(|| router.next())
+                                        .unwrap_or(UnsubAckReason::UnspecifiedError)
+                                })
+                                .collect();
+                        }
+                        if let Err(e) = self.encode(Packet::UnsubAck(ack, props)) {
+                            return Some(End::Protocol(e));
+                        }
                     }
                     Some(Packet::PubRel(rel, _)) => to_router.extend(self.acks.pubrel(rel.pkid)),
                     // Acknowledgements of our publishes: we send the router
@@ -444,7 +519,8 @@ impl Session {
         let mut matching = Vec::new();
         let mut rap = false;
         for (filter, sub) in subs.iter() {
-            if groups_only && !filter.starts_with("$share/") {
+            // A group across nodes comes from the bus, not the router.
+            if (groups_only && !filter.starts_with("$share/")) || self.groups.contains_key(filter) {
                 continue;
             }
             if topic_matches(share_inner(filter), &topic) {
