@@ -30,6 +30,9 @@ pub struct ServeConfig {
     pub store_tls: Option<crate::etcd::EtcdTls>,
     /// How old a node's view of an etcd registry may be and still admit.
     pub store_staleness: Duration,
+    /// MiB sled's page cache holds at most (the registry, or a cluster
+    /// node's MQTT sessions).
+    pub registry_cache_mib: u64,
     /// Messages across nodes on NATS JetStream; `None` on a single node.
     pub nats: Option<crate::bus::BusConfig>,
     pub api_listen: SocketAddr,
@@ -135,6 +138,7 @@ impl Server {
                 .clone()
                 .map(|e| e as Arc<dyn provisioning::store::Store>),
             pin,
+            cache_bytes: Some(cfg.registry_cache_mib.saturating_mul(1024 * 1024)),
             ..InitOptions::default()
         };
         let (auth, status) = tokio::task::spawn_blocking({

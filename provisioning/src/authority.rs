@@ -38,10 +38,10 @@ struct Marker {
 /// else). The CA's private keys never leave the data dir.
 fn open_registry(paths: &Paths, opts: &InitOptions, ca: &Ca) -> Result<Registry, Error> {
     let registry = match &opts.store {
-        None => Registry::open(&paths.registry())?,
+        None => Registry::open_with(&paths.registry(), opts.cache_bytes)?,
         Some(store) => Registry::over(
             store.clone(),
-            crate::sessions::SessionStore::open_at(&paths.registry())?,
+            crate::sessions::SessionStore::open_at_with(&paths.registry(), opts.cache_bytes)?,
         )?,
     };
     let root = ring::digest::digest(&ring::digest::SHA256, ca.root_pem().trim().as_bytes());

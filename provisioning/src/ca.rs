@@ -89,6 +89,9 @@ pub struct InitOptions {
     /// At creation with `root_out`: make the root's key in this token
     /// object instead of a file there.
     pub root_custody: Custody,
+    /// The bound on the data dir's sled page cache (the registry, or a
+    /// cluster node's MQTT sessions); sled's default (1 GiB) if `None`.
+    pub cache_bytes: Option<u64>,
 }
 
 /// A certificate the CA just issued.

@@ -553,7 +553,13 @@ impl Registry {
     /// Opens (or creates) the embedded registry at `path`: sled, with the
     /// devices' MQTT sessions beside it.
     pub fn open(path: &Path) -> Result<Self, Error> {
-        let store = SledStore::open(path)?;
+        Self::open_with(path, None)
+    }
+
+    /// [`Registry::open`], with sled's page cache bounded to `cache_bytes`
+    /// (its default, 1 GiB, if `None`).
+    pub fn open_with(path: &Path, cache_bytes: Option<u64>) -> Result<Self, Error> {
+        let store = SledStore::open_with(path, cache_bytes)?;
         let sessions = crate::sessions::SessionStore::open(store.db())?;
         Self::over(Arc::new(store), sessions)
     }

@@ -258,7 +258,17 @@ impl SessionStore {
     /// This node's own sessions store at `path` (a node whose registry is
     /// shared keeps its devices' MQTT sessions to itself).
     pub fn open_at(path: &std::path::Path) -> Result<Self, Error> {
-        let db = sled::Config::new().path(path).flush_every_ms(None).open()?;
+        Self::open_at_with(path, None)
+    }
+
+    /// [`SessionStore::open_at`], with sled's page cache bounded to
+    /// `cache_bytes` (its default, 1 GiB, if `None`).
+    pub fn open_at_with(path: &std::path::Path, cache_bytes: Option<u64>) -> Result<Self, Error> {
+        let mut config = sled::Config::new().path(path).flush_every_ms(None);
+        if let Some(bytes) = cache_bytes {
+            config = config.cache_capacity(bytes);
+        }
+        let db = config.open()?;
         Self::open(&db)
     }
 

@@ -207,6 +207,32 @@ impl Nats {
 }
 
 impl Nats {
+    /// Messages handed out and not yet acknowledged, summed over stream
+    /// `name`'s consumers whose names start with `prefix`, as server `i`'s
+    /// monitoring endpoint says (`None`: no such stream there).
+    pub fn ack_pending(&self, i: usize, name: &str, prefix: &str) -> Option<u64> {
+        let body = get(
+            self.monitors[i],
+            "/jsz?accounts=true&streams=true&consumers=true",
+        )?;
+        let body = body.split_once("\r\n\r\n")?.1;
+        let v: serde_json::Value = serde_json::from_str(body).ok()?;
+        let stream = v["account_details"]
+            .as_array()?
+            .iter()
+            .flat_map(|a| a["stream_detail"].as_array().into_iter().flatten())
+            .find(|s| s["name"] == name)?;
+        Some(
+            stream["consumer_detail"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|c| c["name"].as_str().is_some_and(|n| n.starts_with(prefix)))
+                .filter_map(|c| c["num_ack_pending"].as_u64())
+                .sum(),
+        )
+    }
+
     /// A request to JetStream's API on server `i`, as any NATS client
     /// (the `nats` CLI) makes it: `subject` (`$JS.API.CONSUMER.DELETE.<stream>.<name>`,
     /// ...) with `payload`; the answer's JSON.

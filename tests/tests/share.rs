@@ -136,7 +136,7 @@ async fn a_share_group_gets_what_any_node_stored_after_its_first_suback() {
 /// session keeps nothing: lost, though the device had its PUBACK).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_a_member_left_unacknowledged_goes_to_another_member() {
-    let (tmp, _etcd, _nats, one, two) = tests::two_nodes(&[]);
+    let (tmp, _etcd, nats, one, two) = tests::two_nodes(&[]);
     let creds = tmp.path().join("c");
     let dev = one.enroll(&creds, "device", "dev-1");
     let svc_a = one.enroll(&creds, "service", "backend-a");
@@ -191,6 +191,12 @@ async fn what_a_member_left_unacknowledged_goes_to_another_member() {
             other => panic!("member a got {held:?} only: {other:?}"),
         }
     }
+    // JetStream still holds them as handed out: a node acknowledges a
+    // group's message only once its member has.
+    let pending = || nats.ack_pending(0, "FLEETGATE_MSG", "share-");
+    tests::eventually(Duration::from_secs(10), "five pending", || {
+        (pending() == Some(5)).then_some(())
+    });
     drop(a);
     drop(a_ev);
 
@@ -212,5 +218,9 @@ async fn what_a_member_left_unacknowledged_goes_to_another_member() {
             ),
         }
     }
+    // Member b acknowledged them (rumqttc does): done with, on the stream.
+    tests::eventually(Duration::from_secs(10), "none pending", || {
+        (pending() == Some(0)).then_some(())
+    });
     drop(device);
 }

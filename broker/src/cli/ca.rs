@@ -145,6 +145,7 @@ pub(super) async fn ca_cmd(cmd: CaCmd) -> anyhow::Result<()> {
                 pin,
                 root_out: root_out.clone(),
                 store: None,
+                cache_bytes: None,
             };
             let store = match store {
                 None => None,

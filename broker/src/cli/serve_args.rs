@@ -63,6 +63,18 @@ pub(super) struct ServeArgs {
     /// Extra DNS names or IPs for the server certificate.
     #[arg(help_heading = "Listeners", long = "san", env = "FLEETGATE_SAN")]
     sans: Vec<String>,
+    /// MiB of the data dir's database (the embedded registry, or a cluster
+    /// node's MQTT sessions) kept in memory at most, beyond what is being
+    /// read: sled's page cache. Most of the resident memory of a node
+    /// with a large registry.
+    #[arg(
+        help_heading = "General",
+        long,
+        default_value_t = 256,
+        value_parser = clap::value_parser!(u64).range(16..=65536),
+        env = "FLEETGATE_REGISTRY_CACHE_MIB"
+    )]
+    registry_cache_mib: u64,
     /// Where the registry lives: the embedded one in the data dir (the
     /// default), or `etcd://host:port[,host:port...]`, an etcd cluster that
     /// several nodes share (each with the same CA in its data dir).
@@ -374,6 +386,7 @@ pub(super) async fn serve_cmd(
         },
         store: args.store.map(|e| e.members),
         store_staleness: std::time::Duration::from_secs(args.store_staleness_secs),
+        registry_cache_mib: args.registry_cache_mib,
         nats: (!args.nats.is_empty()).then(|| crate::bus::BusConfig {
             servers: args.nats.clone(),
             ca: args.nats_ca.clone(),

@@ -20,8 +20,16 @@ pub struct SledStore {
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl SledStore {
-    /// Opens (or creates) the database at `path`.
+    /// Opens (or creates) the database at `path`, with sled's page cache
+    /// at its default (1 GiB).
     pub fn open(path: &Path) -> Result<Self, Error> {
+        Self::open_with(path, None)
+    }
+
+    /// Opens (or creates) the database at `path`, its page cache bounded
+    /// to `cache_bytes` (sled's default, 1 GiB, if `None`): what the
+    /// registry holds in memory beyond its working set.
+    pub fn open_with(path: &Path, cache_bytes: Option<u64>) -> Result<Self, Error> {
         // sled holds an exclusive lock on its files while open (and reports
         // a taken one as an `Other` error naming the lock). A registry just
         // closed in this process may hold it a moment longer, until sled's
@@ -33,12 +41,14 @@ impl SledStore {
         };
         let deadline = std::time::Instant::now() + LOCK_WAIT;
         let db = loop {
-            match sled::Config::new()
+            let mut config = sled::Config::new()
                 .path(path)
                 // We flush explicitly before acknowledging; no need for a timer.
-                .flush_every_ms(None)
-                .open()
-            {
+                .flush_every_ms(None);
+            if let Some(bytes) = cache_bytes {
+                config = config.cache_capacity(bytes);
+            }
+            match config.open() {
                 Ok(db) => break db,
                 Err(e) if locked(&e) && std::time::Instant::now() < deadline => {
                     std::thread::sleep(std::time::Duration::from_millis(50));

@@ -313,6 +313,9 @@ impl Session {
     /// did not finish goes back to the stream at once, for another member.
     pub(super) async fn leave_groups(&mut self) {
         self.groups.clear();
+        for done in self.group_done.drain(..) {
+            done.ack().await;
+        }
         let mut back: Vec<crate::bus::Acker> = self.group_owed.drain().map(|(_, a)| a).collect();
         if let Some((tx, mut rx)) = self.group_queue.take() {
             drop(tx);
