@@ -10,6 +10,8 @@
 #
 #   bash bench/registry-scale.sh
 #   DEVICES=100000 REVOKED=10000 bash bench/registry-scale.sh
+#   # the same data dir again, serve with another page cache:
+#   WORK=/tmp/rs SERVE_ARGS="--registry-cache-mib 1024" bash bench/registry-scale.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,6 +22,7 @@ cargo build --release -q -p broker -p firmware-sim
 FG=$PWD/target/release/fleetgate
 SIM=$PWD/target/release/firmware-sim
 work=${WORK:-$(mktemp -d)}
+mkdir -p "$work"
 pid=
 cleanup() {
     [ -n "$pid" ] && kill "$pid" 2>/dev/null || true
@@ -30,7 +33,7 @@ trap cleanup EXIT
 
 serve() {
     "$FG" serve --data-dir "$work/fg" --api-listen 127.0.0.1:0 --mqtt-listen 127.0.0.1:0 \
-        --ocsp-listen 127.0.0.1:0 --http-rate-per-ip 0 >"$work/fg.out" 2>>"$work/fg.log" &
+        --ocsp-listen 127.0.0.1:0 --http-rate-per-ip 0 ${SERVE_ARGS:-} >"$work/fg.out" 2>>"$work/fg.log" &
     pid=$!
     for _ in $(seq 6000); do grep -q listening "$work/fg.out" 2>/dev/null && return; sleep 0.01; done
     echo "serve did not start:" >&2; tail "$work/fg.log" >&2; exit 1
@@ -83,3 +86,4 @@ for path in "/console/api/overview" "/console/api/devices" "/console/api/devices
     python3 -c 'import sys; print("console %s: %.0f ms, again %.0f ms" % (sys.argv[1], float(sys.argv[2]) * 1000, float(sys.argv[3]) * 1000))' \
         "$path" "$first" "$again"
 done
+echo "serve: RSS after the OCSP load and the console $(awk '/VmRSS/ {printf "%.1f MiB", $2 / 1024}' /proc/$pid/status)"

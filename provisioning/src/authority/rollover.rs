@@ -178,6 +178,15 @@ impl Authority {
             .find(|s| s.crl_name == name)
             .cloned()?;
         Some((|| {
+            // The audit log's newest entry, read before the listing: every
+            // entry up to it is then in this CRL, so a delta against it
+            // need read the log only past it.
+            let audit_seq = self
+                .registry
+                .audit_newest(None, 1)?
+                .items
+                .first()
+                .map_or(0, |e| e.seq);
             let listed = self.registry.revoked_by_issuer(None, &signer.name)?;
             let number = self.registry.next_crl_number(&signer.crl_name)?;
             let der = crate::crl::complete(&signer, &listed, number, self.ca.status_url())?;
@@ -191,12 +200,6 @@ impl Authority {
                 None => true,
             };
             if stale {
-                let audit_seq = self
-                    .registry
-                    .audit_newest(None, 1)?
-                    .items
-                    .first()
-                    .map_or(0, |e| e.seq);
                 let base = crate::crl::Base {
                     number,
                     at: now,
@@ -249,14 +252,15 @@ impl Authority {
 
 impl Authority {
     /// What the audit log says changed since `base` for the certificates
-    /// `issuer` signed: read newest first back past both the base's newest
-    /// entry and its time less the margin (whichever is further).
+    /// `issuer` signed: read newest first back to the base's newest entry.
+    /// (It read back to the base's time less the margin too, whichever was
+    /// further: at a million devices enrolled within the hour, 1.1 million
+    /// entries and 13 s for a delta after 90 suspensions.)
     fn changed_since(
         &self,
         issuer: &str,
         base: &crate::crl::Base,
     ) -> Result<crate::crl::Since, Error> {
-        let from = base.since();
         let mut onto = std::collections::BTreeSet::new();
         let mut off = std::collections::BTreeSet::new();
         let mut since = crate::crl::Since::default();
@@ -264,7 +268,8 @@ impl Authority {
         'pages: loop {
             let page = self.registry.audit_newest(before, 1000)?;
             for e in &page.items {
-                if e.seq <= base.audit_seq && e.at < from {
+                // In the base already (its listing was read after it).
+                if e.seq <= base.audit_seq {
                     break 'pages;
                 }
                 if e.action == "manufacturer-revoke" {
