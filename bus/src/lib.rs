@@ -540,18 +540,21 @@ impl Bus {
             // The stream sequence of the last message this node took.
             let mut last: Option<u64> = None;
             loop {
-                tokio::select! {
-                    r = bus.pull_once(&name, skip.as_deref(), inactive, &tx, &mut last, &made) => {
-                        if let Err(e) = r {
-                            tracing::warn!(consumer = %name, error = %format!("{e:#}"), "bus: following the stream; resuming");
-                        }
-                    }
-                    () = tx.closed() => return,
+                // Ends by itself once the channel is dropped (what it
+                // pulled meanwhile goes back to the stream).
+                let r = bus
+                    .pull_once(&name, skip.as_deref(), inactive, &tx, &mut last, &made)
+                    .await;
+                if let Err(e) = r {
+                    tracing::warn!(consumer = %name, error = %format!("{e:#}"), "bus: following the stream; resuming");
                 }
                 if tx.is_closed() {
                     return;
                 }
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    () = tx.closed() => return,
+                }
             }
         });
         (rx, ready)
@@ -600,7 +603,15 @@ impl Bus {
             .await?;
         made.send_replace(true);
         let mut messages = consumer.messages().await?;
-        while let Some(next) = messages.next().await {
+        loop {
+            let next = tokio::select! {
+                next = messages.next() => next,
+                () = tx.closed() => {
+                    give_back(&mut messages).await;
+                    return Ok(());
+                }
+            };
+            let Some(next) = next else { break };
             let msg = next?;
             if let Ok(info) = msg.info() {
                 *last = Some(info.stream_sequence);
@@ -621,7 +632,11 @@ impl Bus {
                         queued,
                         acker: msg,
                     };
-                    if tx.send(i).await.is_err() {
+                    // Nobody takes it here any more: back to the stream at
+                    // once, for another puller (not after its wait).
+                    if let Err(mpsc::error::SendError(i)) = tx.send(i).await {
+                        i.into_acker().nak().await;
+                        give_back(&mut messages).await;
                         return Ok(());
                     }
                 }
@@ -633,6 +648,25 @@ impl Bus {
             }
         }
         Ok(())
+    }
+}
+
+/// Sends back to the stream what a pull that nobody takes from any more
+/// already holds or is still being sent (until it stays quiet for a
+/// moment, a second at most: what is sent back may come back here while
+/// this pull is open): dropped, each would wait out its acknowledgement
+/// wait before JetStream handed it to another puller.
+async fn give_back(messages: &mut consumer::pull::Stream) {
+    let until = tokio::time::Instant::now() + Duration::from_secs(1);
+    while let Ok(Some(Ok(msg))) = tokio::time::timeout_at(
+        until.min(tokio::time::Instant::now() + Duration::from_millis(200)),
+        messages.next(),
+    )
+    .await
+    {
+        if let Err(e) = msg.ack_with(jetstream::AckKind::Nak(None)).await {
+            tracing::debug!(error = %e, "bus: nak failed; it comes again after its wait");
+        }
     }
 }
 

@@ -111,7 +111,10 @@ impl Server {
             )
             .args(extra)
             .envs(envs.iter().copied())
-            .env("FLEETGATE_LOG", "info,sled=warn")
+            .env(
+                "FLEETGATE_LOG",
+                std::env::var("FLEETGATE_TEST_LOG").unwrap_or_else(|_| "info,sled=warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -213,9 +213,18 @@ async fn what_a_member_left_unacknowledged_goes_to_another_member() {
                 got.insert(String::from_utf8_lossy(&p.payload).into_owned());
             }
             Ok(Ok(_)) => {}
-            other => panic!(
-                "member b got {got:?} of the {held:?} member a left unacknowledged: {other:?}"
-            ),
+            other => {
+                let tail = |s: &tests::Server| {
+                    let log = s.log();
+                    log[log.len().saturating_sub(25)..].join("\n")
+                };
+                panic!(
+                    "member b got {got:?} of the {held:?} member a left unacknowledged: {other:?}\n\
+                     node one's log ends:\n{}\nnode two's log ends:\n{}",
+                    tail(&one),
+                    tail(&two)
+                )
+            }
         }
     }
     // Member b acknowledged them (rumqttc does): done with, on the stream.

@@ -71,7 +71,8 @@ pub(crate) struct Groups {
 #[derive(Debug)]
 struct Pulling {
     members: Members,
-    task: tokio::task::JoinHandle<()>,
+    /// Tells the task handing messages out to stop (the last member left).
+    stop: tokio::sync::watch::Sender<bool>,
     /// True once the group's consumer exists on the bus.
     ready: tokio::sync::watch::Receiver<bool>,
 }
@@ -126,10 +127,19 @@ pub(super) fn join(
         let (group, filter) = key.clone();
         let (incoming, ready) = bus.follow_group(&group, &filter);
         let members = Members::default();
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        tokio::spawn(hand_out(
+            weak,
+            group,
+            filter,
+            incoming,
+            members.clone(),
+            stopped,
+        ));
         Pulling {
-            members: members.clone(),
+            members,
+            stop,
             ready,
-            task: tokio::spawn(hand_out(weak, group, filter, incoming, members)),
         }
     });
     lock_members(&p.members).push((id, tx));
@@ -143,18 +153,31 @@ pub(super) fn join(
 
 /// Hands each of a group's messages this node pulls to one of its
 /// members here, in turn; one whose queue is full is passed over, and if
-/// every one's is, the node waits for room.
+/// every one's is, the node waits for room. Once told to stop, it stops
+/// pulling and sends back what it pulled and did not hand out, so that
+/// JetStream hands it to another node's member at once (not after its
+/// wait: a member that left sends its own back at the same moment, and
+/// they must not come to this node again).
 async fn hand_out(
     weak: Weak<Shared>,
     group: String,
     filter: String,
     mut incoming: mpsc::Receiver<crate::bus::Incoming>,
     members: Members,
+    mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let sub: Arc<str> = format!("$share/{group}/{filter}").into();
     let mut turn = 0usize;
-    while let Some(i) = incoming.recv().await {
-        let Some(shared) = weak.upgrade() else { return };
+    let mut back = Vec::new();
+    'pulled: loop {
+        let i = tokio::select! {
+            i = incoming.recv() => match i {
+                Some(i) => i,
+                None => break,
+            },
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        let Some(shared) = weak.upgrade() else { break };
         let marked = (topic_matches(&filter, &i.message.topic) && remote::admissible(&shared, &i))
             .then(|| remote::marked(&shared, &i, i.message.topic.clone(), false))
             .flatten();
@@ -172,10 +195,8 @@ async fn hand_out(
         while let Some(m) = next.take() {
             let list: Vec<(u64, MemberTx)> = lock_members(&members).clone();
             if list.is_empty() {
-                // The last member left: this task ends now; another
-                // node's members take it.
-                m.acker.nak().await;
-                break;
+                back.push(m.acker);
+                break 'pulled;
             }
             let n = list.len();
             let mut left = Some(m);
@@ -191,7 +212,13 @@ async fn hand_out(
             let Some(m) = left else { break };
             // No member has room: wait for the next one's.
             let (id, tx) = list[turn % n].clone();
-            let room = tx.reserve().await;
+            let room = tokio::select! {
+                room = tx.reserve() => room,
+                _ = stop.wait_for(|s| *s) => {
+                    back.push(m.acker);
+                    break 'pulled;
+                }
+            };
             match room {
                 Ok(permit) => {
                     permit.send(m);
@@ -204,6 +231,15 @@ async fn hand_out(
                 }
             }
         }
+    }
+    // The puller stops at its next message, and sends that one back too.
+    incoming.close();
+    while let Ok(i) = incoming.try_recv() {
+        back.push(i.into_acker());
+    }
+    tracing::debug!(group = %group, filter = %crate::printable(&filter), back = back.len(), "mqtt: a share group's last member here left; what this node pulled goes back");
+    for a in back {
+        a.nak().await;
     }
 }
 
@@ -218,10 +254,9 @@ impl Drop for Membership {
             members.retain(|(m, _)| *m != self.id);
             if members.is_empty() {
                 drop(members);
-                // The last member here: the others' nodes take it all
-                // (what this node pulled and did not hand out comes
-                // again after its wait).
-                p.task.abort();
+                // The last member here: the others' nodes take it all,
+                // and what this node pulled goes back to the stream.
+                p.stop.send_replace(true);
                 pulling.remove(&self.key);
             }
         }

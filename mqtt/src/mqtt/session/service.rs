@@ -324,6 +324,12 @@ impl Session {
                 back.push(g.acker);
             }
         }
+        if !back.is_empty() {
+            tracing::debug!(
+                back = back.len(),
+                "mqtt: left its share groups; what it held goes back"
+            );
+        }
         for a in back {
             a.nak().await;
         }
@@ -364,14 +370,8 @@ impl Session {
                             if why.is_some() {
                                 props = suback_props(why);
                             }
-                            let mut granted = ack.return_codes.into_iter();
-                            ack.return_codes = codes
-                                .into_iter()
-                                .map(|c| {
-                                    c.or_else(|| granted.next())
-                                        .unwrap_or(SubscribeReasonCode::Failure)
-                                })
-                                .collect();
+                            ack.return_codes =
+                                merged(codes, ack.return_codes, SubscribeReasonCode::Failure);
                         }
                         let pkid = ack.pkid;
                         if let Err(e) = self.encode(Packet::SubAck(ack, props)) {
@@ -414,14 +414,8 @@ impl Session {
                         // Merged with the reasons given here, in the
                         // UNSUBSCRIBE's order.
                         if let Some(mine) = self.pending_unsubacks.remove(&ack.pkid) {
-                            let mut router = ack.reasons.into_iter();
-                            ack.reasons = mine
-                                .into_iter()
-                                .map(|r| {
-                                    r.or_else(|| router.next())
-                                        .unwrap_or(UnsubAckReason::UnspecifiedError)
-                                })
-                                .collect();
+                            ack.reasons =
+                                merged(mine, ack.reasons, UnsubAckReason::UnspecifiedError);
                         }
                         if let Err(e) = self.encode(Packet::UnsubAck(ack, props)) {
                             return Some(End::Protocol(e));
@@ -536,6 +530,15 @@ impl Session {
         }
         (matching, rap)
     }
+}
+
+/// An acknowledgement's codes: those given here in their places, the
+/// router's in order for the rest (`missing` if it gave too few).
+fn merged<T: Copy>(mine: Vec<Option<T>>, router: Vec<T>, missing: T) -> Vec<T> {
+    let mut router = router.into_iter();
+    mine.into_iter()
+        .map(|c| c.or_else(|| router.next()).unwrap_or(missing))
+        .collect()
 }
 
 /// Ends a client's kept session in the router: a clean link with its id,
