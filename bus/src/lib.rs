@@ -664,9 +664,7 @@ async fn give_back(messages: &mut consumer::pull::Stream) {
     )
     .await
     {
-        if let Err(e) = msg.ack_with(jetstream::AckKind::Nak(None)).await {
-            tracing::debug!(error = %e, "bus: nak failed; it comes again after its wait");
-        }
+        Acker(msg).nak().await;
     }
 }
 

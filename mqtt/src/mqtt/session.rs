@@ -160,10 +160,7 @@ struct Session {
     /// A service's `$share` subscriptions across nodes (with a bus).
     groups: HashMap<String, super::share::Membership>,
     /// Where its groups on this node hand it their messages.
-    group_queue: Option<(
-        super::share::MemberTx,
-        mpsc::Receiver<super::share::GroupMessage>,
-    )>,
+    group_queue: Option<super::share::MemberQueue>,
     /// Group messages in its outbox, by token: acknowledged to the stream
     /// once the client is done with them.
     group_owed: HashMap<u64, crate::bus::Acker>,
@@ -375,7 +372,6 @@ async fn session(
         s.end_router_session(&End::Closed("at CONNACK".into()))
             .await;
         s.close_device(terms.expiry).await;
-        s.leave_groups().await;
         return Err(());
     }
 
@@ -911,12 +907,9 @@ pub(super) fn message_properties(
     })
 }
 
-/// The router's next notification; never, without a link.
+/// The next message its share groups handed it; never, without a queue.
 async fn next_group(
-    queue: Option<&mut (
-        super::share::MemberTx,
-        mpsc::Receiver<super::share::GroupMessage>,
-    )>,
+    queue: Option<&mut super::share::MemberQueue>,
 ) -> Option<super::share::GroupMessage> {
     match queue {
         Some((_, rx)) => rx.recv().await,
@@ -924,6 +917,7 @@ async fn next_group(
     }
 }
 
+/// The fanout's next message; never, without an inbox.
 async fn next_marked(inbox: Option<&mut Inbox>) -> Option<Arc<Marked>> {
     match inbox {
         Some(inbox) => inbox.recv().await,
@@ -931,6 +925,7 @@ async fn next_marked(inbox: Option<&mut Inbox>) -> Option<Arc<Marked>> {
     }
 }
 
+/// The router's next notification; never, without a link.
 async fn next(rx: Option<&mut LinkRx>) -> Result<Option<Notification>, rumqttd::local::LinkError> {
     match rx {
         Some(rx) => rx.next().await,

@@ -55,6 +55,10 @@ pub(crate) struct GroupMessage {
 /// the messages it hands to it.
 pub(crate) type MemberTx = mpsc::Sender<GroupMessage>;
 
+/// A member session's queue, both ends (it hands out the sender as it
+/// joins groups).
+pub(crate) type MemberQueue = (MemberTx, mpsc::Receiver<GroupMessage>);
+
 type Members = Arc<Mutex<Vec<(u64, MemberTx)>>>;
 
 fn lock_members(m: &Members) -> std::sync::MutexGuard<'_, Vec<(u64, MemberTx)>> {

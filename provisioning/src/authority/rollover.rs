@@ -178,18 +178,6 @@ impl Authority {
             .find(|s| s.crl_name == name)
             .cloned()?;
         Some((|| {
-            // The audit log's newest entry, read before the listing: every
-            // entry up to it is then in this CRL, so a delta against it
-            // need read the log only past it.
-            let audit_seq = self
-                .registry
-                .audit_newest(None, 1)?
-                .items
-                .first()
-                .map_or(0, |e| e.seq);
-            let listed = self.registry.revoked_by_issuer(None, &signer.name)?;
-            let number = self.registry.next_crl_number(&signer.crl_name)?;
-            let der = crate::crl::complete(&signer, &listed, number, self.ca.status_url())?;
             // Once a day, this complete CRL becomes the base of deltas.
             let blob = crate::crl::base_blob(&signer.crl_name);
             let now = OffsetDateTime::now_utc();
@@ -199,7 +187,19 @@ impl Authority {
                 }
                 None => true,
             };
-            if stale {
+            // For a new base, the audit log's newest entry, read before the
+            // listing: every entry up to it is then in this CRL, so a delta
+            // against it need read the log only past it.
+            let audit_seq = if stale {
+                let newest = self.registry.audit_newest(None, 1)?;
+                Some(newest.items.first().map_or(0, |e| e.seq))
+            } else {
+                None
+            };
+            let listed = self.registry.revoked_by_issuer(None, &signer.name)?;
+            let number = self.registry.next_crl_number(&signer.crl_name)?;
+            let der = crate::crl::complete(&signer, &listed, number, self.ca.status_url())?;
+            if let Some(audit_seq) = audit_seq {
                 let base = crate::crl::Base {
                     number,
                     at: now,
