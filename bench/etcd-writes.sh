@@ -4,7 +4,7 @@
 # P-256 key each) on a node on its embedded sled, a node on one local etcd
 # member and, with FG_BASE, an earlier build on a second etcd member of its
 # own; rounds alternate the nodes. Then the registry benchmark (cargo bench
-# -p broker --bench store: flushed status changes on 1 and 2 threads) on
+# -p broker --bench store: flushed status changes on 1, 2, 4 and 8 threads) on
 # sled beside etcd. Loopback only.
 #
 #   bash bench/etcd-writes.sh

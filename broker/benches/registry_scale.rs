@@ -48,9 +48,22 @@ fn main() {
     let devices: usize = devices.parse().expect("DEVICES");
     let revoked: usize = revoked.parse().expect("REVOKED");
     let id = |i: usize| DeviceId::try_new(format!("dev-{i:07}")).expect("id");
+    // The page cache `serve` gives the registry (its default, or what
+    // FLEETGATE_REGISTRY_CACHE_MIB says, as for `serve`).
+    let cache_mib: u64 = std::env::var("FLEETGATE_REGISTRY_CACHE_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256);
+    let opts = InitOptions {
+        cache_bytes: Some(cache_mib << 20),
+        ..InitOptions::default()
+    };
     let t = Instant::now();
-    let auth = Authority::open(&dir, &InitOptions::default()).expect("open the data dir");
-    println!("opened the data dir in {:.1} s", t.elapsed().as_secs_f64());
+    let auth = Authority::open(&dir, &opts).expect("open the data dir");
+    println!(
+        "opened the data dir in {:.1} s (page cache {cache_mib} MiB)",
+        t.elapsed().as_secs_f64()
+    );
     let mut keys: Vec<CertKey> = Vec::with_capacity(devices);
     if devices > 0 {
         populate(&auth, devices, revoked, &dir, &mut keys);
@@ -71,25 +84,33 @@ fn main() {
         println!("{} certificates in the registry", keys.len());
     }
 
-    // Admission's lookup, as a handshake makes it.
+    // Admission's lookup, as a handshake makes it: a first pass over
+    // random certificates (what the cache holds is what the enrollment
+    // left, or nothing on a fresh open), then a second.
     let recent = auth.registry.recent();
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    let mut took: Vec<Duration> = (0..100_000)
-        .map(|_| {
-            let k = &keys[rng.below(keys.len())];
-            let t = Instant::now();
-            let found = recent.standing(k).expect("lookup");
-            let d = t.elapsed();
-            assert!(found.is_some());
-            d
-        })
-        .collect();
-    took.sort();
-    println!(
-        "admission lookup: p50 {:.1} us, p99 {:.1} us (100,000 random certificates)",
-        percentile(&took, 0.5).as_secs_f64() * 1e6,
-        percentile(&took, 0.99).as_secs_f64() * 1e6
-    );
+    for (pass, seed) in [
+        ("first", 0x9e37_79b9_7f4a_7c15),
+        ("second", 0x2545_f491_4f6c_dd1d),
+    ] {
+        let mut rng = Rng(seed);
+        let mut took: Vec<Duration> = (0..100_000)
+            .map(|_| {
+                let k = &keys[rng.below(keys.len())];
+                let t = Instant::now();
+                let found = recent.standing(k).expect("lookup");
+                let d = t.elapsed();
+                assert!(found.is_some());
+                d
+            })
+            .collect();
+        took.sort();
+        println!(
+            "admission lookup, {pass} pass: p50 {:.1} us, p99 {:.1} us, p99.9 {:.1} us (100,000 random certificates)",
+            percentile(&took, 0.5).as_secs_f64() * 1e6,
+            percentile(&took, 0.99).as_secs_f64() * 1e6,
+            percentile(&took, 0.999).as_secs_f64() * 1e6
+        );
+    }
 
     let t = Instant::now();
     let issuer = auth

@@ -34,14 +34,21 @@ fn env(name: &str, default: usize) -> usize {
 /// Figures for one store, in the order of [`ROWS`].
 type Figures = Vec<f64>;
 
-const ROWS: [&str; 6] = [
+const ROWS: [&str; 8] = [
     "status lookup (OCSP), 1 thread",
     "status lookup (OCSP), 2 threads",
     "admission lookup (node's view), 2 threads",
     "flushed status change, 1 thread",
     "flushed status change, 2 threads",
+    "flushed status change, 4 threads",
+    "flushed status change, 8 threads",
     "the store's floor: a one-key commit, 1 thread",
 ];
+
+/// The writer threads of the concurrent status-change rows: operators'
+/// scripts and the API's handlers change statuses side by side, and a
+/// shared store groups concurrent commits into one round trip.
+const WRITERS: [u64; 3] = [2, 4, 8];
 
 /// Durable commits/s of one key each, one after another: the least a
 /// registry write can cost on `store` (an fsync on sled; a round trip and a
@@ -72,7 +79,14 @@ fn main() {
     let mut sled = run(&tmp.path().join("sled"), None, devices, writes);
     let raw = SledStore::open(&tmp.path().join("raw")).expect("sled");
     sled.push(floor(&raw, writes));
-    let store = EtcdStore::connect(vec![etcd], "fleetgate-bench/").expect("etcd");
+    // A prefix of its own, so the bench runs again on the same member.
+    let prefix = format!(
+        "fleetgate-bench/{}/",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    );
+    let store = EtcdStore::connect(vec![etcd], &prefix).expect("etcd");
     let store = Arc::new(store);
     // The watch keeps the node's view current, as in `serve`.
     store.watch(|_| {});
@@ -166,15 +180,26 @@ fn run(
     }
     out.push(writes as f64 / t.elapsed().as_secs_f64());
 
+    for writers in WRITERS {
+        out.push(status_changes(&registry, &ids, writers, writes));
+    }
+    out
+}
+
+/// Flushed status changes/s on `writers` threads, `writes` in all: each
+/// suspends a random device and resumes it.
+fn status_changes(registry: &Registry, ids: &[DeviceId], writers: u64, writes: usize) -> f64 {
     let done = AtomicU64::new(0);
     let t = Instant::now();
     std::thread::scope(|scope| {
-        for w in 0..2u64 {
-            let (registry, ids, done) = (&registry, &ids, &done);
+        for w in 0..writers {
+            let done = &done;
             scope.spawn(move || {
                 let mut rng = Rng(0x1234_5678 + w);
-                for _ in 0..writes / 4 {
+                for _ in 0..writes / (2 * writers as usize) {
                     let id = &ids[rng.below(ids.len())];
+                    // Two writers may pick the same device: the loser's
+                    // suspend is refused, and counts for nothing.
                     if registry.suspend(id, "bench").is_ok() {
                         registry.resume(id, "bench").expect("resume");
                         done.fetch_add(2, Ordering::Relaxed);
@@ -183,8 +208,7 @@ fn run(
             });
         }
     });
-    out.push(done.load(Ordering::Relaxed) as f64 / t.elapsed().as_secs_f64());
-    out
+    done.load(Ordering::Relaxed) as f64 / t.elapsed().as_secs_f64()
 }
 
 /// Operations per second of `op` over random serials on `threads` threads.
