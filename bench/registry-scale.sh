@@ -5,7 +5,7 @@
 # bench prints enrollment, revocation, admission lookups, the CRL, device
 # list pages and audit verify, then the same on the data dir opened afresh
 # (a node's restart; page cache as FLEETGATE_REGISTRY_CACHE_MIB, default
-# serve's 256 MiB). Then `serve` on it: time to listening, RSS
+# serve's 1024 MiB). Then `serve` on it: time to listening, RSS
 # idle, OCSP answers/s and p50/p99 for good and revoked certificates
 # (firmware-sim load ocsp), `fleetgate device list`, the console's device
 # search and overview. Loopback only; sled. Needs some 7 GiB of disk at 1M.
@@ -13,7 +13,10 @@
 #   bash bench/registry-scale.sh
 #   DEVICES=100000 REVOKED=10000 bash bench/registry-scale.sh
 #   # the same data dir again, serve with another page cache:
-#   WORK=/tmp/rs SERVE_ARGS="--registry-cache-mib 1024" bash bench/registry-scale.sh
+#   WORK=/tmp/rs FLEETGATE_REGISTRY_CACHE_MIB=256 SERVE_ARGS="--registry-cache-mib 256" \
+#       bash bench/registry-scale.sh
+#   # the registry on one local etcd member (its quota raised to 8 GiB):
+#   STORE=etcd DEVICES=100000 REVOKED=10000 bash bench/registry-scale.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,13 +29,29 @@ SIM=$PWD/target/release/firmware-sim
 work=${WORK:-$(mktemp -d)}
 mkdir -p "$work"
 pid=
+etcd_pid=
 cleanup() {
     [ -n "$pid" ] && kill "$pid" 2>/dev/null || true
+    [ -n "$etcd_pid" ] && kill "$etcd_pid" 2>/dev/null || true
     wait 2>/dev/null || true
     [ -n "${WORK:-}" ] || rm -rf "$work"
 }
 trap cleanup EXIT
 
+if [ "${STORE:-sled}" = etcd ]; then
+    PATH=$PATH:/usr/sbin
+    command -v etcd >/dev/null || { echo "needs etcd (apt-get install etcd-server)" >&2; exit 1; }
+    port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+    client=127.0.0.1:$(port); peer=127.0.0.1:$(port)
+    etcd --data-dir "$work/etcd" --name m1 --listen-client-urls "http://$client" \
+        --advertise-client-urls "http://$client" --listen-peer-urls "http://$peer" \
+        --initial-advertise-peer-urls "http://$peer" --initial-cluster "m1=http://$peer" \
+        --quota-backend-bytes $((8 << 30)) >>"$work/etcd.log" 2>&1 &
+    etcd_pid=$!
+    for _ in $(seq 100); do curl -sf "http://$client/health" >/dev/null && break; sleep 0.1; done
+    export FLEETGATE_BENCH_ETCD=$client
+    SERVE_ARGS="${SERVE_ARGS:-} --store etcd://$client"
+fi
 serve() {
     "$FG" serve --data-dir "$work/fg" --api-listen 127.0.0.1:0 --mqtt-listen 127.0.0.1:0 \
         --ocsp-listen 127.0.0.1:0 --http-rate-per-ip 0 ${SERVE_ARGS:-} >"$work/fg.out" 2>>"$work/fg.log" &
@@ -50,7 +69,12 @@ fi
 # on it sees them (nothing cached; the writes settled).
 echo "--- the data dir opened afresh:"
 cargo bench -q -p broker --bench registry_scale -- "$work/fg" 0 0 2>/dev/null
-du -sh "$work/fg/registry" | sed 's/^/registry on disk: /'
+if [ -n "$etcd_pid" ]; then
+    curl -s "http://$client/metrics" | awk '/^etcd_mvcc_db_total_size_in_bytes / {printf "registry in etcd: %.0f MiB (its db)\n", $2 / 1048576}'
+    du -sh "$work/etcd" | sed 's/^/etcd member dir on disk: /'
+else
+    du -sh "$work/fg/registry" | sed 's/^/registry on disk: /'
+fi
 
 t0=$(date +%s.%N)
 serve

@@ -153,6 +153,26 @@ impl Server {
         })
         .await
         .context("opening the data dir")??;
+        // The certificate records into the page cache, while the node
+        // already answers: a restarted node's fleet reconnects at once,
+        // each admission a random read.
+        tokio::task::spawn_blocking({
+            let registry = auth.registry.clone();
+            move || {
+                let t = std::time::Instant::now();
+                match registry.warm() {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(
+                        certificates = n,
+                        ms = t.elapsed().as_millis() as u64,
+                        "registry: certificate records read into the page cache"
+                    ),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "registry: reading the certificate records ahead failed")
+                    }
+                }
+            }
+        });
         let mut cfg = cfg;
         if let Some(nats) = &cfg.nats {
             cfg.mqtt.bus = Some(

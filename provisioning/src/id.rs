@@ -273,6 +273,11 @@ impl CertKey {
         out
     }
 
+    /// Whether `other` has the same issuer and manufacturer.
+    pub fn same_scope(&self, other: &CertKey) -> bool {
+        self.scope == other.scope
+    }
+
     /// The prefix [`CertKey::to_bytes`] gives every key with `serial`.
     pub fn serial_prefix(serial: &Serial) -> Vec<u8> {
         let s = serial.as_bytes();

@@ -32,8 +32,8 @@ pub fn regression(space: Space, old: Option<&[u8]>, new: Option<&[u8]>) -> Optio
             }
         }
         Space::Certs => {
-            let was: CertRecord = serde_json::from_slice(old).ok()?;
-            let now = new.and_then(|n| serde_json::from_slice::<CertRecord>(n).ok());
+            let was: CertRecord = crate::registry::decode_cert(old).ok()?;
+            let now = new.and_then(|n| crate::registry::decode_cert(n).ok());
             let revoked = |c: &CertRecord| c.revocation.is_some();
             let device_revoked = |c: &CertRecord| c.device_status == Status::Revoked;
             match now {

@@ -1,7 +1,8 @@
 //! The device registry: devices, their certificates and the audit log,
 //! over a [`Store`] (sled by default, [`crate::store`]).
 //!
-//! Key spaces ([`Space`]; keys are bytes, values JSON):
+//! Key spaces ([`Space`]; keys are bytes, values JSON but where `packed`
+//! says otherwise):
 //! - `devices`: device id -> [`DeviceRecord`]
 //! - `certs`: [`CertKey`] (serial within its issuer) -> [`CertRecord`],
 //!   which mirrors its device's status and manufacturer so that the
@@ -12,9 +13,9 @@
 //! - `audit`: big-endian sequence number -> [`AuditEntry`]
 //! - `audit_by_device`: `<device id>\0<sequence number>` -> empty, a
 //!   device's audit trail without a scan of the log (since schema 3)
-//! - `listed`: [`CertKey`] -> empty, the certificates CRLs list (revoked,
-//!   or their device not active), so a CRL reads them, not every
-//!   certificate (since schema 4)
+//! - `listed`: [`CertKey`] -> what a CRL says of it (packed; empty before
+//!   schema 6), the certificates CRLs list (revoked, or their device not
+//!   active), so a CRL reads them, not every certificate (since schema 4)
 //! - `manufacturers`: name -> [`ManufacturerRecord`]
 //! - `claims`: claim id -> [`ClaimRecord`] (uses left)
 //! - `challenges`: manufacturer name -> proof-of-possession challenge
@@ -49,19 +50,24 @@ mod console;
 mod count;
 mod manufacturers;
 mod migrate;
+mod packed;
 mod reads;
 pub mod records;
 mod seal;
 mod seen;
 mod sorted;
+pub use packed::decode_cert;
+use packed::{encode_cert, Listing};
 pub use seal::{Checkpoint, Verification};
 pub use sorted::{natural_key, Expiring};
 
 /// The registry's layout version, in `meta`; older layouts are migrated
 /// when opened. 2: certificates keyed by [`CertKey`] instead of serial.
 /// 3: the audit log indexed by device (`audit_by_device`); 4: the
-/// certificates CRLs list (`listed`).
-const SCHEMA: u64 = 5;
+/// certificates CRLs list (`listed`); 5: the `sorted` and `expiring`
+/// indexes; 6: certificate records packed, `listed` entries carrying what
+/// a CRL says (`packed`).
+const SCHEMA: u64 = 6;
 
 /// Whether CRLs list a certificate whatever its manufacturers' standing:
 /// revoked itself, or its device revoked, suspended or pending.
@@ -450,20 +456,24 @@ impl Tx<'_> {
 
     fn cert(&self, key: &CertKey) -> TxResult<CertRecord> {
         match self.certs.get(key.to_bytes()).map_err(storage)? {
-            Some(v) => decode("certificate", &v).or_else(abort),
+            Some(v) => decode_cert(&v).or_else(abort),
             None => abort(Error::CertNotFound {
                 serial: key.to_string(),
             }),
         }
     }
 
-    fn put_cert(&self, c: &CertRecord) -> TxResult<()> {
+    /// Writes `c`, whose device is `device` (as this transaction writes
+    /// it; `None` only where `c` is revoked itself).
+    fn put_cert(&self, c: &CertRecord, device: Option<&DeviceRecord>) -> TxResult<()> {
         let key = c.key().to_bytes();
-        self.certs.insert(&key, encode(c)).map_err(storage)?;
-        // What CRLs list, kept beside: a CRL reads these, not every
-        // certificate.
+        self.certs.insert(&key, encode_cert(c)).map_err(storage)?;
+        // What CRLs list, kept beside with what they say of it: a CRL
+        // reads these, not every certificate and device.
         if listed(c) {
-            self.txn.insert(Space::Listed, &key, b"");
+            let entry = Listing::of(c, device).map(Listing::encode);
+            self.txn
+                .insert(Space::Listed, &key, entry.as_deref().unwrap_or_default());
         } else {
             self.txn.remove(Space::Listed, &key);
         }
@@ -475,7 +485,7 @@ impl Tx<'_> {
         for key in &d.certificates {
             let mut c = self.cert(key)?;
             c.device_status = d.status;
-            self.put_cert(&c)?;
+            self.put_cert(&c, Some(d))?;
         }
         Ok(())
     }
@@ -503,7 +513,7 @@ impl Tx<'_> {
                 issuer: rec.issuer.clone(),
             });
         }
-        self.put_cert(&rec)?;
+        self.put_cert(&rec, Some(d))?;
         self.index_expiry(&rec);
         self.txn.insert(Space::CertDer, &key.to_bytes(), &cert.der);
         self.fingerprints
@@ -1006,7 +1016,7 @@ impl Registry {
                 });
             }
             c.revocation = Some(Revocation { reason, at });
-            tx.put_cert(&c)?;
+            tx.put_cert(&c, None)?;
             tx.index_expiry(&c);
             tx.audit(
                 actor,
@@ -1071,7 +1081,7 @@ pub fn changes_from(events: &[crate::store::Write]) -> Vec<Change> {
                 }
             }
             (Space::Certs, Some(v)) => {
-                if let Ok(c) = decode::<CertRecord>("certificate", v) {
+                if let Ok(c) = decode_cert(v) {
                     if c.revocation.is_some() {
                         out.push(Change::CertificateRevoked { key: c.key() });
                     }

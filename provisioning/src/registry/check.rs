@@ -27,7 +27,7 @@ impl Registry {
         let mut certs = std::collections::HashMap::new();
         for kv in self.scan(Space::Certs, b"") {
             let (k, v) = kv?;
-            match decode::<CertRecord>("certificate", &v) {
+            match decode_cert(&v) {
                 Ok(c) if c.key().to_bytes() == k.as_slice() => {
                     certs.insert(c.key(), c);
                 }

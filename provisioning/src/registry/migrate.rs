@@ -12,7 +12,13 @@ impl Registry {
             .get(Space::Meta, b"schema")?
             .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
             .map_or(1, u64::from_be_bytes);
-        if version >= SCHEMA {
+        if version > SCHEMA {
+            return Err(Error::Storage(format!(
+                "the registry is schema {version}, newer than this fleetgate reads ({SCHEMA}): \
+                 a newer fleetgate wrote it; run that one"
+            )));
+        }
+        if version == SCHEMA {
             return Ok(self);
         }
         if self.store.len(Space::Devices)? == 0 && self.store.len(Space::Certs)? == 0 {
@@ -30,7 +36,10 @@ impl Registry {
         if version < 4 {
             self.listed_indexed()?;
         }
-        self.sorted_indexed()?;
+        if version < 5 {
+            self.sorted_indexed()?;
+        }
+        self.packed()?;
         let txn = Txn::new(&*self.store);
         Tx::over(&txn).meta.insert("schema", SCHEMA.to_be_bytes())?;
         txn.commit(true)?;
@@ -58,7 +67,7 @@ impl Registry {
     /// record.
     fn listed_indexed(&self) -> Result<(), Error> {
         let n = self.index_from(Space::Certs, Space::Listed, |k, v| {
-            let c: CertRecord = decode("certificate", v)?;
+            let c = decode_cert(v)?;
             Ok(super::listed(&c).then(|| k.to_vec()))
         })?;
         tracing::info!(
@@ -83,7 +92,7 @@ impl Registry {
             })?;
         }
         let certs = self.index_from(Space::Certs, Space::Expiring, |_, v| {
-            let c: CertRecord = decode("certificate", v)?;
+            let c = decode_cert(v)?;
             Ok(c.revocation
                 .is_none()
                 .then(|| super::sorted::expiring_key(&c)))
@@ -94,6 +103,55 @@ impl Registry {
             "registry migrated: devices sorted as people read ids, certificates by expiry"
         );
         Ok(())
+    }
+
+    /// Version 6: every certificate record packed, and each `listed` entry
+    /// given what a CRL says of its certificate (`packed`). A transaction a
+    /// batch that compares what it read, so that a node writing meanwhile
+    /// on a shared store loses nothing; one flush at the end; an
+    /// interrupted run runs again.
+    fn packed(&self) -> Result<(), Error> {
+        // Two writes a certificate, at most.
+        let per = (self.store.max_writes() / 2).clamp(1, 500);
+        let mut n = 0;
+        let mut keys = Vec::with_capacity(per);
+        for kv in self.scan(Space::Certs, b"") {
+            keys.push(kv?.0);
+            if keys.len() == per {
+                n += self.pack(&keys)?;
+                keys.clear();
+            }
+        }
+        n += self.pack(&keys)?;
+        self.store.flush()?;
+        tracing::info!(
+            certificates = n,
+            "registry migrated: certificate records packed, CRL entries kept in the listed index"
+        );
+        Ok(())
+    }
+
+    /// Rewrites the certificates at `keys` through `put_cert`: how many.
+    fn pack(&self, keys: &[Vec<u8>]) -> Result<usize, Error> {
+        self.transact_unflushed(|tx| {
+            let mut n = 0;
+            for k in keys {
+                let Some(v) = tx.certs.get(k)? else {
+                    continue;
+                };
+                let c = decode_cert(&v)?;
+                // A device missing (a damaged registry, which `check`
+                // reports) leaves the entry empty, read the old way.
+                let device = if super::listed(&c) && c.revocation.is_none() {
+                    tx.device(&c.device_id).ok()
+                } else {
+                    None
+                };
+                tx.put_cert(&c, device.as_ref())?;
+                n += 1;
+            }
+            Ok(n)
+        })
     }
 
     /// Writes an empty entry in `index` at the key `key_of` makes of each
@@ -143,7 +201,7 @@ impl Registry {
         let mut keys = std::collections::HashMap::new();
         for kv in self.scan(Space::Certs, b"") {
             let (k, v) = kv?;
-            let mut c: CertRecord = decode("certificate", &v)?;
+            let mut c = decode_cert(&v)?;
             c.device_manufacturer = device_of.get(c.device_id.as_str()).cloned().flatten();
             let key = c.key();
             if k.as_slice() != key.to_bytes().as_slice() {

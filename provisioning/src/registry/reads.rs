@@ -51,11 +51,28 @@ impl Registry {
         })
     }
 
+    /// Reads every certificate record once, so that the page cache holds
+    /// what admission and OCSP read at random (a node's first minutes
+    /// after a start, when its whole fleet reconnects): how many. Run in
+    /// the background on a store of this node's own; a shared store's
+    /// reads are requests to the cluster, so it does nothing there.
+    pub fn warm(&self) -> Result<usize, Error> {
+        if self.store.may_block() {
+            return Ok(0);
+        }
+        let mut n = 0;
+        for kv in self.scan(Space::Certs, b"") {
+            kv?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
     /// The admission lookup: one read.
     pub fn certificate(&self, key: &CertKey) -> Result<Option<CertRecord>, Error> {
         self.store
             .get(Space::Certs, AsRef::<[u8]>::as_ref(&key.to_bytes()))?
-            .map(|v| decode("certificate", &v))
+            .map(|v| decode_cert(&v))
             .transpose()
     }
 
@@ -92,7 +109,7 @@ impl Registry {
     pub fn certificates_with_serial(&self, serial: &Serial) -> Result<Vec<CertRecord>, Error> {
         self.store
             .scan(Space::Certs, &CertKey::serial_prefix(serial), b"")
-            .map(|kv| decode("certificate", &kv?.1))
+            .map(|kv| decode_cert(&kv?.1))
             .collect()
     }
 
@@ -328,52 +345,76 @@ impl Registry {
         // A revoked manufacturer's certificates are listed whatever their
         // own standing: then every certificate is looked at (rare: a
         // manufacturer revoked and its certificates not yet expired).
-        // Otherwise only those the `listed` index holds.
-        let every = self.manufacturers()?.iter().any(|m| m.revocation.is_some());
-        let records: Box<dyn Iterator<Item = Result<Vec<u8>, Error>>> = if every {
-            Box::new(self.scan(Space::Certs, b"").map(|kv| kv.map(|(_, v)| v)))
-        } else {
-            Box::new(self.scan(Space::Listed, b"").filter_map(|kv| {
-                kv.and_then(|(k, _)| self.store.get(Space::Certs, &k))
-                    .transpose()
-            }))
-        };
-        for v in records {
-            let v = v?;
-            let c: CertRecord = decode("certificate", &v)?;
-            if c.issuer != issuer || c.manufacturer.as_deref() != manufacturer || c.not_after < now
-            {
-                continue;
+        // Otherwise only those the `listed` index holds, each with what the
+        // CRL says of it (an entry from before schema 6: read the old way).
+        if self.manufacturers()?.iter().any(|m| m.revocation.is_some()) {
+            for kv in self.scan(Space::Certs, b"") {
+                let c = decode_cert(&kv?.1)?;
+                out.extend(self.listing_now(manufacturer, issuer, now, &c)?);
             }
-            // A revoked manufacturer lists its devices' certificates too.
-            let revocation = match c.revocation {
-                Some(r) => Some(r),
-                None => self.manufacturer_revocation(&c)?,
-            };
-            let listed = match (revocation, c.device_status) {
-                (Some(r), _) => Some((r.at, Some(r.reason))),
-                (None, Status::Revoked) => {
-                    let d = self.device(&c.device_id)?;
-                    let r = d.revocation.unwrap_or(Revocation {
-                        reason: RevocationReason::Unspecified,
-                        at: d.updated_at,
-                    });
-                    Some((r.at, Some(r.reason)))
+            return Ok(out);
+        }
+        let scope = CertKey::new(manufacturer, issuer, Serial::from_bytes(&[1])?);
+        for kv in self.scan(Space::Listed, b"") {
+            let (k, v) = kv?;
+            let key = CertKey::from_bytes(&k)?;
+            match Listing::decode(&v)? {
+                Some(l) => {
+                    if key.same_scope(&scope) && l.not_after >= now {
+                        out.push(Listed {
+                            serial: key.serial,
+                            at: l.at,
+                            reason: l.reason,
+                        });
+                    }
                 }
-                (None, Status::Suspended | Status::Pending) => {
-                    Some((self.device(&c.device_id)?.updated_at, None))
+                None => {
+                    if let Some(c) = self.certificate(&key)? {
+                        out.extend(self.listing_now(manufacturer, issuer, now, &c)?);
+                    }
                 }
-                (None, Status::Active) => None,
-            };
-            if let Some((at, reason)) = listed {
-                out.push(Listed {
-                    serial: c.serial,
-                    at,
-                    reason,
-                });
             }
         }
         Ok(out)
+    }
+
+    /// What a CRL of `issuer` (under `manufacturer`) made `now` lists for
+    /// `c`, read from its record, its device and its manufacturers.
+    pub(super) fn listing_now(
+        &self,
+        manufacturer: Option<&str>,
+        issuer: &str,
+        now: OffsetDateTime,
+        c: &CertRecord,
+    ) -> Result<Option<Listed>, Error> {
+        if c.issuer != issuer || c.manufacturer.as_deref() != manufacturer || c.not_after < now {
+            return Ok(None);
+        }
+        // A revoked manufacturer lists its devices' certificates too.
+        let revocation = match c.revocation {
+            Some(r) => Some(r),
+            None => self.manufacturer_revocation(c)?,
+        };
+        let listed = match (revocation, c.device_status) {
+            (Some(r), _) => Some((r.at, Some(r.reason))),
+            (None, Status::Revoked) => {
+                let d = self.device(&c.device_id)?;
+                let r = d.revocation.unwrap_or(Revocation {
+                    reason: RevocationReason::Unspecified,
+                    at: d.updated_at,
+                });
+                Some((r.at, Some(r.reason)))
+            }
+            (None, Status::Suspended | Status::Pending) => {
+                Some((self.device(&c.device_id)?.updated_at, None))
+            }
+            (None, Status::Active) => None,
+        };
+        Ok(listed.map(|(at, reason)| Listed {
+            serial: c.serial.clone(),
+            at,
+            reason,
+        }))
     }
 
     /// The next CRL number for `issuer`, durable before it is returned so

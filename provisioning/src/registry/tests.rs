@@ -37,7 +37,7 @@ fn check_finds_broken_indexes() {
     r.transact(|tx| {
         tx.by_status.remove(status_key(Status::Suspended, &id))?;
         tx.fingerprints.insert(b"feed", key.to_bytes())?;
-        let mut c: CertRecord = decode("c", &tx.certs.get(key.to_bytes())?.unwrap())?;
+        let mut c = decode_cert(&tx.certs.get(key.to_bytes())?.unwrap())?;
         c.device_status = Status::Active;
         tx.certs.insert(key.to_bytes(), encode(&c))
     })
@@ -186,7 +186,7 @@ fn a_version_1_registry_is_migrated_on_open() {
         for k in &keys {
             let v = tx.certs.get(k.to_bytes())?.unwrap();
             tx.certs.remove(k.to_bytes())?;
-            let mut c: serde_json::Value = serde_json::from_slice(&v).unwrap();
+            let mut c = serde_json::to_value(decode_cert(&v)?).unwrap();
             c.as_object_mut().unwrap().remove("device_manufacturer");
             tx.certs.insert(k.serial.as_bytes(), encode(&c))?;
             let fp = c["fingerprint"].as_str().unwrap().to_owned();
@@ -210,6 +210,9 @@ fn a_version_1_registry_is_migrated_on_open() {
     assert!(report.problems.is_empty(), "{:?}", report.problems);
     for k in &keys {
         assert_eq!(r.standing(k).unwrap().unwrap().1, Standing::Good);
+        // Schema 6: packed.
+        let v = r.store.get(Space::Certs, &k.to_bytes()).unwrap().unwrap();
+        assert_eq!(v[0], packed::PACKED);
     }
     let d2 = r.device(&DeviceId::try_new("dev-2").unwrap()).unwrap();
     assert_eq!(d2.certificates, vec![keys[1].clone()]);
@@ -564,22 +567,66 @@ fn crls_list_what_the_listed_index_holds_and_it_is_built_on_open() {
     r.suspend(&id("d"), "test").unwrap();
     r.resume(&id("d"), "test").unwrap();
     let issuer = certs[0].issuer.clone();
-    let serials = |r: &Registry| {
-        let mut s: Vec<String> = r
+    type Entry = (String, OffsetDateTime, Option<u8>);
+    let entries = |r: &Registry| -> Vec<Entry> {
+        let mut s: Vec<Entry> = r
             .revoked_by_issuer(None, &issuer)
             .unwrap()
             .into_iter()
-            .map(|l| l.serial.to_hex())
+            .map(|l| {
+                (
+                    l.serial.to_hex(),
+                    l.at,
+                    l.reason.map(RevocationReason::code),
+                )
+            })
             .collect();
         s.sort();
         s
     };
-    let mut want: Vec<String> = certs[..3].iter().map(|c| c.serial.to_hex()).collect();
+    // What the CRL says of each, read from the records and devices.
+    let mut want: Vec<Entry> = certs[..3]
+        .iter()
+        .map(|c| {
+            let rec = r.certificate(&c.key()).unwrap().unwrap();
+            let l = r
+                .listing_now(None, &issuer, OffsetDateTime::now_utc(), &rec)
+                .unwrap()
+                .unwrap();
+            (
+                l.serial.to_hex(),
+                l.at,
+                l.reason.map(RevocationReason::code),
+            )
+        })
+        .collect();
     want.sort();
-    assert_eq!(serials(r), want);
-    // Version 3 had no index: made on open, the same list.
+    assert_eq!(entries(r), want);
+    let reasons: Vec<_> = want.iter().map(|e| e.2).collect();
+    assert!(reasons.contains(&None), "a hold: {reasons:?}");
+    assert!(reasons.contains(&Some(RevocationReason::KeyCompromise.code())));
+    assert!(reasons.contains(&Some(RevocationReason::Superseded.code())));
+    // Each entry carries what the CRL says (schema 6).
     let index: Vec<_> = r.scan(Space::Listed, b"").map(Result::unwrap).collect();
     assert_eq!(index.len(), 3);
+    assert!(index.iter().all(|(_, v)| !v.is_empty()));
+
+    // Schema 5: JSON records, empty entries: read the old way, the same
+    // list; packed on open.
+    r.transact(|tx| {
+        for (k, _) in &index {
+            tx.txn.insert(Space::Listed, k, b"");
+        }
+        for c in &certs {
+            let k = c.key().to_bytes();
+            let rec = decode_cert(&tx.certs.get(&k)?.unwrap())?;
+            tx.certs.insert(&k, encode(&rec))?;
+        }
+        tx.meta.insert("schema", 5u64.to_be_bytes())
+    })
+    .unwrap();
+    assert_eq!(entries(r), want);
+    // Version 3 had no index at all: made on open, the same list.
     r.transact(|tx| {
         for (k, _) in &index {
             tx.txn.remove(Space::Listed, k);
@@ -587,10 +634,38 @@ fn crls_list_what_the_listed_index_holds_and_it_is_built_on_open() {
         tx.meta.insert("schema", 3u64.to_be_bytes())
     })
     .unwrap();
-    assert!(serials(r).is_empty());
+    assert!(entries(r).is_empty());
     drop(auth);
     let r = Registry::open(&path).unwrap();
-    assert_eq!(serials(&r), want);
+    assert_eq!(entries(&r), want);
+    let index: Vec<_> = r.scan(Space::Listed, b"").map(Result::unwrap).collect();
+    assert!(index.iter().all(|(_, v)| !v.is_empty()));
+    for c in &certs {
+        let v = r
+            .store
+            .get(Space::Certs, &c.key().to_bytes())
+            .unwrap()
+            .unwrap();
+        assert_eq!(v[0], packed::PACKED);
+    }
+    assert!(r.check().unwrap().problems.is_empty());
+}
+
+#[test]
+fn a_registry_a_newer_fleetgate_wrote_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("registry");
+    let r = Registry::open(&path).unwrap();
+    r.transact(|tx| tx.meta.insert("schema", (SCHEMA + 1).to_be_bytes()))
+        .unwrap();
+    drop(r);
+    let Err(e) = Registry::open(&path) else {
+        panic!("a newer registry opened")
+    };
+    assert!(
+        e.to_string().contains("newer than this fleetgate reads"),
+        "{e}"
+    );
 }
 
 mod stale_view;
