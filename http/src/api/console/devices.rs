@@ -164,9 +164,16 @@ pub(super) async fn devices(
             // inside ids reads the id order itself, one read a device
             // where the sorted index takes two, so that its bounded scan
             // stays fast.
+            // With no text and no role to filter by (a status is the
+            // index's), every device read is shown: read no more than a
+            // page (on etcd each device is a request).
+            let want = match text.is_empty() && role.is_none() {
+                true => PAGE - found.len(),
+                false => 500,
+            };
             let page = match text.is_empty() {
-                true => auth.registry.list_sorted(status, after.as_deref(), 500)?,
-                false => auth.registry.list(status, after.as_deref(), 500)?,
+                true => auth.registry.list_sorted(status, after.as_deref(), want)?,
+                false => auth.registry.list(status, after.as_deref(), want)?,
             };
             for d in page.items {
                 scanned += 1;
