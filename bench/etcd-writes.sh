@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Registry writes on etcd against sled, in one run: enrollments/s over the
 # JSON API (firmware-sim load enroll, COUNT at CONCURRENCY at a time, a new
-# P-256 key each) on a node on its embedded sled, a node on one local etcd
+# P-256 key each), then flushed status changes/s over it (each of those
+# devices suspended and resumed, --status-changes) on a node on its
+# embedded sled, a node on one local etcd
 # member and, with FG_BASE, an earlier build on a second etcd member of its
 # own; rounds alternate the nodes. Then the registry benchmark (cargo bench
 # -p broker --bench store: flushed status changes on 1, 2, 4 and 8 threads) on
@@ -60,15 +62,16 @@ if [ -n "$BASE" ]; then
     nodes+=(base)
 fi
 
-echo "$COUNT enrollments a round (JSON API), $CONCURRENCY at a time, $ROUNDS rounds, nodes: ${nodes[*]}" >&2
+echo "$COUNT enrollments a round (JSON API), then a suspension and a resumption of each, $CONCURRENCY at a time, $ROUNDS rounds, nodes: ${nodes[*]}" >&2
 for r in $(seq "$ROUNDS"); do
     for n in "${nodes[@]}"; do
         "$SIM" load enroll --api "https://$(api $n)" --data-dir "$work/$n" --count "$COUNT" \
-            --concurrency "$CONCURRENCY" --rounds 1 --prefix "r$r-" |
+            --concurrency "$CONCURRENCY" --rounds 1 --prefix "r$r-" --status-changes |
             python3 -c 'import json,sys
 for l in sys.stdin:
     j = json.loads(l)
-    if j["protocol"] == "json": print(sys.argv[1], sys.argv[2], j["enrollments_per_s"], j["p99_ms"], j["failed"])' "$n" "$r" \
+    if j["protocol"] == "json": print(sys.argv[1], sys.argv[2], "enroll", j["enrollments_per_s"], j["p99_ms"], j["failed"])
+    if j["protocol"] == "status": print(sys.argv[1], sys.argv[2], "status", j["changes_per_s"], j["p99_ms"], j["failed"])' "$n" "$r" \
             >>"$work/rounds.txt"
     done
 done
@@ -76,15 +79,19 @@ python3 - "$work/rounds.txt" <<'PY'
 import sys
 rows = [l.split() for l in open(sys.argv[1])]
 best = {}
-for n, r, rate, p99, failed in rows:
-    print(f"round {r} {n}: {float(rate):,.0f} enrollments/s, p99 {float(p99):.1f} ms, {failed} failed")
-    if n not in best or float(rate) > best[n][0]:
-        best[n] = (float(rate), float(p99))
-print("\n| node | enrollments/s (best round) | p99 ms | against sled |")
-print("|---|---|---|---|")
-for n in ["sled", "etcd", "base"]:
-    if n in best:
-        print(f"| {n} | {best[n][0]:,.0f} | {best[n][1]:.1f} | {best[n][0] / best['sled'][0]:.2f}x |")
+for n, r, kind, rate, p99, failed in rows:
+    what = "enrollments" if kind == "enroll" else "status changes"
+    print(f"round {r} {n}: {float(rate):,.0f} {what}/s, p99 {float(p99):.1f} ms, {failed} failed")
+    key = (n, kind)
+    if key not in best or float(rate) > best[key][0]:
+        best[key] = (float(rate), float(p99))
+for kind, what in [("enroll", "enrollments/s"), ("status", "flushed status changes/s")]:
+    print(f"\n| node | {what} over the API (best round) | p99 ms | against sled |")
+    print("|---|---|---|---|")
+    for n in ["sled", "etcd", "base"]:
+        if (n, kind) in best:
+            rate, p99 = best[(n, kind)]
+            print(f"| {n} | {rate:,.0f} | {p99:.1f} | {rate / best[('sled', kind)][0]:.2f}x |")
 PY
 for p in "${pids[@]:1}"; do kill "$p" 2>/dev/null || true; done
 echo

@@ -744,3 +744,58 @@ pub async fn enroll_run(
         latencies,
     }
 }
+
+/// Suspends and resumes each of `ids` over the JSON API (two flushed
+/// status changes a device), from `concurrency` workers, as the admin:
+/// what an operator's script does to many devices. Each change's latency.
+pub async fn status_run(
+    api: &fleetgate_api::client::ApiClient,
+    ids: Vec<String>,
+    concurrency: usize,
+) -> EnrollReport {
+    use fleetgate_api::client::{Bytes, Method, StatusCode};
+    let queue = Arc::new(std::sync::Mutex::new(ids));
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..concurrency.max(1) {
+        let (api, queue) = (api.clone(), queue.clone());
+        tasks.spawn(async move {
+            let mut latencies = Vec::new();
+            let mut failures = Vec::new();
+            loop {
+                let next = queue.lock().unwrap_or_else(|e| e.into_inner()).pop();
+                let Some(id) = next else { break };
+                for change in ["suspend", "resume"] {
+                    let t = Instant::now();
+                    let path = format!("/v1/devices/{id}/{change}");
+                    match api.send(Method::POST, &path, Bytes::new()).await {
+                        Ok((StatusCode::OK, _)) => latencies.push(t.elapsed()),
+                        Ok((status, body)) => failures.push(format!(
+                            "{change} {id}: HTTP {status}: {}",
+                            String::from_utf8_lossy(&body)
+                        )),
+                        Err(e) => failures.push(format!("{change} {id}: {e:#}")),
+                    }
+                }
+            }
+            (latencies, failures)
+        });
+    }
+    let mut latencies = Vec::new();
+    let mut failures = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        if let Ok((l, f)) = done {
+            latencies.extend(l);
+            failures.extend(f);
+        }
+    }
+    let elapsed = started.elapsed();
+    latencies.sort();
+    EnrollReport {
+        enrolled: latencies.len() as u64,
+        failed: failures.len() as u64,
+        first_failure: failures.into_iter().next(),
+        elapsed,
+        latencies,
+    }
+}

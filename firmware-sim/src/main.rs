@@ -188,6 +188,11 @@ enum Load {
         /// Device ids are PREFIX<round>-<protocol>-<n>.
         #[arg(long, default_value = "enroll-")]
         prefix: String,
+        /// Then suspend and resume each device the JSON API enrolled, at
+        /// the same concurrency: flushed status changes/s (a line with
+        /// protocol "status").
+        #[arg(long)]
+        status_changes: bool,
     },
     /// OCSP requests over HTTP, one random serial each.
     Ocsp {
@@ -407,6 +412,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             concurrency,
             rounds,
             prefix,
+            status_changes,
         }) => {
             use load::EnrollProtocol;
             let host = api
@@ -459,6 +465,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                             "p99_ms": ms(0.99),
                         })
                     );
+                    if status_changes && protocol == EnrollProtocol::Json {
+                        let r = load::status_run(&client, ids, concurrency).await;
+                        let ms = |p: f64| load::percentile(&r.latencies, p).as_secs_f64() * 1000.0;
+                        println!(
+                            "{}",
+                            serde_json::json!({
+                                "round": round,
+                                "protocol": "status",
+                                "changes": r.enrolled,
+                                "failed": r.failed,
+                                "first_failure": r.first_failure,
+                                "seconds": r.elapsed.as_secs_f64(),
+                                "changes_per_s": r.per_second(),
+                                "p50_ms": ms(0.50),
+                                "p99_ms": ms(0.99),
+                            })
+                        );
+                    }
                 }
             }
         }
