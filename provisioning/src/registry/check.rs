@@ -178,6 +178,48 @@ impl Registry {
                 ));
             }
         }
+        // The CRLs' index: each listed certificate once, saying what its
+        // record and device say (an empty entry, from before schema 6,
+        // says nothing).
+        let mut listed = 0;
+        for kv in self.scan(Space::Listed, b"") {
+            let (k, v) = kv?;
+            let Some(c) = CertKey::from_bytes(&k).ok().and_then(|k| certs.get(&k)) else {
+                problem("listed index entry matches no certificate".to_string());
+                continue;
+            };
+            if !super::listed(c) {
+                problem(format!(
+                    "certificate {} is in the listed index but not revoked or held",
+                    c.serial
+                ));
+                continue;
+            }
+            listed += 1;
+            // A hold's date is when it was mirrored; the device's own
+            // may have moved on since: only a revocation's is compared.
+            let agrees = |l: &Listing, r: &Listing| {
+                l.not_after == r.not_after
+                    && l.reason == r.reason
+                    && (l.reason.is_none() || l.at == r.at)
+            };
+            let records = Listing::of(c, devices.get(&c.device_id));
+            match Listing::decode(&v) {
+                Ok(None) => {}
+                Ok(Some(l)) if records.as_ref().is_some_and(|r| agrees(&l, r)) => {}
+                Ok(Some(l)) => problem(format!(
+                    "listed index entry of {} says {l:?}, its records {records:?}",
+                    c.serial
+                )),
+                Err(e) => problem(format!("listed index entry of {}: {e}", c.serial)),
+            }
+        }
+        let want = certs.values().filter(|c| super::listed(c)).count();
+        if listed != want {
+            problem(format!(
+                "listed index has {listed} entries for {want} revoked or held certificates"
+            ));
+        }
         let mut last = None;
         for kv in self.scan(Space::Audit, b"") {
             let (k, v) = kv?;

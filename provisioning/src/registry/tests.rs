@@ -53,7 +53,12 @@ fn check_finds_broken_indexes() {
         all.contains("mirrors status active but device dev-1 is suspended"),
         "{all}"
     );
-    assert_eq!(report.problems.len(), 3, "{all}");
+    // The stale mirror also leaves the CRLs' index listing it.
+    assert!(
+        all.contains("is in the listed index but not revoked or held"),
+        "{all}"
+    );
+    assert_eq!(report.problems.len(), 4, "{all}");
     // A browsing index entry lost.
     r.transact(|tx| {
         let (k, _) = r.scan(Space::Sorted, b"").next().unwrap()?;
@@ -649,6 +654,31 @@ fn crls_list_what_the_listed_index_holds_and_it_is_built_on_open() {
         assert_eq!(v[0], packed::PACKED);
     }
     assert!(r.check().unwrap().problems.is_empty());
+
+    // `check` reads the index against the records: an entry that says
+    // another date, and one missing.
+    let (k, revoked) = index
+        .iter()
+        .find_map(|(k, v)| {
+            let l = Listing::decode(v).unwrap().unwrap();
+            l.reason.is_some().then_some((k, l))
+        })
+        .unwrap();
+    let mut wrong = revoked;
+    wrong.at += time::Duration::days(1);
+    let other = index.iter().find(|(o, _)| o != k).unwrap().0.clone();
+    r.transact(|tx| {
+        tx.txn.insert(Space::Listed, k, &wrong.encode());
+        tx.txn.remove(Space::Listed, &other);
+        Ok(())
+    })
+    .unwrap();
+    let all = r.check().unwrap().problems.join("\n");
+    assert!(all.contains("listed index entry of"), "{all}");
+    assert!(
+        all.contains("listed index has 2 entries for 3 revoked or held certificates"),
+        "{all}"
+    );
 }
 
 #[test]
