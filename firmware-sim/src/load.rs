@@ -666,61 +666,36 @@ impl EnrollReport {
     }
 }
 
-/// Sends `prepared` over `protocol` from `concurrency` workers, one
-/// connection (a full TLS handshake as the admin) per enrollment, and
-/// checks each answer carries a certificate.
-pub async fn enroll_run(
+/// Hands each of `items` to `op` from `concurrency` workers, as the
+/// admin; `op` makes its requests and gives each one's latency or why it
+/// failed.
+async fn api_run<T, F, Fut>(
     api: &fleetgate_api::client::ApiClient,
-    protocol: EnrollProtocol,
-    prepared: Vec<Prepared>,
+    items: Vec<T>,
     concurrency: usize,
-) -> EnrollReport {
-    use fleetgate_api::client::{Bytes, Method, StatusCode};
-    let queue = Arc::new(std::sync::Mutex::new(prepared));
+    op: F,
+) -> EnrollReport
+where
+    T: Send + 'static,
+    F: Fn(fleetgate_api::client::ApiClient, T) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Vec<Result<Duration, String>>> + Send,
+{
+    let queue = Arc::new(std::sync::Mutex::new(items));
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..concurrency.max(1) {
-        let (api, queue) = (api.clone(), queue.clone());
+        let (api, queue, op) = (api.clone(), queue.clone(), op.clone());
         tasks.spawn(async move {
             let mut latencies = Vec::new();
             let mut failures = Vec::new();
             loop {
                 let next = queue.lock().unwrap_or_else(|e| e.into_inner()).pop();
-                let Some(p) = next else { break };
-                let (path, ct, want) = match protocol {
-                    EnrollProtocol::Json => {
-                        ("/v1/devices", "application/json", StatusCode::CREATED)
+                let Some(item) = next else { break };
+                for outcome in op(api.clone(), item).await {
+                    match outcome {
+                        Ok(took) => latencies.push(took),
+                        Err(e) => failures.push(e),
                     }
-                    EnrollProtocol::Est => (
-                        "/.well-known/est/simpleenroll",
-                        "application/pkcs10",
-                        StatusCode::OK,
-                    ),
-                    EnrollProtocol::Cmp => {
-                        ("/.well-known/cmp", "application/pkixcmp", StatusCode::OK)
-                    }
-                };
-                let t = Instant::now();
-                let outcome = match api
-                    .send_as(Method::POST, path, ct, Bytes::from(p.body))
-                    .await
-                {
-                    Ok((status, body)) if status == want => match protocol {
-                        EnrollProtocol::Cmp => provisioning::cmp::issued_certificate(&body)
-                            .map(|_| ())
-                            .map_err(|e| format!("{}: {e}", p.id)),
-                        _ => Ok(()),
-                    },
-                    Ok((status, body)) => Err(format!(
-                        "{}: HTTP {status}: {}",
-                        p.id,
-                        String::from_utf8_lossy(&body)
-                    )),
-                    Err(e) => Err(format!("{}: {e:#}", p.id)),
-                };
-                match outcome {
-                    Ok(()) => latencies.push(t.elapsed()),
-                    Err(e) => failures.push(e),
                 }
             }
             (latencies, failures)
@@ -745,6 +720,54 @@ pub async fn enroll_run(
     }
 }
 
+/// Sends `prepared` over `protocol` from `concurrency` workers, one
+/// connection (a full TLS handshake as the admin) per enrollment, and
+/// checks each answer carries a certificate.
+pub async fn enroll_run(
+    api: &fleetgate_api::client::ApiClient,
+    protocol: EnrollProtocol,
+    prepared: Vec<Prepared>,
+    concurrency: usize,
+) -> EnrollReport {
+    use fleetgate_api::client::{Bytes, Method, StatusCode};
+    api_run(
+        api,
+        prepared,
+        concurrency,
+        move |api, p: Prepared| async move {
+            let (path, ct, want) = match protocol {
+                EnrollProtocol::Json => ("/v1/devices", "application/json", StatusCode::CREATED),
+                EnrollProtocol::Est => (
+                    "/.well-known/est/simpleenroll",
+                    "application/pkcs10",
+                    StatusCode::OK,
+                ),
+                EnrollProtocol::Cmp => ("/.well-known/cmp", "application/pkixcmp", StatusCode::OK),
+            };
+            let t = Instant::now();
+            let outcome = match api
+                .send_as(Method::POST, path, ct, Bytes::from(p.body))
+                .await
+            {
+                Ok((status, body)) if status == want => match protocol {
+                    EnrollProtocol::Cmp => provisioning::cmp::issued_certificate(&body)
+                        .map(|_| ())
+                        .map_err(|e| format!("{}: {e}", p.id)),
+                    _ => Ok(()),
+                },
+                Ok((status, body)) => Err(format!(
+                    "{}: HTTP {status}: {}",
+                    p.id,
+                    String::from_utf8_lossy(&body)
+                )),
+                Err(e) => Err(format!("{}: {e:#}", p.id)),
+            };
+            vec![outcome.map(|()| t.elapsed())]
+        },
+    )
+    .await
+}
+
 /// Suspends and resumes each of `ids` over the JSON API (two flushed
 /// status changes a device), from `concurrency` workers, as the admin:
 /// what an operator's script does to many devices. Each change's latency.
@@ -754,48 +777,21 @@ pub async fn status_run(
     concurrency: usize,
 ) -> EnrollReport {
     use fleetgate_api::client::{Bytes, Method, StatusCode};
-    let queue = Arc::new(std::sync::Mutex::new(ids));
-    let started = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..concurrency.max(1) {
-        let (api, queue) = (api.clone(), queue.clone());
-        tasks.spawn(async move {
-            let mut latencies = Vec::new();
-            let mut failures = Vec::new();
-            loop {
-                let next = queue.lock().unwrap_or_else(|e| e.into_inner()).pop();
-                let Some(id) = next else { break };
-                for change in ["suspend", "resume"] {
-                    let t = Instant::now();
-                    let path = format!("/v1/devices/{id}/{change}");
-                    match api.send(Method::POST, &path, Bytes::new()).await {
-                        Ok((StatusCode::OK, _)) => latencies.push(t.elapsed()),
-                        Ok((status, body)) => failures.push(format!(
-                            "{change} {id}: HTTP {status}: {}",
-                            String::from_utf8_lossy(&body)
-                        )),
-                        Err(e) => failures.push(format!("{change} {id}: {e:#}")),
-                    }
-                }
-            }
-            (latencies, failures)
-        });
-    }
-    let mut latencies = Vec::new();
-    let mut failures = Vec::new();
-    while let Some(done) = tasks.join_next().await {
-        if let Ok((l, f)) = done {
-            latencies.extend(l);
-            failures.extend(f);
+    api_run(api, ids, concurrency, |api, id: String| async move {
+        let mut out = Vec::with_capacity(2);
+        for change in ["suspend", "resume"] {
+            let t = Instant::now();
+            let path = format!("/v1/devices/{id}/{change}");
+            out.push(match api.send(Method::POST, &path, Bytes::new()).await {
+                Ok((StatusCode::OK, _)) => Ok(t.elapsed()),
+                Ok((status, body)) => Err(format!(
+                    "{change} {id}: HTTP {status}: {}",
+                    String::from_utf8_lossy(&body)
+                )),
+                Err(e) => Err(format!("{change} {id}: {e:#}")),
+            });
         }
-    }
-    let elapsed = started.elapsed();
-    latencies.sort();
-    EnrollReport {
-        enrolled: latencies.len() as u64,
-        failed: failures.len() as u64,
-        first_failure: failures.into_iter().next(),
-        elapsed,
-        latencies,
-    }
+        out
+    })
+    .await
 }
