@@ -17,6 +17,8 @@
 #       bash bench/registry-scale.sh
 #   # the registry on one local etcd member (its quota raised to 8 GiB):
 #   STORE=etcd DEVICES=100000 REVOKED=10000 bash bench/registry-scale.sh
+#   # serve's figures beside a baseline build's, on the same registry:
+#   FG_BASE=/path/to/old/fleetgate WORK=/tmp/rs bash bench/registry-scale.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -93,44 +95,66 @@ else
     du -sh "$work/fg/registry" | sed 's/^/registry on disk: /'
 fi
 
-t0=$(date +%s.%N)
-serve
-t1=$(date +%s.%N)
-python3 -c "print(f'serve: listening {float($t1) - float($t0):.2f} s after start')"
-api=$(sed -n 's/.*api=\([^ ]*\).*/\1/p' "$work/fg.out")
-ocsp=$(sed -n 's/.*ocsp=\([^ ]*\).*/\1/p' "$work/fg.out")
-export FLEETGATE_API="https://$api" FLEETGATE_DATA_DIR="$work/fg"
-sleep 5
-echo "serve: RSS idle $(awk '/VmRSS/ {printf "%.1f MiB", $2 / 1024}' /proc/$pid/status)"
+measure() { # label: serve on the data dir, then what a fleet and an operator ask of it
+    echo "--- serve ($1):"
+    t0=$(date +%s.%N)
+    serve
+    t1=$(date +%s.%N)
+    python3 -c "print(f'serve: listening {float($t1) - float($t0):.2f} s after start')"
+    api=$(sed -n 's/.*api=\([^ ]*\).*/\1/p' "$work/fg.out")
+    ocsp=$(sed -n 's/.*ocsp=\([^ ]*\).*/\1/p' "$work/fg.out")
+    export FLEETGATE_API="https://$api" FLEETGATE_DATA_DIR="$work/fg"
+    # The read-ahead of what admission reads (serve logs when it is done;
+    # a build before it did not on etcd).
+    for _ in $(seq 600); do
+        grep -q "read ahead\|read into the page cache" "$work/fg.log" && break
+        sleep 0.1
+    done
+    { grep "read ahead\|read into the page cache" "$work/fg.log" || echo "(none logged in 60 s)"; } | tail -1 |
+        sed 's/.*\(records\|certificates\)=\([0-9]*\).*ms=\([0-9]*\).*/serve: read ahead \2 records in \3 ms/'
+    echo "serve: RSS idle $(awk '/VmRSS/ {printf "%.1f MiB", $2 / 1024}' /proc/$pid/status)"
 
-for kind in good revoked; do
-    "$SIM" load ocsp --responder "$ocsp" --issuer "$work/fg/ca/issuing.crt" --serials "$work/$kind.txt" \
-        --keep-alive --concurrency 16 --seconds "$SECONDS_EACH" |
-        python3 -c 'import json,sys
+    for kind in good revoked; do
+        "$SIM" load ocsp --responder "$ocsp" --issuer "$work/fg/ca/issuing.crt" --serials "$work/$kind.txt" \
+            --keep-alive --concurrency 16 --seconds "$SECONDS_EACH" |
+            python3 -c 'import json,sys
 r = json.loads(sys.stdin.read())
 print("OCSP %s: %.0f answers/s, p50 %.2f ms, p99 %.2f ms, %d answered revoked, %d unknown, %d failed"
       % (sys.argv[1], r["responses_per_s"], r["p50_ms"], r["p99_ms"], r["revoked"], r["unknown"], r["failures"]))' "$kind"
-done
+    done
 
+    timed "fleetgate device list (first page, CLI process included)" "$FG" device list
+    mid=$(printf 'dev-%07d' $((DEVICES / 2)))
+    for path in "/console/api/overview" "/console/api/devices" "/console/api/devices?q=dev-0999990" \
+        "/console/api/devices?q=dev-0000007" "/console/api/devices?status=revoked" \
+        "/console/api/devices?after=$mid" "/console/api/devices?status=active&after=$mid" \
+        "/console/api/devices?role=&expiring=3650" "/console/api/devices?role=&expiring=7" \
+        "/console/api/devices/dev-0000001"; do
+        first=$(console "$path")
+        again=$(console "$path")
+        python3 -c 'import sys; print("console %s: %.0f ms, again %.0f ms" % (sys.argv[1], float(sys.argv[2]) * 1000, float(sys.argv[3]) * 1000))' \
+            "$path" "$first" "$again"
+    done
+    echo "serve: RSS after the OCSP load and the console $(awk '/VmRSS/ {printf "%.1f MiB", $2 / 1024}' /proc/$pid/status)"
+    stop
+}
 timed() { # label command...
     local a b
     a=$(date +%s%N); "${@:2}" >/dev/null; b=$(date +%s%N)
     echo "$1: $(( (b - a) / 1000000 )) ms"
 }
-timed "fleetgate device list (first page, CLI process included)" "$FG" device list
 console() {
     curl -sf --cacert "$work/fg/ca.crt" --cert "$work/fg/admin.crt" --key "$work/fg/admin.key" \
         -o /dev/null -w '%{time_total}' "https://$api$1"
 }
-mid=$(printf 'dev-%07d' $((DEVICES / 2)))
-for path in "/console/api/overview" "/console/api/devices" "/console/api/devices?q=dev-0999990" \
-    "/console/api/devices?q=dev-0000007" "/console/api/devices?status=revoked" \
-    "/console/api/devices?after=$mid" "/console/api/devices?status=active&after=$mid" \
-    "/console/api/devices?role=&expiring=3650" "/console/api/devices?role=&expiring=7" \
-    "/console/api/devices/dev-0000001"; do
-    first=$(console "$path")
-    again=$(console "$path")
-    python3 -c 'import sys; print("console %s: %.0f ms, again %.0f ms" % (sys.argv[1], float(sys.argv[2]) * 1000, float(sys.argv[3]) * 1000))' \
-        "$path" "$first" "$again"
-done
-echo "serve: RSS after the OCSP load and the console $(awk '/VmRSS/ {printf "%.1f MiB", $2 / 1024}' /proc/$pid/status)"
+# A baseline build side by side (FG_BASE=path/to/fleetgate): first, on the
+# same data dir and the same etcd.
+if [ -n "${FG_BASE:-}" ]; then
+    FG_NEW=$FG
+    FG=$FG_BASE
+    : >"$work/fg.log"
+    measure "baseline $FG_BASE"
+    FG=$FG_NEW
+fi
+: >"$work/fg.log"
+measure "$FG"

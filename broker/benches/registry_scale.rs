@@ -105,9 +105,9 @@ fn main() {
         if pass != "first" {
             // What `serve` does in the background once listening.
             let t = Instant::now();
-            let n = auth.registry.warm().expect("warm");
+            let n = auth.registry.warm(cache_mib << 20).expect("warm");
             println!(
-                "warm-up: {n} certificate records read in {:.1} s",
+                "warm-up: {n} records read in {:.1} s",
                 t.elapsed().as_secs_f64()
             );
         }

@@ -153,26 +153,6 @@ impl Server {
         })
         .await
         .context("opening the data dir")??;
-        // The certificate records into the page cache, while the node
-        // already answers: a restarted node's fleet reconnects at once,
-        // each admission a random read.
-        tokio::task::spawn_blocking({
-            let registry = auth.registry.clone();
-            move || {
-                let t = std::time::Instant::now();
-                match registry.warm() {
-                    Ok(0) => {}
-                    Ok(n) => tracing::info!(
-                        certificates = n,
-                        ms = t.elapsed().as_millis() as u64,
-                        "registry: certificate records read into the page cache"
-                    ),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "registry: reading the certificate records ahead failed")
-                    }
-                }
-            }
-        });
         let mut cfg = cfg;
         if let Some(nats) = &cfg.nats {
             cfg.mqtt.bus = Some(
@@ -290,6 +270,28 @@ impl Server {
                 }
             });
         }
+        // What admission and OCSP read at random, into the page cache (or
+        // an etcd node's view, once its watch is open), while the node
+        // already answers: a restarted node's fleet reconnects at once,
+        // each admission a random read.
+        tokio::task::spawn_blocking({
+            let registry = self.auth.registry.clone();
+            let budget = self.cfg.registry_cache_mib.saturating_mul(1024 * 1024);
+            move || {
+                let t = std::time::Instant::now();
+                match registry.warm(budget) {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(
+                        records = n,
+                        ms = t.elapsed().as_millis() as u64,
+                        "registry: records admission reads read ahead"
+                    ),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "registry: reading the records admission reads ahead failed")
+                    }
+                }
+            }
+        });
         // Console sessions are sealed with a key every node of the cluster
         // holds (the issuing CA key's seal secret), and no one else.
         let console_secret = self

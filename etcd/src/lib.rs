@@ -20,7 +20,6 @@
 //! MQTT or HTTP; what it counts goes to an [`Observer`] (a node's
 //! metrics).
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -32,6 +31,8 @@ use provisioning::Error;
 mod group;
 mod grpc;
 mod pb;
+mod view;
+use view::View;
 
 pub use grpc::EtcdTls;
 use grpc::Members;
@@ -47,8 +48,25 @@ use pb::etcdserverpb::{
 /// etcd's default limit of operations in one transaction (`--max-txn-ops`).
 const MAX_TXN_OPS: usize = 128;
 
-/// Keys per range request when scanning.
+/// Keys per range request when a scan starts.
 const PAGE: i64 = 512;
+
+/// Keys per range request, at most, as a scan goes on.
+const MAX_PAGE: i64 = 8192;
+
+/// About how many bytes a scan's page grows to.
+const PAGE_BYTES: i64 = 2 << 20;
+
+/// Keys per range request when warming the view: larger pages, fewer
+/// round trips (a certificate record is some 150 bytes).
+const WARM_PAGE: i64 = 4096;
+
+/// Keys a scan from the view reads under one hold of its lock.
+const VIEW_SCAN_STRETCH: usize = 1024;
+
+/// What a key in the view costs beyond its key and value: the map's
+/// entry, the revision, two allocations.
+const VIEW_ENTRY_OVERHEAD: usize = 80;
 
 /// How long a starting node waits for etcd to answer at all.
 const STARTUP_WAIT: Duration = Duration::from_secs(30);
@@ -79,111 +97,6 @@ pub struct EtcdStore {
     lagging: Arc<tokio::sync::Notify>,
     /// Commits waiting to go to etcd together.
     group: group::Group,
-}
-
-/// A key's value (`None`: absent) and the etcd revision it is from.
-type Known = (u64, Option<Vec<u8>>);
-
-/// What this node knows of the keys admission reads.
-#[derive(Debug, Default)]
-struct View {
-    /// Keys read or written here, with their value (`None`: absent) and
-    /// the etcd revision it is from.
-    keys: HashMap<(Space, Vec<u8>), Known>,
-    /// The last revision the watch applied (or opened at).
-    watched: u64,
-    /// A watch stream is open: every change reaches `keys` as it commits.
-    live: bool,
-    /// When the open watch stream opened ([`now_ms`]).
-    opened_ms: u64,
-    /// Heartbeats the watch has not caught up with yet: when each was
-    /// sent, and the majority's revision it read.
-    pending: Vec<(u64, u64)>,
-    /// When the view was last known to hold every change a majority of
-    /// etcd had then ([`now_ms`]; 0: never): a heartbeat's revision that
-    /// the watch has reached. A watch on a member cut off from the
-    /// majority stays open and quiet; heartbeats answered by the others
-    /// did not make its view current (the fault harness, issue 30: a
-    /// node admitted a device revoked 3 s before).
-    current_ms: u64,
-    /// When the latest heartbeat a majority answered was sent: the view
-    /// serves only while it has caught up with that one too.
-    latest_ms: u64,
-    /// Asks the open watch stream for its member's revision (etcd's
-    /// progress request).
-    progress: Option<tokio::sync::mpsc::UnboundedSender<WatchRequest>>,
-}
-
-impl View {
-    /// What a read or a commit at revision `rev` saw, unless the view
-    /// knows a later value. A key not yet in the view goes in only if the
-    /// watch has applied nothing after `rev`: else a change to it that
-    /// the watch passed over (the key was not in the view then) could be
-    /// newer than what was read.
-    fn saw(&mut self, space: Space, key: &[u8], rev: u64, value: Option<Vec<u8>>) {
-        match self.keys.get_mut(&(space, key.to_vec())) {
-            Some(known) if known.0 < rev => *known = (rev, value),
-            Some(_) => {}
-            None if self.watched <= rev => {
-                self.keys.insert((space, key.to_vec()), (rev, value));
-            }
-            None => {}
-        }
-    }
-
-    /// Why `value` would take back a revocation the view knows of `key`,
-    /// if it would ([`provisioning::integrity`]).
-    fn regression(&self, space: Space, key: &[u8], value: Option<&[u8]>) -> Option<String> {
-        let (_, known) = self.keys.get(&(space, key.to_vec()))?;
-        provisioning::integrity::regression(space, known.as_deref(), value)
-    }
-
-    /// The watch has applied everything up to `rev`: the heartbeats it
-    /// caught up with make the view current as of when they were sent.
-    fn reached(&mut self, rev: u64) {
-        self.watched = self.watched.max(rev);
-        let watched = self.watched;
-        let mut current = self.current_ms;
-        self.pending.retain(|&(at, r)| {
-            if r <= watched {
-                current = current.max(at);
-                false
-            } else {
-                true
-            }
-        });
-        self.current_ms = current;
-    }
-
-    /// A heartbeat sent at `at` read the majority's revision `rev`:
-    /// whether the view has it already.
-    fn heartbeat(&mut self, at: u64, rev: u64) -> bool {
-        self.latest_ms = self.latest_ms.max(at);
-        self.pending.push((at, rev));
-        // A watch that never catches up keeps only the latest few.
-        let len = self.pending.len();
-        if len > 8 {
-            self.pending.drain(..len - 8);
-        }
-        self.reached(0);
-        self.pending.is_empty()
-    }
-
-    /// A change the watch brought: kept for keys in the view, unless it
-    /// takes back a revocation (then `Err` says why, and the view keeps
-    /// what it knew).
-    fn changed(&mut self, rev: u64, w: &Write) -> Result<(), String> {
-        self.reached(rev);
-        if let Some(why) = self.regression(w.space, &w.key, w.value.as_deref()) {
-            return Err(why);
-        }
-        if let Some(known) = self.keys.get_mut(&(w.space, w.key.clone())) {
-            if known.0 < rev {
-                *known = (rev, w.value.clone());
-            }
-        }
-        Ok(())
-    }
 }
 
 /// What one watch stream reports.
@@ -262,6 +175,15 @@ pub const DEFAULT_STALENESS: Duration = Duration::from_secs(60);
 /// The revision a response was at.
 fn revision(h: Option<&ResponseHeader>) -> u64 {
     h.map_or(0, |h| u64::try_from(h.revision).unwrap_or(0))
+}
+
+/// How many keys the next request of a scan asks for, after a page of
+/// `kvs` at `limit`: twice as many, up to [`MAX_PAGE`] and about
+/// [`PAGE_BYTES`] (sealed audit segments are some 80 KB each).
+fn next_page(limit: i64, kvs: &[(Vec<u8>, Vec<u8>)]) -> i64 {
+    let bytes: usize = kvs.iter().map(|(k, v)| k.len() + v.len()).sum();
+    let each = (bytes / kvs.len().max(1)).max(1) as i64;
+    (limit * 2).min(MAX_PAGE).min(PAGE_BYTES / each).max(PAGE)
 }
 
 /// The first key after every key starting with `prefix`.
@@ -564,6 +486,7 @@ impl EtcdStore {
     pub fn watch(&self, on: impl Fn(Vec<Write>) + Send + Sync + 'static) {
         let (members, root) = (self.members.clone(), self.root.clone());
         let (metrics, view) = (self.metrics.clone(), self.view.clone());
+        self.lock_view().watching = true;
         let followed = view.clone();
         let on = move |seen: Seen| {
             let lock = || {
@@ -573,6 +496,9 @@ impl EtcdStore {
             let changes = match seen {
                 Seen::Opened(rev) => {
                     let mut view = lock();
+                    if rev > 0 {
+                        view.opened(rev);
+                    }
                     view.reached(rev);
                     view.live = true;
                     view.opened_ms = now_ms();
@@ -718,6 +644,10 @@ impl EtcdStore {
         let (mut from, mut end) = (from, end);
         let mut page: std::vec::IntoIter<(Vec<u8>, Vec<u8>)> = Vec::new().into_iter();
         let mut done = end <= from && end != [0];
+        // A scan that goes on reads larger pages: a short one (a page of
+        // a listing) stays one small request, a long one (a search
+        // through every device) takes few round trips.
+        let mut limit = PAGE;
         Box::new(std::iter::from_fn(move || loop {
             if let Some((k, v)) = page.next() {
                 return Some(Ok((k.get(base.len()..).unwrap_or_default().to_vec(), v)));
@@ -728,7 +658,7 @@ impl EtcdStore {
             let mut req = RangeRequest {
                 key: from.clone(),
                 range_end: end.clone(),
-                limit: PAGE,
+                limit,
                 ..RangeRequest::default()
             };
             if rev {
@@ -740,6 +670,7 @@ impl EtcdStore {
                     let kvs: Vec<(Vec<u8>, Vec<u8>)> =
                         resp.kvs.into_iter().map(|kv| (kv.key, kv.value)).collect();
                     done = !resp.more || kvs.is_empty();
+                    limit = next_page(limit, &kvs);
                     if let Some((last, _)) = kvs.last() {
                         if rev {
                             // The range end is exclusive: the next page
@@ -873,6 +804,167 @@ impl Store for EtcdStore {
         Ok(usize::try_from(resp.count).unwrap_or(usize::MAX))
     }
 
+    fn warm(&self, space: Space, budget: u64) -> Result<usize, Error> {
+        if !viewed(space) {
+            return Ok(0);
+        }
+        // With a watch, the view can hold the space whole (scans then
+        // read it: `scan_recent`), once the watch has opened: a value
+        // read before may have changed unseen.
+        let deadline = std::time::Instant::now() + STARTUP_WAIT;
+        let whole = loop {
+            let mut view = self.lock_view();
+            if !view.watching {
+                break false;
+            }
+            if view.live {
+                break view.begin_whole(space);
+            }
+            drop(view);
+            if std::time::Instant::now() > deadline {
+                break false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let base = self.space_prefix(space);
+        let end = prefix_end(&base);
+        let mut from = base.clone();
+        let (mut n, mut bytes) = (0usize, 0u64);
+        let mut complete = whole;
+        loop {
+            if bytes >= budget {
+                complete = false;
+                break;
+            }
+            let resp = match self.range(RangeRequest {
+                key: from.clone(),
+                range_end: end.clone(),
+                limit: WARM_PAGE,
+                ..RangeRequest::default()
+            }) {
+                Ok(r) => r,
+                Err(e) => {
+                    if whole {
+                        self.lock_view().whole.remove(&space);
+                    }
+                    return Err(e);
+                }
+            };
+            // Each page as of its own revision: a key goes into the view
+            // only if no change to it since can have been passed over.
+            let rev = revision(resp.header.as_ref());
+            let more = resp.more;
+            let mut view = self.lock_view();
+            for kv in &resp.kvs {
+                let key = kv.key.get(base.len()..).unwrap_or_default();
+                if let Some(why) = view.regression(space, key, Some(&kv.value)) {
+                    integrity_violation(self.metrics.as_ref(), &why);
+                    continue;
+                }
+                if complete && view.whole.contains_key(&space) {
+                    complete = view.filled(space, key, rev, kv.value.clone());
+                } else {
+                    complete = false;
+                    view.saw(space, key, rev, Some(kv.value.clone()));
+                }
+                bytes += (kv.key.len() + kv.value.len() + VIEW_ENTRY_OVERHEAD) as u64;
+                n += 1;
+            }
+            drop(view);
+            match resp.kvs.last() {
+                Some(last) if more => {
+                    from.clone_from(&last.key);
+                    from.push(0);
+                }
+                _ => break,
+            }
+        }
+        if whole {
+            let mut view = self.lock_view();
+            match view.whole.get_mut(&space) {
+                Some(w) if complete => w.filling = None,
+                Some(_) => {
+                    view.whole.remove(&space);
+                }
+                None => {}
+            }
+        }
+        Ok(n)
+    }
+
+    fn scan_recent<'a>(&'a self, space: Space, prefix: &[u8], start: &[u8]) -> Entries<'a> {
+        if !(viewed(space) && self.view_current() && self.lock_view().holds_whole(space)) {
+            return self.scan(space, prefix, start);
+        }
+        // From the view, a stretch at a time (the lock is not held
+        // between them); a view that stops being current or whole
+        // mid-way reads the rest from etcd.
+        let prefix = prefix.to_vec();
+        let mut from = std::cmp::max(prefix.clone(), start.to_vec());
+        let mut first = true;
+        let mut page = Vec::<(Vec<u8>, Vec<u8>)>::new().into_iter();
+        let mut rest: Option<Entries<'a>> = None;
+        let mut done = false;
+        Box::new(std::iter::from_fn(move || loop {
+            if let Some(kv) = page.next() {
+                return Some(Ok(kv));
+            }
+            if let Some(r) = rest.as_mut() {
+                return r.next();
+            }
+            if done {
+                return None;
+            }
+            if !self.view_current() {
+                let mut after = from.clone();
+                if !first {
+                    after.push(0);
+                }
+                rest = Some(self.scan(space, &prefix, &after));
+                continue;
+            }
+            let view = self.lock_view();
+            let Some(whole) = view.whole.get(&space).filter(|w| w.filling.is_none()) else {
+                drop(view);
+                let mut after = from.clone();
+                if !first {
+                    after.push(0);
+                }
+                rest = Some(self.scan(space, &prefix, &after));
+                continue;
+            };
+            let range = whole.keys.range::<Vec<u8>, _>((
+                if first {
+                    std::ops::Bound::Included(&from)
+                } else {
+                    std::ops::Bound::Excluded(&from)
+                },
+                std::ops::Bound::Unbounded,
+            ));
+            let mut out = Vec::with_capacity(VIEW_SCAN_STRETCH);
+            let mut seen = 0;
+            for k in range {
+                if !k.starts_with(&prefix) {
+                    done = true;
+                    break;
+                }
+                seen += 1;
+                from.clone_from(k);
+                if let Some((_, Some(v))) = view.keys.get(&(space, k.clone())) {
+                    out.push((k.clone(), v.clone()));
+                }
+                if seen == VIEW_SCAN_STRETCH {
+                    break;
+                }
+            }
+            if seen < VIEW_SCAN_STRETCH {
+                done = true;
+            }
+            first = false;
+            page = out.into_iter();
+        }))
+    }
+
     fn commit(&self, c: Commit) -> Result<bool, Error> {
         self.commit_grouped(c)
     }
@@ -915,98 +1007,19 @@ impl Store for EtcdStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     #[test]
-    fn the_view_never_goes_back_to_an_older_value() {
-        let mut view = View::default();
-        let k = |v: &[u8]| Write {
-            space: Space::Certs,
-            key: b"c".to_vec(),
-            value: Some(v.to_vec()),
-        };
-        let known = |view: &View| view.keys.get(&(Space::Certs, b"c".to_vec())).cloned();
-        // Read at 5: kept.
-        view.saw(Space::Certs, b"c", 5, Some(b"good".to_vec()));
-        assert_eq!(known(&view), Some((5, Some(b"good".to_vec()))));
-        // The watch brings 7; a slower read from 6 arrives after it.
-        assert!(view.changed(7, &k(b"revoked")).is_ok());
-        view.saw(Space::Certs, b"c", 6, Some(b"good".to_vec()));
-        assert_eq!(known(&view), Some((7, Some(b"revoked".to_vec()))));
-        // A key the watch passed over (not in the view at 9) is not taken
-        // from a read at 8: the watch may have skipped a change to it.
-        assert!(view
-            .changed(
-                9,
-                &Write {
-                    key: b"other".to_vec(),
-                    ..k(b"x")
-                },
-            )
-            .is_ok());
-        view.saw(Space::Certs, b"new", 8, None);
-        assert!(!view.keys.contains_key(&(Space::Certs, b"new".to_vec())));
-        // From a read at 9 or later, it is.
-        view.saw(Space::Certs, b"new", 9, None);
-        assert!(view.keys.contains_key(&(Space::Certs, b"new".to_vec())));
-    }
-
-    #[test]
-    fn the_view_keeps_a_revocation_the_store_takes_back() {
-        let record = |status: &str, revocation: serde_json::Value| {
-            json!({
-                "id": "dev-1", "role": "device", "status": status,
-                "revocation": revocation, "manufacturer": null,
-                "created_at": "2026-12-01T00:00:00Z", "updated_at": "2026-12-01T00:00:00Z",
-                "certificates": [],
-            })
-            .to_string()
-            .into_bytes()
-        };
-        let revoked = record(
-            "revoked",
-            json!({"reason": "key-compromise", "at": "2026-12-02T00:00:00Z"}),
-        );
-        let active = record("active", serde_json::Value::Null);
-        let mut view = View::default();
-        view.saw(Space::Devices, b"dev-1", 5, Some(revoked.clone()));
-        let undo = Write {
-            space: Space::Devices,
-            key: b"dev-1".to_vec(),
-            value: Some(active),
-        };
-        let why = view.changed(6, &undo).err();
-        assert!(why.is_some_and(|w| w.contains("revoked device dev-1")));
-        let known = view.keys.get(&(Space::Devices, b"dev-1".to_vec())).cloned();
-        assert_eq!(known, Some((5, Some(revoked))));
-        assert_eq!(view.watched, 6);
-    }
-
-    #[test]
-    fn the_view_is_current_as_of_the_heartbeats_its_watch_reached() {
-        let mut view = View::default();
-        // The watch at 5; a heartbeat sent at 100 ms read 5: current.
-        view.reached(5);
-        assert!(view.heartbeat(100, 5));
-        assert_eq!((view.current_ms, view.latest_ms), (100, 100));
-        // The next read the majority at 9: behind, until the watch gets
-        // there (a change, or a progress answer).
-        assert!(!view.heartbeat(1_100, 9));
-        assert_eq!((view.current_ms, view.latest_ms), (100, 1_100));
-        view.reached(8);
-        assert_eq!(view.current_ms, 100);
-        view.reached(9);
-        assert_eq!(view.current_ms, 1_100);
-        // A watch cut off from the majority never gets there; only the
-        // latest few heartbeats are kept waiting.
-        for i in 0..20 {
-            assert!(!view.heartbeat(2_000 + i, 50 + i));
-        }
-        assert_eq!(view.pending.len(), 8);
-        assert_eq!(view.current_ms, 1_100);
-        view.reached(100);
-        assert_eq!(view.current_ms, 2_019);
-        assert!(view.pending.is_empty());
+    fn a_scan_s_pages_grow_up_to_a_bound_in_keys_and_bytes() {
+        let small = vec![(vec![0u8; 20], vec![0u8; 200]); 512];
+        assert_eq!(next_page(PAGE, &small), 2 * PAGE);
+        assert_eq!(next_page(MAX_PAGE, &small), MAX_PAGE);
+        // 80 KB audit segments: never fewer keys than the first page.
+        let big = vec![(vec![0u8; 20], vec![0u8; 80_000]); 3];
+        assert_eq!(next_page(PAGE, &big), PAGE);
+        // 1 KB values: some 2 MiB a page.
+        let kb = vec![(vec![0u8; 24], vec![0u8; 1000]); 512];
+        assert_eq!(next_page(4096, &kb), PAGE_BYTES / 1024);
+        assert_eq!(next_page(PAGE, &[]), 2 * PAGE);
     }
 
     #[test]

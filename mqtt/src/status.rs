@@ -22,6 +22,11 @@ const CRL_MAX_AGE: Duration = Duration::hours(12);
 #[derive(Debug)]
 pub struct StatusService {
     auth: Arc<Authority>,
+    /// The registry as admission reads it ([`provisioning::Registry::recent`]):
+    /// on etcd, this node's view, milliseconds behind the cluster, so an
+    /// answer is not a round trip to etcd; as current as the admission
+    /// decisions this node makes.
+    recent: provisioning::Registry,
     responder: RwLock<Arc<Responder>>,
     /// Signed CRLs by name, and when they were signed.
     crls: Mutex<HashMap<String, (Bytes, OffsetDateTime)>>,
@@ -37,6 +42,7 @@ impl StatusService {
     pub fn new(auth: Arc<Authority>, metrics: Arc<Metrics>) -> Result<Self, provisioning::Error> {
         Ok(Self {
             responder: RwLock::new(Arc::new(auth.ocsp_responder()?)),
+            recent: auth.registry.recent(),
             auth,
             crls: Mutex::new(HashMap::new()),
             seen: std::sync::atomic::AtomicU64::new(0),
@@ -125,7 +131,7 @@ impl StatusService {
         if let Err(e) = self.renew_signer_if_needed() {
             tracing::error!(error = %e, "renewing the OCSP signing certificate");
         }
-        let answer = self.responder().respond(request, &self.auth.registry);
+        let answer = self.responder().respond(request, &self.recent);
         self.metrics
             .ocsp_responses
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -290,3 +290,158 @@ fn concurrent_commits_on_two_nodes_lose_no_update_and_number_appends_densely() {
     // The counter says where the next number starts, whichever node asks.
     assert_eq!(nodes[1].next("audit").unwrap(), 2 * total as u64 + 1);
 }
+
+/// Writes `n` small keys into `space`, a transaction per 100.
+fn fill(store: &dyn Store, space: Space, n: usize) -> Vec<Vec<u8>> {
+    let keys: Vec<Vec<u8>> = (0..n).map(|i| format!("k{i:05}").into_bytes()).collect();
+    for chunk in keys.chunks(100) {
+        let w = chunk
+            .iter()
+            .map(|k| provisioning::store::Write {
+                space,
+                key: k.clone(),
+                value: Some([b"value of ".as_slice(), k].concat()),
+            })
+            .collect();
+        assert!(store.commit(Commit::writes(w)).unwrap());
+    }
+    keys
+}
+
+/// A long scan reads ever larger pages (512 keys, then 1,024, ...): every
+/// key once, in order, forwards and backwards.
+#[test]
+fn a_long_scan_reads_every_key_once_in_order() {
+    let tmp = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&tmp.path().join("etcd"));
+    let store = etcd.store();
+    let keys = fill(&store, Space::Meta, 5_000);
+    let read: Vec<Vec<u8>> = store
+        .scan(Space::Meta, b"k", b"")
+        .map(|kv| kv.unwrap().0)
+        .collect();
+    assert_eq!(read, keys);
+    let back: Vec<Vec<u8>> = store
+        .scan_rev(Space::Meta, b"k", b"")
+        .map(|kv| kv.unwrap().0)
+        .collect();
+    assert_eq!(back, keys.iter().rev().cloned().collect::<Vec<_>>());
+    // From the middle.
+    let from: Vec<Vec<u8>> = store
+        .scan(Space::Meta, b"k", b"k02500")
+        .map(|kv| kv.unwrap().0)
+        .collect();
+    assert_eq!(from, keys[2_500..]);
+}
+
+/// Counts requests to etcd.
+#[derive(Debug, Default)]
+struct Requests(std::sync::atomic::AtomicU64);
+
+impl broker::etcd::Observer for Requests {
+    fn request(&self, _: std::time::Duration) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    fn error(&self) {}
+    fn watch_events(&self, _: u64) {}
+    fn watch_interrupted(&self) {}
+    fn integrity_violation(&self) {}
+}
+
+/// The keys `scan_recent` reads of `space`.
+fn recent_keys(store: &dyn Store, space: Space, prefix: &[u8], start: &[u8]) -> Vec<Vec<u8>> {
+    store
+        .scan_recent(space, prefix, start)
+        .map(|kv| kv.unwrap().0)
+        .collect()
+}
+
+/// A node that warmed its view with its watch open (what `serve` does at
+/// start) holds the device records whole: its scans for the console read
+/// the view (no request to etcd), which follows other nodes' writes and
+/// deletions; with etcd gone, it still answers for every device, where a
+/// node that only read some answers for those alone. A warm-up stops at
+/// its budget.
+#[test]
+fn a_warmed_view_holds_every_record_and_follows_other_nodes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut etcd = Etcd::start(&tmp.path().join("etcd"));
+    let mut keys = fill(&etcd.store(), Space::Devices, 6_000);
+    fill(&etcd.store(), Space::Meta, 10);
+
+    let requests = Arc::new(Requests::default());
+    let warmed = broker::etcd::EtcdStore::connect_counted(
+        vec![etcd.url().trim_start_matches("etcd://").to_owned()],
+        "fleetgate/",
+        None,
+        requests.clone(),
+    )
+    .unwrap();
+    warmed.watch(|_| {});
+    assert_eq!(warmed.warm(Space::Devices, u64::MAX).unwrap(), keys.len());
+    // Only what admission reads is kept.
+    assert_eq!(warmed.warm(Space::Meta, u64::MAX).unwrap(), 0);
+
+    // Another node adds a device and deletes one; the view follows.
+    let other = etcd.store();
+    let w = |key: &[u8], value: Option<&[u8]>| provisioning::store::Write {
+        space: Space::Devices,
+        key: key.to_vec(),
+        value: value.map(<[u8]>::to_vec),
+    };
+    let gone = keys.remove(3);
+    assert!(other
+        .commit(Commit::writes(vec![
+            w(b"k99999", Some(b"new")),
+            w(&gone, None)
+        ]))
+        .unwrap());
+    keys.push(b"k99999".to_vec());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let before = requests.0.load(std::sync::atomic::Ordering::Relaxed);
+        let read = recent_keys(&warmed, Space::Devices, b"", b"");
+        let took = requests.0.load(std::sync::atomic::Ordering::Relaxed) - before;
+        // From the view: no page of 512 then 1,024 ... from etcd (a
+        // heartbeat may fall in between).
+        if read == keys && took < 3 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the view did not follow: {} keys, {took} requests",
+            read.len()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(
+        recent_keys(&warmed, Space::Devices, b"k05", b"k05995"),
+        keys[keys.len() - 6..keys.len() - 1]
+    );
+    assert_eq!(
+        recent_keys(&warmed, Space::Devices, b"k0000", b""),
+        keys[..9]
+    );
+
+    let cold = etcd.store();
+    assert!(cold.get(Space::Devices, &keys[7]).unwrap().is_some());
+    let small = etcd.store();
+    let some = small.warm(Space::Devices, 100 * 1024).unwrap();
+    assert!(some > 0 && some < keys.len(), "{some}");
+
+    etcd.kill(0);
+    for k in keys.iter().step_by(37).chain([&keys[keys.len() - 2]]) {
+        let value = warmed.get(Space::Devices, k).unwrap();
+        assert_eq!(value.unwrap(), [b"value of ".as_slice(), k].concat());
+    }
+    assert_eq!(
+        warmed.get(Space::Devices, b"k99999").unwrap().unwrap(),
+        b"new"
+    );
+    assert_eq!(warmed.get(Space::Devices, &gone).unwrap(), None);
+    assert!(cold.get(Space::Devices, &keys[7]).unwrap().is_some());
+    match cold.get(Space::Devices, &keys[8]) {
+        Err(Error::Unavailable(why)) => assert!(why.contains("not in this node's view"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+}

@@ -67,7 +67,9 @@ pub(super) struct ServeArgs {
     /// node's MQTT sessions) kept in memory at most, beyond what is being
     /// read: sled's page cache. Most of the resident memory of a node
     /// with a large registry; at a million devices, 1024 holds every
-    /// certificate record admission reads (p99 18 µs, 256: 130 µs).
+    /// certificate record admission reads (p99 18 µs, 256: 130 µs). On
+    /// etcd, also about what the node's view of the registry reads ahead
+    /// of its fleet: certificate and device records, half each.
     #[arg(
         help_heading = "General",
         long,

@@ -51,19 +51,22 @@ impl Registry {
         })
     }
 
-    /// Reads every certificate record once, so that the page cache holds
-    /// what admission and OCSP read at random (a node's first minutes
-    /// after a start, when its whole fleet reconnects): how many. Run in
-    /// the background on a store of this node's own; a shared store's
-    /// reads are requests to the cluster, so it does nothing there.
-    pub fn warm(&self) -> Result<usize, Error> {
-        if self.store.may_block() {
-            return Ok(0);
-        }
+    /// Reads what admission and OCSP read at random once, so that those
+    /// reads are local (a node's first minutes after a start, when its
+    /// whole fleet reconnects): how many records. A store of this node's
+    /// own reads the certificate records into its page cache; a shared
+    /// store keeps the certificate and device records in its view, up to
+    /// about `budget` bytes (half each). Run in the background.
+    pub fn warm(&self, budget: u64) -> Result<usize, Error> {
+        let spaces: &[Space] = if self.store.may_block() {
+            &[Space::Certs, Space::Devices]
+        } else {
+            &[Space::Certs]
+        };
+        let share = budget / spaces.len() as u64;
         let mut n = 0;
-        for kv in self.scan(Space::Certs, b"") {
-            kv?;
-            n += 1;
+        for &space in spaces {
+            n += self.store.warm(space, share)?;
         }
         Ok(n)
     }
@@ -216,6 +219,19 @@ impl Registry {
             None
         };
         Ok(Page { items, next })
+    }
+
+    /// Every device after `after` (exclusive; `None`: from the first), in
+    /// id order, read as a caller goes: one scan however far it goes (on
+    /// etcd its pages grow, where a page of [`Registry::list`] at a time
+    /// is a request each).
+    pub fn devices_after(
+        &self,
+        after: Option<&str>,
+    ) -> impl Iterator<Item = Result<DeviceRecord, Error>> + '_ {
+        let start = after.map(|a| format!("{a}\0")).unwrap_or_default();
+        self.scan(Space::Devices, start.as_bytes())
+            .map(|kv| kv.and_then(|(_, v)| decode("device", &v)))
     }
 
     /// How many devices have each status (a scan of the status index's

@@ -212,12 +212,34 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// on (inclusive; empty for the first), in key order.
     fn scan<'a>(&'a self, space: Space, prefix: &[u8], start: &[u8]) -> Entries<'a>;
 
+    /// [`Store::scan`] for reads that may rest on this node's recent view
+    /// (see [`Store::get_recent`]): a shared store whose view holds the
+    /// whole space ([`Store::warm`]) reads it there, not from the cluster.
+    fn scan_recent<'a>(&'a self, space: Space, prefix: &[u8], start: &[u8]) -> Entries<'a> {
+        self.scan(space, prefix, start)
+    }
+
     /// The entries of `space` whose keys start with `prefix` and come
     /// before `before` (exclusive; empty: no bound), last key first.
     fn scan_rev<'a>(&'a self, space: Space, prefix: &[u8], before: &[u8]) -> Entries<'a>;
 
     /// How many entries `space` holds.
     fn len(&self, space: Space) -> Result<usize, Error>;
+
+    /// Reads `space` once so that later random reads of it are local (a
+    /// node's first minutes after a start, when its whole fleet
+    /// reconnects): how many entries. A local store reads them into its
+    /// page cache, which bounds itself; a shared store keeps them in its
+    /// view, up to about `budget` bytes.
+    fn warm(&self, space: Space, budget: u64) -> Result<usize, Error> {
+        let _ = budget;
+        let mut n = 0;
+        for kv in self.scan(space, b"", b"") {
+            kv?;
+            n += 1;
+        }
+        Ok(n)
+    }
 
     /// Applies the commit's writes and appends atomically if every one of
     /// its reads still holds; `Ok(false)` (nothing written) if one does
@@ -277,7 +299,7 @@ impl Store for Recent {
     }
 
     fn scan<'a>(&'a self, space: Space, prefix: &[u8], start: &[u8]) -> Entries<'a> {
-        self.0.scan(space, prefix, start)
+        self.0.scan_recent(space, prefix, start)
     }
 
     fn scan_rev<'a>(&'a self, space: Space, prefix: &[u8], before: &[u8]) -> Entries<'a> {

@@ -115,11 +115,15 @@ pub(super) async fn devices(
         false => None,
     };
     let find = move || -> Result<Found, provisioning::Error> {
+        // What an operator looks through reads the node's view of the
+        // registry (on etcd, milliseconds behind the cluster; its own
+        // writes already in it): a search is no scan of etcd.
+        let registry = auth.registry.recent();
         if let Some((ids, more)) = connected {
             let next = more.then(|| ids.last().map(|i| i.to_string())).flatten();
             let mut found = Vec::new();
             for id in ids {
-                match auth.registry.device(&id) {
+                match registry.device(&id) {
                     Ok(d) if wanted(&d) => found.push(d),
                     Ok(_) | Err(provisioning::Error::NotFound { .. }) => {}
                     Err(e) => return Err(e),
@@ -136,7 +140,7 @@ pub(super) async fn devices(
             // Each page of the index read is filtered like the others.
             loop {
                 let want = PAGE - found.len();
-                let page = auth.registry.expiring(now, until, after.as_deref(), want)?;
+                let page = registry.expiring(now, until, after.as_deref(), want)?;
                 scanned += page.items.len();
                 found.extend(page.items.into_iter().map(|e| e.device).filter(&wanted));
                 after = page.next;
@@ -148,61 +152,70 @@ pub(super) async fn devices(
         // Ids that start with the text are one stretch of the id order:
         // read there, however large the fleet (unless the text names a
         // manufacturer, whose devices are searched for below).
-        if !text.is_empty() && auth.registry.manufacturer(&text)?.is_none() {
+        if !text.is_empty() && registry.manufacturer(&text)?.is_none() {
             if let Some((mut found, next)) =
-                by_prefix(&auth.registry, status, &text, q.after.as_deref())?
+                by_prefix(&registry, status, &text, q.after.as_deref())?
             {
                 found.retain(|d| role.is_none_or(|r| r == d.role));
                 return Ok((found, next));
             }
         }
-        let mut found: Vec<DeviceRecord> = Vec::new();
-        let mut after = q.after;
-        let mut scanned = 0;
-        loop {
-            // In the order people read ids (dev-2 before dev-10); a search
-            // inside ids reads the id order itself, one read a device
-            // where the sorted index takes two, so that its bounded scan
-            // stays fast.
-            // With no text and no role to filter by (a status is the
-            // index's), every device read is shown: read no more than a
-            // page (on etcd each device is a request).
-            let want = match text.is_empty() && role.is_none() {
-                true => PAGE - found.len(),
-                false => 500,
+        let after = q.after;
+        if !text.is_empty() && status.is_none() {
+            // A search inside ids: one read of the id order, as far as
+            // it must go.
+            return pick(registry.devices_after(after.as_deref()), &wanted);
+        }
+        // In the order people read ids (dev-2 before dev-10); a search
+        // inside ids reads the id order itself, one read a device where
+        // the sorted index takes two, so that its bounded scan stays fast.
+        // With no text and no role to filter by (a status is the index's),
+        // every device read is shown: read no more than a page (on etcd
+        // each device is a request).
+        let shown = text.is_empty() && role.is_none();
+        let (mut next, mut more, mut read) = (after, true, 0);
+        let mut page = Vec::new().into_iter();
+        let pages = std::iter::from_fn(|| loop {
+            if let Some(d) = page.next() {
+                read += 1;
+                return Some(Ok(d));
+            }
+            if !more {
+                return None;
+            }
+            let want = if shown {
+                PAGE - read.min(PAGE - 1)
+            } else {
+                500
             };
-            let page = match text.is_empty() {
-                true => auth.registry.list_sorted(status, after.as_deref(), want)?,
-                false => auth.registry.list(status, after.as_deref(), want)?,
+            let got = match text.is_empty() {
+                true => registry.list_sorted(status, next.as_deref(), want),
+                false => registry.list(status, next.as_deref(), want),
             };
-            for d in page.items {
-                scanned += 1;
-                after = Some(d.id.to_string());
-                if wanted(&d) {
-                    found.push(d);
-                    if found.len() == PAGE {
-                        return Ok((found, after));
-                    }
+            match got {
+                Ok(p) => {
+                    more = p.next.is_some();
+                    next = p.next;
+                    page = p.items.into_iter();
+                }
+                Err(e) => {
+                    more = false;
+                    return Some(Err(e));
                 }
             }
-            if page.next.is_none() {
-                return Ok((found, None));
-            }
-            if scanned >= SEARCH_SCAN {
-                return Ok((found, after));
-            }
-        }
+        });
+        pick(pages, &wanted)
     };
     let auth = st.auth.clone();
     let broker = st.broker.clone();
     let (found, next, expiries, seen, total) = crate::api::blocking(move || {
         let (found, next) = find()?;
         // Each row's latest certificate in good standing: one read each.
+        let recent = auth.registry.recent();
         let expiries = found
             .iter()
             .map(|d| {
-                Ok(auth
-                    .registry
+                Ok(recent
                     .device_view(&d.id)?
                     .certificates
                     .iter()
@@ -245,6 +258,30 @@ pub(super) async fn devices(
 
 /// A page of devices found, and the id to go on after if there are more.
 type Found = (Vec<DeviceRecord>, Option<String>);
+
+/// The devices `wanted` keeps of those `devices` reads in id order: a
+/// page of them, and where the next page starts (`None`: no more), after
+/// reading at most [`SEARCH_SCAN`].
+fn pick(
+    devices: impl Iterator<Item = Result<DeviceRecord, provisioning::Error>>,
+    wanted: &dyn Fn(&DeviceRecord) -> bool,
+) -> Result<Found, provisioning::Error> {
+    let mut found = Vec::new();
+    for (scanned, d) in (1..).zip(devices) {
+        let d = d?;
+        let after = Some(d.id.to_string());
+        if wanted(&d) {
+            found.push(d);
+            if found.len() == PAGE {
+                return Ok((found, after));
+            }
+        }
+        if scanned >= SEARCH_SCAN {
+            return Ok((found, after));
+        }
+    }
+    Ok((found, None))
+}
 
 /// A page of the devices whose ids start with `text` (with `status`),
 /// after `after`; `None` if none there does (the search then looks inside
