@@ -1,7 +1,7 @@
 //! The registry on sled beside the registry on etcd, same operations, same
-//! devices, one run: status lookups/s (what OCSP asks: a linearizable read
-//! from etcd), admission's lookups/s (from the node's view, which the watch
-//! keeps current), and flushed status changes/s (each one committed before
+//! devices, one run: linearizable status lookups/s (a read from etcd each:
+//! what a device GET asks), admission's lookups/s (from the node's view,
+//! which the watch keeps current; OCSP reads it too), and flushed status changes/s (each one committed before
 //! it returns: fsync on sled, a majority's raft commit on etcd), beside
 //! each store's floor (a commit of one key, nothing read).
 //!
@@ -35,8 +35,8 @@ fn env(name: &str, default: usize) -> usize {
 type Figures = Vec<f64>;
 
 const ROWS: [&str; 8] = [
-    "status lookup (OCSP), 1 thread",
-    "status lookup (OCSP), 2 threads",
+    "status lookup (linearizable), 1 thread",
+    "status lookup (linearizable), 2 threads",
     "admission lookup (node's view), 2 threads",
     "flushed status change, 1 thread",
     "flushed status change, 2 threads",

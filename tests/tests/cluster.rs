@@ -664,3 +664,51 @@ async fn a_raw_etcd_write_does_not_take_back_a_revocation() {
         "{text}"
     );
 }
+
+/// The admin API reads a caller's standing as admission does (on etcd,
+/// the node's view, not a request to etcd each): an admin revoked on one
+/// node is refused by another once its watch brings the revocation, as
+/// that node cuts a revoked device's session, with the reason logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_revoked_on_one_node_is_refused_by_another() {
+    let tmp = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&tmp.path().join("etcd"));
+    let store = etcd.url();
+    let [one, two]: [Server; 2] =
+        start_nodes(tmp.path(), &[&["--store", &store], &["--store", &store]])
+            .try_into()
+            .unwrap();
+    let (key, csr) = tests::pki::csr("ops-2");
+    let got: serde_json::Value = one
+        .admin()
+        .post(
+            "/v1/devices",
+            &serde_json::json!({"id": "ops-2", "csr": csr, "role": "admin"}),
+        )
+        .await
+        .unwrap();
+    let ops = one.creds(
+        &tmp.path().join("d"),
+        "ops-2",
+        got["chain_pem"].as_str().unwrap(),
+        &key.serialize_pem(),
+    );
+    let api = two.client(Some((&ops.cert, &ops.key)));
+    let page: serde_json::Value = api.get("/v1/devices").await.unwrap();
+    assert!(page["items"].is_array(), "{page}");
+
+    one.cli_ok(&["device", "revoke", "ops-2"]);
+    let err = tests::until(
+        Duration::from_secs(15),
+        "node two refuses the admin revoked on node one",
+        || async {
+            api.get::<serde_json::Value>("/v1/devices")
+                .await
+                .err()
+                .map(|e| format!("{e:#}"))
+        },
+    )
+    .await;
+    assert!(err.contains("revoked"), "{err}");
+    assert!(two.wait_for_log("is revoked", Duration::from_secs(5)));
+}

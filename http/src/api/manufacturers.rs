@@ -284,7 +284,7 @@ pub async fn create_claim(
                 lifetime,
                 &actor,
             )?;
-            Ok((auth.registry.device_view(&d.id)?, c, cert))
+            Ok((auth.registry.recent().device_view(&d.id)?, c, cert))
         })
         .await?;
     st.caught_up().await;

@@ -337,7 +337,7 @@ impl PeerIdentity {
     /// device, the manufacturer whose CA fleetgate issued may have signed it.
     pub(crate) fn enrolling(&self, state: &AppState) -> Result<CertRecord, ApiError> {
         let manufacturer = match self.identity.role {
-            Role::Device => match state.auth.registry.device(&self.identity.id) {
+            Role::Device => match state.auth.registry.recent().device(&self.identity.id) {
                 Ok(d) => d.manufacturer,
                 Err(Error::NotFound { .. }) => None,
                 Err(e) => return Err(e.into()),
@@ -359,9 +359,12 @@ impl PeerIdentity {
         let Identity { role, id } = &self.identity;
         let serial = &self.info.serial;
         let mut found = None;
+        // As admission reads it: this node's view (on etcd, milliseconds
+        // behind the cluster), not a round trip per request.
+        let registry = state.auth.registry.recent();
         for scope in scopes {
             let key = CertKey::new(*scope, &self.info.issuer, serial.clone());
-            if let Some(s) = state.auth.registry.standing(&key)? {
+            if let Some(s) = registry.standing(&key)? {
                 found = Some(s);
                 break;
             }
@@ -538,7 +541,7 @@ async fn enroll(
     let (device, cert) = st
         .write(move || {
             let (d, c) = auth.enroll(&req, &actor)?;
-            Ok((auth.registry.device_view(&d.id)?, c))
+            Ok((auth.registry.recent().device_view(&d.id)?, c))
         })
         .await?;
     st.caught_up().await;
@@ -567,7 +570,7 @@ pub(crate) async fn rotate_as(
     let (device, cert) = st
         .write(move || {
             let (d, c) = auth.rotate(&id, body.csr.as_bytes(), lifetime, &actor)?;
-            Ok((auth.registry.device_view(&d.id)?, c))
+            Ok((auth.registry.recent().device_view(&d.id)?, c))
         })
         .await?;
     st.caught_up().await;
@@ -615,7 +618,8 @@ pub(crate) async fn transition(
     let auth = st.auth.clone();
     st.write(move || {
         change(&auth.registry, &id, &actor)?;
-        auth.registry.device_view(&id)
+        // The answer from the view, which holds this node's own writes.
+        auth.registry.recent().device_view(&id)
     })
     .await
 }
