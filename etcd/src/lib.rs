@@ -915,16 +915,13 @@ impl Store for EtcdStore {
             if done {
                 return None;
             }
-            if !self.view_current() {
-                let mut after = from.clone();
-                if !first {
-                    after.push(0);
-                }
-                rest = Some(self.scan(space, &prefix, &after));
-                continue;
-            }
+            let current = self.view_current();
             let view = self.lock_view();
-            let Some(whole) = view.whole.get(&space).filter(|w| w.filling.is_none()) else {
+            let Some(whole) = view
+                .whole
+                .get(&space)
+                .filter(|w| current && w.filling.is_none())
+            else {
                 drop(view);
                 let mut after = from.clone();
                 if !first {
