@@ -32,6 +32,7 @@ mod group;
 mod grpc;
 mod pb;
 mod view;
+mod window;
 use view::View;
 
 pub use grpc::EtcdTls;
@@ -639,11 +640,12 @@ async fn watch_one(
 
 impl EtcdStore {
     /// A range over `[from, end)`, a page at a time, in key order or
-    /// (`rev`) the reverse; keys with `base` taken off.
-    fn pages<'a>(&'a self, base: Vec<u8>, from: Vec<u8>, end: Vec<u8>, rev: bool) -> Entries<'a> {
-        let (mut from, mut end) = (from, end);
-        let mut page: std::vec::IntoIter<(Vec<u8>, Vec<u8>)> = Vec::new().into_iter();
-        let mut done = end <= from && end != [0];
+    /// (`rev`) the reverse; keys with `base` taken off. A range bounded
+    /// below a key the caller read (`near_end`: a cursor, the last number
+    /// given out) is read newest first from there.
+    fn pages<'a>(&'a self, base: Vec<u8>, pager: window::Pager) -> Entries<'a> {
+        let mut pager = pager;
+        let mut page: std::vec::IntoIter<window::Kv> = Vec::new().into_iter();
         // A scan that goes on reads larger pages: a short one (a page of
         // a listing) stays one small request, a long one (a search
         // through every device) takes few round trips.
@@ -652,44 +654,39 @@ impl EtcdStore {
             if let Some((k, v)) = page.next() {
                 return Some(Ok((k.get(base.len()..).unwrap_or_default().to_vec(), v)));
             }
-            if done {
-                return None;
-            }
-            let mut req = RangeRequest {
-                key: from.clone(),
-                range_end: end.clone(),
-                limit,
-                ..RangeRequest::default()
-            };
-            if rev {
-                req.sort_order = SortOrder::Descend as i32;
-                req.sort_target = SortTarget::Key as i32;
-            }
-            match self.range(req) {
+            let ask = pager.ask()?;
+            match self.range(range_request(ask)) {
                 Ok(resp) => {
-                    let kvs: Vec<(Vec<u8>, Vec<u8>)> =
+                    let kvs: Vec<window::Kv> =
                         resp.kvs.into_iter().map(|kv| (kv.key, kv.value)).collect();
-                    done = !resp.more || kvs.is_empty();
-                    limit = next_page(limit, &kvs);
-                    if let Some((last, _)) = kvs.last() {
-                        if rev {
-                            // The range end is exclusive: the next page
-                            // ends at the last key of this one.
-                            end.clone_from(last);
-                        } else {
-                            from = last.clone();
-                            from.push(0);
-                        }
+                    if !kvs.is_empty() {
+                        limit = next_page(limit, &kvs);
+                        pager.set_limit(limit);
                     }
-                    page = kvs.into_iter();
+                    page = pager.answer(kvs, resp.more, resp.count).into_iter();
                 }
                 Err(e) => {
-                    done = true;
+                    pager.stop();
                     return Some(Err(e));
                 }
             }
         }))
     }
+}
+
+/// The range request for `ask`.
+fn range_request(ask: window::Ask) -> RangeRequest {
+    let mut req = RangeRequest {
+        key: ask.key,
+        range_end: ask.range_end,
+        limit: ask.limit,
+        ..RangeRequest::default()
+    };
+    if ask.descend {
+        req.sort_order = SortOrder::Descend as i32;
+        req.sort_target = SortTarget::Key as i32;
+    }
+    req
 }
 
 impl Store for EtcdStore {
@@ -775,7 +772,7 @@ impl Store for EtcdStore {
             from = base.clone();
             from.extend_from_slice(start);
         }
-        self.pages(base, from, end, false)
+        self.pages(base, window::Pager::new(from, end, false, PAGE))
     }
 
     fn scan_rev<'a>(&'a self, space: Space, prefix: &[u8], before: &[u8]) -> Entries<'a> {
@@ -783,14 +780,25 @@ impl Store for EtcdStore {
         let mut full = base.clone();
         full.extend_from_slice(prefix);
         let mut end = prefix_end(&full);
+        let mut pager = window::Pager::new(full.clone(), end.clone(), true, PAGE);
         if !before.is_empty() {
             let mut b = base.clone();
             b.extend_from_slice(before);
             if b < end || end == [0] {
                 end = b;
+                // Below a key the caller read: near the keys it wants.
+                pager = window::Pager::newest_below(full, end, PAGE);
             }
         }
-        self.pages(base, full, end, true)
+        self.pages(base, pager)
+    }
+
+    fn last_appended(&self, counter: &str) -> Result<Option<u64>, Error> {
+        let resp = self.range(RangeRequest {
+            key: self.counter_key(counter),
+            ..RangeRequest::default()
+        })?;
+        Ok(resp.kvs.first().map(|kv| counter_value(Some(&kv.value))))
     }
 
     fn len(&self, space: Space) -> Result<usize, Error> {
@@ -828,20 +836,15 @@ impl Store for EtcdStore {
         };
         let base = self.space_prefix(space);
         let end = prefix_end(&base);
-        let mut from = base.clone();
+        let mut pager = window::Pager::new(base.clone(), end, false, WARM_PAGE);
         let (mut n, mut bytes) = (0usize, 0u64);
         let mut complete = whole;
-        loop {
+        while let Some(ask) = pager.ask() {
             if bytes >= budget {
                 complete = false;
                 break;
             }
-            let resp = match self.range(RangeRequest {
-                key: from.clone(),
-                range_end: end.clone(),
-                limit: WARM_PAGE,
-                ..RangeRequest::default()
-            }) {
+            let resp = match self.range(range_request(ask)) {
                 Ok(r) => r,
                 Err(e) => {
                     if whole {
@@ -853,30 +856,23 @@ impl Store for EtcdStore {
             // Each page as of its own revision: a key goes into the view
             // only if no change to it since can have been passed over.
             let rev = revision(resp.header.as_ref());
-            let more = resp.more;
+            let kvs = resp.kvs.into_iter().map(|kv| (kv.key, kv.value)).collect();
+            let kvs = pager.answer(kvs, resp.more, resp.count);
             let mut view = self.lock_view();
-            for kv in &resp.kvs {
-                let key = kv.key.get(base.len()..).unwrap_or_default();
-                if let Some(why) = view.regression(space, key, Some(&kv.value)) {
+            for (k, v) in kvs {
+                let key = k.get(base.len()..).unwrap_or_default();
+                if let Some(why) = view.regression(space, key, Some(&v)) {
                     integrity_violation(self.metrics.as_ref(), &why);
                     continue;
                 }
+                bytes += (k.len() + v.len() + VIEW_ENTRY_OVERHEAD) as u64;
+                n += 1;
                 if complete && view.whole.contains_key(&space) {
-                    complete = view.filled(space, key, rev, kv.value.clone());
+                    complete = view.filled(space, key, rev, v);
                 } else {
                     complete = false;
-                    view.saw(space, key, rev, Some(kv.value.clone()));
+                    view.saw(space, key, rev, Some(v));
                 }
-                bytes += (kv.key.len() + kv.value.len() + VIEW_ENTRY_OVERHEAD) as u64;
-                n += 1;
-            }
-            drop(view);
-            match resp.kvs.last() {
-                Some(last) if more => {
-                    from.clone_from(&last.key);
-                    from.push(0);
-                }
-                _ => break,
             }
         }
         if whole {

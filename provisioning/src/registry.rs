@@ -546,7 +546,7 @@ impl Tx<'_> {
         let index = device.map(|d| (Space::AuditByDevice, audit_index_prefix(d)));
         self.txn.append(
             Space::Audit,
-            "audit",
+            AUDIT_COUNTER,
             move |seq| {
                 encode(&AuditEntry {
                     seq,
@@ -558,6 +558,9 @@ impl Tx<'_> {
         Ok(())
     }
 }
+
+/// The counter that numbers the audit log's entries.
+const AUDIT_COUNTER: &str = "audit";
 
 impl Registry {
     /// Opens (or creates) the embedded registry at `path`: sled, with the

@@ -332,6 +332,16 @@ fn a_long_scan_reads_every_key_once_in_order() {
         .map(|kv| kv.unwrap().0)
         .collect();
     assert_eq!(from, keys[2_500..]);
+    // Newest first below a key (a cursor): read through windows widening
+    // from that key.
+    let below: Vec<Vec<u8>> = store
+        .scan_rev(Space::Meta, b"k", b"k02500")
+        .map(|kv| kv.unwrap().0)
+        .collect();
+    assert_eq!(
+        below,
+        keys[..2_500].iter().rev().cloned().collect::<Vec<_>>()
+    );
 }
 
 /// Counts requests to etcd.

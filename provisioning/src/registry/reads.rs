@@ -326,6 +326,15 @@ impl Registry {
         limit: usize,
     ) -> Result<Page<AuditEntry>, Error> {
         let limit = limit.clamp(1, MAX_PAGE);
+        // The newest page starts below the last number given out, where
+        // the store keeps it: near the keys, however long the log.
+        let before = match before {
+            Some(b) => Some(b),
+            None => self
+                .store
+                .last_appended(super::AUDIT_COUNTER)?
+                .map(|n| n.saturating_add(1)),
+        };
         let bound = before.map(u64::to_be_bytes);
         let mut items = Vec::new();
         let mut more = false;

@@ -254,6 +254,13 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// of the store.
     fn next(&self, name: &str) -> Result<u64, Error>;
 
+    /// The number [`Store::commit`] last gave an append under `counter`,
+    /// where the store keeps it (`None`: it does not, or has given none):
+    /// where a scan of the numbered values, newest first, starts.
+    fn last_appended(&self, _counter: &str) -> Result<Option<u64>, Error> {
+        Ok(None)
+    }
+
     fn flush(&self) -> Result<(), Error>;
 
     /// The most writes one commit may carry (etcd bounds a transaction's
@@ -320,6 +327,10 @@ impl Store for Recent {
 
     fn next(&self, _: &str) -> Result<u64, Error> {
         self.read_only()
+    }
+
+    fn last_appended(&self, counter: &str) -> Result<Option<u64>, Error> {
+        self.0.last_appended(counter)
     }
 
     fn flush(&self) -> Result<(), Error> {
