@@ -82,12 +82,14 @@ stop() { kill "$pid"; wait "$pid" 2>/dev/null || true; pid=; }
 if [ ! -f "$work/good.txt" ]; then
     [ ${#past[@]} -gt 0 ] && echo "(dated $PAST ago: ${past[*]})"
     SERVE_PREFIX="${past[*]}" serve; stop
-    "${past[@]}" "$BENCH" "$work/fg" "$DEVICES" "$REVOKED" 2>/dev/null
+    "${past[@]}" "$BENCH" "$work/fg" "$DEVICES" "$REVOKED" 2>>"$work/bench.log" ||
+        { echo "the registry bench failed; its log:" >&2; tail -5 "$work/bench.log" >&2; exit 1; }
 fi
 # The same measures on a fresh open of the data dir, as a node restarting
 # on it sees them (nothing cached; the writes settled).
 echo "--- the data dir opened afresh:"
-"$BENCH" "$work/fg" 0 0 2>/dev/null
+"$BENCH" "$work/fg" 0 0 2>>"$work/bench.log" ||
+    { echo "the registry bench failed; its log:" >&2; tail -5 "$work/bench.log" >&2; exit 1; }
 if [ -n "$etcd_pid" ]; then
     curl -s "http://$client/metrics" | awk '/^etcd_mvcc_db_total_size_in_bytes / {printf "registry in etcd: %.0f MiB (its db)\n", $2 / 1048576}'
     du -sh "$work/etcd" | sed 's/^/etcd member dir on disk: /'

@@ -33,6 +33,7 @@ mod grpc;
 mod pb;
 mod view;
 mod window;
+use group::lock;
 use view::View;
 
 pub use grpc::EtcdTls;
@@ -98,7 +99,14 @@ pub struct EtcdStore {
     lagging: Arc<tokio::sync::Notify>,
     /// Commits waiting to go to etcd together.
     group: group::Group,
+    /// Where long scans from the start of a range found their first key:
+    /// a scan of one again starts there, not with a request over the
+    /// whole range (which etcd counts key by key).
+    firsts: Mutex<std::collections::HashMap<Vec<u8>, Vec<u8>>>,
 }
+
+/// Ranges whose first key a store remembers, at most.
+const FIRSTS: usize = 256;
 
 /// What one watch stream reports.
 enum Seen {
@@ -238,6 +246,7 @@ impl EtcdStore {
             staleness: DEFAULT_STALENESS,
             lagging: Arc::default(),
             group: group::Group::default(),
+            firsts: Mutex::default(),
         };
         // A node may start while etcd elects a leader (or its members
         // start): it waits for a majority, a while, rather than give up.
@@ -643,8 +652,13 @@ impl EtcdStore {
     /// (`rev`) the reverse; keys with `base` taken off. A range bounded
     /// below a key the caller read (`near_end`: a cursor, the last number
     /// given out) is read newest first from there.
-    fn pages<'a>(&'a self, base: Vec<u8>, pager: window::Pager) -> Entries<'a> {
-        let mut pager = pager;
+    fn pages<'a>(
+        &'a self,
+        base: Vec<u8>,
+        pager: window::Pager,
+        remember: Option<Vec<u8>>,
+    ) -> Entries<'a> {
+        let (mut pager, mut remember) = (pager, remember);
         let mut page: std::vec::IntoIter<window::Kv> = Vec::new().into_iter();
         // A scan that goes on reads larger pages: a short one (a page of
         // a listing) stays one small request, a long one (a search
@@ -663,7 +677,17 @@ impl EtcdStore {
                         limit = next_page(limit, &kvs);
                         pager.set_limit(limit);
                     }
+                    let first = kvs.first().map(|(k, _)| k.clone());
                     page = pager.answer(kvs, resp.more, resp.count).into_iter();
+                    if let (Some(from), Some(first)) = (remember.take(), first) {
+                        if pager.long() {
+                            let mut firsts = lock(&self.firsts);
+                            if firsts.len() >= FIRSTS {
+                                firsts.clear();
+                            }
+                            firsts.insert(from, first);
+                        }
+                    }
                 }
                 Err(e) => {
                     pager.stop();
@@ -767,12 +791,26 @@ impl Store for EtcdStore {
         let mut full = base.clone();
         full.extend_from_slice(prefix);
         let end = prefix_end(&full);
-        let mut from = full;
         if start > prefix {
-            from = base.clone();
-            from.extend_from_slice(start);
+            // From a cursor: the keys are next to it.
+            let from = [&base[..], start].concat();
+            return self.pages(
+                base,
+                window::Pager::oldest_from(from, end, None, PAGE),
+                None,
+            );
         }
-        self.pages(base, window::Pager::new(from, end, false, PAGE))
+        let known = lock(&self.firsts).get(&full).cloned();
+        match known {
+            Some(first) => {
+                let pager = window::Pager::oldest_from(full, end, Some(first), PAGE);
+                self.pages(base, pager, None)
+            }
+            None => {
+                let pager = window::Pager::new(full.clone(), end, false, PAGE);
+                self.pages(base, pager, Some(full))
+            }
+        }
     }
 
     fn scan_rev<'a>(&'a self, space: Space, prefix: &[u8], before: &[u8]) -> Entries<'a> {
@@ -790,7 +828,7 @@ impl Store for EtcdStore {
                 pager = window::Pager::newest_below(full, end, PAGE);
             }
         }
-        self.pages(base, pager)
+        self.pages(base, pager, None)
     }
 
     fn last_appended(&self, counter: &str) -> Result<Option<u64>, Error> {

@@ -27,7 +27,7 @@ pub(crate) type Kv = (Vec<u8>, Vec<u8>);
 const WINDOWED: i64 = 4;
 
 /// A window holding nothing grows this many times over.
-const EMPTY_GROWTH: u128 = 256;
+const EMPTY_GROWTH: u128 = 16;
 
 /// A window holding keys grows at most this many times over.
 const GROWTH: f64 = 16.0;
@@ -70,6 +70,14 @@ pub(crate) struct Pager {
     /// Newest first: the range's first page, read by the first request
     /// and given out last.
     lowest: Vec<Kv>,
+    /// In key order, from a key (`ladder`): the length of its prefix the
+    /// window covers the rest of; shorter each time it holds less than a
+    /// page.
+    climb: Option<usize>,
+    ladder: Vec<u8>,
+    /// In key order: where the first window ends (the first key a scan
+    /// of this range found before; the window holds what came since).
+    known_first: Option<Vec<u8>>,
     /// The request made, the prefix and the width its window was
     /// measured in.
     asked: Option<(Ask, Vec<u8>, u128)>,
@@ -132,6 +140,9 @@ impl Pager {
             dense: false,
             pin: None,
             lowest: Vec::new(),
+            known_first: None,
+            climb: None,
+            ladder: Vec::new(),
             asked: None,
             done,
         }
@@ -146,6 +157,36 @@ impl Pager {
             p.width = Some((1, p.near.len()));
         }
         p
+    }
+
+    /// In key order from `from`, a key near the keys (a cursor), or
+    /// from `first`, the first key a scan of the range found before:
+    /// windows widen from the narrowest, so a page costs about a page
+    /// however long the range. Without either, the first request would
+    /// cover the whole range: where the keys are is not known.
+    pub fn oldest_from(from: Vec<u8>, end: Vec<u8>, first: Option<Vec<u8>>, limit: i64) -> Self {
+        let mut p = Pager::new(from, end, false, limit);
+        if p.placed() {
+            p.climb_from_lo();
+            p.known_first = first.filter(|f| *f > p.lo && *f < p.hi);
+        }
+        p
+    }
+
+    /// Windows from `lo`, a key: first the keys that start with it, then
+    /// those that start with it less its last byte, and so on, each
+    /// stretch widening from there, so the keys next to it, however
+    /// alike, are found in a few requests.
+    fn climb_from_lo(&mut self) {
+        self.ladder = self.lo.clone();
+        self.climb = Some(self.lo.len());
+        self.width = Some((1, self.lo.len()));
+    }
+
+    /// Whether the range proved long: the first answer counted more than
+    /// a few pages (then the scan went on through windows).
+    pub fn long(&self) -> bool {
+        self.width.is_some()
     }
 
     /// Ends the scan (after an error).
@@ -171,18 +212,37 @@ impl Pager {
         }
         let (key, range_end, base, width) = match self.width {
             None => (self.lo.clone(), self.hi.clone(), Vec::new(), 0),
+            Some((w, _)) if self.climb.is_some() => {
+                let n = self.climb.unwrap_or(0);
+                let end = provisioning::store::prefix_end(&self.ladder[..n])
+                    .filter(|e| *e < self.hi)
+                    .unwrap_or_else(|| self.hi.clone());
+                let end = self.known_first.clone().unwrap_or(end);
+                (self.lo.clone(), end, Vec::new(), w)
+            }
             Some((w, len)) if !self.rev => {
-                let base = shared(&self.near, &self.lo);
-                let w = rescale(w, len, base.len());
-                let end = match pos(&base, &self.lo).checked_add(w) {
-                    Some(at) => key_at(&base, at),
-                    None => provisioning::store::prefix_end(&base).unwrap_or_default(),
+                // Measured after what the last page's keys shared, or, for
+                // a window reaching past the keys that start with that, a
+                // shorter prefix (down to what the range's ends share).
+                let mut base = shared(&self.near, &self.lo);
+                let least = shared(&self.lo, &self.hi).len();
+                let mut w = rescale(w, len, base.len());
+                let end = loop {
+                    match pos(&base, &self.lo).checked_add(w) {
+                        Some(at) => break key_at(&base, at),
+                        None if base.len() > least => {
+                            base.pop();
+                            w = rescale(w, base.len() + 1, base.len());
+                        }
+                        None => break provisioning::store::prefix_end(&base).unwrap_or_default(),
+                    }
                 };
                 let end = if end > self.lo && end < self.hi {
                     end
                 } else {
                     self.hi.clone()
                 };
+                let end = self.known_first.clone().unwrap_or(end);
                 (self.lo.clone(), end, base, w)
             }
             Some((w, len)) => {
@@ -258,6 +318,27 @@ impl Pager {
             // wide as this page was.
             None if more && count > WINDOWED * self.limit && self.placed() => self.first(&kvs),
             None => None,
+            // Up to the first key found before: from it, the narrowest.
+            Some(_) if self.known_first.as_ref() == Some(&self.lo) => {
+                self.known_first = None;
+                self.climb_from_lo();
+                self.width
+            }
+            // Climbing: past empty prefixes to the first that holds a key
+            // after `ladder`; from there, windows sized by what it held.
+            Some(w) if self.climb.is_some() => {
+                let others = count - i64::from(kvs.first().is_some_and(|(k, _)| *k == self.ladder));
+                if others <= 0 {
+                    self.climb = self.climb.map(|n| n.saturating_sub(1));
+                    Some(w)
+                } else {
+                    self.climb = None;
+                    let base = shared(&ask.key, &ask.range_end);
+                    let width = measured(ask, &base, u128::MAX);
+                    self.near = base;
+                    Some((self.adjust(width, count), self.near.len()))
+                }
+            }
             Some(_) => Some((self.adjust(measured(ask, base, width), count), base.len())),
         };
         kvs
@@ -576,6 +657,65 @@ mod tests {
                 etcd.touched,
                 etcd.requests
             );
+        }
+    }
+
+    #[test]
+    fn a_page_from_a_cursor_or_a_known_first_key_costs_about_a_page() {
+        let n = 200_000u64;
+        for (shape, keys) in shapes(n) {
+            let mut etcd = Etcd::new(keys.iter().cloned());
+            let prefix = &keys[0][..keys[0].iter().rposition(|b| *b == b'/').unwrap() + 1];
+            let end = provisioning::store::prefix_end(prefix).unwrap();
+            let sorted: Vec<Vec<u8>> = etcd.keys.keys().cloned().collect();
+            let page = |etcd: &mut Etcd, mut p: Pager| {
+                let mut got = Vec::new();
+                while got.len() < 512 {
+                    let Some(ask) = p.ask() else { break };
+                    let (kvs, more, count) = etcd.range(&ask);
+                    got.extend(p.answer(kvs, more, count).into_iter().map(|(k, _)| k));
+                }
+                got.truncate(512);
+                got
+            };
+            // From a cursor in the middle; from the first key found before
+            // (and keys put before it since).
+            let cursor = sorted[n as usize / 2].clone();
+            let cases = [
+                (
+                    "cursor",
+                    Pager::oldest_from(cursor.clone(), end.clone(), None, 512),
+                    &sorted[n as usize / 2..],
+                ),
+                (
+                    "known first",
+                    Pager::oldest_from(
+                        prefix.to_vec(),
+                        end.clone(),
+                        Some(sorted[300].clone()),
+                        512,
+                    ),
+                    &sorted[..],
+                ),
+            ];
+            for (case, pager, want) in cases {
+                etcd.touched = 0;
+                etcd.requests = 0;
+                assert!(
+                    page(&mut etcd, pager) == want[..512],
+                    "{shape} ({case}): the page"
+                );
+                // The first prefix of the cursor holding a page may hold
+                // up to 256 times as many (binary keys: the 65,536 numbers
+                // alike but for their last two bytes, half of them after
+                // the cursor); decimal and hex keys, 10 and 16.
+                assert!(
+                    etcd.touched < 64 * 512 && etcd.requests < 40,
+                    "{shape} ({case}): {} keys touched, {} requests",
+                    etcd.touched,
+                    etcd.requests
+                );
+            }
         }
     }
 

@@ -332,6 +332,20 @@ fn a_long_scan_reads_every_key_once_in_order() {
         .map(|kv| kv.unwrap().0)
         .collect();
     assert_eq!(from, keys[2_500..]);
+    // Again from the start: from the first key the last scan found, and
+    // what was put before it since.
+    assert!(store
+        .commit(Commit::writes(vec![provisioning::store::Write {
+            space: Space::Meta,
+            key: b"k".to_vec(),
+            value: Some(b"before the first".to_vec()),
+        }]))
+        .unwrap());
+    let again: Vec<Vec<u8>> = store
+        .scan(Space::Meta, b"k", b"")
+        .map(|kv| kv.unwrap().0)
+        .collect();
+    assert_eq!(again, [&[b"k".to_vec()][..], &keys].concat());
     // Newest first below a key (a cursor): read through windows widening
     // from that key.
     let below: Vec<Vec<u8>> = store
@@ -340,7 +354,12 @@ fn a_long_scan_reads_every_key_once_in_order() {
         .collect();
     assert_eq!(
         below,
-        keys[..2_500].iter().rev().cloned().collect::<Vec<_>>()
+        keys[..2_500]
+            .iter()
+            .rev()
+            .cloned()
+            .chain([b"k".to_vec()])
+            .collect::<Vec<_>>()
     );
 }
 
