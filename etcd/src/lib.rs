@@ -99,9 +99,11 @@ pub struct EtcdStore {
     lagging: Arc<tokio::sync::Notify>,
     /// Commits waiting to go to etcd together.
     group: group::Group,
-    /// Where long scans from the start of a range found their first key:
-    /// a scan of one again starts there, not with a request over the
-    /// whole range (which etcd counts key by key).
+    /// Where long scans from the start of a range found the end of their
+    /// first page: a scan of one again reads up to there, then on from
+    /// it, not with a request over the whole range (which etcd counts key
+    /// by key). Not the first key: that may lie far from the rest (the
+    /// admin before every device).
     firsts: Mutex<std::collections::HashMap<Vec<u8>, Vec<u8>>>,
 }
 
@@ -669,6 +671,12 @@ impl EtcdStore {
                 return Some(Ok((k.get(base.len()..).unwrap_or_default().to_vec(), v)));
             }
             let ask = pager.ask()?;
+            tracing::trace!(
+                key = %String::from_utf8_lossy(&ask.key),
+                end = %String::from_utf8_lossy(&ask.range_end),
+                limit = ask.limit,
+                "etcd: range"
+            );
             match self.range(range_request(ask)) {
                 Ok(resp) => {
                     let kvs: Vec<window::Kv> =
@@ -677,7 +685,7 @@ impl EtcdStore {
                         limit = next_page(limit, &kvs);
                         pager.set_limit(limit);
                     }
-                    let first = kvs.first().map(|(k, _)| k.clone());
+                    let first = kvs.last().map(|(k, _)| k.clone());
                     page = pager.answer(kvs, resp.more, resp.count).into_iter();
                     if let (Some(from), Some(first)) = (remember.take(), first) {
                         if pager.long() {
@@ -811,6 +819,16 @@ impl Store for EtcdStore {
                 self.pages(base, pager, Some(full))
             }
         }
+    }
+
+    fn scan_between<'a>(&'a self, space: Space, start: &[u8], end: &[u8]) -> Entries<'a> {
+        let base = self.space_prefix(space);
+        let (from, to) = ([&base[..], start].concat(), [&base[..], end].concat());
+        let pager = match start.is_empty() {
+            true => window::Pager::new(from, to, false, PAGE),
+            false => window::Pager::oldest_from(from, to, None, PAGE),
+        };
+        self.pages(base, pager, None)
     }
 
     fn scan_rev<'a>(&'a self, space: Space, prefix: &[u8], before: &[u8]) -> Entries<'a> {

@@ -75,8 +75,8 @@ pub(crate) struct Pager {
     /// page.
     climb: Option<usize>,
     ladder: Vec<u8>,
-    /// In key order: where the first window ends (the first key a scan
-    /// of this range found before; the window holds what came since).
+    /// In key order: where the first window ends (just past the end of
+    /// the first page a scan of this range read before).
     known_first: Option<Vec<u8>>,
     /// The request made, the prefix and the width its window was
     /// measured in.
@@ -159,16 +159,22 @@ impl Pager {
         p
     }
 
-    /// In key order from `from`, a key near the keys (a cursor), or
-    /// from `first`, the first key a scan of the range found before:
-    /// windows widen from the narrowest, so a page costs about a page
-    /// however long the range. Without either, the first request would
-    /// cover the whole range: where the keys are is not known.
-    pub fn oldest_from(from: Vec<u8>, end: Vec<u8>, first: Option<Vec<u8>>, limit: i64) -> Self {
+    /// In key order from `from`, a key near the keys (a cursor), or from
+    /// `from` up to and then on from `page_end`, the last key of the
+    /// first page a scan of the range read before: windows widen from
+    /// the narrowest, so a page costs about a page however long the
+    /// range. Without either, the first request would cover the whole
+    /// range: where the keys are is not known.
+    pub fn oldest_from(from: Vec<u8>, end: Vec<u8>, page_end: Option<Vec<u8>>, limit: i64) -> Self {
         let mut p = Pager::new(from, end, false, limit);
         if p.placed() {
             p.climb_from_lo();
-            p.known_first = first.filter(|f| *f > p.lo && *f < p.hi);
+            p.known_first = page_end
+                .map(|mut k| {
+                    k.push(0);
+                    k
+                })
+                .filter(|f| *f > p.lo && *f < p.hi);
         }
         p
     }
@@ -561,6 +567,15 @@ mod tests {
                 ),
             ),
             (
+                // The admin before every device.
+                "one key far before the rest",
+                under(
+                    "fg/sorted/",
+                    std::iter::once(b"admin".to_vec())
+                        .chain((1..n).map(|i| format!("dev-{i:07}").into_bytes())),
+                ),
+            ),
+            (
                 "clusters",
                 under(
                     "fg/x/",
@@ -688,7 +703,7 @@ mod tests {
                     &sorted[n as usize / 2..],
                 ),
                 (
-                    "known first",
+                    "after a first page",
                     Pager::oldest_from(
                         prefix.to_vec(),
                         end.clone(),

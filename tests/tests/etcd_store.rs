@@ -332,8 +332,14 @@ fn a_long_scan_reads_every_key_once_in_order() {
         .map(|kv| kv.unwrap().0)
         .collect();
     assert_eq!(from, keys[2_500..]);
-    // Again from the start: from the first key the last scan found, and
-    // what was put before it since.
+    // Between two keys: the store is told where the scan stops.
+    let between: Vec<Vec<u8>> = store
+        .scan_between(Space::Meta, b"k01000", b"k01010")
+        .map(|kv| kv.unwrap().0)
+        .collect();
+    assert_eq!(between, keys[1_000..1_010]);
+    // Again from the start: up to the end of the first page the last
+    // scan read, and what was put before it since, then on from there.
     assert!(store
         .commit(Commit::writes(vec![provisioning::store::Write {
             space: Space::Meta,

@@ -171,7 +171,10 @@ impl Registry {
         let mut items = Vec::new();
         let mut next = None;
         let mut seen = std::collections::HashSet::new();
-        for kv in self.store.scan(Space::Expiring, b"", &start) {
+        for kv in self
+            .store
+            .scan_between(Space::Expiring, &start, &end.to_be_bytes())
+        {
             let (k, _) = kv?;
             let (at, key) = k
                 .split_at_checked(8)

@@ -219,6 +219,17 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         self.scan(space, prefix, start)
     }
 
+    /// The entries of `space` from `start` (inclusive) to `end`
+    /// (exclusive), in key order: a scan that tells the store where it
+    /// stops (etcd counts every key of a range it is asked for).
+    fn scan_between<'a>(&'a self, space: Space, start: &[u8], end: &[u8]) -> Entries<'a> {
+        let end = end.to_vec();
+        Box::new(
+            self.scan(space, b"", start)
+                .take_while(move |kv| kv.as_ref().map_or(true, |(k, _)| *k < end)),
+        )
+    }
+
     /// The entries of `space` whose keys start with `prefix` and come
     /// before `before` (exclusive; empty: no bound), last key first.
     fn scan_rev<'a>(&'a self, space: Space, prefix: &[u8], before: &[u8]) -> Entries<'a>;
@@ -311,6 +322,10 @@ impl Store for Recent {
 
     fn scan_rev<'a>(&'a self, space: Space, prefix: &[u8], before: &[u8]) -> Entries<'a> {
         self.0.scan_rev(space, prefix, before)
+    }
+
+    fn scan_between<'a>(&'a self, space: Space, start: &[u8], end: &[u8]) -> Entries<'a> {
+        self.0.scan_between(space, start, end)
     }
 
     fn len(&self, space: Space) -> Result<usize, Error> {
