@@ -205,9 +205,15 @@ impl Server {
     /// [`Server::openssl_ocsp`] with openssl's clock at `offset` (a
     /// faketime offset such as `+35d`), for a server on a fake clock.
     pub fn openssl_ocsp_at(&self, cert: &Path, offset: &str) -> String {
-        require_tool("faketime");
-        run(Command::new("faketime")
-            .args(["-f", offset, "openssl", "ocsp", "-issuer"])
+        // libfaketime itself, not the `faketime` wrapper: the wrapper
+        // names a semaphore after its pid, and one left behind by a
+        // killed process of the same pid makes it fail ("sem_open: File
+        // exists").
+        let lib = libfaketime().unwrap_or_else(|e| panic!("{e}"));
+        run(Command::new("openssl")
+            .env("LD_PRELOAD", lib)
+            .env("FAKETIME", offset)
+            .args(["ocsp", "-issuer"])
             .arg(self.data_dir.join("ca/issuing.crt"))
             .arg("-cert")
             .arg(cert)
@@ -224,14 +230,7 @@ impl Server {
         clock: &Path,
         extra: &[&str],
     ) -> anyhow::Result<Self> {
-        const LIBS: [&str; 2] = [
-            "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
-            "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
-        ];
-        let lib = LIBS
-            .into_iter()
-            .find(|p| Path::new(p).exists())
-            .context("libfaketime is not installed: run .ci/run, or apt-get install faketime")?;
+        let lib = libfaketime()?;
         std::fs::write(clock, "+0d\n")?;
         let env = [
             format!("LD_PRELOAD={lib}"),
@@ -359,6 +358,30 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// libfaketime, to preload.
+fn libfaketime() -> anyhow::Result<&'static str> {
+    const LIBS: [&str; 2] = [
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+    ];
+    LIBS.into_iter()
+        .find(|p| Path::new(p).exists())
+        .context("libfaketime is not installed: run .ci/run, or apt-get install faketime")
+}
+
+/// A client process a test started, killed when the test ends however
+/// it ends (`mosquitto_sub` retries a closed connection for ever: left
+/// running, it outlives the test and its broker).
+#[derive(Debug)]
+pub struct Reaped(pub std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 

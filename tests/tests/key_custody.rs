@@ -508,7 +508,7 @@ fn a_fleet_runs_across_a_ca_rollover_with_no_connection_refused() {
 
     // Two devices hold a connection throughout; a third reconnects and
     // publishes (QoS 1) over and over, before, during and after.
-    let mut held: Vec<std::process::Child> = old[..2]
+    let mut held: Vec<tests::Reaped> = old[..2]
         .iter()
         .enumerate()
         .map(|(i, c)| {
@@ -518,6 +518,7 @@ fn a_fleet_runs_across_a_ca_rollover_with_no_connection_refused() {
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
+                .map(tests::Reaped)
                 .unwrap()
         })
         .collect();
@@ -588,7 +589,7 @@ fn a_fleet_runs_across_a_ca_rollover_with_no_connection_refused() {
     );
     for h in &mut held {
         assert!(
-            h.try_wait().unwrap().is_none(),
+            h.0.try_wait().unwrap().is_none(),
             "a held connection was cut by the rollover"
         );
     }
@@ -624,7 +625,7 @@ fn a_fleet_runs_across_a_ca_rollover_with_no_connection_refused() {
     // Revocation works under both, and each CA's CRL lists its own.
     server.cli_ok(&["device", "revoke", "old-0"]);
     assert!(
-        exits(&mut held[0], Duration::from_secs(10)),
+        exits(&mut held[0].0, Duration::from_secs(10)),
         "old-0 not cut"
     );
     server.cli_ok(&["device", "revoke", "new-0"]);
