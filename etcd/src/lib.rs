@@ -107,7 +107,7 @@ pub struct EtcdStore {
     firsts: Mutex<std::collections::HashMap<Vec<u8>, Vec<u8>>>,
 }
 
-/// Ranges whose first key a store remembers, at most.
+/// Ranges whose first page's end a store remembers, at most.
 const FIRSTS: usize = 256;
 
 /// What one watch stream reports.
@@ -651,9 +651,9 @@ async fn watch_one(
 
 impl EtcdStore {
     /// A range over `[from, end)`, a page at a time, in key order or
-    /// (`rev`) the reverse; keys with `base` taken off. A range bounded
-    /// below a key the caller read (`near_end`: a cursor, the last number
-    /// given out) is read newest first from there.
+    /// (`rev`) the reverse, as `pager` asks; keys with `base` taken off.
+    /// `remember`: the range's start, under which a long scan keeps where
+    /// its first page ended (`firsts`).
     fn pages<'a>(
         &'a self,
         base: Vec<u8>,
@@ -685,15 +685,15 @@ impl EtcdStore {
                         limit = next_page(limit, &kvs);
                         pager.set_limit(limit);
                     }
-                    let first = kvs.last().map(|(k, _)| k.clone());
+                    let page_end = kvs.last().map(|(k, _)| k.clone());
                     page = pager.answer(kvs, resp.more, resp.count).into_iter();
-                    if let (Some(from), Some(first)) = (remember.take(), first) {
+                    if let (Some(from), Some(page_end)) = (remember.take(), page_end) {
                         if pager.long() {
                             let mut firsts = lock(&self.firsts);
                             if firsts.len() >= FIRSTS {
                                 firsts.clear();
                             }
-                            firsts.insert(from, first);
+                            firsts.insert(from, page_end);
                         }
                     }
                 }
@@ -810,8 +810,8 @@ impl Store for EtcdStore {
         }
         let known = lock(&self.firsts).get(&full).cloned();
         match known {
-            Some(first) => {
-                let pager = window::Pager::oldest_from(full, end, Some(first), PAGE);
+            Some(page_end) => {
+                let pager = window::Pager::oldest_from(full, end, Some(page_end), PAGE);
                 self.pages(base, pager, None)
             }
             None => {
@@ -835,17 +835,14 @@ impl Store for EtcdStore {
         let base = self.space_prefix(space);
         let mut full = base.clone();
         full.extend_from_slice(prefix);
-        let mut end = prefix_end(&full);
-        let mut pager = window::Pager::new(full.clone(), end.clone(), true, PAGE);
-        if !before.is_empty() {
-            let mut b = base.clone();
-            b.extend_from_slice(before);
-            if b < end || end == [0] {
-                end = b;
-                // Below a key the caller read: near the keys it wants.
-                pager = window::Pager::newest_below(full, end, PAGE);
-            }
-        }
+        let end = prefix_end(&full);
+        let below = [&base[..], before].concat();
+        let pager = if !before.is_empty() && (below < end || end == [0]) {
+            // Below a key the caller read: near the keys it wants.
+            window::Pager::newest_below(full, below, PAGE)
+        } else {
+            window::Pager::new(full, end, true, PAGE)
+        };
         self.pages(base, pager, None)
     }
 

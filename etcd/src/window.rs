@@ -77,7 +77,7 @@ pub(crate) struct Pager {
     ladder: Vec<u8>,
     /// In key order: where the first window ends (just past the end of
     /// the first page a scan of this range read before).
-    known_first: Option<Vec<u8>>,
+    first_page_end: Option<Vec<u8>>,
     /// The request made, the prefix and the width its window was
     /// measured in.
     asked: Option<(Ask, Vec<u8>, u128)>,
@@ -140,7 +140,7 @@ impl Pager {
             dense: false,
             pin: None,
             lowest: Vec::new(),
-            known_first: None,
+            first_page_end: None,
             climb: None,
             ladder: Vec::new(),
             asked: None,
@@ -169,7 +169,7 @@ impl Pager {
         let mut p = Pager::new(from, end, false, limit);
         if p.placed() {
             p.climb_from_lo();
-            p.known_first = page_end
+            p.first_page_end = page_end
                 .map(|mut k| {
                     k.push(0);
                     k
@@ -223,7 +223,7 @@ impl Pager {
                 let end = provisioning::store::prefix_end(&self.ladder[..n])
                     .filter(|e| *e < self.hi)
                     .unwrap_or_else(|| self.hi.clone());
-                let end = self.known_first.clone().unwrap_or(end);
+                let end = self.first_page_end.clone().unwrap_or(end);
                 (self.lo.clone(), end, Vec::new(), w)
             }
             Some((w, len)) if !self.rev => {
@@ -248,7 +248,7 @@ impl Pager {
                 } else {
                     self.hi.clone()
                 };
-                let end = self.known_first.clone().unwrap_or(end);
+                let end = self.first_page_end.clone().unwrap_or(end);
                 (self.lo.clone(), end, base, w)
             }
             Some((w, len)) => {
@@ -324,9 +324,9 @@ impl Pager {
             // wide as this page was.
             None if more && count > WINDOWED * self.limit && self.placed() => self.first(&kvs),
             None => None,
-            // Up to the first key found before: from it, the narrowest.
-            Some(_) if self.known_first.as_ref() == Some(&self.lo) => {
-                self.known_first = None;
+            // Past the first page a scan read before: climb from there.
+            Some(_) if self.first_page_end.as_ref() == Some(&self.lo) => {
+                self.first_page_end = None;
                 self.climb_from_lo();
                 self.width
             }
@@ -399,7 +399,9 @@ impl Pager {
             self.dense = m <= 1;
             // Fewer than two pages: the newest page starts at one of
             // these keys.
-            let over = usize::try_from(count).unwrap_or(usize::MAX) - kvs.len();
+            let over = usize::try_from(count)
+                .unwrap_or(usize::MAX)
+                .saturating_sub(kvs.len());
             if over < kvs.len() {
                 self.pin = Some(kvs[over].0.clone());
                 self.dense = false;
@@ -676,7 +678,7 @@ mod tests {
     }
 
     #[test]
-    fn a_page_from_a_cursor_or_a_known_first_key_costs_about_a_page() {
+    fn a_page_from_a_cursor_or_a_first_page_end_key_costs_about_a_page() {
         let n = 200_000u64;
         for (shape, keys) in shapes(n) {
             let mut etcd = Etcd::new(keys.iter().cloned());
