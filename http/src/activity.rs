@@ -145,21 +145,26 @@ where
         {
             return;
         }
-        let mut v = Fields::default();
-        event.record(&mut v);
+        // The message decides; the other fields are read only for an
+        // event the feed keeps (not, say, every connect's "connected").
+        let mut message = Message::default();
+        event.record(&mut message);
+        let message = message.0;
         // The console's own refusals (a browser without a session) are
         // no device's.
-        let kind = if v.message.starts_with("console:") {
+        let kind = if message.starts_with("console:") {
             "console"
-        } else if v.message.contains("refused") {
+        } else if message.contains("refused") {
             "refusal"
-        } else if v.message.contains("cut") || v.message.contains("taken over") {
+        } else if message.contains("cut") || message.contains("taken over") {
             "kick"
         } else if *meta.level() <= Level::WARN {
             "warning"
         } else {
             return;
         };
+        let mut v = Fields::default();
+        event.record(&mut v);
         let mut spans = String::new();
         if let Some(scope) = ctx.event_scope(event) {
             for span in scope.from_root() {
@@ -209,6 +214,24 @@ fn field_of(spans: &str, name: &str) -> Option<String> {
         None => rest.split_whitespace().next().unwrap_or_default(),
     };
     (!value.is_empty()).then(|| value.to_owned())
+}
+
+/// An event's message alone.
+#[derive(Default)]
+struct Message(String);
+
+impl Visit for Message {
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            self.0 = format!("{value:?}");
+        }
+    }
+
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            self.0 = value.to_owned();
+        }
+    }
 }
 
 #[derive(Default)]

@@ -107,6 +107,8 @@ pub enum Kick {
     ManufacturerRevoked,
     /// A newer connection of the same device took the session.
     TakenOver,
+    /// The broker is shutting down.
+    Shutdown,
 }
 
 impl Kick {
@@ -117,6 +119,7 @@ impl Kick {
             Kick::CertificateRevoked => "certificate revoked",
             Kick::ManufacturerRevoked => "manufacturer revoked",
             Kick::TakenOver => "session taken over",
+            Kick::Shutdown => "the server is shutting down",
         }
     }
 }

@@ -29,6 +29,12 @@ pub const IDENTITY_PREFIX: &str = "x-fleetgate-";
 
 const MARK: &str = "x-fleetgate-mark";
 
+// The expanded identity's names (each under [`IDENTITY_PREFIX`]).
+const DEVICE_ID: &str = "x-fleetgate-device-id";
+const SERIAL: &str = "x-fleetgate-serial";
+const FINGERPRINT: &str = "x-fleetgate-fingerprint";
+const MANUFACTURER: &str = "x-fleetgate-manufacturer";
+
 /// What a session stamps on its client's messages: empty for anything but
 /// a device; for a device, its certificate's serial (hex), fingerprint and
 /// manufacturer.
@@ -92,12 +98,16 @@ pub fn scrub(user_properties: &mut Vec<(String, String)>) {
 /// The mark as a user property: the published QoS, whether it was
 /// retained, and the sender's stamp (from [`of`]).
 fn mark_property(qos: u8, retain: bool, stamp: &str) -> (String, String) {
-    let r = if retain { "r" } else { "" };
-    let value = if stamp.is_empty() {
-        format!("{qos}{r}")
-    } else {
-        format!("{qos}{r}/{stamp}")
-    };
+    // On every message: built by hand, one allocation, no formatter.
+    let mut value = String::with_capacity(3 + stamp.len());
+    value.push(char::from(b'0' + qos.min(9)));
+    if retain {
+        value.push('r');
+    }
+    if !stamp.is_empty() {
+        value.push('/');
+        value.push_str(stamp);
+    }
     (MARK.to_owned(), value)
 }
 
@@ -165,17 +175,11 @@ pub fn unmark(props: Option<PublishProperties>, topic: &[u8], expand: bool) -> U
             .and_then(|t| t.split('/').next())
             .unwrap_or_default();
         let u = &mut p.user_properties;
-        u.push((format!("{IDENTITY_PREFIX}device-id"), id.to_owned()));
-        u.push((format!("{IDENTITY_PREFIX}serial"), serial.to_owned()));
-        u.push((
-            format!("{IDENTITY_PREFIX}fingerprint"),
-            fingerprint.to_owned(),
-        ));
+        u.push((DEVICE_ID.to_owned(), id.to_owned()));
+        u.push((SERIAL.to_owned(), serial.to_owned()));
+        u.push((FINGERPRINT.to_owned(), fingerprint.to_owned()));
         if !manufacturer.is_empty() {
-            u.push((
-                format!("{IDENTITY_PREFIX}manufacturer"),
-                manufacturer.to_owned(),
-            ));
+            u.push((MANUFACTURER.to_owned(), manufacturer.to_owned()));
         }
     }
     let empty = p.user_properties.is_empty()
@@ -196,6 +200,29 @@ pub fn unmark(props: Option<PublishProperties>, topic: &[u8], expand: bool) -> U
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_name_the_broker_writes_is_reserved() {
+        for name in [MARK, DEVICE_ID, SERIAL, FINGERPRINT, MANUFACTURER] {
+            assert!(name.starts_with(IDENTITY_PREFIX), "{name}");
+            assert!(reserved(name), "{name}");
+        }
+    }
+
+    #[test]
+    fn the_mark_reads_back_as_written() {
+        for qos in 0..=2u8 {
+            for retain in [false, true] {
+                for stamp in ["", "0a1b/ff00/acme"] {
+                    let (k, v) = mark_property(qos, retain, stamp);
+                    let mut p = PublishProperties::default();
+                    p.user_properties.push((k, v));
+                    let u = unmark(Some(p), b"devices/d-1/telemetry", true);
+                    assert_eq!((u.qos, u.retained), (qos, retain), "{stamp:?}");
+                }
+            }
+        }
+    }
 
     fn props(user: &[(&str, &str)]) -> Option<PublishProperties> {
         Some(PublishProperties {

@@ -728,6 +728,58 @@ fn sigterm_closes_connections_and_exits_cleanly() {
     );
 }
 
+/// Shutdown reaches a session as a kick: an MQTT 5 client hears
+/// DISCONNECT 0x8B (server shutting down) with its reason, not a bare
+/// close when the process ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_tells_an_mqtt5_client_the_server_is_shutting_down() {
+    use rumqttc::v5::mqttbytes::v5::{DisconnectReasonCode, Packet as P5};
+    use rumqttc::v5::{AsyncClient as C5, Event as E5, MqttOptions as O5};
+    let (tmp, server) = start();
+    let d = server.enroll(tmp.path(), "device", "d-1");
+    let mut opts = O5::new("d-1", server.mqtt.ip().to_string(), server.mqtt.port());
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_transport(rumqttc::Transport::tls_with_config(
+        rumqttc::TlsConfiguration::Rustls(d.client_config()),
+    ));
+    let (c, mut ev) = C5::new(opts, 16);
+    c.subscribe(
+        "devices/d-1/commands/#",
+        rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+    )
+    .await
+    .unwrap();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), ev.poll()).await {
+            Ok(Ok(E5::Incoming(P5::SubAck(_)))) => break,
+            Ok(Ok(_)) => {}
+            other => panic!("no SUBACK: {other:?}"),
+        }
+    }
+    let stopped = tokio::task::spawn_blocking(move || server.terminate());
+    // rumqttc hands a server's DISCONNECT over as the error that ends
+    // its connection.
+    let (code, why) = loop {
+        match tokio::time::timeout(Duration::from_secs(10), ev.poll()).await {
+            Ok(Err(rumqttc::v5::ConnectionError::MqttState(
+                rumqttc::v5::StateError::ServerDisconnect {
+                    reason_code,
+                    reason_string,
+                },
+            ))) => break (reason_code, reason_string),
+            Ok(Ok(E5::Incoming(P5::Disconnect(d)))) => {
+                break (d.reason_code, d.properties.and_then(|p| p.reason_string))
+            }
+            Ok(Ok(_)) => {}
+            other => panic!("no DISCONNECT before the connection ended: {other:?}"),
+        }
+    };
+    assert_eq!(code, DisconnectReasonCode::ServerShuttingDown);
+    assert_eq!(why.as_deref(), Some("the server is shutting down"));
+    let status = stopped.await.unwrap();
+    assert!(status.success(), "{status}");
+}
+
 #[tokio::test]
 async fn prometheus_metrics_count_sessions_and_refusals() {
     require_tool("curl");

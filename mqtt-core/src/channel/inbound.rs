@@ -174,16 +174,19 @@ impl Channel {
         topic: &str,
         props: Option<&PublishProperties>,
     ) -> Option<Result<(String, Option<Bytes>), String>> {
-        let correlation = props.and_then(|p| p.correlation_data.clone());
+        let correlation = || props.and_then(|p| p.correlation_data.clone());
         if topic == OCSP_TOPIC {
             return Some(match props.and_then(|p| p.response_topic.clone()) {
-                Some(t) if !t.is_empty() && !t.contains(['+', '#']) => Ok((t, correlation)),
+                Some(t) if !t.is_empty() && !t.contains(['+', '#']) => Ok((t, correlation())),
                 _ => Err(format!("{OCSP_TOPIC} needs an MQTT 5 response topic")),
             });
         }
-        let own = format!("devices/{}/ocsp/", self.id);
-        (topic.strip_prefix(own.as_str()) == Some("request"))
-            .then(|| Ok((format!("{own}response"), correlation)))
+        // Every PUBLISH asks this: nothing is built unless it is one.
+        let own = topic
+            .strip_prefix("devices/")
+            .and_then(|t| t.strip_prefix(self.id.as_str()))
+            .and_then(|t| t.strip_prefix("/ocsp/request"));
+        (own == Some("")).then(|| Ok((format!("devices/{}/ocsp/response", self.id), correlation())))
     }
 
     /// PUBACK (QoS 1) or PUBREC (QoS 2) for the client's PUBLISH `pkid`,

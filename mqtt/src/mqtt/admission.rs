@@ -86,19 +86,37 @@ pub struct Verified {
     pub manufacturer: Option<DeviceId>,
 }
 
-tokio::task_local! {
-    /// The verifier's finding for the handshake this task is running.
-    static VERIFIED: RefCell<Option<Verified>>;
+/// The handshake a connection's task is running, as its verifier sees it.
+struct Handshake {
+    /// Whom a refusal names (a field of its log line rather than a span
+    /// around the handshake: a span costs every connect its creation and
+    /// an entry and exit on each poll).
+    peer: std::net::SocketAddr,
+    /// What the verifier found.
+    verified: Option<Verified>,
 }
 
-/// Runs a TLS handshake (`accept`) so that what the verifier finds comes
-/// back with it: the connection's own slot, not a map shared by all. `None`
-/// if the verifier did not run (a resumed session) or refused.
-pub async fn handshake<F: std::future::Future>(accept: F) -> (F::Output, Option<Verified>) {
-    VERIFIED
-        .scope(RefCell::new(None), async {
+tokio::task_local! {
+    /// The handshake this task is running.
+    static HANDSHAKE: RefCell<Handshake>;
+}
+
+/// Runs a TLS handshake (`accept`) from `peer` so that what the verifier
+/// finds comes back with it: the connection's own slot, not a map shared
+/// by all. `None` if the verifier did not run (a resumed session) or
+/// refused.
+pub async fn handshake<F: std::future::Future>(
+    peer: std::net::SocketAddr,
+    accept: F,
+) -> (F::Output, Option<Verified>) {
+    let slot = RefCell::new(Handshake {
+        peer,
+        verified: None,
+    });
+    HANDSHAKE
+        .scope(slot, async {
             let out = accept.await;
-            (out, VERIFIED.with(|v| v.borrow_mut().take()))
+            (out, HANDSHAKE.with(|h| h.borrow_mut().verified.take()))
         })
         .await
 }
@@ -216,11 +234,19 @@ impl RegistryVerifier {
 
     fn refuse(&self, refusal: Refusal, detail: &str) -> rustls::Error {
         self.metrics.refused(refusal);
-        tracing::warn!(
-            reason = refusal.as_str(),
-            detail = %crate::printable(detail),
-            "mqtt: refused at handshake"
-        );
+        match HANDSHAKE.try_with(|h| h.borrow().peer) {
+            Ok(peer) => tracing::warn!(
+                peer.addr = %peer,
+                reason = refusal.as_str(),
+                detail = %crate::printable(detail),
+                "mqtt: refused at handshake"
+            ),
+            Err(_) => tracing::warn!(
+                reason = refusal.as_str(),
+                detail = %crate::printable(detail),
+                "mqtt: refused at handshake"
+            ),
+        }
         rustls::Error::InvalidCertificate(certificate_error(refusal))
     }
 
@@ -403,7 +429,7 @@ impl ClientCertVerifier for RegistryVerifier {
         tracing::debug!(device.id = %verified.identity.id, serial = %verified.info.serial, "verified at handshake");
         // For this connection's task; outside one (a test calling the
         // verifier directly) there is nowhere to put it.
-        let _ = VERIFIED.try_with(|v| *v.borrow_mut() = Some(verified));
+        let _ = HANDSHAKE.try_with(|h| h.borrow_mut().verified = Some(verified));
         Ok(ClientCertVerified::assertion())
     }
 

@@ -273,6 +273,9 @@ struct Sessions {
     returns: Mutex<HashMap<DeviceId, Vec<Watcher>>>,
     /// When devices connected or left, until written to the registry.
     seen: seen::Seen,
+    /// The broker is shutting down: a session registering now is told at
+    /// once (see [`Sessions::shut_all`]).
+    closing: std::sync::atomic::AtomicBool,
 }
 
 /// A [`Return`]'s token and the sender that fires it.
@@ -383,6 +386,15 @@ impl Sessions {
             let _ = back.send(());
         }
         let mut map = self.lock();
+        let registration = Registration {
+            sessions: self,
+            device: peer.identity.id.clone(),
+            conn,
+        };
+        if self.closing.load(Ordering::Relaxed) {
+            let _ = tx.send(Kick::Shutdown);
+            return (rx, registration);
+        }
         let entries = map.entry(peer.identity.id.clone()).or_default();
         if !entries.is_empty() {
             tracing::info!(device.id = %peer.identity.id, "mqtt: a new connection takes over the device's session");
@@ -403,14 +415,7 @@ impl Sessions {
             },
             kick: tx,
         });
-        (
-            rx,
-            Registration {
-                sessions: self,
-                device: peer.identity.id.clone(),
-                conn,
-            },
-        )
+        (rx, registration)
     }
 
     /// The live sessions of `device` on this node.
@@ -442,6 +447,21 @@ impl Sessions {
             let _ = e.kick.send(why);
         }
         n
+    }
+
+    /// Tells every session, and each that registers from now on, that the
+    /// broker is shutting down. A session hears of shutdown through its
+    /// kick alone: polling the shared shutdown watch on every wake-up of
+    /// every connection cost a lock of its one list of waiters each time.
+    fn shut_all(&self) {
+        let entries: Vec<Entry> = {
+            let mut map = self.lock();
+            self.closing.store(true, Ordering::Relaxed);
+            map.drain().flat_map(|(_, v)| v).collect()
+        };
+        for e in entries {
+            let _ = e.kick.send(Kick::Shutdown);
+        }
     }
 
     /// Kicks every session using the certificate `key`.
@@ -810,6 +830,15 @@ impl Broker {
             Some(self.shared.metrics.clone()),
         );
         let handshakes = Arc::new(tokio::sync::Semaphore::new(cfg.max_handshakes.max(1)));
+        // One watcher of the shutdown for every session of this listener.
+        let watcher = {
+            let (shared, mut shutdown) = (self.shared.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                if shutdown.wait_for(|s| *s).await.is_ok() {
+                    shared.sessions.shut_all();
+                }
+            })
+        };
         let mut handshake_warning = crate::net::LogThrottle::default();
         let mut tasks = tokio::task::JoinSet::new();
         while let Some(Accepted { tcp, addr, permit }) = incoming.next(&mut shutdown).await {
@@ -847,6 +876,10 @@ impl Broker {
             });
         }
         drop(incoming);
+        if *shutdown.borrow() {
+            // Before the drain: the watcher may not have run yet.
+            self.shared.sessions.shut_all();
+        }
         if tokio::time::timeout(cfg.drain_timeout, async {
             while let Some(done) = tasks.join_next().await {
                 log_panic(done);
@@ -860,6 +893,7 @@ impl Broker {
                 "mqtt: sessions still open after the drain timeout"
             );
         }
+        watcher.abort();
     }
 }
 
@@ -887,12 +921,9 @@ async fn accept(
 ) {
     let metrics = &shared.metrics;
     // A refusal the verifier logs names the peer's address.
-    let (accepted, verified) = tracing::Instrument::instrument(
-        admission::handshake(tokio::time::timeout(
-            shared.cfg.handshake_timeout,
-            acceptor.accept(tcp),
-        )),
-        tracing::info_span!("tls", peer.addr = %addr),
+    let (accepted, verified) = admission::handshake(
+        addr,
+        tokio::time::timeout(shared.cfg.handshake_timeout, acceptor.accept(tcp)),
     )
     .await;
     let stream = match accepted {

@@ -383,7 +383,7 @@ async fn session(
 
     // The packet handlers' states are boxed while they run (see
     // `serve`): a held connection's future is mostly its `Session`.
-    let end = s.serve(link_rx.as_mut(), kick_rx, &mut shutdown).await;
+    let end = s.serve(link_rx.as_mut(), kick_rx).await;
     // The CONNECT's, or what the client's DISCONNECT said instead.
     let expiry = s.ch.session_expiry();
     // Watched before this connection lets go of the client id: a new
@@ -601,7 +601,6 @@ impl Session {
         &mut self,
         mut link_rx: Option<&mut LinkRx>,
         mut kick: oneshot::Receiver<Kick>,
-        shutdown: &mut watch::Receiver<bool>,
     ) -> End {
         // What the device's session kept for it, and packets that came in
         // the same read as CONNECT.
@@ -613,7 +612,19 @@ impl Session {
                 return end;
             }
         }
+        // The keep-alive's end or the certificate's, as the core says: one
+        // timer for the connection, moved earlier at once but later only
+        // when it fires (`tick` then finds nothing due), not on every
+        // packet that moves the keep-alive on.
+        let mut timer = std::pin::pin!(tokio::time::sleep_until(tokio::time::Instant::from_std(
+            self.ch.wake_at(self.now())
+        )));
         loop {
+            let now = self.now();
+            let wake = tokio::time::Instant::from_std(self.ch.wake_at(now));
+            if wake < timer.deadline() || timer.is_elapsed() {
+                timer.as_mut().reset(wake);
+            }
             // An idle connection holds a small read buffer: most of a fleet
             // is idle most of the time.
             if self.rbuf.is_empty() && self.rbuf.capacity() > KEEP_BUFFER {
@@ -622,16 +633,15 @@ impl Session {
             if self.rbuf.capacity() - self.rbuf.len() < READ_SIZE / 2 {
                 self.rbuf.reserve(READ_SIZE);
             }
-            // The keep-alive's end or the certificate's, as the core says.
-            let wake = tokio::time::Instant::from_std(self.ch.wake_at(self.now()));
             tokio::select! {
                 biased;
+                // Shutdown too comes as a kick (`Sessions::shut_all`).
                 k = &mut kick => return match k {
                     Ok(Kick::TakenOver) => End::TakenOver,
+                    Ok(Kick::Shutdown) => End::Shutdown,
                     k => End::Kicked(k.unwrap_or(Kick::Revoked)),
                 },
-                _ = shutdown.changed() => return End::Shutdown,
-                _ = tokio::time::sleep_until(wake) => if let Some(end) = self.ch.tick(self.now()) {
+                _ = &mut timer => if let Some(end) = self.ch.tick(self.now()) {
                     return end;
                 },
                 Some((qos, pkid, done)) = pending(&mut self.pending_acks).next(), if !pending(&mut self.pending_acks).is_empty() => {
