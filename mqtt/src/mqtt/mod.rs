@@ -13,6 +13,7 @@
 //! by the events follower ([`crate::events`]), kicks the sessions it affects.
 
 pub mod admission;
+mod conn;
 pub mod fanout;
 pub mod hub;
 mod link;
@@ -70,6 +71,9 @@ pub struct MqttConfig {
     pub handshake_timeout: Duration,
     pub connect_timeout: Duration,
     pub drain_timeout: Duration,
+    /// Workers of the runtime sessions run on (handshakes run on the
+    /// process's): see [`conn`].
+    pub session_threads: usize,
     /// Just-in-time registrations per second per manufacturer (token
     /// bucket); `None` for no limit. Each manufacturer's total is capped by
     /// its own quota, in the registry.
@@ -105,6 +109,7 @@ impl Default for MqttConfig {
             handshake_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(5),
+            session_threads: 1,
             jit_rate: Some(Rate {
                 per_second: 20.0,
                 burst: 100.0,
@@ -128,6 +133,8 @@ pub(crate) type LinkFactory =
 
 /// What every session shares.
 pub(crate) struct Shared {
+    /// The runtime sessions run on ([`conn`]).
+    sessions_rt: tokio::runtime::Handle,
     links: LinkFactory,
     auth: Arc<Authority>,
     /// Lifetime of certificates issued to claims' devices.
@@ -539,6 +546,8 @@ impl Sessions {
 #[derive(Debug, Clone)]
 pub struct Broker {
     shared: Arc<Shared>,
+    /// Where sessions run (stopped when the broker is dropped).
+    _sessions_rt: Arc<conn::SessionRuntime>,
 }
 
 impl Broker {
@@ -594,8 +603,11 @@ impl Broker {
                 .map_err(Box::new)
         });
         let clock: Arc<dyn channel::Clock> = Arc::new(channel::SystemClock);
+        let sessions_rt =
+            conn::SessionRuntime::start(cfg.session_threads).expect("a runtime for sessions");
         Self {
             shared: Arc::new(Shared {
+                sessions_rt: sessions_rt.handle().clone(),
                 links,
                 registry: auth.registry.recent(),
                 hub: Arc::new(
@@ -624,6 +636,7 @@ impl Broker {
                 clock,
                 cfg,
             }),
+            _sessions_rt: Arc::new(sessions_rt),
         }
     }
 
@@ -864,12 +877,23 @@ impl Broker {
                 // The handshake's state is boxed apart from the session's:
                 // inline, this task would be as large as both together for
                 // its whole life (most of a held connection's memory).
-                let (stream, verified) = Box::pin(accept(acceptor, tcp, addr, &shared)).await;
+                let (stream, verified) =
+                    Box::pin(accept(acceptor, conn::Conn::new(tcp), addr, &shared)).await;
                 drop(handshake);
-                if let Some(stream) = stream {
+                if let Some(mut stream) = stream {
                     metrics.handshakes.fetch_add(1, Ordering::Relaxed);
                     if let Some(peer) = peer_of(&stream, addr, &shared.verifier, verified) {
-                        Box::pin(session::run(stream, peer, shared.clone(), shutdown)).await;
+                        // The session runs on the session runtime; this
+                        // task waits for it, holding its slot.
+                        match stream.get_mut().0.move_to(&shared.sessions_rt) {
+                            Ok(()) => {
+                                let session = session::run(stream, peer, shared.clone(), shutdown);
+                                log_panic(shared.sessions_rt.spawn(session).await);
+                            }
+                            Err(e) => {
+                                tracing::warn!(peer.addr = %addr, error = %e, "mqtt: the connection could not move to the session runtime; closing")
+                            }
+                        }
                     }
                 }
                 metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
@@ -912,11 +936,11 @@ fn log_panic(done: Result<(), tokio::task::JoinError>) {
 /// connection's task while its session runs.
 async fn accept(
     acceptor: TlsAcceptor,
-    tcp: tokio::net::TcpStream,
+    tcp: conn::Conn,
     addr: std::net::SocketAddr,
     shared: &Shared,
 ) -> (
-    Option<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>,
+    Option<tokio_rustls::server::TlsStream<conn::Conn>>,
     Option<admission::Verified>,
 ) {
     let metrics = &shared.metrics;
@@ -949,7 +973,7 @@ async fn accept(
 /// the chain it presented the first time. `None`, refused (counted and
 /// logged by the verifier).
 fn peer_of(
-    stream: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    stream: &tokio_rustls::server::TlsStream<conn::Conn>,
     addr: std::net::SocketAddr,
     verifier: &RegistryVerifier,
     verified: Option<admission::Verified>,

@@ -34,7 +34,6 @@ use rumqttd::protocol::{
 };
 use rumqttd::Notification;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_rustls::server::TlsStream;
 
@@ -123,7 +122,7 @@ fn bus_refusal(e: &crate::bus::BusError, v5: bool) -> AckResult {
 }
 
 struct Session {
-    stream: TlsStream<TcpStream>,
+    stream: TlsStream<super::conn::Conn>,
     rbuf: BytesMut,
     /// The connection core: every protocol decision, and what to write.
     ch: Channel,
@@ -206,7 +205,7 @@ struct ProvisionRequest {
 
 /// Runs one connection to its end.
 pub(super) fn run(
-    stream: TlsStream<TcpStream>,
+    stream: TlsStream<super::conn::Conn>,
     peer: Peer,
     shared: Arc<Shared>,
     shutdown: watch::Receiver<bool>,
@@ -589,7 +588,11 @@ impl Session {
             .await
             .map_err(|e| format!("write: {e}"))?;
         self.ch.output_written();
-        Ok(())
+        // What rustls took is not yet on the socket: a write that would
+        // block leaves the records in rustls, and only a flush waits for
+        // the socket to take them (a socket just moved to the session
+        // runtime is not known to be writable until its reactor says so).
+        self.stream.flush().await.map_err(|e| format!("write: {e}"))
     }
 
     async fn send(&mut self, p: Packet) -> Result<(), String> {
