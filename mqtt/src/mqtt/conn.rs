@@ -5,10 +5,11 @@
 //! Why apart: a session's work per message is small and its wake-ups many.
 //! On a runtime of two workers, a wake-up that finds two tasks ready wakes
 //! the other worker, which steals one and parks again: at 10,000 devices
-//! sending 0.1 msg/s, a futex wake and a park for every second message,
-//! and a fifth of the broker's CPU (`bench/README.md`, stop 45). One
-//! worker serves each wake-up's tasks itself. A handshake costs a hundred
-//! times a message, so handshakes keep both cores.
+//! sending 0.1 msg/s, a futex wake and a park for every second message
+//! (`bench/README.md`, stop 45, with what that saves and costs as
+//! measured so far). One worker serves each wake-up's tasks itself. A
+//! handshake costs a hundred times a message, so handshakes keep both
+//! cores.
 //!
 //! The socket moves with its session: [`Conn`] is the TCP stream under the
 //! TLS stream, taken out of the first runtime's reactor and registered with
