@@ -234,19 +234,15 @@ impl RegistryVerifier {
 
     fn refuse(&self, refusal: Refusal, detail: &str) -> rustls::Error {
         self.metrics.refused(refusal);
-        match HANDSHAKE.try_with(|h| h.borrow().peer) {
-            Ok(peer) => tracing::warn!(
-                peer.addr = %peer,
-                reason = refusal.as_str(),
-                detail = %crate::printable(detail),
-                "mqtt: refused at handshake"
-            ),
-            Err(_) => tracing::warn!(
-                reason = refusal.as_str(),
-                detail = %crate::printable(detail),
-                "mqtt: refused at handshake"
-            ),
-        }
+        // Outside a handshake's task (a resumed session checked again),
+        // the line has no address.
+        let peer = HANDSHAKE.try_with(|h| h.borrow().peer).ok();
+        tracing::warn!(
+            peer.addr = peer.map(tracing::field::display),
+            reason = refusal.as_str(),
+            detail = %crate::printable(detail),
+            "mqtt: refused at handshake"
+        );
         rustls::Error::InvalidCertificate(certificate_error(refusal))
     }
 

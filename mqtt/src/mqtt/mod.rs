@@ -843,15 +843,6 @@ impl Broker {
             Some(self.shared.metrics.clone()),
         );
         let handshakes = Arc::new(tokio::sync::Semaphore::new(cfg.max_handshakes.max(1)));
-        // One watcher of the shutdown for every session of this listener.
-        let watcher = {
-            let (shared, mut shutdown) = (self.shared.clone(), shutdown.clone());
-            tokio::spawn(async move {
-                if shutdown.wait_for(|s| *s).await.is_ok() {
-                    shared.sessions.shut_all();
-                }
-            })
-        };
         let mut handshake_warning = crate::net::LogThrottle::default();
         let mut tasks = tokio::task::JoinSet::new();
         while let Some(Accepted { tcp, addr, permit }) = incoming.next(&mut shutdown).await {
@@ -900,10 +891,9 @@ impl Broker {
             });
         }
         drop(incoming);
-        if *shutdown.borrow() {
-            // Before the drain: the watcher may not have run yet.
-            self.shared.sessions.shut_all();
-        }
+        // The accept loop ends only at shutdown (or with its sender gone):
+        // every session hears it now, through its kick.
+        self.shared.sessions.shut_all();
         if tokio::time::timeout(cfg.drain_timeout, async {
             while let Some(done) = tasks.join_next().await {
                 log_panic(done);
@@ -917,7 +907,6 @@ impl Broker {
                 "mqtt: sessions still open after the drain timeout"
             );
         }
-        watcher.abort();
     }
 }
 
