@@ -37,9 +37,13 @@ macro_rules! outln {
 
 mod ca;
 mod config;
+mod logging;
 mod manufacturer;
 mod serve_args;
 
+use logging::init_tracing;
+pub use logging::set_log_filter;
+pub(super) use logging::DEFAULT_LOG;
 use manufacturer::{enroll_batch, manufacturer_cmd};
 use serve_args::{check_cmd, serve_cmd, ServeArgs};
 
@@ -540,66 +544,6 @@ pub fn main() -> ExitCode {
             },
         }
     })
-}
-
-/// The log filter when neither `--log-level` nor `FLEETGATE_LOG` says.
-pub(super) const DEFAULT_LOG: &str = "info,sled=warn,rumqttd=warn,rustls=error";
-
-/// Changes the log filter of a running process (SIGHUP with a new
-/// `log-level` in the configuration file).
-type SetFilter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
-static SET_FILTER: std::sync::OnceLock<SetFilter> = std::sync::OnceLock::new();
-
-/// Sets the log filter (`info`, `debug,sled=warn`, ...), or says why not.
-pub fn set_log_filter(spec: &str) -> Result<(), String> {
-    match SET_FILTER.get() {
-        Some(set) => set(spec),
-        None => Err("logging is not set up".into()),
-    }
-}
-
-fn init_tracing(format: LogFormat, spec: Option<&str>) {
-    use tracing_subscriber::filter::LevelFilter;
-    use tracing_subscriber::prelude::*;
-    use tracing_subscriber::{reload, EnvFilter};
-    let filter = match spec {
-        Some(s) => EnvFilter::try_new(s).unwrap_or_else(|e| {
-            eprintln!("warning: log level {s:?}: {e}; using {DEFAULT_LOG:?}");
-            EnvFilter::new(DEFAULT_LOG)
-        }),
-        None => {
-            EnvFilter::try_from_env("FLEETGATE_LOG").unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG))
-        }
-    };
-    let (filter, handle) = reload::Layer::new(filter);
-    let _ = SET_FILTER.set(Box::new(move |spec: &str| {
-        let f = EnvFilter::try_new(spec).map_err(|e| e.to_string())?;
-        handle.reload(f).map_err(|e| e.to_string())
-    }));
-    let fmt: Box<dyn tracing_subscriber::Layer<tracing_subscriber::Registry> + Send + Sync> =
-        match format {
-            LogFormat::Text => Box::new(
-                tracing_subscriber::fmt::layer()
-                    .with_writer(std::io::stderr)
-                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
-            ),
-            // One JSON object a line: time, level, target, the message and
-            // fields (`fields`), and the spans' fields (`spans`: device.id,
-            // peer.addr).
-            LogFormat::Json => Box::new(
-                tracing_subscriber::fmt::layer()
-                    .json()
-                    .with_span_list(true)
-                    .with_current_span(false)
-                    .with_writer(std::io::stderr),
-            ),
-        };
-    tracing_subscriber::registry()
-        .with(fmt.with_filter(filter))
-        // The console's live activity: refusals and kicks, whatever the
-        // log shows.
-        .with(crate::activity::FeedLayer.with_filter(LevelFilter::INFO))
-        .init();
 }
 
 async fn client_cmd(cmd: Command) -> anyhow::Result<()> {
