@@ -341,12 +341,14 @@ pub fn fingerprint(der: &[u8]) -> String {
     hex(ring::digest::digest(&ring::digest::SHA256, der).as_ref())
 }
 
+/// `bytes` in lowercase hex (a fingerprint at every connect: no
+/// formatter per byte).
 pub fn hex(bytes: &[u8]) -> String {
-    use fmt::Write;
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(bytes.len() * 2);
     for b in bytes {
-        // Writing to a String cannot fail.
-        let _ = write!(s, "{b:02x}");
+        s.push(char::from(DIGITS[usize::from(b >> 4)]));
+        s.push(char::from(DIGITS[usize::from(b & 0xf)]));
     }
     s
 }
@@ -397,6 +399,17 @@ mod tests {
         assert_eq!(Identity::from_uri("urn:fleetgate:root:x"), None);
         assert_eq!(Identity::from_uri("urn:fleetgate:device:a/b"), None);
         assert_eq!(Identity::from_uri("https://example.com"), None);
+    }
+
+    #[test]
+    fn hex_is_lowercase_two_digits_a_byte_and_round_trips() {
+        assert_eq!(hex(&[0x00, 0x0f, 0xa0, 0xff]), "000fa0ff");
+        assert_eq!(hex(&[]), "");
+        let all: Vec<u8> = (0..=255).collect();
+        let h = hex(&all);
+        let by_formatter: String = all.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(h, by_formatter);
+        assert_eq!(unhex(&h).unwrap(), all);
     }
 
     #[test]

@@ -844,7 +844,11 @@ impl Broker {
         );
         let handshakes = Arc::new(tokio::sync::Semaphore::new(cfg.max_handshakes.max(1)));
         let mut handshake_warning = crate::net::LogThrottle::default();
+        // Handshakes in flight, on this runtime.
         let mut tasks = tokio::task::JoinSet::new();
+        // Sessions, on the session runtime: counted, not joined (a join
+        // would wake this runtime at the end of every connection).
+        let sessions = tokio_util::task::TaskTracker::new();
         while let Some(Accepted { tcp, addr, permit }) = incoming.next(&mut shutdown).await {
             // Handshakes cost CPU: a flood of them is cut here, before any.
             let Ok(handshake) = handshakes.clone().try_acquire_owned() else {
@@ -857,37 +861,37 @@ impl Broker {
             let acceptor = TlsAcceptor::from(tls.borrow().clone());
             let shared = self.shared.clone();
             let shutdown = shutdown.clone();
+            let sessions = sessions.clone();
             // Reap finished tasks so the set does not grow.
             while let Some(done) = tasks.try_join_next() {
                 log_panic(done);
             }
             tasks.spawn(async move {
-                let _permit = permit;
-                let metrics = &shared.metrics;
-                metrics.connections_open.fetch_add(1, Ordering::Relaxed);
+                // The connection's slot, held until its session ends.
+                let open = Open::new(permit, &shared.metrics);
                 // The handshake's state is boxed apart from the session's:
                 // inline, this task would be as large as both together for
                 // its whole life (most of a held connection's memory).
                 let (stream, verified) =
                     Box::pin(accept(acceptor, conn::Conn::new(tcp), addr, &shared)).await;
                 drop(handshake);
-                if let Some(mut stream) = stream {
-                    metrics.handshakes.fetch_add(1, Ordering::Relaxed);
-                    if let Some(peer) = peer_of(&stream, addr, &shared.verifier, verified) {
-                        // The session runs on the session runtime; this
-                        // task waits for it, holding its slot.
-                        match stream.get_mut().0.move_to(&shared.sessions_rt) {
-                            Ok(()) => {
-                                let session = session::run(stream, peer, shared.clone(), shutdown);
-                                log_panic(shared.sessions_rt.spawn(session).await);
-                            }
-                            Err(e) => {
-                                tracing::warn!(peer.addr = %addr, error = %e, "mqtt: the connection could not move to the session runtime; closing")
-                            }
-                        }
-                    }
+                let Some(mut stream) = stream else { return };
+                shared.metrics.handshakes.fetch_add(1, Ordering::Relaxed);
+                let Some(peer) = peer_of(&stream, addr, &shared.verifier, verified) else {
+                    return;
+                };
+                if let Err(e) = stream.get_mut().0.move_to(&shared.sessions_rt) {
+                    tracing::warn!(peer.addr = %addr, error = %e, "mqtt: the connection could not move to the session runtime; closing");
+                    return;
                 }
-                metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
+                let session = session::run(stream, peer, shared.clone(), shutdown);
+                sessions.spawn_on(
+                    async move {
+                        let _open = open;
+                        session.await;
+                    },
+                    &shared.sessions_rt,
+                );
             });
         }
         drop(incoming);
@@ -895,22 +899,55 @@ impl Broker {
         // every session hears it now, through its kick.
         self.shared.sessions.shut_all();
         if tokio::time::timeout(cfg.drain_timeout, async {
+            // The handshakes first: a session they start is counted.
             while let Some(done) = tasks.join_next().await {
                 log_panic(done);
             }
+            sessions.close();
+            sessions.wait().await;
         })
         .await
         .is_err()
         {
             tracing::warn!(
-                left = tasks.len(),
+                left = tasks.len() + sessions.len(),
                 "mqtt: sessions still open after the drain timeout"
             );
         }
     }
 }
 
-/// A connection task that panicked has dropped its connection; say so.
+/// A connection from its accept to its session's end: its slot, and the
+/// gauge of open connections. A session that panics drops this as it
+/// unwinds, and says so (tokio keeps the panic's words for a join that
+/// nobody makes).
+struct Open {
+    _permit: crate::net::Permit,
+    metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl Open {
+    fn new(permit: crate::net::Permit, metrics: &Arc<crate::metrics::Metrics>) -> Self {
+        metrics.connections_open.fetch_add(1, Ordering::Relaxed);
+        Self {
+            _permit: permit,
+            metrics: metrics.clone(),
+        }
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.metrics
+            .connections_open
+            .fetch_sub(1, Ordering::Relaxed);
+        if std::thread::panicking() {
+            tracing::error!("mqtt: a connection task panicked; its connection was dropped");
+        }
+    }
+}
+
+/// A handshake task that panicked has dropped its connection; say so.
 fn log_panic(done: Result<(), tokio::task::JoinError>) {
     if let Err(e) = done {
         if e.is_panic() {

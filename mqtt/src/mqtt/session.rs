@@ -602,7 +602,7 @@ impl Session {
 
     async fn serve(
         &mut self,
-        mut link_rx: Option<&mut LinkRx>,
+        link_rx: Option<&mut LinkRx>,
         mut kick: oneshot::Receiver<Kick>,
     ) -> End {
         // What the device's session kept for it, and packets that came in
@@ -622,6 +622,10 @@ impl Session {
         let mut timer = std::pin::pin!(tokio::time::sleep_until(tokio::time::Instant::from_std(
             self.ch.wake_at(self.now())
         )));
+        // The router's next notification, waited for across the loop's
+        // turns (a wait begun anew each turn registered with the link's
+        // channel and left it again: once a message, for a service).
+        let mut link = std::pin::pin!(next(link_rx));
         loop {
             let now = self.now();
             let wake = tokio::time::Instant::from_std(self.ch.wake_at(now));
@@ -701,14 +705,15 @@ impl Session {
                         return end;
                     }
                 },
-                n = next(link_rx.as_deref_mut()) => match n {
-                    Ok(Some(n)) => if let Some(rx) = link_rx.as_deref_mut() {
-                        if let Some(end) = Box::pin(self.outgoing(n, rx)).await {
+                (n, rx) = &mut link => {
+                    match n {
+                        Ok(Some(n)) => if let Some(end) = Box::pin(self.outgoing(n, rx)).await {
                             return end;
-                        }
-                    },
-                    Ok(None) => {}
-                    Err(_) => return End::TakenOver,
+                        },
+                        Ok(None) => {}
+                        Err(_) => return End::TakenOver,
+                    }
+                    link.set(next(Some(rx)));
                 },
             }
         }
@@ -938,10 +943,16 @@ async fn next_marked(inbox: Option<&mut Inbox>) -> Option<Arc<Marked>> {
     }
 }
 
-/// The router's next notification; never, without a link.
-async fn next(rx: Option<&mut LinkRx>) -> Result<Option<Notification>, rumqttd::local::LinkError> {
+/// The router's next notification, and the link back; never, without a
+/// link.
+async fn next(
+    rx: Option<&mut LinkRx>,
+) -> (
+    Result<Option<Notification>, rumqttd::local::LinkError>,
+    &mut LinkRx,
+) {
     match rx {
-        Some(rx) => rx.next().await,
+        Some(rx) => (rx.next().await, rx),
         None => std::future::pending().await,
     }
 }

@@ -213,7 +213,7 @@ impl Registry {
 }
 
 fn hex_encode(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    crate::id::hex(b)
 }
 
 fn hex_decode(s: &str) -> Option<Vec<u8>> {
