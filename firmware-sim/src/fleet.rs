@@ -14,7 +14,7 @@ use anyhow::{bail, Context};
 use fleetgate_api::client::{ApiClient, ApiFailure};
 use indicatif::{ProgressBar, ProgressStyle};
 use provisioning::csr::{new_key_and_csr, KeyKind};
-use rumqttc::{AsyncClient, Event, Packet, QoS};
+use rumqttc::{AsyncClient, Event, Outgoing, Packet, QoS};
 use rustls_pki_types::ServerName;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -244,13 +244,21 @@ pub async fn device(
                 }
                 _ = stop.changed() => {
                     let _ = client.try_disconnect();
-                    let _ = tokio::time::timeout(Duration::from_millis(200), events.poll()).await;
+                    // What is still queued goes out first, and counts.
+                    let until = tokio::time::Instant::now() + Duration::from_millis(500);
+                    while let Ok(Ok(ev)) = tokio::time::timeout_at(until, events.poll()).await {
+                        match ev {
+                            Event::Outgoing(Outgoing::Publish(_)) => set(&log, |l| l.sent += 1),
+                            Event::Outgoing(Outgoing::Disconnect) => break,
+                            _ => {}
+                        }
+                    }
                     return;
                 }
                 _ = ticker.tick(), if connected && period.is_some() => {
-                    if client.try_publish(&topic, QoS::AtMostOnce, false, &b"{\"t\":21.5}"[..]).is_ok() {
-                        set(&log, |l| l.sent += 1);
-                    }
+                    // Counted as sent once written (below), not when queued:
+                    // a message still queued when the run stops never left.
+                    let _ = client.try_publish(&topic, QoS::AtMostOnce, false, &b"{\"t\":21.5}"[..]);
                 }
                 ev = events.poll() => match ev {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
@@ -267,6 +275,7 @@ pub async fn device(
                         });
                     }
                     Ok(Event::Incoming(Packet::Publish(_))) => set(&log, |l| l.commands += 1),
+                    Ok(Event::Outgoing(Outgoing::Publish(_))) => set(&log, |l| l.sent += 1),
                     Ok(_) => {}
                     Err(e) if !connected && throttle::closed_early(&e) => break throttle::count(&e),
                     Err(e) => break e.to_string(),
