@@ -45,7 +45,7 @@ fn open_registry(paths: &Paths, opts: &InitOptions, ca: &Ca) -> Result<Registry,
         )?,
     };
     let root = ring::digest::digest(&ring::digest::SHA256, ca.root_pem().trim().as_bytes());
-    let root: String = root.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    let root = crate::id::hex(root.as_ref());
     if let Some(theirs) = registry.claim_root(&root)? {
         return Err(Error::DataDir {
             path: paths.dir.clone(),

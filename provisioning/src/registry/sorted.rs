@@ -160,7 +160,7 @@ impl Registry {
         let start = match after {
             Some(a) => {
                 // The key the page before stopped at: this page starts there.
-                let k = hex_decode(a).ok_or_else(|| Error::InvalidInput {
+                let k = crate::id::unhex(a).ok_or_else(|| Error::InvalidInput {
                     reason: format!("{a:?} is not a page cursor of this list"),
                 })?;
                 k.max(from)
@@ -183,7 +183,7 @@ impl Registry {
                 break;
             }
             if items.len() == limit {
-                next = Some(hex_encode(&k));
+                next = Some(crate::id::hex(&k));
                 break;
             }
             let Some(c) = self.certificate(&CertKey::from_bytes(key)?)? else {
@@ -210,20 +210,6 @@ impl Registry {
         }
         Ok(Page { items, next })
     }
-}
-
-fn hex_encode(b: &[u8]) -> String {
-    crate::id::hex(b)
-}
-
-fn hex_decode(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
 }
 
 #[cfg(test)]
