@@ -444,3 +444,107 @@ async fn a_retained_command_waits_for_the_devices_subscription() {
     let got = publishes(&mut ev, Duration::from_secs(2)).await;
     assert_eq!(&got[0].payload[..], b"off");
 }
+
+/// Whether the server logged `what` of `id`'s session.
+fn logged(server: &Server, id: &str, what: &str) -> bool {
+    let who = format!("device.id={id} ");
+    server
+        .log()
+        .iter()
+        .any(|l| l.contains(&who) && l.contains(what))
+}
+
+/// Whether `id`'s session settled and moved.
+fn moved(server: &Server, id: &str) -> bool {
+    logged(server, id, "moves to the session runtime")
+}
+
+/// A session still open when it settles (`--session-settle-ms`) moves to
+/// the session runtime and goes on there: a command reaches it, its
+/// telemetry reaches a service, a revocation cuts it. A client that
+/// connects, publishes and leaves within the settling time never moves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_that_settles_moves_to_the_session_runtime_and_goes_on_there() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start_with(
+        &tmp.path().join("data"),
+        &[
+            "--session-settle-ms",
+            "1000",
+            "--log-level",
+            "info,fleetgate_mqtt::mqtt::session=debug",
+        ],
+    )
+    .unwrap();
+    let svc = server.enroll(&tmp.path().join("s"), "service", "backend");
+    let d = server.enroll(&tmp.path().join("d"), "device", "d-1");
+    let quick = server.enroll(&tmp.path().join("q"), "device", "d-quick");
+
+    // The service hands on what it gets.
+    let (s, mut sev) = AsyncClient::new(tests::mqtt::options(server.mqtt, &svc, "backend"), 16);
+    connected(&mut sev).await;
+    s.subscribe("devices/+/telemetry", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    subscribed(&mut sev).await;
+    let (tx, mut got) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(e) = sev.poll().await {
+            if let Event::Incoming(Packet::Publish(p)) = e {
+                let _ = tx.send(String::from_utf8_lossy(&p.payload).into_owned());
+            }
+        }
+    });
+
+    let (c, mut ev) = device(&server, &d, true);
+    connected(&mut ev).await;
+    c.subscribe("devices/d-1/commands/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    subscribed(&mut ev).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !(moved(&server, "d-1") && moved(&server, "backend")) {
+        assert!(std::time::Instant::now() < deadline, "{:#?}", server.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // On the session runtime: a command in, telemetry out.
+    s.publish("devices/d-1/commands/set", QoS::AtLeastOnce, false, "go")
+        .await
+        .unwrap();
+    let commands = publishes(&mut ev, Duration::from_secs(2)).await;
+    assert_eq!(
+        commands.iter().map(|p| &p.payload[..]).collect::<Vec<_>>(),
+        [&b"go"[..]]
+    );
+    c.publish("devices/d-1/telemetry", QoS::AtLeastOnce, false, "after")
+        .await
+        .unwrap();
+    let _ = publishes(&mut ev, Duration::from_millis(300)).await;
+    let next = tokio::time::timeout(Duration::from_secs(10), got.recv()).await;
+    assert_eq!(next.unwrap().as_deref(), Some("after"));
+
+    // In and out within the settling time: served where its handshake ran.
+    let (ok, out) = run(Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &server.mqtt.port().to_string()])
+        .args(tls_args(&quick))
+        .args(["-q", "1", "-t", "devices/d-quick/telemetry", "-m", "quick"]));
+    assert!(ok, "{out}");
+    let next = tokio::time::timeout(Duration::from_secs(10), got.recv()).await;
+    assert_eq!(next.unwrap().as_deref(), Some("quick"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !logged(&server, "d-quick", "mqtt: disconnected") {
+        assert!(std::time::Instant::now() < deadline, "{:#?}", server.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!moved(&server, "d-quick"), "{:#?}", server.log());
+
+    // And a revocation cuts the moved session.
+    server.cli_ok(&["device", "revoke", "d-1", "--reason", "key-compromise"]);
+    assert!(
+        tests::mqtt::until_closed(&mut ev, Duration::from_secs(10))
+            .await
+            .is_some(),
+        "the revoked device is still connected"
+    );
+}

@@ -200,6 +200,18 @@ pub(super) struct ServeArgs {
         env = "FLEETGATE_SESSION_THREADS"
     )]
     session_threads: u16,
+    /// Milliseconds a new MQTT session stays on the threads that ran its
+    /// handshake, from its CONNACK, before it moves to the session
+    /// threads: a client that connects, publishes and leaves within it
+    /// costs no handoff. 0 moves every session at its CONNACK.
+    #[arg(
+        help_heading = "Connections",
+        long,
+        default_value_t = 2000,
+        value_parser = clap::value_parser!(u64).range(0..=60_000),
+        env = "FLEETGATE_SESSION_SETTLE_MS"
+    )]
+    session_settle_ms: u64,
     /// Seconds a client has to complete its TLS handshake (MQTT, admin
     /// API) or send its request headers (OCSP/CRL, metrics).
     #[arg(help_heading = "Connections", long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=300), env = "FLEETGATE_HANDSHAKE_TIMEOUT_SECS")]
@@ -441,6 +453,7 @@ pub(super) async fn serve_cmd(
             max_connections: args.max_connections.max(1),
             max_handshakes: args.max_handshakes.max(1),
             session_threads: usize::from(args.session_threads),
+            session_settle: std::time::Duration::from_millis(args.session_settle_ms),
             handshake_timeout: std::time::Duration::from_secs(args.handshake_timeout_secs),
             connect_rate_per_ip: (args.connect_rate_per_ip > 0.0).then_some(crate::net::Rate {
                 per_second: args.connect_rate_per_ip,

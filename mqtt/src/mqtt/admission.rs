@@ -121,6 +121,16 @@ pub async fn handshake<F: std::future::Future>(
         .await
 }
 
+/// Whether this task is in a handshake whose client certificate the
+/// verifier has taken: what the server writes from here to the
+/// handshake's end is its session tickets (or an alert), which
+/// [`super::conn::Conn`] sends with the CONNACK.
+pub fn verified_in_handshake() -> bool {
+    HANDSHAKE
+        .try_with(|h| h.borrow().verified.is_some())
+        .unwrap_or(false)
+}
+
 impl std::fmt::Debug for RegistryVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RegistryVerifier").finish_non_exhaustive()

@@ -1,6 +1,12 @@
 //! Where a connection runs: its TLS handshake on the process's runtime
-//! (every core, for a connect storm's cryptography), then its session on
-//! the session runtime, of `--session-threads` workers (one by default).
+//! (every core, for a connect storm's cryptography), and its CONNECT,
+//! CONNACK and first moments there too; then, if it is still open after
+//! `--session-settle-ms`, its session on the session runtime, of
+//! `--session-threads` workers (one by default). A short connection (a
+//! device that connects, publishes and leaves) never moves, and no
+//! connect pays for a handoff: waking the session thread for each new
+//! session, and two more epoll registrations, were 5% of a connect's CPU
+//! in a storm.
 //!
 //! Why apart: a session's work per message is small and its wake-ups many.
 //! On a runtime of two workers, a wake-up that finds two tasks ready wakes
@@ -26,34 +32,66 @@ use tokio::net::TcpStream;
 use tokio::runtime::Handle;
 
 /// A connection's TCP stream, movable to another runtime.
+///
+/// It also holds back what rustls writes once it has verified the
+/// client's certificate, within the handshake (its session tickets), and
+/// sends it with the next write after it (the CONNACK): one write and one
+/// segment fewer per connect. What is still held when the connection is
+/// dropped (an alert for a handshake that failed after all) is written
+/// then, without waiting.
 #[derive(Debug)]
-pub struct Conn(Option<TcpStream>);
+pub struct Conn {
+    tcp: Option<TcpStream>,
+    held: Vec<u8>,
+    /// Whether a write now is held back.
+    hold: fn() -> bool,
+}
 
 impl Conn {
     pub fn new(tcp: TcpStream) -> Self {
-        Self(Some(tcp))
+        Self::holding_while(tcp, super::admission::verified_in_handshake)
+    }
+
+    fn holding_while(tcp: TcpStream, hold: fn() -> bool) -> Self {
+        Self {
+            tcp: Some(tcp),
+            held: Vec::new(),
+            hold,
+        }
     }
 
     /// Re-registers the socket with `rt`'s reactor: from here on it is
     /// read and written only on `rt`.
     pub fn move_to(&mut self, rt: &Handle) -> io::Result<()> {
         let tcp = self
-            .0
+            .tcp
             .take()
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "the socket is gone"))?;
         let std = tcp.into_std()?;
         let _in = rt.enter();
-        self.0 = Some(TcpStream::from_std(std)?);
+        self.tcp = Some(TcpStream::from_std(std)?);
         Ok(())
     }
 
     fn tcp(self: Pin<&mut Self>) -> io::Result<Pin<&mut TcpStream>> {
-        match self.get_mut().0.as_mut() {
-            Some(t) => Ok(Pin::new(t)),
-            None => Err(io::Error::new(
-                io::ErrorKind::NotConnected,
-                "the socket did not move to the session runtime",
-            )),
+        tcp(&mut self.get_mut().tcp)
+    }
+}
+
+fn tcp(t: &mut Option<TcpStream>) -> io::Result<Pin<&mut TcpStream>> {
+    match t.as_mut() {
+        Some(t) => Ok(Pin::new(t)),
+        None => Err(io::Error::new(
+            io::ErrorKind::NotConnected,
+            "the socket did not move to the session runtime",
+        )),
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if let (false, Some(t)) = (self.held.is_empty(), self.tcp.as_ref()) {
+            let _ = t.try_write(&self.held);
         }
     }
 }
@@ -77,10 +115,7 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match self.tcp() {
-            Ok(t) => t.poll_write(cx, buf),
-            Err(e) => Poll::Ready(Err(e)),
-        }
+        self.poll_write_vectored(cx, &[io::IoSlice::new(buf)])
     }
 
     fn poll_write_vectored(
@@ -88,10 +123,42 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match self.tcp() {
-            Ok(t) => t.poll_write_vectored(cx, bufs),
-            Err(e) => Poll::Ready(Err(e)),
+        let Conn { tcp: t, held, hold } = self.get_mut();
+        if held.is_empty() && !hold() {
+            return match tcp(t) {
+                Ok(t) => t.poll_write_vectored(cx, bufs),
+                Err(e) => Poll::Ready(Err(e)),
+            };
         }
+        let len = bufs.iter().map(|b| b.len()).sum();
+        if hold() {
+            for b in bufs {
+                held.extend_from_slice(b);
+            }
+            return Poll::Ready(Ok(len));
+        }
+        // What was held, and this, in one write.
+        let t = match tcp(t) {
+            Ok(t) => t,
+            Err(e) => return Poll::Ready(Err(e)),
+        };
+        let mut all = Vec::with_capacity(bufs.len() + 1);
+        all.push(io::IoSlice::new(held));
+        all.extend_from_slice(bufs);
+        let n = std::task::ready!(t.poll_write_vectored(cx, &all))?;
+        if n < held.len() {
+            held.drain(..n);
+            // Nothing of this write went yet; its caller tries again.
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        let n = n - std::mem::take(held).len();
+        if n == 0 && len > 0 {
+            // Only what was held went: this write, the next time.
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        Poll::Ready(Ok(n))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -99,13 +166,26 @@ impl AsyncWrite for Conn {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.tcp() {
-            Ok(t) => t.poll_flush(cx),
-            Err(e) => Poll::Ready(Err(e)),
+        let Conn { tcp: t, held, hold } = self.get_mut();
+        if hold() {
+            return Poll::Ready(Ok(()));
         }
+        let mut t = match tcp(t) {
+            Ok(t) => t,
+            Err(e) => return Poll::Ready(Err(e)),
+        };
+        while !held.is_empty() {
+            let n = std::task::ready!(t.as_mut().poll_write(cx, held))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            held.drain(..n);
+        }
+        t.poll_flush(cx)
     }
 
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        std::task::ready!(self.as_mut().poll_flush(cx))?;
         match self.tcp() {
             Ok(t) => t.poll_shutdown(cx),
             Err(e) => Poll::Ready(Err(e)),
@@ -186,5 +266,42 @@ mod tests {
         let mut back = [0u8; 5];
         client.read_exact(&mut back).await.unwrap();
         assert_eq!(&back, b"after");
+    }
+
+    static HOLD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    fn hold() -> bool {
+        HOLD.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// What is written while held (a handshake's tickets) goes with the
+    /// next write after (the CONNACK), first; a flush while held sends
+    /// nothing; what is held when the connection drops is still sent.
+    #[tokio::test]
+    async fn held_writes_go_with_the_next_one_or_at_the_end() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut conn = Conn::holding_while(tcp, hold);
+
+        HOLD.store(true, std::sync::atomic::Ordering::Relaxed);
+        conn.write_all(b"tickets ").await.unwrap();
+        conn.flush().await.unwrap();
+        assert_eq!(conn.held, b"tickets ");
+        HOLD.store(false, std::sync::atomic::Ordering::Relaxed);
+        conn.write_all(b"connack ").await.unwrap();
+        assert!(conn.held.is_empty());
+        let mut got = [0u8; 16];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"tickets connack ");
+
+        HOLD.store(true, std::sync::atomic::Ordering::Relaxed);
+        conn.write_all(b"alert").await.unwrap();
+        HOLD.store(false, std::sync::atomic::Ordering::Relaxed);
+        drop(conn);
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"alert");
     }
 }

@@ -15,6 +15,7 @@
 pub mod admission;
 mod conn;
 pub mod fanout;
+mod handshake;
 pub mod hub;
 mod link;
 mod presence;
@@ -42,6 +43,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::metrics::{Metrics, Refusal};
 use crate::mqtt::admission::RegistryVerifier;
+use crate::mqtt::handshake::{accept, log_panic, peer_of, Open};
 use crate::net::{Accepted, Acceptor, Rate, RateLimiter, Verdict};
 use crate::status::StatusService;
 use provisioning::events::Change;
@@ -74,6 +76,9 @@ pub struct MqttConfig {
     /// Workers of the runtime sessions run on (handshakes run on the
     /// process's): see [`conn`].
     pub session_threads: usize,
+    /// How long a session stays where its handshake ran, from its
+    /// CONNACK, before it moves to the session runtime.
+    pub session_settle: Duration,
     /// Just-in-time registrations per second per manufacturer (token
     /// bucket); `None` for no limit. Each manufacturer's total is capped by
     /// its own quota, in the registry.
@@ -110,6 +115,7 @@ impl Default for MqttConfig {
             connect_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(5),
             session_threads: 1,
+            session_settle: Duration::from_secs(2),
             jit_rate: Some(Rate {
                 per_second: 20.0,
                 burst: 100.0,
@@ -144,7 +150,7 @@ pub(crate) struct Shared {
     registry: Registry,
     metrics: Arc<Metrics>,
     status: Arc<StatusService>,
-    sessions: Sessions,
+    sessions: Arc<Sessions>,
     /// Commands to devices, and their sessions' durable side.
     hub: Arc<hub::Hub>,
     /// Devices' messages into the router.
@@ -345,14 +351,14 @@ struct Entry {
 }
 
 /// Removes its session from [`Sessions`] when dropped.
-struct Registration<'a> {
-    sessions: &'a Sessions,
+struct Registration {
+    sessions: Arc<Sessions>,
     device: DeviceId,
     /// This connection's number, unique in the process.
     conn: u64,
 }
 
-impl Drop for Registration<'_> {
+impl Drop for Registration {
     fn drop(&mut self) {
         self.sessions.seen.note(&self.device);
         let mut map = self.sessions.lock();
@@ -376,11 +382,11 @@ impl Sessions {
     /// Registers a connection of `peer`; with `take_over`, the device's
     /// older connections are cut (MQTT 3.1.4-3: one session per client id).
     fn register(
-        &self,
+        self: &Arc<Self>,
         peer: &Peer,
         protocol: &'static str,
         take_over: bool,
-    ) -> (oneshot::Receiver<Kick>, Registration<'_>) {
+    ) -> (oneshot::Receiver<Kick>, Registration) {
         let conn = self.next.fetch_add(1, Ordering::Relaxed);
         self.seen.note(&peer.identity.id);
         let (tx, rx) = oneshot::channel();
@@ -394,7 +400,7 @@ impl Sessions {
         }
         let mut map = self.lock();
         let registration = Registration {
-            sessions: self,
+            sessions: self.clone(),
             device: peer.identity.id.clone(),
             conn,
         };
@@ -624,7 +630,7 @@ impl Broker {
                 cert_lifetime,
                 metrics,
                 status,
-                sessions: Sessions::default(),
+                sessions: Arc::default(),
                 ingest: link::Ingest::new(ingest),
                 fanout: fanout::Fanout::new(cfg.router_log_bytes),
                 groups: share::Groups::default(),
@@ -875,16 +881,25 @@ impl Broker {
                 let (stream, verified) =
                     Box::pin(accept(acceptor, conn::Conn::new(tcp), addr, &shared)).await;
                 drop(handshake);
-                let Some(mut stream) = stream else { return };
+                let Some(stream) = stream else { return };
                 shared.metrics.handshakes.fetch_add(1, Ordering::Relaxed);
                 let Some(peer) = peer_of(&stream, addr, &shared.verifier, verified) else {
                     return;
                 };
-                if let Err(e) = stream.get_mut().0.move_to(&shared.sessions_rt) {
-                    tracing::warn!(peer.addr = %addr, error = %e, "mqtt: the connection could not move to the session runtime; closing");
+                // Its CONNECT and first moments here; a session still open
+                // after them moves to the session runtime (`conn`).
+                let settle = shared.cfg.session_settle;
+                let Some(mut live) = session::run(stream, peer, shared, shutdown, settle).await
+                else {
                     return;
+                };
+                let shared = live.shared();
+                if let Err(e) = live.conn().move_to(&shared.sessions_rt) {
+                    // It ends at its next read, here.
+                    tracing::warn!(peer.addr = %addr, error = %e, "mqtt: the connection could not move to the session runtime; closing");
+                    return live.finish().await;
                 }
-                let session = session::run(stream, peer, shared.clone(), shutdown);
+                let session = live.finish();
                 sessions.spawn_on(
                     async move {
                         let _open = open;
@@ -915,111 +930,6 @@ impl Broker {
             );
         }
     }
-}
-
-/// A connection from its accept to its session's end: its slot, and the
-/// gauge of open connections. A session that panics drops this as it
-/// unwinds, and says so (tokio keeps the panic's words for a join that
-/// nobody makes).
-struct Open {
-    _permit: crate::net::Permit,
-    metrics: Arc<crate::metrics::Metrics>,
-}
-
-impl Open {
-    fn new(permit: crate::net::Permit, metrics: &Arc<crate::metrics::Metrics>) -> Self {
-        metrics.connections_open.fetch_add(1, Ordering::Relaxed);
-        Self {
-            _permit: permit,
-            metrics: metrics.clone(),
-        }
-    }
-}
-
-impl Drop for Open {
-    fn drop(&mut self) {
-        self.metrics
-            .connections_open
-            .fetch_sub(1, Ordering::Relaxed);
-        if std::thread::panicking() {
-            tracing::error!("mqtt: a connection task panicked; its connection was dropped");
-        }
-    }
-}
-
-/// A handshake task that panicked has dropped its connection; say so.
-fn log_panic(done: Result<(), tokio::task::JoinError>) {
-    if let Err(e) = done {
-        if e.is_panic() {
-            tracing::error!(error = %e, "mqtt: a connection task panicked; its connection was dropped");
-        }
-    }
-}
-
-/// Runs the TLS handshake of a connection from `addr`: the stream, if it
-/// completed, and what the verifier found. A function of its own so that
-/// nothing of the handshake's (a TLS stream is 1.3 KiB) stays in the
-/// connection's task while its session runs.
-async fn accept(
-    acceptor: TlsAcceptor,
-    tcp: conn::Conn,
-    addr: std::net::SocketAddr,
-    shared: &Shared,
-) -> (
-    Option<tokio_rustls::server::TlsStream<conn::Conn>>,
-    Option<admission::Verified>,
-) {
-    let metrics = &shared.metrics;
-    // A refusal the verifier logs names the peer's address.
-    let (accepted, verified) = admission::handshake(
-        addr,
-        tokio::time::timeout(shared.cfg.handshake_timeout, acceptor.accept(tcp)),
-    )
-    .await;
-    let stream = match accepted {
-        Ok(Ok(s)) => Some(s),
-        Ok(Err(e)) => {
-            if e.to_string().contains("peer sent no certificates") {
-                metrics.refused(Refusal::NoCertificate);
-            }
-            tracing::info!(peer.addr = %addr, reason = %e, "mqtt: TLS handshake failed");
-            None
-        }
-        Err(_) => {
-            metrics.refused(Refusal::HandshakeTimeout);
-            tracing::info!(peer.addr = %addr, "mqtt: refused: TLS handshake timed out");
-            None
-        }
-    };
-    (stream, verified)
-}
-
-/// Who the peer of a handshake is: what the verifier found, or on a
-/// resumed TLS session (which skips the verifier) the same checks again on
-/// the chain it presented the first time. `None`, refused (counted and
-/// logged by the verifier).
-fn peer_of(
-    stream: &tokio_rustls::server::TlsStream<conn::Conn>,
-    addr: std::net::SocketAddr,
-    verifier: &RegistryVerifier,
-    verified: Option<admission::Verified>,
-) -> Option<Peer> {
-    let v = match verified {
-        Some(v) => v,
-        None => {
-            let chain = stream.get_ref().1.peer_certificates().unwrap_or_default();
-            verifier
-                .verify_again(chain, rustls_pki_types::UnixTime::now())
-                .ok()?
-        }
-    };
-    Some(Peer {
-        addr,
-        identity: v.identity,
-        key: v.key,
-        info: v.info,
-        manufacturer: v.manufacturer,
-    })
 }
 
 /// Why a connection may not have its CONNACK.

@@ -203,13 +203,18 @@ struct ProvisionRequest {
     csr: String,
 }
 
-/// Runs one connection to its end.
+/// Runs one connection from its CONNECT: to its end, or, if it is still
+/// open `settle` after its CONNACK, until then; what is left of it is the
+/// [`Live`] session, to go on wherever it is polled next (the session
+/// runtime). A client that connects, publishes and leaves within `settle`
+/// never moves.
 pub(super) fn run(
     stream: TlsStream<super::conn::Conn>,
     peer: Peer,
     shared: Arc<Shared>,
     shutdown: watch::Receiver<bool>,
-) -> impl std::future::Future<Output = ()> {
+    settle: Duration,
+) -> impl std::future::Future<Output = Option<Live>> {
     let span = tracing::info_span!("mqtt", device.id = %peer.identity.id, peer.addr = %peer.addr);
     // Built here and boxed, so the session's future holds a pointer, not
     // the stream and peer twice over (an async fn keeps its arguments'
@@ -252,17 +257,73 @@ pub(super) fn run(
         claim: None,
         pending_retained: HashMap::new(),
     });
-    let f = async move {
-        let _ = session(s, shared, shutdown).await;
-    };
-    tracing::Instrument::instrument(f, span)
+    let f = tracing::Instrument::instrument(
+        async move {
+            let c = connect(s, shared, shutdown).await.ok()?;
+            live(c, Some(settle)).await
+        },
+        span.clone(),
+    );
+    async move { f.await.map(|c| Live { c, span }) }
 }
 
-async fn session(
+/// A session past its CONNACK, open when it settled: to be served on.
+pub(super) struct Live {
+    c: Connected,
+    span: tracing::Span,
+}
+
+impl Live {
+    /// Its socket, to move to the runtime that will serve it.
+    pub(super) fn conn(&mut self) -> &mut super::conn::Conn {
+        self.c.s.stream.get_mut().0
+    }
+
+    pub(super) fn shared(&self) -> Arc<Shared> {
+        self.c.shared.clone()
+    }
+
+    /// Serves it to its end.
+    pub(super) fn finish(self) -> impl std::future::Future<Output = ()> {
+        let f = async move {
+            live(self.c, None).await;
+        };
+        tracing::Instrument::instrument(f, self.span)
+    }
+}
+
+/// What a connection established at its CONNECT, kept until it ends.
+struct Connected {
+    s: Box<Session>,
+    shared: Arc<Shared>,
+    shutdown: watch::Receiver<bool>,
+    v5: bool,
+    terms: Terms,
+    will: Option<rumqttd::protocol::LastWill>,
+    will_props: Option<rumqttd::protocol::LastWillProperties>,
+    kick_rx: oneshot::Receiver<Kick>,
+    registration: super::Registration,
+    link_rx: Option<LinkRx>,
+}
+
+/// Serves a connection until it ends, or until `settle` has passed
+/// (then it is handed back, to move, between two packets).
+async fn live(mut c: Connected, settle: Option<Duration>) -> Option<Connected> {
+    let Some(end) = c.s.serve(c.link_rx.as_mut(), &mut c.kick_rx, settle).await else {
+        tracing::debug!("mqtt: settled; the session moves to the session runtime");
+        return Some(c);
+    };
+    let _ = ended(c, end).await;
+    None
+}
+
+/// A connection from its CONNECT to its CONNACK: refused (and closed), or
+/// connected.
+async fn connect(
     mut s: Box<Session>,
     shared: Arc<Shared>,
-    mut shutdown: watch::Receiver<bool>,
-) -> Result<(), ()> {
+    shutdown: watch::Receiver<bool>,
+) -> Result<Connected, ()> {
     // CONNECT, within the connect timeout.
     let connect = match tokio::time::timeout(shared.cfg.connect_timeout, s.read_connect()).await {
         Ok(Ok(p)) => p,
@@ -347,7 +408,7 @@ async fn session(
     // Claims never reach the router or the hub: this session answers
     // everything they may send. A device gets its mailbox; a service a
     // router link (building it waits on the router thread).
-    let (mut link_rx, session_present) = match role {
+    let (link_rx, session_present) = match role {
         // Refused at the handshake; nothing to open if one got here.
         Role::Claim | Role::Node => (None, false),
         Role::Device => match s.open_device(conn, &terms).await {
@@ -379,10 +440,37 @@ async fn session(
         .sessions
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(protocol = if v5 { 5 } else { 4 }, serial = %s.peer.key.serial, session_present, "mqtt: connected");
+    Ok(Connected {
+        s,
+        shared,
+        shutdown,
+        v5,
+        terms,
+        will,
+        will_props,
+        kick_rx,
+        registration,
+        link_rx,
+    })
+}
 
-    // The packet handlers' states are boxed while they run (see
-    // `serve`): a held connection's future is mostly its `Session`.
-    let end = s.serve(link_rx.as_mut(), kick_rx).await;
+/// A connection's end: the client told why (MQTT 5) and cut, its session
+/// closed or kept, its will published.
+async fn ended(c: Connected, end: End) -> Result<(), ()> {
+    let Connected {
+        mut s,
+        shared,
+        mut shutdown,
+        v5,
+        terms,
+        will,
+        will_props,
+        kick_rx: _,
+        registration,
+        link_rx,
+    } = c;
+    let role = s.peer.identity.role;
+    let device_id = s.peer.identity.id.to_string();
     // The CONNECT's, or what the client's DISCONNECT said instead.
     let expiry = s.ch.session_expiry();
     // Watched before this connection lets go of the client id: a new
@@ -603,16 +691,17 @@ impl Session {
     async fn serve(
         &mut self,
         link_rx: Option<&mut LinkRx>,
-        mut kick: oneshot::Receiver<Kick>,
-    ) -> End {
+        kick: &mut oneshot::Receiver<Kick>,
+        settle: Option<Duration>,
+    ) -> Option<End> {
         // What the device's session kept for it, and packets that came in
         // the same read as CONNECT.
         if let Some(end) = Box::pin(self.pump()).await {
-            return end;
+            return Some(end);
         }
         if !self.rbuf.is_empty() {
             if let Some(end) = Box::pin(self.incoming()).await {
-                return end;
+                return Some(end);
             }
         }
         // The keep-alive's end or the certificate's, as the core says: one
@@ -626,6 +715,9 @@ impl Session {
         // turns (a wait begun anew each turn registered with the link's
         // channel and left it again: once a message, for a service).
         let mut link = std::pin::pin!(next(link_rx));
+        // Past `settle`, the session is handed back between two packets,
+        // with nothing of this loop's but its timers (made again).
+        let mut settled = std::pin::pin!(tokio::time::sleep(settle.unwrap_or_default()));
         loop {
             let now = self.now();
             let wake = tokio::time::Instant::from_std(self.ch.wake_at(now));
@@ -643,33 +735,33 @@ impl Session {
             tokio::select! {
                 biased;
                 // Shutdown too comes as a kick (`Sessions::shut_all`).
-                k = &mut kick => return match k {
+                k = &mut *kick => return Some(match k {
                     Ok(Kick::TakenOver) => End::TakenOver,
                     Ok(Kick::Shutdown) => End::Shutdown,
                     k => End::Kicked(k.unwrap_or(Kick::Revoked)),
-                },
+                }),
                 _ = &mut timer => if let Some(end) = self.ch.tick(self.now()) {
-                    return end;
+                    return Some(end);
                 },
                 Some((qos, pkid, done)) = pending(&mut self.pending_acks).next(), if !pending(&mut self.pending_acks).is_empty() => {
                     match done {
                         Ok((reason, why)) => if let Err(e) = self.ch.acknowledge(qos, pkid, reason, why) {
-                            return e;
+                            return Some(e);
                         },
-                        Err(end) => return end,
+                        Err(end) => return Some(end),
                     }
                     if let Some(end) = Box::pin(self.pump()).await {
-                        return end;
+                        return Some(end);
                     }
                 }
                 r = self.stream.read_buf(&mut self.rbuf), if pending(&mut self.pending_acks).len() < MAX_PENDING_ACKS => match r {
-                    Ok(0) => return End::Closed("peer closed".into()),
-                    Err(e) => return End::Closed(e.to_string()),
+                    Ok(0) => return Some(End::Closed("peer closed".into())),
+                    Err(e) => return Some(End::Closed(e.to_string())),
                     Ok(_) => {
                         let now = self.now();
                         self.ch.heard(now);
                         if let Some(end) = Box::pin(self.incoming()).await {
-                            return end;
+                            return Some(end);
                         }
                     }
                 },
@@ -682,7 +774,7 @@ impl Session {
                         }
                     }
                     if let Some(end) = Box::pin(self.pump()).await {
-                        return end;
+                        return Some(end);
                     }
                 },
                 g = next_group(self.group_queue.as_mut()), if self.ch.outbox.len().0 < INBOX_TAKE => if let Some(g) = g {
@@ -692,7 +784,7 @@ impl Session {
                         self.take_group(g);
                     }
                     if let Some(end) = Box::pin(self.pump()).await {
-                        return end;
+                        return Some(end);
                     }
                 },
                 m = next_marked(self.inbox.as_mut()), if self.ch.outbox.len().0 < INBOX_TAKE => if let Some(m) = m {
@@ -702,19 +794,20 @@ impl Session {
                         self.take_marked(&m);
                     }
                     if let Some(end) = Box::pin(self.pump()).await {
-                        return end;
+                        return Some(end);
                     }
                 },
                 (n, rx) = &mut link => {
                     match n {
                         Ok(Some(n)) => if let Some(end) = Box::pin(self.outgoing(n, rx)).await {
-                            return end;
+                            return Some(end);
                         },
                         Ok(None) => {}
-                        Err(_) => return End::TakenOver,
+                        Err(_) => return Some(End::TakenOver),
                     }
                     link.set(next(Some(rx)));
                 },
+                () = &mut settled, if settle.is_some() => return None,
             }
         }
     }
