@@ -470,7 +470,7 @@ async fn a_session_that_settles_moves_to_the_session_runtime_and_goes_on_there()
         &tmp.path().join("data"),
         &[
             "--session-settle-ms",
-            "1000",
+            "3000",
             "--log-level",
             "info,fleetgate_mqtt::mqtt::session=debug",
         ],

@@ -77,7 +77,8 @@ pub struct MqttConfig {
     /// process's): see [`conn`].
     pub session_threads: usize,
     /// How long a session stays where its handshake ran, from its
-    /// CONNACK, before it moves to the session runtime.
+    /// CONNACK, before it moves to the session runtime; zero, it moves
+    /// before its CONNECT is read (see [`conn`]).
     pub session_settle: Duration,
     /// Just-in-time registrations per second per manufacturer (token
     /// bucket); `None` for no limit. Each manufacturer's total is capped by
@@ -115,7 +116,7 @@ impl Default for MqttConfig {
             connect_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(5),
             session_threads: 1,
-            session_settle: Duration::from_secs(2),
+            session_settle: Duration::ZERO,
             jit_rate: Some(Rate {
                 per_second: 20.0,
                 burst: 100.0,
@@ -881,15 +882,32 @@ impl Broker {
                 let (stream, verified) =
                     Box::pin(accept(acceptor, conn::Conn::new(tcp), addr, &shared)).await;
                 drop(handshake);
-                let Some(stream) = stream else { return };
+                let Some(mut stream) = stream else { return };
                 shared.metrics.handshakes.fetch_add(1, Ordering::Relaxed);
                 let Some(peer) = peer_of(&stream, addr, &shared.verifier, verified) else {
                     return;
                 };
-                // Its CONNECT and first moments here; a session still open
-                // after them moves to the session runtime (`conn`).
                 let settle = shared.cfg.session_settle;
-                let Some(mut live) = session::run(stream, peer, shared, shutdown, settle).await
+                if settle.is_zero() {
+                    // All of the session on the session runtime (`conn`).
+                    if let Err(e) = stream.get_mut().0.move_to(&shared.sessions_rt) {
+                        tracing::warn!(peer.addr = %addr, error = %e, "mqtt: the connection could not move to the session runtime; closing");
+                        return;
+                    }
+                    let session = session::run(stream, peer, shared.clone(), shutdown, None);
+                    sessions.spawn_on(
+                        async move {
+                            let _open = open;
+                            session.await;
+                        },
+                        &shared.sessions_rt,
+                    );
+                    return;
+                }
+                // Its CONNECT and first moments here; a session still open
+                // after them moves to the session runtime.
+                let Some(mut live) =
+                    session::run(stream, peer, shared, shutdown, Some(settle)).await
                 else {
                     return;
                 };

@@ -203,17 +203,17 @@ struct ProvisionRequest {
     csr: String,
 }
 
-/// Runs one connection from its CONNECT: to its end, or, if it is still
-/// open `settle` after its CONNACK, until then; what is left of it is the
-/// [`Live`] session, to go on wherever it is polled next (the session
-/// runtime). A client that connects, publishes and leaves within `settle`
-/// never moves.
+/// Runs one connection from its CONNECT: to its end, or, with a `settle`
+/// time and if it is still open that long after its CONNACK, until then;
+/// what is left of it is the [`Live`] session, to go on wherever it is
+/// polled next (the session runtime). A client that connects, publishes
+/// and leaves within `settle` never moves.
 pub(super) fn run(
     stream: TlsStream<super::conn::Conn>,
     peer: Peer,
     shared: Arc<Shared>,
     shutdown: watch::Receiver<bool>,
-    settle: Duration,
+    settle: Option<Duration>,
 ) -> impl std::future::Future<Output = Option<Live>> {
     let span = tracing::info_span!("mqtt", device.id = %peer.identity.id, peer.addr = %peer.addr);
     // Built here and boxed, so the session's future holds a pointer, not
@@ -260,7 +260,7 @@ pub(super) fn run(
     let f = tracing::Instrument::instrument(
         async move {
             let c = connect(s, shared, shutdown).await.ok()?;
-            live(c, Some(settle)).await
+            live(c, settle).await
         },
         span.clone(),
     );
