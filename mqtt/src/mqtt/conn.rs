@@ -1,16 +1,12 @@
 //! Where a connection runs: its TLS handshake on the process's runtime
-//! (every core, for a connect storm's cryptography), then its session on
-//! the session runtime, of `--session-threads` workers (one by default).
-//!
-//! With `--session-settle-ms`, its CONNECT, CONNACK and first moments run
-//! where its handshake ran, and only a session still open after them
-//! moves: a short connection (a device that connects, publishes and
-//! leaves) never does, and no connect pays for a handoff (waking the
-//! session thread for each new session, and two more epoll
-//! registrations: 4-5% of a connect's CPU in a storm). Not the default:
-//! what a session allocates at its start then lies among the handshakes'
-//! garbage in the first runtime's threads' heaps, about 2 KiB more a held
-//! device at 10,000 (bench/README.md, stop 47).
+//! (every core, for a connect storm's cryptography), and its CONNECT,
+//! CONNACK and first moments there too; then, if it is still open
+//! `--session-settle-ms` (500) after its CONNACK, its session on the
+//! session runtime, of `--session-threads` workers (one by default). A
+//! short connection (a device that connects, publishes and leaves) never
+//! moves, and no connect pays for a handoff (waking the session thread
+//! for each new session, and two more epoll registrations: about 5% of a
+//! connect's CPU in a storm). 0 moves every session before its CONNECT.
 //!
 //! Why apart: a session's work per message is small and its wake-ups many.
 //! On a runtime of two workers, a wake-up that finds two tasks ready wakes

@@ -116,7 +116,7 @@ impl Default for MqttConfig {
             connect_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(5),
             session_threads: 1,
-            session_settle: Duration::ZERO,
+            session_settle: Duration::from_millis(500),
             jit_rate: Some(Rate {
                 per_second: 20.0,
                 burst: 100.0,
@@ -894,7 +894,10 @@ impl Broker {
                         tracing::warn!(peer.addr = %addr, error = %e, "mqtt: the connection could not move to the session runtime; closing");
                         return;
                     }
-                    let session = session::run(stream, peer, shared.clone(), shutdown, None);
+                    // Boxed: the block below would otherwise hold the
+                    // session's future twice (captured, and awaited).
+                    let session =
+                        Box::pin(session::run(stream, peer, shared.clone(), shutdown, None));
                     sessions.spawn_on(
                         async move {
                             let _open = open;
@@ -917,7 +920,7 @@ impl Broker {
                     tracing::warn!(peer.addr = %addr, error = %e, "mqtt: the connection could not move to the session runtime; closing");
                     return live.finish().await;
                 }
-                let session = live.finish();
+                let session = Box::pin(live.finish());
                 sessions.spawn_on(
                     async move {
                         let _open = open;

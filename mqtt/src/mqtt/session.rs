@@ -264,7 +264,9 @@ pub(super) fn run(
         },
         span.clone(),
     );
-    async move { f.await.map(|c| Live { c, span }) }
+    // A combinator, not an async block: a block would keep the session's
+    // future twice over (as what it captured and as what it awaits).
+    futures_util::FutureExt::map(f, |c| c.map(|c| Live { c, span }))
 }
 
 /// A session past its CONNACK, open when it settled: to be served on.
@@ -285,9 +287,7 @@ impl Live {
 
     /// Serves it to its end.
     pub(super) fn finish(self) -> impl std::future::Future<Output = ()> {
-        let f = async move {
-            live(self.c, None).await;
-        };
+        let f = futures_util::FutureExt::map(live(self.c, None), drop);
         tracing::Instrument::instrument(f, self.span)
     }
 }
