@@ -77,14 +77,20 @@ async fn publishes(ev: &mut EventLoop, quiet: Duration) -> Vec<rumqttc::Publish>
     got
 }
 
-/// Subscribes a persistent session of `d` to its commands, then leaves.
-async fn subscribe_and_leave(server: &Server, d: &Creds, qos: QoS) {
-    let (c, mut ev) = device(server, d, false);
+/// `d` connected and subscribed to its commands at `qos`.
+async fn listening(server: &Server, d: &Creds, clean: bool, qos: QoS) -> (AsyncClient, EventLoop) {
+    let (c, mut ev) = device(server, d, clean);
     connected(&mut ev).await;
     c.subscribe(format!("devices/{}/commands/#", d.id), qos)
         .await
         .unwrap();
     subscribed(&mut ev).await;
+    (c, ev)
+}
+
+/// Subscribes a persistent session of `d` to its commands, then leaves.
+async fn subscribe_and_leave(server: &Server, d: &Creds, qos: QoS) {
+    let (c, mut ev) = listening(server, d, false, qos).await;
     c.disconnect().await.unwrap();
     while let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(2), ev.poll()).await {}
 }
@@ -354,12 +360,7 @@ async fn a_qos0_command_reaches_a_qos1_subscriber_at_qos0() {
     let server = Server::start(&tmp.path().join("data")).unwrap();
     let svc = server.enroll(&tmp.path().join("s"), "service", "backend");
     let d = server.enroll(&tmp.path().join("d"), "device", "d-1");
-    let (c, mut ev) = device(&server, &d, true);
-    connected(&mut ev).await;
-    c.subscribe("devices/d-1/commands/#", QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    subscribed(&mut ev).await;
+    let (_c, mut ev) = listening(&server, &d, true, QoS::AtLeastOnce).await;
     let (ok, out) = command(
         &server,
         &svc,
@@ -459,6 +460,15 @@ fn moved(server: &Server, id: &str) -> bool {
     logged(server, id, "moves to the session runtime")
 }
 
+/// Polls until `done` holds, at most `within`.
+async fn until(server: &Server, within: Duration, done: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + within;
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "{:#?}", server.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A session still open when it settles (`--session-settle-ms`) moves to
 /// the session runtime and goes on there: a command reaches it, its
 /// telemetry reaches a service, a revocation cuts it. A client that
@@ -496,17 +506,11 @@ async fn a_session_that_settles_moves_to_the_session_runtime_and_goes_on_there()
         }
     });
 
-    let (c, mut ev) = device(&server, &d, true);
-    connected(&mut ev).await;
-    c.subscribe("devices/d-1/commands/#", QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    subscribed(&mut ev).await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while !(moved(&server, "d-1") && moved(&server, "backend")) {
-        assert!(std::time::Instant::now() < deadline, "{:#?}", server.log());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (c, mut ev) = listening(&server, &d, true, QoS::AtLeastOnce).await;
+    until(&server, Duration::from_secs(15), || {
+        moved(&server, "d-1") && moved(&server, "backend")
+    })
+    .await;
 
     // On the session runtime: a command in, telemetry out.
     s.publish("devices/d-1/commands/set", QoS::AtLeastOnce, false, "go")
@@ -532,11 +536,10 @@ async fn a_session_that_settles_moves_to_the_session_runtime_and_goes_on_there()
     assert!(ok, "{out}");
     let next = tokio::time::timeout(Duration::from_secs(10), got.recv()).await;
     assert_eq!(next.unwrap().as_deref(), Some("quick"));
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !logged(&server, "d-quick", "mqtt: disconnected") {
-        assert!(std::time::Instant::now() < deadline, "{:#?}", server.log());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until(&server, Duration::from_secs(10), || {
+        logged(&server, "d-quick", "mqtt: disconnected")
+    })
+    .await;
     assert!(!moved(&server, "d-quick"), "{:#?}", server.log());
 
     // And a revocation cuts the moved session.

@@ -124,14 +124,15 @@ impl AsyncWrite for Conn {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let Conn { tcp: t, held, hold } = self.get_mut();
-        if held.is_empty() && !hold() {
+        let holding = hold();
+        if held.is_empty() && !holding {
             return match tcp(t) {
                 Ok(t) => t.poll_write_vectored(cx, bufs),
                 Err(e) => Poll::Ready(Err(e)),
             };
         }
         let len = bufs.iter().map(|b| b.len()).sum();
-        if hold() {
+        if holding {
             for b in bufs {
                 held.extend_from_slice(b);
             }

@@ -42,6 +42,37 @@ impl Drop for Open {
     }
 }
 
+/// Moves a connection's socket to the session runtime; false (and logged)
+/// if it could not.
+pub(super) fn moved(conn: &mut conn::Conn, shared: &Shared, addr: std::net::SocketAddr) -> bool {
+    match conn.move_to(&shared.sessions_rt) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(peer.addr = %addr, error = %e, "mqtt: the connection could not move to the session runtime; closing");
+            false
+        }
+    }
+}
+
+/// Runs `session` on the session runtime with its connection's slot,
+/// counted by `sessions`. Boxed: the task's block would otherwise hold the
+/// session's future twice (as what it captured and as what it awaits).
+pub(super) fn spawn_session(
+    sessions: &tokio_util::task::TaskTracker,
+    shared: &Shared,
+    open: Open,
+    session: impl std::future::Future + Send + 'static,
+) {
+    let session = Box::pin(session);
+    sessions.spawn_on(
+        async move {
+            let _open = open;
+            session.await;
+        },
+        &shared.sessions_rt,
+    );
+}
+
 /// A handshake task that panicked has dropped its connection; say so.
 pub(super) fn log_panic(done: Result<(), tokio::task::JoinError>) {
     if let Err(e) = done {

@@ -43,7 +43,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::metrics::{Metrics, Refusal};
 use crate::mqtt::admission::RegistryVerifier;
-use crate::mqtt::handshake::{accept, log_panic, peer_of, Open};
+use crate::mqtt::handshake::{accept, log_panic, moved, peer_of, spawn_session, Open};
 use crate::net::{Accepted, Acceptor, Rate, RateLimiter, Verdict};
 use crate::status::StatusService;
 use provisioning::events::Change;
@@ -890,21 +890,10 @@ impl Broker {
                 let settle = shared.cfg.session_settle;
                 if settle.is_zero() {
                     // All of the session on the session runtime (`conn`).
-                    if let Err(e) = stream.get_mut().0.move_to(&shared.sessions_rt) {
-                        tracing::warn!(peer.addr = %addr, error = %e, "mqtt: the connection could not move to the session runtime; closing");
-                        return;
+                    if moved(stream.get_mut().0, &shared, addr) {
+                        let session = session::run(stream, peer, shared.clone(), shutdown, None);
+                        spawn_session(&sessions, &shared, open, session);
                     }
-                    // Boxed: the block below would otherwise hold the
-                    // session's future twice (captured, and awaited).
-                    let session =
-                        Box::pin(session::run(stream, peer, shared.clone(), shutdown, None));
-                    sessions.spawn_on(
-                        async move {
-                            let _open = open;
-                            session.await;
-                        },
-                        &shared.sessions_rt,
-                    );
                     return;
                 }
                 // Its CONNECT and first moments here; a session still open
@@ -915,19 +904,11 @@ impl Broker {
                     return;
                 };
                 let shared = live.shared();
-                if let Err(e) = live.conn().move_to(&shared.sessions_rt) {
+                if !moved(live.conn(), &shared, addr) {
                     // It ends at its next read, here.
-                    tracing::warn!(peer.addr = %addr, error = %e, "mqtt: the connection could not move to the session runtime; closing");
                     return live.finish().await;
                 }
-                let session = Box::pin(live.finish());
-                sessions.spawn_on(
-                    async move {
-                        let _open = open;
-                        session.await;
-                    },
-                    &shared.sessions_rt,
-                );
+                spawn_session(&sessions, &shared, open, live.finish());
             });
         }
         drop(incoming);

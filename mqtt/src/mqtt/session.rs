@@ -716,8 +716,9 @@ impl Session {
         // channel and left it again: once a message, for a service).
         let mut link = std::pin::pin!(next(link_rx));
         // Past `settle`, the session is handed back between two packets,
-        // with nothing of this loop's but its timers (made again).
-        let mut settled = std::pin::pin!(tokio::time::sleep(settle.unwrap_or_default()));
+        // with nothing of this loop's but its timers (made again). Boxed:
+        // a session served to its end holds no timer for it.
+        let mut settled = settle.map(|d| Box::pin(tokio::time::sleep(d)));
         loop {
             let now = self.now();
             let wake = tokio::time::Instant::from_std(self.ch.wake_at(now));
@@ -807,7 +808,7 @@ impl Session {
                     }
                     link.set(next(Some(rx)));
                 },
-                () = &mut settled, if settle.is_some() => return None,
+                Some(()) = futures_util::future::OptionFuture::from(settled.as_mut()), if settled.is_some() => return None,
             }
         }
     }
