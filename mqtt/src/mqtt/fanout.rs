@@ -31,7 +31,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
-use rumqttd::protocol::{Publish, PublishProperties};
+use rumqttd::protocol::{Packet, Publish, PublishProperties};
 use tokio::sync::mpsc;
 
 use super::acl::topic_matches;
@@ -240,6 +240,16 @@ pub(super) async fn onward(
     via: Option<&super::link::RouterTx>,
     m: Marked,
 ) -> Result<(), super::link::Closed> {
+    match here(shared, m) {
+        None => Ok(()),
+        Some(p) => to_router(shared, key, via, p).await,
+    }
+}
+
+/// What [`onward`] does without waiting: the message to the live
+/// services held here; the packet for the router, if a subscription there
+/// may match it.
+pub(super) fn here(shared: &super::Shared, m: Marked) -> Option<Packet> {
     let m = Arc::new(m);
     let topic = std::str::from_utf8(&m.publish.topic).unwrap_or_default();
     let reach = shared.fanout.deliver(topic, &m);
@@ -261,7 +271,7 @@ pub(super) async fn onward(
             (groups_in_router || !f.starts_with("$share/")) && topic_matches(share_inner(f), topic)
         });
     if !router_wants {
-        return Ok(());
+        return None;
     }
     shared
         .metrics
@@ -271,7 +281,17 @@ pub(super) async fn onward(
         Ok(m) => (m.publish, m.props),
         Err(m) => (m.publish.clone(), m.props.clone()),
     };
-    let p = rumqttd::protocol::Packet::Publish(publish, props);
+    Some(Packet::Publish(publish, props))
+}
+
+/// Hands `p` to the router (through `via`, or the ingest link for `key`),
+/// waiting while the link's queue is full.
+pub(super) async fn to_router(
+    shared: &super::Shared,
+    key: &str,
+    via: Option<&super::link::RouterTx>,
+    p: Packet,
+) -> Result<(), super::link::Closed> {
     match via {
         Some(router) => router.send(p).await,
         None => shared.ingest.send(key, p).await,

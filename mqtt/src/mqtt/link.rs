@@ -54,6 +54,23 @@ impl RouterTx {
     pub async fn send(&self, p: Packet) -> Result<(), Closed> {
         self.tx.send(p).await.map_err(|_| Closed)
     }
+
+    /// Hands `p` to the router if the link's queue has room now.
+    pub fn try_send(&self, p: Packet) -> Result<(), TrySend> {
+        self.tx.try_send(p).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(p) => TrySend::Full(Box::new(p)),
+            mpsc::error::TrySendError::Closed(_) => TrySend::Closed,
+        })
+    }
+}
+
+/// Why [`RouterTx::try_send`] did not hand a packet over.
+#[derive(Debug)]
+pub enum TrySend {
+    /// The link's queue is full: the packet, to send when it has room.
+    Full(Box<Packet>),
+    /// The router is gone.
+    Closed,
 }
 
 fn run(mut link: LinkTx, mut queue: mpsc::Receiver<Packet>) {
@@ -105,10 +122,55 @@ impl Ingest {
     /// Hands `p` to the router on `key`'s link (one sender's messages keep
     /// their order), waiting while that link's queue is full.
     pub async fn send(&self, key: &str, p: Packet) -> Result<(), Closed> {
+        self.link_for(key).send(p).await
+    }
+
+    /// [`Ingest::send`] if `key`'s link has room now.
+    pub fn try_send(&self, key: &str, p: Packet) -> Result<(), TrySend> {
+        self.link_for(key).try_send(p)
+    }
+
+    fn link_for(&self, key: &str) -> &RouterTx {
         use std::hash::{Hash, Hasher};
         let mut h = std::collections::hash_map::DefaultHasher::new();
         key.hash(&mut h);
-        let i = (h.finish() % self.links.len() as u64) as usize;
-        self.links[i].send(p).await
+        &self.links[(h.finish() % self.links.len() as u64) as usize]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rumqttd::protocol::Publish;
+
+    fn publish(topic: &'static str) -> Packet {
+        Packet::Publish(Publish::new(topic, "x", false), None)
+    }
+
+    fn topic(p: &Packet) -> &[u8] {
+        match p {
+            Packet::Publish(p, _) => &p.topic,
+            _ => b"",
+        }
+    }
+
+    /// A full queue gives the packet back, to wait for room with; a gone
+    /// router says so; what went in comes out in order.
+    #[test]
+    fn try_send_takes_while_there_is_room_and_gives_back_what_it_cannot() {
+        let (tx, mut queue) = mpsc::channel(2);
+        let link = RouterTx { tx };
+        link.try_send(publish("a")).unwrap();
+        link.try_send(publish("b")).unwrap();
+        match link.try_send(publish("c")) {
+            Err(TrySend::Full(p)) => assert_eq!(topic(&p), b"c"),
+            other => panic!("a full queue: {other:?}"),
+        }
+        assert_eq!(topic(&queue.try_recv().unwrap()), b"a");
+        link.try_send(publish("c")).unwrap();
+        assert_eq!(topic(&queue.try_recv().unwrap()), b"b");
+        assert_eq!(topic(&queue.try_recv().unwrap()), b"c");
+        drop(queue);
+        assert!(matches!(link.try_send(publish("d")), Err(TrySend::Closed)));
     }
 }

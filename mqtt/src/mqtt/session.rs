@@ -48,7 +48,7 @@ use super::codec::Codec;
 use super::fanout::{self, Inbox, Marked};
 use super::hub::{Delivery, Mailbox, Outcome};
 use super::kept::{lock, Filters, ServiceSub};
-use super::link::RouterTx;
+use super::link::{Closed, RouterTx, TrySend};
 use super::outbox::{qos_and_pkid, Outgoing};
 use super::share;
 use super::stamp;
@@ -60,6 +60,8 @@ mod answers;
 mod claim;
 mod device;
 mod publish;
+
+use publish::AtOnce;
 mod service;
 
 use device::{next_delivery, take_into};
@@ -789,6 +791,12 @@ impl Session {
                     }
                 },
                 m = next_marked(self.inbox.as_mut()), if self.ch.outbox.len().0 < INBOX_TAKE => if let Some(m) = m {
+                    // One write for what this wake-up brings: the sessions
+                    // the same poll of the reactor made ready run first
+                    // (a yield waits until the runtime has nothing else
+                    // to run), and what they publish to this one meanwhile
+                    // goes out in the same TLS record.
+                    tokio::task::yield_now().await;
                     self.take_marked(&m);
                     while self.ch.outbox.len().0 < INBOX_TAKE {
                         let Some(m) = self.inbox.as_mut().and_then(Inbox::try_recv) else { break };
@@ -830,7 +838,9 @@ impl Session {
                 self.finished(token, &mut to_router);
             }
             for acker in self.group_done.drain(..) {
-                acker.ack().await;
+                // Boxed, as every wait here but the flush: what is rarely
+                // waited for does not make each pump's future bigger.
+                Box::pin(acker.ack()).await;
             }
             let Some(side) = self.device.as_ref() else {
                 break;
@@ -863,7 +873,12 @@ impl Session {
         }
         if let Some(router) = &self.router {
             for p in to_router {
-                if router.send(p).await.is_err() {
+                let sent = match router.try_send(p) {
+                    Ok(()) => Ok(()),
+                    Err(TrySend::Full(p)) => Box::pin(router.send(*p)).await,
+                    Err(TrySend::Closed) => Err(Closed),
+                };
+                if sent.is_err() {
                     return Some(End::TakenOver);
                 }
             }
@@ -907,7 +922,15 @@ impl Session {
             let (now, limits) = (self.now(), self.limits());
             self.ch.handle_in(packet, now, limits, &mut actions);
             for action in actions.drain(..) {
-                if let Err(e) = Box::pin(self.act(action, &mut forward)).await {
+                let done = match self.act_at_once(action, &mut forward) {
+                    Ok(AtOnce::Done) => Ok(()),
+                    Ok(AtOnce::Wait(action)) => Box::pin(self.act(*action, &mut forward)).await,
+                    Ok(AtOnce::Router(p, qos, pkid)) => {
+                        Box::pin(self.router_then_ack(p, qos, pkid)).await
+                    }
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = done {
                     end = Some(e);
                     break 'packets;
                 }
@@ -919,17 +942,50 @@ impl Session {
         end
     }
 
-    /// Does one thing the core asked for.
-    async fn act(&mut self, action: Action, forward: &mut Vec<Packet>) -> Result<(), End> {
-        let device = self.peer.identity.role == Role::Device;
+    /// Does what the core asked for if it needs no waiting (most packets:
+    /// acknowledgements, a fleet's telemetry), else gives it back for
+    /// [`Session::act`]: a future that can wait is made only for what may.
+    fn act_at_once(
+        &mut self,
+        action: Action,
+        forward: &mut Vec<Packet>,
+    ) -> Result<AtOnce<Action>, End> {
         match action {
-            Action::Publish(inbound) => self.client_publish(inbound).await,
+            Action::Publish(inbound) => Ok(match self.publish_at_once(inbound)? {
+                AtOnce::Done => AtOnce::Done,
+                AtOnce::Wait(inbound) => AtOnce::Wait(Box::new(Action::Publish(*inbound))),
+                AtOnce::Router(p, qos, pkid) => AtOnce::Router(p, qos, pkid),
+            }),
             Action::Ack {
                 qos,
                 pkid,
                 reason,
                 why,
-            } => self.ack_in_order(qos, pkid, Ack::now(reason, why)),
+            } => self
+                .ack_in_order(qos, pkid, Ack::now(reason, why))
+                .map(|()| AtOnce::Done),
+            Action::Done(token) => {
+                self.finished(token, forward);
+                Ok(AtOnce::Done)
+            }
+            Action::Forward(p) => {
+                forward.push(p);
+                Ok(AtOnce::Done)
+            }
+            Action::Refused(r) => {
+                self.shared.metrics.refused(r);
+                Ok(AtOnce::Done)
+            }
+            Action::Close(end) => Err(end),
+            action => Ok(AtOnce::Wait(Box::new(action))),
+        }
+    }
+
+    /// Does one thing the core asked for.
+    async fn act(&mut self, action: Action, forward: &mut Vec<Packet>) -> Result<(), End> {
+        let device = self.peer.identity.role == Role::Device;
+        match action {
+            Action::Publish(inbound) => self.client_publish(inbound).await,
             Action::Provision { publish, request } => self
                 .provision(&publish, request)
                 .await
@@ -952,19 +1008,12 @@ impl Session {
             }
             Action::Unsubscribe(unsub, _) if device => self.device_unsubscribe(unsub).await,
             Action::Unsubscribe(unsub, props) => self.service_unsubscribe(unsub, props, forward),
-            Action::Done(token) => {
-                self.finished(token, forward);
-                Ok(())
-            }
-            Action::Forward(p) => {
-                forward.push(p);
-                Ok(())
-            }
-            Action::Refused(r) => {
-                self.shared.metrics.refused(r);
-                Ok(())
-            }
-            Action::Close(end) => Err(end),
+            // Never waits: done there (or the connection ends).
+            action @ (Action::Ack { .. }
+            | Action::Done(_)
+            | Action::Forward(_)
+            | Action::Refused(_)
+            | Action::Close(_)) => self.act_at_once(action, forward).map(drop),
         }
     }
 }

@@ -4,34 +4,113 @@
 
 use super::*;
 
+/// What is left of a client's PUBLISH (or any action of the core's) once
+/// [`Session::publish_at_once`] has done what it could without waiting.
+pub(super) enum AtOnce<T = Inbound> {
+    /// Nothing: passed on and acknowledged.
+    Done,
+    /// All of it, on the way that may wait ([`Session::client_publish`]).
+    Wait(Box<T>),
+    /// Passed on to this node's live services; the router's queue was
+    /// full: the router's packet, then the acknowledgement (QoS, packet
+    /// id).
+    Router(Box<Packet>, u8, u16),
+}
+
 impl Session {
     /// A client's PUBLISH the core let through: heard by the device's own
     /// subscriptions (unless No Local), passed on, acknowledged in order.
     pub(super) async fn client_publish(&mut self, i: Inbound) -> Result<(), End> {
-        let Inbound {
-            publish: p,
-            props,
-            topic,
-            qos,
-            pkid,
-        } = i;
-        if let Some(side) = self.device.as_ref() {
-            if let Some((granted, ids)) = side.mailbox.granted_to(&topic, true) {
-                let m = message(&p, qos, props.as_ref(), self.now().wall_ms);
-                let retain = p.retain && side.mailbox.retain_as_published(&topic);
-                self.ch.outbox.push(outgoing(
-                    &m,
-                    None,
-                    qos.min(granted),
-                    ids,
-                    retain,
-                    m.stored_at_ms,
-                    false,
-                ));
+        self.hear_own_subscriptions(&i);
+        let ack = self.publish_onward(i.publish, i.props).await?;
+        self.ack_in_order(i.qos, i.pkid, ack)
+    }
+
+    /// [`Session::client_publish`] without waiting, where nothing on the
+    /// PUBLISH's way can wait: not a device's retained message (kept on
+    /// the blocking pool), no bus, not a command; the router, if it wants
+    /// the message, has room for it now. Else the PUBLISH is given back.
+    /// A fleet's telemetry goes this way, with no future made for it
+    /// (the one that may wait is 4 KiB, allocated and copied each time).
+    pub(super) fn publish_at_once(&mut self, i: Inbound) -> Result<AtOnce, End> {
+        let role = self.peer.identity.role;
+        if self.shared.cfg.bus.is_some()
+            || (i.publish.retain && role == Role::Device)
+            || (role == Role::Service && command_target(&i.topic).is_some())
+        {
+            return Ok(AtOnce::Wait(Box::new(i)));
+        }
+        self.hear_own_subscriptions(&i);
+        let (qos, pkid) = (i.qos, i.pkid);
+        let onward = self.marked(&i.publish, stamp::unreserved(i.props), qos);
+        if let Some(packet) = fanout::here(&self.shared, onward) {
+            let key = self.peer.identity.id.as_str();
+            let sent = match self.router.as_ref() {
+                Some(router) => router.try_send(packet),
+                None => self.shared.ingest.try_send(key, packet),
+            };
+            match sent {
+                Ok(()) => {}
+                Err(TrySend::Full(packet)) => return Ok(AtOnce::Router(packet, qos, pkid)),
+                Err(TrySend::Closed) => return Err(End::RouterDisconnect),
             }
         }
-        let ack = self.publish_onward(p, props).await?;
-        self.ack_in_order(qos, pkid, ack)
+        self.ack_in_order(qos, pkid, Ack::now(PubAckReason::Success, None))?;
+        Ok(AtOnce::Done)
+    }
+
+    /// The rest of [`AtOnce::Router`]: the router takes `packet` when it
+    /// has room, then the PUBLISH is acknowledged.
+    pub(super) async fn router_then_ack(
+        &mut self,
+        packet: Box<Packet>,
+        qos: u8,
+        pkid: u16,
+    ) -> Result<(), End> {
+        let key = self.peer.identity.id.as_str();
+        fanout::to_router(&self.shared, key, self.router.as_ref(), *packet)
+            .await
+            .map_err(|_| End::RouterDisconnect)?;
+        self.ack_in_order(qos, pkid, Ack::now(PubAckReason::Success, None))
+    }
+
+    /// A device hears its own PUBLISH on its matching subscriptions, but
+    /// for those with No Local.
+    fn hear_own_subscriptions(&mut self, i: &Inbound) {
+        let Some(side) = self.device.as_ref() else {
+            return;
+        };
+        let (p, topic, qos) = (&i.publish, i.topic.as_str(), i.qos);
+        if let Some((granted, ids)) = side.mailbox.granted_to(topic, true) {
+            let m = message(p, qos, i.props.as_ref(), self.now().wall_ms);
+            let retain = p.retain && side.mailbox.retain_as_published(topic);
+            self.ch.outbox.push(outgoing(
+                &m,
+                None,
+                qos.min(granted),
+                ids,
+                retain,
+                m.stored_at_ms,
+                false,
+            ));
+        }
+    }
+
+    /// A client's PUBLISH as it enters the message plane: copied out of
+    /// the read buffer (a message in the router's log would otherwise keep
+    /// its whole read buffer alive), not retained in the router (fleetgate
+    /// keeps retained messages itself, durably, with retain handling; the
+    /// mark says it was), marked with the sender's identity.
+    fn marked(&self, p: &Publish, props: Option<PublishProperties>, qos: u8) -> Marked {
+        Marked::new(
+            Publish::new(
+                Bytes::copy_from_slice(&p.topic),
+                Bytes::copy_from_slice(&p.payload),
+                false,
+            ),
+            stamp::mark(props, qos, p.retain, &self.stamp),
+            self.conn(),
+        )
     }
 
     /// Passes a checked PUBLISH on: a command to its device's session
@@ -141,19 +220,7 @@ impl Session {
             .map(|_| message(&p, qos, props.as_ref(), self.now().wall_ms));
         // Into the router at QoS 0: acknowledged here, and the router's
         // delivery QoS is the subscription's.
-        // Copied out of the read buffer: a message in the router's log
-        // would otherwise keep its whole read buffer alive.
-        // Never retained in the router: fleetgate keeps retained messages
-        // itself (durably, with retain handling); the mark says it was.
-        let onward = Marked::new(
-            Publish::new(
-                Bytes::copy_from_slice(&p.topic),
-                Bytes::copy_from_slice(&p.payload),
-                false,
-            ),
-            stamp::mark(props, qos, p.retain, &self.stamp),
-            self.conn(),
-        );
+        let onward = self.marked(&p, props, qos);
         let key = self.peer.identity.id.as_str();
         let sent = fanout::onward(&self.shared, key, self.router.as_ref(), onward).await;
         if sent.is_err() {
