@@ -60,11 +60,10 @@ mod answers;
 mod claim;
 mod device;
 mod publish;
-
-use publish::AtOnce;
 mod service;
 
 use device::{next_delivery, take_into};
+use publish::AtOnce;
 use service::expire_service_session;
 
 /// What the TLS handshake established.
