@@ -460,15 +460,6 @@ fn moved(server: &Server, id: &str) -> bool {
     logged(server, id, "moves to the session runtime")
 }
 
-/// Polls until `done` holds, at most `within`.
-async fn until(server: &Server, within: Duration, done: impl Fn() -> bool) {
-    let deadline = std::time::Instant::now() + within;
-    while !done() {
-        assert!(std::time::Instant::now() < deadline, "{:#?}", server.log());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// A session still open when it settles (`--session-settle-ms`) moves to
 /// the session runtime and goes on there: a command reaches it, its
 /// telemetry reaches a service, a revocation cuts it. A client that
@@ -507,9 +498,11 @@ async fn a_session_that_settles_moves_to_the_session_runtime_and_goes_on_there()
     });
 
     let (c, mut ev) = listening(&server, &d, true, QoS::AtLeastOnce).await;
-    until(&server, Duration::from_secs(15), || {
-        moved(&server, "d-1") && moved(&server, "backend")
-    })
+    tests::until(
+        Duration::from_secs(15),
+        "d-1 and backend on the session runtime",
+        || async { (moved(&server, "d-1") && moved(&server, "backend")).then_some(()) },
+    )
     .await;
 
     // On the session runtime: a command in, telemetry out.
@@ -536,8 +529,8 @@ async fn a_session_that_settles_moves_to_the_session_runtime_and_goes_on_there()
     assert!(ok, "{out}");
     let next = tokio::time::timeout(Duration::from_secs(10), got.recv()).await;
     assert_eq!(next.unwrap().as_deref(), Some("quick"));
-    until(&server, Duration::from_secs(10), || {
-        logged(&server, "d-quick", "mqtt: disconnected")
+    tests::until(Duration::from_secs(10), "d-quick disconnected", || async {
+        logged(&server, "d-quick", "mqtt: disconnected").then_some(())
     })
     .await;
     assert!(!moved(&server, "d-quick"), "{:#?}", server.log());

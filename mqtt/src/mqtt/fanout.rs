@@ -292,10 +292,17 @@ pub(super) async fn to_router(
     via: Option<&super::link::RouterTx>,
     p: Packet,
 ) -> Result<(), super::link::Closed> {
-    match via {
-        Some(router) => router.send(p).await,
-        None => shared.ingest.send(key, p).await,
-    }
+    router_link(shared, key, via).send(p).await
+}
+
+/// The router link a message goes by: the sender's own (`via`), or the
+/// ingest link for `key`.
+pub(super) fn router_link<'a>(
+    shared: &'a super::Shared,
+    key: &str,
+    via: Option<&'a super::link::RouterTx>,
+) -> &'a super::link::RouterTx {
+    via.unwrap_or_else(|| shared.ingest.link(key))
 }
 
 #[cfg(test)]

@@ -52,7 +52,13 @@ impl RouterTx {
 
     /// Hands `p` to the router, waiting while the link's queue is full.
     pub async fn send(&self, p: Packet) -> Result<(), Closed> {
-        self.tx.send(p).await.map_err(|_| Closed)
+        match self.try_send(p) {
+            Ok(()) => Ok(()),
+            // Boxed: the wait for room, which is rare, does not make the
+            // future of every caller (a session's pump) bigger.
+            Err(TrySend::Full(p)) => Box::pin(self.tx.send(*p)).await.map_err(|_| Closed),
+            Err(TrySend::Closed) => Err(Closed),
+        }
     }
 
     /// Hands `p` to the router if the link's queue has room now.
@@ -119,18 +125,9 @@ impl Ingest {
         Self { links }
     }
 
-    /// Hands `p` to the router on `key`'s link (one sender's messages keep
-    /// their order), waiting while that link's queue is full.
-    pub async fn send(&self, key: &str, p: Packet) -> Result<(), Closed> {
-        self.link_for(key).send(p).await
-    }
-
-    /// [`Ingest::send`] if `key`'s link has room now.
-    pub fn try_send(&self, key: &str, p: Packet) -> Result<(), TrySend> {
-        self.link_for(key).try_send(p)
-    }
-
-    fn link_for(&self, key: &str) -> &RouterTx {
+    /// The link `key`'s messages go by (one sender's messages keep their
+    /// order).
+    pub fn link(&self, key: &str) -> &RouterTx {
         use std::hash::{Hash, Hasher};
         let mut h = std::collections::hash_map::DefaultHasher::new();
         key.hash(&mut h);

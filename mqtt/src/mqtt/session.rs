@@ -48,7 +48,7 @@ use super::codec::Codec;
 use super::fanout::{self, Inbox, Marked};
 use super::hub::{Delivery, Mailbox, Outcome};
 use super::kept::{lock, Filters, ServiceSub};
-use super::link::{Closed, RouterTx, TrySend};
+use super::link::{RouterTx, TrySend};
 use super::outbox::{qos_and_pkid, Outgoing};
 use super::share;
 use super::stamp;
@@ -837,8 +837,8 @@ impl Session {
                 self.finished(token, &mut to_router);
             }
             for acker in self.group_done.drain(..) {
-                // Boxed, as every wait here but the flush: what is rarely
-                // waited for does not make each pump's future bigger.
+                // Boxed, as the router link's wait for room is: what is
+                // rarely waited for does not make each pump's future bigger.
                 Box::pin(acker.ack()).await;
             }
             let Some(side) = self.device.as_ref() else {
@@ -872,12 +872,7 @@ impl Session {
         }
         if let Some(router) = &self.router {
             for p in to_router {
-                let sent = match router.try_send(p) {
-                    Ok(()) => Ok(()),
-                    Err(TrySend::Full(p)) => Box::pin(router.send(*p)).await,
-                    Err(TrySend::Closed) => Err(Closed),
-                };
-                if sent.is_err() {
+                if router.send(p).await.is_err() {
                     return Some(End::TakenOver);
                 }
             }

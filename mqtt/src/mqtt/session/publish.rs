@@ -45,11 +45,8 @@ impl Session {
         let onward = self.marked(&i.publish, stamp::unreserved(i.props), qos);
         if let Some(packet) = fanout::here(&self.shared, onward) {
             let key = self.peer.identity.id.as_str();
-            let sent = match self.router.as_ref() {
-                Some(router) => router.try_send(packet),
-                None => self.shared.ingest.try_send(key, packet),
-            };
-            match sent {
+            let link = fanout::router_link(&self.shared, key, self.router.as_ref());
+            match link.try_send(packet) {
                 Ok(()) => {}
                 Err(TrySend::Full(packet)) => return Ok(AtOnce::Router(packet, qos, pkid)),
                 Err(TrySend::Closed) => return Err(End::RouterDisconnect),
