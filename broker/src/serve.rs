@@ -84,6 +84,10 @@ pub struct Server {
     prometheus: Option<TcpListener>,
     metrics: Arc<Metrics>,
     status: Arc<StatusService>,
+    /// The CMP responder: its signer is made (or read back) while binding,
+    /// so the data dir is whole once the node says it listens (the
+    /// README's copy of it to another node reads no half-written file).
+    cmp: Arc<crate::api::cmp::Cmp>,
     /// The shared registry's store, when on etcd.
     etcd: Option<Arc<crate::etcd::EtcdStore>>,
     /// SIGHUP, caught from the moment the listeners are bound (its
@@ -141,14 +145,16 @@ impl Server {
             cache_bytes: Some(cfg.registry_cache_mib.saturating_mul(1024 * 1024)),
             ..InitOptions::default()
         };
-        let (auth, status) = tokio::task::spawn_blocking({
+        let (auth, status, cmp) = tokio::task::spawn_blocking({
             let metrics = metrics.clone();
             move || -> anyhow::Result<_> {
                 let auth = Arc::new(Authority::open_or_init(&dir, &opts)?);
                 say_where_the_keys_are(&auth);
                 let status = StatusService::new(auth.clone(), metrics)
                     .context("setting up the OCSP responder")?;
-                Ok((auth, Arc::new(status)))
+                let cmp = crate::api::cmp::Cmp::new(auth.clone())
+                    .context("setting up the CMP responder")?;
+                Ok((auth, Arc::new(status), Arc::new(cmp)))
             }
         })
         .await
@@ -209,6 +215,7 @@ impl Server {
             ocsp,
             metrics,
             status,
+            cmp,
             etcd,
             hup,
         })
@@ -309,7 +316,7 @@ impl Server {
             tls: tls.clone(),
             broker: broker.clone(),
             status: self.status.clone(),
-            cmp: Arc::new(crate::api::cmp::Cmp::new(self.auth.clone())?),
+            cmp: self.cmp.clone(),
             console: Arc::new(crate::api::console::Console::new(&console_secret)?),
         };
         // The overview's counts, ready before an operator asks.
