@@ -6,7 +6,10 @@
 # alternating, with each broker's CPU per connect read from /proc; beside
 # them the server's side of an in-memory TLS 1.3 mTLS P-256 handshake
 # (`cargo bench -p fleetgate-mqtt --bench handshake`), the least a full
-# connect can cost. Loopback only.
+# connect can cost, and the socket floor: the same loader against a tokio +
+# rustls server that does nothing but the handshake, a CONNACK and the
+# close (`mqtt/examples/socket_floor.rs`), the least a connect over real
+# sockets costs on this machine. Loopback only.
 #
 #   bash bench/connect-floor.sh
 #   ROUNDS=3 CONNECTS=10000 bash bench/connect-floor.sh
@@ -19,6 +22,8 @@ CONCURRENCY=${CONCURRENCY:-10}
 MOSQUITTO=$(command -v mosquitto || echo /usr/sbin/mosquitto)
 [ -x "$MOSQUITTO" ] || { echo "mosquitto is needed (apt-get install mosquitto)" >&2; exit 1; }
 cargo build --release -q -p broker -p firmware-sim
+cargo build --release -q -p fleetgate-mqtt --example socket_floor
+SOCKET_FLOOR=$PWD/target/release/examples/socket_floor
 FG=$PWD/target/release/fleetgate
 SIM=$PWD/target/release/firmware-sim
 work=$(mktemp -d)
@@ -70,6 +75,17 @@ CONF
     for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/38885) 2>/dev/null && break; sleep 0.1; done
     broker=127.0.0.1:38885
 }
+# A tokio + rustls server and nothing else (mqtt/examples/socket_floor.rs),
+# trusting what fleetgate trusts (the root and the issuing CA, so that a
+# device's chain is one signature, as in the floor): the floor with the
+# kernel's and the runtime's part of a connect added.
+start_socket_floor() {
+    cat "$work/fg/ca.crt" "$work/fg/ca/issuing.crt" >"$work/anchors.pem"
+    "$SOCKET_FLOOR" "$work/anchors.pem" "$work/fg/server.crt" "$work/fg/server.key" >"$work/sf.out" 2>>"$work/sf.log" &
+    pid=$!
+    for _ in $(seq 100); do grep -q listening "$work/sf.out" 2>/dev/null && break; sleep 0.1; done
+    broker=$(sed -n 's/.*mqtt=\([^ ]*\).*/\1/p' "$work/sf.out")
+}
 stop() { kill "$pid"; wait "$pid" 2>/dev/null || true; pid=; }
 
 start_fleetgate
@@ -78,7 +94,7 @@ stop
 hz=$(getconf CLK_TCK)
 for r in $(seq "$ROUNDS"); do
     echo "floor $r $(floor_now)" >>"$work/rounds.txt"
-    for b in fleetgate mosquitto; do
+    for b in fleetgate socket_floor mosquitto; do
         "start_$b"
         before=$(cpu_ticks "$pid")
         "$SIM" load connect --broker "$broker" --ca "$work/fleet/ca.crt" --creds "$work/fleet" --prefix p0- \
@@ -104,14 +120,17 @@ for l in open(sys.argv[1]):
         continue
     b, r, rate, cpu, failed = f
     by.setdefault(r, {})[b] = (float(rate), float(cpu), failed)
-print(f"\nfull mTLS connects, {len(by)} rounds alternating, each after the server's side of an in-memory handshake (the floor)\n")
-print("| round | fleetgate connects/s | Mosquitto connects/s | ratio | fleetgate CPU us/connect | Mosquitto CPU us/connect | floor us | fleetgate / floor |")
-print("|---|---|---|---|---|---|---|---|")
-ratios, over = [], []
+print(f"\nfull mTLS connects, {len(by)} rounds alternating, each after the server's side of an in-memory handshake (the floor); the socket floor is a tokio + rustls server that does nothing else\n")
+print("| round | fleetgate connects/s | Mosquitto connects/s | ratio | fleetgate CPU us/connect | socket floor us | Mosquitto CPU us/connect | floor us | fleetgate / floor | socket floor / floor | fleetgate / socket floor |")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
+ratios, over, sock, beyond = [], [], [], []
 for r, v in sorted(by.items(), key=lambda kv: int(kv[0])):
-    f, m, fl = v["fleetgate"], v["mosquitto"], floors[r]
+    f, s_, m, fl = v["fleetgate"], v["socket_floor"], v["mosquitto"], floors[r]
     ratios.append(f[0] / m[0])
     over.append(f[1] / fl)
-    print(f"| {r} | {f[0]:,.0f} | {m[0]:,.0f} | {f[0] / m[0]:.2f}x | {f[1]:,.0f} | {m[1]:,.0f} | {fl:.0f} | {f[1] / fl:.2f}x |")
-print(f"\nmedian: {statistics.median(ratios):.2f}x Mosquitto's connects/s, {statistics.median(over):.2f}x the floor")
+    sock.append(s_[1] / fl)
+    beyond.append(f[1] / s_[1])
+    print(f"| {r} | {f[0]:,.0f} | {m[0]:,.0f} | {f[0] / m[0]:.2f}x | {f[1]:,.0f} | {s_[1]:,.0f} | {m[1]:,.0f} | {fl:.0f} | {f[1] / fl:.2f}x | {s_[1] / fl:.2f}x | {f[1] / s_[1]:.2f}x |")
+med = statistics.median
+print(f"\nmedian: {med(ratios):.2f}x Mosquitto's connects/s, {med(over):.2f}x the floor; the socket floor {med(sock):.2f}x the floor, fleetgate {med(beyond):.2f}x the socket floor")
 PY

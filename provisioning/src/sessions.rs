@@ -322,8 +322,11 @@ impl SessionStore {
     /// Ends `id`'s session: its record and its queue (retained messages
     /// stay; they belong to the topics, not the session). Durable on return.
     pub fn end_session(&self, id: &DeviceId) -> Result<usize, Error> {
-        let had = self.sessions.remove(id.as_str())?.is_some();
+        // The queue first: a crash between the two leaves the record, and
+        // the session is ended again at the device's next connect (a queue
+        // without its record would be nobody's, never read nor cleared).
         let dropped = self.clear_queue(id)?;
+        let had = self.sessions.remove(id.as_str())?.is_some();
         if had || dropped > 0 {
             self.db.flush()?;
         }
@@ -346,8 +349,8 @@ impl SessionStore {
     pub fn purge(&self, ids: &[DeviceId]) -> Result<usize, Error> {
         let mut n = 0;
         for id in ids {
-            self.sessions.remove(id.as_str())?;
             n += self.clear_queue(id)?;
+            self.sessions.remove(id.as_str())?;
             for kv in self.retained.scan_prefix(prefix(id)) {
                 let (k, _) = kv?;
                 self.retained.remove(k)?;

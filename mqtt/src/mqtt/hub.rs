@@ -51,6 +51,9 @@ pub struct Mailbox {
     /// A stored command did not fit in the channel: the session reads its
     /// queue again when it has room.
     reload: AtomicBool,
+    /// It resumed a stored session: what was kept (record, queue) is to
+    /// end with it if it does not outlive its connection.
+    resumed: bool,
 }
 
 impl Mailbox {
@@ -291,7 +294,6 @@ impl Hub {
         expiry: Option<u32>,
     ) -> Result<Opened, provisioning::Error> {
         let _g = self.lock(id);
-        let now = self.expiry_now_ms();
         let stored = match self.keeper.session(id) {
             // A clean session that keeps nothing needs nothing kept: it
             // starts while the cluster's keeper is out of reach (an
@@ -302,6 +304,41 @@ impl Hub {
             }
             r => r?,
         };
+        self.open_from(id, conn, clean_start, expiry, stored)
+    }
+
+    /// [`Hub::open`] right here, if that touches no disk: the common case,
+    /// a session that ends with its connection, of a device with none
+    /// stored, on a local store (one in-memory read). `None`: open it on
+    /// the blocking pool.
+    pub fn open_at_once(
+        &self,
+        id: &DeviceId,
+        conn: u64,
+        clean_start: bool,
+        expiry: Option<u32>,
+    ) -> Option<Result<Opened, provisioning::Error>> {
+        if expiry.is_some() || !self.keeper.is_local() {
+            return None;
+        }
+        let _g = self.lock(id);
+        match self.keeper.session(id) {
+            Ok(None) => Some(self.open_from(id, conn, clean_start, expiry, None)),
+            _ => None,
+        }
+    }
+
+    /// Opens `id`'s session on what the store holds of it (`stored`),
+    /// under the device's lock.
+    fn open_from(
+        &self,
+        id: &DeviceId,
+        conn: u64,
+        clean_start: bool,
+        expiry: Option<u32>,
+        stored: Option<SessionRecord>,
+    ) -> Result<Opened, provisioning::Error> {
+        let now = self.expiry_now_ms();
         let had = stored.is_some();
         let old = stored.filter(|r| !r.expired(now / 1000));
         let session_present = !clean_start && old.is_some();
@@ -316,6 +353,7 @@ impl Hub {
             subs: Mutex::new(filters.unwrap_or_default()),
             expiry: expiry.map(|e| e.min(MAX_SESSION_EXPIRY)),
             reload: AtomicBool::new(false),
+            resumed: session_present,
         });
         if let Some(rec) = mailbox.record() {
             // Not flushed: a new session has nothing to lose yet, and a
@@ -334,14 +372,6 @@ impl Hub {
             session_present,
             queued,
         })
-    }
-
-    /// Whether opening `id`'s session can touch the disk: only a session
-    /// that is kept, or replaces one that was. (The common case, a clean
-    /// session of a device with none stored, is a couple of in-memory
-    /// reads, done right on an async worker.)
-    pub fn may_block(&self, id: &DeviceId, expiry: Option<u32>) -> bool {
-        expiry.is_some() || !self.keeper.is_local() || !matches!(self.keeper.session(id), Ok(None))
     }
 
     /// Closes connection `conn`'s session of `id` (blocking pool). A
@@ -378,10 +408,11 @@ impl Hub {
             self.keeper.save_session(id, &rec, false)
         } else if expiry.is_some() {
             self.keeper.disconnected(id, now)
-        } else if mailbox.is_persistent() || self.keeper.is_local() {
+        } else if mailbox.is_persistent() || (mailbox.resumed && self.keeper.is_local()) {
             self.keeper.end_session(id).map(|_| ())
         } else {
-            // Nothing was kept for it: open ended any earlier session.
+            // Nothing was kept for it: open ended any earlier session, and
+            // a session that ends with its connection queues nothing.
             Ok(())
         }
     }
@@ -783,12 +814,29 @@ mod tests {
     #[test]
     fn a_session_resumed_with_expiry_0_ends_with_its_connection() {
         let (_d, hub, _clock) = hub();
-        hub.open(&dev(), 1, true, Some(60)).unwrap();
+        subscribed(&hub, 1, 60);
         hub.close(&dev(), 1, Some(60)).unwrap();
-        // Resumed, this time to end with the connection.
-        assert!(hub.open(&dev(), 2, false, None).unwrap().session_present);
+        hub.publish(&dev(), command(T0_MS, None)).unwrap();
+        // Resumed, this time to end with the connection: it is no session
+        // to open at once (one is stored), and it ends, queue and all.
+        assert!(hub.open_at_once(&dev(), 2, false, None).is_none());
+        let opened = hub.open(&dev(), 2, false, None).unwrap();
+        assert!(opened.session_present);
+        assert_eq!(opened.queued.len(), 1);
         hub.close(&dev(), 2, None).unwrap();
         assert_eq!(hub.store().session(&dev()).unwrap(), None);
+        assert!(hub.store().queued(&dev(), None, T0_MS).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_session_that_ends_with_its_connection_opens_at_once_and_keeps_nothing() {
+        let (_d, hub, _clock) = hub();
+        let opened = hub.open_at_once(&dev(), 1, true, None).unwrap().unwrap();
+        assert!(!opened.session_present);
+        hub.close(&dev(), 1, None).unwrap();
+        assert_eq!(hub.store().session(&dev()).unwrap(), None);
+        // One that outlives its connection goes to the blocking pool.
+        assert!(hub.open_at_once(&dev(), 2, true, Some(60)).is_none());
     }
 
     #[test]

@@ -12,11 +12,12 @@ impl Session {
         let shared = self.shared.clone();
         let (hub, id) = (shared.hub.clone(), self.peer.identity.id.clone());
         let (clean, expiry) = (terms.clean, terms.expiry);
-        let durable = hub.may_block(&id, expiry);
-        let opened = if durable {
-            tokio::task::spawn_blocking(move || hub.open(&id, conn, clean, expiry)).await
-        } else {
-            Ok(hub.open(&id, conn, clean, expiry))
+        let (opened, durable) = match hub.open_at_once(&id, conn, clean, expiry) {
+            Some(opened) => (Ok(opened), false),
+            None => (
+                tokio::task::spawn_blocking(move || hub.open(&id, conn, clean, expiry)).await,
+                true,
+            ),
         };
         match opened {
             Ok(Ok(opened)) => {
