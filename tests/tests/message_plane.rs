@@ -753,3 +753,32 @@ async fn live_services_get_messages_without_the_router_and_persistent_ones_and_g
     );
     assert_eq!(router_messages(&server), 8);
 }
+
+/// A device hears its own PUBLISH on its matching subscription, and, once
+/// it has unsubscribed, no longer (the session remembers what matched the
+/// last topic a device published to; an UNSUBSCRIBE and a SUBSCRIBE must
+/// each forget it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_hears_its_own_messages_only_while_subscribed() {
+    let (tmp, server) = start();
+    let dev = server.enroll(&tmp.path().join("d"), "device", "d-1");
+    let (c, mut ev) = client(server.mqtt, &dev, "d-1");
+    connected(&mut ev).await;
+    let (filter, topic) = ("devices/d-1/state/#", "devices/d-1/state/now");
+    let turn = |c: AsyncClient, payload: &'static str| async move {
+        c.publish(topic, QoS::AtLeastOnce, false, payload)
+            .await
+            .unwrap();
+    };
+    c.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
+    assert_eq!(suback(&mut ev).await.len(), 1);
+    turn(c.clone(), "one").await;
+    assert_eq!(payloads(&next_publishes(&mut ev, 1).await), ["one"]);
+    c.unsubscribe(filter).await.unwrap();
+    // Not heard: had it been, it would come before "three", which is
+    // published after the next SUBSCRIBE.
+    turn(c.clone(), "two").await;
+    c.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
+    turn(c.clone(), "three").await;
+    assert_eq!(payloads(&next_publishes(&mut ev, 1).await), ["three"]);
+}

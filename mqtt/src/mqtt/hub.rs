@@ -39,6 +39,10 @@ pub struct Delivery {
     pub message: Arc<Message>,
 }
 
+/// The highest QoS granted to the subscriptions that match a topic, and
+/// their subscription identifiers.
+pub type Granted = (u8, Vec<usize>);
+
 /// A live device session, as the hub sees it.
 #[derive(Debug)]
 pub struct Mailbox {
@@ -71,9 +75,9 @@ impl Mailbox {
 
     /// [`Mailbox::granted`], for a message the device itself published
     /// (`own`): subscriptions with No Local (MQTT 5) do not count.
-    pub fn granted_to(&self, topic: &str, own: bool) -> Option<(u8, Vec<usize>)> {
+    pub fn granted_to(&self, topic: &str, own: bool) -> Option<Granted> {
         let subs = self.subs();
-        let mut best: Option<(u8, Vec<usize>)> = None;
+        let mut best: Option<Granted> = None;
         for s in subs
             .iter()
             .filter(|s| !(own && s.no_local) && topic_matches(&s.filter, topic))

@@ -179,6 +179,12 @@ struct DeviceSide {
     durable: bool,
     mailbox: Arc<Mailbox>,
     rx: mpsc::Receiver<Delivery>,
+    /// The last topic it published to and what of its own subscriptions
+    /// matched it ([`Mailbox::granted_to`]): a device publishes to the
+    /// same few topics, and its subscriptions change only through this
+    /// session (cleared at each SUBSCRIBE and UNSUBSCRIBE), so most
+    /// PUBLISHes do not reach into the mailbox.
+    echo: Option<(String, Option<super::hub::Granted>)>,
 }
 
 /// Room for one read from the TLS stream (rustls hands over what it has

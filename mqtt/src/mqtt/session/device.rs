@@ -36,6 +36,7 @@ impl Session {
                     durable: durable || opened.session_present,
                     mailbox: opened.mailbox,
                     rx: opened.rx,
+                    echo: None,
                 });
                 Ok(opened.session_present)
             }
@@ -95,6 +96,9 @@ impl Session {
             })
             .collect();
         let fresh = mailbox.subscribe(&added);
+        if let Some(side) = self.device.as_mut() {
+            side.echo = None;
+        }
         self.save_session(&mailbox).await?;
         self.encode(Packet::SubAck(
             SubAck {
@@ -151,6 +155,9 @@ impl Session {
         };
         let mailbox = side.mailbox.clone();
         let existed = mailbox.unsubscribe(&unsub.filters);
+        if let Some(side) = self.device.as_mut() {
+            side.echo = None;
+        }
         self.save_session(&mailbox).await?;
         let reasons = existed
             .into_iter()

@@ -74,13 +74,21 @@ impl Session {
     /// A device hears its own PUBLISH on its matching subscriptions, but
     /// for those with No Local.
     fn hear_own_subscriptions(&mut self, i: &Inbound) {
-        let Some(side) = self.device.as_ref() else {
+        let Some(side) = self.device.as_mut() else {
             return;
         };
         let (p, topic, qos) = (&i.publish, i.topic.as_str(), i.qos);
-        if let Some((granted, ids)) = side.mailbox.granted_to(topic, true) {
-            let m = message(p, qos, i.props.as_ref(), self.now().wall_ms);
+        let matched = match &side.echo {
+            Some((last, matched)) if last == topic => matched.clone(),
+            _ => {
+                let matched = side.mailbox.granted_to(topic, true);
+                side.echo = Some((topic.to_owned(), matched.clone()));
+                matched
+            }
+        };
+        if let Some((granted, ids)) = matched {
             let retain = p.retain && side.mailbox.retain_as_published(topic);
+            let m = message(p, qos, i.props.as_ref(), self.now().wall_ms);
             self.ch.outbox.push(outgoing(
                 &m,
                 None,
