@@ -199,53 +199,45 @@ impl AsyncWrite for Conn {
 #[derive(Debug)]
 pub struct SessionRuntime {
     handle: Handle,
-    stop: Option<std::sync::mpsc::Sender<()>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl SessionRuntime {
     /// A runtime of `workers` workers (at least one).
     pub fn start(workers: usize) -> io::Result<Self> {
-        let (stop, stopped) = std::sync::mpsc::channel::<()>();
-        if workers <= 1 {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let handle = if workers <= 1 {
             // One thread: a current-thread runtime it drives itself, with
             // none of the work-stealing scheduler's bookkeeping.
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
             let handle = rt.handle().clone();
-            let (done, wait) = tokio::sync::oneshot::channel::<()>();
             std::thread::Builder::new()
                 .name("fleetgate-session".into())
                 .spawn(move || {
                     // Runs what is spawned on it until the broker drops
                     // this (or its sender goes).
-                    let _ = rt.block_on(wait);
+                    let _ = rt.block_on(stopped);
                     rt.shutdown_background();
                 })?;
+            handle
+        } else {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(workers)
+                .thread_name("fleetgate-session")
+                .enable_all()
+                .build()?;
+            let handle = rt.handle().clone();
             std::thread::Builder::new()
                 .name("fleetgate-sessions".into())
                 .spawn(move || {
-                    let _ = stopped.recv();
-                    let _ = done.send(());
+                    // Until the broker drops this (or its sender goes).
+                    let _ = stopped.blocking_recv();
+                    rt.shutdown_background();
                 })?;
-            return Ok(Self {
-                handle,
-                stop: Some(stop),
-            });
-        }
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(workers)
-            .thread_name("fleetgate-session")
-            .enable_all()
-            .build()?;
-        let handle = rt.handle().clone();
-        std::thread::Builder::new()
-            .name("fleetgate-sessions".into())
-            .spawn(move || {
-                // Until the broker drops this (or its sender goes).
-                let _ = stopped.recv();
-                rt.shutdown_background();
-            })?;
+            handle
+        };
         Ok(Self {
             handle,
             stop: Some(stop),
