@@ -205,39 +205,29 @@ pub struct SessionRuntime {
 impl SessionRuntime {
     /// A runtime of `workers` workers (at least one).
     pub fn start(workers: usize) -> io::Result<Self> {
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let handle = if workers <= 1 {
-            // One thread: a current-thread runtime it drives itself, with
-            // none of the work-stealing scheduler's bookkeeping.
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            let handle = rt.handle().clone();
-            std::thread::Builder::new()
-                .name("fleetgate-session".into())
-                .spawn(move || {
-                    // Runs what is spawned on it until the broker drops
-                    // this (or its sender goes).
-                    let _ = rt.block_on(stopped);
-                    rt.shutdown_background();
-                })?;
-            handle
+        // One thread: a current-thread runtime that thread drives, with
+        // none of the work-stealing scheduler's bookkeeping. More: workers
+        // of their own, and a thread that only waits to stop them.
+        let (mut builder, thread) = if workers <= 1 {
+            (
+                tokio::runtime::Builder::new_current_thread(),
+                "fleetgate-session",
+            )
         } else {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(workers)
-                .thread_name("fleetgate-session")
-                .enable_all()
-                .build()?;
-            let handle = rt.handle().clone();
-            std::thread::Builder::new()
-                .name("fleetgate-sessions".into())
-                .spawn(move || {
-                    // Until the broker drops this (or its sender goes).
-                    let _ = stopped.blocking_recv();
-                    rt.shutdown_background();
-                })?;
-            handle
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(workers).thread_name("fleetgate-session");
+            (b, "fleetgate-sessions")
         };
+        let rt = builder.enable_all().build()?;
+        let handle = rt.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name(thread.into())
+            .spawn(move || {
+                // Until the broker drops this (or its sender goes).
+                let _ = rt.block_on(stopped);
+                rt.shutdown_background();
+            })?;
         Ok(Self {
             handle,
             stop: Some(stop),
