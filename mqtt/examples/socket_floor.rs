@@ -2,8 +2,10 @@
 //! sockets: the floor of `benches/handshake.rs` plus what the kernel and
 //! the runtime add (accept, reads, writes, epoll, close), with nothing of
 //! a broker (no registry, session, log or metrics). It accepts on
-//! 127.0.0.1, completes the mTLS handshake (rustls with ring, the default
-//! server configuration, the client verified against `ca`), answers any
+//! 127.0.0.1, completes the mTLS handshake (rustls with ring, the client
+//! verified against `ca`, the MQTT listener's cipher suite order as
+//! fleetgate picks it for the loader: `fleetgate_mqtt::tls::MqttTls`,
+//! without reading the ClientHello first), answers any
 //! first record with an MQTT 3.1.1 CONNACK, and closes at DISCONNECT or
 //! EOF. `bench/connect-floor.sh` runs the same loader against it, beside
 //! fleetgate and Mosquitto.
@@ -29,10 +31,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let chain = CertificateDer::pem_file_iter(cert)?.collect::<Result<Vec<_>, _>>()?;
     let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots)).build()?;
-    let config = rustls::ServerConfig::builder()
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, PrivateKeyDer::from_pem_file(key)?)?;
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let key = PrivateKeyDer::from_pem_file(key)?;
+    let configs = fleetgate_mqtt::tls::MqttTls::new(|provider| {
+        Ok(
+            rustls::ServerConfig::builder_with_provider(Arc::new(provider))
+                .with_safe_default_protocol_versions()?
+                .with_client_cert_verifier(verifier.clone())
+                .with_single_cert(chain.clone(), key.clone_key())?,
+        )
+    })
+    .map_err(|e| e.to_string())?;
+    // The loader is a rustls client with its default suites.
+    let offered: Vec<_> = rustls::crypto::ring::default_provider()
+        .cipher_suites
+        .iter()
+        .map(|s| s.suite())
+        .collect();
+    let acceptor = tokio_rustls::TlsAcceptor::from(configs.for_client(&offered));
     tokio::runtime::Runtime::new()?.block_on(async move {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         println!("listening mqtt={}", listener.local_addr()?);

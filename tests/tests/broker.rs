@@ -849,3 +849,105 @@ async fn logs_can_be_json_one_object_a_line() {
     assert_eq!(refusal["spans"][0]["device.id"], "json-1", "{refusal}");
     assert!(refusal["timestamp"].as_str().is_some(), "{refusal}");
 }
+
+/// What `openssl s_client -brief` says of a connection to the broker's
+/// MQTT listener as `creds`, given `args`: its protocol and cipher suite,
+/// once the handshake is done, when it then sends an MQTT CONNECT (and
+/// leaves). Bounded: a client never answered is cut off.
+fn s_client(server: &Server, creds: &Creds, args: &[&str]) -> String {
+    use std::io::Write;
+    let mut child = Command::new("timeout")
+        .args(["20", "openssl", "s_client", "-brief", "-connect"])
+        .arg(server.mqtt.to_string())
+        .arg("-CAfile")
+        .arg(&creds.ca)
+        .arg("-cert")
+        .arg(&creds.cert)
+        .arg("-key")
+        .arg(&creds.key)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(&connect_packet(&creds.id)).unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Devices on TLS 1.2 connect: a client that sends its CONNECT only once
+/// its handshake is done gets the server's Finished, which the server
+/// writes after it has verified the client's certificate, while the
+/// server waits for that CONNECT (it was held back for the CONNACK, and
+/// went only when the server gave up on the client). And the server's
+/// cipher suite order decides: AES-128-GCM, which clients put after
+/// AES-256, unless a client puts ChaCha20 first (no AES in hardware), and
+/// AES-256 still for a client that offers nothing else.
+#[test]
+fn tls_1_2_clients_connect_and_the_server_prefers_aes_128_gcm() {
+    require_tool("openssl");
+    require_tool("timeout");
+    let (tmp, server) = start();
+    let dev = server.enroll(tmp.path(), "device", "tls-1");
+    let cases: [(&[&str], &str, &str); 6] = [
+        (&[], "TLSv1.3", "TLS_AES_128_GCM_SHA256"),
+        (
+            &[
+                "-ciphersuites",
+                "TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_128_GCM_SHA256",
+            ],
+            "TLSv1.3",
+            "TLS_AES_128_GCM_SHA256",
+        ),
+        (
+            &[
+                "-ciphersuites",
+                "TLS_CHACHA20_POLY1305_SHA256:TLS_AES_128_GCM_SHA256",
+            ],
+            "TLSv1.3",
+            "TLS_CHACHA20_POLY1305_SHA256",
+        ),
+        (
+            &["-ciphersuites", "TLS_AES_256_GCM_SHA384"],
+            "TLSv1.3",
+            "TLS_AES_256_GCM_SHA384",
+        ),
+        (&["-tls1_2"], "TLSv1.2", "ECDHE-ECDSA-AES128-GCM-SHA256"),
+        (
+            &[
+                "-tls1_2",
+                "-cipher",
+                "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-ECDSA-AES128-GCM-SHA256",
+            ],
+            "TLSv1.2",
+            "ECDHE-ECDSA-CHACHA20-POLY1305",
+        ),
+    ];
+    let connects = |server: &Server| {
+        server
+            .log()
+            .iter()
+            .filter(|l| l.contains("device.id=tls-1") && l.contains("mqtt: connected"))
+            .count()
+    };
+    for (n, (args, version, suite)) in cases.into_iter().enumerate() {
+        let said = s_client(&server, &dev, args);
+        assert!(
+            said.contains("CONNECTION ESTABLISHED")
+                && said.contains(&format!("Protocol version: {version}"))
+                && said.contains(&format!("Ciphersuite: {suite}")),
+            "s_client {args:?}: expected {version} {suite}: {said}"
+        );
+        // Its CONNECT reached the broker, which admitted it.
+        tests::eventually(
+            Duration::from_secs(10),
+            "the CONNECT sent after the handshake",
+            || (connects(&server) > n).then_some(()),
+        );
+    }
+    let log = server.log().join("\n");
+    assert!(!log.contains("closed before CONNECT"), "{log}");
+}

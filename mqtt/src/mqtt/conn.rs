@@ -34,11 +34,13 @@ use tokio::runtime::Handle;
 /// A connection's TCP stream, movable to another runtime.
 ///
 /// It also holds back what rustls writes once it has verified the
-/// client's certificate, within the handshake (its session tickets), and
-/// sends it with the next write after it (the CONNACK): one write and one
-/// segment fewer per connect. What is still held when the connection is
-/// dropped (an alert for a handshake that failed after all) is written
-/// then, without waiting.
+/// client's certificate, within the handshake (in TLS 1.3, its session
+/// tickets), and sends it with the next write after it (the CONNACK): one
+/// write and one segment fewer per connect, when the client's CONNECT came
+/// with its Finished. A read that would wait sends it first, alone: the
+/// client may be waiting for it (in TLS 1.2, it is the server's Finished).
+/// What is still held when the connection is dropped (an alert for a
+/// handshake that failed after all) is written then, without waiting.
 #[derive(Debug)]
 pub struct Conn {
     tcp: Option<TcpStream>,
@@ -102,10 +104,29 @@ impl AsyncRead for Conn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match self.tcp() {
-            Ok(t) => t.poll_read(cx, buf),
-            Err(e) => Poll::Ready(Err(e)),
+        let Conn { tcp: t, held, .. } = self.get_mut();
+        let mut t = match tcp(t) {
+            Ok(t) => t,
+            Err(e) => return Poll::Ready(Err(e)),
+        };
+        let read = t.as_mut().poll_read(cx, buf);
+        // About to wait for the peer with something held back for it: it
+        // may be waiting for that (a TLS 1.2 server's Finished comes after
+        // the client's certificate; a TLS 1.3 client may wait for its
+        // tickets), so it goes now, alone.
+        if read.is_pending() && !held.is_empty() {
+            while !held.is_empty() {
+                match t.as_mut().poll_write(cx, held) {
+                    Poll::Ready(Ok(n)) if n > 0 => {
+                        held.drain(..n);
+                    }
+                    Poll::Ready(Ok(_)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => break,
+                }
+            }
         }
+        read
     }
 }
 
@@ -250,6 +271,7 @@ impl Drop for SessionRuntime {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// A socket accepted on one runtime is read and written on another,
@@ -313,5 +335,40 @@ mod tests {
         let mut rest = Vec::new();
         client.read_to_end(&mut rest).await.unwrap();
         assert_eq!(rest, b"alert");
+    }
+
+    static HOLD_2: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    fn hold_2() -> bool {
+        HOLD_2.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// A TLS 1.2 client waits for the server's Finished, which the server
+    /// writes after it has verified the client's certificate (held), before
+    /// it sends its CONNECT: a read that would wait sends what is held.
+    #[tokio::test]
+    async fn a_read_that_would_wait_sends_what_is_held() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut conn = Conn::holding_while(tcp, hold_2);
+        HOLD_2.store(true, std::sync::atomic::Ordering::Relaxed);
+        conn.write_all(b"finished").await.unwrap();
+        conn.flush().await.unwrap();
+        HOLD_2.store(false, std::sync::atomic::Ordering::Relaxed);
+        let server = tokio::spawn(async move {
+            let mut got = [0u8; 7];
+            conn.read_exact(&mut got).await.unwrap();
+            got
+        });
+        let mut finished = [0u8; 8];
+        tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut finished))
+            .await
+            .expect("the held bytes went out while the server waited to read")
+            .unwrap();
+        assert_eq!(&finished, b"finished");
+        client.write_all(b"connect").await.unwrap();
+        assert_eq!(&server.await.unwrap(), b"connect");
     }
 }

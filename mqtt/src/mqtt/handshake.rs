@@ -5,8 +5,6 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use tokio_rustls::TlsAcceptor;
-
 use super::admission::{self, RegistryVerifier};
 use super::session::Peer;
 use super::{conn, Shared};
@@ -83,11 +81,13 @@ pub(super) fn log_panic(done: Result<(), tokio::task::JoinError>) {
 }
 
 /// Runs the TLS handshake of a connection from `addr`: the stream, if it
-/// completed, and what the verifier found. A function of its own so that
+/// completed, and what the verifier found. The ClientHello is read first,
+/// to answer it with the config its cipher suites call for
+/// ([`crate::tls::MqttTls::for_client`]). A function of its own so that
 /// nothing of the handshake's (a TLS stream is 1.3 KiB) stays in the
 /// connection's task while its session runs.
 pub(super) async fn accept(
-    acceptor: TlsAcceptor,
+    tls: Arc<crate::tls::MqttTls>,
     tcp: conn::Conn,
     addr: std::net::SocketAddr,
     shared: &Shared,
@@ -97,9 +97,15 @@ pub(super) async fn accept(
 ) {
     let metrics = &shared.metrics;
     // A refusal the verifier logs names the peer's address.
+    let handshake = async {
+        let start =
+            tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp).await?;
+        let config = tls.for_client(start.client_hello().cipher_suites());
+        start.into_stream(config).await
+    };
     let (accepted, verified) = admission::handshake(
         addr,
-        tokio::time::timeout(shared.cfg.handshake_timeout, acceptor.accept(tcp)),
+        tokio::time::timeout(shared.cfg.handshake_timeout, handshake),
     )
     .await;
     let stream = match accepted {

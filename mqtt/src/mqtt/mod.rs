@@ -36,10 +36,8 @@ use std::time::Duration;
 use provisioning::{Authority, CertKey, DeviceId, Registry, Standing};
 use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
 use rumqttd::{Notification, Router, RouterConfig};
-use rustls::ServerConfig;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
-use tokio_rustls::TlsAcceptor;
 
 use crate::metrics::{Metrics, Refusal};
 use crate::mqtt::admission::RegistryVerifier;
@@ -835,7 +833,7 @@ impl Broker {
     pub async fn serve(
         &self,
         listener: TcpListener,
-        tls: watch::Receiver<Arc<ServerConfig>>,
+        tls: watch::Receiver<Arc<crate::tls::MqttTls>>,
         mut shutdown: watch::Receiver<bool>,
     ) {
         let cfg = &self.shared.cfg;
@@ -865,7 +863,7 @@ impl Broker {
                 }
                 continue;
             };
-            let acceptor = TlsAcceptor::from(tls.borrow().clone());
+            let acceptor = tls.borrow().clone();
             let shared = self.shared.clone();
             let shutdown = shutdown.clone();
             let sessions = sessions.clone();
