@@ -38,9 +38,10 @@ use rustls::client::danger::HandshakeSignatureValid;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore};
-use rustls_pki_types::{CertificateDer, TrustAnchor, UnixTime};
+use rustls_pki_types::{CertificateDer, SignatureVerificationAlgorithm, TrustAnchor, UnixTime};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
+use super::signatures::SignatureCache;
 use crate::metrics::{Metrics, Refusal};
 
 /// A registered manufacturer CA, used as a trust anchor: what webpki does
@@ -73,7 +74,13 @@ pub struct RegistryVerifier {
     auth: Arc<Authority>,
     trust: RwLock<Arc<Trust>>,
     metrics: Arc<Metrics>,
+    /// Chain signatures verified once ([`super::signatures`]).
+    signatures: SignatureCache,
 }
+
+/// Chain signatures remembered, at most: a device's certificate is one (a
+/// manufacturer's device's, two); 32 bytes each and the set's own.
+const SIGNATURES_KEPT: usize = 1 << 16;
 
 /// What the handshake established about a client: the certificate parsed
 /// once, the identity it names, its registry key, and the manufacturer
@@ -170,6 +177,7 @@ impl RegistryVerifier {
             auth,
             trust: RwLock::new(Arc::default()),
             metrics,
+            signatures: SignatureCache::new(SIGNATURES_KEPT),
         };
         v.reload()?;
         Ok(v)
@@ -274,9 +282,14 @@ impl RegistryVerifier {
             .cloned()
             .chain(trust.intermediates.iter().cloned())
             .collect();
+        let algs = self.signatures.wrap(webpki::ALL_VERIFICATION_ALGS);
+        let algs: Vec<&dyn SignatureVerificationAlgorithm> = algs
+            .iter()
+            .map(|a| a as &dyn SignatureVerificationAlgorithm)
+            .collect();
         let path = ee
             .verify_for_usage(
-                webpki::ALL_VERIFICATION_ALGS,
+                &algs,
                 &trust.anchors,
                 &offered,
                 now,

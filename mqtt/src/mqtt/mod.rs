@@ -23,6 +23,7 @@ mod remote;
 pub mod seen;
 mod session;
 mod share;
+mod signatures;
 
 // The connection core and the pure pieces it is made of: a crate of their
 // own (`mqtt-core`), which names no socket, runtime or store.
