@@ -78,7 +78,8 @@ fn main() {
             .with_single_cert(vec![server_cert.clone()], server_key.clone_key())
             .expect("server config"),
     );
-    let ours = fleetgate_mqtt::tls::MqttTls::new(|provider| {
+    let tickets = rustls::crypto::ring::Ticketer::new().expect("ticket keys");
+    let ours = fleetgate_mqtt::tls::MqttTls::new(&tickets, |provider| {
         Ok(ServerConfig::builder_with_provider(Arc::new(provider))
             .with_safe_default_protocol_versions()?
             .with_client_cert_verifier(verifier.clone())

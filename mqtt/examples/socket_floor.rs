@@ -32,7 +32,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let chain = CertificateDer::pem_file_iter(cert)?.collect::<Result<Vec<_>, _>>()?;
     let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots)).build()?;
     let key = PrivateKeyDer::from_pem_file(key)?;
-    let configs = fleetgate_mqtt::tls::MqttTls::new(|provider| {
+    let tickets = rustls::crypto::ring::Ticketer::new()?;
+    let configs = fleetgate_mqtt::tls::MqttTls::new(&tickets, |provider| {
         Ok(
             rustls::ServerConfig::builder_with_provider(Arc::new(provider))
                 .with_safe_default_protocol_versions()?

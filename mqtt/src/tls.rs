@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use rustls::crypto::CryptoProvider;
-use rustls::server::WebPkiClientVerifier;
+use rustls::server::{ProducesTickets, WebPkiClientVerifier};
 use rustls::{CipherSuite, RootCertStore, ServerConfig};
 use rustls_pki_types::CertificateDer;
 
@@ -56,6 +56,8 @@ pub struct ServerTls {
     mqtt_verifier: Arc<crate::mqtt::admission::RegistryVerifier>,
     api: tokio::sync::watch::Sender<Arc<ServerConfig>>,
     mqtt: tokio::sync::watch::Sender<Arc<MqttTls>>,
+    /// The MQTT listener's session tickets' keys, kept across reloads.
+    tickets: Arc<dyn ProducesTickets>,
 }
 
 impl ServerTls {
@@ -67,12 +69,14 @@ impl ServerTls {
             crate::mqtt::admission::RegistryVerifier::new(auth.clone(), metrics)
                 .context("building the MQTT client verifier")?,
         );
-        let (api, mqtt) = build(&auth.paths, &anchors(auth), &mqtt_verifier)?;
+        let tickets = rustls::crypto::ring::Ticketer::new().context("session ticket keys")?;
+        let (api, mqtt) = build(&auth.paths, &anchors(auth), &mqtt_verifier, &tickets)?;
         Ok(Self {
             auth: auth.clone(),
             mqtt_verifier,
             api: tokio::sync::watch::channel(api).0,
             mqtt: tokio::sync::watch::channel(mqtt).0,
+            tickets,
         })
     }
 
@@ -99,7 +103,12 @@ impl ServerTls {
     /// CA); on error the old ones stay.
     pub fn reload(&self) -> anyhow::Result<()> {
         self.mqtt_verifier.reload()?;
-        let (api, mqtt) = build(&self.auth.paths, &anchors(&self.auth), &self.mqtt_verifier)?;
+        let (api, mqtt) = build(
+            &self.auth.paths,
+            &anchors(&self.auth),
+            &self.mqtt_verifier,
+            &self.tickets,
+        )?;
         self.api.send_replace(api);
         self.mqtt.send_replace(mqtt);
         tracing::info!("reloaded the server certificate");
@@ -119,9 +128,10 @@ fn build(
     paths: &provisioning::ca::Paths,
     anchors: &[CertificateDer<'static>],
     mqtt_verifier: &Arc<crate::mqtt::admission::RegistryVerifier>,
+    tickets: &Arc<dyn ProducesTickets>,
 ) -> anyhow::Result<(Arc<ServerConfig>, Arc<MqttTls>)> {
     let api = api_server_config(anchors, &paths.server_cert(), &paths.server_key())?;
-    let mqtt = MqttTls::new(|provider| {
+    let mqtt = MqttTls::new(tickets, |provider| {
         ServerConfig::builder_with_provider(Arc::new(provider))
             .with_safe_default_protocol_versions()
             .context("TLS versions")?
@@ -147,6 +157,13 @@ fn build(
 /// and Go's do. A client whose first choice is ChaCha20-Poly1305 says it
 /// has no AES in hardware (BoringSSL and Go read it so too): it gets
 /// ChaCha20. A client that offers only AES-256 still gets it.
+///
+/// One TLS 1.3 session ticket a connect, stateless (its session sealed
+/// with a key of this process's, rotated every 6 hours, so it costs the
+/// server no memory and any device of a fleet can resume): rustls's
+/// default, two tickets kept in a cache of 256 sessions, forgot a
+/// fleet's sessions as fast as they came. A resumed session is admitted
+/// as a full one is (`handshake::peer_of`).
 #[derive(Debug)]
 pub struct MqttTls {
     aes: Arc<ServerConfig>,
@@ -155,16 +172,21 @@ pub struct MqttTls {
 
 impl MqttTls {
     /// Both configs, from `build` given a provider with its suites in the
-    /// order wanted; they share one session cache, so a session resumes
-    /// whichever the client picks next time.
+    /// order wanted, sealing tickets with `tickets`; they share it and one
+    /// session cache (TLS 1.2's), so a session resumes whichever the
+    /// client picks next time.
     pub fn new(
+        tickets: &Arc<dyn ProducesTickets>,
         build: impl Fn(CryptoProvider) -> anyhow::Result<ServerConfig>,
     ) -> anyhow::Result<Self> {
         let mut aes = build(ordered(Bulk::Aes128))?;
-        aes.ignore_client_order = true;
         let mut chacha = build(ordered(Bulk::ChaCha20))?;
-        chacha.ignore_client_order = true;
         chacha.session_storage = aes.session_storage.clone();
+        for c in [&mut aes, &mut chacha] {
+            c.ignore_client_order = true;
+            c.ticketer = tickets.clone();
+            c.send_tls13_tickets = 1;
+        }
         Ok(Self {
             aes: Arc::new(aes),
             chacha: Arc::new(chacha),

@@ -278,6 +278,29 @@ async fn a_resumed_tls_session_does_not_skip_revocation() {
     assert!(server.wait_for_log("refused at CONNECT", Duration::from_secs(5)));
 }
 
+/// A device resumes its TLS session however many others connected since:
+/// the broker's tickets are stateless (rustls's default kept 256 sessions,
+/// two tickets a connect, so a fleet's reconnects never resumed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_resumes_after_hundreds_of_other_connects() {
+    let (tmp, server) = start();
+    let a = server.enroll(&tmp.path().join("a"), "device", "res-a");
+    let b = server.enroll(&tmp.path().join("b"), "device", "res-b");
+    let a_config = a.client_config();
+    let (resumed, first) =
+        tls_exchange(server.mqtt, a_config.clone(), &connect_packet("res-a")).await;
+    assert!(!resumed);
+    assert_eq!(first, [0x20, 0x02, 0x00, 0x00]);
+    for _ in 0..300 {
+        // A new client config each time: a full handshake, a new ticket.
+        let (_, ack) = tls_exchange(server.mqtt, b.client_config(), &connect_packet("res-b")).await;
+        assert_eq!(ack, [0x20, 0x02, 0x00, 0x00]);
+    }
+    let (resumed, again) = tls_exchange(server.mqtt, a_config, &connect_packet("res-a")).await;
+    assert!(resumed, "res-a's session was forgotten");
+    assert_eq!(again, [0x20, 0x02, 0x00, 0x00]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ocsp_signing_certificate_is_renewed_while_running() {
     require_tool("openssl");
