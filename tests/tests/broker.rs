@@ -855,9 +855,17 @@ async fn logs_can_be_json_one_object_a_line() {
 /// once the handshake is done, when it then sends an MQTT CONNECT (and
 /// leaves). Bounded: a client never answered is cut off.
 fn s_client(server: &Server, creds: &Creds, args: &[&str]) -> String {
+    let mut args = args.to_vec();
+    args.push("-brief");
+    s_client_sending(server, creds, &args, &connect_packet(&creds.id))
+}
+
+/// `s_client` as `creds` with `args`, sending `bytes` once connected:
+/// all it printed.
+fn s_client_sending(server: &Server, creds: &Creds, args: &[&str], bytes: &[u8]) -> String {
     use std::io::Write;
     let mut child = Command::new("timeout")
-        .args(["20", "openssl", "s_client", "-brief", "-connect"])
+        .args(["20", "openssl", "s_client", "-connect"])
         .arg(server.mqtt.to_string())
         .arg("-CAfile")
         .arg(&creds.ca)
@@ -872,10 +880,33 @@ fn s_client(server: &Server, creds: &Creds, args: &[&str]) -> String {
         .spawn()
         .unwrap();
     let mut stdin = child.stdin.take().unwrap();
-    stdin.write_all(&connect_packet(&creds.id)).unwrap();
+    stdin.write_all(bytes).unwrap();
     drop(stdin);
     let out = child.wait_with_output().unwrap();
-    String::from_utf8_lossy(&out.stderr).into_owned()
+    let mut said = String::from_utf8_lossy(&out.stdout).into_owned();
+    said.push_str(&String::from_utf8_lossy(&out.stderr));
+    said
+}
+
+/// A device that keeps its TLS 1.3 session ticket resumes with it, as the
+/// README says `openssl s_client -sess_out` and `-sess_in` show (that
+/// any device of a fleet can: `security.rs`).
+#[test]
+fn openssl_resumes_its_session_with_the_ticket_it_kept() {
+    require_tool("openssl");
+    require_tool("timeout");
+    let (tmp, server) = start();
+    let dev = server.enroll(tmp.path(), "device", "tls-2");
+    let session = tmp.path().join("session.pem");
+    let session = session.to_str().unwrap();
+    // CONNECT, then DISCONNECT: the broker answers and closes, and
+    // s_client (not leaving at its input's end) reads all of it.
+    let mut bytes = connect_packet("tls-2");
+    bytes.extend_from_slice(&[0xe0, 0x00]);
+    let first = s_client_sending(&server, &dev, &["-ign_eof", "-sess_out", session], &bytes);
+    assert!(first.contains("New, TLSv1.3"), "{first}");
+    let again = s_client_sending(&server, &dev, &["-ign_eof", "-sess_in", session], &bytes);
+    assert!(again.contains("Reused, TLSv1.3"), "{again}");
 }
 
 /// Devices on TLS 1.2 connect: a client that sends its CONNECT only once
