@@ -65,7 +65,7 @@ cafile $mq/ca.crt
 certfile $mq/server.crt
 keyfile $mq/server.key
 require_certificate true
-# AES-128-GCM, which fleetgate picks for these clients (mqtt/src/tls.rs):
+# AES-128-GCM, which fleetgate picks for these clients (mqtt/src/mqtt_tls.rs):
 # the same handshake and records on both brokers
 ciphers_tls1.3 TLS_AES_128_GCM_SHA256
 use_identity_as_username true

@@ -3,7 +3,7 @@
 //! client and server in one thread and in memory: no sockets, no MQTT, no
 //! registry. Prints each side's time per handshake, which on one thread is
 //! its CPU time: with the MQTT listener's own cipher suite order
-//! (`fleetgate_mqtt::tls::MqttTls`: AES-128-GCM-SHA256 for a client with
+//! (`fleetgate_mqtt::mqtt_tls::MqttTls`: AES-128-GCM-SHA256 for a client with
 //! rustls's defaults; `server_us_per_handshake`), and with rustls's
 //! default server configuration (the client's first choice,
 //! AES-256-GCM-SHA384; `server_us_per_handshake_default`), the floor
@@ -79,7 +79,7 @@ fn main() {
             .expect("server config"),
     );
     let tickets = rustls::crypto::ring::Ticketer::new().expect("ticket keys");
-    let ours = fleetgate_mqtt::tls::MqttTls::new(&tickets, |provider| {
+    let ours = fleetgate_mqtt::mqtt_tls::MqttTls::new(&tickets, |provider| {
         Ok(ServerConfig::builder_with_provider(Arc::new(provider))
             .with_safe_default_protocol_versions()?
             .with_client_cert_verifier(verifier.clone())

@@ -4,7 +4,7 @@
 //! a broker (no registry, session, log or metrics). It accepts on
 //! 127.0.0.1, completes the mTLS handshake (rustls with ring, the client
 //! verified against `ca`, the MQTT listener's cipher suite order as
-//! fleetgate picks it for the loader: `fleetgate_mqtt::tls::MqttTls`,
+//! fleetgate picks it for the loader: `fleetgate_mqtt::mqtt_tls::MqttTls`,
 //! without reading the ClientHello first), answers any
 //! first record with an MQTT 3.1.1 CONNACK, and closes at DISCONNECT or
 //! EOF. `bench/connect-floor.sh` runs the same loader against it, beside
@@ -33,7 +33,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots)).build()?;
     let key = PrivateKeyDer::from_pem_file(key)?;
     let tickets = rustls::crypto::ring::Ticketer::new()?;
-    let configs = fleetgate_mqtt::tls::MqttTls::new(&tickets, |provider| {
+    let configs = fleetgate_mqtt::mqtt_tls::MqttTls::new(&tickets, |provider| {
         Ok(
             rustls::ServerConfig::builder_with_provider(Arc::new(provider))
                 .with_safe_default_protocol_versions()?

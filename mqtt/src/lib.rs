@@ -9,6 +9,7 @@ pub use fleetgate_etcd as etcd;
 pub mod events;
 pub mod metrics;
 pub mod mqtt;
+pub mod mqtt_tls;
 pub mod net;
 pub mod status;
 pub mod tls;

@@ -83,11 +83,11 @@ pub(super) fn log_panic(done: Result<(), tokio::task::JoinError>) {
 /// Runs the TLS handshake of a connection from `addr`: the stream, if it
 /// completed, and what the verifier found. The ClientHello is read first,
 /// to answer it with the config its cipher suites call for
-/// ([`crate::tls::MqttTls::for_client`]). A function of its own so that
+/// ([`crate::mqtt_tls::MqttTls::for_client`]). A function of its own so that
 /// nothing of the handshake's (a TLS stream is 1.3 KiB) stays in the
 /// connection's task while its session runs.
 pub(super) async fn accept(
-    tls: Arc<crate::tls::MqttTls>,
+    tls: Arc<crate::mqtt_tls::MqttTls>,
     tcp: conn::Conn,
     addr: std::net::SocketAddr,
     shared: &Shared,

@@ -834,7 +834,7 @@ impl Broker {
     pub async fn serve(
         &self,
         listener: TcpListener,
-        tls: watch::Receiver<Arc<crate::tls::MqttTls>>,
+        tls: watch::Receiver<Arc<crate::mqtt_tls::MqttTls>>,
         mut shutdown: watch::Receiver<bool>,
     ) {
         let cfg = &self.shared.cfg;
