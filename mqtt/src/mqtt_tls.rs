@@ -15,12 +15,13 @@ use rustls::{CipherSuite, ServerConfig};
 /// AES-128-GCM first: TLS 1.3's mandatory suite, as strong as the P-256
 /// keys every certificate here has (128-bit), and cheaper than
 /// AES-256-GCM-SHA384 at both ends: its key schedule and transcript hash
-/// are SHA-256, which CPUs do in hardware, where SHA-384 is software, and
-/// each record is 10 AES rounds, not 14. Clients (rustls, OpenSSL, mbedTLS)
-/// ask for AES-256 first, so the server's order decides, as AWS IoT's
-/// and Go's do. A client whose first choice is ChaCha20-Poly1305 says it
-/// has no AES in hardware (BoringSSL and Go read it so too): it gets
-/// ChaCha20. A client that offers only AES-256 still gets it.
+/// are SHA-256, which current CPUs do in hardware (x86 SHA-NI, ARMv8
+/// SHA2) where SHA-384 is software, and each record is 10 AES rounds, not
+/// 14. Clients (rustls, OpenSSL) ask for AES-256 first, so the server's
+/// order decides, as Go's does. A client whose first choice is
+/// ChaCha20-Poly1305 says it has no AES in hardware (BoringSSL and Go read
+/// it so too): it gets ChaCha20. A client that offers only AES-256 still
+/// gets it.
 ///
 /// One TLS 1.3 session ticket a connect, stateless (its session sealed
 /// with a key of this process's, rotated every 6 hours, so it costs the
