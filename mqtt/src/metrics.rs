@@ -38,8 +38,9 @@ impl Histogram {
 }
 
 /// Every metric's name, kind and help: what the exposition says of it.
-const COUNTERS: [(&str, &str); 18] = [
+const COUNTERS: [(&str, &str); 19] = [
     ("fleetgate_mqtt_handshakes_total", "Completed mutual-TLS handshakes."),
+    ("fleetgate_mqtt_tls_resumptions_total", "Completed handshakes that resumed a TLS session (a session ticket; the certificate's checks run again on the chain it carries)."),
     ("fleetgate_mqtt_sessions_total", "MQTT sessions started."),
     ("fleetgate_mqtt_kicked_total", "Sessions cut by a revocation or suspension."),
     ("fleetgate_mqtt_taken_over_total", "Sessions taken over by a newer connection."),
@@ -158,6 +159,8 @@ pub struct Metrics {
     pub registry_lookups: Histogram,
     pub connections_open: AtomicI64,
     pub handshakes: AtomicU64,
+    /// Of those, the ones that resumed a TLS session.
+    pub tls_resumptions: AtomicU64,
     pub sessions: AtomicU64,
     pub kicked: AtomicU64,
     pub taken_over: AtomicU64,
@@ -219,6 +222,7 @@ impl Default for Metrics {
             registry_lookups: exposition.histogram("fleetgate_registry_lookup_seconds"),
             connections_open: AtomicI64::default(),
             handshakes: AtomicU64::default(),
+            tls_resumptions: AtomicU64::default(),
             sessions: AtomicU64::default(),
             kicked: AtomicU64::default(),
             taken_over: AtomicU64::default(),
@@ -308,8 +312,12 @@ impl Metrics {
         let x = &self.exposition;
         let s = self.snapshot();
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let counters: [(&'static str, u64); 22] = [
+        let counters: [(&'static str, u64); 23] = [
             ("fleetgate_mqtt_handshakes_total", s.handshakes),
+            (
+                "fleetgate_mqtt_tls_resumptions_total",
+                load(&self.tls_resumptions),
+            ),
             ("fleetgate_mqtt_sessions_total", s.sessions),
             ("fleetgate_mqtt_kicked_total", s.kicked),
             ("fleetgate_mqtt_taken_over_total", s.taken_over),
@@ -422,6 +430,7 @@ mod tests {
         m.refused(Refusal::Revoked);
         m.refused(Refusal::Revoked);
         m.handshakes.fetch_add(3, Ordering::Relaxed);
+        m.tls_resumptions.fetch_add(1, Ordering::Relaxed);
         m.registry_writes
             .observe(std::time::Duration::from_millis(3));
         let text = m.prometheus(7, 2, &[("server", 1_900_000_000)]);
@@ -429,6 +438,10 @@ mod tests {
         assert!(text.contains("fleetgate_mqtt_sessions 2\n"), "{text}");
         assert!(
             text.contains("fleetgate_mqtt_handshakes_total 3\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("fleetgate_mqtt_tls_resumptions_total 1\n"),
             "{text}"
         );
         assert!(

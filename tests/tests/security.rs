@@ -283,7 +283,8 @@ async fn a_resumed_tls_session_does_not_skip_revocation() {
 /// two tickets a connect, so a fleet's reconnects never resumed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_resumes_after_hundreds_of_other_connects() {
-    let (tmp, server) = start();
+    require_tool("curl");
+    let (tmp, server) = start_with(&["--metrics-listen", "127.0.0.1:0"]);
     let a = server.enroll(&tmp.path().join("a"), "device", "res-a");
     let b = server.enroll(&tmp.path().join("b"), "device", "res-b");
     let a_config = a.client_config();
@@ -299,6 +300,18 @@ async fn a_device_resumes_after_hundreds_of_other_connects() {
     let (resumed, again) = tls_exchange(server.mqtt, a_config, &connect_packet("res-a")).await;
     assert!(resumed, "res-a's session was forgotten");
     assert_eq!(again, [0x20, 0x02, 0x00, 0x00]);
+    // Operators see it: one resumption of 302 handshakes.
+    let url = format!(
+        "http://{}/metrics",
+        server.metrics.expect("metrics address")
+    );
+    let (ok, text) = run(std::process::Command::new("curl").args(["-sS", &url]));
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("fleetgate_mqtt_tls_resumptions_total 1\n")
+            && text.contains("fleetgate_mqtt_handshakes_total 302\n"),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

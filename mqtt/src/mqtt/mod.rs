@@ -883,6 +883,13 @@ impl Broker {
                 drop(handshake);
                 let Some(mut stream) = stream else { return };
                 shared.metrics.handshakes.fetch_add(1, Ordering::Relaxed);
+                if verified.is_none() {
+                    // The verifier did not run: a resumed session.
+                    shared
+                        .metrics
+                        .tls_resumptions
+                        .fetch_add(1, Ordering::Relaxed);
+                }
                 let Some(peer) = peer_of(&stream, addr, &shared.verifier, verified) else {
                     return;
                 };
