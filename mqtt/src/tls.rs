@@ -132,15 +132,16 @@ fn build(
     tickets: &Arc<dyn ProducesTickets>,
 ) -> anyhow::Result<(Arc<ServerConfig>, Arc<MqttTls>)> {
     let api = api_server_config(anchors, &paths.server_cert(), &paths.server_key())?;
+    // Read once for both of the listener's configs: the same certificate
+    // in each, even if a renewal replaces the files meanwhile.
+    let certs = load_certs(&paths.server_cert())?;
+    let key = load_key(&paths.server_key())?;
     let mqtt = MqttTls::new(tickets, |provider| {
         ServerConfig::builder_with_provider(Arc::new(provider))
             .with_safe_default_protocol_versions()
             .context("TLS versions")?
             .with_client_cert_verifier(mqtt_verifier.clone())
-            .with_single_cert(
-                load_certs(&paths.server_cert())?,
-                load_key(&paths.server_key())?,
-            )
+            .with_single_cert(certs.clone(), key.clone_key())
             .context("server certificate and key")
     })?;
     Ok((api, Arc::new(mqtt)))

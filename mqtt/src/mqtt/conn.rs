@@ -113,21 +113,32 @@ impl AsyncRead for Conn {
         // About to wait for the peer with something held back for it: it
         // may be waiting for that (a TLS 1.2 server's Finished comes after
         // the client's certificate; a TLS 1.3 client may wait for its
-        // tickets), so it goes now, alone.
-        if read.is_pending() && !held.is_empty() {
-            while !held.is_empty() {
-                match t.as_mut().poll_write(cx, held) {
-                    Poll::Ready(Ok(n)) if n > 0 => {
-                        held.drain(..n);
-                    }
-                    Poll::Ready(Ok(_)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                    Poll::Pending => break,
-                }
+        // tickets), so it goes now, alone. (What the socket cannot take
+        // yet goes when it can: its readiness wakes this read too.)
+        if read.is_pending() {
+            if let Poll::Ready(Err(e)) = send_held(t.as_mut(), held, cx) {
+                return Poll::Ready(Err(e));
             }
         }
         read
     }
+}
+
+/// Writes what is held until none is left (ready) or the socket can take
+/// no more now (pending).
+fn send_held(
+    mut t: Pin<&mut TcpStream>,
+    held: &mut Vec<u8>,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<()>> {
+    while !held.is_empty() {
+        let n = std::task::ready!(t.as_mut().poll_write(cx, held))?;
+        if n == 0 {
+            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+        }
+        held.drain(..n);
+    }
+    Poll::Ready(Ok(()))
 }
 
 impl AsyncWrite for Conn {
@@ -196,13 +207,7 @@ impl AsyncWrite for Conn {
             Ok(t) => t,
             Err(e) => return Poll::Ready(Err(e)),
         };
-        while !held.is_empty() {
-            let n = std::task::ready!(t.as_mut().poll_write(cx, held))?;
-            if n == 0 {
-                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-            }
-            held.drain(..n);
-        }
+        std::task::ready!(send_held(t.as_mut(), held, cx))?;
         t.poll_flush(cx)
     }
 
