@@ -41,6 +41,7 @@ use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, RootCer
 use rustls_pki_types::{CertificateDer, SignatureVerificationAlgorithm, TrustAnchor, UnixTime};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
+use super::recent::Recent;
 use super::signatures::SignatureCache;
 use crate::metrics::{Metrics, Refusal};
 
@@ -76,11 +77,20 @@ pub struct RegistryVerifier {
     metrics: Arc<Metrics>,
     /// Chain signatures verified once ([`super::signatures`]).
     signatures: SignatureCache,
+    /// Certificates parsed once, by the SHA-256 of their DER: what a
+    /// certificate says does not change, and a device presents the same
+    /// one at every connect.
+    certificates: Recent<[u8; 32], Arc<CertInfo>>,
 }
 
 /// Chain signatures remembered, at most: a device's certificate is one (a
 /// manufacturer's device's, two); 32 bytes each and the set's own.
 const SIGNATURES_KEPT: usize = 1 << 16;
+
+/// Parsed certificates remembered, at most: a connected device's is held
+/// by its session anyway (the same `Arc`); a few hundred bytes for one
+/// that left.
+const CERTIFICATES_KEPT: usize = 1 << 16;
 
 /// What the handshake established about a client: the certificate parsed
 /// once, the identity it names, its registry key, and the manufacturer
@@ -89,7 +99,7 @@ const SIGNATURES_KEPT: usize = 1 << 16;
 pub struct Verified {
     pub identity: Identity,
     pub key: CertKey,
-    pub info: CertInfo,
+    pub info: Arc<CertInfo>,
     pub manufacturer: Option<DeviceId>,
 }
 
@@ -101,6 +111,9 @@ struct Handshake {
     peer: std::net::SocketAddr,
     /// What the verifier found.
     verified: Option<Verified>,
+    /// Whether the handshake is TLS 1.2 (the client's CertificateVerify
+    /// came as TLS 1.2's).
+    tls12: bool,
 }
 
 tokio::task_local! {
@@ -119,6 +132,7 @@ pub async fn handshake<F: std::future::Future>(
     let slot = RefCell::new(Handshake {
         peer,
         verified: None,
+        tls12: false,
     });
     HANDSHAKE
         .scope(slot, async {
@@ -128,13 +142,18 @@ pub async fn handshake<F: std::future::Future>(
         .await
 }
 
-/// Whether this task is in a handshake whose client certificate the
-/// verifier has taken: what the server writes from here to the
-/// handshake's end is its session tickets (or an alert), which
-/// [`super::conn::Conn`] sends with the CONNACK.
-pub fn verified_in_handshake() -> bool {
+/// Whether what the server writes now, in this task's handshake, may wait
+/// for its next write: in TLS 1.3, once the verifier has taken the client's
+/// certificate, what follows within the handshake is the session ticket
+/// (or an alert), which no client waits for before its CONNECT, and which
+/// [`super::conn::Conn`] sends with the CONNACK. Never in TLS 1.2: there
+/// it is the server's Finished, which the client does wait for.
+pub fn holds_writes() -> bool {
     HANDSHAKE
-        .try_with(|h| h.borrow().verified.is_some())
+        .try_with(|h| {
+            let h = h.borrow();
+            h.verified.is_some() && !h.tls12
+        })
         .unwrap_or(false)
 }
 
@@ -178,6 +197,7 @@ impl RegistryVerifier {
             trust: RwLock::new(Arc::default()),
             metrics,
             signatures: SignatureCache::new(SIGNATURES_KEPT),
+            certificates: Recent::new(CERTIFICATES_KEPT),
         };
         v.reload()?;
         Ok(v)
@@ -458,6 +478,8 @@ impl ClientCertVerifier for RegistryVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        // From here on the server writes its Finished: not held.
+        let _ = HANDSHAKE.try_with(|h| h.borrow_mut().tls12 = true);
         self.webpki.verify_tls12_signature(message, cert, dss)
     }
 
@@ -486,8 +508,7 @@ impl RegistryVerifier {
         now: UnixTime,
     ) -> Result<Verified, (Refusal, String)> {
         let manufacturer = self.path_manufacturer(end_entity, intermediates, now)?;
-        let info = inspect_certificate(end_entity)
-            .map_err(|e| (Refusal::BadCertificate, e.to_string()))?;
+        let info = self.inspect(end_entity)?;
         if info.lacks_digital_signature {
             return Err((
                 Refusal::WrongUsage,
@@ -518,6 +539,24 @@ impl RegistryVerifier {
             info,
             manufacturer,
         })
+    }
+}
+
+impl RegistryVerifier {
+    /// What a certificate says ([`inspect_certificate`]), parsed once for
+    /// each certificate seen lately. Only a certificate that parses is
+    /// kept.
+    fn inspect(&self, der: &CertificateDer<'_>) -> Result<Arc<CertInfo>, (Refusal, String)> {
+        let mut digest = [0u8; 32];
+        digest.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, der).as_ref());
+        if let Some(info) = self.certificates.get(&digest) {
+            return Ok(info);
+        }
+        let info = Arc::new(
+            inspect_certificate(der).map_err(|e| (Refusal::BadCertificate, e.to_string()))?,
+        );
+        self.certificates.insert(digest, info.clone());
+        Ok(info)
     }
 }
 

@@ -33,14 +33,15 @@ use tokio::runtime::Handle;
 
 /// A connection's TCP stream, movable to another runtime.
 ///
-/// It also holds back what rustls writes once it has verified the
-/// client's certificate, within the handshake (in TLS 1.3, its session
-/// tickets), and sends it with the next write after it (the CONNACK): one
-/// write and one segment fewer per connect, when the client's CONNECT came
-/// with its Finished. A read that would wait sends it first, alone: the
-/// client may be waiting for it (in TLS 1.2, it is the server's Finished).
-/// What is still held when the connection is dropped (an alert for a
-/// handshake that failed after all) is written then, without waiting.
+/// It also holds back what rustls writes in a TLS 1.3 handshake once it
+/// has verified the client's certificate (its session ticket), and sends
+/// it with the next write after it (the CONNACK): one write and one
+/// segment fewer a connect, and the client's CONNECT, which it sends
+/// without waiting for a ticket, is read meanwhile
+/// ([`super::admission::holds_writes`]; never in TLS 1.2, whose client
+/// waits for the server's Finished). What is still held when the
+/// connection is dropped (an alert for a handshake that failed after all)
+/// is written then, without waiting.
 #[derive(Debug)]
 pub struct Conn {
     tcp: Option<TcpStream>,
@@ -51,7 +52,7 @@ pub struct Conn {
 
 impl Conn {
     pub fn new(tcp: TcpStream) -> Self {
-        Self::holding_while(tcp, super::admission::verified_in_handshake)
+        Self::holding_while(tcp, super::admission::holds_writes)
     }
 
     fn holding_while(tcp: TcpStream, hold: fn() -> bool) -> Self {
@@ -104,23 +105,10 @@ impl AsyncRead for Conn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let Conn { tcp: t, held, .. } = self.get_mut();
-        let mut t = match tcp(t) {
-            Ok(t) => t,
-            Err(e) => return Poll::Ready(Err(e)),
-        };
-        let read = t.as_mut().poll_read(cx, buf);
-        // About to wait for the peer with something held back for it: it
-        // may be waiting for that (a TLS 1.2 server's Finished comes after
-        // the client's certificate; a TLS 1.3 client may wait for its
-        // tickets), so it goes now, alone. (What the socket cannot take
-        // yet goes when it can: its readiness wakes this read too.)
-        if read.is_pending() {
-            if let Poll::Ready(Err(e)) = send_held(t.as_mut(), held, cx) {
-                return Poll::Ready(Err(e));
-            }
+        match self.tcp() {
+            Ok(t) => t.poll_read(cx, buf),
+            Err(e) => Poll::Ready(Err(e)),
         }
-        read
     }
 }
 
@@ -276,7 +264,6 @@ impl Drop for SessionRuntime {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// A socket accepted on one runtime is read and written on another,
@@ -347,33 +334,42 @@ mod tests {
         HOLD_2.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// A TLS 1.2 client waits for the server's Finished, which the server
-    /// writes after it has verified the client's certificate (held), before
-    /// it sends its CONNECT: a read that would wait sends what is held.
+    /// The server reads the client's CONNECT with its tickets still held:
+    /// a read that waits sends nothing, and the tickets go with the
+    /// CONNACK.
     #[tokio::test]
-    async fn a_read_that_would_wait_sends_what_is_held() {
+    async fn a_read_that_waits_keeps_what_is_held_for_the_next_write() {
+        use std::io::{Read, Write};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut client = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
+        let mut client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (tcp, _) = listener.accept().await.unwrap();
         let mut conn = Conn::holding_while(tcp, hold_2);
         HOLD_2.store(true, std::sync::atomic::Ordering::Relaxed);
-        conn.write_all(b"finished").await.unwrap();
+        conn.write_all(b"tickets ").await.unwrap();
         conn.flush().await.unwrap();
         HOLD_2.store(false, std::sync::atomic::Ordering::Relaxed);
-        let server = tokio::spawn(async move {
-            let mut got = [0u8; 7];
-            conn.read_exact(&mut got).await.unwrap();
-            got
-        });
-        let mut finished = [0u8; 8];
-        tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut finished))
-            .await
-            .expect("the held bytes went out while the server waited to read")
-            .unwrap();
-        assert_eq!(&finished, b"finished");
-        client.write_all(b"connect").await.unwrap();
-        assert_eq!(&server.await.unwrap(), b"connect");
+        // One read that finds nothing and waits.
+        std::future::poll_fn(|cx| {
+            let mut b = [0u8; 7];
+            let mut buf = ReadBuf::new(&mut b);
+            assert!(Pin::new(&mut conn).poll_read(cx, &mut buf).is_pending());
+            Poll::Ready(())
+        })
+        .await;
+        client.set_nonblocking(true).unwrap();
+        let mut b = [0u8; 16];
+        let early = client.read(&mut b);
+        assert!(
+            matches!(&early, Err(e) if e.kind() == io::ErrorKind::WouldBlock),
+            "nothing sent while the server waited: {early:?}"
+        );
+        client.set_nonblocking(false).unwrap();
+        client.write_all(b"connect").unwrap();
+        let mut got = [0u8; 7];
+        conn.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"connect");
+        conn.write_all(b"connack ").await.unwrap();
+        client.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"tickets connack ");
     }
 }

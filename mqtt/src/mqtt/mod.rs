@@ -19,6 +19,7 @@ mod handshake;
 pub mod hub;
 mod link;
 mod presence;
+mod recent;
 mod remote;
 pub mod seen;
 mod session;

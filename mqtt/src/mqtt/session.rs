@@ -73,7 +73,7 @@ pub struct Peer {
     pub identity: Identity,
     /// The certificate's registry key.
     pub key: CertKey,
-    pub info: CertInfo,
+    pub info: Arc<CertInfo>,
     /// The manufacturer whose CA the chain runs through, if any.
     pub manufacturer: Option<DeviceId>,
 }

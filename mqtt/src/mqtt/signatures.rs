@@ -20,54 +20,37 @@
 //! connect's CPU on the broker; a digest of a certificate's signed part is
 //! about a hundredth of it.
 
-use std::collections::HashSet;
-use std::sync::Mutex;
-
 use rustls_pki_types::{AlgorithmIdentifier, InvalidSignature, SignatureVerificationAlgorithm};
 
-/// The verifications that held, at most `cap` of them: two generations,
-/// the newer filled to half of `cap` and then made the older (the oldest
-/// dropped), so the certificates seen lately stay.
+use super::recent::Recent;
+
+/// The verifications that held, at most `cap` of them, those seen lately
+/// kept ([`Recent`]).
 #[derive(Debug)]
 pub struct SignatureCache {
-    cap: usize,
-    seen: Mutex<Generations>,
-}
-
-#[derive(Debug, Default)]
-struct Generations {
-    newer: HashSet<[u8; 32]>,
-    older: HashSet<[u8; 32]>,
+    seen: Recent<[u8; 32], ()>,
 }
 
 impl SignatureCache {
-    /// Room for `cap` verifications (32 bytes each, and the set's own).
+    /// Room for `cap` verifications (32 bytes each, and the map's own).
     pub fn new(cap: usize) -> Self {
         Self {
-            cap: cap.max(2),
-            seen: Mutex::default(),
+            seen: Recent::new(cap),
         }
     }
 
     fn knows(&self, digest: &[u8; 32]) -> bool {
-        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        seen.newer.contains(digest) || seen.older.contains(digest)
+        self.seen.get(digest).is_some()
     }
 
     fn remember(&self, digest: [u8; 32]) {
-        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        if seen.newer.len() >= self.cap / 2 {
-            let newer = std::mem::take(&mut seen.newer);
-            seen.older = newer;
-        }
-        seen.newer.insert(digest);
+        self.seen.insert(digest, ());
     }
 
     /// How many verifications it holds.
     #[cfg(test)]
     fn len(&self) -> usize {
-        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        seen.newer.len() + seen.older.len()
+        self.seen.len()
     }
 
     /// `algs`, each remembering in this cache.
