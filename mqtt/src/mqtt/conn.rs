@@ -46,8 +46,9 @@ use tokio::runtime::Handle;
 pub struct Conn {
     tcp: Option<TcpStream>,
     held: Vec<u8>,
-    /// Whether a write now is held back.
-    hold: fn() -> bool,
+    /// Whether a write now is held back; `None` once the handshake is
+    /// over.
+    hold: Option<fn() -> bool>,
 }
 
 impl Conn {
@@ -59,8 +60,18 @@ impl Conn {
         Self {
             tcp: Some(tcp),
             held: Vec::new(),
-            hold,
+            hold: Some(hold),
         }
+    }
+
+    /// The handshake is over: no write is held from here on (what is
+    /// held still goes with the next).
+    pub fn handshake_over(&mut self) {
+        self.hold = None;
+    }
+
+    fn holding(&self) -> bool {
+        self.hold.is_some_and(|h| h())
     }
 
     /// Re-registers the socket with `rt`'s reactor: from here on it is
@@ -143,8 +154,8 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let Conn { tcp: t, held, hold } = self.get_mut();
-        let holding = hold();
+        let holding = self.holding();
+        let Conn { tcp: t, held, .. } = self.get_mut();
         if held.is_empty() && !holding {
             return match tcp(t) {
                 Ok(t) => t.poll_write_vectored(cx, bufs),
@@ -187,10 +198,10 @@ impl AsyncWrite for Conn {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let Conn { tcp: t, held, hold } = self.get_mut();
-        if hold() {
+        if self.holding() {
             return Poll::Ready(Ok(()));
         }
+        let Conn { tcp: t, held, .. } = self.get_mut();
         let mut t = match tcp(t) {
             Ok(t) => t,
             Err(e) => return Poll::Ready(Err(e)),
@@ -371,5 +382,29 @@ mod tests {
         conn.write_all(b"connack ").await.unwrap();
         client.read_exact(&mut b).unwrap();
         assert_eq!(&b, b"tickets connack ");
+    }
+
+    fn always() -> bool {
+        true
+    }
+
+    /// Once the handshake is over nothing more is held, whatever the
+    /// handshake's predicate would say.
+    #[tokio::test]
+    async fn after_the_handshake_nothing_is_held() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut conn = Conn::holding_while(tcp, always);
+        conn.write_all(b"ticket ").await.unwrap();
+        assert_eq!(conn.held, b"ticket ");
+        conn.handshake_over();
+        conn.write_all(b"connack").await.unwrap();
+        assert!(conn.held.is_empty());
+        let mut got = [0u8; 14];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"ticket connack");
     }
 }

@@ -109,7 +109,10 @@ pub(super) async fn accept(
     )
     .await;
     let stream = match accepted {
-        Ok(Ok(s)) => Some(s),
+        Ok(Ok(mut s)) => {
+            s.get_mut().0.handshake_over();
+            Some(s)
+        }
         Ok(Err(e)) => {
             if e.to_string().contains("peer sent no certificates") {
                 metrics.refused(Refusal::NoCertificate);
