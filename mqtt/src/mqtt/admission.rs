@@ -540,9 +540,7 @@ impl RegistryVerifier {
             manufacturer,
         })
     }
-}
 
-impl RegistryVerifier {
     /// What a certificate says ([`inspect_certificate`]), parsed once for
     /// each certificate seen lately. Only a certificate that parses is
     /// kept.
