@@ -2,15 +2,14 @@
 
 pub use fleetgate_api::tls::{client_config, install_crypto_provider, load_certs, load_key};
 
-use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
 use rustls::server::{ProducesTickets, WebPkiClientVerifier};
 use rustls::{RootCertStore, ServerConfig};
-use rustls_pki_types::CertificateDer;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
-pub use crate::mqtt_tls::MqttTls;
+use crate::mqtt_tls::MqttTls;
 
 pub fn root_store(ca: &CertificateDer<'static>) -> anyhow::Result<Arc<RootCertStore>> {
     let mut roots = RootCertStore::empty();
@@ -26,8 +25,8 @@ pub fn root_store(ca: &CertificateDer<'static>) -> anyhow::Result<Arc<RootCertSt
 /// failure.
 pub fn api_server_config(
     anchors: &[CertificateDer<'static>],
-    cert: &Path,
-    key: &Path,
+    certs: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
 ) -> anyhow::Result<Arc<ServerConfig>> {
     let mut roots = RootCertStore::empty();
     for a in anchors {
@@ -39,7 +38,7 @@ pub fn api_server_config(
         .context("building the client certificate verifier")?;
     let mut config = ServerConfig::builder()
         .with_client_cert_verifier(verifier)
-        .with_single_cert(load_certs(cert)?, load_key(key)?)
+        .with_single_cert(certs, key)
         .context("server certificate and key")?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
@@ -131,11 +130,12 @@ fn build(
     mqtt_verifier: &Arc<crate::mqtt::admission::RegistryVerifier>,
     tickets: &Arc<dyn ProducesTickets>,
 ) -> anyhow::Result<(Arc<ServerConfig>, Arc<MqttTls>)> {
-    let api = api_server_config(anchors, &paths.server_cert(), &paths.server_key())?;
-    // Read once for both of the listener's configs: the same certificate
-    // in each, even if a renewal replaces the files meanwhile.
+    // Read once for the API's config and both of the MQTT listener's: the
+    // same certificate in each, even if a renewal replaces the files
+    // meanwhile.
     let certs = load_certs(&paths.server_cert())?;
     let key = load_key(&paths.server_key())?;
+    let api = api_server_config(anchors, certs.clone(), key.clone_key())?;
     let mqtt = MqttTls::new(tickets, |provider| {
         ServerConfig::builder_with_provider(Arc::new(provider))
             .with_safe_default_protocol_versions()
